@@ -1,0 +1,107 @@
+"""The gateway's one error tree.
+
+Rule: every failure the gateway reports to a person or to Meta is one of these classes. Rejections
+of an HTTP request carry their status; :mod:`gateway.responses` is the only place that turns them
+into HTTP responses, and :func:`gateway.cli.main` the only place that turns them into an exit code.
+
+::
+
+    GatewayError                      base: ``waba-gateway`` prints "error: <message>", exits 2
+    +-- ConfigError                   bad TOML, key, type, value, unset ${ENV}; names file and key
+    +-- CertificateError              unreadable or mismatched certificate/key/CA files
+    +-- OutboxError                   the SQLite outbox cannot be opened or written
+    +-- GraphError                    a Graph API call failed (onboarding commands)
+    +-- Rejected                      an HTTP request refused; carries ``status``
+        +-- BadRequest           400  missing handshake parameters, invalid JSON
+        +-- SignatureRejected    401  X-Hub-Signature-256 missing, malformed or wrong
+        +-- Forbidden            403  wrong verify token, unexpected client certificate CN
+        |   +-- IdentityRejected 403  client certificate CN not in ``tls.client_cn``
+        +-- NotFound             404  unknown delivery id (admin)
+        +-- Unauthorized         401  admin token missing or wrong
+        +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
+        +-- Unavailable          503  the outbox could not take the notification; Meta retries
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "CertificateError",
+    "ConfigError",
+    "Forbidden",
+    "GatewayError",
+    "GraphError",
+    "IdentityRejected",
+    "NotFound",
+    "OutboxError",
+    "PayloadTooLarge",
+    "Rejected",
+    "SignatureRejected",
+    "Unauthorized",
+    "Unavailable",
+]
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is unusable; the message names the file, the key path and the value."""
+
+
+class CertificateError(GatewayError):
+    """A certificate, key or CA file is unreadable, expired or does not match."""
+
+
+class OutboxError(GatewayError):
+    """The outbox database cannot be opened or written."""
+
+
+class GraphError(GatewayError):
+    """A Graph API call failed; ``exit_code`` distinguishes auth, rate limit and other failures."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Rejected(GatewayError):
+    """An HTTP request the gateway refuses. ``status`` is the response status, the message its
+    reason (sent as the response body, so it never holds a secret or payload content)."""
+
+    status: int = 400
+
+
+class BadRequest(Rejected):
+    status = 400
+
+
+class SignatureRejected(Rejected):
+    status = 401
+
+
+class Unauthorized(Rejected):
+    status = 401
+
+
+class Forbidden(Rejected):
+    status = 403
+
+
+class IdentityRejected(Forbidden):
+    status = 403
+
+
+class NotFound(Rejected):
+    status = 404
+
+
+class PayloadTooLarge(Rejected):
+    status = 413
+
+
+class Unavailable(Rejected):
+    status = 503
