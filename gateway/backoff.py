@@ -1,0 +1,64 @@
+"""When to try a delivery again: exponential backoff with full jitter.
+
+Rule: one clamped formula, pure, with the randomness injected. The vocabulary is stamina's
+(``attempts``, ``wait_initial``, ``wait_max``, ``wait_exp_base``). Full jitter (a uniform draw
+between zero and the capped exponential) spreads the retries of many deliveries that failed
+together, so a target coming back is not hit by all of them at once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.config import TargetConfig
+
+__all__ = ["RetryPolicy", "parse_retry_after"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    attempts: int
+    wait_initial_s: float
+    wait_max_s: float
+    wait_exp_base: float = 2.0
+    max_age_s: float
+
+    @classmethod
+    def for_target(cls, target: TargetConfig) -> RetryPolicy:
+        return cls(
+            attempts=target.attempts,
+            wait_initial_s=target.wait_initial_s,
+            wait_max_s=target.wait_max_s,
+            wait_exp_base=target.wait_exp_base,
+            max_age_s=target.max_age_s,
+        )
+
+    def cap(self, attempt: int) -> float:
+        """The longest wait after failed attempt number ``attempt`` (1-based)."""
+        exponent = max(attempt - 1, 0)
+        # Clamp the exponent before raising: 2.0 ** 2000 overflows a float.
+        if exponent > 64:
+            return self.wait_max_s
+        return min(self.wait_max_s, self.wait_initial_s * self.wait_exp_base**exponent)
+
+    def delay(self, attempt: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+        """Seconds to wait after failed attempt ``attempt``: a full-jitter draw in [0, cap]."""
+        return uniform(0.0, self.cap(attempt))
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3): either
+    delay-seconds or an HTTP-date. ``None`` when absent or unreadable; never negative."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - now)

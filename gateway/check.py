@@ -1,0 +1,72 @@
+"""``waba-gateway check``: validate a configuration and its certificate files before serving.
+
+Rule: ``check`` refuses exactly what ``serve`` would refuse (same loader, same TLS context
+builder), and adds what an operator wants to see before a rollout: certificate expiry (a warning
+under 30 days) and the subjects and fingerprints of the client CA bundle, so they can be compared
+with the CA file Meta publishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.config import Config
+from gateway.errors import CertificateError
+from gateway.serve import add_config_argument, config_from_args
+from gateway.tls import build_server_context, client_ca_subjects
+
+__all__ = ["EXPIRY_WARNING_DAYS", "days_left", "register", "report"]
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def days_left(certificate: x509.Certificate, now: datetime.datetime) -> float:
+    return (certificate.not_valid_after_utc - now).total_seconds() / 86400
+
+
+def _leaf(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError) as exc:
+        raise CertificateError(f"tls.cert_file = '{path}': {exc}") from exc
+
+
+def report(config: Config, now: datetime.datetime) -> list[str]:
+    """The lines ``check`` prints; raises on anything ``serve`` would refuse."""
+    build_server_context(config.tls)
+    lines = [f"ok: configuration {config.source or '(built in)'}"]
+    leaf = _leaf(config.tls.cert_file)
+    left = days_left(leaf, now)
+    subject = leaf.subject.rfc4514_string()
+    if left < 0:
+        raise CertificateError(
+            f"tls.cert_file = '{config.tls.cert_file}': certificate {subject} has expired"
+        )
+    status = "warning" if left < EXPIRY_WARNING_DAYS else "ok"
+    lines.append(f"{status}: server certificate {subject} expires in {int(left)} days")
+    lines.append("ok: server key matches the certificate")
+    lines.append(f"ok: client_auth = {config.tls.client_auth}; accepted CN: "
+                 + ", ".join(config.tls.client_cn))
+    if config.tls.client_ca_file is not None:
+        for ca_subject, fingerprint in client_ca_subjects(config.tls.client_ca_file):
+            lines.append(f"ok: client CA {ca_subject} sha256 {fingerprint}")
+    lines.append(f"ok: {len(config.targets)} target(s): "
+                 + ", ".join(t.name for t in config.targets))
+    return lines
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    for line in report(config, datetime.datetime.now(datetime.UTC)):
+        print(line)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("check", help="validate the configuration and certificates")
+    add_config_argument(parser)
+    parser.set_defaults(func=_check)

@@ -1,0 +1,185 @@
+"""``waba-gateway serve --dev``: the whole gateway with no set-up, for trying it out.
+
+Rule: everything dev mode makes is throw-away and lives under one folder (``var/dev/`` by
+default): a stand-in "Meta" root CA with an intermediate and a client certificate carrying Meta's
+CN, a server certificate for localhost, random secrets, and an outbox. Nothing here is ever used
+by a production configuration, and none of it is trusted outside that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+from aiohttp import web
+
+from gateway.config import (
+    META_CLIENT_CN,
+    AdminConfig,
+    Config,
+    ListenConfig,
+    MetaConfig,
+    OutboxConfig,
+    TargetConfig,
+    TlsConfig,
+)
+from gateway.serve import Gateway, bound_port, run, setup_logging
+from gateway.signature import sign
+
+__all__ = ["DevFiles", "ensure_dev_files", "serve_dev"]
+
+log = logging.getLogger(__name__)
+
+DEV_PORT = 8443
+DEV_ADMIN_PORT = 8081
+
+# A Meta-style notification: ASCII escapes for non-ASCII text and "\/" for slashes, exactly the
+# bytes a re-serialising receiver would get wrong.
+SAMPLE = (
+    b'{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{"value":'
+    b'{"messaging_product":"whatsapp","metadata":{"display_phone_number":"15550783881",'
+    b'"phone_number_id":"106540352242922"},"contacts":[{"profile":{"name":"Ren\\u00e9e"},'
+    b'"wa_id":"16505551234"}],"messages":[{"from":"16505551234","id":"wamid.DEV'
+    b'SAMPLE","timestamp":"1749416383","type":"text","text":{"body":"Caf\\u00e9? '
+    b'\\ud83d\\ude00 https:\\/\\/example.com"}}]},"field":"messages"}]}]}'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DevFiles:
+    folder: Path
+    meta_ca: Path
+    client_chain: Path
+    client_key: Path
+    server_ca: Path
+    server_chain: Path
+    server_key: Path
+    secrets: Path
+    sample: Path
+
+    @classmethod
+    def under(cls, folder: Path) -> DevFiles:
+        return cls(
+            folder=folder,
+            meta_ca=folder / "meta-ca.pem",
+            client_chain=folder / "client.pem",
+            client_key=folder / "client.key",
+            server_ca=folder / "server-ca.pem",
+            server_chain=folder / "server.pem",
+            server_key=folder / "server.key",
+            secrets=folder / "secrets.json",
+            sample=folder / "sample-notification.json",
+        )
+
+
+def ensure_dev_files(folder: Path) -> tuple[DevFiles, dict[str, str]]:
+    """Make the dev certificates, secrets and sample once; reuse them on later runs so the
+    printed test command keeps working."""
+    files = DevFiles.under(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not files.server_key.exists():
+        meta_root = trustme.CA(organization_name="waba-gateway dev stand-in for Meta")
+        intermediate = meta_root.create_child_ca()
+        client = intermediate.issue_cert(META_CLIENT_CN, common_name=META_CLIENT_CN)
+        meta_root.cert_pem.write_to_path(str(files.meta_ca))
+        # Meta presents its leaf plus the signing intermediate; the gateway trusts the root.
+        client.private_key_pem.write_to_path(str(files.client_key))
+        files.client_chain.write_bytes(b"".join(p.bytes() for p in client.cert_chain_pems))
+        server_ca = trustme.CA(organization_name="waba-gateway dev server CA")
+        server = server_ca.issue_cert("localhost", "127.0.0.1", "::1")
+        server_ca.cert_pem.write_to_path(str(files.server_ca))
+        server.private_key_pem.write_to_path(str(files.server_key))
+        files.server_chain.write_bytes(b"".join(p.bytes() for p in server.cert_chain_pems))
+        for key in (files.client_key, files.server_key):
+            key.chmod(0o600)
+    if not files.secrets.exists():
+        files.secrets.write_text(
+            json.dumps(
+                {"app_secret": secrets.token_hex(16), "verify_token": secrets.token_urlsafe(16)}
+            )
+        )
+        files.secrets.chmod(0o600)
+    files.sample.write_bytes(SAMPLE)
+    values = json.loads(files.secrets.read_text())
+    return files, {"app_secret": str(values["app_secret"]), "verify_token": str(values["verify_token"])}
+
+
+def dev_config(files: DevFiles, dev_secrets: dict[str, str], *, port: int, sink_url: str) -> Config:
+    return Config(
+        listen=ListenConfig(host="127.0.0.1", port=port),
+        tls=TlsConfig(
+            cert_file=files.server_chain,
+            key_file=files.server_key,
+            client_ca_file=files.meta_ca,
+            client_auth="required",
+        ),
+        meta=MetaConfig(
+            verify_tokens=(dev_secrets["verify_token"],),
+            app_secrets=(dev_secrets["app_secret"],),
+        ),
+        outbox=OutboxConfig(path=files.folder.parent / "dev-outbox.sqlite3"),
+        targets=(
+            TargetConfig(
+                name="printer", url=sink_url, wait_initial_s=0.5, wait_max_s=5.0, attempts=5
+            ),
+        ),
+        admin=AdminConfig(host="127.0.0.1", port=DEV_ADMIN_PORT if port else 0),
+    )
+
+
+async def _printing_target() -> tuple[web.AppRunner, str]:
+    """The built-in target: prints each delivered notification to standard output."""
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        delivery = request.headers.get("X-Gateway-Delivery-Id", "?")
+        print(f"delivered {delivery}: {body.decode('utf-8', 'replace')}", flush=True)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{bound_port(site)}/"
+
+
+def instructions(files: DevFiles, dev_secrets: dict[str, str], port: int, path: str) -> str:
+    url = f"https://localhost:{port}{path}"
+    signature = sign(dev_secrets["app_secret"], SAMPLE)
+    return "\n".join(
+        [
+            f"waba-gateway dev mode: {url} (mTLS required; certificates in {files.folder}/)",
+            "Send a signed test notification with the stand-in Meta client certificate:",
+            f"  curl --cacert {files.server_ca} --cert {files.client_chain} "
+            f"--key {files.client_key} -H 'Content-Type: application/json' "
+            f"-H 'X-Hub-Signature-256: {signature}' --data-binary @{files.sample} {url}",
+            "Meta's verification handshake:",
+            f"  curl --cacert {files.server_ca} --cert {files.client_chain} "
+            f"--key {files.client_key} "
+            f"'{url}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token="
+            f"{dev_secrets['verify_token']}'",
+        ]
+    )
+
+
+async def serve_dev(folder: Path, *, port: int | None = None) -> None:
+    setup_logging("info")
+    files, dev_secrets = ensure_dev_files(folder)
+    sink_runner, sink_url = await _printing_target()
+    try:
+        config = dev_config(
+            files, dev_secrets, port=DEV_PORT if port is None else port, sink_url=sink_url
+        )
+
+        def ready(gateway: Gateway) -> None:
+            print(instructions(files, dev_secrets, gateway.port, config.listen.path), flush=True)
+
+        await run(config, on_ready=ready)
+    finally:
+        await sink_runner.cleanup()

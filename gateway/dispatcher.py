@@ -1,0 +1,151 @@
+"""The dispatcher: takes due deliveries out of the outbox and forwards them, never in the
+request path.
+
+Rule: a delivery leaves the ``pending`` state only through :meth:`Outbox.record` after an attempt
+has finished, so a crash at any point means it is sent again (at-least-once); targets deduplicate
+on ``X-Gateway-Delivery-Id``. Time and randomness are injected so tests never sleep on backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from gateway.backoff import RetryPolicy
+from gateway.config import DispatcherConfig, TargetConfig
+from gateway.forwarder import Forwarder
+from gateway.outbox import Delivery, Outbox
+from gateway.outcome import DeadLetter, Delivered, RetryAt, classify
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+_PRUNE_EVERY_S = 60.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        outbox: Outbox,
+        targets: Sequence[TargetConfig],
+        settings: DispatcherConfig,
+        *,
+        retention_s: float,
+        clock: Callable[[], float] = time.time,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self._outbox = outbox
+        self._settings = settings
+        self._retention_s = retention_s
+        self._clock = clock
+        self._uniform = uniform
+        self._targets = {t.name: t for t in targets}
+        self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
+        self._forwarders = {t.name: Forwarder(t) for t in targets}
+        self._slots = {t.name: asyncio.Semaphore(t.concurrency) for t in targets}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
+
+    def wake(self) -> None:
+        """Look for due deliveries now (called after a notification was stored)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="dispatcher")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop claiming, let attempts in flight finish for up to ``grace_s``, cancel the rest
+        (they stay pending in the outbox and are sent again on the next start)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._in_flight:
+            _, late = await asyncio.wait(list(self._in_flight.values()), timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        for forwarder in self._forwarders.values():
+            await forwarder.close()
+
+    async def _loop(self) -> None:
+        capacity = max(self._settings.batch_size, 1)
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._claim(capacity - len(self._in_flight))
+                await self._maybe_prune()
+            except Exception:  # the outbox failed: log, wait, try again; never die silently
+                log.exception("dispatcher cycle failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
+
+    async def _claim(self, room: int) -> None:
+        if room <= 0:
+            return
+        now = self._clock()
+        for delivery in await self._outbox.due(now, room, exclude=self._in_flight.keys()):
+            if delivery.target not in self._targets:
+                await self._outbox.dead_letter(
+                    delivery.id, f"target {delivery.target!r} is no longer configured", now
+                )
+                continue
+            task = asyncio.create_task(self._attempt(delivery))
+            self._in_flight[delivery.id] = task
+            task.add_done_callback(lambda _t, key=delivery.id: self._done(key))
+
+    def _done(self, delivery_id: str) -> None:
+        self._in_flight.pop(delivery_id, None)
+        self._wake.set()
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        attempt = delivery.attempts + 1
+        async with self._slots[delivery.target]:
+            result = await self._forwarders[delivery.target].send(delivery, attempt)
+        now = self._clock()
+        outcome = classify(
+            result,
+            attempt=attempt,
+            created_at=delivery.created_at,
+            now=now,
+            policy=self._policies[delivery.target],
+            uniform=self._uniform,
+        )
+        try:
+            await self._outbox.record(delivery.id, outcome, result, now)
+        except Exception:
+            # Not recorded: it stays pending and is sent again later (at-least-once).
+            log.exception("could not record delivery %s", delivery.id)
+            return
+        if isinstance(outcome, Delivered):
+            log.debug("delivered %s to %s", delivery.id, delivery.target)
+        elif isinstance(outcome, RetryAt):
+            log.info(
+                "delivery %s to %s failed (%s); attempt %d, next in %.1fs",
+                delivery.id,
+                delivery.target,
+                outcome.reason,
+                attempt,
+                outcome.at - now,
+            )
+        elif isinstance(outcome, DeadLetter):
+            log.warning(
+                "delivery %s to %s dead-lettered: %s", delivery.id, delivery.target, outcome.reason
+            )
+
+    async def _maybe_prune(self) -> None:
+        now = self._clock()
+        if now - self._last_prune < _PRUNE_EVERY_S:
+            return
+        self._last_prune = now
+        removed = await self._outbox.prune(now, self._retention_s)
+        if removed:
+            log.info("pruned %d delivered rows past retention", removed)

@@ -1,0 +1,82 @@
+"""What one delivery attempt means: delivered, retry at a time, or dead letter.
+
+Rule: this is the only place that classifies delivery outcomes. RFC 9110 status semantics drive
+it: 2xx is success; 408, 429 and 5xx are transient and retried, as are timeouts and connection
+errors; any other status (3xx, 4xx) means the target will never accept this body, so retrying
+would only delay the operator's attention: it is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.backoff import RetryPolicy
+
+__all__ = ["AttemptResult", "DeadLetter", "Delivered", "Outcome", "RetryAt", "classify"]
+
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptResult:
+    """What came back from one request: a status, or an error (timeout, refused, reset...)."""
+
+    status: int | None = None
+    error: str | None = None
+    retry_after_s: float | None = None
+    response_excerpt: str = ""
+
+    def describe(self) -> str:
+        if self.status is not None:
+            return f"HTTP {self.status}"
+        return self.error or "no response"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAt:
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+
+
+Outcome = Delivered | RetryAt | DeadLetter
+
+
+def classify(
+    result: AttemptResult,
+    *,
+    attempt: int,
+    created_at: float,
+    now: float,
+    policy: RetryPolicy,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> Outcome:
+    """Classify attempt number ``attempt`` (1-based) of a delivery first queued at
+    ``created_at``. A retry is never scheduled past ``created_at + policy.max_age_s``."""
+    status = result.status
+    if status is not None and 200 <= status < 300:
+        return Delivered()
+    what = result.describe()
+    if status is not None and status < 500 and status not in _RETRYABLE_4XX:
+        return DeadLetter(f"{what}: not retryable")
+    if attempt >= policy.attempts:
+        return DeadLetter(f"{what}: gave up after {attempt} attempt(s)")
+    wait = policy.delay(attempt, uniform)
+    if result.retry_after_s is not None:
+        # Honour the target's Retry-After (RFC 9110 10.2.3): never earlier than it asks.
+        wait = max(wait, result.retry_after_s)
+    at = now + wait
+    if at > created_at + policy.max_age_s:
+        return DeadLetter(f"{what}: max_age_s ({policy.max_age_s:g}) would be exceeded")
+    return RetryAt(at, what)

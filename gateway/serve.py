@@ -1,0 +1,230 @@
+"""Running the gateway: listeners, lifecycle, signals, and the ``serve`` command.
+
+Rule: startup and shutdown happen in one order, written down here. Startup: open the outbox and
+start the dispatcher (the app's cleanup context), bind the TLS callback listener, then the admin
+listener. Shutdown (SIGTERM/SIGINT, or the injected ``shutdown`` awaitable in tests):
+
+1. stop accepting connections on both listeners;
+2. let requests in flight finish (each is answered only after its outbox commit), up to
+   ``SHUTDOWN_GRACE_S``;
+3. stop the dispatcher: no new attempts, attempts in flight finish or stay pending;
+4. close the outbox after its queued writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from gateway.admin import create_admin_app
+from gateway.app import DISPATCHER, OUTBOX, STATS, create_app
+from gateway.config import Config, default_config_path, load_config
+from gateway.errors import ConfigError
+from gateway.responses import AccessLogger
+from gateway.tls import build_server_context
+
+__all__ = ["Gateway", "add_config_argument", "bound_port", "config_from_args", "register", "run"]
+
+log = logging.getLogger(__name__)
+
+SECONDS = 1.0
+SHUTDOWN_GRACE_S = 10 * SECONDS
+
+
+def bound_port(site: web.TCPSite) -> int:
+    """The port ``site`` listens on (useful after binding port 0)."""
+    server = site._server  # aiohttp exposes no public accessor for the bound socket
+    sockets = getattr(server, "sockets", None)
+    assert sockets, "site is not started"
+    return int(sockets[0].getsockname()[1])
+
+
+class Gateway:
+    """The running gateway: ``async with Gateway(config) as gw`` listens until the block ends.
+
+    ``gw.port`` and ``gw.admin_port`` are the bound ports (useful with port 0 in tests).
+    """
+
+    def __init__(self, config: Config, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.config = config
+        self._ssl = ssl_context or build_server_context(config.tls)
+        self.app = create_app(config)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("gateway.access"),
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            handle_signals=False,
+        )
+        self._admin_runner: web.AppRunner | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    async def __aenter__(self) -> Gateway:
+        await self._runner.setup()
+        try:
+            listen = self.config.listen
+            site = web.TCPSite(
+                self._runner,
+                listen.host,
+                listen.port,
+                ssl_context=self._ssl,
+                backlog=1024,
+                reuse_port=listen.workers > 1,
+            )
+            await site.start()
+            self.port = bound_port(site)
+            admin = self.config.admin
+            if admin.enabled:
+                dispatcher = self.app.get(DISPATCHER)
+                admin_app = create_admin_app(
+                    self.config,
+                    self.app[OUTBOX],
+                    self.app[STATS],
+                    wake=dispatcher.wake if dispatcher is not None else lambda: None,
+                )
+                self._admin_runner = web.AppRunner(
+                    admin_app, access_log=None, handle_signals=False
+                )
+                await self._admin_runner.setup()
+                admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port)
+                await admin_site.start()
+                self.admin_port = bound_port(admin_site)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        # AppRunner.cleanup stops the sites, waits for handlers in flight, then runs the
+        # cleanup context (dispatcher, outbox): steps 1 to 4 of the module docstring.
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        await self._runner.cleanup()
+
+
+async def run(
+    config: Config,
+    *,
+    shutdown: Awaitable[object] | None = None,
+    on_ready: Callable[[Gateway], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
+    try:
+        async with Gateway(config) as gateway:
+            log.info(
+                "listening on https://%s:%d%s (client_auth=%s); admin on %s",
+                config.listen.host,
+                gateway.port,
+                config.listen.path,
+                config.tls.client_auth,
+                f"http://{config.admin.host}:{gateway.admin_port}"
+                if config.admin.enabled
+                else "off",
+            )
+            if on_ready is not None:
+                on_ready(gateway)
+            waiters = [asyncio.ensure_future(stop.wait())]
+            if shutdown is not None:
+                waiters.append(asyncio.ensure_future(shutdown))
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            log.info("shutting down")
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file (default: $WABA_GATEWAY_CONFIG, else config/gateway.toml)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    path: Path = args.config or default_config_path()
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: no such file (copy config/gateway.example.toml, or try "
+            "'waba-gateway serve --dev')"
+        )
+    return load_config(path)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _event_loop_runner() -> asyncio.Runner:
+    try:
+        import uvloop  # optional: a faster event loop when installed (pip install .[speed])
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.dev:
+        from gateway import dev
+
+        with _event_loop_runner() as runner:
+            runner.run(dev.serve_dev(Path(args.dev_dir), port=args.port))
+        return 0
+    config = config_from_args(args)
+    build_server_context(config.tls)  # refuse bad certificate files before anything starts
+    setup_logging(config.log_level)
+    with _event_loop_runner() as runner:
+        runner.run(run(config))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("serve", help="run the gateway")
+    add_config_argument(parser)
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="no set-up: dev certificates, secrets and a printing target under var/dev/",
+    )
+    parser.add_argument("--dev-dir", default="var/dev", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help="with --dev: listen port")
+    parser.set_defaults(func=_serve)
+
