@@ -1,0 +1,132 @@
+"""Retry policy and delivery outcome classification (gateway.backoff, gateway.outcome)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.backoff import RetryPolicy, parse_retry_after
+from gateway.outcome import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt, classify
+
+POLICY = RetryPolicy(
+    attempts=5, wait_initial_s=1.0, wait_max_s=30.0, wait_exp_base=2.0, max_age_s=3600.0
+)
+
+
+def _upper(low: float, high: float) -> float:
+    """The top of the jitter range, so expected times are exact."""
+    return high
+
+
+@pytest.mark.parametrize(
+    ("attempt", "cap"),
+    [(1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (60, 30.0), (5000, 30.0)],
+)
+def test_backoff_cap_grows_exponentially_then_clamps(attempt: int, cap: float) -> None:
+    """cap = min(wait_max, wait_initial * base ** (attempt - 1)), without float overflow."""
+    assert POLICY.cap(attempt) == cap
+
+
+def test_delay_is_full_jitter_between_zero_and_cap() -> None:
+    """delay() draws uniformly from [0, cap]."""
+    seen: list[tuple[float, float]] = []
+
+    def record(low: float, high: float) -> float:
+        seen.append((low, high))
+        return (low + high) / 2
+
+    assert POLICY.delay(3, record) == 2.0
+    assert seen == [(0.0, 4.0)]
+
+
+@pytest.mark.parametrize(
+    ("result", "attempt", "expected"),
+    [
+        pytest.param(AttemptResult(status=200), 1, Delivered(), id="200"),
+        pytest.param(AttemptResult(status=204), 5, Delivered(), id="204-last-attempt"),
+        pytest.param(AttemptResult(status=500), 1, RetryAt(1001.0, "HTTP 500"), id="500"),
+        pytest.param(AttemptResult(status=503), 3, RetryAt(1004.0, "HTTP 503"), id="503-third"),
+        pytest.param(AttemptResult(status=408), 1, RetryAt(1001.0, "HTTP 408"), id="408"),
+        pytest.param(AttemptResult(status=429), 1, RetryAt(1001.0, "HTTP 429"), id="429"),
+        pytest.param(
+            AttemptResult(status=429, retry_after_s=120.0),
+            1,
+            RetryAt(1120.0, "HTTP 429"),
+            id="429-retry-after-longer",
+        ),
+        pytest.param(
+            AttemptResult(status=503, retry_after_s=0.0),
+            2,
+            RetryAt(1002.0, "HTTP 503"),
+            id="retry-after-shorter-than-backoff",
+        ),
+        pytest.param(
+            AttemptResult(error="timed out after 10s"),
+            1,
+            RetryAt(1001.0, "timed out after 10s"),
+            id="timeout",
+        ),
+        pytest.param(
+            AttemptResult(error="ClientConnectorError: refused"),
+            2,
+            RetryAt(1002.0, "ClientConnectorError: refused"),
+            id="connection-error",
+        ),
+        pytest.param(AttemptResult(status=400), 1, DeadLetter("HTTP 400: not retryable"), id="400"),
+        pytest.param(AttemptResult(status=404), 1, DeadLetter("HTTP 404: not retryable"), id="404"),
+        pytest.param(
+            AttemptResult(status=301), 1, DeadLetter("HTTP 301: not retryable"), id="redirect"
+        ),
+        pytest.param(
+            AttemptResult(status=500),
+            5,
+            DeadLetter("HTTP 500: gave up after 5 attempt(s)"),
+            id="attempts-exhausted",
+        ),
+        pytest.param(
+            AttemptResult(status=429, retry_after_s=7200.0),
+            1,
+            DeadLetter("HTTP 429: max_age_s (3600) would be exceeded"),
+            id="past-max-age",
+        ),
+    ],
+)
+def test_classifies_each_result_in_one_place(
+    result: AttemptResult, attempt: int, expected: Outcome
+) -> None:
+    """2xx delivers; 408/429/5xx/timeouts/errors retry; other statuses and limits dead-letter."""
+    outcome = classify(
+        result, attempt=attempt, created_at=1000.0, now=1000.0, policy=POLICY, uniform=_upper
+    )
+    assert outcome == expected
+
+
+def test_retry_is_dead_letter_once_age_exceeds_max_age() -> None:
+    """A delivery queued long ago is dead-lettered instead of retried past max_age_s."""
+    outcome = classify(
+        AttemptResult(status=500),
+        attempt=1,
+        created_at=0.0,
+        now=3600.0,
+        policy=POLICY,
+        uniform=_upper,
+    )
+    assert isinstance(outcome, DeadLetter)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("0", 0.0),
+        ("120", 120.0),
+        (" 5 ", 5.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0),
+        ("Wed, 21 Oct 2015 07:26:00 GMT", 0.0),
+        ("soon", None),
+        ("-5", None),
+    ],
+)
+def test_parses_retry_after_seconds_or_http_date(value: str | None, expected: float | None) -> None:
+    """Retry-After is delay-seconds or an HTTP-date (RFC 9110 10.2.3); junk is ignored."""
+    now = 1445412420.0  # Wed, 21 Oct 2015 07:27:00 GMT
+    assert parse_retry_after(value, now) == expected
