@@ -23,12 +23,13 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 def _registrars() -> list[Registrar]:
     # One line per command module, in the order `--help` lists them. Imported here, not at the
     # top, so that importing this module stays cheap.
-    from gateway import admin, check, serve
+    from gateway import admin, check, serve, subscriptions
 
     return [
         serve.register,
         check.register,
         admin.register,
+        subscriptions.register,
     ]
 
 

@@ -1,0 +1,367 @@
+"""Graph API calls behind the WABA subscription commands: ``/{waba-id}/subscribed_apps``.
+
+Rule: every decision is a pure function of values (what to send, what a response means, which exit
+code it earns, whether usage deserves a warning); :func:`call` is the only code that touches the
+network, and it makes exactly one request and never retries. Meta: once rate limited, stop calling,
+because every further call extends the block (graph-api/overview/rate-limiting).
+
+Exit codes, shared by every command that talks to the Graph API::
+
+    0  success
+    1  any other failure: Graph error, non-JSON answer, connection failure, timeout
+    2  usage or input error: bad WABA id, missing access token, bad option value
+    3  authentication or permission error: HTTP 401/403, Graph codes 190, 102, 10, 200-299
+    4  rate limited: Graph codes 4, 17, 32, 613, 80008, or HTTP 429
+
+The access token is only ever placed in the ``Authorization`` header; messages built here never
+contain it, and :func:`call` redacts it should Meta echo it back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from gateway.errors import GraphError
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_FAILURE",
+    "EXIT_RATE_LIMITED",
+    "EXIT_USAGE",
+    "Action",
+    "GraphRequest",
+    "UsageRecord",
+    "build_request",
+    "call",
+    "classify_graph_error",
+    "parse_usage_header",
+    "read_usage",
+    "usage_warnings",
+    "validate_graph_url",
+    "validate_waba_id",
+]
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_RATE_LIMITED = 4
+
+USAGE_HEADER = "X-Business-Use-Case-Usage"
+# graph-api/overview/rate-limiting: app (4), user (17), page (32), custom (613) and the WhatsApp
+# Business Management business use case (80008, which counts subscribed_apps calls).
+RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80008})
+# 190 invalid or expired token, 102 session error, 10 and 200-299 missing permission.
+AUTH_CODES = frozenset({190, 102, 10, *range(200, 300)})
+_FIGURES = ("call_count", "total_cputime", "total_time")
+# whatsapp/webhooks/override: the alternate callback URI is at most 200 characters.
+MAX_OVERRIDE_URI_CHARS = 200
+_WABA_ID = re.compile(r"[0-9]{1,32}")
+_API_VERSION = re.compile(r"v[0-9]{1,3}\.[0-9]{1,3}")
+_LOOPBACK_NAMES = frozenset({"localhost"})
+
+Action = Literal["subscribe", "list", "unsubscribe", "clear-override"]
+JSONObject = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageRecord:
+    """One entry of ``X-Business-Use-Case-Usage``: figures in percent, the wait in minutes."""
+
+    business_id: str
+    type: str
+    call_count: float
+    total_cputime: float
+    total_time: float
+    estimated_time_to_regain_access: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GraphRequest:
+    """What to send: ``body`` is ``None`` for a request without one (which is not ``{}``)."""
+
+    method: Literal["GET", "POST", "DELETE"]
+    path: str
+    body: JSONObject | None = None
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters and runs of whitespace folded into single spaces."""
+    printable = "".join(char if char.isprintable() else " " for char in text)
+    return " ".join(printable.split())
+
+
+def validate_waba_id(value: str) -> str:
+    """Return ``value`` when it is 1 to 32 ASCII digits, else raise :class:`GraphError` (exit 2).
+
+    Checked before any request so a typo never reaches Meta and counts against the rate limit.
+    """
+    if _WABA_ID.fullmatch(value) is None:
+        raise GraphError(f"WABA id {value!r}: expected 1 to 32 digits", exit_code=EXIT_USAGE)
+    return value
+
+
+def validate_graph_url(value: str) -> str:
+    """Return ``value`` without a trailing slash when it is an https:// URL, or http:// to a
+    loopback host (a local test server or proxy), else raise :class:`GraphError` (exit 2).
+
+    Plain http to anywhere else would send the access token in clear text.
+    """
+    parts = urlsplit(value)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and host:
+        return value.rstrip("/")
+    if parts.scheme == "http" and _is_loopback(host):
+        return value.rstrip("/")
+    raise GraphError(
+        f"--graph-url {value!r}: expected an https:// URL (http:// only to a loopback host)",
+        exit_code=EXIT_USAGE,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in _LOOPBACK_NAMES
+
+
+def build_request(
+    action: Action,
+    waba_id: str,
+    *,
+    api_version: str,
+    override_callback_uri: str | None = None,
+    verify_token: str | None = None,
+) -> GraphRequest:
+    """The request for ``action`` on ``waba_id``; raises :class:`GraphError` (exit 2) on bad input.
+
+    whatsapp/webhooks/override: a POST with ``override_callback_uri`` and ``verify_token`` sets
+    the WABA's alternate callback (Meta runs the GET handshake against it with that token); a POST
+    with no body subscribes without an override, which also removes any existing one.
+    """
+    validate_waba_id(waba_id)
+    if _API_VERSION.fullmatch(api_version) is None:
+        raise GraphError(
+            f"--api-version {api_version!r}: expected a version like v21.0", exit_code=EXIT_USAGE
+        )
+    path = f"/{api_version}/{waba_id}/subscribed_apps"
+    has_override = override_callback_uri is not None or verify_token is not None
+    if has_override and action != "subscribe":
+        raise GraphError(f"{action} takes no override", exit_code=EXIT_USAGE)
+    if action == "list":
+        return GraphRequest(method="GET", path=path)
+    if action == "unsubscribe":
+        return GraphRequest(method="DELETE", path=path)
+    if not has_override:
+        return GraphRequest(method="POST", path=path)
+    if override_callback_uri is None or not verify_token:
+        raise GraphError(
+            "--override-callback-uri and --verify-token must be given together",
+            exit_code=EXIT_USAGE,
+        )
+    parts = urlsplit(override_callback_uri)
+    if parts.scheme != "https" or not parts.hostname:
+        raise GraphError(
+            f"--override-callback-uri {override_callback_uri!r}: expected an https:// URL",
+            exit_code=EXIT_USAGE,
+        )
+    if len(override_callback_uri) > MAX_OVERRIDE_URI_CHARS:
+        raise GraphError(
+            f"--override-callback-uri is {len(override_callback_uri)} characters long:"
+            f" Meta accepts at most {MAX_OVERRIDE_URI_CHARS}",
+            exit_code=EXIT_USAGE,
+        )
+    body = {"override_callback_uri": override_callback_uri, "verify_token": verify_token}
+    return GraphRequest(method="POST", path=path, body=body)
+
+
+def parse_usage_header(value: str) -> list[UsageRecord]:
+    """Parse ``X-Business-Use-Case-Usage``; raise :class:`ValueError` when it is malformed.
+
+    Shape (graph-api/overview/rate-limiting): ``{"<business id>": [{"type", "call_count",
+    "total_cputime", "total_time", "estimated_time_to_regain_access"}]}``.
+    """
+    try:
+        document = json.loads(value)
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(document, dict):
+        raise ValueError("expected a JSON object keyed by business id")
+    records: list[UsageRecord] = []
+    for business_id, entries in document.items():
+        if not isinstance(entries, list):
+            raise ValueError(f"business {business_id}: expected a list of usage entries")
+        for entry in entries:
+            records.append(_usage_record(business_id, entry))
+    return records
+
+
+def _usage_record(business_id: str, entry: object) -> UsageRecord:
+    if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+        raise ValueError(f"business {business_id}: expected entries with a string 'type'")
+    figures: dict[str, float] = {}
+    for name in (*_FIGURES, "estimated_time_to_regain_access"):
+        figure = entry.get(name)
+        # bool is an int subclass; true is not a percentage.
+        if isinstance(figure, bool) or not isinstance(figure, int | float):
+            raise ValueError(f"business {business_id}: {name} is not a number")
+        figures[name] = figure
+    return UsageRecord(business_id=business_id, type=entry["type"], **figures)
+
+
+def usage_warnings(records: Sequence[UsageRecord], threshold: float = 80) -> list[str]:
+    """One warning line per business and figure above ``threshold`` percent (highest type wins).
+
+    Meta throttles at 100 on any figure, so the warning leaves room to stop before that.
+    """
+    highest: dict[tuple[str, str], float] = {}
+    for record in records:
+        for name in _FIGURES:
+            figure: float = getattr(record, name)
+            key = (record.business_id, name)
+            if figure > threshold and figure > highest.get(key, -1):
+                highest[key] = figure
+    return [
+        f"warning: Graph API usage for business {one_line(business_id)} at {figure:g}% ({name});"
+        " throttled at 100%"
+        for (business_id, name), figure in highest.items()
+    ]
+
+
+def read_usage(value: str | None) -> tuple[list[UsageRecord], list[str]]:
+    """Records and warning lines for a header value; a malformed header is ignored with a
+    warning, because usage reporting must never be the reason a command fails."""
+    if value is None:
+        return [], []
+    try:
+        records = parse_usage_header(value)
+    except ValueError as exc:
+        return [], [f"warning: ignoring malformed {USAGE_HEADER} header: {one_line(str(exc))}"]
+    return records, usage_warnings(records)
+
+
+def classify_graph_error(status: int, body: bytes, usage: Sequence[UsageRecord] = ()) -> GraphError:
+    """The :class:`GraphError` for a failed response: one line, with the exit code it earns.
+
+    ``usage`` supplies the wait Meta estimates when the error is a rate limit.
+    """
+    document = _json(body)
+    shape = "a non-JSON body" if document is None else "a JSON body that is not a Graph error"
+    if not isinstance(document, dict) or not isinstance(document.get("error"), dict):
+        phrase = _status_phrase(status)
+        if status == HTTPStatus.TOO_MANY_REQUESTS:
+            return GraphError(
+                f"rate limit hit (HTTP {phrase}): {_wait(usage)}", exit_code=EXIT_RATE_LIMITED
+            )
+        exit_code = EXIT_AUTH if status in (401, 403) else EXIT_FAILURE
+        return GraphError(f"Graph API answered HTTP {phrase} with {shape}", exit_code=exit_code)
+    error: Mapping[str, Any] = document["error"]
+    code = error.get("code")
+    details = [f"code {code}"]
+    if error.get("error_subcode") is not None:
+        details.append(f"subcode {error['error_subcode']}")
+    details.append(f"HTTP {status}")
+    if error.get("fbtrace_id") is not None:
+        details.append(f"fbtrace_id {error['fbtrace_id']}")
+    message = one_line(str(error.get("message", "no message")))
+    context = ", ".join(one_line(str(detail)) for detail in details)
+    if code in RATE_LIMIT_CODES or status == HTTPStatus.TOO_MANY_REQUESTS:
+        return GraphError(
+            f"rate limit hit ({context}): {message}; {_wait(usage)}", exit_code=EXIT_RATE_LIMITED
+        )
+    if code in (190, 102) or status == HTTPStatus.UNAUTHORIZED:
+        return GraphError(f"access token rejected ({context}): {message}", exit_code=EXIT_AUTH)
+    if code in AUTH_CODES or status == HTTPStatus.FORBIDDEN:
+        return GraphError(f"permission denied ({context}): {message}", exit_code=EXIT_AUTH)
+    if error.get("is_transient") is True:
+        message += "; Meta marks this transient, so retrying later may succeed"
+    return GraphError(f"Graph API error ({context}): {message}", exit_code=EXIT_FAILURE)
+
+
+def _json(body: bytes) -> object:
+    """The parsed body, or ``None`` when it is not JSON (``null`` reads the same: no answer)."""
+    try:
+        document: object = json.loads(body)
+    except ValueError:
+        return None
+    return document
+
+
+def _status_phrase(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _wait(usage: Sequence[UsageRecord]) -> str:
+    minutes = max((record.estimated_time_to_regain_access for record in usage), default=0)
+    if minutes > 0:
+        unit = "minute" if minutes == 1 else "minutes"
+        estimate = f"Meta says access returns in about {minutes:g} {unit}"
+    else:
+        estimate = "Meta gives no estimate of when access returns"
+    return f"{estimate}; every further call extends the block, so wait"
+
+
+def redact(text: str, secret: str) -> str:
+    """``text`` with every occurrence of ``secret`` replaced, for messages built from answers."""
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+async def call(
+    request: GraphRequest,
+    *,
+    graph_url: str,
+    access_token: str,
+    timeout_s: float,
+    warn: Callable[[str], None],
+) -> JSONObject:
+    """Make ``request`` once and return the JSON object Meta answered, or raise
+    :class:`GraphError`.
+
+    Usage warnings go to ``warn`` as soon as the response arrives, so they are shown even when
+    the call then fails. Does *not* retry: a retry would extend a rate-limit block.
+    """
+    url = graph_url + request.path
+    host = urlsplit(graph_url).hostname
+    headers = {"Authorization": f"Bearer {access_token}"}
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.request(
+                request.method,
+                url,
+                headers=headers,
+                json=request.body,
+                # Like curl, a bodyless POST carries no Content-Type (aiohttp would add one).
+                skip_auto_headers=("Content-Type",) if request.body is None else (),
+            ) as response,
+        ):
+            body = await response.read()
+            usage, warnings = read_usage(response.headers.get(USAGE_HEADER))
+            status = response.status
+    except TimeoutError:
+        raise GraphError(f"no answer from {host} within {timeout_s:g} s") from None
+    except aiohttp.ClientError as exc:
+        reason = redact(one_line(str(exc)), access_token) or type(exc).__name__
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            raise GraphError(f"cannot reach {host}: {reason}") from None
+        raise GraphError(f"call to {host} failed: {reason}") from None
+    for line in warnings:
+        warn(redact(line, access_token))
+    document = _json(body) if 200 <= status < 300 else None
+    if isinstance(document, dict) and "error" not in document:
+        return document
+    error = classify_graph_error(status, body, usage)
+    raise GraphError(redact(str(error), access_token), exit_code=error.exit_code)
