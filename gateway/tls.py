@@ -1,0 +1,175 @@
+"""TLS for the webhook listener: the server context that asks Meta for its client certificate.
+
+Rule: the client's *chain* is verified here, by OpenSSL, against the configured CA bundle and
+nothing else; the subject CN is checked by :mod:`gateway.identity`. Every file problem is a
+:class:`~gateway.errors.CertificateError` naming the config key and the file, raised when the
+context is built (at start-up), never at the first handshake.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from gateway.config import ClientAuth, TlsConfig
+from gateway.errors import CertificateError
+
+__all__ = ["build_server_context", "client_ca_subjects"]
+
+_VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
+    "required": ssl.CERT_REQUIRED,
+    # A certificate that is presented is still verified; only its absence is let through, for the
+    # roll-out window before mTLS is switched on in Meta's App Dashboard.
+    "optional": ssl.CERT_OPTIONAL,
+    "off": ssl.CERT_NONE,
+}
+
+# The gateway speaks HTTP/1.1 only (aiohttp's server); saying so in ALPN (RFC 7301) lets a client
+# that offers h2 settle on http/1.1 instead of guessing.
+_ALPN_PROTOCOLS: Final = ["http/1.1"]
+
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+def build_server_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The listener's ``SSLContext`` for ``tls``; raises :class:`CertificateError` for any bad file.
+
+    The files are read with ``cryptography`` first, so that each problem names the file at fault:
+    OpenSSL's own errors ("PEM lib", "key values mismatch") do not say which file they mean.
+    """
+    certificates = _read_certificates(tls.cert_file, "tls.cert_file")
+    private_key = _read_private_key(tls.key_file, "tls.key_file")
+    if _public_key_der(certificates[0]) != _public_key_der(private_key):
+        raise CertificateError(f"{_at('tls.key_file', tls.key_file)}: does not match tls.cert_file")
+
+    # Built by hand rather than with ssl.create_default_context(), which would load the system
+    # trust store: any public CA could then vouch for a client. Before April 2026 Meta's client
+    # certificate came from a DigiCert intermediate that also signs countless public server
+    # certificates, so trust comes only from the configured bundle.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # TLS 1.0 and 1.1 are deprecated (RFC 8996); Meta's webhook client speaks 1.2 and 1.3.
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS compression leaks secrets through sizes (CRIME, RFC 7457 section 2.6).
+    context.options |= ssl.OP_NO_COMPRESSION
+    if hasattr(ssl, "OP_NO_RENEGOTIATION"):
+        # A client-initiated TLS 1.2 renegotiation costs the server a full handshake each time
+        # and buys nothing here; TLS 1.3 has no renegotiation at all (RFC 8446).
+        context.options |= ssl.OP_NO_RENEGOTIATION
+    # Session tickets stay on (OP_NO_TICKET is not set): Meta opens many connections, and a
+    # resumed handshake skips the certificate exchange and its signature checks.
+    context.set_alpn_protocols(_ALPN_PROTOCOLS)
+    _load(
+        "tls.cert_file",
+        tls.cert_file,
+        lambda: context.load_cert_chain(tls.cert_file, tls.key_file),
+    )
+
+    context.verify_mode = _VERIFY_MODES[tls.client_auth]
+    if tls.client_ca_file is None:
+        if tls.client_auth != "off":
+            raise CertificateError(
+                f"tls.client_ca_file is not set: it is needed when tls.client_auth = "
+                f"{tls.client_auth!r}"
+            )
+    else:
+        # Meta presents its leaf plus the signing intermediate; the bundle holds only the root(s)
+        # (docs/graph-api/webhooks/getting-started, "mTLS"). A bundle of several roots is how a CA
+        # rotation becomes an overlap window rather than an outage.
+        ca_file = tls.client_ca_file
+        _read_certificates(ca_file, "tls.client_ca_file")
+        _load("tls.client_ca_file", ca_file, lambda: context.load_verify_locations(cafile=ca_file))
+
+    if tls.crl_file is not None:
+        crl_file = tls.crl_file
+        _check_crl_file(crl_file)
+        _load("tls.crl_file", crl_file, lambda: context.load_verify_locations(cafile=crl_file))
+        # Only the leaf is checked, so the file must hold the CRL of the CA that issued the
+        # leaf (Meta's intermediate): without it every handshake fails with "unable to get
+        # certificate CRL".
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def client_ca_subjects(path: Path) -> list[tuple[str, str]]:
+    """``(subject, SHA-256 fingerprint)`` of every certificate in the CA bundle at ``path``.
+
+    The subject is an RFC 4514 string, the fingerprint upper-case hex with colons, as
+    ``openssl x509 -noout -fingerprint -sha256`` prints it, so an operator can compare the two.
+    """
+    return [
+        (
+            certificate.subject.rfc4514_string(),
+            certificate.fingerprint(hashes.SHA256()).hex(":").upper(),
+        )
+        for certificate in _read_certificates(path, "tls.client_ca_file")
+    ]
+
+
+def _at(key: str, path: Path) -> str:
+    return f"{key} = {str(path)!r}"
+
+
+def _read_bytes(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"{_at(key, path)}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _read_certificates(path: Path, key: str) -> list[x509.Certificate]:
+    data = _read_bytes(path, key)
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise CertificateError(f"{_at(key, path)}: no PEM certificate found")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CertificateError(f"{_at(key, path)}: holds a malformed PEM certificate") from exc
+
+
+def _read_private_key(path: Path, key: str) -> PrivateKeyTypes:
+    data = _read_bytes(path, key)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError as exc:
+        # The gateway starts unattended, so there is nobody to type a passphrase.
+        raise CertificateError(
+            f"{_at(key, path)}: the key is encrypted; give an unencrypted key and protect the "
+            "file with its permissions"
+        ) from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CertificateError(f"{_at(key, path)}: no usable PEM private key found") from exc
+
+
+def _public_key_der(source: x509.Certificate | PrivateKeyTypes) -> bytes:
+    return source.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _check_crl_file(path: Path) -> None:
+    # load_verify_locations() takes certificates as readily as CRLs: a CA bundle given as
+    # tls.crl_file by mistake would silently become trust anchors. Hence: CRLs and nothing else.
+    data = _read_bytes(path, "tls.crl_file")
+    labels = _PEM_LABEL.findall(data)
+    if not labels:
+        raise CertificateError(f"{_at('tls.crl_file', path)}: no PEM CRL found")
+    others = sorted({label.decode() for label in labels if label != b"X509 CRL"})
+    if others:
+        raise CertificateError(
+            f"{_at('tls.crl_file', path)}: holds {', '.join(others)}; only X509 CRL is allowed"
+        )
+
+
+def _load(key: str, path: Path, load: Callable[[], None]) -> None:
+    try:
+        load()
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise CertificateError(f"{_at(key, path)}: OpenSSL refused it: {exc}") from exc
