@@ -8,11 +8,20 @@ URL``. Units live in key names (``timeout_s``, ``max_body_bytes``).
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import math
 import os
-from collections.abc import Mapping
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -147,5 +156,238 @@ def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
 
 
 def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
-    """Read, expand ``${ENV}``, validate and freeze the TOML file at ``path``."""
-    raise NotImplementedError
+    """Read, expand ``${ENV}``, validate and freeze the TOML file at ``path``.
+
+    Raises :class:`~gateway.errors.ConfigError` for an unreadable file, invalid TOML, an unknown
+    table or key, a wrong type, a value out of range or an unset environment variable. It does not
+    open the certificate, key, CA or CRL files; building the TLS context does that.
+    """
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return _Reader(path, env).config(data)
+
+
+# Below, the dataclasses above are the schema: their fields are the keys, their type hints the
+# types, fields without a default the required keys. A key absent from the file is not passed on,
+# so each default lives in one place. Every count must be >= 1 and every duration > 0 unless
+# _RULES says otherwise.
+
+_T = TypeVar("_T")
+_Rule = tuple[Callable[[Any], bool], str]
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TABLES = ("listen", "tls", "meta", "outbox", "targets", "admin", "dispatcher", "log")
+_SECRETS = frozenset({"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token"})
+_SCALARS: dict[object, tuple[type | UnionType, str]] = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: (int | float, "a finite number"),
+}
+_LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        return False
+    has_space = any(char.isspace() for char in text)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not has_space
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_DEFAULT_RULES: dict[object, _Rule] = {
+    int: (lambda value: value >= 1, "an integer >= 1"),
+    float: (lambda value: value > 0, "a number > 0"),
+}
+_NON_EMPTY: _Rule = (bool, "a non-empty list of strings")
+_RULES: dict[str, _Rule] = {
+    "listen.port": (lambda value: 1 <= value <= 65535, "an integer from 1 to 65535"),
+    "listen.path": (lambda value: value.startswith("/"), "a path starting with '/'"),
+    "tls.client_cn": _NON_EMPTY,
+    "meta.verify_tokens": _NON_EMPTY,
+    "meta.app_secrets": _NON_EMPTY,
+    "targets.url": (_is_http_url, "an http:// or https:// URL"),
+    "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
+    "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
+    # 0 asks the OS for a free port, which tests use.
+    "admin.port": (lambda value: 0 <= value <= 65535, "an integer from 0 to 65535"),
+}
+
+
+def _shown(value: object, secret: bool) -> str:
+    """The value as a message shows it: a secret only as its unexpanded ``${NAME}`` text."""
+    if not secret or value in ("", []) or (isinstance(value, str) and "${" in value):
+        return repr(value)
+    return "<hidden>"
+
+
+def _join(table: str, key: str) -> str:
+    return f"{table}.{key}" if table else key
+
+
+class _Reader:
+    def __init__(self, source: Path, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.env = env
+
+    def error(self, key: str, value: object, expected: str, *, secret: bool = False) -> ConfigError:
+        return ConfigError(f"{self.source}: {key} = {_shown(value, secret)}: expected {expected}")
+
+    def config(self, data: dict[str, Any]) -> Config:
+        self.check_keys("", data, _TABLES)
+
+        def table(name: str, cls: type[_T]) -> _T:
+            return self.section(name, name, data.get(name, {}), cls)
+
+        tls = table("tls", TlsConfig)
+        if tls.client_auth != "off" and tls.client_ca_file is None:
+            # With no CA to check against, client certificates would prove nothing.
+            expected = "'off' unless tls.client_ca_file is set"
+            raise self.error("tls.client_auth", tls.client_auth, expected)
+        meta = table("meta", MetaConfig)
+        admin = table("admin", AdminConfig)
+        if admin.enabled and admin.token is None and not _is_loopback(admin.host):
+            # The admin API replays and drops deliveries: only this host, or a token holder.
+            expected = "a loopback address unless admin.token is set"
+            raise self.error("admin.host", admin.host, expected)
+        log = self.table("log", "log", data.get("log", {}), {"level": _LogLevel}, ())
+        return Config(
+            listen=table("listen", ListenConfig),
+            tls=tls,
+            meta=meta,
+            outbox=table("outbox", OutboxConfig),
+            targets=self.targets(data.get("targets", [])),
+            admin=admin,
+            dispatcher=table("dispatcher", DispatcherConfig),
+            source=self.source,
+            **({"log_level": log["level"]} if "level" in log else {}),
+        )
+
+    def targets(self, value: object) -> tuple[TargetConfig, ...]:
+        if not isinstance(value, list):
+            raise self.error("targets", value, "an array of tables ([[targets]])", secret=True)
+        targets: list[TargetConfig] = []
+        for index, item in enumerate(value):
+            key = f"targets[{index}]"
+            target = self.section(key, "targets", item, TargetConfig)
+            # Names key the outbox rows and the admin API, so two targets cannot share one.
+            names = [other.name for other in targets]
+            if target.name in names:
+                used = f"{target.name!r} is already used by targets[{names.index(target.name)}]"
+                raise self.error(f"{key}.name", target.name, f"a unique name, {used}")
+            if target.wait_max_s < target.wait_initial_s:
+                # Blame the key the file set: the other one may be a default.
+                raw = item if isinstance(item, dict) else {}
+                if "wait_max_s" in raw:
+                    expected = f"a number >= {key}.wait_initial_s ({target.wait_initial_s:g})"
+                    raise self.error(f"{key}.wait_max_s", raw["wait_max_s"], expected)
+                expected = f"a number <= {key}.wait_max_s ({target.wait_max_s:g})"
+                raise self.error(f"{key}.wait_initial_s", raw.get("wait_initial_s"), expected)
+            targets.append(target)
+        return tuple(targets)
+
+    def section(self, key: str, name: str, value: object, cls: type[_T]) -> _T:
+        """Table ``key`` (``name`` without its index) as a ``cls``."""
+        required = [
+            each.name
+            # _T is always one of the dataclasses above; mypy cannot know that.
+            for each in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if each.default is dataclasses.MISSING and each.default_factory is dataclasses.MISSING
+        ]
+        return cls(**self.table(key, name, value, get_type_hints(cls), required))
+
+    def table(
+        self,
+        key: str,
+        name: str,
+        value: object,
+        hints: Mapping[str, Any],
+        required: Iterable[str],
+    ) -> dict[str, Any]:
+        """The converted values of the keys present in table ``key``."""
+        table = self.check_keys(key, value, hints)
+        for each in required:
+            if each not in table:
+                raise ConfigError(f"{self.source}: {_join(key, each)}: required key is missing")
+        return {
+            each: self.convert(_join(key, each), f"{name}.{each}", hints[each], item)
+            for each, item in table.items()
+        }
+
+    def check_keys(self, key: str, value: object, known: Iterable[str]) -> dict[str, object]:
+        if not isinstance(value, dict):
+            raise self.error(key, value, "a table", secret=True)
+        for each, item in value.items():
+            if each not in known:
+                # A misspelt key's value may well be a secret: never show it.
+                expected = "one of the keys " + ", ".join(sorted(known))
+                raise self.error(_join(key, each), item, expected, secret=True)
+        return value
+
+    def convert(self, key: str, name: str, hint: Any, value: object) -> Any:
+        """``value`` as type ``hint``, checked against the rule for ``name``."""
+        secret = name in _SECRETS
+        if get_origin(hint) is UnionType:  # `X | None`: None is only ever the default
+            hint = get_args(hint)[0]
+        result: Any
+        if hint in _SCALARS:
+            kind, expected = _SCALARS[hint]
+            # TOML's true is not 1, although Python's bool is an int; an integer is a fine float.
+            if (
+                not isinstance(value, int | float)
+                or not isinstance(value, kind)
+                or isinstance(value, bool) != (hint is bool)
+                or not math.isfinite(value)
+            ):
+                raise self.error(key, value, expected, secret=secret)
+            result = float(value) if hint is float else value
+        elif get_origin(hint) is tuple:
+            if not isinstance(value, list):
+                raise self.error(key, value, "a list of strings", secret=secret)
+            result = tuple(self.text(f"{key}[{i}]", item, secret) for i, item in enumerate(value))
+        else:
+            result = self.text(key, value, secret)
+            if get_origin(hint) is Literal and result not in get_args(hint):
+                raise self.error(key, result, "one of " + ", ".join(map(repr, get_args(hint))))
+            if hint is Path:
+                # Relative to the config file, so a config works whatever the working directory.
+                result = self.source.parent / result
+        valid, expected = _RULES.get(name) or _DEFAULT_RULES.get(hint, (lambda _: True, ""))
+        if not valid(result):
+            # The expanded text, or the number as written (`0`, not `0.0`).
+            shown = result if isinstance(result, str) and not secret else value
+            raise self.error(key, shown, expected, secret=secret)
+        return result
+
+    def text(self, key: str, value: object, secret: bool) -> str:
+        """A non-empty string with its ``${NAME}`` references replaced from the environment."""
+        if not isinstance(value, str):
+            raise self.error(key, value, "a string", secret=secret)
+        if "${" in _REFERENCE.sub("", value):
+            # A malformed reference is a typo, not text to pass on verbatim.
+            expected = "${NAME} references, NAME made of letters, digits and '_'"
+            raise self.error(key, value, expected, secret=secret)
+        for env_name in _REFERENCE.findall(value):
+            if env_name not in self.env:
+                raise ConfigError(
+                    f"{self.source}: {key} = {_shown(value, secret)}: "
+                    f"environment variable {env_name} is not set"
+                )
+        # One pass: text that comes from the environment is never expanded again.
+        text = _REFERENCE.sub(lambda match: self.env[match[1]], value)
+        if not text:
+            raise self.error(key, value, "a non-empty string", secret=secret)
+        return text
