@@ -84,9 +84,7 @@ def create_admin_app(
         state, target, limit = parse_query(request.query)
         found = await outbox.query(state=state, target=target, limit=limit)
         counts = await outbox.counts()
-        return web.json_response(
-            {"counts": counts, "deliveries": [d.summary() for d in found]}
-        )
+        return web.json_response({"counts": counts, "deliveries": [d.summary() for d in found]})
 
     async def replay(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]

@@ -35,7 +35,7 @@ CONFIG = web.AppKey("config", Config)
 OUTBOX = web.AppKey("outbox", Outbox)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 STATS = web.AppKey("stats", Stats)
-_IDENTITIES = web.AppKey("identities", "weakref.WeakKeyDictionary[Any, str | None]")
+_IDENTITIES: web.AppKey[weakref.WeakKeyDictionary[Any, str | None]] = web.AppKey("identities")
 
 
 def _identity(request: web.Request) -> str | None:
@@ -46,7 +46,8 @@ def _identity(request: web.Request) -> str | None:
     key = transport.get_extra_info("ssl_object") if transport is not None else None
     cache = request.app[_IDENTITIES]
     if key is not None and key in cache:
-        return cache[key]
+        cached: str | None = cache[key]
+        return cached
     config = request.app[CONFIG]
     peercert = key.getpeercert() if key is not None else None
     try:

@@ -44,7 +44,9 @@ class RetryPolicy:
             return self.wait_max_s
         return min(self.wait_max_s, self.wait_initial_s * self.wait_exp_base**exponent)
 
-    def delay(self, attempt: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+    def delay(
+        self, attempt: int, uniform: Callable[[float, float], float] = random.uniform
+    ) -> float:
         """Seconds to wait after failed attempt ``attempt``: a full-jitter draw in [0, cap]."""
         return uniform(0.0, self.cap(attempt))
 

@@ -49,13 +49,16 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     status = "warning" if left < EXPIRY_WARNING_DAYS else "ok"
     lines.append(f"{status}: server certificate {subject} expires in {int(left)} days")
     lines.append("ok: server key matches the certificate")
-    lines.append(f"ok: client_auth = {config.tls.client_auth}; accepted CN: "
-                 + ", ".join(config.tls.client_cn))
+    lines.append(
+        f"ok: client_auth = {config.tls.client_auth}; accepted CN: "
+        + ", ".join(config.tls.client_cn)
+    )
     if config.tls.client_ca_file is not None:
         for ca_subject, fingerprint in client_ca_subjects(config.tls.client_ca_file):
             lines.append(f"ok: client CA {ca_subject} sha256 {fingerprint}")
-    lines.append(f"ok: {len(config.targets)} target(s): "
-                 + ", ".join(t.name for t in config.targets))
+    lines.append(
+        f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
+    )
     return lines
 
 

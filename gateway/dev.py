@@ -105,7 +105,7 @@ def ensure_dev_files(folder: Path) -> tuple[DevFiles, dict[str, str]]:
         files.secrets.chmod(0o600)
     files.sample.write_bytes(SAMPLE)
     values = json.loads(files.secrets.read_text())
-    return files, {"app_secret": str(values["app_secret"]), "verify_token": str(values["verify_token"])}
+    return files, {key: str(values[key]) for key in ("app_secret", "verify_token")}
 
 
 def dev_config(files: DevFiles, dev_secrets: dict[str, str], *, port: int, sink_url: str) -> Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -100,9 +101,9 @@ class Dispatcher:
                 continue
             task = asyncio.create_task(self._attempt(delivery))
             self._in_flight[delivery.id] = task
-            task.add_done_callback(lambda _t, key=delivery.id: self._done(key))
+            task.add_done_callback(functools.partial(self._done, delivery.id))
 
-    def _done(self, delivery_id: str) -> None:
+    def _done(self, delivery_id: str, _task: asyncio.Task[None]) -> None:
         self._in_flight.pop(delivery_id, None)
         self._wake.set()
 

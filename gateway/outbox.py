@@ -27,7 +27,7 @@ from gateway.errors import OutboxError
 from gateway.outcome import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt
 from gateway.routing import Route
 
-__all__ = ["Delivery", "Outbox", "STATES"]
+__all__ = ["STATES", "Delivery", "Outbox"]
 
 T = TypeVar("T")
 STATES = ("pending", "delivered", "dead")
@@ -175,9 +175,9 @@ class Outbox:
             target=self._run, args=(opened,), name="outbox-writer", daemon=True
         )
         self._thread.start()
-        error = opened.get()
-        if error is not None:
-            raise error
+        failure = opened.get()
+        if failure is not None:
+            raise failure
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -225,8 +225,8 @@ class Outbox:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            error = OutboxError(f"outbox commit failed: {exc}")
-            results = [(None, error)] * len(batch)
+            failed = OutboxError(f"outbox commit failed: {exc}")
+            results = [(None, failed)] * len(batch)
         for job, (result, error) in zip(batch, results, strict=True):
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                 job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
@@ -335,8 +335,7 @@ class Outbox:
 
         def job(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE deliveries SET state = 'dead', updated_at = ?, last_error = ?"
-                " WHERE id = ?",
+                "UPDATE deliveries SET state = 'dead', updated_at = ?, last_error = ? WHERE id = ?",
                 (now, reason, delivery_id),
             )
 

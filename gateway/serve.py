@@ -51,13 +51,22 @@ def bound_port(site: web.TCPSite) -> int:
 class Gateway:
     """The running gateway: ``async with Gateway(config) as gw`` listens until the block ends.
 
-    ``gw.port`` and ``gw.admin_port`` are the bound ports (useful with port 0 in tests).
+    ``gw.port`` and ``gw.admin_port`` are the bound ports (useful with port 0 in tests). Only the
+    ``primary`` process of a multi-worker gateway runs the dispatcher and the admin listener, so
+    exactly one process forwards; the others only acknowledge.
     """
 
-    def __init__(self, config: Config, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        primary: bool = True,
+    ) -> None:
         self.config = config
+        self.primary = primary
         self._ssl = ssl_context or build_server_context(config.tls)
-        self.app = create_app(config)
+        self.app = create_app(config, dispatch=primary)
         self._runner = web.AppRunner(
             self.app,
             access_log_class=AccessLogger,
@@ -84,7 +93,7 @@ class Gateway:
             await site.start()
             self.port = bound_port(site)
             admin = self.config.admin
-            if admin.enabled:
+            if admin.enabled and self.primary:
                 dispatcher = self.app.get(DISPATCHER)
                 admin_app = create_admin_app(
                     self.config,
@@ -92,9 +101,7 @@ class Gateway:
                     self.app[STATS],
                     wake=dispatcher.wake if dispatcher is not None else lambda: None,
                 )
-                self._admin_runner = web.AppRunner(
-                    admin_app, access_log=None, handle_signals=False
-                )
+                self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
                 await self._admin_runner.setup()
                 admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port)
                 await admin_site.start()
@@ -126,6 +133,7 @@ async def run(
     *,
     shutdown: Awaitable[object] | None = None,
     on_ready: Callable[[Gateway], None] | None = None,
+    primary: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly."""
     loop = asyncio.get_running_loop()
@@ -138,20 +146,21 @@ async def run(
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
     try:
-        async with Gateway(config) as gateway:
+        async with Gateway(config, primary=primary) as gateway:
             log.info(
-                "listening on https://%s:%d%s (client_auth=%s); admin on %s",
+                "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
+                "primary" if primary else "worker",
                 config.listen.host,
                 gateway.port,
                 config.listen.path,
                 config.tls.client_auth,
                 f"http://{config.admin.host}:{gateway.admin_port}"
-                if config.admin.enabled
+                if config.admin.enabled and primary
                 else "off",
             )
             if on_ready is not None:
                 on_ready(gateway)
-            waiters = [asyncio.ensure_future(stop.wait())]
+            waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
             if shutdown is not None:
                 waiters.append(asyncio.ensure_future(shutdown))
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -211,9 +220,18 @@ def _serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     build_server_context(config.tls)  # refuse bad certificate files before anything starts
     setup_logging(config.log_level)
-    with _event_loop_runner() as runner:
-        runner.run(run(config))
+    if config.listen.workers > 1:
+        from gateway.workers import supervise
+
+        return supervise(config)
+    serve_process(config, primary=True)
     return 0
+
+
+def serve_process(config: Config, *, primary: bool) -> None:
+    """One serving process, on uvloop when it is installed."""
+    with _event_loop_runner() as runner:
+        runner.run(run(config, primary=primary))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -227,4 +245,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--dev-dir", default="var/dev", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help="with --dev: listen port")
     parser.set_defaults(func=_serve)
-

@@ -149,7 +149,7 @@ def test_unopenable_path_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     """An outbox path that cannot be created raises OutboxError naming outbox.path."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(OutboxError, match="outbox.path"):
+    with pytest.raises(OutboxError, match=r"outbox\.path"):
         Outbox(blocker / "outbox.sqlite3", dedup_window_s=DAY)
 
 
@@ -173,6 +173,7 @@ async def test_failed_write_does_not_spoil_the_rest_of_its_group(outbox: Outbox)
         outbox.accept(b"two", SIG, [Route("t", None)], 1.0),
         return_exceptions=True,
     )
-    assert results[0] is True and results[2] is True
+    assert results[0] is True
+    assert results[2] is True
     assert isinstance(results[1], OutboxError)
     assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(2,)]

@@ -1,0 +1,90 @@
+"""``[listen] workers = N``: N acceptor processes on one port, exactly one dispatcher.
+
+Rule: the supervisor (the process ``serve`` started) binds nothing and forwards nothing; it starts
+N worker processes that each bind the listener with SO_REUSEPORT, so the kernel spreads
+connections across them. Worker 0 is the primary: it alone runs the dispatcher and the admin
+listener. All share the SQLite outbox (WAL lets them write one after another and read at once).
+
+Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
+process would; the supervisor waits for them and exits 0. Workers ask the kernel to send them
+SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL.
+If a worker dies on its own, the supervisor stops the others and exits 1: a half-running gateway
+is worse than a restart by the service manager.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from gateway.config import Config
+
+__all__ = ["supervise"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_STOP_GRACE_S = 30.0
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _worker(config: Config, index: int) -> None:
+    _die_with_parent()
+    from gateway.serve import serve_process, setup_logging
+
+    setup_logging(config.log_level)
+    serve_process(config, primary=index == 0)
+
+
+def supervise(config: Config) -> int:
+    """Run ``config.listen.workers`` workers until a signal; return the exit code."""
+    # spawn, not fork: a forked child would inherit this process's threads' locks half-held.
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    workers: list[BaseProcess] = []
+    process: BaseProcess
+    try:
+        for index in range(config.listen.workers):
+            process = context.Process(
+                target=_worker, args=(config, index), name=f"waba-gateway-worker-{index}"
+            )
+            process.start()
+            workers.append(process)
+        log.info("started %d workers", len(workers))
+        failed = False
+        while not stopping.is_set():
+            stopping.wait(0.5)
+            if any(not p.is_alive() for p in workers) and not stopping.is_set():
+                log.error("a worker exited unexpectedly; stopping the others")
+                failed = True
+                break
+        return 1 if failed else 0
+    finally:
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                process.terminate()  # SIGTERM: each worker shuts down cleanly
+        for process in workers:
+            process.join(_STOP_GRACE_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
