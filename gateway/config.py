@@ -59,7 +59,8 @@ class ListenConfig:
     path: str = "/webhook"
     # Meta sends up to 3 MB (whatsapp/webhooks/overview); aiohttp's own default is 1 MiB.
     max_body_bytes: int = 4 * MiB
-    workers: int = 1
+    # Acceptor processes sharing the port (SO_REUSEPORT); one of them dispatches.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -110,7 +110,7 @@ def ensure_dev_files(folder: Path) -> tuple[DevFiles, dict[str, str]]:
 
 def dev_config(files: DevFiles, dev_secrets: dict[str, str], *, port: int, sink_url: str) -> Config:
     return Config(
-        listen=ListenConfig(host="127.0.0.1", port=port),
+        listen=ListenConfig(host="127.0.0.1", port=port, workers=1),
         tls=TlsConfig(
             cert_file=files.server_chain,
             key_file=files.server_key,
