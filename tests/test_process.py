@@ -1,0 +1,284 @@
+"""The gateway as an operator runs it: a real process, real signals, a crash, several workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from helpers import APP_SECRET, VERIFY_TOKEN, message_body, meta_signature
+from pki import Pki
+from sink import DEADLINE_S, Sink
+
+from gateway.signature import sign
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _write_config(pki: Pki, folder: Path, *, target_url: str, workers: int = 1) -> Path:
+    port = _free_port()
+    path = folder / "gateway.toml"
+    path.write_text(
+        f"""
+[listen]
+host = "127.0.0.1"
+port = {port}
+workers = {workers}
+
+[tls]
+cert_file = "{pki.server_chain_file}"
+key_file = "{pki.server_key_file}"
+client_ca_file = "{pki.client_ca_file}"
+
+[meta]
+verify_tokens = ["{VERIFY_TOKEN}"]
+app_secrets = ["${{TEST_APP_SECRET}}"]
+
+[outbox]
+path = "outbox.sqlite3"
+
+[admin]
+enabled = false
+
+[dispatcher]
+poll_interval_s = 0.05
+
+[[targets]]
+name = "sink"
+url = "{target_url}"
+wait_initial_s = 0.05
+wait_max_s = 0.2
+"""
+    )
+    return path
+
+
+def _port_of(config: Path) -> int:
+    import tomllib
+
+    return int(tomllib.loads(config.read_text())["listen"]["port"])
+
+
+@contextlib.contextmanager
+def _gateway(config: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``waba-gateway serve`` as a child process; killed at the end if still running."""
+    env = os.environ | {"TEST_APP_SECRET": APP_SECRET}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+async def _post(port: int, pki: Pki, body: bytes, *, fresh: bool = False) -> int:
+    """POST ``body`` signed like Meta over mTLS; ``fresh`` forces a new connection."""
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
+    if fresh:
+        headers["Connection"] = "close"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"https://localhost:{port}/webhook",
+            data=body,
+            headers=headers,
+            ssl=pki.client_context("meta"),
+        ) as response,
+    ):
+        await response.read()
+        return response.status
+
+
+async def _until_listening(port: int, pki: Pki, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"the gateway exited with {process.returncode}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError("the gateway did not start listening") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
+async def _exit_code(process: subprocess.Popen[bytes]) -> int:
+    return await asyncio.to_thread(process.wait, DEADLINE_S)
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    async with Sink() as running:
+        yield running
+
+
+async def test_sigkill_after_ack_with_target_down_loses_nothing(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """Acknowledged while the target is down, killed with SIGKILL, restarted: all delivered."""
+    config = _write_config(pki, tmp_path, target_url=sink.url("/sink"))
+    port = _port_of(config)
+    await sink.down()
+    bodies = [message_body(f"crash test {n} caf\u00e9 \U0001f62e") for n in range(20)]
+    with _gateway(config) as first:
+        await _until_listening(port, pki, first)
+        statuses = await asyncio.gather(*(_post(port, pki, body) for body in bodies))
+        assert statuses == [200] * len(bodies)
+        first.send_signal(signal.SIGKILL)
+        assert await _exit_code(first) == -signal.SIGKILL
+    await sink.up()
+    with _gateway(config) as second:
+        await _until_listening(port, pki, second)
+        received = await sink.wait_for(len(bodies), "/sink")
+        assert sorted(r.body for r in received) == sorted(bodies)
+        second.send_signal(signal.SIGTERM)
+        assert await _exit_code(second) == 0
+
+
+async def test_sigterm_finishes_and_exits_zero(pki: Pki, tmp_path: Path, sink: Sink) -> None:
+    """SIGTERM stops the gateway cleanly with exit status 0 after delivering what it had."""
+    config = _write_config(pki, tmp_path, target_url=sink.url("/sink"))
+    port = _port_of(config)
+    with _gateway(config) as process:
+        await _until_listening(port, pki, process)
+        assert await _post(port, pki, message_body("before stop")) == 200
+        await sink.wait_for(1, "/sink")
+        process.send_signal(signal.SIGTERM)
+        assert await _exit_code(process) == 0
+        assert process.stdout is not None
+        assert b"shutting down" in process.stdout.read()
+
+
+def test_serve_refuses_config_without_app_secret(pki: Pki, tmp_path: Path) -> None:
+    """An unset secret variable is a one-line error naming file and key, exit status 2."""
+    config = _write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x")
+    env = {k: v for k, v in os.environ.items() if k != "TEST_APP_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "meta.app_secrets[0]" in result.stderr
+    assert "TEST_APP_SECRET is not set" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_two_workers_share_outbox_without_loss_or_duplicates(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """workers = 2: every notification delivered exactly once; SIGTERM stops every worker."""
+    config = _write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    port = _port_of(config)
+    bodies = [message_body(f"worker test {n}") for n in range(60)]
+    with _gateway(config) as supervisor:
+        await _until_listening(port, pki, supervisor)
+        statuses = await asyncio.gather(*(_post(port, pki, b, fresh=True) for b in bodies))
+        assert statuses == [200] * len(bodies)
+        received = await sink.wait_for(len(bodies), "/sink")
+        await asyncio.sleep(0.5)  # room for any duplicate to show up before counting
+        workers = _children(supervisor.pid) - {supervisor.pid}
+        assert len(workers) >= 2
+        supervisor.send_signal(signal.SIGTERM)
+        assert await _exit_code(supervisor) == 0
+    assert sorted(r.body for r in sink.at("/sink")) == sorted(bodies)
+    assert len({r.headers["X-Gateway-Delivery-Id"] for r in received}) == len(bodies)
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+async def test_dev_mode_prints_a_command_that_delivers(tmp_path: Path) -> None:
+    """serve --dev starts with no set-up and a signed sample reaches the printing target."""
+    dev_dir = tmp_path / "var" / "dev"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--dev",
+        "--dev-dir",
+        str(dev_dir),
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    try:
+        first = await asyncio.wait_for(process.stdout.readline(), DEADLINE_S)
+        url = first.decode().split()[3]
+        assert url.startswith("https://localhost:")
+        secrets = json.loads((dev_dir / "secrets.json").read_text())
+        sample = (dev_dir / "sample-notification.json").read_bytes()
+        context = __import__("ssl").create_default_context(cafile=dev_dir / "server-ca.pem")
+        context.load_cert_chain(dev_dir / "client.pem", dev_dir / "client.key")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                url,
+                data=sample,
+                headers={"X-Hub-Signature-256": sign(secrets["app_secret"], sample)},
+                ssl=context,
+            ) as response,
+        ):
+            assert response.status == 200
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            line = await asyncio.wait_for(process.stdout.readline(), DEADLINE_S)
+            if line.startswith(b"delivered "):
+                assert line.rstrip(b"\n").endswith(sample)
+                break
+            assert line, "the dev gateway stopped before delivering"
+            assert time.monotonic() < deadline
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), DEADLINE_S) == 0
