@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,61 +16,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import APP_SECRET, VERIFY_TOKEN, message_body, meta_signature
+from config_files import listen_port, write_config
+from helpers import APP_SECRET, message_body, meta_signature
 from pki import Pki
 from sink import DEADLINE_S, Sink
 
 from gateway.signature import sign
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _write_config(pki: Pki, folder: Path, *, target_url: str, workers: int = 1) -> Path:
-    port = _free_port()
-    path = folder / "gateway.toml"
-    path.write_text(
-        f"""
-[listen]
-host = "127.0.0.1"
-port = {port}
-workers = {workers}
-
-[tls]
-cert_file = "{pki.server_chain_file}"
-key_file = "{pki.server_key_file}"
-client_ca_file = "{pki.client_ca_file}"
-
-[meta]
-verify_tokens = ["{VERIFY_TOKEN}"]
-app_secrets = ["${{TEST_APP_SECRET}}"]
-
-[outbox]
-path = "outbox.sqlite3"
-
-[admin]
-enabled = false
-
-[dispatcher]
-poll_interval_s = 0.05
-
-[[targets]]
-name = "sink"
-url = "{target_url}"
-wait_initial_s = 0.05
-wait_max_s = 0.2
-"""
-    )
-    return path
-
-
-def _port_of(config: Path) -> int:
-    import tomllib
-
-    return int(tomllib.loads(config.read_text())["listen"]["port"])
 
 
 @contextlib.contextmanager
@@ -142,8 +93,8 @@ async def test_sigkill_after_ack_with_target_down_loses_nothing(
     pki: Pki, tmp_path: Path, sink: Sink
 ) -> None:
     """Acknowledged while the target is down, killed with SIGKILL, restarted: all delivered."""
-    config = _write_config(pki, tmp_path, target_url=sink.url("/sink"))
-    port = _port_of(config)
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"))
+    port = listen_port(config)
     await sink.down()
     bodies = [message_body(f"crash test {n} caf\u00e9 \U0001f62e") for n in range(20)]
     with _gateway(config) as first:
@@ -163,8 +114,8 @@ async def test_sigkill_after_ack_with_target_down_loses_nothing(
 
 async def test_sigterm_finishes_and_exits_zero(pki: Pki, tmp_path: Path, sink: Sink) -> None:
     """SIGTERM stops the gateway cleanly with exit status 0 after delivering what it had."""
-    config = _write_config(pki, tmp_path, target_url=sink.url("/sink"))
-    port = _port_of(config)
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"))
+    port = listen_port(config)
     with _gateway(config) as process:
         await _until_listening(port, pki, process)
         assert await _post(port, pki, message_body("before stop")) == 200
@@ -177,7 +128,7 @@ async def test_sigterm_finishes_and_exits_zero(pki: Pki, tmp_path: Path, sink: S
 
 def test_serve_refuses_config_without_app_secret(pki: Pki, tmp_path: Path) -> None:
     """An unset secret variable is a one-line error naming file and key, exit status 2."""
-    config = _write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x")
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x")
     env = {k: v for k, v in os.environ.items() if k != "TEST_APP_SECRET"}
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
@@ -218,8 +169,8 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     pki: Pki, tmp_path: Path, sink: Sink
 ) -> None:
     """workers = 2: every notification delivered exactly once; SIGTERM stops every worker."""
-    config = _write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
-    port = _port_of(config)
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    port = listen_port(config)
     bodies = [message_body(f"worker test {n}") for n in range(60)]
     with _gateway(config) as supervisor:
         await _until_listening(port, pki, supervisor)
@@ -259,7 +210,7 @@ async def test_dev_mode_prints_a_command_that_delivers(tmp_path: Path) -> None:
         assert url.startswith("https://localhost:")
         secrets = json.loads((dev_dir / "secrets.json").read_text())
         sample = (dev_dir / "sample-notification.json").read_bytes()
-        context = __import__("ssl").create_default_context(cafile=dev_dir / "server-ca.pem")
+        context = ssl.create_default_context(cafile=dev_dir / "server-ca.pem")
         context.load_cert_chain(dev_dir / "client.pem", dev_dir / "client.key")
         async with (
             aiohttp.ClientSession() as session,

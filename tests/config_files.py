@@ -1,0 +1,64 @@
+"""TOML configuration files for tests that run the gateway as the CLI does."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+
+from helpers import VERIFY_TOKEN
+from pki import Pki
+
+__all__ = ["free_port", "listen_port", "write_config"]
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def write_config(
+    pki: Pki, folder: Path, *, target_url: str, workers: int = 1, extra: str = ""
+) -> Path:
+    """``folder/gateway.toml`` for the test PKI, the app secret from ``$TEST_APP_SECRET``,
+    the outbox beside it, the admin listener off, one target at ``target_url``."""
+    path = folder / "gateway.toml"
+    path.write_text(
+        f"""
+[listen]
+host = "127.0.0.1"
+port = {free_port()}
+workers = {workers}
+
+[tls]
+cert_file = "{pki.server_chain_file}"
+key_file = "{pki.server_key_file}"
+client_ca_file = "{pki.client_ca_file}"
+
+[meta]
+verify_tokens = ["{VERIFY_TOKEN}"]
+app_secrets = ["${{TEST_APP_SECRET}}"]
+
+[outbox]
+path = "outbox.sqlite3"
+
+[admin]
+enabled = false
+
+[dispatcher]
+poll_interval_s = 0.05
+
+[[targets]]
+name = "sink"
+url = "{target_url}"
+wait_initial_s = 0.05
+wait_max_s = 0.2
+{extra}"""
+    )
+    return path
+
+
+def listen_port(config: Path) -> int:
+    return int(tomllib.loads(config.read_text())["listen"]["port"])

@@ -1,0 +1,210 @@
+"""The CLI boundary: `check`, `deliveries list|replay`, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from config_files import write_config
+from cryptography import x509
+from pki import Pki
+
+from gateway.check import report
+from gateway.cli import main
+from gateway.config import load_config
+from gateway.outbox import Outbox
+from gateway.outcome import AttemptResult, DeadLetter
+from gateway.routing import Route
+
+SIG = "sha256=" + "0" * 64
+
+
+@pytest.fixture
+def secret_env() -> Iterator[None]:
+    os.environ["TEST_APP_SECRET"] = "cli-test-secret"
+    yield
+    del os.environ["TEST_APP_SECRET"]
+
+
+@pytest.fixture
+def config(pki: Pki, tmp_path: Path, secret_env: None) -> Path:
+    return write_config(pki, tmp_path, target_url="http://127.0.0.1:9/sink")
+
+
+def test_check_reports_certificates_and_client_ca(
+    config: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` exits 0 and lists expiry, key match, CN and the CA bundle's fingerprints."""
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "ok: server key matches the certificate" in out
+    assert "ok: server certificate" in out
+    assert "client.webhooks.fbclientcerts.com" in out
+    assert out.count("ok: client CA ") == 1
+    assert "sha256 " in out
+
+
+def test_check_warns_when_server_certificate_expires_within_30_days(config: Path) -> None:
+    """A server certificate with under 30 days left is a warning, not an error."""
+    loaded = load_config(config, {"TEST_APP_SECRET": "x"})
+    leaf = x509.load_pem_x509_certificates(loaded.tls.cert_file.read_bytes())[0]
+    soon = leaf.not_valid_after_utc - datetime.timedelta(days=10)
+    lines = report(loaded, soon)
+    assert any(line.startswith("warning: server certificate") for line in lines)
+    assert all(line.startswith(("ok", "warning")) for line in lines)
+
+
+def test_check_fails_on_key_that_does_not_match(
+    config: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key for another certificate is a one-line error naming tls.key_file, exit 2."""
+    text = config.read_text().replace(str(pki.server_key_file), str(pki.client_key_file))
+    config.write_text(text)
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tls.key_file")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_check_fails_on_expired_server_certificate(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An expired server certificate stops `check` with exit 2."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert(
+        "localhost", not_after=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    )
+    cert, key = tmp_path / "old.pem", tmp_path / "old.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    lines = config.read_text().splitlines()
+    lines = [
+        f'cert_file = "{cert}"'
+        if x.startswith("cert_file")
+        else f'key_file = "{key}"'
+        if x.startswith("key_file")
+        else x
+        for x in lines
+    ]
+    config.write_text("\n".join(lines))
+    assert main(["check", "--config", str(config)]) == 2
+    assert "has expired" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("[meta]", "[meta]\nextra = 1"), "meta.extra"),
+        (
+            lambda t: t.replace('app_secrets = ["${TEST_APP_SECRET}"]', "app_secrets = []"),
+            "meta.app_secrets",
+        ),
+        (
+            lambda t: t.replace("[admin]\nenabled = false", '[admin]\nhost = "0.0.0.0"'),
+            "admin.host",
+        ),
+    ],
+    ids=["unknown-key", "no-app-secret", "admin-exposed-without-token"],
+)
+def test_serve_and_check_refuse_bad_config_with_one_line(
+    config: Path, edit: object, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad config: `check` and `serve` both print one `error:` line naming the key, exit 2."""
+    assert callable(edit)
+    config.write_text(edit(config.read_text()))
+    for command in ("check", "serve"):
+        assert main([command, "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {config}: {message}")
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_config_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No config file: one line that says where it looked and how to start."""
+    assert main(["check", "--config", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.toml: no such file" in err
+    assert "serve --dev" in err
+
+
+def _seed(config: Path) -> tuple[str, str]:
+    """One pending and one dead delivery in the configured outbox; returns their ids."""
+    path = load_config(config, {"TEST_APP_SECRET": "x"}).outbox.path
+
+    async def seed() -> tuple[str, str]:
+        box = Outbox(path, dedup_window_s=3600)
+        try:
+            await box.accept(b'{"n":1}', SIG, [Route("sink", None)], 1.0)
+            await box.accept(b'{"n":2}', SIG, [Route("sink", None)], 2.0)
+            first, second = await box.due(10.0, 10)
+            await box.record(
+                second.id,
+                DeadLetter("HTTP 400: not retryable"),
+                AttemptResult(status=400, response_excerpt="no"),
+                3.0,
+            )
+            return first.id, second.id
+        finally:
+            await box.close()
+
+    return asyncio.run(seed())
+
+
+def test_deliveries_list_and_replay_work_on_the_outbox_file(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deliveries list --state dead` shows the dead letter; `replay` makes it pending."""
+    pending_id, dead_id = _seed(config)
+    assert main(["deliveries", "list", "--config", str(config), "--state", "dead"]) == 0
+    out = capsys.readouterr().out
+    assert dead_id in out
+    assert pending_id not in out
+    assert "HTTP 400: not retryable" in out
+    assert main(["deliveries", "replay", "--config", str(config), dead_id]) == 0
+    assert f"replayed {dead_id}" in capsys.readouterr().out
+    assert (
+        main(["deliveries", "list", "--config", str(config), "--json", "--state", "pending"]) == 0
+    )
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(d["id"] for d in listed) == sorted([pending_id, dead_id])
+    assert all("body" not in d for d in listed)
+
+
+def test_replay_of_unknown_delivery_is_an_error(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Replaying an id that is not in the outbox exits 2 and names it."""
+    _seed(config)
+    assert main(["deliveries", "replay", "--config", str(config), "feedface"]) == 2
+    assert "no delivery feedface" in capsys.readouterr().err
+
+
+def test_deliveries_without_outbox_file_is_an_error(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the gateway ever ran there is no outbox: a clear error, not an empty table."""
+    assert main(["deliveries", "list", "--config", str(config)]) == 2
+    assert "no outbox file there yet" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs_as_subprocess() -> None:
+    """`python -m gateway --version` works as installed users run it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("waba-gateway ")
