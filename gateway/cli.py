@@ -23,11 +23,12 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 def _registrars() -> list[Registrar]:
     # One line per command module, in the order `--help` lists them. Imported here, not at the
     # top, so that importing this module stays cheap.
-    from gateway import admin, check, serve, subscriptions
+    from gateway import admin, check, doctor, serve, subscriptions
 
     return [
         serve.register,
         check.register,
+        doctor.register,
         admin.register,
         subscriptions.register,
     ]

@@ -20,7 +20,7 @@ from gateway.backoff import RetryPolicy
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.forwarder import Forwarder
 from gateway.outbox import Delivery, Outbox
-from gateway.outcome import DeadLetter, Delivered, RetryAt, classify
+from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt, classify
 
 __all__ = ["Dispatcher"]
 
@@ -110,7 +110,13 @@ class Dispatcher:
     async def _attempt(self, delivery: Delivery) -> None:
         attempt = delivery.attempts + 1
         async with self._slots[delivery.target]:
-            result = await self._forwarders[delivery.target].send(delivery, attempt)
+            try:
+                result = await self._forwarders[delivery.target].send(delivery, attempt)
+            except Exception as exc:
+                # Still a failed attempt: recorded and backed off like any other, rather than
+                # a dead task whose delivery is claimed again at once, in a tight loop.
+                log.exception("attempt %d of delivery %s failed", attempt, delivery.id)
+                result = AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])
         now = self._clock()
         outcome = classify(
             result,

@@ -168,6 +168,7 @@ class Outbox:
         self.path = path
         self.dedup_window_s = dedup_window_s
         self._jobs: stdqueue.SimpleQueue[_Job | None] = stdqueue.SimpleQueue()
+        self._closing = False
         # sqlite3 connections belong to the thread that made them: the writer opens its own and
         # reports back whether that worked, so a bad path fails here, at start-up.
         opened: stdqueue.SimpleQueue[BaseException | None] = stdqueue.SimpleQueue()
@@ -233,7 +234,7 @@ class Outbox:
 
     async def run(self, func: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``func`` inside the next group transaction; return once it has committed."""
-        if not self._thread.is_alive():
+        if self._closing or not self._thread.is_alive():
             raise OutboxError("outbox is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -242,6 +243,9 @@ class Outbox:
 
     async def close(self) -> None:
         """Finish the jobs already queued, then close the connection."""
+        # From here on run() refuses: the writer stops at the None below, so a job queued
+        # behind it while the thread winds down would never be answered.
+        self._closing = True
         if self._thread.is_alive():
             self._jobs.put(None)
             await asyncio.to_thread(self._thread.join)

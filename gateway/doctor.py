@@ -1,0 +1,257 @@
+"""``waba-gateway doctor``: one readiness report for Meta's webhooks, one line per finding.
+
+Rule: the decisions live in :mod:`gateway.readiness` (pure, table-tested); this module only
+gathers their inputs (the configuration, the certificate files, the trust store, a TCP connect to
+each target, the outbox, one GET through the real listener) and prints the findings. It changes
+nothing, except that it creates the outbox file when there is none yet, as ``serve`` would.
+
+Exit codes::
+
+    0  no FAIL (WARN lines may remain)
+    1  at least one FAIL
+    2  usage error: a bad --public-url or --ca-file
+
+A configuration that does not load is a FAIL line (exit 1), not a usage error: finding it is
+doctor's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import sqlite3
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from OpenSSL import crypto
+
+from gateway.config import Config, TargetConfig, TlsConfig
+from gateway.errors import CertificateError, ConfigError, GatewayError, OutboxError
+from gateway.meta_client import client_context
+from gateway.outbox import connect
+from gateway.readiness import (
+    Finding,
+    judge_ca_bundle,
+    judge_handshake,
+    judge_server_chain,
+    judge_tls_settings,
+    judge_trust,
+)
+from gateway.serve import add_config_argument, config_from_args
+from gateway.tls import build_server_context
+from gateway.verify_callback import Verdict, callback_url, verify
+
+__all__ = ["diagnose", "register", "verify_chain"]
+
+SECONDS = 1.0
+CONNECT_TIMEOUT_S = 3 * SECONDS
+HANDSHAKE_TIMEOUT_S = 10 * SECONDS
+
+EPILOG = """\
+exit codes:
+  0  no FAIL (WARN lines may remain)
+  1  at least one FAIL
+  2  usage error: a bad --public-url or --ca-file
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "doctor",
+        help="report readiness: certificates, Meta's CA, targets, outbox, handshake",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_argument(parser)
+    parser.add_argument(
+        "--public-url",
+        help="the callback URL Meta calls (https://your.host/webhook): check that the certificate "
+        "covers its host and send Meta's GET handshake through it",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help="trust this CA bundle instead of the system store, for the server chain and the "
+        "handshake (private or test deployments; Meta itself trusts public CAs only)",
+    )
+    parser.set_defaults(func=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    public_url: str | None = args.public_url
+    # Meta calls https:// callbacks only (getting-started, "mTLS for Webhooks").
+    if public_url is not None and callback_url(public_url).scheme != "https":
+        raise GatewayError(f"--public-url {public_url!r}: expected an https:// URL")
+    ca_file: Path | None = args.ca_file
+    if ca_file is not None:
+        client_context(ca_file, None, None)  # a CA file OpenSSL refuses is a usage error
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        findings = [Finding("FAIL", str(exc), "fix the configuration, then run doctor again")]
+    else:
+        now = datetime.datetime.now(datetime.UTC)
+        findings = asyncio.run(diagnose(config, now, public_url=public_url, ca_file=ca_file))
+    for finding in findings:
+        print(finding.line())
+    return 1 if any(finding.level == "FAIL" for finding in findings) else 0
+
+
+async def diagnose(
+    config: Config,
+    now: datetime.datetime,
+    *,
+    public_url: str | None = None,
+    ca_file: Path | None = None,
+) -> list[Finding]:
+    """Every finding about ``config``, in the order the report prints them."""
+    findings = [Finding("OK", f"configuration {config.source or '(built in)'} is valid")]
+    findings.append(_tls_files(config.tls))
+    certs = _certificates(config.tls.cert_file)
+    if certs is not None:
+        hostname = urlsplit(public_url).hostname if public_url else None
+        findings.extend(judge_server_chain(certs, hostname, now))
+        anchor = str(ca_file) if ca_file is not None else None
+        findings.append(judge_trust(verify_chain(certs, ca_file, now), anchor))
+    findings.extend(_client_cas(config.tls, now))
+    findings.extend(judge_tls_settings(config.tls))
+    findings.extend(await _targets(config.targets))
+    findings.append(await asyncio.to_thread(_outbox, config.outbox.path))
+    if public_url is None:
+        findings.append(
+            Finding(
+                "WARN",
+                "hostname and handshake not checked",
+                "run doctor with --public-url https://your.host/webhook",
+            )
+        )
+    else:
+        if urlsplit(public_url).path != config.listen.path:
+            findings.append(
+                Finding(
+                    "WARN",
+                    f"the path of {public_url} is not listen.path {config.listen.path!r}",
+                    "give Meta a URL whose path is listen.path",
+                )
+            )
+        findings.append(await _handshake(public_url, config, ca_file))
+    return findings
+
+
+def verify_chain(
+    certs: Sequence[x509.Certificate], ca_file: Path | None, now: datetime.datetime
+) -> str | None:
+    """``None`` when ``certs`` (leaf first) verify against ``ca_file``, or the system trust store
+    when that is ``None``; otherwise OpenSSL's reason. The hostname is not checked here."""
+    store = crypto.X509Store()
+    try:
+        if ca_file is not None:
+            store.load_locations(ca_file)
+        else:
+            paths = ssl.get_default_verify_paths()
+            if paths.cafile is None and paths.capath is None:
+                return "no system trust store found"
+            store.load_locations(paths.cafile, paths.capath)
+    except crypto.Error as exc:
+        return f"cannot load the trust store: {exc}"
+    store.set_time(now)
+    leaf, *chain = (crypto.X509.from_cryptography(cert) for cert in certs)
+    try:
+        crypto.X509StoreContext(store, leaf, chain).verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        return str(exc)
+    return None
+
+
+def _tls_files(tls: TlsConfig) -> Finding:
+    # The very checks `serve` makes before it starts: files readable, key matching the leaf,
+    # CA bundle and CRL accepted by OpenSSL.
+    try:
+        build_server_context(tls)
+    except CertificateError as exc:
+        return Finding("FAIL", str(exc), "serve refuses to start until this is fixed")
+    return Finding("OK", "TLS files load and tls.key_file matches tls.cert_file")
+
+
+def _certificates(path: Path) -> list[x509.Certificate] | None:
+    # An unreadable file has already been reported by _tls_files, which names it.
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _client_cas(tls: TlsConfig, now: datetime.datetime) -> list[Finding]:
+    if tls.client_ca_file is None:
+        return [
+            Finding(
+                "WARN",
+                "no client CA bundle (tls.client_ca_file is not set)",
+                "client certificates cannot be checked: install Meta's CA into certs/ and set it",
+            )
+        ]
+    certs = _certificates(tls.client_ca_file)
+    return [] if certs is None else judge_ca_bundle(certs, now)
+
+
+async def _targets(targets: Sequence[TargetConfig]) -> list[Finding]:
+    if not targets:
+        return [Finding("WARN", "no [[targets]]", "notifications are stored, never forwarded")]
+    return list(await asyncio.gather(*(_reach(target) for target in targets)))
+
+
+async def _reach(target: TargetConfig) -> Finding:
+    parts = urlsplit(target.url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    where = f"target {target.name!r} at {host}:{port}"
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        reason = str(exc) or f"no answer within {CONNECT_TIMEOUT_S:g} s"
+        return Finding(
+            "WARN",
+            f"{where}: cannot connect ({reason})",
+            "the outbox keeps its notifications until the target answers",
+        )
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return Finding("OK", f"{where} accepts connections")
+
+
+def _outbox(path: Path) -> Finding:
+    existed = path.exists()
+    try:
+        conn = connect(path)
+    except OutboxError as exc:
+        return Finding("FAIL", str(exc), "make outbox.path writable by the gateway's user")
+    try:
+        # Take the write lock the outbox's writer thread takes, and let go without writing.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        return Finding(
+            "FAIL",
+            f"outbox.path = '{path}': cannot write: {exc}",
+            "make it writable by the gateway's user",
+        )
+    finally:
+        conn.close()
+    return Finding("OK", f"outbox {path} takes writes" + ("" if existed else " (created)"))
+
+
+async def _handshake(url: str, config: Config, ca_file: Path | None) -> Finding:
+    # verify-callback's GET and judgment, so both commands agree on what Meta would conclude.
+    token = config.meta.verify_tokens[0]
+    context = client_context(ca_file, None, None)
+    verdict = await verify(callback_url(url), token, context=context, timeout_s=HANDSHAKE_TIMEOUT_S)
+    # A callback may echo its query string back; the token still never reaches the terminal.
+    shown = Verdict(verdict.kind, verdict.message.replace(token, "<verify token>"))
+    return judge_handshake(url, shown, config.tls.client_auth)

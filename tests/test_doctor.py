@@ -1,0 +1,536 @@
+"""``waba-gateway doctor``: the pure judges table by table, then the whole report through the CLI,
+against a real gateway listener for the handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from pki import Pki
+
+from gateway.cli import main
+from gateway.config import META_CLIENT_CN, ClientAuth, load_config
+from gateway.doctor import verify_chain
+from gateway.readiness import (
+    Finding,
+    judge_ca_bundle,
+    judge_handshake,
+    judge_server_chain,
+    judge_tls_settings,
+    judge_trust,
+)
+from gateway.serve import Gateway
+from gateway.tls import client_ca_subjects
+from gateway.verify_callback import Kind, Verdict
+
+NOW = datetime.now(UTC)
+DAY = timedelta(days=1)
+HOST = "gw.example.com"
+TOKEN = "doctor-verify-token"
+Certs = dict[str, list[x509.Certificate]]
+
+
+def _pem(blobs: Sequence[trustme.Blob]) -> list[x509.Certificate]:
+    return [x509.load_pem_x509_certificate(blob.bytes()) for blob in blobs]
+
+
+def _self_signed(
+    common_name: str,
+    organization: str,
+    *,
+    ca: bool = True,
+    not_before: datetime = NOW - DAY,
+    not_after: datetime = NOW + 3650 * DAY,
+) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+        ]
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        san = x509.SubjectAlternativeName([x509.DNSName(common_name)])
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def certs() -> Certs:
+    """Server chains and client CA bundles, each one thing away from what Meta accepts."""
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+
+    def leaf(
+        not_before: datetime | None = None, not_after: datetime | None = None
+    ) -> list[x509.Certificate]:
+        names = (HOST, "*.hooks.example.com", "127.0.0.1")
+        issued = intermediate.issue_cert(*names, not_before=not_before, not_after=not_after)
+        return _pem(issued.cert_chain_pems)
+
+    full = leaf()
+    return {
+        "full": full,
+        "leaf_only": _pem(root.issue_cert(HOST).cert_chain_pems),
+        "self_signed": [_self_signed(HOST, "Example", ca=False)],
+        "broken": [full[0], _pem([trustme.CA().cert_pem])[0]],
+        "expiring": leaf(not_after=NOW + 10 * DAY),
+        "expired": leaf(not_before=NOW - 30 * DAY, not_after=NOW - DAY),
+        "future": leaf(not_before=NOW + DAY, not_after=NOW + 30 * DAY),
+        "trustme_root": _pem([root.cert_pem]),
+        "meta": [_self_signed("Meta Outbound API CA", "Meta Platforms, Inc.")],
+        "meta_expired": [_self_signed("Meta Old CA", "Meta Platforms, Inc.", not_after=NOW - DAY)],
+        "metadata_corp": [_self_signed("Metadata Root", "Metadata Systems Ltd")],
+        "digicert": [
+            _self_signed("DigiCert High Assurance EV Root CA", "DigiCert Inc"),
+            _self_signed("DigiCert SHA2 High Assurance Server CA", "DigiCert Inc"),
+        ],
+    }
+
+
+def _levels(findings: Sequence[Finding]) -> list[tuple[str, str]]:
+    return [(finding.level, finding.what) for finding in findings]
+
+
+def _has(findings: Sequence[Finding], level: str, fragment: str) -> bool:
+    return any(f.level == level and fragment in f.line() for f in findings)
+
+
+# -- the server chain ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("chain", "hostname", "level", "fragment"),
+    [
+        ("full", None, "OK", "server chain complete"),
+        ("leaf_only", None, "WARN", "holds only the leaf"),
+        ("self_signed", None, "FAIL", "Meta refuses self-signed certificates"),
+        ("broken", None, "FAIL", "server chain breaks: certificate 1"),
+        ("full", None, "OK", "server certificate valid for"),
+        ("expiring", None, "WARN", "expires in 9 days"),
+        ("expired", None, "FAIL", "expired on"),
+        ("future", None, "FAIL", "is not valid before"),
+        ("full", HOST, "OK", f"covers {HOST}"),
+        ("full", "GW.Example.com.", "OK", "covers GW.Example.com."),
+        ("full", "a.hooks.example.com", "OK", "covers a.hooks.example.com"),
+        ("full", "127.0.0.1", "OK", "covers 127.0.0.1"),
+        ("full", "a.b.hooks.example.com", "FAIL", "does not cover a.b.hooks.example.com"),
+        ("full", "hooks.example.com", "FAIL", "does not cover hooks.example.com"),
+        ("full", "other.example.com", "FAIL", "does not cover other.example.com"),
+        ("full", "127.0.0.2", "FAIL", "does not cover 127.0.0.2"),
+    ],
+)
+def test_judges_the_server_chain(
+    certs: Certs, chain: str, hostname: str | None, level: str, fragment: str
+) -> None:
+    """Each server chain gets the finding its one defect (or none) calls for."""
+    findings = judge_server_chain(certs[chain], hostname, NOW)
+    assert _has(findings, level, fragment), _levels(findings)
+
+
+def test_full_chain_for_its_host_has_nothing_to_report(certs: Certs) -> None:
+    """Leaf plus intermediate, valid for years, naming the host: every finding is OK."""
+    findings = judge_server_chain(certs["full"], HOST, NOW)
+    assert {finding.level for finding in findings} == {"OK"}
+
+
+def test_empty_server_file_fails() -> None:
+    """A cert file without certificates is a FAIL, not an exception."""
+    assert _levels(judge_server_chain([], None, NOW))[0][0] == "FAIL"
+
+
+# -- trust ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def anchors(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """CA files: the root that issued the server chains, and an unrelated CA."""
+    folder = tmp_path_factory.mktemp("anchors")
+    files = {"root": certs["trustme_root"], "other": certs["meta"]}
+    for name, bundle in files.items():
+        (folder / f"{name}.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in bundle))
+    return {name: folder / f"{name}.pem" for name in files}
+
+
+@pytest.mark.parametrize(
+    ("chain", "anchor", "expected"),
+    [
+        ("full", "root", None),
+        ("leaf_only", "root", None),
+        ("full_leaf", "root", "unable to get local issuer certificate"),
+        ("full", "other", "unable to get local issuer certificate"),
+        ("expired", "root", "certificate has expired"),
+    ],
+)
+def test_verifies_the_chain_against_the_trusted_roots_only(
+    certs: Certs, anchors: dict[str, Path], chain: str, anchor: str, expected: str | None
+) -> None:
+    """Leaf plus intermediate reach the root; the leaf alone, another CA or an expiry do not."""
+    server_chain = certs["full"][:1] if chain == "full_leaf" else certs[chain]
+    assert verify_chain(server_chain, anchors[anchor], NOW) == expected
+
+
+def test_test_certificate_is_not_publicly_trusted(certs: Certs) -> None:
+    """The system store does not know a throw-away CA."""
+    assert verify_chain(certs["full"], None, NOW) is not None
+
+
+@pytest.mark.parametrize(
+    ("error", "ca_file", "expected"),
+    [
+        (None, None, "OK   server chain is publicly trusted"),
+        (
+            "unable to get local issuer certificate",
+            None,
+            "WARN server certificate not publicly "
+            "trusted (unable to get local issuer certificate): fine for tests, Meta will refuse it",
+        ),
+        (None, "ca.pem", "OK   server chain verifies against --ca-file ca.pem"),
+        ("certificate has expired", "ca.pem", "WARN server chain does not verify against"),
+    ],
+)
+def test_judges_trust(error: str | None, ca_file: str | None, expected: str) -> None:
+    """Not publicly trusted is a warning: fine for tests, refused by Meta."""
+    assert judge_trust(error, ca_file).line().startswith(expected)
+
+
+# -- the client CA bundle -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bundle", "expected"),
+    [
+        (["meta"], ("OK", "Meta-owned CA present: O=Meta Platforms")),
+        (
+            ["digicert"],
+            (
+                "FAIL",
+                "only the DigiCert chain, which expired on April 15, 2026: install "
+                "meta-outbound-api-ca-2025-12.pem",
+            ),
+        ),
+        (["meta", "digicert"], ("WARN", "the DigiCert chain is still trusted")),
+        (["trustme_root"], ("WARN", "no Meta CA recognised (a test or private CA?)")),
+        (["metadata_corp"], ("WARN", "no Meta CA recognised")),
+        (["trustme_root", "digicert"], ("WARN", "no Meta CA recognised")),
+        (["meta_expired"], ("WARN", "expired on")),
+        ([], ("FAIL", "holds no certificate")),
+    ],
+)
+def test_judges_the_client_ca_bundle(
+    certs: Certs, bundle: list[str], expected: tuple[str, str]
+) -> None:
+    """Meta's own CA is what counts; DigiCert alone is the expired set-up."""
+    findings = judge_ca_bundle([cert for name in bundle for cert in certs[name]], NOW)
+    assert _has(findings, *expected), _levels(findings)
+
+
+def test_bundle_with_meta_ca_fails_nothing(certs: Certs) -> None:
+    """Meta's CA next to a private one is fine: nothing above OK."""
+    findings = judge_ca_bundle(certs["meta"] + certs["trustme_root"], NOW)
+    assert {finding.level for finding in findings} == {"OK"}
+
+
+def test_lists_each_ca_as_check_does(pki: Pki) -> None:
+    """Subjects and SHA-256 fingerprints read exactly as `check` prints them."""
+    bundle = x509.load_pem_x509_certificates(pki.client_ca_file.read_bytes())
+    lines = [finding.line() for finding in judge_ca_bundle(bundle, NOW)]
+    for subject, fingerprint in client_ca_subjects(pki.client_ca_file):
+        assert f"OK   client CA {subject} sha256 {fingerprint}" in lines
+
+
+# -- settings and the handshake verdict ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client_auth", "client_cn", "expected"),
+    [
+        ("required", (META_CLIENT_CN,), ["OK", "OK"]),
+        ("optional", (META_CLIENT_CN,), ["WARN", "OK"]),
+        ("off", (META_CLIENT_CN,), ["WARN", "OK"]),
+        ("required", ("other.example.com",), ["OK", "WARN"]),
+    ],
+)
+def test_judges_client_auth_and_cn(
+    pki: Pki, client_auth: ClientAuth, client_cn: tuple[str, ...], expected: list[str]
+) -> None:
+    """Optional and off are rollout stages, not the goal; Meta's CN must be accepted."""
+    tls = pki.tls_config(client_auth=client_auth, client_cn=client_cn)
+    assert [finding.level for finding in judge_tls_settings(tls)] == expected
+
+
+def test_optional_client_auth_says_what_to_do_next(pki: Pki) -> None:
+    """The optional stage names the next step of the rollout."""
+    finding = judge_tls_settings(pki.tls_config(client_auth="optional"))[0]
+    assert finding.todo == "switch to required once Meta presents its certificate"
+
+
+@pytest.mark.parametrize(
+    ("kind", "message", "client_auth", "level"),
+    [
+        ("verified", "verified: HTTP 200", "optional", "OK"),
+        ("wrong_body", "wrong body: HTTP 200, but the body is empty", "optional", "FAIL"),
+        ("token_refused", "verify token refused: HTTP 403", "optional", "FAIL"),
+        ("wrong_status", "unexpected status: HTTP 404", "optional", "FAIL"),
+        ("connection", "connection refused: nothing listens", "optional", "FAIL"),
+        ("connection", "the server closed the connection", "required", "WARN"),
+        ("tls", "client certificate required: the server wants one", "required", "WARN"),
+        ("tls", "untrusted server certificate: it is self-signed", "optional", "WARN"),
+    ],
+)
+def test_judges_the_handshake(
+    kind: Kind, message: str, client_auth: ClientAuth, level: str
+) -> None:
+    """OK only for the exact challenge; TLS trouble is reported where it comes from."""
+    verdict = Verdict(kind, message)
+    assert judge_handshake("https://gw.example.com/webhook", verdict, client_auth).level == level
+
+
+# -- the whole report -----------------------------------------------------------------------------
+
+
+def _config(
+    tmp_path: Path,
+    pki: Pki,
+    *,
+    client_auth: ClientAuth = "optional",
+    token: str = TOKEN,
+    target_url: str | None = None,
+    outbox: Path | None = None,
+    key_file: Path | None = None,
+    extra: str = "",
+    name: str = "gateway",
+) -> Path:
+    target = f'[[targets]]\nname = "inbox"\nurl = "{target_url}"\n' if target_url else ""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f"""\
+[listen]
+host = "127.0.0.1"
+[tls]
+cert_file = "{pki.server_chain_file}"
+key_file = "{key_file or pki.server_key_file}"
+client_ca_file = "{pki.client_ca_file}"
+client_auth = "{client_auth}"
+[meta]
+verify_tokens = ["{token}"]
+app_secrets = ["doctor-app-secret"]
+[outbox]
+path = "{outbox or tmp_path / "var" / "outbox.sqlite3"}"
+[admin]
+enabled = false
+{extra}
+{target}"""
+    )
+    return path
+
+
+def _report(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.fixture
+def listening() -> Iterator[str]:
+    """A TCP port that accepts connections, as a reachable target's URL."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_bad_config_is_one_fail_line(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config that does not load is one FAIL line naming the key, and exit 1, not a traceback."""
+    config = _config(tmp_path, pki, extra="[unknown]\n")
+    assert main(["doctor", "--config", str(config)]) == 1
+    (line,) = _report(capsys)
+    assert line.startswith(f"FAIL {config}: unknown")
+    assert line.endswith("fix the configuration, then run doctor again")
+
+
+def test_missing_config_is_one_fail_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No config file at all is also one FAIL line."""
+    assert main(["doctor", "--config", str(tmp_path / "absent.toml")]) == 1
+    assert [line[:5] for line in _report(capsys)] == ["FAIL "]
+
+
+def test_ready_config_reports_each_check_and_exits_0(
+    tmp_path: Path, pki: Pki, listening: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loadable config with a test PKI has warnings, no FAIL: exit 0, every line levelled."""
+    assert main(["doctor", "--config", str(_config(tmp_path, pki, target_url=listening))]) == 0
+    report = _report(capsys)
+    assert all(line[:5] in ("OK   ", "WARN ", "FAIL ") for line in report)
+    expected = [
+        "OK   configuration ",
+        "OK   TLS files load and tls.key_file matches tls.cert_file",
+        "WARN tls.cert_file holds only the leaf",
+        "OK   server certificate valid for",
+        "WARN server certificate not publicly trusted",
+        "OK   client CA ",
+        "WARN no Meta CA recognised (a test or private CA?)",
+        "WARN client_auth = optional: certificate optional: switch to required",
+        f"OK   client_cn accepts {META_CLIENT_CN}",
+        "OK   target 'inbox' at 127.0.0.1:",
+        "OK   outbox ",
+        "WARN hostname and handshake not checked: run doctor with --public-url",
+    ]
+    missing = [start for start in expected if not any(line.startswith(start) for line in report)]
+    assert missing == [], report
+
+
+def test_unreachable_target_is_a_warning(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The outbox keeps notifications for a target that is down: WARN, still exit 0."""
+    url = f"http://127.0.0.1:{_closed_port()}/hook"
+    assert main(["doctor", "--config", str(_config(tmp_path, pki, target_url=url))]) == 0
+    assert any(line.startswith("WARN target 'inbox'") for line in _report(capsys))
+
+
+def test_unwritable_outbox_fails(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An outbox path SQLite cannot open (here a folder) is a FAIL and exit 1."""
+    config = _config(tmp_path, pki, outbox=tmp_path)
+    assert main(["doctor", "--config", str(config)]) == 1
+    assert any(line.startswith(f"FAIL outbox.path = '{tmp_path}'") for line in _report(capsys))
+
+
+def test_key_of_another_certificate_fails(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key that does not match the server certificate is a FAIL, as serve would refuse it."""
+    config = _config(tmp_path, pki, key_file=pki.client_key_file)
+    assert main(["doctor", "--config", str(config)]) == 1
+    assert any("does not match tls.cert_file" in line for line in _report(capsys))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--public-url", "http://localhost/webhook"],
+        ["--public-url", "localhost/webhook"],
+        ["--ca-file", "absent-ca.pem"],
+    ],
+)
+def test_bad_options_are_usage_errors(
+    tmp_path: Path, pki: Pki, options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A non-https callback (Meta calls https only) or a missing CA file: exit 2, no report."""
+    assert main(["doctor", "--config", str(_config(tmp_path, pki)), *options]) == 2
+    output = capsys.readouterr()
+    assert output.out == ""
+    assert output.err.startswith("error: ")
+
+
+def test_host_outside_the_certificate_fails(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A public URL whose host the certificate does not name is a FAIL and exit 1."""
+    url = f"https://127.0.0.2:{_closed_port()}/webhook"
+    args = ["doctor", "--config", str(_config(tmp_path, pki)), "--public-url", url]
+    assert main([*args, "--ca-file", str(pki.server_ca_file)]) == 1
+    report = _report(capsys)
+    assert any(
+        line.startswith("FAIL the server certificate does not cover 127.0.0.2") for line in report
+    )
+    assert any(line.startswith(f"FAIL handshake through {url}") for line in report)
+
+
+async def _doctor_against_gateway(
+    tmp_path: Path,
+    pki: Pki,
+    *,
+    client_auth: ClientAuth = "optional",
+    served_token: str = TOKEN,
+    ca_file: Path | None = None,
+) -> tuple[int, str]:
+    """Run a gateway from one config and doctor (with ``TOKEN``) against it; the handshake URL."""
+    served_file = _config(tmp_path, pki, client_auth=client_auth, token=served_token, name="served")
+    served = load_config(served_file)
+    served = dataclasses.replace(served, listen=dataclasses.replace(served.listen, port=0))
+    checked = _config(tmp_path, pki, client_auth=client_auth)
+    async with Gateway(served) as gateway:
+        url = f"https://localhost:{gateway.port}/webhook"
+        args = ["doctor", "--config", str(checked), "--public-url", url]
+        if ca_file is not None:
+            args += ["--ca-file", str(ca_file)]
+        return await asyncio.to_thread(main, args), url
+
+
+async def test_handshake_through_the_listener_passes_with_the_ca_file(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the private CA given, Meta's GET through the real listener comes back verbatim."""
+    code, url = await _doctor_against_gateway(tmp_path, pki, ca_file=pki.server_ca_file)
+    report = _report(capsys)
+    assert f"OK   server chain verifies against --ca-file {pki.server_ca_file}" in report
+    assert any(line.startswith(f"OK   handshake through {url}: verified") for line in report)
+    assert code == 0
+
+
+async def test_handshake_needs_a_trusted_certificate(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --ca-file the test certificate is untrusted: doctor says so and still reports."""
+    code, _ = await _doctor_against_gateway(tmp_path, pki)
+    report = _report(capsys)
+    (line,) = [line for line in report if line[5:].startswith("handshake")]
+    assert line.startswith("WARN handshake not checked: untrusted server certificate")
+    assert "--ca-file" in line
+    assert any(line.startswith("OK   outbox") for line in report)
+    assert code == 0
+
+
+async def test_handshake_with_another_verify_token_fails(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway running with other verify tokens refuses doctor's GET: FAIL, token not shown."""
+    code, url = await _doctor_against_gateway(
+        tmp_path, pki, served_token="another-token", ca_file=pki.server_ca_file
+    )
+    output = "\n".join(_report(capsys))
+    assert f"FAIL handshake through {url}: verify token refused: HTTP 403" in output
+    assert TOKEN not in output
+    assert code == 1
+
+
+async def test_handshake_behind_required_client_certificate_is_not_checked(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """doctor has no Meta certificate: with client_auth = required it says why it cannot check."""
+    code, url = await _doctor_against_gateway(
+        tmp_path, pki, client_auth="required", ca_file=pki.server_ca_file
+    )
+    (line,) = [line for line in _report(capsys) if line[5:].startswith("handshake")]
+    assert line.startswith(f"WARN handshake not checked: {url} wants a client certificate")
+    assert code == 0
