@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator
 
 import aiohttp
 import cryptography
 import pytest
 from pki import Pki, make_pki
+from sink import Sink
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -20,3 +22,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """Meta-like, impostor, wrong-CN, expired and server certificates, new for each run."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    """A target server on 127.0.0.1 that records each request and answers as a test tells it."""
+    async with Sink() as running:
+        yield running

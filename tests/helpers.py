@@ -1,0 +1,295 @@
+"""What the end-to-end tests share: a test configuration, Meta-like requests, and waiting.
+
+Rule: nothing here replaces gateway code. The configuration is a real :class:`Config`, requests
+go over real mTLS with the certificates from ``pki``, and the outbox is read through the running
+gateway's own :class:`~gateway.outbox.Outbox`. Waiting polls with a generous deadline and returns
+as soon as the condition holds; no test asserts that anything is fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import io
+import json
+import sqlite3
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from pki import ClientKind, Pki
+from sink import DEADLINE_S, Sink
+
+from gateway.app import OUTBOX
+from gateway.config import (
+    AdminConfig,
+    ClientAuth,
+    Config,
+    DispatcherConfig,
+    ListenConfig,
+    MetaConfig,
+    OutboxConfig,
+    TargetConfig,
+)
+from gateway.outbox import Delivery
+from gateway.serve import Gateway
+
+__all__ = [
+    "APP_SECRET",
+    "DATA",
+    "REFUSED",
+    "VERIFY_TOKEN",
+    "Answer",
+    "admin_get",
+    "admin_post",
+    "deliveries",
+    "eventually",
+    "gateway_config",
+    "handshake",
+    "message_body",
+    "meta_signature",
+    "post",
+    "sink_target",
+    "stored_bodies",
+    "wait_for_state",
+]
+
+T = TypeVar("T")
+
+APP_SECRET = "test-app-secret"
+VERIFY_TOKEN = "test-verify-token"
+DATA = Path(__file__).parent / "data"
+WABA_ID = "102290129340398"
+PHONE_NUMBER_ID = "106540352242922"
+
+# How a refused TLS handshake reaches an aiohttp client. Under TLS 1.3 the client's handshake
+# completes before the server has judged the client certificate, so the refusal may only show
+# as a reset or an empty read on the first request.
+REFUSED = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ClientOSError,
+    aiohttp.ServerDisconnectedError,
+    ssl.SSLError,
+)
+
+
+def sink_target(sink: Sink, name: str = "sink", **options: Any) -> TargetConfig:
+    """A target on the sink at path ``/<name>``, with waits short enough for quick retries."""
+    settings: dict[str, Any] = {
+        "name": name,
+        "url": sink.url(f"/{name}"),
+        "wait_initial_s": 0.05,
+        "wait_max_s": 0.2,
+    }
+    return TargetConfig(**(settings | options))
+
+
+def gateway_config(
+    pki: Pki,
+    tmp_path: Path,
+    *,
+    targets: Sequence[TargetConfig] = (),
+    client_auth: ClientAuth = "required",
+    app_secrets: Sequence[str] = (APP_SECRET,),
+    max_body_bytes: int | None = None,
+    admin_token: str | None = None,
+) -> Config:
+    """Listener and admin on free loopback ports, the outbox under ``tmp_path``."""
+    # One process: the in-process Gateway is one worker, which also runs the dispatcher.
+    listen = ListenConfig(host="127.0.0.1", port=0, workers=1)
+    if max_body_bytes is not None:
+        listen = dataclasses.replace(listen, max_body_bytes=max_body_bytes)
+    return Config(
+        listen=listen,
+        tls=pki.tls_config(client_auth=client_auth),
+        meta=MetaConfig(verify_tokens=(VERIFY_TOKEN,), app_secrets=tuple(app_secrets)),
+        outbox=OutboxConfig(path=tmp_path / "outbox.sqlite3"),
+        targets=tuple(targets),
+        admin=AdminConfig(host="127.0.0.1", port=0, token=admin_token),
+        dispatcher=DispatcherConfig(poll_interval_s=0.05),
+    )
+
+
+def meta_signature(body: bytes, secret: str = APP_SECRET) -> str:
+    """``X-Hub-Signature-256`` as Meta computes it: HMAC-SHA256 of the raw bytes, lowercase."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def message_body(
+    text: str, *, phone_number_id: str = PHONE_NUMBER_ID, waba_id: str = WABA_ID
+) -> bytes:
+    """A one-message ``messages`` notification, escaped as Meta escapes it (ASCII only)."""
+    payload = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": waba_id,
+                "changes": [
+                    {
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "15550783881",
+                                "phone_number_id": phone_number_id,
+                            },
+                            "messages": [
+                                {
+                                    "from": "16505551234",
+                                    "id": "wamid." + hashlib.sha256(text.encode()).hexdigest(),
+                                    "timestamp": "1749416383",
+                                    "type": "text",
+                                    "text": {"body": text},
+                                }
+                            ],
+                        },
+                        "field": "messages",
+                    }
+                ],
+            }
+        ],
+    }
+    return json.dumps(payload, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the gateway answered."""
+
+    status: int
+    text: str
+    content_type: str
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def _request(
+    method: str,
+    url: str,
+    context: ssl.SSLContext | None,
+    *,
+    params: Mapping[str, str] | None = None,
+    data: bytes | None = None,
+    chunk_size: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Answer:
+    body: io.BytesIO | AsyncIterator[bytes] | None = None
+    if data is not None and chunk_size is not None:
+        body = _chunks(data, chunk_size)  # chunked transfer encoding: no Content-Length
+    elif data is not None:
+        # A file-like body: aiohttp warns that raw bytes over 1 MiB might block the loop.
+        body = io.BytesIO(data)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            url,
+            params=params,
+            data=body,
+            headers=headers,
+            # No context: the plain-HTTP admin listener, where TLS settings do not apply.
+            ssl=context if context is not None else True,
+        ) as response,
+    ):
+        return Answer(response.status, await response.text(), response.content_type)
+
+
+async def post(
+    gateway: Gateway,
+    pki: Pki,
+    body: bytes,
+    *,
+    secret: str | None = APP_SECRET,
+    signature: str | None = None,
+    kind: ClientKind = "meta",
+    headers: Mapping[str, str] | None = None,
+    chunk_size: int | None = None,
+) -> Answer:
+    """POST ``body`` to the callback over mTLS as ``kind``, signed as Meta signs it.
+
+    ``secret=None`` sends no ``X-Hub-Signature-256``; ``signature`` sends that exact value;
+    ``chunk_size`` sends the body in chunks of that size, without a ``Content-Length``.
+    """
+    sent = {"Content-Type": "application/json"}
+    if signature is not None:
+        sent["X-Hub-Signature-256"] = signature
+    elif secret is not None:
+        sent["X-Hub-Signature-256"] = meta_signature(body, secret)
+    sent |= headers or {}
+    url = f"https://localhost:{gateway.port}{gateway.config.listen.path}"
+    context = pki.client_context(kind)
+    return await _request("POST", url, context, data=body, chunk_size=chunk_size, headers=sent)
+
+
+async def handshake(
+    gateway: Gateway, pki: Pki, params: Mapping[str, str], *, kind: ClientKind = "meta"
+) -> Answer:
+    """Meta's verification GET with the query ``params``."""
+    url = f"https://localhost:{gateway.port}{gateway.config.listen.path}"
+    return await _request("GET", url, pki.client_context(kind), params=params)
+
+
+async def admin_get(
+    gateway: Gateway, path: str, *, headers: Mapping[str, str] | None = None
+) -> Answer:
+    return await _request(
+        "GET", f"http://127.0.0.1:{gateway.admin_port}{path}", None, headers=headers
+    )
+
+
+async def admin_post(
+    gateway: Gateway, path: str, *, headers: Mapping[str, str] | None = None
+) -> Answer:
+    return await _request(
+        "POST", f"http://127.0.0.1:{gateway.admin_port}{path}", None, headers=headers
+    )
+
+
+async def deliveries(
+    gateway: Gateway, *, state: str | None = None, target: str | None = None
+) -> list[Delivery]:
+    """The gateway's deliveries as its outbox holds them, newest first."""
+    return await gateway.app[OUTBOX].query(state=state, target=target)
+
+
+async def wait_for_state(
+    gateway: Gateway, state: str, count: int = 1, *, target: str | None = None
+) -> list[Delivery]:
+    """At least ``count`` deliveries in ``state`` (to ``target``), as soon as they are there."""
+
+    async def probe() -> list[Delivery] | None:
+        found = await deliveries(gateway, state=state, target=target)
+        return found if len(found) >= count else None
+
+    where = "" if target is None else f" to {target}"
+    return await eventually(probe, f"{count} {state} deliveries{where}")
+
+
+async def stored_bodies(gateway: Gateway) -> list[bytes]:
+    """Every notification body in the outbox, oldest first."""
+
+    def job(conn: sqlite3.Connection) -> list[bytes]:
+        rows = conn.execute("SELECT body FROM notifications ORDER BY id").fetchall()
+        return [bytes(row[0]) for row in rows]
+
+    return await gateway.app[OUTBOX].run(job)
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
+    """The first truthy result of ``probe``, polled until :data:`~sink.DEADLINE_S` passes."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
