@@ -177,3 +177,13 @@ async def test_failed_write_does_not_spoil_the_rest_of_its_group(outbox: Outbox)
     assert results[2] is True
     assert isinstance(results[1], OutboxError)
     assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(2,)]
+
+
+async def test_write_queued_while_closing_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    """A write that arrives once close() has begun fails at once instead of hanging."""
+    box = Outbox(tmp_path / "o.sqlite3", dedup_window_s=DAY)
+    closing = asyncio.create_task(box.close())
+    await asyncio.sleep(0)  # close() has started and queued the writer's stop marker
+    with pytest.raises(OutboxError, match="closed"):
+        await asyncio.wait_for(box.accept(b"late", SIG, [], 1.0), 10)
+    await closing
