@@ -23,7 +23,7 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 def _registrars() -> list[Registrar]:
     # One line per command module, in the order `--help` lists them. Imported here, not at the
     # top, so that importing this module stays cheap.
-    from gateway import admin, check, doctor, serve, subscriptions
+    from gateway import admin, check, doctor, send, serve, subscriptions, verify_callback
 
     return [
         serve.register,
@@ -31,6 +31,8 @@ def _registrars() -> list[Registrar]:
         doctor.register,
         admin.register,
         subscriptions.register,
+        verify_callback.register,
+        send.register,
     ]
 
 

@@ -152,10 +152,17 @@ async def _printing_target() -> tuple[web.AppRunner, str]:
 def instructions(files: DevFiles, dev_secrets: dict[str, str], port: int, path: str) -> str:
     url = f"https://localhost:{port}{path}"
     signature = sign(dev_secrets["app_secret"], SAMPLE)
+    send = "waba-gateway send --dev"
+    if files.folder != Path("var/dev"):
+        send += f" --dev-dir {files.folder}"
+    if url != f"https://localhost:{DEV_PORT}/webhook":  # what `send --dev` assumes
+        send += f" {url}"
     return "\n".join(
         [
             f"waba-gateway dev mode: {url} (mTLS required; certificates in {files.folder}/)",
             "Send a signed test notification with the stand-in Meta client certificate:",
+            f"  {send}",
+            "or with curl:",
             f"  curl --cacert {files.server_ca} --cert {files.client_chain} "
             f"--key {files.client_key} -H 'Content-Type: application/json' "
             f"-H 'X-Hub-Signature-256: {signature}' --data-binary @{files.sample} {url}",

@@ -1,0 +1,211 @@
+"""``waba-gateway verify-callback``: run Meta's verification handshake against a callback URL.
+
+Rule: send exactly the GET Meta sends (whatsapp/webhooks/create-webhook-endpoint):
+``hub.mode=subscribe``, a random numeric ``hub.challenge`` and ``hub.verify_token``, and judge the
+answer as Meta does, in :func:`judge`: verified only by status 200 with a body that *is* the
+challenge, byte for byte. The verify token is never printed.
+
+Exit codes: 0 Meta would verify the callback; 1 it would not (including an http:// URL: Meta
+only calls https:// callbacks); 2 bad input (a malformed URL, unreadable certificate files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, quote_plus
+
+import aiohttp
+from yarl import URL
+
+from gateway.errors import GatewayError
+from gateway.meta_client import client_context, diagnose
+
+__all__ = ["Verdict", "describe_body", "judge", "register", "verify"]
+
+DEFAULT_TIMEOUT_S = 10.0
+_MAX_BODY_BYTES = 64 * 1024
+_SHOWN_CHARS = 80
+
+Kind = Literal[
+    "verified", "token_refused", "wrong_body", "wrong_status", "not_https", "tls", "connection"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What Meta would conclude: ``accepted`` only for ``verified``; ``message`` in plain words."""
+
+    kind: Kind
+    message: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.kind == "verified"
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
+
+
+def describe_body(body: bytes, challenge: str) -> str:
+    """How ``body`` differs from the bare ``challenge`` (it is assumed to differ)."""
+    text = body.decode("utf-8", "replace")
+    stripped = text.strip()
+    if not body:
+        return "the body is empty"
+    if stripped == challenge:
+        extras = []
+        leading = text[: len(text) - len(text.lstrip())]
+        trailing = text[len(text.rstrip()) :]
+        if leading:
+            extras.append(f"leading whitespace {leading!r}")
+        if trailing:
+            extras.append("a trailing newline" if trailing == "\n" else f"trailing {trailing!r}")
+        return f"the body is the challenge with {' and '.join(extras)}"
+    if stripped in (f'"{challenge}"', f"'{challenge}'"):
+        return f"the body is the challenge in quotes, {_shown(text)}: answer the bare value"
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+    if isinstance(document, dict | list):
+        kind = "object" if isinstance(document, dict) else "array"
+        return f"the body is a JSON {kind}, {_shown(text)}, not the bare challenge"
+    if challenge in text:
+        return f"the body holds the challenge among other text: {_shown(text)}"
+    return f"the body {_shown(text)} is not the challenge {challenge!r}"
+
+
+def judge(status: int, body: bytes, challenge: str) -> Verdict:
+    """What Meta concludes from the answer to its GET: pure, so it is table-tested."""
+    if status == 200 and body == challenge.encode():
+        return Verdict(
+            "verified", "verified: HTTP 200 with the challenge as the body; Meta would accept it"
+        )
+    if status == 200:
+        return Verdict(
+            "wrong_body",
+            f"wrong body: HTTP 200, but {describe_body(body, challenge)}. Meta compares the body "
+            "with the challenge exactly and would not verify the callback",
+        )
+    if status in (404, 405):
+        return Verdict(
+            "wrong_status",
+            f"unexpected status: HTTP {status}: no GET handler at this URL; check its path",
+        )
+    if 400 <= status < 500:
+        return Verdict(
+            "token_refused",
+            f"verify token refused: HTTP {status}; Meta would report that the callback could not "
+            "be verified. Check that the token is one of the gateway's meta.verify_tokens",
+        )
+    return Verdict(
+        "wrong_status",
+        f"unexpected status: HTTP {status}; Meta expects 200 with the challenge as the body",
+    )
+
+
+def callback_url(text: str) -> URL:
+    """``text`` as a URL; a :class:`GatewayError` when it is not an absolute http(s) URL."""
+    try:
+        url = URL(text)
+        _ = url.port  # a port that is not a number raises ValueError
+    except ValueError as exc:
+        raise GatewayError(f"URL {text!r}: {exc}") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise GatewayError(f"URL {text!r}: expected https://host/path")
+    return url
+
+
+async def verify(
+    url: URL,
+    verify_token: str,
+    *,
+    context: ssl.SSLContext,
+    timeout_s: float,
+    sent_certificate: bool = False,
+) -> Verdict:
+    """Send Meta's GET to ``url`` and judge the answer. ``sent_certificate``: whether
+    ``context`` presents a client certificate (for the explanation of a refusal)."""
+    if url.scheme != "https":
+        return Verdict("not_https", "not https: Meta only calls https:// callbacks")
+    challenge = str(1_000_000_000 + secrets.randbelow(9_000_000_000))
+    query = {"hub.mode": "subscribe", "hub.challenge": challenge, "hub.verify_token": verify_token}
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            # Redirects are judged, not followed: the callback URL itself must answer.
+            session.get(url.extend_query(query), ssl=context, allow_redirects=False) as response,
+        ):
+            body = await response.content.read(_MAX_BODY_BYTES)
+            verdict = judge(response.status, body, challenge)
+            if verdict.accepted:
+                return verdict
+            # A callback may echo its query string: the body is shown without the token.
+            return judge(response.status, _without_token(body, verify_token), challenge)
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+        kind, message = await diagnose(
+            exc, url.host or "", url.port or 443, timeout_s, sent_certificate=sent_certificate
+        )
+        return Verdict("tls" if kind == "tls" else "connection", message)
+
+
+def _without_token(body: bytes, verify_token: str) -> bytes:
+    for form in {verify_token, quote(verify_token, safe=""), quote_plus(verify_token)}:
+        body = body.replace(form.encode(), b"<verify token>")
+    return body
+
+
+def _verify_callback(args: argparse.Namespace) -> int:
+    url = callback_url(args.url)
+    if not args.verify_token:
+        raise GatewayError("--verify-token must not be empty")
+    if not args.timeout_s > 0:
+        raise GatewayError(f"--timeout-s {args.timeout_s:g}: expected a positive number")
+    context = client_context(args.ca_file, args.cert, args.key)
+    verdict = asyncio.run(
+        verify(
+            url,
+            args.verify_token,
+            context=context,
+            timeout_s=args.timeout_s,
+            sent_certificate=args.cert is not None,
+        )
+    )
+    print(verdict.message)
+    return 0 if verdict.accepted else 1
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "verify-callback",
+        help="run Meta's GET verification handshake against a callback URL",
+        description="Send the GET Meta sends when a callback URL is saved, and say whether Meta "
+        "would verify it. Exit 0: verified; 1: not verified; 2: bad input.",
+    )
+    parser.add_argument("url", metavar="URL", help="the callback, e.g. https://host/webhook")
+    parser.add_argument(
+        "--verify-token", required=True, metavar="TOKEN", help="the token to send (never printed)"
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help="trust only these CA certificates instead of the system store (Meta uses public CAs)",
+    )
+    parser.add_argument("--cert", type=Path, help="client certificate chain to present, as Meta")
+    parser.add_argument("--key", type=Path, help="the client certificate's private key")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for the answer (default: %(default)s)",
+    )
+    parser.set_defaults(func=_verify_callback)
