@@ -62,9 +62,11 @@ class Gateway:
         *,
         ssl_context: ssl.SSLContext | None = None,
         primary: bool = True,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
         self.primary = primary
+        self._reuse_port = reuse_port
         self._ssl = ssl_context or build_server_context(config.tls)
         self.app = create_app(config, dispatch=primary)
         self._runner = web.AppRunner(
@@ -88,7 +90,9 @@ class Gateway:
                 listen.port,
                 ssl_context=self._ssl,
                 backlog=1024,
-                reuse_port=listen.workers > 1,
+                # Only for sibling workers: SO_REUSEPORT lets any process of the same user
+                # share the port (and its connections), so a lone gateway never sets it.
+                reuse_port=self._reuse_port,
             )
             await site.start()
             self.port = bound_port(site)
@@ -134,6 +138,7 @@ async def run(
     shutdown: Awaitable[object] | None = None,
     on_ready: Callable[[Gateway], None] | None = None,
     primary: bool = True,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly."""
     loop = asyncio.get_running_loop()
@@ -146,7 +151,7 @@ async def run(
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
     try:
-        async with Gateway(config, primary=primary) as gateway:
+        async with Gateway(config, primary=primary, reuse_port=reuse_port) as gateway:
             log.info(
                 "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
                 "primary" if primary else "worker",
@@ -224,14 +229,14 @@ def _serve(args: argparse.Namespace) -> int:
         from gateway.workers import supervise
 
         return supervise(config)
-    serve_process(config, primary=True)
+    serve_process(config, primary=True, reuse_port=False)
     return 0
 
 
-def serve_process(config: Config, *, primary: bool) -> None:
+def serve_process(config: Config, *, primary: bool, reuse_port: bool) -> None:
     """One serving process, on uvloop when it is installed."""
     with _event_loop_runner() as runner:
-        runner.run(run(config, primary=primary))
+        runner.run(run(config, primary=primary, reuse_port=reuse_port))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

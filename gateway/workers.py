@@ -46,7 +46,7 @@ def _worker(config: Config, index: int) -> None:
     from gateway.serve import serve_process, setup_logging
 
     setup_logging(config.log_level)
-    serve_process(config, primary=index == 0)
+    serve_process(config, primary=index == 0, reuse_port=True)
 
 
 def supervise(config: Config) -> int:
