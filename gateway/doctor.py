@@ -44,7 +44,7 @@ from gateway.readiness import (
 )
 from gateway.serve import add_config_argument, config_from_args
 from gateway.tls import build_server_context
-from gateway.verify_callback import Verdict, callback_url, verify
+from gateway.verify_callback import callback_url, verify
 
 __all__ = ["diagnose", "register", "verify_chain"]
 
@@ -252,6 +252,5 @@ async def _handshake(url: str, config: Config, ca_file: Path | None) -> Finding:
     token = config.meta.verify_tokens[0]
     context = client_context(ca_file, None, None)
     verdict = await verify(callback_url(url), token, context=context, timeout_s=HANDSHAKE_TIMEOUT_S)
-    # A callback may echo its query string back; the token still never reaches the terminal.
-    shown = Verdict(verdict.kind, verdict.message.replace(token, "<verify token>"))
-    return judge_handshake(url, shown, config.tls.client_auth)
+    # verify() already masks the token in an echoed body, so it never reaches the terminal.
+    return judge_handshake(url, verdict, config.tls.client_auth)
