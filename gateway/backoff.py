@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gateway.config import TargetConfig
 
-__all__ = ["RetryPolicy", "parse_retry_after"]
+__all__ = ["RetryPolicy", "TargetHealth", "parse_retry_after"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +49,47 @@ class RetryPolicy:
     ) -> float:
         """Seconds to wait after failed attempt ``attempt``: a full-jitter draw in [0, cap]."""
         return uniform(0.0, self.cap(attempt))
+
+
+@dataclass(slots=True)
+class TargetHealth:
+    """A circuit breaker for one target.
+
+    Without it, a target that is down would be sent every due delivery at once, each failing in
+    turn: with a large backlog that is a storm of refused connections and outbox writes that
+    slows the acknowledgement path, for nothing. After a transient failure the target is paused
+    for a backoff, then probed with one delivery at a time until one succeeds.
+    """
+
+    failures: int = 0
+    paused_until: float = 0.0
+
+    def failed(
+        self,
+        now: float,
+        policy: RetryPolicy,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        if now < self.paused_until:
+            # Attempts that were already in flight when the target went away fail together:
+            # they are one failure of the target, not many, so the pause does not escalate.
+            return
+        self.failures += 1
+        self.paused_until = now + policy.delay(self.failures, uniform)
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.paused_until = 0.0
+
+    def admits(self, now: float, in_flight: int) -> bool:
+        """Whether a delivery to this target may start now (``probing`` limits it to one)."""
+        if self.failures == 0:
+            return True
+        return now >= self.paused_until and in_flight == 0
+
+    @property
+    def probing(self) -> bool:
+        return self.failures > 0
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

@@ -16,11 +16,11 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from gateway.backoff import RetryPolicy
+from gateway.backoff import RetryPolicy, TargetHealth
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.forwarder import Forwarder
 from gateway.outbox import Delivery, Outbox
-from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt, classify
+from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt, classify, is_transient
 
 __all__ = ["Dispatcher"]
 
@@ -49,6 +49,8 @@ class Dispatcher:
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
         self._forwarders = {t.name: Forwarder(t) for t in targets}
         self._slots = {t.name: asyncio.Semaphore(t.concurrency) for t in targets}
+        self._health = {t.name: TargetHealth() for t in targets}
+        self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -93,12 +95,24 @@ class Dispatcher:
         if room <= 0:
             return
         now = self._clock()
-        for delivery in await self._outbox.due(now, room, exclude=self._in_flight.keys()):
+        paused = [
+            name
+            for name, health in self._health.items()
+            if not health.admits(now, self._busy[name])
+        ]
+        probes: set[str] = set()
+        due = await self._outbox.due(now, room, exclude=self._in_flight.keys(), skip_targets=paused)
+        for delivery in due:
             if delivery.target not in self._targets:
                 await self._outbox.dead_letter(
                     delivery.id, f"target {delivery.target!r} is no longer configured", now
                 )
                 continue
+            if self._health[delivery.target].probing:
+                if delivery.target in probes:
+                    continue  # one probe at a time to a target that was failing
+                probes.add(delivery.target)
+            self._busy[delivery.target] += 1
             task = asyncio.create_task(self._attempt(delivery))
             self._in_flight[delivery.id] = task
             task.add_done_callback(functools.partial(self._done, delivery.id))
@@ -109,15 +123,24 @@ class Dispatcher:
 
     async def _attempt(self, delivery: Delivery) -> None:
         attempt = delivery.attempts + 1
-        async with self._slots[delivery.target]:
-            try:
-                result = await self._forwarders[delivery.target].send(delivery, attempt)
-            except Exception as exc:
-                # Still a failed attempt: recorded and backed off like any other, rather than
-                # a dead task whose delivery is claimed again at once, in a tight loop.
-                log.exception("attempt %d of delivery %s failed", attempt, delivery.id)
-                result = AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])
+        try:
+            async with self._slots[delivery.target]:
+                try:
+                    result = await self._forwarders[delivery.target].send(delivery, attempt)
+                except Exception as exc:
+                    # Still a failed attempt: recorded and backed off like any other, rather
+                    # than a dead task whose delivery is claimed again at once, in a tight loop.
+                    log.exception("attempt %d of delivery %s failed", attempt, delivery.id)
+                    result = AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            self._busy[delivery.target] -= 1
         now = self._clock()
+        health = self._health[delivery.target]
+        if is_transient(result):
+            health.failed(now, self._policies[delivery.target], self._uniform)
+        elif health.probing:
+            log.info("target %s answers again", delivery.target)
+            health.succeeded()
         outcome = classify(
             result,
             attempt=attempt,

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS notifications_digest ON notifications (digest, received_at);
+CREATE INDEX IF NOT EXISTS notifications_received ON notifications (received_at);
 CREATE TABLE IF NOT EXISTS deliveries (
     id TEXT PRIMARY KEY,
     notification_id INTEGER NOT NULL REFERENCES notifications (id),
@@ -59,6 +60,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_target ON deliveries (target, state);
+-- Pruning asks "does this notification still have deliveries?": without this index that is a
+-- scan of every delivery for every old notification.
+CREATE INDEX IF NOT EXISTS deliveries_notification ON deliveries (notification_id);
 """
 
 
@@ -284,18 +288,27 @@ class Outbox:
 
         return await self.run(job)
 
-    async def due(self, now: float, limit: int, exclude: Collection[str] = ()) -> list[Delivery]:
-        """Pending deliveries whose time has come, oldest first, skipping ``exclude``."""
+    async def due(
+        self,
+        now: float,
+        limit: int,
+        exclude: Collection[str] = (),
+        skip_targets: Collection[str] = (),
+    ) -> list[Delivery]:
+        """Pending deliveries whose time has come, oldest first, leaving out the ids in
+        ``exclude`` (in flight) and the targets in ``skip_targets`` (paused)."""
 
         skip = frozenset(exclude)  # a copy: the caller's collection changes on its own thread
+        targets = tuple(skip_targets)
+        not_in = f" AND d.target NOT IN ({', '.join('?' * len(targets))})" if targets else ""
 
         def job(conn: sqlite3.Connection) -> list[Delivery]:
             rows = conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant columns)
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (placeholders only)
                 " JOIN notifications n ON n.id = d.notification_id"
-                " WHERE d.state = 'pending' AND d.next_attempt_at <= ?"
+                f" WHERE d.state = 'pending' AND d.next_attempt_at <= ?{not_in}"
                 " ORDER BY d.next_attempt_at LIMIT ?",
-                (now, limit + len(skip)),
+                (now, *targets, limit + len(skip)),
             ).fetchall()
             found = [_delivery(row) for row in rows if row[0] not in skip]
             return found[:limit]
@@ -360,8 +373,10 @@ class Outbox:
         horizon = now - max(retention_s, self.dedup_window_s)
 
         def job(conn: sqlite3.Connection) -> int:
+            # A delivered row's next_attempt_at is its delivery time (see record), so the
+            # deliveries_due index finds old delivered rows without a scan.
             removed = conn.execute(
-                "DELETE FROM deliveries WHERE state = 'delivered' AND updated_at < ?",
+                "DELETE FROM deliveries WHERE state = 'delivered' AND next_attempt_at < ?",
                 (now - retention_s,),
             ).rowcount
             conn.execute(

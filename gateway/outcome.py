@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 from gateway.backoff import RetryPolicy
 
-__all__ = ["AttemptResult", "DeadLetter", "Delivered", "Outcome", "RetryAt", "classify"]
+__all__ = [
+    "AttemptResult",
+    "DeadLetter",
+    "Delivered",
+    "Outcome",
+    "RetryAt",
+    "classify",
+    "is_transient",
+]
 
 _RETRYABLE_4XX = frozenset({408, 429})
 
@@ -53,6 +61,14 @@ class DeadLetter:
 Outcome = Delivered | RetryAt | DeadLetter
 
 
+def is_transient(result: AttemptResult) -> bool:
+    """The target could not take the request now (5xx, 408, 429, no response) and may later."""
+    status = result.status
+    if status is None:
+        return True
+    return status >= 500 or status in _RETRYABLE_4XX
+
+
 def classify(
     result: AttemptResult,
     *,
@@ -68,7 +84,7 @@ def classify(
     if status is not None and 200 <= status < 300:
         return Delivered()
     what = result.describe()
-    if status is not None and status < 500 and status not in _RETRYABLE_4XX:
+    if not is_transient(result):
         return DeadLetter(f"{what}: not retryable")
     if attempt >= policy.attempts:
         return DeadLetter(f"{what}: gave up after {attempt} attempt(s)")

@@ -187,3 +187,12 @@ async def test_write_queued_while_closing_is_refused_not_left_waiting(tmp_path: 
     with pytest.raises(OutboxError, match="closed"):
         await asyncio.wait_for(box.accept(b"late", SIG, [], 1.0), 10)
     await closing
+
+
+async def test_due_leaves_out_paused_targets(outbox: Outbox) -> None:
+    """A paused target's backlog does not crowd the other targets out of a claim."""
+    for n in range(5):
+        await outbox.accept(f"down{n}".encode(), SIG, [Route("down", None)], 1.0)
+    await outbox.accept(b"up", SIG, [Route("up", None)], 2.0)
+    assert [d.target for d in await outbox.due(5.0, 1, skip_targets={"down"})] == ["up"]
+    assert [d.target for d in await outbox.due(5.0, 1)] == ["down"]

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.backoff import RetryPolicy, parse_retry_after
-from gateway.outcome import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt, classify
+from gateway.backoff import RetryPolicy, TargetHealth, parse_retry_after
+from gateway.outcome import (
+    AttemptResult,
+    DeadLetter,
+    Delivered,
+    Outcome,
+    RetryAt,
+    classify,
+    is_transient,
+)
 
 POLICY = RetryPolicy(
     attempts=5, wait_initial_s=1.0, wait_max_s=30.0, wait_exp_base=2.0, max_age_s=3600.0
@@ -130,3 +138,66 @@ def test_parses_retry_after_seconds_or_http_date(value: str | None, expected: fl
     """Retry-After is delay-seconds or an HTTP-date (RFC 9110 10.2.3); junk is ignored."""
     now = 1445412420.0  # Wed, 21 Oct 2015 07:27:00 GMT
     assert parse_retry_after(value, now) == expected
+
+
+def _health_after(events: list[tuple[str, float]]) -> TargetHealth:
+    health = TargetHealth()
+    for event, now in events:
+        if event == "fail":
+            health.failed(now, POLICY, _upper)
+        else:
+            health.succeeded()
+    return health
+
+
+@pytest.mark.parametrize(
+    ("events", "now", "in_flight", "admits", "paused_until"),
+    [
+        pytest.param([], 0.0, 50, True, 0.0, id="healthy-admits-any-number"),
+        pytest.param([("fail", 10.0)], 10.5, 0, False, 11.0, id="paused-after-failure"),
+        pytest.param([("fail", 10.0)], 11.0, 0, True, 11.0, id="probe-after-pause"),
+        pytest.param([("fail", 10.0)], 11.0, 1, False, 11.0, id="one-probe-at-a-time"),
+        pytest.param(
+            [("fail", 10.0), ("fail", 10.2), ("fail", 10.9)],
+            11.0,
+            0,
+            True,
+            11.0,
+            id="failures-in-flight-together-count-once",
+        ),
+        pytest.param(
+            [("fail", 10.0), ("fail", 11.0)], 12.5, 0, False, 13.0, id="failed-probe-escalates"
+        ),
+        pytest.param(
+            [("fail", 10.0), ("fail", 11.0), ("ok", 13.0)],
+            13.0,
+            9,
+            True,
+            0.0,
+            id="success-closes-the-breaker",
+        ),
+    ],
+)
+def test_target_health_pauses_then_probes_one_at_a_time(
+    events: list[tuple[str, float]], now: float, in_flight: int, admits: bool, paused_until: float
+) -> None:
+    """A failing target is paused for a backoff, then probed singly until it answers."""
+    health = _health_after(events)
+    assert health.admits(now, in_flight) is admits
+    assert health.paused_until == paused_until
+
+
+@pytest.mark.parametrize(
+    ("result", "transient"),
+    [
+        (AttemptResult(status=200), False),
+        (AttemptResult(status=400), False),
+        (AttemptResult(status=408), True),
+        (AttemptResult(status=429), True),
+        (AttemptResult(status=503), True),
+        (AttemptResult(error="refused"), True),
+    ],
+)
+def test_transient_results_are_the_retryable_ones(result: AttemptResult, transient: bool) -> None:
+    """is_transient() agrees with classify(): only what may succeed later is transient."""
+    assert is_transient(result) is transient
