@@ -102,13 +102,13 @@ async def notification(request: web.Request) -> web.Response:
     routes = route(payload, config.targets)
     assert header is not None  # verify_signature refuses a missing header
     stored = await app[OUTBOX].accept(body, header, routes, time.time())
-    if stored:
-        stats.accepted()
-        if DISPATCHER in app:
-            app[DISPATCHER].wake()
-    else:
+    if stored is None:
         stats.duplicate()
-    return text(200, "ok" if stored else "ok (duplicate)")
+        return text(200, "ok (duplicate)")
+    stats.accepted()
+    if DISPATCHER in app:
+        app[DISPATCHER].offer(stored)
+    return text(200, "ok")
 
 
 def _resources(config: Config, dispatch: bool, clock: Callable[[], float]) -> Any:

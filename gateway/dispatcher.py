@@ -51,6 +51,11 @@ class Dispatcher:
         self._slots = {t.name: asyncio.Semaphore(t.concurrency) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
+        self._capacity = max(settings.batch_size, 1)  # attempts in flight in all
+        # True when the outbox may hold due deliveries the last claim had no room for: only
+        # then does a finished attempt wake the loop. Otherwise the outbox is read on the poll
+        # interval, and fresh notifications arrive through offer() without being read back.
+        self._backlog = True
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -60,6 +65,27 @@ class Dispatcher:
     def wake(self) -> None:
         """Look for due deliveries now (called after a notification was stored)."""
         self._wake.set()
+
+    def offer(self, deliveries: Sequence[Delivery]) -> None:
+        """Start deliveries that were just stored, without reading them back from the outbox.
+        Whatever cannot start now (no room, target paused or probing) stays pending in the
+        outbox and is claimed by the loop, which is woken for it."""
+        left = False
+        for delivery in deliveries:
+            target = delivery.target
+            health = self._health.get(target)
+            if (
+                delivery.id in self._in_flight
+                or health is None
+                or health.probing
+                or len(self._in_flight) >= self._capacity
+            ):
+                left = True
+                continue
+            self._start(delivery)
+        if left:
+            self._backlog = True
+            self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
@@ -80,11 +106,10 @@ class Dispatcher:
             await forwarder.close()
 
     async def _loop(self) -> None:
-        capacity = max(self._settings.batch_size, 1)
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._claim(capacity - len(self._in_flight))
+                await self._claim(self._capacity - len(self._in_flight))
                 await self._maybe_prune()
             except Exception:  # the outbox failed: log, wait, try again; never die silently
                 log.exception("dispatcher cycle failed; retrying")
@@ -102,7 +127,10 @@ class Dispatcher:
         ]
         probes: set[str] = set()
         due = await self._outbox.due(now, room, exclude=self._in_flight.keys(), skip_targets=paused)
+        self._backlog = len(due) >= room
         for delivery in due:
+            if delivery.id in self._in_flight:  # offered while the query ran
+                continue
             if delivery.target not in self._targets:
                 await self._outbox.dead_letter(
                     delivery.id, f"target {delivery.target!r} is no longer configured", now
@@ -112,14 +140,18 @@ class Dispatcher:
                 if delivery.target in probes:
                     continue  # one probe at a time to a target that was failing
                 probes.add(delivery.target)
-            self._busy[delivery.target] += 1
-            task = asyncio.create_task(self._attempt(delivery))
-            self._in_flight[delivery.id] = task
-            task.add_done_callback(functools.partial(self._done, delivery.id))
+            self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        self._busy[delivery.target] += 1
+        task = asyncio.create_task(self._attempt(delivery))
+        self._in_flight[delivery.id] = task
+        task.add_done_callback(functools.partial(self._done, delivery.id))
 
     def _done(self, delivery_id: str, _task: asyncio.Task[None]) -> None:
         self._in_flight.pop(delivery_id, None)
-        self._wake.set()
+        if self._backlog:
+            self._wake.set()
 
     async def _attempt(self, delivery: Delivery) -> None:
         attempt = delivery.attempts + 1

@@ -156,13 +156,34 @@ class _Job:
         self.future = future
 
 
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the awaiting request was cancelled (client went away)
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in items:
+        if future.done():  # the awaiting request was cancelled (client went away)
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _transaction(conn: sqlite3.Connection, jobs: Sequence[_Job]) -> list[Any]:
+    """Run ``jobs`` in one transaction and commit; on any error roll back and raise."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        values = [job.func(conn) for job in jobs]
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return values
+
+
+def _alone(conn: sqlite3.Connection, job: _Job) -> tuple[Any, BaseException | None]:
+    try:
+        return _transaction(conn, [job])[0], None
+    except Exception as exc:
+        return None, OutboxError(f"outbox write failed: {exc}")
 
 
 class Outbox:
@@ -214,27 +235,24 @@ class Outbox:
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        results: list[tuple[Any, BaseException | None]] = []
+        results: list[tuple[Any, BaseException | None]]
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    results.append((job.func(conn), None))
-                    conn.execute("RELEASE job")
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    results.append((None, OutboxError(f"outbox write failed: {exc}")))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            failed = OutboxError(f"outbox commit failed: {exc}")
-            results = [(None, failed)] * len(batch)
+            results = [(value, None) for value in _transaction(conn, batch)]
+        except Exception as exc:
+            # Optimistic group commit: no savepoint per job on the common path. When something
+            # failed, each job runs again in a transaction of its own, so only the faulty one
+            # fails. Jobs are functions of the connection alone, so running one again is safe.
+            if len(batch) == 1:
+                results = [(None, OutboxError(f"outbox write failed: {exc}"))]
+            else:
+                results = [_alone(conn, job) for job in batch]
+        # One wake-up per event loop for the whole batch rather than one per job.
+        answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
         for job, (result, error) in zip(batch, results, strict=True):
+            answers.setdefault(job.loop, []).append((job.future, result, error))
+        for loop, items in answers.items():
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-                job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+                loop.call_soon_threadsafe(_resolve_all, items)
 
     async def run(self, func: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``func`` inside the next group transaction; return once it has committed."""
@@ -258,33 +276,51 @@ class Outbox:
 
     async def accept(
         self, body: bytes, signature: str, routes: Sequence[Route], now: float
-    ) -> bool:
-        """Store a verified notification and its deliveries. ``False``: an identical body was
-        already received inside the deduplication window; nothing new is stored."""
+    ) -> list[Delivery] | None:
+        """Store a verified notification and its deliveries; return the deliveries (so the
+        dispatcher can start them without reading them back). ``None``: an identical body was
+        already received inside the deduplication window, and nothing new is stored."""
         digest = hashlib.sha256(body).digest()
         since = now - self.dedup_window_s
 
-        def job(conn: sqlite3.Connection) -> bool:
+        def job(conn: sqlite3.Connection) -> list[Delivery] | None:
             seen = conn.execute(
                 "SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ? LIMIT 1",
                 (digest, since),
             ).fetchone()
             if seen:
-                return False
-            cursor = conn.execute(
+                return None
+            notification_id = conn.execute(
                 "INSERT INTO notifications (digest, received_at, signature, body)"
                 " VALUES (?, ?, ?, ?)",
                 (digest, now, signature, body),
-            )
+            ).lastrowid
+            assert notification_id is not None
+            deliveries = [
+                Delivery(
+                    id=secrets.token_hex(16),
+                    notification_id=notification_id,
+                    target=r.target,
+                    body=body if r.body is None else r.body,
+                    signature=signature,
+                    split=r.body is not None,
+                    state="pending",
+                    attempts=0,
+                    created_at=now,
+                    next_attempt_at=now,
+                    received_at=now,
+                )
+                for r in routes
+            ]
             conn.executemany(
                 "INSERT INTO deliveries (id, notification_id, target, body, state, created_at,"
                 " next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
                 [
-                    (secrets.token_hex(16), cursor.lastrowid, r.target, r.body, now, now, now)
-                    for r in routes
+                    (d.id, notification_id, d.target, d.body if d.split else None, now, now, now)
+                    for d in deliveries
                 ],
             )
-            return True
+            return deliveries
 
         return await self.run(job)
 
