@@ -70,22 +70,18 @@ class Dispatcher:
         """Start deliveries that were just stored, without reading them back from the outbox.
         Whatever cannot start now (no room, target paused or probing) stays pending in the
         outbox and is claimed by the loop, which is woken for it."""
-        left = False
         for delivery in deliveries:
-            target = delivery.target
-            health = self._health.get(target)
-            if (
-                delivery.id in self._in_flight
-                or health is None
-                or health.probing
-                or len(self._in_flight) >= self._capacity
-            ):
-                left = True
+            health = self._health.get(delivery.target)
+            if delivery.id in self._in_flight or health is None or health.probing:
+                # A failing target gets them through its probes, on the poll interval: waking
+                # the loop for every notification would only query a target that cannot take
+                # them.
+                continue
+            if len(self._in_flight) >= self._capacity:
+                self._backlog = True
+                self._wake.set()
                 continue
             self._start(delivery)
-        if left:
-            self._backlog = True
-            self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
@@ -106,6 +102,13 @@ class Dispatcher:
             await forwarder.close()
 
     async def _loop(self) -> None:
+        try:
+            removed = await self._outbox.dead_letter_unknown(self._targets, self._clock())
+        except Exception:
+            log.exception("could not dead-letter deliveries of removed targets")
+        else:
+            if removed:
+                log.warning("dead-lettered %d deliveries of targets no longer configured", removed)
         while not self._stopping:
             self._wake.clear()
             try:
@@ -120,27 +123,19 @@ class Dispatcher:
         if room <= 0:
             return
         now = self._clock()
-        paused = [
-            name
+        # A paused target is not asked at all; a probing one for a single delivery.
+        limits = {
+            name: 1 if health.probing else room
             for name, health in self._health.items()
-            if not health.admits(now, self._busy[name])
-        ]
-        probes: set[str] = set()
-        due = await self._outbox.due(now, room, exclude=self._in_flight.keys(), skip_targets=paused)
+            if health.admits(now, self._busy[name])
+        }
+        if not limits:
+            return
+        due = await self._outbox.due(now, limits, exclude=self._in_flight.keys())
         self._backlog = len(due) >= room
-        for delivery in due:
-            if delivery.id in self._in_flight:  # offered while the query ran
-                continue
-            if delivery.target not in self._targets:
-                await self._outbox.dead_letter(
-                    delivery.id, f"target {delivery.target!r} is no longer configured", now
-                )
-                continue
-            if self._health[delivery.target].probing:
-                if delivery.target in probes:
-                    continue  # one probe at a time to a target that was failing
-                probes.add(delivery.target)
-            self._start(delivery)
+        for delivery in due[:room]:
+            if delivery.id not in self._in_flight:  # else offered while the query ran
+                self._start(delivery)
 
     def _start(self, delivery: Delivery) -> None:
         self._busy[delivery.target] += 1
@@ -208,6 +203,6 @@ class Dispatcher:
         if now - self._last_prune < _PRUNE_EVERY_S:
             return
         self._last_prune = now
-        removed = await self._outbox.prune(now, self._retention_s)
+        removed = await self._outbox.prune(now, self._retention_s, self._targets)
         if removed:
             log.info("pruned %d delivered rows past retention", removed)

@@ -18,7 +18,7 @@ import queue as stdqueue
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,8 +58,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error TEXT,
     last_response TEXT
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS deliveries_target ON deliveries (target, state);
+-- Claims read each target's due deliveries in time order; pruning finds old delivered rows.
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, target, next_attempt_at);
 -- Pruning asks "does this notification still have deliveries?": without this index that is a
 -- scan of every delivery for every old notification.
 CREATE INDEX IF NOT EXISTS deliveries_notification ON deliveries (notification_id);
@@ -325,38 +325,47 @@ class Outbox:
         return await self.run(job)
 
     async def due(
-        self,
-        now: float,
-        limit: int,
-        exclude: Collection[str] = (),
-        skip_targets: Collection[str] = (),
+        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
     ) -> list[Delivery]:
-        """Pending deliveries whose time has come, oldest first, leaving out the ids in
-        ``exclude`` (in flight) and the targets in ``skip_targets`` (paused)."""
+        """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
+        each target named there, leaving out the ids in ``exclude`` (in flight).
 
+        One index seek per target: a target that is down with a million deliveries waiting
+        costs nothing when it is not asked for, and never crowds out the others.
+        """
         skip = frozenset(exclude)  # a copy: the caller's collection changes on its own thread
-        targets = tuple(skip_targets)
-        not_in = f" AND d.target NOT IN ({', '.join('?' * len(targets))})" if targets else ""
+        wanted = dict(limits)
 
         def job(conn: sqlite3.Connection) -> list[Delivery]:
-            rows = conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (placeholders only)
-                " JOIN notifications n ON n.id = d.notification_id"
-                f" WHERE d.state = 'pending' AND d.next_attempt_at <= ?{not_in}"
-                " ORDER BY d.next_attempt_at LIMIT ?",
-                (now, *targets, limit + len(skip)),
-            ).fetchall()
-            found = [_delivery(row) for row in rows if row[0] not in skip]
-            return found[:limit]
+            found: list[Delivery] = []
+            for target, limit in wanted.items():
+                rows = conn.execute(
+                    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
+                    " JOIN notifications n ON n.id = d.notification_id"
+                    " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
+                    " ORDER BY d.next_attempt_at LIMIT ?",
+                    (target, now, limit + len(skip)),
+                ).fetchall()
+                found.extend([_delivery(row) for row in rows if row[0] not in skip][:limit])
+            found.sort(key=lambda d: d.next_attempt_at)
+            return found
 
         return await self.run(job)
 
-    async def next_due_at(self) -> float | None:
-        def job(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending'"
-            ).fetchone()
-            return None if row is None else row[0]
+    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
+        """Dead-letter pending deliveries whose target is no longer configured."""
+        names = tuple(targets)
+        marks = ", ".join("?" * len(names))
+
+        def job(conn: sqlite3.Connection) -> int:
+            return int(
+                conn.execute(
+                    "UPDATE deliveries SET state = 'dead', updated_at = ?,"  # noqa: S608
+                    " last_error = 'target ' || quote(target) || ' is no longer configured'"
+                    f" WHERE state = 'pending' AND target NOT IN ({marks})",
+                    (now, *names),
+                ).rowcount
+            )
 
         return await self.run(job)
 
@@ -383,17 +392,6 @@ class Outbox:
 
         await self.run(job)
 
-    async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
-        """Dead-letter without an attempt (its target is no longer configured)."""
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE deliveries SET state = 'dead', updated_at = ?, last_error = ? WHERE id = ?",
-                (now, reason, delivery_id),
-            )
-
-        await self.run(job)
-
     async def query(
         self, *, state: str | None = None, target: str | None = None, limit: int = 100
     ) -> list[Delivery]:
@@ -403,18 +401,23 @@ class Outbox:
         """Make a delivery pending again, due now, with a fresh attempt count and age."""
         return await self.run(lambda conn: replay_delivery(conn, delivery_id, now))
 
-    async def prune(self, now: float, retention_s: float) -> int:
-        """Remove delivered rows and fully delivered notifications older than the retention
-        (and the deduplication window); dead letters and pending deliveries stay."""
+    async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
+        """Remove ``targets``' delivered rows and fully delivered notifications older than the
+        retention (and the deduplication window); dead letters and pending deliveries stay."""
         horizon = now - max(retention_s, self.dedup_window_s)
+        names = tuple(targets)
 
         def job(conn: sqlite3.Connection) -> int:
             # A delivered row's next_attempt_at is its delivery time (see record), so the
-            # deliveries_due index finds old delivered rows without a scan.
-            removed = conn.execute(
-                "DELETE FROM deliveries WHERE state = 'delivered' AND next_attempt_at < ?",
-                (now - retention_s,),
-            ).rowcount
+            # deliveries_due index finds old delivered rows of each target without a scan.
+            removed = sum(
+                conn.execute(
+                    "DELETE FROM deliveries WHERE state = 'delivered' AND target = ?"
+                    " AND next_attempt_at < ?",
+                    (name, now - retention_s),
+                ).rowcount
+                for name in names
+            )
             conn.execute(
                 "DELETE FROM notifications WHERE received_at < ? AND NOT EXISTS"
                 " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)",

@@ -146,7 +146,7 @@ def _seed(config: Path) -> tuple[str, str]:
         try:
             await box.accept(b'{"n":1}', SIG, [Route("sink", None)], 1.0)
             await box.accept(b'{"n":2}', SIG, [Route("sink", None)], 2.0)
-            first, second = await box.due(10.0, 10)
+            first, second = await box.due(10.0, {"sink": 10})
             await box.record(
                 second.id,
                 DeadLetter("HTTP 400: not retryable"),

@@ -81,11 +81,11 @@ async def test_due_returns_oldest_first_and_skips_excluded_and_future(outbox: Ou
     """due() lists pending deliveries whose time has come, oldest first, minus those in flight."""
     for i, when in enumerate([30.0, 10.0, 20.0, 99.0]):
         await outbox.accept(f"b{i}".encode(), SIG, [Route("t", None)], when)
-    due = await outbox.due(50.0, 10)
+    due = await outbox.due(50.0, {"t": 10})
     assert [d.body for d in due] == [b"b1", b"b2", b"b0"]
-    skipped = await outbox.due(50.0, 10, exclude={due[0].id})
+    skipped = await outbox.due(50.0, {"t": 10}, exclude={due[0].id})
     assert [d.body for d in skipped] == [b"b2", b"b0"]
-    assert [d.body for d in await outbox.due(50.0, 1)] == [b"b1"]
+    assert [d.body for d in await outbox.due(50.0, {"t": 1})] == [b"b1"]
 
 
 async def test_delivery_body_is_meta_bytes_or_split_envelope(outbox: Outbox) -> None:
@@ -93,7 +93,7 @@ async def test_delivery_body_is_meta_bytes_or_split_envelope(outbox: Outbox) -> 
     await outbox.accept(
         b"meta-bytes", SIG, [Route("whole", None), Route("split", b"envelope")], 1.0
     )
-    by_target = {d.target: d for d in await outbox.due(2.0, 10)}
+    by_target = {d.target: d for d in await outbox.due(2.0, {"whole": 10, "split": 10})}
     assert (by_target["whole"].body, by_target["whole"].split) == (b"meta-bytes", False)
     assert (by_target["split"].body, by_target["split"].split) == (b"envelope", True)
     assert by_target["whole"].signature == SIG
@@ -102,10 +102,10 @@ async def test_delivery_body_is_meta_bytes_or_split_envelope(outbox: Outbox) -> 
 async def test_record_moves_delivery_through_states(outbox: Outbox) -> None:
     """Retry keeps it pending until its time; delivered and dead leave the due list."""
     await outbox.accept(b"a", SIG, [Route("t", None)], 1.0)
-    (delivery,) = await outbox.due(1.0, 10)
+    (delivery,) = await outbox.due(1.0, {"t": 10})
     await outbox.record(delivery.id, RetryAt(50.0, "HTTP 500"), AttemptResult(status=500), 2.0)
-    assert await outbox.due(10.0, 10) == []
-    (again,) = await outbox.due(50.0, 10)
+    assert await outbox.due(10.0, {"t": 10}) == []
+    (again,) = await outbox.due(50.0, {"t": 10})
     assert (again.attempts, again.last_status, again.last_error) == (1, 500, "HTTP 500")
     await outbox.record(
         delivery.id,
@@ -125,10 +125,10 @@ async def test_record_moves_delivery_through_states(outbox: Outbox) -> None:
 async def test_replay_makes_dead_letter_pending_with_fresh_age(outbox: Outbox) -> None:
     """replay() resets state, attempts and age so the dispatcher sends it again now."""
     await outbox.accept(b"a", SIG, [Route("t", None)], 1.0)
-    (delivery,) = await outbox.due(1.0, 10)
+    (delivery,) = await outbox.due(1.0, {"t": 10})
     await outbox.record(delivery.id, DeadLetter("x"), AttemptResult(status=400), 2.0)
     assert await outbox.replay(delivery.id, 500.0)
-    (pending,) = await outbox.due(500.0, 10)
+    (pending,) = await outbox.due(500.0, {"t": 10})
     assert (pending.id, pending.attempts, pending.created_at) == (delivery.id, 0, 500.0)
     assert not await outbox.replay("no-such-id", 500.0)
 
@@ -137,10 +137,10 @@ async def test_prune_removes_old_delivered_keeps_dead_and_pending(outbox: Outbox
     """Retention removes delivered rows only; dead letters stay until replayed."""
     for body in (b"delivered", b"dead", b"pending"):
         await outbox.accept(body, SIG, [Route("t", None)], 1.0)
-    deliveries = {d.body: d for d in await outbox.due(1.0, 10)}
+    deliveries = {d.body: d for d in await outbox.due(1.0, {"t": 10})}
     await outbox.record(deliveries[b"delivered"].id, Delivered(), AttemptResult(status=200), 2.0)
     await outbox.record(deliveries[b"dead"].id, DeadLetter("x"), AttemptResult(status=400), 2.0)
-    assert await outbox.prune(2.0 + 8 * DAY, 7 * DAY) == 1
+    assert await outbox.prune(2.0 + 8 * DAY, 7 * DAY, ["t"]) == 1
     assert sorted(d.body for d in await outbox.query()) == [b"dead", b"pending"]
     assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(2,)]
 
@@ -189,10 +189,23 @@ async def test_write_queued_while_closing_is_refused_not_left_waiting(tmp_path: 
     await closing
 
 
-async def test_due_leaves_out_paused_targets(outbox: Outbox) -> None:
-    """A paused target's backlog does not crowd the other targets out of a claim."""
+async def test_due_reads_only_the_targets_asked_for(outbox: Outbox) -> None:
+    """A paused target's backlog is not read, and cannot crowd the other targets out."""
     for n in range(5):
         await outbox.accept(f"down{n}".encode(), SIG, [Route("down", None)], 1.0)
     await outbox.accept(b"up", SIG, [Route("up", None)], 2.0)
-    assert [d.target for d in await outbox.due(5.0, 1, skip_targets={"down"})] == ["up"]
-    assert [d.target for d in await outbox.due(5.0, 1)] == ["down"]
+    assert [d.target for d in await outbox.due(5.0, {"up": 1})] == ["up"]
+    assert [d.body for d in await outbox.due(5.0, {"down": 2, "up": 5})] == [
+        b"down0",
+        b"down1",
+        b"up",
+    ]
+
+
+async def test_deliveries_of_removed_targets_are_dead_lettered(outbox: Outbox) -> None:
+    """Pending deliveries to a target no longer configured become dead letters with a reason."""
+    await outbox.accept(b"a", SIG, [Route("kept", None), Route("gone", None)], 1.0)
+    assert await outbox.dead_letter_unknown(["kept"], 2.0) == 1
+    (dead,) = await outbox.query(state="dead")
+    assert (dead.target, dead.last_error) == ("gone", "target 'gone' is no longer configured")
+    assert [d.target for d in await outbox.query(state="pending")] == ["kept"]
