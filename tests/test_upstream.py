@@ -1,0 +1,195 @@
+"""The forwarder's keep-alive HTTP/1.1 client against raw servers (gateway.upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.upstream import Upstream, UpstreamError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+class Server:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> Server:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+def keep_alive(server_ref: list[Server], reply: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            server_ref[0].requests.append(await _read_request(reader))
+            writer.write(reply)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[list[Upstream]]:
+    made: list[Upstream] = []
+    yield made
+    for upstream in made:
+        await upstream.close()
+
+
+async def _serve(reply: bytes) -> Server:
+    ref: list[Server] = []
+    server = Server(keep_alive(ref, reply))
+    ref.append(server)
+    return server
+
+
+async def test_posts_exact_body_and_reuses_the_connection(pool: list[Upstream]) -> None:
+    """Requests carry Host, Content-Length and the body; keep-alive reuses one connection."""
+    async with await _serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/hook?x=1")
+        pool.append(upstream)
+        for n in range(3):
+            response = await upstream.post({"X-N": str(n)}, b'{"n":"\\u00e9"}', 5)
+            assert (response.status, response.excerpt) == (200, b"ok")
+        assert server.connections == 1
+        head, body = server.requests[2]
+        assert head.startswith(b"POST /hook?x=1 HTTP/1.1\r\n")
+        assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in head
+        assert b"X-N: 2\r\n" in head
+        assert body == b'{"n":"\\u00e9"}'
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "excerpt", "retry_after"),
+    [
+        (
+            b"HTTP/1.1 503 Unavailable\r\nRetry-After: 7\r\nContent-Length: 4\r\n\r\nbusy",
+            503,
+            b"busy",
+            "7",
+        ),
+        (
+            b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nbad\r\n2\r\n!!\r\n0\r\n\r\n",
+            400,
+            b"bad!!",
+            None,
+        ),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b"", None),
+    ],
+    ids=["retry-after", "chunked", "no-body"],
+)
+async def test_reads_status_retry_after_and_body_excerpt(
+    pool: list[Upstream], reply: bytes, status: int, excerpt: bytes, retry_after: str | None
+) -> None:
+    """Status, Retry-After and the body (chunked or not) come back parsed."""
+    async with await _serve(reply) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        response = await upstream.post({}, b"{}", 5)
+        assert (response.status, response.excerpt, response.retry_after) == (
+            status,
+            excerpt,
+            retry_after,
+        )
+
+
+async def test_body_until_close_is_a_complete_response(pool: list[Upstream]) -> None:
+    """A response delimited by the connection closing still counts, and is not reused."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndone")
+        await writer.drain()
+
+    async with Server(handler) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        assert (await upstream.post({}, b"{}", 5)).excerpt == b"done"
+        assert (await upstream.post({}, b"{}", 5)).status == 200
+        assert server.connections == 2
+
+
+async def test_idle_connection_closed_by_target_is_retried_once_on_a_new_one(
+    pool: list[Upstream],
+) -> None:
+    """A keep-alive connection the target closed while idle does not fail the delivery."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        # Then, like a keep-alive timeout, close without answering anything more.
+
+    async with Server(handler) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        assert (await upstream.post({}, b"1", 5)).status == 200
+        await asyncio.sleep(0.1)
+        assert (await upstream.post({}, b"2", 5)).status == 200
+        assert server.connections == 2
+
+
+async def test_refused_connection_and_garbage_are_upstream_errors(pool: list[Upstream]) -> None:
+    """Nothing listening, or a reply that is not HTTP, raise UpstreamError with a reason."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async with Server(garbage) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        with pytest.raises(UpstreamError, match="invalid HTTP response"):
+            await upstream.post({}, b"{}", 5)
+    refused = Upstream(f"http://127.0.0.1:{server.port}/")
+    pool.append(refused)
+    with pytest.raises(UpstreamError, match="cannot connect"):
+        await refused.post({}, b"{}", 5)
+
+
+async def test_silent_target_times_out(pool: list[Upstream]) -> None:
+    """A target that never answers raises TimeoutError after timeout_s."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.sleep(5)
+
+    async with Server(silent) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        with pytest.raises(TimeoutError):
+            await upstream.post({}, b"{}", 0.2)
