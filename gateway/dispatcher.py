@@ -61,6 +61,7 @@ class Dispatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self._warming: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
         """Look for due deliveries now (called after a notification was stored)."""
@@ -85,6 +86,11 @@ class Dispatcher:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
+        # Open one connection to each target ahead of the first notification, so the first
+        # forward does not pay for the connection set-up; a target that is down is no error.
+        self._warming = [
+            asyncio.create_task(forwarder.warm()) for forwarder in self._forwarders.values()
+        ]
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming, let attempts in flight finish for up to ``grace_s``, cancel the rest
@@ -93,6 +99,9 @@ class Dispatcher:
         self._wake.set()
         if self._task is not None:
             await self._task
+        for warming in self._warming:
+            warming.cancel()
+        await asyncio.gather(*self._warming, return_exceptions=True)
         if self._in_flight:
             _, late = await asyncio.wait(list(self._in_flight.values()), timeout=grace_s)
             for task in late:

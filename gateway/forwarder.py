@@ -66,5 +66,9 @@ class Forwarder:
             response_excerpt=response.excerpt.decode("utf-8", "replace"),
         )
 
+    async def warm(self) -> None:
+        """Open a keep-alive connection now; a target that is down is tried again later."""
+        await self._upstream.warm(self.target.timeout_s)
+
     async def close(self) -> None:
         await self._upstream.close()

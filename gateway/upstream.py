@@ -195,6 +195,12 @@ class Upstream:
         self._idle.append(connection)
         return response
 
+    async def warm(self, timeout_s: float) -> None:
+        """Put one open connection in the pool, if the target answers the connect."""
+        with contextlib.suppress(UpstreamError, TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                self._idle.append(await self._connect())
+
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for connection in idle:

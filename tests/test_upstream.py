@@ -193,3 +193,16 @@ async def test_silent_target_times_out(pool: list[Upstream]) -> None:
         pool.append(upstream)
         with pytest.raises(TimeoutError):
             await upstream.post({}, b"{}", 0.2)
+
+
+async def test_warm_opens_a_connection_the_first_post_reuses(pool: list[Upstream]) -> None:
+    """warm() pools a connection ahead of time; warming a target that is down is no error."""
+    async with await _serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        await upstream.warm(5)
+        assert (await upstream.post({}, b"{}", 5)).status == 200
+        assert server.connections == 1
+    down = Upstream(f"http://127.0.0.1:{server.port}/")
+    pool.append(down)
+    await down.warm(5)
