@@ -132,7 +132,7 @@ class AdminConfig:
 class DispatcherConfig:
     # How often the dispatcher looks for due deliveries when nothing wakes it (another process
     # may have written the outbox, a retry may have come due).
-    poll_interval_s: float = 0.5 * SECONDS
+    poll_interval_s: float = 0.1 * SECONDS
     batch_size: int = 256
 
 
