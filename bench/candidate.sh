@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Adapter for the shared webhook-gateway benchmark's candidate contract: turns its BENCH_*
+# variables into a waba-gateway config in $BENCH_WORKDIR and execs the gateway, so the harness's
+# SIGTERM reaches the gateway itself.
+#
+#   ./run.sh --candidate 'bash /path/to/bench/candidate.sh'   (from the shared bench folder)
+#
+# Optional knobs (environment):
+#   WABA_BENCH_WORKERS          [listen] workers (default 1)
+#   WABA_BENCH_DEDUP_WINDOW_S   [outbox] dedup_window_s (default 0.000001, see below)
+#   WABA_BENCH_LOG_LEVEL        [log] level (default warning: no access log line per request)
+#   WABA_BENCH_TARGET_TOML      extra TOML lines for the [[targets]] table, e.g. retry waits
+#   WABA_BENCH_POLL_INTERVAL_S  [dispatcher] poll_interval_s (default: the gateway's, 0.5). With
+#                               workers > 1 only worker 0 dispatches, and it learns of a notification
+#                               another worker stored only when it next polls
+#   WABA_BENCH_PYTHON           interpreter (default python3)
+#
+# The harness posts one and the same body every time. With the production dedup window (7 days)
+# every request after the first would be acknowledged as a duplicate and never stored again nor
+# forwarded, which is not the path Meta's unique notifications take. A one-microsecond window keeps
+# the dedup lookup on the ack path but lets every request be stored and forwarded; set
+# WABA_BENCH_DEDUP_WINDOW_S=604800 to measure the duplicate path instead.
+set -euo pipefail
+
+for name in BENCH_LISTEN_HOST BENCH_LISTEN_PORT BENCH_TLS_CERT BENCH_TLS_KEY BENCH_CLIENT_CA \
+    BENCH_CLIENT_CN BENCH_APP_SECRET BENCH_TARGET_URL BENCH_WEBHOOK_PATH BENCH_WORKDIR; do
+  if [[ -z "${!name:-}" ]]; then
+    echo "candidate.sh: $name is not set (see the shared bench README, 'Candidate contract')" >&2
+    exit 2
+  fi
+done
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+config="$BENCH_WORKDIR/waba-gateway.toml"
+export WABA_BENCH_VERIFY_TOKEN="${WABA_BENCH_VERIFY_TOKEN:-bench-verify-token}"
+
+# Strings are ${NAME} references that the gateway expands from the environment itself: no TOML
+# quoting of paths, and the app secret never lands in the file.
+cat >"$config" <<TOML
+# Written by bench/candidate.sh for one benchmark run.
+
+[listen]
+host = "\${BENCH_LISTEN_HOST}"
+port = ${BENCH_LISTEN_PORT}
+path = "\${BENCH_WEBHOOK_PATH}"
+workers = ${WABA_BENCH_WORKERS:-1}
+
+[tls]
+cert_file = "\${BENCH_TLS_CERT}"
+key_file = "\${BENCH_TLS_KEY}"
+client_ca_file = "\${BENCH_CLIENT_CA}"
+client_auth = "required"
+client_cn = ["\${BENCH_CLIENT_CN}"]
+
+[meta]
+verify_tokens = ["\${WABA_BENCH_VERIFY_TOKEN}"]
+app_secrets = ["\${BENCH_APP_SECRET}"]
+
+[outbox]
+path = "\${BENCH_WORKDIR}/outbox.sqlite3"
+dedup_window_s = ${WABA_BENCH_DEDUP_WINDOW_S:-0.000001}
+
+[[targets]]
+name = "sink"
+url = "\${BENCH_TARGET_URL}"
+split = "none"
+${WABA_BENCH_TARGET_TOML:-}
+
+[admin]
+enabled = false
+
+[dispatcher]
+${WABA_BENCH_POLL_INTERVAL_S:+poll_interval_s = $WABA_BENCH_POLL_INTERVAL_S}
+
+[log]
+level = "${WABA_BENCH_LOG_LEVEL:-warning}"
+TOML
+
+# The repository root on the import path, so the gateway runs from a checkout without installing.
+export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+exec "${WABA_BENCH_PYTHON:-python3}" -m gateway serve --config "$config"
