@@ -221,13 +221,22 @@ class Outbox:
 
     def _run(self, opened: stdqueue.SimpleQueue[BaseException | None]) -> None:
         try:
-            conn = connect(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OutboxError as exc:
-            opened.put(exc)
-            return
         except OSError as exc:
             opened.put(OutboxError(f"outbox.path = '{self.path}': cannot open its lock: {exc}"))
+            return
+        try:
+            # Workers starting together would otherwise race to switch a new file to WAL,
+            # and SQLite answers that race with "database is locked", not with a wait.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                conn = connect(self.path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        except OutboxError as exc:
+            os.close(lock)
+            opened.put(exc)
             return
         opened.put(None)
         while True:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +211,38 @@ async def test_deliveries_of_removed_targets_are_dead_lettered(outbox: Outbox) -
     (dead,) = await outbox.query(state="dead")
     assert (dead.target, dead.last_error) == ("gone", "target 'gone' is no longer configured")
     assert [d.target for d in await outbox.query(state="pending")] == ["kept"]
+
+
+def _open_and_close(path: Path, ready: Any, go: Any, errors: Any) -> None:
+    async def run() -> None:
+        box = Outbox(path, dedup_window_s=DAY)
+        await box.close()
+
+    ready.put(None)
+    go.wait()
+    try:
+        asyncio.run(run())
+    except OutboxError as exc:
+        errors.put(str(exc))
+
+
+def test_processes_opening_a_new_outbox_together_both_succeed(tmp_path: Path) -> None:
+    """Workers starting at once on a new file do not lose the race to switch it to WAL."""
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    for attempt in range(15):
+        path = tmp_path / f"o{attempt}.sqlite3"
+        ready, go = context.Queue(), context.Event()
+        workers = [
+            context.Process(target=_open_and_close, args=(path, ready, go, errors))
+            for _ in range(2)
+        ]
+        for worker in workers:
+            worker.start()
+        for _ in workers:
+            ready.get(timeout=30)
+        go.set()
+        for worker in workers:
+            worker.join(30)
+            assert worker.exitcode == 0
+    assert errors.empty()
