@@ -489,3 +489,8 @@ async def test_resumed_session_still_shows_client_cn(pki: Pki, version: ssl.TLSV
         check_client_identity(seen.peercert, (META_CLIENT_CN,), "required") for seen in server.seen
     ]
     assert cns == [META_CLIENT_CN, META_CLIENT_CN]
+
+
+def test_server_context_issues_one_session_ticket(pki: Pki) -> None:
+    """One TLS 1.3 ticket per handshake: enough to resume, half the cost of OpenSSL's two."""
+    assert build_server_context(pki.tls_config()).num_tickets == 1
