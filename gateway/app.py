@@ -114,7 +114,9 @@ async def notification(request: web.Request) -> web.Response:
     return text(200, "ok")
 
 
-def _resources(config: Config, dispatch: bool, clock: Callable[[], float]) -> Any:
+def _resources(
+    config: Config, dispatch: bool, clock: Callable[[], float]
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         outbox = Outbox(config.outbox.path, dedup_window_s=config.outbox.dedup_window_s)
         app[OUTBOX] = outbox

@@ -69,8 +69,9 @@ class Dispatcher:
 
     def offer(self, deliveries: Sequence[Delivery]) -> None:
         """Start deliveries that were just stored, without reading them back from the outbox.
-        Whatever cannot start now (no room, target paused or probing) stays pending in the
-        outbox and is claimed by the loop, which is woken for it."""
+        Whatever cannot start now stays pending in the outbox: for want of room, the loop is
+        woken to claim it as attempts finish; for a paused or probing target, the target's
+        probes reach it on the poll interval."""
         for delivery in deliveries:
             health = self._health.get(delivery.target)
             if delivery.id in self._in_flight or health is None or health.probing:
