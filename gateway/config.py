@@ -59,6 +59,11 @@ class ListenConfig:
     path: str = "/webhook"
     # Meta sends up to 3 MB (whatsapp/webhooks/overview); aiohttp's own default is 1 MiB.
     max_body_bytes: int = 4 * MiB
+    # A keep-alive connection with no request for this long is closed.
+    idle_timeout_s: float = 75 * SECONDS
+    # A request whose head and body have not all arrived by then is answered 408 (slow clients
+    # would otherwise hold connections open for ever).
+    request_timeout_s: float = 60 * SECONDS
     # Acceptor processes sharing the port (SO_REUSEPORT); one of them dispatches.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 

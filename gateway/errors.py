@@ -16,9 +16,13 @@ into HTTP responses, and :func:`gateway.cli.main` the only place that turns them
         +-- SignatureRejected    401  X-Hub-Signature-256 missing, malformed or wrong
         +-- Forbidden            403  wrong verify token, unexpected client certificate CN
         |   +-- IdentityRejected 403  client certificate CN not in ``tls.client_cn``
-        +-- NotFound             404  unknown delivery id (admin)
+        +-- NotFound             404  unknown path; unknown delivery id (admin)
+        +-- MethodNotAllowed     405  a method other than GET or POST on the callback path
+        +-- RequestTimeout       408  a request not fully received in time
         +-- Unauthorized         401  admin token missing or wrong
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
+        +-- URLTooLong           414  request URL over the listener's limit
+        +-- HeadTooLarge         431  request line and headers over the listener's limit
         +-- Unavailable          503  the outbox could not take the notification; Meta retries
 """
 
@@ -31,12 +35,16 @@ __all__ = [
     "Forbidden",
     "GatewayError",
     "GraphError",
+    "HeadTooLarge",
     "IdentityRejected",
+    "MethodNotAllowed",
     "NotFound",
     "OutboxError",
     "PayloadTooLarge",
     "Rejected",
+    "RequestTimeout",
     "SignatureRejected",
+    "URLTooLong",
     "Unauthorized",
     "Unavailable",
 ]
@@ -99,8 +107,24 @@ class NotFound(Rejected):
     status = 404
 
 
+class MethodNotAllowed(Rejected):
+    status = 405
+
+
+class RequestTimeout(Rejected):
+    status = 408
+
+
 class PayloadTooLarge(Rejected):
     status = 413
+
+
+class URLTooLong(Rejected):
+    status = 414
+
+
+class HeadTooLarge(Rejected):
+    status = 431
 
 
 class Unavailable(Rejected):

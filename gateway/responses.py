@@ -1,9 +1,10 @@
-"""The one place that turns errors into HTTP responses, and the access log that never leaks.
+"""The one place that turns errors into HTTP answers, and the access log that never leaks.
 
 Rule: handlers raise :class:`~gateway.errors.Rejected` (or let an
-:class:`~gateway.errors.OutboxError` escape); :func:`error_middleware` answers with the status the
-error carries and its message as a one-line ``text/plain`` reason. An outbox failure is a 503, so
-Meta retries: never a 200 for something that is not on disk.
+:class:`~gateway.errors.OutboxError` escape); :func:`answer_for` decides the status and the
+one-line ``text/plain`` reason for both listeners: the callback's (:mod:`gateway.listener`) and
+the admin API's (through :func:`error_middleware`). An outbox failure is a 503, so Meta retries:
+never a 200 for something that is not on disk.
 """
 
 from __future__ import annotations
@@ -12,15 +13,29 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from gateway.errors import OutboxError, Rejected
 
-__all__ = ["AccessLogger", "error_middleware", "text"]
+__all__ = ["answer_for", "error_middleware", "log_access", "text"]
 
 log = logging.getLogger("gateway.http")
+access_log = logging.getLogger("gateway.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def answer_for(exc: BaseException, method: str, path: str) -> tuple[int, str]:
+    """The status and reason for ``exc``, raised while answering ``method path``; logged here.
+
+    ``path`` never carries the query string: the handshake's query holds the verify token."""
+    if isinstance(exc, Rejected):
+        log.info("%s %s rejected: %d %s", method, path, exc.status, exc)
+        return exc.status, str(exc)
+    if isinstance(exc, OutboxError):
+        log.error("outbox unavailable: %s", exc)
+        return 503, "outbox unavailable; retry later"
+    log.error("unexpected error on %s %s", method, path, exc_info=exc)
+    return 500, "internal error"
 
 
 def text(status: int, reason: str) -> web.Response:
@@ -34,34 +49,12 @@ def text(status: int, reason: str) -> web.Response:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except Rejected as exc:
-        log.info("%s %s rejected: %d %s", request.method, request.path, exc.status, exc)
-        return text(exc.status, str(exc))
-    except OutboxError as exc:
-        log.error("outbox unavailable: %s", exc)
-        return text(503, "outbox unavailable; retry later")
     except web.HTTPException:
         raise
-    except Exception:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return text(500, "internal error")
+    except Exception as exc:
+        return text(*answer_for(exc, request.method, request.path))
 
 
-class AccessLogger(AbstractAccessLogger):
-    """Method, path without the query string (the handshake's query holds the verify token),
-    status, size and time: never headers, bodies or tokens."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %s %d %sB %.1fms",
-            request.remote,
-            request.method,
-            request.path,
-            response.status,
-            response.body_length,
-            time * 1000,
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
+def log_access(remote: str, method: str, path: str, status: int, size: int, seconds: float) -> None:
+    """One access-log line: never headers, bodies, the query string or tokens."""
+    access_log.info("%s %s %s %d %sB %.1fms", remote, method, path, status, size, seconds * 1000)

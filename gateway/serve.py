@@ -1,8 +1,8 @@
 """Running the gateway: listeners, lifecycle, signals, and the ``serve`` command.
 
 Rule: startup and shutdown happen in one order, written down here. Startup: open the outbox and
-start the dispatcher (the app's cleanup context), bind the TLS callback listener, then the admin
-listener. Shutdown (SIGTERM/SIGINT, or the injected ``shutdown`` awaitable in tests):
+start the dispatcher, bind the TLS callback listener, then the admin listener. Shutdown
+(SIGTERM/SIGINT, or the injected ``shutdown`` awaitable in tests):
 
 1. stop accepting connections on both listeners;
 2. let requests in flight finish (each is answered only after its outbox commit), up to
@@ -26,10 +26,13 @@ from types import TracebackType
 from aiohttp import web
 
 from gateway.admin import create_admin_app
-from gateway.app import DISPATCHER, OUTBOX, STATS, create_app
+from gateway.callback import Callback
 from gateway.config import Config, default_config_path, load_config
+from gateway.dispatcher import Dispatcher
 from gateway.errors import ConfigError
-from gateway.responses import AccessLogger
+from gateway.listener import Listener
+from gateway.outbox import Outbox
+from gateway.stats import Stats
 from gateway.tls import build_server_context
 
 __all__ = ["Gateway", "add_config_argument", "bound_port", "config_from_args", "register", "run"]
@@ -68,41 +71,46 @@ class Gateway:
         self.primary = primary
         self._reuse_port = reuse_port
         self._ssl = ssl_context or build_server_context(config.tls)
-        self.app = create_app(config, dispatch=primary)
-        self._runner = web.AppRunner(
-            self.app,
-            access_log_class=AccessLogger,
-            access_log=logging.getLogger("gateway.access"),
-            shutdown_timeout=SHUTDOWN_GRACE_S,
-            handle_signals=False,
-        )
+        self.stats = Stats()
+        self._outbox: Outbox | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self.port = 0
         self.admin_port = 0
 
+    @property
+    def outbox(self) -> Outbox:
+        assert self._outbox is not None, "the gateway is not started"
+        return self._outbox
+
     async def __aenter__(self) -> Gateway:
-        await self._runner.setup()
+        config = self.config
         try:
-            listen = self.config.listen
-            site = web.TCPSite(
-                self._runner,
-                listen.host,
-                listen.port,
-                ssl_context=self._ssl,
-                backlog=1024,
-                # Only for sibling workers: SO_REUSEPORT lets any process of the same user
-                # share the port (and its connections), so a lone gateway never sets it.
-                reuse_port=self._reuse_port,
+            self._outbox = Outbox(config.outbox.path, dedup_window_s=config.outbox.dedup_window_s)
+            if self.primary:
+                self.dispatcher = Dispatcher(
+                    self._outbox,
+                    config.targets,
+                    config.dispatcher,
+                    retention_s=config.outbox.retention_s,
+                )
+                self.dispatcher.start()
+            callback = Callback(config, self._outbox, self.stats, self.dispatcher)
+            listen = config.listen
+            self._listener = Listener(callback, listen)
+            # SO_REUSEPORT only for sibling workers: it lets any process of the same user share
+            # the port (and its connections), so a lone gateway never sets it.
+            self.port = await self._listener.start(
+                listen.host, listen.port, self._ssl, reuse_port=self._reuse_port
             )
-            await site.start()
-            self.port = bound_port(site)
-            admin = self.config.admin
+            admin = config.admin
             if admin.enabled and self.primary:
-                dispatcher = self.app.get(DISPATCHER)
+                dispatcher = self.dispatcher
                 admin_app = create_admin_app(
-                    self.config,
-                    self.app[OUTBOX],
-                    self.app[STATS],
+                    config,
+                    self._outbox,
+                    self.stats,
                     wake=dispatcher.wake if dispatcher is not None else lambda: None,
                 )
                 self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
@@ -124,12 +132,18 @@ class Gateway:
         await self.close()
 
     async def close(self) -> None:
-        # AppRunner.cleanup stops the sites, waits for handlers in flight, then runs the
-        # cleanup context (dispatcher, outbox): steps 1 to 4 of the module docstring.
+        """Steps 1 to 4 of the module docstring, each part only if it was started."""
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
-        await self._runner.cleanup()
+        if self._listener is not None:
+            await self._listener.close(SHUTDOWN_GRACE_S)
+            self._listener = None
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+            self.dispatcher = None
+        if self._outbox is not None:
+            await self._outbox.close()
 
 
 async def run(

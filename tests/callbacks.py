@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from pki import Pki
 
-from gateway.app import OUTBOX
 from gateway.config import (
     AdminConfig,
     ClientAuth,
@@ -83,7 +82,7 @@ async def stored_bodies(gateway: Gateway) -> list[bytes]:
         rows = conn.execute("SELECT body FROM notifications ORDER BY rowid").fetchall()
         return [bytes(row[0]) for row in rows]
 
-    return await gateway.app[OUTBOX].run(query)
+    return await gateway.outbox.run(query)
 
 
 def server_context(tmp_path: Path, chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:

@@ -26,7 +26,6 @@ import aiohttp
 from pki import ClientKind, Pki
 from sink import DEADLINE_S, Sink
 
-from gateway.app import OUTBOX
 from gateway.config import (
     AdminConfig,
     ClientAuth,
@@ -257,7 +256,7 @@ async def deliveries(
     gateway: Gateway, *, state: str | None = None, target: str | None = None
 ) -> list[Delivery]:
     """The gateway's deliveries as its outbox holds them, newest first."""
-    return await gateway.app[OUTBOX].query(state=state, target=target)
+    return await gateway.outbox.query(state=state, target=target)
 
 
 async def wait_for_state(
@@ -280,7 +279,7 @@ async def stored_bodies(gateway: Gateway) -> list[bytes]:
         rows = conn.execute("SELECT body FROM notifications ORDER BY id").fetchall()
         return [bytes(row[0]) for row in rows]
 
-    return await gateway.app[OUTBOX].run(job)
+    return await gateway.outbox.run(job)
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:

@@ -30,7 +30,6 @@ from helpers import (
 from pki import ClientKind, Pki
 from sink import Sink
 
-from gateway.app import OUTBOX
 from gateway.config import ClientAuth
 from gateway.serve import Gateway
 
@@ -253,7 +252,7 @@ async def test_answers_503_when_outbox_cannot_store_and_keeps_answering_handshak
     """No 200 for what is not on disk: a closed outbox means 503 (Meta retries), and the
     handshake, which needs no outbox, is still answered."""
     assert (await admin_get(gateway, "/readyz")).status == 200
-    await gateway.app[OUTBOX].close()
+    await gateway.outbox.close()
     answer = await post(gateway, pki, message_body("nowhere to go"))
     assert answer.status == 503
     assert (await handshake(gateway, pki, HANDSHAKE)).status == 200

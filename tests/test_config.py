@@ -328,7 +328,8 @@ TARGET_KEYS = (
         pytest.param(
             {"listen.hots": '"0.0.0.0"'},
             "<file>: listen.hots = <hidden>: "
-            "expected one of the keys host, max_body_bytes, path, port, workers",
+            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
+            "request_timeout_s, workers",
             id="nested",
         ),
         pytest.param(
@@ -344,7 +345,8 @@ TARGET_KEYS = (
         pytest.param(
             {"listen.tls.port": "1"},
             "<file>: listen.tls = <hidden>: "
-            "expected one of the keys host, max_body_bytes, path, port, workers",
+            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
+            "request_timeout_s, workers",
             id="nested-table",
         ),
     ],

@@ -1,0 +1,437 @@
+"""The callback listener: HTTP/1.1 on the TLS connections Meta opens, parsed by httptools.
+
+Rule: this module only turns bytes into calls on :class:`~gateway.callback.Callback` and its
+answers back into bytes; :func:`gateway.responses.answer_for` decides every refusal. Answers on a
+connection go out in the order the requests came (RFC 9112, section 9.3.2), one request at a time.
+
+Why not aiohttp's server here: the callback serves one path with two methods, and the general
+server's per-request machinery cost more than TLS itself (bench/README.md has the figures).
+aiohttp still serves the admin API, where convenience matters more than speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote
+
+import httptools
+
+from gateway.callback import Callback
+from gateway.config import ListenConfig
+from gateway.errors import (
+    BadRequest,
+    HeadTooLarge,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Rejected,
+    RequestTimeout,
+    URLTooLong,
+)
+from gateway.responses import access_log, answer_for, log_access
+
+__all__ = ["Listener"]
+
+log = logging.getLogger(__name__)
+
+SECONDS = 1.0
+TLS_HANDSHAKE_TIMEOUT_S = 30 * SECONDS
+SWEEP_EVERY_S = 1 * SECONDS
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together (431 beyond)
+MAX_URL_BYTES = 8 * 1024  # (414 beyond)
+MAX_QUEUED = 8  # pipelined requests waiting behind the one in flight before reading pauses
+
+_TEXT = b"text/plain; charset=utf-8"
+_ALLOW = b"Allow: GET, POST\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Refuse(Exception):
+    """Raised inside a parser callback: answer ``error`` and close the connection."""
+
+    def __init__(self, error: Rejected) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Request:
+    __slots__ = (
+        "body",
+        "content_length",
+        "expect_continue",
+        "keep_alive",
+        "method",
+        "refusal",
+        "signature",
+        "size",
+        "started",
+        "url",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.url = b""
+        self.method = b""
+        self.signature: str | None = None
+        self.content_length = -1
+        self.expect_continue = False
+        self.body: list[bytes] = []
+        self.size = 0
+        self.keep_alive = False
+        self.refusal: Rejected | None = None  # set: answer this, then close
+
+
+class _Clock:
+    """The ``Date`` header value, formatted once per second rather than once per answer."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+def _response(
+    status: int, body: bytes, keep_alive: bool, date: bytes, extra: bytes = b"", head: bool = False
+) -> bytes:
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            % (status, HTTPStatus(status).phrase.encode(), date, _TEXT, len(body)),
+            extra,
+            b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+            b"" if head else body,
+        )
+    )
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse, hand each complete request to the callback in turn."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._callback = listener.callback
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._identity_error: Rejected | None = None
+        self._request: _Request | None = None  # being received
+        self._queue: deque[_Request] = deque()  # received, waiting their turn
+        self._in_flight = False
+        self._in_head = True
+        self._head_bytes = 0  # request line and headers, as parsed
+        self._head_read = 0  # reads that began and ended inside one head
+        self._discarding = False  # after a refusal that closes: ignore what else arrives
+        self.last_active = time.monotonic()
+        self.remote = "-"
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but has its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        if self._listener.closing:
+            self._transport.close()
+            return
+        self._listener.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if peer else "-"
+        # The TLS handshake is complete by now: OpenSSL has verified the chain against the
+        # client CA; what remains is Meta's exact CN, checked once for the whole connection.
+        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        try:
+            self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
+        except Rejected as exc:
+            self._identity_error = exc  # every request on this connection is answered 403
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._queue.clear()
+        self._listener.connections.discard(self)
+        if self._listener.closing and not self._listener.connections:
+            self._listener.drained.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        self.last_active = time.monotonic()
+        in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, _Refuse):
+                raise
+            self._refuse(cause.error)
+            return
+        except httptools.HttpParserUpgrade:
+            self._refuse(BadRequest("protocol upgrades are not supported"))
+            return
+        except httptools.HttpParserError:
+            self._refuse(BadRequest("malformed HTTP request"))
+            return
+        # Only a read that began and ended inside a request head counts towards its limit: a
+        # read that also carries a large body must not be mistaken for a large head.
+        if in_head and self._in_head:
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD_BYTES:
+                self._refuse(HeadTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._request = _Request(time.monotonic())
+
+    def on_url(self, url: bytes) -> None:
+        request = self._current()
+        request.url += url
+        if len(request.url) > MAX_URL_BYTES:
+            raise _Refuse(URLTooLong(f"request URL exceeds {MAX_URL_BYTES} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._current()
+        # Counted here for a head that arrives in one read, and in data_received for one that
+        # keeps arriving without ever completing a header line.
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _Refuse(HeadTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
+        name = name.lower()
+        if name == b"x-hub-signature-256":
+            request.signature = value.decode("latin-1")
+        elif name == b"content-length":
+            request.content_length = int(value)  # the parser has checked it is digits
+        elif name == b"expect":
+            request.expect_continue = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        request = self._current()
+        self._in_head = False
+        self._head_bytes = self._head_read = 0
+        request.method = self._parser.get_method()
+        request.keep_alive = self._parser.should_keep_alive()
+        limit = self._listener.max_body_bytes
+        if request.content_length > limit:
+            raise _Refuse(
+                PayloadTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
+            )
+        if request.expect_continue and not self._in_flight and not self._queue:
+            # The client waits for this before sending the body (RFC 9110, section 10.1.1);
+            # only sent when no earlier answer is still owed on this connection.
+            self._write(_CONTINUE)
+
+    def on_body(self, chunk: bytes) -> None:
+        request = self._current()
+        request.size += len(chunk)
+        limit = self._listener.max_body_bytes
+        if request.size > limit:  # a chunked body announces no length
+            raise _Refuse(PayloadTooLarge(f"body exceeds {limit} bytes"))
+        request.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        request = self._current()
+        self._request = None
+        self._in_head = True
+        self._queue.append(request)
+        if len(self._queue) > MAX_QUEUED and self._transport is not None:
+            self._transport.pause_reading()
+        self._pump()
+
+    # -- answering -------------------------------------------------------------------------
+
+    def _current(self) -> _Request:
+        assert self._request is not None, "parser callback outside a message"
+        return self._request
+
+    def _refuse(self, error: Rejected) -> None:
+        """Answer ``error`` after the answers still owed, then close: the rest of the stream
+        cannot be trusted to be where the parser stopped."""
+        self._discarding = True
+        request = self._request or _Request(time.monotonic())
+        self._request = None
+        request.refusal = error
+        request.keep_alive = False
+        self._queue.append(request)
+        self._pump()
+
+    def _pump(self) -> None:
+        while not self._in_flight and self._queue and self._transport is not None:
+            self._start(self._queue.popleft())
+        if len(self._queue) <= MAX_QUEUED and self._transport is not None:
+            self._transport.resume_reading()
+
+    def _start(self, request: _Request) -> None:
+        method = request.method.decode("latin-1")
+        path = "-"
+        try:
+            if request.refusal is not None:
+                raise request.refusal
+            if self._identity_error is not None:
+                raise self._identity_error
+            try:
+                url = httptools.parse_url(request.url)
+            except httptools.HttpParserInvalidURLError:
+                raise BadRequest("malformed request URL") from None
+            path = unquote(url.path.decode("latin-1"))
+            if path != self._listener.path:
+                raise NotFound(f"no such path: {path!r}")
+            if method == "POST":
+                self._in_flight = True
+                task = asyncio.ensure_future(
+                    self._callback.notify(b"".join(request.body), request.signature)
+                )
+                task.add_done_callback(lambda done: self._notified(request, path, done))
+                return
+            if method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"method {method} is not allowed here; use GET or POST")
+            query = (url.query or b"").decode("utf-8", "replace")
+            params: dict[str, str] = {}
+            for name, value in parse_qsl(query, keep_blank_values=True):
+                params.setdefault(name, value)  # the first of repeated names, as aiohttp does
+            self._answer(request, method, path, 200, self._callback.handshake(params))
+        except Exception as exc:
+            self._answer(request, method, path, *answer_for(exc, method, path))
+
+    def _notified(self, request: _Request, path: str, done: asyncio.Future[str]) -> None:
+        self._in_flight = False
+        if done.cancelled():
+            status, reason = 503, "shutting down; retry later"
+        elif (error := done.exception()) is not None:
+            status, reason = answer_for(error, "POST", path)
+        else:
+            status, reason = 200, done.result()
+        self._answer(request, "POST", path, status, reason)
+        self._pump()
+
+    def _answer(self, request: _Request, method: str, path: str, status: int, reason: str) -> None:
+        keep_alive = request.keep_alive and not self._listener.closing
+        body = (reason + "\n").encode() if status != 200 or method == "POST" else reason.encode()
+        self._write(
+            _response(
+                status,
+                body,
+                keep_alive,
+                self._listener.clock.date(),
+                _ALLOW if status == 405 else b"",
+                head=method == "HEAD",
+            )
+        )
+        if self._listener.log_requests:
+            log_access(
+                self.remote, method, path, status, len(body), time.monotonic() - request.started
+            )
+        if not keep_alive and self._transport is not None:
+            self._discarding = True
+            self._queue.clear()
+            self._transport.close()
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    # -- housekeeping (from the listener) --------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Close a keep-alive connection idle too long; answer 408 to a request too slow."""
+        if self._in_flight or self._queue or self._transport is None:
+            return
+        if self._request is not None:
+            if now - self._request.started > self._listener.request_timeout_s:
+                self._refuse(RequestTimeout("request not received in time"))
+        elif now - self.last_active > self._listener.idle_timeout_s:
+            self._transport.close()
+
+    def close_when_idle(self) -> None:
+        """At shutdown: close now unless an answer is owed (then after it, see _answer)."""
+        if not self._in_flight and not self._queue and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class Listener:
+    """The callback's TLS server: ``await start(...)``, then ``await close(grace_s)``."""
+
+    def __init__(self, callback: Callback, settings: ListenConfig) -> None:
+        self.callback = callback
+        self.path = settings.path
+        self.max_body_bytes = settings.max_body_bytes
+        self.idle_timeout_s = settings.idle_timeout_s
+        self.request_timeout_s = settings.request_timeout_s
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.drained = asyncio.Event()  # set when closing and the last connection is gone
+        self.clock = _Clock()
+        self.log_requests = access_log.isEnabledFor(logging.INFO)
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_every_s = SWEEP_EVERY_S
+
+    async def start(
+        self, host: str, port: int, ssl_context: ssl.SSLContext, *, reuse_port: bool = False
+    ) -> int:
+        """Listen on ``host:port``; return the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        kwargs: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
+        self._server = await loop.create_server(
+            lambda: _Connection(self),
+            host,
+            port,
+            ssl=ssl_context,
+            backlog=1024,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+            **kwargs,
+        )
+        # Often enough that a short timeout is kept to within a quarter of itself.
+        self._sweep_every_s = min(
+            SWEEP_EVERY_S, self.idle_timeout_s / 4, self.request_timeout_s / 4
+        )
+        self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for connection in list(self.connections):
+            connection.sweep(now)
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_every_s, self._sweep)
+
+    async def close(self, grace_s: float) -> None:
+        """Stop accepting; let answers owed go out (up to ``grace_s``); close every connection."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self.connections):
+            connection.close_when_idle()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), grace_s)
+        for connection in list(self.connections):
+            log.warning("closing a connection with an answer still owed (grace over)")
+            connection.abort()
+        await self._server.wait_closed()

@@ -1,0 +1,240 @@
+"""The callback listener's HTTP/1.x over real mTLS connections, byte by byte.
+
+The other callback tests speak through an HTTP client; these write raw requests on a TLS
+socket, so they can pipeline, speak HTTP/1.0, send malformed or oversized heads and stall
+mid-request, the way a real peer on the internet might.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+from helpers import VERIFY_TOKEN, gateway_config, message_body, meta_signature, sink_target
+from pki import Pki
+from sink import Sink
+
+from gateway.serve import Gateway
+
+PATH = "/webhook"
+HANDSHAKE = urlencode(
+    {"hub.mode": "subscribe", "hub.challenge": "4242", "hub.verify_token": VERIFY_TOKEN}
+)
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Client:
+    """One TLS connection to the gateway, presenting Meta's client certificate."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, gateway: Gateway, context: ssl.SSLContext) -> Client:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gateway.port, ssl=context, server_hostname="localhost"
+        )
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self, *, head: bool = False) -> Reply:
+        status_line = await self.reader.readuntil(b"\r\n")
+        status = int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if head or status == 100 else int(headers.get("content-length", "0"))
+        return Reply(status, headers, await self.reader.readexactly(length))
+
+    async def closed(self) -> bool:
+        """True when the gateway has closed the connection (EOF, after any unread reply)."""
+        try:
+            return await asyncio.wait_for(self.reader.read(), timeout=5) == b""
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def post(body: bytes, *, version: str = "1.1", extra: str = "") -> bytes:
+    head = (
+        f"POST {PATH} HTTP/{version}\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Hub-Signature-256: {meta_signature(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+def get(target: str, *, method: str = "GET", version: str = "1.1", extra: str = "") -> bytes:
+    return f"{method} {target} HTTP/{version}\r\nHost: localhost\r\n{extra}\r\n".encode()
+
+
+@pytest.fixture
+async def gateway(pki: Pki, tmp_path: Path, sink: Sink) -> AsyncIterator[Gateway]:
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], max_body_bytes=4096)
+    listen = dataclasses.replace(config.listen, request_timeout_s=0.4)
+    async with Gateway(dataclasses.replace(config, listen=listen)) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(gateway: Gateway, pki: Pki) -> AsyncIterator[Client]:
+    connected = await Client.connect(gateway, pki.client_context("meta"))
+    yield connected
+    connected.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(client: Client, sink: Sink) -> None:
+    """Three requests in one write: three answers in the order asked, both bodies forwarded."""
+    first, second = message_body("first"), message_body("second")
+    await client.send(post(first) + get(f"{PATH}?{HANDSHAKE}") + post(second))
+    answers = [await client.reply() for _ in range(3)]
+    assert [(a.status, a.body) for a in answers] == [(200, b"ok\n"), (200, b"4242"), (200, b"ok\n")]
+    received = await sink.wait_for(2)
+    assert sorted(r.body for r in received) == sorted([first, second])
+
+
+async def test_http10_keep_alive_is_honoured_and_announced(client: Client) -> None:
+    """HTTP/1.0 with ``Connection: keep-alive`` (as ApacheBench sends it) keeps the connection."""
+    for text in ("one", "two"):
+        await client.send(
+            post(message_body(text), version="1.0", extra="Connection: keep-alive\r\n")
+        )
+        answer = await client.reply()
+        assert (answer.status, answer.headers["connection"]) == (200, "keep-alive")
+
+
+async def test_http10_without_keep_alive_is_answered_then_closed(client: Client) -> None:
+    await client.send(post(message_body("once"), version="1.0"))
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (200, "close")
+    assert await client.closed()
+
+
+async def test_connection_close_is_answered_then_closed(client: Client) -> None:
+    await client.send(get(f"{PATH}?{HANDSHAKE}", extra="Connection: close\r\n"))
+    answer = await client.reply()
+    assert (answer.status, answer.body, answer.headers["connection"]) == (200, b"4242", "close")
+    assert await client.closed()
+
+
+async def test_answers_carry_date_length_and_plain_text_type(client: Client) -> None:
+    await client.send(post(message_body("headers")))
+    answer = await client.reply()
+    assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+    assert answer.headers["content-length"] == "3"
+    assert answer.headers["date"].endswith(" GMT")
+
+
+async def test_unknown_path_gets_404_and_the_connection_stays_usable(client: Client) -> None:
+    await client.send(get("/elsewhere"))
+    assert (await client.reply()).status == 404
+    await client.send(get(f"{PATH}?{HANDSHAKE}"))
+    assert (await client.reply()).body == b"4242"
+
+
+async def test_other_method_gets_405_naming_the_allowed_ones(client: Client) -> None:
+    await client.send(get(PATH, method="DELETE"))
+    answer = await client.reply()
+    assert (answer.status, answer.headers["allow"]) == (405, "GET, POST")
+
+
+async def test_head_of_the_handshake_has_no_body(client: Client) -> None:
+    await client.send(get(f"{PATH}?{HANDSHAKE}", method="HEAD") + get(f"{PATH}?{HANDSHAKE}"))
+    head = await client.reply(head=True)
+    assert (head.status, head.headers["content-length"], head.body) == (200, "4", b"")
+    assert (await client.reply()).body == b"4242"
+
+
+async def test_percent_encoded_handshake_parameters_are_decoded(client: Client) -> None:
+    query = urlencode(
+        {"hub.mode": "subscribe", "hub.challenge": "a b/é", "hub.verify_token": VERIFY_TOKEN}
+    )
+    await client.send(get(f"{PATH}?{query}"))
+    assert (await client.reply()).body == "a b/é".encode()
+
+
+async def test_malformed_request_gets_400_and_is_closed(client: Client) -> None:
+    await client.send(b"NOT HTTP AT ALL\r\n\r\n")
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (400, "close")
+    assert await client.closed()
+
+
+async def test_url_over_the_limit_gets_414_and_is_closed(client: Client) -> None:
+    await client.send(get(PATH + "?" + "x" * 9000))
+    assert (await client.reply()).status == 414
+    assert await client.closed()
+
+
+async def test_head_over_the_limit_gets_431_and_is_closed(client: Client) -> None:
+    filler = "".join(f"X-Filler-{n}: {'y' * 1000}\r\n" for n in range(70))
+    await client.send(get(PATH, extra=filler))
+    assert (await client.reply()).status == 431
+    assert await client.closed()
+
+
+async def test_announced_body_over_the_limit_gets_413_before_it_is_sent(
+    gateway: Gateway, client: Client, pki: Pki
+) -> None:
+    """The head alone earns the 413; the gateway then closes and keeps serving others."""
+    await client.send(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n".encode())
+    assert (await client.reply()).status == 413
+    assert await client.closed()
+    other = await Client.connect(gateway, pki.client_context("meta"))
+    await other.send(post(message_body("after")))
+    assert (await other.reply()).status == 200
+    other.close()
+
+
+async def test_expect_100_continue_is_answered_before_the_body(client: Client) -> None:
+    body = message_body("continue")
+    request = post(body, extra="Expect: 100-continue\r\n")
+    head, _, _ = request.partition(b"\r\n\r\n")
+    await client.send(head + b"\r\n\r\n")
+    assert (await client.reply()).status == 100
+    await client.send(body)
+    assert (await client.reply()).status == 200
+
+
+async def test_request_not_received_in_time_gets_408_and_is_closed(client: Client) -> None:
+    """A head that never ends (a slow or stalled client) is cut off after request_timeout_s."""
+    await client.send(f"POST {PATH} HTTP/1.1\r\nHost: x\r\n".encode())
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (408, "close")
+    assert await client.closed()
+
+
+async def test_wrong_cn_gets_403_on_every_request_of_the_connection(
+    gateway: Gateway, pki: Pki, sink: Sink
+) -> None:
+    wrong = await Client.connect(gateway, pki.client_context("wrong_cn"))
+    await wrong.send(post(message_body("intruder")) + get(f"{PATH}?{HANDSHAKE}"))
+    assert [(await wrong.reply()).status for _ in range(2)] == [403, 403]
+    wrong.close()
+    assert sink.received == []
+
+
+async def test_shutdown_closes_idle_keep_alive_connections(
+    gateway: Gateway, client: Client
+) -> None:
+    await client.send(post(message_body("before shutdown")))
+    assert (await client.reply()).status == 200
+    await gateway.close()
+    assert await client.closed()
