@@ -116,7 +116,8 @@ def _open(args: argparse.Namespace) -> tuple[Config, sqlite3.Connection]:
 def _row(d: Delivery) -> str:
     status = "-" if d.last_status is None else str(d.last_status)
     reason = (d.last_error or "").replace("\n", " ")[:60]
-    return f"{d.id}  {d.state:<9} {d.target:<16} {d.attempts:>3}  {status:>4}  {reason}"
+    # Padded to the ID column: ids are "<prefix>-<row id>", of varying length.
+    return f"{d.id:<32}  {d.state:<9} {d.target:<16} {d.attempts:>3}  {status:>4}  {reason}"
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -7,6 +7,14 @@ One writer thread owns the connection. Requests hand it jobs; it runs every job 
 in one transaction (group commit), each inside its own savepoint so one failing job cannot spoil
 the others, commits once, and only then answers each job. Concurrent requests thus share the cost
 of one fsync, yet each is answered only after its own data is on disk.
+
+Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own key
+(AUTOINCREMENT, so an id is never handed out twice, even after pruning), and the prefix is random,
+made once with the file, so ids stay unique across gateways. Targets receive the id as
+``X-Gateway-Delivery-Id`` and may deduplicate on it.
+
+The file records its layout in ``PRAGMA user_version``; a file of another layout is refused at
+open, never written in a mix of two layouts.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import queue as stdqueue
@@ -35,19 +44,40 @@ T = TypeVar("T")
 STATES = ("pending", "delivered", "dead")
 _MAX_BATCH = 512
 _EXCERPT_CHARS = 1024
+# Rows one prune step reads or removes: each step is one job in a group commit, so a large
+# backlog to prune delays the notifications committed with it by one step (some 100 ms), not by
+# all of it. Not smaller: every step rewrites the digest index pages its deletions touch, which
+# lie all over that index, so smaller steps cost more CPU per row removed.
+_PRUNE_BATCH = 5000
+_MAX_ROWID = 2**63 - 1
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS notifications (
+# PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
+# user_version at 0.
+_LAYOUT = 2
+_OLDER_LAYOUT = (
+    "made by an older version of the outbox (random text delivery ids); deliver or export its"
+    " pending deliveries with the previous version of waba-gateway, or move the file away"
+    " (with its -wal and -shm files) to start a new outbox"
+)
+
+# Statements one by one rather than a script: executescript() commits first, and the layout is
+# created inside the transaction that checked the file was empty.
+_SCHEMA = (
+    # One row: the prefix of this file's delivery ids.
+    "CREATE TABLE meta (delivery_id_prefix TEXT NOT NULL)",
+    # No index on received_at: pruning walks rows in id order, which is time order.
+    """CREATE TABLE notifications (
     id INTEGER PRIMARY KEY,
     digest BLOB NOT NULL,
     received_at REAL NOT NULL,
     signature TEXT NOT NULL,
     body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS notifications_digest ON notifications (digest, received_at);
-CREATE INDEX IF NOT EXISTS notifications_received ON notifications (received_at);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id TEXT PRIMARY KEY,
+)""",
+    "CREATE INDEX notifications_digest ON notifications (digest, received_at)",
+    # An integer key is the table's own b-tree key: a random text key needed a second, unique
+    # index written at every insert and searched at every update.
+    """CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     notification_id INTEGER NOT NULL REFERENCES notifications (id),
     target TEXT NOT NULL,
     body BLOB,
@@ -59,18 +89,37 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_status INTEGER,
     last_error TEXT,
     last_response TEXT
-);
--- Claims read each target's due deliveries in time order; pruning finds old delivered rows.
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, target, next_attempt_at);
--- Pruning asks "does this notification still have deliveries?": without this index that is a
--- scan of every delivery for every old notification.
-CREATE INDEX IF NOT EXISTS deliveries_notification ON deliveries (notification_id);
-"""
+)""",
+    # Claims read each target's due deliveries in time order; pruning finds old delivered rows.
+    "CREATE INDEX deliveries_due ON deliveries (state, target, next_attempt_at)",
+    # Pruning asks "does this notification still have deliveries?" (and so does the foreign
+    # key when a notification is deleted): without this index, a scan of every delivery.
+    "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
+)
+
+_SEEN = "SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ? LIMIT 1"
+_INSERT_NOTIFICATION = (
+    "INSERT INTO notifications (digest, received_at, signature, body) VALUES (?, ?, ?, ?)"
+)
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (notification_id, target, body, state, created_at, next_attempt_at,"
+    " updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)"
+)
+# Prune: a notification goes once it is older than the horizon and has no deliveries left.
+_DELETE_ORPHAN = (
+    "DELETE FROM notifications WHERE id = ? AND received_at < ? AND NOT EXISTS"
+    " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)"
+)
+_DELETE_ORPHANS_BETWEEN = (
+    "DELETE FROM notifications WHERE id > ? AND id <= ? AND received_at < ? AND NOT EXISTS"
+    " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One request owed to one target. ``body`` is what to send; ``signature`` is Meta's."""
+    """One request owed to one target. ``body`` is what to send; ``signature`` is Meta's.
+    ``id`` is ``<prefix>-<row id>``, unique across outboxes (see the module docstring)."""
 
     id: str
     notification_id: int
@@ -109,9 +158,9 @@ _DELIVERY_COLUMNS = """d.id, d.notification_id, d.target, COALESCE(d.body, n.bod
     d.last_status, d.last_error, d.last_response"""
 
 
-def _delivery(row: tuple[Any, ...]) -> Delivery:
+def _delivery(row: tuple[Any, ...], prefix: str) -> Delivery:
     return Delivery(
-        id=row[0],
+        id=f"{prefix}-{row[0]}",
         notification_id=row[1],
         target=row[2],
         body=bytes(row[3]),
@@ -128,20 +177,93 @@ def _delivery(row: tuple[Any, ...]) -> Delivery:
     )
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open ``path`` with the durability settings the outbox promises."""
+def _rowid(delivery_id: str, prefix: str) -> int | None:
+    """The row id that ``delivery_id`` names in the outbox whose prefix is ``prefix``; ``None``
+    when it is another outbox's id or no delivery id at all (so it finds nothing)."""
+    head, _, digits = delivery_id.rpartition("-")
+    if head != prefix or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+        return None
+    rowid = int(digits)
+    # Only the spelling this module writes: "p-007" names nothing rather than delivery 7.
+    return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _create(conn: sqlite3.Connection, path: Path) -> None:
+    """Give an empty file the current layout; refuse a file that holds anything else."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "deliveries" in tables:
+        raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
+    if tables:
+        raise OutboxError(
+            f"outbox.path = '{path}': not an outbox (it holds tables {', '.join(sorted(tables))});"
+            " point outbox.path at a new file"
+        )
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta (delivery_id_prefix) VALUES (?)", (secrets.token_hex(8),))
+    conn.execute(f"PRAGMA user_version = {_LAYOUT}")
+
+
+def _layout(conn: sqlite3.Connection, path: Path) -> str:
+    """Check the file's layout (creating it in a new file); return its delivery id prefix."""
+    if _user_version(conn) == 0:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _user_version(conn) == 0:  # again, under the write lock: another opener may win
+                _create(conn, path)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+    version = _user_version(conn)
+    if version != _LAYOUT:
+        raise OutboxError(
+            f"outbox.path = '{path}': made by another version of the outbox (layout {version},"
+            f" this version reads layout {_LAYOUT}); run the version that made it, or move the"
+            " file away (with its -wal and -shm files) to start a new outbox"
+        )
+    return _prefix(conn)
+
+
+def _prefix(conn: sqlite3.Connection) -> str:
+    row = conn.execute("SELECT delivery_id_prefix FROM meta").fetchone()
+    if row is None:
+        raise OutboxError("outbox has no delivery id prefix (its meta table is empty)")
+    return str(row[0])
+
+
+def _open(path: Path) -> tuple[sqlite3.Connection, str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error) as exc:
+        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
+    try:
         # FULL: the WAL is synced at every commit, so a committed notification survives power
         # loss; NORMAL would only survive a process crash.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(_SCHEMA)
-    except (OSError, sqlite3.Error) as exc:
+        # The layout first: a file that is refused is not even switched to WAL.
+        prefix = _layout(conn, path)
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        conn.close()
         raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
-    return conn
+    except BaseException:
+        conn.close()
+        raise
+    return conn, prefix
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` with the durability settings the outbox promises, giving a new file the
+    current layout; a file of another layout raises OutboxError."""
+    return _open(path)[0]
 
 
 class _Job:
@@ -206,6 +328,10 @@ class Outbox:
         self.dedup_window_s = dedup_window_s
         self._jobs: stdqueue.SimpleQueue[_Job | None] = stdqueue.SimpleQueue()
         self._closing = False
+        self._prefix = ""  # set by the writer thread before the constructor returns
+        # The last notification id the prune walk has passed (see prune). Kept in memory: after
+        # a restart the first prune walks from the oldest row again, which is only slower.
+        self._prune_after = 0
         # sqlite3 connections belong to the thread that made them: the writer opens its own and
         # reports back whether that worked, so a bad path fails here, at start-up.
         opened: stdqueue.SimpleQueue[BaseException | None] = stdqueue.SimpleQueue()
@@ -231,7 +357,7 @@ class Outbox:
             # and SQLite answers that race with "database is locked", not with a wait.
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                conn = connect(self.path)
+                conn, self._prefix = _open(self.path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         except OutboxError as exc:
@@ -309,46 +435,46 @@ class Outbox:
         digest = hashlib.sha256(body).digest()
         since = now - self.dedup_window_s
 
-        def job(conn: sqlite3.Connection) -> list[Delivery] | None:
-            seen = conn.execute(
-                "SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ? LIMIT 1",
-                (digest, since),
-            ).fetchone()
-            if seen:
+        def job(conn: sqlite3.Connection) -> tuple[int, list[int]] | None:
+            if conn.execute(_SEEN, (digest, since)).fetchone():
                 return None
             notification_id = conn.execute(
-                "INSERT INTO notifications (digest, received_at, signature, body)"
-                " VALUES (?, ?, ?, ?)",
-                (digest, now, signature, body),
+                _INSERT_NOTIFICATION, (digest, now, signature, body)
             ).lastrowid
             assert notification_id is not None
-            deliveries = [
-                Delivery(
-                    id=secrets.token_hex(16),
-                    notification_id=notification_id,
-                    target=r.target,
-                    body=body if r.body is None else r.body,
-                    signature=signature,
-                    split=r.body is not None,
-                    state="pending",
-                    attempts=0,
-                    created_at=now,
-                    next_attempt_at=now,
-                    received_at=now,
-                )
-                for r in routes
-            ]
-            conn.executemany(
-                "INSERT INTO deliveries (id, notification_id, target, body, state, created_at,"
-                " next_attempt_at, updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                [
-                    (d.id, notification_id, d.target, d.body if d.split else None, now, now, now)
-                    for d in deliveries
-                ],
-            )
-            return deliveries
+            # One execute per route, not executemany: each insert's lastrowid is its id, and
+            # the usual single route costs less this way.
+            rowids = []
+            for route in routes:
+                rowid = conn.execute(
+                    _INSERT_DELIVERY, (notification_id, route.target, route.body, now, now, now)
+                ).lastrowid
+                assert rowid is not None
+                rowids.append(rowid)
+            return notification_id, rowids
 
-        return await self.run(job)
+        stored = await self.run(job)
+        if stored is None:
+            return None
+        # The Delivery objects are built here, after the commit, rather than in the job: the
+        # job runs under the write lock that the other worker processes wait for.
+        notification_id, rowids = stored
+        return [
+            Delivery(
+                id=f"{self._prefix}-{rowid}",
+                notification_id=notification_id,
+                target=route.target,
+                body=body if route.body is None else route.body,
+                signature=signature,
+                split=route.body is not None,
+                state="pending",
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+                received_at=now,
+            )
+            for route, rowid in zip(routes, rowids, strict=True)
+        ]
 
     async def due(
         self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
@@ -361,6 +487,7 @@ class Outbox:
         """
         skip = frozenset(exclude)  # a copy: the caller's collection changes on its own thread
         wanted = dict(limits)
+        prefix = self._prefix
 
         def job(conn: sqlite3.Connection) -> list[Delivery]:
             found: list[Delivery] = []
@@ -372,7 +499,8 @@ class Outbox:
                     " ORDER BY d.next_attempt_at LIMIT ?",
                     (target, now, limit + len(skip)),
                 ).fetchall()
-                found.extend([_delivery(row) for row in rows if row[0] not in skip][:limit])
+                fresh = [row for row in rows if f"{prefix}-{row[0]}" not in skip][:limit]
+                found.extend([_delivery(row, prefix) for row in fresh])
             found.sort(key=lambda d: d.next_attempt_at)
             return found
 
@@ -407,13 +535,16 @@ class Outbox:
             assert isinstance(outcome, DeadLetter)
             state, next_at, error = "dead", now, outcome.reason
         excerpt = result.response_excerpt[:_EXCERPT_CHARS]
+        rowid = _rowid(delivery_id, self._prefix)
 
         def job(conn: sqlite3.Connection) -> None:
+            if rowid is None:  # not this outbox's delivery: like an id that matches no row
+                return
             conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
                 " updated_at = ?, last_status = ?, last_error = ?, last_response = ?"
                 " WHERE id = ?",
-                (state, next_at, now, result.status, error, excerpt, delivery_id),
+                (state, next_at, now, result.status, error, excerpt, rowid),
             )
 
         await self.run(job)
@@ -421,37 +552,45 @@ class Outbox:
     async def query(
         self, *, state: str | None = None, target: str | None = None, limit: int = 100
     ) -> list[Delivery]:
-        return await self.run(lambda conn: list_deliveries(conn, state, target, limit))
+        prefix = self._prefix
+        return await self.run(lambda conn: list_deliveries(conn, state, target, limit, prefix))
 
     async def replay(self, delivery_id: str, now: float) -> bool:
-        """Make a delivery pending again, due now, with a fresh attempt count and age."""
-        return await self.run(lambda conn: replay_delivery(conn, delivery_id, now))
+        """Make a delivery pending again, due now, with a fresh attempt count and age. False
+        when no delivery of this outbox has that id (including ids of other outboxes)."""
+        prefix = self._prefix
+        return await self.run(lambda conn: replay_delivery(conn, delivery_id, now, prefix))
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
-        """Remove ``targets``' delivered rows and fully delivered notifications older than the
-        retention (and the deduplication window); dead letters and pending deliveries stay."""
+        """Remove ``targets``' delivered rows older than the retention, and notifications older
+        than the retention and the deduplication window that have no deliveries left; dead
+        letters and pending deliveries stay. Returns the number of delivered rows removed.
+
+        Work in steps of at most ``_PRUNE_BATCH`` rows, each its own job: requests committing
+        meanwhile wait for one step, not for the whole backlog.
+        """
         horizon = now - max(retention_s, self.dedup_window_s)
-        names = tuple(targets)
-
-        def job(conn: sqlite3.Connection) -> int:
-            # A delivered row's next_attempt_at is its delivery time (see record), so the
-            # deliveries_due index finds old delivered rows of each target without a scan.
-            removed = sum(
-                conn.execute(
-                    "DELETE FROM deliveries WHERE state = 'delivered' AND target = ?"
-                    " AND next_attempt_at < ?",
-                    (name, now - retention_s),
-                ).rowcount
-                for name in names
-            )
-            conn.execute(
-                "DELETE FROM notifications WHERE received_at < ? AND NOT EXISTS"
-                " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)",
-                (horizon,),
-            )
-            return int(removed)
-
-        return await self.run(job)
+        removed = 0
+        for name in tuple(targets):
+            while True:
+                step = functools.partial(
+                    _prune_delivered,
+                    target=name,
+                    before=now - retention_s,
+                    horizon=horizon,
+                    walked=self._prune_after,
+                )
+                count = await self.run(step)
+                removed += count
+                if count < _PRUNE_BATCH:
+                    break
+        while True:
+            walk = functools.partial(_prune_notifications, after=self._prune_after, horizon=horizon)
+            # The position is kept only once the step has committed: a step that is rolled
+            # back (and run again alone) must not have moved it.
+            self._prune_after, done = await self.run(walk)
+            if done:
+                return removed
 
     async def counts(self) -> dict[str, int]:
         def job(conn: sqlite3.Connection) -> dict[str, int]:
@@ -463,12 +602,91 @@ class Outbox:
         return await self.run(job)
 
 
+def _prune_delivered(
+    conn: sqlite3.Connection, *, target: str, before: float, horizon: float, walked: int
+) -> int:
+    """Remove up to ``_PRUNE_BATCH`` of ``target``'s rows delivered before ``before``."""
+    # A delivered row's next_attempt_at is its delivery time (see record), so the
+    # deliveries_due index finds old delivered rows of each target without a scan.
+    rows = conn.execute(
+        "SELECT next_attempt_at, id, notification_id FROM deliveries"
+        " WHERE state = 'delivered' AND target = ? AND next_attempt_at < ?"
+        " ORDER BY next_attempt_at, id LIMIT ?",
+        (target, before, _PRUNE_BATCH),
+    ).fetchall()
+    if not rows:
+        return 0
+    # The rows just read are exactly those up to the last one in the index's order: one range
+    # delete on the index costs half of deleting them one by one.
+    conn.execute(
+        "DELETE FROM deliveries WHERE state = 'delivered' AND target = ?"
+        " AND (next_attempt_at, id) <= (?, ?)",
+        (target, rows[-1][0], rows[-1][1]),
+    )
+    # The walk in _prune_notifications does not go back over the notifications up to `walked`:
+    # those that have just lost their last delivery are removed here, each by its id.
+    conn.executemany(
+        _DELETE_ORPHAN,
+        [
+            (notification_id, horizon)
+            for notification_id in {row[2] for row in rows}
+            if notification_id <= walked
+        ],
+    )
+    return len(rows)
+
+
+def _prune_notifications(
+    conn: sqlite3.Connection, *, after: int, horizon: float
+) -> tuple[int, bool]:
+    """One step of the walk over notifications in id order, from just after ``after``: remove
+    those received before ``horizon`` that have no deliveries left. Returns where the next step
+    starts and whether the walk is done.
+
+    Ids grow with time, so the first notification inside the horizon ends the walk: a prune
+    reads the rows it removes, one more, and the old rows that still have deliveries (pending or
+    dead), which ``after`` then steps over until the walk reaches the end of the table, that is
+    until the gateway falls idle. Should the clock step back, a young row ends the walk early:
+    old rows behind it wait for a later prune; none is removed too soon.
+    """
+    last, old, young = after, 0, False
+    with contextlib.closing(
+        conn.execute(
+            "SELECT id, received_at FROM notifications WHERE id > ? ORDER BY id LIMIT ?",
+            (after, _PRUNE_BATCH),
+        )
+    ) as rows:
+        for rowid, received_at in rows:  # row by row: most walks end at the first row read
+            if received_at >= horizon:
+                young = True
+                break
+            last, old = rowid, old + 1
+    if old:
+        conn.execute(_DELETE_ORPHANS_BETWEEN, (after, last, horizon))
+    if young:
+        return last, True
+    if old < _PRUNE_BATCH:
+        # The end of the table: start from the oldest row next time. Without AUTOINCREMENT a
+        # new notification may take an id at or below `after` once the newest rows are gone;
+        # while any row after `after` remains (the young row that stopped the walk, which only
+        # the walk removes), new ids are above it.
+        return 0, True
+    return last, False
+
+
 # Synchronous helpers shared by the writer thread and the offline CLI (`deliveries ...`).
 
 
 def list_deliveries(
-    conn: sqlite3.Connection, state: str | None, target: str | None, limit: int
+    conn: sqlite3.Connection,
+    state: str | None,
+    target: str | None,
+    limit: int,
+    prefix: str | None = None,
 ) -> list[Delivery]:
+    """The newest deliveries, filtered; ``prefix`` is the file's id prefix (read when None)."""
+    if prefix is None:
+        prefix = _prefix(conn)
     clauses, params = [], []
     if state is not None:
         clauses.append("d.state = ?")
@@ -483,13 +701,19 @@ def list_deliveries(
         " ORDER BY d.updated_at DESC LIMIT ?",
         (*params, limit),
     ).fetchall()
-    return [_delivery(row) for row in rows]
+    return [_delivery(row, prefix) for row in rows]
 
 
-def replay_delivery(conn: sqlite3.Connection, delivery_id: str, now: float) -> bool:
+def replay_delivery(
+    conn: sqlite3.Connection, delivery_id: str, now: float, prefix: str | None = None
+) -> bool:
+    """Make one delivery pending again; False when the file has no delivery ``delivery_id``."""
+    rowid = _rowid(delivery_id, _prefix(conn) if prefix is None else prefix)
+    if rowid is None:
+        return False
     cursor = conn.execute(
         "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
         " next_attempt_at = ?, updated_at = ? WHERE id = ?",
-        (now, now, now, delivery_id),
+        (now, now, now, rowid),
     )
     return cursor.rowcount == 1

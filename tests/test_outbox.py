@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from gateway import outbox as outbox_module
 from gateway.errors import OutboxError
-from gateway.outbox import Outbox, connect
+from gateway.outbox import Outbox, connect, list_deliveries, replay_delivery
 from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt
 from gateway.routing import Route
 
@@ -25,6 +26,25 @@ async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
     box = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=7 * DAY)
     yield box
     await box.close()
+
+
+# The first layout, as the previous version created it (user_version left at 0).
+_LAYOUT_1 = """
+CREATE TABLE notifications (id INTEGER PRIMARY KEY, digest BLOB NOT NULL,
+    received_at REAL NOT NULL, signature TEXT NOT NULL, body BLOB NOT NULL);
+CREATE INDEX notifications_digest ON notifications (digest, received_at);
+CREATE INDEX notifications_received ON notifications (received_at);
+CREATE TABLE deliveries (id TEXT PRIMARY KEY,
+    notification_id INTEGER NOT NULL REFERENCES notifications (id), target TEXT NOT NULL,
+    body BLOB, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, next_attempt_at REAL NOT NULL, updated_at REAL NOT NULL,
+    last_status INTEGER, last_error TEXT, last_response TEXT);
+CREATE INDEX deliveries_due ON deliveries (state, target, next_attempt_at);
+CREATE INDEX deliveries_notification ON deliveries (notification_id);
+INSERT INTO notifications VALUES (1, x'00', 1.0, 'sha256=0', x'7b7d');
+INSERT INTO deliveries (id, notification_id, target, state, created_at, next_attempt_at,
+    updated_at) VALUES ('0123456789abcdef0123456789abcdef', 1, 't', 'pending', 1.0, 1.0, 1.0);
+"""
 
 
 def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -246,3 +266,248 @@ def test_processes_opening_a_new_outbox_together_both_succeed(tmp_path: Path) ->
             worker.join(30)
             assert worker.exitcode == 0
     assert errors.empty()
+
+
+async def _deliver(box: Outbox, body: bytes, at: float, target: str = "t") -> str:
+    """Accept ``body`` at ``at`` with one delivery to ``target``, record it delivered; its id."""
+    accepted = await box.accept(body, SIG, [Route(target, None)], at)
+    assert accepted is not None
+    (delivery,) = accepted
+    await box.record(delivery.id, Delivered(), AttemptResult(status=200), at)
+    return delivery.id
+
+
+def _prefix(delivery_id: str) -> str:
+    return delivery_id.rpartition("-")[0]
+
+
+async def test_delivery_ids_are_unique_and_stay_the_same_across_reads_and_reopening(
+    tmp_path: Path,
+) -> None:
+    """accept(), due(), query() and a reopened outbox all name each delivery by one id."""
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, dedup_window_s=DAY)
+    accepted = []
+    for n in range(3):
+        found = await box.accept(f"{n}".encode(), SIG, [Route("a", None), Route("b", b"e")], 1.0)
+        assert found is not None
+        accepted.extend(found)
+    ids = {d.id: (d.target, d.body) for d in accepted}
+    assert len(ids) == 6
+    assert len({_prefix(i) for i in ids}) == 1
+    assert {d.id: (d.target, d.body) for d in await box.due(2.0, {"a": 9, "b": 9})} == ids
+    await box.close()
+    reopened = Outbox(path, dedup_window_s=DAY)
+    try:
+        assert {d.id: (d.target, d.body) for d in await reopened.query()} == ids
+        await reopened.record(accepted[0].id, Delivered(), AttemptResult(status=200), 3.0)
+        assert [d.id for d in await reopened.query(state="delivered")] == [accepted[0].id]
+    finally:
+        await reopened.close()
+
+
+async def test_two_outboxes_give_their_deliveries_different_ids(tmp_path: Path) -> None:
+    """Each file has its own random prefix: the first delivery of two outboxes differs, and
+    neither outbox finds the other's id."""
+    first = Outbox(tmp_path / "1.sqlite3", dedup_window_s=DAY)
+    second = Outbox(tmp_path / "2.sqlite3", dedup_window_s=DAY)
+    try:
+        one = await first.accept(b"a", SIG, [Route("t", None)], 1.0)
+        two = await second.accept(b"a", SIG, [Route("t", None)], 1.0)
+        assert one is not None
+        assert two is not None
+        assert _prefix(one[0].id) != _prefix(two[0].id)
+        assert one[0].id.rpartition("-")[2] == two[0].id.rpartition("-")[2] == "1"
+        assert not await second.replay(one[0].id, 2.0)
+        assert await first.replay(one[0].id, 2.0)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_unknown_or_malformed_delivery_id_finds_nothing_and_never_raises(
+    outbox: Outbox,
+) -> None:
+    """replay() answers False and record() changes nothing for any id that is not one of this
+    outbox's, however it is malformed; the CLI's replay_delivery() likewise."""
+    accepted = await outbox.accept(b"a", SIG, [Route("t", None)], 1.0)
+    assert accepted is not None
+    real = accepted[0].id
+    prefix = _prefix(real)
+    wrong = [
+        "",
+        "-",
+        "no-such-id",
+        "feedface",
+        "1",
+        f"{prefix}",
+        f"{prefix}-",
+        f"{prefix}-2",
+        f"{prefix}-0",
+        f"{prefix}-01",
+        f"{prefix}-+1",
+        f"{prefix}--1",
+        f"{prefix}-1 ",
+        f"{prefix}-1.0",
+        f"{prefix}-\u0661",  # ARABIC-INDIC DIGIT ONE: a digit to str.isdigit(), not to us
+        f"{prefix}-{2**63}",
+        f"{prefix}-{'9' * 5000}",
+        f"{prefix.upper()}-1",
+        f"x{real}",
+        f"{real}-1",
+    ]
+    for delivery_id in wrong:
+        assert not await outbox.replay(delivery_id, 5.0), delivery_id
+        await outbox.record(delivery_id, DeadLetter("x"), AttemptResult(status=400), 5.0)
+    conn = connect(outbox.path)
+    try:
+        assert not any(replay_delivery(conn, delivery_id, 5.0) for delivery_id in wrong)
+        assert [d.id for d in list_deliveries(conn, None, None, 10)] == [real]
+    finally:
+        conn.close()
+    (untouched,) = await outbox.query()
+    assert (untouched.state, untouched.attempts, untouched.created_at) == ("pending", 0, 1.0)
+
+
+async def test_delivery_id_is_not_reused_after_its_row_is_pruned(outbox: Outbox) -> None:
+    """Targets may deduplicate on the id: once pruned, an id is never handed out again."""
+    gone = await _deliver(outbox, b"a", 1.0)
+    assert await outbox.prune(1.0 + 8 * DAY, DAY, ["t"]) == 1
+    assert _rows(outbox.path, "SELECT COUNT(*) FROM deliveries") == [(0,)]
+    later = await _deliver(outbox, b"b", 2.0 + 8 * DAY)
+    assert later != gone
+    assert _prefix(later) == _prefix(gone)
+
+
+async def test_prune_removes_notifications_that_had_no_deliveries(outbox: Outbox) -> None:
+    """A notification no route matched goes once it is past the deduplication window."""
+    assert await outbox.accept(b"unrouted", SIG, [], 1.0) == []
+    assert await outbox.prune(1.0 + 6 * DAY, DAY, ["t"]) == 0
+    assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(1,)]
+    assert await outbox.prune(1.0 + 8 * DAY, DAY, ["t"]) == 0
+    assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(0,)]
+
+
+async def test_prune_keeps_a_notification_for_the_deduplication_window(outbox: Outbox) -> None:
+    """With a retention shorter than the window, the delivered row goes first; the notification
+    stays (so the same body is still a duplicate) until the window has passed."""
+    await _deliver(outbox, b"a", 1.0)
+    assert await outbox.prune(1.0 + 2 * DAY, DAY, ["t"]) == 1
+    assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(1,)]
+    assert await outbox.accept(b"a", SIG, [Route("t", None)], 1.0 + 2 * DAY) is None
+    assert await outbox.prune(1.0 + 8 * DAY, DAY, ["t"]) == 0
+    assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(0,)]
+
+
+async def test_prune_stops_at_the_first_notification_inside_the_horizon(outbox: Outbox) -> None:
+    """Old fully delivered notifications go; younger ones and their rows stay."""
+    await _deliver(outbox, b"old", 1.0)
+    await _deliver(outbox, b"young", 1.0 + 5 * DAY)
+    assert await outbox.prune(1.0 + 8 * DAY, 7 * DAY, ["t"]) == 1
+    assert [d.body for d in await outbox.query()] == [b"young"]
+    assert _rows(outbox.path, "SELECT body FROM notifications") == [(b"young",)]
+
+
+async def test_prune_removes_a_notification_the_walk_passed_once_it_is_delivered(
+    outbox: Outbox,
+) -> None:
+    """An old notification kept for its pending delivery is stepped over by later walks; once
+    that delivery is delivered and pruned, the notification goes too."""
+    (stuck,) = await outbox.accept(b"stuck", SIG, [Route("t", None)], 1.0) or []
+    await _deliver(outbox, b"gone", 2.0)
+    await _deliver(outbox, b"young", 9 * DAY)
+    assert await outbox.prune(8 * DAY, DAY, ["t"]) == 1
+    assert sorted(_rows(outbox.path, "SELECT body FROM notifications")) == [
+        (b"stuck",),
+        (b"young",),
+    ]
+    await outbox.record(stuck.id, Delivered(), AttemptResult(status=200), 8 * DAY)
+    assert await outbox.prune(10 * DAY, DAY, ["t"]) == 1
+    assert _rows(outbox.path, "SELECT body FROM notifications") == [(b"young",)]
+
+
+async def test_prune_goes_through_a_backlog_larger_than_one_step(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog is removed in several steps, all in one prune() call; dead letters in the
+    middle of it stay and do not stop the walk."""
+    monkeypatch.setattr(outbox_module, "_PRUNE_BATCH", 2)
+    for n in range(7):
+        await _deliver(outbox, f"d{n}".encode(), 1.0 + n)
+    (dead,) = await outbox.accept(b"dead", SIG, [Route("t", None)], 10.0) or []
+    await outbox.record(dead.id, DeadLetter("x"), AttemptResult(status=400), 10.0)
+    for n in range(5):
+        await _deliver(outbox, f"e{n}".encode(), 11.0 + n)
+    assert await outbox.prune(20.0 + 8 * DAY, 7 * DAY, ["t"]) == 12
+    assert [d.body for d in await outbox.query()] == [b"dead"]
+    assert _rows(outbox.path, "SELECT body FROM notifications") == [(b"dead",)]
+
+
+async def test_notifications_accepted_after_the_table_was_emptied_are_pruned(
+    outbox: Outbox,
+) -> None:
+    """Once pruning has emptied the table, new notifications may take old ids again; they are
+    still found and removed when their time comes."""
+    await _deliver(outbox, b"a", 1.0)
+    await _deliver(outbox, b"b", 2.0)
+    assert await outbox.prune(3.0 + 8 * DAY, 7 * DAY, ["t"]) == 2
+    assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(0,)]
+    assert await outbox.accept(b"c", SIG, [], 4.0 + 8 * DAY) == []  # no delivery leads to it
+    assert await outbox.prune(5.0 + 16 * DAY, 7 * DAY, ["t"]) == 0
+    assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(0,)]
+
+
+def test_new_file_gets_the_current_layout_and_keeps_its_prefix(tmp_path: Path) -> None:
+    """A new file is created with the layout's user_version and one id prefix, which opening
+    it again does not change."""
+    path = tmp_path / "o.sqlite3"
+    connect(path).close()
+    first = _rows(path, "SELECT delivery_id_prefix FROM meta")
+    connect(path).close()
+    assert _rows(path, "SELECT delivery_id_prefix FROM meta") == first
+    assert len(first) == 1
+    assert _rows(path, "PRAGMA user_version") == [(outbox_module._LAYOUT,)]
+
+
+def test_outbox_file_of_the_older_layout_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A file made by the previous version (text delivery ids) is refused at open, naming the
+    path and what to do, and nothing is written to it."""
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(_LAYOUT_1)
+    conn.close()
+    before = _rows(path, "SELECT * FROM deliveries")
+    for opener in (connect, lambda p: Outbox(p, dedup_window_s=DAY)):
+        with pytest.raises(OutboxError) as caught:
+            opener(path)
+        message = str(caught.value)
+        assert message.startswith(f"outbox.path = '{path}': made by an older version")
+        assert "deliver or export its pending deliveries with the previous version" in message
+        assert "move the file away" in message
+    assert _rows(path, "PRAGMA user_version") == [(0,)]
+    assert _rows(path, "PRAGMA journal_mode") == [("delete",)]
+    assert _rows(path, "SELECT name FROM sqlite_master WHERE name = 'meta'") == []
+    assert _rows(path, "SELECT * FROM deliveries") == before
+
+
+def test_outbox_file_of_an_unknown_layout_is_refused(tmp_path: Path) -> None:
+    """A user_version this version does not know (a newer gateway's file) is refused."""
+    path = tmp_path / "o.sqlite3"
+    connect(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(OutboxError, match=r"outbox\.path = .*made by another version.*layout 99"):
+        connect(path)
+
+
+def test_file_holding_other_tables_is_not_taken_for_an_outbox(tmp_path: Path) -> None:
+    """A SQLite file of something else is refused rather than given the outbox's tables."""
+    path = tmp_path / "other.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.close()
+    with pytest.raises(OutboxError, match=r"not an outbox \(it holds tables users\)"):
+        connect(path)
+    assert _rows(path, "SELECT name FROM sqlite_master") == [("users",)]
+    assert _rows(path, "PRAGMA journal_mode") == [("delete",)]
