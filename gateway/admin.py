@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import outbox as outbox_module
+from gateway import store
 from gateway.config import Config
 from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
 from gateway.outbox import STATES, Delivery, Outbox
@@ -110,7 +110,7 @@ def _open(args: argparse.Namespace) -> tuple[Config, sqlite3.Connection]:
     config = config_from_args(args)
     if not config.outbox.path.exists():
         raise OutboxError(f"outbox.path = '{config.outbox.path}': no outbox file there yet")
-    return config, outbox_module.connect(config.outbox.path)
+    return config, store.connect(config.outbox.path)
 
 
 def _row(d: Delivery) -> str:
@@ -127,7 +127,7 @@ def _list(args: argparse.Namespace) -> int:
     )
     _, conn = _open(args)
     with conn:
-        found = outbox_module.list_deliveries(conn, state, target, limit)
+        found = store.list_deliveries(conn, state, target, limit)
     if args.json:
         print(json.dumps([d.summary() for d in found], indent=2))
         return 0
@@ -142,7 +142,7 @@ def _replay(args: argparse.Namespace) -> int:
     missing = []
     with conn:
         for delivery_id in args.ids:
-            if outbox_module.replay_delivery(conn, delivery_id, time.time()):
+            if store.replay_delivery(conn, delivery_id, time.time()):
                 print(f"replayed {delivery_id}")
             else:
                 missing.append(delivery_id)

@@ -1,0 +1,481 @@
+"""The outbox's SQLite file: its layout, and every statement the gateway runs on it.
+
+Rule: everything here is a plain function of a ``sqlite3.Connection``, run inside a transaction
+its caller owns (:mod:`gateway.writer` for the gateway, a plain connection for the offline
+``deliveries`` command). Nothing here commits, waits or knows about asyncio.
+
+Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own key
+(AUTOINCREMENT, so an id is never handed out twice, even after pruning), and the prefix is random,
+made once with the file, so ids stay unique across gateways. Targets receive the id as
+``X-Gateway-Delivery-Id`` and may deduplicate on it.
+
+The file records its layout in ``PRAGMA user_version``; a file of another layout is refused at
+open, never written in a mix of two layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import sqlite3
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import OutboxError
+from gateway.routing import Route
+
+__all__ = [
+    "PRUNE_BATCH",
+    "STATES",
+    "Delivery",
+    "connect",
+    "count_states",
+    "dead_letter_unknown",
+    "due_deliveries",
+    "insert_notification",
+    "list_deliveries",
+    "open_store",
+    "prune_delivered",
+    "prune_notifications",
+    "read_prefix",
+    "record_attempt",
+    "replay_delivery",
+    "rowid_of",
+]
+
+STATES = ("pending", "delivered", "dead")
+_EXCERPT_CHARS = 1024
+# Rows one prune step reads or removes: each step is one job in a group commit, so a large
+# backlog to prune delays the notifications committed with it by one step (some 100 ms), not by
+# all of it. Not smaller: every step rewrites the digest index pages its deletions touch, which
+# lie all over that index, so smaller steps cost more CPU per row removed.
+PRUNE_BATCH = 5000
+_MAX_ROWID = 2**63 - 1
+
+# PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
+# user_version at 0.
+_LAYOUT = 2
+_OLDER_LAYOUT = (
+    "made by an older version of the outbox (random text delivery ids); deliver or export its"
+    " pending deliveries with the previous version of waba-gateway, or move the file away"
+    " (with its -wal and -shm files) to start a new outbox"
+)
+
+# Statements one by one rather than a script: executescript() commits first, and the layout is
+# created inside the transaction that checked the file was empty.
+_SCHEMA = (
+    # One row: the prefix of this file's delivery ids.
+    "CREATE TABLE meta (delivery_id_prefix TEXT NOT NULL)",
+    # No index on received_at: pruning walks rows in id order, which is time order.
+    """CREATE TABLE notifications (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    signature TEXT NOT NULL,
+    body BLOB NOT NULL
+)""",
+    "CREATE INDEX notifications_digest ON notifications (digest, received_at)",
+    # An integer key is the table's own b-tree key: a random text key needed a second, unique
+    # index written at every insert and searched at every update.
+    """CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    notification_id INTEGER NOT NULL REFERENCES notifications (id),
+    target TEXT NOT NULL,
+    body BLOB,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    last_response TEXT
+)""",
+    # Claims read each target's due deliveries in time order; pruning finds old delivered rows.
+    "CREATE INDEX deliveries_due ON deliveries (state, target, next_attempt_at)",
+    # Pruning asks "does this notification still have deliveries?" (and so does the foreign
+    # key when a notification is deleted): without this index, a scan of every delivery.
+    "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
+)
+
+_SEEN = "SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ? LIMIT 1"
+_INSERT_NOTIFICATION = (
+    "INSERT INTO notifications (digest, received_at, signature, body) VALUES (?, ?, ?, ?)"
+)
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (notification_id, target, body, state, created_at, next_attempt_at,"
+    " updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)"
+)
+# Prune: a notification goes once it is older than the horizon and has no deliveries left.
+_DELETE_ORPHAN = (
+    "DELETE FROM notifications WHERE id = ? AND received_at < ? AND NOT EXISTS"
+    " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)"
+)
+_DELETE_ORPHANS_BETWEEN = (
+    "DELETE FROM notifications WHERE id > ? AND id <= ? AND received_at < ? AND NOT EXISTS"
+    " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One request owed to one target. ``body`` is what to send; ``signature`` is Meta's.
+    ``id`` is ``<prefix>-<row id>``, unique across outboxes (see the module docstring)."""
+
+    id: str
+    notification_id: int
+    target: str
+    body: bytes
+    signature: str
+    split: bool
+    state: str
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    received_at: float
+    last_status: int | None = None
+    last_error: str | None = None
+    last_response: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the admin API and CLI show: never the body (it holds message text)."""
+        return {
+            "id": self.id,
+            "target": self.target,
+            "state": self.state,
+            "attempts": self.attempts,
+            "received_at": self.received_at,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "last_response": self.last_response,
+            "bytes": len(self.body),
+        }
+
+
+_DELIVERY_COLUMNS = """d.id, d.notification_id, d.target, COALESCE(d.body, n.body), n.signature,
+    d.body IS NOT NULL, d.state, d.attempts, d.created_at, d.next_attempt_at, n.received_at,
+    d.last_status, d.last_error, d.last_response"""
+
+
+def _delivery(row: tuple[Any, ...], prefix: str) -> Delivery:
+    return Delivery(
+        id=f"{prefix}-{row[0]}",
+        notification_id=row[1],
+        target=row[2],
+        body=bytes(row[3]),
+        signature=row[4],
+        split=bool(row[5]),
+        state=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        next_attempt_at=row[9],
+        received_at=row[10],
+        last_status=row[11],
+        last_error=row[12],
+        last_response=row[13],
+    )
+
+
+def rowid_of(delivery_id: str, prefix: str) -> int | None:
+    """The row id that ``delivery_id`` names in the outbox whose prefix is ``prefix``; ``None``
+    when it is another outbox's id or no delivery id at all (so it finds nothing)."""
+    head, _, digits = delivery_id.rpartition("-")
+    if head != prefix or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+        return None
+    rowid = int(digits)
+    # Only the spelling this module writes: "p-007" names nothing rather than delivery 7.
+    return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _create(conn: sqlite3.Connection, path: Path) -> None:
+    """Give an empty file the current layout; refuse a file that holds anything else."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "deliveries" in tables:
+        raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
+    if tables:
+        raise OutboxError(
+            f"outbox.path = '{path}': not an outbox (it holds tables {', '.join(sorted(tables))});"
+            " point outbox.path at a new file"
+        )
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta (delivery_id_prefix) VALUES (?)", (secrets.token_hex(8),))
+    conn.execute(f"PRAGMA user_version = {_LAYOUT}")
+
+
+def _layout(conn: sqlite3.Connection, path: Path) -> str:
+    """Check the file's layout (creating it in a new file); return its delivery id prefix."""
+    if _user_version(conn) == 0:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _user_version(conn) == 0:  # again, under the write lock: another opener may win
+                _create(conn, path)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+    version = _user_version(conn)
+    if version != _LAYOUT:
+        raise OutboxError(
+            f"outbox.path = '{path}': made by another version of the outbox (layout {version},"
+            f" this version reads layout {_LAYOUT}); run the version that made it, or move the"
+            " file away (with its -wal and -shm files) to start a new outbox"
+        )
+    return read_prefix(conn)
+
+
+def read_prefix(conn: sqlite3.Connection) -> str:
+    """The prefix of the delivery ids of the file ``conn`` is open on."""
+    row = conn.execute("SELECT delivery_id_prefix FROM meta").fetchone()
+    if row is None:
+        raise OutboxError("outbox has no delivery id prefix (its meta table is empty)")
+    return str(row[0])
+
+
+def open_store(path: Path) -> tuple[sqlite3.Connection, str]:
+    """Open ``path`` with the durability settings the outbox promises, giving a new file the
+    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
+    try:
+        # FULL: the WAL is synced at every commit, so a committed notification survives power
+        # loss; NORMAL would only survive a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # The layout first: a file that is refused is not even switched to WAL.
+        prefix = _layout(conn, path)
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn, prefix
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` with the durability settings the outbox promises, giving a new file the
+    current layout; a file of another layout raises OutboxError."""
+    return open_store(path)[0]
+
+
+def insert_notification(
+    conn: sqlite3.Connection,
+    digest: bytes,
+    since: float,
+    now: float,
+    signature: str,
+    body: bytes,
+    routes: Sequence[Route],
+) -> tuple[int, list[int]] | None:
+    """Store a notification and one delivery per route; ``(notification id, delivery row ids)``,
+    or ``None`` when a body with the same digest was received since ``since``."""
+    if conn.execute(_SEEN, (digest, since)).fetchone():
+        return None
+    notification_id = conn.execute(_INSERT_NOTIFICATION, (digest, now, signature, body)).lastrowid
+    assert notification_id is not None
+    # One execute per route, not executemany: each insert's lastrowid is its id, and the usual
+    # single route costs less this way.
+    rowids = []
+    for route in routes:
+        rowid = conn.execute(
+            _INSERT_DELIVERY, (notification_id, route.target, route.body, now, now, now)
+        ).lastrowid
+        assert rowid is not None
+        rowids.append(rowid)
+    return notification_id, rowids
+
+
+def due_deliveries(
+    conn: sqlite3.Connection,
+    prefix: str,
+    now: float,
+    limits: Mapping[str, int],
+    skip: Collection[str],
+) -> list[Delivery]:
+    """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
+    leaving out the ids in ``skip``. One index seek per target: a target that is down with a
+    million deliveries waiting costs nothing when it is not asked for."""
+    found: list[Delivery] = []
+    for target, limit in limits.items():
+        rows = conn.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
+            " JOIN notifications n ON n.id = d.notification_id"
+            " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
+            " ORDER BY d.next_attempt_at LIMIT ?",
+            (target, now, limit + len(skip)),
+        ).fetchall()
+        fresh = [row for row in rows if f"{prefix}-{row[0]}" not in skip][:limit]
+        found.extend([_delivery(row, prefix) for row in fresh])
+    found.sort(key=lambda d: d.next_attempt_at)
+    return found
+
+
+def dead_letter_unknown(conn: sqlite3.Connection, targets: Collection[str], now: float) -> int:
+    """Dead-letter pending deliveries whose target is not in ``targets``; how many."""
+    names = tuple(targets)
+    marks = ", ".join("?" * len(names))
+    return int(
+        conn.execute(
+            "UPDATE deliveries SET state = 'dead', updated_at = ?,"  # noqa: S608
+            " last_error = 'target ' || quote(target) || ' is no longer configured'"
+            f" WHERE state = 'pending' AND target NOT IN ({marks})",
+            (now, *names),
+        ).rowcount
+    )
+
+
+def record_attempt(
+    conn: sqlite3.Connection,
+    rowid: int | None,
+    *,
+    state: str,
+    next_attempt_at: float,
+    now: float,
+    status: int | None,
+    error: str | None,
+    response: str,
+) -> None:
+    """Store the outcome of one attempt on delivery ``rowid`` (``None``: no such delivery)."""
+    if rowid is None:
+        return
+    conn.execute(
+        "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
+        " updated_at = ?, last_status = ?, last_error = ?, last_response = ? WHERE id = ?",
+        (state, next_attempt_at, now, status, error, response[:_EXCERPT_CHARS], rowid),
+    )
+
+
+def count_states(conn: sqlite3.Connection) -> dict[str, int]:
+    found = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+    return {state: int(found.get(state, 0)) for state in STATES}
+
+
+def prune_delivered(
+    conn: sqlite3.Connection, *, target: str, before: float, horizon: float, walked: int
+) -> int:
+    """Remove up to ``PRUNE_BATCH`` of ``target``'s rows delivered before ``before``."""
+    # A delivered row's next_attempt_at is its delivery time (see record), so the
+    # deliveries_due index finds old delivered rows of each target without a scan.
+    rows = conn.execute(
+        "SELECT next_attempt_at, id, notification_id FROM deliveries"
+        " WHERE state = 'delivered' AND target = ? AND next_attempt_at < ?"
+        " ORDER BY next_attempt_at, id LIMIT ?",
+        (target, before, PRUNE_BATCH),
+    ).fetchall()
+    if not rows:
+        return 0
+    # The rows just read are exactly those up to the last one in the index's order: one range
+    # delete on the index costs half of deleting them one by one.
+    conn.execute(
+        "DELETE FROM deliveries WHERE state = 'delivered' AND target = ?"
+        " AND (next_attempt_at, id) <= (?, ?)",
+        (target, rows[-1][0], rows[-1][1]),
+    )
+    # The walk in _prune_notifications does not go back over the notifications up to `walked`:
+    # those that have just lost their last delivery are removed here, each by its id.
+    conn.executemany(
+        _DELETE_ORPHAN,
+        [
+            (notification_id, horizon)
+            for notification_id in {row[2] for row in rows}
+            if notification_id <= walked
+        ],
+    )
+    return len(rows)
+
+
+def prune_notifications(
+    conn: sqlite3.Connection, *, after: int, horizon: float
+) -> tuple[int, bool]:
+    """One step of the walk over notifications in id order, from just after ``after``: remove
+    those received before ``horizon`` that have no deliveries left. Returns where the next step
+    starts and whether the walk is done.
+
+    Ids grow with time, so the first notification inside the horizon ends the walk: a prune
+    reads the rows it removes, one more, and the old rows that still have deliveries (pending or
+    dead), which ``after`` then steps over until the walk reaches the end of the table, that is
+    until the gateway falls idle. Should the clock step back, a young row ends the walk early:
+    old rows behind it wait for a later prune; none is removed too soon.
+    """
+    last, old, young = after, 0, False
+    with contextlib.closing(
+        conn.execute(
+            "SELECT id, received_at FROM notifications WHERE id > ? ORDER BY id LIMIT ?",
+            (after, PRUNE_BATCH),
+        )
+    ) as rows:
+        for rowid, received_at in rows:  # row by row: most walks end at the first row read
+            if received_at >= horizon:
+                young = True
+                break
+            last, old = rowid, old + 1
+    if old:
+        conn.execute(_DELETE_ORPHANS_BETWEEN, (after, last, horizon))
+    if young:
+        return last, True
+    if old < PRUNE_BATCH:
+        # The end of the table: start from the oldest row next time. Without AUTOINCREMENT a
+        # new notification may take an id at or below `after` once the newest rows are gone;
+        # while any row after `after` remains (the young row that stopped the walk, which only
+        # the walk removes), new ids are above it.
+        return 0, True
+    return last, False
+
+
+# Also used by the offline CLI (`deliveries ...`), on a connection of its own.
+
+
+def list_deliveries(
+    conn: sqlite3.Connection,
+    state: str | None,
+    target: str | None,
+    limit: int,
+    prefix: str | None = None,
+) -> list[Delivery]:
+    """The newest deliveries, filtered; ``prefix`` is the file's id prefix (read when None)."""
+    if prefix is None:
+        prefix = read_prefix(conn)
+    clauses, params = [], []
+    if state is not None:
+        clauses.append("d.state = ?")
+        params.append(state)
+    if target is not None:
+        clauses.append("d.target = ?")
+        params.append(target)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant fragments)
+        f" JOIN notifications n ON n.id = d.notification_id{where}"
+        " ORDER BY d.updated_at DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [_delivery(row, prefix) for row in rows]
+
+
+def replay_delivery(
+    conn: sqlite3.Connection, delivery_id: str, now: float, prefix: str | None = None
+) -> bool:
+    """Make one delivery pending again; False when the file has no delivery ``delivery_id``."""
+    rowid = rowid_of(delivery_id, read_prefix(conn) if prefix is None else prefix)
+    if rowid is None:
+        return False
+    cursor = conn.execute(
+        "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
+        " next_attempt_at = ?, updated_at = ? WHERE id = ?",
+        (now, now, now, rowid),
+    )
+    return cursor.rowcount == 1
