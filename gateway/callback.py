@@ -8,18 +8,16 @@ passes. A notification is answered 200 only once it is durably in the outbox.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.config import Config
 from gateway.dispatcher import Dispatcher
-from gateway.errors import BadRequest
 from gateway.handshake import answer_challenge
 from gateway.identity import check_client_identity
 from gateway.outbox import Outbox
-from gateway.routing import route
+from gateway.routing import parse, route
 from gateway.signature import verify_signature
 from gateway.stats import Stats
 
@@ -78,11 +76,7 @@ class Callback:
         except Exception:
             self.stats.rejected("signature")
             raise
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:  # UnicodeDecodeError is a ValueError too
-            raise BadRequest("body is not valid JSON") from exc
-        routes = route(payload, self._targets)
+        routes = route(parse(body), self._targets)
         assert signature is not None  # verify_signature refuses a missing header
         stored = await self.outbox.accept(body, signature, routes, self._clock())
         if stored is None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.config import TargetConfig
-from gateway.routing import Route, route
+from gateway.errors import BadRequest
+from gateway.routing import Route, parse, route
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _target(name: str, **filters: Any) -> TargetConfig:
@@ -156,3 +160,44 @@ def test_routes_follow_target_order() -> None:
     """Routes come out in configuration order, one per target."""
     targets = [_target("b"), _target("a")]
     assert [r.target for r in route(BATCH, targets)] == ["b", "a"]
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        pytest.param(
+            b'{"object":"whatsapp_business_account"}',
+            {"object": "whatsapp_business_account"},
+            id="plain",
+        ),
+        pytest.param(b'{"t":"\\ud83d\\ude00"}', {"t": "\U0001f600"}, id="escaped surrogate pair"),
+        pytest.param(b'{"t":"\\ud800"}', {"t": "\ud800"}, id="lone surrogate, as json accepts it"),
+        pytest.param(b'{"n":12345678901234567890}', {"n": 12345678901234567890}, id="big integer"),
+        pytest.param('{"t":"caf\u00e9"}'.encode(), {"t": "caf\u00e9"}, id="raw UTF-8"),
+    ],
+)
+def test_parse_accepts_what_the_json_module_accepts(body: bytes, expected: Any) -> None:
+    assert parse(body) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"{", id="truncated"),
+        pytest.param(b"\xff\xfe{}", id="not UTF-8"),
+        pytest.param(b"object=whatsapp", id="form encoded"),
+    ],
+)
+def test_parse_refuses_what_is_not_json_with_400(body: bytes) -> None:
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        parse(body)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.json")), ids=lambda path: path.stem)
+def test_parse_reads_every_meta_sample_as_the_json_module_does(example: Path) -> None:
+    body = example.read_bytes()
+    assert parse(body) == json.loads(body)
