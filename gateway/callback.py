@@ -38,12 +38,16 @@ class Callback:
         stats: Stats,
         dispatcher: Dispatcher | None = None,
         *,
+        stored_elsewhere: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``dispatcher``: this process forwards. ``stored_elsewhere``: another process does,
+        and this tells it there is something new (see :mod:`gateway.wake`)."""
         self.config = config
         self.outbox = outbox
         self.stats = stats
         self.dispatcher = dispatcher
+        self._stored_elsewhere = stored_elsewhere
         self._clock = clock
         self._secrets = config.meta.app_secrets
         self._targets = config.targets
@@ -89,4 +93,6 @@ class Callback:
             # the answer is written: targets see the notification sooner, and nothing here
             # waits for them (the answer does not depend on the forward's outcome).
             await asyncio.sleep(0)
+        elif self._stored_elsewhere is not None:
+            self._stored_elsewhere()
         return ACCEPTED

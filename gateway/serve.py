@@ -34,6 +34,7 @@ from gateway.listener import Listener
 from gateway.outbox import Outbox
 from gateway.stats import Stats
 from gateway.tls import build_server_context
+from gateway.wake import Bell, Doorbell
 
 __all__ = ["Gateway", "add_config_argument", "bound_port", "config_from_args", "register", "run"]
 
@@ -66,8 +67,10 @@ class Gateway:
         ssl_context: ssl.SSLContext | None = None,
         primary: bool = True,
         reuse_port: bool = False,
+        wake_channel: str | None = None,
     ) -> None:
         self.config = config
+        self._wake_channel = wake_channel  # sibling workers: see gateway.wake
         self.primary = primary
         self._reuse_port = reuse_port
         self._ssl = ssl_context or build_server_context(config.tls)
@@ -76,6 +79,8 @@ class Gateway:
         self.dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._doorbell: Doorbell | None = None
+        self._bell: Bell | None = None
         self.port = 0
         self.admin_port = 0
 
@@ -96,7 +101,17 @@ class Gateway:
                     retention_s=config.outbox.retention_s,
                 )
                 self.dispatcher.start()
-            callback = Callback(config, self._outbox, self.stats, self.dispatcher)
+                if self._wake_channel is not None:
+                    self._doorbell = Doorbell(self._wake_channel, self.dispatcher.wake)
+            elif self._wake_channel is not None:
+                self._bell = Bell(self._wake_channel)
+            callback = Callback(
+                config,
+                self._outbox,
+                self.stats,
+                self.dispatcher,
+                stored_elsewhere=self._bell.ring if self._bell is not None else None,
+            )
             listen = config.listen
             self._listener = Listener(callback, listen)
             # SO_REUSEPORT only for sibling workers: it lets any process of the same user share
@@ -139,6 +154,12 @@ class Gateway:
         if self._listener is not None:
             await self._listener.close(SHUTDOWN_GRACE_S)
             self._listener = None
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         if self.dispatcher is not None:
             await self.dispatcher.stop()
             self.dispatcher = None
@@ -153,6 +174,7 @@ async def run(
     on_ready: Callable[[Gateway], None] | None = None,
     primary: bool = True,
     reuse_port: bool = False,
+    wake_channel: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly."""
     loop = asyncio.get_running_loop()
@@ -165,7 +187,9 @@ async def run(
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
     try:
-        async with Gateway(config, primary=primary, reuse_port=reuse_port) as gateway:
+        async with Gateway(
+            config, primary=primary, reuse_port=reuse_port, wake_channel=wake_channel
+        ) as gateway:
             log.info(
                 "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
                 "primary" if primary else "worker",
@@ -247,10 +271,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_process(config: Config, *, primary: bool, reuse_port: bool) -> None:
+def serve_process(
+    config: Config, *, primary: bool, reuse_port: bool, wake_channel: str | None = None
+) -> None:
     """One serving process, on uvloop when it is installed."""
     with _event_loop_runner() as runner:
-        runner.run(run(config, primary=primary, reuse_port=reuse_port))
+        runner.run(run(config, primary=primary, reuse_port=reuse_port, wake_channel=wake_channel))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

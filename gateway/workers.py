@@ -3,7 +3,8 @@
 Rule: the supervisor (the process ``serve`` started) binds nothing and forwards nothing; it starts
 N worker processes that each bind the listener with SO_REUSEPORT, so the kernel spreads
 connections across them. Worker 0 is the primary: it alone runs the dispatcher and the admin
-listener. All share the SQLite outbox (WAL lets them write one after another and read at once).
+listener; the others tell it when they have stored something (:mod:`gateway.wake`). All share
+the SQLite outbox (WAL lets them write one after another and read at once).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
 process would; the supervisor waits for them and exits 0. Workers ask the kernel to send them
@@ -18,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -25,6 +27,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from gateway.config import Config
+from gateway.wake import channel_name
 
 __all__ = ["supervise"]
 
@@ -41,12 +44,12 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _worker(config: Config, index: int) -> None:
+def _worker(config: Config, index: int, wake_channel: str) -> None:
     _die_with_parent()
     from gateway.serve import serve_process, setup_logging
 
     setup_logging(config.log_level)
-    serve_process(config, primary=index == 0, reuse_port=True)
+    serve_process(config, primary=index == 0, reuse_port=True, wake_channel=wake_channel)
 
 
 def supervise(config: Config) -> int:
@@ -64,7 +67,9 @@ def supervise(config: Config) -> int:
     try:
         for index in range(config.listen.workers):
             process = context.Process(
-                target=_worker, args=(config, index), name=f"waba-gateway-worker-{index}"
+                target=_worker,
+                args=(config, index, channel_name(os.getpid())),
+                name=f"waba-gateway-worker-{index}",
             )
             process.start()
             workers.append(process)
