@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import store
+from gateway import layout, store
 from gateway.config import Config
 from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
 from gateway.outbox import STATES, Delivery, Outbox
@@ -110,7 +110,7 @@ def _open(args: argparse.Namespace) -> tuple[Config, sqlite3.Connection]:
     config = config_from_args(args)
     if not config.outbox.path.exists():
         raise OutboxError(f"outbox.path = '{config.outbox.path}': no outbox file there yet")
-    return config, store.connect(config.outbox.path)
+    return config, layout.connect(config.outbox.path)
 
 
 def _row(d: Delivery) -> str:

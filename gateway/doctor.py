@@ -32,6 +32,7 @@ from OpenSSL import crypto
 
 from gateway.config import Config, TargetConfig, TlsConfig
 from gateway.errors import CertificateError, ConfigError, GatewayError, OutboxError
+from gateway.layout import connect
 from gateway.meta_client import client_context
 from gateway.readiness import (
     Finding,
@@ -42,7 +43,6 @@ from gateway.readiness import (
     judge_trust,
 )
 from gateway.serve import add_config_argument, config_from_args
-from gateway.store import connect
 from gateway.tls import build_server_context
 from gateway.verify_callback import callback_url, verify
 

@@ -3,8 +3,8 @@
 Rule: a notification is acknowledged only after the transaction that stores it and its deliveries
 has committed with ``synchronous=FULL`` in WAL mode, so a power cut after the 200 loses nothing.
 
-This is the asynchronous face of the file: :mod:`gateway.store` holds the layout and the SQL,
-:mod:`gateway.writer` the thread that runs it in group commits.
+This is the asynchronous face of the file: :mod:`gateway.layout` holds the file's layout,
+:mod:`gateway.store` the SQL, :mod:`gateway.writer` the thread that runs it in group commits.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway import store
+from gateway import layout, store
 from gateway.outcome import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt
 from gateway.routing import Route
 from gateway.store import STATES, Delivery
@@ -40,7 +40,7 @@ class Outbox:
 
     def _open(self, path: Path) -> Any:
         # On the writer thread, before the constructor returns.
-        conn, self._prefix = store.open_store(path)
+        conn, self._prefix = layout.open_store(path)
         return conn
 
     @property

@@ -1,4 +1,4 @@
-"""The outbox's SQLite file: its layout, and every statement the gateway runs on it.
+"""Every statement the gateway runs on the outbox file.
 
 Rule: everything here is a plain function of a ``sqlite3.Connection``, run inside a transaction
 its caller owns (:mod:`gateway.writer` for the gateway, a plain connection for the offline
@@ -9,37 +9,31 @@ Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own
 made once with the file, so ids stay unique across gateways. Targets receive the id as
 ``X-Gateway-Delivery-Id`` and may deduplicate on it.
 
-The file records its layout in ``PRAGMA user_version``; a file of another layout is refused at
-open, never written in a mix of two layouts.
+The layout itself, and opening a file, are :mod:`gateway.layout`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from gateway.errors import OutboxError
+from gateway.layout import read_prefix
 from gateway.routing import Route
 
 __all__ = [
     "PRUNE_BATCH",
     "STATES",
     "Delivery",
-    "connect",
     "count_states",
     "dead_letter_unknown",
     "due_deliveries",
     "insert_notification",
     "list_deliveries",
-    "open_store",
     "prune_delivered",
     "prune_notifications",
-    "read_prefix",
     "record_attempt",
     "replay_delivery",
     "rowid_of",
@@ -53,52 +47,6 @@ _EXCERPT_CHARS = 1024
 # lie all over that index, so smaller steps cost more CPU per row removed.
 PRUNE_BATCH = 5000
 _MAX_ROWID = 2**63 - 1
-
-# PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
-# user_version at 0.
-_LAYOUT = 2
-_OLDER_LAYOUT = (
-    "made by an older version of the outbox (random text delivery ids); deliver or export its"
-    " pending deliveries with the previous version of waba-gateway, or move the file away"
-    " (with its -wal and -shm files) to start a new outbox"
-)
-
-# Statements one by one rather than a script: executescript() commits first, and the layout is
-# created inside the transaction that checked the file was empty.
-_SCHEMA = (
-    # One row: the prefix of this file's delivery ids.
-    "CREATE TABLE meta (delivery_id_prefix TEXT NOT NULL)",
-    # No index on received_at: pruning walks rows in id order, which is time order.
-    """CREATE TABLE notifications (
-    id INTEGER PRIMARY KEY,
-    digest BLOB NOT NULL,
-    received_at REAL NOT NULL,
-    signature TEXT NOT NULL,
-    body BLOB NOT NULL
-)""",
-    "CREATE INDEX notifications_digest ON notifications (digest, received_at)",
-    # An integer key is the table's own b-tree key: a random text key needed a second, unique
-    # index written at every insert and searched at every update.
-    """CREATE TABLE deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    notification_id INTEGER NOT NULL REFERENCES notifications (id),
-    target TEXT NOT NULL,
-    body BLOB,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    next_attempt_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    last_status INTEGER,
-    last_error TEXT,
-    last_response TEXT
-)""",
-    # Claims read each target's due deliveries in time order; pruning finds old delivered rows.
-    "CREATE INDEX deliveries_due ON deliveries (state, target, next_attempt_at)",
-    # Pruning asks "does this notification still have deliveries?" (and so does the foreign
-    # key when a notification is deleted): without this index, a scan of every delivery.
-    "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
-)
 
 _SEEN = "SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ? LIMIT 1"
 _INSERT_NOTIFICATION = (
@@ -189,87 +137,6 @@ def rowid_of(delivery_id: str, prefix: str) -> int | None:
     rowid = int(digits)
     # Only the spelling this module writes: "p-007" names nothing rather than delivery 7.
     return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def _create(conn: sqlite3.Connection, path: Path) -> None:
-    """Give an empty file the current layout; refuse a file that holds anything else."""
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if "deliveries" in tables:
-        raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
-    if tables:
-        raise OutboxError(
-            f"outbox.path = '{path}': not an outbox (it holds tables {', '.join(sorted(tables))});"
-            " point outbox.path at a new file"
-        )
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    conn.execute("INSERT INTO meta (delivery_id_prefix) VALUES (?)", (secrets.token_hex(8),))
-    conn.execute(f"PRAGMA user_version = {_LAYOUT}")
-
-
-def _layout(conn: sqlite3.Connection, path: Path) -> str:
-    """Check the file's layout (creating it in a new file); return its delivery id prefix."""
-    if _user_version(conn) == 0:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if _user_version(conn) == 0:  # again, under the write lock: another opener may win
-                _create(conn, path)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-    version = _user_version(conn)
-    if version != _LAYOUT:
-        raise OutboxError(
-            f"outbox.path = '{path}': made by another version of the outbox (layout {version},"
-            f" this version reads layout {_LAYOUT}); run the version that made it, or move the"
-            " file away (with its -wal and -shm files) to start a new outbox"
-        )
-    return read_prefix(conn)
-
-
-def read_prefix(conn: sqlite3.Connection) -> str:
-    """The prefix of the delivery ids of the file ``conn`` is open on."""
-    row = conn.execute("SELECT delivery_id_prefix FROM meta").fetchone()
-    if row is None:
-        raise OutboxError("outbox has no delivery id prefix (its meta table is empty)")
-    return str(row[0])
-
-
-def open_store(path: Path) -> tuple[sqlite3.Connection, str]:
-    """Open ``path`` with the durability settings the outbox promises, giving a new file the
-    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-    except (OSError, sqlite3.Error) as exc:
-        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
-    try:
-        # FULL: the WAL is synced at every commit, so a committed notification survives power
-        # loss; NORMAL would only survive a process crash.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        # The layout first: a file that is refused is not even switched to WAL.
-        prefix = _layout(conn, path)
-        conn.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.Error as exc:
-        conn.close()
-        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn, prefix
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """Open ``path`` with the durability settings the outbox promises, giving a new file the
-    current layout; a file of another layout raises OutboxError."""
-    return open_store(path)[0]
 
 
 def insert_notification(

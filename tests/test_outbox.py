@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from gateway import store
+from gateway import layout, store
 from gateway.errors import OutboxError
+from gateway.layout import connect
 from gateway.outbox import Outbox
 from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt
 from gateway.routing import Route
-from gateway.store import connect, list_deliveries, replay_delivery
+from gateway.store import list_deliveries, replay_delivery
 
 DAY = 86400.0
 SIG = "sha256=" + "0" * 64
@@ -501,7 +502,7 @@ def test_new_file_gets_the_current_layout_and_keeps_its_prefix(tmp_path: Path) -
     connect(path).close()
     assert _rows(path, "SELECT delivery_id_prefix FROM meta") == first
     assert len(first) == 1
-    assert _rows(path, "PRAGMA user_version") == [(store._LAYOUT,)]
+    assert _rows(path, "PRAGMA user_version") == [(layout._LAYOUT,)]
 
 
 def test_outbox_file_of_the_older_layout_is_refused_and_left_alone(tmp_path: Path) -> None:

@@ -1,0 +1,144 @@
+"""The outbox file's layout: its tables and indexes, and opening a file with them.
+
+Rule: a file is opened with the durability settings the outbox promises (WAL, ``synchronous=
+FULL``) and with exactly this layout; a new file is given it, a file of any other layout is
+refused before anything in it changes. The layout is recorded in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import sqlite3
+from pathlib import Path
+
+from gateway.errors import OutboxError
+
+__all__ = ["connect", "open_store", "read_prefix"]
+
+# PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
+# user_version at 0.
+_LAYOUT = 2
+_OLDER_LAYOUT = (
+    "made by an older version of the outbox (random text delivery ids); deliver or export its"
+    " pending deliveries with the previous version of waba-gateway, or move the file away"
+    " (with its -wal and -shm files) to start a new outbox"
+)
+
+# Statements one by one rather than a script: executescript() commits first, and the layout is
+# created inside the transaction that checked the file was empty.
+_SCHEMA = (
+    # One row: the prefix of this file's delivery ids.
+    "CREATE TABLE meta (delivery_id_prefix TEXT NOT NULL)",
+    # No index on received_at: pruning walks rows in id order, which is time order.
+    """CREATE TABLE notifications (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    signature TEXT NOT NULL,
+    body BLOB NOT NULL
+)""",
+    "CREATE INDEX notifications_digest ON notifications (digest, received_at)",
+    # An integer key is the table's own b-tree key: a random text key needed a second, unique
+    # index written at every insert and searched at every update.
+    """CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    notification_id INTEGER NOT NULL REFERENCES notifications (id),
+    target TEXT NOT NULL,
+    body BLOB,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    last_response TEXT
+)""",
+    # Claims read each target's due deliveries in time order; pruning finds old delivered rows.
+    "CREATE INDEX deliveries_due ON deliveries (state, target, next_attempt_at)",
+    # Pruning asks "does this notification still have deliveries?" (and so does the foreign
+    # key when a notification is deleted): without this index, a scan of every delivery.
+    "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
+)
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _create(conn: sqlite3.Connection, path: Path) -> None:
+    """Give an empty file the current layout; refuse a file that holds anything else."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "deliveries" in tables:
+        raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
+    if tables:
+        raise OutboxError(
+            f"outbox.path = '{path}': not an outbox (it holds tables {', '.join(sorted(tables))});"
+            " point outbox.path at a new file"
+        )
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta (delivery_id_prefix) VALUES (?)", (secrets.token_hex(8),))
+    conn.execute(f"PRAGMA user_version = {_LAYOUT}")
+
+
+def _layout(conn: sqlite3.Connection, path: Path) -> str:
+    """Check the file's layout (creating it in a new file); return its delivery id prefix."""
+    if _user_version(conn) == 0:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if _user_version(conn) == 0:  # again, under the write lock: another opener may win
+                _create(conn, path)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+    version = _user_version(conn)
+    if version != _LAYOUT:
+        raise OutboxError(
+            f"outbox.path = '{path}': made by another version of the outbox (layout {version},"
+            f" this version reads layout {_LAYOUT}); run the version that made it, or move the"
+            " file away (with its -wal and -shm files) to start a new outbox"
+        )
+    return read_prefix(conn)
+
+
+def read_prefix(conn: sqlite3.Connection) -> str:
+    """The prefix of the delivery ids of the file ``conn`` is open on."""
+    row = conn.execute("SELECT delivery_id_prefix FROM meta").fetchone()
+    if row is None:
+        raise OutboxError("outbox has no delivery id prefix (its meta table is empty)")
+    return str(row[0])
+
+
+def open_store(path: Path) -> tuple[sqlite3.Connection, str]:
+    """Open ``path`` with the durability settings the outbox promises, giving a new file the
+    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
+    try:
+        # FULL: the WAL is synced at every commit, so a committed notification survives power
+        # loss; NORMAL would only survive a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # The layout first: a file that is refused is not even switched to WAL.
+        prefix = _layout(conn, path)
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn, prefix
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` with the durability settings the outbox promises, giving a new file the
+    current layout; a file of another layout raises OutboxError."""
+    return open_store(path)[0]
