@@ -88,7 +88,7 @@ def get(target: str, *, method: str = "GET", version: str = "1.1", extra: str = 
 @pytest.fixture
 async def gateway(pki: Pki, tmp_path: Path, sink: Sink) -> AsyncIterator[Gateway]:
     config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], max_body_bytes=4096)
-    listen = dataclasses.replace(config.listen, request_timeout_s=0.4)
+    listen = dataclasses.replace(config.listen, request_timeout_s=0.4, idle_timeout_s=0.4)
     async with Gateway(dataclasses.replace(config, listen=listen)) as running:
         yield running
 
@@ -218,6 +218,14 @@ async def test_request_not_received_in_time_gets_408_and_is_closed(client: Clien
     await client.send(f"POST {PATH} HTTP/1.1\r\nHost: x\r\n".encode())
     answer = await client.reply()
     assert (answer.status, answer.headers["connection"]) == (408, "close")
+    assert await client.closed()
+
+
+async def test_idle_keep_alive_connection_is_closed_after_idle_timeout(client: Client) -> None:
+    """A connection that asks nothing more after its answer is closed, not kept for ever."""
+    await client.send(post(message_body("then silence")))
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (200, "keep-alive")
     assert await client.closed()
 
 
