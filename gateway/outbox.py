@@ -49,6 +49,10 @@ class Outbox:
         is not counted)."""
         return self._writer.commits
 
+    def group_commits(self) -> tuple[int, int]:
+        """(group transactions committed, jobs they held) so far."""
+        return self._writer.commits, self._writer.jobs
+
     async def run(self, func: Callable[[Any], T], *, durable: bool = True) -> T:
         """Run ``func`` (given the connection) in the next group transaction; return its result
         once that has committed."""

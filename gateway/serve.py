@@ -93,6 +93,7 @@ class Gateway:
         config = self.config
         try:
             self._outbox = Outbox(config.outbox.path, dedup_window_s=config.outbox.dedup_window_s)
+            self.stats.watch_commits(self._outbox.group_commits)
             if self.primary:
                 self.dispatcher = Dispatcher(
                     self._outbox,

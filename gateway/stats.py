@@ -8,7 +8,11 @@ prometheus-client renders the exposition format, so it stays correct as the form
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["Stats"]
 
@@ -53,5 +57,28 @@ class Stats:
     def saw_client(self, cn: str | None) -> None:
         self._clients.labels(cn=cn or _NO_CERTIFICATE).inc()
 
+    def watch_commits(self, read: Callable[[], tuple[int, int]]) -> None:
+        """Expose the outbox writer's group commits: ``read()`` gives (commits, jobs). Their
+        ratio is the average group size, what makes durable acknowledgements cheap."""
+        self.registry.register(_Commits(read))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Commits(Collector):
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        commits, jobs = self._read()
+        yield CounterMetricFamily(
+            "waba_gateway_outbox_commits",
+            "Group transactions the outbox writer committed (each one fsync)",
+            value=commits,
+        )
+        yield CounterMetricFamily(
+            "waba_gateway_outbox_jobs",
+            "Jobs (stored notifications, attempt outcomes, reads) those commits held",
+            value=jobs,
+        )
