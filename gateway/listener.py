@@ -49,6 +49,7 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and headers together (431 beyond)
 MAX_URL_BYTES = 8 * 1024  # (414 beyond)
 MAX_QUEUED = 8  # pipelined requests waiting behind the one in flight before reading pauses
 
+_SHOWN_PATH = 100  # characters of an unknown path that answers and logs show
 _TEXT = b"text/plain; charset=utf-8"
 _ALLOW = b"Allow: GET, POST\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -295,6 +296,8 @@ class _Connection(asyncio.Protocol):
                 raise BadRequest("malformed request URL") from None
             path = unquote(url.path.decode("latin-1"))
             if path != self._listener.path:
+                # Shortened: whoever asks chooses the path, and it reaches the log.
+                path = path if len(path) <= _SHOWN_PATH else path[:_SHOWN_PATH] + "..."
                 raise NotFound(f"no such path: {path!r}")
             if method == "POST":
                 self._in_flight = True

@@ -149,6 +149,13 @@ async def test_unknown_path_gets_404_and_the_connection_stays_usable(client: Cli
     assert (await client.reply()).body == b"4242"
 
 
+async def test_unknown_long_path_is_shortened_in_the_answer(client: Client) -> None:
+    await client.send(get("/" + "a" * 5000))
+    answer = await client.reply()
+    assert answer.status == 404
+    assert len(answer.body) < 200
+
+
 async def test_other_method_gets_405_naming_the_allowed_ones(client: Client) -> None:
     await client.send(get(PATH, method="DELETE"))
     answer = await client.reply()
