@@ -43,14 +43,9 @@ class Outbox:
         conn, self._prefix = layout.open_store(path)
         return conn
 
-    @property
-    def commits(self) -> int:
-        """Group transactions committed so far (each job retried alone after a failed group
-        is not counted)."""
-        return self._writer.commits
-
     def group_commits(self) -> tuple[int, int]:
-        """(group transactions committed, jobs they held) so far."""
+        """(group transactions committed, jobs they held) so far; a job run again alone after
+        its group failed is not counted."""
         return self._writer.commits, self._writer.jobs
 
     async def run(self, func: Callable[[Any], T], *, durable: bool = True) -> T:
@@ -89,7 +84,7 @@ class Outbox:
         notification_id, rowids = stored
         return [
             Delivery(
-                id=f"{self._prefix}-{rowid}",
+                id=store.delivery_id(self._prefix, rowid),
                 notification_id=notification_id,
                 target=route.target,
                 body=body if route.body is None else route.body,

@@ -29,6 +29,7 @@ __all__ = [
     "Delivery",
     "count_states",
     "dead_letter_unknown",
+    "delivery_id",
     "due_deliveries",
     "insert_notification",
     "list_deliveries",
@@ -109,9 +110,15 @@ _DELIVERY_COLUMNS = """d.id, d.notification_id, d.target, COALESCE(d.body, n.bod
     d.last_status, d.last_error, d.last_response"""
 
 
+def delivery_id(prefix: str, rowid: int) -> str:
+    """The id of delivery ``rowid`` in the outbox whose prefix is ``prefix`` (see
+    :func:`rowid_of`, its inverse)."""
+    return f"{prefix}-{rowid}"
+
+
 def _delivery(row: tuple[Any, ...], prefix: str) -> Delivery:
     return Delivery(
-        id=f"{prefix}-{row[0]}",
+        id=delivery_id(prefix, row[0]),
         notification_id=row[1],
         target=row[2],
         body=bytes(row[3]),
@@ -185,7 +192,7 @@ def due_deliveries(
             " ORDER BY d.next_attempt_at LIMIT ?",
             (target, now, limit + len(skip)),
         ).fetchall()
-        fresh = [row for row in rows if f"{prefix}-{row[0]}" not in skip][:limit]
+        fresh = [row for row in rows if delivery_id(prefix, row[0]) not in skip][:limit]
         found.extend([_delivery(row, prefix) for row in fresh])
     found.sort(key=lambda d: d.next_attempt_at)
     return found

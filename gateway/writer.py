@@ -207,9 +207,8 @@ class Writer:
         deadline = 0.0
         while True:
             timeout = max(0.0, deadline - time.monotonic()) if waiting else None
-            items = self._take(timeout)
-            stop = None in items
-            group = waiting + [job for item in items if item is not None for job in item]
+            jobs, stop = self._take(timeout)
+            group = waiting + jobs
             durable = sum(job.durable for job in group)
             if group and not stop and not durable:
                 if not waiting:
@@ -222,9 +221,7 @@ class Writer:
                 self._arrived()
                 linger = 0.0 if stop else linger_for(durable, self._gap)
                 if linger > 0.0:
-                    taken = self._take(linger)
-                    stop = None in taken
-                    more = [job for item in taken if item is not None for job in item]
+                    more, stop = self._take(linger)
                     if any(job.durable for job in more):
                         self._arrived()
                     group += more
@@ -243,18 +240,19 @@ class Writer:
             )
         self._last_durable = now
 
-    def _take(self, timeout: float | None) -> list[list[_Job] | None]:
-        """What is queued: waits up to ``timeout`` (``None``: for ever) for the first item."""
+    def _take(self, timeout: float | None) -> tuple[list[_Job], bool]:
+        """The jobs queued, and whether close() asked the thread to stop; waits up to
+        ``timeout`` (``None``: for ever) for the first hand-over."""
         try:
             items = [self._queue.get(timeout=timeout)]
         except stdqueue.Empty:
-            return []
+            return [], False
         while len(items) < MAX_GROUP:
             try:
                 items.append(self._queue.get_nowait())
             except stdqueue.Empty:
                 break
-        return items
+        return [job for item in items if item is not None for job in item], None in items
 
     def _commit(self, conn: sqlite3.Connection, lock: int, group: list[_Job]) -> None:
         results: list[tuple[Any, BaseException | None]]
