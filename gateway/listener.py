@@ -53,6 +53,11 @@ _SHOWN_PATH = 100  # characters of an unknown path that answers and logs show
 _TEXT = b"text/plain; charset=utf-8"
 _ALLOW = b"Allow: GET, POST\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Every status line, built once rather than looked up and encoded for each answer.
+_STATUS_LINES = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
+    for status in HTTPStatus
+}
 
 
 class _Refuse(Exception):
@@ -112,8 +117,8 @@ def _response(
 ) -> bytes:
     return b"".join(
         (
-            b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            % (status, HTTPStatus(status).phrase.encode(), date, _TEXT, len(body)),
+            _STATUS_LINES[status],
+            b"Date: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (date, _TEXT, len(body)),
             extra,
             b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
             b"" if head else body,
@@ -391,7 +396,10 @@ class Listener:
         self.log_requests = access_log.isEnabledFor(logging.INFO)
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep_every_s = SWEEP_EVERY_S
+        # Often enough that a short timeout is kept to within a quarter of itself.
+        self._sweep_every_s = min(
+            SWEEP_EVERY_S, self.idle_timeout_s / 4, self.request_timeout_s / 4
+        )
 
     async def start(
         self, host: str, port: int, ssl_context: ssl.SSLContext, *, reuse_port: bool = False
@@ -407,10 +415,6 @@ class Listener:
             backlog=1024,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
             **kwargs,
-        )
-        # Often enough that a short timeout is kept to within a quarter of itself.
-        self._sweep_every_s = min(
-            SWEEP_EVERY_S, self.idle_timeout_s / 4, self.request_timeout_s / 4
         )
         self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
