@@ -76,6 +76,7 @@ class TlsConfig:
     client_auth: ClientAuth = "required"
     client_cn: tuple[str, ...] = (META_CLIENT_CN,)
     crl_file: Path | None = None
+    session_tickets: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,6 +224,7 @@ _RULES: dict[str, _Rule] = {
     "listen.port": (lambda value: 1 <= value <= 65535, "an integer from 1 to 65535"),
     "listen.path": (lambda value: value.startswith("/"), "a path starting with '/'"),
     "tls.client_cn": _NON_EMPTY,
+    "tls.session_tickets": (lambda value: 0 <= value <= 8, "an integer from 0 to 8"),
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
     "targets.url": (_is_http_url, "an http:// or https:// URL"),

@@ -63,15 +63,16 @@ def build_server_context(tls: TlsConfig) -> ssl.SSLContext:
         # A client-initiated TLS 1.2 renegotiation costs the server a full handshake each time
         # and buys nothing here; TLS 1.3 has no renegotiation at all (RFC 8446).
         context.options |= ssl.OP_NO_RENEGOTIATION
-    # Session tickets stay on (OP_NO_TICKET is not set): Meta opens many connections, and a
-    # resumed handshake skips the certificate exchange and its signature checks.
     context.set_alpn_protocols(_ALPN_PROTOCOLS)
-    # TLS 1.3 servers send session tickets after every full handshake; OpenSSL sends two by
-    # default. One is enough for a client that resumes (it uses one ticket per connection), and
-    # each ticket costs an encryption and a write on every new connection, which is most of
-    # them when the client does not resume: one ticket gave 10% more new connections/s
-    # (bench/bench.py --phases new, 2 runs each: 623/619 -> 686/688).
-    context.num_tickets = 1
+    # A TLS 1.3 server sends its session tickets after every full handshake (OpenSSL: two by
+    # default). Each costs the server about 150 us of CPU (a bare uvloop TLS server here: 770 us
+    # per full handshake without tickets, 925 with one), wasted on a client that does not
+    # resume (Meta does not say that it does). Nor could most
+    # tickets be used: each worker process has its own ticket key, and SO_REUSEPORT spreads
+    # new connections across the workers, so a ticket resumes only on the worker that issued
+    # it. Hence none by default; tls.session_tickets = 1 suits a resuming client and one
+    # worker. TLS 1.2 tickets are unaffected (OP_NO_TICKET is not set).
+    context.num_tickets = tls.session_tickets
     _load(
         "tls.cert_file",
         tls.cert_file,

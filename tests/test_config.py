@@ -100,6 +100,7 @@ def test_loads_minimal_config_with_defaults(tmp_path: Path) -> None:
     assert config.listen == ListenConfig()
     assert config.tls.client_auth == "required"
     assert config.tls.client_cn == (META_CLIENT_CN,)
+    assert config.tls.session_tickets == 0
     assert config.outbox == OutboxConfig()
     assert config.targets == ()
     assert config.admin == AdminConfig()
@@ -124,6 +125,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         client_auth = "optional"
         client_cn = ["one.example", "two.example"]
         crl_file = "a/crl.pem"
+        session_tickets = 1
 
         [meta]
         verify_tokens = ["vt-1", "vt-2"]
@@ -180,6 +182,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
             client_auth="optional",
             client_cn=("one.example", "two.example"),
             crl_file=tmp_path / "a/crl.pem",
+            session_tickets=1,
         ),
         meta=MetaConfig(verify_tokens=("vt-1", "vt-2"), app_secrets=("as-1", "as-2")),
         outbox=OutboxConfig(
@@ -408,6 +411,8 @@ def test_rejects_wrong_type(tmp_path: Path, entries: Entries, expected: str) -> 
         ({"listen.port": "65536"}, "listen.port = 65536: expected an integer from 1 to 65535"),
         ({"admin.port": "-1"}, "admin.port = -1: expected an integer from 0 to 65535"),
         ({"admin.port": "65536"}, "admin.port = 65536: expected an integer from 0 to 65535"),
+        ({"tls.session_tickets": "-1"}, "tls.session_tickets = -1: expected an integer from 0 to 8"),
+        ({"tls.session_tickets": "9"}, "tls.session_tickets = 9: expected an integer from 0 to 8"),
         (
             {"listen.path": '"webhook"'},
             "listen.path = 'webhook': expected a path starting with '/'",

@@ -473,10 +473,11 @@ def blocking_exchange(
 
 
 async def test_resumed_session_still_shows_client_cn(pki: Pki, version: ssl.TLSVersion) -> None:
-    """A resumed handshake (tickets are on) still hands the application Meta's certificate."""
+    """With tickets on, a resumed handshake still hands the application Meta's certificate."""
     context = pki.client_context("meta")
     context.minimum_version = context.maximum_version = version
-    async with serving(build_server_context(pki.tls_config())) as server:
+    tls = dataclasses.replace(pki.tls_config(), session_tickets=1)
+    async with serving(build_server_context(tls)) as server:
         first, session, _ = await asyncio.to_thread(blocking_exchange, server.port, context, None)
         await server.settled()
         second, _, reused = await asyncio.to_thread(
@@ -491,6 +492,26 @@ async def test_resumed_session_still_shows_client_cn(pki: Pki, version: ssl.TLSV
     assert cns == [META_CLIENT_CN, META_CLIENT_CN]
 
 
-def test_server_context_issues_one_session_ticket(pki: Pki) -> None:
-    """One TLS 1.3 ticket per handshake: enough to resume, half the cost of OpenSSL's two."""
-    assert build_server_context(pki.tls_config()).num_tickets == 1
+async def test_tls13_handshake_issues_no_session_ticket_by_default(pki: Pki) -> None:
+    """No ticket unless tls.session_tickets asks: the next connection is a full handshake."""
+    context = pki.client_context("meta")
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    async with serving(build_server_context(pki.tls_config())) as server:
+        first, session, _ = await asyncio.to_thread(blocking_exchange, server.port, context, None)
+        await server.settled()
+        second, _, reused = await asyncio.to_thread(
+            blocking_exchange, server.port, context, session
+        )
+        await server.settled()
+    assert (first, second, reused) == (b"ok", b"ok", False)
+    assert session is None or not session.has_ticket
+
+
+@pytest.mark.parametrize(("configured", "tickets"), [(None, 0), (0, 0), (1, 1), (8, 8)])
+def test_server_context_issues_the_configured_session_tickets(
+    pki: Pki, configured: int | None, tickets: int
+) -> None:
+    tls = pki.tls_config()
+    if configured is not None:
+        tls = dataclasses.replace(tls, session_tickets=configured)
+    assert build_server_context(tls).num_tickets == tickets
