@@ -411,7 +411,10 @@ def test_rejects_wrong_type(tmp_path: Path, entries: Entries, expected: str) -> 
         ({"listen.port": "65536"}, "listen.port = 65536: expected an integer from 1 to 65535"),
         ({"admin.port": "-1"}, "admin.port = -1: expected an integer from 0 to 65535"),
         ({"admin.port": "65536"}, "admin.port = 65536: expected an integer from 0 to 65535"),
-        ({"tls.session_tickets": "-1"}, "tls.session_tickets = -1: expected an integer from 0 to 8"),
+        (
+            {"tls.session_tickets": "-1"},
+            "tls.session_tickets = -1: expected an integer from 0 to 8",
+        ),
         ({"tls.session_tickets": "9"}, "tls.session_tickets = 9: expected an integer from 0 to 8"),
         (
             {"listen.path": '"webhook"'},
