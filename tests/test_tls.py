@@ -472,19 +472,30 @@ def blocking_exchange(
         return reply, tls.session, bool(tls.session_reused)
 
 
+async def offer_session_again(
+    server_context: ssl.SSLContext, client_context: ssl.SSLContext
+) -> tuple[tuple[bytes, bytes, bool], ssl.SSLSession | None, Server]:
+    """Two connections, the second offering the session the first one got: both replies and
+    whether the second resumed, that session, and the server that saw both."""
+    async with serving(server_context) as server:
+        first, session, _ = await asyncio.to_thread(
+            blocking_exchange, server.port, client_context, None
+        )
+        await server.settled()
+        second, _, reused = await asyncio.to_thread(
+            blocking_exchange, server.port, client_context, session
+        )
+        await server.settled()
+    return (first, second, reused), session, server
+
+
 async def test_resumed_session_still_shows_client_cn(pki: Pki, version: ssl.TLSVersion) -> None:
     """With tickets on, a resumed handshake still hands the application Meta's certificate."""
     context = pki.client_context("meta")
     context.minimum_version = context.maximum_version = version
     tls = dataclasses.replace(pki.tls_config(), session_tickets=1)
-    async with serving(build_server_context(tls)) as server:
-        first, session, _ = await asyncio.to_thread(blocking_exchange, server.port, context, None)
-        await server.settled()
-        second, _, reused = await asyncio.to_thread(
-            blocking_exchange, server.port, context, session
-        )
-        await server.settled()
-    assert (first, second, reused) == (b"ok", b"ok", True)
+    outcome, _, server = await offer_session_again(build_server_context(tls), context)
+    assert outcome == (b"ok", b"ok", True)
     assert server.refusals == []
     cns = [
         check_client_identity(seen.peercert, (META_CLIENT_CN,), "required") for seen in server.seen
@@ -496,14 +507,8 @@ async def test_tls13_handshake_issues_no_session_ticket_by_default(pki: Pki) -> 
     """No ticket unless tls.session_tickets asks: the next connection is a full handshake."""
     context = pki.client_context("meta")
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    async with serving(build_server_context(pki.tls_config())) as server:
-        first, session, _ = await asyncio.to_thread(blocking_exchange, server.port, context, None)
-        await server.settled()
-        second, _, reused = await asyncio.to_thread(
-            blocking_exchange, server.port, context, session
-        )
-        await server.settled()
-    assert (first, second, reused) == (b"ok", b"ok", False)
+    outcome, session, _ = await offer_session_again(build_server_context(pki.tls_config()), context)
+    assert outcome == (b"ok", b"ok", False)
     assert session is None or not session.has_ticket
 
 
