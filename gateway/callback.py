@@ -7,7 +7,6 @@ passes. A notification is answered 200 only once it is durably in the outbox.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -88,11 +87,9 @@ class Callback:
             return DUPLICATE
         self.stats.accepted()
         if self.dispatcher is not None:
+            # Sent at the end of this turn of the event loop, in one batch with the others stored
+            # in the same group commit; the answer does not wait for it.
             self.dispatcher.offer(stored)
-            # One turn of the loop lets the forwards just offered write their requests before
-            # the answer is written: targets see the notification sooner, and nothing here
-            # waits for them (the answer does not depend on the forward's outcome).
-            await asyncio.sleep(0)
         elif self._stored_elsewhere is not None:
             self._stored_elsewhere()
         return ACCEPTED

@@ -48,15 +48,20 @@ class Dispatcher:
         self._targets = {t.name: t for t in targets}
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
         self._forwarders = {t.name: Forwarder(t) for t in targets}
-        self._slots = {t.name: asyncio.Semaphore(t.concurrency) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
-        self._capacity = max(settings.batch_size, 1)  # attempts in flight in all
+        self._capacity = max(settings.batch_size, 1)  # attempts started or queued, in all
         # True when the outbox may hold due deliveries the last claim had no room for: only
         # then does a finished attempt wake the loop. Otherwise the outbox is read on the poll
         # interval, and fresh notifications arrive through offer() without being read back.
         self._backlog = True
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # Started deliveries: in a batch on the wire, or queued for the target's next batch
+        # (the target's ``concurrency`` is reached, or the batch goes out at the end of this
+        # turn of the event loop, together with the others that came due in it).
+        self._in_flight: set[str] = set()
+        self._queued: dict[str, list[Delivery]] = {name: [] for name in self._targets}
+        self._send_scheduled = False
+        self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -103,8 +108,10 @@ class Dispatcher:
         for warming in self._warming:
             warming.cancel()
         await asyncio.gather(*self._warming, return_exceptions=True)
-        if self._in_flight:
-            _, late = await asyncio.wait(list(self._in_flight.values()), timeout=grace_s)
+        for queue in self._queued.values():
+            queue.clear()  # not sent: they stay pending in the outbox
+        if self._batches:
+            _, late = await asyncio.wait(list(self._batches), timeout=grace_s)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -141,72 +148,106 @@ class Dispatcher:
         }
         if not limits:
             return
-        due = await self._outbox.due(now, limits, exclude=self._in_flight.keys())
+        due = await self._outbox.due(now, limits, exclude=self._in_flight)
         self._backlog = len(due) >= room
         for delivery in due[:room]:
             if delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
 
     def _start(self, delivery: Delivery) -> None:
-        self._busy[delivery.target] += 1
-        task = asyncio.create_task(self._attempt(delivery))
-        self._in_flight[delivery.id] = task
-        task.add_done_callback(functools.partial(self._done, delivery.id))
+        self._in_flight.add(delivery.id)
+        self._queued[delivery.target].append(delivery)
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_queued)
 
-    def _done(self, delivery_id: str, _task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(delivery_id, None)
+    def _send_queued(self) -> None:
+        """Start a batch for each target with queued deliveries, within its concurrency."""
+        self._send_scheduled = False
+        if self._stopping:
+            return
+        for name, queue in self._queued.items():
+            target = self._targets[name]
+            while queue and self._busy[name] < target.concurrency:
+                size = min(len(queue), target.pipeline, target.concurrency - self._busy[name])
+                batch = queue[:size]
+                del queue[:size]
+                self._busy[name] += size
+                task = asyncio.create_task(self._attempt(name, batch))
+                self._batches.add(task)
+                task.add_done_callback(functools.partial(self._done, batch))
+
+    def _done(self, batch: list[Delivery], task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        for delivery in batch:
+            self._in_flight.discard(delivery.id)
         if self._backlog:
             self._wake.set()
 
-    async def _attempt(self, delivery: Delivery) -> None:
-        attempt = delivery.attempts + 1
+    async def _attempt(self, name: str, batch: list[Delivery]) -> None:
+        attempts = [delivery.attempts + 1 for delivery in batch]
         try:
-            async with self._slots[delivery.target]:
-                try:
-                    result = await self._forwarders[delivery.target].send(delivery, attempt)
-                except Exception as exc:
-                    # Still a failed attempt: recorded and backed off like any other, rather
-                    # than a dead task whose delivery is claimed again at once, in a tight loop.
-                    log.exception("attempt %d of delivery %s failed", attempt, delivery.id)
-                    result = AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])
+            try:
+                results = await self._forwarders[name].send_many(batch, attempts)
+            except Exception as exc:
+                # Still failed attempts: recorded and backed off like any other, rather than a
+                # dead task whose deliveries are claimed again at once, in a tight loop.
+                log.exception("attempts of %d deliveries to %s failed", len(batch), name)
+                results = [AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])] * len(batch)
         finally:
-            self._busy[delivery.target] -= 1
+            self._busy[name] -= len(batch)
+            if self._queued[name] and not self._send_scheduled:
+                self._send_scheduled = True
+                asyncio.get_running_loop().call_soon(self._send_queued)
         now = self._clock()
-        health = self._health[delivery.target]
-        if is_transient(result):
-            health.failed(now, self._policies[delivery.target], self._uniform)
+        health = self._health[name]
+        policy = self._policies[name]
+        # One verdict on the target per batch: a batch is one exchange with it, and a target
+        # that is down fails every request in it at once.
+        if any(is_transient(result) for result in results):
+            health.failed(now, policy, self._uniform)
         elif health.probing:
-            log.info("target %s answers again", delivery.target)
+            log.info("target %s answers again", name)
             health.succeeded()
-        outcome = classify(
-            result,
-            attempt=attempt,
-            created_at=delivery.created_at,
-            now=now,
-            policy=self._policies[delivery.target],
-            uniform=self._uniform,
-        )
+        outcomes = [
+            classify(
+                result,
+                attempt=attempt,
+                created_at=delivery.created_at,
+                now=now,
+                policy=policy,
+                uniform=self._uniform,
+            )
+            for delivery, attempt, result in zip(batch, attempts, results, strict=True)
+        ]
         try:
-            await self._outbox.record(delivery.id, outcome, result, now)
+            await self._outbox.record_many(
+                [
+                    (delivery.id, outcome, result)
+                    for delivery, outcome, result in zip(batch, outcomes, results, strict=True)
+                ],
+                now,
+            )
         except Exception:
-            # Not recorded: it stays pending and is sent again later (at-least-once).
-            log.exception("could not record delivery %s", delivery.id)
+            # Not recorded: they stay pending and are sent again later (at-least-once).
+            log.exception("could not record %d deliveries to %s", len(batch), name)
             return
-        if isinstance(outcome, Delivered):
-            log.debug("delivered %s to %s", delivery.id, delivery.target)
-        elif isinstance(outcome, RetryAt):
-            log.info(
-                "delivery %s to %s failed (%s); attempt %d, next in %.1fs",
-                delivery.id,
-                delivery.target,
-                outcome.reason,
-                attempt,
-                outcome.at - now,
-            )
-        elif isinstance(outcome, DeadLetter):
-            log.warning(
-                "delivery %s to %s dead-lettered: %s", delivery.id, delivery.target, outcome.reason
-            )
+        for delivery, attempt, outcome in zip(batch, attempts, outcomes, strict=True):
+            if isinstance(outcome, Delivered):
+                log.debug("delivered %s to %s", delivery.id, name)
+            elif isinstance(outcome, RetryAt):
+                log.info(
+                    "delivery %s to %s failed (%s); attempt %d, next in %.1fs",
+                    delivery.id,
+                    name,
+                    outcome.reason,
+                    attempt,
+                    outcome.at - now,
+                )
+            elif isinstance(outcome, DeadLetter):
+                log.warning(
+                    "delivery %s to %s dead-lettered: %s", delivery.id, name, outcome.reason
+                )
 
     async def _maybe_prune(self) -> None:
         now = self._clock()

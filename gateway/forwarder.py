@@ -8,6 +8,7 @@ impersonate the gateway's own ``X-Gateway-*`` headers.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.backoff import parse_retry_after
@@ -15,7 +16,7 @@ from gateway.config import TargetConfig
 from gateway.outbox import Delivery
 from gateway.outcome import AttemptResult
 from gateway.signature import gateway_signature
-from gateway.upstream import Upstream, UpstreamError
+from gateway.upstream import Response, Upstream, UpstreamError
 
 __all__ = ["Forwarder", "build_headers"]
 
@@ -52,18 +53,29 @@ class Forwarder:
         self.target = target
         self._upstream = Upstream(target.url)
 
-    async def send(self, delivery: Delivery, attempt: int) -> AttemptResult:
-        headers = build_headers(delivery, self.target, attempt, time.time())
-        try:
-            response = await self._upstream.post(headers, delivery.body, self.target.timeout_s)
-        except TimeoutError:
+    async def send_many(
+        self, deliveries: Sequence[Delivery], attempts: Sequence[int]
+    ) -> list[AttemptResult]:
+        """Attempt number ``attempts[i]`` of each ``deliveries[i]``, pipelined on one
+        connection (see :mod:`gateway.upstream`); what came back for each, in order."""
+        now = time.time()
+        requests = [
+            (build_headers(delivery, self.target, attempt, now), delivery.body)
+            for delivery, attempt in zip(deliveries, attempts, strict=True)
+        ]
+        answers = await self._upstream.post_many(requests, self.target.timeout_s)
+        now = time.time()
+        return [self._result(answer, now) for answer in answers]
+
+    def _result(self, answer: Response | UpstreamError | TimeoutError, now: float) -> AttemptResult:
+        if isinstance(answer, TimeoutError):
             return AttemptResult(error=f"timed out after {self.target.timeout_s:g}s")
-        except UpstreamError as exc:
-            return AttemptResult(error=str(exc)[:300])
+        if isinstance(answer, UpstreamError):
+            return AttemptResult(error=str(answer)[:300])
         return AttemptResult(
-            status=response.status,
-            retry_after_s=parse_retry_after(response.retry_after, time.time()),
-            response_excerpt=response.excerpt.decode("utf-8", "replace"),
+            status=answer.status,
+            retry_after_s=parse_retry_after(answer.retry_after, now),
+            response_excerpt=answer.excerpt.decode("utf-8", "replace"),
         )
 
     async def warm(self) -> None:

@@ -124,8 +124,26 @@ class Outbox:
     async def record(
         self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
     ) -> None:
-        """Store the outcome of one attempt. Lazily (see :mod:`gateway.writer`): lost in a
-        power cut, an outcome only means the delivery is attempted again."""
+        """Store the outcome of one attempt (see :meth:`record_many`)."""
+        await self.record_many([(delivery_id, outcome, result)], now)
+
+    async def record_many(
+        self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float
+    ) -> None:
+        """Store the outcomes of attempts that ended at ``now``, as one job. Lazily (see
+        :mod:`gateway.writer`): lost in a power cut, an outcome only means the delivery is
+        attempted again."""
+        updates = [self._update(*attempt, now) for attempt in attempts]
+
+        def job(conn: Any) -> None:
+            for update in updates:
+                store.record_attempt(conn, **update)
+
+        await self.run(job, durable=False)
+
+    def _update(
+        self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
+    ) -> dict[str, Any]:
         if isinstance(outcome, Delivered):
             state, next_at, error = "delivered", now, None
         elif isinstance(outcome, RetryAt):
@@ -133,17 +151,15 @@ class Outbox:
         else:
             assert isinstance(outcome, DeadLetter)
             state, next_at, error = "dead", now, outcome.reason
-        job = functools.partial(
-            store.record_attempt,
-            rowid=store.rowid_of(delivery_id, self._prefix),
-            state=state,
-            next_attempt_at=next_at,
-            now=now,
-            status=result.status,
-            error=error,
-            response=result.response_excerpt,
-        )
-        await self.run(job, durable=False)
+        return {
+            "rowid": store.rowid_of(delivery_id, self._prefix),
+            "state": state,
+            "next_attempt_at": next_at,
+            "now": now,
+            "status": result.status,
+            "error": error,
+            "response": result.response_excerpt,
+        }
 
     async def query(
         self, *, state: str | None = None, target: str | None = None, limit: int = 100

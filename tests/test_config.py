@@ -151,6 +151,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         split = "change"
         secret = "target-secret"
         concurrency = 8
+        pipeline = 4
 
         [[targets]]
         name = "archive"
@@ -204,6 +205,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
                 split="change",
                 secret="target-secret",
                 concurrency=8,
+                pipeline=4,
             ),
             TargetConfig(name="archive", url="http://127.0.0.1:9000/"),
         ),
@@ -310,8 +312,8 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
 
 TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls"
 TARGET_KEYS = (
-    "attempts, concurrency, fields, max_age_s, name, phone_number_ids, secret, split, timeout_s, "
-    "url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
+    "attempts, concurrency, fields, max_age_s, name, phone_number_ids, pipeline, secret, split, "
+    "timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
 )
 
 
@@ -480,6 +482,7 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
         ("max_age_s", "0", "max_age_s = 0: expected a number > 0"),
         ("split", '"entry"', "split = 'entry': expected one of 'none', 'change'"),
         ("concurrency", "0", "concurrency = 0: expected an integer >= 1"),
+        ("pipeline", "0", "pipeline = 0: expected an integer >= 1"),
         ("fields", '["messages", ""]', "fields[1] = '': expected a non-empty string"),
         ("secret", '""', "secret = '': expected a non-empty string"),
     ],

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.upstream import Upstream, UpstreamError
+from gateway.upstream import Response, Upstream, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -206,3 +206,98 @@ async def test_warm_opens_a_connection_the_first_post_reuses(pool: list[Upstream
     down = Upstream(f"http://127.0.0.1:{server.port}/")
     pool.append(down)
     await down.warm(5)
+
+
+def _status_of(body: bytes) -> bytes:
+    """A reply whose status is the request's body, so each answer names its request."""
+    return b"HTTP/1.1 %s OK\r\nContent-Length: 0\r\n\r\n" % body
+
+
+async def test_pipelines_a_batch_on_one_connection_and_matches_answers_in_order(
+    pool: list[Upstream],
+) -> None:
+    """post_many writes all requests before the first answer, on one connection, and each
+    result is the answer to its own request (RFC 9112 section 9.3.2: responses in order)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answer nothing until all five requests are in: only a pipelining client gets answers.
+        bodies = []
+        for _ in range(5):
+            bodies.append((await _read_request(reader))[1])
+        for body in bodies:
+            writer.write(_status_of(body))
+        await writer.drain()
+        await _read_request(reader)
+
+    async with Server(handler) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        statuses = [b"201", b"202", b"503", b"204", b"400"]
+        answers = await upstream.post_many([({}, status) for status in statuses], 5)
+        assert [a.status for a in answers if isinstance(a, Response)] == [201, 202, 503, 204, 400]
+        assert server.connections == 1
+
+
+async def test_requests_behind_a_connection_close_answer_are_sent_again(
+    pool: list[Upstream],
+) -> None:
+    """A target that answers one request per connection and closes ("Connection: close")
+    processed none of the requests behind it (RFC 9112 section 9.6): they go again on new
+    connections, and every request gets its own answer, none an error."""
+
+    async def one_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        _, body = await _read_request(reader)
+        writer.write(b"HTTP/1.1 %s OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % body)
+        await writer.drain()
+
+    async with Server(one_per_connection) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        answers = await upstream.post_many([({}, b"%d" % (200 + n)) for n in range(4)], 5)
+        assert [a.status for a in answers if isinstance(a, Response)] == [200, 201, 202, 203]
+        assert server.connections == 4
+
+
+async def test_connection_broken_mid_batch_fails_only_the_unanswered(
+    pool: list[Upstream],
+) -> None:
+    """A target that answers two requests, then drops the connection without a word: those
+    two have their answers, the rest an UpstreamError (they may have been processed, so they
+    are failed attempts, not silently sent again)."""
+
+    async def drops_after_two(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            _, body = await _read_request(reader)
+            writer.write(_status_of(body))
+        await writer.drain()
+        await _read_request(reader)
+
+    async with Server(drops_after_two) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        answers = await upstream.post_many([({}, b"%d" % (200 + n)) for n in range(4)], 5)
+        assert [getattr(a, "status", None) for a in answers[:2]] == [200, 201]
+        assert all(isinstance(a, UpstreamError) for a in answers[2:])
+        assert server.connections == 1
+
+
+async def test_each_response_has_its_own_timeout(pool: list[Upstream]) -> None:
+    """The first request is answered, then the target falls silent: the answered one keeps its
+    response, the others time out, and the connection is not reused."""
+
+    async def answers_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await _read_request(reader)
+        writer.write(_status_of(body))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with Server(answers_one) as server:
+        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
+        pool.append(upstream)
+        answers = await upstream.post_many([({}, b"200"), ({}, b"201"), ({}, b"202")], 0.3)
+        assert isinstance(answers[0], Response)
+        assert answers[0].status == 200
+        assert all(isinstance(a, TimeoutError) for a in answers[1:])
+        assert not upstream._idle

@@ -1,0 +1,124 @@
+"""The dispatcher's batches: deliveries due together reach a target pipelined on one
+connection, never more per connection than the target's ``pipeline`` and never more in flight
+than its ``concurrency``.
+
+The target is a raw HTTP/1.1 server that reads requests ahead of its answers (as a server
+handling pipelined requests does) and answers each after a short delay, so it can count the
+requests it holds unanswered, per connection and in all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+from helpers import eventually, message_body, meta_signature
+
+from gateway.config import DispatcherConfig, TargetConfig
+from gateway.dispatcher import Dispatcher
+from gateway.outbox import Outbox
+from gateway.routing import Route
+
+DELIVERIES = 6
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class ReadAheadServer:
+    """Reads every request as soon as it arrives; answers each, in order, 20 ms later."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered = 0
+        self.most_per_connection = 0
+        self.most_in_all = 0
+        self._unanswered = 0
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        held: asyncio.Queue[None] = asyncio.Queue()
+        answering = asyncio.create_task(self._answer(held, writer))
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                self._unanswered += 1
+                held.put_nowait(None)
+                self.most_per_connection = max(self.most_per_connection, held.qsize())
+                self.most_in_all = max(self.most_in_all, self._unanswered)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            answering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answering
+            writer.close()
+
+    async def _answer(self, held: asyncio.Queue[None], writer: asyncio.StreamWriter) -> None:
+        while True:
+            await held.get()
+            await asyncio.sleep(0.02)
+            held.task_done()
+            writer.write(OK)
+            self._unanswered -= 1
+            self.answered += 1
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "concurrency", "per_connection", "in_all"),
+    [
+        (16, 32, DELIVERIES, DELIVERIES),  # one batch, one connection, one write
+        (1, 32, 1, DELIVERIES),  # no pipelining: a connection per delivery in flight
+        (4, 32, 4, DELIVERIES),  # batches of at most 4
+        (16, 2, 2, 2),  # concurrency bounds the batch as well
+    ],
+    ids=["pipelined", "pipeline-1", "pipeline-4", "concurrency-2"],
+)
+async def test_deliveries_due_together_are_pipelined_within_the_targets_limits(
+    tmp_path: Path, pipeline: int, concurrency: int, per_connection: int, in_all: int
+) -> None:
+    """Six deliveries due at once, claimed together when the dispatcher starts: the target
+    holds at most ``pipeline`` of them unanswered on one connection and ``concurrency`` in
+    all, reaches those limits, and every delivery ends delivered on its first attempt."""
+    target_server = ReadAheadServer()
+    server = await target_server.start()
+    target = TargetConfig(
+        name="t",
+        url=f"http://127.0.0.1:{target_server.port}/hook",
+        pipeline=pipeline,
+        concurrency=concurrency,
+    )
+    outbox = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=0)
+    dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
+    try:
+        for n in range(DELIVERIES):
+            body = message_body(f"due together {n}")
+            await outbox.accept(body, meta_signature(body), [Route("t", None)], now=1.0)
+        dispatcher.start()
+
+        async def all_delivered() -> bool:
+            return (await outbox.counts())["delivered"] == DELIVERIES
+
+        await eventually(all_delivered, f"{DELIVERIES} deliveries delivered")
+        delivered = await outbox.query(state="delivered")
+        assert {d.attempts for d in delivered} == {1}
+        assert target_server.answered == DELIVERIES
+        assert target_server.most_per_connection == per_connection
+        assert target_server.most_in_all == in_all
+    finally:
+        await dispatcher.stop()
+        await outbox.close()
+        server.close()
+        await server.wait_closed()
