@@ -19,6 +19,8 @@ __all__ = ["connect", "open_store", "read_prefix"]
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0.
 _LAYOUT = 2
+# Write-ahead log pages that trigger a checkpoint (see open_store).
+_CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
     "made by an older version of the outbox (random text delivery ids); deliver or export its"
     " pending deliveries with the previous version of waba-gateway, or move the file away"
@@ -129,6 +131,12 @@ def open_store(path: Path) -> tuple[sqlite3.Connection, str]:
         # The layout first: a file that is refused is not even switched to WAL.
         prefix = _layout(conn, path)
         conn.execute("PRAGMA journal_mode=WAL")
+        # The commit that takes the log past this many pages copies them into the database
+        # file and syncs it before its requests are answered (https://sqlite.org/wal.html,
+        # "Automatic Checkpoint"). SQLite's 1000 pages made that a stall long enough to set the
+        # 99th percentile of acknowledgements; 200 makes each stall a fifth as long for the
+        # same CPU in all.
+        conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
     except sqlite3.Error as exc:
         conn.close()
         raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc

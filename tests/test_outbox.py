@@ -67,12 +67,14 @@ async def test_accepted_notification_is_committed_before_accept_returns(outbox: 
     ]
 
 
-def test_outbox_uses_wal_and_full_sync(tmp_path: Path) -> None:
-    """The connection runs in WAL mode with synchronous=FULL (2)."""
+def test_outbox_uses_wal_full_sync_and_short_checkpoints(tmp_path: Path) -> None:
+    """The connection runs in WAL mode with synchronous=FULL (2), and checkpoints every 200
+    pages of log rather than SQLite's 1000, so no single commit stalls long on one."""
     conn = connect(tmp_path / "o.sqlite3")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("PRAGMA synchronous").fetchone() == (2,)
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (200,)
     finally:
         conn.close()
 
