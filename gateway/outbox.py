@@ -133,17 +133,12 @@ class Outbox:
         """Store the outcomes of attempts that ended at ``now``, as one job. Lazily (see
         :mod:`gateway.writer`): lost in a power cut, an outcome only means the delivery is
         attempted again."""
-        updates = [self._update(*attempt, now) for attempt in attempts]
+        updates = [self._attempt(*attempt, now) for attempt in attempts]
+        await self.run(functools.partial(store.record_attempts, attempts=updates), durable=False)
 
-        def job(conn: Any) -> None:
-            for update in updates:
-                store.record_attempt(conn, **update)
-
-        await self.run(job, durable=False)
-
-    def _update(
+    def _attempt(
         self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
-    ) -> dict[str, Any]:
+    ) -> store.Attempt:
         if isinstance(outcome, Delivered):
             state, next_at, error = "delivered", now, None
         elif isinstance(outcome, RetryAt):
@@ -151,15 +146,15 @@ class Outbox:
         else:
             assert isinstance(outcome, DeadLetter)
             state, next_at, error = "dead", now, outcome.reason
-        return {
-            "rowid": store.rowid_of(delivery_id, self._prefix),
-            "state": state,
-            "next_attempt_at": next_at,
-            "now": now,
-            "status": result.status,
-            "error": error,
-            "response": result.response_excerpt,
-        }
+        return store.Attempt(
+            rowid=store.rowid_of(delivery_id, self._prefix),
+            state=state,
+            next_attempt_at=next_at,
+            now=now,
+            status=result.status,
+            error=error,
+            response=result.response_excerpt,
+        )
 
     async def query(
         self, *, state: str | None = None, target: str | None = None, limit: int = 100

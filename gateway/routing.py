@@ -142,12 +142,21 @@ def route(payload: Any, targets: Sequence[TargetConfig]) -> list[Route]:
     A target without filters and ``split = "none"`` receives every notification, even one whose
     shape is unknown: it was signed by Meta, and dropping it would lose it.
     """
-    changes = list(iter_changes(payload))
+    # Read the changes only for a target that looks at them: the usual catch-all target
+    # (no filters, split = "none") does not.
+    changes = (
+        list(iter_changes(payload))
+        if any(t.split != "none" or _has_filters(t) for t in targets)
+        else []
+    )
     routes: list[Route] = []
     for target in targets:
+        if target.split == "none" and not _has_filters(target):
+            routes.append(Route(target.name, None))
+            continue
         matching = [c for c in changes if _matches(c, target)]
         if target.split == "none":
-            if matching or not _has_filters(target):
+            if matching:
                 routes.append(Route(target.name, None))
         elif isinstance(payload, dict):
             routes.extend(Route(target.name, _envelope(payload, c)) for c in matching)

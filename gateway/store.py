@@ -26,6 +26,7 @@ from gateway.routing import Route
 __all__ = [
     "PRUNE_BATCH",
     "STATES",
+    "Attempt",
     "Delivery",
     "count_states",
     "dead_letter_unknown",
@@ -35,7 +36,7 @@ __all__ = [
     "list_deliveries",
     "prune_delivered",
     "prune_notifications",
-    "record_attempt",
+    "record_attempts",
     "replay_delivery",
     "rowid_of",
 ]
@@ -212,24 +213,43 @@ def dead_letter_unknown(conn: sqlite3.Connection, targets: Collection[str], now:
     )
 
 
-def record_attempt(
-    conn: sqlite3.Connection,
-    rowid: int | None,
-    *,
-    state: str,
-    next_attempt_at: float,
-    now: float,
-    status: int | None,
-    error: str | None,
-    response: str,
-) -> None:
-    """Store the outcome of one attempt on delivery ``rowid`` (``None``: no such delivery)."""
-    if rowid is None:
-        return
-    conn.execute(
-        "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
-        " updated_at = ?, last_status = ?, last_error = ?, last_response = ? WHERE id = ?",
-        (state, next_attempt_at, now, status, error, response[:_EXCERPT_CHARS], rowid),
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The outcome of one attempt, as :func:`record_attempts` stores it on delivery ``rowid``
+    (``None``: no such delivery)."""
+
+    rowid: int | None
+    state: str
+    next_attempt_at: float
+    now: float
+    status: int | None
+    error: str | None
+    response: str
+
+
+_RECORD = (
+    "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
+    " updated_at = ?, last_status = ?, last_error = ?, last_response = ? WHERE id = ?"
+)
+
+
+def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> None:
+    """Store the outcome of each attempt on its delivery."""
+    conn.executemany(
+        _RECORD,
+        [
+            (
+                a.state,
+                a.next_attempt_at,
+                a.now,
+                a.status,
+                a.error,
+                a.response[:_EXCERPT_CHARS],
+                a.rowid,
+            )
+            for a in attempts
+            if a.rowid is not None
+        ],
     )
 
 
