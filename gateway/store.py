@@ -50,9 +50,10 @@ _EXCERPT_CHARS = 1024
 PRUNE_BATCH = 5000
 _MAX_ROWID = 2**63 - 1
 
-_SEEN = "SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ? LIMIT 1"
+# The duplicate check and the insert in one statement: one round trip into SQLite, not two.
 _INSERT_NOTIFICATION = (
-    "INSERT INTO notifications (digest, received_at, signature, body) VALUES (?, ?, ?, ?)"
+    "INSERT INTO notifications (digest, received_at, signature, body) SELECT ?, ?, ?, ?"
+    " WHERE NOT EXISTS (SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ?)"
 )
 _INSERT_DELIVERY = (
     "INSERT INTO deliveries (notification_id, target, body, state, created_at, next_attempt_at,"
@@ -158,9 +159,10 @@ def insert_notification(
 ) -> tuple[int, list[int]] | None:
     """Store a notification and one delivery per route; ``(notification id, delivery row ids)``,
     or ``None`` when a body with the same digest was received since ``since``."""
-    if conn.execute(_SEEN, (digest, since)).fetchone():
+    cursor = conn.execute(_INSERT_NOTIFICATION, (digest, now, signature, body, digest, since))
+    if cursor.rowcount == 0:
         return None
-    notification_id = conn.execute(_INSERT_NOTIFICATION, (digest, now, signature, body)).lastrowid
+    notification_id = cursor.lastrowid
     assert notification_id is not None
     # One execute per route, not executemany: each insert's lastrowid is its id, and the usual
     # single route costs less this way.
