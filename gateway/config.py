@@ -119,7 +119,7 @@ class TargetConfig:
     secret: str | None = None
     concurrency: int = 32
     # Requests written ahead of their responses on one connection (gateway.upstream).
-    pipeline: int = 16
+    pipeline: int = 32
 
     def __repr__(self) -> str:
         return f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r})"
