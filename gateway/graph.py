@@ -11,7 +11,7 @@ Exit codes, shared by every command that talks to the Graph API::
     1  any other failure: Graph error, non-JSON answer, connection failure, timeout
     2  usage or input error: bad WABA id, missing access token, bad option value
     3  authentication or permission error: HTTP 401/403, Graph codes 190, 102, 10, 200-299
-    4  rate limited: Graph codes 4, 17, 32, 613, 80008, or HTTP 429
+    4  rate limited: Graph codes 4, 17, 32, 613, 80007, 80008, or HTTP 429
 
 The access token is only ever placed in the ``Authorization`` header; messages built here never
 contain it, and :func:`call` redacts it should Meta echo it back.
@@ -57,8 +57,10 @@ EXIT_RATE_LIMITED = 4
 
 USAGE_HEADER = "X-Business-Use-Case-Usage"
 # graph-api/overview/rate-limiting: app (4), user (17), page (32), custom (613) and the WhatsApp
-# Business Management business use case (80008, which counts subscribed_apps calls).
-RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80008})
+# Business Management business use case (80008, which counts subscribed_apps calls), and 80007,
+# "The WhatsApp Business Account has reached its rate limit" (calls per hour per app and WABA,
+# whatsapp/cloud-api/support/error-codes).
+RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80007, 80008})
 # 190 invalid or expired token, 102 session error, 10 and 200-299 missing permission.
 AUTH_CODES = frozenset({190, 102, 10, *range(200, 300)})
 _FIGURES = ("call_count", "total_cputime", "total_time")

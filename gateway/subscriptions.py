@@ -11,7 +11,7 @@ Exit codes::
     1  any other failure: Graph error, non-JSON answer, connection failure, timeout
     2  usage or input error: bad WABA id, missing access token, bad option value
     3  access token rejected or permission denied: HTTP 401/403, Graph codes 190, 102, 10, 200-299
-    4  rate limited: Graph codes 4, 17, 32, 613, 80008 or HTTP 429 (wait the minutes shown)
+    4  rate limited: Graph codes 4, 17, 32, 613, 80007, 80008 or HTTP 429 (wait the minutes shown)
 
 The access token comes from ``--access-token`` or ``WABA_ACCESS_TOKEN`` and is never printed.
 """
@@ -43,7 +43,7 @@ exit codes:
   1  other failure: Graph error, non-JSON answer, connection failure, timeout
   2  usage or input error: bad WABA id, missing access token, bad option value
   3  access token rejected or permission denied (HTTP 401/403, Graph codes 190, 102, 10, 200-299)
-  4  rate limited (Graph codes 4, 17, 32, 613, 80008 or HTTP 429): wait the minutes shown
+  4  rate limited (Graph codes 4, 17, 32, 613, 80007, 80008 or HTTP 429): wait the minutes shown
 
 The access token is read from ${TOKEN_ENV} unless --access-token is given; prefer the variable,
 since command-line arguments are visible to other users of the machine.

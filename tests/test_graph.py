@@ -181,6 +181,7 @@ def test_usage_warnings_name_each_figure_over_the_threshold(
         ),
         (400, error_body(17), 0, 4, "rate limit hit (code 17, HTTP 400)"),
         (400, error_body(613), 0, 4, "rate limit hit (code 613, HTTP 400)"),
+        (400, error_body(80007), 0, 4, "rate limit hit (code 80007, HTTP 400)"),
         (400, error_body(102), 0, 3, "access token rejected (code 102, HTTP 400)"),
         (400, error_body(10), 0, 3, "permission denied (code 10, HTTP 400)"),
         (400, error_body(299), 0, 3, "permission denied (code 299, HTTP 400)"),
