@@ -22,11 +22,15 @@ from gateway.forwarder import Forwarder
 from gateway.outbox import Delivery, Outbox
 from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt, classify, is_transient
 
-__all__ = ["Dispatcher"]
+__all__ = ["BATCH_BYTES", "Dispatcher"]
 
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 60.0
+# Bodies in one batch, at most (a batch is written in one call, so it is held in memory at once):
+# 32 of Meta's largest notifications (3 MB) would otherwise be 96 MB. A single larger body still
+# goes, alone.
+BATCH_BYTES = 1024 * 1024
 
 
 class Dispatcher:
@@ -169,7 +173,9 @@ class Dispatcher:
         for name, queue in self._queued.items():
             target = self._targets[name]
             while queue and self._busy[name] < target.concurrency:
-                size = min(len(queue), target.pipeline, target.concurrency - self._busy[name])
+                size = _batch_size(
+                    queue, min(target.pipeline, target.concurrency - self._busy[name])
+                )
                 batch = queue[:size]
                 del queue[:size]
                 self._busy[name] += size
@@ -257,3 +263,15 @@ class Dispatcher:
         removed = await self._outbox.prune(now, self._retention_s, self._targets)
         if removed:
             log.info("pruned %d delivered rows past retention", removed)
+
+
+def _batch_size(queue: Sequence[Delivery], most: int) -> int:
+    """How many of ``queue``'s first deliveries make the next batch: at most ``most``, and no
+    more than :data:`BATCH_BYTES` of bodies unless the first alone is larger."""
+    size = total = 0
+    for delivery in queue[:most]:
+        total += len(delivery.body)
+        if size and total > BATCH_BYTES:
+            break
+        size += 1
+    return size

@@ -17,7 +17,7 @@ import pytest
 from helpers import eventually, message_body, meta_signature
 
 from gateway.config import DispatcherConfig, TargetConfig
-from gateway.dispatcher import Dispatcher
+from gateway.dispatcher import BATCH_BYTES, Dispatcher
 from gateway.outbox import Outbox
 from gateway.routing import Route
 
@@ -39,7 +39,8 @@ class ReadAheadServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         held: asyncio.Queue[None] = asyncio.Queue()
-        answering = asyncio.create_task(self._answer(held, writer))
+        unanswered = [0]  # on this connection
+        answering = asyncio.create_task(self._answer(held, unanswered, writer))
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -50,8 +51,9 @@ class ReadAheadServer:
                 )
                 await reader.readexactly(length)
                 self._unanswered += 1
+                unanswered[0] += 1
                 held.put_nowait(None)
-                self.most_per_connection = max(self.most_per_connection, held.qsize())
+                self.most_per_connection = max(self.most_per_connection, unanswered[0])
                 self.most_in_all = max(self.most_in_all, self._unanswered)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -61,12 +63,14 @@ class ReadAheadServer:
                 await answering
             writer.close()
 
-    async def _answer(self, held: asyncio.Queue[None], writer: asyncio.StreamWriter) -> None:
+    async def _answer(
+        self, held: asyncio.Queue[None], unanswered: list[int], writer: asyncio.StreamWriter
+    ) -> None:
         while True:
             await held.get()
             await asyncio.sleep(0.02)
-            held.task_done()
             writer.write(OK)
+            unanswered[0] -= 1
             self._unanswered -= 1
             self.answered += 1
 
@@ -74,6 +78,30 @@ class ReadAheadServer:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
         return server
+
+
+async def deliver_all(
+    tmp_path: Path, target_server: ReadAheadServer, target: TargetConfig, bodies: list[bytes]
+) -> None:
+    """Store ``bodies`` for ``target`` (all due at once), start a dispatcher, and wait until
+    every one is delivered, each on its first attempt."""
+    outbox = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=0)
+    dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
+    try:
+        for body in bodies:
+            await outbox.accept(body, meta_signature(body), [Route(target.name, None)], now=1.0)
+        dispatcher.start()
+
+        async def all_delivered() -> bool:
+            return (await outbox.counts())["delivered"] == len(bodies)
+
+        await eventually(all_delivered, f"{len(bodies)} deliveries delivered")
+        delivered = await outbox.query(state="delivered")
+        assert {d.attempts for d in delivered} == {1}
+        assert target_server.answered == len(bodies)
+    finally:
+        await dispatcher.stop()
+        await outbox.close()
 
 
 @pytest.mark.parametrize(
@@ -100,25 +128,28 @@ async def test_deliveries_due_together_are_pipelined_within_the_targets_limits(
         pipeline=pipeline,
         concurrency=concurrency,
     )
-    outbox = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=0)
-    dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
     try:
-        for n in range(DELIVERIES):
-            body = message_body(f"due together {n}")
-            await outbox.accept(body, meta_signature(body), [Route("t", None)], now=1.0)
-        dispatcher.start()
-
-        async def all_delivered() -> bool:
-            return (await outbox.counts())["delivered"] == DELIVERIES
-
-        await eventually(all_delivered, f"{DELIVERIES} deliveries delivered")
-        delivered = await outbox.query(state="delivered")
-        assert {d.attempts for d in delivered} == {1}
-        assert target_server.answered == DELIVERIES
+        bodies = [message_body(f"due together {n}") for n in range(DELIVERIES)]
+        await deliver_all(tmp_path, target_server, target, bodies)
         assert target_server.most_per_connection == per_connection
         assert target_server.most_in_all == in_all
     finally:
-        await dispatcher.stop()
-        await outbox.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_batch_holds_at_most_a_mebibyte_of_bodies(tmp_path: Path) -> None:
+    """Four 400 KB notifications due together go as two batches of two (a third would pass
+    BATCH_BYTES), and one body larger than BATCH_BYTES still goes, alone."""
+    target_server = ReadAheadServer()
+    server = await target_server.start()
+    target = TargetConfig(name="t", url=f"http://127.0.0.1:{target_server.port}/hook")
+    try:
+        big = BATCH_BYTES * 4 // 10
+        bodies = [bytes([ord("a") + n]) * big for n in range(4)]
+        bodies.append(b"z" * (BATCH_BYTES + 1))
+        await deliver_all(tmp_path, target_server, target, bodies)
+        assert target_server.most_per_connection == 2
+    finally:
         server.close()
         await server.wait_closed()
