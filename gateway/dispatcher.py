@@ -1,9 +1,16 @@
 """The dispatcher: takes due deliveries out of the outbox and forwards them, never in the
 request path.
 
-Rule: a delivery leaves the ``pending`` state only through :meth:`Outbox.record` after an attempt
-has finished, so a crash at any point means it is sent again (at-least-once); targets deduplicate
-on ``X-Gateway-Delivery-Id``. Time and randomness are injected so tests never sleep on backoff.
+Rule: a delivery leaves the ``pending`` state only through :meth:`Outbox.record_many` after an
+attempt has finished, so a crash at any point means it is sent again (at-least-once); targets
+deduplicate on ``X-Gateway-Delivery-Id``. Time and randomness are injected so tests never sleep on
+backoff.
+
+Deliveries started in one turn of the event loop (the notifications of one group commit, or a
+claim from the outbox) go to each target in batches: one batch is one pipelined exchange on one
+connection (:mod:`gateway.upstream`), at most the target's ``pipeline`` deliveries and
+:data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
+outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
 """
 
 from __future__ import annotations
