@@ -168,6 +168,10 @@ class Dispatcher:
     def _start(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
         self._queued[delivery.target].append(delivery)
+        self._schedule_send()
+
+    def _schedule_send(self) -> None:
+        """Send what is queued at the end of this turn of the event loop (once per turn)."""
         if not self._send_scheduled:
             self._send_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_queued)
@@ -209,9 +213,8 @@ class Dispatcher:
                 results = [AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])] * len(batch)
         finally:
             self._busy[name] -= len(batch)
-            if self._queued[name] and not self._send_scheduled:
-                self._send_scheduled = True
-                asyncio.get_running_loop().call_soon(self._send_queued)
+            if self._queued[name]:
+                self._schedule_send()
         now = self._clock()
         health = self._health[name]
         policy = self._policies[name]

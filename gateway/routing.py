@@ -127,6 +127,11 @@ def _has_filters(target: TargetConfig) -> bool:
     return bool(target.fields or target.waba_ids or target.phone_number_ids)
 
 
+def _takes_all(target: TargetConfig) -> bool:
+    """Whether ``target`` receives every notification as Meta sent it, whatever its changes."""
+    return target.split == "none" and not _has_filters(target)
+
+
 def _envelope(payload: dict[str, Any], change: Change) -> bytes:
     entry: dict[str, Any] = {"id": change.entry_id}
     if change.has_time:
@@ -144,14 +149,10 @@ def route(payload: Any, targets: Sequence[TargetConfig]) -> list[Route]:
     """
     # Read the changes only for a target that looks at them: the usual catch-all target
     # (no filters, split = "none") does not.
-    changes = (
-        list(iter_changes(payload))
-        if any(t.split != "none" or _has_filters(t) for t in targets)
-        else []
-    )
+    changes = [] if all(map(_takes_all, targets)) else list(iter_changes(payload))
     routes: list[Route] = []
     for target in targets:
-        if target.split == "none" and not _has_filters(target):
+        if _takes_all(target):
             routes.append(Route(target.name, None))
             continue
         matching = [c for c in changes if _matches(c, target)]
