@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import eventually, message_body, meta_signature
@@ -79,6 +81,19 @@ class ReadAheadServer:
         self.port = server.sockets[0].getsockname()[1]
         return server
 
+    def target(self, **options: Any) -> TargetConfig:
+        """A target named "t" on this server."""
+        return TargetConfig(name="t", url=f"http://127.0.0.1:{self.port}/hook", **options)
+
+
+@pytest.fixture
+async def target_server() -> AsyncIterator[ReadAheadServer]:
+    made = ReadAheadServer()
+    server = await made.start()
+    yield made
+    server.close()
+    await server.wait_closed()
+
 
 async def deliver_all(
     tmp_path: Path, target_server: ReadAheadServer, target: TargetConfig, bodies: list[bytes]
@@ -115,41 +130,30 @@ async def deliver_all(
     ids=["pipelined", "pipeline-1", "pipeline-4", "concurrency-2"],
 )
 async def test_deliveries_due_together_are_pipelined_within_the_targets_limits(
-    tmp_path: Path, pipeline: int, concurrency: int, per_connection: int, in_all: int
+    tmp_path: Path,
+    target_server: ReadAheadServer,
+    pipeline: int,
+    concurrency: int,
+    per_connection: int,
+    in_all: int,
 ) -> None:
     """Six deliveries due at once, claimed together when the dispatcher starts: the target
     holds at most ``pipeline`` of them unanswered on one connection and ``concurrency`` in
     all, reaches those limits, and every delivery ends delivered on its first attempt."""
-    target_server = ReadAheadServer()
-    server = await target_server.start()
-    target = TargetConfig(
-        name="t",
-        url=f"http://127.0.0.1:{target_server.port}/hook",
-        pipeline=pipeline,
-        concurrency=concurrency,
-    )
-    try:
-        bodies = [message_body(f"due together {n}") for n in range(DELIVERIES)]
-        await deliver_all(tmp_path, target_server, target, bodies)
-        assert target_server.most_per_connection == per_connection
-        assert target_server.most_in_all == in_all
-    finally:
-        server.close()
-        await server.wait_closed()
+    target = target_server.target(pipeline=pipeline, concurrency=concurrency)
+    bodies = [message_body(f"due together {n}") for n in range(DELIVERIES)]
+    await deliver_all(tmp_path, target_server, target, bodies)
+    assert target_server.most_per_connection == per_connection
+    assert target_server.most_in_all == in_all
 
 
-async def test_a_batch_holds_at_most_a_mebibyte_of_bodies(tmp_path: Path) -> None:
+async def test_a_batch_holds_at_most_a_mebibyte_of_bodies(
+    tmp_path: Path, target_server: ReadAheadServer
+) -> None:
     """Four 400 KB notifications due together go as two batches of two (a third would pass
     BATCH_BYTES), and one body larger than BATCH_BYTES still goes, alone."""
-    target_server = ReadAheadServer()
-    server = await target_server.start()
-    target = TargetConfig(name="t", url=f"http://127.0.0.1:{target_server.port}/hook")
-    try:
-        big = BATCH_BYTES * 4 // 10
-        bodies = [bytes([ord("a") + n]) * big for n in range(4)]
-        bodies.append(b"z" * (BATCH_BYTES + 1))
-        await deliver_all(tmp_path, target_server, target, bodies)
-        assert target_server.most_per_connection == 2
-    finally:
-        server.close()
-        await server.wait_closed()
+    big = BATCH_BYTES * 4 // 10
+    bodies = [bytes([ord("a") + n]) * big for n in range(4)]
+    bodies.append(b"z" * (BATCH_BYTES + 1))
+    await deliver_all(tmp_path, target_server, target_server.target(), bodies)
+    assert target_server.most_per_connection == 2

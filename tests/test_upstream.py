@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import pytest
 
@@ -59,10 +60,21 @@ def keep_alive(server_ref: list[Server], reply: bytes) -> Handler:
     return handler
 
 
+class UpstreamTo(Protocol):
+    def __call__(self, port: int, path: str = "/") -> Upstream: ...
+
+
 @pytest.fixture
-async def pool() -> AsyncIterator[list[Upstream]]:
+async def upstream_to() -> AsyncIterator[UpstreamTo]:
+    """``upstream_to(port, path="/")``: an Upstream to that port on 127.0.0.1, closed after the
+    test."""
     made: list[Upstream] = []
-    yield made
+
+    def make(port: int, path: str = "/") -> Upstream:
+        made.append(Upstream(f"http://127.0.0.1:{port}{path}"))
+        return made[-1]
+
+    yield make
     for upstream in made:
         await upstream.close()
 
@@ -74,11 +86,10 @@ async def _serve(reply: bytes) -> Server:
     return server
 
 
-async def test_posts_exact_body_and_reuses_the_connection(pool: list[Upstream]) -> None:
+async def test_posts_exact_body_and_reuses_the_connection(upstream_to: UpstreamTo) -> None:
     """Requests carry Host, Content-Length and the body; keep-alive reuses one connection."""
     async with await _serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/hook?x=1")
-        pool.append(upstream)
+        upstream = upstream_to(server.port, "/hook?x=1")
         for n in range(3):
             response = await upstream.post({"X-N": str(n)}, b'{"n":"\\u00e9"}', 5)
             assert (response.status, response.excerpt) == (200, b"ok")
@@ -111,12 +122,11 @@ async def test_posts_exact_body_and_reuses_the_connection(pool: list[Upstream]) 
     ids=["retry-after", "chunked", "no-body"],
 )
 async def test_reads_status_retry_after_and_body_excerpt(
-    pool: list[Upstream], reply: bytes, status: int, excerpt: bytes, retry_after: str | None
+    upstream_to: UpstreamTo, reply: bytes, status: int, excerpt: bytes, retry_after: str | None
 ) -> None:
     """Status, Retry-After and the body (chunked or not) come back parsed."""
     async with await _serve(reply) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         response = await upstream.post({}, b"{}", 5)
         assert (response.status, response.excerpt, response.retry_after) == (
             status,
@@ -125,7 +135,7 @@ async def test_reads_status_retry_after_and_body_excerpt(
         )
 
 
-async def test_body_until_close_is_a_complete_response(pool: list[Upstream]) -> None:
+async def test_body_until_close_is_a_complete_response(upstream_to: UpstreamTo) -> None:
     """A response delimited by the connection closing still counts, and is not reused."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -134,15 +144,14 @@ async def test_body_until_close_is_a_complete_response(pool: list[Upstream]) -> 
         await writer.drain()
 
     async with Server(handler) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         assert (await upstream.post({}, b"{}", 5)).excerpt == b"done"
         assert (await upstream.post({}, b"{}", 5)).status == 200
         assert server.connections == 2
 
 
 async def test_idle_connection_closed_by_target_is_retried_once_on_a_new_one(
-    pool: list[Upstream],
+    upstream_to: UpstreamTo,
 ) -> None:
     """A keep-alive connection the target closed while idle does not fail the delivery."""
 
@@ -153,15 +162,14 @@ async def test_idle_connection_closed_by_target_is_retried_once_on_a_new_one(
         # Then, like a keep-alive timeout, close without answering anything more.
 
     async with Server(handler) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         assert (await upstream.post({}, b"1", 5)).status == 200
         await asyncio.sleep(0.1)
         assert (await upstream.post({}, b"2", 5)).status == 200
         assert server.connections == 2
 
 
-async def test_refused_connection_and_garbage_are_upstream_errors(pool: list[Upstream]) -> None:
+async def test_refused_connection_and_garbage_are_upstream_errors(upstream_to: UpstreamTo) -> None:
     """Nothing listening, or a reply that is not HTTP, raise UpstreamError with a reason."""
 
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -171,17 +179,15 @@ async def test_refused_connection_and_garbage_are_upstream_errors(pool: list[Ups
         await asyncio.sleep(1)
 
     async with Server(garbage) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         with pytest.raises(UpstreamError, match="invalid HTTP response"):
             await upstream.post({}, b"{}", 5)
-    refused = Upstream(f"http://127.0.0.1:{server.port}/")
-    pool.append(refused)
+    refused = upstream_to(server.port)
     with pytest.raises(UpstreamError, match="cannot connect"):
         await refused.post({}, b"{}", 5)
 
 
-async def test_silent_target_times_out(pool: list[Upstream]) -> None:
+async def test_silent_target_times_out(upstream_to: UpstreamTo) -> None:
     """A target that never answers raises TimeoutError after timeout_s."""
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -189,22 +195,19 @@ async def test_silent_target_times_out(pool: list[Upstream]) -> None:
         await asyncio.sleep(5)
 
     async with Server(silent) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         with pytest.raises(TimeoutError):
             await upstream.post({}, b"{}", 0.2)
 
 
-async def test_warm_opens_a_connection_the_first_post_reuses(pool: list[Upstream]) -> None:
+async def test_warm_opens_a_connection_the_first_post_reuses(upstream_to: UpstreamTo) -> None:
     """warm() pools a connection ahead of time; warming a target that is down is no error."""
     async with await _serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         await upstream.warm(5)
         assert (await upstream.post({}, b"{}", 5)).status == 200
         assert server.connections == 1
-    down = Upstream(f"http://127.0.0.1:{server.port}/")
-    pool.append(down)
+    down = upstream_to(server.port)
     await down.warm(5)
 
 
@@ -214,7 +217,7 @@ def _status_of(body: bytes) -> bytes:
 
 
 async def test_pipelines_a_batch_on_one_connection_and_matches_answers_in_order(
-    pool: list[Upstream],
+    upstream_to: UpstreamTo,
 ) -> None:
     """post_many writes all requests before the first answer, on one connection, and each
     result is the answer to its own request (RFC 9112 section 9.3.2: responses in order)."""
@@ -230,8 +233,7 @@ async def test_pipelines_a_batch_on_one_connection_and_matches_answers_in_order(
         await _read_request(reader)
 
     async with Server(handler) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         statuses = [b"201", b"202", b"503", b"204", b"400"]
         answers = await upstream.post_many([({}, status) for status in statuses], 5)
         assert [a.status for a in answers if isinstance(a, Response)] == [201, 202, 503, 204, 400]
@@ -239,7 +241,7 @@ async def test_pipelines_a_batch_on_one_connection_and_matches_answers_in_order(
 
 
 async def test_requests_behind_a_connection_close_answer_are_sent_again(
-    pool: list[Upstream],
+    upstream_to: UpstreamTo,
 ) -> None:
     """A target that answers one request per connection and closes ("Connection: close")
     processed none of the requests behind it (RFC 9112 section 9.6): they go again on new
@@ -253,15 +255,14 @@ async def test_requests_behind_a_connection_close_answer_are_sent_again(
         await writer.drain()
 
     async with Server(one_per_connection) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         answers = await upstream.post_many([({}, b"%d" % (200 + n)) for n in range(4)], 5)
         assert [a.status for a in answers if isinstance(a, Response)] == [200, 201, 202, 203]
         assert server.connections == 4
 
 
 async def test_connection_broken_mid_batch_fails_only_the_unanswered(
-    pool: list[Upstream],
+    upstream_to: UpstreamTo,
 ) -> None:
     """A target that answers two requests, then drops the connection without a word: those
     two have their answers, the rest an UpstreamError (they may have been processed, so they
@@ -275,15 +276,14 @@ async def test_connection_broken_mid_batch_fails_only_the_unanswered(
         await _read_request(reader)
 
     async with Server(drops_after_two) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         answers = await upstream.post_many([({}, b"%d" % (200 + n)) for n in range(4)], 5)
         assert [getattr(a, "status", None) for a in answers[:2]] == [200, 201]
         assert all(isinstance(a, UpstreamError) for a in answers[2:])
         assert server.connections == 1
 
 
-async def test_each_response_has_its_own_timeout(pool: list[Upstream]) -> None:
+async def test_each_response_has_its_own_timeout(upstream_to: UpstreamTo) -> None:
     """The first request is answered, then the target falls silent: the answered one keeps its
     response, the others time out, and the connection is not reused."""
 
@@ -294,8 +294,7 @@ async def test_each_response_has_its_own_timeout(pool: list[Upstream]) -> None:
         await asyncio.sleep(5)
 
     async with Server(answers_one) as server:
-        upstream = Upstream(f"http://127.0.0.1:{server.port}/")
-        pool.append(upstream)
+        upstream = upstream_to(server.port)
         answers = await upstream.post_many([({}, b"200"), ({}, b"201"), ({}, b"202")], 0.3)
         assert isinstance(answers[0], Response)
         assert answers[0].status == 200
