@@ -29,14 +29,21 @@ T = TypeVar("T")
 class Outbox:
     """Asynchronous access to the outbox file through one group-committing writer thread."""
 
-    def __init__(self, path: Path, *, dedup_window_s: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dedup_window_s: float,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        """``on_commit``: called on the writer thread with the size of each group committed."""
         self.path = path
         self.dedup_window_s = dedup_window_s
         self._prefix = ""
         # The last notification id the prune walk has passed (see prune). Kept in memory: after
         # a restart the first prune walks from the oldest row again, which is only slower.
         self._prune_after = 0
-        self._writer = Writer(path, self._open)
+        self._writer = Writer(path, self._open, on_commit)
 
     def _open(self, path: Path) -> Any:
         # On the writer thread, before the constructor returns.

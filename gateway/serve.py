@@ -68,13 +68,14 @@ class Gateway:
         primary: bool = True,
         reuse_port: bool = False,
         wake_channel: str | None = None,
+        metrics_dir: Path | None = None,
     ) -> None:
         self.config = config
         self._wake_channel = wake_channel  # sibling workers: see gateway.wake
         self.primary = primary
         self._reuse_port = reuse_port
         self._ssl = ssl_context or build_server_context(config.tls)
-        self.stats = Stats()
+        self.stats = Stats(metrics_dir)  # sibling workers count together: see gateway.stats
         self._outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
@@ -92,8 +93,11 @@ class Gateway:
     async def __aenter__(self) -> Gateway:
         config = self.config
         try:
-            self._outbox = Outbox(config.outbox.path, dedup_window_s=config.outbox.dedup_window_s)
-            self.stats.watch_commits(self._outbox.group_commits)
+            self._outbox = Outbox(
+                config.outbox.path,
+                dedup_window_s=config.outbox.dedup_window_s,
+                on_commit=self.stats.committed,
+            )
             if self.primary:
                 self.dispatcher = Dispatcher(
                     self._outbox,
@@ -176,6 +180,7 @@ async def run(
     primary: bool = True,
     reuse_port: bool = False,
     wake_channel: str | None = None,
+    metrics_dir: Path | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly."""
     loop = asyncio.get_running_loop()
@@ -189,7 +194,11 @@ async def run(
             pass
     try:
         async with Gateway(
-            config, primary=primary, reuse_port=reuse_port, wake_channel=wake_channel
+            config,
+            primary=primary,
+            reuse_port=reuse_port,
+            wake_channel=wake_channel,
+            metrics_dir=metrics_dir,
         ) as gateway:
             log.info(
                 "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
@@ -273,11 +282,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def serve_process(
-    config: Config, *, primary: bool, reuse_port: bool, wake_channel: str | None = None
+    config: Config,
+    *,
+    primary: bool,
+    reuse_port: bool,
+    wake_channel: str | None = None,
+    metrics_dir: Path | None = None,
 ) -> None:
     """One serving process, on uvloop when it is installed."""
     with _event_loop_runner() as runner:
-        runner.run(run(config, primary=primary, reuse_port=reuse_port, wake_channel=wake_channel))
+        runner.run(
+            run(
+                config,
+                primary=primary,
+                reuse_port=reuse_port,
+                wake_channel=wake_channel,
+                metrics_dir=metrics_dir,
+            )
+        )
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -4,23 +4,38 @@ Rule: counters only count; they never hold a payload, a phone number or a secret
 certificate CN is recorded because it is what an operator watches during the mTLS rollout (is
 Meta presenting ``client.webhooks.fbclientcerts.com`` yet?), and it is not personal data.
 prometheus-client renders the exposition format, so it stays correct as the format evolves.
+
+With ``workers > 1`` every worker counts into one folder the supervisor made, in
+prometheus-client's multiprocess mode, and worker 0's ``/metrics`` sums all of them: what an
+operator reads is the gateway's count, not one worker's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["Stats"]
+__all__ = ["MULTIPROCESS_ENV", "Stats"]
+
+# Read by prometheus-client when it is imported: set, its counters live in files in that folder
+# (https://prometheus.github.io/client_python/multiprocess/).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _NO_CERTIFICATE = "(none)"
 
 
 class Stats:
-    def __init__(self) -> None:
+    """The gateway's counters; ``shared_dir``: the folder the workers of one gateway count in
+    together (``None``: a lone process, counting in memory)."""
+
+    def __init__(self, shared_dir: Path | None = None) -> None:
+        if shared_dir is not None and os.environ.get(MULTIPROCESS_ENV) != str(shared_dir):
+            # Without it the counters stay in this process and /metrics would sum nothing.
+            raise RuntimeError(f"{MULTIPROCESS_ENV} must name {shared_dir} before start-up")
+        self._shared_dir = shared_dir
         self.registry = CollectorRegistry(auto_describe=True)
         self._accepted = Counter(
             "waba_gateway_notifications_accepted",
@@ -44,6 +59,16 @@ class Stats:
             ["cn"],
             registry=self.registry,
         )
+        self._commits = Counter(
+            "waba_gateway_outbox_commits",
+            "Group transactions the outbox writer committed (each one fsync)",
+            registry=self.registry,
+        )
+        self._jobs = Counter(
+            "waba_gateway_outbox_jobs",
+            "Jobs (stored notifications, attempt outcomes, reads) those commits held",
+            registry=self.registry,
+        )
 
     def accepted(self) -> None:
         self._accepted.inc()
@@ -57,28 +82,16 @@ class Stats:
     def saw_client(self, cn: str | None) -> None:
         self._clients.labels(cn=cn or _NO_CERTIFICATE).inc()
 
-    def watch_commits(self, read: Callable[[], tuple[int, int]]) -> None:
-        """Expose the outbox writer's group commits: ``read()`` gives (commits, jobs). Their
-        ratio is the average group size, what makes durable acknowledgements cheap."""
-        self.registry.register(_Commits(read))
+    def committed(self, jobs: int) -> None:
+        """One group transaction of ``jobs`` committed (called on the outbox writer's thread;
+        counters are thread-safe). The ratio of the two counters is the average group size,
+        what makes durable acknowledgements cheap."""
+        self._commits.inc()
+        self._jobs.inc(jobs)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class _Commits(Collector):
-    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
-        self._read = read
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        commits, jobs = self._read()
-        yield CounterMetricFamily(
-            "waba_gateway_outbox_commits",
-            "Group transactions the outbox writer committed (each one fsync)",
-            value=commits,
-        )
-        yield CounterMetricFamily(
-            "waba_gateway_outbox_jobs",
-            "Jobs (stored notifications, attempt outcomes, reads) those commits held",
-            value=jobs,
-        )
+        if self._shared_dir is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=str(self._shared_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker)

@@ -4,7 +4,9 @@ Rule: the supervisor (the process ``serve`` started) binds nothing and forwards 
 N worker processes that each bind the listener with SO_REUSEPORT, so the kernel spreads
 connections across them. Worker 0 is the primary: it alone runs the dispatcher and the admin
 listener; the others tell it when they have stored something (:mod:`gateway.wake`). All share
-the SQLite outbox (WAL lets them write one after another and read at once).
+the SQLite outbox (WAL lets them write one after another and read at once), and all count into
+one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
+gateway's (:mod:`gateway.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
 process would; the supervisor waits for them and exits 0. Workers ask the kernel to send them
@@ -20,13 +22,17 @@ import ctypes.util
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from gateway.config import Config
+from gateway.stats import MULTIPROCESS_ENV
 from gateway.wake import channel_name
 
 __all__ = ["supervise"]
@@ -44,12 +50,18 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _worker(config: Config, index: int, wake_channel: str) -> None:
+def _worker(config: Config, index: int, wake_channel: str, metrics_dir: Path) -> None:
     _die_with_parent()
     from gateway.serve import serve_process, setup_logging
 
     setup_logging(config.log_level)
-    serve_process(config, primary=index == 0, reuse_port=True, wake_channel=wake_channel)
+    serve_process(
+        config,
+        primary=index == 0,
+        reuse_port=True,
+        wake_channel=wake_channel,
+        metrics_dir=metrics_dir,
+    )
 
 
 def supervise(config: Config) -> int:
@@ -62,13 +74,19 @@ def supervise(config: Config) -> int:
         stopping.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # A new, private folder per run: prometheus-client sums every file in it, so counts of an
+    # earlier run must not be there. The workers inherit the variable, which prometheus-client
+    # reads when they import it.
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"waba-gateway-metrics-{os.getpid()}-"))
+    previous_env = os.environ.get(MULTIPROCESS_ENV)
+    os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
     workers: list[BaseProcess] = []
     process: BaseProcess
     try:
         for index in range(config.listen.workers):
             process = context.Process(
                 target=_worker,
-                args=(config, index, channel_name(os.getpid())),
+                args=(config, index, channel_name(os.getpid()), metrics_dir),
                 name=f"waba-gateway-worker-{index}",
             )
             process.start()
@@ -93,3 +111,8 @@ def supervise(config: Config) -> int:
                 process.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if previous_env is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = previous_env
+        shutil.rmtree(metrics_dir, ignore_errors=True)

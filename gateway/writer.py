@@ -126,9 +126,15 @@ class Writer:
     here, at start-up. Jobs are submitted from one event loop at a time.
     """
 
-    def __init__(self, path: Path, open_connection: Callable[[Path], sqlite3.Connection]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        open_connection: Callable[[Path], sqlite3.Connection],
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.path = path
         self._open_connection = open_connection
+        self._on_commit = on_commit  # called on this thread with each group's size
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
         self._closing = False
@@ -262,6 +268,8 @@ class Writer:
             results = [(value, None) for value in _transaction(conn, group, lock)]
             self.commits += 1
             self.jobs += len(group)
+            if self._on_commit is not None:
+                self._on_commit(len(group))
         except Exception as exc:
             # Optimistic group commit: no savepoint per job on the common path. When something
             # failed, each job runs again in a transaction of its own, so only the faulty one

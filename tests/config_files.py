@@ -20,10 +20,18 @@ def free_port() -> int:
 
 
 def write_config(
-    pki: Pki, folder: Path, *, target_url: str, workers: int = 1, extra: str = ""
+    pki: Pki,
+    folder: Path,
+    *,
+    target_url: str,
+    workers: int = 1,
+    admin_port: int | None = None,
+    extra: str = "",
 ) -> Path:
     """``folder/gateway.toml`` for the test PKI, the app secret from ``$TEST_APP_SECRET``,
-    the outbox beside it, the admin listener off, one target at ``target_url``."""
+    the outbox beside it, one target at ``target_url``, the admin listener off unless
+    ``admin_port`` is given (then on loopback at that port)."""
+    admin = "enabled = false" if admin_port is None else f'host = "127.0.0.1"\nport = {admin_port}'
     path = folder / "gateway.toml"
     path.write_text(
         f"""
@@ -45,7 +53,7 @@ app_secrets = ["${{TEST_APP_SECRET}}"]
 path = "outbox.sqlite3"
 
 [admin]
-enabled = false
+{admin}
 
 [dispatcher]
 poll_interval_s = 0.05

@@ -53,6 +53,7 @@ __all__ = [
     "handshake",
     "message_body",
     "meta_signature",
+    "metric",
     "post",
     "sink_target",
     "stored_bodies",
@@ -250,6 +251,12 @@ async def admin_post(
     return await _request(
         "POST", f"http://127.0.0.1:{gateway.admin_port}{path}", None, headers=headers
     )
+
+
+def metric(text: str, sample: str) -> float:
+    """The value of ``sample`` (a name, with its labels if it has any) in a /metrics text."""
+    (line,) = [line for line in text.splitlines() if line.startswith(sample + " ")]
+    return float(line.split()[1])
 
 
 async def deliveries(

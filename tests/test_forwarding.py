@@ -24,6 +24,7 @@ from helpers import (
     gateway_config,
     message_body,
     meta_signature,
+    metric,
     post,
     sink_target,
     wait_for_state,
@@ -394,15 +395,10 @@ async def test_admin_probes_answer_and_metrics_show_client_cn(
     assert f'waba_gateway_client_connections_total{{cn="{META_CLIENT_CN}"}} 1.0' in after.text
     assert "waba_gateway_notifications_accepted_total 1.0" in after.text
     # At least the dispatcher's start-up job and the stored notification were committed.
-    commits = _metric(after.text, "waba_gateway_outbox_commits_total")
-    jobs = _metric(after.text, "waba_gateway_outbox_jobs_total")
+    commits = metric(after.text, "waba_gateway_outbox_commits_total")
+    jobs = metric(after.text, "waba_gateway_outbox_jobs_total")
     assert 1 <= commits <= jobs
     assert jobs >= 2
-
-
-def _metric(text: str, name: str) -> float:
-    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
-    return float(line.split()[1])
 
 
 async def test_lists_deliveries_by_state_and_target_without_bodies(

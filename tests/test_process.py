@@ -10,17 +10,19 @@ import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from config_files import listen_port, write_config
-from helpers import APP_SECRET, message_body, meta_signature
+from config_files import free_port, listen_port, write_config
+from helpers import APP_SECRET, message_body, meta_signature, metric
 from pki import Pki
 from sink import DEADLINE_S, Sink
 
+from gateway.config import META_CLIENT_CN
 from gateway.signature import sign
 
 
@@ -201,6 +203,42 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     while [p for p, t in workers.items() if _alive(p, t)] and time.monotonic() < deadline:  # noqa: ASYNC110 (no event to wait on: another process)
         await asyncio.sleep(0.05)
     assert not [p for p, t in workers.items() if _alive(p, t)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading")
+async def test_two_workers_metrics_count_what_every_worker_accepted(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """workers = 2: worker 0's /metrics sums both workers' counters, not its own alone."""
+    admin_port = free_port()
+    config = write_config(
+        pki, tmp_path, target_url=sink.url("/sink"), workers=2, admin_port=admin_port
+    )
+    port = listen_port(config)
+    # One new connection each: the kernel spreads them over both workers (all 40 on worker 0
+    # has a chance of 2**-40), so worker 0's own counters alone would fall short of 40.
+    bodies = [message_body(f"metrics test {n}") for n in range(40)]
+    with _gateway(config) as supervisor:
+        await _until_listening(port, pki, supervisor)
+        statuses = await asyncio.gather(*(_post(port, pki, b, fresh=True) for b in bodies))
+        assert statuses == [200] * len(bodies)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{admin_port}/metrics") as response,
+        ):
+            text = await response.text()
+        supervisor.send_signal(signal.SIGTERM)
+        assert await _exit_code(supervisor) == 0
+    # Counted before each 200 was sent, so all are in by now.
+    assert metric(text, "waba_gateway_notifications_accepted_total") == len(bodies)
+    cn = f'waba_gateway_client_connections_total{{cn="{META_CLIENT_CN}"}}'
+    assert metric(text, cn) == len(bodies)
+    assert metric(text, "waba_gateway_outbox_jobs_total") >= len(bodies)
+    # The supervisor removes the folder the workers counted in.
+    left = await asyncio.to_thread(
+        lambda: list(Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor.pid}-*"))
+    )
+    assert not left
 
 
 async def test_dev_mode_prints_a_command_that_delivers(tmp_path: Path) -> None:
