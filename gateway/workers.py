@@ -32,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import Config
+from gateway.errors import GatewayError
 from gateway.stats import MULTIPROCESS_ENV
 from gateway.wake import channel_name
 
@@ -73,11 +74,17 @@ def supervise(config: Config) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     # A new, private folder per run: prometheus-client sums every file in it, so counts of an
     # earlier run must not be there. The workers inherit the variable, which prometheus-client
     # reads when they import it.
-    metrics_dir = Path(tempfile.mkdtemp(prefix=f"waba-gateway-metrics-{os.getpid()}-"))
+    try:
+        metrics_dir = Path(tempfile.mkdtemp(prefix=f"waba-gateway-metrics-{os.getpid()}-"))
+    except OSError as exc:
+        raise GatewayError(
+            f"cannot make the workers' metrics folder in {tempfile.gettempdir()}:"
+            f" {exc.strerror or exc}; point TMPDIR at a writable folder"
+        ) from exc
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
     workers: list[BaseProcess] = []

@@ -22,6 +22,7 @@ from helpers import APP_SECRET, message_body, meta_signature, metric
 from pki import Pki
 from sink import DEADLINE_S, Sink
 
+from gateway.cli import main
 from gateway.config import META_CLIENT_CN
 from gateway.signature import sign
 
@@ -152,6 +153,24 @@ def test_serve_refuses_config_without_app_secret(pki: Pki, tmp_path: Path) -> No
     assert "meta.app_secrets[0]" in result.stderr
     assert "TEST_APP_SECRET is not set" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_workers_without_a_writable_temp_folder_is_a_one_line_error(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """workers = 2 needs a metrics folder: if none can be made, say where, exit 2, start nothing."""
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x", workers=2)
+    monkeypatch.setenv("TEST_APP_SECRET", APP_SECRET)
+
+    def refuse(*_args: object, **_kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot make the workers' metrics folder in ")
+    assert "Permission denied; point TMPDIR at a writable folder" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def _stat(pid: int) -> list[str] | None:
