@@ -72,6 +72,12 @@ async def _post(port: int, pki: Pki, body: bytes, *, fresh: bool = False) -> int
         return response.status
 
 
+async def _post_each_on_a_new_connection(port: int, pki: Pki, bodies: list[bytes]) -> None:
+    """All at once, each on a connection of its own (the kernel spreads them over workers)."""
+    statuses = await asyncio.gather(*(_post(port, pki, body, fresh=True) for body in bodies))
+    assert statuses == [200] * len(bodies)
+
+
 async def _until_listening(port: int, pki: Pki, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while True:
@@ -206,8 +212,7 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     bodies = [message_body(f"worker test {n}") for n in range(60)]
     with _gateway(config) as supervisor:
         await _until_listening(port, pki, supervisor)
-        statuses = await asyncio.gather(*(_post(port, pki, b, fresh=True) for b in bodies))
-        assert statuses == [200] * len(bodies)
+        await _post_each_on_a_new_connection(port, pki, bodies)
         received = await sink.wait_for(len(bodies), "/sink")
         await asyncio.sleep(0.5)  # room for any duplicate to show up before counting
         workers = _children(supervisor.pid)
@@ -239,8 +244,7 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     bodies = [message_body(f"metrics test {n}") for n in range(40)]
     with _gateway(config) as supervisor:
         await _until_listening(port, pki, supervisor)
-        statuses = await asyncio.gather(*(_post(port, pki, b, fresh=True) for b in bodies))
-        assert statuses == [200] * len(bodies)
+        await _post_each_on_a_new_connection(port, pki, bodies)
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{admin_port}/metrics") as response,
