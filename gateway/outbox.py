@@ -36,7 +36,8 @@ class Outbox:
         dedup_window_s: float,
         on_commit: Callable[[int], None] | None = None,
     ) -> None:
-        """``on_commit``: called on the writer thread with the size of each group committed."""
+        """``on_commit``: called on the writer thread with the size of each group committed (a
+        job run again alone after its group failed is not counted)."""
         self.path = path
         self.dedup_window_s = dedup_window_s
         self._prefix = ""
@@ -49,11 +50,6 @@ class Outbox:
         # On the writer thread, before the constructor returns.
         conn, self._prefix = layout.open_store(path)
         return conn
-
-    def group_commits(self) -> tuple[int, int]:
-        """(group transactions committed, jobs they held) so far; a job run again alone after
-        its group failed is not counted."""
-        return self._writer.commits, self._writer.jobs
 
     async def run(self, func: Callable[[Any], T], *, durable: bool = True) -> T:
         """Run ``func`` (given the connection) in the next group transaction; return its result

@@ -138,10 +138,6 @@ class Writer:
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
         self._closing = False
-        # Transactions committed and jobs they held (read from any thread; only the writer
-        # thread changes them): their ratio is the average group size.
-        self.commits = 0
-        self.jobs = 0
         # The writer thread's running average gap between arrivals of durable jobs.
         self._gap: float | None = None
         self._last_durable = 0.0
@@ -266,8 +262,6 @@ class Writer:
         results: list[tuple[Any, BaseException | None]]
         try:
             results = [(value, None) for value in _transaction(conn, group, lock)]
-            self.commits += 1
-            self.jobs += len(group)
             if self._on_commit is not None:
                 self._on_commit(len(group))
         except Exception as exc:
