@@ -24,19 +24,17 @@ SIG = "sha256=" + "0" * 64
 
 
 @pytest.fixture
-async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
-    box = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=7 * DAY)
-    yield box
-    await box.close()
-
-
-@pytest.fixture
 async def counted(tmp_path: Path) -> AsyncIterator[tuple[Outbox, list[int]]]:
     """An outbox and the size of each group it has committed, in order."""
     groups: list[int] = []
     box = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=7 * DAY, on_commit=groups.append)
     yield box, groups
     await box.close()
+
+
+@pytest.fixture
+def outbox(counted: tuple[Outbox, list[int]]) -> Outbox:
+    return counted[0]
 
 
 # The first layout, as the previous version created it (user_version left at 0).
