@@ -398,9 +398,9 @@ PARTS = (
     ("writer: record an attempt (record)", "Outbox.record.<locals>.job"),
     ("writer: BEGIN, COMMIT (fsync), batching", "Outbox._run_batch"),
     ("writer: waiting for jobs", "outbox-writer"),
-    ("loop: dispatcher and forwarder", "gateway/dispatcher.py"),
-    ("loop: dispatcher and forwarder", "gateway/forwarder.py"),
-    ("loop: dispatcher and forwarder", "gateway/upstream.py"),
+    ("loop: dispatcher and forwarder", "gateway/delivery/dispatcher.py"),
+    ("loop: dispatcher and forwarder", "gateway/delivery/forwarder.py"),
+    ("loop: dispatcher and forwarder", "gateway/delivery/upstream.py"),
     ("loop: webhook request handler", "gateway/app.py"),
     ("loop: aiohttp server protocol", "aiohttp/web_"),
     ("loop: aiohttp client protocol", "aiohttp/client"),
@@ -409,7 +409,8 @@ PARTS = (
 )
 
 
-DISPATCH = ("gateway/dispatcher.py", "gateway/forwarder.py", "gateway/upstream.py")
+DISPATCH = ("gateway/delivery/dispatcher.py", "gateway/delivery/forwarder.py",
+"gateway/delivery/upstream.py")
 
 
 def top_functions(raw: Path, only: tuple[str, ...] = (), n: int = 15) -> dict[str, Any]:

@@ -118,7 +118,7 @@ class TargetConfig:
     split: Split = "none"
     secret: str | None = None
     concurrency: int = 32
-    # Requests written ahead of their responses on one connection (gateway.upstream).
+    # Requests written ahead of their responses on one connection (gateway.delivery.upstream).
     pipeline: int = 32
 
     def __repr__(self) -> str:

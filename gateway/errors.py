@@ -1,8 +1,9 @@
 """The gateway's one error tree.
 
 Rule: every failure the gateway reports to a person or to Meta is one of these classes. Rejections
-of an HTTP request carry their status; :mod:`gateway.responses` is the only place that turns them
-into HTTP responses, and :func:`gateway.cli.main` the only place that turns them into an exit code.
+of an HTTP request carry their status; :mod:`gateway.edge.responses` is the only place that turns
+them into HTTP responses, and :func:`gateway.cli.main` the only place that turns them into an exit
+code.
 
 ::
 

@@ -32,7 +32,7 @@ from gateway.config import (
     MetaConfig,
     OutboxConfig,
 )
-from gateway.serve import Gateway, bound_port
+from gateway.runtime.gateway import Gateway, bound_port
 
 __all__ = [
     "APP_SECRET",

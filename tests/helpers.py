@@ -36,8 +36,8 @@ from gateway.config import (
     OutboxConfig,
     TargetConfig,
 )
-from gateway.outbox import Delivery
-from gateway.serve import Gateway
+from gateway.outbox.sqlite.outbox import Delivery
+from gateway.runtime.gateway import Gateway
 
 __all__ = [
     "APP_SECRET",

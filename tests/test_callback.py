@@ -1,7 +1,7 @@
 """The callback end to end: Meta's handshake and notifications over real mTLS, into a real outbox.
 
-Each test runs a :class:`~gateway.serve.Gateway` on loopback with the throw-away PKI, a SQLite
-outbox under ``tmp_path`` and the sink as its target, and talks to it as Meta would. Every
+Each test runs a :class:`~gateway.runtime.gateway.Gateway` on loopback with the throw-away PKI, a
+SQLite outbox under ``tmp_path`` and the sink as its target, and talks to it as Meta would. Every
 acceptance is paired with the refusals that prove it, and a refusal is shown to keep nothing:
 the outbox stays empty and the next good notification is the only one forwarded.
 """
@@ -31,7 +31,7 @@ from pki import ClientKind, Pki
 from sink import Sink
 
 from gateway.config import ClientAuth
-from gateway.serve import Gateway
+from gateway.runtime.gateway import Gateway
 
 CHALLENGE = "1158201444-Zq_x.9~"
 HANDSHAKE = {"hub.mode": "subscribe", "hub.challenge": CHALLENGE, "hub.verify_token": VERIFY_TOKEN}

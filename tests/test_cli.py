@@ -17,12 +17,12 @@ from config_files import write_config
 from cryptography import x509
 from pki import Pki
 
-from gateway.check import report
 from gateway.cli import main
 from gateway.config import load_config
-from gateway.outbox import Outbox
-from gateway.outcome import AttemptResult, DeadLetter
-from gateway.routing import Route
+from gateway.delivery.outcome import AttemptResult, DeadLetter
+from gateway.edge.routing import Route
+from gateway.onboarding.check import report
+from gateway.outbox.sqlite.outbox import Outbox
 
 SIG = "sha256=" + "0" * 64
 

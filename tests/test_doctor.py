@@ -21,8 +21,9 @@ from pki import Pki
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN, ClientAuth, load_config
-from gateway.doctor import verify_chain
-from gateway.readiness import (
+from gateway.edge.tls import client_ca_subjects
+from gateway.onboarding.doctor import verify_chain
+from gateway.onboarding.readiness import (
     Finding,
     judge_ca_bundle,
     judge_handshake,
@@ -30,9 +31,8 @@ from gateway.readiness import (
     judge_tls_settings,
     judge_trust,
 )
-from gateway.serve import Gateway
-from gateway.tls import client_ca_subjects
-from gateway.verify_callback import Kind, Verdict
+from gateway.onboarding.verify_callback import Kind, Verdict
+from gateway.runtime.gateway import Gateway
 
 NOW = datetime.now(UTC)
 DAY = timedelta(days=1)

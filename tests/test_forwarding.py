@@ -1,7 +1,7 @@
 """Forwarding end to end: from a 200 to Meta, through the outbox, to real HTTP targets.
 
-Each test runs a :class:`~gateway.serve.Gateway` on loopback whose targets are paths on the
-sink, posts notifications as Meta would (mTLS, signed), and watches what the sink receives and
+Each test runs a :class:`~gateway.runtime.gateway.Gateway` on loopback whose targets are paths on
+the sink, posts notifications as Meta would (mTLS, signed), and watches what the sink receives and
 what the outbox records. Retries are quick because the targets' waits are tens of milliseconds;
 waiting polls with a generous deadline and never asserts that anything is fast.
 """
@@ -33,7 +33,7 @@ from pki import Pki
 from sink import Hang, Received, Reply, Sink
 
 from gateway.config import META_CLIENT_CN
-from gateway.serve import Gateway
+from gateway.runtime.gateway import Gateway
 
 PAYLOADS = DATA / "payloads"
 SAMPLES = sorted(PAYLOADS.glob("*.json"))

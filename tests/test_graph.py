@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway import graph
 from gateway.errors import GraphError
+from gateway.onboarding import graph
 
 DATA = Path(__file__).parent / "data" / "graph"
 TRACE = "AXsgnV2Cm3ZMGF3dF_cfYIn"

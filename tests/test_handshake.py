@@ -1,11 +1,11 @@
-"""Meta's GET verification handshake decision (gateway.handshake)."""
+"""Meta's GET verification handshake decision (gateway.edge.handshake)."""
 
 from __future__ import annotations
 
 import pytest
 
+from gateway.edge.handshake import answer_challenge
 from gateway.errors import BadRequest, Forbidden, Rejected
-from gateway.handshake import answer_challenge
 
 TOKENS = ["app-token", "override-token"]
 

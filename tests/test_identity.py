@@ -1,4 +1,4 @@
-"""gateway.identity: table-driven over getpeercert() dicts, no sockets, no event loop."""
+"""gateway.edge.identity: table-driven over getpeercert() dicts, no sockets, no event loop."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gateway.config import META_CLIENT_CN, ClientAuth
+from gateway.edge.identity import check_client_identity, peer_common_names
 from gateway.errors import IdentityRejected
-from gateway.identity import check_client_identity, peer_common_names
 
 NEXT_CN = "client.webhooks.next.example"
 META = (META_CLIENT_CN,)

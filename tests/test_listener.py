@@ -19,7 +19,7 @@ from helpers import VERIFY_TOKEN, gateway_config, message_body, meta_signature, 
 from pki import Pki
 from sink import Sink
 
-from gateway.serve import Gateway
+from gateway.runtime.gateway import Gateway
 
 PATH = "/webhook"
 HANDSHAKE = urlencode(

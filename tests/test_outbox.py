@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from gateway import layout, store
+from gateway.delivery.outcome import AttemptResult, DeadLetter, Delivered, RetryAt
+from gateway.edge.routing import Route
 from gateway.errors import OutboxError
-from gateway.layout import connect
-from gateway.outbox import Outbox
-from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt
-from gateway.routing import Route
-from gateway.store import list_deliveries, replay_delivery
+from gateway.outbox.sqlite import layout, store
+from gateway.outbox.sqlite.layout import connect
+from gateway.outbox.sqlite.outbox import Outbox
+from gateway.outbox.sqlite.store import list_deliveries, replay_delivery
 
 DAY = 86400.0
 SIG = "sha256=" + "0" * 64

@@ -1,11 +1,12 @@
-"""Retry policy and delivery outcome classification (gateway.backoff, gateway.outcome)."""
+"""Retry policy and delivery outcome classification (gateway.delivery.backoff,
+gateway.delivery.outcome)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.backoff import RetryPolicy, TargetHealth, parse_retry_after
-from gateway.outcome import (
+from gateway.delivery.backoff import RetryPolicy, TargetHealth, parse_retry_after
+from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
     Delivered,

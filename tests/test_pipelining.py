@@ -19,9 +19,9 @@ import pytest
 from helpers import eventually, message_body, meta_signature
 
 from gateway.config import DispatcherConfig, TargetConfig
-from gateway.dispatcher import BATCH_BYTES, Dispatcher
-from gateway.outbox import Outbox
-from gateway.routing import Route
+from gateway.delivery.dispatcher import BATCH_BYTES, Dispatcher
+from gateway.edge.routing import Route
+from gateway.outbox.sqlite.outbox import Outbox
 
 DELIVERIES = 6
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

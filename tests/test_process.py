@@ -24,7 +24,7 @@ from sink import DEADLINE_S, Sink
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
-from gateway.signature import sign
+from gateway.edge.signature import sign
 
 
 @contextlib.contextmanager

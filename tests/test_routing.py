@@ -1,4 +1,4 @@
-"""Routing notifications to targets by field, WABA and phone number (gateway.routing)."""
+"""Routing notifications to targets by field, WABA and phone number (gateway.edge.routing)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gateway.config import TargetConfig
+from gateway.edge.routing import Route, parse, route
 from gateway.errors import BadRequest
-from gateway.routing import Route, parse, route
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -13,12 +13,12 @@ import pytest
 from callbacks import APP_SECRET, gateway_config, refused_url, running_gateway, stored_bodies
 from pki import Pki
 
-from gateway import dev
 from gateway.cli import main
+from gateway.edge.signature import verify_signature
 from gateway.errors import GatewayError
-from gateway.loadgen import Answer, meta_headers, percentile, tally
-from gateway.send import make_unique
-from gateway.signature import verify_signature
+from gateway.onboarding.loadgen import Answer, meta_headers, percentile, tally
+from gateway.onboarding.send import make_unique
+from gateway.runtime import dev
 
 # Meta's escaping ("\u00e9", "\/", a surrogate pair): a re-serialising sender would change it.
 PAYLOAD = dev.SAMPLE

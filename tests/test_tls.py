@@ -1,4 +1,4 @@
-"""gateway.tls over real sockets: a real asyncio TLS server, real certificates from ``pki``.
+"""gateway.edge.tls over real sockets: a real asyncio TLS server, real certificates from ``pki``.
 
 With TLS 1.3 the client finishes its handshake before the server has judged the client
 certificate, so a refusal may only show on the client's first read. :func:`exchange` therefore
@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from pki import ClientKind, Pki
 
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
+from gateway.edge.identity import check_client_identity
+from gateway.edge.tls import build_server_context, client_ca_subjects
 from gateway.errors import CertificateError, IdentityRejected
-from gateway.identity import check_client_identity
-from gateway.tls import build_server_context, client_ca_subjects
 
 TIMEOUT_S = 5.0
 

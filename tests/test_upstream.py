@@ -1,4 +1,4 @@
-"""The forwarder's keep-alive HTTP/1.1 client against raw servers (gateway.upstream)."""
+"""The forwarder's keep-alive HTTP/1.1 client against raw servers (gateway.delivery.upstream)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Protocol
 
 import pytest
 
-from gateway.upstream import Response, Upstream, UpstreamError
+from gateway.delivery.upstream import Response, Upstream, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

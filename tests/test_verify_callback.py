@@ -27,8 +27,12 @@ from cryptography import x509
 from pki import Pki
 
 from gateway.cli import main
-from gateway.meta_client import classify_tls_error, describe_failure, explain_unknown_issuer
-from gateway.verify_callback import judge
+from gateway.onboarding.meta_client import (
+    classify_tls_error,
+    describe_failure,
+    explain_unknown_issuer,
+)
+from gateway.onboarding.verify_callback import judge
 
 CHALLENGE = "1158201444"
 UNKNOWN_ISSUER = "untrusted server certificate or incomplete chain:"

@@ -1,11 +1,12 @@
-"""Worker 0 learns of notifications other workers stored (gateway.wake), over real sockets."""
+"""Worker 0 learns of notifications other workers stored (gateway.runtime.wake), over real
+sockets."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 
-from gateway.wake import Bell, Doorbell, channel_name
+from gateway.runtime.wake import Bell, Doorbell, channel_name
 
 
 async def test_ringing_the_bell_wakes_the_doorbells_owner_once_per_turn() -> None:

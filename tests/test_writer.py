@@ -1,10 +1,11 @@
-"""The writer's decision to make a lone notification wait for company (gateway.writer)."""
+"""The writer's decision to make a lone notification wait for company
+(gateway.outbox.sqlite.writer)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.writer import LINGER_MAX_S, linger_for
+from gateway.outbox.sqlite.writer import LINGER_MAX_S, linger_for
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.backoff import RetryPolicy
+from gateway.delivery.backoff import RetryPolicy
 
 __all__ = [
     "AttemptResult",

@@ -23,7 +23,9 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 def _registrars() -> list[Registrar]:
     # One line per command module, in the order `--help` lists them. Imported here, not at the
     # top, so that importing this module stays cheap.
-    from gateway import admin, check, doctor, send, serve, subscriptions, verify_callback
+    from gateway.onboarding import check, doctor, send, subscriptions, verify_callback
+    from gateway.runtime import admin
+    from gateway.runtime import gateway as serve
 
     return [
         serve.register,

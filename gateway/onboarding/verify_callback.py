@@ -25,7 +25,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.errors import GatewayError
-from gateway.meta_client import client_context, diagnose
+from gateway.onboarding.meta_client import client_context, diagnose
 
 __all__ = ["Verdict", "describe_body", "judge", "register", "verify"]
 

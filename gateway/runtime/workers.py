@@ -3,10 +3,10 @@
 Rule: the supervisor (the process ``serve`` started) binds nothing and forwards nothing; it starts
 N worker processes that each bind the listener with SO_REUSEPORT, so the kernel spreads
 connections across them. Worker 0 is the primary: it alone runs the dispatcher and the admin
-listener; the others tell it when they have stored something (:mod:`gateway.wake`). All share
-the SQLite outbox (WAL lets them write one after another and read at once), and all count into
+listener; the others tell it when they have stored something (:mod:`gateway.runtime.wake`). All
+share the SQLite outbox (WAL lets them write one after another and read at once), and all count into
 one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
-gateway's (:mod:`gateway.stats`).
+gateway's (:mod:`gateway.runtime.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
 process would; the supervisor waits for them and exits 0. Workers ask the kernel to send them
@@ -33,8 +33,8 @@ from types import FrameType
 
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.stats import MULTIPROCESS_ENV
-from gateway.wake import channel_name
+from gateway.runtime.stats import MULTIPROCESS_ENV
+from gateway.runtime.wake import channel_name
 
 __all__ = ["supervise"]
 
@@ -53,7 +53,7 @@ def _die_with_parent() -> None:
 
 def _worker(config: Config, index: int, wake_channel: str, metrics_dir: Path) -> None:
     _die_with_parent()
-    from gateway.serve import serve_process, setup_logging
+    from gateway.runtime.gateway import serve_process, setup_logging
 
     setup_logging(config.log_level)
     serve_process(

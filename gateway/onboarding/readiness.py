@@ -2,7 +2,7 @@
 
 Rule: nothing here reads a file, opens a socket or looks at the clock. Each judge takes values
 (certificates, settings, an HTTP answer, ``now``) and returns :class:`Finding` objects; a problem
-it is judging is a finding, never an exception. :mod:`gateway.doctor` gathers the inputs.
+it is judging is a finding, never an exception. :mod:`gateway.onboarding.doctor` gathers the inputs.
 
 Not checked here: revocation of the server certificate, Certificate Transparency, key sizes and
 signature algorithms, and whether Meta's current CA is genuine: Meta does not publish its subject,
@@ -25,9 +25,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from gateway.check import EXPIRY_WARNING_DAYS, days_left
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
-from gateway.verify_callback import Verdict
+from gateway.onboarding.check import EXPIRY_WARNING_DAYS, days_left
+from gateway.onboarding.verify_callback import Verdict
 
 __all__ = [
     "META_CA_FILE",
@@ -185,8 +185,8 @@ def judge_tls_settings(tls: TlsConfig) -> list[Finding]:
 
 
 def judge_handshake(url: str, verdict: Verdict, client_auth: ClientAuth) -> Finding:
-    """Meta's GET handshake through ``url``, as :func:`gateway.verify_callback.judge` (or its TLS
-    diagnosis) saw it: OK only when the exact challenge came back.
+    """Meta's GET handshake through ``url``, as :func:`gateway.onboarding.verify_callback.judge` (or
+    its TLS diagnosis) saw it: OK only when the exact challenge came back.
 
     A TLS failure is a WARN: its causes (an untrusted, expired or mismatched certificate) have
     their own lines above, and a listener that requires a client certificate refuses doctor,

@@ -3,8 +3,9 @@
 Rule: a notification is acknowledged only after the transaction that stores it and its deliveries
 has committed with ``synchronous=FULL`` in WAL mode, so a power cut after the 200 loses nothing.
 
-This is the asynchronous face of the file: :mod:`gateway.layout` holds the file's layout,
-:mod:`gateway.store` the SQL, :mod:`gateway.writer` the thread that runs it in group commits.
+This is the asynchronous face of the file: :mod:`gateway.outbox.sqlite.layout` holds the file's
+layout, :mod:`gateway.outbox.sqlite.store` the SQL, :mod:`gateway.outbox.sqlite.writer` the thread
+that runs it in group commits.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway import layout, store
-from gateway.outcome import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt
-from gateway.routing import Route
-from gateway.store import STATES, Delivery
-from gateway.writer import Writer
+from gateway.delivery.outcome import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt
+from gateway.edge.routing import Route
+from gateway.outbox.sqlite import layout, store
+from gateway.outbox.sqlite.store import STATES, Delivery
+from gateway.outbox.sqlite.writer import Writer
 
 __all__ = ["STATES", "Delivery", "Outbox"]
 
@@ -134,8 +135,8 @@ class Outbox:
         self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float
     ) -> None:
         """Store the outcomes of attempts that ended at ``now``, as one job. Lazily (see
-        :mod:`gateway.writer`): lost in a power cut, an outcome only means the delivery is
-        attempted again."""
+        :mod:`gateway.outbox.sqlite.writer`): lost in a power cut, an outcome only means the
+        delivery is attempted again."""
         updates = [self._attempt(*attempt, now) for attempt in attempts]
         await self.run(functools.partial(store.record_attempts, attempts=updates), durable=False)
 

@@ -1,8 +1,8 @@
 """One HTTP request to one target: build the headers, send, report what came back.
 
-Rule: the forwarder never decides what a result means (that is :mod:`gateway.outcome`) and never
-copies an inbound header: every header a target sees is built here, so nothing from outside can
-impersonate the gateway's own ``X-Gateway-*`` headers.
+Rule: the forwarder never decides what a result means (that is :mod:`gateway.delivery.outcome`) and
+never copies an inbound header: every header a target sees is built here, so nothing from outside
+can impersonate the gateway's own ``X-Gateway-*`` headers.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import time
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.backoff import parse_retry_after
 from gateway.config import TargetConfig
-from gateway.outbox import Delivery
-from gateway.outcome import AttemptResult
-from gateway.signature import gateway_signature
-from gateway.upstream import Response, Upstream, UpstreamError
+from gateway.delivery.backoff import parse_retry_after
+from gateway.delivery.outcome import AttemptResult
+from gateway.delivery.upstream import Response, Upstream, UpstreamError
+from gateway.edge.signature import gateway_signature
+from gateway.outbox.sqlite.outbox import Delivery
 
 __all__ = ["Forwarder", "build_headers"]
 
@@ -57,7 +57,7 @@ class Forwarder:
         self, deliveries: Sequence[Delivery], attempts: Sequence[int]
     ) -> list[AttemptResult]:
         """Attempt number ``attempts[i]`` of each ``deliveries[i]``, pipelined on one
-        connection (see :mod:`gateway.upstream`); what came back for each, in order."""
+        connection (see :mod:`gateway.delivery.upstream`); what came back for each, in order."""
         now = time.time()
         requests = [
             (build_headers(delivery, self.target, attempt, now), delivery.body)

@@ -1,7 +1,7 @@
 """TLS for the webhook listener: the server context that asks Meta for its client certificate.
 
 Rule: the client's *chain* is verified here, by OpenSSL, against the configured CA bundle and
-nothing else; the subject CN is checked by :mod:`gateway.identity`. Every file problem is a
+nothing else; the subject CN is checked by :mod:`gateway.edge.identity`. Every file problem is a
 :class:`~gateway.errors.CertificateError` naming the config key and the file, raised when the
 context is built (at start-up), never at the first handshake.
 """

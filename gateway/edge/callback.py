@@ -1,6 +1,6 @@
 """The callback's decisions in order: who is calling, the handshake (GET), a notification (POST).
 
-Rule: nothing here knows HTTP. :mod:`gateway.listener` parses requests and writes answers; this
+Rule: nothing here knows HTTP. :mod:`gateway.edge.listener` parses requests and writes answers; this
 module calls the pure checks (identity, handshake, signature, routing) in order and stores what
 passes. A notification is answered 200 only once it is durably in the outbox.
 """
@@ -12,18 +12,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.config import Config
-from gateway.dispatcher import Dispatcher
-from gateway.handshake import answer_challenge
-from gateway.identity import check_client_identity
-from gateway.outbox import Outbox
-from gateway.routing import parse, route
-from gateway.signature import verify_signature
-from gateway.stats import Stats
+from gateway.delivery.dispatcher import Dispatcher
+from gateway.edge.handshake import answer_challenge
+from gateway.edge.identity import check_client_identity
+from gateway.edge.routing import parse, route
+from gateway.edge.signature import verify_signature
+from gateway.outbox.sqlite.outbox import Outbox
+from gateway.runtime.stats import Stats
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback"]
 
 ACCEPTED = "ok"
-# Load generators recognise a stored-before duplicate by this first line (gateway.loadgen).
+# Load generators recognise a stored-before duplicate by this first line
+# (gateway.onboarding.loadgen).
 DUPLICATE = "ok (duplicate)"
 
 
@@ -41,7 +42,7 @@ class Callback:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``dispatcher``: this process forwards. ``stored_elsewhere``: another process does,
-        and this tells it there is something new (see :mod:`gateway.wake`)."""
+        and this tells it there is something new (see :mod:`gateway.runtime.wake`)."""
         self.config = config
         self.outbox = outbox
         self.stats = stats

@@ -1,15 +1,15 @@
 """Every statement the gateway runs on the outbox file.
 
 Rule: everything here is a plain function of a ``sqlite3.Connection``, run inside a transaction
-its caller owns (:mod:`gateway.writer` for the gateway, a plain connection for the offline
-``deliveries`` command). Nothing here commits, waits or knows about asyncio.
+its caller owns (:mod:`gateway.outbox.sqlite.writer` for the gateway, a plain connection for the
+offline ``deliveries`` command). Nothing here commits, waits or knows about asyncio.
 
 Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own key
 (AUTOINCREMENT, so an id is never handed out twice, even after pruning), and the prefix is random,
 made once with the file, so ids stay unique across gateways. Targets receive the id as
 ``X-Gateway-Delivery-Id`` and may deduplicate on it.
 
-The layout itself, and opening a file, are :mod:`gateway.layout`'s.
+The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.layout import read_prefix
-from gateway.routing import Route
+from gateway.edge.routing import Route
+from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
     "PRUNE_BATCH",

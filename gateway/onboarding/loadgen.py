@@ -19,8 +19,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.meta_client import describe_failure
-from gateway.signature import sign
+from gateway.edge.signature import sign
+from gateway.onboarding.meta_client import describe_failure
 
 __all__ = ["Answer", "LoadReport", "meta_headers", "percentile", "post", "run_load", "tally"]
 

@@ -27,8 +27,8 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway import graph
 from gateway.errors import GraphError
+from gateway.onboarding import graph
 
 __all__ = ["format_subscriptions", "register"]
 

@@ -3,7 +3,7 @@
 Rule: pure decisions on the dict that :meth:`ssl.SSLObject.getpeercert` returns; no I/O, no
 sockets. Meta says to verify the chain and then that the subject CN is exactly
 ``client.webhooks.fbclientcerts.com`` (docs/graph-api/webhooks/getting-started, "mTLS"). The chain
-is the TLS layer's job (:mod:`gateway.tls`); the CN is this module's, and it is never optional:
+is the TLS layer's job (:mod:`gateway.edge.tls`); the CN is this module's, and it is never optional:
 the CA that signed Meta's certificate before April 2026 signs countless others too.
 """
 
@@ -54,7 +54,7 @@ def check_client_identity(
     What it does *not* check:
 
     - the chain, validity dates and key usage: OpenSSL did that during the handshake, against
-      ``tls.client_ca_file`` only (:func:`gateway.tls.build_server_context`);
+      ``tls.client_ca_file`` only (:func:`gateway.edge.tls.build_server_context`);
     - the subjectAltName: Meta identifies its client by the subject CN, so a SAN naming Meta
       proves nothing here;
     - revocation, beyond the ``tls.crl_file`` the TLS layer applies.

@@ -21,12 +21,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import layout, store
 from gateway.config import Config
+from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
-from gateway.outbox import STATES, Delivery, Outbox
-from gateway.responses import Handler, error_middleware, text
-from gateway.stats import Stats
+from gateway.outbox.sqlite import layout, store
+from gateway.outbox.sqlite.outbox import STATES, Delivery, Outbox
+from gateway.runtime.stats import Stats
 
 __all__ = ["create_admin_app", "register"]
 
@@ -105,7 +105,7 @@ def create_admin_app(
 
 
 def _open(args: argparse.Namespace) -> tuple[Config, sqlite3.Connection]:
-    from gateway.serve import config_from_args
+    from gateway.runtime.gateway import config_from_args
 
     config = config_from_args(args)
     if not config.outbox.path.exists():
@@ -152,7 +152,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from gateway.serve import add_config_argument
+    from gateway.runtime.gateway import add_config_argument
 
     parser = subparsers.add_parser("deliveries", help="list or replay deliveries in the outbox")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)

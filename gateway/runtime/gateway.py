@@ -25,16 +25,16 @@ from types import TracebackType
 
 from aiohttp import web
 
-from gateway.admin import create_admin_app
-from gateway.callback import Callback
 from gateway.config import Config, default_config_path, load_config
-from gateway.dispatcher import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
+from gateway.edge.callback import Callback
+from gateway.edge.listener import Listener
+from gateway.edge.tls import build_server_context
 from gateway.errors import ConfigError
-from gateway.listener import Listener
-from gateway.outbox import Outbox
-from gateway.stats import Stats
-from gateway.tls import build_server_context
-from gateway.wake import Bell, Doorbell
+from gateway.outbox.sqlite.outbox import Outbox
+from gateway.runtime.admin import create_admin_app
+from gateway.runtime.stats import Stats
+from gateway.runtime.wake import Bell, Doorbell
 
 __all__ = ["Gateway", "add_config_argument", "bound_port", "config_from_args", "register", "run"]
 
@@ -71,11 +71,11 @@ class Gateway:
         metrics_dir: Path | None = None,
     ) -> None:
         self.config = config
-        self._wake_channel = wake_channel  # sibling workers: see gateway.wake
+        self._wake_channel = wake_channel  # sibling workers: see gateway.runtime.wake
         self.primary = primary
         self._reuse_port = reuse_port
         self._ssl = ssl_context or build_server_context(config.tls)
-        self.stats = Stats(metrics_dir)  # sibling workers count together: see gateway.stats
+        self.stats = Stats(metrics_dir)  # sibling workers count together: see gateway.runtime.stats
         self._outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: Listener | None = None
@@ -265,7 +265,7 @@ def _event_loop_runner() -> asyncio.Runner:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.dev:
-        from gateway import dev
+        from gateway.runtime import dev
 
         with _event_loop_runner() as runner:
             runner.run(dev.serve_dev(Path(args.dev_dir), port=args.port))
@@ -274,7 +274,7 @@ def _serve(args: argparse.Namespace) -> int:
     build_server_context(config.tls)  # refuse bad certificate files before anything starts
     setup_logging(config.log_level)
     if config.listen.workers > 1:
-        from gateway.workers import supervise
+        from gateway.runtime.workers import supervise
 
         return supervise(config)
     serve_process(config, primary=True, reuse_port=False)

@@ -27,8 +27,8 @@ from gateway.config import (
     TargetConfig,
     TlsConfig,
 )
-from gateway.serve import Gateway, bound_port, run, setup_logging
-from gateway.signature import sign
+from gateway.edge.signature import sign
+from gateway.runtime.gateway import Gateway, bound_port, run, setup_logging
 
 __all__ = ["DevFiles", "ensure_dev_files", "serve_dev"]
 

@@ -1,8 +1,8 @@
 """The callback listener: HTTP/1.1 on the TLS connections Meta opens, parsed by httptools.
 
-Rule: this module only turns bytes into calls on :class:`~gateway.callback.Callback` and its
-answers back into bytes; :func:`gateway.responses.answer_for` decides every refusal. Answers on a
-connection go out in the order the requests came (RFC 9112, section 9.3.2), one request at a time.
+Rule: this module only turns bytes into calls on :class:`~gateway.edge.callback.Callback` and its
+answers back into bytes; :func:`gateway.edge.responses.answer_for` decides every refusal. Answers on
+a connection go out in the order the requests came (RFC 9112, section 9.3.2), one request at a time.
 
 Why not aiohttp's server here: the callback serves one path with two methods, and the general
 server's per-request machinery cost more than TLS itself (bench/README.md has the figures).
@@ -25,8 +25,9 @@ from urllib.parse import parse_qsl, unquote
 
 import httptools
 
-from gateway.callback import Callback
 from gateway.config import ListenConfig
+from gateway.edge.callback import Callback
+from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.errors import (
     BadRequest,
     HeadTooLarge,
@@ -37,7 +38,6 @@ from gateway.errors import (
     RequestTimeout,
     URLTooLong,
 )
-from gateway.responses import access_log, answer_for, log_access
 
 __all__ = ["Listener"]
 

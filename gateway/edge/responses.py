@@ -2,7 +2,7 @@
 
 Rule: handlers raise :class:`~gateway.errors.Rejected` (or let an
 :class:`~gateway.errors.OutboxError` escape); :func:`answer_for` decides the status and the
-one-line ``text/plain`` reason for both listeners: the callback's (:mod:`gateway.listener`) and
+one-line ``text/plain`` reason for both listeners: the callback's (:mod:`gateway.edge.listener`) and
 the admin API's (through :func:`error_middleware`). An outbox failure is a 503, so Meta retries:
 never a 200 for something that is not on disk.
 """

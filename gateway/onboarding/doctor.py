@@ -1,8 +1,8 @@
 """``waba-gateway doctor``: one readiness report for Meta's webhooks, one line per finding.
 
-Rule: the decisions live in :mod:`gateway.readiness` (pure, table-tested); this module only
-gathers their inputs (the configuration, the certificate files, the trust store, a TCP connect to
-each target, the outbox, one GET through the real listener) and prints the findings. It changes
+Rule: the decisions live in :mod:`gateway.onboarding.readiness` (pure, table-tested); this module
+only gathers their inputs (the configuration, the certificate files, the trust store, a TCP connect
+to each target, the outbox, one GET through the real listener) and prints the findings. It changes
 nothing, except that it creates the outbox file when there is none yet, as ``serve`` would.
 
 Exit codes::
@@ -31,10 +31,10 @@ from cryptography import x509
 from OpenSSL import crypto
 
 from gateway.config import Config, TargetConfig, TlsConfig
+from gateway.edge.tls import build_server_context
 from gateway.errors import CertificateError, ConfigError, GatewayError, OutboxError
-from gateway.layout import connect
-from gateway.meta_client import client_context
-from gateway.readiness import (
+from gateway.onboarding.meta_client import client_context
+from gateway.onboarding.readiness import (
     Finding,
     judge_ca_bundle,
     judge_handshake,
@@ -42,9 +42,9 @@ from gateway.readiness import (
     judge_tls_settings,
     judge_trust,
 )
-from gateway.serve import add_config_argument, config_from_args
-from gateway.tls import build_server_context
-from gateway.verify_callback import callback_url, verify
+from gateway.onboarding.verify_callback import callback_url, verify
+from gateway.outbox.sqlite.layout import connect
+from gateway.runtime.gateway import add_config_argument, config_from_args
 
 __all__ = ["diagnose", "register", "verify_chain"]
 

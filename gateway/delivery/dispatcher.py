@@ -8,7 +8,7 @@ backoff.
 
 Deliveries started in one turn of the event loop (the notifications of one group commit, or a
 claim from the outbox) go to each target in batches: one batch is one pipelined exchange on one
-connection (:mod:`gateway.upstream`), at most the target's ``pipeline`` deliveries and
+connection (:mod:`gateway.delivery.upstream`), at most the target's ``pipeline`` deliveries and
 :data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
 outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
 """
@@ -23,11 +23,18 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from gateway.backoff import RetryPolicy, TargetHealth
 from gateway.config import DispatcherConfig, TargetConfig
-from gateway.forwarder import Forwarder
-from gateway.outbox import Delivery, Outbox
-from gateway.outcome import AttemptResult, DeadLetter, Delivered, RetryAt, classify, is_transient
+from gateway.delivery.backoff import RetryPolicy, TargetHealth
+from gateway.delivery.forwarder import Forwarder
+from gateway.delivery.outcome import (
+    AttemptResult,
+    DeadLetter,
+    Delivered,
+    RetryAt,
+    classify,
+    is_transient,
+)
+from gateway.outbox.sqlite.outbox import Delivery, Outbox
 
 __all__ = ["BATCH_BYTES", "Dispatcher"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import Config
+from gateway.edge.tls import build_server_context, client_ca_subjects
 from gateway.errors import CertificateError
-from gateway.serve import add_config_argument, config_from_args
-from gateway.tls import build_server_context, client_ca_subjects
+from gateway.runtime.gateway import add_config_argument, config_from_args
 
 __all__ = ["EXPIRY_WARNING_DAYS", "days_left", "register", "report"]
 

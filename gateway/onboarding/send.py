@@ -5,9 +5,9 @@ its escaped bytes, and so does this command); the app secret and the client cert
 Meta's. A payload that is not JSON is still sent, with a warning. The app secret comes from
 ``--app-secret``, the dev secrets (``--dev``) or ``WABA_APP_SECRET``, and is never printed.
 
-With ``--count``/``--concurrency`` it is a load generator (:mod:`gateway.loadgen`). The gateway
-acknowledges a body it already stored without storing it again, so ``--unique`` makes each body
-distinct: it inserts a per-run marker and the request's number right after the first ``wamid.``
+With ``--count``/``--concurrency`` it is a load generator (:mod:`gateway.onboarding.loadgen`). The
+gateway acknowledges a body it already stored without storing it again, so ``--unique`` makes each
+body distinct: it inserts a per-run marker and the request's number right after the first ``wamid.``
 of the payload (the id of its first message or status).
 
 Exit codes: 0 every request got a 2xx answer; 1 otherwise; 2 bad input (unreadable payload,
@@ -29,9 +29,9 @@ from pathlib import Path
 import aiohttp
 
 from gateway.errors import GatewayError
-from gateway.loadgen import post, run_load
-from gateway.meta_client import client_context, diagnose
-from gateway.verify_callback import callback_url
+from gateway.onboarding.loadgen import post, run_load
+from gateway.onboarding.meta_client import client_context, diagnose
+from gateway.onboarding.verify_callback import callback_url
 
 __all__ = ["SECRET_ENV", "make_unique", "register"]
 
@@ -70,7 +70,7 @@ def _resolve(args: argparse.Namespace) -> _Request:
     ca_file, cert, key, secret = args.ca_file, args.cert, args.key, args.app_secret
     if args.dev:
         from gateway.config import ListenConfig
-        from gateway.dev import DEV_PORT, DevFiles
+        from gateway.runtime.dev import DEV_PORT, DevFiles
 
         files = DevFiles.under(Path(args.dev_dir))
         try:
