@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError
+from gateway.units import DAYS, MINUTES, SECONDS, MiB
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -38,11 +39,6 @@ __all__ = [
     "load_config",
 ]
 
-SECONDS = 1.0
-MINUTES = 60 * SECONDS
-HOURS = 60 * MINUTES
-DAYS = 24 * HOURS
-MiB = 1024 * 1024
 
 # Meta's webhook client certificate subject CN (docs/graph-api/webhooks/getting-started, "mTLS").
 META_CLIENT_CN = "client.webhooks.fbclientcerts.com"

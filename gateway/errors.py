@@ -10,7 +10,8 @@ code.
     GatewayError                      base: ``waba-gateway`` prints "error: <message>", exits 2
     +-- ConfigError                   bad TOML, key, type, value, unset ${ENV}; names file and key
     +-- CertificateError              unreadable or mismatched certificate/key/CA files
-    +-- OutboxError                   the SQLite outbox cannot be opened or written
+    +-- OutboxError                   the outbox cannot be opened or written; a request it
+    |                                 fails is answered 503, so Meta retries
     +-- GraphError                    a Graph API call failed (onboarding commands)
     +-- Rejected                      an HTTP request refused; carries ``status``
         +-- BadRequest           400  missing handshake parameters, invalid JSON
@@ -24,10 +25,11 @@ code.
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
-        +-- Unavailable          503  the outbox could not take the notification; Meta retries
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 __all__ = [
     "BadRequest",
@@ -36,6 +38,7 @@ __all__ = [
     "Forbidden",
     "GatewayError",
     "GraphError",
+    "GraphFailure",
     "HeadTooLarge",
     "IdentityRejected",
     "MethodNotAllowed",
@@ -47,7 +50,6 @@ __all__ = [
     "SignatureRejected",
     "URLTooLong",
     "Unauthorized",
-    "Unavailable",
 ]
 
 
@@ -67,14 +69,18 @@ class OutboxError(GatewayError):
     """The outbox database cannot be opened or written."""
 
 
+GraphFailure = Literal["failure", "usage", "auth", "rate_limited"]
+
+
 class GraphError(GatewayError):
-    """A Graph API call failed; ``exit_code`` distinguishes auth, rate limit and other failures."""
+    """A Graph API call failed; ``reason`` tells bad input, a refused token or permission, and a
+    rate limit from any other failure (the command line gives each its exit code)."""
 
-    exit_code: int = 1
+    reason: GraphFailure = "failure"
 
-    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+    def __init__(self, message: str, *, reason: GraphFailure = "failure") -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.reason = reason
 
 
 class Rejected(GatewayError):
@@ -126,7 +132,3 @@ class URLTooLong(Rejected):
 
 class HeadTooLarge(Rejected):
     status = 431
-
-
-class Unavailable(Rejected):
-    status = 503

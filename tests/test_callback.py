@@ -32,10 +32,10 @@ from sink import Sink
 
 from gateway.config import ClientAuth
 from gateway.runtime.gateway import Gateway
+from gateway.units import MiB
 
 CHALLENGE = "1158201444-Zq_x.9~"
 HANDSHAKE = {"hub.mode": "subscribe", "hub.challenge": CHALLENGE, "hub.verify_token": VERIFY_TOKEN}
-MiB = 1024 * 1024
 
 
 @pytest.fixture

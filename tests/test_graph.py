@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway.cli.exit_codes import GRAPH_EXIT_CODES
 from gateway.errors import GraphError
 from gateway.onboarding import graph
 
@@ -227,7 +228,7 @@ def test_classifies_graph_errors_into_exit_code_and_one_line(
         status, body, [usage(estimated_time_to_regain_access=minutes)]
     )
     assert isinstance(error, GraphError)
-    assert error.exit_code == exit_code
+    assert GRAPH_EXIT_CODES[error.reason] == exit_code
     assert message in str(error)
     assert "\n" not in str(error)
 
@@ -258,7 +259,7 @@ def test_rejects_waba_ids_that_are_not_digits(value: str) -> None:
     """Anything but 1 to 32 ASCII digits is a usage error (exit 2) that names the value."""
     with pytest.raises(GraphError) as caught:
         graph.validate_waba_id(value)
-    assert caught.value.exit_code == 2
+    assert caught.value.reason == "usage"
     assert repr(value) in str(caught.value)
 
 
@@ -311,7 +312,7 @@ def test_rejects_bad_overrides(
         graph.build_request(
             action, "42", api_version="v21.0", override_callback_uri=uri, verify_token=token
         )
-    assert caught.value.exit_code == 2
+    assert caught.value.reason == "usage"
 
 
 def test_accepts_override_of_exactly_200_characters() -> None:
@@ -328,7 +329,7 @@ def test_rejects_malformed_api_versions(version: str) -> None:
     """The API version becomes part of the path, so only vN.N is accepted."""
     with pytest.raises(GraphError, match="--api-version") as caught:
         graph.build_request("list", "42", api_version=version)
-    assert caught.value.exit_code == 2
+    assert caught.value.reason == "usage"
 
 
 @pytest.mark.parametrize(
@@ -353,7 +354,7 @@ def test_rejects_graph_urls_that_would_expose_the_token(value: str) -> None:
     """Plain http to another host would send the Bearer token in clear text: exit 2."""
     with pytest.raises(GraphError, match="--graph-url") as caught:
         graph.validate_graph_url(value)
-    assert caught.value.exit_code == 2
+    assert caught.value.reason == "usage"
 
 
 def test_redacts_every_occurrence_of_a_secret() -> None:

@@ -16,8 +16,7 @@ from pki import Pki
 from gateway.cli import main
 from gateway.edge.signature import verify_signature
 from gateway.errors import GatewayError
-from gateway.onboarding.loadgen import Answer, meta_headers, percentile, tally
-from gateway.onboarding.send import make_unique
+from gateway.onboarding.loadgen import Answer, make_unique, meta_headers, percentile, tally
 from gateway.runtime import dev
 
 # Meta's escaping ("\u00e9", "\/", a surrogate pair): a re-serialising sender would change it.

@@ -1,9 +1,10 @@
 """The ``waba-gateway`` command line: a thin boundary.
 
-Rule: each command lives in the module of its concern and registers itself here through a
-``register(subparsers)`` function that sets ``func`` (``argparse.Namespace -> int``). :func:`main`
-is the one place that turns a :class:`~gateway.errors.GatewayError` into ``error: ...`` and exit 2
-(or the error's own exit code, for Graph API failures).
+Rule: this package is the only one that knows argv, standard output and exit codes. Each command
+is a module here that registers itself through a ``register(subparsers)`` function setting
+``func`` (``argparse.Namespace -> int``), and calls into the rest of the gateway for the work.
+:func:`main` is the one place that turns a :class:`~gateway.errors.GatewayError` into
+``error: ...`` and an exit code (:mod:`gateway.cli.exit_codes`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from gateway import __version__
+from gateway.cli.exit_codes import EXIT_USAGE, GRAPH_EXIT_CODES
 from gateway.errors import GatewayError, GraphError
 
 __all__ = ["main"]
@@ -23,15 +25,21 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 def _registrars() -> list[Registrar]:
     # One line per command module, in the order `--help` lists them. Imported here, not at the
     # top, so that importing this module stays cheap.
-    from gateway.onboarding import check, doctor, send, subscriptions, verify_callback
-    from gateway.runtime import admin
-    from gateway.runtime import gateway as serve
+    from gateway.cli import (
+        check,
+        deliveries,
+        doctor,
+        send,
+        serve,
+        subscriptions,
+        verify_callback,
+    )
 
     return [
         serve.register,
         check.register,
         doctor.register,
-        admin.register,
+        deliveries.register,
         subscriptions.register,
         verify_callback.register,
         send.register,
@@ -58,9 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except GraphError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return GRAPH_EXIT_CODES[exc.reason]
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

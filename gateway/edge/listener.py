@@ -38,12 +38,12 @@ from gateway.errors import (
     RequestTimeout,
     URLTooLong,
 )
+from gateway.units import SECONDS
 
 __all__ = ["Listener"]
 
 log = logging.getLogger(__name__)
 
-SECONDS = 1.0
 TLS_HANDSHAKE_TIMEOUT_S = 30 * SECONDS
 SWEEP_EVERY_S = 1 * SECONDS
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together (431 beyond)

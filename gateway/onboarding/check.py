@@ -1,4 +1,4 @@
-"""``waba-gateway check``: validate a configuration and its certificate files before serving.
+"""What ``waba-gateway check`` reports: a configuration and its certificate files, before serving.
 
 Rule: ``check`` refuses exactly what ``serve`` would refuse (same loader, same TLS context
 builder), and adds what an operator wants to see before a rollout: certificate expiry (a warning
@@ -8,7 +8,6 @@ with the CA file Meta publishes.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from cryptography import x509
 from gateway.config import Config
 from gateway.edge.tls import build_server_context, client_ca_subjects
 from gateway.errors import CertificateError
-from gateway.runtime.gateway import add_config_argument, config_from_args
 
-__all__ = ["EXPIRY_WARNING_DAYS", "days_left", "register", "report"]
+__all__ = ["EXPIRY_WARNING_DAYS", "days_left", "report"]
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -60,16 +58,3 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
         f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
     )
     return lines
-
-
-def _check(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    for line in report(config, datetime.datetime.now(datetime.UTC)):
-        print(line)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("check", help="validate the configuration and certificates")
-    add_config_argument(parser)
-    parser.set_defaults(func=_check)

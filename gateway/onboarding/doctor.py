@@ -1,23 +1,15 @@
-"""``waba-gateway doctor``: one readiness report for Meta's webhooks, one line per finding.
+"""What ``waba-gateway doctor`` finds: one readiness report for Meta's webhooks.
 
 Rule: the decisions live in :mod:`gateway.onboarding.readiness` (pure, table-tested); this module
 only gathers their inputs (the configuration, the certificate files, the trust store, a TCP connect
-to each target, the outbox, one GET through the real listener) and prints the findings. It changes
+to each target, the outbox, one GET through the real listener) and returns the findings. It changes
 nothing, except that it creates the outbox file when there is none yet, as ``serve`` would.
 
-Exit codes::
-
-    0  no FAIL (WARN lines may remain)
-    1  at least one FAIL
-    2  usage error: a bad --public-url or --ca-file
-
-A configuration that does not load is a FAIL line (exit 1), not a usage error: finding it is
-doctor's job.
+The command and its exit codes are :mod:`gateway.cli.doctor`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime
@@ -32,7 +24,7 @@ from OpenSSL import crypto
 
 from gateway.config import Config, TargetConfig, TlsConfig
 from gateway.edge.tls import build_server_context
-from gateway.errors import CertificateError, ConfigError, GatewayError, OutboxError
+from gateway.errors import CertificateError, OutboxError
 from gateway.onboarding.meta_client import client_context
 from gateway.onboarding.readiness import (
     Finding,
@@ -44,62 +36,12 @@ from gateway.onboarding.readiness import (
 )
 from gateway.onboarding.verify_callback import callback_url, verify
 from gateway.outbox.sqlite.layout import connect
-from gateway.runtime.gateway import add_config_argument, config_from_args
+from gateway.units import SECONDS
 
-__all__ = ["diagnose", "register", "verify_chain"]
+__all__ = ["diagnose", "verify_chain"]
 
-SECONDS = 1.0
 CONNECT_TIMEOUT_S = 3 * SECONDS
 HANDSHAKE_TIMEOUT_S = 10 * SECONDS
-
-EPILOG = """\
-exit codes:
-  0  no FAIL (WARN lines may remain)
-  1  at least one FAIL
-  2  usage error: a bad --public-url or --ca-file
-"""
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "doctor",
-        help="report readiness: certificates, Meta's CA, targets, outbox, handshake",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_argument(parser)
-    parser.add_argument(
-        "--public-url",
-        help="the callback URL Meta calls (https://your.host/webhook): check that the certificate "
-        "covers its host and send Meta's GET handshake through it",
-    )
-    parser.add_argument(
-        "--ca-file",
-        type=Path,
-        help="trust this CA bundle instead of the system store, for the server chain and the "
-        "handshake (private or test deployments; Meta itself trusts public CAs only)",
-    )
-    parser.set_defaults(func=_doctor)
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    public_url: str | None = args.public_url
-    # Meta calls https:// callbacks only (getting-started, "mTLS for Webhooks").
-    if public_url is not None and callback_url(public_url).scheme != "https":
-        raise GatewayError(f"--public-url {public_url!r}: expected an https:// URL")
-    ca_file: Path | None = args.ca_file
-    if ca_file is not None:
-        client_context(ca_file, None, None)  # a CA file OpenSSL refuses is a usage error
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        findings = [Finding("FAIL", str(exc), "fix the configuration, then run doctor again")]
-    else:
-        now = datetime.datetime.now(datetime.UTC)
-        findings = asyncio.run(diagnose(config, now, public_url=public_url, ca_file=ca_file))
-    for finding in findings:
-        print(finding.line())
-    return 1 if any(finding.level == "FAIL" for finding in findings) else 0
 
 
 async def diagnose(

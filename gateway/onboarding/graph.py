@@ -1,17 +1,13 @@
 """Graph API calls behind the WABA subscription commands: ``/{waba-id}/subscribed_apps``.
 
-Rule: every decision is a pure function of values (what to send, what a response means, which exit
-code it earns, whether usage deserves a warning); :func:`call` is the only code that touches the
-network, and it makes exactly one request and never retries. Meta: once rate limited, stop calling,
-because every further call extends the block (graph-api/overview/rate-limiting).
+Rule: every decision is a pure function of values (what to send, what a response means, which
+kind of failure it is, whether usage deserves a warning); :func:`call` is the only code that touches
+the network, and it makes exactly one request and never retries. Meta: once rate limited, stop
+calling, because every further call extends the block (graph-api/overview/rate-limiting).
 
-Exit codes, shared by every command that talks to the Graph API::
-
-    0  success
-    1  any other failure: Graph error, non-JSON answer, connection failure, timeout
-    2  usage or input error: bad WABA id, missing access token, bad option value
-    3  authentication or permission error: HTTP 401/403, Graph codes 190, 102, 10, 200-299
-    4  rate limited: Graph codes 4, 17, 32, 613, 80007, 80008, or HTTP 429
+Each failure is a :class:`~gateway.errors.GraphError` with a ``reason`` (``usage``, ``auth``,
+``rate_limited`` or ``failure``); the command line turns it into an exit code
+(:mod:`gateway.cli.exit_codes`).
 
 The access token is only ever placed in the ``Authorization`` header; messages built here never
 contain it, and :func:`call` redacts it should Meta echo it back.
@@ -30,13 +26,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from gateway.errors import GraphError
+from gateway.errors import GraphError, GraphFailure
 
 __all__ = [
-    "EXIT_AUTH",
-    "EXIT_FAILURE",
-    "EXIT_RATE_LIMITED",
-    "EXIT_USAGE",
     "Action",
     "GraphRequest",
     "UsageRecord",
@@ -49,11 +41,6 @@ __all__ = [
     "validate_graph_url",
     "validate_waba_id",
 ]
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_AUTH = 3
-EXIT_RATE_LIMITED = 4
 
 USAGE_HEADER = "X-Business-Use-Case-Usage"
 # graph-api/overview/rate-limiting: app (4), user (17), page (32), custom (613) and the WhatsApp
@@ -107,7 +94,7 @@ def validate_waba_id(value: str) -> str:
     Checked before any request so a typo never reaches Meta and counts against the rate limit.
     """
     if _WABA_ID.fullmatch(value) is None:
-        raise GraphError(f"WABA id {value!r}: expected 1 to 32 digits", exit_code=EXIT_USAGE)
+        raise GraphError(f"WABA id {value!r}: expected 1 to 32 digits", reason="usage")
     return value
 
 
@@ -125,7 +112,7 @@ def validate_graph_url(value: str) -> str:
         return value.rstrip("/")
     raise GraphError(
         f"--graph-url {value!r}: expected an https:// URL (http:// only to a loopback host)",
-        exit_code=EXIT_USAGE,
+        reason="usage",
     )
 
 
@@ -153,12 +140,12 @@ def build_request(
     validate_waba_id(waba_id)
     if _API_VERSION.fullmatch(api_version) is None:
         raise GraphError(
-            f"--api-version {api_version!r}: expected a version like v21.0", exit_code=EXIT_USAGE
+            f"--api-version {api_version!r}: expected a version like v21.0", reason="usage"
         )
     path = f"/{api_version}/{waba_id}/subscribed_apps"
     has_override = override_callback_uri is not None or verify_token is not None
     if has_override and action != "subscribe":
-        raise GraphError(f"{action} takes no override", exit_code=EXIT_USAGE)
+        raise GraphError(f"{action} takes no override", reason="usage")
     if action == "list":
         return GraphRequest(method="GET", path=path)
     if action == "unsubscribe":
@@ -168,19 +155,19 @@ def build_request(
     if override_callback_uri is None or not verify_token:
         raise GraphError(
             "--override-callback-uri and --verify-token must be given together",
-            exit_code=EXIT_USAGE,
+            reason="usage",
         )
     parts = urlsplit(override_callback_uri)
     if parts.scheme != "https" or not parts.hostname:
         raise GraphError(
             f"--override-callback-uri {override_callback_uri!r}: expected an https:// URL",
-            exit_code=EXIT_USAGE,
+            reason="usage",
         )
     if len(override_callback_uri) > MAX_OVERRIDE_URI_CHARS:
         raise GraphError(
             f"--override-callback-uri is {len(override_callback_uri)} characters long:"
             f" Meta accepts at most {MAX_OVERRIDE_URI_CHARS}",
-            exit_code=EXIT_USAGE,
+            reason="usage",
         )
     body = {"override_callback_uri": override_callback_uri, "verify_token": verify_token}
     return GraphRequest(method="POST", path=path, body=body)
@@ -252,7 +239,7 @@ def read_usage(value: str | None) -> tuple[list[UsageRecord], list[str]]:
 
 
 def classify_graph_error(status: int, body: bytes, usage: Sequence[UsageRecord] = ()) -> GraphError:
-    """The :class:`GraphError` for a failed response: one line, with the exit code it earns.
+    """The :class:`GraphError` for a failed response: one line, with the kind of failure it is.
 
     ``usage`` supplies the wait Meta estimates when the error is a rate limit.
     """
@@ -262,10 +249,10 @@ def classify_graph_error(status: int, body: bytes, usage: Sequence[UsageRecord] 
         phrase = _status_phrase(status)
         if status == HTTPStatus.TOO_MANY_REQUESTS:
             return GraphError(
-                f"rate limit hit (HTTP {phrase}): {_wait(usage)}", exit_code=EXIT_RATE_LIMITED
+                f"rate limit hit (HTTP {phrase}): {_wait(usage)}", reason="rate_limited"
             )
-        exit_code = EXIT_AUTH if status in (401, 403) else EXIT_FAILURE
-        return GraphError(f"Graph API answered HTTP {phrase} with {shape}", exit_code=exit_code)
+        reason: GraphFailure = "auth" if status in (401, 403) else "failure"
+        return GraphError(f"Graph API answered HTTP {phrase} with {shape}", reason=reason)
     error: Mapping[str, Any] = document["error"]
     code = error.get("code")
     details = [f"code {code}"]
@@ -278,15 +265,15 @@ def classify_graph_error(status: int, body: bytes, usage: Sequence[UsageRecord] 
     context = ", ".join(one_line(str(detail)) for detail in details)
     if code in RATE_LIMIT_CODES or status == HTTPStatus.TOO_MANY_REQUESTS:
         return GraphError(
-            f"rate limit hit ({context}): {message}; {_wait(usage)}", exit_code=EXIT_RATE_LIMITED
+            f"rate limit hit ({context}): {message}; {_wait(usage)}", reason="rate_limited"
         )
     if code in (190, 102) or status == HTTPStatus.UNAUTHORIZED:
-        return GraphError(f"access token rejected ({context}): {message}", exit_code=EXIT_AUTH)
+        return GraphError(f"access token rejected ({context}): {message}", reason="auth")
     if code in AUTH_CODES or status == HTTPStatus.FORBIDDEN:
-        return GraphError(f"permission denied ({context}): {message}", exit_code=EXIT_AUTH)
+        return GraphError(f"permission denied ({context}): {message}", reason="auth")
     if error.get("is_transient") is True:
         message += "; Meta marks this transient, so retrying later may succeed"
-    return GraphError(f"Graph API error ({context}): {message}", exit_code=EXIT_FAILURE)
+    return GraphError(f"Graph API error ({context}): {message}", reason="failure")
 
 
 def _json(body: bytes) -> object:
@@ -366,4 +353,4 @@ async def call(
     if isinstance(document, dict) and "error" not in document:
         return document
     error = classify_graph_error(status, body, usage)
-    raise GraphError(redact(str(error), access_token), exit_code=error.exit_code)
+    raise GraphError(redact(str(error), access_token), reason=error.reason)

@@ -20,11 +20,22 @@ from typing import Any
 import aiohttp
 
 from gateway.edge.signature import sign
+from gateway.errors import GatewayError
 from gateway.onboarding.meta_client import describe_failure
 
-__all__ = ["Answer", "LoadReport", "meta_headers", "percentile", "post", "run_load", "tally"]
+__all__ = [
+    "Answer",
+    "LoadReport",
+    "make_unique",
+    "meta_headers",
+    "percentile",
+    "post",
+    "run_load",
+    "tally",
+]
 
-# The gateway acknowledges a body it already stored with this first line (gateway.app).
+# The gateway acknowledges a body it already stored with this first line
+# (gateway.edge.callback.DUPLICATE).
 _DUPLICATE = "ok (duplicate)"
 _FAILURE_KINDS = {
     "tls": "TLS",
@@ -206,3 +217,17 @@ async def run_load(
         await asyncio.gather(*(worker(None if new_connections else shared) for _ in range(workers)))
         elapsed_s = clock() - started
     return tally(answers, elapsed_s)
+
+
+_WAMID = b"wamid."
+
+
+def make_unique(body: bytes, run_id: str, index: int) -> bytes:
+    """``body`` with ``run_id`` and ``index`` inserted after its first ``wamid.``."""
+    at = body.find(_WAMID)
+    if at < 0:
+        raise GatewayError(
+            "--unique needs a payload holding a 'wamid.' id (a messages or statuses notification)"
+        )
+    at += len(_WAMID)
+    return body[:at] + f"{run_id}{index:06d}".encode() + body[at:]

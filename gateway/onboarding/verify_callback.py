@@ -1,23 +1,17 @@
-"""``waba-gateway verify-callback``: run Meta's verification handshake against a callback URL.
+"""Meta's verification handshake against a callback URL (``waba-gateway verify-callback``).
 
 Rule: send exactly the GET Meta sends (whatsapp/webhooks/create-webhook-endpoint):
 ``hub.mode=subscribe``, a random numeric ``hub.challenge`` and ``hub.verify_token``, and judge the
 answer as Meta does, in :func:`judge`: verified only by status 200 with a body that *is* the
 challenge, byte for byte. The verify token is never printed.
-
-Exit codes: 0 Meta would verify the callback; 1 it would not (including an http:// URL: Meta
-only calls https:// callbacks); 2 bad input (a malformed URL, unreadable certificate files).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import secrets
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, quote_plus
 
@@ -25,9 +19,9 @@ import aiohttp
 from yarl import URL
 
 from gateway.errors import GatewayError
-from gateway.onboarding.meta_client import client_context, diagnose
+from gateway.onboarding.meta_client import diagnose
 
-__all__ = ["Verdict", "describe_body", "judge", "register", "verify"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Verdict", "callback_url", "describe_body", "judge", "verify"]
 
 DEFAULT_TIMEOUT_S = 10.0
 _MAX_BODY_BYTES = 64 * 1024
@@ -162,50 +156,3 @@ def _without_token(body: bytes, verify_token: str) -> bytes:
     for form in {verify_token, quote(verify_token, safe=""), quote_plus(verify_token)}:
         body = body.replace(form.encode(), b"<verify token>")
     return body
-
-
-def _verify_callback(args: argparse.Namespace) -> int:
-    url = callback_url(args.url)
-    if not args.verify_token:
-        raise GatewayError("--verify-token must not be empty")
-    if not args.timeout_s > 0:
-        raise GatewayError(f"--timeout-s {args.timeout_s:g}: expected a positive number")
-    context = client_context(args.ca_file, args.cert, args.key)
-    verdict = asyncio.run(
-        verify(
-            url,
-            args.verify_token,
-            context=context,
-            timeout_s=args.timeout_s,
-            sent_certificate=args.cert is not None,
-        )
-    )
-    print(verdict.message)
-    return 0 if verdict.accepted else 1
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "verify-callback",
-        help="run Meta's GET verification handshake against a callback URL",
-        description="Send the GET Meta sends when a callback URL is saved, and say whether Meta "
-        "would verify it. Exit 0: verified; 1: not verified; 2: bad input.",
-    )
-    parser.add_argument("url", metavar="URL", help="the callback, e.g. https://host/webhook")
-    parser.add_argument(
-        "--verify-token", required=True, metavar="TOKEN", help="the token to send (never printed)"
-    )
-    parser.add_argument(
-        "--ca-file",
-        type=Path,
-        help="trust only these CA certificates instead of the system store (Meta uses public CAs)",
-    )
-    parser.add_argument("--cert", type=Path, help="client certificate chain to present, as Meta")
-    parser.add_argument("--key", type=Path, help="the client certificate's private key")
-    parser.add_argument(
-        "--timeout-s",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds to wait for the answer (default: %(default)s)",
-    )
-    parser.set_defaults(func=_verify_callback)

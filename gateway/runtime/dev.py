@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from gateway.config import (
     TlsConfig,
 )
 from gateway.edge.signature import sign
-from gateway.runtime.gateway import Gateway, bound_port, run, setup_logging
+from gateway.runtime.gateway import Gateway, bound_port, run
+from gateway.runtime.logs import setup_logging
 
 __all__ = ["DevFiles", "ensure_dev_files", "serve_dev"]
 
@@ -131,13 +133,13 @@ def dev_config(files: DevFiles, dev_secrets: dict[str, str], *, port: int, sink_
     )
 
 
-async def _printing_target() -> tuple[web.AppRunner, str]:
-    """The built-in target: prints each delivered notification to standard output."""
+async def _printing_target(say: Callable[[str], None]) -> tuple[web.AppRunner, str]:
+    """The built-in target: shows each delivered notification through ``say``."""
 
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()
         delivery = request.headers.get("X-Gateway-Delivery-Id", "?")
-        print(f"delivered {delivery}: {body.decode('utf-8', 'replace')}", flush=True)
+        say(f"delivered {delivery}: {body.decode('utf-8', 'replace')}")
         return web.Response(text="ok")
 
     app = web.Application()
@@ -175,17 +177,19 @@ def instructions(files: DevFiles, dev_secrets: dict[str, str], port: int, path: 
     )
 
 
-async def serve_dev(folder: Path, *, port: int | None = None) -> None:
+async def serve_dev(folder: Path, say: Callable[[str], None], *, port: int | None = None) -> None:
+    """Serve in dev mode until a signal; ``say`` shows the instructions and each delivery (the
+    command line passes a printer to standard output)."""
     setup_logging("info")
     files, dev_secrets = ensure_dev_files(folder)
-    sink_runner, sink_url = await _printing_target()
+    sink_runner, sink_url = await _printing_target(say)
     try:
         config = dev_config(
             files, dev_secrets, port=DEV_PORT if port is None else port, sink_url=sink_url
         )
 
         def ready(gateway: Gateway) -> None:
-            print(instructions(files, dev_secrets, gateway.port, config.listen.path), flush=True)
+            say(instructions(files, dev_secrets, gateway.port, config.listen.path))
 
         await run(config, on_ready=ready)
     finally:

@@ -1,4 +1,4 @@
-"""Running the gateway: listeners, lifecycle, signals, and the ``serve`` command.
+"""Running the gateway: listeners, lifecycle and signals.
 
 Rule: startup and shutdown happen in one order, written down here. Startup: open the outbox and
 start the dispatcher, bind the TLS callback listener, then the admin listener. Shutdown
@@ -13,34 +13,31 @@ start the dispatcher, bind the TLS callback listener, then the admin listener. S
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import ssl
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
 
-from gateway.config import Config, default_config_path, load_config
+from gateway.config import Config
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.callback import Callback
 from gateway.edge.listener import Listener
 from gateway.edge.tls import build_server_context
-from gateway.errors import ConfigError
 from gateway.outbox.sqlite.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
 from gateway.runtime.stats import Stats
 from gateway.runtime.wake import Bell, Doorbell
+from gateway.units import SECONDS
 
-__all__ = ["Gateway", "add_config_argument", "bound_port", "config_from_args", "register", "run"]
+__all__ = ["Gateway", "bound_port", "event_loop_runner", "run", "serve_process"]
 
 log = logging.getLogger(__name__)
 
-SECONDS = 1.0
 SHUTDOWN_GRACE_S = 10 * SECONDS
 
 
@@ -225,60 +222,12 @@ async def run(
             loop.remove_signal_handler(signum)
 
 
-# -- CLI ----------------------------------------------------------------------------------------
-
-
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="TOML file (default: $WABA_GATEWAY_CONFIG, else config/gateway.toml)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    path: Path = args.config or default_config_path()
-    if not path.exists():
-        raise ConfigError(
-            f"{path}: no such file (copy config/gateway.example.toml, or try "
-            "'waba-gateway serve --dev')"
-        )
-    return load_config(path)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _event_loop_runner() -> asyncio.Runner:
+def event_loop_runner() -> asyncio.Runner:
     try:
         import uvloop  # optional: a faster event loop when installed (pip install .[speed])
     except ImportError:
         return asyncio.Runner()
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    if args.dev:
-        from gateway.runtime import dev
-
-        with _event_loop_runner() as runner:
-            runner.run(dev.serve_dev(Path(args.dev_dir), port=args.port))
-        return 0
-    config = config_from_args(args)
-    build_server_context(config.tls)  # refuse bad certificate files before anything starts
-    setup_logging(config.log_level)
-    if config.listen.workers > 1:
-        from gateway.runtime.workers import supervise
-
-        return supervise(config)
-    serve_process(config, primary=True, reuse_port=False)
-    return 0
 
 
 def serve_process(
@@ -290,7 +239,7 @@ def serve_process(
     metrics_dir: Path | None = None,
 ) -> None:
     """One serving process, on uvloop when it is installed."""
-    with _event_loop_runner() as runner:
+    with event_loop_runner() as runner:
         runner.run(
             run(
                 config,
@@ -300,16 +249,3 @@ def serve_process(
                 metrics_dir=metrics_dir,
             )
         )
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("serve", help="run the gateway")
-    add_config_argument(parser)
-    parser.add_argument(
-        "--dev",
-        action="store_true",
-        help="no set-up: dev certificates, secrets and a printing target under var/dev/",
-    )
-    parser.add_argument("--dev-dir", default="var/dev", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=None, help="with --dev: listen port")
-    parser.set_defaults(func=_serve)

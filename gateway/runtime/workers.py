@@ -33,6 +33,8 @@ from types import FrameType
 
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.runtime.gateway import serve_process
+from gateway.runtime.logs import setup_logging
 from gateway.runtime.stats import MULTIPROCESS_ENV
 from gateway.runtime.wake import channel_name
 
@@ -53,8 +55,6 @@ def _die_with_parent() -> None:
 
 def _worker(config: Config, index: int, wake_channel: str, metrics_dir: Path) -> None:
     _die_with_parent()
-    from gateway.runtime.gateway import serve_process, setup_logging
-
     setup_logging(config.log_level)
     serve_process(
         config,

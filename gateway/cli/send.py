@@ -28,27 +28,17 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.config import ListenConfig
 from gateway.errors import GatewayError
-from gateway.onboarding.loadgen import post, run_load
+from gateway.onboarding.loadgen import make_unique, post, run_load
 from gateway.onboarding.meta_client import client_context, diagnose
 from gateway.onboarding.verify_callback import callback_url
+from gateway.runtime.dev import DEV_PORT, DevFiles
 
-__all__ = ["SECRET_ENV", "make_unique", "register"]
+__all__ = ["SECRET_ENV", "register"]
 
 SECRET_ENV = "WABA_APP_SECRET"  # noqa: S105 - the variable's name, not a secret
 DEFAULT_TIMEOUT_S = 10.0
-_WAMID = b"wamid."
-
-
-def make_unique(body: bytes, run_id: str, index: int) -> bytes:
-    """``body`` with ``run_id`` and ``index`` inserted after its first ``wamid.``."""
-    at = body.find(_WAMID)
-    if at < 0:
-        raise GatewayError(
-            "--unique needs a payload holding a 'wamid.' id (a messages or statuses notification)"
-        )
-    at += len(_WAMID)
-    return body[:at] + f"{run_id}{index:06d}".encode() + body[at:]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,9 +59,6 @@ def _resolve(args: argparse.Namespace) -> _Request:
         url, payload = None, url  # `send --dev PAYLOAD`
     ca_file, cert, key, secret = args.ca_file, args.cert, args.key, args.app_secret
     if args.dev:
-        from gateway.config import ListenConfig
-        from gateway.runtime.dev import DEV_PORT, DevFiles
-
         files = DevFiles.under(Path(args.dev_dir))
         try:
             dev_secret = str(json.loads(files.secrets.read_text())["app_secret"])

@@ -5,13 +5,7 @@ Rule: a command checks all of its input before it makes its one Graph API call, 
 again: subscribed_apps calls count towards a rate limit of 200 an hour per app and WABA, and
 every call made while limited extends the block (graph-api/overview/rate-limiting).
 
-Exit codes::
-
-    0  success
-    1  any other failure: Graph error, non-JSON answer, connection failure, timeout
-    2  usage or input error: bad WABA id, missing access token, bad option value
-    3  access token rejected or permission denied: HTTP 401/403, Graph codes 190, 102, 10, 200-299
-    4  rate limited: Graph codes 4, 17, 32, 613, 80007, 80008 or HTTP 429 (wait the minutes shown)
+Exit codes: :data:`gateway.cli.exit_codes.GRAPH_EXIT_CODES`.
 
 The access token comes from ``--access-token`` or ``WABA_ACCESS_TOKEN`` and is never printed.
 """
@@ -27,6 +21,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gateway.cli.exit_codes import GRAPH_EPILOG
 from gateway.errors import GraphError
 from gateway.onboarding import graph
 
@@ -37,17 +32,13 @@ DEFAULT_GRAPH_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v21.0"
 DEFAULT_TIMEOUT_S = 30.0
 
-EPILOG = f"""\
-exit codes:
-  0  success
-  1  other failure: Graph error, non-JSON answer, connection failure, timeout
-  2  usage or input error: bad WABA id, missing access token, bad option value
-  3  access token rejected or permission denied (HTTP 401/403, Graph codes 190, 102, 10, 200-299)
-  4  rate limited (Graph codes 4, 17, 32, 613, 80007, 80008 or HTTP 429): wait the minutes shown
-
+EPILOG = (
+    GRAPH_EPILOG
+    + f"""
 The access token is read from ${TOKEN_ENV} unless --access-token is given; prefer the variable,
 since command-line arguments are visible to other users of the machine.
 """
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -190,7 +181,7 @@ def _call(args: argparse.Namespace, request: graph.GraphRequest) -> dict[str, An
     if not args.timeout_s > 0:
         raise GraphError(
             f"--timeout-s {args.timeout_s:g}: expected a positive number of seconds",
-            exit_code=graph.EXIT_USAGE,
+            reason="usage",
         )
     return asyncio.run(
         graph.call(
@@ -208,14 +199,12 @@ def _access_token(option: str | None) -> str:
     source = "--access-token" if option is not None else TOKEN_ENV
     token = (option if option is not None else os.environ.get(TOKEN_ENV, "")).strip()
     if not token:
-        raise GraphError(
-            f"no access token: pass --access-token or set {TOKEN_ENV}", exit_code=graph.EXIT_USAGE
-        )
+        raise GraphError(f"no access token: pass --access-token or set {TOKEN_ENV}", reason="usage")
     # A token with a space or newline would make an invalid Authorization header.
     if any(char.isspace() or not char.isprintable() for char in token):
         raise GraphError(
             f"the access token in {source} contains whitespace or control characters",
-            exit_code=graph.EXIT_USAGE,
+            reason="usage",
         )
     return token
 

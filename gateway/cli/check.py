@@ -1,0 +1,24 @@
+"""``waba-gateway check``: validate a configuration and its certificate files before serving."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+from gateway.cli.args import add_config_argument, config_from_args
+from gateway.onboarding.check import report
+
+__all__ = ["register"]
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    for line in report(config, datetime.datetime.now(datetime.UTC)):
+        print(line)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("check", help="validate the configuration and certificates")
+    add_config_argument(parser)
+    parser.set_defaults(func=_check)
