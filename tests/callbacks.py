@@ -32,6 +32,7 @@ from gateway.config import (
     MetaConfig,
     OutboxConfig,
 )
+from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.runtime.gateway import Gateway, bound_port
 
 __all__ = [
@@ -82,7 +83,9 @@ async def stored_bodies(gateway: Gateway) -> list[bytes]:
         rows = conn.execute("SELECT body FROM notifications ORDER BY rowid").fetchall()
         return [bytes(row[0]) for row in rows]
 
-    return await gateway.outbox.run(query)
+    outbox = gateway.outbox
+    assert isinstance(outbox, SqliteOutbox)  # these tests read the SQLite backend's rows
+    return await outbox.run(query)
 
 
 def server_context(tmp_path: Path, chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:

@@ -36,7 +36,8 @@ from gateway.config import (
     OutboxConfig,
     TargetConfig,
 )
-from gateway.outbox.sqlite.outbox import Delivery
+from gateway.outbox import Delivery, State
+from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.runtime.gateway import Gateway
 
 __all__ = [
@@ -260,14 +261,14 @@ def metric(text: str, sample: str) -> float:
 
 
 async def deliveries(
-    gateway: Gateway, *, state: str | None = None, target: str | None = None
+    gateway: Gateway, *, state: State | None = None, target: str | None = None
 ) -> list[Delivery]:
     """The gateway's deliveries as its outbox holds them, newest first."""
     return await gateway.outbox.query(state=state, target=target)
 
 
 async def wait_for_state(
-    gateway: Gateway, state: str, count: int = 1, *, target: str | None = None
+    gateway: Gateway, state: State, count: int = 1, *, target: str | None = None
 ) -> list[Delivery]:
     """At least ``count`` deliveries in ``state`` (to ``target``), as soon as they are there."""
 
@@ -286,7 +287,9 @@ async def stored_bodies(gateway: Gateway) -> list[bytes]:
         rows = conn.execute("SELECT body FROM notifications ORDER BY id").fetchall()
         return [bytes(row[0]) for row in rows]
 
-    return await gateway.outbox.run(job)
+    outbox = gateway.outbox
+    assert isinstance(outbox, SqliteOutbox)  # these tests read the SQLite backend's rows
+    return await outbox.run(job)
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:

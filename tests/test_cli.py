@@ -22,7 +22,7 @@ from gateway.config import load_config
 from gateway.delivery.outcome import AttemptResult, DeadLetter
 from gateway.edge.routing import Route
 from gateway.onboarding.check import report
-from gateway.outbox.sqlite.outbox import Outbox
+from gateway.outbox.sqlite.outbox import SqliteOutbox
 
 SIG = "sha256=" + "0" * 64
 
@@ -142,7 +142,7 @@ def _seed(config: Path) -> tuple[str, str]:
     path = load_config(config, {"TEST_APP_SECRET": "x"}).outbox.path
 
     async def seed() -> tuple[str, str]:
-        box = Outbox(path, dedup_window_s=3600)
+        box = SqliteOutbox(path, dedup_window_s=3600)
         try:
             await box.accept(b'{"n":1}', SIG, [Route("sink", None)], 1.0)
             await box.accept(b'{"n":2}', SIG, [Route("sink", None)], 2.0)

@@ -16,7 +16,7 @@ from gateway.edge.routing import Route
 from gateway.errors import OutboxError
 from gateway.outbox.sqlite import layout, store
 from gateway.outbox.sqlite.layout import connect
-from gateway.outbox.sqlite.outbox import Outbox
+from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.outbox.sqlite.store import list_deliveries, replay_delivery
 
 DAY = 86400.0
@@ -24,16 +24,16 @@ SIG = "sha256=" + "0" * 64
 
 
 @pytest.fixture
-async def counted(tmp_path: Path) -> AsyncIterator[tuple[Outbox, list[int]]]:
+async def counted(tmp_path: Path) -> AsyncIterator[tuple[SqliteOutbox, list[int]]]:
     """An outbox and the size of each group it has committed, in order."""
     groups: list[int] = []
-    box = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=7 * DAY, on_commit=groups.append)
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3", dedup_window_s=7 * DAY, on_commit=groups.append)
     yield box, groups
     await box.close()
 
 
 @pytest.fixture
-def outbox(counted: tuple[Outbox, list[int]]) -> Outbox:
+def outbox(counted: tuple[SqliteOutbox, list[int]]) -> SqliteOutbox:
     return counted[0]
 
 
@@ -64,7 +64,9 @@ def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
         conn.close()
 
 
-async def test_accepted_notification_is_committed_before_accept_returns(outbox: Outbox) -> None:
+async def test_accepted_notification_is_committed_before_accept_returns(
+    outbox: SqliteOutbox,
+) -> None:
     """Once accept() returns, another connection already sees the notification and deliveries."""
     assert await outbox.accept(b'{"a":1}', SIG, [Route("t1", None), Route("t2", b"{}")], 1000.0)
     assert _rows(outbox.path, "SELECT body FROM notifications") == [(b'{"a":1}',)]
@@ -86,7 +88,7 @@ def test_outbox_uses_wal_full_sync_and_short_checkpoints(tmp_path: Path) -> None
         conn.close()
 
 
-async def test_identical_body_inside_window_is_a_duplicate(outbox: Outbox) -> None:
+async def test_identical_body_inside_window_is_a_duplicate(outbox: SqliteOutbox) -> None:
     """The same bytes again within 7 days are acknowledged but not stored again."""
     assert await outbox.accept(b"x", SIG, [Route("t", None)], 1000.0)
     assert not await outbox.accept(b"x", SIG, [Route("t", None)], 1000.0 + 6 * DAY)
@@ -94,13 +96,13 @@ async def test_identical_body_inside_window_is_a_duplicate(outbox: Outbox) -> No
     assert len(_rows(outbox.path, "SELECT id FROM deliveries")) == 2
 
 
-async def test_identical_body_after_window_is_new(outbox: Outbox) -> None:
+async def test_identical_body_after_window_is_new(outbox: SqliteOutbox) -> None:
     """Past the deduplication window the same bytes count as a new notification."""
     assert await outbox.accept(b"x", SIG, [Route("t", None)], 1000.0)
     assert await outbox.accept(b"x", SIG, [Route("t", None)], 1000.0 + 8 * DAY)
 
 
-async def test_concurrent_accepts_all_commit_in_groups(outbox: Outbox) -> None:
+async def test_concurrent_accepts_all_commit_in_groups(outbox: SqliteOutbox) -> None:
     """Hundreds of concurrent accepts each get their answer and all rows are stored."""
     bodies = [f'{{"n":{i}}}'.encode() for i in range(300)]
     results = await asyncio.gather(
@@ -110,7 +112,7 @@ async def test_concurrent_accepts_all_commit_in_groups(outbox: Outbox) -> None:
     assert _rows(outbox.path, "SELECT COUNT(*) FROM deliveries") == [(300,)]
 
 
-async def test_due_returns_oldest_first_and_skips_excluded_and_future(outbox: Outbox) -> None:
+async def test_due_returns_oldest_first_and_skips_excluded_and_future(outbox: SqliteOutbox) -> None:
     """due() lists pending deliveries whose time has come, oldest first, minus those in flight."""
     for i, when in enumerate([30.0, 10.0, 20.0, 99.0]):
         await outbox.accept(f"b{i}".encode(), SIG, [Route("t", None)], when)
@@ -121,7 +123,7 @@ async def test_due_returns_oldest_first_and_skips_excluded_and_future(outbox: Ou
     assert [d.body for d in await outbox.due(50.0, {"t": 1})] == [b"b1"]
 
 
-async def test_delivery_body_is_meta_bytes_or_split_envelope(outbox: Outbox) -> None:
+async def test_delivery_body_is_meta_bytes_or_split_envelope(outbox: SqliteOutbox) -> None:
     """A whole-body delivery carries Meta's bytes and signature; a split one its envelope."""
     await outbox.accept(
         b"meta-bytes", SIG, [Route("whole", None), Route("split", b"envelope")], 1.0
@@ -133,7 +135,7 @@ async def test_delivery_body_is_meta_bytes_or_split_envelope(outbox: Outbox) -> 
 
 
 async def test_accepts_submitted_in_one_loop_turn_share_one_commit(
-    counted: tuple[Outbox, list[int]],
+    counted: tuple[SqliteOutbox, list[int]],
 ) -> None:
     """Group commit: what the event loop submits in one turn reaches the writer as one group,
     so 64 concurrent notifications cost one fsync, not 64."""
@@ -145,7 +147,7 @@ async def test_accepts_submitted_in_one_loop_turn_share_one_commit(
 
 
 async def test_attempt_outcome_rides_along_with_the_next_notification(
-    counted: tuple[Outbox, list[int]],
+    counted: tuple[SqliteOutbox, list[int]],
 ) -> None:
     """An outcome (lazy) and a notification (durable) submitted together: one commit."""
     outbox, groups = counted
@@ -163,7 +165,9 @@ async def test_attempt_outcome_rides_along_with_the_next_notification(
     ]
 
 
-async def test_attempt_outcome_alone_is_committed_before_record_returns(outbox: Outbox) -> None:
+async def test_attempt_outcome_alone_is_committed_before_record_returns(
+    outbox: SqliteOutbox,
+) -> None:
     """With no notification to ride along with, an outcome still commits on its own, and
     record() returns only once another connection can see it."""
     await outbox.accept(b"only", SIG, [Route("t", None)], 1.0)
@@ -172,7 +176,7 @@ async def test_attempt_outcome_alone_is_committed_before_record_returns(outbox: 
     assert _rows(outbox.path, "SELECT state, attempts FROM deliveries") == [("delivered", 1)]
 
 
-async def test_record_moves_delivery_through_states(outbox: Outbox) -> None:
+async def test_record_moves_delivery_through_states(outbox: SqliteOutbox) -> None:
     """Retry keeps it pending until its time; delivered and dead leave the due list."""
     await outbox.accept(b"a", SIG, [Route("t", None)], 1.0)
     (delivery,) = await outbox.due(1.0, {"t": 10})
@@ -195,7 +199,7 @@ async def test_record_moves_delivery_through_states(outbox: Outbox) -> None:
     assert await outbox.counts() == {"pending": 0, "delivered": 0, "dead": 1}
 
 
-async def test_replay_makes_dead_letter_pending_with_fresh_age(outbox: Outbox) -> None:
+async def test_replay_makes_dead_letter_pending_with_fresh_age(outbox: SqliteOutbox) -> None:
     """replay() resets state, attempts and age so the dispatcher sends it again now."""
     await outbox.accept(b"a", SIG, [Route("t", None)], 1.0)
     (delivery,) = await outbox.due(1.0, {"t": 10})
@@ -206,7 +210,7 @@ async def test_replay_makes_dead_letter_pending_with_fresh_age(outbox: Outbox) -
     assert not await outbox.replay("no-such-id", 500.0)
 
 
-async def test_prune_removes_old_delivered_keeps_dead_and_pending(outbox: Outbox) -> None:
+async def test_prune_removes_old_delivered_keeps_dead_and_pending(outbox: SqliteOutbox) -> None:
     """Retention removes delivered rows only; dead letters stay until replayed."""
     for body in (b"delivered", b"dead", b"pending"):
         await outbox.accept(body, SIG, [Route("t", None)], 1.0)
@@ -223,18 +227,18 @@ def test_unopenable_path_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(OutboxError, match=r"outbox\.path"):
-        Outbox(blocker / "outbox.sqlite3", dedup_window_s=DAY)
+        SqliteOutbox(blocker / "outbox.sqlite3", dedup_window_s=DAY)
 
 
 async def test_closed_outbox_refuses_writes(tmp_path: Path) -> None:
     """After close() every write raises OutboxError (the handler answers 503)."""
-    box = Outbox(tmp_path / "o.sqlite3", dedup_window_s=DAY)
+    box = SqliteOutbox(tmp_path / "o.sqlite3", dedup_window_s=DAY)
     await box.close()
     with pytest.raises(OutboxError):
         await box.accept(b"a", SIG, [], 1.0)
 
 
-async def test_failed_write_does_not_spoil_the_rest_of_its_group(outbox: Outbox) -> None:
+async def test_failed_write_does_not_spoil_the_rest_of_its_group(outbox: SqliteOutbox) -> None:
     """One job failing inside a group commit fails alone; its neighbours commit."""
 
     def broken(conn: sqlite3.Connection) -> None:
@@ -254,7 +258,7 @@ async def test_failed_write_does_not_spoil_the_rest_of_its_group(outbox: Outbox)
 
 async def test_write_queued_while_closing_is_refused_not_left_waiting(tmp_path: Path) -> None:
     """A write that arrives once close() has begun fails at once instead of hanging."""
-    box = Outbox(tmp_path / "o.sqlite3", dedup_window_s=DAY)
+    box = SqliteOutbox(tmp_path / "o.sqlite3", dedup_window_s=DAY)
     closing = asyncio.create_task(box.close())
     await asyncio.sleep(0)  # close() has started and queued the writer's stop marker
     with pytest.raises(OutboxError, match="closed"):
@@ -262,7 +266,7 @@ async def test_write_queued_while_closing_is_refused_not_left_waiting(tmp_path: 
     await closing
 
 
-async def test_due_reads_only_the_targets_asked_for(outbox: Outbox) -> None:
+async def test_due_reads_only_the_targets_asked_for(outbox: SqliteOutbox) -> None:
     """A paused target's backlog is not read, and cannot crowd the other targets out."""
     for n in range(5):
         await outbox.accept(f"down{n}".encode(), SIG, [Route("down", None)], 1.0)
@@ -275,7 +279,7 @@ async def test_due_reads_only_the_targets_asked_for(outbox: Outbox) -> None:
     ]
 
 
-async def test_deliveries_of_removed_targets_are_dead_lettered(outbox: Outbox) -> None:
+async def test_deliveries_of_removed_targets_are_dead_lettered(outbox: SqliteOutbox) -> None:
     """Pending deliveries to a target no longer configured become dead letters with a reason."""
     await outbox.accept(b"a", SIG, [Route("kept", None), Route("gone", None)], 1.0)
     assert await outbox.dead_letter_unknown(["kept"], 2.0) == 1
@@ -286,7 +290,7 @@ async def test_deliveries_of_removed_targets_are_dead_lettered(outbox: Outbox) -
 
 def _open_and_close(path: Path, ready: Any, go: Any, errors: Any) -> None:
     async def run() -> None:
-        box = Outbox(path, dedup_window_s=DAY)
+        box = SqliteOutbox(path, dedup_window_s=DAY)
         await box.close()
 
     ready.put(None)
@@ -319,7 +323,7 @@ def test_processes_opening_a_new_outbox_together_both_succeed(tmp_path: Path) ->
     assert errors.empty()
 
 
-async def _deliver(box: Outbox, body: bytes, at: float, target: str = "t") -> str:
+async def _deliver(box: SqliteOutbox, body: bytes, at: float, target: str = "t") -> str:
     """Accept ``body`` at ``at`` with one delivery to ``target``, record it delivered; its id."""
     accepted = await box.accept(body, SIG, [Route(target, None)], at)
     assert accepted is not None
@@ -337,7 +341,7 @@ async def test_delivery_ids_are_unique_and_stay_the_same_across_reads_and_reopen
 ) -> None:
     """accept(), due(), query() and a reopened outbox all name each delivery by one id."""
     path = tmp_path / "o.sqlite3"
-    box = Outbox(path, dedup_window_s=DAY)
+    box = SqliteOutbox(path, dedup_window_s=DAY)
     accepted = []
     for n in range(3):
         found = await box.accept(f"{n}".encode(), SIG, [Route("a", None), Route("b", b"e")], 1.0)
@@ -348,7 +352,7 @@ async def test_delivery_ids_are_unique_and_stay_the_same_across_reads_and_reopen
     assert len({_prefix(i) for i in ids}) == 1
     assert {d.id: (d.target, d.body) for d in await box.due(2.0, {"a": 9, "b": 9})} == ids
     await box.close()
-    reopened = Outbox(path, dedup_window_s=DAY)
+    reopened = SqliteOutbox(path, dedup_window_s=DAY)
     try:
         assert {d.id: (d.target, d.body) for d in await reopened.query()} == ids
         await reopened.record(accepted[0].id, Delivered(), AttemptResult(status=200), 3.0)
@@ -360,8 +364,8 @@ async def test_delivery_ids_are_unique_and_stay_the_same_across_reads_and_reopen
 async def test_two_outboxes_give_their_deliveries_different_ids(tmp_path: Path) -> None:
     """Each file has its own random prefix: the first delivery of two outboxes differs, and
     neither outbox finds the other's id."""
-    first = Outbox(tmp_path / "1.sqlite3", dedup_window_s=DAY)
-    second = Outbox(tmp_path / "2.sqlite3", dedup_window_s=DAY)
+    first = SqliteOutbox(tmp_path / "1.sqlite3", dedup_window_s=DAY)
+    second = SqliteOutbox(tmp_path / "2.sqlite3", dedup_window_s=DAY)
     try:
         one = await first.accept(b"a", SIG, [Route("t", None)], 1.0)
         two = await second.accept(b"a", SIG, [Route("t", None)], 1.0)
@@ -377,7 +381,7 @@ async def test_two_outboxes_give_their_deliveries_different_ids(tmp_path: Path) 
 
 
 async def test_unknown_or_malformed_delivery_id_finds_nothing_and_never_raises(
-    outbox: Outbox,
+    outbox: SqliteOutbox,
 ) -> None:
     """replay() answers False and record() changes nothing for any id that is not one of this
     outbox's, however it is malformed; the CLI's replay_delivery() likewise."""
@@ -420,7 +424,7 @@ async def test_unknown_or_malformed_delivery_id_finds_nothing_and_never_raises(
     assert (untouched.state, untouched.attempts, untouched.created_at) == ("pending", 0, 1.0)
 
 
-async def test_delivery_id_is_not_reused_after_its_row_is_pruned(outbox: Outbox) -> None:
+async def test_delivery_id_is_not_reused_after_its_row_is_pruned(outbox: SqliteOutbox) -> None:
     """Targets may deduplicate on the id: once pruned, an id is never handed out again."""
     gone = await _deliver(outbox, b"a", 1.0)
     assert await outbox.prune(1.0 + 8 * DAY, DAY, ["t"]) == 1
@@ -430,7 +434,7 @@ async def test_delivery_id_is_not_reused_after_its_row_is_pruned(outbox: Outbox)
     assert _prefix(later) == _prefix(gone)
 
 
-async def test_prune_removes_notifications_that_had_no_deliveries(outbox: Outbox) -> None:
+async def test_prune_removes_notifications_that_had_no_deliveries(outbox: SqliteOutbox) -> None:
     """A notification no route matched goes once it is past the deduplication window."""
     assert await outbox.accept(b"unrouted", SIG, [], 1.0) == []
     assert await outbox.prune(1.0 + 6 * DAY, DAY, ["t"]) == 0
@@ -439,7 +443,9 @@ async def test_prune_removes_notifications_that_had_no_deliveries(outbox: Outbox
     assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(0,)]
 
 
-async def test_prune_keeps_a_notification_for_the_deduplication_window(outbox: Outbox) -> None:
+async def test_prune_keeps_a_notification_for_the_deduplication_window(
+    outbox: SqliteOutbox,
+) -> None:
     """With a retention shorter than the window, the delivered row goes first; the notification
     stays (so the same body is still a duplicate) until the window has passed."""
     await _deliver(outbox, b"a", 1.0)
@@ -450,7 +456,9 @@ async def test_prune_keeps_a_notification_for_the_deduplication_window(outbox: O
     assert _rows(outbox.path, "SELECT COUNT(*) FROM notifications") == [(0,)]
 
 
-async def test_prune_stops_at_the_first_notification_inside_the_horizon(outbox: Outbox) -> None:
+async def test_prune_stops_at_the_first_notification_inside_the_horizon(
+    outbox: SqliteOutbox,
+) -> None:
     """Old fully delivered notifications go; younger ones and their rows stay."""
     await _deliver(outbox, b"old", 1.0)
     await _deliver(outbox, b"young", 1.0 + 5 * DAY)
@@ -460,7 +468,7 @@ async def test_prune_stops_at_the_first_notification_inside_the_horizon(outbox: 
 
 
 async def test_prune_removes_a_notification_the_walk_passed_once_it_is_delivered(
-    outbox: Outbox,
+    outbox: SqliteOutbox,
 ) -> None:
     """An old notification kept for its pending delivery is stepped over by later walks; once
     that delivery is delivered and pruned, the notification goes too."""
@@ -478,7 +486,7 @@ async def test_prune_removes_a_notification_the_walk_passed_once_it_is_delivered
 
 
 async def test_prune_goes_through_a_backlog_larger_than_one_step(
-    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    outbox: SqliteOutbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A backlog is removed in several steps, all in one prune() call; dead letters in the
     middle of it stay and do not stop the walk."""
@@ -495,7 +503,7 @@ async def test_prune_goes_through_a_backlog_larger_than_one_step(
 
 
 async def test_notifications_accepted_after_the_table_was_emptied_are_pruned(
-    outbox: Outbox,
+    outbox: SqliteOutbox,
 ) -> None:
     """Once pruning has emptied the table, new notifications may take old ids again; they are
     still found and removed when their time comes."""
@@ -528,7 +536,7 @@ def test_outbox_file_of_the_older_layout_is_refused_and_left_alone(tmp_path: Pat
     conn.executescript(_LAYOUT_1)
     conn.close()
     before = _rows(path, "SELECT * FROM deliveries")
-    for opener in (connect, lambda p: Outbox(p, dedup_window_s=DAY)):
+    for opener in (connect, lambda p: SqliteOutbox(p, dedup_window_s=DAY)):
         with pytest.raises(OutboxError) as caught:
             opener(path)
         message = str(caught.value)

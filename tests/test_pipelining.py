@@ -21,7 +21,7 @@ from helpers import eventually, message_body, meta_signature
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.dispatcher import BATCH_BYTES, Dispatcher
 from gateway.edge.routing import Route
-from gateway.outbox.sqlite.outbox import Outbox
+from gateway.outbox.sqlite.outbox import SqliteOutbox
 
 DELIVERIES = 6
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -100,7 +100,7 @@ async def deliver_all(
 ) -> None:
     """Store ``bodies`` for ``target`` (all due at once), start a dispatcher, and wait until
     every one is delivered, each on its first attempt."""
-    outbox = Outbox(tmp_path / "outbox.sqlite3", dedup_window_s=0)
+    outbox = SqliteOutbox(tmp_path / "outbox.sqlite3", dedup_window_s=0)
     dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
     try:
         for body in bodies:

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import sqlite3
 import time
 
 from gateway.cli.args import add_config_argument, config_from_args
-from gateway.config import Config
-from gateway.errors import NotFound, OutboxError
-from gateway.outbox.sqlite import layout, store
-from gateway.outbox.sqlite.outbox import STATES, Delivery
+from gateway.errors import NotFound
+from gateway.outbox import STATES, Delivery, Outbox, open_outbox
 from gateway.runtime.admin import parse_query
 
 __all__ = ["register"]
 
 
-def _open(args: argparse.Namespace) -> tuple[Config, sqlite3.Connection]:
-    config = config_from_args(args)
-    if not config.outbox.path.exists():
-        raise OutboxError(f"outbox.path = '{config.outbox.path}': no outbox file there yet")
-    return config, layout.connect(config.outbox.path)
+def _open(args: argparse.Namespace) -> Outbox:
+    # An outbox the gateway has not made yet is an error here: listing must not create one.
+    return open_outbox(config_from_args(args).outbox, create=False)
 
 
 def _row(d: Delivery) -> str:
@@ -36,9 +32,15 @@ def _list(args: argparse.Namespace) -> int:
         {k: v for k, v in (("state", args.state), ("target", args.target)) if v}
         | {"limit": str(args.limit)}
     )
-    _, conn = _open(args)
-    with conn:
-        found = store.list_deliveries(conn, state, target, limit)
+
+    async def listing() -> list[Delivery]:
+        outbox = _open(args)
+        try:
+            return await outbox.query(state=state, target=target, limit=limit)
+        finally:
+            await outbox.close()
+
+    found = asyncio.run(listing())
     if args.json:
         print(json.dumps([d.summary() for d in found], indent=2))
         return 0
@@ -49,14 +51,20 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    _, conn = _open(args)
-    missing = []
-    with conn:
-        for delivery_id in args.ids:
-            if store.replay_delivery(conn, delivery_id, time.time()):
-                print(f"replayed {delivery_id}")
-            else:
-                missing.append(delivery_id)
+    async def replay() -> list[str]:
+        outbox = _open(args)
+        missing = []
+        try:
+            for delivery_id in args.ids:
+                if await outbox.replay(delivery_id, time.time()):
+                    print(f"replayed {delivery_id}")
+                else:
+                    missing.append(delivery_id)
+        finally:
+            await outbox.close()
+        return missing
+
+    missing = asyncio.run(replay())
     if missing:
         raise NotFound(f"no delivery {', '.join(missing)}")
     return 0

@@ -34,7 +34,7 @@ from gateway.delivery.outcome import (
     classify,
     is_transient,
 )
-from gateway.outbox.sqlite.outbox import Delivery, Outbox
+from gateway.outbox import Delivery, Outbox
 
 __all__ = ["BATCH_BYTES", "Dispatcher"]
 

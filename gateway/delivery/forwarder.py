@@ -16,7 +16,7 @@ from gateway.delivery.backoff import parse_retry_after
 from gateway.delivery.outcome import AttemptResult
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
 from gateway.edge.signature import gateway_signature
-from gateway.outbox.sqlite.outbox import Delivery
+from gateway.outbox import Delivery
 
 __all__ = ["Forwarder", "build_headers"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from gateway.delivery.backoff import RetryPolicy
+from gateway.outbox.model import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt
 
 __all__ = [
     "AttemptResult",
@@ -25,40 +25,6 @@ __all__ = [
 ]
 
 _RETRYABLE_4XX = frozenset({408, 429})
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AttemptResult:
-    """What came back from one request: a status, or an error (timeout, refused, reset...)."""
-
-    status: int | None = None
-    error: str | None = None
-    retry_after_s: float | None = None
-    response_excerpt: str = ""
-
-    def describe(self) -> str:
-        if self.status is not None:
-            return f"HTTP {self.status}"
-        return self.error or "no response"
-
-
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RetryAt:
-    at: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    reason: str
-
-
-Outcome = Delivered | RetryAt | DeadLetter
 
 
 def is_transient(result: AttemptResult) -> bool:

@@ -1,31 +1,44 @@
 """The callback's decisions in order: who is calling, the handshake (GET), a notification (POST).
 
-Rule: nothing here knows HTTP. :mod:`gateway.edge.listener` parses requests and writes answers; this
-module calls the pure checks (identity, handshake, signature, routing) in order and stores what
-passes. A notification is answered 200 only once it is durably in the outbox.
+Rule: nothing here knows HTTP, and nothing here knows delivery. The front door (the listener,
+or an aiohttp app) parses requests and writes answers; this module calls the pure checks
+(identity, handshake, signature, routing) in order and stores what passes; what happens to a
+stored notification next is the ``on_stored`` hook's business. A notification is answered 200
+only once it is durably in the outbox.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from gateway.config import Config
-from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
 from gateway.edge.routing import parse, route
 from gateway.edge.signature import verify_signature
-from gateway.outbox.sqlite.outbox import Outbox
-from gateway.runtime.stats import Stats
+from gateway.outbox import Delivery, Outbox
 
-__all__ = ["ACCEPTED", "DUPLICATE", "Callback"]
+__all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
+
+# Told of the deliveries of each notification just committed, before its 200 goes out; it must
+# not block (the runtime hands them to the dispatcher, or rings a sibling worker's doorbell).
+StoredHook = Callable[[Sequence[Delivery]], None]
 
 ACCEPTED = "ok"
 # Load generators recognise a stored-before duplicate by this first line
 # (gateway.onboarding.loadgen).
 DUPLICATE = "ok (duplicate)"
+
+
+class Counters(Protocol):
+    """What the callback counts (the runtime's metrics provide it)."""
+
+    def accepted(self) -> None: ...
+    def duplicate(self) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+    def saw_client(self, cn: str | None) -> None: ...
 
 
 class Callback:
@@ -35,19 +48,17 @@ class Callback:
         self,
         config: Config,
         outbox: Outbox,
-        stats: Stats,
-        dispatcher: Dispatcher | None = None,
+        stats: Counters,
         *,
-        stored_elsewhere: Callable[[], None] | None = None,
+        on_stored: StoredHook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``dispatcher``: this process forwards. ``stored_elsewhere``: another process does,
-        and this tells it there is something new (see :mod:`gateway.runtime.wake`)."""
+        """``on_stored``: told of each new notification's deliveries once they are committed
+        (see :data:`StoredHook`); ``None`` when nothing in this process forwards."""
         self.config = config
         self.outbox = outbox
         self.stats = stats
-        self.dispatcher = dispatcher
-        self._stored_elsewhere = stored_elsewhere
+        self._on_stored = on_stored
         self._clock = clock
         self._secrets = config.meta.app_secrets
         self._targets = config.targets
@@ -87,10 +98,8 @@ class Callback:
             self.stats.duplicate()
             return DUPLICATE
         self.stats.accepted()
-        if self.dispatcher is not None:
-            # Sent at the end of this turn of the event loop, in one batch with the others stored
-            # in the same group commit; the answer does not wait for it.
-            self.dispatcher.offer(stored)
-        elif self._stored_elsewhere is not None:
-            self._stored_elsewhere()
+        if self._on_stored is not None:
+            # The dispatcher sends them at the end of this turn of the event loop, in one batch
+            # with the others stored in the same group commit; the answer does not wait for it.
+            self._on_stored(stored)
         return ACCEPTED

@@ -26,6 +26,7 @@ import orjson
 
 from gateway.config import TargetConfig
 from gateway.errors import BadRequest
+from gateway.outbox.model import Route
 
 __all__ = ["Change", "Route", "iter_changes", "parse", "route"]
 
@@ -59,14 +60,6 @@ class Change:
     waba_id: str | None
     phone_number_id: str | None
     raw: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One request to make: to ``target``, with ``body`` (``None``: the bytes Meta sent)."""
-
-    target: str
-    body: bytes | None
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import sqlite3
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from OpenSSL import crypto
 
-from gateway.config import Config, TargetConfig, TlsConfig
+from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig
 from gateway.edge.tls import build_server_context
 from gateway.errors import CertificateError, OutboxError
 from gateway.onboarding.meta_client import client_context
@@ -35,7 +34,7 @@ from gateway.onboarding.readiness import (
     judge_trust,
 )
 from gateway.onboarding.verify_callback import callback_url, verify
-from gateway.outbox.sqlite.layout import connect
+from gateway.outbox import open_outbox
 from gateway.units import SECONDS
 
 __all__ = ["diagnose", "verify_chain"]
@@ -63,7 +62,7 @@ async def diagnose(
     findings.extend(_client_cas(config.tls, now))
     findings.extend(judge_tls_settings(config.tls))
     findings.extend(await _targets(config.targets))
-    findings.append(await asyncio.to_thread(_outbox, config.outbox.path))
+    findings.append(await _outbox(config.outbox))
     if public_url is None:
         findings.append(
             Finding(
@@ -168,25 +167,24 @@ async def _reach(target: TargetConfig) -> Finding:
     return Finding("OK", f"{where} accepts connections")
 
 
-def _outbox(path: Path) -> Finding:
-    existed = path.exists()
+async def _outbox(config: OutboxConfig) -> Finding:
+    existed = config.path.exists()
     try:
-        conn = connect(path)
+        outbox = open_outbox(config)
     except OutboxError as exc:
         return Finding("FAIL", str(exc), "make outbox.path writable by the gateway's user")
     try:
-        # Take the write lock the outbox's writer thread takes, and let go without writing.
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-    except sqlite3.Error as exc:
+        # Takes the write lock a notification's commit takes, and lets go without writing.
+        await outbox.ping()
+    except OutboxError as exc:
         return Finding(
             "FAIL",
-            f"outbox.path = '{path}': cannot write: {exc}",
+            f"outbox.path = '{config.path}': cannot write: {exc}",
             "make it writable by the gateway's user",
         )
     finally:
-        conn.close()
-    return Finding("OK", f"outbox {path} takes writes" + ("" if existed else " (created)"))
+        await outbox.close()
+    return Finding("OK", f"outbox {config.path} takes writes" + ("" if existed else " (created)"))
 
 
 async def _handshake(url: str, config: Config, ca_file: Path | None) -> Finding:

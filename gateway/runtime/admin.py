@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway.config import Config
 from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
-from gateway.outbox.sqlite.outbox import STATES, Outbox
+from gateway.outbox import STATES, Outbox, State
 from gateway.runtime.stats import Stats
 
 __all__ = ["create_admin_app", "parse_query"]
@@ -42,11 +42,14 @@ def _token_middleware(token: str | None) -> Any:
     return check
 
 
-def parse_query(query: Mapping[str, str]) -> tuple[str | None, str | None, int]:
+def parse_query(query: Mapping[str, str]) -> tuple[State | None, str | None, int]:
     """``state``, ``target`` and ``limit`` from a deliveries query, validated."""
-    state = query.get("state")
-    if state is not None and state not in STATES:
-        raise BadRequest(f"state must be one of {', '.join(STATES)}")
+    raw_state = query.get("state")
+    state: State | None = None
+    if raw_state is not None:
+        state = next((known for known in STATES if known == raw_state), None)
+        if state is None:
+            raise BadRequest(f"state must be one of {', '.join(STATES)}")
     raw_limit = query.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
         raise BadRequest(f"limit must be an integer from 1 to {_MAX_LIMIT}")
@@ -68,7 +71,7 @@ def create_admin_app(
     async def readyz(_: web.Request) -> web.Response:
         # Ready means the outbox takes a write: the one thing a 200 to Meta depends on.
         try:
-            await outbox.run(lambda conn: conn.execute("SELECT 1").fetchone())
+            await outbox.ping()
         except OutboxError:
             return text(503, "outbox unavailable")
         return text(200, "ready")

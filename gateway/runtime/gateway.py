@@ -25,13 +25,11 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.delivery.dispatcher import Dispatcher
-from gateway.edge.callback import Callback
 from gateway.edge.listener import Listener
 from gateway.edge.tls import build_server_context
-from gateway.outbox.sqlite.outbox import Outbox
+from gateway.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
-from gateway.runtime.stats import Stats
-from gateway.runtime.wake import Bell, Doorbell
+from gateway.runtime.core import Core
 from gateway.units import SECONDS
 
 __all__ = ["Gateway", "bound_port", "event_loop_runner", "run", "serve_process"]
@@ -52,9 +50,9 @@ def bound_port(site: web.TCPSite) -> int:
 class Gateway:
     """The running gateway: ``async with Gateway(config) as gw`` listens until the block ends.
 
-    ``gw.port`` and ``gw.admin_port`` are the bound ports (useful with port 0 in tests). Only the
-    ``primary`` process of a multi-worker gateway runs the dispatcher and the admin listener, so
-    exactly one process forwards; the others only acknowledge.
+    A :class:`~gateway.runtime.core.Core` with two front doors: the TLS callback listener and,
+    in the primary process, the admin listener. ``gw.port`` and ``gw.admin_port`` are the bound
+    ports (useful with port 0 in tests).
     """
 
     def __init__(
@@ -68,54 +66,32 @@ class Gateway:
         metrics_dir: Path | None = None,
     ) -> None:
         self.config = config
-        self._wake_channel = wake_channel  # sibling workers: see gateway.runtime.wake
         self.primary = primary
         self._reuse_port = reuse_port
         self._ssl = ssl_context or build_server_context(config.tls)
-        self.stats = Stats(metrics_dir)  # sibling workers count together: see gateway.runtime.stats
-        self._outbox: Outbox | None = None
-        self.dispatcher: Dispatcher | None = None
+        self.core = Core(
+            config, primary=primary, wake_channel=wake_channel, metrics_dir=metrics_dir
+        )
+        self.stats = self.core.stats
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._doorbell: Doorbell | None = None
-        self._bell: Bell | None = None
         self.port = 0
         self.admin_port = 0
 
     @property
     def outbox(self) -> Outbox:
-        assert self._outbox is not None, "the gateway is not started"
-        return self._outbox
+        return self.core.outbox
+
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        return self.core.dispatcher
 
     async def __aenter__(self) -> Gateway:
         config = self.config
         try:
-            self._outbox = Outbox(
-                config.outbox.path,
-                dedup_window_s=config.outbox.dedup_window_s,
-                on_commit=self.stats.committed,
-            )
-            if self.primary:
-                self.dispatcher = Dispatcher(
-                    self._outbox,
-                    config.targets,
-                    config.dispatcher,
-                    retention_s=config.outbox.retention_s,
-                )
-                self.dispatcher.start()
-                if self._wake_channel is not None:
-                    self._doorbell = Doorbell(self._wake_channel, self.dispatcher.wake)
-            elif self._wake_channel is not None:
-                self._bell = Bell(self._wake_channel)
-            callback = Callback(
-                config,
-                self._outbox,
-                self.stats,
-                self.dispatcher,
-                stored_elsewhere=self._bell.ring if self._bell is not None else None,
-            )
+            await self.core.start()
             listen = config.listen
-            self._listener = Listener(callback, listen)
+            self._listener = Listener(self.core.callback, listen)
             # SO_REUSEPORT only for sibling workers: it lets any process of the same user share
             # the port (and its connections), so a lone gateway never sets it.
             self.port = await self._listener.start(
@@ -123,12 +99,8 @@ class Gateway:
             )
             admin = config.admin
             if admin.enabled and self.primary:
-                dispatcher = self.dispatcher
                 admin_app = create_admin_app(
-                    config,
-                    self._outbox,
-                    self.stats,
-                    wake=dispatcher.wake if dispatcher is not None else lambda: None,
+                    config, self.core.outbox, self.stats, wake=self.core.wake
                 )
                 self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
                 await self._admin_runner.setup()
@@ -156,17 +128,7 @@ class Gateway:
         if self._listener is not None:
             await self._listener.close(SHUTDOWN_GRACE_S)
             self._listener = None
-        if self._doorbell is not None:
-            self._doorbell.close()
-            self._doorbell = None
-        if self._bell is not None:
-            self._bell.close()
-            self._bell = None
-        if self.dispatcher is not None:
-            await self.dispatcher.stop()
-            self.dispatcher = None
-        if self._outbox is not None:
-            await self._outbox.close()
+        await self.core.close()
 
 
 async def run(

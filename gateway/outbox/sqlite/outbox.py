@@ -1,4 +1,4 @@
-"""The outbox: every acknowledged notification, kept in a SQLite file until it is delivered.
+"""The SQLite outbox: every acknowledged notification, kept in one file until it is delivered.
 
 Rule: a notification is acknowledged only after the transaction that stores it and its deliveries
 has committed with ``synchronous=FULL`` in WAL mode, so a power cut after the 200 loses nothing.
@@ -12,23 +12,33 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from gateway.delivery.outcome import AttemptResult, DeadLetter, Delivered, Outcome, RetryAt
-from gateway.edge.routing import Route
+from gateway.errors import OutboxError
+from gateway.outbox.model import (
+    AttemptResult,
+    DeadLetter,
+    Delivered,
+    Delivery,
+    Outcome,
+    RetryAt,
+    Route,
+    State,
+)
 from gateway.outbox.sqlite import layout, store
-from gateway.outbox.sqlite.store import STATES, Delivery
 from gateway.outbox.sqlite.writer import Writer
 
-__all__ = ["STATES", "Delivery", "Outbox"]
+__all__ = ["SqliteOutbox"]
 
 T = TypeVar("T")
 
 
-class Outbox:
-    """Asynchronous access to the outbox file through one group-committing writer thread."""
+class SqliteOutbox:
+    """The :class:`~gateway.outbox.interface.Outbox` on a SQLite file, through one
+    group-committing writer thread."""
 
     def __init__(
         self,
@@ -36,9 +46,13 @@ class Outbox:
         *,
         dedup_window_s: float,
         on_commit: Callable[[int], None] | None = None,
+        create: bool = True,
     ) -> None:
         """``on_commit``: called on the writer thread with the size of each group committed (a
-        job run again alone after its group failed is not counted)."""
+        job run again alone after its group failed is not counted). ``create=False``: refuse
+        a path with no outbox file yet (the command line reads an outbox, never makes one)."""
+        if not create and not path.exists():
+            raise OutboxError(f"outbox.path = '{path}': no outbox file there yet")
         self.path = path
         self.dedup_window_s = dedup_window_s
         self._prefix = ""
@@ -47,14 +61,15 @@ class Outbox:
         self._prune_after = 0
         self._writer = Writer(path, self._open, on_commit)
 
-    def _open(self, path: Path) -> Any:
+    def _open(self, path: Path) -> sqlite3.Connection:
         # On the writer thread, before the constructor returns.
         conn, self._prefix = layout.open_store(path)
         return conn
 
-    async def run(self, func: Callable[[Any], T], *, durable: bool = True) -> T:
+    async def run(self, func: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``func`` (given the connection) in the next group transaction; return its result
-        once that has committed."""
+        once that has committed. For this backend's own operations and tests: the rest of the
+        gateway uses the interface's operations only."""
         result: T = await self._writer.submit(func, durable=durable)
         return result
 
@@ -160,8 +175,12 @@ class Outbox:
             response=result.response_excerpt,
         )
 
+    async def ping(self) -> None:
+        # A statement through the writer: it takes the write lock a notification's commit takes.
+        await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
     async def query(
-        self, *, state: str | None = None, target: str | None = None, limit: int = 100
+        self, *, state: State | None = None, target: str | None = None, limit: int = 100
     ) -> list[Delivery]:
         prefix = self._prefix
         return await self.run(

@@ -20,14 +20,12 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.edge.routing import Route
+from gateway.outbox.model import STATES, Delivery, Route
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
     "PRUNE_BATCH",
-    "STATES",
     "Attempt",
-    "Delivery",
     "count_states",
     "dead_letter_unknown",
     "delivery_id",
@@ -41,7 +39,6 @@ __all__ = [
     "rowid_of",
 ]
 
-STATES = ("pending", "delivered", "dead")
 _EXCERPT_CHARS = 1024
 # Rows one prune step reads or removes: each step is one job in a group commit, so a large
 # backlog to prune delays the notifications committed with it by one step (some 100 ms), not by
@@ -68,43 +65,6 @@ _DELETE_ORPHANS_BETWEEN = (
     "DELETE FROM notifications WHERE id > ? AND id <= ? AND received_at < ? AND NOT EXISTS"
     " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One request owed to one target. ``body`` is what to send; ``signature`` is Meta's.
-    ``id`` is ``<prefix>-<row id>``, unique across outboxes (see the module docstring)."""
-
-    id: str
-    notification_id: int
-    target: str
-    body: bytes
-    signature: str
-    split: bool
-    state: str
-    attempts: int
-    created_at: float
-    next_attempt_at: float
-    received_at: float
-    last_status: int | None = None
-    last_error: str | None = None
-    last_response: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """What the admin API and CLI show: never the body (it holds message text)."""
-        return {
-            "id": self.id,
-            "target": self.target,
-            "state": self.state,
-            "attempts": self.attempts,
-            "received_at": self.received_at,
-            "created_at": self.created_at,
-            "next_attempt_at": self.next_attempt_at,
-            "last_status": self.last_status,
-            "last_error": self.last_error,
-            "last_response": self.last_response,
-            "bytes": len(self.body),
-        }
 
 
 _DELIVERY_COLUMNS = """d.id, d.notification_id, d.target, COALESCE(d.body, n.body), n.signature,

@@ -1,0 +1,78 @@
+"""The one interface every outbox backend provides, and all the rest of the gateway uses.
+
+Rule: the request path, the dispatcher, the admin API and the command line talk to an outbox
+only through :class:`Outbox`; none of them opens a database, runs a statement or knows which
+engine is behind it. A backend raises :class:`~gateway.errors.OutboxError` when it cannot do
+what is asked (the request path answers 503 to that, so Meta retries).
+
+The one promise that matters most: :meth:`Outbox.accept` returns only after the notification
+and its deliveries are durable, so a 200 to Meta never stands for something a crash can lose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Protocol
+
+from gateway.outbox.model import AttemptResult, Delivery, Outcome, Route, State
+
+__all__ = ["Outbox"]
+
+
+class Outbox(Protocol):
+    """Durable storage of acknowledged notifications and the deliveries owed for them."""
+
+    async def accept(
+        self, body: bytes, signature: str, routes: Sequence[Route], now: float
+    ) -> list[Delivery] | None:
+        """Store a verified notification and one delivery per route, durably; return the
+        deliveries. ``None``: an identical body was accepted inside the deduplication window,
+        and nothing new is stored."""
+        ...
+
+    async def due(
+        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+    ) -> list[Delivery]:
+        """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
+        each target named there, leaving out the ids in ``exclude`` (in flight)."""
+        ...
+
+    async def record_many(
+        self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float
+    ) -> None:
+        """Store the outcomes of attempts that ended at ``now``. Need not be durable at once:
+        an outcome lost in a crash only means the delivery is attempted again."""
+        ...
+
+    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
+        """Dead-letter pending deliveries whose target is not in ``targets``; return how many."""
+        ...
+
+    async def query(
+        self, *, state: State | None = None, target: str | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        """Deliveries, newest first, filtered by state and target."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """The number of deliveries in each state."""
+        ...
+
+    async def replay(self, delivery_id: str, now: float) -> bool:
+        """Make a delivery pending again, due now, with a fresh attempt count and age. False
+        when this outbox has no delivery with that id."""
+        ...
+
+    async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
+        """Remove ``targets``' delivered deliveries older than the retention, and notifications
+        no longer needed for deduplication; return the number of deliveries removed. Pending
+        deliveries and dead letters stay."""
+        ...
+
+    async def ping(self) -> None:
+        """Return when the outbox takes a write now; raise OutboxError when it does not."""
+        ...
+
+    async def close(self) -> None:
+        """Finish what is already queued, then let go of the storage."""
+        ...

@@ -1,0 +1,106 @@
+"""What the outbox stores and hands out: routes in, deliveries and attempt outcomes out.
+
+Rule: plain frozen values with no behaviour beyond describing themselves, shared by every outbox
+backend and by the parts that talk to the outbox (routing makes :class:`Route`, the dispatcher
+reads :class:`Delivery` and records an :data:`Outcome`). No storage engine is named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+__all__ = [
+    "STATES",
+    "AttemptResult",
+    "DeadLetter",
+    "Delivered",
+    "Delivery",
+    "Outcome",
+    "RetryAt",
+    "Route",
+    "State",
+]
+
+State = Literal["pending", "delivered", "dead"]
+STATES: Final[tuple[State, ...]] = ("pending", "delivered", "dead")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One request to make: to ``target``, with ``body`` (``None``: the bytes Meta sent)."""
+
+    target: str
+    body: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One request owed to one target. ``body`` is what to send; ``signature`` is Meta's.
+    ``id`` is unique across outboxes and gateways (each backend says how it makes sure); targets
+    receive it as ``X-Gateway-Delivery-Id`` and may deduplicate on it."""
+
+    id: str
+    notification_id: int
+    target: str
+    body: bytes
+    signature: str
+    split: bool
+    state: str
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    received_at: float
+    last_status: int | None = None
+    last_error: str | None = None
+    last_response: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the admin API and CLI show: never the body (it holds message text)."""
+        return {
+            "id": self.id,
+            "target": self.target,
+            "state": self.state,
+            "attempts": self.attempts,
+            "received_at": self.received_at,
+            "created_at": self.created_at,
+            "next_attempt_at": self.next_attempt_at,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "last_response": self.last_response,
+            "bytes": len(self.body),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptResult:
+    """What came back from one request: a status, or an error (timeout, refused, reset...)."""
+
+    status: int | None = None
+    error: str | None = None
+    retry_after_s: float | None = None
+    response_excerpt: str = ""
+
+    def describe(self) -> str:
+        if self.status is not None:
+            return f"HTTP {self.status}"
+        return self.error or "no response"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAt:
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+
+
+Outcome = Delivered | RetryAt | DeadLetter

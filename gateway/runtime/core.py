@@ -1,0 +1,125 @@
+"""The core every front door attaches to: outbox, dispatcher, callback and stats, wired once.
+
+Rule: a front door (the gateway's own TLS listener, the admin app, an aiohttp application that
+embeds the callback) never builds these parts itself; it starts a :class:`Core`, hands requests
+to ``core.callback`` and closes the core after it has stopped taking requests.
+
+Startup order: open the outbox, start the dispatcher (primary process only) and the wake-up
+channel between sibling workers, then build the callback. Shutdown runs it backwards: close the
+wake-up channel, stop the dispatcher (attempts in flight finish or stay pending), close the
+outbox after its queued writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from gateway.config import Config
+from gateway.delivery.dispatcher import Dispatcher
+from gateway.edge.callback import Callback, StoredHook
+from gateway.outbox import Delivery, Outbox, open_outbox
+from gateway.runtime.stats import Stats
+from gateway.runtime.wake import Bell, Doorbell
+
+__all__ = ["Core"]
+
+
+class Core:
+    """``async with Core(config) as core``: the shared parts, running until the block ends.
+
+    Only the ``primary`` process of a multi-worker gateway runs the dispatcher, so exactly one
+    process forwards; with a ``wake_channel`` the others ring it when they store something
+    (:mod:`gateway.runtime.wake`). ``metrics_dir``: sibling workers count together
+    (:mod:`gateway.runtime.stats`).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        primary: bool = True,
+        wake_channel: str | None = None,
+        metrics_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.primary = primary
+        self._wake_channel = wake_channel
+        self.stats = Stats(metrics_dir)
+        self._outbox: Outbox | None = None
+        self._callback: Callback | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._doorbell: Doorbell | None = None
+        self._bell: Bell | None = None
+
+    @property
+    def outbox(self) -> Outbox:
+        assert self._outbox is not None, "the core is not started"
+        return self._outbox
+
+    @property
+    def callback(self) -> Callback:
+        assert self._callback is not None, "the core is not started"
+        return self._callback
+
+    def wake(self) -> None:
+        """Have the dispatcher look for due deliveries now (after a replay, for example)."""
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+
+    async def start(self) -> None:
+        config = self.config
+        try:
+            self._outbox = open_outbox(config.outbox, on_commit=self.stats.committed)
+            on_stored: StoredHook | None = None
+            if self.primary:
+                self.dispatcher = Dispatcher(
+                    self._outbox,
+                    config.targets,
+                    config.dispatcher,
+                    retention_s=config.outbox.retention_s,
+                )
+                self.dispatcher.start()
+                on_stored = self.dispatcher.offer
+                if self._wake_channel is not None:
+                    self._doorbell = Doorbell(self._wake_channel, self.dispatcher.wake)
+            elif self._wake_channel is not None:
+                bell = self._bell = Bell(self._wake_channel)
+
+                def ring(_: Sequence[Delivery]) -> None:
+                    bell.ring()
+
+                on_stored = ring
+            self._callback = Callback(config, self._outbox, self.stats, on_stored=on_stored)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """The shutdown order of the module docstring, each part only if it was started."""
+        self._callback = None
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+            self.dispatcher = None
+        if self._outbox is not None:
+            await self._outbox.close()
+            self._outbox = None
+
+    async def __aenter__(self) -> Core:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
