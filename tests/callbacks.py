@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import sqlite3
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,17 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
-from pki import Pki
+from helpers import APP_SECRET, VERIFY_TOKEN, gateway_config, stored_bodies
 
-from gateway.config import (
-    AdminConfig,
-    ClientAuth,
-    Config,
-    ListenConfig,
-    MetaConfig,
-    OutboxConfig,
-)
-from gateway.outbox.sqlite.outbox import SqliteOutbox
+from gateway.config import Config
 from gateway.runtime.gateway import Gateway, bound_port
 
 __all__ = [
@@ -48,24 +39,9 @@ __all__ = [
     "stored_bodies",
 ]
 
-VERIFY_TOKEN = "verify-token-7c1e"
-APP_SECRET = "app-secret-5b2d"
 CA_ISSUERS_URL = "http://ca.example.test/intermediate.der"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def gateway_config(
-    pki: Pki, tmp_path: Path, *, host: str = "127.0.0.1", client_auth: ClientAuth = "required"
-) -> Config:
-    """The gateway on a free port of ``host``, no admin listener, no targets."""
-    return Config(
-        listen=ListenConfig(host=host, port=0, workers=1),
-        tls=pki.tls_config(client_auth=client_auth),
-        meta=MetaConfig(verify_tokens=(VERIFY_TOKEN,), app_secrets=(APP_SECRET,)),
-        outbox=OutboxConfig(path=tmp_path / "outbox.sqlite3"),
-        admin=AdminConfig(enabled=False),
-    )
 
 
 @asynccontextmanager
@@ -74,18 +50,6 @@ async def running_gateway(config: Config) -> AsyncIterator[tuple[Gateway, str]]:
     async with Gateway(config) as gateway:
         listen = config.listen
         yield gateway, f"https://{listen.host}:{gateway.port}{listen.path}"
-
-
-async def stored_bodies(gateway: Gateway) -> list[bytes]:
-    """The notification bodies in the gateway's outbox, oldest first."""
-
-    def query(conn: sqlite3.Connection) -> list[bytes]:
-        rows = conn.execute("SELECT body FROM notifications ORDER BY rowid").fetchall()
-        return [bytes(row[0]) for row in rows]
-
-    outbox = gateway.outbox
-    assert isinstance(outbox, SqliteOutbox)  # these tests read the SQLite backend's rows
-    return await outbox.run(query)
 
 
 def server_context(tmp_path: Path, chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:

@@ -100,10 +100,14 @@ def gateway_config(
     app_secrets: Sequence[str] = (APP_SECRET,),
     max_body_bytes: int | None = None,
     admin_token: str | None = None,
+    host: str = "127.0.0.1",
+    admin: bool = True,
 ) -> Config:
-    """Listener and admin on free loopback ports, the outbox under ``tmp_path``."""
+    """The listener on a free port of ``host`` and (unless ``admin`` is false) the admin
+    listener on a free loopback port; the outbox under ``tmp_path``. The one configuration
+    helper of the in-process tests."""
     # One process: the in-process Gateway is one worker, which also runs the dispatcher.
-    listen = ListenConfig(host="127.0.0.1", port=0, workers=1)
+    listen = ListenConfig(host=host, port=0, workers=1)
     if max_body_bytes is not None:
         listen = dataclasses.replace(listen, max_body_bytes=max_body_bytes)
     return Config(
@@ -112,7 +116,7 @@ def gateway_config(
         meta=MetaConfig(verify_tokens=(VERIFY_TOKEN,), app_secrets=tuple(app_secrets)),
         outbox=OutboxConfig(path=tmp_path / "outbox.sqlite3"),
         targets=tuple(targets),
-        admin=AdminConfig(host="127.0.0.1", port=0, token=admin_token),
+        admin=AdminConfig(host="127.0.0.1", port=0, token=admin_token, enabled=admin),
         dispatcher=DispatcherConfig(poll_interval_s=0.05),
     )
 
