@@ -13,9 +13,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from gateway import __version__
 from gateway.cli.exit_codes import EXIT_USAGE, GRAPH_EXIT_CODES
 from gateway.errors import GatewayError, GraphError
+from gateway.version import __version__
 
 __all__ = ["main"]
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from gateway import __version__
 from gateway.config import TargetConfig
 from gateway.delivery.backoff import parse_retry_after
 from gateway.delivery.outcome import AttemptResult
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
 from gateway.edge.signature import gateway_signature
 from gateway.outbox import Delivery
+from gateway.version import __version__
 
 __all__ = ["Forwarder", "build_headers"]
 

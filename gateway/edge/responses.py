@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.errors import OutboxError, Rejected
+from gateway.errors import MethodNotAllowed, OutboxError, Rejected
 
 __all__ = ["answer_for", "error_middleware", "log_access", "text"]
 
@@ -52,7 +52,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException:
         raise
     except Exception as exc:
-        return text(*answer_for(exc, request.method, request.path))
+        response = text(*answer_for(exc, request.method, request.path))
+        if isinstance(exc, MethodNotAllowed):
+            response.headers["Allow"] = "GET, POST"  # RFC 9110 15.5.6: a 405 lists what is
+        return response
 
 
 def log_access(remote: str, method: str, path: str, status: int, size: int, seconds: float) -> None:
