@@ -155,9 +155,9 @@ class _Connection(asyncio.Protocol):
         self._request: _Request | None = None  # being received
         self._queue: deque[_Request] = deque()  # received, waiting their turn
         self._in_flight = False
-        self._in_head = True
-        self._head_bytes = 0  # request line and headers, as parsed
-        self._head_read = 0  # reads that began and ended inside one head
+        self._in_head = False  # between a request's first byte and the end of its headers
+        self._head_bytes = 0  # the current request's header lines, as parsed
+        self._head_read = 0  # the current request's reads that began and ended inside its head
         self._discarding = False  # after a refusal that closes: ignore what else arrives
         self.last_active = time.monotonic()
         self.remote = "-"
@@ -193,7 +193,7 @@ class _Connection(asyncio.Protocol):
         if self._discarding:
             return
         self.last_active = time.monotonic()
-        in_head = self._in_head
+        head = self._request if self._in_head else None  # the head this read continues, if any
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -208,9 +208,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._refuse(BadRequest("malformed HTTP request"))
             return
-        # Only a read that began and ended inside a request head counts towards its limit: a
-        # read that also carries a large body must not be mistaken for a large head.
-        if in_head and self._in_head:
+        # A header line that never ends reaches no parser callback, so reads are counted too;
+        # but only a read that began and ended inside one and the same head is all head bytes.
+        # One that also carries a body, or the end of one request and the start of the next,
+        # must not be mistaken for a large head (the first read of a head is left out: it is
+        # bounded by the read size, and its complete lines are counted in on_header).
+        if head is not None and head is self._request and self._in_head:
             self._head_read += len(data)
             if self._head_read > MAX_HEAD_BYTES:
                 self._refuse(HeadTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
@@ -227,6 +230,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._request = _Request(time.monotonic())
+        self._in_head = True
+        self._head_bytes = self._head_read = 0
 
     def on_url(self, url: bytes) -> None:
         request = self._current()
@@ -252,7 +257,6 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request = self._current()
         self._in_head = False
-        self._head_bytes = self._head_read = 0
         request.method = self._parser.get_method()
         request.keep_alive = self._parser.should_keep_alive()
         limit = self._listener.max_body_bytes
@@ -276,7 +280,6 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request = self._current()
         self._request = None
-        self._in_head = True
         self._queue.append(request)
         if len(self._queue) > MAX_QUEUED and self._transport is not None:
             self._transport.pause_reading()

@@ -197,6 +197,19 @@ async def test_head_over_the_limit_gets_431_and_is_closed(client: Client) -> Non
     assert await client.closed()
 
 
+async def test_header_line_that_never_ends_gets_431_and_is_closed(client: Client) -> None:
+    """A header value sent 8 KB at a time without a line end is cut off past the head limit."""
+    await client.send(f"GET {PATH} HTTP/1.1\r\nX-Endless: ".encode())
+    answer = asyncio.create_task(client.reply())
+    for _ in range(40):  # 320 KB at most; the limit is 64 KiB
+        if answer.done():
+            break
+        await client.send(b"y" * 8192)
+        await asyncio.sleep(0.005)  # separate reads: each one continues the same head
+    assert (await answer).status == 431
+    assert await client.closed()
+
+
 async def test_announced_body_over_the_limit_gets_413_before_it_is_sent(
     gateway: Gateway, client: Client, pki: Pki
 ) -> None:
@@ -253,3 +266,37 @@ async def test_shutdown_closes_idle_keep_alive_connections(
     assert (await client.reply()).status == 200
     await gateway.close()
     assert await client.closed()
+
+
+@pytest.fixture
+async def roomy_client(pki: Pki, tmp_path: Path, sink: Sink) -> AsyncIterator[Client]:
+    """A client of a gateway that takes bodies up to 1 MiB (Meta sends up to 3 MB)."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], max_body_bytes=1024**2)
+    async with Gateway(config) as running:
+        connected = await Client.connect(running, pki.client_context("meta"))
+        yield connected
+        connected.close()
+
+
+async def test_large_keep_alive_posts_are_not_mistaken_for_large_heads(
+    roomy_client: Client,
+) -> None:
+    """POSTs with 100 KB bodies, each arriving whole, get 200 and keep the connection open."""
+    for n in range(3):
+        await roomy_client.send(post(message_body(f"large {n} " + "x" * 100_000)))
+        answer = await roomy_client.reply()
+        assert (answer.status, answer.headers["connection"]) == (200, "keep-alive")
+    await roomy_client.send(get(f"{PATH}?{HANDSHAKE}"))
+    assert (await roomy_client.reply()).status == 200
+
+
+async def test_many_pipelined_requests_in_one_write_are_not_mistaken_for_a_large_head(
+    client: Client,
+) -> None:
+    """800 handshakes (about 100 KB) in one write: 800 answers 200, then the connection still
+    serves the next request (no stray 431, no close)."""
+    await client.send(get(f"{PATH}?{HANDSHAKE}") * 800)
+    answers = [await client.reply() for _ in range(800)]
+    assert {(a.status, a.headers["connection"]) for a in answers} == {(200, "keep-alive")}
+    await client.send(get(f"{PATH}?{HANDSHAKE}"))
+    assert (await client.reply()).status == 200
