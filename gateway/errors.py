@@ -24,6 +24,7 @@ into HTTP responses, and :func:`gateway.cli.main` the only place that turns them
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
         +-- Unavailable          503  the outbox could not take the notification; Meta retries
+        +-- VersionNotSupported  505  a request line with an HTTP version other than 1.0 or 1.1
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "URLTooLong",
     "Unauthorized",
     "Unavailable",
+    "VersionNotSupported",
 ]
 
 
@@ -129,3 +131,7 @@ class HeadTooLarge(Rejected):
 
 class Unavailable(Rejected):
     status = 503
+
+
+class VersionNotSupported(Rejected):
+    status = 505

@@ -36,6 +36,7 @@ from gateway.errors import (
     Rejected,
     RequestTimeout,
     URLTooLong,
+    VersionNotSupported,
 )
 from gateway.responses import access_log, answer_for, log_access
 
@@ -151,6 +152,9 @@ class _Connection(asyncio.Protocol):
         self._callback = listener.callback
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
+        # llhttp would refuse HTTP/1.2 or 3.0 as malformed (400); accepted here, they reach the
+        # version check in on_headers_complete and get the 505 RFC 9110, 15.6.6 prescribes.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self._identity_error: Rejected | None = None
         self._request: _Request | None = None  # being received
         self._queue: deque[_Request] = deque()  # received, waiting their turn
@@ -257,6 +261,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         request = self._current()
         self._in_head = False
+        version = self._parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # HTTP/0.9 and 2.0 parse too; neither is spoken here (RFC 9110, 15.6.6).
+            raise _Refuse(VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
         request.method = self._parser.get_method()
         request.keep_alive = self._parser.should_keep_alive()
         limit = self._listener.max_body_bytes

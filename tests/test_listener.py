@@ -300,3 +300,14 @@ async def test_many_pipelined_requests_in_one_write_are_not_mistaken_for_a_large
     assert {(a.status, a.headers["connection"]) for a in answers} == {(200, "keep-alive")}
     await client.send(get(f"{PATH}?{HANDSHAKE}"))
     assert (await client.reply()).status == 200
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.2", "3.0"])
+async def test_http_version_other_than_1_0_or_1_1_gets_505_and_is_closed(
+    client: Client, version: str
+) -> None:
+    """A well-formed request line of another HTTP version is answered 505 (RFC 9110, 15.6.6)."""
+    await client.send(get(f"{PATH}?{HANDSHAKE}", version=version))
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (505, "close")
+    assert await client.closed()
