@@ -144,6 +144,24 @@ def _ack_now(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
+def _path(raw_url: bytes) -> tuple[str, bytes | None]:
+    """The decoded path and the raw query of a request target; raises BadRequest."""
+    try:
+        url = httptools.parse_url(raw_url)
+    except httptools.HttpParserInvalidURLError:
+        raise BadRequest("malformed request URL") from None
+    return unquote(url.path.decode("latin-1")), url.query
+
+
+def _shortened(path: str) -> str:
+    # Whoever asks chooses the path, and it reaches answers and the log.
+    return path if len(path) <= _SHOWN_PATH else path[:_SHOWN_PATH] + "..."
+
+
+def _not_allowed(method: str) -> MethodNotAllowed:
+    return MethodNotAllowed(f"method {method} is not allowed here; use GET or POST")
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parse, hand each complete request to the callback in turn."""
 
@@ -272,10 +290,9 @@ class _Connection(asyncio.Protocol):
             raise _Refuse(
                 PayloadTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
             )
-        if request.expect_continue and not self._in_flight and not self._queue:
-            # The client waits for this before sending the body (RFC 9110, section 10.1.1);
-            # only sent when no earlier answer is still owed on this connection.
-            self._write(_CONTINUE)
+        if request.expect_continue and version == "1.1":
+            # An HTTP/1.0 client's expectation is ignored: it cannot know 100 (RFC 9110, 10.1.1).
+            self._expect_continue(request)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._current()
@@ -316,6 +333,29 @@ class _Connection(asyncio.Protocol):
         if len(self._queue) <= MAX_QUEUED and self._transport is not None:
             self._transport.resume_reading()
 
+    def _expect_continue(self, request: _Request) -> None:
+        """``Expect: 100-continue``: the client waits for 100 before it sends the body.
+
+        100 promises the body will be read (RFC 9110, 10.1.1), so it goes out only once every
+        refusal that needs no body is ruled out; a request that will be refused gets that final
+        answer now instead, and the connection closes, since the body may follow it or not."""
+        if self._identity_error is not None:
+            raise _Refuse(self._identity_error)
+        try:
+            path, _ = _path(request.url)
+        except Rejected as exc:
+            raise _Refuse(exc) from None
+        if path != self._listener.path:
+            raise _Refuse(NotFound(f"no such path: {_shortened(path)!r}"))
+        if request.method != b"POST":
+            if request.method not in (b"GET", b"HEAD"):
+                raise _Refuse(_not_allowed(request.method.decode("latin-1")))
+            return  # a handshake carries no body to wait for
+        if not self._in_flight and not self._queue:
+            # Only when no earlier answer is still owed on this connection: 100 must not come
+            # before those (RFC 9112, 9.3.2); the client sends the body after its own wait.
+            self._write(_CONTINUE)
+
     def _start(self, request: _Request) -> None:
         method = request.method.decode("latin-1")
         path = "-"
@@ -324,14 +364,9 @@ class _Connection(asyncio.Protocol):
                 raise request.refusal
             if self._identity_error is not None:
                 raise self._identity_error
-            try:
-                url = httptools.parse_url(request.url)
-            except httptools.HttpParserInvalidURLError:
-                raise BadRequest("malformed request URL") from None
-            path = unquote(url.path.decode("latin-1"))
+            path, query = _path(request.url)
             if path != self._listener.path:
-                # Shortened: whoever asks chooses the path, and it reaches the log.
-                path = path if len(path) <= _SHOWN_PATH else path[:_SHOWN_PATH] + "..."
+                path = _shortened(path)
                 raise NotFound(f"no such path: {path!r}")
             if method == "POST":
                 self._in_flight = True
@@ -341,10 +376,11 @@ class _Connection(asyncio.Protocol):
                 task.add_done_callback(lambda done: self._notified(request, path, done))
                 return
             if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(f"method {method} is not allowed here; use GET or POST")
-            query = (url.query or b"").decode("utf-8", "replace")
+                raise _not_allowed(method)
             params: dict[str, str] = {}
-            for name, value in parse_qsl(query, keep_blank_values=True):
+            for name, value in parse_qsl(
+                (query or b"").decode("utf-8", "replace"), keep_blank_values=True
+            ):
                 params.setdefault(name, value)  # the first of repeated names, as aiohttp does
             self._answer(request, method, path, 200, self._callback.handshake(params))
         except Exception as exc:

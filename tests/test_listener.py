@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 import pytest
 from helpers import VERIFY_TOKEN, gateway_config, message_body, meta_signature, sink_target
-from pki import Pki
+from pki import ClientKind, Pki
 from sink import Sink
 
 from gateway.serve import Gateway
@@ -231,6 +231,38 @@ async def test_expect_100_continue_is_answered_before_the_body(client: Client) -
     assert (await client.reply()).status == 100
     await client.send(body)
     assert (await client.reply()).status == 200
+
+
+@pytest.mark.parametrize(
+    ("kind", "head", "status"),
+    [
+        ("meta", "POST /elsewhere HTTP/1.1\r\nContent-Length: 10\r\n", 404),
+        ("meta", f"PUT {PATH} HTTP/1.1\r\nContent-Length: 10\r\n", 405),
+        ("meta", f"POST {PATH} HTTP/1.1\r\nContent-Length: 5000\r\n", 413),
+        ("wrong_cn", f"POST {PATH} HTTP/1.1\r\nContent-Length: 10\r\n", 403),
+    ],
+    ids=["404", "405", "413", "403"],
+)
+async def test_expect_100_continue_gets_the_refusal_instead_of_100(
+    gateway: Gateway, pki: Pki, kind: ClientKind, head: str, status: int
+) -> None:
+    """A request that will be refused is answered that, not 100, and closed: 100 would ask
+    for a body the gateway is not going to read (RFC 9110, 10.1.1)."""
+    client = await Client.connect(gateway, pki.client_context(kind))
+    await client.send(f"{head}Host: x\r\nExpect: 100-continue\r\n\r\n".encode())
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (status, "close")
+    assert await client.closed()
+    client.close()
+
+
+async def test_expect_100_continue_from_http10_is_ignored(client: Client) -> None:
+    """An HTTP/1.0 client gets no 100, only the answer (RFC 9110, 10.1.1)."""
+    await client.send(
+        post(message_body("old client"), version="1.0", extra="Expect: 100-continue\r\n")
+    )
+    answer = await client.reply()
+    assert (answer.status, answer.body) == (200, b"ok\n")
 
 
 async def test_request_not_received_in_time_gets_408_and_is_closed(client: Client) -> None:
