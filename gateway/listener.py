@@ -181,7 +181,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0  # the current request's header lines, as parsed
         self._head_read = 0  # the current request's reads that began and ended inside its head
         self._discarding = False  # after a refusal that closes: ignore what else arrives
-        self.last_active = time.monotonic()
+        self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = "-"
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -193,6 +193,7 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
             return
         self._listener.connections.add(self)
+        self.last_active = time.monotonic()  # idle from the end of the TLS handshake
         _ack_now(transport)
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if peer else "-"
@@ -214,7 +215,9 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        self.last_active = time.monotonic()
+        # No activity is recorded here: empty lines between requests reach no parser callback
+        # (RFC 9112, 2.2 lets them be ignored), so a peer sending nothing else stays idle.
+        # A request's first byte starts the request timeout instead (on_message_begin).
         head = self._request if self._in_head else None  # the head this read continues, if any
         try:
             self._parser.feed_data(data)
@@ -399,6 +402,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, request: _Request, method: str, path: str, status: int, reason: str) -> None:
         keep_alive = request.keep_alive and not self._listener.closing
+        now = self.last_active = time.monotonic()  # idle from the last answer
         body = (reason + "\n").encode() if status != 200 or method == "POST" else reason.encode()
         self._write(
             _response(
@@ -411,9 +415,7 @@ class _Connection(asyncio.Protocol):
             )
         )
         if self._listener.log_requests:
-            log_access(
-                self.remote, method, path, status, len(body), time.monotonic() - request.started
-            )
+            log_access(self.remote, method, path, status, len(body), now - request.started)
         if not keep_alive and self._transport is not None:
             self._discarding = True
             self._queue.clear()

@@ -281,6 +281,27 @@ async def test_idle_keep_alive_connection_is_closed_after_idle_timeout(client: C
     assert await client.closed()
 
 
+async def test_blank_lines_do_not_keep_an_idle_connection_open(client: Client) -> None:
+    """Empty lines between requests may be ignored (RFC 9112, 2.2) but are not a request: a
+    client that sends only those every 0.1 s is still closed after idle_timeout_s (0.4 s)."""
+    await client.send(post(message_body("then blank lines")))
+    assert (await client.reply()).status == 200
+    closed = asyncio.Event()
+
+    async def blank_lines() -> None:
+        for _ in range(30):  # for 3 s at most
+            if closed.is_set():
+                return
+            client.writer.write(b"\r\n")
+            await asyncio.sleep(0.1)
+
+    sending = asyncio.create_task(blank_lines())
+    assert await client.closed()
+    closed.set()
+    assert not sending.done(), "closed only once the blank lines stopped"
+    await sending
+
+
 async def test_wrong_cn_gets_403_on_every_request_of_the_connection(
     gateway: Gateway, pki: Pki, sink: Sink
 ) -> None:
