@@ -51,6 +51,13 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and headers together (431 beyond)
 MAX_URL_BYTES = 8 * 1024  # (414 beyond)
 MAX_QUEUED = 8  # pipelined requests waiting behind the one in flight before reading pauses
 
+# Why a connection stopped reading; it reads again only once no reason is left. What one
+# connection holds is so bounded: unsent answers by the transport's high-water mark plus one
+# answer (no request is started while the peer does not read), parsed requests by MAX_QUEUED
+# plus what the read that filled the queue carried.
+_PEER_NOT_READING = 1  # the write buffer is over its high-water mark (pause_writing)
+_QUEUE_FULL = 2  # more than MAX_QUEUED requests wait their turn
+
 _SHOWN_PATH = 100  # characters of an unknown path that answers and logs show
 _TEXT = b"text/plain; charset=utf-8"
 _ALLOW = b"Allow: GET, POST\r\n"
@@ -177,6 +184,8 @@ class _Connection(asyncio.Protocol):
         self._request: _Request | None = None  # being received
         self._queue: deque[_Request] = deque()  # received, waiting their turn
         self._in_flight = False
+        self._paused = 0  # _PEER_NOT_READING | _QUEUE_FULL: why reading is paused, if it is
+        self._stalled_since = 0.0  # when the write buffer last went over its high-water mark
         self._in_head = False  # between a request's first byte and the end of its headers
         self._head_bytes = 0  # the current request's header lines, as parsed
         self._head_read = 0  # the current request's reads that began and ended inside its head
@@ -244,12 +253,26 @@ class _Connection(asyncio.Protocol):
                 self._refuse(HeadTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
 
     def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
+        # Reading more would only queue more answers the peer does not take: stop both until
+        # the buffer drains, and close the connection if it does not (see sweep).
+        self._stalled_since = time.monotonic()
+        self._pause(_PEER_NOT_READING)
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
+        self._resume(_PEER_NOT_READING)
+        self._pump()
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        """Withdraw ``reason``; read again only if no other reason to pause is left."""
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self._transport is not None:
+                self._transport.resume_reading()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -309,8 +332,8 @@ class _Connection(asyncio.Protocol):
         request = self._current()
         self._request = None
         self._queue.append(request)
-        if len(self._queue) > MAX_QUEUED and self._transport is not None:
-            self._transport.pause_reading()
+        if len(self._queue) > MAX_QUEUED:
+            self._pause(_QUEUE_FULL)
         self._pump()
 
     # -- answering -------------------------------------------------------------------------
@@ -331,10 +354,16 @@ class _Connection(asyncio.Protocol):
         self._pump()
 
     def _pump(self) -> None:
-        while not self._in_flight and self._queue and self._transport is not None:
+        # No new answer while the peer does not read the ones it has (resume_writing pumps).
+        while (
+            not self._in_flight
+            and self._queue
+            and not self._paused & _PEER_NOT_READING
+            and self._transport is not None
+        ):
             self._start(self._queue.popleft())
-        if len(self._queue) <= MAX_QUEUED and self._transport is not None:
-            self._transport.resume_reading()
+        if self._paused & _QUEUE_FULL and len(self._queue) <= MAX_QUEUED:
+            self._resume(_QUEUE_FULL)
 
     def _expect_continue(self, request: _Request) -> None:
         """``Expect: 100-continue``: the client waits for 100 before it sends the body.
@@ -428,8 +457,17 @@ class _Connection(asyncio.Protocol):
     # -- housekeeping (from the listener) --------------------------------------------------
 
     def sweep(self, now: float) -> None:
-        """Close a keep-alive connection idle too long; answer 408 to a request too slow."""
-        if self._in_flight or self._queue or self._transport is None:
+        """Close a keep-alive connection idle too long, or one whose peer has not read its
+        answers for as long; answer 408 to a request too slow."""
+        if self._transport is None:
+            return
+        if self._paused & _PEER_NOT_READING:
+            if now - self._stalled_since > self._listener.idle_timeout_s:
+                log.info("closing a connection from %s: its answers are not read", self.remote)
+                # Not close(): that would wait to send the buffered answers, for ever.
+                self._transport.abort()
+            return
+        if self._in_flight or self._queue:
             return
         if self._request is not None:
             if now - self._request.started > self._listener.request_timeout_s:

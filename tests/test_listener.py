@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlencode
@@ -17,7 +19,7 @@ from urllib.parse import urlencode
 import pytest
 from helpers import VERIFY_TOKEN, gateway_config, message_body, meta_signature, sink_target
 from pki import ClientKind, Pki
-from sink import Sink
+from sink import DEADLINE_S, Sink
 
 from gateway.serve import Gateway
 
@@ -300,6 +302,47 @@ async def test_blank_lines_do_not_keep_an_idle_connection_open(client: Client) -
     closed.set()
     assert not sending.done(), "closed only once the blank lines stopped"
     await sending
+
+
+async def test_a_client_that_never_reads_is_held_to_a_bounded_buffer_then_closed(
+    gateway: Gateway, pki: Pki
+) -> None:
+    """700 pipelined handshakes with 4 KB answers (2.9 MB), none of them read: the gateway
+    stops answering once its write buffer passes the high-water mark, so it never holds more
+    than that plus an answer, and closes the connection after idle_timeout_s (0.4 s)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=pki.client_context("meta"), server_hostname="localhost", limit=1024
+    )
+    # The gateway's side of the connection: its write buffer cannot be seen from outside.
+    listener = gateway._listener
+    assert listener is not None
+    while not listener.connections:  # noqa: ASYNC110 (the handshake's last step, a moment)
+        await asyncio.sleep(0.01)
+    (connection,) = listener.connections
+    transport = connection._transport
+    assert transport is not None
+    # On loopback the kernel would take megabytes of answers off the gateway's hands; a small
+    # send buffer stands for a slow link, so what the gateway itself holds shows.
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    challenge = "c" * 4096
+    query = urlencode(
+        {"hub.mode": "subscribe", "hub.challenge": challenge, "hub.verify_token": VERIFY_TOKEN}
+    )
+    writer.write(get(f"{PATH}?{query}") * 700)
+    high = transport.get_write_buffer_limits()[1]
+    most = 0
+    deadline = time.monotonic() + DEADLINE_S
+    while not transport.is_closing() and time.monotonic() < deadline:
+        most = max(most, transport.get_write_buffer_size())
+        await asyncio.sleep(0.005)
+    assert transport.is_closing(), "still open after idle_timeout_s"
+    assert high < most <= high + 2 * (len(challenge) + 200)
+    assert await Client(reader, writer).closed()
+    writer.close()
 
 
 async def test_wrong_cn_gets_403_on_every_request_of_the_connection(
