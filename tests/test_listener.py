@@ -8,7 +8,9 @@ mid-request, the way a real peer on the internet might.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import socket
 import ssl
 import time
@@ -17,7 +19,15 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from helpers import VERIFY_TOKEN, gateway_config, message_body, meta_signature, sink_target
+from helpers import (
+    VERIFY_TOKEN,
+    eventually,
+    gateway_config,
+    message_body,
+    meta_signature,
+    metric,
+    sink_target,
+)
 from pki import ClientKind, Pki
 from sink import DEADLINE_S, Sink
 
@@ -407,3 +417,87 @@ async def test_http_version_other_than_1_0_or_1_1_gets_505_and_is_closed(
     answer = await client.reply()
     assert (answer.status, answer.headers["connection"]) == (505, "close")
     assert await client.closed()
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "detail"),
+    [
+        ("none", "no_certificate", "PEER_DID_NOT_RETURN_A_CERTIFICATE"),
+        ("impostor", "untrusted", "unable to get local issuer certificate"),
+        ("expired", "expired", "certificate has expired"),
+    ],
+)
+async def test_failed_tls_handshake_is_logged_once_and_counted_by_reason(
+    gateway: Gateway,
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+    kind: ClientKind,
+    reason: str,
+    detail: str,
+) -> None:
+    """A client certificate refused in the handshake leaves one log line with the address and
+    OpenSSL's reason, and counts one failure under that reason."""
+    caplog.set_level(logging.INFO, logger="gateway.listener")
+    refused: Client | None = None
+    with contextlib.suppress(ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+        refused = await Client.connect(gateway, pki.client_context(kind))
+        await refused.send(get(f"{PATH}?{HANDSHAKE}"))  # TLS 1.3: refused only now
+        await refused.reply()
+    if refused is not None:
+        refused.close()
+    sample = f'waba_gateway_tls_handshake_failures_total{{reason="{reason}"}}'
+
+    async def counted() -> float:
+        text = gateway.stats.render().decode()
+        return metric(text, sample) if sample in text else 0
+
+    assert await eventually(counted, sample) == 1
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert lines == [f"TLS handshake from 127.0.0.1 failed: {reason} ({detail})"]
+
+
+async def test_client_refusing_the_server_certificate_is_counted_as_a_client_alert(
+    gateway: Gateway, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that does not trust the gateway's certificate ends the handshake with an
+    alert: one failure, reason "client_alert", OpenSSL's name for the alert in the log."""
+    caplog.set_level(logging.INFO, logger="gateway.listener")
+    distrustful = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    distrustful.load_verify_locations(cafile=pki.client_ca_file)  # not the server's CA
+
+    def handshake() -> None:
+        # A blocking socket: OpenSSL sends its alert on it, where asyncio's client would drop
+        # the connection without one.
+        with (
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE_S) as sock,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            distrustful.wrap_socket(sock, server_hostname="localhost")
+
+    await asyncio.to_thread(handshake)
+    sample = 'waba_gateway_tls_handshake_failures_total{reason="client_alert"}'
+
+    async def counted() -> float:
+        text = gateway.stats.render().decode()
+        return metric(text, sample) if sample in text else 0
+
+    assert await eventually(counted, sample) == 1
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert lines == ["TLS handshake from 127.0.0.1 failed: client_alert (TLSV1_ALERT_UNKNOWN_CA)"]
+
+
+async def test_plain_http_on_the_tls_port_is_counted_as_a_protocol_failure(
+    gateway: Gateway,
+) -> None:
+    """A request in clear text is no TLS handshake: one failure, reason "protocol"."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(get(PATH))
+    await reader.read()  # the gateway closes
+    writer.close()
+    sample = 'waba_gateway_tls_handshake_failures_total{reason="protocol"}'
+
+    async def counted() -> float:
+        text = gateway.stats.render().decode()
+        return metric(text, sample) if sample in text else 0
+
+    assert await eventually(counted, sample) == 1
