@@ -25,6 +25,7 @@ code.
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
+        +-- VersionNotSupported  505  a request line with an HTTP version other than 1.0 or 1.1
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "SignatureRejected",
     "URLTooLong",
     "Unauthorized",
+    "VersionNotSupported",
 ]
 
 
@@ -132,3 +134,7 @@ class URLTooLong(Rejected):
 
 class HeadTooLarge(Rejected):
     status = 431
+
+
+class VersionNotSupported(Rejected):
+    status = 505

@@ -142,6 +142,20 @@ async def test_sigterm_finishes_and_exits_zero(pki: Pki, tmp_path: Path, sink: S
         assert b"shutting down" in process.stdout.read()
 
 
+async def test_sighup_is_logged_and_ignored(pki: Pki, tmp_path: Path, sink: Sink) -> None:
+    """SIGHUP (by default the end of the process) is logged; the gateway keeps serving."""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"))
+    port = listen_port(config)
+    with _gateway(config) as process:
+        await _until_listening(port, pki, process)
+        process.send_signal(signal.SIGHUP)
+        assert await _post(port, pki, message_body("after SIGHUP")) == 200
+        process.send_signal(signal.SIGTERM)
+        assert await _exit_code(process) == 0
+        assert process.stdout is not None
+        assert b"SIGHUP: reload is not supported yet; ignoring" in process.stdout.read()
+
+
 def test_serve_refuses_config_without_app_secret(pki: Pki, tmp_path: Path) -> None:
     """An unset secret variable is a one-line error naming file and key, exit status 2."""
     config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x")
@@ -258,6 +272,42 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     assert metric(text, cn) == len(bodies)
     assert metric(text, "waba_gateway_outbox_jobs_total") >= len(bodies)
     # The supervisor removes the folder the workers counted in.
+    left = await asyncio.to_thread(
+        lambda: list(Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor.pid}-*"))
+    )
+    assert not left
+
+
+def _spawned_workers(pid: int) -> list[int]:
+    """The worker processes of supervisor ``pid`` (not multiprocessing's helper processes)."""
+    return [
+        child
+        for child in _children(pid)
+        if b"spawn_main" in (Path("/proc") / str(child) / "cmdline").read_bytes()
+    ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_two_workers_ignore_sighup(pki: Pki, tmp_path: Path, sink: Sink) -> None:
+    """workers = 2: SIGHUP to the supervisor and to each worker ends none of them; they keep
+    serving, SIGTERM still stops them all and the metrics folder is removed."""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    port = listen_port(config)
+    with _gateway(config) as supervisor:
+        await _until_listening(port, pki, supervisor)
+        workers = _spawned_workers(supervisor.pid)
+        assert len(workers) == 2
+        for pid in [supervisor.pid, *workers]:
+            os.kill(pid, signal.SIGHUP)
+        bodies = [message_body(f"after SIGHUP {n}") for n in range(10)]
+        await _post_each_on_a_new_connection(port, pki, bodies)
+        assert sorted(_spawned_workers(supervisor.pid)) == sorted(workers)
+        supervisor.send_signal(signal.SIGTERM)
+        assert await _exit_code(supervisor) == 0
+        assert supervisor.stdout is not None
+        # The supervisor's line at least; a worker still starting ignores SIGHUP silently.
+        logged = supervisor.stdout.read()
+        assert b"gateway.runtime.workers: SIGHUP: reload is not supported yet" in logged
     left = await asyncio.to_thread(
         lambda: list(Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor.pid}-*"))
     )

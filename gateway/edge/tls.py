@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from gateway.config import ClientAuth, TlsConfig
 from gateway.errors import CertificateError
 
-__all__ = ["build_server_context", "client_ca_subjects"]
+__all__ = ["build_server_context", "client_ca_subjects", "handshake_failure"]
 
 _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
     "required": ssl.CERT_REQUIRED,
@@ -37,6 +37,9 @@ _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
 _ALPN_PROTOCOLS: Final = ["http/1.1"]
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+# OpenSSL's X509_V_ERR_* codes worth a reason of their own; any other is "untrusted".
+_VERIFY_REASONS: Final[Mapping[int, str]] = {9: "not_yet_valid", 10: "expired", 23: "revoked"}
 
 
 def build_server_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -180,3 +183,27 @@ def _load(key: str, path: Path, load: Callable[[], None]) -> None:
         load()
     except OSError as exc:  # ssl.SSLError is an OSError
         raise CertificateError(f"{_at(key, path)}: OpenSSL refused it: {exc}") from exc
+
+
+def handshake_failure(exc: BaseException) -> tuple[str, str]:
+    """Why a client's TLS handshake failed: a reason from a short fixed list (a metrics label)
+    and a detail for the log, both from OpenSSL or the socket, never from the peer's certificate.
+
+    ``no_certificate``, ``untrusted``, ``expired``, ``not_yet_valid``, ``revoked``: the client
+    certificate; ``client_alert``: the client refused the handshake (often: it does not trust the
+    server certificate); ``protocol``: no common version or cipher, not TLS at all; ``timeout``;
+    ``closed``: the peer went away mid-handshake (port scans, TCP health checks).
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "untrusted"), str(exc.verify_message)
+    if isinstance(exc, ssl.SSLError):
+        detail = str(exc.reason or exc)
+        if detail == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_certificate", detail
+        if "_ALERT_" in detail:  # e.g. TLSV1_ALERT_UNKNOWN_CA, SSLV3_ALERT_BAD_CERTIFICATE
+            return "client_alert", detail
+        return "protocol", detail
+    # asyncio ends a handshake that outlives ssl_handshake_timeout with ConnectionAbortedError.
+    if isinstance(exc, TimeoutError | ConnectionAbortedError):
+        return "timeout", type(exc).__name__
+    return "closed", type(exc).__name__

@@ -1,8 +1,10 @@
 """Running the gateway: listeners, lifecycle and signals.
 
 Rule: startup and shutdown happen in one order, written down here. Startup: open the outbox and
-start the dispatcher, bind the TLS callback listener, then the admin listener. Shutdown
-(SIGTERM/SIGINT, or the injected ``shutdown`` awaitable in tests):
+start the dispatcher, bind the TLS callback listener, then the admin listener. SIGHUP, which
+would otherwise end the process and the requests in flight, is logged and ignored: reloading
+the configuration is not supported yet. Shutdown (SIGTERM/SIGINT, or the injected ``shutdown``
+awaitable in tests):
 
 1. stop accepting connections on both listeners;
 2. let requests in flight finish (each is answered only after its outbox commit), up to
@@ -145,9 +147,10 @@ async def run(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    handlers = ((signal.SIGTERM, stop.set), (signal.SIGINT, stop.set), (signal.SIGHUP, _hangup))
+    for signum, handler in handlers:
         try:
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, handler)
             installed.append(signum)
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
@@ -182,6 +185,11 @@ async def run(
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+
+
+def _hangup() -> None:
+    """SIGHUP: by default it ends the process; until reload exists, say so and carry on."""
+    log.warning("SIGHUP: reload is not supported yet; ignoring (restart to apply a new config)")
 
 
 def event_loop_runner() -> asyncio.Runner:

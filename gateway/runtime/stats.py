@@ -53,6 +53,12 @@ class Stats:
             ["reason"],
             registry=self.registry,
         )
+        self._handshake_failures = Counter(
+            "waba_gateway_tls_handshake_failures",
+            "TLS handshakes on the callback listener that failed, by reason (gateway.edge.tls)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._clients = Counter(
             "waba_gateway_client_connections",
             "Connections by accepted client certificate CN ((none): no certificate)",
@@ -78,6 +84,10 @@ class Stats:
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(reason=reason).inc()
+
+    def tls_handshake_failed(self, reason: str) -> None:
+        """``reason``: one of the few :func:`gateway.edge.tls.handshake_failure` returns."""
+        self._handshake_failures.labels(reason=reason).inc()
 
     def saw_client(self, cn: str | None) -> None:
         self._clients.labels(cn=cn or _NO_CERTIFICATE).inc()

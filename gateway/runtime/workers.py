@@ -9,7 +9,9 @@ one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` 
 gateway's (:mod:`gateway.runtime.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
-process would; the supervisor waits for them and exits 0. Workers ask the kernel to send them
+process would; the supervisor waits for them and exits 0. SIGHUP is logged and ignored, by the
+supervisor and by each worker (reload is not supported yet; by default it would end them, and a
+supervisor gone leaves the metrics folder behind). Workers ask the kernel to send them
 SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL.
 If a worker dies on its own, the supervisor stops the others and exits 1: a half-running gateway
 is worse than a restart by the service manager.
@@ -70,9 +72,13 @@ def supervise(config: Config) -> int:
     # spawn, not fork: a forked child would inherit this process's threads' locks half-held.
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
+    hung_up = threading.Event()  # logged by the loop below, not in the handler (re-entrancy)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
+
+    def on_hangup(signum: int, _frame: FrameType | None) -> None:
+        hung_up.set()
 
     # A new, private folder per run: prometheus-client sums every file in it, so counts of an
     # earlier run must not be there. The workers inherit the variable, which prometheus-client
@@ -85,6 +91,9 @@ def supervise(config: Config) -> int:
             f" {exc.strerror or exc}; point TMPDIR at a writable folder"
         ) from exc
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Ignored while the workers start: they inherit it (through exec too), so a SIGHUP cannot
+    # end one before its own handler is in place (gateway.runtime.gateway.run).
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
     workers: list[BaseProcess] = []
@@ -99,9 +108,13 @@ def supervise(config: Config) -> int:
             process.start()
             workers.append(process)
         log.info("started %d workers", len(workers))
+        signal.signal(signal.SIGHUP, on_hangup)
         failed = False
         while not stopping.is_set():
             stopping.wait(0.5)
+            if hung_up.is_set():
+                hung_up.clear()
+                log.warning("SIGHUP: reload is not supported yet; ignoring")
             if any(not p.is_alive() for p in workers) and not stopping.is_set():
                 log.error("a worker exited unexpectedly; stopping the others")
                 failed = True
