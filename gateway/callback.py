@@ -16,7 +16,7 @@ from gateway.dispatcher import Dispatcher
 from gateway.handshake import answer_challenge
 from gateway.identity import check_client_identity
 from gateway.outbox import Outbox
-from gateway.routing import parse, route
+from gateway.routing import route
 from gateway.signature import verify_signature
 from gateway.stats import Stats
 
@@ -79,7 +79,7 @@ class Callback:
         except Exception:
             self.stats.rejected("signature")
             raise
-        routes = route(parse(body), self._targets)
+        routes = route(body, self._targets)
         assert signature is not None  # verify_signature refuses a missing header
         stored = await self.outbox.accept(body, signature, routes, self._clock())
         if stored is None:
