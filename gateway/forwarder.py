@@ -15,7 +15,7 @@ from gateway.backoff import parse_retry_after
 from gateway.config import TargetConfig
 from gateway.outbox import Delivery
 from gateway.outcome import AttemptResult
-from gateway.signature import gateway_signature
+from gateway.signature import gateway_signature, sign
 from gateway.upstream import Response, Upstream, UpstreamError
 
 __all__ = ["Forwarder", "build_headers"]
@@ -34,6 +34,12 @@ def build_headers(
         "X-Gateway-Delivery-Id": delivery.id,
         "X-Gateway-Attempt": str(attempt),
     }
+    if target.signature == "meta":
+        # What Meta would send for these exact bytes, keyed with the target's secret instead of
+        # the app secret, so a consumer written for Meta's webhooks verifies them unchanged.
+        assert target.secret is not None  # load_config refuses signature = "meta" without one
+        headers["X-Hub-Signature-256"] = sign(target.secret, delivery.body)
+        return headers
     if not delivery.split:
         # The exact bytes Meta signed, so a target may verify Meta's signature itself.
         headers["X-Hub-Signature-256"] = delivery.signature

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from helpers import (
@@ -32,7 +33,7 @@ from helpers import (
 from pki import Pki
 from sink import Hang, Received, Reply, Sink
 
-from gateway.config import META_CLIENT_CN
+from gateway.config import META_CLIENT_CN, Signature, Split
 from gateway.serve import Gateway
 
 PAYLOADS = DATA / "payloads"
@@ -214,6 +215,63 @@ async def test_signs_forwarded_body_with_target_secret(
         assert request.headers["X-Gateway-Signature-256"] != gateway_signature(
             "another-secret", timestamp, request.body
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Signing:
+    """What a target configured with ``split``, ``signature`` and ``secret`` must receive:
+    ``hub``, whose ``X-Hub-Signature-256`` (Meta's own, the target secret's over the bytes
+    sent, or none) and ``gateway``, whether ``X-Gateway-Timestamp`` and its signature come."""
+
+    split: Split
+    signature: Signature
+    secret: str | None
+    hub: Literal["meta", "target"] | None
+    gateway: bool
+
+
+@pytest.mark.parametrize(
+    "signing",
+    [
+        pytest.param(Signing("none", "gateway", None, "meta", False), id="none-gateway"),
+        pytest.param(Signing("none", "gateway", TARGET_SECRET, "meta", True), id="none-gw-secret"),
+        pytest.param(Signing("change", "gateway", None, None, False), id="change-gateway"),
+        pytest.param(
+            Signing("change", "gateway", TARGET_SECRET, None, True), id="change-gw-secret"
+        ),
+        pytest.param(Signing("none", "meta", TARGET_SECRET, "target", False), id="none-meta"),
+        pytest.param(Signing("change", "meta", TARGET_SECRET, "target", False), id="change-meta"),
+    ],
+)
+async def test_signs_each_request_in_the_target_signature_style(
+    pki: Pki, tmp_path: Path, sink: Sink, signing: Signing
+) -> None:
+    """Each target's requests carry the signature headers of its style, "meta" or "gateway"."""
+    target = sink_target(
+        sink, split=signing.split, signature=signing.signature, secret=signing.secret
+    )
+    async with Gateway(gateway_config(pki, tmp_path, targets=[target])) as gateway:
+        assert (await post(gateway, pki, BATCH)).status == 200
+        await wait_for_state(gateway, "delivered", 1 if signing.split == "none" else 4)
+    for request in sink.received:
+        hub = request.headers.get("X-Hub-Signature-256")
+        if signing.hub == "meta":
+            assert request.body == BATCH
+            assert hub == meta_signature(BATCH)
+        elif signing.hub == "target":
+            assert signing.secret is not None
+            assert hub == meta_signature(request.body, signing.secret)
+            assert hub != meta_signature(request.body)  # never the app secret's
+        else:
+            assert hub is None
+        timestamp = request.headers.get("X-Gateway-Timestamp")
+        signature = request.headers.get("X-Gateway-Signature-256")
+        if signing.gateway:
+            assert signing.secret is not None
+            assert timestamp is not None
+            assert signature == gateway_signature(signing.secret, timestamp, request.body)
+        else:
+            assert (timestamp, signature) == (None, None)
 
 
 async def test_sends_no_gateway_signature_without_target_secret(
