@@ -46,6 +46,10 @@ DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 
 ClientAuth = Literal["required", "optional", "off"]
 Split = Literal["none", "change"]
+# How the gateway signs what it sends a target: "gateway" with X-Gateway-Signature-256 over
+# timestamp "." body, "meta" with X-Hub-Signature-256 over the body, as Meta signs its own
+# (whatsapp/webhooks/overview, "Validating payloads"), so a consumer written for Meta verifies it.
+Signature = Literal["gateway", "meta"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,12 +117,16 @@ class TargetConfig:
     max_age_s: float = 7 * DAYS
     split: Split = "none"
     secret: str | None = None
+    signature: Signature = "gateway"
     concurrency: int = 32
     # Requests written ahead of their responses on one connection (gateway.delivery.upstream).
     pipeline: int = 32
 
     def __repr__(self) -> str:
-        return f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r})"
+        return (
+            f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r}, "
+            f"signature={self.signature!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -294,6 +302,11 @@ class _Reader:
             if target.name in names:
                 used = f"{target.name!r} is already used by targets[{names.index(target.name)}]"
                 raise self.error(f"{key}.name", target.name, f"a unique name, {used}")
+            if target.signature == "meta" and target.secret is None:
+                # Signed as Meta signs, the body is checked with the secret a consumer holds
+                # for this target: there is no key without one (the app secret never leaves).
+                expected = f"'gateway' unless {key}.secret is set"
+                raise self.error(f"{key}.signature", target.signature, expected)
             if target.wait_max_s < target.wait_initial_s:
                 # Blame the key the file set: the other one may be a default.
                 raw = item if isinstance(item, dict) else {}

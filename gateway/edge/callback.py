@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
-from gateway.edge.routing import parse, route
+from gateway.edge.routing import route
 from gateway.edge.signature import verify_signature
 from gateway.outbox import Delivery, Outbox
 
@@ -92,7 +92,7 @@ class Callback:
         except Exception:
             self.stats.rejected("signature")
             raise
-        routes = route(parse(body), self._targets)
+        routes = route(body, self._targets)
         assert signature is not None  # verify_signature refuses a missing header
         stored = await self.outbox.accept(body, signature, routes, self._clock())
         if stored is None:
