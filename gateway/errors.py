@@ -15,6 +15,8 @@ code.
     +-- GraphError                    a Graph API call failed (onboarding commands)
     +-- Rejected                      an HTTP request refused; carries ``status``
         +-- BadRequest           400  missing handshake parameters, invalid JSON
+        |   +-- NestedTooDeep    400  valid JSON too deep to read; routing sends it to the
+        |                             catch-all targets instead (the request gets its 200)
         +-- SignatureRejected    401  X-Hub-Signature-256 missing, malformed or wrong
         +-- Forbidden            403  wrong verify token, unexpected client certificate CN
         |   +-- IdentityRejected 403  client certificate CN not in ``tls.client_cn``
@@ -43,6 +45,7 @@ __all__ = [
     "HeadTooLarge",
     "IdentityRejected",
     "MethodNotAllowed",
+    "NestedTooDeep",
     "NotFound",
     "OutboxError",
     "PayloadTooLarge",
@@ -93,6 +96,14 @@ class Rejected(GatewayError):
 
 
 class BadRequest(Rejected):
+    status = 400
+
+
+class NestedTooDeep(BadRequest):
+    """Valid JSON nested deeper than the parser reads (about 1,000 levels): its changes cannot
+    be read, but Meta signed it, so :func:`gateway.edge.routing.route` sends it to the targets
+    that take every notification rather than refusing it."""
+
     status = 400
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import TargetConfig
 from gateway.edge.routing import iter_changes, parse, route, split_changes
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox import Route
 
 # Meta's published samples, byte for byte as Meta publishes them (examples/).
@@ -239,23 +239,69 @@ def test_parse_reads_integers_of_any_width_exactly(body: bytes, expected: int) -
 @pytest.mark.parametrize(
     "body",
     [
-        pytest.param(b"[" * 1010 + b"12345678901234567890" + b"]" * 1010, id="with a wide int"),
-        pytest.param(b"[" * 5000 + b"]" * 5000, id="beyond orjson too"),
+        pytest.param(b"[" * 5000 + b"]" * 5000, id="arrays"),
+        pytest.param(b'{"a":' * 3000 + b"1" + b"}" * 3000, id="objects"),
+        pytest.param(
+            b'{"object":"o","entry":[{"id":"W","changes":[{"field":"f","value":'
+            + b"[" * 1010
+            + b"]" * 1010
+            + b"}]}]}",
+            id="one change deeper than json reads",
+        ),
     ],
 )
-def test_parse_refuses_body_nested_deeper_than_json_reads_with_400(body: bytes) -> None:
-    """A body nested deeper than the json module reads is a 400, never an unhandled error."""
-    with pytest.raises(BadRequest, match="nested too deeply"):
+def test_valid_json_nested_beyond_the_parser_goes_to_catch_all_targets_only(body: bytes) -> None:
+    """Valid JSON too deep to read is not refused: the targets that take every notification
+    get it as sent; those that filter or split cannot read its changes and do not."""
+    targets = [_target("all"), _target("filtered", fields=("f",)), _target("split", split="change")]
+    assert route(body, targets) == [Route("all", None)]
+
+
+def test_parse_says_valid_json_beyond_both_parsers_is_too_deep() -> None:
+    """Beyond orjson's 1,024 levels and json's limit, parse tells "too deep" from "invalid"."""
+    with pytest.raises(NestedTooDeep):
+        parse(b"[" * 5000 + b"]" * 5000)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"[" * 5000 + b"]" * 4999, id="one bracket short"),
+        pytest.param(b"[" * 5000 + b"}" * 5000, id="mismatched"),
+        pytest.param(b"[" * 5000 + b"x" + b"]" * 5000, id="a bad value deep inside"),
+    ],
+)
+def test_invalid_json_nested_deeply_is_refused_as_invalid_by_parse(body: bytes) -> None:
+    """parse calls deep invalid JSON invalid, not too deep."""
+    with pytest.raises(BadRequest, match="not valid JSON"):
         parse(body)
 
 
-def test_split_refuses_change_nested_deeper_than_json_reads_with_400() -> None:
-    """A change nested deeper than json reads (orjson reads more) is a 400, never a crash."""
-    nested = b"[" * 1010 + b"]" * 1010
-    body = rb'{"object":"o","entry":[{"id":"W","changes":[{"field":"f","value":' + nested
-    body += b"}]}]}"
-    with pytest.raises(BadRequest, match="nested too deeply"):
-        route(body, [_target("split", split="change")])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"[" * 5000 + b"]" * 4999, id="one bracket short"),
+        pytest.param(b"[" * 5000 + b"}" * 5000, id="mismatched"),
+        pytest.param(b"[" * 5000 + b"x" + b"]" * 5000, id="a bad value deep inside"),
+    ],
+)
+def test_invalid_json_nested_deeply_is_refused_as_invalid(body: bytes) -> None:
+    """Deep but not JSON: a 400 that says the body is not JSON, never a crash."""
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        route(body, [_target("all")])
+
+
+def test_a_5000_digit_integer_is_valid_json_kept_exactly() -> None:
+    """Beyond Python's 4,300-digit int conversion limit a number is still JSON: it is read
+    exactly, and a split part carries its original text."""
+    digits = "9" * 5000
+    body = f'{{"object":"o","entry":[{{"id":"W","changes":[{{"field":"f","value":{digits}}}]}}]}}'
+    payload = parse(body.encode())
+    assert str(payload["entry"][0]["changes"][0]["value"]) == digits
+    (part,) = route(body.encode(), [_target("split", split="change")])
+    assert part.body is not None
+    assert digits.encode() in part.body
+    assert route(body.encode(), [_target("all")]) == [Route("all", None)]
 
 
 @pytest.mark.parametrize(

@@ -24,15 +24,24 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from gateway.config import TargetConfig
-from gateway.errors import BadRequest
+from gateway.edge.jsontext import is_json
+from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox.model import Route
 
-__all__ = ["Change", "Route", "iter_changes", "parse", "route", "split_changes"]
+__all__ = [
+    "Change",
+    "Route",
+    "iter_changes",
+    "parse",
+    "route",
+    "split_changes",
+]
 
 # orjson reads an integer outside [-2**63, 2**64) as a float, silently; every such integer is
 # written with at least 19 digits. Translating the body to "0" for digits and " " for the rest,
@@ -40,6 +49,14 @@ __all__ = ["Change", "Route", "iter_changes", "parse", "route", "split_changes"]
 # expression, and only a body holding such a run (in a number or in a string) pays for json.
 _DIGITS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
 _WIDE = b"0" * 19
+# Python refuses to turn more than 4,300 digits into an int (a guard against quadratic time,
+# sys.get_int_max_str_digits); such an integer is still valid JSON (RFC 8259 section 6 sets no
+# limit), so it is kept exactly as a Decimal instead of being called invalid.
+_INT_DIGITS_LIMIT = 4300
+
+
+def _exact_int(text: str) -> int | Decimal:
+    return int(text) if len(text) <= _INT_DIGITS_LIMIT else Decimal(text)
 
 
 def parse(body: bytes, *, exact: bool = True) -> Any:
@@ -60,11 +77,18 @@ def parse(body: bytes, *, exact: bool = True) -> Any:
         if not exact or _WIDE not in body.translate(_DIGITS):
             return payload
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_exact_int)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise BadRequest("body is not valid JSON") from exc
-    except RecursionError as exc:  # nested deeper than json reads (about 1000 levels)
-        raise BadRequest("body is nested too deeply") from exc
+    except RecursionError:  # nested deeper than json reads (about 1000 levels)
+        raise _too_deep(body) from None
+
+
+def _too_deep(body: bytes) -> BadRequest:
+    # Valid JSON that is only too deep to read is not the sender's error: say which it is.
+    if is_json(body):
+        return NestedTooDeep("body is nested too deeply to read its changes")
+    return BadRequest("body is not valid JSON")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +148,7 @@ def iter_changes(payload: Any) -> Iterator[Change]:
 
 # -- split = "change": each change in a payload of its own, cut from the original text ----------
 
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(parse_int=_exact_int)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's four (RFC 8259 section 2)
 
 
@@ -279,8 +303,17 @@ def route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
     :class:`BadRequest` (400) when it is not JSON.
 
     A target without filters and ``split = "none"`` receives every notification, even one whose
-    shape is unknown: it was signed by Meta, and dropping it would lose it.
+    shape is unknown: it was signed by Meta, and dropping it would lose it. That includes valid
+    JSON nested deeper than the parser reads; the targets that filter or split do not receive
+    such a body, since its changes cannot be read.
     """
+    try:
+        return _route(body, targets)
+    except NestedTooDeep:
+        return [Route(target.name, None) for target in targets if _takes_all(target)]
+
+
+def _route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
     if all(map(_takes_all, targets)):
         # The usual catch-all target reads no value: only whether the body is JSON matters,
         # and this path (the benchmarked one) costs what it did before splits were exact.
@@ -291,8 +324,8 @@ def route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
         parse(body, exact=False)
         try:
             changes = split_changes(body)
-        except RecursionError as exc:  # orjson reads 1024 levels, json about 1000
-            raise BadRequest("body is nested too deeply") from exc
+        except RecursionError:  # orjson reads 1024 levels, json about 1000
+            raise _too_deep(body) from None
         except ValueError as exc:  # what orjson accepts and json does not, if anything
             raise BadRequest("body is not valid JSON") from exc
     else:
