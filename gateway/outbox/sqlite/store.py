@@ -20,23 +20,27 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.outbox.model import STATES, Delivery, Route
+from gateway.outbox.model import STATES, AttemptRecord, Delivery, Route, TargetBacklog
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
     "PRUNE_BATCH",
     "Attempt",
+    "attempt_history",
     "count_states",
     "dead_letter_unknown",
     "delivery_id",
     "due_deliveries",
+    "get_delivery",
     "insert_notification",
     "list_deliveries",
     "prune_delivered",
     "prune_notifications",
     "record_attempts",
+    "replay_dead",
     "replay_delivery",
     "rowid_of",
+    "target_backlog",
 ]
 
 _EXCERPT_CHARS = 1024
@@ -195,8 +199,16 @@ _RECORD = (
 )
 
 
+# After _RECORD: the delivery's attempt count is this attempt's number.
+_HISTORY = (
+    "INSERT INTO attempts (delivery_id, number, at, state, status, error, response)"
+    " SELECT id, attempts, ?, ?, ?, ?, ? FROM deliveries WHERE id = ?"
+)
+
+
 def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> None:
-    """Store the outcome of each attempt on its delivery."""
+    """Store the outcome of each attempt on its delivery, and in its attempt history."""
+    known = [a for a in attempts if a.rowid is not None]
     conn.executemany(
         _RECORD,
         [
@@ -209,9 +221,12 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
                 a.response[:_EXCERPT_CHARS],
                 a.rowid,
             )
-            for a in attempts
-            if a.rowid is not None
+            for a in known
         ],
+    )
+    conn.executemany(
+        _HISTORY,
+        [(a.now, a.state, a.status, a.error, a.response[:_EXCERPT_CHARS], a.rowid) for a in known],
     )
 
 
@@ -241,6 +256,7 @@ def prune_delivered(
         " AND (next_attempt_at, id) <= (?, ?)",
         (target, rows[-1][0], rows[-1][1]),
     )
+    conn.executemany("DELETE FROM attempts WHERE delivery_id = ?", [(row[1],) for row in rows])
     # The walk in _prune_notifications does not go back over the notifications up to `walked`:
     # those that have just lost their last delivery are removed here, each by its id.
     conn.executemany(
@@ -301,8 +317,10 @@ def list_deliveries(
     target: str | None,
     limit: int,
     prefix: str | None = None,
+    offset: int = 0,
 ) -> list[Delivery]:
-    """The newest deliveries, filtered; ``prefix`` is the file's id prefix (read when None)."""
+    """The newest deliveries, filtered, skipping the first ``offset``; ``prefix`` is the
+    file's id prefix (read when None)."""
     if prefix is None:
         prefix = read_prefix(conn)
     clauses, params = [], []
@@ -316,10 +334,71 @@ def list_deliveries(
     rows = conn.execute(
         f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant fragments)
         f" JOIN notifications n ON n.id = d.notification_id{where}"
-        " ORDER BY d.updated_at DESC LIMIT ?",
-        (*params, limit),
+        " ORDER BY d.updated_at DESC, d.id DESC LIMIT ? OFFSET ?",
+        (*params, limit, offset),
     ).fetchall()
     return [_delivery(row, prefix) for row in rows]
+
+
+def get_delivery(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> Delivery | None:
+    """Delivery ``delivery_id`` of this file, or ``None``."""
+    rowid = rowid_of(delivery_id, prefix)
+    if rowid is None:
+        return None
+    row = conn.execute(
+        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
+        " JOIN notifications n ON n.id = d.notification_id WHERE d.id = ?",
+        (rowid,),
+    ).fetchone()
+    return None if row is None else _delivery(row, prefix)
+
+
+def attempt_history(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> list[AttemptRecord]:
+    """The attempts recorded for ``delivery_id``, oldest first (none for an unknown id)."""
+    rowid = rowid_of(delivery_id, prefix)
+    if rowid is None:
+        return []
+    rows = conn.execute(
+        "SELECT number, at, state, status, error, response FROM attempts"
+        " WHERE delivery_id = ? ORDER BY id",
+        (rowid,),
+    ).fetchall()
+    return [
+        AttemptRecord(number=n, at=at, state=state, status=status, error=error, response=resp)
+        for n, at, state, status, error, resp in rows
+    ]
+
+
+def target_backlog(conn: sqlite3.Connection) -> list[TargetBacklog]:
+    """Pending and dead deliveries per target, and the oldest pending one's creation time."""
+    found: dict[str, dict[str, Any]] = {}
+    for target, state, count, oldest in conn.execute(
+        "SELECT target, state, COUNT(*), MIN(created_at) FROM deliveries"
+        " WHERE state IN ('pending', 'dead') GROUP BY target, state"
+    ):
+        entry = found.setdefault(target, {"pending": 0, "dead": 0, "oldest": None})
+        entry[state] = int(count)
+        if state == "pending":
+            entry["oldest"] = oldest
+    return [
+        TargetBacklog(
+            target=target,
+            pending=entry["pending"],
+            dead=entry["dead"],
+            oldest_pending_at=entry["oldest"],
+        )
+        for target, entry in sorted(found.items())
+    ]
+
+
+def replay_dead(conn: sqlite3.Connection, target: str, now: float) -> int:
+    """Make every dead letter of ``target`` pending again, due now; how many."""
+    cursor = conn.execute(
+        "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
+        " next_attempt_at = ?, updated_at = ? WHERE state = 'dead' AND target = ?",
+        (now, now, now, target),
+    )
+    return int(cursor.rowcount)
 
 
 def replay_delivery(
