@@ -100,7 +100,11 @@ class Gateway:
             admin = config.admin
             if admin.enabled and self.primary:
                 admin_app = create_admin_app(
-                    config, self.core.outbox, self.stats, wake=self.core.wake
+                    config,
+                    self.core.outbox,
+                    self.stats,
+                    wake=self.core.wake,
+                    breakers=self.core.breakers,
                 )
                 self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
                 await self._admin_runner.setup()
