@@ -201,3 +201,22 @@ async def test_console_refuses_a_csrf_less_post_and_unknown_ids(
             assert forged.status == 403
         async with session.get(base + path) as page:
             assert page.status == (404 if path.endswith("x-1") else 200)
+
+
+async def test_a_session_does_not_leak_to_the_next_request_on_the_same_connection(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """On one keep-alive connection, a request without the cookie after a signed-in one gets
+    the sign-in form, with no navigation and no CSRF token of the other session."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], admin_token=TOKEN)
+    async with Gateway(config) as gateway, _browser() as session:
+        base = _base(gateway)
+        await _sign_in(session, base, TOKEN)
+        async with session.get(f"{base}/") as page:
+            assert page.status == 200
+        session.cookie_jar.clear()
+        async with session.get(f"{base}/") as page:
+            text = await page.text()
+            assert page.status == 401
+        assert "Sign out" not in text
+        assert "/console/deliveries" not in text

@@ -84,11 +84,13 @@ def form(
 
 
 def frame(title: str, body: str, *, path: str, csrf: str | None, sign_out: bool) -> str:
-    """A whole page: the navigation (``path`` marks the current one), then ``body``."""
+    """A whole page: the navigation (``path`` marks the current one; none before signing in,
+    that is without ``csrf``), then ``body``."""
     here = ' class="here"'
     links = "".join(
         f'<a href="{esc(href)}"{here if href == path else ""}>{esc(name)}</a>'
         for href, name in _NAV
+        if csrf is not None
     )
     out = ""
     if sign_out and csrf is not None:

@@ -40,10 +40,11 @@ def _breaker(breaker: Breaker | None, now: float) -> str:
     if breaker is None:
         return '<span class="muted">-</span>'
     text = breaker.state
+    failures = f"{breaker.failures} failure{'' if breaker.failures == 1 else 's'}"
     if breaker.state == "open":
-        text += f" ({breaker.failures} failures; probe in {age(breaker.paused_until - now)})"
+        text += f" ({failures}; probe in {age(breaker.paused_until - now)})"
     elif breaker.state == "half-open":
-        text += f" (probing after {breaker.failures} failures)"
+        text += f" (probing after {failures})"
     return f'<span class="breaker {esc(breaker.state)}">{esc(text)}</span>'
 
 
@@ -223,6 +224,7 @@ def delivery(d: Delivery, attempts: Sequence[AttemptRecord], csrf: str, now: flo
             for a in attempts
         ],
         empty="No attempt recorded yet.",
+        css="attempts",
     )
     replay = form(f"{PREFIX}/deliveries/{quote(d.id)}/replay", csrf, "Replay now")
     return f'<table class="facts">{rows}</table>{replay}<h2>Attempts</h2>{history}'

@@ -115,10 +115,7 @@ def add_console(
         _cookie(response, PRESESSION_COOKIE, cookie, 600)
         return response
 
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not is_console_path(request.path):
-            return await handler(request)
+    async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is None and not _loopback(request.remote):
             raise Forbidden("the console answers loopback clients only without admin.token")
         if request.path in _OPEN:
@@ -141,6 +138,18 @@ def add_console(
         if fresh is not None:
             _cookie(response, SESSION_COOKIE, fresh, None)
         return response
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not is_console_path(request.path):
+            return await handler(request)
+        # Requests on one keep-alive connection share a task, and so its context: start each
+        # without a session, and leave none behind.
+        reset = _SID.set(None)
+        try:
+            return await checked(request, handler)
+        finally:
+            _SID.reset(reset)
 
     async def add_headers(_: web.Request, response: web.StreamResponse) -> None:
         response.headers.update(SECURITY_HEADERS)
