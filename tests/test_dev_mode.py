@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -161,3 +162,24 @@ def test_serve_on_a_busy_port_names_the_key_and_the_file(
         f"error: port {port} is in use; choose another with listen.port in {config}"
     )
     assert "Traceback" not in done.stderr
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_quick_start_shows_the_lines_serve_dev_ends_with(tmp_path: Path) -> None:
+    """The banner's last lines (the configuration and the console's URL) are in the README's
+    quick start as serve --dev prints them with its defaults."""
+    files, dev_secrets = dev.ensure_dev_files(tmp_path)
+    files = dataclasses.replace(files, folder=Path("var/dev"))
+    lines = dev.instructions(files, dev_secrets, 8443, "/webhook").splitlines()
+    assert lines[-1] == "Console: http://127.0.0.1:8081/"
+    quick_start = README.read_text().split("## How the code is laid out")[0]
+    assert "\n".join(lines[-3:]) in quick_start
+
+
+def test_readme_shows_every_console_screenshot() -> None:
+    """Each page the browser tests photograph appears in the README."""
+    text = README.read_text()
+    for name in ("overview", "deliveries", "delivery", "replay-dead", "certificates", "sign-in"):
+        assert f"(docs/console/{name}.png)" in text, name
