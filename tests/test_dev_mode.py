@@ -114,10 +114,13 @@ async def test_serve_dev_writes_its_config_for_every_command_and_ends_with_the_c
 
 def test_each_start_gives_the_sample_a_new_message_id(tmp_path: Path) -> None:
     """After a restart the printed curl command sends a body the gateway has not seen."""
-    first = dev.ensure_dev_files(tmp_path)[0].sample.read_bytes()
-    second = dev.ensure_dev_files(tmp_path)[0].sample.read_bytes()
+    files = dev.ensure_dev_files(tmp_path)[0]
+    first = files.sample.read_bytes()
+    dev.write_sample(files)
+    second = files.sample.read_bytes()
     assert first != second
     assert len(first) == len(second)
+    assert dev.ensure_dev_files(tmp_path)[0].sample.read_bytes() == second  # not at each call
 
 
 def test_a_command_with_dev_before_serve_dev_ran_says_what_to_do(tmp_path: Path) -> None:

@@ -38,7 +38,14 @@ from gateway.edge.signature import sign
 from gateway.runtime.gateway import Gateway, bound_port, run
 from gateway.runtime.logs import setup_logging
 
-__all__ = ["DevFiles", "config_path", "dev_toml", "ensure_dev_files", "serve_dev"]
+__all__ = [
+    "DevFiles",
+    "config_path",
+    "dev_toml",
+    "ensure_dev_files",
+    "serve_dev",
+    "write_sample",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +91,12 @@ class DevFiles:
         )
 
 
-def _run_marker() -> bytes:
-    return secrets.token_hex(6).upper().encode()
+def write_sample(files: DevFiles) -> None:
+    """The sample notification with a message id of its own: written at each start (once
+    listening, so a start that fails leaves the running gateway's sample alone), so that after
+    a restart the printed commands deliver it rather than being acknowledged as a duplicate."""
+    marker = secrets.token_hex(6).upper().encode()
+    files.sample.write_bytes(SAMPLE.replace(b"wamid.DEV", b"wamid.DEV" + marker, 1))
 
 
 def config_path(folder: Path) -> Path:
@@ -168,9 +179,8 @@ def ensure_dev_files(folder: Path) -> tuple[DevFiles, dict[str, str]]:
             )
         )
         files.secrets.chmod(0o600)
-    # A message id of its own at each start: after a restart the printed commands deliver it
-    # again instead of being acknowledged as a duplicate of the last run's.
-    files.sample.write_bytes(SAMPLE.replace(b"wamid.DEV", b"wamid.DEV" + _run_marker(), 1))
+    if not files.sample.exists():
+        write_sample(files)
     values = json.loads(files.secrets.read_text())
     return files, {key: str(values[key]) for key in ("app_secret", "verify_token")}
 
@@ -292,6 +302,7 @@ async def serve_dev(
                 listen=dataclasses.replace(config.listen, port=gateway.port),
                 admin=dataclasses.replace(config.admin, port=gateway.admin_port),
             )
+            write_sample(files)
             written = config_path(files.folder)
             written.touch(mode=0o600)
             written.chmod(0o600)  # before the secrets go in, whatever the file was
