@@ -11,6 +11,7 @@ from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.runtime.console.facts import body_facts
 from gateway.runtime.console.html import age, esc
 from gateway.runtime.console.session import SESSION_TTL_S, Sessions
+from gateway.runtime.console.views import _loopback, _safe_next
 from gateway.runtime.stats import Stats
 
 
@@ -133,3 +134,42 @@ def test_totals_read_back_what_the_counters_counted() -> None:
     assert totals.clients == {"(none)": 1, "client.webhooks.fbclientcerts.com": 1}
     assert totals.last_client is not None
     assert totals.last_client[0] == "client.webhooks.fbclientcerts.com"
+
+
+@pytest.mark.parametrize(
+    ("asked", "goes_to"),
+    [
+        ("/console/deliveries?state=dead", "/console/deliveries?state=dead"),
+        (None, "/"),
+        ("", "/"),
+        ("https://elsewhere.example/", "/"),
+        ("//elsewhere.example/", "/"),
+        ("/\\elsewhere.example/", "/"),
+        ("console", "/"),
+    ],
+)
+def test_after_sign_in_the_console_only_goes_to_its_own_pages(
+    asked: str | None, goes_to: str
+) -> None:
+    """The sign-in form's `next` cannot send the browser to another site."""
+    assert _safe_next(asked) == goes_to
+
+
+@pytest.mark.parametrize(
+    ("remote", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("10.0.0.5", False),
+        ("192.168.1.2", False),
+        ("::ffff:10.0.0.5", False),
+        (None, False),
+        ("garbage", False),
+    ],
+)
+def test_without_a_token_only_loopback_peers_count_as_local(
+    remote: str | None, loopback: bool
+) -> None:
+    """The console's peer check, for the case the configuration's own check cannot see."""
+    assert _loopback(remote) is loopback
