@@ -30,7 +30,7 @@ from gateway.outbox.model import (
     State,
     TargetBacklog,
 )
-from gateway.outbox.sqlite import layout, store
+from gateway.outbox.sqlite import history, layout, store
 from gateway.outbox.sqlite.writer import Writer
 
 __all__ = ["SqliteOutbox"]
@@ -196,14 +196,14 @@ class SqliteOutbox:
 
     async def get(self, delivery_id: str) -> Delivery | None:
         prefix = self._prefix
-        return await self.run(lambda conn: store.get_delivery(conn, delivery_id, prefix))
+        return await self.run(lambda conn: history.get_delivery(conn, delivery_id, prefix))
 
     async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
         prefix = self._prefix
-        return await self.run(lambda conn: store.attempt_history(conn, delivery_id, prefix))
+        return await self.run(lambda conn: history.attempt_history(conn, delivery_id, prefix))
 
     async def backlog(self) -> list[TargetBacklog]:
-        return await self.run(store.target_backlog)
+        return await self.run(history.target_backlog)
 
     async def replay_dead(self, target: str, now: float) -> int:
         return await self.run(lambda conn: store.replay_dead(conn, target, now))

@@ -9,7 +9,8 @@ Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own
 made once with the file, so ids stay unique across gateways. Targets receive the id as
 ``X-Gateway-Delivery-Id`` and may deduplicate on it.
 
-The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s.
+The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s; the reads
+only the admin console makes are :mod:`gateway.outbox.sqlite.history`'s.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.outbox.model import STATES, AttemptRecord, Delivery, Route, TargetBacklog
+from gateway.outbox.model import STATES, Delivery, Route
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
     "PRUNE_BATCH",
     "Attempt",
-    "attempt_history",
     "count_states",
     "dead_letter_unknown",
     "delivery_id",
     "due_deliveries",
-    "get_delivery",
     "insert_notification",
     "list_deliveries",
     "prune_delivered",
@@ -40,7 +39,6 @@ __all__ = [
     "replay_dead",
     "replay_delivery",
     "rowid_of",
-    "target_backlog",
 ]
 
 _EXCERPT_CHARS = 1024
@@ -341,57 +339,6 @@ def list_deliveries(
         (*params, limit, offset),
     ).fetchall()
     return [_delivery(row, prefix) for row in rows]
-
-
-def get_delivery(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> Delivery | None:
-    """Delivery ``delivery_id`` of this file, or ``None``."""
-    rowid = rowid_of(delivery_id, prefix)
-    if rowid is None:
-        return None
-    row = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
-        " JOIN notifications n ON n.id = d.notification_id WHERE d.id = ?",
-        (rowid,),
-    ).fetchone()
-    return None if row is None else _delivery(row, prefix)
-
-
-def attempt_history(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> list[AttemptRecord]:
-    """The attempts recorded for ``delivery_id``, oldest first (none for an unknown id)."""
-    rowid = rowid_of(delivery_id, prefix)
-    if rowid is None:
-        return []
-    rows = conn.execute(
-        "SELECT number, at, state, status, error, response FROM attempts"
-        " WHERE delivery_id = ? ORDER BY id",
-        (rowid,),
-    ).fetchall()
-    return [
-        AttemptRecord(number=n, at=at, state=state, status=status, error=error, response=resp)
-        for n, at, state, status, error, resp in rows
-    ]
-
-
-def target_backlog(conn: sqlite3.Connection) -> list[TargetBacklog]:
-    """Pending and dead deliveries per target, and the oldest pending one's creation time."""
-    found: dict[str, dict[str, Any]] = {}
-    for target, state, count, oldest in conn.execute(
-        "SELECT target, state, COUNT(*), MIN(created_at) FROM deliveries"
-        " WHERE state IN ('pending', 'dead') GROUP BY target, state"
-    ):
-        entry = found.setdefault(target, {"pending": 0, "dead": 0, "oldest": None})
-        entry[state] = int(count)
-        if state == "pending":
-            entry["oldest"] = oldest
-    return [
-        TargetBacklog(
-            target=target,
-            pending=entry["pending"],
-            dead=entry["dead"],
-            oldest_pending_at=entry["oldest"],
-        )
-        for target, entry in sorted(found.items())
-    ]
 
 
 def replay_dead(conn: sqlite3.Connection, target: str, now: float) -> int:
