@@ -12,6 +12,7 @@ code.
     +-- CertificateError              unreadable or mismatched certificate/key/CA files
     +-- OutboxError                   the outbox cannot be opened or written; a request it
     |                                 fails is answered 503, so Meta retries
+    +-- PortInUse                     a listener's port is taken; names the port and its key
     +-- GraphError                    a Graph API call failed (onboarding commands)
     +-- Rejected                      an HTTP request refused; carries ``status``
         +-- BadRequest           400  missing handshake parameters, invalid JSON
@@ -49,6 +50,7 @@ __all__ = [
     "NotFound",
     "OutboxError",
     "PayloadTooLarge",
+    "PortInUse",
     "Rejected",
     "RequestTimeout",
     "SignatureRejected",
@@ -72,6 +74,16 @@ class CertificateError(GatewayError):
 
 class OutboxError(GatewayError):
     """The outbox database cannot be opened or written."""
+
+
+class PortInUse(GatewayError):
+    """A listener cannot bind: ``port`` is in use. ``key`` is the configuration key that sets
+    it (``listen.port`` or ``admin.port``); the command line names the option to change."""
+
+    def __init__(self, port: int, key: str) -> None:
+        super().__init__(f"port {port} is in use; choose another with {key}")
+        self.port = port
+        self.key = key
 
 
 GraphFailure = Literal["failure", "usage", "auth", "rate_limited"]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from gateway.config import DispatcherConfig, TargetConfig
-from gateway.delivery.backoff import RetryPolicy, TargetHealth
+from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.delivery.forwarder import Forwarder
 from gateway.delivery.outcome import (
     AttemptResult,
@@ -89,6 +89,11 @@ class Dispatcher:
     def wake(self) -> None:
         """Look for due deliveries now (called after a notification was stored)."""
         self._wake.set()
+
+    def breakers(self) -> dict[str, Breaker]:
+        """Each target's circuit breaker as it stands now (a copy: for the admin console)."""
+        now = self._clock()
+        return {name: health.breaker(now) for name, health in self._health.items()}
 
     def offer(self, deliveries: Sequence[Delivery]) -> None:
         """Start deliveries that were just stored, without reading them back from the outbox.

@@ -10,6 +10,7 @@ from gateway.outbox.backends import open_outbox
 from gateway.outbox.interface import Outbox
 from gateway.outbox.model import (
     STATES,
+    AttemptRecord,
     AttemptResult,
     DeadLetter,
     Delivered,
@@ -18,10 +19,12 @@ from gateway.outbox.model import (
     RetryAt,
     Route,
     State,
+    TargetBacklog,
 )
 
 __all__ = [
     "STATES",
+    "AttemptRecord",
     "AttemptResult",
     "DeadLetter",
     "Delivered",
@@ -31,5 +34,6 @@ __all__ = [
     "RetryAt",
     "Route",
     "State",
+    "TargetBacklog",
     "open_outbox",
 ]

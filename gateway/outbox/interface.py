@@ -7,6 +7,11 @@ what is asked (the request path answers 503 to that, so Meta retries).
 
 The one promise that matters most: :meth:`Outbox.accept` returns only after the notification
 and its deliveries are durable, so a 200 to Meta never stands for something a crash can lose.
+
+Added for the admin console (a backend provides all of them): ``offset`` on :meth:`query`
+(paging), :meth:`get`, :meth:`attempts` (so :meth:`record_many` also keeps one
+:class:`~gateway.outbox.model.AttemptRecord` per attempt, removed with its delivery by
+:meth:`prune`), :meth:`backlog` and :meth:`replay_dead`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-from gateway.outbox.model import AttemptResult, Delivery, Outcome, Route, State
+from gateway.outbox.model import (
+    AttemptRecord,
+    AttemptResult,
+    Delivery,
+    Outcome,
+    Route,
+    State,
+    TargetBacklog,
+)
 
 __all__ = ["Outbox"]
 
@@ -49,9 +62,34 @@ class Outbox(Protocol):
         ...
 
     async def query(
-        self, *, state: State | None = None, target: str | None = None, limit: int = 100
+        self,
+        *,
+        state: State | None = None,
+        target: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[Delivery]:
-        """Deliveries, newest first, filtered by state and target."""
+        """Deliveries, most recently changed first, filtered by state and target, skipping the
+        first ``offset`` (a stable order: ties broken by id, newest first)."""
+        ...
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        """One delivery; ``None`` when this outbox has no delivery with that id."""
+        ...
+
+    async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        """Every attempt of a delivery :meth:`record_many` stored, oldest first, including
+        those before a replay (their numbers start again at 1 after it). Empty for an unknown
+        id."""
+        ...
+
+    async def backlog(self) -> list[TargetBacklog]:
+        """Per target that has any: its pending and dead deliveries and the creation time of
+        its oldest pending one, sorted by target name."""
+        ...
+
+    async def replay_dead(self, target: str, now: float) -> int:
+        """:meth:`replay` every dead letter of ``target`` at once; return how many."""
         ...
 
     async def counts(self) -> dict[str, int]:

@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "STATES",
+    "AttemptRecord",
     "AttemptResult",
     "DeadLetter",
     "Delivered",
@@ -20,6 +21,7 @@ __all__ = [
     "RetryAt",
     "Route",
     "State",
+    "TargetBacklog",
 ]
 
 State = Literal["pending", "delivered", "dead"]
@@ -70,6 +72,32 @@ class Delivery:
             "last_response": self.last_response,
             "bytes": len(self.body),
         }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptRecord:
+    """One finished attempt of a delivery, as the outbox keeps it for the admin console:
+    ``number`` counts from 1 since the delivery was made or last replayed, ``state`` is what the
+    delivery became (``pending`` again: a retry), ``response`` an excerpt of the target's
+    answer. Never the body sent."""
+
+    number: int
+    at: float
+    state: str
+    status: int | None
+    error: str | None
+    response: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetBacklog:
+    """A target's deliveries still owed or given up: ``oldest_pending_at`` is the creation
+    time of its oldest pending delivery (``None``: nothing pending)."""
+
+    target: str
+    pending: int
+    dead: int
+    oldest_pending_at: float | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

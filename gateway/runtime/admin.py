@@ -6,7 +6,9 @@ everything but the liveness and readiness probes needs ``Authorization: Bearer <
 
 Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
 ``GET /admin/deliveries?state=pending|delivered|dead&target=NAME&limit=N``,
-``POST /admin/deliveries/{id}/replay``.
+``POST /admin/deliveries/{id}/replay``; and the web console at ``GET /`` and under
+``/console/`` (:mod:`gateway.runtime.console`), which guards itself with a session made from the
+same token.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config import Config
+from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
 from gateway.outbox import STATES, Outbox, State
+from gateway.runtime.console import add_console, is_console_path
 from gateway.runtime.stats import Stats
 
 __all__ = ["create_admin_app", "parse_query"]
@@ -33,7 +37,12 @@ _MAX_LIMIT = 1000
 def _token_middleware(token: str | None) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.path not in _OPEN_PATHS:
+        # The console's own guard checks its paths (a session, or loopback without a token).
+        if (
+            token is not None
+            and request.path not in _OPEN_PATHS
+            and not is_console_path(request.path)
+        ):
             presented = request.headers.get("Authorization", "")
             if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
                 raise Unauthorized("admin token missing or wrong")
@@ -62,7 +71,9 @@ def create_admin_app(
     stats: Stats,
     *,
     wake: Callable[[], None] = lambda: None,
+    breakers: Callable[[], Mapping[str, Breaker]] = dict,
 ) -> web.Application:
+    """The admin app; ``breakers`` reads each target's circuit breaker for the console."""
     app = web.Application(middlewares=[error_middleware, _token_middleware(config.admin.token)])
 
     async def healthz(_: web.Request) -> web.Response:
@@ -97,4 +108,5 @@ def create_admin_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/deliveries", deliveries)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
+    add_console(app, config, outbox, stats, breakers=breakers, wake=wake)
     return app

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from gateway.config import Config
+from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.callback import Callback, StoredHook
 from gateway.outbox import Delivery, Outbox, open_outbox
@@ -67,6 +68,10 @@ class Core:
         """Have the dispatcher look for due deliveries now (after a replay, for example)."""
         if self.dispatcher is not None:
             self.dispatcher.wake()
+
+    def breakers(self) -> dict[str, Breaker]:
+        """Each target's circuit breaker (empty where this process runs no dispatcher)."""
+        return {} if self.dispatcher is None else self.dispatcher.breakers()
 
     async def start(self) -> None:
         config = self.config

@@ -16,10 +16,13 @@ awaitable in tests):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import signal
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -29,12 +32,20 @@ from gateway.config import Config
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.listener import Listener
 from gateway.edge.tls import build_server_context
+from gateway.errors import PortInUse
 from gateway.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
 from gateway.units import SECONDS
 
-__all__ = ["Gateway", "bound_port", "event_loop_runner", "run", "serve_process"]
+__all__ = [
+    "Gateway",
+    "bound_port",
+    "check_ports_free",
+    "event_loop_runner",
+    "run",
+    "serve_process",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,33 @@ def bound_port(site: web.TCPSite) -> int:
     sockets = getattr(server, "sockets", None)
     assert sockets, "site is not started"
     return int(sockets[0].getsockname()[1])
+
+
+@contextlib.contextmanager
+def _binding(port: int, key: str) -> Iterator[None]:
+    """Turn "address already in use" while binding ``port`` into :class:`PortInUse`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise PortInUse(port, key) from exc
+
+
+def check_ports_free(config: Config) -> None:
+    """Raise :class:`PortInUse` now if a configured port is taken, before worker processes
+    start (each would otherwise fail on its own). Port 0 is always free."""
+    ports = [(config.listen.host, config.listen.port, "listen.port")]
+    if config.admin.enabled:
+        ports.append((config.admin.host, config.admin.port, "admin.port"))
+    for host, port, key in ports:
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe, _binding(port, key):
+            # As asyncio binds a listener: SO_REUSEADDR, so a port in TIME_WAIT counts as free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
 
 
 class Gateway:
@@ -96,18 +134,24 @@ class Gateway:
             self._listener = Listener(self.core.callback, listen)
             # SO_REUSEPORT only for sibling workers: it lets any process of the same user share
             # the port (and its connections), so a lone gateway never sets it.
-            self.port = await self._listener.start(
-                listen.host, listen.port, self._ssl, reuse_port=self._reuse_port
-            )
+            with _binding(listen.port, "listen.port"):
+                self.port = await self._listener.start(
+                    listen.host, listen.port, self._ssl, reuse_port=self._reuse_port
+                )
             admin = config.admin
             if admin.enabled and self.primary:
                 admin_app = create_admin_app(
-                    config, self.core.outbox, self.stats, wake=self.core.wake
+                    config,
+                    self.core.outbox,
+                    self.stats,
+                    wake=self.core.wake,
+                    breakers=self.core.breakers,
                 )
                 self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
                 await self._admin_runner.setup()
                 admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port)
-                await admin_site.start()
+                with _binding(admin.port, "admin.port"):
+                    await admin_site.start()
                 self.admin_port = bound_port(admin_site)
         except BaseException:
             await self.close()

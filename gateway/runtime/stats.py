@@ -13,18 +13,32 @@ operator reads is the gateway's count, not one worker's.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["MULTIPROCESS_ENV", "Stats"]
+__all__ = ["MULTIPROCESS_ENV", "Stats", "Totals"]
 
 # Read by prometheus-client when it is imported: set, its counters live in files in that folder
 # (https://prometheus.github.io/client_python/multiprocess/).
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _NO_CERTIFICATE = "(none)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Totals:
+    """The counters as the admin console shows them (every worker's, like ``/metrics``), and
+    the last client certificate CN this process saw, with when (``None``: none yet)."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    clients: dict[str, int] = field(default_factory=dict)
+    last_client: tuple[str, float] | None = None
 
 
 class Stats:
@@ -65,6 +79,7 @@ class Stats:
             ["cn"],
             registry=self.registry,
         )
+        self._last_client: tuple[str, float] | None = None
         self._commits = Counter(
             "waba_gateway_outbox_commits",
             "Group transactions the outbox writer committed (each one fsync)",
@@ -91,6 +106,10 @@ class Stats:
 
     def saw_client(self, cn: str | None) -> None:
         self._clients.labels(cn=cn or _NO_CERTIFICATE).inc()
+        if cn:
+            # Kept in memory by the process that saw it: with workers, the admin listener's
+            # process shows the last CN it saw itself.
+            self._last_client = (cn, time.time())
 
     def committed(self, jobs: int) -> None:
         """One group transaction of ``jobs`` committed (called on the outbox writer's thread;
@@ -99,9 +118,30 @@ class Stats:
         self._commits.inc()
         self._jobs.inc(jobs)
 
-    def render(self) -> bytes:
+    def _gathered(self) -> CollectorRegistry:
         if self._shared_dir is None:
-            return generate_latest(self.registry)
+            return self.registry
         every_worker = CollectorRegistry()
         MultiProcessCollector(every_worker, path=str(self._shared_dir))  # type: ignore[no-untyped-call]
-        return generate_latest(every_worker)
+        return every_worker
+
+    def render(self) -> bytes:
+        return generate_latest(self._gathered())
+
+    def totals(self) -> Totals:
+        """The counts ``render`` shows, read back as numbers."""
+        values: dict[str, dict[str, int]] = {}
+        for family in self._gathered().collect():
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue  # the _created gauges prometheus-client adds
+                label = next(iter(sample.labels.values()), "")
+                into = values.setdefault(sample.name.removesuffix("_total"), {})
+                into[label] = into.get(label, 0) + int(sample.value)
+        return Totals(
+            accepted=sum(values.get("waba_gateway_notifications_accepted", {}).values()),
+            duplicates=sum(values.get("waba_gateway_notifications_duplicate", {}).values()),
+            rejected=dict(sorted(values.get("waba_gateway_requests_rejected", {}).items())),
+            clients=dict(sorted(values.get("waba_gateway_client_connections", {}).items())),
+            last_client=self._last_client,
+        )

@@ -3,6 +3,11 @@
 Rule: a file is opened with the durability settings the outbox promises (WAL, ``synchronous=
 FULL``) and with exactly this layout; a new file is given it, a file of any other layout is
 refused before anything in it changes. The layout is recorded in ``PRAGMA user_version``.
+
+Layout 3 added the ``attempts`` table (each attempt's outcome, for the admin console). A file
+of layout 2 is migrated when it is opened: the table is created and the version raised in one
+transaction, nothing else in the file changes, and its deliveries simply have no attempt history
+from before.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.errors import OutboxError
@@ -17,14 +23,30 @@ from gateway.errors import OutboxError
 __all__ = ["connect", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
-# user_version at 0.
-_LAYOUT = 2
+# user_version at 0; layout 2 had no attempts table.
+_LAYOUT = 3
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
     "made by an older version of the outbox (random text delivery ids); deliver or export its"
     " pending deliveries with the previous version of waba-gateway, or move the file away"
     " (with its -wal and -shm files) to start a new outbox"
+)
+
+# Layout 3's addition. No foreign key: attempts are removed with their delivery by pruning, and
+# a check on every insert would cost a lookup in the deliveries table for nothing.
+_ATTEMPTS = (
+    """CREATE TABLE attempts (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    at REAL NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    error TEXT,
+    response TEXT NOT NULL
+)""",
+    "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
 )
 
 # Statements one by one rather than a script: executescript() commits first, and the layout is
@@ -62,6 +84,7 @@ _SCHEMA = (
     # Pruning asks "does this notification still have deliveries?" (and so does the foreign
     # key when a notification is deleted): without this index, a scan of every delivery.
     "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
+    *_ATTEMPTS,
 )
 
 
@@ -85,18 +108,35 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
 
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring a file of layout 2 to layout 3: the attempts table, nothing else."""
+    for statement in _ATTEMPTS:
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {_LAYOUT}")
+
+
+def _under_write_lock(
+    conn: sqlite3.Connection, path: Path, version: int, change: Callable[..., None]
+) -> None:
+    """Run ``change`` in one transaction if the file is still at ``version`` once locked."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _user_version(conn) == version:  # again, under the write lock: another opener may win
+            change(conn, path)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _layout(conn: sqlite3.Connection, path: Path) -> str:
-    """Check the file's layout (creating it in a new file); return its delivery id prefix."""
+    """Check the file's layout (creating it in a new file, migrating layout 2); return its
+    delivery id prefix."""
     if _user_version(conn) == 0:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if _user_version(conn) == 0:  # again, under the write lock: another opener may win
-                _create(conn, path)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
+        _under_write_lock(conn, path, 0, _create)
+    if _user_version(conn) == 2:
+        _under_write_lock(conn, path, 2, _migrate)
     version = _user_version(conn)
     if version != _LAYOUT:
         raise OutboxError(

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from gateway.errors import OutboxError
 from gateway.outbox.model import (
+    AttemptRecord,
     AttemptResult,
     DeadLetter,
     Delivered,
@@ -27,8 +28,9 @@ from gateway.outbox.model import (
     RetryAt,
     Route,
     State,
+    TargetBacklog,
 )
-from gateway.outbox.sqlite import layout, store
+from gateway.outbox.sqlite import history, layout, store
 from gateway.outbox.sqlite.writer import Writer
 
 __all__ = ["SqliteOutbox"]
@@ -180,12 +182,31 @@ class SqliteOutbox:
         await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
 
     async def query(
-        self, *, state: State | None = None, target: str | None = None, limit: int = 100
+        self,
+        *,
+        state: State | None = None,
+        target: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[Delivery]:
         prefix = self._prefix
         return await self.run(
-            lambda conn: store.list_deliveries(conn, state, target, limit, prefix)
+            lambda conn: store.list_deliveries(conn, state, target, limit, prefix, offset)
         )
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        prefix = self._prefix
+        return await self.run(lambda conn: history.get_delivery(conn, delivery_id, prefix))
+
+    async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        prefix = self._prefix
+        return await self.run(lambda conn: history.attempt_history(conn, delivery_id, prefix))
+
+    async def backlog(self) -> list[TargetBacklog]:
+        return await self.run(history.target_backlog)
+
+    async def replay_dead(self, target: str, now: float) -> int:
+        return await self.run(lambda conn: store.replay_dead(conn, target, now))
 
     async def replay(self, delivery_id: str, now: float) -> bool:
         """Make a delivery pending again, due now, with a fresh attempt count and age. False

