@@ -28,6 +28,8 @@ code.
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
+        +-- TransferCodingNotImplemented
+        |                        501  a transfer coding other than chunked (RFC 9112, 6.1)
         +-- VersionNotSupported  505  a request line with an HTTP version other than 1.0 or 1.1
 """
 
@@ -54,6 +56,7 @@ __all__ = [
     "Rejected",
     "RequestTimeout",
     "SignatureRejected",
+    "TransferCodingNotImplemented",
     "URLTooLong",
     "Unauthorized",
     "VersionNotSupported",
@@ -157,6 +160,10 @@ class URLTooLong(Rejected):
 
 class HeadTooLarge(Rejected):
     status = 431
+
+
+class TransferCodingNotImplemented(Rejected):
+    status = 501
 
 
 class VersionNotSupported(Rejected):

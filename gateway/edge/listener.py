@@ -37,6 +37,7 @@ from gateway.errors import (
     PayloadTooLarge,
     Rejected,
     RequestTimeout,
+    TransferCodingNotImplemented,
     URLTooLong,
     VersionNotSupported,
 )
@@ -311,6 +312,12 @@ class _Connection(asyncio.Protocol):
             request.content_length = int(value)  # the parser has checked it is digits
         elif name == b"expect":
             request.expect_continue = value.lower() == b"100-continue"
+        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # llhttp frames "gzip, chunked" by its final chunked and would hand over the still
+            # compressed bytes; no coding but chunked is understood here (RFC 9112, 6.1: 501).
+            raise _Refuse(
+                TransferCodingNotImplemented("only the chunked transfer coding is supported")
+            )
 
     def on_headers_complete(self) -> None:
         request = self._current()
