@@ -65,19 +65,19 @@ def test_check_warns_when_server_certificate_expires_within_30_days(config: Path
 def test_check_fails_on_key_that_does_not_match(
     config: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A key for another certificate is a one-line error naming tls.key_file, exit 2."""
+    """A key for another certificate is a one-line error naming the file and tls.key_file."""
     text = config.read_text().replace(str(pki.server_key_file), str(pki.client_key_file))
     config.write_text(text)
     assert main(["check", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: tls.key_file")
+    assert err.startswith(f"error: {config}: tls.key_file")
     assert len(err.strip().splitlines()) == 1
 
 
 def test_check_fails_on_expired_server_certificate(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An expired server certificate stops `check` with exit 2."""
+    """An expired server certificate stops `check` with exit 2, naming the file and the key."""
     ca = trustme.CA()
     leaf = ca.issue_cert(
         "localhost", not_after=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
@@ -96,7 +96,8 @@ def test_check_fails_on_expired_server_certificate(
     ]
     config.write_text("\n".join(lines))
     assert main(["check", "--config", str(config)]) == 2
-    assert "has expired" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: tls.cert_file = '{cert}': expired on ")
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
             runner.run(dev.serve_dev(Path(args.dev_dir), _say, port=args.port))
         return 0
     config = config_from_args(args)
-    build_server_context(config.tls)  # refuse bad certificate files before anything starts
-    setup_logging(config.log_level)
+    # Refuse bad certificate files before anything starts.
+    build_server_context(config.tls, source=config.source)
+    setup_logging(config.log_level, config.log_format)
     if config.listen.workers > 1:
         return supervise(config)
     serve_process(config, primary=True, reuse_port=False)

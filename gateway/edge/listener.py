@@ -161,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self._discarding = False  # after a refusal that closes: ignore what else arrives
         self.last_active = time.monotonic()
         self.remote = "-"
+        self.cn: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class _Connection(asyncio.Protocol):
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
-            self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
+            self.cn = self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
         except Rejected as exc:
             self._identity_error = exc  # every request on this connection is answered 403
 
@@ -363,10 +364,10 @@ class _Connection(asyncio.Protocol):
                 head=method == "HEAD",
             )
         )
+        seconds = time.monotonic() - request.started
+        self._callback.answered(status, seconds)
         if self._listener.log_requests:
-            log_access(
-                self.remote, method, path, status, len(body), time.monotonic() - request.started
-            )
+            log_access(self.remote, method, path, status, len(body), seconds, self.cn)
         if not keep_alive and self._transport is not None:
             self._discarding = True
             self._queue.clear()

@@ -55,6 +55,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return text(*answer_for(exc, request.method, request.path))
 
 
-def log_access(remote: str, method: str, path: str, status: int, size: int, seconds: float) -> None:
-    """One access-log line: never headers, bodies, the query string or tokens."""
-    access_log.info("%s %s %s %d %sB %.1fms", remote, method, path, status, size, seconds * 1000)
+def log_access(
+    remote: str,
+    method: str,
+    path: str,
+    status: int,
+    size: int,
+    seconds: float,
+    client_cn: str | None = None,
+) -> None:
+    """One access-log line: never headers, bodies, the query string or tokens. The same values
+    go along as fields, for a JSON log (:mod:`gateway.runtime.logs`)."""
+    duration_ms = round(seconds * 1000, 1)
+    access_log.info(
+        "%s %s %s %d %sB %.1fms",
+        remote,
+        method,
+        path,
+        status,
+        size,
+        duration_ms,
+        extra={
+            "remote": remote,
+            "method": method,
+            "path": path,
+            "status": status,
+            "bytes": size,
+            "duration_ms": duration_ms,
+            "client_cn": client_cn,
+        },
+    )

@@ -11,6 +11,7 @@ from gateway.outbox.interface import Outbox
 from gateway.outbox.model import (
     STATES,
     AttemptResult,
+    Backlog,
     DeadLetter,
     Delivered,
     Delivery,
@@ -23,6 +24,7 @@ from gateway.outbox.model import (
 __all__ = [
     "STATES",
     "AttemptResult",
+    "Backlog",
     "DeadLetter",
     "Delivered",
     "Delivery",

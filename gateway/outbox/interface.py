@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-from gateway.outbox.model import AttemptResult, Delivery, Outcome, Route, State
+from gateway.outbox.model import AttemptResult, Backlog, Delivery, Outcome, Route, State
 
 __all__ = ["Outbox"]
 
@@ -44,8 +44,9 @@ class Outbox(Protocol):
         an outcome lost in a crash only means the delivery is attempted again."""
         ...
 
-    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
-        """Dead-letter pending deliveries whose target is not in ``targets``; return how many."""
+    async def backlog(self) -> list[Backlog]:
+        """Each target's pending deliveries and dead letters, for every target that has any
+        (configured or not: deliveries of a removed target stay, listed and replayable)."""
         ...
 
     async def query(
@@ -61,6 +62,21 @@ class Outbox(Protocol):
     async def replay(self, delivery_id: str, now: float) -> bool:
         """Make a delivery pending again, due now, with a fresh attempt count and age. False
         when this outbox has no delivery with that id."""
+        ...
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        """One delivery, or ``None`` when this outbox has none with that id."""
+        ...
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        """Make every delivery in ``state`` (of ``target``, last changed at or after ``since``)
+        pending again, due now; return how many."""
+        ...
+
+    async def purge_dead(self, before: float) -> int:
+        """Remove dead letters last changed before ``before``; return how many."""
         ...
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "STATES",
     "AttemptResult",
+    "Backlog",
     "DeadLetter",
     "Delivered",
     "Delivery",
@@ -70,6 +71,17 @@ class Delivery:
             "last_response": self.last_response,
             "bytes": len(self.body),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What one target is owed: its pending deliveries (and when the oldest was made) and its
+    dead letters. What an operator asks first: is anything stuck?"""
+
+    target: str
+    pending: int
+    oldest_pending_at: float | None
+    dead: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

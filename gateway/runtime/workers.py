@@ -12,11 +12,15 @@ Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut
 process would; the supervisor waits for them and exits 0. Workers ask the kernel to send them
 SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL.
 If a worker dies on its own, the supervisor stops the others and exits 1: a half-running gateway
-is worse than a restart by the service manager.
+is worse than a restart by the service manager. SIGHUP to the supervisor is passed to every
+worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload asked of
+worker 0 through the admin API or its file watcher reaches the others through the supervisor
+(SIGUSR1 from worker 0: "reload the others").
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 30.0
+_RELOAD_OTHERS = signal.SIGUSR1
 
 
 def _die_with_parent() -> None:
@@ -53,15 +58,20 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _ask_supervisor_to_reload_the_others() -> None:
+    os.kill(os.getppid(), _RELOAD_OTHERS)
+
+
 def _worker(config: Config, index: int, wake_channel: str, metrics_dir: Path) -> None:
     _die_with_parent()
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     serve_process(
         config,
         primary=index == 0,
         reuse_port=True,
         wake_channel=wake_channel,
         metrics_dir=metrics_dir,
+        reload_siblings=_ask_supervisor_to_reload_the_others if index == 0 else None,
     )
 
 
@@ -84,10 +94,19 @@ def supervise(config: Config) -> int:
             f"cannot make the workers' metrics folder in {tempfile.gettempdir()}:"
             f" {exc.strerror or exc}; point TMPDIR at a writable folder"
         ) from exc
+    workers: list[BaseProcess] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        # SIGHUP: every worker reloads. SIGUSR1: worker 0 has reloaded; the others follow.
+        for index, process in enumerate(workers):
+            if process.pid is not None and (signum == signal.SIGHUP or index > 0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous |= {s: signal.signal(s, forward) for s in (signal.SIGHUP, _RELOAD_OTHERS)}
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
-    workers: list[BaseProcess] = []
     process: BaseProcess
     try:
         for index in range(config.listen.workers):

@@ -20,6 +20,7 @@ from typing import TypeVar
 from gateway.errors import OutboxError
 from gateway.outbox.model import (
     AttemptResult,
+    Backlog,
     DeadLetter,
     Delivered,
     Delivery,
@@ -134,11 +135,10 @@ class SqliteOutbox:
             )
         )
 
-    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
-        """Dead-letter pending deliveries whose target is no longer configured."""
-        return await self.run(
-            functools.partial(store.dead_letter_unknown, targets=tuple(targets), now=now)
-        )
+    async def backlog(self) -> list[Backlog]:
+        """Pending deliveries and dead letters per target. Read in a lazy job (it rides along
+        with the next commit): a scrape never adds an fsync."""
+        return await self.run(store.backlog, durable=False)
 
     async def record(
         self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
@@ -192,6 +192,22 @@ class SqliteOutbox:
         when no delivery of this outbox has that id (including ids of other outboxes)."""
         prefix = self._prefix
         return await self.run(lambda conn: store.replay_delivery(conn, delivery_id, now, prefix))
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        prefix = self._prefix
+        return await self.run(lambda conn: store.get_delivery(conn, delivery_id, prefix))
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        return await self.run(
+            functools.partial(
+                store.replay_deliveries, state=state, target=target, since=since, now=now
+            )
+        )
+
+    async def purge_dead(self, before: float) -> int:
+        return await self.run(functools.partial(store.purge_dead, before=before))
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Remove ``targets``' delivered rows older than the retention, and notifications older
