@@ -26,7 +26,7 @@ from pki import ClientKind, Pki
 
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
 from gateway.edge.identity import check_client_identity
-from gateway.edge.tls import build_server_context, client_ca_subjects
+from gateway.edge.tls import build_server_context, client_ca_subjects, refusal_reason
 from gateway.errors import CertificateError, IdentityRejected
 
 TIMEOUT_S = 5.0
@@ -520,3 +520,38 @@ def test_server_context_issues_the_configured_session_tickets(
     if configured is not None:
         tls = dataclasses.replace(tls, session_tickets=configured)
     assert build_server_context(tls).num_tickets == tickets
+
+
+# refusal_reason ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "crl", "reason"),
+    [
+        ("expired", False, "client_certificate_expired"),
+        ("impostor", False, "client_certificate_untrusted"),
+        ("leaf_only", False, "client_certificate_untrusted"),
+        ("none", False, "no_client_certificate"),
+        ("meta", True, "client_certificate_revoked"),
+    ],
+)
+async def test_refusal_reason_names_what_the_server_refused(
+    pki: Pki, client: Client, kind: ClientKind, crl: bool, reason: str
+) -> None:
+    """The server's own exception of a real refused handshake maps to a metric label."""
+    tls = pki.tls_config(crl_file=pki.client_revoked_crl_file if crl else None)
+    _, server = await connect(tls, client(kind))
+    assert [refusal_reason(exc) for exc in server.refusals] == [reason]
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (TimeoutError(), "timeout"),
+        (ConnectionResetError(), "connection_lost"),
+        (ValueError(), "other"),
+    ],
+)
+def test_refusal_reason_of_failures_outside_openssl(exc: BaseException, reason: str) -> None:
+    """A handshake that timed out or lost its connection is labelled as such."""
+    assert refusal_reason(exc) == reason

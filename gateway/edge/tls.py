@@ -28,6 +28,7 @@ __all__ = [
     "build_server_context",
     "certificate_expiries",
     "client_ca_subjects",
+    "refusal_reason",
 ]
 
 _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
@@ -184,6 +185,42 @@ class SwappableContext:
         current = self.current
         if current is not self.listening:
             connection.context = current
+
+
+# X509_V_ERR_* codes (openssl/x509_vfy.h) that an operator tells apart during a rollout.
+_VERIFY_REASONS: Final[Mapping[int, str]] = {
+    2: "client_certificate_untrusted",  # unable to get issuer certificate
+    9: "client_certificate_not_yet_valid",
+    10: "client_certificate_expired",
+    18: "client_certificate_untrusted",  # self-signed leaf
+    19: "client_certificate_untrusted",  # self-signed certificate in chain
+    20: "client_certificate_untrusted",  # unable to get local issuer certificate
+    21: "client_certificate_untrusted",  # unable to verify the first certificate
+    3: "client_certificate_crl_missing",  # unable to get certificate CRL
+    23: "client_certificate_revoked",
+}
+_SSL_REASONS: Final[Mapping[str, str]] = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_certificate",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "WRONG_VERSION_NUMBER": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "HTTP_REQUEST": "plain_http",
+}
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """A metric label for why a TLS handshake failed, from the server's own exception: what
+    Python tells apart (OpenSSL's reason and, for a certificate, its verify result)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "client_certificate_invalid")
+    if isinstance(exc, ssl.SSLError):
+        return _SSL_REASONS.get(exc.reason or "", "other")
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError):
+        return "connection_lost"
+    return "other"
 
 
 def _at(key: str, path: Path) -> str:

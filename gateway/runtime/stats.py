@@ -184,6 +184,12 @@ class Stats:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._tls_refused = Counter(
+            "waba_gateway_tls_handshakes_refused",
+            "TLS handshakes the callback listener refused, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "waba_gateway_reloads",
             "Configuration reloads by outcome (success, failure)",
@@ -210,6 +216,10 @@ class Stats:
         self._attempts.labels(target=target, outcome=outcome).inc()
         if latency_s is not None:
             self._latency.labels(target=target).observe(latency_s)
+
+    def tls_refused(self, reason: str) -> None:
+        """A handshake failed; ``reason`` from :func:`gateway.edge.tls.refusal_reason`."""
+        self._tls_refused.labels(reason=reason).inc()
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels(outcome="success" if ok else "failure").inc()
