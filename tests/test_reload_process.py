@@ -4,14 +4,9 @@ every worker of a multi-worker gateway reloading."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import ssl
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,36 +14,10 @@ from config_files import free_port, listen_port, write_config
 from cryptography import x509
 from helpers import APP_SECRET
 from pki import Pki
+from processes import serving, stop
 from sink import DEADLINE_S
 
 from gateway.cli import main
-
-
-@contextmanager
-def serving(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = os.environ | {"TEST_APP_SECRET": APP_SECRET}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
-
-
-def stop(process: subprocess.Popen[bytes]) -> str:
-    """SIGTERM, wait, and what the gateway logged."""
-    process.send_signal(signal.SIGTERM)
-    process.wait(DEADLINE_S)
-    assert process.stdout is not None
-    return process.stdout.read().decode(errors="replace")
 
 
 async def served_serial(port: int, pki: Pki) -> int | None:
