@@ -1,4 +1,4 @@
-"""The CLI boundary: `check`, `deliveries list|replay`, and one-line errors with exit 2."""
+"""The CLI boundary: `check`, `deliveries list|show|replay|purge`, and one-line errors (exit 2)."""
 
 from __future__ import annotations
 
@@ -209,3 +209,75 @@ def test_module_entry_point_runs_as_subprocess() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("waba-gateway ")
+
+
+def test_deliveries_show_prints_the_last_attempts_outcome(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deliveries show ID`: state, attempts, last status, reason and response; never the body."""
+    _, dead_id = _seed(config)
+    assert main(["deliveries", "show", "--config", str(config), dead_id]) == 0
+    out = capsys.readouterr().out
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert {key: value.strip() for key, value in fields.items()} | {
+        "received": "",
+        "queued": "",
+    } == {
+        "id": dead_id,
+        "target": "sink",
+        "state": "dead",
+        "received": "",
+        "queued": "",
+        "attempts": "1",
+        "last change": "1970-01-01 00:00:03 UTC",
+        "last status": "400",
+        "last error": "HTTP 400: not retryable",
+        "last response": "no",
+        "bytes": "7",
+    }
+    assert main(["deliveries", "show", "--config", str(config), "feedface"]) == 2
+    assert "no delivery feedface" in capsys.readouterr().err
+
+
+def test_bulk_replay_prints_how_many_it_replayed(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`replay --state dead` with --since (an age or a time) and --target prints a count."""
+    _seed(config)
+    base = ["deliveries", "replay", "--config", str(config), "--state", "dead"]
+    assert main([*base, "--since", "24h"]) == 0  # the dead letter died in 1970
+    assert capsys.readouterr().out == "replayed 0 deliveries\n"
+    assert main([*base, "--target", "sink", "--since", "1970-01-01T00:00:02Z"]) == 0
+    assert capsys.readouterr().out == "replayed 1 deliveries\n"
+
+
+def test_purge_prints_how_many_dead_letters_it_removed(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`purge --older-than 30d` removes the old dead letter, and only it."""
+    pending_id, _ = _seed(config)
+    assert main(["deliveries", "purge", "--config", str(config), "--older-than", "30d"]) == 0
+    assert capsys.readouterr().out == "purged 1 dead letters\n"
+    assert main(["deliveries", "list", "--config", str(config), "--json"]) == 0
+    assert [d["id"] for d in json.loads(capsys.readouterr().out)] == [pending_id]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay"], "give delivery ids, or --state dead"),
+        (["replay", "x-1", "--state", "dead"], "not both"),
+        (["replay", "x-1", "--target", "sink"], "--target and --since go with --state"),
+        (["replay", "--state", "dead", "--since", "soon"], "--since: 'soon' is neither"),
+        (["purge", "--older-than", "a while"], "--older-than: 'a while' is not an age"),
+    ],
+)
+def test_bad_bulk_arguments_are_one_line_errors(
+    config: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """Exit 2 and one line saying what is wrong."""
+    _seed(config)
+    assert main(["deliveries", args[0], "--config", str(config), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.splitlines()) == 1

@@ -110,3 +110,26 @@ async def test_metrics_of_a_delivered_and_a_dead_notification(
     assert re.search(
         rf'^{PREFIX}build_info{{python="[^"]+",version="{__version__}"}} 1.0$', text, re.M
     )
+
+
+def test_gathered_answer_times_render_exactly_as_observed_ones() -> None:
+    """answered() gathers times and flush() hands them over: the same histogram, bucket for
+    bucket, as Histogram.observe() of each value."""
+    values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 2.5, 7.0]
+    gathered = Stats()
+    for value in values:
+        gathered.answered(200, value)
+        gathered.answered(404, value / 2)
+    observed = Stats()
+    for value in values:
+        observed._requests.labels(status="200").observe(value)
+        observed._requests.labels(status="404").observe(value / 2)
+
+    def histogram(stats: Stats) -> list[str]:
+        lines = stats.render().decode().splitlines()
+        return [line for line in lines if line.startswith(f"{PREFIX}request_duration_seconds_")]
+
+    assert [line for line in histogram(gathered) if "_created" not in line] == [
+        line for line in histogram(observed) if "_created" not in line
+    ]
+    assert len(histogram(gathered)) > 20

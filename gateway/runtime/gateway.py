@@ -49,6 +49,7 @@ __all__ = ["Gateway", "bound_port", "event_loop_runner", "run", "serve_process"]
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10 * SECONDS
+_FLUSH_EVERY_S = 1 * SECONDS
 
 
 def bound_port(site: web.TCPSite) -> int:
@@ -94,6 +95,7 @@ class Gateway:
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self.port = 0
         self.admin_port = 0
 
@@ -158,6 +160,13 @@ class Gateway:
             last_reload_success=self._loaded_at,
         )
 
+    async def _flush_metrics(self) -> None:
+        """Answer times are gathered in memory (:meth:`Stats.answered`) and written to the
+        metrics every second: the process serving /metrics also flushes before each scrape."""
+        while True:
+            await asyncio.sleep(_FLUSH_EVERY_S)
+            self.stats.flush()
+
     async def _watch(self) -> None:
         """``tls.watch_files``: reload when a certificate, key, CA or CRL file changes. A
         failed reload is tried again at the next change (a renewal may write the certificate
@@ -187,6 +196,7 @@ class Gateway:
             self.port = await self._listener.start(
                 listen.host, listen.port, self._tls.listening, reuse_port=self._reuse_port
             )
+            self._flusher = asyncio.create_task(self._flush_metrics(), name="metrics flusher")
             if self.primary:
                 self._watcher = asyncio.create_task(self._watch(), name="certificate watcher")
             admin = config.admin
@@ -212,11 +222,12 @@ class Gateway:
 
     async def close(self) -> None:
         """Steps 1 to 4 of the module docstring, each part only if it was started."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        for task in (self._watcher, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._flusher = None
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
@@ -224,6 +235,7 @@ class Gateway:
             await self._listener.close(SHUTDOWN_GRACE_S)
             self._listener = None
         await self.core.close()
+        self.stats.flush()
 
 
 async def run(
