@@ -287,7 +287,7 @@ async def test_reload_rotates_the_app_secret(gateway: Gateway, files: Files, pki
 
 
 async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_ones(
-    files: Files, pki: Pki, sink: Sink
+    files: Files, pki: Pki, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A target the reload removes keeps its deliveries pending (listed, replayable); a target
     it adds receives what arrives next."""
@@ -310,6 +310,23 @@ async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_o
         assert sink.at("/old") == []
         text = (await admin_get(gateway, "/metrics")).text
         assert metric(text, 'waba_gateway_target_pending_deliveries{target="old"}') == 1
+    assert "1 deliveries pending for target old, which is not configured" in caplog.text
+
+
+async def test_a_target_whose_url_changes_gets_the_next_deliveries_at_the_new_url(
+    files: Files, pki: Pki, sink: Sink
+) -> None:
+    """A changed target is sent to with its new settings from the reload on."""
+    target = '[[targets]]\nname = "t"\nurl = "{}"\n'
+    files.write_config(targets=target.format(sink.url("/before")))
+    async with Gateway(load_config(files.config)) as gateway:
+        assert await post_new(gateway.port, pki, message_body("one")) == 200
+        await sink.wait_for(1, "/before")
+        files.write_config(targets=target.format(sink.url("/after")))
+        assert gateway.reload().ok
+        assert await post_new(gateway.port, pki, message_body("two")) == 200
+        await sink.wait_for(1, "/after")
+    assert len(sink.at("/before")) == 1
 
 
 async def test_admin_reload_answers_the_outcome_in_one_line(gateway: Gateway, files: Files) -> None:

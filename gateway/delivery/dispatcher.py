@@ -91,7 +91,8 @@ class Dispatcher:
         self._forwarders = {t.name: Forwarder(t) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
-        self._retired: list[Forwarder] = []  # replaced by a reload, closed at stop
+        self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
+        self._closing: set[asyncio.Task[None]] = set()
         self._capacity = max(settings.batch_size, 1)  # attempts started or queued, in all
         # True when the outbox may hold due deliveries the last claim had no room for: only
         # then does a finished attempt wake the loop. Otherwise the outbox is read on the poll
@@ -148,7 +149,7 @@ class Dispatcher:
                 continue
             old = self._forwarders.get(name)
             if old is not None:
-                self._retired.append(old)
+                self._retire(old)
             self._targets[name] = target
             self._policies[name] = RetryPolicy.for_target(target)
             self._forwarders[name] = Forwarder(target)
@@ -161,8 +162,24 @@ class Dispatcher:
     def _forget(self, name: str) -> None:
         for delivery in self._queued.pop(name, []):
             self._in_flight.discard(delivery.id)
-        self._retired.append(self._forwarders.pop(name))
+        self._retire(self._forwarders.pop(name))
         del self._targets[name], self._policies[name], self._health[name]
+
+    def _retire(self, forwarder: Forwarder) -> None:
+        """Close a replaced forwarder's connections once the batches now on the wire, which
+        may be using it, are done."""
+        self._retired.append(forwarder)
+        batches = list(self._batches)
+
+        async def close() -> None:
+            if batches:  # wait(), not gather(): cancelling this must not cancel the batches
+                await asyncio.wait(batches)
+            await forwarder.close()
+            self._retired.remove(forwarder)
+
+        task = asyncio.create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def circuits(self, now: float) -> dict[str, Circuit]:
         """Each target's circuit breaker: closed (healthy), open (paused after failures) or
@@ -199,6 +216,9 @@ class Dispatcher:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        for closing in list(self._closing):
+            closing.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         for forwarder in [*self._forwarders.values(), *self._retired]:
             await forwarder.close()
 
