@@ -1,4 +1,4 @@
-"""The CLI boundary: `check`, `deliveries list|show|replay|purge`, and one-line errors (exit 2)."""
+"""The CLI boundary: `check`, `deliveries`, `reload`, and one-line errors with exit 2."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import trustme
-from config_files import write_config
+from config_files import free_port, write_config
 from cryptography import x509
 from pki import Pki
 
 from gateway.cli import main
-from gateway.config import load_config
+from gateway.cli.reload import admin_url
+from gateway.config import AdminConfig, load_config
 from gateway.delivery.outcome import AttemptResult, DeadLetter
 from gateway.edge.routing import Route
 from gateway.onboarding.check import report
@@ -281,3 +282,40 @@ def test_bad_bulk_arguments_are_one_line_errors(
     err = capsys.readouterr().err
     assert message in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8081/admin/reload"),
+        ("0.0.0.0", "http://127.0.0.1:8081/admin/reload"),
+        ("::", "http://[::1]:8081/admin/reload"),
+        ("::1", "http://[::1]:8081/admin/reload"),
+        ("localhost", "http://localhost:8081/admin/reload"),
+    ],
+)
+def test_reload_asks_the_admin_listener_where_it_listens(host: str, url: str) -> None:
+    """An "any address" listener is asked on loopback; IPv6 addresses are bracketed."""
+    assert admin_url(AdminConfig(host=host, port=8081, token="t"), "/admin/reload") == url
+
+
+def test_reload_without_a_running_gateway_is_exit_1_in_one_line(
+    pki: Pki, tmp_path: Path, secret_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens on the admin port: say so, exit 1."""
+    port = free_port()
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x", admin_port=port)
+    assert main(["reload", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: cannot reach the gateway's admin listener at http://127.0.0.1:{port}/"
+    )
+    assert len(err.splitlines()) == 1
+
+
+def test_reload_with_the_admin_listener_off_names_the_key(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """admin.enabled = false: exit 2, and the way that remains (SIGHUP)."""
+    assert main(["reload", "--config", str(config)]) == 2
+    assert "admin.enabled = false" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from gateway.cli.exit_codes import EXIT_FAILURE, EXIT_OK
 from gateway.config import AdminConfig
 from gateway.errors import ConfigError
 
-__all__ = ["register"]
+__all__ = ["admin_url", "register"]
 
 _TIMEOUT_S = 30.0
 
