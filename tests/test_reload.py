@@ -286,6 +286,15 @@ async def test_reload_rotates_the_app_secret(gateway: Gateway, files: Files, pki
     assert await post_new(gateway.port, pki, message_body("old"), APP_SECRET) == 401
 
 
+async def test_reload_changes_the_accepted_client_cn(
+    gateway: Gateway, files: Files, pki: Pki
+) -> None:
+    """tls.client_cn applies to the next connection: Meta's CN, no longer listed, gets 403."""
+    files.write_config(extra_tls='client_cn = ["someone.else.example"]')
+    assert gateway.reload().ok
+    assert await post_new(gateway.port, pki, message_body("cn")) == 403
+
+
 async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_ones(
     files: Files, pki: Pki, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
