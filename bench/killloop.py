@@ -133,8 +133,8 @@ level = "error"
 
 
 def start_gateway(config: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen(
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH",
+    "")) return subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

@@ -45,6 +45,7 @@ META_CLIENT_CN = "client.webhooks.fbclientcerts.com"
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 
 ClientAuth = Literal["required", "optional", "off"]
+LogFormat = Literal["text", "json"]
 Split = Literal["none", "change"]
 # How the gateway signs what it sends a target: "gateway" with X-Gateway-Signature-256 over
 # timestamp "." body, "meta" with X-Hub-Signature-256 over the body, as Meta signs its own
@@ -77,6 +78,10 @@ class TlsConfig:
     client_cn: tuple[str, ...] = (META_CLIENT_CN,)
     crl_file: Path | None = None
     session_tickets: int = 0
+    # Reload by itself when the certificate, key, CA or CRL files change: cert-manager and
+    # certbot renew by writing new files in place. Checked every watch_interval_s.
+    watch_files: bool = False
+    watch_interval_s: float = 10 * SECONDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +163,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
     log_level: str = "info"
+    # "text" for a terminal, "json" (one object per line) for a log pipeline.
+    log_format: LogFormat = "text"
     # The file this came from, for messages; None when built in code (``serve --dev``, tests).
     source: Path | None = None
 
@@ -277,7 +284,8 @@ class _Reader:
             # The admin API replays and drops deliveries: only this host, or a token holder.
             expected = "a loopback address unless admin.token is set"
             raise self.error("admin.host", admin.host, expected)
-        log = self.table("log", "log", data.get("log", {}), {"level": _LogLevel}, ())
+        hints = {"level": _LogLevel, "format": LogFormat}
+        log = self.table("log", "log", data.get("log", {}), hints, ())
         return Config(
             listen=table("listen", ListenConfig),
             tls=tls,
@@ -287,7 +295,7 @@ class _Reader:
             admin=admin,
             dispatcher=table("dispatcher", DispatcherConfig),
             source=self.source,
-            **({"log_level": log["level"]} if "level" in log else {}),
+            **{f"log_{key}": value for key, value in log.items()},
         )
 
     def targets(self, value: object) -> tuple[TargetConfig, ...]:

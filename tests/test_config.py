@@ -106,6 +106,7 @@ def test_loads_minimal_config_with_defaults(tmp_path: Path) -> None:
     assert config.admin == AdminConfig()
     assert config.dispatcher == DispatcherConfig()
     assert config.log_level == "info"
+    assert config.log_format == "text"
 
 
 def test_loads_every_key_as_written(tmp_path: Path) -> None:
@@ -126,6 +127,8 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         client_cn = ["one.example", "two.example"]
         crl_file = "a/crl.pem"
         session_tickets = 1
+        watch_files = true
+        watch_interval_s = 2
 
         [meta]
         verify_tokens = ["vt-1", "vt-2"]
@@ -170,6 +173,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
 
         [log]
         level = "debug"
+        format = "json"
     """
     path = tmp_path / "gateway.toml"
     path.write_text(text.replace("\n        ", "\n"))
@@ -185,6 +189,8 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
             client_cn=("one.example", "two.example"),
             crl_file=tmp_path / "a/crl.pem",
             session_tickets=1,
+            watch_files=True,
+            watch_interval_s=2.0,
         ),
         meta=MetaConfig(verify_tokens=("vt-1", "vt-2"), app_secrets=("as-1", "as-2")),
         outbox=OutboxConfig(
@@ -214,6 +220,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         admin=AdminConfig(enabled=False, host="0.0.0.0", port=0, token="admin-token"),
         dispatcher=DispatcherConfig(poll_interval_s=2.0, batch_size=10),
         log_level="debug",
+        log_format="json",
         source=path,
     )
 
@@ -341,7 +348,7 @@ TARGET_KEYS = (
         ),
         pytest.param(
             {"log.lvl": '"debug"'},
-            "<file>: log.lvl = <hidden>: expected one of the keys level",
+            "<file>: log.lvl = <hidden>: expected one of the keys format, level",
             id="log",
         ),
         pytest.param(
@@ -812,3 +819,4 @@ def test_example_config_documents_every_key(table: str, cls: type[Any]) -> None:
     for each in dataclasses.fields(cls):
         assert re.search(rf"^(# )?{each.name} = ", section, re.MULTILINE), each.name
     assert re.search(r"^level = ", text.split("[log]", 1)[1], re.MULTILINE)
+    assert re.search(r"^format = ", text.split("[log]", 1)[1], re.MULTILINE)

@@ -628,6 +628,26 @@ async def test_replay_delivers_dead_letter_once_target_accepts(
     assert [r.headers["X-Gateway-Delivery-Id"] for r in sink.received] == [dead.id, dead.id]
 
 
+async def test_admin_bulk_replay_show_and_purge(pki: Pki, tmp_path: Path, sink: Sink) -> None:
+    """GET /admin/deliveries/{id} shows one; POST .../replay?state=dead replays every dead
+    letter and says how many; POST .../purge?older_than= removes old dead letters."""
+    sink.script(Reply(400), Reply(400))
+    async with Gateway(gateway_config(pki, tmp_path, targets=[sink_target(sink)])) as gateway:
+        for text in ("one", "two"):
+            assert (await post(gateway, pki, message_body(text))).status == 200
+        dead = await wait_for_state(gateway, "dead", 2)
+        shown = await admin_get(gateway, f"/admin/deliveries/{dead[0].id}")
+        assert json.loads(shown.text) | {"received_at": 0} == dead[0].summary() | {"received_at": 0}
+        assert (await admin_get(gateway, "/admin/deliveries/elsewhere-1")).status == 404
+        bulk = "/admin/deliveries/replay?state=dead&target=sink&since=1h"
+        assert json.loads((await admin_post(gateway, bulk)).text) == {"replayed": 2}
+        await wait_for_state(gateway, "delivered", 2)
+        purge = "/admin/deliveries/purge?older_than=0s"
+        assert json.loads((await admin_post(gateway, purge)).text) == {"purged": 0}
+        assert (await admin_post(gateway, "/admin/deliveries/replay")).status == 400
+        assert (await admin_post(gateway, "/admin/deliveries/purge?older_than=x")).status == 400
+
+
 async def test_replay_of_unknown_delivery_is_404(pki: Pki, tmp_path: Path) -> None:
     """Replaying an id the outbox does not hold gets 404."""
     async with Gateway(gateway_config(pki, tmp_path)) as gateway:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbox import AttemptResult, DeadLetter, Delivered, RetryAt, Route, TargetBacklog
+from gateway.outbox import AttemptResult, Backlog, DeadLetter, Delivered, RetryAt, Route
 from gateway.outbox.sqlite import layout
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 
@@ -104,8 +104,8 @@ async def test_backlog_counts_pending_and_dead_per_target_with_the_oldest_pendin
     await outbox.record(dead, DeadLetter("HTTP 400"), AttemptResult(status=400), 31.0)
     await outbox.record(done, Delivered(), AttemptResult(status=200), 41.0)
     assert await outbox.backlog() == [
-        TargetBacklog(target="alpha", pending=2, dead=0, oldest_pending_at=10.0),
-        TargetBacklog(target="beta", pending=0, dead=1, oldest_pending_at=None),
+        Backlog(target="alpha", pending=2, dead=0, oldest_pending_at=10.0),
+        Backlog(target="beta", pending=0, dead=1, oldest_pending_at=None),
     ]
 
 
@@ -118,8 +118,8 @@ async def test_replay_dead_makes_one_targets_dead_letters_pending_only(
     other = await _one(outbox, b"o", "other")
     for delivery in [*mine[:2], other]:
         await outbox.record(delivery, DeadLetter("HTTP 400"), AttemptResult(status=400), 2.0)
-    assert await outbox.replay_dead("mine", 5.0) == 2
-    assert await outbox.replay_dead("mine", 6.0) == 0
+    assert await outbox.replay_many(state="dead", target="mine", since=None, now=5.0) == 2
+    assert await outbox.replay_many(state="dead", target="mine", since=None, now=6.0) == 0
     states = {d.id: (d.state, d.attempts) for d in await outbox.query(limit=10)}
     assert states == {
         mine[0]: ("pending", 0),

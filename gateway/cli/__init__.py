@@ -29,6 +29,7 @@ def _registrars() -> list[Registrar]:
         check,
         deliveries,
         doctor,
+        reload,
         send,
         serve,
         subscriptions,
@@ -37,6 +38,7 @@ def _registrars() -> list[Registrar]:
 
     return [
         serve.register,
+        reload.register,
         check.register,
         doctor.register,
         deliveries.register,

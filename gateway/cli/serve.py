@@ -51,8 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
             " and admin.port in the configuration file"
         )
     config = config_from_args(args)
-    build_server_context(config.tls)  # refuse bad certificate files before anything starts
-    setup_logging(config.log_level)
+    # Refuse bad certificate files before anything starts.
+    build_server_context(config.tls, source=config.source)
+    setup_logging(config.log_level, config.log_format)
     try:
         if config.listen.workers > 1:
             check_ports_free(config)

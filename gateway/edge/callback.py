@@ -40,6 +40,7 @@ class Counters(Protocol):
     def rejected(self, reason: str) -> None: ...
     def saw_client(self, cn: str | None) -> None: ...
     def tls_handshake_failed(self, reason: str) -> None: ...
+    def answered(self, status: int, seconds: float) -> None: ...
 
 
 class Callback:
@@ -63,6 +64,17 @@ class Callback:
         self._clock = clock
         self._secrets = config.meta.app_secrets
         self._targets = config.targets
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration: client CNs, verify tokens, app secrets and targets
+        apply from the next connection or request on; requests in flight finish as they began."""
+        self.config = config
+        self._secrets = config.meta.app_secrets
+        self._targets = config.targets
+
+    def answered(self, status: int, seconds: float) -> None:
+        """A request was answered with ``status`` after ``seconds`` (for the metrics)."""
+        self.stats.answered(status, seconds)
 
     def identify(self, peercert: Mapping[str, Any] | None) -> str | None:
         """The accepted client CN of a new connection; raises IdentityRejected (403).

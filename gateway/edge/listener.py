@@ -195,6 +195,7 @@ class _Connection(asyncio.Protocol):
         self._early: bytes | None = None  # read before connection_made (see Listener._secure)
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = "-"
+        self.cn: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class _Connection(asyncio.Protocol):
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
-            self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
+            self.cn = self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
         except Rejected as exc:
             self._identity_error = exc  # every request on this connection is answered 403
         if self._early is not None:
@@ -460,8 +461,10 @@ class _Connection(asyncio.Protocol):
                 head=method == "HEAD",
             )
         )
+        seconds = now - request.started
+        self._callback.answered(status, seconds)
         if self._listener.log_requests:
-            log_access(self.remote, method, path, status, len(body), now - request.started)
+            log_access(self.remote, method, path, status, len(body), seconds, self.cn)
         if not keep_alive and self._transport is not None:
             self._discarding = True
             self._queue.clear()

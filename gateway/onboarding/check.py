@@ -35,7 +35,7 @@ def _leaf(path: Path) -> x509.Certificate:
 
 def report(config: Config, now: datetime.datetime) -> list[str]:
     """The lines ``check`` prints; raises on anything ``serve`` would refuse."""
-    build_server_context(config.tls)
+    build_server_context(config.tls, source=config.source, now=now)
     lines = [f"ok: configuration {config.source or '(built in)'}"]
     leaf = _leaf(config.tls.cert_file)
     left = days_left(leaf, now)

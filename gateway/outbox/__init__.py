@@ -12,6 +12,7 @@ from gateway.outbox.model import (
     STATES,
     AttemptRecord,
     AttemptResult,
+    Backlog,
     DeadLetter,
     Delivered,
     Delivery,
@@ -19,13 +20,13 @@ from gateway.outbox.model import (
     RetryAt,
     Route,
     State,
-    TargetBacklog,
 )
 
 __all__ = [
     "STATES",
     "AttemptRecord",
     "AttemptResult",
+    "Backlog",
     "DeadLetter",
     "Delivered",
     "Delivery",
@@ -34,6 +35,5 @@ __all__ = [
     "RetryAt",
     "Route",
     "State",
-    "TargetBacklog",
     "open_outbox",
 ]

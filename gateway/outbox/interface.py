@@ -22,11 +22,11 @@ from typing import Protocol
 from gateway.outbox.model import (
     AttemptRecord,
     AttemptResult,
+    Backlog,
     Delivery,
     Outcome,
     Route,
     State,
-    TargetBacklog,
 )
 
 __all__ = ["Outbox"]
@@ -57,8 +57,9 @@ class Outbox(Protocol):
         an outcome lost in a crash only means the delivery is attempted again."""
         ...
 
-    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
-        """Dead-letter pending deliveries whose target is not in ``targets``; return how many."""
+    async def backlog(self) -> list[Backlog]:
+        """Each target's pending deliveries and dead letters, for every target that has any
+        (configured or not: deliveries of a removed target stay, listed and replayable)."""
         ...
 
     async def query(
@@ -83,15 +84,6 @@ class Outbox(Protocol):
         id."""
         ...
 
-    async def backlog(self) -> list[TargetBacklog]:
-        """Per target that has any: its pending and dead deliveries and the creation time of
-        its oldest pending one, sorted by target name."""
-        ...
-
-    async def replay_dead(self, target: str, now: float) -> int:
-        """:meth:`replay` every dead letter of ``target`` at once; return how many."""
-        ...
-
     async def counts(self) -> dict[str, int]:
         """The number of deliveries in each state."""
         ...
@@ -99,6 +91,17 @@ class Outbox(Protocol):
     async def replay(self, delivery_id: str, now: float) -> bool:
         """Make a delivery pending again, due now, with a fresh attempt count and age. False
         when this outbox has no delivery with that id."""
+        ...
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        """Make every delivery in ``state`` (of ``target``, last changed at or after ``since``)
+        pending again, due now; return how many."""
+        ...
+
+    async def purge_dead(self, before: float) -> int:
+        """Remove dead letters last changed before ``before``; return how many."""
         ...
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:

@@ -14,6 +14,7 @@ __all__ = [
     "STATES",
     "AttemptRecord",
     "AttemptResult",
+    "Backlog",
     "DeadLetter",
     "Delivered",
     "Delivery",
@@ -21,7 +22,6 @@ __all__ = [
     "RetryAt",
     "Route",
     "State",
-    "TargetBacklog",
 ]
 
 State = Literal["pending", "delivered", "dead"]
@@ -74,6 +74,17 @@ class Delivery:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What one target is owed: its pending deliveries (and when the oldest was made) and its
+    dead letters. What an operator asks first: is anything stuck?"""
+
+    target: str
+    pending: int
+    oldest_pending_at: float | None
+    dead: int
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptRecord:
     """One finished attempt of a delivery, as the outbox keeps it for the admin console:
@@ -87,17 +98,6 @@ class AttemptRecord:
     status: int | None
     error: str | None
     response: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TargetBacklog:
-    """A target's deliveries still owed or given up: ``oldest_pending_at`` is the creation
-    time of its oldest pending delivery (``None``: nothing pending)."""
-
-    target: str
-    pending: int
-    dead: int
-    oldest_pending_at: float | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,6 +12,8 @@ outbox after its queued writes.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +27,8 @@ from gateway.runtime.stats import Stats
 from gateway.runtime.wake import Bell, Doorbell
 
 __all__ = ["Core"]
+
+log = logging.getLogger(__name__)
 
 
 class Core:
@@ -53,6 +57,7 @@ class Core:
         self.dispatcher: Dispatcher | None = None
         self._doorbell: Doorbell | None = None
         self._bell: Bell | None = None
+        self._checks: set[asyncio.Task[None]] = set()
 
     @property
     def outbox(self) -> Outbox:
@@ -72,6 +77,38 @@ class Core:
     def breakers(self) -> dict[str, Breaker]:
         """Each target's circuit breaker (empty where this process runs no dispatcher)."""
         return {} if self.dispatcher is None else self.dispatcher.breakers()
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration (see :mod:`gateway.runtime.reload` for what applies)."""
+        self.config = config
+        if self._callback is not None:
+            self._callback.reconfigure(config)
+        if self.dispatcher is not None:
+            self.dispatcher.reconfigure(config.targets, config.dispatcher)
+            self._check_unconfigured()
+
+    def _check_unconfigured(self) -> None:
+        task = asyncio.create_task(self._warn_unconfigured())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _warn_unconfigured(self) -> None:
+        """Say so when deliveries wait for a target the configuration no longer names: they
+        stay pending (listed, replayable) rather than being dropped or dead-lettered."""
+        try:
+            backlog = await self.outbox.backlog()
+        except Exception:
+            log.exception("could not read the outbox's backlog")
+            return
+        names = {target.name for target in self.config.targets}
+        for each in backlog:
+            if each.target not in names and each.pending:
+                log.warning(
+                    "%d deliveries pending for target %s, which is not configured: they stay"
+                    " in the outbox until it is configured again or they are purged",
+                    each.pending,
+                    each.target,
+                    extra={"target": each.target, "pending": each.pending},
+                )
 
     async def start(self) -> None:
         config = self.config
@@ -84,8 +121,10 @@ class Core:
                     config.targets,
                     config.dispatcher,
                     retention_s=config.outbox.retention_s,
+                    observer=self.stats,
                 )
                 self.dispatcher.start()
+                self._check_unconfigured()
                 on_stored = self.dispatcher.offer
                 if self._wake_channel is not None:
                     self._doorbell = Doorbell(self._wake_channel, self.dispatcher.wake)
@@ -104,6 +143,9 @@ class Core:
     async def close(self) -> None:
         """The shutdown order of the module docstring, each part only if it was started."""
         self._callback = None
+        for check in list(self._checks):
+            check.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
         if self._doorbell is not None:
             self._doorbell.close()
             self._doorbell = None

@@ -9,16 +9,19 @@ one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` 
 gateway's (:mod:`gateway.runtime.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
-process would; the supervisor waits for them and exits 0. SIGHUP is logged and ignored, by the
-supervisor and by each worker (reload is not supported yet; by default it would end them, and a
-supervisor gone leaves the metrics folder behind). Workers ask the kernel to send them
+process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers
+start (by default it would end them half-started). Workers ask the kernel to send them
 SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL.
 If a worker dies on its own, the supervisor stops the others and exits 1: a half-running gateway
-is worse than a restart by the service manager.
+is worse than a restart by the service manager. SIGHUP to the supervisor is passed to every
+worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload asked of
+worker 0 through the admin API or its file watcher reaches the others through the supervisor
+(SIGUSR1 from worker 0: "reload the others").
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 30.0
+_RELOAD_OTHERS = signal.SIGUSR1
 
 
 def _die_with_parent() -> None:
@@ -55,15 +59,20 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _ask_supervisor_to_reload_the_others() -> None:
+    os.kill(os.getppid(), _RELOAD_OTHERS)
+
+
 def _worker(config: Config, index: int, wake_channel: str, metrics_dir: Path) -> None:
     _die_with_parent()
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     serve_process(
         config,
         primary=index == 0,
         reuse_port=True,
         wake_channel=wake_channel,
         metrics_dir=metrics_dir,
+        reload_siblings=_ask_supervisor_to_reload_the_others if index == 0 else None,
     )
 
 
@@ -72,13 +81,9 @@ def supervise(config: Config) -> int:
     # spawn, not fork: a forked child would inherit this process's threads' locks half-held.
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
-    hung_up = threading.Event()  # logged by the loop below, not in the handler (re-entrancy)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
-
-    def on_hangup(signum: int, _frame: FrameType | None) -> None:
-        hung_up.set()
 
     # A new, private folder per run: prometheus-client sums every file in it, so counts of an
     # earlier run must not be there. The workers inherit the variable, which prometheus-client
@@ -90,13 +95,22 @@ def supervise(config: Config) -> int:
             f"cannot make the workers' metrics folder in {tempfile.gettempdir()}:"
             f" {exc.strerror or exc}; point TMPDIR at a writable folder"
         ) from exc
+    workers: list[BaseProcess] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        # SIGHUP: every worker reloads. SIGUSR1: worker 0 has reloaded; the others follow.
+        for index, process in enumerate(workers):
+            if process.pid is not None and (signum == signal.SIGHUP or index > 0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     # Ignored while the workers start: they inherit it (through exec too), so a SIGHUP cannot
     # end one before its own handler is in place (gateway.runtime.gateway.run).
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    previous[_RELOAD_OTHERS] = signal.signal(_RELOAD_OTHERS, forward)
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
-    workers: list[BaseProcess] = []
     process: BaseProcess
     try:
         for index in range(config.listen.workers):
@@ -108,13 +122,10 @@ def supervise(config: Config) -> int:
             process.start()
             workers.append(process)
         log.info("started %d workers", len(workers))
-        signal.signal(signal.SIGHUP, on_hangup)
+        signal.signal(signal.SIGHUP, forward)
         failed = False
         while not stopping.is_set():
             stopping.wait(0.5)
-            if hung_up.is_set():
-                hung_up.clear()
-                log.warning("SIGHUP: reload is not supported yet; ignoring")
             if any(not p.is_alive() for p in workers) and not stopping.is_set():
                 log.error("a worker exited unexpectedly; stopping the others")
                 failed = True

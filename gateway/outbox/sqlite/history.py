@@ -8,12 +8,11 @@ inside a transaction their caller owns. The attempts table they read is written 
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
 
-from gateway.outbox.model import AttemptRecord, Delivery, TargetBacklog
+from gateway.outbox.model import AttemptRecord, Delivery
 from gateway.outbox.sqlite.store import _DELIVERY_COLUMNS, _delivery, rowid_of
 
-__all__ = ["attempt_history", "get_delivery", "target_backlog"]
+__all__ = ["attempt_history", "get_delivery"]
 
 
 def get_delivery(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> Delivery | None:
@@ -42,26 +41,4 @@ def attempt_history(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> 
     return [
         AttemptRecord(number=n, at=at, state=state, status=status, error=error, response=resp)
         for n, at, state, status, error, resp in rows
-    ]
-
-
-def target_backlog(conn: sqlite3.Connection) -> list[TargetBacklog]:
-    """Pending and dead deliveries per target, and the oldest pending one's creation time."""
-    found: dict[str, dict[str, Any]] = {}
-    for target, state, count, oldest in conn.execute(
-        "SELECT target, state, COUNT(*), MIN(created_at) FROM deliveries"
-        " WHERE state IN ('pending', 'dead') GROUP BY target, state"
-    ):
-        entry = found.setdefault(target, {"pending": 0, "dead": 0, "oldest": None})
-        entry[state] = int(count)
-        if state == "pending":
-            entry["oldest"] = oldest
-    return [
-        TargetBacklog(
-            target=target,
-            pending=entry["pending"],
-            dead=entry["dead"],
-            oldest_pending_at=entry["oldest"],
-        )
-        for target, entry in sorted(found.items())
     ]

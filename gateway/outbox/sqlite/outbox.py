@@ -21,6 +21,7 @@ from gateway.errors import OutboxError
 from gateway.outbox.model import (
     AttemptRecord,
     AttemptResult,
+    Backlog,
     DeadLetter,
     Delivered,
     Delivery,
@@ -28,7 +29,6 @@ from gateway.outbox.model import (
     RetryAt,
     Route,
     State,
-    TargetBacklog,
 )
 from gateway.outbox.sqlite import history, layout, store
 from gateway.outbox.sqlite.writer import Writer
@@ -136,11 +136,10 @@ class SqliteOutbox:
             )
         )
 
-    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
-        """Dead-letter pending deliveries whose target is no longer configured."""
-        return await self.run(
-            functools.partial(store.dead_letter_unknown, targets=tuple(targets), now=now)
-        )
+    async def backlog(self) -> list[Backlog]:
+        """Pending deliveries and dead letters per target. Read in a lazy job (it rides along
+        with the next commit): a scrape never adds an fsync."""
+        return await self.run(store.backlog, durable=False)
 
     async def record(
         self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
@@ -202,17 +201,23 @@ class SqliteOutbox:
         prefix = self._prefix
         return await self.run(lambda conn: history.attempt_history(conn, delivery_id, prefix))
 
-    async def backlog(self) -> list[TargetBacklog]:
-        return await self.run(history.target_backlog)
-
-    async def replay_dead(self, target: str, now: float) -> int:
-        return await self.run(lambda conn: store.replay_dead(conn, target, now))
-
     async def replay(self, delivery_id: str, now: float) -> bool:
         """Make a delivery pending again, due now, with a fresh attempt count and age. False
         when no delivery of this outbox has that id (including ids of other outboxes)."""
         prefix = self._prefix
         return await self.run(lambda conn: store.replay_delivery(conn, delivery_id, now, prefix))
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        return await self.run(
+            functools.partial(
+                store.replay_deliveries, state=state, target=target, since=since, now=now
+            )
+        )
+
+    async def purge_dead(self, before: float) -> int:
+        return await self.run(functools.partial(store.purge_dead, before=before))
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Remove ``targets``' delivered rows older than the retention, and notifications older

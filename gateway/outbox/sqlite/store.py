@@ -21,22 +21,23 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.outbox.model import STATES, Delivery, Route
+from gateway.outbox.model import STATES, Backlog, Delivery, Route
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
     "PRUNE_BATCH",
     "Attempt",
+    "backlog",
     "count_states",
-    "dead_letter_unknown",
     "delivery_id",
     "due_deliveries",
     "insert_notification",
     "list_deliveries",
     "prune_delivered",
     "prune_notifications",
+    "purge_dead",
     "record_attempts",
-    "replay_dead",
+    "replay_deliveries",
     "replay_delivery",
     "rowid_of",
 ]
@@ -163,18 +164,21 @@ def due_deliveries(
     return found
 
 
-def dead_letter_unknown(conn: sqlite3.Connection, targets: Collection[str], now: float) -> int:
-    """Dead-letter pending deliveries whose target is not in ``targets``; how many."""
-    names = tuple(targets)
-    marks = ", ".join("?" * len(names))
-    return int(
-        conn.execute(
-            "UPDATE deliveries SET state = 'dead', updated_at = ?,"  # noqa: S608
-            " last_error = 'target ' || quote(target) || ' is no longer configured'"
-            f" WHERE state = 'pending' AND target NOT IN ({marks})",
-            (now, *names),
-        ).rowcount
-    )
+def backlog(conn: sqlite3.Connection) -> list[Backlog]:
+    """Pending deliveries and dead letters per target, with the oldest pending one's age. One
+    pass over the (state, target) index ranges; delivered rows are not read."""
+    rows = conn.execute(
+        "SELECT target, state, COUNT(*), MIN(created_at) FROM deliveries"
+        " WHERE state IN ('pending', 'dead') GROUP BY state, target"
+    ).fetchall()
+    found: dict[str, Backlog] = {}
+    for target, state, count, oldest in rows:
+        known = found.get(target) or Backlog(target, 0, None, 0)
+        if state == "pending":
+            found[target] = Backlog(target, int(count), oldest, known.dead)
+        else:
+            found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
+    return [found[name] for name in sorted(found)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,14 +345,34 @@ def list_deliveries(
     return [_delivery(row, prefix) for row in rows]
 
 
-def replay_dead(conn: sqlite3.Connection, target: str, now: float) -> int:
-    """Make every dead letter of ``target`` pending again, due now; how many."""
-    cursor = conn.execute(
-        "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
-        " next_attempt_at = ?, updated_at = ? WHERE state = 'dead' AND target = ?",
-        (now, now, now, target),
+def replay_deliveries(
+    conn: sqlite3.Connection, state: str, target: str | None, since: float | None, now: float
+) -> int:
+    """Make every delivery in ``state`` (of ``target``, changed since ``since``) pending again."""
+    clauses, params = ["state = ?"], list[object]([state])
+    if target is not None:
+        clauses.append("target = ?")
+        params.append(target)
+    if since is not None:
+        clauses.append("updated_at >= ?")
+        params.append(since)
+    return int(
+        conn.execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"  # noqa: S608
+            f" next_attempt_at = ?, updated_at = ? WHERE {' AND '.join(clauses)}",
+            (now, now, now, *params),
+        ).rowcount
     )
-    return int(cursor.rowcount)
+
+
+def purge_dead(conn: sqlite3.Connection, before: float) -> int:
+    """Remove dead letters last changed before ``before``, and their notifications when no
+    other delivery needs them and deduplication does not (left to the prune walk)."""
+    return int(
+        conn.execute(
+            "DELETE FROM deliveries WHERE state = 'dead' AND updated_at < ?", (before,)
+        ).rowcount
+    )
 
 
 def replay_delivery(

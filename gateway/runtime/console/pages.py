@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 from gateway.delivery.backoff import Breaker
-from gateway.outbox import STATES, AttemptRecord, Delivery, TargetBacklog
+from gateway.outbox import STATES, AttemptRecord, Backlog, Delivery
 from gateway.runtime.console.facts import CertificateFacts, body_facts
 from gateway.runtime.console.html import PREFIX, age, esc, form, moment, table
 from gateway.runtime.stats import Totals
@@ -60,7 +60,7 @@ def _numbers(pairs: Sequence[tuple[str, str]]) -> str:
 def overview(
     totals: Totals,
     counts: Mapping[str, int],
-    backlog: Sequence[TargetBacklog],
+    backlog: Sequence[Backlog],
     targets: Sequence[str],
     breakers: Mapping[str, Breaker],
     now: float,
