@@ -212,14 +212,20 @@ def test_module_entry_point_runs_as_subprocess() -> None:
     assert result.stdout.startswith("waba-gateway ")
 
 
-def test_deliveries_show_prints_the_last_attempts_outcome(
+def test_deliveries_show_prints_the_last_attempt_and_every_attempts_outcome(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`deliveries show ID`: state, attempts, last status, reason and response; never the body."""
+    """`deliveries show ID`: state, attempts, last status, reason and response, then every
+    attempt's outcome; never the body."""
     _, dead_id = _seed(config)
     assert main(["deliveries", "show", "--config", str(config), dead_id]) == 0
     out = capsys.readouterr().out
-    fields = dict(line.split(":", 1) for line in out.splitlines())
+    facts, _, table = out.partition("\n  #  ")
+    (attempt,) = table.splitlines()[1:]
+    assert attempt.split()[0] == "1"
+    assert "dead" in attempt.split()
+    assert "400" in attempt.split()
+    fields = dict(line.split(":", 1) for line in facts.splitlines())
     assert {key: value.strip() for key, value in fields.items()} | {
         "received": "",
         "queued": "",

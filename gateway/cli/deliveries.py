@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from gateway.cli.args import add_config_argument, config_from_args
 from gateway.errors import GatewayError, NotFound
-from gateway.outbox import STATES, Delivery, Outbox, open_outbox
+from gateway.outbox import STATES, AttemptRecord, Delivery, Outbox, open_outbox
 from gateway.runtime.admin import parse_query
 from gateway.units import parse_age, parse_since
 
@@ -65,14 +65,16 @@ def _when(seconds: float) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    found = _with_outbox(args, lambda o: o.get(args.id))
+    async def read(outbox: Outbox) -> tuple[Delivery | None, list[AttemptRecord]]:
+        return await outbox.get(args.id), await outbox.attempts(args.id)
+
+    found, attempts = _with_outbox(args, read)
     if found is None:
         raise NotFound(f"no delivery {args.id}")
     if args.json:
-        print(json.dumps(found.summary(), indent=2))
+        history = [attempt.summary() for attempt in attempts]
+        print(json.dumps(found.summary() | {"attempt_history": history}, indent=2))
         return 0
-    # The outbox keeps each delivery's last attempt: its outcome is every earlier one's too
-    # for a delivered or dead delivery, and the reason for the wait for a pending one.
     next_label = "next attempt" if found.state == "pending" else "last change"
     lines = [
         ("id", found.id),
@@ -89,6 +91,13 @@ def _show(args: argparse.Namespace) -> int:
     ]
     for name, value in lines:
         print(f"{name + ':':<15}{value}")
+    # Every attempt the outbox kept, oldest first (numbers start again at 1 after a replay).
+    print(f"{'#':>3}  {'AT':<20} {'OUTCOME':<9} {'HTTP':>4}  REASON / RESPONSE")
+    for attempt in attempts:
+        status = "-" if attempt.status is None else str(attempt.status)
+        outcome = attempt.outcome
+        why = (attempt.error or attempt.response or "").replace("\n", " ")[:80]
+        print(f"{attempt.number:>3}  {_when(attempt.at):<20} {outcome:<9} {status:>4}  {why}")
     return 0
 
 

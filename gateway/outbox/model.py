@@ -99,6 +99,22 @@ class AttemptRecord:
     error: str | None
     response: str
 
+    @property
+    def outcome(self) -> str:
+        """delivered, retry or dead: what the attempt led to."""
+        return "retry" if self.state == "pending" else self.state
+
+    def summary(self) -> dict[str, Any]:
+        """What the admin API and CLI show of it."""
+        return {
+            "number": self.number,
+            "at": self.at,
+            "outcome": self.outcome,
+            "status": self.status,
+            "error": self.error,
+            "response": self.response,
+        }
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptResult:

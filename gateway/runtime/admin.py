@@ -129,7 +129,8 @@ def create_admin_app(ops: Operations) -> web.Application:
         found = await outbox.get(delivery_id)
         if found is None:
             raise NotFound(f"no delivery {delivery_id!r}")
-        return web.json_response(found.summary())
+        attempts = [a.summary() for a in await outbox.attempts(delivery_id)]
+        return web.json_response(found.summary() | {"attempt_history": attempts})
 
     async def replay(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
@@ -169,8 +170,6 @@ def create_admin_app(ops: Operations) -> web.Application:
     app.router.add_post("/admin/deliveries/purge", purge)
     app.router.add_get("/admin/deliveries/{id}", show)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
-    add_console(
-        app, ops.config, outbox, ops.stats, breakers=ops.breakers, wake=ops.wake
-    )
+    add_console(app, ops.config, outbox, ops.stats, breakers=ops.breakers, wake=ops.wake)
     app.router.add_post("/admin/reload", reload)
     return app
