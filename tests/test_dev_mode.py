@@ -81,7 +81,7 @@ async def test_serve_dev_writes_its_config_for_every_command_and_ends_with_the_c
     tmp_path: Path,
 ) -> None:
     """The last line printed is the console's URL (which answers); the configuration file it
-    names has the bound ports, loads, and `check`, `deliveries list` and `send` work with
+    names has the bound ports, loads, and `check`, `deliveries list`, `reload` and `send` work with
     --dev; two sends of the sample are both delivered."""
     dev_dir = tmp_path / "var" / "dev"
     async with _serve_dev(dev_dir, "--port", "0", "--admin-port", "0") as (lines, process):
@@ -110,6 +110,8 @@ async def test_serve_dev_writes_its_config_for_every_command_and_ends_with_the_c
         assert listed.stdout.count(" delivered ") == 2
         checked = await asyncio.to_thread(_cli, "check", *dev_options)
         assert checked.returncode == 0, checked.stderr
+        reloaded = await asyncio.to_thread(_cli, "reload", *dev_options)
+        assert reloaded.returncode == 0, reloaded.stderr
 
 
 def test_each_start_gives_the_sample_a_new_message_id(tmp_path: Path) -> None:

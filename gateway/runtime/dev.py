@@ -307,6 +307,8 @@ async def serve_dev(
             written.touch(mode=0o600)
             written.chmod(0o600)  # before the secrets go in, whatever the file was
             written.write_text(dev_toml(running))
+            # A reload (SIGHUP, `waba-gateway reload --dev`) reads the file just written.
+            gateway.config = dataclasses.replace(gateway.config, source=written)
             say(
                 instructions(
                     files,
