@@ -11,6 +11,9 @@ claim from the outbox) go to each target in batches: one batch is one pipelined 
 connection (:mod:`gateway.delivery.upstream`), at most the target's ``pipeline`` deliveries and
 :data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
 outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
+
+Targets are isolated: each has its own budget of started deliveries (``dispatcher.batch_size``),
+so a target that never answers holds only its own deliveries back, never another target's.
 """
 
 from __future__ import annotations
@@ -68,7 +71,10 @@ class Dispatcher:
         self._forwarders = {t.name: Forwarder(t) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
-        self._capacity = max(settings.batch_size, 1)  # attempts started or queued, in all
+        # Attempts started or queued, per target: one budget for all would let a target that
+        # never answers fill it, and every other target would wait for its timeout.
+        self._capacity = max(settings.batch_size, 1)
+        self._load = dict.fromkeys(self._targets, 0)
         # True when the outbox may hold due deliveries the last claim had no room for: only
         # then does a finished attempt wake the loop. Otherwise the outbox is read on the poll
         # interval, and fresh notifications arrive through offer() without being read back.
@@ -102,7 +108,7 @@ class Dispatcher:
                 # the loop for every notification would only query a target that cannot take
                 # them.
                 continue
-            if len(self._in_flight) >= self._capacity:
+            if self._load[delivery.target] >= self._capacity:
                 self._backlog = True
                 self._wake.set()
                 continue
@@ -147,33 +153,36 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._claim(self._capacity - len(self._in_flight))
+                await self._claim()
                 await self._maybe_prune()
             except Exception:  # the outbox failed: log, wait, try again; never die silently
                 log.exception("dispatcher cycle failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
 
-    async def _claim(self, room: int) -> None:
-        if room <= 0:
-            return
+    async def _claim(self) -> None:
         now = self._clock()
-        # A paused target is not asked at all; a probing one for a single delivery.
+        # A paused target is not asked at all; a probing one for a single delivery; a target
+        # whose budget is used up waits for its own attempts to finish.
         limits = {
-            name: 1 if health.probing else room
+            name: 1 if health.probing else self._capacity - self._load[name]
             for name, health in self._health.items()
-            if health.admits(now, self._busy[name])
+            if health.admits(now, self._busy[name]) and self._load[name] < self._capacity
         }
         if not limits:
             return
         due = await self._outbox.due(now, limits, exclude=self._in_flight)
-        self._backlog = len(due) >= room
-        for delivery in due[:room]:
-            if delivery.id not in self._in_flight:  # else offered while the query ran
+        claimed = dict.fromkeys(limits, 0)
+        for delivery in due:
+            claimed[delivery.target] += 1
+            room = self._load[delivery.target] < self._capacity
+            if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
+        self._backlog = any(claimed[name] >= limit for name, limit in limits.items())
 
     def _start(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
+        self._load[delivery.target] += 1
         self._queued[delivery.target].append(delivery)
         self._schedule_send()
 
@@ -205,6 +214,7 @@ class Dispatcher:
         self._batches.discard(task)
         for delivery in batch:
             self._in_flight.discard(delivery.id)
+            self._load[delivery.target] -= 1
         if self._backlog:
             self._wake.set()
 
