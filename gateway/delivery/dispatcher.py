@@ -37,6 +37,7 @@ from gateway.delivery.outcome import (
     classify,
     is_transient,
 )
+from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 
 __all__ = ["BATCH_BYTES", "Dispatcher"]
@@ -150,13 +151,22 @@ class Dispatcher:
         else:
             if removed:
                 log.warning("dead-lettered %d deliveries of targets no longer configured", removed)
+        failing: str | None = None  # the outbox's complaint, logged once until it recovers
         while not self._stopping:
             self._wake.clear()
             try:
                 await self._claim()
                 await self._maybe_prune()
-            except Exception:  # the outbox failed: log, wait, try again; never die silently
+            except OutboxError as exc:  # locked, lost, full: said once, tried on every poll
+                if str(exc) != failing:
+                    failing = str(exc)
+                    log.error("dispatcher cannot use the outbox (retrying): %s", exc)
+            except Exception:  # anything else: log, wait, try again; never die silently
                 log.exception("dispatcher cycle failed; retrying")
+            else:
+                if failing is not None:
+                    failing = None
+                    log.info("dispatcher uses the outbox again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
 

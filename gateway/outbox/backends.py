@@ -25,5 +25,9 @@ def open_outbox(
     ``create=False`` refuses an outbox that does not exist yet (the command line's reads).
     Raises :class:`~gateway.errors.OutboxError` when it cannot be opened."""
     return SqliteOutbox(
-        config.path, dedup_window_s=config.dedup_window_s, on_commit=on_commit, create=create
+        config.path,
+        dedup_window_s=config.dedup_window_s,
+        busy_timeout_s=config.busy_timeout_s,
+        on_commit=on_commit,
+        create=create,
     )

@@ -11,6 +11,7 @@ Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable, Mapping
@@ -24,10 +25,13 @@ from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
 from gateway.outbox import STATES, Outbox, State
 from gateway.runtime.stats import Stats
 
-__all__ = ["create_admin_app", "parse_query"]
+__all__ = ["READY_WAIT_S", "create_admin_app", "parse_query"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_LIMIT = 1000
+# The longest /readyz waits for the outbox: a file locked by another process holds a write for
+# the busy timeout, and a probe that hangs that long says less than a prompt 503.
+READY_WAIT_S = 2.0
 
 
 def _token_middleware(token: str | None) -> Any:
@@ -71,9 +75,12 @@ def create_admin_app(
     async def readyz(_: web.Request) -> web.Response:
         # Ready means the outbox takes a write: the one thing a 200 to Meta depends on.
         try:
-            await outbox.ping()
+            async with asyncio.timeout(READY_WAIT_S):
+                await outbox.ping()
         except OutboxError:
             return text(503, "outbox unavailable")
+        except TimeoutError:
+            return text(503, f"outbox unavailable: no write within {READY_WAIT_S:g}s")
         return text(200, "ready")
 
     async def metrics(_: web.Request) -> web.Response:

@@ -8,16 +8,78 @@ answers, what reached the targets, and that it still serves a valid request afte
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
+import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from helpers import gateway_config, message_body, post, sink_target
+import pytest
+from helpers import (
+    admin_get,
+    gateway_config,
+    message_body,
+    metric,
+    post,
+    sink_target,
+    wait_for_state,
+)
 from pki import Pki
 from sink import Hang, Sink
 
-from gateway.config import DispatcherConfig
+from gateway.config import Config, DispatcherConfig
+from gateway.runtime.admin import READY_WAIT_S
 from gateway.runtime.gateway import Gateway
+
+# A request to a gateway whose outbox fails is answered within this (the busy timeout below,
+# and room for a slow machine); before, it waited as long as the lock was held.
+ANSWER_WITHIN_S = 4.0
+
+
+def _config(pki: Pki, tmp_path: Path, sink: Sink, **outbox: object) -> Config:
+    """One target on ``sink``; the outbox in a folder of its own, with ``outbox`` settings."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
+    settings = {"path": tmp_path / "data" / "outbox.sqlite3", "busy_timeout_s": 0.5} | outbox
+    return dataclasses.replace(config, outbox=dataclasses.replace(config.outbox, **settings))
+
+
+async def _serves_a_valid_request(gateway: Gateway, pki: Pki, sink: Sink, text: str) -> None:
+    """A valid notification is acknowledged and forwarded, and nothing else reached the sink."""
+    before = len(sink.received)
+    body = message_body(text)
+    assert (await post(gateway, pki, body)).status == 200
+    received = await sink.wait_for(before + 1)
+    assert [r.body for r in received[before:]] == [body]
+
+
+@contextmanager
+def _locked_by_another_process(path: Path) -> Iterator[None]:
+    """Another process holds an open ``BEGIN EXCLUSIVE`` transaction on ``path``."""
+    script = (
+        "import sqlite3, sys\n"
+        f"conn = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+        "conn.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        yield
+    finally:
+        holder.stdin.close()  # the holder reads end of file, exits, and the lock goes with it
+        holder.wait(timeout=10)
+        holder.stdout.close()
+
 
 # -- a target that never answers ---------------------------------------------------------------
 
@@ -45,3 +107,68 @@ async def test_hanging_target_does_not_delay_another_targets_deliveries(
             late = [r.at - acked[r.body] for r in received]
             await hanging.down()  # ends the hanging requests before the gateway stops
     assert max(late) < 1.0, f"slowest delivery to the healthy target: {max(late):.2f}s"
+
+
+# -- the outbox file ----------------------------------------------------------------------------
+
+
+async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """While another process holds the outbox locked, a POST is answered 503 within the busy
+    timeout (not as long as the lock is held), /readyz answers 503, nothing is forwarded; once
+    the lock is gone, both recover."""
+    config = _config(pki, tmp_path, sink)
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "before the lock")
+        with _locked_by_another_process(config.outbox.path):
+            started = time.monotonic()
+            async with asyncio.timeout(ANSWER_WITHIN_S):
+                answer = await post(gateway, pki, message_body("while locked"))
+            assert answer.status == 503
+            assert time.monotonic() - started < ANSWER_WITHIN_S
+            async with asyncio.timeout(READY_WAIT_S + 2):
+                assert (await admin_get(gateway, "/readyz")).status == 503
+        assert (await admin_get(gateway, "/readyz")).status == 200
+        await _serves_a_valid_request(gateway, pki, sink, "after the lock")
+    assert b"while locked" not in b"".join(r.body for r in sink.received)
+
+
+async def test_removed_outbox_folder_stops_acknowledgements(
+    pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the outbox's folder is removed, POSTs are answered 503 rather than 200 (their
+    notifications would be gone after a restart), /readyz answers 503, and one error line says
+    why; a restart on a new file serves again."""
+    config = _config(pki, tmp_path, sink)
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "before removal")
+        await wait_for_state(gateway, "delivered")
+        shutil.rmtree(config.outbox.path.parent)
+        with caplog.at_level(logging.ERROR, logger="gateway.outbox"):
+            assert (await post(gateway, pki, message_body("after removal"))).status == 503
+            assert (await post(gateway, pki, message_body("again"))).status == 503
+            assert (await admin_get(gateway, "/readyz")).status == 503
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
+        assert len(lines) == 1
+        assert "removed or replaced" in lines[0]
+    assert len(sink.received) == 1
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "after a restart")
+
+
+async def test_idle_gateway_commits_nothing(pki: Pki, tmp_path: Path, sink: Sink) -> None:
+    """With nothing to do, the dispatcher's polls read the outbox without committing."""
+    config = _config(pki, tmp_path, sink)
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "then idle")
+        await wait_for_state(gateway, "delivered")
+        await asyncio.sleep(0.1)  # the last outcome's lazy commit
+
+        async def commits() -> float:
+            text = (await admin_get(gateway, "/metrics")).text
+            return metric(text, "waba_gateway_outbox_commits_total")
+
+        before = await commits()
+        await asyncio.sleep(10 * config.dispatcher.poll_interval_s)
+        assert await commits() == before

@@ -115,12 +115,13 @@ def read_prefix(conn: sqlite3.Connection) -> str:
     return str(row[0])
 
 
-def open_store(path: Path) -> tuple[sqlite3.Connection, str]:
+def open_store(path: Path, busy_timeout_s: float = 5.0) -> tuple[sqlite3.Connection, str]:
     """Open ``path`` with the durability settings the outbox promises, giving a new file the
-    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError."""
+    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError.
+    A statement waits up to ``busy_timeout_s`` for a lock another process holds."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
     except (OSError, sqlite3.Error) as exc:
         raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
     try:

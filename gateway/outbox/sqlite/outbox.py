@@ -45,6 +45,7 @@ class SqliteOutbox:
         path: Path,
         *,
         dedup_window_s: float,
+        busy_timeout_s: float = 5.0,
         on_commit: Callable[[int], None] | None = None,
         create: bool = True,
     ) -> None:
@@ -55,6 +56,7 @@ class SqliteOutbox:
             raise OutboxError(f"outbox.path = '{path}': no outbox file there yet")
         self.path = path
         self.dedup_window_s = dedup_window_s
+        self._busy_timeout_s = busy_timeout_s
         self._prefix = ""
         # The last notification id the prune walk has passed (see prune). Kept in memory: after
         # a restart the first prune walks from the oldest row again, which is only slower.
@@ -63,14 +65,17 @@ class SqliteOutbox:
 
     def _open(self, path: Path) -> sqlite3.Connection:
         # On the writer thread, before the constructor returns.
-        conn, self._prefix = layout.open_store(path)
+        conn, self._prefix = layout.open_store(path, self._busy_timeout_s)
         return conn
 
-    async def run(self, func: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+    async def run(
+        self, func: Callable[[sqlite3.Connection], T], *, durable: bool = True, read: bool = False
+    ) -> T:
         """Run ``func`` (given the connection) in the next group transaction; return its result
-        once that has committed. For this backend's own operations and tests: the rest of the
-        gateway uses the interface's operations only."""
-        result: T = await self._writer.submit(func, durable=durable)
+        once that has committed. ``read``: ``func`` writes nothing (alone, it needs no write
+        transaction). For this backend's own operations and tests: the rest of the gateway uses
+        the interface's operations only."""
+        result: T = await self._writer.submit(func, durable=durable, read=read)
         return result
 
     async def close(self) -> None:
@@ -131,7 +136,8 @@ class SqliteOutbox:
                 now=now,
                 limits=dict(limits),
                 skip=frozenset(exclude),
-            )
+            ),
+            read=True,
         )
 
     async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
@@ -176,15 +182,27 @@ class SqliteOutbox:
         )
 
     async def ping(self) -> None:
-        # A statement through the writer: it takes the write lock a notification's commit takes.
-        await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
+        """Through the writer, in a write transaction: it takes the write lock a notification's
+        commit takes. After a failed write (a full disk lets an empty transaction commit) the
+        ping writes for real, so the outbox is ready again only once a write commits."""
+        writer = self._writer
+
+        def probe(conn: sqlite3.Connection) -> None:
+            if writer.failure is not None:
+                store.touch(conn)
+            else:
+                conn.execute("SELECT 1").fetchone()
+
+        if writer.failure is not None and writer.lost:
+            raise OutboxError(writer.failure)
+        await self.run(probe)
 
     async def query(
         self, *, state: State | None = None, target: str | None = None, limit: int = 100
     ) -> list[Delivery]:
         prefix = self._prefix
         return await self.run(
-            lambda conn: store.list_deliveries(conn, state, target, limit, prefix)
+            lambda conn: store.list_deliveries(conn, state, target, limit, prefix), read=True
         )
 
     async def replay(self, delivery_id: str, now: float) -> bool:
@@ -227,4 +245,4 @@ class SqliteOutbox:
                 return removed
 
     async def counts(self) -> dict[str, int]:
-        return await self.run(store.count_states)
+        return await self.run(store.count_states, read=True)

@@ -37,6 +37,7 @@ __all__ = [
     "record_attempts",
     "replay_delivery",
     "rowid_of",
+    "touch",
 ]
 
 _EXCERPT_CHARS = 1024
@@ -213,6 +214,11 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
             if a.rowid is not None
         ],
     )
+
+
+def touch(conn: sqlite3.Connection) -> None:
+    """Write a page without changing anything: readiness proves that writes commit again."""
+    conn.execute("UPDATE meta SET delivery_id_prefix = delivery_id_prefix")
 
 
 def count_states(conn: sqlite3.Connection) -> dict[str, int]:
