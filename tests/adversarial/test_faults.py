@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import (
     admin_get,
+    eventually,
     gateway_config,
     message_body,
     metric,
@@ -41,11 +42,13 @@ from gateway.runtime.gateway import Gateway
 ANSWER_WITHIN_S = 4.0
 
 
-def _config(pki: Pki, tmp_path: Path, sink: Sink, **outbox: object) -> Config:
-    """One target on ``sink``; the outbox in a folder of its own, with ``outbox`` settings."""
+def _config(pki: Pki, tmp_path: Path, sink: Sink) -> Config:
+    """One target on ``sink``; the outbox in a folder of its own, with a short busy timeout."""
     config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
-    settings = {"path": tmp_path / "data" / "outbox.sqlite3", "busy_timeout_s": 0.5} | outbox
-    return dataclasses.replace(config, outbox=dataclasses.replace(config.outbox, **settings))
+    outbox = dataclasses.replace(
+        config.outbox, path=tmp_path / "data" / "outbox.sqlite3", busy_timeout_s=0.5
+    )
+    return dataclasses.replace(config, outbox=outbox)
 
 
 async def _serves_a_valid_request(gateway: Gateway, pki: Pki, sink: Sink, text: str) -> None:
@@ -129,7 +132,11 @@ async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
             assert time.monotonic() - started < ANSWER_WITHIN_S
             async with asyncio.timeout(READY_WAIT_S + 2):
                 assert (await admin_get(gateway, "/readyz")).status == 503
-        assert (await admin_get(gateway, "/readyz")).status == 200
+
+        async def ready() -> bool:
+            return (await admin_get(gateway, "/readyz")).status == 200
+
+        await eventually(ready, "ready again once the lock is gone")
         await _serves_a_valid_request(gateway, pki, sink, "after the lock")
     assert b"while locked" not in b"".join(r.body for r in sink.received)
 
