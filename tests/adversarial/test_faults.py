@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from config_files import write_config
 from helpers import (
+    APP_SECRET,
     admin_get,
     eventually,
     gateway_config,
@@ -34,6 +38,7 @@ from pki import Pki
 from sink import Hang, Sink
 
 from gateway.config import Config, DispatcherConfig
+from gateway.outbox.sqlite.store import DAMAGED
 from gateway.runtime.admin import READY_WAIT_S
 from gateway.runtime.gateway import Gateway
 
@@ -179,3 +184,91 @@ async def test_idle_gateway_commits_nothing(pki: Pki, tmp_path: Path, sink: Sink
         before = await commits()
         await asyncio.sleep(10 * config.dispatcher.poll_interval_s)
         assert await commits() == before
+
+
+async def _store_pending(config: Config, pki: Pki, sink: Sink, bodies: list[bytes]) -> None:
+    """Acknowledge ``bodies`` while the target is down, so they stay pending in the file; the
+    gateway then stops, and the file is left checkpointed (no -wal file)."""
+    await sink.down()
+    async with Gateway(config) as gateway:
+        for body in bodies:
+            assert (await post(gateway, pki, body)).status == 200
+    assert not config.outbox.path.with_name(config.outbox.path.name + "-wal").exists()
+    await sink.up()
+
+
+def _overwrite_page(path: Path, table: str) -> None:
+    """Fill the first page of ``table`` (or index) in the file at ``path`` with garbage."""
+    with sqlite3.connect(path) as conn:
+        (page,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)
+        ).fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with path.open("r+b") as file:
+        file.seek((page - 1) * size)
+        file.write(b"\xa5" * size)
+
+
+def _serve(config_file: Path) -> subprocess.CompletedProcess[str]:
+    """``waba-gateway serve`` as an operator runs it, expected to exit on its own."""
+    env = os.environ | {"TEST_APP_SECRET": APP_SECRET}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_damaged_outbox_page_refuses_to_start_with_one_line(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """A damaged page in the outbox file: ``serve`` refuses to start with one ``error:`` line
+    that names the damage and the ways out, and exits 2; with the file moved aside, as that
+    line says, the gateway serves again."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
+    await _store_pending(config, pki, sink, [message_body(f"before damage {i}") for i in range(5)])
+    _overwrite_page(config.outbox.path, "deliveries_due")
+    config_file = write_config(pki, tmp_path, target_url=sink.url("/sink"))
+    finished = await asyncio.to_thread(_serve, config_file)
+    assert finished.returncode == 2, finished.stderr[-2000:]
+    (line,) = finished.stderr.strip().splitlines()
+    assert line.startswith(f"error: outbox.path = '{config.outbox.path}' is damaged: ")
+    assert "move it aside" in line
+    assert ".recover" in line
+    assert sink.received == []
+    config.outbox.path.rename(tmp_path / "damaged.sqlite3")
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "on a new outbox")
+
+
+def _change_bytes(path: Path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` (as long) where it occurs once in the file at ``path``."""
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+
+
+async def test_damaged_body_is_dead_lettered_never_forwarded(
+    pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored body whose bytes changed in the file no longer matches the digest stored with
+    it: its delivery is dead-lettered with the reason and a log line, and never forwarded; the
+    intact notification beside it is."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
+    intact, damaged = message_body("intact body"), message_body("damaged body")
+    await _store_pending(config, pki, sink, [intact, damaged])
+    _change_bytes(config.outbox.path, b"damaged body", b"dAmaged body")
+    with caplog.at_level(logging.ERROR, logger="gateway.outbox"):
+        async with Gateway(config) as gateway:
+            (dead,) = await wait_for_state(gateway, "dead")
+            await sink.wait_for(1)
+            await _serves_a_valid_request(gateway, pki, sink, "after the damage")
+    assert dead.last_error == DAMAGED
+    assert b"Amaged" not in b"".join(r.body for r in sink.received)
+    assert sink.received[0].body == intact
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
+    assert lines == [f"delivery {dead.id} dead-lettered: {DAMAGED}"]

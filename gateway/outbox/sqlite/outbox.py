@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ from gateway.outbox.sqlite.writer import Writer
 __all__ = ["SqliteOutbox"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class SqliteOutbox:
@@ -127,9 +130,10 @@ class SqliteOutbox:
         self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
-        each target named there, leaving out the ids in ``exclude`` (in flight)."""
+        each target named there, leaving out the ids in ``exclude`` (in flight). A delivery
+        whose body no longer matches its stored digest is dead-lettered, never handed out."""
         # Copies: the caller's collections may change before the writer thread reads them.
-        return await self.run(
+        found, damaged = await self.run(
             functools.partial(
                 store.due_deliveries,
                 prefix=self._prefix,
@@ -139,6 +143,17 @@ class SqliteOutbox:
             ),
             read=True,
         )
+        if damaged:
+            await self.run(
+                functools.partial(store.dead_letter_damaged, rowids=damaged, now=now)
+            )
+            for rowid in damaged:
+                log.error(
+                    "delivery %s dead-lettered: %s",
+                    store.delivery_id(self._prefix, rowid),
+                    store.DAMAGED,
+                )
+        return found
 
     async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
         """Dead-letter pending deliveries whose target is no longer configured."""
