@@ -420,15 +420,21 @@ class Listener:
         )
 
     async def start(
-        self, host: str, port: int, ssl_context: ssl.SSLContext, *, reuse_port: bool = False
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
     ) -> int:
-        """Listen on ``host:port``; return the bound port (useful with port 0)."""
+        """Listen on ``host:port``, or accept on ``sock`` (a listening socket the supervisor of
+        several workers bound and shares with them); return the bound port (useful with 0)."""
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
+        kwargs |= {"sock": sock} if sock is not None else {"host": host, "port": port}
         self._server = await loop.create_server(
             lambda: _Connection(self),
-            host,
-            port,
             ssl=ssl_context,
             backlog=1024,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,

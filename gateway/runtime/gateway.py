@@ -14,8 +14,10 @@ start the dispatcher, bind the TLS callback listener, then the admin listener. S
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,16 +29,37 @@ from gateway.config import Config
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.listener import Listener
 from gateway.edge.tls import build_server_context
+from gateway.errors import GatewayError
 from gateway.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
 from gateway.units import SECONDS
 
-__all__ = ["Gateway", "bound_port", "event_loop_runner", "run", "serve_process"]
+__all__ = [
+    "Gateway",
+    "bound_port",
+    "event_loop_runner",
+    "listen_error",
+    "run",
+    "serve_process",
+]
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10 * SECONDS
+
+
+def listen_error(config: Config, exc: OSError) -> GatewayError:
+    """The one-line error for a listening socket the system refused (a port in use above all,
+    where Python would print a traceback)."""
+    listen = config.listen
+    where = f"listen.port {listen.port} in {config.source or 'the configuration'}"
+    if exc.errno == errno.EADDRINUSE:
+        return GatewayError(
+            f"{where} is in use by another process (another gateway?); stop it or choose"
+            " another port"
+        )
+    return GatewayError(f"{where}: cannot listen on {listen.host}: {exc.strerror or exc}")
 
 
 def bound_port(site: web.TCPSite) -> int:
@@ -64,13 +87,22 @@ class Gateway:
         reuse_port: bool = False,
         wake_channel: str | None = None,
         metrics_dir: Path | None = None,
+        sock: socket.socket | None = None,
+        claim: bool | None = None,
     ) -> None:
+        """``sock``: accept on this listening socket (a supervisor's, shared by its workers)
+        instead of binding ``listen.port``; ``claim``: see :class:`Core`."""
         self.config = config
         self.primary = primary
         self._reuse_port = reuse_port
+        self._sock = sock
         self._ssl = ssl_context or build_server_context(config.tls)
         self.core = Core(
-            config, primary=primary, wake_channel=wake_channel, metrics_dir=metrics_dir
+            config,
+            primary=primary,
+            wake_channel=wake_channel,
+            metrics_dir=metrics_dir,
+            claim=claim,
         )
         self.stats = self.core.stats
         self._listener: Listener | None = None
@@ -94,9 +126,16 @@ class Gateway:
             self._listener = Listener(self.core.callback, listen)
             # SO_REUSEPORT only for sibling workers: it lets any process of the same user share
             # the port (and its connections), so a lone gateway never sets it.
-            self.port = await self._listener.start(
-                listen.host, listen.port, self._ssl, reuse_port=self._reuse_port
-            )
+            try:
+                self.port = await self._listener.start(
+                    listen.host,
+                    listen.port,
+                    self._ssl,
+                    reuse_port=self._reuse_port,
+                    sock=self._sock,
+                )
+            except OSError as exc:
+                raise listen_error(config, exc) from exc
             admin = config.admin
             if admin.enabled and self.primary:
                 admin_app = create_admin_app(
@@ -140,6 +179,8 @@ async def run(
     reuse_port: bool = False,
     wake_channel: str | None = None,
     metrics_dir: Path | None = None,
+    sock: socket.socket | None = None,
+    claim: bool | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly."""
     loop = asyncio.get_running_loop()
@@ -158,6 +199,8 @@ async def run(
             reuse_port=reuse_port,
             wake_channel=wake_channel,
             metrics_dir=metrics_dir,
+            sock=sock,
+            claim=claim,
         ) as gateway:
             log.info(
                 "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
@@ -199,6 +242,8 @@ def serve_process(
     reuse_port: bool,
     wake_channel: str | None = None,
     metrics_dir: Path | None = None,
+    sock: socket.socket | None = None,
+    claim: bool | None = None,
 ) -> None:
     """One serving process, on uvloop when it is installed."""
     with event_loop_runner() as runner:
@@ -209,5 +254,7 @@ def serve_process(
                 reuse_port=reuse_port,
                 wake_channel=wake_channel,
                 metrics_dir=metrics_dir,
+                sock=sock,
+                claim=claim,
             )
         )

@@ -1,11 +1,14 @@
 """``[listen] workers = N``: N acceptor processes on one port, exactly one dispatcher.
 
-Rule: the supervisor (the process ``serve`` started) binds nothing and forwards nothing; it starts
-N worker processes that each bind the listener with SO_REUSEPORT, so the kernel spreads
-connections across them. Worker 0 is the primary: it alone runs the dispatcher and the admin
-listener; the others tell it when they have stored something (:mod:`gateway.runtime.wake`). All
-share the SQLite outbox (WAL lets them write one after another and read at once), and all count into
-one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
+Rule: the supervisor (the process ``serve`` started) forwards nothing; it claims the outbox for its
+gateway (:func:`gateway.outbox.hold_outbox`: a second gateway on the same file is refused), binds
+the listening socket once and starts N worker processes that all accept on it, so whichever worker
+is free takes the next connection. The socket is not SO_REUSEPORT: that option would let any other
+process of the same user bind the port too and take a share of the connections, so a second gateway
+on the port fails to start instead. Worker 0 is the primary: it alone runs the dispatcher and the
+admin listener; the others tell it when they have stored something (:mod:`gateway.runtime.wake`).
+All share the SQLite outbox (WAL lets them write one after another and read at once), and all count
+into one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
 gateway's (:mod:`gateway.runtime.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
@@ -24,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -33,7 +37,8 @@ from types import FrameType
 
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.runtime.gateway import serve_process
+from gateway.outbox import hold_outbox
+from gateway.runtime.gateway import listen_error, serve_process
 from gateway.runtime.logs import setup_logging
 from gateway.runtime.stats import MULTIPROCESS_ENV
 from gateway.runtime.wake import channel_name
@@ -53,16 +58,43 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _worker(config: Config, index: int, wake_channel: str, metrics_dir: Path) -> None:
+def _worker(
+    config: Config, index: int, wake_channel: str, metrics_dir: Path, sock: socket.socket
+) -> None:
     _die_with_parent()
     setup_logging(config.log_level)
     serve_process(
         config,
         primary=index == 0,
-        reuse_port=True,
+        reuse_port=False,
         wake_channel=wake_channel,
         metrics_dir=metrics_dir,
+        sock=sock,
+        claim=False,  # the supervisor holds the outbox for all its workers
     )
+
+
+def _bind(config: Config) -> socket.socket:
+    """The listening socket every worker accepts on, bound to the first address
+    ``listen.host`` resolves to (as the asyncio server of a lone gateway would be)."""
+    listen = config.listen
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise listen_error(config, exc) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(config, exc) from exc
+    return sock
 
 
 def supervise(config: Config) -> int:
@@ -74,6 +106,26 @@ def supervise(config: Config) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
 
+    hold = hold_outbox(config.outbox)  # refused here when another gateway has it
+    try:
+        sock = _bind(config)
+    except BaseException:
+        hold.release()
+        raise
+    try:
+        return _supervise(config, context, stopping, on_signal, sock)
+    finally:
+        sock.close()
+        hold.release()
+
+
+def _supervise(
+    config: Config,
+    context: multiprocessing.context.SpawnContext,
+    stopping: threading.Event,
+    on_signal: signal._HANDLER,
+    sock: socket.socket,
+) -> int:
     # A new, private folder per run: prometheus-client sums every file in it, so counts of an
     # earlier run must not be there. The workers inherit the variable, which prometheus-client
     # reads when they import it.
@@ -93,7 +145,7 @@ def supervise(config: Config) -> int:
         for index in range(config.listen.workers):
             process = context.Process(
                 target=_worker,
-                args=(config, index, channel_name(os.getpid()), metrics_dir),
+                args=(config, index, channel_name(os.getpid()), metrics_dir, sock),
                 name=f"waba-gateway-worker-{index}",
             )
             process.start()

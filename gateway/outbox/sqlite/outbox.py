@@ -144,9 +144,7 @@ class SqliteOutbox:
             read=True,
         )
         if damaged:
-            await self.run(
-                functools.partial(store.dead_letter_damaged, rowids=damaged, now=now)
-            )
+            await self.run(functools.partial(store.dead_letter_damaged, rowids=damaged, now=now))
             for rowid in damaged:
                 log.error(
                     "delivery %s dead-lettered: %s",
