@@ -8,6 +8,7 @@ context is built (at start-up), never at the first handshake.
 
 from __future__ import annotations
 
+import datetime
 import re
 import ssl
 from collections.abc import Callable, Mapping
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from gateway.config import ClientAuth, TlsConfig
 from gateway.errors import CertificateError
 
-__all__ = ["build_server_context", "client_ca_subjects"]
+__all__ = ["build_server_context", "client_ca_subjects", "stale_crls"]
 
 _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
     "required": ssl.CERT_REQUIRED,
@@ -37,6 +38,7 @@ _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
 _ALPN_PROTOCOLS: Final = ["http/1.1"]
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 
 def build_server_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -173,6 +175,27 @@ def _check_crl_file(path: Path) -> None:
         raise CertificateError(
             f"{_at('tls.crl_file', path)}: holds {', '.join(others)}; only X509 CRL is allowed"
         )
+
+
+def stale_crls(path: Path, now: datetime.datetime) -> list[str]:
+    """A warning for each CRL in ``path`` whose next update is past: revocations since then
+    are unknown to the gateway until a fresh CRL is installed (RFC 5280 section 5.1.2.5). Says
+    nothing of a file that cannot be read: building the TLS context reports that."""
+    try:
+        blocks = _PEM_CRL.findall(path.read_bytes())
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+    except (OSError, ValueError):
+        return []
+    warnings = []
+    for crl in crls:
+        due = crl.next_update_utc
+        if due is not None and due < now:
+            issuer = crl.issuer.rfc4514_string()
+            warnings.append(
+                f"{_at('tls.crl_file', path)}: the CRL of {issuer} is past its next update"
+                f" ({due:%Y-%m-%d %H:%M} UTC); install a fresh one from its issuer"
+            )
+    return warnings
 
 
 def _load(key: str, path: Path, load: Callable[[], None]) -> None:

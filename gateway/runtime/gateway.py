@@ -14,6 +14,7 @@ start the dispatcher, bind the TLS callback listener, then the admin listener. S
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
 import logging
 import signal
@@ -28,7 +29,7 @@ from aiohttp import web
 from gateway.config import Config
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.listener import Listener
-from gateway.edge.tls import build_server_context
+from gateway.edge.tls import build_server_context, stale_crls
 from gateway.errors import GatewayError
 from gateway.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
@@ -120,6 +121,10 @@ class Gateway:
 
     async def __aenter__(self) -> Gateway:
         config = self.config
+        if config.tls.crl_file is not None:
+            now = datetime.datetime.now(datetime.UTC)
+            for stale in stale_crls(config.tls.crl_file, now):
+                log.warning("%s", stale)
         try:
             await self.core.start()
             listen = config.listen

@@ -31,6 +31,7 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -43,12 +44,46 @@ from gateway.runtime.logs import setup_logging
 from gateway.runtime.stats import MULTIPROCESS_ENV
 from gateway.runtime.wake import channel_name
 
-__all__ = ["supervise"]
+__all__ = ["stale_metrics_dirs", "supervise"]
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 30.0
+_METRICS_PREFIX = "waba-gateway-metrics-"
+
+
+def stale_metrics_dirs(names: Iterable[str], alive: Callable[[int], bool]) -> list[str]:
+    """Of the folder ``names`` in the temporary folder, the metrics folders of supervisors that
+    are no longer alive (a supervisor killed with SIGKILL cannot remove its own)."""
+    stale = []
+    for name in names:
+        if not name.startswith(_METRICS_PREFIX):
+            continue
+        pid, _, rest = name[len(_METRICS_PREFIX) :].partition("-")
+        if rest and pid.isascii() and pid.isdigit() and not alive(int(pid)):
+            stale.append(name)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_metrics_dirs(folder: Path) -> None:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in stale_metrics_dirs(names, _alive):
+        shutil.rmtree(folder / name, ignore_errors=True)
+        log.info("removed %s, left behind by a gateway that is gone", folder / name)
 
 
 def _die_with_parent() -> None:
@@ -129,8 +164,9 @@ def _supervise(
     # A new, private folder per run: prometheus-client sums every file in it, so counts of an
     # earlier run must not be there. The workers inherit the variable, which prometheus-client
     # reads when they import it.
+    _remove_stale_metrics_dirs(Path(tempfile.gettempdir()))
     try:
-        metrics_dir = Path(tempfile.mkdtemp(prefix=f"waba-gateway-metrics-{os.getpid()}-"))
+        metrics_dir = Path(tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-"))
     except OSError as exc:
         raise GatewayError(
             f"cannot make the workers' metrics folder in {tempfile.gettempdir()}:"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import logging
 import os
 import shutil
@@ -34,13 +35,16 @@ from helpers import (
     sink_target,
     wait_for_state,
 )
-from pki import Pki
+from pki import Pki, stale_crl
 from sink import Hang, Sink
 
 from gateway.config import Config, DispatcherConfig
+from gateway.onboarding.check import report
+from gateway.onboarding.doctor import diagnose
 from gateway.outbox.sqlite.store import DAMAGED
 from gateway.runtime.admin import READY_WAIT_S
 from gateway.runtime.gateway import Gateway
+from gateway.runtime.workers import stale_metrics_dirs
 
 # A request to a gateway whose outbox fails is answered within this (the busy timeout below,
 # and room for a slow machine); before, it waited as long as the lock was held.
@@ -272,3 +276,43 @@ async def test_damaged_body_is_dead_lettered_never_forwarded(
     assert sink.received[0].body == intact
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
     assert lines == [f"delivery {dead.id} dead-lettered: {DAMAGED}"]
+
+
+# -- what time and crashes leave behind ---------------------------------------------------------
+
+
+async def test_crl_past_its_next_update_is_warned_at_start_check_and_doctor(
+    pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CRL whose next update is past: a warning when the gateway starts, a ``warning:`` line
+    in ``check`` and a WARN finding in ``doctor``."""
+    crl_file = tmp_path / "stale.crl.pem"
+    crl_file.write_bytes(stale_crl(pki.meta_intermediate))
+    config = dataclasses.replace(
+        gateway_config(pki, tmp_path, targets=[sink_target(sink)]),
+        tls=pki.tls_config(crl_file=crl_file),
+    )
+    expected = f"tls.crl_file = '{crl_file}': the CRL of "
+    with caplog.at_level(logging.WARNING, logger="gateway.runtime"):
+        async with Gateway(config):
+            pass
+    assert any(r.getMessage().startswith(expected) for r in caplog.records)
+    now = datetime.datetime.now(datetime.UTC)
+    assert any(line.startswith(f"warning: {expected}") for line in report(config, now))
+    findings = await diagnose(config, now)
+    assert any(f.level == "WARN" and f.what.startswith(expected) for f in findings)
+
+
+@pytest.mark.parametrize(
+    ("name", "alive", "stale"),
+    [
+        pytest.param("waba-gateway-metrics-123-abcd", False, True, id="supervisor gone"),
+        pytest.param("waba-gateway-metrics-123-abcd", True, False, id="supervisor running"),
+        pytest.param("waba-gateway-metrics-x1-abcd", False, False, id="no pid"),
+        pytest.param("waba-gateway-metrics-123", False, False, id="not a folder mkdtemp made"),
+        pytest.param("other-123-abcd", False, False, id="not ours"),
+    ],
+)
+def test_stale_metrics_dirs(name: str, alive: bool, stale: bool) -> None:
+    """Only the metrics folders of supervisors no longer alive are left-overs."""
+    assert stale_metrics_dirs([name], lambda pid: alive) == ([name] if stale else [])

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -27,10 +27,10 @@ def _command(config: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _running(config: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _running(config: Path, env: Mapping[str, str] = _ENV) -> Iterator[subprocess.Popen[bytes]]:
     """``serve`` as a child process, stopped (SIGTERM, then SIGKILL) at the end."""
     process = subprocess.Popen(
-        _command(config), env=_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _command(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         yield process
@@ -41,6 +41,17 @@ def _running(config: Path) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _pid_of_a_finished_process() -> int:
+    """The pid of a process that has exited (and was reaped): no process has it now."""
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(finished.stdout)
 
 
 def _refused(config: Path) -> str:
@@ -156,3 +167,25 @@ async def test_multi_worker_gateways_do_not_share_a_port(
         line = await asyncio.to_thread(_refused, second)
         assert line.startswith(f"error: listen.port {port} in {second} is in use")
         await _serves_once(port, pki, sink, "workers of one gateway only")
+
+
+async def test_supervisor_removes_metrics_folders_of_gateways_gone(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """A multi-worker gateway starting removes the metrics folders a supervisor killed with
+    SIGKILL left behind, and keeps those of supervisors still running; it serves as usual."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    gone = _pid_of_a_finished_process()
+    stale = temporary / f"waba-gateway-metrics-{gone}-left"
+    running = temporary / f"waba-gateway-metrics-{os.getpid()}-kept"
+    for folder in (stale, running):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"")
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    port = listen_port(config)
+    with _running(config, env=_ENV | {"TMPDIR": str(temporary)}) as process:
+        await _serving(port, process)
+        assert not stale.exists()
+        assert running.exists()
+        await _serves_once(port, pki, sink, "after the clean-up")
