@@ -103,7 +103,7 @@ async def test_hanging_target_does_not_delay_another_targets_deliveries(
     fraction of the hanging target's ``timeout_s``."""
     async with Sink() as hanging:
         hanging.default = Hang(seconds=30)
-        targets = [sink_target(hanging, "hang", timeout_s=5), sink_target(sink, "healthy")]
+        targets = [sink_target(hanging, "hang", timeout_s=10), sink_target(sink, "healthy")]
         config = gateway_config(pki, tmp_path, targets=targets)
         # A small claim budget, so that a few notifications are enough to show the coupling.
         config = dataclasses.replace(
@@ -118,7 +118,7 @@ async def test_hanging_target_does_not_delay_another_targets_deliveries(
             received = await sink.wait_for(40, "/healthy")
             late = [r.at - acked[r.body] for r in received]
             await hanging.down()  # ends the hanging requests before the gateway stops
-    assert max(late) < 1.0, f"slowest delivery to the healthy target: {max(late):.2f}s"
+    assert max(late) < 2.5, f"slowest delivery to the healthy target: {max(late):.2f}s"
 
 
 # -- the outbox file ----------------------------------------------------------------------------
@@ -133,6 +133,8 @@ async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
     config = _config(pki, tmp_path, sink)
     async with Gateway(config) as gateway:
         await _serves_a_valid_request(gateway, pki, sink, "before the lock")
+        # Its outcome recorded: else it stays pending through the lock, and is sent again.
+        await wait_for_state(gateway, "delivered")
         with _locked_by_another_process(config.outbox.path):
             started = time.monotonic()
             async with asyncio.timeout(ANSWER_WITHIN_S):

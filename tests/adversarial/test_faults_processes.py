@@ -7,15 +7,16 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import aiohttp
 from config_files import free_port, listen_port, write_config
-from helpers import APP_SECRET, message_body, meta_signature
+from helpers import APP_SECRET, eventually, message_body, meta_signature
 from pki import Pki
 from sink import DEADLINE_S, Sink
 
@@ -27,10 +28,14 @@ def _command(config: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _running(config: Path, env: Mapping[str, str] = _ENV) -> Iterator[subprocess.Popen[bytes]]:
-    """``serve`` as a child process, stopped (SIGTERM, then SIGKILL) at the end."""
+def _running(
+    config: Path,
+    env: Mapping[str, str] = _ENV,
+    wrap: Callable[[list[str]], list[str]] = lambda command: command,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``serve`` (``wrap``ped) as a child process, stopped (SIGTERM, then SIGKILL) at the end."""
     process = subprocess.Popen(
-        _command(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        wrap(_command(config)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         yield process
@@ -189,3 +194,50 @@ async def test_supervisor_removes_metrics_folders_of_gateways_gone(
         assert not stale.exists()
         assert running.exists()
         await _serves_once(port, pki, sink, "after the clean-up")
+
+
+def _ignoring_sigxfsz(command: list[str]) -> list[str]:
+    """``command`` with SIGXFSZ ignored, so that a write past the file size limit (RLIMIT_FSIZE,
+    which binds root too) fails with EFBIG, as on a full disk, instead of killing the process."""
+    script = (
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    return [sys.executable, "-c", script, *command]
+
+
+async def _ready(admin_port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{admin_port}/readyz") as response,
+    ):
+        return response.status
+
+
+async def test_full_disk_answers_503_and_readyz_says_so_until_space_returns(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """When the outbox's write-ahead log cannot grow (the gateway's file size limit lowered to
+    its present size stands in for a full disk), a POST is answered 503, /readyz answers 503 and
+    nothing reaches the target; once space returns, both recover."""
+    admin_port = free_port()
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), admin_port=admin_port)
+    port = listen_port(config)
+    wal = tmp_path / "outbox.sqlite3-wal"
+    with _running(config, wrap=_ignoring_sigxfsz) as process:
+        await _serving(port, process)
+        await _serves_once(port, pki, sink, "before the disk fills")
+        full = wal.stat().st_size
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (full, resource.RLIM_INFINITY))
+        refused = message_body("while the disk is full")
+        assert await _post(port, pki, refused) == 503
+        assert await _ready(admin_port) == 503
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+
+        async def ready_again() -> bool:
+            return await _ready(admin_port) == 200
+
+        await eventually(ready_again, "ready once the file may grow")
+        await _serves_once(port, pki, sink, "space is back")
+    assert refused not in {r.body for r in sink.received}

@@ -247,8 +247,11 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
 
 
 def touch(conn: sqlite3.Connection) -> None:
-    """Write a page without changing anything: readiness proves that writes commit again."""
-    conn.execute("UPDATE meta SET delivery_id_prefix = delivery_id_prefix")
+    """Write a page and leave the file as it was: readiness proves that writes commit again.
+    (An UPDATE to the same value would not do: SQLite leaves a page that does not change clean,
+    and commits nothing.)"""
+    rowid = conn.execute("INSERT INTO meta (delivery_id_prefix) VALUES ('')").lastrowid
+    conn.execute("DELETE FROM meta WHERE rowid = ?", (rowid,))
 
 
 def count_states(conn: sqlite3.Connection) -> dict[str, int]:
