@@ -152,6 +152,42 @@ async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
     assert b"while locked" not in b"".join(r.body for r in sink.received)
 
 
+@contextmanager
+def _immutable(*paths: Path) -> Iterator[None]:
+    """``chattr +i`` on ``paths`` (no write reaches them, even as root), undone at the end."""
+    try:
+        subprocess.run(["chattr", "+i", *map(str, paths)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        # Not a missing package (.ci/run installs chattr): the capability or the filesystem.
+        pytest.skip(f"chattr +i is refused here (CAP_LINUX_IMMUTABLE, filesystem): {exc}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+
+
+async def test_immutable_outbox_answers_503_and_readyz_says_so(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """With the outbox's files made immutable while the gateway runs, a POST is answered 503,
+    /readyz answers 503 and nothing is forwarded; writable again, both recover."""
+    config = _config(pki, tmp_path, sink)
+    path = config.outbox.path
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "before chattr")
+        await wait_for_state(gateway, "delivered")
+        with _immutable(path, path.with_name(path.name + "-wal")):
+            assert (await post(gateway, pki, message_body("immutable"))).status == 503
+            assert (await admin_get(gateway, "/readyz")).status == 503
+
+        async def ready() -> bool:
+            return (await admin_get(gateway, "/readyz")).status == 200
+
+        await eventually(ready, "ready again once writable")
+        await _serves_a_valid_request(gateway, pki, sink, "after chattr")
+    assert b"immutable" not in b"".join(r.body for r in sink.received)
+
+
 async def test_removed_outbox_folder_stops_acknowledgements(
     pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:

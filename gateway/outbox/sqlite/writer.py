@@ -366,6 +366,10 @@ class Writer:
                 results = [(None, OutboxError(f"outbox write failed: {exc}"))]
             else:
                 results = [_alone(conn, job, lock) for job in group]
+            # Nothing committed (a file turned read-only fails in the first statement, not at
+            # the commit): readiness must not say otherwise until a write succeeds.
+            failed = [error for _, error in results if error is not None]
+            self.failure = str(failed[0]) if len(failed) == len(results) else None
         self._answer(group, results)
         # Give the core to the event loop before the next group starts, so that it answers this
         # group first. Otherwise, on a core that the loop and this thread share, the answers
