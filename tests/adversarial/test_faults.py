@@ -152,6 +152,41 @@ async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
     assert b"while locked" not in b"".join(r.body for r in sink.received)
 
 
+async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_busy_timeout(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """Requests that arrive while a write waits on another process's lock are each answered
+    503 within the busy timeout of their own arrival, not after the writes queued before them
+    have each waited it in turn."""
+    config = _config(pki, tmp_path, sink)
+    busy = 1.0
+    config = dataclasses.replace(
+        config, outbox=dataclasses.replace(config.outbox, busy_timeout_s=busy)
+    )
+
+    async def timed(index: int) -> tuple[int, float]:
+        await asyncio.sleep(index * 0.1)
+        started = time.monotonic()
+        answer = await post(gateway, pki, message_body(f"queued {index}"))
+        return answer.status, time.monotonic() - started
+
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "before the lock")
+        await wait_for_state(gateway, "delivered")
+        with _locked_by_another_process(config.outbox.path):
+            answers = await asyncio.gather(*(timed(index) for index in range(20)))
+        assert {status for status, _ in answers} == {503}
+        slowest = max(seconds for _, seconds in answers)
+        assert slowest < busy + 0.6, f"slowest answer {slowest:.2f}s"
+
+        async def ready() -> bool:
+            return (await admin_get(gateway, "/readyz")).status == 200
+
+        await eventually(ready, "ready again once the lock is gone")
+        await _serves_a_valid_request(gateway, pki, sink, "after the lock")
+    assert b"queued" not in b"".join(r.body for r in sink.received)
+
+
 @contextmanager
 def _immutable(*paths: Path) -> Iterator[None]:
     """``chattr +i`` on ``paths`` (no write reaches them, even as root), undone at the end."""

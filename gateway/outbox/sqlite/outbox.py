@@ -64,7 +64,7 @@ class SqliteOutbox:
         # The last notification id the prune walk has passed (see prune). Kept in memory: after
         # a restart the first prune walks from the oldest row again, which is only slower.
         self._prune_after = 0
-        self._writer = Writer(path, self._open, on_commit)
+        self._writer = Writer(path, self._open, on_commit, busy_timeout_s)
 
     def _open(self, path: Path) -> sqlite3.Connection:
         # On the writer thread, before the constructor returns.

@@ -72,7 +72,7 @@ Job = Callable[[sqlite3.Connection], Any]
 
 
 class _Job:
-    __slots__ = ("durable", "func", "future", "loop", "read")
+    __slots__ = ("at", "durable", "func", "future", "loop", "read")
 
     def __init__(
         self,
@@ -87,6 +87,7 @@ class _Job:
         self.future = future
         self.durable = durable
         self.read = read  # writes nothing: runs at once, in a read transaction when alone
+        self.at = time.monotonic()  # submitted
 
 
 class _GroupFailed(Exception):
@@ -173,9 +174,14 @@ class Writer:
         path: Path,
         open_connection: Callable[[Path], sqlite3.Connection],
         on_commit: Callable[[int], None] | None = None,
+        busy_timeout_s: float | None = None,
     ) -> None:
+        """``busy_timeout_s``: the busy timeout ``open_connection`` gives the connection; while
+        writes fail, a group waits only what is left of it since its oldest job came."""
         self.path = path
         self._open_connection = open_connection
+        self._busy_timeout_s = busy_timeout_s
+        self._shortened = False  # the connection's busy timeout is below busy_timeout_s
         self._on_commit = on_commit  # called on this thread with each group's size
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
@@ -348,6 +354,7 @@ class Writer:
             error = OutboxError(self._lost or "outbox lost")
             self._answer(group, [(None, error)] * len(group))
             return
+        self._bound_wait(conn, group)
         try:
             results = [(value, None) for value in _transaction(conn, group, lock)]
             self.failure = None
@@ -377,6 +384,20 @@ class Writer:
         # the clients' next requests arrive later, split into two groups that each pay for an
         # fsync. Answered first, they arrive while this thread waits and form one larger group.
         os.sched_yield()
+
+    def _bound_wait(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
+        """While writes fail (a lock held elsewhere), no job waits longer than the busy timeout
+        from its own arrival: a group that queued behind a failing one gets what is left."""
+        if self._busy_timeout_s is None:
+            return
+        full = self._busy_timeout_s
+        if self.failure is not None:
+            left = min(job.at for job in group) + full - time.monotonic()
+            conn.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
+            self._shortened = True
+        elif self._shortened:
+            conn.execute(f"PRAGMA busy_timeout = {int(full * 1000)}")
+            self._shortened = False
 
     def _answer(self, group: list[_Job], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per event loop for the whole group rather than one per job.
