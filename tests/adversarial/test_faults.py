@@ -322,10 +322,10 @@ async def test_damaged_outbox_page_refuses_to_start_with_one_line(
         await _serves_a_valid_request(gateway, pki, sink, "on a new outbox")
 
 
-def _change_bytes(path: Path, old: bytes, new: bytes) -> None:
-    """Replace ``old`` by ``new`` (as long) where it occurs once in the file at ``path``."""
+def _change_bytes(path: Path, old: bytes, new: bytes, *, times: int = 1) -> None:
+    """Replace ``old`` by ``new`` (as long) where it occurs ``times`` in the file at ``path``."""
     data = path.read_bytes()
-    assert data.count(old) == 1
+    assert data.count(old) == times
     path.write_bytes(data.replace(old, new))
 
 
@@ -349,6 +349,22 @@ async def test_damaged_body_is_dead_lettered_never_forwarded(
     assert sink.received[0].body == intact
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
     assert lines == [f"delivery {dead.id} dead-lettered: {DAMAGED}"]
+
+
+async def test_damaged_notification_of_a_split_delivery_is_dead_lettered(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """A split delivery (one change of a notification) is checked against its notification's
+    digest: damaged, it is dead-lettered and never forwarded."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink, split="change")])
+    await _store_pending(config, pki, sink, [message_body("damaged split")])
+    # The text is in the notification's body and in the part stored for the split delivery.
+    _change_bytes(config.outbox.path, b"damaged split", b"dAmaged split", times=2)
+    async with Gateway(config) as gateway:
+        (dead,) = await wait_for_state(gateway, "dead")
+        await _serves_a_valid_request(gateway, pki, sink, "after the damage")
+    assert dead.last_error == DAMAGED
+    assert b"Amaged" not in b"".join(r.body for r in sink.received)
 
 
 # -- what time and crashes leave behind ---------------------------------------------------------
