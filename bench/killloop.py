@@ -133,8 +133,9 @@ level = "error"
 
 
 def start_gateway(config: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH",
-    "")) return subprocess.Popen(
+    path = str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, PYTHONPATH=path)
+    return subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

@@ -105,6 +105,9 @@ class OutboxConfig:
     dedup_window_s: float = 7 * DAYS
     # Delivered rows older than this are removed; dead letters stay until replayed.
     retention_s: float = 7 * DAYS
+    # The longest a write waits for a lock another process holds on the file before the
+    # requests it carries are answered 503 (Meta retries); SQLite's busy timeout.
+    busy_timeout_s: float = 5 * SECONDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

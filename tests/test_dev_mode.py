@@ -164,7 +164,8 @@ def test_serve_on_a_busy_port_names_the_key_and_the_file(
         done = _cli("serve", "--config", str(config))
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
-        f"error: port {port} is in use; choose another with listen.port in {config}"
+        f"error: listen.port {port} in {config} is in use by another process (another"
+        " gateway?); stop it or choose another port"
     )
     assert "Traceback" not in done.stderr
 

@@ -61,8 +61,11 @@ def _serve(args: argparse.Namespace) -> int:
         serve_process(config, primary=True, reuse_port=False)
     except PortInUse as exc:
         source = config.source or args.config or default_config_path()
+        # The wording of gateway.runtime.gateway.listen_error, which the supervisor's own bind
+        # gives: one message for a busy port however the gateway runs.
         raise GatewayError(
-            f"port {exc.port} is in use; choose another with {exc.key} in {source}"
+            f"{exc.key} {exc.port} in {source} is in use by another process (another gateway?);"
+            " stop it or choose another port"
         ) from exc
     return 0
 

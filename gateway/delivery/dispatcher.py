@@ -15,6 +15,9 @@ outcomes are recorded as one outbox job, and the target's health takes one verdi
 Targets can change while it runs (:meth:`Dispatcher.reconfigure`, on a reload): attempts in flight
 finish with the settings they started with; the deliveries of a target no longer configured stay
 pending in the outbox, listed and replayable, and go out again if the target comes back.
+
+Targets are isolated: each has its own budget of started deliveries (``dispatcher.batch_size``),
+so a target that never answers holds only its own deliveries back, never another target's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from gateway.delivery.outcome import (
     classify,
     is_transient,
 )
+from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 
 __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
@@ -93,7 +97,10 @@ class Dispatcher:
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
         self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
         self._closing: set[asyncio.Task[None]] = set()
-        self._capacity = max(settings.batch_size, 1)  # attempts started or queued, in all
+        # Attempts started or queued, per target: one budget for all would let a target that
+        # never answers fill it, and every other target would wait for its timeout.
+        self._capacity = max(settings.batch_size, 1)
+        self._load = dict.fromkeys(self._targets, 0)
         # True when the outbox may hold due deliveries the last claim had no room for: only
         # then does a finished attempt wake the loop. Otherwise the outbox is read on the poll
         # interval, and fresh notifications arrive through offer() without being read back.
@@ -132,7 +139,7 @@ class Dispatcher:
                 # the loop for every notification would only query a target that cannot take
                 # them.
                 continue
-            if len(self._in_flight) >= self._capacity:
+            if self._load[delivery.target] >= self._capacity:
                 self._backlog = True
                 self._wake.set()
                 continue
@@ -160,13 +167,16 @@ class Dispatcher:
             self._forwarders[name] = Forwarder(target)
             self._health.setdefault(name, TargetHealth())
             self._busy.setdefault(name, 0)
+            self._load.setdefault(name, 0)
             self._queued.setdefault(name, [])
         self._backlog = True
         self._wake.set()
 
     def _forget(self, name: str) -> None:
+        # Its load entry stays: batches still out for it finish and give their budget back.
         for delivery in self._queued.pop(name, []):
             self._in_flight.discard(delivery.id)
+            self._load[name] -= 1
         self._retire(self._forwarders.pop(name))
         del self._targets[name], self._policies[name], self._health[name]
 
@@ -228,36 +238,49 @@ class Dispatcher:
             await forwarder.close()
 
     async def _loop(self) -> None:
+        failing: str | None = None  # the outbox's complaint, logged once until it recovers
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._claim(self._capacity - len(self._in_flight))
+                await self._claim()
                 await self._maybe_prune()
-            except Exception:  # the outbox failed: log, wait, try again; never die silently
+            except OutboxError as exc:  # locked, lost, full: said once, tried on every poll
+                if str(exc) != failing:
+                    failing = str(exc)
+                    log.error("dispatcher cannot use the outbox (retrying): %s", exc)
+            except Exception:  # anything else: log, wait, try again; never die silently
                 log.exception("dispatcher cycle failed; retrying")
+            else:
+                if failing is not None:
+                    failing = None
+                    log.info("dispatcher uses the outbox again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
 
-    async def _claim(self, room: int) -> None:
-        if room <= 0:
-            return
+    async def _claim(self) -> None:
         now = self._clock()
-        # A paused target is not asked at all; a probing one for a single delivery.
+        # A paused target is not asked at all; a probing one for a single delivery; a target
+        # whose budget is used up waits for its own attempts to finish.
         limits = {
-            name: 1 if health.probing else room
+            name: 1 if health.probing else self._capacity - self._load.get(name, 0)
             for name, health in self._health.items()
             if health.admits(now, self._busy.get(name, 0))
+            and self._load.get(name, 0) < self._capacity
         }
         if not limits:
             return
         due = await self._outbox.due(now, limits, exclude=self._in_flight)
-        self._backlog = len(due) >= room
-        for delivery in due[:room]:
-            if delivery.id not in self._in_flight:  # else offered while the query ran
+        claimed = dict.fromkeys(limits, 0)
+        for delivery in due:
+            claimed[delivery.target] += 1
+            room = self._load[delivery.target] < self._capacity
+            if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
+        self._backlog = any(claimed[name] >= limit for name, limit in limits.items())
 
     def _start(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
+        self._load[delivery.target] += 1
         self._queued[delivery.target].append(delivery)
         self._schedule_send()
 
@@ -289,6 +312,7 @@ class Dispatcher:
         self._batches.discard(task)
         for delivery in batch:
             self._in_flight.discard(delivery.id)
+            self._load[delivery.target] -= 1
         if self._backlog:
             self._wake.set()
 

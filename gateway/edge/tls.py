@@ -29,6 +29,7 @@ __all__ = [
     "certificate_expiries",
     "client_ca_subjects",
     "handshake_failure",
+    "stale_crls",
 ]
 
 _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
@@ -44,6 +45,7 @@ _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
 _ALPN_PROTOCOLS: Final = ["http/1.1"]
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 # OpenSSL's X509_V_ERR_* codes worth a reason of their own; any other is "untrusted".
 _VERIFY_REASONS: Final[Mapping[int, str]] = {9: "not_yet_valid", 10: "expired", 23: "revoked"}
@@ -243,6 +245,27 @@ def _check_crl_file(path: Path) -> None:
         raise CertificateError(
             f"{_at('tls.crl_file', path)}: holds {', '.join(others)}; only X509 CRL is allowed"
         )
+
+
+def stale_crls(path: Path, now: datetime) -> list[str]:
+    """A warning for each CRL in ``path`` whose next update is past: revocations since then
+    are unknown to the gateway until a fresh CRL is installed (RFC 5280 section 5.1.2.5). Says
+    nothing of a file that cannot be read: building the TLS context reports that."""
+    try:
+        blocks = _PEM_CRL.findall(path.read_bytes())
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+    except (OSError, ValueError):
+        return []
+    warnings = []
+    for crl in crls:
+        due = crl.next_update_utc
+        if due is not None and due < now:
+            issuer = crl.issuer.rfc4514_string()
+            warnings.append(
+                f"{_at('tls.crl_file', path)}: the CRL of {issuer} is past its next update"
+                f" ({due:%Y-%m-%d %H:%M} UTC); install a fresh one from its issuer"
+            )
+    return warnings
 
 
 def _load(key: str, path: Path, load: Callable[[], None]) -> None:

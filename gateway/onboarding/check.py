@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import Config
-from gateway.edge.tls import build_server_context, client_ca_subjects
+from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
 from gateway.errors import CertificateError
 
 __all__ = ["EXPIRY_WARNING_DAYS", "days_left", "report"]
@@ -54,6 +54,8 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     if config.tls.client_ca_file is not None:
         for ca_subject, fingerprint in client_ca_subjects(config.tls.client_ca_file):
             lines.append(f"ok: client CA {ca_subject} sha256 {fingerprint}")
+    if config.tls.crl_file is not None:
+        lines.extend(f"warning: {stale}" for stale in stale_crls(config.tls.crl_file, now))
     lines.append(
         f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
     )

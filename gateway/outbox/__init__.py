@@ -6,7 +6,7 @@ Rule: the rest of the gateway talks to the outbox through what this package expo
 names. The storage engines live behind it (``sqlite/``).
 """
 
-from gateway.outbox.backends import open_outbox
+from gateway.outbox.backends import OutboxHold, hold_outbox, open_outbox
 from gateway.outbox.interface import Outbox
 from gateway.outbox.model import (
     STATES,
@@ -31,9 +31,11 @@ __all__ = [
     "Delivered",
     "Delivery",
     "Outbox",
+    "OutboxHold",
     "Outcome",
     "RetryAt",
     "Route",
     "State",
+    "hold_outbox",
     "open_outbox",
 ]

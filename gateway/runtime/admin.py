@@ -16,6 +16,7 @@ with a session made from the same token.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Mapping
@@ -33,10 +34,13 @@ from gateway.runtime.reload import ReloadResult
 from gateway.runtime.stats import Snapshot, Stats
 from gateway.units import parse_age, parse_since
 
-__all__ = ["Operations", "create_admin_app", "parse_query", "parse_state"]
+__all__ = ["READY_WAIT_S", "Operations", "create_admin_app", "parse_query", "parse_state"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_LIMIT = 1000
+# The longest /readyz waits for the outbox: a file locked by another process holds a write for
+# the busy timeout, and a probe that hangs that long says less than a prompt 503.
+READY_WAIT_S = 2.0
 
 
 class Operations(Protocol):
@@ -110,9 +114,12 @@ def create_admin_app(ops: Operations) -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         # Ready means the outbox takes a write: the one thing a 200 to Meta depends on.
         try:
-            await outbox.ping()
+            async with asyncio.timeout(READY_WAIT_S):
+                await outbox.ping()
         except OutboxError:
             return text(503, "outbox unavailable")
+        except TimeoutError:
+            return text(503, f"outbox unavailable: no write within {READY_WAIT_S:g}s")
         return text(200, "ready")
 
     async def metrics(_: web.Request) -> web.Response:

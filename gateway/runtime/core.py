@@ -4,10 +4,11 @@ Rule: a front door (the gateway's own TLS listener, the admin app, an aiohttp ap
 embeds the callback) never builds these parts itself; it starts a :class:`Core`, hands requests
 to ``core.callback`` and closes the core after it has stopped taking requests.
 
-Startup order: open the outbox, start the dispatcher (primary process only) and the wake-up
+Startup order: claim the outbox (a dispatching process that no supervisor claims it for), open
+it, start the dispatcher (primary process only) and the wake-up
 channel between sibling workers, then build the callback. Shutdown runs it backwards: close the
 wake-up channel, stop the dispatcher (attempts in flight finish or stay pending), close the
-outbox after its queued writes.
+outbox after its queued writes, release the claim.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.callback import Callback, StoredHook
-from gateway.outbox import Delivery, Outbox, open_outbox
+from gateway.outbox import Delivery, Outbox, OutboxHold, hold_outbox, open_outbox
 from gateway.runtime.stats import Stats
 from gateway.runtime.wake import Bell, Doorbell
 
@@ -37,7 +38,8 @@ class Core:
     Only the ``primary`` process of a multi-worker gateway runs the dispatcher, so exactly one
     process forwards; with a ``wake_channel`` the others ring it when they store something
     (:mod:`gateway.runtime.wake`). ``metrics_dir``: sibling workers count together
-    (:mod:`gateway.runtime.stats`).
+    (:mod:`gateway.runtime.stats`). ``claim``: hold the outbox for this gateway alone (by
+    default when ``primary``; the workers of a supervisor leave it to the supervisor).
     """
 
     def __init__(
@@ -47,9 +49,12 @@ class Core:
         primary: bool = True,
         wake_channel: str | None = None,
         metrics_dir: Path | None = None,
+        claim: bool | None = None,
     ) -> None:
         self.config = config
         self.primary = primary
+        self._claim = primary if claim is None else claim
+        self._hold: OutboxHold | None = None
         self._wake_channel = wake_channel
         self.stats = Stats(metrics_dir)
         self._outbox: Outbox | None = None
@@ -77,6 +82,7 @@ class Core:
     def breakers(self) -> dict[str, Breaker]:
         """Each target's circuit breaker (empty where this process runs no dispatcher)."""
         return {} if self.dispatcher is None else self.dispatcher.breakers()
+
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration (see :mod:`gateway.runtime.reload` for what applies)."""
         self.config = config
@@ -113,6 +119,8 @@ class Core:
     async def start(self) -> None:
         config = self.config
         try:
+            if self._claim:
+                self._hold = hold_outbox(config.outbox)
             self._outbox = open_outbox(config.outbox, on_commit=self.stats.committed)
             on_stored: StoredHook | None = None
             if self.primary:
@@ -158,6 +166,9 @@ class Core:
         if self._outbox is not None:
             await self._outbox.close()
             self._outbox = None
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
 
     async def __aenter__(self) -> Core:
         await self.start()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import errno
 import logging
 import os
@@ -39,7 +40,12 @@ from gateway.config import Config, TlsConfig, load_config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.listener import Listener
-from gateway.edge.tls import SwappableContext, build_server_context, certificate_expiries
+from gateway.edge.tls import (
+    SwappableContext,
+    build_server_context,
+    certificate_expiries,
+    stale_crls,
+)
 from gateway.errors import GatewayError, PortInUse
 from gateway.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
@@ -53,6 +59,7 @@ __all__ = [
     "bound_port",
     "check_ports_free",
     "event_loop_runner",
+    "listen_error",
     "run",
     "serve_process",
 ]
@@ -61,6 +68,19 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10 * SECONDS
 _FLUSH_EVERY_S = 1 * SECONDS
+
+
+def listen_error(config: Config, exc: OSError) -> GatewayError:
+    """The one-line error for a listening socket the system refused (a port in use above all,
+    where Python would print a traceback)."""
+    listen = config.listen
+    where = f"listen.port {listen.port} in {config.source or 'the configuration'}"
+    if exc.errno == errno.EADDRINUSE:
+        return GatewayError(
+            f"{where} is in use by another process (another gateway?); stop it or choose"
+            " another port"
+        )
+    return GatewayError(f"{where}: cannot listen on {listen.host}: {exc.strerror or exc}")
 
 
 def bound_port(site: web.TCPSite) -> int:
@@ -116,7 +136,11 @@ class Gateway:
         wake_channel: str | None = None,
         metrics_dir: Path | None = None,
         reload_siblings: Callable[[], None] | None = None,
+        sock: socket.socket | None = None,
+        claim: bool | None = None,
     ) -> None:
+        """``sock``: accept on this listening socket (a supervisor's, shared by its workers)
+        instead of binding ``listen.port``; ``claim``: see :class:`Core`."""
         self.config = config
         self.primary = primary
         self._reuse_port = reuse_port
@@ -126,8 +150,13 @@ class Gateway:
         self._expiries = certificate_expiries(config.tls)
         self._loaded_at = time.time()
         self._reload_siblings = reload_siblings
+        self._sock = sock
         self.core = Core(
-            config, primary=primary, wake_channel=wake_channel, metrics_dir=metrics_dir
+            config,
+            primary=primary,
+            wake_channel=wake_channel,
+            metrics_dir=metrics_dir,
+            claim=claim,
         )
         self.stats: Stats = self.core.stats
         self._listener: Listener | None = None
@@ -228,16 +257,29 @@ class Gateway:
 
     async def __aenter__(self) -> Gateway:
         config = self.config
+        if config.tls.crl_file is not None:
+            now = datetime.datetime.now(datetime.UTC)
+            for stale in stale_crls(config.tls.crl_file, now):
+                log.warning("%s", stale)
         try:
             await self.core.start()
             listen = config.listen
             self._listener = Listener(self.core.callback, listen)
             # SO_REUSEPORT only for sibling workers: it lets any process of the same user share
             # the port (and its connections), so a lone gateway never sets it.
-            with _binding(listen.port, "listen.port"):
-                self.port = await self._listener.start(
-                    listen.host, listen.port, self._tls.listening, reuse_port=self._reuse_port
-                )
+            try:
+                with _binding(listen.port, "listen.port"):
+                    self.port = await self._listener.start(
+                        listen.host,
+                        listen.port,
+                        self._tls.listening,
+                        reuse_port=self._reuse_port,
+                        sock=self._sock,
+                    )
+            except PortInUse:
+                raise
+            except OSError as exc:
+                raise listen_error(config, exc) from exc
             self._flusher = asyncio.create_task(self._flush_metrics(), name="metrics flusher")
             if self.primary:
                 self._watcher = asyncio.create_task(self._watch(), name="certificate watcher")
@@ -291,6 +333,8 @@ async def run(
     wake_channel: str | None = None,
     metrics_dir: Path | None = None,
     reload_siblings: Callable[[], None] | None = None,
+    sock: socket.socket | None = None,
+    claim: bool | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly; reload on
     SIGHUP."""
@@ -298,8 +342,11 @@ async def run(
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
     reload_now: list[Callable[[], object]] = []
+    hung_up_early: list[bool] = []  # a SIGHUP before the gateway was up: reload once it is
 
     def on_hangup() -> None:
+        if not reload_now:
+            hung_up_early.append(True)
         for reload in reload_now:
             reload()
 
@@ -318,8 +365,13 @@ async def run(
             wake_channel=wake_channel,
             metrics_dir=metrics_dir,
             reload_siblings=reload_siblings,
+            sock=sock,
+            claim=claim,
         ) as gateway:
             reload_now.append(gateway.reload)
+            if hung_up_early:
+                # The files may have changed after this process read them: read them again.
+                gateway.reload()
             log.info(
                 "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
                 "primary" if primary else "worker",
@@ -375,6 +427,8 @@ def serve_process(
     wake_channel: str | None = None,
     metrics_dir: Path | None = None,
     reload_siblings: Callable[[], None] | None = None,
+    sock: socket.socket | None = None,
+    claim: bool | None = None,
 ) -> None:
     """One serving process, on uvloop when it is installed."""
     # Until run() handles it, a SIGHUP (an early `systemctl reload`) must not end the process.
@@ -388,5 +442,7 @@ def serve_process(
                 wake_channel=wake_channel,
                 metrics_dir=metrics_dir,
                 reload_siblings=reload_siblings,
+                sock=sock,
+                claim=claim,
             )
         )

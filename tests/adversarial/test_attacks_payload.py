@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from attack import attack_gateway, still_serves
 from helpers import post
 from pki import Pki
 from sink import Sink
+
+from adversarial.attack import attack_gateway, still_serves
 
 DEEP_VALID = b"[" * 5000 + b"]" * 5000
 WIDE_NUMBER = (

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from attack import attack_gateway, still_serves
 from helpers import APP_SECRET, message_body, meta_signature, post
 from pki import Pki
 from sink import Sink
+
+from adversarial.attack import attack_gateway, still_serves
 
 BODY = message_body("signature")
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from attack import attack_gateway, raw_exchange, signed_post, still_serves
 from helpers import message_body
 from pki import ClientKind, Pki
 from sink import Sink
+
+from adversarial.attack import attack_gateway, raw_exchange, signed_post, still_serves
 
 
 @pytest.mark.parametrize(

@@ -155,17 +155,46 @@ def read_prefix(conn: sqlite3.Connection) -> str:
     return str(row[0])
 
 
-def open_store(path: Path) -> tuple[sqlite3.Connection, str]:
+def _damage(conn: sqlite3.Connection) -> str | None:
+    """What SQLite's structural check finds wrong with the file (the first problem, and how
+    many); ``None`` when nothing. Reads every page: a damaged page is reported at start,
+    not found later by a request that then fails, or by a delivery that is silently lost."""
+    try:
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(20)")]
+    except sqlite3.DatabaseError as exc:  # damage SQLite meets before the check can run
+        return str(exc)
+    if problems == ["ok"]:
+        return None
+    # SQLite heads its first line with "*** in database main ***" and a line break: one line.
+    first = " ".join(line for line in problems[0].splitlines() if not line.startswith("***"))
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first}{more}"
+
+
+def _damaged_message(path: Path, problem: str) -> str:
+    """The one-line refusal of a damaged file, with the ways out (see the README, "Faults")."""
+    return (
+        f"outbox.path = '{path}' is damaged: {problem}; move it aside (with its -wal and -shm"
+        " files) to start a new outbox, or recover what it holds with"
+        f" `sqlite3 '{path}' .recover | sqlite3 recovered.sqlite3` and point outbox.path there"
+    )
+
+
+def open_store(path: Path, busy_timeout_s: float = 5.0) -> tuple[sqlite3.Connection, str]:
     """Open ``path`` with the durability settings the outbox promises, giving a new file the
-    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError."""
+    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError.
+    A statement waits up to ``busy_timeout_s`` for a lock another process holds."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
     except (OSError, sqlite3.Error) as exc:
         raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
     try:
         # FULL: the WAL is synced at every commit, so a committed notification survives power
         # loss; NORMAL would only survive a process crash.
+        problem = _damage(conn)
+        if problem is not None:
+            raise OutboxError(_damaged_message(path, problem))
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         # The layout first: a file that is refused is not even switched to WAL.

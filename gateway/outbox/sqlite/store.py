@@ -16,6 +16,7 @@ only the admin console makes are :mod:`gateway.outbox.sqlite.history`'s.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from gateway.outbox.model import STATES, Backlog, Delivery, Route
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
+    "DAMAGED",
     "PRUNE_BATCH",
     "Attempt",
     "backlog",
     "count_states",
+    "dead_letter_damaged",
     "delivery_id",
     "due_deliveries",
     "insert_notification",
@@ -40,6 +43,7 @@ __all__ = [
     "replay_deliveries",
     "replay_delivery",
     "rowid_of",
+    "touch",
 ]
 
 _EXCERPT_CHARS = 1024
@@ -139,29 +143,56 @@ def insert_notification(
     return notification_id, rowids
 
 
+def _intact(row: tuple[Any, ...]) -> bool:
+    """Whether the notification behind a due row still has the digest stored with it: the
+    delivery's own body, or for a split delivery (a part of it) the notification's body."""
+    notification_body = row[3] if row[15] is None else row[15]
+    return hashlib.sha256(notification_body).digest() == bytes(row[14])
+
+
 def due_deliveries(
     conn: sqlite3.Connection,
     prefix: str,
     now: float,
     limits: Mapping[str, int],
     skip: Collection[str],
-) -> list[Delivery]:
+) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
-    leaving out the ids in ``skip``. One index seek per target: a target that is down with a
-    million deliveries waiting costs nothing when it is not asked for."""
+    leaving out the ids in ``skip``; and the row ids of due deliveries whose body no longer
+    matches the digest stored when it was received (damaged in the file: never forwarded).
+    One index seek per target: a target that is down with a million deliveries waiting costs
+    nothing when it is not asked for."""
     found: list[Delivery] = []
+    damaged: list[int] = []
     for target, limit in limits.items():
         rows = conn.execute(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
+            f"SELECT {_DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
+            " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
             " JOIN notifications n ON n.id = d.notification_id"
             " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
             " ORDER BY d.next_attempt_at LIMIT ?",
             (target, now, limit + len(skip)),
         ).fetchall()
         fresh = [row for row in rows if delivery_id(prefix, row[0]) not in skip][:limit]
-        found.extend([_delivery(row, prefix) for row in fresh])
+        for row in fresh:
+            if _intact(row):
+                found.append(_delivery(row, prefix))
+            else:
+                damaged.append(row[0])
     found.sort(key=lambda d: d.next_attempt_at)
-    return found
+    return found, damaged
+
+
+DAMAGED = "body no longer matches the digest stored when it was received (outbox file damaged)"
+
+
+def dead_letter_damaged(conn: sqlite3.Connection, rowids: Sequence[int], now: float) -> None:
+    """Dead-letter the pending deliveries ``rowids``, whose bodies were found damaged."""
+    conn.executemany(
+        "UPDATE deliveries SET state = 'dead', updated_at = ?, last_error = ?"
+        " WHERE id = ? AND state = 'pending'",
+        [(now, DAMAGED, rowid) for rowid in rowids],
+    )
 
 
 def backlog(conn: sqlite3.Connection) -> list[Backlog]:
@@ -230,6 +261,14 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
         _HISTORY,
         [(a.now, a.state, a.status, a.error, a.response[:_EXCERPT_CHARS], a.rowid) for a in known],
     )
+
+
+def touch(conn: sqlite3.Connection) -> None:
+    """Write a page and leave the file as it was: readiness proves that writes commit again.
+    (An UPDATE to the same value would not do: SQLite leaves a page that does not change clean,
+    and commits nothing.)"""
+    rowid = conn.execute("INSERT INTO meta (delivery_id_prefix) VALUES ('')").lastrowid
+    conn.execute("DELETE FROM meta WHERE rowid = ?", (rowid,))
 
 
 def count_states(conn: sqlite3.Connection) -> dict[str, int]:

@@ -239,9 +239,7 @@ def add_console(
 
     async def replay_dead(request: web.Request) -> web.Response:
         name = request.match_info["target"]
-        count = await outbox.replay_many(
-            state="dead", target=name, since=None, now=time.time()
-        )
+        count = await outbox.replay_many(state="dead", target=name, since=None, now=time.time())
         wake()
         log.info("console: %d dead letters of target %s replayed", count, name)
         return _see_other(f"{PREFIX}/deliveries?{urlencode({'target': name})}")
