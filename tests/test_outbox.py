@@ -456,6 +456,8 @@ async def test_unknown_or_malformed_delivery_id_finds_nothing_and_never_raises(
         f"x{real}",
         f"{real}-1",
     ]
+    # A prefix of digits only has no upper case: that spelling is then the real id itself.
+    wrong = [delivery_id for delivery_id in wrong if delivery_id != real]
     for delivery_id in wrong:
         assert not await outbox.replay(delivery_id, 5.0), delivery_id
         await outbox.record(delivery_id, DeadLetter("x"), AttemptResult(status=400), 5.0)
