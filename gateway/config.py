@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from gateway.errors import ConfigError
 from gateway.units import DAYS, MINUTES, SECONDS, MiB
@@ -37,6 +37,7 @@ __all__ = [
     "TlsConfig",
     "default_config_path",
     "load_config",
+    "redact_url",
 ]
 
 
@@ -91,11 +92,43 @@ class MetaConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxConfig:
     path: Path = Path("var/outbox.sqlite3")
+    # PostgreSQL instead of the SQLite file at ``path``: postgresql://USER:PASSWORD@HOST:PORT/DB
+    # (or ?host=/socket/dir). Several gateways may share one database.
+    url: str | None = None
+    # PostgreSQL: how long a dispatcher holds the deliveries it claimed; another gateway takes
+    # over the claims of one that died once this has passed. Above every target's timeout_s.
+    lease_s: float = 60 * SECONDS
     # Meta retries for up to 7 days (whatsapp/webhooks/overview): a body seen again inside this
     # window is acknowledged and not forwarded again.
     dedup_window_s: float = 7 * DAYS
     # Delivered rows older than this are removed; dead letters stay until replayed.
     retention_s: float = 7 * DAYS
+
+    def __repr__(self) -> str:
+        # The URL's password never reaches logs or tracebacks.
+        where = f"url={redact_url(self.url)!r}" if self.url else f"path={str(self.path)!r}"
+        return f"OutboxConfig({where})"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: how messages show a database."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _is_postgres_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        _ = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("postgresql", "postgres") and not any(c.isspace() for c in text)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,7 +220,9 @@ _Rule = tuple[Callable[[Any], bool], str]
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TABLES = ("listen", "tls", "meta", "outbox", "targets", "admin", "dispatcher", "log")
-_SECRETS = frozenset({"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token"})
+_SECRETS = frozenset(
+    {"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token", "outbox.url"}
+)
 _SCALARS: dict[object, tuple[type | UnionType, str]] = {
     bool: (bool, "true or false"),
     int: (int, "an integer"),
@@ -226,6 +261,7 @@ _RULES: dict[str, _Rule] = {
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
     "targets.url": (_is_http_url, "an http:// or https:// URL"),
+    "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
     "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
     # 0 asks the OS for a free port, which tests use.
@@ -274,13 +310,23 @@ class _Reader:
             listen=table("listen", ListenConfig),
             tls=tls,
             meta=meta,
-            outbox=table("outbox", OutboxConfig),
+            outbox=self.outbox(data.get("outbox", {})),
             targets=self.targets(data.get("targets", [])),
             admin=admin,
             dispatcher=table("dispatcher", DispatcherConfig),
             source=self.source,
             **({"log_level": log["level"]} if "level" in log else {}),
         )
+
+    def outbox(self, value: object) -> OutboxConfig:
+        outbox = self.section("outbox", "outbox", value, OutboxConfig)
+        if outbox.url is not None and isinstance(value, dict) and "path" in value:
+            # One outbox: a file on this host, or a database; both would be a guess.
+            raise ConfigError(
+                f"{self.source}: outbox.path and outbox.url are both set: keep outbox.path for"
+                " the SQLite file on this host, or outbox.url for PostgreSQL, not both"
+            )
+        return outbox
 
     def targets(self, value: object) -> tuple[TargetConfig, ...]:
         if not isinstance(value, list):

@@ -15,9 +15,10 @@ from gateway.runtime.admin import parse_query
 __all__ = ["register"]
 
 
-def _open(args: argparse.Namespace) -> Outbox:
+async def _open(args: argparse.Namespace) -> Outbox:
     # An outbox the gateway has not made yet is an error here: listing must not create one.
-    return open_outbox(config_from_args(args).outbox, create=False)
+    # Not dispatching: a replay is announced to the gateways sharing a database.
+    return await open_outbox(config_from_args(args).outbox, create=False, dispatching=False)
 
 
 def _row(d: Delivery) -> str:
@@ -34,7 +35,7 @@ def _list(args: argparse.Namespace) -> int:
     )
 
     async def listing() -> list[Delivery]:
-        outbox = _open(args)
+        outbox = await _open(args)
         try:
             return await outbox.query(state=state, target=target, limit=limit)
         finally:
@@ -52,7 +53,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     async def replay() -> list[str]:
-        outbox = _open(args)
+        outbox = await _open(args)
         missing = []
         try:
             for delivery_id in args.ids:

@@ -1,29 +1,62 @@
 """Choosing the outbox backend the configuration asks for.
 
 Rule: the only code outside a backend's own package that names a backend; everything else gets
-an :class:`~gateway.outbox.interface.Outbox`.
+an :class:`~gateway.outbox.interface.Outbox`. ``outbox.url`` set: PostgreSQL; otherwise the
+SQLite file at ``outbox.path``. The PostgreSQL driver is an optional extra, imported only here
+and only when asked for, so the embedded install stays small.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 from gateway.config import OutboxConfig
+from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 
-__all__ = ["open_outbox"]
+__all__ = ["describe_outbox", "open_outbox"]
 
 
-def open_outbox(
+def _postgres() -> ModuleType:
+    try:
+        from gateway.outbox.postgres import outbox
+    except ImportError as exc:
+        raise OutboxError(
+            f"outbox.url needs the PostgreSQL driver ({exc.name} is not installed):"
+            " pip install 'waba-gateway[postgres]'"
+        ) from None
+    return outbox
+
+
+async def open_outbox(
     config: OutboxConfig,
     *,
     on_commit: Callable[[int], None] | None = None,
     create: bool = True,
+    dispatching: bool = True,
+    on_wake: Callable[[], None] | None = None,
 ) -> Outbox:
     """The configured outbox, open. ``on_commit`` hears the size of each group committed;
     ``create=False`` refuses an outbox that does not exist yet (the command line's reads).
-    Raises :class:`~gateway.errors.OutboxError` when it cannot be opened."""
+    Shared outboxes only: ``dispatching`` says whether this process sends the deliveries it
+    accepts (it then holds their lease), and ``on_wake`` hears another gateway announce
+    deliveries. Raises :class:`~gateway.errors.OutboxError` when it cannot be opened."""
+    if config.url is not None:
+        outbox: Outbox = await _postgres().PostgresOutbox.open(
+            config, dispatching=dispatching, on_commit=on_commit, on_wake=on_wake, create=create
+        )
+        return outbox
     return SqliteOutbox(
         config.path, dedup_window_s=config.dedup_window_s, on_commit=on_commit, create=create
     )
+
+
+async def describe_outbox(config: OutboxConfig) -> str | None:
+    """What ``check`` reports about a database outbox (reachable, schema version); ``None``
+    for a SQLite file, which ``check`` leaves to ``doctor``. Raises OutboxError."""
+    if config.url is None:
+        return None
+    text: str = await _postgres().inspect(config)
+    return text

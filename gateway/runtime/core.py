@@ -71,7 +71,14 @@ class Core:
     async def start(self) -> None:
         config = self.config
         try:
-            self._outbox = open_outbox(config.outbox, on_commit=self.stats.committed)
+            # A shared (PostgreSQL) outbox wakes the dispatcher when another gateway announces
+            # deliveries; only the dispatching process takes leases on what it accepts.
+            self._outbox = await open_outbox(
+                config.outbox,
+                on_commit=self.stats.committed,
+                dispatching=self.primary,
+                on_wake=self.wake if self.primary else None,
+            )
             on_stored: StoredHook | None = None
             if self.primary:
                 self.dispatcher = Dispatcher(
