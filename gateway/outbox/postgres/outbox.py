@@ -8,8 +8,10 @@ Several gateways share one database safely:
 
 - A delivery is sent by one dispatcher at a time. Dispatchers claim due deliveries with a lease
   (``FOR UPDATE SKIP LOCKED``, then ``lease_owner`` and ``lease_until`` set, on the database's
-  clock); recording an attempt's outcome ends the lease. A gateway that dies leaves its leases
-  to run out after ``outbox.lease_s``, and then any other gateway claims those deliveries.
+  clock); recording an attempt's outcome ends the lease. A living gateway renews its leases
+  (a heartbeat, three times per ``outbox.lease_s``), so a slow target never makes another
+  gateway send the same delivery; one that dies leaves its leases to run out ``lease_s`` after
+  its last beat, and then any other gateway claims those deliveries.
 - A gateway that dispatches takes the lease on what it accepts in the same statement, and
   starts sending at once (the dispatcher's ``offer``); one that does not (``dispatching=False``)
   leaves its deliveries unleased and announces them with ``NOTIFY``.
@@ -23,7 +25,10 @@ when it returns.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import socket
@@ -52,6 +57,7 @@ from gateway.outbox.postgres.listener import Listener
 __all__ = ["PostgresOutbox", "inspect"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Connecting, acquiring a connection and each statement: a database that does not answer
 # within this is unavailable (503), well inside the time Meta waits for an answer.
@@ -101,6 +107,21 @@ class PostgresOutbox:
             self._listener = Listener(lambda: _connect(url), on_wake, timeout_s=_TIMEOUT_S)
             self._listener.start()
         self._closed = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        if dispatching:
+            self._heartbeat = asyncio.create_task(self._beat(), name="outbox-lease-heartbeat")
+
+    async def _beat(self) -> None:
+        """Renew this gateway's leases three times per ``lease_s``, for as long as it lives."""
+        every = self.config.lease_s / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._run(
+                    lambda conn: conn.execute(sql.RENEW, self.owner, self.config.lease_s)
+                )
+            except OutboxError as exc:
+                log.warning("could not renew the outbox leases: %s", exc)
 
     @classmethod
     async def open(
@@ -161,6 +182,10 @@ class PostgresOutbox:
         if self._closed:
             return
         self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         await self._committer.close()
         if self._listener is not None:
             await self._listener.close()

@@ -62,6 +62,9 @@ _TABLES = (
     f"CREATE INDEX deliveries_due ON {SCHEMA}.deliveries (state, target, next_attempt_at)",
     f"CREATE INDEX deliveries_notification ON {SCHEMA}.deliveries (notification_id)",
     f"CREATE INDEX deliveries_updated ON {SCHEMA}.deliveries (updated_at)",
+    # The lease heartbeat finds a gateway's own leases.
+    f"CREATE INDEX deliveries_leased ON {SCHEMA}.deliveries (lease_owner)"
+    " WHERE lease_owner IS NOT NULL",
 )
 
 

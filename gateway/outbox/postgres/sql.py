@@ -29,6 +29,7 @@ __all__ = [
     "PRUNE_DIGESTS",
     "PRUNE_NOTIFICATIONS",
     "RECORD",
+    "RENEW",
     "REPLAY",
     "delivery",
     "delivery_id",
@@ -102,6 +103,13 @@ UPDATE {SCHEMA}.deliveries SET state = $1, attempts = attempts + 1, next_attempt
     updated_at = $3, last_status = $4, last_error = $5, last_response = $6,
     lease_owner = NULL, lease_until = NULL
 WHERE id = $7 AND (lease_owner IS NULL OR lease_owner = $8)
+"""
+
+# The heartbeat of a living gateway: its leases last while it does, whatever its targets'
+# timeouts; a dead one's run out lease_s after its last beat.
+RENEW: Final = f"""
+UPDATE {SCHEMA}.deliveries SET lease_until = {_NOW} + $2
+WHERE lease_owner = $1 AND state = 'pending'
 """
 
 DEAD_LETTER_UNKNOWN: Final = f"""
