@@ -204,3 +204,14 @@ async def test_database_going_away_fails_fast_and_recovers_without_reopening() -
             assert kept in {d.id for d in await outbox.query()}
         finally:
             await outbox.close()
+
+
+async def test_a_body_committed_out_of_order_is_new_outside_the_window(opener: Opener) -> None:
+    """Gateways commit concurrently, so a later request may be stored first: the earlier one
+    is a duplicate only inside dedup_window_s of it, as in time order."""
+    box = await opener()
+    assert isinstance(box, PostgresOutbox)
+    window = box.config.dedup_window_s
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 10 * window)
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 10 * window - 1.0) is None
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 8 * window)

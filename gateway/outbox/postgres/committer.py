@@ -7,6 +7,11 @@ transaction (asyncpg's ``fetchmany`` is atomic): one round trip and one WAL flus
 them, which is what makes PostgreSQL acknowledge as fast as the plain receiver
 (bench/README.md). Each is still answered only after its own commit.
 
+At most :data:`IN_FLIGHT` groups commit at once: while they do, the accepts arriving gather into
+the next group, which grows with the load (as with the SQLite writer), rather than spreading
+over every connection of the pool in small groups that would each pay for a flush, and wait for
+each other on the row locks of identical bodies.
+
 A batch is sorted by digest, so two gateways committing the same bodies at once take the
 digests' row locks in one order and never deadlock. When a batch fails, each accept runs again
 alone, so only a faulty one fails.
@@ -27,6 +32,10 @@ from gateway.errors import OutboxError
 __all__ = ["FAILURES", "Committer"]
 
 log = logging.getLogger(__name__)
+
+# Groups committing at once: two, so that one group's statements run while the other's flush
+# is written (measured in bench/README.md, "PostgreSQL outbox").
+IN_FLIGHT = 2
 
 # What a database that went away, or a statement that failed, raises through asyncpg.
 FAILURES: tuple[type[BaseException], ...] = (
@@ -55,6 +64,7 @@ class Committer:
         self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(IN_FLIGHT)
 
     def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Queue one execution (its first argument orders the batch); the future resolves with
@@ -73,19 +83,20 @@ class Committer:
         task.add_done_callback(self._tasks.discard)
 
     async def _flush(self) -> None:
-        try:
-            # While this waits for a connection, later accepts join the group.
-            conn = await self._pool.acquire(timeout=self._timeout_s)
-        except FAILURES as exc:
-            group, self._waiting, self._flushing = self._waiting, [], False
-            _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
-            return
-        try:
-            group, self._waiting, self._flushing = self._waiting, [], False
-            await self._commit(conn, group)
-        finally:
-            with contextlib.suppress(*FAILURES):
-                await self._pool.release(conn)
+        async with self._slots:
+            # While this waits for a slot and a connection, later accepts join the group.
+            try:
+                conn = await self._pool.acquire(timeout=self._timeout_s)
+            except FAILURES as exc:
+                group, self._waiting, self._flushing = self._waiting, [], False
+                _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
+                return
+            try:
+                group, self._waiting, self._flushing = self._waiting, [], False
+                await self._commit(conn, group)
+            finally:
+                with contextlib.suppress(*FAILURES):
+                    await self._pool.release(conn)
 
     async def _commit(self, conn: Any, group: list[tuple[tuple[Any, ...], Any]]) -> None:
         group.sort(key=lambda item: item[0][0])

@@ -214,6 +214,7 @@ class PostgresOutbox:
                 owner,
                 self.config.lease_s,
                 owner is None,
+                now + self.config.dedup_window_s,
             )
         )
         notification_id, ids = row[0], row[1]

@@ -44,16 +44,18 @@ EXCERPT_CHARS: Final = 1024
 _MAX_ROWID = 2**63 - 1
 _NOW = "extract(epoch FROM clock_timestamp())"
 
-# One statement, one round trip: the deduplication upsert (a digest is new, or last seen before
-# the window), the notification, one delivery per route (targets $6, bodies $7, NULL for
-# Meta's bytes), leased to $8 for $9 seconds when $8 is set. Always exactly one row: the
-# notification id and its delivery ids in route order, or NULLs for a duplicate. $10: announce
-# the new deliveries to every gateway (when no lease holds them).
+# One statement, one round trip: the deduplication upsert, the notification, one delivery per
+# route (targets $6, bodies $7, NULL for Meta's bytes), leased to $8 for $9 seconds when $8 is
+# set. Always exactly one row: the notification id and its delivery ids in route order, or NULLs
+# for a duplicate. $10: announce the new deliveries to every gateway (when no lease holds them).
+# A body is new when the digest was last seen outside the window around now ($3 and $11, that
+# is now -/+ dedup_window_s): gateways commit concurrently, so the row may hold a later time
+# than this request's own.
 ACCEPT: Final = f"""
 WITH fresh AS (
     INSERT INTO {SCHEMA}.digests AS d (digest, received_at) VALUES ($1, $2)
-    ON CONFLICT (digest) DO UPDATE SET received_at = EXCLUDED.received_at
-    WHERE d.received_at < $3
+    ON CONFLICT (digest) DO UPDATE SET received_at = GREATEST(d.received_at, $2)
+    WHERE d.received_at < $3 OR d.received_at > $11
     RETURNING 1
 ), n AS (
     INSERT INTO {SCHEMA}.notifications (received_at, signature, body)
