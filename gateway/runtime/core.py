@@ -4,6 +4,9 @@ Rule: a front door (the gateway's own TLS listener, the admin app, an aiohttp ap
 embeds the callback) never builds these parts itself; it starts a :class:`Core`, hands requests
 to ``core.callback`` and closes the core after it has stopped taking requests.
 
+With a shared (PostgreSQL) outbox, the dispatching process takes the lease on what it accepts
+and the outbox wakes its dispatcher when another gateway announces deliveries.
+
 Startup order: open the outbox, start the dispatcher (primary process only) and the wake-up
 channel between sibling workers, then build the callback. Shutdown runs it backwards: close the
 wake-up channel, stop the dispatcher (attempts in flight finish or stay pending), close the
