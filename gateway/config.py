@@ -95,8 +95,9 @@ class OutboxConfig:
     # PostgreSQL instead of the SQLite file at ``path``: postgresql://USER:PASSWORD@HOST:PORT/DB
     # (or ?host=/socket/dir). Several gateways may share one database.
     url: str | None = None
-    # PostgreSQL: how long a dispatcher holds the deliveries it claimed; another gateway takes
-    # over the claims of one that died once this has passed. Above every target's timeout_s.
+    # PostgreSQL: how long the deliveries a gateway claimed stay its own without a renewal. A
+    # living gateway renews them every lease_s / 3; once one has died, the others take its
+    # deliveries over after this.
     lease_s: float = 60 * SECONDS
     # Meta retries for up to 7 days (whatsapp/webhooks/overview): a body seen again inside this
     # window is acknowledged and not forwarded again.
@@ -111,15 +112,20 @@ class OutboxConfig:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``: how messages show a database."""
+    """``url`` with its password, if any (also a ``?password=`` parameter), replaced by ``***``:
+    how messages show a database."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable url>"
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = _PASSWORD_PARAMETER.sub(r"\1***", parts.query)
+    return urlunsplit(parts._replace(query=query))
+
+
+_PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*")
 
 
 def _is_postgres_url(text: str) -> bool:

@@ -27,6 +27,7 @@ from gateway.config import (
     TlsConfig,
     default_config_path,
     load_config,
+    redact_url,
 )
 from gateway.errors import ConfigError
 
@@ -810,3 +811,19 @@ def test_outbox_url_of_another_scheme_is_refused_without_showing_it(
 ) -> None:
     """Anything but postgresql:// is an error; a URL's text is shown only unexpanded."""
     assert rejection(tmp_path, {"outbox.url": value}, {"PW": SECRET}) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://waba:s3cret@db:5432/waba", "postgresql://waba:***@db:5432/waba"),
+        (
+            "postgresql://waba@/waba?host=/run/pg&password=s3cret",
+            "postgresql://waba@/waba?host=/run/pg&password=***",
+        ),
+        ("postgresql://db/waba", "postgresql://db/waba"),
+    ],
+)
+def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    """redact_url hides the password in the user part and in a password= parameter."""
+    assert redact_url(url) == shown
