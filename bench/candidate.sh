@@ -16,6 +16,8 @@
 #   WABA_BENCH_PYTHON           interpreter (default python3)
 #   WABA_BENCH_OUTBOX_URL       [outbox] url: the PostgreSQL outbox instead of the SQLite file
 #                               (bench.py --outbox postgres sets it)
+#   WABA_BENCH_FRONT_DOOR       "embedded": serve through create_app in aiohttp (embedded_app.py)
+#                               instead of the gateway's own listener (workers must be 1)
 #
 # The harness posts one and the same body every time. With the production dedup window (7 days)
 # every request after the first would be acknowledged as a duplicate and never stored again nor
@@ -84,4 +86,7 @@ TOML
 
 # The repository root on the import path, so the gateway runs from a checkout without installing.
 export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${WABA_BENCH_FRONT_DOOR:-}" == "embedded" ]]; then
+  exec "${WABA_BENCH_PYTHON:-python3}" "$HERE/embedded_app.py" --config "$config"
+fi
 exec "${WABA_BENCH_PYTHON:-python3}" -m gateway serve --config "$config"

@@ -46,7 +46,12 @@ META_CLIENT_CN = "client.webhooks.fbclientcerts.com"
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
 
 ClientAuth = Literal["required", "optional", "off"]
+LogFormat = Literal["text", "json"]
 Split = Literal["none", "change"]
+# How the gateway signs what it sends a target: "gateway" with X-Gateway-Signature-256 over
+# timestamp "." body, "meta" with X-Hub-Signature-256 over the body, as Meta signs its own
+# (whatsapp/webhooks/overview, "Validating payloads"), so a consumer written for Meta verifies it.
+Signature = Literal["gateway", "meta"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +79,10 @@ class TlsConfig:
     client_cn: tuple[str, ...] = (META_CLIENT_CN,)
     crl_file: Path | None = None
     session_tickets: int = 0
+    # Reload by itself when the certificate, key, CA or CRL files change: cert-manager and
+    # certbot renew by writing new files in place. Checked every watch_interval_s.
+    watch_files: bool = False
+    watch_interval_s: float = 10 * SECONDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +113,9 @@ class OutboxConfig:
     dedup_window_s: float = 7 * DAYS
     # Delivered rows older than this are removed; dead letters stay until replayed.
     retention_s: float = 7 * DAYS
+    # The longest a write waits for a lock another process holds on the file before the
+    # requests it carries are answered 503 (Meta retries); SQLite's busy timeout.
+    busy_timeout_s: float = 5 * SECONDS
 
     def __repr__(self) -> str:
         # The URL's password never reaches logs or tracebacks.
@@ -152,12 +164,16 @@ class TargetConfig:
     max_age_s: float = 7 * DAYS
     split: Split = "none"
     secret: str | None = None
+    signature: Signature = "gateway"
     concurrency: int = 32
     # Requests written ahead of their responses on one connection (gateway.delivery.upstream).
     pipeline: int = 32
 
     def __repr__(self) -> str:
-        return f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r})"
+        return (
+            f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r}, "
+            f"signature={self.signature!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,6 +205,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
     log_level: str = "info"
+    # "text" for a terminal, "json" (one object per line) for a log pipeline.
+    log_format: LogFormat = "text"
     # The file this came from, for messages; None when built in code (``serve --dev``, tests).
     source: Path | None = None
 
@@ -311,7 +329,8 @@ class _Reader:
             # The admin API replays and drops deliveries: only this host, or a token holder.
             expected = "a loopback address unless admin.token is set"
             raise self.error("admin.host", admin.host, expected)
-        log = self.table("log", "log", data.get("log", {}), {"level": _LogLevel}, ())
+        hints = {"level": _LogLevel, "format": LogFormat}
+        log = self.table("log", "log", data.get("log", {}), hints, ())
         return Config(
             listen=table("listen", ListenConfig),
             tls=tls,
@@ -321,7 +340,7 @@ class _Reader:
             admin=admin,
             dispatcher=table("dispatcher", DispatcherConfig),
             source=self.source,
-            **({"log_level": log["level"]} if "level" in log else {}),
+            **{f"log_{key}": value for key, value in log.items()},
         )
 
     def outbox(self, value: object) -> OutboxConfig:
@@ -346,6 +365,11 @@ class _Reader:
             if target.name in names:
                 used = f"{target.name!r} is already used by targets[{names.index(target.name)}]"
                 raise self.error(f"{key}.name", target.name, f"a unique name, {used}")
+            if target.signature == "meta" and target.secret is None:
+                # Signed as Meta signs, the body is checked with the secret a consumer holds
+                # for this target: there is no key without one (the app secret never leaves).
+                expected = f"'gateway' unless {key}.secret is set"
+                raise self.error(f"{key}.signature", target.signature, expected)
             if target.wait_max_s < target.wait_initial_s:
                 # Blame the key the file set: the other one may be a default.
                 raw = item if isinstance(item, dict) else {}

@@ -12,9 +12,12 @@ code.
     +-- CertificateError              unreadable or mismatched certificate/key/CA files
     +-- OutboxError                   the outbox cannot be opened or written; a request it
     |                                 fails is answered 503, so Meta retries
+    +-- PortInUse                     a listener's port is taken; names the port and its key
     +-- GraphError                    a Graph API call failed (onboarding commands)
     +-- Rejected                      an HTTP request refused; carries ``status``
         +-- BadRequest           400  missing handshake parameters, invalid JSON
+        |   +-- NestedTooDeep    400  valid JSON too deep to read; routing sends it to the
+        |                             catch-all targets instead (the request gets its 200)
         +-- SignatureRejected    401  X-Hub-Signature-256 missing, malformed or wrong
         +-- Forbidden            403  wrong verify token, unexpected client certificate CN
         |   +-- IdentityRejected 403  client certificate CN not in ``tls.client_cn``
@@ -25,6 +28,9 @@ code.
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
+        +-- TransferCodingNotImplemented
+        |                        501  a transfer coding other than chunked (RFC 9112, 6.1)
+        +-- VersionNotSupported  505  a request line with an HTTP version other than 1.0 or 1.1
 """
 
 from __future__ import annotations
@@ -42,14 +48,18 @@ __all__ = [
     "HeadTooLarge",
     "IdentityRejected",
     "MethodNotAllowed",
+    "NestedTooDeep",
     "NotFound",
     "OutboxError",
     "PayloadTooLarge",
+    "PortInUse",
     "Rejected",
     "RequestTimeout",
     "SignatureRejected",
+    "TransferCodingNotImplemented",
     "URLTooLong",
     "Unauthorized",
+    "VersionNotSupported",
 ]
 
 
@@ -67,6 +77,16 @@ class CertificateError(GatewayError):
 
 class OutboxError(GatewayError):
     """The outbox database cannot be opened or written."""
+
+
+class PortInUse(GatewayError):
+    """A listener cannot bind: ``port`` is in use. ``key`` is the configuration key that sets
+    it (``listen.port`` or ``admin.port``); the command line names the option to change."""
+
+    def __init__(self, port: int, key: str) -> None:
+        super().__init__(f"port {port} is in use; choose another with {key}")
+        self.port = port
+        self.key = key
 
 
 GraphFailure = Literal["failure", "usage", "auth", "rate_limited"]
@@ -91,6 +111,14 @@ class Rejected(GatewayError):
 
 
 class BadRequest(Rejected):
+    status = 400
+
+
+class NestedTooDeep(BadRequest):
+    """Valid JSON nested deeper than the parser reads (about 1,000 levels): its changes cannot
+    be read, but Meta signed it, so :func:`gateway.edge.routing.route` sends it to the targets
+    that take every notification rather than refusing it."""
+
     status = 400
 
 
@@ -132,3 +160,11 @@ class URLTooLong(Rejected):
 
 class HeadTooLarge(Rejected):
     status = 431
+
+
+class TransferCodingNotImplemented(Rejected):
+    status = 501
+
+
+class VersionNotSupported(Rejected):
+    status = 505

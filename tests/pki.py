@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
 
-__all__ = ["ClientKind", "Pki", "make_pki"]
+__all__ = ["ClientKind", "Pki", "make_pki", "stale_crl"]
 
 ClientKind = Literal["meta", "leaf_only", "impostor", "wrong_cn", "expired", "none"]
 
@@ -148,7 +148,17 @@ def _chain(leaf: trustme.LeafCert) -> bytes:
     return b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
 
 
-def _crl(issuer: trustme.CA, *, revoked: Sequence[trustme.LeafCert]) -> bytes:
+def stale_crl(issuer: trustme.CA) -> bytes:
+    """A CRL of ``issuer`` revoking nothing, whose next update was due yesterday."""
+    return _crl(issuer, revoked=[], age=timedelta(days=2))
+
+
+def _crl(
+    issuer: trustme.CA,
+    *,
+    revoked: Sequence[trustme.LeafCert],
+    age: timedelta = timedelta(hours=1),
+) -> bytes:
     issuer_certificate = x509.load_pem_x509_certificate(issuer.cert_pem.bytes())
     issuer_key = serialization.load_pem_private_key(issuer.private_key_pem.bytes(), password=None)
     # trustme's default key type; sign() needs to know it is an issuer key.
@@ -157,8 +167,8 @@ def _crl(issuer: trustme.CA, *, revoked: Sequence[trustme.LeafCert]) -> bytes:
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer_certificate.subject)
-        .last_update(now - timedelta(hours=1))
-        .next_update(now + timedelta(days=1))
+        .last_update(now - age)
+        .next_update(now - age + timedelta(days=1))
     )
     for leaf in revoked:
         certificate = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Self
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -73,7 +74,7 @@ class Sink:
         self._runner: web.AppRunner | None = None
         self._released = asyncio.Event()
 
-    async def __aenter__(self) -> Sink:
+    async def __aenter__(self) -> Self:
         await self.up()
         return self
 

@@ -1,4 +1,4 @@
-"""The CLI boundary: `check`, `deliveries list|replay`, and one-line errors with exit 2."""
+"""The CLI boundary: `check`, `deliveries`, `reload`, and one-line errors with exit 2."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import trustme
-from config_files import write_config
+from config_files import free_port, write_config
 from cryptography import x509
 from pki import Pki
 
 from gateway.cli import main
-from gateway.config import load_config
+from gateway.cli.reload import admin_url
+from gateway.config import AdminConfig, load_config
 from gateway.delivery.outcome import AttemptResult, DeadLetter
 from gateway.edge.routing import Route
 from gateway.onboarding.check import report
@@ -66,19 +67,19 @@ def test_check_warns_when_server_certificate_expires_within_30_days(config: Path
 def test_check_fails_on_key_that_does_not_match(
     config: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A key for another certificate is a one-line error naming tls.key_file, exit 2."""
+    """A key for another certificate is a one-line error naming the file and tls.key_file."""
     text = config.read_text().replace(str(pki.server_key_file), str(pki.client_key_file))
     config.write_text(text)
     assert main(["check", "--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: tls.key_file")
+    assert err.startswith(f"error: {config}: tls.key_file")
     assert len(err.strip().splitlines()) == 1
 
 
 def test_check_fails_on_expired_server_certificate(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An expired server certificate stops `check` with exit 2."""
+    """An expired server certificate stops `check` with exit 2, naming the file and the key."""
     ca = trustme.CA()
     leaf = ca.issue_cert(
         "localhost", not_after=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
@@ -97,7 +98,8 @@ def test_check_fails_on_expired_server_certificate(
     ]
     config.write_text("\n".join(lines))
     assert main(["check", "--config", str(config)]) == 2
-    assert "has expired" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: tls.cert_file = '{cert}': expired on ")
 
 
 @pytest.mark.parametrize(
@@ -281,3 +283,116 @@ def test_deliveries_list_and_replay_work_on_the_database(
     assert f"replayed {delivery_id}" in capsys.readouterr().out
     assert main(["deliveries", "list", "--config", str(pg_config), "--state", "pending"]) == 0
     assert delivery_id in capsys.readouterr().out
+def test_deliveries_show_prints_the_last_attempt_and_every_attempts_outcome(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deliveries show ID`: state, attempts, last status, reason and response, then every
+    attempt's outcome; never the body."""
+    _, dead_id = _seed(config)
+    assert main(["deliveries", "show", "--config", str(config), dead_id]) == 0
+    out = capsys.readouterr().out
+    facts, _, table = out.partition("\n  #  ")
+    (attempt,) = table.splitlines()[1:]
+    assert attempt.split()[0] == "1"
+    assert "dead" in attempt.split()
+    assert "400" in attempt.split()
+    fields = dict(line.split(":", 1) for line in facts.splitlines())
+    assert {key: value.strip() for key, value in fields.items()} | {
+        "received": "",
+        "queued": "",
+    } == {
+        "id": dead_id,
+        "target": "sink",
+        "state": "dead",
+        "received": "",
+        "queued": "",
+        "attempts": "1",
+        "last change": "1970-01-01 00:00:03 UTC",
+        "last status": "400",
+        "last error": "HTTP 400: not retryable",
+        "last response": "no",
+        "bytes": "7",
+    }
+    assert main(["deliveries", "show", "--config", str(config), "feedface"]) == 2
+    assert "no delivery feedface" in capsys.readouterr().err
+
+
+def test_bulk_replay_prints_how_many_it_replayed(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`replay --state dead` with --since (an age or a time) and --target prints a count."""
+    _seed(config)
+    base = ["deliveries", "replay", "--config", str(config), "--state", "dead"]
+    assert main([*base, "--since", "24h"]) == 0  # the dead letter died in 1970
+    assert capsys.readouterr().out == "replayed 0 deliveries\n"
+    assert main([*base, "--target", "sink", "--since", "1970-01-01T00:00:02Z"]) == 0
+    assert capsys.readouterr().out == "replayed 1 deliveries\n"
+
+
+def test_purge_prints_how_many_dead_letters_it_removed(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`purge --older-than 30d` removes the old dead letter, and only it."""
+    pending_id, _ = _seed(config)
+    assert main(["deliveries", "purge", "--config", str(config), "--older-than", "30d"]) == 0
+    assert capsys.readouterr().out == "purged 1 dead letters\n"
+    assert main(["deliveries", "list", "--config", str(config), "--json"]) == 0
+    assert [d["id"] for d in json.loads(capsys.readouterr().out)] == [pending_id]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay"], "give delivery ids, or --state dead"),
+        (["replay", "x-1", "--state", "dead"], "not both"),
+        (["replay", "x-1", "--target", "sink"], "--target and --since go with --state"),
+        (["replay", "--state", "dead", "--since", "soon"], "--since: 'soon' is neither"),
+        (["purge", "--older-than", "a while"], "--older-than: 'a while' is not an age"),
+    ],
+)
+def test_bad_bulk_arguments_are_one_line_errors(
+    config: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """Exit 2 and one line saying what is wrong."""
+    _seed(config)
+    assert main(["deliveries", args[0], "--config", str(config), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8081/admin/reload"),
+        ("0.0.0.0", "http://127.0.0.1:8081/admin/reload"),
+        ("::", "http://[::1]:8081/admin/reload"),
+        ("::1", "http://[::1]:8081/admin/reload"),
+        ("localhost", "http://localhost:8081/admin/reload"),
+    ],
+)
+def test_reload_asks_the_admin_listener_where_it_listens(host: str, url: str) -> None:
+    """An "any address" listener is asked on loopback; IPv6 addresses are bracketed."""
+    assert admin_url(AdminConfig(host=host, port=8081, token="t"), "/admin/reload") == url
+
+
+def test_reload_without_a_running_gateway_is_exit_1_in_one_line(
+    pki: Pki, tmp_path: Path, secret_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens on the admin port: say so, exit 1."""
+    port = free_port()
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x", admin_port=port)
+    assert main(["reload", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: cannot reach the gateway's admin listener at http://127.0.0.1:{port}/"
+    )
+    assert len(err.splitlines()) == 1
+
+
+def test_reload_with_the_admin_listener_off_names_the_key(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """admin.enabled = false: exit 2, and the way that remains (SIGHUP)."""
+    assert main(["reload", "--config", str(config)]) == 2
+    assert "admin.enabled = false" in capsys.readouterr().err

@@ -107,6 +107,7 @@ def test_loads_minimal_config_with_defaults(tmp_path: Path) -> None:
     assert config.admin == AdminConfig()
     assert config.dispatcher == DispatcherConfig()
     assert config.log_level == "info"
+    assert config.log_format == "text"
 
 
 def test_loads_every_key_as_written(tmp_path: Path) -> None:
@@ -127,6 +128,8 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         client_cn = ["one.example", "two.example"]
         crl_file = "a/crl.pem"
         session_tickets = 1
+        watch_files = true
+        watch_interval_s = 2
 
         [meta]
         verify_tokens = ["vt-1", "vt-2"]
@@ -151,6 +154,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         max_age_s = 7200
         split = "change"
         secret = "target-secret"
+        signature = "meta"
         concurrency = 8
         pipeline = 4
 
@@ -170,6 +174,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
 
         [log]
         level = "debug"
+        format = "json"
     """
     path = tmp_path / "gateway.toml"
     path.write_text(text.replace("\n        ", "\n"))
@@ -185,6 +190,8 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
             client_cn=("one.example", "two.example"),
             crl_file=tmp_path / "a/crl.pem",
             session_tickets=1,
+            watch_files=True,
+            watch_interval_s=2.0,
         ),
         meta=MetaConfig(verify_tokens=("vt-1", "vt-2"), app_secrets=("as-1", "as-2")),
         outbox=OutboxConfig(
@@ -205,6 +212,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
                 max_age_s=7200.0,
                 split="change",
                 secret="target-secret",
+                signature="meta",
                 concurrency=8,
                 pipeline=4,
             ),
@@ -213,6 +221,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         admin=AdminConfig(enabled=False, host="0.0.0.0", port=0, token="admin-token"),
         dispatcher=DispatcherConfig(poll_interval_s=2.0, batch_size=10),
         log_level="debug",
+        log_format="json",
         source=path,
     )
 
@@ -313,8 +322,8 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
 
 TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls"
 TARGET_KEYS = (
-    "attempts, concurrency, fields, max_age_s, name, phone_number_ids, pipeline, secret, split, "
-    "timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
+    "attempts, concurrency, fields, max_age_s, name, phone_number_ids, pipeline, secret, "
+    "signature, split, timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
 )
 
 
@@ -340,7 +349,7 @@ TARGET_KEYS = (
         ),
         pytest.param(
             {"log.lvl": '"debug"'},
-            "<file>: log.lvl = <hidden>: expected one of the keys level",
+            "<file>: log.lvl = <hidden>: expected one of the keys format, level",
             id="log",
         ),
         pytest.param(
@@ -482,6 +491,7 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
         ("wait_exp_base", "0.5", "wait_exp_base = 0.5: expected a number >= 1"),
         ("max_age_s", "0", "max_age_s = 0: expected a number > 0"),
         ("split", '"entry"', "split = 'entry': expected one of 'none', 'change'"),
+        ("signature", '"hub"', "signature = 'hub': expected one of 'gateway', 'meta'"),
         ("concurrency", "0", "concurrency = 0: expected an integer >= 1"),
         ("pipeline", "0", "pipeline = 0: expected an integer >= 1"),
         ("fields", '["messages", ""]', "fields[1] = '': expected a non-empty string"),
@@ -522,6 +532,57 @@ def test_rejects_duplicate_target_name(tmp_path: Path) -> None:
         "<file>: targets[1].name = 'crm': expected a unique name, 'crm' is already used by "
         "targets[0]"
     )
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        pytest.param(
+            {**TARGET, "targets[0].signature": '"meta"'},
+            "targets[0].signature = 'meta': expected 'gateway' unless targets[0].secret is set",
+            id="split-none",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].signature": '"meta"', "targets[0].split": '"change"'},
+            "targets[0].signature = 'meta': expected 'gateway' unless targets[0].secret is set",
+            id="split-change",
+        ),
+        pytest.param(
+            {
+                **TARGET,
+                "targets[0].secret": '"s"',
+                "targets[1].name": '"b"',
+                "targets[1].url": '"https://b.example/"',
+                "targets[1].signature": '"meta"',
+            },
+            "targets[1].signature = 'meta': expected 'gateway' unless targets[1].secret is set",
+            id="the-target-without-one-named",
+        ),
+    ],
+)
+def test_rejects_meta_signature_without_target_secret(
+    tmp_path: Path, entries: Entries, expected: str
+) -> None:
+    """Signing as Meta does needs the target's own secret: none set is an error naming the key."""
+    assert rejection(tmp_path, entries) == f"<file>: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        pytest.param({}, "gateway", id="default"),
+        pytest.param({"targets[0].signature": '"gateway"'}, "gateway", id="gateway-no-secret"),
+        pytest.param(
+            {"targets[0].signature": '"meta"', "targets[0].secret": '"${S}"'}, "meta", id="meta"
+        ),
+    ],
+)
+def test_reads_signature_style_defaulting_to_gateway(
+    tmp_path: Path, entries: Entries, expected: str
+) -> None:
+    """``signature`` is "gateway" unless set; "meta" loads with a secret, "gateway" without."""
+    config = load(tmp_path, {**TARGET, **entries}, env={"S": "from-env"})
+    assert config.targets[0].signature == expected
 
 
 @pytest.mark.parametrize("client_auth", ["required", "optional"])
@@ -733,6 +794,7 @@ def test_example_config_loads() -> None:
         ),
     ]
     assert config.targets[1].secret == "value-of-ANALYTICS_WEBHOOK_SECRET"
+    assert [t.signature for t in config.targets] == ["gateway", "meta"]
     assert config.admin.token == "value-of-WABA_ADMIN_TOKEN"
 
 
@@ -758,6 +820,7 @@ def test_example_config_documents_every_key(table: str, cls: type[Any]) -> None:
     for each in dataclasses.fields(cls):
         assert re.search(rf"^(# )?{each.name} = ", section, re.MULTILINE), each.name
     assert re.search(r"^level = ", text.split("[log]", 1)[1], re.MULTILINE)
+    assert re.search(r"^format = ", text.split("[log]", 1)[1], re.MULTILINE)
 
 
 def test_outbox_url_chooses_postgres_with_the_password_from_the_environment(

@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
+from consumer import Consumer
 from helpers import (
     DATA,
     admin_get,
@@ -32,11 +35,13 @@ from helpers import (
 from pki import Pki
 from sink import Hang, Received, Reply, Sink
 
-from gateway.config import META_CLIENT_CN
+from gateway.config import META_CLIENT_CN, Signature, Split
 from gateway.runtime.gateway import Gateway
 
 PAYLOADS = DATA / "payloads"
 SAMPLES = sorted(PAYLOADS.glob("*.json"))
+# Every notification sample Meta publishes, byte for byte as Meta publishes them (examples/).
+META_SAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.json"))
 TARGET_SECRET = "target-secret"
 
 # One POST as Meta batches them, escaped as Meta escapes them (\u00e9, \/, surrogate pairs):
@@ -214,6 +219,178 @@ async def test_signs_forwarded_body_with_target_secret(
         assert request.headers["X-Gateway-Signature-256"] != gateway_signature(
             "another-secret", timestamp, request.body
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Signing:
+    """What a target configured with ``split``, ``signature`` and ``secret`` must receive:
+    ``hub``, whose ``X-Hub-Signature-256`` (Meta's own, the target secret's over the bytes
+    sent, or none) and ``gateway``, whether ``X-Gateway-Timestamp`` and its signature come."""
+
+    split: Split
+    signature: Signature
+    secret: str | None
+    hub: Literal["meta", "target"] | None
+    gateway: bool
+
+
+@pytest.mark.parametrize(
+    "signing",
+    [
+        pytest.param(Signing("none", "gateway", None, "meta", False), id="none-gateway"),
+        pytest.param(Signing("none", "gateway", TARGET_SECRET, "meta", True), id="none-gw-secret"),
+        pytest.param(Signing("change", "gateway", None, None, False), id="change-gateway"),
+        pytest.param(
+            Signing("change", "gateway", TARGET_SECRET, None, True), id="change-gw-secret"
+        ),
+        pytest.param(Signing("none", "meta", TARGET_SECRET, "target", False), id="none-meta"),
+        pytest.param(Signing("change", "meta", TARGET_SECRET, "target", False), id="change-meta"),
+    ],
+)
+async def test_signs_each_request_in_the_target_signature_style(
+    pki: Pki, tmp_path: Path, sink: Sink, signing: Signing
+) -> None:
+    """Each target's requests carry the signature headers of its style, "meta" or "gateway"."""
+    target = sink_target(
+        sink, split=signing.split, signature=signing.signature, secret=signing.secret
+    )
+    async with Gateway(gateway_config(pki, tmp_path, targets=[target])) as gateway:
+        assert (await post(gateway, pki, BATCH)).status == 200
+        await wait_for_state(gateway, "delivered", 1 if signing.split == "none" else 4)
+    for request in sink.received:
+        hub = request.headers.get("X-Hub-Signature-256")
+        if signing.hub == "meta":
+            assert request.body == BATCH
+            assert hub == meta_signature(BATCH)
+        elif signing.hub == "target":
+            assert signing.secret is not None
+            assert hub == meta_signature(request.body, signing.secret)
+            assert hub != meta_signature(request.body)  # never the app secret's
+        else:
+            assert hub is None
+        timestamp = request.headers.get("X-Gateway-Timestamp")
+        signature = request.headers.get("X-Gateway-Signature-256")
+        if signing.gateway:
+            assert signing.secret is not None
+            assert timestamp is not None
+            assert signature == gateway_signature(signing.secret, timestamp, request.body)
+        else:
+            assert (timestamp, signature) == (None, None)
+
+
+def meta_batch(samples: Iterable[Path], *extra: dict[str, Any]) -> bytes:
+    """One notification batching ``samples`` as Meta batches: the changes of samples with the
+    same entry id and time gathered in one entry, in several entries otherwise, then ``extra``
+    entries; compact and escaped as Meta sends it (``\\u00e9``, ``\\/``)."""
+    entries: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for sample in samples:
+        for entry in json.loads(sample.read_bytes())["entry"]:
+            key = (entry["id"], entry.get("time"))
+            if key not in entries:
+                entries[key] = {**entry, "changes": []}
+            entries[key]["changes"].extend(entry["changes"])
+    document = {"object": "whatsapp_business_account", "entry": [*entries.values(), *extra]}
+    text = json.dumps(document, ensure_ascii=True, separators=(",", ":"))
+    # "/" only ever occurs inside strings, which Meta writes as "\/".
+    return text.replace("/", "\\/").encode()
+
+
+def all_changes(body: bytes) -> list[str]:
+    """Every change of a notification, each as comparable text, in any order."""
+    entries = json.loads(body)["entry"]
+    return sorted(json.dumps(change) for entry in entries for change in entry["changes"])
+
+
+# An entry no sample has: integers wider than 64 bits and Meta's escapes, which must reach the
+# consumer as the exact values Meta sent.
+WIDE_ENTRY: dict[str, Any] = {
+    "id": 123456789012345678901234567890,
+    "time": 2**65,
+    "changes": [
+        {
+            "field": "messages",
+            "value": {
+                "messaging_product": "whatsapp",
+                "metadata": {"display_phone_number": "15550783881", "phone_number_id": "1"},
+                "messages": [
+                    {
+                        "from": "16505551234",
+                        "id": "wamid.wide",
+                        "timestamp": 36893488147419103232,
+                        "n": -98765432109876543210987654321,
+                        "type": "text",
+                        "text": {"body": "caf\u00e9 \U0001f600 https://example.com/a"},
+                    }
+                ],
+            },
+        }
+    ],
+}
+
+
+async def test_consumer_reading_only_the_first_change_receives_every_change_of_meta_batches(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A pywa-style consumer verifies each request and gets every change of Meta's batches."""
+    messages = [path for path in META_SAMPLES if path.name.startswith(("messages", "statuses"))]
+    others = [path for path in META_SAMPLES if path not in messages]
+    batches = [
+        meta_batch(messages),
+        meta_batch(others),
+        meta_batch(META_SAMPLES, WIDE_ENTRY),
+    ]
+    expected = sorted(change for batch in batches for change in all_changes(batch))
+    # Several entries, and entries holding several changes, in every batch.
+    for batch in batches:
+        entries = json.loads(batch)["entry"]
+        assert len(entries) > 1
+        assert max(len(entry["changes"]) for entry in entries) > 1
+    async with (
+        Consumer("consumer-secret") as consumer,
+        Consumer("consumer-secret") as messages_only,
+        Consumer("another-secret") as wrong,
+    ):
+        secret = "consumer-secret"
+        targets = [
+            sink_target(consumer, "all", split="change", signature="meta", secret=secret),
+            sink_target(
+                messages_only,
+                "messages",
+                split="change",
+                signature="meta",
+                secret=secret,
+                fields=("messages",),
+            ),
+            sink_target(wrong, "wrong", split="change", signature="meta", secret=secret),
+        ]
+        async with Gateway(gateway_config(pki, tmp_path, targets=targets)) as gateway:
+            for batch in batches:
+                assert (await post(gateway, pki, batch)).status == 200
+            await consumer.wait_for(len(expected))
+            await wrong.wait_for(len(expected))
+            messages_expected = [c for c in expected if json.loads(c)["field"] == "messages"]
+            await messages_only.wait_for(len(messages_expected))
+            await wait_for_state(gateway, "dead", len(expected), target="wrong")
+    assert consumer.refused == []
+    assert sorted(json.dumps(change) for change in consumer.changes) == expected
+    assert messages_only.refused == []
+    assert sorted(json.dumps(c) for c in messages_only.changes) == messages_expected
+    assert len(wrong.refused) == len(wrong.received) == len(expected)
+    assert wrong.changes == []
+    (message,) = [
+        message
+        for change in consumer.changes
+        for message in change["value"].get("messages", [])
+        if message["id"] == "wamid.wide"
+    ]
+    assert message["timestamp"] == 36893488147419103232
+    assert message["n"] == -98765432109876543210987654321
+    assert message["text"]["body"] == "caf\u00e9 \U0001f600 https://example.com/a"
+    (request,) = [r for r in consumer.received if b"wamid.wide" in r.body]
+    assert json.loads(request.body)["entry"][0]["id"] == 123456789012345678901234567890
+    assert json.loads(request.body)["entry"][0]["time"] == 2**65
+    assert rb"\ud83d\ude00" in request.body
+    assert rb"https:\/\/example.com\/a" in request.body
 
 
 async def test_sends_no_gateway_signature_without_target_secret(
@@ -449,6 +626,29 @@ async def test_replay_delivers_dead_letter_once_target_accepts(
     assert delivered.attempts == 1
     assert [request.body for request in sink.received] == [body, body]
     assert [r.headers["X-Gateway-Delivery-Id"] for r in sink.received] == [dead.id, dead.id]
+
+
+async def test_admin_bulk_replay_show_and_purge(pki: Pki, tmp_path: Path, sink: Sink) -> None:
+    """GET /admin/deliveries/{id} shows one; POST .../replay?state=dead replays every dead
+    letter and says how many; POST .../purge?older_than= removes old dead letters."""
+    sink.script(Reply(400), Reply(400))
+    async with Gateway(gateway_config(pki, tmp_path, targets=[sink_target(sink)])) as gateway:
+        for text in ("one", "two"):
+            assert (await post(gateway, pki, message_body(text))).status == 200
+        dead = await wait_for_state(gateway, "dead", 2)
+        shown = await admin_get(gateway, f"/admin/deliveries/{dead[0].id}")
+        document = json.loads(shown.text)
+        history = document.pop("attempt_history")
+        assert document | {"received_at": 0} == dead[0].summary() | {"received_at": 0}
+        assert [(a["number"], a["outcome"]) for a in history] == [(1, "dead")]
+        assert (await admin_get(gateway, "/admin/deliveries/elsewhere-1")).status == 404
+        bulk = "/admin/deliveries/replay?state=dead&target=sink&since=1h"
+        assert json.loads((await admin_post(gateway, bulk)).text) == {"replayed": 2}
+        await wait_for_state(gateway, "delivered", 2)
+        purge = "/admin/deliveries/purge?older_than=0s"
+        assert json.loads((await admin_post(gateway, purge)).text) == {"purged": 0}
+        assert (await admin_post(gateway, "/admin/deliveries/replay")).status == 400
+        assert (await admin_post(gateway, "/admin/deliveries/purge?older_than=x")).status == 400
 
 
 async def test_replay_of_unknown_delivery_is_404(pki: Pki, tmp_path: Path) -> None:

@@ -8,16 +8,28 @@ mid-request, the way a real peer on the internet might.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from helpers import VERIFY_TOKEN, gateway_config, message_body, meta_signature, sink_target
-from pki import Pki
-from sink import Sink
+from helpers import (
+    VERIFY_TOKEN,
+    eventually,
+    gateway_config,
+    message_body,
+    meta_signature,
+    metric,
+    sink_target,
+)
+from pki import ClientKind, Pki
+from sink import DEADLINE_S, Sink
 
 from gateway.runtime.gateway import Gateway
 
@@ -197,6 +209,19 @@ async def test_head_over_the_limit_gets_431_and_is_closed(client: Client) -> Non
     assert await client.closed()
 
 
+async def test_header_line_that_never_ends_gets_431_and_is_closed(client: Client) -> None:
+    """A header value sent 8 KB at a time without a line end is cut off past the head limit."""
+    await client.send(f"GET {PATH} HTTP/1.1\r\nX-Endless: ".encode())
+    answer = asyncio.create_task(client.reply())
+    for _ in range(40):  # 320 KB at most; the limit is 64 KiB
+        if answer.done():
+            break
+        await client.send(b"y" * 8192)
+        await asyncio.sleep(0.005)  # separate reads: each one continues the same head
+    assert (await answer).status == 431
+    assert await client.closed()
+
+
 async def test_announced_body_over_the_limit_gets_413_before_it_is_sent(
     gateway: Gateway, client: Client, pki: Pki
 ) -> None:
@@ -220,6 +245,38 @@ async def test_expect_100_continue_is_answered_before_the_body(client: Client) -
     assert (await client.reply()).status == 200
 
 
+@pytest.mark.parametrize(
+    ("kind", "head", "status"),
+    [
+        ("meta", "POST /elsewhere HTTP/1.1\r\nContent-Length: 10\r\n", 404),
+        ("meta", f"PUT {PATH} HTTP/1.1\r\nContent-Length: 10\r\n", 405),
+        ("meta", f"POST {PATH} HTTP/1.1\r\nContent-Length: 5000\r\n", 413),
+        ("wrong_cn", f"POST {PATH} HTTP/1.1\r\nContent-Length: 10\r\n", 403),
+    ],
+    ids=["404", "405", "413", "403"],
+)
+async def test_expect_100_continue_gets_the_refusal_instead_of_100(
+    gateway: Gateway, pki: Pki, kind: ClientKind, head: str, status: int
+) -> None:
+    """A request that will be refused is answered that, not 100, and closed: 100 would ask
+    for a body the gateway is not going to read (RFC 9110, 10.1.1)."""
+    client = await Client.connect(gateway, pki.client_context(kind))
+    await client.send(f"{head}Host: x\r\nExpect: 100-continue\r\n\r\n".encode())
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (status, "close")
+    assert await client.closed()
+    client.close()
+
+
+async def test_expect_100_continue_from_http10_is_ignored(client: Client) -> None:
+    """An HTTP/1.0 client gets no 100, only the answer (RFC 9110, 10.1.1)."""
+    await client.send(
+        post(message_body("old client"), version="1.0", extra="Expect: 100-continue\r\n")
+    )
+    answer = await client.reply()
+    assert (answer.status, answer.body) == (200, b"ok\n")
+
+
 async def test_request_not_received_in_time_gets_408_and_is_closed(client: Client) -> None:
     """A head that never ends (a slow or stalled client) is cut off after request_timeout_s."""
     await client.send(f"POST {PATH} HTTP/1.1\r\nHost: x\r\n".encode())
@@ -234,6 +291,68 @@ async def test_idle_keep_alive_connection_is_closed_after_idle_timeout(client: C
     answer = await client.reply()
     assert (answer.status, answer.headers["connection"]) == (200, "keep-alive")
     assert await client.closed()
+
+
+async def test_blank_lines_do_not_keep_an_idle_connection_open(client: Client) -> None:
+    """Empty lines between requests may be ignored (RFC 9112, 2.2) but are not a request: a
+    client that sends only those every 0.1 s is still closed after idle_timeout_s (0.4 s)."""
+    await client.send(post(message_body("then blank lines")))
+    assert (await client.reply()).status == 200
+    closed = asyncio.Event()
+
+    async def blank_lines() -> None:
+        for _ in range(30):  # for 3 s at most
+            if closed.is_set():
+                return
+            client.writer.write(b"\r\n")
+            await asyncio.sleep(0.1)
+
+    sending = asyncio.create_task(blank_lines())
+    assert await client.closed()
+    closed.set()
+    assert not sending.done(), "closed only once the blank lines stopped"
+    await sending
+
+
+async def test_a_client_that_never_reads_is_held_to_a_bounded_buffer_then_closed(
+    gateway: Gateway, pki: Pki
+) -> None:
+    """700 pipelined handshakes with 4 KB answers (2.9 MB), none of them read: the gateway
+    stops answering once its write buffer passes the high-water mark, so it never holds more
+    than that plus an answer, and closes the connection after idle_timeout_s (0.4 s)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=pki.client_context("meta"), server_hostname="localhost", limit=1024
+    )
+    # The gateway's side of the connection: its write buffer cannot be seen from outside.
+    listener = gateway._listener
+    assert listener is not None
+    while not listener.connections:  # noqa: ASYNC110 (the handshake's last step, a moment)
+        await asyncio.sleep(0.01)
+    (connection,) = listener.connections
+    transport = connection._transport
+    assert transport is not None
+    # On loopback the kernel would take megabytes of answers off the gateway's hands; a small
+    # send buffer stands for a slow link, so what the gateway itself holds shows.
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    challenge = "c" * 4096
+    query = urlencode(
+        {"hub.mode": "subscribe", "hub.challenge": challenge, "hub.verify_token": VERIFY_TOKEN}
+    )
+    writer.write(get(f"{PATH}?{query}") * 700)
+    high = transport.get_write_buffer_limits()[1]
+    most = 0
+    deadline = time.monotonic() + DEADLINE_S
+    while not transport.is_closing() and time.monotonic() < deadline:
+        most = max(most, transport.get_write_buffer_size())
+        await asyncio.sleep(0.005)
+    assert transport.is_closing(), "still open after idle_timeout_s"
+    assert high < most <= high + 2 * (len(challenge) + 200)
+    assert await Client(reader, writer).closed()
+    writer.close()
 
 
 async def test_wrong_cn_gets_403_on_every_request_of_the_connection(
@@ -253,3 +372,132 @@ async def test_shutdown_closes_idle_keep_alive_connections(
     assert (await client.reply()).status == 200
     await gateway.close()
     assert await client.closed()
+
+
+@pytest.fixture
+async def roomy_client(pki: Pki, tmp_path: Path, sink: Sink) -> AsyncIterator[Client]:
+    """A client of a gateway that takes bodies up to 1 MiB (Meta sends up to 3 MB)."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], max_body_bytes=1024**2)
+    async with Gateway(config) as running:
+        connected = await Client.connect(running, pki.client_context("meta"))
+        yield connected
+        connected.close()
+
+
+async def test_large_keep_alive_posts_are_not_mistaken_for_large_heads(
+    roomy_client: Client,
+) -> None:
+    """POSTs with 100 KB bodies, each arriving whole, get 200 and keep the connection open."""
+    for n in range(3):
+        await roomy_client.send(post(message_body(f"large {n} " + "x" * 100_000)))
+        answer = await roomy_client.reply()
+        assert (answer.status, answer.headers["connection"]) == (200, "keep-alive")
+    await roomy_client.send(get(f"{PATH}?{HANDSHAKE}"))
+    assert (await roomy_client.reply()).status == 200
+
+
+async def test_many_pipelined_requests_in_one_write_are_not_mistaken_for_a_large_head(
+    client: Client,
+) -> None:
+    """800 handshakes (about 100 KB) in one write: 800 answers 200, then the connection still
+    serves the next request (no stray 431, no close)."""
+    await client.send(get(f"{PATH}?{HANDSHAKE}") * 800)
+    answers = [await client.reply() for _ in range(800)]
+    assert {(a.status, a.headers["connection"]) for a in answers} == {(200, "keep-alive")}
+    await client.send(get(f"{PATH}?{HANDSHAKE}"))
+    assert (await client.reply()).status == 200
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.2", "3.0"])
+async def test_http_version_other_than_1_0_or_1_1_gets_505_and_is_closed(
+    client: Client, version: str
+) -> None:
+    """A well-formed request line of another HTTP version is answered 505 (RFC 9110, 15.6.6)."""
+    await client.send(get(f"{PATH}?{HANDSHAKE}", version=version))
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (505, "close")
+    assert await client.closed()
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "detail"),
+    [
+        ("none", "no_certificate", "PEER_DID_NOT_RETURN_A_CERTIFICATE"),
+        ("impostor", "untrusted", "unable to get local issuer certificate"),
+        ("expired", "expired", "certificate has expired"),
+    ],
+)
+async def test_failed_tls_handshake_is_logged_once_and_counted_by_reason(
+    gateway: Gateway,
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+    kind: ClientKind,
+    reason: str,
+    detail: str,
+) -> None:
+    """A client certificate refused in the handshake leaves one log line with the address and
+    OpenSSL's reason, and counts one failure under that reason."""
+    caplog.set_level(logging.INFO, logger="gateway.edge.listener")
+    refused: Client | None = None
+    with contextlib.suppress(ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+        refused = await Client.connect(gateway, pki.client_context(kind))
+        await refused.send(get(f"{PATH}?{HANDSHAKE}"))  # TLS 1.3: refused only now
+        await refused.reply()
+    if refused is not None:
+        refused.close()
+    sample = f'waba_gateway_tls_handshake_failures_total{{reason="{reason}"}}'
+
+    async def counted() -> float:
+        text = gateway.stats.render().decode()
+        return metric(text, sample) if sample in text else 0
+
+    assert await eventually(counted, sample) == 1
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert lines == [f"TLS handshake from 127.0.0.1 failed: {reason} ({detail})"]
+
+
+async def test_client_refusing_the_server_certificate_is_counted_as_a_client_alert(
+    gateway: Gateway, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that does not trust the gateway's certificate ends the handshake with an
+    alert: one failure, reason "client_alert", OpenSSL's name for the alert in the log."""
+    caplog.set_level(logging.INFO, logger="gateway.edge.listener")
+    distrustful = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    distrustful.load_verify_locations(cafile=pki.client_ca_file)  # not the server's CA
+
+    def handshake() -> None:
+        # A blocking socket: OpenSSL sends its alert on it, where asyncio's client would drop
+        # the connection without one.
+        with (
+            socket.create_connection(("127.0.0.1", gateway.port), timeout=DEADLINE_S) as sock,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            distrustful.wrap_socket(sock, server_hostname="localhost")
+
+    await asyncio.to_thread(handshake)
+    sample = 'waba_gateway_tls_handshake_failures_total{reason="client_alert"}'
+
+    async def counted() -> float:
+        text = gateway.stats.render().decode()
+        return metric(text, sample) if sample in text else 0
+
+    assert await eventually(counted, sample) == 1
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert lines == ["TLS handshake from 127.0.0.1 failed: client_alert (TLSV1_ALERT_UNKNOWN_CA)"]
+
+
+async def test_plain_http_on_the_tls_port_is_counted_as_a_protocol_failure(
+    gateway: Gateway,
+) -> None:
+    """A request in clear text is no TLS handshake: one failure, reason "protocol"."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(get(PATH))
+    await reader.read()  # the gateway closes
+    writer.close()
+    sample = 'waba_gateway_tls_handshake_failures_total{reason="protocol"}'
+
+    async def counted() -> float:
+        text = gateway.stats.render().decode()
+        return metric(text, sample) if sample in text else 0
+
+    assert await eventually(counted, sample) == 1

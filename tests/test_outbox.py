@@ -14,6 +14,7 @@ import pytest
 from gateway.delivery.outcome import AttemptResult, DeadLetter, Delivered, RetryAt
 from gateway.edge.routing import Route
 from gateway.errors import OutboxError
+from gateway.outbox import Backlog
 from gateway.outbox.sqlite import layout, store
 from gateway.outbox.sqlite.layout import connect
 from gateway.outbox.sqlite.outbox import SqliteOutbox
@@ -279,13 +280,57 @@ async def test_due_reads_only_the_targets_asked_for(outbox: SqliteOutbox) -> Non
     ]
 
 
-async def test_deliveries_of_removed_targets_are_dead_lettered(outbox: SqliteOutbox) -> None:
-    """Pending deliveries to a target no longer configured become dead letters with a reason."""
-    await outbox.accept(b"a", SIG, [Route("kept", None), Route("gone", None)], 1.0)
-    assert await outbox.dead_letter_unknown(["kept"], 2.0) == 1
-    (dead,) = await outbox.query(state="dead")
-    assert (dead.target, dead.last_error) == ("gone", "target 'gone' is no longer configured")
-    assert [d.target for d in await outbox.query(state="pending")] == ["kept"]
+async def _dead(outbox: SqliteOutbox, body: bytes, target: str, now: float) -> str:
+    (delivery,) = await outbox.accept(body, SIG, [Route(target, None)], now) or []
+    await outbox.record(delivery.id, DeadLetter("x"), AttemptResult(status=400), now)
+    return delivery.id
+
+
+async def test_backlog_counts_pending_and_dead_per_target_with_the_oldest_pending(
+    outbox: SqliteOutbox,
+) -> None:
+    """Per target: pending count, when the oldest pending was made, dead letters."""
+    await outbox.accept(b"a", SIG, [Route("one", None), Route("gone", None)], 1.0)
+    await outbox.accept(b"b", SIG, [Route("one", None)], 3.0)
+    await _dead(outbox, b"c", "two", 4.0)
+    assert await outbox.backlog() == [
+        Backlog("gone", 1, 1.0, 0),
+        Backlog("one", 2, 1.0, 0),
+        Backlog("two", 0, None, 1),
+    ]
+
+
+async def test_get_finds_one_delivery_and_none_for_an_unknown_id(outbox: SqliteOutbox) -> None:
+    """``get`` returns the delivery with its last outcome; another outbox's id finds nothing."""
+    delivery_id = await _dead(outbox, b"a", "t", 1.0)
+    found = await outbox.get(delivery_id)
+    assert found is not None
+    assert (found.state, found.attempts, found.last_status) == ("dead", 1, 400)
+    assert await outbox.get("elsewhere-1") is None
+
+
+async def test_replay_many_replays_dead_letters_by_target_and_since(
+    outbox: SqliteOutbox,
+) -> None:
+    """Bulk replay: only the given state, target and time window; the count is returned."""
+    await _dead(outbox, b"old", "t", 1.0)
+    await _dead(outbox, b"new", "t", 10.0)
+    await _dead(outbox, b"other", "u", 10.0)
+    assert await outbox.replay_many(state="dead", target="t", since=5.0, now=20.0) == 1
+    assert [d.body for d in await outbox.query(state="pending")] == [b"new"]
+    assert await outbox.replay_many(state="dead", target=None, since=None, now=21.0) == 2
+    assert await outbox.query(state="dead") == []
+
+
+async def test_purge_dead_removes_only_dead_letters_older_than_the_cutoff(
+    outbox: SqliteOutbox,
+) -> None:
+    """Pending deliveries and young dead letters stay."""
+    await _dead(outbox, b"old", "t", 1.0)
+    await _dead(outbox, b"young", "t", 10.0)
+    await outbox.accept(b"pending", SIG, [Route("t", None)], 1.0)
+    assert await outbox.purge_dead(5.0) == 1
+    assert sorted(d.body for d in await outbox.query()) == [b"pending", b"young"]
 
 
 def _open_and_close(path: Path, ready: Any, go: Any, errors: Any) -> None:

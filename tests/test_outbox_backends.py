@@ -164,13 +164,49 @@ async def test_prune_removes_old_delivered_and_keeps_dead_pending_and_dedup(
     assert await box.accept(b'{"n":0}', SIG, [Route("t", None)], 1000.0 + 2 * DAY) is None
 
 
-async def test_deliveries_of_removed_targets_are_dead_lettered(outbox: Outbox) -> None:
-    """Pending deliveries of a target no longer configured become dead letters saying why."""
-    await outbox.accept(b"{}", SIG, [Route("kept", None), Route("gone", None)], 1000.0)
-    assert await outbox.dead_letter_unknown(["kept"], 1001.0) == 1
-    (dead,) = await outbox.query(state="dead")
-    assert dead.target == "gone"
-    assert "no longer configured" in (dead.last_error or "")
+async def test_attempt_history_get_and_backlog(outbox: Outbox) -> None:
+    """Every recorded attempt is kept, numbered again from 1 after a replay; get() reads one
+    delivery; backlog() counts pending and dead per target."""
+    a, b = await one(outbox, 0), await one(outbox, 1)
+    busy = AttemptResult(status=503, response_excerpt="busy")
+    await outbox.record_many([(a.id, RetryAt(1100.0, "HTTP 503"), busy)], 1001.0)
+    await outbox.record_many([(a.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1101.0)
+    assert [(r.number, r.outcome, r.status, r.response) for r in await outbox.attempts(a.id)] == [
+        (1, "retry", 503, "busy"),
+        (2, "dead", 400, ""),
+    ]
+    (backlog,) = await outbox.backlog()
+    assert (backlog.target, backlog.pending, backlog.dead) == ("t", 1, 1)
+    assert backlog.oldest_pending_at == 1000.0
+    assert await outbox.replay(a.id, 1200.0)
+    await outbox.record_many([(a.id, Delivered(), OK)], 1201.0)
+    assert [r.number for r in await outbox.attempts(a.id)] == [1, 2, 1]
+    found = await outbox.get(b.id)
+    assert found is not None
+    assert (found.id, found.state) == (b.id, "pending")
+    assert await outbox.get("nope") is None
+    assert await outbox.attempts("nope") == []
+
+
+async def test_replay_many_and_purge_dead(outbox: Outbox) -> None:
+    """Dead letters of a target, changed since a time, replay at once; old ones purge."""
+    made = [await one(outbox, i) for i in range(3)]
+    for n, delivery in enumerate(made):
+        await outbox.record_many([(delivery.id, DeadLetter("x"), OK)], 1000.0 + n)
+    assert await outbox.replay_many(state="dead", target="t", since=1001.0, now=2000.0) == 2
+    assert await outbox.counts() == {"pending": 2, "delivered": 0, "dead": 1}
+    assert await outbox.purge_dead(1000.5) == 1
+    assert await outbox.counts() == {"pending": 2, "delivered": 0, "dead": 0}
+    assert await outbox.get(made[0].id) is None
+
+
+async def test_query_pages_in_a_stable_order(outbox: Outbox) -> None:
+    """offset pages through deliveries changed at the same time without skipping any."""
+    made = {(await one(outbox, i)).id for i in range(5)}
+    pages = [await outbox.query(limit=2, offset=offset) for offset in (0, 2, 4)]
+    seen = [d.id for page in pages for d in page]
+    assert sorted(seen) == sorted(made)
+    assert len(seen) == 5
 
 
 async def test_query_filters_by_state_and_target_newest_first(outbox: Outbox) -> None:

@@ -59,11 +59,12 @@ def test_the_source_tree_has_the_documented_subpackages() -> None:
 
 
 def test_wheel_contains_every_subpackage_and_the_type_marker(wheel: Path) -> None:
-    """Each package's __init__.py, and py.typed, are in the wheel."""
+    """Each package's __init__.py, py.typed and the console's stylesheet are in the wheel."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in _subpackages():
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     assert "gateway/py.typed" in names
+    assert "gateway/runtime/console/static/console.css" in names
 
 
 def test_each_subpackage_imports_from_the_wheel(wheel: Path) -> None:

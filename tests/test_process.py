@@ -264,6 +264,41 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     assert not left
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """The worker processes of supervisor ``pid`` (not multiprocessing's helper processes)."""
+    return [
+        child
+        for child in _children(pid)
+        if b"spawn_main" in (Path("/proc") / str(child) / "cmdline").read_bytes()
+    ]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_two_workers_survive_sighup_to_any_process(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """workers = 2: SIGHUP to the supervisor and to each worker, even while they start, ends
+    none of them; they keep serving, SIGTERM still stops them all and the metrics folder is
+    removed. (That each reloads: tests/test_reload_process.py.)"""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    port = listen_port(config)
+    with _gateway(config) as supervisor:
+        await _until_listening(port, pki, supervisor)
+        workers = _spawned_workers(supervisor.pid)
+        assert len(workers) == 2
+        for pid in [supervisor.pid, *workers]:
+            os.kill(pid, signal.SIGHUP)
+        bodies = [message_body(f"after SIGHUP {n}") for n in range(10)]
+        await _post_each_on_a_new_connection(port, pki, bodies)
+        assert sorted(_spawned_workers(supervisor.pid)) == sorted(workers)
+        supervisor.send_signal(signal.SIGTERM)
+        assert await _exit_code(supervisor) == 0
+    left = await asyncio.to_thread(
+        lambda: list(Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor.pid}-*"))
+    )
+    assert not left
+
+
 async def test_dev_mode_prints_a_command_that_delivers(tmp_path: Path) -> None:
     """serve --dev starts with no set-up and a signed sample reaches the printing target."""
     dev_dir = tmp_path / "var" / "dev"

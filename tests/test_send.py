@@ -307,17 +307,40 @@ async def test_gateway_accepts_every_example_payload(
 async def test_dev_mode_uses_the_files_of_serve_dev(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--dev finds the certificates, secret and sample that serve --dev made."""
+    """--dev finds the certificates, secret and sample that serve --dev made, and makes the
+    sample unique at each try, so a second try is stored (and delivered), not a duplicate."""
     files, dev_secrets = dev.ensure_dev_files(tmp_path / "dev")
     config = dev.dev_config(files, dev_secrets, port=0, sink_url="http://127.0.0.1:9/")
     config = dataclasses.replace(config, targets=())
     async with running_gateway(config) as (gateway, _):
         url = f"https://localhost:{gateway.port}/webhook"
-        code = await send("--dev", "--dev-dir", str(files.folder), url)
+        codes = [await send("--dev", "--dev-dir", str(files.folder), url) for _ in range(2)]
+        stored = await stored_bodies(gateway)
+    assert codes == [0, 0]
+    assert capsys.readouterr().out == "HTTP 200 OK: ok\n" * 2
+    assert len(set(stored)) == 2
+    for body in stored:
+        assert b'"id":"wamid.' in body
+        assert body.replace(b"wamid.", b"").count(b"DEV") == 1
+        assert len(body) > len(dev.SAMPLE)
+
+
+async def test_dev_mode_sends_to_the_port_serve_dev_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a URL, --dev reads the dev gateway's port from the configuration it wrote."""
+    files, dev_secrets = dev.ensure_dev_files(tmp_path / "dev")
+    config = dev.dev_config(files, dev_secrets, port=0, sink_url="http://127.0.0.1:9/")
+    config = dataclasses.replace(config, targets=())
+    async with running_gateway(config) as (gateway, _):
+        written = dataclasses.replace(
+            config, listen=dataclasses.replace(config.listen, port=gateway.port)
+        )
+        dev.config_path(files.folder).write_text(dev.dev_toml(written))
+        code = await send("--dev", "--dev-dir", str(files.folder))
         stored = await stored_bodies(gateway)
     assert code == 0
-    assert capsys.readouterr().out == "HTTP 200 OK: ok\n"
-    assert stored == [dev.SAMPLE]
+    assert len(stored) == 1
 
 
 def test_serve_dev_prints_the_send_command_first(tmp_path: Path) -> None:

@@ -20,6 +20,17 @@ def test_committed_counts_commits_and_the_jobs_they_held() -> None:
     assert metric(text, "waba_gateway_outbox_jobs_total") == 8
 
 
+def test_tls_handshake_failures_are_counted_by_reason() -> None:
+    stats = Stats()
+    stats.tls_handshake_failed("expired")
+    stats.tls_handshake_failed("expired")
+    stats.tls_handshake_failed("no_certificate")
+    text = stats.render().decode()
+    sample = "waba_gateway_tls_handshake_failures_total"
+    assert metric(text, f'{sample}{{reason="expired"}}') == 2
+    assert metric(text, f'{sample}{{reason="no_certificate"}}') == 1
+
+
 def test_a_shared_folder_the_environment_does_not_name_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

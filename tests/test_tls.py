@@ -26,7 +26,7 @@ from pki import ClientKind, Pki
 
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
 from gateway.edge.identity import check_client_identity
-from gateway.edge.tls import build_server_context, client_ca_subjects
+from gateway.edge.tls import build_server_context, client_ca_subjects, handshake_failure
 from gateway.errors import CertificateError, IdentityRejected
 
 TIMEOUT_S = 5.0
@@ -520,3 +520,19 @@ def test_server_context_issues_the_configured_session_tickets(
     if configured is not None:
         tls = dataclasses.replace(tls, session_tickets=configured)
     assert build_server_context(tls).num_tickets == tickets
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (ConnectionAbortedError("SSL handshake is taking longer than 30.0 seconds"), "timeout"),
+        (TimeoutError(), "timeout"),
+        (ConnectionResetError(), "closed"),
+        (BrokenPipeError(), "closed"),
+    ],
+)
+def test_handshake_failures_without_an_openssl_reason_are_timeout_or_closed(
+    exc: OSError, reason: str
+) -> None:
+    """asyncio's handshake timeout and a peer gone mid-handshake get reasons of their own."""
+    assert handshake_failure(exc) == (reason, type(exc).__name__)

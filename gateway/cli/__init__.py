@@ -13,9 +13,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from gateway import __version__
 from gateway.cli.exit_codes import EXIT_USAGE, GRAPH_EXIT_CODES
 from gateway.errors import GatewayError, GraphError
+from gateway.version import __version__
 
 __all__ = ["main"]
 
@@ -29,6 +29,7 @@ def _registrars() -> list[Registrar]:
         check,
         deliveries,
         doctor,
+        reload,
         send,
         serve,
         subscriptions,
@@ -37,6 +38,7 @@ def _registrars() -> list[Registrar]:
 
     return [
         serve.register,
+        reload.register,
         check.register,
         doctor.register,
         deliveries.register,

@@ -12,21 +12,40 @@ from pathlib import Path
 
 from gateway.config import Config, default_config_path, load_config
 from gateway.errors import ConfigError
+from gateway.runtime.dev import config_path
 
-__all__ = ["add_config_argument", "config_from_args"]
+__all__ = ["DEV_DIR", "add_config_argument", "config_from_args"]
+
+DEV_DIR = "var/dev"
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: argparse.ArgumentParser, *, dev: bool = False) -> None:
+    """``--config``; with ``dev``, also ``--dev``: the configuration ``serve --dev`` wrote."""
     parser.add_argument(
         "--config",
         type=Path,
         default=None,
         help="TOML file (default: $WABA_GATEWAY_CONFIG, else config/gateway.toml)",
     )
+    if dev:
+        parser.add_argument(
+            "--dev",
+            action="store_true",
+            help=f"the dev gateway's configuration, {config_path(Path(DEV_DIR))}, as "
+            "'serve --dev' wrote it",
+        )
+        parser.add_argument("--dev-dir", default=DEV_DIR, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    path: Path = args.config or default_config_path()
+    if getattr(args, "dev", False) and args.config is None:
+        path = config_path(Path(args.dev_dir))
+        if not path.exists():
+            raise ConfigError(
+                f"{path}: no dev configuration yet; start 'waba-gateway serve --dev' first"
+            )
+        return load_config(path)
+    path = args.config or default_config_path()
     if not path.exists():
         raise ConfigError(
             f"{path}: no such file (copy config/gateway.example.toml, or try "

@@ -23,5 +23,5 @@ def _check(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("check", help="validate the configuration and certificates")
-    add_config_argument(parser)
+    add_config_argument(parser, dev=True)
     parser.set_defaults(func=_check)

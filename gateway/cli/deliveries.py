@@ -1,4 +1,5 @@
-"""``waba-gateway deliveries list|replay``: the outbox's deliveries, gateway running or not."""
+"""``waba-gateway deliveries list|show|replay|purge``: the outbox's deliveries, gateway running or
+not. Every command that changes deliveries prints how many it changed."""
 
 from __future__ import annotations
 
@@ -6,19 +7,36 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
 
 from gateway.cli.args import add_config_argument, config_from_args
-from gateway.errors import NotFound
-from gateway.outbox import STATES, Delivery, Outbox, open_outbox
+from gateway.errors import GatewayError, NotFound
+from gateway.outbox import STATES, AttemptRecord, Delivery, Outbox, open_outbox
 from gateway.runtime.admin import parse_query
+from gateway.units import parse_age, parse_since
 
 __all__ = ["register"]
+
+T = TypeVar("T")
 
 
 async def _open(args: argparse.Namespace) -> Outbox:
     # An outbox the gateway has not made yet is an error here: listing must not create one.
     # Not dispatching: a replay is announced to the gateways sharing a database.
     return await open_outbox(config_from_args(args).outbox, create=False, dispatching=False)
+
+
+def _with_outbox(args: argparse.Namespace, work: Callable[[Outbox], Awaitable[T]]) -> T:
+    async def run() -> T:
+        outbox = await _open(args)
+        try:
+            return await work(outbox)
+        finally:
+            await outbox.close()
+
+    return asyncio.run(run())
 
 
 def _row(d: Delivery) -> str:
@@ -33,15 +51,7 @@ def _list(args: argparse.Namespace) -> int:
         {k: v for k, v in (("state", args.state), ("target", args.target)) if v}
         | {"limit": str(args.limit)}
     )
-
-    async def listing() -> list[Delivery]:
-        outbox = await _open(args)
-        try:
-            return await outbox.query(state=state, target=target, limit=limit)
-        finally:
-            await outbox.close()
-
-    found = asyncio.run(listing())
+    found = _with_outbox(args, lambda o: o.query(state=state, target=target, limit=limit))
     if args.json:
         print(json.dumps([d.summary() for d in found], indent=2))
         return 0
@@ -51,37 +61,124 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _show(args: argparse.Namespace) -> int:
+    async def read(outbox: Outbox) -> tuple[Delivery | None, list[AttemptRecord]]:
+        return await outbox.get(args.id), await outbox.attempts(args.id)
+
+    found, attempts = _with_outbox(args, read)
+    if found is None:
+        raise NotFound(f"no delivery {args.id}")
+    if args.json:
+        history = [attempt.summary() for attempt in attempts]
+        print(json.dumps(found.summary() | {"attempt_history": history}, indent=2))
+        return 0
+    next_label = "next attempt" if found.state == "pending" else "last change"
+    lines = [
+        ("id", found.id),
+        ("target", found.target),
+        ("state", found.state),
+        ("received", _when(found.received_at)),
+        ("queued", _when(found.created_at)),
+        ("attempts", str(found.attempts)),
+        (next_label, _when(found.next_attempt_at)),
+        ("last status", "-" if found.last_status is None else str(found.last_status)),
+        ("last error", found.last_error or "-"),
+        ("last response", (found.last_response or "-").replace("\n", " ")[:200]),
+        ("bytes", str(len(found.body))),
+    ]
+    for name, value in lines:
+        print(f"{name + ':':<15}{value}")
+    # Every attempt the outbox kept, oldest first (numbers start again at 1 after a replay).
+    print(f"{'#':>3}  {'AT':<20} {'OUTCOME':<9} {'HTTP':>4}  REASON / RESPONSE")
+    for attempt in attempts:
+        status = "-" if attempt.status is None else str(attempt.status)
+        outcome = attempt.outcome
+        why = (attempt.error or attempt.response or "").replace("\n", " ")[:80]
+        print(f"{attempt.number:>3}  {_when(attempt.at):<20} {outcome:<9} {status:>4}  {why}")
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
-    async def replay() -> list[str]:
-        outbox = await _open(args)
-        missing = []
+    if args.ids and args.state:
+        raise GatewayError("give delivery ids or --state, not both")
+    if not args.ids and not args.state:
+        raise GatewayError("give delivery ids, or --state dead to replay every dead letter")
+    if args.ids and (args.target or args.since):
+        raise GatewayError("--target and --since go with --state")
+    if args.state:
+        now = time.time()
         try:
-            for delivery_id in args.ids:
-                if await outbox.replay(delivery_id, time.time()):
-                    print(f"replayed {delivery_id}")
-                else:
-                    missing.append(delivery_id)
-        finally:
-            await outbox.close()
+            since = None if args.since is None else parse_since(args.since, now)
+        except ValueError as exc:
+            raise GatewayError(f"--since: {exc}") from None
+        count = _with_outbox(
+            args,
+            lambda o: o.replay_many(state=args.state, target=args.target, since=since, now=now),
+        )
+        print(f"replayed {count} deliveries")
+        return 0
+
+    async def replay(outbox: Outbox) -> list[str]:
+        missing = []
+        for delivery_id in args.ids:
+            if await outbox.replay(delivery_id, time.time()):
+                print(f"replayed {delivery_id}")
+            else:
+                missing.append(delivery_id)
         return missing
 
-    missing = asyncio.run(replay())
+    missing = _with_outbox(args, replay)
+    print(f"replayed {len(args.ids) - len(missing)} deliveries")
     if missing:
         raise NotFound(f"no delivery {', '.join(missing)}")
     return 0
 
 
+def _purge(args: argparse.Namespace) -> int:
+    try:
+        age = parse_age(args.older_than)
+    except ValueError as exc:
+        raise GatewayError(f"--older-than: {exc}") from None
+    count = _with_outbox(args, lambda o: o.purge_dead(time.time() - age))
+    print(f"purged {count} dead letters")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("deliveries", help="list or replay deliveries in the outbox")
+    parser = subparsers.add_parser(
+        "deliveries", help="list, show, replay or purge deliveries in the outbox"
+    )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="list deliveries (newest first)")
-    add_config_argument(listing)
+    add_config_argument(listing, dev=True)
     listing.add_argument("--state", choices=STATES)
     listing.add_argument("--target", help="only this target's deliveries")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=_list)
-    replaying = actions.add_parser("replay", help="make deliveries pending again, due now")
-    add_config_argument(replaying)
-    replaying.add_argument("ids", nargs="+", metavar="ID")
+    showing = actions.add_parser("show", help="one delivery and the outcome of its last attempt")
+    add_config_argument(showing, dev=True)
+    showing.add_argument("id", metavar="ID")
+    showing.add_argument("--json", action="store_true", help="machine-readable output")
+    showing.set_defaults(func=_show)
+    replaying = actions.add_parser(
+        "replay", help="make deliveries pending again, due now: by id, or all in a state"
+    )
+    add_config_argument(replaying, dev=True)
+    replaying.add_argument("ids", nargs="*", metavar="ID")
+    replaying.add_argument("--state", choices=STATES, help="every delivery in this state")
+    replaying.add_argument("--target", help="with --state: only this target's")
+    replaying.add_argument(
+        "--since", help="with --state: changed since an age (24h) or a time (2026-11-30T06:00Z)"
+    )
     replaying.set_defaults(func=_replay)
+    purging = actions.add_parser("purge", help="remove dead letters older than an age")
+    add_config_argument(purging, dev=True)
+    purging.add_argument(
+        "--older-than", required=True, help="an age: 30d, 12h, 15m or 90s", metavar="AGE"
+    )
+    purging.set_defaults(func=_purge)

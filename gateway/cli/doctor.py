@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_argument(parser)
+    add_config_argument(parser, dev=True)
     parser.add_argument(
         "--public-url",
         help="the callback URL Meta calls (https://your.host/webhook): check that the certificate "

@@ -8,7 +8,9 @@ Meta's. A payload that is not JSON is still sent, with a warning. The app secret
 With ``--count``/``--concurrency`` it is a load generator (:mod:`gateway.onboarding.loadgen`). The
 gateway acknowledges a body it already stored without storing it again, so ``--unique`` makes each
 body distinct: it inserts a per-run marker and the request's number right after the first ``wamid.``
-of the payload (the id of its first message or status).
+of the payload (the id of its first message or status). ``--dev`` with its own sample does so
+always, so that every try is delivered; the port is the one ``serve --dev`` wrote in its
+configuration file.
 
 Exit codes: 0 every request got a 2xx answer; 1 otherwise; 2 bad input (unreadable payload,
 missing secret, bad option value).
@@ -23,6 +25,7 @@ import os
 import secrets
 import ssl
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from gateway.errors import GatewayError
 from gateway.onboarding.loadgen import make_unique, post, run_load
 from gateway.onboarding.meta_client import client_context, diagnose
 from gateway.onboarding.verify_callback import callback_url
-from gateway.runtime.dev import DEV_PORT, DevFiles
+from gateway.runtime.dev import DEV_PORT, DevFiles, config_path
 
 __all__ = ["SECRET_ENV", "register"]
 
@@ -49,6 +52,19 @@ class _Request:
     ca_file: Path | None
     cert: Path | None
     key: Path | None
+    unique: bool = False
+
+
+def _dev_url(folder: Path) -> str:
+    """The callback of the dev gateway, from the configuration ``serve --dev`` last wrote."""
+    listen = ListenConfig()
+    port, path = DEV_PORT, listen.path
+    try:
+        written = tomllib.loads(config_path(folder).read_text()).get("listen", {})
+        port, path = int(written.get("port", port)), str(written.get("path", path))
+    except (OSError, ValueError):
+        pass  # not written yet (or unreadable): the default port
+    return f"https://localhost:{port}{path}"
 
 
 def _resolve(args: argparse.Namespace) -> _Request:
@@ -58,6 +74,7 @@ def _resolve(args: argparse.Namespace) -> _Request:
     if args.dev and url is not None and payload is None and "://" not in url:
         url, payload = None, url  # `send --dev PAYLOAD`
     ca_file, cert, key, secret = args.ca_file, args.cert, args.key, args.app_secret
+    unique = bool(args.unique)
     if args.dev:
         files = DevFiles.under(Path(args.dev_dir))
         try:
@@ -67,8 +84,11 @@ def _resolve(args: argparse.Namespace) -> _Request:
                 f"{files.secrets}: no dev secrets ({exc.__class__.__name__}); run "
                 "'waba-gateway serve --dev' once first"
             ) from exc
-        url = url or f"https://localhost:{DEV_PORT}{ListenConfig().path}"
-        payload = payload or files.sample
+        url = url or _dev_url(files.folder)
+        if payload is None:
+            # The sample is one notification: sent again as it is, the gateway would
+            # acknowledge it as a duplicate and deliver nothing.
+            payload, unique = files.sample, True
         ca_file, cert = ca_file or files.server_ca, cert or files.client_chain
         key, secret = key or files.client_key, secret or dev_secret
     if url is None or payload is None:
@@ -83,6 +103,7 @@ def _resolve(args: argparse.Namespace) -> _Request:
         ca_file=ca_file,
         cert=cert,
         key=key,
+        unique=unique,
     )
 
 
@@ -134,7 +155,7 @@ def _send_command(args: argparse.Namespace) -> int:
     run_id = secrets.token_hex(4)
 
     def body_for(index: int) -> bytes:
-        return make_unique(body, run_id, index) if args.unique else body
+        return make_unique(body, run_id, index) if request.unique else body
 
     body_for(0)  # --unique: refuse a payload without a wamid before sending anything
     if args.count == 1 and not args.json:
@@ -195,8 +216,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     dev.add_argument(
         "--dev",
         action="store_true",
-        help="the certificates, secret and sample of 'serve --dev'; URL defaults to "
-        "https://localhost:8443/webhook",
+        help="the certificates, secret and sample of 'serve --dev' (each sample sent made "
+        "unique); URL defaults to the dev gateway's, https://localhost:8443/webhook unless "
+        "serve --dev --port said otherwise",
     )
     dev.add_argument("--dev-dir", default="var/dev", help="dev files (default: %(default)s)")
     parser.set_defaults(func=_send_command)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gateway.cli.args import add_config_argument, config_from_args
+from gateway.cli.args import DEV_DIR, add_config_argument, config_from_args
+from gateway.config import default_config_path
 from gateway.edge.tls import build_server_context
+from gateway.errors import GatewayError, PortInUse
 from gateway.runtime import dev
-from gateway.runtime.gateway import event_loop_runner, serve_process
+from gateway.runtime.gateway import check_ports_free, event_loop_runner, serve_process
 from gateway.runtime.logs import setup_logging
 from gateway.runtime.workers import supervise
 
@@ -19,17 +21,52 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+# In dev mode a busy port is changed with an option, otherwise with a key of the file.
+_DEV_OPTIONS = {"listen.port": "--port", "admin.port": "--admin-port"}
+
+
+def _serve_dev(args: argparse.Namespace) -> int:
+    for option in ("port", "admin_port"):
+        value = getattr(args, option)
+        if value is not None and not 0 <= value <= 65535:
+            raise GatewayError(f"--{option.replace('_', '-')} {value}: expected 0 to 65535")
+    try:
+        with event_loop_runner() as runner:
+            runner.run(
+                dev.serve_dev(Path(args.dev_dir), _say, port=args.port, admin_port=args.admin_port)
+            )
+    except PortInUse as exc:
+        raise GatewayError(
+            f"port {exc.port} is in use; choose another with {_DEV_OPTIONS[exc.key]}"
+        ) from exc
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.dev:
-        with event_loop_runner() as runner:
-            runner.run(dev.serve_dev(Path(args.dev_dir), _say, port=args.port))
-        return 0
+        return _serve_dev(args)
+    if args.port is not None or args.admin_port is not None:
+        raise GatewayError(
+            "--port and --admin-port go with --dev; otherwise set listen.port"
+            " and admin.port in the configuration file"
+        )
     config = config_from_args(args)
-    build_server_context(config.tls)  # refuse bad certificate files before anything starts
-    setup_logging(config.log_level)
-    if config.listen.workers > 1:
-        return supervise(config)
-    serve_process(config, primary=True, reuse_port=False)
+    # Refuse bad certificate files before anything starts.
+    build_server_context(config.tls, source=config.source)
+    setup_logging(config.log_level, config.log_format)
+    try:
+        if config.listen.workers > 1:
+            check_ports_free(config)
+            return supervise(config)
+        serve_process(config, primary=True, reuse_port=False)
+    except PortInUse as exc:
+        source = config.source or args.config or default_config_path()
+        # The wording of gateway.runtime.gateway.listen_error, which the supervisor's own bind
+        # gives: one message for a busy port however the gateway runs.
+        raise GatewayError(
+            f"{exc.key} {exc.port} in {source} is in use by another process (another gateway?);"
+            " stop it or choose another port"
+        ) from exc
     return 0
 
 
@@ -41,6 +78,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="no set-up: dev certificates, secrets and a printing target under var/dev/",
     )
-    parser.add_argument("--dev-dir", default="var/dev", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=None, help="with --dev: listen port")
+    parser.add_argument("--dev-dir", default=DEV_DIR, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--port", type=int, default=None, help=f"with --dev: listen port (default {dev.DEV_PORT})"
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help=f"with --dev: admin listener and console port (default {dev.DEV_ADMIN_PORT})",
+    )
     parser.set_defaults(func=_serve)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from gateway.config import TargetConfig
 
-__all__ = ["RetryPolicy", "TargetHealth", "parse_retry_after"]
+__all__ = ["Breaker", "RetryPolicy", "TargetHealth", "parse_retry_after"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +90,27 @@ class TargetHealth:
     @property
     def probing(self) -> bool:
         return self.failures > 0
+
+    def breaker(self, now: float) -> Breaker:
+        """What an operator reads of this breaker at ``now``."""
+        if self.failures == 0:
+            state = "closed"
+        elif now < self.paused_until:
+            state = "open"
+        else:
+            state = "half-open"
+        return Breaker(state=state, failures=self.failures, paused_until=self.paused_until)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Breaker:
+    """A read-only view of a target's circuit breaker: ``closed`` (deliveries flow), ``open``
+    (paused until ``paused_until`` after ``failures`` failures in a row) or ``half-open``
+    (probing with one delivery at a time)."""
+
+    state: str
+    failures: int
+    paused_until: float
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

@@ -11,6 +11,13 @@ claim from the outbox) go to each target in batches: one batch is one pipelined 
 connection (:mod:`gateway.delivery.upstream`), at most the target's ``pipeline`` deliveries and
 :data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
 outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
+
+Targets can change while it runs (:meth:`Dispatcher.reconfigure`, on a reload): attempts in flight
+finish with the settings they started with; the deliveries of a target no longer configured stay
+pending in the outbox, listed and replayable, and go out again if the target comes back.
+
+Targets are isolated: each has its own budget of started deliveries (``dispatcher.batch_size``),
+so a target that never answers holds only its own deliveries back, never another target's.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
 
 from gateway.config import DispatcherConfig, TargetConfig
-from gateway.delivery.backoff import RetryPolicy, TargetHealth
+from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.delivery.forwarder import Forwarder
 from gateway.delivery.outcome import (
     AttemptResult,
@@ -34,9 +42,10 @@ from gateway.delivery.outcome import (
     classify,
     is_transient,
 )
+from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 
-__all__ = ["BATCH_BYTES", "Dispatcher"]
+__all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,22 @@ _PRUNE_EVERY_S = 60.0
 # 32 of Meta's largest notifications (3 MB) would otherwise be 96 MB. A single larger body still
 # goes, alone.
 BATCH_BYTES = 1024 * 1024
+
+Circuit = Literal["closed", "open", "half_open"]
+
+
+class Observer(Protocol):
+    """What the dispatcher reports (the runtime's metrics provide it)."""
+
+    def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
+        """One attempt's ``outcome`` (delivered, retry, dead); ``latency_s``: from the
+        delivery's acknowledgement to its delivery, for a delivered one."""
+        ...
+
+
+class _Ignore:
+    def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
+        pass
 
 
 class Dispatcher:
@@ -57,18 +82,25 @@ class Dispatcher:
         retention_s: float,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[float, float], float] = random.uniform,
+        observer: Observer | None = None,
     ) -> None:
         self._outbox = outbox
         self._settings = settings
         self._retention_s = retention_s
         self._clock = clock
         self._uniform = uniform
+        self._observer = observer or _Ignore()
         self._targets = {t.name: t for t in targets}
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
         self._forwarders = {t.name: Forwarder(t) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
-        self._capacity = max(settings.batch_size, 1)  # attempts started or queued, in all
+        self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
+        self._closing: set[asyncio.Task[None]] = set()
+        # Attempts started or queued, per target: one budget for all would let a target that
+        # never answers fill it, and every other target would wait for its timeout.
+        self._capacity = max(settings.batch_size, 1)
+        self._load = dict.fromkeys(self._targets, 0)
         # True when the outbox may hold due deliveries the last claim had no room for: only
         # then does a finished attempt wake the loop. Otherwise the outbox is read on the poll
         # interval, and fresh notifications arrive through offer() without being read back.
@@ -90,6 +122,11 @@ class Dispatcher:
         """Look for due deliveries now (called after a notification was stored)."""
         self._wake.set()
 
+    def breakers(self) -> dict[str, Breaker]:
+        """Each target's circuit breaker as it stands now (a copy: for the admin console)."""
+        now = self._clock()
+        return {name: health.breaker(now) for name, health in self._health.items()}
+
     def offer(self, deliveries: Sequence[Delivery]) -> None:
         """Start deliveries that were just stored, without reading them back from the outbox.
         Whatever cannot start now stays pending in the outbox: for want of room, the loop is
@@ -102,11 +139,72 @@ class Dispatcher:
                 # the loop for every notification would only query a target that cannot take
                 # them.
                 continue
-            if len(self._in_flight) >= self._capacity:
+            if self._load[delivery.target] >= self._capacity:
                 self._backlog = True
                 self._wake.set()
                 continue
             self._start(delivery)
+
+    def reconfigure(self, targets: Sequence[TargetConfig], settings: DispatcherConfig) -> None:
+        """Take new targets and settings (a reload). A target whose settings are unchanged keeps
+        its connections and health; a changed one gets a new forwarder, the old one finishing
+        its batches in flight. Deliveries queued for a removed target are let go: they stay
+        pending in the outbox."""
+        self._settings = settings
+        self._capacity = max(settings.batch_size, 1)
+        new = {t.name: t for t in targets}
+        for name in list(self._targets):
+            if name not in new:
+                self._forget(name)
+        for name, target in new.items():
+            if self._targets.get(name) == target:
+                continue
+            old = self._forwarders.get(name)
+            if old is not None:
+                self._retire(old)
+            self._targets[name] = target
+            self._policies[name] = RetryPolicy.for_target(target)
+            self._forwarders[name] = Forwarder(target)
+            self._health.setdefault(name, TargetHealth())
+            self._busy.setdefault(name, 0)
+            self._load.setdefault(name, 0)
+            self._queued.setdefault(name, [])
+        self._backlog = True
+        self._wake.set()
+
+    def _forget(self, name: str) -> None:
+        # Its load entry stays: batches still out for it finish and give their budget back.
+        for delivery in self._queued.pop(name, []):
+            self._in_flight.discard(delivery.id)
+            self._load[name] -= 1
+        self._retire(self._forwarders.pop(name))
+        del self._targets[name], self._policies[name], self._health[name]
+
+    def _retire(self, forwarder: Forwarder) -> None:
+        """Close a replaced forwarder's connections once the batches now on the wire, which
+        may be using it, are done."""
+        self._retired.append(forwarder)
+        batches = list(self._batches)
+
+        async def close() -> None:
+            if batches:  # wait(), not gather(): cancelling this must not cancel the batches
+                await asyncio.wait(batches)
+            await forwarder.close()
+            self._retired.remove(forwarder)
+
+        task = asyncio.create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def circuits(self, now: float) -> dict[str, Circuit]:
+        """Each target's circuit breaker: closed (healthy), open (paused after failures) or
+        half-open (probing with one delivery)."""
+        return {
+            name: "closed"
+            if not health.probing
+            else ("open" if now < health.paused_until else "half_open")
+            for name, health in self._health.items()
+        }
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
@@ -133,47 +231,56 @@ class Dispatcher:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for forwarder in self._forwarders.values():
+        for closing in list(self._closing):
+            closing.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        for forwarder in [*self._forwarders.values(), *self._retired]:
             await forwarder.close()
 
     async def _loop(self) -> None:
-        try:
-            removed = await self._outbox.dead_letter_unknown(self._targets, self._clock())
-        except Exception:
-            log.exception("could not dead-letter deliveries of removed targets")
-        else:
-            if removed:
-                log.warning("dead-lettered %d deliveries of targets no longer configured", removed)
+        failing: str | None = None  # the outbox's complaint, logged once until it recovers
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._claim(self._capacity - len(self._in_flight))
+                await self._claim()
                 await self._maybe_prune()
-            except Exception:  # the outbox failed: log, wait, try again; never die silently
+            except OutboxError as exc:  # locked, lost, full: said once, tried on every poll
+                if str(exc) != failing:
+                    failing = str(exc)
+                    log.error("dispatcher cannot use the outbox (retrying): %s", exc)
+            except Exception:  # anything else: log, wait, try again; never die silently
                 log.exception("dispatcher cycle failed; retrying")
+            else:
+                if failing is not None:
+                    failing = None
+                    log.info("dispatcher uses the outbox again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
 
-    async def _claim(self, room: int) -> None:
-        if room <= 0:
-            return
+    async def _claim(self) -> None:
         now = self._clock()
-        # A paused target is not asked at all; a probing one for a single delivery.
+        # A paused target is not asked at all; a probing one for a single delivery; a target
+        # whose budget is used up waits for its own attempts to finish.
         limits = {
-            name: 1 if health.probing else room
+            name: 1 if health.probing else self._capacity - self._load.get(name, 0)
             for name, health in self._health.items()
-            if health.admits(now, self._busy[name])
+            if health.admits(now, self._busy.get(name, 0))
+            and self._load.get(name, 0) < self._capacity
         }
         if not limits:
             return
         due = await self._outbox.due(now, limits, exclude=self._in_flight)
-        self._backlog = len(due) >= room
-        for delivery in due[:room]:
-            if delivery.id not in self._in_flight:  # else offered while the query ran
+        claimed = dict.fromkeys(limits, 0)
+        for delivery in due:
+            claimed[delivery.target] += 1
+            room = self._load[delivery.target] < self._capacity
+            if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
+        self._backlog = any(claimed[name] >= limit for name, limit in limits.items())
 
     def _start(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
+        self._load[delivery.target] += 1
         self._queued[delivery.target].append(delivery)
         self._schedule_send()
 
@@ -189,7 +296,7 @@ class Dispatcher:
         if self._stopping:
             return
         for name, queue in self._queued.items():
-            target = self._targets[name]
+            target = self._targets[name]  # a removed target's queue is removed with it
             while queue and self._busy[name] < target.concurrency:
                 size = _batch_size(
                     queue, min(target.pipeline, target.concurrency - self._busy[name])
@@ -205,14 +312,17 @@ class Dispatcher:
         self._batches.discard(task)
         for delivery in batch:
             self._in_flight.discard(delivery.id)
+            self._load[delivery.target] -= 1
         if self._backlog:
             self._wake.set()
 
     async def _attempt(self, name: str, batch: list[Delivery]) -> None:
         attempts = [delivery.attempts + 1 for delivery in batch]
+        # Taken now: a reload may replace or remove the target while the batch is out.
+        forwarder, health, policy = self._forwarders[name], self._health[name], self._policies[name]
         try:
             try:
-                results = await self._forwarders[name].send_many(batch, attempts)
+                results = await forwarder.send_many(batch, attempts)
             except Exception as exc:
                 # Still failed attempts: recorded and backed off like any other, rather than a
                 # dead task whose deliveries are claimed again at once, in a tight loop.
@@ -220,11 +330,9 @@ class Dispatcher:
                 results = [AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])] * len(batch)
         finally:
             self._busy[name] -= len(batch)
-            if self._queued[name]:
+            if self._queued.get(name):
                 self._schedule_send()
         now = self._clock()
-        health = self._health[name]
-        policy = self._policies[name]
         # One verdict on the target per batch: a batch is one exchange with it, and a target
         # that is down fails every request in it at once.
         if any(is_transient(result) for result in results):
@@ -255,10 +363,23 @@ class Dispatcher:
             # Not recorded: they stay pending and are sent again later (at-least-once).
             log.exception("could not record %d deliveries to %s", len(batch), name)
             return
-        for delivery, attempt, outcome in zip(batch, attempts, outcomes, strict=True):
+        for delivery, attempt, outcome, result in zip(
+            batch, attempts, outcomes, results, strict=True
+        ):
+            fields = {
+                "delivery_id": delivery.id,
+                "target": name,
+                "attempt": attempt,
+                "status": result.status,
+            }
             if isinstance(outcome, Delivered):
-                log.debug("delivered %s to %s", delivery.id, name)
+                latency = max(0.0, now - delivery.created_at)
+                self._observer.attempted(name, "delivered", latency)
+                log.debug(
+                    "delivered %s to %s", delivery.id, name, extra=fields | {"outcome": "delivered"}
+                )
             elif isinstance(outcome, RetryAt):
+                self._observer.attempted(name, "retry", None)
                 log.info(
                     "delivery %s to %s failed (%s); attempt %d, next in %.1fs",
                     delivery.id,
@@ -266,10 +387,16 @@ class Dispatcher:
                     outcome.reason,
                     attempt,
                     outcome.at - now,
+                    extra=fields | {"outcome": "retry", "reason": outcome.reason},
                 )
             elif isinstance(outcome, DeadLetter):
+                self._observer.attempted(name, "dead", None)
                 log.warning(
-                    "delivery %s to %s dead-lettered: %s", delivery.id, name, outcome.reason
+                    "delivery %s to %s dead-lettered: %s",
+                    delivery.id,
+                    name,
+                    outcome.reason,
+                    extra=fields | {"outcome": "dead", "reason": outcome.reason},
                 )
 
     async def _maybe_prune(self) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from gateway import __version__
 from gateway.config import TargetConfig
 from gateway.delivery.backoff import parse_retry_after
 from gateway.delivery.outcome import AttemptResult
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
-from gateway.edge.signature import gateway_signature
+from gateway.edge.signature import gateway_signature, sign
 from gateway.outbox import Delivery
+from gateway.version import __version__
 
 __all__ = ["Forwarder", "build_headers"]
 
@@ -34,6 +34,12 @@ def build_headers(
         "X-Gateway-Delivery-Id": delivery.id,
         "X-Gateway-Attempt": str(attempt),
     }
+    if target.signature == "meta":
+        # What Meta would send for these exact bytes, keyed with the target's secret instead of
+        # the app secret, so a consumer written for Meta's webhooks verifies them unchanged.
+        assert target.secret is not None  # load_config refuses signature = "meta" without one
+        headers["X-Hub-Signature-256"] = sign(target.secret, delivery.body)
+        return headers
     if not delivery.split:
         # The exact bytes Meta signed, so a target may verify Meta's signature itself.
         headers["X-Hub-Signature-256"] = delivery.signature

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
-from gateway.edge.routing import parse, route
+from gateway.edge.routing import route
 from gateway.edge.signature import verify_signature
 from gateway.outbox import Delivery, Outbox
 
@@ -33,12 +33,14 @@ DUPLICATE = "ok (duplicate)"
 
 
 class Counters(Protocol):
-    """What the callback counts (the runtime's metrics provide it)."""
+    """What the callback and its front doors count (the runtime's metrics provide it)."""
 
     def accepted(self) -> None: ...
     def duplicate(self) -> None: ...
     def rejected(self, reason: str) -> None: ...
     def saw_client(self, cn: str | None) -> None: ...
+    def tls_handshake_failed(self, reason: str) -> None: ...
+    def answered(self, status: int, seconds: float) -> None: ...
 
 
 class Callback:
@@ -62,6 +64,17 @@ class Callback:
         self._clock = clock
         self._secrets = config.meta.app_secrets
         self._targets = config.targets
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration: client CNs, verify tokens, app secrets and targets
+        apply from the next connection or request on; requests in flight finish as they began."""
+        self.config = config
+        self._secrets = config.meta.app_secrets
+        self._targets = config.targets
+
+    def answered(self, status: int, seconds: float) -> None:
+        """A request was answered with ``status`` after ``seconds`` (for the metrics)."""
+        self.stats.answered(status, seconds)
 
     def identify(self, peercert: Mapping[str, Any] | None) -> str | None:
         """The accepted client CN of a new connection; raises IdentityRejected (403).
@@ -91,7 +104,7 @@ class Callback:
         except Exception:
             self.stats.rejected("signature")
             raise
-        routes = route(parse(body), self._targets)
+        routes = route(body, self._targets)
         assert signature is not None  # verify_signature refuses a missing header
         stored = await self.outbox.accept(body, signature, routes, self._clock())
         if stored is None:

@@ -28,6 +28,7 @@ import httptools
 from gateway.config import ListenConfig
 from gateway.edge.callback import Callback
 from gateway.edge.responses import access_log, answer_for, log_access
+from gateway.edge.tls import handshake_failure
 from gateway.errors import (
     BadRequest,
     HeadTooLarge,
@@ -36,7 +37,9 @@ from gateway.errors import (
     PayloadTooLarge,
     Rejected,
     RequestTimeout,
+    TransferCodingNotImplemented,
     URLTooLong,
+    VersionNotSupported,
 )
 from gateway.units import SECONDS
 
@@ -49,6 +52,13 @@ SWEEP_EVERY_S = 1 * SECONDS
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together (431 beyond)
 MAX_URL_BYTES = 8 * 1024  # (414 beyond)
 MAX_QUEUED = 8  # pipelined requests waiting behind the one in flight before reading pauses
+
+# Why a connection stopped reading; it reads again only once no reason is left. What one
+# connection holds is so bounded: unsent answers by the transport's high-water mark plus one
+# answer (no request is started while the peer does not read), parsed requests by MAX_QUEUED
+# plus what the read that filled the queue carried.
+_PEER_NOT_READING = 1  # the write buffer is over its high-water mark (pause_writing)
+_QUEUE_FULL = 2  # more than MAX_QUEUED requests wait their turn
 
 _SHOWN_PATH = 100  # characters of an unknown path that answers and logs show
 _TEXT = b"text/plain; charset=utf-8"
@@ -143,6 +153,24 @@ def _ack_now(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
+def _path(raw_url: bytes) -> tuple[str, bytes | None]:
+    """The decoded path and the raw query of a request target; raises BadRequest."""
+    try:
+        url = httptools.parse_url(raw_url)
+    except httptools.HttpParserInvalidURLError:
+        raise BadRequest("malformed request URL") from None
+    return unquote(url.path.decode("latin-1")), url.query
+
+
+def _shortened(path: str) -> str:
+    # Whoever asks chooses the path, and it reaches answers and the log.
+    return path if len(path) <= _SHOWN_PATH else path[:_SHOWN_PATH] + "..."
+
+
+def _not_allowed(method: str) -> MethodNotAllowed:
+    return MethodNotAllowed(f"method {method} is not allowed here; use GET or POST")
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parse, hand each complete request to the callback in turn."""
 
@@ -151,16 +179,23 @@ class _Connection(asyncio.Protocol):
         self._callback = listener.callback
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
+        # llhttp would refuse HTTP/1.2 or 3.0 as malformed (400); accepted here, they reach the
+        # version check in on_headers_complete and get the 505 RFC 9110, 15.6.6 prescribes.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self._identity_error: Rejected | None = None
         self._request: _Request | None = None  # being received
         self._queue: deque[_Request] = deque()  # received, waiting their turn
         self._in_flight = False
-        self._in_head = True
-        self._head_bytes = 0  # request line and headers, as parsed
-        self._head_read = 0  # reads that began and ended inside one head
+        self._paused = 0  # _PEER_NOT_READING | _QUEUE_FULL: why reading is paused, if it is
+        self._stalled_since = 0.0  # when the write buffer last went over its high-water mark
+        self._in_head = False  # between a request's first byte and the end of its headers
+        self._head_bytes = 0  # the current request's header lines, as parsed
+        self._head_read = 0  # the current request's reads that began and ended inside its head
         self._discarding = False  # after a refusal that closes: ignore what else arrives
-        self.last_active = time.monotonic()
+        self._early: bytes | None = None  # read before connection_made (see Listener._secure)
+        self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = "-"
+        self.cn: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -171,6 +206,7 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
             return
         self._listener.connections.add(self)
+        self.last_active = time.monotonic()  # idle from the end of the TLS handshake
         _ack_now(transport)
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if peer else "-"
@@ -178,9 +214,12 @@ class _Connection(asyncio.Protocol):
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
-            self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
+            self.cn = self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
         except Rejected as exc:
             self._identity_error = exc  # every request on this connection is answered 403
+        if self._early is not None:
+            early, self._early = self._early, None
+            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -192,8 +231,15 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        self.last_active = time.monotonic()
-        in_head = self._in_head
+        if self._transport is None:
+            # The client's last handshake flight may carry its first request, and start_tls
+            # hands that over before it returns the transport: kept for connection_made.
+            self._early = data if self._early is None else self._early + data
+            return
+        # No activity is recorded here: empty lines between requests reach no parser callback
+        # (RFC 9112, 2.2 lets them be ignored), so a peer sending nothing else stays idle.
+        # A request's first byte starts the request timeout instead (on_message_begin).
+        head = self._request if self._in_head else None  # the head this read continues, if any
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -208,25 +254,44 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._refuse(BadRequest("malformed HTTP request"))
             return
-        # Only a read that began and ended inside a request head counts towards its limit: a
-        # read that also carries a large body must not be mistaken for a large head.
-        if in_head and self._in_head:
+        # A header line that never ends reaches no parser callback, so reads are counted too;
+        # but only a read that began and ended inside one and the same head is all head bytes.
+        # One that also carries a body, or the end of one request and the start of the next,
+        # must not be mistaken for a large head (the first read of a head is left out: it is
+        # bounded by the read size, and its complete lines are counted in on_header).
+        if head is not None and head is self._request and self._in_head:
             self._head_read += len(data)
             if self._head_read > MAX_HEAD_BYTES:
                 self._refuse(HeadTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
 
     def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
+        # Reading more would only queue more answers the peer does not take: stop both until
+        # the buffer drains, and close the connection if it does not (see sweep).
+        self._stalled_since = time.monotonic()
+        self._pause(_PEER_NOT_READING)
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
+        self._resume(_PEER_NOT_READING)
+        self._pump()
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        """Withdraw ``reason``; read again only if no other reason to pause is left."""
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self._transport is not None:
+                self._transport.resume_reading()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._request = _Request(time.monotonic())
+        self._in_head = True
+        self._head_bytes = self._head_read = 0
 
     def on_url(self, url: bytes) -> None:
         request = self._current()
@@ -248,11 +313,20 @@ class _Connection(asyncio.Protocol):
             request.content_length = int(value)  # the parser has checked it is digits
         elif name == b"expect":
             request.expect_continue = value.lower() == b"100-continue"
+        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # llhttp frames "gzip, chunked" by its final chunked and would hand over the still
+            # compressed bytes; no coding but chunked is understood here (RFC 9112, 6.1: 501).
+            raise _Refuse(
+                TransferCodingNotImplemented("only the chunked transfer coding is supported")
+            )
 
     def on_headers_complete(self) -> None:
         request = self._current()
         self._in_head = False
-        self._head_bytes = self._head_read = 0
+        version = self._parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # HTTP/0.9 and 2.0 parse too; neither is spoken here (RFC 9110, 15.6.6).
+            raise _Refuse(VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
         request.method = self._parser.get_method()
         request.keep_alive = self._parser.should_keep_alive()
         limit = self._listener.max_body_bytes
@@ -260,10 +334,9 @@ class _Connection(asyncio.Protocol):
             raise _Refuse(
                 PayloadTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
             )
-        if request.expect_continue and not self._in_flight and not self._queue:
-            # The client waits for this before sending the body (RFC 9110, section 10.1.1);
-            # only sent when no earlier answer is still owed on this connection.
-            self._write(_CONTINUE)
+        if request.expect_continue and version == "1.1":
+            # An HTTP/1.0 client's expectation is ignored: it cannot know 100 (RFC 9110, 10.1.1).
+            self._expect_continue(request)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._current()
@@ -276,10 +349,9 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request = self._current()
         self._request = None
-        self._in_head = True
         self._queue.append(request)
-        if len(self._queue) > MAX_QUEUED and self._transport is not None:
-            self._transport.pause_reading()
+        if len(self._queue) > MAX_QUEUED:
+            self._pause(_QUEUE_FULL)
         self._pump()
 
     # -- answering -------------------------------------------------------------------------
@@ -300,10 +372,39 @@ class _Connection(asyncio.Protocol):
         self._pump()
 
     def _pump(self) -> None:
-        while not self._in_flight and self._queue and self._transport is not None:
+        # No new answer while the peer does not read the ones it has (resume_writing pumps).
+        while (
+            not self._in_flight
+            and self._queue
+            and not self._paused & _PEER_NOT_READING
+            and self._transport is not None
+        ):
             self._start(self._queue.popleft())
-        if len(self._queue) <= MAX_QUEUED and self._transport is not None:
-            self._transport.resume_reading()
+        if self._paused & _QUEUE_FULL and len(self._queue) <= MAX_QUEUED:
+            self._resume(_QUEUE_FULL)
+
+    def _expect_continue(self, request: _Request) -> None:
+        """``Expect: 100-continue``: the client waits for 100 before it sends the body.
+
+        100 promises the body will be read (RFC 9110, 10.1.1), so it goes out only once every
+        refusal that needs no body is ruled out; a request that will be refused gets that final
+        answer now instead, and the connection closes, since the body may follow it or not."""
+        if self._identity_error is not None:
+            raise _Refuse(self._identity_error)
+        try:
+            path, _ = _path(request.url)
+        except Rejected as exc:
+            raise _Refuse(exc) from None
+        if path != self._listener.path:
+            raise _Refuse(NotFound(f"no such path: {_shortened(path)!r}"))
+        if request.method != b"POST":
+            if request.method not in (b"GET", b"HEAD"):
+                raise _Refuse(_not_allowed(request.method.decode("latin-1")))
+            return  # a handshake carries no body to wait for
+        if not self._in_flight and not self._queue:
+            # Only when no earlier answer is still owed on this connection: 100 must not come
+            # before those (RFC 9112, 9.3.2); the client sends the body after its own wait.
+            self._write(_CONTINUE)
 
     def _start(self, request: _Request) -> None:
         method = request.method.decode("latin-1")
@@ -313,14 +414,9 @@ class _Connection(asyncio.Protocol):
                 raise request.refusal
             if self._identity_error is not None:
                 raise self._identity_error
-            try:
-                url = httptools.parse_url(request.url)
-            except httptools.HttpParserInvalidURLError:
-                raise BadRequest("malformed request URL") from None
-            path = unquote(url.path.decode("latin-1"))
+            path, query = _path(request.url)
             if path != self._listener.path:
-                # Shortened: whoever asks chooses the path, and it reaches the log.
-                path = path if len(path) <= _SHOWN_PATH else path[:_SHOWN_PATH] + "..."
+                path = _shortened(path)
                 raise NotFound(f"no such path: {path!r}")
             if method == "POST":
                 self._in_flight = True
@@ -330,10 +426,11 @@ class _Connection(asyncio.Protocol):
                 task.add_done_callback(lambda done: self._notified(request, path, done))
                 return
             if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(f"method {method} is not allowed here; use GET or POST")
-            query = (url.query or b"").decode("utf-8", "replace")
+                raise _not_allowed(method)
             params: dict[str, str] = {}
-            for name, value in parse_qsl(query, keep_blank_values=True):
+            for name, value in parse_qsl(
+                (query or b"").decode("utf-8", "replace"), keep_blank_values=True
+            ):
                 params.setdefault(name, value)  # the first of repeated names, as aiohttp does
             self._answer(request, method, path, 200, self._callback.handshake(params))
         except Exception as exc:
@@ -352,6 +449,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, request: _Request, method: str, path: str, status: int, reason: str) -> None:
         keep_alive = request.keep_alive and not self._listener.closing
+        now = self.last_active = time.monotonic()  # idle from the last answer
         body = (reason + "\n").encode() if status != 200 or method == "POST" else reason.encode()
         self._write(
             _response(
@@ -363,10 +461,10 @@ class _Connection(asyncio.Protocol):
                 head=method == "HEAD",
             )
         )
+        seconds = now - request.started
+        self._callback.answered(status, seconds)
         if self._listener.log_requests:
-            log_access(
-                self.remote, method, path, status, len(body), time.monotonic() - request.started
-            )
+            log_access(self.remote, method, path, status, len(body), seconds, self.cn)
         if not keep_alive and self._transport is not None:
             self._discarding = True
             self._queue.clear()
@@ -379,8 +477,17 @@ class _Connection(asyncio.Protocol):
     # -- housekeeping (from the listener) --------------------------------------------------
 
     def sweep(self, now: float) -> None:
-        """Close a keep-alive connection idle too long; answer 408 to a request too slow."""
-        if self._in_flight or self._queue or self._transport is None:
+        """Close a keep-alive connection idle too long, or one whose peer has not read its
+        answers for as long; answer 408 to a request too slow."""
+        if self._transport is None:
+            return
+        if self._paused & _PEER_NOT_READING:
+            if now - self._stalled_since > self._listener.idle_timeout_s:
+                log.info("closing a connection from %s: its answers are not read", self.remote)
+                # Not close(): that would wait to send the buffered answers, for ever.
+                self._transport.abort()
+            return
+        if self._in_flight or self._queue:
             return
         if self._request is not None:
             if now - self._request.started > self._listener.request_timeout_s:
@@ -398,6 +505,22 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
+class _Handshake(asyncio.Protocol):
+    """A new TCP connection until its TLS handshake is over (see :meth:`Listener._secure`)."""
+
+    __slots__ = ("_listener",)
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have their methods.
+        tcp = cast(asyncio.Transport, transport)
+        # Not a byte for this protocol: start_tls reads the ClientHello once it has the socket.
+        tcp.pause_reading()
+        self._listener.secure(tcp)
+
+
 class Listener:
     """The callback's TLS server: ``await start(...)``, then ``await close(grace_s)``."""
 
@@ -413,6 +536,8 @@ class Listener:
         self.clock = _Clock()
         self.log_requests = access_log.isEnabledFor(logging.INFO)
         self._server: asyncio.AbstractServer | None = None
+        self._ssl_context: ssl.SSLContext | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         # Often enough that a short timeout is kept to within a quarter of itself.
         self._sweep_every_s = min(
@@ -420,22 +545,67 @@ class Listener:
         )
 
     async def start(
-        self, host: str, port: int, ssl_context: ssl.SSLContext, *, reuse_port: bool = False
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
     ) -> int:
-        """Listen on ``host:port``; return the bound port (useful with port 0)."""
+        """Listen on ``host:port``, or accept on ``sock`` (a listening socket the supervisor of
+        several workers bound and shares with them); return the bound port (useful with 0)."""
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
-        self._server = await loop.create_server(
-            lambda: _Connection(self),
-            host,
-            port,
-            ssl=ssl_context,
-            backlog=1024,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
-            **kwargs,
-        )
+        kwargs |= {"sock": sock} if sock is not None else {"host": host, "port": port}
+        self._ssl_context = ssl_context
+        self._server = await loop.create_server(lambda: _Handshake(self), backlog=1024, **kwargs)
         self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
+
+    def secure(self, transport: asyncio.Transport) -> None:
+        """Start the TLS handshake of a new TCP connection."""
+        task = asyncio.ensure_future(self._secure(transport))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _secure(self, transport: asyncio.Transport) -> None:
+        """The TLS handshake, then the connection's :class:`_Connection`; or one log line and
+        a count if it fails.
+
+        Not ``create_server(ssl=...)``: asyncio and uvloop drop a connection whose handshake
+        fails without a word to the application, and a certificate refused (Meta's during the
+        mTLS roll-out, or anyone's) is what an operator needs to see. start_tls is the same
+        handshake, with its outcome."""
+        assert self._ssl_context is not None, "not started"
+        peer = transport.get_extra_info("peername")  # now: the transport may be gone after
+        remote = str(peer[0]) if peer else "-"
+        connection = _Connection(self)
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport,
+                connection,
+                self._ssl_context,
+                server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+            )
+        except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout: all OSErrors
+            reason, detail = handshake_failure(exc)
+            # A peer that leaves without a word of TLS is what TCP health checks do: counted,
+            # logged only when debugging.
+            log.log(
+                logging.DEBUG if reason == "closed" else logging.INFO,
+                "TLS handshake from %s failed: %s (%s)",
+                remote,
+                reason,
+                detail,
+            )
+            self.callback.stats.tls_handshake_failed(reason)
+            return
+        if tls is None or tls.is_closing():  # the peer left as the handshake ended
+            transport.close()
+            return
+        connection.connection_made(tls)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -451,6 +621,8 @@ class Listener:
         if self._server is None:
             return
         self._server.close()
+        for handshake in list(self._handshakes):
+            handshake.cancel()  # start_tls closes the connection
         for connection in list(self.connections):
             connection.close_when_idle()
         if self.connections:

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.errors import OutboxError, Rejected
+from gateway.errors import MethodNotAllowed, OutboxError, Rejected
 
-__all__ = ["answer_for", "error_middleware", "log_access", "text"]
+__all__ = ["ACCESS_FIELDS", "answer_for", "error_middleware", "log_access", "text"]
 
 log = logging.getLogger("gateway.http")
 access_log = logging.getLogger("gateway.access")
@@ -52,9 +52,36 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException:
         raise
     except Exception as exc:
-        return text(*answer_for(exc, request.method, request.path))
+        response = text(*answer_for(exc, request.method, request.path))
+        if isinstance(exc, MethodNotAllowed):
+            response.headers["Allow"] = "GET, POST"  # RFC 9110 15.5.6: a 405 lists what is
+        return response
 
 
-def log_access(remote: str, method: str, path: str, status: int, size: int, seconds: float) -> None:
-    """One access-log line: never headers, bodies, the query string or tokens."""
-    access_log.info("%s %s %s %d %sB %.1fms", remote, method, path, status, size, seconds * 1000)
+# The access line's values, in the order log_access() passes them: a JSON log shows each under
+# this name (gateway.runtime.logs), a text log as the line.
+ACCESS_FIELDS = ("remote", "method", "path", "status", "bytes", "duration_ms", "client_cn")
+
+
+def log_access(
+    remote: str,
+    method: str,
+    path: str,
+    status: int,
+    size: int,
+    seconds: float,
+    client_cn: str | None = None,
+) -> None:
+    """One access-log line: never headers, bodies, the query string or tokens. Its values are
+    the record's arguments, named by :data:`ACCESS_FIELDS`: no ``extra=`` dict to build on every
+    request (a quarter more time for the line)."""
+    access_log.info(
+        "%s %s %s %d %sB %.1fms %s",
+        remote,
+        method,
+        path,
+        status,
+        size,
+        seconds * 1000,
+        client_cn or "-",
+    )

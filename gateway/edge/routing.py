@@ -1,6 +1,6 @@
 """Which targets get a notification, and in what shape.
 
-Rule: routing is a pure function of the parsed payload and the target filters. A target receives
+Rule: routing is a pure function of the received bytes and the target filters. A target receives
 a notification when at least one change matches all of its filters (each filter matches when the
 change's key is one of the listed values; an empty filter matches everything):
 
@@ -11,55 +11,96 @@ change's key is one of the listed values; an empty filter matches everything):
   business-scoped user ids may omit).
 
 ``split = "none"`` forwards the exact bytes received (``body=None`` here); ``split = "change"``
-builds one minimal envelope per matching change. Envelopes are serialised with ASCII escapes, as
-Meta does, so a target sees the same escaped text style; they are signed by the gateway, not Meta.
+sends each matching change as a complete payload of its own, ``{"object", "entry": [{"id",
+"time"?, "changes": [change]}]}``, so a consumer that reads only ``entry[0].changes[0]`` (as
+WhatsApp libraries do) still sees every change. Its values are the original text of the body,
+never re-serialised: Meta's escapes (``\\u00e9``, ``\\/``, surrogate pairs), integers of any
+width and key order reach the target as Meta sent them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from gateway.config import TargetConfig
-from gateway.errors import BadRequest
+from gateway.edge.jsontext import is_json
+from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox.model import Route
 
-__all__ = ["Change", "Route", "iter_changes", "parse", "route"]
+__all__ = [
+    "Change",
+    "Route",
+    "iter_changes",
+    "parse",
+    "route",
+    "split_changes",
+]
+
+# orjson reads an integer outside [-2**63, 2**64) as a float, silently; every such integer is
+# written with at least 19 digits. Translating the body to "0" for digits and " " for the rest,
+# then looking for 19 zeros, costs a fraction of orjson's parse, far less than a regular
+# expression, and only a body holding such a run (in a number or in a string) pays for json.
+_DIGITS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_WIDE = b"0" * 19
+# Python refuses to turn more than 4,300 digits into an int (a guard against quadratic time,
+# sys.get_int_max_str_digits); such an integer is still valid JSON (RFC 8259 section 6 sets no
+# limit), so it is kept exactly as a Decimal instead of being called invalid.
+_INT_DIGITS_LIMIT = 4300
 
 
-def parse(body: bytes) -> Any:
-    """The payload of ``body``; raises :class:`BadRequest` (400) when it is not JSON.
+def _exact_int(text: str) -> int | Decimal:
+    return int(text) if len(text) <= _INT_DIGITS_LIMIT else Decimal(text)
+
+
+def parse(body: bytes, *, exact: bool = True) -> Any:
+    """The payload of ``body``, as the ``json`` module reads it; raises :class:`BadRequest` (400)
+    when it is not JSON.
 
     orjson first, three times faster on Meta's payloads than the standard library; what it
     refuses (a lone surrogate escape, NaN, a byte order mark) goes to ``json``, so the bodies
-    accepted are exactly those the standard library accepts. One difference stays: an integer
-    beyond 64 bits becomes a float (Meta's ids are strings; its numbers are timestamps).
+    accepted are exactly those the standard library accepts. A body that may hold an integer
+    orjson cannot represent goes to ``json`` too, so every value is exact. ``exact=False`` skips
+    that look, for a caller that only needs to know whether the body is JSON.
     """
     try:
-        return orjson.loads(body)
+        payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         pass
+    else:
+        if not exact or _WIDE not in body.translate(_DIGITS):
+            return payload
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_exact_int)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise BadRequest("body is not valid JSON") from exc
+    except RecursionError:  # nested deeper than json reads (about 1000 levels)
+        raise _too_deep(body) from None
+
+
+def _too_deep(body: bytes) -> BadRequest:
+    # Valid JSON that is only too deep to read is not the sender's error: say which it is.
+    if is_json(body):
+        return NestedTooDeep("body is nested too deeply to read its changes")
+    return BadRequest("body is not valid JSON")
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One ``entry[].changes[]`` item with the keys routing needs."""
+    """One ``entry[].changes[]`` item with the keys routing needs, and, from
+    :func:`split_changes`, ``part``: the change alone in a complete payload."""
 
     entry_id: str | None
-    entry_time: Any
-    has_time: bool
     field: str | None
     waba_id: str | None
     phone_number_id: str | None
-    raw: Any
+    part: bytes | None = None
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -69,6 +110,22 @@ def _str_or_none(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def _change(entry_id: Any, change: dict[str, Any], part: bytes | None = None) -> Change:
+    value = change.get("value")
+    value = value if isinstance(value, dict) else {}
+    metadata = value.get("metadata")
+    waba_info = value.get("waba_info")
+    return Change(
+        entry_id=_str_or_none(entry_id),
+        field=_str_or_none(change.get("field")),
+        waba_id=_str_or_none(waba_info.get("waba_id")) if isinstance(waba_info, dict) else None,
+        phone_number_id=_str_or_none(metadata.get("phone_number_id"))
+        if isinstance(metadata, dict)
+        else None,
+        part=part,
+    )
 
 
 def iter_changes(payload: Any) -> Iterator[Change]:
@@ -85,25 +142,141 @@ def iter_changes(payload: Any) -> Iterator[Change]:
         if not isinstance(changes, list):
             continue
         for change in changes:
-            if not isinstance(change, dict):
-                continue
-            value = change.get("value")
-            value = value if isinstance(value, dict) else {}
-            metadata = value.get("metadata")
-            waba_info = value.get("waba_info")
-            yield Change(
-                entry_id=_str_or_none(entry.get("id")),
-                entry_time=entry.get("time"),
-                has_time="time" in entry,
-                field=_str_or_none(change.get("field")),
-                waba_id=_str_or_none(waba_info.get("waba_id"))
-                if isinstance(waba_info, dict)
-                else None,
-                phone_number_id=_str_or_none(metadata.get("phone_number_id"))
-                if isinstance(metadata, dict)
-                else None,
-                raw=change,
-            )
+            if isinstance(change, dict):
+                yield _change(entry.get("id"), change)
+
+
+# -- split = "change": each change in a payload of its own, cut from the original text ----------
+
+_DECODER = json.JSONDecoder(parse_int=_exact_int)
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's four (RFC 8259 section 2)
+
+
+class _Reader:
+    """A cursor over a JSON text already known to be valid (:func:`parse` accepted it).
+
+    It descends only into the objects and arrays that hold the changes; every other value is
+    read by ``json`` as one piece, which gives both the value and where its text ends.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.at = self._skip(0)
+
+    def _skip(self, at: int) -> int:
+        match = _WHITESPACE.match(self.text, at)
+        assert match is not None  # `*` matches the empty string
+        return match.end()
+
+    def peek(self) -> str:
+        return self.text[self.at]
+
+    def value(self) -> tuple[Any, str]:
+        """The value at the cursor and its exact text; the cursor moves past it."""
+        start = self.at
+        value, end = _DECODER.raw_decode(self.text, start)
+        self.at = self._skip(end)
+        return value, self.text[start:end]
+
+    def members(self) -> Iterator[str]:
+        """The keys of the object at the cursor, in order. After each key the cursor is on its
+        value, which the caller reads (``value``, ``members`` or ``elements``) before the next."""
+        self.at = self._skip(self.at + 1)  # past "{"
+        while self.peek() != "}":
+            key, _ = self.value()
+            self.at = self._skip(self.at + 1)  # past ":"
+            yield key
+            if self.peek() == ",":
+                self.at = self._skip(self.at + 1)
+        self.at = self._skip(self.at + 1)
+
+    def elements(self) -> Iterator[None]:
+        """Once for each element of the array at the cursor, with the cursor on it (see
+        ``members``)."""
+        self.at = self._skip(self.at + 1)  # past "["
+        while self.peek() != "]":
+            yield None
+            if self.peek() == ",":
+                self.at = self._skip(self.at + 1)
+        self.at = self._skip(self.at + 1)
+
+
+@dataclass(slots=True)
+class _Entry:
+    # Each key read, in the order a dict of the entry would have (the first time a key is seen;
+    # the last value wins, as with json): the text of "id" and "time", "" for "changes".
+    keys: dict[str, str]
+    entry_id: Any
+    changes: list[tuple[Any, str]]  # each change and its text
+
+
+def _read_entry(reader: _Reader) -> _Entry:
+    entry = _Entry(keys={}, entry_id=None, changes=[])
+    for key in reader.members():
+        if key == "changes" and reader.peek() == "[":
+            entry.changes = [reader.value() for _ in reader.elements()]
+            entry.keys[key] = ""
+            continue
+        value, text = reader.value()
+        if key == "changes":
+            entry.changes = []  # not a list: no changes, as iter_changes reads it
+        elif key == "id":
+            entry.entry_id = value
+        entry.keys[key] = text
+    return entry
+
+
+def _part(top: dict[str, str], entry: _Entry, change: str) -> bytes:
+    """The payload of one change: Meta's own shape and key order, with the original text of the
+    object, the entry's id and time, and the change."""
+    members = []
+    for key, text in entry.keys.items():
+        if key == "changes":
+            members.append(f'"changes":[{change}]')
+        elif key in ("id", "time"):
+            members.append(f'"{key}":{text}')
+    pieces = []
+    for key, text in top.items():
+        if key == "entry":
+            pieces.append('"entry":[{' + ",".join(members) + "}]")
+        elif key == "object":
+            pieces.append(f'"object":{text}')
+    # Back to the bytes they came from: UTF-8 text round-trips exactly, lone surrogates too.
+    return ("{" + ",".join(pieces) + "}").encode("utf-8", "surrogatepass")
+
+
+def split_changes(body: bytes) -> list[Change]:
+    """Every change in ``body`` (valid JSON, see :func:`parse`), each with its ``part``; the
+    same changes, in the same order, as :func:`iter_changes` finds in the parsed body."""
+    # Decoded as json.loads decodes bytes, so the text is the one parse() accepted.
+    reader = _Reader(body.decode(json.detect_encoding(body), "surrogatepass"))
+    if reader.peek() != "{":
+        return []
+    top: dict[str, str] = {}  # the text of "object"; "" marks where "entry" comes
+    entries: list[_Entry] = []
+    for key in reader.members():
+        if key == "entry" and reader.peek() == "[":
+            entries = []
+            for _ in reader.elements():
+                if reader.peek() == "{":
+                    entries.append(_read_entry(reader))
+                else:
+                    reader.value()
+            top[key] = ""
+            continue
+        _, text = reader.value()
+        if key == "entry":
+            entries = []  # not a list: no changes
+        top[key] = text
+    return [
+        _change(entry.entry_id, change, _part(top, entry, text))
+        for entry in entries
+        for change, text in entry.changes
+        if isinstance(change, dict)
+    ]
+
+
+# -- routing --------------------------------------------------------------------------------------
 
 
 def _matches(change: Change, target: TargetConfig) -> bool:
@@ -125,24 +298,38 @@ def _takes_all(target: TargetConfig) -> bool:
     return target.split == "none" and not _has_filters(target)
 
 
-def _envelope(payload: dict[str, Any], change: Change) -> bytes:
-    entry: dict[str, Any] = {"id": change.entry_id}
-    if change.has_time:
-        entry["time"] = change.entry_time
-    entry["changes"] = [change.raw]
-    document = {"object": payload.get("object"), "entry": [entry]}
-    return json.dumps(document, ensure_ascii=True, separators=(",", ":")).encode()
-
-
-def route(payload: Any, targets: Sequence[TargetConfig]) -> list[Route]:
-    """The requests to make for ``payload``, in target order.
+def route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
+    """The requests to make for the notification ``body``, in target order; raises
+    :class:`BadRequest` (400) when it is not JSON.
 
     A target without filters and ``split = "none"`` receives every notification, even one whose
-    shape is unknown: it was signed by Meta, and dropping it would lose it.
+    shape is unknown: it was signed by Meta, and dropping it would lose it. That includes valid
+    JSON nested deeper than the parser reads; the targets that filter or split do not receive
+    such a body, since its changes cannot be read.
     """
-    # Read the changes only for a target that looks at them: the usual catch-all target
-    # (no filters, split = "none") does not.
-    changes = [] if all(map(_takes_all, targets)) else list(iter_changes(payload))
+    try:
+        return _route(body, targets)
+    except NestedTooDeep:
+        return [Route(target.name, None) for target in targets if _takes_all(target)]
+
+
+def _route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
+    if all(map(_takes_all, targets)):
+        # The usual catch-all target reads no value: only whether the body is JSON matters,
+        # and this path (the benchmarked one) costs what it did before splits were exact.
+        parse(body, exact=False)
+        return [Route(target.name, None) for target in targets]
+    if any(target.split == "change" for target in targets):
+        # split_changes reads every value itself, with json: parse only has to refuse non-JSON.
+        parse(body, exact=False)
+        try:
+            changes = split_changes(body)
+        except RecursionError:  # orjson reads 1024 levels, json about 1000
+            raise _too_deep(body) from None
+        except ValueError as exc:  # what orjson accepts and json does not, if anything
+            raise BadRequest("body is not valid JSON") from exc
+    else:
+        changes = list(iter_changes(parse(body)))
     routes: list[Route] = []
     for target in targets:
         if _takes_all(target):
@@ -152,6 +339,6 @@ def route(payload: Any, targets: Sequence[TargetConfig]) -> list[Route]:
         if target.split == "none":
             if matching:
                 routes.append(Route(target.name, None))
-        elif isinstance(payload, dict):
-            routes.extend(Route(target.name, _envelope(payload, c)) for c in matching)
+        else:
+            routes.extend(Route(target.name, c.part) for c in matching)
     return routes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -22,7 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from gateway.config import ClientAuth, TlsConfig
 from gateway.errors import CertificateError
 
-__all__ = ["build_server_context", "client_ca_subjects"]
+__all__ = [
+    "SwappableContext",
+    "build_server_context",
+    "certificate_expiries",
+    "client_ca_subjects",
+    "handshake_failure",
+    "stale_crls",
+]
 
 _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
     "required": ssl.CERT_REQUIRED,
@@ -37,15 +45,37 @@ _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
 _ALPN_PROTOCOLS: Final = ["http/1.1"]
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+# OpenSSL's X509_V_ERR_* codes worth a reason of their own; any other is "untrusted".
+_VERIFY_REASONS: Final[Mapping[int, str]] = {9: "not_yet_valid", 10: "expired", 23: "revoked"}
 
 
-def build_server_context(tls: TlsConfig) -> ssl.SSLContext:
+def build_server_context(
+    tls: TlsConfig, *, source: Path | None = None, now: datetime | None = None
+) -> ssl.SSLContext:
     """The listener's ``SSLContext`` for ``tls``; raises :class:`CertificateError` for any bad file.
 
     The files are read with ``cryptography`` first, so that each problem names the file at fault:
     OpenSSL's own errors ("PEM lib", "key values mismatch") do not say which file they mean.
+    ``source``, the configuration file, starts every message, as configuration errors do.
+    A server certificate that has expired (at ``now``) is refused: Meta would refuse it too.
     """
+    try:
+        return _build(tls, now or datetime.now(UTC))
+    except CertificateError as exc:
+        if source is None:
+            raise
+        raise CertificateError(f"{source}: {exc}") from exc
+
+
+def _build(tls: TlsConfig, now: datetime) -> ssl.SSLContext:
     certificates = _read_certificates(tls.cert_file, "tls.cert_file")
+    expires = certificates[0].not_valid_after_utc
+    if expires <= now:
+        raise CertificateError(
+            f"{_at('tls.cert_file', tls.cert_file)}: expired on {expires:%Y-%m-%d %H:%M} UTC"
+        )
     private_key = _read_private_key(tls.key_file, "tls.key_file")
     if _public_key_der(certificates[0]) != _public_key_der(private_key):
         raise CertificateError(f"{_at('tls.key_file', tls.key_file)}: does not match tls.cert_file")
@@ -120,6 +150,48 @@ def client_ca_subjects(path: Path) -> list[tuple[str, str]]:
     ]
 
 
+def certificate_expiries(tls: TlsConfig) -> tuple[float, list[tuple[str, float]]]:
+    """When the server certificate expires, and ``(subject, expiry)`` of every client CA, as
+    Unix times: what the metrics show, so that an alert fires well before the day."""
+    server = _read_certificates(tls.cert_file, "tls.cert_file")[0].not_valid_after_utc
+    cas = []
+    if tls.client_ca_file is not None:
+        cas = [
+            (ca.subject.rfc4514_string(), ca.not_valid_after_utc.timestamp())
+            for ca in _read_certificates(tls.client_ca_file, "tls.client_ca_file")
+        ]
+    return server.timestamp(), cas
+
+
+class SwappableContext:
+    """The listening context, whose new handshakes use whichever context is current.
+
+    A reload must not drop connections, yet new handshakes must use the renewed certificate,
+    key, client CA and CRL at once. The listening context's ``sni_callback`` runs for every
+    ClientHello, before the server's certificate is chosen, and hands the connection to the
+    current context (the pattern of serving several certificates by SNI). Established
+    connections keep the context they were made with. What OpenSSL copies into a connection
+    when it is created stays the listening context's: the verify mode (``tls.client_auth``),
+    the CRL check flag (``tls.crl_file`` set or not) and ``tls.session_tickets``; changing those
+    takes a restart.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.listening = context
+        self.current = context
+        context.sni_callback = self._choose
+
+    def swap(self, context: ssl.SSLContext) -> None:
+        self.current = context
+
+    def _choose(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: ssl.SSLContext
+    ) -> None:
+        current = self.current
+        if current is not self.listening:
+            connection.context = current
+
+
 def _at(key: str, path: Path) -> str:
     return f"{key} = {str(path)!r}"
 
@@ -175,8 +247,53 @@ def _check_crl_file(path: Path) -> None:
         )
 
 
+def stale_crls(path: Path, now: datetime) -> list[str]:
+    """A warning for each CRL in ``path`` whose next update is past: revocations since then
+    are unknown to the gateway until a fresh CRL is installed (RFC 5280 section 5.1.2.5). Says
+    nothing of a file that cannot be read: building the TLS context reports that."""
+    try:
+        blocks = _PEM_CRL.findall(path.read_bytes())
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+    except (OSError, ValueError):
+        return []
+    warnings = []
+    for crl in crls:
+        due = crl.next_update_utc
+        if due is not None and due < now:
+            issuer = crl.issuer.rfc4514_string()
+            warnings.append(
+                f"{_at('tls.crl_file', path)}: the CRL of {issuer} is past its next update"
+                f" ({due:%Y-%m-%d %H:%M} UTC); install a fresh one from its issuer"
+            )
+    return warnings
+
+
 def _load(key: str, path: Path, load: Callable[[], None]) -> None:
     try:
         load()
     except OSError as exc:  # ssl.SSLError is an OSError
         raise CertificateError(f"{_at(key, path)}: OpenSSL refused it: {exc}") from exc
+
+
+def handshake_failure(exc: BaseException) -> tuple[str, str]:
+    """Why a client's TLS handshake failed: a reason from a short fixed list (a metrics label)
+    and a detail for the log, both from OpenSSL or the socket, never from the peer's certificate.
+
+    ``no_certificate``, ``untrusted``, ``expired``, ``not_yet_valid``, ``revoked``: the client
+    certificate; ``client_alert``: the client refused the handshake (often: it does not trust the
+    server certificate); ``protocol``: no common version or cipher, not TLS at all; ``timeout``;
+    ``closed``: the peer went away mid-handshake (port scans, TCP health checks).
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "untrusted"), str(exc.verify_message)
+    if isinstance(exc, ssl.SSLError):
+        detail = str(exc.reason or exc)
+        if detail == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_certificate", detail
+        if "_ALERT_" in detail:  # e.g. TLSV1_ALERT_UNKNOWN_CA, SSLV3_ALERT_BAD_CERTIFICATE
+            return "client_alert", detail
+        return "protocol", detail
+    # asyncio ends a handshake that outlives ssl_handshake_timeout with ConnectionAbortedError.
+    if isinstance(exc, TimeoutError | ConnectionAbortedError):
+        return "timeout", type(exc).__name__
+    return "closed", type(exc).__name__

@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import Config
-from gateway.edge.tls import build_server_context, client_ca_subjects
+from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
 from gateway.errors import CertificateError
 from gateway.outbox import describe_outbox
 
@@ -37,7 +37,7 @@ def _leaf(path: Path) -> x509.Certificate:
 
 def report(config: Config, now: datetime.datetime) -> list[str]:
     """The lines ``check`` prints; raises on anything ``serve`` would refuse."""
-    build_server_context(config.tls)
+    build_server_context(config.tls, source=config.source, now=now)
     lines = [f"ok: configuration {config.source or '(built in)'}"]
     leaf = _leaf(config.tls.cert_file)
     left = days_left(leaf, now)
@@ -56,6 +56,8 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     if config.tls.client_ca_file is not None:
         for ca_subject, fingerprint in client_ca_subjects(config.tls.client_ca_file):
             lines.append(f"ok: client CA {ca_subject} sha256 {fingerprint}")
+    if config.tls.crl_file is not None:
+        lines.extend(f"warning: {stale}" for stale in stale_crls(config.tls.crl_file, now))
     lines.append(
         f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
     )

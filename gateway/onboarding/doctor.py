@@ -22,7 +22,7 @@ from cryptography import x509
 from OpenSSL import crypto
 
 from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig, redact_url
-from gateway.edge.tls import build_server_context
+from gateway.edge.tls import build_server_context, stale_crls
 from gateway.errors import CertificateError, OutboxError
 from gateway.onboarding.meta_client import client_context
 from gateway.onboarding.readiness import (
@@ -60,6 +60,11 @@ async def diagnose(
         anchor = str(ca_file) if ca_file is not None else None
         findings.append(judge_trust(verify_chain(certs, ca_file, now), anchor))
     findings.extend(_client_cas(config.tls, now))
+    if config.tls.crl_file is not None:
+        findings.extend(
+            Finding("WARN", stale, "revocations since then are unknown to the gateway")
+            for stale in stale_crls(config.tls.crl_file, now)
+        )
     findings.extend(judge_tls_settings(config.tls))
     findings.extend(await _targets(config.targets))
     findings.append(await _outbox(config.outbox))

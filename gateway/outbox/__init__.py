@@ -6,11 +6,13 @@ Rule: the rest of the gateway talks to the outbox through what this package expo
 names. The storage engines live behind it (``sqlite/``, ``postgres/``).
 """
 
-from gateway.outbox.backends import describe_outbox, open_outbox
+from gateway.outbox.backends import OutboxHold, describe_outbox, hold_outbox, open_outbox
 from gateway.outbox.interface import Outbox
 from gateway.outbox.model import (
     STATES,
+    AttemptRecord,
     AttemptResult,
+    Backlog,
     DeadLetter,
     Delivered,
     Delivery,
@@ -22,15 +24,19 @@ from gateway.outbox.model import (
 
 __all__ = [
     "STATES",
+    "AttemptRecord",
     "AttemptResult",
+    "Backlog",
     "DeadLetter",
     "Delivered",
     "Delivery",
     "Outbox",
+    "OutboxHold",
     "Outcome",
     "RetryAt",
     "Route",
     "State",
     "describe_outbox",
+    "hold_outbox",
     "open_outbox",
 ]

@@ -10,13 +10,37 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import ModuleType
+from typing import Protocol
 
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
 from gateway.outbox.sqlite.outbox import SqliteOutbox
+from gateway.outbox.sqlite.owner import OwnerLock
 
-__all__ = ["describe_outbox", "open_outbox"]
+__all__ = ["OutboxHold", "describe_outbox", "hold_outbox", "open_outbox"]
+
+
+class OutboxHold(Protocol):
+    """This gateway's exclusive claim on an outbox, until released."""
+
+    def release(self) -> None: ...
+
+
+class _Shared:
+    """A database outbox is shared by every gateway configured with it: nothing to hold."""
+
+    def release(self) -> None:
+        return None
+
+
+def hold_outbox(config: OutboxConfig) -> OutboxHold:
+    """Claim the configured outbox for this gateway alone (for its lifetime, or until
+    released); raises :class:`~gateway.errors.OutboxError` when another gateway holds it.
+    A PostgreSQL outbox (``outbox.url``) is meant to be shared: its hold holds nothing."""
+    if config.url is not None:
+        return _Shared()
+    return OwnerLock(config.path)
 
 
 def _postgres() -> ModuleType:
@@ -49,7 +73,11 @@ async def open_outbox(
         )
         return outbox
     return SqliteOutbox(
-        config.path, dedup_window_s=config.dedup_window_s, on_commit=on_commit, create=create
+        config.path,
+        dedup_window_s=config.dedup_window_s,
+        busy_timeout_s=config.busy_timeout_s,
+        on_commit=on_commit,
+        create=create,
     )
 
 

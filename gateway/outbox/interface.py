@@ -7,6 +7,11 @@ what is asked (the request path answers 503 to that, so Meta retries).
 
 The one promise that matters most: :meth:`Outbox.accept` returns only after the notification
 and its deliveries are durable, so a 200 to Meta never stands for something a crash can lose.
+
+Added for the admin console (a backend provides all of them): ``offset`` on :meth:`query`
+(paging), :meth:`get`, :meth:`attempts` (so :meth:`record_many` also keeps one
+:class:`~gateway.outbox.model.AttemptRecord` per attempt, removed with its delivery by
+:meth:`prune`), :meth:`backlog` and :meth:`replay_dead`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-from gateway.outbox.model import AttemptResult, Delivery, Outcome, Route, State
+from gateway.outbox.model import (
+    AttemptRecord,
+    AttemptResult,
+    Backlog,
+    Delivery,
+    Outcome,
+    Route,
+    State,
+)
 
 __all__ = ["Outbox"]
 
@@ -44,14 +57,31 @@ class Outbox(Protocol):
         an outcome lost in a crash only means the delivery is attempted again."""
         ...
 
-    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
-        """Dead-letter pending deliveries whose target is not in ``targets``; return how many."""
+    async def backlog(self) -> list[Backlog]:
+        """Each target's pending deliveries and dead letters, for every target that has any
+        (configured or not: deliveries of a removed target stay, listed and replayable)."""
         ...
 
     async def query(
-        self, *, state: State | None = None, target: str | None = None, limit: int = 100
+        self,
+        *,
+        state: State | None = None,
+        target: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[Delivery]:
-        """Deliveries, newest first, filtered by state and target."""
+        """Deliveries, most recently changed first, filtered by state and target, skipping the
+        first ``offset`` (a stable order: ties broken by id, newest first)."""
+        ...
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        """One delivery; ``None`` when this outbox has no delivery with that id."""
+        ...
+
+    async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        """Every attempt of a delivery :meth:`record_many` stored, oldest first, including
+        those before a replay (their numbers start again at 1 after it). Empty for an unknown
+        id."""
         ...
 
     async def counts(self) -> dict[str, int]:
@@ -61,6 +91,17 @@ class Outbox(Protocol):
     async def replay(self, delivery_id: str, now: float) -> bool:
         """Make a delivery pending again, due now, with a fresh attempt count and age. False
         when this outbox has no delivery with that id."""
+        ...
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        """Make every delivery in ``state`` (of ``target``, last changed at or after ``since``)
+        pending again, due now; return how many."""
+        ...
+
+    async def purge_dead(self, before: float) -> int:
+        """Remove dead letters last changed before ``before``; return how many."""
         ...
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:

@@ -12,7 +12,9 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "STATES",
+    "AttemptRecord",
     "AttemptResult",
+    "Backlog",
     "DeadLetter",
     "Delivered",
     "Delivery",
@@ -69,6 +71,48 @@ class Delivery:
             "last_error": self.last_error,
             "last_response": self.last_response,
             "bytes": len(self.body),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What one target is owed: its pending deliveries (and when the oldest was made) and its
+    dead letters. What an operator asks first: is anything stuck?"""
+
+    target: str
+    pending: int
+    oldest_pending_at: float | None
+    dead: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptRecord:
+    """One finished attempt of a delivery, as the outbox keeps it for the admin console:
+    ``number`` counts from 1 since the delivery was made or last replayed, ``state`` is what the
+    delivery became (``pending`` again: a retry), ``response`` an excerpt of the target's
+    answer. Never the body sent."""
+
+    number: int
+    at: float
+    state: str
+    status: int | None
+    error: str | None
+    response: str
+
+    @property
+    def outcome(self) -> str:
+        """delivered, retry or dead: what the attempt led to."""
+        return "retry" if self.state == "pending" else self.state
+
+    def summary(self) -> dict[str, Any]:
+        """What the admin API and CLI show of it."""
+        return {
+            "number": self.number,
+            "at": self.at,
+            "outcome": self.outcome,
+            "status": self.status,
+            "error": self.error,
+            "response": self.response,
         }
 
 

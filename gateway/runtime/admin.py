@@ -2,38 +2,72 @@
 
 Rule: the admin surface shows delivery metadata (ids, targets, states, statuses, reasons) and
 never a notification body, which holds message text and phone numbers. With ``admin.token`` set,
-everything but the liveness and readiness probes needs ``Authorization: Bearer <token>``.
+everything but the liveness and readiness probes needs ``Authorization: Bearer <token>`` (the
+token in force: a reload may rotate it).
 
 Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
 ``GET /admin/deliveries?state=pending|delivered|dead&target=NAME&limit=N``,
-``POST /admin/deliveries/{id}/replay``.
+``GET /admin/deliveries/{id}``, ``POST /admin/deliveries/{id}/replay``,
+``POST /admin/deliveries/replay?state=dead&target=NAME&since=24h`` (bulk),
+``POST /admin/deliveries/purge?older_than=30d`` (dead letters), ``POST /admin/reload``; and the web
+console at ``GET /`` and under ``/console/`` (:mod:`gateway.runtime.console`), which guards itself
+with a session made from the same token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from gateway.config import Config
+from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
 from gateway.outbox import STATES, Outbox, State
-from gateway.runtime.stats import Stats
+from gateway.runtime.console import add_console, is_console_path
+from gateway.runtime.reload import ReloadResult
+from gateway.runtime.stats import Snapshot, Stats
+from gateway.units import parse_age, parse_since
 
-__all__ = ["create_admin_app", "parse_query"]
+__all__ = ["READY_WAIT_S", "Operations", "create_admin_app", "parse_query", "parse_state"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_LIMIT = 1000
+# The longest /readyz waits for the outbox: a file locked by another process holds a write for
+# the busy timeout, and a probe that hangs that long says less than a prompt 503.
+READY_WAIT_S = 2.0
 
 
-def _token_middleware(token: str | None) -> Any:
+class Operations(Protocol):
+    """What the admin API works on (the running :class:`~gateway.runtime.gateway.Gateway`)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def outbox(self) -> Outbox: ...
+    @property
+    def stats(self) -> Stats: ...
+    def wake(self) -> None: ...
+    def breakers(self) -> Mapping[str, Breaker]: ...
+    def reload(self) -> ReloadResult: ...
+    async def snapshot(self) -> Snapshot: ...
+
+
+def _token_middleware(ops: Operations) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.path not in _OPEN_PATHS:
+        token = ops.config.admin.token
+        # The console's own guard checks its paths (a session, or loopback without a token).
+        if (
+            token is not None
+            and request.path not in _OPEN_PATHS
+            and not is_console_path(request.path)
+        ):
             presented = request.headers.get("Authorization", "")
             if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
                 raise Unauthorized("admin token missing or wrong")
@@ -42,28 +76,37 @@ def _token_middleware(token: str | None) -> Any:
     return check
 
 
+def parse_state(raw_state: str | None) -> State | None:
+    if raw_state is None:
+        return None
+    state = next((known for known in STATES if known == raw_state), None)
+    if state is None:
+        raise BadRequest(f"state must be one of {', '.join(STATES)}")
+    return state
+
+
 def parse_query(query: Mapping[str, str]) -> tuple[State | None, str | None, int]:
     """``state``, ``target`` and ``limit`` from a deliveries query, validated."""
-    raw_state = query.get("state")
-    state: State | None = None
-    if raw_state is not None:
-        state = next((known for known in STATES if known == raw_state), None)
-        if state is None:
-            raise BadRequest(f"state must be one of {', '.join(STATES)}")
+    state = parse_state(query.get("state"))
     raw_limit = query.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
         raise BadRequest(f"limit must be an integer from 1 to {_MAX_LIMIT}")
     return state, query.get("target"), int(raw_limit)
 
 
-def create_admin_app(
-    config: Config,
-    outbox: Outbox,
-    stats: Stats,
-    *,
-    wake: Callable[[], None] = lambda: None,
-) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, _token_middleware(config.admin.token)])
+def _since(query: Mapping[str, str], now: float) -> float | None:
+    raw = query.get("since")
+    if raw is None:
+        return None
+    try:
+        return parse_since(raw, now)
+    except ValueError as exc:
+        raise BadRequest(f"since: {exc}") from None
+
+
+def create_admin_app(ops: Operations) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, _token_middleware(ops)])
+    outbox = ops.outbox
 
     async def healthz(_: web.Request) -> web.Response:
         return text(200, "ok")
@@ -71,13 +114,16 @@ def create_admin_app(
     async def readyz(_: web.Request) -> web.Response:
         # Ready means the outbox takes a write: the one thing a 200 to Meta depends on.
         try:
-            await outbox.ping()
+            async with asyncio.timeout(READY_WAIT_S):
+                await outbox.ping()
         except OutboxError:
             return text(503, "outbox unavailable")
+        except TimeoutError:
+            return text(503, f"outbox unavailable: no write within {READY_WAIT_S:g}s")
         return text(200, "ready")
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=stats.render(), content_type="text/plain")
+        return web.Response(body=ops.stats.render(await ops.snapshot()), content_type="text/plain")
 
     async def deliveries(request: web.Request) -> web.Response:
         state, target, limit = parse_query(request.query)
@@ -85,16 +131,52 @@ def create_admin_app(
         counts = await outbox.counts()
         return web.json_response({"counts": counts, "deliveries": [d.summary() for d in found]})
 
+    async def show(request: web.Request) -> web.Response:
+        delivery_id = request.match_info["id"]
+        found = await outbox.get(delivery_id)
+        if found is None:
+            raise NotFound(f"no delivery {delivery_id!r}")
+        attempts = [a.summary() for a in await outbox.attempts(delivery_id)]
+        return web.json_response(found.summary() | {"attempt_history": attempts})
+
     async def replay(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
         if not await outbox.replay(delivery_id, time.time()):
             raise NotFound(f"no delivery {delivery_id!r}")
-        wake()
+        ops.wake()
         return web.json_response({"replayed": delivery_id})
+
+    async def replay_many(request: web.Request) -> web.Response:
+        now = time.time()
+        state = parse_state(request.query.get("state"))
+        if state is None:
+            raise BadRequest("state is required (dead, to replay every dead letter)")
+        target, since = request.query.get("target"), _since(request.query, now)
+        count = await outbox.replay_many(state=state, target=target, since=since, now=now)
+        ops.wake()
+        return web.json_response({"replayed": count})
+
+    async def purge(request: web.Request) -> web.Response:
+        try:
+            age = parse_age(request.query.get("older_than", ""))
+        except ValueError as exc:
+            raise BadRequest(f"older_than: {exc}") from None
+        return web.json_response({"purged": await outbox.purge_dead(time.time() - age)})
+
+    async def reload(_: web.Request) -> web.Response:
+        result = ops.reload()
+        body = {"ok": result.ok, "message": result.message}
+        # 500: the gateway could not do what was asked, and keeps its previous configuration.
+        return web.json_response(body, status=200 if result.ok else 500)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/deliveries", deliveries)
+    app.router.add_post("/admin/deliveries/replay", replay_many)
+    app.router.add_post("/admin/deliveries/purge", purge)
+    app.router.add_get("/admin/deliveries/{id}", show)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
+    add_console(app, ops.config, outbox, ops.stats, breakers=ops.breakers, wake=ops.wake)
+    app.router.add_post("/admin/reload", reload)
     return app

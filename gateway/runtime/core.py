@@ -7,26 +7,32 @@ to ``core.callback`` and closes the core after it has stopped taking requests.
 With a shared (PostgreSQL) outbox, the dispatching process takes the lease on what it accepts
 and the outbox wakes its dispatcher when another gateway announces deliveries.
 
-Startup order: open the outbox, start the dispatcher (primary process only) and the wake-up
+Startup order: claim the outbox (a dispatching process that no supervisor claims it for), open
+it, start the dispatcher (primary process only) and the wake-up
 channel between sibling workers, then build the callback. Shutdown runs it backwards: close the
 wake-up channel, stop the dispatcher (attempts in flight finish or stay pending), close the
-outbox after its queued writes.
+outbox after its queued writes, release the claim.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 from gateway.config import Config
+from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.edge.callback import Callback, StoredHook
-from gateway.outbox import Delivery, Outbox, open_outbox
+from gateway.outbox import Delivery, Outbox, OutboxHold, hold_outbox, open_outbox
 from gateway.runtime.stats import Stats
 from gateway.runtime.wake import Bell, Doorbell
 
 __all__ = ["Core"]
+
+log = logging.getLogger(__name__)
 
 
 class Core:
@@ -35,7 +41,8 @@ class Core:
     Only the ``primary`` process of a multi-worker gateway runs the dispatcher, so exactly one
     process forwards; with a ``wake_channel`` the others ring it when they store something
     (:mod:`gateway.runtime.wake`). ``metrics_dir``: sibling workers count together
-    (:mod:`gateway.runtime.stats`).
+    (:mod:`gateway.runtime.stats`). ``claim``: hold the outbox for this gateway alone (by
+    default when ``primary``; the workers of a supervisor leave it to the supervisor).
     """
 
     def __init__(
@@ -45,9 +52,12 @@ class Core:
         primary: bool = True,
         wake_channel: str | None = None,
         metrics_dir: Path | None = None,
+        claim: bool | None = None,
     ) -> None:
         self.config = config
         self.primary = primary
+        self._claim = primary if claim is None else claim
+        self._hold: OutboxHold | None = None
         self._wake_channel = wake_channel
         self.stats = Stats(metrics_dir)
         self._outbox: Outbox | None = None
@@ -55,6 +65,7 @@ class Core:
         self.dispatcher: Dispatcher | None = None
         self._doorbell: Doorbell | None = None
         self._bell: Bell | None = None
+        self._checks: set[asyncio.Task[None]] = set()
 
     @property
     def outbox(self) -> Outbox:
@@ -71,9 +82,48 @@ class Core:
         if self.dispatcher is not None:
             self.dispatcher.wake()
 
+    def breakers(self) -> dict[str, Breaker]:
+        """Each target's circuit breaker (empty where this process runs no dispatcher)."""
+        return {} if self.dispatcher is None else self.dispatcher.breakers()
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration (see :mod:`gateway.runtime.reload` for what applies)."""
+        self.config = config
+        if self._callback is not None:
+            self._callback.reconfigure(config)
+        if self.dispatcher is not None:
+            self.dispatcher.reconfigure(config.targets, config.dispatcher)
+            self._check_unconfigured()
+
+    def _check_unconfigured(self) -> None:
+        task = asyncio.create_task(self._warn_unconfigured())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _warn_unconfigured(self) -> None:
+        """Say so when deliveries wait for a target the configuration no longer names: they
+        stay pending (listed, replayable) rather than being dropped or dead-lettered."""
+        try:
+            backlog = await self.outbox.backlog()
+        except Exception:
+            log.exception("could not read the outbox's backlog")
+            return
+        names = {target.name for target in self.config.targets}
+        for each in backlog:
+            if each.target not in names and each.pending:
+                log.warning(
+                    "%d deliveries pending for target %s, which is not configured: they stay"
+                    " in the outbox until it is configured again or they are purged",
+                    each.pending,
+                    each.target,
+                    extra={"target": each.target, "pending": each.pending},
+                )
+
     async def start(self) -> None:
         config = self.config
         try:
+            if self._claim:
+                self._hold = hold_outbox(config.outbox)
             # A shared (PostgreSQL) outbox wakes the dispatcher when another gateway announces
             # deliveries; only the dispatching process takes leases on what it accepts.
             self._outbox = await open_outbox(
@@ -89,8 +139,10 @@ class Core:
                     config.targets,
                     config.dispatcher,
                     retention_s=config.outbox.retention_s,
+                    observer=self.stats,
                 )
                 self.dispatcher.start()
+                self._check_unconfigured()
                 on_stored = self.dispatcher.offer
                 if self._wake_channel is not None:
                     self._doorbell = Doorbell(self._wake_channel, self.dispatcher.wake)
@@ -109,6 +161,9 @@ class Core:
     async def close(self) -> None:
         """The shutdown order of the module docstring, each part only if it was started."""
         self._callback = None
+        for check in list(self._checks):
+            check.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
         if self._doorbell is not None:
             self._doorbell.close()
             self._doorbell = None
@@ -121,6 +176,9 @@ class Core:
         if self._outbox is not None:
             await self._outbox.close()
             self._outbox = None
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
 
     async def __aenter__(self) -> Core:
         await self.start()

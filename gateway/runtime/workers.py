@@ -1,22 +1,30 @@
 """``[listen] workers = N``: N acceptor processes on one port, exactly one dispatcher.
 
-Rule: the supervisor (the process ``serve`` started) binds nothing and forwards nothing; it starts
-N worker processes that each bind the listener with SO_REUSEPORT, so the kernel spreads
-connections across them. Worker 0 is the primary: it alone runs the dispatcher and the admin
-listener; the others tell it when they have stored something (:mod:`gateway.runtime.wake`). All
-share the SQLite outbox (WAL lets them write one after another and read at once), and all count into
-one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
+Rule: the supervisor (the process ``serve`` started) forwards nothing; it claims the outbox for its
+gateway (:func:`gateway.outbox.hold_outbox`: a second gateway on the same file is refused), binds
+the listening socket once and starts N worker processes that all accept on it, so whichever worker
+is free takes the next connection. The socket is not SO_REUSEPORT: that option would let any other
+process of the same user bind the port too and take a share of the connections, so a second gateway
+on the port fails to start instead. Worker 0 is the primary: it alone runs the dispatcher and the
+admin listener; the others tell it when they have stored something (:mod:`gateway.runtime.wake`).
+All share the SQLite outbox (WAL lets them write one after another and read at once), and all count
+into one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
 gateway's (:mod:`gateway.runtime.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
-process would; the supervisor waits for them and exits 0. Workers ask the kernel to send them
+process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers
+start (by default it would end them half-started). Workers ask the kernel to send them
 SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL.
 If a worker dies on its own, the supervisor stops the others and exits 1: a half-running gateway
-is worse than a restart by the service manager.
+is worse than a restart by the service manager. SIGHUP to the supervisor is passed to every
+worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload asked of
+worker 0 through the admin API or its file watcher reaches the others through the supervisor
+(SIGUSR1 from worker 0: "reload the others").
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -24,26 +32,65 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
 from gateway.config import Config
 from gateway.errors import GatewayError
-from gateway.runtime.gateway import serve_process
+from gateway.outbox import hold_outbox
+from gateway.runtime.gateway import listen_error, serve_process
 from gateway.runtime.logs import setup_logging
 from gateway.runtime.stats import MULTIPROCESS_ENV
 from gateway.runtime.wake import channel_name
 
-__all__ = ["supervise"]
+__all__ = ["stale_metrics_dirs", "supervise"]
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 30.0
+_RELOAD_OTHERS = signal.SIGUSR1
+
+_METRICS_PREFIX = "waba-gateway-metrics-"
+
+
+def stale_metrics_dirs(names: Iterable[str], alive: Callable[[int], bool]) -> list[str]:
+    """Of the folder ``names`` in the temporary folder, the metrics folders of supervisors that
+    are no longer alive (a supervisor killed with SIGKILL cannot remove its own)."""
+    stale = []
+    for name in names:
+        if not name.startswith(_METRICS_PREFIX):
+            continue
+        pid, _, rest = name[len(_METRICS_PREFIX) :].partition("-")
+        if rest and pid.isascii() and pid.isdigit() and not alive(int(pid)):
+            stale.append(name)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_metrics_dirs(folder: Path) -> None:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in stale_metrics_dirs(names, _alive):
+        shutil.rmtree(folder / name, ignore_errors=True)
+        log.info("removed %s, left behind by a gateway that is gone", folder / name)
 
 
 def _die_with_parent() -> None:
@@ -53,16 +100,48 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _worker(config: Config, index: int, wake_channel: str, metrics_dir: Path) -> None:
+def _ask_supervisor_to_reload_the_others() -> None:
+    os.kill(os.getppid(), _RELOAD_OTHERS)
+
+
+def _worker(
+    config: Config, index: int, wake_channel: str, metrics_dir: Path, sock: socket.socket
+) -> None:
     _die_with_parent()
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     serve_process(
         config,
         primary=index == 0,
-        reuse_port=True,
+        reuse_port=False,
         wake_channel=wake_channel,
         metrics_dir=metrics_dir,
+        reload_siblings=_ask_supervisor_to_reload_the_others if index == 0 else None,
+        sock=sock,
+        claim=False,  # the supervisor holds the outbox for all its workers
     )
+
+
+def _bind(config: Config) -> socket.socket:
+    """The listening socket every worker accepts on, bound to the first address
+    ``listen.host`` resolves to (as the asyncio server of a lone gateway would be)."""
+    listen = config.listen
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise listen_error(config, exc) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(config, exc) from exc
+    return sock
 
 
 def supervise(config: Config) -> int:
@@ -74,31 +153,65 @@ def supervise(config: Config) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
 
+    hold = hold_outbox(config.outbox)  # refused here when another gateway has it
+    try:
+        sock = _bind(config)
+    except BaseException:
+        hold.release()
+        raise
+    try:
+        return _supervise(config, context, stopping, on_signal, sock)
+    finally:
+        sock.close()
+        hold.release()
+
+
+def _supervise(
+    config: Config,
+    context: multiprocessing.context.SpawnContext,
+    stopping: threading.Event,
+    on_signal: signal._HANDLER,
+    sock: socket.socket,
+) -> int:
     # A new, private folder per run: prometheus-client sums every file in it, so counts of an
     # earlier run must not be there. The workers inherit the variable, which prometheus-client
     # reads when they import it.
+    _remove_stale_metrics_dirs(Path(tempfile.gettempdir()))
     try:
-        metrics_dir = Path(tempfile.mkdtemp(prefix=f"waba-gateway-metrics-{os.getpid()}-"))
+        metrics_dir = Path(tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-"))
     except OSError as exc:
         raise GatewayError(
             f"cannot make the workers' metrics folder in {tempfile.gettempdir()}:"
             f" {exc.strerror or exc}; point TMPDIR at a writable folder"
         ) from exc
+    workers: list[BaseProcess] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        # SIGHUP: every worker reloads. SIGUSR1: worker 0 has reloaded; the others follow.
+        for index, process in enumerate(workers):
+            if process.pid is not None and (signum == signal.SIGHUP or index > 0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Ignored while the workers start: they inherit it (through exec too), so a SIGHUP cannot
+    # end one before its own handler is in place (gateway.runtime.gateway.run).
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    previous[_RELOAD_OTHERS] = signal.signal(_RELOAD_OTHERS, forward)
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
-    workers: list[BaseProcess] = []
     process: BaseProcess
     try:
         for index in range(config.listen.workers):
             process = context.Process(
                 target=_worker,
-                args=(config, index, channel_name(os.getpid()), metrics_dir),
+                args=(config, index, channel_name(os.getpid()), metrics_dir, sock),
                 name=f"waba-gateway-worker-{index}",
             )
             process.start()
             workers.append(process)
         log.info("started %d workers", len(workers))
+        signal.signal(signal.SIGHUP, forward)
         failed = False
         while not stopping.is_set():
             stopping.wait(0.5)

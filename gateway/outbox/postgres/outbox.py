@@ -41,7 +41,9 @@ from gateway.config import OutboxConfig, redact_url
 from gateway.errors import OutboxError
 from gateway.outbox.model import (
     STATES,
+    AttemptRecord,
     AttemptResult,
+    Backlog,
     DeadLetter,
     Delivered,
     Delivery,
@@ -284,17 +286,63 @@ class PostgresOutbox:
         if rows:
             await self._run(record)
 
-    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
-        names = list(targets)
-        status = await self._run(lambda conn: conn.execute(sql.DEAD_LETTER_UNKNOWN, now, names))
-        return _affected(status)
+    async def backlog(self) -> list[Backlog]:
+        rows = await self._run(lambda conn: conn.fetch(sql.BACKLOG))
+        found: dict[str, Backlog] = {}
+        for target, state, count, oldest in rows:
+            known = found.get(target) or Backlog(target, 0, None, 0)
+            if state == "pending":
+                found[target] = Backlog(target, int(count), oldest, known.dead)
+            else:
+                found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
+        return [found[name] for name in sorted(found)]
 
     async def query(
-        self, *, state: State | None = None, target: str | None = None, limit: int = 100
+        self,
+        *,
+        state: State | None = None,
+        target: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[Delivery]:
         statement, params = sql.list_query(state, target)
-        rows = await self._run(lambda conn: conn.fetch(statement, *params, limit))
+        rows = await self._run(lambda conn: conn.fetch(statement, *params, limit, offset))
         return [sql.delivery(row, self._prefix) for row in rows]
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        rowid = sql.rowid_of(delivery_id, self._prefix)
+        if rowid is None:
+            return None
+        row = await self._run(lambda conn: conn.fetchrow(sql.GET, rowid))
+        return None if row is None else sql.delivery(row, self._prefix)
+
+    async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        rowid = sql.rowid_of(delivery_id, self._prefix)
+        if rowid is None:
+            return []
+        rows = await self._run(lambda conn: conn.fetch(sql.ATTEMPTS, rowid))
+        return [
+            AttemptRecord(number=n, at=at, state=state, status=status, error=error, response=resp)
+            for n, at, state, status, error, resp in rows
+        ]
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        statement, params = sql.replay_many_query(state, target, since)
+
+        async def replay(conn: Any) -> int:
+            async with conn.transaction():
+                count = _affected(await conn.execute(statement, *params, now))
+                if count:  # every gateway may claim them now
+                    await conn.execute(f"NOTIFY {sql.CHANNEL}")
+                return count
+
+        return await self._run(replay)
+
+    async def purge_dead(self, before: float) -> int:
+        count = await self._run(lambda conn: conn.fetchval(sql.PURGE_DEAD, before))
+        return int(count)
 
     async def counts(self) -> dict[str, int]:
         rows = await self._run(lambda conn: conn.fetch(sql.COUNT))
@@ -314,13 +362,15 @@ class PostgresOutbox:
         removed = 0
         for name in tuple(targets):
             while True:
-                status = await self._run(
-                    lambda conn, name=name: conn.execute(  # type: ignore[misc]
-                        sql.PRUNE_DELIVERED, name, now - retention_s
+                count = int(
+                    await self._run(
+                        lambda conn, name=name: conn.fetchval(  # type: ignore[misc]
+                            sql.PRUNE_DELIVERED, name, now - retention_s
+                        )
                     )
                 )
-                removed += _affected(status)
-                if _affected(status) < sql.PRUNE_BATCH:
+                removed += count
+                if count < sql.PRUNE_BATCH:
                     break
         for statement, before in (
             (sql.PRUNE_NOTIFICATIONS, now - retention_s),

@@ -62,6 +62,18 @@ _TABLES = (
     f"CREATE INDEX deliveries_due ON {SCHEMA}.deliveries (state, target, next_attempt_at)",
     f"CREATE INDEX deliveries_notification ON {SCHEMA}.deliveries (notification_id)",
     f"CREATE INDEX deliveries_updated ON {SCHEMA}.deliveries (updated_at)",
+    # Each attempt's outcome, for the admin console; removed with its delivery.
+    f"""CREATE TABLE {SCHEMA}.attempts (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id BIGINT NOT NULL,
+    number INTEGER NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    error TEXT,
+    response TEXT NOT NULL
+)""",
+    f"CREATE INDEX attempts_delivery ON {SCHEMA}.attempts (delivery_id)",
     # The lease heartbeat finds a gateway's own leases.
     f"CREATE INDEX deliveries_leased ON {SCHEMA}.deliveries (lease_owner)"
     " WHERE lease_owner IS NOT NULL",

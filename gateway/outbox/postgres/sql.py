@@ -19,21 +19,25 @@ from gateway.outbox.postgres.schema import SCHEMA
 
 __all__ = [
     "ACCEPT",
+    "ATTEMPTS",
+    "BACKLOG",
     "CHANNEL",
     "CLAIM",
     "COUNT",
-    "DEAD_LETTER_UNKNOWN",
     "EXCERPT_CHARS",
+    "GET",
     "PRUNE_BATCH",
     "PRUNE_DELIVERED",
     "PRUNE_DIGESTS",
     "PRUNE_NOTIFICATIONS",
+    "PURGE_DEAD",
     "RECORD",
     "RENEW",
     "REPLAY",
     "delivery",
     "delivery_id",
     "list_query",
+    "replay_many_query",
     "rowid_of",
 ]
 
@@ -100,11 +104,17 @@ RETURNING {_COLUMNS}
 
 # An attempt's outcome, which ends the lease; skipped when another gateway took the delivery
 # over meanwhile (this one's lease ran out): its outcome is the one that counts.
+# It is also kept in the delivery's attempt history.
 RECORD: Final = f"""
-UPDATE {SCHEMA}.deliveries SET state = $1, attempts = attempts + 1, next_attempt_at = $2,
-    updated_at = $3, last_status = $4, last_error = $5, last_response = $6,
-    lease_owner = NULL, lease_until = NULL
-WHERE id = $7 AND (lease_owner IS NULL OR lease_owner = $8)
+WITH u AS (
+    UPDATE {SCHEMA}.deliveries SET state = $1, attempts = attempts + 1, next_attempt_at = $2,
+        updated_at = $3, last_status = $4, last_error = $5, last_response = $6,
+        lease_owner = NULL, lease_until = NULL
+    WHERE id = $7 AND (lease_owner IS NULL OR lease_owner = $8)
+    RETURNING id, attempts
+)
+INSERT INTO {SCHEMA}.attempts (delivery_id, number, at, state, status, error, response)
+SELECT id, attempts, $3, $1, $4, $5, $6 FROM u
 """
 
 # The heartbeat of a living gateway: its leases last while it does, whatever its targets'
@@ -112,13 +122,6 @@ WHERE id = $7 AND (lease_owner IS NULL OR lease_owner = $8)
 RENEW: Final = f"""
 UPDATE {SCHEMA}.deliveries SET lease_until = {_NOW} + $2
 WHERE lease_owner = $1 AND state = 'pending'
-"""
-
-DEAD_LETTER_UNKNOWN: Final = f"""
-UPDATE {SCHEMA}.deliveries SET state = 'dead', updated_at = $1,
-    last_error = 'target ' || quote_literal(target) || ' is no longer configured',
-    lease_owner = NULL, lease_until = NULL
-WHERE state = 'pending' AND NOT (target = ANY($2::text[]))
 """
 
 REPLAY: Final = f"""
@@ -129,13 +132,31 @@ RETURNING pg_notify('{CHANNEL}', '')
 """
 
 COUNT: Final = f"SELECT state, COUNT(*) FROM {SCHEMA}.deliveries GROUP BY state"
+BACKLOG: Final = f"""
+SELECT target, state, COUNT(*), MIN(created_at) FROM {SCHEMA}.deliveries
+WHERE state IN ('pending', 'dead') GROUP BY state, target
+"""
+ATTEMPTS: Final = f"""
+SELECT number, at, state, status, error, response FROM {SCHEMA}.attempts
+WHERE delivery_id = $1 ORDER BY id
+"""
+# Dead letters go with their attempt history; their notifications with the prune.
+PURGE_DEAD: Final = f"""
+WITH d AS (DELETE FROM {SCHEMA}.deliveries WHERE state = 'dead' AND updated_at < $1 RETURNING id),
+a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
+SELECT COUNT(*) FROM d
+"""
 
 # A delivered row's next_attempt_at is its delivery time (see RECORD's callers).
 PRUNE_DELIVERED: Final = f"""
-DELETE FROM {SCHEMA}.deliveries WHERE id IN (
-    SELECT id FROM {SCHEMA}.deliveries
-    WHERE state = 'delivered' AND target = $1 AND next_attempt_at < $2
-    LIMIT {PRUNE_BATCH})
+WITH d AS (
+    DELETE FROM {SCHEMA}.deliveries WHERE id IN (
+        SELECT id FROM {SCHEMA}.deliveries
+        WHERE state = 'delivered' AND target = $1 AND next_attempt_at < $2
+        LIMIT {PRUNE_BATCH})
+    RETURNING id
+), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
+SELECT COUNT(*) FROM d
 """
 # The digests table alone answers "seen inside the window?", so notifications may go with the
 # retention once no delivery needs their body.
@@ -153,19 +174,49 @@ DELETE FROM {SCHEMA}.digests WHERE digest IN (
 
 
 def list_query(state: str | None, target: str | None) -> tuple[str, list[Any]]:
-    """The newest deliveries, filtered: the statement and its arguments before the limit."""
-    clauses, params = [], []
-    for column, value in (("state", state), ("target", target)):
-        if value is not None:
-            params.append(value)
-            clauses.append(f"d.{column} = ${len(params)}")
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    """The most recently changed deliveries, filtered: the statement and its arguments before
+    the limit and the offset (ties broken by id, newest first: a stable order to page in)."""
+    where, params = _filters(state=state, target=target)
     return (
         f"SELECT {_COLUMNS} FROM {SCHEMA}.deliveries d"
         f" JOIN {SCHEMA}.notifications n ON n.id = d.notification_id{where}"
-        f" ORDER BY d.updated_at DESC LIMIT ${len(params) + 1}",
+        f" ORDER BY d.updated_at DESC, d.id DESC LIMIT ${len(params) + 1}"
+        f" OFFSET ${len(params) + 2}",
         params,
     )
+
+
+def replay_many_query(
+    state: str, target: str | None, since: float | None
+) -> tuple[str, list[Any]]:
+    """Make the deliveries in ``state`` (of ``target``, changed since ``since``) pending, due
+    at the last argument: the statement and its arguments before that one."""
+    where, params = _filters(state=state, target=target, since=since)
+    now = f"${len(params) + 1}"
+    return (
+        f"UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, created_at = {now},"
+        f" next_attempt_at = {now}, updated_at = {now}, lease_owner = NULL, lease_until = NULL"
+        f"{where}",
+        params,
+    )
+
+
+def _filters(
+    *, state: str | None, target: str | None, since: float | None = None
+) -> tuple[str, list[Any]]:
+    clauses, params = [], list[Any]()
+    pairs = (("d.state = ", state), ("d.target = ", target), ("d.updated_at >= ", since))
+    for clause, value in pairs:
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{clause}${len(params)}")
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), params
+
+
+GET: Final = f"""
+SELECT {_COLUMNS} FROM {SCHEMA}.deliveries d
+JOIN {SCHEMA}.notifications n ON n.id = d.notification_id WHERE d.id = $1
+"""
 
 
 def delivery_id(prefix: str, rowid: int) -> str:

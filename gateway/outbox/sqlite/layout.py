@@ -3,6 +3,11 @@
 Rule: a file is opened with the durability settings the outbox promises (WAL, ``synchronous=
 FULL``) and with exactly this layout; a new file is given it, a file of any other layout is
 refused before anything in it changes. The layout is recorded in ``PRAGMA user_version``.
+
+Layout 3 added the ``attempts`` table (each attempt's outcome, for the admin console). A file
+of layout 2 is migrated when it is opened: the table is created and the version raised in one
+transaction, nothing else in the file changes, and its deliveries simply have no attempt history
+from before.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.errors import OutboxError
@@ -17,14 +23,30 @@ from gateway.errors import OutboxError
 __all__ = ["connect", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
-# user_version at 0.
-_LAYOUT = 2
+# user_version at 0; layout 2 had no attempts table.
+_LAYOUT = 3
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
     "made by an older version of the outbox (random text delivery ids); deliver or export its"
     " pending deliveries with the previous version of waba-gateway, or move the file away"
     " (with its -wal and -shm files) to start a new outbox"
+)
+
+# Layout 3's addition. No foreign key: attempts are removed with their delivery by pruning, and
+# a check on every insert would cost a lookup in the deliveries table for nothing.
+_ATTEMPTS = (
+    """CREATE TABLE attempts (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL,
+    number INTEGER NOT NULL,
+    at REAL NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    error TEXT,
+    response TEXT NOT NULL
+)""",
+    "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
 )
 
 # Statements one by one rather than a script: executescript() commits first, and the layout is
@@ -62,6 +84,7 @@ _SCHEMA = (
     # Pruning asks "does this notification still have deliveries?" (and so does the foreign
     # key when a notification is deleted): without this index, a scan of every delivery.
     "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
+    *_ATTEMPTS,
 )
 
 
@@ -85,18 +108,35 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
 
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring a file of layout 2 to layout 3: the attempts table, nothing else."""
+    for statement in _ATTEMPTS:
+        conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {_LAYOUT}")
+
+
+def _under_write_lock(
+    conn: sqlite3.Connection, path: Path, version: int, change: Callable[..., None]
+) -> None:
+    """Run ``change`` in one transaction if the file is still at ``version`` once locked."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _user_version(conn) == version:  # again, under the write lock: another opener may win
+            change(conn, path)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _layout(conn: sqlite3.Connection, path: Path) -> str:
-    """Check the file's layout (creating it in a new file); return its delivery id prefix."""
+    """Check the file's layout (creating it in a new file, migrating layout 2); return its
+    delivery id prefix."""
     if _user_version(conn) == 0:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if _user_version(conn) == 0:  # again, under the write lock: another opener may win
-                _create(conn, path)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
+        _under_write_lock(conn, path, 0, _create)
+    if _user_version(conn) == 2:
+        _under_write_lock(conn, path, 2, _migrate)
     version = _user_version(conn)
     if version != _LAYOUT:
         raise OutboxError(
@@ -115,17 +155,46 @@ def read_prefix(conn: sqlite3.Connection) -> str:
     return str(row[0])
 
 
-def open_store(path: Path) -> tuple[sqlite3.Connection, str]:
+def _damage(conn: sqlite3.Connection) -> str | None:
+    """What SQLite's structural check finds wrong with the file (the first problem, and how
+    many); ``None`` when nothing. Reads every page: a damaged page is reported at start,
+    not found later by a request that then fails, or by a delivery that is silently lost."""
+    try:
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(20)")]
+    except sqlite3.DatabaseError as exc:  # damage SQLite meets before the check can run
+        return str(exc)
+    if problems == ["ok"]:
+        return None
+    # SQLite heads its first line with "*** in database main ***" and a line break: one line.
+    first = " ".join(line for line in problems[0].splitlines() if not line.startswith("***"))
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first}{more}"
+
+
+def _damaged_message(path: Path, problem: str) -> str:
+    """The one-line refusal of a damaged file, with the ways out (see the README, "Faults")."""
+    return (
+        f"outbox.path = '{path}' is damaged: {problem}; move it aside (with its -wal and -shm"
+        " files) to start a new outbox, or recover what it holds with"
+        f" `sqlite3 '{path}' .recover | sqlite3 recovered.sqlite3` and point outbox.path there"
+    )
+
+
+def open_store(path: Path, busy_timeout_s: float = 5.0) -> tuple[sqlite3.Connection, str]:
     """Open ``path`` with the durability settings the outbox promises, giving a new file the
-    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError."""
+    current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError.
+    A statement waits up to ``busy_timeout_s`` for a lock another process holds."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
     except (OSError, sqlite3.Error) as exc:
         raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
     try:
         # FULL: the WAL is synced at every commit, so a committed notification survives power
         # loss; NORMAL would only survive a process crash.
+        problem = _damage(conn)
+        if problem is not None:
+            raise OutboxError(_damaged_message(path, problem))
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         # The layout first: a file that is refused is not even switched to WAL.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import TypeVar
 
 from gateway.errors import OutboxError
 from gateway.outbox.model import (
+    AttemptRecord,
     AttemptResult,
+    Backlog,
     DeadLetter,
     Delivered,
     Delivery,
@@ -28,12 +31,14 @@ from gateway.outbox.model import (
     Route,
     State,
 )
-from gateway.outbox.sqlite import layout, store
+from gateway.outbox.sqlite import history, layout, store
 from gateway.outbox.sqlite.writer import Writer
 
 __all__ = ["SqliteOutbox"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class SqliteOutbox:
@@ -45,6 +50,7 @@ class SqliteOutbox:
         path: Path,
         *,
         dedup_window_s: float,
+        busy_timeout_s: float = 5.0,
         on_commit: Callable[[int], None] | None = None,
         create: bool = True,
     ) -> None:
@@ -55,22 +61,26 @@ class SqliteOutbox:
             raise OutboxError(f"outbox.path = '{path}': no outbox file there yet")
         self.path = path
         self.dedup_window_s = dedup_window_s
+        self._busy_timeout_s = busy_timeout_s
         self._prefix = ""
         # The last notification id the prune walk has passed (see prune). Kept in memory: after
         # a restart the first prune walks from the oldest row again, which is only slower.
         self._prune_after = 0
-        self._writer = Writer(path, self._open, on_commit)
+        self._writer = Writer(path, self._open, on_commit, busy_timeout_s)
 
     def _open(self, path: Path) -> sqlite3.Connection:
         # On the writer thread, before the constructor returns.
-        conn, self._prefix = layout.open_store(path)
+        conn, self._prefix = layout.open_store(path, self._busy_timeout_s)
         return conn
 
-    async def run(self, func: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+    async def run(
+        self, func: Callable[[sqlite3.Connection], T], *, durable: bool = True, read: bool = False
+    ) -> T:
         """Run ``func`` (given the connection) in the next group transaction; return its result
-        once that has committed. For this backend's own operations and tests: the rest of the
-        gateway uses the interface's operations only."""
-        result: T = await self._writer.submit(func, durable=durable)
+        once that has committed. ``read``: ``func`` writes nothing (alone, it needs no write
+        transaction). For this backend's own operations and tests: the rest of the gateway uses
+        the interface's operations only."""
+        result: T = await self._writer.submit(func, durable=durable, read=read)
         return result
 
     async def close(self) -> None:
@@ -122,23 +132,33 @@ class SqliteOutbox:
         self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
-        each target named there, leaving out the ids in ``exclude`` (in flight)."""
+        each target named there, leaving out the ids in ``exclude`` (in flight). A delivery
+        whose body no longer matches its stored digest is dead-lettered, never handed out."""
         # Copies: the caller's collections may change before the writer thread reads them.
-        return await self.run(
+        found, damaged = await self.run(
             functools.partial(
                 store.due_deliveries,
                 prefix=self._prefix,
                 now=now,
                 limits=dict(limits),
                 skip=frozenset(exclude),
-            )
+            ),
+            read=True,
         )
+        if damaged:
+            await self.run(functools.partial(store.dead_letter_damaged, rowids=damaged, now=now))
+            for rowid in damaged:
+                log.error(
+                    "delivery %s dead-lettered: %s",
+                    store.delivery_id(self._prefix, rowid),
+                    store.DAMAGED,
+                )
+        return found
 
-    async def dead_letter_unknown(self, targets: Collection[str], now: float) -> int:
-        """Dead-letter pending deliveries whose target is no longer configured."""
-        return await self.run(
-            functools.partial(store.dead_letter_unknown, targets=tuple(targets), now=now)
-        )
+    async def backlog(self) -> list[Backlog]:
+        """Pending deliveries and dead letters per target. Read in a lazy job (it rides along
+        with the next commit): a scrape never adds an fsync."""
+        return await self.run(store.backlog, read=True)
 
     async def record(
         self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
@@ -176,15 +196,45 @@ class SqliteOutbox:
         )
 
     async def ping(self) -> None:
-        # A statement through the writer: it takes the write lock a notification's commit takes.
-        await self.run(lambda conn: conn.execute("SELECT 1").fetchone())
+        """Through the writer, in a write transaction: it takes the write lock a notification's
+        commit takes. After a failed write (a full disk lets an empty transaction commit) the
+        ping writes for real, so the outbox is ready again only once a write commits."""
+        writer = self._writer
+
+        def probe(conn: sqlite3.Connection) -> None:
+            if writer.failure is not None:
+                store.touch(conn)
+            else:
+                conn.execute("SELECT 1").fetchone()
+
+        if writer.failure is not None and writer.lost:
+            raise OutboxError(writer.failure)
+        await self.run(probe)
 
     async def query(
-        self, *, state: State | None = None, target: str | None = None, limit: int = 100
+        self,
+        *,
+        state: State | None = None,
+        target: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[Delivery]:
         prefix = self._prefix
         return await self.run(
-            lambda conn: store.list_deliveries(conn, state, target, limit, prefix)
+            lambda conn: store.list_deliveries(conn, state, target, limit, prefix, offset),
+            read=True,
+        )
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        prefix = self._prefix
+        return await self.run(
+            lambda conn: history.get_delivery(conn, delivery_id, prefix), read=True
+        )
+
+    async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        prefix = self._prefix
+        return await self.run(
+            lambda conn: history.attempt_history(conn, delivery_id, prefix), read=True
         )
 
     async def replay(self, delivery_id: str, now: float) -> bool:
@@ -192,6 +242,18 @@ class SqliteOutbox:
         when no delivery of this outbox has that id (including ids of other outboxes)."""
         prefix = self._prefix
         return await self.run(lambda conn: store.replay_delivery(conn, delivery_id, now, prefix))
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        return await self.run(
+            functools.partial(
+                store.replay_deliveries, state=state, target=target, since=since, now=now
+            )
+        )
+
+    async def purge_dead(self, before: float) -> int:
+        return await self.run(functools.partial(store.purge_dead, before=before))
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Remove ``targets``' delivered rows older than the retention, and notifications older
@@ -227,4 +289,4 @@ class SqliteOutbox:
                 return removed
 
     async def counts(self) -> dict[str, int]:
-        return await self.run(store.count_states)
+        return await self.run(store.count_states, read=True)

@@ -9,34 +9,41 @@ Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own
 made once with the file, so ids stay unique across gateways. Targets receive the id as
 ``X-Gateway-Delivery-Id`` and may deduplicate on it.
 
-The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s.
+The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s; the reads
+only the admin console makes are :mod:`gateway.outbox.sqlite.history`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.outbox.model import STATES, Delivery, Route
+from gateway.outbox.model import STATES, Backlog, Delivery, Route
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
+    "DAMAGED",
     "PRUNE_BATCH",
     "Attempt",
+    "backlog",
     "count_states",
-    "dead_letter_unknown",
+    "dead_letter_damaged",
     "delivery_id",
     "due_deliveries",
     "insert_notification",
     "list_deliveries",
     "prune_delivered",
     "prune_notifications",
+    "purge_dead",
     "record_attempts",
+    "replay_deliveries",
     "replay_delivery",
     "rowid_of",
+    "touch",
 ]
 
 _EXCERPT_CHARS = 1024
@@ -136,43 +143,73 @@ def insert_notification(
     return notification_id, rowids
 
 
+def _intact(row: tuple[Any, ...]) -> bool:
+    """Whether the notification behind a due row still has the digest stored with it: the
+    delivery's own body, or for a split delivery (a part of it) the notification's body."""
+    notification_body = row[3] if row[15] is None else row[15]
+    return hashlib.sha256(notification_body).digest() == bytes(row[14])
+
+
 def due_deliveries(
     conn: sqlite3.Connection,
     prefix: str,
     now: float,
     limits: Mapping[str, int],
     skip: Collection[str],
-) -> list[Delivery]:
+) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
-    leaving out the ids in ``skip``. One index seek per target: a target that is down with a
-    million deliveries waiting costs nothing when it is not asked for."""
+    leaving out the ids in ``skip``; and the row ids of due deliveries whose body no longer
+    matches the digest stored when it was received (damaged in the file: never forwarded).
+    One index seek per target: a target that is down with a million deliveries waiting costs
+    nothing when it is not asked for."""
     found: list[Delivery] = []
+    damaged: list[int] = []
     for target, limit in limits.items():
         rows = conn.execute(
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
+            f"SELECT {_DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
+            " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
             " JOIN notifications n ON n.id = d.notification_id"
             " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
             " ORDER BY d.next_attempt_at LIMIT ?",
             (target, now, limit + len(skip)),
         ).fetchall()
         fresh = [row for row in rows if delivery_id(prefix, row[0]) not in skip][:limit]
-        found.extend([_delivery(row, prefix) for row in fresh])
+        for row in fresh:
+            if _intact(row):
+                found.append(_delivery(row, prefix))
+            else:
+                damaged.append(row[0])
     found.sort(key=lambda d: d.next_attempt_at)
-    return found
+    return found, damaged
 
 
-def dead_letter_unknown(conn: sqlite3.Connection, targets: Collection[str], now: float) -> int:
-    """Dead-letter pending deliveries whose target is not in ``targets``; how many."""
-    names = tuple(targets)
-    marks = ", ".join("?" * len(names))
-    return int(
-        conn.execute(
-            "UPDATE deliveries SET state = 'dead', updated_at = ?,"  # noqa: S608
-            " last_error = 'target ' || quote(target) || ' is no longer configured'"
-            f" WHERE state = 'pending' AND target NOT IN ({marks})",
-            (now, *names),
-        ).rowcount
+DAMAGED = "body no longer matches the digest stored when it was received (outbox file damaged)"
+
+
+def dead_letter_damaged(conn: sqlite3.Connection, rowids: Sequence[int], now: float) -> None:
+    """Dead-letter the pending deliveries ``rowids``, whose bodies were found damaged."""
+    conn.executemany(
+        "UPDATE deliveries SET state = 'dead', updated_at = ?, last_error = ?"
+        " WHERE id = ? AND state = 'pending'",
+        [(now, DAMAGED, rowid) for rowid in rowids],
     )
+
+
+def backlog(conn: sqlite3.Connection) -> list[Backlog]:
+    """Pending deliveries and dead letters per target, with the oldest pending one's age. One
+    pass over the (state, target) index ranges; delivered rows are not read."""
+    rows = conn.execute(
+        "SELECT target, state, COUNT(*), MIN(created_at) FROM deliveries"
+        " WHERE state IN ('pending', 'dead') GROUP BY state, target"
+    ).fetchall()
+    found: dict[str, Backlog] = {}
+    for target, state, count, oldest in rows:
+        known = found.get(target) or Backlog(target, 0, None, 0)
+        if state == "pending":
+            found[target] = Backlog(target, int(count), oldest, known.dead)
+        else:
+            found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
+    return [found[name] for name in sorted(found)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +232,16 @@ _RECORD = (
 )
 
 
+# After _RECORD: the delivery's attempt count is this attempt's number.
+_HISTORY = (
+    "INSERT INTO attempts (delivery_id, number, at, state, status, error, response)"
+    " SELECT id, attempts, ?, ?, ?, ?, ? FROM deliveries WHERE id = ?"
+)
+
+
 def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> None:
-    """Store the outcome of each attempt on its delivery."""
+    """Store the outcome of each attempt on its delivery, and in its attempt history."""
+    known = [a for a in attempts if a.rowid is not None]
     conn.executemany(
         _RECORD,
         [
@@ -209,10 +254,21 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
                 a.response[:_EXCERPT_CHARS],
                 a.rowid,
             )
-            for a in attempts
-            if a.rowid is not None
+            for a in known
         ],
     )
+    conn.executemany(
+        _HISTORY,
+        [(a.now, a.state, a.status, a.error, a.response[:_EXCERPT_CHARS], a.rowid) for a in known],
+    )
+
+
+def touch(conn: sqlite3.Connection) -> None:
+    """Write a page and leave the file as it was: readiness proves that writes commit again.
+    (An UPDATE to the same value would not do: SQLite leaves a page that does not change clean,
+    and commits nothing.)"""
+    rowid = conn.execute("INSERT INTO meta (delivery_id_prefix) VALUES ('')").lastrowid
+    conn.execute("DELETE FROM meta WHERE rowid = ?", (rowid,))
 
 
 def count_states(conn: sqlite3.Connection) -> dict[str, int]:
@@ -241,6 +297,7 @@ def prune_delivered(
         " AND (next_attempt_at, id) <= (?, ?)",
         (target, rows[-1][0], rows[-1][1]),
     )
+    conn.executemany("DELETE FROM attempts WHERE delivery_id = ?", [(row[1],) for row in rows])
     # The walk in _prune_notifications does not go back over the notifications up to `walked`:
     # those that have just lost their last delivery are removed here, each by its id.
     conn.executemany(
@@ -301,25 +358,60 @@ def list_deliveries(
     target: str | None,
     limit: int,
     prefix: str | None = None,
+    offset: int = 0,
 ) -> list[Delivery]:
-    """The newest deliveries, filtered; ``prefix`` is the file's id prefix (read when None)."""
+    """The newest deliveries, filtered, skipping the first ``offset``; ``prefix`` is the
+    file's id prefix (read when None)."""
     if prefix is None:
         prefix = read_prefix(conn)
     clauses, params = [], []
     if state is not None:
-        clauses.append("d.state = ?")
+        clauses.append("state = ?")
         params.append(state)
     if target is not None:
-        clauses.append("d.target = ?")
+        clauses.append("target = ?")
         params.append(target)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    # The page's ids first, then their rows: sorting narrow rows rather than rows that carry
+    # their bodies: the first page of 100,000 pending deliveries in 33 ms instead of 161.
     rows = conn.execute(
         f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant fragments)
-        f" JOIN notifications n ON n.id = d.notification_id{where}"
-        " ORDER BY d.updated_at DESC LIMIT ?",
-        (*params, limit),
+        " JOIN notifications n ON n.id = d.notification_id WHERE d.id IN"
+        f" (SELECT id FROM deliveries{where} ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?)"
+        " ORDER BY d.updated_at DESC, d.id DESC",
+        (*params, limit, offset),
     ).fetchall()
     return [_delivery(row, prefix) for row in rows]
+
+
+def replay_deliveries(
+    conn: sqlite3.Connection, state: str, target: str | None, since: float | None, now: float
+) -> int:
+    """Make every delivery in ``state`` (of ``target``, changed since ``since``) pending again."""
+    clauses, params = ["state = ?"], list[object]([state])
+    if target is not None:
+        clauses.append("target = ?")
+        params.append(target)
+    if since is not None:
+        clauses.append("updated_at >= ?")
+        params.append(since)
+    return int(
+        conn.execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"  # noqa: S608
+            f" next_attempt_at = ?, updated_at = ? WHERE {' AND '.join(clauses)}",
+            (now, now, now, *params),
+        ).rowcount
+    )
+
+
+def purge_dead(conn: sqlite3.Connection, before: float) -> int:
+    """Remove dead letters last changed before ``before``, and their notifications when no
+    other delivery needs them and deduplication does not (left to the prune walk)."""
+    return int(
+        conn.execute(
+            "DELETE FROM deliveries WHERE state = 'dead' AND updated_at < ?", (before,)
+        ).rowcount
+    )
 
 
 def replay_delivery(

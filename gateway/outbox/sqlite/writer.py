@@ -20,6 +20,20 @@ What makes the groups larger, which is what makes the commits cheap:
   committed, so nothing reads a state that is not in the file.
 - After a commit the thread yields its core, so that the event loop answers that group before
   the next one starts (see the end of ``Writer._commit``).
+
+Faults are bounded and visible:
+
+- A *read* job (the dispatcher's claims, listings) that finds no write beside it runs in a read
+  transaction: no write lock, no commit, so an idle gateway polling for due deliveries writes
+  nothing.
+- A group whose transaction cannot begin or commit (the file locked by another process past the
+  busy timeout, a full disk, an I/O error) fails as a whole, at once: running each job again
+  alone would make every request wait the busy timeout once more.
+- Before each write transaction the file at the path is compared with the one open (device and
+  inode): when the file or its folder was removed or replaced, nothing written would survive a
+  restart, so every write is refused from then on, with one log line.
+- :attr:`Writer.failure` says why the last write transaction failed (``None`` once one commits),
+  for readiness.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import queue as stdqueue
 import sqlite3
@@ -39,6 +54,8 @@ from typing import Any, TypeVar
 from gateway.errors import OutboxError
 
 __all__ = ["LAZY_WAIT_S", "LINGER_MAX_S", "Writer", "linger_for"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_GROUP = 512
@@ -55,7 +72,7 @@ Job = Callable[[sqlite3.Connection], Any]
 
 
 class _Job:
-    __slots__ = ("durable", "func", "future", "loop")
+    __slots__ = ("at", "durable", "func", "future", "loop", "read")
 
     def __init__(
         self,
@@ -63,11 +80,18 @@ class _Job:
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
         durable: bool,
+        read: bool = False,
     ) -> None:
         self.func = func
         self.loop = loop
         self.future = future
         self.durable = durable
+        self.read = read  # writes nothing: runs at once, in a read transaction when alone
+        self.at = time.monotonic()  # submitted
+
+
+class _GroupFailed(Exception):
+    """The transaction itself failed (begin or commit), not one of its jobs."""
 
 
 def linger_for(durable_jobs: int, average_gap_s: float | None) -> float:
@@ -89,26 +113,36 @@ def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | Non
             future.set_result(result)
 
 
-def _transaction(conn: sqlite3.Connection, jobs: Sequence[_Job], lock: int) -> list[Any]:
-    """Run ``jobs`` in one transaction and commit; on any error roll back and raise.
+def _transaction(conn: sqlite3.Connection, jobs: Sequence[_Job], lock: int | None) -> list[Any]:
+    """Run ``jobs`` in one transaction and commit; on any error roll back and raise
+    (:class:`_GroupFailed` when the transaction could not begin or commit). ``lock=None``: a
+    read transaction, which takes no lock.
 
     Worker processes sharing the outbox queue on an flock of ``lock`` first. SQLite's own
     busy handler would do, but it sleeps 1, 2, 5, 10... ms between tries, so two processes
     writing at full speed spend their time asleep; the kernel lock wakes the next writer as
     soon as the previous one commits.
     """
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    if lock is not None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN" if lock is None else "BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _GroupFailed(exc) from exc
         try:
             values = [job.func(conn) for job in jobs]
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise _GroupFailed(exc) from exc
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
     finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return values
 
 
@@ -117,6 +151,15 @@ def _alone(conn: sqlite3.Connection, job: _Job, lock: int) -> tuple[Any, BaseExc
         return _transaction(conn, [job], lock)[0], None
     except Exception as exc:
         return None, OutboxError(f"outbox write failed: {exc}")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``; ``None`` when there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 class Writer:
@@ -131,9 +174,14 @@ class Writer:
         path: Path,
         open_connection: Callable[[Path], sqlite3.Connection],
         on_commit: Callable[[int], None] | None = None,
+        busy_timeout_s: float | None = None,
     ) -> None:
+        """``busy_timeout_s``: the busy timeout ``open_connection`` gives the connection; while
+        writes fail, a group waits only what is left of it since its oldest job came."""
         self.path = path
         self._open_connection = open_connection
+        self._busy_timeout_s = busy_timeout_s
+        self._shortened = False  # the connection's busy timeout is below busy_timeout_s
         self._on_commit = on_commit  # called on this thread with each group's size
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
@@ -141,6 +189,11 @@ class Writer:
         # The writer thread's running average gap between arrivals of durable jobs.
         self._gap: float | None = None
         self._last_durable = 0.0
+        # Why the last write transaction failed; None once one commits. Set on the writer
+        # thread, read by readiness on the event loop's (a str is replaced atomically).
+        self.failure: str | None = None
+        self._identity: tuple[int, int] | None = None  # of the file opened
+        self._lost: str | None = None  # the file opened is no longer at the path: for good
         opened: stdqueue.SimpleQueue[BaseException | None] = stdqueue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(opened,), name="outbox-writer", daemon=True
@@ -152,15 +205,16 @@ class Writer:
 
     # -- the event loop's side ---------------------------------------------------------------
 
-    def submit(self, func: Job, *, durable: bool = True) -> asyncio.Future[Any]:
-        """Queue ``func``; the future resolves with its result once its group has committed."""
+    def submit(self, func: Job, *, durable: bool = True, read: bool = False) -> asyncio.Future[Any]:
+        """Queue ``func``; the future resolves with its result once its group has committed.
+        ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction)."""
         if self._closing or not self._thread.is_alive():
             raise OutboxError("outbox is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._turn:
             loop.call_soon(self._hand_over)
-        self._turn.append(_Job(func, loop, future, durable))
+        self._turn.append(_Job(func, loop, future, durable and not read, read))
         return future
 
     def _hand_over(self) -> None:
@@ -199,6 +253,7 @@ class Writer:
             os.close(lock)
             opened.put(exc)
             return
+        self._identity = _identity(self.path)
         opened.put(None)
         try:
             self._serve(conn, lock)
@@ -214,7 +269,8 @@ class Writer:
             jobs, stop = self._take(timeout)
             group = waiting + jobs
             durable = sum(job.durable for job in group)
-            if group and not stop and not durable:
+            urgent = durable or any(job.read for job in group)
+            if group and not stop and not urgent:
                 if not waiting:
                     deadline = time.monotonic() + LAZY_WAIT_S
                 if time.monotonic() < deadline:
@@ -230,7 +286,11 @@ class Writer:
                         self._arrived()
                     group += more
             for start in range(0, len(group), MAX_GROUP):
-                self._commit(conn, lock, group[start : start + MAX_GROUP])
+                part = group[start : start + MAX_GROUP]
+                if all(job.read for job in part):
+                    self._read(conn, part)
+                else:
+                    self._commit(conn, lock, part)
             if stop:
                 return
 
@@ -258,12 +318,53 @@ class Writer:
                 break
         return [job for item in items if item is not None for job in item], None in items
 
+    @property
+    def lost(self) -> bool:
+        """The file open is no longer the one at the path (see the module docstring)."""
+        return self._lost is not None
+
+    def _still_there(self) -> bool:
+        """Whether the file at the path is still the one open; logs once when it is not."""
+        if self._lost is None and _identity(self.path) != self._identity:
+            self._lost = (
+                f"outbox file '{self.path}' was removed or replaced while the gateway ran;"
+                " nothing written to it would survive a restart, so nothing more is acknowledged:"
+                " restore it or restart the gateway"
+            )
+            log.error("%s", self._lost)
+        return self._lost is None
+
+    def _read(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
+        """Jobs that write nothing, in one read transaction: no write lock, no commit."""
+        results: list[tuple[Any, BaseException | None]]
+        if not self._still_there():
+            error = OutboxError(self._lost or "outbox lost")
+            results = [(None, error)] * len(group)
+        else:
+            try:
+                results = [(value, None) for value in _transaction(conn, group, None)]
+            except Exception as exc:
+                results = [(None, OutboxError(f"outbox read failed: {exc}"))] * len(group)
+        self._answer(group, results)
+
     def _commit(self, conn: sqlite3.Connection, lock: int, group: list[_Job]) -> None:
         results: list[tuple[Any, BaseException | None]]
+        if not self._still_there():
+            self.failure = self._lost
+            error = OutboxError(self._lost or "outbox lost")
+            self._answer(group, [(None, error)] * len(group))
+            return
+        self._bound_wait(conn, group)
         try:
             results = [(value, None) for value in _transaction(conn, group, lock)]
+            self.failure = None
             if self._on_commit is not None:
                 self._on_commit(len(group))
+        except _GroupFailed as exc:
+            # The transaction, not a job, failed (locked past the busy timeout, disk full, I/O
+            # error): every job would fail alone too, each after the same wait.
+            self.failure = f"outbox write failed: {exc}"
+            results = [(None, OutboxError(self.failure))] * len(group)
         except Exception as exc:
             # Optimistic group commit: no savepoint per job on the common path. When something
             # failed, each job runs again in a transaction of its own, so only the faulty one
@@ -272,6 +373,33 @@ class Writer:
                 results = [(None, OutboxError(f"outbox write failed: {exc}"))]
             else:
                 results = [_alone(conn, job, lock) for job in group]
+            # Nothing committed (a file turned read-only fails in the first statement, not at
+            # the commit): readiness must not say otherwise until a write succeeds.
+            failed = [error for _, error in results if error is not None]
+            self.failure = str(failed[0]) if len(failed) == len(results) else None
+        self._answer(group, results)
+        # Give the core to the event loop before the next group starts, so that it answers this
+        # group first. Otherwise, on a core that the loop and this thread share, the answers
+        # wait behind the next group's statements (the loop needs the GIL that those hold), and
+        # the clients' next requests arrive later, split into two groups that each pay for an
+        # fsync. Answered first, they arrive while this thread waits and form one larger group.
+        os.sched_yield()
+
+    def _bound_wait(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
+        """While writes fail (a lock held elsewhere), no job waits longer than the busy timeout
+        from its own arrival: a group that queued behind a failing one gets what is left."""
+        if self._busy_timeout_s is None:
+            return
+        full = self._busy_timeout_s
+        if self.failure is not None:
+            left = min(job.at for job in group) + full - time.monotonic()
+            conn.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
+            self._shortened = True
+        elif self._shortened:
+            conn.execute(f"PRAGMA busy_timeout = {int(full * 1000)}")
+            self._shortened = False
+
+    def _answer(self, group: list[_Job], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per event loop for the whole group rather than one per job.
         answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
         for job, (result, error) in zip(group, results, strict=True):
@@ -279,9 +407,3 @@ class Writer:
         for loop, items in answers.items():
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                 loop.call_soon_threadsafe(_resolve_all, items)
-        # Give the core to the event loop before the next group starts, so that it answers this
-        # group first. Otherwise, on a core that the loop and this thread share, the answers
-        # wait behind the next group's statements (the loop needs the GIL that those hold), and
-        # the clients' next requests arrive later, split into two groups that each pay for an
-        # fsync. Answered first, they arrive while this thread waits and form one larger group.
-        os.sched_yield()

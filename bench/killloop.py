@@ -1,0 +1,258 @@
+"""Kill loop: SIGKILL the gateway under load, round after round, then count what was lost.
+
+Each round starts ``waba-gateway serve`` (as a process group: the supervisor and its workers),
+sends unique, signed notifications over mTLS from several concurrent clients as Meta would, and
+SIGKILLs the whole group at a random moment while requests are in flight. After the last round the
+gateway is started once more and left to deliver everything to the target. Then it prints:
+
+- acknowledged: distinct notifications that got a 200 before the kill;
+- delivered: distinct acknowledged notifications the target received;
+- lost: acknowledged but never delivered (must be 0: a 200 promises durability);
+- duplicated: extra receipts of a notification already received (at-least-once delivery: an
+  attempt in flight when the gateway died is sent again; targets deduplicate on
+  ``X-Gateway-Delivery-Id``).
+
+Everything runs on 127.0.0.1 with throw-away certificates, bounded by ``--rounds`` and
+``--max-s``. Exit 0 when nothing was lost, 1 otherwise.
+
+    python bench/killloop.py --rounds 10 --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import hashlib
+import hmac
+import json
+import os
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import trustme
+from aiohttp import web
+
+META_CN = "client.webhooks.fbclientcerts.com"
+SECRET = "kill-loop-app-secret"
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def body_for(marker: str) -> bytes:
+    payload = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "102290129340398", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352"},
+            "messages": [{"from": "16505551234", "id": f"wamid.{marker}", "timestamp": "1749416383",
+                          "type": "text", "text": {"body": "kill loop"}}]}}]}],
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+class Target:
+    """The internal service: counts each notification it receives, by its marker."""
+
+    def __init__(self) -> None:
+        self.received: collections.Counter[str] = collections.Counter()
+        self.port = free_port()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        async def receive(request: web.Request) -> web.Response:
+            payload = json.loads(await request.read())
+            marker = payload["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
+            self.received[marker.removeprefix("wamid.")] += 1
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/", receive)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def make_files(folder: Path, workers: int, target_port: int) -> tuple[Path, ssl.SSLContext]:
+    meta = trustme.CA()
+    client = meta.create_child_ca().issue_cert(META_CN, common_name=META_CN)
+    server_ca = trustme.CA()
+    server = server_ca.issue_cert("127.0.0.1", "localhost")
+    meta.cert_pem.write_to_path(str(folder / "meta-ca.pem"))
+    server.private_key_and_cert_chain_pem.write_to_path(str(folder / "server.pem"))
+    server.private_key_pem.write_to_path(str(folder / "server.key"))
+    port = free_port()
+    config = folder / "gateway.toml"
+    config.write_text(f"""
+[listen]
+host = "127.0.0.1"
+port = {port}
+workers = {workers}
+[tls]
+cert_file = "server.pem"
+key_file = "server.key"
+client_ca_file = "meta-ca.pem"
+[meta]
+verify_tokens = ["kill-loop-verify"]
+app_secrets = ["{SECRET}"]
+[outbox]
+path = "outbox.sqlite3"
+[[targets]]
+name = "target"
+url = "http://127.0.0.1:{target_port}/"
+wait_initial_s = 0.05
+wait_max_s = 0.5
+[admin]
+enabled = false
+[dispatcher]
+poll_interval_s = 0.05
+[log]
+level = "error"
+""")
+    context = ssl.create_default_context(cafile=None)
+    server_ca.configure_trust(context)
+    client.configure_cert(context)
+    return config, context
+
+
+def start_gateway(config: Path) -> subprocess.Popen[bytes]:
+    path = str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, PYTHONPATH=path)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def port_of(config: Path) -> int:
+    for line in config.read_text().splitlines():
+        if line.startswith("port = "):
+            return int(line.split("=")[1])
+    raise SystemExit("no port in the config")
+
+
+async def wait_listening(port: int, limit_s: float = 30) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise SystemExit(f"the gateway did not listen on {port} within {limit_s:g} s")
+
+
+async def load(url: str, context: ssl.SSLContext, acked: set[str], stop: asyncio.Event,
+               clients: int) -> None:
+    """``clients`` keep-alive clients posting unique notifications until ``stop``."""
+
+    async def client(number: int) -> None:
+        connector = aiohttp.TCPConnector(ssl=context, limit=1)
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            sequence = 0
+            while not stop.is_set():
+                sequence += 1
+                marker = f"{os.getpid()}x{time.monotonic_ns()}x{number}x{sequence}"
+                body = body_for(marker)
+                signature = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+                try:
+                    async with session.post(url, data=body, headers={
+                        "Content-Type": "application/json", "X-Hub-Signature-256": signature,
+                    }) as response:
+                        await response.read()
+                        if response.status == 200:
+                            acked.add(marker)
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    await asyncio.sleep(0.01)  # the gateway is down: try again shortly
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    target = Target()
+    await target.start()
+    acked: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="waba-killloop-") as tmp:
+        config, context = make_files(Path(tmp), args.workers, target.port)
+        port = port_of(config)
+        url = f"https://127.0.0.1:{port}/webhook"
+        rounds = 0
+        for _ in range(args.rounds):
+            if time.monotonic() - started > args.max_s:
+                break
+            gateway = start_gateway(config)
+            await wait_listening(port)
+            stop = asyncio.Event()
+            sending = asyncio.ensure_future(load(url, context, acked, stop, args.clients))
+            await asyncio.sleep(random.uniform(args.min_load_s, args.max_load_s))
+            kill_group(gateway)  # while requests are in flight
+            stop.set()
+            await sending
+            rounds += 1
+        # One last start: everything acknowledged must now reach the target.
+        gateway = start_gateway(config)
+        try:
+            await wait_listening(port)
+            deadline = time.monotonic() + args.drain_s
+            while time.monotonic() < deadline and not acked <= set(target.received):
+                await asyncio.sleep(0.1)
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(30)
+    await target.stop()
+    delivered = acked & set(target.received)
+    lost = len(acked) - len(delivered)
+    duplicated = sum(count - 1 for count in target.received.values() if count > 1)
+    print(f"rounds: {rounds} (workers = {args.workers}, {args.clients} clients, "
+          f"{time.monotonic() - started:.0f} s)")
+    print(f"acknowledged: {len(acked)}")
+    print(f"delivered: {len(delivered)}")
+    print(f"lost: {lost}")
+    print(f"duplicated: {duplicated}")
+    return 0 if lost == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
+    parser.add_argument("--min-load-s", type=float, default=0.5, help="shortest load before a kill")
+    parser.add_argument("--max-load-s", type=float, default=2.0, help="longest load before a kill")
+    parser.add_argument("--drain-s", type=float, default=120, help="wait for delivery at the end")
+    parser.add_argument("--max-s", type=float, default=600, help="stop starting rounds after this")
+    return asyncio.run(main_async(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

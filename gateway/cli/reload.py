@@ -1,0 +1,81 @@
+"""``waba-gateway reload``: ask the running gateway to reload its configuration and files.
+
+It reads the admin listener's address and token from the configuration file and POSTs
+``/admin/reload``, as SIGHUP would. Exit codes: 0 reloaded; 1 the reload failed (the gateway keeps
+its previous configuration) or the gateway could not be reached; 2 bad input (configuration).
+The line printed is the one the gateway logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import sys
+
+import aiohttp
+
+from gateway.cli.args import add_config_argument, config_from_args
+from gateway.cli.exit_codes import EXIT_FAILURE, EXIT_OK
+from gateway.config import AdminConfig
+from gateway.errors import ConfigError
+
+__all__ = ["admin_url", "register"]
+
+_TIMEOUT_S = 30.0
+
+
+def admin_url(admin: AdminConfig, path: str) -> str:
+    """The admin listener's URL for ``path``: an "any address" host is reached on loopback."""
+    host = admin.host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if address.is_unspecified:
+            host = "127.0.0.1" if address.version == 4 else "::1"
+        if address.version == 6:
+            host = f"[{host}]"
+    return f"http://{host}:{admin.port}{path}"
+
+
+async def _ask(url: str, token: str | None) -> tuple[bool, str]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    timeout = aiohttp.ClientTimeout(total=_TIMEOUT_S)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(url, headers=headers) as response,
+        ):
+            if response.content_type == "application/json":
+                body = await response.json()
+                return bool(body.get("ok")), str(body.get("message", ""))
+            text = (await response.text()).strip()
+            return False, f"the gateway answered {response.status}: {text[:200]}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return False, f"cannot reach the gateway's admin listener at {url}: {exc or type(exc)}"
+
+
+def _reload(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if not config.admin.enabled:
+        raise ConfigError(
+            f"{config.source}: admin.enabled = false: the reload goes through the admin"
+            " listener; send SIGHUP to the serve process instead"
+        )
+    ok, message = asyncio.run(_ask(admin_url(config.admin, "/admin/reload"), config.admin.token))
+    if ok:
+        print(message)
+        return EXIT_OK
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "reload",
+        help="have the running gateway reload its configuration, certificates and secrets",
+    )
+    add_config_argument(parser, dev=True)
+    parser.set_defaults(func=_reload)

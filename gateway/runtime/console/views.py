@@ -1,0 +1,284 @@
+"""The console's routes on the admin app: pages, forms, sign-in, and the guard in front of them.
+
+Rule: the console is protected like the admin API. Without ``admin.token`` it answers loopback
+peers only (the configuration already refuses a non-loopback ``admin.host`` without a token);
+with a token, a page needs a session made by signing in with that token. Every POST carries the
+session's CSRF token. Every admin response carries :data:`SECURITY_HEADERS`: no script, no
+inline style, no framing, no caching.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+from importlib import resources
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.delivery.backoff import Breaker
+from gateway.edge.responses import Handler
+from gateway.errors import BadRequest, Forbidden, NotFound
+from gateway.outbox import STATES, Outbox, State
+from gateway.runtime.console import pages
+from gateway.runtime.console.facts import certificate_facts
+from gateway.runtime.console.html import PREFIX, frame
+from gateway.runtime.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
+from gateway.runtime.stats import Stats
+
+__all__ = ["SECURITY_HEADERS", "add_console", "is_console_path"]
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS: Mapping[str, str] = {
+    # No script at all, styles from the console's own stylesheet only, forms back to itself.
+    "Content-Security-Policy": "default-src 'none'; script-src 'none'; style-src 'self'; "
+    "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+PAGE_SIZE = 50
+# The session of the request being answered, set by the guard (each request is its own task).
+_SID: contextvars.ContextVar[str | None] = contextvars.ContextVar("console_session", default=None)
+_OPEN = frozenset({f"{PREFIX}/sign-in", f"{PREFIX}/static/console.css"})
+
+
+def is_console_path(path: str) -> bool:
+    """Whether the console (rather than the bearer-token API) guards ``path``."""
+    return path == "/" or path.startswith(f"{PREFIX}/")
+
+
+def _loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
+
+
+def _safe_next(value: str | None) -> str:
+    """A local path to go back to after signing in; anything else goes to the overview."""
+    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/"
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _cookie(response: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:
+    response.set_cookie(name, value, path="/", httponly=True, samesite="Strict", max_age=max_age)
+
+
+def add_console(
+    app: web.Application,
+    config: Config,
+    outbox: Outbox,
+    stats: Stats,
+    *,
+    breakers: Callable[[], Mapping[str, Breaker]],
+    wake: Callable[[], None],
+    sessions: Sessions | None = None,
+) -> None:
+    """Mount the console on the admin ``app`` (whose middlewares must let console paths through
+    to the guard installed here)."""
+    token = config.admin.token
+    keys = sessions or Sessions()
+    targets = [t.name for t in config.targets]
+    stylesheet = resources.files(__package__).joinpath("static/console.css").read_bytes()
+
+    def page(request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
+        sid = _SID.get()
+        html = frame(
+            title,
+            body,
+            path=request.path,
+            csrf=None if sid is None else keys.csrf(sid),
+            sign_out=token is not None,
+        )
+        return web.Response(status=status, text=html, content_type="text/html", charset="utf-8")
+
+    def sign_in_page(
+        request: web.Request, next_path: str, problem: str | None, status: int
+    ) -> web.Response:
+        cookie, form_token = keys.presession()
+        response = page(request, "Sign in", pages.sign_in(form_token, next_path, problem), status)
+        _cookie(response, PRESESSION_COOKIE, cookie, 600)
+        return response
+
+    async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is None and not _loopback(request.remote):
+            raise Forbidden("the console answers loopback clients only without admin.token")
+        if request.path in _OPEN:
+            return await handler(request)
+        sid = keys.verify(request.cookies.get(SESSION_COOKIE))
+        fresh = None
+        if sid is None and token is None:
+            fresh = keys.issue()  # loopback without a token: a session only for CSRF tokens
+            sid = keys.verify(fresh)
+        if sid is None:
+            if request.method == "GET":
+                return sign_in_page(request, request.path_qs, None, 401)
+            raise Forbidden("sign in first")
+        _SID.set(sid)
+        if request.method == "POST":
+            presented = (await request.post()).get("csrf")
+            if not keys.csrf_ok(sid, presented if isinstance(presented, str) else None):
+                raise Forbidden("missing or wrong CSRF token; reload the page and try again")
+        response = await handler(request)
+        if fresh is not None:
+            _cookie(response, SESSION_COOKIE, fresh, None)
+        return response
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not is_console_path(request.path):
+            return await handler(request)
+        # Requests on one keep-alive connection share a task, and so its context: start each
+        # without a session, and leave none behind.
+        reset = _SID.set(None)
+        try:
+            return await checked(request, handler)
+        finally:
+            _SID.reset(reset)
+
+    async def add_headers(_: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(SECURITY_HEADERS)
+
+    async def stylesheet_view(_: web.Request) -> web.Response:
+        return web.Response(body=stylesheet, content_type="text/css", charset="utf-8")
+
+    async def sign_in_form(request: web.Request) -> web.Response:
+        return sign_in_page(request, _safe_next(request.query.get("next")), None, 200)
+
+    async def sign_in(request: web.Request) -> web.Response:
+        form = await request.post()
+        next_path = _safe_next(str(form.get("next", "/")))
+        if token is None:
+            return _see_other(next_path)
+        presented_csrf = form.get("csrf")
+        if not keys.presession_ok(
+            request.cookies.get(PRESESSION_COOKIE),
+            presented_csrf if isinstance(presented_csrf, str) else None,
+        ):
+            return sign_in_page(request, next_path, "The form expired; try again.", 403)
+        presented = form.get("token")
+        if not isinstance(presented, str) or not hmac.compare_digest(
+            presented.encode(), token.encode()
+        ):
+            log.warning("console sign-in refused from %s: wrong admin token", request.remote)
+            return sign_in_page(request, next_path, "That is not the admin token.", 401)
+        response = _see_other(next_path)
+        _cookie(response, SESSION_COOKIE, keys.issue(), None)
+        response.del_cookie(PRESESSION_COOKIE, path="/")
+        return response
+
+    async def sign_out(request: web.Request) -> web.Response:
+        keys.end(_session())
+        response = _see_other(f"{PREFIX}/sign-in")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    async def overview(request: web.Request) -> web.Response:
+        body = pages.overview(
+            stats.totals(),
+            await outbox.counts(),
+            await outbox.backlog(),
+            targets,
+            breakers(),
+            time.time(),
+        )
+        return page(request, "Overview", body)
+
+    async def deliveries(request: web.Request) -> web.Response:
+        state, target, number = _listing_query(request.query)
+        found = await outbox.query(
+            state=state, target=target, limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE
+        )
+        listing = pages.Listing(
+            found=found[:PAGE_SIZE],
+            state=state,
+            target=target,
+            page=number,
+            more=len(found) > PAGE_SIZE,
+        )
+        return page(request, "Deliveries", pages.deliveries(listing, targets, time.time()))
+
+    async def delivery(request: web.Request) -> web.Response:
+        delivery_id = request.match_info["id"]
+        found = await outbox.get(delivery_id)
+        if found is None:
+            raise NotFound(f"no delivery {delivery_id!r}")
+        body = pages.delivery(
+            found, await outbox.attempts(delivery_id), keys.csrf(_session()), time.time()
+        )
+        return page(request, f"Delivery {delivery_id}", body)
+
+    async def replay(request: web.Request) -> web.Response:
+        delivery_id = request.match_info["id"]
+        if not await outbox.replay(delivery_id, time.time()):
+            raise NotFound(f"no delivery {delivery_id!r}")
+        wake()
+        log.info("console: delivery %s replayed", delivery_id)
+        return _see_other(f"{PREFIX}/deliveries/{quote(delivery_id)}")
+
+    async def confirm_replay_dead(request: web.Request) -> web.Response:
+        name = request.match_info["target"]
+        dead = next((b.dead for b in await outbox.backlog() if b.target == name), 0)
+        body = pages.confirm_replay_dead(name, dead, keys.csrf(_session()))
+        return page(request, f"Replay dead letters of {name}", body)
+
+    async def replay_dead(request: web.Request) -> web.Response:
+        name = request.match_info["target"]
+        count = await outbox.replay_many(state="dead", target=name, since=None, now=time.time())
+        wake()
+        log.info("console: %d dead letters of target %s replayed", count, name)
+        return _see_other(f"{PREFIX}/deliveries?{urlencode({'target': name})}")
+
+    async def certificates(request: web.Request) -> web.Response:
+        now = datetime.datetime.now(datetime.UTC)
+        return page(request, "Certificates", pages.certificates(certificate_facts(config.tls, now)))
+
+    app.middlewares.append(guard)
+    app.on_response_prepare.append(add_headers)
+    routes: list[Any] = [
+        web.get("/", overview),
+        web.get(f"{PREFIX}/static/console.css", stylesheet_view),
+        web.get(f"{PREFIX}/sign-in", sign_in_form),
+        web.post(f"{PREFIX}/sign-in", sign_in),
+        web.post(f"{PREFIX}/sign-out", sign_out),
+        web.get(f"{PREFIX}/deliveries", deliveries),
+        web.get(f"{PREFIX}/deliveries/{{id}}", delivery),
+        web.post(f"{PREFIX}/deliveries/{{id}}/replay", replay),
+        web.get(f"{PREFIX}/targets/{{target}}/replay-dead", confirm_replay_dead),
+        web.post(f"{PREFIX}/targets/{{target}}/replay-dead", replay_dead),
+        web.get(f"{PREFIX}/certificates", certificates),
+    ]
+    app.add_routes(routes)
+
+
+def _session() -> str:
+    sid = _SID.get()
+    assert sid is not None, "the guard sets the session of every guarded request"
+    return sid
+
+
+def _listing_query(query: Mapping[str, str]) -> tuple[State | None, str | None, int]:
+    """The deliveries page's filter: ``state`` and ``target`` (empty: any) and ``page``."""
+    raw_state = query.get("state") or None
+    state = next((known for known in STATES if known == raw_state), None)
+    if raw_state is not None and state is None:
+        raise BadRequest(f"state must be one of {', '.join(STATES)}")
+    raw_page = query.get("page", "1")
+    if not raw_page.isdigit() or not 1 <= int(raw_page) <= 100_000:
+        raise BadRequest("page must be an integer from 1")
+    return state, query.get("target") or None, int(raw_page)

@@ -1,0 +1,135 @@
+"""/metrics answers "is it working, and is anything stuck?" (gateway.runtime.stats)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from helpers import (
+    admin_get,
+    gateway_config,
+    message_body,
+    metric,
+    post,
+    sink_target,
+    wait_for_state,
+)
+from pki import Pki
+from sink import Reply, Sink
+
+from gateway import __version__
+from gateway.outbox import Backlog
+from gateway.runtime.gateway import Gateway
+from gateway.runtime.stats import Snapshot, Stats
+
+PREFIX = "waba_gateway_"
+
+
+def test_every_metric_is_named_with_the_gateways_prefix() -> None:
+    """Prometheus' naming conventions: one application prefix on every metric."""
+    stats = Stats()
+    stats.answered(200, 0.001)
+    stats.attempted("t", "delivered", 0.5)
+    stats.reloaded(True)
+    stats.tls_handshake_failed("timeout")
+    text = stats.render(Snapshot(now=10.0, backlog=[Backlog("t", 1, 4.0, 2)])).decode()
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert names
+    assert [name for name in names if not name.startswith(PREFIX)] == []
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "sample", "value"),
+    [
+        (Snapshot(now=10.0, backlog=[Backlog("t", 3, 4.0, 0)]), "target_pending_deliveries", 3),
+        (
+            Snapshot(now=10.0, backlog=[Backlog("t", 3, 4.0, 0)]),
+            "target_oldest_pending_age_seconds",
+            6,
+        ),
+        (
+            Snapshot(now=10.0, backlog=[Backlog("t", 0, None, 5)]),
+            "target_oldest_pending_age_seconds",
+            0,
+        ),
+        (Snapshot(now=10.0, backlog=[Backlog("t", 0, None, 5)]), "target_dead_letters", 5),
+    ],
+)
+def test_backlog_gauges_come_from_the_snapshot(
+    snapshot: Snapshot, sample: str, value: float
+) -> None:
+    """Pending, oldest pending age and dead letters, per target, as read at scrape time."""
+    text = Stats().render(snapshot).decode()
+    assert metric(text, f'{PREFIX}{sample}{{target="t"}}') == value
+
+
+def test_circuit_state_is_one_for_the_current_state_only() -> None:
+    """One sample per state, so an alert can ask for state="open" == 1."""
+    text = Stats().render(Snapshot(now=0.0, circuits={"t": "open"})).decode()
+    assert metric(text, f'{PREFIX}target_circuit_state{{state="open",target="t"}}') == 1
+    assert metric(text, f'{PREFIX}target_circuit_state{{state="closed",target="t"}}') == 0
+    assert metric(text, f'{PREFIX}target_circuit_state{{state="half_open",target="t"}}') == 0
+
+
+async def test_metrics_of_a_delivered_and_a_dead_notification(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """Attempts by outcome, delivery latency, request durations by status, the backlog, the
+    circuit, the certificate expiries and the build info, from one running gateway."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
+    async with Gateway(config) as gateway:
+        assert (await post(gateway, pki, message_body("one"))).status == 200
+        await wait_for_state(gateway, "delivered")
+        sink.script(Reply(status=400))
+        assert (await post(gateway, pki, message_body("two"))).status == 200
+        await wait_for_state(gateway, "dead")
+        assert (await post(gateway, pki, b"{}", secret="wrong")).status == 401
+        text = (await admin_get(gateway, "/metrics")).text
+
+    attempts = f"{PREFIX}delivery_attempts_total"
+    assert metric(text, f'{attempts}{{outcome="delivered",target="sink"}}') == 1
+    assert metric(text, f'{attempts}{{outcome="dead",target="sink"}}') == 1
+    assert metric(text, f'{PREFIX}delivery_latency_seconds_count{{target="sink"}}') == 1
+    assert metric(text, f'{PREFIX}request_duration_seconds_count{{status="200"}}') == 2
+    assert metric(text, f'{PREFIX}request_duration_seconds_count{{status="401"}}') == 1
+    assert metric(text, f'{PREFIX}target_pending_deliveries{{target="sink"}}') == 0
+    assert metric(text, f'{PREFIX}target_dead_letters{{target="sink"}}') == 1
+    assert metric(text, f'{PREFIX}target_circuit_state{{state="closed",target="sink"}}') == 1
+    leaf = x509.load_pem_x509_certificates(pki.server_chain_file.read_bytes())[0]
+    expiry = metric(text, f"{PREFIX}server_certificate_expiry_timestamp_seconds")
+    assert expiry == leaf.not_valid_after_utc.timestamp()
+    (ca_line,) = [
+        line
+        for line in text.splitlines()
+        if line.startswith(f"{PREFIX}client_ca_expiry_timestamp_seconds{{")
+    ]
+    ca = x509.load_pem_x509_certificate(pki.client_ca_file.read_bytes())
+    assert float(ca_line.split()[-1]) == ca.not_valid_after_utc.timestamp()
+    assert re.search(
+        rf'^{PREFIX}build_info{{python="[^"]+",version="{__version__}"}} 1.0$', text, re.M
+    )
+
+
+def test_gathered_answer_times_render_exactly_as_observed_ones() -> None:
+    """answered() gathers times and flush() hands them over: the same histogram, bucket for
+    bucket, as Histogram.observe() of each value."""
+    values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.2, 2.5, 7.0]
+    gathered = Stats()
+    for value in values:
+        gathered.answered(200, value)
+        gathered.answered(404, value / 2)
+    observed = Stats()
+    for value in values:
+        observed._requests.labels(status="200").observe(value)
+        observed._requests.labels(status="404").observe(value / 2)
+
+    def histogram(stats: Stats) -> list[str]:
+        lines = stats.render().decode().splitlines()
+        return [line for line in lines if line.startswith(f"{PREFIX}request_duration_seconds_")]
+
+    assert [line for line in histogram(gathered) if "_created" not in line] == [
+        line for line in histogram(observed) if "_created" not in line
+    ]
+    assert len(histogram(gathered)) > 20

@@ -1,0 +1,120 @@
+"""Reload as an operator asks for it: SIGHUP to the serve process, `waba-gateway reload`, and
+every worker of a multi-worker gateway reloading."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from config_files import free_port, listen_port, write_config
+from cryptography import x509
+from helpers import APP_SECRET
+from pki import Pki
+from processes import serving, stop
+from sink import DEADLINE_S
+
+from gateway.cli import main
+
+
+async def served_serial(port: int, pki: Pki) -> int | None:
+    """The serial number of the certificate a new connection is served; None: not listening."""
+    context = pki.client_context("meta")
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the renewed certificate is checked by its serial
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname="localhost"
+        )
+    except OSError:
+        return None
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+async def until(predicate: object, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + DEADLINE_S
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def own_certificates(pki: Pki, folder: Path, config: Path) -> tuple[Path, Path]:
+    """Copies of the server certificate and key that the test may overwrite."""
+    cert, key = folder / "server.pem", folder / "server.key"
+    cert.write_bytes(pki.server_chain_file.read_bytes())
+    key.write_bytes(pki.server_key_file.read_bytes())
+    text = config.read_text()
+    text = text.replace(str(pki.server_chain_file), str(cert))
+    config.write_text(text.replace(str(pki.server_key_file), str(key)))
+    return cert, key
+
+
+def renew(pki: Pki, cert: Path, key: Path) -> int:
+    leaf = pki.server_ca.issue_cert("localhost", "127.0.0.1")
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    return int(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).serial_number)
+
+
+async def test_sighup_reloads_the_serve_process(pki: Pki, tmp_path: Path) -> None:
+    """SIGHUP: new connections get the renewed certificate; the process keeps running."""
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x")
+    cert, key = own_certificates(pki, tmp_path, config)
+    port = listen_port(config)
+    with serving(config) as process:
+        await until(lambda: served_serial(port, pki), "the gateway to listen")
+        serial = renew(pki, cert, key)
+        process.send_signal(signal.SIGHUP)
+
+        async def renewed() -> bool:
+            return await served_serial(port, pki) == serial
+
+        await until(renewed, "the renewed certificate")
+        assert process.poll() is None
+        log = stop(process)
+    assert process.returncode == 0
+    assert f"reloaded {config}" in log
+
+
+async def test_reload_command_reloads_every_worker_and_reports_a_failure(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`waba-gateway reload` with two workers: both reload; a broken key is exit 1 with the
+    one line the gateway logged, and the gateway keeps serving the old certificate."""
+    monkeypatch.setenv("TEST_APP_SECRET", APP_SECRET)
+    config = write_config(
+        pki, tmp_path, target_url="http://127.0.0.1:9/x", workers=2, admin_port=free_port()
+    )
+    cert, key = own_certificates(pki, tmp_path, config)
+    port = listen_port(config)
+    with serving(config) as process:
+        await until(lambda: served_serial(port, pki), "the gateway to listen")
+        await asyncio.sleep(0.5)  # the admin listener of worker 0 too
+        serial = renew(pki, cert, key)
+
+        assert await asyncio.to_thread(main, ["reload", "--config", str(config)]) == 0
+        assert capsys.readouterr().out == f"reloaded {config}\n"
+
+        for _ in range(8):  # new connections spread over both workers: all see the renewal
+            assert await served_serial(port, pki) == serial
+        key.write_bytes(pki.client_key_file.read_bytes())
+        assert await asyncio.to_thread(main, ["reload", "--config", str(config)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: reload failed, nothing changed: {config}: tls.key_file")
+        assert len(err.splitlines()) == 1
+        assert await served_serial(port, pki) == serial
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        log = stop(process)
+    assert process.returncode == 0
+    # Worker 0 through the admin API, worker 1 through the supervisor.
+    assert log.count(f"reloaded {config}") == 2
+    # The failed reload, then SIGHUP to the supervisor: every worker tried, each said why.
+    assert log.count(err.removeprefix("error: ").strip()) == 3
