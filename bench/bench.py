@@ -18,10 +18,16 @@ Phases (``--phases``, default all but ``profile``):
             first and last chunk, gateway RSS after each, VmHWM and /usr/bin/time's max RSS
   drain     ``--drain-count`` notifications stored with the target down (short retry waits), then
             the target comes up: how fast the dispatcher alone empties the outbox
+  shared    ``--outbox postgres`` only: two gateways sharing one database against one, keep-alive
+            acks (``ab`` on each, half the concurrency each) and the same unpinned gateway alone
   profile   py-spy under keep-alive and new-connection load (every busy thread, then only the
             thread holding the GIL) and on the dispatcher alone (a drain of
             ``--profile-drain-count``): where the time goes, top functions by self and total
             samples, and the CPU of each thread of the gateway
+
+``--outbox postgres`` runs every phase on the PostgreSQL outbox: a throw-away server is started
+here (tests/pgserver.py: as an unprivileged user, durable settings, a Unix socket), one new
+database per gateway, stopped at the end.
 
 Usage: bench.py --sink PATH/TO/sink.py [--phases ka,e2e] [--json out.json]   (see README.md)
 """
@@ -55,9 +61,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the throw-away PostgreSQL server of the tests
 CLIENT_CN = "client.webhooks.fbclientcerts.com"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ALL_PHASES = ("ka", "e2e", "new", "workers", "backlog", "drain", "profile")
+ALL_PHASES = ("ka", "e2e", "new", "workers", "backlog", "drain", "shared", "profile")
 # Retry waits for the drain phase: every stored delivery is due again within a second of the
 # target coming back, so the drain measures the dispatcher, not the backoff.
 SHORT_WAITS = "wait_initial_s = 0.2\nwait_max_s = 1"
@@ -230,11 +237,19 @@ class Gateway:
     """The gateway started through candidate.sh, under /usr/bin/time -v when that exists."""
 
     def __init__(self, bench: Bench, name: str, *, target_port: int, workers: int = 1,
-                 cpus: str | None = None, target_toml: str = "") -> None:
+                 cpus: str | None = None, target_toml: str = "",
+                 database: str | None = None) -> None:
         self.workdir = bench.tmp / name
         self.workdir.mkdir()
         self.port = free_port()
-        env = dict(bench.env_base, BENCH_LISTEN_PORT=str(self.port),
+        self.pg = bench.pg
+        self.database = database or name.replace("-", "_")
+        extra = {}
+        if self.pg is not None:
+            if database is None:
+                self.pg.psql(f"CREATE DATABASE {self.database}")
+            extra["WABA_BENCH_OUTBOX_URL"] = self.pg.socket_url(self.database)
+        env = dict(bench.env_base, **extra, BENCH_LISTEN_PORT=str(self.port),
                    BENCH_TARGET_URL=f"http://127.0.0.1:{target_port}/sink",
                    BENCH_WORKDIR=str(self.workdir), BENCH_CPUS=cpus or "all",
                    WABA_BENCH_WORKERS=str(workers), WABA_BENCH_TARGET_TOML=target_toml)
@@ -261,11 +276,21 @@ class Gateway:
         return self.python_pids()[0]
 
     def pending(self) -> int:
+        if self.pg is not None:
+            return int(self.pg.psql(
+                "SELECT COUNT(*) FROM waba_gateway.deliveries WHERE state = 'pending'",
+                self.database))
         with contextlib.closing(sqlite3.connect(self.outbox, timeout=30)) as conn:
             row = conn.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()
         return int(row[0])
 
     def outbox_stats(self) -> dict[str, Any]:
+        if self.pg is not None:
+            rows = self.pg.psql("SELECT state, COUNT(*), SUM(attempts) FROM"
+                                " waba_gateway.deliveries GROUP BY state", self.database)
+            cells = [line.split("|") for line in rows.splitlines()]
+            return {"states": {c[0]: int(c[1]) for c in cells},
+                    "attempts": sum(int(c[2]) for c in cells)}
         with contextlib.closing(sqlite3.connect(self.outbox, timeout=30)) as conn:
             states = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
             attempts = conn.execute("SELECT COALESCE(SUM(attempts), 0) FROM deliveries").fetchone()
@@ -477,6 +502,12 @@ class Bench:
             "label": args.label, "revision": revision()}}
         self.procs: list[Proc] = []
         self.gateways: list[Gateway] = []
+        self.pg: Any = None
+        if args.outbox == "postgres":
+            from pgserver import init_server  # only for this outbox
+
+            self.pg = init_server()
+            self.results["meta"]["outbox"] = "postgres"
 
     def sink(self, port: int, cpus: str | None) -> Proc:
         argv = [sys.executable, self.args.sink, "--port", str(port),
@@ -501,6 +532,11 @@ class Bench:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+        if self.pg is not None:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self.pg.stop("fast")
+            shutil.rmtree(self.pg.folder, ignore_errors=True)
+            self.pg = None
 
     def record(self, name: str, result: dict[str, Any]) -> None:
         self.results[name] = result
@@ -542,6 +578,45 @@ class Bench:
         log(f"gw-pinned stopped: {result}")
         sink.stop()
         self.procs.remove(sink)
+
+    def shared(self) -> None:
+        """Two gateways sharing one database, each under ``ab`` with half the concurrency,
+        against one gateway alone with all of it; nothing pinned (one core each, as on two
+        hosts of this machine's size it would be two)."""
+        if self.pg is None:
+            log("shared: needs --outbox postgres; skipped")
+            return
+        sink_port = free_port()
+        self.sink(sink_port, None)
+        alone = self.gateway("gw-alone", target_port=sink_port)
+        warm_up(self, alone, None)
+        result: dict[str, Any] = {"one": run_ab(self, alone.url, keepalive=True,
+                                                duration_s=self.args.duration)}
+        result["one"]["drain_after_s"] = wait_drained(alone, 60)
+        self.stop_gateway(alone)
+        pair = [self.gateway(f"gw-shared{n}", target_port=sink_port,
+                             database="gw_alone") for n in (1, 2)]
+        for gateway in pair:
+            warm_up(self, gateway, None)
+        half = max(self.args.concurrency // 2, 1)
+        argvs = [ab_argv(self, g.url, keepalive=True, duration_s=self.args.duration)
+                 for g in pair]
+        for argv in argvs:
+            argv[argv.index("-c") + 1] = str(half)
+        started = time.monotonic()
+        runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for argv in argvs]
+        outputs = [run.communicate(timeout=self.args.duration + 60)[0] for run in runs]
+        wall = time.monotonic() - started
+        rps = [float(m.group(1)) if (m := re.search(r"^Requests per second:\s+([\d.]+)", out,
+                                                      re.M)) else 0.0 for out in outputs]
+        errors = [int(m.group(1)) if (m := re.search(r"^Failed requests:\s+(\d+)", out, re.M))
+                  else -1 for out in outputs]
+        result["two"] = {"rps_each": rps, "rps": round(sum(rps), 1), "errors": errors,
+                         "wall_s": round(wall, 2), "drain_after_s": wait_drained(pair[0], 60)}
+        for gateway in pair:
+            self.stop_gateway(gateway)
+        self.record("shared", result)
 
     def workers(self) -> None:
         """workers = 1 and 2 with nothing pinned: gateway, ab and sink share both cores."""
@@ -678,6 +753,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gw-cpus", default="0", help="taskset CPUs of the gateway ('' = none)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs of ab, sink, py-spy")
     parser.add_argument("--json", help="write all results here")
+    parser.add_argument("--outbox", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the outbox backend (postgres: a throw-away local server)")
     parser.add_argument("--label", help="free text kept with the results (e.g. the commit run)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep certificates, logs, outboxes")
     args = parser.parse_args(argv)
@@ -712,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.backlog()
         if "drain" in phases:
             bench.drain()
+        if "shared" in phases:
+            bench.shared()
         if "profile" in phases:
             bench.profile()
     except KeyboardInterrupt:

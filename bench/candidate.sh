@@ -14,6 +14,8 @@
 #                               workers > 1 only worker 0 dispatches, and it learns of a notification
 #                               another worker stored only when it next polls
 #   WABA_BENCH_PYTHON           interpreter (default python3)
+#   WABA_BENCH_OUTBOX_URL       [outbox] url: the PostgreSQL outbox instead of the SQLite file
+#                               (bench.py --outbox postgres sets it)
 #   WABA_BENCH_FRONT_DOOR       "embedded": serve through create_app in aiohttp (embedded_app.py)
 #                               instead of the gateway's own listener (workers must be 1)
 #
@@ -59,7 +61,11 @@ verify_tokens = ["\${WABA_BENCH_VERIFY_TOKEN}"]
 app_secrets = ["\${BENCH_APP_SECRET}"]
 
 [outbox]
-path = "\${BENCH_WORKDIR}/outbox.sqlite3"
+$(if [[ -n "${WABA_BENCH_OUTBOX_URL:-}" ]]; then
+    echo 'url = "${WABA_BENCH_OUTBOX_URL}"'
+  else
+    echo 'path = "${BENCH_WORKDIR}/outbox.sqlite3"'
+  fi)
 dedup_window_s = ${WABA_BENCH_DEDUP_WINDOW_S:-0.000001}
 
 [[targets]]

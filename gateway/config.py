@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from gateway.errors import ConfigError
 from gateway.units import DAYS, MINUTES, SECONDS, MiB
@@ -37,6 +37,7 @@ __all__ = [
     "TlsConfig",
     "default_config_path",
     "load_config",
+    "redact_url",
 ]
 
 
@@ -100,6 +101,13 @@ class MetaConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxConfig:
     path: Path = Path("var/outbox.sqlite3")
+    # PostgreSQL instead of the SQLite file at ``path``: postgresql://USER:PASSWORD@HOST:PORT/DB
+    # (or ?host=/socket/dir). Several gateways may share one database.
+    url: str | None = None
+    # PostgreSQL: how long the deliveries a gateway claimed stay its own without a renewal. A
+    # living gateway renews them every lease_s / 3; once one has died, the others take its
+    # deliveries over after this.
+    lease_s: float = 60 * SECONDS
     # Meta retries for up to 7 days (whatsapp/webhooks/overview): a body seen again inside this
     # window is acknowledged and not forwarded again.
     dedup_window_s: float = 7 * DAYS
@@ -108,6 +116,37 @@ class OutboxConfig:
     # The longest a write waits for a lock another process holds on the file before the
     # requests it carries are answered 503 (Meta retries); SQLite's busy timeout.
     busy_timeout_s: float = 5 * SECONDS
+
+    def __repr__(self) -> str:
+        # The URL's password never reaches logs or tracebacks.
+        where = f"url={redact_url(self.url)!r}" if self.url else f"path={str(self.path)!r}"
+        return f"OutboxConfig({where})"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any (also a ``?password=`` parameter), replaced by ``***``:
+    how messages show a database."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = _PASSWORD_PARAMETER.sub(r"\1***", parts.query)
+    return urlunsplit(parts._replace(query=query))
+
+
+_PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*")
+
+
+def _is_postgres_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        _ = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("postgresql", "postgres") and not any(c.isspace() for c in text)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,7 +244,9 @@ _Rule = tuple[Callable[[Any], bool], str]
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TABLES = ("listen", "tls", "meta", "outbox", "targets", "admin", "dispatcher", "log")
-_SECRETS = frozenset({"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token"})
+_SECRETS = frozenset(
+    {"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token", "outbox.url"}
+)
 _SCALARS: dict[object, tuple[type | UnionType, str]] = {
     bool: (bool, "true or false"),
     int: (int, "an integer"),
@@ -244,6 +285,7 @@ _RULES: dict[str, _Rule] = {
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
     "targets.url": (_is_http_url, "an http:// or https:// URL"),
+    "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
     "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
     # 0 asks the OS for a free port, which tests use.
@@ -293,13 +335,23 @@ class _Reader:
             listen=table("listen", ListenConfig),
             tls=tls,
             meta=meta,
-            outbox=table("outbox", OutboxConfig),
+            outbox=self.outbox(data.get("outbox", {})),
             targets=self.targets(data.get("targets", [])),
             admin=admin,
             dispatcher=table("dispatcher", DispatcherConfig),
             source=self.source,
             **{f"log_{key}": value for key, value in log.items()},
         )
+
+    def outbox(self, value: object) -> OutboxConfig:
+        outbox = self.section("outbox", "outbox", value, OutboxConfig)
+        if outbox.url is not None and isinstance(value, dict) and "path" in value:
+            # One outbox: a file on this host, or a database; both would be a guess.
+            raise ConfigError(
+                f"{self.source}: outbox.path and outbox.url are both set: keep outbox.path for"
+                " the SQLite file on this host, or outbox.url for PostgreSQL, not both"
+            )
+        return outbox
 
     def targets(self, value: object) -> tuple[TargetConfig, ...]:
         if not isinstance(value, list):

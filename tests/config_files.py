@@ -27,10 +27,12 @@ def write_config(
     workers: int = 1,
     admin_port: int | None = None,
     extra: str = "",
+    outbox: str = 'path = "outbox.sqlite3"',
 ) -> Path:
     """``folder/gateway.toml`` for the test PKI, the app secret from ``$TEST_APP_SECRET``,
-    the outbox beside it, one target at ``target_url``, the admin listener off unless
-    ``admin_port`` is given (then on loopback at that port)."""
+    the outbox beside it (or the ``[outbox]`` keys ``outbox`` gives), one target at
+    ``target_url``, the admin listener off unless ``admin_port`` is given (then on loopback at
+    that port)."""
     admin = "enabled = false" if admin_port is None else f'host = "127.0.0.1"\nport = {admin_port}'
     path = folder / "gateway.toml"
     path.write_text(
@@ -50,7 +52,7 @@ verify_tokens = ["{VERIFY_TOKEN}"]
 app_secrets = ["${{TEST_APP_SECRET}}"]
 
 [outbox]
-path = "outbox.sqlite3"
+{outbox}
 
 [admin]
 {admin}

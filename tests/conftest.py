@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import cryptography
 import pytest
+from pgserver import PgServer, running_server
 from pki import Pki, make_pki
 from sink import Sink
 
@@ -29,3 +31,19 @@ async def sink() -> AsyncIterator[Sink]:
     """A target server on 127.0.0.1 that records each request and answers as a test tells it."""
     async with Sink() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A real PostgreSQL server for the whole run, owned by an unprivileged user, on a Unix
+    socket and a loopback port; stopped and removed at the end."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """A new, empty database on the test server, for this test alone (over the socket)."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    pg_server.psql(f"CREATE DATABASE {name}")
+    return pg_server.socket_url(name)

@@ -23,6 +23,7 @@ from gateway.config import AdminConfig, load_config
 from gateway.delivery.outcome import AttemptResult, DeadLetter
 from gateway.edge.routing import Route
 from gateway.onboarding.check import report
+from gateway.outbox import open_outbox
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 
 SIG = "sha256=" + "0" * 64
@@ -212,6 +213,76 @@ def test_module_entry_point_runs_as_subprocess() -> None:
     assert result.stdout.startswith("waba-gateway ")
 
 
+@pytest.fixture
+def pg_config(pki: Pki, tmp_path: Path, secret_env: None, pg_url: str) -> Path:
+    return write_config(
+        pki, tmp_path, target_url="http://127.0.0.1:9/sink", outbox=f'url = "{pg_url}"'
+    )
+
+
+def test_check_reports_the_database_reachable_and_its_schema_version(
+    pg_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With outbox.url, `check` says whether the database answers and at which version."""
+    assert main(["check", "--config", str(pg_config)]) == 0
+    out = capsys.readouterr().out
+    assert "is reachable; its schema is created at the first start" in out
+    assert main(["deliveries", "list", "--config", str(pg_config)]) == 2  # no outbox yet
+    capsys.readouterr()
+
+    async def first_start() -> None:
+        await (await open_outbox(load_config(pg_config).outbox)).close()
+
+    asyncio.run(first_start())
+    assert main(["check", "--config", str(pg_config)]) == 0
+    assert "is reachable, schema version 1" in capsys.readouterr().out
+
+
+def test_check_and_serve_with_the_database_down_are_one_line_errors(
+    pki: Pki, tmp_path: Path, secret_env: None
+) -> None:
+    """Nothing listening at outbox.url: `check` and `serve` print one `error:` line, exit 2,
+    and the password is not in it."""
+    url = "postgresql://waba:${TEST_APP_SECRET}@127.0.0.1:9/waba"
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/s", outbox=f'url = "{url}"')
+    for command in ("check", "serve"):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", command, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: outbox.url = 'postgresql://waba:***@127.0.0.1:9/")
+        assert "cannot connect" in result.stderr
+        assert "cli-test-secret" not in result.stderr + result.stdout
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_deliveries_list_and_replay_work_on_the_database(
+    pg_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`deliveries list` and `replay` talk to PostgreSQL through the same interface."""
+    async def seed() -> str:
+        outbox = await open_outbox(load_config(pg_config).outbox)
+        try:
+            (delivery,) = await outbox.accept(b"{}", SIG, [Route("sink", None)], 1000.0) or []
+            await outbox.record_many(
+                [(delivery.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1001.0
+            )
+            return delivery.id
+        finally:
+            await outbox.close()
+
+    delivery_id = asyncio.run(seed())
+    assert main(["deliveries", "list", "--config", str(pg_config), "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["id"], listed["state"], listed["last_status"]) == (delivery_id, "dead", 400)
+    assert main(["deliveries", "replay", "--config", str(pg_config), delivery_id]) == 0
+    assert f"replayed {delivery_id}" in capsys.readouterr().out
+    assert main(["deliveries", "list", "--config", str(pg_config), "--state", "pending"]) == 0
+    assert delivery_id in capsys.readouterr().out
 def test_deliveries_show_prints_the_last_attempt_and_every_attempts_outcome(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -27,6 +27,7 @@ from gateway.config import (
     TlsConfig,
     default_config_path,
     load_config,
+    redact_url,
 )
 from gateway.errors import ConfigError
 
@@ -820,3 +821,72 @@ def test_example_config_documents_every_key(table: str, cls: type[Any]) -> None:
         assert re.search(rf"^(# )?{each.name} = ", section, re.MULTILINE), each.name
     assert re.search(r"^level = ", text.split("[log]", 1)[1], re.MULTILINE)
     assert re.search(r"^format = ", text.split("[log]", 1)[1], re.MULTILINE)
+
+
+def test_outbox_url_chooses_postgres_with_the_password_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    """outbox.url expands ${ENV}; the path keeps its default; repr hides the password."""
+    config = load(
+        tmp_path,
+        {"outbox.url": '"postgresql://waba:${PG_PASSWORD}@db.internal:5432/waba"'},
+        {"PG_PASSWORD": SECRET},
+    )
+    assert config.outbox.url == f"postgresql://waba:{SECRET}@db.internal:5432/waba"
+    assert config.outbox.lease_s == 60.0
+    assert SECRET not in repr(config.outbox)
+    assert "postgresql://waba:***@db.internal:5432/waba" in repr(config.outbox)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://waba@/waba?host=/run/postgresql",
+        "postgres://waba:pw@127.0.0.1/waba",
+        "postgresql://localhost/waba",
+    ],
+)
+def test_outbox_url_accepts_tcp_and_socket_forms(tmp_path: Path, url: str) -> None:
+    """Both schemes, a Unix socket folder in ?host=, a URL without a password."""
+    assert load(tmp_path, {"outbox.url": f'"{url}"'}).outbox.url == url
+
+
+def test_outbox_path_and_url_together_are_refused_naming_both(tmp_path: Path) -> None:
+    """One outbox: path (SQLite) or url (PostgreSQL), never both."""
+    message = rejection(
+        tmp_path, {"outbox.path": '"o.sqlite3"', "outbox.url": '"postgresql://h/db"'}
+    )
+    assert message.startswith("<file>: outbox.path and outbox.url are both set")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"mysql://h/db"', "<file>: outbox.url = <hidden>: expected a postgresql:// URL"),
+        (
+            '"http://u:${PW}@h/db"',
+            "<file>: outbox.url = 'http://u:${PW}@h/db': expected a postgresql:// URL",
+        ),
+    ],
+)
+def test_outbox_url_of_another_scheme_is_refused_without_showing_it(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    """Anything but postgresql:// is an error; a URL's text is shown only unexpanded."""
+    assert rejection(tmp_path, {"outbox.url": value}, {"PW": SECRET}) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://waba:s3cret@db:5432/waba", "postgresql://waba:***@db:5432/waba"),
+        (
+            "postgresql://waba@/waba?host=/run/pg&password=s3cret",
+            "postgresql://waba@/waba?host=/run/pg&password=***",
+        ),
+        ("postgresql://db/waba", "postgresql://db/waba"),
+    ],
+)
+def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    """redact_url hides the password in the user part and in a password= parameter."""
+    assert redact_url(url) == shown

@@ -425,6 +425,24 @@ def test_unwritable_outbox_fails(
     assert any(line.startswith(f"FAIL outbox.path = '{tmp_path}'") for line in _report(capsys))
 
 
+def test_outbox_database_is_checked_for_writes(
+    tmp_path: Path, pki: Pki, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With outbox.url the doctor checks the database takes writes, naming it without its
+    password; a database that does not answer is a FAIL."""
+    config = _config(tmp_path, pki)
+    text = config.read_text()
+    path_line = next(line for line in text.splitlines() if line.startswith("path = "))
+    config.write_text(text.replace(path_line, f'url = "{pg_url}"'))
+    assert main(["doctor", "--config", str(config)]) == 0
+    assert any(line.startswith("OK   outbox database postgresql://") for line in _report(capsys))
+    config.write_text(text.replace(path_line, 'url = "postgresql://u:pw@127.0.0.1:9/db"'))
+    assert main(["doctor", "--config", str(config)]) == 1
+    (failed,) = [line for line in _report(capsys) if line.startswith("FAIL outbox.url")]
+    assert "u:***@127.0.0.1:9" in failed
+    assert ":pw@" not in failed
+
+
 def test_key_of_another_certificate_fails(
     tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:

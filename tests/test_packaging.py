@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -82,3 +83,38 @@ def test_each_subpackage_imports_from_the_wheel(wheel: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_the_embedded_install_never_imports_the_postgres_driver() -> None:
+    """The command line and the SQLite outbox run without the `postgres` extra's driver."""
+    done = _run(
+        "import sys, gateway.cli, gateway.runtime.gateway, gateway.outbox;"
+        " print('asyncpg' in sys.modules)"
+    )
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_outbox_url_without_the_driver_says_which_extra_to_install() -> None:
+    """outbox.url without asyncpg: an OutboxError naming the extra to install."""
+    done = _run(
+        "import sys, asyncio; sys.modules['asyncpg'] = None\n"
+        "from gateway.config import OutboxConfig\n"
+        "from gateway.outbox import open_outbox\n"
+        "from gateway.errors import OutboxError\n"
+        "try:\n"
+        "    asyncio.run(open_outbox(OutboxConfig(url='postgresql://h/db')))\n"
+        "except OutboxError as exc:\n"
+        "    print(exc)\n"
+    )
+    assert "pip install 'waba-gateway[postgres]'" in done.stdout, done.stderr

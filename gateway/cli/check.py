@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 
 from gateway.cli.args import add_config_argument, config_from_args
-from gateway.onboarding.check import report
+from gateway.onboarding.check import outbox_report, report
 
 __all__ = ["register"]
 
@@ -14,6 +15,8 @@ __all__ = ["register"]
 def _check(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     for line in report(config, datetime.datetime.now(datetime.UTC)):
+        print(line)
+    for line in asyncio.run(outbox_report(config)):
         print(line)
     return 0
 

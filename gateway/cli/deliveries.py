@@ -22,14 +22,15 @@ __all__ = ["register"]
 T = TypeVar("T")
 
 
-def _open(args: argparse.Namespace) -> Outbox:
+async def _open(args: argparse.Namespace) -> Outbox:
     # An outbox the gateway has not made yet is an error here: listing must not create one.
-    return open_outbox(config_from_args(args).outbox, create=False)
+    # Not dispatching: a replay is announced to the gateways sharing a database.
+    return await open_outbox(config_from_args(args).outbox, create=False, dispatching=False)
 
 
 def _with_outbox(args: argparse.Namespace, work: Callable[[Outbox], Awaitable[T]]) -> T:
     async def run() -> T:
-        outbox = _open(args)
+        outbox = await _open(args)
         try:
             return await work(outbox)
         finally:

@@ -3,7 +3,8 @@
 Rule: ``check`` refuses exactly what ``serve`` would refuse (same loader, same TLS context
 builder), and adds what an operator wants to see before a rollout: certificate expiry (a warning
 under 30 days) and the subjects and fingerprints of the client CA bundle, so they can be compared
-with the CA file Meta publishes.
+with the CA file Meta publishes. With ``outbox.url``: whether the database is reachable and holds
+the schema version this gateway uses.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from cryptography import x509
 from gateway.config import Config
 from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
 from gateway.errors import CertificateError
+from gateway.outbox import describe_outbox
 
-__all__ = ["EXPIRY_WARNING_DAYS", "days_left", "report"]
+__all__ = ["EXPIRY_WARNING_DAYS", "days_left", "outbox_report", "report"]
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -60,3 +62,10 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
         f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
     )
     return lines
+
+
+async def outbox_report(config: Config) -> list[str]:
+    """The line about a database outbox: reachable, and at the schema version this gateway
+    uses (none for a SQLite file). Raises OutboxError when ``serve`` would refuse it."""
+    found = await describe_outbox(config.outbox)
+    return [] if found is None else [f"ok: {found}"]

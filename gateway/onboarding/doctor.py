@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from OpenSSL import crypto
 
-from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig
+from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig, redact_url
 from gateway.edge.tls import build_server_context, stale_crls
 from gateway.errors import CertificateError, OutboxError
 from gateway.onboarding.meta_client import client_context
@@ -173,23 +173,26 @@ async def _reach(target: TargetConfig) -> Finding:
 
 
 async def _outbox(config: OutboxConfig) -> Finding:
-    existed = config.path.exists()
+    if config.url is not None:
+        where, key = f"outbox database {redact_url(config.url)}", "outbox.url"
+        advice = "check outbox.url, that the database is up, and the role's rights"
+        existed = True
+    else:
+        where, key = f"outbox {config.path}", f"outbox.path = '{config.path}'"
+        advice = "make outbox.path writable by the gateway's user"
+        existed = config.path.exists()
     try:
-        outbox = open_outbox(config)
+        outbox = await open_outbox(config, dispatching=False)
     except OutboxError as exc:
-        return Finding("FAIL", str(exc), "make outbox.path writable by the gateway's user")
+        return Finding("FAIL", str(exc), advice)
     try:
         # Takes the write lock a notification's commit takes, and lets go without writing.
         await outbox.ping()
     except OutboxError as exc:
-        return Finding(
-            "FAIL",
-            f"outbox.path = '{config.path}': cannot write: {exc}",
-            "make it writable by the gateway's user",
-        )
+        return Finding("FAIL", f"{key}: cannot write: {exc}", advice)
     finally:
         await outbox.close()
-    return Finding("OK", f"outbox {config.path} takes writes" + ("" if existed else " (created)"))
+    return Finding("OK", f"{where} takes writes" + ("" if existed else " (created)"))
 
 
 async def _handshake(url: str, config: Config, ca_file: Path | None) -> Finding:

@@ -3,10 +3,10 @@
 Rule: the rest of the gateway talks to the outbox through what this package exports alone: the
 :class:`Outbox` interface (:mod:`gateway.outbox.interface`), the values it takes and hands out
 (:mod:`gateway.outbox.model`) and :func:`open_outbox`, which picks the backend the configuration
-names. The storage engines live behind it (``sqlite/``).
+names. The storage engines live behind it (``sqlite/``, ``postgres/``).
 """
 
-from gateway.outbox.backends import OutboxHold, hold_outbox, open_outbox
+from gateway.outbox.backends import OutboxHold, describe_outbox, hold_outbox, open_outbox
 from gateway.outbox.interface import Outbox
 from gateway.outbox.model import (
     STATES,
@@ -36,6 +36,7 @@ __all__ = [
     "RetryAt",
     "Route",
     "State",
+    "describe_outbox",
     "hold_outbox",
     "open_outbox",
 ]

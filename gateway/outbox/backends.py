@@ -1,20 +1,24 @@
 """Choosing the outbox backend the configuration asks for.
 
 Rule: the only code outside a backend's own package that names a backend; everything else gets
-an :class:`~gateway.outbox.interface.Outbox`.
+an :class:`~gateway.outbox.interface.Outbox`. ``outbox.url`` set: PostgreSQL; otherwise the
+SQLite file at ``outbox.path``. The PostgreSQL driver is an optional extra, imported only here
+and only when asked for, so the embedded install stays small.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import Protocol
 
 from gateway.config import OutboxConfig
+from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.outbox.sqlite.owner import OwnerLock
 
-__all__ = ["OutboxHold", "hold_outbox", "open_outbox"]
+__all__ = ["OutboxHold", "describe_outbox", "hold_outbox", "open_outbox"]
 
 
 class OutboxHold(Protocol):
@@ -23,21 +27,51 @@ class OutboxHold(Protocol):
     def release(self) -> None: ...
 
 
+class _Shared:
+    """A database outbox is shared by every gateway configured with it: nothing to hold."""
+
+    def release(self) -> None:
+        return None
+
+
 def hold_outbox(config: OutboxConfig) -> OutboxHold:
     """Claim the configured outbox for this gateway alone (for its lifetime, or until
-    released); raises :class:`~gateway.errors.OutboxError` when another gateway holds it."""
+    released); raises :class:`~gateway.errors.OutboxError` when another gateway holds it.
+    A PostgreSQL outbox (``outbox.url``) is meant to be shared: its hold holds nothing."""
+    if config.url is not None:
+        return _Shared()
     return OwnerLock(config.path)
 
 
-def open_outbox(
+def _postgres() -> ModuleType:
+    try:
+        from gateway.outbox.postgres import outbox
+    except ImportError as exc:
+        raise OutboxError(
+            f"outbox.url needs the PostgreSQL driver ({exc.name} is not installed):"
+            " pip install 'waba-gateway[postgres]'"
+        ) from None
+    return outbox
+
+
+async def open_outbox(
     config: OutboxConfig,
     *,
     on_commit: Callable[[int], None] | None = None,
     create: bool = True,
+    dispatching: bool = True,
+    on_wake: Callable[[], None] | None = None,
 ) -> Outbox:
     """The configured outbox, open. ``on_commit`` hears the size of each group committed;
     ``create=False`` refuses an outbox that does not exist yet (the command line's reads).
-    Raises :class:`~gateway.errors.OutboxError` when it cannot be opened."""
+    Shared outboxes only: ``dispatching`` says whether this process sends the deliveries it
+    accepts (it then holds their lease), and ``on_wake`` hears another gateway announce
+    deliveries. Raises :class:`~gateway.errors.OutboxError` when it cannot be opened."""
+    if config.url is not None:
+        outbox: Outbox = await _postgres().PostgresOutbox.open(
+            config, dispatching=dispatching, on_commit=on_commit, on_wake=on_wake, create=create
+        )
+        return outbox
     return SqliteOutbox(
         config.path,
         dedup_window_s=config.dedup_window_s,
@@ -45,3 +79,12 @@ def open_outbox(
         on_commit=on_commit,
         create=create,
     )
+
+
+async def describe_outbox(config: OutboxConfig) -> str | None:
+    """What ``check`` reports about a database outbox (reachable, schema version); ``None``
+    for a SQLite file, which ``check`` leaves to ``doctor``. Raises OutboxError."""
+    if config.url is None:
+        return None
+    text: str = await _postgres().inspect(config)
+    return text

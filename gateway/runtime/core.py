@@ -4,6 +4,9 @@ Rule: a front door (the gateway's own TLS listener, the admin app, an aiohttp ap
 embeds the callback) never builds these parts itself; it starts a :class:`Core`, hands requests
 to ``core.callback`` and closes the core after it has stopped taking requests.
 
+With a shared (PostgreSQL) outbox, the dispatching process takes the lease on what it accepts
+and the outbox wakes its dispatcher when another gateway announces deliveries.
+
 Startup order: claim the outbox (a dispatching process that no supervisor claims it for), open
 it, start the dispatcher (primary process only) and the wake-up
 channel between sibling workers, then build the callback. Shutdown runs it backwards: close the
@@ -121,7 +124,14 @@ class Core:
         try:
             if self._claim:
                 self._hold = hold_outbox(config.outbox)
-            self._outbox = open_outbox(config.outbox, on_commit=self.stats.committed)
+            # A shared (PostgreSQL) outbox wakes the dispatcher when another gateway announces
+            # deliveries; only the dispatching process takes leases on what it accepts.
+            self._outbox = await open_outbox(
+                config.outbox,
+                on_commit=self.stats.committed,
+                dispatching=self.primary,
+                on_wake=self.wake if self.primary else None,
+            )
             on_stored: StoredHook | None = None
             if self.primary:
                 self.dispatcher = Dispatcher(

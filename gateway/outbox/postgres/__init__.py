@@ -1,0 +1,1 @@
+"""The PostgreSQL outbox: one database shared by several gateways (the ``postgres`` extra)."""

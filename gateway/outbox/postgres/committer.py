@@ -1,0 +1,148 @@
+"""Group commit of notifications on PostgreSQL: the accepts of one moment share one commit.
+
+Rule: a request is answered only after the transaction holding its notification has committed
+with ``synchronous_commit`` on. The accepts that arrive while every connection is busy, or
+within one turn of the event loop, wait together and go as one pipelined batch in one
+transaction (asyncpg's ``fetchmany`` is atomic): one round trip and one WAL flush for all of
+them, which is what makes PostgreSQL acknowledge as fast as the plain receiver
+(bench/README.md). Each is still answered only after its own commit.
+
+At most :data:`IN_FLIGHT` groups commit at once: while they do, the accepts arriving gather into
+the next group, which grows with the load (as with the SQLite writer), rather than spreading
+over every connection of the pool in small groups that would each pay for a flush, and wait for
+each other on the row locks of identical bodies.
+
+A batch is sorted by digest, so two gateways committing the same bodies at once take the
+digests' row locks in one order and never deadlock. When a batch fails, each accept runs again
+alone, so only a faulty one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from gateway.errors import OutboxError
+
+__all__ = ["FAILURES", "Committer"]
+
+log = logging.getLogger(__name__)
+
+# Groups committing at once: two, so that one group's statements run while the other's flush
+# is written (measured in bench/README.md, "PostgreSQL outbox").
+IN_FLIGHT = 2
+
+# What a database that went away, or a statement that failed, raises through asyncpg.
+FAILURES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+class Committer:
+    """Runs ``statement`` for each submitted argument tuple, in group commits on ``pool``."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        statement: str,
+        *,
+        timeout_s: float,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._statement = statement
+        self._timeout_s = timeout_s
+        self._on_commit = on_commit
+        self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flushing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(IN_FLIGHT)
+
+    def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one execution (its first argument orders the batch); the future resolves with
+        its row once its group has committed, or raises OutboxError."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((args, future))
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._start)
+        return future
+
+    def _start(self) -> None:
+        task = asyncio.create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        async with self._slots:
+            # While this waits for a slot and a connection, later accepts join the group.
+            try:
+                conn = await self._pool.acquire(timeout=self._timeout_s)
+            except FAILURES as exc:
+                group, self._waiting, self._flushing = self._waiting, [], False
+                _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
+                return
+            try:
+                group, self._waiting, self._flushing = self._waiting, [], False
+                await self._commit(conn, group)
+            finally:
+                with contextlib.suppress(*FAILURES):
+                    await self._pool.release(conn)
+
+    async def _commit(self, conn: Any, group: list[tuple[tuple[Any, ...], Any]]) -> None:
+        group.sort(key=lambda item: item[0][0])
+        try:
+            rows = await conn.fetchmany(
+                self._statement, [args for args, _ in group], timeout=self._timeout_s
+            )
+        except FAILURES as exc:
+            if len(group) == 1 or conn.is_closed():
+                _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
+                return
+            for args, future in group:
+                try:
+                    rows = await conn.fetchmany(self._statement, [args], timeout=self._timeout_s)
+                except FAILURES as alone:
+                    _answer(future, error=OutboxError(f"outbox write failed: {_reason(alone)}"))
+                else:
+                    _answer(future, rows[0])
+            return
+        if self._on_commit is not None:
+            self._on_commit(len(group))
+        for (_, future), row in zip(group, rows, strict=True):
+            _answer(future, row)
+
+    async def close(self) -> None:
+        """Wait for the groups already started."""
+        while self._tasks or self._flushing:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.sleep(0)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _answer(
+    future: asyncio.Future[Any], result: Any = None, error: Exception | None = None
+) -> None:
+    if future.done():  # the request went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _fail(group: Sequence[tuple[Any, asyncio.Future[Any]]], error: Exception) -> None:
+    for _, future in group:
+        _answer(future, error=error)

@@ -1,0 +1,425 @@
+"""The PostgreSQL outbox: one database shared by every gateway, on every host.
+
+Rule: a notification is acknowledged only after the transaction that stores it and its
+deliveries has committed with ``synchronous_commit`` on (set on every connection, whatever the
+server's default), so neither a crash of the gateway nor of the database server loses it.
+
+Several gateways share one database safely:
+
+- A delivery is sent by one dispatcher at a time. Dispatchers claim due deliveries with a lease
+  (``FOR UPDATE SKIP LOCKED``, then ``lease_owner`` and ``lease_until`` set, on the database's
+  clock); recording an attempt's outcome ends the lease. A living gateway renews its leases
+  (a heartbeat, three times per ``outbox.lease_s``), so a slow target never makes another
+  gateway send the same delivery; one that dies leaves its leases to run out ``lease_s`` after
+  its last beat, and then any other gateway claims those deliveries.
+- A gateway that dispatches takes the lease on what it accepts in the same statement, and
+  starts sending at once (the dispatcher's ``offer``); one that does not (``dispatching=False``)
+  leaves its deliveries unleased and announces them with ``NOTIFY``.
+- Deduplication holds across gateways: the digests table's primary key (see schema.py).
+- Delivery ids are the database's prefix and an identity column: unique across gateways.
+
+The database going away makes every operation raise :class:`OutboxError` within
+``_TIMEOUT_S`` (the request path answers 503, ``/readyz`` too); the pool connects again by itself
+when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from gateway.config import OutboxConfig, redact_url
+from gateway.errors import OutboxError
+from gateway.outbox.model import (
+    STATES,
+    AttemptRecord,
+    AttemptResult,
+    Backlog,
+    DeadLetter,
+    Delivered,
+    Delivery,
+    Outcome,
+    RetryAt,
+    Route,
+    State,
+)
+from gateway.outbox.postgres import schema, sql
+from gateway.outbox.postgres.committer import FAILURES, Committer
+from gateway.outbox.postgres.listener import Listener
+
+__all__ = ["PostgresOutbox", "inspect"]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Connecting, acquiring a connection and each statement: a database that does not answer
+# within this is unavailable (503), well inside the time Meta waits for an answer.
+_TIMEOUT_S = 5.0
+_POOL_SIZE = 8
+# Every connection commits durably, whatever the server or the role was set to.
+_SETTINGS = {"synchronous_commit": "on", "application_name": "waba-gateway"}
+
+
+# Connecting: also a URL asyncpg cannot parse.
+_OPEN_FAILURES: tuple[type[BaseException], ...] = (*FAILURES, ValueError)
+
+
+def _where(config: OutboxConfig) -> str:
+    return f"outbox.url = '{redact_url(config.url or '')}'"
+
+
+async def _connect(url: str) -> asyncpg.Connection[Any]:
+    return await asyncpg.connect(url, timeout=_TIMEOUT_S, server_settings=_SETTINGS)
+
+
+class PostgresOutbox:
+    """The :class:`~gateway.outbox.interface.Outbox` on a PostgreSQL database; made by
+    :meth:`open`."""
+
+    def __init__(
+        self,
+        config: OutboxConfig,
+        pool: asyncpg.Pool[Any],
+        prefix: str,
+        *,
+        dispatching: bool,
+        on_commit: Callable[[int], None] | None,
+        on_wake: Callable[[], None] | None,
+    ) -> None:
+        self.config = config
+        self._pool = pool
+        self._prefix = prefix
+        self._dispatching = dispatching
+        # Names this gateway in the leases it holds: host, process, and a random part so that a
+        # restarted process with a reused pid is a new owner.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._committer = Committer(pool, sql.ACCEPT, timeout_s=_TIMEOUT_S, on_commit=on_commit)
+        self._listener: Listener | None = None
+        if on_wake is not None:
+            url = config.url or ""
+            self._listener = Listener(lambda: _connect(url), on_wake, timeout_s=_TIMEOUT_S)
+            self._listener.start()
+        self._closed = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        if dispatching:
+            self._heartbeat = asyncio.create_task(self._beat(), name="outbox-lease-heartbeat")
+
+    async def _beat(self) -> None:
+        """Renew this gateway's leases three times per ``lease_s``, for as long as it lives."""
+        every = self.config.lease_s / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._run(
+                    lambda conn: conn.execute(sql.RENEW, self.owner, self.config.lease_s)
+                )
+            except OutboxError as exc:
+                log.warning("could not renew the outbox leases: %s", exc)
+
+    @classmethod
+    async def open(
+        cls,
+        config: OutboxConfig,
+        *,
+        dispatching: bool = True,
+        on_commit: Callable[[int], None] | None = None,
+        on_wake: Callable[[], None] | None = None,
+        create: bool = True,
+    ) -> PostgresOutbox:
+        """Connect, check (or create) the schema, and open the pool. ``on_wake``: called when
+        another gateway announces deliveries. Raises OutboxError naming the (redacted) URL."""
+        url = config.url or ""
+        try:
+            conn = await _connect(url)
+        except _OPEN_FAILURES as exc:
+            raise OutboxError(f"{_where(config)}: cannot connect: {_reason(exc)}") from None
+        try:
+            prefix = await schema.ensure(conn, create=create)
+        except OutboxError as exc:
+            raise OutboxError(f"{_where(config)}: {exc}") from None
+        except FAILURES as exc:
+            raise OutboxError(f"{_where(config)}: {_reason(exc)}") from None
+        finally:
+            await conn.close()
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=_POOL_SIZE,
+                timeout=_TIMEOUT_S,
+                command_timeout=_TIMEOUT_S,
+                server_settings=_SETTINGS,
+            )
+        except FAILURES as exc:
+            raise OutboxError(f"{_where(config)}: cannot connect: {_reason(exc)}") from None
+        return cls(
+            config,
+            pool,
+            prefix,
+            dispatching=dispatching,
+            on_commit=on_commit,
+            on_wake=on_wake,
+        )
+
+    async def _run(self, func: Callable[[Any], Awaitable[T]]) -> T:
+        """``func`` on a pooled connection; any database failure as OutboxError."""
+        if self._closed:
+            raise OutboxError("outbox is closed")
+        try:
+            async with self._pool.acquire(timeout=_TIMEOUT_S) as conn:
+                return await func(conn)
+        except FAILURES as exc:
+            raise OutboxError(f"outbox database unavailable: {_reason(exc)}") from None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        await self._committer.close()
+        if self._listener is not None:
+            await self._listener.close()
+        try:
+            await self._pool.close()
+        except FAILURES:
+            self._pool.terminate()
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def accept(
+        self, body: bytes, signature: str, routes: Sequence[Route], now: float
+    ) -> list[Delivery] | None:
+        if self._closed:
+            raise OutboxError("outbox is closed")
+        owner = self.owner if self._dispatching else None
+        row = await self._committer.submit(
+            (
+                hashlib.sha256(body).digest(),
+                now,
+                now - self.config.dedup_window_s,
+                signature,
+                body,
+                [route.target for route in routes],
+                [route.body for route in routes],
+                owner,
+                self.config.lease_s,
+                owner is None,
+                now + self.config.dedup_window_s,
+            )
+        )
+        notification_id, ids = row[0], row[1]
+        if notification_id is None:
+            return None
+        return [
+            Delivery(
+                id=sql.delivery_id(self._prefix, rowid),
+                notification_id=notification_id,
+                target=route.target,
+                body=body if route.body is None else route.body,
+                signature=signature,
+                split=route.body is not None,
+                state="pending",
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+                received_at=now,
+            )
+            for route, rowid in zip(routes, ids or [], strict=True)
+        ]
+
+    async def due(
+        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+    ) -> list[Delivery]:
+        skip = [r for r in (sql.rowid_of(i, self._prefix) for i in exclude) if r is not None]
+        wanted = dict(limits)
+
+        async def claim(conn: Any) -> list[Delivery]:
+            found: list[Delivery] = []
+            for target, limit in wanted.items():
+                rows = await conn.fetch(
+                    sql.CLAIM, target, now, self.owner, skip, limit, self.config.lease_s
+                )
+                found.extend(sql.delivery(row, self._prefix) for row in rows)
+            return found
+
+        found = await self._run(claim)
+        found.sort(key=lambda d: d.next_attempt_at)
+        return found
+
+    async def record_many(
+        self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float
+    ) -> None:
+        rows = []
+        for delivery_id, outcome, result in attempts:
+            rowid = sql.rowid_of(delivery_id, self._prefix)
+            if rowid is None:
+                continue
+            if isinstance(outcome, Delivered):
+                state, next_at, error = "delivered", now, None
+            elif isinstance(outcome, RetryAt):
+                state, next_at, error = "pending", outcome.at, outcome.reason
+            else:
+                assert isinstance(outcome, DeadLetter)
+                state, next_at, error = "dead", now, outcome.reason
+            excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
+            rows.append((state, next_at, now, result.status, error, excerpt, rowid, self.owner))
+
+        async def record(conn: Any) -> None:
+            # Not waiting for the flush: an outcome lost in a crash of the database server only
+            # means the delivery is sent again, which at-least-once allows.
+            async with conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                await conn.executemany(sql.RECORD, rows)
+
+        if rows:
+            await self._run(record)
+
+    async def backlog(self) -> list[Backlog]:
+        rows = await self._run(lambda conn: conn.fetch(sql.BACKLOG))
+        found: dict[str, Backlog] = {}
+        for target, state, count, oldest in rows:
+            known = found.get(target) or Backlog(target, 0, None, 0)
+            if state == "pending":
+                found[target] = Backlog(target, int(count), oldest, known.dead)
+            else:
+                found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
+        return [found[name] for name in sorted(found)]
+
+    async def query(
+        self,
+        *,
+        state: State | None = None,
+        target: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Delivery]:
+        statement, params = sql.list_query(state, target)
+        rows = await self._run(lambda conn: conn.fetch(statement, *params, limit, offset))
+        return [sql.delivery(row, self._prefix) for row in rows]
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        rowid = sql.rowid_of(delivery_id, self._prefix)
+        if rowid is None:
+            return None
+        row = await self._run(lambda conn: conn.fetchrow(sql.GET, rowid))
+        return None if row is None else sql.delivery(row, self._prefix)
+
+    async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
+        rowid = sql.rowid_of(delivery_id, self._prefix)
+        if rowid is None:
+            return []
+        rows = await self._run(lambda conn: conn.fetch(sql.ATTEMPTS, rowid))
+        return [
+            AttemptRecord(number=n, at=at, state=state, status=status, error=error, response=resp)
+            for n, at, state, status, error, resp in rows
+        ]
+
+    async def replay_many(
+        self, *, state: State, target: str | None, since: float | None, now: float
+    ) -> int:
+        statement, params = sql.replay_many_query(state, target, since)
+
+        async def replay(conn: Any) -> int:
+            async with conn.transaction():
+                count = _affected(await conn.execute(statement, *params, now))
+                if count:  # every gateway may claim them now
+                    await conn.execute(f"NOTIFY {sql.CHANNEL}")
+                return count
+
+        return await self._run(replay)
+
+    async def purge_dead(self, before: float) -> int:
+        count = await self._run(lambda conn: conn.fetchval(sql.PURGE_DEAD, before))
+        return int(count)
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._run(lambda conn: conn.fetch(sql.COUNT))
+        found = {row[0]: int(row[1]) for row in rows}
+        return {state: found.get(state, 0) for state in STATES}
+
+    async def replay(self, delivery_id: str, now: float) -> bool:
+        rowid = sql.rowid_of(delivery_id, self._prefix)
+        if rowid is None:
+            return False
+        rows = await self._run(lambda conn: conn.fetch(sql.REPLAY, rowid, now))
+        return len(rows) == 1
+
+    async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
+        """Each step its own statement of a bounded number of rows: requests committing
+        meanwhile never wait behind a large backlog."""
+        removed = 0
+        for name in tuple(targets):
+            while True:
+                count = int(
+                    await self._run(
+                        lambda conn, name=name: conn.fetchval(  # type: ignore[misc]
+                            sql.PRUNE_DELIVERED, name, now - retention_s
+                        )
+                    )
+                )
+                removed += count
+                if count < sql.PRUNE_BATCH:
+                    break
+        for statement, before in (
+            (sql.PRUNE_NOTIFICATIONS, now - retention_s),
+            (sql.PRUNE_DIGESTS, now - self.config.dedup_window_s),
+        ):
+            while True:
+                status = await self._run(
+                    lambda conn, s=statement, b=before: conn.execute(s, b)  # type: ignore[misc]
+                )
+                if _affected(status) < sql.PRUNE_BATCH:
+                    break
+        return removed
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.fetchval("SELECT 1"))
+
+
+def _affected(status: str) -> int:
+    """The row count of a command status such as ``UPDATE 3``."""
+    tail = status.rpartition(" ")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def inspect(config: OutboxConfig) -> str:
+    """What ``check`` says about the database: reachable, and the schema version it holds.
+    Raises OutboxError when it is unreachable or holds another version."""
+    try:
+        conn = await _connect(config.url or "")
+    except _OPEN_FAILURES as exc:
+        raise OutboxError(f"{_where(config)}: cannot connect: {_reason(exc)}") from None
+    try:
+        found = await schema.read_version(conn)
+        server = conn.get_server_version()
+    except OutboxError as exc:
+        raise OutboxError(f"{_where(config)}: {exc}") from None
+    except FAILURES as exc:
+        raise OutboxError(f"{_where(config)}: {_reason(exc)}") from None
+    finally:
+        await conn.close()
+    where = f"outbox database {redact_url(config.url or '')} (PostgreSQL {server.major})"
+    if found is None:
+        return f"{where} is reachable; its schema is created at the first start"
+    if found[0] != schema.VERSION:
+        raise OutboxError(
+            f"{_where(config)}: schema version {found[0]}, this version of waba-gateway uses"
+            f" {schema.VERSION}"
+        )
+    return f"{where} is reachable, schema version {found[0]}"

@@ -1,0 +1,135 @@
+"""The outbox's tables in PostgreSQL: created by the gateway, versioned, checked at every start.
+
+Rule: everything lives in its own PostgreSQL schema, ``waba_gateway``, so the database may hold
+other things. The first gateway to start creates the tables (under an advisory lock, so several
+starting together create them once) and records :data:`VERSION` with a random delivery id
+prefix; every start reads the version back and refuses any other one, untouched, with a message
+saying what to do.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import asyncpg
+
+from gateway.errors import OutboxError
+
+__all__ = ["SCHEMA", "VERSION", "ensure", "read_version"]
+
+SCHEMA = "waba_gateway"
+VERSION = 1
+# pg_advisory_xact_lock's key while the tables are checked or created: any fixed number
+# ("waba" in ASCII); it only has to be the same for every gateway.
+_CREATE_LOCK = 0x77616261
+
+_TABLES = (
+    f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}",
+    f"CREATE TABLE {SCHEMA}.meta (version INTEGER NOT NULL, delivery_id_prefix TEXT NOT NULL)",
+    # Deduplication across every gateway sharing the database: the primary key makes a body
+    # accepted by two gateways at once wait for the first to commit, then find it.
+    f"""CREATE TABLE {SCHEMA}.digests (
+    digest BYTEA PRIMARY KEY,
+    received_at DOUBLE PRECISION NOT NULL
+)""",
+    f"""CREATE TABLE {SCHEMA}.notifications (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    received_at DOUBLE PRECISION NOT NULL,
+    signature TEXT NOT NULL,
+    body BYTEA NOT NULL
+)""",
+    f"CREATE INDEX notifications_received ON {SCHEMA}.notifications (received_at)",
+    # An identity column never hands out a number twice, even after pruning: with the database's
+    # random prefix, delivery ids stay unique across every gateway.
+    f"""CREATE TABLE {SCHEMA}.deliveries (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    notification_id BIGINT NOT NULL REFERENCES {SCHEMA}.notifications (id),
+    target TEXT NOT NULL,
+    body BYTEA,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at DOUBLE PRECISION NOT NULL,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    last_response TEXT,
+    -- The gateway sending it, and until when (the database's clock): see outbox.py.
+    lease_owner TEXT,
+    lease_until DOUBLE PRECISION
+)""",
+    f"CREATE INDEX deliveries_due ON {SCHEMA}.deliveries (state, target, next_attempt_at)",
+    f"CREATE INDEX deliveries_notification ON {SCHEMA}.deliveries (notification_id)",
+    f"CREATE INDEX deliveries_updated ON {SCHEMA}.deliveries (updated_at)",
+    # Each attempt's outcome, for the admin console; removed with its delivery.
+    f"""CREATE TABLE {SCHEMA}.attempts (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id BIGINT NOT NULL,
+    number INTEGER NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    error TEXT,
+    response TEXT NOT NULL
+)""",
+    f"CREATE INDEX attempts_delivery ON {SCHEMA}.attempts (delivery_id)",
+    # The lease heartbeat finds a gateway's own leases.
+    f"CREATE INDEX deliveries_leased ON {SCHEMA}.deliveries (lease_owner)"
+    " WHERE lease_owner IS NOT NULL",
+)
+
+
+async def read_version(conn: asyncpg.Connection[Any]) -> tuple[int, str] | None:
+    """``(version, delivery id prefix)`` of the outbox in this database; ``None``: no outbox
+    yet. Raises OutboxError for a ``waba_gateway`` schema that is not an outbox's."""
+    has_schema = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", SCHEMA
+    )
+    if not has_schema:
+        return None
+    if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.meta") is None:
+        raise OutboxError(
+            f"the database holds a schema {SCHEMA!r} that is not a waba-gateway outbox (no"
+            " version recorded); point outbox.url at another database"
+        )
+    row = await conn.fetchrow(f"SELECT version, delivery_id_prefix FROM {SCHEMA}.meta")
+    if row is None:
+        raise OutboxError(f"the outbox schema {SCHEMA!r} records no version; it is not usable")
+    return int(row[0]), str(row[1])
+
+
+def _check(found: tuple[int, str]) -> str:
+    version, prefix = found
+    if version != VERSION:
+        newer = "a newer" if version > VERSION else "an older"
+        raise OutboxError(
+            f"the outbox schema in this database was made by {newer} version of waba-gateway"
+            f" (schema version {version}, this version uses {VERSION}); run the version that"
+            " made it, or point outbox.url at another database"
+        )
+    return prefix
+
+
+async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
+    """Check the database's outbox schema, creating it when there is none and ``create``;
+    return its delivery id prefix. Another version raises OutboxError, changing nothing."""
+    found = await read_version(conn)
+    if found is not None:
+        return _check(found)
+    if not create:
+        raise OutboxError("no outbox in this database yet (the gateway creates it at start)")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
+        found = await read_version(conn)  # again, under the lock: another gateway may have won
+        if found is not None:
+            return _check(found)
+        for statement in _TABLES:
+            await conn.execute(statement)
+        prefix = secrets.token_hex(8)
+        await conn.execute(
+            f"INSERT INTO {SCHEMA}.meta (version, delivery_id_prefix) VALUES ($1, $2)",
+            VERSION,
+            prefix,
+        )
+    return prefix

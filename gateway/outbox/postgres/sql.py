@@ -1,0 +1,252 @@
+"""Every statement the PostgreSQL outbox runs, and the rows it reads turned into values.
+
+Rule: the statements alone, as constants; :mod:`gateway.outbox.postgres.outbox` runs them. Times
+are seconds since the epoch as the callers give them (the dispatcher's clock), except leases,
+which are measured on the database's clock so that every gateway sharing it agrees on when a
+lease has run out, whatever their own clocks say.
+
+Delivery ids are ``<prefix>-<row id>``, as in the SQLite outbox: the prefix is the database's,
+made with its schema, and the row id an identity column, never handed out twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from gateway.outbox.model import Delivery
+from gateway.outbox.postgres.schema import SCHEMA
+
+__all__ = [
+    "ACCEPT",
+    "ATTEMPTS",
+    "BACKLOG",
+    "CHANNEL",
+    "CLAIM",
+    "COUNT",
+    "EXCERPT_CHARS",
+    "GET",
+    "PRUNE_BATCH",
+    "PRUNE_DELIVERED",
+    "PRUNE_DIGESTS",
+    "PRUNE_NOTIFICATIONS",
+    "PURGE_DEAD",
+    "RECORD",
+    "RENEW",
+    "REPLAY",
+    "delivery",
+    "delivery_id",
+    "list_query",
+    "replay_many_query",
+    "rowid_of",
+]
+
+# LISTEN/NOTIFY channel: "there are deliveries any gateway may claim now".
+CHANNEL: Final = "waba_gateway_due"
+PRUNE_BATCH: Final = 5000
+EXCERPT_CHARS: Final = 1024
+_MAX_ROWID = 2**63 - 1
+_NOW = "extract(epoch FROM clock_timestamp())"
+
+# One statement, one round trip: the deduplication upsert, the notification, one delivery per
+# route (targets $6, bodies $7, NULL for Meta's bytes), leased to $8 for $9 seconds when $8 is
+# set. Always exactly one row: the notification id and its delivery ids in route order, or NULLs
+# for a duplicate. $10: announce the new deliveries to every gateway (when no lease holds them).
+# A body is new when the digest was last seen outside the window around now ($3 and $11, that
+# is now -/+ dedup_window_s): gateways commit concurrently, so the row may hold a later time
+# than this request's own.
+ACCEPT: Final = f"""
+WITH fresh AS (
+    INSERT INTO {SCHEMA}.digests AS d (digest, received_at) VALUES ($1, $2)
+    ON CONFLICT (digest) DO UPDATE SET received_at = GREATEST(d.received_at, $2)
+    WHERE d.received_at < $3 OR d.received_at > $11
+    RETURNING 1
+), n AS (
+    INSERT INTO {SCHEMA}.notifications (received_at, signature, body)
+    SELECT $2, $4, $5 FROM fresh
+    RETURNING id
+), x AS (
+    INSERT INTO {SCHEMA}.deliveries (notification_id, target, body, state, created_at,
+        next_attempt_at, updated_at, lease_owner, lease_until)
+    SELECT n.id, r.target, r.body, 'pending', $2, $2, $2, $8,
+        CASE WHEN $8::text IS NULL THEN NULL ELSE {_NOW} + $9 END
+    FROM n, unnest($6::text[], $7::bytea[]) WITH ORDINALITY AS r (target, body, ord)
+    ORDER BY r.ord
+    RETURNING id
+)
+SELECT (SELECT id FROM n) AS notification_id,
+    (SELECT array_agg(id ORDER BY id) FROM x) AS ids,
+    (SELECT pg_notify('{CHANNEL}', '') FROM n WHERE $10::boolean) AS announced
+"""
+
+_COLUMNS = """d.id, d.notification_id, d.target, COALESCE(d.body, n.body), n.signature,
+    d.body IS NOT NULL, d.state, d.attempts, d.created_at, d.next_attempt_at, n.received_at,
+    d.last_status, d.last_error, d.last_response"""
+
+# Claim one target's due deliveries for $3 until $6 seconds from now: rows another dispatcher
+# holds locked are skipped (no waiting, no double send), rows it leased are left alone until
+# the lease runs out, rows this gateway leased (at accept) are its own. $4: ids in flight here.
+CLAIM: Final = f"""
+WITH c AS (
+    SELECT id FROM {SCHEMA}.deliveries
+    WHERE state = 'pending' AND target = $1 AND next_attempt_at <= $2
+      AND (lease_until IS NULL OR lease_owner = $3 OR lease_until <= {_NOW})
+      AND id <> ALL($4::bigint[])
+    ORDER BY next_attempt_at
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {SCHEMA}.deliveries d SET lease_owner = $3, lease_until = {_NOW} + $6
+FROM c, {SCHEMA}.notifications n
+WHERE d.id = c.id AND n.id = d.notification_id
+RETURNING {_COLUMNS}
+"""
+
+# An attempt's outcome, which ends the lease; skipped when another gateway took the delivery
+# over meanwhile (this one's lease ran out): its outcome is the one that counts.
+# It is also kept in the delivery's attempt history.
+RECORD: Final = f"""
+WITH u AS (
+    UPDATE {SCHEMA}.deliveries SET state = $1, attempts = attempts + 1, next_attempt_at = $2,
+        updated_at = $3, last_status = $4, last_error = $5, last_response = $6,
+        lease_owner = NULL, lease_until = NULL
+    WHERE id = $7 AND (lease_owner IS NULL OR lease_owner = $8)
+    RETURNING id, attempts
+)
+INSERT INTO {SCHEMA}.attempts (delivery_id, number, at, state, status, error, response)
+SELECT id, attempts, $3, $1, $4, $5, $6 FROM u
+"""
+
+# The heartbeat of a living gateway: its leases last while it does, whatever its targets'
+# timeouts; a dead one's run out lease_s after its last beat.
+RENEW: Final = f"""
+UPDATE {SCHEMA}.deliveries SET lease_until = {_NOW} + $2
+WHERE lease_owner = $1 AND state = 'pending'
+"""
+
+REPLAY: Final = f"""
+UPDATE {SCHEMA}.deliveries SET state = 'pending', attempts = 0, created_at = $2,
+    next_attempt_at = $2, updated_at = $2, lease_owner = NULL, lease_until = NULL
+WHERE id = $1
+RETURNING pg_notify('{CHANNEL}', '')
+"""
+
+COUNT: Final = f"SELECT state, COUNT(*) FROM {SCHEMA}.deliveries GROUP BY state"
+BACKLOG: Final = f"""
+SELECT target, state, COUNT(*), MIN(created_at) FROM {SCHEMA}.deliveries
+WHERE state IN ('pending', 'dead') GROUP BY state, target
+"""
+ATTEMPTS: Final = f"""
+SELECT number, at, state, status, error, response FROM {SCHEMA}.attempts
+WHERE delivery_id = $1 ORDER BY id
+"""
+# Dead letters go with their attempt history; their notifications with the prune.
+PURGE_DEAD: Final = f"""
+WITH d AS (DELETE FROM {SCHEMA}.deliveries WHERE state = 'dead' AND updated_at < $1 RETURNING id),
+a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
+SELECT COUNT(*) FROM d
+"""
+
+# A delivered row's next_attempt_at is its delivery time (see RECORD's callers).
+PRUNE_DELIVERED: Final = f"""
+WITH d AS (
+    DELETE FROM {SCHEMA}.deliveries WHERE id IN (
+        SELECT id FROM {SCHEMA}.deliveries
+        WHERE state = 'delivered' AND target = $1 AND next_attempt_at < $2
+        LIMIT {PRUNE_BATCH})
+    RETURNING id
+), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
+SELECT COUNT(*) FROM d
+"""
+# The digests table alone answers "seen inside the window?", so notifications may go with the
+# retention once no delivery needs their body.
+PRUNE_NOTIFICATIONS: Final = f"""
+DELETE FROM {SCHEMA}.notifications WHERE id IN (
+    SELECT id FROM {SCHEMA}.notifications n
+    WHERE received_at < $1
+      AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries d WHERE d.notification_id = n.id)
+    LIMIT {PRUNE_BATCH})
+"""
+PRUNE_DIGESTS: Final = f"""
+DELETE FROM {SCHEMA}.digests WHERE digest IN (
+    SELECT digest FROM {SCHEMA}.digests WHERE received_at < $1 LIMIT {PRUNE_BATCH})
+"""
+
+
+def list_query(state: str | None, target: str | None) -> tuple[str, list[Any]]:
+    """The most recently changed deliveries, filtered: the statement and its arguments before
+    the limit and the offset (ties broken by id, newest first: a stable order to page in)."""
+    where, params = _filters(state=state, target=target)
+    return (
+        f"SELECT {_COLUMNS} FROM {SCHEMA}.deliveries d"
+        f" JOIN {SCHEMA}.notifications n ON n.id = d.notification_id{where}"
+        f" ORDER BY d.updated_at DESC, d.id DESC LIMIT ${len(params) + 1}"
+        f" OFFSET ${len(params) + 2}",
+        params,
+    )
+
+
+def replay_many_query(
+    state: str, target: str | None, since: float | None
+) -> tuple[str, list[Any]]:
+    """Make the deliveries in ``state`` (of ``target``, changed since ``since``) pending, due
+    at the last argument: the statement and its arguments before that one."""
+    where, params = _filters(state=state, target=target, since=since)
+    now = f"${len(params) + 1}"
+    return (
+        f"UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, created_at = {now},"
+        f" next_attempt_at = {now}, updated_at = {now}, lease_owner = NULL, lease_until = NULL"
+        f"{where}",
+        params,
+    )
+
+
+def _filters(
+    *, state: str | None, target: str | None, since: float | None = None
+) -> tuple[str, list[Any]]:
+    clauses, params = [], list[Any]()
+    pairs = (("d.state = ", state), ("d.target = ", target), ("d.updated_at >= ", since))
+    for clause, value in pairs:
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{clause}${len(params)}")
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), params
+
+
+GET: Final = f"""
+SELECT {_COLUMNS} FROM {SCHEMA}.deliveries d
+JOIN {SCHEMA}.notifications n ON n.id = d.notification_id WHERE d.id = $1
+"""
+
+
+def delivery_id(prefix: str, rowid: int) -> str:
+    return f"{prefix}-{rowid}"
+
+
+def rowid_of(delivery_id: str, prefix: str) -> int | None:
+    """The row id ``delivery_id`` names in this database; ``None`` for anything else."""
+    head, _, digits = delivery_id.rpartition("-")
+    if head != prefix or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+        return None
+    rowid = int(digits)
+    return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
+
+
+def delivery(row: Mapping[int, Any] | Any, prefix: str) -> Delivery:
+    """A row of ``_COLUMNS`` as a :class:`Delivery`."""
+    return Delivery(
+        id=delivery_id(prefix, row[0]),
+        notification_id=row[1],
+        target=row[2],
+        body=bytes(row[3]),
+        signature=row[4],
+        split=bool(row[5]),
+        state=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        next_attempt_at=row[9],
+        received_at=row[10],
+        last_status=row[11],
+        last_error=row[12],
+        last_response=row[13],
+    )

@@ -1,0 +1,241 @@
+"""The outbox's behaviour, the same on every backend: each test runs on SQLite and on a real
+PostgreSQL server, through the one interface (open_outbox), so the backends cannot drift."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.config import OutboxConfig
+from gateway.errors import OutboxError
+from gateway.outbox import (
+    AttemptResult,
+    DeadLetter,
+    Delivered,
+    Delivery,
+    Outbox,
+    RetryAt,
+    Route,
+    open_outbox,
+)
+
+DAY = 86400.0
+SIG = "sha256=" + "0" * 64
+OK = AttemptResult(status=200)
+
+Opener = Callable[..., Awaitable[Outbox]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens outboxes on one store (a SQLite file, or a new PostgreSQL database); all are
+    closed at the end."""
+    if request.param == "sqlite":
+        base = OutboxConfig(path=tmp_path / "outbox.sqlite3")
+    else:
+        base = OutboxConfig(url=request.getfixturevalue("pg_url"))
+    opened: list[Outbox] = []
+
+    async def open_one(dedup_window_s: float = 7 * DAY, **options: object) -> Outbox:
+        config = OutboxConfig(
+            path=base.path, url=base.url, dedup_window_s=dedup_window_s, lease_s=30.0
+        )
+        outbox = await open_outbox(config, **options)  # type: ignore[arg-type]
+        opened.append(outbox)
+        return outbox
+
+    yield open_one
+    for outbox in opened:
+        await outbox.close()
+
+
+@pytest.fixture
+async def outbox(opener: Opener) -> Outbox:
+    return await opener()
+
+
+async def one(outbox: Outbox, n: int, at: float = 1000.0) -> Delivery:
+    """Accept notification ``n`` with one route to target ``t``; its delivery."""
+    found = await outbox.accept(b'{"n":%d}' % n, SIG, [Route("t", None)], at)
+    assert found is not None
+    return found[0]
+
+
+async def test_accept_returns_one_pending_delivery_per_route(outbox: Outbox) -> None:
+    """A notification with two routes gives two pending deliveries, split bodies kept apart."""
+    found = await outbox.accept(b'{"a":1}', SIG, [Route("t1", None), Route("t2", b"{}")], 1000.0)
+    assert found is not None
+    assert [(d.target, d.body, d.split, d.state) for d in found] == [
+        ("t1", b'{"a":1}', False, "pending"),
+        ("t2", b"{}", True, "pending"),
+    ]
+    listed = await outbox.query()
+    assert sorted(d.id for d in listed) == sorted(d.id for d in found)
+    assert {d.signature for d in listed} == {SIG}
+
+
+async def test_identical_body_inside_window_is_a_duplicate_and_after_it_is_new(
+    opener: Opener,
+) -> None:
+    """The same bytes inside dedup_window_s are acknowledged, not stored; after it, stored."""
+    box = await opener(dedup_window_s=60.0)
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 1000.0)
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 1030.0) is None
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 1061.0)
+    assert (await box.counts())["pending"] == 2
+
+
+async def test_duplicate_sent_to_two_outboxes_on_one_store_is_stored_once(
+    opener: Opener,
+) -> None:
+    """Two gateways sharing a store, the same body at once: exactly one stores it."""
+    first, second = await opener(), await opener()
+    results = await asyncio.gather(
+        *(box.accept(b'{"same":1}', SIG, [Route("t", None)], 1000.0) for box in (first, second))
+    )
+    assert sorted(result is None for result in results) == [False, True]
+    assert (await first.counts())["pending"] == 1
+
+
+async def test_concurrent_accepts_all_stored_with_unique_ids(outbox: Outbox) -> None:
+    """Many accepts at once (one group commit or several) each get their own delivery."""
+    results = await asyncio.gather(
+        *(outbox.accept(b'{"n":%d}' % i, SIG, [Route("t", None)], 1000.0) for i in range(50))
+    )
+    ids = [d.id for found in results if found for d in found]
+    assert len(set(ids)) == 50
+
+
+async def test_due_is_oldest_first_per_target_limit_leaving_out_excluded_and_future(
+    outbox: Outbox,
+) -> None:
+    """due() gives what has come due, oldest first, within each target's limit."""
+    made = [await one(outbox, i, at) for i, at in enumerate((1003.0, 1001.0, 1002.0, 5000.0))]
+    due = await outbox.due(2000.0, {"t": 10}, exclude={made[2].id})
+    assert [d.id for d in due] == [made[1].id, made[0].id]
+    assert len(await outbox.due(2000.0, {"t": 1})) == 1
+    assert await outbox.due(2000.0, {"other": 10}) == []
+
+
+async def test_outcomes_move_a_delivery_through_its_states(outbox: Outbox) -> None:
+    """Retry keeps it pending with a later time, delivered and dead letters leave due()."""
+    a, b = await one(outbox, 0), await one(outbox, 1)
+    failed = AttemptResult(status=503, response_excerpt="busy")
+    await outbox.record_many([(a.id, RetryAt(1100.0, "HTTP 503"), failed)], 1001.0)
+    assert [d.id for d in await outbox.due(1050.0, {"t": 10})] == [b.id]
+    (retried,) = await outbox.due(1100.0, {"t": 10}, exclude={b.id})
+    assert (retried.id, retried.attempts, retried.last_status) == (a.id, 1, 503)
+    await outbox.record_many(
+        [(a.id, Delivered(), OK), (b.id, DeadLetter("HTTP 400"), AttemptResult(status=400))],
+        1200.0,
+    )
+    assert await outbox.counts() == {"pending": 0, "delivered": 1, "dead": 1}
+    (dead,) = await outbox.query(state="dead")
+    assert (dead.id, dead.last_error) == (b.id, "HTTP 400")
+    assert await outbox.due(9999.0, {"t": 10}) == []
+
+
+async def test_replay_makes_a_dead_letter_pending_and_due_now(outbox: Outbox) -> None:
+    """A replayed dead letter is pending again with a fresh count; unknown ids are False."""
+    (d,) = await outbox.accept(b"{}", SIG, [Route("t", None)], 1000.0) or []
+    await outbox.record_many([(d.id, DeadLetter("gave up"), OK)], 1001.0)
+    assert await outbox.replay(d.id, 2000.0)
+    (again,) = await outbox.due(2000.0, {"t": 10})
+    assert (again.id, again.attempts, again.created_at) == (d.id, 0, 2000.0)
+    for unknown in ("nope", f"{d.id}0", "x-1", ""):
+        assert not await outbox.replay(unknown, 2000.0)
+
+
+async def test_prune_removes_old_delivered_and_keeps_dead_pending_and_dedup(
+    opener: Opener,
+) -> None:
+    """Old delivered rows go; dead letters and pending stay; a duplicate inside the
+    deduplication window is still recognised after the prune."""
+    box = await opener(dedup_window_s=10 * DAY)
+    made = [await one(box, i) for i in range(3)]
+    await box.record_many(
+        [(made[0].id, Delivered(), OK), (made[1].id, DeadLetter("x"), OK)], 1000.0
+    )
+    assert await box.prune(1000.0 + 2 * DAY, DAY, ["t"]) == 1
+    assert await box.counts() == {"pending": 1, "delivered": 0, "dead": 1}
+    assert await box.accept(b'{"n":0}', SIG, [Route("t", None)], 1000.0 + 2 * DAY) is None
+
+
+async def test_attempt_history_get_and_backlog(outbox: Outbox) -> None:
+    """Every recorded attempt is kept, numbered again from 1 after a replay; get() reads one
+    delivery; backlog() counts pending and dead per target."""
+    a, b = await one(outbox, 0), await one(outbox, 1)
+    busy = AttemptResult(status=503, response_excerpt="busy")
+    await outbox.record_many([(a.id, RetryAt(1100.0, "HTTP 503"), busy)], 1001.0)
+    await outbox.record_many([(a.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1101.0)
+    assert [(r.number, r.outcome, r.status, r.response) for r in await outbox.attempts(a.id)] == [
+        (1, "retry", 503, "busy"),
+        (2, "dead", 400, ""),
+    ]
+    (backlog,) = await outbox.backlog()
+    assert (backlog.target, backlog.pending, backlog.dead) == ("t", 1, 1)
+    assert backlog.oldest_pending_at == 1000.0
+    assert await outbox.replay(a.id, 1200.0)
+    await outbox.record_many([(a.id, Delivered(), OK)], 1201.0)
+    assert [r.number for r in await outbox.attempts(a.id)] == [1, 2, 1]
+    found = await outbox.get(b.id)
+    assert found is not None
+    assert (found.id, found.state) == (b.id, "pending")
+    assert await outbox.get("nope") is None
+    assert await outbox.attempts("nope") == []
+
+
+async def test_replay_many_and_purge_dead(outbox: Outbox) -> None:
+    """Dead letters of a target, changed since a time, replay at once; old ones purge."""
+    made = [await one(outbox, i) for i in range(3)]
+    for n, delivery in enumerate(made):
+        await outbox.record_many([(delivery.id, DeadLetter("x"), OK)], 1000.0 + n)
+    assert await outbox.replay_many(state="dead", target="t", since=1001.0, now=2000.0) == 2
+    assert await outbox.counts() == {"pending": 2, "delivered": 0, "dead": 1}
+    assert await outbox.purge_dead(1000.5) == 1
+    assert await outbox.counts() == {"pending": 2, "delivered": 0, "dead": 0}
+    assert await outbox.get(made[0].id) is None
+
+
+async def test_query_pages_in_a_stable_order(outbox: Outbox) -> None:
+    """offset pages through deliveries changed at the same time without skipping any."""
+    made = {(await one(outbox, i)).id for i in range(5)}
+    pages = [await outbox.query(limit=2, offset=offset) for offset in (0, 2, 4)]
+    seen = [d.id for page in pages for d in page]
+    assert sorted(seen) == sorted(made)
+    assert len(seen) == 5
+
+
+async def test_query_filters_by_state_and_target_newest_first(outbox: Outbox) -> None:
+    """query() filters and orders by the last change, newest first, within the limit."""
+    for i in range(3):
+        await outbox.accept(b'{"n":%d}' % i, SIG, [Route("a", None), Route("b", None)], 1000.0 + i)
+    assert [d.target for d in await outbox.query(target="b")] == ["b"] * 3
+    assert len(await outbox.query(state="pending", limit=2)) == 2
+    assert await outbox.query(state="dead") == []
+
+
+async def test_two_outboxes_on_one_store_see_the_same_ids(opener: Opener) -> None:
+    """Ids are the store's: a second outbox on the same store lists and replays them."""
+    first, second = await opener(), await opener()
+    (d,) = await first.accept(b"{}", SIG, [Route("t", None)], 1000.0) or []
+    assert [x.id for x in await second.query()] == [d.id]
+    assert await second.replay(d.id, 1001.0)
+
+
+async def test_ping_answers_and_a_closed_outbox_refuses(opener: Opener) -> None:
+    """ping() returns on a working outbox; after close(), writes raise OutboxError."""
+    box = await opener()
+    await box.ping()
+    await box.close()
+    with pytest.raises(OutboxError):
+        await box.accept(b"{}", SIG, [Route("t", None)], 1000.0)
+
+
+async def test_reading_an_outbox_that_does_not_exist_is_refused(opener: Opener) -> None:
+    """create=False (the command line's reads) refuses a store with no outbox yet."""
+    with pytest.raises(OutboxError, match="no outbox"):
+        await opener(create=False)

@@ -1,0 +1,217 @@
+"""What only a shared PostgreSQL outbox does: claims with leases across gateways, wake-ups by
+NOTIFY, its schema version, and riding out the database going away (gateway.outbox.postgres)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import pytest
+from pgserver import PASSWORD, PgServer, running_server
+
+from gateway.config import OutboxConfig
+from gateway.errors import OutboxError
+from gateway.outbox import AttemptResult, Delivered, Outbox, RetryAt, Route, open_outbox
+from gateway.outbox.postgres.outbox import PostgresOutbox, inspect
+
+SIG = "sha256=" + "0" * 64
+Opener = Callable[..., Awaitable[Outbox]]
+
+
+@pytest.fixture
+async def opener(pg_url: str) -> AsyncIterator[Opener]:
+    """Opens gateways' outboxes on one new database; all are closed at the end."""
+    opened: list[Outbox] = []
+
+    async def open_one(lease_s: float = 30.0, url: str = pg_url, **options: object) -> Outbox:
+        config = OutboxConfig(url=url, lease_s=lease_s)
+        outbox = await open_outbox(config, **options)  # type: ignore[arg-type]
+        opened.append(outbox)
+        return outbox
+
+    yield open_one
+    for outbox in opened:
+        await outbox.close()
+
+
+async def _store(outbox: Outbox, count: int, target: str = "t") -> list[str]:
+    ids = []
+    for n in range(count):
+        found = await outbox.accept(b'{"n":%d}' % n, SIG, [Route(target, None)], 1000.0)
+        assert found is not None
+        ids.append(found[0].id)
+    return ids
+
+
+async def test_concurrent_claims_by_two_gateways_never_share_a_delivery(opener: Opener) -> None:
+    """Two dispatchers claiming at once get disjoint deliveries, together all of them."""
+    writer = await opener(dispatching=False)
+    ids = await _store(writer, 40)
+    # Each gateway's own leases are its own to claim again (it excludes what is in flight):
+    # four gateways, one claim each.
+    boxes = [await opener() for _ in range(4)]
+    claims = await asyncio.gather(*(box.due(2000.0, {"t": 15}) for box in boxes))
+    claimed = [d.id for claim in claims for d in claim]
+    assert len(claimed) == len(set(claimed)) == 40
+    assert sorted(claimed) == sorted(ids)
+
+
+async def test_a_gateway_leases_what_it_accepts_so_no_other_claims_it(opener: Opener) -> None:
+    """A dispatching gateway's fresh deliveries are its own: another's claim skips them."""
+    accepting, other = await opener(), await opener()
+    ids = await _store(accepting, 3)
+    assert await other.due(2000.0, {"t": 10}) == []
+    assert sorted(d.id for d in await accepting.due(2000.0, {"t": 10})) == sorted(ids)
+
+
+async def test_claims_of_a_gateway_that_stops_renewing_are_taken_over_after_the_lease(
+    opener: Opener, pg_url: str
+) -> None:
+    """A dead gateway's claims (no heartbeat) pass to another once lease_s has run out; the
+    dead one's late outcome no longer counts."""
+    dead = await opener(lease_s=0.5)
+    assert isinstance(dead, PostgresOutbox)
+    ids = await _store(dead, 2)
+    claimed = await dead.due(2000.0, {"t": 10})
+    await dead.close()  # stops its heartbeat, as a SIGKILL would
+    survivor = await opener(lease_s=0.5)
+    assert await survivor.due(2000.0, {"t": 10}) == []
+    await asyncio.sleep(0.6)
+    taken = await survivor.due(2000.0, {"t": 10})
+    assert sorted(d.id for d in taken) == sorted(ids)
+    late = await opener(lease_s=0.5, url=pg_url)
+    assert isinstance(late, PostgresOutbox)
+    late.owner = dead.owner  # the dead gateway's outcome, arriving after the takeover
+    await late.record_many([(claimed[0].id, Delivered(), AttemptResult(status=200))], 2001.0)
+    assert (await survivor.counts())["delivered"] == 0
+
+
+async def test_a_living_gateway_keeps_its_claims_past_the_lease(opener: Opener) -> None:
+    """The heartbeat renews the leases of a gateway that lives, however slow its target."""
+    slow = await opener(lease_s=0.3)
+    await _store(slow, 2)
+    await slow.due(2000.0, {"t": 10})
+    other = await opener(lease_s=0.3)
+    await asyncio.sleep(0.7)
+    assert await other.due(2000.0, {"t": 10}) == []
+
+
+async def test_an_outcome_ends_the_lease_so_any_gateway_retries(opener: Opener) -> None:
+    """A failed attempt, recorded, leaves the retry to whichever gateway claims first."""
+    first, second = await opener(), await opener()
+    (delivery_id,) = await _store(first, 1)
+    await first.record_many(
+        [(delivery_id, RetryAt(1500.0, "HTTP 503"), AttemptResult(status=503))], 1001.0
+    )
+    (retry,) = await second.due(2000.0, {"t": 10})
+    assert (retry.id, retry.attempts) == (delivery_id, 1)
+
+
+async def test_deliveries_stored_unleased_wake_other_gateways_at_once(opener: Opener) -> None:
+    """A notification stored by a gateway that does not dispatch, or a replay, wakes the
+    dispatchers of the others through NOTIFY, without waiting for their poll."""
+    woken = asyncio.Event()
+    await opener(on_wake=woken.set)
+    writer = await opener(dispatching=False)
+    await asyncio.sleep(0.2)  # the listener connects
+    (delivery_id,) = await _store(writer, 1)
+    await asyncio.wait_for(woken.wait(), 5.0)
+    woken.clear()
+    assert await writer.replay(delivery_id, 1001.0)
+    await asyncio.wait_for(woken.wait(), 5.0)
+
+
+async def test_new_database_gets_the_schema_and_check_reports_its_version(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """The first start creates the schema at version 1; inspect() (check) says so."""
+    config = OutboxConfig(url=pg_url)
+    assert "its schema is created at the first start" in await inspect(config)
+    await opener()
+    assert "reachable, schema version 1" in await inspect(config)
+    database = urlsplit(pg_url).path.lstrip("/")
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "1"
+
+
+async def test_schema_of_a_newer_version_is_refused_at_start_untouched(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A schema made by a newer gateway is refused with what to do; nothing is changed."""
+    await (await opener()).close()
+    database = urlsplit(pg_url).path.lstrip("/")
+    pg_server.psql("UPDATE waba_gateway.meta SET version = 7", database)
+    with pytest.raises(OutboxError, match=r"newer version.*\(schema version 7, this"):
+        await opener()
+    with pytest.raises(OutboxError, match="schema version 7"):
+        await inspect(OutboxConfig(url=pg_url))
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
+
+
+async def test_schema_that_is_not_an_outbox_is_refused(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A waba_gateway schema without a recorded version is not taken for an outbox."""
+    database = urlsplit(pg_url).path.lstrip("/")
+    pg_server.psql("CREATE SCHEMA waba_gateway", database)
+    with pytest.raises(OutboxError, match="not a waba-gateway outbox"):
+        await opener()
+
+
+async def test_unreachable_database_at_start_names_the_url_without_its_password(
+    pg_server: PgServer,
+) -> None:
+    """Nothing listening: OutboxError naming outbox.url, password redacted."""
+    url = pg_server.tcp_url().replace(f":{pg_server.port}/", ":9/")
+    with pytest.raises(OutboxError) as caught:
+        await open_outbox(OutboxConfig(url=url))
+    assert str(caught.value).startswith("outbox.url = 'postgresql://waba:***@127.0.0.1:9/")
+    assert "cannot connect" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+async def test_tcp_url_with_a_password_opens(pg_server: PgServer, pg_url: str) -> None:
+    """The postgresql://USER:PASSWORD@HOST:PORT/DB form works as well as the socket one."""
+    database = urlsplit(pg_url).path.lstrip("/")
+    outbox = await open_outbox(OutboxConfig(url=pg_server.tcp_url(database)))
+    try:
+        await outbox.ping()
+    finally:
+        await outbox.close()
+
+
+async def test_database_going_away_fails_fast_and_recovers_without_reopening() -> None:
+    """Server stopped: accept and ping raise OutboxError within seconds (503, never 200).
+    Server back: the same outbox takes notifications again, and what it had is still there."""
+    with running_server() as server:
+        server.psql("CREATE DATABASE away")
+        woken = asyncio.Event()
+        outbox = await open_outbox(OutboxConfig(url=server.socket_url("away")), on_wake=woken.set)
+        try:
+            (kept,) = await _store(outbox, 1)
+            await asyncio.to_thread(server.stop)
+            started = time.monotonic()
+            with pytest.raises(OutboxError):
+                await outbox.accept(b'{"x":1}', SIG, [Route("t", None)], 1001.0)
+            with pytest.raises(OutboxError):
+                await outbox.ping()
+            assert time.monotonic() - started < 5.0
+            await asyncio.to_thread(server.start)
+            await asyncio.wait_for(woken.wait(), 10.0)  # the listener is back, and says so
+            assert await outbox.accept(b'{"x":1}', SIG, [Route("t", None)], 1002.0)
+            await outbox.ping()
+            assert kept in {d.id for d in await outbox.query()}
+        finally:
+            await outbox.close()
+
+
+async def test_a_body_committed_out_of_order_is_new_outside_the_window(opener: Opener) -> None:
+    """Gateways commit concurrently, so a later request may be stored first: the earlier one
+    is a duplicate only inside dedup_window_s of it, as in time order."""
+    box = await opener()
+    assert isinstance(box, PostgresOutbox)
+    window = box.config.dedup_window_s
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 10 * window)
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 10 * window - 1.0) is None
+    assert await box.accept(b"{}", SIG, [Route("t", None)], 8 * window)
