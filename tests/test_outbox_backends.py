@@ -189,7 +189,8 @@ async def test_attempt_history_get_and_backlog(outbox: Outbox) -> None:
 
 
 async def test_replay_many_and_purge_dead(outbox: Outbox) -> None:
-    """Dead letters of a target, changed since a time, replay at once; old ones purge."""
+    """Dead letters of a target, changed since a time, replay at once; old ones purge, with
+    their attempt history, on both backends alike."""
     made = [await one(outbox, i) for i in range(3)]
     for n, delivery in enumerate(made):
         await outbox.record_many([(delivery.id, DeadLetter("x"), OK)], 1000.0 + n)
@@ -198,6 +199,7 @@ async def test_replay_many_and_purge_dead(outbox: Outbox) -> None:
     assert await outbox.purge_dead(1000.5) == 1
     assert await outbox.counts() == {"pending": 2, "delivered": 0, "dead": 0}
     assert await outbox.get(made[0].id) is None
+    assert await outbox.attempts(made[0].id) == []
 
 
 async def test_query_pages_in_a_stable_order(outbox: Outbox) -> None:

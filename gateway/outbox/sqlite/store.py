@@ -405,8 +405,14 @@ def replay_deliveries(
 
 
 def purge_dead(conn: sqlite3.Connection, before: float) -> int:
-    """Remove dead letters last changed before ``before``, and their notifications when no
-    other delivery needs them and deduplication does not (left to the prune walk)."""
+    """Remove dead letters last changed before ``before`` with their attempt history, and
+    their notifications when no other delivery needs them and deduplication does not (left to
+    the prune walk)."""
+    conn.execute(
+        "DELETE FROM attempts WHERE delivery_id IN"
+        " (SELECT id FROM deliveries WHERE state = 'dead' AND updated_at < ?)",
+        (before,),
+    )
     return int(
         conn.execute(
             "DELETE FROM deliveries WHERE state = 'dead' AND updated_at < ?", (before,)
