@@ -7,6 +7,7 @@ reads :class:`Delivery` and records an :data:`Outcome`). No storage engine is na
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -56,6 +57,37 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     last_response: str | None = None
+
+    @classmethod
+    def fresh(
+        cls,
+        ids: Sequence[str],
+        routes: Sequence[Route],
+        *,
+        notification_id: int,
+        body: bytes,
+        signature: str,
+        now: float,
+    ) -> list[Delivery]:
+        """The deliveries a backend has just stored for one notification, one per route (the
+        ids in the same order), as :meth:`Outbox.accept` returns them: built after the commit,
+        never read back."""
+        return [
+            cls(
+                id=delivery_id,
+                notification_id=notification_id,
+                target=route.target,
+                body=body if route.body is None else route.body,
+                signature=signature,
+                split=route.body is not None,
+                state="pending",
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+                received_at=now,
+            )
+            for route, delivery_id in zip(routes, ids, strict=True)
+        ]
 
     def summary(self) -> dict[str, Any]:
         """What the admin API and CLI show: never the body (it holds message text)."""

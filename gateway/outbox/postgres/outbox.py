@@ -222,22 +222,14 @@ class PostgresOutbox:
         notification_id, ids = row[0], row[1]
         if notification_id is None:
             return None
-        return [
-            Delivery(
-                id=sql.delivery_id(self._prefix, rowid),
-                notification_id=notification_id,
-                target=route.target,
-                body=body if route.body is None else route.body,
-                signature=signature,
-                split=route.body is not None,
-                state="pending",
-                attempts=0,
-                created_at=now,
-                next_attempt_at=now,
-                received_at=now,
-            )
-            for route, rowid in zip(routes, ids or [], strict=True)
-        ]
+        return Delivery.fresh(
+            [sql.delivery_id(self._prefix, rowid) for rowid in ids or []],
+            routes,
+            notification_id=notification_id,
+            body=body,
+            signature=signature,
+            now=now,
+        )
 
     async def due(
         self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()

@@ -111,22 +111,14 @@ class SqliteOutbox:
         # The Delivery objects are built here, after the commit, rather than in the job: the
         # job runs under the write lock that the other worker processes wait for.
         notification_id, rowids = stored
-        return [
-            Delivery(
-                id=store.delivery_id(self._prefix, rowid),
-                notification_id=notification_id,
-                target=route.target,
-                body=body if route.body is None else route.body,
-                signature=signature,
-                split=route.body is not None,
-                state="pending",
-                attempts=0,
-                created_at=now,
-                next_attempt_at=now,
-                received_at=now,
-            )
-            for route, rowid in zip(routes, rowids, strict=True)
-        ]
+        return Delivery.fresh(
+            [store.delivery_id(self._prefix, rowid) for rowid in rowids],
+            routes,
+            notification_id=notification_id,
+            body=body,
+            signature=signature,
+            now=now,
+        )
 
     async def due(
         self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
