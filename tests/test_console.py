@@ -8,10 +8,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from config_files import free_port
 from helpers import gateway_config, message_body, post, sink_target, wait_for_state
 from pki import Pki
 from sink import Reply, Sink
 
+from gateway.config import load_config
 from gateway.runtime.console.session import SESSION_COOKIE
 from gateway.runtime.gateway import Gateway
 
@@ -220,3 +222,50 @@ async def test_a_session_does_not_leak_to_the_next_request_on_the_same_connectio
             assert page.status == 401
         assert "Sign out" not in text
         assert "/console/deliveries" not in text
+
+
+async def test_a_reload_that_rotates_the_token_ends_old_sessions(pki: Pki, tmp_path: Path) -> None:
+    """After a reload with a new admin.token, a session made with the old one is refused and
+    only the new token signs in (the console reads the configuration in force)."""
+
+    port = free_port()
+
+    def write(token: str) -> Path:
+        path = tmp_path / "gateway.toml"
+        path.write_text(
+            f"""
+[listen]
+host = "127.0.0.1"
+port = {port}
+workers = 1
+[tls]
+cert_file = "{pki.server_chain_file}"
+key_file = "{pki.server_key_file}"
+client_ca_file = "{pki.client_ca_file}"
+[meta]
+verify_tokens = ["v"]
+app_secrets = ["s"]
+[outbox]
+path = "outbox.sqlite3"
+[admin]
+host = "127.0.0.1"
+port = 0
+token = "{token}"
+"""
+        )
+        return path
+
+    config = load_config(write("first-token"))
+    async with Gateway(config) as gateway, _browser() as session:
+        base = _base(gateway)
+        assert (await _sign_in(session, base, "first-token")).status == 303
+        async with session.get(f"{base}/console/deliveries") as page:
+            assert page.status == 200
+        write("second-token")
+        assert gateway.reload().ok
+        async with session.get(f"{base}/console/deliveries") as page:
+            assert page.status == 401
+        assert (await _sign_in(session, base, "first-token")).status == 401
+        assert (await _sign_in(session, base, "second-token")).status == 303
+        async with session.get(f"{base}/console/deliveries") as page:
+            assert page.status == 200

@@ -177,6 +177,6 @@ def create_admin_app(ops: Operations) -> web.Application:
     app.router.add_post("/admin/deliveries/purge", purge)
     app.router.add_get("/admin/deliveries/{id}", show)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
-    add_console(app, ops.config, outbox, ops.stats, breakers=ops.breakers, wake=ops.wake)
+    add_console(app, lambda: ops.config, outbox, ops.stats, breakers=ops.breakers, wake=ops.wake)
     app.router.add_post("/admin/reload", reload)
     return app

@@ -81,7 +81,7 @@ def _cookie(response: web.StreamResponse, name: str, value: str, max_age: int | 
 
 def add_console(
     app: web.Application,
-    config: Config,
+    current: Callable[[], Config],
     outbox: Outbox,
     stats: Stats,
     *,
@@ -90,10 +90,19 @@ def add_console(
     sessions: Sessions | None = None,
 ) -> None:
     """Mount the console on the admin ``app`` (whose middlewares must let console paths through
-    to the guard installed here)."""
-    token = config.admin.token
-    keys = sessions or Sessions()
-    targets = [t.name for t in config.targets]
+    to the guard installed here). ``current`` gives the configuration in force: a reload that
+    rotates ``admin.token`` applies to the console at once and ends every session made with
+    the old one."""
+    signer = [sessions or Sessions()]
+    made_with = [current().admin.token]
+
+    def guard_token() -> str | None:
+        token = current().admin.token
+        if token != made_with[0]:
+            made_with[0] = token
+            signer[0] = Sessions()  # a new signing key: cookies made before no longer verify
+        return token
+
     stylesheet = resources.files(__package__).joinpath("static/console.css").read_bytes()
 
     def page(request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
@@ -102,29 +111,30 @@ def add_console(
             title,
             body,
             path=request.path,
-            csrf=None if sid is None else keys.csrf(sid),
-            sign_out=token is not None,
+            csrf=None if sid is None else signer[0].csrf(sid),
+            sign_out=current().admin.token is not None,
         )
         return web.Response(status=status, text=html, content_type="text/html", charset="utf-8")
 
     def sign_in_page(
         request: web.Request, next_path: str, problem: str | None, status: int
     ) -> web.Response:
-        cookie, form_token = keys.presession()
+        cookie, form_token = signer[0].presession()
         response = page(request, "Sign in", pages.sign_in(form_token, next_path, problem), status)
         _cookie(response, PRESESSION_COOKIE, cookie, 600)
         return response
 
     async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = guard_token()
         if token is None and not _loopback(request.remote):
             raise Forbidden("the console answers loopback clients only without admin.token")
         if request.path in _OPEN:
             return await handler(request)
-        sid = keys.verify(request.cookies.get(SESSION_COOKIE))
+        sid = signer[0].verify(request.cookies.get(SESSION_COOKIE))
         fresh = None
         if sid is None and token is None:
-            fresh = keys.issue()  # loopback without a token: a session only for CSRF tokens
-            sid = keys.verify(fresh)
+            fresh = signer[0].issue()  # loopback without a token: a session only for CSRF tokens
+            sid = signer[0].verify(fresh)
         if sid is None:
             if request.method == "GET":
                 return sign_in_page(request, request.path_qs, None, 401)
@@ -132,7 +142,7 @@ def add_console(
         _SID.set(sid)
         if request.method == "POST":
             presented = (await request.post()).get("csrf")
-            if not keys.csrf_ok(sid, presented if isinstance(presented, str) else None):
+            if not signer[0].csrf_ok(sid, presented if isinstance(presented, str) else None):
                 raise Forbidden("missing or wrong CSRF token; reload the page and try again")
         response = await handler(request)
         if fresh is not None:
@@ -163,10 +173,11 @@ def add_console(
     async def sign_in(request: web.Request) -> web.Response:
         form = await request.post()
         next_path = _safe_next(str(form.get("next", "/")))
+        token = guard_token()
         if token is None:
             return _see_other(next_path)
         presented_csrf = form.get("csrf")
-        if not keys.presession_ok(
+        if not signer[0].presession_ok(
             request.cookies.get(PRESESSION_COOKIE),
             presented_csrf if isinstance(presented_csrf, str) else None,
         ):
@@ -178,12 +189,12 @@ def add_console(
             log.warning("console sign-in refused from %s: wrong admin token", request.remote)
             return sign_in_page(request, next_path, "That is not the admin token.", 401)
         response = _see_other(next_path)
-        _cookie(response, SESSION_COOKIE, keys.issue(), None)
+        _cookie(response, SESSION_COOKIE, signer[0].issue(), None)
         response.del_cookie(PRESESSION_COOKIE, path="/")
         return response
 
     async def sign_out(request: web.Request) -> web.Response:
-        keys.end(_session())
+        signer[0].end(_session())
         response = _see_other(f"{PREFIX}/sign-in")
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
@@ -193,7 +204,7 @@ def add_console(
             stats.totals(),
             await outbox.counts(),
             await outbox.backlog(),
-            targets,
+            [t.name for t in current().targets],
             breakers(),
             time.time(),
         )
@@ -211,7 +222,11 @@ def add_console(
             page=number,
             more=len(found) > PAGE_SIZE,
         )
-        return page(request, "Deliveries", pages.deliveries(listing, targets, time.time()))
+        return page(
+            request,
+            "Deliveries",
+            pages.deliveries(listing, [t.name for t in current().targets], time.time()),
+        )
 
     async def delivery(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
@@ -219,7 +234,7 @@ def add_console(
         if found is None:
             raise NotFound(f"no delivery {delivery_id!r}")
         body = pages.delivery(
-            found, await outbox.attempts(delivery_id), keys.csrf(_session()), time.time()
+            found, await outbox.attempts(delivery_id), signer[0].csrf(_session()), time.time()
         )
         return page(request, f"Delivery {delivery_id}", body)
 
@@ -234,7 +249,7 @@ def add_console(
     async def confirm_replay_dead(request: web.Request) -> web.Response:
         name = request.match_info["target"]
         dead = next((b.dead for b in await outbox.backlog() if b.target == name), 0)
-        body = pages.confirm_replay_dead(name, dead, keys.csrf(_session()))
+        body = pages.confirm_replay_dead(name, dead, signer[0].csrf(_session()))
         return page(request, f"Replay dead letters of {name}", body)
 
     async def replay_dead(request: web.Request) -> web.Response:
@@ -246,7 +261,9 @@ def add_console(
 
     async def certificates(request: web.Request) -> web.Response:
         now = datetime.datetime.now(datetime.UTC)
-        return page(request, "Certificates", pages.certificates(certificate_facts(config.tls, now)))
+        return page(
+            request, "Certificates", pages.certificates(certificate_facts(current().tls, now))
+        )
 
     app.middlewares.append(guard)
     app.on_response_prepare.append(add_headers)
