@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,15 @@ from pathlib import Path
 from helpers import APP_SECRET
 from sink import DEADLINE_S
 
-__all__ = ["serving", "stop"]
+__all__ = ["kill_group", "serving", "stop"]
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the gateway and every process of its session (its workers, too: a worker left
+    behind would keep the output pipe open and a read of it would never end)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @contextmanager
@@ -26,13 +35,12 @@ def serving(config: Path) -> Iterator[subprocess.Popen[bytes]]:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # so that kill_group reaches the workers too
     )
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        kill_group(process)
         assert process.stdout is not None
         process.stdout.close()
 

@@ -21,6 +21,7 @@ from config_files import free_port, listen_port, write_config
 from helpers import APP_SECRET, message_body, meta_signature
 from pgserver import PgServer, running_server
 from pki import Pki
+from processes import kill_group
 from sink import DEADLINE_S, Sink
 
 
@@ -32,19 +33,17 @@ def _gateway(config: Path) -> Iterator[subprocess.Popen[bytes]]:
         env=os.environ | {"TEST_APP_SECRET": APP_SECRET},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # so that kill_group reaches the workers too
     )
     try:
         yield process
     except BaseException:
-        if process.poll() is None:
-            process.kill()
+        kill_group(process)
         assert process.stdout is not None
         sys.stderr.write(process.stdout.read().decode(errors="replace")[-4000:])
         raise
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        kill_group(process)
         assert process.stdout is not None
         process.stdout.close()
 

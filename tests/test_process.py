@@ -20,6 +20,7 @@ import pytest
 from config_files import free_port, listen_port, write_config
 from helpers import APP_SECRET, message_body, meta_signature, metric
 from pki import Pki
+from processes import kill_group
 from sink import DEADLINE_S, Sink
 
 from gateway.cli import main
@@ -36,20 +37,18 @@ def _gateway(config: Path) -> Iterator[subprocess.Popen[bytes]]:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # so that kill_group reaches the workers too
     )
     try:
         yield process
     except BaseException:
         # Show what the gateway logged: the test's own message rarely says why.
-        if process.poll() is None:
-            process.kill()
+        kill_group(process)
         assert process.stdout is not None
         sys.stderr.write(process.stdout.read().decode(errors="replace")[-5000:])
         raise
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        kill_group(process)
         assert process.stdout is not None
         process.stdout.close()
 

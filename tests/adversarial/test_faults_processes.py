@@ -18,6 +18,7 @@ import aiohttp
 from config_files import free_port, listen_port, write_config
 from helpers import APP_SECRET, eventually, message_body, meta_signature
 from pki import Pki
+from processes import kill_group
 from sink import DEADLINE_S, Sink
 
 _ENV = os.environ | {"TEST_APP_SECRET": APP_SECRET}
@@ -35,17 +36,19 @@ def _running(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``serve`` (``wrap``ped) as a child process, stopped (SIGTERM, then SIGKILL) at the end."""
     process = subprocess.Popen(
-        wrap(_command(config)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        wrap(_command(config)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # so that kill_group reaches the workers too
     )
     try:
         yield process
     finally:
         process.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        kill_group(process)
 
 
 def _pid_of_a_finished_process() -> int:
