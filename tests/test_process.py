@@ -283,7 +283,11 @@ async def test_two_workers_survive_sighup_to_any_process(
     port = listen_port(config)
     with _gateway(config) as supervisor:
         await _until_listening(port, pki, supervisor)
-        workers = _spawned_workers(supervisor.pid)
+        # The supervisor binds the port before its workers exist: wait for both.
+        deadline = time.monotonic() + DEADLINE_S
+        while len(workers := _spawned_workers(supervisor.pid)) < 2:
+            assert time.monotonic() < deadline, f"{len(workers)} workers started"
+            await asyncio.sleep(0.05)
         assert len(workers) == 2
         for pid in [supervisor.pid, *workers]:
             os.kill(pid, signal.SIGHUP)
@@ -344,3 +348,31 @@ async def test_dev_mode_prints_a_command_that_delivers(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), DEADLINE_S) == 0
+
+
+def _in_session(session: int) -> list[int]:
+    """Live processes of session ``session`` (field 6 of /proc/PID/stat), zombies aside."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and fields[0] != "Z" and int(fields[3]) == session:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("after_s", [0.3, 0.6, 1.2])
+async def test_supervisor_killed_while_workers_start_leaves_no_worker_behind(
+    pki: Pki, tmp_path: Path, sink: Sink, after_s: float
+) -> None:
+    """SIGKILL to the supervisor at any moment of its workers' start: none of them goes on
+    serving the shared socket on its own (each checks its parent once it can be told)."""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    with _gateway(config) as supervisor:
+        await asyncio.sleep(after_s)
+        supervisor.kill()
+        await _exit_code(supervisor)
+        deadline = time.monotonic() + DEADLINE_S
+        while left := _in_session(supervisor.pid):
+            assert time.monotonic() < deadline, f"left behind: {left}"
+            await asyncio.sleep(0.1)

@@ -93,11 +93,15 @@ def _remove_stale_metrics_dirs(folder: Path) -> None:
         log.info("removed %s, left behind by a gateway that is gone", folder / name)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(supervisor: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # The signal only covers a death from now on: a supervisor killed while this process was
+    # starting has already left it to init, and it must not go on serving the shared socket.
+    if os.getppid() != supervisor:
+        raise SystemExit(1)
 
 
 def _ask_supervisor_to_reload_the_others() -> None:
@@ -105,9 +109,14 @@ def _ask_supervisor_to_reload_the_others() -> None:
 
 
 def _worker(
-    config: Config, index: int, wake_channel: str, metrics_dir: Path, sock: socket.socket
+    config: Config,
+    index: int,
+    wake_channel: str,
+    metrics_dir: Path,
+    sock: socket.socket,
+    supervisor: int,
 ) -> None:
-    _die_with_parent()
+    _die_with_parent(supervisor)
     setup_logging(config.log_level, config.log_format)
     serve_process(
         config,
@@ -205,7 +214,7 @@ def _supervise(
         for index in range(config.listen.workers):
             process = context.Process(
                 target=_worker,
-                args=(config, index, channel_name(os.getpid()), metrics_dir, sock),
+                args=(config, index, channel_name(os.getpid()), metrics_dir, sock, os.getpid()),
                 name=f"waba-gateway-worker-{index}",
             )
             process.start()
