@@ -112,6 +112,7 @@ async def test_serve_dev_writes_its_config_for_every_command_and_ends_with_the_c
         assert checked.returncode == 0, checked.stderr
         reloaded = await asyncio.to_thread(_cli, "reload", *dev_options)
         assert reloaded.returncode == 0, reloaded.stderr
+        assert "until a restart" not in reloaded.stdout  # nothing differs from the file
 
 
 def test_each_start_gives_the_sample_a_new_message_id(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from gateway.config import (
     OutboxConfig,
     TargetConfig,
     TlsConfig,
+    load_config,
 )
 from gateway.edge.signature import sign
 from gateway.runtime.gateway import Gateway, bound_port, run
@@ -307,8 +308,9 @@ async def serve_dev(
             written.touch(mode=0o600)
             written.chmod(0o600)  # before the secrets go in, whatever the file was
             written.write_text(dev_toml(running))
-            # A reload (SIGHUP, `waba-gateway reload --dev`) reads the file just written.
-            gateway.config = dataclasses.replace(gateway.config, source=written)
+            # A reload (SIGHUP, `waba-gateway reload --dev`) reads the file just written and
+            # compares it with this: the same values, as that file gives them.
+            gateway.config = load_config(written)
             say(
                 instructions(
                     files,
