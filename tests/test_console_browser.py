@@ -85,9 +85,13 @@ async def test_sign_in_replay_a_dead_letter_and_see_it_delivered(
         await expect(page.locator("h1")).to_have_text(f"Delivery {dead[0].id}")
         await expect(page.locator("td code").last).to_contain_text("unknown account")
         sink.default = Reply(200, body='{"ok":true}')
-        await page.click("text=Replay now")
+        delivery_url = page.url
+        # The replay is a form POST answered with a redirect: let that navigation finish before
+        # the page is loaded again (a reload racing it finds no page to reload).
+        async with page.expect_navigation():
+            await page.click("text=Replay now")
         await wait_for_state(gateway, "delivered", 1, target="crm")
-        await page.reload()
+        await page.goto(delivery_url)
         await expect(page.locator("table.facts .state")).to_have_text("delivered")
         await expect(page.locator("table.attempts tbody tr")).to_have_count(2)  # dead, delivered
         await _shot(page, "delivery")
@@ -96,7 +100,8 @@ async def test_sign_in_replay_a_dead_letter_and_see_it_delivered(
         await page.click("text=Replay all")
         await expect(page.locator("p.warning")).to_contain_text("Replay all 2 dead letters")
         await _shot(page, "replay-dead")
-        await page.click("form.confirm button")
+        async with page.expect_navigation():
+            await page.click("form.confirm button")
         await wait_for_state(gateway, "delivered", 3, target="crm")
         await page.goto(f"{base}/console/deliveries?target=crm")
         await expect(page.locator("tbody .state.delivered")).to_have_count(3)
