@@ -55,6 +55,7 @@ from gateway.outbox.model import (
 from gateway.outbox.postgres import schema, sql
 from gateway.outbox.postgres.committer import FAILURES, Committer
 from gateway.outbox.postgres.listener import Listener
+from gateway.outbox.rows import delivery_from_row, delivery_id_of, rowid_of
 
 __all__ = ["PostgresOutbox", "inspect"]
 
@@ -223,7 +224,7 @@ class PostgresOutbox:
         if notification_id is None:
             return None
         return Delivery.fresh(
-            [sql.delivery_id(self._prefix, rowid) for rowid in ids or []],
+            [delivery_id_of(self._prefix, rowid) for rowid in ids or []],
             routes,
             notification_id=notification_id,
             body=body,
@@ -234,7 +235,7 @@ class PostgresOutbox:
     async def due(
         self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
     ) -> list[Delivery]:
-        skip = [r for r in (sql.rowid_of(i, self._prefix) for i in exclude) if r is not None]
+        skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         wanted = dict(limits)
 
         async def claim(conn: Any) -> list[Delivery]:
@@ -243,7 +244,7 @@ class PostgresOutbox:
                 rows = await conn.fetch(
                     sql.CLAIM, target, now, self.owner, skip, limit, self.config.lease_s
                 )
-                found.extend(sql.delivery(row, self._prefix) for row in rows)
+                found.extend(delivery_from_row(row, self._prefix) for row in rows)
             return found
 
         found = await self._run(claim)
@@ -255,7 +256,7 @@ class PostgresOutbox:
     ) -> None:
         rows = []
         for delivery_id, outcome, result in attempts:
-            rowid = sql.rowid_of(delivery_id, self._prefix)
+            rowid = rowid_of(delivery_id, self._prefix)
             if rowid is None:
                 continue
             if isinstance(outcome, Delivered):
@@ -299,17 +300,17 @@ class PostgresOutbox:
     ) -> list[Delivery]:
         statement, params = sql.list_query(state, target)
         rows = await self._run(lambda conn: conn.fetch(statement, *params, limit, offset))
-        return [sql.delivery(row, self._prefix) for row in rows]
+        return [delivery_from_row(row, self._prefix) for row in rows]
 
     async def get(self, delivery_id: str) -> Delivery | None:
-        rowid = sql.rowid_of(delivery_id, self._prefix)
+        rowid = rowid_of(delivery_id, self._prefix)
         if rowid is None:
             return None
         row = await self._run(lambda conn: conn.fetchrow(sql.GET, rowid))
-        return None if row is None else sql.delivery(row, self._prefix)
+        return None if row is None else delivery_from_row(row, self._prefix)
 
     async def attempts(self, delivery_id: str) -> list[AttemptRecord]:
-        rowid = sql.rowid_of(delivery_id, self._prefix)
+        rowid = rowid_of(delivery_id, self._prefix)
         if rowid is None:
             return []
         rows = await self._run(lambda conn: conn.fetch(sql.ATTEMPTS, rowid))
@@ -342,7 +343,7 @@ class PostgresOutbox:
         return {state: found.get(state, 0) for state in STATES}
 
     async def replay(self, delivery_id: str, now: float) -> bool:
-        rowid = sql.rowid_of(delivery_id, self._prefix)
+        rowid = rowid_of(delivery_id, self._prefix)
         if rowid is None:
             return False
         rows = await self._run(lambda conn: conn.fetch(sql.REPLAY, rowid, now))

@@ -1,21 +1,22 @@
-"""Every statement the PostgreSQL outbox runs, and the rows it reads turned into values.
+"""Every statement the PostgreSQL outbox runs.
 
 Rule: the statements alone, as constants; :mod:`gateway.outbox.postgres.outbox` runs them. Times
 are seconds since the epoch as the callers give them (the dispatcher's clock), except leases,
 which are measured on the database's clock so that every gateway sharing it agrees on when a
 lease has run out, whatever their own clocks say.
 
-Delivery ids are ``<prefix>-<row id>``, as in the SQLite outbox: the prefix is the database's,
-made with its schema, and the row id an identity column, never handed out twice.
+Delivery ids are spelled as :mod:`gateway.outbox.rows` says, as in the SQLite outbox: the prefix
+is the database's, made with its schema, and the row id an identity column, never handed out
+twice. Deliveries are read in the column order :func:`gateway.outbox.rows.delivery_from_row`
+names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Final
 
-from gateway.outbox.model import Delivery
 from gateway.outbox.postgres.schema import SCHEMA
+from gateway.outbox.rows import DELIVERY_COLUMNS
 
 __all__ = [
     "ACCEPT",
@@ -34,18 +35,14 @@ __all__ = [
     "RECORD",
     "RENEW",
     "REPLAY",
-    "delivery",
-    "delivery_id",
     "list_query",
     "replay_many_query",
-    "rowid_of",
 ]
 
 # LISTEN/NOTIFY channel: "there are deliveries any gateway may claim now".
 CHANNEL: Final = "waba_gateway_due"
 PRUNE_BATCH: Final = 5000
 EXCERPT_CHARS: Final = 1024
-_MAX_ROWID = 2**63 - 1
 _NOW = "extract(epoch FROM clock_timestamp())"
 
 # One statement, one round trip: the deduplication upsert, the notification, one delivery per
@@ -79,9 +76,6 @@ SELECT (SELECT id FROM n) AS notification_id,
     (SELECT pg_notify('{CHANNEL}', '') FROM n WHERE $10::boolean) AS announced
 """
 
-_COLUMNS = """d.id, d.notification_id, d.target, COALESCE(d.body, n.body), n.signature,
-    d.body IS NOT NULL, d.state, d.attempts, d.created_at, d.next_attempt_at, n.received_at,
-    d.last_status, d.last_error, d.last_response"""
 
 # Claim one target's due deliveries for $3 until $6 seconds from now: rows another dispatcher
 # holds locked are skipped (no waiting, no double send), rows it leased are left alone until
@@ -99,7 +93,7 @@ WITH c AS (
 UPDATE {SCHEMA}.deliveries d SET lease_owner = $3, lease_until = {_NOW} + $6
 FROM c, {SCHEMA}.notifications n
 WHERE d.id = c.id AND n.id = d.notification_id
-RETURNING {_COLUMNS}
+RETURNING {DELIVERY_COLUMNS}
 """
 
 # An attempt's outcome, which ends the lease; skipped when another gateway took the delivery
@@ -178,7 +172,7 @@ def list_query(state: str | None, target: str | None) -> tuple[str, list[Any]]:
     the limit and the offset (ties broken by id, newest first: a stable order to page in)."""
     where, params = _filters(state=state, target=target)
     return (
-        f"SELECT {_COLUMNS} FROM {SCHEMA}.deliveries d"
+        f"SELECT {DELIVERY_COLUMNS} FROM {SCHEMA}.deliveries d"
         f" JOIN {SCHEMA}.notifications n ON n.id = d.notification_id{where}"
         f" ORDER BY d.updated_at DESC, d.id DESC LIMIT ${len(params) + 1}"
         f" OFFSET ${len(params) + 2}",
@@ -186,9 +180,7 @@ def list_query(state: str | None, target: str | None) -> tuple[str, list[Any]]:
     )
 
 
-def replay_many_query(
-    state: str, target: str | None, since: float | None
-) -> tuple[str, list[Any]]:
+def replay_many_query(state: str, target: str | None, since: float | None) -> tuple[str, list[Any]]:
     """Make the deliveries in ``state`` (of ``target``, changed since ``since``) pending, due
     at the last argument: the statement and its arguments before that one."""
     where, params = _filters(state=state, target=target, since=since)
@@ -214,39 +206,6 @@ def _filters(
 
 
 GET: Final = f"""
-SELECT {_COLUMNS} FROM {SCHEMA}.deliveries d
+SELECT {DELIVERY_COLUMNS} FROM {SCHEMA}.deliveries d
 JOIN {SCHEMA}.notifications n ON n.id = d.notification_id WHERE d.id = $1
 """
-
-
-def delivery_id(prefix: str, rowid: int) -> str:
-    return f"{prefix}-{rowid}"
-
-
-def rowid_of(delivery_id: str, prefix: str) -> int | None:
-    """The row id ``delivery_id`` names in this database; ``None`` for anything else."""
-    head, _, digits = delivery_id.rpartition("-")
-    if head != prefix or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
-        return None
-    rowid = int(digits)
-    return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
-
-
-def delivery(row: Mapping[int, Any] | Any, prefix: str) -> Delivery:
-    """A row of ``_COLUMNS`` as a :class:`Delivery`."""
-    return Delivery(
-        id=delivery_id(prefix, row[0]),
-        notification_id=row[1],
-        target=row[2],
-        body=bytes(row[3]),
-        signature=row[4],
-        split=bool(row[5]),
-        state=row[6],
-        attempts=row[7],
-        created_at=row[8],
-        next_attempt_at=row[9],
-        received_at=row[10],
-        last_status=row[11],
-        last_error=row[12],
-        last_response=row[13],
-    )

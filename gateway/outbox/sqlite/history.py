@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 
 from gateway.outbox.model import AttemptRecord, Delivery
-from gateway.outbox.sqlite.store import _DELIVERY_COLUMNS, _delivery, rowid_of
+from gateway.outbox.rows import DELIVERY_COLUMNS, delivery_from_row, rowid_of
 
 __all__ = ["attempt_history", "get_delivery"]
 
@@ -21,11 +21,11 @@ def get_delivery(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> Del
     if rowid is None:
         return None
     row = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant)
         " JOIN notifications n ON n.id = d.notification_id WHERE d.id = ?",
         (rowid,),
     ).fetchone()
-    return None if row is None else _delivery(row, prefix)
+    return None if row is None else delivery_from_row(row, prefix)
 
 
 def attempt_history(conn: sqlite3.Connection, delivery_id: str, prefix: str) -> list[AttemptRecord]:

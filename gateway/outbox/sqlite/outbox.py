@@ -31,6 +31,7 @@ from gateway.outbox.model import (
     Route,
     State,
 )
+from gateway.outbox.rows import delivery_id_of, rowid_of
 from gateway.outbox.sqlite import history, layout, store
 from gateway.outbox.sqlite.writer import Writer
 
@@ -112,7 +113,7 @@ class SqliteOutbox:
         # job runs under the write lock that the other worker processes wait for.
         notification_id, rowids = stored
         return Delivery.fresh(
-            [store.delivery_id(self._prefix, rowid) for rowid in rowids],
+            [delivery_id_of(self._prefix, rowid) for rowid in rowids],
             routes,
             notification_id=notification_id,
             body=body,
@@ -142,7 +143,7 @@ class SqliteOutbox:
             for rowid in damaged:
                 log.error(
                     "delivery %s dead-lettered: %s",
-                    store.delivery_id(self._prefix, rowid),
+                    delivery_id_of(self._prefix, rowid),
                     store.DAMAGED,
                 )
         return found
@@ -178,7 +179,7 @@ class SqliteOutbox:
             assert isinstance(outcome, DeadLetter)
             state, next_at, error = "dead", now, outcome.reason
         return store.Attempt(
-            rowid=store.rowid_of(delivery_id, self._prefix),
+            rowid=rowid_of(delivery_id, self._prefix),
             state=state,
             next_attempt_at=next_at,
             now=now,

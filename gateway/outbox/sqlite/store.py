@@ -4,10 +4,9 @@ Rule: everything here is a plain function of a ``sqlite3.Connection``, run insid
 its caller owns (:mod:`gateway.outbox.sqlite.writer` for the gateway, a plain connection for the
 offline ``deliveries`` command). Nothing here commits, waits or knows about asyncio.
 
-Delivery ids are ``<prefix>-<row id>``: the row id is the deliveries table's own key
-(AUTOINCREMENT, so an id is never handed out twice, even after pruning), and the prefix is random,
-made once with the file, so ids stay unique across gateways. Targets receive the id as
-``X-Gateway-Delivery-Id`` and may deduplicate on it.
+Delivery ids are spelled as :mod:`gateway.outbox.rows` says: the row id is the deliveries
+table's own key (AUTOINCREMENT, so an id is never handed out twice, even after pruning), and the
+prefix is random, made once with the file.
 
 The layout itself, and opening a file, are :mod:`gateway.outbox.sqlite.layout`'s; the reads
 only the admin console makes are :mod:`gateway.outbox.sqlite.history`'s.
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.outbox.model import STATES, Backlog, Delivery, Route
+from gateway.outbox.rows import DELIVERY_COLUMNS, delivery_from_row, delivery_id_of, rowid_of
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "backlog",
     "count_states",
     "dead_letter_damaged",
-    "delivery_id",
     "due_deliveries",
     "insert_notification",
     "list_deliveries",
@@ -42,7 +41,6 @@ __all__ = [
     "record_attempts",
     "replay_deliveries",
     "replay_delivery",
-    "rowid_of",
     "touch",
 ]
 
@@ -52,7 +50,6 @@ _EXCERPT_CHARS = 1024
 # all of it. Not smaller: every step rewrites the digest index pages its deletions touch, which
 # lie all over that index, so smaller steps cost more CPU per row removed.
 PRUNE_BATCH = 5000
-_MAX_ROWID = 2**63 - 1
 
 # The duplicate check and the insert in one statement: one round trip into SQLite, not two.
 _INSERT_NOTIFICATION = (
@@ -72,47 +69,6 @@ _DELETE_ORPHANS_BETWEEN = (
     "DELETE FROM notifications WHERE id > ? AND id <= ? AND received_at < ? AND NOT EXISTS"
     " (SELECT 1 FROM deliveries d WHERE d.notification_id = notifications.id)"
 )
-
-
-_DELIVERY_COLUMNS = """d.id, d.notification_id, d.target, COALESCE(d.body, n.body), n.signature,
-    d.body IS NOT NULL, d.state, d.attempts, d.created_at, d.next_attempt_at, n.received_at,
-    d.last_status, d.last_error, d.last_response"""
-
-
-def delivery_id(prefix: str, rowid: int) -> str:
-    """The id of delivery ``rowid`` in the outbox whose prefix is ``prefix`` (see
-    :func:`rowid_of`, its inverse)."""
-    return f"{prefix}-{rowid}"
-
-
-def _delivery(row: tuple[Any, ...], prefix: str) -> Delivery:
-    return Delivery(
-        id=delivery_id(prefix, row[0]),
-        notification_id=row[1],
-        target=row[2],
-        body=bytes(row[3]),
-        signature=row[4],
-        split=bool(row[5]),
-        state=row[6],
-        attempts=row[7],
-        created_at=row[8],
-        next_attempt_at=row[9],
-        received_at=row[10],
-        last_status=row[11],
-        last_error=row[12],
-        last_response=row[13],
-    )
-
-
-def rowid_of(delivery_id: str, prefix: str) -> int | None:
-    """The row id that ``delivery_id`` names in the outbox whose prefix is ``prefix``; ``None``
-    when it is another outbox's id or no delivery id at all (so it finds nothing)."""
-    head, _, digits = delivery_id.rpartition("-")
-    if head != prefix or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
-        return None
-    rowid = int(digits)
-    # Only the spelling this module writes: "p-007" names nothing rather than delivery 7.
-    return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
 
 
 def insert_notification(
@@ -166,17 +122,17 @@ def due_deliveries(
     damaged: list[int] = []
     for target, limit in limits.items():
         rows = conn.execute(
-            f"SELECT {_DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
+            f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
             " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
             " JOIN notifications n ON n.id = d.notification_id"
             " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
             " ORDER BY d.next_attempt_at LIMIT ?",
             (target, now, limit + len(skip)),
         ).fetchall()
-        fresh = [row for row in rows if delivery_id(prefix, row[0]) not in skip][:limit]
+        fresh = [row for row in rows if delivery_id_of(prefix, row[0]) not in skip][:limit]
         for row in fresh:
             if _intact(row):
-                found.append(_delivery(row, prefix))
+                found.append(delivery_from_row(row, prefix))
             else:
                 damaged.append(row[0])
     found.sort(key=lambda d: d.next_attempt_at)
@@ -375,13 +331,13 @@ def list_deliveries(
     # The page's ids first, then their rows: sorting narrow rows rather than rows that carry
     # their bodies: the first page of 100,000 pending deliveries in 33 ms instead of 161.
     rows = conn.execute(
-        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant fragments)
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 (constant fragments)
         " JOIN notifications n ON n.id = d.notification_id WHERE d.id IN"
         f" (SELECT id FROM deliveries{where} ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?)"
         " ORDER BY d.updated_at DESC, d.id DESC",
         (*params, limit, offset),
     ).fetchall()
-    return [_delivery(row, prefix) for row in rows]
+    return [delivery_from_row(row, prefix) for row in rows]
 
 
 def replay_deliveries(

@@ -1,0 +1,65 @@
+"""What both SQL backends share: how a delivery id is spelled, and a delivery row's columns.
+
+Rule: a delivery id is ``<prefix>-<row id>``: the row id is the deliveries table's own key (never
+handed out twice, even after pruning) and the prefix is random, made once with the store, so
+ids stay unique across outboxes and gateways. Targets receive it as ``X-Gateway-Delivery-Id``
+and may deduplicate on it. Both backends read deliveries as the same fourteen columns, in the
+order :func:`delivery_from_row` names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from gateway.outbox.model import Delivery
+
+__all__ = ["DELIVERY_COLUMNS", "delivery_from_row", "delivery_id_of", "rowid_of"]
+
+_MAX_ROWID: Final = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's BIGINT alike
+# The select list, in both dialects, of a delivery ``d`` joined to its notification ``n``: the
+# columns delivery_from_row reads, in its order (a split part's own body, else Meta's bytes).
+DELIVERY_COLUMNS: Final = (
+    "d.id, d.notification_id, d.target, COALESCE(d.body, n.body), n.signature,"
+    " d.body IS NOT NULL, d.state, d.attempts, d.created_at, d.next_attempt_at, n.received_at,"
+    " d.last_status, d.last_error, d.last_response"
+)
+
+
+def delivery_id_of(prefix: str, rowid: int) -> str:
+    """The id of delivery ``rowid`` in the store whose prefix is ``prefix`` (see
+    :func:`rowid_of`, its inverse)."""
+    return f"{prefix}-{rowid}"
+
+
+def rowid_of(delivery_id: str, prefix: str) -> int | None:
+    """The row id that ``delivery_id`` names in the store whose prefix is ``prefix``; ``None``
+    when it is another store's id or no delivery id at all (so it finds nothing)."""
+    head, _, digits = delivery_id.rpartition("-")
+    if head != prefix or not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+        return None
+    rowid = int(digits)
+    # Only the spelling delivery_id_of writes: "p-007" names nothing rather than delivery 7.
+    return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
+
+
+def delivery_from_row(row: Sequence[Any], prefix: str) -> Delivery:
+    """A delivery read as (id, notification id, target, body, signature, split, state,
+    attempts, created at, next attempt at, received at, last status, last error, last
+    response)."""
+    return Delivery(
+        id=delivery_id_of(prefix, row[0]),
+        notification_id=row[1],
+        target=row[2],
+        body=bytes(row[3]),
+        signature=row[4],
+        split=bool(row[5]),
+        state=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        next_attempt_at=row[9],
+        received_at=row[10],
+        last_status=row[11],
+        last_error=row[12],
+        last_response=row[13],
+    )
