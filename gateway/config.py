@@ -66,7 +66,7 @@ class ListenConfig:
     # A request whose head and body have not all arrived by then is answered 408 (slow clients
     # would otherwise hold connections open for ever).
     request_timeout_s: float = 60 * SECONDS
-    # Acceptor processes sharing the port (SO_REUSEPORT); one of them dispatches.
+    # Acceptor processes sharing the supervisor's listening socket; one of them dispatches.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 

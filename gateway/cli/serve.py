@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         if config.listen.workers > 1:
             check_ports_free(config)
             return supervise(config)
-        serve_process(config, primary=True, reuse_port=False)
+        serve_process(config)
     except PortInUse as exc:
         source = config.source or args.config or default_config_path()
         # The wording of gateway.runtime.gateway.listen_error, which the supervisor's own bind

@@ -550,16 +550,14 @@ class Listener:
         port: int,
         ssl_context: ssl.SSLContext,
         *,
-        reuse_port: bool = False,
         sock: socket.socket | None = None,
     ) -> int:
         """Listen on ``host:port``, or accept on ``sock`` (a listening socket the supervisor of
         several workers bound and shares with them); return the bound port (useful with 0)."""
         loop = asyncio.get_running_loop()
-        kwargs: dict[str, Any] = {"reuse_port": True} if reuse_port else {}
-        kwargs |= {"sock": sock} if sock is not None else {"host": host, "port": port}
+        where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
         self._ssl_context = ssl_context
-        self._server = await loop.create_server(lambda: _Handshake(self), backlog=1024, **kwargs)
+        self._server = await loop.create_server(lambda: _Handshake(self), backlog=1024, **where)
         self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
 

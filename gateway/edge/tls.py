@@ -98,8 +98,8 @@ def _build(tls: TlsConfig, now: datetime) -> ssl.SSLContext:
     # default). Each costs the server about 150 us of CPU (a bare uvloop TLS server here: 770 us
     # per full handshake without tickets, 925 with one), wasted on a client that does not
     # resume (Meta does not say that it does). Nor could most tickets be used: each worker
-    # process has its own ticket key, and SO_REUSEPORT spreads new connections across the
-    # workers, so a ticket resumes only on the worker that issued it. Hence none by default;
+    # process has its own ticket key, and new connections go to whichever worker accepts
+    # first, so a ticket resumes only on the worker that issued it. Hence none by default;
     # tls.session_tickets = 1 suits a resuming client and one worker. TLS 1.2 tickets are
     # unaffected (OP_NO_TICKET is not set).
     context.num_tickets = tls.session_tickets

@@ -31,6 +31,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -55,7 +56,9 @@ from gateway.runtime.stats import Snapshot, Stats
 from gateway.units import SECONDS
 
 __all__ = [
+    "LONE",
     "Gateway",
+    "Role",
     "bound_port",
     "check_ports_free",
     "event_loop_runner",
@@ -118,6 +121,30 @@ def check_ports_free(config: Config) -> None:
             probe.bind((host, port))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Role:
+    """How this process takes part in its gateway. The defaults are a lone process; the
+    supervisor of several workers gives each of its workers its own (gateway.runtime.workers).
+
+    ``primary``: this process runs the dispatcher and the admin listener. ``wake_channel``: the
+    siblings' wake-up channel (gateway.runtime.wake). ``metrics_dir``: the folder the siblings
+    count in together (gateway.runtime.stats). ``reload_siblings``: called after a reload asked
+    of this process, so that the others follow. ``sock``: accept on this listening socket (the
+    supervisor's, shared by its workers) instead of binding ``listen.port``. ``claim``: see
+    :class:`~gateway.runtime.core.Core`.
+    """
+
+    primary: bool = True
+    wake_channel: str | None = None
+    metrics_dir: Path | None = None
+    reload_siblings: Callable[[], None] | None = None
+    sock: socket.socket | None = None
+    claim: bool | None = None
+
+
+LONE = Role()
+
+
 class Gateway:
     """The running gateway: ``async with Gateway(config) as gw`` listens until the block ends.
 
@@ -131,32 +158,23 @@ class Gateway:
         config: Config,
         *,
         ssl_context: ssl.SSLContext | None = None,
-        primary: bool = True,
-        reuse_port: bool = False,
-        wake_channel: str | None = None,
-        metrics_dir: Path | None = None,
-        reload_siblings: Callable[[], None] | None = None,
-        sock: socket.socket | None = None,
-        claim: bool | None = None,
+        role: Role = LONE,
     ) -> None:
-        """``sock``: accept on this listening socket (a supervisor's, shared by its workers)
-        instead of binding ``listen.port``; ``claim``: see :class:`Core`."""
         self.config = config
-        self.primary = primary
-        self._reuse_port = reuse_port
+        self.primary = role.primary
         self._tls = SwappableContext(
             ssl_context or build_server_context(config.tls, source=config.source)
         )
         self._expiries = certificate_expiries(config.tls)
         self._loaded_at = time.time()
-        self._reload_siblings = reload_siblings
-        self._sock = sock
+        self._reload_siblings = role.reload_siblings
+        self._sock = role.sock
         self.core = Core(
             config,
-            primary=primary,
-            wake_channel=wake_channel,
-            metrics_dir=metrics_dir,
-            claim=claim,
+            primary=role.primary,
+            wake_channel=role.wake_channel,
+            metrics_dir=role.metrics_dir,
+            claim=role.claim,
         )
         self.stats: Stats = self.core.stats
         self._listener: Listener | None = None
@@ -265,16 +283,10 @@ class Gateway:
             await self.core.start()
             listen = config.listen
             self._listener = Listener(self.core.callback, listen)
-            # SO_REUSEPORT only for sibling workers: it lets any process of the same user share
-            # the port (and its connections), so a lone gateway never sets it.
             try:
                 with _binding(listen.port, "listen.port"):
                     self.port = await self._listener.start(
-                        listen.host,
-                        listen.port,
-                        self._tls.listening,
-                        reuse_port=self._reuse_port,
-                        sock=self._sock,
+                        listen.host, listen.port, self._tls.listening, sock=self._sock
                     )
             except PortInUse:
                 raise
@@ -328,13 +340,7 @@ async def run(
     *,
     shutdown: Awaitable[object] | None = None,
     on_ready: Callable[[Gateway], None] | None = None,
-    primary: bool = True,
-    reuse_port: bool = False,
-    wake_channel: str | None = None,
-    metrics_dir: Path | None = None,
-    reload_siblings: Callable[[], None] | None = None,
-    sock: socket.socket | None = None,
-    claim: bool | None = None,
+    role: Role = LONE,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly; reload on
     SIGHUP."""
@@ -358,29 +364,20 @@ async def run(
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
     try:
-        async with Gateway(
-            config,
-            primary=primary,
-            reuse_port=reuse_port,
-            wake_channel=wake_channel,
-            metrics_dir=metrics_dir,
-            reload_siblings=reload_siblings,
-            sock=sock,
-            claim=claim,
-        ) as gateway:
+        async with Gateway(config, role=role) as gateway:
             reload_now.append(gateway.reload)
             if hung_up_early:
                 # The files may have changed after this process read them: read them again.
                 gateway.reload()
             log.info(
                 "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
-                "primary" if primary else "worker",
+                "primary" if role.primary else "worker",
                 config.listen.host,
                 gateway.port,
                 config.listen.path,
                 config.tls.client_auth,
                 f"http://{config.admin.host}:{gateway.admin_port}"
-                if config.admin.enabled and primary
+                if config.admin.enabled and role.primary
                 else "off",
             )
             if on_ready is not None:
@@ -419,30 +416,9 @@ def event_loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def serve_process(
-    config: Config,
-    *,
-    primary: bool,
-    reuse_port: bool,
-    wake_channel: str | None = None,
-    metrics_dir: Path | None = None,
-    reload_siblings: Callable[[], None] | None = None,
-    sock: socket.socket | None = None,
-    claim: bool | None = None,
-) -> None:
+def serve_process(config: Config, role: Role = LONE) -> None:
     """One serving process, on uvloop when it is installed."""
     # Until run() handles it, a SIGHUP (an early `systemctl reload`) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with event_loop_runner() as runner:
-        runner.run(
-            run(
-                config,
-                primary=primary,
-                reuse_port=reuse_port,
-                wake_channel=wake_channel,
-                metrics_dir=metrics_dir,
-                reload_siblings=reload_siblings,
-                sock=sock,
-                claim=claim,
-            )
-        )
+        runner.run(run(config, role=role))

@@ -44,7 +44,7 @@ from types import FrameType
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.outbox import hold_outbox
-from gateway.runtime.gateway import listen_error, serve_process
+from gateway.runtime.gateway import Role, listen_error, serve_process
 from gateway.runtime.logs import setup_logging
 from gateway.runtime.stats import MULTIPROCESS_ENV
 from gateway.runtime.wake import channel_name
@@ -118,16 +118,15 @@ def _worker(
 ) -> None:
     _die_with_parent(supervisor)
     setup_logging(config.log_level, config.log_format)
-    serve_process(
-        config,
+    role = Role(
         primary=index == 0,
-        reuse_port=False,
         wake_channel=wake_channel,
         metrics_dir=metrics_dir,
         reload_siblings=_ask_supervisor_to_reload_the_others if index == 0 else None,
         sock=sock,
         claim=False,  # the supervisor holds the outbox for all its workers
     )
+    serve_process(config, role)
 
 
 def _bind(config: Config) -> socket.socket:
