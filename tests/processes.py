@@ -28,7 +28,8 @@ def kill_group(process: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def serving(config: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The gateway serving ``config``, its standard output and error in one pipe; killed at
-    the end if still running."""
+    the end (with its workers) if still running. When the test fails, what the gateway logged
+    is shown: the test's own message rarely says why."""
     env = os.environ | {"TEST_APP_SECRET": APP_SECRET}
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
@@ -39,6 +40,11 @@ def serving(config: Path) -> Iterator[subprocess.Popen[bytes]]:
     )
     try:
         yield process
+    except BaseException:
+        kill_group(process)
+        assert process.stdout is not None
+        sys.stderr.write(process.stdout.read().decode(errors="replace")[-5000:])
+        raise
     finally:
         kill_group(process)
         assert process.stdout is not None

@@ -6,46 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 from config_files import free_port, listen_port, write_config
-from helpers import APP_SECRET, message_body, meta_signature
+from helpers import message_body, meta_signature
 from pgserver import PgServer, running_server
 from pki import Pki
-from processes import kill_group
+from processes import serving
 from sink import DEADLINE_S, Sink
-
-
-@contextlib.contextmanager
-def _gateway(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``waba-gateway serve`` as a child process, killed at the end if still running."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        env=os.environ | {"TEST_APP_SECRET": APP_SECRET},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # so that kill_group reaches the workers too
-    )
-    try:
-        yield process
-    except BaseException:
-        kill_group(process)
-        assert process.stdout is not None
-        sys.stderr.write(process.stdout.read().decode(errors="replace")[-4000:])
-        raise
-    finally:
-        kill_group(process)
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 async def _until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -136,7 +111,7 @@ async def test_three_gateways_one_killed_with_claims_every_ack_delivered_once(
     bodies = [message_body(f"multi-host {n}") for n in range(30)]
     twice = message_body("sent to two gateways")
     with contextlib.ExitStack() as stack:
-        gateways = [stack.enter_context(_gateway(config)) for config in configs]
+        gateways = [stack.enter_context(serving(config)) for config in configs]
         for port, process in zip(ports, gateways, strict=True):
             await _until_listening(port, process)
         async with aiohttp.ClientSession() as session:
@@ -195,7 +170,7 @@ async def test_database_going_away_gives_503_and_readyz_503_then_recovers(
             outbox=f'url = "{server.socket_url("served")}"',
         )
         port = listen_port(config)
-        with _gateway(config) as gateway:
+        with serving(config) as gateway:
             await _until_listening(port, gateway)
             async with aiohttp.ClientSession() as session:
                 before = message_body("before the outage")

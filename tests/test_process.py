@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,37 +19,12 @@ import pytest
 from config_files import free_port, listen_port, write_config
 from helpers import APP_SECRET, message_body, meta_signature, metric
 from pki import Pki
-from processes import kill_group
+from processes import serving
 from sink import DEADLINE_S, Sink
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
 from gateway.edge.signature import sign
-
-
-@contextlib.contextmanager
-def _gateway(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``waba-gateway serve`` as a child process; killed at the end if still running."""
-    env = os.environ | {"TEST_APP_SECRET": APP_SECRET}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # so that kill_group reaches the workers too
-    )
-    try:
-        yield process
-    except BaseException:
-        # Show what the gateway logged: the test's own message rarely says why.
-        kill_group(process)
-        assert process.stdout is not None
-        sys.stderr.write(process.stdout.read().decode(errors="replace")[-5000:])
-        raise
-    finally:
-        kill_group(process)
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 async def _post(port: int, pki: Pki, body: bytes, *, fresh: bool = False) -> int:
@@ -112,14 +86,14 @@ async def test_sigkill_after_ack_with_target_down_loses_nothing(
     port = listen_port(config)
     await sink.down()
     bodies = [message_body(f"crash test {n} caf\u00e9 \U0001f62e") for n in range(20)]
-    with _gateway(config) as first:
+    with serving(config) as first:
         await _until_listening(port, pki, first)
         statuses = await asyncio.gather(*(_post(port, pki, body) for body in bodies))
         assert statuses == [200] * len(bodies)
         first.send_signal(signal.SIGKILL)
         assert await _exit_code(first) == -signal.SIGKILL
     await sink.up()
-    with _gateway(config) as second:
+    with serving(config) as second:
         await _until_listening(port, pki, second)
         received = await sink.wait_for(len(bodies), "/sink")
         assert sorted(r.body for r in received) == sorted(bodies)
@@ -131,7 +105,7 @@ async def test_sigterm_finishes_and_exits_zero(pki: Pki, tmp_path: Path, sink: S
     """SIGTERM stops the gateway cleanly with exit status 0 after delivering what it had."""
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"))
     port = listen_port(config)
-    with _gateway(config) as process:
+    with serving(config) as process:
         await _until_listening(port, pki, process)
         assert await _post(port, pki, message_body("before stop")) == 200
         await sink.wait_for(1, "/sink")
@@ -209,7 +183,7 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
     bodies = [message_body(f"worker test {n}") for n in range(60)]
-    with _gateway(config) as supervisor:
+    with serving(config) as supervisor:
         await _until_listening(port, pki, supervisor)
         await _post_each_on_a_new_connection(port, pki, bodies)
         received = await sink.wait_for(len(bodies), "/sink")
@@ -241,7 +215,7 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     # One new connection each: the kernel spreads them over both workers (all 40 on worker 0
     # has a chance of 2**-40), so worker 0's own counters alone would fall short of 40.
     bodies = [message_body(f"metrics test {n}") for n in range(40)]
-    with _gateway(config) as supervisor:
+    with serving(config) as supervisor:
         await _until_listening(port, pki, supervisor)
         await _post_each_on_a_new_connection(port, pki, bodies)
         async with (
@@ -281,7 +255,7 @@ async def test_two_workers_survive_sighup_to_any_process(
     removed. (That each reloads: tests/test_reload_process.py.)"""
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
-    with _gateway(config) as supervisor:
+    with serving(config) as supervisor:
         await _until_listening(port, pki, supervisor)
         # The supervisor binds the port before its workers exist: wait for both.
         deadline = time.monotonic() + DEADLINE_S
@@ -368,7 +342,7 @@ async def test_supervisor_killed_while_workers_start_leaves_no_worker_behind(
     """SIGKILL to the supervisor at any moment of its workers' start: none of them goes on
     serving the shared socket on its own (each checks its parent once it can be told)."""
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
-    with _gateway(config) as supervisor:
+    with serving(config) as supervisor:
         await asyncio.sleep(after_s)
         supervisor.kill()
         await _exit_code(supervisor)
