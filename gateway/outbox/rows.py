@@ -9,12 +9,18 @@ order :func:`delivery_from_row` names them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from gateway.outbox.model import Delivery
+from gateway.outbox.model import Backlog, Delivery
 
-__all__ = ["DELIVERY_COLUMNS", "delivery_from_row", "delivery_id_of", "rowid_of"]
+__all__ = [
+    "DELIVERY_COLUMNS",
+    "backlog_from_rows",
+    "delivery_from_row",
+    "delivery_id_of",
+    "rowid_of",
+]
 
 _MAX_ROWID: Final = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's BIGINT alike
 # The select list, in both dialects, of a delivery ``d`` joined to its notification ``n``: the
@@ -63,3 +69,16 @@ def delivery_from_row(row: Sequence[Any], prefix: str) -> Delivery:
         last_error=row[12],
         last_response=row[13],
     )
+
+
+def backlog_from_rows(rows: Iterable[Sequence[Any]]) -> list[Backlog]:
+    """Each target's :class:`Backlog` from rows of (target, state, count, oldest creation
+    time), one per target and state (``pending`` or ``dead``), sorted by target."""
+    found: dict[str, Backlog] = {}
+    for target, state, count, oldest in rows:
+        known = found.get(target) or Backlog(target, 0, None, 0)
+        if state == "pending":
+            found[target] = Backlog(target, int(count), oldest, known.dead)
+        else:
+            found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
+    return [found[name] for name in sorted(found)]

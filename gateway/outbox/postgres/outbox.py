@@ -55,7 +55,12 @@ from gateway.outbox.model import (
 from gateway.outbox.postgres import schema, sql
 from gateway.outbox.postgres.committer import FAILURES, Committer
 from gateway.outbox.postgres.listener import Listener
-from gateway.outbox.rows import delivery_from_row, delivery_id_of, rowid_of
+from gateway.outbox.rows import (
+    backlog_from_rows,
+    delivery_from_row,
+    delivery_id_of,
+    rowid_of,
+)
 
 __all__ = ["PostgresOutbox", "inspect"]
 
@@ -280,15 +285,7 @@ class PostgresOutbox:
             await self._run(record)
 
     async def backlog(self) -> list[Backlog]:
-        rows = await self._run(lambda conn: conn.fetch(sql.BACKLOG))
-        found: dict[str, Backlog] = {}
-        for target, state, count, oldest in rows:
-            known = found.get(target) or Backlog(target, 0, None, 0)
-            if state == "pending":
-                found[target] = Backlog(target, int(count), oldest, known.dead)
-            else:
-                found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
-        return [found[name] for name in sorted(found)]
+        return backlog_from_rows(await self._run(lambda conn: conn.fetch(sql.BACKLOG)))
 
     async def query(
         self,

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.outbox.model import STATES, Backlog, Delivery, Route
-from gateway.outbox.rows import DELIVERY_COLUMNS, delivery_from_row, delivery_id_of, rowid_of
+from gateway.outbox.rows import (
+    DELIVERY_COLUMNS,
+    backlog_from_rows,
+    delivery_from_row,
+    delivery_id_of,
+    rowid_of,
+)
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
@@ -158,14 +164,7 @@ def backlog(conn: sqlite3.Connection) -> list[Backlog]:
         "SELECT target, state, COUNT(*), MIN(created_at) FROM deliveries"
         " WHERE state IN ('pending', 'dead') GROUP BY state, target"
     ).fetchall()
-    found: dict[str, Backlog] = {}
-    for target, state, count, oldest in rows:
-        known = found.get(target) or Backlog(target, 0, None, 0)
-        if state == "pending":
-            found[target] = Backlog(target, int(count), oldest, known.dead)
-        else:
-            found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
-    return [found[name] for name in sorted(found)]
+    return backlog_from_rows(rows)
 
 
 @dataclass(frozen=True, slots=True)
