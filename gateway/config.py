@@ -9,6 +9,7 @@ URL``. Units live in key names (``timeout_s``, ``max_body_bytes``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
@@ -36,6 +37,7 @@ __all__ = [
     "TargetConfig",
     "TlsConfig",
     "default_config_path",
+    "load_admin_config",
     "load_config",
     "redact_url",
 ]
@@ -234,6 +236,48 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
     return _Reader(path, env).config(data)
 
 
+def load_admin_config(path: Path, env: Mapping[str, str] = os.environ) -> AdminConfig:
+    """Only the ``[admin]`` table of the file at ``path``, validated as :func:`load_config` does.
+
+    This is how ``waba-gateway reload`` finds the running gateway's admin listener when the rest
+    of the file would not load (a misspelt key, invalid TOML in another table): the gateway
+    itself then reads the whole file, and reports, logs and counts the failed reload. Raises
+    :class:`~gateway.errors.ConfigError` when the file cannot be read or ``[admin]`` itself is
+    invalid.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        # Invalid elsewhere, perhaps: read the [admin] table's own lines alone.
+        try:
+            data = tomllib.loads(_admin_lines(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML in [admin]: {exc}") from exc
+    return _Reader(path, env).section("admin", "admin", data.get("admin", {}), AdminConfig)
+
+
+_TABLE_HEADER = re.compile(r"^\s*\[")
+_ADMIN_HEADER = re.compile(r"^\s*\[\s*admin\s*\]\s*(#.*)?$")
+
+
+def _admin_lines(text: str) -> str:
+    """The ``[admin]`` header and the lines up to the next table's header ('' if none)."""
+    lines: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if _TABLE_HEADER.match(line):
+            inside = bool(_ADMIN_HEADER.match(line))
+        if inside:
+            lines.append(line)
+    return "\n".join(lines)
+
+
 # Below, the dataclasses above are the schema: their fields are the keys, their type hints the
 # types, fields without a default the required keys. A key absent from the file is not passed on,
 # so each default lives in one place. Every count must be >= 1 and every duration > 0 unless
@@ -298,6 +342,22 @@ def _shown(value: object, secret: bool) -> str:
     if not secret or value in ("", []) or (isinstance(value, str) and "${" in value):
         return repr(value)
     return "<hidden>"
+
+
+# A misspelt key whose name has one of these in it, or is close to a secret key's name, may
+# hold a secret: its value is hidden. Any other misspelt key's value is shown, to find it by.
+_SECRET_WORDS = ("secret", "token", "pass", "key", "auth", "credential", "url")
+_SECRET_NAMES = sorted({name.rpartition(".")[2] for name in _SECRETS})
+
+
+def _may_be_secret(key: str, value: object) -> bool:
+    """Whether the value of the unknown key ``key`` may be a secret (a table may hold one)."""
+    lowered = key.lower()
+    return (
+        isinstance(value, dict)
+        or any(word in lowered for word in _SECRET_WORDS)
+        or bool(difflib.get_close_matches(lowered, _SECRET_NAMES))
+    )
 
 
 def _join(table: str, key: str) -> str:
@@ -414,9 +474,10 @@ class _Reader:
             raise self.error(key, value, "a table", secret=True)
         for each, item in value.items():
             if each not in known:
-                # A misspelt key's value may well be a secret: never show it.
                 expected = "one of the keys " + ", ".join(sorted(known))
-                raise self.error(_join(key, each), item, expected, secret=True)
+                raise self.error(
+                    _join(key, each), item, expected, secret=_may_be_secret(each, item)
+                )
         return value
 
     def convert(self, key: str, name: str, hint: Any, value: object) -> Any:

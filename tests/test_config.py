@@ -26,6 +26,7 @@ from gateway.config import (
     TargetConfig,
     TlsConfig,
     default_config_path,
+    load_admin_config,
     load_config,
     redact_url,
 )
@@ -332,7 +333,7 @@ TARGET_KEYS = (
     [
         pytest.param(
             {"debug": "true"},
-            f"<file>: debug = <hidden>: expected one of the keys {TOP_KEYS}",
+            f"<file>: debug = True: expected one of the keys {TOP_KEYS}",
             id="top-level-key",
         ),
         pytest.param(
@@ -342,19 +343,19 @@ TARGET_KEYS = (
         ),
         pytest.param(
             {"listen.hots": '"0.0.0.0"'},
-            "<file>: listen.hots = <hidden>: "
+            "<file>: listen.hots = '0.0.0.0': "
             "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
             "request_timeout_s, workers",
             id="nested",
         ),
         pytest.param(
             {"log.lvl": '"debug"'},
-            "<file>: log.lvl = <hidden>: expected one of the keys format, level",
+            "<file>: log.lvl = 'debug': expected one of the keys format, level",
             id="log",
         ),
         pytest.param(
             {**TARGET, "targets[0].retries": "3"},
-            f"<file>: targets[0].retries = <hidden>: expected one of the keys {TARGET_KEYS}",
+            f"<file>: targets[0].retries = 3: expected one of the keys {TARGET_KEYS}",
             id="inside-target",
         ),
         pytest.param(
@@ -371,6 +372,33 @@ def test_rejects_unknown_key_naming_file_and_path(
 ) -> None:
     """A misspelt table or key stops loading; the message names the key and the known ones."""
     assert rejection(tmp_path, entries) == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "shown"),
+    [
+        ({"meta.app_secret": f'"{SECRET}"'}, "<hidden>"),
+        ({"meta.verify_token": f'["{SECRET}"]'}, "<hidden>"),
+        ({"admin.tokn": f'"{SECRET}"'}, "<hidden>"),
+        ({"admin.bearer_token": f'"{SECRET}"'}, "<hidden>"),
+        ({**TARGET, "targets[0].secrt": f'"{SECRET}"'}, "<hidden>"),
+        ({**TARGET, "targets[0].api_key": f'"{SECRET}"'}, "<hidden>"),
+        ({"outbox.ulr": f'"postgresql://u:{SECRET}@db/x"'}, "<hidden>"),
+        ({"outbox.password": f'"{SECRET}"'}, "<hidden>"),
+        ({"admin.prot": "8081"}, "8081"),
+        ({"listen.worker": "2"}, "2"),
+        ({**TARGET, "targets[0].waba_id": '["1001"]'}, "['1001']"),
+        ({"tls.clientcn": '"client.example"'}, "'client.example'"),
+    ],
+)
+def test_a_misspelt_keys_value_is_shown_unless_it_may_be_a_secret(
+    tmp_path: Path, entries: Entries, shown: str
+) -> None:
+    """The value helps find the misspelt key; a name like a secret's keeps it hidden."""
+    message = rejection(tmp_path, entries)
+    key = next(k for k in entries if k not in TARGET)
+    assert message.startswith(f"<file>: {key} = {shown}: expected one of the keys ")
+    assert SECRET not in message
 
 
 @pytest.mark.parametrize(
@@ -890,3 +918,41 @@ def test_outbox_url_of_another_scheme_is_refused_without_showing_it(
 def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
     """redact_url hides the password in the user part and in a password= parameter."""
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            '[tls]\nbad = 1\n[admin]\nport = 9081\ntoken = "${T}"\n',
+            AdminConfig(port=9081, token="tok"),
+            id="misspelt-key-elsewhere",
+        ),
+        pytest.param(
+            '[tls\n[admin] # the API\nhost = "::1"\nport = 9082\n[dispatcher]\nx =\n',
+            AdminConfig(host="::1", port=9082),
+            id="invalid-toml-elsewhere",
+        ),
+        pytest.param("[tls\n", AdminConfig(), id="no-admin-table"),
+        pytest.param(
+            "[admin]\nport = 0x\n", "<file>: invalid TOML in [admin]: ", id="invalid-admin"
+        ),
+        pytest.param(
+            "[admin]\nport = 70000\n",
+            "<file>: admin.port = 70000: expected an integer from 0 to 65535",
+            id="admin-out-of-range",
+        ),
+    ],
+)
+def test_admin_table_is_read_even_when_the_rest_of_the_file_does_not_load(
+    tmp_path: Path, text: str, expected: AdminConfig | str
+) -> None:
+    """load_admin_config: where `reload` finds the gateway to ask, whatever else is wrong."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    if isinstance(expected, AdminConfig):
+        assert load_admin_config(path, {"T": "tok"}) == expected
+        return
+    with pytest.raises(ConfigError) as info:
+        load_admin_config(path, {})
+    assert str(info.value).replace(str(path), "<file>", 1).startswith(expected)

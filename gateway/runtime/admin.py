@@ -166,8 +166,9 @@ def create_admin_app(ops: Operations) -> web.Application:
     async def reload(_: web.Request) -> web.Response:
         result = ops.reload()
         body = {"ok": result.ok, "message": result.message}
-        # 500: the gateway could not do what was asked, and keeps its previous configuration.
-        return web.json_response(body, status=200 if result.ok else 500)
+        # 422: the gateway works, but the files it was asked to take cannot be used (the
+        # message says why); it keeps its previous configuration.
+        return web.json_response(body, status=200 if result.ok else 422)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -60,6 +60,7 @@ class Core:
         self._hold: OutboxHold | None = None
         self._wake_channel = wake_channel
         self.stats = Stats(metrics_dir)
+        self.stats.prime(target.name for target in config.targets)
         self._outbox: Outbox | None = None
         self._callback: Callback | None = None
         self.dispatcher: Dispatcher | None = None
@@ -89,6 +90,7 @@ class Core:
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration (see :mod:`gateway.runtime.reload` for what applies)."""
         self.config = config
+        self.stats.prime(target.name for target in config.targets)
         if self._callback is not None:
             self._callback.reconfigure(config)
         if self.dispatcher is not None:

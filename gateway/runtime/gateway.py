@@ -242,6 +242,7 @@ class Gateway:
         return Snapshot(
             now=now,
             backlog=await self.core.outbox.backlog(),
+            targets=[target.name for target in self.config.targets],
             circuits=dispatcher.circuits(now) if dispatcher is not None else {},
             server_certificate_expiry=server_expiry,
             client_ca_expiries=ca_expiries,

@@ -21,7 +21,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway.outbox import Backlog
 from gateway.version import __version__
 
-__all__ = ["CIRCUIT_STATES", "MULTIPROCESS_ENV", "Snapshot", "Stats", "Totals"]
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "CIRCUIT_STATES",
+    "MULTIPROCESS_ENV",
+    "RELOAD_OUTCOMES",
+    "Snapshot",
+    "Stats",
+    "Totals",
+]
 
 # Read by prometheus-client when it is imported: set, its counters live in files in that folder
 # (https://prometheus.github.io/client_python/multiprocess/).
@@ -40,6 +48,11 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _NO_CERTIFICATE = "(none)"
 CIRCUIT_STATES = ("closed", "half_open", "open")
+# Every labelled series exists from the start, at 0: Prometheus' increase() needs a sample
+# before the first event to see it, so an alert on the first dead letter or failed reload after
+# a start would otherwise stay silent.
+ATTEMPT_OUTCOMES = ("delivered", "retry", "dead")
+RELOAD_OUTCOMES = ("success", "failure")
 # From a fast target on loopback (milliseconds) to a backlog drained after an outage (hours).
 _LATENCY_BUCKETS = (
     *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
@@ -50,10 +63,13 @@ _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What is, at scrape time: read from the outbox, the dispatcher and the loaded files."""
+    """What is, at scrape time: read from the outbox, the dispatcher and the loaded files.
+    ``targets``: the configured targets, each given its backlog gauges (0) even before the
+    outbox holds a row for it."""
 
     now: float
     backlog: Sequence[Backlog] = ()
+    targets: Sequence[str] = ()
     circuits: Mapping[str, str] = field(default_factory=dict)
     server_certificate_expiry: float | None = None
     client_ca_expiries: Sequence[tuple[str, float]] = ()
@@ -68,6 +84,13 @@ class _Times:
     def __init__(self, buckets: int) -> None:
         self.total = 0.0
         self.counts = [0] * buckets
+
+
+def _every_target(backlog: Sequence[Backlog], targets: Sequence[str]) -> list[Backlog]:
+    """``backlog`` with an empty entry for each of ``targets`` it does not name."""
+    named = {each.target for each in backlog}
+    empty = [Backlog(name, 0, None, 0) for name in targets if name not in named]
+    return [*backlog, *empty]
 
 
 class _SnapshotCollector:
@@ -91,7 +114,7 @@ class _SnapshotCollector:
             "Dead letters kept in the outbox until replayed or purged, per target",
             labels=["target"],
         )
-        for each in snap.backlog:
+        for each in _every_target(snap.backlog, snap.targets):
             pending.add_metric([each.target], each.pending)
             age = 0.0 if each.oldest_pending_at is None else snap.now - each.oldest_pending_at
             oldest.add_metric([each.target], max(0.0, age))
@@ -224,6 +247,15 @@ class Stats:
             ["outcome"],
             registry=self.registry,
         )
+
+    def prime(self, targets: Iterable[str]) -> None:
+        """Create the labelled series of ``targets`` and of the reload outcomes at 0 (see
+        :data:`ATTEMPT_OUTCOMES`); a series already counting keeps its count."""
+        for target in targets:
+            for outcome in ATTEMPT_OUTCOMES:
+                self._attempts.labels(target=target, outcome=outcome)
+        for outcome in RELOAD_OUTCOMES:
+            self._reloads.labels(outcome=outcome)
 
     def accepted(self) -> None:
         self._accepted.inc()
