@@ -246,6 +246,41 @@ async def test_removed_outbox_folder_stops_acknowledgements(
         await _serves_a_valid_request(gateway, pki, sink, "after a restart")
 
 
+@pytest.mark.parametrize("moved", [("",), ("", "-wal", "-shm")], ids=["file", "with-wal-shm"])
+async def test_outbox_file_moved_away_and_back_serves_again_without_a_restart(
+    pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture, moved: tuple[str, ...]
+) -> None:
+    """While the outbox file is moved away: 503 and /readyz 503; once it is moved back (the
+    same file), /readyz turns 200 and POSTs are acknowledged and forwarded again, by the same
+    running gateway, and what was acknowledged before is still in the file."""
+    config = _config(pki, tmp_path, sink)
+    path = config.outbox.path
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "before the move")
+        await wait_for_state(gateway, "delivered")
+        for suffix in moved:
+            os.rename(f"{path}{suffix}", f"{path}.aside{suffix}")
+        with caplog.at_level(logging.WARNING, logger="gateway.outbox"):
+            assert (await post(gateway, pki, message_body("while away"))).status == 503
+            assert (await admin_get(gateway, "/readyz")).status == 503
+            for suffix in moved:
+                os.rename(f"{path}.aside{suffix}", f"{path}{suffix}")
+
+            async def ready() -> bool | None:
+                return (await admin_get(gateway, "/readyz")).status == 200 or None
+
+            await eventually(ready, "ready once the file is back")
+            await _serves_a_valid_request(gateway, pki, sink, "after the move back")
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
+        assert len(lines) == 2
+        assert "removed or replaced" in lines[0]
+        assert "is back at its path" in lines[1]
+        await wait_for_state(gateway, "delivered")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (2,)
+    assert b"while away" not in b"".join(r.body for r in sink.received)
+
+
 async def test_idle_gateway_commits_nothing(pki: Pki, tmp_path: Path, sink: Sink) -> None:
     """With nothing to do, the dispatcher's polls read the outbox without committing."""
     config = _config(pki, tmp_path, sink)

@@ -29,9 +29,10 @@ Faults are bounded and visible:
 - A group whose transaction cannot begin or commit (the file locked by another process past the
   busy timeout, a full disk, an I/O error) fails as a whole, at once: running each job again
   alone would make every request wait the busy timeout once more.
-- Before each write transaction the file at the path is compared with the one open (device and
-  inode): when the file or its folder was removed or replaced, nothing written would survive a
-  restart, so every write is refused from then on, with one log line.
+- Before each transaction the file at the path is compared with the one open (device and
+  inode): while the file or its folder is removed or replaced, nothing written would survive a
+  restart, so every write is refused, with one log line. When the same file is back at the path
+  (moved away and moved back), writes go on, with one more line.
 - :attr:`Writer.failure` says why the last write transaction failed (``None`` once one commits),
   for readiness.
 """
@@ -193,7 +194,7 @@ class Writer:
         # thread, read by readiness on the event loop's (a str is replaced atomically).
         self.failure: str | None = None
         self._identity: tuple[int, int] | None = None  # of the file opened
-        self._lost: str | None = None  # the file opened is no longer at the path: for good
+        self._lost: str | None = None  # the file opened is no longer at the path
         opened: stdqueue.SimpleQueue[BaseException | None] = stdqueue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(opened,), name="outbox-writer", daemon=True
@@ -320,19 +321,24 @@ class Writer:
 
     @property
     def lost(self) -> bool:
-        """The file open is no longer the one at the path (see the module docstring)."""
-        return self._lost is not None
+        """The file open was found missing from the path and is not back there yet (see the
+        module docstring); checked again here, so that readiness sees it come back."""
+        return self._lost is not None and _identity(self.path) != self._identity
 
     def _still_there(self) -> bool:
-        """Whether the file at the path is still the one open; logs once when it is not."""
-        if self._lost is None and _identity(self.path) != self._identity:
+        """Whether the file at the path is the one open; logs when that changes."""
+        here = _identity(self.path) == self._identity
+        if not here and self._lost is None:
             self._lost = (
                 f"outbox file '{self.path}' was removed or replaced while the gateway ran;"
-                " nothing written to it would survive a restart, so nothing more is acknowledged:"
-                " restore it or restart the gateway"
+                " nothing written to it would survive a restart, so nothing more is acknowledged"
+                " until the same file is back at that path (moved back) or the gateway restarts"
             )
             log.error("%s", self._lost)
-        return self._lost is None
+        elif here and self._lost is not None:
+            self._lost = None
+            log.warning("outbox file '%s' is back at its path: acknowledging again", self.path)
+        return here
 
     def _read(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
         """Jobs that write nothing, in one read transaction: no write lock, no commit."""
