@@ -29,6 +29,7 @@ from helpers import (
     admin_get,
     eventually,
     gateway_config,
+    locked_by_another_process,
     message_body,
     metric,
     post,
@@ -67,30 +68,6 @@ async def _serves_a_valid_request(gateway: Gateway, pki: Pki, sink: Sink, text: 
     assert (await post(gateway, pki, body)).status == 200
     received = await sink.wait_for(before + 1)
     assert [r.body for r in received[before:]] == [body]
-
-
-@contextmanager
-def _locked_by_another_process(path: Path) -> Iterator[None]:
-    """Another process holds an open ``BEGIN EXCLUSIVE`` transaction on ``path``."""
-    script = (
-        "import sqlite3, sys\n"
-        f"conn = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-        "conn.execute('BEGIN EXCLUSIVE')\n"
-        "print('locked', flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert holder.stdin is not None
-    assert holder.stdout is not None
-    try:
-        assert holder.stdout.readline() == b"locked\n"
-        yield
-    finally:
-        holder.stdin.close()  # the holder reads end of file, exits, and the lock goes with it
-        holder.wait(timeout=10)
-        holder.stdout.close()
 
 
 # -- a target that never answers ---------------------------------------------------------------
@@ -135,7 +112,7 @@ async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
         await _serves_a_valid_request(gateway, pki, sink, "before the lock")
         # Its outcome recorded: else it stays pending through the lock, and is sent again.
         await wait_for_state(gateway, "delivered")
-        with _locked_by_another_process(config.outbox.path):
+        with locked_by_another_process(config.outbox.path):
             started = time.monotonic()
             async with asyncio.timeout(ANSWER_WITHIN_S):
                 answer = await post(gateway, pki, message_body("while locked"))
@@ -173,7 +150,7 @@ async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_bus
     async with Gateway(config) as gateway:
         await _serves_a_valid_request(gateway, pki, sink, "before the lock")
         await wait_for_state(gateway, "delivered")
-        with _locked_by_another_process(config.outbox.path):
+        with locked_by_another_process(config.outbox.path):
             answers = await asyncio.gather(*(timed(index) for index in range(20)))
         assert {status for status, _ in answers} == {503}
         slowest = max(seconds for _, seconds in answers)
