@@ -85,6 +85,10 @@ class TlsConfig:
     # certbot renew by writing new files in place. Checked every watch_interval_s.
     watch_files: bool = False
     watch_interval_s: float = 10 * SECONDS
+    # The SHA-256 fingerprints of Meta's current webhook client CA, as Meta's "mTLS for
+    # Webhooks" page gives them: `waba-gateway doctor` recognises Meta's CA by these alone
+    # (besides the CAs Meta documented before, which it knows).
+    meta_ca_sha256: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,6 +303,9 @@ _SCALARS: dict[object, tuple[type | UnionType, str]] = {
 _LogLevel = Literal["debug", "info", "warning", "error"]
 
 
+_SHA256 = re.compile(r"[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}")
+
+
 def _is_http_url(text: str) -> bool:
     try:
         parts = urlsplit(text)
@@ -326,6 +333,10 @@ _RULES: dict[str, _Rule] = {
     "listen.path": (lambda value: value.startswith("/"), "a path starting with '/'"),
     "tls.client_cn": _NON_EMPTY,
     "tls.session_tickets": (lambda value: 0 <= value <= 8, "an integer from 0 to 8"),
+    "tls.meta_ca_sha256": (
+        lambda value: all(_SHA256.fullmatch(each) for each in value),
+        "SHA-256 fingerprints, 64 hex digits each (colons between pairs allowed)",
+    ),
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
     "targets.url": (_is_http_url, "an http:// or https:// URL"),

@@ -956,3 +956,28 @@ def test_admin_table_is_read_even_when_the_rest_of_the_file_does_not_load(
     with pytest.raises(ConfigError) as info:
         load_admin_config(path, {})
     assert str(info.value).replace(str(path), "<file>", 1).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('["' + "ab" * 32 + '"]', ("ab" * 32,)),
+        ('["' + ":".join(["AB"] * 32) + '"]', (":".join(["AB"] * 32),)),
+        ("[]", ()),
+        ('["' + "ab" * 31 + '"]', None),
+        ('["' + "zz" * 32 + '"]', None),
+        ('["' + ":".join(["AB"] * 31) + ':"]', None),
+    ],
+)
+def test_meta_ca_fingerprints_are_sha256_in_either_form(
+    tmp_path: Path, value: str, expected: tuple[str, ...] | None
+) -> None:
+    """tls.meta_ca_sha256: 64 hex digits, with or without colons; anything else is refused."""
+    if expected is not None:
+        assert load(tmp_path, {"tls.meta_ca_sha256": value}).tls.meta_ca_sha256 == expected
+        return
+    message = rejection(tmp_path, {"tls.meta_ca_sha256": value})
+    assert message.startswith("<file>: tls.meta_ca_sha256 = ")
+    assert message.endswith(
+        "expected SHA-256 fingerprints, 64 hex digits each (colons between pairs allowed)"
+    )

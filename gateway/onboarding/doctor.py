@@ -32,6 +32,7 @@ from gateway.onboarding.readiness import (
     judge_server_chain,
     judge_tls_settings,
     judge_trust,
+    known_cas,
 )
 from gateway.onboarding.verify_callback import callback_url, verify
 from gateway.outbox import open_outbox
@@ -142,7 +143,7 @@ def _client_cas(tls: TlsConfig, now: datetime.datetime) -> list[Finding]:
             )
         ]
     certs = _certificates(tls.client_ca_file)
-    return [] if certs is None else judge_ca_bundle(certs, now)
+    return [] if certs is None else judge_ca_bundle(certs, now, known_cas(tls.meta_ca_sha256))
 
 
 async def _targets(targets: Sequence[TargetConfig]) -> list[Finding]:
