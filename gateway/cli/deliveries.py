@@ -160,7 +160,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=_list)
-    showing = actions.add_parser("show", help="one delivery and the outcome of its last attempt")
+    showing = actions.add_parser(
+        "show", help="one delivery and its last attempt, then every attempt on one line each"
+    )
     add_config_argument(showing, dev=True)
     showing.add_argument("id", metavar="ID")
     showing.add_argument("--json", action="store_true", help="machine-readable output")

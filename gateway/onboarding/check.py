@@ -3,8 +3,9 @@
 Rule: ``check`` refuses exactly what ``serve`` would refuse (same loader, same TLS context
 builder), and adds what an operator wants to see before a rollout: certificate expiry (a warning
 under 30 days) and the subjects and fingerprints of the client CA bundle, so they can be compared
-with the CA file Meta publishes. With ``outbox.url``: whether the database is reachable and holds
-the schema version this gateway uses.
+with the CA file Meta publishes. The outbox: with ``outbox.url``, whether the database is reachable
+and holds the schema version this gateway uses; a SQLite file, read without changing it: its
+layout, SQLite's structural check and its pending and dead deliveries.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
 
 
 async def outbox_report(config: Config) -> list[str]:
-    """The line about a database outbox: reachable, and at the schema version this gateway
-    uses (none for a SQLite file). Raises OutboxError when ``serve`` would refuse it."""
-    found = await describe_outbox(config.outbox)
-    return [] if found is None else [f"ok: {found}"]
+    """The line about the outbox: a database reachable and at the schema version this gateway
+    uses, or a SQLite file's layout, integrity and backlog. Raises OutboxError when ``serve``
+    would refuse it."""
+    return [f"ok: {await describe_outbox(config.outbox)}"]

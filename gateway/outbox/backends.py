@@ -8,6 +8,7 @@ and only when asked for, so the embedded install stays small.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from types import ModuleType
 from typing import Protocol
@@ -15,6 +16,7 @@ from typing import Protocol
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
+from gateway.outbox.sqlite import layout
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.outbox.sqlite.owner import OwnerLock
 
@@ -81,10 +83,11 @@ async def open_outbox(
     )
 
 
-async def describe_outbox(config: OutboxConfig) -> str | None:
-    """What ``check`` reports about a database outbox (reachable, schema version); ``None``
-    for a SQLite file, which ``check`` leaves to ``doctor``. Raises OutboxError."""
+async def describe_outbox(config: OutboxConfig) -> str:
+    """What ``check`` reports about the outbox, changing nothing: a database's reachability
+    and schema version, or a SQLite file's layout, integrity and backlog. Raises OutboxError
+    for what ``serve`` would refuse."""
     if config.url is None:
-        return None
+        return await asyncio.to_thread(layout.describe, config.path)
     text: str = await _postgres().inspect(config)
     return text

@@ -13,6 +13,7 @@ from before.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from gateway.errors import OutboxError
 
-__all__ = ["connect", "open_store", "read_prefix"]
+__all__ = ["connect", "describe", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0; layout 2 had no attempts table.
@@ -219,3 +220,43 @@ def connect(path: Path) -> sqlite3.Connection:
     """Open ``path`` with the durability settings the outbox promises, giving a new file the
     current layout; a file of another layout raises OutboxError."""
     return open_store(path)[0]
+
+
+def describe(path: Path) -> str:
+    """What ``waba-gateway check`` says about the outbox file, which it opens read-only and
+    leaves as it is: whether it exists (or can be made), its layout, SQLite's structural check
+    and its deliveries by state. Raises OutboxError for what ``serve`` would refuse."""
+    where = f"outbox file {path}"
+    if not path.exists():
+        folder = next(parent for parent in path.parents if parent.exists())
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutboxError(
+                f"outbox.path = '{path}': does not exist, and {folder} is not writable to make it"
+            )
+        return f"{where} does not exist yet: the first start makes it"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
+    try:
+        problem = _damage(conn)
+        if problem is not None:
+            raise OutboxError(_damaged_message(path, problem))
+        version = _user_version(conn)
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if version == 0 and not tables:
+            return f"{where} is empty: the first start gives it the outbox's layout"
+        if version == 0 and "deliveries" in tables:
+            raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
+        if version not in (2, _LAYOUT) or "deliveries" not in tables:
+            raise OutboxError(
+                f"outbox.path = '{path}': not an outbox of this version (layout {version})"
+            )
+        counts = dict(conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state"))
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox.path = '{path}': cannot read: {exc}") from exc
+    finally:
+        conn.close()
+    states = ", ".join(f"{counts.get(state, 0)} {state}" for state in ("pending", "dead"))
+    migrate = "; the next start adds the attempts table" if version == 2 else ""
+    return f"{where}: layout {version}, intact (quick_check), {states}{migrate}"
