@@ -301,7 +301,7 @@ async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_o
     files: Files, pki: Pki, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A target the reload removes keeps its deliveries pending (listed, replayable); a target
-    it adds receives what arrives next."""
+    it adds has its metrics at 0 at once and receives what arrives next."""
     await sink.down()  # "old" cannot take anything yet
     old = f'[[targets]]\nname = "old"\nurl = "{sink.url("/old")}"\nwait_initial_s = 0.05\n'
     files.write_config(targets=old)
@@ -312,6 +312,11 @@ async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_o
         files.write_config(targets=f'[[targets]]\nname = "new"\nurl = "{sink.url("/new")}"\n')
 
         assert gateway.reload().ok
+        # The added target's alerted series exist from the reload on, before its first event.
+        text = (await admin_get(gateway, "/metrics")).text
+        dead = 'waba_gateway_delivery_attempts_total{outcome="dead",target="new"}'
+        assert metric(text, dead) == 0
+        assert metric(text, 'waba_gateway_target_dead_letters{target="new"}') == 0
 
         assert await post_new(gateway.port, pki, message_body("for new")) == 200
         await wait_for_state(gateway, "delivered", target="new")
