@@ -119,7 +119,9 @@ def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | Non
 
 
 class _Busy:
-    """The connection's busy timeout, set only when it changes (a statement each time)."""
+    """The connection's busy timeout, set only when it changes (a statement each time). It
+    stays at 0 once a write has set it: reads do not switch it back (see ``Writer._read``), so
+    the common path runs no extra statement."""
 
     __slots__ = ("full_ms", "now_ms")
 
@@ -162,6 +164,12 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
 
 
+def _is_busy_failure(exc: BaseException) -> bool:
+    """``exc`` (or what a :class:`_GroupFailed` wraps) is SQLite's "database is locked"."""
+    cause = exc.__cause__ if isinstance(exc, _GroupFailed) else exc
+    return isinstance(cause, sqlite3.OperationalError) and _is_busy(cause)
+
+
 def _transaction(
     conn: sqlite3.Connection,
     jobs: Sequence[_Job],
@@ -171,9 +179,9 @@ def _transaction(
 ) -> list[Any]:
     """Run ``jobs`` in one transaction and commit; on any error roll back and raise
     (:class:`_GroupFailed` when the transaction could not begin or commit). ``lock=None``: a
-    read transaction, which takes no lock (and waits the full busy timeout, as it rarely has
-    to); else a write transaction begun by :func:`_begin_write`, waiting until ``deadline``
-    at most for a lock another process holds.
+    read transaction, which takes no lock, with the busy timeout as it is; else a write
+    transaction begun by :func:`_begin_write`, waiting until ``deadline`` at most for a lock
+    another process holds.
 
     Worker processes sharing the outbox queue on an flock of ``lock`` first. SQLite's own
     busy handler would do, but it sleeps 1, 2, 5, 10... ms between tries, so two processes
@@ -184,7 +192,6 @@ def _transaction(
     if lock is not None:
         held = _begin_write(conn, lock, busy, deadline)
     else:
-        busy.set(conn, busy.full_ms)
         try:
             conn.execute("BEGIN")
         except sqlite3.Error as exc:
@@ -412,6 +419,13 @@ class Writer:
             try:
                 results = [(value, None) for value in _transaction(conn, group, None, self._busy)]
             except Exception as exc:
+                if _is_busy_failure(exc) and self._busy.now_ms != self._busy.full_ms:
+                    # In WAL a read rarely meets a lock (another process recovering the log,
+                    # or holding the file in exclusive mode); when one does, it is read again
+                    # waiting the full busy timeout, as it would have without the writes' 0.
+                    self._busy.set(conn, self._busy.full_ms)
+                    self._read(conn, group)
+                    return
                 results = [(None, OutboxError(f"outbox read failed: {exc}"))] * len(group)
         self._answer(group, results)
 
