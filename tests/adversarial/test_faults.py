@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from ci import unavailable
 from config_files import write_config
 from helpers import (
     APP_SECRET,
@@ -190,15 +191,18 @@ async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_bus
 @contextmanager
 def _immutable(*paths: Path) -> Iterator[None]:
     """``chattr +i`` on ``paths`` (no write reaches them, even as root), undone at the end."""
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        unavailable("chattr is not installed: apt-get install e2fsprogs (.ci/run installs it)")
     try:
-        subprocess.run(["chattr", "+i", *map(str, paths)], check=True, capture_output=True)
+        subprocess.run([chattr, "+i", *map(str, paths)], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:
-        # Not a missing package (.ci/run installs chattr): the capability or the filesystem.
-        pytest.skip(f"chattr +i is refused here (CAP_LINUX_IMMUTABLE, filesystem): {exc}")
+        # Installed but refused: the capability (CAP_LINUX_IMMUTABLE) or the filesystem.
+        unavailable(f"chattr +i is refused here (CAP_LINUX_IMMUTABLE, filesystem): {exc}")
     try:
         yield
     finally:
-        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+        subprocess.run([chattr, "-i", *map(str, paths)], check=True)
 
 
 async def test_immutable_outbox_answers_503_and_readyz_says_so(
