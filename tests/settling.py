@@ -1,0 +1,78 @@
+"""Waiting until delivery has settled, so that a count of what a target received is final.
+
+Rule: "exactly once" is counted only once the outbox reports nothing pending (every attempt's
+outcome recorded, nothing left to retry) *and* the target has received nothing for
+:data:`QUIET_S`. A fixed sleep instead would pass by luck on a slow machine (the duplicate not
+sent yet) and waste time on a fast one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from sink import DEADLINE_S
+
+from gateway.runtime.gateway import Gateway
+
+__all__ = ["QUIET_S", "pending_in_gateway", "pending_in_metrics", "until_settled"]
+
+# Longer than a few dispatcher polls (0.05 s in the tests' configurations) and retry waits
+# (0.05 s to 0.2 s): a delivery sent twice would show up within it.
+QUIET_S = 0.5
+_POLL_S = 0.05
+
+
+async def until_settled(
+    pending: Callable[[], Awaitable[int]], received: Callable[[], int], *, quiet_s: float = QUIET_S
+) -> None:
+    """Return once ``pending()`` is 0 and ``received()`` has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + DEADLINE_S
+    seen, since = received(), time.monotonic()
+    while True:
+        left = await pending()
+        now_seen = received()
+        if now_seen != seen or left:
+            seen, since = now_seen, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"delivery did not settle: {left} pending, {now_seen} received and counting"
+            )
+        await asyncio.sleep(_POLL_S)
+
+
+def pending_in_gateway(gateway: Gateway) -> Callable[[], Awaitable[int]]:
+    """The in-process gateway's pending deliveries, as its own outbox counts them."""
+
+    async def pending() -> int:
+        return sum(each.pending for each in await gateway.outbox.backlog())
+
+    return pending
+
+
+def pending_in_metrics(admin_port: int) -> Callable[[], Awaitable[int]]:
+    """A gateway process's pending deliveries, summed over targets from its ``/metrics``
+    (``waba_gateway_target_pending_deliveries``; a target with no sample has none)."""
+
+    async def pending() -> int:
+        url = f"http://127.0.0.1:{admin_port}/metrics"
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                assert response.status == 200, f"/metrics answered {response.status}"
+                text = await response.text()
+        except aiohttp.ClientConnectionError:
+            # With workers, the admin listener (worker 0's) may come up after the main one:
+            # not known yet counts as not settled.
+            return 1
+        samples = [
+            line.split()[-1]
+            for line in text.splitlines()
+            if line.startswith("waba_gateway_target_pending_deliveries{")
+        ]
+        return sum(int(float(value)) for value in samples)
+
+    return pending
