@@ -9,15 +9,26 @@ sent yet) and waste time on a fast one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
+from pgserver import PgServer
 from sink import DEADLINE_S
 
 from gateway.runtime.gateway import Gateway
 
-__all__ = ["QUIET_S", "pending_in_gateway", "pending_in_metrics", "until_settled"]
+__all__ = [
+    "QUIET_S",
+    "pending_in_gateway",
+    "pending_in_metrics",
+    "pending_in_postgres",
+    "pending_in_sqlite",
+    "until_settled",
+]
 
 # Longer than a few dispatcher polls (0.05 s in the tests' configurations) and retry waits
 # (0.05 s to 0.2 s): a delivery sent twice would show up within it.
@@ -74,5 +85,32 @@ def pending_in_metrics(admin_port: int) -> Callable[[], Awaitable[int]]:
             if line.startswith("waba_gateway_target_pending_deliveries{")
         ]
         return sum(int(float(value)) for value in samples)
+
+    return pending
+
+
+def pending_in_sqlite(path: Path) -> Callable[[], Awaitable[int]]:
+    """The pending deliveries in the SQLite outbox at ``path``, read on a connection of the
+    test's own (the gateway that writes it is another process)."""
+
+    def count() -> int:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            (found,) = conn.execute(
+                "SELECT count(*) FROM deliveries WHERE state = 'pending'"
+            ).fetchone()
+            return int(found)
+
+    async def pending() -> int:
+        return await asyncio.to_thread(count)
+
+    return pending
+
+
+def pending_in_postgres(server: PgServer, database: str) -> Callable[[], Awaitable[int]]:
+    """The pending deliveries in the PostgreSQL outbox in ``database``, read through psql."""
+
+    async def pending() -> int:
+        sql = "SELECT count(*) FROM waba_gateway.deliveries WHERE state = 'pending'"
+        return int(await asyncio.to_thread(server.psql, sql, database))
 
     return pending
