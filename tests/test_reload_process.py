@@ -36,6 +36,16 @@ async def served_serial(port: int, pki: Pki) -> int | None:
     return int(x509.load_der_x509_certificate(der).serial_number)
 
 
+async def _admin_up(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
 async def until(predicate: object, what: str) -> None:
     assert callable(predicate)
     deadline = time.monotonic() + DEADLINE_S
@@ -89,14 +99,15 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
     """`waba-gateway reload` with two workers: both reload; a broken key is exit 1 with the
     one line the gateway logged, and the gateway keeps serving the old certificate."""
     monkeypatch.setenv("TEST_APP_SECRET", APP_SECRET)
+    admin_port = free_port()
     config = write_config(
-        pki, tmp_path, target_url="http://127.0.0.1:9/x", workers=2, admin_port=free_port()
+        pki, tmp_path, target_url="http://127.0.0.1:9/x", workers=2, admin_port=admin_port
     )
     cert, key = own_certificates(pki, tmp_path, config)
     port = listen_port(config)
     with serving(config) as process:
         await until(lambda: served_serial(port, pki), "the gateway to listen")
-        await asyncio.sleep(0.5)  # the admin listener of worker 0 too
+        await until(lambda: _admin_up(admin_port), "the admin listener of worker 0 too")
         serial = renew(pki, cert, key)
 
         assert await asyncio.to_thread(main, ["reload", "--config", str(config)]) == 0
