@@ -13,71 +13,19 @@ import signal
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 from config_files import free_port, listen_port, write_config
-from helpers import message_body, meta_signature
+from load import Load
 from pki import Pki
 from processes import kill_group, serving, stop, until_listening
 from settling import pending_in_metrics, until_settled
 from sink import DEADLINE_S, Sink
 
 ROUNDS = 3
-CLIENTS = 8
 # Answers a round must have had before its kill: the gateway is serving, not starting.
 ACKS_BEFORE_KILL = 10
 # Requests sent and not yet answered at the moment of the kill, at least.
 IN_FLIGHT_AT_KILL = 2
-
-
-class _Load:
-    """``CLIENTS`` keep-alive clients posting unique, signed notifications as Meta does, until
-    stopped; what was answered 200 is acknowledged, anything else (refused, reset) is not."""
-
-    def __init__(self, port: int, pki: Pki, round_number: int) -> None:
-        self.url = f"https://localhost:{port}/webhook"
-        self.pki = pki
-        self.round = round_number
-        self.sent: set[bytes] = set()
-        self.acked: set[bytes] = set()
-        self.in_flight = 0
-        self.stopped = asyncio.Event()
-
-    async def run(self) -> None:
-        await asyncio.gather(*(self._client(number) for number in range(CLIENTS)))
-
-    async def _client(self, number: int) -> None:
-        connector = aiohttp.TCPConnector(ssl=self.pki.client_context("meta"), limit=1)
-        timeout = aiohttp.ClientTimeout(total=DEADLINE_S)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            sequence = 0
-            while not self.stopped.is_set():
-                sequence += 1
-                body = message_body(f"kill loop {self.round}.{number}.{sequence}")
-                headers = {
-                    "Content-Type": "application/json",
-                    "X-Hub-Signature-256": meta_signature(body),
-                }
-                self.sent.add(body)
-                self.in_flight += 1
-                try:
-                    async with session.post(self.url, data=body, headers=headers) as response:
-                        await response.read()
-                        if response.status == 200:
-                            self.acked.add(body)
-                except (aiohttp.ClientError, OSError):
-                    await asyncio.sleep(0.01)  # not listening yet, or killed: not acknowledged
-                finally:
-                    self.in_flight -= 1
-
-    async def until_loaded(self) -> None:
-        """Return once the round had its answers and requests are in flight: time to kill."""
-        deadline = time.monotonic() + DEADLINE_S
-        while len(self.acked) < ACKS_BEFORE_KILL or self.in_flight < IN_FLIGHT_AT_KILL:
-            assert time.monotonic() < deadline, (
-                f"round {self.round}: {len(self.acked)} answered, {self.in_flight} in flight"
-            )
-            await asyncio.sleep(0.005)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -104,17 +52,16 @@ async def test_sigkill_with_requests_in_flight_loses_nothing_acknowledged(
     sent: set[bytes] = set()
     acked: set[bytes] = set()
     for number in range(ROUNDS):
-        load = _Load(port, pki, number)
+        load = Load(port, pki, f"kill loop {number}")
         with serving(config) as gateway:
             await until_listening(port, gateway)
-            sending = asyncio.ensure_future(load.run())
+            load.start()
             try:
-                await load.until_loaded()
+                await load.until(ACKS_BEFORE_KILL, IN_FLIGHT_AT_KILL)
                 in_flight = load.in_flight
                 kill_group(gateway)
             finally:
-                load.stopped.set()
-                await sending
+                await load.stop()
             assert gateway.returncode == -signal.SIGKILL
             assert in_flight >= IN_FLIGHT_AT_KILL
         sent |= load.sent
