@@ -20,9 +20,9 @@ from config_files import free_port, listen_port, write_config
 from helpers import APP_SECRET, message_body, meta_signature, metric
 from pki import Pki
 from processes import serving
-from prometheus_client.multiprocess import MultiProcessCollector
 from settling import pending_in_sqlite, until_settled
 from sink import DEADLINE_S, Sink
+from two_workers import post_over_both_workers
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
@@ -45,24 +45,6 @@ async def _post(port: int, pki: Pki, body: bytes, *, fresh: bool = False) -> int
     ):
         await response.read()
         return response.status
-
-
-# Connections opened at once, at most. The workers accept on one shared socket, and asyncio
-# accepts every connection waiting (up to its backlog) at each wake-up: a burst of 40 lands on
-# whichever worker wakes first. A few at a time, the idle workers race for each.
-_AT_ONCE = 4
-
-
-async def _post_each_on_a_new_connection(port: int, pki: Pki, bodies: list[bytes]) -> None:
-    """Each on a connection of its own, a few at a time (so that both workers take some)."""
-    room = asyncio.Semaphore(_AT_ONCE)
-
-    async def one(body: bytes) -> int:
-        async with room:
-            return await _post(port, pki, body, fresh=True)
-
-    statuses = await asyncio.gather(*(one(body) for body in bodies))
-    assert statuses == [200] * len(bodies)
 
 
 async def _until_listening(port: int, pki: Pki, process: subprocess.Popen[bytes]) -> None:
@@ -189,47 +171,6 @@ def _alive(pid: int, started: str) -> bool:
     return fields is not None and fields[0] != "Z" and fields[19] == started
 
 
-def _accepted_by_each_worker(supervisor: int) -> dict[int, float]:
-    """Worker pid -> notifications it accepted, from the counter file each worker keeps in the
-    supervisor's metrics folder (prometheus_client's multiprocess mode: one file per pid)."""
-    (folder,) = Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor}-*")
-    accepted = {}
-    for path in folder.glob("counter_*.db"):
-        samples = [
-            sample.value
-            # prometheus_client's merge() has no annotations.
-            for family in MultiProcessCollector.merge([str(path)], accumulate=False)  # type: ignore[no-untyped-call]
-            for sample in family.samples
-            if sample.name == "waba_gateway_notifications_accepted_total"
-        ]
-        accepted[int(path.stem.removeprefix("counter_"))] = sum(samples)
-    return accepted
-
-
-def _served_by_both(supervisor: int, total: int) -> bool:
-    """Both workers accepted some notifications, and all of them add up to ``total``."""
-    accepted = _accepted_by_each_worker(supervisor)
-    assert sum(accepted.values()) == total, accepted
-    return len([count for count in accepted.values() if count > 0]) == 2
-
-
-async def _post_over_both_workers(
-    port: int, pki: Pki, supervisor: int, label: str, minimum: int
-) -> list[bytes]:
-    """At least ``minimum`` notifications, each on a new connection, a few at a time, and more
-    until both workers have accepted some (a worker starved of CPU on a loaded machine may miss
-    the first ones); the bodies sent."""
-    bodies: list[bytes] = []
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        wave = [message_body(f"{label} {len(bodies) + n}") for n in range(_AT_ONCE)]
-        await _post_each_on_a_new_connection(port, pki, wave)
-        bodies += wave
-        if len(bodies) >= minimum and _served_by_both(supervisor, len(bodies)):
-            return bodies
-        assert time.monotonic() < deadline, _accepted_by_each_worker(supervisor)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 async def test_two_workers_share_outbox_without_loss_or_duplicates(
     pki: Pki, tmp_path: Path, sink: Sink
@@ -239,7 +180,7 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     port = listen_port(config)
     with serving(config) as supervisor:
         await _until_listening(port, pki, supervisor)
-        bodies = await _post_over_both_workers(port, pki, supervisor.pid, "worker test", 60)
+        bodies = await post_over_both_workers(port, pki, supervisor.pid, "worker test", 60)
         received = await sink.wait_for(len(bodies), "/sink")
         outbox = tmp_path / "outbox.sqlite3"
         await until_settled(pending_in_sqlite(outbox), lambda: len(sink.at("/sink")))
@@ -271,7 +212,7 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     # counters alone would fall short of 40.
     with serving(config) as supervisor:
         await _until_listening(port, pki, supervisor)
-        bodies = await _post_over_both_workers(port, pki, supervisor.pid, "metrics test", 40)
+        bodies = await post_over_both_workers(port, pki, supervisor.pid, "metrics test", 40)
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{admin_port}/metrics") as response,
@@ -324,7 +265,7 @@ async def test_two_workers_survive_sighup_to_any_process(
         for pid in [supervisor.pid, *workers]:
             os.kill(pid, signal.SIGHUP)
         # Both still serving after the SIGHUPs: each takes some of the connections.
-        await _post_over_both_workers(port, pki, supervisor.pid, "after SIGHUP", 10)
+        await post_over_both_workers(port, pki, supervisor.pid, "after SIGHUP", 10)
         assert sorted(_spawned_workers(supervisor.pid)) == sorted(workers)
         supervisor.send_signal(signal.SIGTERM)
         assert await _exit_code(supervisor) == 0
