@@ -30,9 +30,9 @@ __all__ = [
     "until_settled",
 ]
 
-# Longer than a few dispatcher polls (0.05 s in the tests' configurations) and retry waits
-# (0.05 s to 0.2 s): a delivery sent twice would show up within it.
-QUIET_S = 0.5
+# Six dispatcher polls (0.05 s in the tests' configurations) and longer than their retry waits
+# (0.05 s to 0.2 s): with nothing pending, a delivery sent twice would show up within it.
+QUIET_S = 0.3
 _POLL_S = 0.05
 
 
