@@ -48,6 +48,7 @@ __all__ = [
     "Answer",
     "admin_get",
     "admin_post",
+    "bodies_in_file",
     "deliveries",
     "eventually",
     "gateway_config",
@@ -290,6 +291,12 @@ async def stored_bodies(gateway: Gateway) -> list[bytes]:
     yielding to the event loop: what the 200 promised must already be in the file."""
     path = gateway.config.outbox.path
     assert path is not None  # these tests read the SQLite backend's file
+    return bodies_in_file(path)
+
+
+def bodies_in_file(path: Path) -> list[bytes]:
+    """Every notification body committed to the SQLite outbox file at ``path``, oldest first,
+    read on a new read-only connection."""
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         rows = conn.execute("SELECT body FROM notifications ORDER BY id").fetchall()
     return [bytes(row[0]) for row in rows]
