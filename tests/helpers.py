@@ -9,6 +9,7 @@ as soon as the condition holds; no test asserts that anything is fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -40,7 +41,6 @@ from gateway.config import (
     TargetConfig,
 )
 from gateway.outbox import Delivery, State
-from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.runtime.gateway import Gateway
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "Answer",
     "admin_get",
     "admin_post",
+    "bodies_in_file",
     "deliveries",
     "eventually",
     "gateway_config",
@@ -288,15 +289,20 @@ async def wait_for_state(
 
 
 async def stored_bodies(gateway: Gateway) -> list[bytes]:
-    """Every notification body in the outbox, oldest first."""
+    """Every notification body committed to the gateway's SQLite outbox, oldest first, read on
+    a connection of the test's own rather than through the outbox's write queue, and without
+    yielding to the event loop: what the 200 promised must already be in the file."""
+    path = gateway.config.outbox.path
+    assert path is not None  # these tests read the SQLite backend's file
+    return bodies_in_file(path)
 
-    def job(conn: sqlite3.Connection) -> list[bytes]:
+
+def bodies_in_file(path: Path) -> list[bytes]:
+    """Every notification body committed to the SQLite outbox file at ``path``, oldest first,
+    read on a new read-only connection."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         rows = conn.execute("SELECT body FROM notifications ORDER BY id").fetchall()
-        return [bytes(row[0]) for row in rows]
-
-    outbox = gateway.outbox
-    assert isinstance(outbox, SqliteOutbox)  # these tests read the SQLite backend's rows
-    return await outbox.run(job)
+    return [bytes(row[0]) for row in rows]
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pytest
 import yaml
+from ci import unavailable
 
 from gateway.cli import build_parser
 from gateway.config import Config, load_config
@@ -172,7 +172,9 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     the installed path does not exist here)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed (.ci/run installs it)")
+        unavailable(
+            "systemd-analyze is not installed: apt-get install systemd (.ci/run installs it)"
+        )
     text = (DEPLOY / "systemd/waba-gateway.service").read_text()
     text = text.replace("/opt/waba-gateway/bin/waba-gateway", f"{sys.executable} -m gateway")
     unit = tmp_path / "waba-gateway.service"

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
 import pytest
+from helpers import eventually
 from pgserver import PASSWORD, PgServer, running_server
 
 from gateway.config import OutboxConfig
@@ -109,13 +110,24 @@ async def test_an_outcome_ends_the_lease_so_any_gateway_retries(opener: Opener) 
     assert (retry.id, retry.attempts) == (delivery_id, 1)
 
 
-async def test_deliveries_stored_unleased_wake_other_gateways_at_once(opener: Opener) -> None:
+async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
     """A notification stored by a gateway that does not dispatch, or a replay, wakes the
     dispatchers of the others through NOTIFY, without waiting for their poll."""
     woken = asyncio.Event()
     await opener(on_wake=woken.set)
     writer = await opener(dispatching=False)
-    await asyncio.sleep(0.2)  # the listener connects
+    database = urlsplit(pg_url).path.lstrip("/")
+    listens = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+    )
+
+    async def listening() -> bool:
+        return int(await asyncio.to_thread(pg_server.psql, listens, database)) >= 1
+
+    await eventually(listening, "the listener's LISTEN")  # a NOTIFY before it is not heard
     (delivery_id,) = await _store(writer, 1)
     await asyncio.wait_for(woken.wait(), 5.0)
     woken.clear()

@@ -4,7 +4,9 @@ than its ``concurrency``.
 
 The target is a raw HTTP/1.1 server that reads requests ahead of its answers (as a server
 handling pipelined requests does) and answers each after a short delay, so it can count the
-requests it holds unanswered, per connection and in all.
+requests it holds unanswered, per connection and in all. Each answer is distinct (it carries
+the request's ``X-Gateway-Delivery-Id``), and each delivery's recorded attempt must hold its own:
+a dispatcher that paired answers with the wrong deliveries fails.
 """
 
 from __future__ import annotations
@@ -24,7 +26,21 @@ from gateway.edge.routing import Route
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 
 DELIVERIES = 6
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def _answer_for(delivery_id: bytes) -> bytes:
+    """200 with the delivery's own id as the body: no two answers alike."""
+    body = b"answer to " + delivery_id
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def _delivery_id(head: bytes) -> bytes:
+    (found,) = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-gateway-delivery-id:")
+    ]
+    return found
 
 
 class ReadAheadServer:
@@ -40,7 +56,7 @@ class ReadAheadServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        held: asyncio.Queue[None] = asyncio.Queue()
+        held: asyncio.Queue[bytes] = asyncio.Queue()
         unanswered = [0]  # on this connection
         answering = asyncio.create_task(self._answer(held, unanswered, writer))
         try:
@@ -54,7 +70,7 @@ class ReadAheadServer:
                 await reader.readexactly(length)
                 self._unanswered += 1
                 unanswered[0] += 1
-                held.put_nowait(None)
+                held.put_nowait(_delivery_id(head))
                 self.most_per_connection = max(self.most_per_connection, unanswered[0])
                 self.most_in_all = max(self.most_in_all, self._unanswered)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -66,12 +82,12 @@ class ReadAheadServer:
             writer.close()
 
     async def _answer(
-        self, held: asyncio.Queue[None], unanswered: list[int], writer: asyncio.StreamWriter
+        self, held: asyncio.Queue[bytes], unanswered: list[int], writer: asyncio.StreamWriter
     ) -> None:
         while True:
-            await held.get()
+            delivery_id = await held.get()
             await asyncio.sleep(0.02)
-            writer.write(OK)
+            writer.write(_answer_for(delivery_id))
             unanswered[0] -= 1
             self._unanswered -= 1
             self.answered += 1
@@ -99,7 +115,7 @@ async def deliver_all(
     tmp_path: Path, target_server: ReadAheadServer, target: TargetConfig, bodies: list[bytes]
 ) -> None:
     """Store ``bodies`` for ``target`` (all due at once), start a dispatcher, and wait until
-    every one is delivered, each on its first attempt."""
+    every one is delivered, each on its first attempt with the answer to its own request."""
     outbox = SqliteOutbox(tmp_path / "outbox.sqlite3", dedup_window_s=0)
     dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
     try:
@@ -113,6 +129,9 @@ async def deliver_all(
         await eventually(all_delivered, f"{len(bodies)} deliveries delivered")
         delivered = await outbox.query(state="delivered")
         assert {d.attempts for d in delivered} == {1}
+        for delivery in delivered:
+            (attempt,) = await outbox.attempts(delivery.id)
+            assert attempt.response == f"answer to {delivery.id}", "answers paired wrongly"
         assert target_server.answered == len(bodies)
     finally:
         await dispatcher.stop()

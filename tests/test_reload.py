@@ -28,6 +28,7 @@ from helpers import (
     wait_for_state,
 )
 from pki import Pki
+from settling import pending_in_gateway, until_settled
 from sink import Sink
 
 from gateway.cli import main
@@ -455,3 +456,71 @@ def test_restart_only_names_the_changes_a_reload_cannot_apply(
     assert kept.meta == new.meta
     assert kept.targets == new.targets
     assert kept.admin.token == new.admin.token
+
+
+async def test_reloads_while_requests_are_in_flight_drop_nothing(
+    files: Files, pki: Pki, sink: Sink
+) -> None:
+    """Five reloads (each with a renewed certificate) while keep-alive clients post without a
+    pause and one request is half sent: every request is answered 200, and every notification
+    is delivered once."""
+    files.write_config(targets=f'[[targets]]\nname = "t"\nurl = "{sink.url("/t")}"\n')
+    sent: list[bytes] = []
+    answers: list[int] = []
+    in_flight = 0
+    stopped = asyncio.Event()
+
+    async def client(port: int, number: int) -> None:
+        nonlocal in_flight
+        reader, writer = await connect(port, client_context(pki))
+        sequence = 0
+        while not stopped.is_set():
+            sequence += 1
+            body = message_body(f"reload load {number}.{sequence}")
+            sent.append(body)
+            in_flight += 1
+            try:
+                answers.append(await exchange(reader, writer, body, APP_SECRET))
+            finally:
+                in_flight -= 1
+        writer.close()
+
+    async with Gateway(load_config(files.config)) as running:
+        clients = asyncio.gather(*(client(running.port, number) for number in range(4)))
+        try:
+            # Half a request, head and part of the body, on its own connection: the reload
+            # comes between its two halves.
+            half = message_body("sent across the reloads")
+            reader, writer = await connect(running.port, client_context(pki))
+            head = (
+                b"POST /webhook HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nX-Hub-Signature-256: %s\r\n"
+                b"Content-Length: %d\r\n\r\n" % (meta_signature(half).encode(), len(half))
+            )
+            writer.write(head + half[:40])
+            await writer.drain()
+            for reload in range(5):
+                before = len(answers)
+
+                async def loaded(before: int = before) -> bool:
+                    return len(answers) >= before + 5 and in_flight >= 2
+
+                await eventually(loaded, f"answers and requests in flight before reload {reload}")
+                files.install_server(renewed(pki))
+                result = running.reload()
+                assert result.ok, result.message
+            writer.write(half[40:])
+            status = int((await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1])
+            writer.close()
+            assert status == 200
+            sent.append(half)
+        finally:
+            stopped.set()
+            await clients
+        assert answers == [200] * len(answers)
+        assert len(answers) == len(sent) - 1  # all but the half request, answered above
+        await sink.wait_for(len(sent), "/t")
+        await until_settled(pending_in_gateway(running), lambda: len(sink.at("/t")))
+        text = (await admin_get(running, "/metrics")).text
+    assert sorted(r.body for r in sink.at("/t")) == sorted(sent)
+    assert metric(text, 'waba_gateway_reloads_total{outcome="success"}') == 5

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from ci import unavailable
 from config_files import write_config
 from helpers import (
     APP_SECRET,
@@ -37,6 +38,7 @@ from helpers import (
     wait_for_state,
 )
 from pki import Pki, stale_crl
+from settling import pending_in_gateway, until_settled
 from sink import Hang, Sink
 
 from gateway.config import Config, DispatcherConfig
@@ -50,6 +52,10 @@ from gateway.runtime.workers import stale_metrics_dirs
 # A request to a gateway whose outbox fails is answered within this (the busy timeout below,
 # and room for a slow machine); before, it waited as long as the lock was held.
 ANSWER_WITHIN_S = 4.0
+# What a loaded CI machine may add to a documented bound (TLS handshakes and the event loop
+# starved of CPU). The failures these bounds catch are larger: waits added up request after
+# request, or a hanging target's whole timeout.
+LOADED_MACHINE_S = 2.0
 
 
 def _config(pki: Pki, tmp_path: Path, sink: Sink) -> Config:
@@ -62,12 +68,14 @@ def _config(pki: Pki, tmp_path: Path, sink: Sink) -> Config:
 
 
 async def _serves_a_valid_request(gateway: Gateway, pki: Pki, sink: Sink, text: str) -> None:
-    """A valid notification is acknowledged and forwarded, and nothing else reached the sink."""
+    """A valid notification is acknowledged and forwarded, and nothing else reached the sink
+    (counted once the outbox has nothing pending and the sink has been quiet)."""
     before = len(sink.received)
     body = message_body(text)
     assert (await post(gateway, pki, body)).status == 200
-    received = await sink.wait_for(before + 1)
-    assert [r.body for r in received[before:]] == [body]
+    await sink.wait_for(before + 1)
+    await until_settled(pending_in_gateway(gateway), lambda: len(sink.received))
+    assert [r.body for r in sink.received[before:]] == [body]
 
 
 # -- a target that never answers ---------------------------------------------------------------
@@ -95,7 +103,10 @@ async def test_hanging_target_does_not_delay_another_targets_deliveries(
             received = await sink.wait_for(40, "/healthy")
             late = [r.at - acked[r.body] for r in received]
             await hanging.down()  # ends the hanging requests before the gateway stops
-    assert max(late) < 2.5, f"slowest delivery to the healthy target: {max(late):.2f}s"
+    # Held back behind the hanging target, a delivery would wait its timeout_s (10 s).
+    assert max(late) < 1.0 + LOADED_MACHINE_S, (
+        f"slowest delivery to the healthy target: {max(late):.2f}s"
+    )
 
 
 # -- the outbox file ----------------------------------------------------------------------------
@@ -154,7 +165,9 @@ async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_bus
             answers = await asyncio.gather(*(timed(index) for index in range(20)))
         assert {status for status, _ in answers} == {503}
         slowest = max(seconds for _, seconds in answers)
-        assert slowest < busy + 0.6, f"slowest answer {slowest:.2f}s"
+        # README (Faults): at most outbox.busy_timeout_s from its arrival. Waits added up in
+        # turn would take the 20th request about 20 s.
+        assert slowest < busy + LOADED_MACHINE_S, f"slowest answer {slowest:.2f}s"
 
         async def ready() -> bool:
             return (await admin_get(gateway, "/readyz")).status == 200
@@ -167,15 +180,18 @@ async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_bus
 @contextmanager
 def _immutable(*paths: Path) -> Iterator[None]:
     """``chattr +i`` on ``paths`` (no write reaches them, even as root), undone at the end."""
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        unavailable("chattr is not installed: apt-get install e2fsprogs (.ci/run installs it)")
     try:
-        subprocess.run(["chattr", "+i", *map(str, paths)], check=True, capture_output=True)
+        subprocess.run([chattr, "+i", *map(str, paths)], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:
-        # Not a missing package (.ci/run installs chattr): the capability or the filesystem.
-        pytest.skip(f"chattr +i is refused here (CAP_LINUX_IMMUTABLE, filesystem): {exc}")
+        # Installed but refused: the capability (CAP_LINUX_IMMUTABLE) or the filesystem.
+        unavailable(f"chattr +i is refused here (CAP_LINUX_IMMUTABLE, filesystem): {exc}")
     try:
         yield
     finally:
-        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+        subprocess.run([chattr, "-i", *map(str, paths)], check=True)
 
 
 async def test_immutable_outbox_answers_503_and_readyz_says_so(
