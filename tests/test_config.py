@@ -343,7 +343,7 @@ TARGET_KEYS = (
         pytest.param(
             {"listen.hots": '"0.0.0.0"'},
             "<file>: listen.hots = <hidden>: "
-            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
+            "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
             "request_timeout_s, workers",
             id="nested",
         ),
@@ -360,7 +360,7 @@ TARGET_KEYS = (
         pytest.param(
             {"listen.tls.port": "1"},
             "<file>: listen.tls = <hidden>: "
-            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
+            "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
             "request_timeout_s, workers",
             id="nested-table",
         ),
@@ -438,6 +438,7 @@ def test_rejects_wrong_type(tmp_path: Path, entries: Entries, expected: str) -> 
             {"tls.client_auth": '"yes"'},
             "tls.client_auth = 'yes': expected one of 'required', 'optional', 'off'",
         ),
+        ({"listen.loop": '"trio"'}, "listen.loop = 'trio': expected one of 'asyncio', 'uvloop'"),
         ({"tls.client_cn": "[]"}, "tls.client_cn = []: expected a non-empty list of strings"),
         (
             {"meta.verify_tokens": "[]"},

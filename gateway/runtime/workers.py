@@ -42,6 +42,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import Config
+from gateway.edge.acceptor import bind
 from gateway.errors import GatewayError
 from gateway.outbox import hold_outbox
 from gateway.runtime.gateway import Role, listen_error, serve_process
@@ -130,26 +131,11 @@ def _worker(
 
 
 def _bind(config: Config) -> socket.socket:
-    """The listening socket every worker accepts on, bound to the first address
-    ``listen.host`` resolves to (as the asyncio server of a lone gateway would be)."""
-    listen = config.listen
+    """The listening socket every worker accepts on, bound as a lone gateway binds its own."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
+        return bind(config.listen.host, config.listen.port)
     except OSError as exc:
         raise listen_error(config, exc) from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise listen_error(config, exc) from exc
-    return sock
 
 
 def supervise(config: Config) -> int:
