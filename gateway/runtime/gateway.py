@@ -417,9 +417,11 @@ def event_loop_runner(loop: EventLoop = "asyncio") -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def serve_process(config: Config, role: Role = LONE) -> None:
+def serve_process(
+    config: Config, role: Role = LONE, on_ready: Callable[[Gateway], None] | None = None
+) -> None:
     """One serving process, on the event loop ``listen.loop`` names."""
     # Until run() handles it, a SIGHUP (an early `systemctl reload`) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with event_loop_runner(config.listen.loop) as runner:
-        runner.run(run(config, role=role))
+        runner.run(run(config, role=role, on_ready=on_ready))
