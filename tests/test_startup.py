@@ -96,7 +96,7 @@ def _refusal(pki: Pki, folder: Path, failure: Failure, workers: int) -> tuple[in
             folder,
             target_url="http://127.0.0.1:9/x",
             workers=workers,
-            **({"outbox": changes["outbox"]} if "outbox" in changes else {}),
+            outbox=changes.get("outbox", 'path = "outbox.sqlite3"'),
         )
         text = config.read_text()
         if "cert_file" in changes:
@@ -126,10 +126,16 @@ def test_start_up_failure_is_the_same_one_line_error_with_one_worker_or_several(
     failure, expected = FAILURES[name]
     lone = _refusal(pki, tmp_path / "lone", failure, workers=1)
     several = _refusal(pki, tmp_path / "several", failure, workers=2)
-    status, output = lone
-    assert status == 2, output
-    assert output.startswith("error: "), output
-    assert expected in output, output
-    assert len(output.strip().splitlines()) == 1, output
-    assert "Traceback" not in several[1]
-    assert several == lone
+    for status, output in (lone, several):
+        assert status == 2, output
+        assert "Traceback" not in output
+        # Housekeeping lines may come first (a supervisor removes what gateways killed before
+        # it left behind); the refusal is the one error line.
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, output
+        assert expected in errors[0], output
+    assert _error(several[1]) == _error(lone[1])
+
+
+def _error(output: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith("error: "))

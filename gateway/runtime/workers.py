@@ -12,17 +12,17 @@ into one metrics folder the supervisor makes and removes, so worker 0's ``/metri
 gateway's (:mod:`gateway.runtime.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
-process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers
-start (by default it would end them half-started). Workers ask the kernel to send them
-SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL.
-Each worker tells the supervisor, over a pipe of its own, once it serves, or the one-line reason
-it cannot (an unreachable database, an outbox it cannot write): the supervisor then stops the
-others and raises that reason, so `serve` says it and exits 2 as a lone gateway would; it logs
-"started N workers" only once all serve. If a worker dies on its own later, the supervisor stops the others and exits 1: a half-running gateway
-is worse than a restart by the service manager. SIGHUP to the supervisor is passed to every
-worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload asked of
-worker 0 through the admin API or its file watcher reaches the others through the supervisor
-(SIGUSR1 from worker 0: "reload the others").
+process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers start
+(by default it would end them half-started). Workers ask the kernel to send them SIGTERM if the
+supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL. Each worker tells
+the supervisor, over a pipe of its own, once it serves, or the one-line reason it cannot (an
+unreachable database, an outbox it cannot write): the supervisor then stops the others and raises
+that reason, so `serve` says it and exits 2 as a lone gateway would; it logs "started N workers"
+only once all serve. If a worker dies on its own later, the supervisor stops the others and exits 1:
+a half-running gateway is worse than a restart by the service manager. SIGHUP to the supervisor is
+passed to every worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload
+asked of worker 0 through the admin API or its file watcher reaches the others through the
+supervisor (SIGUSR1 from worker 0: "reload the others").
 """
 
 from __future__ import annotations
