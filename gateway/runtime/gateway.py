@@ -370,12 +370,14 @@ async def run(
                 # The files may have changed after this process read them: read them again.
                 gateway.reload()
             log.info(
-                "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
+                "%s listening on https://%s:%d%s (client_auth=%s, loop=%s); admin on %s",
                 "primary" if role.primary else "worker",
                 config.listen.host,
                 gateway.port,
                 config.listen.path,
                 config.tls.client_auth,
+                # The loop it runs on, as found, not as configured: "asyncio" or "uvloop".
+                type(loop).__module__.partition(".")[0],
                 f"http://{config.admin.host}:{gateway.admin_port}"
                 if config.admin.enabled and role.primary
                 else "off",
