@@ -228,7 +228,7 @@ class _Connection(asyncio.Protocol):
         if self._discarding:
             return
         if self._transport is None:
-            return  # the connection was refused at connection_made
+            return  # lost already: a late read has nowhere to go
         # No activity is recorded here: empty lines between requests reach no parser callback
         # (RFC 9112, 2.2 lets them be ignored), so a peer sending nothing else stays idle.
         # A request's first byte starts the request timeout instead (on_message_begin).
