@@ -1,9 +1,10 @@
 """Kill loop: SIGKILL the gateway under load, round after round, then count what was lost.
 
 Each round starts ``waba-gateway serve`` (as a process group: the supervisor and its workers),
-sends unique, signed notifications over mTLS from several concurrent clients as Meta would, and
-SIGKILLs the whole group at a random moment while requests are in flight. After the last round the
-gateway is started once more and left to deliver everything to the target.
+waits until it answers, sends unique, signed notifications over mTLS from several concurrent
+clients as Meta would, and SIGKILLs the whole group at a random moment while requests are in
+flight. After the last round the gateway is started once more and left to deliver everything to the
+target.
 
 With ``--outbox postgres`` a throw-away PostgreSQL server (tests/pgserver.py) holds one outbox
 that ``--gateways`` gateways share, each on its own port. The clients spread over them and move
@@ -165,17 +166,21 @@ def port_of(config: Path) -> int:
     raise SystemExit("no port in the config")
 
 
-async def wait_listening(port: int, limit_s: float = 30) -> None:
+async def wait_serving(url: str, context: ssl.SSLContext, limit_s: float = 60) -> None:
+    """Until the gateway answers Meta's verification GET: with several workers the socket
+    accepts (the supervisor binds it) well before a worker serves, more so on a busy machine."""
+    query = "?hub.mode=subscribe&hub.verify_token=kill-loop-verify&hub.challenge=1"
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url + query) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError):
+                pass
             await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise SystemExit(f"the gateway did not listen on {port} within {limit_s:g} s")
+    raise SystemExit(f"the gateway at {url} did not serve within {limit_s:g} s")
 
 
 async def load(urls: list[str], context: ssl.SSLContext, acked: set[str], stop: asyncio.Event,
@@ -240,7 +245,7 @@ async def main_async(args: argparse.Namespace) -> int:
             for number, config in enumerate(configs):
                 if number not in running:
                     running[number] = start_gateway(config)
-                    await wait_listening(ports[number])
+                    await wait_serving(urls[number], context)
 
         rounds = 0
         try:

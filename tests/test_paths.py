@@ -98,7 +98,8 @@ async def test_start_serve_reload_kill_and_stop(
 ) -> None:
     """Every request on a new connection is answered 200 and delivered; after SIGHUP every
     worker takes the new verify token; what was acknowledged before a SIGKILL is delivered
-    after the restart; SIGTERM ends it with status 0 and no traceback."""
+    after the restart; SIGTERM ends it with status 0 and no traceback; it ran on the loop
+    configured."""
     where = 'path = "outbox.sqlite3"'
     if outbox == "postgres":
         # A short lease: the restarted gateway takes over the killed one's claims after it.
@@ -143,3 +144,4 @@ async def test_start_serve_reload_kill_and_stop(
         output = await asyncio.to_thread(stop, gateway)
         assert gateway.returncode == 0, output
         assert "Traceback" not in output
+        assert f"loop={loop}" in output  # each process runs on the loop configured

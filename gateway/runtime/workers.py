@@ -141,7 +141,8 @@ def _worker(
 
     def ready(_gateway: object) -> None:
         serving.append(True)
-        report.send(None)
+        with contextlib.suppress(OSError):  # a supervisor gone stops this worker anyway
+            report.send(None)
 
     try:
         serve_process(config, role, on_ready=ready)
