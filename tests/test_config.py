@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -891,3 +893,46 @@ def test_outbox_url_of_another_scheme_is_refused_without_showing_it(
 def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
     """redact_url hides the password in the user part and in a password= parameter."""
     assert redact_url(url) == shown
+
+
+# Run in a child interpreter in which uvloop cannot be found, as where the speed extra is not
+# installed (this one has it: the test extra installs it).
+_WITHOUT_UVLOOP = """
+import sys
+from pathlib import Path
+
+sys.modules["uvloop"] = None  # the import system's own way to say a module is not there
+from gateway.config import load_config
+from gateway.errors import ConfigError
+try:
+    load_config(Path(sys.argv[1]), {})
+except ConfigError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("loop", "expected"),
+    [
+        ('"asyncio"', ""),
+        (
+            '"uvloop"',
+            "<file>: listen.loop = 'uvloop': expected 'asyncio', or uvloop installed"
+            " (pip install 'waba-gateway[speed]')",
+        ),
+    ],
+)
+def test_uvloop_without_the_speed_extra_is_refused_naming_the_key(
+    tmp_path: Path, loop: str, expected: str
+) -> None:
+    """Where uvloop is not installed, listen.loop = "uvloop" is refused at load, naming the
+    key and the extra to install; "asyncio" loads."""
+    path = write(tmp_path, {"listen.loop": loop})
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_UVLOOP, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.strip().replace(str(path), "<file>") == expected
