@@ -129,6 +129,9 @@ class Acceptor:
         conn = self._handshakes.pop(task, None)
         if conn is not None:  # cancelled before it began: nobody else will close it
             conn.close()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Not a failed handshake (those are OSErrors, reported above): a fault of ours.
+            log.error("accepting a connection failed", exc_info=error)
 
     def close(self) -> None:
         """Stop accepting, close the listening socket, and abandon the handshakes under way."""
