@@ -14,6 +14,7 @@
 #                               workers > 1 only worker 0 dispatches, and it learns of a notification
 #                               another worker stored only when it next polls
 #   WABA_BENCH_PYTHON           interpreter (default python3)
+#   WABA_BENCH_LOOP             [listen] loop: "asyncio" (default) or "uvloop"
 #   WABA_BENCH_OUTBOX_URL       [outbox] url: the PostgreSQL outbox instead of the SQLite file
 #                               (bench.py --outbox postgres sets it)
 #   WABA_BENCH_FRONT_DOOR       "embedded": serve through create_app in aiohttp (embedded_app.py)
@@ -48,6 +49,7 @@ host = "\${BENCH_LISTEN_HOST}"
 port = ${BENCH_LISTEN_PORT}
 path = "\${BENCH_WEBHOOK_PATH}"
 workers = ${WABA_BENCH_WORKERS:-1}
+loop = "${WABA_BENCH_LOOP:-asyncio}"
 
 [tls]
 cert_file = "\${BENCH_TLS_CERT}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -54,6 +55,8 @@ Split = Literal["none", "change"]
 # timestamp "." body, "meta" with X-Hub-Signature-256 over the body, as Meta signs its own
 # (whatsapp/webhooks/overview, "Validating payloads"), so a consumer written for Meta verifies it.
 Signature = Literal["gateway", "meta"]
+# The event loop every serving process runs on: chosen here, never by what else is installed.
+EventLoop = Literal["asyncio", "uvloop"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +73,7 @@ class ListenConfig:
     request_timeout_s: float = 60 * SECONDS
     # Acceptor processes sharing the supervisor's listening socket; one of them dispatches.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    loop: EventLoop = "asyncio"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -402,8 +406,12 @@ class _Reader:
             raise self.error("admin.host", admin.host, expected)
         hints = {"level": _LogLevel, "format": LogFormat}
         log = self.table("log", "log", data.get("log", {}), hints, ())
+        listen = table("listen", ListenConfig)
+        if listen.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            expected = "'asyncio', or uvloop installed (pip install 'waba-gateway[speed]')"
+            raise self.error("listen.loop", listen.loop, expected)
         return Config(
-            listen=table("listen", ListenConfig),
+            listen=listen,
             tls=tls,
             meta=meta,
             outbox=self.outbox(data.get("outbox", {})),

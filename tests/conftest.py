@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import asyncio
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from importlib.metadata import version
 
 import aiohttp
 import cryptography
 import pytest
+import uvloop
 
 # Under CI a skip fails the run (tests/ci.py): these hooks are registered from here.
 from ci import pytest_make_collect_report, pytest_runtest_makereport
@@ -16,12 +19,37 @@ from sink import Sink
 
 __all__ = ["pytest_make_collect_report", "pytest_runtest_makereport"]
 
+# The event loops a gateway may be told to run on (listen.loop), each by its setting's name.
+LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+# The suites that run in-process on each of them: everything between the socket and the
+# callback's answer, where one loop's transports differ from another's. (The gateways of
+# test_faults_processes run in processes of their own, on the loop their configuration names.)
+_ON_EVERY_LOOP = (
+    "tests/test_listener.py",
+    "tests/test_front_doors.py",
+    "tests/test_pipelining.py",
+    "tests/adversarial/test_attacks_",
+    "tests/adversarial/test_faults.py",
+)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Run the listener, front-door and adversarial suites' tests once on each loop."""
+    if item.nodeid.startswith(_ON_EVERY_LOOP):
+        return LOOPS
+    return {"asyncio": asyncio.new_event_loop}
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     # A TLS failure in CI is often a library difference: print the versions that decide it.
     return [
         f"{ssl.OPENSSL_VERSION}, aiohttp {aiohttp.__version__}, "
-        f"cryptography {cryptography.__version__}"
+        f"cryptography {cryptography.__version__}, uvloop {version('uvloop')}"
     ]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -344,7 +346,7 @@ TARGET_KEYS = (
         pytest.param(
             {"listen.hots": '"0.0.0.0"'},
             "<file>: listen.hots = '0.0.0.0': "
-            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
+            "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
             "request_timeout_s, workers",
             id="nested",
         ),
@@ -361,7 +363,7 @@ TARGET_KEYS = (
         pytest.param(
             {"listen.tls.port": "1"},
             "<file>: listen.tls = <hidden>: "
-            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
+            "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
             "request_timeout_s, workers",
             id="nested-table",
         ),
@@ -466,6 +468,7 @@ def test_rejects_wrong_type(tmp_path: Path, entries: Entries, expected: str) -> 
             {"tls.client_auth": '"yes"'},
             "tls.client_auth = 'yes': expected one of 'required', 'optional', 'off'",
         ),
+        ({"listen.loop": '"trio"'}, "listen.loop = 'trio': expected one of 'asyncio', 'uvloop'"),
         ({"tls.client_cn": "[]"}, "tls.client_cn = []: expected a non-empty list of strings"),
         (
             {"meta.verify_tokens": "[]"},
@@ -981,3 +984,46 @@ def test_meta_ca_fingerprints_are_sha256_in_either_form(
     assert message.endswith(
         "expected SHA-256 fingerprints, 64 hex digits each (colons between pairs allowed)"
     )
+
+
+# Run in a child interpreter in which uvloop cannot be found, as where the speed extra is not
+# installed (this one has it: the test extra installs it).
+_WITHOUT_UVLOOP = """
+import sys
+from pathlib import Path
+
+sys.modules["uvloop"] = None  # the import system's own way to say a module is not there
+from gateway.config import load_config
+from gateway.errors import ConfigError
+try:
+    load_config(Path(sys.argv[1]), {})
+except ConfigError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("loop", "expected"),
+    [
+        ('"asyncio"', ""),
+        (
+            '"uvloop"',
+            "<file>: listen.loop = 'uvloop': expected 'asyncio', or uvloop installed"
+            " (pip install 'waba-gateway[speed]')",
+        ),
+    ],
+)
+def test_uvloop_without_the_speed_extra_is_refused_naming_the_key(
+    tmp_path: Path, loop: str, expected: str
+) -> None:
+    """Where uvloop is not installed, listen.loop = "uvloop" is refused at load, naming the
+    key and the extra to install; "asyncio" loads."""
+    path = write(tmp_path, {"listen.loop": loop})
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_UVLOOP, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.strip().replace(str(path), "<file>") == expected

@@ -194,17 +194,23 @@ def _immutable(*paths: Path) -> Iterator[None]:
         subprocess.run([chattr, "-i", *map(str, paths)], check=True)
 
 
+@pytest.mark.parametrize(
+    "suffixes",
+    [("", "-wal"), ("-shm",), ("", "-wal", "-shm")],
+    ids=["file-and-wal", "shm", "all"],
+)
 async def test_immutable_outbox_answers_503_and_readyz_says_so(
-    pki: Pki, tmp_path: Path, sink: Sink
+    pki: Pki, tmp_path: Path, sink: Sink, suffixes: tuple[str, ...]
 ) -> None:
-    """With the outbox's files made immutable while the gateway runs, a POST is answered 503,
-    /readyz answers 503 and nothing is forwarded; writable again, both recover."""
+    """With the outbox's files (the database and its log, or its shared-memory index alone)
+    made immutable while the gateway runs, a POST is answered 503, /readyz answers 503 and
+    nothing is forwarded; writable again, both recover."""
     config = _config(pki, tmp_path, sink)
     path = config.outbox.path
     async with Gateway(config) as gateway:
         await _serves_a_valid_request(gateway, pki, sink, "before chattr")
         await wait_for_state(gateway, "delivered")
-        with _immutable(path, path.with_name(path.name + "-wal")):
+        with _immutable(*(path.with_name(path.name + suffix) for suffix in suffixes)):
             assert (await post(gateway, pki, message_body("immutable"))).status == 503
             assert (await admin_get(gateway, "/readyz")).status == 503
 

@@ -37,6 +37,11 @@ Faults are bounded and visible:
   inode): while the file or its folder is removed or replaced, nothing written would survive a
   restart, so every write is refused, with one log line. When the same file is back at the path
   (moved away and moved back), writes go on, with one more line.
+- Before each transaction, read or write, the file, its log and its shared-memory index
+  (``-wal``, ``-shm``) must be writable: SQLite writes the index through a shared mapping
+  (mmap) even to read, and a write to a mapping of a file made read-only or immutable
+  (``chattr +i``) is answered by the kernel with SIGBUS, which ends the process. So the group
+  fails instead, as when its transaction cannot begin, until the files are writable again.
 - :attr:`Writer.failure` says why the last write transaction failed (``None`` once one commits),
   for readiness.
 """
@@ -58,7 +63,7 @@ from typing import Any, TypeVar
 
 from gateway.errors import OutboxError
 
-__all__ = ["LAZY_WAIT_S", "LINGER_MAX_S", "Writer", "linger_for"]
+__all__ = ["LAZY_WAIT_S", "LINGER_MAX_S", "Writer", "linger_for", "unwritable"]
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +237,21 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
+def unwritable(path: Path) -> str | None:
+    """Why the outbox at ``path`` must not be touched now (see the module docstring): one of
+    its files exists and may not be written; ``None`` when all may be."""
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        file = path.with_name(name)
+        # access(2) refuses writing to an immutable file even to root; a file not there yet
+        # is SQLite's to create.
+        if not os.access(file, os.W_OK) and file.exists():
+            return (
+                f"outbox file '{file}' cannot be written (read-only or immutable); nothing is"
+                " acknowledged until it can"
+            )
+    return None
+
+
 class Writer:
     """Runs jobs (functions of the connection) on the thread that owns it, in group commits.
 
@@ -328,7 +348,10 @@ class Writer:
         try:
             self._serve(conn, lock)
         finally:
-            conn.close()
+            # Closing checkpoints the log, through the shared index: not while that would
+            # kill the process (the operating system releases what is left open at exit).
+            if unwritable(self.path) is None:
+                conn.close()
             os.close(lock)
 
     def _serve(self, conn: sqlite3.Connection, lock: int) -> None:
@@ -415,6 +438,8 @@ class Writer:
         if not self._still_there():
             error = OutboxError(self._lost or "outbox lost")
             results = [(None, error)] * len(group)
+        elif (refused := unwritable(self.path)) is not None:
+            results = [(None, OutboxError(refused))] * len(group)
         else:
             try:
                 results = [(value, None) for value in _transaction(conn, group, None, self._busy)]
@@ -435,6 +460,10 @@ class Writer:
             self.failure = self._lost
             error = OutboxError(self._lost or "outbox lost")
             self._answer(group, [(None, error)] * len(group))
+            return
+        if (refused := unwritable(self.path)) is not None:
+            self.failure = refused
+            self._answer(group, [(None, OutboxError(refused))] * len(group))
             return
         # The longest the group may wait for a lock held elsewhere: the busy timeout from the
         # arrival of its oldest job (one queued behind a failing group gets what is left).
