@@ -11,7 +11,8 @@ from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.runtime.console.facts import body_facts
 from gateway.runtime.console.html import age, esc
 from gateway.runtime.console.session import SESSION_TTL_S, Sessions
-from gateway.runtime.console.views import _loopback, _safe_next
+from gateway.runtime.console.paths import local_redirect
+from gateway.runtime.console.views import _loopback
 from gateway.runtime.stats import Stats
 
 
@@ -146,13 +147,22 @@ def test_totals_read_back_what_the_counters_counted() -> None:
         ("//elsewhere.example/", "/"),
         ("/\\elsewhere.example/", "/"),
         ("console", "/"),
+        ("/\t/elsewhere.example/", "/"),
+        ("/\n/elsewhere.example/", "/"),
+        ("\t//elsewhere.example/", "/"),
+        ("javascript:alert(1)", "/"),
+        ("/admin/reload", "/"),
+        ("/console/%2e%2e/admin/reload", "/"),
+        ("/console/deliveries\r\nSet-Cookie: x=1", "/console/deliveriesSet-Cookie:%20x=1"),
+        ("/console/deliveries?target=a b", "/console/deliveries?target=a%20b"),
     ],
 )
 def test_after_sign_in_the_console_only_goes_to_its_own_pages(
     asked: str | None, goes_to: str
 ) -> None:
-    """The sign-in form's `next` cannot send the browser to another site."""
-    assert _safe_next(asked) == goes_to
+    """The sign-in form's `next` cannot send the browser to another site, nor out of the
+    console, nor put a control character into the Location header."""
+    assert local_redirect(asked) == goes_to
 
 
 @pytest.mark.parametrize(

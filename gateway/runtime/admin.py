@@ -27,17 +27,27 @@ from aiohttp import web
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
-from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    MisdirectedRequest,
+    NotFound,
+    OutboxError,
+    Unauthorized,
+)
 from gateway.outbox import STATES, Outbox, State
 from gateway.runtime.console import add_console, is_console_path
+from gateway.runtime.origin import cross_site_refusal, host_refusal
 from gateway.runtime.reload import ReloadResult
 from gateway.runtime.stats import Snapshot, Stats
-from gateway.units import parse_age, parse_since
+from gateway.runtime.throttle import AuthThrottle
+from gateway.units import decimal, parse_age, parse_since
 
 __all__ = ["READY_WAIT_S", "Operations", "create_admin_app", "parse_query", "parse_state"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_LIMIT = 1000
+_CHALLENGE = 'Bearer realm="waba-gateway admin"'
 # The longest /readyz waits for the outbox: a file locked by another process holds a write for
 # the busy timeout, and a probe that hangs that long says less than a prompt 503.
 READY_WAIT_S = 2.0
@@ -58,7 +68,45 @@ class Operations(Protocol):
     async def snapshot(self) -> Snapshot: ...
 
 
-def _token_middleware(ops: Operations) -> Any:
+def _own_address(request: web.Request) -> str | None:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname[0] if isinstance(sockname, tuple) and sockname else None
+
+
+def _origin_middleware(ops: Operations) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The probes show nothing and are called by orchestrators under names of their own.
+        if request.path not in _OPEN_PATHS:
+            allowed = {name.lower().rstrip(".") for name in ops.config.admin.allowed_hosts}
+            host = request.headers.get("Host")
+            refusal = host_refusal(host, _own_address(request), allowed)
+            if refusal is not None:
+                raise MisdirectedRequest(refusal)
+            refusal = cross_site_refusal(
+                request.method,
+                host,
+                request.headers.get("Origin"),
+                request.headers.get("Sec-Fetch-Site"),
+            )
+            if refusal is not None:
+                raise Forbidden(refusal)
+        return await handler(request)
+
+    return check
+
+
+async def refuse_slowly(
+    stats: Stats, throttle: AuthThrottle, request: web.Request, where: str
+) -> None:
+    """Hold a failed authentication from ``request``'s address as :mod:`.throttle` says, and
+    count it."""
+    delay = throttle.failed(request.remote or "-", time.monotonic())
+    stats.auth_failed(where, delay)
+    await asyncio.sleep(delay)
+
+
+def _token_middleware(ops: Operations, throttle: AuthThrottle) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         token = ops.config.admin.token
@@ -70,10 +118,18 @@ def _token_middleware(ops: Operations) -> Any:
         ):
             presented = request.headers.get("Authorization", "")
             if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+                await refuse_slowly(ops.stats, throttle, request, "bearer")
                 raise Unauthorized("admin token missing or wrong")
+            throttle.succeeded(request.remote or "-")
         return await handler(request)
 
     return check
+
+
+async def _challenge(_: web.Request, response: web.StreamResponse) -> None:
+    # RFC 9110 11.6.1: a 401 names the scheme that would be accepted.
+    if response.status == 401:
+        response.headers["WWW-Authenticate"] = _CHALLENGE
 
 
 def parse_state(raw_state: str | None) -> State | None:
@@ -88,10 +144,10 @@ def parse_state(raw_state: str | None) -> State | None:
 def parse_query(query: Mapping[str, str]) -> tuple[State | None, str | None, int]:
     """``state``, ``target`` and ``limit`` from a deliveries query, validated."""
     state = parse_state(query.get("state"))
-    raw_limit = query.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
+    limit = decimal(query.get("limit", "100"))
+    if limit is None or not 1 <= limit <= _MAX_LIMIT:
         raise BadRequest(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    return state, query.get("target"), int(raw_limit)
+    return state, query.get("target"), limit
 
 
 def _since(query: Mapping[str, str], now: float) -> float | None:
@@ -105,7 +161,10 @@ def _since(query: Mapping[str, str], now: float) -> float | None:
 
 
 def create_admin_app(ops: Operations) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, _token_middleware(ops)])
+    throttle = AuthThrottle()
+    middlewares = [error_middleware, _origin_middleware(ops), _token_middleware(ops, throttle)]
+    app = web.Application(middlewares=middlewares)
+    app.on_response_prepare.append(_challenge)
     outbox = ops.outbox
 
     async def healthz(_: web.Request) -> web.Response:
@@ -177,6 +236,15 @@ def create_admin_app(ops: Operations) -> web.Application:
     app.router.add_post("/admin/deliveries/purge", purge)
     app.router.add_get("/admin/deliveries/{id}", show)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
-    add_console(app, lambda: ops.config, outbox, ops.stats, breakers=ops.breakers, wake=ops.wake)
+    add_console(
+        app,
+        lambda: ops.config,
+        outbox,
+        ops.stats,
+        breakers=ops.breakers,
+        wake=ops.wake,
+        refuse=lambda request: refuse_slowly(ops.stats, throttle, request, "sign-in"),
+        accepted=lambda request: throttle.succeeded(request.remote or "-"),
+    )
     app.router.add_post("/admin/reload", reload)
     return app

@@ -15,6 +15,7 @@ value of its own. python-json-logger does the formatting (escaping, exceptions, 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
@@ -22,9 +23,26 @@ from pythonjsonlogger.json import JsonFormatter
 
 from gateway.edge.responses import ACCESS_FIELDS, access_log
 
-__all__ = ["json_formatter", "setup_logging"]
+__all__ = ["json_formatter", "setup_logging", "text_formatter"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Every character that could end a line or move a terminal's cursor: C0 and C1 controls, DEL,
+# and Unicode's line and paragraph separators.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]  # \n, \x1b, \u2028
+
+
+class _TextFormatter(logging.Formatter):
+    """One record, one line: control characters in the message are written as escapes, so a
+    path, method or header value a client chose cannot start a forged line or colour a
+    terminal. A traceback, which the gateway writes itself, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return _UNPRINTABLE.sub(_escaped, line) if not line.isprintable() else line
 
 
 class _Formatter(JsonFormatter):
@@ -55,8 +73,13 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+def text_formatter() -> logging.Formatter:
+    """A line per record for a person at a terminal, with client-chosen text escaped."""
+    return _TextFormatter(_TEXT_FORMAT)
+
+
 def setup_logging(level: str, format: str = "text", *, stream: TextIO | None = None) -> None:
     """Log at ``level`` and above to standard error (or ``stream``), as ``text`` or ``json``."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(json_formatter() if format == "json" else logging.Formatter(_TEXT_FORMAT))
+    handler.setFormatter(json_formatter() if format == "json" else text_formatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])

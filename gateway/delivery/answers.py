@@ -1,0 +1,113 @@
+"""What the outbox keeps of a target's answer, and so what the admin API and console show.
+
+Rule: an answer can carry the notification back (a target that echoes the request in its error
+page). So an answer that repeats any personal value of the request it answers (a phone number,
+a wa_id or user id, a name, message text, a caption, an e-mail address...) is kept only as its
+status and content type; any other answer is kept as an excerpt of at most
+:data:`EXCERPT_CHARS` characters, with what looks like personal data masked all the same (long
+digit runs such as phone numbers, e-mail addresses, and the values of JSON keys that name
+personal fields). Pure: bytes and values in, text out.
+
+Not caught: an echo of personal values shorter than :data:`MIN_ECHO_CHARS` characters (a
+two-letter name), and data the target adds of its own that looks like none of the above.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+__all__ = ["EXCERPT_CHARS", "MIN_ECHO_CHARS", "PERSONAL_KEYS", "kept_answer", "personal_values"]
+
+EXCERPT_CHARS = 300
+MIN_ECHO_CHARS = 4
+MASK = "***"
+# Keys of Meta's payloads (and common ones) whose values are about a person: message text,
+# numbers, ids and names (reference: WhatsApp webhook payloads, BSUIDs).
+PERSONAL_KEYS = frozenset(
+    {
+        "address",
+        "body",
+        "caption",
+        "city",
+        "display_phone_number",
+        "email",
+        "first_name",
+        "filename",
+        "formatted_name",
+        "from",
+        "from_user_id",
+        "last_name",
+        "latitude",
+        "longitude",
+        "name",
+        "parent_user_id",
+        "phone",
+        "recipient_id",
+        "recipient_user_id",
+        "street",
+        "text",
+        "title",
+        "description",
+        "user_id",
+        "username",
+        "wa_id",
+        "zip",
+    }
+)
+# Eight digits or more, single separators between them: phone numbers as people write them.
+_DIGIT_RUN = re.compile(r"\+?\d(?:[ ().-]?\d){7,}")
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_PERSONAL_PAIR = re.compile(
+    r'("(?:' + "|".join(sorted(PERSONAL_KEYS)) + r')"\s*:\s*)("(?:[^"\\]|\\.)*"|[-\d.]+)'
+)
+
+
+def _leaves(value: object, key: str | None) -> Iterator[str]:
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _leaves(item, name)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _leaves(item, key)
+    elif key in PERSONAL_KEYS and not isinstance(value, bool | dict | list | None):
+        yield str(value)  # a string or a number (coordinates, a number sent unquoted)
+
+
+def personal_values(body: bytes) -> set[str]:
+    """The personal values of a notification (each at least :data:`MIN_ECHO_CHARS` long),
+    as sent and as decoded (Meta escapes non-ASCII text as ``\\u00e4``)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return set()
+    found: set[str] = set()
+    for text in _leaves(payload, None):
+        if len(text) >= MIN_ECHO_CHARS:
+            found.add(text)
+            found.add(json.dumps(text)[1:-1])  # the escaped spelling, as Meta sent it
+    return found
+
+
+def _echoes(answer: str, body: bytes) -> bool:
+    return any(value in answer for value in personal_values(body))
+
+
+def _masked(text: str) -> str:
+    text = _PERSONAL_PAIR.sub(lambda match: f'{match.group(1)}"{MASK}"', text)
+    text = _EMAIL.sub(MASK, text)
+    return _DIGIT_RUN.sub(MASK, text)
+
+
+def kept_answer(body: bytes, content_type: str | None, answer: bytes) -> str:
+    """What to keep of ``answer`` (the start of a target's answer, ``content_type`` its
+    ``Content-Type``) to the request that carried ``body``."""
+    text = answer.decode("utf-8", "replace")
+    if not text:
+        return ""
+    kind = (content_type or "no content type").split(";")[0].strip() or "no content type"
+    if _echoes(text, body):
+        return f"({kind}; not kept: it repeats the notification)"
+    shown = _masked(text[: EXCERPT_CHARS * 2])
+    return shown if len(shown) <= EXCERPT_CHARS else shown[:EXCERPT_CHARS] + "..."
