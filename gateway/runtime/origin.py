@@ -9,8 +9,9 @@ Rule: two pure decisions, each returning ``None`` (take the request) or the reas
   in ``Host``, so it is refused before it can read a page or a CSRF token.
 - :func:`cross_site_refusal`: a request that may change something (any method but GET, HEAD and
   OPTIONS) is refused when the browser says it comes from elsewhere: ``Sec-Fetch-Site`` other
-  than ``same-origin`` or ``none`` (typed by the user), or an ``Origin`` that is not this
-  listener's (``null`` included: sandboxed frames and cross-site redirects send it). This holds
+  than ``same-origin`` or ``none`` (typed by the user); from a browser too old to send that, an
+  ``Origin`` that is not this listener's (``null`` included: sandboxed frames and cross-site
+  redirects send it). This holds
   with a token as without one: a session cookie or a token held by a browser must not be usable
   from another site (OWASP CSRF cheat sheet, "Fetch Metadata headers" and "Verifying Origin").
 
@@ -95,7 +96,11 @@ def cross_site_refusal(
     ``Host: host``, comes from another site; ``None`` if it may be taken."""
     if method in SAFE_METHODS:
         return None
-    if fetch_site is not None and fetch_site.strip().lower() not in _SAME:
+    if fetch_site is not None:
+        # The browser's own word, and the only one for the console's forms: under
+        # Referrer-Policy: no-referrer, Chromium sends them with Origin: null.
+        if fetch_site.strip().lower() in _SAME:
+            return None
         return f"a {printable(fetch_site)} request may not change anything here"
     if origin is not None and not _same_origin(origin, host):
         return f"a request from origin {printable(origin)} may not change anything here"

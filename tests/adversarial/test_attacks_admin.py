@@ -196,6 +196,10 @@ async def test_a_state_changing_request_from_another_site_changes_nothing(
     [
         pytest.param({}, id="no browser headers (curl, the CLI)"),
         pytest.param({"Sec-Fetch-Site": "same-origin"}, id="same-origin"),
+        pytest.param(
+            {"Sec-Fetch-Site": "same-origin", "Origin": "null"},
+            id="the console's own form (no-referrer: Chromium sends Origin null)",
+        ),
         pytest.param({"Sec-Fetch-Site": "none"}, id="typed by the user"),
         pytest.param({"Origin": "http://127.0.0.1:{port}"}, id="its own origin"),
     ],
