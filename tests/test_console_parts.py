@@ -10,8 +10,8 @@ from gateway.config import TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.runtime.console.facts import body_facts
 from gateway.runtime.console.html import age, esc
-from gateway.runtime.console.session import SESSION_TTL_S, Sessions
 from gateway.runtime.console.paths import local_redirect
+from gateway.runtime.console.session import SESSION_TTL_S, Sessions
 from gateway.runtime.console.views import _loopback
 from gateway.runtime.stats import Stats
 

@@ -120,7 +120,9 @@ async def _dead_letter(gateway: Gateway, pki: Pki, sink: Sink) -> str:
     [
         pytest.param("rebound.example:{port}", 421, id="a rebinding page's own name"),
         pytest.param("rebound.example", 421, id="its name without a port"),
-        pytest.param("127.0.0.1.rebound.example:{port}", 421, id="a name that starts like loopback"),
+        pytest.param(
+            "127.0.0.1.rebound.example:{port}", 421, id="a name that starts like loopback"
+        ),
         pytest.param("127.0.0.1:{port}", 200, id="loopback address"),
         pytest.param("localhost:{port}", 200, id="localhost"),
         pytest.param("LOCALHOST.:{port}", 200, id="localhost in capitals with the root dot"),
@@ -267,8 +269,11 @@ async def _sign_in_form(session: aiohttp.ClientSession, base: str) -> str:
     [
         pytest.param("/\t/evil.example/", "/", id="a tab the browser drops"),
         pytest.param("/\n/evil.example/", "/", id="a newline the browser drops"),
-        pytest.param("/console/deliveries\r\nSet-Cookie: a=b", "/console/deliveriesSet-Cookie:%20a=b",
-                     id="a header injected by a newline"),  # fmt: skip
+        pytest.param(
+            "/console/deliveries\r\nSet-Cookie: a=b",
+            "/console/deliveriesSet-Cookie:%20a=b",
+            id="a header injected by a newline",
+        ),
         pytest.param("/\\evil.example/", "/", id="a backslash read as a slash"),
         pytest.param("/console/deliveries?state=dead", "/console/deliveries?state=dead", id="ok"),
     ],
@@ -298,11 +303,14 @@ async def test_signing_in_without_the_forms_token_is_refused(
     token configured or not, and it redirects nowhere."""
     async with attack_gateway(pki, tmp_path, sink, admin_token=token) as gateway:
         base = f"http://127.0.0.1:{gateway.admin_port}"
-        async with _sign_in_client() as session, session.post(
-            f"{base}/console/sign-in",
-            data={"token": token or "", "next": "/console/deliveries"},
-            allow_redirects=False,
-        ) as answer:
+        async with (
+            _sign_in_client() as session,
+            session.post(
+                f"{base}/console/sign-in",
+                data={"token": token or "", "next": "/console/deliveries"},
+                allow_redirects=False,
+            ) as answer,
+        ):
             assert answer.status == 403
             assert "Location" not in answer.headers
 
