@@ -8,8 +8,10 @@ status and content type; any other answer is kept as an excerpt of at most
 digit runs such as phone numbers, e-mail addresses, and the values of JSON keys that name
 personal fields). Pure: bytes and values in, text out.
 
-Not caught: an echo of personal values shorter than :data:`MIN_ECHO_CHARS` characters (a
-two-letter name), and data the target adds of its own that looks like none of the above.
+An echo is a whole personal value (of :data:`MIN_ECHO_CHARS` characters or more) or a piece
+of one at least :data:`ECHO_PIECE_CHARS` long. Not caught: shorter values (a two-letter name),
+shorter pieces of a long text, and data the target adds of its own that looks like none of the
+above.
 """
 
 from __future__ import annotations
@@ -18,10 +20,20 @@ import json
 import re
 from collections.abc import Iterator
 
-__all__ = ["EXCERPT_CHARS", "MIN_ECHO_CHARS", "PERSONAL_KEYS", "kept_answer", "personal_values"]
+import orjson
+
+__all__ = [
+    "ECHO_PIECE_CHARS",
+    "EXCERPT_CHARS",
+    "MIN_ECHO_CHARS",
+    "PERSONAL_KEYS",
+    "kept_answer",
+    "personal_values",
+]
 
 EXCERPT_CHARS = 300
 MIN_ECHO_CHARS = 4
+ECHO_PIECE_CHARS = 12
 MASK = "***"
 # Keys of Meta's payloads (and common ones) whose values are about a person: message text,
 # numbers, ids and names (reference: WhatsApp webhook payloads, BSUIDs).
@@ -79,9 +91,12 @@ def personal_values(body: bytes) -> set[str]:
     """The personal values of a notification (each at least :data:`MIN_ECHO_CHARS` long),
     as sent and as decoded (Meta escapes non-ASCII text as ``\\u00e4``)."""
     try:
-        payload = json.loads(body)
-    except ValueError:
-        return set()
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            payload = json.loads(body)  # what orjson refuses and Meta may sign (lone surrogates)
+        except ValueError:
+            return set()
     found: set[str] = set()
     for text in _leaves(payload, None):
         if len(text) >= MIN_ECHO_CHARS:
@@ -91,7 +106,18 @@ def personal_values(body: bytes) -> set[str]:
 
 
 def _echoes(answer: str, body: bytes) -> bool:
-    return any(value in answer for value in personal_values(body))
+    """Whether ``answer`` holds a whole personal value of ``body``, or a piece of one at least
+    :data:`ECHO_PIECE_CHARS` long (an answer that quotes the start of a message)."""
+    pieces: set[str] = set()
+    for value in personal_values(body):
+        if len(value) <= ECHO_PIECE_CHARS:
+            if value in answer:
+                return True
+        else:
+            last = len(value) - ECHO_PIECE_CHARS
+            pieces.update(value[i : i + ECHO_PIECE_CHARS] for i in range(last + 1))
+    last = len(answer) - ECHO_PIECE_CHARS
+    return any(answer[i : i + ECHO_PIECE_CHARS] in pieces for i in range(last + 1))
 
 
 def _masked(text: str) -> str:
@@ -104,8 +130,8 @@ def kept_answer(body: bytes, content_type: str | None, answer: bytes) -> str:
     """What to keep of ``answer`` (the start of a target's answer, ``content_type`` its
     ``Content-Type``) to the request that carried ``body``."""
     text = answer.decode("utf-8", "replace")
-    if not text:
-        return ""
+    if len(text) < MIN_ECHO_CHARS:
+        return _masked(text)  # "ok", "{}", nothing: too short to repeat anything
     kind = (content_type or "no content type").split(";")[0].strip() or "no content type"
     if _echoes(text, body):
         return f"({kind}; not kept: it repeats the notification)"
