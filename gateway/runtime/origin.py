@@ -23,6 +23,7 @@ Not checked: requests with neither header, which no browser sends for a cross-si
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Collection
 from urllib.parse import urlsplit
 
@@ -32,6 +33,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _SAME = frozenset({"same-origin", "none"})
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 _SHOWN_CHARS = 100
+# What a DNS name or an IP address is made of (the colons of IPv6 included).
+_NAME = re.compile(r"[a-z0-9._:-]+")
 
 
 def printable(value: str) -> str:
@@ -52,7 +55,8 @@ def host_name(host: str) -> str | None:
         return None
     if not name or parts.username is not None or parts.path or parts.query or parts.fragment:
         return None
-    return name.rstrip(".").lower() or None
+    name = name.rstrip(".").lower()
+    return name if name and _NAME.fullmatch(name) else None
 
 
 def _loopback(name: str) -> bool:
