@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway.config import Config
+from gateway.config import AdminConfig, Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import (
@@ -48,6 +48,7 @@ __all__ = ["READY_WAIT_S", "Operations", "create_admin_app", "parse_query", "par
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_LIMIT = 1000
 _CHALLENGE = 'Bearer realm="waba-gateway admin"'
+_WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", ""})
 # The longest /readyz waits for the outbox: a file locked by another process holds a write for
 # the busy timeout, and a probe that hangs that long says less than a prompt 503.
 READY_WAIT_S = 2.0
@@ -73,12 +74,21 @@ def _own_address(request: web.Request) -> str | None:
     return sockname[0] if isinstance(sockname, tuple) and sockname else None
 
 
+def _allowed_hosts(admin: AdminConfig) -> frozenset[str]:
+    """``admin.allowed_hosts``, and ``admin.host`` unless it is a wildcard: the CLI calls the
+    listener by the name it is configured to listen on."""
+    names = {name.lower().rstrip(".") for name in admin.allowed_hosts}
+    if admin.host not in _WILDCARDS:
+        names.add(admin.host.lower().rstrip(".").removeprefix("[").removesuffix("]"))
+    return frozenset(names)
+
+
 def _origin_middleware(ops: Operations) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The probes show nothing and are called by orchestrators under names of their own.
         if request.path not in _OPEN_PATHS:
-            allowed = {name.lower().rstrip(".") for name in ops.config.admin.allowed_hosts}
+            allowed = _allowed_hosts(ops.config.admin)
             host = request.headers.get("Host")
             refusal = host_refusal(host, _own_address(request), allowed)
             if refusal is not None:

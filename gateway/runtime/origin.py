@@ -4,7 +4,8 @@ whether a state-changing request comes from another site.
 Rule: two pure decisions, each returning ``None`` (take the request) or the reason to refuse it.
 
 - :func:`host_refusal`: the ``Host`` header must name the listener itself (the address the
-  connection came in on), a loopback name or address, or one of ``admin.allowed_hosts``. A page
+  connection came in on), a loopback name or address, or one of the names it is given
+  (``admin.allowed_hosts`` and ``admin.host``). A page
   that rebinds its own name to 127.0.0.1 (DNS rebinding) reaches the listener with its own name
   in ``Host``, so it is refused before it can read a page or a CSRF token.
 - :func:`cross_site_refusal`: a request that may change something (any method but GET, HEAD and

@@ -6,6 +6,7 @@ cross-site requests), a crafted link (the sign-in form's redirect), a neighbour 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Mapping
@@ -13,7 +14,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import admin_get, admin_post, message_body, metric, post, wait_for_state
+from helpers import (
+    admin_get,
+    admin_post,
+    gateway_config,
+    message_body,
+    metric,
+    post,
+    sink_target,
+    wait_for_state,
+)
 from pki import Pki
 from sink import Reply, Sink
 
@@ -147,6 +157,20 @@ async def test_a_host_that_is_not_the_admin_listeners_reads_nothing(
             assert "admin.allowed_hosts" in text
             assert "csrf" not in text
         await still_serves(gateway, pki, sink)
+
+
+async def test_the_name_admin_host_is_configured_with_is_its_own(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """`waba-gateway reload` calls the listener by admin.host: a name there is not refused."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
+    admin = dataclasses.replace(config.admin, host="localhost")
+    async with Gateway(dataclasses.replace(config, admin=admin)) as gateway:
+        assert (await _request(gateway, "GET", "/", {"Host": "LocalHost:1"}))[0] == 200
+    admin = dataclasses.replace(config.admin, host="127.0.0.1", allowed_hosts=("ops.internal",))
+    async with Gateway(dataclasses.replace(config, admin=admin)) as gateway:
+        assert (await _request(gateway, "GET", "/", {"Host": "Ops.Internal."}))[0] == 200
+        assert (await _request(gateway, "GET", "/", {"Host": "0.0.0.0"}))[0] == 421
 
 
 async def test_the_probes_answer_any_host(pki: Pki, tmp_path: Path, sink: Sink) -> None:
