@@ -19,6 +19,7 @@ import re
 import sys
 from typing import Any, TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
 from pythonjsonlogger.json import JsonFormatter
 
 from gateway.edge.responses import ACCESS_FIELDS, access_log
@@ -78,8 +79,28 @@ def text_formatter() -> logging.Formatter:
     return _TextFormatter(_TEXT_FORMAT)
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp's server (the admin listener) logs a request it cannot parse as an error with a
+    traceback; it is the client's mistake, answered 400: one line at INFO says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg, record.args = (
+                "malformed request from %s refused: %s",
+                (remote, error.message),
+            )
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str, format: str = "text", *, stream: TextIO | None = None) -> None:
     """Log at ``level`` and above to standard error (or ``stream``), as ``text`` or ``json``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(json_formatter() if format == "json" else text_formatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(each, _MalformedRequests) for each in server.filters):
+        server.addFilter(_MalformedRequests())

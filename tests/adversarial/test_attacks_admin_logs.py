@@ -39,7 +39,8 @@ async def test_client_chosen_text_cannot_forge_a_text_log_line(
     pki: Pki, tmp_path: Path, sink: Sink
 ) -> None:
     """Newlines, carriage returns, terminal escapes and Unicode line separators in paths and
-    in a Host header reach the text log as escapes: every line is one the gateway wrote."""
+    in a Host header reach the text log as escapes: every line is one the gateway wrote, and a
+    request the parser refuses is one line, not a traceback."""
     admin_port = free_port()
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), admin_port=admin_port)
     config.write_text(config.read_text().replace("[tls]\n", '[tls]\nclient_auth = "optional"\n'))
@@ -64,6 +65,9 @@ async def test_client_chosen_text_cannot_forge_a_text_log_line(
         # A line separator in a header value (control characters the parser refuses itself).
         rebound = _get("/admin/deliveries", host=f"rebound.example\u2028{FORGED}")
         refused = await _exchange(admin_port, rebound, None)
+        # A control character the parser refuses: a 400, and one line rather than a traceback.
+        malformed = _get("/admin/deliveries", host=f"x\x1b[2J{FORGED}")
+        assert (await _exchange(admin_port, malformed, None)).split(b" ", 2)[1] == b"400"
         output = stop(process)
     lines = output.splitlines()
     assert not [line for line in lines if "FORGED" in line and not line[:4].isdigit()]
@@ -76,3 +80,5 @@ async def test_client_chosen_text_cannot_forge_a_text_log_line(
     assert f"/admin/deliveries/x\\u2028{FORGED}" in output
     assert f"rebound.example\\u2028{FORGED}" in output
     assert refused.startswith(b"HTTP/1.1 421 ")
+    assert "Traceback" not in output
+    assert "malformed request from 127.0.0.1 refused: " in output
