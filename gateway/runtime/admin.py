@@ -12,6 +12,12 @@ Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
 ``POST /admin/deliveries/purge?older_than=30d`` (dead letters), ``POST /admin/reload``; and the web
 console at ``GET /`` and under ``/console/`` (:mod:`gateway.runtime.console`), which guards itself
 with a session made from the same token.
+
+In front of all of it but the probes, for a browser on the operator's machine: a ``Host`` that
+is not the listener's is refused (421), and so is a state-changing request another site sent
+(403), token or not (:mod:`gateway.runtime.origin`). A wrong token is answered only after a
+wait that grows per client address (:mod:`gateway.runtime.throttle`), and every 401 carries
+``WWW-Authenticate``.
 """
 
 from __future__ import annotations
@@ -106,7 +112,7 @@ def _origin_middleware(ops: Operations) -> Any:
     return check
 
 
-async def refuse_slowly(
+async def _refuse_slowly(
     stats: Stats, throttle: AuthThrottle, request: web.Request, where: str
 ) -> None:
     """Hold a failed authentication from ``request``'s address as :mod:`.throttle` says, and
@@ -128,7 +134,7 @@ def _token_middleware(ops: Operations, throttle: AuthThrottle) -> Any:
         ):
             presented = request.headers.get("Authorization", "")
             if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
-                await refuse_slowly(ops.stats, throttle, request, "bearer")
+                await _refuse_slowly(ops.stats, throttle, request, "bearer")
                 raise Unauthorized("admin token missing or wrong")
             throttle.succeeded(request.remote or "-")
         return await handler(request)
@@ -253,7 +259,7 @@ def create_admin_app(ops: Operations) -> web.Application:
         ops.stats,
         breakers=ops.breakers,
         wake=ops.wake,
-        refuse=lambda request: refuse_slowly(ops.stats, throttle, request, "sign-in"),
+        refuse=lambda request: _refuse_slowly(ops.stats, throttle, request, "sign-in"),
         accepted=lambda request: throttle.succeeded(request.remote or "-"),
     )
     app.router.add_post("/admin/reload", reload)
