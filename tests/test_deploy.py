@@ -72,6 +72,7 @@ def _exposed() -> set[str]:
     stats.attempted("t", "delivered", 0.1)
     stats.tls_handshake_failed("timeout")
     stats.reloaded(True)
+    stats.auth_failed("bearer", 0.05)
     snapshot = Snapshot(
         now=10.0,
         backlog=[Backlog("t", 1, 1.0, 1)],
