@@ -3,8 +3,9 @@
 Rule: the console is protected like the admin API. Without ``admin.token`` it answers loopback
 peers only (the configuration already refuses a non-loopback ``admin.host`` without a token);
 with a token, a page needs a session made by signing in with that token. Every POST carries the
-session's CSRF token. Every admin response carries :data:`SECURITY_HEADERS`: no script, no
-inline style, no framing, no caching.
+session's CSRF token, and the sign-in form its pre-session's (with a token or without); after
+signing in the browser goes back only to a console path (:mod:`.paths`). Every admin response
+carries :data:`SECURITY_HEADERS`: no script, no inline style, no framing, no caching.
 """
 
 from __future__ import annotations
