@@ -27,6 +27,7 @@ code.
         +-- RequestTimeout       408  a request not fully received in time
         +-- Unauthorized         401  admin token missing or wrong
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
+        +-- UnsupportedMediaType 415  (admin) a form's body sent to the JSON API
         +-- MisdirectedRequest   421  (admin) a ``Host`` that is not the admin listener's
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
@@ -62,6 +63,7 @@ __all__ = [
     "TransferCodingNotImplemented",
     "URLTooLong",
     "Unauthorized",
+    "UnsupportedMediaType",
     "VersionNotSupported",
 ]
 
@@ -155,6 +157,10 @@ class RequestTimeout(Rejected):
 
 class PayloadTooLarge(Rejected):
     status = 413
+
+
+class UnsupportedMediaType(Rejected):
+    status = 415
 
 
 class MisdirectedRequest(Rejected):

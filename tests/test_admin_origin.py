@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.runtime.origin import cross_site_refusal, host_name, host_refusal
+from gateway.runtime.origin import cross_site_refusal, form_refusal, host_name, host_refusal
 
 ALLOWED = frozenset({"ops.internal"})
 
@@ -96,3 +96,23 @@ def test_origin_without_a_port_in_host_is_the_schemes_default() -> None:
 def test_host_names_are_read_as_urls_read_them(host: str, name: str | None) -> None:
     """Lower case, no root dot, no port; what is no host name is None."""
     assert host_name(host) == name
+
+
+@pytest.mark.parametrize(
+    ("method", "content_type", "taken"),
+    [
+        ("POST", None, True),  # the CLI, curl -X POST
+        ("POST", "application/json", True),
+        ("GET", "text/plain", True),
+        ("POST", "text/plain", False),
+        ("POST", "Text/Plain; charset=utf-8", False),
+        ("POST", "application/x-www-form-urlencoded", False),
+        ("POST", "multipart/form-data; boundary=x", False),
+        ("DELETE", "text/plain", False),
+    ],
+)
+def test_a_forms_body_is_no_request_to_the_json_api(
+    method: str, content_type: str | None, taken: bool
+) -> None:
+    """The content types a page may send anywhere without asking are refused; others pass."""
+    assert (form_refusal(method, content_type) is None) == taken

@@ -15,7 +15,8 @@ with a session made from the same token.
 
 In front of all of it but the probes, for a browser on the operator's machine: a ``Host`` that
 is not the listener's is refused (421), and so is a state-changing request another site sent
-(403), token or not (:mod:`gateway.runtime.origin`). A wrong token is answered only after a
+(403), token or not, and a form's body sent to the JSON API (415)
+(:mod:`gateway.runtime.origin`). A wrong token is answered only after a
 wait that grows per client address (:mod:`gateway.runtime.throttle`), and every 401 carries
 ``WWW-Authenticate``.
 """
@@ -40,10 +41,11 @@ from gateway.errors import (
     NotFound,
     OutboxError,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from gateway.outbox import STATES, Outbox, State
 from gateway.runtime.console import add_console, is_console_path
-from gateway.runtime.origin import cross_site_refusal, host_refusal
+from gateway.runtime.origin import cross_site_refusal, form_refusal, host_refusal
 from gateway.runtime.reload import ReloadResult
 from gateway.runtime.stats import Snapshot, Stats
 from gateway.runtime.throttle import AuthThrottle
@@ -107,6 +109,10 @@ def _origin_middleware(ops: Operations) -> Any:
             )
             if refusal is not None:
                 raise Forbidden(refusal)
+            if not is_console_path(request.path):  # the console's forms are forms
+                refusal = form_refusal(request.method, request.headers.get("Content-Type"))
+                if refusal is not None:
+                    raise UnsupportedMediaType(refusal)
         return await handler(request)
 
     return check

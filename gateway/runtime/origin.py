@@ -16,6 +16,10 @@ Rule: two pure decisions, each returning ``None`` (take the request) or the reas
   with a token as without one: a session cookie or a token held by a browser must not be usable
   from another site (OWASP CSRF cheat sheet, "Fetch Metadata headers" and "Verifying Origin").
 
+- :func:`form_refusal`: the JSON API takes no body at all, so a state-changing request to it
+  that carries a form's content type can only be a page's doing (a browser too old to send
+  either header above still sends that).
+
 Not checked: requests with neither header, which no browser sends for a cross-site POST since
 2020 (curl, the CLI and Prometheus send neither; the token guards them), and the port in
 ``Host`` (a rebinding page has to use the listener's port to reach it at all).
@@ -28,10 +32,20 @@ import re
 from collections.abc import Collection
 from urllib.parse import urlsplit
 
-__all__ = ["SAFE_METHODS", "cross_site_refusal", "host_name", "host_refusal", "printable"]
+__all__ = [
+    "SAFE_METHODS",
+    "cross_site_refusal",
+    "form_refusal",
+    "host_name",
+    "host_refusal",
+    "printable",
+]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _SAME = frozenset({"same-origin", "none"})
+# The content types a page may send to another origin without asking it first (Fetch standard,
+# "CORS-safelisted request-header"): the only bodies a cross-site form or fetch can carry.
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 _SHOWN_CHARS = 100
 # What a DNS name or an IP address is made of (the colons of IPv6 included).
@@ -128,3 +142,17 @@ def _same_origin(origin: str, host: str | None) -> bool:
     except ValueError:
         return False
     return ours == parts.hostname.rstrip(".").lower() and (port or default) == our_port
+
+
+def form_refusal(method: str, content_type: str | None) -> str | None:
+    """Why a ``method`` request to the JSON API with this ``Content-Type`` looks like a form
+    another page submitted; ``None`` if it does not."""
+    if method in SAFE_METHODS or content_type is None:
+        return None
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type not in _FORM_TYPES:
+        return None
+    return (
+        f"the admin API takes no {printable(media_type)} body: send the request without one "
+        "(curl -X POST URL)"
+    )

@@ -218,6 +218,26 @@ async def test_a_state_changing_request_from_another_site_changes_nothing(
 
 
 @pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+async def test_a_form_sent_to_the_json_api_changes_nothing(
+    pki: Pki, tmp_path: Path, sink: Sink, content_type: str
+) -> None:
+    """A browser too old to say where a request comes from still sends a form's content type,
+    which the JSON API never takes: 415, and the dead letter stays."""
+    async with attack_gateway(pki, tmp_path, sink) as gateway:
+        dead_id = await _dead_letter(gateway, pki, sink)
+        for path in ("/admin/deliveries/purge?older_than=0s", "/admin/reload"):
+            status, text, _ = await _request(
+                gateway, "POST", path, {"Content-Type": content_type}, data={"x": "1"}
+            )
+            assert (status, "curl -X POST URL" in text) == (415, True), path
+        assert [d.id for d in await wait_for_state(gateway, "dead", 1)] == [dead_id]
+        await still_serves(gateway, pki, sink, forwarded_before=1)
+
+
+@pytest.mark.parametrize(
     "headers",
     [
         pytest.param({}, id="no browser headers (curl, the CLI)"),
