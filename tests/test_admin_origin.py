@@ -23,6 +23,7 @@ ALLOWED = frozenset({"ops.internal"})
         ("[fd00::5]:8081", "fd00::5", True),
         ("ops.internal:8081", "10.0.0.5", True),
         ("OPS.INTERNAL.", "10.0.0.5", True),
+        ("10.0.0.5:8081", "::ffff:10.0.0.5", True),  # an IPv4 client of a dual-stack socket
         ("10.0.0.6:8081", "10.0.0.5", False),  # another address of the network
         ("rebound.example:8081", "127.0.0.1", False),
         ("127.0.0.1.rebound.example", "127.0.0.1", False),

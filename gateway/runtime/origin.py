@@ -83,11 +83,18 @@ def _loopback(name: str) -> bool:
         return False
 
 
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(text)
+    # A dual-stack socket ("::") sees IPv4 clients as ::ffff:a.b.c.d.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
 def _same_address(name: str, own: str | None) -> bool:
     if own is None:
         return False
     try:
-        return ipaddress.ip_address(name) == ipaddress.ip_address(own)
+        return _address(name) == _address(own.partition("%")[0])
     except ValueError:
         return False
 
