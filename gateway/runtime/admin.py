@@ -85,10 +85,9 @@ def _own_address(request: web.Request) -> str | None:
 def _allowed_hosts(admin: AdminConfig) -> frozenset[str]:
     """``admin.allowed_hosts``, and ``admin.host`` unless it is a wildcard: the CLI calls the
     listener by the name it is configured to listen on."""
-    names = {name.lower().rstrip(".") for name in admin.allowed_hosts}
-    if admin.host not in _WILDCARDS:
-        names.add(admin.host.lower().rstrip(".").removeprefix("[").removesuffix("]"))
-    return frozenset(names)
+    names = [*admin.allowed_hosts, *([] if admin.host in _WILDCARDS else [admin.host])]
+    # As origin.host_name spells a Host: lower case, no root dot, an IPv6 address unbracketed.
+    return frozenset(n.lower().rstrip(".").removeprefix("[").removesuffix("]") for n in names)
 
 
 def _origin_middleware(ops: Operations) -> Any:

@@ -167,9 +167,11 @@ async def test_the_name_admin_host_is_configured_with_is_its_own(
     admin = dataclasses.replace(config.admin, host="localhost")
     async with Gateway(dataclasses.replace(config, admin=admin)) as gateway:
         assert (await _request(gateway, "GET", "/", {"Host": "LocalHost:1"}))[0] == 200
-    admin = dataclasses.replace(config.admin, host="127.0.0.1", allowed_hosts=("ops.internal",))
+    allowed = ("ops.internal", "[fd00::5]")
+    admin = dataclasses.replace(config.admin, host="127.0.0.1", allowed_hosts=allowed)
     async with Gateway(dataclasses.replace(config, admin=admin)) as gateway:
         assert (await _request(gateway, "GET", "/", {"Host": "Ops.Internal."}))[0] == 200
+        assert (await _request(gateway, "GET", "/", {"Host": "[FD00::5]:8081"}))[0] == 200
         assert (await _request(gateway, "GET", "/", {"Host": "0.0.0.0"}))[0] == 421
 
 
