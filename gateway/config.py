@@ -186,8 +186,8 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     token: str | None = None
-    # Names the listener answers to besides its own address and loopback (a DNS name on a
-    # private network, a tunnel's name): any other Host is refused (DNS rebinding).
+    # Names the listener answers to besides its own address, `host` and loopback (a DNS name
+    # on a private network, a tunnel's name): any other Host is refused (DNS rebinding).
     allowed_hosts: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
