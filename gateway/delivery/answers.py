@@ -12,13 +12,15 @@ An echo is a whole personal value (of :data:`MIN_ECHO_CHARS` characters or more)
 of one at least 23 characters long (``2 * ECHO_PIECE_CHARS - 1``; shorter pieces are caught
 when they hold one of the value's aligned blocks). Not caught: shorter values (a two-letter
 name), shorter pieces of a long text, and data the target adds of its own that looks like none
-of the above.
+of the above. What is shown (:func:`shown_answer`) is masked and bounded once more, for rows an
+older version stored whole (their echoes can no longer be told: the masks still apply).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import orjson
 
@@ -29,6 +31,7 @@ __all__ = [
     "PERSONAL_KEYS",
     "kept_answer",
     "personal_values",
+    "shown_answer",
 ]
 
 EXCERPT_CHARS = 300
@@ -141,3 +144,22 @@ def kept_answer(body: bytes, content_type: str | None, answer: bytes) -> str:
         return f"({kind}; not kept: it repeats the notification)"
     shown = _masked(text[: EXCERPT_CHARS * 2])
     return shown if len(shown) <= EXCERPT_CHARS else shown[:EXCERPT_CHARS] + "..."
+
+
+def shown_answer(kept: str | None) -> str | None:
+    """``kept`` (what the outbox holds of an answer) as the console, the API and the CLI show
+    it: masked and bounded again, for rows an older version stored whole. What
+    :func:`kept_answer` made comes out unchanged."""
+    if not kept:
+        return kept
+    shown = _masked(kept[: EXCERPT_CHARS * 2])
+    return shown if len(shown) <= EXCERPT_CHARS + 3 else shown[:EXCERPT_CHARS] + "..."
+
+
+def shown_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """A delivery's or an attempt's summary (``last_response``, ``response``) with the
+    target's answer as :func:`shown_answer` shows it."""
+    for key in ("last_response", "response"):
+        if key in summary:
+            summary[key] = shown_answer(summary[key])
+    return summary

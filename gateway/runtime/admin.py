@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway.config import AdminConfig, Config
+from gateway.delivery.answers import shown_summary
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import (
@@ -209,15 +210,16 @@ def create_admin_app(ops: Operations) -> web.Application:
         state, target, limit = parse_query(request.query)
         found = await outbox.query(state=state, target=target, limit=limit)
         counts = await outbox.counts()
-        return web.json_response({"counts": counts, "deliveries": [d.summary() for d in found]})
+        listed = [shown_summary(d.summary()) for d in found]
+        return web.json_response({"counts": counts, "deliveries": listed})
 
     async def show(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
         found = await outbox.get(delivery_id)
         if found is None:
             raise NotFound(f"no delivery {delivery_id!r}")
-        attempts = [a.summary() for a in await outbox.attempts(delivery_id)]
-        return web.json_response(found.summary() | {"attempt_history": attempts})
+        attempts = [shown_summary(a.summary()) for a in await outbox.attempts(delivery_id)]
+        return web.json_response(shown_summary(found.summary()) | {"attempt_history": attempts})
 
     async def replay(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]

@@ -3,7 +3,9 @@ put names, numbers or text on the delivery page or in the API's ``last_response`
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from pki import Pki
 from sink import Reply, Sink
 
 from adversarial.attack import attack_gateway, still_serves
+from gateway.cli import main
 from gateway.delivery.answers import EXCERPT_CHARS
 
 NAME = "Zebulon Markerfield"
@@ -119,3 +122,36 @@ async def test_an_answer_of_its_own_is_kept_as_a_short_masked_excerpt(
         assert "unknown account" in page
         sink.default = Reply(200)
         await still_serves(gateway, pki, sink, forwarded_before=1)
+
+
+async def test_an_answer_stored_whole_before_is_shown_masked(
+    pki: Pki, tmp_path: Path, sink: Sink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row an older version stored with the whole answer is shown masked and bounded by the
+    API, the console and `deliveries show`."""
+    whole = json.dumps({"error": "bad", "name": NAME, "wa_id": PHONE, "mail": "z@example.com"})
+    async with attack_gateway(pki, tmp_path, sink) as gateway:
+        sink.default = Reply(422, body="unknown account")
+        assert (await post(gateway, pki, _notification())).status == 200
+        (dead,) = await wait_for_state(gateway, "dead", 1)
+        with sqlite3.connect(gateway.config.outbox.path) as db:
+            db.execute("UPDATE deliveries SET last_response = ?", (whole + "x" * 1000,))
+            db.execute("UPDATE attempts SET response = ?", (whole,))
+        found, page = await _shown(f"http://127.0.0.1:{gateway.admin_port}", dead.id)
+        source = gateway.config
+    assert found["last_response"].startswith('{"error": "bad", "name": "***", "wa_id": "***"')
+    assert len(found["last_response"]) == EXCERPT_CHARS + 3
+    assert found["attempt_history"][0]["response"] == (
+        '{"error": "bad", "name": "***", "wa_id": "***", "mail": "***"}'
+    )
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[tls]\ncert_file = "{source.tls.cert_file}"\n'
+                      f'key_file = "{source.tls.key_file}"\nclient_auth = "off"\n'
+                      '[meta]\nverify_tokens = ["v"]\napp_secrets = ["s"]\n'
+                      f'[outbox]\npath = "{source.outbox.path}"\n')  # fmt: skip
+    argv = ["deliveries", "show", "--config", str(config), dead.id]
+    assert await asyncio.to_thread(main, argv) == 0
+    shown = capsys.readouterr().out
+    for private in (NAME, PHONE, "z@example.com"):
+        assert private not in page
+        assert private not in shown
