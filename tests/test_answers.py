@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.delivery.answers import EXCERPT_CHARS, kept_answer, personal_values
+from gateway.delivery.answers import EXCERPT_CHARS, kept_answer, personal_values, shown_answer
 
 BODY = json.dumps(
     {
@@ -84,3 +84,29 @@ def test_a_body_that_is_not_json_has_no_personal_values() -> None:
     """Nothing to compare with: the answer is kept masked (a split delivery is JSON too)."""
     assert personal_values(b"not json") == set()
     assert kept_answer(b"not json", "text/plain", b"not json") == "not json"
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        WITHHELD,
+        "unknown account",
+        '{"name": "***", "phone": "***"}',
+        "x" * EXCERPT_CHARS + "...",
+        kept_answer(BODY, "text/plain", b"call +55 11 2222-3333 or mail a@b.example"),
+    ],
+)
+def test_what_kept_answer_made_is_shown_unchanged(kept: str) -> None:
+    """Showing masks and bounds again; what was kept already passes through as it is."""
+    assert shown_answer(kept) == kept
+
+
+def test_an_answer_stored_whole_is_shown_masked_and_bounded() -> None:
+    """A row from before: the masks and the bound apply when it is shown."""
+    whole = '{"wa_id": "5511988887777", "body": "hello"} ' + "y" * 1000
+    shown = shown_answer(whole)
+    assert shown is not None
+    assert shown.startswith('{"wa_id": "***", "body": "***"} yyy')
+    assert len(shown) == EXCERPT_CHARS + 3
+    assert shown_answer(None) is None
+    assert shown_answer("") == ""
