@@ -183,3 +183,11 @@ def test_without_a_token_only_loopback_peers_count_as_local(
 ) -> None:
     """The console's peer check, for the case the configuration's own check cannot see."""
     assert _loopback(remote) is loopback
+
+
+def test_a_session_cookie_with_digits_int_refuses_is_no_session() -> None:
+    """A cookie whose time is written in superscripts is refused, not a 500 (even signed)."""
+    sessions = Sessions(b"k" * 32, clock=lambda: 100.0)
+    payload = "sid.\u00b2"
+    cookie = f"{payload}.{sessions._mac('session', payload)}"
+    assert sessions.verify(cookie) is None
