@@ -38,6 +38,7 @@ EXCERPT_CHARS = 300
 MIN_ECHO_CHARS = 4
 ECHO_PIECE_CHARS = 12
 MASK = "***"
+_SCALARS = (str, int, float)
 # Keys of Meta's payloads (and common ones) whose values are about a person: message text,
 # numbers, ids and names (reference: WhatsApp webhook payloads, BSUIDs).
 PERSONAL_KEYS = frozenset(
@@ -91,18 +92,23 @@ def personal_values(body: bytes) -> set[str]:
         except ValueError:
             return set()
     found: set[str] = set()
-    # A loop over a stack: faster than recursive generators or a regular expression over the
-    # raw text (bench/admin_costs.py), and no recursion limit for deeply nested JSON.
+    # A loop over a stack, types compared exactly (the parsers make plain dicts and lists; a
+    # bool is no number here): faster than recursive generators, isinstance() or a regular
+    # expression over the raw text (bench/admin_costs.py), and no recursion limit.
     stack: list[tuple[object, object]] = [(payload, None)]
+    push, pop = stack.append, stack.pop
     while stack:
-        value, key = stack.pop()
-        if isinstance(value, dict):
-            stack.extend((item, name) for name, item in value.items())
-        elif isinstance(value, list):
-            stack.extend((item, key) for item in value)
-        elif key in PERSONAL_KEYS and isinstance(value, str | int | float):
-            text = str(value)  # a string or a number (coordinates, a number sent unquoted)
-            if len(text) >= MIN_ECHO_CHARS and not isinstance(value, bool):
+        value, key = pop()
+        kind = type(value)
+        if kind is dict:
+            for name, item in value.items():  # type: ignore[attr-defined]
+                push((item, name))
+        elif kind is list:
+            for item in value:  # type: ignore[attr-defined]
+                push((item, key))
+        elif key in PERSONAL_KEYS and kind in _SCALARS:
+            text = str(value)  # a string, or a number (coordinates, a number sent unquoted)
+            if len(text) >= MIN_ECHO_CHARS:
                 found.add(text)
                 if not text.isascii() or '"' in text or "\\" in text or not text.isprintable():
                     found.add(json.dumps(text)[1:-1])  # the escaped spelling, as Meta sent it
