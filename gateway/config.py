@@ -29,6 +29,7 @@ from gateway.units import DAYS, MINUTES, SECONDS, MiB
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "META_CLIENT_CN",
+    "MIN_ADMIN_TOKEN_CHARS",
     "AdminConfig",
     "Config",
     "DispatcherConfig",
@@ -47,6 +48,9 @@ __all__ = [
 # Meta's webhook client certificate subject CN (docs/graph-api/webhooks/getting-started, "mTLS").
 META_CLIENT_CN = "client.webhooks.fbclientcerts.com"
 DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
+# The shortest admin token a listener beyond loopback takes: 32 characters of `openssl rand
+# -hex 32` are 128 bits, out of reach of guessing even without the per-address slow-down.
+MIN_ADMIN_TOKEN_CHARS = 32
 
 ClientAuth = Literal["required", "optional", "off"]
 LogFormat = Literal["text", "json"]
@@ -192,9 +196,15 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     token: str | None = None
+    # Names the listener answers to besides its own address, `host` and loopback (a DNS name
+    # on a private network, a tunnel's name): any other Host is refused (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
-        return f"AdminConfig(enabled={self.enabled}, host={self.host!r}, port={self.port})"
+        return (
+            f"AdminConfig(enabled={self.enabled}, host={self.host!r}, port={self.port}, "
+            f"allowed_hosts={self.allowed_hosts!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,6 +309,7 @@ _TABLES = ("listen", "tls", "meta", "outbox", "targets", "admin", "dispatcher", 
 _SECRETS = frozenset(
     {"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token", "outbox.url"}
 )
+_URLS = frozenset({"targets.url"})
 _SCALARS: dict[object, tuple[type | UnionType, str]] = {
     bool: (bool, "true or false"),
     int: (int, "an integer"),
@@ -318,6 +329,20 @@ def _is_http_url(text: str) -> bool:
         return False
     has_space = any(char.isspace() for char in text)
     return parts.scheme in ("http", "https") and bool(parts.hostname) and not has_space
+
+
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host_name(text: str) -> bool:
+    """A DNS name or an IP address, as a Host header names it, without a port."""
+    name = text.lower().removesuffix(".")
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        pass
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def _is_loopback(host: str) -> bool:
@@ -349,6 +374,10 @@ _RULES: dict[str, _Rule] = {
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
     # 0 asks the OS for a free port, which tests use.
     "admin.port": (lambda value: 0 <= value <= 65535, "an integer from 0 to 65535"),
+    "admin.allowed_hosts": (
+        lambda value: all(_is_host_name(each) for each in value),
+        "a list of host names or IP addresses, without scheme or port",
+    ),
 }
 
 
@@ -400,10 +429,18 @@ class _Reader:
             raise self.error("tls.client_auth", tls.client_auth, expected)
         meta = table("meta", MetaConfig)
         admin = table("admin", AdminConfig)
-        if admin.enabled and admin.token is None and not _is_loopback(admin.host):
-            # The admin API replays and drops deliveries: only this host, or a token holder.
-            expected = "a loopback address unless admin.token is set"
-            raise self.error("admin.host", admin.host, expected)
+        if admin.enabled and not _is_loopback(admin.host):
+            # The admin API replays and drops deliveries: only this host, or a token holder,
+            # and a token others on the network cannot guess.
+            if admin.token is None:
+                expected = "a loopback address unless admin.token is set"
+                raise self.error("admin.host", admin.host, expected)
+            if len(admin.token) < MIN_ADMIN_TOKEN_CHARS:
+                expected = (
+                    f"at least {MIN_ADMIN_TOKEN_CHARS} characters when admin.host is not "
+                    f"loopback (admin.host = {admin.host!r}); make one with: openssl rand -hex 32"
+                )
+                raise self.error("admin.token", admin.token, expected, secret=True)
         hints = {"level": _LogLevel, "format": LogFormat}
         log = self.table("log", "log", data.get("log", {}), hints, ())
         listen = table("listen", ListenConfig)
@@ -529,8 +566,11 @@ class _Reader:
                 result = self.source.parent / result
         valid, expected = _RULES.get(name) or _DEFAULT_RULES.get(hint, (lambda _: True, ""))
         if not valid(result):
-            # The expanded text, or the number as written (`0`, not `0.0`).
+            # The expanded text, or the number as written (`0`, not `0.0`); a URL without
+            # its password (a target's URL may carry one).
             shown = result if isinstance(result, str) and not secret else value
+            if name in _URLS and isinstance(shown, str):
+                shown = redact_url(shown)
             raise self.error(key, shown, expected, secret=secret)
         return result
 

@@ -104,6 +104,7 @@ def gateway_config(
     app_secrets: Sequence[str] = (APP_SECRET,),
     max_body_bytes: int | None = None,
     admin_token: str | None = None,
+    admin_allowed_hosts: Sequence[str] = (),
     host: str = "127.0.0.1",
     admin: bool = True,
 ) -> Config:
@@ -120,7 +121,13 @@ def gateway_config(
         meta=MetaConfig(verify_tokens=(VERIFY_TOKEN,), app_secrets=tuple(app_secrets)),
         outbox=OutboxConfig(path=tmp_path / "outbox.sqlite3"),
         targets=tuple(targets),
-        admin=AdminConfig(host="127.0.0.1", port=0, token=admin_token, enabled=admin),
+        admin=AdminConfig(
+            host="127.0.0.1",
+            port=0,
+            token=admin_token,
+            enabled=admin,
+            allowed_hosts=tuple(admin_allowed_hosts),
+        ),
         dispatcher=DispatcherConfig(poll_interval_s=0.05),
     )
 

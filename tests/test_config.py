@@ -655,12 +655,14 @@ def test_rejects_admin_off_loopback_without_token(tmp_path: Path, entries: Entri
         {"admin.host": '"127.10.0.1"'},
         {"admin.host": '"::1"'},
         {"admin.host": '"localhost"'},
-        {"admin.host": '"0.0.0.0"', "admin.token": '"admin-token"'},
+        {"admin.host": '"127.0.0.1"', "admin.token": '"short"'},
+        {"admin.host": '"0.0.0.0"', "admin.token": '"admin-token-of-32-characters-0123"'},
         {"admin.host": '"0.0.0.0"', "admin.enabled": "false"},
     ],
 )
 def test_accepts_admin_on_loopback_or_with_token(tmp_path: Path, entries: Entries) -> None:
-    """Loopback addresses need no token; a token or ``enabled = false`` allows any host."""
+    """Loopback addresses need no token (a short one is warned about by check); a token of
+    32 characters or more, or ``enabled = false``, allows any host."""
     load(tmp_path, entries)
 
 

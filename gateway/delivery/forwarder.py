@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from gateway.config import TargetConfig
+from gateway.delivery.answers import kept_answer
 from gateway.delivery.backoff import parse_retry_after
 from gateway.delivery.outcome import AttemptResult
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
@@ -71,9 +72,14 @@ class Forwarder:
         ]
         answers = await self._upstream.post_many(requests, self.target.timeout_s)
         now = time.time()
-        return [self._result(answer, now) for answer in answers]
+        return [
+            self._result(delivery, answer, now)
+            for delivery, answer in zip(deliveries, answers, strict=True)
+        ]
 
-    def _result(self, answer: Response | UpstreamError | TimeoutError, now: float) -> AttemptResult:
+    def _result(
+        self, delivery: Delivery, answer: Response | UpstreamError | TimeoutError, now: float
+    ) -> AttemptResult:
         if isinstance(answer, TimeoutError):
             return AttemptResult(error=f"timed out after {self.target.timeout_s:g}s")
         if isinstance(answer, UpstreamError):
@@ -81,7 +87,8 @@ class Forwarder:
         return AttemptResult(
             status=answer.status,
             retry_after_s=parse_retry_after(answer.retry_after, now),
-            response_excerpt=answer.excerpt.decode("utf-8", "replace"),
+            # Only what cannot carry the notification back (gateway.delivery.answers).
+            response_excerpt=kept_answer(delivery.body, answer.content_type, answer.excerpt),
         )
 
     async def warm(self) -> None:

@@ -15,18 +15,30 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.config import Config
+from gateway.config import MIN_ADMIN_TOKEN_CHARS, AdminConfig, Config
 from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
 from gateway.errors import CertificateError
 from gateway.outbox import describe_outbox
 
-__all__ = ["EXPIRY_WARNING_DAYS", "days_left", "outbox_report", "report"]
+__all__ = ["EXPIRY_WARNING_DAYS", "admin_token_warning", "days_left", "outbox_report", "report"]
 
 EXPIRY_WARNING_DAYS = 30
 
 
 def days_left(certificate: x509.Certificate, now: datetime.datetime) -> float:
     return (certificate.not_valid_after_utc - now).total_seconds() / 86400
+
+
+def admin_token_warning(admin: AdminConfig) -> str | None:
+    """Why ``admin.token`` is weak, if it is. The loader already refuses a short token beyond
+    loopback; on loopback it is allowed, and still worth a warning (a page in the operator's
+    browser is on loopback too)."""
+    if not admin.enabled or admin.token is None or len(admin.token) >= MIN_ADMIN_TOKEN_CHARS:
+        return None
+    return (
+        f"admin.token is shorter than {MIN_ADMIN_TOKEN_CHARS} characters; make one with: "
+        "openssl rand -hex 32"
+    )
 
 
 def _leaf(path: Path) -> x509.Certificate:
@@ -62,6 +74,9 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     lines.append(
         f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
     )
+    weak = admin_token_warning(config.admin)
+    if weak is not None:
+        lines.append(f"warning: {weak}")
     return lines
 
 

@@ -24,6 +24,7 @@ from OpenSSL import crypto
 from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig, redact_url
 from gateway.edge.tls import build_server_context, stale_crls
 from gateway.errors import CertificateError, OutboxError
+from gateway.onboarding.check import admin_token_warning
 from gateway.onboarding.meta_client import client_context
 from gateway.onboarding.readiness import (
     Finding,
@@ -67,6 +68,9 @@ async def diagnose(
             for stale in stale_crls(config.tls.crl_file, now)
         )
     findings.extend(judge_tls_settings(config.tls))
+    weak = admin_token_warning(config.admin)
+    if weak is not None:
+        findings.append(Finding("WARN", weak, "replace it, then reload"))
     findings.extend(await _targets(config.targets))
     findings.append(await _outbox(config.outbox))
     if public_url is None:

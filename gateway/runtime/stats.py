@@ -241,6 +241,17 @@ class Stats:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._auth_failures = Counter(
+            "waba_gateway_admin_auth_failures",
+            "Failed admin authentications, by where (bearer: the API, sign-in: the console)",
+            ["where"],
+            registry=self.registry,
+        )
+        self._auth_delay = Counter(
+            "waba_gateway_admin_auth_delay_seconds",
+            "Seconds failed admin authentications were held before their answer",
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "waba_gateway_reloads",
             "Configuration reloads by outcome (success, failure)",
@@ -305,6 +316,11 @@ class Stats:
         self._attempts.labels(target=target, outcome=outcome).inc()
         if latency_s is not None:
             self._latency.labels(target=target).observe(latency_s)
+
+    def auth_failed(self, where: str, delay_s: float) -> None:
+        """An admin authentication failed at ``where`` and is answered after ``delay_s``."""
+        self._auth_failures.labels(where=where).inc()
+        self._auth_delay.inc(delay_s)
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels(outcome="success" if ok else "failure").inc()

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
+from gateway.delivery.answers import shown_answer
 from gateway.delivery.backoff import Breaker
 from gateway.outbox import STATES, AttemptRecord, Backlog, Delivery
 from gateway.runtime.console.facts import CertificateFacts, body_facts
@@ -219,7 +220,7 @@ def delivery(d: Delivery, attempts: Sequence[AttemptRecord], csrf: str, now: flo
                 _state(a.state),
                 esc("-" if a.status is None else a.status),
                 esc(a.error or ""),
-                f"<code>{esc(a.response[:300])}</code>" if a.response else "",
+                f"<code>{esc(shown_answer(a.response))}</code>" if a.response else "",
             ]
             for a in attempts
         ],
