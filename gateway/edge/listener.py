@@ -27,6 +27,7 @@ import httptools
 
 from gateway.config import ListenConfig
 from gateway.edge.callback import Callback
+from gateway.edge.proxy_reader import HEADER_TIMEOUT_S, ProxyHeaderReader
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import (
@@ -174,7 +175,7 @@ def _not_allowed(method: str) -> MethodNotAllowed:
 class _Connection(asyncio.Protocol):
     """One client connection: parse, hand each complete request to the callback in turn."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, remote: str) -> None:
         self._listener = listener
         self._callback = listener.callback
         self._transport: asyncio.Transport | None = None
@@ -194,7 +195,7 @@ class _Connection(asyncio.Protocol):
         self._discarding = False  # after a refusal that closes: ignore what else arrives
         self._early: bytes | None = None  # read before connection_made (see Listener._secure)
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
-        self.remote = "-"
+        self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -208,13 +209,12 @@ class _Connection(asyncio.Protocol):
         self._listener.connections.add(self)
         self.last_active = time.monotonic()  # idle from the end of the TLS handshake
         _ack_now(transport)
-        peer = transport.get_extra_info("peername")
-        self.remote = str(peer[0]) if peer else "-"
         # The TLS handshake is complete by now: OpenSSL has verified the chain against the
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
-            self.cn = self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
+            peercert = ssl_object.getpeercert() if ssl_object else None
+            self.cn = self._callback.identify(peercert, self.remote)
         except Rejected as exc:
             self._identity_error = exc  # every request on this connection is answered 403
         if self._early is not None:
@@ -535,7 +535,9 @@ class Listener:
         self.drained = asyncio.Event()  # set when closing and the last connection is gone
         self.clock = _Clock()
         self.log_requests = access_log.isEnabledFor(logging.INFO)
+        self.proxy_protocol = settings.proxy_protocol
         self._server: asyncio.AbstractServer | None = None
+        self._proxied: set[ProxyHeaderReader] = set()  # connections whose PROXY header is due
         self._ssl_context: ssl.SSLContext | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -557,17 +559,25 @@ class Listener:
         loop = asyncio.get_running_loop()
         where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
         self._ssl_context = ssl_context
-        self._server = await loop.create_server(lambda: _Handshake(self), backlog=1024, **where)
+        self._server = await loop.create_server(self._accepted, backlog=1024, **where)
         self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
 
-    def secure(self, transport: asyncio.Transport) -> None:
-        """Start the TLS handshake of a new TCP connection."""
-        task = asyncio.ensure_future(self._secure(transport))
+    def _accepted(self) -> asyncio.BaseProtocol:
+        if self.proxy_protocol:
+            # The balancer's header first: it names the client (gateway.edge.proxy_reader).
+            timeout_s = min(HEADER_TIMEOUT_S, self.request_timeout_s)
+            return ProxyHeaderReader(self.secure, self.callback.stats, self._proxied, timeout_s)
+        return _Handshake(self)
+
+    def secure(self, transport: asyncio.Transport, remote: str | None = None) -> None:
+        """Start the TLS handshake of a new TCP connection from ``remote`` (by default, the
+        TCP peer)."""
+        task = asyncio.ensure_future(self._secure(transport, remote))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _secure(self, transport: asyncio.Transport) -> None:
+    async def _secure(self, transport: asyncio.Transport, remote: str | None) -> None:
         """The TLS handshake, then the connection's :class:`_Connection`; or one log line and
         a count if it fails.
 
@@ -576,9 +586,10 @@ class Listener:
         mTLS roll-out, or anyone's) is what an operator needs to see. start_tls is the same
         handshake, with its outcome."""
         assert self._ssl_context is not None, "not started"
-        peer = transport.get_extra_info("peername")  # now: the transport may be gone after
-        remote = str(peer[0]) if peer else "-"
-        connection = _Connection(self)
+        if remote is None:
+            peer = transport.get_extra_info("peername")  # now: the transport may be gone after
+            remote = str(peer[0]) if peer else "-"
+        connection = _Connection(self, remote)
         try:
             tls = await asyncio.get_running_loop().start_tls(
                 transport,
@@ -621,6 +632,8 @@ class Listener:
         self._server.close()
         for handshake in list(self._handshakes):
             handshake.cancel()  # start_tls closes the connection
+        for reader in list(self._proxied):
+            reader.abort()
         for connection in list(self.connections):
             connection.close_when_idle()
         if self.connections:

@@ -103,7 +103,7 @@ def _identify(request: web.Request, core: Core) -> None:
         ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
         peercert = ssl_object.getpeercert() if ssl_object is not None else None
         try:
-            verdict = core.callback.identify(peercert)
+            verdict = core.callback.identify(peercert, request.remote)
         except IdentityRejected as exc:
             verdict = exc
         with contextlib.suppress(TypeError):
