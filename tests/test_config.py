@@ -409,7 +409,10 @@ def test_rejects_unknown_key_naming_file_and_path(
             {"listen.proxy_protocol": '"yes"'},
             "<file>: listen.proxy_protocol = 'yes': expected true or false",
         ),
-        ({"listen.proxy_protocol": "1"}, "<file>: listen.proxy_protocol = 1: expected true or false"),
+        (
+            {"listen.proxy_protocol": "1"},
+            "<file>: listen.proxy_protocol = 1: expected true or false",
+        ),
         ({"admin.enabled": '"yes"'}, "<file>: admin.enabled = 'yes': expected true or false"),
         ({"tls.cert_file": "42"}, "<file>: tls.cert_file = 42: expected a string"),
         (

@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import Config
+from gateway.delivery.target_tls import target_contexts
 from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
 from gateway.errors import CertificateError
 from gateway.outbox import describe_outbox
@@ -61,6 +62,16 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     lines.append(
         f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
     )
+    # The same contexts serve builds for its targets: a file it would refuse is refused here.
+    target_contexts(config.targets, source=config.source)
+    for target in config.targets:
+        if target.ca_file is not None:
+            lines.append(f"ok: target {target.name} trusts only the CAs in {target.ca_file}")
+        if target.cert_file is not None:
+            lines.append(
+                f"ok: target {target.name} gets the client certificate {target.cert_file}"
+                " (key matches)"
+            )
     return lines
 
 
