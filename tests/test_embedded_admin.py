@@ -24,8 +24,9 @@ from pytest_aiohttp import AiohttpServer
 from sink import Sink
 
 from gateway import create_app
+from gateway.config import ListenConfig
 from gateway.edge.tls import build_server_context
-from gateway.errors import PortInUse
+from gateway.errors import ConfigError, PortInUse
 from gateway.runtime.app import ADMIN_PORT
 
 TOKEN = "embedded-admin-token"
@@ -38,9 +39,7 @@ class Embedded:
 
 
 @pytest.fixture
-async def embedded(
-    pki: Pki, tmp_path: Path, sink: Sink, aiohttp_server: AiohttpServer
-) -> Embedded:
+async def embedded(pki: Pki, tmp_path: Path, sink: Sink, aiohttp_server: AiohttpServer) -> Embedded:
     """The README's embedding: the callback under a prefix, the admin listener beside it
     (aiohttp_server stops the application at the end of the test)."""
     config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], admin_token=TOKEN)
@@ -143,6 +142,15 @@ async def test_embedded_admin_listener_on_a_taken_port_stops_the_start(
         app = create_app(dataclasses.replace(config, admin=admin), admin=True)
         with pytest.raises(PortInUse, match=r"admin\.port"):
             await aiohttp_server(app)
+
+
+def test_embedded_app_refuses_proxy_protocol(pki: Pki, tmp_path: Path) -> None:
+    """aiohttp's server cannot read a PROXY header before TLS: said at once, not as failed
+    handshakes later."""
+    config = gateway_config(pki, tmp_path)
+    config = dataclasses.replace(config, listen=ListenConfig(proxy_protocol=True))
+    with pytest.raises(ConfigError, match=r"listen\.proxy_protocol = true: expected false"):
+        create_app(config)
 
 
 async def test_embedded_app_without_admin_opens_no_admin_listener(

@@ -33,7 +33,13 @@ from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import error_middleware, text
 from gateway.edge.tls import certificate_expiries
-from gateway.errors import IdentityRejected, MethodNotAllowed, PayloadTooLarge, PortInUse
+from gateway.errors import (
+    ConfigError,
+    IdentityRejected,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    PortInUse,
+)
 from gateway.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
@@ -59,7 +65,16 @@ def create_app(config: Config, *, primary: bool = True, admin: bool = False) -> 
     forwarding to another process sharing the outbox (see :mod:`gateway.runtime.workers`).
     ``listen.max_body_bytes`` bounds the bodies read (413 beyond). ``admin``: also serve the
     admin API, metrics and console on ``[admin] host:port`` (if ``admin.enabled``).
+    Raises :class:`~gateway.errors.ConfigError` for ``listen.proxy_protocol = true``.
     """
+    if config.listen.proxy_protocol:
+        # aiohttp's server starts TLS on the first byte: a balancer's header would fail every
+        # handshake. Said now, rather than as refused connections later.
+        raise ConfigError(
+            f"{config.source or 'the configuration'}: listen.proxy_protocol = true: expected"
+            " false inside an application (create_app); only the gateway's own listener"
+            " (waba-gateway serve) reads PROXY protocol headers"
+        )
     app = web.Application(
         middlewares=[error_middleware],
         # aiohttp's own bound, one byte over ours: our check answers first, with our reason.
