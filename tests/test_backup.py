@@ -76,6 +76,7 @@ async def test_backup_while_serving_holds_everything_acknowledged_before_it(
         f" {len(copied)} deliveries, layout 3, check ok"
     )
     assert not list(destination.parent.glob(".*partial"))  # nothing left half written
+    assert destination.stat().st_mode & 0o777 == 0o600  # message bodies: the owner's alone
     restored = dataclasses.replace(config.outbox, path=destination)
     async with Gateway(dataclasses.replace(config, outbox=restored)) as gateway:
         kept = await deliveries(gateway)

@@ -48,6 +48,12 @@ def backup_file(source: Path, destination: Path, *, busy_timeout_s: float) -> Ba
         raise OutboxError(f"outbox.path = '{source}': no outbox file there")
     partial = destination.with_name(f".{destination.name}.partial")
     try:
+        # Made here, readable by its owner alone (it holds message bodies, as the outbox does),
+        # and only if no other backup is writing it: SQLite would create it with the umask's.
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise OutboxError(f"cannot create '{partial}': {exc.strerror or exc}") from exc
+    try:
         summary = _copy(source, partial, busy_timeout_s)
         _flush(partial)
         os.replace(partial, destination)
