@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import shutil
 import socket
 import ssl
@@ -21,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from config_files import listen_port, write_config
 from helpers import eventually, gateway_config, message_body, meta_signature, metric
 from pki import ClientKind, Pki
-from test_proxy_protocol import IPV4, IPV6, LOCAL, UNSPEC, v2
+from processes import serving, stop
+from sink import DEADLINE_S, Sink
+from test_proxy_protocol import IPV4, IPV6, LOCAL, UNSPEC, inet, v2
 
 from gateway.runtime.gateway import Gateway
 
@@ -298,3 +302,40 @@ async def test_direct_connection_bypassing_haproxy_is_refused(
     """With proxy_protocol on, a client that skips the balancer gets no TLS at all."""
     assert await asyncio.to_thread(refused, gateway.port, pki.client_context("meta"))
     assert await _refusals(gateway, "missing") == 1
+
+
+# -- waba-gateway serve with two workers ----------------------------------------------------
+
+
+def _header_from(address: str) -> bytes:
+    return v2(0x21, 0x11, inet(address, 40000, "10.0.0.5", 8443))
+
+
+async def test_serve_with_two_workers_reads_the_header_on_every_connection(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """The configuration key as an operator sets it, through ``serve`` and its workers sharing
+    one socket: each connection's client address is logged, a connection without a header is
+    refused, and the gateway stops cleanly."""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    config.write_text(
+        config.read_text().replace("workers = 2", "workers = 2\nproxy_protocol = true")
+    )
+    port = listen_port(config)
+    context = pki.client_context("meta")
+    with serving(config) as process:
+        deadline = time.monotonic() + DEADLINE_S
+        while await asyncio.to_thread(refused, port, context, header=_header_from("192.0.2.1")):
+            assert process.poll() is None, "the gateway exited"
+            assert time.monotonic() < deadline, "the gateway did not start listening"
+            await asyncio.sleep(0.1)
+        clients = [f"198.51.100.{n}" for n in range(1, 9)]
+        for client in clients:
+            answer = await asyncio.to_thread(exchange, port, context, header=_header_from(client))
+            assert _status(answer) == 200
+        assert await asyncio.to_thread(refused, port, context)  # no header
+        output = stop(process)
+    logged = set(re.findall(r"(\S+) POST /webhook 200 ", output))
+    assert set(clients) <= logged
+    assert "connection from 127.0.0.1 refused: no PROXY protocol v2 header" in output
+    assert process.returncode == 0
