@@ -97,6 +97,8 @@ class ProxyHeaderError(GatewayError):
     of a few fixed words (a metrics label): ``missing``, ``v1``, ``malformed``, ``truncated``,
     ``unsupported``, ``timeout``, ``closed``; the message says what was wrong."""
 
+    REASONS = ("missing", "v1", "malformed", "truncated", "unsupported", "timeout", "closed")
+
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason

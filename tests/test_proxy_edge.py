@@ -179,8 +179,11 @@ async def test_connection_without_a_valid_header_is_refused_and_serving_goes_on(
     header: bytes,
     reason: str,
 ) -> None:
-    """No header, or a bad one: closed before TLS, logged and counted by reason; the next
-    connection with a good header is served."""
+    """No header, or a bad one: closed before TLS, logged and counted by reason (its series
+    there at 0 from the start, for alerts on its increase); the next connection with a good
+    header is served."""
+    text = gateway.stats.render().decode()
+    assert metric(text, f'waba_gateway_proxy_header_refused_total{{reason="{reason}"}}') == 0
     del caplog.records[:]
     context = pki.client_context("meta")
     assert await asyncio.to_thread(refused, gateway.port, context, header=header)

@@ -178,6 +178,8 @@ class Gateway:
             claim=role.claim,
         )
         self.stats: Stats = self.core.stats
+        if config.listen.proxy_protocol:
+            self.stats.expect_proxy_headers()
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None

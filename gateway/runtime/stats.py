@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.errors import ProxyHeaderError
 from gateway.outbox import Backlog
 from gateway.version import __version__
 
@@ -256,6 +257,12 @@ class Stats:
             # per client address would grow without bound.
             self._last_client = (cn, time.time())
             self._last_address = address
+
+    def expect_proxy_headers(self) -> None:
+        """``listen.proxy_protocol`` is on: every refusal reason's series exists from the start
+        (at 0), so an alert on its increase fires on the first refusal too."""
+        for reason in ProxyHeaderError.REASONS:
+            self._proxy_refusals.labels(reason=reason)
 
     def proxy_header_refused(self, reason: str) -> None:
         """``reason``: one of the few :class:`gateway.errors.ProxyHeaderError` carries."""
