@@ -6,6 +6,8 @@ import ipaddress
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.edge.proxy_protocol import (
     FIXED_BYTES,
@@ -141,3 +143,27 @@ def test_garbage_is_refused_at_its_first_byte() -> None:
         else:
             with pytest.raises(ProxyHeaderError):
                 header_length(start)
+
+
+@given(
+    address=st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)),
+    port=st.integers(0, 65535),
+    tlvs=st.binary(max_size=300),
+    after=st.binary(max_size=64),
+)
+@settings(max_examples=300)
+def test_any_header_reads_back_its_address_and_stops_at_its_end(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, tlvs: bytes, after: bytes
+) -> None:
+    """Whatever the address, the TLVs and the bytes behind it, the length read from the fixed
+    part ends exactly where the header does, and the source comes back as sent."""
+    family = TCP4 if address.version == 4 else TCP6
+    destination = "10.0.0.5" if address.version == 4 else "2001:db8::1"
+    header = v2(PROXY, family, inet(str(address), port, destination, 443) + tlvs)
+    stream = header + after
+    length = header_length(stream[:FIXED_BYTES])
+    assert stream[:length] == header
+    source = parse_header(stream[:length]).source
+    assert source is not None
+    mapped = getattr(address, "ipv4_mapped", None)
+    assert source == (str(mapped or address), port)
