@@ -13,7 +13,7 @@ import ssl
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -250,7 +250,7 @@ def test_unusable_tls_file_is_refused_naming_the_key(
     assert str(raised.value) == "gateway.toml: " + expected.replace("<dir>", str(folder))
 
 
-def _write_config(folder: Path, pki: Pki, url: str, ca_file: Path) -> Path:
+def _write_config(folder: Path, pki: Pki, url: str, ca_file: Path, extra: str = "") -> Path:
     path = folder / "gateway.toml"
     path.write_text(
         textwrap.dedent(f"""
@@ -278,6 +278,7 @@ def _write_config(folder: Path, pki: Pki, url: str, ca_file: Path) -> Path:
             wait_initial_s = 0.05
             wait_max_s = 0.1
         """)
+        + extra
     )
     return path
 
@@ -333,3 +334,46 @@ async def test_reload_with_an_unreadable_target_ca_file_changes_nothing(
             return list(https_target.seen)
 
         assert await eventually(delivered, "the delivery") == [(body, None)]
+
+
+@pytest.mark.parametrize(
+    ("days", "expected"),
+    [
+        pytest.param(
+            365,
+            "ok: target internal gets the client certificate {cert} (key matches;"
+            " expires in 364 days)",
+            id="a-year",
+        ),
+        pytest.param(
+            10,
+            "warning: target internal gets the client certificate {cert} (key"
+            " matches; expires in 9 days)",
+            id="ten-days",
+        ),
+        pytest.param(
+            -1,
+            "warning: target internal gets the client certificate {cert} (key"
+            " matches; HAS EXPIRED)",
+            id="expired",
+        ),
+    ],
+)
+def test_check_reports_when_a_target_client_certificate_expires(
+    internal: Internal, pki: Pki, tmp_path: Path, days: int, expected: str
+) -> None:
+    """check says how long the certificate a target asks for has left, and warns under 30
+    days: an expired one fails every delivery to that target."""
+    client_ca = trustme.CA()
+    now = datetime.now(UTC)
+    leaf = client_ca.issue_cert(
+        "gateway.internal.example",
+        not_before=now - timedelta(days=400),
+        not_after=now + timedelta(days=days, hours=-1),
+    )
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    extra = f'cert_file = "{cert}"\nkey_file = "{key}"\n'
+    path = _write_config(tmp_path, pki, "https://127.0.0.1:1/hook", internal.ca_file, extra)
+    assert expected.format(cert=cert) in report(load_config(path), now)

@@ -68,9 +68,13 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
         if target.ca_file is not None:
             lines.append(f"ok: target {target.name} trusts only the CAs in {target.ca_file}")
         if target.cert_file is not None:
+            # Readable and matching its key: target_contexts has just checked both.
+            left = days_left(x509.load_pem_x509_certificates(target.cert_file.read_bytes())[0], now)
+            status = "warning" if left < EXPIRY_WARNING_DAYS else "ok"
+            when = f"expires in {int(left)} days" if left >= 0 else "HAS EXPIRED"
             lines.append(
-                f"ok: target {target.name} gets the client certificate {target.cert_file}"
-                " (key matches)"
+                f"{status}: target {target.name} gets the client certificate {target.cert_file}"
+                f" (key matches; {when})"
             )
     return lines
 
