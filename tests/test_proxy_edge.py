@@ -232,35 +232,42 @@ def haproxy(gateway: Gateway, tmp_path: Path) -> Iterator[int]:
     the gateway starts with a PROXY v2 header. Yields HAProxy's port."""
     if not Path(HAPROXY).exists():
         pytest.fail("haproxy is not installed (Debian: apt-get install haproxy; .ci/run does)")
-    port = _free_port()
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n"
-        "  timeout server 30s\n"
-        f"frontend edge\n  bind 127.0.0.1:{port}\n  default_backend gateway\n"
-        "backend gateway\n"
-        f"  server gw 127.0.0.1:{gateway.port} send-proxy-v2 source {BALANCER_ADDRESS}\n"
-    )
-    process = subprocess.Popen(
-        [HAPROXY, "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    output = process.stdout.read() if process.stdout else b""
-                    pytest.fail(f"haproxy did not start: {output.decode(errors='replace')}")
-                time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
+    for _ in range(3):  # a free port may be taken by someone else before HAProxy binds it
+        port = _free_port()
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n"
+            "  timeout server 30s\n"
+            f"frontend edge\n  bind 127.0.0.1:{port}\n  default_backend gateway\n"
+            "backend gateway\n"
+            f"  server gw 127.0.0.1:{gateway.port} send-proxy-v2 source {BALANCER_ADDRESS}\n"
+        )
+        process = subprocess.Popen(
+            [HAPROXY, "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            if _listening(process, port):
+                yield port
+                return
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+            output = process.stdout.read() if process.stdout else b""
+            if process.stdout is not None:
+                process.stdout.close()
+    pytest.fail(f"haproxy did not start: {output.decode(errors='replace')}")
+
+
+def _listening(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether HAProxy came to accept on ``port`` (False: it exited, e.g. the port was taken)."""
+    deadline = time.monotonic() + 10
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 async def test_haproxy_in_front_passes_tls_through_and_names_the_client(
