@@ -99,6 +99,12 @@ async def test_backup_while_serving_holds_everything_acknowledged_before_it(
             "no-outbox", "outbox.path = '{outbox}': no outbox file there", id="no-outbox-yet"
         ),
         pytest.param(
+            "partial-left",
+            "'{partial}' exists: another backup to {dest} is being written, or one that was"
+            " interrupted left it; remove it if none is running",
+            id="interrupted-backup-left-its-partial-file",
+        ),
+        pytest.param(
             "postgres",
             "outbox.url: a PostgreSQL outbox is backed up with the database's own tools"
             " (pg_dump --schema=waba_gateway), not by the gateway",
@@ -113,13 +119,17 @@ def test_backup_that_cannot_be_made_is_one_error_line(
     case: str,
     expected: str,
 ) -> None:
-    """An existing destination (left untouched), no outbox file, or a PostgreSQL outbox: one
-    ``error:`` line and exit 2."""
+    """An existing destination (left untouched), no outbox file, the file of a backup under
+    way or interrupted, or a PostgreSQL outbox: one ``error:`` line and exit 2."""
     destination = tmp_path / "backup.sqlite3"
     outbox = tmp_path / "outbox.sqlite3"
+    partial = tmp_path / ".backup.sqlite3.partial"
     if case == "destination-exists":
         outbox.write_bytes(b"")
         destination.write_bytes(b"an older backup")
+    if case == "partial-left":
+        outbox.write_bytes(b"")
+        partial.write_bytes(b"")
     if case == "postgres":
         text = config_file.read_text().replace(
             'path = "outbox.sqlite3"', 'url = "postgresql://waba@127.0.0.1:1/waba"'
@@ -127,7 +137,7 @@ def test_backup_that_cannot_be_made_is_one_error_line(
         config_file.write_text(text)
     code = main(["backup", "--config", str(config_file), str(destination)])
     assert code == 2
-    message = expected.format(dest=destination, outbox=outbox)
+    message = expected.format(dest=destination, outbox=outbox, partial=partial)
     assert capsys.readouterr().err == f"error: {message}\n"
     if case == "destination-exists":
         assert destination.read_bytes() == b"an older backup"

@@ -17,6 +17,7 @@ ones to other notifications (targets deduplicate on them), so the copy's id sequ
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -51,12 +52,17 @@ def backup_file(source: Path, destination: Path, *, busy_timeout_s: float) -> Ba
         # Made here, readable by its owner alone (it holds message bodies, as the outbox does),
         # and only if no other backup is writing it: SQLite would create it with the umask's.
         os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise OutboxError(
+            f"'{partial}' exists: another backup to {destination} is being written, or one"
+            " that was interrupted left it; remove it if none is running"
+        ) from None
     except OSError as exc:
         raise OutboxError(f"cannot create '{partial}': {exc.strerror or exc}") from exc
     try:
         summary = _copy(source, partial, busy_timeout_s)
         _flush(partial)
-        os.replace(partial, destination)
+        _give_name(partial, destination)
         _flush(destination.parent)
     except (OSError, sqlite3.Error) as exc:
         with contextlib.suppress(OSError):
@@ -96,6 +102,21 @@ def _skip_ids(copy: sqlite3.Connection) -> None:
             copy.execute(
                 "INSERT INTO sqlite_sequence (name, seq) VALUES ('deliveries', ?)", (ID_GAP,)
             )
+
+
+def _give_name(partial: Path, destination: Path) -> None:
+    """Name the finished copy: a link, which fails rather than replace a file made meanwhile;
+    a rename on a file system without links (FAT, some network shares)."""
+    try:
+        os.link(partial, destination)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if destination.exists():
+            raise FileExistsError(errno.EEXIST, "File exists", str(destination)) from exc
+        os.replace(partial, destination)
+    else:
+        partial.unlink()
 
 
 def _flush(path: Path) -> None:
