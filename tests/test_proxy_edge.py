@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from processes import serving, stop
 from sink import DEADLINE_S, Sink
 from test_proxy_protocol import IPV4, IPV6, LOCAL, UNSPEC, inet, v2
 
+from gateway.onboarding.check import report
 from gateway.runtime.gateway import Gateway
 
 PATH = "/webhook"
@@ -349,3 +351,18 @@ async def test_serve_with_two_workers_reads_the_header_on_every_connection(
     assert set(clients) <= logged
     assert "connection from 127.0.0.1 refused: no PROXY protocol v2 header" in output
     assert process.returncode == 0
+
+
+def test_check_reminds_that_only_the_balancer_may_reach_the_port(pki: Pki, tmp_path: Path) -> None:
+    """``check`` says the header is required, and who alone may connect."""
+    config = gateway_config(pki, tmp_path)
+    proxied = dataclasses.replace(
+        config, listen=dataclasses.replace(config.listen, proxy_protocol=True)
+    )
+    now = datetime.now(UTC)
+    line = (
+        "ok: listen.proxy_protocol = true: every connection must start with a PROXY protocol v2"
+        " header; open the listen port to the load balancer alone"
+    )
+    assert line in report(proxied, now)
+    assert line not in report(config, now)

@@ -54,6 +54,11 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
         f"ok: client_auth = {config.tls.client_auth}; accepted CN: "
         + ", ".join(config.tls.client_cn)
     )
+    if config.listen.proxy_protocol:
+        lines.append(
+            "ok: listen.proxy_protocol = true: every connection must start with a PROXY protocol"
+            " v2 header; open the listen port to the load balancer alone"
+        )
     if config.tls.client_ca_file is not None:
         for ca_subject, fingerprint in client_ca_subjects(config.tls.client_ca_file):
             lines.append(f"ok: client CA {ca_subject} sha256 {fingerprint}")
