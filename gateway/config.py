@@ -78,6 +78,9 @@ class ListenConfig:
     # Acceptor processes sharing the supervisor's listening socket; one of them dispatches.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     loop: EventLoop = "asyncio"
+    # Every connection starts with a PROXY protocol v2 header from a TCP load balancer (TLS
+    # passthrough), which names the client; a connection without one is refused.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +185,12 @@ class TargetConfig:
     concurrency: int = 32
     # Requests written ahead of their responses on one connection (gateway.delivery.upstream).
     pipeline: int = 32
+    # https:// only. The CA bundle that verifies the target's certificate instead of the
+    # system's trust store (a private CA), and a client certificate and key for a target that
+    # asks for one (internal mTLS). Read at start and at each reload (gateway.delivery.target_tls).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     def __repr__(self) -> str:
         return (
@@ -486,6 +495,7 @@ class _Reader:
                 # for this target: there is no key without one (the app secret never leaves).
                 expected = f"'gateway' unless {key}.secret is set"
                 raise self.error(f"{key}.signature", target.signature, expected)
+            self.target_tls(key, target)
             if target.wait_max_s < target.wait_initial_s:
                 # Blame the key the file set: the other one may be a default.
                 raw = item if isinstance(item, dict) else {}
@@ -496,6 +506,21 @@ class _Reader:
                 raise self.error(f"{key}.wait_initial_s", raw.get("wait_initial_s"), expected)
             targets.append(target)
         return tuple(targets)
+
+    def target_tls(self, key: str, target: TargetConfig) -> None:
+        files = {"ca_file": target.ca_file, "cert_file": target.cert_file}
+        files["key_file"] = target.key_file
+        for name, path in files.items():
+            if path is not None and not target.url.startswith("https://"):
+                # A file that would never be used is a mistake the operator should hear of.
+                expected = f"no TLS file for an http:// target ({key}.url = {target.url!r})"
+                raise self.error(f"{key}.{name}", str(path), expected)
+        if (target.cert_file is None) != (target.key_file is None):
+            given, missing = ("cert_file", "key_file")[:: 1 if target.key_file is None else -1]
+            raise ConfigError(
+                f"{self.source}: {key}.{given} is set without {key}.{missing}: a client"
+                " certificate needs both"
+            )
 
     def section(self, key: str, name: str, value: object, cls: type[_T]) -> _T:
         """Table ``key`` (``name`` without its index) as a ``cls``."""

@@ -13,6 +13,8 @@ code.
     +-- OutboxError                   the outbox cannot be opened or written; a request it
     |                                 fails is answered 503, so Meta retries
     +-- PortInUse                     a listener's port is taken; names the port and its key
+    +-- ProxyHeaderError              a connection's PROXY protocol header is missing or bad
+    |                                 (``listen.proxy_protocol``): closed before TLS
     +-- GraphError                    a Graph API call failed (onboarding commands)
     +-- Rejected                      an HTTP request refused; carries ``status``
         +-- BadRequest           400  missing handshake parameters, invalid JSON
@@ -57,6 +59,7 @@ __all__ = [
     "OutboxError",
     "PayloadTooLarge",
     "PortInUse",
+    "ProxyHeaderError",
     "Rejected",
     "RequestTimeout",
     "SignatureRejected",
@@ -92,6 +95,18 @@ class PortInUse(GatewayError):
         super().__init__(f"port {port} is in use; choose another with {key}")
         self.port = port
         self.key = key
+
+
+class ProxyHeaderError(GatewayError):
+    """A connection that should start with a PROXY protocol v2 header did not. ``reason`` is one
+    of a few fixed words (a metrics label): ``missing``, ``v1``, ``malformed``, ``truncated``,
+    ``unsupported``, ``timeout``, ``closed``; the message says what was wrong."""
+
+    REASONS = ("missing", "v1", "malformed", "truncated", "unsupported", "timeout", "closed")
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 GraphFailure = Literal["failure", "usage", "auth", "rate_limited"]

@@ -31,6 +31,7 @@ _ON_EVERY_LOOP = (
     "tests/test_listener.py",
     "tests/test_front_doors.py",
     "tests/test_pipelining.py",
+    "tests/test_proxy_edge.py",
     "tests/adversarial/test_attacks_",
     "tests/adversarial/test_faults.py",
 )

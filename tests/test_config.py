@@ -122,6 +122,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         path = "/hooks/meta"
         max_body_bytes = 8388608
         workers = 4
+        proxy_protocol = true
 
         [tls]
         cert_file = "a/server.pem"
@@ -160,6 +161,9 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         signature = "meta"
         concurrency = 8
         pipeline = 4
+        ca_file = "a/internal-ca.pem"
+        cert_file = "a/gateway-client.pem"
+        key_file = "a/gateway-client.key"
 
         [[targets]]
         name = "archive"
@@ -183,7 +187,12 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
     path.write_text(text.replace("\n        ", "\n"))
     assert load_config(path, {}) == Config(
         listen=ListenConfig(
-            host="127.0.0.1", port=9443, path="/hooks/meta", max_body_bytes=8388608, workers=4
+            host="127.0.0.1",
+            port=9443,
+            path="/hooks/meta",
+            max_body_bytes=8388608,
+            workers=4,
+            proxy_protocol=True,
         ),
         tls=TlsConfig(
             cert_file=tmp_path / "a/server.pem",
@@ -218,6 +227,9 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
                 signature="meta",
                 concurrency=8,
                 pipeline=4,
+                ca_file=tmp_path / "a/internal-ca.pem",
+                cert_file=tmp_path / "a/gateway-client.pem",
+                key_file=tmp_path / "a/gateway-client.key",
             ),
             TargetConfig(name="archive", url="http://127.0.0.1:9000/"),
         ),
@@ -325,8 +337,9 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
 
 TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls"
 TARGET_KEYS = (
-    "attempts, concurrency, fields, max_age_s, name, phone_number_ids, pipeline, secret, "
-    "signature, split, timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
+    "attempts, ca_file, cert_file, concurrency, fields, key_file, max_age_s, name, "
+    "phone_number_ids, pipeline, secret, signature, split, timeout_s, url, waba_ids, "
+    "wait_exp_base, wait_initial_s, wait_max_s"
 )
 
 
@@ -347,7 +360,7 @@ TARGET_KEYS = (
             {"listen.hots": '"0.0.0.0"'},
             "<file>: listen.hots = '0.0.0.0': "
             "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
-            "request_timeout_s, workers",
+            "proxy_protocol, request_timeout_s, workers",
             id="nested",
         ),
         pytest.param(
@@ -364,7 +377,7 @@ TARGET_KEYS = (
             {"listen.tls.port": "1"},
             "<file>: listen.tls = <hidden>: "
             "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
-            "request_timeout_s, workers",
+            "proxy_protocol, request_timeout_s, workers",
             id="nested-table",
         ),
     ],
@@ -422,6 +435,14 @@ def test_a_misspelt_keys_value_is_shown_unless_it_may_be_a_secret(
             "<file>: targets[0].max_age_s = inf: expected a finite number",
         ),
         ({"admin.enabled": "1"}, "<file>: admin.enabled = 1: expected true or false"),
+        (
+            {"listen.proxy_protocol": '"yes"'},
+            "<file>: listen.proxy_protocol = 'yes': expected true or false",
+        ),
+        (
+            {"listen.proxy_protocol": "1"},
+            "<file>: listen.proxy_protocol = 1: expected true or false",
+        ),
         ({"admin.enabled": '"yes"'}, "<file>: admin.enabled = 'yes': expected true or false"),
         ({"tls.cert_file": "42"}, "<file>: tls.cert_file = 42: expected a string"),
         (
@@ -1029,3 +1050,38 @@ def test_uvloop_without_the_speed_extra_is_refused_naming_the_key(
         timeout=60,
     )
     assert result.stdout.strip().replace(str(path), "<file>") == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        pytest.param(
+            {**TARGET, "targets[0].url": '"http://crm.example/hook"', "targets[0].ca_file": '"ca"'},
+            "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for an http:// target"
+            " (targets[0].url = 'http://crm.example/hook')",
+            id="ca-file-on-http",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].cert_file": '"client.pem"'},
+            "<file>: targets[0].cert_file is set without targets[0].key_file: a client"
+            " certificate needs both",
+            id="cert-without-key",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].key_file": '"client.key"'},
+            "<file>: targets[0].key_file is set without targets[0].cert_file: a client"
+            " certificate needs both",
+            id="key-without-cert",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].ca_file": "7"},
+            "<file>: targets[0].ca_file = 7: expected a string",
+            id="ca-file-not-a-string",
+        ),
+    ],
+)
+def test_rejects_target_tls_files_that_cannot_apply(
+    tmp_path: Path, entries: Entries, expected: str
+) -> None:
+    """A target's CA or client certificate on an http:// URL, or half a key pair: refused."""
+    assert rejection(tmp_path, entries).replace(str(tmp_path), "<dir>") == expected

@@ -71,6 +71,7 @@ def _exposed() -> set[str]:
     stats.answered(200, 0.01)
     stats.attempted("t", "delivered", 0.1)
     stats.tls_handshake_failed("timeout")
+    stats.proxy_header_refused("missing")
     stats.reloaded(True)
     stats.auth_failed("bearer", 0.05)
     snapshot = Snapshot(

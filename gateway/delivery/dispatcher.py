@@ -27,8 +27,9 @@ import contextlib
 import functools
 import logging
 import random
+import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from gateway.config import DispatcherConfig, TargetConfig
@@ -83,7 +84,11 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         uniform: Callable[[float, float], float] = random.uniform,
         observer: Observer | None = None,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
     ) -> None:
+        """``tls``: the client contexts of targets with a CA or certificate of their own
+        (:func:`gateway.delivery.target_tls.target_contexts`); the others use the defaults."""
+        tls = tls or {}
         self._outbox = outbox
         self._settings = settings
         self._retention_s = retention_s
@@ -92,7 +97,7 @@ class Dispatcher:
         self._observer = observer or _Ignore()
         self._targets = {t.name: t for t in targets}
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
-        self._forwarders = {t.name: Forwarder(t) for t in targets}
+        self._forwarders = {t.name: Forwarder(t, tls.get(t.name)) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
         self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
@@ -145,11 +150,18 @@ class Dispatcher:
                 continue
             self._start(delivery)
 
-    def reconfigure(self, targets: Sequence[TargetConfig], settings: DispatcherConfig) -> None:
+    def reconfigure(
+        self,
+        targets: Sequence[TargetConfig],
+        settings: DispatcherConfig,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
+    ) -> None:
         """Take new targets and settings (a reload). A target whose settings are unchanged keeps
         its connections and health; a changed one gets a new forwarder, the old one finishing
-        its batches in flight. Deliveries queued for a removed target are let go: they stay
-        pending in the outbox."""
+        its batches in flight, and so does one with TLS files of its own (``tls``), read again
+        by this reload whether their names changed or not. Deliveries queued for a removed
+        target are let go: they stay pending in the outbox."""
+        tls = tls or {}
         self._settings = settings
         self._capacity = max(settings.batch_size, 1)
         new = {t.name: t for t in targets}
@@ -157,14 +169,14 @@ class Dispatcher:
             if name not in new:
                 self._forget(name)
         for name, target in new.items():
-            if self._targets.get(name) == target:
+            if self._targets.get(name) == target and name not in tls:
                 continue
             old = self._forwarders.get(name)
             if old is not None:
                 self._retire(old)
             self._targets[name] = target
             self._policies[name] = RetryPolicy.for_target(target)
-            self._forwarders[name] = Forwarder(target)
+            self._forwarders[name] = Forwarder(target, tls.get(name))
             self._health.setdefault(name, TargetHealth())
             self._busy.setdefault(name, 0)
             self._load.setdefault(name, 0)

@@ -7,6 +7,7 @@ can impersonate the gateway's own ``X-Gateway-*`` headers.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Sequence
 
@@ -54,11 +55,12 @@ def build_headers(
 
 
 class Forwarder:
-    """Sends deliveries to one target over its pool of keep-alive connections."""
+    """Sends deliveries to one target over its pool of keep-alive connections; ``tls``: the
+    target's own client context (:mod:`gateway.delivery.target_tls`), if it has one."""
 
-    def __init__(self, target: TargetConfig) -> None:
+    def __init__(self, target: TargetConfig, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
-        self._upstream = Upstream(target.url)
+        self._upstream = Upstream(target.url, tls)
 
     async def send_many(
         self, deliveries: Sequence[Delivery], attempts: Sequence[int]

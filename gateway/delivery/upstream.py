@@ -161,9 +161,10 @@ class _Connection(asyncio.Protocol):
 
 
 class Upstream:
-    """A pool of keep-alive connections to the target at ``url``."""
+    """A pool of keep-alive connections to the target at ``url``; over https, verified with
+    ``tls`` if given, else against the system's trust store."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -176,8 +177,9 @@ class Upstream:
         if ":" in self._host:  # an IPv6 literal goes in brackets (RFC 9110 section 7.2)
             host_header = f"[{self._host}]" + ("" if default_port else f":{self._port}")
         self._head = (f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\n").encode("latin-1")
-        # Targets over https are verified against the system's trust store, like any client.
-        self._ssl = ssl.create_default_context() if self._https else None
+        # Targets over https are verified against the system's trust store, like any client,
+        # unless the target names a CA of its own (gateway.delivery.target_tls).
+        self._ssl = (tls or ssl.create_default_context()) if self._https else None
         self._idle: list[_Connection] = []
 
     def _encode(self, headers: Mapping[str, str], body: bytes) -> bytes:

@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import MIN_ADMIN_TOKEN_CHARS, AdminConfig, Config
+from gateway.delivery.target_tls import target_contexts
 from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
 from gateway.errors import CertificateError
 from gateway.outbox import describe_outbox
@@ -66,6 +67,11 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
         f"ok: client_auth = {config.tls.client_auth}; accepted CN: "
         + ", ".join(config.tls.client_cn)
     )
+    if config.listen.proxy_protocol:
+        lines.append(
+            "ok: listen.proxy_protocol = true: every connection must start with a PROXY protocol"
+            " v2 header; open the listen port to the load balancer alone"
+        )
     if config.tls.client_ca_file is not None:
         for ca_subject, fingerprint in client_ca_subjects(config.tls.client_ca_file):
             lines.append(f"ok: client CA {ca_subject} sha256 {fingerprint}")
@@ -74,6 +80,20 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     lines.append(
         f"ok: {len(config.targets)} target(s): " + ", ".join(t.name for t in config.targets)
     )
+    # The same contexts serve builds for its targets: a file it would refuse is refused here.
+    target_contexts(config.targets, source=config.source)
+    for target in config.targets:
+        if target.ca_file is not None:
+            lines.append(f"ok: target {target.name} trusts only the CAs in {target.ca_file}")
+        if target.cert_file is not None:
+            # Readable and matching its key: target_contexts has just checked both.
+            left = days_left(x509.load_pem_x509_certificates(target.cert_file.read_bytes())[0], now)
+            status = "warning" if left < EXPIRY_WARNING_DAYS else "ok"
+            when = f"expires in {int(left)} days" if left >= 0 else "HAS EXPIRED"
+            lines.append(
+                f"{status}: target {target.name} gets the client certificate {target.cert_file}"
+                f" (key matches; {when})"
+            )
     weak = admin_token_warning(config.admin)
     if weak is not None:
         lines.append(f"warning: {weak}")

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.errors import ProxyHeaderError
 from gateway.outbox import Backlog
 from gateway.version import __version__
 
@@ -161,13 +162,15 @@ class _SnapshotCollector:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Totals:
     """The counters as the admin console shows them (every worker's, like ``/metrics``), and
-    the last client certificate CN this process saw, with when (``None``: none yet)."""
+    the last client certificate CN this process saw, with when (``None``: none yet) and from
+    which address (the PROXY protocol header's with ``listen.proxy_protocol``)."""
 
     accepted: int = 0
     duplicates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     clients: dict[str, int] = field(default_factory=dict)
     last_client: tuple[str, float] | None = None
+    last_address: str | None = None
 
 
 class Stats:
@@ -209,6 +212,14 @@ class Stats:
             registry=self.registry,
         )
         self._last_client: tuple[str, float] | None = None
+        self._last_address: str | None = None
+        self._proxy_refusals = Counter(
+            "waba_gateway_proxy_header_refused",
+            "Connections closed before TLS because their PROXY protocol header was missing or"
+            " bad (listen.proxy_protocol), by reason (gateway.errors.ProxyHeaderError)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._commits = Counter(
             "waba_gateway_outbox_commits",
             "Group transactions the outbox writer committed (each one fsync)",
@@ -281,12 +292,24 @@ class Stats:
         """``reason``: one of the few :func:`gateway.edge.tls.handshake_failure` returns."""
         self._handshake_failures.labels(reason=reason).inc()
 
-    def saw_client(self, cn: str | None) -> None:
+    def saw_client(self, cn: str | None, address: str | None = None) -> None:
         self._clients.labels(cn=cn or _NO_CERTIFICATE).inc()
         if cn:
             # Kept in memory by the process that saw it: with workers, the admin listener's
-            # process shows the last CN it saw itself.
+            # process shows the last CN it saw itself. The address is no label: one series
+            # per client address would grow without bound.
             self._last_client = (cn, time.time())
+            self._last_address = address
+
+    def expect_proxy_headers(self) -> None:
+        """``listen.proxy_protocol`` is on: every refusal reason's series exists from the start
+        (at 0), so an alert on its increase fires on the first refusal too."""
+        for reason in ProxyHeaderError.REASONS:
+            self._proxy_refusals.labels(reason=reason)
+
+    def proxy_header_refused(self, reason: str) -> None:
+        """``reason``: one of the few :class:`gateway.errors.ProxyHeaderError` carries."""
+        self._proxy_refusals.labels(reason=reason).inc()
 
     def answered(self, status: int, seconds: float) -> None:
         """A callback request answered. On every request, so gathered here in plain numbers
@@ -365,4 +388,5 @@ class Stats:
             rejected=dict(sorted(values.get("waba_gateway_requests_rejected", {}).items())),
             clients=dict(sorted(values.get("waba_gateway_client_connections", {}).items())),
             last_client=self._last_client,
+            last_address=self._last_address,
         )

@@ -291,7 +291,7 @@ async def test_with_two_workers_a_locked_outbox_answers_each_post_within_the_bus
 
     with _running(config) as process:
         await _serving(port, process)
-        await _serves_once(port, pki, sink, "before the lock")
+        await _serves_once(port, pki, sink, "before the lock", tmp_path / "outbox.sqlite3")
         with locked_by_another_process(tmp_path / "outbox.sqlite3"):
             polling = asyncio.create_task(poll_readyz(time.monotonic() + 2.5 * busy))
             answers = await asyncio.gather(*(timed(0.25 * n, n) for n in range(12)))
@@ -299,4 +299,4 @@ async def test_with_two_workers_a_locked_outbox_answers_each_post_within_the_bus
         assert {status for status, _ in answers} == {503}
         slowest = max(seconds for _, seconds in answers)
         assert slowest < busy + 1.0, f"slowest answer {slowest:.2f}s"
-        await _serves_once(port, pki, sink, "after the lock")
+        await _serves_once(port, pki, sink, "after the lock", tmp_path / "outbox.sqlite3")

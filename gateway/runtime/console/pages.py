@@ -102,7 +102,12 @@ def overview(
         last = '<p class="empty">No client certificate seen since the gateway started.</p>'
     else:
         cn, when = totals.last_client
-        last = f"<p><code>{esc(cn)}</code> at {esc(moment(when))} ({esc(age(now - when))} ago)</p>"
+        # With listen.proxy_protocol, the client's address from the balancer's header.
+        origin = "" if totals.last_address is None else f" from {esc(totals.last_address)}"
+        last = (
+            f"<p><code>{esc(cn)}</code>{origin} at {esc(moment(when))}"
+            f" ({esc(age(now - when))} ago)</p>"
+        )
     clients = table(
         ["client certificate CN", "connections"],
         [[f"<code>{esc(cn)}</code>", esc(n)] for cn, n in totals.clients.items()],
