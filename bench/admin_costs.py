@@ -57,10 +57,12 @@ def main() -> None:
     body = _payload(args.payload)
     record = _access_record()
     before_log, after_log = logging.Formatter(_TEXT_FORMAT), text_formatter()
+    error = json.dumps({"error": "unknown account", "code": "E_1" * 30}).encode()
     answers = {
-        "'ok' (a 200)": b"ok",
-        "JSON error, 120 B": json.dumps({"error": "unknown account", "code": "E_1" * 30}).encode(),
-        "echo of the body": body[:1024],
+        "200, 'ok'": (200, b"ok"),
+        "200, JSON 120 B": (200, error),
+        "422, JSON 120 B": (422, error),
+        "400, echo of the body": (400, body[:1024]),
     }
     cases: dict[str, tuple[Callable[[], object], Callable[[], object], int]] = {
         # The same work in both columns: how busy the machine was, and how far apart the
@@ -72,10 +74,10 @@ def main() -> None:
             20000,
         ),
     }
-    for name, answer in answers.items():
+    for name, (status, answer) in answers.items():
         cases[f"kept answer: {name}"] = (
             lambda answer=answer: answer.decode("utf-8", "replace"),  # type: ignore[misc]
-            lambda answer=answer: kept_answer(body, "application/json", answer),  # type: ignore[misc]
+            lambda s=status, a=answer: kept_answer(body, s, "application/json", a),  # type: ignore[misc]
             2000,
         )
     results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cases}

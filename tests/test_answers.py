@@ -64,18 +64,25 @@ def test_an_answer_is_kept_only_as_far_as_it_cannot_carry_the_notification(
 ) -> None:
     """Echoes become status and type; anything else is kept with personal-looking parts
     masked."""
-    assert kept_answer(BODY, "text/html; charset=utf-8", answer) == kept
+    assert kept_answer(BODY, 422, "text/html; charset=utf-8", answer) == kept
+
+
+@pytest.mark.parametrize("status", [200, 201, 204, 299])
+@pytest.mark.parametrize("answer", [b"", b"ok", BODY, b'{"received": "Ana Lima"}'])
+def test_the_answer_to_a_delivered_attempt_is_not_kept(status: int, answer: bytes) -> None:
+    """Delivered: nothing of the answer is kept (nor read), echo or not."""
+    assert kept_answer(BODY, status, "application/json", answer) == ""
 
 
 def test_a_long_answer_is_cut_to_the_excerpt_length() -> None:
     """At most EXCERPT_CHARS characters and an ellipsis."""
-    kept = kept_answer(BODY, "text/plain", b"x" * 5000)
+    kept = kept_answer(BODY, 500, "text/plain", b"x" * 5000)
     assert kept == "x" * EXCERPT_CHARS + "..."
 
 
 def test_an_answer_without_content_type_says_so() -> None:
     """The content type is what the target said, or that it said none."""
-    assert kept_answer(BODY, None, b"Ana Lima") == (
+    assert kept_answer(BODY, 400, None, b"Ana Lima") == (
         "(no content type; not kept: it repeats the notification)"
     )
 
@@ -83,7 +90,7 @@ def test_an_answer_without_content_type_says_so() -> None:
 def test_a_body_that_is_not_json_has_no_personal_values() -> None:
     """Nothing to compare with: the answer is kept masked (a split delivery is JSON too)."""
     assert personal_values(b"not json") == set()
-    assert kept_answer(b"not json", "text/plain", b"not json") == "not json"
+    assert kept_answer(b"not json", 503, "text/plain", b"not json") == "not json"
 
 
 @pytest.mark.parametrize(
@@ -93,7 +100,7 @@ def test_a_body_that_is_not_json_has_no_personal_values() -> None:
         "unknown account",
         '{"name": "***", "phone": "***"}',
         "x" * EXCERPT_CHARS + "...",
-        kept_answer(BODY, "text/plain", b"call +55 11 2222-3333 or mail a@b.example"),
+        kept_answer(BODY, 429, "text/plain", b"call +55 11 2222-3333 or mail a@b.example"),
     ],
 )
 def test_what_kept_answer_made_is_shown_unchanged(kept: str) -> None:

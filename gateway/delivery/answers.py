@@ -1,7 +1,8 @@
 """What the outbox keeps of a target's answer, and so what the admin API and console show.
 
 Rule: an answer can carry the notification back (a target that echoes the request in its error
-page). So an answer that repeats any personal value of the request it answers (a phone number,
+page). The answer to a delivered attempt (2xx) is not kept at all: its status is kept. Of any
+other, an answer that repeats any personal value of the request it answers (a phone number,
 a wa_id or user id, a name, message text, a caption, an e-mail address...) is kept only as its
 status and content type; any other answer is kept as an excerpt of at most
 :data:`EXCERPT_CHARS` characters, with what looks like personal data masked all the same (long
@@ -139,9 +140,13 @@ def _masked(text: str) -> str:
     return _DIGIT_RUN.sub(MASK, text)
 
 
-def kept_answer(body: bytes, content_type: str | None, answer: bytes) -> str:
-    """What to keep of ``answer`` (the start of a target's answer, ``content_type`` its
-    ``Content-Type``) to the request that carried ``body``."""
+def kept_answer(body: bytes, status: int, content_type: str | None, answer: bytes) -> str:
+    """What to keep of ``answer`` (the start of a target's answer, ``status`` and
+    ``content_type`` its status and ``Content-Type``) to the request that carried ``body``."""
+    if 200 <= status < 300:
+        # Delivered: the status says all an operator needs, and nothing of the answer is
+        # looked at (no cost on the delivery path, nothing it could repeat).
+        return ""
     text = answer.decode("utf-8", "replace")
     if len(text) < MIN_ECHO_CHARS:
         return _masked(text)  # "ok", "{}", nothing: too short to repeat anything

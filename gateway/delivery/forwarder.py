@@ -90,7 +90,9 @@ class Forwarder:
             status=answer.status,
             retry_after_s=parse_retry_after(answer.retry_after, now),
             # Only what cannot carry the notification back (gateway.delivery.answers).
-            response_excerpt=kept_answer(delivery.body, answer.content_type, answer.excerpt),
+            response_excerpt=kept_answer(
+                delivery.body, answer.status, answer.content_type, answer.excerpt
+            ),
         )
 
     async def warm(self) -> None:
