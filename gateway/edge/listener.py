@@ -27,6 +27,7 @@ import httptools
 
 from gateway.config import ListenConfig
 from gateway.edge.callback import Callback
+from gateway.edge.handshakes import Handshakes
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import (
@@ -192,7 +193,7 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0  # the current request's header lines, as parsed
         self._head_read = 0  # the current request's reads that began and ended inside its head
         self._discarding = False  # after a refusal that closes: ignore what else arrives
-        self._early: bytes | None = None  # read before connection_made (see Listener._secure)
+        self.secured = False  # the TLS handshake is over and this protocol has the connection
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = "-"
         self.cn: str | None = None
@@ -202,6 +203,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but has its methods.
         self._transport = cast(asyncio.Transport, transport)
+        self.secured = True
         if self._listener.closing:
             self._transport.close()
             return
@@ -217,9 +219,6 @@ class _Connection(asyncio.Protocol):
             self.cn = self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
         except Rejected as exc:
             self._identity_error = exc  # every request on this connection is answered 403
-        if self._early is not None:
-            early, self._early = self._early, None
-            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -230,11 +229,6 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
-            return
-        if self._transport is None:
-            # The client's last handshake flight may carry its first request, and start_tls
-            # hands that over before it returns the transport: kept for connection_made.
-            self._early = data if self._early is None else self._early + data
             return
         # No activity is recorded here: empty lines between requests reach no parser callback
         # (RFC 9112, 2.2 lets them be ignored), so a peer sending nothing else stays idle.
@@ -505,22 +499,6 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
-class _Handshake(asyncio.Protocol):
-    """A new TCP connection until its TLS handshake is over (see :meth:`Listener._secure`)."""
-
-    __slots__ = ("_listener",)
-
-    def __init__(self, listener: Listener) -> None:
-        self._listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have their methods.
-        tcp = cast(asyncio.Transport, transport)
-        # Not a byte for this protocol: start_tls reads the ClientHello once it has the socket.
-        tcp.pause_reading()
-        self._listener.secure(tcp)
-
-
 class Listener:
     """The callback's TLS server: ``await start(...)``, then ``await close(grace_s)``."""
 
@@ -536,8 +514,7 @@ class Listener:
         self.clock = _Clock()
         self.log_requests = access_log.isEnabledFor(logging.INFO)
         self._server: asyncio.AbstractServer | None = None
-        self._ssl_context: ssl.SSLContext | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes: Handshakes | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         # Often enough that a short timeout is kept to within a quarter of itself.
         self._sweep_every_s = min(
@@ -556,54 +533,30 @@ class Listener:
         several workers bound and shares with them); return the bound port (useful with 0)."""
         loop = asyncio.get_running_loop()
         where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
-        self._ssl_context = ssl_context
-        self._server = await loop.create_server(lambda: _Handshake(self), backlog=1024, **where)
+        self._handshakes = Handshakes(
+            ssl_context,
+            lambda: _Connection(self),
+            self._handshake_failed,
+            timeout_s=TLS_HANDSHAKE_TIMEOUT_S,
+        )
+        self._server = await loop.create_server(self._handshakes, backlog=1024, **where)
         self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
         return int(self._server.sockets[0].getsockname()[1])
 
-    def secure(self, transport: asyncio.Transport) -> None:
-        """Start the TLS handshake of a new TCP connection."""
-        task = asyncio.ensure_future(self._secure(transport))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _secure(self, transport: asyncio.Transport) -> None:
-        """The TLS handshake, then the connection's :class:`_Connection`; or one log line and
-        a count if it fails.
-
-        Not ``create_server(ssl=...)``: asyncio and uvloop drop a connection whose handshake
-        fails without a word to the application, and a certificate refused (Meta's during the
-        mTLS roll-out, or anyone's) is what an operator needs to see. start_tls is the same
-        handshake, with its outcome."""
-        assert self._ssl_context is not None, "not started"
-        peer = transport.get_extra_info("peername")  # now: the transport may be gone after
-        remote = str(peer[0]) if peer else "-"
-        connection = _Connection(self)
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport,
-                connection,
-                self._ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
-            )
-        except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout: all OSErrors
-            reason, detail = handshake_failure(exc)
-            # A peer that leaves without a word of TLS is what TCP health checks do: counted,
-            # logged only when debugging.
-            log.log(
-                logging.DEBUG if reason == "closed" else logging.INFO,
-                "TLS handshake from %s failed: %s (%s)",
-                remote,
-                reason,
-                detail,
-            )
-            self.callback.stats.tls_handshake_failed(reason)
-            return
-        if tls is None or tls.is_closing():  # the peer left as the handshake ended
-            transport.close()
-            return
-        connection.connection_made(tls)
+    def _handshake_failed(self, remote: str, exc: BaseException) -> None:
+        """One log line and a count for a TLS handshake that did not complete (see
+        :mod:`gateway.edge.handshakes` for why the listener sees them at all)."""
+        reason, detail = handshake_failure(exc)
+        # A peer that leaves without a word of TLS is what TCP health checks do: counted,
+        # logged only when debugging.
+        log.log(
+            logging.DEBUG if reason == "closed" else logging.INFO,
+            "TLS handshake from %s failed: %s (%s)",
+            remote,
+            reason,
+            detail,
+        )
+        self.callback.stats.tls_handshake_failed(reason)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -619,8 +572,8 @@ class Listener:
         if self._server is None:
             return
         self._server.close()
-        for handshake in list(self._handshakes):
-            handshake.cancel()  # start_tls closes the connection
+        if self._handshakes is not None:
+            self._handshakes.abort_all()
         for connection in list(self.connections):
             connection.close_when_idle()
         if self.connections:
