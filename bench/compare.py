@@ -185,9 +185,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep builds here and reuse them (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds per harness run")
-    parser.add_argument("harness_args", nargs="*",
-                        help="after --: more options for the harness (e.g. -- --server-key ecdsa)")
-    args = parser.parse_args(argv)
+    parser.epilog = "Options after -- go to the harness as they are (e.g. -- --server-key ecdsa)."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: len(argv) - len(rest) - (1 if "--" in argv else 0)])
+    args.harness_args = rest
     if args.shared is None or not (Path(args.shared) / "bench.py").is_file():
         parser.error("--shared DIR (or $WABA_BENCH_SHARED): the folder with the harness's bench.py")
     args.shared = Path(args.shared).resolve()
