@@ -89,6 +89,8 @@ TOML
 # The repository root on the import path, so the gateway runs from a checkout without installing.
 if [[ "${WABA_BENCH_INSTALLED:-}" != "1" ]]; then
   export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+else
+  cd "$BENCH_WORKDIR"  # python -m puts the working directory first on the import path
 fi
 if [[ "${WABA_BENCH_FRONT_DOOR:-}" == "embedded" ]]; then
   exec "${WABA_BENCH_PYTHON:-python3}" "$HERE/embedded_app.py" --config "$config"
