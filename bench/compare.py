@@ -85,8 +85,10 @@ def build(rev: str, work: Path, extras: str) -> Build:
         log(f"{rev} ({short}): python -m venv, pip install .{f'[{extras}]' if extras else ''}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         target = f"{source}[{extras}]" if extras else str(source)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", target], check=True,
-                       cwd=work)
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", target], cwd=work,
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: pip install {target} failed:\n{done.stderr[-2000:]}")
     adapter = work / f"adapter-{short}" / "bench" / "candidate.sh"
     adapter.parent.mkdir(parents=True, exist_ok=True)
     own = source / "bench" / "candidate.sh"

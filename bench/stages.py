@@ -30,6 +30,7 @@ import collections
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -157,6 +158,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cpu_s = {tid: (ticks - before.get(tid, 0)) / bench.CLK_TCK for tid, ticks in after.items()
                  if ticks > before.get(tid, 0)}
         figures = per_request(samples_by_thread(raw.read_text().splitlines()), cpu_s, delivered)
+        if args.raw:
+            shutil.copyfile(raw, args.raw)
         rate = next((line.split()[3] for line in out.splitlines()
                      if line.startswith("Requests per second")), "?")
         return {"revision": bench.revision() if not args.python else args.python,
@@ -164,6 +167,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "cpu_s_by_thread": cpu_s, "us_per_request": figures}
     finally:
         runner.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--python", help="run the gateway installed in this interpreter's "
                                          "environment instead of this checkout")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--raw", help="keep py-spy's samples (collapsed stacks) here")
     args = parser.parse_args(argv)
     if not args.sink:
         parser.error("--sink PATH/TO/sink.py (or $WABA_BENCH_SINK) is required")
