@@ -66,3 +66,22 @@ def test_client_hello_waiting_before_the_gateway_accepts_is_answered_at_once(
         answer = runner.run(scenario())
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b"\r\n\r\n4242")
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_handshake_cut_short_by_shutdown_is_not_counted_as_the_clients_failure(
+    pki: Pki, tmp_path: Path, loop_name: str
+) -> None:
+    """A connection still in its handshake when the gateway stops is closed by the gateway:
+    no failure is counted or logged against the client."""
+
+    async def scenario() -> str:
+        async with Gateway(gateway_config(pki, tmp_path, admin=False)) as gateway:
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            await asyncio.sleep(0.2)  # accepted, waiting for a ClientHello that never comes
+        writer.close()
+        return gateway.stats.render().decode()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        text = runner.run(scenario())
+    assert "waba_gateway_tls_handshake_failures_total{" not in text
