@@ -126,7 +126,13 @@ def figures(result: dict[str, Any], modes: Sequence[str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for mode in modes:
         cand, anchor = by.get(("candidate", mode)), by.get((ANCHOR[mode], mode))
-        if not cand or not anchor or not cand["rps"] or not anchor["rps"]:
+        if not cand or not anchor or not anchor["rps"]:
+            continue
+        if not cand["rps"]:
+            # Nothing completed (ab timed out, say): a rate of 0, not a missing round.
+            found[mode] = {"ratio": 0.0, "rps": 0.0, "anchor_rps": anchor["rps"],
+                           "cpu_us": None, "fwd": None, "errors": cand["errors"],
+                           "p99": None, "failed": cand.get("ab_stderr", "no request completed")}
             continue
         found[mode] = {
             "ratio": cand["rps"] / anchor["rps"],
@@ -161,7 +167,8 @@ def summary(a: Build, b: Build, modes: Sequence[str]) -> list[str]:
             bv = [r[mode][key] for r in b.runs if mode in r and r[mode][key] is not None]
             pairs = zip(a.runs, b.runs, strict=True)  # the same round, minutes apart
             quotients = [rb[mode][key] / ra[mode][key] for ra, rb in pairs
-                         if mode in ra and mode in rb and ra[mode][key] and rb[mode][key]]
+                         if mode in ra and mode in rb and ra[mode][key]
+                         and rb[mode][key] is not None]
             rel = spread(quotients, "{:.3f}") if key in ("ratio", "cpu_us") else ""
             lines.append(f"{mode:<5} {label:<22} {spread(av, fmt):<26} {spread(bv, fmt):<26} {rel}")
     lines.append("")
@@ -216,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = run_harness(args, item, round_no, out)
                 item.runs.append(found)
                 log(f"round {round_no}: {item.rev}: " + "  ".join(
+                    f"{mode} FAILED ({f['failed']})" if "failed" in f else
                     f"{mode} {f['ratio']:.2f}x {ANCHOR[mode]} ({f['rps']:,.0f} req/s, "
                     f"{f['cpu_us']:.0f} us CPU/req, fwd {f['fwd']:.2f})"
                     for mode, f in found.items()))
