@@ -58,7 +58,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("recording the outcome", ("record_attempts (", "record_many (", "_attempt (gateway/outbox")),
     ("claim", ("due_deliveries (", "_claim (", ".due (", ".offer (")),
     ("outbox hand-off and commit", ("/writer.py:", "/store.py:", "/outbox.py:",
-                                    "/outbox/", "/committer.py:")),
+                                    "/outbox/", "/committer.py:", "(asyncpg/")),
     ("upstream request and answer", ("/upstream.py:", "/forwarder.py:", "/dispatcher.py:",
                                      "/delivery/")),
     ("response", ("._answer (", "._notified (", "log_access (", ".answered (",
@@ -135,7 +135,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     bench = _bench()
     tmp = Path(tempfile.mkdtemp(prefix="waba-stages-"))
     options = bench.parse_args(["--sink", args.sink, "--payload", args.payload,
-                                "--duration", str(args.duration), "-c", str(args.concurrency)])
+                                "--duration", str(args.duration), "-c", str(args.concurrency),
+                                "--outbox", args.outbox])
     runner = bench.Bench(options, tmp)
     try:
         sink_port = bench.free_port()
@@ -180,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--python", help="run the gateway installed in this interpreter's "
                                          "environment instead of this checkout")
+    parser.add_argument("--outbox", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the outbox backend (postgres: a throw-away local server, as "
+                             "bench.py starts it)")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--raw", help="keep py-spy's samples (collapsed stacks) here")
     args = parser.parse_args(argv)
