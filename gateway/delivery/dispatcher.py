@@ -30,7 +30,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
@@ -375,22 +375,23 @@ class Dispatcher:
             # Not recorded: they stay pending and are sent again later (at-least-once).
             log.exception("could not record %d deliveries to %s", len(batch), name)
             return
+        debugging = log.isEnabledFor(logging.DEBUG)
         for delivery, attempt, outcome, result in zip(
             batch, attempts, outcomes, results, strict=True
         ):
-            fields = {
-                "delivery_id": delivery.id,
-                "target": name,
-                "attempt": attempt,
-                "status": result.status,
-            }
             if isinstance(outcome, Delivered):
                 latency = max(0.0, now - delivery.created_at)
                 self._observer.attempted(name, "delivered", latency)
-                log.debug(
-                    "delivered %s to %s", delivery.id, name, extra=fields | {"outcome": "delivered"}
-                )
-            elif isinstance(outcome, RetryAt):
+                if debugging:  # the usual outcome: no fields built for a line not written
+                    log.debug(
+                        "delivered %s to %s",
+                        delivery.id,
+                        name,
+                        extra=_fields(delivery, name, attempt, result) | {"outcome": "delivered"},
+                    )
+                continue
+            fields = _fields(delivery, name, attempt, result)
+            if isinstance(outcome, RetryAt):
                 self._observer.attempted(name, "retry", None)
                 log.info(
                     "delivery %s to %s failed (%s); attempt %d, next in %.1fs",
@@ -419,6 +420,16 @@ class Dispatcher:
         removed = await self._outbox.prune(now, self._retention_s, self._targets)
         if removed:
             log.info("pruned %d delivered rows past retention", removed)
+
+
+def _fields(delivery: Delivery, target: str, attempt: int, result: AttemptResult) -> dict[str, Any]:
+    """The structured fields of an attempt's log line."""
+    return {
+        "delivery_id": delivery.id,
+        "target": target,
+        "attempt": attempt,
+        "status": result.status,
+    }
 
 
 def _batch_size(queue: Sequence[Delivery], most: int) -> int:

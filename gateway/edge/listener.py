@@ -548,6 +548,8 @@ class Listener:
 
     def _handshake_failed(self, remote: str, exc: OSError) -> None:
         """One log line and a count for a TLS handshake that failed."""
+        if self.closing:
+            return  # aborted by close(): the gateway's doing, not the client's
         reason, detail = handshake_failure(exc)
         # A peer that leaves without a word of TLS is what TCP health checks do: counted,
         # logged only when debugging.

@@ -78,7 +78,8 @@ class Snapshot:
 
 
 class _Times:
-    """Answer times of one status not yet in the histogram: their sum, and a count per bucket."""
+    """Times (answers of one status, deliveries to one target) not yet in the histogram: their
+    sum, and a count per bucket."""
 
     __slots__ = ("counts", "total")
 
@@ -92,6 +93,16 @@ def _every_target(backlog: Sequence[Backlog], targets: Sequence[str]) -> list[Ba
     named = {each.target for each in backlog}
     empty = [Backlog(name, 0, None, 0) for name in targets if name not in named]
     return [*backlog, *empty]
+
+
+def _hand_over(child: Histogram, times: _Times) -> None:
+    """Add gathered ``times`` to one labelled histogram. Histogram.observe() does exactly this
+    per observation: add to the sum and to the first bucket whose bound is not below the value
+    (tests/test_metrics.py holds it to observe()'s result)."""
+    child._sum.inc(times.total)
+    for bucket, count in zip(child._buckets, times.counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class _SnapshotCollector:
@@ -263,6 +274,9 @@ class Stats:
             "Seconds failed admin authentications were held before their answer",
             registry=self.registry,
         )
+        self._latency_bounds = [*_LATENCY_BUCKETS, math.inf]
+        self._attempted: dict[tuple[str, str], int] = {}
+        self._delivered: dict[str, _Times] = {}
         self._reloads = Counter(
             "waba_gateway_reloads",
             "Configuration reloads by outcome (success, failure)",
@@ -322,23 +336,31 @@ class Stats:
         times.counts[bisect.bisect_left(self._request_bounds, seconds)] += 1
 
     def flush(self) -> None:
-        """Hand the answer times gathered since the last flush to the histogram (the runtime
-        calls it every second and before each scrape)."""
+        """Hand the answer times, attempts and delivery latencies gathered since the last flush
+        to their metrics (the runtime calls it every second and before each scrape)."""
         for status, times in self._answered.items():
-            child = self._requests.labels(status=str(status))
-            # Histogram.observe() does exactly this per observation: add to the sum and to the
-            # first bucket whose bound is not below the value (tests/test_metrics.py holds it
-            # to observe()'s result).
-            child._sum.inc(times.total)
-            for bucket, count in zip(child._buckets, times.counts, strict=True):
-                if count:
-                    bucket.inc(count)
+            _hand_over(self._requests.labels(status=str(status)), times)
         self._answered.clear()
+        for (target, outcome), count in self._attempted.items():
+            self._attempts.labels(target=target, outcome=outcome).inc(count)
+        self._attempted.clear()
+        for target, times in self._delivered.items():
+            _hand_over(self._latency.labels(target=target), times)
+        self._delivered.clear()
 
     def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
-        self._attempts.labels(target=target, outcome=outcome).inc()
+        """A delivery attempt's outcome, with the delivery's latency when delivered. On every
+        delivery, so gathered in plain numbers and handed over by :meth:`flush`, as
+        :meth:`answered` is: a ``labels()`` lookup and an observation cost more than the rest
+        of recording the outcome on the event loop."""
+        key = (target, outcome)
+        self._attempted[key] = self._attempted.get(key, 0) + 1
         if latency_s is not None:
-            self._latency.labels(target=target).observe(latency_s)
+            times = self._delivered.get(target)
+            if times is None:
+                times = self._delivered[target] = _Times(len(self._latency_bounds))
+            times.total += latency_s
+            times.counts[bisect.bisect_left(self._latency_bounds, latency_s)] += 1
 
     def auth_failed(self, where: str, delay_s: float) -> None:
         """An admin authentication failed at ``where`` and is answered after ``delay_s``."""
