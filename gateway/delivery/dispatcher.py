@@ -34,6 +34,7 @@ from typing import Literal, Protocol
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.delivery.forwarder import Forwarder
+from gateway.delivery.pacing import Pacing
 from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
@@ -94,6 +95,9 @@ class Dispatcher:
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
         self._forwarders = {t.name: Forwarder(t) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
+        # Conversation order and rate limits (gateway.delivery.pacing): their targets' deliveries
+        # start only through claims.
+        self._pacing = Pacing(targets, clock())
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
         self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
         self._closing: set[asyncio.Task[None]] = set()
@@ -132,8 +136,13 @@ class Dispatcher:
         Whatever cannot start now stays pending in the outbox: for want of room, the loop is
         woken to claim it as attempts finish; for a paused or probing target, the target's
         probes reach it on the poll interval."""
+        claim_only = self._pacing.claim_only
         for delivery in deliveries:
             health = self._health.get(delivery.target)
+            if delivery.target in claim_only:
+                # Kept in order or paced: only a claim knows what may start.
+                self._wake.set()
+                continue
             if delivery.id in self._in_flight or health is None or health.probing:
                 # A failing target gets them through its probes, on the poll interval: waking
                 # the loop for every notification would only query a target that cannot take
@@ -152,6 +161,7 @@ class Dispatcher:
         pending in the outbox."""
         self._settings = settings
         self._capacity = max(settings.batch_size, 1)
+        self._pacing.reconfigure(targets, self._clock())
         new = {t.name: t for t in targets}
         for name in list(self._targets):
             if name not in new:
@@ -254,8 +264,9 @@ class Dispatcher:
                 if failing is not None:
                     failing = None
                     log.info("dispatcher uses the outbox again")
+            wait = self._pacing.wait_s(self._clock(), self._settings.poll_interval_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _claim(self) -> None:
         now = self._clock()
@@ -267,16 +278,21 @@ class Dispatcher:
             if health.admits(now, self._busy.get(name, 0))
             and self._load.get(name, 0) < self._capacity
         }
+        wanted = limits
+        limits = await self._pacing.grant(self._outbox, limits, now)
         if not limits:
             return
-        due = await self._outbox.due(now, limits, exclude=self._in_flight)
+        due = await self._outbox.due(
+            now, limits, exclude=self._in_flight, ordered=self._pacing.ordered
+        )
         claimed = dict.fromkeys(limits, 0)
         for delivery in due:
             claimed[delivery.target] += 1
             room = self._load[delivery.target] < self._capacity
             if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
-        self._backlog = any(claimed[name] >= limit for name, limit in limits.items())
+        await self._pacing.settle(self._outbox, limits, claimed)
+        self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
     def _start(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
@@ -313,7 +329,8 @@ class Dispatcher:
         for delivery in batch:
             self._in_flight.discard(delivery.id)
             self._load[delivery.target] -= 1
-        if self._backlog:
+        if self._backlog or batch[0].target in self._pacing.ordered:
+            # An ordered target's next delivery of each conversation waits for this outcome.
             self._wake.set()
 
     async def _attempt(self, name: str, batch: list[Delivery]) -> None:

@@ -44,10 +44,32 @@ class Outbox(Protocol):
         ...
 
     async def due(
-        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
-        each target named there, leaving out the ids in ``exclude`` (in flight)."""
+        each target named there, leaving out the ids in ``exclude`` (in flight). For the
+        targets in ``ordered``, a delivery with a conversation key is left out while an earlier
+        one of its conversation (by acknowledgement, a replayed one at the back) is pending,
+        for this gateway or any other sharing the outbox."""
+        ...
+
+    async def take_tokens(
+        self, target: str, rate_per_s: float, burst: int, want: int
+    ) -> int | None:
+        """Take up to ``want`` tokens from ``target``'s rate limit bucket shared by every
+        gateway using this outbox (refilled at ``rate_per_s`` up to ``burst``, on one clock
+        they all share); return how many were taken. ``None``: this outbox has a single
+        dispatcher, which keeps the bucket itself (see :mod:`gateway.delivery.ratelimit`)."""
+        ...
+
+    async def give_back_tokens(
+        self, target: str, rate_per_s: float, burst: int, count: int
+    ) -> None:
+        """Return ``count`` tokens :meth:`take_tokens` gave and no delivery used."""
         ...
 
     async def record_many(

@@ -31,10 +31,13 @@ STATES: Final[tuple[State, ...]] = ("pending", "delivered", "dead")
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One request to make: to ``target``, with ``body`` (``None``: the bytes Meta sent)."""
+    """One request to make: to ``target``, with ``body`` (``None``: the bytes Meta sent);
+    ``key``: its conversation, for a target that keeps conversations in order (``None``: no
+    order to keep). The key is a digest, never a user id."""
 
     target: str
     body: bytes | None
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

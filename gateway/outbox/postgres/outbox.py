@@ -223,6 +223,7 @@ class PostgresOutbox:
                 self.config.lease_s,
                 owner is None,
                 now + self.config.dedup_window_s,
+                [route.key for route in routes],
             )
         )
         notification_id, ids = row[0], row[1]
@@ -237,17 +238,38 @@ class PostgresOutbox:
             now=now,
         )
 
+    async def take_tokens(
+        self, target: str, rate_per_s: float, burst: int, want: int
+    ) -> int | None:
+        granted = await self._run(
+            lambda conn: conn.fetchval(sql.TAKE_TOKENS, target, rate_per_s, float(burst), want)
+        )
+        return int(granted)
+
+    async def give_back_tokens(
+        self, target: str, rate_per_s: float, burst: int, count: int
+    ) -> None:
+        await self._run(
+            lambda conn: conn.execute(sql.GIVE_BACK_TOKENS, target, float(count), float(burst))
+        )
+
     async def due(
-        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
     ) -> list[Delivery]:
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         wanted = dict(limits)
+        keep_order = frozenset(ordered)
 
         async def claim(conn: Any) -> list[Delivery]:
             found: list[Delivery] = []
             for target, limit in wanted.items():
+                statement = sql.CLAIM_ORDERED if target in keep_order else sql.CLAIM
                 rows = await conn.fetch(
-                    sql.CLAIM, target, now, self.owner, skip, limit, self.config.lease_s
+                    statement, target, now, self.owner, skip, limit, self.config.lease_s
                 )
                 found.extend(delivery_from_row(row, self._prefix) for row in rows)
             return found
@@ -320,9 +342,11 @@ class PostgresOutbox:
         self, *, state: State, target: str | None, since: float | None, now: float
     ) -> int:
         statement, params = sql.replay_many_query(state, target, since)
+        places, _ = sql.replay_places_query(state, target, since)
 
         async def replay(conn: Any) -> int:
             async with conn.transaction():
+                await conn.execute(places, *params)
                 count = _affected(await conn.execute(statement, *params, now))
                 if count:  # every gateway may claim them now
                     await conn.execute(f"NOTIFY {sql.CHANNEL}")

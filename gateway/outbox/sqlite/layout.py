@@ -8,6 +8,11 @@ Layout 3 added the ``attempts`` table (each attempt's outcome, for the admin con
 of layout 2 is migrated when it is opened: the table is created and the version raised in one
 transaction, nothing else in the file changes, and its deliveries simply have no attempt history
 from before.
+
+Layout 4 added each delivery's conversation (``order_key``, for targets with ``order =
+"conversation"``) and its place in that order when it was replayed (``position``; otherwise
+its id is its place). A file of layout 2 or 3 is migrated when it is opened, in one
+transaction: its deliveries have no conversation, and go out in no particular order, as before.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ __all__ = ["connect", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0; layout 2 had no attempts table.
-_LAYOUT = 3
+_LAYOUT = 4
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
@@ -47,6 +52,16 @@ _ATTEMPTS = (
     response TEXT NOT NULL
 )""",
     "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
+)
+
+# Layout 4's addition. A claim asks, for each due delivery with a key, whether an earlier one
+# of its conversation is still pending: the partial index holds just those rows (the query's
+# `order_key = ...` implies `order_key IS NOT NULL`, so SQLite uses it).
+_ORDER = (
+    "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
+    "ALTER TABLE deliveries ADD COLUMN position INTEGER",
+    "CREATE INDEX deliveries_order ON deliveries (target, order_key)"
+    " WHERE state = 'pending' AND order_key IS NOT NULL",
 )
 
 # Statements one by one rather than a script: executescript() commits first, and the layout is
@@ -85,6 +100,7 @@ _SCHEMA = (
     # key when a notification is deleted): without this index, a scan of every delivery.
     "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
     *_ATTEMPTS,
+    *_ORDER,
 )
 
 
@@ -109,8 +125,12 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a file of layout 2 to layout 3: the attempts table, nothing else."""
-    for statement in _ATTEMPTS:
+    """Bring a file of layout 2 or 3 to layout 4: the attempts table (from 2), the columns
+    and index of ordered delivery; nothing else."""
+    if _user_version(conn) == 2:
+        for statement in _ATTEMPTS:
+            conn.execute(statement)
+    for statement in _ORDER:
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
@@ -135,8 +155,9 @@ def _layout(conn: sqlite3.Connection, path: Path) -> str:
     delivery id prefix."""
     if _user_version(conn) == 0:
         _under_write_lock(conn, path, 0, _create)
-    if _user_version(conn) == 2:
-        _under_write_lock(conn, path, 2, _migrate)
+    for older in (2, 3):
+        if _user_version(conn) == older:
+            _under_write_lock(conn, path, older, _migrate)
     version = _user_version(conn)
     if version != _LAYOUT:
         raise OutboxError(

@@ -121,8 +121,23 @@ class SqliteOutbox:
             now=now,
         )
 
+    async def take_tokens(
+        self, target: str, rate_per_s: float, burst: int, want: int
+    ) -> int | None:
+        # One gateway per file and one dispatcher per gateway: the dispatcher keeps the bucket.
+        return None
+
+    async def give_back_tokens(
+        self, target: str, rate_per_s: float, burst: int, count: int
+    ) -> None:
+        return None
+
     async def due(
-        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
         each target named there, leaving out the ids in ``exclude`` (in flight). A delivery
@@ -135,6 +150,7 @@ class SqliteOutbox:
                 now=now,
                 limits=dict(limits),
                 skip=frozenset(exclude),
+                ordered=frozenset(ordered),
             ),
             read=True,
         )

@@ -64,7 +64,16 @@ _INSERT_NOTIFICATION = (
 )
 _INSERT_DELIVERY = (
     "INSERT INTO deliveries (notification_id, target, body, state, created_at, next_attempt_at,"
-    " updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)"
+    " updated_at, order_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)"
+)
+# A delivery's place in its conversation: its id, or where a replay put it (see replay_*).
+_PLACE = "COALESCE({0}.position, {0}.id)"
+# A delivery with a conversation waits while an earlier one of it is pending: retrying, in
+# flight, or waiting for an open breaker. A dead letter is not pending, so it releases the key.
+_FIRST_OF_ITS_CONVERSATION = (
+    " AND (d.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e"
+    " WHERE e.state = 'pending' AND e.target = d.target AND e.order_key = d.order_key"
+    f" AND {_PLACE.format('e')} < {_PLACE.format('d')}))"
 )
 # Prune: a notification goes once it is older than the horizon and has no deliveries left.
 _DELETE_ORPHAN = (
@@ -98,7 +107,8 @@ def insert_notification(
     rowids = []
     for route in routes:
         rowid = conn.execute(
-            _INSERT_DELIVERY, (notification_id, route.target, route.body, now, now, now)
+            _INSERT_DELIVERY,
+            (notification_id, route.target, route.body, now, now, now, route.key),
         ).lastrowid
         assert rowid is not None
         rowids.append(rowid)
@@ -118,9 +128,11 @@ def due_deliveries(
     now: float,
     limits: Mapping[str, int],
     skip: Collection[str],
+    ordered: Collection[str] = (),
 ) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
-    leaving out the ids in ``skip``; and the row ids of due deliveries whose body no longer
+    leaving out the ids in ``skip`` and, for the ``ordered`` targets, every delivery behind an
+    earlier pending one of its conversation; and the row ids of due deliveries whose body no longer
     matches the digest stored when it was received (damaged in the file: never forwarded).
     One index seek per target: a target that is down with a million deliveries waiting costs
     nothing when it is not asked for."""
@@ -132,6 +144,7 @@ def due_deliveries(
             " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
             " JOIN notifications n ON n.id = d.notification_id"
             " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
+            f"{_FIRST_OF_ITS_CONVERSATION if target in ordered else ''}"
             " ORDER BY d.next_attempt_at LIMIT ?",
             (target, now, limit + len(skip)),
         ).fetchall()
@@ -339,10 +352,35 @@ def list_deliveries(
     return [delivery_from_row(row, prefix) for row in rows]
 
 
+# Replayed deliveries with a conversation go to its back: each takes a new place from the
+# deliveries' own id counter (sqlite_sequence, which AUTOINCREMENT keeps), so every delivery
+# accepted later comes after them too. Among themselves they keep their order.
+_TAKE_PLACES = (
+    "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'deliveries' RETURNING seq - ?"
+)
+
+
+def _to_the_back(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> None:
+    """Give the keyed deliveries ``where`` selects new places behind every other delivery."""
+    rows = conn.execute(
+        f"SELECT id FROM deliveries WHERE order_key IS NOT NULL AND {where}"  # noqa: S608
+        " ORDER BY COALESCE(position, id)",
+        tuple(params),
+    ).fetchall()
+    if not rows:
+        return
+    ((base,),) = conn.execute(_TAKE_PLACES, (len(rows), len(rows))).fetchall()
+    conn.executemany(
+        "UPDATE deliveries SET position = ? WHERE id = ?",
+        [(base + rank, rowid) for rank, (rowid,) in enumerate(rows, start=1)],
+    )
+
+
 def replay_deliveries(
     conn: sqlite3.Connection, state: str, target: str | None, since: float | None, now: float
 ) -> int:
-    """Make every delivery in ``state`` (of ``target``, changed since ``since``) pending again."""
+    """Make every delivery in ``state`` (of ``target``, changed since ``since``) pending again,
+    each at the back of its conversation."""
     clauses, params = ["state = ?"], list[object]([state])
     if target is not None:
         clauses.append("target = ?")
@@ -350,10 +388,12 @@ def replay_deliveries(
     if since is not None:
         clauses.append("updated_at >= ?")
         params.append(since)
+    where = " AND ".join(clauses)
+    _to_the_back(conn, where, params)
     return int(
         conn.execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"  # noqa: S608
-            f" next_attempt_at = ?, updated_at = ? WHERE {' AND '.join(clauses)}",
+            f" next_attempt_at = ?, updated_at = ? WHERE {where}",
             (now, now, now, *params),
         ).rowcount
     )
@@ -378,10 +418,11 @@ def purge_dead(conn: sqlite3.Connection, before: float) -> int:
 def replay_delivery(
     conn: sqlite3.Connection, delivery_id: str, now: float, prefix: str | None = None
 ) -> bool:
-    """Make one delivery pending again; False when the file has no delivery ``delivery_id``."""
+    """Make one delivery pending again, at the back of its conversation; False when the file has no delivery ``delivery_id``."""
     rowid = rowid_of(delivery_id, read_prefix(conn) if prefix is None else prefix)
     if rowid is None:
         return False
+    _to_the_back(conn, "id = ?", (rowid,))
     cursor = conn.execute(
         "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
         " next_attempt_at = ?, updated_at = ? WHERE id = ?",

@@ -1,0 +1,98 @@
+"""What holds a target's deliveries back on purpose: its conversation order and its rate limit.
+
+Rule: a target with neither (``order = "none"``, no ``rate_per_s``) is not touched here at all:
+its deliveries start as they are stored (the dispatcher's ``offer``) and its claims ask the
+outbox for as many as it has room for, exactly as before. A target with either gets every
+delivery through a claim, never through ``offer``: only the outbox knows whether an earlier
+delivery of the same conversation is pending (here or at another gateway), and only a claim
+can be cut to the tokens the rate limit grants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from gateway.config import TargetConfig
+from gateway.delivery.ratelimit import TokenBucket
+from gateway.outbox import Outbox
+
+__all__ = ["Pacing"]
+
+# The shortest wait before asking a shared bucket again, when it granted less than was wanted.
+_MIN_WAIT_S = 0.005
+
+
+class Pacing:
+    def __init__(self, targets: Sequence[TargetConfig], now: float) -> None:
+        self.ordered: frozenset[str] = frozenset()
+        self.claim_only: frozenset[str] = frozenset()
+        self._targets: dict[str, TargetConfig] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._starved: set[str] = set()
+        # Whether the outbox keeps the buckets for every gateway (learnt at the first take).
+        self._shared = False
+        self.reconfigure(targets, now)
+
+    def reconfigure(self, targets: Sequence[TargetConfig], now: float) -> None:
+        """Take new target settings; a target whose rate and burst are unchanged keeps its
+        bucket (a reload does not hand out a fresh burst)."""
+        limited = {t.name: t for t in targets if t.rate_per_s is not None}
+        buckets = {}
+        for name, target in limited.items():
+            rate, burst = float(target.rate_per_s or 0), target.burst_size
+            old = self._buckets.get(name)
+            if old is not None and (old.rate_per_s, old.burst) == (rate, burst):
+                buckets[name] = old
+            else:
+                buckets[name] = TokenBucket.full(rate, burst, now)
+        self._targets, self._buckets = limited, buckets
+        self.ordered = frozenset(t.name for t in targets if t.order == "conversation")
+        self.claim_only = self.ordered | frozenset(limited)
+        self._starved &= set(limited)
+
+    async def grant(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> dict[str, int]:
+        """``limits`` cut to the tokens each rate-limited target may spend now (taken from the
+        bucket: hand back what is not used with :meth:`settle`). Targets granted nothing are
+        left out."""
+        granted = dict(limits)
+        for name, target in self._targets.items():
+            want = granted.get(name, 0)
+            if want <= 0:
+                continue
+            rate, burst = float(target.rate_per_s or 0), target.burst_size
+            shared = await outbox.take_tokens(name, rate, burst, want)
+            self._shared = shared is not None
+            got = self._buckets[name].take(now, want) if shared is None else shared
+            if got < want:
+                self._starved.add(name)
+            else:
+                self._starved.discard(name)
+            if got:
+                granted[name] = got
+            else:
+                del granted[name]
+        return granted
+
+    async def settle(
+        self, outbox: Outbox, granted: Mapping[str, int], claimed: Mapping[str, int]
+    ) -> None:
+        """Give back the tokens taken for deliveries that were not there to claim."""
+        for name, target in self._targets.items():
+            unused = granted.get(name, 0) - claimed.get(name, 0)
+            if unused <= 0:
+                continue
+            if self._shared:
+                rate = float(target.rate_per_s or 0)
+                await outbox.give_back_tokens(name, rate, target.burst_size, unused)
+            else:
+                self._buckets[name].give_back(unused)
+
+    def wait_s(self, now: float, poll_s: float) -> float:
+        """How long the dispatcher may sleep before a starved target has a token again."""
+        wait = poll_s
+        for name in self._starved:
+            bucket = self._buckets[name]
+            # A shared bucket's level is the database's: ask again after one token's time.
+            until = 1 / bucket.rate_per_s if self._shared else bucket.wait_s(now)
+            wait = min(wait, max(_MIN_WAIT_S, until))
+        return wait
