@@ -12,6 +12,7 @@ removed and business-scoped user id fields added (``examples/bsuid/messages-text
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Iterable
@@ -48,7 +49,7 @@ def in_order(numbers: Iterable[int]) -> bool:
     """Whether numbers arrived in order; a number sent again right after itself (at-least-once:
     a gateway killed between the target's answer and its record) is in order."""
     seen = list(numbers)
-    return all(a <= b for a, b in zip(seen, seen[1:], strict=False))
+    return all(a <= b for a, b in itertools.pairwise(seen))
 
 
 class Conversations:

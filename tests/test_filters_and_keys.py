@@ -76,7 +76,10 @@ def test_content_reads_every_type_and_status_and_skips_other_shapes() -> None:
         (_value(messages=[{"from": "1650", "from_user_id": "US.1"}]), "u:US.1"),
         (_value(messages=[{"from_user_id": "US.1"}]), "u:US.1"),
         (_value(messages=[{"from": "1650"}]), "p:1650"),
-        (_value(contacts=[{"wa_id": "1650", "user_id": "US.1"}], messages=[{"from": "1650"}]), "u:US.1"),
+        (
+            _value(contacts=[{"wa_id": "1650", "user_id": "US.1"}], messages=[{"from": "1650"}]),
+            "u:US.1",
+        ),
         (_value(contacts=[{"wa_id": "1650"}], messages=[{"type": "system"}]), "p:1650"),
         (_value(statuses=[{"recipient_id": "1650", "recipient_user_id": "US.1"}]), "u:US.1"),
         (_value(statuses=[{"recipient_id": "1650"}]), "p:1650"),
@@ -105,7 +108,8 @@ def test_conversation_keys_tell_users_numbers_and_accounts_apart() -> None:
     assert key != conversation_key(_value(messages=[{"from_user_id": "US.2"}]), "P1", "W1")
     assert conversation_key(EVENT, None, "W1") == conversation_key(EVENT, None, "W1")
     assert conversation_key(EVENT, None, "W1") != conversation_key(EVENT, None, "W2")
-    assert USER not in key and "P1" not in key
+    assert USER not in key
+    assert "P1" not in key
     assert len(key) == 32
 
 
@@ -156,9 +160,7 @@ def test_bsuid_samples_route_split_and_filter_like_their_phone_number_originals(
     ]
     (ordered,) = [r for r in got if r.target == "ordered"]
     (change,) = list(iter_changes(json.loads(bsuid)))
-    assert ordered.key == conversation_key(
-        change.value, change.phone_number_id, change.entry_id
-    )
+    assert ordered.key == conversation_key(change.value, change.phone_number_id, change.entry_id)
     assert user_of(change.value) == f"u:{USER}"
 
 

@@ -322,3 +322,41 @@ async def test_rate_limit_buckets_belong_to_the_dispatcher_or_to_the_shared_data
     await outbox.give_back_tokens("t", 1.0, 5, 2)
     assert await outbox.take_tokens("t", 1.0, 5, 10) == 2
     assert await outbox.take_tokens("other", 1.0, 5, 10) == 5
+
+
+async def test_held_back_counts_conversations_with_a_delivery_waiting_and_size_grows(
+    outbox: Outbox,
+) -> None:
+    """held_back() counts, per ordered target, the conversations with a delivery waiting
+    behind another (never the keys); size() is bytes on disk or rows, and grows."""
+    for n, key in enumerate(["a", "a", "a", "b", "c", "c"]):
+        await keyed(outbox, n, key)
+    assert await outbox.held_back(["t", "other"]) == {"t": 2}
+    assert await outbox.held_back([]) == {}
+
+    async def grown() -> bool:
+        size = await outbox.size()
+        return (size.bytes or 0) > 0 or (size.rows or 0) > 0
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await grown():  # PostgreSQL's statistics catch up within a second or so
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("age_days", "kept"),
+    [(29.9, True), (30.1, False)],
+)
+async def test_purge_dead_takes_dead_letters_older_than_the_retention_only(
+    outbox: Outbox, age_days: float, kept: bool
+) -> None:
+    """Dead letters last changed before the cut-off go; younger ones, and pending and
+    delivered deliveries, stay."""
+    dead, pending = await one(outbox, 0), await one(outbox, 1)
+    await outbox.record_many([(dead.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 0.0)
+    now = age_days * DAY
+    removed = await outbox.purge_dead(now - 30 * DAY)
+    assert removed == (0 if kept else 1)
+    assert (await outbox.get(dead.id) is not None) is kept
+    assert await outbox.get(pending.id) is not None

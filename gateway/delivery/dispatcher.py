@@ -34,7 +34,6 @@ from typing import Literal, Protocol
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.delivery.forwarder import Forwarder
-from gateway.delivery.pacing import Pacing
 from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
@@ -43,6 +42,7 @@ from gateway.delivery.outcome import (
     classify,
     is_transient,
 )
+from gateway.delivery.pacing import Pacing
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 
@@ -67,9 +67,16 @@ class Observer(Protocol):
         delivery's acknowledgement to its delivery, for a delivered one."""
         ...
 
+    def dead_letters_expired(self, count: int) -> None:
+        """``count`` dead letters removed for being older than ``outbox.dead_retention_s``."""
+        ...
+
 
 class _Ignore:
     def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
+        pass
+
+    def dead_letters_expired(self, count: int) -> None:
         pass
 
 
@@ -81,6 +88,7 @@ class Dispatcher:
         settings: DispatcherConfig,
         *,
         retention_s: float,
+        dead_retention_s: float | None = None,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[float, float], float] = random.uniform,
         observer: Observer | None = None,
@@ -88,6 +96,7 @@ class Dispatcher:
         self._outbox = outbox
         self._settings = settings
         self._retention_s = retention_s
+        self._dead_retention_s = dead_retention_s
         self._clock = clock
         self._uniform = uniform
         self._observer = observer or _Ignore()
@@ -424,6 +433,17 @@ class Dispatcher:
         removed = await self._outbox.prune(now, self._retention_s, self._targets)
         if removed:
             log.info("pruned %d delivered rows past retention", removed)
+        if self._dead_retention_s is not None:
+            # Never silently: an operator who meant to replay them learns they are gone.
+            expired = await self._outbox.purge_dead(now - self._dead_retention_s)
+            if expired:
+                self._observer.dead_letters_expired(expired)
+                log.warning(
+                    "removed %d dead letters older than outbox.dead_retention_s (%gs)",
+                    expired,
+                    self._dead_retention_s,
+                    extra={"action": "expire_dead_letters", "count": expired},
+                )
 
 
 def _batch_size(queue: Sequence[Delivery], most: int) -> int:

@@ -67,9 +67,7 @@ def user_of(value: Any) -> str | None:
     return None if bsuid is None else "u:" + bsuid
 
 
-def conversation_key(
-    value: Any, phone_number_id: str | None, waba_id: str | None
-) -> str:
+def conversation_key(value: Any, phone_number_id: str | None, waba_id: str | None) -> str:
     """The ordering key of a change with ``value``, received for ``phone_number_id`` under
     ``waba_id`` (the entry's id, or ``waba_info.waba_id``): a hex digest of the conversation."""
     user = user_of(value)

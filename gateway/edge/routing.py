@@ -28,7 +28,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from decimal import Decimal
 from typing import Any
 
@@ -110,7 +111,7 @@ class Change:
     part: bytes | None = None
     # The change's value, read only by the content filters and the ordering key; it holds
     # personal data, so it is never part of a repr.
-    value: Any = field(default=None, compare=False, repr=False)
+    value: Any = dataclass_field(default=None, compare=False, repr=False)
 
     def key(self) -> str:
         """The conversation this change belongs to (see :mod:`gateway.edge.ordering`)."""

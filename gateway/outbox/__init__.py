@@ -19,6 +19,7 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     Route,
+    Size,
     State,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "Outcome",
     "RetryAt",
     "Route",
+    "Size",
     "State",
     "describe_outbox",
     "hold_outbox",

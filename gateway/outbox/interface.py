@@ -26,6 +26,7 @@ from gateway.outbox.model import (
     Delivery,
     Outcome,
     Route,
+    Size,
     State,
 )
 
@@ -130,6 +131,15 @@ class Outbox(Protocol):
         """Remove ``targets``' delivered deliveries older than the retention, and notifications
         no longer needed for deduplication; return the number of deliveries removed. Pending
         deliveries and dead letters stay."""
+        ...
+
+    async def size(self) -> Size:
+        """The outbox's size, for its gauge: bytes on disk for a file, rows for a database."""
+        ...
+
+    async def held_back(self, targets: Collection[str]) -> dict[str, int]:
+        """For each of ``targets`` (kept in conversation order), how many conversations have
+        a delivery waiting behind an earlier pending one: a count, never the keys."""
         ...
 
     async def ping(self) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "Outcome",
     "RetryAt",
     "Route",
+    "Size",
     "State",
 ]
 
@@ -118,6 +119,14 @@ class Backlog:
     pending: int
     oldest_pending_at: float | None
     dead: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Size:
+    """How big the outbox is: ``bytes`` on disk (a file), or ``rows`` (a shared database)."""
+
+    bytes: int | None = None
+    rows: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

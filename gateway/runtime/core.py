@@ -139,6 +139,7 @@ class Core:
                     config.targets,
                     config.dispatcher,
                     retention_s=config.outbox.retention_s,
+                    dead_retention_s=config.outbox.dead_retention_s,
                     observer=self.stats,
                 )
                 self.dispatcher.start()

@@ -50,6 +50,7 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     Route,
+    Size,
     State,
 )
 from gateway.outbox.postgres import schema, sql
@@ -397,6 +398,17 @@ class PostgresOutbox:
                 if _affected(status) < sql.PRUNE_BATCH:
                     break
         return removed
+
+    async def size(self) -> Size:
+        rows = await self._run(lambda conn: conn.fetchval(sql.SIZE))
+        return Size(rows=int(rows or 0))
+
+    async def held_back(self, targets: Collection[str]) -> dict[str, int]:
+        wanted = list(targets)
+        if not wanted:
+            return {}
+        rows = await self._run(lambda conn: conn.fetch(sql.HELD_BACK, wanted))
+        return {str(row[0]): int(row[1]) for row in rows}
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.fetchval("SELECT 1"))

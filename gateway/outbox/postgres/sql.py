@@ -25,10 +25,11 @@ __all__ = [
     "CHANNEL",
     "CLAIM",
     "CLAIM_ORDERED",
-    "GIVE_BACK_TOKENS",
     "COUNT",
     "EXCERPT_CHARS",
     "GET",
+    "GIVE_BACK_TOKENS",
+    "HELD_BACK",
     "PRUNE_BATCH",
     "PRUNE_DELIVERED",
     "PRUNE_DIGESTS",
@@ -36,8 +37,9 @@ __all__ = [
     "PURGE_DEAD",
     "RECORD",
     "RENEW",
-    "TAKE_TOKENS",
     "REPLAY",
+    "SIZE",
+    "TAKE_TOKENS",
     "list_query",
     "replay_many_query",
     "replay_places_query",
@@ -51,8 +53,9 @@ _NOW = "extract(epoch FROM clock_timestamp())"
 
 # One statement, one round trip: the deduplication upsert, the notification, one delivery per
 # route (targets $6, bodies $7, NULL for Meta's bytes), leased to $8 for $9 seconds when $8 is
-# set. $12: each delivery's conversation key (NULL: none). Always exactly one row: the notification id and its delivery ids in route order, or NULLs
-# for a duplicate. $10: announce the new deliveries to every gateway (when no lease holds them).
+# set; $12: each delivery's conversation key (NULL: none). Always exactly one row: the
+# notification id and its delivery ids in route order, or NULLs for a duplicate. $10: announce
+# the new deliveries to every gateway (when no lease holds them).
 # A body is new when the digest was last seen outside the window around now ($3 and $11, that
 # is now -/+ dedup_window_s): gateways commit concurrently, so the row may hold a later time
 # than this request's own.
@@ -125,7 +128,7 @@ CLAIM_ORDERED: Final = _CLAIM.format(
 # Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's
 # clock, up to $3), for every gateway at once: the row is locked by the statement, and the new
 # level and the grant are both computed from the row as it stood. Returns the grant.
-_LEVEL = "LEAST($3::float8, b.tokens + GREATEST(0, {now} - b.at) * $2::float8)".format(now=_NOW)
+_LEVEL = f"LEAST($3::float8, b.tokens + GREATEST(0, {_NOW} - b.at) * $2::float8)"
 TAKE_TOKENS: Final = f"""
 INSERT INTO {SCHEMA}.buckets AS b (target, tokens, at, granted)
 VALUES ($1, $3::float8 - LEAST($4::integer, floor($3::float8)), {_NOW},
@@ -174,6 +177,19 @@ WHERE id = $1
 RETURNING pg_notify('{CHANNEL}', '')
 """
 
+# The conversations of each target with a delivery waiting behind an earlier pending one.
+HELD_BACK: Final = f"""
+SELECT target, COUNT(*) FROM (
+    SELECT target FROM {SCHEMA}.deliveries
+    WHERE state = 'pending' AND order_key IS NOT NULL AND target = ANY($1::text[])
+    GROUP BY target, order_key HAVING COUNT(*) > 1) AS held
+GROUP BY target
+"""
+# The outbox's rows, as PostgreSQL's statistics count them (kept as rows change, read without
+# scanning the tables: a scrape never waits on a table of millions of rows).
+SIZE: Final = f"""
+SELECT COALESCE(SUM(n_live_tup), 0) FROM pg_stat_user_tables WHERE schemaname = '{SCHEMA}'
+"""
 COUNT: Final = f"SELECT state, COUNT(*) FROM {SCHEMA}.deliveries GROUP BY state"
 BACKLOG: Final = f"""
 SELECT target, state, COUNT(*), MIN(created_at) FROM {SCHEMA}.deliveries

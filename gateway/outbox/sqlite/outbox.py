@@ -10,9 +10,11 @@ that runs it in group commits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     Route,
+    Size,
     State,
 )
 from gateway.outbox.rows import delivery_id_of, rowid_of
@@ -203,6 +206,19 @@ class SqliteOutbox:
             error=error,
             response=result.response_excerpt,
         )
+
+    async def size(self) -> Size:
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):  # no log file between checkpoints is no error
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return Size(bytes=total)
+
+    async def held_back(self, targets: Collection[str]) -> dict[str, int]:
+        wanted = tuple(targets)
+        if not wanted:
+            return {}
+        return await self.run(functools.partial(store.held_back, targets=wanted), read=True)
 
     async def ping(self) -> None:
         """Through the writer, in a write transaction: it takes the write lock a notification's

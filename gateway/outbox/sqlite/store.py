@@ -39,6 +39,7 @@ __all__ = [
     "count_states",
     "dead_letter_damaged",
     "due_deliveries",
+    "held_back",
     "insert_notification",
     "list_deliveries",
     "prune_delivered",
@@ -71,7 +72,7 @@ _PLACE = "COALESCE({0}.position, {0}.id)"
 # A delivery with a conversation waits while an earlier one of it is pending: retrying, in
 # flight, or waiting for an open breaker. A dead letter is not pending, so it releases the key.
 _FIRST_OF_ITS_CONVERSATION = (
-    " AND (d.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e"
+    " AND (d.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e"  # noqa: S608
     " WHERE e.state = 'pending' AND e.target = d.target AND e.order_key = d.order_key"
     f" AND {_PLACE.format('e')} < {_PLACE.format('d')}))"
 )
@@ -178,6 +179,19 @@ def backlog(conn: sqlite3.Connection) -> list[Backlog]:
         " WHERE state IN ('pending', 'dead') GROUP BY state, target"
     ).fetchall()
     return backlog_from_rows(rows)
+
+
+def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:
+    """Per target, the conversations with more than one pending delivery: those with a
+    delivery waiting behind an earlier one (over the partial index of keyed pending rows)."""
+    marks = ", ".join("?" * len(targets))
+    rows = conn.execute(
+        "SELECT target, COUNT(*) FROM (SELECT target FROM deliveries"  # noqa: S608 (marks)
+        f" WHERE state = 'pending' AND order_key IS NOT NULL AND target IN ({marks})"
+        " GROUP BY target, order_key HAVING COUNT(*) > 1) GROUP BY target",
+        targets,
+    ).fetchall()
+    return {str(target): int(count) for target, count in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +370,8 @@ def list_deliveries(
 # deliveries' own id counter (sqlite_sequence, which AUTOINCREMENT keeps), so every delivery
 # accepted later comes after them too. Among themselves they keep their order.
 _TAKE_PLACES = (
-    "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'deliveries' RETURNING seq - ?"
+    "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'deliveries'"
+    " RETURNING seq - ?"
 )
 
 
@@ -418,7 +433,8 @@ def purge_dead(conn: sqlite3.Connection, before: float) -> int:
 def replay_delivery(
     conn: sqlite3.Connection, delivery_id: str, now: float, prefix: str | None = None
 ) -> bool:
-    """Make one delivery pending again, at the back of its conversation; False when the file has no delivery ``delivery_id``."""
+    """Make one delivery pending again, at the back of its conversation; False when the file
+    has no delivery ``delivery_id``."""
     rowid = rowid_of(delivery_id, read_prefix(conn) if prefix is None else prefix)
     if rowid is None:
         return False
