@@ -1,9 +1,10 @@
 """Logs a pipeline can read, and that never hold personal data or secrets (gateway.runtime.logs).
 
 The personal-data test feeds notifications with a known marker in every personal field (message
-text, phone numbers, wa_id, profile name, business-scoped user ids, username), has targets answer with the markers, sends refused
-and malformed requests carrying them, fails a reload over a file holding a secret, and searches
-every line logged at DEBUG, in both formats, for any of them.
+text, phone numbers, wa_id, profile name, business-scoped user ids, username), has targets
+answer with the markers, sends refused and malformed requests carrying them, fails a reload over
+a file holding a secret, and searches every line logged at DEBUG, in both formats, and the
+metrics, for any of them.
 """
 
 from __future__ import annotations
