@@ -54,13 +54,13 @@ _ATTEMPTS = (
     "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
 )
 
-# Layout 4's addition. A claim asks, for each due delivery with a key, whether an earlier one
-# of its conversation is still pending: the partial index holds just those rows (the query's
-# `order_key = ...` implies `order_key IS NOT NULL`, so SQLite uses it).
+# Layout 4's addition. A claim for an ordered target takes the first pending delivery of each
+# conversation: the partial index holds just the keyed pending rows, with their place and due
+# time, so that claim reads the index alone.
 _ORDER = (
     "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
     "ALTER TABLE deliveries ADD COLUMN position INTEGER",
-    "CREATE INDEX deliveries_order ON deliveries (target, order_key)"
+    "CREATE INDEX deliveries_order ON deliveries (target, order_key, position, next_attempt_at)"
     " WHERE state = 'pending' AND order_key IS NOT NULL",
 )
 

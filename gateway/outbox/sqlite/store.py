@@ -140,15 +140,14 @@ def due_deliveries(
     found: list[Delivery] = []
     damaged: list[int] = []
     for target, limit in limits.items():
-        rows = conn.execute(
-            f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
-            " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
-            " JOIN notifications n ON n.id = d.notification_id"
-            " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
-            f"{_FIRST_OF_ITS_CONVERSATION if target in ordered else ''}"
-            " ORDER BY d.next_attempt_at LIMIT ?",
-            (target, now, limit + len(skip)),
-        ).fetchall()
+        if target in ordered:
+            rows = _first_of_conversations(conn, prefix, target, now, limit, skip)
+        else:
+            rows = conn.execute(
+                f"{_DUE_SELECT} WHERE d.state = 'pending' AND d.target = ?"
+                " AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
+                (target, now, limit + len(skip)),
+            ).fetchall()
         fresh = [row for row in rows if delivery_id_of(prefix, row[0]) not in skip][:limit]
         for row in fresh:
             if _intact(row):
@@ -157,6 +156,53 @@ def due_deliveries(
                 damaged.append(row[0])
     found.sort(key=lambda d: d.next_attempt_at)
     return found, damaged
+
+
+# An ordered target's due deliveries that are first of their conversation: for the keyed ones,
+# one pass over the partial index of keyed pending rows (it holds the place and the due time, so
+# the rows themselves are not read), taking each conversation's first (SQLite gives the bare
+# columns of the row that holds the MIN: https://sqlite.org/lang_select.html#bareagg); and the
+# unkeyed ones, accepted before the target kept order, in time order.
+_FIRST_DUE = (
+    "SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at,"
+    " MIN(COALESCE(position, id)) FROM deliveries WHERE state = 'pending' AND target = ?"
+    " AND order_key IS NOT NULL GROUP BY order_key) WHERE next_attempt_at <= ?"
+    " UNION ALL SELECT id, next_attempt_at FROM deliveries WHERE state = 'pending'"
+    " AND target = ? AND next_attempt_at <= ? AND order_key IS NULL"
+    " ORDER BY next_attempt_at LIMIT ?"
+)
+
+_DUE_SELECT = (
+    f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
+    " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
+    " JOIN notifications n ON n.id = d.notification_id"
+)
+
+
+def _first_of_conversations(
+    conn: sqlite3.Connection,
+    prefix: str,
+    target: str,
+    now: float,
+    limit: int,
+    skip: Collection[str],
+) -> list[tuple[Any, ...]]:
+    """The due rows of an ordered target, each first of its conversation. The ids first, from
+    the narrow rows alone, and only then the bodies of those not in flight: the deliveries in
+    flight (most of a busy ordered target's first ones) are never read with their bodies."""
+    ids = [
+        rowid
+        for rowid, _ in conn.execute(_FIRST_DUE, (target, now, target, now, limit + len(skip)))
+        if delivery_id_of(prefix, rowid) not in skip
+    ][:limit]
+    if not ids:
+        return []
+    marks = ", ".join("?" * len(ids))
+    return conn.execute(
+        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending'"  # noqa: S608 (marks)
+        " ORDER BY d.next_attempt_at",
+        ids,
+    ).fetchall()
 
 
 DAMAGED = "body no longer matches the digest stored when it was received (outbox file damaged)"
