@@ -38,6 +38,7 @@ from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
     Delivered,
+    Outcome,
     RetryAt,
     classify,
     is_transient,
@@ -132,7 +133,9 @@ class Dispatcher:
         self._warming: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
-        """Look for due deliveries now (called after a notification was stored)."""
+        """Look for due deliveries now (called after a notification was stored by another
+        process, or a replay): in every conversation of the ordered targets too."""
+        self._pacing.conversations.everything()
         self._wake.set()
 
     def breakers(self) -> dict[str, Breaker]:
@@ -150,6 +153,7 @@ class Dispatcher:
             health = self._health.get(delivery.target)
             if delivery.target in claim_only:
                 # Kept in order or paced: only a claim knows what may start.
+                self._pacing.conversations.changed(delivery.target, delivery.order_key)
                 self._wake.set()
                 continue
             if delivery.id in self._in_flight or health is None or health.probing:
@@ -288,19 +292,26 @@ class Dispatcher:
             and self._load.get(name, 0) < self._capacity
         }
         wanted = limits
-        limits = await self._pacing.grant(self._outbox, limits, now)
+        claim = await self._pacing.plan(self._outbox, limits, now)
+        limits = claim.limits
         if not limits:
             return
         due = await self._outbox.due(
-            now, limits, exclude=self._in_flight, ordered=self._pacing.ordered
+            now,
+            limits,
+            exclude=self._in_flight,
+            ordered=self._pacing.ordered,
+            conversations=claim.conversations,
         )
         claimed = dict.fromkeys(limits, 0)
+        started = []
         for delivery in due:
             claimed[delivery.target] += 1
             room = self._load[delivery.target] < self._capacity
             if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
-        await self._pacing.settle(self._outbox, limits, claimed)
+                started.append(delivery)
+        await self._pacing.settle(self._outbox, claim, claimed, started)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
     def _start(self, delivery: Delivery) -> None:
@@ -388,7 +399,10 @@ class Dispatcher:
         except Exception:
             # Not recorded: they stay pending and are sent again later (at-least-once).
             log.exception("could not record %d deliveries to %s", len(batch), name)
+            self._pacing.conversations.changed(name, None)
             return
+        if name in self._pacing.ordered:
+            self._announce(name, batch, outcomes)
         for delivery, attempt, outcome, result in zip(
             batch, attempts, outcomes, results, strict=True
         ):
@@ -424,6 +438,15 @@ class Dispatcher:
                     outcome.reason,
                     extra=fields | {"outcome": "dead", "reason": outcome.reason},
                 )
+
+    def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
+        """The next delivery of each conversation may go now, or once this retry is due."""
+        conversations = self._pacing.conversations
+        for delivery, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, RetryAt):
+                conversations.retry_at(name, delivery.order_key, outcome.at)
+            else:
+                conversations.changed(name, delivery.order_key)
 
     async def _maybe_prune(self) -> None:
         now = self._clock()

@@ -11,15 +11,27 @@ can be cut to the tokens the rate limit grants.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from gateway.config import TargetConfig
+from gateway.delivery.ordering import Conversations
 from gateway.delivery.ratelimit import TokenBucket
-from gateway.outbox import Outbox
+from gateway.outbox import Delivery, Outbox
 
-__all__ = ["Pacing"]
+__all__ = ["Claim", "Pacing"]
 
 # The shortest wait before asking a shared bucket again, when it granted less than was wanted.
 _MIN_WAIT_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What to ask the outbox for: ``limits`` per target, and for ordered targets the
+    conversations whose first delivery may have changed (absent: every conversation)."""
+
+    limits: dict[str, int]
+    conversations: dict[str, set[str]]
+    asked: dict[str, set[str] | None]
 
 
 class Pacing:
@@ -31,6 +43,7 @@ class Pacing:
         self._starved: set[str] = set()
         # Whether the outbox keeps the buckets for every gateway (learnt at the first take).
         self._shared = False
+        self.conversations = Conversations()
         self.reconfigure(targets, now)
 
     def reconfigure(self, targets: Sequence[TargetConfig], now: float) -> None:
@@ -49,11 +62,37 @@ class Pacing:
         self.ordered = frozenset(t.name for t in targets if t.order == "conversation")
         self.claim_only = self.ordered | frozenset(limited)
         self._starved &= set(limited)
+        self.conversations.reconfigure(self.ordered)
 
-    async def grant(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> dict[str, int]:
-        """``limits`` cut to the tokens each rate-limited target may spend now (taken from the
-        bucket: hand back what is not used with :meth:`settle`). Targets granted nothing are
-        left out."""
+    async def plan(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> Claim:
+        """The claim to make: an ordered target with no conversation changed is left out (no
+        query at all), and each rate-limited target is cut to the tokens it may spend now
+        (taken from the bucket: :meth:`settle` gives back what is not used)."""
+        asked = self.conversations.request(now, limits)
+        wanted = {name: n for name, n in limits.items() if asked.get(name, None) != set()}
+        granted = await self._grant(outbox, wanted, now)
+        for name, keys in asked.items():
+            if name not in granted:  # no token: asked about again at the next claim
+                self.conversations.claimed(name, keys, (), complete=False)
+        conversations = {
+            name: keys for name, keys in asked.items() if keys is not None and name in granted
+        }
+        return Claim(limits=granted, conversations=conversations, asked=asked)
+
+    async def settle(
+        self, outbox: Outbox, claim: Claim, claimed: Mapping[str, int], started: Sequence[Delivery]
+    ) -> None:
+        """Tokens taken for deliveries that were not there go back; conversations the claim had
+        no room for are asked about again."""
+        await self._give_back(outbox, claim.limits, claimed)
+        for name in claim.limits:
+            if name not in claim.asked:
+                continue
+            keys = [d.order_key or "" for d in started if d.target == name]
+            complete = claimed.get(name, 0) < claim.limits[name]
+            self.conversations.claimed(name, claim.asked[name], keys, complete=complete)
+
+    async def _grant(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> dict[str, int]:
         granted = dict(limits)
         for name, target in self._targets.items():
             want = granted.get(name, 0)
@@ -73,10 +112,9 @@ class Pacing:
                 del granted[name]
         return granted
 
-    async def settle(
+    async def _give_back(
         self, outbox: Outbox, granted: Mapping[str, int], claimed: Mapping[str, int]
     ) -> None:
-        """Give back the tokens taken for deliveries that were not there to claim."""
         for name, target in self._targets.items():
             unused = granted.get(name, 0) - claimed.get(name, 0)
             if unused <= 0:
@@ -88,8 +126,12 @@ class Pacing:
                 self._buckets[name].give_back(unused)
 
     def wait_s(self, now: float, poll_s: float) -> float:
-        """How long the dispatcher may sleep before a starved target has a token again."""
+        """How long the dispatcher may sleep: until a starved target has a token again, or a
+        conversation's retry comes due."""
         wait = poll_s
+        retry = self.conversations.next_at()
+        if retry is not None:
+            wait = min(wait, max(0.0, retry - now))
         for name in self._starved:
             bucket = self._buckets[name]
             # A shared bucket's level is the database's: ask again after one token's time.

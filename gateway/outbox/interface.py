@@ -50,12 +50,15 @@ class Outbox(Protocol):
         limits: Mapping[str, int],
         exclude: Collection[str] = (),
         ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
         each target named there, leaving out the ids in ``exclude`` (in flight). For the
         targets in ``ordered``, a delivery with a conversation key is left out while an earlier
         one of its conversation (by acknowledgement, a replayed one at the back) is pending,
-        for this gateway or any other sharing the outbox."""
+        for this gateway or any other sharing the outbox; an ordered target that
+        ``conversations`` names is asked only for the first deliveries of those conversations
+        (the ones whose first delivery may have changed), not for every conversation."""
         ...
 
     async def take_tokens(

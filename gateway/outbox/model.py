@@ -61,6 +61,8 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     last_response: str | None = None
+    # Its conversation (a digest, see Route), for a target that keeps conversations in order.
+    order_key: str | None = None
 
     @classmethod
     def fresh(
@@ -89,6 +91,7 @@ class Delivery:
                 created_at=now,
                 next_attempt_at=now,
                 received_at=now,
+                order_key=route.key,
             )
             for route, delivery_id in zip(routes, ids, strict=True)
         ]

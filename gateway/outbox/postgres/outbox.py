@@ -260,18 +260,25 @@ class PostgresOutbox:
         limits: Mapping[str, int],
         exclude: Collection[str] = (),
         ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         wanted = dict(limits)
         keep_order = frozenset(ordered)
+        keys = {t: list(k) for t, k in (conversations or {}).items() if t in keep_order}
 
         async def claim(conn: Any) -> list[Delivery]:
             found: list[Delivery] = []
             for target, limit in wanted.items():
-                statement = sql.CLAIM_ORDERED if target in keep_order else sql.CLAIM
-                rows = await conn.fetch(
-                    statement, target, now, self.owner, skip, limit, self.config.lease_s
-                )
+                args = [target, now, self.owner, skip, limit, self.config.lease_s]
+                if target in keys:
+                    statement = sql.CLAIM_ORDERED_OF
+                    args.append(keys[target])
+                elif target in keep_order:
+                    statement = sql.CLAIM_ORDERED
+                else:
+                    statement = sql.CLAIM
+                rows = await conn.fetch(statement, *args)
                 found.extend(delivery_from_row(row, self._prefix) for row in rows)
             return found
 

@@ -25,6 +25,7 @@ __all__ = [
     "CHANNEL",
     "CLAIM",
     "CLAIM_ORDERED",
+    "CLAIM_ORDERED_OF",
     "COUNT",
     "EXCERPT_CHARS",
     "GET",
@@ -123,6 +124,13 @@ CLAIM_ORDERED: Final = _CLAIM.format(
     _NOW=_NOW,
     DELIVERY_COLUMNS=DELIVERY_COLUMNS,
     ordered=_FIRST_OF_ITS_CONVERSATION,
+)
+# The same for the conversations $7 only (those whose first delivery may have changed).
+CLAIM_ORDERED_OF: Final = _CLAIM.format(
+    SCHEMA=SCHEMA,
+    _NOW=_NOW,
+    DELIVERY_COLUMNS=DELIVERY_COLUMNS,
+    ordered=f"\n      AND c0.order_key = ANY($7::text[]){_FIRST_OF_ITS_CONVERSATION}",
 )
 
 # Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's

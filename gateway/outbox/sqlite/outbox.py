@@ -141,6 +141,7 @@ class SqliteOutbox:
         limits: Mapping[str, int],
         exclude: Collection[str] = (),
         ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
         each target named there, leaving out the ids in ``exclude`` (in flight). A delivery
@@ -154,6 +155,9 @@ class SqliteOutbox:
                 limits=dict(limits),
                 skip=frozenset(exclude),
                 ordered=frozenset(ordered),
+                conversations=None
+                if conversations is None
+                else {target: frozenset(keys) for target, keys in conversations.items()},
             ),
             read=True,
         )

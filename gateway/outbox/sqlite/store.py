@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -119,8 +120,8 @@ def insert_notification(
 def _intact(row: tuple[Any, ...]) -> bool:
     """Whether the notification behind a due row still has the digest stored with it: the
     delivery's own body, or for a split delivery (a part of it) the notification's body."""
-    notification_body = row[3] if row[15] is None else row[15]
-    return hashlib.sha256(notification_body).digest() == bytes(row[14])
+    notification_body = row[3] if row[16] is None else row[16]
+    return hashlib.sha256(notification_body).digest() == bytes(row[15])
 
 
 def due_deliveries(
@@ -130,10 +131,12 @@ def due_deliveries(
     limits: Mapping[str, int],
     skip: Collection[str],
     ordered: Collection[str] = (),
+    conversations: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
     leaving out the ids in ``skip`` and, for the ``ordered`` targets, every delivery behind an
-    earlier pending one of its conversation; and the row ids of due deliveries whose body no longer
+    earlier pending one of its conversation (only the conversations ``conversations`` names for
+    it, when it names any); and the row ids of due deliveries whose body no longer
     matches the digest stored when it was received (damaged in the file: never forwarded).
     One index seek per target: a target that is down with a million deliveries waiting costs
     nothing when it is not asked for."""
@@ -141,7 +144,8 @@ def due_deliveries(
     damaged: list[int] = []
     for target, limit in limits.items():
         if target in ordered:
-            rows = _first_of_conversations(conn, prefix, target, now, limit, skip)
+            keys = None if conversations is None else conversations.get(target)
+            rows = _first_of_conversations(conn, prefix, target, now, limit, skip, keys)
         else:
             rows = conn.execute(
                 f"{_DUE_SELECT} WHERE d.state = 'pending' AND d.target = ?"
@@ -172,6 +176,16 @@ _FIRST_DUE = (
     " ORDER BY next_attempt_at LIMIT ?"
 )
 
+# The same for the conversations of a JSON array of keys: each one's first pending delivery,
+# by one seek into the partial index, kept when it is due.
+_FIRST_DUE_OF = (
+    "SELECT h.id, h.next_attempt_at FROM (SELECT (SELECT e.id FROM deliveries e"
+    " WHERE e.state = 'pending' AND e.target = ?1 AND e.order_key = k.value"
+    " ORDER BY COALESCE(e.position, e.id) LIMIT 1) AS first FROM json_each(?2) AS k) AS f"
+    " JOIN deliveries h ON h.id = f.first WHERE h.next_attempt_at <= ?3"
+    " ORDER BY h.next_attempt_at LIMIT ?4"
+)
+
 _DUE_SELECT = (
     f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
     " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
@@ -186,20 +200,23 @@ def _first_of_conversations(
     now: float,
     limit: int,
     skip: Collection[str],
+    keys: Collection[str] | None,
 ) -> list[tuple[Any, ...]]:
-    """The due rows of an ordered target, each first of its conversation. The ids first, from
-    the narrow rows alone, and only then the bodies of those not in flight: the deliveries in
-    flight (most of a busy ordered target's first ones) are never read with their bodies."""
-    ids = [
-        rowid
-        for rowid, _ in conn.execute(_FIRST_DUE, (target, now, target, now, limit + len(skip)))
-        if delivery_id_of(prefix, rowid) not in skip
-    ][:limit]
+    """The due rows of an ordered target, each first of its conversation (of the conversations
+    ``keys``, when given: one index seek each instead of a pass over every one). The ids first,
+    from the narrow rows alone, and only then the bodies of those not in flight: the deliveries
+    in flight (most of a busy ordered target's first ones) are never read with their bodies."""
+    if keys is None:
+        heads = conn.execute(_FIRST_DUE, (target, now, target, now, limit + len(skip)))
+    else:
+        wanted = json.dumps(sorted(keys))
+        heads = conn.execute(_FIRST_DUE_OF, (target, wanted, now, limit + len(skip)))
+    ids = [rowid for rowid, _ in heads if delivery_id_of(prefix, rowid) not in skip][:limit]
     if not ids:
         return []
     marks = ", ".join("?" * len(ids))
     return conn.execute(
-        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending'"  # noqa: S608 (marks)
+        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending'"
         " ORDER BY d.next_attempt_at",
         ids,
     ).fetchall()

@@ -1,0 +1,108 @@
+"""Which conversations of each ordered target the next claim must look at.
+
+Rule: pure bookkeeping with the time passed in; the outbox alone decides what is first of a
+conversation (:meth:`gateway.outbox.Outbox.due`). A conversation's first pending delivery changes
+only when a delivery of it is stored (:meth:`Conversations.changed` from ``offer``), ends in
+delivery or dead letter (``changed`` again), or its retry comes due (:meth:`retry_at`). So a claim
+asks for those conversations alone, one index seek each, instead of a pass over every pending
+delivery of the target; with nothing changed, an ordered target costs no query at all.
+
+What it cannot see: deliveries stored by another worker or gateway, replays, and anything lost
+between a crash and a restart. For those a claim looks at every conversation: at the start, after
+a wake-up from outside (:meth:`everything`), and at the latest every :data:`FULL_EVERY_S`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Iterable
+
+__all__ = ["FULL_EVERY_S", "Conversations"]
+
+# The longest a conversation change no one announced (another worker's or gateway's delivery)
+# waits for a claim to notice it; the pass over every conversation costs about 2 us per pending
+# delivery of the target, so once a second is a few per cent of a core at 20,000 pending.
+FULL_EVERY_S = 1.0
+
+
+class Conversations:
+    def __init__(self) -> None:
+        self._keys: dict[str, set[str]] = {}
+        self._full: set[str] = set()
+        self._last_full: dict[str, float] = {}
+        self._retries: list[tuple[float, str, str]] = []
+
+    def reconfigure(self, ordered: Collection[str]) -> None:
+        """Keep order for ``ordered`` now: a target new to it is looked at in full first."""
+        for name in list(self._keys):
+            if name not in ordered:
+                del self._keys[name]
+                self._last_full.pop(name, None)
+        for name in ordered:
+            if name not in self._keys:
+                self._keys[name] = set()
+                self._full.add(name)
+        self._full &= set(ordered)
+        self._retries = [r for r in self._retries if r[1] in self._keys]
+        heapq.heapify(self._retries)
+
+    def everything(self) -> None:
+        """Something this process did not see may have changed any conversation."""
+        self._full |= set(self._keys)
+
+    def changed(self, target: str, key: str | None) -> None:
+        """A delivery of ``key`` was stored, delivered or dead-lettered (``None``: a delivery
+        with no conversation, which only a full look finds)."""
+        if target not in self._keys:
+            return
+        if key is None:
+            self._full.add(target)
+        else:
+            self._keys[target].add(key)
+
+    def retry_at(self, target: str, key: str | None, at: float) -> None:
+        """The first delivery of ``key`` is due again at ``at``."""
+        if target in self._keys:
+            heapq.heappush(self._retries, (at, target, key or ""))
+
+    def request(self, now: float, targets: Iterable[str]) -> dict[str, set[str] | None]:
+        """For each ordered one of ``targets``, the conversations to look at (``None``: all).
+        An empty set: nothing changed, no need to ask."""
+        while self._retries and self._retries[0][0] <= now:
+            _, target, key = heapq.heappop(self._retries)
+            self.changed(target, key or None)
+        asked: dict[str, set[str] | None] = {}
+        for name in targets:
+            keys = self._keys.get(name)
+            if keys is None:
+                continue
+            if name in self._full or now - self._last_full.get(name, 0.0) >= FULL_EVERY_S:
+                self._full.discard(name)
+                self._last_full[name] = now
+                keys.clear()
+                asked[name] = None
+            else:
+                # Taken out: a change announced while the claim runs is asked about again.
+                asked[name] = set(keys)
+                keys.clear()
+        return asked
+
+    def claimed(
+        self, target: str, asked: set[str] | None, started: Collection[str], complete: bool
+    ) -> None:
+        """What a claim for ``asked`` found: ``started`` conversations now have a delivery out
+        (its outcome announces the next); ``complete``: the claim had room for every first
+        delivery it found, so the others asked about have none due. Otherwise (or when the
+        claim did not happen: ``complete`` false, nothing started) they are asked about
+        again."""
+        keys = self._keys.get(target)
+        if keys is None or complete:
+            return
+        if asked is None:
+            self._full.add(target)
+        else:
+            keys |= asked - set(started)
+
+    def next_at(self) -> float | None:
+        """When the next retry comes due (for the dispatcher's sleep)."""
+        return self._retries[0][0] if self._retries else None
