@@ -360,3 +360,15 @@ async def test_purge_dead_takes_dead_letters_older_than_the_retention_only(
     assert removed == (0 if kept else 1)
     assert (await outbox.get(dead.id) is not None) is kept
     assert await outbox.get(pending.id) is not None
+
+
+async def test_first_of_conversations_reads_which_fresh_deliveries_lead_their_conversation(
+    outbox: Outbox,
+) -> None:
+    """Of fresh deliveries, those with no earlier pending one in their conversation lead it; a
+    dead letter ahead no longer holds one back."""
+    a1, b1, a2 = [await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a"])]
+    assert await outbox.first_of_conversations([a1, b1, a2]) == {a1.id, b1.id}
+    await outbox.record_many([(a1.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1001.0)
+    assert await outbox.first_of_conversations([a2]) == {a2.id}
+    assert await outbox.first_of_conversations([]) == set()

@@ -38,6 +38,7 @@ class Pacing:
     def __init__(self, targets: Sequence[TargetConfig], now: float) -> None:
         self.ordered: frozenset[str] = frozenset()
         self.claim_only: frozenset[str] = frozenset()
+        self.unpaced_ordered: frozenset[str] = frozenset()
         self._targets: dict[str, TargetConfig] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._starved: set[str] = set()
@@ -61,6 +62,9 @@ class Pacing:
         self._targets, self._buckets = limited, buckets
         self.ordered = frozenset(t.name for t in targets if t.order == "conversation")
         self.claim_only = self.ordered | frozenset(limited)
+        # Ordered without a rate limit: a fresh delivery first of its conversation may start
+        # at once, after a check of its order alone (no token to take).
+        self.unpaced_ordered = self.ordered - frozenset(limited)
         self._starved &= set(limited)
         self.conversations.reconfigure(self.ordered)
 

@@ -61,6 +61,12 @@ class Outbox(Protocol):
         (the ones whose first delivery may have changed), not for every conversation."""
         ...
 
+    async def first_of_conversations(self, deliveries: Sequence[Delivery]) -> set[str]:
+        """The ids of those ``deliveries`` (just accepted, each with a conversation key) that
+        no earlier pending delivery of their conversation holds back: reading the keys alone,
+        never a body."""
+        ...
+
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
     ) -> int | None:

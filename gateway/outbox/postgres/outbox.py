@@ -239,6 +239,18 @@ class PostgresOutbox:
             now=now,
         )
 
+    async def first_of_conversations(self, deliveries: Sequence[Delivery]) -> set[str]:
+        wanted = [
+            (rowid, d.target, d.order_key)
+            for d in deliveries
+            if (rowid := rowid_of(d.id, self._prefix)) is not None and d.order_key is not None
+        ]
+        if not wanted:
+            return set()
+        ids, targets, keys = (list(column) for column in zip(*wanted, strict=True))
+        rows = await self._run(lambda conn: conn.fetch(sql.FIRST_OF, ids, targets, keys))
+        return {delivery_id_of(self._prefix, int(row[0])) for row in rows}
+
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
     ) -> int | None:

@@ -28,6 +28,7 @@ __all__ = [
     "CLAIM_ORDERED_OF",
     "COUNT",
     "EXCERPT_CHARS",
+    "FIRST_OF",
     "GET",
     "GIVE_BACK_TOKENS",
     "HELD_BACK",
@@ -132,6 +133,15 @@ CLAIM_ORDERED_OF: Final = _CLAIM.format(
     DELIVERY_COLUMNS=DELIVERY_COLUMNS,
     ordered=f"\n      AND c0.order_key = ANY($7::text[]){_FIRST_OF_ITS_CONVERSATION}",
 )
+
+# Of deliveries just accepted (ids $1, targets $2, keys $3), those no earlier pending delivery
+# of their conversation holds back.
+FIRST_OF: Final = f"""
+SELECT u.id FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u (id, target, key)
+WHERE NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries e
+    WHERE e.state = 'pending' AND e.target = u.target AND e.order_key = u.key
+      AND {_PLACE.format("e")} < u.id)
+"""
 
 # Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's
 # clock, up to $3), for every gateway at once: the row is locked by the statement, and the new

@@ -124,6 +124,17 @@ class SqliteOutbox:
             now=now,
         )
 
+    async def first_of_conversations(self, deliveries: Sequence[Delivery]) -> set[str]:
+        wanted = [
+            (rowid, d.target, d.order_key)
+            for d in deliveries
+            if (rowid := rowid_of(d.id, self._prefix)) is not None and d.order_key is not None
+        ]
+        if not wanted:
+            return set()
+        first = await self.run(functools.partial(store.first_of, wanted=wanted), read=True)
+        return {delivery_id_of(self._prefix, rowid) for rowid in first}
+
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
     ) -> int | None:

@@ -40,6 +40,7 @@ __all__ = [
     "count_states",
     "dead_letter_damaged",
     "due_deliveries",
+    "first_of",
     "held_back",
     "insert_notification",
     "list_deliveries",
@@ -242,6 +243,18 @@ def backlog(conn: sqlite3.Connection) -> list[Backlog]:
         " WHERE state IN ('pending', 'dead') GROUP BY state, target"
     ).fetchall()
     return backlog_from_rows(rows)
+
+
+def first_of(conn: sqlite3.Connection, wanted: Sequence[tuple[int, str, str]]) -> list[int]:
+    """Of the deliveries ``wanted`` (row id, target, conversation key), those with no earlier
+    pending delivery in their conversation: index seeks, no row read."""
+    rows = conn.execute(
+        "SELECT j.value ->> 0 FROM json_each(?) AS j WHERE NOT EXISTS (SELECT 1 FROM deliveries e"
+        " WHERE e.state = 'pending' AND e.target = j.value ->> 1"
+        " AND e.order_key = j.value ->> 2 AND COALESCE(e.position, e.id) < j.value ->> 0)",
+        (json.dumps(wanted),),
+    ).fetchall()
+    return [int(row[0]) for row in rows]
 
 
 def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:
