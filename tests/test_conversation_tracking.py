@@ -3,7 +3,7 @@ pure bookkeeping, the time passed in."""
 
 from __future__ import annotations
 
-from gateway.delivery.ordering import FULL_EVERY_S, Conversations
+from gateway.delivery.ordering import FULL_AGAIN_S, FULL_EVERY_S, Conversations
 
 
 def _tracking(now: float = 100.0) -> Conversations:
@@ -27,9 +27,9 @@ def test_a_new_ordered_target_is_looked_at_in_full_then_only_where_something_cha
 
 
 def test_what_a_claim_had_no_room_for_is_asked_again_and_a_full_look_recurs() -> None:
-    """A claim cut short asks again about what it did not start; a claim that did not happen
-    keeps everything; a full look comes at least every FULL_EVERY_S, and after a wake-up
-    from outside."""
+    """A claim cut short asks again about what it did not start; a full look cut short comes
+    again FULL_AGAIN_S later; a full look comes at least every FULL_EVERY_S, and after a
+    wake-up from outside."""
     conversations = _tracking()
     conversations.changed("t", "k1")
     conversations.changed("t", "k2")
@@ -42,7 +42,11 @@ def test_what_a_claim_had_no_room_for_is_asked_again_and_a_full_look_recurs() ->
     conversations.everything()
     assert conversations.request(101.1, ["t"]) == {"t": None}
     conversations.claimed("t", None, [], complete=False)
-    assert conversations.request(101.2, ["t"]) == {"t": None}
+    assert conversations.request(101.1 + FULL_AGAIN_S / 2, ["t"]) == {"t": set()}
+    assert conversations.request(101.1 + FULL_AGAIN_S, ["t"]) == {"t": None}
+    conversations.claimed("t", None, [], complete=False, took_s=0.05)  # a slow look: 10x
+    assert conversations.request(101.1 + FULL_AGAIN_S + 0.4, ["t"]) == {"t": set()}
+    assert conversations.request(101.1 + FULL_AGAIN_S + 0.5, ["t"]) == {"t": None}
 
 
 def test_a_change_during_a_claim_is_not_lost() -> None:

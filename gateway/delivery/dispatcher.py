@@ -348,6 +348,7 @@ class Dispatcher:
             ordered=self._pacing.ordered,
             conversations=claim.conversations,
         )
+        took_s = self._clock() - now
         claimed = dict.fromkeys(limits, 0)
         started = []
         for delivery in due:
@@ -356,7 +357,7 @@ class Dispatcher:
             if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
                 started.append(delivery)
-        await self._pacing.settle(self._outbox, claim, claimed, started)
+        await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
     def _start(self, delivery: Delivery) -> None:

@@ -17,12 +17,18 @@ from __future__ import annotations
 import heapq
 from collections.abc import Collection, Iterable
 
-__all__ = ["FULL_EVERY_S", "Conversations"]
+__all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "Conversations"]
 
 # The longest a conversation change no one announced (another worker's or gateway's delivery)
 # waits for a claim to notice it; the pass over every conversation costs about 2 us per pending
 # delivery of the target, so once a second is a few per cent of a core at 20,000 pending.
 FULL_EVERY_S = 1.0
+# After a look at every conversation that had no room for all it found: the next such look,
+# at the soonest, or ten times as long as that look took (a look at a million pending
+# deliveries takes most of a second: it then gets a tenth of the dispatcher's time, at most).
+# Meanwhile the conversations it did start announce their next deliveries.
+FULL_AGAIN_S = 0.05
+_FULL_SHARE = 10
 
 
 class Conversations:
@@ -88,7 +94,12 @@ class Conversations:
         return asked
 
     def claimed(
-        self, target: str, asked: set[str] | None, started: Collection[str], complete: bool
+        self,
+        target: str,
+        asked: set[str] | None,
+        started: Collection[str],
+        complete: bool,
+        took_s: float = 0.0,
     ) -> None:
         """What a claim for ``asked`` found: ``started`` conversations now have a delivery out
         (its outcome announces the next); ``complete``: the claim had room for every first
@@ -99,7 +110,11 @@ class Conversations:
         if keys is None or complete:
             return
         if asked is None:
-            self._full.add(target)
+            # Not at once: each look reads every pending delivery's index entry, and while the
+            # target is this busy its started conversations keep it supplied.
+            again = min(FULL_EVERY_S, max(FULL_AGAIN_S, _FULL_SHARE * took_s))
+            last = self._last_full.get(target, 0.0)
+            self._last_full[target] = min(last, last - FULL_EVERY_S + again)
         else:
             keys |= asked - set(started)
 

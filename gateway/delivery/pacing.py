@@ -84,17 +84,24 @@ class Pacing:
         return Claim(limits=granted, conversations=conversations, asked=asked)
 
     async def settle(
-        self, outbox: Outbox, claim: Claim, claimed: Mapping[str, int], started: Sequence[Delivery]
+        self,
+        outbox: Outbox,
+        claim: Claim,
+        claimed: Mapping[str, int],
+        started: Sequence[Delivery],
+        took_s: float = 0.0,
     ) -> None:
         """Tokens taken for deliveries that were not there go back; conversations the claim had
-        no room for are asked about again."""
+        no room for are asked about again (``took_s``: how long the claim took)."""
         await self._give_back(outbox, claim.limits, claimed)
         for name in claim.limits:
             if name not in claim.asked:
                 continue
             keys = [d.order_key or "" for d in started if d.target == name]
             complete = claimed.get(name, 0) < claim.limits[name]
-            self.conversations.claimed(name, claim.asked[name], keys, complete=complete)
+            self.conversations.claimed(
+                name, claim.asked[name], keys, complete=complete, took_s=took_s
+            )
 
     async def _grant(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> dict[str, int]:
         granted = dict(limits)
