@@ -362,13 +362,19 @@ async def test_purge_dead_takes_dead_letters_older_than_the_retention_only(
     assert await outbox.get(pending.id) is not None
 
 
-async def test_first_of_conversations_reads_which_fresh_deliveries_lead_their_conversation(
+async def test_accept_says_which_fresh_deliveries_an_earlier_one_holds_back(
     outbox: Outbox,
 ) -> None:
-    """Of fresh deliveries, those with no earlier pending one in their conversation lead it; a
-    dead letter ahead no longer holds one back."""
+    """A fresh keyed delivery is behind when an earlier one of its conversation is pending
+    (also one of the same notification); a dead letter ahead no longer holds it back."""
     a1, b1, a2 = [await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a"])]
-    assert await outbox.first_of_conversations([a1, b1, a2]) == {a1.id, b1.id}
-    await outbox.record_many([(a1.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1001.0)
-    assert await outbox.first_of_conversations([a2]) == {a2.id}
-    assert await outbox.first_of_conversations([]) == set()
+    assert [d.behind for d in (a1, b1, a2)] == [False, False, True]
+    twice = await outbox.accept(
+        b'{"k":"twice"}', SIG, [Route("t", b"1", "c"), Route("t", b"2", "c")], 1000.0
+    )
+    assert [d.behind for d in twice or []] == [False, True]
+    refused = AttemptResult(status=400)
+    for d in (a1, a2):
+        await outbox.record_many([(d.id, DeadLetter("HTTP 400"), refused)], 1001.0)
+    assert not (await keyed(outbox, 9, "a")).behind
+    assert not (await keyed(outbox, 10, None)).behind

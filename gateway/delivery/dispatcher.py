@@ -149,21 +149,15 @@ class Dispatcher:
         woken to claim it as attempts finish; for a paused or probing target, the target's
         probes reach it on the poll interval."""
         claim_only = self._pacing.claim_only
-        ordered: list[Delivery] = []
         for delivery in deliveries:
             health = self._health.get(delivery.target)
-            if delivery.target in claim_only:
-                if (
-                    delivery.target in self._pacing.unpaced_ordered
-                    and delivery.order_key is not None
-                    and health is not None
-                    and not health.probing
-                    and delivery.id not in self._in_flight
-                    and self._load[delivery.target] < self._capacity
-                ):
-                    ordered.append(delivery)
-                    continue
-                # Paced, or no room: only a claim knows what may start.
+            if delivery.target in claim_only and not (
+                # First of its conversation when it was accepted, so still (see Delivery).
+                delivery.target in self._pacing.unpaced_ordered
+                and delivery.order_key is not None
+                and not delivery.behind
+            ):
+                # Paced, or behind another: only a claim knows when it may start.
                 self._pacing.conversations.changed(delivery.target, delivery.order_key)
                 self._wake.set()
                 continue
@@ -171,46 +165,14 @@ class Dispatcher:
                 # A failing target gets them through its probes, on the poll interval: waking
                 # the loop for every notification would only query a target that cannot take
                 # them.
+                self._pacing.conversations.changed(delivery.target, delivery.order_key)
                 continue
             if self._load[delivery.target] >= self._capacity:
+                self._pacing.conversations.changed(delivery.target, delivery.order_key)
                 self._backlog = True
                 self._wake.set()
                 continue
             self._start(delivery)
-        if ordered:
-            self._start_first_of_conversations(ordered)
-
-    def _start_first_of_conversations(self, offered: list[Delivery]) -> None:
-        """Start those of ``offered`` that are first of their conversation, as the outbox
-        says (an index seek each, not a claim reading bodies back); the others are left to the
-        claim that follows the delivery ahead of them. Held in ``_in_flight`` meanwhile, so
-        that no claim starts them too."""
-        self._in_flight.update(d.id for d in offered)
-
-        async def check() -> None:
-            try:
-                first = await self._outbox.first_of_conversations(offered)
-            except Exception:  # the claims will find them
-                log.exception("could not check the order of %d deliveries", len(offered))
-                first = set()
-            for delivery in offered:
-                self._in_flight.discard(delivery.id)
-            for delivery in offered:
-                target = delivery.target
-                if (
-                    delivery.id in first
-                    and not self._stopping
-                    and target in self._targets
-                    and self._load[target] < self._capacity
-                ):
-                    self._start(delivery)
-                else:
-                    self._pacing.conversations.changed(target, delivery.order_key)
-                    self._wake.set()
-
-        task = asyncio.create_task(check())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
 
     def reconfigure(self, targets: Sequence[TargetConfig], settings: DispatcherConfig) -> None:
         """Take new targets and settings (a reload). A target whose settings are unchanged keeps

@@ -40,8 +40,9 @@ class Outbox(Protocol):
         self, body: bytes, signature: str, routes: Sequence[Route], now: float
     ) -> list[Delivery] | None:
         """Store a verified notification and one delivery per route, durably; return the
-        deliveries. ``None``: an identical body was accepted inside the deduplication window,
-        and nothing new is stored."""
+        deliveries, each keyed one saying whether an earlier pending delivery of its
+        conversation holds it back (``Delivery.behind``). ``None``: an identical body was
+        accepted inside the deduplication window, and nothing new is stored."""
         ...
 
     async def due(
@@ -59,12 +60,6 @@ class Outbox(Protocol):
         for this gateway or any other sharing the outbox; an ordered target that
         ``conversations`` names is asked only for the first deliveries of those conversations
         (the ones whose first delivery may have changed), not for every conversation."""
-        ...
-
-    async def first_of_conversations(self, deliveries: Sequence[Delivery]) -> set[str]:
-        """The ids of those ``deliveries`` (just accepted, each with a conversation key) that
-        no earlier pending delivery of their conversation holds back: reading the keys alone,
-        never a body."""
         ...
 
     async def take_tokens(

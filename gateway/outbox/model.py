@@ -7,7 +7,7 @@ reads :class:`Delivery` and records an :data:`Outcome`). No storage engine is na
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -61,8 +61,11 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     last_response: str | None = None
-    # Its conversation (a digest, see Route), for a target that keeps conversations in order.
+    # Its conversation (a digest, see Route), for a target that keeps conversations in order,
+    # and whether an earlier delivery of that conversation was pending when it was accepted
+    # (a fresh delivery that is not behind one may start at once).
     order_key: str | None = None
+    behind: bool = False
 
     @classmethod
     def fresh(
@@ -74,10 +77,12 @@ class Delivery:
         body: bytes,
         signature: str,
         now: float,
+        behind: Collection[str] = (),
     ) -> list[Delivery]:
         """The deliveries a backend has just stored for one notification, one per route (the
         ids in the same order), as :meth:`Outbox.accept` returns them: built after the commit,
-        never read back."""
+        never read back. ``behind``: the ids of those an earlier pending delivery of their
+        conversation holds back."""
         return [
             cls(
                 id=delivery_id,
@@ -92,6 +97,7 @@ class Delivery:
                 next_attempt_at=now,
                 received_at=now,
                 order_key=route.key,
+                behind=delivery_id in behind,
             )
             for route, delivery_id in zip(routes, ids, strict=True)
         ]

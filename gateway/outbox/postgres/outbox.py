@@ -230,6 +230,14 @@ class PostgresOutbox:
         notification_id, ids = row[0], row[1]
         if notification_id is None:
             return None
+        behind = set(row[3] or ())
+        seen: set[tuple[str, str]] = set()
+        for route, rowid in zip(routes, ids or [], strict=True):
+            # The statement sees what was committed before it, not its own earlier rows.
+            if route.key is not None:
+                if (route.target, route.key) in seen:
+                    behind.add(rowid)
+                seen.add((route.target, route.key))
         return Delivery.fresh(
             [delivery_id_of(self._prefix, rowid) for rowid in ids or []],
             routes,
@@ -237,19 +245,8 @@ class PostgresOutbox:
             body=body,
             signature=signature,
             now=now,
+            behind=[delivery_id_of(self._prefix, rowid) for rowid in behind],
         )
-
-    async def first_of_conversations(self, deliveries: Sequence[Delivery]) -> set[str]:
-        wanted = [
-            (rowid, d.target, d.order_key)
-            for d in deliveries
-            if (rowid := rowid_of(d.id, self._prefix)) is not None and d.order_key is not None
-        ]
-        if not wanted:
-            return set()
-        ids, targets, keys = (list(column) for column in zip(*wanted, strict=True))
-        rows = await self._run(lambda conn: conn.fetch(sql.FIRST_OF, ids, targets, keys))
-        return {delivery_id_of(self._prefix, int(row[0])) for row in rows}
 
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int

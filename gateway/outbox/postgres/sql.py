@@ -28,7 +28,6 @@ __all__ = [
     "CLAIM_ORDERED_OF",
     "COUNT",
     "EXCERPT_CHARS",
-    "FIRST_OF",
     "GET",
     "GIVE_BACK_TOKENS",
     "HELD_BACK",
@@ -55,7 +54,9 @@ _NOW = "extract(epoch FROM clock_timestamp())"
 
 # One statement, one round trip: the deduplication upsert, the notification, one delivery per
 # route (targets $6, bodies $7, NULL for Meta's bytes), leased to $8 for $9 seconds when $8 is
-# set; $12: each delivery's conversation key (NULL: none). Always exactly one row: the
+# set; $12: each delivery's conversation key (NULL: none), and ``behind`` the ids of those an
+# earlier pending delivery of their conversation holds back (of those committed before this
+# statement: the caller adds the notification's own). Always exactly one row: the
 # notification id and its delivery ids in route order, or NULLs for a duplicate. $10: announce
 # the new deliveries to every gateway (when no lease holds them).
 # A body is new when the digest was last seen outside the window around now ($3 and $11, that
@@ -79,11 +80,14 @@ WITH fresh AS (
     FROM n, unnest($6::text[], $7::bytea[], $12::text[]) WITH ORDINALITY
         AS r (target, body, key, ord)
     ORDER BY r.ord
-    RETURNING id
+    RETURNING id, target, order_key
 )
 SELECT (SELECT id FROM n) AS notification_id,
     (SELECT array_agg(id ORDER BY id) FROM x) AS ids,
-    (SELECT pg_notify('{CHANNEL}', '') FROM n WHERE $10::boolean) AS announced
+    (SELECT pg_notify('{CHANNEL}', '') FROM n WHERE $10::boolean) AS announced,
+    (SELECT array_agg(x.id) FROM x WHERE x.order_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM {SCHEMA}.deliveries e WHERE e.state = 'pending' AND e.target = x.target
+        AND e.order_key = x.order_key AND COALESCE(e.position, e.id) < x.id)) AS behind
 """
 
 
@@ -133,15 +137,6 @@ CLAIM_ORDERED_OF: Final = _CLAIM.format(
     DELIVERY_COLUMNS=DELIVERY_COLUMNS,
     ordered=f"\n      AND c0.order_key = ANY($7::text[]){_FIRST_OF_ITS_CONVERSATION}",
 )
-
-# Of deliveries just accepted (ids $1, targets $2, keys $3), those no earlier pending delivery
-# of their conversation holds back.
-FIRST_OF: Final = f"""
-SELECT u.id FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u (id, target, key)
-WHERE NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries e
-    WHERE e.state = 'pending' AND e.target = u.target AND e.order_key = u.key
-      AND {_PLACE.format("e")} < u.id)
-"""
 
 # Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's
 # clock, up to $3), for every gateway at once: the row is locked by the statement, and the new

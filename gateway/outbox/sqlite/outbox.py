@@ -114,7 +114,7 @@ class SqliteOutbox:
             return None
         # The Delivery objects are built here, after the commit, rather than in the job: the
         # job runs under the write lock that the other worker processes wait for.
-        notification_id, rowids = stored
+        notification_id, rowids, behind = stored
         return Delivery.fresh(
             [delivery_id_of(self._prefix, rowid) for rowid in rowids],
             routes,
@@ -122,18 +122,8 @@ class SqliteOutbox:
             body=body,
             signature=signature,
             now=now,
+            behind=[delivery_id_of(self._prefix, rowid) for rowid in behind],
         )
-
-    async def first_of_conversations(self, deliveries: Sequence[Delivery]) -> set[str]:
-        wanted = [
-            (rowid, d.target, d.order_key)
-            for d in deliveries
-            if (rowid := rowid_of(d.id, self._prefix)) is not None and d.order_key is not None
-        ]
-        if not wanted:
-            return set()
-        first = await self.run(functools.partial(store.first_of, wanted=wanted), read=True)
-        return {delivery_id_of(self._prefix, rowid) for rowid in first}
 
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int

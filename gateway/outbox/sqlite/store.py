@@ -40,7 +40,6 @@ __all__ = [
     "count_states",
     "dead_letter_damaged",
     "due_deliveries",
-    "first_of",
     "held_back",
     "insert_notification",
     "list_deliveries",
@@ -68,6 +67,11 @@ _INSERT_NOTIFICATION = (
 _INSERT_DELIVERY = (
     "INSERT INTO deliveries (notification_id, target, body, state, created_at, next_attempt_at,"
     " updated_at, order_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)"
+)
+# Whether an earlier delivery of a conversation is pending (a seek in the partial index).
+_BEHIND = (
+    "SELECT EXISTS (SELECT 1 FROM deliveries WHERE state = 'pending' AND target = ?"
+    " AND order_key = ? AND COALESCE(position, id) < ?)"
 )
 # A delivery's place in its conversation: its id, or where a replay put it (see replay_*).
 _PLACE = "COALESCE({0}.position, {0}.id)"
@@ -97,9 +101,10 @@ def insert_notification(
     signature: str,
     body: bytes,
     routes: Sequence[Route],
-) -> tuple[int, list[int]] | None:
-    """Store a notification and one delivery per route; ``(notification id, delivery row ids)``,
-    or ``None`` when a body with the same digest was received since ``since``."""
+) -> tuple[int, list[int], list[int]] | None:
+    """Store a notification and one delivery per route; ``(notification id, delivery row ids,
+    the row ids of those an earlier pending delivery of their conversation holds back)``, or
+    ``None`` when a body with the same digest was received since ``since``."""
     cursor = conn.execute(_INSERT_NOTIFICATION, (digest, now, signature, body, digest, since))
     if cursor.rowcount == 0:
         return None
@@ -107,7 +112,7 @@ def insert_notification(
     assert notification_id is not None
     # One execute per route, not executemany: each insert's lastrowid is its id, and the usual
     # single route costs less this way.
-    rowids = []
+    rowids, behind = [], []
     for route in routes:
         rowid = conn.execute(
             _INSERT_DELIVERY,
@@ -115,7 +120,12 @@ def insert_notification(
         ).lastrowid
         assert rowid is not None
         rowids.append(rowid)
-    return notification_id, rowids
+        # In the same transaction: what it sees is exactly what was acknowledged before.
+        if route.key is not None:
+            (held,) = conn.execute(_BEHIND, (route.target, route.key, rowid)).fetchone()
+            if held:
+                behind.append(rowid)
+    return notification_id, rowids, behind
 
 
 def _intact(row: tuple[Any, ...]) -> bool:
@@ -243,18 +253,6 @@ def backlog(conn: sqlite3.Connection) -> list[Backlog]:
         " WHERE state IN ('pending', 'dead') GROUP BY state, target"
     ).fetchall()
     return backlog_from_rows(rows)
-
-
-def first_of(conn: sqlite3.Connection, wanted: Sequence[tuple[int, str, str]]) -> list[int]:
-    """Of the deliveries ``wanted`` (row id, target, conversation key), those with no earlier
-    pending delivery in their conversation: index seeks, no row read."""
-    rows = conn.execute(
-        "SELECT j.value ->> 0 FROM json_each(?) AS j WHERE NOT EXISTS (SELECT 1 FROM deliveries e"
-        " WHERE e.state = 'pending' AND e.target = j.value ->> 1"
-        " AND e.order_key = j.value ->> 2 AND COALESCE(e.position, e.id) < j.value ->> 0)",
-        (json.dumps(wanted),),
-    ).fetchall()
-    return [int(row[0]) for row in rows]
 
 
 def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:
