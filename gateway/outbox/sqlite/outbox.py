@@ -35,7 +35,7 @@ from gateway.outbox.model import (
     State,
 )
 from gateway.outbox.rows import delivery_id_of, rowid_of
-from gateway.outbox.sqlite import history, layout, store
+from gateway.outbox.sqlite import conversations, history, layout, store
 from gateway.outbox.sqlite.writer import Writer
 
 __all__ = ["SqliteOutbox"]
@@ -223,7 +223,7 @@ class SqliteOutbox:
         wanted = tuple(targets)
         if not wanted:
             return {}
-        return await self.run(functools.partial(store.held_back, targets=wanted), read=True)
+        return await self.run(functools.partial(conversations.held_back, targets=wanted), read=True)
 
     async def ping(self) -> None:
         """Through the writer, in a write transaction: it takes the write lock a notification's

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from gateway.outbox.rows import (
     delivery_id_of,
     rowid_of,
 )
+from gateway.outbox.sqlite import conversations
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "count_states",
     "dead_letter_damaged",
     "due_deliveries",
-    "held_back",
     "insert_notification",
     "list_deliveries",
     "prune_delivered",
@@ -67,20 +66,6 @@ _INSERT_NOTIFICATION = (
 _INSERT_DELIVERY = (
     "INSERT INTO deliveries (notification_id, target, body, state, created_at, next_attempt_at,"
     " updated_at, order_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)"
-)
-# Whether an earlier delivery of a conversation is pending (a seek in the partial index).
-_BEHIND = (
-    "SELECT EXISTS (SELECT 1 FROM deliveries WHERE state = 'pending' AND target = ?"
-    " AND order_key = ? AND COALESCE(position, id) < ?)"
-)
-# A delivery's place in its conversation: its id, or where a replay put it (see replay_*).
-_PLACE = "COALESCE({0}.position, {0}.id)"
-# A delivery with a conversation waits while an earlier one of it is pending: retrying, in
-# flight, or waiting for an open breaker. A dead letter is not pending, so it releases the key.
-_FIRST_OF_ITS_CONVERSATION = (
-    " AND (d.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries e"  # noqa: S608
-    " WHERE e.state = 'pending' AND e.target = d.target AND e.order_key = d.order_key"
-    f" AND {_PLACE.format('e')} < {_PLACE.format('d')}))"
 )
 # Prune: a notification goes once it is older than the horizon and has no deliveries left.
 _DELETE_ORPHAN = (
@@ -121,10 +106,9 @@ def insert_notification(
         assert rowid is not None
         rowids.append(rowid)
         # In the same transaction: what it sees is exactly what was acknowledged before.
-        if route.key is not None:
-            (held,) = conn.execute(_BEHIND, (route.target, route.key, rowid)).fetchone()
-            if held:
-                behind.append(rowid)
+        key = route.key
+        if key is not None and conversations.is_behind(conn, route.target, key, rowid):
+            behind.append(rowid)
     return notification_id, rowids, behind
 
 
@@ -173,37 +157,6 @@ def due_deliveries(
     return found, damaged
 
 
-# An ordered target's due deliveries that are first of their conversation: for the keyed ones,
-# one pass over the partial index of keyed pending rows (it holds the place and the due time, so
-# the rows themselves are not read), taking each conversation's first (SQLite gives the bare
-# columns of the row that holds the MIN: https://sqlite.org/lang_select.html#bareagg); and the
-# unkeyed ones, accepted before the target kept order, in time order.
-_FIRST_DUE = (
-    "SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at,"
-    " MIN(COALESCE(position, id)) FROM deliveries WHERE state = 'pending' AND target = ?"
-    " AND order_key IS NOT NULL GROUP BY order_key) WHERE next_attempt_at <= ?"
-    " UNION ALL SELECT id, next_attempt_at FROM deliveries WHERE state = 'pending'"
-    " AND target = ? AND next_attempt_at <= ? AND order_key IS NULL"
-    " ORDER BY next_attempt_at LIMIT ?"
-)
-
-# The same for the conversations of a JSON array of keys: each one's first pending delivery,
-# by one seek into the partial index, kept when it is due.
-_FIRST_DUE_OF = (
-    "SELECT h.id, h.next_attempt_at FROM (SELECT (SELECT e.id FROM deliveries e"
-    " WHERE e.state = 'pending' AND e.target = ?1 AND e.order_key = k.value"
-    " ORDER BY COALESCE(e.position, e.id) LIMIT 1) AS first FROM json_each(?2) AS k) AS f"
-    " JOIN deliveries h ON h.id = f.first WHERE h.next_attempt_at <= ?3"
-    " ORDER BY h.next_attempt_at LIMIT ?4"
-)
-
-_DUE_SELECT = (
-    f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
-    " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
-    " JOIN notifications n ON n.id = d.notification_id"
-)
-
-
 def _first_of_conversations(
     conn: sqlite3.Connection,
     prefix: str,
@@ -213,16 +166,12 @@ def _first_of_conversations(
     skip: Collection[str],
     keys: Collection[str] | None,
 ) -> list[tuple[Any, ...]]:
-    """The due rows of an ordered target, each first of its conversation (of the conversations
-    ``keys``, when given: one index seek each instead of a pass over every one). The ids first,
-    from the narrow rows alone, and only then the bodies of those not in flight: the deliveries
-    in flight (most of a busy ordered target's first ones) are never read with their bodies."""
-    if keys is None:
-        heads = conn.execute(_FIRST_DUE, (target, now, target, now, limit + len(skip)))
-    else:
-        wanted = json.dumps(sorted(keys))
-        heads = conn.execute(_FIRST_DUE_OF, (target, wanted, now, limit + len(skip)))
-    ids = [rowid for rowid, _ in heads if delivery_id_of(prefix, rowid) not in skip][:limit]
+    """The due rows of an ordered target, each first of its conversation (see
+    :func:`conversations.first_due`). The ids first, from the index alone, and only then the
+    bodies of those not in flight: the deliveries in flight (most of a busy ordered target's
+    first ones) are never read with their bodies."""
+    heads = conversations.first_due(conn, target, now, limit + len(skip), keys)
+    ids = [rowid for rowid in heads if delivery_id_of(prefix, rowid) not in skip][:limit]
     if not ids:
         return []
     marks = ", ".join("?" * len(ids))
@@ -231,6 +180,13 @@ def _first_of_conversations(
         " ORDER BY d.next_attempt_at",
         ids,
     ).fetchall()
+
+
+_DUE_SELECT = (
+    f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
+    " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
+    " JOIN notifications n ON n.id = d.notification_id"
+)
 
 
 DAMAGED = "body no longer matches the digest stored when it was received (outbox file damaged)"
@@ -253,19 +209,6 @@ def backlog(conn: sqlite3.Connection) -> list[Backlog]:
         " WHERE state IN ('pending', 'dead') GROUP BY state, target"
     ).fetchall()
     return backlog_from_rows(rows)
-
-
-def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:
-    """Per target, the conversations with more than one pending delivery: those with a
-    delivery waiting behind an earlier one (over the partial index of keyed pending rows)."""
-    marks = ", ".join("?" * len(targets))
-    rows = conn.execute(
-        "SELECT target, COUNT(*) FROM (SELECT target FROM deliveries"  # noqa: S608 (marks)
-        f" WHERE state = 'pending' AND order_key IS NOT NULL AND target IN ({marks})"
-        " GROUP BY target, order_key HAVING COUNT(*) > 1) GROUP BY target",
-        targets,
-    ).fetchall()
-    return {str(target): int(count) for target, count in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,31 +383,6 @@ def list_deliveries(
     return [delivery_from_row(row, prefix) for row in rows]
 
 
-# Replayed deliveries with a conversation go to its back: each takes a new place from the
-# deliveries' own id counter (sqlite_sequence, which AUTOINCREMENT keeps), so every delivery
-# accepted later comes after them too. Among themselves they keep their order.
-_TAKE_PLACES = (
-    "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'deliveries'"
-    " RETURNING seq - ?"
-)
-
-
-def _to_the_back(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> None:
-    """Give the keyed deliveries ``where`` selects new places behind every other delivery."""
-    rows = conn.execute(
-        f"SELECT id FROM deliveries WHERE order_key IS NOT NULL AND {where}"  # noqa: S608
-        " ORDER BY COALESCE(position, id)",
-        tuple(params),
-    ).fetchall()
-    if not rows:
-        return
-    ((base,),) = conn.execute(_TAKE_PLACES, (len(rows), len(rows))).fetchall()
-    conn.executemany(
-        "UPDATE deliveries SET position = ? WHERE id = ?",
-        [(base + rank, rowid) for rank, (rowid,) in enumerate(rows, start=1)],
-    )
-
-
 def replay_deliveries(
     conn: sqlite3.Connection, state: str, target: str | None, since: float | None, now: float
 ) -> int:
@@ -478,7 +396,7 @@ def replay_deliveries(
         clauses.append("updated_at >= ?")
         params.append(since)
     where = " AND ".join(clauses)
-    _to_the_back(conn, where, params)
+    conversations.to_the_back(conn, where, params)
     return int(
         conn.execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"  # noqa: S608
@@ -512,7 +430,7 @@ def replay_delivery(
     rowid = rowid_of(delivery_id, read_prefix(conn) if prefix is None else prefix)
     if rowid is None:
         return False
-    _to_the_back(conn, "id = ?", (rowid,))
+    conversations.to_the_back(conn, "id = ?", (rowid,))
     cursor = conn.execute(
         "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
         " next_attempt_at = ?, updated_at = ? WHERE id = ?",
