@@ -79,3 +79,22 @@ def test_a_delivery_without_a_key_or_a_target_no_longer_ordered() -> None:
     conversations.reconfigure({"u"})
     assert conversations.next_at() is None
     assert conversations.request(100.3, ["t", "u"]) == {"u": None}
+
+
+def test_a_finished_delivery_brings_its_conversation_back_only_when_one_waits_in_it() -> None:
+    """Delivered alone, a conversation needs no claim; with a delivery held behind it, the
+    next claim looks at it, until a claim starts that delivery (a retry of the first one
+    started meanwhile does not count as it)."""
+    conversations = _tracking()
+    conversations.finished("t", "alone")
+    assert conversations.request(100.1, ["t"]) == {"t": set()}
+    conversations.held("t", "busy", "d2")
+    asked = conversations.request(100.2, ["t"])["t"]
+    assert asked == {"busy"}
+    conversations.claimed("t", asked, [], complete=True)  # d1 still in flight
+    conversations.started("t", "busy", "d1")  # d1's retry, claimed again
+    conversations.finished("t", "busy")
+    assert conversations.request(100.3, ["t"]) == {"t": {"busy"}}
+    conversations.started("t", "busy", "d2")
+    conversations.finished("t", "busy")
+    assert conversations.request(100.4, ["t"]) == {"t": set()}

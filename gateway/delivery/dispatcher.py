@@ -158,17 +158,17 @@ class Dispatcher:
                 and not delivery.behind
             ):
                 # Paced, or behind another: only a claim knows when it may start.
-                self._pacing.conversations.changed(delivery.target, delivery.order_key)
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 self._wake.set()
                 continue
             if delivery.id in self._in_flight or health is None or health.probing:
                 # A failing target gets them through its probes, on the poll interval: waking
                 # the loop for every notification would only query a target that cannot take
                 # them.
-                self._pacing.conversations.changed(delivery.target, delivery.order_key)
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 continue
             if self._load[delivery.target] >= self._capacity:
-                self._pacing.conversations.changed(delivery.target, delivery.order_key)
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 self._backlog = True
                 self._wake.set()
                 continue
@@ -448,13 +448,14 @@ class Dispatcher:
                 )
 
     def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
-        """The next delivery of each conversation may go now, or once this retry is due."""
+        """The next delivery of each conversation may go now (if one is known to wait), or
+        once this retry is due."""
         conversations = self._pacing.conversations
         for delivery, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, RetryAt):
                 conversations.retry_at(name, delivery.order_key, outcome.at)
             else:
-                conversations.changed(name, delivery.order_key)
+                conversations.finished(name, delivery.order_key)
 
     async def _maybe_prune(self) -> None:
         now = self._clock()

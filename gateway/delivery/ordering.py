@@ -1,11 +1,12 @@
 """Which conversations of each ordered target the next claim must look at.
 
 Rule: pure bookkeeping with the time passed in; the outbox alone decides what is first of a
-conversation (:meth:`gateway.outbox.Outbox.due`). A conversation's first pending delivery changes
-only when a delivery of it is stored (:meth:`Conversations.changed` from ``offer``), ends in
-delivery or dead letter (``changed`` again), or its retry comes due (:meth:`retry_at`). So a claim
-asks for those conversations alone, one index seek each, instead of a pass over every pending
-delivery of the target; with nothing changed, an ordered target costs no query at all.
+conversation (:meth:`gateway.outbox.Outbox.due`). A claim is needed for a conversation only when
+a delivery of it waits (stored behind another, or with no room to start: :meth:`held`) and the
+one ahead ends in delivery or dead letter (:meth:`finished`), or when its first delivery's retry
+comes due (:meth:`retry_at`). So a claim asks for those conversations alone, one index seek
+each, instead of a pass over every pending delivery of the target; a conversation with nothing
+waiting (the usual case: one message answered before the next) costs no query at all.
 
 What it cannot see: deliveries stored by another worker or gateway, replays, and anything lost
 between a crash and a restart. For those a claim looks at every conversation: at the start, after
@@ -37,16 +38,19 @@ class Conversations:
         self._full: set[str] = set()
         self._last_full: dict[str, float] = {}
         self._retries: list[tuple[float, str, str]] = []
+        # Per target and conversation, the ids of the deliveries this process knows to wait.
+        self._waiting: dict[str, dict[str, set[str]]] = {}
 
     def reconfigure(self, ordered: Collection[str]) -> None:
         """Keep order for ``ordered`` now: a target new to it is looked at in full first."""
         for name in list(self._keys):
             if name not in ordered:
-                del self._keys[name]
+                del self._keys[name], self._waiting[name]
                 self._last_full.pop(name, None)
         for name in ordered:
             if name not in self._keys:
                 self._keys[name] = set()
+                self._waiting[name] = {}
                 self._full.add(name)
         self._full &= set(ordered)
         self._retries = [r for r in self._retries if r[1] in self._keys]
@@ -64,6 +68,31 @@ class Conversations:
         if key is None:
             self._full.add(target)
         else:
+            self._keys[target].add(key)
+
+    def held(self, target: str, key: str | None, delivery_id: str) -> None:
+        """Delivery ``delivery_id`` of ``key`` was stored and could not start: the next claim
+        looks at its conversation, and so does the one after each delivery of it ends, until
+        it starts."""
+        waiting = self._waiting.get(target)
+        if waiting is not None and key is not None:
+            waiting.setdefault(key, set()).add(delivery_id)
+        self.changed(target, key)
+
+    def started(self, target: str, key: str | None, delivery_id: str) -> None:
+        """A claim started delivery ``delivery_id``: it no longer waits."""
+        waiting = self._waiting.get(target)
+        if waiting is None or key is None or key not in waiting:
+            return
+        waiting[key].discard(delivery_id)
+        if not waiting[key]:
+            del waiting[key]
+
+    def finished(self, target: str, key: str | None) -> None:
+        """A delivery of ``key`` was delivered or dead-lettered: its conversation is looked at
+        again only when something is known to wait in it."""
+        waiting = self._waiting.get(target)
+        if waiting is not None and key is not None and waiting.get(key):
             self._keys[target].add(key)
 
     def retry_at(self, target: str, key: str | None, at: float) -> None:
@@ -107,7 +136,9 @@ class Conversations:
         claim did not happen: ``complete`` false, nothing started) they are asked about
         again."""
         keys = self._keys.get(target)
-        if keys is None or complete:
+        if keys is None:
+            return
+        if complete:
             return
         if asked is None:
             # Not at once: each look reads every pending delivery's index entry, and while the

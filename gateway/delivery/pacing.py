@@ -96,6 +96,8 @@ class Pacing:
         """Tokens taken for deliveries that were not there go back; conversations the claim had
         no room for are asked about again (``took_s``: how long the claim took)."""
         await self._give_back(outbox, claim.limits, claimed)
+        for delivery in started:
+            self.conversations.started(delivery.target, delivery.order_key, delivery.id)
         for name in claim.limits:
             if name not in claim.asked:
                 continue
