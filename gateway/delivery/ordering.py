@@ -20,6 +20,11 @@ from collections.abc import Collection, Iterable
 
 __all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "Conversations"]
 
+# Stands for deliveries not known one by one: a look at every conversation started the first
+# of this one, and whatever was stored behind it (by another worker or gateway, or before a
+# restart) is not known here. Kept until a claim finds nothing more due in the conversation.
+_UNKNOWN = ""
+
 # The longest a conversation change no one announced (another worker's or gateway's delivery)
 # waits for a claim to notice it; the pass over every conversation costs about 2 us per pending
 # delivery of the target, so once a second is a few per cent of a core at 20,000 pending.
@@ -138,6 +143,17 @@ class Conversations:
         keys = self._keys.get(target)
         if keys is None:
             return
+        waiting = self._waiting[target]
+        if asked is None:
+            for key in started:
+                waiting.setdefault(key, set()).add(_UNKNOWN)
+        elif complete:
+            for key in asked.difference(started):
+                ids = waiting.get(key)
+                if ids is not None:
+                    ids.discard(_UNKNOWN)
+                    if not ids:
+                        del waiting[key]
         if complete:
             return
         if asked is None:
