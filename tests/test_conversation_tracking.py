@@ -98,3 +98,22 @@ def test_a_finished_delivery_brings_its_conversation_back_only_when_one_waits_in
     conversations.started("t", "busy", "d2")
     conversations.finished("t", "busy")
     assert conversations.request(100.4, ["t"]) == {"t": set()}
+
+
+def test_conversations_started_by_a_full_look_are_followed_until_nothing_more_is_due() -> None:
+    """What a full look started may have deliveries behind it that this process never saw:
+    each of its deliveries brings the conversation back, until a claim finds nothing more."""
+    conversations = Conversations()
+    conversations.reconfigure({"t"})
+    assert conversations.request(100.0, ["t"]) == {"t": None}
+    conversations.claimed("t", None, ["other-workers"], complete=True)
+    conversations.finished("t", "other-workers")
+    asked = conversations.request(100.1, ["t"])["t"]
+    assert asked == {"other-workers"}
+    conversations.claimed("t", asked, ["other-workers"], complete=True)  # the next one
+    conversations.finished("t", "other-workers")
+    asked = conversations.request(100.2, ["t"])["t"]
+    assert asked == {"other-workers"}
+    conversations.claimed("t", asked, [], complete=True)  # nothing more
+    conversations.finished("t", "other-workers")
+    assert conversations.request(100.3, ["t"]) == {"t": set()}
