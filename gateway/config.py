@@ -55,6 +55,9 @@ MIN_ADMIN_TOKEN_CHARS = 32
 ClientAuth = Literal["required", "optional", "off"]
 LogFormat = Literal["text", "json"]
 Split = Literal["none", "change"]
+# "conversation": each conversation's deliveries to a target go in acknowledgement order
+# (gateway.edge.ordering says what a conversation is); "none": no order is kept.
+Order = Literal["none", "conversation"]
 # How the gateway signs what it sends a target: "gateway" with X-Gateway-Signature-256 over
 # timestamp "." body, "meta" with X-Hub-Signature-256 over the body, as Meta signs its own
 # (whatsapp/webhooks/overview, "Validating payloads"), so a consumer written for Meta verifies it.
@@ -128,8 +131,11 @@ class OutboxConfig:
     # Meta retries for up to 7 days (whatsapp/webhooks/overview): a body seen again inside this
     # window is acknowledged and not forwarded again.
     dedup_window_s: float = 7 * DAYS
-    # Delivered rows older than this are removed; dead letters stay until replayed.
+    # Delivered rows older than this are removed.
     retention_s: float = 7 * DAYS
+    # Dead letters older than this (since their last change) are removed, each removal logged
+    # and counted: replay them before, or export them with `deliveries show`.
+    dead_retention_s: float = 30 * DAYS
     # The longest a write waits for a lock another process holds on the file before the
     # requests it carries are answered 503 (Meta retries); SQLite's busy timeout.
     busy_timeout_s: float = 5 * SECONDS
@@ -173,12 +179,18 @@ class TargetConfig:
     fields: tuple[str, ...] = ()
     waba_ids: tuple[str, ...] = ()
     phone_number_ids: tuple[str, ...] = ()
+    # Content filters: a change matches when one of its messages[] has one of these types, or
+    # one of its statuses[] one of these statuses (gateway.edge.filters).
+    message_types: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
     timeout_s: float = 10 * SECONDS
     attempts: int = 12
     wait_initial_s: float = 1 * SECONDS
     wait_max_s: float = 5 * MINUTES
     wait_exp_base: float = 2.0
     max_age_s: float = 7 * DAYS
+    # The waits between attempts, the last one repeated; instead of the wait_* keys.
+    retry_schedule_s: tuple[float, ...] = ()
     split: Split = "none"
     secret: str | None = None
     signature: Signature = "gateway"
@@ -191,12 +203,24 @@ class TargetConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    order: Order = "none"
+    # Deliveries per second to this target for the whole deployment (None: no limit), and how
+    # many may go at once after a quiet spell (None: one second's worth, at least one).
+    rate_per_s: float | None = None
+    burst: int | None = None
 
     def __repr__(self) -> str:
         return (
             f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r}, "
             f"signature={self.signature!r})"
         )
+
+    @property
+    def burst_size(self) -> int:
+        """The bucket's size: ``burst``, else one second's worth of ``rate_per_s``, at least 1."""
+        if self.burst is not None:
+            return self.burst
+        return max(1, math.ceil(self.rate_per_s or 1))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -324,6 +348,8 @@ _SCALARS: dict[object, tuple[type | UnionType, str]] = {
     int: (int, "an integer"),
     float: (int | float, "a finite number"),
 }
+# The exponential backoff's keys, which targets[].retry_schedule_s replaces.
+_EXPONENTIAL = ("wait_initial_s", "wait_max_s", "wait_exp_base")
 _LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -381,6 +407,10 @@ _RULES: dict[str, _Rule] = {
     "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
     "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
+    "targets.retry_schedule_s": (
+        lambda value: bool(value) and all(wait >= 0 for wait in value),
+        "a non-empty list of numbers >= 0",
+    ),
     # 0 asks the OS for a free port, which tests use.
     "admin.port": (lambda value: 0 <= value <= 65535, "an integer from 0 to 65535"),
     "admin.allowed_hosts": (
@@ -504,6 +534,14 @@ class _Reader:
                     raise self.error(f"{key}.wait_max_s", raw["wait_max_s"], expected)
                 expected = f"a number <= {key}.wait_max_s ({target.wait_max_s:g})"
                 raise self.error(f"{key}.wait_initial_s", raw.get("wait_initial_s"), expected)
+            waits = [name for name in _EXPONENTIAL if isinstance(item, dict) and name in item]
+            if target.retry_schedule_s and waits:
+                # Two schedules for one target: which one was meant is a guess.
+                raise ConfigError(
+                    f"{self.source}: {key}.retry_schedule_s and {key}.{waits[0]} are both set:"
+                    " keep retry_schedule_s for explicit waits, or the wait_* keys for"
+                    " exponential backoff, not both"
+                )
             targets.append(target)
         return tuple(targets)
 
@@ -578,6 +616,13 @@ class _Reader:
             ):
                 raise self.error(key, value, expected, secret=secret)
             result = float(value) if hint is float else value
+        elif hint == tuple[float, ...]:
+            if not isinstance(value, list) or not all(
+                isinstance(item, int | float) and not isinstance(item, bool) and math.isfinite(item)
+                for item in value
+            ):
+                raise self.error(key, value, "a list of numbers", secret=secret)
+            result = tuple(float(item) for item in value)
         elif get_origin(hint) is tuple:
             if not isinstance(value, list):
                 raise self.error(key, value, "a list of strings", secret=secret)

@@ -337,8 +337,9 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
 
 TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls"
 TARGET_KEYS = (
-    "attempts, ca_file, cert_file, concurrency, fields, key_file, max_age_s, name, "
-    "phone_number_ids, pipeline, secret, signature, split, timeout_s, url, waba_ids, "
+    "attempts, burst, ca_file, cert_file, concurrency, fields, key_file, max_age_s, "
+    "message_types, name, order, phone_number_ids, pipeline, rate_per_s, "
+    "retry_schedule_s, secret, signature, split, statuses, timeout_s, url, waba_ids, "
     "wait_exp_base, wait_initial_s, wait_max_s"
 )
 
@@ -548,6 +549,26 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
         ("pipeline", "0", "pipeline = 0: expected an integer >= 1"),
         ("fields", '["messages", ""]', "fields[1] = '': expected a non-empty string"),
         ("secret", '""', "secret = '': expected a non-empty string"),
+        ("order", '"message"', "order = 'message': expected one of 'none', 'conversation'"),
+        ("rate_per_s", "0", "rate_per_s = 0: expected a number > 0"),
+        ("burst", "0", "burst = 0: expected an integer >= 1"),
+        ("statuses", '["read", ""]', "statuses[1] = '': expected a non-empty string"),
+        ("message_types", "[1]", "message_types[0] = 1: expected a string"),
+        (
+            "retry_schedule_s",
+            "[]",
+            "retry_schedule_s = []: expected a non-empty list of numbers >= 0",
+        ),
+        (
+            "retry_schedule_s",
+            "[1, -2]",
+            "retry_schedule_s = [1, -2]: expected a non-empty list of numbers >= 0",
+        ),
+        (
+            "retry_schedule_s",
+            '[1, "10"]',
+            "retry_schedule_s = [1, '10']: expected a list of numbers",
+        ),
     ],
 )
 def test_rejects_bad_target_value(tmp_path: Path, key: str, value: str, expected: str) -> None:
@@ -575,6 +596,50 @@ def test_rejects_wait_max_below_wait_initial(
     """``wait_max_s`` caps the backoff, so it cannot be below ``wait_initial_s``; the key set in
     the file is the one blamed."""
     assert rejection(tmp_path, {**TARGET, **entries}) == f"<file>: {expected}"
+
+
+@pytest.mark.parametrize("key", ["wait_initial_s", "wait_max_s", "wait_exp_base"])
+def test_rejects_retry_schedule_beside_exponential_backoff(tmp_path: Path, key: str) -> None:
+    """An explicit schedule and an exponential setting for one target is an error naming both."""
+    entries = {**TARGET, "targets[0].retry_schedule_s": "[1, 10]", f"targets[0].{key}": "2"}
+    assert rejection(tmp_path, entries) == (
+        f"<file>: targets[0].retry_schedule_s and targets[0].{key} are both set: keep"
+        " retry_schedule_s for explicit waits, or the wait_* keys for exponential backoff,"
+        " not both"
+    )
+
+
+def test_reads_delivery_shaping_keys_with_their_defaults(tmp_path: Path) -> None:
+    """order, rate_per_s, burst, content filters and the schedule read as written; burst
+    defaults to one second's worth of the rate, at least one."""
+    plain = load(tmp_path, TARGET).targets[0]
+    assert (plain.order, plain.rate_per_s, plain.burst, plain.retry_schedule_s) == (
+        "none",
+        None,
+        None,
+        (),
+    )
+    assert (plain.message_types, plain.statuses) == ((), ())
+    shaped = load(
+        tmp_path,
+        {
+            **TARGET,
+            "targets[0].order": '"conversation"',
+            "targets[0].rate_per_s": "2.5",
+            "targets[0].message_types": '["text", "image"]',
+            "targets[0].statuses": '["failed"]',
+            "targets[0].retry_schedule_s": "[1, 10, 60.5]",
+        },
+    ).targets[0]
+    assert shaped.order == "conversation"
+    assert (shaped.rate_per_s, shaped.burst_size) == (2.5, 3)
+    assert (shaped.message_types, shaped.statuses) == (("text", "image"), ("failed",))
+    assert shaped.retry_schedule_s == (1.0, 10.0, 60.5)
+    slow = load(tmp_path, {**TARGET, "targets[0].rate_per_s": "0.2"}).targets[0]
+    assert slow.burst_size == 1
+    sized = load(tmp_path, {**TARGET, "targets[0].rate_per_s": "5", "targets[0].burst": "50"})
+    assert sized.targets[0].burst_size == 50
+    assert load(tmp_path, {}).outbox.dead_retention_s == 30 * 86400
 
 
 def test_rejects_duplicate_target_name(tmp_path: Path) -> None:

@@ -39,10 +39,12 @@ from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
     Delivered,
+    Outcome,
     RetryAt,
     classify,
     is_transient,
 )
+from gateway.delivery.pacing import Pacing
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 
@@ -67,9 +69,16 @@ class Observer(Protocol):
         delivery's acknowledgement to its delivery, for a delivered one."""
         ...
 
+    def dead_letters_expired(self, count: int) -> None:
+        """``count`` dead letters removed for being older than ``outbox.dead_retention_s``."""
+        ...
+
 
 class _Ignore:
     def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
+        pass
+
+    def dead_letters_expired(self, count: int) -> None:
         pass
 
 
@@ -81,6 +90,7 @@ class Dispatcher:
         settings: DispatcherConfig,
         *,
         retention_s: float,
+        dead_retention_s: float | None = None,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[float, float], float] = random.uniform,
         observer: Observer | None = None,
@@ -92,6 +102,7 @@ class Dispatcher:
         self._outbox = outbox
         self._settings = settings
         self._retention_s = retention_s
+        self._dead_retention_s = dead_retention_s
         self._clock = clock
         self._uniform = uniform
         self._observer = observer or _Ignore()
@@ -99,6 +110,9 @@ class Dispatcher:
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
         self._forwarders = {t.name: Forwarder(t, tls.get(t.name)) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
+        # Conversation order and rate limits (gateway.delivery.pacing): their targets' deliveries
+        # start only through claims.
+        self._pacing = Pacing(targets, clock())
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
         self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
         self._closing: set[asyncio.Task[None]] = set()
@@ -124,7 +138,9 @@ class Dispatcher:
         self._warming: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
-        """Look for due deliveries now (called after a notification was stored)."""
+        """Look for due deliveries now (called after a notification was stored by another
+        process, or a replay): in every conversation of the ordered targets too."""
+        self._pacing.conversations.everything()
         self._wake.set()
 
     def breakers(self) -> dict[str, Breaker]:
@@ -137,14 +153,27 @@ class Dispatcher:
         Whatever cannot start now stays pending in the outbox: for want of room, the loop is
         woken to claim it as attempts finish; for a paused or probing target, the target's
         probes reach it on the poll interval."""
+        claim_only = self._pacing.claim_only
         for delivery in deliveries:
             health = self._health.get(delivery.target)
+            if delivery.target in claim_only and not (
+                # First of its conversation when it was accepted, so still (see Delivery).
+                delivery.target in self._pacing.unpaced_ordered
+                and delivery.order_key is not None
+                and not delivery.behind
+            ):
+                # Paced, or behind another: only a claim knows when it may start.
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
+                self._wake.set()
+                continue
             if delivery.id in self._in_flight or health is None or health.probing:
                 # A failing target gets them through its probes, on the poll interval: waking
                 # the loop for every notification would only query a target that cannot take
                 # them.
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 continue
             if self._load[delivery.target] >= self._capacity:
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 self._backlog = True
                 self._wake.set()
                 continue
@@ -164,6 +193,7 @@ class Dispatcher:
         tls = tls or {}
         self._settings = settings
         self._capacity = max(settings.batch_size, 1)
+        self._pacing.reconfigure(targets, self._clock())
         new = {t.name: t for t in targets}
         for name in list(self._targets):
             if name not in new:
@@ -266,8 +296,9 @@ class Dispatcher:
                 if failing is not None:
                     failing = None
                     log.info("dispatcher uses the outbox again")
+            wait = self._pacing.wait_s(self._clock(), self._settings.poll_interval_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _claim(self) -> None:
         now = self._clock()
@@ -279,16 +310,29 @@ class Dispatcher:
             if health.admits(now, self._busy.get(name, 0))
             and self._load.get(name, 0) < self._capacity
         }
+        wanted = limits
+        claim = await self._pacing.plan(self._outbox, limits, now)
+        limits = claim.limits
         if not limits:
             return
-        due = await self._outbox.due(now, limits, exclude=self._in_flight)
+        due = await self._outbox.due(
+            now,
+            limits,
+            exclude=self._in_flight,
+            ordered=self._pacing.ordered,
+            conversations=claim.conversations,
+        )
+        took_s = self._clock() - now
         claimed = dict.fromkeys(limits, 0)
+        started = []
         for delivery in due:
             claimed[delivery.target] += 1
             room = self._load[delivery.target] < self._capacity
             if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
-        self._backlog = any(claimed[name] >= limit for name, limit in limits.items())
+                started.append(delivery)
+        await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
+        self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
     def _start(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
@@ -325,7 +369,8 @@ class Dispatcher:
         for delivery in batch:
             self._in_flight.discard(delivery.id)
             self._load[delivery.target] -= 1
-        if self._backlog:
+        if self._backlog or batch[0].target in self._pacing.ordered:
+            # An ordered target's next delivery of each conversation waits for this outcome.
             self._wake.set()
 
     async def _attempt(self, name: str, batch: list[Delivery]) -> None:
@@ -374,7 +419,10 @@ class Dispatcher:
         except Exception:
             # Not recorded: they stay pending and are sent again later (at-least-once).
             log.exception("could not record %d deliveries to %s", len(batch), name)
+            self._pacing.conversations.changed(name, None)
             return
+        if name in self._pacing.ordered:
+            self._announce(name, batch, outcomes)
         debugging = log.isEnabledFor(logging.DEBUG)
         for delivery, attempt, outcome, result in zip(
             batch, attempts, outcomes, results, strict=True
@@ -412,6 +460,16 @@ class Dispatcher:
                     extra=fields | {"outcome": "dead", "reason": outcome.reason},
                 )
 
+    def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
+        """The next delivery of each conversation may go now (if one is known to wait), or
+        once this retry is due."""
+        conversations = self._pacing.conversations
+        for delivery, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, RetryAt):
+                conversations.retry_at(name, delivery.order_key, outcome.at)
+            else:
+                conversations.finished(name, delivery.order_key)
+
     async def _maybe_prune(self) -> None:
         now = self._clock()
         if now - self._last_prune < _PRUNE_EVERY_S:
@@ -420,6 +478,17 @@ class Dispatcher:
         removed = await self._outbox.prune(now, self._retention_s, self._targets)
         if removed:
             log.info("pruned %d delivered rows past retention", removed)
+        if self._dead_retention_s is not None:
+            # Never silently: an operator who meant to replay them learns they are gone.
+            expired = await self._outbox.purge_dead(now - self._dead_retention_s)
+            if expired:
+                self._observer.dead_letters_expired(expired)
+                log.warning(
+                    "removed %d dead letters older than outbox.dead_retention_s (%gs)",
+                    expired,
+                    self._dead_retention_s,
+                    extra={"action": "expire_dead_letters", "count": expired},
+                )
 
 
 def _fields(delivery: Delivery, target: str, attempt: int, result: AttemptResult) -> dict[str, Any]:

@@ -150,6 +150,7 @@ class Core:
                     config.targets,
                     config.dispatcher,
                     retention_s=config.outbox.retention_s,
+                    dead_retention_s=config.outbox.dead_retention_s,
                     observer=self.stats,
                     tls=target_tls,
                 )

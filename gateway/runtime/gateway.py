@@ -243,6 +243,7 @@ class Gateway:
         dispatcher = self.core.dispatcher
         now = time.time()
         server_expiry, ca_expiries = self._expiries
+        size = await self.core.outbox.size()
         return Snapshot(
             now=now,
             backlog=await self.core.outbox.backlog(),
@@ -251,6 +252,8 @@ class Gateway:
             server_certificate_expiry=server_expiry,
             client_ca_expiries=ca_expiries,
             last_reload_success=self._loaded_at,
+            outbox_bytes=size.bytes,
+            outbox_rows=size.rows,
         )
 
     async def _flush_metrics(self) -> None:

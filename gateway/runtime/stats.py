@@ -75,6 +75,9 @@ class Snapshot:
     server_certificate_expiry: float | None = None
     client_ca_expiries: Sequence[tuple[str, float]] = ()
     last_reload_success: float | None = None
+    # The outbox's size: bytes on disk (SQLite, with its write-ahead log) or rows (PostgreSQL).
+    outbox_bytes: int | None = None
+    outbox_rows: int | None = None
 
 
 class _Times:
@@ -160,6 +163,18 @@ class _SnapshotCollector:
                 "waba_gateway_config_last_reload_success_timestamp_seconds",
                 "When the configuration was last loaded successfully (start or reload)",
                 value=snap.last_reload_success,
+            )
+        if snap.outbox_bytes is not None:
+            yield GaugeMetricFamily(
+                "waba_gateway_outbox_size_bytes",
+                "The outbox file's size on disk, with its write-ahead log (SQLite)",
+                value=snap.outbox_bytes,
+            )
+        if snap.outbox_rows is not None:
+            yield GaugeMetricFamily(
+                "waba_gateway_outbox_rows",
+                "Rows in the outbox's notification, delivery and attempt tables (PostgreSQL)",
+                value=snap.outbox_rows,
             )
         info = GaugeMetricFamily(
             "waba_gateway_build_info",
@@ -277,6 +292,11 @@ class Stats:
         self._latency_bounds = [*_LATENCY_BUCKETS, math.inf]
         self._attempted: dict[tuple[str, str], int] = {}
         self._delivered: dict[str, _Times] = {}
+        self._expired = Counter(
+            "waba_gateway_dead_letters_expired",
+            "Dead letters removed for being older than outbox.dead_retention_s",
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "waba_gateway_reloads",
             "Configuration reloads by outcome (success, failure)",
@@ -366,6 +386,9 @@ class Stats:
         """An admin authentication failed at ``where`` and is answered after ``delay_s``."""
         self._auth_failures.labels(where=where).inc()
         self._auth_delay.inc(delay_s)
+
+    def dead_letters_expired(self, count: int) -> None:
+        self._expired.inc(count)
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels(outcome="success" if ok else "failure").inc()

@@ -198,13 +198,26 @@ def add_console(
         return response
 
     async def overview(request: web.Request) -> web.Response:
+        targets = current().targets
+        ordered = [t.name for t in targets if t.order == "conversation"]
+        held = await outbox.held_back(ordered) if ordered else {}
+        paces = {
+            t.name: pages.Pace(
+                order=t.order,
+                rate_per_s=t.rate_per_s,
+                burst=t.burst_size,
+                held_back=held.get(t.name, 0),
+            )
+            for t in targets
+        }
         body = pages.overview(
             stats.totals(),
             await outbox.counts(),
             await outbox.backlog(),
-            [t.name for t in current().targets],
+            [t.name for t in targets],
             breakers(),
             time.time(),
+            paces,
         )
         return page(request, "Overview", body)
 
