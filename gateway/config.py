@@ -9,6 +9,7 @@ URL``. Units live in key names (``timeout_s``, ``max_body_bytes``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import math
 import os
@@ -52,6 +53,19 @@ Split = Literal["none", "change"]
 # timestamp "." body, "meta" with X-Hub-Signature-256 over the body, as Meta signs its own
 # (whatsapp/webhooks/overview, "Validating payloads"), so a consumer written for Meta verifies it.
 Signature = Literal["gateway", "meta"]
+# Where a target's deliveries go: an HTTP endpoint, a Redis stream, or a NATS JetStream subject.
+TargetKind = Literal["http", "redis", "nats"]
+# The URL schemes each kind takes, and the extra whose driver it needs (None: always installed).
+_KIND_SCHEMES: dict[str, tuple[str, ...]] = {
+    "http": ("http", "https"),
+    "redis": ("redis", "rediss"),
+    "nats": ("nats", "tls"),
+}
+_KIND_EXTRAS: dict[str, tuple[str, str] | None] = {
+    "http": None,
+    "redis": ("redis", "redis"),  # (extra, the module its driver installs)
+    "nats": ("nats", "nats"),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +167,12 @@ def _is_postgres_url(text: str) -> bool:
 class TargetConfig:
     name: str
     url: str
+    kind: TargetKind = "http"
+    # kind = "redis": the stream key each delivery is added to, and its approximate cap.
+    stream: str | None = None
+    maxlen: int | None = None
+    # kind = "nats": the subject each delivery is published on (a JetStream stream captures it).
+    subject: str | None = None
     fields: tuple[str, ...] = ()
     waba_ids: tuple[str, ...] = ()
     phone_number_ids: tuple[str, ...] = ()
@@ -171,7 +191,8 @@ class TargetConfig:
 
     def __repr__(self) -> str:
         return (
-            f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r}, "
+            f"TargetConfig(name={self.name!r}, kind={self.kind!r}, url={redact_url(self.url)!r}, "
+            f"split={self.split!r}, "
             f"signature={self.signature!r})"
         )
 
@@ -255,14 +276,19 @@ _SCALARS: dict[object, tuple[type | UnionType, str]] = {
 _LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-def _is_http_url(text: str) -> bool:
+def _is_server_url(text: str, schemes: tuple[str, ...]) -> bool:
     try:
         parts = urlsplit(text)
         _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
     except ValueError:
         return False
     has_space = any(char.isspace() for char in text)
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and not has_space
+    return parts.scheme in schemes and bool(parts.hostname) and not has_space
+
+
+def _installed(module: str) -> bool:
+    # find_spec, not import: loading a driver is the adapter's business, at its first use.
+    return importlib.util.find_spec(module) is not None
 
 
 def _is_loopback(host: str) -> bool:
@@ -284,7 +310,6 @@ _RULES: dict[str, _Rule] = {
     "tls.session_tickets": (lambda value: 0 <= value <= 8, "an integer from 0 to 8"),
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
-    "targets.url": (_is_http_url, "an http:// or https:// URL"),
     "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
     "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
@@ -370,6 +395,7 @@ class _Reader:
                 # for this target: there is no key without one (the app secret never leaves).
                 expected = f"'gateway' unless {key}.secret is set"
                 raise self.error(f"{key}.signature", target.signature, expected)
+            self.check_kind(key, target, item)
             if target.wait_max_s < target.wait_initial_s:
                 # Blame the key the file set: the other one may be a default.
                 raw = item if isinstance(item, dict) else {}
@@ -380,6 +406,40 @@ class _Reader:
                 raise self.error(f"{key}.wait_initial_s", raw.get("wait_initial_s"), expected)
             targets.append(target)
         return tuple(targets)
+
+    def check_kind(self, key: str, target: TargetConfig, raw: object) -> None:
+        """The keys of ``target``'s kind are set, those of other kinds are not, its URL has a
+        scheme of that kind, and the extra with its driver is installed."""
+        kind = target.kind
+        url = redact_url(target.url)
+        schemes = _KIND_SCHEMES[kind]
+        # NATS clients take several servers, separated by commas; the others one.
+        servers = target.url.split(",") if kind == "nats" else [target.url]
+        if not all(_is_server_url(server.strip(), schemes) for server in servers):
+            expected = "an " + " or ".join(f"{scheme}://" for scheme in schemes) + " URL"
+            if kind == "nats":
+                expected += " (several separated by commas)"
+            if kind != "http":
+                expected += f" with kind = {kind!r}"
+            # As written when it has ${NAME} references: they may hold a broker's password.
+            written = raw.get("url") if isinstance(raw, dict) else None
+            shown = written if isinstance(written, str) and "${" in written else url
+            raise self.error(f"{key}.url", shown, expected)
+        own = {"http": (), "redis": ("stream", "maxlen"), "nats": ("subject",)}[kind]
+        for other in ("stream", "maxlen", "subject"):
+            value = getattr(target, other)
+            if other in own and other != "maxlen" and value is None:
+                raise ConfigError(
+                    f"{self.source}: {key}.{other}: required key is missing with kind = {kind!r}"
+                )
+            if other not in own and value is not None:
+                raise self.error(f"{key}.{other}", value, f"no {other} with kind = {kind!r}")
+        extra = _KIND_EXTRAS[kind]
+        if extra is not None and not _installed(extra[1]):
+            raise ConfigError(
+                f"{self.source}: {key}.kind = {kind!r} needs the {extra[0]!r} extra, which is not"
+                f" installed: pip install 'waba-gateway[{extra[0]}]'"
+            )
 
     def section(self, key: str, name: str, value: object, cls: type[_T]) -> _T:
         """Table ``key`` (``name`` without its index) as a ``cls``."""

@@ -322,8 +322,9 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
 
 TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls"
 TARGET_KEYS = (
-    "attempts, concurrency, fields, max_age_s, name, phone_number_ids, pipeline, secret, "
-    "signature, split, timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
+    "attempts, concurrency, fields, kind, max_age_s, maxlen, name, phone_number_ids, pipeline, "
+    "secret, signature, split, stream, subject, timeout_s, url, waba_ids, wait_exp_base, "
+    "wait_initial_s, wait_max_s"
 )
 
 

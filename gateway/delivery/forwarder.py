@@ -1,4 +1,4 @@
-"""One HTTP request to one target: build the headers, send, report what came back.
+"""``kind = "http"``: one HTTP request to one target: build the headers, send, report.
 
 Rule: the forwarder never decides what a result means (that is :mod:`gateway.delivery.outcome`) and
 never copies an inbound header: every header a target sees is built here, so nothing from outside
@@ -87,6 +87,9 @@ class Forwarder:
     async def warm(self) -> None:
         """Open a keep-alive connection now; a target that is down is tried again later."""
         await self._upstream.warm(self.target.timeout_s)
+
+    async def probe(self) -> None:
+        """Nothing: ``check`` judges the configuration; ``doctor`` connects to HTTP targets."""
 
     async def close(self) -> None:
         await self._upstream.close()
