@@ -210,9 +210,7 @@ class Dispatcher:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
         # Open one connection to each target ahead of the first notification, so the first
         # forward does not pay for the connection set-up; a target that is down is no error.
-        self._warming = [
-            asyncio.create_task(sender.warm()) for sender in self._senders.values()
-        ]
+        self._warming = [asyncio.create_task(sender.warm()) for sender in self._senders.values()]
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming, let attempts in flight finish for up to ``grace_s``, cancel the rest
