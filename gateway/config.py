@@ -416,7 +416,8 @@ class _Reader:
         # NATS clients take several servers, separated by commas; the others one.
         servers = target.url.split(",") if kind == "nats" else [target.url]
         if not all(_is_server_url(server.strip(), schemes) for server in servers):
-            expected = "an " + " or ".join(f"{scheme}://" for scheme in schemes) + " URL"
+            article = "an" if kind == "http" else "a"  # "an http://", "a redis://"
+            expected = f"{article} " + " or ".join(f"{scheme}://" for scheme in schemes) + " URL"
             if kind == "nats":
                 expected += " (several separated by commas)"
             if kind != "http":

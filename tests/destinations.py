@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import nats
@@ -29,6 +30,7 @@ __all__ = [
     "HttpDestination",
     "NatsDestination",
     "RedisDestination",
+    "entry_received",
     "quick",
 ]
 
@@ -74,6 +76,13 @@ def _received(name: str, headers: dict[str, str], body: bytes) -> Received:
     return Received(f"/{name}", CIMultiDictProxy(CIMultiDict(headers)), body, time.monotonic())
 
 
+def entry_received(name: str, fields: Mapping[Any, Any] | None) -> Received:
+    """A Redis stream entry (bytes keys and values) as the sink would show it."""
+    assert fields is not None
+    headers = {bytes(k).decode(): bytes(v).decode() for k, v in fields.items() if k != b"body"}
+    return _received(name, headers, bytes(fields[b"body"]))
+
+
 class HttpDestination:
     kind: TargetKind = "http"
 
@@ -109,11 +118,7 @@ class RedisDestination:
             entries = await client.xrange(f"stream:{name}")
         finally:
             await client.aclose()
-        found = []
-        for _, fields in entries:
-            headers = {k.decode(): v.decode() for k, v in fields.items() if k != b"body"}
-            found.append(_received(name, headers, fields[b"body"]))
-        return found
+        return [entry_received(name, fields) for _, fields in entries or []]
 
     async def flush(self) -> None:
         client = aioredis.Redis.from_url(self.server.url)

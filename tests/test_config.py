@@ -891,3 +891,88 @@ def test_outbox_url_of_another_scheme_is_refused_without_showing_it(
 def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
     """redact_url hides the password in the user part and in a password= parameter."""
     assert redact_url(url) == shown
+
+
+REDIS = {"targets[0].kind": '"redis"', "targets[0].stream": '"whatsapp"'}
+NATS = {"targets[0].kind": '"nats"', "targets[0].subject": '"waba.inbox"'}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        pytest.param(
+            {**REDIS, "targets[0].url": '"https://crm.example/hook"'},
+            "<file>: targets[0].url = 'https://crm.example/hook': expected a redis:// or"
+            " rediss:// URL with kind = 'redis'",
+            id="redis-with-http-url",
+        ),
+        pytest.param(
+            {"targets[0].url": '"redis://127.0.0.1:6379/0"'},
+            "<file>: targets[0].url = 'redis://127.0.0.1:6379/0': expected an http:// or"
+            " https:// URL",
+            id="http-with-redis-url",
+        ),
+        pytest.param(
+            {**NATS, "targets[0].url": '"nats://a:4222,redis://b:6379"'},
+            "<file>: targets[0].url = 'nats://a:4222,redis://b:6379': expected a nats:// or"
+            " tls:// URL (several separated by commas) with kind = 'nats'",
+            id="nats-with-a-foreign-server",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"redis"', "targets[0].url": '"redis://r:6379"'},
+            "<file>: targets[0].stream: required key is missing with kind = 'redis'",
+            id="redis-without-stream",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"nats"', "targets[0].url": '"nats://n:4222"'},
+            "<file>: targets[0].subject: required key is missing with kind = 'nats'",
+            id="nats-without-subject",
+        ),
+        pytest.param(
+            {"targets[0].stream": '"s"'},
+            "<file>: targets[0].stream = 's': expected no stream with kind = 'http'",
+            id="http-with-stream",
+        ),
+        pytest.param(
+            {**NATS, "targets[0].url": '"nats://n:4222"', "targets[0].maxlen": "10"},
+            "<file>: targets[0].maxlen = 10: expected no maxlen with kind = 'nats'",
+            id="nats-with-maxlen",
+        ),
+        pytest.param(
+            {**REDIS, "targets[0].url": '"redis://r:6379"', "targets[0].maxlen": "0"},
+            "<file>: targets[0].maxlen = 0: expected an integer >= 1",
+            id="maxlen-zero",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"kafka"'},
+            "<file>: targets[0].kind = 'kafka': expected one of 'http', 'redis', 'nats'",
+            id="unknown-kind",
+        ),
+    ],
+)
+def test_rejects_target_keys_that_do_not_fit_its_kind(
+    tmp_path: Path, entries: Entries, message: str
+) -> None:
+    """Each kind takes its own URL schemes and keys; the message names the key and the kind."""
+    assert rejection(tmp_path, {**TARGET, **entries}) == message
+
+
+def test_broker_url_takes_its_password_from_the_environment_and_never_shows_it(
+    tmp_path: Path,
+) -> None:
+    """A Redis URL's password comes from ${ENV}; repr and messages show it as *** only."""
+    entries = {
+        **TARGET,
+        **REDIS,
+        "targets[0].url": '"rediss://:${REDIS_PASSWORD}@cache.internal:6380/2"',
+        "targets[0].maxlen": "100000",
+    }
+    config = load(tmp_path, entries, {"REDIS_PASSWORD": SECRET})
+    (target,) = config.targets
+    assert target.url == f"rediss://:{SECRET}@cache.internal:6380/2"
+    assert (target.kind, target.stream, target.maxlen) == ("redis", "whatsapp", 100000)
+    assert SECRET not in repr(target)
+    bad = {**entries, "targets[0].url": '"nats://:${REDIS_PASSWORD}@cache.internal:6380"'}
+    message = rejection(tmp_path, bad, {"REDIS_PASSWORD": SECRET})
+    assert SECRET not in message
+    assert "'nats://:${REDIS_PASSWORD}@cache.internal:6380'" in message
