@@ -24,6 +24,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from gateway.config import TargetConfig
 from gateway.delivery.forwarder import build_headers
@@ -48,6 +49,8 @@ class JetStreamSender:
         self._subject = target.subject
         self._servers = [server.strip() for server in target.url.split(",")]
         self._client: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._js_client: Client | None = None
         self._connecting = asyncio.Lock()
 
     async def _connected(self) -> Client:
@@ -116,9 +119,10 @@ class JetStreamSender:
             )
         headers = build_headers(delivery, self.target, attempt, now)
         headers["Nats-Msg-Id"] = delivery.id
-        js = client.jetstream(timeout=self.target.timeout_s)
         try:
-            ack = await js.publish(self._subject, delivery.body, headers=headers)
+            ack = await self._publisher(client).publish(
+                self._subject, delivery.body, headers=headers
+            )
         except nats.js.errors.NoStreamResponseError:
             return AttemptResult(error=self._no_stream(), permanent=True)
         except nats.js.errors.APIError as exc:
@@ -132,6 +136,13 @@ class JetStreamSender:
         return AttemptResult(
             accepted=True, response_excerpt=f"stream {ack.stream} seq {ack.seq}{seen}"
         )
+
+    def _publisher(self, client: Client) -> JetStreamContext:
+        """One JetStream context per connection, made once, not for every message."""
+        if self._js is None or self._js_client is not client:
+            self._js = client.jetstream(timeout=self.target.timeout_s)
+            self._js_client = client
+        return self._js
 
     def _no_stream(self) -> str:
         return f"nats: no JetStream stream captures subject {self._subject!r}"
