@@ -7,8 +7,10 @@ deduplicate on ``X-Gateway-Delivery-Id``. Time and randomness are injected so te
 backoff.
 
 Deliveries started in one turn of the event loop (the notifications of one group commit, or a
-claim from the outbox) go to each target in batches: one batch is one pipelined exchange on one
-connection (:mod:`gateway.delivery.upstream`), at most the target's ``pipeline`` deliveries and
+claim from the outbox) go to each target in batches: one batch is one exchange through the
+target's sender (:mod:`gateway.delivery.sending`, which alone knows the target's kind: pipelined
+HTTP requests on one connection, one Redis pipeline, concurrent JetStream publishes), at most the
+target's ``pipeline`` deliveries and
 :data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
 outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
 
