@@ -10,9 +10,9 @@ Deliveries started in one turn of the event loop (the notifications of one group
 claim from the outbox) go to each target in batches: one batch is one exchange through the
 target's sender (:mod:`gateway.delivery.sending`, which alone knows the target's kind: pipelined
 HTTP requests on one connection, one Redis pipeline, concurrent JetStream publishes), at most the
-target's ``pipeline`` deliveries and
-:data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
-outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
+target's ``pipeline`` deliveries and :data:`BATCH_BYTES` of bodies, with at most ``concurrency``
+deliveries in flight per target. Its outcomes are recorded as one outbox job, and the target's
+health takes one verdict per batch.
 
 Targets can change while it runs (:meth:`Dispatcher.reconfigure`, on a reload): attempts in flight
 finish with the settings they started with; the deliveries of a target no longer configured stay
