@@ -84,13 +84,13 @@ class BrokerServer:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[BrokerServer]:
-    """A Redis server with nothing saved to disk."""
+def redis_server(*options: str) -> Iterator[BrokerServer]:
+    """A Redis server with nothing saved to disk; ``options`` as redis-server takes them."""
     binary = _binary("redis-server", "redis-server")
     with tempfile.TemporaryDirectory(prefix="waba-redis-") as folder:
         port = _free_port()
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
-        command += ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+        command += ["--save", "", "--appendonly", "no", "--protected-mode", "no", *options]
         server = BrokerServer(command, port, "redis")
         server.up()
         try:
@@ -100,13 +100,14 @@ def redis_server() -> Iterator[BrokerServer]:
 
 
 @contextlib.contextmanager
-def nats_server() -> Iterator[BrokerServer]:
-    """A NATS server with JetStream, its streams kept in a temporary folder across restarts."""
+def nats_server(*options: str) -> Iterator[BrokerServer]:
+    """A NATS server with JetStream, its streams kept in a temporary folder across restarts;
+    ``options`` as nats-server takes them."""
     binary = _binary("nats-server", "nats-server")
     with tempfile.TemporaryDirectory(prefix="waba-nats-") as folder:
         port = _free_port()
         store = Path(folder) / "jetstream"
-        command = [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)]
+        command = [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port), *options]
         server = BrokerServer(command, port, "nats")
         server.up()
         try:

@@ -17,19 +17,26 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from brokers import BrokerServer
+from brokers import BrokerServer, nats_server, redis_server
 from config_files import listen_port, write_config
 from destinations import STREAM, NatsDestination, RedisDestination, entry_received, quick
 from helpers import APP_SECRET, gateway_config, message_body, post, wait_for_state
+from nats import connect as nats_connect
 from pki import Pki
 from processes import serving
+from redis.exceptions import ConnectionError, ResponseError
 from sink import DEADLINE_S, Received
 from test_forwarding import BATCH, TARGET_SECRET, envelope, gateway_signature
 from test_process import _post, _until_listening
 
+from gateway.cli import main
 from gateway.config import TargetConfig
-from gateway.errors import TargetError
+from gateway.delivery.redis_stream import RedisStreamSender, result_of
+from gateway.delivery.sending import sender_for
+from gateway.errors import TargetError, TargetUnreachable
 from gateway.onboarding.check import targets_report
+from gateway.outbox import Delivery
+from gateway.outbox.model import AttemptResult
 from gateway.runtime.gateway import Gateway
 
 
@@ -222,3 +229,134 @@ async def _wait_received(destination: RedisDestination | NatsDestination) -> lis
         assert asyncio.get_running_loop().time() < deadline, "the broker got nothing"
         await asyncio.sleep(0.02)
     return found
+
+
+def _delivery(number: int, body: bytes = b'{"n":1}') -> Delivery:
+    return Delivery(
+        id=f"t-{number}",
+        notification_id=number,
+        target="t",
+        body=body,
+        signature="sha256=00",
+        split=False,
+        state="pending",
+        attempts=0,
+        created_at=0.0,
+        next_attempt_at=0.0,
+        received_at=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        pytest.param(
+            b"1-0",
+            AttemptResult(accepted=True, response_excerpt="stream s entry 1-0"),
+            id="entry-id",
+        ),
+        pytest.param(
+            ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+            AttemptResult(
+                error="redis: WRONGTYPE Operation against a key holding the wrong kind of value",
+                permanent=True,
+            ),
+            id="not-a-stream",
+        ),
+        pytest.param(
+            ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+            AttemptResult(error="redis: OOM command not allowed when used memory > 'maxmemory'."),
+            id="out-of-memory-is-transient",
+        ),
+        pytest.param(
+            ConnectionError("Connection reset by peer"),
+            AttemptResult(error="redis: ConnectionError: Connection reset by peer"),
+            id="connection-lost",
+        ),
+    ],
+)
+def test_each_xadd_reply_is_one_attempt_result(reply: object, expected: AttemptResult) -> None:
+    """An entry id is accepted; WRONGTYPE will never change; anything else may."""
+    assert result_of(reply, "s") == expected
+
+
+async def test_maxlen_trims_the_stream_approximately(redis: BrokerServer) -> None:
+    """maxlen = N adds with MAXLEN ~ N: the stream stays near N entries, not all of them."""
+    await RedisDestination(redis).flush()
+    target = TargetConfig(name="t", kind="redis", url=redis.url, stream="capped", maxlen=10)
+    sender = RedisStreamSender(target)
+    try:
+        for start in range(0, 600, 200):
+            batch = [_delivery(n) for n in range(start, start + 200)]
+            results = await sender.send_many(batch, [1] * len(batch))
+            assert all(result.accepted for result in results)
+    finally:
+        await sender.close()
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        length = await client.xlen("capped")
+    finally:
+        await client.aclose()
+    assert 10 <= length < 300
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+async def test_broker_password_from_the_url_reaches_the_broker(kind: str) -> None:
+    """A broker that requires a password takes the one in the URL (from ${ENV} in a file);
+    a wrong one is a warning at check, with no password in it, and a failed attempt to retry."""
+    password = "broker-pass-1"
+    if kind == "redis":
+        server_of = redis_server("--requirepass", password)
+    else:
+        server_of = nats_server("--user", "gw", "--pass", password)
+    with server_of as server:
+
+        def target(given: str) -> TargetConfig:
+            if kind == "redis":
+                url = f"redis://:{given}@127.0.0.1:{server.port}/0"
+                return TargetConfig(name="t", kind="redis", url=url, stream="s", timeout_s=2)
+            url = f"nats://gw:{given}@127.0.0.1:{server.port}"
+            return TargetConfig(name="t", kind="nats", url=url, subject="cred.x", timeout_s=2)
+
+        if kind == "nats":
+            client = await nats_connect(f"nats://gw:{password}@127.0.0.1:{server.port}")
+            await client.jetstream().add_stream(name="CRED", subjects=["cred.>"])
+            await client.close()
+        good, bad = sender_for(target(password)), sender_for(target("wrong"))
+        try:
+            assert (await good.probe() or "").startswith("target 't'")
+            (result,) = await good.send_many([_delivery(1)], [1])
+            assert result.accepted
+            with pytest.raises(TargetUnreachable) as info:
+                await bad.probe()
+            assert "wrong" not in str(info.value)
+            (result,) = await bad.send_many([_delivery(2)], [1])
+            assert not result.accepted
+            assert not result.permanent
+        finally:
+            await good.close()
+            await bad.close()
+
+
+async def test_check_command_reports_brokers_and_refuses_a_subject_without_stream(
+    pki: Pki,
+    tmp_path: Path,
+    nats: BrokerServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`waba-gateway check` prints a broker target reachable with its stream, and stops with
+    one error line, before serving, when no stream captures a target's subject."""
+    await NatsDestination(nats).reset()
+    monkeypatch.setenv("TEST_APP_SECRET", APP_SECRET)
+    extra = 'kind = "nats"\nsubject = "waba.checked"'
+    config = write_config(pki, tmp_path, target_url=nats.url, extra=extra)
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"ok: target 'sink': nats 127.0.0.1:{nats.port} reachable, stream 'WABA'" in out
+    config.write_text(config.read_text().replace("waba.checked", "elsewhere.checked"))
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: target 'sink': nats")
+    assert "no JetStream stream captures subject 'elsewhere.checked'" in err
+    assert len(err.strip().splitlines()) == 1
