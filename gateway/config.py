@@ -38,6 +38,7 @@ __all__ = [
     "TlsConfig",
     "default_config_path",
     "load_config",
+    "redact_servers",
     "redact_url",
 ]
 
@@ -65,6 +66,12 @@ _KIND_EXTRAS: dict[str, tuple[str, str] | None] = {
     "http": None,
     "redis": ("redis", "redis"),  # (extra, the module its driver installs)
     "nats": ("nats", "nats"),
+}
+# The keys only some kinds take: (required, optional) per kind.
+_KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "http": ((), ()),
+    "redis": (("stream",), ("maxlen",)),
+    "nats": (("subject",), ()),
 }
 
 
@@ -154,6 +161,11 @@ def redact_url(url: str) -> str:
 _PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*")
 
 
+def redact_servers(url: str) -> str:
+    """:func:`redact_url` for each server of a comma-separated list (NATS takes several)."""
+    return ",".join(redact_url(server) for server in url.split(","))
+
+
 def _is_postgres_url(text: str) -> bool:
     try:
         parts = urlsplit(text)
@@ -191,8 +203,8 @@ class TargetConfig:
 
     def __repr__(self) -> str:
         return (
-            f"TargetConfig(name={self.name!r}, kind={self.kind!r}, url={redact_url(self.url)!r}, "
-            f"split={self.split!r}, "
+            f"TargetConfig(name={self.name!r}, kind={self.kind!r}, "
+            f"url={redact_servers(self.url)!r}, split={self.split!r}, "
             f"signature={self.signature!r})"
         )
 
@@ -411,7 +423,7 @@ class _Reader:
         """The keys of ``target``'s kind are set, those of other kinds are not, its URL has a
         scheme of that kind, and the extra with its driver is installed."""
         kind = target.kind
-        url = redact_url(target.url)
+        url = redact_servers(target.url)
         schemes = _KIND_SCHEMES[kind]
         # NATS clients take several servers, separated by commas; the others one.
         servers = target.url.split(",") if kind == "nats" else [target.url]
@@ -426,15 +438,16 @@ class _Reader:
             written = raw.get("url") if isinstance(raw, dict) else None
             shown = written if isinstance(written, str) and "${" in written else url
             raise self.error(f"{key}.url", shown, expected)
-        own = {"http": (), "redis": ("stream", "maxlen"), "nats": ("subject",)}[kind]
-        for other in ("stream", "maxlen", "subject"):
-            value = getattr(target, other)
-            if other in own and other != "maxlen" and value is None:
+        required, optional = _KIND_KEYS[kind]
+        for each in required:
+            if getattr(target, each) is None:
                 raise ConfigError(
-                    f"{self.source}: {key}.{other}: required key is missing with kind = {kind!r}"
+                    f"{self.source}: {key}.{each}: required key is missing with kind = {kind!r}"
                 )
-            if other not in own and value is not None:
-                raise self.error(f"{key}.{other}", value, f"no {other} with kind = {kind!r}")
+        for each in ("stream", "maxlen", "subject"):
+            value = getattr(target, each)
+            if each not in required + optional and value is not None:
+                raise self.error(f"{key}.{each}", value, f"no {each} with kind = {kind!r}")
         extra = _KIND_EXTRAS[kind]
         if extra is not None and not _installed(extra[1]):
             raise ConfigError(

@@ -976,3 +976,13 @@ def test_broker_url_takes_its_password_from_the_environment_and_never_shows_it(
     message = rejection(tmp_path, bad, {"REDIS_PASSWORD": SECRET})
     assert SECRET not in message
     assert "'nats://:${REDIS_PASSWORD}@cache.internal:6380'" in message
+
+
+def test_every_password_of_several_nats_servers_is_hidden() -> None:
+    """repr shows each server of a NATS URL list, each password as ***."""
+    target = TargetConfig(
+        name="bus", kind="nats", url="nats://u:pw1@a:4222,nats://u:pw2@b:4222", subject="x"
+    )
+    assert "nats://u:***@a:4222,nats://u:***@b:4222" in repr(target)
+    assert "pw1" not in repr(target)
+    assert "pw2" not in repr(target)
