@@ -360,3 +360,24 @@ async def test_check_command_reports_brokers_and_refuses_a_subject_without_strea
     assert err.startswith("error: target 'sink': nats")
     assert "no JetStream stream captures subject 'elsewhere.checked'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+async def test_stream_key_holding_another_type_is_a_dead_letter_at_once(
+    pki: Pki, tmp_path: Path, redis: BrokerServer
+) -> None:
+    """XADD to a key that is not a stream gets WRONGTYPE: a dead letter after one attempt, and
+    the connection goes on serving the next exchange."""
+    await RedisDestination(redis).flush()
+    client = aioredis.Redis.from_url(redis.url)
+    await client.set("stream:taken", "a string")
+    await client.aclose()
+    destination = RedisDestination(redis)
+    targets = [destination.target("taken"), destination.target("fine")]
+    async with Gateway(gateway_config(pki, tmp_path, targets=targets)) as gateway:
+        for text in ("one", "two"):
+            assert (await post(gateway, pki, message_body(text))).status == 200
+        dead = await wait_for_state(gateway, "dead", 2, target="taken")
+        await wait_for_state(gateway, "delivered", 2, target="fine")
+    assert all(d.attempts == 1 for d in dead)
+    assert all("WRONGTYPE" in (d.last_error or "") for d in dead)
+    assert len(await destination.received("fine")) == 2

@@ -1,10 +1,11 @@
 """``kind = "nats"``: each delivery is one message published to NATS JetStream.
 
 The message data is the exact bytes an HTTP target would receive, its headers the headers an
-HTTP target would get, under the same names (:func:`build_headers`), and ``Nats-Msg-Id`` is the
-delivery id: a retry after a lost acknowledgement (a timeout, a crash before the outbox recorded
-it) is dropped by the stream as a duplicate within its duplicate window (two minutes by
-default). A delivery is done only on JetStream's publish acknowledgement.
+HTTP target would get, under the same names (:mod:`gateway.delivery.headers`: all but
+``Content-Type`` and ``User-Agent``), and ``Nats-Msg-Id`` is the delivery id: a retry after a
+lost acknowledgement (a timeout, a crash before the outbox recorded it) is dropped by the stream
+as a duplicate within its duplicate window (two minutes by default). A delivery is done only on
+JetStream's publish acknowledgement.
 
 No stream capturing the subject, and a message larger than the server's ``max_payload`` or the
 stream's ``max_msg_size``, are permanent: retrying cannot change them, so they are dead letters
@@ -27,7 +28,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from gateway.config import TargetConfig
-from gateway.delivery.forwarder import build_headers
+from gateway.delivery.headers import delivery_headers
 from gateway.errors import TargetError, TargetUnreachable
 from gateway.outbox import Delivery
 from gateway.outbox.model import AttemptResult
@@ -117,7 +118,7 @@ class JetStreamSender:
                 ' bytes): use split = "change" or raise max_payload',
                 permanent=True,
             )
-        headers = build_headers(delivery, self.target, attempt, now)
+        headers = delivery_headers(delivery, self.target, attempt, now)
         headers["Nats-Msg-Id"] = delivery.id
         try:
             ack = await self._publisher(client).publish(
