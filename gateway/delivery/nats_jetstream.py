@@ -26,6 +26,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from gateway.config import TargetConfig
 from gateway.delivery.headers import delivery_headers
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # JetStream's error code for a message over the stream's max_msg_size (server errors.json).
 _MESSAGE_TOO_LARGE = 10054
+_NOT_SENT = AttemptResult(error="nats: not sent")  # a placeholder, always replaced
 
 
 class JetStreamSender:
@@ -99,40 +101,52 @@ class JetStreamSender:
             failed = AttemptResult(error=f"nats: cannot connect: {_reason(exc)}")
             return [failed] * len(deliveries)
         now = time.time()
-        return list(
-            await asyncio.gather(
-                *(
-                    self._publish(client, delivery, attempt, now)
-                    for delivery, attempt in zip(deliveries, attempts, strict=True)
+        js = self._publisher(client)
+        results: list[AttemptResult] = []
+        # Each publish goes out at once and its acknowledgement comes back on one shared reply
+        # subscription (publish_async): no task and no reply inbox per message, as publish()
+        # would make; then all the batch's acknowledgements are awaited together.
+        waiting: dict[int, asyncio.Future[PubAck]] = {}
+        for index, (delivery, attempt) in enumerate(zip(deliveries, attempts, strict=True)):
+            results.append(_NOT_SENT)
+            size, most = len(delivery.body), client.max_payload
+            if size > most:
+                results[index] = AttemptResult(
+                    error=f"nats: message of {size} bytes is over the server's max_payload"
+                    f' ({most} bytes): use split = "change" or raise max_payload',
+                    permanent=True,
                 )
-            )
-        )
+                continue
+            headers = delivery_headers(delivery, self.target, attempt, now)
+            headers["Nats-Msg-Id"] = delivery.id
+            try:
+                # No wait_stall: a timeout there costs a task per message. The context admits
+                # 4,000 unacknowledged messages, above a target's concurrency of batches.
+                waiting[index] = await js.publish_async(
+                    self._subject, delivery.body, headers=headers
+                )
+            except (OSError, nats.errors.Error) as exc:
+                results[index] = AttemptResult(error=f"nats: {_reason(exc)}"[:300])
+        if waiting:
+            _, late = await asyncio.wait(waiting.values(), timeout=self.target.timeout_s)
+            for future in late:
+                future.cancel()  # forgotten by the context, its pending slot given back
+        for index, future in waiting.items():
+            results[index] = self._result(future)
+        return results
 
-    async def _publish(
-        self, client: Client, delivery: Delivery, attempt: int, now: float
-    ) -> AttemptResult:
-        size, most = len(delivery.body), client.max_payload
-        if size > most:
-            return AttemptResult(
-                error=f"nats: message of {size} bytes is over the server's max_payload ({most}"
-                ' bytes): use split = "change" or raise max_payload',
-                permanent=True,
-            )
-        headers = delivery_headers(delivery, self.target, attempt, now)
-        headers["Nats-Msg-Id"] = delivery.id
-        try:
-            ack = await self._publisher(client).publish(
-                self._subject, delivery.body, headers=headers
-            )
-        except nats.js.errors.NoStreamResponseError:
+    def _result(self, future: asyncio.Future[PubAck]) -> AttemptResult:
+        if future.cancelled():
+            return AttemptResult(error=f"nats: no acknowledgement in {self.target.timeout_s:g}s")
+        exc = future.exception()
+        if isinstance(exc, nats.js.errors.NoStreamResponseError):
             return AttemptResult(error=self._no_stream(), permanent=True)
-        except nats.js.errors.APIError as exc:
+        if isinstance(exc, nats.js.errors.APIError):
             permanent = exc.err_code == _MESSAGE_TOO_LARGE
             return AttemptResult(error=f"nats: {exc.description}"[:300], permanent=permanent)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return AttemptResult(error=f"nats: no acknowledgement in {self.target.timeout_s:g}s")
-        except (OSError, nats.errors.Error) as exc:
+        if exc is not None:
             return AttemptResult(error=f"nats: {_reason(exc)}"[:300])
+        ack = future.result()
         seen = " (a duplicate, already stored)" if ack.duplicate else ""
         return AttemptResult(
             accepted=True, response_excerpt=f"stream {ack.stream} seq {ack.seq}{seen}"
