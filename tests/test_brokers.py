@@ -96,18 +96,30 @@ async def test_subject_no_stream_captures_is_a_dead_letter_saying_so(
         await targets_report(config)
 
 
+@pytest.mark.parametrize(
+    "over",
+    [
+        pytest.param(500_000, id="body-over"),
+        # The body alone fits; with its headers the message does not, and the server would
+        # close the whole connection over it.
+        pytest.param(-100, id="headers-tip-it-over"),
+    ],
+)
 async def test_message_over_max_payload_is_a_dead_letter_naming_the_limit(
-    pki: Pki, tmp_path: Path, nats: BrokerServer
+    pki: Pki, tmp_path: Path, nats: BrokerServer, over: int
 ) -> None:
-    """A body over the NATS server's max_payload (1 MB by default) is a dead letter at once,
-    naming the limit and the way out, rather than endless retries."""
+    """A message over the NATS server's max_payload (1 MB by default) is a dead letter at once,
+    naming the limit and the way out, rather than endless retries; the rest still goes."""
     destination = NatsDestination(nats)
     await destination.reset()
     targets = [destination.target("big")]
+    body = message_body("x" * (1_048_576 + over - len(message_body(""))))
+    assert len(body) == 1_048_576 + over
     async with Gateway(gateway_config(pki, tmp_path, targets=targets)) as gateway:
-        body = message_body("x" * 1_500_000)
         assert (await post(gateway, pki, body)).status == 200
         (dead,) = await wait_for_state(gateway, "dead")
+        assert (await post(gateway, pki, message_body("small"))).status == 200
+        await wait_for_state(gateway, "delivered")
     assert dead.attempts == 1
     assert "over the server's max_payload (1048576 bytes)" in (dead.last_error or "")
     assert 'split = "change"' in (dead.last_error or "")

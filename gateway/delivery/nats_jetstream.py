@@ -109,7 +109,11 @@ class JetStreamSender:
         waiting: dict[int, asyncio.Future[PubAck]] = {}
         for index, (delivery, attempt) in enumerate(zip(deliveries, attempts, strict=True)):
             results.append(_NOT_SENT)
-            size, most = len(delivery.body), client.max_payload
+            headers = delivery_headers(delivery, self.target, attempt, now)
+            headers["Nats-Msg-Id"] = delivery.id
+            # The server counts headers and data against max_payload, and closes the whole
+            # connection on a message over it: refused here, with a reason, instead.
+            size, most = len(delivery.body) + _header_bytes(headers), client.max_payload
             if size > most:
                 results[index] = AttemptResult(
                     error=f"nats: message of {size} bytes is over the server's max_payload"
@@ -117,8 +121,6 @@ class JetStreamSender:
                     permanent=True,
                 )
                 continue
-            headers = delivery_headers(delivery, self.target, attempt, now)
-            headers["Nats-Msg-Id"] = delivery.id
             try:
                 # No wait_stall: a timeout there costs a task per message. The context admits
                 # 4,000 unacknowledged messages, above a target's concurrency of batches.
@@ -188,6 +190,11 @@ class JetStreamSender:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """The size of ``headers`` on the wire: "NATS/1.0\\r\\n", "name: value\\r\\n" each, "\\r\\n"."""
+    return 12 + sum(len(name) + len(value) + 4 for name, value in headers.items())
 
 
 def _reason(exc: BaseException) -> str:
