@@ -2,7 +2,7 @@
 
 Rule: each is Debian's own binary (``redis-server``, ``nats-server -js``), started as a child
 process on a free port in a temporary folder, stopped with the test. :meth:`down` and :meth:`up`
-stop it and start it again on the same port (NATS keeps its streams in its store folder), so a
+stop it and start it again on the same port (both keep their data in their folder), so a
 broker that goes away and comes back looks exactly like that to the gateway. ``.ci/run``
 installs both packages where missing; without them the tests fail saying so, never skip.
 """
@@ -85,12 +85,13 @@ class BrokerServer:
 
 @contextlib.contextmanager
 def redis_server(*options: str) -> Iterator[BrokerServer]:
-    """A Redis server with nothing saved to disk; ``options`` as redis-server takes them."""
+    """A Redis server keeping its data across a restart (append-only file, as a Redis that
+    holds deliveries should); ``options`` as redis-server takes them."""
     binary = _binary("redis-server", "redis-server")
     with tempfile.TemporaryDirectory(prefix="waba-redis-") as folder:
         port = _free_port()
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
-        command += ["--save", "", "--appendonly", "no", "--protected-mode", "no", *options]
+        command += ["--save", "", "--appendonly", "yes", "--protected-mode", "no", *options]
         server = BrokerServer(command, port, "redis")
         server.up()
         try:

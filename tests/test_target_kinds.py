@@ -140,3 +140,28 @@ async def eventually_true(probe: Callable[[], Awaitable[bool]]) -> bool:
         return (await probe()) or None
 
     return await eventually(truthy, "the condition")
+
+
+async def test_target_lost_while_connected_then_back_gets_every_delivery(
+    pki: Pki, tmp_path: Path, destination: Destination
+) -> None:
+    """A target that goes away after deliveries went through (its connections dead in the
+    pool) and comes back: what arrived meanwhile is retried on new connections, each once."""
+    targets = [destination.target("blip", attempts=1000)]
+    async with Gateway(gateway_config(pki, tmp_path, targets=targets)) as gateway:
+        assert (await post(gateway, pki, message_body("before"))).status == 200
+        await wait_for_state(gateway, "delivered")
+        await destination.down()
+        for text in ("during one", "during two"):
+            assert (await post(gateway, pki, message_body(text))).status == 200
+
+        async def retried() -> bool:
+            found = await deliveries(gateway, state="pending")
+            return len(found) == 2 and all(d.attempts >= 2 for d in found)
+
+        assert await eventually_true(retried)
+        await destination.up()
+        delivered = await wait_for_state(gateway, "delivered", 3)
+    received = await wait_for(destination, 3, "blip")
+    ids = [r.headers["X-Gateway-Delivery-Id"] for r in received]
+    assert sorted(ids) == sorted(d.id for d in delivered)
