@@ -59,9 +59,9 @@ class RedisStreamSender:
             target.url,
             # No socket_timeout: it would arm a timer for every reply read; one deadline per
             # batch (send_many) bounds the exchange instead.
+            # No max_connections: the dispatcher bounds the batches in flight (one connection
+            # each); a pool cap would fail a batch at the cap instead of waiting.
             socket_connect_timeout=target.timeout_s,
-            # One connection per batch in flight, as the HTTP pool holds one per batch.
-            max_connections=max(target.concurrency, 1),
         )
 
     async def send_many(
