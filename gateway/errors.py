@@ -12,6 +12,8 @@ code.
     +-- CertificateError              unreadable or mismatched certificate/key/CA files
     +-- OutboxError                   the outbox cannot be opened or written; a request it
     |                                 fails is answered 503, so Meta retries
+    +-- TargetError                   ``check``: a broker target that cannot work as configured
+    |   +-- TargetUnreachable         ``check``: a broker that does not answer (a warning)
     +-- PortInUse                     a listener's port is taken; names the port and its key
     +-- ProxyHeaderError              a connection's PROXY protocol header is missing or bad
     |                                 (``listen.proxy_protocol``): closed before TLS
@@ -21,13 +23,16 @@ code.
         |   +-- NestedTooDeep    400  valid JSON too deep to read; routing sends it to the
         |                             catch-all targets instead (the request gets its 200)
         +-- SignatureRejected    401  X-Hub-Signature-256 missing, malformed or wrong
-        +-- Forbidden            403  wrong verify token, unexpected client certificate CN
+        +-- Forbidden            403  wrong verify token, unexpected client certificate CN;
+        |   |                         (admin) a state-changing request from another site
         |   +-- IdentityRejected 403  client certificate CN not in ``tls.client_cn``
         +-- NotFound             404  unknown path; unknown delivery id (admin)
         +-- MethodNotAllowed     405  a method other than GET or POST on the callback path
         +-- RequestTimeout       408  a request not fully received in time
         +-- Unauthorized         401  admin token missing or wrong
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
+        +-- UnsupportedMediaType 415  (admin) a form's body sent to the JSON API
+        +-- MisdirectedRequest   421  (admin) a ``Host`` that is not the admin listener's
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
         +-- TransferCodingNotImplemented
@@ -50,6 +55,7 @@ __all__ = [
     "HeadTooLarge",
     "IdentityRejected",
     "MethodNotAllowed",
+    "MisdirectedRequest",
     "NestedTooDeep",
     "NotFound",
     "OutboxError",
@@ -59,9 +65,12 @@ __all__ = [
     "Rejected",
     "RequestTimeout",
     "SignatureRejected",
+    "TargetError",
+    "TargetUnreachable",
     "TransferCodingNotImplemented",
     "URLTooLong",
     "Unauthorized",
+    "UnsupportedMediaType",
     "VersionNotSupported",
 ]
 
@@ -80,6 +89,14 @@ class CertificateError(GatewayError):
 
 class OutboxError(GatewayError):
     """The outbox database cannot be opened or written."""
+
+
+class TargetError(GatewayError):
+    """A target cannot take deliveries as configured (a NATS subject no stream captures)."""
+
+
+class TargetUnreachable(TargetError):
+    """A target cannot be reached now: a broker that is down, which the gateway waits for."""
 
 
 class PortInUse(GatewayError):
@@ -167,6 +184,14 @@ class RequestTimeout(Rejected):
 
 class PayloadTooLarge(Rejected):
     status = 413
+
+
+class UnsupportedMediaType(Rejected):
+    status = 415
+
+
+class MisdirectedRequest(Rejected):
+    status = 421
 
 
 class URLTooLong(Rejected):

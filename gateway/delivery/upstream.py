@@ -52,6 +52,7 @@ class Response:
     status: int
     retry_after: str | None
     excerpt: bytes
+    content_type: str | None = None
 
 
 class _Connection(asyncio.Protocol):
@@ -94,12 +95,16 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._status = 0
         self._retry_after: str | None = None
+        self._content_type: str | None = None
         self._excerpt = bytearray()
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"retry-after":
+        lowered = name.lower()
+        if lowered == b"retry-after":
             self._retry_after = value.decode("latin-1")
+        elif lowered == b"content-type":
+            self._content_type = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
@@ -137,7 +142,11 @@ class _Connection(asyncio.Protocol):
         if self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(Response(self._status, self._retry_after, bytes(self._excerpt)))
+                waiter.set_result(
+                    Response(
+                        self._status, self._retry_after, bytes(self._excerpt), self._content_type
+                    )
+                )
 
     def _fail_all(self, error: Exception) -> None:
         waiters, self._waiters = self._waiters, collections.deque()

@@ -1,21 +1,22 @@
 """Reading a new connection's PROXY protocol header, before its TLS handshake.
 
-Rule: not a byte past the header is read here. The protocol is buffered and offers a buffer
-exactly as large as what is still missing of the header, so each read stops at its end and the
-client's first TLS bytes stay in the socket for the handshake that follows (a reader that read
-ahead would have to hand them to OpenSSL by hand). The header's meaning is decided in
+Rule: not a byte past the header is read here. The accepted socket is read directly, never more
+than what is still missing of the header, so each read stops at its end and the client's first
+TLS bytes stay in the socket for the handshake that follows (a reader that read ahead would have
+to hand them to OpenSSL by hand). The socket is read before any transport owns it, so this holds
+alike on every event loop the gateway offers. The header's meaning is decided in
 :mod:`gateway.edge.proxy_protocol`; this module only reads, times out and reports.
 
-A connection whose header is missing or bad is aborted (no TLS, nothing answered: it may not
-even speak TLS), logged with the balancer's address and counted by reason.
+A connection whose header is missing or bad is closed (no TLS, nothing answered: it may not even
+speak TLS), logged with the balancer's address and counted by reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Protocol, cast
+import socket
+from typing import Protocol
 
 from gateway.edge.proxy_protocol import FIXED_BYTES, header_length, parse_header
 from gateway.errors import ProxyHeaderError
@@ -31,103 +32,54 @@ HEADER_TIMEOUT_S = 10 * SECONDS
 
 _CLOSED = "the connection closed before its PROXY header"
 
-# Told the TCP transport (reading paused) and the client's address once the header is read.
-OnHeader = Callable[[asyncio.Transport, str], None]
-
 
 class RefusalCounter(Protocol):
     def proxy_header_refused(self, reason: str) -> None: ...
 
 
-class ProxyHeaderReader(asyncio.BufferedProtocol):
-    """One new TCP connection until its PROXY header is in; ``pending`` holds it meanwhile, so
-    that a listener that closes can abort it."""
+class ProxyHeaderReader:
+    """Reads each new connection's PROXY header: ``await reader(sock, peer)`` is the client's
+    address, or ``None`` once the connection was refused (logged and counted)."""
 
-    def __init__(
-        self,
-        on_header: OnHeader,
-        counter: RefusalCounter,
-        pending: set[ProxyHeaderReader],
-        timeout_s: float = HEADER_TIMEOUT_S,
-    ) -> None:
-        self._on_header = on_header
+    def __init__(self, counter: RefusalCounter, timeout_s: float = HEADER_TIMEOUT_S) -> None:
         self._counter = counter
-        self._pending = pending
         self._timeout_s = timeout_s
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._buffer = bytearray(FIXED_BYTES)
-        self._filled = 0
-        self._peer = "-"
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have their methods.
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self._peer = str(peer[0]) if peer else "-"
-        self._pending.add(self)
-        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._timed_out)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buffer)[self._filled :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        data = bytes(self._buffer[: self._filled])
+    async def __call__(self, sock: socket.socket, peer: str) -> str | None:
         try:
-            total = header_length(data)
-            if total > len(self._buffer):
-                # A new buffer: the event loop may still hold a view of the old one.
-                self._buffer = self._buffer + bytes(total - len(self._buffer))
-            if self._filled < total:
-                return
-            header = parse_header(data)
+            async with asyncio.timeout(self._timeout_s):
+                header = parse_header(await _read_header(sock))
+        except TimeoutError:
+            waited = f"no complete PROXY header within {self._timeout_s:g} s"
+            self._refuse(peer, ProxyHeaderError("timeout", waited))
+            return None
         except ProxyHeaderError as exc:
-            self._refuse(exc)
-            return
-        transport = self._finish()
-        if transport is None:
-            return
-        # Nothing more for this protocol: the TLS handshake reads what follows.
-        transport.pause_reading()
+            self._refuse(peer, exc)
+            return None
+        except OSError:  # reset while the header was due
+            self._refuse(peer, ProxyHeaderError("closed", _CLOSED))
+            return None
         # The LOCAL command (a health check) or an address-less family: the peer is the client.
-        self._on_header(transport, header.source[0] if header.source else self._peer)
+        return header.source[0] if header.source else peer
 
-    def eof_received(self) -> bool:
-        self._refuse(ProxyHeaderError("closed", _CLOSED))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is not None:
-            self._refuse(ProxyHeaderError("closed", _CLOSED))
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        waited = f"no complete PROXY header within {self._timeout_s:g} s"
-        self._refuse(ProxyHeaderError("timeout", waited))
-
-    def abort(self) -> None:
-        """The listener is closing: drop the connection without a word."""
-        transport = self._finish()
-        if transport is not None:
-            transport.abort()
-
-    def _refuse(self, error: ProxyHeaderError) -> None:
-        transport = self._finish()
-        if transport is None:
-            return
+    def _refuse(self, peer: str, error: ProxyHeaderError) -> None:
         # A balancer's TCP health check without a header only connects and leaves: counted,
         # logged only when debugging, as TLS handshakes that never start are.
         level = logging.DEBUG if error.reason == "closed" else logging.INFO
-        log.log(level, "connection from %s refused: %s", self._peer, error)
+        log.log(level, "connection from %s refused: %s", peer, error)
         self._counter.proxy_header_refused(error.reason)
-        transport.abort()
 
-    def _finish(self) -> asyncio.Transport | None:
-        """Stop waiting; the transport, the first time only."""
-        transport, self._transport = self._transport, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._pending.discard(self)
-        return transport
+
+async def _read_header(sock: socket.socket) -> bytes:
+    """The header's bytes, and not one more; raises ProxyHeaderError as soon as what arrived
+    cannot begin a v2 header."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    total = FIXED_BYTES
+    while len(data) < total:
+        chunk = await loop.sock_recv(sock, total - len(data))
+        if not chunk:
+            raise ProxyHeaderError("closed", _CLOSED)
+        data += chunk
+        total = header_length(data)
+    return data

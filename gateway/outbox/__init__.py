@@ -25,6 +25,7 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     Route,
+    Size,
     State,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "Outcome",
     "RetryAt",
     "Route",
+    "Size",
     "State",
     "backup_outbox",
     "describe_outbox",

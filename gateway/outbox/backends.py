@@ -17,6 +17,7 @@ from typing import Protocol
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
+from gateway.outbox.sqlite import layout
 from gateway.outbox.sqlite.backup import backup_file
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.outbox.sqlite.owner import OwnerLock
@@ -84,11 +85,12 @@ async def open_outbox(
     )
 
 
-async def describe_outbox(config: OutboxConfig) -> str | None:
-    """What ``check`` reports about a database outbox (reachable, schema version); ``None``
-    for a SQLite file, which ``check`` leaves to ``doctor``. Raises OutboxError."""
+async def describe_outbox(config: OutboxConfig) -> str:
+    """What ``check`` reports about the outbox, changing nothing: a database's reachability
+    and schema version, or a SQLite file's layout, integrity and backlog. Raises OutboxError
+    for what ``serve`` would refuse."""
     if config.url is None:
-        return None
+        return await asyncio.to_thread(layout.describe, config.path)
     text: str = await _postgres().inspect(config)
     return text
 

@@ -62,6 +62,7 @@ class Core:
         self._hold: OutboxHold | None = None
         self._wake_channel = wake_channel
         self.stats = Stats(metrics_dir)
+        self.stats.prime(target.name for target in config.targets)
         self._outbox: Outbox | None = None
         self._callback: Callback | None = None
         self.dispatcher: Dispatcher | None = None
@@ -96,6 +97,7 @@ class Core:
         if target_tls is None:
             target_tls = target_contexts(config.targets, source=config.source)
         self.config = config
+        self.stats.prime(target.name for target in config.targets)
         if self._callback is not None:
             self._callback.reconfigure(config)
         if self.dispatcher is not None:
@@ -148,6 +150,7 @@ class Core:
                     config.targets,
                     config.dispatcher,
                     retention_s=config.outbox.retention_s,
+                    dead_retention_s=config.outbox.dead_retention_s,
                     observer=self.stats,
                     tls=target_tls,
                 )

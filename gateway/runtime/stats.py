@@ -21,7 +21,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,15 @@ from gateway.errors import ProxyHeaderError
 from gateway.outbox import Backlog
 from gateway.version import __version__
 
-__all__ = ["CIRCUIT_STATES", "MULTIPROCESS_ENV", "Snapshot", "Stats", "Totals"]
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "CIRCUIT_STATES",
+    "MULTIPROCESS_ENV",
+    "RELOAD_OUTCOMES",
+    "Snapshot",
+    "Stats",
+    "Totals",
+]
 
 # Read by prometheus-client when it is imported: set, its counters live in files in that folder
 # (https://prometheus.github.io/client_python/multiprocess/).
@@ -41,6 +49,11 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _NO_CERTIFICATE = "(none)"
 CIRCUIT_STATES = ("closed", "half_open", "open")
+# Every labelled series exists from the start, at 0: Prometheus' increase() needs a sample
+# before the first event to see it, so an alert on the first dead letter or failed reload after
+# a start would otherwise stay silent.
+ATTEMPT_OUTCOMES = ("delivered", "retry", "dead")
+RELOAD_OUTCOMES = ("success", "failure")
 # From a fast target on loopback (milliseconds) to a backlog drained after an outage (hours).
 _LATENCY_BUCKETS = (
     *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
@@ -51,24 +64,48 @@ _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What is, at scrape time: read from the outbox, the dispatcher and the loaded files."""
+    """What is, at scrape time: read from the outbox, the dispatcher and the loaded files.
+    ``targets``: the configured targets, each given its backlog gauges (0) even before the
+    outbox holds a row for it."""
 
     now: float
     backlog: Sequence[Backlog] = ()
+    targets: Sequence[str] = ()
     circuits: Mapping[str, str] = field(default_factory=dict)
     server_certificate_expiry: float | None = None
     client_ca_expiries: Sequence[tuple[str, float]] = ()
     last_reload_success: float | None = None
+    # The outbox's size: bytes on disk (SQLite, with its write-ahead log) or rows (PostgreSQL).
+    outbox_bytes: int | None = None
+    outbox_rows: int | None = None
 
 
 class _Times:
-    """Answer times of one status not yet in the histogram: their sum, and a count per bucket."""
+    """Times (answers of one status, deliveries to one target) not yet in the histogram: their
+    sum, and a count per bucket."""
 
     __slots__ = ("counts", "total")
 
     def __init__(self, buckets: int) -> None:
         self.total = 0.0
         self.counts = [0] * buckets
+
+
+def _every_target(backlog: Sequence[Backlog], targets: Sequence[str]) -> list[Backlog]:
+    """``backlog`` with an empty entry for each of ``targets`` it does not name."""
+    named = {each.target for each in backlog}
+    empty = [Backlog(name, 0, None, 0) for name in targets if name not in named]
+    return [*backlog, *empty]
+
+
+def _hand_over(child: Histogram, times: _Times) -> None:
+    """Add gathered ``times`` to one labelled histogram. Histogram.observe() does exactly this
+    per observation: add to the sum and to the first bucket whose bound is not below the value
+    (tests/test_metrics.py holds it to observe()'s result)."""
+    child._sum.inc(times.total)
+    for bucket, count in zip(child._buckets, times.counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class _SnapshotCollector:
@@ -92,7 +129,7 @@ class _SnapshotCollector:
             "Dead letters kept in the outbox until replayed or purged, per target",
             labels=["target"],
         )
-        for each in snap.backlog:
+        for each in _every_target(snap.backlog, snap.targets):
             pending.add_metric([each.target], each.pending)
             age = 0.0 if each.oldest_pending_at is None else snap.now - each.oldest_pending_at
             oldest.add_metric([each.target], max(0.0, age))
@@ -126,6 +163,18 @@ class _SnapshotCollector:
                 "waba_gateway_config_last_reload_success_timestamp_seconds",
                 "When the configuration was last loaded successfully (start or reload)",
                 value=snap.last_reload_success,
+            )
+        if snap.outbox_bytes is not None:
+            yield GaugeMetricFamily(
+                "waba_gateway_outbox_size_bytes",
+                "The outbox file's size on disk, with its write-ahead log (SQLite)",
+                value=snap.outbox_bytes,
+            )
+        if snap.outbox_rows is not None:
+            yield GaugeMetricFamily(
+                "waba_gateway_outbox_rows",
+                "Rows in the outbox's notification, delivery and attempt tables (PostgreSQL)",
+                value=snap.outbox_rows,
             )
         info = GaugeMetricFamily(
             "waba_gateway_build_info",
@@ -229,12 +278,40 @@ class Stats:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._auth_failures = Counter(
+            "waba_gateway_admin_auth_failures",
+            "Failed admin authentications, by where (bearer: the API, sign-in: the console)",
+            ["where"],
+            registry=self.registry,
+        )
+        self._auth_delay = Counter(
+            "waba_gateway_admin_auth_delay_seconds",
+            "Seconds failed admin authentications were held before their answer",
+            registry=self.registry,
+        )
+        self._latency_bounds = [*_LATENCY_BUCKETS, math.inf]
+        self._attempted: dict[tuple[str, str], int] = {}
+        self._delivered: dict[str, _Times] = {}
+        self._expired = Counter(
+            "waba_gateway_dead_letters_expired",
+            "Dead letters removed for being older than outbox.dead_retention_s",
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "waba_gateway_reloads",
             "Configuration reloads by outcome (success, failure)",
             ["outcome"],
             registry=self.registry,
         )
+
+    def prime(self, targets: Iterable[str]) -> None:
+        """Create the labelled series of ``targets`` and of the reload outcomes at 0 (see
+        :data:`ATTEMPT_OUTCOMES`); a series already counting keeps its count."""
+        for target in targets:
+            for outcome in ATTEMPT_OUTCOMES:
+                self._attempts.labels(target=target, outcome=outcome)
+        for outcome in RELOAD_OUTCOMES:
+            self._reloads.labels(outcome=outcome)
 
     def accepted(self) -> None:
         self._accepted.inc()
@@ -279,23 +356,39 @@ class Stats:
         times.counts[bisect.bisect_left(self._request_bounds, seconds)] += 1
 
     def flush(self) -> None:
-        """Hand the answer times gathered since the last flush to the histogram (the runtime
-        calls it every second and before each scrape)."""
+        """Hand the answer times, attempts and delivery latencies gathered since the last flush
+        to their metrics (the runtime calls it every second and before each scrape)."""
         for status, times in self._answered.items():
-            child = self._requests.labels(status=str(status))
-            # Histogram.observe() does exactly this per observation: add to the sum and to the
-            # first bucket whose bound is not below the value (tests/test_metrics.py holds it
-            # to observe()'s result).
-            child._sum.inc(times.total)
-            for bucket, count in zip(child._buckets, times.counts, strict=True):
-                if count:
-                    bucket.inc(count)
+            _hand_over(self._requests.labels(status=str(status)), times)
         self._answered.clear()
+        for (target, outcome), count in self._attempted.items():
+            self._attempts.labels(target=target, outcome=outcome).inc(count)
+        self._attempted.clear()
+        for target, times in self._delivered.items():
+            _hand_over(self._latency.labels(target=target), times)
+        self._delivered.clear()
 
     def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
-        self._attempts.labels(target=target, outcome=outcome).inc()
+        """A delivery attempt's outcome, with the delivery's latency when delivered. On every
+        delivery, so gathered in plain numbers and handed over by :meth:`flush`, as
+        :meth:`answered` is: a ``labels()`` lookup and an observation cost more than the rest
+        of recording the outcome on the event loop."""
+        key = (target, outcome)
+        self._attempted[key] = self._attempted.get(key, 0) + 1
         if latency_s is not None:
-            self._latency.labels(target=target).observe(latency_s)
+            times = self._delivered.get(target)
+            if times is None:
+                times = self._delivered[target] = _Times(len(self._latency_bounds))
+            times.total += latency_s
+            times.counts[bisect.bisect_left(self._latency_bounds, latency_s)] += 1
+
+    def auth_failed(self, where: str, delay_s: float) -> None:
+        """An admin authentication failed at ``where`` and is answered after ``delay_s``."""
+        self._auth_failures.labels(where=where).inc()
+        self._auth_delay.inc(delay_s)
+
+    def dead_letters_expired(self, count: int) -> None:
+        self._expired.inc(count)
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels(outcome="success" if ok else "failure").inc()
