@@ -17,8 +17,11 @@ import io
 import json
 import sqlite3
 import ssl
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -101,6 +104,7 @@ def gateway_config(
     app_secrets: Sequence[str] = (APP_SECRET,),
     max_body_bytes: int | None = None,
     admin_token: str | None = None,
+    admin_allowed_hosts: Sequence[str] = (),
     host: str = "127.0.0.1",
     admin: bool = True,
 ) -> Config:
@@ -117,7 +121,13 @@ def gateway_config(
         meta=MetaConfig(verify_tokens=(VERIFY_TOKEN,), app_secrets=tuple(app_secrets)),
         outbox=OutboxConfig(path=tmp_path / "outbox.sqlite3"),
         targets=tuple(targets),
-        admin=AdminConfig(host="127.0.0.1", port=0, token=admin_token, enabled=admin),
+        admin=AdminConfig(
+            host="127.0.0.1",
+            port=0,
+            token=admin_token,
+            enabled=admin,
+            allowed_hosts=tuple(admin_allowed_hosts),
+        ),
         dispatcher=DispatcherConfig(poll_interval_s=0.05),
     )
 
@@ -312,3 +322,27 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@contextmanager
+def locked_by_another_process(path: Path) -> Iterator[None]:
+    """Another process holds an open ``BEGIN EXCLUSIVE`` transaction on ``path``."""
+    script = (
+        "import sqlite3, sys\n"
+        f"conn = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+        "conn.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        yield
+    finally:
+        holder.stdin.close()  # the holder reads end of file, exits, and the lock goes with it
+        holder.wait(timeout=10)
+        holder.stdout.close()

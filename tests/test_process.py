@@ -225,6 +225,9 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     cn = f'waba_gateway_client_connections_total{{cn="{META_CLIENT_CN}"}}'
     assert metric(text, cn) == len(bodies)
     assert metric(text, "waba_gateway_outbox_jobs_total") >= len(bodies)
+    # Series an increase() alert watches exist at 0 before their first event, in this mode too.
+    assert metric(text, 'waba_gateway_delivery_attempts_total{outcome="dead",target="sink"}') == 0
+    assert metric(text, 'waba_gateway_reloads_total{outcome="failure"}') == 0
     # The supervisor removes the folder the workers counted in.
     left = await asyncio.to_thread(
         lambda: list(Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor.pid}-*"))

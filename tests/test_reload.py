@@ -31,6 +31,7 @@ from pki import Pki
 from settling import pending_in_gateway, until_settled
 from sink import Sink
 
+from gateway.cli import main
 from gateway.config import META_CLIENT_CN, Config, MetaConfig, load_config
 from gateway.runtime.gateway import Gateway
 from gateway.runtime.reload import applicable, restart_only
@@ -46,6 +47,7 @@ class Files:
     key: Path
     ca: Path
     port: int
+    admin_port: int = 0
 
     def write_config(
         self, extra_tls: str = "", targets: str = "", secret: str = APP_SECRET
@@ -68,7 +70,7 @@ class Files:
             path = "outbox.sqlite3"
             [admin]
             host = "127.0.0.1"
-            port = 0
+            port = {self.admin_port}
             [dispatcher]
             poll_interval_s = 0.05
             """)
@@ -300,7 +302,7 @@ async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_o
     files: Files, pki: Pki, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A target the reload removes keeps its deliveries pending (listed, replayable); a target
-    it adds receives what arrives next."""
+    it adds has its metrics at 0 at once and receives what arrives next."""
     await sink.down()  # "old" cannot take anything yet
     old = f'[[targets]]\nname = "old"\nurl = "{sink.url("/old")}"\nwait_initial_s = 0.05\n'
     files.write_config(targets=old)
@@ -311,6 +313,11 @@ async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_o
         files.write_config(targets=f'[[targets]]\nname = "new"\nurl = "{sink.url("/new")}"\n')
 
         assert gateway.reload().ok
+        # The added target's alerted series exist from the reload on, before its first event.
+        text = (await admin_get(gateway, "/metrics")).text
+        dead = 'waba_gateway_delivery_attempts_total{outcome="dead",target="new"}'
+        assert metric(text, dead) == 0
+        assert metric(text, 'waba_gateway_target_dead_letters{target="new"}') == 0
 
         assert await post_new(gateway.port, pki, message_body("for new")) == 200
         await wait_for_state(gateway, "delivered", target="new")
@@ -339,8 +346,39 @@ async def test_a_target_whose_url_changes_gets_the_next_deliveries_at_the_new_ur
     assert len(sink.at("/before")) == 1
 
 
+@pytest.mark.parametrize(
+    ("how", "fragment"),
+    [
+        ("misspelt key", "meta.verify_token = "),
+        ("invalid TOML in another table", "invalid TOML"),
+    ],
+)
+async def test_reload_command_reports_a_file_that_does_not_load_as_a_failed_reload(
+    files: Files, how: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`waba-gateway reload` asks the gateway even when the file does not load: exit 1 with
+    the gateway's one line, counted as a failed reload, and the gateway keeps serving."""
+    files.admin_port = free_port()
+    files.write_config()
+    async with Gateway(load_config(files.config)) as gateway:
+        text = files.config.read_text()
+        if how == "misspelt key":
+            files.config.write_text(text.replace("verify_tokens", "verify_token"))
+        else:
+            files.config.write_text(text.replace("[tls]", "[tls"))
+        code = await asyncio.to_thread(main, ["reload", "--config", str(files.config)])
+        err = capsys.readouterr().err
+        metrics = (await admin_get(gateway, "/metrics")).text
+        assert (await admin_get(gateway, "/readyz")).status == 200
+    assert code == 1
+    assert err.startswith(f"error: reload failed, nothing changed: {files.config}: ")
+    assert fragment in err
+    assert len(err.splitlines()) == 1
+    assert metric(metrics, 'waba_gateway_reloads_total{outcome="failure"}') == 1
+
+
 async def test_admin_reload_answers_the_outcome_in_one_line(gateway: Gateway, files: Files) -> None:
-    """POST /admin/reload: 200 and the message, or 500 and the reason of the failure."""
+    """POST /admin/reload: 200 and the message, or 422 and the reason of the failure."""
     answer = await admin_post(gateway, "/admin/reload")
     assert (answer.status, answer.text) == (
         200,
@@ -348,7 +386,7 @@ async def test_admin_reload_answers_the_outcome_in_one_line(gateway: Gateway, fi
     )
     files.config.write_text("[tls\n")
     answer = await admin_post(gateway, "/admin/reload")
-    assert answer.status == 500
+    assert answer.status == 422
     assert "reload failed, nothing changed:" in answer.text
 
 

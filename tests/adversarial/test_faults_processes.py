@@ -16,7 +16,13 @@ from pathlib import Path
 
 import aiohttp
 from config_files import free_port, listen_port, write_config
-from helpers import APP_SECRET, eventually, message_body, meta_signature
+from helpers import (
+    APP_SECRET,
+    eventually,
+    locked_by_another_process,
+    message_body,
+    meta_signature,
+)
 from pki import Pki
 from processes import kill_group
 from settling import pending_in_sqlite, until_settled
@@ -252,3 +258,45 @@ async def test_full_disk_answers_503_and_readyz_says_so_until_space_returns(
         await eventually(ready_again, "ready once the file may grow")
         await _serves_once(port, pki, sink, "space is back", tmp_path / "outbox.sqlite3")
     assert refused not in {r.body for r in sink.received}
+
+
+async def test_with_two_workers_a_locked_outbox_answers_each_post_within_the_busy_timeout(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """workers = 2, the outbox locked by another process, /readyz polled: each POST (new
+    connections, spread over both workers) is answered 503 within outbox.busy_timeout_s of its
+    arrival (and room for a loaded machine), not after the other worker's wait and its own."""
+    busy = 2.0
+    admin_port = free_port()
+    config = write_config(
+        pki,
+        tmp_path,
+        target_url=sink.url("/sink"),
+        workers=2,
+        admin_port=admin_port,
+        outbox=f'path = "outbox.sqlite3"\nbusy_timeout_s = {busy}',
+    )
+    port = listen_port(config)
+
+    async def timed(delay: float, index: int) -> tuple[int, float]:
+        await asyncio.sleep(delay)
+        started = time.monotonic()
+        status = await _post(port, pki, message_body(f"locked {index}"))
+        return status, time.monotonic() - started
+
+    async def poll_readyz(until: float) -> None:
+        while time.monotonic() < until:
+            await _ready(admin_port)
+            await asyncio.sleep(0.7)
+
+    with _running(config) as process:
+        await _serving(port, process)
+        await _serves_once(port, pki, sink, "before the lock", tmp_path / "outbox.sqlite3")
+        with locked_by_another_process(tmp_path / "outbox.sqlite3"):
+            polling = asyncio.create_task(poll_readyz(time.monotonic() + 2.5 * busy))
+            answers = await asyncio.gather(*(timed(0.25 * n, n) for n in range(12)))
+            await polling
+        assert {status for status, _ in answers} == {503}
+        slowest = max(seconds for _, seconds in answers)
+        assert slowest < busy + 1.0, f"slowest answer {slowest:.2f}s"
+        await _serves_once(port, pki, sink, "after the lock", tmp_path / "outbox.sqlite3")
