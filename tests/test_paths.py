@@ -39,7 +39,8 @@ async def _ask(port: int, context: ssl.SSLContext, method: str, query: str, body
             data=body or None,
             headers=headers,
             ssl=context,
-            timeout=aiohttp.ClientTimeout(total=5),
+            # A hang fails the test; a busy machine's slow handshakes must not.
+            timeout=aiohttp.ClientTimeout(total=DEADLINE_S),
         ) as response,
     ):
         await response.read()
