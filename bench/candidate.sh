@@ -15,6 +15,8 @@
 #                               another worker stored only when it next polls
 #   WABA_BENCH_PYTHON           interpreter (default python3)
 #   WABA_BENCH_LOOP             [listen] loop: "asyncio" (default) or "uvloop"
+#   WABA_BENCH_INSTALLED        "1": run the gateway installed in that interpreter's environment,
+#                               not this checkout (bench/stages.py --python sets it)
 #   WABA_BENCH_OUTBOX_URL       [outbox] url: the PostgreSQL outbox instead of the SQLite file
 #                               (bench.py --outbox postgres sets it)
 #   WABA_BENCH_FRONT_DOOR       "embedded": serve through create_app in aiohttp (embedded_app.py)
@@ -87,7 +89,11 @@ level = "${WABA_BENCH_LOG_LEVEL:-warning}"
 TOML
 
 # The repository root on the import path, so the gateway runs from a checkout without installing.
-export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${WABA_BENCH_INSTALLED:-}" != "1" ]]; then
+  export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+else
+  cd "$BENCH_WORKDIR"  # python -m puts the working directory first on the import path
+fi
 if [[ "${WABA_BENCH_FRONT_DOOR:-}" == "embedded" ]]; then
   exec "${WABA_BENCH_PYTHON:-python3}" "$HERE/embedded_app.py" --config "$config"
 fi

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 from helpers import APP_SECRET
 from sink import DEADLINE_S
 
-__all__ = ["kill_group", "serving", "stop"]
+__all__ = ["kill_group", "serving", "stop", "until_listening"]
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -57,3 +59,19 @@ def stop(process: subprocess.Popen[bytes]) -> str:
     process.wait(DEADLINE_S)
     assert process.stdout is not None
     return process.stdout.read().decode(errors="replace")
+
+
+async def until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Return once something accepts connections on ``port``; fail if ``process`` exits first."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        assert process.poll() is None, f"the gateway exited with {process.returncode}"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway did not start listening"
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return

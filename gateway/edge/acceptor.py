@@ -24,7 +24,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from gateway.units import SECONDS
 
@@ -55,22 +55,30 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Before the handshake, given the accepted socket and its peer: the client's address (a PROXY
+# protocol header names it), or None to close the connection unanswered.
+BeforeTLS = Callable[[socket.socket, str], Awaitable[str | None]]
+
+
 class Acceptor:
     """Accept on ``sock``; give each connection whose handshake completes to a new protocol
-    from ``protocol_factory``, and each failure to ``failed(remote, error)``."""
+    from ``protocol_factory(remote)``, and each failure to ``failed(remote, error)``. With
+    ``before_tls``, each socket is first given to it (the PROXY protocol's header)."""
 
     def __init__(
         self,
         sock: socket.socket,
         context: ssl.SSLContext,
-        protocol_factory: Callable[[], asyncio.Protocol],
+        protocol_factory: Callable[[str], asyncio.Protocol],
         failed: Callable[[str, OSError], None],
+        before_tls: BeforeTLS | None = None,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._context = context
         self._protocol_factory = protocol_factory
         self._failed = failed
+        self._before_tls = before_tls
         self._loop = asyncio.get_running_loop()
         # Each handshake under way, with its socket while the task has not yet taken it over.
         self._handshakes: dict[asyncio.Task[None], socket.socket | None] = {}
@@ -109,21 +117,31 @@ class Acceptor:
     async def _secure(self, conn: socket.socket) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._handshakes[task] = None  # from here on the transport owns (and closes) conn
         try:
             peer = conn.getpeername()
         except OSError:  # reset while queued
             peer = None
-        remote = str(peer[0]) if peer else "-"
+        client = str(peer[0]) if peer else "-"
+        if self._before_tls is not None:
+            # Accepted sockets do not inherit the listener's O_NONBLOCK, and the loop's
+            # sock_recv would block the whole loop on a blocking one.
+            conn.setblocking(False)
+            # Until connect_accepted_socket takes it, conn is still ours: _done closes it if
+            # this ends here (refused, or cancelled by close()).
+            named = await self._before_tls(conn, client)
+            if named is None:
+                return
+            client = named
+        self._handshakes[task] = None  # from here on the transport owns (and closes) conn
         try:
             await self._loop.connect_accepted_socket(
-                self._protocol_factory,
+                lambda: self._protocol_factory(client),
                 conn,
                 ssl=self._context,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
             )
         except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout: all OSErrors
-            self._failed(remote, exc)
+            self._failed(client, exc)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         conn = self._handshakes.pop(task, None)

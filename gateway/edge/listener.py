@@ -28,6 +28,7 @@ import httptools
 from gateway.config import ListenConfig
 from gateway.edge.acceptor import Acceptor, bind
 from gateway.edge.callback import Callback
+from gateway.edge.proxy_reader import HEADER_TIMEOUT_S, ProxyHeaderReader
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import (
@@ -174,7 +175,7 @@ def _not_allowed(method: str) -> MethodNotAllowed:
 class _Connection(asyncio.Protocol):
     """One client connection: parse, hand each complete request to the callback in turn."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, remote: str) -> None:
         self._listener = listener
         self._callback = listener.callback
         self._transport: asyncio.Transport | None = None
@@ -193,7 +194,7 @@ class _Connection(asyncio.Protocol):
         self._head_read = 0  # the current request's reads that began and ended inside its head
         self._discarding = False  # after a refusal that closes: ignore what else arrives
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
-        self.remote = "-"
+        self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -207,13 +208,12 @@ class _Connection(asyncio.Protocol):
         self._listener.connections.add(self)
         self.last_active = time.monotonic()  # idle from the end of the TLS handshake
         _ack_now(transport)
-        peer = transport.get_extra_info("peername")
-        self.remote = str(peer[0]) if peer else "-"
         # The TLS handshake is complete by now: OpenSSL has verified the chain against the
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
-            self.cn = self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
+            peercert = ssl_object.getpeercert() if ssl_object else None
+            self.cn = self._callback.identify(peercert, self.remote)
         except Rejected as exc:
             self._identity_error = exc  # every request on this connection is answered 403
 
@@ -513,6 +513,7 @@ class Listener:
         self.clock = _Clock()
         self.log_requests = access_log.isEnabledFor(logging.INFO)
         self._acceptor: Acceptor | None = None
+        self.proxy_protocol = settings.proxy_protocol
         self._sweeper: asyncio.TimerHandle | None = None
         # Often enough that a short timeout is kept to within a quarter of itself.
         self._sweep_every_s = min(
@@ -529,11 +530,17 @@ class Listener:
     ) -> int:
         """Listen on ``host:port``, or accept on ``sock`` (a listening socket the supervisor of
         several workers bound and shares with them); return the bound port (useful with 0)."""
+        before_tls = None
+        if self.proxy_protocol:
+            # The balancer's header first: it names the client (gateway.edge.proxy_reader).
+            timeout_s = min(HEADER_TIMEOUT_S, self.request_timeout_s)
+            before_tls = ProxyHeaderReader(self.callback.stats, timeout_s)
         self._acceptor = Acceptor(
             sock if sock is not None else bind(host, port),
             ssl_context,
-            lambda: _Connection(self),
+            lambda remote: _Connection(self, remote),
             self._handshake_failed,
+            before_tls,
         )
         loop = asyncio.get_running_loop()
         self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
@@ -541,6 +548,8 @@ class Listener:
 
     def _handshake_failed(self, remote: str, exc: OSError) -> None:
         """One log line and a count for a TLS handshake that failed."""
+        if self.closing:
+            return  # aborted by close(): the gateway's doing, not the client's
         reason, detail = handshake_failure(exc)
         # A peer that leaves without a word of TLS is what TCP health checks do: counted,
         # logged only when debugging.

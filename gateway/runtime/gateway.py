@@ -40,6 +40,7 @@ from aiohttp import web
 from gateway.config import Config, EventLoop, TlsConfig, load_config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
+from gateway.delivery.target_tls import target_contexts
 from gateway.edge.listener import Listener
 from gateway.edge.tls import (
     SwappableContext,
@@ -177,6 +178,8 @@ class Gateway:
             claim=role.claim,
         )
         self.stats: Stats = self.core.stats
+        if config.listen.proxy_protocol:
+            self.stats.expect_proxy_headers()
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -221,13 +224,14 @@ class Gateway:
             new = applicable(self.config, loaded)
             context = build_server_context(new.tls, source=source)
             expiries = certificate_expiries(new.tls)
+            target_tls = target_contexts(new.targets, source=source)
         except (GatewayError, OSError, ValueError) as exc:
             return ReloadResult(False, f"reload failed, nothing changed: {exc}")
         kept = restart_only(self.config, loaded)
         self._tls.swap(context)
         self._expiries = expiries
         self._loaded_at = time.time()
-        self.core.reconfigure(new)
+        self.core.reconfigure(new, target_tls)
         self.config = new
         message = f"reloaded {source}"
         if kept:
@@ -239,13 +243,17 @@ class Gateway:
         dispatcher = self.core.dispatcher
         now = time.time()
         server_expiry, ca_expiries = self._expiries
+        size = await self.core.outbox.size()
         return Snapshot(
             now=now,
             backlog=await self.core.outbox.backlog(),
+            targets=[target.name for target in self.config.targets],
             circuits=dispatcher.circuits(now) if dispatcher is not None else {},
             server_certificate_expiry=server_expiry,
             client_ca_expiries=ca_expiries,
             last_reload_success=self._loaded_at,
+            outbox_bytes=size.bytes,
+            outbox_rows=size.rows,
         )
 
     async def _flush_metrics(self) -> None:
