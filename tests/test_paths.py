@@ -39,7 +39,8 @@ async def _ask(port: int, context: ssl.SSLContext, method: str, query: str, body
             data=body or None,
             headers=headers,
             ssl=context,
-            timeout=aiohttp.ClientTimeout(total=5),
+            # A hang fails the test; a busy machine's slow handshakes must not.
+            timeout=aiohttp.ClientTimeout(total=DEADLINE_S),
         ) as response,
     ):
         await response.read()
@@ -145,3 +146,32 @@ async def test_start_serve_reload_kill_and_stop(
         assert gateway.returncode == 0, output
         assert "Traceback" not in output
         assert f"loop={loop}" in output  # each process runs on the loop configured
+
+
+async def test_sighup_while_workers_start_reaches_every_worker(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """A reload asked for while the workers are still starting (the port already takes
+    connections, the supervisor bound it) is not lost: once they serve, every worker answers
+    the new verify token."""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    port = listen_port(config)
+    text = config.read_text()
+    with serving(config) as gateway:
+        deadline = time.monotonic() + DEADLINE_S
+        while True:  # the supervisor's socket: bound before any worker starts
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the port never took connections"
+                await asyncio.sleep(0.01)
+        config.write_text(text.replace(f'["{VERIFY_TOKEN}"]', f'["{VERIFY_TOKEN}", "{NEW_TOKEN}"]'))
+        gateway.send_signal(signal.SIGHUP)
+        await _until_serving(port, pki, gateway)
+        while await _handshakes(port, pki, NEW_TOKEN, 12) != [200] * 12:
+            assert time.monotonic() < deadline, "a worker missed the reload"
+            await asyncio.sleep(0.2)
+        output = await asyncio.to_thread(stop, gateway)
+        assert gateway.returncode == 0, output

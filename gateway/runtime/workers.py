@@ -127,6 +127,9 @@ def _worker(
 ) -> None:
     """One worker: ``report`` hears ``None`` once it serves, or the one-line reason it cannot
     start (the supervisor says it, as a lone gateway would, instead of a worker's traceback)."""
+    # Spawned with SIGHUP blocked (see _supervise): take it again, still ignored until the
+    # gateway's handler is in place.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     _die_with_parent(supervisor)
     setup_logging(config.log_level, config.log_format)
     role = Role(
@@ -197,17 +200,25 @@ def supervise(config: Config) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
 
-    hold = hold_outbox(config.outbox)  # refused here when another gateway has it
+    # A SIGHUP before the workers run (an early `systemctl reload`: the port takes connections
+    # once bound) must neither end the gateway nor be lost: it is noted, and every worker is
+    # asked to reload once all serve (_supervise).
+    reloads = threading.Event()
+    hangup = signal.signal(signal.SIGHUP, lambda _signum, _frame: reloads.set())
     try:
-        sock = _bind(config)
-    except BaseException:
-        hold.release()
-        raise
-    try:
-        return _supervise(config, context, stopping, on_signal, sock)
+        hold = hold_outbox(config.outbox)  # refused here when another gateway has it
+        try:
+            sock = _bind(config)
+        except BaseException:
+            hold.release()
+            raise
+        try:
+            return _supervise(config, context, stopping, on_signal, sock, reloads)
+        finally:
+            sock.close()
+            hold.release()
     finally:
-        sock.close()
-        hold.release()
+        signal.signal(signal.SIGHUP, hangup)
 
 
 def _supervise(
@@ -216,6 +227,7 @@ def _supervise(
     stopping: threading.Event,
     on_signal: signal._HANDLER,
     sock: socket.socket,
+    reloads: threading.Event,
 ) -> int:
     # A new, private folder per run: prometheus-client sums every file in it, so counts of an
     # earlier run must not be there. The workers inherit the variable, which prometheus-client
@@ -232,14 +244,20 @@ def _supervise(
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         # SIGHUP: every worker reloads. SIGUSR1: worker 0 has reloaded; the others follow.
+        reloads.set()
         for index, process in enumerate(workers):
             if process.pid is not None and (signum == signal.SIGHUP or index > 0):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGHUP)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    # Ignored while the workers start: they inherit it (through exec too), so a SIGHUP cannot
-    # end one before its own handler is in place (gateway.runtime.gateway.run).
+    # Ignored while the workers are spawned: they inherit that (through exec too), so a SIGHUP
+    # cannot end one before its own handler is in place (gateway.runtime.gateway.run). Blocked
+    # meanwhile here, so that one arriving now waits (Linux keeps a blocked signal pending even
+    # while ignored) for the handler below instead of being lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    if signal.SIGHUP in signal.sigpending():
+        reloads.set()  # setting SIG_IGN discards a pending signal: note it first
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     previous[_RELOAD_OTHERS] = signal.signal(_RELOAD_OTHERS, forward)
     previous_env = os.environ.get(MULTIPROCESS_ENV)
@@ -266,10 +284,15 @@ def _supervise(
             process.start()
             report_end.close()  # the worker's end: only the worker holds it now
             workers.append(process)
+        # Reloads are passed on from now. A worker still starting may ignore one (until its
+        # handler is in place), so once all serve, every worker is asked again.
+        signal.signal(signal.SIGHUP, forward)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         if not _started(workers, reports, stopping):
             return 0  # a signal came first
         log.info("started %d workers", len(workers))
-        signal.signal(signal.SIGHUP, forward)
+        if reloads.is_set():
+            forward(signal.SIGHUP, None)
         failed = False
         while not stopping.is_set():
             stopping.wait(0.5)
@@ -279,6 +302,7 @@ def _supervise(
                 break
         return 1 if failed else 0
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         for report in reports:
             report.close()
         for process in workers:
