@@ -24,7 +24,7 @@ from sink import DEADLINE_S, Sink
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
-from gateway.edge.signature import sign
+from gateway.signing import sign
 
 
 async def _post(port: int, pki: Pki, body: bytes, *, fresh: bool = False) -> int:

@@ -14,8 +14,8 @@ from gateway.config import TargetConfig
 from gateway.delivery.backoff import parse_retry_after
 from gateway.delivery.outcome import AttemptResult
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
-from gateway.edge.signature import gateway_signature, sign
 from gateway.outbox import Delivery
+from gateway.signing import gateway_signature, sign
 from gateway.version import __version__
 
 __all__ = ["Forwarder", "build_headers"]

@@ -14,18 +14,16 @@ from pathlib import Path
 
 from cryptography import x509
 
+from gateway.certificates import days_left
+from gateway.certificates import subject as leaf_subject
 from gateway.config import Config
 from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
 from gateway.errors import CertificateError
 from gateway.outbox import describe_outbox
 
-__all__ = ["EXPIRY_WARNING_DAYS", "days_left", "outbox_report", "report"]
+__all__ = ["EXPIRY_WARNING_DAYS", "outbox_report", "report"]
 
 EXPIRY_WARNING_DAYS = 30
-
-
-def days_left(certificate: x509.Certificate, now: datetime.datetime) -> float:
-    return (certificate.not_valid_after_utc - now).total_seconds() / 86400
 
 
 def _leaf(path: Path) -> x509.Certificate:
@@ -41,7 +39,7 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     lines = [f"ok: configuration {config.source or '(built in)'}"]
     leaf = _leaf(config.tls.cert_file)
     left = days_left(leaf, now)
-    subject = leaf.subject.rfc4514_string()
+    subject = leaf_subject(leaf)
     if left < 0:
         raise CertificateError(
             f"tls.cert_file = '{config.tls.cert_file}': certificate {subject} has expired"

@@ -22,11 +22,11 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from gateway.certificates import days_left, fingerprint
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
-from gateway.onboarding.check import EXPIRY_WARNING_DAYS, days_left
+from gateway.onboarding.check import EXPIRY_WARNING_DAYS
 from gateway.onboarding.verify_callback import Verdict
 
 __all__ = [
@@ -111,10 +111,7 @@ def judge_ca_bundle(certs: Sequence[x509.Certificate], now: datetime) -> list[Fi
     findings: list[Finding] = []
     for cert in certs:
         # Formatted as `openssl x509 -noout -fingerprint -sha256` and `waba-gateway check` print it.
-        named = (
-            f"client CA {cert.subject.rfc4514_string()} sha256 "
-            + cert.fingerprint(hashes.SHA256()).hex(":").upper()
-        )
+        named = f"client CA {cert.subject.rfc4514_string()} sha256 {fingerprint(cert)}"
         if cert.not_valid_after_utc < now:
             expired = f"{named} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
             findings.append(Finding("WARN", expired, "nothing chains to it: remove it"))

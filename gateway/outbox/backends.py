@@ -2,8 +2,9 @@
 
 Rule: the only code outside a backend's own package that names a backend; everything else gets
 an :class:`~gateway.outbox.interface.Outbox`. ``outbox.url`` set: PostgreSQL; otherwise the
-SQLite file at ``outbox.path``. The PostgreSQL driver is an optional extra, imported only here
-and only when asked for, so the embedded install stays small.
+SQLite file at ``outbox.path``. Each backend is imported only when it is asked for: the
+PostgreSQL driver is an optional extra, and the outbox's values (:mod:`gateway.outbox.model`)
+load no storage engine for the modules that only name them (routing, the command line's parsing).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import Protocol
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
-from gateway.outbox.sqlite.outbox import SqliteOutbox
-from gateway.outbox.sqlite.owner import OwnerLock
 
 __all__ = ["OutboxHold", "describe_outbox", "hold_outbox", "open_outbox"]
 
@@ -40,6 +39,8 @@ def hold_outbox(config: OutboxConfig) -> OutboxHold:
     A PostgreSQL outbox (``outbox.url``) is meant to be shared: its hold holds nothing."""
     if config.url is not None:
         return _Shared()
+    from gateway.outbox.sqlite.owner import OwnerLock
+
     return OwnerLock(config.path)
 
 
@@ -72,6 +73,8 @@ async def open_outbox(
             config, dispatching=dispatching, on_commit=on_commit, on_wake=on_wake, create=create
         )
         return outbox
+    from gateway.outbox.sqlite.outbox import SqliteOutbox
+
     return SqliteOutbox(
         config.path,
         dedup_window_s=config.dedup_window_s,

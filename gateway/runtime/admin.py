@@ -28,16 +28,16 @@ from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
-from gateway.outbox import STATES, Outbox, State
+from gateway.outbox import Outbox
+from gateway.outbox.query import parse_query, parse_state
 from gateway.runtime.console import add_console, is_console_path
 from gateway.runtime.reload import ReloadResult
 from gateway.runtime.stats import Snapshot, Stats
 from gateway.units import parse_age, parse_since
 
-__all__ = ["READY_WAIT_S", "Operations", "create_admin_app", "parse_query", "parse_state"]
+__all__ = ["READY_WAIT_S", "Operations", "create_admin_app"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-_MAX_LIMIT = 1000
 # The longest /readyz waits for the outbox: a file locked by another process holds a write for
 # the busy timeout, and a probe that hangs that long says less than a prompt 503.
 READY_WAIT_S = 2.0
@@ -74,24 +74,6 @@ def _token_middleware(ops: Operations) -> Any:
         return await handler(request)
 
     return check
-
-
-def parse_state(raw_state: str | None) -> State | None:
-    if raw_state is None:
-        return None
-    state = next((known for known in STATES if known == raw_state), None)
-    if state is None:
-        raise BadRequest(f"state must be one of {', '.join(STATES)}")
-    return state
-
-
-def parse_query(query: Mapping[str, str]) -> tuple[State | None, str | None, int]:
-    """``state``, ``target`` and ``limit`` from a deliveries query, validated."""
-    state = parse_state(query.get("state"))
-    raw_limit = query.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
-        raise BadRequest(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    return state, query.get("target"), int(raw_limit)
 
 
 def _since(query: Mapping[str, str], now: float) -> float | None:
