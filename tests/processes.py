@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from helpers import APP_SECRET
+import aiohttp
+from helpers import APP_SECRET, meta_signature
+from pki import Pki
 from sink import DEADLINE_S
 
-__all__ = ["kill_group", "serving", "stop"]
+__all__ = ["kill_group", "post_to", "serving", "stop", "until_listening"]
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -57,3 +61,45 @@ def stop(process: subprocess.Popen[bytes]) -> str:
     process.wait(DEADLINE_S)
     assert process.stdout is not None
     return process.stdout.read().decode(errors="replace")
+
+
+async def until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until ``process`` accepts connections on ``port``; fails if it exits first."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        assert process.poll() is None, f"the gateway exited with {process.returncode}"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway did not start listening"
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
+async def post_to(
+    port: int,
+    pki: Pki,
+    body: bytes,
+    *,
+    fresh: bool = False,
+    session: aiohttp.ClientSession | None = None,
+) -> int:
+    """POST ``body`` to the callback on ``port``, signed like Meta, over mTLS; its status.
+    ``fresh`` asks for a connection of its own; ``session`` reuses the caller's connections."""
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
+    if fresh:
+        headers["Connection"] = "close"
+    async with contextlib.AsyncExitStack() as stack:
+        if session is None:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+        async with session.post(
+            f"https://localhost:{port}/webhook",
+            data=body,
+            headers=headers,
+            ssl=pki.client_context("meta"),
+        ) as response:
+            await response.read()
+            return response.status

@@ -11,15 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from config_files import free_port, listen_port, write_config
-from helpers import APP_SECRET, message_body, meta_signature, metric
+from helpers import APP_SECRET, message_body, metric
 from pki import Pki
-from processes import serving
+from processes import post_to, serving, until_listening
 from sink import DEADLINE_S, Sink
 
 from gateway.cli import main
@@ -27,55 +26,14 @@ from gateway.config import META_CLIENT_CN
 from gateway.signing import sign
 
 
-async def _post(port: int, pki: Pki, body: bytes, *, fresh: bool = False) -> int:
-    """POST ``body`` signed like Meta over mTLS; ``fresh`` forces a new connection."""
-    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
-    if fresh:
-        headers["Connection"] = "close"
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"https://localhost:{port}/webhook",
-            data=body,
-            headers=headers,
-            ssl=pki.client_context("meta"),
-        ) as response,
-    ):
-        await response.read()
-        return response.status
-
-
 async def _post_each_on_a_new_connection(port: int, pki: Pki, bodies: list[bytes]) -> None:
     """All at once, each on a connection of its own (the kernel spreads them over workers)."""
-    statuses = await asyncio.gather(*(_post(port, pki, body, fresh=True) for body in bodies))
+    statuses = await asyncio.gather(*(post_to(port, pki, body, fresh=True) for body in bodies))
     assert statuses == [200] * len(bodies)
-
-
-async def _until_listening(port: int, pki: Pki, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"the gateway exited with {process.returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError("the gateway did not start listening") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:
     return await asyncio.to_thread(process.wait, DEADLINE_S)
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    async with Sink() as running:
-        yield running
 
 
 async def test_sigkill_after_ack_with_target_down_loses_nothing(
@@ -87,14 +45,14 @@ async def test_sigkill_after_ack_with_target_down_loses_nothing(
     await sink.down()
     bodies = [message_body(f"crash test {n} caf\u00e9 \U0001f62e") for n in range(20)]
     with serving(config) as first:
-        await _until_listening(port, pki, first)
-        statuses = await asyncio.gather(*(_post(port, pki, body) for body in bodies))
+        await until_listening(port, first)
+        statuses = await asyncio.gather(*(post_to(port, pki, body) for body in bodies))
         assert statuses == [200] * len(bodies)
         first.send_signal(signal.SIGKILL)
         assert await _exit_code(first) == -signal.SIGKILL
     await sink.up()
     with serving(config) as second:
-        await _until_listening(port, pki, second)
+        await until_listening(port, second)
         received = await sink.wait_for(len(bodies), "/sink")
         assert sorted(r.body for r in received) == sorted(bodies)
         second.send_signal(signal.SIGTERM)
@@ -106,8 +64,8 @@ async def test_sigterm_finishes_and_exits_zero(pki: Pki, tmp_path: Path, sink: S
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"))
     port = listen_port(config)
     with serving(config) as process:
-        await _until_listening(port, pki, process)
-        assert await _post(port, pki, message_body("before stop")) == 200
+        await until_listening(port, process)
+        assert await post_to(port, pki, message_body("before stop")) == 200
         await sink.wait_for(1, "/sink")
         process.send_signal(signal.SIGTERM)
         assert await _exit_code(process) == 0
@@ -184,7 +142,7 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     port = listen_port(config)
     bodies = [message_body(f"worker test {n}") for n in range(60)]
     with serving(config) as supervisor:
-        await _until_listening(port, pki, supervisor)
+        await until_listening(port, supervisor)
         await _post_each_on_a_new_connection(port, pki, bodies)
         received = await sink.wait_for(len(bodies), "/sink")
         await asyncio.sleep(0.5)  # room for any duplicate to show up before counting
@@ -216,7 +174,7 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     # has a chance of 2**-40), so worker 0's own counters alone would fall short of 40.
     bodies = [message_body(f"metrics test {n}") for n in range(40)]
     with serving(config) as supervisor:
-        await _until_listening(port, pki, supervisor)
+        await until_listening(port, supervisor)
         await _post_each_on_a_new_connection(port, pki, bodies)
         async with (
             aiohttp.ClientSession() as session,
@@ -256,7 +214,7 @@ async def test_two_workers_survive_sighup_to_any_process(
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
     with serving(config) as supervisor:
-        await _until_listening(port, pki, supervisor)
+        await until_listening(port, supervisor)
         # The supervisor binds the port before its workers exist: wait for both.
         deadline = time.monotonic() + DEADLINE_S
         while len(workers := _spawned_workers(supervisor.pid)) < 2:

@@ -88,8 +88,9 @@ def _ack_now(transport: asyncio.BaseTransport) -> None:
     In TLS 1.3 the client speaks last in the handshake, then sends its request. A client with
     Nagle's algorithm on (ApacheBench, for one) holds the request back until its last handshake
     flight is acknowledged, and the server's kernel delays that acknowledgement when it has
-    nothing to send with it (RFC 1122 4.2.3.2, RFC 896). Session tickets used to ride along and
-    hide this; without them every new connection would wait out the delayed-ACK timer. Setting
+    nothing to send with it (RFC 1122 4.2.3.2, RFC 896). Session tickets would ride along and
+    hide this, but they are off by default (``tls.session_tickets``): every new connection would
+    wait out the delayed-ACK timer. Setting
     TCP_QUICKACK sends the pending acknowledgement now (tcp(7)); one system call.
     """
     sock = transport.get_extra_info("socket")

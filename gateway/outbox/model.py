@@ -49,7 +49,7 @@ class Delivery:
     body: bytes
     signature: str
     split: bool
-    state: str
+    state: State
     attempts: int
     created_at: float
     next_attempt_at: float
