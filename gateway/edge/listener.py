@@ -202,15 +202,16 @@ class _Connection(asyncio.Protocol):
     def _pump(self) -> None:
         # No new answer while the peer does not read the ones it has (resume_writing pumps),
         # and none at all once the connection is closing.
+        # (An empty set is asked first: a member's hash is a Python call, on every request.)
         while (
             not self._in_flight
             and self._queue
-            and _Pause.PEER_NOT_READING not in self._paused
+            and not (self._paused and _Pause.PEER_NOT_READING in self._paused)
             and self._transport is not None
             and not self._transport.is_closing()
         ):
             self._start(self._queue.popleft())
-        if _Pause.QUEUE_FULL in self._paused and len(self._queue) <= MAX_QUEUED:
+        if self._paused and _Pause.QUEUE_FULL in self._paused and len(self._queue) <= MAX_QUEUED:
             self._resume(_Pause.QUEUE_FULL)
 
     def _start(self, request: Request | Refusal) -> None:
