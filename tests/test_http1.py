@@ -172,7 +172,7 @@ def test_each_request_kind_gives_its_events_in_one_read(kind: str) -> None:
     assert _seen(_feed([data])[1]) == expected
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=8),
     cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=40),
@@ -255,8 +255,10 @@ def test_a_request_too_slow_is_refused_with_its_start_and_method_kept() -> None:
     assert http.state is State.BODY
     assert http.receiving_since == 2.0
     refusal = http.refuse(RequestTimeout("request not received in time"), 9.0)
+    assert refusal is not None
     assert (refusal.error.status, refusal.started, refusal.method) == (408, 2.0, b"POST")
     assert (http.state, http.feed(b"}", 10.0)) == (State.DONE, [])
+    assert http.refuse(RequestTimeout("again"), 11.0) is None, "a stream refuses once"
 
 
 @pytest.mark.parametrize(

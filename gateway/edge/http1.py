@@ -204,7 +204,7 @@ class Http1:
             self._refuse(BadRequest("protocol upgrades are not supported"))
             return events
         except httptools.HttpParserError:
-            # After a request that closes, llhttp refuses what follows; that is ignored.
+            # Also what llhttp says of bytes after a request that closes: ignored once DONE.
             self._refuse(BadRequest("malformed HTTP request"))
             return events
         # A header line that never ends reaches no parser callback, so reads are counted too;
@@ -227,15 +227,14 @@ class Http1:
     def _in_head(self) -> bool:
         return self.state is State.HEAD
 
-    def refuse(self, error: Rejected, now: float) -> Refusal:
+    def refuse(self, error: Rejected, now: float) -> Refusal | None:
         """Refuse the request being received (or the next) with ``error``, e.g. for taking too
-        long; nothing more is read."""
+        long; nothing more is read. None if the stream was over already."""
         self._now = now
-        self._events = []
+        events: list[Event] = []
+        self._events = events
         self._refuse(error)
-        refusal = self._events[0]
-        assert isinstance(refusal, Refusal)
-        return refusal
+        return next((event for event in events if isinstance(event, Refusal)), None)
 
     def _refuse(self, error: Rejected) -> None:
         if self.state is State.DONE:

@@ -300,10 +300,10 @@ class _Connection(asyncio.Protocol):
         started = self._http.receiving_since
         if started is not None:
             if now - started > self._listener.request_timeout_s:
-                self._queue.append(
-                    self._http.refuse(RequestTimeout("request not received in time"), now)
-                )
-                self._pump()
+                refusal = self._http.refuse(RequestTimeout("request not received in time"), now)
+                if refusal is not None:
+                    self._queue.append(refusal)
+                    self._pump()
         elif now - self.last_active > self._listener.idle_timeout_s:
             self._transport.close()
 
