@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import aiohttp
 from pki import ClientKind, Pki
@@ -46,6 +46,8 @@ __all__ = [
     "REFUSED",
     "VERIFY_TOKEN",
     "Answer",
+    "ConfigOptions",
+    "OpenOptions",
     "admin_get",
     "admin_post",
     "deliveries",
@@ -89,6 +91,26 @@ def sink_target(sink: Sink, name: str = "sink", **options: Any) -> TargetConfig:
         "wait_max_s": 0.2,
     }
     return TargetConfig(**(settings | options))
+
+
+class ConfigOptions(TypedDict, total=False):
+    """What :func:`gateway_config` takes besides its targets, for helpers that pass it on."""
+
+    client_auth: ClientAuth
+    app_secrets: Sequence[str]
+    max_body_bytes: int | None
+    admin_token: str | None
+    host: str
+    admin: bool
+
+
+class OpenOptions(TypedDict, total=False):
+    """What :func:`gateway.outbox.open_outbox` takes besides the configuration."""
+
+    on_commit: Callable[[int], None] | None
+    create: bool
+    dispatching: bool
+    on_wake: Callable[[], None] | None
 
 
 def gateway_config(
