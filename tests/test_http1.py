@@ -140,16 +140,24 @@ KINDS = (
 )
 
 
-def _stream(kinds: list[str]) -> tuple[bytes, list[Seen]]:
-    """The requests of ``kinds`` in one stream, and the events expected of it."""
+_EXPECTING = ("expect", "expect_elsewhere", "expect_put")
+_NOT_META = Forbidden("client certificate CN not allowed")
+
+
+def _stream(kinds: list[str], *, not_meta: bool = False) -> tuple[bytes, list[Seen], bool]:
+    """The requests of ``kinds`` in one stream, the events expected of it, and whether one of
+    them ends the connection. ``not_meta``: every request will be refused (the client's CN),
+    so an HTTP/1.1 ``Expect: 100-continue`` gets that refusal at once."""
     data, expected = b"", []
     for index, kind in enumerate(kinds):
         request, seen, last = _kind(kind, index)
+        if not_meta and kind in _EXPECTING:
+            seen, last = [("refusal", 403)], True
         data += request
         expected += seen
         if last:
-            break
-    return data, expected
+            return data, expected, True
+    return data, expected, False
 
 
 def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -157,8 +165,10 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-def _feed(pieces: list[bytes]) -> tuple[Http1, list[Event]]:
+def _feed(pieces: list[bytes], *, not_meta: bool = False) -> tuple[Http1, list[Event]]:
     http = Http1(LIMITS, PATH)
+    if not_meta:
+        http.refuse_every_request = _NOT_META
     events: list[Event] = []
     for when, piece in enumerate(pieces):
         events += http.feed(piece, float(when))
@@ -168,7 +178,7 @@ def _feed(pieces: list[bytes]) -> tuple[Http1, list[Event]]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_request_kind_gives_its_events_in_one_read(kind: str) -> None:
     """Each kind alone, in one read, gives exactly the events written beside it."""
-    data, expected = _stream([kind])
+    data, expected, _ = _stream([kind])
     assert _seen(_feed([data])[1]) == expected
 
 
@@ -176,19 +186,19 @@ def test_each_request_kind_gives_its_events_in_one_read(kind: str) -> None:
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=8),
     cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=40),
+    not_meta=st.booleans(),
 )
-@example(kinds=["post", "expect", "handshake", "close"], cuts=list(range(2000)))
+@example(kinds=["post", "expect", "handshake", "close"], cuts=list(range(2000)), not_meta=False)
 def test_any_cut_of_a_request_stream_gives_the_expected_events(
-    kinds: list[str], cuts: list[int]
+    kinds: list[str], cuts: list[int], not_meta: bool
 ) -> None:
     """Pipelined requests, limits and refusals, cut into reads anywhere (down to single bytes),
     give the events expected of them, in order, and nothing after the connection's last."""
-    data, expected = _stream(kinds)
-    http, events = _feed(_cut(data, cuts))
+    data, expected, ended = _stream(kinds, not_meta=not_meta)
+    http, events = _feed(_cut(data, cuts), not_meta=not_meta)
     assert _seen(events) == expected
     starts = [event.started for event in events if not isinstance(event, Continue)]
     assert starts == sorted(starts), "each request starts no earlier than the one before"
-    ended = any(_kind(kind, i)[2] for i, kind in enumerate(kinds))
     assert (http.state is State.DONE) == ended
     if ended:
         assert http.feed(_post(b"{}"), 9e9) == [], "nothing is read after the last request"
@@ -200,7 +210,7 @@ def test_every_single_cut_of_a_pipelined_stream_gives_the_same_events() -> None:
     """A stream of every kind that keeps the connection, cut in two at each byte, then in
     three at each pair of a coarse grid: the events of one read every time."""
     kinds = [k for k in KINDS if not _kind(k, 0)[2]] + ["close"]
-    data, expected = _stream(kinds)
+    data, expected, _ = _stream(kinds)
     for cut in range(len(data) + 1):
         assert _seen(_feed([data[:cut], data[cut:]])[1]) == expected, cut
     for first in range(0, len(data), 37):
@@ -240,7 +250,7 @@ def test_large_bodies_in_many_reads_are_not_mistaken_for_a_large_head() -> None:
 def test_a_refused_identity_gets_its_refusal_instead_of_100_continue() -> None:
     """With every request to be refused (a CN not Meta's), Expect gets that refusal at once."""
     http = Http1(LIMITS, PATH)
-    http.refuse_every_request = Forbidden("client certificate CN not allowed")
+    http.refuse_every_request = _NOT_META
     events = http.feed(_post(b"{}", extra="Expect: 100-continue\r\n"), 0.0)
     assert _seen(events) == [("refusal", 403)]
 
