@@ -247,6 +247,19 @@ def test_large_bodies_in_many_reads_are_not_mistaken_for_a_large_head() -> None:
     assert [e.body for e in events if isinstance(e, Request)] == [body] * 3
 
 
+def test_a_malformed_line_after_an_unknown_coding_gets_one_refusal_however_it_is_read() -> None:
+    """httptools hands a header over when the next one starts, or when a read ends there: the
+    coding is judged at the end of the head, so one read and single bytes agree (found by
+    fuzz/run.sh http1)."""
+    data = b"POST /webhook HTTP/1.1\r\nTransfer-Encoding: gzip\r\n5\r\n\r\n"
+    one = _seen(Http1(LIMITS, PATH).feed(data, 0.0))
+    bytewise = Http1(LIMITS, PATH)
+    events: list[Event] = []
+    for index in range(len(data)):
+        events += bytewise.feed(data[index : index + 1], 0.0)
+    assert _seen(events) == one == [("refusal", 400)]
+
+
 def test_a_refused_identity_gets_its_refusal_instead_of_100_continue() -> None:
     """With every request to be refused (a CN not Meta's), Expect gets that refusal at once."""
     http = Http1(LIMITS, PATH)
