@@ -14,6 +14,9 @@
 #                               workers > 1 only worker 0 dispatches, and it learns of a notification
 #                               another worker stored only when it next polls
 #   WABA_BENCH_PYTHON           interpreter (default python3)
+#   WABA_BENCH_LOOP             [listen] loop: "asyncio" (default) or "uvloop"
+#   WABA_BENCH_INSTALLED        "1": run the gateway installed in that interpreter's environment,
+#                               not this checkout (bench/stages.py --python sets it)
 #   WABA_BENCH_OUTBOX_URL       [outbox] url: the PostgreSQL outbox instead of the SQLite file
 #                               (bench.py --outbox postgres sets it)
 #   WABA_BENCH_FRONT_DOOR       "embedded": serve through create_app in aiohttp (embedded_app.py)
@@ -48,6 +51,7 @@ host = "\${BENCH_LISTEN_HOST}"
 port = ${BENCH_LISTEN_PORT}
 path = "\${BENCH_WEBHOOK_PATH}"
 workers = ${WABA_BENCH_WORKERS:-1}
+loop = "${WABA_BENCH_LOOP:-asyncio}"
 
 [tls]
 cert_file = "\${BENCH_TLS_CERT}"
@@ -85,7 +89,11 @@ level = "${WABA_BENCH_LOG_LEVEL:-warning}"
 TOML
 
 # The repository root on the import path, so the gateway runs from a checkout without installing.
-export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "${WABA_BENCH_INSTALLED:-}" != "1" ]]; then
+  export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
+else
+  cd "$BENCH_WORKDIR"  # python -m puts the working directory first on the import path
+fi
 if [[ "${WABA_BENCH_FRONT_DOOR:-}" == "embedded" ]]; then
   exec "${WABA_BENCH_PYTHON:-python3}" "$HERE/embedded_app.py" --config "$config"
 fi

@@ -1,9 +1,18 @@
 """Kill loop: SIGKILL the gateway under load, round after round, then count what was lost.
 
 Each round starts ``waba-gateway serve`` (as a process group: the supervisor and its workers),
-sends unique, signed notifications over mTLS from several concurrent clients as Meta would, and
-SIGKILLs the whole group at a random moment while requests are in flight. After the last round the
-gateway is started once more and left to deliver everything to the target. Then it prints:
+waits until it answers, sends unique, signed notifications over mTLS from several concurrent
+clients as Meta would, and SIGKILLs the whole group at a random moment while requests are in
+flight. After the last round the gateway is started once more and left to deliver everything to the
+target.
+
+With ``--outbox postgres`` a throw-away PostgreSQL server (tests/pgserver.py) holds one outbox
+that ``--gateways`` gateways share, each on its own port. The clients spread over them and move
+to another when theirs stops answering (as a load balancer would); each round SIGKILLs one of
+them, chosen at random, while the others go on under load, and the next round starts it again.
+A killed gateway's claims pass to the others once its lease (``--lease-s``) has run out.
+
+Then it prints:
 
 - acknowledged: distinct notifications that got a 200 before the kill;
 - delivered: distinct acknowledged notifications the target received;
@@ -16,6 +25,7 @@ Everything runs on 127.0.0.1 with throw-away certificates, bounded by ``--rounds
 ``--max-s``. Exit 0 when nothing was lost, 1 otherwise.
 
     python bench/killloop.py --rounds 10 --workers 1
+    python bench/killloop.py --rounds 10 --workers 2 --outbox postgres --gateways 2
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import hashlib
 import hmac
 import json
@@ -90,7 +101,11 @@ class Target:
             await self._runner.cleanup()
 
 
-def make_files(folder: Path, workers: int, target_port: int) -> tuple[Path, ssl.SSLContext]:
+def make_files(
+    folder: Path, args: argparse.Namespace, target_port: int, outbox: str
+) -> tuple[list[Path], ssl.SSLContext]:
+    """A configuration file for each gateway (its own port, the one ``outbox``), and the
+    clients' TLS context."""
     meta = trustme.CA()
     client = meta.create_child_ca().issue_cert(META_CN, common_name=META_CN)
     server_ca = trustme.CA()
@@ -98,13 +113,15 @@ def make_files(folder: Path, workers: int, target_port: int) -> tuple[Path, ssl.
     meta.cert_pem.write_to_path(str(folder / "meta-ca.pem"))
     server.private_key_and_cert_chain_pem.write_to_path(str(folder / "server.pem"))
     server.private_key_pem.write_to_path(str(folder / "server.key"))
-    port = free_port()
-    config = folder / "gateway.toml"
-    config.write_text(f"""
+    configs = []
+    for number in range(args.gateways):
+        config = folder / f"gateway-{number}.toml"
+        config.write_text(f"""
 [listen]
 host = "127.0.0.1"
-port = {port}
-workers = {workers}
+port = {free_port()}
+workers = {args.workers}
+loop = "{args.loop}"
 [tls]
 cert_file = "server.pem"
 key_file = "server.key"
@@ -113,7 +130,7 @@ client_ca_file = "meta-ca.pem"
 verify_tokens = ["kill-loop-verify"]
 app_secrets = ["{SECRET}"]
 [outbox]
-path = "outbox.sqlite3"
+{outbox}
 [[targets]]
 name = "target"
 url = "http://127.0.0.1:{target_port}/"
@@ -126,10 +143,11 @@ poll_interval_s = 0.05
 [log]
 level = "error"
 """)
+        configs.append(config)
     context = ssl.create_default_context(cafile=None)
     server_ca.configure_trust(context)
     client.configure_cert(context)
-    return config, context
+    return configs, context
 
 
 def start_gateway(config: Path) -> subprocess.Popen[bytes]:
@@ -148,29 +166,36 @@ def port_of(config: Path) -> int:
     raise SystemExit("no port in the config")
 
 
-async def wait_listening(port: int, limit_s: float = 30) -> None:
+async def wait_serving(url: str, context: ssl.SSLContext, limit_s: float = 60) -> None:
+    """Until the gateway answers Meta's verification GET: with several workers the socket
+    accepts (the supervisor binds it) well before a worker serves, more so on a busy machine."""
+    query = "?hub.mode=subscribe&hub.verify_token=kill-loop-verify&hub.challenge=1"
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url + query) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError):
+                pass
             await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise SystemExit(f"the gateway did not listen on {port} within {limit_s:g} s")
+    raise SystemExit(f"the gateway at {url} did not serve within {limit_s:g} s")
 
 
-async def load(url: str, context: ssl.SSLContext, acked: set[str], stop: asyncio.Event,
+async def load(urls: list[str], context: ssl.SSLContext, acked: set[str], stop: asyncio.Event,
                clients: int) -> None:
-    """``clients`` keep-alive clients posting unique notifications until ``stop``."""
+    """``clients`` keep-alive clients posting unique notifications until ``stop``, spread over
+    ``urls``; a client whose gateway fails moves to the next."""
 
     async def client(number: int) -> None:
         connector = aiohttp.TCPConnector(ssl=context, limit=1)
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             sequence = 0
+            failures = 0
             while not stop.is_set():
+                url = urls[(number + failures) % len(urls)]
                 sequence += 1
                 marker = f"{os.getpid()}x{time.monotonic_ns()}x{number}x{sequence}"
                 body = body_for(marker)
@@ -183,6 +208,7 @@ async def load(url: str, context: ssl.SSLContext, acked: set[str], stop: asyncio
                         if response.status == 200:
                             acked.add(marker)
                 except (aiohttp.ClientError, TimeoutError, OSError):
+                    failures += 1
                     await asyncio.sleep(0.01)  # the gateway is down: try again shortly
 
     await asyncio.gather(*(client(n) for n in range(clients)))
@@ -201,39 +227,58 @@ async def main_async(args: argparse.Namespace) -> int:
     target = Target()
     await target.start()
     acked: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="waba-killloop-") as tmp:
-        config, context = make_files(Path(tmp), args.workers, target.port)
-        port = port_of(config)
-        url = f"https://127.0.0.1:{port}/webhook"
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="waba-killloop-"))
+        outbox = 'path = "outbox.sqlite3"'
+        if args.outbox == "postgres":
+            sys.path.insert(0, str(HERE.parent / "tests"))
+            from pgserver import running_server  # only for this outbox
+
+            server = stack.enter_context(running_server())
+            outbox = f'url = "{server.socket_url()}"\nlease_s = {args.lease_s}'
+        configs, context = make_files(Path(tmp), args, target.port, outbox)
+        ports = [port_of(config) for config in configs]
+        urls = [f"https://127.0.0.1:{port}/webhook" for port in ports]
+        running: dict[int, subprocess.Popen[bytes]] = {}
+
+        async def start_stopped() -> None:
+            for number, config in enumerate(configs):
+                if number not in running:
+                    running[number] = start_gateway(config)
+                    await wait_serving(urls[number], context)
+
         rounds = 0
-        for _ in range(args.rounds):
-            if time.monotonic() - started > args.max_s:
-                break
-            gateway = start_gateway(config)
-            await wait_listening(port)
-            stop = asyncio.Event()
-            sending = asyncio.ensure_future(load(url, context, acked, stop, args.clients))
-            await asyncio.sleep(random.uniform(args.min_load_s, args.max_load_s))
-            kill_group(gateway)  # while requests are in flight
-            stop.set()
-            await sending
-            rounds += 1
-        # One last start: everything acknowledged must now reach the target.
-        gateway = start_gateway(config)
         try:
-            await wait_listening(port)
+            for _ in range(args.rounds):
+                if time.monotonic() - started > args.max_s:
+                    break
+                await start_stopped()
+                stop = asyncio.Event()
+                sending = asyncio.ensure_future(load(urls, context, acked, stop, args.clients))
+                await asyncio.sleep(random.uniform(args.min_load_s, args.max_load_s))
+                victim = random.choice(list(running))
+                kill_group(running.pop(victim))  # while requests are in flight
+                if running:  # the others go on under load without it for a while
+                    await asyncio.sleep(random.uniform(args.min_load_s, args.max_load_s))
+                stop.set()
+                await sending
+                rounds += 1
+            # Every gateway once more: everything acknowledged must now reach the target.
+            await start_stopped()
             deadline = time.monotonic() + args.drain_s
             while time.monotonic() < deadline and not acked <= set(target.received):
                 await asyncio.sleep(0.1)
         finally:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(30)
+            for gateway in running.values():
+                gateway.send_signal(signal.SIGTERM)
+            for gateway in running.values():
+                gateway.wait(30)
     await target.stop()
     delivered = acked & set(target.received)
     lost = len(acked) - len(delivered)
     duplicated = sum(count - 1 for count in target.received.values() if count > 1)
-    print(f"rounds: {rounds} (workers = {args.workers}, {args.clients} clients, "
-          f"{time.monotonic() - started:.0f} s)")
+    print(f"rounds: {rounds} ({args.outbox}, {args.gateways} gateway(s) of {args.workers}"
+          f" worker(s) on {args.loop}, {args.clients} clients, {time.monotonic() - started:.0f} s)")
     print(f"acknowledged: {len(acked)}")
     print(f"delivered: {len(delivered)}")
     print(f"lost: {lost}")
@@ -251,7 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-load-s", type=float, default=2.0, help="longest load before a kill")
     parser.add_argument("--drain-s", type=float, default=120, help="wait for delivery at the end")
     parser.add_argument("--max-s", type=float, default=600, help="stop starting rounds after this")
-    return asyncio.run(main_async(parser.parse_args(argv)))
+    parser.add_argument("--outbox", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--gateways", type=int, default=None,
+                        help="gateways sharing the outbox (postgres only; default 2 there)")
+    parser.add_argument("--lease-s", type=float, default=3.0,
+                        help="outbox.lease_s (postgres): when a killed gateway's claims pass on")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="listen.loop of every gateway")
+    args = parser.parse_args(argv)
+    if args.gateways is None:
+        args.gateways = 2 if args.outbox == "postgres" else 1
+    if args.gateways < 1 or (args.gateways > 1 and args.outbox == "sqlite"):
+        parser.error("--gateways: one per SQLite file (a second is refused); several on postgres")
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -12,20 +12,27 @@ code.
     +-- CertificateError              unreadable or mismatched certificate/key/CA files
     +-- OutboxError                   the outbox cannot be opened or written; a request it
     |                                 fails is answered 503, so Meta retries
+    +-- TargetError                   ``check``: a broker target that cannot work as configured
+    |   +-- TargetUnreachable         ``check``: a broker that does not answer (a warning)
     +-- PortInUse                     a listener's port is taken; names the port and its key
+    +-- ProxyHeaderError              a connection's PROXY protocol header is missing or bad
+    |                                 (``listen.proxy_protocol``): closed before TLS
     +-- GraphError                    a Graph API call failed (onboarding commands)
     +-- Rejected                      an HTTP request refused; carries ``status``
         +-- BadRequest           400  missing handshake parameters, invalid JSON
         |   +-- NestedTooDeep    400  valid JSON too deep to read; routing sends it to the
         |                             catch-all targets instead (the request gets its 200)
         +-- SignatureRejected    401  X-Hub-Signature-256 missing, malformed or wrong
-        +-- Forbidden            403  wrong verify token, unexpected client certificate CN
+        +-- Forbidden            403  wrong verify token, unexpected client certificate CN;
+        |   |                         (admin) a state-changing request from another site
         |   +-- IdentityRejected 403  client certificate CN not in ``tls.client_cn``
         +-- NotFound             404  unknown path; unknown delivery id (admin)
         +-- MethodNotAllowed     405  a method other than GET or POST on the callback path
         +-- RequestTimeout       408  a request not fully received in time
         +-- Unauthorized         401  admin token missing or wrong
         +-- PayloadTooLarge      413  body over ``listen.max_body_bytes``
+        +-- UnsupportedMediaType 415  (admin) a form's body sent to the JSON API
+        +-- MisdirectedRequest   421  (admin) a ``Host`` that is not the admin listener's
         +-- URLTooLong           414  request URL over the listener's limit
         +-- HeadTooLarge         431  request line and headers over the listener's limit
         +-- TransferCodingNotImplemented
@@ -48,17 +55,22 @@ __all__ = [
     "HeadTooLarge",
     "IdentityRejected",
     "MethodNotAllowed",
+    "MisdirectedRequest",
     "NestedTooDeep",
     "NotFound",
     "OutboxError",
     "PayloadTooLarge",
     "PortInUse",
+    "ProxyHeaderError",
     "Rejected",
     "RequestTimeout",
     "SignatureRejected",
+    "TargetError",
+    "TargetUnreachable",
     "TransferCodingNotImplemented",
     "URLTooLong",
     "Unauthorized",
+    "UnsupportedMediaType",
     "VersionNotSupported",
 ]
 
@@ -79,6 +91,14 @@ class OutboxError(GatewayError):
     """The outbox database cannot be opened or written."""
 
 
+class TargetError(GatewayError):
+    """A target cannot take deliveries as configured (a NATS subject no stream captures)."""
+
+
+class TargetUnreachable(TargetError):
+    """A target cannot be reached now: a broker that is down, which the gateway waits for."""
+
+
 class PortInUse(GatewayError):
     """A listener cannot bind: ``port`` is in use. ``key`` is the configuration key that sets
     it (``listen.port`` or ``admin.port``); the command line names the option to change."""
@@ -87,6 +107,18 @@ class PortInUse(GatewayError):
         super().__init__(f"port {port} is in use; choose another with {key}")
         self.port = port
         self.key = key
+
+
+class ProxyHeaderError(GatewayError):
+    """A connection that should start with a PROXY protocol v2 header did not. ``reason`` is one
+    of a few fixed words (a metrics label): ``missing``, ``v1``, ``malformed``, ``truncated``,
+    ``unsupported``, ``timeout``, ``closed``; the message says what was wrong."""
+
+    REASONS = ("missing", "v1", "malformed", "truncated", "unsupported", "timeout", "closed")
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 GraphFailure = Literal["failure", "usage", "auth", "rate_limited"]
@@ -152,6 +184,14 @@ class RequestTimeout(Rejected):
 
 class PayloadTooLarge(Rejected):
     status = 413
+
+
+class UnsupportedMediaType(Rejected):
+    status = 415
+
+
+class MisdirectedRequest(Rejected):
+    status = 421
 
 
 class URLTooLong(Rejected):

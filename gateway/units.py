@@ -6,7 +6,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Final
 
-__all__ = ["DAYS", "HOURS", "MINUTES", "SECONDS", "KiB", "MiB", "parse_age", "parse_since"]
+__all__ = [
+    "DAYS",
+    "HOURS",
+    "MINUTES",
+    "SECONDS",
+    "KiB",
+    "MiB",
+    "decimal",
+    "parse_age",
+    "parse_since",
+]
 
 SECONDS: Final = 1.0
 MINUTES: Final = 60 * SECONDS
@@ -18,6 +28,15 @@ MiB: Final = 1024 * KiB
 
 
 _UNITS: Final = {"s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS}
+
+
+def decimal(text: str) -> int | None:
+    """The whole number ``text`` writes in ASCII digits (at most 9 of them); ``None`` otherwise.
+
+    Not ``str.isdigit()``: it accepts superscripts (``²``) and other digits ``int()`` refuses."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        return None
+    return int(text)
 
 
 def parse_age(text: str) -> float:

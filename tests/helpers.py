@@ -9,6 +9,7 @@ as soon as the condition holds; no test asserts that anything is fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -16,8 +17,11 @@ import io
 import json
 import sqlite3
 import ssl
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar
@@ -37,7 +41,6 @@ from gateway.config import (
     TargetConfig,
 )
 from gateway.outbox import Delivery, State
-from gateway.outbox.sqlite.outbox import SqliteOutbox
 from gateway.runtime.gateway import Gateway
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "OpenOptions",
     "admin_get",
     "admin_post",
+    "bodies_in_file",
     "deliveries",
     "eventually",
     "gateway_config",
@@ -100,6 +104,7 @@ class ConfigOptions(TypedDict, total=False):
     app_secrets: Sequence[str]
     max_body_bytes: int | None
     admin_token: str | None
+    admin_allowed_hosts: Sequence[str]
     host: str
     admin: bool
 
@@ -122,6 +127,7 @@ def gateway_config(
     app_secrets: Sequence[str] = (APP_SECRET,),
     max_body_bytes: int | None = None,
     admin_token: str | None = None,
+    admin_allowed_hosts: Sequence[str] = (),
     host: str = "127.0.0.1",
     admin: bool = True,
 ) -> Config:
@@ -138,7 +144,13 @@ def gateway_config(
         meta=MetaConfig(verify_tokens=(VERIFY_TOKEN,), app_secrets=tuple(app_secrets)),
         outbox=OutboxConfig(path=tmp_path / "outbox.sqlite3"),
         targets=tuple(targets),
-        admin=AdminConfig(host="127.0.0.1", port=0, token=admin_token, enabled=admin),
+        admin=AdminConfig(
+            host="127.0.0.1",
+            port=0,
+            token=admin_token,
+            enabled=admin,
+            allowed_hosts=tuple(admin_allowed_hosts),
+        ),
         dispatcher=DispatcherConfig(poll_interval_s=0.05),
     )
 
@@ -307,15 +319,20 @@ async def wait_for_state(
 
 
 async def stored_bodies(gateway: Gateway) -> list[bytes]:
-    """Every notification body in the outbox, oldest first."""
+    """Every notification body committed to the gateway's SQLite outbox, oldest first, read on
+    a connection of the test's own rather than through the outbox's write queue, and without
+    yielding to the event loop: what the 200 promised must already be in the file."""
+    path = gateway.config.outbox.path
+    assert path is not None  # these tests read the SQLite backend's file
+    return bodies_in_file(path)
 
-    def job(conn: sqlite3.Connection) -> list[bytes]:
+
+def bodies_in_file(path: Path) -> list[bytes]:
+    """Every notification body committed to the SQLite outbox file at ``path``, oldest first,
+    read on a new read-only connection."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         rows = conn.execute("SELECT body FROM notifications ORDER BY id").fetchall()
-        return [bytes(row[0]) for row in rows]
-
-    outbox = gateway.outbox
-    assert isinstance(outbox, SqliteOutbox)  # these tests read the SQLite backend's rows
-    return await outbox.run(job)
+    return [bytes(row[0]) for row in rows]
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
@@ -328,3 +345,27 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@contextmanager
+def locked_by_another_process(path: Path) -> Iterator[None]:
+    """Another process holds an open ``BEGIN EXCLUSIVE`` transaction on ``path``."""
+    script = (
+        "import sqlite3, sys\n"
+        f"conn = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+        "conn.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        yield
+    finally:
+        holder.stdin.close()  # the holder reads end of file, exits, and the lock goes with it
+        holder.wait(timeout=10)
+        holder.stdout.close()

@@ -64,7 +64,7 @@ def stop(process: subprocess.Popen[bytes]) -> str:
 
 
 async def until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    """Until ``process`` accepts connections on ``port``; fails if it exits first."""
+    """Return once something accepts connections on ``port``; fail if ``process`` exits first."""
     deadline = time.monotonic() + DEADLINE_S
     while True:
         assert process.poll() is None, f"the gateway exited with {process.returncode}"

@@ -8,8 +8,11 @@ the outbox stays empty and the next good notification is the only one forwarded.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -96,13 +99,22 @@ async def test_refuses_handshake_with_mode_other_than_subscribe(gateway: Gateway
 async def test_stores_signed_notification_before_answering_200(
     gateway: Gateway, pki: Pki, sink: Sink
 ) -> None:
-    """A correctly signed notification is in the outbox by the time the 200 arrives."""
-    body = message_body("hello")
-    answer = await post(gateway, pki, body)
-    assert answer.status == 200
-    assert await stored_bodies(gateway) == [body]
-    received = await sink.wait_for(1)
-    assert received[0].body == body
+    """Each correctly signed notification is in the outbox file, read on another connection,
+    the moment its 200 arrives; also when another connection holds the write lock for a moment
+    (the commit waits, so the 200 must wait too)."""
+    bodies = [message_body(f"hello {n}") for n in range(5)]
+    path = gateway.config.outbox.path
+    assert path is not None
+    for sent, body in enumerate(bodies, 1):
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as locker:
+            if sent % 2 == 0:
+                locker.execute("BEGIN IMMEDIATE")  # released 0.3 s later, well in busy_timeout_s
+                asyncio.get_running_loop().call_later(0.3, locker.rollback)
+            answer = await post(gateway, pki, body)
+        assert answer.status == 200
+        assert await stored_bodies(gateway) == bodies[:sent]
+    received = await sink.wait_for(len(bodies))
+    assert sorted(r.body for r in received) == sorted(bodies)
 
 
 async def test_rejects_notification_without_signature(

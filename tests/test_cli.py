@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,6 +53,45 @@ def test_check_reports_certificates_and_client_ca(
     assert "client.webhooks.fbclientcerts.com" in out
     assert out.count("ok: client CA ") == 1
     assert "sha256 " in out
+
+
+def test_check_reports_the_sqlite_outbox_and_never_makes_it(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` on an outbox file: not there yet (and left so), then its layout, integrity and
+    backlog once a gateway has made it, read without changing a byte."""
+    path = load_config(config, {"TEST_APP_SECRET": "x"}).outbox.path
+    assert main(["check", "--config", str(config)]) == 0
+    assert f"ok: outbox file {path} does not exist yet: the first start makes it\n" in (
+        capsys.readouterr().out
+    )
+    assert not path.exists()
+    _seed(config)
+    before = path.read_bytes()
+    assert main(["check", "--config", str(config)]) == 0
+    line = f"ok: outbox file {path}: layout 4, intact (quick_check), 1 pending, 1 dead\n"
+    assert line in capsys.readouterr().out
+    assert path.read_bytes() == before
+
+
+def test_check_refuses_a_damaged_outbox_file_as_serve_does(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged page: `check` exits 2 with the line `serve` would print."""
+    _seed(config)
+    path = load_config(config, {"TEST_APP_SECRET": "x"}).outbox.path
+    with sqlite3.connect(path) as conn:
+        (page,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'deliveries_due'"
+        ).fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with path.open("r+b") as file:
+        file.seek((page - 1) * size)
+        file.write(b"\xa5" * size)
+    assert main(["check", "--config", str(config)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: outbox.path = '{path}' is damaged: ")
 
 
 def test_check_warns_when_server_certificate_expires_within_30_days(config: Path) -> None:
@@ -174,7 +214,11 @@ def test_deliveries_list_and_replay_work_on_the_outbox_file(
     assert pending_id not in out
     assert "HTTP 400: not retryable" in out
     assert main(["deliveries", "replay", "--config", str(config), dead_id]) == 0
-    assert f"replayed {dead_id}" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"replayed {dead_id}\nreplayed 1 deliveries\n"
+    assert main(["deliveries", "replay", "--config", str(config), dead_id, "absent-9"]) == 2
+    output = capsys.readouterr()
+    assert output.out == f"replayed {dead_id}\nreplayed 1 deliveries\n"
+    assert output.err == "error: no delivery absent-9\n"
     assert (
         main(["deliveries", "list", "--config", str(config), "--json", "--state", "pending"]) == 0
     )
@@ -235,7 +279,7 @@ def test_check_reports_the_database_reachable_and_its_schema_version(
 
     asyncio.run(first_start())
     assert main(["check", "--config", str(pg_config)]) == 0
-    assert "is reachable, schema version 1" in capsys.readouterr().out
+    assert "is reachable, schema version 2" in capsys.readouterr().out
 
 
 def test_check_and_serve_with_the_database_down_are_one_line_errors(

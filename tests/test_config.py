@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from gateway.config import (
     TargetConfig,
     TlsConfig,
     default_config_path,
+    load_admin_config,
     load_config,
     redact_url,
 )
@@ -119,6 +122,7 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         path = "/hooks/meta"
         max_body_bytes = 8388608
         workers = 4
+        proxy_protocol = true
 
         [tls]
         cert_file = "a/server.pem"
@@ -157,6 +161,9 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
         signature = "meta"
         concurrency = 8
         pipeline = 4
+        ca_file = "a/internal-ca.pem"
+        cert_file = "a/gateway-client.pem"
+        key_file = "a/gateway-client.key"
 
         [[targets]]
         name = "archive"
@@ -180,7 +187,12 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
     path.write_text(text.replace("\n        ", "\n"))
     assert load_config(path, {}) == Config(
         listen=ListenConfig(
-            host="127.0.0.1", port=9443, path="/hooks/meta", max_body_bytes=8388608, workers=4
+            host="127.0.0.1",
+            port=9443,
+            path="/hooks/meta",
+            max_body_bytes=8388608,
+            workers=4,
+            proxy_protocol=True,
         ),
         tls=TlsConfig(
             cert_file=tmp_path / "a/server.pem",
@@ -215,6 +227,9 @@ def test_loads_every_key_as_written(tmp_path: Path) -> None:
                 signature="meta",
                 concurrency=8,
                 pipeline=4,
+                ca_file=tmp_path / "a/internal-ca.pem",
+                cert_file=tmp_path / "a/gateway-client.pem",
+                key_file=tmp_path / "a/gateway-client.key",
             ),
             TargetConfig(name="archive", url="http://127.0.0.1:9000/"),
         ),
@@ -322,8 +337,10 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
 
 TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls"
 TARGET_KEYS = (
-    "attempts, concurrency, fields, max_age_s, name, phone_number_ids, pipeline, secret, "
-    "signature, split, timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
+    "attempts, burst, ca_file, cert_file, concurrency, fields, key_file, kind, "
+    "max_age_s, maxlen, message_types, name, order, phone_number_ids, pipeline, "
+    "rate_per_s, retry_schedule_s, secret, signature, split, statuses, stream, subject, "
+    "timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
 )
 
 
@@ -332,7 +349,7 @@ TARGET_KEYS = (
     [
         pytest.param(
             {"debug": "true"},
-            f"<file>: debug = <hidden>: expected one of the keys {TOP_KEYS}",
+            f"<file>: debug = True: expected one of the keys {TOP_KEYS}",
             id="top-level-key",
         ),
         pytest.param(
@@ -342,26 +359,26 @@ TARGET_KEYS = (
         ),
         pytest.param(
             {"listen.hots": '"0.0.0.0"'},
-            "<file>: listen.hots = <hidden>: "
-            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
-            "request_timeout_s, workers",
+            "<file>: listen.hots = '0.0.0.0': "
+            "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
+            "proxy_protocol, request_timeout_s, workers",
             id="nested",
         ),
         pytest.param(
             {"log.lvl": '"debug"'},
-            "<file>: log.lvl = <hidden>: expected one of the keys format, level",
+            "<file>: log.lvl = 'debug': expected one of the keys format, level",
             id="log",
         ),
         pytest.param(
             {**TARGET, "targets[0].retries": "3"},
-            f"<file>: targets[0].retries = <hidden>: expected one of the keys {TARGET_KEYS}",
+            f"<file>: targets[0].retries = 3: expected one of the keys {TARGET_KEYS}",
             id="inside-target",
         ),
         pytest.param(
             {"listen.tls.port": "1"},
             "<file>: listen.tls = <hidden>: "
-            "expected one of the keys host, idle_timeout_s, max_body_bytes, path, port, "
-            "request_timeout_s, workers",
+            "expected one of the keys host, idle_timeout_s, loop, max_body_bytes, path, port, "
+            "proxy_protocol, request_timeout_s, workers",
             id="nested-table",
         ),
     ],
@@ -371,6 +388,33 @@ def test_rejects_unknown_key_naming_file_and_path(
 ) -> None:
     """A misspelt table or key stops loading; the message names the key and the known ones."""
     assert rejection(tmp_path, entries) == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "shown"),
+    [
+        ({"meta.app_secret": f'"{SECRET}"'}, "<hidden>"),
+        ({"meta.verify_token": f'["{SECRET}"]'}, "<hidden>"),
+        ({"admin.tokn": f'"{SECRET}"'}, "<hidden>"),
+        ({"admin.bearer_token": f'"{SECRET}"'}, "<hidden>"),
+        ({**TARGET, "targets[0].secrt": f'"{SECRET}"'}, "<hidden>"),
+        ({**TARGET, "targets[0].api_key": f'"{SECRET}"'}, "<hidden>"),
+        ({"outbox.ulr": f'"postgresql://u:{SECRET}@db/x"'}, "<hidden>"),
+        ({"outbox.password": f'"{SECRET}"'}, "<hidden>"),
+        ({"admin.prot": "8081"}, "8081"),
+        ({"listen.worker": "2"}, "2"),
+        ({**TARGET, "targets[0].waba_id": '["1001"]'}, "['1001']"),
+        ({"tls.clientcn": '"client.example"'}, "'client.example'"),
+    ],
+)
+def test_a_misspelt_keys_value_is_shown_unless_it_may_be_a_secret(
+    tmp_path: Path, entries: Entries, shown: str
+) -> None:
+    """The value helps find the misspelt key; a name like a secret's keeps it hidden."""
+    message = rejection(tmp_path, entries)
+    key = next(k for k in entries if k not in TARGET)
+    assert message.startswith(f"<file>: {key} = {shown}: expected one of the keys ")
+    assert SECRET not in message
 
 
 @pytest.mark.parametrize(
@@ -392,6 +436,14 @@ def test_rejects_unknown_key_naming_file_and_path(
             "<file>: targets[0].max_age_s = inf: expected a finite number",
         ),
         ({"admin.enabled": "1"}, "<file>: admin.enabled = 1: expected true or false"),
+        (
+            {"listen.proxy_protocol": '"yes"'},
+            "<file>: listen.proxy_protocol = 'yes': expected true or false",
+        ),
+        (
+            {"listen.proxy_protocol": "1"},
+            "<file>: listen.proxy_protocol = 1: expected true or false",
+        ),
         ({"admin.enabled": '"yes"'}, "<file>: admin.enabled = 'yes': expected true or false"),
         ({"tls.cert_file": "42"}, "<file>: tls.cert_file = 42: expected a string"),
         (
@@ -438,6 +490,7 @@ def test_rejects_wrong_type(tmp_path: Path, entries: Entries, expected: str) -> 
             {"tls.client_auth": '"yes"'},
             "tls.client_auth = 'yes': expected one of 'required', 'optional', 'off'",
         ),
+        ({"listen.loop": '"trio"'}, "listen.loop = 'trio': expected one of 'asyncio', 'uvloop'"),
         ({"tls.client_cn": "[]"}, "tls.client_cn = []: expected a non-empty list of strings"),
         (
             {"meta.verify_tokens": "[]"},
@@ -496,6 +549,26 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
         ("pipeline", "0", "pipeline = 0: expected an integer >= 1"),
         ("fields", '["messages", ""]', "fields[1] = '': expected a non-empty string"),
         ("secret", '""', "secret = '': expected a non-empty string"),
+        ("order", '"message"', "order = 'message': expected one of 'none', 'conversation'"),
+        ("rate_per_s", "0", "rate_per_s = 0: expected a number > 0"),
+        ("burst", "0", "burst = 0: expected an integer >= 1"),
+        ("statuses", '["read", ""]', "statuses[1] = '': expected a non-empty string"),
+        ("message_types", "[1]", "message_types[0] = 1: expected a string"),
+        (
+            "retry_schedule_s",
+            "[]",
+            "retry_schedule_s = []: expected a non-empty list of numbers >= 0",
+        ),
+        (
+            "retry_schedule_s",
+            "[1, -2]",
+            "retry_schedule_s = [1, -2]: expected a non-empty list of numbers >= 0",
+        ),
+        (
+            "retry_schedule_s",
+            '[1, "10"]',
+            "retry_schedule_s = [1, '10']: expected a list of numbers",
+        ),
     ],
 )
 def test_rejects_bad_target_value(tmp_path: Path, key: str, value: str, expected: str) -> None:
@@ -523,6 +596,50 @@ def test_rejects_wait_max_below_wait_initial(
     """``wait_max_s`` caps the backoff, so it cannot be below ``wait_initial_s``; the key set in
     the file is the one blamed."""
     assert rejection(tmp_path, {**TARGET, **entries}) == f"<file>: {expected}"
+
+
+@pytest.mark.parametrize("key", ["wait_initial_s", "wait_max_s", "wait_exp_base"])
+def test_rejects_retry_schedule_beside_exponential_backoff(tmp_path: Path, key: str) -> None:
+    """An explicit schedule and an exponential setting for one target is an error naming both."""
+    entries = {**TARGET, "targets[0].retry_schedule_s": "[1, 10]", f"targets[0].{key}": "2"}
+    assert rejection(tmp_path, entries) == (
+        f"<file>: targets[0].retry_schedule_s and targets[0].{key} are both set: keep"
+        " retry_schedule_s for explicit waits, or the wait_* keys for exponential backoff,"
+        " not both"
+    )
+
+
+def test_reads_delivery_shaping_keys_with_their_defaults(tmp_path: Path) -> None:
+    """order, rate_per_s, burst, content filters and the schedule read as written; burst
+    defaults to one second's worth of the rate, at least one."""
+    plain = load(tmp_path, TARGET).targets[0]
+    assert (plain.order, plain.rate_per_s, plain.burst, plain.retry_schedule_s) == (
+        "none",
+        None,
+        None,
+        (),
+    )
+    assert (plain.message_types, plain.statuses) == ((), ())
+    shaped = load(
+        tmp_path,
+        {
+            **TARGET,
+            "targets[0].order": '"conversation"',
+            "targets[0].rate_per_s": "2.5",
+            "targets[0].message_types": '["text", "image"]',
+            "targets[0].statuses": '["failed"]',
+            "targets[0].retry_schedule_s": "[1, 10, 60.5]",
+        },
+    ).targets[0]
+    assert shaped.order == "conversation"
+    assert (shaped.rate_per_s, shaped.burst_size) == (2.5, 3)
+    assert (shaped.message_types, shaped.statuses) == (("text", "image"), ("failed",))
+    assert shaped.retry_schedule_s == (1.0, 10.0, 60.5)
+    slow = load(tmp_path, {**TARGET, "targets[0].rate_per_s": "0.2"}).targets[0]
+    assert slow.burst_size == 1
+    sized = load(tmp_path, {**TARGET, "targets[0].rate_per_s": "5", "targets[0].burst": "50"})
+    assert sized.targets[0].burst_size == 50
+    assert load(tmp_path, {}).outbox.dead_retention_s == 30 * 86400
 
 
 def test_rejects_duplicate_target_name(tmp_path: Path) -> None:
@@ -624,12 +741,14 @@ def test_rejects_admin_off_loopback_without_token(tmp_path: Path, entries: Entri
         {"admin.host": '"127.10.0.1"'},
         {"admin.host": '"::1"'},
         {"admin.host": '"localhost"'},
-        {"admin.host": '"0.0.0.0"', "admin.token": '"admin-token"'},
+        {"admin.host": '"127.0.0.1"', "admin.token": '"short"'},
+        {"admin.host": '"0.0.0.0"', "admin.token": '"admin-token-of-32-characters-0123"'},
         {"admin.host": '"0.0.0.0"', "admin.enabled": "false"},
     ],
 )
 def test_accepts_admin_on_loopback_or_with_token(tmp_path: Path, entries: Entries) -> None:
-    """Loopback addresses need no token; a token or ``enabled = false`` allows any host."""
+    """Loopback addresses need no token (a short one is warned about by check); a token of
+    32 characters or more, or ``enabled = false``, allows any host."""
     load(tmp_path, entries)
 
 
@@ -890,3 +1009,237 @@ def test_outbox_url_of_another_scheme_is_refused_without_showing_it(
 def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
     """redact_url hides the password in the user part and in a password= parameter."""
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            '[tls]\nbad = 1\n[admin]\nport = 9081\ntoken = "${T}"\n',
+            AdminConfig(port=9081, token="tok"),
+            id="misspelt-key-elsewhere",
+        ),
+        pytest.param(
+            '[tls\n[admin] # the API\nhost = "::1"\nport = 9082\n[dispatcher]\nx =\n',
+            AdminConfig(host="::1", port=9082),
+            id="invalid-toml-elsewhere",
+        ),
+        pytest.param("[tls\n", AdminConfig(), id="no-admin-table"),
+        pytest.param(
+            "[admin]\nport = 0x\n", "<file>: invalid TOML in [admin]: ", id="invalid-admin"
+        ),
+        pytest.param(
+            "[admin]\nport = 70000\n",
+            "<file>: admin.port = 70000: expected an integer from 0 to 65535",
+            id="admin-out-of-range",
+        ),
+    ],
+)
+def test_admin_table_is_read_even_when_the_rest_of_the_file_does_not_load(
+    tmp_path: Path, text: str, expected: AdminConfig | str
+) -> None:
+    """load_admin_config: where `reload` finds the gateway to ask, whatever else is wrong."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    if isinstance(expected, AdminConfig):
+        assert load_admin_config(path, {"T": "tok"}) == expected
+        return
+    with pytest.raises(ConfigError) as info:
+        load_admin_config(path, {})
+    assert str(info.value).replace(str(path), "<file>", 1).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('["' + "ab" * 32 + '"]', ("ab" * 32,)),
+        ('["' + ":".join(["AB"] * 32) + '"]', (":".join(["AB"] * 32),)),
+        ("[]", ()),
+        ('["' + "ab" * 31 + '"]', None),
+        ('["' + "zz" * 32 + '"]', None),
+        ('["' + ":".join(["AB"] * 31) + ':"]', None),
+    ],
+)
+def test_meta_ca_fingerprints_are_sha256_in_either_form(
+    tmp_path: Path, value: str, expected: tuple[str, ...] | None
+) -> None:
+    """tls.meta_ca_sha256: 64 hex digits, with or without colons; anything else is refused."""
+    if expected is not None:
+        assert load(tmp_path, {"tls.meta_ca_sha256": value}).tls.meta_ca_sha256 == expected
+        return
+    message = rejection(tmp_path, {"tls.meta_ca_sha256": value})
+    assert message.startswith("<file>: tls.meta_ca_sha256 = ")
+    assert message.endswith(
+        "expected SHA-256 fingerprints, 64 hex digits each (colons between pairs allowed)"
+    )
+
+
+# Run in a child interpreter in which uvloop cannot be found, as where the speed extra is not
+# installed (this one has it: the test extra installs it).
+_WITHOUT_UVLOOP = """
+import sys
+from pathlib import Path
+
+sys.modules["uvloop"] = None  # the import system's own way to say a module is not there
+from gateway.config import load_config
+from gateway.errors import ConfigError
+try:
+    load_config(Path(sys.argv[1]), {})
+except ConfigError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("loop", "expected"),
+    [
+        ('"asyncio"', ""),
+        (
+            '"uvloop"',
+            "<file>: listen.loop = 'uvloop': expected 'asyncio', or uvloop installed"
+            " (pip install 'waba-gateway[speed]')",
+        ),
+    ],
+)
+def test_uvloop_without_the_speed_extra_is_refused_naming_the_key(
+    tmp_path: Path, loop: str, expected: str
+) -> None:
+    """Where uvloop is not installed, listen.loop = "uvloop" is refused at load, naming the
+    key and the extra to install; "asyncio" loads."""
+    path = write(tmp_path, {"listen.loop": loop})
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_UVLOOP, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.strip().replace(str(path), "<file>") == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        pytest.param(
+            {**TARGET, "targets[0].url": '"http://crm.example/hook"', "targets[0].ca_file": '"ca"'},
+            "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for an http:// target"
+            " (targets[0].url = 'http://crm.example/hook')",
+            id="ca-file-on-http",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].cert_file": '"client.pem"'},
+            "<file>: targets[0].cert_file is set without targets[0].key_file: a client"
+            " certificate needs both",
+            id="cert-without-key",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].key_file": '"client.key"'},
+            "<file>: targets[0].key_file is set without targets[0].cert_file: a client"
+            " certificate needs both",
+            id="key-without-cert",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].ca_file": "7"},
+            "<file>: targets[0].ca_file = 7: expected a string",
+            id="ca-file-not-a-string",
+        ),
+    ],
+)
+def test_rejects_target_tls_files_that_cannot_apply(
+    tmp_path: Path, entries: Entries, expected: str
+) -> None:
+    """A target's CA or client certificate on an http:// URL, or half a key pair: refused."""
+    assert rejection(tmp_path, entries).replace(str(tmp_path), "<dir>") == expected
+REDIS = {"targets[0].kind": '"redis"', "targets[0].stream": '"whatsapp"'}
+NATS = {"targets[0].kind": '"nats"', "targets[0].subject": '"waba.inbox"'}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        pytest.param(
+            {**REDIS, "targets[0].url": '"https://crm.example/hook"'},
+            "<file>: targets[0].url = 'https://crm.example/hook': expected a redis:// or"
+            " rediss:// URL with kind = 'redis'",
+            id="redis-with-http-url",
+        ),
+        pytest.param(
+            {"targets[0].url": '"redis://127.0.0.1:6379/0"'},
+            "<file>: targets[0].url = 'redis://127.0.0.1:6379/0': expected an http:// or"
+            " https:// URL",
+            id="http-with-redis-url",
+        ),
+        pytest.param(
+            {**NATS, "targets[0].url": '"nats://a:4222,redis://b:6379"'},
+            "<file>: targets[0].url = 'nats://a:4222,redis://b:6379': expected a nats:// or"
+            " tls:// URL (several separated by commas) with kind = 'nats'",
+            id="nats-with-a-foreign-server",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"redis"', "targets[0].url": '"redis://r:6379"'},
+            "<file>: targets[0].stream: required key is missing with kind = 'redis'",
+            id="redis-without-stream",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"nats"', "targets[0].url": '"nats://n:4222"'},
+            "<file>: targets[0].subject: required key is missing with kind = 'nats'",
+            id="nats-without-subject",
+        ),
+        pytest.param(
+            {"targets[0].stream": '"s"'},
+            "<file>: targets[0].stream = 's': expected no stream with kind = 'http'",
+            id="http-with-stream",
+        ),
+        pytest.param(
+            {**NATS, "targets[0].url": '"nats://n:4222"', "targets[0].maxlen": "10"},
+            "<file>: targets[0].maxlen = 10: expected no maxlen with kind = 'nats'",
+            id="nats-with-maxlen",
+        ),
+        pytest.param(
+            {**REDIS, "targets[0].url": '"redis://r:6379"', "targets[0].maxlen": "0"},
+            "<file>: targets[0].maxlen = 0: expected an integer >= 1",
+            id="maxlen-zero",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"kafka"'},
+            "<file>: targets[0].kind = 'kafka': expected one of 'http', 'redis', 'nats'",
+            id="unknown-kind",
+        ),
+    ],
+)
+def test_rejects_target_keys_that_do_not_fit_its_kind(
+    tmp_path: Path, entries: Entries, message: str
+) -> None:
+    """Each kind takes its own URL schemes and keys; the message names the key and the kind."""
+    assert rejection(tmp_path, {**TARGET, **entries}) == message
+
+
+def test_broker_url_takes_its_password_from_the_environment_and_never_shows_it(
+    tmp_path: Path,
+) -> None:
+    """A Redis URL's password comes from ${ENV}; repr and messages show it as *** only."""
+    entries = {
+        **TARGET,
+        **REDIS,
+        "targets[0].url": '"rediss://:${REDIS_PASSWORD}@cache.internal:6380/2"',
+        "targets[0].maxlen": "100000",
+    }
+    config = load(tmp_path, entries, {"REDIS_PASSWORD": SECRET})
+    (target,) = config.targets
+    assert target.url == f"rediss://:{SECRET}@cache.internal:6380/2"
+    assert (target.kind, target.stream, target.maxlen) == ("redis", "whatsapp", 100000)
+    assert SECRET not in repr(target)
+    bad = {**entries, "targets[0].url": '"nats://:${REDIS_PASSWORD}@cache.internal:6380"'}
+    message = rejection(tmp_path, bad, {"REDIS_PASSWORD": SECRET})
+    assert SECRET not in message
+    assert "'nats://:${REDIS_PASSWORD}@cache.internal:6380'" in message
+
+
+def test_every_password_of_several_nats_servers_is_hidden() -> None:
+    """repr shows each server of a NATS URL list, each password as ***."""
+    target = TargetConfig(
+        name="bus", kind="nats", url="nats://u:pw1@a:4222,nats://u:pw2@b:4222", subject="x"
+    )
+    assert "nats://u:***@a:4222,nats://u:***@b:4222" in repr(target)
+    assert "pw1" not in repr(target)
+    assert "pw2" not in repr(target)

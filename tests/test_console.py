@@ -9,11 +9,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from config_files import free_port
+from conversations import Conversations, conversation_body
 from helpers import gateway_config, message_body, post, sink_target, wait_for_state
 from pki import Pki
 from sink import Reply, Sink
 
-from gateway.config import load_config
+from gateway.config import TargetConfig, load_config
 from gateway.runtime.console.session import SESSION_COOKIE
 from gateway.runtime.gateway import Gateway
 
@@ -269,3 +270,46 @@ token = "{token}"
         assert (await _sign_in(session, base, "second-token")).status == 303
         async with session.get(f"{base}/console/deliveries") as page:
             assert page.status == 200
+
+
+async def test_overview_shows_order_rate_limit_and_held_back_count_never_user_ids(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """An ordered, rate-limited target whose conversation a is stuck: the overview shows its
+    order mode, its rate limit and one conversation held back, and no page shows the
+    business-scoped user ids of the messages."""
+    target = Conversations()
+    await target.start()
+    try:
+        bot = TargetConfig(
+            name="bot",
+            url=target.url(),
+            order="conversation",
+            rate_per_s=50,
+            burst=5,
+            wait_initial_s=0.05,
+            wait_max_s=0.1,
+        )
+        plain = TargetConfig(name="plain", url=target.url(), fields=("none",))
+        config = gateway_config(pki, tmp_path, targets=[bot, plain])
+        target.held.add(("stuckuser", 0))
+        async with Gateway(config) as gateway, _browser() as session:
+            for n in range(2):
+                body = conversation_body("stuckuser", n)
+                assert (await post(gateway, pki, body)).status == 200
+            await target.wait_refused("stuckuser", 0, 1)
+            base = _base(gateway)
+            async with session.get(f"{base}/") as page:
+                overview = await page.text()
+            assert "conversations held back" in overview
+            assert "<td>conversation</td><td>50/s, burst 5</td><td>1</td>" in overview
+            assert "<td>none</td><td>none</td><td></td>" in overview
+            seen = overview
+            listed = await gateway.outbox.query()
+            for path in ("/console/deliveries", *(f"/console/deliveries/{d.id}" for d in listed)):
+                async with session.get(base + path) as page:
+                    seen += await page.text()
+            assert "stuckuser" not in seen
+            assert "US." not in seen
+    finally:
+        await target.stop()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from ci import unavailable
 from helpers import gateway_config, message_body, post, sink_target, wait_for_state
 from pki import Pki
 from playwright.async_api import Browser, Page, async_playwright, expect
@@ -31,10 +32,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 async def browser() -> AsyncIterator[Browser]:
     """Headless Chromium. Missing, the test fails in CI and says how to get it elsewhere."""
     if shutil.which(CHROMIUM) is None:
-        message = f"no Chromium at {CHROMIUM}: run .ci/run, or apt-get install chromium"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"no Chromium at {CHROMIUM}: run .ci/run, or apt-get install chromium")
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=CHROMIUM)
         yield launched

@@ -10,8 +10,9 @@ from gateway.config import TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
 from gateway.runtime.console.facts import body_facts
 from gateway.runtime.console.html import age, esc
+from gateway.runtime.console.paths import local_redirect
 from gateway.runtime.console.session import SESSION_TTL_S, Sessions
-from gateway.runtime.console.views import _loopback, _safe_next
+from gateway.runtime.console.views import _loopback
 from gateway.runtime.stats import Stats
 
 
@@ -146,13 +147,22 @@ def test_totals_read_back_what_the_counters_counted() -> None:
         ("//elsewhere.example/", "/"),
         ("/\\elsewhere.example/", "/"),
         ("console", "/"),
+        ("/\t/elsewhere.example/", "/"),
+        ("/\n/elsewhere.example/", "/"),
+        ("\t//elsewhere.example/", "/"),
+        ("javascript:alert(1)", "/"),
+        ("/admin/reload", "/"),
+        ("/console/%2e%2e/admin/reload", "/"),
+        ("/console/deliveries\r\nSet-Cookie: x=1", "/console/deliveriesSet-Cookie:%20x=1"),
+        ("/console/deliveries?target=a b", "/console/deliveries?target=a%20b"),
     ],
 )
 def test_after_sign_in_the_console_only_goes_to_its_own_pages(
     asked: str | None, goes_to: str
 ) -> None:
-    """The sign-in form's `next` cannot send the browser to another site."""
-    assert _safe_next(asked) == goes_to
+    """The sign-in form's `next` cannot send the browser to another site, nor out of the
+    console, nor put a control character into the Location header."""
+    assert local_redirect(asked) == goes_to
 
 
 @pytest.mark.parametrize(
@@ -173,3 +183,11 @@ def test_without_a_token_only_loopback_peers_count_as_local(
 ) -> None:
     """The console's peer check, for the case the configuration's own check cannot see."""
     assert _loopback(remote) is loopback
+
+
+def test_a_session_cookie_with_digits_int_refuses_is_no_session() -> None:
+    """A cookie whose time is written in superscripts is refused, not a 500 (even signed)."""
+    sessions = Sessions(b"k" * 32, clock=lambda: 100.0)
+    payload = "sid.\u00b2"
+    cookie = f"{payload}.{sessions._mac('session', payload)}"
+    assert sessions.verify(cookie) is None

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pytest
 import yaml
+from ci import unavailable
 
 from gateway.cli import build_parser
 from gateway.config import Config, load_config
@@ -23,7 +23,8 @@ from gateway.outbox import Backlog
 from gateway.runtime.stats import Snapshot, Stats
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
-ENV = {name: "x" for name in ("WABA_VERIFY_TOKEN", "WABA_APP_SECRET", "WABA_ADMIN_TOKEN")}
+# The admin token as long as a listener beyond loopback requires (Kubernetes binds 0.0.0.0).
+ENV = {"WABA_VERIFY_TOKEN": "x", "WABA_APP_SECRET": "x", "WABA_ADMIN_TOKEN": "x" * 32}
 # Prometheus' own series that the rules may use besides the gateway's.
 PROMETHEUS_SERIES = {"up"}
 PROMQL_WORDS = {
@@ -70,7 +71,9 @@ def _exposed() -> set[str]:
     stats.answered(200, 0.01)
     stats.attempted("t", "delivered", 0.1)
     stats.tls_handshake_failed("timeout")
+    stats.proxy_header_refused("missing")
     stats.reloaded(True)
+    stats.auth_failed("bearer", 0.05)
     snapshot = Snapshot(
         now=10.0,
         backlog=[Backlog("t", 1, 1.0, 1)],
@@ -172,7 +175,9 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     the installed path does not exist here)."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed (.ci/run installs it)")
+        unavailable(
+            "systemd-analyze is not installed: apt-get install systemd (.ci/run installs it)"
+        )
     text = (DEPLOY / "systemd/waba-gateway.service").read_text()
     text = text.replace("/opt/waba-gateway/bin/waba-gateway", f"{sys.executable} -m gateway")
     unit = tmp_path / "waba-gateway.service"
@@ -182,6 +187,65 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "waba-gateway.service" not in result.stderr, result.stderr
+
+
+def _install_steps() -> list[list[str]]:
+    """The commands in the unit's header (lines "#   cmd"), each ``&&`` chain split."""
+    commands: list[list[str]] = []
+    for line in (DEPLOY / "systemd/waba-gateway.service").read_text().splitlines():
+        if not line.startswith("#   ") or line.startswith("#    "):
+            continue
+        for command in line[4:].split("&&"):
+            commands.append(shlex.split(command))
+    return commands
+
+
+def test_systemd_install_steps_install_from_the_checkout_onto_a_fresh_host(
+    tmp_path: Path,
+) -> None:
+    """The header's steps, run as written (under a folder standing for /, without the group
+    option: the test host has no waba-gateway group) on a host where nothing exists yet: every
+    folder the configuration names is made before anything is put in it, the configuration
+    installed loads, and the gateway is installed from this checkout, not from a registry."""
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)  # what a fresh host with systemd has
+    repo = DEPLOY.parent
+    steps = _install_steps()
+    programs = [argv[0].rsplit("/", 1)[-1] for argv in steps]
+    assert programs[:2] == ["useradd", "python3"]
+    assert programs[-2:] == ["systemctl", "systemctl"]
+    pip = next(argv for argv in steps if argv[0].endswith("/bin/pip"))
+    assert pip[1] == "install"
+    requirement = pip[2]
+    assert requirement.startswith(".["), f"installs {requirement!r}, not this checkout"
+    extras = requirement.removeprefix(".[").removesuffix("]").split(",")
+    pyproject = (repo / "pyproject.toml").read_text()
+    assert all(re.search(rf"(?m)^{extra} = \[", pyproject) for extra in extras)
+    unit = _unit(DEPLOY / "systemd/waba-gateway.service")
+    assert unit["User"][0] in steps[0]
+    for argv in steps:
+        if argv[0] != "install":
+            continue
+        rooted: list[str] = []
+        skip = False
+        for arg in argv:
+            if skip:
+                skip = False
+            elif arg == "-g":
+                skip = True
+            elif arg.startswith("/") and arg != "/dev/null":
+                rooted.append(str(root) + arg)
+            else:
+                rooted.append(arg)
+        result = subprocess.run(rooted, cwd=repo, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, f"{shlex.join(argv)}: {result.stderr}"
+    installed = root / "etc/waba-gateway/gateway.toml"
+    config = load_config(installed, ENV)
+    assert config.tls.client_ca_file is not None
+    for named in (config.tls.cert_file, config.tls.key_file, config.tls.client_ca_file):
+        assert (root / str(named).lstrip("/")).parent.is_dir(), named
+    assert (root / unit["EnvironmentFile"][0].lstrip("/")).stat().st_mode & 0o777 == 0o600
+    assert (root / "etc/systemd/system/waba-gateway.service").is_file()
 
 
 # -- Docker ---------------------------------------------------------------------------------------

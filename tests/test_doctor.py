@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import ssl
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trustme
+from brokers import BrokerServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,14 +26,19 @@ from gateway.config import META_CLIENT_CN, ClientAuth, load_config
 from gateway.edge.tls import client_ca_subjects
 from gateway.onboarding.doctor import verify_chain
 from gateway.onboarding.readiness import (
+    SHIPPED_CAS,
     Finding,
+    KnownCa,
+    fingerprint,
     judge_ca_bundle,
     judge_handshake,
     judge_server_chain,
     judge_tls_settings,
     judge_trust,
+    known_cas,
 )
 from gateway.onboarding.verify_callback import Kind, Verdict
+from gateway.runtime.dev import ensure_dev_files
 from gateway.runtime.gateway import Gateway
 
 NOW = datetime.now(UTC)
@@ -100,6 +107,7 @@ def certs() -> Certs:
         "future": leaf(not_before=NOW + DAY, not_after=NOW + 30 * DAY),
         "trustme_root": _pem([root.cert_pem]),
         "meta": [_self_signed("Meta Outbound API CA", "Meta Platforms, Inc.")],
+        "meta_lookalike": [_self_signed("Meta Outbound API CA", "Meta Platforms, Inc.")],
         "meta_expired": [_self_signed("Meta Old CA", "Meta Platforms, Inc.", not_after=NOW - DAY)],
         "metadata_corp": [_self_signed("Metadata Root", "Metadata Systems Ltd")],
         "digicert": [
@@ -218,22 +226,46 @@ def test_judges_trust(error: str | None, ca_file: str | None, expected: str) -> 
 # -- the client CA bundle -------------------------------------------------------------------------
 
 
+def _known(certs: Certs) -> tuple[KnownCa, ...]:
+    """Stand-ins of the shipped table for the test's certificates: "meta" as Meta's current
+    CA (as tls.meta_ca_sha256 names it), "digicert" as the retired chain."""
+    retired = "retired for the test"
+    return (
+        KnownCa("tls.meta_ca_sha256[0]", fingerprint(certs["meta"][0])),
+        *(
+            KnownCa(f"test DigiCert {i}", fingerprint(c), retired)
+            for i, c in enumerate(certs["digicert"])
+        ),
+    )
+
+
 @pytest.mark.parametrize(
     ("bundle", "expected"),
     [
-        (["meta"], ("OK", "Meta-owned CA present: O=Meta Platforms")),
+        (
+            ["meta"],
+            (
+                "OK",
+                "Meta's CA present: O=Meta Platforms\\, Inc.,CN=Meta Outbound API CA"
+                " (its sha256 is tls.meta_ca_sha256[0])",
+            ),
+        ),
         (
             ["digicert"],
             (
                 "FAIL",
-                "only the DigiCert chain, which expired on April 15, 2026: install "
-                "meta-outbound-api-ca-2025-12.pem",
+                "only the DigiCert chain (test DigiCert 0, test DigiCert 1), which expired on"
+                " April 15, 2026: install meta-outbound-api-ca-2025-12.pem",
             ),
         ),
-        (["meta", "digicert"], ("WARN", "the DigiCert chain is still trusted")),
+        (["meta", "digicert"], ("WARN", "the DigiCert chain is still trusted (test DigiCert 0)")),
         (["trustme_root"], ("WARN", "no Meta CA recognised (a test or private CA?)")),
         (["metadata_corp"], ("WARN", "no Meta CA recognised")),
         (["trustme_root", "digicert"], ("WARN", "no Meta CA recognised")),
+        (
+            ["meta_lookalike"],
+            ("WARN", "names Meta, but its sha256 is not one of Meta's (tls.meta_ca_sha256)"),
+        ),
         (["meta_expired"], ("WARN", "expired on")),
         ([], ("FAIL", "holds no certificate")),
     ],
@@ -241,14 +273,54 @@ def test_judges_trust(error: str | None, ca_file: str | None, expected: str) -> 
 def test_judges_the_client_ca_bundle(
     certs: Certs, bundle: list[str], expected: tuple[str, str]
 ) -> None:
-    """Meta's own CA is what counts; DigiCert alone is the expired set-up."""
-    findings = judge_ca_bundle([cert for name in bundle for cert in certs[name]], NOW)
+    """Meta's CA is known by its fingerprint alone; DigiCert alone is the expired set-up."""
+    findings = judge_ca_bundle(
+        [cert for name in bundle for cert in certs[name]], NOW, _known(certs)
+    )
     assert _has(findings, *expected), _levels(findings)
+
+
+@pytest.mark.parametrize("bundle", [["meta_lookalike"], ["meta_lookalike", "trustme_root"]])
+def test_a_ca_that_only_names_meta_is_never_called_meta_s(certs: Certs, bundle: list[str]) -> None:
+    """Same subject as Meta's CA, another key: not Meta's, whatever its organisation says."""
+    findings = judge_ca_bundle(
+        [cert for name in bundle for cert in certs[name]], NOW, _known(certs)
+    )
+    assert not any("Meta's CA present" in finding.line() for finding in findings)
+
+
+def test_the_dev_stand_in_ca_is_not_meta_s(tmp_path: Path) -> None:
+    """`serve --dev`'s CA names Meta in its organisation: doctor says it is not Meta's."""
+    files, _ = ensure_dev_files(tmp_path / "dev")
+    bundle = x509.load_pem_x509_certificates(files.meta_ca.read_bytes())
+    lines = [finding.line() for finding in judge_ca_bundle(bundle, NOW, known_cas([]))]
+    assert not any("Meta's CA present" in line for line in lines)
+    assert any(line.startswith("WARN client CA ") and "names Meta, but" in line for line in lines)
+
+
+def test_a_fingerprint_in_tls_meta_ca_sha256_matches_in_either_form(certs: Certs) -> None:
+    """Colons or none, any case: the configured fingerprint finds the CA, and says which."""
+    plain = fingerprint(certs["meta"][0]).replace(":", "").lower()
+    for configured in ([plain], ["00" * 32, fingerprint(certs["meta"][0])]):
+        findings = judge_ca_bundle(certs["meta"], NOW, known_cas(configured))
+        index = len(configured) - 1
+        assert _has(findings, "OK", f"(its sha256 is tls.meta_ca_sha256[{index}])")
+
+
+def test_the_shipped_digicert_root_is_the_one_in_the_system_store() -> None:
+    """The shipped fingerprint of the DigiCert root is that of Debian's ca-certificates copy."""
+    store = Path(ssl.get_default_verify_paths().openssl_capath or "/etc/ssl/certs")
+    root = x509.load_pem_x509_certificate(
+        (store / "DigiCert_High_Assurance_EV_Root_CA.pem").read_bytes()
+    )
+    (shipped,) = [ca for ca in SHIPPED_CAS if ca.name == "DigiCert High Assurance EV Root CA"]
+    assert fingerprint(root) == shipped.sha256
+    assert all(ca.retired for ca in SHIPPED_CAS)
 
 
 def test_bundle_with_meta_ca_fails_nothing(certs: Certs) -> None:
     """Meta's CA next to a private one is fine: nothing above OK."""
-    findings = judge_ca_bundle(certs["meta"] + certs["trustme_root"], NOW)
+    findings = judge_ca_bundle(certs["meta"] + certs["trustme_root"], NOW, _known(certs))
     assert {finding.level for finding in findings} == {"OK"}
 
 
@@ -256,8 +328,8 @@ def test_lists_each_ca_as_check_does(pki: Pki) -> None:
     """Subjects and SHA-256 fingerprints read exactly as `check` prints them."""
     bundle = x509.load_pem_x509_certificates(pki.client_ca_file.read_bytes())
     lines = [finding.line() for finding in judge_ca_bundle(bundle, NOW)]
-    for subject, fingerprint in client_ca_subjects(pki.client_ca_file):
-        assert f"OK   client CA {subject} sha256 {fingerprint}" in lines
+    for subject, sha256 in client_ca_subjects(pki.client_ca_file):
+        assert f"OK   client CA {subject} sha256 {sha256}" in lines
 
 
 # -- settings and the handshake verdict ---------------------------------------------------------
@@ -552,3 +624,25 @@ async def test_handshake_behind_required_client_certificate_is_not_checked(
     (line,) = [line for line in _report(capsys) if line[5:].startswith("handshake")]
     assert line.startswith(f"WARN handshake not checked: {url} wants a client certificate")
     assert code == 0
+
+
+def test_broker_targets_are_probed_as_check_does(
+    tmp_path: Path,
+    pki: Pki,
+    redis: BrokerServer,
+    nats: BrokerServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Redis or NATS target is connected to with its own protocol (not a bare TCP connect to
+    port 80): OK when it answers, FAIL for a subject no JetStream stream captures."""
+    extra = (
+        f'[[targets]]\nname = "queue"\nkind = "redis"\nurl = "{redis.url}"\nstream = "s"\n'
+        f'[[targets]]\nname = "bus"\nkind = "nats"\nurl = "{nats.url}"\nsubject = "none.x"\n'
+    )
+    assert main(["doctor", "--config", str(_config(tmp_path, pki, extra=extra))]) == 1
+    report = _report(capsys)
+    assert any(line.startswith("OK   target 'queue': redis 127.0.0.1:") for line in report)
+    assert any(
+        line.startswith("FAIL target 'bus': nats") and "no JetStream stream captures" in line
+        for line in report
+    ), report

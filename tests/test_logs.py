@@ -1,9 +1,10 @@
 """Logs a pipeline can read, and that never hold personal data or secrets (gateway.runtime.logs).
 
 The personal-data test feeds notifications with a known marker in every personal field (message
-text, phone numbers, wa_id, profile name), has targets answer with the markers, sends refused
-and malformed requests carrying them, fails a reload over a file holding a secret, and searches
-every line logged at DEBUG, in both formats, for any of them.
+text, phone numbers, wa_id, profile name, business-scoped user ids, username), has targets
+answer with the markers, sends refused and malformed requests carrying them, fails a reload over
+a file holding a secret, and searches every line logged at DEBUG, in both formats, and the
+metrics, for any of them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,21 @@ TEXT = "marker-text-7f3a secret plans"
 PHONE = "15550009876"  # the user's number and wa_id
 BUSINESS_PHONE = "15550004321"  # display_phone_number
 SECRETS = ["marker-app-secret-91c2", "marker-verify-token-5d1e", "marker-admin-token-b7a0"]
-MARKERS = [NAME, "Markerfield", TEXT, "marker-text-7f3a", PHONE, BUSINESS_PHONE, *SECRETS]
+# Business-scoped user ids and a username: personal data like the phone number.
+USER_ID, PARENT_USER_ID, USERNAME = "US.7311markeruser", "US.ENT.7312markerparent", "@markeruser"
+MARKERS = [
+    NAME,
+    "Markerfield",
+    TEXT,
+    "marker-text-7f3a",
+    PHONE,
+    BUSINESS_PHONE,
+    USER_ID,
+    "7311markeruser",
+    PARENT_USER_ID,
+    USERNAME,
+    *SECRETS,
+]
 
 
 def personal_payload(text: str = TEXT) -> bytes:
@@ -51,10 +66,18 @@ def personal_payload(text: str = TEXT) -> bytes:
     value: dict[str, Any] = {
         "messaging_product": "whatsapp",
         "metadata": {"display_phone_number": BUSINESS_PHONE, "phone_number_id": "106540352242922"},
-        "contacts": [{"profile": {"name": NAME}, "wa_id": PHONE}],
+        "contacts": [
+            {
+                "profile": {"name": NAME, "username": USERNAME},
+                "wa_id": PHONE,
+                "user_id": USER_ID,
+                "parent_user_id": PARENT_USER_ID,
+            }
+        ],
         "messages": [
             {
                 "from": PHONE,
+                "from_user_id": USER_ID,
                 "id": "wamid.marker" + str(len(text)),
                 "timestamp": "1749416383",
                 "type": "text",
@@ -109,6 +132,10 @@ async def test_no_personal_data_or_secret_reaches_the_logs(
         targets=[
             sink_target(sink, "whole"),
             sink_target(sink, "split", split="change", secret=SECRETS[0]),
+            # Ordered, paced and filtered by content: the paths that read the user ids.
+            sink_target(
+                sink, "ordered", order="conversation", rate_per_s=100.0, message_types=("text",)
+            ),
         ],
         app_secrets=(APP_SECRET, SECRETS[0]),
         admin_token=SECRETS[2],
@@ -130,12 +157,14 @@ async def test_no_personal_data_or_secret_reaches_the_logs(
         params = {"hub.mode": "subscribe", "hub.challenge": "1", "hub.verify_token": SECRETS[0]}
         assert (await handshake(gateway, pki, params)).status == 403
         assert (await admin_get(gateway, "/admin/deliveries", headers=auth)).status == 200
-        assert (await admin_get(gateway, "/metrics", headers=auth)).status == 200
+        metrics = await admin_get(gateway, "/metrics", headers=auth)
+        assert metrics.status == 200
+        assert [marker for marker in MARKERS if marker in metrics.text] == []
         # A failed reload: a file whose misspelt key holds a secret.
         source = tmp_path / "gateway.toml"
         source.write_text(f'[meta]\napp_secrets = ["{SECRETS[0]}"]\nsecret = "{SECRETS[0]}"\n')
         gateway.config = dataclasses.replace(gateway.config, source=source)
-        assert (await admin_post(gateway, "/admin/reload", headers=auth)).status == 500
+        assert (await admin_post(gateway, "/admin/reload", headers=auth)).status == 422
 
     lines = []
     for record in caplog.records:

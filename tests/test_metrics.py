@@ -65,6 +65,63 @@ def test_backlog_gauges_come_from_the_snapshot(
     assert metric(text, f'{PREFIX}{sample}{{target="t"}}') == value
 
 
+@pytest.mark.parametrize(
+    ("backlog", "targets", "expected"),
+    [
+        ([], ["a", "b"], {"a": (0, 0, 0), "b": (0, 0, 0)}),
+        ([Backlog("a", 2, 4.0, 1)], ["a", "b"], {"a": (2, 6, 1), "b": (0, 0, 0)}),
+        ([Backlog("gone", 1, 9.0, 0)], ["a"], {"gone": (1, 1, 0), "a": (0, 0, 0)}),
+        ([], [], {}),
+    ],
+)
+def test_every_configured_target_has_backlog_gauges_before_its_first_delivery(
+    backlog: list[Backlog], targets: list[str], expected: dict[str, tuple[float, float, float]]
+) -> None:
+    """A configured target with no row in the outbox yet reads 0 pending, 0 s, 0 dead."""
+    text = Stats().render(Snapshot(now=10.0, backlog=backlog, targets=targets)).decode()
+    gauges = ("target_pending_deliveries", "target_oldest_pending_age_seconds")
+    names = (*gauges, "target_dead_letters")
+    found = {
+        target: tuple(metric(text, f'{PREFIX}{name}{{target="{target}"}}') for name in names)
+        for target in expected
+    }
+    assert found == expected
+    assert text.count(f"{PREFIX}target_dead_letters{{") == len(expected)
+
+
+def test_labelled_counters_start_at_zero_for_every_target_and_outcome() -> None:
+    """prime(): every target's attempt outcomes and both reload outcomes read 0 before any
+    event, so that increase() sees the first one; a count already made is kept."""
+    stats = Stats()
+    stats.attempted("a", "dead", None)
+    stats.prime(["a", "b"])
+    text = stats.render().decode()
+    attempts = f"{PREFIX}delivery_attempts_total"
+    for target in ("a", "b"):
+        for outcome in ("delivered", "retry"):
+            assert metric(text, f'{attempts}{{outcome="{outcome}",target="{target}"}}') == 0
+    assert metric(text, f'{attempts}{{outcome="dead",target="a"}}') == 1
+    assert metric(text, f'{attempts}{{outcome="dead",target="b"}}') == 0
+    assert metric(text, f'{PREFIX}reloads_total{{outcome="success"}}') == 0
+    assert metric(text, f'{PREFIX}reloads_total{{outcome="failure"}}') == 0
+
+
+async def test_a_started_gateway_shows_every_alerted_series_at_zero(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """Before any notification: each target's dead-letter count and backlog, and the failed
+    reloads, exist at 0."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink), sink_target(sink, "b")])
+    async with Gateway(config) as gateway:
+        text = (await admin_get(gateway, "/metrics")).text
+    for target in ("sink", "b"):
+        dead = f'{PREFIX}delivery_attempts_total{{outcome="dead",target="{target}"}}'
+        assert metric(text, dead) == 0
+        assert metric(text, f'{PREFIX}target_pending_deliveries{{target="{target}"}}') == 0
+        assert metric(text, f'{PREFIX}target_dead_letters{{target="{target}"}}') == 0
+    assert metric(text, f'{PREFIX}reloads_total{{outcome="failure"}}') == 0
+
+
 def test_circuit_state_is_one_for_the_current_state_only() -> None:
     """One sample per state, so an alert can ask for state="open" == 1."""
     text = Stats().render(Snapshot(now=0.0, circuits={"t": "open"})).decode()
@@ -133,3 +190,26 @@ def test_gathered_answer_times_render_exactly_as_observed_ones() -> None:
         line for line in histogram(observed) if "_created" not in line
     ]
     assert len(histogram(gathered)) > 20
+
+
+def test_gathered_attempts_and_latencies_render_exactly_as_observed_ones() -> None:
+    """attempted() gathers outcomes and latencies and flush() hands them over: the same counters
+    and histogram, sample for sample, as labels().inc() and observe() of each one."""
+    attempts = [("a", "delivered", 0.004), ("a", "delivered", 0.3), ("a", "retry", None),
+                ("b", "delivered", 4000.0), ("b", "dead", None), ("a", "delivered", 0.004)]
+    gathered = Stats()
+    for target, outcome, latency in attempts:
+        gathered.attempted(target, outcome, latency)
+    observed = Stats()
+    for target, outcome, latency in attempts:
+        observed._attempts.labels(target=target, outcome=outcome).inc()
+        if latency is not None:
+            observed._latency.labels(target=target).observe(latency)
+
+    def delivery_lines(stats: Stats) -> list[str]:
+        lines = stats.render().decode().splitlines()
+        return [line for line in lines if line.startswith(f"{PREFIX}delivery_")
+                and "_created" not in line]
+
+    assert delivery_lines(gathered) == delivery_lines(observed)
+    assert len(delivery_lines(gathered)) > 30

@@ -19,6 +19,7 @@ from helpers import message_body
 from pgserver import PgServer, running_server
 from pki import Pki
 from processes import post_to, serving, until_listening
+from settling import pending_in_postgres, until_settled
 from sink import DEADLINE_S, Sink
 
 
@@ -115,7 +116,8 @@ async def test_three_gateways_one_killed_with_claims_every_ack_delivered_once(
         try:
             expected = sorted([*bodies, twice])
             await sink.wait_for(len(expected), "/sink")
-            await asyncio.sleep(0.5)  # room for a duplicate to show up before counting
+            pending = pending_in_postgres(pg_server, _database(pg_url))
+            await until_settled(pending, lambda: len(sink.at("/sink")))
             assert sorted(r.body for r in sink.at("/sink")) == expected
             left = "SELECT count(*) FROM waba_gateway.deliveries WHERE state <> 'delivered'"
             assert pg_server.psql(left, _database(pg_url)) == "0"

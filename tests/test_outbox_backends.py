@@ -243,3 +243,140 @@ async def test_reading_an_outbox_that_does_not_exist_is_refused(opener: Opener) 
     """create=False (the command line's reads) refuses a store with no outbox yet."""
     with pytest.raises(OutboxError, match="no outbox"):
         await opener(create=False)
+
+
+async def keyed(outbox: Outbox, n: int, key: str | None, at: float = 1000.0) -> Delivery:
+    """Accept notification ``n`` with one route to target ``t`` in conversation ``key``."""
+    found = await outbox.accept(b'{"k":%d}' % n, SIG, [Route("t", None, key)], at)
+    assert found is not None
+    return found[0]
+
+
+async def test_ordered_claims_give_only_the_first_pending_delivery_of_each_conversation(
+    outbox: Outbox,
+) -> None:
+    """For an ordered target, a conversation's later deliveries wait behind its first pending
+    one; unkeyed deliveries and unordered targets are not held back."""
+    a1, b1, _, free, _, _ = [
+        await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a", None, "a", "b"])
+    ]
+    due = await outbox.due(2000.0, {"t": 10}, ordered={"t"})
+    assert sorted(d.id for d in due) == sorted([a1.id, b1.id, free.id])
+    unordered = await outbox.due(2000.0, {"t": 10})
+    assert len(unordered) == 6
+
+
+async def test_a_retrying_first_delivery_holds_its_conversation_and_no_other(
+    outbox: Outbox,
+) -> None:
+    """A first delivery waiting for its retry keeps its conversation's next one back, and
+    never another conversation's; once delivered, the next one comes due."""
+    a1, a2, b1 = [await keyed(outbox, n, key) for n, key in enumerate(["a", "a", "b"])]
+    failed = AttemptResult(status=503)
+    await outbox.record_many([(a1.id, RetryAt(3000.0, "HTTP 503"), failed)], 1001.0)
+    assert [d.id for d in await outbox.due(2000.0, {"t": 10}, ordered={"t"})] == [b1.id]
+    await outbox.record_many([(b1.id, Delivered(), OK)], 2001.0)
+    assert await outbox.due(2000.0, {"t": 10}, ordered={"t"}) == []
+    assert [d.id for d in await outbox.due(3000.0, {"t": 10}, ordered={"t"})] == [a1.id]
+    await outbox.record_many([(a1.id, Delivered(), OK)], 3001.0)
+    assert [d.id for d in await outbox.due(3001.0, {"t": 10}, ordered={"t"})] == [a2.id]
+
+
+async def test_a_dead_letter_releases_its_conversation(outbox: Outbox) -> None:
+    """A dead-lettered first delivery no longer holds the next one of its conversation."""
+    a1, a2 = [await keyed(outbox, n, "a") for n in range(2)]
+    await outbox.record_many([(a1.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1001.0)
+    assert [d.id for d in await outbox.due(2000.0, {"t": 10}, ordered={"t"})] == [a2.id]
+
+
+@pytest.mark.parametrize("how", ["one", "many"])
+async def test_a_replayed_delivery_goes_to_the_back_of_its_conversation(
+    outbox: Outbox, how: str
+) -> None:
+    """Replayed (one by id, or all dead letters at once), a dead letter waits behind the
+    deliveries of its conversation already pending, and comes before those accepted later."""
+    a1, a2, a3 = [await keyed(outbox, n, "a") for n in range(3)]
+    await outbox.record_many([(a1.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1001.0)
+    if how == "one":
+        assert await outbox.replay(a1.id, 1500.0)
+    else:
+        assert await outbox.replay_many(state="dead", target=None, since=None, now=1500.0) == 1
+    later = await keyed(outbox, 9, "a", at=1600.0)
+    order = []
+    for _ in range(4):
+        (head,) = await outbox.due(2000.0, {"t": 10}, ordered={"t"})
+        order.append(head.id)
+        await outbox.record_many([(head.id, Delivered(), OK)], 2001.0)
+    assert order == [a2.id, a3.id, a1.id, later.id]
+
+
+async def test_rate_limit_buckets_belong_to_the_dispatcher_or_to_the_shared_database(
+    outbox: Outbox,
+) -> None:
+    """A SQLite outbox (one dispatcher) leaves the bucket to the dispatcher; a shared one
+    grants at most the burst, then what the rate has refilled, and takes back what it gave."""
+    first = await outbox.take_tokens("t", 1.0, 5, 3)
+    if first is None:
+        return
+    assert first == 3
+    assert await outbox.take_tokens("t", 1.0, 5, 10) == 2
+    assert await outbox.take_tokens("t", 1.0, 5, 10) == 0
+    await outbox.give_back_tokens("t", 1.0, 5, 2)
+    assert await outbox.take_tokens("t", 1.0, 5, 10) == 2
+    assert await outbox.take_tokens("other", 1.0, 5, 10) == 5
+
+
+async def test_held_back_counts_conversations_with_a_delivery_waiting_and_size_grows(
+    outbox: Outbox,
+) -> None:
+    """held_back() counts, per ordered target, the conversations with a delivery waiting
+    behind another (never the keys); size() is bytes on disk or rows, and grows."""
+    for n, key in enumerate(["a", "a", "a", "b", "c", "c"]):
+        await keyed(outbox, n, key)
+    assert await outbox.held_back(["t", "other"]) == {"t": 2}
+    assert await outbox.held_back([]) == {}
+
+    async def grown() -> bool:
+        size = await outbox.size()
+        return (size.bytes or 0) > 0 or (size.rows or 0) > 0
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await grown():  # PostgreSQL's statistics catch up within a second or so
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("age_days", "kept"),
+    [(29.9, True), (30.1, False)],
+)
+async def test_purge_dead_takes_dead_letters_older_than_the_retention_only(
+    outbox: Outbox, age_days: float, kept: bool
+) -> None:
+    """Dead letters last changed before the cut-off go; younger ones, and pending and
+    delivered deliveries, stay."""
+    dead, pending = await one(outbox, 0), await one(outbox, 1)
+    await outbox.record_many([(dead.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 0.0)
+    now = age_days * DAY
+    removed = await outbox.purge_dead(now - 30 * DAY)
+    assert removed == (0 if kept else 1)
+    assert (await outbox.get(dead.id) is not None) is kept
+    assert await outbox.get(pending.id) is not None
+
+
+async def test_accept_says_which_fresh_deliveries_an_earlier_one_holds_back(
+    outbox: Outbox,
+) -> None:
+    """A fresh keyed delivery is behind when an earlier one of its conversation is pending
+    (also one of the same notification); a dead letter ahead no longer holds it back."""
+    a1, b1, a2 = [await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a"])]
+    assert [d.behind for d in (a1, b1, a2)] == [False, False, True]
+    twice = await outbox.accept(
+        b'{"k":"twice"}', SIG, [Route("t", b"1", "c"), Route("t", b"2", "c")], 1000.0
+    )
+    assert [d.behind for d in twice or []] == [False, True]
+    refused = AttemptResult(status=400)
+    for d in (a1, a2):
+        await outbox.record_many([(d.id, DeadLetter("HTTP 400"), refused)], 1001.0)
+    assert not (await keyed(outbox, 9, "a")).behind
+    assert not (await keyed(outbox, 10, None)).behind

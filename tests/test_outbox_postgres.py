@@ -10,7 +10,7 @@ from typing import Unpack
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import OpenOptions
+from helpers import OpenOptions, eventually
 from pgserver import PASSWORD, PgServer, running_server
 
 from gateway.config import OutboxConfig
@@ -113,13 +113,24 @@ async def test_an_outcome_ends_the_lease_so_any_gateway_retries(opener: Opener) 
     assert (retry.id, retry.attempts) == (delivery_id, 1)
 
 
-async def test_deliveries_stored_unleased_wake_other_gateways_at_once(opener: Opener) -> None:
+async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
     """A notification stored by a gateway that does not dispatch, or a replay, wakes the
     dispatchers of the others through NOTIFY, without waiting for their poll."""
     woken = asyncio.Event()
     await opener(on_wake=woken.set)
     writer = await opener(dispatching=False)
-    await asyncio.sleep(0.2)  # the listener connects
+    database = urlsplit(pg_url).path.lstrip("/")
+    listens = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+    )
+
+    async def listening() -> bool:
+        return int(await asyncio.to_thread(pg_server.psql, listens, database)) >= 1
+
+    await eventually(listening, "the listener's LISTEN")  # a NOTIFY before it is not heard
     (delivery_id,) = await _store(writer, 1)
     await asyncio.wait_for(woken.wait(), 5.0)
     woken.clear()
@@ -130,13 +141,35 @@ async def test_deliveries_stored_unleased_wake_other_gateways_at_once(opener: Op
 async def test_new_database_gets_the_schema_and_check_reports_its_version(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """The first start creates the schema at version 1; inspect() (check) says so."""
+    """The first start creates the schema at version 2; inspect() (check) says so."""
     config = OutboxConfig(url=pg_url)
     assert "its schema is created at the first start" in await inspect(config)
     await opener()
-    assert "reachable, schema version 1" in await inspect(config)
+    assert "reachable, schema version 2" in await inspect(config)
     database = urlsplit(pg_url).path.lstrip("/")
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "1"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "2"
+
+
+async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A version 1 database (no conversation order, no buckets) is brought to version 2 at
+    start; its pending deliveries stay, unkeyed, and are claimed as before."""
+    first = await opener(dispatching=False)
+    ids = await _store(first, 2)
+    await first.close()
+    database = urlsplit(pg_url).path.lstrip("/")
+    pg_server.psql(
+        "DROP TABLE waba_gateway.buckets; DROP INDEX waba_gateway.deliveries_order;"
+        " ALTER TABLE waba_gateway.deliveries DROP COLUMN order_key, DROP COLUMN position;"
+        " UPDATE waba_gateway.meta SET version = 1",
+        database,
+    )
+    again = await opener()
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "2"
+    claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
+    assert sorted(d.id for d in claimed) == sorted(ids)
+    assert await again.take_tokens("t", 1.0, 1, 5) == 1
 
 
 async def test_schema_of_a_newer_version_is_refused_at_start_untouched(

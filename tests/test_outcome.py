@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.config import TargetConfig
 from gateway.delivery.backoff import RetryPolicy, TargetHealth, parse_retry_after
 from gateway.delivery.outcome import (
     AttemptResult,
@@ -96,6 +97,24 @@ def test_delay_is_full_jitter_between_zero_and_cap() -> None:
             1,
             DeadLetter("HTTP 429: max_age_s (3600) would be exceeded"),
             id="past-max-age",
+        ),
+        pytest.param(
+            AttemptResult(accepted=True, response_excerpt="entry 1-0"),
+            5,
+            Delivered(),
+            id="broker-ack",
+        ),
+        pytest.param(
+            AttemptResult(error="no stream captures subject 'x'", permanent=True),
+            1,
+            DeadLetter("no stream captures subject 'x': not retryable"),
+            id="broker-permanent",
+        ),
+        pytest.param(
+            AttemptResult(error="redis: Connection refused"),
+            1,
+            RetryAt(1001.0, "redis: Connection refused"),
+            id="broker-down",
         ),
     ],
 )
@@ -202,3 +221,62 @@ def test_target_health_pauses_then_probes_one_at_a_time(
 def test_transient_results_are_the_retryable_ones(result: AttemptResult, transient: bool) -> None:
     """is_transient() agrees with classify(): only what may succeed later is transient."""
     assert is_transient(result) is transient
+
+
+SCHEDULE = RetryPolicy(
+    attempts=8,
+    wait_initial_s=1.0,
+    wait_max_s=300.0,
+    max_age_s=7200.0,
+    schedule=(1.0, 10.0, 60.0, 600.0),
+)
+
+
+def _never(low: float, high: float) -> float:
+    raise AssertionError("an explicit schedule draws no jitter")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "retry_after", "expected"),
+    [
+        (1, None, RetryAt(1001.0, "HTTP 503")),
+        (2, None, RetryAt(1010.0, "HTTP 503")),
+        (3, None, RetryAt(1060.0, "HTTP 503")),
+        (4, None, RetryAt(1600.0, "HTTP 503")),
+        (5, None, RetryAt(1600.0, "HTTP 503")),  # the last wait, repeated
+        (7, None, RetryAt(1600.0, "HTTP 503")),
+        (8, None, DeadLetter("HTTP 503: gave up after 8 attempt(s)")),
+        (2, 30.0, RetryAt(1030.0, "HTTP 503")),  # a longer Retry-After wins
+        (3, 30.0, RetryAt(1060.0, "HTTP 503")),  # a shorter one does not
+    ],
+)
+def test_retry_schedule_gives_its_waits_the_last_repeated_and_longer_retry_after_wins(
+    attempt: int, retry_after: float | None, expected: Outcome
+) -> None:
+    """retry_schedule_s: the waits as written after each attempt, no jitter, the last one
+    until attempts ends it; a target's Retry-After is honoured when it asks for longer."""
+    result = AttemptResult(status=503, retry_after_s=retry_after)
+    outcome = classify(
+        result, attempt=attempt, created_at=1000.0, now=1000.0, policy=SCHEDULE, uniform=_never
+    )
+    assert outcome == expected
+
+
+def test_retry_schedule_still_ends_at_max_age() -> None:
+    """A scheduled wait that would pass max_age_s dead-letters the delivery."""
+    outcome = classify(
+        AttemptResult(status=500),
+        attempt=4,
+        created_at=1000.0,
+        now=7700.0,
+        policy=SCHEDULE,
+        uniform=_never,
+    )
+    assert outcome == DeadLetter("HTTP 500: max_age_s (7200) would be exceeded")
+
+
+def test_retry_policy_takes_the_target_s_schedule() -> None:
+    """RetryPolicy.for_target carries retry_schedule_s over; without one, the formula."""
+    target = TargetConfig(name="t", url="http://x/", retry_schedule_s=(5.0, 50.0))
+    assert RetryPolicy.for_target(target).schedule == (5.0, 50.0)
+    assert RetryPolicy.for_target(TargetConfig(name="t", url="http://x/")).schedule == ()

@@ -4,7 +4,10 @@ than its ``concurrency``.
 
 The target is a raw HTTP/1.1 server that reads requests ahead of its answers (as a server
 handling pipelined requests does) and answers each after a short delay, so it can count the
-requests it holds unanswered, per connection and in all.
+requests it holds unanswered, per connection and in all. Consecutive answers differ in their
+status (2xx statuses in turn: of a delivered attempt the outbox keeps only the status), and each
+delivery's recorded attempt must hold the status sent to its own request: a dispatcher that
+paired answers with the wrong deliveries fails.
 """
 
 from __future__ import annotations
@@ -24,7 +27,25 @@ from gateway.edge.routing import Route
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 
 DELIVERIES = 6
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+# Success statuses taken in turn, so that no two consecutive answers are alike.
+STATUSES = (200, 201, 202, 203, 206)
+
+
+def _answer_for(delivery_id: bytes, status: int) -> bytes:
+    """``status`` with the delivery's own id as the body."""
+    body = b"answer to " + delivery_id
+    return b"HTTP/1.1 %d OK\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+
+
+def _delivery_id(head: bytes) -> bytes:
+    (found,) = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-gateway-delivery-id:")
+    ]
+    return found
 
 
 class ReadAheadServer:
@@ -37,10 +58,11 @@ class ReadAheadServer:
         self.most_in_all = 0
         self._unanswered = 0
         self.port = 0
+        self.sent: dict[str, int] = {}  # delivery id -> the status its request was answered
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        held: asyncio.Queue[None] = asyncio.Queue()
+        held: asyncio.Queue[bytes] = asyncio.Queue()
         unanswered = [0]  # on this connection
         answering = asyncio.create_task(self._answer(held, unanswered, writer))
         try:
@@ -54,7 +76,7 @@ class ReadAheadServer:
                 await reader.readexactly(length)
                 self._unanswered += 1
                 unanswered[0] += 1
-                held.put_nowait(None)
+                held.put_nowait(_delivery_id(head))
                 self.most_per_connection = max(self.most_per_connection, unanswered[0])
                 self.most_in_all = max(self.most_in_all, self._unanswered)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -66,12 +88,14 @@ class ReadAheadServer:
             writer.close()
 
     async def _answer(
-        self, held: asyncio.Queue[None], unanswered: list[int], writer: asyncio.StreamWriter
+        self, held: asyncio.Queue[bytes], unanswered: list[int], writer: asyncio.StreamWriter
     ) -> None:
         while True:
-            await held.get()
+            delivery_id = await held.get()
             await asyncio.sleep(0.02)
-            writer.write(OK)
+            status = STATUSES[self.answered % len(STATUSES)]
+            self.sent[delivery_id.decode()] = status
+            writer.write(_answer_for(delivery_id, status))
             unanswered[0] -= 1
             self._unanswered -= 1
             self.answered += 1
@@ -99,7 +123,7 @@ async def deliver_all(
     tmp_path: Path, target_server: ReadAheadServer, target: TargetConfig, bodies: list[bytes]
 ) -> None:
     """Store ``bodies`` for ``target`` (all due at once), start a dispatcher, and wait until
-    every one is delivered, each on its first attempt."""
+    every one is delivered, each on its first attempt with the answer to its own request."""
     outbox = SqliteOutbox(tmp_path / "outbox.sqlite3", dedup_window_s=0)
     dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
     try:
@@ -113,6 +137,9 @@ async def deliver_all(
         await eventually(all_delivered, f"{len(bodies)} deliveries delivered")
         delivered = await outbox.query(state="delivered")
         assert {d.attempts for d in delivered} == {1}
+        for delivery in delivered:
+            (attempt,) = await outbox.attempts(delivery.id)
+            assert attempt.status == target_server.sent[delivery.id], "answers paired wrongly"
         assert target_server.answered == len(bodies)
     finally:
         await dispatcher.stop()

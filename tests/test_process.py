@@ -19,17 +19,13 @@ from config_files import free_port, listen_port, write_config
 from helpers import APP_SECRET, message_body, metric
 from pki import Pki
 from processes import post_to, serving, until_listening
+from settling import pending_in_sqlite, until_settled
 from sink import DEADLINE_S, Sink
+from two_workers import post_over_both_workers
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
 from gateway.signing import sign
-
-
-async def _post_each_on_a_new_connection(port: int, pki: Pki, bodies: list[bytes]) -> None:
-    """All at once, each on a connection of its own (the kernel spreads them over workers)."""
-    statuses = await asyncio.gather(*(post_to(port, pki, body, fresh=True) for body in bodies))
-    assert statuses == [200] * len(bodies)
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:
@@ -140,12 +136,12 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     """workers = 2: every notification delivered exactly once; SIGTERM stops every worker."""
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
-    bodies = [message_body(f"worker test {n}") for n in range(60)]
     with serving(config) as supervisor:
         await until_listening(port, supervisor)
-        await _post_each_on_a_new_connection(port, pki, bodies)
+        bodies = await post_over_both_workers(port, pki, supervisor.pid, "worker test", 60)
         received = await sink.wait_for(len(bodies), "/sink")
-        await asyncio.sleep(0.5)  # room for any duplicate to show up before counting
+        outbox = tmp_path / "outbox.sqlite3"
+        await until_settled(pending_in_sqlite(outbox), lambda: len(sink.at("/sink")))
         workers = _children(supervisor.pid)
         assert len(workers) >= 2
         supervisor.send_signal(signal.SIGTERM)
@@ -170,12 +166,11 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
         pki, tmp_path, target_url=sink.url("/sink"), workers=2, admin_port=admin_port
     )
     port = listen_port(config)
-    # One new connection each: the kernel spreads them over both workers (all 40 on worker 0
-    # has a chance of 2**-40), so worker 0's own counters alone would fall short of 40.
-    bodies = [message_body(f"metrics test {n}") for n in range(40)]
+    # One new connection each, spread over both workers (checked below), so worker 0's own
+    # counters alone would fall short of 40.
     with serving(config) as supervisor:
         await until_listening(port, supervisor)
-        await _post_each_on_a_new_connection(port, pki, bodies)
+        bodies = await post_over_both_workers(port, pki, supervisor.pid, "metrics test", 40)
         async with (
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{admin_port}/metrics") as response,
@@ -188,6 +183,9 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     cn = f'waba_gateway_client_connections_total{{cn="{META_CLIENT_CN}"}}'
     assert metric(text, cn) == len(bodies)
     assert metric(text, "waba_gateway_outbox_jobs_total") >= len(bodies)
+    # Series an increase() alert watches exist at 0 before their first event, in this mode too.
+    assert metric(text, 'waba_gateway_delivery_attempts_total{outcome="dead",target="sink"}') == 0
+    assert metric(text, 'waba_gateway_reloads_total{outcome="failure"}') == 0
     # The supervisor removes the folder the workers counted in.
     left = await asyncio.to_thread(
         lambda: list(Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor.pid}-*"))
@@ -195,13 +193,17 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     assert not left
 
 
+def _cmdline(pid: int) -> bytes:
+    """The command line of ``pid``; empty once it is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _spawned_workers(pid: int) -> list[int]:
     """The worker processes of supervisor ``pid`` (not multiprocessing's helper processes)."""
-    return [
-        child
-        for child in _children(pid)
-        if b"spawn_main" in (Path("/proc") / str(child) / "cmdline").read_bytes()
-    ]
+    return [child for child in _children(pid) if b"spawn_main" in _cmdline(child)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -223,8 +225,8 @@ async def test_two_workers_survive_sighup_to_any_process(
         assert len(workers) == 2
         for pid in [supervisor.pid, *workers]:
             os.kill(pid, signal.SIGHUP)
-        bodies = [message_body(f"after SIGHUP {n}") for n in range(10)]
-        await _post_each_on_a_new_connection(port, pki, bodies)
+        # Both still serving after the SIGHUPs: each takes some of the connections.
+        await post_over_both_workers(port, pki, supervisor.pid, "after SIGHUP", 10)
         assert sorted(_spawned_workers(supervisor.pid)) == sorted(workers)
         supervisor.send_signal(signal.SIGTERM)
         assert await _exit_code(supervisor) == 0
@@ -293,15 +295,25 @@ def _in_session(session: int) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("after_s", [0.3, 0.6, 1.2])
+@pytest.mark.parametrize("moment", ["one worker spawned", "both workers spawned", "serving"])
 async def test_supervisor_killed_while_workers_start_leaves_no_worker_behind(
-    pki: Pki, tmp_path: Path, sink: Sink, after_s: float
+    pki: Pki, tmp_path: Path, sink: Sink, moment: str
 ) -> None:
-    """SIGKILL to the supervisor at any moment of its workers' start: none of them goes on
-    serving the shared socket on its own (each checks its parent once it can be told)."""
+    """SIGKILL to the supervisor at each moment of its workers' start (the first worker
+    process exists, both exist, a worker has answered): none of them goes on serving the
+    shared socket on its own (each checks its parent once it can be told)."""
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    wanted = {"one worker spawned": 1, "both workers spawned": 2, "serving": 1}[moment]
     with serving(config) as supervisor:
-        await asyncio.sleep(after_s)
+        deadline = time.monotonic() + DEADLINE_S
+        while len(workers := _spawned_workers(supervisor.pid)) < wanted:
+            assert supervisor.poll() is None, f"the gateway exited with {supervisor.returncode}"
+            assert time.monotonic() < deadline, f"{len(workers)} workers started"
+            await asyncio.sleep(0.005)
+        if moment == "serving":
+            port = listen_port(config)
+            assert await post_to(port, pki, message_body("before the kill"), fresh=True) == 200
+            workers = _spawned_workers(supervisor.pid)
         supervisor.kill()
         await _exit_code(supervisor)
         deadline = time.monotonic() + DEADLINE_S

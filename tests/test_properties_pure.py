@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import load_config
@@ -84,7 +85,46 @@ toml_values = st.one_of(
 )
 
 
+def _keys(lines: list[str]) -> dict[int, tuple[str, ...]]:
+    """Line number -> the key path of the assignment on it: ("listen", "port") or
+    ("targets", "1", "attempts")."""
+    keys: dict[int, tuple[str, ...]] = {}
+    table: tuple[str, ...] = ()
+    seen: dict[str, int] = {}
+    for at, line in enumerate(lines):
+        if header := re.match(r"^\[\[(\w+)\]\]", line):
+            name = header.group(1)
+            seen[name] = seen.get(name, -1) + 1
+            table = (name, str(seen[name]))
+        elif header := re.match(r"^\[(\w+)\]", line):
+            table = (header.group(1),)
+        elif assignment := _VALUE.match(line):
+            keys[at] = (*table, assignment.group(1).split("=")[0].strip())
+    return keys
+
+
+def _lookup(found: object, key: tuple[str, ...]) -> object:
+    """``key`` in a TOML document (dicts and lists) or a Config (attributes and tuples);
+    None where the path leads nowhere (an edit that changed the file's shape)."""
+    for part in key:
+        if isinstance(found, dict):
+            found = found.get(part)
+        elif isinstance(found, list | tuple):
+            found = found[int(part)] if int(part) < len(found) else None
+        else:
+            found = getattr(found, part, None)
+    return found
+
+
+_KEYS = _keys(EXAMPLE.read_text().splitlines())
+# The key paths in the order of the example's assignments (an edit's index picks one).
+_ASSIGNED = [_KEYS[at] for at in sorted(_KEYS)]
+
+
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(edits=[(_ASSIGNED.index(("listen", "port")), "9443")], drop=[])
+@example(edits=[(_ASSIGNED.index(("targets", "1", "attempts")), "3")], drop=[])
+@example(edits=[(_ASSIGNED.index(("tls", "watch_files")), "true")], drop=[])
 @given(
     edits=st.lists(st.tuples(st.integers(min_value=0), toml_values), min_size=1, max_size=4),
     drop=st.lists(st.integers(min_value=0), max_size=3),
@@ -93,8 +133,9 @@ def test_any_edit_of_a_valid_config_loads_or_names_the_file(
     tmp_path: Path, edits: list[tuple[int, str]], drop: list[int]
 ) -> None:
     """Replacing values and dropping lines of the example config gives either a Config or a
-    ConfigError whose message names the file: never another exception, never a silent default
-    for a value the file got wrong."""
+    ConfigError whose message names the file: never another exception, and never a silent
+    default for a value the file got wrong (a number or boolean written, and loaded, is the
+    value the Config holds)."""
     lines = EXAMPLE.read_text().splitlines()
     assignments = [i for i, line in enumerate(lines) if _VALUE.match(line)]
     for index, value in edits:
@@ -106,10 +147,22 @@ def test_any_edit_of_a_valid_config_loads_or_names_the_file(
         lines[assignments[index % len(assignments)]] = ""
     path = tmp_path / "edited.toml"
     path.write_text("\n".join(lines) + "\n")
+    dropped = {assignments[index % len(assignments)] for index in drop}
+    edited = {assignments[index % len(assignments)] for index, _ in edits} - dropped
     refused: ConfigError | None = None
     try:
-        load_config(path, ENV)
+        config = load_config(path, ENV)
     except ConfigError as exc:
         refused = exc
     if refused is not None:
         assert str(path) in str(refused)
+        return
+    # Loaded: each number or boolean an edit wrote is the value the configuration holds.
+    document = tomllib.loads(path.read_text())
+    for at in sorted(edited):
+        key = _KEYS[at]
+        written = _lookup(document, key)
+        if isinstance(written, bool | int | float):
+            held = _lookup(config, key)
+            assert type(held) is bool if isinstance(written, bool) else not isinstance(held, bool)
+            assert held == written or (held != held and written != written), (key, held)

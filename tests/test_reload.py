@@ -28,8 +28,10 @@ from helpers import (
     wait_for_state,
 )
 from pki import Pki
+from settling import pending_in_gateway, until_settled
 from sink import Sink
 
+from gateway.cli import main
 from gateway.config import META_CLIENT_CN, Config, MetaConfig, load_config
 from gateway.runtime.gateway import Gateway
 from gateway.runtime.reload import applicable, restart_only
@@ -45,6 +47,7 @@ class Files:
     key: Path
     ca: Path
     port: int
+    admin_port: int = 0
 
     def write_config(
         self, extra_tls: str = "", targets: str = "", secret: str = APP_SECRET
@@ -67,7 +70,7 @@ class Files:
             path = "outbox.sqlite3"
             [admin]
             host = "127.0.0.1"
-            port = 0
+            port = {self.admin_port}
             [dispatcher]
             poll_interval_s = 0.05
             """)
@@ -299,7 +302,7 @@ async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_o
     files: Files, pki: Pki, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A target the reload removes keeps its deliveries pending (listed, replayable); a target
-    it adds receives what arrives next."""
+    it adds has its metrics at 0 at once and receives what arrives next."""
     await sink.down()  # "old" cannot take anything yet
     old = f'[[targets]]\nname = "old"\nurl = "{sink.url("/old")}"\nwait_initial_s = 0.05\n'
     files.write_config(targets=old)
@@ -310,6 +313,11 @@ async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_o
         files.write_config(targets=f'[[targets]]\nname = "new"\nurl = "{sink.url("/new")}"\n')
 
         assert gateway.reload().ok
+        # The added target's alerted series exist from the reload on, before its first event.
+        text = (await admin_get(gateway, "/metrics")).text
+        dead = 'waba_gateway_delivery_attempts_total{outcome="dead",target="new"}'
+        assert metric(text, dead) == 0
+        assert metric(text, 'waba_gateway_target_dead_letters{target="new"}') == 0
 
         assert await post_new(gateway.port, pki, message_body("for new")) == 200
         await wait_for_state(gateway, "delivered", target="new")
@@ -338,8 +346,39 @@ async def test_a_target_whose_url_changes_gets_the_next_deliveries_at_the_new_ur
     assert len(sink.at("/before")) == 1
 
 
+@pytest.mark.parametrize(
+    ("how", "fragment"),
+    [
+        ("misspelt key", "meta.verify_token = "),
+        ("invalid TOML in another table", "invalid TOML"),
+    ],
+)
+async def test_reload_command_reports_a_file_that_does_not_load_as_a_failed_reload(
+    files: Files, how: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`waba-gateway reload` asks the gateway even when the file does not load: exit 1 with
+    the gateway's one line, counted as a failed reload, and the gateway keeps serving."""
+    files.admin_port = free_port()
+    files.write_config()
+    async with Gateway(load_config(files.config)) as gateway:
+        text = files.config.read_text()
+        if how == "misspelt key":
+            files.config.write_text(text.replace("verify_tokens", "verify_token"))
+        else:
+            files.config.write_text(text.replace("[tls]", "[tls"))
+        code = await asyncio.to_thread(main, ["reload", "--config", str(files.config)])
+        err = capsys.readouterr().err
+        metrics = (await admin_get(gateway, "/metrics")).text
+        assert (await admin_get(gateway, "/readyz")).status == 200
+    assert code == 1
+    assert err.startswith(f"error: reload failed, nothing changed: {files.config}: ")
+    assert fragment in err
+    assert len(err.splitlines()) == 1
+    assert metric(metrics, 'waba_gateway_reloads_total{outcome="failure"}') == 1
+
+
 async def test_admin_reload_answers_the_outcome_in_one_line(gateway: Gateway, files: Files) -> None:
-    """POST /admin/reload: 200 and the message, or 500 and the reason of the failure."""
+    """POST /admin/reload: 200 and the message, or 422 and the reason of the failure."""
     answer = await admin_post(gateway, "/admin/reload")
     assert (answer.status, answer.text) == (
         200,
@@ -347,7 +386,7 @@ async def test_admin_reload_answers_the_outcome_in_one_line(gateway: Gateway, fi
     )
     files.config.write_text("[tls\n")
     answer = await admin_post(gateway, "/admin/reload")
-    assert answer.status == 500
+    assert answer.status == 422
     assert "reload failed, nothing changed:" in answer.text
 
 
@@ -417,3 +456,71 @@ def test_restart_only_names_the_changes_a_reload_cannot_apply(
     assert kept.meta == new.meta
     assert kept.targets == new.targets
     assert kept.admin.token == new.admin.token
+
+
+async def test_reloads_while_requests_are_in_flight_drop_nothing(
+    files: Files, pki: Pki, sink: Sink
+) -> None:
+    """Five reloads (each with a renewed certificate) while keep-alive clients post without a
+    pause and one request is half sent: every request is answered 200, and every notification
+    is delivered once."""
+    files.write_config(targets=f'[[targets]]\nname = "t"\nurl = "{sink.url("/t")}"\n')
+    sent: list[bytes] = []
+    answers: list[int] = []
+    in_flight = 0
+    stopped = asyncio.Event()
+
+    async def client(port: int, number: int) -> None:
+        nonlocal in_flight
+        reader, writer = await connect(port, client_context(pki))
+        sequence = 0
+        while not stopped.is_set():
+            sequence += 1
+            body = message_body(f"reload load {number}.{sequence}")
+            sent.append(body)
+            in_flight += 1
+            try:
+                answers.append(await exchange(reader, writer, body, APP_SECRET))
+            finally:
+                in_flight -= 1
+        writer.close()
+
+    async with Gateway(load_config(files.config)) as running:
+        clients = asyncio.gather(*(client(running.port, number) for number in range(4)))
+        try:
+            # Half a request, head and part of the body, on its own connection: the reload
+            # comes between its two halves.
+            half = message_body("sent across the reloads")
+            reader, writer = await connect(running.port, client_context(pki))
+            head = (
+                b"POST /webhook HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nX-Hub-Signature-256: %s\r\n"
+                b"Content-Length: %d\r\n\r\n" % (meta_signature(half).encode(), len(half))
+            )
+            writer.write(head + half[:40])
+            await writer.drain()
+            for reload in range(5):
+                before = len(answers)
+
+                async def loaded(before: int = before) -> bool:
+                    return len(answers) >= before + 5 and in_flight >= 2
+
+                await eventually(loaded, f"answers and requests in flight before reload {reload}")
+                files.install_server(renewed(pki))
+                result = running.reload()
+                assert result.ok, result.message
+            writer.write(half[40:])
+            status = int((await reader.readuntil(b"\r\n\r\n")).split(b" ", 2)[1])
+            writer.close()
+            assert status == 200
+            sent.append(half)
+        finally:
+            stopped.set()
+            await clients
+        assert answers == [200] * len(answers)
+        assert len(answers) == len(sent) - 1  # all but the half request, answered above
+        await sink.wait_for(len(sent), "/t")
+        await until_settled(pending_in_gateway(running), lambda: len(sink.at("/t")))
+        text = (await admin_get(running, "/metrics")).text
+    assert sorted(r.body for r in sink.at("/t")) == sorted(sent)
+    assert metric(text, 'waba_gateway_reloads_total{outcome="success"}') == 5

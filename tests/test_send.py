@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from callbacks import APP_SECRET, gateway_config, refused_url, running_gateway, stored_bodies
+from helpers import sink_target
 from pki import Pki
+from sink import Sink
 
 from gateway.cli import main
 from gateway.devfiles import config_path
@@ -300,6 +302,30 @@ async def test_gateway_accepts_every_example_payload(
         stored = await stored_bodies(gateway)
     assert capsys.readouterr().out == "HTTP 200 OK: ok\n" * len(samples)
     assert stored == [sample.read_bytes() for sample in samples]
+
+
+async def test_sends_business_scoped_user_id_samples_forwarded_byte_for_byte(
+    pki: Pki, tmp_path: Path, sink: Sink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each sample of examples/bsuid/ (no phone number of the user; user ids, a username) is
+    sent, stored, and forwarded to an ordered target exactly as sent; the new fields route by
+    ``fields``."""
+    samples = sorted((EXAMPLES / "bsuid").glob("*.json"))
+    assert len(samples) >= 7
+    targets = [
+        sink_target(sink, "ordered", order="conversation"),
+        sink_target(sink, "usernames", fields=("business_username_update",)),
+    ]
+    async with running_gateway(gateway_config(pki, tmp_path, targets=targets)) as (_, url):
+        for sample in samples:
+            code = await send(url, str(sample), "--app-secret", APP_SECRET, *meta_options(pki))
+            assert code == 0, sample.name
+        received = await sink.wait_for(len(samples), "/ordered")
+        usernames = await sink.wait_for(1, "/usernames")
+    assert capsys.readouterr().out == "HTTP 200 OK: ok\n" * len(samples)
+    assert sorted(r.body for r in received) == sorted(s.read_bytes() for s in samples)
+    username_update = EXAMPLES / "bsuid" / "business_username_update.json"
+    assert [r.body for r in usernames] == [username_update.read_bytes()]
 
 
 # -- --dev --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from callbacks import (
     server_context,
     serving,
 )
+from ci import unavailable
 from cryptography import x509
 from pki import Pki
 
@@ -251,7 +252,7 @@ async def test_reports_hostname_mismatch(
         gateway = running_gateway(config)
         started = await gateway.__aenter__()
     except OSError as exc:  # loopback addresses beyond 127.0.0.1 are missing on some systems
-        pytest.skip(f"cannot listen on 127.0.0.2: {exc}")
+        unavailable(f"cannot listen on 127.0.0.2: {exc}")
     try:
         code = await verify_callback(
             started[1], "--verify-token", VERIFY_TOKEN, "--ca-file", str(pki.server_ca_file),

@@ -1,11 +1,17 @@
-"""The writer's decision to make a lone notification wait for company
-(gateway.outbox.sqlite.writer)."""
+"""The writer's decision to make a lone notification wait for company, and its waits for a lock
+held outside the gateway (gateway.outbox.sqlite.writer)."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from gateway.outbox.sqlite.writer import LINGER_MAX_S, linger_for
+from gateway.outbox.sqlite.writer import LINGER_MAX_S, Writer, linger_for
 
 
 @pytest.mark.parametrize(
@@ -23,3 +29,45 @@ from gateway.outbox.sqlite.writer import LINGER_MAX_S, linger_for
 )
 def test_linger_for(durable_jobs: int, average_gap_s: float | None, expected: float) -> None:
     assert linger_for(durable_jobs, average_gap_s) == pytest.approx(expected)
+
+
+async def test_a_read_waits_for_a_lock_held_outside_the_gateway_after_a_write(
+    tmp_path: Path,
+) -> None:
+    """Writes begin with no busy wait (the workers queue on their own lock); a read that then
+    meets a lock another process holds still waits up to the busy timeout, and gets its answer
+    once the lock is gone. (The outbox's WAL file lets readers past any lock but a recovery;
+    a file in rollback-journal mode, where an exclusive lock stops readers, shows the wait.)"""
+    path = tmp_path / "journal.sqlite3"
+
+    def open_connection(at: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(at, isolation_level=None, timeout=5.0)
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+        return conn
+
+    writer = Writer(path, open_connection, busy_timeout_s=5.0)
+    try:
+        await writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
+        script = (
+            "import sqlite3, sys, time\n"
+            f"conn = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+            "conn.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(0.5)\n"
+            "conn.execute('COMMIT')\n"
+        )
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+        )
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"locked\n"
+        started = time.monotonic()
+        count = await writer.submit(
+            lambda conn: conn.execute("SELECT count(*) FROM t").fetchone()[0], read=True
+        )
+        waited = time.monotonic() - started
+        await holder.wait()
+    finally:
+        await writer.close()
+    assert count == 1
+    assert waited < 5.0

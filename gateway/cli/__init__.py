@@ -26,6 +26,7 @@ def _registrars() -> list[Registrar]:
     # One line per command module, in the order `--help` lists them. Imported here, not at the
     # top, so that importing this module stays cheap.
     from gateway.cli import (
+        backup,
         check,
         deliveries,
         doctor,
@@ -42,6 +43,7 @@ def _registrars() -> list[Registrar]:
         check.register,
         doctor.register,
         deliveries.register,
+        backup.register,
         subscriptions.register,
         verify_callback.register,
         send.register,

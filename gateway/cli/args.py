@@ -14,7 +14,7 @@ from gateway.config import Config, default_config_path, load_config
 from gateway.devfiles import DEV_DIR, config_path
 from gateway.errors import ConfigError
 
-__all__ = ["add_config_argument", "config_from_args"]
+__all__ = ["add_config_argument", "config_file_from_args", "config_from_args"]
 
 
 def add_config_argument(parser: argparse.ArgumentParser, *, dev: bool = False) -> None:
@@ -35,18 +35,23 @@ def add_config_argument(parser: argparse.ArgumentParser, *, dev: bool = False) -
         parser.add_argument("--dev-dir", default=DEV_DIR, help=argparse.SUPPRESS)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_file_from_args(args: argparse.Namespace) -> Path:
+    """The configuration file ``--config``, ``--dev`` or the environment names; it exists."""
     if getattr(args, "dev", False) and args.config is None:
         path = config_path(Path(args.dev_dir))
         if not path.exists():
             raise ConfigError(
                 f"{path}: no dev configuration yet; start 'waba-gateway serve --dev' first"
             )
-        return load_config(path)
+        return path
     path = args.config or default_config_path()
     if not path.exists():
         raise ConfigError(
             f"{path}: no such file (copy config/gateway.example.toml, or try "
             "'waba-gateway serve --dev')"
         )
-    return load_config(path)
+    return Path(path)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(config_file_from_args(args))

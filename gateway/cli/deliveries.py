@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from gateway.cli.args import add_config_argument, config_from_args
+from gateway.delivery.answers import shown_answer, shown_summary
 from gateway.errors import GatewayError, NotFound
 from gateway.outbox import STATES, AttemptRecord, Delivery, Outbox, open_outbox
 from gateway.outbox.query import parse_query
@@ -53,7 +54,7 @@ def _list(args: argparse.Namespace) -> int:
     )
     found = _with_outbox(args, lambda o: o.query(state=state, target=target, limit=limit))
     if args.json:
-        print(json.dumps([d.summary() for d in found], indent=2))
+        print(json.dumps([shown_summary(d.summary()) for d in found], indent=2))
         return 0
     print(f"{'ID':<32}  {'STATE':<9} {'TARGET':<16} {'ATT':>3}  {'HTTP':>4}  REASON")
     for delivery in found:
@@ -73,8 +74,9 @@ def _show(args: argparse.Namespace) -> int:
     if found is None:
         raise NotFound(f"no delivery {args.id}")
     if args.json:
-        history = [attempt.summary() for attempt in attempts]
-        print(json.dumps(found.summary() | {"attempt_history": history}, indent=2))
+        history = [shown_summary(attempt.summary()) for attempt in attempts]
+        shown = shown_summary(found.summary()) | {"attempt_history": history}
+        print(json.dumps(shown, indent=2))
         return 0
     next_label = "next attempt" if found.state == "pending" else "last change"
     lines = [
@@ -87,7 +89,7 @@ def _show(args: argparse.Namespace) -> int:
         (next_label, _when(found.next_attempt_at)),
         ("last status", "-" if found.last_status is None else str(found.last_status)),
         ("last error", found.last_error or "-"),
-        ("last response", (found.last_response or "-").replace("\n", " ")[:200]),
+        ("last response", (shown_answer(found.last_response) or "-").replace("\n", " ")),
         ("bytes", str(len(found.body))),
     ]
     for name, value in lines:
@@ -97,7 +99,7 @@ def _show(args: argparse.Namespace) -> int:
     for attempt in attempts:
         status = "-" if attempt.status is None else str(attempt.status)
         outcome = attempt.outcome
-        why = (attempt.error or attempt.response or "").replace("\n", " ")[:80]
+        why = (attempt.error or shown_answer(attempt.response) or "").replace("\n", " ")[:80]
         print(f"{attempt.number:>3}  {_when(attempt.at):<20} {outcome:<9} {status:>4}  {why}")
     return 0
 
@@ -160,7 +162,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("--limit", type=int, default=100, help="at most this many (1-1000)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=_list)
-    showing = actions.add_parser("show", help="one delivery and the outcome of its last attempt")
+    showing = actions.add_parser(
+        "show", help="one delivery and its last attempt, then every attempt on one line each"
+    )
     add_config_argument(showing, dev=True)
     showing.add_argument("id", metavar="ID")
     showing.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,9 +1,11 @@
 """``waba-gateway reload``: ask the running gateway to reload its configuration and files.
 
-It reads the admin listener's address and token from the configuration file and POSTs
-``/admin/reload``, as SIGHUP would. Exit codes: 0 reloaded; 1 the reload failed (the gateway keeps
-its previous configuration) or the gateway could not be reached; 2 bad input (configuration).
-The line printed is the one the gateway logged.
+It reads the admin listener's address and token from the configuration file's ``[admin]`` table
+alone and POSTs ``/admin/reload``, as SIGHUP would: the gateway reads the whole file, so a file
+that does not load (a misspelt key, invalid TOML) is one failed reload, logged and counted by the
+gateway, whichever way it was asked. Exit codes: 0 reloaded; 1 the reload failed (the gateway
+keeps its previous configuration) or the gateway could not be reached; 2 the ``[admin]`` table
+itself cannot be used to find the gateway. The line printed is the one the gateway logged.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import sys
 
 import aiohttp
 
-from gateway.cli.args import add_config_argument, config_from_args
+from gateway.cli.args import add_config_argument, config_file_from_args
 from gateway.cli.exit_codes import EXIT_FAILURE, EXIT_OK
-from gateway.config import AdminConfig
+from gateway.config import AdminConfig, load_admin_config
 from gateway.errors import ConfigError
 
 __all__ = ["admin_url", "register"]
@@ -58,13 +60,14 @@ async def _ask(url: str, token: str | None) -> tuple[bool, str]:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if not config.admin.enabled:
+    path = config_file_from_args(args)
+    admin = load_admin_config(path)
+    if not admin.enabled:
         raise ConfigError(
-            f"{config.source}: admin.enabled = false: the reload goes through the admin"
+            f"{path}: admin.enabled = false: the reload goes through the admin"
             " listener; send SIGHUP to the serve process instead"
         )
-    ok, message = asyncio.run(_ask(admin_url(config.admin, "/admin/reload"), config.admin.token))
+    ok, message = asyncio.run(_ask(admin_url(admin, "/admin/reload"), admin.token))
     if ok:
         print(message)
         return EXIT_OK

@@ -1,13 +1,16 @@
 """``waba-gateway verify-callback``: run Meta's verification handshake against a callback URL.
 
-Exit codes: 0 Meta would verify the callback; 1 it would not (including an http:// URL: Meta
-only calls https:// callbacks); 2 bad input (a malformed URL, unreadable certificate files).
+The verify token comes from ``$WABA_VERIFY_TOKEN`` (the variable the shipped configurations
+read it from), or from ``--verify-token``. Exit codes: 0 Meta would verify the callback; 1 it
+would not (including an http:// URL: Meta only calls https:// callbacks); 2 bad input (a
+malformed URL, unreadable certificate files, no verify token).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 
 from gateway.cli.exit_codes import EXIT_FAILURE, EXIT_OK
@@ -15,20 +18,28 @@ from gateway.errors import GatewayError
 from gateway.onboarding.meta_client import client_context
 from gateway.onboarding.verify_callback import DEFAULT_TIMEOUT_S, callback_url, verify
 
-__all__ = ["register"]
+__all__ = ["TOKEN_ENV", "register"]
+
+TOKEN_ENV = "WABA_VERIFY_TOKEN"  # noqa: S105 (the variable's name, not a token)
 
 
 def _verify_callback(args: argparse.Namespace) -> int:
     url = callback_url(args.url)
-    if not args.verify_token:
-        raise GatewayError("--verify-token must not be empty")
+    # From the environment by default: a token on the command line is in the shell's history
+    # and in every process listing.
+    token = args.verify_token if args.verify_token is not None else os.environ.get(TOKEN_ENV)
+    if token is None:
+        raise GatewayError(f"no verify token: set {TOKEN_ENV} (or pass --verify-token)")
+    if not token:
+        where = "--verify-token" if args.verify_token is not None else TOKEN_ENV
+        raise GatewayError(f"{where} must not be empty")
     if not args.timeout_s > 0:
         raise GatewayError(f"--timeout-s {args.timeout_s:g}: expected a positive number")
     context = client_context(args.ca_file, args.cert, args.key)
     verdict = asyncio.run(
         verify(
             url,
-            args.verify_token,
+            token,
             context=context,
             timeout_s=args.timeout_s,
             sent_certificate=args.cert is not None,
@@ -47,7 +58,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("url", metavar="URL", help="the callback, e.g. https://host/webhook")
     parser.add_argument(
-        "--verify-token", required=True, metavar="TOKEN", help="the token to send (never printed)"
+        "--verify-token",
+        metavar="TOKEN",
+        help=f"the token to send (never printed); default: ${TOKEN_ENV}, which keeps it out of "
+        "the shell's history and the process list",
     )
     parser.add_argument(
         "--ca-file",

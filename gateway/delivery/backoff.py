@@ -1,9 +1,12 @@
-"""When to try a delivery again: exponential backoff with full jitter.
+"""When to try a delivery again: exponential backoff with full jitter, or an explicit schedule.
 
 Rule: one clamped formula, pure, with the randomness injected. The vocabulary is stamina's
 (``attempts``, ``wait_initial``, ``wait_max``, ``wait_exp_base``). Full jitter (a uniform draw
 between zero and the capped exponential) spreads the retries of many deliveries that failed
-together, so a target coming back is not hit by all of them at once.
+together, so a target coming back is not hit by all of them at once. A target's ``retry_schedule_s``
+replaces the formula with the waits as written, the last one repeated (``attempts`` and
+``max_age_s`` still end it); a target's ``Retry-After`` wins over either when it is longer
+(:func:`gateway.delivery.outcome.classify`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class RetryPolicy:
     wait_max_s: float
     wait_exp_base: float = 2.0
     max_age_s: float
+    # The waits after failed attempts 1, 2, ...; the last repeated. Empty: the formula.
+    schedule: tuple[float, ...] = ()
 
     @classmethod
     def for_target(cls, target: TargetConfig) -> RetryPolicy:
@@ -34,10 +39,13 @@ class RetryPolicy:
             wait_max_s=target.wait_max_s,
             wait_exp_base=target.wait_exp_base,
             max_age_s=target.max_age_s,
+            schedule=target.retry_schedule_s,
         )
 
     def cap(self, attempt: int) -> float:
         """The longest wait after failed attempt number ``attempt`` (1-based)."""
+        if self.schedule:
+            return self.schedule[min(max(attempt, 1), len(self.schedule)) - 1]
         exponent = max(attempt - 1, 0)
         # Clamp the exponent before raising: 2.0 ** 2000 overflows a float.
         if exponent > 64:
@@ -47,7 +55,10 @@ class RetryPolicy:
     def delay(
         self, attempt: int, uniform: Callable[[float, float], float] = random.uniform
     ) -> float:
-        """Seconds to wait after failed attempt ``attempt``: a full-jitter draw in [0, cap]."""
+        """Seconds to wait after failed attempt ``attempt``: a full-jitter draw in [0, cap], or
+        the schedule's wait exactly (an operator who wrote the waits meant them)."""
+        if self.schedule:
+            return self.cap(attempt)
         return uniform(0.0, self.cap(attempt))
 
 

@@ -7,10 +7,12 @@ deduplicate on ``X-Gateway-Delivery-Id``. Time and randomness are injected so te
 backoff.
 
 Deliveries started in one turn of the event loop (the notifications of one group commit, or a
-claim from the outbox) go to each target in batches: one batch is one pipelined exchange on one
-connection (:mod:`gateway.delivery.upstream`), at most the target's ``pipeline`` deliveries and
-:data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
-outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
+claim from the outbox) go to each target in batches: one batch is one exchange through the
+target's sender (:mod:`gateway.delivery.sending`, which alone knows the target's kind: pipelined
+HTTP requests on one connection, one Redis pipeline, concurrent JetStream publishes), at most the
+target's ``pipeline`` deliveries and :data:`BATCH_BYTES` of bodies, with at most ``concurrency``
+deliveries in flight per target. Its outcomes are recorded as one outbox job, and the target's
+health takes one verdict per batch.
 
 Targets can change while it runs (:meth:`Dispatcher.reconfigure`, on a reload): attempts in flight
 finish with the settings they started with; the deliveries of a target no longer configured stay
@@ -27,21 +29,24 @@ import contextlib
 import functools
 import logging
 import random
+import ssl
 import time
-from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
-from gateway.delivery.forwarder import Forwarder
 from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
     Delivered,
+    Outcome,
     RetryAt,
     classify,
     is_transient,
 )
+from gateway.delivery.pacing import Pacing
+from gateway.delivery.sending import Sender, sender_for
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 
@@ -66,9 +71,16 @@ class Observer(Protocol):
         delivery's acknowledgement to its delivery, for a delivered one."""
         ...
 
+    def dead_letters_expired(self, count: int) -> None:
+        """``count`` dead letters removed for being older than ``outbox.dead_retention_s``."""
+        ...
+
 
 class _Ignore:
     def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
+        pass
+
+    def dead_letters_expired(self, count: int) -> None:
         pass
 
 
@@ -80,22 +92,31 @@ class Dispatcher:
         settings: DispatcherConfig,
         *,
         retention_s: float,
+        dead_retention_s: float | None = None,
         clock: Callable[[], float] = time.time,
         uniform: Callable[[float, float], float] = random.uniform,
         observer: Observer | None = None,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
     ) -> None:
+        """``tls``: the client contexts of targets with a CA or certificate of their own
+        (:func:`gateway.delivery.target_tls.target_contexts`); the others use the defaults."""
+        tls = tls or {}
         self._outbox = outbox
         self._settings = settings
         self._retention_s = retention_s
+        self._dead_retention_s = dead_retention_s
         self._clock = clock
         self._uniform = uniform
         self._observer = observer or _Ignore()
         self._targets = {t.name: t for t in targets}
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
-        self._forwarders = {t.name: Forwarder(t) for t in targets}
+        self._senders = {t.name: sender_for(t, tls.get(t.name)) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
+        # Conversation order and rate limits (gateway.delivery.pacing): their targets' deliveries
+        # start only through claims.
+        self._pacing = Pacing(targets, clock())
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
-        self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
+        self._retired: list[Sender] = []  # replaced by a reload, closed after their batches
         self._closing: set[asyncio.Task[None]] = set()
         # Attempts started or queued, per target: one budget for all would let a target that
         # never answers fill it, and every other target would wait for its timeout.
@@ -119,7 +140,9 @@ class Dispatcher:
         self._warming: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
-        """Look for due deliveries now (called after a notification was stored)."""
+        """Look for due deliveries now (called after a notification was stored by another
+        process, or a replay): in every conversation of the ordered targets too."""
+        self._pacing.conversations.everything()
         self._wake.set()
 
     def breakers(self) -> dict[str, Breaker]:
@@ -132,39 +155,60 @@ class Dispatcher:
         Whatever cannot start now stays pending in the outbox: for want of room, the loop is
         woken to claim it as attempts finish; for a paused or probing target, the target's
         probes reach it on the poll interval."""
+        claim_only = self._pacing.claim_only
         for delivery in deliveries:
             health = self._health.get(delivery.target)
+            if delivery.target in claim_only and not (
+                # First of its conversation when it was accepted, so still (see Delivery).
+                delivery.target in self._pacing.unpaced_ordered
+                and delivery.order_key is not None
+                and not delivery.behind
+            ):
+                # Paced, or behind another: only a claim knows when it may start.
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
+                self._wake.set()
+                continue
             if delivery.id in self._in_flight or health is None or health.probing:
                 # A failing target gets them through its probes, on the poll interval: waking
                 # the loop for every notification would only query a target that cannot take
                 # them.
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 continue
             if self._load[delivery.target] >= self._capacity:
+                self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 self._backlog = True
                 self._wake.set()
                 continue
             self._start(delivery)
 
-    def reconfigure(self, targets: Sequence[TargetConfig], settings: DispatcherConfig) -> None:
+    def reconfigure(
+        self,
+        targets: Sequence[TargetConfig],
+        settings: DispatcherConfig,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
+    ) -> None:
         """Take new targets and settings (a reload). A target whose settings are unchanged keeps
-        its connections and health; a changed one gets a new forwarder, the old one finishing
-        its batches in flight. Deliveries queued for a removed target are let go: they stay
-        pending in the outbox."""
+        its connections and health; a changed one gets a new sender, the old one finishing
+        its batches in flight, and so does one with TLS files of its own (``tls``), read again
+        by this reload whether their names changed or not. Deliveries queued for a removed
+        target are let go: they stay pending in the outbox."""
+        tls = tls or {}
         self._settings = settings
         self._capacity = max(settings.batch_size, 1)
+        self._pacing.reconfigure(targets, self._clock())
         new = {t.name: t for t in targets}
         for name in list(self._targets):
             if name not in new:
                 self._forget(name)
         for name, target in new.items():
-            if self._targets.get(name) == target:
+            if self._targets.get(name) == target and name not in tls:
                 continue
-            old = self._forwarders.get(name)
+            old = self._senders.get(name)
             if old is not None:
                 self._retire(old)
             self._targets[name] = target
             self._policies[name] = RetryPolicy.for_target(target)
-            self._forwarders[name] = Forwarder(target)
+            self._senders[name] = sender_for(target, tls.get(name))
             self._health.setdefault(name, TargetHealth())
             self._busy.setdefault(name, 0)
             self._load.setdefault(name, 0)
@@ -177,20 +221,20 @@ class Dispatcher:
         for delivery in self._queued.pop(name, []):
             self._in_flight.discard(delivery.id)
             self._load[name] -= 1
-        self._retire(self._forwarders.pop(name))
+        self._retire(self._senders.pop(name))
         del self._targets[name], self._policies[name], self._health[name]
 
-    def _retire(self, forwarder: Forwarder) -> None:
-        """Close a replaced forwarder's connections once the batches now on the wire, which
+    def _retire(self, sender: Sender) -> None:
+        """Close a replaced sender's connections once the batches now on the wire, which
         may be using it, are done."""
-        self._retired.append(forwarder)
+        self._retired.append(sender)
         batches = list(self._batches)
 
         async def close() -> None:
             if batches:  # wait(), not gather(): cancelling this must not cancel the batches
                 await asyncio.wait(batches)
-            await forwarder.close()
-            self._retired.remove(forwarder)
+            await sender.close()
+            self._retired.remove(sender)
 
         task = asyncio.create_task(close())
         self._closing.add(task)
@@ -210,9 +254,7 @@ class Dispatcher:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
         # Open one connection to each target ahead of the first notification, so the first
         # forward does not pay for the connection set-up; a target that is down is no error.
-        self._warming = [
-            asyncio.create_task(forwarder.warm()) for forwarder in self._forwarders.values()
-        ]
+        self._warming = [asyncio.create_task(sender.warm()) for sender in self._senders.values()]
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming, let attempts in flight finish for up to ``grace_s``, cancel the rest
@@ -234,8 +276,8 @@ class Dispatcher:
         for closing in list(self._closing):
             closing.cancel()
         await asyncio.gather(*self._closing, return_exceptions=True)
-        for forwarder in [*self._forwarders.values(), *self._retired]:
-            await forwarder.close()
+        for sender in [*self._senders.values(), *self._retired]:
+            await sender.close()
 
     async def _loop(self) -> None:
         failing: str | None = None  # the outbox's complaint, logged once until it recovers
@@ -254,8 +296,9 @@ class Dispatcher:
                 if failing is not None:
                     failing = None
                     log.info("dispatcher uses the outbox again")
+            wait = self._pacing.wait_s(self._clock(), self._settings.poll_interval_s)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _claim(self) -> None:
         now = self._clock()
@@ -267,16 +310,29 @@ class Dispatcher:
             if health.admits(now, self._busy.get(name, 0))
             and self._load.get(name, 0) < self._capacity
         }
+        wanted = limits
+        claim = await self._pacing.plan(self._outbox, limits, now)
+        limits = claim.limits
         if not limits:
             return
-        due = await self._outbox.due(now, limits, exclude=self._in_flight)
+        due = await self._outbox.due(
+            now,
+            limits,
+            exclude=self._in_flight,
+            ordered=self._pacing.ordered,
+            conversations=claim.conversations,
+        )
+        took_s = self._clock() - now
         claimed = dict.fromkeys(limits, 0)
+        started = []
         for delivery in due:
             claimed[delivery.target] += 1
             room = self._load[delivery.target] < self._capacity
             if room and delivery.id not in self._in_flight:  # else offered while the query ran
                 self._start(delivery)
-        self._backlog = any(claimed[name] >= limit for name, limit in limits.items())
+                started.append(delivery)
+        await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
+        self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
     def _start(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
@@ -313,16 +369,17 @@ class Dispatcher:
         for delivery in batch:
             self._in_flight.discard(delivery.id)
             self._load[delivery.target] -= 1
-        if self._backlog:
+        if self._backlog or batch[0].target in self._pacing.ordered:
+            # An ordered target's next delivery of each conversation waits for this outcome.
             self._wake.set()
 
     async def _attempt(self, name: str, batch: list[Delivery]) -> None:
         attempts = [delivery.attempts + 1 for delivery in batch]
         # Taken now: a reload may replace or remove the target while the batch is out.
-        forwarder, health, policy = self._forwarders[name], self._health[name], self._policies[name]
+        sender, health, policy = self._senders[name], self._health[name], self._policies[name]
         try:
             try:
-                results = await forwarder.send_many(batch, attempts)
+                results = await sender.send_many(batch, attempts)
             except Exception as exc:
                 # Still failed attempts: recorded and backed off like any other, rather than a
                 # dead task whose deliveries are claimed again at once, in a tight loop.
@@ -362,23 +419,27 @@ class Dispatcher:
         except Exception:
             # Not recorded: they stay pending and are sent again later (at-least-once).
             log.exception("could not record %d deliveries to %s", len(batch), name)
+            self._pacing.conversations.changed(name, None)
             return
+        if name in self._pacing.ordered:
+            self._announce(name, batch, outcomes)
+        debugging = log.isEnabledFor(logging.DEBUG)
         for delivery, attempt, outcome, result in zip(
             batch, attempts, outcomes, results, strict=True
         ):
-            fields = {
-                "delivery_id": delivery.id,
-                "target": name,
-                "attempt": attempt,
-                "status": result.status,
-            }
             if isinstance(outcome, Delivered):
                 latency = max(0.0, now - delivery.created_at)
                 self._observer.attempted(name, "delivered", latency)
-                log.debug(
-                    "delivered %s to %s", delivery.id, name, extra=fields | {"outcome": "delivered"}
-                )
-            elif isinstance(outcome, RetryAt):
+                if debugging:  # the usual outcome: no fields built for a line not written
+                    log.debug(
+                        "delivered %s to %s",
+                        delivery.id,
+                        name,
+                        extra=_fields(delivery, name, attempt, result) | {"outcome": "delivered"},
+                    )
+                continue
+            fields = _fields(delivery, name, attempt, result)
+            if isinstance(outcome, RetryAt):
                 self._observer.attempted(name, "retry", None)
                 log.info(
                     "delivery %s to %s failed (%s); attempt %d, next in %.1fs",
@@ -399,6 +460,16 @@ class Dispatcher:
                     extra=fields | {"outcome": "dead", "reason": outcome.reason},
                 )
 
+    def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
+        """The next delivery of each conversation may go now (if one is known to wait), or
+        once this retry is due."""
+        conversations = self._pacing.conversations
+        for delivery, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, RetryAt):
+                conversations.retry_at(name, delivery.order_key, outcome.at)
+            else:
+                conversations.finished(name, delivery.order_key)
+
     async def _maybe_prune(self) -> None:
         now = self._clock()
         if now - self._last_prune < _PRUNE_EVERY_S:
@@ -407,6 +478,27 @@ class Dispatcher:
         removed = await self._outbox.prune(now, self._retention_s, self._targets)
         if removed:
             log.info("pruned %d delivered rows past retention", removed)
+        if self._dead_retention_s is not None:
+            # Never silently: an operator who meant to replay them learns they are gone.
+            expired = await self._outbox.purge_dead(now - self._dead_retention_s)
+            if expired:
+                self._observer.dead_letters_expired(expired)
+                log.warning(
+                    "removed %d dead letters older than outbox.dead_retention_s (%gs)",
+                    expired,
+                    self._dead_retention_s,
+                    extra={"action": "expire_dead_letters", "count": expired},
+                )
+
+
+def _fields(delivery: Delivery, target: str, attempt: int, result: AttemptResult) -> dict[str, Any]:
+    """The structured fields of an attempt's log line."""
+    return {
+        "delivery_id": delivery.id,
+        "target": target,
+        "attempt": attempt,
+        "status": result.status,
+    }
 
 
 def _batch_size(queue: Sequence[Delivery], most: int) -> int:

@@ -1,21 +1,24 @@
-"""One HTTP request to one target: build the headers, send, report what came back.
+"""``kind = "http"``: one HTTP request to one target: build the headers, send, report.
 
 Rule: the forwarder never decides what a result means (that is :mod:`gateway.delivery.outcome`) and
-never copies an inbound header: every header a target sees is built here, so nothing from outside
-can impersonate the gateway's own ``X-Gateway-*`` headers.
+never copies an inbound header: every header a target sees is built here and in
+:mod:`gateway.delivery.headers`, so nothing from outside can impersonate the gateway's own
+``X-Gateway-*`` headers.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Sequence
 
 from gateway.config import TargetConfig
+from gateway.delivery.answers import kept_answer
 from gateway.delivery.backoff import parse_retry_after
+from gateway.delivery.headers import delivery_headers
 from gateway.delivery.outcome import AttemptResult
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
 from gateway.outbox import Delivery
-from gateway.signing import gateway_signature, sign
 from gateway.version import __version__
 
 __all__ = ["Forwarder", "build_headers"]
@@ -26,38 +29,21 @@ USER_AGENT = f"waba-gateway/{__version__}"
 def build_headers(
     delivery: Delivery, target: TargetConfig, attempt: int, now: float
 ) -> dict[str, str]:
-    """Headers for attempt number ``attempt`` (1-based) of ``delivery``."""
-    headers = {
+    """HTTP headers for attempt number ``attempt`` (1-based) of ``delivery``."""
+    return {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
-        # Stable across retries: targets use it to drop the duplicates at-least-once implies.
-        "X-Gateway-Delivery-Id": delivery.id,
-        "X-Gateway-Attempt": str(attempt),
+        **delivery_headers(delivery, target, attempt, now),
     }
-    if target.signature == "meta":
-        # What Meta would send for these exact bytes, keyed with the target's secret instead of
-        # the app secret, so a consumer written for Meta's webhooks verifies them unchanged.
-        assert target.secret is not None  # load_config refuses signature = "meta" without one
-        headers["X-Hub-Signature-256"] = sign(target.secret, delivery.body)
-        return headers
-    if not delivery.split:
-        # The exact bytes Meta signed, so a target may verify Meta's signature itself.
-        headers["X-Hub-Signature-256"] = delivery.signature
-    if target.secret is not None:
-        timestamp = str(int(now))
-        headers["X-Gateway-Timestamp"] = timestamp
-        headers["X-Gateway-Signature-256"] = gateway_signature(
-            target.secret, timestamp, delivery.body
-        )
-    return headers
 
 
 class Forwarder:
-    """Sends deliveries to one target over its pool of keep-alive connections."""
+    """Sends deliveries to one target over its pool of keep-alive connections; ``tls``: the
+    target's own client context (:mod:`gateway.delivery.target_tls`), if it has one."""
 
-    def __init__(self, target: TargetConfig) -> None:
+    def __init__(self, target: TargetConfig, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
-        self._upstream = Upstream(target.url)
+        self._upstream = Upstream(target.url, tls)
 
     async def send_many(
         self, deliveries: Sequence[Delivery], attempts: Sequence[int]
@@ -71,9 +57,14 @@ class Forwarder:
         ]
         answers = await self._upstream.post_many(requests, self.target.timeout_s)
         now = time.time()
-        return [self._result(answer, now) for answer in answers]
+        return [
+            self._result(delivery, answer, now)
+            for delivery, answer in zip(deliveries, answers, strict=True)
+        ]
 
-    def _result(self, answer: Response | UpstreamError | TimeoutError, now: float) -> AttemptResult:
+    def _result(
+        self, delivery: Delivery, answer: Response | UpstreamError | TimeoutError, now: float
+    ) -> AttemptResult:
         if isinstance(answer, TimeoutError):
             return AttemptResult(error=f"timed out after {self.target.timeout_s:g}s")
         if isinstance(answer, UpstreamError):
@@ -81,12 +72,18 @@ class Forwarder:
         return AttemptResult(
             status=answer.status,
             retry_after_s=parse_retry_after(answer.retry_after, now),
-            response_excerpt=answer.excerpt.decode("utf-8", "replace"),
+            # Only what cannot carry the notification back (gateway.delivery.answers).
+            response_excerpt=kept_answer(
+                delivery.body, answer.status, answer.content_type, answer.excerpt
+            ),
         )
 
     async def warm(self) -> None:
         """Open a keep-alive connection now; a target that is down is tried again later."""
         await self._upstream.warm(self.target.timeout_s)
+
+    async def probe(self) -> None:
+        """Nothing: ``check`` judges the configuration; ``doctor`` connects to HTTP targets."""
 
     async def close(self) -> None:
         await self._upstream.close()

@@ -52,6 +52,7 @@ class Response:
     status: int
     retry_after: str | None
     excerpt: bytes
+    content_type: str | None = None
 
 
 class _Connection(asyncio.Protocol):
@@ -94,12 +95,16 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._status = 0
         self._retry_after: str | None = None
+        self._content_type: str | None = None
         self._excerpt = bytearray()
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"retry-after":
+        lowered = name.lower()
+        if lowered == b"retry-after":
             self._retry_after = value.decode("latin-1")
+        elif lowered == b"content-type":
+            self._content_type = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
@@ -137,7 +142,11 @@ class _Connection(asyncio.Protocol):
         if self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(Response(self._status, self._retry_after, bytes(self._excerpt)))
+                waiter.set_result(
+                    Response(
+                        self._status, self._retry_after, bytes(self._excerpt), self._content_type
+                    )
+                )
 
     def _fail_all(self, error: Exception) -> None:
         waiters, self._waiters = self._waiters, collections.deque()
@@ -152,9 +161,10 @@ class _Connection(asyncio.Protocol):
 
 
 class Upstream:
-    """A pool of keep-alive connections to the target at ``url``."""
+    """A pool of keep-alive connections to the target at ``url``; over https, verified with
+    ``tls`` if given, else against the system's trust store."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -167,8 +177,9 @@ class Upstream:
         if ":" in self._host:  # an IPv6 literal goes in brackets (RFC 9110 section 7.2)
             host_header = f"[{self._host}]" + ("" if default_port else f":{self._port}")
         self._head = (f"POST {target} HTTP/1.1\r\nHost: {host_header}\r\n").encode("latin-1")
-        # Targets over https are verified against the system's trust store, like any client.
-        self._ssl = ssl.create_default_context() if self._https else None
+        # Targets over https are verified against the system's trust store, like any client,
+        # unless the target names a CA of its own (gateway.delivery.target_tls).
+        self._ssl = (tls or ssl.create_default_context()) if self._https else None
         self._idle: list[_Connection] = []
 
     def _encode(self, headers: Mapping[str, str], body: bytes) -> bytes:

@@ -38,8 +38,9 @@ class Counters(Protocol):
     def accepted(self) -> None: ...
     def duplicate(self) -> None: ...
     def rejected(self, reason: str) -> None: ...
-    def saw_client(self, cn: str | None) -> None: ...
+    def saw_client(self, cn: str | None, address: str | None = None) -> None: ...
     def tls_handshake_failed(self, reason: str) -> None: ...
+    def proxy_header_refused(self, reason: str) -> None: ...
     def answered(self, status: int, seconds: float) -> None: ...
 
 
@@ -76,8 +77,11 @@ class Callback:
         """A request was answered with ``status`` after ``seconds`` (for the metrics)."""
         self.stats.answered(status, seconds)
 
-    def identify(self, peercert: Mapping[str, Any] | None) -> str | None:
-        """The accepted client CN of a new connection; raises IdentityRejected (403).
+    def identify(
+        self, peercert: Mapping[str, Any] | None, address: str | None = None
+    ) -> str | None:
+        """The accepted client CN of a new connection from ``address``; raises
+        IdentityRejected (403).
 
         Checked once per connection: the certificate cannot change within a TLS connection
         (the server context refuses renegotiation)."""
@@ -87,7 +91,7 @@ class Callback:
         except Exception:
             self.stats.rejected("identity")
             raise
-        self.stats.saw_client(cn)
+        self.stats.saw_client(cn, address)
         return cn
 
     def handshake(self, params: Mapping[str, str]) -> str:

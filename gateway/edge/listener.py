@@ -23,10 +23,11 @@ import ssl
 import time
 from collections import deque
 from email.utils import formatdate
-from typing import Any, cast
+from typing import cast
 from urllib.parse import parse_qsl
 
 from gateway.config import ListenConfig
+from gateway.edge.acceptor import Acceptor, bind
 from gateway.edge.callback import Callback
 from gateway.edge.http1 import (
     CONTINUE_LINE,
@@ -39,6 +40,7 @@ from gateway.edge.http1 import (
     shortened,
     split_target,
 )
+from gateway.edge.proxy_reader import HEADER_TIMEOUT_S, ProxyHeaderReader
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import NotFound, Rejected, RequestTimeout
@@ -48,7 +50,6 @@ __all__ = ["Listener"]
 
 log = logging.getLogger(__name__)
 
-TLS_HANDSHAKE_TIMEOUT_S = 30 * SECONDS
 SWEEP_EVERY_S = 1 * SECONDS
 # What one connection may make the gateway hold: unsent answers up to the transport's high-water
 # mark plus one answer (no request is started while the peer does not read), and parsed requests
@@ -102,7 +103,7 @@ def _ack_now(transport: asyncio.BaseTransport) -> None:
 class _Connection(asyncio.Protocol):
     """One client connection: feed its reads to the core, answer each request in turn."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, remote: str) -> None:
         self._listener = listener
         self._callback = listener.callback
         self._transport: asyncio.Transport | None = None
@@ -112,9 +113,8 @@ class _Connection(asyncio.Protocol):
         self._in_flight = False
         self._paused: set[_Pause] = set()
         self._stalled_since = 0.0  # when the write buffer last went over its high-water mark
-        self._early: bytes | None = None  # read before connection_made (see Listener._secure)
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
-        self.remote = "-"
+        self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -128,19 +128,15 @@ class _Connection(asyncio.Protocol):
         self._listener.connections.add(self)
         self.last_active = time.monotonic()  # idle from the end of the TLS handshake
         _ack_now(transport)
-        peer = transport.get_extra_info("peername")
-        self.remote = str(peer[0]) if peer else "-"
         # The TLS handshake is complete by now: OpenSSL has verified the chain against the
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
-            self.cn = self._callback.identify(ssl_object.getpeercert() if ssl_object else None)
+            peercert = ssl_object.getpeercert() if ssl_object else None
+            self.cn = self._callback.identify(peercert, self.remote)
         except Rejected as exc:
             # Every request on this connection is answered 403, and none gets 100 Continue.
             self._identity_error = self._http.refuse_every_request = exc
-        if self._early is not None:
-            early, self._early = self._early, None
-            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -152,10 +148,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         transport = self._transport
         if transport is None:
-            # The client's last handshake flight may carry its first request, and start_tls
-            # hands that over before it returns the transport: kept for connection_made.
-            self._early = data if self._early is None else self._early + data
-            return
+            return  # lost already: a late read has nowhere to go
         if transport.is_closing():
             return  # after the last answer, or a refusal: the rest is not read
         # No activity is recorded here: empty lines between requests complete no event (RFC
@@ -317,22 +310,6 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
-class _Handshake(asyncio.Protocol):
-    """A new TCP connection until its TLS handshake is over (see :meth:`Listener._secure`)."""
-
-    __slots__ = ("_listener",)
-
-    def __init__(self, listener: Listener) -> None:
-        self._listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have their methods.
-        tcp = cast(asyncio.Transport, transport)
-        # Not a byte for this protocol: start_tls reads the ClientHello once it has the socket.
-        tcp.pause_reading()
-        self._listener.secure(tcp)
-
-
 class Listener:
     """The callback's TLS server: ``await start(...)``, then ``await close(grace_s)``."""
 
@@ -347,9 +324,8 @@ class Listener:
         self.drained = asyncio.Event()  # set when closing and the last connection is gone
         self.clock = _Clock()
         self.log_requests = access_log.isEnabledFor(logging.INFO)
-        self._server: asyncio.AbstractServer | None = None
-        self._ssl_context: ssl.SSLContext | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._acceptor: Acceptor | None = None
+        self.proxy_protocol = settings.proxy_protocol
         self._sweeper: asyncio.TimerHandle | None = None
         # Often enough that a short timeout is kept to within a quarter of itself.
         self._sweep_every_s = min(
@@ -366,56 +342,37 @@ class Listener:
     ) -> int:
         """Listen on ``host:port``, or accept on ``sock`` (a listening socket the supervisor of
         several workers bound and shares with them); return the bound port (useful with 0)."""
+        before_tls = None
+        if self.proxy_protocol:
+            # The balancer's header first: it names the client (gateway.edge.proxy_reader).
+            timeout_s = min(HEADER_TIMEOUT_S, self.request_timeout_s)
+            before_tls = ProxyHeaderReader(self.callback.stats, timeout_s)
+        self._acceptor = Acceptor(
+            sock if sock is not None else bind(host, port),
+            ssl_context,
+            lambda remote: _Connection(self, remote),
+            self._handshake_failed,
+            before_tls,
+        )
         loop = asyncio.get_running_loop()
-        where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
-        self._ssl_context = ssl_context
-        self._server = await loop.create_server(lambda: _Handshake(self), backlog=1024, **where)
         self._sweeper = loop.call_later(self._sweep_every_s, self._sweep)
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._acceptor.port
 
-    def secure(self, transport: asyncio.Transport) -> None:
-        """Start the TLS handshake of a new TCP connection."""
-        task = asyncio.ensure_future(self._secure(transport))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _secure(self, transport: asyncio.Transport) -> None:
-        """The TLS handshake, then the connection's :class:`_Connection`; or one log line and
-        a count if it fails.
-
-        Not ``create_server(ssl=...)``: asyncio and uvloop drop a connection whose handshake
-        fails without a word to the application, and a certificate refused (Meta's during the
-        mTLS roll-out, or anyone's) is what an operator needs to see. start_tls is the same
-        handshake, with its outcome."""
-        assert self._ssl_context is not None, "not started"
-        peer = transport.get_extra_info("peername")  # now: the transport may be gone after
-        remote = str(peer[0]) if peer else "-"
-        connection = _Connection(self)
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport,
-                connection,
-                self._ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
-            )
-        except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout: all OSErrors
-            reason, detail = handshake_failure(exc)
-            # A peer that leaves without a word of TLS is what TCP health checks do: counted,
-            # logged only when debugging.
-            log.log(
-                logging.DEBUG if reason == "closed" else logging.INFO,
-                "TLS handshake from %s failed: %s (%s)",
-                remote,
-                reason,
-                detail,
-            )
-            self.callback.stats.tls_handshake_failed(reason)
-            return
-        if tls is None or tls.is_closing():  # the peer left as the handshake ended
-            transport.close()
-            return
-        connection.connection_made(tls)
+    def _handshake_failed(self, remote: str, exc: OSError) -> None:
+        """One log line and a count for a TLS handshake that failed."""
+        if self.closing:
+            return  # aborted by close(): the gateway's doing, not the client's
+        reason, detail = handshake_failure(exc)
+        # A peer that leaves without a word of TLS is what TCP health checks do: counted,
+        # logged only when debugging.
+        log.log(
+            logging.DEBUG if reason == "closed" else logging.INFO,
+            "TLS handshake from %s failed: %s (%s)",
+            remote,
+            reason,
+            detail,
+        )
+        self.callback.stats.tls_handshake_failed(reason)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -428,11 +385,9 @@ class Listener:
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is None:
+        if self._acceptor is None:
             return
-        self._server.close()
-        for handshake in list(self._handshakes):
-            handshake.cancel()  # start_tls closes the connection
+        self._acceptor.close()
         for connection in list(self.connections):
             connection.close_when_idle()
         if self.connections:
@@ -441,4 +396,4 @@ class Listener:
         for connection in list(self.connections):
             log.warning("closing a connection with an answer still owed (grace over)")
             connection.abort()
-        await self._server.wait_closed()
+        await self._acceptor.wait_closed()

@@ -8,7 +8,12 @@ change's key is one of the listed values; an empty filter matches everything):
 - ``waba_ids`` by ``entry[].id`` or ``value.waba_info.waba_id`` (partner ``account_update``
   events carry a business portfolio id in ``entry[].id``: meta-webhooks.md section 4);
 - ``phone_number_ids`` by ``value.metadata.phone_number_id`` (never by the user's number, which
-  business-scoped user ids may omit).
+  business-scoped user ids may omit);
+- ``message_types`` and ``statuses`` by what the change holds (:mod:`gateway.edge.filters`).
+
+A target with ``order = "conversation"`` has each route keyed by its conversation
+(:mod:`gateway.edge.ordering`): a split route by its change, a whole notification by its first
+change that matches the target's filters. Without it no key is computed.
 
 ``split = "none"`` forwards the exact bytes received (``body=None`` here); ``split = "change"``
 sends each matching change as a complete payload of its own, ``{"object", "entry": [{"id",
@@ -24,13 +29,16 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from gateway.config import TargetConfig
+from gateway.edge.filters import has_content_filters, matches_content
 from gateway.edge.jsontext import is_json
+from gateway.edge.ordering import conversation_key
 from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox.model import Route
 
@@ -101,6 +109,13 @@ class Change:
     waba_id: str | None
     phone_number_id: str | None
     part: bytes | None = None
+    # The change's value, read only by the content filters and the ordering key; it holds
+    # personal data, so it is never part of a repr.
+    value: Any = dataclass_field(default=None, compare=False, repr=False)
+
+    def key(self) -> str:
+        """The conversation this change belongs to (see :mod:`gateway.edge.ordering`)."""
+        return conversation_key(self.value, self.phone_number_id, self.waba_id or self.entry_id)
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -125,6 +140,7 @@ def _change(entry_id: Any, change: dict[str, Any], part: bytes | None = None) ->
         if isinstance(metadata, dict)
         else None,
         part=part,
+        value=value,
     )
 
 
@@ -286,16 +302,24 @@ def _matches(change: Change, target: TargetConfig) -> bool:
         change.entry_id in target.waba_ids or change.waba_id in target.waba_ids
     ):
         return False
-    return not (target.phone_number_ids and change.phone_number_id not in target.phone_number_ids)
+    if target.phone_number_ids and change.phone_number_id not in target.phone_number_ids:
+        return False
+    return matches_content(change.value, target.message_types, target.statuses)
 
 
 def _has_filters(target: TargetConfig) -> bool:
-    return bool(target.fields or target.waba_ids or target.phone_number_ids)
+    return bool(
+        target.fields
+        or target.waba_ids
+        or target.phone_number_ids
+        or has_content_filters(target.message_types, target.statuses)
+    )
 
 
 def _takes_all(target: TargetConfig) -> bool:
-    """Whether ``target`` receives every notification as Meta sent it, whatever its changes."""
-    return target.split == "none" and not _has_filters(target)
+    """Whether ``target`` receives every notification as Meta sent it, whatever its changes,
+    with no key to compute."""
+    return target.split == "none" and target.order == "none" and not _has_filters(target)
 
 
 def route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
@@ -336,9 +360,12 @@ def _route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
             routes.append(Route(target.name, None))
             continue
         matching = [c for c in changes if _matches(c, target)]
+        ordered = target.order == "conversation"
         if target.split == "none":
             if matching:
-                routes.append(Route(target.name, None))
+                routes.append(Route(target.name, None, matching[0].key() if ordered else None))
+        elif ordered:
+            routes.extend(Route(target.name, c.part, c.key()) for c in matching)
         else:
             routes.extend(Route(target.name, c.part) for c in matching)
     return routes

@@ -28,6 +28,8 @@ __all__ = [
     "SwappableContext",
     "build_server_context",
     "certificate_expiries",
+    "check_ca_bundle",
+    "check_key_pair",
     "client_ca_subjects",
     "handshake_failure",
     "stale_crls",
@@ -188,6 +190,21 @@ class SwappableContext:
         current = self.current
         if current is not self.listening:
             connection.context = current
+
+
+def check_ca_bundle(path: Path, key: str) -> None:
+    """The CA bundle at ``path`` (configuration key ``key``) is readable and holds PEM
+    certificates; raises :class:`CertificateError` naming the key and the file."""
+    _read_certificates(path, key)
+
+
+def check_key_pair(cert_file: Path, cert_key: str, key_file: Path, key_key: str) -> None:
+    """The certificate and the unencrypted private key are readable and belong together;
+    raises :class:`CertificateError` naming the key and the file at fault."""
+    certificate = _read_certificates(cert_file, cert_key)[0]
+    private_key = _read_private_key(key_file, key_key)
+    if _public_key_der(certificate) != _public_key_der(private_key):
+        raise CertificateError(f"{_at(key_key, key_file)}: does not match {cert_key}")
 
 
 def _at(key: str, path: Path) -> str:

@@ -22,8 +22,10 @@ from cryptography import x509
 from OpenSSL import crypto
 
 from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig, redact_url
+from gateway.delivery.sending import sender_for
 from gateway.edge.tls import build_server_context, stale_crls
-from gateway.errors import CertificateError, OutboxError
+from gateway.errors import CertificateError, OutboxError, TargetError, TargetUnreachable
+from gateway.onboarding.check import admin_token_warning
 from gateway.onboarding.meta_client import client_context
 from gateway.onboarding.readiness import (
     Finding,
@@ -32,6 +34,7 @@ from gateway.onboarding.readiness import (
     judge_server_chain,
     judge_tls_settings,
     judge_trust,
+    known_cas,
 )
 from gateway.onboarding.verify_callback import callback_url, verify
 from gateway.outbox import open_outbox
@@ -66,6 +69,9 @@ async def diagnose(
             for stale in stale_crls(config.tls.crl_file, now)
         )
     findings.extend(judge_tls_settings(config.tls))
+    weak = admin_token_warning(config.admin)
+    if weak is not None:
+        findings.append(Finding("WARN", weak, "replace it, then reload"))
     findings.extend(await _targets(config.targets))
     findings.append(await _outbox(config.outbox))
     if public_url is None:
@@ -142,7 +148,7 @@ def _client_cas(tls: TlsConfig, now: datetime.datetime) -> list[Finding]:
             )
         ]
     certs = _certificates(tls.client_ca_file)
-    return [] if certs is None else judge_ca_bundle(certs, now)
+    return [] if certs is None else judge_ca_bundle(certs, now, known_cas(tls.meta_ca_sha256))
 
 
 async def _targets(targets: Sequence[TargetConfig]) -> list[Finding]:
@@ -152,6 +158,8 @@ async def _targets(targets: Sequence[TargetConfig]) -> list[Finding]:
 
 
 async def _reach(target: TargetConfig) -> Finding:
+    if target.kind != "http":
+        return await _reach_broker(target)
     parts = urlsplit(target.url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -170,6 +178,20 @@ async def _reach(target: TargetConfig) -> Finding:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return Finding("OK", f"{where} accepts connections")
+
+
+async def _reach_broker(target: TargetConfig) -> Finding:
+    """A broker target: connected to as ``check`` does (and, for NATS, its stream found)."""
+    sender = sender_for(target)
+    try:
+        found = await sender.probe()
+    except TargetUnreachable as exc:
+        return Finding("WARN", str(exc), "the outbox keeps its notifications until it answers")
+    except TargetError as exc:
+        return Finding("FAIL", str(exc), "every delivery to it would be a dead letter")
+    finally:
+        await sender.close()
+    return Finding("OK", found or f"target {target.name!r}")
 
 
 async def _outbox(config: OutboxConfig) -> Finding:

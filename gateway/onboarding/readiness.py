@@ -4,10 +4,13 @@ Rule: nothing here reads a file, opens a socket or looks at the clock. Each judg
 (certificates, settings, an HTTP answer, ``now``) and returns :class:`Finding` objects; a problem
 it is judging is a finding, never an exception. :mod:`gateway.onboarding.doctor` gathers the inputs.
 
+A client CA is Meta's only by its SHA-256 fingerprint (:class:`KnownCa`): the DigiCert chain
+Meta documented until April 15, 2026 ships here, and Meta's current CA, which Meta offers only as
+a download, is recognised by the fingerprints in ``tls.meta_ca_sha256``. An organisation that
+names Meta proves nothing (the dev stand-in CA's does): such a CA is reported as not Meta's.
+
 Not checked here: revocation of the server certificate, Certificate Transparency, key sizes and
-signature algorithms, and whether Meta's current CA is genuine: Meta does not publish its subject,
-so a CA whose organisation names Meta is *recognised*, not authenticated. Compare its SHA-256
-fingerprint with Meta's "mTLS for Webhooks" page.
+signature algorithms.
 """
 
 from __future__ import annotations
@@ -24,30 +27,79 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from gateway.certificates import days_left, fingerprint
+from gateway.certificates import days_left
+from gateway.certificates import fingerprint as certificate_fingerprint
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
 from gateway.onboarding.check import EXPIRY_WARNING_DAYS
 from gateway.onboarding.verify_callback import Verdict
 
 __all__ = [
     "META_CA_FILE",
+    "SHIPPED_CAS",
     "Finding",
+    "KnownCa",
+    "fingerprint",
     "judge_ca_bundle",
     "judge_handshake",
     "judge_server_chain",
     "judge_tls_settings",
     "judge_trust",
+    "known_cas",
 ]
 
 Level = Literal["OK", "WARN", "FAIL"]
 
 # The file Meta's "mTLS for Webhooks" page offers (docs/graph-api/webhooks/getting-started).
 META_CA_FILE = "meta-outbound-api-ca-2025-12.pem"
-# The chain Meta's client certificate came from until it expired on April 15, 2026 (same page).
-_DIGICERT_CAS = frozenset(
-    {"DigiCert High Assurance EV Root CA", "DigiCert SHA2 High Assurance Server CA"}
-)
 _META_ORGANIZATION = re.compile(r"\bMeta\b")
+_RETIRED = "Meta's DigiCert-signed certificate expired on April 15, 2026"
+
+
+@dataclass(frozen=True, slots=True)
+class KnownCa:
+    """A CA Meta documents for its webhook client certificate: its name, its SHA-256
+    fingerprint as ``openssl x509 -fingerprint -sha256`` prints it, and ``retired``: why
+    Meta's certificate no longer chains to it (``None``: current)."""
+
+    name: str
+    sha256: str
+    retired: str | None = None
+
+
+# The chain Meta's client certificate came from until it expired on April 15, 2026
+# (docs/graph-api/webhooks/getting-started, "mTLS for Webhooks"). The root's fingerprint is the
+# one of Debian's ca-certificates (tests/test_doctor.py compares them); the intermediate's is
+# DigiCert's published one.
+SHIPPED_CAS: tuple[KnownCa, ...] = (
+    KnownCa(
+        "DigiCert High Assurance EV Root CA",
+        "74:31:E5:F4:C3:C1:CE:46:90:77:4F:0B:61:E0:54:40:88:3B:A9:A0:1E:D0:0B:A6:AB:D7:80:6E:D3:B1:18:CF",
+        retired=_RETIRED,
+    ),
+    KnownCa(
+        "DigiCert SHA2 High Assurance Server CA",
+        "19:40:0B:E5:B7:A3:1F:B7:33:91:77:00:78:9D:2F:0A:24:71:C0:C9:D5:06:C0:E5:04:C0:6C:16:D7:CB:17:C0",
+        retired=_RETIRED,
+    ),
+)
+
+
+def fingerprint(text_or_cert: str | x509.Certificate) -> str:
+    """A SHA-256 fingerprint in one form (upper case, colons between bytes), from a
+    certificate or from text with or without colons."""
+    if isinstance(text_or_cert, x509.Certificate):
+        return certificate_fingerprint(text_or_cert)
+    digits = text_or_cert.replace(":", "").upper()
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
+
+
+def known_cas(meta_ca_sha256: Sequence[str]) -> tuple[KnownCa, ...]:
+    """The shipped CAs, and Meta's current CA by each fingerprint of ``tls.meta_ca_sha256``."""
+    configured = (
+        KnownCa(f"tls.meta_ca_sha256[{index}]", fingerprint(each))
+        for index, each in enumerate(meta_ca_sha256)
+    )
+    return (*SHIPPED_CAS, *configured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,49 +153,74 @@ def judge_trust(error: str | None, ca_file: str | None) -> Finding:
     )
 
 
-def judge_ca_bundle(certs: Sequence[x509.Certificate], now: datetime) -> list[Finding]:
-    """The client CA bundle: each CA with its SHA-256 fingerprint, and whether it can admit
-    Meta's current certificate (a CA of Meta's own) or only the expired DigiCert chain."""
+def judge_ca_bundle(
+    certs: Sequence[x509.Certificate],
+    now: datetime,
+    known: Sequence[KnownCa] = SHIPPED_CAS,
+) -> list[Finding]:
+    """The client CA bundle: each CA with its SHA-256 fingerprint, and which CA of ``known``
+    (by fingerprint, see the module docstring) can admit Meta's current certificate, or only
+    the expired DigiCert chain."""
     if not certs:
         return [
             Finding("FAIL", "tls.client_ca_file holds no certificate", f"install {META_CA_FILE}")
         ]
+    by_fingerprint = {fingerprint(ca.sha256): ca for ca in known}
     findings: list[Finding] = []
+    current: list[tuple[x509.Certificate, KnownCa]] = []
+    retired: list[tuple[x509.Certificate, KnownCa]] = []
     for cert in certs:
         # Formatted as `openssl x509 -noout -fingerprint -sha256` and `waba-gateway check` print it.
-        named = f"client CA {cert.subject.rfc4514_string()} sha256 {fingerprint(cert)}"
+        sha256 = fingerprint(cert)
+        named = f"client CA {cert.subject.rfc4514_string()} sha256 {sha256}"
         if cert.not_valid_after_utc < now:
             expired = f"{named} expired on {cert.not_valid_after_utc:%Y-%m-%d}"
             findings.append(Finding("WARN", expired, "nothing chains to it: remove it"))
         else:
             findings.append(Finding("OK", named))
-    meta = [cert for cert in certs if _meta_owned(cert)]
-    digicert = [cert for cert in certs if _common_name(cert) in _DIGICERT_CAS]
-    if meta:
-        findings.append(Finding("OK", f"Meta-owned CA present: {meta[0].subject.rfc4514_string()}"))
-        if digicert:
+        ca = by_fingerprint.get(sha256)
+        if ca is not None:
+            (current if ca.retired is None else retired).append((cert, ca))
+    if current:
+        cert, ca = current[0]
+        found = f"Meta's CA present: {cert.subject.rfc4514_string()} (its sha256 is {ca.name})"
+        findings.append(Finding("OK", found))
+        if retired:
             findings.append(
                 Finding(
                     "WARN",
-                    "the DigiCert chain is still trusted",
-                    "Meta's DigiCert-signed certificate expired on April 15, 2026: remove it "
-                    "from the bundle",
+                    f"the DigiCert chain is still trusted ({retired[0][1].name})",
+                    f"{_RETIRED}: remove it from the bundle",
                 )
             )
-    elif len(digicert) == len(certs):
+        return findings
+    if retired and len(retired) == len(certs):
+        names = ", ".join(ca.name for _, ca in retired)
         findings.append(
             Finding(
                 "FAIL",
-                "only the DigiCert chain, which expired on April 15, 2026",
+                f"only the DigiCert chain ({names}), which expired on April 15, 2026",
                 f"install {META_CA_FILE}",
             )
         )
-    else:
+        return findings
+    claimed = [cert for cert in certs if _names_meta(cert)]
+    for cert in claimed:
+        findings.append(
+            Finding(
+                "WARN",
+                f"client CA {cert.subject.rfc4514_string()} names Meta, but its sha256 is not"
+                " one of Meta's (tls.meta_ca_sha256)",
+                'compare it with the fingerprint on Meta\'s "mTLS for Webhooks" page and, if it'
+                " is Meta's, add it to tls.meta_ca_sha256 (a stand-in CA never is)",
+            )
+        )
+    if not claimed:
         findings.append(
             Finding(
                 "WARN",
                 "no Meta CA recognised (a test or private CA?)",
-                f"for Meta's webhooks install {META_CA_FILE}",
+                f"for Meta's webhooks install {META_CA_FILE} and set tls.meta_ca_sha256",
             )
         )
     return findings
@@ -312,11 +389,6 @@ def _covers(
     return False
 
 
-def _meta_owned(cert: x509.Certificate) -> bool:
+def _names_meta(cert: x509.Certificate) -> bool:
     organizations = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return any(_META_ORGANIZATION.search(str(name.value)) for name in organizations)
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""

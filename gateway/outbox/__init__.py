@@ -6,7 +6,13 @@ Rule: the rest of the gateway talks to the outbox through what this package expo
 names. The storage engines live behind it (``sqlite/``, ``postgres/``).
 """
 
-from gateway.outbox.backends import OutboxHold, describe_outbox, hold_outbox, open_outbox
+from gateway.outbox.backends import (
+    OutboxHold,
+    backup_outbox,
+    describe_outbox,
+    hold_outbox,
+    open_outbox,
+)
 from gateway.outbox.interface import Outbox
 from gateway.outbox.model import (
     STATES,
@@ -19,6 +25,7 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     Route,
+    Size,
     State,
 )
 
@@ -35,7 +42,9 @@ __all__ = [
     "Outcome",
     "RetryAt",
     "Route",
+    "Size",
     "State",
+    "backup_outbox",
     "describe_outbox",
     "hold_outbox",
     "open_outbox",

@@ -9,7 +9,9 @@ load no storage engine for the modules that only name them (routing, the command
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
@@ -17,7 +19,7 @@ from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
 
-__all__ = ["OutboxHold", "describe_outbox", "hold_outbox", "open_outbox"]
+__all__ = ["OutboxHold", "backup_outbox", "describe_outbox", "hold_outbox", "open_outbox"]
 
 
 class OutboxHold(Protocol):
@@ -84,10 +86,33 @@ async def open_outbox(
     )
 
 
-async def describe_outbox(config: OutboxConfig) -> str | None:
-    """What ``check`` reports about a database outbox (reachable, schema version); ``None``
-    for a SQLite file, which ``check`` leaves to ``doctor``. Raises OutboxError."""
+async def describe_outbox(config: OutboxConfig) -> str:
+    """What ``check`` reports about the outbox, changing nothing: a database's reachability
+    and schema version, or a SQLite file's layout, integrity and backlog. Raises OutboxError
+    for what ``serve`` would refuse."""
     if config.url is None:
-        return None
+        from gateway.outbox.sqlite import layout
+
+        return await asyncio.to_thread(layout.describe, config.path)
     text: str = await _postgres().inspect(config)
     return text
+
+
+async def backup_outbox(config: OutboxConfig, destination: Path) -> str:
+    """Copy the SQLite outbox, consistent while a gateway writes it, to the new file
+    ``destination``; the line that says what the copy holds. Raises OutboxError (also for a
+    PostgreSQL outbox, which the database's own tools back up)."""
+    if config.url is not None:
+        raise OutboxError(
+            "outbox.url: a PostgreSQL outbox is backed up with the database's own tools"
+            " (pg_dump --schema=waba_gateway), not by the gateway"
+        )
+    from gateway.outbox.sqlite.backup import backup_file
+
+    summary = await asyncio.to_thread(
+        backup_file, config.path, destination, busy_timeout_s=config.busy_timeout_s
+    )
+    return (
+        f"backed up {config.path} to {destination}: {summary.notifications} notifications,"
+        f" {summary.deliveries} deliveries, layout {summary.layout}, check ok"
+    )

@@ -26,6 +26,7 @@ from gateway.outbox.model import (
     Delivery,
     Outcome,
     Route,
+    Size,
     State,
 )
 
@@ -39,15 +40,41 @@ class Outbox(Protocol):
         self, body: bytes, signature: str, routes: Sequence[Route], now: float
     ) -> list[Delivery] | None:
         """Store a verified notification and one delivery per route, durably; return the
-        deliveries. ``None``: an identical body was accepted inside the deduplication window,
-        and nothing new is stored."""
+        deliveries, each keyed one saying whether an earlier pending delivery of its
+        conversation holds it back (``Delivery.behind``). ``None``: an identical body was
+        accepted inside the deduplication window, and nothing new is stored."""
         ...
 
     async def due(
-        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
-        each target named there, leaving out the ids in ``exclude`` (in flight)."""
+        each target named there, leaving out the ids in ``exclude`` (in flight). For the
+        targets in ``ordered``, a delivery with a conversation key is left out while an earlier
+        one of its conversation (by acknowledgement, a replayed one at the back) is pending,
+        for this gateway or any other sharing the outbox; an ordered target that
+        ``conversations`` names is asked only for the first deliveries of those conversations
+        (the ones whose first delivery may have changed), not for every conversation."""
+        ...
+
+    async def take_tokens(
+        self, target: str, rate_per_s: float, burst: int, want: int
+    ) -> int | None:
+        """Take up to ``want`` tokens from ``target``'s rate limit bucket shared by every
+        gateway using this outbox (refilled at ``rate_per_s`` up to ``burst``, on one clock
+        they all share); return how many were taken. ``None``: this outbox has a single
+        dispatcher, which keeps the bucket itself (see :mod:`gateway.delivery.ratelimit`)."""
+        ...
+
+    async def give_back_tokens(
+        self, target: str, rate_per_s: float, burst: int, count: int
+    ) -> None:
+        """Return ``count`` tokens :meth:`take_tokens` gave and no delivery used."""
         ...
 
     async def record_many(
@@ -108,6 +135,15 @@ class Outbox(Protocol):
         """Remove ``targets``' delivered deliveries older than the retention, and notifications
         no longer needed for deduplication; return the number of deliveries removed. Pending
         deliveries and dead letters stay."""
+        ...
+
+    async def size(self) -> Size:
+        """The outbox's size, for its gauge: bytes on disk for a file, rows for a database."""
+        ...
+
+    async def held_back(self, targets: Collection[str]) -> dict[str, int]:
+        """For each of ``targets`` (kept in conversation order), how many conversations have
+        a delivery waiting behind an earlier pending one: a count, never the keys."""
         ...
 
     async def ping(self) -> None:

@@ -7,7 +7,7 @@ reads :class:`Delivery` and records an :data:`Outcome`). No storage engine is na
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -22,6 +22,7 @@ __all__ = [
     "Outcome",
     "RetryAt",
     "Route",
+    "Size",
     "State",
 ]
 
@@ -31,10 +32,13 @@ STATES: Final[tuple[State, ...]] = ("pending", "delivered", "dead")
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One request to make: to ``target``, with ``body`` (``None``: the bytes Meta sent)."""
+    """One request to make: to ``target``, with ``body`` (``None``: the bytes Meta sent);
+    ``key``: its conversation, for a target that keeps conversations in order (``None``: no
+    order to keep). The key is a digest, never a user id."""
 
     target: str
     body: bytes | None
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,11 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     last_response: str | None = None
+    # Its conversation (a digest, see Route), for a target that keeps conversations in order,
+    # and whether an earlier delivery of that conversation was pending when it was accepted
+    # (a fresh delivery that is not behind one may start at once).
+    order_key: str | None = None
+    behind: bool = False
 
     @classmethod
     def fresh(
@@ -68,10 +77,12 @@ class Delivery:
         body: bytes,
         signature: str,
         now: float,
+        behind: Collection[str] = (),
     ) -> list[Delivery]:
         """The deliveries a backend has just stored for one notification, one per route (the
         ids in the same order), as :meth:`Outbox.accept` returns them: built after the commit,
-        never read back."""
+        never read back. ``behind``: the ids of those an earlier pending delivery of their
+        conversation holds back."""
         return [
             cls(
                 id=delivery_id,
@@ -85,6 +96,8 @@ class Delivery:
                 created_at=now,
                 next_attempt_at=now,
                 received_at=now,
+                order_key=route.key,
+                behind=delivery_id in behind,
             )
             for route, delivery_id in zip(routes, ids, strict=True)
         ]
@@ -115,6 +128,14 @@ class Backlog:
     pending: int
     oldest_pending_at: float | None
     dead: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Size:
+    """How big the outbox is: ``bytes`` on disk (a file), or ``rows`` (a shared database)."""
+
+    bytes: int | None = None
+    rows: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,12 +171,16 @@ class AttemptRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptResult:
-    """What came back from one request: a status, or an error (timeout, refused, reset...)."""
+    """What came back from one attempt: an HTTP status, a broker's acknowledgement
+    (``accepted``), or an error (timeout, refused, reset...), ``permanent`` when the target
+    said it will never take this delivery (no stream for the subject, too large)."""
 
     status: int | None = None
     error: str | None = None
     retry_after_s: float | None = None
     response_excerpt: str = ""
+    accepted: bool = False
+    permanent: bool = False
 
     def describe(self) -> str:
         if self.status is not None:

@@ -11,6 +11,7 @@ from typing import Final
 
 from gateway.errors import BadRequest
 from gateway.outbox.model import STATES, State
+from gateway.units import decimal
 
 __all__ = ["MAX_LIMIT", "parse_query", "parse_state"]
 
@@ -29,7 +30,7 @@ def parse_state(raw_state: str | None) -> State | None:
 def parse_query(query: Mapping[str, str]) -> tuple[State | None, str | None, int]:
     """``state``, ``target`` and ``limit`` from a deliveries query, validated."""
     state = parse_state(query.get("state"))
-    raw_limit = query.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    limit = decimal(query.get("limit", "100"))
+    if limit is None or not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return state, query.get("target"), int(raw_limit)
+    return state, query.get("target"), limit

@@ -12,6 +12,13 @@ Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
 ``POST /admin/deliveries/purge?older_than=30d`` (dead letters), ``POST /admin/reload``; and the web
 console at ``GET /`` and under ``/console/`` (:mod:`gateway.runtime.console`), which guards itself
 with a session made from the same token.
+
+In front of all of it but the probes, for a browser on the operator's machine: a ``Host`` that
+is not the listener's is refused (421), and so is a state-changing request another site sent
+(403), token or not, and a form's body sent to the JSON API (415)
+(:mod:`gateway.runtime.origin`). A wrong token is answered only after a
+wait that grows per client address (:mod:`gateway.runtime.throttle`), and every 401 carries
+``WWW-Authenticate``.
 """
 
 from __future__ import annotations
@@ -24,20 +31,33 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway.config import Config
+from gateway.config import AdminConfig, Config
+from gateway.delivery.answers import shown_summary
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
-from gateway.errors import BadRequest, NotFound, OutboxError, Unauthorized
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    MisdirectedRequest,
+    NotFound,
+    OutboxError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from gateway.outbox import Outbox
 from gateway.outbox.query import parse_query, parse_state
 from gateway.runtime.console import add_console, is_console_path
+from gateway.runtime.origin import cross_site_refusal, form_refusal, host_refusal
 from gateway.runtime.reload import ReloadResult
 from gateway.runtime.stats import Snapshot, Stats
+from gateway.runtime.throttle import AuthThrottle
 from gateway.units import parse_age, parse_since
 
 __all__ = ["READY_WAIT_S", "Operations", "create_admin_app"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_CHALLENGE = 'Bearer realm="waba-gateway admin"'
+_WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", ""})
 # The longest /readyz waits for the outbox: a file locked by another process holds a write for
 # the busy timeout, and a probe that hangs that long says less than a prompt 503.
 READY_WAIT_S = 2.0
@@ -58,7 +78,57 @@ class Operations(Protocol):
     async def snapshot(self) -> Snapshot: ...
 
 
-def _token_middleware(ops: Operations) -> Any:
+def _own_address(request: web.Request) -> str | None:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname[0] if isinstance(sockname, tuple) and sockname else None
+
+
+def _allowed_hosts(admin: AdminConfig) -> frozenset[str]:
+    """``admin.allowed_hosts``, and ``admin.host`` unless it is a wildcard: the CLI calls the
+    listener by the name it is configured to listen on."""
+    names = [*admin.allowed_hosts, *([] if admin.host in _WILDCARDS else [admin.host])]
+    # As origin.host_name spells a Host: lower case, no root dot, an IPv6 address unbracketed.
+    return frozenset(n.lower().rstrip(".").removeprefix("[").removesuffix("]") for n in names)
+
+
+def _origin_middleware(ops: Operations) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The probes show nothing and are called by orchestrators under names of their own.
+        if request.path not in _OPEN_PATHS:
+            allowed = _allowed_hosts(ops.config.admin)
+            host = request.headers.get("Host")
+            refusal = host_refusal(host, _own_address(request), allowed)
+            if refusal is not None:
+                raise MisdirectedRequest(refusal)
+            refusal = cross_site_refusal(
+                request.method,
+                host,
+                request.headers.get("Origin"),
+                request.headers.get("Sec-Fetch-Site"),
+            )
+            if refusal is not None:
+                raise Forbidden(refusal)
+            if not is_console_path(request.path):  # the console's forms are forms
+                refusal = form_refusal(request.method, request.headers.get("Content-Type"))
+                if refusal is not None:
+                    raise UnsupportedMediaType(refusal)
+        return await handler(request)
+
+    return check
+
+
+async def _refuse_slowly(
+    stats: Stats, throttle: AuthThrottle, request: web.Request, where: str
+) -> None:
+    """Hold a failed authentication from ``request``'s address as :mod:`.throttle` says, and
+    count it."""
+    delay = throttle.failed(request.remote or "-", time.monotonic())
+    stats.auth_failed(where, delay)
+    await asyncio.sleep(delay)
+
+
+def _token_middleware(ops: Operations, throttle: AuthThrottle) -> Any:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         token = ops.config.admin.token
@@ -70,10 +140,18 @@ def _token_middleware(ops: Operations) -> Any:
         ):
             presented = request.headers.get("Authorization", "")
             if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+                await _refuse_slowly(ops.stats, throttle, request, "bearer")
                 raise Unauthorized("admin token missing or wrong")
+            throttle.succeeded(request.remote or "-")
         return await handler(request)
 
     return check
+
+
+async def _challenge(_: web.Request, response: web.StreamResponse) -> None:
+    # RFC 9110 11.6.1: a 401 names the scheme that would be accepted.
+    if response.status == 401:
+        response.headers["WWW-Authenticate"] = _CHALLENGE
 
 
 def _since(query: Mapping[str, str], now: float) -> float | None:
@@ -87,7 +165,10 @@ def _since(query: Mapping[str, str], now: float) -> float | None:
 
 
 def create_admin_app(ops: Operations) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, _token_middleware(ops)])
+    throttle = AuthThrottle()
+    middlewares = [error_middleware, _origin_middleware(ops), _token_middleware(ops, throttle)]
+    app = web.Application(middlewares=middlewares)
+    app.on_response_prepare.append(_challenge)
     outbox = ops.outbox
 
     async def healthz(_: web.Request) -> web.Response:
@@ -111,15 +192,16 @@ def create_admin_app(ops: Operations) -> web.Application:
         state, target, limit = parse_query(request.query)
         found = await outbox.query(state=state, target=target, limit=limit)
         counts = await outbox.counts()
-        return web.json_response({"counts": counts, "deliveries": [d.summary() for d in found]})
+        listed = [shown_summary(d.summary()) for d in found]
+        return web.json_response({"counts": counts, "deliveries": listed})
 
     async def show(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
         found = await outbox.get(delivery_id)
         if found is None:
             raise NotFound(f"no delivery {delivery_id!r}")
-        attempts = [a.summary() for a in await outbox.attempts(delivery_id)]
-        return web.json_response(found.summary() | {"attempt_history": attempts})
+        attempts = [shown_summary(a.summary()) for a in await outbox.attempts(delivery_id)]
+        return web.json_response(shown_summary(found.summary()) | {"attempt_history": attempts})
 
     async def replay(request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
@@ -148,8 +230,9 @@ def create_admin_app(ops: Operations) -> web.Application:
     async def reload(_: web.Request) -> web.Response:
         result = ops.reload()
         body = {"ok": result.ok, "message": result.message}
-        # 500: the gateway could not do what was asked, and keeps its previous configuration.
-        return web.json_response(body, status=200 if result.ok else 500)
+        # 422: the gateway works, but the files it was asked to take cannot be used (the
+        # message says why); it keeps its previous configuration.
+        return web.json_response(body, status=200 if result.ok else 422)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -159,6 +242,15 @@ def create_admin_app(ops: Operations) -> web.Application:
     app.router.add_post("/admin/deliveries/purge", purge)
     app.router.add_get("/admin/deliveries/{id}", show)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
-    add_console(app, lambda: ops.config, outbox, ops.stats, breakers=ops.breakers, wake=ops.wake)
+    add_console(
+        app,
+        lambda: ops.config,
+        outbox,
+        ops.stats,
+        breakers=ops.breakers,
+        wake=ops.wake,
+        refuse=lambda request: _refuse_slowly(ops.stats, throttle, request, "sign-in"),
+        accepted=lambda request: throttle.succeeded(request.remote or "-"),
+    )
     app.router.add_post("/admin/reload", reload)
     return app

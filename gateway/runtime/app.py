@@ -11,24 +11,45 @@ mounted with ``add_subapp`` starts and stops with its parent), and is kept under
 :data:`CORE`. mTLS is the server's business: run the application with
 ``ssl_context=build_server_context(config.tls)`` (:func:`gateway.edge.tls.build_server_context`),
 which asks for and verifies Meta's client certificate.
+
+``admin=True`` also serves the admin listener on ``[admin] host:port``, as ``waba-gateway serve``
+does: the admin API, ``/metrics`` and the web console, on a site of its own (never on the
+application's public port), started after the core and stopped before it. Its bound port is kept
+under :data:`ADMIN_PORT`. A reload through it is refused: the application owns the server's TLS
+context and the process, so a new configuration takes a restart of the application.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from aiohttp import web
 
 from gateway.config import Config
+from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import error_middleware, text
-from gateway.errors import IdentityRejected, MethodNotAllowed, PayloadTooLarge
+from gateway.edge.tls import certificate_expiries
+from gateway.errors import (
+    ConfigError,
+    IdentityRejected,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    PortInUse,
+)
+from gateway.outbox import Outbox
+from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
+from gateway.runtime.reload import ReloadResult
+from gateway.runtime.stats import Snapshot, Stats
 
-__all__ = ["CORE", "create_app"]
+__all__ = ["ADMIN_PORT", "CORE", "create_app"]
 
 CORE = web.AppKey("waba_gateway_core", Core)
+ADMIN_PORT = web.AppKey("waba_gateway_admin_port", int)
 # The identity decided for each open connection: a TLS connection cannot change its client
 # certificate (the server context refuses renegotiation), so it is checked and counted once per
 # connection, as the gateway's own listener does. Weak keys: a closed connection drops out.
@@ -37,35 +58,119 @@ _VERDICTS = web.AppKey("waba_gateway_identities", _Verdicts)
 _UNSEEN = object()
 
 
-def create_app(config: Config, *, primary: bool = True) -> web.Application:
+def create_app(config: Config, *, primary: bool = True, admin: bool = False) -> web.Application:
     """An :class:`aiohttp.web.Application` serving Meta's callback at ``config.listen.path``.
 
     ``config`` is what :func:`gateway.config.load_config` returns. ``primary=False`` leaves
     forwarding to another process sharing the outbox (see :mod:`gateway.runtime.workers`).
-    ``listen.max_body_bytes`` bounds the bodies read (413 beyond).
+    ``listen.max_body_bytes`` bounds the bodies read (413 beyond). ``admin``: also serve the
+    admin API, metrics and console on ``[admin] host:port`` (if ``admin.enabled``).
+    Raises :class:`~gateway.errors.ConfigError` for ``listen.proxy_protocol = true``.
     """
+    if config.listen.proxy_protocol:
+        # aiohttp's server starts TLS on the first byte: a balancer's header would fail every
+        # handshake. Said now, rather than as refused connections later.
+        raise ConfigError(
+            f"{config.source or 'the configuration'}: listen.proxy_protocol = true: expected"
+            " false inside an application (create_app); only the gateway's own listener"
+            " (waba-gateway serve) reads PROXY protocol headers"
+        )
     app = web.Application(
         middlewares=[error_middleware],
         # aiohttp's own bound, one byte over ours: our check answers first, with our reason.
         client_max_size=config.listen.max_body_bytes + 1,
     )
     app[_VERDICTS] = weakref.WeakKeyDictionary()
-    app.cleanup_ctx.append(_core_context(config, primary))
+    app.cleanup_ctx.append(_core_context(config, primary, admin and config.admin.enabled))
     app.router.add_route("*", config.listen.path, _callback)
     return app
 
 
 def _core_context(
-    config: Config, primary: bool
+    config: Config, primary: bool, admin: bool
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def run_core(app: web.Application) -> AsyncIterator[None]:
         # Requests still in flight when the application stops are answered before this resumes:
         # aiohttp waits for its handlers during shutdown, before the cleanup contexts run.
         async with Core(config, primary=primary) as core:
             app[CORE] = core
-            yield
+            runner = await _start_admin(app, core) if admin else None
+            try:
+                yield
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
 
     return run_core
+
+
+async def _start_admin(app: web.Application, core: Core) -> web.AppRunner:
+    """The admin listener of ``serve``, on the embedded core."""
+    settings = core.config.admin
+    runner = web.AppRunner(
+        create_admin_app(_Operations(core)), access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(settings.port, "admin.port") from exc
+        raise
+    app[ADMIN_PORT] = int(runner.addresses[0][1])
+    return runner
+
+
+class _Operations:
+    """What the admin API works on (:class:`gateway.runtime.admin.Operations`), for a core
+    inside someone else's application."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._started = time.time()
+        self._expiries = certificate_expiries(core.config.tls)
+
+    @property
+    def config(self) -> Config:
+        return self._core.config
+
+    @property
+    def outbox(self) -> Outbox:
+        return self._core.outbox
+
+    @property
+    def stats(self) -> Stats:
+        return self._core.stats
+
+    def wake(self) -> None:
+        self._core.wake()
+
+    def breakers(self) -> Mapping[str, Breaker]:
+        return self._core.breakers()
+
+    def reload(self) -> ReloadResult:
+        # The application built the server's TLS context and owns the process: a reload here
+        # could change the targets but not the certificates, which would be half a reload.
+        return ReloadResult(
+            False,
+            "reload failed, nothing changed: the gateway is embedded in an application"
+            " (create_app); restart the application to apply a new configuration",
+        )
+
+    async def snapshot(self) -> Snapshot:
+        dispatcher = self._core.dispatcher
+        now = time.time()
+        server_expiry, ca_expiries = self._expiries
+        return Snapshot(
+            now=now,
+            backlog=await self._core.outbox.backlog(),
+            circuits=dispatcher.circuits(now) if dispatcher is not None else {},
+            server_certificate_expiry=server_expiry,
+            client_ca_expiries=ca_expiries,
+            last_reload_success=self._started,
+        )
 
 
 async def _callback(request: web.Request) -> web.StreamResponse:
@@ -103,7 +208,7 @@ def _identify(request: web.Request, core: Core) -> None:
         ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
         peercert = ssl_object.getpeercert() if ssl_object is not None else None
         try:
-            verdict = core.callback.identify(peercert)
+            verdict = core.callback.identify(peercert, request.remote)
         except IdentityRejected as exc:
             verdict = exc
         with contextlib.suppress(TypeError):

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
+from gateway.delivery.target_tls import target_contexts
 from gateway.edge.callback import Callback, StoredHook
 from gateway.outbox import Delivery, Outbox, OutboxHold, hold_outbox, open_outbox
 from gateway.runtime.stats import Stats
@@ -60,6 +62,7 @@ class Core:
         self._hold: OutboxHold | None = None
         self._wake_channel = wake_channel
         self.stats = Stats(metrics_dir)
+        self.stats.prime(target.name for target in config.targets)
         self._outbox: Outbox | None = None
         self._callback: Callback | None = None
         self.dispatcher: Dispatcher | None = None
@@ -86,13 +89,19 @@ class Core:
         """Each target's circuit breaker (empty where this process runs no dispatcher)."""
         return {} if self.dispatcher is None else self.dispatcher.breakers()
 
-    def reconfigure(self, config: Config) -> None:
-        """Take a reloaded configuration (see :mod:`gateway.runtime.reload` for what applies)."""
+    def reconfigure(
+        self, config: Config, target_tls: Mapping[str, ssl.SSLContext] | None = None
+    ) -> None:
+        """Take a reloaded configuration (see :mod:`gateway.runtime.reload` for what applies),
+        with its targets' TLS contexts (built here when not given: raises CertificateError)."""
+        if target_tls is None:
+            target_tls = target_contexts(config.targets, source=config.source)
         self.config = config
+        self.stats.prime(target.name for target in config.targets)
         if self._callback is not None:
             self._callback.reconfigure(config)
         if self.dispatcher is not None:
-            self.dispatcher.reconfigure(config.targets, config.dispatcher)
+            self.dispatcher.reconfigure(config.targets, config.dispatcher, target_tls)
             self._check_unconfigured()
 
     def _check_unconfigured(self) -> None:
@@ -134,12 +143,16 @@ class Core:
             )
             on_stored: StoredHook | None = None
             if self.primary:
+                # Every target's CA and client certificate read now: a bad file stops the start.
+                target_tls = target_contexts(config.targets, source=config.source)
                 self.dispatcher = Dispatcher(
                     self._outbox,
                     config.targets,
                     config.dispatcher,
                     retention_s=config.outbox.retention_s,
+                    dead_retention_s=config.outbox.dead_retention_s,
                     observer=self.stats,
+                    tls=target_tls,
                 )
                 self.dispatcher.start()
                 self._check_unconfigured()

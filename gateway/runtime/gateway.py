@@ -37,9 +37,10 @@ from types import TracebackType
 
 from aiohttp import web
 
-from gateway.config import Config, TlsConfig, load_config
+from gateway.config import Config, EventLoop, TlsConfig, load_config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
+from gateway.delivery.target_tls import target_contexts
 from gateway.edge.listener import Listener
 from gateway.edge.tls import (
     SwappableContext,
@@ -177,6 +178,8 @@ class Gateway:
             claim=role.claim,
         )
         self.stats: Stats = self.core.stats
+        if config.listen.proxy_protocol:
+            self.stats.expect_proxy_headers()
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -221,13 +224,14 @@ class Gateway:
             new = applicable(self.config, loaded)
             context = build_server_context(new.tls, source=source)
             expiries = certificate_expiries(new.tls)
+            target_tls = target_contexts(new.targets, source=source)
         except (GatewayError, OSError, ValueError) as exc:
             return ReloadResult(False, f"reload failed, nothing changed: {exc}")
         kept = restart_only(self.config, loaded)
         self._tls.swap(context)
         self._expiries = expiries
         self._loaded_at = time.time()
-        self.core.reconfigure(new)
+        self.core.reconfigure(new, target_tls)
         self.config = new
         message = f"reloaded {source}"
         if kept:
@@ -239,13 +243,17 @@ class Gateway:
         dispatcher = self.core.dispatcher
         now = time.time()
         server_expiry, ca_expiries = self._expiries
+        size = await self.core.outbox.size()
         return Snapshot(
             now=now,
             backlog=await self.core.outbox.backlog(),
+            targets=[target.name for target in self.config.targets],
             circuits=dispatcher.circuits(now) if dispatcher is not None else {},
             server_certificate_expiry=server_expiry,
             client_ca_expiries=ca_expiries,
             last_reload_success=self._loaded_at,
+            outbox_bytes=size.bytes,
+            outbox_rows=size.rows,
         )
 
     async def _flush_metrics(self) -> None:
@@ -370,12 +378,14 @@ async def run(
                 # The files may have changed after this process read them: read them again.
                 gateway.reload()
             log.info(
-                "%s listening on https://%s:%d%s (client_auth=%s); admin on %s",
+                "%s listening on https://%s:%d%s (client_auth=%s, loop=%s); admin on %s",
                 "primary" if role.primary else "worker",
                 config.listen.host,
                 gateway.port,
                 config.listen.path,
                 config.tls.client_auth,
+                # The loop it runs on, as found, not as configured: "asyncio" or "uvloop".
+                type(loop).__module__.partition(".")[0],
                 f"http://{config.admin.host}:{gateway.admin_port}"
                 if config.admin.enabled and role.primary
                 else "off",
@@ -408,17 +418,20 @@ def _fingerprint(tls: TlsConfig) -> tuple[tuple[int, int, int] | None, ...]:
     return tuple(marks)
 
 
-def event_loop_runner() -> asyncio.Runner:
-    try:
-        import uvloop  # optional: a faster event loop when installed (pip install .[speed])
-    except ImportError:
+def event_loop_runner(loop: EventLoop = "asyncio") -> asyncio.Runner:
+    """A runner on the event loop ``listen.loop`` names, whatever else is installed."""
+    if loop == "asyncio":
         return asyncio.Runner()
+    import uvloop  # the `speed` extra; the configuration refuses "uvloop" without it
+
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def serve_process(config: Config, role: Role = LONE) -> None:
-    """One serving process, on uvloop when it is installed."""
+def serve_process(
+    config: Config, role: Role = LONE, on_ready: Callable[[Gateway], None] | None = None
+) -> None:
+    """One serving process, on the event loop ``listen.loop`` names."""
     # Until run() handles it, a SIGHUP (an early `systemctl reload`) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    with event_loop_runner() as runner:
-        runner.run(run(config, role=role))
+    with event_loop_runner(config.listen.loop) as runner:
+        runner.run(run(config, role=role, on_ready=on_ready))

@@ -15,16 +15,35 @@ value of its own. python-json-logger does the formatting (escaping, exceptions, 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
+from aiohttp.http_exceptions import HttpProcessingError
 from pythonjsonlogger.json import JsonFormatter
 
 from gateway.edge.responses import ACCESS_FIELDS, access_log
 
-__all__ = ["json_formatter", "setup_logging"]
+__all__ = ["json_formatter", "setup_logging", "text_formatter"]
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Every character that could end a line or move a terminal's cursor: C0 and C1 controls, DEL,
+# and Unicode's line and paragraph separators.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]  # \n, \x1b, \u2028
+
+
+class _TextFormatter(logging.Formatter):
+    """One record, one line: control characters in the message are written as escapes, so a
+    path, method or header value a client chose cannot start a forged line or colour a
+    terminal. A traceback, which the gateway writes itself, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return _UNPRINTABLE.sub(_escaped, line) if not line.isprintable() else line
 
 
 class _Formatter(JsonFormatter):
@@ -55,8 +74,33 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+def text_formatter() -> logging.Formatter:
+    """A line per record for a person at a terminal, with client-chosen text escaped."""
+    return _TextFormatter(_TEXT_FORMAT)
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp's server (the admin listener) logs a request it cannot parse as an error with a
+    traceback; it is the client's mistake, answered 400: one line at INFO says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg, record.args = (
+                "malformed request from %s refused: %s",
+                (remote, error.message),
+            )
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str, format: str = "text", *, stream: TextIO | None = None) -> None:
     """Log at ``level`` and above to standard error (or ``stream``), as ``text`` or ``json``."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(json_formatter() if format == "json" else logging.Formatter(_TEXT_FORMAT))
+    handler.setFormatter(json_formatter() if format == "json" else text_formatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(each, _MalformedRequests) for each in server.filters):
+        server.addFilter(_MalformedRequests())

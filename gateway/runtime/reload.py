@@ -7,7 +7,9 @@ the configuration a reload applies (:func:`applicable`), which keeps those keys 
 
 Swapped at once: the server certificate and key, the client CA bundle and the CRL's contents
 (new handshakes), ``tls.client_cn``, ``tls.watch_*``, verify tokens and app secrets (new requests),
-targets and their settings, the dispatcher's settings and the admin token. Bound when the process
+targets and their settings (each target's CA and client certificate files are read again, even
+under unchanged names), the dispatcher's settings, the admin token and ``admin.allowed_hosts``.
+``listen.proxy_protocol`` is part of ``[listen]``: a restart. Bound when the process
 started, so changed only by a restart: the listener (``[listen]``), the outbox, where the admin
 listener listens, logging, and what OpenSSL copies into each connection from the listening
 context (``tls.client_auth``, ``tls.session_tickets``, whether a CRL is checked at all).

@@ -21,7 +21,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +29,19 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gateway.errors import ProxyHeaderError
 from gateway.outbox import Backlog
 from gateway.version import __version__
 
-__all__ = ["CIRCUIT_STATES", "MULTIPROCESS_ENV", "Snapshot", "Stats", "Totals"]
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "CIRCUIT_STATES",
+    "MULTIPROCESS_ENV",
+    "RELOAD_OUTCOMES",
+    "Snapshot",
+    "Stats",
+    "Totals",
+]
 
 # Read by prometheus-client when it is imported: set, its counters live in files in that folder
 # (https://prometheus.github.io/client_python/multiprocess/).
@@ -40,6 +49,11 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _NO_CERTIFICATE = "(none)"
 CIRCUIT_STATES = ("closed", "half_open", "open")
+# Every labelled series exists from the start, at 0: Prometheus' increase() needs a sample
+# before the first event to see it, so an alert on the first dead letter or failed reload after
+# a start would otherwise stay silent.
+ATTEMPT_OUTCOMES = ("delivered", "retry", "dead")
+RELOAD_OUTCOMES = ("success", "failure")
 # From a fast target on loopback (milliseconds) to a backlog drained after an outage (hours).
 _LATENCY_BUCKETS = (
     *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
@@ -50,24 +64,48 @@ _REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What is, at scrape time: read from the outbox, the dispatcher and the loaded files."""
+    """What is, at scrape time: read from the outbox, the dispatcher and the loaded files.
+    ``targets``: the configured targets, each given its backlog gauges (0) even before the
+    outbox holds a row for it."""
 
     now: float
     backlog: Sequence[Backlog] = ()
+    targets: Sequence[str] = ()
     circuits: Mapping[str, str] = field(default_factory=dict)
     server_certificate_expiry: float | None = None
     client_ca_expiries: Sequence[tuple[str, float]] = ()
     last_reload_success: float | None = None
+    # The outbox's size: bytes on disk (SQLite, with its write-ahead log) or rows (PostgreSQL).
+    outbox_bytes: int | None = None
+    outbox_rows: int | None = None
 
 
 class _Times:
-    """Answer times of one status not yet in the histogram: their sum, and a count per bucket."""
+    """Times (answers of one status, deliveries to one target) not yet in the histogram: their
+    sum, and a count per bucket."""
 
     __slots__ = ("counts", "total")
 
     def __init__(self, buckets: int) -> None:
         self.total = 0.0
         self.counts = [0] * buckets
+
+
+def _every_target(backlog: Sequence[Backlog], targets: Sequence[str]) -> list[Backlog]:
+    """``backlog`` with an empty entry for each of ``targets`` it does not name."""
+    named = {each.target for each in backlog}
+    empty = [Backlog(name, 0, None, 0) for name in targets if name not in named]
+    return [*backlog, *empty]
+
+
+def _hand_over(child: Histogram, times: _Times) -> None:
+    """Add gathered ``times`` to one labelled histogram. Histogram.observe() does exactly this
+    per observation: add to the sum and to the first bucket whose bound is not below the value
+    (tests/test_metrics.py holds it to observe()'s result)."""
+    child._sum.inc(times.total)
+    for bucket, count in zip(child._buckets, times.counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class _SnapshotCollector:
@@ -91,7 +129,7 @@ class _SnapshotCollector:
             "Dead letters kept in the outbox until replayed or purged, per target",
             labels=["target"],
         )
-        for each in snap.backlog:
+        for each in _every_target(snap.backlog, snap.targets):
             pending.add_metric([each.target], each.pending)
             age = 0.0 if each.oldest_pending_at is None else snap.now - each.oldest_pending_at
             oldest.add_metric([each.target], max(0.0, age))
@@ -126,6 +164,18 @@ class _SnapshotCollector:
                 "When the configuration was last loaded successfully (start or reload)",
                 value=snap.last_reload_success,
             )
+        if snap.outbox_bytes is not None:
+            yield GaugeMetricFamily(
+                "waba_gateway_outbox_size_bytes",
+                "The outbox file's size on disk, with its write-ahead log (SQLite)",
+                value=snap.outbox_bytes,
+            )
+        if snap.outbox_rows is not None:
+            yield GaugeMetricFamily(
+                "waba_gateway_outbox_rows",
+                "Rows in the outbox's notification, delivery and attempt tables (PostgreSQL)",
+                value=snap.outbox_rows,
+            )
         info = GaugeMetricFamily(
             "waba_gateway_build_info",
             "The running version (always 1)",
@@ -138,13 +188,15 @@ class _SnapshotCollector:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Totals:
     """The counters as the admin console shows them (every worker's, like ``/metrics``), and
-    the last client certificate CN this process saw, with when (``None``: none yet)."""
+    the last client certificate CN this process saw, with when (``None``: none yet) and from
+    which address (the PROXY protocol header's with ``listen.proxy_protocol``)."""
 
     accepted: int = 0
     duplicates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     clients: dict[str, int] = field(default_factory=dict)
     last_client: tuple[str, float] | None = None
+    last_address: str | None = None
 
 
 class Stats:
@@ -186,6 +238,14 @@ class Stats:
             registry=self.registry,
         )
         self._last_client: tuple[str, float] | None = None
+        self._last_address: str | None = None
+        self._proxy_refusals = Counter(
+            "waba_gateway_proxy_header_refused",
+            "Connections closed before TLS because their PROXY protocol header was missing or"
+            " bad (listen.proxy_protocol), by reason (gateway.errors.ProxyHeaderError)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._commits = Counter(
             "waba_gateway_outbox_commits",
             "Group transactions the outbox writer committed (each one fsync)",
@@ -218,12 +278,40 @@ class Stats:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._auth_failures = Counter(
+            "waba_gateway_admin_auth_failures",
+            "Failed admin authentications, by where (bearer: the API, sign-in: the console)",
+            ["where"],
+            registry=self.registry,
+        )
+        self._auth_delay = Counter(
+            "waba_gateway_admin_auth_delay_seconds",
+            "Seconds failed admin authentications were held before their answer",
+            registry=self.registry,
+        )
+        self._latency_bounds = [*_LATENCY_BUCKETS, math.inf]
+        self._attempted: dict[tuple[str, str], int] = {}
+        self._delivered: dict[str, _Times] = {}
+        self._expired = Counter(
+            "waba_gateway_dead_letters_expired",
+            "Dead letters removed for being older than outbox.dead_retention_s",
+            registry=self.registry,
+        )
         self._reloads = Counter(
             "waba_gateway_reloads",
             "Configuration reloads by outcome (success, failure)",
             ["outcome"],
             registry=self.registry,
         )
+
+    def prime(self, targets: Iterable[str]) -> None:
+        """Create the labelled series of ``targets`` and of the reload outcomes at 0 (see
+        :data:`ATTEMPT_OUTCOMES`); a series already counting keeps its count."""
+        for target in targets:
+            for outcome in ATTEMPT_OUTCOMES:
+                self._attempts.labels(target=target, outcome=outcome)
+        for outcome in RELOAD_OUTCOMES:
+            self._reloads.labels(outcome=outcome)
 
     def accepted(self) -> None:
         self._accepted.inc()
@@ -238,12 +326,24 @@ class Stats:
         """``reason``: one of the few :func:`gateway.edge.tls.handshake_failure` returns."""
         self._handshake_failures.labels(reason=reason).inc()
 
-    def saw_client(self, cn: str | None) -> None:
+    def saw_client(self, cn: str | None, address: str | None = None) -> None:
         self._clients.labels(cn=cn or _NO_CERTIFICATE).inc()
         if cn:
             # Kept in memory by the process that saw it: with workers, the admin listener's
-            # process shows the last CN it saw itself.
+            # process shows the last CN it saw itself. The address is no label: one series
+            # per client address would grow without bound.
             self._last_client = (cn, time.time())
+            self._last_address = address
+
+    def expect_proxy_headers(self) -> None:
+        """``listen.proxy_protocol`` is on: every refusal reason's series exists from the start
+        (at 0), so an alert on its increase fires on the first refusal too."""
+        for reason in ProxyHeaderError.REASONS:
+            self._proxy_refusals.labels(reason=reason)
+
+    def proxy_header_refused(self, reason: str) -> None:
+        """``reason``: one of the few :class:`gateway.errors.ProxyHeaderError` carries."""
+        self._proxy_refusals.labels(reason=reason).inc()
 
     def answered(self, status: int, seconds: float) -> None:
         """A callback request answered. On every request, so gathered here in plain numbers
@@ -256,23 +356,39 @@ class Stats:
         times.counts[bisect.bisect_left(self._request_bounds, seconds)] += 1
 
     def flush(self) -> None:
-        """Hand the answer times gathered since the last flush to the histogram (the runtime
-        calls it every second and before each scrape)."""
+        """Hand the answer times, attempts and delivery latencies gathered since the last flush
+        to their metrics (the runtime calls it every second and before each scrape)."""
         for status, times in self._answered.items():
-            child = self._requests.labels(status=str(status))
-            # Histogram.observe() does exactly this per observation: add to the sum and to the
-            # first bucket whose bound is not below the value (tests/test_metrics.py holds it
-            # to observe()'s result).
-            child._sum.inc(times.total)
-            for bucket, count in zip(child._buckets, times.counts, strict=True):
-                if count:
-                    bucket.inc(count)
+            _hand_over(self._requests.labels(status=str(status)), times)
         self._answered.clear()
+        for (target, outcome), count in self._attempted.items():
+            self._attempts.labels(target=target, outcome=outcome).inc(count)
+        self._attempted.clear()
+        for target, times in self._delivered.items():
+            _hand_over(self._latency.labels(target=target), times)
+        self._delivered.clear()
 
     def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
-        self._attempts.labels(target=target, outcome=outcome).inc()
+        """A delivery attempt's outcome, with the delivery's latency when delivered. On every
+        delivery, so gathered in plain numbers and handed over by :meth:`flush`, as
+        :meth:`answered` is: a ``labels()`` lookup and an observation cost more than the rest
+        of recording the outcome on the event loop."""
+        key = (target, outcome)
+        self._attempted[key] = self._attempted.get(key, 0) + 1
         if latency_s is not None:
-            self._latency.labels(target=target).observe(latency_s)
+            times = self._delivered.get(target)
+            if times is None:
+                times = self._delivered[target] = _Times(len(self._latency_bounds))
+            times.total += latency_s
+            times.counts[bisect.bisect_left(self._latency_bounds, latency_s)] += 1
+
+    def auth_failed(self, where: str, delay_s: float) -> None:
+        """An admin authentication failed at ``where`` and is answered after ``delay_s``."""
+        self._auth_failures.labels(where=where).inc()
+        self._auth_delay.inc(delay_s)
+
+    def dead_letters_expired(self, count: int) -> None:
+        self._expired.inc(count)
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels(outcome="success" if ok else "failure").inc()
@@ -317,4 +433,5 @@ class Stats:
             rejected=dict(sorted(values.get("waba_gateway_requests_rejected", {}).items())),
             clients=dict(sorted(values.get("waba_gateway_client_connections", {}).items())),
             last_client=self._last_client,
+            last_address=self._last_address,
         )

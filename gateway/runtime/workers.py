@@ -12,14 +12,17 @@ into one metrics folder the supervisor makes and removes, so worker 0's ``/metri
 gateway's (:mod:`gateway.runtime.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
-process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers
-start (by default it would end them half-started). Workers ask the kernel to send them
-SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL.
-If a worker dies on its own, the supervisor stops the others and exits 1: a half-running gateway
-is worse than a restart by the service manager. SIGHUP to the supervisor is passed to every
-worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload asked of
-worker 0 through the admin API or its file watcher reaches the others through the supervisor
-(SIGUSR1 from worker 0: "reload the others").
+process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers start
+(by default it would end them half-started). Workers ask the kernel to send them SIGTERM if the
+supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL. Each worker tells
+the supervisor, over a pipe of its own, once it serves, or the one-line reason it cannot (an
+unreachable database, an outbox it cannot write): the supervisor then stops the others and raises
+that reason, so `serve` says it and exits 2 as a lone gateway would; it logs "started N workers"
+only once all serve. If a worker dies on its own later, the supervisor stops the others and exits 1:
+a half-running gateway is worse than a restart by the service manager. SIGHUP to the supervisor is
+passed to every worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload
+asked of worker 0 through the admin API or its file watcher reaches the others through the
+supervisor (SIGUSR1 from worker 0: "reload the others").
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
 from gateway.config import Config
+from gateway.edge.acceptor import bind
 from gateway.errors import GatewayError
 from gateway.outbox import hold_outbox
 from gateway.runtime.gateway import Role, listen_error, serve_process
@@ -54,6 +59,9 @@ __all__ = ["stale_metrics_dirs", "supervise"]
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# A worker that cannot start exits with this after telling the supervisor why; the supervisor
+# then gives the reason as one line, and the command line exits 2 as for a lone gateway.
+EXIT_STARTUP = 2
 _STOP_GRACE_S = 30.0
 _RELOAD_OTHERS = signal.SIGUSR1
 
@@ -115,7 +123,10 @@ def _worker(
     metrics_dir: Path,
     sock: socket.socket,
     supervisor: int,
+    report: Connection,
 ) -> None:
+    """One worker: ``report`` hears ``None`` once it serves, or the one-line reason it cannot
+    start (the supervisor says it, as a lone gateway would, instead of a worker's traceback)."""
     _die_with_parent(supervisor)
     setup_logging(config.log_level, config.log_format)
     role = Role(
@@ -126,30 +137,55 @@ def _worker(
         sock=sock,
         claim=False,  # the supervisor holds the outbox for all its workers
     )
-    serve_process(config, role)
+    serving: list[bool] = []
+
+    def ready(_gateway: object) -> None:
+        serving.append(True)
+        with contextlib.suppress(OSError):  # a supervisor gone stops this worker anyway
+            report.send(None)
+
+    try:
+        serve_process(config, role, on_ready=ready)
+    except GatewayError as exc:
+        if serving:  # the supervisor no longer listens: the log says why this worker ends
+            log.error("%s", exc)
+        else:
+            with contextlib.suppress(OSError):  # the supervisor may be gone
+                report.send(str(exc))
+        raise SystemExit(EXIT_STARTUP) from None
 
 
 def _bind(config: Config) -> socket.socket:
-    """The listening socket every worker accepts on, bound to the first address
-    ``listen.host`` resolves to (as the asyncio server of a lone gateway would be)."""
-    listen = config.listen
+    """The listening socket every worker accepts on, bound as a lone gateway binds its own."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
+        return bind(config.listen.host, config.listen.port)
     except OSError as exc:
         raise listen_error(config, exc) from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise listen_error(config, exc) from exc
-    return sock
+
+
+def _started(
+    workers: list[BaseProcess], reports: list[Connection], stopping: threading.Event
+) -> bool:
+    """Wait until every worker serves (True) or a signal asks to stop (False); raise the
+    :class:`GatewayError` a worker could not start with, or one saying which worker died."""
+    waiting = dict(zip(reports, workers, strict=True))
+    while waiting:
+        if stopping.is_set():
+            return False
+        for report in wait(list(waiting), timeout=0.5):
+            assert isinstance(report, Connection)
+            process = waiting.pop(report)
+            try:
+                reason = report.recv()
+            except EOFError:  # it died before it could say anything
+                process.join(_STOP_GRACE_S)
+                raise GatewayError(
+                    f"worker {process.name} exited while starting (exit code"
+                    f" {process.exitcode}); see the log above"
+                ) from None
+            if reason is not None:
+                raise GatewayError(reason)
+    return True
 
 
 def supervise(config: Config) -> int:
@@ -209,15 +245,29 @@ def _supervise(
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
     process: BaseProcess
+    reports: list[Connection] = []
     try:
         for index in range(config.listen.workers):
+            report, report_end = context.Pipe(duplex=False)
+            reports.append(report)
             process = context.Process(
                 target=_worker,
-                args=(config, index, channel_name(os.getpid()), metrics_dir, sock, os.getpid()),
+                args=(
+                    config,
+                    index,
+                    channel_name(os.getpid()),
+                    metrics_dir,
+                    sock,
+                    os.getpid(),
+                    report_end,
+                ),
                 name=f"waba-gateway-worker-{index}",
             )
             process.start()
+            report_end.close()  # the worker's end: only the worker holds it now
             workers.append(process)
+        if not _started(workers, reports, stopping):
+            return 0  # a signal came first
         log.info("started %d workers", len(workers))
         signal.signal(signal.SIGHUP, forward)
         failed = False
@@ -229,6 +279,8 @@ def _supervise(
                 break
         return 1 if failed else 0
     finally:
+        for report in reports:
+            report.close()
         for process in workers:
             if process.is_alive() and process.pid is not None:
                 process.terminate()  # SIGTERM: each worker shuts down cleanly

@@ -23,12 +23,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from ci import unavailable
 from config_files import write_config
 from helpers import (
     APP_SECRET,
     admin_get,
     eventually,
     gateway_config,
+    locked_by_another_process,
     message_body,
     metric,
     post,
@@ -36,6 +38,7 @@ from helpers import (
     wait_for_state,
 )
 from pki import Pki, stale_crl
+from settling import pending_in_gateway, until_settled
 from sink import Hang, Sink
 
 from gateway.config import Config, DispatcherConfig
@@ -49,6 +52,10 @@ from gateway.runtime.workers import stale_metrics_dirs
 # A request to a gateway whose outbox fails is answered within this (the busy timeout below,
 # and room for a slow machine); before, it waited as long as the lock was held.
 ANSWER_WITHIN_S = 4.0
+# What a loaded CI machine may add to a documented bound (TLS handshakes and the event loop
+# starved of CPU). The failures these bounds catch are larger: waits added up request after
+# request, or a hanging target's whole timeout.
+LOADED_MACHINE_S = 2.0
 
 
 def _config(pki: Pki, tmp_path: Path, sink: Sink) -> Config:
@@ -61,36 +68,14 @@ def _config(pki: Pki, tmp_path: Path, sink: Sink) -> Config:
 
 
 async def _serves_a_valid_request(gateway: Gateway, pki: Pki, sink: Sink, text: str) -> None:
-    """A valid notification is acknowledged and forwarded, and nothing else reached the sink."""
+    """A valid notification is acknowledged and forwarded, and nothing else reached the sink
+    (counted once the outbox has nothing pending and the sink has been quiet)."""
     before = len(sink.received)
     body = message_body(text)
     assert (await post(gateway, pki, body)).status == 200
-    received = await sink.wait_for(before + 1)
-    assert [r.body for r in received[before:]] == [body]
-
-
-@contextmanager
-def _locked_by_another_process(path: Path) -> Iterator[None]:
-    """Another process holds an open ``BEGIN EXCLUSIVE`` transaction on ``path``."""
-    script = (
-        "import sqlite3, sys\n"
-        f"conn = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
-        "conn.execute('BEGIN EXCLUSIVE')\n"
-        "print('locked', flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert holder.stdin is not None
-    assert holder.stdout is not None
-    try:
-        assert holder.stdout.readline() == b"locked\n"
-        yield
-    finally:
-        holder.stdin.close()  # the holder reads end of file, exits, and the lock goes with it
-        holder.wait(timeout=10)
-        holder.stdout.close()
+    await sink.wait_for(before + 1)
+    await until_settled(pending_in_gateway(gateway), lambda: len(sink.received))
+    assert [r.body for r in sink.received[before:]] == [body]
 
 
 # -- a target that never answers ---------------------------------------------------------------
@@ -118,7 +103,10 @@ async def test_hanging_target_does_not_delay_another_targets_deliveries(
             received = await sink.wait_for(40, "/healthy")
             late = [r.at - acked[r.body] for r in received]
             await hanging.down()  # ends the hanging requests before the gateway stops
-    assert max(late) < 2.5, f"slowest delivery to the healthy target: {max(late):.2f}s"
+    # Held back behind the hanging target, a delivery would wait its timeout_s (10 s).
+    assert max(late) < 1.0 + LOADED_MACHINE_S, (
+        f"slowest delivery to the healthy target: {max(late):.2f}s"
+    )
 
 
 # -- the outbox file ----------------------------------------------------------------------------
@@ -135,7 +123,7 @@ async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
         await _serves_a_valid_request(gateway, pki, sink, "before the lock")
         # Its outcome recorded: else it stays pending through the lock, and is sent again.
         await wait_for_state(gateway, "delivered")
-        with _locked_by_another_process(config.outbox.path):
+        with locked_by_another_process(config.outbox.path):
             started = time.monotonic()
             async with asyncio.timeout(ANSWER_WITHIN_S):
                 answer = await post(gateway, pki, message_body("while locked"))
@@ -173,11 +161,13 @@ async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_bus
     async with Gateway(config) as gateway:
         await _serves_a_valid_request(gateway, pki, sink, "before the lock")
         await wait_for_state(gateway, "delivered")
-        with _locked_by_another_process(config.outbox.path):
+        with locked_by_another_process(config.outbox.path):
             answers = await asyncio.gather(*(timed(index) for index in range(20)))
         assert {status for status, _ in answers} == {503}
         slowest = max(seconds for _, seconds in answers)
-        assert slowest < busy + 0.6, f"slowest answer {slowest:.2f}s"
+        # README (Faults): at most outbox.busy_timeout_s from its arrival. Waits added up in
+        # turn would take the 20th request about 20 s.
+        assert slowest < busy + LOADED_MACHINE_S, f"slowest answer {slowest:.2f}s"
 
         async def ready() -> bool:
             return (await admin_get(gateway, "/readyz")).status == 200
@@ -190,28 +180,37 @@ async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_bus
 @contextmanager
 def _immutable(*paths: Path) -> Iterator[None]:
     """``chattr +i`` on ``paths`` (no write reaches them, even as root), undone at the end."""
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        unavailable("chattr is not installed: apt-get install e2fsprogs (.ci/run installs it)")
     try:
-        subprocess.run(["chattr", "+i", *map(str, paths)], check=True, capture_output=True)
+        subprocess.run([chattr, "+i", *map(str, paths)], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as exc:
-        # Not a missing package (.ci/run installs chattr): the capability or the filesystem.
-        pytest.skip(f"chattr +i is refused here (CAP_LINUX_IMMUTABLE, filesystem): {exc}")
+        # Installed but refused: the capability (CAP_LINUX_IMMUTABLE) or the filesystem.
+        unavailable(f"chattr +i is refused here (CAP_LINUX_IMMUTABLE, filesystem): {exc}")
     try:
         yield
     finally:
-        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+        subprocess.run([chattr, "-i", *map(str, paths)], check=True)
 
 
+@pytest.mark.parametrize(
+    "suffixes",
+    [("", "-wal"), ("-shm",), ("", "-wal", "-shm")],
+    ids=["file-and-wal", "shm", "all"],
+)
 async def test_immutable_outbox_answers_503_and_readyz_says_so(
-    pki: Pki, tmp_path: Path, sink: Sink
+    pki: Pki, tmp_path: Path, sink: Sink, suffixes: tuple[str, ...]
 ) -> None:
-    """With the outbox's files made immutable while the gateway runs, a POST is answered 503,
-    /readyz answers 503 and nothing is forwarded; writable again, both recover."""
+    """With the outbox's files (the database and its log, or its shared-memory index alone)
+    made immutable while the gateway runs, a POST is answered 503, /readyz answers 503 and
+    nothing is forwarded; writable again, both recover."""
     config = _config(pki, tmp_path, sink)
     path = config.outbox.path
     async with Gateway(config) as gateway:
         await _serves_a_valid_request(gateway, pki, sink, "before chattr")
         await wait_for_state(gateway, "delivered")
-        with _immutable(path, path.with_name(path.name + "-wal")):
+        with _immutable(*(path.with_name(path.name + suffix) for suffix in suffixes)):
             assert (await post(gateway, pki, message_body("immutable"))).status == 503
             assert (await admin_get(gateway, "/readyz")).status == 503
 
@@ -244,6 +243,41 @@ async def test_removed_outbox_folder_stops_acknowledgements(
     assert len(sink.received) == 1
     async with Gateway(config) as gateway:
         await _serves_a_valid_request(gateway, pki, sink, "after a restart")
+
+
+@pytest.mark.parametrize("moved", [("",), ("", "-wal", "-shm")], ids=["file", "with-wal-shm"])
+async def test_outbox_file_moved_away_and_back_serves_again_without_a_restart(
+    pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture, moved: tuple[str, ...]
+) -> None:
+    """While the outbox file is moved away: 503 and /readyz 503; once it is moved back (the
+    same file), /readyz turns 200 and POSTs are acknowledged and forwarded again, by the same
+    running gateway, and what was acknowledged before is still in the file."""
+    config = _config(pki, tmp_path, sink)
+    path = config.outbox.path
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "before the move")
+        await wait_for_state(gateway, "delivered")
+        for suffix in moved:
+            os.rename(f"{path}{suffix}", f"{path}.aside{suffix}")
+        with caplog.at_level(logging.WARNING, logger="gateway.outbox"):
+            assert (await post(gateway, pki, message_body("while away"))).status == 503
+            assert (await admin_get(gateway, "/readyz")).status == 503
+            for suffix in moved:
+                os.rename(f"{path}.aside{suffix}", f"{path}{suffix}")
+
+            async def ready() -> bool | None:
+                return (await admin_get(gateway, "/readyz")).status == 200 or None
+
+            await eventually(ready, "ready once the file is back")
+            await _serves_a_valid_request(gateway, pki, sink, "after the move back")
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
+        assert len(lines) == 2
+        assert "removed or replaced" in lines[0]
+        assert "is back at its path" in lines[1]
+        await wait_for_state(gateway, "delivered")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (2,)
+    assert b"while away" not in b"".join(r.body for r in sink.received)
 
 
 async def test_idle_gateway_commits_nothing(pki: Pki, tmp_path: Path, sink: Sink) -> None:

@@ -10,14 +10,21 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import aiohttp
 from config_files import free_port, listen_port, write_config
-from helpers import APP_SECRET, eventually, message_body
+from helpers import (
+    APP_SECRET,
+    eventually,
+    locked_by_another_process,
+    message_body,
+)
 from pki import Pki
 from processes import kill_group, post_to, until_listening
+from settling import pending_in_sqlite, until_settled
 from sink import DEADLINE_S, Sink
 
 _ENV = os.environ | {"TEST_APP_SECRET": APP_SECRET}
@@ -86,13 +93,14 @@ def _variant(
     return copy
 
 
-async def _serves_once(port: int, pki: Pki, sink: Sink, text: str) -> None:
-    """A valid notification is acknowledged and reaches the sink exactly once."""
+async def _serves_once(port: int, pki: Pki, sink: Sink, text: str, outbox: Path) -> None:
+    """A valid notification is acknowledged and reaches the sink exactly once (counted once
+    ``outbox`` has nothing pending and the sink has been quiet)."""
     before = len(sink.received)
     body = message_body(text)
     assert await post_to(port, pki, body) == 200
     await sink.wait_for(before + 1)
-    await asyncio.sleep(0.3)  # a second dispatcher would have sent it by now
+    await until_settled(pending_in_sqlite(outbox), lambda: len(sink.received))
     assert [r.body for r in sink.received[before:]] == [body]
 
 
@@ -112,7 +120,9 @@ async def test_second_gateway_on_the_same_outbox_is_refused(
             f"error: outbox.path = '{tmp_path / 'outbox.sqlite3'}' is in use by another gateway"
             f" (pid {first.pid}); stop it first, or give this one an outbox of its own"
         )
-        await _serves_once(listen_port(config), pki, sink, "one gateway only")
+        await _serves_once(
+            listen_port(config), pki, sink, "one gateway only", tmp_path / "outbox.sqlite3"
+        )
 
 
 async def test_second_gateway_on_a_busy_port_is_refused_with_one_line(
@@ -127,7 +137,9 @@ async def test_second_gateway_on_a_busy_port_is_refused_with_one_line(
         await until_listening(port, first)
         line = await asyncio.to_thread(_refused, second)
         assert line.startswith(f"error: listen.port {port} in {second} is in use")
-        await _serves_once(port, pki, sink, "the first gateway serves on")
+        await _serves_once(
+            port, pki, sink, "the first gateway serves on", tmp_path / "outbox.sqlite3"
+        )
 
 
 async def test_multi_worker_gateways_do_not_share_a_port(
@@ -142,7 +154,9 @@ async def test_multi_worker_gateways_do_not_share_a_port(
         await until_listening(port, first)
         line = await asyncio.to_thread(_refused, second)
         assert line.startswith(f"error: listen.port {port} in {second} is in use")
-        await _serves_once(port, pki, sink, "workers of one gateway only")
+        await _serves_once(
+            port, pki, sink, "workers of one gateway only", tmp_path / "outbox.sqlite3"
+        )
 
 
 async def test_supervisor_removes_metrics_folders_of_gateways_gone(
@@ -164,7 +178,7 @@ async def test_supervisor_removes_metrics_folders_of_gateways_gone(
         await until_listening(port, process)
         assert not stale.exists()
         assert running.exists()
-        await _serves_once(port, pki, sink, "after the clean-up")
+        await _serves_once(port, pki, sink, "after the clean-up", tmp_path / "outbox.sqlite3")
 
 
 def _ignoring_sigxfsz(command: list[str]) -> list[str]:
@@ -198,7 +212,7 @@ async def test_full_disk_answers_503_and_readyz_says_so_until_space_returns(
     wal = tmp_path / "outbox.sqlite3-wal"
     with _running(config, wrap=_ignoring_sigxfsz) as process:
         await until_listening(port, process)
-        await _serves_once(port, pki, sink, "before the disk fills")
+        await _serves_once(port, pki, sink, "before the disk fills", tmp_path / "outbox.sqlite3")
         full = wal.stat().st_size
         resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (full, resource.RLIM_INFINITY))
         refused = message_body("while the disk is full")
@@ -210,5 +224,47 @@ async def test_full_disk_answers_503_and_readyz_says_so_until_space_returns(
             return await _ready(admin_port) == 200
 
         await eventually(ready_again, "ready once the file may grow")
-        await _serves_once(port, pki, sink, "space is back")
+        await _serves_once(port, pki, sink, "space is back", tmp_path / "outbox.sqlite3")
     assert refused not in {r.body for r in sink.received}
+
+
+async def test_with_two_workers_a_locked_outbox_answers_each_post_within_the_busy_timeout(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """workers = 2, the outbox locked by another process, /readyz polled: each POST (new
+    connections, spread over both workers) is answered 503 within outbox.busy_timeout_s of its
+    arrival (and room for a loaded machine), not after the other worker's wait and its own."""
+    busy = 2.0
+    admin_port = free_port()
+    config = write_config(
+        pki,
+        tmp_path,
+        target_url=sink.url("/sink"),
+        workers=2,
+        admin_port=admin_port,
+        outbox=f'path = "outbox.sqlite3"\nbusy_timeout_s = {busy}',
+    )
+    port = listen_port(config)
+
+    async def timed(delay: float, index: int) -> tuple[int, float]:
+        await asyncio.sleep(delay)
+        started = time.monotonic()
+        status = await post_to(port, pki, message_body(f"locked {index}"))
+        return status, time.monotonic() - started
+
+    async def poll_readyz(until: float) -> None:
+        while time.monotonic() < until:
+            await _ready(admin_port)
+            await asyncio.sleep(0.7)
+
+    with _running(config) as process:
+        await until_listening(port, process)
+        await _serves_once(port, pki, sink, "before the lock", tmp_path / "outbox.sqlite3")
+        with locked_by_another_process(tmp_path / "outbox.sqlite3"):
+            polling = asyncio.create_task(poll_readyz(time.monotonic() + 2.5 * busy))
+            answers = await asyncio.gather(*(timed(0.25 * n, n) for n in range(12)))
+            await polling
+        assert {status for status, _ in answers} == {503}
+        slowest = max(seconds for _, seconds in answers)
+        assert slowest < busy + 1.0, f"slowest answer {slowest:.2f}s"
+        await _serves_once(port, pki, sink, "after the lock", tmp_path / "outbox.sqlite3")

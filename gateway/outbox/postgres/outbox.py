@@ -50,6 +50,7 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     Route,
+    Size,
     State,
 )
 from gateway.outbox.postgres import schema, sql
@@ -223,11 +224,20 @@ class PostgresOutbox:
                 self.config.lease_s,
                 owner is None,
                 now + self.config.dedup_window_s,
+                [route.key for route in routes],
             )
         )
         notification_id, ids = row[0], row[1]
         if notification_id is None:
             return None
+        behind = set(row[3] or ())
+        seen: set[tuple[str, str]] = set()
+        for route, rowid in zip(routes, ids or [], strict=True):
+            # The statement sees what was committed before it, not its own earlier rows.
+            if route.key is not None:
+                if (route.target, route.key) in seen:
+                    behind.add(rowid)
+                seen.add((route.target, route.key))
         return Delivery.fresh(
             [delivery_id_of(self._prefix, rowid) for rowid in ids or []],
             routes,
@@ -235,20 +245,49 @@ class PostgresOutbox:
             body=body,
             signature=signature,
             now=now,
+            behind=[delivery_id_of(self._prefix, rowid) for rowid in behind],
+        )
+
+    async def take_tokens(
+        self, target: str, rate_per_s: float, burst: int, want: int
+    ) -> int | None:
+        granted = await self._run(
+            lambda conn: conn.fetchval(sql.TAKE_TOKENS, target, rate_per_s, float(burst), want)
+        )
+        return int(granted)
+
+    async def give_back_tokens(
+        self, target: str, rate_per_s: float, burst: int, count: int
+    ) -> None:
+        await self._run(
+            lambda conn: conn.execute(sql.GIVE_BACK_TOKENS, target, float(count), float(burst))
         )
 
     async def due(
-        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         wanted = dict(limits)
+        keep_order = frozenset(ordered)
+        keys = {t: list(k) for t, k in (conversations or {}).items() if t in keep_order}
 
         async def claim(conn: Any) -> list[Delivery]:
             found: list[Delivery] = []
             for target, limit in wanted.items():
-                rows = await conn.fetch(
-                    sql.CLAIM, target, now, self.owner, skip, limit, self.config.lease_s
-                )
+                args = [target, now, self.owner, skip, limit, self.config.lease_s]
+                if target in keys:
+                    statement = sql.CLAIM_ORDERED_OF
+                    args.append(keys[target])
+                elif target in keep_order:
+                    statement = sql.CLAIM_ORDERED
+                else:
+                    statement = sql.CLAIM
+                rows = await conn.fetch(statement, *args)
                 found.extend(delivery_from_row(row, self._prefix) for row in rows)
             return found
 
@@ -320,9 +359,11 @@ class PostgresOutbox:
         self, *, state: State, target: str | None, since: float | None, now: float
     ) -> int:
         statement, params = sql.replay_many_query(state, target, since)
+        places, _ = sql.replay_places_query(state, target, since)
 
         async def replay(conn: Any) -> int:
             async with conn.transaction():
+                await conn.execute(places, *params)
                 count = _affected(await conn.execute(statement, *params, now))
                 if count:  # every gateway may claim them now
                     await conn.execute(f"NOTIFY {sql.CHANNEL}")
@@ -373,6 +414,17 @@ class PostgresOutbox:
                 if _affected(status) < sql.PRUNE_BATCH:
                     break
         return removed
+
+    async def size(self) -> Size:
+        rows = await self._run(lambda conn: conn.fetchval(sql.SIZE))
+        return Size(rows=int(rows or 0))
+
+    async def held_back(self, targets: Collection[str]) -> dict[str, int]:
+        wanted = list(targets)
+        if not wanted:
+            return {}
+        rows = await self._run(lambda conn: conn.fetch(sql.HELD_BACK, wanted))
+        return {str(row[0]): int(row[1]) for row in rows}
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.fetchval("SELECT 1"))

@@ -4,7 +4,8 @@ Rule: everything lives in its own PostgreSQL schema, ``waba_gateway``, so the da
 other things. The first gateway to start creates the tables (under an advisory lock, so several
 starting together create them once) and records :data:`VERSION` with a random delivery id
 prefix; every start reads the version back and refuses any other one, untouched, with a message
-saying what to do.
+saying what to do, except version 1, which is brought to version 2 in place (see
+:data:`_TO_2`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gateway.errors import OutboxError
 __all__ = ["SCHEMA", "VERSION", "ensure", "read_version"]
 
 SCHEMA = "waba_gateway"
-VERSION = 1
+VERSION = 2
 # pg_advisory_xact_lock's key while the tables are checked or created: any fixed number
 # ("waba" in ASCII); it only has to be the same for every gateway.
 _CREATE_LOCK = 0x77616261
@@ -79,6 +80,23 @@ _TABLES = (
     " WHERE lease_owner IS NOT NULL",
 )
 
+# Version 2: each delivery's conversation (``order_key``, for targets with order =
+# "conversation") and its place in it after a replay (``position``; else its id), and one token
+# bucket per rate-limited target, shared by every gateway. Adding nullable columns rewrites no
+# row, so a version 1 database is migrated in place at start, its deliveries keyed by nothing.
+_TO_2 = (
+    f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN order_key TEXT",
+    f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN position BIGINT",
+    f"CREATE INDEX deliveries_order ON {SCHEMA}.deliveries (target, order_key)"
+    " WHERE state = 'pending' AND order_key IS NOT NULL",
+    f"""CREATE TABLE {SCHEMA}.buckets (
+    target TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    granted INTEGER NOT NULL
+)""",
+)
+
 
 async def read_version(conn: asyncpg.Connection[Any]) -> tuple[int, str] | None:
     """``(version, delivery id prefix)`` of the outbox in this database; ``None``: no outbox
@@ -115,6 +133,15 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
     """Check the database's outbox schema, creating it when there is none and ``create``;
     return its delivery id prefix. Another version raises OutboxError, changing nothing."""
     found = await read_version(conn)
+    if found is not None and found[0] == 1 and create:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
+            found = await read_version(conn)  # again, under the lock
+            if found is not None and found[0] == 1:
+                for statement in _TO_2:
+                    await conn.execute(statement)
+                await conn.execute(f"UPDATE {SCHEMA}.meta SET version = $1", VERSION)
+                found = (VERSION, found[1])
     if found is not None:
         return _check(found)
     if not create:
@@ -124,7 +151,7 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
         found = await read_version(conn)  # again, under the lock: another gateway may have won
         if found is not None:
             return _check(found)
-        for statement in _TABLES:
+        for statement in (*_TABLES, *_TO_2):
             await conn.execute(statement)
         prefix = secrets.token_hex(8)
         await conn.execute(

@@ -24,9 +24,13 @@ __all__ = [
     "BACKLOG",
     "CHANNEL",
     "CLAIM",
+    "CLAIM_ORDERED",
+    "CLAIM_ORDERED_OF",
     "COUNT",
     "EXCERPT_CHARS",
     "GET",
+    "GIVE_BACK_TOKENS",
+    "HELD_BACK",
     "PRUNE_BATCH",
     "PRUNE_DELIVERED",
     "PRUNE_DIGESTS",
@@ -35,8 +39,11 @@ __all__ = [
     "RECORD",
     "RENEW",
     "REPLAY",
+    "SIZE",
+    "TAKE_TOKENS",
     "list_query",
     "replay_many_query",
+    "replay_places_query",
 ]
 
 # LISTEN/NOTIFY channel: "there are deliveries any gateway may claim now".
@@ -47,8 +54,11 @@ _NOW = "extract(epoch FROM clock_timestamp())"
 
 # One statement, one round trip: the deduplication upsert, the notification, one delivery per
 # route (targets $6, bodies $7, NULL for Meta's bytes), leased to $8 for $9 seconds when $8 is
-# set. Always exactly one row: the notification id and its delivery ids in route order, or NULLs
-# for a duplicate. $10: announce the new deliveries to every gateway (when no lease holds them).
+# set; $12: each delivery's conversation key (NULL: none), and ``behind`` the ids of those an
+# earlier pending delivery of their conversation holds back (of those committed before this
+# statement: the caller adds the notification's own). Always exactly one row: the
+# notification id and its delivery ids in route order, or NULLs for a duplicate. $10: announce
+# the new deliveries to every gateway (when no lease holds them).
 # A body is new when the digest was last seen outside the window around now ($3 and $11, that
 # is now -/+ dedup_window_s): gateways commit concurrently, so the row may hold a later time
 # than this request's own.
@@ -64,28 +74,44 @@ WITH fresh AS (
     RETURNING id
 ), x AS (
     INSERT INTO {SCHEMA}.deliveries (notification_id, target, body, state, created_at,
-        next_attempt_at, updated_at, lease_owner, lease_until)
+        next_attempt_at, updated_at, lease_owner, lease_until, order_key)
     SELECT n.id, r.target, r.body, 'pending', $2, $2, $2, $8,
-        CASE WHEN $8::text IS NULL THEN NULL ELSE {_NOW} + $9 END
-    FROM n, unnest($6::text[], $7::bytea[]) WITH ORDINALITY AS r (target, body, ord)
+        CASE WHEN $8::text IS NULL THEN NULL ELSE {_NOW} + $9 END, r.key
+    FROM n, unnest($6::text[], $7::bytea[], $12::text[]) WITH ORDINALITY
+        AS r (target, body, key, ord)
     ORDER BY r.ord
-    RETURNING id
+    RETURNING id, target, order_key
 )
 SELECT (SELECT id FROM n) AS notification_id,
     (SELECT array_agg(id ORDER BY id) FROM x) AS ids,
-    (SELECT pg_notify('{CHANNEL}', '') FROM n WHERE $10::boolean) AS announced
+    (SELECT pg_notify('{CHANNEL}', '') FROM n WHERE $10::boolean) AS announced,
+    (SELECT array_agg(x.id) FROM x WHERE x.order_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM {SCHEMA}.deliveries e WHERE e.state = 'pending' AND e.target = x.target
+        AND e.order_key = x.order_key AND COALESCE(e.position, e.id) < x.id)) AS behind
 """
 
+
+# A delivery's place in its conversation: its id, or where a replay put it (REPLAY).
+_PLACE = "COALESCE({0}.position, {0}.id)"
+# For a target with order = "conversation": a keyed delivery waits while an earlier one of its
+# conversation is pending (in flight here or at another gateway, retrying, behind an open
+# breaker); a dead letter is not pending, so it releases the key. Ids are handed out before
+# commit: two gateways accepting the same conversation within the same milliseconds may commit
+# out of id order, and that pair goes in id order (Meta itself guarantees no order there).
+_FIRST_OF_ITS_CONVERSATION = f"""
+      AND (c0.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries e
+        WHERE e.state = 'pending' AND e.target = c0.target AND e.order_key = c0.order_key
+          AND {_PLACE.format("e")} < {_PLACE.format("c0")}))"""
 
 # Claim one target's due deliveries for $3 until $6 seconds from now: rows another dispatcher
 # holds locked are skipped (no waiting, no double send), rows it leased are left alone until
 # the lease runs out, rows this gateway leased (at accept) are its own. $4: ids in flight here.
-CLAIM: Final = f"""
+_CLAIM = """
 WITH c AS (
-    SELECT id FROM {SCHEMA}.deliveries
+    SELECT id FROM {SCHEMA}.deliveries c0
     WHERE state = 'pending' AND target = $1 AND next_attempt_at <= $2
       AND (lease_until IS NULL OR lease_owner = $3 OR lease_until <= {_NOW})
-      AND id <> ALL($4::bigint[])
+      AND id <> ALL($4::bigint[]){ordered}
     ORDER BY next_attempt_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
@@ -94,6 +120,41 @@ UPDATE {SCHEMA}.deliveries d SET lease_owner = $3, lease_until = {_NOW} + $6
 FROM c, {SCHEMA}.notifications n
 WHERE d.id = c.id AND n.id = d.notification_id
 RETURNING {DELIVERY_COLUMNS}
+"""
+CLAIM: Final = _CLAIM.format(
+    SCHEMA=SCHEMA, _NOW=_NOW, DELIVERY_COLUMNS=DELIVERY_COLUMNS, ordered=""
+)
+CLAIM_ORDERED: Final = _CLAIM.format(
+    SCHEMA=SCHEMA,
+    _NOW=_NOW,
+    DELIVERY_COLUMNS=DELIVERY_COLUMNS,
+    ordered=_FIRST_OF_ITS_CONVERSATION,
+)
+# The same for the conversations $7 only (those whose first delivery may have changed).
+CLAIM_ORDERED_OF: Final = _CLAIM.format(
+    SCHEMA=SCHEMA,
+    _NOW=_NOW,
+    DELIVERY_COLUMNS=DELIVERY_COLUMNS,
+    ordered=f"\n      AND c0.order_key = ANY($7::text[]){_FIRST_OF_ITS_CONVERSATION}",
+)
+
+# Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's
+# clock, up to $3), for every gateway at once: the row is locked by the statement, and the new
+# level and the grant are both computed from the row as it stood. Returns the grant.
+_LEVEL = f"LEAST($3::float8, b.tokens + GREATEST(0, {_NOW} - b.at) * $2::float8)"
+TAKE_TOKENS: Final = f"""
+INSERT INTO {SCHEMA}.buckets AS b (target, tokens, at, granted)
+VALUES ($1, $3::float8 - LEAST($4::integer, floor($3::float8)), {_NOW},
+    LEAST($4::integer, floor($3::float8)))
+ON CONFLICT (target) DO UPDATE SET
+    tokens = {_LEVEL} - LEAST($4::integer, floor({_LEVEL})),
+    at = {_NOW},
+    granted = LEAST($4::integer, floor({_LEVEL}))
+RETURNING granted
+"""
+# Tokens taken and not used (fewer deliveries were due), given back.
+GIVE_BACK_TOKENS: Final = f"""
+UPDATE {SCHEMA}.buckets SET tokens = LEAST($3::float8, tokens + $2::float8) WHERE target = $1
 """
 
 # An attempt's outcome, which ends the lease; skipped when another gateway took the delivery
@@ -118,13 +179,30 @@ UPDATE {SCHEMA}.deliveries SET lease_until = {_NOW} + $2
 WHERE lease_owner = $1 AND state = 'pending'
 """
 
+# A replayed delivery with a conversation goes to its back: a new place from the deliveries'
+# own identity sequence, so every delivery accepted later comes after it too.
+_NEXT_PLACE = f"nextval(pg_get_serial_sequence('{SCHEMA}.deliveries', 'id'))"
 REPLAY: Final = f"""
 UPDATE {SCHEMA}.deliveries SET state = 'pending', attempts = 0, created_at = $2,
-    next_attempt_at = $2, updated_at = $2, lease_owner = NULL, lease_until = NULL
+    next_attempt_at = $2, updated_at = $2, lease_owner = NULL, lease_until = NULL,
+    position = CASE WHEN order_key IS NULL THEN position ELSE {_NEXT_PLACE} END
 WHERE id = $1
 RETURNING pg_notify('{CHANNEL}', '')
 """
 
+# The conversations of each target with a delivery waiting behind an earlier pending one.
+HELD_BACK: Final = f"""
+SELECT target, COUNT(*) FROM (
+    SELECT target FROM {SCHEMA}.deliveries
+    WHERE state = 'pending' AND order_key IS NOT NULL AND target = ANY($1::text[])
+    GROUP BY target, order_key HAVING COUNT(*) > 1) AS held
+GROUP BY target
+"""
+# The outbox's rows, as PostgreSQL's statistics count them (kept as rows change, read without
+# scanning the tables: a scrape never waits on a table of millions of rows).
+SIZE: Final = f"""
+SELECT COALESCE(SUM(n_live_tup), 0) FROM pg_stat_user_tables WHERE schemaname = '{SCHEMA}'
+"""
 COUNT: Final = f"SELECT state, COUNT(*) FROM {SCHEMA}.deliveries GROUP BY state"
 BACKLOG: Final = f"""
 SELECT target, state, COUNT(*), MIN(created_at) FROM {SCHEMA}.deliveries
@@ -189,6 +267,22 @@ def replay_many_query(state: str, target: str | None, since: float | None) -> tu
         f"UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, created_at = {now},"
         f" next_attempt_at = {now}, updated_at = {now}, lease_owner = NULL, lease_until = NULL"
         f"{where}",
+        params,
+    )
+
+
+def replay_places_query(
+    state: str, target: str | None, since: float | None
+) -> tuple[str, list[Any]]:
+    """Run before :func:`replay_many_query` with the same filters: the keyed deliveries it will
+    replay go to the back of their conversations, in the order they had among themselves
+    (places drawn from the id sequence as the ordered subquery yields them)."""
+    where, params = _filters(state=state, target=target, since=since)
+    return (
+        f"UPDATE {SCHEMA}.deliveries d SET position = p.place FROM (SELECT id, {_NEXT_PLACE}"
+        f" AS place FROM (SELECT d.id FROM {SCHEMA}.deliveries d{where}"
+        f"{' AND' if where else ' WHERE'} d.order_key IS NOT NULL"
+        f" ORDER BY {_PLACE.format('d')}) AS keyed) AS p WHERE d.id = p.id",
         params,
     )
 

@@ -8,11 +8,17 @@ Layout 3 added the ``attempts`` table (each attempt's outcome, for the admin con
 of layout 2 is migrated when it is opened: the table is created and the version raised in one
 transaction, nothing else in the file changes, and its deliveries simply have no attempt history
 from before.
+
+Layout 4 added each delivery's conversation (``order_key``, for targets with ``order =
+"conversation"``) and its place in that order when it was replayed (``position``; otherwise
+its id is its place). A file of layout 2 or 3 is migrated when it is opened, in one
+transaction: its deliveries have no conversation, and go out in no particular order, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable
@@ -20,11 +26,11 @@ from pathlib import Path
 
 from gateway.errors import OutboxError
 
-__all__ = ["connect", "open_store", "read_prefix"]
+__all__ = ["connect", "describe", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0; layout 2 had no attempts table.
-_LAYOUT = 3
+_LAYOUT = 4
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
@@ -47,6 +53,16 @@ _ATTEMPTS = (
     response TEXT NOT NULL
 )""",
     "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
+)
+
+# Layout 4's addition. A claim for an ordered target takes the first pending delivery of each
+# conversation: the partial index holds just the keyed pending rows, with their place and due
+# time, so that claim reads the index alone.
+_ORDER = (
+    "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
+    "ALTER TABLE deliveries ADD COLUMN position INTEGER",
+    "CREATE INDEX deliveries_order ON deliveries (target, order_key, position, next_attempt_at)"
+    " WHERE state = 'pending' AND order_key IS NOT NULL",
 )
 
 # Statements one by one rather than a script: executescript() commits first, and the layout is
@@ -85,6 +101,7 @@ _SCHEMA = (
     # key when a notification is deleted): without this index, a scan of every delivery.
     "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
     *_ATTEMPTS,
+    *_ORDER,
 )
 
 
@@ -109,8 +126,12 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a file of layout 2 to layout 3: the attempts table, nothing else."""
-    for statement in _ATTEMPTS:
+    """Bring a file of layout 2 or 3 to layout 4: the attempts table (from 2), the columns
+    and index of ordered delivery; nothing else."""
+    if _user_version(conn) == 2:
+        for statement in _ATTEMPTS:
+            conn.execute(statement)
+    for statement in _ORDER:
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
@@ -135,8 +156,9 @@ def _layout(conn: sqlite3.Connection, path: Path) -> str:
     delivery id prefix."""
     if _user_version(conn) == 0:
         _under_write_lock(conn, path, 0, _create)
-    if _user_version(conn) == 2:
-        _under_write_lock(conn, path, 2, _migrate)
+    for older in (2, 3):
+        if _user_version(conn) == older:
+            _under_write_lock(conn, path, older, _migrate)
     version = _user_version(conn)
     if version != _LAYOUT:
         raise OutboxError(
@@ -219,3 +241,43 @@ def connect(path: Path) -> sqlite3.Connection:
     """Open ``path`` with the durability settings the outbox promises, giving a new file the
     current layout; a file of another layout raises OutboxError."""
     return open_store(path)[0]
+
+
+def describe(path: Path) -> str:
+    """What ``waba-gateway check`` says about the outbox file, which it opens read-only and
+    leaves as it is: whether it exists (or can be made), its layout, SQLite's structural check
+    and its deliveries by state. Raises OutboxError for what ``serve`` would refuse."""
+    where = f"outbox file {path}"
+    if not path.exists():
+        folder = next(parent for parent in path.parents if parent.exists())
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutboxError(
+                f"outbox.path = '{path}': does not exist, and {folder} is not writable to make it"
+            )
+        return f"{where} does not exist yet: the first start makes it"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox.path = '{path}': cannot open: {exc}") from exc
+    try:
+        problem = _damage(conn)
+        if problem is not None:
+            raise OutboxError(_damaged_message(path, problem))
+        version = _user_version(conn)
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if version == 0 and not tables:
+            return f"{where} is empty: the first start gives it the outbox's layout"
+        if version == 0 and "deliveries" in tables:
+            raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
+        if version not in (2, _LAYOUT) or "deliveries" not in tables:
+            raise OutboxError(
+                f"outbox.path = '{path}': not an outbox of this version (layout {version})"
+            )
+        counts = dict(conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state"))
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox.path = '{path}': cannot read: {exc}") from exc
+    finally:
+        conn.close()
+    states = ", ".join(f"{counts.get(state, 0)} {state}" for state in ("pending", "dead"))
+    migrate = "; the next start adds the attempts table" if version == 2 else ""
+    return f"{where}: layout {version}, intact (quick_check), {states}{migrate}"

@@ -10,9 +10,11 @@ that runs it in group commits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
@@ -29,10 +31,11 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     Route,
+    Size,
     State,
 )
 from gateway.outbox.rows import delivery_id_of, rowid_of
-from gateway.outbox.sqlite import history, layout, store
+from gateway.outbox.sqlite import conversations, history, layout, store
 from gateway.outbox.sqlite.writer import Writer
 
 __all__ = ["SqliteOutbox"]
@@ -111,7 +114,7 @@ class SqliteOutbox:
             return None
         # The Delivery objects are built here, after the commit, rather than in the job: the
         # job runs under the write lock that the other worker processes wait for.
-        notification_id, rowids = stored
+        notification_id, rowids, behind = stored
         return Delivery.fresh(
             [delivery_id_of(self._prefix, rowid) for rowid in rowids],
             routes,
@@ -119,10 +122,27 @@ class SqliteOutbox:
             body=body,
             signature=signature,
             now=now,
+            behind=[delivery_id_of(self._prefix, rowid) for rowid in behind],
         )
 
+    async def take_tokens(
+        self, target: str, rate_per_s: float, burst: int, want: int
+    ) -> int | None:
+        # One gateway per file and one dispatcher per gateway: the dispatcher keeps the bucket.
+        return None
+
+    async def give_back_tokens(
+        self, target: str, rate_per_s: float, burst: int, count: int
+    ) -> None:
+        return None
+
     async def due(
-        self, now: float, limits: Mapping[str, int], exclude: Collection[str] = ()
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
         each target named there, leaving out the ids in ``exclude`` (in flight). A delivery
@@ -135,6 +155,10 @@ class SqliteOutbox:
                 now=now,
                 limits=dict(limits),
                 skip=frozenset(exclude),
+                ordered=frozenset(ordered),
+                conversations=None
+                if conversations is None
+                else {target: frozenset(keys) for target, keys in conversations.items()},
             ),
             read=True,
         )
@@ -187,6 +211,19 @@ class SqliteOutbox:
             error=error,
             response=result.response_excerpt,
         )
+
+    async def size(self) -> Size:
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):  # no log file between checkpoints is no error
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return Size(bytes=total)
+
+    async def held_back(self, targets: Collection[str]) -> dict[str, int]:
+        wanted = tuple(targets)
+        if not wanted:
+            return {}
+        return await self.run(functools.partial(conversations.held_back, targets=wanted), read=True)
 
     async def ping(self) -> None:
         """Through the writer, in a write transaction: it takes the write lock a notification's

@@ -29,6 +29,7 @@ from gateway.outbox.rows import (
     delivery_id_of,
     rowid_of,
 )
+from gateway.outbox.sqlite import conversations
 from gateway.outbox.sqlite.layout import read_prefix
 
 __all__ = [
@@ -64,7 +65,7 @@ _INSERT_NOTIFICATION = (
 )
 _INSERT_DELIVERY = (
     "INSERT INTO deliveries (notification_id, target, body, state, created_at, next_attempt_at,"
-    " updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)"
+    " updated_at, order_key) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)"
 )
 # Prune: a notification goes once it is older than the horizon and has no deliveries left.
 _DELETE_ORPHAN = (
@@ -85,9 +86,10 @@ def insert_notification(
     signature: str,
     body: bytes,
     routes: Sequence[Route],
-) -> tuple[int, list[int]] | None:
-    """Store a notification and one delivery per route; ``(notification id, delivery row ids)``,
-    or ``None`` when a body with the same digest was received since ``since``."""
+) -> tuple[int, list[int], list[int]] | None:
+    """Store a notification and one delivery per route; ``(notification id, delivery row ids,
+    the row ids of those an earlier pending delivery of their conversation holds back)``, or
+    ``None`` when a body with the same digest was received since ``since``."""
     cursor = conn.execute(_INSERT_NOTIFICATION, (digest, now, signature, body, digest, since))
     if cursor.rowcount == 0:
         return None
@@ -95,21 +97,26 @@ def insert_notification(
     assert notification_id is not None
     # One execute per route, not executemany: each insert's lastrowid is its id, and the usual
     # single route costs less this way.
-    rowids = []
+    rowids, behind = [], []
     for route in routes:
         rowid = conn.execute(
-            _INSERT_DELIVERY, (notification_id, route.target, route.body, now, now, now)
+            _INSERT_DELIVERY,
+            (notification_id, route.target, route.body, now, now, now, route.key),
         ).lastrowid
         assert rowid is not None
         rowids.append(rowid)
-    return notification_id, rowids
+        # In the same transaction: what it sees is exactly what was acknowledged before.
+        key = route.key
+        if key is not None and conversations.is_behind(conn, route.target, key, rowid):
+            behind.append(rowid)
+    return notification_id, rowids, behind
 
 
 def _intact(row: tuple[Any, ...]) -> bool:
     """Whether the notification behind a due row still has the digest stored with it: the
     delivery's own body, or for a split delivery (a part of it) the notification's body."""
-    notification_body = row[3] if row[15] is None else row[15]
-    return hashlib.sha256(notification_body).digest() == bytes(row[14])
+    notification_body = row[3] if row[16] is None else row[16]
+    return hashlib.sha256(notification_body).digest() == bytes(row[15])
 
 
 def due_deliveries(
@@ -118,23 +125,28 @@ def due_deliveries(
     now: float,
     limits: Mapping[str, int],
     skip: Collection[str],
+    ordered: Collection[str] = (),
+    conversations: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
-    leaving out the ids in ``skip``; and the row ids of due deliveries whose body no longer
+    leaving out the ids in ``skip`` and, for the ``ordered`` targets, every delivery behind an
+    earlier pending one of its conversation (only the conversations ``conversations`` names for
+    it, when it names any); and the row ids of due deliveries whose body no longer
     matches the digest stored when it was received (damaged in the file: never forwarded).
     One index seek per target: a target that is down with a million deliveries waiting costs
     nothing when it is not asked for."""
     found: list[Delivery] = []
     damaged: list[int] = []
     for target, limit in limits.items():
-        rows = conn.execute(
-            f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
-            " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
-            " JOIN notifications n ON n.id = d.notification_id"
-            " WHERE d.state = 'pending' AND d.target = ? AND d.next_attempt_at <= ?"
-            " ORDER BY d.next_attempt_at LIMIT ?",
-            (target, now, limit + len(skip)),
-        ).fetchall()
+        if target in ordered:
+            keys = None if conversations is None else conversations.get(target)
+            rows = _first_of_conversations(conn, prefix, target, now, limit, skip, keys)
+        else:
+            rows = conn.execute(
+                f"{_DUE_SELECT} WHERE d.state = 'pending' AND d.target = ?"
+                " AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
+                (target, now, limit + len(skip)),
+            ).fetchall()
         fresh = [row for row in rows if delivery_id_of(prefix, row[0]) not in skip][:limit]
         for row in fresh:
             if _intact(row):
@@ -143,6 +155,38 @@ def due_deliveries(
                 damaged.append(row[0])
     found.sort(key=lambda d: d.next_attempt_at)
     return found, damaged
+
+
+def _first_of_conversations(
+    conn: sqlite3.Connection,
+    prefix: str,
+    target: str,
+    now: float,
+    limit: int,
+    skip: Collection[str],
+    keys: Collection[str] | None,
+) -> list[tuple[Any, ...]]:
+    """The due rows of an ordered target, each first of its conversation (see
+    :func:`conversations.first_due`). The ids first, from the index alone, and only then the
+    bodies of those not in flight: the deliveries in flight (most of a busy ordered target's
+    first ones) are never read with their bodies."""
+    heads = conversations.first_due(conn, target, now, limit + len(skip), keys)
+    ids = [rowid for rowid in heads if delivery_id_of(prefix, rowid) not in skip][:limit]
+    if not ids:
+        return []
+    marks = ", ".join("?" * len(ids))
+    return conn.execute(
+        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending'"
+        " ORDER BY d.next_attempt_at",
+        ids,
+    ).fetchall()
+
+
+_DUE_SELECT = (
+    f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
+    " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
+    " JOIN notifications n ON n.id = d.notification_id"
+)
 
 
 DAMAGED = "body no longer matches the digest stored when it was received (outbox file damaged)"
@@ -342,7 +386,8 @@ def list_deliveries(
 def replay_deliveries(
     conn: sqlite3.Connection, state: str, target: str | None, since: float | None, now: float
 ) -> int:
-    """Make every delivery in ``state`` (of ``target``, changed since ``since``) pending again."""
+    """Make every delivery in ``state`` (of ``target``, changed since ``since``) pending again,
+    each at the back of its conversation."""
     clauses, params = ["state = ?"], list[object]([state])
     if target is not None:
         clauses.append("target = ?")
@@ -350,10 +395,12 @@ def replay_deliveries(
     if since is not None:
         clauses.append("updated_at >= ?")
         params.append(since)
+    where = " AND ".join(clauses)
+    conversations.to_the_back(conn, where, params)
     return int(
         conn.execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"  # noqa: S608
-            f" next_attempt_at = ?, updated_at = ? WHERE {' AND '.join(clauses)}",
+            f" next_attempt_at = ?, updated_at = ? WHERE {where}",
             (now, now, now, *params),
         ).rowcount
     )
@@ -378,10 +425,12 @@ def purge_dead(conn: sqlite3.Connection, before: float) -> int:
 def replay_delivery(
     conn: sqlite3.Connection, delivery_id: str, now: float, prefix: str | None = None
 ) -> bool:
-    """Make one delivery pending again; False when the file has no delivery ``delivery_id``."""
+    """Make one delivery pending again, at the back of its conversation; False when the file
+    has no delivery ``delivery_id``."""
     rowid = rowid_of(delivery_id, read_prefix(conn) if prefix is None else prefix)
     if rowid is None:
         return False
+    conversations.to_the_back(conn, "id = ?", (rowid,))
     cursor = conn.execute(
         "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
         " next_attempt_at = ?, updated_at = ? WHERE id = ?",

@@ -29,9 +29,19 @@ Faults are bounded and visible:
 - A group whose transaction cannot begin or commit (the file locked by another process past the
   busy timeout, a full disk, an I/O error) fails as a whole, at once: running each job again
   alone would make every request wait the busy timeout once more.
-- Before each write transaction the file at the path is compared with the one open (device and
-  inode): when the file or its folder was removed or replaced, nothing written would survive a
-  restart, so every write is refused from then on, with one log line.
+- No job waits longer than the busy timeout from its own arrival for a lock held outside the
+  gateway: a group waits only what is left of its oldest job's, and it waits outside the lock
+  the gateway's own processes queue on (:func:`_begin_write`), so that a worker's group never
+  waits for another worker's wait and then for its own.
+- Before each transaction the file at the path is compared with the one open (device and
+  inode): while the file or its folder is removed or replaced, nothing written would survive a
+  restart, so every write is refused, with one log line. When the same file is back at the path
+  (moved away and moved back), writes go on, with one more line.
+- Before each transaction, read or write, the file, its log and its shared-memory index
+  (``-wal``, ``-shm``) must be writable: SQLite writes the index through a shared mapping
+  (mmap) even to read, and a write to a mapping of a file made read-only or immutable
+  (``chattr +i``) is answered by the kernel with SIGBUS, which ends the process. So the group
+  fails instead, as when its transaction cannot begin, until the files are writable again.
 - :attr:`Writer.failure` says why the last write transaction failed (``None`` once one commits),
   for readiness.
 """
@@ -53,7 +63,7 @@ from typing import Any, TypeVar
 
 from gateway.errors import OutboxError
 
-__all__ = ["LAZY_WAIT_S", "LINGER_MAX_S", "Writer", "linger_for"]
+__all__ = ["LAZY_WAIT_S", "LINGER_MAX_S", "Writer", "linger_for", "unwritable"]
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +123,85 @@ def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | Non
             future.set_result(result)
 
 
-def _transaction(conn: sqlite3.Connection, jobs: Sequence[_Job], lock: int | None) -> list[Any]:
+class _Busy:
+    """The connection's busy timeout, set only when it changes (a statement each time). It
+    stays at 0 once a write has set it: reads do not switch it back (see ``Writer._read``), so
+    the common path runs no extra statement."""
+
+    __slots__ = ("full_ms", "now_ms")
+
+    def __init__(self, full_s: float) -> None:
+        self.full_ms = int(full_s * 1000)
+        self.now_ms = self.full_ms  # as the connection was opened
+
+    def set(self, conn: sqlite3.Connection, ms: int) -> None:
+        if ms != self.now_ms:
+            conn.execute(f"PRAGMA busy_timeout = {ms}")
+            self.now_ms = ms
+
+
+def _begin_write(conn: sqlite3.Connection, lock: int, busy: _Busy, deadline: float) -> bool:
+    """``BEGIN IMMEDIATE``; whether it holds the flock of ``lock`` (see :func:`_transaction`).
+
+    Under the flock the gateway's own writers are queued already, so SQLite's lock can only be
+    held by another process (a ``sqlite3`` shell, a backup tool): then the flock is released at
+    once and the write waits for SQLite's lock until ``deadline`` without it, and the other
+    workers, free to try, each wait until their own deadline rather than behind this one.
+    """
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    busy.set(conn, 0)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        return True
+    except sqlite3.Error as exc:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if not (isinstance(exc, sqlite3.OperationalError) and _is_busy(exc)):
+            raise _GroupFailed(exc) from exc
+    busy.set(conn, max(0, int((deadline - time.monotonic()) * 1000)))
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise _GroupFailed(exc) from exc
+    return False
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+
+
+def _is_busy_failure(exc: BaseException) -> bool:
+    """``exc`` (or what a :class:`_GroupFailed` wraps) is SQLite's "database is locked"."""
+    cause = exc.__cause__ if isinstance(exc, _GroupFailed) else exc
+    return isinstance(cause, sqlite3.OperationalError) and _is_busy(cause)
+
+
+def _transaction(
+    conn: sqlite3.Connection,
+    jobs: Sequence[_Job],
+    lock: int | None,
+    busy: _Busy,
+    deadline: float = 0.0,
+) -> list[Any]:
     """Run ``jobs`` in one transaction and commit; on any error roll back and raise
     (:class:`_GroupFailed` when the transaction could not begin or commit). ``lock=None``: a
-    read transaction, which takes no lock.
+    read transaction, which takes no lock, with the busy timeout as it is; else a write
+    transaction begun by :func:`_begin_write`, waiting until ``deadline`` at most for a lock
+    another process holds.
 
     Worker processes sharing the outbox queue on an flock of ``lock`` first. SQLite's own
     busy handler would do, but it sleeps 1, 2, 5, 10... ms between tries, so two processes
     writing at full speed spend their time asleep; the kernel lock wakes the next writer as
     soon as the previous one commits.
     """
+    held = False
     if lock is not None:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
+        held = _begin_write(conn, lock, busy, deadline)
+    else:
         try:
-            conn.execute("BEGIN" if lock is None else "BEGIN IMMEDIATE")
+            conn.execute("BEGIN")
         except sqlite3.Error as exc:
             raise _GroupFailed(exc) from exc
+    try:
         try:
             values = [job.func(conn) for job in jobs]
             try:
@@ -141,14 +213,17 @@ def _transaction(conn: sqlite3.Connection, jobs: Sequence[_Job], lock: int | Non
                 conn.execute("ROLLBACK")
             raise
     finally:
-        if lock is not None:
+        if held:
+            assert lock is not None
             fcntl.flock(lock, fcntl.LOCK_UN)
     return values
 
 
-def _alone(conn: sqlite3.Connection, job: _Job, lock: int) -> tuple[Any, BaseException | None]:
+def _alone(
+    conn: sqlite3.Connection, job: _Job, lock: int, busy: _Busy, deadline: float
+) -> tuple[Any, BaseException | None]:
     try:
-        return _transaction(conn, [job], lock)[0], None
+        return _transaction(conn, [job], lock, busy, deadline)[0], None
     except Exception as exc:
         return None, OutboxError(f"outbox write failed: {exc}")
 
@@ -160,6 +235,21 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return found.st_dev, found.st_ino
+
+
+def unwritable(path: Path) -> str | None:
+    """Why the outbox at ``path`` must not be touched now (see the module docstring): one of
+    its files exists and may not be written; ``None`` when all may be."""
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        file = path.with_name(name)
+        # access(2) refuses writing to an immutable file even to root; a file not there yet
+        # is SQLite's to create.
+        if not os.access(file, os.W_OK) and file.exists():
+            return (
+                f"outbox file '{file}' cannot be written (read-only or immutable); nothing is"
+                " acknowledged until it can"
+            )
+    return None
 
 
 class Writer:
@@ -174,14 +264,14 @@ class Writer:
         path: Path,
         open_connection: Callable[[Path], sqlite3.Connection],
         on_commit: Callable[[int], None] | None = None,
-        busy_timeout_s: float | None = None,
+        busy_timeout_s: float = 5.0,
     ) -> None:
-        """``busy_timeout_s``: the busy timeout ``open_connection`` gives the connection; while
-        writes fail, a group waits only what is left of it since its oldest job came."""
+        """``busy_timeout_s``: the busy timeout ``open_connection`` gives the connection; a
+        group waits only what is left of it since its oldest job came."""
         self.path = path
         self._open_connection = open_connection
         self._busy_timeout_s = busy_timeout_s
-        self._shortened = False  # the connection's busy timeout is below busy_timeout_s
+        self._busy = _Busy(busy_timeout_s)  # the writer thread's
         self._on_commit = on_commit  # called on this thread with each group's size
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
@@ -193,7 +283,7 @@ class Writer:
         # thread, read by readiness on the event loop's (a str is replaced atomically).
         self.failure: str | None = None
         self._identity: tuple[int, int] | None = None  # of the file opened
-        self._lost: str | None = None  # the file opened is no longer at the path: for good
+        self._lost: str | None = None  # the file opened is no longer at the path
         opened: stdqueue.SimpleQueue[BaseException | None] = stdqueue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(opened,), name="outbox-writer", daemon=True
@@ -258,7 +348,10 @@ class Writer:
         try:
             self._serve(conn, lock)
         finally:
-            conn.close()
+            # Closing checkpoints the log, through the shared index: not while that would
+            # kill the process (the operating system releases what is left open at exit).
+            if unwritable(self.path) is None:
+                conn.close()
             os.close(lock)
 
     def _serve(self, conn: sqlite3.Connection, lock: int) -> None:
@@ -320,19 +413,24 @@ class Writer:
 
     @property
     def lost(self) -> bool:
-        """The file open is no longer the one at the path (see the module docstring)."""
-        return self._lost is not None
+        """The file open was found missing from the path and is not back there yet (see the
+        module docstring); checked again here, so that readiness sees it come back."""
+        return self._lost is not None and _identity(self.path) != self._identity
 
     def _still_there(self) -> bool:
-        """Whether the file at the path is still the one open; logs once when it is not."""
-        if self._lost is None and _identity(self.path) != self._identity:
+        """Whether the file at the path is the one open; logs when that changes."""
+        here = _identity(self.path) == self._identity
+        if not here and self._lost is None:
             self._lost = (
                 f"outbox file '{self.path}' was removed or replaced while the gateway ran;"
-                " nothing written to it would survive a restart, so nothing more is acknowledged:"
-                " restore it or restart the gateway"
+                " nothing written to it would survive a restart, so nothing more is acknowledged"
+                " until the same file is back at that path (moved back) or the gateway restarts"
             )
             log.error("%s", self._lost)
-        return self._lost is None
+        elif here and self._lost is not None:
+            self._lost = None
+            log.warning("outbox file '%s' is back at its path: acknowledging again", self.path)
+        return here
 
     def _read(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
         """Jobs that write nothing, in one read transaction: no write lock, no commit."""
@@ -340,10 +438,19 @@ class Writer:
         if not self._still_there():
             error = OutboxError(self._lost or "outbox lost")
             results = [(None, error)] * len(group)
+        elif (refused := unwritable(self.path)) is not None:
+            results = [(None, OutboxError(refused))] * len(group)
         else:
             try:
-                results = [(value, None) for value in _transaction(conn, group, None)]
+                results = [(value, None) for value in _transaction(conn, group, None, self._busy)]
             except Exception as exc:
+                if _is_busy_failure(exc) and self._busy.now_ms != self._busy.full_ms:
+                    # In WAL a read rarely meets a lock (another process recovering the log,
+                    # or holding the file in exclusive mode); when one does, it is read again
+                    # waiting the full busy timeout, as it would have without the writes' 0.
+                    self._busy.set(conn, self._busy.full_ms)
+                    self._read(conn, group)
+                    return
                 results = [(None, OutboxError(f"outbox read failed: {exc}"))] * len(group)
         self._answer(group, results)
 
@@ -354,9 +461,17 @@ class Writer:
             error = OutboxError(self._lost or "outbox lost")
             self._answer(group, [(None, error)] * len(group))
             return
-        self._bound_wait(conn, group)
+        if (refused := unwritable(self.path)) is not None:
+            self.failure = refused
+            self._answer(group, [(None, OutboxError(refused))] * len(group))
+            return
+        # The longest the group may wait for a lock held elsewhere: the busy timeout from the
+        # arrival of its oldest job (one queued behind a failing group gets what is left).
+        deadline = min(job.at for job in group) + self._busy_timeout_s
         try:
-            results = [(value, None) for value in _transaction(conn, group, lock)]
+            results = [
+                (value, None) for value in _transaction(conn, group, lock, self._busy, deadline)
+            ]
             self.failure = None
             if self._on_commit is not None:
                 self._on_commit(len(group))
@@ -372,7 +487,7 @@ class Writer:
             if len(group) == 1:
                 results = [(None, OutboxError(f"outbox write failed: {exc}"))]
             else:
-                results = [_alone(conn, job, lock) for job in group]
+                results = [_alone(conn, job, lock, self._busy, deadline) for job in group]
             # Nothing committed (a file turned read-only fails in the first statement, not at
             # the commit): readiness must not say otherwise until a write succeeds.
             failed = [error for _, error in results if error is not None]
@@ -384,20 +499,6 @@ class Writer:
         # the clients' next requests arrive later, split into two groups that each pay for an
         # fsync. Answered first, they arrive while this thread waits and form one larger group.
         os.sched_yield()
-
-    def _bound_wait(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
-        """While writes fail (a lock held elsewhere), no job waits longer than the busy timeout
-        from its own arrival: a group that queued behind a failing one gets what is left."""
-        if self._busy_timeout_s is None:
-            return
-        full = self._busy_timeout_s
-        if self.failure is not None:
-            left = min(job.at for job in group) + full - time.monotonic()
-            conn.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
-            self._shortened = True
-        elif self._shortened:
-            conn.execute(f"PRAGMA busy_timeout = {int(full * 1000)}")
-            self._shortened = False
 
     def _answer(self, group: list[_Job], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per event loop for the whole group rather than one per job.

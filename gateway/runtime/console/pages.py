@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
+from gateway.delivery.answers import shown_answer
 from gateway.delivery.backoff import Breaker
 from gateway.outbox import STATES, AttemptRecord, Backlog, Delivery
 from gateway.runtime.console.facts import CertificateFacts, body_facts
@@ -57,6 +58,29 @@ def _numbers(pairs: Sequence[tuple[str, str]]) -> str:
     return f'<div class="numbers">{cells}</div>'
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pace:
+    """How a target's deliveries are held back on purpose: its order mode, its rate limit,
+    and how many conversations have a delivery waiting (a count: never whose)."""
+
+    order: str
+    rate_per_s: float | None
+    burst: int
+    held_back: int
+
+    def rate(self) -> str:
+        if self.rate_per_s is None:
+            return "none"
+        return f"{self.rate_per_s:g}/s, burst {self.burst}"
+
+
+def _pace(pace: Pace | None) -> list[str]:
+    if pace is None:
+        return ["", "", ""]
+    held = esc(pace.held_back) if pace.order == "conversation" else ""
+    return [esc(pace.order), esc(pace.rate()), held]
+
+
 def overview(
     totals: Totals,
     counts: Mapping[str, int],
@@ -64,8 +88,10 @@ def overview(
     targets: Sequence[str],
     breakers: Mapping[str, Breaker],
     now: float,
+    paces: Mapping[str, Pace] | None = None,
 ) -> str:
-    """Counters, each target's backlog and breaker, and the last client certificate seen."""
+    """Counters, each target's backlog, breaker, order and rate limit, and the last client
+    certificate seen."""
     by_target = {b.target: b for b in backlog}
     names = list(targets) + sorted(set(by_target) - set(targets))
     rows = []
@@ -90,6 +116,7 @@ def overview(
                 dead_cell,
                 esc(age(None if oldest is None else now - oldest)),
                 _breaker(breakers.get(name), now),
+                *_pace((paces or {}).get(name)),
             ]
         )
     rejections = table(
@@ -101,7 +128,12 @@ def overview(
         last = '<p class="empty">No client certificate seen since the gateway started.</p>'
     else:
         cn, when = totals.last_client
-        last = f"<p><code>{esc(cn)}</code> at {esc(moment(when))} ({esc(age(now - when))} ago)</p>"
+        # With listen.proxy_protocol, the client's address from the balancer's header.
+        origin = "" if totals.last_address is None else f" from {esc(totals.last_address)}"
+        last = (
+            f"<p><code>{esc(cn)}</code>{origin} at {esc(moment(when))}"
+            f" ({esc(age(now - when))} ago)</p>"
+        )
     clients = table(
         ["client certificate CN", "connections"],
         [[f"<code>{esc(cn)}</code>", esc(n)] for cn, n in totals.clients.items()],
@@ -118,7 +150,16 @@ def overview(
         )
         + "<h2>Targets</h2>"
         + table(
-            ["target", "pending", "dead", "oldest pending", "circuit breaker"],
+            [
+                "target",
+                "pending",
+                "dead",
+                "oldest pending",
+                "circuit breaker",
+                "order",
+                "rate limit",
+                "conversations held back",
+            ],
             rows,
             empty="No target configured.",
         )
@@ -219,7 +260,7 @@ def delivery(d: Delivery, attempts: Sequence[AttemptRecord], csrf: str, now: flo
                 _state(a.state),
                 esc("-" if a.status is None else a.status),
                 esc(a.error or ""),
-                f"<code>{esc(a.response[:300])}</code>" if a.response else "",
+                f"<code>{esc(shown_answer(a.response))}</code>" if a.response else "",
             ]
             for a in attempts
         ],

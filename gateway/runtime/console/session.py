@@ -47,7 +47,8 @@ class Sessions:
             return None
         payload, _, mac = cookie.rpartition(".")
         sid, _, issued = payload.partition(".")
-        if not (sid and issued.isdigit() and mac):
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not (sid and issued.isascii() and issued.isdigit() and mac):
             return None
         if not hmac.compare_digest(mac, self._mac("session", payload)):
             return None

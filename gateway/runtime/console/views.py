@@ -3,8 +3,9 @@
 Rule: the console is protected like the admin API. Without ``admin.token`` it answers loopback
 peers only (the configuration already refuses a non-loopback ``admin.host`` without a token);
 with a token, a page needs a session made by signing in with that token. Every POST carries the
-session's CSRF token. Every admin response carries :data:`SECURITY_HEADERS`: no script, no
-inline style, no framing, no caching.
+session's CSRF token, and the sign-in form its pre-session's (with a token or without); after
+signing in the browser goes back only to a console path (:mod:`.paths`). Every admin response
+carries :data:`SECURITY_HEADERS`: no script, no inline style, no framing, no caching.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -30,8 +31,10 @@ from gateway.outbox import STATES, Outbox, State
 from gateway.runtime.console import pages
 from gateway.runtime.console.facts import certificate_facts
 from gateway.runtime.console.html import PREFIX, frame
+from gateway.runtime.console.paths import is_console_path, local_redirect
 from gateway.runtime.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
 from gateway.runtime.stats import Stats
+from gateway.units import decimal
 
 __all__ = ["SECURITY_HEADERS", "add_console", "is_console_path"]
 
@@ -52,23 +55,11 @@ _SID: contextvars.ContextVar[str | None] = contextvars.ContextVar("console_sessi
 _OPEN = frozenset({f"{PREFIX}/sign-in", f"{PREFIX}/static/console.css"})
 
 
-def is_console_path(path: str) -> bool:
-    """Whether the console (rather than the bearer-token API) guards ``path``."""
-    return path == "/" or path.startswith(f"{PREFIX}/")
-
-
 def _loopback(remote: str | None) -> bool:
     try:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
     except ValueError:
         return False
-
-
-def _safe_next(value: str | None) -> str:
-    """A local path to go back to after signing in; anything else goes to the overview."""
-    if value and value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/"
 
 
 def _see_other(location: str) -> web.Response:
@@ -87,12 +78,15 @@ def add_console(
     *,
     breakers: Callable[[], Mapping[str, Breaker]],
     wake: Callable[[], None],
+    refuse: Callable[[web.Request], Awaitable[None]],
+    accepted: Callable[[web.Request], None],
     sessions: Sessions | None = None,
 ) -> None:
     """Mount the console on the admin ``app`` (whose middlewares must let console paths through
     to the guard installed here). ``current`` gives the configuration in force: a reload that
     rotates ``admin.token`` applies to the console at once and ends every session made with
-    the old one."""
+    the old one. ``refuse`` holds and counts a wrong token before its answer; ``accepted``
+    forgets the address's failures."""
     signer = [sessions or Sessions()]
     made_with = [current().admin.token]
 
@@ -137,7 +131,7 @@ def add_console(
             sid = signer[0].verify(fresh)
         if sid is None:
             if request.method == "GET":
-                return sign_in_page(request, request.path_qs, None, 401)
+                return sign_in_page(request, local_redirect(request.path_qs), None, 401)
             raise Forbidden("sign in first")
         _SID.set(sid)
         if request.method == "POST":
@@ -168,26 +162,30 @@ def add_console(
         return web.Response(body=stylesheet, content_type="text/css", charset="utf-8")
 
     async def sign_in_form(request: web.Request) -> web.Response:
-        return sign_in_page(request, _safe_next(request.query.get("next")), None, 200)
+        return sign_in_page(request, local_redirect(request.query.get("next")), None, 200)
 
     async def sign_in(request: web.Request) -> web.Response:
         form = await request.post()
-        next_path = _safe_next(str(form.get("next", "/")))
+        next_path = local_redirect(str(form.get("next", "/")))
         token = guard_token()
-        if token is None:
-            return _see_other(next_path)
+        # The form's token even without admin.token: the answer is a redirect, and no other
+        # site may make the browser take it.
         presented_csrf = form.get("csrf")
         if not signer[0].presession_ok(
             request.cookies.get(PRESESSION_COOKIE),
             presented_csrf if isinstance(presented_csrf, str) else None,
         ):
             return sign_in_page(request, next_path, "The form expired; try again.", 403)
+        if token is None:
+            return _see_other(next_path)
         presented = form.get("token")
         if not isinstance(presented, str) or not hmac.compare_digest(
             presented.encode(), token.encode()
         ):
             log.warning("console sign-in refused from %s: wrong admin token", request.remote)
+            await refuse(request)
             return sign_in_page(request, next_path, "That is not the admin token.", 401)
+        accepted(request)
         response = _see_other(next_path)
         _cookie(response, SESSION_COOKIE, signer[0].issue(), None)
         response.del_cookie(PRESESSION_COOKIE, path="/")
@@ -200,13 +198,26 @@ def add_console(
         return response
 
     async def overview(request: web.Request) -> web.Response:
+        targets = current().targets
+        ordered = [t.name for t in targets if t.order == "conversation"]
+        held = await outbox.held_back(ordered) if ordered else {}
+        paces = {
+            t.name: pages.Pace(
+                order=t.order,
+                rate_per_s=t.rate_per_s,
+                burst=t.burst_size,
+                held_back=held.get(t.name, 0),
+            )
+            for t in targets
+        }
         body = pages.overview(
             stats.totals(),
             await outbox.counts(),
             await outbox.backlog(),
-            [t.name for t in current().targets],
+            [t.name for t in targets],
             breakers(),
             time.time(),
+            paces,
         )
         return page(request, "Overview", body)
 
@@ -295,7 +306,7 @@ def _listing_query(query: Mapping[str, str]) -> tuple[State | None, str | None, 
     state = next((known for known in STATES if known == raw_state), None)
     if raw_state is not None and state is None:
         raise BadRequest(f"state must be one of {', '.join(STATES)}")
-    raw_page = query.get("page", "1")
-    if not raw_page.isdigit() or not 1 <= int(raw_page) <= 100_000:
+    number = decimal(query.get("page", "1"))
+    if number is None or not 1 <= number <= 100_000:
         raise BadRequest("page must be an integer from 1")
-    return state, query.get("target") or None, int(raw_page)
+    return state, query.get("target") or None, number

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Compare two revisions of the gateway through the shared harness, interleaved.
+
+Rule: one machine, several rounds, both revisions in every round and the anchors (the plain
+aiohttp receiver ``ref-1p``, and nginx for new connections) in every run, so a ratio is only ever
+taken between figures measured minutes apart. Each revision is built from git (``git archive``)
+into a fresh virtual environment with the README's plain install (``pip install .``, or with
+``--extras``), and served through that revision's own ``bench/candidate.sh`` (this one's when it
+has none), copied away from its source tree so that the installed package is what runs.
+
+Rounds alternate the order (A B, B A, ...). For each run and mode the figures kept are the
+candidate's rate over its anchor's (keep-alive: ``ref-1p``; new connections: ``nginx``), the
+gateway's CPU per request (its process tree's CPU time over the requests ``ab`` completed), and
+``fwd`` (requests the sink received over requests acknowledged). The summary prints, per mode and
+revision, the median and [min..max] over the rounds, and B against A: the median and range of
+the per-round quotients (B's figure over A's in the same round).
+
+Usage:
+  bench/compare.py REV_A REV_B --shared DIR [--rounds 3] [--modes ka,new] [--duration 8]
+  (DIR: the shared harness's folder, with bench.py, sink.py and payload.json; or
+  $WABA_BENCH_SHARED.) See bench/README.md, "Comparing two revisions".
+"""
+
+# ruff: noqa: S603, S607
+# S603/S607: this script's job is to run git, pip and the harness as subprocesses, with argument
+# lists built here (never a shell string), found on PATH like any command line tool.
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ANCHOR = {"ka": "ref-1p", "new": "nginx"}  # what each mode's ratio is taken against
+
+
+def log(*parts: object) -> None:
+    print(time.strftime("%H:%M:%S"), *parts, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Build:
+    """One revision, unpacked and installed in a virtual environment of its own."""
+
+    rev: str  # as given
+    commit: str
+    python: Path
+    adapter: Path  # its candidate.sh, in a folder with no ``gateway`` package beside it
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def git(*argv: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def build(rev: str, work: Path, extras: str) -> Build:
+    """Unpack ``rev`` with git archive and install it in a fresh venv (plain ``pip install``)."""
+    try:
+        commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"error: {rev!r} is not a revision of this repository") from None
+    short = commit[:10]
+    source, venv = work / f"src-{short}", work / f"venv-{short}"
+    if not source.exists():
+        source.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    python = venv / "bin" / "python"
+    if not python.exists():
+        log(f"{rev} ({short}): python -m venv, pip install .{f'[{extras}]' if extras else ''}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        target = f"{source}[{extras}]" if extras else str(source)
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", target], cwd=work,
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: pip install {target} failed:\n{done.stderr[-2000:]}")
+    adapter = work / f"adapter-{short}" / "bench" / "candidate.sh"
+    adapter.parent.mkdir(parents=True, exist_ok=True)
+    own = source / "bench" / "candidate.sh"
+    shutil.copyfile(own if own.exists() else HERE / "candidate.sh", adapter)
+    return Build(rev, commit, python, adapter)
+
+
+def run_harness(args: argparse.Namespace, item: Build, round_no: int, out: Path) -> dict[str, Any]:
+    """One run of the shared harness: the anchors and this revision, every mode, one round."""
+    modes = args.modes.split(",")
+    targets = ["ref-1p"] + (["nginx"] if "new" in modes else []) + ["candidate"]
+    candidate = (f"WABA_BENCH_PYTHON={shlex.quote(str(item.python))} "
+                 f"exec bash {shlex.quote(str(item.adapter))}")
+    argv = [sys.executable, str(HERE / "harness.py"), str(args.shared / "bench.py"),
+            "--targets", ",".join(targets), "--modes", args.modes, "--rounds", "1",
+            "--duration", str(args.duration), "--candidate", candidate, "--json", str(out),
+            *args.harness_args]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if args.outbox_url:
+        env["WABA_BENCH_OUTBOX_URL"] = args.outbox_url
+    log(f"round {round_no}: {item.rev} ({item.commit[:10]})")
+    done = subprocess.run(argv, cwd=args.shared, env=env, capture_output=True, text=True,
+                          timeout=args.run_timeout, check=False)
+    if done.returncode != 0 or not out.exists():
+        log(f"round {round_no}: {item.rev}: harness failed ({done.returncode}):\n"
+            + "\n".join((done.stderr or done.stdout).splitlines()[-15:]))
+        return {}
+    return figures(json.loads(out.read_text()), modes)
+
+
+def figures(result: dict[str, Any], modes: Sequence[str]) -> dict[str, Any]:
+    """Per mode: the candidate's ratio to its anchor, CPU per request (us), fwd, raw rates."""
+    by: dict[tuple[str, str], dict[str, Any]] = {
+        (run["target"], run["mode"]): run for run in result.get("runs", [])}
+    found: dict[str, Any] = {}
+    for mode in modes:
+        cand, anchor = by.get(("candidate", mode)), by.get((ANCHOR[mode], mode))
+        if not cand or not anchor or not anchor["rps"]:
+            continue
+        if not cand["rps"]:
+            # Nothing completed (ab timed out, say): a rate of 0, not a missing round.
+            found[mode] = {"ratio": 0.0, "rps": 0.0, "anchor_rps": anchor["rps"],
+                           "cpu_us": None, "fwd": None, "errors": cand["errors"],
+                           "p99": None, "failed": cand.get("ab_stderr", "no request completed")}
+            continue
+        found[mode] = {
+            "ratio": cand["rps"] / anchor["rps"],
+            "rps": cand["rps"],
+            "anchor_rps": anchor["rps"],
+            "cpu_us": 1e6 * cand["cpu_gw"] / 100 / cand["rps"],
+            "fwd": (cand["forwarded"] or 0) / cand["complete"] if cand["complete"] else None,
+            "errors": cand["errors"],
+            "p99": cand["p99"],
+        }
+    return found
+
+
+def spread(values: Sequence[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    return (f"{fmt.format(statistics.median(values))} "
+            f"[{fmt.format(min(values))}..{fmt.format(max(values))}]")
+
+
+def summary(a: Build, b: Build, modes: Sequence[str]) -> list[str]:
+    lines = [f"A = {a.rev} ({a.commit[:10]}), B = {b.rev} ({b.commit[:10]}); "
+             "median [min..max] over rounds", ""]
+    header = f"{'mode':<5} {'figure':<22} {'A':<26} {'B':<26} {'B / A (per round)':<24}"
+    lines += [header, "-" * len(header)]
+    for mode in modes:
+        for key, label, fmt in (("ratio", f"rate / {ANCHOR[mode]}", "{:.2f}x"),
+                                ("cpu_us", "gateway CPU us/request", "{:.0f}"),
+                                ("rps", "req/s", "{:,.0f}"),
+                                ("fwd", "fwd (sink / acked)", "{:.2f}")):
+            av = [r[mode][key] for r in a.runs if mode in r and r[mode][key] is not None]
+            bv = [r[mode][key] for r in b.runs if mode in r and r[mode][key] is not None]
+            pairs = zip(a.runs, b.runs, strict=True)  # the same round, minutes apart
+            quotients = [rb[mode][key] / ra[mode][key] for ra, rb in pairs
+                         if mode in ra and mode in rb and ra[mode][key]
+                         and rb[mode][key] is not None]
+            rel = spread(quotients, "{:.3f}") if key in ("ratio", "cpu_us") else ""
+            lines.append(f"{mode:<5} {label:<22} {spread(av, fmt):<26} {spread(bv, fmt):<26} {rel}")
+    lines.append("")
+    lines.append("B / A above 1 in 'rate' is B faster; below 1 in 'CPU' is B cheaper. A range that "
+                 "straddles 1.000 is not a difference.")
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rev_a", help="the revision to compare against (e.g. main, a commit)")
+    parser.add_argument("rev_b", help="the revision under test")
+    parser.add_argument("--shared", type=Path, default=os.environ.get("WABA_BENCH_SHARED"),
+                        help="the shared harness's folder (default: $WABA_BENCH_SHARED)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each revision (default 3)")
+    parser.add_argument("--modes", default="ka,new", help="ka and/or new (default ka,new)")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per measurement")
+    parser.add_argument("--extras", default="",
+                        help="install REV[EXTRAS] instead of the plain install (e.g. speed)")
+    parser.add_argument("--outbox-url", help="PostgreSQL outbox for both (WABA_BENCH_OUTBOX_URL)")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep builds here and reuse them (default: a temp dir, removed)")
+    parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--run-timeout", type=float, default=900, help="seconds per harness run")
+    parser.epilog = "Options after -- go to the harness as they are (e.g. -- --server-key ecdsa)."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: len(argv) - len(rest) - (1 if "--" in argv else 0)])
+    args.harness_args = rest
+    if args.shared is None or not (Path(args.shared) / "bench.py").is_file():
+        parser.error("--shared DIR (or $WABA_BENCH_SHARED): the folder with the harness's bench.py")
+    args.shared = Path(args.shared).resolve()
+    modes = args.modes.split(",")
+    if not modes or set(modes) - set(ANCHOR):
+        parser.error("--modes: ka, new or ka,new")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="waba-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    modes = args.modes.split(",")
+    try:
+        a, b = build(args.rev_a, work, args.extras), build(args.rev_b, work, args.extras)
+        for round_no in range(1, args.rounds + 1):
+            for item in (a, b) if round_no % 2 else (b, a):
+                out = work / f"run-{round_no}-{item.commit[:10]}.json"
+                found = run_harness(args, item, round_no, out)
+                item.runs.append(found)
+                log(f"round {round_no}: {item.rev}: " + "  ".join(
+                    f"{mode} FAILED ({f['failed']})" if "failed" in f else
+                    f"{mode} {f['ratio']:.2f}x {ANCHOR[mode]} ({f['rps']:,.0f} req/s, "
+                    f"{f['cpu_us']:.0f} us CPU/req, fwd {f['fwd']:.2f})"
+                    for mode, f in found.items()))
+        print("\n".join(summary(a, b, modes)))
+        if args.json:
+            args.json.write_text(json.dumps(
+                {"a": {"rev": a.rev, "commit": a.commit, "runs": a.runs},
+                 "b": {"rev": b.rev, "commit": b.commit, "runs": b.runs},
+                 "modes": modes, "rounds": args.rounds, "duration": args.duration,
+                 "extras": args.extras}, indent=1))
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

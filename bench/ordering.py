@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Delivered per second with ``order = "conversation"`` against ``order = "none"``, in one run.
+
+Rule: the same real gateway (started through ``candidate.sh``, pinned as ``bench.py`` pins it)
+and the shared benchmark's ``sink.py``; only the target's ``order`` differs. The load is
+``--count`` notifications spread over ``--conversations`` users (the shared payload with its
+user's phone number and a business-scoped user id set per user, and a unique wamid), posted over
+mTLS by an aiohttp client at ``--concurrency``: ``ab`` posts one body, which would be one
+conversation. Two measurements per gateway:
+
+  live    the target up while the notifications arrive: delivered/s from the first request
+          to the last delivery (the client is part of the figure, the same for every mode)
+  drain   the notifications stored with the target down, then the target up: delivered/s of
+          the dispatcher alone. Retry waits of 10 to 50 ms: with order, a conversation's next
+          deliveries wait for its first one's retry, and with bench.py's waits (up to 1 s) the
+          figure would measure the backoff rather than the dispatcher
+
+Every round runs both modes (alternating which goes first) and, with ``--ref``, the shared
+benchmark's plain aiohttp receiver (``ref_gateway.py``, forwarding before it answers) under the
+same client: the machine's noise shows in its spread across rounds.
+
+Usage: ordering.py --sink PATH/TO/sink.py [--ref PATH/TO/ref_gateway.py] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import signal
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import (
+    Bench,
+    Proc,
+    free_port,
+    log,
+    pinned,
+    sink_get,
+    wait_drained,
+    wait_listening,
+)
+from bench import (
+    parse_args as bench_args,
+)
+
+MODES = {"none": 'order = "none"', "conversation": 'order = "conversation"'}
+TINY_WAITS = "wait_initial_s = 0.01\nwait_max_s = 0.05"
+
+
+def bodies(payload: bytes, count: int, conversations: int) -> list[bytes]:
+    """``count`` notifications, notification ``n`` from user ``n % conversations``."""
+    template: Any = json.loads(payload)
+    out = []
+    for n in range(count):
+        value = template["entry"][0]["changes"][0]["value"]
+        user = n % conversations
+        phone = f"1650{user:07d}"
+        for contact in value.get("contacts", []):
+            contact["wa_id"], contact["user_id"] = phone, f"US.{user}"
+        for message in value.get("messages", []):
+            message["from"], message["from_user_id"] = phone, f"US.{user}"
+            message["id"] = f"wamid.bench{n:09d}"
+        out.append(json.dumps(template, separators=(",", ":")).encode())
+    return out
+
+
+async def post_all(url: str, certs: dict[str, Path], secret: bytes, payloads: list[bytes],
+                   concurrency: int) -> float:
+    """POST every payload, signed, over ``concurrency`` kept-alive mTLS connections; the
+    seconds it took. Each connection sends its share in order."""
+    context = ssl.create_default_context(cafile=str(certs["ca.pem"]))
+    context.load_cert_chain(str(certs["client.pem"]))
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=context)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def lane(share: list[bytes]) -> None:
+            for body in share:
+                signature = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+                headers = {"Content-Type": "application/json", "X-Hub-Signature-256": signature}
+                async with session.post(url, data=body, headers=headers) as answer:
+                    await answer.read()
+                    if answer.status != 200:
+                        raise SystemExit(f"{url}: HTTP {answer.status}")
+
+        await asyncio.gather(*(lane(payloads[i::concurrency]) for i in range(concurrency)))
+    return time.monotonic() - started
+
+
+def wait_forwarded(port: int, count: int, limit_s: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        if sink_get(port, "/__stats")["requests"] >= count:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    return None
+
+
+class Ordering:
+    def __init__(self, bench: Bench, args: argparse.Namespace) -> None:
+        self.bench, self.args = bench, args
+        self.secret = bench.env_base["BENCH_APP_SECRET"].encode()
+        self.payloads = bodies(bench.payload_path.read_bytes(), args.count, args.conversations)
+        self.rows: list[dict[str, Any]] = []
+
+    def live(self, mode: str, round_: int) -> dict[str, Any]:
+        b, a = self.bench, self.args
+        sink_port = free_port()
+        sink = b.sink(sink_port, b.args.load_cpus)
+        gateway = b.gateway(f"gw-live-{mode}-{round_}", target_port=sink_port,
+                            cpus=b.args.gw_cpus, target_toml=MODES[mode])
+        posted = asyncio.run(post_all(gateway.url, b.certs, self.secret, self.payloads,
+                                      a.concurrency))
+        drained = wait_drained(gateway, 300)
+        delivered = sink_get(sink_port, "/__stats")["requests"]
+        b.stop_gateway(gateway)
+        sink.stop()
+        b.procs.remove(sink)
+        total = posted + (drained or 0)
+        return {"mode": mode, "round": round_, "phase": "live", "acked_per_s":
+                round(len(self.payloads) / posted, 1), "delivered": delivered,
+                "delivered_per_s": round(delivered / total, 1)}
+
+    def drain(self, mode: str, round_: int) -> dict[str, Any]:
+        b, a = self.bench, self.args
+        sink_port = free_port()
+        gateway = b.gateway(f"gw-drain-{mode}-{round_}", target_port=sink_port,
+                            cpus=b.args.gw_cpus, target_toml=f"{MODES[mode]}\n{TINY_WAITS}")
+        asyncio.run(post_all(gateway.url, b.certs, self.secret, self.payloads, a.concurrency))
+        sink = b.sink(sink_port, b.args.load_cpus)
+        started = time.monotonic()
+        drained = wait_drained(gateway, 300)
+        took = time.monotonic() - started
+        delivered = sink_get(sink_port, "/__stats")["requests"]
+        b.stop_gateway(gateway)
+        sink.stop()
+        b.procs.remove(sink)
+        return {"mode": mode, "round": round_, "phase": "drain", "delivered": delivered,
+                "drained": drained is not None, "delivered_per_s": round(delivered / took, 1)}
+
+    def reference(self, round_: int) -> dict[str, Any]:
+        """The plain receiver: forwards each request before answering it."""
+        b, a = self.bench, self.args
+        sink_port, port = free_port(), free_port()
+        sink = b.sink(sink_port, b.args.load_cpus)
+        env = dict(b.env_base, BENCH_LISTEN_PORT=str(port),
+                   BENCH_TARGET_URL=f"http://127.0.0.1:{sink_port}/sink")
+        ref = Proc(f"ref-{round_}", pinned([sys.executable, a.ref], b.args.gw_cpus), b.tmp, env)
+        b.procs.append(ref)
+        wait_listening(port, ref, 30)
+        url = f"https://127.0.0.1:{port}{b.path}"
+        posted = asyncio.run(post_all(url, b.certs, self.secret, self.payloads, a.concurrency))
+        forwarded = wait_forwarded(sink_port, len(self.payloads), 60)
+        delivered = sink_get(sink_port, "/__stats")["requests"]
+        for proc in (ref, sink):
+            proc.stop()
+            b.procs.remove(proc)
+        return {"mode": "ref-1p", "round": round_, "phase": "live",
+                "delivered_per_s": round(delivered / (posted + (forwarded or 0)), 1)}
+
+    def run(self) -> None:
+        for round_ in range(self.args.rounds):
+            modes = list(MODES) if round_ % 2 == 0 else list(reversed(MODES))
+            if self.args.ref:
+                self.record(self.reference(round_))
+            for mode in modes:
+                self.record(self.live(mode, round_))
+            for mode in modes:
+                self.record(self.drain(mode, round_))
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        log(json.dumps(row))
+
+    def summary(self) -> dict[str, Any]:
+        """Median and min..max of delivered/s per phase and mode, and the ratio of medians."""
+        table: dict[str, Any] = {}
+        for phase in ("live", "drain"):
+            for mode in ("ref-1p", *MODES):
+                figures = [r["delivered_per_s"] for r in self.rows
+                           if r["phase"] == phase and r["mode"] == mode]
+                if figures:
+                    table[f"{phase} {mode}"] = {"median": statistics.median(figures),
+                                                "min": min(figures), "max": max(figures)}
+            none, ordered = table.get(f"{phase} none"), table.get(f"{phase} conversation")
+            if none and ordered:
+                table[f"{phase} ratio"] = round(ordered["median"] / none["median"], 3)
+        return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sink", default=os.environ.get("WABA_BENCH_SINK"))
+    parser.add_argument("--ref", help="the shared benchmark's ref_gateway.py (the plain receiver)")
+    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--conversations", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("-c", "--concurrency", type=int, default=32)
+    parser.add_argument("--payload", help="notification body (default: bench.py's)")
+    parser.add_argument("--json", help="write every row and the summary here")
+    args = parser.parse_args(argv)
+    base = bench_args(["--sink", args.sink or "", "--phases", "e2e",
+                       *(["--payload", args.payload] if args.payload else [])])
+    tmp = Path(tempfile.mkdtemp(prefix="waba-bench-order-"))
+    bench = Bench(base, tmp)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    ordering = Ordering(bench, args)
+    try:
+        ordering.run()
+    except KeyboardInterrupt:
+        log("interrupted")
+    finally:
+        bench.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = ordering.summary()
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": ordering.rows, "summary": summary},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

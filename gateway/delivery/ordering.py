@@ -1,0 +1,170 @@
+"""Which conversations of each ordered target the next claim must look at.
+
+Rule: pure bookkeeping with the time passed in; the outbox alone decides what is first of a
+conversation (:meth:`gateway.outbox.Outbox.due`). A claim is needed for a conversation only when
+a delivery of it waits (stored behind another, or with no room to start: :meth:`held`) and the
+one ahead ends in delivery or dead letter (:meth:`finished`), or when its first delivery's retry
+comes due (:meth:`retry_at`). So a claim asks for those conversations alone, one index seek
+each, instead of a pass over every pending delivery of the target; a conversation with nothing
+waiting (the usual case: one message answered before the next) costs no query at all.
+
+What it cannot see: deliveries stored by another worker or gateway, replays, and anything lost
+between a crash and a restart. For those a claim looks at every conversation: at the start, after
+a wake-up from outside (:meth:`everything`), and at the latest every :data:`FULL_EVERY_S`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Iterable
+
+__all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "Conversations"]
+
+# Stands for deliveries not known one by one: a look at every conversation started the first
+# of this one, and whatever was stored behind it (by another worker or gateway, or before a
+# restart) is not known here. Kept until a claim finds nothing more due in the conversation.
+_UNKNOWN = ""
+
+# The longest a conversation change no one announced (another worker's or gateway's delivery)
+# waits for a claim to notice it; the pass over every conversation costs about 2 us per pending
+# delivery of the target, so once a second is a few per cent of a core at 20,000 pending.
+FULL_EVERY_S = 1.0
+# After a look at every conversation that had no room for all it found: the next such look,
+# at the soonest, or ten times as long as that look took (a look at a million pending
+# deliveries takes most of a second: it then gets a tenth of the dispatcher's time, at most).
+# Meanwhile the conversations it did start announce their next deliveries.
+FULL_AGAIN_S = 0.05
+_FULL_SHARE = 10
+
+
+class Conversations:
+    def __init__(self) -> None:
+        self._keys: dict[str, set[str]] = {}
+        self._full: set[str] = set()
+        self._last_full: dict[str, float] = {}
+        self._retries: list[tuple[float, str, str]] = []
+        # Per target and conversation, the ids of the deliveries this process knows to wait.
+        self._waiting: dict[str, dict[str, set[str]]] = {}
+
+    def reconfigure(self, ordered: Collection[str]) -> None:
+        """Keep order for ``ordered`` now: a target new to it is looked at in full first."""
+        for name in list(self._keys):
+            if name not in ordered:
+                del self._keys[name], self._waiting[name]
+                self._last_full.pop(name, None)
+        for name in ordered:
+            if name not in self._keys:
+                self._keys[name] = set()
+                self._waiting[name] = {}
+                self._full.add(name)
+        self._full &= set(ordered)
+        self._retries = [r for r in self._retries if r[1] in self._keys]
+        heapq.heapify(self._retries)
+
+    def everything(self) -> None:
+        """Something this process did not see may have changed any conversation."""
+        self._full |= set(self._keys)
+
+    def changed(self, target: str, key: str | None) -> None:
+        """A delivery of ``key`` was stored, delivered or dead-lettered (``None``: a delivery
+        with no conversation, which only a full look finds)."""
+        if target not in self._keys:
+            return
+        if key is None:
+            self._full.add(target)
+        else:
+            self._keys[target].add(key)
+
+    def held(self, target: str, key: str | None, delivery_id: str) -> None:
+        """Delivery ``delivery_id`` of ``key`` was stored and could not start: the next claim
+        looks at its conversation, and so does the one after each delivery of it ends, until
+        it starts."""
+        waiting = self._waiting.get(target)
+        if waiting is not None and key is not None:
+            waiting.setdefault(key, set()).add(delivery_id)
+        self.changed(target, key)
+
+    def started(self, target: str, key: str | None, delivery_id: str) -> None:
+        """A claim started delivery ``delivery_id``: it no longer waits."""
+        waiting = self._waiting.get(target)
+        if waiting is None or key is None or key not in waiting:
+            return
+        waiting[key].discard(delivery_id)
+        if not waiting[key]:
+            del waiting[key]
+
+    def finished(self, target: str, key: str | None) -> None:
+        """A delivery of ``key`` was delivered or dead-lettered: its conversation is looked at
+        again only when something is known to wait in it."""
+        waiting = self._waiting.get(target)
+        if waiting is not None and key is not None and waiting.get(key):
+            self._keys[target].add(key)
+
+    def retry_at(self, target: str, key: str | None, at: float) -> None:
+        """The first delivery of ``key`` is due again at ``at``."""
+        if target in self._keys:
+            heapq.heappush(self._retries, (at, target, key or ""))
+
+    def request(self, now: float, targets: Iterable[str]) -> dict[str, set[str] | None]:
+        """For each ordered one of ``targets``, the conversations to look at (``None``: all).
+        An empty set: nothing changed, no need to ask."""
+        while self._retries and self._retries[0][0] <= now:
+            _, target, key = heapq.heappop(self._retries)
+            self.changed(target, key or None)
+        asked: dict[str, set[str] | None] = {}
+        for name in targets:
+            keys = self._keys.get(name)
+            if keys is None:
+                continue
+            if name in self._full or now - self._last_full.get(name, 0.0) >= FULL_EVERY_S:
+                self._full.discard(name)
+                self._last_full[name] = now
+                keys.clear()
+                asked[name] = None
+            else:
+                # Taken out: a change announced while the claim runs is asked about again.
+                asked[name] = set(keys)
+                keys.clear()
+        return asked
+
+    def claimed(
+        self,
+        target: str,
+        asked: set[str] | None,
+        started: Collection[str],
+        complete: bool,
+        took_s: float = 0.0,
+    ) -> None:
+        """What a claim for ``asked`` found: ``started`` conversations now have a delivery out
+        (its outcome announces the next); ``complete``: the claim had room for every first
+        delivery it found, so the others asked about have none due. Otherwise (or when the
+        claim did not happen: ``complete`` false, nothing started) they are asked about
+        again."""
+        keys = self._keys.get(target)
+        if keys is None:
+            return
+        waiting = self._waiting[target]
+        if asked is None:
+            for key in started:
+                waiting.setdefault(key, set()).add(_UNKNOWN)
+        elif complete:
+            for key in asked.difference(started):
+                ids = waiting.get(key)
+                if ids is not None:
+                    ids.discard(_UNKNOWN)
+                    if not ids:
+                        del waiting[key]
+        if complete:
+            return
+        if asked is None:
+            # Not at once: each look reads every pending delivery's index entry, and while the
+            # target is this busy its started conversations keep it supplied.
+            again = min(FULL_EVERY_S, max(FULL_AGAIN_S, _FULL_SHARE * took_s))
+            last = self._last_full.get(target, 0.0)
+            self._last_full[target] = min(last, last - FULL_EVERY_S + again)
+        else:
+            keys |= asked - set(started)
+
+    def next_at(self) -> float | None:
+        """When the next retry comes due (for the dispatcher's sleep)."""
+        return self._retries[0][0] if self._retries else None

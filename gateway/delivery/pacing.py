@@ -1,0 +1,155 @@
+"""What holds a target's deliveries back on purpose: its conversation order and its rate limit.
+
+Rule: a target with neither (``order = "none"``, no ``rate_per_s``) is not touched here at all:
+its deliveries start as they are stored (the dispatcher's ``offer``) and its claims ask the
+outbox for as many as it has room for, exactly as before. A rate-limited target gets every
+delivery through a claim, which is cut to the tokens the limit grants. An ordered one starts a
+fresh delivery at once only when the outbox found no earlier one of its conversation pending as
+it stored it (``Delivery.behind``, here or at another gateway); every other delivery waits for a
+claim, which asks only about the conversations whose first delivery may have changed
+(:mod:`gateway.delivery.ordering`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.config import TargetConfig
+from gateway.delivery.ordering import Conversations
+from gateway.delivery.ratelimit import TokenBucket
+from gateway.outbox import Delivery, Outbox
+
+__all__ = ["Claim", "Pacing"]
+
+# The shortest wait before asking a shared bucket again, when it granted less than was wanted.
+_MIN_WAIT_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What to ask the outbox for: ``limits`` per target, and for ordered targets the
+    conversations whose first delivery may have changed (absent: every conversation)."""
+
+    limits: dict[str, int]
+    conversations: dict[str, set[str]]
+    asked: dict[str, set[str] | None]
+
+
+class Pacing:
+    def __init__(self, targets: Sequence[TargetConfig], now: float) -> None:
+        self.ordered: frozenset[str] = frozenset()
+        self.claim_only: frozenset[str] = frozenset()
+        self.unpaced_ordered: frozenset[str] = frozenset()
+        self._targets: dict[str, TargetConfig] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._starved: set[str] = set()
+        # Whether the outbox keeps the buckets for every gateway (learnt at the first take).
+        self._shared = False
+        self.conversations = Conversations()
+        self.reconfigure(targets, now)
+
+    def reconfigure(self, targets: Sequence[TargetConfig], now: float) -> None:
+        """Take new target settings; a target whose rate and burst are unchanged keeps its
+        bucket (a reload does not hand out a fresh burst)."""
+        limited = {t.name: t for t in targets if t.rate_per_s is not None}
+        buckets = {}
+        for name, target in limited.items():
+            rate, burst = float(target.rate_per_s or 0), target.burst_size
+            old = self._buckets.get(name)
+            if old is not None and (old.rate_per_s, old.burst) == (rate, burst):
+                buckets[name] = old
+            else:
+                buckets[name] = TokenBucket.full(rate, burst, now)
+        self._targets, self._buckets = limited, buckets
+        self.ordered = frozenset(t.name for t in targets if t.order == "conversation")
+        self.claim_only = self.ordered | frozenset(limited)
+        # Ordered without a rate limit: a fresh delivery first of its conversation may start
+        # at once, after a check of its order alone (no token to take).
+        self.unpaced_ordered = self.ordered - frozenset(limited)
+        self._starved &= set(limited)
+        self.conversations.reconfigure(self.ordered)
+
+    async def plan(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> Claim:
+        """The claim to make: an ordered target with no conversation changed is left out (no
+        query at all), and each rate-limited target is cut to the tokens it may spend now
+        (taken from the bucket: :meth:`settle` gives back what is not used)."""
+        asked = self.conversations.request(now, limits)
+        wanted = {name: n for name, n in limits.items() if asked.get(name, None) != set()}
+        granted = await self._grant(outbox, wanted, now)
+        for name, keys in asked.items():
+            if name not in granted:  # no token: asked about again at the next claim
+                self.conversations.claimed(name, keys, (), complete=False)
+        conversations = {
+            name: keys for name, keys in asked.items() if keys is not None and name in granted
+        }
+        return Claim(limits=granted, conversations=conversations, asked=asked)
+
+    async def settle(
+        self,
+        outbox: Outbox,
+        claim: Claim,
+        claimed: Mapping[str, int],
+        started: Sequence[Delivery],
+        took_s: float = 0.0,
+    ) -> None:
+        """Tokens taken for deliveries that were not there go back; conversations the claim had
+        no room for are asked about again (``took_s``: how long the claim took)."""
+        await self._give_back(outbox, claim.limits, claimed)
+        for delivery in started:
+            self.conversations.started(delivery.target, delivery.order_key, delivery.id)
+        for name in claim.limits:
+            if name not in claim.asked:
+                continue
+            keys = [d.order_key or "" for d in started if d.target == name]
+            complete = claimed.get(name, 0) < claim.limits[name]
+            self.conversations.claimed(
+                name, claim.asked[name], keys, complete=complete, took_s=took_s
+            )
+
+    async def _grant(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> dict[str, int]:
+        granted = dict(limits)
+        for name, target in self._targets.items():
+            want = granted.get(name, 0)
+            if want <= 0:
+                continue
+            rate, burst = float(target.rate_per_s or 0), target.burst_size
+            shared = await outbox.take_tokens(name, rate, burst, want)
+            self._shared = shared is not None
+            got = self._buckets[name].take(now, want) if shared is None else shared
+            if got < want:
+                self._starved.add(name)
+            else:
+                self._starved.discard(name)
+            if got:
+                granted[name] = got
+            else:
+                del granted[name]
+        return granted
+
+    async def _give_back(
+        self, outbox: Outbox, granted: Mapping[str, int], claimed: Mapping[str, int]
+    ) -> None:
+        for name, target in self._targets.items():
+            unused = granted.get(name, 0) - claimed.get(name, 0)
+            if unused <= 0:
+                continue
+            if self._shared:
+                rate = float(target.rate_per_s or 0)
+                await outbox.give_back_tokens(name, rate, target.burst_size, unused)
+            else:
+                self._buckets[name].give_back(unused)
+
+    def wait_s(self, now: float, poll_s: float) -> float:
+        """How long the dispatcher may sleep: until a starved target has a token again, or a
+        conversation's retry comes due."""
+        wait = poll_s
+        retry = self.conversations.next_at()
+        if retry is not None:
+            wait = min(wait, max(0.0, retry - now))
+        for name in self._starved:
+            bucket = self._buckets[name]
+            # A shared bucket's level is the database's: ask again after one token's time.
+            until = 1 / bucket.rate_per_s if self._shared else bucket.wait_s(now)
+            wait = min(wait, max(_MIN_WAIT_S, until))
+        return wait

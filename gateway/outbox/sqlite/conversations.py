@@ -1,0 +1,104 @@
+"""The statements of conversation order on the outbox file (targets with ``order =
+"conversation"``).
+
+Rule: plain functions of a ``sqlite3.Connection``, inside a transaction their caller owns, like
+:mod:`gateway.outbox.sqlite.store`, which uses them. A keyed delivery's place in its
+conversation is its id, or the place a replay gave it (``position``); it may go when no pending
+delivery of its conversation has an earlier place. A dead letter is not pending, so it releases
+the conversation. Every statement here reads the partial index of keyed pending rows
+(:mod:`gateway.outbox.sqlite.layout`), never a body.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Collection, Sequence
+
+__all__ = ["first_due", "held_back", "is_behind", "to_the_back"]
+
+# Whether an earlier delivery of a conversation is pending (a seek in the partial index).
+_BEHIND = (
+    "SELECT EXISTS (SELECT 1 FROM deliveries WHERE state = 'pending' AND target = ?"
+    " AND order_key = ? AND COALESCE(position, id) < ?)"
+)
+
+# An ordered target's due deliveries that are first of their conversation: for the keyed ones,
+# one pass over the partial index of keyed pending rows (it holds the place and the due time, so
+# the rows themselves are not read), taking each conversation's first (SQLite gives the bare
+# columns of the row that holds the MIN: https://sqlite.org/lang_select.html#bareagg); and the
+# unkeyed ones, accepted before the target kept order, in time order.
+_FIRST_DUE = (
+    "SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at,"
+    " MIN(COALESCE(position, id)) FROM deliveries WHERE state = 'pending' AND target = ?"
+    " AND order_key IS NOT NULL GROUP BY order_key) WHERE next_attempt_at <= ?"
+    " UNION ALL SELECT id, next_attempt_at FROM deliveries WHERE state = 'pending'"
+    " AND target = ? AND next_attempt_at <= ? AND order_key IS NULL"
+    " ORDER BY next_attempt_at LIMIT ?"
+)
+
+# The same for the conversations of a JSON array of keys: each one's first pending delivery,
+# by one seek into the partial index, kept when it is due.
+_FIRST_DUE_OF = (
+    "SELECT h.id, h.next_attempt_at FROM (SELECT (SELECT e.id FROM deliveries e"
+    " WHERE e.state = 'pending' AND e.target = ?1 AND e.order_key = k.value"
+    " ORDER BY COALESCE(e.position, e.id) LIMIT 1) AS first FROM json_each(?2) AS k) AS f"
+    " JOIN deliveries h ON h.id = f.first WHERE h.next_attempt_at <= ?3"
+    " ORDER BY h.next_attempt_at LIMIT ?4"
+)
+
+# Replayed deliveries with a conversation go to its back: each takes a new place from the
+# deliveries' own id counter (sqlite_sequence, which AUTOINCREMENT keeps), so every delivery
+# accepted later comes after them too. Among themselves they keep their order.
+_TAKE_PLACES = (
+    "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'deliveries' RETURNING seq - ?"
+)
+
+
+def is_behind(conn: sqlite3.Connection, target: str, key: str, rowid: int) -> bool:
+    """Whether an earlier delivery of ``key``'s conversation than ``rowid`` is pending."""
+    (held,) = conn.execute(_BEHIND, (target, key, rowid)).fetchone()
+    return bool(held)
+
+
+def first_due(
+    conn: sqlite3.Connection, target: str, now: float, limit: int, keys: Collection[str] | None
+) -> list[int]:
+    """Up to ``limit`` row ids of ``target``'s deliveries due by ``now`` that are first of
+    their conversation, oldest first: of every conversation, or of those ``keys`` name (one
+    index seek each)."""
+    if keys is None:
+        rows = conn.execute(_FIRST_DUE, (target, now, target, now, limit))
+    else:
+        rows = conn.execute(_FIRST_DUE_OF, (target, json.dumps(sorted(keys)), now, limit))
+    return [int(rowid) for rowid, _ in rows]
+
+
+def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:
+    """Per target, the conversations with more than one pending delivery: those with a
+    delivery waiting behind an earlier one."""
+    marks = ", ".join("?" * len(targets))
+    rows = conn.execute(
+        "SELECT target, COUNT(*) FROM (SELECT target FROM deliveries"  # noqa: S608 (marks)
+        f" WHERE state = 'pending' AND order_key IS NOT NULL AND target IN ({marks})"
+        " GROUP BY target, order_key HAVING COUNT(*) > 1) GROUP BY target",
+        targets,
+    ).fetchall()
+    return {str(target): int(count) for target, count in rows}
+
+
+def to_the_back(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> None:
+    """Give the keyed deliveries ``where`` selects (a constant condition with ``params``) new
+    places behind every other delivery, keeping their order among themselves."""
+    rows = conn.execute(
+        f"SELECT id FROM deliveries WHERE order_key IS NOT NULL AND {where}"  # noqa: S608
+        " ORDER BY COALESCE(position, id)",
+        tuple(params),
+    ).fetchall()
+    if not rows:
+        return
+    ((base,),) = conn.execute(_TAKE_PLACES, (len(rows), len(rows))).fetchall()
+    conn.executemany(
+        "UPDATE deliveries SET position = ? WHERE id = ?",
+        [(base + rank, rowid) for rank, (rowid,) in enumerate(rows, start=1)],
+    )
