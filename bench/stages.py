@@ -63,7 +63,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
                                      "/delivery/")),
     ("response", ("._answer (", "._notified (", "log_access (", ".answered (",
                   "/responses.py:", "/stats.py:", "/metrics.py:")),
-    ("HTTP framing", (" (gateway/edge/listener.py:", " (gateway/listener.py:", "httptools")),
+    ("HTTP framing", (" (gateway/edge/http1.py:", " (gateway/edge/listener.py:",
+                      " (gateway/listener.py:", "httptools")),
     ("callback (the steps' glue)", ("/callback.py:",)),
 )
 LOOP = "event loop and I/O"

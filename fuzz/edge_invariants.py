@@ -1,9 +1,11 @@
-"""The invariants the fuzz target checks on every input, importable without atheris.
+"""The invariants the fuzz targets check on every input, importable without atheris.
 
 Rule: for any bytes a client could send as a body, :func:`check_body` either finds every
 invariant holding or raises AssertionError; any other exception is a defect (a crash that would
-have answered 500). ``tests/test_fuzz_invariants.py`` runs it on Meta's samples in CI; ``run.sh``
-runs it under atheris' coverage-guided mutation for a bounded time.
+have answered 500). For any bytes a client could send on a connection, :func:`check_stream`
+does the same for the HTTP/1.1 core: the events of one read are those of any cut into reads.
+``tests/test_fuzz_invariants.py`` runs both on seeds in CI; ``run.sh`` runs either under
+atheris' coverage-guided mutation for a bounded time.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 
 from gateway.config import TargetConfig
+from gateway.edge.http1 import Continue, Event, Http1, Limits, Refusal, Request
 from gateway.edge.jsontext import is_json
 from gateway.edge.routing import iter_changes, parse, route
 from gateway.errors import BadRequest, NestedTooDeep
@@ -67,3 +70,37 @@ def _stdlib_reads(data: bytes) -> bool:
     except (ValueError, RecursionError):
         return False
     return True
+
+
+# The default head and URL limits; a body limit small enough for inputs to cross it. Inputs stay
+# under the head limit (libFuzzer's -max_len), where no cut can change what the head counts.
+STREAM_LIMITS = Limits(max_body_bytes=512)
+
+
+def _events(pieces: list[bytes]) -> list[tuple[object, ...]]:
+    http = Http1(STREAM_LIMITS, "/webhook")
+    events: list[Event] = []
+    for when, piece in enumerate(pieces):
+        events += http.feed(piece, float(when))
+    return [_seen(event) for event in events]
+
+
+def _seen(event: Event) -> tuple[object, ...]:
+    if isinstance(event, Request):
+        return ("request", event.method, event.url, event.signature, event.keep_alive, event.body)
+    if isinstance(event, Refusal):
+        return ("refusal", event.error.status, str(event.error), event.method)
+    assert isinstance(event, Continue)
+    return ("continue",)
+
+
+def check_stream(data: bytes) -> None:
+    """Feed ``data`` in one read, cut in two where its first byte says, and a byte at a time:
+    the same events each time, at most one refusal, and nothing after it."""
+    assert len(data) < STREAM_LIMITS.max_head_bytes, "longer inputs are out of this check's scope"
+    whole = _events([data])
+    refusals = [index for index, seen in enumerate(whole) if seen[0] == "refusal"]
+    assert refusals in ([], [len(whole) - 1]), whole
+    cut = data[0] % (len(data) + 1) if data else 0
+    assert _events([data[:cut], data[cut:]]) == whole
+    assert _events([data[i : i + 1] for i in range(len(data))]) == whole

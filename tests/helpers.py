@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import aiohttp
 from pki import ClientKind, Pki
@@ -49,6 +49,8 @@ __all__ = [
     "REFUSED",
     "VERIFY_TOKEN",
     "Answer",
+    "ConfigOptions",
+    "OpenOptions",
     "admin_get",
     "admin_post",
     "bodies_in_file",
@@ -93,6 +95,27 @@ def sink_target(sink: Sink, name: str = "sink", **options: Any) -> TargetConfig:
         "wait_max_s": 0.2,
     }
     return TargetConfig(**(settings | options))
+
+
+class ConfigOptions(TypedDict, total=False):
+    """What :func:`gateway_config` takes besides its targets, for helpers that pass it on."""
+
+    client_auth: ClientAuth
+    app_secrets: Sequence[str]
+    max_body_bytes: int | None
+    admin_token: str | None
+    admin_allowed_hosts: Sequence[str]
+    host: str
+    admin: bool
+
+
+class OpenOptions(TypedDict, total=False):
+    """What :func:`gateway.outbox.open_outbox` takes besides the configuration."""
+
+    on_commit: Callable[[int], None] | None
+    create: bool
+    dispatching: bool
+    on_wake: Callable[[], None] | None
 
 
 def gateway_config(

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from helpers import APP_SECRET
+import aiohttp
+from helpers import APP_SECRET, meta_signature
+from pki import Pki
 from sink import DEADLINE_S
 
-__all__ = ["kill_group", "serving", "stop", "until_listening"]
+__all__ = ["kill_group", "post_to", "serving", "stop", "until_listening"]
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -75,3 +77,29 @@ async def until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
         writer.close()
         await writer.wait_closed()
         return
+
+
+async def post_to(
+    port: int,
+    pki: Pki,
+    body: bytes,
+    *,
+    fresh: bool = False,
+    session: aiohttp.ClientSession | None = None,
+) -> int:
+    """POST ``body`` to the callback on ``port``, signed like Meta, over mTLS; its status.
+    ``fresh`` asks for a connection of its own; ``session`` reuses the caller's connections."""
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
+    if fresh:
+        headers["Connection"] = "close"
+    async with contextlib.AsyncExitStack() as stack:
+        if session is None:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+        async with session.post(
+            f"https://localhost:{port}/webhook",
+            data=body,
+            headers=headers,
+            ssl=pki.client_context("meta"),
+        ) as response:
+            await response.read()
+            return response.status

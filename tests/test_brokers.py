@@ -23,11 +23,10 @@ from destinations import STREAM, NatsDestination, RedisDestination, entry_receiv
 from helpers import APP_SECRET, gateway_config, message_body, post, wait_for_state
 from nats import connect as nats_connect
 from pki import Pki
-from processes import serving
+from processes import post_to, serving, until_listening
 from redis.exceptions import ConnectionError, ResponseError
 from sink import DEADLINE_S, Received
 from test_forwarding import BATCH, TARGET_SECRET, envelope, gateway_signature
-from test_process import _post, _until_listening
 
 from gateway.cli import main
 from gateway.config import TargetConfig
@@ -198,8 +197,8 @@ async def test_sigkill_between_broker_ack_and_record_loses_nothing(
     body = message_body("acknowledged, then the gateway dies")
     await destination.down()
     with serving(config) as first:
-        await _until_listening(port, pki, first)
-        assert await _post(port, pki, body) == 200
+        await until_listening(port, first)
+        assert await post_to(port, pki, body) == 200
         # The outbox locked by another writer: whatever the gateway learns from now on, it
         # cannot record. Then the broker comes back and acknowledges the next attempt.
         lock = sqlite3.connect(tmp_path / "outbox.sqlite3", isolation_level=None)
@@ -214,7 +213,7 @@ async def test_sigkill_between_broker_ack_and_record_loses_nothing(
             lock.close()
     delivery_id = received[0].headers["X-Gateway-Delivery-Id"]
     with serving(config) as second:
-        await _until_listening(port, pki, second)
+        await until_listening(port, second)
         outbox = sqlite3.connect(tmp_path / "outbox.sqlite3")
 
         async def delivered() -> bool:

@@ -23,6 +23,7 @@ from pki import Pki
 from sink import DEADLINE_S
 
 from gateway.config import load_config
+from gateway.devfiles import config_path
 from gateway.runtime import dev
 
 
@@ -90,7 +91,7 @@ async def test_serve_dev_writes_its_config_for_every_command_and_ends_with_the_c
         async with aiohttp.ClientSession() as session, session.get(console) as page:
             assert page.status == 200
             assert "Overview" in await page.text()
-        written = dev.config_path(dev_dir)
+        written = config_path(dev_dir)
         assert any(str(written) in line for line in lines)
         assert written.stat().st_mode & 0o077 == 0  # it holds the dev secrets
         config = load_config(written)

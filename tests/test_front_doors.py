@@ -103,10 +103,13 @@ async def _call(
         return response.status, await response.text()
 
 
-async def _post(door: Door, pki: Pki, body: bytes, **options: object) -> tuple[int, str]:
-    signature = options.pop("signature", meta_signature(body))
-    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": str(signature)}
-    return await _call(door, pki, "POST", body=body, headers=headers, **options)  # type: ignore[arg-type]
+async def _post(
+    door: Door, pki: Pki, body: bytes, *, signature: str | None = None, kind: ClientKind = "meta"
+) -> tuple[int, str]:
+    """POST ``body`` signed as Meta signs it, or with ``signature``; sent as ``kind``."""
+    signed = meta_signature(body) if signature is None else signature
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": signed}
+    return await _call(door, pki, "POST", body=body, headers=headers, kind=kind)
 
 
 async def _stored(door: Door) -> int:

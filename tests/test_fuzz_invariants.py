@@ -25,6 +25,8 @@ def _invariants() -> ModuleType:
 
 
 CHECK = _invariants().check_body
+CHECK_STREAM = _invariants().check_stream
+STREAM_SEEDS = sorted((ROOT / "fuzz" / "http1-seeds").glob("*.http"))
 
 
 def test_there_are_samples_to_seed_the_fuzzer_with() -> None:
@@ -47,3 +49,25 @@ def test_invariants_hold_on_each_sample_and_its_mutations(sample: Path) -> None:
         body.replace(b"}", b"}}", 1),
     ):
         CHECK(variant)
+
+
+@pytest.mark.parametrize("seed", STREAM_SEEDS, ids=[s.stem for s in STREAM_SEEDS])
+def test_stream_invariants_hold_on_each_seed_and_its_mutations(seed: Path) -> None:
+    """Each request stream, truncated, doubled, with a byte flipped or a line end dropped,
+    gives the events of one read however it is cut, and at most one refusal, last."""
+    data = seed.read_bytes()
+    for variant in (
+        data,
+        data[: len(data) // 2],
+        data + data,
+        bytes([data[0] ^ 0x20]) + data[1:],
+        data.replace(b"\r\n", b"\n", 1),
+        data.replace(b"1.1", b"1.0"),
+        b"\r\n" + data,
+    ):
+        CHECK_STREAM(variant)
+
+
+def test_there_are_request_streams_to_seed_the_http1_fuzzer_with() -> None:
+    """The seeds exist (so the test above checks something)."""
+    assert len(STREAM_SEEDS) >= 8

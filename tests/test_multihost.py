@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,40 +15,12 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 from config_files import free_port, listen_port, write_config
-from helpers import message_body, meta_signature
+from helpers import message_body
 from pgserver import PgServer, running_server
 from pki import Pki
-from processes import serving
+from processes import post_to, serving, until_listening
 from settling import pending_in_postgres, until_settled
 from sink import DEADLINE_S, Sink
-
-
-async def _until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        assert process.poll() is None, f"the gateway exited with {process.returncode}"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway did not start listening"
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-
-
-async def _post(session: aiohttp.ClientSession, port: int, pki: Pki, body: bytes) -> int:
-    """POST ``body`` signed like Meta, over mTLS."""
-    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
-    async with session.post(
-        f"https://localhost:{port}/webhook",
-        data=body,
-        headers=headers,
-        ssl=pki.client_context("meta"),
-    ) as response:
-        await response.read()
-        return response.status
 
 
 class _Blackhole:
@@ -114,12 +85,15 @@ async def test_three_gateways_one_killed_with_claims_every_ack_delivered_once(
     with contextlib.ExitStack() as stack:
         gateways = [stack.enter_context(serving(config)) for config in configs]
         for port, process in zip(ports, gateways, strict=True):
-            await _until_listening(port, process)
+            await until_listening(port, process)
         async with aiohttp.ClientSession() as session:
             statuses = await asyncio.gather(
-                *(_post(session, ports[n % 3], pki, body) for n, body in enumerate(bodies)),
-                _post(session, ports[0], pki, twice),
-                _post(session, ports[1], pki, twice),
+                *(
+                    post_to(ports[n % 3], pki, body, session=session)
+                    for n, body in enumerate(bodies)
+                ),
+                post_to(ports[0], pki, twice, session=session),
+                post_to(ports[1], pki, twice, session=session),
             )
         assert statuses == [200] * (len(bodies) + 2)
         doomed = gateways[2]
@@ -173,13 +147,13 @@ async def test_database_going_away_gives_503_and_readyz_503_then_recovers(
         )
         port = listen_port(config)
         with serving(config) as gateway:
-            await _until_listening(port, gateway)
+            await until_listening(port, gateway)
             async with aiohttp.ClientSession() as session:
                 before = message_body("before the outage")
-                assert await _post(session, port, pki, before) == 200
+                assert await post_to(port, pki, before, session=session) == 200
                 await asyncio.to_thread(server.stop)
                 started = time.monotonic()
-                assert await _post(session, port, pki, message_body("during")) == 503
+                assert await post_to(port, pki, message_body("during"), session=session) == 503
                 readyz = f"http://127.0.0.1:{admin_port}/readyz"
                 async with session.get(readyz) as response:
                     assert response.status == 503
@@ -187,7 +161,7 @@ async def test_database_going_away_gives_503_and_readyz_503_then_recovers(
                 await asyncio.to_thread(server.start)
                 after = message_body("after the outage")
                 deadline = time.monotonic() + DEADLINE_S
-                while await _post(session, port, pki, after) != 200:
+                while await post_to(port, pki, after, session=session) != 200:
                     assert time.monotonic() < deadline, "the gateway did not recover"
                     await asyncio.sleep(0.2)
                 async with session.get(readyz) as response:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Unpack
 
 import pytest
+from helpers import OpenOptions
 
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
@@ -39,11 +41,11 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         base = OutboxConfig(url=request.getfixturevalue("pg_url"))
     opened: list[Outbox] = []
 
-    async def open_one(dedup_window_s: float = 7 * DAY, **options: object) -> Outbox:
+    async def open_one(dedup_window_s: float = 7 * DAY, **options: Unpack[OpenOptions]) -> Outbox:
         config = OutboxConfig(
             path=base.path, url=base.url, dedup_window_s=dedup_window_s, lease_s=30.0
         )
-        outbox = await open_outbox(config, **options)  # type: ignore[arg-type]
+        outbox = await open_outbox(config, **options)
         opened.append(outbox)
         return outbox
 

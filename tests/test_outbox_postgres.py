@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Unpack
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import eventually
+from helpers import OpenOptions, eventually
 from pgserver import PASSWORD, PgServer, running_server
 
 from gateway.config import OutboxConfig
@@ -26,9 +27,11 @@ async def opener(pg_url: str) -> AsyncIterator[Opener]:
     """Opens gateways' outboxes on one new database; all are closed at the end."""
     opened: list[Outbox] = []
 
-    async def open_one(lease_s: float = 30.0, url: str = pg_url, **options: object) -> Outbox:
+    async def open_one(
+        lease_s: float = 30.0, url: str = pg_url, **options: Unpack[OpenOptions]
+    ) -> Outbox:
         config = OutboxConfig(url=url, lease_s=lease_s)
-        outbox = await open_outbox(config, **options)  # type: ignore[arg-type]
+        outbox = await open_outbox(config, **options)
         opened.append(outbox)
         return outbox
 

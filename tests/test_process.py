@@ -11,67 +11,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from config_files import free_port, listen_port, write_config
-from helpers import APP_SECRET, message_body, meta_signature, metric
+from helpers import APP_SECRET, message_body, metric
 from pki import Pki
-from processes import serving
+from processes import post_to, serving, until_listening
 from settling import pending_in_sqlite, until_settled
 from sink import DEADLINE_S, Sink
 from two_workers import post_over_both_workers
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
-from gateway.edge.signature import sign
-
-
-async def _post(port: int, pki: Pki, body: bytes, *, fresh: bool = False) -> int:
-    """POST ``body`` signed like Meta over mTLS; ``fresh`` forces a new connection."""
-    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
-    if fresh:
-        headers["Connection"] = "close"
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"https://localhost:{port}/webhook",
-            data=body,
-            headers=headers,
-            ssl=pki.client_context("meta"),
-        ) as response,
-    ):
-        await response.read()
-        return response.status
-
-
-async def _until_listening(port: int, pki: Pki, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"the gateway exited with {process.returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError("the gateway did not start listening") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
+from gateway.signing import sign
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:
     return await asyncio.to_thread(process.wait, DEADLINE_S)
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    async with Sink() as running:
-        yield running
 
 
 async def test_sigkill_after_ack_with_target_down_loses_nothing(
@@ -83,14 +41,14 @@ async def test_sigkill_after_ack_with_target_down_loses_nothing(
     await sink.down()
     bodies = [message_body(f"crash test {n} caf\u00e9 \U0001f62e") for n in range(20)]
     with serving(config) as first:
-        await _until_listening(port, pki, first)
-        statuses = await asyncio.gather(*(_post(port, pki, body) for body in bodies))
+        await until_listening(port, first)
+        statuses = await asyncio.gather(*(post_to(port, pki, body) for body in bodies))
         assert statuses == [200] * len(bodies)
         first.send_signal(signal.SIGKILL)
         assert await _exit_code(first) == -signal.SIGKILL
     await sink.up()
     with serving(config) as second:
-        await _until_listening(port, pki, second)
+        await until_listening(port, second)
         received = await sink.wait_for(len(bodies), "/sink")
         assert sorted(r.body for r in received) == sorted(bodies)
         second.send_signal(signal.SIGTERM)
@@ -102,8 +60,8 @@ async def test_sigterm_finishes_and_exits_zero(pki: Pki, tmp_path: Path, sink: S
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"))
     port = listen_port(config)
     with serving(config) as process:
-        await _until_listening(port, pki, process)
-        assert await _post(port, pki, message_body("before stop")) == 200
+        await until_listening(port, process)
+        assert await post_to(port, pki, message_body("before stop")) == 200
         await sink.wait_for(1, "/sink")
         process.send_signal(signal.SIGTERM)
         assert await _exit_code(process) == 0
@@ -179,7 +137,7 @@ async def test_two_workers_share_outbox_without_loss_or_duplicates(
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
     with serving(config) as supervisor:
-        await _until_listening(port, pki, supervisor)
+        await until_listening(port, supervisor)
         bodies = await post_over_both_workers(port, pki, supervisor.pid, "worker test", 60)
         received = await sink.wait_for(len(bodies), "/sink")
         outbox = tmp_path / "outbox.sqlite3"
@@ -211,7 +169,7 @@ async def test_two_workers_metrics_count_what_every_worker_accepted(
     # One new connection each, spread over both workers (checked below), so worker 0's own
     # counters alone would fall short of 40.
     with serving(config) as supervisor:
-        await _until_listening(port, pki, supervisor)
+        await until_listening(port, supervisor)
         bodies = await post_over_both_workers(port, pki, supervisor.pid, "metrics test", 40)
         async with (
             aiohttp.ClientSession() as session,
@@ -258,7 +216,7 @@ async def test_two_workers_survive_sighup_to_any_process(
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
     with serving(config) as supervisor:
-        await _until_listening(port, pki, supervisor)
+        await until_listening(port, supervisor)
         # The supervisor binds the port before its workers exist: wait for both.
         deadline = time.monotonic() + DEADLINE_S
         while len(workers := _spawned_workers(supervisor.pid)) < 2:
@@ -354,7 +312,7 @@ async def test_supervisor_killed_while_workers_start_leaves_no_worker_behind(
             await asyncio.sleep(0.005)
         if moment == "serving":
             port = listen_port(config)
-            assert await _post(port, pki, message_body("before the kill"), fresh=True) == 200
+            assert await post_to(port, pki, message_body("before the kill"), fresh=True) == 200
             workers = _spawned_workers(supervisor.pid)
         supervisor.kill()
         await _exit_code(supervisor)

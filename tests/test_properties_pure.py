@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import load_config
-from gateway.edge.signature import sign, verify_signature
 from gateway.errors import ConfigError, SignatureRejected
+from gateway.signing import sign, verify_signature
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "gateway.example.toml"
 ENV = {

@@ -16,10 +16,11 @@ from pki import Pki
 from sink import Sink
 
 from gateway.cli import main
-from gateway.edge.signature import verify_signature
+from gateway.devfiles import config_path
 from gateway.errors import GatewayError
 from gateway.onboarding.loadgen import Answer, make_unique, meta_headers, percentile, tally
 from gateway.runtime import dev
+from gateway.signing import verify_signature
 
 # Meta's escaping ("\u00e9", "\/", a surrogate pair): a re-serialising sender would change it.
 PAYLOAD = dev.SAMPLE
@@ -362,7 +363,7 @@ async def test_dev_mode_sends_to_the_port_serve_dev_wrote(
         written = dataclasses.replace(
             config, listen=dataclasses.replace(config.listen, port=gateway.port)
         )
-        dev.config_path(files.folder).write_text(dev.dev_toml(written))
+        config_path(files.folder).write_text(dev.dev_toml(written))
         code = await send("--dev", "--dev-dir", str(files.folder))
         stored = await stored_bodies(gateway)
     assert code == 0

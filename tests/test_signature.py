@@ -1,4 +1,4 @@
-"""X-Hub-Signature-256 verification over raw bytes (gateway.edge.signature)."""
+"""X-Hub-Signature-256 verification over raw bytes (gateway.signing)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import hmac
 
 import pytest
 
-from gateway.edge.signature import gateway_signature, sign, verify_signature
 from gateway.errors import SignatureRejected
+from gateway.signing import gateway_signature, sign, verify_signature
 
 SECRET = "0123456789abcdef0123456789abcdef"
 OTHER = "fedcba9876543210fedcba9876543210"

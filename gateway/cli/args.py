@@ -11,12 +11,10 @@ import argparse
 from pathlib import Path
 
 from gateway.config import Config, default_config_path, load_config
+from gateway.devfiles import DEV_DIR, config_path
 from gateway.errors import ConfigError
-from gateway.runtime.dev import config_path
 
-__all__ = ["DEV_DIR", "add_config_argument", "config_file_from_args", "config_from_args"]
-
-DEV_DIR = "var/dev"
+__all__ = ["add_config_argument", "config_file_from_args", "config_from_args"]
 
 
 def add_config_argument(parser: argparse.ArgumentParser, *, dev: bool = False) -> None:

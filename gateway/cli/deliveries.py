@@ -15,7 +15,7 @@ from gateway.cli.args import add_config_argument, config_from_args
 from gateway.delivery.answers import shown_answer, shown_summary
 from gateway.errors import GatewayError, NotFound
 from gateway.outbox import STATES, AttemptRecord, Delivery, Outbox, open_outbox
-from gateway.runtime.admin import parse_query
+from gateway.outbox.query import parse_query
 from gateway.units import parse_age, parse_since
 
 __all__ = ["register"]

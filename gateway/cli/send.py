@@ -32,11 +32,11 @@ from pathlib import Path
 import aiohttp
 
 from gateway.config import ListenConfig
+from gateway.devfiles import DEV_PORT, DevFiles, config_path
 from gateway.errors import GatewayError
 from gateway.onboarding.loadgen import make_unique, post, run_load
 from gateway.onboarding.meta_client import client_context, diagnose
 from gateway.onboarding.verify_callback import callback_url
-from gateway.runtime.dev import DEV_PORT, DevFiles, config_path
 
 __all__ = ["SECRET_ENV", "register"]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gateway.cli.args import DEV_DIR, add_config_argument, config_from_args
+from gateway.cli.args import add_config_argument, config_from_args
 from gateway.config import default_config_path
+from gateway.devfiles import DEV_ADMIN_PORT, DEV_DIR, DEV_PORT
 from gateway.edge.tls import build_server_context
 from gateway.errors import GatewayError, PortInUse
 from gateway.runtime import dev
@@ -80,12 +81,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--dev-dir", default=DEV_DIR, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--port", type=int, default=None, help=f"with --dev: listen port (default {dev.DEV_PORT})"
+        "--port", type=int, default=None, help=f"with --dev: listen port (default {DEV_PORT})"
     )
     parser.add_argument(
         "--admin-port",
         type=int,
         default=None,
-        help=f"with --dev: admin listener and console port (default {dev.DEV_ADMIN_PORT})",
+        help=f"with --dev: admin listener and console port (default {DEV_ADMIN_PORT})",
     )
     parser.set_defaults(func=_serve)

@@ -10,8 +10,8 @@ carry these same names, so one consumer check fits every kind.
 from __future__ import annotations
 
 from gateway.config import TargetConfig
-from gateway.edge.signature import gateway_signature, sign
 from gateway.outbox import Delivery
+from gateway.signing import gateway_signature, sign
 
 __all__ = ["delivery_headers"]
 

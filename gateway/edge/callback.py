@@ -17,8 +17,8 @@ from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
 from gateway.edge.routing import route
-from gateway.edge.signature import verify_signature
 from gateway.outbox import Delivery, Outbox
+from gateway.signing import verify_signature
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
 

@@ -17,9 +17,10 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from gateway.certificates import fingerprint, subject
 from gateway.config import ClientAuth, TlsConfig
 from gateway.errors import CertificateError
 
@@ -144,10 +145,7 @@ def client_ca_subjects(path: Path) -> list[tuple[str, str]]:
     ``openssl x509 -noout -fingerprint -sha256`` prints it, so an operator can compare the two.
     """
     return [
-        (
-            certificate.subject.rfc4514_string(),
-            certificate.fingerprint(hashes.SHA256()).hex(":").upper(),
-        )
+        (subject(certificate), fingerprint(certificate))
         for certificate in _read_certificates(path, "tls.client_ca_file")
     ]
 
@@ -159,7 +157,7 @@ def certificate_expiries(tls: TlsConfig) -> tuple[float, list[tuple[str, float]]
     cas = []
     if tls.client_ca_file is not None:
         cas = [
-            (ca.subject.rfc4514_string(), ca.not_valid_after_utc.timestamp())
+            (subject(ca), ca.not_valid_after_utc.timestamp())
             for ca in _read_certificates(tls.client_ca_file, "tls.client_ca_file")
         ]
     return server.timestamp(), cas

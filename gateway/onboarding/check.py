@@ -21,6 +21,8 @@ from typing import Any
 
 from cryptography import x509
 
+from gateway.certificates import days_left
+from gateway.certificates import subject as leaf_subject
 from gateway.config import MIN_ADMIN_TOKEN_CHARS, AdminConfig, Config
 from gateway.delivery.sending import sender_for
 from gateway.delivery.target_tls import target_contexts
@@ -31,17 +33,12 @@ from gateway.outbox import describe_outbox
 __all__ = [
     "EXPIRY_WARNING_DAYS",
     "admin_token_warning",
-    "days_left",
     "outbox_report",
     "report",
     "targets_report",
 ]
 
 EXPIRY_WARNING_DAYS = 30
-
-
-def days_left(certificate: x509.Certificate, now: datetime.datetime) -> float:
-    return (certificate.not_valid_after_utc - now).total_seconds() / 86400
 
 
 def admin_token_warning(admin: AdminConfig) -> str | None:
@@ -69,7 +66,7 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     lines = [f"ok: configuration {config.source or '(built in)'}"]
     leaf = _leaf(config.tls.cert_file)
     left = days_left(leaf, now)
-    subject = leaf.subject.rfc4514_string()
+    subject = leaf_subject(leaf)
     if left < 0:
         raise CertificateError(
             f"tls.cert_file = '{config.tls.cert_file}': certificate {subject} has expired"

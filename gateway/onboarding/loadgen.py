@@ -19,9 +19,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.edge.signature import sign
 from gateway.errors import GatewayError
 from gateway.onboarding.meta_client import describe_failure
+from gateway.signing import sign
 
 __all__ = [
     "Answer",

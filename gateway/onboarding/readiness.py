@@ -25,11 +25,12 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from gateway.certificates import days_left
+from gateway.certificates import fingerprint as certificate_fingerprint
 from gateway.config import META_CLIENT_CN, ClientAuth, TlsConfig
-from gateway.onboarding.check import EXPIRY_WARNING_DAYS, days_left
+from gateway.onboarding.check import EXPIRY_WARNING_DAYS
 from gateway.onboarding.verify_callback import Verdict
 
 __all__ = [
@@ -87,7 +88,7 @@ def fingerprint(text_or_cert: str | x509.Certificate) -> str:
     """A SHA-256 fingerprint in one form (upper case, colons between bytes), from a
     certificate or from text with or without colons."""
     if isinstance(text_or_cert, x509.Certificate):
-        return text_or_cert.fingerprint(hashes.SHA256()).hex(":").upper()
+        return certificate_fingerprint(text_or_cert)
     digits = text_or_cert.replace(":", "").upper()
     return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
 

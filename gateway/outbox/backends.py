@@ -2,8 +2,9 @@
 
 Rule: the only code outside a backend's own package that names a backend; everything else gets
 an :class:`~gateway.outbox.interface.Outbox`. ``outbox.url`` set: PostgreSQL; otherwise the
-SQLite file at ``outbox.path``. The PostgreSQL driver is an optional extra, imported only here
-and only when asked for, so the embedded install stays small.
+SQLite file at ``outbox.path``. Each backend is imported only when it is asked for: the
+PostgreSQL driver is an optional extra, and the outbox's values (:mod:`gateway.outbox.model`)
+load no storage engine for the modules that only name them (routing, the command line's parsing).
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from typing import Protocol
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox.interface import Outbox
-from gateway.outbox.sqlite import layout
-from gateway.outbox.sqlite.backup import backup_file
-from gateway.outbox.sqlite.outbox import SqliteOutbox
-from gateway.outbox.sqlite.owner import OwnerLock
 
 __all__ = ["OutboxHold", "backup_outbox", "describe_outbox", "hold_outbox", "open_outbox"]
 
@@ -44,6 +41,8 @@ def hold_outbox(config: OutboxConfig) -> OutboxHold:
     A PostgreSQL outbox (``outbox.url``) is meant to be shared: its hold holds nothing."""
     if config.url is not None:
         return _Shared()
+    from gateway.outbox.sqlite.owner import OwnerLock
+
     return OwnerLock(config.path)
 
 
@@ -76,6 +75,8 @@ async def open_outbox(
             config, dispatching=dispatching, on_commit=on_commit, on_wake=on_wake, create=create
         )
         return outbox
+    from gateway.outbox.sqlite.outbox import SqliteOutbox
+
     return SqliteOutbox(
         config.path,
         dedup_window_s=config.dedup_window_s,
@@ -90,6 +91,8 @@ async def describe_outbox(config: OutboxConfig) -> str:
     and schema version, or a SQLite file's layout, integrity and backlog. Raises OutboxError
     for what ``serve`` would refuse."""
     if config.url is None:
+        from gateway.outbox.sqlite import layout
+
         return await asyncio.to_thread(layout.describe, config.path)
     text: str = await _postgres().inspect(config)
     return text
@@ -104,6 +107,8 @@ async def backup_outbox(config: OutboxConfig, destination: Path) -> str:
             "outbox.url: a PostgreSQL outbox is backed up with the database's own tools"
             " (pg_dump --schema=waba_gateway), not by the gateway"
         )
+    from gateway.outbox.sqlite.backup import backup_file
+
     summary = await asyncio.to_thread(
         backup_file, config.path, destination, busy_timeout_s=config.busy_timeout_s
     )

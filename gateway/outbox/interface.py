@@ -8,8 +8,8 @@ what is asked (the request path answers 503 to that, so Meta retries).
 The one promise that matters most: :meth:`Outbox.accept` returns only after the notification
 and its deliveries are durable, so a 200 to Meta never stands for something a crash can lose.
 
-Added for the admin console (a backend provides all of them): ``offset`` on :meth:`query`
-(paging), :meth:`get`, :meth:`attempts` (so :meth:`record_many` also keeps one
+What the admin console reads is part of it too (a backend provides all of it): ``offset`` on
+:meth:`query` (paging), :meth:`get`, :meth:`attempts` (so :meth:`record_many` also keeps one
 :class:`~gateway.outbox.model.AttemptRecord` per attempt, removed with its delivery by
 :meth:`prune`), :meth:`backlog` and :meth:`replay_dead`.
 """

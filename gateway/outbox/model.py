@@ -53,7 +53,7 @@ class Delivery:
     body: bytes
     signature: str
     split: bool
-    state: str
+    state: State
     attempts: int
     created_at: float
     next_attempt_at: float

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from gateway.outbox.model import Backlog, Delivery
+from gateway.errors import OutboxError
+from gateway.outbox.model import STATES, Backlog, Delivery, State
 
 __all__ = [
     "DELIVERY_COLUMNS",
@@ -20,6 +21,7 @@ __all__ = [
     "delivery_from_row",
     "delivery_id_of",
     "rowid_of",
+    "state_of",
 ]
 
 _MAX_ROWID: Final = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's BIGINT alike
@@ -49,6 +51,18 @@ def rowid_of(delivery_id: str, prefix: str) -> int | None:
     return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
 
 
+_STATE_OF: Final[dict[object, State]] = {state: state for state in STATES}
+
+
+def state_of(value: object) -> State:
+    """A delivery's state as stored; raises OutboxError for anything but the three known (a
+    file or schema written by something else)."""
+    state = _STATE_OF.get(value)
+    if state is None:
+        raise OutboxError(f"a delivery row holds an unknown state {value!r}")
+    return state
+
+
 def delivery_from_row(row: Sequence[Any], prefix: str) -> Delivery:
     """A delivery read as (id, notification id, target, body, signature, split, state,
     attempts, created at, next attempt at, received at, last status, last error, last
@@ -60,7 +74,7 @@ def delivery_from_row(row: Sequence[Any], prefix: str) -> Delivery:
         body=bytes(row[3]),
         signature=row[4],
         split=bool(row[5]),
-        state=row[6],
+        state=state_of(row[6]),
         attempts=row[7],
         created_at=row[8],
         next_attempt_at=row[9],

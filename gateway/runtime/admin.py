@@ -44,18 +44,18 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from gateway.outbox import STATES, Outbox, State
+from gateway.outbox import Outbox
+from gateway.outbox.query import parse_query, parse_state
 from gateway.runtime.console import add_console, is_console_path
 from gateway.runtime.origin import cross_site_refusal, form_refusal, host_refusal
 from gateway.runtime.reload import ReloadResult
 from gateway.runtime.stats import Snapshot, Stats
 from gateway.runtime.throttle import AuthThrottle
-from gateway.units import decimal, parse_age, parse_since
+from gateway.units import parse_age, parse_since
 
-__all__ = ["READY_WAIT_S", "Operations", "create_admin_app", "parse_query", "parse_state"]
+__all__ = ["READY_WAIT_S", "Operations", "create_admin_app"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-_MAX_LIMIT = 1000
 _CHALLENGE = 'Bearer realm="waba-gateway admin"'
 _WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", ""})
 # The longest /readyz waits for the outbox: a file locked by another process holds a write for
@@ -152,24 +152,6 @@ async def _challenge(_: web.Request, response: web.StreamResponse) -> None:
     # RFC 9110 11.6.1: a 401 names the scheme that would be accepted.
     if response.status == 401:
         response.headers["WWW-Authenticate"] = _CHALLENGE
-
-
-def parse_state(raw_state: str | None) -> State | None:
-    if raw_state is None:
-        return None
-    state = next((known for known in STATES if known == raw_state), None)
-    if state is None:
-        raise BadRequest(f"state must be one of {', '.join(STATES)}")
-    return state
-
-
-def parse_query(query: Mapping[str, str]) -> tuple[State | None, str | None, int]:
-    """``state``, ``target`` and ``limit`` from a deliveries query, validated."""
-    state = parse_state(query.get("state"))
-    limit = decimal(query.get("limit", "100"))
-    if limit is None or not 1 <= limit <= _MAX_LIMIT:
-        raise BadRequest(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    return state, query.get("target"), limit
 
 
 def _since(query: Mapping[str, str], now: float) -> float | None:

@@ -18,7 +18,6 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
@@ -35,13 +34,12 @@ from gateway.config import (
     TlsConfig,
     load_config,
 )
-from gateway.edge.signature import sign
+from gateway.devfiles import DEV_ADMIN_PORT, DEV_PORT, DevFiles, config_path
 from gateway.runtime.gateway import Gateway, bound_port, run
 from gateway.runtime.logs import setup_logging
+from gateway.signing import sign
 
 __all__ = [
-    "DevFiles",
-    "config_path",
     "dev_toml",
     "ensure_dev_files",
     "serve_dev",
@@ -50,8 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEV_PORT = 8443
-DEV_ADMIN_PORT = 8081
 
 # A Meta-style notification: ASCII escapes for non-ASCII text and "\/" for slashes, exactly the
 # bytes a re-serialising receiver would get wrong.
@@ -65,44 +61,12 @@ SAMPLE = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class DevFiles:
-    folder: Path
-    meta_ca: Path
-    client_chain: Path
-    client_key: Path
-    server_ca: Path
-    server_chain: Path
-    server_key: Path
-    secrets: Path
-    sample: Path
-
-    @classmethod
-    def under(cls, folder: Path) -> DevFiles:
-        return cls(
-            folder=folder,
-            meta_ca=folder / "meta-ca.pem",
-            client_chain=folder / "client.pem",
-            client_key=folder / "client.key",
-            server_ca=folder / "server-ca.pem",
-            server_chain=folder / "server.pem",
-            server_key=folder / "server.key",
-            secrets=folder / "secrets.json",
-            sample=folder / "sample-notification.json",
-        )
-
-
 def write_sample(files: DevFiles) -> None:
     """The sample notification with a message id of its own: written at each start (once
     listening, so a start that fails leaves the running gateway's sample alone), so that after
     a restart the printed commands deliver it rather than being acknowledged as a duplicate."""
     marker = secrets.token_hex(6).upper().encode()
     files.sample.write_bytes(SAMPLE.replace(b"wamid.DEV", b"wamid.DEV" + marker, 1))
-
-
-def config_path(folder: Path) -> Path:
-    """Where ``serve --dev`` writes the configuration it runs with."""
-    return folder / "gateway.toml"
 
 
 def _toml(value: object) -> str:

@@ -13,8 +13,16 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Unpack
 
-from helpers import gateway_config, message_body, meta_signature, post, sink_target
+from helpers import (
+    ConfigOptions,
+    gateway_config,
+    message_body,
+    meta_signature,
+    post,
+    sink_target,
+)
 from pki import Pki
 from settling import pending_in_gateway, until_settled
 from sink import Sink
@@ -27,10 +35,10 @@ __all__ = ["RawReply", "attack_gateway", "raw_exchange", "still_serves"]
 
 @asynccontextmanager
 async def attack_gateway(
-    pki: Pki, tmp_path: Path, sink: Sink, **options: object
+    pki: Pki, tmp_path: Path, sink: Sink, **options: Unpack[ConfigOptions]
 ) -> AsyncIterator[Gateway]:
     """The gateway under attack: defaults, small timeouts, one catch-all target on the sink."""
-    config: Config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], **options)  # type: ignore[arg-type]
+    config: Config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], **options)
     listen = dataclasses.replace(config.listen, request_timeout_s=1.0, idle_timeout_s=1.0)
     async with Gateway(dataclasses.replace(config, listen=listen)) as gateway:
         yield gateway

@@ -21,10 +21,9 @@ from helpers import (
     eventually,
     locked_by_another_process,
     message_body,
-    meta_signature,
 )
 from pki import Pki
-from processes import kill_group
+from processes import kill_group, post_to, until_listening
 from settling import pending_in_sqlite, until_settled
 from sink import DEADLINE_S, Sink
 
@@ -79,37 +78,6 @@ def _refused(config: Path) -> str:
     return line
 
 
-async def _post(port: int, pki: Pki, body: bytes) -> int:
-    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"https://localhost:{port}/webhook",
-            data=body,
-            headers=headers,
-            ssl=pki.client_context("meta"),
-        ) as response,
-    ):
-        await response.read()
-        return response.status
-
-
-async def _serving(port: int, process: subprocess.Popen[bytes]) -> None:
-    """Until ``process`` accepts connections on ``port``."""
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        assert process.poll() is None, f"the gateway exited with {process.returncode}"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway did not start listening"
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-
-
 def _variant(
     config: Path, folder: Path, *, port: int | None = None, outbox: Path | None = None
 ) -> Path:
@@ -130,7 +98,7 @@ async def _serves_once(port: int, pki: Pki, sink: Sink, text: str, outbox: Path)
     ``outbox`` has nothing pending and the sink has been quiet)."""
     before = len(sink.received)
     body = message_body(text)
-    assert await _post(port, pki, body) == 200
+    assert await post_to(port, pki, body) == 200
     await sink.wait_for(before + 1)
     await until_settled(pending_in_sqlite(outbox), lambda: len(sink.received))
     assert [r.body for r in sink.received[before:]] == [body]
@@ -146,7 +114,7 @@ async def test_second_gateway_on_the_same_outbox_is_refused(
         config, tmp_path / "second", port=free_port(), outbox=tmp_path / "outbox.sqlite3"
     )
     with _running(config) as first:
-        await _serving(listen_port(config), first)
+        await until_listening(listen_port(config), first)
         line = await asyncio.to_thread(_refused, second)
         assert line == (
             f"error: outbox.path = '{tmp_path / 'outbox.sqlite3'}' is in use by another gateway"
@@ -166,7 +134,7 @@ async def test_second_gateway_on_a_busy_port_is_refused_with_one_line(
     port = listen_port(config)
     second = _variant(config, tmp_path / "second")
     with _running(config) as first:
-        await _serving(port, first)
+        await until_listening(port, first)
         line = await asyncio.to_thread(_refused, second)
         assert line.startswith(f"error: listen.port {port} in {second} is in use")
         await _serves_once(
@@ -183,7 +151,7 @@ async def test_multi_worker_gateways_do_not_share_a_port(
     port = listen_port(config)
     second = _variant(config, tmp_path / "second")
     with _running(config) as first:
-        await _serving(port, first)
+        await until_listening(port, first)
         line = await asyncio.to_thread(_refused, second)
         assert line.startswith(f"error: listen.port {port} in {second} is in use")
         await _serves_once(
@@ -207,7 +175,7 @@ async def test_supervisor_removes_metrics_folders_of_gateways_gone(
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
     with _running(config, env=_ENV | {"TMPDIR": str(temporary)}) as process:
-        await _serving(port, process)
+        await until_listening(port, process)
         assert not stale.exists()
         assert running.exists()
         await _serves_once(port, pki, sink, "after the clean-up", tmp_path / "outbox.sqlite3")
@@ -243,12 +211,12 @@ async def test_full_disk_answers_503_and_readyz_says_so_until_space_returns(
     port = listen_port(config)
     wal = tmp_path / "outbox.sqlite3-wal"
     with _running(config, wrap=_ignoring_sigxfsz) as process:
-        await _serving(port, process)
+        await until_listening(port, process)
         await _serves_once(port, pki, sink, "before the disk fills", tmp_path / "outbox.sqlite3")
         full = wal.stat().st_size
         resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (full, resource.RLIM_INFINITY))
         refused = message_body("while the disk is full")
-        assert await _post(port, pki, refused) == 503
+        assert await post_to(port, pki, refused) == 503
         assert await _ready(admin_port) == 503
         resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
 
@@ -281,7 +249,7 @@ async def test_with_two_workers_a_locked_outbox_answers_each_post_within_the_bus
     async def timed(delay: float, index: int) -> tuple[int, float]:
         await asyncio.sleep(delay)
         started = time.monotonic()
-        status = await _post(port, pki, message_body(f"locked {index}"))
+        status = await post_to(port, pki, message_body(f"locked {index}"))
         return status, time.monotonic() - started
 
     async def poll_readyz(until: float) -> None:
@@ -290,7 +258,7 @@ async def test_with_two_workers_a_locked_outbox_answers_each_post_within_the_bus
             await asyncio.sleep(0.7)
 
     with _running(config) as process:
-        await _serving(port, process)
+        await until_listening(port, process)
         await _serves_once(port, pki, sink, "before the lock", tmp_path / "outbox.sqlite3")
         with locked_by_another_process(tmp_path / "outbox.sqlite3"):
             polling = asyncio.create_task(poll_readyz(time.monotonic() + 2.5 * busy))

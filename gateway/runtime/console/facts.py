@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
+from gateway.certificates import days_left, fingerprint, subject
 from gateway.config import TlsConfig
 from gateway.edge.routing import iter_changes, parse
 from gateway.errors import BadRequest
@@ -59,10 +59,10 @@ def _read(role: str, path: Path, now: datetime.datetime) -> list[CertificateFact
     return [
         CertificateFacts(
             role=role,
-            subject=cert.subject.rfc4514_string(),
-            fingerprint=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
+            subject=subject(cert),
+            fingerprint=fingerprint(cert),
             not_after=cert.not_valid_after_utc,
-            days_left=(cert.not_valid_after_utc - now).total_seconds() / 86400,
+            days_left=days_left(cert, now),
         )
         for cert in certificates
     ]
