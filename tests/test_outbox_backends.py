@@ -390,7 +390,8 @@ async def test_trace_context_is_stored_with_the_notification_and_read_back_by_an
     first = await opener(dispatching=False)  # leases nothing: the second claims at once
     routes = [Route("t", None), Route("u", b"{}")]
     fresh = await first.accept(b'{"traced":1}', SIG, routes, 1000.0, trace=trace)
-    assert fresh is not None and [d.trace for d in fresh] == [trace, trace]
+    assert fresh is not None
+    assert [d.trace for d in fresh] == [trace, trace]
     await first.accept(b'{"traced":0}', SIG, [Route("t", None)], 1000.0)
     await first.close()
     again = await opener()

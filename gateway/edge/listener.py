@@ -20,7 +20,7 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -43,7 +43,11 @@ from gateway.errors import (
     URLTooLong,
     VersionNotSupported,
 )
+from gateway.tracing import Tracing
 from gateway.units import SECONDS
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = ["Listener"]
 
@@ -91,6 +95,7 @@ class _Request:
         "signature",
         "size",
         "started",
+        "traceparent",
         "url",
     )
 
@@ -105,6 +110,7 @@ class _Request:
         self.size = 0
         self.keep_alive = False
         self.refusal: Rejected | None = None  # set: answer this, then close
+        self.traceparent: str | None = None  # the client's, kept only when tracing
 
 
 class _Clock:
@@ -196,6 +202,8 @@ class _Connection(asyncio.Protocol):
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
+        self.not_after: str | None = None  # the client certificate's, kept only when tracing
+        self._tracing = self._callback.tracing
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -213,6 +221,8 @@ class _Connection(asyncio.Protocol):
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
             peercert = ssl_object.getpeercert() if ssl_object else None
+            if self._tracing is not None and peercert:
+                self.not_after = str(peercert.get("notAfter") or "") or None
             self.cn = self._callback.identify(peercert, self.remote)
         except Rejected as exc:
             self._identity_error = exc  # every request on this connection is answered 403
@@ -312,6 +322,8 @@ class _Connection(asyncio.Protocol):
             raise _Refuse(
                 TransferCodingNotImplemented("only the chunked transfer coding is supported")
             )
+        elif name == b"traceparent" and self._tracing is not None:
+            request.traceparent = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         request = self._current()
@@ -413,10 +425,16 @@ class _Connection(asyncio.Protocol):
                 raise NotFound(f"no such path: {path!r}")
             if method == "POST":
                 self._in_flight = True
-                task = asyncio.ensure_future(
-                    self._callback.notify(b"".join(request.body), request.signature)
+                tracing = self._tracing
+                span = (
+                    None
+                    if tracing is None
+                    else tracing.server_span(path, self.cn, self.not_after, request.traceparent)
                 )
-                task.add_done_callback(lambda done: self._notified(request, path, done))
+                task = asyncio.ensure_future(
+                    self._callback.notify(b"".join(request.body), request.signature, span)
+                )
+                task.add_done_callback(lambda done: self._notified(request, path, done, span))
                 return
             if method not in ("GET", "HEAD"):
                 raise _not_allowed(method)
@@ -429,7 +447,9 @@ class _Connection(asyncio.Protocol):
         except Exception as exc:
             self._answer(request, method, path, *answer_for(exc, method, path))
 
-    def _notified(self, request: _Request, path: str, done: asyncio.Future[str]) -> None:
+    def _notified(
+        self, request: _Request, path: str, done: asyncio.Future[str], span: Span | None
+    ) -> None:
         self._in_flight = False
         if done.cancelled():
             status, reason = 503, "shutting down; retry later"
@@ -438,6 +458,8 @@ class _Connection(asyncio.Protocol):
         else:
             status, reason = 200, done.result()
         self._answer(request, "POST", path, status, reason)
+        if span is not None:
+            Tracing.end_server(span, status)
         self._pump()
 
     def _answer(self, request: _Request, method: str, path: str, status: int, reason: str) -> None:

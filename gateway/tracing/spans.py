@@ -154,6 +154,19 @@ class Tracing:
         )
 
     @staticmethod
+    def committed(commit: Span, deliveries: int | None) -> None:
+        """A commit's result: how many deliveries it stored (``None``: a duplicate, none)."""
+        commit.set_attributes(
+            {"gateway.duplicate": deliveries is None, "gateway.deliveries": deliveries or 0}
+        )
+
+    @staticmethod
+    def failed(span: Span, exc: BaseException) -> None:
+        """A span whose work raised: the error's type only (its text may name anything)."""
+        span.set_attribute("error.type", type(exc).__qualname__)
+        span.set_status(Status(StatusCode.ERROR))
+
+    @staticmethod
     def stored(server: Span) -> str | None:
         """The trace context kept with a notification's deliveries: its SERVER span's."""
         carrier: dict[str, str] = {}

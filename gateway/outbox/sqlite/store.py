@@ -93,7 +93,9 @@ def insert_notification(
     the row ids of those an earlier pending delivery of their conversation holds back)``, or
     ``None`` when a body with the same digest was received since ``since``. ``trace``: the
     trace context of the request that brought it (:mod:`gateway.tracing`), if traced."""
-    cursor = conn.execute(_INSERT_NOTIFICATION, (digest, now, signature, body, trace, digest, since))
+    cursor = conn.execute(
+        _INSERT_NOTIFICATION, (digest, now, signature, body, trace, digest, since)
+    )
     if cursor.rowcount == 0:
         return None
     notification_id = cursor.lastrowid
