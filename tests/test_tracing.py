@@ -12,13 +12,17 @@ import json
 import threading
 from pathlib import Path
 
+import aiohttp
 import pytest
 from helpers import eventually, gateway_config, message_body, meta_signature, post, sink_target
 from otlp import CLIENT, INTERNAL, SERVER, Receiver
 from pki import Pki
+from pytest_aiohttp import AiohttpServer
 from sink import Reply, Sink
 
+from gateway import create_app
 from gateway.config import META_CLIENT_CN, Config, TracingConfig
+from gateway.edge.tls import build_server_context
 from gateway.runtime.gateway import Gateway
 from gateway.tracing.spans import client_attributes, not_after_iso, split_carrier, status_attributes
 
@@ -51,9 +55,7 @@ async def test_post_gives_a_root_server_span_a_commit_child_and_a_client_span_in
             answer = await post(gateway, pki, body, headers={"traceparent": FOREIGN})
             assert answer.status == 200
             (request,) = await sink.wait_for(1)
-            await eventually(
-                lambda: _delivered(gateway), "the delivery's outcome to be recorded"
-            )
+            await eventually(lambda: _delivered(gateway), "the delivery's outcome to be recorded")
     (server,) = receiver.of_kind(SERVER)
     (commit,) = receiver.of_kind(INTERNAL)
     (client,) = receiver.of_kind(CLIENT)
@@ -88,6 +90,38 @@ async def test_post_gives_a_root_server_span_a_commit_child_and_a_client_span_in
     assert int(flags, 16) & 1  # sampled
     assert request.body == body
     assert request.headers["X-Hub-Signature-256"] == meta_signature(body)
+
+
+async def test_embedded_callback_makes_the_same_server_spans(
+    pki: Pki, tmp_path: Path, sink: Sink, aiohttp_server: AiohttpServer
+) -> None:
+    """create_app in an aiohttp application traces as the listener does: a SERVER span per
+    POST with the status it answered (401 for a bad signature), the commit and the attempt."""
+    body = message_body("embedded")
+    async with Receiver() as receiver:
+        config = traced(gateway_config(pki, tmp_path, targets=[sink_target(sink)]), receiver)
+        server = await aiohttp_server(create_app(config), ssl=build_server_context(config.tls))
+        url = f"https://localhost:{server.port}{config.listen.path}"
+        async with aiohttp.ClientSession() as session:
+            for signature in (meta_signature(body), "sha256=" + "0" * 64):
+                async with session.post(
+                    url,
+                    data=body,
+                    headers={"X-Hub-Signature-256": signature},
+                    ssl=pki.client_context("meta"),
+                ):
+                    pass
+        await sink.wait_for(1)
+        await server.close()  # stops the core: its exporter sends what it holds
+    statuses = sorted(s.attributes["http.response.status_code"] for s in receiver.of_kind(SERVER))
+    assert statuses == [200, 401]
+    (commit,) = receiver.of_kind(INTERNAL)
+    (client,) = receiver.of_kind(CLIENT)
+    assert client.trace_id == commit.trace_id
+    assert all(
+        s.attributes["tls.client.subject"] == f"CN={META_CLIENT_CN}"
+        for s in receiver.of_kind(SERVER)
+    )
 
 
 async def _delivered(gateway: Gateway) -> bool | None:
