@@ -54,7 +54,7 @@ __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 60.0
-# An attempt's outcome as its span (and its log line) names it.
+# An attempt's outcome as its span names it: the words its log line uses.
 _OUTCOMES: dict[type, str] = {Delivered: "delivered", RetryAt: "retry", DeadLetter: "dead"}
 # Bodies in one batch, at most (a batch is written in one call, so it is held in memory at once):
 # 32 of Meta's largest notifications (3 MB) would otherwise be 96 MB. A single larger body still
