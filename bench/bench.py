@@ -238,7 +238,7 @@ class Gateway:
 
     def __init__(self, bench: Bench, name: str, *, target_port: int, workers: int = 1,
                  cpus: str | None = None, target_toml: str = "",
-                 database: str | None = None) -> None:
+                 database: str | None = None, target_url: str | None = None) -> None:
         self.workdir = bench.tmp / name
         self.workdir.mkdir()
         self.port = free_port()
@@ -250,7 +250,7 @@ class Gateway:
                 self.pg.psql(f"CREATE DATABASE {self.database}")
             extra["WABA_BENCH_OUTBOX_URL"] = self.pg.socket_url(self.database)
         env = dict(bench.env_base, **extra, BENCH_LISTEN_PORT=str(self.port),
-                   BENCH_TARGET_URL=f"http://127.0.0.1:{target_port}/sink",
+                   BENCH_TARGET_URL=target_url or f"http://127.0.0.1:{target_port}/sink",
                    BENCH_WORKDIR=str(self.workdir), BENCH_CPUS=cpus or "all",
                    WABA_BENCH_WORKERS=str(workers), WABA_BENCH_TARGET_TOML=target_toml)
         argv = ["bash", str(HERE / "candidate.sh")]

@@ -42,6 +42,7 @@ __all__ = [
     "default_config_path",
     "load_admin_config",
     "load_config",
+    "redact_servers",
     "redact_url",
 ]
 
@@ -65,6 +66,25 @@ Order = Literal["none", "conversation"]
 Signature = Literal["gateway", "meta"]
 # The event loop every serving process runs on: chosen here, never by what else is installed.
 EventLoop = Literal["asyncio", "uvloop"]
+# Where a target's deliveries go: an HTTP endpoint, a Redis stream, or a NATS JetStream subject.
+TargetKind = Literal["http", "redis", "nats"]
+# The URL schemes each kind takes, and the extra whose driver it needs (None: always installed).
+_KIND_SCHEMES: dict[str, tuple[str, ...]] = {
+    "http": ("http", "https"),
+    "redis": ("redis", "rediss"),
+    "nats": ("nats", "tls"),
+}
+_KIND_EXTRAS: dict[str, tuple[str, str] | None] = {
+    "http": None,
+    "redis": ("redis", "redis"),  # (extra, the module its driver installs)
+    "nats": ("nats", "nats"),
+}
+# The keys only some kinds take: (required, optional) per kind.
+_KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "http": ((), ()),
+    "redis": (("stream",), ("maxlen",)),
+    "nats": (("subject",), ()),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +184,11 @@ def redact_url(url: str) -> str:
 _PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*")
 
 
+def redact_servers(url: str) -> str:
+    """:func:`redact_url` for each server of a comma-separated list (NATS takes several)."""
+    return ",".join(redact_url(server) for server in url.split(","))
+
+
 def _is_postgres_url(text: str) -> bool:
     try:
         parts = urlsplit(text)
@@ -177,6 +202,12 @@ def _is_postgres_url(text: str) -> bool:
 class TargetConfig:
     name: str
     url: str
+    kind: TargetKind = "http"
+    # kind = "redis": the stream key each delivery is added to, and its approximate cap.
+    stream: str | None = None
+    maxlen: int | None = None
+    # kind = "nats": the subject each delivery is published on (a JetStream stream captures it).
+    subject: str | None = None
     fields: tuple[str, ...] = ()
     waba_ids: tuple[str, ...] = ()
     phone_number_ids: tuple[str, ...] = ()
@@ -212,7 +243,8 @@ class TargetConfig:
 
     def __repr__(self) -> str:
         return (
-            f"TargetConfig(name={self.name!r}, url={self.url!r}, split={self.split!r}, "
+            f"TargetConfig(name={self.name!r}, kind={self.kind!r}, "
+            f"url={redact_servers(self.url)!r}, split={self.split!r}, "
             f"signature={self.signature!r})"
         )
 
@@ -384,22 +416,22 @@ _LogLevel = Literal["debug", "info", "warning", "error"]
 _SHA256 = re.compile(r"[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}")
 
 
-def _installed(module: str) -> bool:
-    """Whether ``module`` (dotted) can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
-def _is_http_url(text: str) -> bool:
+def _is_server_url(text: str, schemes: tuple[str, ...]) -> bool:
     try:
         parts = urlsplit(text)
         _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
     except ValueError:
         return False
     has_space = any(char.isspace() for char in text)
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and not has_space
+    return parts.scheme in schemes and bool(parts.hostname) and not has_space
+
+
+def _installed(module: str) -> bool:
+    # find_spec, not import: loading a driver is the adapter's business, at its first use.
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -439,9 +471,11 @@ _RULES: dict[str, _Rule] = {
     ),
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
-    "targets.url": (_is_http_url, "an http:// or https:// URL"),
     "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
-    "tracing.endpoint": (_is_http_url, "an http:// or https:// URL"),
+    "tracing.endpoint": (
+        lambda value: _is_server_url(value, ("http", "https")),
+        "an http:// or https:// URL",
+    ),
     "tracing.sample_ratio": (lambda value: 0 <= value <= 1, "a number from 0 to 1"),
     "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
@@ -592,6 +626,7 @@ class _Reader:
                 expected = f"'gateway' unless {key}.secret is set"
                 raise self.error(f"{key}.signature", target.signature, expected)
             self.target_tls(key, target)
+            self.check_kind(key, target, item)
             if target.wait_max_s < target.wait_initial_s:
                 # Blame the key the file set: the other one may be a default.
                 raw = item if isinstance(item, dict) else {}
@@ -624,6 +659,42 @@ class _Reader:
             raise ConfigError(
                 f"{self.source}: {key}.{given} is set without {key}.{missing}: a client"
                 " certificate needs both"
+            )
+
+    def check_kind(self, key: str, target: TargetConfig, raw: object) -> None:
+        """The keys of ``target``'s kind are set, those of other kinds are not, its URL has a
+        scheme of that kind, and the extra with its driver is installed."""
+        kind = target.kind
+        url = redact_servers(target.url)
+        schemes = _KIND_SCHEMES[kind]
+        # NATS clients take several servers, separated by commas; the others one.
+        servers = target.url.split(",") if kind == "nats" else [target.url]
+        if not all(_is_server_url(server.strip(), schemes) for server in servers):
+            article = "an" if kind == "http" else "a"  # "an http://", "a redis://"
+            expected = f"{article} " + " or ".join(f"{scheme}://" for scheme in schemes) + " URL"
+            if kind == "nats":
+                expected += " (several separated by commas)"
+            if kind != "http":
+                expected += f" with kind = {kind!r}"
+            # As written when it has ${NAME} references: they may hold a broker's password.
+            written = raw.get("url") if isinstance(raw, dict) else None
+            shown = written if isinstance(written, str) and "${" in written else url
+            raise self.error(f"{key}.url", shown, expected)
+        required, optional = _KIND_KEYS[kind]
+        for each in required:
+            if getattr(target, each) is None:
+                raise ConfigError(
+                    f"{self.source}: {key}.{each}: required key is missing with kind = {kind!r}"
+                )
+        for each in ("stream", "maxlen", "subject"):
+            value = getattr(target, each)
+            if each not in required + optional and value is not None:
+                raise self.error(f"{key}.{each}", value, f"no {each} with kind = {kind!r}")
+        extra = _KIND_EXTRAS[kind]
+        if extra is not None and not _installed(extra[1]):
+            raise ConfigError(
+                f"{self.source}: {key}.kind = {kind!r} needs the {extra[0]!r} extra, which is not"
+                f" installed: pip install 'waba-gateway[{extra[0]}]'"
             )
 
     def section(self, key: str, name: str, value: object, cls: type[_T]) -> _T:

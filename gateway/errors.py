@@ -12,6 +12,8 @@ code.
     +-- CertificateError              unreadable or mismatched certificate/key/CA files
     +-- OutboxError                   the outbox cannot be opened or written; a request it
     |                                 fails is answered 503, so Meta retries
+    +-- TargetError                   ``check``: a broker target that cannot work as configured
+    |   +-- TargetUnreachable         ``check``: a broker that does not answer (a warning)
     +-- PortInUse                     a listener's port is taken; names the port and its key
     +-- ProxyHeaderError              a connection's PROXY protocol header is missing or bad
     |                                 (``listen.proxy_protocol``): closed before TLS
@@ -63,6 +65,8 @@ __all__ = [
     "Rejected",
     "RequestTimeout",
     "SignatureRejected",
+    "TargetError",
+    "TargetUnreachable",
     "TransferCodingNotImplemented",
     "URLTooLong",
     "Unauthorized",
@@ -85,6 +89,14 @@ class CertificateError(GatewayError):
 
 class OutboxError(GatewayError):
     """The outbox database cannot be opened or written."""
+
+
+class TargetError(GatewayError):
+    """A target cannot take deliveries as configured (a NATS subject no stream captures)."""
+
+
+class TargetUnreachable(TargetError):
+    """A target cannot be reached now: a broker that is down, which the gateway waits for."""
 
 
 class PortInUse(GatewayError):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -10,9 +11,17 @@ import aiohttp
 import cryptography
 import pytest
 import uvloop
+from brokers import BrokerServer, nats_server, redis_server
 
 # Under CI a skip fails the run (tests/ci.py): these hooks are registered from here.
 from ci import pytest_make_collect_report, pytest_runtest_makereport
+from destinations import (
+    KINDS,
+    Destination,
+    HttpDestination,
+    NatsDestination,
+    RedisDestination,
+)
 from pgserver import PgServer, running_server
 from pki import Pki, make_pki
 from sink import Sink
@@ -81,3 +90,42 @@ def pg_url(pg_server: PgServer) -> str:
     name = f"t_{uuid.uuid4().hex[:16]}"
     pg_server.psql(f"CREATE DATABASE {name}")
     return pg_server.socket_url(name)
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[BrokerServer]:
+    """A real Redis server (Debian's redis-server) on loopback for the whole run."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats() -> Iterator[BrokerServer]:
+    """A real NATS server with JetStream (Debian's nats-server -js) for the whole run."""
+    with nats_server() as server:
+        yield server
+
+
+@pytest.fixture(params=KINDS)
+async def destination(request: pytest.FixtureRequest, sink: Sink) -> AsyncIterator[Destination]:
+    """A target of each kind in turn (HTTP sink, Redis stream, NATS JetStream), empty, and its
+    server up again after the test whatever the test did to it."""
+    found: Destination
+    if request.param == "redis":
+        server: BrokerServer = request.getfixturevalue("redis")
+        redis_destination = RedisDestination(server)
+        await redis_destination.flush()
+        found = redis_destination
+    elif request.param == "nats":
+        server = request.getfixturevalue("nats")
+        nats_destination = NatsDestination(server)
+        await nats_destination.reset()
+        found = nats_destination
+    else:
+        found = HttpDestination(sink)
+    try:
+        yield found
+    finally:
+        if request.param != "http":
+            with contextlib.suppress(AssertionError):
+                await found.up()  # already up: nothing to do

@@ -338,10 +338,10 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
 
 TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls, tracing"
 TARGET_KEYS = (
-    "attempts, burst, ca_file, cert_file, concurrency, fields, key_file, max_age_s, "
-    "message_types, name, order, phone_number_ids, pipeline, rate_per_s, "
-    "retry_schedule_s, secret, signature, split, statuses, timeout_s, url, waba_ids, "
-    "wait_exp_base, wait_initial_s, wait_max_s"
+    "attempts, burst, ca_file, cert_file, concurrency, fields, key_file, kind, "
+    "max_age_s, maxlen, message_types, name, order, phone_number_ids, pipeline, "
+    "rate_per_s, retry_schedule_s, secret, signature, split, statuses, stream, subject, "
+    "timeout_s, url, waba_ids, wait_exp_base, wait_initial_s, wait_max_s"
 )
 
 
@@ -1251,3 +1251,98 @@ def test_tracing_without_the_otel_extra_is_refused_naming_the_extra(
         timeout=60,
     )
     assert result.stdout.strip().replace(str(path), "<file>") == expected
+
+
+REDIS = {"targets[0].kind": '"redis"', "targets[0].stream": '"whatsapp"'}
+NATS = {"targets[0].kind": '"nats"', "targets[0].subject": '"waba.inbox"'}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        pytest.param(
+            {**REDIS, "targets[0].url": '"https://crm.example/hook"'},
+            "<file>: targets[0].url = 'https://crm.example/hook': expected a redis:// or"
+            " rediss:// URL with kind = 'redis'",
+            id="redis-with-http-url",
+        ),
+        pytest.param(
+            {"targets[0].url": '"redis://127.0.0.1:6379/0"'},
+            "<file>: targets[0].url = 'redis://127.0.0.1:6379/0': expected an http:// or"
+            " https:// URL",
+            id="http-with-redis-url",
+        ),
+        pytest.param(
+            {**NATS, "targets[0].url": '"nats://a:4222,redis://b:6379"'},
+            "<file>: targets[0].url = 'nats://a:4222,redis://b:6379': expected a nats:// or"
+            " tls:// URL (several separated by commas) with kind = 'nats'",
+            id="nats-with-a-foreign-server",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"redis"', "targets[0].url": '"redis://r:6379"'},
+            "<file>: targets[0].stream: required key is missing with kind = 'redis'",
+            id="redis-without-stream",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"nats"', "targets[0].url": '"nats://n:4222"'},
+            "<file>: targets[0].subject: required key is missing with kind = 'nats'",
+            id="nats-without-subject",
+        ),
+        pytest.param(
+            {"targets[0].stream": '"s"'},
+            "<file>: targets[0].stream = 's': expected no stream with kind = 'http'",
+            id="http-with-stream",
+        ),
+        pytest.param(
+            {**NATS, "targets[0].url": '"nats://n:4222"', "targets[0].maxlen": "10"},
+            "<file>: targets[0].maxlen = 10: expected no maxlen with kind = 'nats'",
+            id="nats-with-maxlen",
+        ),
+        pytest.param(
+            {**REDIS, "targets[0].url": '"redis://r:6379"', "targets[0].maxlen": "0"},
+            "<file>: targets[0].maxlen = 0: expected an integer >= 1",
+            id="maxlen-zero",
+        ),
+        pytest.param(
+            {"targets[0].kind": '"kafka"'},
+            "<file>: targets[0].kind = 'kafka': expected one of 'http', 'redis', 'nats'",
+            id="unknown-kind",
+        ),
+    ],
+)
+def test_rejects_target_keys_that_do_not_fit_its_kind(
+    tmp_path: Path, entries: Entries, message: str
+) -> None:
+    """Each kind takes its own URL schemes and keys; the message names the key and the kind."""
+    assert rejection(tmp_path, {**TARGET, **entries}) == message
+
+
+def test_broker_url_takes_its_password_from_the_environment_and_never_shows_it(
+    tmp_path: Path,
+) -> None:
+    """A Redis URL's password comes from ${ENV}; repr and messages show it as *** only."""
+    entries = {
+        **TARGET,
+        **REDIS,
+        "targets[0].url": '"rediss://:${REDIS_PASSWORD}@cache.internal:6380/2"',
+        "targets[0].maxlen": "100000",
+    }
+    config = load(tmp_path, entries, {"REDIS_PASSWORD": SECRET})
+    (target,) = config.targets
+    assert target.url == f"rediss://:{SECRET}@cache.internal:6380/2"
+    assert (target.kind, target.stream, target.maxlen) == ("redis", "whatsapp", 100000)
+    assert SECRET not in repr(target)
+    bad = {**entries, "targets[0].url": '"nats://:${REDIS_PASSWORD}@cache.internal:6380"'}
+    message = rejection(tmp_path, bad, {"REDIS_PASSWORD": SECRET})
+    assert SECRET not in message
+    assert "'nats://:${REDIS_PASSWORD}@cache.internal:6380'" in message
+
+
+def test_every_password_of_several_nats_servers_is_hidden() -> None:
+    """repr shows each server of a NATS URL list, each password as ***."""
+    target = TargetConfig(
+        name="bus", kind="nats", url="nats://u:pw1@a:4222,nats://u:pw2@b:4222", subject="x"
+    )
+    assert "nats://u:***@a:4222,nats://u:***@b:4222" in repr(target)
+    assert "pw1" not in repr(target)
+    assert "pw2" not in repr(target)

@@ -45,8 +45,12 @@ def _build(root: Path) -> Path:
     bin_dir = environment / "bin"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     workdir = root
+    build_args: dict[str, str] = {}  # ARG NAME=default: the image as built without --build-arg
     for op, value in _steps():
-        if op == "ENV":
+        if op == "ARG":
+            name, _, default = value.partition("=")
+            build_args[name.strip()] = default.strip()
+        elif op == "ENV":
             for assignment in shlex.split(value):
                 name, _, setting = assignment.partition("=")
                 # The image keeps no pip cache (a smaller layer); here the cache only saves
@@ -67,6 +71,8 @@ def _build(root: Path) -> Path:
                     shutil.copy(found, destination)
         elif op == "RUN" and "pip install" in value:
             # The install command itself, before the clean-up that follows it.
+            for name, default in build_args.items():
+                value = value.replace("${" + name + "}", default)
             install = shlex.split(value.split("&&")[0])
             assert install[:2] == ["pip", "install"], install
             subprocess.run(

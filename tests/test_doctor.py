@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from brokers import BrokerServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -623,3 +624,25 @@ async def test_handshake_behind_required_client_certificate_is_not_checked(
     (line,) = [line for line in _report(capsys) if line[5:].startswith("handshake")]
     assert line.startswith(f"WARN handshake not checked: {url} wants a client certificate")
     assert code == 0
+
+
+def test_broker_targets_are_probed_as_check_does(
+    tmp_path: Path,
+    pki: Pki,
+    redis: BrokerServer,
+    nats: BrokerServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Redis or NATS target is connected to with its own protocol (not a bare TCP connect to
+    port 80): OK when it answers, FAIL for a subject no JetStream stream captures."""
+    extra = (
+        f'[[targets]]\nname = "queue"\nkind = "redis"\nurl = "{redis.url}"\nstream = "s"\n'
+        f'[[targets]]\nname = "bus"\nkind = "nats"\nurl = "{nats.url}"\nsubject = "none.x"\n'
+    )
+    assert main(["doctor", "--config", str(_config(tmp_path, pki, extra=extra))]) == 1
+    report = _report(capsys)
+    assert any(line.startswith("OK   target 'queue': redis 127.0.0.1:") for line in report)
+    assert any(
+        line.startswith("FAIL target 'bus': nats") and "no JetStream stream captures" in line
+        for line in report
+    ), report

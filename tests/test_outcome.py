@@ -98,6 +98,24 @@ def test_delay_is_full_jitter_between_zero_and_cap() -> None:
             DeadLetter("HTTP 429: max_age_s (3600) would be exceeded"),
             id="past-max-age",
         ),
+        pytest.param(
+            AttemptResult(accepted=True, response_excerpt="entry 1-0"),
+            5,
+            Delivered(),
+            id="broker-ack",
+        ),
+        pytest.param(
+            AttemptResult(error="no stream captures subject 'x'", permanent=True),
+            1,
+            DeadLetter("no stream captures subject 'x': not retryable"),
+            id="broker-permanent",
+        ),
+        pytest.param(
+            AttemptResult(error="redis: Connection refused"),
+            1,
+            RetryAt(1001.0, "redis: Connection refused"),
+            id="broker-down",
+        ),
     ],
 )
 def test_classifies_each_result_in_one_place(

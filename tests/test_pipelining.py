@@ -4,9 +4,10 @@ than its ``concurrency``.
 
 The target is a raw HTTP/1.1 server that reads requests ahead of its answers (as a server
 handling pipelined requests does) and answers each after a short delay, so it can count the
-requests it holds unanswered, per connection and in all. Each answer is distinct (it carries
-the request's ``X-Gateway-Delivery-Id``), and each delivery's recorded attempt must hold its own:
-a dispatcher that paired answers with the wrong deliveries fails.
+requests it holds unanswered, per connection and in all. Consecutive answers differ in their
+status (2xx statuses in turn: of a delivered attempt the outbox keeps only the status), and each
+delivery's recorded attempt must hold the status sent to its own request: a dispatcher that
+paired answers with the wrong deliveries fails.
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from gateway.outbox.sqlite.outbox import SqliteOutbox
 DELIVERIES = 6
 
 
-def _answer_for(delivery_id: bytes) -> bytes:
-    """200 with the delivery's own id as the body: no two answers alike."""
+# Success statuses taken in turn, so that no two consecutive answers are alike.
+STATUSES = (200, 201, 202, 203, 206)
+
+
+def _answer_for(delivery_id: bytes, status: int) -> bytes:
+    """``status`` with the delivery's own id as the body."""
     body = b"answer to " + delivery_id
-    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    return b"HTTP/1.1 %d OK\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
 
 
 def _delivery_id(head: bytes) -> bytes:
@@ -53,6 +58,7 @@ class ReadAheadServer:
         self.most_in_all = 0
         self._unanswered = 0
         self.port = 0
+        self.sent: dict[str, int] = {}  # delivery id -> the status its request was answered
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -87,7 +93,9 @@ class ReadAheadServer:
         while True:
             delivery_id = await held.get()
             await asyncio.sleep(0.02)
-            writer.write(_answer_for(delivery_id))
+            status = STATUSES[self.answered % len(STATUSES)]
+            self.sent[delivery_id.decode()] = status
+            writer.write(_answer_for(delivery_id, status))
             unanswered[0] -= 1
             self._unanswered -= 1
             self.answered += 1
@@ -131,7 +139,7 @@ async def deliver_all(
         assert {d.attempts for d in delivered} == {1}
         for delivery in delivered:
             (attempt,) = await outbox.attempts(delivery.id)
-            assert attempt.response == f"answer to {delivery.id}", "answers paired wrongly"
+            assert attempt.status == target_server.sent[delivery.id], "answers paired wrongly"
         assert target_server.answered == len(bodies)
     finally:
         await dispatcher.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from destinations import Destination, wait_for
 from helpers import eventually, gateway_config, message_body, meta_signature, post, sink_target
 from otlp import CLIENT, INTERNAL, SERVER, Receiver
 from pki import Pki
@@ -122,6 +123,27 @@ async def test_embedded_callback_makes_the_same_server_spans(
         s.attributes["tls.client.subject"] == f"CN={META_CLIENT_CN}"
         for s in receiver.of_kind(SERVER)
     )
+
+
+async def test_every_target_kind_carries_the_attempts_traceparent_beside_the_body(
+    pki: Pki, tmp_path: Path, destination: Destination
+) -> None:
+    """HTTP, a Redis stream entry and a NATS message each carry the traceparent of their
+    attempt's CLIENT span (a header, an entry field, a message header); body and signature are
+    the ones they get untraced."""
+    body = message_body("any kind")
+    async with Receiver() as receiver:
+        config = traced(gateway_config(pki, tmp_path, targets=[destination.target("t")]), receiver)
+        async with Gateway(config) as gateway:
+            assert (await post(gateway, pki, body)).status == 200
+            (received,) = await wait_for(destination, 1, "t")
+            await eventually(lambda: _delivered(gateway), "the delivery's outcome")
+    (client,) = receiver.of_kind(CLIENT)
+    _, trace_id, parent_id, _ = received.headers["traceparent"].split("-")
+    assert (trace_id, parent_id) == (client.trace_id, client.span_id)
+    assert client.attributes["gateway.delivery.outcome"] == "delivered"
+    assert received.body == body
+    assert received.headers["X-Hub-Signature-256"] == meta_signature(body)
 
 
 async def _delivered(gateway: Gateway) -> bool | None:
@@ -249,6 +271,28 @@ def test_status_attributes_follow_the_http_conventions(
 ) -> None:
     """A response's status code, with error.type from 400 on, or the kind of error alone."""
     assert status_attributes(status, error) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "url", "server"),
+    [
+        ("redis", "rediss://:pw@cache.internal:6380/2", ("cache.internal", 6380)),
+        ("nats", "nats://u:pw1@a:4222,nats://u:pw2@b:4222", ("a", 4222)),
+        ("nats", "nats://u:pw@a:port,nats://b", None),
+    ],
+)
+def test_broker_attempts_name_their_first_server_and_never_a_password(
+    kind: str, url: str, server: tuple[str, int] | None
+) -> None:
+    """A broker attempt names its system and first server; no password, whatever the URL."""
+    found = client_attributes(url, "bus", "p-1", 2, kind)
+    assert "pw" not in repr(found)
+    assert found["http.request.resend_count"] == 1
+    if server is None:
+        assert "server.address" not in found
+    else:
+        assert (found["server.address"], found["server.port"]) == server
+        assert found["messaging.system"] == kind
 
 
 @pytest.mark.parametrize(

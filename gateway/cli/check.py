@@ -7,7 +7,7 @@ import asyncio
 import datetime
 
 from gateway.cli.args import add_config_argument, config_from_args
-from gateway.onboarding.check import outbox_report, report
+from gateway.onboarding.check import outbox_report, report, targets_report
 
 __all__ = ["register"]
 
@@ -17,6 +17,8 @@ def _check(args: argparse.Namespace) -> int:
     for line in report(config, datetime.datetime.now(datetime.UTC)):
         print(line)
     for line in asyncio.run(outbox_report(config)):
+        print(line)
+    for line in asyncio.run(targets_report(config)):
         print(line)
     return 0
 

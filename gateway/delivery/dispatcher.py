@@ -7,10 +7,12 @@ deduplicate on ``X-Gateway-Delivery-Id``. Time and randomness are injected so te
 backoff.
 
 Deliveries started in one turn of the event loop (the notifications of one group commit, or a
-claim from the outbox) go to each target in batches: one batch is one pipelined exchange on one
-connection (:mod:`gateway.delivery.upstream`), at most the target's ``pipeline`` deliveries and
-:data:`BATCH_BYTES` of bodies, with at most ``concurrency`` deliveries in flight per target. Its
-outcomes are recorded as one outbox job, and the target's health takes one verdict per batch.
+claim from the outbox) go to each target in batches: one batch is one exchange through the
+target's sender (:mod:`gateway.delivery.sending`, which alone knows the target's kind: pipelined
+HTTP requests on one connection, one Redis pipeline, concurrent JetStream publishes), at most the
+target's ``pipeline`` deliveries and :data:`BATCH_BYTES` of bodies, with at most ``concurrency``
+deliveries in flight per target. Its outcomes are recorded as one outbox job, and the target's
+health takes one verdict per batch.
 
 Targets can change while it runs (:meth:`Dispatcher.reconfigure`, on a reload): attempts in flight
 finish with the settings they started with; the deliveries of a target no longer configured stay
@@ -34,7 +36,6 @@ from typing import Any, Literal, Protocol
 
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
-from gateway.delivery.forwarder import Forwarder
 from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
@@ -45,6 +46,7 @@ from gateway.delivery.outcome import (
     is_transient,
 )
 from gateway.delivery.pacing import Pacing
+from gateway.delivery.sending import Sender, sender_for
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 from gateway.tracing import Tracing
@@ -114,13 +116,13 @@ class Dispatcher:
         self._observer = observer or _Ignore()
         self._targets = {t.name: t for t in targets}
         self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
-        self._forwarders = {t.name: Forwarder(t, tls.get(t.name)) for t in targets}
+        self._senders = {t.name: sender_for(t, tls.get(t.name)) for t in targets}
         self._health = {t.name: TargetHealth() for t in targets}
         # Conversation order and rate limits (gateway.delivery.pacing): their targets' deliveries
         # start only through claims.
         self._pacing = Pacing(targets, clock())
         self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
-        self._retired: list[Forwarder] = []  # replaced by a reload, closed after their batches
+        self._retired: list[Sender] = []  # replaced by a reload, closed after their batches
         self._closing: set[asyncio.Task[None]] = set()
         # Attempts started or queued, per target: one budget for all would let a target that
         # never answers fill it, and every other target would wait for its timeout.
@@ -192,7 +194,7 @@ class Dispatcher:
         tls: Mapping[str, ssl.SSLContext] | None = None,
     ) -> None:
         """Take new targets and settings (a reload). A target whose settings are unchanged keeps
-        its connections and health; a changed one gets a new forwarder, the old one finishing
+        its connections and health; a changed one gets a new sender, the old one finishing
         its batches in flight, and so does one with TLS files of its own (``tls``), read again
         by this reload whether their names changed or not. Deliveries queued for a removed
         target are let go: they stay pending in the outbox."""
@@ -207,12 +209,12 @@ class Dispatcher:
         for name, target in new.items():
             if self._targets.get(name) == target and name not in tls:
                 continue
-            old = self._forwarders.get(name)
+            old = self._senders.get(name)
             if old is not None:
                 self._retire(old)
             self._targets[name] = target
             self._policies[name] = RetryPolicy.for_target(target)
-            self._forwarders[name] = Forwarder(target, tls.get(name))
+            self._senders[name] = sender_for(target, tls.get(name))
             self._health.setdefault(name, TargetHealth())
             self._busy.setdefault(name, 0)
             self._load.setdefault(name, 0)
@@ -225,20 +227,20 @@ class Dispatcher:
         for delivery in self._queued.pop(name, []):
             self._in_flight.discard(delivery.id)
             self._load[name] -= 1
-        self._retire(self._forwarders.pop(name))
+        self._retire(self._senders.pop(name))
         del self._targets[name], self._policies[name], self._health[name]
 
-    def _retire(self, forwarder: Forwarder) -> None:
-        """Close a replaced forwarder's connections once the batches now on the wire, which
+    def _retire(self, sender: Sender) -> None:
+        """Close a replaced sender's connections once the batches now on the wire, which
         may be using it, are done."""
-        self._retired.append(forwarder)
+        self._retired.append(sender)
         batches = list(self._batches)
 
         async def close() -> None:
             if batches:  # wait(), not gather(): cancelling this must not cancel the batches
                 await asyncio.wait(batches)
-            await forwarder.close()
-            self._retired.remove(forwarder)
+            await sender.close()
+            self._retired.remove(sender)
 
         task = asyncio.create_task(close())
         self._closing.add(task)
@@ -258,9 +260,7 @@ class Dispatcher:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
         # Open one connection to each target ahead of the first notification, so the first
         # forward does not pay for the connection set-up; a target that is down is no error.
-        self._warming = [
-            asyncio.create_task(forwarder.warm()) for forwarder in self._forwarders.values()
-        ]
+        self._warming = [asyncio.create_task(sender.warm()) for sender in self._senders.values()]
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming, let attempts in flight finish for up to ``grace_s``, cancel the rest
@@ -282,8 +282,8 @@ class Dispatcher:
         for closing in list(self._closing):
             closing.cancel()
         await asyncio.gather(*self._closing, return_exceptions=True)
-        for forwarder in [*self._forwarders.values(), *self._retired]:
-            await forwarder.close()
+        for sender in [*self._senders.values(), *self._retired]:
+            await sender.close()
 
     async def _loop(self) -> None:
         failing: str | None = None  # the outbox's complaint, logged once until it recovers
@@ -382,19 +382,20 @@ class Dispatcher:
     async def _attempt(self, name: str, batch: list[Delivery]) -> None:
         attempts = [delivery.attempts + 1 for delivery in batch]
         # Taken now: a reload may replace or remove the target while the batch is out.
-        forwarder, health, policy = self._forwarders[name], self._health[name], self._policies[name]
+        sender, health, policy = self._senders[name], self._health[name], self._policies[name]
         spans = (
             None
             if self._tracing is None
             else self._tracing.attempt_spans(
-                forwarder.target.url,
+                sender.target.url,
                 name,
                 [(d.id, d.trace, attempt) for d, attempt in zip(batch, attempts, strict=True)],
+                sender.target.kind,
             )
         )
         try:
             try:
-                results = await forwarder.send_many(
+                results = await sender.send_many(
                     batch, attempts, None if spans is None else [headers for _, headers in spans]
                 )
             except Exception as exc:

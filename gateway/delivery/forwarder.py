@@ -1,8 +1,9 @@
-"""One HTTP request to one target: build the headers, send, report what came back.
+"""``kind = "http"``: one HTTP request to one target: build the headers, send, report.
 
 Rule: the forwarder never decides what a result means (that is :mod:`gateway.delivery.outcome`) and
-never copies an inbound header: every header a target sees is built here, so nothing from outside
-can impersonate the gateway's own ``X-Gateway-*`` headers.
+never copies an inbound header: every header a target sees is built here and in
+:mod:`gateway.delivery.headers`, so nothing from outside can impersonate the gateway's own
+``X-Gateway-*`` headers.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from gateway.config import TargetConfig
 from gateway.delivery.answers import kept_answer
 from gateway.delivery.backoff import parse_retry_after
+from gateway.delivery.headers import delivery_headers
 from gateway.delivery.outcome import AttemptResult
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
-from gateway.edge.signature import gateway_signature, sign
 from gateway.outbox import Delivery
 from gateway.version import __version__
 
@@ -28,30 +29,12 @@ USER_AGENT = f"waba-gateway/{__version__}"
 def build_headers(
     delivery: Delivery, target: TargetConfig, attempt: int, now: float
 ) -> dict[str, str]:
-    """Headers for attempt number ``attempt`` (1-based) of ``delivery``."""
-    headers = {
+    """HTTP headers for attempt number ``attempt`` (1-based) of ``delivery``."""
+    return {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
-        # Stable across retries: targets use it to drop the duplicates at-least-once implies.
-        "X-Gateway-Delivery-Id": delivery.id,
-        "X-Gateway-Attempt": str(attempt),
+        **delivery_headers(delivery, target, attempt, now),
     }
-    if target.signature == "meta":
-        # What Meta would send for these exact bytes, keyed with the target's secret instead of
-        # the app secret, so a consumer written for Meta's webhooks verifies them unchanged.
-        assert target.secret is not None  # load_config refuses signature = "meta" without one
-        headers["X-Hub-Signature-256"] = sign(target.secret, delivery.body)
-        return headers
-    if not delivery.split:
-        # The exact bytes Meta signed, so a target may verify Meta's signature itself.
-        headers["X-Hub-Signature-256"] = delivery.signature
-    if target.secret is not None:
-        timestamp = str(int(now))
-        headers["X-Gateway-Timestamp"] = timestamp
-        headers["X-Gateway-Signature-256"] = gateway_signature(
-            target.secret, timestamp, delivery.body
-        )
-    return headers
 
 
 class Forwarder:
@@ -106,6 +89,9 @@ class Forwarder:
     async def warm(self) -> None:
         """Open a keep-alive connection now; a target that is down is tried again later."""
         await self._upstream.warm(self.target.timeout_s)
+
+    async def probe(self) -> None:
+        """Nothing: ``check`` judges the configuration; ``doctor`` connects to HTTP targets."""
 
     async def close(self) -> None:
         await self._upstream.close()

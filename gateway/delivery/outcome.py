@@ -3,7 +3,9 @@
 Rule: this is the only place that classifies delivery outcomes. RFC 9110 status semantics drive
 it: 2xx is success; 408, 429 and 5xx are transient and retried, as are timeouts and connection
 errors; any other status (3xx, 4xx) means the target will never accept this body, so retrying
-would only delay the operator's attention: it is dead-lettered at once.
+would only delay the operator's attention: it is dead-lettered at once. Targets that are not HTTP
+say the same in kind-neutral terms: ``accepted`` (a broker's acknowledgement) is success, an error
+marked ``permanent`` is dead-lettered at once, any other error is transient.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _RETRYABLE_4XX = frozenset({408, 429})
 
 def is_transient(result: AttemptResult) -> bool:
     """The target could not take the request now (5xx, 408, 429, no response) and may later."""
+    if result.accepted or result.permanent:
+        return False
     status = result.status
     if status is None:
         return True
@@ -47,7 +51,7 @@ def classify(
     """Classify attempt number ``attempt`` (1-based) of a delivery first queued at
     ``created_at``. A retry is never scheduled past ``created_at + policy.max_age_s``."""
     status = result.status
-    if status is not None and 200 <= status < 300:
+    if result.accepted or (status is not None and 200 <= status < 300):
         return Delivered()
     what = result.describe()
     if not is_transient(result):

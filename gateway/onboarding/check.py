@@ -5,23 +5,37 @@ builder), and adds what an operator wants to see before a rollout: certificate e
 under 30 days) and the subjects and fingerprints of the client CA bundle, so they can be compared
 with the CA file Meta publishes. The outbox: with ``outbox.url``, whether the database is reachable
 and holds the schema version this gateway uses; a SQLite file, read without changing it: its
-layout, SQLite's structural check and its pending and dead deliveries.
+layout, SQLite's structural check and its pending and dead deliveries. For each broker target
+(Redis, NATS): whether the broker answers (a warning when it does not: ``serve`` starts anyway
+and waits for it), and a NATS subject that no JetStream stream captures, which is an error (every
+delivery would be a dead letter).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
 from gateway.config import MIN_ADMIN_TOKEN_CHARS, AdminConfig, Config
+from gateway.delivery.sending import sender_for
 from gateway.delivery.target_tls import target_contexts
 from gateway.edge.tls import build_server_context, client_ca_subjects, stale_crls
-from gateway.errors import CertificateError
+from gateway.errors import CertificateError, TargetUnreachable
 from gateway.outbox import describe_outbox
 
-__all__ = ["EXPIRY_WARNING_DAYS", "admin_token_warning", "days_left", "outbox_report", "report"]
+__all__ = [
+    "EXPIRY_WARNING_DAYS",
+    "admin_token_warning",
+    "days_left",
+    "outbox_report",
+    "report",
+    "targets_report",
+]
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -105,3 +119,30 @@ async def outbox_report(config: Config) -> list[str]:
     uses, or a SQLite file's layout, integrity and backlog. Raises OutboxError when ``serve``
     would refuse it."""
     return [f"ok: {await describe_outbox(config.outbox)}"]
+
+
+async def targets_report(config: Config) -> list[str]:
+    """A line per broker target, probed together. Raises TargetError when ``serve`` would
+    dead-letter every delivery to one (a NATS subject no stream captures)."""
+    senders = [sender_for(target) for target in config.targets]
+    try:
+        found = await asyncio.gather(
+            *(_probe(sender.probe()) for sender in senders), return_exceptions=True
+        )
+    finally:
+        await asyncio.gather(*(sender.close() for sender in senders), return_exceptions=True)
+    lines = []
+    for result in found:
+        if isinstance(result, BaseException):
+            raise result
+        if result is not None:
+            lines.append(result)
+    return lines
+
+
+async def _probe(probing: Coroutine[Any, Any, str | None]) -> str | None:
+    try:
+        line = await probing
+    except TargetUnreachable as exc:
+        return f"warning: {exc}; serve starts anyway and delivers once it answers"
+    return None if line is None else f"ok: {line}"

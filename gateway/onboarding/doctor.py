@@ -22,8 +22,9 @@ from cryptography import x509
 from OpenSSL import crypto
 
 from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig, redact_url
+from gateway.delivery.sending import sender_for
 from gateway.edge.tls import build_server_context, stale_crls
-from gateway.errors import CertificateError, OutboxError
+from gateway.errors import CertificateError, OutboxError, TargetError, TargetUnreachable
 from gateway.onboarding.check import admin_token_warning
 from gateway.onboarding.meta_client import client_context
 from gateway.onboarding.readiness import (
@@ -157,6 +158,8 @@ async def _targets(targets: Sequence[TargetConfig]) -> list[Finding]:
 
 
 async def _reach(target: TargetConfig) -> Finding:
+    if target.kind != "http":
+        return await _reach_broker(target)
     parts = urlsplit(target.url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -175,6 +178,20 @@ async def _reach(target: TargetConfig) -> Finding:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return Finding("OK", f"{where} accepts connections")
+
+
+async def _reach_broker(target: TargetConfig) -> Finding:
+    """A broker target: connected to as ``check`` does (and, for NATS, its stream found)."""
+    sender = sender_for(target)
+    try:
+        found = await sender.probe()
+    except TargetUnreachable as exc:
+        return Finding("WARN", str(exc), "the outbox keeps its notifications until it answers")
+    except TargetError as exc:
+        return Finding("FAIL", str(exc), "every delivery to it would be a dead letter")
+    finally:
+        await sender.close()
+    return Finding("OK", found or f"target {target.name!r}")
 
 
 async def _outbox(config: OutboxConfig) -> Finding:

@@ -176,12 +176,16 @@ class AttemptRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptResult:
-    """What came back from one request: a status, or an error (timeout, refused, reset...)."""
+    """What came back from one attempt: an HTTP status, a broker's acknowledgement
+    (``accepted``), or an error (timeout, refused, reset...), ``permanent`` when the target
+    said it will never take this delivery (no stream for the subject, too large)."""
 
     status: int | None = None
     error: str | None = None
     retry_after_s: float | None = None
     response_excerpt: str = ""
+    accepted: bool = False
+    permanent: bool = False
 
     def describe(self) -> str:
         if self.status is not None:

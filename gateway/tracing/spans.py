@@ -84,22 +84,35 @@ def status_attributes(status: int | None, error: str | None) -> dict[str, Any]:
     return found
 
 
-def client_attributes(url: str, target: str, delivery_id: str, attempt: int) -> dict[str, Any]:
-    """A delivery attempt's attributes before it is sent; the URL without credentials or
-    query (either may hold a secret)."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+def client_attributes(
+    url: str, target: str, delivery_id: str, attempt: int, kind: str = "http"
+) -> dict[str, Any]:
+    """A delivery attempt's attributes before it is sent: for an HTTP target the URL without
+    credentials or query (either may hold a secret), for a broker (``kind``) its first
+    server's host and port alone."""
     found: dict[str, Any] = {
-        "http.request.method": "POST",
-        "server.address": parts.hostname or "",
-        "server.port": port,
-        "url.full": f"{parts.scheme}://{parts.hostname}:{port}{parts.path or '/'}",
         "gateway.target.name": target,
         "gateway.delivery.id": delivery_id,
         "gateway.delivery.attempt": attempt,
     }
     if attempt > 1:
         found["http.request.resend_count"] = attempt - 1
+    try:
+        parts = urlsplit(url.split(",", 1)[0])  # a NATS target may list several servers
+        port = parts.port
+    except ValueError:
+        return found
+    if kind != "http":
+        found["messaging.system"] = kind
+        found["server.address"] = parts.hostname or ""
+        if port is not None:
+            found["server.port"] = port
+    else:
+        port = port or (443 if parts.scheme == "https" else 80)
+        found["http.request.method"] = "POST"
+        found["server.address"] = parts.hostname or ""
+        found["server.port"] = port
+        found["url.full"] = f"{parts.scheme}://{parts.hostname}:{port}{parts.path or '/'}"
     return found
 
 
@@ -178,19 +191,21 @@ class Tracing:
         url: str,
         target: str,
         deliveries: Sequence[tuple[str, str | None, int]],
+        kind: str = "http",
     ) -> list[tuple[Span, dict[str, str]]]:
         """One CLIENT span per attempt ``(delivery id, stored trace context, attempt number)``,
         each a child of its stored context (a root where none was stored), with the headers
-        that carry it to the target."""
+        that carry it to the target. Named ``POST`` for an HTTP target (the HTTP conventions),
+        ``send <target>`` for a broker (the messaging ones)."""
         made = []
         start = time.time_ns()
         for delivery_id, trace, attempt in deliveries:
             parent = _PROPAGATOR.extract(split_carrier(trace), context=Context())
             span = self._tracer.start_span(
-                "POST",
+                "POST" if kind == "http" else f"send {target}",
                 context=parent,
                 kind=SpanKind.CLIENT,
-                attributes=client_attributes(url, target, delivery_id, attempt),
+                attributes=client_attributes(url, target, delivery_id, attempt, kind),
                 start_time=start,
             )
             headers: dict[str, str] = {}

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""CPU per delivery of each target kind's sender, without the gateway around it.
+
+Sends ``--count`` deliveries of the payload through each sender (HTTP to the shared sink, Redis
+XADD to ``redis-server``, NATS JetStream publish to ``nats-server -js``), in batches of 32 with
+8 batches in flight, as the dispatcher does, and prints per kind and round: deliveries per
+second (wall) and microseconds of this process's CPU per delivery. Rounds alternate the kinds.
+
+    PYTHONPATH=.:tests python bench/senders.py --sink "$SHARED/sink.py" \\
+        --payload "$SHARED/payload.json" --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
+
+from brokers import nats_server, redis_server  # noqa: E402
+
+from gateway.config import TargetConfig  # noqa: E402
+from gateway.delivery.sending import sender_for  # noqa: E402
+from gateway.outbox import Delivery  # noqa: E402
+
+
+def delivery(number: int, body: bytes) -> Delivery:
+    return Delivery(id=f"bench-{number}", notification_id=number, target="t", body=body,
+                    signature="sha256=00", split=False, state="pending", attempts=0,
+                    created_at=0.0, next_attempt_at=0.0, received_at=0.0)
+
+
+async def measure(target: TargetConfig, body: bytes, count: int, first: int) -> str:
+    sender = sender_for(target)
+    await sender.warm()
+    room = asyncio.Semaphore(8)
+
+    async def batch(start: int) -> None:
+        async with room:
+            numbers = range(first + start, first + start + 32)
+            results = await sender.send_many([delivery(n, body) for n in numbers], [1] * 32)
+            bad = [r for r in results if not (r.accepted or r.status == 200)]
+            assert not bad, bad[0]
+
+    cpu, wall = time.process_time(), time.monotonic()
+    await asyncio.gather(*(batch(start) for start in range(0, count, 32)))
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    await sender.close()
+    return f"{target.kind:>5}: {count / wall:>9,.0f} deliveries/s  {cpu / count * 1e6:5.1f} us CPU each"
+
+
+async def run(args: argparse.Namespace, http_port: int) -> None:
+    import nats
+
+    body = Path(args.payload).read_bytes()
+    with redis_server() as redis, nats_server() as nats_broker:
+        client = await nats.connect(nats_broker.url)
+        await client.jetstream().add_stream(name="BENCH", subjects=["bench.>"])
+        await client.close()
+        targets = [
+            TargetConfig(name="t", url=f"http://127.0.0.1:{http_port}/sink"),
+            TargetConfig(name="t", kind="redis", url=redis.url, stream="s", maxlen=100_000),
+            TargetConfig(name="t", kind="nats", url=nats_broker.url, subject="bench.x"),
+        ]
+        for number in range(args.rounds):
+            for target in targets[number % 3:] + targets[:number % 3]:
+                line = await measure(target, body, args.count, number * args.count)
+                print(f"round {number + 1} {line}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sink", required=True, help="the shared harness's sink.py")
+    parser.add_argument("--payload", required=True)
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sink = subprocess.Popen([sys.executable, args.sink, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        asyncio.run(run(args, port))
+    finally:
+        sink.terminate()
+        sink.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

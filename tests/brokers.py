@@ -1,0 +1,117 @@
+"""Throw-away Redis and NATS servers for the tests and the benchmarks: real servers, on loopback.
+
+Rule: each is Debian's own binary (``redis-server``, ``nats-server -js``), started as a child
+process on a free port in a temporary folder, stopped with the test. :meth:`down` and :meth:`up`
+stop it and start it again on the same port (both keep their data in their folder), so a
+broker that goes away and comes back looks exactly like that to the gateway. ``.ci/run``
+installs both packages where missing; without them the tests fail saying so, never skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["BrokerServer", "nats_server", "redis_server"]
+
+_START_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _binary(name: str, package: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if found is None:
+        raise RuntimeError(
+            f"no {name}: install Debian's {package} package"
+            f" (.ci/run does: apt-get install -y {package})"
+        )
+    return found
+
+
+class BrokerServer:
+    """A broker child process on 127.0.0.1:``port``."""
+
+    def __init__(self, command: list[str], port: int, scheme: str) -> None:
+        self.command = command
+        self.port = port
+        self.scheme = scheme
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        """Start it and wait until it accepts connections."""
+        assert self._process is None, "the broker is already up"
+        self._process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + _START_S
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(self.command)} did not start")
+            time.sleep(0.02)
+
+    def down(self) -> None:
+        """Stop it: connections are refused until :meth:`up`."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def redis_server(*options: str) -> Iterator[BrokerServer]:
+    """A Redis server keeping its data across a restart (append-only file, as a Redis that
+    holds deliveries should); ``options`` as redis-server takes them."""
+    binary = _binary("redis-server", "redis-server")
+    with tempfile.TemporaryDirectory(prefix="waba-redis-") as folder:
+        port = _free_port()
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
+        command += ["--save", "", "--appendonly", "yes", "--protected-mode", "no", *options]
+        server = BrokerServer(command, port, "redis")
+        server.up()
+        try:
+            yield server
+        finally:
+            server.down()
+
+
+@contextlib.contextmanager
+def nats_server(*options: str) -> Iterator[BrokerServer]:
+    """A NATS server with JetStream, its streams kept in a temporary folder across restarts;
+    ``options`` as nats-server takes them."""
+    binary = _binary("nats-server", "nats-server")
+    with tempfile.TemporaryDirectory(prefix="waba-nats-") as folder:
+        port = _free_port()
+        store = Path(folder) / "jetstream"
+        command = [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port), *options]
+        server = BrokerServer(command, port, "nats")
+        server.up()
+        try:
+            yield server
+        finally:
+            server.down()
