@@ -111,7 +111,11 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
     cert, key = own_certificates(pki, tmp_path, config)
     port = listen_port(config)
     with serving(config) as process:
+        output = _Lines(process)
         await until(lambda: served_serial(port, pki), "the gateway to listen")
+        # Both workers up (a worker still starting would read the key broken below, and exit),
+        # and worker 0's admin listener with them.
+        await post_over_both_workers(port, pki, process.pid, "started", 4)
         await until(lambda: _admin_up(admin_port), "the admin listener of worker 0 too")
         serial = renew(pki, cert, key)
 
@@ -126,14 +130,20 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
         assert err.startswith(f"error: reload failed, nothing changed: {config}: tls.key_file")
         assert len(err.splitlines()) == 1
         assert await served_serial(port, pki) == serial
+        failed = err.removeprefix("error: ").strip()
         process.send_signal(signal.SIGHUP)
-        await asyncio.sleep(1.0)
-        log = stop(process)
-    assert process.returncode == 0
+
+        async def both_failed() -> bool:
+            return output.count(failed) >= 3
+
+        await until(both_failed, "both workers to refuse the SIGHUP's reload")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, DEADLINE_S) == 0
+        log = output.join()
     # Worker 0 through the admin API, worker 1 through the supervisor.
     assert log.count(f"reloaded {config}") == 2
     # The failed reload, then SIGHUP to the supervisor: every worker tried, each said why.
-    assert log.count(err.removeprefix("error: ").strip()) == 3
+    assert log.count(failed) == 3
 
 
 class _Lines:
