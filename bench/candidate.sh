@@ -21,6 +21,8 @@
 #                               (bench.py --outbox postgres sets it)
 #   WABA_BENCH_FRONT_DOOR       "embedded": serve through create_app in aiohttp (embedded_app.py)
 #                               instead of the gateway's own listener (workers must be 1)
+#   WABA_BENCH_TRACING_ENDPOINT [tracing] enabled = true, exporting to this OTLP/HTTP base URL
+#                               (bench/otlp_sink.py is a loopback collector); needs the otel extra
 #
 # The harness posts one and the same body every time. With the production dedup window (7 days)
 # every request after the first would be acknowledged as a duplicate and never stored again nor
@@ -86,6 +88,9 @@ ${WABA_BENCH_POLL_INTERVAL_S:+poll_interval_s = $WABA_BENCH_POLL_INTERVAL_S}
 
 [log]
 level = "${WABA_BENCH_LOG_LEVEL:-warning}"
+$(if [[ -n "${WABA_BENCH_TRACING_ENDPOINT:-}" ]]; then
+    printf '\n[tracing]\nenabled = true\nendpoint = "${WABA_BENCH_TRACING_ENDPOINT}"\n'
+  fi)
 TOML
 
 # The repository root on the import path, so the gateway runs from a checkout without installing.

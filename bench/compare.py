@@ -60,6 +60,7 @@ class Build:
     python: Path
     adapter: Path  # its candidate.sh, in a folder with no ``gateway`` package beside it
     runs: list[dict[str, Any]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # --env-b: for B's runs alone
 
 
 def git(*argv: str) -> str:
@@ -109,6 +110,7 @@ def run_harness(args: argparse.Namespace, item: Build, round_no: int, out: Path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if args.outbox_url:
         env["WABA_BENCH_OUTBOX_URL"] = args.outbox_url
+    env.update(item.env)
     log(f"round {round_no}: {item.rev} ({item.commit[:10]})")
     done = subprocess.run(argv, cwd=args.shared, env=env, capture_output=True, text=True,
                           timeout=args.run_timeout, check=False)
@@ -154,7 +156,8 @@ def spread(values: Sequence[float], fmt: str) -> str:
 
 
 def summary(a: Build, b: Build, modes: Sequence[str]) -> list[str]:
-    lines = [f"A = {a.rev} ({a.commit[:10]}), B = {b.rev} ({b.commit[:10]}); "
+    with_env = "".join(f" {name}={value}" for name, value in b.env.items())
+    lines = [f"A = {a.rev} ({a.commit[:10]}), B = {b.rev} ({b.commit[:10]}){with_env}; "
              "median [min..max] over rounds", ""]
     header = f"{'mode':<5} {'figure':<22} {'A':<26} {'B':<26} {'B / A (per round)':<24}"
     lines += [header, "-" * len(header)]
@@ -194,6 +197,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep builds here and reuse them (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds per harness run")
+    parser.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE",
+                        help="set this for B's runs only: one revision with and without a knob"
+                        " of candidate.sh (e.g. WABA_BENCH_TRACING_ENDPOINT=URL)")
     parser.epilog = "Options after -- go to the harness as they are (e.g. -- --server-key ecdsa)."
     argv = list(sys.argv[1:] if argv is None else argv)
     rest = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -217,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = args.modes.split(",")
     try:
         a, b = build(args.rev_a, work, args.extras), build(args.rev_b, work, args.extras)
+        b.env = dict(item.split("=", 1) for item in args.env_b)
         for round_no in range(1, args.rounds + 1):
             for item in (a, b) if round_no % 2 else (b, a):
                 out = work / f"run-{round_no}-{item.commit[:10]}.json"

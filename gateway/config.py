@@ -38,6 +38,7 @@ __all__ = [
     "OutboxConfig",
     "TargetConfig",
     "TlsConfig",
+    "TracingConfig",
     "default_config_path",
     "load_admin_config",
     "load_config",
@@ -281,6 +282,20 @@ class DispatcherConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TracingConfig:
+    """``[tracing]``: OpenTelemetry traces over OTLP/HTTP. A key the file leaves out is taken
+    from the standard ``OTEL_*`` variable at load, so the values here are the ones in force."""
+
+    enabled: bool = False
+    # The collector's base URL (http://HOST:4318); spans go to its /v1/traces. None: the
+    # exporter's own default (or OTEL_EXPORTER_OTLP_*ENDPOINT).
+    endpoint: str | None = None
+    service_name: str = "waba-gateway"
+    # The share of new traces recorded; an attempt follows the decision of its stored trace.
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     tls: TlsConfig
@@ -289,6 +304,7 @@ class Config:
     targets: tuple[TargetConfig, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     log_level: str = "info"
     # "text" for a terminal, "json" (one object per line) for a log pipeline.
     log_format: LogFormat = "text"
@@ -370,7 +386,19 @@ _T = TypeVar("_T")
 _Rule = tuple[Callable[[Any], bool], str]
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_TABLES = ("listen", "tls", "meta", "outbox", "targets", "admin", "dispatcher", "log")
+_TABLES = (
+    "listen",
+    "tls",
+    "meta",
+    "outbox",
+    "targets",
+    "admin",
+    "dispatcher",
+    "log",
+    "tracing",
+)
+# What `[tracing] enabled = true` needs beyond opentelemetry-api: the otel extra.
+_TRACING_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
 _SECRETS = frozenset(
     {"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token", "outbox.url"}
 )
@@ -400,7 +428,10 @@ def _is_server_url(text: str, schemes: tuple[str, ...]) -> bool:
 
 def _installed(module: str) -> bool:
     # find_spec, not import: loading a driver is the adapter's business, at its first use.
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -441,6 +472,11 @@ _RULES: dict[str, _Rule] = {
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
     "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
+    "tracing.endpoint": (
+        lambda value: _is_server_url(value, ("http", "https")),
+        "an http:// or https:// URL",
+    ),
+    "tracing.sample_ratio": (lambda value: 0 <= value <= 1, "a number from 0 to 1"),
     "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
     "targets.retry_schedule_s": (
@@ -530,9 +566,37 @@ class _Reader:
             targets=self.targets(data.get("targets", [])),
             admin=admin,
             dispatcher=table("dispatcher", DispatcherConfig),
+            tracing=self.tracing(data.get("tracing", {})),
             source=self.source,
             **{f"log_{key}": value for key, value in log.items()},
         )
+
+    def tracing(self, value: object) -> TracingConfig:
+        """``[tracing]``, each key the file leaves out taken from its OTEL_* variable."""
+        given = self.check_keys("tracing", value, get_type_hints(TracingConfig))
+        defaults: dict[str, Any] = {}
+        if "service_name" not in given and self.env.get("OTEL_SERVICE_NAME"):
+            defaults["service_name"] = self.env["OTEL_SERVICE_NAME"]
+        ratio = self.env.get("OTEL_TRACES_SAMPLER_ARG")
+        if "sample_ratio" not in given and ratio:
+            try:
+                defaults["sample_ratio"] = float(ratio)
+            except ValueError:
+                raise ConfigError(
+                    f"{self.source}: tracing.sample_ratio is not set and OTEL_TRACES_SAMPLER_ARG"
+                    f" = {ratio!r} is not a number from 0 to 1"
+                ) from None
+            if not 0 <= defaults["sample_ratio"] <= 1:
+                raise ConfigError(
+                    f"{self.source}: tracing.sample_ratio is not set and OTEL_TRACES_SAMPLER_ARG"
+                    f" = {ratio!r} is not a number from 0 to 1"
+                )
+        hints = get_type_hints(TracingConfig)
+        tracing = TracingConfig(**(defaults | self.table("tracing", "tracing", value, hints, ())))
+        if tracing.enabled and not all(_installed(module) for module in _TRACING_MODULES):
+            expected = "false, or the otel extra installed (pip install 'waba-gateway[otel]')"
+            raise self.error("tracing.enabled", True, expected)
+        return tracing
 
     def outbox(self, value: object) -> OutboxConfig:
         outbox = self.section("outbox", "outbox", value, OutboxConfig)

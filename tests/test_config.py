@@ -27,6 +27,7 @@ from gateway.config import (
     OutboxConfig,
     TargetConfig,
     TlsConfig,
+    TracingConfig,
     default_config_path,
     load_admin_config,
     load_config,
@@ -335,7 +336,7 @@ def test_rejects_malformed_reference(tmp_path: Path, text: str) -> None:
     )
 
 
-TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls"
+TOP_KEYS = "admin, dispatcher, listen, log, meta, outbox, targets, tls, tracing"
 TARGET_KEYS = (
     "attempts, burst, ca_file, cert_file, concurrency, fields, key_file, kind, "
     "max_age_s, maxlen, message_types, name, order, phone_number_ids, pipeline, "
@@ -1150,6 +1151,108 @@ def test_rejects_target_tls_files_that_cannot_apply(
 ) -> None:
     """A target's CA or client certificate on an http:// URL, or half a key pair: refused."""
     assert rejection(tmp_path, entries).replace(str(tmp_path), "<dir>") == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "env", "expected"),
+    [
+        pytest.param({}, {}, TracingConfig(), id="off-by-default"),
+        pytest.param(
+            {
+                "tracing.enabled": "true",
+                "tracing.endpoint": '"http://collector:4318"',
+                "tracing.service_name": '"edge-eu"',
+                "tracing.sample_ratio": "0.25",
+            },
+            {"OTEL_SERVICE_NAME": "ignored", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+            TracingConfig(
+                enabled=True,
+                endpoint="http://collector:4318",
+                service_name="edge-eu",
+                sample_ratio=0.25,
+            ),
+            id="the-file-wins",
+        ),
+        pytest.param(
+            {"tracing.enabled": "true"},
+            {"OTEL_SERVICE_NAME": "from-env", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+            TracingConfig(enabled=True, service_name="from-env", sample_ratio=0.5),
+            id="otel-variables-where-the-file-is-silent",
+        ),
+    ],
+)
+def test_tracing_section_takes_otel_variables_where_it_is_silent(
+    tmp_path: Path, entries: dict[str, str], env: dict[str, str], expected: TracingConfig
+) -> None:
+    """[tracing] as written; a key left out comes from its OTEL_* variable, else the default."""
+    assert load(tmp_path, entries, env).tracing == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "env", "expected"),
+    [
+        (
+            {"tracing.endpoint": '"collector:4318"'},
+            {},
+            "<file>: tracing.endpoint = 'collector:4318': expected an http:// or https:// URL",
+        ),
+        (
+            {"tracing.sample_ratio": "1.5"},
+            {},
+            "<file>: tracing.sample_ratio = 1.5: expected a number from 0 to 1",
+        ),
+        (
+            {},
+            {"OTEL_TRACES_SAMPLER_ARG": "half"},
+            "<file>: tracing.sample_ratio is not set and OTEL_TRACES_SAMPLER_ARG = 'half' is not"
+            " a number from 0 to 1",
+        ),
+        (
+            {"tracing.exporter": '"zipkin"'},
+            {},
+            "<file>: tracing.exporter = 'zipkin': expected one of the keys enabled, endpoint,"
+            " sample_ratio, service_name",
+        ),
+    ],
+)
+def test_bad_tracing_values_are_refused_naming_the_key(
+    tmp_path: Path, entries: dict[str, str], env: dict[str, str], expected: str
+) -> None:
+    """A bad [tracing] value, or a bad OTEL_* variable standing in for one, names its key."""
+    assert rejection(tmp_path, entries, env) == expected
+
+
+# As _WITHOUT_UVLOOP: a child interpreter in which the otel extra's SDK cannot be found.
+_WITHOUT_OTEL = _WITHOUT_UVLOOP.replace('sys.modules["uvloop"]', 'sys.modules["opentelemetry.sdk"]')
+
+
+@pytest.mark.parametrize(
+    ("enabled", "expected"),
+    [
+        ("false", ""),
+        (
+            "true",
+            "<file>: tracing.enabled = True: expected false, or the otel extra installed"
+            " (pip install 'waba-gateway[otel]')",
+        ),
+    ],
+)
+def test_tracing_without_the_otel_extra_is_refused_naming_the_extra(
+    tmp_path: Path, enabled: str, expected: str
+) -> None:
+    """Where the SDK is not installed, [tracing] enabled = true is refused at load, naming the
+    extra to install; off, the file loads."""
+    path = write(tmp_path, {"tracing.enabled": enabled})
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OTEL, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.strip().replace(str(path), "<file>") == expected
+
+
 REDIS = {"targets[0].kind": '"redis"', "targets[0].stream": '"whatsapp"'}
 NATS = {"targets[0].kind": '"nats"', "targets[0].subject": '"waba.inbox"'}
 

@@ -380,3 +380,27 @@ async def test_accept_says_which_fresh_deliveries_an_earlier_one_holds_back(
         await outbox.record_many([(d.id, DeadLetter("HTTP 400"), refused)], 1001.0)
     assert not (await keyed(outbox, 9, "a")).behind
     assert not (await keyed(outbox, 10, None)).behind
+
+
+async def test_trace_context_is_stored_with_the_notification_and_read_back_by_another_outbox(
+    opener: Opener,
+) -> None:
+    """The trace context given to accept() comes back on every delivery of the notification,
+    fresh and claimed (by another outbox on the store too, as after a restart); an untraced
+    notification's deliveries carry none."""
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\nvendor=opaque"
+    first = await opener(dispatching=False)  # leases nothing: the second claims at once
+    routes = [Route("t", None), Route("u", b"{}")]
+    fresh = await first.accept(b'{"traced":1}', SIG, routes, 1000.0, trace=trace)
+    assert fresh is not None
+    assert [d.trace for d in fresh] == [trace, trace]
+    await first.accept(b'{"traced":0}', SIG, [Route("t", None)], 1000.0)
+    await first.close()
+    again = await opener()
+    claimed = await again.due(2000.0, {"t": 10, "u": 10})
+    assert sorted((d.body, d.trace) for d in claimed) == [
+        (b'{"traced":0}', None),
+        (b'{"traced":1}', trace),
+        (b"{}", trace),
+    ]
+    assert (await again.get(fresh[0].id)) == claimed[[d.id for d in claimed].index(fresh[0].id)]

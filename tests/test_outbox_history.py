@@ -165,3 +165,34 @@ async def test_outbox_file_of_layout_2_is_migrated_and_keeps_its_deliveries(
         assert conn.execute("PRAGMA user_version").fetchone() == (layout._LAYOUT,)
     finally:
         conn.close()
+
+
+async def test_outbox_file_of_layout_4_gains_the_trace_column_and_keeps_its_deliveries(
+    tmp_path: Path,
+) -> None:
+    """A file of layout 4 (no trace context) opens at the current layout: its pending
+    delivery stays, with no trace context, and a new notification keeps the one it is given."""
+    path = tmp_path / "v4.sqlite3"
+    box = SqliteOutbox(path, dedup_window_s=DAY)
+    try:
+        [old] = await box.accept(b"{}", "sha256=x", [Route("t", None)], 1.0) or []
+    finally:
+        await box.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE notifications DROP COLUMN trace")
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    box = SqliteOutbox(path, dedup_window_s=DAY)
+    try:
+        assert [(d.id, d.trace) for d in await box.query()] == [(old.id, None)]
+        trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        await box.accept(b"[]", "sha256=x", [Route("t", None)], 2.0, trace=trace)
+        assert {d.trace for d in await box.due(3.0, {"t": 5})} == {None, trace}
+    finally:
+        await box.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (layout._LAYOUT,)
+    finally:
+        conn.close()

@@ -141,19 +141,19 @@ async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
 async def test_new_database_gets_the_schema_and_check_reports_its_version(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """The first start creates the schema at version 2; inspect() (check) says so."""
+    """The first start creates the schema at version 3; inspect() (check) says so."""
     config = OutboxConfig(url=pg_url)
     assert "its schema is created at the first start" in await inspect(config)
     await opener()
-    assert "reachable, schema version 2" in await inspect(config)
+    assert "reachable, schema version 3" in await inspect(config)
     database = urlsplit(pg_url).path.lstrip("/")
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "2"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "3"
 
 
 async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 1 database (no conversation order, no buckets) is brought to version 2 at
+    """A version 1 database (no conversation order, no buckets) is brought to version 3 at
     start; its pending deliveries stay, unkeyed, and are claimed as before."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -162,14 +162,36 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
     pg_server.psql(
         "DROP TABLE waba_gateway.buckets; DROP INDEX waba_gateway.deliveries_order;"
         " ALTER TABLE waba_gateway.deliveries DROP COLUMN order_key, DROP COLUMN position;"
+        " ALTER TABLE waba_gateway.notifications DROP COLUMN trace;"
         " UPDATE waba_gateway.meta SET version = 1",
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "2"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "3"
     claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert await again.take_tokens("t", 1.0, 1, 5) == 1
+
+
+async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A version 2 database (no trace context) is brought to version 3 at start; its pending
+    deliveries stay, with no trace context, and new ones keep theirs."""
+    first = await opener(dispatching=False)
+    ids = await _store(first, 2)
+    await first.close()
+    database = urlsplit(pg_url).path.lstrip("/")
+    pg_server.psql(
+        "ALTER TABLE waba_gateway.notifications DROP COLUMN trace;"
+        " UPDATE waba_gateway.meta SET version = 2",
+        database,
+    )
+    again = await opener()
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "3"
+    claimed = await again.due(2000.0, {"t": 10})
+    assert sorted(d.id for d in claimed) == sorted(ids)
+    assert {d.trace for d in claimed} == {None}
 
 
 async def test_schema_of_a_newer_version_is_refused_at_start_untouched(

@@ -49,12 +49,15 @@ from gateway.delivery.pacing import Pacing
 from gateway.delivery.sending import Sender, sender_for
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
+from gateway.tracing import Tracing
 
 __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 
 log = logging.getLogger(__name__)
 
 _PRUNE_EVERY_S = 60.0
+# An attempt's outcome as its span names it: the words its log line uses.
+_OUTCOMES: dict[type, str] = {Delivered: "delivered", RetryAt: "retry", DeadLetter: "dead"}
 # Bodies in one batch, at most (a batch is written in one call, so it is held in memory at once):
 # 32 of Meta's largest notifications (3 MB) would otherwise be 96 MB. A single larger body still
 # goes, alone.
@@ -97,10 +100,13 @@ class Dispatcher:
         uniform: Callable[[float, float], float] = random.uniform,
         observer: Observer | None = None,
         tls: Mapping[str, ssl.SSLContext] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """``tls``: the client contexts of targets with a CA or certificate of their own
-        (:func:`gateway.delivery.target_tls.target_contexts`); the others use the defaults."""
+        (:func:`gateway.delivery.target_tls.target_contexts`); the others use the defaults.
+        ``tracing``: one CLIENT span per attempt when [tracing] is enabled."""
         tls = tls or {}
+        self._tracing = tracing
         self._outbox = outbox
         self._settings = settings
         self._retention_s = retention_s
@@ -377,14 +383,31 @@ class Dispatcher:
         attempts = [delivery.attempts + 1 for delivery in batch]
         # Taken now: a reload may replace or remove the target while the batch is out.
         sender, health, policy = self._senders[name], self._health[name], self._policies[name]
+        spans = (
+            None
+            if self._tracing is None
+            else self._tracing.attempt_spans(
+                sender.target.url,
+                name,
+                [(d.id, d.trace, attempt) for d, attempt in zip(batch, attempts, strict=True)],
+                sender.target.kind,
+            )
+        )
         try:
             try:
-                results = await sender.send_many(batch, attempts)
+                results = await sender.send_many(
+                    batch, attempts, None if spans is None else [headers for _, headers in spans]
+                )
             except Exception as exc:
                 # Still failed attempts: recorded and backed off like any other, rather than a
                 # dead task whose deliveries are claimed again at once, in a tight loop.
                 log.exception("attempts of %d deliveries to %s failed", len(batch), name)
                 results = [AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])] * len(batch)
+        except BaseException:
+            # Stopped mid-batch: the attempts stay pending; their spans say so.
+            for span, _ in spans or ():
+                Tracing.end_attempt(span, None, "stopped", "retry")
+            raise
         finally:
             self._busy[name] -= len(batch)
             if self._queued.get(name):
@@ -408,6 +431,9 @@ class Dispatcher:
             )
             for delivery, attempt, result in zip(batch, attempts, results, strict=True)
         ]
+        if spans is not None:
+            for (span, _), outcome, result in zip(spans, outcomes, results, strict=True):
+                Tracing.end_attempt(span, result.status, result.error, _OUTCOMES[type(outcome)])
         try:
             await self._outbox.record_many(
                 [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gateway.config import TargetConfig
 from gateway.delivery.answers import kept_answer
@@ -46,15 +46,23 @@ class Forwarder:
         self._upstream = Upstream(target.url, tls)
 
     async def send_many(
-        self, deliveries: Sequence[Delivery], attempts: Sequence[int]
+        self,
+        deliveries: Sequence[Delivery],
+        attempts: Sequence[int],
+        trace_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> list[AttemptResult]:
         """Attempt number ``attempts[i]`` of each ``deliveries[i]``, pipelined on one
-        connection (see :mod:`gateway.delivery.upstream`); what came back for each, in order."""
+        connection (see :mod:`gateway.delivery.upstream`); what came back for each, in order.
+        ``trace_headers[i]``: the traceparent (and tracestate) of attempt ``i``'s span, when
+        traced; they are added to the gateway's own headers, the body stays as it is."""
         now = time.time()
         requests = [
             (build_headers(delivery, self.target, attempt, now), delivery.body)
             for delivery, attempt in zip(deliveries, attempts, strict=True)
         ]
+        if trace_headers is not None:
+            for (headers, _), trace in zip(requests, trace_headers, strict=True):
+                headers.update(trace)
         answers = await self._upstream.post_many(requests, self.target.timeout_s)
         now = time.time()
         return [

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 import nats
@@ -93,7 +93,10 @@ class JetStreamSender:
         log.info("target %s: reconnected to NATS", self.target.name)
 
     async def send_many(
-        self, deliveries: Sequence[Delivery], attempts: Sequence[int]
+        self,
+        deliveries: Sequence[Delivery],
+        attempts: Sequence[int],
+        trace_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> list[AttemptResult]:
         try:
             client = await self._connected()
@@ -110,6 +113,8 @@ class JetStreamSender:
         for index, (delivery, attempt) in enumerate(zip(deliveries, attempts, strict=True)):
             results.append(_NOT_SENT)
             headers = delivery_headers(delivery, self.target, attempt, now)
+            if trace_headers is not None:
+                headers.update(trace_headers[index])
             headers["Nats-Msg-Id"] = delivery.id
             # The server counts headers and data against max_payload, and closes the whole
             # connection on a message over it: refused here, with a reason, instead.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -65,19 +65,23 @@ class RedisStreamSender:
         )
 
     async def send_many(
-        self, deliveries: Sequence[Delivery], attempts: Sequence[int]
+        self,
+        deliveries: Sequence[Delivery],
+        attempts: Sequence[int],
+        trace_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> list[AttemptResult]:
         now = time.time()
+        traces = trace_headers or [{}] * len(deliveries)
         commands = [
             _command(
                 [
                     *self._head,
                     b"body",
                     delivery.body,
-                    *_flat(delivery_headers(delivery, self.target, attempt, now)),
+                    *_flat(delivery_headers(delivery, self.target, attempt, now) | dict(trace)),
                 ]
             )
-            for delivery, attempt in zip(deliveries, attempts, strict=True)
+            for delivery, attempt, trace in zip(deliveries, attempts, traces, strict=True)
         ]
         try:
             async with asyncio.timeout(self.target.timeout_s):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from gateway.config import TargetConfig
@@ -28,10 +28,16 @@ class Sender(Protocol):
     target: TargetConfig
 
     async def send_many(
-        self, deliveries: Sequence[Delivery], attempts: Sequence[int]
+        self,
+        deliveries: Sequence[Delivery],
+        attempts: Sequence[int],
+        trace_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> list[AttemptResult]:
         """Attempt number ``attempts[i]`` of each ``deliveries[i]``; what came back for each,
-        in order. Never raises for what the target did: that is an :class:`AttemptResult`."""
+        in order. Never raises for what the target did: that is an :class:`AttemptResult`.
+        ``trace_headers[i]``: the ``traceparent`` (and ``tracestate``) of attempt ``i``'s
+        span when traced, sent beside the gateway's own headers (a broker's message headers
+        or entry fields); the body stays exactly as it is."""
         ...
 
     async def warm(self) -> None:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
 from gateway.edge.routing import route
-from gateway.outbox import Delivery, Outbox
+from gateway.outbox import Delivery, Outbox, Route
 from gateway.signing import verify_signature
+from gateway.tracing import Tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
 
@@ -65,6 +69,8 @@ class Callback:
         self._clock = clock
         self._secrets = config.meta.app_secrets
         self._targets = config.targets
+        # Set by the runtime when [tracing] is enabled; None: no span is ever made.
+        self.tracing: Tracing | None = None
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration: client CNs, verify tokens, app secrets and targets
@@ -98,8 +104,10 @@ class Callback:
         """The challenge to echo (Meta's GET verification), or raises."""
         return answer_challenge(params, self.config.meta.verify_tokens)
 
-    async def notify(self, body: bytes, signature: str | None) -> str:
+    async def notify(self, body: bytes, signature: str | None, span: Span | None = None) -> str:
         """Verify, parse, route and store one notification; the reason to answer 200 with.
+        ``span``: the request's SERVER span when it is traced (the commit becomes its child,
+        and its trace context is stored with the deliveries).
 
         Raises :class:`~gateway.errors.Rejected` for a bad signature (401) or body (400), and
         lets :class:`~gateway.errors.OutboxError` escape (503: Meta retries)."""
@@ -110,7 +118,10 @@ class Callback:
             raise
         routes = route(body, self._targets)
         assert signature is not None  # verify_signature refuses a missing header
-        stored = await self.outbox.accept(body, signature, routes, self._clock())
+        if span is None or self.tracing is None:
+            stored = await self.outbox.accept(body, signature, routes, self._clock())
+        else:
+            stored = await self._traced_accept(self.tracing, span, body, signature, routes)
         if stored is None:
             self.stats.duplicate()
             return DUPLICATE
@@ -120,3 +131,20 @@ class Callback:
             # with the others stored in the same group commit; the answer does not wait for it.
             self._on_stored(stored)
         return ACCEPTED
+
+    async def _traced_accept(
+        self, tracing: Tracing, span: Span, body: bytes, signature: str, routes: Sequence[Route]
+    ) -> list[Delivery] | None:
+        """The outbox commit inside its span, storing the trace context of ``span``."""
+        commit = tracing.commit_span(span)
+        try:
+            stored = await self.outbox.accept(
+                body, signature, routes, self._clock(), trace=tracing.stored(span)
+            )
+            tracing.committed(commit, None if stored is None else len(stored))
+        except BaseException as exc:
+            tracing.failed(commit, exc)
+            raise
+        finally:
+            commit.end()
+        return stored

@@ -96,6 +96,7 @@ class Request:
     method: bytes = b""
     url: bytes = b""  # the raw request target, path and query
     signature: str | None = None  # X-Hub-Signature-256, as sent
+    traceparent: str | None = None  # a client's W3C trace context: at most a link, never a parent
     keep_alive: bool = False  # the connection stays open after its answer
     body: bytes = b""
 
@@ -282,6 +283,8 @@ class Http1:
         name = name.lower()
         if name == b"x-hub-signature-256":
             request.signature = value.decode("latin-1")
+        elif name == b"traceparent":
+            request.traceparent = value.decode("latin-1")
         elif name == b"content-length":
             self._content_length = int(value)  # the parser has checked it is digits
         elif name == b"expect":

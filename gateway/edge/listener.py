@@ -23,7 +23,7 @@ import ssl
 import time
 from collections import deque
 from email.utils import formatdate
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl
 
 from gateway.config import ListenConfig
@@ -44,7 +44,11 @@ from gateway.edge.proxy_reader import HEADER_TIMEOUT_S, ProxyHeaderReader
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import NotFound, Rejected, RequestTimeout
+from gateway.tracing import Tracing
 from gateway.units import SECONDS
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = ["Listener"]
 
@@ -116,6 +120,8 @@ class _Connection(asyncio.Protocol):
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
+        self.not_after: str | None = None  # the client certificate's, kept only when tracing
+        self._tracing = self._callback.tracing
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -133,6 +139,8 @@ class _Connection(asyncio.Protocol):
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         try:
             peercert = ssl_object.getpeercert() if ssl_object else None
+            if self._tracing is not None and peercert:
+                self.not_after = str(peercert.get("notAfter") or "") or None
             self.cn = self._callback.identify(peercert, self.remote)
         except Rejected as exc:
             # Every request on this connection is answered 403, and none gets 100 Continue.
@@ -221,8 +229,16 @@ class _Connection(asyncio.Protocol):
                 raise NotFound(f"no such path: {path!r}")
             if method == "POST":
                 self._in_flight = True
-                task = asyncio.ensure_future(self._callback.notify(request.body, request.signature))
-                task.add_done_callback(lambda done: self._notified(request, path, done))
+                tracing = self._tracing
+                span = (
+                    None
+                    if tracing is None
+                    else tracing.server_span(path, self.cn, self.not_after, request.traceparent)
+                )
+                task = asyncio.ensure_future(
+                    self._callback.notify(request.body, request.signature, span)
+                )
+                task.add_done_callback(lambda done: self._notified(request, path, done, span))
                 return
             if method not in ("GET", "HEAD"):
                 raise not_allowed(method)
@@ -235,7 +251,9 @@ class _Connection(asyncio.Protocol):
         except Exception as exc:
             self._answer(request, method, path, *answer_for(exc, method, path))
 
-    def _notified(self, request: Request, path: str, done: asyncio.Future[str]) -> None:
+    def _notified(
+        self, request: Request, path: str, done: asyncio.Future[str], span: Span | None
+    ) -> None:
         self._in_flight = False
         if done.cancelled():
             status, reason = 503, "shutting down; retry later"
@@ -244,6 +262,8 @@ class _Connection(asyncio.Protocol):
         else:
             status, reason = 200, done.result()
         self._answer(request, "POST", path, status, reason)
+        if span is not None:
+            Tracing.end_server(span, status)
         self._pump()
 
     def _answer(

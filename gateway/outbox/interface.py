@@ -37,12 +37,19 @@ class Outbox(Protocol):
     """Durable storage of acknowledged notifications and the deliveries owed for them."""
 
     async def accept(
-        self, body: bytes, signature: str, routes: Sequence[Route], now: float
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None = None,
     ) -> list[Delivery] | None:
         """Store a verified notification and one delivery per route, durably; return the
         deliveries, each keyed one saying whether an earlier pending delivery of its
         conversation holds it back (``Delivery.behind``). ``None``: an identical body was
-        accepted inside the deduplication window, and nothing new is stored."""
+        accepted inside the deduplication window, and nothing new is stored. ``trace``: the
+        W3C trace context of the request (:mod:`gateway.tracing`), stored with the
+        notification and handed out with each of its deliveries (``Delivery.trace``)."""
         ...
 
     async def due(

@@ -66,6 +66,9 @@ class Delivery:
     # (a fresh delivery that is not behind one may start at once).
     order_key: str | None = None
     behind: bool = False
+    # The trace context of the request that brought it (traceparent, then a newline and the
+    # tracestate, if any): each attempt's span joins that trace. None: not traced.
+    trace: str | None = None
 
     @classmethod
     def fresh(
@@ -78,6 +81,7 @@ class Delivery:
         signature: str,
         now: float,
         behind: Collection[str] = (),
+        trace: str | None = None,
     ) -> list[Delivery]:
         """The deliveries a backend has just stored for one notification, one per route (the
         ids in the same order), as :meth:`Outbox.accept` returns them: built after the commit,
@@ -98,6 +102,7 @@ class Delivery:
                 received_at=now,
                 order_key=route.key,
                 behind=delivery_id in behind,
+                trace=trace,
             )
             for route, delivery_id in zip(routes, ids, strict=True)
         ]

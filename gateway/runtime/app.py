@@ -26,6 +26,7 @@ import errno
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import cast
 
 from aiohttp import web
 
@@ -37,14 +38,17 @@ from gateway.errors import (
     ConfigError,
     IdentityRejected,
     MethodNotAllowed,
+    OutboxError,
     PayloadTooLarge,
     PortInUse,
+    Rejected,
 )
 from gateway.outbox import Outbox
 from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
 from gateway.runtime.reload import ReloadResult
 from gateway.runtime.stats import Snapshot, Stats
+from gateway.tracing import Tracing
 
 __all__ = ["ADMIN_PORT", "CORE", "create_app"]
 
@@ -176,7 +180,7 @@ class _Operations:
 async def _callback(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE]
     callback = core.callback
-    _identify(request, core)
+    cn = _identify(request, core)
     if request.method == "POST":
         limit = core.config.listen.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
@@ -185,7 +189,11 @@ async def _callback(request: web.Request) -> web.StreamResponse:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"body exceeds {limit} bytes") from None
-        reason = await callback.notify(body, request.headers.get("X-Hub-Signature-256"))
+        signature = request.headers.get("X-Hub-Signature-256")
+        if callback.tracing is None:
+            reason = await callback.notify(body, signature)
+        else:
+            reason = await _traced_notify(request, callback.tracing, core, cn, body, signature)
         return text(200, reason)
     if request.method in ("GET", "HEAD"):
         # The first of repeated names, as the gateway's own listener takes them.
@@ -196,7 +204,38 @@ async def _callback(request: web.Request) -> web.StreamResponse:
     raise MethodNotAllowed(f"method {request.method} is not allowed here; use GET or POST")
 
 
-def _identify(request: web.Request, core: Core) -> None:
+async def _traced_notify(
+    request: web.Request,
+    tracing: Tracing,
+    core: Core,
+    cn: str | None,
+    body: bytes,
+    signature: str | None,
+) -> str:
+    """``notify`` inside the request's SERVER span, ended with the status it is answered with
+    (as :func:`gateway.edge.responses.answer_for` will choose it)."""
+    transport = request.transport
+    ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
+    peercert = ssl_object.getpeercert() if ssl_object is not None else None
+    not_after = str(peercert.get("notAfter") or "") or None if peercert else None
+    span = tracing.server_span(request.path, cn, not_after, request.headers.get("traceparent"))
+    status = 500
+    try:
+        reason = await core.callback.notify(body, signature, span)
+        status = 200
+        return reason
+    except Rejected as exc:
+        status = exc.status
+        raise
+    except OutboxError:
+        status = 503
+        raise
+    finally:
+        Tracing.end_server(span, status)
+
+
+def _identify(request: web.Request, core: Core) -> str | None:
+    """The connection's accepted client CN; raises IdentityRejected (403)."""
     connection = request.protocol  # aiohttp's handler of this one connection
     verdicts = request.app[_VERDICTS]
     try:
@@ -215,3 +254,4 @@ def _identify(request: web.Request, core: Core) -> None:
             verdicts[connection] = verdict
     if isinstance(verdict, IdentityRejected):
         raise verdict
+    return cast("str | None", verdict)

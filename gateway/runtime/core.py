@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
@@ -31,6 +32,9 @@ from gateway.edge.callback import Callback, StoredHook
 from gateway.outbox import Delivery, Outbox, OutboxHold, hold_outbox, open_outbox
 from gateway.runtime.stats import Stats
 from gateway.runtime.wake import Bell, Doorbell
+
+if TYPE_CHECKING:
+    from gateway.tracing.export import Exporting
 
 __all__ = ["Core"]
 
@@ -69,6 +73,8 @@ class Core:
         self._doorbell: Doorbell | None = None
         self._bell: Bell | None = None
         self._checks: set[asyncio.Task[None]] = set()
+        # The SDK's exporter, only with [tracing] enabled: off, nothing is imported or started.
+        self._exporting: Exporting | None = None
 
     @property
     def outbox(self) -> Outbox:
@@ -131,6 +137,11 @@ class Core:
     async def start(self) -> None:
         config = self.config
         try:
+            if config.tracing.enabled:
+                from gateway.tracing.export import Exporting  # the otel extra: only when asked
+
+                self._exporting = Exporting(config.tracing)
+            tracing = None if self._exporting is None else self._exporting.tracing
             if self._claim:
                 self._hold = hold_outbox(config.outbox)
             # A shared (PostgreSQL) outbox wakes the dispatcher when another gateway announces
@@ -153,6 +164,7 @@ class Core:
                     dead_retention_s=config.outbox.dead_retention_s,
                     observer=self.stats,
                     tls=target_tls,
+                    tracing=tracing,
                 )
                 self.dispatcher.start()
                 self._check_unconfigured()
@@ -167,6 +179,7 @@ class Core:
 
                 on_stored = ring
             self._callback = Callback(config, self._outbox, self.stats, on_stored=on_stored)
+            self._callback.tracing = tracing
         except BaseException:
             await self.close()
             raise
@@ -192,6 +205,9 @@ class Core:
         if self._hold is not None:
             self._hold.release()
             self._hold = None
+        if self._exporting is not None:  # last: the spans of the attempts just finished go too
+            await self._exporting.close()
+            self._exporting = None
 
     async def __aenter__(self) -> Core:
         await self.start()

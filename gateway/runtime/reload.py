@@ -43,6 +43,8 @@ def _restart_only_values(config: Config) -> dict[str, object]:
         "admin.port": admin.port,
         "log.level": config.log_level,
         "log.format": config.log_format,
+        # The exporter and its provider are made once per process (gateway.tracing.export).
+        "tracing": config.tracing,
         "tls.client_auth": tls.client_auth,
         "tls.session_tickets": tls.session_tickets,
         "tls.crl_file": tls.crl_file is not None,  # its contents reload; turning it on or off not
@@ -74,4 +76,5 @@ def applicable(old: Config, new: Config) -> Config:
         tls=tls,
         log_level=old.log_level,
         log_format=old.log_format,
+        tracing=old.tracing,
     )

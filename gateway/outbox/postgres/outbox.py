@@ -206,7 +206,12 @@ class PostgresOutbox:
     # -- operations --------------------------------------------------------------------------
 
     async def accept(
-        self, body: bytes, signature: str, routes: Sequence[Route], now: float
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None = None,
     ) -> list[Delivery] | None:
         if self._closed:
             raise OutboxError("outbox is closed")
@@ -225,6 +230,7 @@ class PostgresOutbox:
                 owner is None,
                 now + self.config.dedup_window_s,
                 [route.key for route in routes],
+                trace,
             )
         )
         notification_id, ids = row[0], row[1]
@@ -246,6 +252,7 @@ class PostgresOutbox:
             signature=signature,
             now=now,
             behind=[delivery_id_of(self._prefix, rowid) for rowid in behind],
+            trace=trace,
         )
 
     async def take_tokens(

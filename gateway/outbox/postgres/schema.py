@@ -4,8 +4,8 @@ Rule: everything lives in its own PostgreSQL schema, ``waba_gateway``, so the da
 other things. The first gateway to start creates the tables (under an advisory lock, so several
 starting together create them once) and records :data:`VERSION` with a random delivery id
 prefix; every start reads the version back and refuses any other one, untouched, with a message
-saying what to do, except version 1, which is brought to version 2 in place (see
-:data:`_TO_2`).
+saying what to do, except versions 1 and 2, which are brought to version 3 in place (see
+:data:`_TO_2` and :data:`_TO_3`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gateway.errors import OutboxError
 __all__ = ["SCHEMA", "VERSION", "ensure", "read_version"]
 
 SCHEMA = "waba_gateway"
-VERSION = 2
+VERSION = 3
 # pg_advisory_xact_lock's key while the tables are checked or created: any fixed number
 # ("waba" in ASCII); it only has to be the same for every gateway.
 _CREATE_LOCK = 0x77616261
@@ -98,6 +98,14 @@ _TO_2 = (
 )
 
 
+# Version 3: each notification's trace context (see gateway.tracing), so an attempt made after
+# a restart, or by another gateway, joins the trace of the request that brought it. A nullable
+# column rewrites no row; notifications of an older version simply have none.
+_TO_3 = (f"ALTER TABLE {SCHEMA}.notifications ADD COLUMN trace TEXT",)
+# What brings each older version to the current one.
+_MIGRATIONS = {1: (*_TO_2, *_TO_3), 2: _TO_3}
+
+
 async def read_version(conn: asyncpg.Connection[Any]) -> tuple[int, str] | None:
     """``(version, delivery id prefix)`` of the outbox in this database; ``None``: no outbox
     yet. Raises OutboxError for a ``waba_gateway`` schema that is not an outbox's."""
@@ -133,12 +141,12 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
     """Check the database's outbox schema, creating it when there is none and ``create``;
     return its delivery id prefix. Another version raises OutboxError, changing nothing."""
     found = await read_version(conn)
-    if found is not None and found[0] == 1 and create:
+    if found is not None and found[0] in _MIGRATIONS and create:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
             found = await read_version(conn)  # again, under the lock
-            if found is not None and found[0] == 1:
-                for statement in _TO_2:
+            if found is not None and found[0] in _MIGRATIONS:
+                for statement in _MIGRATIONS[found[0]]:
                     await conn.execute(statement)
                 await conn.execute(f"UPDATE {SCHEMA}.meta SET version = $1", VERSION)
                 found = (VERSION, found[1])
@@ -151,7 +159,7 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
         found = await read_version(conn)  # again, under the lock: another gateway may have won
         if found is not None:
             return _check(found)
-        for statement in (*_TABLES, *_TO_2):
+        for statement in (*_TABLES, *_TO_2, *_TO_3):
             await conn.execute(statement)
         prefix = secrets.token_hex(8)
         await conn.execute(

@@ -58,7 +58,8 @@ _NOW = "extract(epoch FROM clock_timestamp())"
 # earlier pending delivery of their conversation holds back (of those committed before this
 # statement: the caller adds the notification's own). Always exactly one row: the
 # notification id and its delivery ids in route order, or NULLs for a duplicate. $10: announce
-# the new deliveries to every gateway (when no lease holds them).
+# the new deliveries to every gateway (when no lease holds them). $13: the trace context of
+# the request that brought it (NULL: not traced).
 # A body is new when the digest was last seen outside the window around now ($3 and $11, that
 # is now -/+ dedup_window_s): gateways commit concurrently, so the row may hold a later time
 # than this request's own.
@@ -69,8 +70,8 @@ WITH fresh AS (
     WHERE d.received_at < $3 OR d.received_at > $11
     RETURNING 1
 ), n AS (
-    INSERT INTO {SCHEMA}.notifications (received_at, signature, body)
-    SELECT $2, $4, $5 FROM fresh
+    INSERT INTO {SCHEMA}.notifications (received_at, signature, body, trace)
+    SELECT $2, $4, $5, $13 FROM fresh
     RETURNING id
 ), x AS (
     INSERT INTO {SCHEMA}.deliveries (notification_id, target, body, state, created_at,

@@ -13,6 +13,11 @@ Layout 4 added each delivery's conversation (``order_key``, for targets with ``o
 "conversation"``) and its place in that order when it was replayed (``position``; otherwise
 its id is its place). A file of layout 2 or 3 is migrated when it is opened, in one
 transaction: its deliveries have no conversation, and go out in no particular order, as before.
+
+Layout 5 added each notification's trace context (``trace``, see :mod:`gateway.tracing`), so
+an attempt made after a restart joins the trace of the request that brought it. A file of
+layout 2, 3 or 4 is migrated when it is opened, in one transaction: its notifications have no
+trace context (their attempts start traces of their own).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ __all__ = ["connect", "describe", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0; layout 2 had no attempts table.
-_LAYOUT = 4
+_LAYOUT = 5
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
@@ -64,6 +69,9 @@ _ORDER = (
     "CREATE INDEX deliveries_order ON deliveries (target, order_key, position, next_attempt_at)"
     " WHERE state = 'pending' AND order_key IS NOT NULL",
 )
+
+# Layout 5's addition: a nullable column, so no row is rewritten.
+_TRACE = ("ALTER TABLE notifications ADD COLUMN trace TEXT",)
 
 # Statements one by one rather than a script: executescript() commits first, and the layout is
 # created inside the transaction that checked the file was empty.
@@ -102,6 +110,7 @@ _SCHEMA = (
     "CREATE INDEX deliveries_notification ON deliveries (notification_id)",
     *_ATTEMPTS,
     *_ORDER,
+    *_TRACE,
 )
 
 
@@ -126,12 +135,16 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a file of layout 2 or 3 to layout 4: the attempts table (from 2), the columns
-    and index of ordered delivery; nothing else."""
-    if _user_version(conn) == 2:
+    """Bring a file of layout 2, 3 or 4 to layout 5: the attempts table (from 2), the
+    columns and index of ordered delivery (from 2 or 3), the trace context; nothing else."""
+    version = _user_version(conn)
+    if version == 2:
         for statement in _ATTEMPTS:
             conn.execute(statement)
-    for statement in _ORDER:
+    if version in (2, 3):
+        for statement in _ORDER:
+            conn.execute(statement)
+    for statement in _TRACE:
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
@@ -152,11 +165,11 @@ def _under_write_lock(
 
 
 def _layout(conn: sqlite3.Connection, path: Path) -> str:
-    """Check the file's layout (creating it in a new file, migrating layout 2); return its
+    """Check the file's layout (creating it in a new file, migrating layouts 2 to 4); return its
     delivery id prefix."""
     if _user_version(conn) == 0:
         _under_write_lock(conn, path, 0, _create)
-    for older in (2, 3):
+    for older in (2, 3, 4):
         if _user_version(conn) == older:
             _under_write_lock(conn, path, older, _migrate)
     version = _user_version(conn)
@@ -269,7 +282,7 @@ def describe(path: Path) -> str:
             return f"{where} is empty: the first start gives it the outbox's layout"
         if version == 0 and "deliveries" in tables:
             raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
-        if version not in (2, _LAYOUT) or "deliveries" not in tables:
+        if version not in (2, 3, 4, _LAYOUT) or "deliveries" not in tables:
             raise OutboxError(
                 f"outbox.path = '{path}': not an outbox of this version (layout {version})"
             )
@@ -279,5 +292,5 @@ def describe(path: Path) -> str:
     finally:
         conn.close()
     states = ", ".join(f"{counts.get(state, 0)} {state}" for state in ("pending", "dead"))
-    migrate = "; the next start adds the attempts table" if version == 2 else ""
+    migrate = f"; the next start brings it to layout {_LAYOUT}" if version != _LAYOUT else ""
     return f"{where}: layout {version}, intact (quick_check), {states}{migrate}"

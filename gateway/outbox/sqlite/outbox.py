@@ -94,7 +94,12 @@ class SqliteOutbox:
     # -- operations --------------------------------------------------------------------------
 
     async def accept(
-        self, body: bytes, signature: str, routes: Sequence[Route], now: float
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None = None,
     ) -> list[Delivery] | None:
         """Store a verified notification and its deliveries; return the deliveries (so the
         dispatcher can start them without reading them back). ``None``: an identical body was
@@ -108,6 +113,7 @@ class SqliteOutbox:
                 signature=signature,
                 body=body,
                 routes=routes,
+                trace=trace,
             )
         )
         if stored is None:
@@ -123,6 +129,7 @@ class SqliteOutbox:
             signature=signature,
             now=now,
             behind=[delivery_id_of(self._prefix, rowid) for rowid in behind],
+            trace=trace,
         )
 
     async def take_tokens(

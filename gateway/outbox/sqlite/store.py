@@ -60,7 +60,8 @@ PRUNE_BATCH = 5000
 
 # The duplicate check and the insert in one statement: one round trip into SQLite, not two.
 _INSERT_NOTIFICATION = (
-    "INSERT INTO notifications (digest, received_at, signature, body) SELECT ?, ?, ?, ?"
+    "INSERT INTO notifications (digest, received_at, signature, body, trace)"
+    " SELECT ?, ?, ?, ?, ?"
     " WHERE NOT EXISTS (SELECT 1 FROM notifications WHERE digest = ? AND received_at >= ?)"
 )
 _INSERT_DELIVERY = (
@@ -86,11 +87,15 @@ def insert_notification(
     signature: str,
     body: bytes,
     routes: Sequence[Route],
+    trace: str | None = None,
 ) -> tuple[int, list[int], list[int]] | None:
     """Store a notification and one delivery per route; ``(notification id, delivery row ids,
     the row ids of those an earlier pending delivery of their conversation holds back)``, or
-    ``None`` when a body with the same digest was received since ``since``."""
-    cursor = conn.execute(_INSERT_NOTIFICATION, (digest, now, signature, body, digest, since))
+    ``None`` when a body with the same digest was received since ``since``. ``trace``: the
+    trace context of the request that brought it (:mod:`gateway.tracing`), if traced."""
+    cursor = conn.execute(
+        _INSERT_NOTIFICATION, (digest, now, signature, body, trace, digest, since)
+    )
     if cursor.rowcount == 0:
         return None
     notification_id = cursor.lastrowid
@@ -115,8 +120,8 @@ def insert_notification(
 def _intact(row: tuple[Any, ...]) -> bool:
     """Whether the notification behind a due row still has the digest stored with it: the
     delivery's own body, or for a split delivery (a part of it) the notification's body."""
-    notification_body = row[3] if row[16] is None else row[16]
-    return hashlib.sha256(notification_body).digest() == bytes(row[15])
+    notification_body = row[3] if row[17] is None else row[17]
+    return hashlib.sha256(notification_body).digest() == bytes(row[16])
 
 
 def due_deliveries(

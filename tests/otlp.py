@@ -1,0 +1,109 @@
+"""A real OTLP/HTTP trace receiver on loopback, decoding what it gets with OpenTelemetry's own
+protobuf definitions (opentelemetry-proto), as a collector would."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+# Span.kind in the OTLP definitions.
+SERVER, CLIENT, INTERNAL = 2, 3, 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedSpan:
+    """One span as the receiver decoded it; ids in hex, "" for no parent."""
+
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_id: str
+    attributes: dict[str, Any]
+    links: list[str]  # the trace ids of its links
+    service: str
+
+
+def _value(value: AnyValue) -> Any:
+    which = value.WhichOneof("value")
+    return None if which is None else getattr(value, which)
+
+
+class Receiver:
+    """``async with Receiver() as receiver``: POST /v1/traces on 127.0.0.1 until the block
+    ends; ``raw`` keeps every request body as it came, ``connections`` counts connections."""
+
+    def __init__(self) -> None:
+        self.spans: list[ExportedSpan] = []
+        self.raw: list[bytes] = []
+        self.connections = 0
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._export)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        server = self._runner.server
+        assert server is not None
+        made = server.connection_made
+
+        def counted(handler: Any, transport: Any) -> None:
+            self.connections += 1
+            made(handler, transport)
+
+        server.connection_made = counted  # type: ignore[method-assign]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _export(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.raw.append(body)
+        decoded = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in decoded.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(
+                        ExportedSpan(
+                            name=span.name,
+                            kind=span.kind,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_id=span.parent_span_id.hex(),
+                            attributes={a.key: _value(a.value) for a in span.attributes},
+                            links=[link.trace_id.hex() for link in span.links],
+                            service=str(resource.get("service.name")),
+                        )
+                    )
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    def of_kind(self, kind: int) -> list[ExportedSpan]:
+        return [span for span in self.spans if span.kind == kind]
