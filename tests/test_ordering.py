@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from config_files import listen_port, write_config
 from conversations import Conversations, conversation_body, in_order
 from helpers import gateway_config, meta_signature, post
 from pki import Pki
-from processes import serving
+from processes import serving, until_listening
 from sink import DEADLINE_S
 
 from gateway.config import OutboxConfig, TargetConfig
@@ -96,21 +94,6 @@ async def test_a_failing_conversation_holds_only_itself_and_arrives_in_order(
         await _converse(send, target)
 
 
-async def _listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        assert process.poll() is None, f"the gateway exited with {process.returncode}"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway did not start listening"
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-
-
 def _sender(session: aiohttp.ClientSession, pki: Pki, port: Callable[[str, int], int]) -> Send:
     """Sends each message to the gateway listening on ``port(user, n)``, over mTLS."""
 
@@ -135,7 +118,7 @@ async def test_conversations_stay_in_order_with_two_workers(
     config = write_config(pki, tmp_path, target_url=target.url(), workers=2, extra=ORDERED)
     port = listen_port(config)
     with serving(config) as gateway:
-        await _listening(port, gateway)
+        await until_listening(port, gateway)
         async with aiohttp.ClientSession() as session:
             await _converse(_sender(session, pki, lambda user, n: port), target)
         gateway.send_signal(signal.SIGTERM)
@@ -166,7 +149,7 @@ async def test_conversations_stay_in_order_across_two_gateways_when_one_is_kille
     with contextlib.ExitStack() as stack:
         gateways = [stack.enter_context(serving(config)) for config in configs]
         for port, process in zip(ports, gateways, strict=True):
-            await _listening(port, process)
+            await until_listening(port, process)
         async with aiohttp.ClientSession() as session:
             both = _sender(session, pki, lambda user, n: ports[n % 2])
             survivor = _sender(session, pki, lambda user, n: ports[0])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from config_files import listen_port, write_config
 from helpers import gateway_config, message_body, meta_signature, sink_target
 from pki import Pki
-from processes import serving
+from processes import serving, until_listening
 from sink import DEADLINE_S, Received, Sink
 
 from gateway.delivery.ratelimit import TokenBucket
@@ -124,21 +123,6 @@ async def _all(sink: Sink, count: int) -> list[Received]:
     return sink.at("/sink")
 
 
-async def _listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        assert process.poll() is None, f"the gateway exited with {process.returncode}"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway did not start listening"
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-
-
 async def test_the_rate_holds_for_two_gateways_sharing_postgresql(
     pki: Pki, tmp_path: Path, pg_url: str, sink: Sink
 ) -> None:
@@ -161,7 +145,7 @@ async def test_the_rate_holds_for_two_gateways_sharing_postgresql(
     with contextlib.ExitStack() as stack:
         gateways = [stack.enter_context(serving(config)) for config in configs]
         for port, process in zip(ports, gateways, strict=True):
-            await _listening(port, process)
+            await until_listening(port, process)
         bodies = [message_body(f"shared pace {n}") for n in range(BACKLOG)]
         assert await _post_all(pki, ports, bodies) == {200}
         received = await _all(sink, BACKLOG)
