@@ -1,5 +1,5 @@
 """The admin web console over real HTTP: guard, sessions, CSRF, headers, replay, and what the
-pages never show (gateway.runtime.console)."""
+pages never show (gateway.operator.console)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pki import Pki
 from sink import Reply, Sink
 
 from gateway.config import TargetConfig, load_config
-from gateway.runtime.console.session import SESSION_COOKIE
+from gateway.operator.console.session import SESSION_COOKIE
 from gateway.runtime.gateway import Gateway
 
 TOKEN = "console-test-token"

@@ -1,5 +1,5 @@
 """The console's pure parts: session cookies and CSRF tokens, durations, what a body may show,
-the circuit breaker's view, and the counters read back (gateway.runtime.console)."""
+the circuit breaker's view, and the counters read back (gateway.operator.console)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from helpers import message_body
 
 from gateway.config import TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
-from gateway.runtime.console.facts import body_facts
-from gateway.runtime.console.html import age, esc
-from gateway.runtime.console.paths import local_redirect
-from gateway.runtime.console.session import SESSION_TTL_S, Sessions
-from gateway.runtime.console.views import _loopback
-from gateway.runtime.stats import Stats
+from gateway.operator.console.facts import body_facts
+from gateway.operator.console.html import age, esc
+from gateway.operator.console.paths import local_redirect
+from gateway.operator.console.session import SESSION_TTL_S, Sessions
+from gateway.operator.console.views import _loopback
+from gateway.operator.stats import Stats
 
 
 class Clock:

@@ -19,8 +19,8 @@ from ci import unavailable
 
 from gateway.cli import build_parser
 from gateway.config import Config, load_config
+from gateway.operator.stats import Snapshot, Stats
 from gateway.outbox import Backlog
-from gateway.runtime.stats import Snapshot, Stats
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 # The admin token as long as a listener beyond loopback requires (Kubernetes binds 0.0.0.0).

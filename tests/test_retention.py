@@ -13,9 +13,9 @@ from pki import Pki
 
 from gateway.config import DispatcherConfig, OutboxConfig
 from gateway.delivery.dispatcher import Dispatcher
+from gateway.operator.stats import Stats
 from gateway.outbox import AttemptResult, DeadLetter, Route, open_outbox
 from gateway.runtime.gateway import Gateway
-from gateway.runtime.stats import Stats
 
 DAY = 86400.0
 SIG = "sha256=" + "0" * 64

@@ -22,7 +22,6 @@ context and the process, so a new configuration takes a restart of the applicati
 from __future__ import annotations
 
 import contextlib
-import errno
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -40,14 +39,13 @@ from gateway.errors import (
     MethodNotAllowed,
     OutboxError,
     PayloadTooLarge,
-    PortInUse,
     Rejected,
 )
+from gateway.operator.admin import start_admin
+from gateway.operator.operations import ReloadResult
+from gateway.operator.stats import Snapshot, Stats
 from gateway.outbox import Outbox
-from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
-from gateway.runtime.reload import ReloadResult
-from gateway.runtime.stats import Snapshot, Stats
 from gateway.tracing import Tracing
 
 __all__ = ["ADMIN_PORT", "CORE", "create_app"]
@@ -98,7 +96,9 @@ def _core_context(
         # aiohttp waits for its handlers during shutdown, before the cleanup contexts run.
         async with Core(config, primary=primary) as core:
             app[CORE] = core
-            runner = await _start_admin(app, core) if admin else None
+            runner: web.AppRunner | None = None
+            if admin:  # the admin listener of ``serve``, on the embedded core
+                runner, app[ADMIN_PORT] = await start_admin(_Operations(core))
             try:
                 yield
             finally:
@@ -108,27 +108,8 @@ def _core_context(
     return run_core
 
 
-async def _start_admin(app: web.Application, core: Core) -> web.AppRunner:
-    """The admin listener of ``serve``, on the embedded core."""
-    settings = core.config.admin
-    runner = web.AppRunner(
-        create_admin_app(_Operations(core)), access_log=None, handle_signals=False
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(settings.port, "admin.port") from exc
-        raise
-    app[ADMIN_PORT] = int(runner.addresses[0][1])
-    return runner
-
-
 class _Operations:
-    """What the admin API works on (:class:`gateway.runtime.admin.Operations`), for a core
+    """What the admin API works on (:class:`gateway.operator.operations.Operations`), for a core
     inside someone else's application."""
 
     def __init__(self, core: Core) -> None:

@@ -44,8 +44,8 @@ from sink import Hang, Sink
 from gateway.config import Config, DispatcherConfig
 from gateway.onboarding.check import report
 from gateway.onboarding.doctor import diagnose
+from gateway.operator.admin import READY_WAIT_S
 from gateway.outbox.sqlite.store import DAMAGED
-from gateway.runtime.admin import READY_WAIT_S
 from gateway.runtime.gateway import Gateway
 from gateway.runtime.workers import stale_metrics_dirs
 

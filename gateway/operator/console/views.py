@@ -27,13 +27,13 @@ from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler
 from gateway.errors import BadRequest, Forbidden, NotFound
+from gateway.operator.console import pages
+from gateway.operator.console.facts import certificate_facts
+from gateway.operator.console.html import PREFIX, frame
+from gateway.operator.console.paths import is_console_path, local_redirect
+from gateway.operator.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
+from gateway.operator.stats import Stats
 from gateway.outbox import STATES, Outbox, State
-from gateway.runtime.console import pages
-from gateway.runtime.console.facts import certificate_facts
-from gateway.runtime.console.html import PREFIX, frame
-from gateway.runtime.console.paths import is_console_path, local_redirect
-from gateway.runtime.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
-from gateway.runtime.stats import Stats
 from gateway.units import decimal
 
 __all__ = ["SECURITY_HEADERS", "add_console", "is_console_path"]
