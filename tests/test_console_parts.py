@@ -12,7 +12,7 @@ from gateway.operator.console.facts import body_facts
 from gateway.operator.console.html import age, esc
 from gateway.operator.console.paths import local_redirect
 from gateway.operator.console.session import SESSION_TTL_S, Sessions
-from gateway.operator.console.views import _loopback
+from gateway.operator.console.views import Signing, _loopback
 from gateway.operator.stats import Stats
 
 
@@ -183,6 +183,27 @@ def test_without_a_token_only_loopback_peers_count_as_local(
 ) -> None:
     """The console's peer check, for the case the configuration's own check cannot see."""
     assert _loopback(remote) is loopback
+
+
+@pytest.mark.parametrize(
+    ("made_with", "in_force", "kept"),
+    [
+        ("old-token", "old-token", True),
+        (None, None, True),
+        ("old-token", "new-token", False),
+        ("old-token", None, False),
+        (None, "new-token", False),
+    ],
+)
+def test_a_rotated_admin_token_ends_every_console_session(
+    made_with: str | None, in_force: str | None, kept: bool
+) -> None:
+    """The console's sessions are signed anew when the token in force is not the one they were
+    made with, so a cookie made before the rotation no longer verifies."""
+    signing = Signing(Sessions(b"k" * 32), made_with)
+    cookie = signing.sessions.issue()
+    assert (signing.follow(in_force).verify(cookie) is not None) is kept
+    assert signing.made_with == in_force
 
 
 def test_a_session_cookie_with_digits_int_refuses_is_no_session() -> None:

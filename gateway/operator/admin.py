@@ -45,7 +45,7 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from gateway.operator.console import add_console, is_console_path
+from gateway.operator.console import Console, is_console_path
 from gateway.operator.operations import Operations
 from gateway.operator.origin import cross_site_refusal, form_refusal, host_refusal
 from gateway.operator.stats import Stats
@@ -227,8 +227,7 @@ def create_admin_app(ops: Operations) -> web.Application:
     app.router.add_post("/admin/deliveries/purge", purge)
     app.router.add_get("/admin/deliveries/{id}", show)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
-    add_console(
-        app,
+    Console(
         lambda: ops.config,
         outbox,
         ops.stats,
@@ -236,7 +235,7 @@ def create_admin_app(ops: Operations) -> web.Application:
         wake=ops.wake,
         refuse=lambda request: _refuse_slowly(ops.stats, throttle, request, "sign-in"),
         accepted=lambda request: throttle.succeeded(request.remote or "-"),
-    )
+    ).mount(app)
     app.router.add_post("/admin/reload", reload)
     return app
 

@@ -17,8 +17,8 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
@@ -36,7 +36,7 @@ from gateway.operator.stats import Stats
 from gateway.outbox import STATES, Outbox, State
 from gateway.units import decimal
 
-__all__ = ["SECURITY_HEADERS", "add_console", "is_console_path"]
+__all__ = ["SECURITY_HEADERS", "SIGNING", "STYLESHEET", "Console", "Signing", "is_console_path"]
 
 log = logging.getLogger(__name__)
 
@@ -70,112 +70,160 @@ def _cookie(response: web.StreamResponse, name: str, value: str, max_age: int | 
     response.set_cookie(name, value, path="/", httponly=True, samesite="Strict", max_age=max_age)
 
 
-def add_console(
-    app: web.Application,
-    current: Callable[[], Config],
-    outbox: Outbox,
-    stats: Stats,
-    *,
-    breakers: Callable[[], Mapping[str, Breaker]],
-    wake: Callable[[], None],
-    refuse: Callable[[web.Request], Awaitable[None]],
-    accepted: Callable[[web.Request], None],
-    sessions: Sessions | None = None,
-) -> None:
-    """Mount the console on the admin ``app`` (whose middlewares must let console paths through
-    to the guard installed here). ``current`` gives the configuration in force: a reload that
-    rotates ``admin.token`` applies to the console at once and ends every session made with
-    the old one. ``refuse`` holds and counts a wrong token before its answer; ``accepted``
-    forgets the address's failures."""
-    signer = [sessions or Sessions()]
-    made_with = [current().admin.token]
+@dataclass(slots=True)
+class Signing:
+    """The console's sessions and the ``admin.token`` they were made with. A reload that
+    rotates the token gets a new signing key: cookies made before no longer verify."""
 
-    def guard_token() -> str | None:
-        token = current().admin.token
-        if token != made_with[0]:
-            made_with[0] = token
-            signer[0] = Sessions()  # a new signing key: cookies made before no longer verify
-        return token
+    sessions: Sessions
+    made_with: str | None
 
-    stylesheet = resources.files(__package__).joinpath("static/console.css").read_bytes()
+    def follow(self, token: str | None) -> Sessions:
+        """The sessions for ``token``, the one in force."""
+        if token != self.made_with:
+            self.made_with = token
+            self.sessions = Sessions()
+        return self.sessions
 
-    def page(request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
+
+# The console's state, kept on the admin app it is mounted on.
+SIGNING = web.AppKey("waba_gateway_console_signing", Signing)
+STYLESHEET = web.AppKey("waba_gateway_console_stylesheet", bytes)
+
+
+class Console:
+    """The console's routes, one method each, and the guard in front of them.
+
+    ``current`` gives the configuration in force: a reload that rotates ``admin.token`` applies
+    to the console at once and ends every session made with the old one. ``refuse`` holds and
+    counts a wrong token before its answer; ``accepted`` forgets the address's failures.
+    """
+
+    def __init__(
+        self,
+        current: Callable[[], Config],
+        outbox: Outbox,
+        stats: Stats,
+        *,
+        breakers: Callable[[], Mapping[str, Breaker]],
+        wake: Callable[[], None],
+        refuse: Callable[[web.Request], Awaitable[None]],
+        accepted: Callable[[web.Request], None],
+    ) -> None:
+        self._current = current
+        self._outbox = outbox
+        self._stats = stats
+        self._breakers = breakers
+        self._wake = wake
+        self._refuse = refuse
+        self._accepted = accepted
+
+    def mount(self, app: web.Application) -> None:
+        """Add the console to the admin ``app``, whose middlewares must let console paths
+        through to the guard added here."""
+        app[SIGNING] = Signing(Sessions(), self._current().admin.token)
+        stylesheet = resources.files(__package__).joinpath("static/console.css")
+        app[STYLESHEET] = stylesheet.read_bytes()
+        app.middlewares.append(self.guard)
+        app.on_response_prepare.append(_add_headers)
+        app.add_routes(
+            [
+                web.get("/", self.overview),
+                web.get(f"{PREFIX}/static/console.css", self.stylesheet),
+                web.get(f"{PREFIX}/sign-in", self.sign_in_form),
+                web.post(f"{PREFIX}/sign-in", self.sign_in),
+                web.post(f"{PREFIX}/sign-out", self.sign_out),
+                web.get(f"{PREFIX}/deliveries", self.deliveries),
+                web.get(f"{PREFIX}/deliveries/{{id}}", self.delivery),
+                web.post(f"{PREFIX}/deliveries/{{id}}/replay", self.replay),
+                web.get(f"{PREFIX}/targets/{{target}}/replay-dead", self.confirm_replay_dead),
+                web.post(f"{PREFIX}/targets/{{target}}/replay-dead", self.replay_dead),
+                web.get(f"{PREFIX}/certificates", self.certificates),
+            ]
+        )
+
+    def _sessions(self, request: web.Request) -> Sessions:
+        return request.app[SIGNING].follow(self._current().admin.token)
+
+    def _page(self, request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
         sid = _SID.get()
         html = frame(
             title,
             body,
             path=request.path,
-            csrf=None if sid is None else signer[0].csrf(sid),
-            sign_out=current().admin.token is not None,
+            csrf=None if sid is None else self._sessions(request).csrf(sid),
+            sign_out=self._current().admin.token is not None,
         )
         return web.Response(status=status, text=html, content_type="text/html", charset="utf-8")
 
-    def sign_in_page(
-        request: web.Request, next_path: str, problem: str | None, status: int
+    def _sign_in_page(
+        self, request: web.Request, next_path: str, problem: str | None, status: int
     ) -> web.Response:
-        cookie, form_token = signer[0].presession()
-        response = page(request, "Sign in", pages.sign_in(form_token, next_path, problem), status)
+        cookie, form_token = self._sessions(request).presession()
+        body = pages.sign_in(form_token, next_path, problem)
+        response = self._page(request, "Sign in", body, status)
         _cookie(response, PRESESSION_COOKIE, cookie, 600)
         return response
 
-    async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
-        token = guard_token()
-        if token is None and not _loopback(request.remote):
-            raise Forbidden("the console answers loopback clients only without admin.token")
-        if request.path in _OPEN:
-            return await handler(request)
-        sid = signer[0].verify(request.cookies.get(SESSION_COOKIE))
-        fresh = None
-        if sid is None and token is None:
-            fresh = signer[0].issue()  # loopback without a token: a session only for CSRF tokens
-            sid = signer[0].verify(fresh)
-        if sid is None:
-            if request.method == "GET":
-                return sign_in_page(request, local_redirect(request.path_qs), None, 401)
-            raise Forbidden("sign in first")
-        _SID.set(sid)
-        if request.method == "POST":
-            presented = (await request.post()).get("csrf")
-            if not signer[0].csrf_ok(sid, presented if isinstance(presented, str) else None):
-                raise Forbidden("missing or wrong CSRF token; reload the page and try again")
-        response = await handler(request)
-        if fresh is not None:
-            _cookie(response, SESSION_COOKIE, fresh, None)
-        return response
-
     @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Console paths only: loopback or a session, and every POST's CSRF token."""
         if not is_console_path(request.path):
             return await handler(request)
         # Requests on one keep-alive connection share a task, and so its context: start each
         # without a session, and leave none behind.
         reset = _SID.set(None)
         try:
-            return await checked(request, handler)
+            return await self._checked(request, handler)
         finally:
             _SID.reset(reset)
 
-    async def add_headers(_: web.Request, response: web.StreamResponse) -> None:
-        response.headers.update(SECURITY_HEADERS)
+    async def _checked(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = self._current().admin.token
+        signer = self._sessions(request)
+        if token is None and not _loopback(request.remote):
+            raise Forbidden("the console answers loopback clients only without admin.token")
+        if request.path in _OPEN:
+            return await handler(request)
+        sid = signer.verify(request.cookies.get(SESSION_COOKIE))
+        fresh = None
+        if sid is None and token is None:
+            fresh = signer.issue()  # loopback without a token: a session only for CSRF tokens
+            sid = signer.verify(fresh)
+        if sid is None:
+            if request.method == "GET":
+                return self._sign_in_page(request, local_redirect(request.path_qs), None, 401)
+            raise Forbidden("sign in first")
+        _SID.set(sid)
+        if request.method == "POST":
+            presented = (await request.post()).get("csrf")
+            if not signer.csrf_ok(sid, presented if isinstance(presented, str) else None):
+                raise Forbidden("missing or wrong CSRF token; reload the page and try again")
+        response = await handler(request)
+        if fresh is not None:
+            _cookie(response, SESSION_COOKIE, fresh, None)
+        return response
 
-    async def stylesheet_view(_: web.Request) -> web.Response:
-        return web.Response(body=stylesheet, content_type="text/css", charset="utf-8")
+    async def stylesheet(self, request: web.Request) -> web.Response:
+        body = request.app[STYLESHEET]
+        return web.Response(body=body, content_type="text/css", charset="utf-8")
 
-    async def sign_in_form(request: web.Request) -> web.Response:
-        return sign_in_page(request, local_redirect(request.query.get("next")), None, 200)
+    async def sign_in_form(self, request: web.Request) -> web.Response:
+        return self._sign_in_page(request, local_redirect(request.query.get("next")), None, 200)
 
-    async def sign_in(request: web.Request) -> web.Response:
+    async def sign_in(self, request: web.Request) -> web.Response:
         form = await request.post()
         next_path = local_redirect(str(form.get("next", "/")))
-        token = guard_token()
+        token = self._current().admin.token
+        signer = self._sessions(request)
         # The form's token even without admin.token: the answer is a redirect, and no other
         # site may make the browser take it.
         presented_csrf = form.get("csrf")
-        if not signer[0].presession_ok(
+        if not signer.presession_ok(
             request.cookies.get(PRESESSION_COOKIE),
             presented_csrf if isinstance(presented_csrf, str) else None,
         ):
-            return sign_in_page(request, next_path, "The form expired; try again.", 403)
+            return self._sign_in_page(request, next_path, "The form expired; try again.", 403)
         if token is None:
             return _see_other(next_path)
         presented = form.get("token")
@@ -183,22 +231,23 @@ def add_console(
             presented.encode(), token.encode()
         ):
             log.warning("console sign-in refused from %s: wrong admin token", request.remote)
-            await refuse(request)
-            return sign_in_page(request, next_path, "That is not the admin token.", 401)
-        accepted(request)
+            await self._refuse(request)
+            return self._sign_in_page(request, next_path, "That is not the admin token.", 401)
+        self._accepted(request)
         response = _see_other(next_path)
-        _cookie(response, SESSION_COOKIE, signer[0].issue(), None)
+        _cookie(response, SESSION_COOKIE, signer.issue(), None)
         response.del_cookie(PRESESSION_COOKIE, path="/")
         return response
 
-    async def sign_out(request: web.Request) -> web.Response:
-        signer[0].end(_session())
+    async def sign_out(self, request: web.Request) -> web.Response:
+        self._sessions(request).end(_session())
         response = _see_other(f"{PREFIX}/sign-in")
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
 
-    async def overview(request: web.Request) -> web.Response:
-        targets = current().targets
+    async def overview(self, request: web.Request) -> web.Response:
+        targets = self._current().targets
+        outbox = self._outbox
         ordered = [t.name for t in targets if t.order == "conversation"]
         held = await outbox.held_back(ordered) if ordered else {}
         paces = {
@@ -211,19 +260,19 @@ def add_console(
             for t in targets
         }
         body = pages.overview(
-            stats.totals(),
+            self._stats.totals(),
             await outbox.counts(),
             await outbox.backlog(),
             [t.name for t in targets],
-            breakers(),
+            self._breakers(),
             time.time(),
             paces,
         )
-        return page(request, "Overview", body)
+        return self._page(request, "Overview", body)
 
-    async def deliveries(request: web.Request) -> web.Response:
+    async def deliveries(self, request: web.Request) -> web.Response:
         state, target, number = _listing_query(request.query)
-        found = await outbox.query(
+        found = await self._outbox.query(
             state=state, target=target, limit=PAGE_SIZE + 1, offset=(number - 1) * PAGE_SIZE
         )
         listing = pages.Listing(
@@ -233,65 +282,52 @@ def add_console(
             page=number,
             more=len(found) > PAGE_SIZE,
         )
-        return page(
-            request,
-            "Deliveries",
-            pages.deliveries(listing, [t.name for t in current().targets], time.time()),
-        )
+        names = [t.name for t in self._current().targets]
+        body = pages.deliveries(listing, names, time.time())
+        return self._page(request, "Deliveries", body)
 
-    async def delivery(request: web.Request) -> web.Response:
+    async def delivery(self, request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
-        found = await outbox.get(delivery_id)
+        found = await self._outbox.get(delivery_id)
         if found is None:
             raise NotFound(f"no delivery {delivery_id!r}")
-        body = pages.delivery(
-            found, await outbox.attempts(delivery_id), signer[0].csrf(_session()), time.time()
-        )
-        return page(request, f"Delivery {delivery_id}", body)
+        attempts = await self._outbox.attempts(delivery_id)
+        csrf = self._sessions(request).csrf(_session())
+        body = pages.delivery(found, attempts, csrf, time.time())
+        return self._page(request, f"Delivery {delivery_id}", body)
 
-    async def replay(request: web.Request) -> web.Response:
+    async def replay(self, request: web.Request) -> web.Response:
         delivery_id = request.match_info["id"]
-        if not await outbox.replay(delivery_id, time.time()):
+        if not await self._outbox.replay(delivery_id, time.time()):
             raise NotFound(f"no delivery {delivery_id!r}")
-        wake()
+        self._wake()
         log.info("console: delivery %s replayed", delivery_id)
         return _see_other(f"{PREFIX}/deliveries/{quote(delivery_id)}")
 
-    async def confirm_replay_dead(request: web.Request) -> web.Response:
+    async def confirm_replay_dead(self, request: web.Request) -> web.Response:
         name = request.match_info["target"]
-        dead = next((b.dead for b in await outbox.backlog() if b.target == name), 0)
-        body = pages.confirm_replay_dead(name, dead, signer[0].csrf(_session()))
-        return page(request, f"Replay dead letters of {name}", body)
+        dead = next((b.dead for b in await self._outbox.backlog() if b.target == name), 0)
+        csrf = self._sessions(request).csrf(_session())
+        body = pages.confirm_replay_dead(name, dead, csrf)
+        return self._page(request, f"Replay dead letters of {name}", body)
 
-    async def replay_dead(request: web.Request) -> web.Response:
+    async def replay_dead(self, request: web.Request) -> web.Response:
         name = request.match_info["target"]
-        count = await outbox.replay_many(state="dead", target=name, since=None, now=time.time())
-        wake()
+        count = await self._outbox.replay_many(
+            state="dead", target=name, since=None, now=time.time()
+        )
+        self._wake()
         log.info("console: %d dead letters of target %s replayed", count, name)
         return _see_other(f"{PREFIX}/deliveries?{urlencode({'target': name})}")
 
-    async def certificates(request: web.Request) -> web.Response:
+    async def certificates(self, request: web.Request) -> web.Response:
         now = datetime.datetime.now(datetime.UTC)
-        return page(
-            request, "Certificates", pages.certificates(certificate_facts(current().tls, now))
-        )
+        facts = certificate_facts(self._current().tls, now)
+        return self._page(request, "Certificates", pages.certificates(facts))
 
-    app.middlewares.append(guard)
-    app.on_response_prepare.append(add_headers)
-    routes: list[Any] = [
-        web.get("/", overview),
-        web.get(f"{PREFIX}/static/console.css", stylesheet_view),
-        web.get(f"{PREFIX}/sign-in", sign_in_form),
-        web.post(f"{PREFIX}/sign-in", sign_in),
-        web.post(f"{PREFIX}/sign-out", sign_out),
-        web.get(f"{PREFIX}/deliveries", deliveries),
-        web.get(f"{PREFIX}/deliveries/{{id}}", delivery),
-        web.post(f"{PREFIX}/deliveries/{{id}}/replay", replay),
-        web.get(f"{PREFIX}/targets/{{target}}/replay-dead", confirm_replay_dead),
-        web.post(f"{PREFIX}/targets/{{target}}/replay-dead", replay_dead),
-        web.get(f"{PREFIX}/certificates", certificates),
-    ]
-    app.add_routes(routes)
+
+async def _add_headers(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
 
 
 def _session() -> str:
