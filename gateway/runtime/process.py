@@ -4,8 +4,8 @@ to stop.
 Rule: a serving process reacts to signals here and nowhere else. SIGTERM and SIGINT (or the
 injected ``shutdown`` awaitable in tests) stop the gateway in the order its module docstring
 writes down (:mod:`gateway.runtime.gateway`); SIGHUP reloads it (:meth:`Gateway.reload`), and one
-that arrives before the gateway serves is kept until it does. The handlers in place before are
-restored on the way out.
+that arrives before the gateway serves is kept until it does. The event loop's handlers are
+removed on the way out.
 """
 
 from __future__ import annotations
