@@ -1,19 +1,19 @@
 """The console's pure parts: session cookies and CSRF tokens, durations, what a body may show,
-the circuit breaker's view, and the counters read back (gateway.operator.console)."""
+the circuit breaker's view, and the counters read back (gateway.admin.console)."""
 
 from __future__ import annotations
 
 import pytest
 from helpers import message_body
 
+from gateway.admin.console.facts import body_facts
+from gateway.admin.console.html import age, esc
+from gateway.admin.console.paths import local_redirect
+from gateway.admin.console.session import SESSION_TTL_S, Sessions
+from gateway.admin.console.views import Signing, _loopback
+from gateway.admin.stats import Stats
 from gateway.config import TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
-from gateway.operator.console.facts import body_facts
-from gateway.operator.console.html import age, esc
-from gateway.operator.console.paths import local_redirect
-from gateway.operator.console.session import SESSION_TTL_S, Sessions
-from gateway.operator.console.views import Signing, _loopback
-from gateway.operator.stats import Stats
 
 
 class Clock:

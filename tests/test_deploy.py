@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 from ci import unavailable
 
+from gateway.admin.stats import Snapshot, Stats
 from gateway.cli import build_parser
 from gateway.config import Config, load_config
-from gateway.operator.stats import Snapshot, Stats
 from gateway.outbox import Backlog
 
 DEPLOY = Path(__file__).parent.parent / "deploy"

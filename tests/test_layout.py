@@ -59,7 +59,7 @@ def test_the_layout_table_names_no_module_that_does_not_exist() -> None:
 
 
 def _rows() -> set[str]:
-    """The folders the table has a row of their own for (``operator/console/``)."""
+    """The folders the table has a row of their own for (``admin/console/``)."""
     return {
         cells[0].strip("`")
         for line in _layout_section().splitlines()

@@ -1,4 +1,4 @@
-"""/metrics answers "is it working, and is anything stuck?" (gateway.operator.stats)."""
+"""/metrics answers "is it working, and is anything stuck?" (gateway.admin.stats)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pki import Pki
 from sink import Reply, Sink
 
 from gateway import __version__
-from gateway.operator.stats import Snapshot, Stats
+from gateway.admin.stats import Snapshot, Stats
 from gateway.outbox import Backlog
 from gateway.runtime.gateway import Gateway
 

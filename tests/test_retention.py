@@ -11,9 +11,9 @@ import pytest
 from helpers import admin_get, gateway_config, metric
 from pki import Pki
 
+from gateway.admin.stats import Stats
 from gateway.config import DispatcherConfig, OutboxConfig
 from gateway.delivery.dispatcher import Dispatcher
-from gateway.operator.stats import Stats
 from gateway.outbox import AttemptResult, DeadLetter, Route, open_outbox
 from gateway.runtime.gateway import Gateway
 

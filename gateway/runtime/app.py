@@ -29,6 +29,9 @@ from typing import cast
 
 from aiohttp import web
 
+from gateway.admin.api import start_admin
+from gateway.admin.operations import ReloadResult
+from gateway.admin.stats import Snapshot, Stats
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import error_middleware, text
@@ -41,9 +44,6 @@ from gateway.errors import (
     PayloadTooLarge,
     Rejected,
 )
-from gateway.operator.admin import start_admin
-from gateway.operator.operations import ReloadResult
-from gateway.operator.stats import Snapshot, Stats
 from gateway.outbox import Outbox
 from gateway.runtime.core import Core
 from gateway.tracing import Tracing
@@ -109,7 +109,7 @@ def _core_context(
 
 
 class _Operations:
-    """What the admin API works on (:class:`gateway.operator.operations.Operations`), for a core
+    """What the admin API works on (:class:`gateway.admin.operations.Operations`), for a core
     inside someone else's application."""
 
     def __init__(self, core: Core) -> None:

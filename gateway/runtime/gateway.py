@@ -35,6 +35,9 @@ from types import TracebackType
 
 from aiohttp import web
 
+from gateway.admin.api import start_admin
+from gateway.admin.operations import ReloadResult
+from gateway.admin.stats import Snapshot, Stats
 from gateway.config import Config, TlsConfig, load_config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
@@ -47,9 +50,6 @@ from gateway.edge.tls import (
     stale_crls,
 )
 from gateway.errors import GatewayError, PortInUse
-from gateway.operator.admin import start_admin
-from gateway.operator.operations import ReloadResult
-from gateway.operator.stats import Snapshot, Stats
 from gateway.outbox import Outbox
 from gateway.runtime.core import Core
 from gateway.runtime.ports import binding, listen_error
@@ -71,7 +71,7 @@ class Role:
 
     ``primary``: this process runs the dispatcher and the admin listener. ``wake_channel``: the
     siblings' wake-up channel (gateway.runtime.wake). ``metrics_dir``: the folder the siblings
-    count in together (gateway.operator.stats). ``reload_siblings``: called after a reload asked
+    count in together (gateway.admin.stats). ``reload_siblings``: called after a reload asked
     of this process, so that the others follow. ``sock``: accept on this listening socket (the
     supervisor's, shared by its workers) instead of binding ``listen.port``. ``claim``: see
     :class:`~gateway.runtime.core.Core`.

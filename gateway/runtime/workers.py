@@ -9,7 +9,7 @@ on the port fails to start instead. Worker 0 is the primary: it alone runs the d
 admin listener; the others tell it when they have stored something (:mod:`gateway.runtime.wake`).
 All share the SQLite outbox (WAL lets them write one after another and read at once), and all count
 into one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
-gateway's (:mod:`gateway.operator.stats`).
+gateway's (:mod:`gateway.admin.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
 process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers start
@@ -45,10 +45,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from gateway.admin.stats import MULTIPROCESS_ENV
 from gateway.config import Config
 from gateway.edge.acceptor import bind
 from gateway.errors import GatewayError
-from gateway.operator.stats import MULTIPROCESS_ENV
 from gateway.outbox import hold_outbox
 from gateway.runtime.gateway import Role
 from gateway.runtime.logs import setup_logging

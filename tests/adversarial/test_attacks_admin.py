@@ -28,7 +28,7 @@ from pki import Pki
 from sink import Reply, Sink
 
 from adversarial.attack import attack_gateway, still_serves
-from gateway.operator.throttle import MAX_WAIT_S
+from gateway.admin.throttle import MAX_WAIT_S
 from gateway.runtime.gateway import Gateway
 
 TOKEN = "admin-token-for-attacks-0123456789abcdef"

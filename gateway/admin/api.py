@@ -10,14 +10,14 @@ Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
 ``GET /admin/deliveries/{id}``, ``POST /admin/deliveries/{id}/replay``,
 ``POST /admin/deliveries/replay?state=dead&target=NAME&since=24h`` (bulk),
 ``POST /admin/deliveries/purge?older_than=30d`` (dead letters), ``POST /admin/reload``; and the web
-console at ``GET /`` and under ``/console/`` (:mod:`gateway.operator.console`), which guards itself
+console at ``GET /`` and under ``/console/`` (:mod:`gateway.admin.console`), which guards itself
 with a session made from the same token.
 
 In front of all of it but the probes, for a browser on the operator's machine: a ``Host`` that
 is not the listener's is refused (421), and so is a state-changing request another site sent
 (403), token or not, and a form's body sent to the JSON API (415)
-(:mod:`gateway.operator.origin`). A wrong token is answered only after a
-wait that grows per client address (:mod:`gateway.operator.throttle`), and every 401 carries
+(:mod:`gateway.admin.origin`). A wrong token is answered only after a
+wait that grows per client address (:mod:`gateway.admin.throttle`), and every 401 carries
 ``WWW-Authenticate``.
 """
 
@@ -32,6 +32,11 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.admin.console import Console, is_console_path
+from gateway.admin.operations import Operations
+from gateway.admin.origin import cross_site_refusal, form_refusal, host_refusal
+from gateway.admin.stats import Stats
+from gateway.admin.throttle import AuthThrottle
 from gateway.config import AdminConfig
 from gateway.delivery.answers import shown_summary
 from gateway.edge.responses import Handler, error_middleware, text
@@ -45,11 +50,6 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from gateway.operator.console import Console, is_console_path
-from gateway.operator.operations import Operations
-from gateway.operator.origin import cross_site_refusal, form_refusal, host_refusal
-from gateway.operator.stats import Stats
-from gateway.operator.throttle import AuthThrottle
 from gateway.outbox.query import parse_query, parse_state
 from gateway.units import parse_age, parse_since
 

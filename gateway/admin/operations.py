@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.admin.stats import Snapshot, Stats
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
-from gateway.operator.stats import Snapshot, Stats
 from gateway.outbox import Outbox
 
 __all__ = ["Operations", "ReloadResult"]

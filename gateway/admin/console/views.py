@@ -23,16 +23,16 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
+from gateway.admin.console import pages
+from gateway.admin.console.facts import certificate_facts
+from gateway.admin.console.html import PREFIX, frame
+from gateway.admin.console.paths import is_console_path, local_redirect
+from gateway.admin.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
+from gateway.admin.stats import Stats
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler
 from gateway.errors import BadRequest, Forbidden, NotFound
-from gateway.operator.console import pages
-from gateway.operator.console.facts import certificate_facts
-from gateway.operator.console.html import PREFIX, frame
-from gateway.operator.console.paths import is_console_path, local_redirect
-from gateway.operator.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
-from gateway.operator.stats import Stats
 from gateway.outbox import STATES, Outbox, State
 from gateway.units import decimal
 
