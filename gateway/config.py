@@ -398,7 +398,7 @@ _TABLES = (
     "tracing",
 )
 # What `[tracing] enabled = true` needs beyond opentelemetry-api: the otel extra.
-_TRACING_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+_TRACING_MODULES = ("opentelemetry.sdk",)
 _SECRETS = frozenset(
     {"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token", "outbox.url"}
 )
