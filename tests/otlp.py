@@ -43,7 +43,8 @@ class Receiver:
     ends; ``raw`` keeps every request body (decompressed), ``headers`` its headers (names in
     lower case), ``connections`` counts connections."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse: int = 0) -> None:
+        self._refuse = refuse  # answer this many first exports 400, as a collector refusing them
         self.spans: list[ExportedSpan] = []
         self.raw: list[bytes] = []
         self.headers: list[dict[str, str]] = []  # each request's
@@ -85,6 +86,9 @@ class Receiver:
 
     async def _export(self, request: web.Request) -> web.Response:
         body = await request.read()  # aiohttp undoes a Content-Encoding
+        if self._refuse:
+            self._refuse -= 1
+            return web.Response(status=400, text="refused")
         self.raw.append(body)
         self.headers.append({name.lower(): value for name, value in request.headers.items()})
         decoded = ExportTraceServiceRequest.FromString(body)

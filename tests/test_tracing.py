@@ -30,7 +30,7 @@ from gateway.tracing.attributes import (
     not_after_iso,
     status_attributes,
 )
-from gateway.tracing.context import split_carrier
+from gateway.tracing.context import Parent, parse_stored
 from gateway.tracing.export import THREAD_NAME
 
 # A traceparent someone other than Meta might send: never the parent of the SERVER span.
@@ -323,18 +323,24 @@ def test_client_attributes_leave_credentials_and_query_out_and_count_resends(
 
 
 @pytest.mark.parametrize(
-    ("stored", "headers"),
+    ("stored", "expected"),
     [
-        (None, {}),
-        ("00-a-b-01", {"traceparent": "00-a-b-01"}),
-        ("00-a-b-01\nk=v", {"traceparent": "00-a-b-01", "tracestate": "k=v"}),
+        (None, None),
+        ("", None),
+        ("00-a-b-01", None),
+        (FOREIGN, Parent(bytes.fromhex(FOREIGN_TRACE), bytes.fromhex("00f067aa0ba902b7"), 1)),
+        (
+            f"{FOREIGN}\nk=v",
+            Parent(bytes.fromhex(FOREIGN_TRACE), bytes.fromhex("00f067aa0ba902b7"), 1, "k=v"),
+        ),
     ],
 )
-def test_stored_trace_context_splits_into_its_headers(
-    stored: str | None, headers: dict[str, str]
+def test_stored_trace_context_gives_its_parent_and_tracestate(
+    stored: str | None, expected: Parent | None
 ) -> None:
-    """The stored form gives back traceparent, and tracestate when there was one."""
-    assert split_carrier(stored) == headers
+    """The stored form gives back the traceparent's context, and tracestate when there was
+    one; what is not a traceparent is no parent."""
+    assert parse_stored(stored) == expected
 
 
 def test_certificate_expiry_is_given_in_iso_8601() -> None:

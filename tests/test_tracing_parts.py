@@ -261,12 +261,14 @@ def test_collector_settings_follow_the_otel_variables(
 
 
 async def test_exporter_posts_with_the_configured_headers_and_compression() -> None:
-    """OTEL_EXPORTER_OTLP_HEADERS and gzip compression reach a real receiver, which decodes
-    every span; closing flushes what waits."""
+    """OTEL_EXPORTER_OTLP_HEADERS, gzip compression and OTEL_BSP_MAX_EXPORT_BATCH_SIZE reach
+    a real receiver, which decodes every span; the exports share one connection; closing
+    flushes what waits."""
     async with Receiver() as receiver:
         env = {
             "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=k1",
             "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1",
         }
         exporting = Exporting(
             TracingConfig(enabled=True, endpoint=receiver.url, service_name="parts"), env
@@ -276,5 +278,21 @@ async def test_exporter_posts_with_the_configured_headers_and_compression() -> N
         await exporting.close()
     assert [span.name for span in receiver.spans] == ["POST /w"] * 3
     assert {span.service for span in receiver.spans} == {"parts"}
+    assert len(receiver.raw) == 3
+    assert receiver.connections == 1
     assert receiver.headers[0]["x-api-key"] == "k1"
     assert receiver.headers[0]["content-encoding"] == "gzip"
+
+
+async def test_a_collector_that_refuses_an_export_loses_that_batch_only() -> None:
+    """A 400 is not retried: the batch is dropped with a warning, and the next is sent."""
+    async with Receiver(refuse=1) as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1"},
+        )
+        for path in ("/first", "/second"):
+            Tracing.end_server(exporting.tracing.server_span(path, {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /second"]
+    assert exporting.batches.exported == 1

@@ -15,8 +15,6 @@ import logging
 import random
 import ssl
 import threading
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,6 +101,12 @@ class Poster:
         self._headers = {"Content-Type": "application/x-protobuf", **collector.headers}
         if collector.compression != "none":
             self._headers["Content-Encoding"] = collector.compression
+        self._parts = urlsplit(collector.url)
+        self._path = self._parts.path or "/"
+        if self._parts.query:
+            self._path += "?" + self._parts.query
+        self._timeout = collector.timeout_s
+        self._kept: http.client.HTTPConnection | None = None
         self._context: ssl.SSLContext | None = None
         if collector.url.startswith("https:"):
             self._context = ssl.create_default_context(cafile=collector.ca_file)
@@ -116,21 +120,41 @@ class Poster:
             return zlib.compress(body)
         return body
 
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._kept is None:
+            host, port, timeout = self._parts.hostname or "", self._parts.port, self._timeout
+            if self._context is None:
+                self._kept = http.client.HTTPConnection(host, port, timeout=timeout)
+            else:
+                self._kept = http.client.HTTPSConnection(
+                    host, port, timeout=timeout, context=self._context
+                )
+        return self._kept
+
+    def close(self) -> None:
+        """Close the kept connection, if any."""
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
+
     def _once(self, body: bytes) -> int | None:
-        """The collector's status, or None if none came back."""
-        request = urllib.request.Request(  # noqa: S310 - the URL is http(s), checked at load
-            self._collector.url, data=body, headers=self._headers, method="POST"
-        )
-        try:
-            with urllib.request.urlopen(  # noqa: S310 - as above
-                request, timeout=self._collector.timeout_s, context=self._context
-            ) as answer:
+        """The collector's status, or None if none came back. One connection is kept between
+        exports: a new one for each would cost more than the export of a small batch."""
+        for fresh in (self._kept is None, True):
+            connection = self._connection()
+            try:
+                connection.request("POST", self._path, body, self._headers)
+                answer = connection.getresponse()
                 answer.read()
-                return int(answer.status)
-        except urllib.error.HTTPError as exc:
-            return int(exc.code)
-        except (OSError, http.client.HTTPException):
-            return None
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if fresh:
+                    return None
+                continue  # the collector closed the kept connection: once more, on a new one
+            if answer.will_close:
+                self.close()
+            return int(answer.status)
+        return None
 
     def post(self, body: bytes, spans: int) -> bool:
         """Post one export request, retrying what OTLP/HTTP says may be retried; whether the

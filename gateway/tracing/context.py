@@ -14,10 +14,8 @@ __all__ = [
     "SAMPLED",
     "Parent",
     "format_traceparent",
-    "join_carrier",
     "parse_stored",
     "parse_traceparent",
-    "split_carrier",
 ]
 
 # Version, trace id, parent id, flags; a later version may add fields after a dash (section 4.3).
@@ -63,25 +61,9 @@ def format_traceparent(trace_id: bytes, span_id: bytes, sampled: bool) -> str:
     return f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}"
 
 
-def join_carrier(carrier: dict[str, str]) -> str | None:
-    """The stored form of an injected trace context: traceparent, then tracestate if any."""
-    parent = carrier.get("traceparent")
-    if parent is None:
-        return None
-    state = carrier.get("tracestate")
-    return f"{parent}{_SEPARATOR}{state}" if state else parent
-
-
-def split_carrier(stored: str | None) -> dict[str, str]:
-    """The headers a stored trace context stands for (see :func:`join_carrier`)."""
-    if not stored:
-        return {}
-    parent, _, state = stored.partition(_SEPARATOR)
-    return {"traceparent": parent, "tracestate": state} if state else {"traceparent": parent}
-
-
 def parse_stored(stored: str | None) -> Parent | None:
-    """The span context of a stored trace context (see :func:`join_carrier`)."""
+    """The span context of a trace context stored with a delivery: its traceparent, then, if
+    there is one, a newline and its tracestate (W3C trace context never holds a newline)."""
     if not stored:
         return None
     parent, _, state = stored.partition(_SEPARATOR)

@@ -95,6 +95,7 @@ class Batches:
             self._wake.clear()
             self._send(everything=False)
         self._send(everything=True)
+        self._poster.close()
 
     def _send(self, *, everything: bool) -> None:
         """Export what is queued in batches: all of it, or until less than a batch is left
