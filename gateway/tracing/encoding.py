@@ -139,8 +139,9 @@ class Encoder:
         encoded = self._attributes[cache_key] = _key_value(key, value)
         return encoded
 
-    def _span(self, span: Span) -> bytes:
-        """One span, as the ScopeSpans field (2) that holds it."""
+    def span(self, span: Span) -> bytes:
+        """One span, as the ScopeSpans field (2) that holds it (one thread at a time: the
+        caches are not locked)."""
         name = self._names.get(span.name)
         if name is None:
             if len(self._names) >= _CACHE_LIMIT:
@@ -187,6 +188,11 @@ class Encoder:
 
     def encode(self, spans: Iterable[Span]) -> bytes:
         """One ExportTraceServiceRequest holding ``spans``."""
-        scope_spans = self._scope + b"".join([self._span(span) for span in spans])
+        return self.request([self.span(span) for span in spans])
+
+    def request(self, encoded: Iterable[bytes]) -> bytes:
+        """One ExportTraceServiceRequest holding spans already encoded by :meth:`span` (safe
+        on another thread than the one encoding spans: it reads constants only)."""
+        scope_spans = self._scope + b"".join(encoded)
         resource_spans = self._resource + _field(b"\x12", scope_spans)
         return _field(b"\x0a", resource_spans)

@@ -4,8 +4,9 @@ collector (:mod:`gateway.tracing.collector`).
 
 Rule: imported only when ``[tracing] enabled = true`` (the configuration refuses that without
 the ``otel`` extra), so a gateway without tracing starts no exporter thread and opens no
-connection. The event loop's part of a span's export is one append to a queue; encoding and
-posting happen on the exporter's thread, in batches. The batching follows the SDK's batch span
+connection. A span is encoded as it ends (the event loop's part: a few microseconds, see
+:mod:`gateway.tracing.encoding`) and queued as bytes; the exporter's thread joins them into
+requests and posts them, in batches. The batching follows the SDK's batch span
 processor and its variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms between exports),
 ``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted),
 ``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait),
@@ -68,7 +69,9 @@ class Batches:
         self._max_queued = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
         self._batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self._max_queued)
         self._flush_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
-        self._queue: collections.deque[Span] = collections.deque()
+        # Each span encoded as it ends: bytes, which the garbage collector never walks (a
+        # queue of span objects would be, at every collection, until exported).
+        self._queue: collections.deque[bytes] = collections.deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._poster = Poster(collector, self._stopping)
@@ -78,14 +81,19 @@ class Batches:
         self._thread.start()
 
     def record(self, span: Span) -> None:
-        """Queue an ended span (on any thread: a deque's append is atomic)."""
+        """Encode and queue an ended span (on the event loop's thread, which ends them all)."""
         queue = self._queue
         if len(queue) >= self._max_queued:
             if not self.dropped:
                 log.warning("spans are made faster than the collector takes them; dropping")
             self.dropped += 1
             return
-        queue.append(span)
+        try:
+            queue.append(self._encoder.span(span))
+        except Exception:  # an attribute of a type OTLP has no encoding for: that span only
+            log.exception("could not encode the span %r; dropped", span.name)
+            self.dropped += 1
+            return
         if len(queue) >= self._batch and not self._wake.is_set():
             self._wake.set()
 
@@ -103,12 +111,7 @@ class Batches:
         queue = self._queue
         while queue:
             count = min(len(queue), self._batch)
-            batch = [queue.popleft() for _ in range(count)]
-            try:
-                body = self._encoder.encode(batch)
-            except Exception:  # a bug here must not stop the thread: the next batch may pass
-                log.exception("could not encode %d spans; dropped", count)
-                continue
+            body = self._encoder.request([queue.popleft() for _ in range(count)])
             if self._poster.post(body, count):
                 self.exported += count
             if not everything and len(queue) < self._batch:
