@@ -1,7 +1,7 @@
 """OpenTelemetry traces end to end: a gateway on loopback exports over OTLP/HTTP to a real
 receiver (tests/otlp.py) that decodes the spans with OpenTelemetry's protobuf definitions.
 
-The SDK exports in batches; closing the gateway flushes them, so every check on spans runs
+The exporter sends spans in batches; closing the gateway flushes them, so every check on spans runs
 after the gateway has stopped, never against a timer.
 """
 
