@@ -35,7 +35,10 @@ _SCALARS: dict[object, tuple[type | UnionType, str]] = {
 
 
 def _shown(value: object, secret: bool) -> str:
-    """The value as a message shows it: a secret only as its unexpanded ``${NAME}`` text."""
+    """The value as a message shows it, spelt as in TOML where Python spells it otherwise
+    (``true``, not ``True``); a secret only as its unexpanded ``${NAME}`` text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if not secret or value in ("", []) or (isinstance(value, str) and "${" in value):
         return repr(value)
     return "<hidden>"

@@ -51,7 +51,7 @@ _TABLES = (
     "tracing",
 )
 # What `[tracing] enabled = true` needs beyond opentelemetry-api: the otel extra.
-_TRACING_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+_TRACING_MODULES = ("opentelemetry.sdk",)
 # The exponential backoff's keys, which targets[].retry_schedule_s replaces.
 _EXPONENTIAL = ("wait_initial_s", "wait_max_s", "wait_exp_base")
 _LogLevel = Literal["debug", "info", "warning", "error"]

@@ -46,7 +46,7 @@ from gateway.errors import (
 )
 from gateway.outbox import Outbox
 from gateway.runtime.core import Core
-from gateway.tracing import Tracing
+from gateway.tracing import Tracing, server_attributes
 
 __all__ = ["ADMIN_PORT", "CORE", "create_app"]
 
@@ -199,7 +199,9 @@ async def _traced_notify(
     ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
     peercert = ssl_object.getpeercert() if ssl_object is not None else None
     not_after = str(peercert.get("notAfter") or "") or None if peercert else None
-    span = tracing.server_span(request.path, cn, not_after, request.headers.get("traceparent"))
+    peer = None if transport is None else transport.get_extra_info("peername")
+    attributes = server_attributes(request.path, cn, not_after, request.remote, peer)
+    span = tracing.server_span(request.path, attributes, request.headers.get("traceparent"))
     status = 500
     try:
         reason = await core.callback.notify(body, signature, span)

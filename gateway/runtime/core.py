@@ -73,7 +73,7 @@ class Core:
         self._doorbell: Doorbell | None = None
         self._bell: Bell | None = None
         self._checks: set[asyncio.Task[None]] = set()
-        # The SDK's exporter, only with [tracing] enabled: off, nothing is imported or started.
+        # The span exporter, only with [tracing] enabled: off, nothing is imported or started.
         self._exporting: Exporting | None = None
 
     @property
