@@ -210,11 +210,11 @@ class JetStreamSender:
                     permanent=True,
                 )
                 continue
-            token = str(self._serial)
-            self._serial += 1
+            serial = self._serial = self._serial + 1
+            token = str(serial)
             tokens.append(token)
             self._waiting[token] = (batch, index)
-            parts += (b"%s%s %d %d\r\n" % (head, token.encode(), len(block), size), block, body)
+            parts += (b"%s%d %d %d\r\n" % (head, serial, len(block), size), block, body)
             parts.append(b"\r\n")
         if not tokens:
             return results

@@ -11,10 +11,10 @@ the outbox recording it adds the entry again on the next attempt: consumers dedu
 The deliveries of a batch go in one pipeline (one write, one round trip), each with its own
 reply. redis-py keeps what a driver is for: the URL, the pool, connecting, ``AUTH`` and
 ``SELECT``, TLS, and its errors. The hot part is done here instead, on the pooled connection:
-the batch's ``XADD`` commands packed by hiredis in C, written at once, and the replies parsed by
-a hiredis reader from the bytes as they arrive, all of a read at a time. redis-py reads one reply
-per call through several layers of coroutines, which cost more CPU per delivery than the whole
-HTTP target's path.
+the batch's ``XADD`` commands formatted from one template per set of field names, written at
+once, and the replies parsed by a hiredis reader from the bytes as they arrive, all of a read at
+a time. redis-py packs every argument in Python and reads one reply per call through several
+layers of coroutines, which cost more CPU per delivery than the whole HTTP target's path.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ _PERMANENT = ("WRONGTYPE", "ERR Protocol error", "ERR string exceeds maximum all
 # What one read of the connection takes at most: a batch's replies are ~20 bytes each.
 _READ_BYTES = 64 * 1024
 _MORE = object()  # the reader's answer while a reply is incomplete
+# The fields' part of an XADD for each set of field names met so far (signature modes, traced
+# or not): a format with the names in it, so an entry's fields are one formatting of its values.
+_FIELDS: dict[tuple[str, ...], bytes] = {}
 
 
 def result_of(reply: object, stream: str) -> AttemptResult:
@@ -63,16 +66,30 @@ def xadd_commands(
     deliveries: Sequence[Delivery],
     fields: Sequence[Mapping[str, str]],
 ) -> bytes:
-    """One ``XADD`` per delivery, in RESP: ``head`` (``XADD key [MAXLEN ~ n] *``), then the
-    field ``body`` with the delivery's exact bytes, then ``fields[i]``, names and values as
-    they are (UTF-8)."""
-    pack = hiredis.pack_command
-    return b"".join(
-        [
-            pack((*head, b"body", delivery.body, *_flat(entry)))  # type: ignore[arg-type]
-            for delivery, entry in zip(deliveries, fields, strict=True)
-        ]
-    )
+    """One ``XADD`` per delivery, in RESP (arrays of bulk strings): ``head`` (``XADD key
+    [MAXLEN ~ n] *``), then the field ``body`` with the delivery's exact bytes, then
+    ``fields[i]``, names and values as they are (UTF-8)."""
+    start = b"".join(_bulk(arg) for arg in (*head, b"body"))
+    fixed = len(head) + 2
+    parts: list[bytes] = []
+    for delivery, entry in zip(deliveries, fields, strict=True):
+        names = tuple(entry)
+        form = _FIELDS.get(names)
+        if form is None:
+            lines = (_bulk(name.encode()).replace(b"%", b"%%") + b"$%d\r\n%s\r\n" for name in names)
+            form = _FIELDS.setdefault(names, b"".join(lines))
+        values: list[int | bytes] = []
+        for value in entry.values():
+            data = value.encode()
+            values += (len(data), data)
+        body = delivery.body
+        parts += (b"*%d\r\n" % (fixed + len(values)), start, b"$%d\r\n" % len(body), body)
+        parts += (b"\r\n", form % tuple(values))
+    return b"".join(parts)
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
 async def read_replies(stream: asyncio.StreamReader, count: int) -> list[object]:
@@ -199,10 +216,6 @@ class RedisStreamSender:
 
     async def close(self) -> None:
         await self._client.aclose()
-
-
-def _flat(fields: Mapping[str, str]) -> list[str]:
-    return [part for pair in fields.items() for part in pair]
 
 
 def _host(url: str) -> str:
