@@ -175,14 +175,14 @@ def test_header_block_is_what_hpub_carries(headers: dict[str, str], expected: by
         pytest.param(
             None,
             b'{"stream":"WABA","seq":7}',
-            AttemptResult(accepted=True, response_excerpt="stream WABA seq 7"),
+            AttemptResult(accepted=True, response_excerpt="stream WABA"),
             id="stored",
         ),
         pytest.param(
             None,
             b'{"stream":"WABA","seq":7,"duplicate":true}',
             AttemptResult(
-                accepted=True, response_excerpt="stream WABA seq 7 (a duplicate, already stored)"
+                accepted=True, response_excerpt="stream WABA (a duplicate, already stored)"
             ),
             id="duplicate",
         ),

@@ -20,6 +20,7 @@ layers of coroutines, which cost more CPU per delivery than the whole HTTP targe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
@@ -48,10 +49,12 @@ _FIELDS: dict[tuple[str, ...], bytes] = {}
 
 
 def result_of(reply: object, stream: str) -> AttemptResult:
-    """One pipeline reply to ``XADD`` as an attempt's result."""
+    """One pipeline reply to ``XADD`` as an attempt's result. An entry id is kept as the stream
+    it went to, not the id: as for an HTTP target's 2xx (:mod:`gateway.delivery.answers`), the
+    outcome says what an operator needs, and the result is one shared value rather than one
+    made per delivery."""
     if isinstance(reply, bytes | str):
-        entry = reply.decode() if isinstance(reply, bytes) else reply
-        return AttemptResult(accepted=True, response_excerpt=f"stream {stream} entry {entry}")
+        return _added(stream)
     if isinstance(reply, ResponseError):
         text = str(reply)[:300]
         permanent = text.startswith(_PERMANENT)
@@ -59,6 +62,11 @@ def result_of(reply: object, stream: str) -> AttemptResult:
     if isinstance(reply, BaseException):
         return AttemptResult(error=f"redis: {type(reply).__name__}: {reply}"[:300])
     return AttemptResult(error=f"redis: unexpected reply {reply!r}"[:300])
+
+
+@functools.lru_cache(maxsize=64)
+def _added(stream: str) -> AttemptResult:
+    return AttemptResult(accepted=True, response_excerpt=f"stream {stream}")
 
 
 def xadd_commands(
@@ -124,7 +132,6 @@ class RedisStreamSender:
         self._stream = target.stream
         trim = () if target.maxlen is None else (b"MAXLEN", b"~", b"%d" % target.maxlen)
         self._head = (b"XADD", target.stream.encode(), *trim, b"*")
-        self._entry = f"stream {target.stream} entry "
         self._client = aioredis.Redis.from_url(
             target.url,
             # No socket_timeout: it would arm a timer for every reply read; one deadline per
@@ -161,12 +168,10 @@ class RedisStreamSender:
         except (RedisError, OSError) as exc:
             failed = AttemptResult(error=f"redis: {type(exc).__name__}: {exc}"[:300])
             return [failed] * len(deliveries)
-        prefix = self._entry
+        added = _added(self._stream)
         return [
             # The usual reply, an entry id, without the general case's checks.
-            AttemptResult(accepted=True, response_excerpt=prefix + reply.decode())
-            if type(reply) is bytes
-            else result_of(reply, self._stream)
+            added if type(reply) is bytes else result_of(reply, self._stream)
             for reply in replies
         ]
 
