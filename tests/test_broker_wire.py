@@ -199,6 +199,12 @@ def test_header_block_is_what_hpub_carries(headers: dict[str, str], expected: by
             AttemptResult(error="nats: resource limits exceeded"),
             id="other-errors-are-transient",
         ),
+        pytest.param(
+            None,
+            b'{"error":"unexpected"}',
+            AttemptResult(error="nats: unexpected"),
+            id="error-without-details",
+        ),
         pytest.param("503", b"", None, id="no-stream"),
         pytest.param(
             None,
