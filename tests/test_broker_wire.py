@@ -261,3 +261,16 @@ async def test_broker_that_stops_answering_fails_the_batch_then_serves_again(
         assert all(r.accepted for r in again), again
     finally:
         await sender.close()
+
+
+async def test_redis_exchange_is_bounded_by_the_target_timeout_alone(redis: BrokerServer) -> None:
+    """No socket timeout of redis-py's own (5 s by default since redis-py 8): it would wrap
+    every write in a task and a timer; the target's timeout_s bounds each batch instead."""
+    target = TargetConfig(name="t", kind="redis", url=redis.url, stream="s", timeout_s=7)
+    sender = RedisStreamSender(target)
+    try:
+        assert sender._client.connection_pool.connection_kwargs["socket_timeout"] is None
+        (result,) = await sender.send_many([_delivery(1)], [1])
+        assert result.accepted
+    finally:
+        await sender.close()

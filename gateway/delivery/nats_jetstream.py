@@ -156,6 +156,9 @@ class JetStreamSender:
     async def _connected(self) -> _Client:
         """The connection, made now if there is none (or the last one was lost for good), with
         the subscription its acknowledgements arrive on."""
+        client = self._client
+        if client is not None and not client.is_closed:
+            return client  # the usual case, without taking the lock
         async with self._connecting:
             if self._client is not None and not self._client.is_closed:
                 return self._client

@@ -134,8 +134,10 @@ class RedisStreamSender:
         self._head = (b"XADD", target.stream.encode(), *trim, b"*")
         self._client = aioredis.Redis.from_url(
             target.url,
-            # No socket_timeout: it would arm a timer for every reply read; one deadline per
-            # batch (send_many) bounds the exchange instead.
+            # No socket_timeout (redis-py 8 sets 5 s unless told): it wraps every write in
+            # asyncio.wait_for, a task and a timer per batch; one deadline per batch
+            # (send_many, warm, probe) bounds each exchange instead.
+            socket_timeout=None,
             # No max_connections: the dispatcher bounds the batches in flight (one connection
             # each); a pool cap would fail a batch at the cap instead of waiting.
             socket_connect_timeout=target.timeout_s,
