@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 import nats
 import nats.js.errors
 import redis.asyncio as aioredis
 from brokers import BrokerServer
+from helpers import TargetOptions, quick, sink_target
 from multidict import CIMultiDict, CIMultiDictProxy
 from sink import DEADLINE_S, Received, Sink
 
@@ -31,7 +32,6 @@ __all__ = [
     "NatsDestination",
     "RedisDestination",
     "entry_received",
-    "quick",
 ]
 
 KINDS: tuple[TargetKind, ...] = ("http", "redis", "nats")
@@ -39,15 +39,10 @@ KINDS: tuple[TargetKind, ...] = ("http", "redis", "nats")
 STREAM = "WABA"
 
 
-def quick(**options: Any) -> dict[str, Any]:
-    """Waits short enough for quick retries, as the HTTP tests use."""
-    return {"wait_initial_s": 0.05, "wait_max_s": 0.2} | options
-
-
 class Destination(Protocol):
     kind: TargetKind
 
-    def target(self, name: str, **options: Any) -> TargetConfig:
+    def target(self, name: str, **options: Unpack[TargetOptions]) -> TargetConfig:
         """A target of this kind named ``name``, its own path, stream or subject."""
         ...
 
@@ -89,8 +84,8 @@ class HttpDestination:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
-    def target(self, name: str, **options: Any) -> TargetConfig:
-        return TargetConfig(name=name, url=self.sink.url(f"/{name}"), **quick(**options))
+    def target(self, name: str, **options: Unpack[TargetOptions]) -> TargetConfig:
+        return sink_target(self.sink, name, **options)
 
     async def received(self, name: str) -> list[Received]:
         return self.sink.at(f"/{name}")
@@ -108,9 +103,10 @@ class RedisDestination:
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
 
-    def target(self, name: str, **options: Any) -> TargetConfig:
-        settings = {"url": self.server.url, "stream": f"stream:{name}"} | options
-        return TargetConfig(name=name, kind="redis", **quick(**settings))
+    def target(self, name: str, **options: Unpack[TargetOptions]) -> TargetConfig:
+        settings = quick(kind="redis", url=self.server.url, stream=f"stream:{name}")
+        settings.update(options)
+        return TargetConfig(name=name, **settings)
 
     async def received(self, name: str) -> list[Received]:
         client = aioredis.Redis.from_url(self.server.url)
@@ -140,9 +136,10 @@ class NatsDestination:
     def __init__(self, server: BrokerServer) -> None:
         self.server = server
 
-    def target(self, name: str, **options: Any) -> TargetConfig:
-        settings = {"url": self.server.url, "subject": f"waba.{name}"} | options
-        return TargetConfig(name=name, kind="nats", **quick(**settings))
+    def target(self, name: str, **options: Unpack[TargetOptions]) -> TargetConfig:
+        settings = quick(kind="nats", url=self.server.url, subject=f"waba.{name}")
+        settings.update(options)
+        return TargetConfig(name=name, **settings)
 
     async def received(self, name: str) -> list[Received]:
         client = await nats.connect(self.server.url)

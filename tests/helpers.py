@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import TypedDict, TypeVar, Unpack
 
 import aiohttp
 from pki import ClientKind, Pki
@@ -37,8 +37,12 @@ from gateway.config import (
     DispatcherConfig,
     ListenConfig,
     MetaConfig,
+    Order,
     OutboxConfig,
+    Signature,
+    Split,
     TargetConfig,
+    TargetKind,
 )
 from gateway.outbox import Delivery, State
 from gateway.runtime.gateway import Gateway
@@ -51,6 +55,7 @@ __all__ = [
     "Answer",
     "ConfigOptions",
     "OpenOptions",
+    "TargetOptions",
     "admin_get",
     "admin_post",
     "bodies_in_file",
@@ -62,6 +67,7 @@ __all__ = [
     "meta_signature",
     "metric",
     "post",
+    "quick",
     "sink_target",
     "stored_bodies",
     "wait_for_state",
@@ -86,15 +92,52 @@ REFUSED = (
 )
 
 
-def sink_target(sink: Sink, name: str = "sink", **options: Any) -> TargetConfig:
+class TargetOptions(TypedDict, total=False):
+    """What a test may set of a :class:`TargetConfig` besides its name (every key of it:
+    ``test_target_options_are_the_target_settings`` keeps the two alike)."""
+
+    url: str
+    kind: TargetKind
+    stream: str | None
+    maxlen: int | None
+    subject: str | None
+    fields: tuple[str, ...]
+    waba_ids: tuple[str, ...]
+    phone_number_ids: tuple[str, ...]
+    message_types: tuple[str, ...]
+    statuses: tuple[str, ...]
+    timeout_s: float
+    attempts: int
+    wait_initial_s: float
+    wait_max_s: float
+    wait_exp_base: float
+    max_age_s: float
+    retry_schedule_s: tuple[float, ...]
+    split: Split
+    secret: str | None
+    signature: Signature
+    concurrency: int
+    pipeline: int
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    order: Order
+    rate_per_s: float | None
+    burst: int | None
+
+
+def quick(**options: Unpack[TargetOptions]) -> TargetOptions:
+    """``options`` with waits short enough for quick retries, unless they set their own."""
+    settings = TargetOptions(wait_initial_s=0.05, wait_max_s=0.2)
+    settings.update(options)
+    return settings
+
+
+def sink_target(sink: Sink, name: str = "sink", **options: Unpack[TargetOptions]) -> TargetConfig:
     """A target on the sink at path ``/<name>``, with waits short enough for quick retries."""
-    settings: dict[str, Any] = {
-        "name": name,
-        "url": sink.url(f"/{name}"),
-        "wait_initial_s": 0.05,
-        "wait_max_s": 0.2,
-    }
-    return TargetConfig(**(settings | options))
+    settings = quick(url=sink.url(f"/{name}"))
+    settings.update(options)
+    return TargetConfig(name=name, **settings)
 
 
 class ConfigOptions(TypedDict, total=False):

@@ -19,8 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 from brokers import BrokerServer, nats_server, redis_server
 from config_files import listen_port, write_config
-from destinations import STREAM, NatsDestination, RedisDestination, entry_received, quick
-from helpers import APP_SECRET, gateway_config, message_body, post, wait_for_state
+from destinations import STREAM, NatsDestination, RedisDestination, entry_received
+from helpers import APP_SECRET, gateway_config, message_body, post, quick, wait_for_state
 from nats import connect as nats_connect
 from pki import Pki
 from processes import post_to, serving, until_listening
@@ -83,7 +83,7 @@ async def test_subject_no_stream_captures_is_a_dead_letter_saying_so(
     """Publishing where no JetStream stream listens is permanent: one attempt, a dead letter
     naming the subject; ``check`` refuses the configuration for the same reason."""
     await NatsDestination(nats).reset()
-    target = TargetConfig(name="lost", kind="nats", url=nats.url, subject="elsewhere.x", **quick())
+    target = TargetConfig(name="lost", **quick(kind="nats", url=nats.url, subject="elsewhere.x"))
     config = gateway_config(pki, tmp_path, targets=[target])
     async with Gateway(config) as gateway:
         assert (await post(gateway, pki, message_body("nowhere"))).status == 200

@@ -10,11 +10,13 @@ import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import TargetOptions
 
 from gateway.config import (
     DEFAULT_CONFIG_PATH,
@@ -1346,3 +1348,10 @@ def test_every_password_of_several_nats_servers_is_hidden() -> None:
     assert "nats://u:***@a:4222,nats://u:***@b:4222" in repr(target)
     assert "pw1" not in repr(target)
     assert "pw2" not in repr(target)
+
+
+def test_target_options_are_the_target_settings() -> None:
+    """The tests' TargetOptions names every TargetConfig setting but its name, typed alike."""
+    settings = typing.get_type_hints(TargetConfig)
+    del settings["name"]
+    assert typing.get_type_hints(TargetOptions) == settings

@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Unpack
 
 import pytest
-from helpers import eventually, message_body, meta_signature
+from helpers import TargetOptions, eventually, message_body, meta_signature
 
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.dispatcher import BATCH_BYTES, Dispatcher
@@ -105,9 +105,11 @@ class ReadAheadServer:
         self.port = server.sockets[0].getsockname()[1]
         return server
 
-    def target(self, **options: Any) -> TargetConfig:
+    def target(self, **options: Unpack[TargetOptions]) -> TargetConfig:
         """A target named "t" on this server."""
-        return TargetConfig(name="t", url=f"http://127.0.0.1:{self.port}/hook", **options)
+        settings = TargetOptions(url=f"http://127.0.0.1:{self.port}/hook")
+        settings.update(options)
+        return TargetConfig(name="t", **settings)
 
 
 @pytest.fixture
