@@ -130,7 +130,9 @@ async def test_replay_needs_the_csrf_token_and_then_delivers_the_dead_letter(
         replay = f"{base}/console/deliveries/{dead.id}/replay"
         forged = await session.post(replay, data={"csrf": "guess"}, allow_redirects=False)
         assert forged.status == 403
-        assert (await gateway.outbox.get(dead.id)).state == "dead"  # type: ignore[union-attr]
+        still = await gateway.outbox.get(dead.id)
+        assert still is not None
+        assert still.state == "dead"
         async with session.get(f"{base}/console/deliveries/{dead.id}") as page:
             text = await page.text()
             assert "no such route" in text  # the target's answer excerpt
