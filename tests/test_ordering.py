@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from config_files import listen_port, write_config
 from conversations import Conversations, conversation_body, in_order
-from helpers import gateway_config, meta_signature, post
+from helpers import gateway_config, post
 from pki import Pki
-from processes import serving, until_listening
+from processes import post_to, serving, until_listening
 from sink import DEADLINE_S
 
 from gateway.config import OutboxConfig, TargetConfig
@@ -98,15 +98,7 @@ def _sender(session: aiohttp.ClientSession, pki: Pki, port: Callable[[str, int],
     """Sends each message to the gateway listening on ``port(user, n)``, over mTLS."""
 
     async def send(user: str, n: int) -> None:
-        body = conversation_body(user, n)
-        headers = {"Content-Type": "application/json", "X-Hub-Signature-256": meta_signature(body)}
-        async with session.post(
-            f"https://localhost:{port(user, n)}/webhook",
-            data=body,
-            headers=headers,
-            ssl=pki.client_context("meta"),
-        ) as response:
-            assert response.status == 200
+        assert await post_to(port(user, n), pki, conversation_body(user, n), session=session) == 200
 
     return send
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from config_files import listen_port, write_config
-from helpers import gateway_config, message_body, meta_signature, sink_target
+from helpers import gateway_config, message_body, sink_target
 from pki import Pki
-from processes import serving, until_listening
+from processes import post_to, serving, until_listening
 from sink import DEADLINE_S, Received, Sink
 
 from gateway.delivery.ratelimit import TokenBucket
@@ -66,21 +66,14 @@ async def _post_all(pki: Pki, ports: list[int], bodies: list[bytes]) -> set[int]
     the time between a token and its request would be the machine's, not the limit's)."""
     connector = aiohttp.TCPConnector(limit=4)
     async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def send(n: int, body: bytes) -> int:
-            headers = {
-                "Content-Type": "application/json",
-                "X-Hub-Signature-256": meta_signature(body),
-            }
-            async with session.post(
-                f"https://localhost:{ports[n % len(ports)]}/webhook",
-                data=body,
-                headers=headers,
-                ssl=pki.client_context("meta"),
-            ) as response:
-                return response.status
-
-        return set(await asyncio.gather(*(send(n, body) for n, body in enumerate(bodies))))
+        return set(
+            await asyncio.gather(
+                *(
+                    post_to(ports[n % len(ports)], pki, body, session=session)
+                    for n, body in enumerate(bodies)
+                )
+            )
+        )
 
 
 def _within_rate(arrivals: list[float], rate: float, burst: int) -> None:

@@ -8,33 +8,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-from helpers import message_body, meta_signature
+from helpers import message_body
 from pki import Pki
+from processes import post_to
 from prometheus_client.multiprocess import MultiProcessCollector
 from sink import DEADLINE_S
 
 __all__ = ["accepted_by_each_worker", "post_over_both_workers"]
-
-
-async def _post_fresh(port: int, pki: Pki, body: bytes) -> int:
-    """POST ``body`` signed like Meta over mTLS, on a connection of its own."""
-    headers = {
-        "Content-Type": "application/json",
-        "X-Hub-Signature-256": meta_signature(body),
-        "Connection": "close",
-    }
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"https://localhost:{port}/webhook",
-            data=body,
-            headers=headers,
-            ssl=pki.client_context("meta"),
-        ) as response,
-    ):
-        await response.read()
-        return response.status
 
 
 # Connections opened at once, at most. The workers accept on one shared socket, and asyncio
@@ -49,7 +29,7 @@ async def _post_each_on_a_new_connection(port: int, pki: Pki, bodies: list[bytes
 
     async def one(body: bytes) -> int:
         async with room:
-            return await _post_fresh(port, pki, body)
+            return await post_to(port, pki, body, fresh=True)
 
     statuses = await asyncio.gather(*(one(body) for body in bodies))
     assert statuses == [200] * len(bodies)
