@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from sink import DEADLINE_S
 from gateway.config import load_config
 from gateway.devfiles import config_path
 from gateway.runtime import dev
+from gateway.signing import sign
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -67,6 +71,38 @@ async def _serve_dev(
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), DEADLINE_S)
+
+
+async def test_dev_mode_prints_a_command_that_delivers(tmp_path: Path) -> None:
+    """serve --dev starts with no set-up and a signed sample reaches the printing target."""
+    dev_dir = tmp_path / "var" / "dev"
+    async with _serve_dev(dev_dir, "--port", "0", "--admin-port", "0") as (lines, process):
+        assert process.stdout is not None
+        url = lines[0].split()[3]
+        assert url.startswith("https://localhost:")
+        secrets = json.loads((dev_dir / "secrets.json").read_text())
+        sample = (dev_dir / "sample-notification.json").read_bytes()
+        context = ssl.create_default_context(cafile=dev_dir / "server-ca.pem")
+        context.load_cert_chain(dev_dir / "client.pem", dev_dir / "client.key")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                url,
+                data=sample,
+                headers={"X-Hub-Signature-256": sign(secrets["app_secret"], sample)},
+                ssl=context,
+            ) as response,
+        ):
+            assert response.status == 200
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            line = await asyncio.wait_for(process.stdout.readline(), DEADLINE_S)
+            if line.startswith(b"delivered "):
+                assert line.rstrip(b"\n").endswith(sample)
+                break
+            assert line, "the dev gateway stopped before delivering"
+            assert time.monotonic() < deadline
+    assert process.returncode == 0
 
 
 @contextlib.contextmanager

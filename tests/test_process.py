@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,6 @@ from two_workers import post_over_both_workers
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
-from gateway.signing import sign
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:
@@ -234,54 +231,6 @@ async def test_two_workers_survive_sighup_to_any_process(
         lambda: list(Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor.pid}-*"))
     )
     assert not left
-
-
-async def test_dev_mode_prints_a_command_that_delivers(tmp_path: Path) -> None:
-    """serve --dev starts with no set-up and a signed sample reaches the printing target."""
-    dev_dir = tmp_path / "var" / "dev"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--dev",
-        "--dev-dir",
-        str(dev_dir),
-        "--port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    try:
-        first = await asyncio.wait_for(process.stdout.readline(), DEADLINE_S)
-        url = first.decode().split()[3]
-        assert url.startswith("https://localhost:")
-        secrets = json.loads((dev_dir / "secrets.json").read_text())
-        sample = (dev_dir / "sample-notification.json").read_bytes()
-        context = ssl.create_default_context(cafile=dev_dir / "server-ca.pem")
-        context.load_cert_chain(dev_dir / "client.pem", dev_dir / "client.key")
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                url,
-                data=sample,
-                headers={"X-Hub-Signature-256": sign(secrets["app_secret"], sample)},
-                ssl=context,
-            ) as response,
-        ):
-            assert response.status == 200
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            line = await asyncio.wait_for(process.stdout.readline(), DEADLINE_S)
-            if line.startswith(b"delivered "):
-                assert line.rstrip(b"\n").endswith(sample)
-                break
-            assert line, "the dev gateway stopped before delivering"
-            assert time.monotonic() < deadline
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), DEADLINE_S) == 0
 
 
 def _in_session(session: int) -> list[int]:
