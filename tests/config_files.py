@@ -9,7 +9,7 @@ from pathlib import Path
 from helpers import VERIFY_TOKEN
 from pki import Pki
 
-__all__ = ["free_port", "listen_port", "write_config"]
+__all__ = ["free_port", "host_configs", "listen_port", "write_config"]
 
 
 def free_port() -> int:
@@ -72,3 +72,17 @@ wait_max_s = 0.2
 
 def listen_port(config: Path) -> int:
     return int(tomllib.loads(config.read_text())["listen"]["port"])
+
+
+def host_configs(
+    pki: Pki, folder: Path, count: int, *, target_url: str, outbox: str, extra: str = ""
+) -> list[Path]:
+    """``count`` gateways' configurations, each in a folder of its own under ``folder``
+    (``host0``, ``host1``, ...), as on as many hosts sharing the outbox database ``outbox``
+    names; the rest as :func:`write_config` writes it."""
+    configs = []
+    for n in range(count):
+        host = folder / f"host{n}"
+        host.mkdir()
+        configs.append(write_config(pki, host, target_url=target_url, outbox=outbox, extra=extra))
+    return configs

@@ -9,16 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
+from config_files import listen_port
 from helpers import APP_SECRET, meta_signature
 from pki import Pki
 from sink import DEADLINE_S
 
-__all__ = ["kill_group", "post_to", "serving", "stop", "until_listening"]
+__all__ = ["kill_group", "post_to", "serving", "serving_all", "stop", "until_listening"]
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -77,6 +78,17 @@ async def until_listening(port: int, process: subprocess.Popen[bytes]) -> None:
         writer.close()
         await writer.wait_closed()
         return
+
+
+async def serving_all(
+    stack: contextlib.ExitStack, configs: Sequence[Path]
+) -> list[subprocess.Popen[bytes]]:
+    """A gateway serving each of ``configs`` (killed when ``stack`` closes), returned once
+    every one of them listens."""
+    gateways = [stack.enter_context(serving(config)) for config in configs]
+    for config, process in zip(configs, gateways, strict=True):
+        await until_listening(listen_port(config), process)
+    return gateways
 
 
 async def post_to(

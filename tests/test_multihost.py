@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from config_files import free_port, listen_port, write_config
+from config_files import free_port, host_configs, listen_port, write_config
 from helpers import message_body
 from pgserver import PgServer, running_server
 from pki import Pki
-from processes import post_to, serving, until_listening
+from processes import post_to, serving, serving_all, until_listening
 from settling import pending_in_postgres, until_settled
 from sink import DEADLINE_S, Sink
 
@@ -66,26 +66,19 @@ async def test_three_gateways_one_killed_with_claims_every_ack_delivered_once(
     after its lease ran out, delivered by the survivors."""
     target_port = free_port()
     await blackhole.start(target_port)
-    configs = []
-    for n in range(3):
-        folder = tmp_path / f"host{n}"
-        folder.mkdir()
-        configs.append(
-            write_config(
-                pki,
-                folder,
-                target_url=f"http://127.0.0.1:{target_port}/sink",
-                outbox=f'url = "{pg_url}"\nlease_s = 1.5',
-                extra="timeout_s = 30",
-            )
-        )
+    configs = host_configs(
+        pki,
+        tmp_path,
+        3,
+        target_url=f"http://127.0.0.1:{target_port}/sink",
+        outbox=f'url = "{pg_url}"\nlease_s = 1.5',
+        extra="timeout_s = 30",
+    )
     ports = [listen_port(config) for config in configs]
     bodies = [message_body(f"multi-host {n}") for n in range(30)]
     twice = message_body("sent to two gateways")
     with contextlib.ExitStack() as stack:
-        gateways = [stack.enter_context(serving(config)) for config in configs]
-        for port, process in zip(ports, gateways, strict=True):
-            await until_listening(port, process)
+        gateways = await serving_all(stack, configs)
         async with aiohttp.ClientSession() as session:
             statuses = await asyncio.gather(
                 *(

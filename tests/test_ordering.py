@@ -14,11 +14,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from config_files import listen_port, write_config
+from config_files import host_configs, listen_port, write_config
 from conversations import Conversations, conversation_body, in_order
 from helpers import gateway_config, post
 from pki import Pki
-from processes import post_to, serving, until_listening
+from processes import post_to, serving, serving_all, until_listening
 from sink import DEADLINE_S
 
 from gateway.config import OutboxConfig, TargetConfig
@@ -123,25 +123,18 @@ async def test_conversations_stay_in_order_across_two_gateways_when_one_is_kille
     """Two gateways on one PostgreSQL database take each conversation's messages in turn;
     one is killed (SIGKILL) half way, holding fresh claims: the survivor takes them over
     once their lease runs out, and every conversation still arrives in order."""
-    configs = []
-    for n in range(2):
-        folder = tmp_path / f"host{n}"
-        folder.mkdir()
-        configs.append(
-            write_config(
-                pki,
-                folder,
-                target_url=target.url(),
-                outbox=f'url = "{pg_url}"\nlease_s = 1.5',
-                extra=ORDERED,
-            )
-        )
+    configs = host_configs(
+        pki,
+        tmp_path,
+        2,
+        target_url=target.url(),
+        outbox=f'url = "{pg_url}"\nlease_s = 1.5',
+        extra=ORDERED,
+    )
     ports = [listen_port(config) for config in configs]
     target.held.add(("a", 0))
     with contextlib.ExitStack() as stack:
-        gateways = [stack.enter_context(serving(config)) for config in configs]
-        for port, process in zip(ports, gateways, strict=True):
-            await until_listening(port, process)
+        gateways = await serving_all(stack, configs)
         async with aiohttp.ClientSession() as session:
             both = _sender(session, pki, lambda user, n: ports[n % 2])
             survivor = _sender(session, pki, lambda user, n: ports[0])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from config_files import listen_port, write_config
+from config_files import host_configs, listen_port
 from helpers import gateway_config, message_body, sink_target
 from pki import Pki
-from processes import post_to, serving, until_listening
+from processes import post_to, serving_all
 from sink import DEADLINE_S, Received, Sink
 
 from gateway.delivery.ratelimit import TokenBucket
@@ -121,24 +121,17 @@ async def test_the_rate_holds_for_two_gateways_sharing_postgresql(
 ) -> None:
     """Two gateways on one database, each given half of a backlog of 200: together they
     send no more than 20 per second plus one burst."""
-    configs = []
-    for n in range(2):
-        folder = tmp_path / f"host{n}"
-        folder.mkdir()
-        configs.append(
-            write_config(
-                pki,
-                folder,
-                target_url=sink.url("/sink"),
-                outbox=f'url = "{pg_url}"',
-                extra=f"rate_per_s = {RATE:g}",
-            )
-        )
+    configs = host_configs(
+        pki,
+        tmp_path,
+        2,
+        target_url=sink.url("/sink"),
+        outbox=f'url = "{pg_url}"',
+        extra=f"rate_per_s = {RATE:g}",
+    )
     ports = [listen_port(config) for config in configs]
     with contextlib.ExitStack() as stack:
-        gateways = [stack.enter_context(serving(config)) for config in configs]
-        for port, process in zip(ports, gateways, strict=True):
-            await until_listening(port, process)
+        gateways = await serving_all(stack, configs)
         bodies = [message_body(f"shared pace {n}") for n in range(BACKLOG)]
         assert await _post_all(pki, ports, bodies) == {200}
         received = await _all(sink, BACKLOG)
