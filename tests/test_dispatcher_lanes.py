@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from pathlib import Path
 
 import pytest
-from helpers import message_body, meta_signature, sink_target
+from helpers import eventually, message_body, meta_signature, sink_target
 from sink import Hang, Sink
 
 from gateway.config import DispatcherConfig
@@ -80,13 +80,16 @@ async def test_a_target_configured_again_before_its_batch_ends_keeps_its_concurr
     outbox: ReloadedWhileClaiming, sink: Sink
 ) -> None:
     """With ``concurrency = 1``, a target removed and configured again while its one request
-    is out sends nothing more until that request is answered: the batch still counts."""
+    is out sends nothing more until that request is answered: the batch still counts. The
+    request ends delivered at its first attempt: its sender, retired by the reload, is closed
+    only after it."""
     target = sink_target(sink, concurrency=1, pipeline=1)
     sink.script(Hang(1.0))
     dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
     dispatcher.start()
     try:
-        dispatcher.offer(await _store(outbox, "first"))
+        (held,) = await _store(outbox, "first")
+        dispatcher.offer([held])
         await sink.wait_for(1)
         dispatcher.reconfigure([], DispatcherConfig())
         dispatcher.reconfigure([target], DispatcherConfig())
@@ -94,5 +97,12 @@ async def test_a_target_configured_again_before_its_batch_ends_keeps_its_concurr
         first, second = await sink.wait_for(2)
         # The first was held for a second: the second may only have left after its answer.
         assert second.at - first.at >= 0.9
+
+        async def delivered() -> bool:
+            found = await outbox.get(held.id)
+            return found is not None and found.state == "delivered"
+
+        await eventually(delivered, "the held delivery delivered")
+        assert [a.status for a in await outbox.attempts(held.id)] == [200]
     finally:
         await dispatcher.stop()

@@ -36,12 +36,11 @@ from collections.abc import Callable, Mapping, Sequence
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.exchange import Exchange
-from gateway.delivery.lanes import BATCH_BYTES, Circuit, Lane
+from gateway.delivery.lanes import BATCH_BYTES, Circuit, Lane, Retired
 from gateway.delivery.outcome import Outcome, RetryAt
 from gateway.delivery.pacing import Pacing
 from gateway.delivery.reporting import IGNORE, Observer, report
 from gateway.delivery.retention import Retention
-from gateway.delivery.sending import Sender
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 from gateway.tracing import Tracing
@@ -84,8 +83,7 @@ class Dispatcher:
         # Conversation order and rate limits (gateway.delivery.pacing): their targets' deliveries
         # start only through claims.
         self._pacing = Pacing(targets, clock())
-        self._retired: list[Sender] = []  # replaced by a reload, closed after their batches
-        self._closing: set[asyncio.Task[None]] = set()
+        self._retired = Retired()
         # Each lane's budget of started deliveries: one budget for all would let a target that
         # never answers fill it, and every other target would wait for its timeout.
         self._capacity = max(settings.batch_size, 1)
@@ -170,7 +168,7 @@ class Dispatcher:
             elif lane is None:
                 self._lanes[name] = Lane.open(target, tls.get(name))
             elif lane.target != target or name in tls:
-                self._retire(lane.renew(target, tls.get(name)))
+                self._retired.add(lane.renew(target, tls.get(name)), self._batches)
         self._backlog = True
         self._wake.set()
 
@@ -180,25 +178,9 @@ class Dispatcher:
             self._in_flight.discard(delivery.id)
         lane.load -= len(lane.queue)
         lane.queue.clear()
-        self._retire(lane.sender)
+        self._retired.add(lane.sender, self._batches)
         if lane.load:  # batches still out for it finish and give their budget back
             self._leaving[name] = lane
-
-    def _retire(self, sender: Sender) -> None:
-        """Close a replaced sender's connections once the batches now on the wire, which
-        may be using it, are done."""
-        self._retired.append(sender)
-        batches = list(self._batches)
-
-        async def close() -> None:
-            if batches:  # wait(), not gather(): cancelling this must not cancel the batches
-                await asyncio.wait(batches)
-            await sender.close()
-            self._retired.remove(sender)
-
-        task = asyncio.create_task(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
 
     def circuits(self, now: float) -> dict[str, Circuit]:
         """Each target's circuit breaker: closed (healthy), open (paused after failures) or
@@ -228,11 +210,9 @@ class Dispatcher:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for closing in list(self._closing):
-            closing.cancel()
-        await asyncio.gather(*self._closing, return_exceptions=True)
-        for sender in [*(lane.sender for lane in self._lanes.values()), *self._retired]:
-            await sender.close()
+        await self._retired.close()
+        for lane in self._lanes.values():
+            await lane.sender.close()
 
     async def _loop(self) -> None:
         failing: str | None = None  # the outbox's complaint, logged once until it recovers

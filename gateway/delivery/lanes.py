@@ -6,13 +6,15 @@ it in place (new settings, sender and retry policy; its health, budget and queue
 batches already out count against them); a reload that removes the target takes it out of the
 dispatcher, and its batches on the wire finish against it. The decisions on a lane (how much a
 claim may ask for, how large its next batch is, what its circuit reads) are plain arithmetic: no
-I/O and no event loop.
+I/O and no event loop. The sender a reload replaces, or takes out with its lane, is closed once
+the batches that may be using it are done (:class:`Retired`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,7 +23,7 @@ from gateway.delivery.backoff import RetryPolicy, TargetHealth
 from gateway.delivery.sending import Sender, sender_for
 from gateway.outbox import Delivery
 
-__all__ = ["BATCH_BYTES", "Circuit", "Lane", "batch_size"]
+__all__ = ["BATCH_BYTES", "Circuit", "Lane", "Retired", "batch_size"]
 
 # Bodies in one batch, at most (a batch is written in one call, so it is held in memory at once):
 # 32 of Meta's largest notifications (3 MB) would otherwise be 96 MB. A single larger body still
@@ -113,3 +115,34 @@ def batch_size(queue: Sequence[Delivery], most: int) -> int:
             break
         size += 1
     return size
+
+
+class Retired:
+    """Senders a reload replaced or took out, each closed once the batches on the wire when it
+    was retired (which may be using it) are done."""
+
+    def __init__(self) -> None:
+        self._senders: list[Sender] = []
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def add(self, sender: Sender, batches: Collection[asyncio.Task[None]]) -> None:
+        waiting = list(batches)
+        self._senders.append(sender)
+
+        async def close() -> None:
+            if waiting:  # wait(), not gather(): cancelling this must not cancel the batches
+                await asyncio.wait(waiting)
+            await sender.close()
+            self._senders.remove(sender)
+
+        task = asyncio.create_task(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every retired sender now, without waiting further (the dispatcher stops)."""
+        for closing in list(self._closing):
+            closing.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        for sender in list(self._senders):
+            await sender.close()
