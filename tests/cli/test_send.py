@@ -24,7 +24,7 @@ from gateway.signing import verify_signature
 
 # Meta's escaping ("\u00e9", "\/", a surrogate pair): a re-serialising sender would change it.
 PAYLOAD = dev.SAMPLE
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.parametrize(

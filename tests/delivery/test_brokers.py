@@ -1,7 +1,8 @@
 """What only broker targets do: consumer groups, NATS streams and payload limits, ``check``'s
 probes, missing extras, and a crash between the broker's acknowledgement and its record.
 
-Real ``redis-server`` and ``nats-server -js`` on loopback (tests/brokers.py), mocking nothing.
+Real ``redis-server`` and ``nats-server -js`` on loopback (tests/support/brokers.py), mocking
+nothing.
 """
 
 from __future__ import annotations

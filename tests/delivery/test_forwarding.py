@@ -41,7 +41,7 @@ from gateway.runtime.gateway import Gateway
 PAYLOADS = DATA / "payloads"
 SAMPLES = sorted(PAYLOADS.glob("*.json"))
 # Every notification sample Meta publishes, byte for byte as Meta publishes them (examples/).
-META_SAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.json"))
+META_SAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 TARGET_SECRET = "target-secret"
 
 # One POST as Meta batches them, escaped as Meta escapes them (\u00e9, \/, surrogate pairs):

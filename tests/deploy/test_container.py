@@ -23,7 +23,7 @@ from helpers import APP_SECRET, VERIFY_TOKEN
 from pki import Pki
 from sink import DEADLINE_S, Sink
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy/docker/Dockerfile"
 INSTALL_TIMEOUT_S = 600
 REQUESTS = 40

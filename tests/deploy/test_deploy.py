@@ -22,7 +22,7 @@ from gateway.config import Config, load_config
 from gateway.outbox import Backlog
 from gateway.runtime.stats import Snapshot, Stats
 
-DEPLOY = Path(__file__).parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The admin token as long as a listener beyond loopback requires (Kubernetes binds 0.0.0.0).
 ENV = {"WABA_VERIFY_TOKEN": "x", "WABA_APP_SECRET": "x", "WABA_ADMIN_TOKEN": "x" * 32}
 # Prometheus' own series that the rules may use besides the gateway's.

@@ -22,7 +22,7 @@ from pki import Pki
 from gateway.config import load_config
 from gateway.runtime.gateway import Gateway
 
-PROMETHEUS = Path(__file__).parent.parent / "deploy" / "prometheus"
+PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 ENV = {name: "x" for name in ("WABA_VERIFY_TOKEN", "WABA_APP_SECRET", "WABA_ADMIN_TOKEN")}
 TOKEN = "scrape-token-0123456789"
 # Prometheus scrapes at a random offset within its interval: a few intervals and its start-up.

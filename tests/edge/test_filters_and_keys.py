@@ -15,7 +15,7 @@ from gateway.edge.filters import matches_content, message_types, statuses
 from gateway.edge.ordering import conversation_key, user_of
 from gateway.edge.routing import iter_changes, route, split_changes
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BSUID = EXAMPLES / "bsuid"
 USER = "US.13491208655302741918"
 

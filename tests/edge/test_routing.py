@@ -16,7 +16,7 @@ from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox import Route
 
 # Meta's published samples, byte for byte as Meta publishes them (examples/).
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _body(payload: Any) -> bytes:

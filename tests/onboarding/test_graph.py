@@ -12,7 +12,7 @@ from gateway.cli.exit_codes import GRAPH_EXIT_CODES
 from gateway.errors import GraphError
 from gateway.onboarding import graph
 
-DATA = Path(__file__).parent / "data" / "graph"
+DATA = Path(__file__).resolve().parents[1] / "data" / "graph"
 TRACE = "AXsgnV2Cm3ZMGF3dF_cfYIn"
 
 

@@ -21,8 +21,8 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.cli import main
 
-DATA = Path(__file__).parent / "data" / "graph"
-REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[1] / "data" / "graph"
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "EAAGtestTOKEN0do0not0print0c4f1e9"
 WABA = "102290129340398"
 TRACE = "AXsgnV2Cm3ZMGF3dF_cfYIn"

@@ -209,7 +209,7 @@ async def test_two_workers_survive_sighup_to_any_process(
 ) -> None:
     """workers = 2: SIGHUP to the supervisor and to each worker, even while they start, ends
     none of them; they keep serving, SIGTERM still stops them all and the metrics folder is
-    removed. (That each reloads: tests/test_reload_process.py.)"""
+    removed. (That each reloads: tests/process/test_reload_process.py.)"""
     config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
     port = listen_port(config)
     with serving(config) as supervisor:

@@ -174,7 +174,8 @@ async def test_sighup_with_requests_in_flight_on_two_workers_drops_nothing(
 ) -> None:
     """workers = 2: three SIGHUPs to the supervisor while eight keep-alive clients post without
     a pause (the next one once both workers reloaded): every request is answered 200, and
-    every notification is delivered once. (New TLS material under load: tests/test_reload.py.)"""
+    every notification is delivered once. (New TLS material under load:
+    tests/runtime/test_reload.py.)"""
     admin_port = free_port()
     config = write_config(
         pki, tmp_path, target_url=sink.url("/sink"), workers=2, admin_port=admin_port

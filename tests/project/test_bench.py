@@ -12,7 +12,7 @@ from types import ModuleType
 import aiohttp
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench() -> ModuleType:

@@ -1,4 +1,4 @@
-"""Under CI a skip fails the run; elsewhere it stays a skip with its reason (tests/ci.py)."""
+"""Under CI a skip fails the run; elsewhere it stays a skip with its reason (support/ci.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from sink import DEADLINE_S
 
-HERE = Path(__file__).resolve().parent
+# Where ci.py is: the subprocess imports it by name, as conftest.py does.
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
 
 SKIPPING = """
 import pytest
@@ -45,7 +46,7 @@ def _pytest(folder: Path, source: str, ci: str | None) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci is not None:
         env["CI"] = ci
-    env["PYTHONPATH"] = str(HERE)
+    env["PYTHONPATH"] = str(SUPPORT)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "ci", "-q", "-rA", "-p", "no:cacheprovider",
          "--rootdir", str(folder), str(folder / "test_sample.py")],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # cli/ is described as "one module per command": its commands are not listed one by one.
 _BY_RULE = {"gateway/__main__.py"}
 
@@ -56,3 +56,26 @@ def test_every_module_is_in_the_readme_layout_table() -> None:
 def test_the_layout_table_names_no_module_that_does_not_exist() -> None:
     """A module named in the table is a file in the folder its row names."""
     assert sorted(name for name in _named() if not (ROOT / name).exists()) == []
+
+
+def _tests_paragraph() -> str:
+    section = _layout_section()
+    start = section.index("The tests mirror")
+    return section[start : section.index("\n\n", start)]
+
+
+def test_every_tests_folder_is_in_the_readme() -> None:
+    """Each folder under tests/ is named in the README's paragraph on the tests' layout."""
+    folders = {
+        path.name
+        for path in (ROOT / "tests").iterdir()
+        if path.is_dir() and not path.name.startswith((".", "__"))
+    }
+    named = set(re.findall(r"`tests/([a-z_]+)/`", _tests_paragraph()))
+    assert sorted(folders - named) == []
+    assert sorted(named - folders) == []
+
+
+def test_test_modules_sit_in_a_folder_by_area() -> None:
+    """No test module lies loose in tests/: each is in the folder of the area it proves."""
+    assert sorted(path.name for path in (ROOT / "tests").glob("test_*.py")) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECURITY = (ROOT / "SECURITY.md").read_text()
 # `tests/x.py`, `tests/x.py::test_name`, `x.py::test_name` (a file under tests/) or `::test_name`
 # (in the file last named on the same line).

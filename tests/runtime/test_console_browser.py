@@ -23,7 +23,7 @@ from sink import Reply, Sink
 from gateway.config import TargetConfig
 from gateway.runtime.gateway import Gateway
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
 TOKEN = "browser-test-token"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 

@@ -208,7 +208,7 @@ def test_serve_on_a_busy_port_names_the_key_and_the_file(
     assert "Traceback" not in done.stderr
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_quick_start_shows_the_lines_serve_dev_ends_with(tmp_path: Path) -> None:

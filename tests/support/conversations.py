@@ -24,7 +24,7 @@ from sink import DEADLINE_S
 
 __all__ = ["Conversations", "conversation_body", "in_order"]
 
-SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bsuid" / "messages-text.json"
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bsuid" / "messages-text.json"
 
 
 def conversation_body(user: str, n: int, *, run: str = "") -> bytes:

@@ -77,7 +77,7 @@ T = TypeVar("T")
 
 APP_SECRET = "test-app-secret"
 VERIFY_TOKEN = "test-verify-token"
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 WABA_ID = "102290129340398"
 PHONE_NUMBER_ID = "106540352242922"
 

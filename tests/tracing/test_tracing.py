@@ -1,5 +1,5 @@
 """OpenTelemetry traces end to end: a gateway on loopback exports over OTLP/HTTP to a real
-receiver (tests/otlp.py) that decodes the spans with OpenTelemetry's protobuf definitions.
+receiver (tests/support/otlp.py) that decodes the spans with OpenTelemetry's protobuf definitions.
 
 The SDK exports in batches; closing the gateway flushes them, so every check on spans runs
 after the gateway has stopped, never against a timer.

@@ -37,7 +37,7 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 
-EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway.example.toml"
 
 # "table.key" (or "targets[i].key", or a top-level "key") -> the TOML text of its value.
 Entries = Mapping[str, str | None]

@@ -20,7 +20,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError, SignatureRejected
 from gateway.signing import sign, verify_signature
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "gateway.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway.example.toml"
 ENV = {
     "WABA_VERIFY_TOKEN": "verify",
     "WABA_APP_SECRET": "secret",
