@@ -26,7 +26,7 @@ Phases (``--phases``, default all but ``profile``):
             samples, and the CPU of each thread of the gateway
 
 ``--outbox postgres`` runs every phase on the PostgreSQL outbox: a throw-away server is started
-here (tests/pgserver.py: as an unprivileged user, durable settings, a Unix socket), one new
+here (tests/support/pgserver.py: as an unprivileged user, durable settings, a Unix socket), one new
 database per gateway, stopped at the end.
 
 Usage: bench.py --sink PATH/TO/sink.py [--phases ka,e2e] [--json out.json]   (see README.md)
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the throw-away PostgreSQL server of the tests
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))  # the throw-away PostgreSQL server of the tests
 CLIENT_CN = "client.webhooks.fbclientcerts.com"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ALL_PHASES = ("ka", "e2e", "new", "workers", "backlog", "drain", "shared", "profile")
@@ -418,7 +418,7 @@ def thread_ticks(pid: int) -> dict[int, int]:
 
 # Where a sample's time goes, by the first rule whose text its stack contains (in this order).
 # The keys are function and file names as py-spy prints them ("name (path:line)"), so they must
-# follow the code: tests/test_bench.py checks that each one still exists in the package.
+# follow the code: tests/project/test_bench.py checks that each one still exists in the package.
 PARTS = (
     ("writer: store a notification (accept)", "insert_notification ("),
     ("writer: find due deliveries (due)", "due_deliveries ("),

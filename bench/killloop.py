@@ -6,7 +6,7 @@ clients as Meta would, and SIGKILLs the whole group at a random moment while req
 flight. After the last round the gateway is started once more and left to deliver everything to the
 target.
 
-With ``--outbox postgres`` a throw-away PostgreSQL server (tests/pgserver.py) holds one outbox
+With ``--outbox postgres`` a throw-away PostgreSQL server (tests/support/pgserver.py) holds one outbox
 that ``--gateways`` gateways share, each on its own port. The clients spread over them and move
 to another when theirs stops answering (as a load balancer would); each round SIGKILLs one of
 them, chosen at random, while the others go on under load, and the next round starts it again.
@@ -231,7 +231,7 @@ async def main_async(args: argparse.Namespace) -> int:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="waba-killloop-"))
         outbox = 'path = "outbox.sqlite3"'
         if args.outbox == "postgres":
-            sys.path.insert(0, str(HERE.parent / "tests"))
+            sys.path.insert(0, str(HERE.parent / "tests" / "support"))
             from pgserver import running_server  # only for this outbox
 
             server = stack.enter_context(running_server())

@@ -1,7 +1,7 @@
 """asyncpg against psycopg 3 on the outbox's ack path: one notification and its delivery
 committed per acknowledgement, by many concurrent requests, on a throw-away local server.
 
-    PYTHONPATH=.:tests python bench/pg_drivers.py [--count 3000] [--concurrency 64]
+    PYTHONPATH=.:tests/support python bench/pg_drivers.py [--count 3000] [--concurrency 64]
 
 Each driver runs the same statement (the deduplication upsert, the notification and its delivery
 in one statement, committed on its own with synchronous_commit on) from a pool of connections;

@@ -7,7 +7,7 @@ XADD to ``redis-server``, NATS JetStream publish to ``nats-server -js``), in bat
 round: deliveries per second (wall) and microseconds of this process's CPU per delivery. Rounds
 alternate the kinds.
 
-    PYTHONPATH=.:tests python bench/senders.py --sink "$SHARED/sink.py" \\
+    PYTHONPATH=.:tests/support python bench/senders.py --sink "$SHARED/sink.py" \\
         --payload "$SHARED/payload.json" --rounds 3
 
 ``--kinds redis`` measures one kind alone: under ``valgrind --tool=callgrind`` the difference of
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests" / "support")]
 
 from brokers import nats_server, redis_server  # noqa: E402
 

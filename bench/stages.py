@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 # (stage, texts): a frame belongs to the first stage one of whose texts it contains. Frames read
 # "Class.function (path/file.py:line)"; texts name functions as "function (" or ".function (",
 # and files as "/file.py:" so that both layouts (gateway/edge/listener.py now, gateway/listener.py
-# at 6c59f5d) match. tests/test_bench.py checks that each named function still exists.
+# at 6c59f5d) match. tests/project/test_bench.py checks that each named function still exists.
 ACK = ("TLS handshake", "TLS records", "HTTP framing", "identity", "signature",
        "JSON and routing", "outbox hand-off and commit", "response")
 DELIVERY = ("claim", "upstream request and answer", "recording the outcome")

@@ -4,7 +4,7 @@ Rule: for any bytes a client could send as a body, :func:`check_body` either fin
 invariant holding or raises AssertionError; any other exception is a defect (a crash that would
 have answered 500). For any bytes a client could send on a connection, :func:`check_stream`
 does the same for the HTTP/1.1 core: the events of one read are those of any cut into reads.
-``tests/test_fuzz_invariants.py`` runs both on seeds in CI; ``run.sh`` runs either under
+``tests/project/test_fuzz_invariants.py`` runs both on seeds in CI; ``run.sh`` runs either under
 atheris' coverage-guided mutation for a bounded time.
 """
 

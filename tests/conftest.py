@@ -13,7 +13,7 @@ import pytest
 import uvloop
 from brokers import BrokerServer, nats_server, redis_server
 
-# Under CI a skip fails the run (tests/ci.py): these hooks are registered from here.
+# Under CI a skip fails the run (tests/support/ci.py): these hooks are registered from here.
 from ci import pytest_make_collect_report, pytest_runtest_makereport
 from destinations import (
     KINDS,
@@ -37,10 +37,10 @@ LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
 # callback's answer, where one loop's transports differ from another's. (The gateways of
 # test_faults_processes run in processes of their own, on the loop their configuration names.)
 _ON_EVERY_LOOP = (
-    "tests/test_listener.py",
-    "tests/test_front_doors.py",
-    "tests/test_pipelining.py",
-    "tests/test_proxy_edge.py",
+    "tests/edge/test_listener.py",
+    "tests/edge/test_front_doors.py",
+    "tests/delivery/test_pipelining.py",
+    "tests/edge/test_proxy_edge.py",
     "tests/adversarial/test_attacks_",
     "tests/adversarial/test_faults.py",
 )

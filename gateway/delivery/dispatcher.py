@@ -32,21 +32,15 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
 
 from gateway.config import DispatcherConfig, TargetConfig
-from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
-from gateway.delivery.outcome import (
-    AttemptResult,
-    DeadLetter,
-    Delivered,
-    Outcome,
-    RetryAt,
-    classify,
-    is_transient,
-)
+from gateway.delivery.backoff import Breaker
+from gateway.delivery.exchange import Exchange
+from gateway.delivery.lanes import BATCH_BYTES, Circuit, Lane, Retired
+from gateway.delivery.outcome import Outcome, RetryAt
 from gateway.delivery.pacing import Pacing
-from gateway.delivery.sending import Sender, sender_for
+from gateway.delivery.reporting import IGNORE, Observer, report
+from gateway.delivery.retention import Retention
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
 from gateway.tracing import Tracing
@@ -54,37 +48,6 @@ from gateway.tracing import Tracing
 __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 
 log = logging.getLogger(__name__)
-
-_PRUNE_EVERY_S = 60.0
-# An attempt's outcome as its span names it: the words its log line uses.
-_OUTCOMES: dict[type, str] = {Delivered: "delivered", RetryAt: "retry", DeadLetter: "dead"}
-# Bodies in one batch, at most (a batch is written in one call, so it is held in memory at once):
-# 32 of Meta's largest notifications (3 MB) would otherwise be 96 MB. A single larger body still
-# goes, alone.
-BATCH_BYTES = 1024 * 1024
-
-Circuit = Literal["closed", "open", "half_open"]
-
-
-class Observer(Protocol):
-    """What the dispatcher reports (the runtime's metrics provide it)."""
-
-    def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
-        """One attempt's ``outcome`` (delivered, retry, dead); ``latency_s``: from the
-        delivery's acknowledgement to its delivery, for a delivered one."""
-        ...
-
-    def dead_letters_expired(self, count: int) -> None:
-        """``count`` dead letters removed for being older than ``outbox.dead_retention_s``."""
-        ...
-
-
-class _Ignore:
-    def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
-        pass
-
-    def dead_letters_expired(self, count: int) -> None:
-        pass
 
 
 class Dispatcher:
@@ -109,40 +72,32 @@ class Dispatcher:
         self._tracing = tracing
         self._outbox = outbox
         self._settings = settings
-        self._retention_s = retention_s
-        self._dead_retention_s = dead_retention_s
         self._clock = clock
         self._uniform = uniform
-        self._observer = observer or _Ignore()
-        self._targets = {t.name: t for t in targets}
-        self._policies = {t.name: RetryPolicy.for_target(t) for t in targets}
-        self._senders = {t.name: sender_for(t, tls.get(t.name)) for t in targets}
-        self._health = {t.name: TargetHealth() for t in targets}
+        self._observer = observer or IGNORE
+        self._retention = Retention(outbox, retention_s, dead_retention_s, self._observer)
+        self._lanes = {t.name: Lane.open(t, tls.get(t.name)) for t in targets}
+        # Removed by a reload while batches were still out for them: taken back, with what
+        # those batches hold of the budget, if the target is configured again before they end.
+        self._leaving: dict[str, Lane] = {}
         # Conversation order and rate limits (gateway.delivery.pacing): their targets' deliveries
         # start only through claims.
         self._pacing = Pacing(targets, clock())
-        self._busy = dict.fromkeys(self._targets, 0)  # attempts in flight per target
-        self._retired: list[Sender] = []  # replaced by a reload, closed after their batches
-        self._closing: set[asyncio.Task[None]] = set()
-        # Attempts started or queued, per target: one budget for all would let a target that
+        self._retired = Retired()
+        # Each lane's budget of started deliveries: one budget for all would let a target that
         # never answers fill it, and every other target would wait for its timeout.
         self._capacity = max(settings.batch_size, 1)
-        self._load = dict.fromkeys(self._targets, 0)
         # True when the outbox may hold due deliveries the last claim had no room for: only
         # then does a finished attempt wake the loop. Otherwise the outbox is read on the poll
         # interval, and fresh notifications arrive through offer() without being read back.
         self._backlog = True
-        # Started deliveries: in a batch on the wire, or queued for the target's next batch
-        # (the target's ``concurrency`` is reached, or the batch goes out at the end of this
-        # turn of the event loop, together with the others that came due in it).
+        # Every lane's started deliveries, on the wire or queued: what a claim must not return.
         self._in_flight: set[str] = set()
-        self._queued: dict[str, list[Delivery]] = {name: [] for name in self._targets}
         self._send_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._last_prune = 0.0
         self._warming: list[asyncio.Task[None]] = []
 
     def wake(self) -> None:
@@ -154,7 +109,7 @@ class Dispatcher:
     def breakers(self) -> dict[str, Breaker]:
         """Each target's circuit breaker as it stands now (a copy: for the admin console)."""
         now = self._clock()
-        return {name: health.breaker(now) for name, health in self._health.items()}
+        return {name: lane.health.breaker(now) for name, lane in self._lanes.items()}
 
     def offer(self, deliveries: Sequence[Delivery]) -> None:
         """Start deliveries that were just stored, without reading them back from the outbox.
@@ -163,7 +118,7 @@ class Dispatcher:
         probes reach it on the poll interval."""
         claim_only = self._pacing.claim_only
         for delivery in deliveries:
-            health = self._health.get(delivery.target)
+            lane = self._lanes.get(delivery.target)
             if delivery.target in claim_only and not (
                 # First of its conversation when it was accepted, so still (see Delivery).
                 delivery.target in self._pacing.unpaced_ordered
@@ -174,18 +129,18 @@ class Dispatcher:
                 self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 self._wake.set()
                 continue
-            if delivery.id in self._in_flight or health is None or health.probing:
+            if delivery.id in self._in_flight or lane is None or lane.health.probing:
                 # A failing target gets them through its probes, on the poll interval: waking
                 # the loop for every notification would only query a target that cannot take
                 # them.
                 self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 continue
-            if self._load[delivery.target] >= self._capacity:
+            if lane.load >= self._capacity:
                 self._pacing.conversations.held(delivery.target, delivery.order_key, delivery.id)
                 self._backlog = True
                 self._wake.set()
                 continue
-            self._start(delivery)
+            self._start(lane, delivery)
 
     def reconfigure(
         self,
@@ -203,64 +158,40 @@ class Dispatcher:
         self._capacity = max(settings.batch_size, 1)
         self._pacing.reconfigure(targets, self._clock())
         new = {t.name: t for t in targets}
-        for name in list(self._targets):
-            if name not in new:
-                self._forget(name)
+        for name in [name for name in self._lanes if name not in new]:
+            self._forget(name)
         for name, target in new.items():
-            if self._targets.get(name) == target and name not in tls:
-                continue
-            old = self._senders.get(name)
-            if old is not None:
-                self._retire(old)
-            self._targets[name] = target
-            self._policies[name] = RetryPolicy.for_target(target)
-            self._senders[name] = sender_for(target, tls.get(name))
-            self._health.setdefault(name, TargetHealth())
-            self._busy.setdefault(name, 0)
-            self._load.setdefault(name, 0)
-            self._queued.setdefault(name, [])
+            lane = self._lanes.get(name)
+            if lane is None and name in self._leaving:  # back before its old batches ended
+                self._lanes[name] = self._leaving.pop(name)
+                self._lanes[name].reopen(target, tls.get(name))
+            elif lane is None:
+                self._lanes[name] = Lane.open(target, tls.get(name))
+            elif lane.target != target or name in tls:
+                self._retired.add(lane.renew(target, tls.get(name)), self._batches)
         self._backlog = True
         self._wake.set()
 
     def _forget(self, name: str) -> None:
-        # Its load entry stays: batches still out for it finish and give their budget back.
-        for delivery in self._queued.pop(name, []):
+        lane = self._lanes.pop(name)
+        for delivery in lane.queue:
             self._in_flight.discard(delivery.id)
-            self._load[name] -= 1
-        self._retire(self._senders.pop(name))
-        del self._targets[name], self._policies[name], self._health[name]
-
-    def _retire(self, sender: Sender) -> None:
-        """Close a replaced sender's connections once the batches now on the wire, which
-        may be using it, are done."""
-        self._retired.append(sender)
-        batches = list(self._batches)
-
-        async def close() -> None:
-            if batches:  # wait(), not gather(): cancelling this must not cancel the batches
-                await asyncio.wait(batches)
-            await sender.close()
-            self._retired.remove(sender)
-
-        task = asyncio.create_task(close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        lane.load -= len(lane.queue)
+        lane.queue.clear()
+        self._retired.add(lane.sender, self._batches)
+        if lane.load:  # batches still out for it finish and give their budget back
+            self._leaving[name] = lane
 
     def circuits(self, now: float) -> dict[str, Circuit]:
         """Each target's circuit breaker: closed (healthy), open (paused after failures) or
         half-open (probing with one delivery)."""
-        return {
-            name: "closed"
-            if not health.probing
-            else ("open" if now < health.paused_until else "half_open")
-            for name, health in self._health.items()
-        }
+        return {name: lane.circuit(now) for name, lane in self._lanes.items()}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
         # Open one connection to each target ahead of the first notification, so the first
         # forward does not pay for the connection set-up; a target that is down is no error.
-        self._warming = [asyncio.create_task(sender.warm()) for sender in self._senders.values()]
+        self._warming = [asyncio.create_task(lane.sender.warm()) for lane in self._lanes.values()]
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming, let attempts in flight finish for up to ``grace_s``, cancel the rest
@@ -272,18 +203,16 @@ class Dispatcher:
         for warming in self._warming:
             warming.cancel()
         await asyncio.gather(*self._warming, return_exceptions=True)
-        for queue in self._queued.values():
-            queue.clear()  # not sent: they stay pending in the outbox
+        for lane in self._lanes.values():
+            lane.queue.clear()  # not sent: they stay pending in the outbox
         if self._batches:
             _, late = await asyncio.wait(list(self._batches), timeout=grace_s)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for closing in list(self._closing):
-            closing.cancel()
-        await asyncio.gather(*self._closing, return_exceptions=True)
-        for sender in [*self._senders.values(), *self._retired]:
-            await sender.close()
+        await self._retired.close()
+        for lane in self._lanes.values():
+            await lane.sender.close()
 
     async def _loop(self) -> None:
         failing: str | None = None  # the outbox's complaint, logged once until it recovers
@@ -291,7 +220,7 @@ class Dispatcher:
             self._wake.clear()
             try:
                 await self._claim()
-                await self._maybe_prune()
+                await self._retention.maybe_prune(self._clock(), self._lanes)
             except OutboxError as exc:  # locked, lost, full: said once, tried on every poll
                 if str(exc) != failing:
                     failing = str(exc)
@@ -310,13 +239,8 @@ class Dispatcher:
         now = self._clock()
         # A paused target is not asked at all; a probing one for a single delivery; a target
         # whose budget is used up waits for its own attempts to finish.
-        limits = {
-            name: 1 if health.probing else self._capacity - self._load.get(name, 0)
-            for name, health in self._health.items()
-            if health.admits(now, self._busy.get(name, 0))
-            and self._load.get(name, 0) < self._capacity
-        }
-        wanted = limits
+        rooms = ((name, lane.room(now, self._capacity)) for name, lane in self._lanes.items())
+        wanted = limits = {name: room for name, room in rooms if room}
         claim = await self._pacing.plan(self._outbox, limits, now)
         limits = claim.limits
         if not limits:
@@ -333,17 +257,17 @@ class Dispatcher:
         started = []
         for delivery in due:
             claimed[delivery.target] += 1
-            room = self._load[delivery.target] < self._capacity
-            if room and delivery.id not in self._in_flight:  # else offered while the query ran
-                self._start(delivery)
-                started.append(delivery)
+            lane = self._lanes.get(delivery.target)  # None: removed while the query ran
+            if lane is None or lane.load >= self._capacity or delivery.id in self._in_flight:
+                continue  # no room, or offered while the query ran
+            self._start(lane, delivery)
+            started.append(delivery)
         await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
-    def _start(self, delivery: Delivery) -> None:
+    def _start(self, lane: Lane, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
-        self._load[delivery.target] += 1
-        self._queued[delivery.target].append(delivery)
+        lane.push(delivery)
         self._schedule_send()
 
     def _schedule_send(self) -> None:
@@ -357,83 +281,36 @@ class Dispatcher:
         self._send_scheduled = False
         if self._stopping:
             return
-        for name, queue in self._queued.items():
-            target = self._targets[name]  # a removed target's queue is removed with it
-            while queue and self._busy[name] < target.concurrency:
-                size = _batch_size(
-                    queue, min(target.pipeline, target.concurrency - self._busy[name])
-                )
-                batch = queue[:size]
-                del queue[:size]
-                self._busy[name] += size
-                task = asyncio.create_task(self._attempt(name, batch))
+        for lane in self._lanes.values():
+            while batch := lane.next_batch():
+                task = asyncio.create_task(self._attempt(lane, batch))
                 self._batches.add(task)
-                task.add_done_callback(functools.partial(self._done, batch))
+                task.add_done_callback(functools.partial(self._done, lane, batch))
 
-    def _done(self, batch: list[Delivery], task: asyncio.Task[None]) -> None:
+    def _done(self, lane: Lane, batch: list[Delivery], task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
         for delivery in batch:
             self._in_flight.discard(delivery.id)
-            self._load[delivery.target] -= 1
-        if self._backlog or batch[0].target in self._pacing.ordered:
+        lane.load -= len(batch)
+        name = lane.target.name
+        if not lane.load and self._leaving.get(name) is lane:
+            del self._leaving[name]
+        if self._backlog or name in self._pacing.ordered:
             # An ordered target's next delivery of each conversation waits for this outcome.
             self._wake.set()
 
-    async def _attempt(self, name: str, batch: list[Delivery]) -> None:
-        attempts = [delivery.attempts + 1 for delivery in batch]
-        # Taken now: a reload may replace or remove the target while the batch is out.
-        sender, health, policy = self._senders[name], self._health[name], self._policies[name]
-        spans = (
-            None
-            if self._tracing is None
-            else self._tracing.attempt_spans(
-                sender.target.url,
-                name,
-                [(d.id, d.trace, attempt) for d, attempt in zip(batch, attempts, strict=True)],
-                sender.target.kind,
-            )
-        )
+    async def _attempt(self, lane: Lane, batch: list[Delivery]) -> None:
+        # Taken now: a reload may renew or remove the lane while the batch is out.
+        exchange = Exchange(lane, batch, self._tracing)
         try:
-            try:
-                results = await sender.send_many(
-                    batch, attempts, None if spans is None else [headers for _, headers in spans]
-                )
-            except Exception as exc:
-                # Still failed attempts: recorded and backed off like any other, rather than a
-                # dead task whose deliveries are claimed again at once, in a tight loop.
-                log.exception("attempts of %d deliveries to %s failed", len(batch), name)
-                results = [AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])] * len(batch)
-        except BaseException:
-            # Stopped mid-batch: the attempts stay pending; their spans say so.
-            for span, _ in spans or ():
-                Tracing.end_attempt(span, None, "stopped", "retry")
-            raise
+            await exchange.send()
         finally:
-            self._busy[name] -= len(batch)
-            if self._queued.get(name):
+            lane.busy -= len(batch)
+            if lane.queue:
                 self._schedule_send()
         now = self._clock()
-        # One verdict on the target per batch: a batch is one exchange with it, and a target
-        # that is down fails every request in it at once.
-        if any(is_transient(result) for result in results):
-            health.failed(now, policy, self._uniform)
-        elif health.probing:
-            log.info("target %s answers again", name)
-            health.succeeded()
-        outcomes = [
-            classify(
-                result,
-                attempt=attempt,
-                created_at=delivery.created_at,
-                now=now,
-                policy=policy,
-                uniform=self._uniform,
-            )
-            for delivery, attempt, result in zip(batch, attempts, results, strict=True)
-        ]
-        if spans is not None:
-            for (span, _), outcome, result in zip(spans, outcomes, results, strict=True):
-                Tracing.end_attempt(span, result.status, result.error, _OUTCOMES[type(outcome)])
+        outcomes = exchange.judge(now, self._uniform)
+        name, results = exchange.name, exchange.results
         try:
             await self._outbox.record_many(
                 [
@@ -449,42 +326,7 @@ class Dispatcher:
             return
         if name in self._pacing.ordered:
             self._announce(name, batch, outcomes)
-        debugging = log.isEnabledFor(logging.DEBUG)
-        for delivery, attempt, outcome, result in zip(
-            batch, attempts, outcomes, results, strict=True
-        ):
-            if isinstance(outcome, Delivered):
-                latency = max(0.0, now - delivery.created_at)
-                self._observer.attempted(name, "delivered", latency)
-                if debugging:  # the usual outcome: no fields built for a line not written
-                    log.debug(
-                        "delivered %s to %s",
-                        delivery.id,
-                        name,
-                        extra=_fields(delivery, name, attempt, result) | {"outcome": "delivered"},
-                    )
-                continue
-            fields = _fields(delivery, name, attempt, result)
-            if isinstance(outcome, RetryAt):
-                self._observer.attempted(name, "retry", None)
-                log.info(
-                    "delivery %s to %s failed (%s); attempt %d, next in %.1fs",
-                    delivery.id,
-                    name,
-                    outcome.reason,
-                    attempt,
-                    outcome.at - now,
-                    extra=fields | {"outcome": "retry", "reason": outcome.reason},
-                )
-            elif isinstance(outcome, DeadLetter):
-                self._observer.attempted(name, "dead", None)
-                log.warning(
-                    "delivery %s to %s dead-lettered: %s",
-                    delivery.id,
-                    name,
-                    outcome.reason,
-                    extra=fields | {"outcome": "dead", "reason": outcome.reason},
-                )
+        report(self._observer, name, batch, exchange.attempts, outcomes, results, now)
 
     def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
         """The next delivery of each conversation may go now (if one is known to wait), or
@@ -495,45 +337,3 @@ class Dispatcher:
                 conversations.retry_at(name, delivery.order_key, outcome.at)
             else:
                 conversations.finished(name, delivery.order_key)
-
-    async def _maybe_prune(self) -> None:
-        now = self._clock()
-        if now - self._last_prune < _PRUNE_EVERY_S:
-            return
-        self._last_prune = now
-        removed = await self._outbox.prune(now, self._retention_s, self._targets)
-        if removed:
-            log.info("pruned %d delivered rows past retention", removed)
-        if self._dead_retention_s is not None:
-            # Never silently: an operator who meant to replay them learns they are gone.
-            expired = await self._outbox.purge_dead(now - self._dead_retention_s)
-            if expired:
-                self._observer.dead_letters_expired(expired)
-                log.warning(
-                    "removed %d dead letters older than outbox.dead_retention_s (%gs)",
-                    expired,
-                    self._dead_retention_s,
-                    extra={"action": "expire_dead_letters", "count": expired},
-                )
-
-
-def _fields(delivery: Delivery, target: str, attempt: int, result: AttemptResult) -> dict[str, Any]:
-    """The structured fields of an attempt's log line."""
-    return {
-        "delivery_id": delivery.id,
-        "target": target,
-        "attempt": attempt,
-        "status": result.status,
-    }
-
-
-def _batch_size(queue: Sequence[Delivery], most: int) -> int:
-    """How many of ``queue``'s first deliveries make the next batch: at most ``most``, and no
-    more than :data:`BATCH_BYTES` of bodies unless the first alone is larger."""
-    size = total = 0
-    for delivery in queue[:most]:
-        total += len(delivery.body)
-        if size and total > BATCH_BYTES:
-            break
-        size += 1
-    return size

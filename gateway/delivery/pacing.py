@@ -2,8 +2,8 @@
 
 Rule: a target with neither (``order = "none"``, no ``rate_per_s``) is not touched here at all:
 its deliveries start as they are stored (the dispatcher's ``offer``) and its claims ask the
-outbox for as many as it has room for, exactly as before. A rate-limited target gets every
-delivery through a claim, which is cut to the tokens the limit grants. An ordered one starts a
+outbox for as many as it has room for. A rate-limited target gets every delivery through a
+claim, which is cut to the tokens the limit grants. An ordered one starts a
 fresh delivery at once only when the outbox found no earlier one of its conversation pending as
 it stored it (``Delivery.behind``, here or at another gateway); every other delivery waits for a
 claim, which asks only about the conversations whose first delivery may have changed

@@ -7,15 +7,15 @@ Why not ``create_server(ssl=...)``: asyncio and uvloop drop a connection whose h
 without a word to the application, and a certificate refused (Meta's during the mTLS roll-out,
 or anyone's) is what an operator needs to see.
 
-Why not ``create_server()`` and then ``start_tls()`` on each connection, as this listener once
-did: the accepted transport then belongs, for a moment, to a plain protocol that must not read
-the client's first bytes before ``start_tls`` puts the TLS protocol in its place. asyncio honours
+Why not ``create_server()`` and then ``start_tls()`` on each connection: the accepted
+transport then belongs, for a moment, to a plain protocol that must not read the client's first
+bytes before ``start_tls`` puts the TLS protocol in its place. asyncio honours
 ``pause_reading()`` called in ``connection_made``; uvloop starts reading after
 ``connection_made`` returns whatever it asked (``UVBaseTransport._call_connection_made``), so
-the ClientHello went to the plain protocol and was lost whenever it arrived before
-``start_tls`` ran (about half of all new connections), and the handshake waited for it until
-its timeout. Here each accepted socket goes to ``connect_accepted_socket(ssl=...)``: the TLS
-protocol owns it from its first byte.
+the ClientHello goes to the plain protocol and is lost whenever it arrives before ``start_tls``
+runs (about half of all new connections), and the handshake waits for it until its timeout.
+Here each accepted socket goes to ``connect_accepted_socket(ssl=...)``: the TLS protocol owns
+it from its first byte.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ what needs I/O and time: transports, flow control and the timers. Answers on a c
 in the order the requests came (RFC 9112, section 9.3.2), one request at a time.
 
 Why not aiohttp's server here: the callback serves one path with two methods, and the general
-server's per-request machinery cost more than TLS itself (bench/README.md has the figures).
+server's per-request machinery costs more than TLS itself (bench/README.md has the figures).
 aiohttp still serves the admin API, where convenience matters more than speed.
 """
 

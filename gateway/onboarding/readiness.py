@@ -68,8 +68,8 @@ class KnownCa:
 
 # The chain Meta's client certificate came from until it expired on April 15, 2026
 # (docs/graph-api/webhooks/getting-started, "mTLS for Webhooks"). The root's fingerprint is the
-# one of Debian's ca-certificates (tests/test_doctor.py compares them); the intermediate's is
-# DigiCert's published one.
+# one of Debian's ca-certificates (tests/onboarding/test_doctor.py compares them); the
+# intermediate's is DigiCert's published one.
 SHIPPED_CAS: tuple[KnownCa, ...] = (
     KnownCa(
         "DigiCert High Assurance EV Root CA",

@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""The dispatcher alone draining a stored backlog: deliveries per second and CPU per delivery,
+for two revisions interleaved.
+
+Each run stores ``--count`` notifications (one delivery each per target) in a fresh SQLite
+outbox with no dispatcher, then starts a ``Dispatcher`` towards the shared harness's sink and
+times it until nothing is pending. A run is a fresh interpreter whose ``gateway`` package comes
+from the folder given with ``--tree`` (a ``git archive`` of a revision, or this checkout), so
+both revisions run this same script. Its figures: delivered/s (wall) and microseconds of the
+process's CPU per delivery (the event loop and the outbox's writer thread: claims, sends and
+records; the storing is not counted). Rounds alternate the trees' order (A B, B A, ...), and in
+every round the HTTP sender alone sends as many deliveries in the same batches with no outbox and
+no dispatcher: the plain forwarder, whose figure moves only with the machine's load. The summary
+gives, per tree, the median and [min..max], and B over A per round.
+
+    python bench/drain.py --sink "$SHARED/sink.py" --payload "$SHARED/payload.json" \\
+        --tree /tmp/base --tree . --rounds 5 --count 20000
+
+``--callgrind`` counts instructions instead (valgrind's callgrind, whatever the machine's load):
+in each round each tree drains ``--count`` and twice ``--count`` under it, and the difference
+over ``--count`` is the instructions per delivery, without the interpreter's start and the
+imports. (How many claims and batches a drain takes still depends on timing, so the counts vary
+a little from run to run: take several rounds.)
+"""
+
+# ruff: noqa: S603
+# S603/S607: this script runs itself, the sink and valgrind as subprocesses, with argument lists
+# built here (never a shell string).
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def store(outbox_path: Path, payload: bytes, count: int, targets: int) -> None:
+    """``count`` distinct notifications, each routed to every target, committed."""
+    from gateway.config import OutboxConfig
+    from gateway.outbox import Route, open_outbox
+
+    routes = [Route(f"t{n}", None) for n in range(targets)]
+    stem = payload.rstrip().removesuffix(b"}")
+
+    async def fill() -> None:
+        outbox = await open_outbox(OutboxConfig(path=outbox_path), dispatching=False)
+        try:
+            for start in range(0, count, 500):
+                await asyncio.gather(
+                    *(
+                        outbox.accept(stem + b',"n":%d}' % n, "sha256=00", routes, 0.0)
+                        for n in range(start, min(count, start + 500))
+                    )
+                )
+        finally:
+            await outbox.close()
+
+    asyncio.run(fill())
+
+
+def drain(outbox_path: Path, port: int, targets: int) -> dict[str, Any]:
+    """Start the dispatcher on the stored outbox; time it until nothing is pending."""
+    import gateway
+    from gateway.config import DispatcherConfig, OutboxConfig, TargetConfig
+    from gateway.delivery.dispatcher import Dispatcher
+    from gateway.outbox import open_outbox
+
+    class Counted:
+        """Hears each recorded outcome: the drain is over when every delivery owed is in."""
+
+        def __init__(self, owed: int) -> None:
+            self.owed, self.done = owed, asyncio.Event()
+
+        def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
+            assert outcome == "delivered", outcome
+            self.owed -= 1
+            if not self.owed:
+                self.done.set()
+
+        def dead_letters_expired(self, count: int) -> None:
+            pass
+
+    async def run() -> dict[str, Any]:
+        outbox = await open_outbox(OutboxConfig(path=outbox_path))
+        owed = sum(b.pending for b in await outbox.backlog())
+        counted = Counted(owed)
+        config = [
+            TargetConfig(name=f"t{n}", url=f"http://127.0.0.1:{port}/t{n}") for n in range(targets)
+        ]
+        dispatcher = Dispatcher(
+            outbox, config, DispatcherConfig(), retention_s=3600.0, observer=counted
+        )
+        cpu, wall = time.process_time(), time.monotonic()
+        dispatcher.start()
+        await counted.done.wait()
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        await dispatcher.stop()
+        await outbox.close()
+        return {"delivered": owed, "wall_s": wall, "cpu_s": cpu, "gateway": gateway.__file__}
+
+    return asyncio.run(run())
+
+
+def forward(port: int, payload: bytes, count: int) -> dict[str, Any]:
+    """The plain forwarder: the HTTP sender alone, in batches of 32 with 32 in flight, as the
+    dispatcher sends with a target's defaults."""
+    from gateway.config import TargetConfig
+    from gateway.delivery.sending import sender_for
+    from gateway.outbox import Delivery
+
+    def delivery(n: int) -> Delivery:
+        return Delivery(
+            id=f"d{n}",
+            notification_id=n,
+            target="t0",
+            body=payload,
+            signature="sha256=00",
+            split=False,
+            state="pending",
+            attempts=0,
+            created_at=0.0,
+            next_attempt_at=0.0,
+            received_at=0.0,
+        )
+
+    async def run() -> dict[str, Any]:
+        sender = sender_for(TargetConfig(name="t0", url=f"http://127.0.0.1:{port}/t0"))
+        await sender.warm()
+        room = asyncio.Semaphore(1)  # concurrency 32 = one pipelined batch of 32 at a time
+
+        async def batch(start: int) -> None:
+            async with room:
+                deliveries = [delivery(n) for n in range(start, min(count, start + 32))]
+                await sender.send_many(deliveries, [1] * len(deliveries))
+
+        cpu, wall = time.process_time(), time.monotonic()
+        await asyncio.gather(*(batch(start) for start in range(0, count, 32)))
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        await sender.close()
+        return {"delivered": count, "wall_s": wall, "cpu_s": cpu}
+
+    return asyncio.run(run())
+
+
+def child(args: argparse.Namespace) -> int:
+    """One run, in this interpreter: the figures as one JSON line on stdout."""
+    payload = Path(args.payload).read_bytes()
+    if args.child == "forward":
+        result = forward(args.port, payload, args.count * args.targets)
+    elif args.child == "store":
+        store(Path(args.outbox), payload, args.count, args.targets)
+        result = {}
+    else:
+        result = drain(Path(args.outbox), args.port, args.targets)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def spawn(
+    args: argparse.Namespace,
+    tree: Path,
+    what: str,
+    port: int,
+    workdir: Path,
+    count: int,
+    callgrind: bool = False,
+) -> dict[str, Any]:
+    outbox = Path(tempfile.mkdtemp(dir=workdir)) / "outbox.sqlite3"
+    env = os.environ | {"PYTHONPATH": str(tree.resolve())}
+
+    def command(what: str) -> list[str]:
+        return [
+            sys.executable,
+            __file__,
+            "--child",
+            what,
+            "--port",
+            str(port),
+            "--outbox",
+            str(outbox),
+            "--payload",
+            args.payload,
+            "--count",
+            str(count),
+            "--targets",
+            str(args.targets),
+        ]
+
+    if what == "drain":  # stored beforehand, in a process of its own: not measured
+        subprocess.run(
+            command("store"), env=env, check=True, timeout=600, stdout=subprocess.DEVNULL
+        )
+    argv = command(what)
+    if callgrind:
+        out = outbox.with_name("callgrind.out")
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+    elif args.gw_cpus:
+        argv = ["taskset", "-c", args.gw_cpus, *argv]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    if done.returncode:
+        raise SystemExit(f"{what} in {tree} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if callgrind:
+        summary = re.search(r"^summary:\s+(\d+)", out.read_text(), re.MULTILINE)
+        assert summary is not None, "no summary in callgrind's output"
+        result["instructions"] = int(summary.group(1))
+    shutil.rmtree(outbox.parent)
+    return result
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.3f} [{min(values):,.3f}..{max(values):,.3f}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sink", help="the shared harness's sink.py")
+    parser.add_argument("--payload", required=True)
+    parser.add_argument(
+        "--tree",
+        action="append",
+        type=Path,
+        default=[],
+        help="a folder holding a gateway package (twice: A, then B)",
+    )
+    parser.add_argument("--count", type=int, default=20_000, help="notifications per run")
+    parser.add_argument("--targets", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gw-cpus", default="0", help="taskset CPUs of the runs ('' for none)")
+    parser.add_argument("--load-cpus", default="1", help="taskset CPUs of the sink")
+    parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--child", choices=("store", "drain", "forward"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--outbox", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    if not args.sink or not 1 <= len(args.tree) <= 2:
+        parser.error("--sink and one or two --tree are required")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sink_argv = [sys.executable, args.sink, "--port", str(port)]
+    if args.load_cpus:
+        sink_argv = ["taskset", "-c", args.load_cpus, *sink_argv]
+    sink = subprocess.Popen(sink_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workdir = Path(tempfile.mkdtemp(prefix="drain-"))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
+        if args.callgrind:
+            callgrind(args, port, workdir)
+        else:
+            interleave(args, port, workdir)
+        print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        sink.terminate()
+        sink.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def interleave(args: argparse.Namespace, port: int, workdir: Path) -> None:
+    trees: list[Path] = args.tree
+    rate: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for number in range(args.rounds):
+        order = trees if number % 2 == 0 else trees[::-1]
+        runs = [(str(tree), "drain", tree) for tree in order] + [("plain", "forward", trees[0])]
+        for label, what, tree in runs:
+            result = spawn(args, tree, what, port, workdir, args.count)
+            per_s = result["delivered"] / result["wall_s"]
+            us = result["cpu_s"] / result["delivered"] * 1e6
+            rate.setdefault(label, []).append(per_s)
+            cpu.setdefault(label, []).append(us)
+            print(
+                f"round {number + 1} {label}: {per_s:,.0f} delivered/s, {us:.1f} us CPU "
+                f"per delivery ({result.get('gateway', 'sender alone')})",
+                flush=True,
+            )
+    for label in rate:
+        print(f"{label}: delivered/s {spread(rate[label])}; us CPU/delivery {spread(cpu[label])}")
+    if len(trees) == 2:
+        a, b = (str(tree) for tree in trees)
+        for name, figures in (("delivered/s", rate), ("us CPU/delivery", cpu)):
+            ratios = [y / x for x, y in zip(figures[a], figures[b], strict=True)]
+            print(f"B/A {name}: {spread(ratios)}")
+        for name, figures in (("delivered/s", rate), ("us CPU/delivery", cpu)):
+            ratios = [y / x for x, y in zip(figures["plain"], figures[b], strict=True)]
+            print(f"B/plain {name}: {spread(ratios)}")
+
+
+def callgrind(args: argparse.Namespace, port: int, workdir: Path) -> None:
+    per: dict[str, list[float]] = {}
+    trees: list[Path] = args.tree
+    for number in range(args.rounds):
+        for tree in trees if number % 2 == 0 else trees[::-1]:
+            small = spawn(args, tree, "drain", port, workdir, args.count, callgrind=True)
+            large = spawn(args, tree, "drain", port, workdir, 2 * args.count, callgrind=True)
+            delivered = large["delivered"] - small["delivered"]
+            each = (large["instructions"] - small["instructions"]) / delivered
+            per.setdefault(str(tree), []).append(each)
+            print(
+                f"round {number + 1} {tree}: {each:,.0f} instructions per delivery "
+                f"({small['instructions']:,} for {small['delivered']}, "
+                f"{large['instructions']:,} for {large['delivered']}; {large['gateway']})",
+                flush=True,
+            )
+    for tree, figures in per.items():
+        print(f"{tree}: instructions per delivery {spread(figures)}")
+    if len(trees) == 2:
+        a, b = (per[str(tree)] for tree in trees)
+        ratios = [y / x for x, y in zip(a, b, strict=True)]
+        print(f"B/A instructions per delivery: {spread(ratios)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""What only broker targets do: consumer groups, NATS streams and payload limits, ``check``'s
+probes, missing extras, and a crash between the broker's acknowledgement and its record.
+
+Real ``redis-server`` and ``nats-server -js`` on loopback (tests/support/brokers.py), mocking
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from brokers import BrokerServer, nats_server, redis_server
+from config_files import listen_port, write_config
+from destinations import STREAM, NatsDestination, RedisDestination, entry_received
+from helpers import APP_SECRET, gateway_config, message_body, post, quick, wait_for_state
+from nats import connect as nats_connect
+from pki import Pki
+from processes import post_to, serving, until_listening
+from redis.exceptions import ConnectionError, ResponseError
+from sink import DEADLINE_S, Received
+from test_forwarding import BATCH, TARGET_SECRET, envelope, gateway_signature
+
+from gateway.cli import main
+from gateway.config import TargetConfig
+from gateway.delivery.redis_stream import RedisStreamSender, result_of
+from gateway.delivery.sending import sender_for
+from gateway.errors import TargetError, TargetUnreachable
+from gateway.onboarding.check import targets_report
+from gateway.outbox import Delivery
+from gateway.outbox.model import AttemptResult
+from gateway.runtime.gateway import Gateway
+
+
+async def test_consumer_group_reads_every_change_of_a_batch_with_valid_signatures(
+    pki: Pki, tmp_path: Path, redis: BrokerServer
+) -> None:
+    """split = "change" on a Redis target: an XREADGROUP consumer gets one entry per change of
+    a batched payload, each body verifiable with the target's secret."""
+    await RedisDestination(redis).flush()
+    client = aioredis.Redis.from_url(redis.url)
+    await client.xgroup_create("whatsapp", "bots", id="0", mkstream=True)
+    target = TargetConfig(
+        name="bots",
+        kind="redis",
+        url=redis.url,
+        stream="whatsapp",
+        split="change",
+        secret=TARGET_SECRET,
+        maxlen=1000,
+    )
+    try:
+        async with Gateway(gateway_config(pki, tmp_path, targets=[target])) as gateway:
+            assert (await post(gateway, pki, BATCH)).status == 200
+            await wait_for_state(gateway, "delivered", 4)
+        answer = await client.xreadgroup("bots", "worker-1", {"whatsapp": ">"}, count=100)
+    finally:
+        await client.aclose()
+    assert isinstance(answer, list)
+    [(_, entries)] = answer
+    documents = []
+    for _, fields in entries:
+        entry = entry_received("bots", fields)
+        timestamp = entry.headers["X-Gateway-Timestamp"]
+        expected = gateway_signature(TARGET_SECRET, timestamp, entry.body)
+        assert entry.headers["X-Gateway-Signature-256"] == expected
+        documents.append(json.loads(entry.body))
+    every_change = [envelope(0, 0), envelope(0, 1), envelope(1, 0), envelope(2, 0)]
+    key = json.dumps
+    assert sorted(map(key, documents)) == sorted(map(key, every_change))
+
+
+async def test_subject_no_stream_captures_is_a_dead_letter_saying_so(
+    pki: Pki, tmp_path: Path, nats: BrokerServer
+) -> None:
+    """Publishing where no JetStream stream listens is permanent: one attempt, a dead letter
+    naming the subject; ``check`` refuses the configuration for the same reason."""
+    await NatsDestination(nats).reset()
+    target = TargetConfig(name="lost", **quick(kind="nats", url=nats.url, subject="elsewhere.x"))
+    config = gateway_config(pki, tmp_path, targets=[target])
+    async with Gateway(config) as gateway:
+        assert (await post(gateway, pki, message_body("nowhere"))).status == 200
+        (dead,) = await wait_for_state(gateway, "dead")
+    assert dead.attempts == 1
+    assert "no JetStream stream captures subject 'elsewhere.x'" in (dead.last_error or "")
+    reason = re.escape("no JetStream stream captures subject 'elsewhere.x'")
+    with pytest.raises(TargetError, match=reason):
+        await targets_report(config)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        pytest.param(500_000, id="body-over"),
+        # The body alone fits; with its headers the message does not, and the server would
+        # close the whole connection over it.
+        pytest.param(-100, id="headers-tip-it-over"),
+    ],
+)
+async def test_message_over_max_payload_is_a_dead_letter_naming_the_limit(
+    pki: Pki, tmp_path: Path, nats: BrokerServer, over: int
+) -> None:
+    """A message over the NATS server's max_payload (1 MB by default) is a dead letter at once,
+    naming the limit and the way out, rather than endless retries; the rest still goes."""
+    destination = NatsDestination(nats)
+    await destination.reset()
+    targets = [destination.target("big")]
+    body = message_body("x" * (1_048_576 + over - len(message_body(""))))
+    assert len(body) == 1_048_576 + over
+    async with Gateway(gateway_config(pki, tmp_path, targets=targets)) as gateway:
+        assert (await post(gateway, pki, body)).status == 200
+        (dead,) = await wait_for_state(gateway, "dead")
+        assert (await post(gateway, pki, message_body("small"))).status == 200
+        await wait_for_state(gateway, "delivered")
+    assert dead.attempts == 1
+    assert "over the server's max_payload (1048576 bytes)" in (dead.last_error or "")
+    assert 'split = "change"' in (dead.last_error or "")
+
+
+async def test_check_reports_each_broker_reachable_or_down(
+    pki: Pki, tmp_path: Path, redis: BrokerServer, nats: BrokerServer
+) -> None:
+    """``check`` connects to every broker target: reachable (with the NATS stream that
+    captures the subject), or a warning for one that is down; HTTP targets add no line."""
+    await NatsDestination(nats).reset()
+    targets = [
+        TargetConfig(name="queue", kind="redis", url=redis.url, stream="s"),
+        TargetConfig(name="bus", kind="nats", url=nats.url, subject="waba.bus"),
+        TargetConfig(name="gone", kind="redis", url="redis://127.0.0.1:9/0", stream="s"),
+        TargetConfig(name="web", url="http://127.0.0.1:9/hook"),
+    ]
+    lines = await targets_report(gateway_config(pki, tmp_path, targets=targets))
+    assert lines[0].startswith(f"ok: target 'queue': redis 127.0.0.1:{redis.port} reachable")
+    assert lines[1].startswith(f"ok: target 'bus': nats 127.0.0.1:{nats.port} reachable")
+    assert f"stream {STREAM!r} captures subject 'waba.bus'" in lines[1]
+    assert lines[2].startswith("warning: target 'gone': redis 127.0.0.1:9")
+    assert "serve starts anyway" in lines[2]
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize(("kind", "module"), [("redis", "redis"), ("nats", "nats")])
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_missing_driver_is_a_one_line_error_naming_the_extra(
+    pki: Pki, tmp_path: Path, kind: str, module: str, command: str
+) -> None:
+    """A kind whose extra is not installed stops check and serve with one line naming it."""
+    extra = {"redis": 'stream = "s"', "nats": 'subject = "waba.x"'}[kind]
+    config = write_config(
+        pki, tmp_path, target_url=f"{kind}://127.0.0.1:9", extra=f'kind = "{kind}"\n{extra}'
+    )
+    # The driver made unimportable, as when the extra was never installed.
+    script = (
+        f"import sys; sys.modules[{module!r}] = None; from gateway.cli import main;"
+        f" sys.exit(main([{command!r}, '--config', {str(config)!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"TEST_APP_SECRET": APP_SECRET, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"targets[0].kind = '{kind}' needs the '{kind}' extra" in result.stderr
+    assert f"pip install 'waba-gateway[{kind}]'" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+async def test_sigkill_between_broker_ack_and_record_loses_nothing(
+    pki: Pki, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The broker has the message, the gateway dies (SIGKILL) before recording it: after a
+    restart it is sent again. Redis then holds it twice (at-least-once: consumers deduplicate on
+    X-Gateway-Delivery-Id); NATS drops the second copy by its Nats-Msg-Id."""
+    server: BrokerServer = request.getfixturevalue(kind)
+    destination: RedisDestination | NatsDestination
+    if kind == "redis":
+        destination = RedisDestination(server)
+        await destination.flush()
+        extra = 'kind = "redis"\nstream = "stream:sink"'
+    else:
+        destination = NatsDestination(server)
+        await destination.reset()
+        extra = 'kind = "nats"\nsubject = "waba.sink"'
+    config = write_config(pki, tmp_path, target_url=server.url, extra=extra)
+    port = listen_port(config)
+    body = message_body("acknowledged, then the gateway dies")
+    await destination.down()
+    with serving(config) as first:
+        await until_listening(port, first)
+        assert await post_to(port, pki, body) == 200
+        # The outbox locked by another writer: whatever the gateway learns from now on, it
+        # cannot record. Then the broker comes back and acknowledges the next attempt.
+        lock = sqlite3.connect(tmp_path / "outbox.sqlite3", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            await destination.up()
+            received = await _wait_received(destination)
+            first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait, DEADLINE_S)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+    delivery_id = received[0].headers["X-Gateway-Delivery-Id"]
+    with serving(config) as second:
+        await until_listening(port, second)
+        outbox = sqlite3.connect(tmp_path / "outbox.sqlite3")
+
+        async def delivered() -> bool:
+            rows = outbox.execute("SELECT state FROM deliveries").fetchall()
+            return rows == [("delivered",)]
+
+        deadline = asyncio.get_running_loop().time() + DEADLINE_S
+        while not await delivered():
+            assert asyncio.get_running_loop().time() < deadline, "not delivered after restart"
+            await asyncio.sleep(0.05)
+        outbox.close()
+    held = await destination.received("sink")
+    assert {entry.headers["X-Gateway-Delivery-Id"] for entry in held} == {delivery_id}
+    assert all(entry.body == body for entry in held)
+    if kind == "redis":
+        assert len(held) >= 2  # written again after the restart: at-least-once
+    else:
+        assert len(held) == 1  # the stream dropped the copy with the same Nats-Msg-Id
+
+
+async def _wait_received(destination: RedisDestination | NatsDestination) -> list[Received]:
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while not (found := await destination.received("sink")):
+        assert asyncio.get_running_loop().time() < deadline, "the broker got nothing"
+        await asyncio.sleep(0.02)
+    return found
+
+
+def _delivery(number: int, body: bytes = b'{"n":1}') -> Delivery:
+    return Delivery(
+        id=f"t-{number}",
+        notification_id=number,
+        target="t",
+        body=body,
+        signature="sha256=00",
+        split=False,
+        state="pending",
+        attempts=0,
+        created_at=0.0,
+        next_attempt_at=0.0,
+        received_at=0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        pytest.param(
+            b"1-0",
+            AttemptResult(accepted=True, response_excerpt="stream s"),
+            id="entry-id",
+        ),
+        pytest.param(
+            ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+            AttemptResult(
+                error="redis: WRONGTYPE Operation against a key holding the wrong kind of value",
+                permanent=True,
+            ),
+            id="not-a-stream",
+        ),
+        pytest.param(
+            ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+            AttemptResult(error="redis: OOM command not allowed when used memory > 'maxmemory'."),
+            id="out-of-memory-is-transient",
+        ),
+        pytest.param(
+            ConnectionError("Connection reset by peer"),
+            AttemptResult(error="redis: ConnectionError: Connection reset by peer"),
+            id="connection-lost",
+        ),
+    ],
+)
+def test_each_xadd_reply_is_one_attempt_result(reply: object, expected: AttemptResult) -> None:
+    """An entry id is accepted; WRONGTYPE will never change; anything else may."""
+    assert result_of(reply, "s") == expected
+
+
+async def test_maxlen_trims_the_stream_approximately(redis: BrokerServer) -> None:
+    """maxlen = N adds with MAXLEN ~ N: the stream stays near N entries, not all of them."""
+    await RedisDestination(redis).flush()
+    target = TargetConfig(name="t", kind="redis", url=redis.url, stream="capped", maxlen=10)
+    sender = RedisStreamSender(target)
+    try:
+        for start in range(0, 600, 200):
+            batch = [_delivery(n) for n in range(start, start + 200)]
+            results = await sender.send_many(batch, [1] * len(batch))
+            assert all(result.accepted for result in results)
+    finally:
+        await sender.close()
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        length = await client.xlen("capped")
+    finally:
+        await client.aclose()
+    assert 10 <= length < 300
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+async def test_broker_password_from_the_url_reaches_the_broker(kind: str) -> None:
+    """A broker that requires a password takes the one in the URL (from ${ENV} in a file);
+    a wrong one is a warning at check, with no password in it, and a failed attempt to retry."""
+    password = "broker-pass-1"
+    if kind == "redis":
+        server_of = redis_server("--requirepass", password)
+    else:
+        server_of = nats_server("--user", "gw", "--pass", password)
+    with server_of as server:
+
+        def target(given: str) -> TargetConfig:
+            if kind == "redis":
+                url = f"redis://:{given}@127.0.0.1:{server.port}/0"
+                return TargetConfig(name="t", kind="redis", url=url, stream="s", timeout_s=2)
+            url = f"nats://gw:{given}@127.0.0.1:{server.port}"
+            return TargetConfig(name="t", kind="nats", url=url, subject="cred.x", timeout_s=2)
+
+        if kind == "nats":
+            client = await nats_connect(f"nats://gw:{password}@127.0.0.1:{server.port}")
+            await client.jetstream().add_stream(name="CRED", subjects=["cred.>"])
+            await client.close()
+        good, bad = sender_for(target(password)), sender_for(target("wrong"))
+        try:
+            assert (await good.probe() or "").startswith("target 't'")
+            (result,) = await good.send_many([_delivery(1)], [1])
+            assert result.accepted
+            with pytest.raises(TargetUnreachable) as info:
+                await bad.probe()
+            assert "wrong" not in str(info.value)
+            (result,) = await bad.send_many([_delivery(2)], [1])
+            assert not result.accepted
+            assert not result.permanent
+        finally:
+            await good.close()
+            await bad.close()
+
+
+async def test_check_command_reports_brokers_and_refuses_a_subject_without_stream(
+    pki: Pki,
+    tmp_path: Path,
+    nats: BrokerServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`waba-gateway check` prints a broker target reachable with its stream, and stops with
+    one error line, before serving, when no stream captures a target's subject."""
+    await NatsDestination(nats).reset()
+    monkeypatch.setenv("TEST_APP_SECRET", APP_SECRET)
+    extra = 'kind = "nats"\nsubject = "waba.checked"'
+    config = write_config(pki, tmp_path, target_url=nats.url, extra=extra)
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"ok: target 'sink': nats 127.0.0.1:{nats.port} reachable, stream 'WABA'" in out
+    config.write_text(config.read_text().replace("waba.checked", "elsewhere.checked"))
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: target 'sink': nats")
+    assert "no JetStream stream captures subject 'elsewhere.checked'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+async def test_stream_key_holding_another_type_is_a_dead_letter_at_once(
+    pki: Pki, tmp_path: Path, redis: BrokerServer
+) -> None:
+    """XADD to a key that is not a stream gets WRONGTYPE: a dead letter after one attempt, and
+    the connection goes on serving the next exchange."""
+    await RedisDestination(redis).flush()
+    client = aioredis.Redis.from_url(redis.url)
+    await client.set("stream:taken", "a string")
+    await client.aclose()
+    destination = RedisDestination(redis)
+    targets = [destination.target("taken"), destination.target("fine")]
+    async with Gateway(gateway_config(pki, tmp_path, targets=targets)) as gateway:
+        for text in ("one", "two"):
+            assert (await post(gateway, pki, message_body(text))).status == 200
+        dead = await wait_for_state(gateway, "dead", 2, target="taken")
+        await wait_for_state(gateway, "delivered", 2, target="fine")
+    assert all(d.attempts == 1 for d in dead)
+    assert all("WRONGTYPE" in (d.last_error or "") for d in dead)
+    assert len(await destination.received("fine")) == 2

@@ -1,0 +1,108 @@
+"""Reloads against the dispatcher's lanes: a target removed and configured again keeps its
+deliveries and its limits, however the reload falls among its claims and batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from pathlib import Path
+
+import pytest
+from helpers import eventually, message_body, meta_signature, sink_target
+from sink import Hang, Sink
+
+from gateway.config import DispatcherConfig
+from gateway.delivery.dispatcher import Dispatcher
+from gateway.outbox import Delivery, Route
+from gateway.outbox.sqlite.outbox import SqliteOutbox
+
+
+class ReloadedWhileClaiming(SqliteOutbox):
+    """The real SQLite outbox; ``during_claim`` runs once, as the first claim's query
+    returns: a reload that lands while the dispatcher waits for the outbox."""
+
+    during_claim: Callable[[], None] | None = None
+
+    async def due(
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
+    ) -> list[Delivery]:
+        found = await super().due(now, limits, exclude, ordered, conversations)
+        reload, self.during_claim = self.during_claim, None
+        if reload is not None:
+            reload()
+        return found
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[ReloadedWhileClaiming]:
+    made = ReloadedWhileClaiming(tmp_path / "outbox.sqlite3", dedup_window_s=0)
+    yield made
+    await made.close()
+
+
+async def _store(outbox: SqliteOutbox, text: str) -> list[Delivery]:
+    body = message_body(text)
+    return await outbox.accept(body, meta_signature(body), [Route("sink", None)], now=1.0) or []
+
+
+async def test_a_target_removed_while_its_claim_runs_gets_the_delivery_once_back(
+    outbox: ReloadedWhileClaiming, sink: Sink
+) -> None:
+    """The claim's delivery of a target removed meanwhile stays pending, and goes out when
+    the target is configured again (it is not left marked as started)."""
+    target = sink_target(sink)
+    await _store(outbox, "claimed during a reload")
+    dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
+    reloaded = asyncio.Event()
+
+    def remove() -> None:
+        dispatcher.reconfigure([], DispatcherConfig())
+        reloaded.set()
+
+    outbox.during_claim = remove
+    dispatcher.start()
+    try:
+        await asyncio.wait_for(reloaded.wait(), 5)
+        assert sink.received == []
+        dispatcher.reconfigure([target], DispatcherConfig())
+        (received,) = await sink.wait_for(1)
+        assert b"claimed during a reload" in received.body
+    finally:
+        await dispatcher.stop()
+
+
+async def test_a_target_configured_again_before_its_batch_ends_keeps_its_concurrency(
+    outbox: ReloadedWhileClaiming, sink: Sink
+) -> None:
+    """With ``concurrency = 1``, a target removed and configured again while its one request
+    is out sends nothing more until that request is answered: the batch still counts. The
+    request ends delivered at its first attempt: its sender, retired by the reload, is closed
+    only after it."""
+    target = sink_target(sink, concurrency=1, pipeline=1)
+    sink.script(Hang(1.0))
+    dispatcher = Dispatcher(outbox, [target], DispatcherConfig(), retention_s=3600)
+    dispatcher.start()
+    try:
+        (held,) = await _store(outbox, "first")
+        dispatcher.offer([held])
+        await sink.wait_for(1)
+        dispatcher.reconfigure([], DispatcherConfig())
+        dispatcher.reconfigure([target], DispatcherConfig())
+        dispatcher.offer(await _store(outbox, "second"))
+        first, second = await sink.wait_for(2)
+        # The first was held for a second: the second may only have left after its answer.
+        assert second.at - first.at >= 0.9
+
+        async def delivered() -> bool:
+            found = await outbox.get(held.id)
+            return found is not None and found.state == "delivered"
+
+        await eventually(delivered, "the held delivery delivered")
+        assert [a.status for a in await outbox.attempts(held.id)] == [200]
+    finally:
+        await dispatcher.stop()

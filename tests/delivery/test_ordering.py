@@ -1,0 +1,161 @@
+"""Ordered delivery per conversation, end to end: a conversation whose first delivery keeps
+failing holds only itself back, and arrives in acknowledgement order once the target takes it;
+in one process on each outbox backend, with two workers, and with two gateways on one
+PostgreSQL database, one of them killed mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from config_files import host_configs, listen_port, write_config
+from conversations import Conversations, conversation_body, in_order
+from helpers import gateway_config, post
+from pki import Pki
+from processes import post_to, serving, serving_all, until_listening
+from sink import DEADLINE_S
+
+from gateway.config import OutboxConfig, TargetConfig
+from gateway.runtime.gateway import Gateway
+
+USERS = ("a", "b", "c", "d")
+PER_USER = 6
+# The target's settings: quick retries, and a pipeline so that a conversation's deliveries
+# could overtake each other if the gateway let them.
+ORDERED = 'order = "conversation"\ntimeout_s = 5\npipeline = 8'
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[Conversations]:
+    conversations = Conversations()
+    await conversations.start()
+    yield conversations
+    await conversations.stop()
+
+
+Send = Callable[[str, int], Awaitable[None]]
+
+
+async def _converse(send: Send, target: Conversations) -> None:
+    """Every user sends PER_USER messages, one after the other (each acknowledged before the
+    next), the users at once; user a's first message is refused until the others are all in."""
+    target.held.add(("a", 0))
+
+    async def user(name: str) -> None:
+        for n in range(PER_USER):
+            await send(name, n)
+
+    await asyncio.gather(*(user(name) for name in USERS))
+    await target.wait_refused("a", 0, 2)
+    for other in USERS[1:]:
+        assert in_order(await target.wait_for(other, PER_USER))
+    # The others all arrived while a's first message was refused: a is held, and only a.
+    assert target.accepted.get("a", []) == []
+    target.held.clear()
+    assert in_order(await target.wait_for("a", PER_USER))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_failing_conversation_holds_only_itself_and_arrives_in_order(
+    pki: Pki, tmp_path: Path, target: Conversations, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """One gateway: while user a's first message is refused, b, c and d are delivered in
+    order; a's messages arrive in order once it is taken."""
+    config = gateway_config(
+        pki,
+        tmp_path,
+        targets=[
+            TargetConfig(
+                name="bot",
+                url=target.url(),
+                order="conversation",
+                wait_initial_s=0.05,
+                wait_max_s=0.1,
+                pipeline=8,
+            )
+        ],
+    )
+    if backend == "postgres":
+        config = dataclasses.replace(
+            config, outbox=OutboxConfig(url=request.getfixturevalue("pg_url"))
+        )
+    async with Gateway(config) as gateway:
+
+        async def send(user: str, n: int) -> None:
+            answer = await post(gateway, pki, conversation_body(user, n))
+            assert answer.status == 200
+
+        await _converse(send, target)
+
+
+def _sender(session: aiohttp.ClientSession, pki: Pki, port: Callable[[str, int], int]) -> Send:
+    """Sends each message to the gateway listening on ``port(user, n)``, over mTLS."""
+
+    async def send(user: str, n: int) -> None:
+        assert await post_to(port(user, n), pki, conversation_body(user, n), session=session) == 200
+
+    return send
+
+
+async def test_conversations_stay_in_order_with_two_workers(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """Two workers accept the messages, one dispatcher sends them: the same guarantee."""
+    config = write_config(pki, tmp_path, target_url=target.url(), workers=2, extra=ORDERED)
+    port = listen_port(config)
+    with serving(config) as gateway:
+        await until_listening(port, gateway)
+        async with aiohttp.ClientSession() as session:
+            await _converse(_sender(session, pki, lambda user, n: port), target)
+        gateway.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gateway.wait, DEADLINE_S) == 0
+
+
+async def test_conversations_stay_in_order_across_two_gateways_when_one_is_killed(
+    pki: Pki, tmp_path: Path, pg_url: str, target: Conversations
+) -> None:
+    """Two gateways on one PostgreSQL database take each conversation's messages in turn;
+    one is killed (SIGKILL) half way, holding fresh claims: the survivor takes them over
+    once their lease runs out, and every conversation still arrives in order."""
+    configs = host_configs(
+        pki,
+        tmp_path,
+        2,
+        target_url=target.url(),
+        outbox=f'url = "{pg_url}"\nlease_s = 1.5',
+        extra=ORDERED,
+    )
+    ports = [listen_port(config) for config in configs]
+    target.held.add(("a", 0))
+    with contextlib.ExitStack() as stack:
+        gateways = await serving_all(stack, configs)
+        async with aiohttp.ClientSession() as session:
+            both = _sender(session, pki, lambda user, n: ports[n % 2])
+            survivor = _sender(session, pki, lambda user, n: ports[0])
+
+            async def first_half(user: str) -> None:
+                for n in range(PER_USER // 2):
+                    await both(user, n)
+
+            await asyncio.gather(*(first_half(user) for user in USERS))
+            gateways[1].send_signal(signal.SIGKILL)
+            assert await asyncio.to_thread(gateways[1].wait, DEADLINE_S) == -signal.SIGKILL
+
+            async def second_half(user: str) -> None:
+                for n in range(PER_USER // 2, PER_USER):
+                    await survivor(user, n)
+
+            await asyncio.gather(*(second_half(user) for user in USERS))
+        for other in USERS[1:]:
+            assert in_order(await target.wait_for(other, PER_USER))
+        assert target.accepted.get("a", []) == []
+        target.held.clear()
+        assert in_order(await target.wait_for("a", PER_USER))
+        gateways[0].send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gateways[0].wait, DEADLINE_S) == 0

@@ -1,0 +1,141 @@
+"""A target's rate limit (gateway.delivery.ratelimit, gateway.delivery.pacing): the token
+bucket's arithmetic, then a backlog of 200 measured at the target, from one gateway and from
+two gateways sharing PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from config_files import host_configs, listen_port
+from helpers import gateway_config, message_body, sink_target
+from pki import Pki
+from processes import post_to, serving_all
+from sink import DEADLINE_S, Received, Sink
+
+from gateway.delivery.ratelimit import TokenBucket
+from gateway.runtime.gateway import Gateway
+
+RATE = 20.0
+BACKLOG = 200
+_SKEW_S = 0.25
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # (time, tokens wanted) -> tokens granted at each step
+        ([(0.0, 5)], [5]),
+        ([(0.0, 10)], [5]),  # never more than the burst
+        ([(0.0, 5), (0.0, 1)], [5, 0]),
+        ([(0.0, 5), (0.1, 5)], [5, 0]),  # 0.1 s at 2/s: no whole token yet
+        ([(0.0, 5), (0.5, 5)], [5, 1]),
+        ([(0.0, 5), (100.0, 9)], [5, 5]),  # a long quiet spell refills up to the burst only
+        ([(0.0, 5), (-10.0, 5)], [5, 0]),  # a clock stepping back refills nothing
+        ([(0.0, 0)], [0]),
+    ],
+)
+def test_token_bucket_grants_the_burst_then_the_rate(
+    steps: list[tuple[float, int]], expected: list[int]
+) -> None:
+    """take() grants whole tokens up to what is in the bucket, refilled at rate_per_s up to
+    the burst."""
+    bucket = TokenBucket.full(2.0, 5, 0.0)
+    assert [bucket.take(now, want) for now, want in steps] == expected
+
+
+def test_token_bucket_gives_back_and_says_how_long_to_wait() -> None:
+    """Tokens not used are given back (never past the burst); wait_s says when the next
+    whole token comes."""
+    bucket = TokenBucket.full(4.0, 2, 0.0)
+    assert bucket.take(0.0, 2) == 2
+    assert bucket.wait_s(0.0) == pytest.approx(0.25)
+    bucket.give_back(5)
+    assert bucket.take(0.0, 10) == 2
+    assert bucket.wait_s(0.125) == pytest.approx(0.125)
+
+
+async def _post_all(pki: Pki, ports: list[int], bodies: list[bytes]) -> set[int]:
+    """POST every body as Meta does, spread over the gateways on ``ports``, on a few kept-alive
+    connections (a few hundred handshakes at once would starve the gateways of CPU, and then
+    the time between a token and its request would be the machine's, not the limit's)."""
+    connector = aiohttp.TCPConnector(limit=4)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        return set(
+            await asyncio.gather(
+                *(
+                    post_to(ports[n % len(ports)], pki, body, session=session)
+                    for n, body in enumerate(bodies)
+                )
+            )
+        )
+
+
+def _within_rate(arrivals: list[float], rate: float, burst: int) -> None:
+    """No span of the arrivals holds more than burst + rate * span, give or take the time
+    between a token and its request reaching the target (a burst's requests queue on one
+    connection, on a machine shared with other work): a quarter of a second, and one request."""
+    times = sorted(arrivals)
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):
+            count = j - i + 1
+            allowed = burst + rate * (times[j] - times[i] + _SKEW_S) + 1
+            assert count <= allowed, f"{count} requests in {times[j] - times[i]:.3f}s"
+
+
+async def test_a_backlog_reaches_the_target_at_its_rate_and_waits_are_not_attempts(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """rate_per_s = 20: a backlog of 200 arrives at no more than 20 per second plus one burst,
+    and every delivery is delivered at its first attempt (waiting is not an attempt)."""
+    target = sink_target(sink, rate_per_s=RATE, attempts=1)
+    config = gateway_config(pki, tmp_path, targets=[target])
+    bodies = [message_body(f"paced {n}") for n in range(BACKLOG)]
+    async with Gateway(config) as gateway:
+        started = time.monotonic()
+        assert await _post_all(pki, [gateway.port], bodies) == {200}
+        received = await _all(sink, BACKLOG)
+        _within_rate([r.at for r in received], RATE, target.burst_size)
+        assert received[-1].at - started >= (BACKLOG - target.burst_size) / RATE - 1
+        delivered = await gateway.outbox.query(state="delivered", limit=BACKLOG)
+        assert len(delivered) == BACKLOG
+        assert {d.attempts for d in delivered} == {1}
+
+
+async def _all(sink: Sink, count: int) -> list[Received]:
+    """The first ``count`` requests on /sink, given the time the rate needs for them."""
+    deadline = time.monotonic() + count / RATE + DEADLINE_S
+    while len(sink.at("/sink")) < count:
+        assert time.monotonic() < deadline, f"{len(sink.at('/sink'))} of {count} arrived"
+        await asyncio.sleep(0.05)
+    return sink.at("/sink")
+
+
+async def test_the_rate_holds_for_two_gateways_sharing_postgresql(
+    pki: Pki, tmp_path: Path, pg_url: str, sink: Sink
+) -> None:
+    """Two gateways on one database, each given half of a backlog of 200: together they
+    send no more than 20 per second plus one burst."""
+    configs = host_configs(
+        pki,
+        tmp_path,
+        2,
+        target_url=sink.url("/sink"),
+        outbox=f'url = "{pg_url}"',
+        extra=f"rate_per_s = {RATE:g}",
+    )
+    ports = [listen_port(config) for config in configs]
+    with contextlib.ExitStack() as stack:
+        gateways = await serving_all(stack, configs)
+        bodies = [message_body(f"shared pace {n}") for n in range(BACKLOG)]
+        assert await _post_all(pki, ports, bodies) == {200}
+        received = await _all(sink, BACKLOG)
+        _within_rate([r.at for r in received], RATE, int(RATE))
+        for process in gateways:
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, DEADLINE_S) == 0

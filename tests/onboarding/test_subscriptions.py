@@ -1,0 +1,522 @@
+"""The subscription commands end to end, against a fake Graph API on a real loopback socket.
+
+The fake answers with Meta's published samples from ``tests/data/graph`` byte for byte; where Meta
+publishes no sample (a list with an override, an 80008 error), the body is built from the shape
+documented on whatsapp/webhooks/override and graph-api/overview/rate-limiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpServer
+
+from gateway.cli import main
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "graph"
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "EAAGtestTOKEN0do0not0print0c4f1e9"
+WABA = "102290129340398"
+TRACE = "AXsgnV2Cm3ZMGF3dF_cfYIn"
+USAGE = "X-Business-Use-Case-Usage"
+JSON_TYPE = "application/json; charset=UTF-8"
+
+
+def sample(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def usage_header(*, call_count: int = 1, minutes: int = 0) -> str:
+    entry = {
+        "type": "whatsapp_business_management",
+        "call_count": call_count,
+        "total_cputime": 1,
+        "total_time": 1,
+        "estimated_time_to_regain_access": minutes,
+    }
+    return json.dumps({WABA: [entry]})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(slots=True, kw_only=True)
+class FakeGraph:
+    """Records every request and answers each with ``status``, ``body`` and ``headers``."""
+
+    url: str = ""
+    status: int = 200
+    body: bytes = field(default_factory=lambda: sample("graph-subscribed_apps-post-response.json"))
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": JSON_TYPE})
+    delay_s: float = 0
+    requests: list[Recorded] = field(default_factory=list)
+
+    def answer(self, status: int, body: bytes, **headers: str) -> None:
+        self.status, self.body = status, body
+        self.headers = {"Content-Type": JSON_TYPE, **headers}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(
+            Recorded(
+                method=request.method,
+                path=request.path,
+                headers=dict(request.headers),
+                body=await request.read(),
+            )
+        )
+        await asyncio.sleep(self.delay_s)
+        return web.Response(status=self.status, body=self.body, headers=self.headers)
+
+
+@pytest.fixture(autouse=True)
+def _no_token_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WABA_ACCESS_TOKEN", raising=False)
+
+
+@pytest.fixture
+async def fake_graph(aiohttp_server: AiohttpServer) -> FakeGraph:
+    fake = FakeGraph()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    server = await aiohttp_server(app)
+    fake.url = str(server.make_url("/")).rstrip("/")
+    return fake
+
+
+async def run(fake: FakeGraph, *argv: str, token: bool = True) -> int:
+    """``waba-gateway ARGV`` in a thread: ``main`` runs its own event loop with asyncio.run."""
+    options = ["--graph-url", fake.url, *(["--access-token", TOKEN] if token else [])]
+    return await asyncio.to_thread(main, [*argv, *options])
+
+
+def output(capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    """stdout and stderr, after checking that neither holds the token."""
+    captured = capsys.readouterr()
+    assert TOKEN not in captured.out
+    assert TOKEN not in captured.err
+    return captured.out, captured.err
+
+
+async def test_subscribe_posts_without_body_with_bearer_token(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """subscribe POSTs an empty body to the WABA's subscribed_apps with the Bearer token."""
+    assert await run(fake_graph, "subscribe", WABA) == 0
+    [request] = fake_graph.requests
+    assert (request.method, request.path, request.body) == (
+        "POST",
+        f"/v21.0/{WABA}/subscribed_apps",
+        b"",
+    )
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    out, err = output(capsys)
+    assert out == f"subscribed to WABA {WABA}; webhooks go to the app's callback URL\n"
+    assert err == ""
+
+
+async def test_subscribe_with_override_posts_the_override_as_json(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The override callback and verify token travel as the JSON body of Meta's sample."""
+    override = json.loads(sample("graph-subscribed_apps-post-request-override.json"))
+    argv = ["subscribe", WABA, "--api-version", "v20.0"]
+    argv += ["--override-callback-uri", override["override_callback_uri"]]
+    argv += ["--verify-token", override["verify_token"]]
+    assert await run(fake_graph, *argv) == 0
+    [request] = fake_graph.requests
+    assert (request.method, request.path) == ("POST", f"/v20.0/{WABA}/subscribed_apps")
+    assert request.headers["Content-Type"].startswith("application/json")
+    assert json.loads(request.body) == override
+    out, _ = output(capsys)
+    assert override["override_callback_uri"] in out
+    assert override["verify_token"] not in out
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        ["--override-callback-uri", "https://example.com/hook"],
+        ["--verify-token", "t"],
+        ["--override-callback-uri", "http://example.com/hook", "--verify-token", "t"],
+    ],
+)
+async def test_subscribe_rejects_incomplete_or_insecure_override_without_calling(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], override: list[str]
+) -> None:
+    """An override without its partner or without https is exit 2, and nothing is sent."""
+    assert await run(fake_graph, "subscribe", WABA, *override) == 2
+    assert fake_graph.requests == []
+    _, err = output(capsys)
+    assert err.startswith("error: --override-callback-uri")
+    assert err.count("\n") == 1
+
+
+async def test_subscriptions_prints_apps_as_a_table(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """subscriptions GETs the edge and prints id, name and link of each app, one row each."""
+    fake_graph.answer(200, sample("graph-subscribed_apps-get-multiple.json"))
+    assert await run(fake_graph, "subscriptions", WABA) == 0
+    [request] = fake_graph.requests
+    assert (request.method, request.path, request.body) == (
+        "GET",
+        f"/v21.0/{WABA}/subscribed_apps",
+        b"",
+    )
+    out, _ = output(capsys)
+    assert out.splitlines() == [
+        "APP ID            NAME                    LINK",
+        "1234567890123456  Business Messaging App  https://www.facebook.com/games/?app_id=1234567890123456",
+        "2345678901234567  Customer Support Bot    https://www.facebook.com/games/?app_id=2345678901234567",
+    ]
+
+
+async def test_subscriptions_shows_the_override_callback(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An app with an override_callback_uri gets an override column; the others show '-'."""
+    listing = json.loads(sample("graph-subscribed_apps-get-multiple.json"))
+    listing["data"][0]["override_callback_uri"] = "https://my-waba-alternate-callback.com/webhook"
+    fake_graph.answer(200, json.dumps(listing).encode())
+    assert await run(fake_graph, "subscriptions", WABA) == 0
+    out, _ = output(capsys)
+    header, first, second = out.splitlines()
+    assert header.endswith("OVERRIDE CALLBACK URI")
+    assert first.endswith("https://my-waba-alternate-callback.com/webhook")
+    assert second.endswith(" -")
+
+
+async def test_subscriptions_says_when_no_app_is_subscribed(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Meta's empty list prints one sentence instead of an empty table."""
+    fake_graph.answer(200, sample("graph-subscribed_apps-get-empty.json"))
+    assert await run(fake_graph, "subscriptions", WABA) == 0
+    out, _ = output(capsys)
+    assert out == f"no app is subscribed to WABA {WABA}\n"
+
+
+async def test_subscriptions_json_prints_meta_answer(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints the answer as JSON, equal to what Meta sent."""
+    fake_graph.answer(200, sample("graph-subscribed_apps-get-multiple.json"))
+    assert await run(fake_graph, "subscriptions", WABA, "--json") == 0
+    out, _ = output(capsys)
+    assert json.loads(out) == json.loads(sample("graph-subscribed_apps-get-multiple.json"))
+
+
+async def test_unsubscribe_sends_delete(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """unsubscribe DELETEs the WABA's subscribed_apps edge."""
+    fake_graph.answer(200, sample("graph-subscribed_apps-delete-response.json"))
+    assert await run(fake_graph, "unsubscribe", WABA) == 0
+    [request] = fake_graph.requests
+    assert (request.method, request.path, request.body) == (
+        "DELETE",
+        f"/v21.0/{WABA}/subscribed_apps",
+        b"",
+    )
+    out, _ = output(capsys)
+    assert out.startswith(f"unsubscribed from WABA {WABA}")
+
+
+async def test_clear_override_posts_without_body(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """clear-override is a POST with no body, which is how Meta removes an override."""
+    assert await run(fake_graph, "clear-override", WABA) == 0
+    [request] = fake_graph.requests
+    assert (request.method, request.path, request.body) == (
+        "POST",
+        f"/v21.0/{WABA}/subscribed_apps",
+        b"",
+    )
+    assert "Content-Type" not in request.headers
+    out, _ = output(capsys)
+    assert out.startswith(f"override removed for WABA {WABA}")
+
+
+async def test_success_false_is_a_failure(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An answer without success: true is not reported as success."""
+    fake_graph.answer(200, b'{"success": false}')
+    assert await run(fake_graph, "unsubscribe", WABA) == 1
+    _, err = output(capsys)
+    assert err == 'error: Graph API did not confirm success: {"success": false}\n'
+
+
+async def test_invalid_token_exits_3_with_one_line(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Meta's 401 for a bad token is exit 3 and one line with code, subcode and trace id."""
+    fake_graph.answer(401, sample("graph-error-401-invalid-token.json"))
+    assert await run(fake_graph, "subscribe", WABA) == 3
+    out, err = output(capsys)
+    assert out == ""
+    assert err == (
+        "error: access token rejected (code 190, subcode 463, HTTP 401, fbtrace_id"
+        f" {TRACE}): Invalid OAuth access token\n"
+    )
+
+
+async def test_permission_error_exits_3(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Meta's 403 for a missing permission is an auth failure too."""
+    fake_graph.answer(403, sample("graph-error-403-permission.json"))
+    assert await run(fake_graph, "subscribe", WABA) == 3
+    _, err = output(capsys)
+    assert err.startswith("error: permission denied (code 200, subcode 1349174, HTTP 403")
+
+
+async def test_token_echoed_by_the_server_is_redacted(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Even if an answer quotes the token, the printed error does not."""
+    body = {"error": {"message": f"Malformed access token {TOKEN}", "code": 190}}
+    fake_graph.answer(400, json.dumps(body).encode())
+    assert await run(fake_graph, "unsubscribe", WABA) == 3
+    _, err = output(capsys)
+    assert "Malformed access token [redacted]" in err
+
+
+async def test_rate_limit_exits_4_shows_the_wait_and_calls_once(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Error 80008 stops the command after its one request and says how many minutes to wait."""
+    body = {
+        "error": {
+            "message": "(#80008) There have been too many calls to this WhatsApp Business account.",
+            "type": "OAuthException",
+            "code": 80008,
+            "error_subcode": 2494055,
+            "fbtrace_id": TRACE,
+        }
+    }
+    fake_graph.answer(
+        400, json.dumps(body).encode(), **{USAGE: usage_header(call_count=100, minutes=12)}
+    )
+    assert await run(fake_graph, "subscriptions", WABA) == 4
+    assert len(fake_graph.requests) == 1
+    out, err = output(capsys)
+    assert out == ""
+    warning, error = err.splitlines()
+    assert warning == (
+        f"warning: Graph API usage for business {WABA} at 100% (call_count); throttled at 100%"
+    )
+    assert error.startswith(
+        f"error: rate limit hit (code 80008, subcode 2494055, HTTP 400, fbtrace_id {TRACE})"
+    )
+    assert error.endswith(
+        "Meta says access returns in about 12 minutes;"
+        " every further call extends the block, so wait"
+    )
+
+
+async def test_app_rate_limit_sample_exits_4(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Meta's code 4 sample is a rate limit too, with no wait estimate when no header came."""
+    fake_graph.answer(429, sample("graph-error-429-rate-limit.json"))
+    assert await run(fake_graph, "clear-override", WABA) == 4
+    assert len(fake_graph.requests) == 1
+    _, err = output(capsys)
+    assert "rate limit hit (code 4" in err
+    assert "Meta gives no estimate of when access returns" in err
+
+
+async def test_transient_server_error_exits_1_with_trace_id(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Meta's transient 500 is exit 1, one line, with fbtrace_id for Meta support."""
+    fake_graph.answer(500, sample("graph-error-500-transient.json"))
+    assert await run(fake_graph, "unsubscribe", WABA) == 1
+    assert len(fake_graph.requests) == 1
+    _, err = output(capsys)
+    assert err.count("\n") == 1
+    assert f"(code 2, HTTP 500, fbtrace_id {TRACE})" in err
+    assert "transient" in err
+
+
+async def test_non_json_error_body_reports_http_status(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An HTML error page from a proxy is reported by its status, not as a crash."""
+    fake_graph.answer(
+        502, b"<html><body>\n<h1>Bad Gateway</h1>\n</body></html>", **{"Content-Type": "text/html"}
+    )
+    assert await run(fake_graph, "subscribe", WABA) == 1
+    _, err = output(capsys)
+    assert err == "error: Graph API answered HTTP 502 Bad Gateway with a non-JSON body\n"
+
+
+async def test_warns_when_usage_is_over_80_percent(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A successful call whose usage header shows 85% still succeeds, with a warning on stderr."""
+    fake_graph.answer(
+        200,
+        sample("graph-subscribed_apps-post-response.json"),
+        **{USAGE: usage_header(call_count=85)},
+    )
+    assert await run(fake_graph, "subscribe", WABA) == 0
+    out, err = output(capsys)
+    assert out.startswith("subscribed")
+    assert err == (
+        f"warning: Graph API usage for business {WABA} at 85% (call_count); throttled at 100%\n"
+    )
+
+
+async def test_meta_sample_usage_header_is_quiet(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Meta's sample header (1% on every figure) produces no warning."""
+    header = json.dumps(json.loads(sample("graph-header-x-business-use-case-usage.json")))
+    fake_graph.answer(200, sample("graph-subscribed_apps-get-empty.json"), **{USAGE: header})
+    assert await run(fake_graph, "subscriptions", WABA) == 0
+    _, err = output(capsys)
+    assert err == ""
+
+
+async def test_malformed_usage_header_is_ignored_with_a_warning(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A usage header that is not JSON warns once and the command still succeeds."""
+    fake_graph.answer(200, sample("graph-subscribed_apps-post-response.json"), **{USAGE: "{oops"})
+    assert await run(fake_graph, "subscribe", WABA) == 0
+    _, err = output(capsys)
+    assert err == "warning: ignoring malformed X-Business-Use-Case-Usage header: not JSON\n"
+
+
+@pytest.mark.parametrize("command", ["subscribe", "subscriptions", "unsubscribe", "clear-override"])
+@pytest.mark.parametrize("waba_id", ["abc", "12 34", "1" * 33, "123/../456"])
+async def test_bad_waba_id_exits_2_without_a_request(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], command: str, waba_id: str
+) -> None:
+    """A WABA id that is not 1 to 32 digits is named in one line, and nothing is sent."""
+    assert await run(fake_graph, command, waba_id) == 2
+    assert fake_graph.requests == []
+    _, err = output(capsys)
+    assert err == f"error: WABA id {waba_id!r}: expected 1 to 32 digits\n"
+
+
+@pytest.mark.parametrize("command", ["subscribe", "subscriptions", "unsubscribe", "clear-override"])
+async def test_missing_token_exits_2_without_a_request(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Without --access-token or WABA_ACCESS_TOKEN the command says so in one line."""
+    assert await run(fake_graph, command, WABA, token=False) == 2
+    assert fake_graph.requests == []
+    _, err = output(capsys)
+    assert err == "error: no access token: pass --access-token or set WABA_ACCESS_TOKEN\n"
+
+
+async def test_token_comes_from_the_environment(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WABA_ACCESS_TOKEN is used when --access-token is absent."""
+    monkeypatch.setenv("WABA_ACCESS_TOKEN", TOKEN)
+    assert await run(fake_graph, "unsubscribe", WABA, token=False) == 0
+    [request] = fake_graph.requests
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    output(capsys)
+
+
+async def test_token_with_a_newline_is_refused_without_echoing_it(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token that would break the Authorization header is exit 2, named by source only."""
+    monkeypatch.setenv("WABA_ACCESS_TOKEN", f"{TOKEN[:8]}\n{TOKEN[8:]}")
+    assert await run(fake_graph, "unsubscribe", WABA, token=False) == 2
+    assert fake_graph.requests == []
+    _, err = output(capsys)
+    assert (
+        err == "error: the access token in WABA_ACCESS_TOKEN contains whitespace or control"
+        " characters\n"
+    )
+    assert TOKEN[8:] not in err
+
+
+async def test_timeout_exits_1_naming_the_host(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Graph API that does not answer in --timeout-s is one line naming the host."""
+    fake_graph.delay_s = 0.5
+    assert await run(fake_graph, "subscribe", WABA, "--timeout-s", "0.05") == 1
+    _, err = output(capsys)
+    assert err == "error: no answer from 127.0.0.1 within 0.05 s\n"
+
+
+async def test_connection_failure_exits_1_naming_the_host(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Nothing listening on the Graph URL is one line naming the host."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    closed = FakeGraph(url=f"http://127.0.0.1:{port}")
+    assert await run(closed, "subscriptions", WABA) == 1
+    _, err = output(capsys)
+    assert err.startswith("error: cannot reach 127.0.0.1: ")
+    assert err.count("\n") == 1
+
+
+async def test_plain_http_graph_url_to_another_host_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The token is never sent over plain http beyond this machine."""
+    remote = FakeGraph(url="http://graph.facebook.com")
+    assert await run(remote, "subscriptions", WABA) == 2
+    _, err = output(capsys)
+    assert err.startswith("error: --graph-url 'http://graph.facebook.com'")
+
+
+@pytest.mark.parametrize("command", ["subscribe", "subscriptions", "unsubscribe", "clear-override"])
+def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    """Every command's --help ends with the exit codes a script can rely on."""
+    with pytest.raises(SystemExit) as caught:
+        main([command, "--help"])
+    assert caught.value.code == 0
+    out, _ = output(capsys)
+    assert "exit codes:" in out
+    for line in ("0  success", "2  usage", "3  access token rejected", "4  rate limited"):
+        assert line in out
+
+
+async def test_installed_command_exits_with_the_graph_exit_code(fake_graph: FakeGraph) -> None:
+    """Run as ``python -m gateway``, a rejected token is exit status 3 with one line on stderr."""
+    fake_graph.answer(401, sample("graph-error-401-invalid-token.json"))
+    env = {**os.environ, "WABA_ACCESS_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "subscribe",
+        WABA,
+        "--graph-url",
+        fake_graph.url,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 3
+    assert out == b""
+    assert err.decode().startswith("error: access token rejected (code 190")
+    assert TOKEN.encode() not in out + err
