@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from gateway.delivery.backoff import RetryPolicy, TargetHealth
 from gateway.delivery.lanes import Lane
@@ -19,10 +18,7 @@ from gateway.delivery.outcome import AttemptResult, Outcome, classify, is_transi
 from gateway.delivery.reporting import OUTCOMES
 from gateway.delivery.sending import Sender
 from gateway.outbox import Delivery
-from gateway.tracing import Tracing
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+from gateway.tracing import Span, Tracing
 
 __all__ = ["Exchange"]
 
