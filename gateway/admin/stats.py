@@ -101,7 +101,7 @@ def _every_target(backlog: Sequence[Backlog], targets: Sequence[str]) -> list[Ba
 def _hand_over(child: Histogram, times: _Times) -> None:
     """Add gathered ``times`` to one labelled histogram. Histogram.observe() does exactly this
     per observation: add to the sum and to the first bucket whose bound is not below the value
-    (tests/runtime/test_metrics.py holds it to observe()'s result)."""
+    (tests/admin/test_metrics.py holds it to observe()'s result)."""
     child._sum.inc(times.total)
     for bucket, count in zip(child._buckets, times.counts, strict=True):
         if count:

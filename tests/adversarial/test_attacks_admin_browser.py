@@ -1,5 +1,5 @@
 """The admin listener's browser attacks in a real browser: headless Chromium (Debian's, as in
-tests/runtime/test_console_browser.py) on the operator's machine, with a page of another site open.
+tests/admin/test_console_browser.py) on the operator's machine, with a page of another site open.
 
 The other site is ``evil.test``, which Chromium resolves to 127.0.0.1 (``--host-resolver-rules``):
 its page is served by a server of its own on loopback, and it can also name the admin listener's
