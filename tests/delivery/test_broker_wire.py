@@ -4,7 +4,7 @@ answering mid-batch.
 
 The encodings are checked against the protocols' own parsers (hiredis reads RESP whichever way
 it goes); the replies are read from a real loopback connection, split at every byte; the
-brokers are real ``redis-server`` and ``nats-server -js`` (tests/brokers.py).
+brokers are real ``redis-server`` and ``nats-server -js`` (tests/support/brokers.py).
 """
 
 from __future__ import annotations
