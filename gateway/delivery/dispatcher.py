@@ -246,6 +246,10 @@ class Dispatcher:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    def rate_limited(self) -> dict[str, bool]:
+        """Each target with ``rate_per_s``: whether deliveries wait for its limit now."""
+        return self._pacing.rate_limited()
+
     def circuits(self, now: float) -> dict[str, Circuit]:
         """Each target's circuit breaker: closed (healthy), open (paused after failures) or
         half-open (probing with one delivery)."""
@@ -321,22 +325,28 @@ class Dispatcher:
         limits = claim.limits
         if not limits:
             return
+        runs = self._pacing.runs
         due = await self._outbox.due(
             now,
             limits,
             exclude=self._in_flight,
             ordered=self._pacing.ordered,
             conversations=claim.conversations,
+            runs=self._pacing.run_lengths(),
         )
         took_s = self._clock() - now
         claimed = dict.fromkeys(limits, 0)
         started = []
-        for delivery in due:
+        # The first of each conversation now; those behind it wait for it (ordering.Runs).
+        for delivery in runs.sort(due, self._pacing.unpaced_ordered, self._in_flight):
             claimed[delivery.target] += 1
-            room = self._load[delivery.target] < self._capacity
-            if room and delivery.id not in self._in_flight:  # else offered while the query ran
+            if delivery.id in self._in_flight:  # offered, or its run went on, while it ran
+                continue
+            if self._load[delivery.target] < self._capacity:
                 self._start(delivery)
                 started.append(delivery)
+            elif runs.let_go(delivery.id):
+                self._pacing.conversations.changed(delivery.target, delivery.order_key)
         await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
@@ -381,6 +391,9 @@ class Dispatcher:
 
     async def _attempt(self, name: str, batch: list[Delivery]) -> None:
         attempts = [delivery.attempts + 1 for delivery in batch]
+        # Time held by the target's pacing is left out of each delivery's age (pacing.py).
+        started = self._clock()
+        held = [d.held_s + self._pacing.held_s(d, started) for d in batch]
         # Taken now: a reload may replace or remove the target while the batch is out.
         sender, health, policy = self._senders[name], self._health[name], self._policies[name]
         spans = (
@@ -428,8 +441,11 @@ class Dispatcher:
                 now=now,
                 policy=policy,
                 uniform=self._uniform,
+                held_s=held_s,
             )
-            for delivery, attempt, result in zip(batch, attempts, results, strict=True)
+            for delivery, attempt, result, held_s in zip(
+                batch, attempts, results, held, strict=True
+            )
         ]
         if spans is not None:
             for (span, _), outcome, result in zip(spans, outcomes, results, strict=True):
@@ -446,6 +462,8 @@ class Dispatcher:
             # Not recorded: they stay pending and are sent again later (at-least-once).
             log.exception("could not record %d deliveries to %s", len(batch), name)
             self._pacing.conversations.changed(name, None)
+            for delivery in batch:  # the deliveries behind them wait for a claim
+                self._pacing.runs.after(delivery.id, released=False)
             return
         if name in self._pacing.ordered:
             self._announce(name, batch, outcomes)
@@ -487,14 +505,24 @@ class Dispatcher:
                 )
 
     def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
-        """The next delivery of each conversation may go now (if one is known to wait), or
-        once this retry is due."""
-        conversations = self._pacing.conversations
+        """The next delivery of each conversation goes now when it waits in a run behind
+        this one, else may go now (if one is known to wait), or once this retry is due. A
+        run goes on only while the target is healthy: a failing one's claims probe it."""
+        conversations, runs = self._pacing.conversations, self._pacing.runs
+        healthy = name in self._targets and not self._health[name].probing
         for delivery, outcome in zip(batch, outcomes, strict=True):
+            key = delivery.order_key
+            released = healthy and not isinstance(outcome, RetryAt)
+            following, look = runs.after(delivery.id, released)
+            if following is not None:
+                conversations.started(name, key, following.id)
+                self._start(following)
+            elif look:
+                conversations.changed(name, key)
             if isinstance(outcome, RetryAt):
-                conversations.retry_at(name, delivery.order_key, outcome.at)
-            else:
-                conversations.finished(name, delivery.order_key)
+                conversations.retry_at(name, key, outcome.at)
+            elif following is None:
+                conversations.finished(name, key)
 
     async def _maybe_prune(self) -> None:
         now = self._clock()
