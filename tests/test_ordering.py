@@ -127,6 +127,37 @@ async def test_a_delivery_held_behind_its_conversation_is_not_aged_into_a_dead_l
         assert sorted(d.attempts for d in delivered) == [1, 2]
 
 
+async def test_a_backlog_drains_in_runs_in_order_when_one_fails_mid_way(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """Stored while the target is down, each conversation drains in runs once it is back;
+    b's fourth message fails twice in the middle of its run: the rest of b waits for it, and
+    every conversation still arrives in order, each message once."""
+    config = gateway_config(
+        pki,
+        tmp_path,
+        targets=[
+            TargetConfig(
+                name="bot",
+                url=target.url(),
+                order="conversation",
+                wait_initial_s=0.05,
+                wait_max_s=0.1,
+            )
+        ],
+    )
+    await target.stop()
+    async with Gateway(config) as gateway:
+        for n in range(PER_USER):
+            for user in USERS:
+                assert (await post(gateway, pki, conversation_body(user, n))).status == 200
+        target.failing[("b", 3)] = 2
+        await target.start()
+        for user in USERS:
+            assert await target.wait_for(user, PER_USER) == list(range(PER_USER))
+        assert target.refused[("b", 3)] == 2
+
+
 def _sender(session: aiohttp.ClientSession, pki: Pki, port: Callable[[str, int], int]) -> Send:
     """Sends each message to the gateway listening on ``port(user, n)``, over mTLS."""
 

@@ -195,7 +195,9 @@ class Runs:
     def __init__(self) -> None:
         # The run behind each delivery in flight, by that delivery's id.
         self._behind: dict[str, deque[Delivery]] = {}
-        # The ids of the deliveries waiting in a run: a claim leaves them out.
+        # The ids of the deliveries waiting in a run. A claim need not leave them out: the one
+        # before each is pending, so the outbox never hands one out as first of its
+        # conversation, and one that a claim finds as the run goes on is busy (see sort()).
         self.parked: set[str] = set()
         # Runs that were as long as a claim takes: more may wait behind their last one.
         self._full: set[str] = set()
