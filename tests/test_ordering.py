@@ -127,8 +127,9 @@ async def test_a_delivery_held_behind_its_conversation_is_not_aged_into_a_dead_l
         assert sorted(d.attempts for d in delivered) == [1, 2]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_backlog_drains_in_runs_in_order_when_one_fails_mid_way(
-    pki: Pki, tmp_path: Path, target: Conversations
+    pki: Pki, tmp_path: Path, target: Conversations, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """Stored while the target is down, each conversation drains in runs once it is back;
     b's fourth message fails twice in the middle of its run: the rest of b waits for it, and
@@ -146,6 +147,10 @@ async def test_a_backlog_drains_in_runs_in_order_when_one_fails_mid_way(
             )
         ],
     )
+    if backend == "postgres":
+        config = dataclasses.replace(
+            config, outbox=OutboxConfig(url=request.getfixturevalue("pg_url"))
+        )
     await target.stop()
     async with Gateway(config) as gateway:
         for n in range(PER_USER):
