@@ -23,11 +23,11 @@ from helpers import admin_get, gateway_config, message_body, post, sink_target
 from pki import Pki
 from sink import DEADLINE_S, Sink
 
+from gateway.admin.stats import Snapshot, Stats
 from gateway.cli import build_parser
 from gateway.config import Config, OutboxConfig, load_config
 from gateway.outbox import Backlog
 from gateway.runtime.gateway import Gateway
-from gateway.runtime.stats import Snapshot, Stats
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 # The admin token as long as a listener beyond loopback requires (Kubernetes binds 0.0.0.0).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
@@ -19,10 +19,7 @@ from gateway.edge.identity import check_client_identity
 from gateway.edge.routing import route
 from gateway.outbox import Delivery, Outbox, Route
 from gateway.signing import verify_signature
-from gateway.tracing import Tracing
-
-if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+from gateway.tracing import Span, Tracing
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
 

@@ -200,8 +200,7 @@ def _first_of_conversations(
             ids.extend(run)
     marks = ", ".join("?" * len(ids))
     rows = conn.execute(
-        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending'"
-        " ORDER BY d.next_attempt_at",
+        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending' ORDER BY d.next_attempt_at",
         ids,
     ).fetchall()
     due_at = {row[0]: row[9] for row in rows}
