@@ -19,7 +19,12 @@ Every round runs both modes (alternating which goes first) and, with ``--ref``, 
 benchmark's plain aiohttp receiver (``ref_gateway.py``, forwarding before it answers) under the
 same client: the machine's noise shows in its spread across rounds.
 
+With ``--outbox postgres`` every gateway runs on a throw-away PostgreSQL server (as ``bench.py
+--outbox postgres``, one new database per gateway), and each ordered drain prints the plan of
+the ordered claim (``EXPLAIN``) on its full backlog: its ``NOT EXISTS`` is an index scan.
+
 Usage: ordering.py --sink PATH/TO/sink.py [--ref PATH/TO/ref_gateway.py] [--rounds 3]
+                   [--outbox sqlite|postgres] [--phases live,drain]
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from typing import Any
 import aiohttp
 
 from bench import (
+    CLK_TCK,
     Bench,
     Proc,
+    cpu_ticks,
     free_port,
     log,
     pinned,
@@ -140,16 +147,21 @@ class Ordering:
         gateway = b.gateway(f"gw-drain-{mode}-{round_}", target_port=sink_port,
                             cpus=b.args.gw_cpus, target_toml=f"{MODES[mode]}\n{TINY_WAITS}")
         asyncio.run(post_all(gateway.url, b.certs, self.secret, self.payloads, a.concurrency))
+        if b.pg is not None and mode == "conversation":
+            log(claim_plan(b.pg, gateway.database))
         sink = b.sink(sink_port, b.args.load_cpus)
-        started = time.monotonic()
+        started, ticks = time.monotonic(), cpu_ticks(gateway.proc.pid)
         drained = wait_drained(gateway, 300)
         took = time.monotonic() - started
+        cpu_s = (cpu_ticks(gateway.proc.pid) - ticks) / CLK_TCK
         delivered = sink_get(sink_port, "/__stats")["requests"]
         b.stop_gateway(gateway)
         sink.stop()
         b.procs.remove(sink)
+        # The gateway's CPU per delivery while draining: it moves least with the machine's load.
         return {"mode": mode, "round": round_, "phase": "drain", "delivered": delivered,
-                "drained": drained is not None, "delivered_per_s": round(delivered / took, 1)}
+                "drained": drained is not None, "delivered_per_s": round(delivered / took, 1),
+                "cpu_us_per_delivery": round(1e6 * cpu_s / max(delivered, 1), 1)}
 
     def reference(self, round_: int) -> dict[str, Any]:
         """The plain receiver: forwards each request before answering it."""
@@ -172,13 +184,14 @@ class Ordering:
                 "delivered_per_s": round(delivered / (posted + (forwarded or 0)), 1)}
 
     def run(self) -> None:
+        phases = self.args.phases.split(",")
         for round_ in range(self.args.rounds):
             modes = list(MODES) if round_ % 2 == 0 else list(reversed(MODES))
             if self.args.ref:
                 self.record(self.reference(round_))
-            for mode in modes:
+            for mode in modes if "live" in phases else ():
                 self.record(self.live(mode, round_))
-            for mode in modes:
+            for mode in modes if "drain" in phases else ():
                 self.record(self.drain(mode, round_))
 
     def record(self, row: dict[str, Any]) -> None:
@@ -198,7 +211,30 @@ class Ordering:
             none, ordered = table.get(f"{phase} none"), table.get(f"{phase} conversation")
             if none and ordered:
                 table[f"{phase} ratio"] = round(ordered["median"] / none["median"], 3)
+            for mode in MODES:
+                cpu = [r["cpu_us_per_delivery"] for r in self.rows
+                       if r["phase"] == phase and r["mode"] == mode and "cpu_us_per_delivery" in r]
+                if cpu:
+                    table[f"{phase} {mode} cpu_us_per_delivery"] = {
+                        "median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)}
         return table
+
+
+def claim_plan(pg: Any, database: str) -> str:
+    """The plan PostgreSQL makes for the ordered claim on this database as it stands (the
+    statement's placeholders filled with the values a claim passes)."""
+    from gateway.outbox.postgres import sql  # only with --outbox postgres
+
+    statement = sql.CLAIM_ORDERED
+    values = {"$1": "'sink'", "$2": str(time.time()), "$3": "'bench'", "$4": "'{}'::bigint[]",
+              "$5": "256", "$6": "60"}
+    for mark in sorted(values, reverse=True):
+        statement = statement.replace(mark, values[mark])
+    pg.psql("ANALYZE", database=database)
+    plan = pg.psql(f"EXPLAIN {statement}", database=database)
+    uses = "deliveries_order" in plan.split("SubPlan")[-1] if "SubPlan" in plan else (
+        "deliveries_order" in plan)
+    return f"ordered claim plan (NOT EXISTS by the index: {uses}):\n{plan}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--payload", help="notification body (default: bench.py's)")
     parser.add_argument("--json", help="write every row and the summary here")
+    parser.add_argument("--outbox", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--phases", default="live,drain", help="live, drain or both")
     args = parser.parse_args(argv)
-    base = bench_args(["--sink", args.sink or "", "--phases", "e2e",
+    base = bench_args(["--sink", args.sink or "", "--phases", "e2e", "--outbox", args.outbox,
                        *(["--payload", args.payload] if args.payload else [])])
     tmp = Path(tempfile.mkdtemp(prefix="waba-bench-order-"))
     bench = Bench(base, tmp)

@@ -78,6 +78,11 @@ class Snapshot:
     # The outbox's size: bytes on disk (SQLite, with its write-ahead log) or rows (PostgreSQL).
     outbox_bytes: int | None = None
     outbox_rows: int | None = None
+    # Targets with order = "conversation": how many conversations have a delivery held behind
+    # an earlier pending one (a count, never a key). Targets with rate_per_s: whether the last
+    # claim wanted more deliveries than the limit let go (they wait for tokens).
+    held_back: Mapping[str, int] = field(default_factory=dict)
+    rate_limited: Mapping[str, bool] = field(default_factory=dict)
 
 
 class _Times:
@@ -144,6 +149,23 @@ class _SnapshotCollector:
             for state in CIRCUIT_STATES:
                 circuit.add_metric([target, state], 1.0 if state == current else 0.0)
         yield circuit
+        held = GaugeMetricFamily(
+            "waba_gateway_target_conversations_held_back",
+            "Conversations with a delivery waiting behind an earlier pending one, per target"
+            ' with order = "conversation"',
+            labels=["target"],
+        )
+        for target, count in sorted(snap.held_back.items()):
+            held.add_metric([target], count)
+        yield held
+        limited = GaugeMetricFamily(
+            "waba_gateway_target_rate_limited",
+            "1 while a target with rate_per_s has more due deliveries than its limit lets go",
+            labels=["target"],
+        )
+        for target, waiting in sorted(snap.rate_limited.items()):
+            limited.add_metric([target], 1.0 if waiting else 0.0)
+        yield limited
         if snap.server_certificate_expiry is not None:
             yield GaugeMetricFamily(
                 "waba_gateway_server_certificate_expiry_timestamp_seconds",

@@ -182,6 +182,10 @@ class Dispatcher:
         if lane.load:  # batches still out for it finish and give their budget back
             self._leaving[name] = lane
 
+    def rate_limited(self) -> dict[str, bool]:
+        """Each target with ``rate_per_s``: whether deliveries wait for its limit now."""
+        return self._pacing.rate_limited()
+
     def circuits(self, now: float) -> dict[str, Circuit]:
         """Each target's circuit breaker: closed (healthy), open (paused after failures) or
         half-open (probing with one delivery)."""
@@ -245,23 +249,29 @@ class Dispatcher:
         limits = claim.limits
         if not limits:
             return
+        runs = self._pacing.runs
         due = await self._outbox.due(
             now,
             limits,
             exclude=self._in_flight,
             ordered=self._pacing.ordered,
             conversations=claim.conversations,
+            runs=self._pacing.run_lengths(),
         )
         took_s = self._clock() - now
         claimed = dict.fromkeys(limits, 0)
         started = []
-        for delivery in due:
+        # The first of each conversation now; those behind it wait for it (ordering.Runs).
+        for delivery in runs.sort(due, self._pacing.unpaced_ordered, self._in_flight):
             claimed[delivery.target] += 1
+            if delivery.id in self._in_flight:  # offered, or its run went on, while it ran
+                continue
             lane = self._lanes.get(delivery.target)  # None: removed while the query ran
-            if lane is None or lane.load >= self._capacity or delivery.id in self._in_flight:
-                continue  # no room, or offered while the query ran
-            self._start(lane, delivery)
-            started.append(delivery)
+            if lane is not None and lane.load < self._capacity:
+                self._start(lane, delivery)
+                started.append(delivery)
+            elif runs.let_go(delivery.id):
+                self._pacing.conversations.changed(delivery.target, delivery.order_key)
         await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
@@ -300,6 +310,9 @@ class Dispatcher:
             self._wake.set()
 
     async def _attempt(self, lane: Lane, batch: list[Delivery]) -> None:
+        # Time held by the target's pacing is left out of each delivery's age (pacing.py).
+        started = self._clock()
+        held = [d.held_s + self._pacing.held_s(d, started) for d in batch]
         # Taken now: a reload may renew or remove the lane while the batch is out.
         exchange = Exchange(lane, batch, self._tracing)
         try:
@@ -309,7 +322,7 @@ class Dispatcher:
             if lane.queue:
                 self._schedule_send()
         now = self._clock()
-        outcomes = exchange.judge(now, self._uniform)
+        outcomes = exchange.judge(now, self._uniform, held)
         name, results = exchange.name, exchange.results
         try:
             await self._outbox.record_many(
@@ -323,17 +336,30 @@ class Dispatcher:
             # Not recorded: they stay pending and are sent again later (at-least-once).
             log.exception("could not record %d deliveries to %s", len(batch), name)
             self._pacing.conversations.changed(name, None)
+            for delivery in batch:  # the deliveries behind them wait for a claim
+                self._pacing.runs.after(delivery.id, released=False)
             return
         if name in self._pacing.ordered:
             self._announce(name, batch, outcomes)
         report(self._observer, name, batch, exchange.attempts, outcomes, results, now)
 
     def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
-        """The next delivery of each conversation may go now (if one is known to wait), or
-        once this retry is due."""
-        conversations = self._pacing.conversations
+        """The next delivery of each conversation goes now when it waits in a run behind
+        this one, else may go now (if one is known to wait), or once this retry is due. A
+        run goes on only while the target is healthy: a failing one's claims probe it."""
+        conversations, runs = self._pacing.conversations, self._pacing.runs
+        lane = self._lanes.get(name)  # None: removed while the batch was out
+        healthy = lane is not None and not lane.health.probing
         for delivery, outcome in zip(batch, outcomes, strict=True):
+            key = delivery.order_key
+            released = healthy and not isinstance(outcome, RetryAt)
+            following, look = runs.after(delivery.id, released)
+            if following is not None and lane is not None:
+                conversations.started(name, key, following.id)
+                self._start(lane, following)
+            elif look:
+                conversations.changed(name, key)
             if isinstance(outcome, RetryAt):
-                conversations.retry_at(name, delivery.order_key, outcome.at)
-            else:
-                conversations.finished(name, delivery.order_key)
+                conversations.retry_at(name, key, outcome.at)
+            elif following is None:
+                conversations.finished(name, key)

@@ -71,8 +71,11 @@ class Exchange:
                 Tracing.end_attempt(span, None, "stopped", "retry")
             raise
 
-    def judge(self, now: float, uniform: Callable[[float, float], float]) -> list[Outcome]:
-        """The target's verdict on the batch, and each attempt's outcome at ``now``."""
+    def judge(
+        self, now: float, uniform: Callable[[float, float], float], held: Sequence[float]
+    ) -> list[Outcome]:
+        """The target's verdict on the batch, and each attempt's outcome at ``now``;
+        ``held``: each delivery's time held back by its target's pacing, not part of its age."""
         health, policy, results = self.health, self.policy, self.results
         if any(is_transient(result) for result in results):
             health.failed(now, policy, uniform)
@@ -87,8 +90,11 @@ class Exchange:
                 now=now,
                 policy=policy,
                 uniform=uniform,
+                held_s=held_s,
             )
-            for delivery, attempt, result in zip(self.batch, self.attempts, results, strict=True)
+            for delivery, attempt, result, held_s in zip(
+                self.batch, self.attempts, results, held, strict=True
+            )
         ]
         if self.spans is not None:
             for (span, _), outcome, result in zip(self.spans, outcomes, results, strict=True):

@@ -11,14 +11,28 @@ waiting (the usual case: one message answered before the next) costs no query at
 What it cannot see: deliveries stored by another worker or gateway, replays, and anything lost
 between a crash and a restart. For those a claim looks at every conversation: at the start, after
 a wake-up from outside (:meth:`everything`), and at the latest every :data:`FULL_EVERY_S`.
+
+A backlog drains in runs (:class:`Runs`): a claim takes up to :data:`RUN` deliveries of each
+conversation it starts, in order, and each goes as soon as the one before it has ended in
+delivery or dead letter and its outcome is recorded, with no claim in between. The claim owns
+the run as it owns its first delivery (its lease, with a shared outbox), so the order holds
+across workers and gateways just as it does one claim at a time.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Iterable
+from collections import deque
+from collections.abc import Collection, Iterable, Sequence
 
-__all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "Conversations"]
+from gateway.outbox import Delivery
+
+__all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "RUN", "Conversations", "Runs"]
+
+# The deliveries of one conversation a claim may take at once: enough that a backlog of one
+# conversation costs a claim per eight deliveries rather than one each, few enough that the
+# bodies held in memory stay within eight times the target's batch (dispatcher.batch_size).
+RUN = 8
 
 # Stands for deliveries not known one by one: a look at every conversation started the first
 # of this one, and whatever was stored behind it (by another worker or gateway, or before a
@@ -168,3 +182,88 @@ class Conversations:
     def next_at(self) -> float | None:
         """When the next retry comes due (for the dispatcher's sleep)."""
         return self._retries[0][0] if self._retries else None
+
+
+class Runs:
+    """The deliveries claims handed out behind the first of their conversation (see
+    :meth:`gateway.outbox.Outbox.due`'s ``runs``), each waiting in memory for the one before it.
+
+    Rule: pure bookkeeping; a run goes on only after an outcome that releases its conversation
+    (delivery or dead letter, recorded), and is let go whole otherwise: its deliveries stay
+    pending in the outbox and a later claim finds them in their order."""
+
+    def __init__(self) -> None:
+        # The run behind each delivery in flight, by that delivery's id.
+        self._behind: dict[str, deque[Delivery]] = {}
+        # The ids of the deliveries waiting in a run. A claim need not leave them out: the one
+        # before each is pending, so the outbox never hands one out as first of its
+        # conversation, and one that a claim finds as the run goes on is busy (see sort()).
+        self.parked: set[str] = set()
+        # Runs that were as long as a claim takes: more may wait behind their last one.
+        self._full: set[str] = set()
+
+    def sort(
+        self, due: Sequence[Delivery], ordered: Collection[str], busy: Collection[str] = ()
+    ) -> list[Delivery]:
+        """The deliveries of a claim to start now, in order: each delivery that follows an
+        earlier one of its conversation in ``due`` (of an ``ordered`` target) is kept behind
+        the first one instead, unless that one is ``busy`` (started while the claim ran, by the
+        run it belongs to: which already holds the rest)."""
+        firsts: list[Delivery] = []
+        heads: dict[tuple[str, str], str] = {}
+        for delivery in due:
+            key = delivery.order_key
+            if delivery.target not in ordered or key is None:
+                firsts.append(delivery)
+                continue
+            head = heads.get((delivery.target, key))
+            if head is None:
+                heads[(delivery.target, key)] = delivery.id
+                firsts.append(delivery)
+            elif head not in busy:
+                self._behind.setdefault(head, deque()).append(delivery)
+                self.parked.add(delivery.id)
+        for head in heads.values():
+            run = None if head in busy else self._behind.get(head)
+            if run is not None and len(run) + 1 >= RUN:
+                self._full.add(run[-1].id)
+        return firsts
+
+    def after(self, delivery_id: str, released: bool) -> tuple[Delivery | None, bool]:
+        """Delivery ``delivery_id`` ended: the next of its run to start (``None``: none, or
+        not ``released``, when the run is let go), and whether a claim should look at its
+        conversation again (the run was cut short by its length, or let go)."""
+        run = self._behind.pop(delivery_id, None)
+        full = delivery_id in self._full
+        self._full.discard(delivery_id)
+        if not run:
+            return None, full
+        if not released:
+            self.drop(run)
+            return None, True
+        following = run.popleft()
+        self.parked.discard(following.id)
+        if run:
+            self._behind[following.id] = run
+        return following, False
+
+    def let_go(self, delivery_id: str) -> bool:
+        """A first delivery did not start after all: its run goes back to the outbox. Whether
+        it had one."""
+        run = self._behind.pop(delivery_id, None)
+        self._full.discard(delivery_id)
+        if run:
+            self.drop(run)
+        return bool(run)
+
+    def drop(self, run: Iterable[Delivery]) -> None:
+        for delivery in run:
+            self.parked.discard(delivery.id)
+            self._full.discard(delivery.id)
+
+    def forget(self, keep: Collection[str]) -> None:
+        """Let go of every run of a target not in ``keep`` (no longer ordered, or removed)."""
+        for head, run in list(self._behind.items()):
+            if run and run[0].target not in keep:
+                del self._behind[head]
+                self.drop(run)

@@ -47,9 +47,13 @@ def classify(
     now: float,
     policy: RetryPolicy,
     uniform: Callable[[float, float], float] = random.uniform,
+    held_s: float = 0.0,
 ) -> Outcome:
     """Classify attempt number ``attempt`` (1-based) of a delivery first queued at
-    ``created_at``. A retry is never scheduled past ``created_at + policy.max_age_s``."""
+    ``created_at``. A retry is never scheduled past ``created_at + held_s +
+    policy.max_age_s``: ``held_s`` is the time the delivery spent held by its target's pacing
+    (waiting, due, for a token or for an earlier delivery of its conversation), which is no
+    failure of it and does not bring its dead letter closer. A retry carries it on."""
     status = result.status
     if result.accepted or (status is not None and 200 <= status < 300):
         return Delivered()
@@ -63,6 +67,6 @@ def classify(
         # Honour the target's Retry-After (RFC 9110 10.2.3): never earlier than it asks.
         wait = max(wait, result.retry_after_s)
     at = now + wait
-    if at > created_at + policy.max_age_s:
+    if at > created_at + held_s + policy.max_age_s:
         return DeadLetter(f"{what}: max_age_s ({policy.max_age_s:g}) would be exceeded")
-    return RetryAt(at, what)
+    return RetryAt(at, what, held_s)

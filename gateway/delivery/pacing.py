@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.config import TargetConfig
-from gateway.delivery.ordering import Conversations
+from gateway.delivery.ordering import RUN, Conversations, Runs
 from gateway.delivery.ratelimit import TokenBucket
 from gateway.outbox import Delivery, Outbox
 
@@ -44,9 +44,13 @@ class Pacing:
         self._targets: dict[str, TargetConfig] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._starved: set[str] = set()
+        # Starved targets whose last claim used every token it was granted: more is due than
+        # the limit lets go.
+        self._behind: set[str] = set()
         # Whether the outbox keeps the buckets for every gateway (learnt at the first take).
         self._shared = False
         self.conversations = Conversations()
+        self.runs = Runs()
         self.reconfigure(targets, now)
 
     def reconfigure(self, targets: Sequence[TargetConfig], now: float) -> None:
@@ -68,7 +72,15 @@ class Pacing:
         # at once, after a check of its order alone (no token to take).
         self.unpaced_ordered = self.ordered - frozenset(limited)
         self._starved &= set(limited)
+        self._behind &= set(limited)
         self.conversations.reconfigure(self.ordered)
+        self.runs.forget(self.unpaced_ordered)
+
+    def run_lengths(self) -> dict[str, int]:
+        """How many deliveries of each conversation a claim may take, per ordered target
+        without a rate limit (a rate limit grants one token per delivery, so a claim for a
+        rate-limited target takes first deliveries only)."""
+        return dict.fromkeys(self.unpaced_ordered, RUN)
 
     async def plan(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> Claim:
         """The claim to make: an ordered target with no conversation changed is left out (no
@@ -96,6 +108,11 @@ class Pacing:
         """Tokens taken for deliveries that were not there go back; conversations the claim had
         no room for are asked about again (``took_s``: how long the claim took)."""
         await self._give_back(outbox, claim.limits, claimed)
+        for name in self._targets:
+            if name in self._starved and claimed.get(name, 0) >= claim.limits.get(name, 0):
+                self._behind.add(name)
+            else:
+                self._behind.discard(name)
         for delivery in started:
             self.conversations.started(delivery.target, delivery.order_key, delivery.id)
         for name in claim.limits:
@@ -139,6 +156,21 @@ class Pacing:
                 await outbox.give_back_tokens(name, rate, target.burst_size, unused)
             else:
                 self._buckets[name].give_back(unused)
+
+    def rate_limited(self) -> dict[str, bool]:
+        """Each rate-limited target: whether its last claim was cut short by the limit and
+        used every token it got (more deliveries are due than the limit lets go)."""
+        return {name: name in self._behind for name in self._targets}
+
+    def held_s(self, delivery: Delivery, started: float) -> float:
+        """The seconds ``delivery`` waited, due, before its attempt started at ``started``,
+        when its target paces deliveries (order or a rate limit): held on purpose, for a token
+        or behind an earlier delivery of its conversation, so not counted in its age for
+        ``max_age_s``. Any other target's deliveries wait only for its breaker or its
+        concurrency, and that time counts, as it always has."""
+        if delivery.target not in self.claim_only:
+            return 0.0
+        return max(0.0, started - delivery.next_attempt_at)
 
     def wait_s(self, now: float, poll_s: float) -> float:
         """How long the dispatcher may sleep: until a starved target has a token again, or a

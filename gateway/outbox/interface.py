@@ -59,6 +59,7 @@ class Outbox(Protocol):
         exclude: Collection[str] = (),
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
+        runs: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
         each target named there, leaving out the ids in ``exclude`` (in flight). For the
@@ -66,7 +67,14 @@ class Outbox(Protocol):
         one of its conversation (by acknowledgement, a replayed one at the back) is pending,
         for this gateway or any other sharing the outbox; an ordered target that
         ``conversations`` names is asked only for the first deliveries of those conversations
-        (the ones whose first delivery may have changed), not for every conversation."""
+        (the ones whose first delivery may have changed), not for every conversation.
+
+        ``runs``: for an ordered target named there, each first delivery may come with up to
+        ``runs[target] - 1`` of the deliveries that follow it in its conversation, in order and
+        each due, right after it in the list (the first ones alone count toward the limit).
+        They are the caller's, as the first one is: the caller sends each only once the one
+        before it has ended in delivery or dead letter (and its outcome is recorded), and lets
+        the rest go when one is to be retried. A backend may hand out fewer, or none."""
         ...
 
     async def take_tokens(

@@ -69,6 +69,10 @@ class Delivery:
     # The trace context of the request that brought it (traceparent, then a newline and the
     # tracestate, if any): each attempt's span joins that trace. None: not traced.
     trace: str | None = None
+    # Seconds of its age it spent held, due, by its target's pacing (a rate limit's token, an
+    # earlier delivery of its conversation) before its attempts so far: not counted toward
+    # ``max_age_s`` (see :func:`gateway.delivery.outcome.classify`). 0 again when replayed.
+    held_s: float = 0.0
 
     @classmethod
     def fresh(
@@ -202,6 +206,8 @@ class Delivered:
 class RetryAt:
     at: float
     reason: str
+    # The delivery's held time so far (see Delivery.held_s), kept with it for its next attempt.
+    held_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 Rule: a delivery id is ``<prefix>-<row id>``: the row id is the deliveries table's own key (never
 handed out twice, even after pruning) and the prefix is random, made once with the store, so
 ids stay unique across outboxes and gateways. Targets receive it as ``X-Gateway-Delivery-Id``
-and may deduplicate on it. Both backends read deliveries as the same sixteen columns, in the
+and may deduplicate on it. Both backends read deliveries as the same seventeen columns, in the
 order :func:`delivery_from_row` names them.
 """
 
@@ -30,7 +30,7 @@ _MAX_ROWID: Final = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's BIGINT alike
 DELIVERY_COLUMNS: Final = (
     "d.id, d.notification_id, d.target, COALESCE(d.body, n.body), n.signature,"
     " d.body IS NOT NULL, d.state, d.attempts, d.created_at, d.next_attempt_at, n.received_at,"
-    " d.last_status, d.last_error, d.last_response, d.order_key, n.trace"
+    " d.last_status, d.last_error, d.last_response, d.order_key, n.trace, d.held_s"
 )
 
 
@@ -66,7 +66,7 @@ def state_of(value: object) -> State:
 def delivery_from_row(row: Sequence[Any], prefix: str) -> Delivery:
     """A delivery read as (id, notification id, target, body, signature, split, state,
     attempts, created at, next attempt at, received at, last status, last error, last
-    response, conversation key, trace context)."""
+    response, conversation key, trace context, seconds held by pacing)."""
     return Delivery(
         id=delivery_id_of(prefix, row[0]),
         notification_id=row[1],
@@ -84,6 +84,7 @@ def delivery_from_row(row: Sequence[Any], prefix: str) -> Delivery:
         last_response=row[13],
         order_key=row[14],
         trace=row[15],
+        held_s=row[16],
     )
 
 

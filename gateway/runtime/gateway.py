@@ -186,6 +186,7 @@ class Gateway:
         now = time.time()
         server_expiry, ca_expiries = self._expiries
         size = await self.core.outbox.size()
+        ordered = [t.name for t in self.config.targets if t.order == "conversation"]
         return Snapshot(
             now=now,
             backlog=await self.core.outbox.backlog(),
@@ -196,6 +197,8 @@ class Gateway:
             last_reload_success=self._loaded_at,
             outbox_bytes=size.bytes,
             outbox_rows=size.rows,
+            held_back=dict.fromkeys(ordered, 0) | await self.core.outbox.held_back(ordered),
+            rate_limited=dispatcher.rate_limited() if dispatcher is not None else {},
         )
 
     async def _flush_metrics(self) -> None:

@@ -69,7 +69,7 @@ def test_check_reports_the_sqlite_outbox_and_never_makes_it(
     _seed(config)
     before = path.read_bytes()
     assert main(["check", "--config", str(config)]) == 0
-    line = f"ok: outbox file {path}: layout 5, intact (quick_check), 1 pending, 1 dead\n"
+    line = f"ok: outbox file {path}: layout 6, intact (quick_check), 1 pending, 1 dead\n"
     assert line in capsys.readouterr().out
     assert path.read_bytes() == before
 
@@ -279,7 +279,7 @@ def test_check_reports_the_database_reachable_and_its_schema_version(
 
     asyncio.run(first_start())
     assert main(["check", "--config", str(pg_config)]) == 0
-    assert "is reachable, schema version 3" in capsys.readouterr().out
+    assert "is reachable, schema version 4" in capsys.readouterr().out
 
 
 def test_check_and_serve_with_the_database_down_are_one_line_errors(

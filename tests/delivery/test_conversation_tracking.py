@@ -1,9 +1,14 @@
-"""Which conversations an ordered target's next claim looks at (gateway.delivery.ordering):
-pure bookkeeping, the time passed in."""
+"""Which conversations an ordered target's next claim looks at, and the runs a claim hands out
+(gateway.delivery.ordering): pure bookkeeping, the time passed in."""
 
 from __future__ import annotations
 
-from gateway.delivery.ordering import FULL_AGAIN_S, FULL_EVERY_S, Conversations
+import itertools
+
+import pytest
+
+from gateway.delivery.ordering import FULL_AGAIN_S, FULL_EVERY_S, RUN, Conversations, Runs
+from gateway.outbox import Delivery
 
 
 def _tracking(now: float = 100.0) -> Conversations:
@@ -117,3 +122,80 @@ def test_conversations_started_by_a_full_look_are_followed_until_nothing_more_is
     conversations.claimed("t", asked, [], complete=True)  # nothing more
     conversations.finished("t", "other-workers")
     assert conversations.request(100.3, ["t"]) == {"t": set()}
+
+
+def _delivery(n: int, key: str | None, target: str = "t") -> Delivery:
+    return Delivery(
+        id=f"p-{n}",
+        notification_id=n,
+        target=target,
+        body=b"{}",
+        signature="",
+        split=False,
+        state="pending",
+        attempts=0,
+        created_at=1.0,
+        next_attempt_at=1.0,
+        received_at=1.0,
+        order_key=key,
+    )
+
+
+def test_a_claim_s_followers_wait_behind_the_first_of_their_conversation() -> None:
+    """Of a claim's deliveries, the first of each conversation starts; those that follow it
+    in the claim wait in its run, left out of later claims; unkeyed ones and other targets'
+    start at once."""
+    runs = Runs()
+    a1, b1, a2, free, a3, other = (
+        _delivery(1, "a"),
+        _delivery(2, "b"),
+        _delivery(3, "a"),
+        _delivery(4, None),
+        _delivery(5, "a"),
+        _delivery(6, "a", target="plain"),
+    )
+    assert runs.sort([a1, b1, a2, free, a3, other], {"t"}) == [a1, b1, free, other]
+    assert runs.parked == {a2.id, a3.id}
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "started", "look"),
+    [
+        # Each ends released (delivered or dead letter): the run goes on to its end.
+        ([True, True, True], ["p-3", "p-5", None], [False, False, False]),
+        # A retry lets the rest go: the outbox keeps them, a claim finds them again.
+        ([True, False], ["p-3", None], [False, True]),
+        ([False], [None], [True]),
+    ],
+)
+def test_a_run_goes_on_only_after_an_outcome_that_releases_its_conversation(
+    outcomes: list[bool], started: list[str | None], look: list[bool]
+) -> None:
+    """after(): the next of the run once the one before it is released; a retry lets the
+    whole rest go (and asks for a look at the conversation)."""
+    runs = Runs()
+    a1, a2, a3 = _delivery(1, "a"), _delivery(3, "a"), _delivery(5, "a")
+    runs.sort([a1, a2, a3], {"t"})
+    current = a1.id
+    for released, expected, expected_look in zip(outcomes, started, look, strict=True):
+        following, asked = runs.after(current, released)
+        assert (None if following is None else following.id) == expected
+        assert asked is expected_look
+        if following is not None:
+            current = following.id
+    if outcomes[-1] is False:
+        assert runs.parked == set()
+
+
+def test_a_run_as_long_as_a_claim_takes_asks_for_a_look_when_it_ends() -> None:
+    """A run of RUN deliveries may have more behind it: its last one's end asks for a look at
+    the conversation; a first delivery that did not start lets its run go."""
+    runs = Runs()
+    run = [_delivery(n, "a") for n in range(RUN)]
+    runs.sort(run, {"t"})
+    for delivery, following in itertools.pairwise(run):
+        assert runs.after(delivery.id, True) == (following, False)
+    assert runs.after(run[-1].id, True) == (None, True)
+    runs.sort([_delivery(100, "b"), _delivery(101, "b")], {"t"})
+    assert runs.let_go("p-100")
+    assert runs.parked == set()

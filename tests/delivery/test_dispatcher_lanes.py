@@ -30,8 +30,9 @@ class ReloadedWhileClaiming(SqliteOutbox):
         exclude: Collection[str] = (),
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
+        runs: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
-        found = await super().due(now, limits, exclude, ordered, conversations)
+        found = await super().due(now, limits, exclude, ordered, conversations, runs)
         reload, self.during_claim = self.during_claim, None
         if reload is not None:
             reload()

@@ -94,6 +94,75 @@ async def test_a_failing_conversation_holds_only_itself_and_arrives_in_order(
         await _converse(send, target)
 
 
+async def test_a_delivery_held_behind_its_conversation_is_not_aged_into_a_dead_letter(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """max_age_s = 2.5, a retry every second: user a's first message fails until its age ends
+    it (a dead letter, about 2 s in, which releases the conversation); the second, held behind
+    it all that time, fails its first attempt once: it is retried and delivered, not
+    dead-lettered for the time it waited; the third follows it."""
+    config = gateway_config(
+        pki,
+        tmp_path,
+        targets=[
+            TargetConfig(
+                name="bot",
+                url=target.url(),
+                order="conversation",
+                max_age_s=2.5,
+                retry_schedule_s=(1.0,),
+            )
+        ],
+    )
+    target.held.add(("a", 0))
+    target.failing[("a", 1)] = 1
+    async with Gateway(config) as gateway:
+        for n in range(3):
+            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
+        assert await target.wait_for("a", 2) == [1, 2]
+        assert target.refused[("a", 1)] == 1
+        (dead,) = await gateway.outbox.query(state="dead")
+        assert "max_age_s" in (dead.last_error or "")
+        delivered = await gateway.outbox.query(state="delivered")
+        assert sorted(d.attempts for d in delivered) == [1, 2]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_backlog_drains_in_runs_in_order_when_one_fails_mid_way(
+    pki: Pki, tmp_path: Path, target: Conversations, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Stored while the target is down, each conversation drains in runs once it is back;
+    b's fourth message fails twice in the middle of its run: the rest of b waits for it, and
+    every conversation still arrives in order, each message once."""
+    config = gateway_config(
+        pki,
+        tmp_path,
+        targets=[
+            TargetConfig(
+                name="bot",
+                url=target.url(),
+                order="conversation",
+                wait_initial_s=0.05,
+                wait_max_s=0.1,
+            )
+        ],
+    )
+    if backend == "postgres":
+        config = dataclasses.replace(
+            config, outbox=OutboxConfig(url=request.getfixturevalue("pg_url"))
+        )
+    await target.stop()
+    async with Gateway(config) as gateway:
+        for n in range(PER_USER):
+            for user in USERS:
+                assert (await post(gateway, pki, conversation_body(user, n))).status == 200
+        target.failing[("b", 3)] = 2
+        await target.start()
+        for user in USERS:
+            assert await target.wait_for(user, PER_USER) == list(range(PER_USER))
+        assert target.refused[("b", 3)] == 2
+
+
 def _sender(session: aiohttp.ClientSession, pki: Pki, port: Callable[[str, int], int]) -> Send:
     """Sends each message to the gateway listening on ``port(user, n)``, over mTLS."""
 

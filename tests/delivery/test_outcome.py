@@ -275,6 +275,34 @@ def test_retry_schedule_still_ends_at_max_age() -> None:
     assert outcome == DeadLetter("HTTP 500: max_age_s (7200) would be exceeded")
 
 
+@pytest.mark.parametrize(
+    ("now", "held_s", "expected"),
+    [
+        # Created at 1000 with max_age_s 7200, failed attempt 4 (a wait of 600 s).
+        (7700.0, 0.0, DeadLetter("HTTP 500: max_age_s (7200) would be exceeded")),
+        # The same, after 3000 s held by the target's pacing: 3000 s of age are not counted.
+        (7700.0, 3000.0, RetryAt(8300.0, "HTTP 500", 3000.0)),
+        (10_700.0, 3000.0, DeadLetter("HTTP 500: max_age_s (7200) would be exceeded")),
+        (1010.0, 5.0, RetryAt(1610.0, "HTTP 500", 5.0)),  # carried on with the retry
+    ],
+)
+def test_time_held_by_pacing_is_left_out_of_the_age(
+    now: float, held_s: float, expected: Outcome
+) -> None:
+    """Time a delivery spent held (for a token, behind its conversation) does not bring its
+    dead letter closer; the retry carries the held time on to its next attempt."""
+    outcome = classify(
+        AttemptResult(status=500),
+        attempt=4,
+        created_at=1000.0,
+        now=now,
+        policy=SCHEDULE,
+        uniform=_never,
+        held_s=held_s,
+    )
+    assert outcome == expected
+
+
 def test_retry_policy_takes_the_target_s_schedule() -> None:
     """RetryPolicy.for_target carries retry_schedule_s over; without one, the formula."""
     target = TargetConfig(name="t", url="http://x/", retry_schedule_s=(5.0, 50.0))

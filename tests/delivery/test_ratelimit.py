@@ -16,8 +16,9 @@ from config_files import host_configs, listen_port
 from helpers import gateway_config, message_body, sink_target
 from pki import Pki
 from processes import post_to, serving_all
-from sink import DEADLINE_S, Received, Sink
+from sink import DEADLINE_S, Received, Reply, Sink
 
+from gateway.config import TargetConfig
 from gateway.delivery.ratelimit import TokenBucket
 from gateway.runtime.gateway import Gateway
 
@@ -105,6 +106,35 @@ async def test_a_backlog_reaches_the_target_at_its_rate_and_waits_are_not_attemp
         delivered = await gateway.outbox.query(state="delivered", limit=BACKLOG)
         assert len(delivered) == BACKLOG
         assert {d.attempts for d in delivered} == {1}
+
+
+async def test_waiting_for_the_rate_limit_does_not_age_a_delivery_into_a_dead_letter(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """At 2 per second with a burst of 1, the last of 6 deliveries waits about 2.5 s for its
+    token, longer than max_age_s = 1.5; its first attempt fails (503): it is retried and
+    delivered, not dead-lettered for an age spent waiting for the limit."""
+    target = TargetConfig(
+        name="sink",
+        url=sink.url("/sink"),
+        rate_per_s=2.0,
+        burst=1,
+        max_age_s=1.5,
+        retry_schedule_s=(0.5,),
+    )
+    sink.script(*[Reply()] * 5, Reply(status=503))
+    config = gateway_config(pki, tmp_path, targets=[target])
+    bodies = [message_body(f"aged {n}") for n in range(6)]
+    async with Gateway(config) as gateway:
+        assert await _post_all(pki, [gateway.port], bodies) == {200}
+        deadline = time.monotonic() + DEADLINE_S
+        while len(await gateway.outbox.query(state="delivered", limit=10)) < 6:
+            assert not await gateway.outbox.query(state="dead"), "dead-lettered"
+            assert time.monotonic() < deadline, "not all delivered"
+            await asyncio.sleep(0.05)
+        delivered = await gateway.outbox.query(state="delivered", limit=10)
+        assert sorted(d.attempts for d in delivered) == [1, 1, 1, 1, 1, 2]
+    assert len(sink.at("/sink")) == 7
 
 
 async def _all(sink: Sink, count: int) -> list[Received]:

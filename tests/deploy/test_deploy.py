@@ -4,6 +4,8 @@ verifies, and every metric the alert rules and the dashboard use is one the gate
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import re
 import shlex
@@ -14,17 +16,23 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pytest
 import yaml
 from ci import unavailable
+from helpers import admin_get, gateway_config, message_body, post, sink_target
+from pki import Pki
+from sink import DEADLINE_S, Sink
 
 from gateway.admin.stats import Snapshot, Stats
 from gateway.cli import build_parser
-from gateway.config import Config, load_config
+from gateway.config import Config, OutboxConfig, load_config
 from gateway.outbox import Backlog
+from gateway.runtime.gateway import Gateway
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The admin token as long as a listener beyond loopback requires (Kubernetes binds 0.0.0.0).
 ENV = {"WABA_VERIFY_TOKEN": "x", "WABA_APP_SECRET": "x", "WABA_ADMIN_TOKEN": "x" * 32}
+TOKEN = "metrics-token-0123456789abcdef"
 # Prometheus' own series that the rules may use besides the gateway's.
 PROMETHEUS_SERIES = {"up"}
 PROMQL_WORDS = {
@@ -81,9 +89,25 @@ def _exposed() -> set[str]:
         server_certificate_expiry=1.0,
         client_ca_expiries=[("CN=ca", 1.0)],
         last_reload_success=1.0,
+        outbox_bytes=1,
+        outbox_rows=1,
+        held_back={"t": 1},
+        rate_limited={"t": True},
     )
-    text = stats.render(snapshot).decode()
-    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line[:1] != "#"}
+    return _samples(stats.render(snapshot).decode())
+
+
+def _samples(text: str) -> set[str]:
+    """The sample names an exposition can hold: those it holds, and those of each family it
+    declares (a labelled counter with no series yet declares its family only)."""
+    lines = text.splitlines()
+    names = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in lines if line[:1] != "#"}
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+    for line in lines:
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names |= {name + suffix for suffix in suffixes.get(kind, ("",))}
+    return names
 
 
 def _expressions() -> Iterator[tuple[str, str]]:
@@ -97,18 +121,65 @@ def _expressions() -> Iterator[tuple[str, str]]:
             yield f"panel {panel['title']!r}", target["expr"]
 
 
-def test_every_metric_the_alerts_and_dashboard_use_is_one_the_gateway_exposes() -> None:
-    """A renamed metric would leave an alert that never fires: each series is checked."""
-    exposed = _exposed()
-    checked = 0
+def _used() -> Iterator[tuple[str, set[str]]]:
+    """Each alert's and panel's expressions, with the series names they use."""
     for where, expr in _expressions():
         without_labels = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", " ", expr)
         without_groups = re.sub(r"\bby\s*\([^)]*\)", " ", without_labels)
         names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", without_groups)) - PROMQL_WORDS
-        unknown = {n for n in names if n not in exposed and n not in PROMETHEUS_SERIES}
+        yield where, names - PROMETHEUS_SERIES
+
+
+def test_every_metric_the_alerts_and_dashboard_use_is_one_the_gateway_exposes() -> None:
+    """A renamed metric would leave an alert that never fires: each series is checked."""
+    exposed = _exposed()
+    checked = 0
+    for where, names in _used():
+        unknown = names - exposed
         assert not unknown, f"{where}: {sorted(unknown)} not exposed"
         checked += len(names)
     assert checked > 20
+
+
+# Series only an option makes: refusals of the PROXY protocol header (listen.proxy_protocol).
+_OPTIONAL = {"waba_gateway_proxy_header_refused_total"}
+# Series only one outbox backend has: the file's size, or the database's rows.
+_BACKEND_ONLY = {"waba_gateway_outbox_size_bytes": "sqlite", "waba_gateway_outbox_rows": "postgres"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_running_gateway_s_metrics_hold_every_series_the_alerts_and_dashboard_use(
+    pki: Pki, tmp_path: Path, sink: Sink, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Scraped from a real gateway with an ordered, rate-limited target, after a delivered
+    notification, a refused one and a wrong admin token: each series an alert or a panel
+    names is on /metrics (the outbox's size as its backend measures it; the PROXY header
+    refusals only with listen.proxy_protocol, which the test above covers)."""
+    target = sink_target(sink, order="conversation", rate_per_s=5.0)
+    config = gateway_config(pki, tmp_path, targets=[target], admin_token=TOKEN)
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_url")
+        config = dataclasses.replace(config, outbox=OutboxConfig(url=url))
+    async with Gateway(config) as gateway:
+        assert (await post(gateway, pki, message_body("metrics"))).status == 200
+        assert (await post(gateway, pki, message_body("refused"), secret="wrong")).status == 401
+        await sink.wait_for(1)
+        wrong = await admin_get(gateway, "/metrics", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status == 401
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        answer = await admin_get(gateway, "/metrics", headers=bearer)
+        for _ in range(int(DEADLINE_S / 0.05)):  # the outcome is recorded after its request
+            if 'waba_gateway_delivery_latency_seconds_count{target="sink"}' in answer.text:
+                break
+            await asyncio.sleep(0.05)
+            answer = await admin_get(gateway, "/metrics", headers=bearer)
+    assert answer.status == 200
+    exposed = _samples(answer.text)
+    for series in ("target_conversations_held_back", "target_rate_limited"):
+        assert f'waba_gateway_{series}{{target="sink"}} 0.0' in answer.text
+    for where, names in _used():
+        wanted = {n for n in names if _BACKEND_ONLY.get(n, backend) == backend} - _OPTIONAL
+        assert wanted <= exposed, f"{where}: {sorted(wanted - exposed)} not on /metrics"
 
 
 def test_the_rules_alert_on_stuck_deliveries_certificates_and_reloads() -> None:
@@ -121,6 +192,8 @@ def test_the_rules_alert_on_stuck_deliveries_certificates_and_reloads() -> None:
         "waba_gateway_client_ca_expiry_timestamp_seconds",
         "waba_gateway_reloads_total",
         'waba_gateway_delivery_attempts_total{outcome="dead"}',
+        "waba_gateway_dead_letters_expired_total",
+        "waba_gateway_target_rate_limited",
     ):
         assert metric in used
     assert "30 * 86400" in used  # an alert 30 days before a certificate expires

@@ -266,6 +266,23 @@ async def test_ordered_claims_give_only_the_first_pending_delivery_of_each_conve
     assert len(unordered) == 6
 
 
+async def test_an_ordered_claim_hands_out_runs_of_each_conversation_in_order(
+    outbox: Outbox,
+) -> None:
+    """Asked for runs, each first delivery comes with the deliveries that follow it in its
+    conversation, in order, right after it: at most runs - 1, the first ones alone counted
+    toward the limit; a conversation whose first delivery is excluded (in flight) gives none."""
+    a1, b1, a2, a3, b2, a4 = [
+        await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a", "a", "b", "a"])
+    ]
+    due = await outbox.due(2000.0, {"t": 1}, ordered={"t"}, runs={"t": 3})
+    assert [d.id for d in due] == [a1.id, a2.id, a3.id]
+    due = await outbox.due(2000.0, {"t": 10}, ordered={"t"}, runs={"t": 3}, exclude={a1.id})
+    assert [d.id for d in due] == [b1.id, b2.id]
+    due = await outbox.due(2000.0, {"t": 10}, ordered={"t"}, runs={"t": 8})
+    assert [d.id for d in due] == [a1.id, a2.id, a3.id, a4.id, b1.id, b2.id]
+
+
 async def test_a_retrying_first_delivery_holds_its_conversation_and_no_other(
     outbox: Outbox,
 ) -> None:

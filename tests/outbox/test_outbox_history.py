@@ -180,6 +180,7 @@ async def test_outbox_file_of_layout_4_gains_the_trace_column_and_keeps_its_deli
         await box.close()
     conn = sqlite3.connect(path)
     conn.execute("ALTER TABLE notifications DROP COLUMN trace")
+    conn.execute("ALTER TABLE deliveries DROP COLUMN held_s")
     conn.execute("PRAGMA user_version = 4")
     conn.commit()
     conn.close()
@@ -189,6 +190,38 @@ async def test_outbox_file_of_layout_4_gains_the_trace_column_and_keeps_its_deli
         trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         await box.accept(b"[]", "sha256=x", [Route("t", None)], 2.0, trace=trace)
         assert {d.trace for d in await box.due(3.0, {"t": 5})} == {None, trace}
+    finally:
+        await box.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (layout._LAYOUT,)
+    finally:
+        conn.close()
+
+
+async def test_outbox_file_of_layout_5_gains_the_held_time_and_keeps_its_deliveries(
+    tmp_path: Path,
+) -> None:
+    """A file of layout 5 (no held time) opens at the current layout: its pending delivery
+    stays, held for no time so far, and a retry keeps the held time it carries."""
+    path = tmp_path / "v5.sqlite3"
+    box = SqliteOutbox(path, dedup_window_s=DAY)
+    try:
+        [old] = await box.accept(b"{}", "sha256=x", [Route("t", None)], 1.0) or []
+    finally:
+        await box.close()
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE deliveries DROP COLUMN held_s")
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    box = SqliteOutbox(path, dedup_window_s=DAY)
+    try:
+        assert [(d.id, d.held_s) for d in await box.query()] == [(old.id, 0.0)]
+        await box.record(old.id, RetryAt(9.0, "HTTP 503", 4.5), AttemptResult(status=503), 2.0)
+        assert [d.held_s for d in await box.query()] == [4.5]
+        assert await box.replay(old.id, 10.0)
+        assert [d.held_s for d in await box.query()] == [0.0]
     finally:
         await box.close()
     conn = sqlite3.connect(path)

@@ -16,6 +16,7 @@ from pgserver import PASSWORD, PgServer, running_server
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox import AttemptResult, Delivered, Outbox, RetryAt, Route, open_outbox
+from gateway.outbox.postgres import sql
 from gateway.outbox.postgres.outbox import PostgresOutbox, inspect
 
 SIG = "sha256=" + "0" * 64
@@ -141,19 +142,19 @@ async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
 async def test_new_database_gets_the_schema_and_check_reports_its_version(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """The first start creates the schema at version 3; inspect() (check) says so."""
+    """The first start creates the schema at version 4; inspect() (check) says so."""
     config = OutboxConfig(url=pg_url)
     assert "its schema is created at the first start" in await inspect(config)
     await opener()
-    assert "reachable, schema version 3" in await inspect(config)
+    assert "reachable, schema version 4" in await inspect(config)
     database = urlsplit(pg_url).path.lstrip("/")
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "3"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
 
 
 async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 1 database (no conversation order, no buckets) is brought to version 3 at
+    """A version 1 database (no conversation order, no buckets) is brought to version 4 at
     start; its pending deliveries stay, unkeyed, and are claimed as before."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -163,11 +164,12 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
         "DROP TABLE waba_gateway.buckets; DROP INDEX waba_gateway.deliveries_order;"
         " ALTER TABLE waba_gateway.deliveries DROP COLUMN order_key, DROP COLUMN position;"
         " ALTER TABLE waba_gateway.notifications DROP COLUMN trace;"
+        " ALTER TABLE waba_gateway.deliveries DROP COLUMN held_s;"
         " UPDATE waba_gateway.meta SET version = 1",
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "3"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
     claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert await again.take_tokens("t", 1.0, 1, 5) == 1
@@ -176,7 +178,7 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
 async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 2 database (no trace context) is brought to version 3 at start; its pending
+    """A version 2 database (no trace context) is brought to version 4 at start; its pending
     deliveries stay, with no trace context, and new ones keep theirs."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -184,14 +186,60 @@ async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries
     database = urlsplit(pg_url).path.lstrip("/")
     pg_server.psql(
         "ALTER TABLE waba_gateway.notifications DROP COLUMN trace;"
+        " ALTER TABLE waba_gateway.deliveries DROP COLUMN held_s;"
         " UPDATE waba_gateway.meta SET version = 2",
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "3"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert {d.trace for d in claimed} == {None}
+
+
+async def test_schema_of_version_3_gains_the_held_time_keeping_its_deliveries(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A version 3 database (no held time) is brought to version 4 at start; its pending
+    deliveries stay, having been held for no time, and a retry keeps the time it carries."""
+    first = await opener(dispatching=False)
+    ids = await _store(first, 2)
+    await first.close()
+    database = urlsplit(pg_url).path.lstrip("/")
+    pg_server.psql(
+        "ALTER TABLE waba_gateway.deliveries DROP COLUMN held_s;"
+        " UPDATE waba_gateway.meta SET version = 3",
+        database,
+    )
+    again = await opener()
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
+    claimed = await again.due(2000.0, {"t": 10})
+    assert sorted(d.id for d in claimed) == sorted(ids)
+    assert {d.held_s for d in claimed} == {0.0}
+    retry = RetryAt(2100.0, "HTTP 503", 42.5)
+    await again.record_many([(ids[0], retry, AttemptResult(status=503))], 2001.0)
+    held = await again.get(ids[0])
+    assert held is not None
+    assert held.held_s == 42.5
+
+
+async def test_the_ordered_claim_finds_an_earlier_pending_delivery_through_the_index(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """The ordered claim's NOT EXISTS (an earlier pending delivery of the conversation) is
+    answered by the partial index of keyed pending rows, not by reading the table: the plan
+    of the statement as the outbox runs it (sequential scans ruled out, so a plan without an
+    index there would say so)."""
+    await opener()
+    database = urlsplit(pg_url).path.lstrip("/")
+    statement = sql.CLAIM_ORDERED
+    values = {"$1": "'t'", "$2": "2000", "$3": "'me'", "$4": "'{}'::bigint[]", "$5": "10"}
+    for mark, value in [*values.items(), ("$6", "30")]:
+        statement = statement.replace(mark, value)
+    plan = pg_server.psql(f"SET enable_seqscan = off; EXPLAIN {statement}", database)
+    subplan = plan.split("SubPlan", 1)[1] if "SubPlan" in plan else plan.split("Anti Join", 1)[1]
+    assert "deliveries_order" in subplan, plan
+    assert "Seq Scan" not in plan, plan
 
 
 async def test_schema_of_a_newer_version_is_refused_at_start_untouched(

@@ -3,7 +3,8 @@
 Rule: :class:`Conversations` is a real HTTP server on 127.0.0.1. It reads each request's user
 (the business-scoped user id, ``from_user_id``) and number (the message's text) and records, per
 user, the numbers it accepted (200), in arrival order. A message it is told to hold is answered
-503 until released: a conversation whose first delivery keeps failing while others flow.
+503 until released: a conversation whose first delivery keeps failing while others flow; one it
+is told to fail is answered 503 that many times.
 
 The notifications are Meta's published text message sample with the phone number fields
 removed and business-scoped user id fields added (``examples/bsuid/messages-text.json``).
@@ -57,6 +58,7 @@ class Conversations:
         self.accepted: dict[str, list[int]] = {}
         self.refused: dict[tuple[str, int], int] = {}
         self.held: set[tuple[str, int]] = set()
+        self.failing: dict[tuple[str, int], int] = {}
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -79,6 +81,10 @@ class Conversations:
 
     async def _handle(self, request: web.Request) -> web.Response:
         user, n = _read(await request.read())
+        if self.failing.get((user, n), 0) > 0:
+            self.failing[(user, n)] -= 1
+            self.refused[(user, n)] = self.refused.get((user, n), 0) + 1
+            return web.Response(status=503, text="not yet")
         if (user, n) in self.held:
             self.refused[(user, n)] = self.refused.get((user, n), 0) + 1
             return web.Response(status=503, text="not now")

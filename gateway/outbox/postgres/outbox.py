@@ -277,14 +277,16 @@ class PostgresOutbox:
         exclude: Collection[str] = (),
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
+        runs: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         wanted = dict(limits)
         keep_order = frozenset(ordered)
         keys = {t: list(k) for t, k in (conversations or {}).items() if t in keep_order}
+        lengths = {t: n for t, n in (runs or {}).items() if t in keep_order and n > 1}
 
-        async def claim(conn: Any) -> list[Delivery]:
-            found: list[Delivery] = []
+        async def claim(conn: Any) -> list[tuple[tuple[float, int, int], Delivery]]:
+            found: list[tuple[tuple[float, int, int], Delivery]] = []
             for target, limit in wanted.items():
                 args = [target, now, self.owner, skip, limit, self.config.lease_s]
                 if target in keys:
@@ -295,11 +297,35 @@ class PostgresOutbox:
                 else:
                     statement = sql.CLAIM
                 rows = await conn.fetch(statement, *args)
-                found.extend(delivery_from_row(row, self._prefix) for row in rows)
+                heads = {row[0]: row[9] for row in rows}
+                found.extend(((row[9], row[0], 0), self._delivery(row)) for row in rows)
+                if target in lengths and heads:
+                    found.extend(await self._followers(conn, target, now, heads, lengths[target]))
             return found
 
         found = await self._run(claim)
-        found.sort(key=lambda d: d.next_attempt_at)
+        # A follower right after the first delivery of its conversation, in its order.
+        found.sort(key=lambda pair: pair[0])
+        return [delivery for _, delivery in found]
+
+    def _delivery(self, row: Any) -> Delivery:
+        return delivery_from_row(row, self._prefix)
+
+    async def _followers(
+        self, conn: Any, target: str, now: float, heads: dict[int, float], length: int
+    ) -> list[tuple[tuple[float, int, int], Delivery]]:
+        """The runs behind the first deliveries ``heads`` (row id: due time), each kept up to
+        its first gap (a row another gateway holds)."""
+        args = (target, now, self.owner, list(heads), length - 1, self.config.lease_s)
+        rows = sorted(await conn.fetch(sql.CLAIM_RUNS, *args), key=lambda r: (r[-2], r[-1]))
+        found = []
+        expected: dict[int, int] = {}
+        for row in rows:
+            head, step = row[-2], row[-1]
+            if expected.get(head, 1) != step:
+                continue  # past a gap: leased, and claimed again in its turn
+            expected[head] = step + 1
+            found.append(((heads[head], head, step), self._delivery(row)))
         return found
 
     async def record_many(
@@ -310,15 +336,18 @@ class PostgresOutbox:
             rowid = rowid_of(delivery_id, self._prefix)
             if rowid is None:
                 continue
+            held = 0.0
             if isinstance(outcome, Delivered):
                 state, next_at, error = "delivered", now, None
             elif isinstance(outcome, RetryAt):
-                state, next_at, error = "pending", outcome.at, outcome.reason
+                state, next_at, error, held = "pending", outcome.at, outcome.reason, outcome.held_s
             else:
                 assert isinstance(outcome, DeadLetter)
                 state, next_at, error = "dead", now, outcome.reason
             excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
-            rows.append((state, next_at, now, result.status, error, excerpt, rowid, self.owner))
+            rows.append(
+                (state, next_at, now, result.status, error, excerpt, rowid, self.owner, held)
+            )
 
         async def record(conn: Any) -> None:
             # Not waiting for the flush: an outcome lost in a crash of the database server only

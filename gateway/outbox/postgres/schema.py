@@ -4,8 +4,8 @@ Rule: everything lives in its own PostgreSQL schema, ``waba_gateway``, so the da
 other things. The first gateway to start creates the tables (under an advisory lock, so several
 starting together create them once) and records :data:`VERSION` with a random delivery id
 prefix; every start reads the version back and refuses any other one, untouched, with a message
-saying what to do, except versions 1 and 2, which are brought to version 3 in place (see
-:data:`_TO_2` and :data:`_TO_3`).
+saying what to do, except versions 1 to 3, which are brought to version 4 in place (see
+:data:`_TO_2`, :data:`_TO_3` and :data:`_TO_4`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gateway.errors import OutboxError
 __all__ = ["SCHEMA", "VERSION", "ensure", "read_version"]
 
 SCHEMA = "waba_gateway"
-VERSION = 3
+VERSION = 4
 # pg_advisory_xact_lock's key while the tables are checked or created: any fixed number
 # ("waba" in ASCII); it only has to be the same for every gateway.
 _CREATE_LOCK = 0x77616261
@@ -102,8 +102,14 @@ _TO_2 = (
 # a restart, or by another gateway, joins the trace of the request that brought it. A nullable
 # column rewrites no row; notifications of an older version simply have none.
 _TO_3 = (f"ALTER TABLE {SCHEMA}.notifications ADD COLUMN trace TEXT",)
+# Version 4: the seconds each delivery spent held by its target's pacing (a rate limit's token,
+# an earlier delivery of its conversation), which its age for max_age_s leaves out. A column
+# with a constant default rewrites no row (PostgreSQL 11 and later).
+_TO_4 = (
+    f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN held_s DOUBLE PRECISION NOT NULL DEFAULT 0",
+)
 # What brings each older version to the current one.
-_MIGRATIONS = {1: (*_TO_2, *_TO_3), 2: _TO_3}
+_MIGRATIONS = {1: (*_TO_2, *_TO_3, *_TO_4), 2: (*_TO_3, *_TO_4), 3: _TO_4}
 
 
 async def read_version(conn: asyncpg.Connection[Any]) -> tuple[int, str] | None:
@@ -159,7 +165,7 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
         found = await read_version(conn)  # again, under the lock: another gateway may have won
         if found is not None:
             return _check(found)
-        for statement in (*_TABLES, *_TO_2, *_TO_3):
+        for statement in (*_TABLES, *_TO_2, *_TO_3, *_TO_4):
             await conn.execute(statement)
         prefix = secrets.token_hex(8)
         await conn.execute(

@@ -26,6 +26,7 @@ __all__ = [
     "CLAIM",
     "CLAIM_ORDERED",
     "CLAIM_ORDERED_OF",
+    "CLAIM_RUNS",
     "COUNT",
     "EXCERPT_CHARS",
     "GET",
@@ -139,6 +140,40 @@ CLAIM_ORDERED_OF: Final = _CLAIM.format(
     ordered=f"\n      AND c0.order_key = ANY($7::text[]){_FIRST_OF_ITS_CONVERSATION}",
 )
 
+# The deliveries that follow each claimed first delivery $4 of target $1 in its conversation,
+# in order: up to $5 each, as far as each is due by $2 and free to lease (not another living
+# gateway's), leased to $3 for $6 seconds like the first. Each row says which first delivery it
+# follows, and its step behind it: a row locked elsewhere is skipped, and the caller keeps a
+# run only up to its first gap.
+CLAIM_RUNS: Final = f"""
+WITH h AS (
+    SELECT id, order_key, {_PLACE.format("h0")} AS place FROM {SCHEMA}.deliveries h0
+    WHERE id = ANY($4::bigint[]) AND order_key IS NOT NULL
+), f AS (
+    SELECT e.id, h.id AS head,
+        row_number() OVER (PARTITION BY h.id ORDER BY e.place) AS step,
+        bool_and(e.next_attempt_at <= $2
+            AND (e.lease_until IS NULL OR e.lease_owner = $3 OR e.lease_until <= {_NOW}))
+            OVER (PARTITION BY h.id ORDER BY e.place) AS free
+    FROM h CROSS JOIN LATERAL (
+        SELECT e0.id, e0.next_attempt_at, e0.lease_owner, e0.lease_until,
+            {_PLACE.format("e0")} AS place
+        FROM {SCHEMA}.deliveries e0
+        WHERE e0.state = 'pending' AND e0.target = $1 AND e0.order_key = h.order_key
+          AND {_PLACE.format("e0")} > h.place
+        ORDER BY {_PLACE.format("e0")}
+        LIMIT $5) e
+), c AS (
+    SELECT d0.id FROM {SCHEMA}.deliveries d0 JOIN f ON f.id = d0.id
+    WHERE f.free AND d0.state = 'pending'
+    FOR UPDATE OF d0 SKIP LOCKED
+)
+UPDATE {SCHEMA}.deliveries d SET lease_owner = $3, lease_until = {_NOW} + $6
+FROM c, f, {SCHEMA}.notifications n
+WHERE d.id = c.id AND f.id = c.id AND n.id = d.notification_id
+RETURNING {DELIVERY_COLUMNS}, f.head, f.step
+"""
+
 # Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's
 # clock, up to $3), for every gateway at once: the row is locked by the statement, and the new
 # level and the grant are both computed from the row as it stood. Returns the grant.
@@ -165,7 +200,7 @@ RECORD: Final = f"""
 WITH u AS (
     UPDATE {SCHEMA}.deliveries SET state = $1, attempts = attempts + 1, next_attempt_at = $2,
         updated_at = $3, last_status = $4, last_error = $5, last_response = $6,
-        lease_owner = NULL, lease_until = NULL
+        lease_owner = NULL, lease_until = NULL, held_s = $9
     WHERE id = $7 AND (lease_owner IS NULL OR lease_owner = $8)
     RETURNING id, attempts
 )
@@ -184,7 +219,7 @@ WHERE lease_owner = $1 AND state = 'pending'
 # own identity sequence, so every delivery accepted later comes after it too.
 _NEXT_PLACE = f"nextval(pg_get_serial_sequence('{SCHEMA}.deliveries', 'id'))"
 REPLAY: Final = f"""
-UPDATE {SCHEMA}.deliveries SET state = 'pending', attempts = 0, created_at = $2,
+UPDATE {SCHEMA}.deliveries SET state = 'pending', attempts = 0, held_s = 0, created_at = $2,
     next_attempt_at = $2, updated_at = $2, lease_owner = NULL, lease_until = NULL,
     position = CASE WHEN order_key IS NULL THEN position ELSE {_NEXT_PLACE} END
 WHERE id = $1
@@ -265,7 +300,8 @@ def replay_many_query(state: str, target: str | None, since: float | None) -> tu
     where, params = _filters(state=state, target=target, since=since)
     now = f"${len(params) + 1}"
     return (
-        f"UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, created_at = {now},"
+        f"UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, held_s = 0,"
+        f" created_at = {now},"
         f" next_attempt_at = {now}, updated_at = {now}, lease_owner = NULL, lease_until = NULL"
         f"{where}",
         params,

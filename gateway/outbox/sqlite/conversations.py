@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
-__all__ = ["first_due", "held_back", "is_behind", "to_the_back"]
+__all__ = ["first_due", "followers", "held_back", "is_behind", "to_the_back"]
 
 # Whether an earlier delivery of a conversation is pending (a seek in the partial index).
 _BEHIND = (
@@ -29,10 +29,10 @@ _BEHIND = (
 # columns of the row that holds the MIN: https://sqlite.org/lang_select.html#bareagg); and the
 # unkeyed ones, accepted before the target kept order, in time order.
 _FIRST_DUE = (
-    "SELECT id, next_attempt_at FROM (SELECT id, next_attempt_at,"
+    "SELECT id, next_attempt_at, order_key FROM (SELECT id, next_attempt_at, order_key,"
     " MIN(COALESCE(position, id)) FROM deliveries WHERE state = 'pending' AND target = ?"
     " AND order_key IS NOT NULL GROUP BY order_key) WHERE next_attempt_at <= ?"
-    " UNION ALL SELECT id, next_attempt_at FROM deliveries WHERE state = 'pending'"
+    " UNION ALL SELECT id, next_attempt_at, NULL FROM deliveries WHERE state = 'pending'"
     " AND target = ? AND next_attempt_at <= ? AND order_key IS NULL"
     " ORDER BY next_attempt_at LIMIT ?"
 )
@@ -40,11 +40,20 @@ _FIRST_DUE = (
 # The same for the conversations of a JSON array of keys: each one's first pending delivery,
 # by one seek into the partial index, kept when it is due.
 _FIRST_DUE_OF = (
-    "SELECT h.id, h.next_attempt_at FROM (SELECT (SELECT e.id FROM deliveries e"
+    "SELECT h.id, h.next_attempt_at, h.order_key FROM (SELECT (SELECT e.id FROM deliveries e"
     " WHERE e.state = 'pending' AND e.target = ?1 AND e.order_key = k.value"
     " ORDER BY COALESCE(e.position, e.id) LIMIT 1) AS first FROM json_each(?2) AS k) AS f"
     " JOIN deliveries h ON h.id = f.first WHERE h.next_attempt_at <= ?3"
     " ORDER BY h.next_attempt_at LIMIT ?4"
+)
+
+# The first ?3 pending deliveries of each conversation of a JSON array of keys, in their order:
+# one seek into the partial index per conversation, as for its first one.
+_FIRST_OF = (
+    "SELECT k.value, e.id, e.next_attempt_at FROM json_each(?2) AS k JOIN deliveries e"
+    " ON e.id IN (SELECT f.id FROM deliveries f WHERE f.state = 'pending' AND f.target = ?1"
+    " AND f.order_key = k.value ORDER BY COALESCE(f.position, f.id) LIMIT ?3)"
+    " ORDER BY k.key, COALESCE(e.position, e.id)"
 )
 
 # Replayed deliveries with a conversation go to its back: each takes a new place from the
@@ -63,15 +72,41 @@ def is_behind(conn: sqlite3.Connection, target: str, key: str, rowid: int) -> bo
 
 def first_due(
     conn: sqlite3.Connection, target: str, now: float, limit: int, keys: Collection[str] | None
-) -> list[int]:
+) -> list[tuple[int, str | None]]:
     """Up to ``limit`` row ids of ``target``'s deliveries due by ``now`` that are first of
-    their conversation, oldest first: of every conversation, or of those ``keys`` name (one
-    index seek each)."""
+    their conversation, oldest first, each with its conversation key: of every conversation,
+    or of those ``keys`` name (one index seek each)."""
     if keys is None:
         rows = conn.execute(_FIRST_DUE, (target, now, target, now, limit))
     else:
         rows = conn.execute(_FIRST_DUE_OF, (target, json.dumps(sorted(keys)), now, limit))
-    return [int(rowid) for rowid, _ in rows]
+    return [(int(rowid), key) for rowid, _, key in rows]
+
+
+def followers(
+    conn: sqlite3.Connection, target: str, now: float, heads: Mapping[str, int], length: int
+) -> dict[int, list[int]]:
+    """For each conversation's first delivery (``heads``: key to row id), the row ids of the
+    deliveries that follow it, in order, each due by ``now``: at most ``length - 1``, and none
+    past the first that is not due. A conversation whose first delivery is no longer the one
+    given has none."""
+    rows = conn.execute(_FIRST_OF, (target, json.dumps(list(heads)), length))
+    found: dict[int, list[int]] = {}
+    run: list[int] = []
+    current: str | None = None
+    open_run = False
+    for key, rowid, due_at in rows:
+        if key != current:
+            current, run = key, []
+            open_run = heads.get(key) == rowid
+            if open_run:
+                found[rowid] = run
+            continue
+        if open_run and due_at <= now:
+            run.append(int(rowid))
+        else:
+            open_run = False
+    return found
 
 
 def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:

@@ -18,6 +18,11 @@ Layout 5 added each notification's trace context (``trace``, see :mod:`gateway.t
 an attempt made after a restart joins the trace of the request that brought it. A file of
 layout 2, 3 or 4 is migrated when it is opened, in one transaction: its notifications have no
 trace context (their attempts start traces of their own).
+
+Layout 6 added the seconds each delivery spent held by its target's pacing (``held_s``: waiting,
+due, for a token of the rate limit or behind an earlier delivery of its conversation), which its
+age for ``max_age_s`` leaves out. A file of layout 2 to 5 is migrated when it is opened, in one
+transaction: its deliveries have held for no time so far.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ __all__ = ["connect", "describe", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0; layout 2 had no attempts table.
-_LAYOUT = 5
+_LAYOUT = 6
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
@@ -72,6 +77,9 @@ _ORDER = (
 
 # Layout 5's addition: a nullable column, so no row is rewritten.
 _TRACE = ("ALTER TABLE notifications ADD COLUMN trace TEXT",)
+
+# Layout 6's addition: a column with a constant default, so no row is rewritten either.
+_HELD = ("ALTER TABLE deliveries ADD COLUMN held_s REAL NOT NULL DEFAULT 0",)
 
 # Statements one by one rather than a script: executescript() commits first, and the layout is
 # created inside the transaction that checked the file was empty.
@@ -111,6 +119,7 @@ _SCHEMA = (
     *_ATTEMPTS,
     *_ORDER,
     *_TRACE,
+    *_HELD,
 )
 
 
@@ -135,8 +144,9 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a file of layout 2, 3 or 4 to layout 5: the attempts table (from 2), the
-    columns and index of ordered delivery (from 2 or 3), the trace context; nothing else."""
+    """Bring a file of layout 2 to 5 to layout 6: the attempts table (from 2), the columns
+    and index of ordered delivery (from 2 or 3), the trace context (from 2 to 4), the held
+    time; nothing else."""
     version = _user_version(conn)
     if version == 2:
         for statement in _ATTEMPTS:
@@ -144,7 +154,10 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     if version in (2, 3):
         for statement in _ORDER:
             conn.execute(statement)
-    for statement in _TRACE:
+    if version in (2, 3, 4):
+        for statement in _TRACE:
+            conn.execute(statement)
+    for statement in _HELD:
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
@@ -165,11 +178,11 @@ def _under_write_lock(
 
 
 def _layout(conn: sqlite3.Connection, path: Path) -> str:
-    """Check the file's layout (creating it in a new file, migrating layouts 2 to 4); return its
+    """Check the file's layout (creating it in a new file, migrating layouts 2 to 5); return its
     delivery id prefix."""
     if _user_version(conn) == 0:
         _under_write_lock(conn, path, 0, _create)
-    for older in (2, 3, 4):
+    for older in (2, 3, 4, 5):
         if _user_version(conn) == older:
             _under_write_lock(conn, path, older, _migrate)
     version = _user_version(conn)
@@ -282,7 +295,7 @@ def describe(path: Path) -> str:
             return f"{where} is empty: the first start gives it the outbox's layout"
         if version == 0 and "deliveries" in tables:
             raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
-        if version not in (2, 3, 4, _LAYOUT) or "deliveries" not in tables:
+        if version not in (2, 3, 4, 5, _LAYOUT) or "deliveries" not in tables:
             raise OutboxError(
                 f"outbox.path = '{path}': not an outbox of this version (layout {version})"
             )

@@ -150,10 +150,12 @@ class SqliteOutbox:
         exclude: Collection[str] = (),
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
+        runs: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
-        each target named there, leaving out the ids in ``exclude`` (in flight). A delivery
-        whose body no longer matches its stored digest is dead-lettered, never handed out."""
+        each target named there, leaving out the ids in ``exclude`` (in flight), with the
+        followers ``runs`` asks for. A delivery whose body no longer matches its stored digest
+        is dead-lettered, never handed out."""
         # Copies: the caller's collections may change before the writer thread reads them.
         found, damaged = await self.run(
             functools.partial(
@@ -166,6 +168,7 @@ class SqliteOutbox:
                 conversations=None
                 if conversations is None
                 else {target: frozenset(keys) for target, keys in conversations.items()},
+                runs=None if runs is None else dict(runs),
             ),
             read=True,
         )
@@ -202,10 +205,11 @@ class SqliteOutbox:
     def _attempt(
         self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
     ) -> store.Attempt:
+        held = 0.0
         if isinstance(outcome, Delivered):
             state, next_at, error = "delivered", now, None
         elif isinstance(outcome, RetryAt):
-            state, next_at, error = "pending", outcome.at, outcome.reason
+            state, next_at, error, held = "pending", outcome.at, outcome.reason, outcome.held_s
         else:
             assert isinstance(outcome, DeadLetter)
             state, next_at, error = "dead", now, outcome.reason
@@ -217,6 +221,7 @@ class SqliteOutbox:
             status=result.status,
             error=error,
             response=result.response_excerpt,
+            held_s=held,
         )
 
     async def size(self) -> Size:

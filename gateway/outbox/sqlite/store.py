@@ -120,8 +120,8 @@ def insert_notification(
 def _intact(row: tuple[Any, ...]) -> bool:
     """Whether the notification behind a due row still has the digest stored with it: the
     delivery's own body, or for a split delivery (a part of it) the notification's body."""
-    notification_body = row[3] if row[17] is None else row[17]
-    return hashlib.sha256(notification_body).digest() == bytes(row[16])
+    notification_body = row[3] if row[18] is None else row[18]
+    return hashlib.sha256(notification_body).digest() == bytes(row[17])
 
 
 def due_deliveries(
@@ -132,34 +132,43 @@ def due_deliveries(
     skip: Collection[str],
     ordered: Collection[str] = (),
     conversations: Mapping[str, Collection[str]] | None = None,
+    runs: Mapping[str, int] | None = None,
 ) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
     leaving out the ids in ``skip`` and, for the ``ordered`` targets, every delivery behind an
     earlier pending one of its conversation (only the conversations ``conversations`` names for
-    it, when it names any); and the row ids of due deliveries whose body no longer
-    matches the digest stored when it was received (damaged in the file: never forwarded).
-    One index seek per target: a target that is down with a million deliveries waiting costs
-    nothing when it is not asked for."""
-    found: list[Delivery] = []
+    it, when it names any), except that for an ordered target ``runs`` names, each first one
+    comes with up to ``runs[target] - 1`` due deliveries that follow it, right after it in
+    their order (see :meth:`gateway.outbox.Outbox.due`); and the row ids of due deliveries
+    whose body no longer matches the digest stored when it was received (damaged in the file:
+    never forwarded). One index seek per target: a target that is down with a million
+    deliveries waiting costs nothing when it is not asked for."""
+    found: list[tuple[tuple[float, int, int], Delivery]] = []
     damaged: list[int] = []
     for target, limit in limits.items():
+        places: dict[int, tuple[float, int, int]] = {}
         if target in ordered:
             keys = None if conversations is None else conversations.get(target)
-            rows = _first_of_conversations(conn, prefix, target, now, limit, skip, keys)
+            length = 1 if runs is None else runs.get(target, 1)
+            rows, places = _first_of_conversations(
+                conn, prefix, target, now, limit, skip, keys, length
+            )
         else:
             rows = conn.execute(
                 f"{_DUE_SELECT} WHERE d.state = 'pending' AND d.target = ?"
                 " AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
                 (target, now, limit + len(skip)),
             ).fetchall()
-        fresh = [row for row in rows if delivery_id_of(prefix, row[0]) not in skip][:limit]
-        for row in fresh:
+            rows = [row for row in rows if delivery_id_of(prefix, row[0]) not in skip][:limit]
+        for row in rows:
             if _intact(row):
-                found.append(delivery_from_row(row, prefix))
+                # A follower sorts right after the first of its conversation, in its order.
+                place = places.get(row[0], (row[9], row[0], 0))
+                found.append((place, delivery_from_row(row, prefix)))
             else:
                 damaged.append(row[0])
-    found.sort(key=lambda d: d.next_attempt_at)
-    return found, damaged
+    found.sort(key=lambda pair: pair[0])
+    return [delivery for _, delivery in found], damaged
 
 
 def _first_of_conversations(
@@ -170,20 +179,36 @@ def _first_of_conversations(
     limit: int,
     skip: Collection[str],
     keys: Collection[str] | None,
-) -> list[tuple[Any, ...]]:
+    length: int,
+) -> tuple[list[tuple[Any, ...]], dict[int, tuple[float, int, int]]]:
     """The due rows of an ordered target, each first of its conversation (see
-    :func:`conversations.first_due`). The ids first, from the index alone, and only then the
+    :func:`conversations.first_due`), with up to ``length - 1`` of its followers, and the
+    place each follower sorts at. The ids first, from the index alone, and only then the
     bodies of those not in flight: the deliveries in flight (most of a busy ordered target's
     first ones) are never read with their bodies."""
     heads = conversations.first_due(conn, target, now, limit + len(skip), keys)
-    ids = [rowid for rowid in heads if delivery_id_of(prefix, rowid) not in skip][:limit]
-    if not ids:
-        return []
+    chosen = [(rowid, key) for rowid, key in heads if delivery_id_of(prefix, rowid) not in skip]
+    chosen = chosen[:limit]
+    if not chosen:
+        return [], {}
+    ids = [rowid for rowid, _ in chosen]
+    follows: dict[int, tuple[int, int]] = {}  # a follower's first delivery, and its step
+    keyed = {key: rowid for rowid, key in chosen if key is not None}
+    if length > 1 and keyed:
+        for head, run in conversations.followers(conn, target, now, keyed, length).items():
+            follows.update({rowid: (head, step) for step, rowid in enumerate(run, start=1)})
+            ids.extend(run)
     marks = ", ".join("?" * len(ids))
-    return conn.execute(
+    rows = conn.execute(
         f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending' ORDER BY d.next_attempt_at",
         ids,
     ).fetchall()
+    due_at = {row[0]: row[9] for row in rows}
+    places: dict[int, tuple[float, int, int]] = {}
+    for row in rows:
+        head, step = follows.get(row[0], (row[0], 0))
+        places[row[0]] = (due_at.get(head, row[9]), head, step)
+    return rows, places
 
 
 _DUE_SELECT = (
@@ -227,11 +252,13 @@ class Attempt:
     status: int | None
     error: str | None
     response: str
+    held_s: float = 0.0
 
 
 _RECORD = (
     "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
-    " updated_at = ?, last_status = ?, last_error = ?, last_response = ? WHERE id = ?"
+    " updated_at = ?, last_status = ?, last_error = ?, last_response = ?, held_s = ?"
+    " WHERE id = ?"
 )
 
 
@@ -255,6 +282,7 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
                 a.status,
                 a.error,
                 a.response[:_EXCERPT_CHARS],
+                a.held_s,
                 a.rowid,
             )
             for a in known
@@ -403,7 +431,7 @@ def replay_deliveries(
     conversations.to_the_back(conn, where, params)
     return int(
         conn.execute(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"  # noqa: S608
+            "UPDATE deliveries SET state = 'pending', attempts = 0, held_s = 0, created_at = ?,"  # noqa: S608
             f" next_attempt_at = ?, updated_at = ? WHERE {where}",
             (now, now, now, *params),
         ).rowcount
@@ -436,7 +464,7 @@ def replay_delivery(
         return False
     conversations.to_the_back(conn, "id = ?", (rowid,))
     cursor = conn.execute(
-        "UPDATE deliveries SET state = 'pending', attempts = 0, created_at = ?,"
+        "UPDATE deliveries SET state = 'pending', attempts = 0, held_s = 0, created_at = ?,"
         " next_attempt_at = ?, updated_at = ? WHERE id = ?",
         (now, now, now, rowid),
     )
