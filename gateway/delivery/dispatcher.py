@@ -32,7 +32,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
@@ -49,7 +49,10 @@ from gateway.delivery.pacing import Pacing
 from gateway.delivery.sending import Sender, sender_for
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
-from gateway.tracing import Tracing
+
+if TYPE_CHECKING:
+    # Annotations only: with tracing off no OpenTelemetry module is imported at all.
+    from gateway.tracing import Tracing
 
 __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 
@@ -405,8 +408,9 @@ class Dispatcher:
                 results = [AttemptResult(error=f"{type(exc).__name__}: {exc}"[:300])] * len(batch)
         except BaseException:
             # Stopped mid-batch: the attempts stay pending; their spans say so.
-            for span, _ in spans or ():
-                Tracing.end_attempt(span, None, "stopped", "retry")
+            if spans is not None and self._tracing is not None:
+                for span, _ in spans:
+                    self._tracing.end_attempt(span, None, "stopped", "retry")
             raise
         finally:
             self._busy[name] -= len(batch)
@@ -431,9 +435,11 @@ class Dispatcher:
             )
             for delivery, attempt, result in zip(batch, attempts, results, strict=True)
         ]
-        if spans is not None:
+        if spans is not None and self._tracing is not None:
             for (span, _), outcome, result in zip(spans, outcomes, results, strict=True):
-                Tracing.end_attempt(span, result.status, result.error, _OUTCOMES[type(outcome)])
+                self._tracing.end_attempt(
+                    span, result.status, result.error, _OUTCOMES[type(outcome)]
+                )
         try:
             await self._outbox.record_many(
                 [

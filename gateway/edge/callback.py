@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
-from gateway.edge.routing import route
+from gateway.edge.routing import Plan, route
 from gateway.outbox import Delivery, Outbox, Route
 from gateway.signing import verify_signature
-from gateway.tracing import Tracing
 
 if TYPE_CHECKING:
+    # Annotations only: with tracing off no OpenTelemetry module is imported at all.
     from opentelemetry.trace import Span
+
+    from gateway.tracing import Tracing
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
 
@@ -68,7 +70,7 @@ class Callback:
         self._on_stored = on_stored
         self._clock = clock
         self._secrets = config.meta.app_secrets
-        self._targets = config.targets
+        self._routing = Plan.of(config.targets)
         # Set by the runtime when [tracing] is enabled; None: no span is ever made.
         self.tracing: Tracing | None = None
 
@@ -77,7 +79,7 @@ class Callback:
         apply from the next connection or request on; requests in flight finish as they began."""
         self.config = config
         self._secrets = config.meta.app_secrets
-        self._targets = config.targets
+        self._routing = Plan.of(config.targets)
 
     def answered(self, status: int, seconds: float) -> None:
         """A request was answered with ``status`` after ``seconds`` (for the metrics)."""
@@ -116,7 +118,7 @@ class Callback:
         except Exception:
             self.stats.rejected("signature")
             raise
-        routes = route(body, self._targets)
+        routes = route(body, self._routing)
         assert signature is not None  # verify_signature refuses a missing header
         if span is None or self.tracing is None:
             stored = await self.outbox.accept(body, signature, routes, self._clock())

@@ -44,11 +44,13 @@ from gateway.edge.proxy_reader import HEADER_TIMEOUT_S, ProxyHeaderReader
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import NotFound, Rejected, RequestTimeout
-from gateway.tracing import Tracing
 from gateway.units import SECONDS
 
 if TYPE_CHECKING:
+    # Annotations only: with tracing off no OpenTelemetry module is imported at all.
     from opentelemetry.trace import Span
+
+    from gateway.tracing import Tracing
 
 __all__ = ["Listener"]
 
@@ -121,7 +123,7 @@ class _Connection(asyncio.Protocol):
         self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
         self.not_after: str | None = None  # the client certificate's, kept only when tracing
-        self._tracing = self._callback.tracing
+        self._tracing: Tracing | None = self._callback.tracing
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -262,8 +264,8 @@ class _Connection(asyncio.Protocol):
         else:
             status, reason = 200, done.result()
         self._answer(request, "POST", path, status, reason)
-        if span is not None:
-            Tracing.end_server(span, status)
+        if span is not None and self._tracing is not None:
+            self._tracing.end_server(span, status)
         self._pump()
 
     def _answer(
