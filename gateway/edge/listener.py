@@ -138,9 +138,11 @@ class _Connection(asyncio.Protocol):
         _ack_now(transport)
         # The TLS handshake is complete by now: OpenSSL has verified the chain against the
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
-        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        # The certificate as the event loop's TLS protocol read it at the end of the handshake
+        # (asyncio's and uvloop's both call getpeercert() there): reading it again would decode
+        # the whole certificate a second time, on every new connection.
+        peercert = transport.get_extra_info("peercert")
         try:
-            peercert = ssl_object.getpeercert() if ssl_object else None
             if self._tracing is not None and peercert:
                 self.not_after = str(peercert.get("notAfter") or "") or None
             self.cn = self._callback.identify(peercert, self.remote)
