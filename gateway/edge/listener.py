@@ -73,20 +73,32 @@ class _Pause(enum.Enum):
 
 
 class _Clock:
-    """The ``Date`` header value, formatted once per second rather than once per answer."""
+    """The ``Date`` header value, formatted once per second rather than once per answer, and
+    the acknowledgements' whole bytes, built once per second too (they differ only in it)."""
 
-    __slots__ = ("_second", "_value")
+    __slots__ = ("_acks", "_second", "_value")
 
     def __init__(self) -> None:
         self._second = -1
         self._value = b""
+        self._acks: dict[tuple[str, bool], bytes] = {}
 
     def date(self) -> bytes:
         now = int(time.time())
         if now != self._second:
             self._second = now
             self._value = formatdate(now, usegmt=True).encode()
+            self._acks = {}
         return self._value
+
+    def ack(self, reason: str, keep_alive: bool) -> bytes:
+        """The answer to a POST with 200 and ``reason`` (one of the callback's two)."""
+        date = self.date()
+        found = self._acks.get((reason, keep_alive))
+        if found is None:
+            found = response(200, (reason + "\n").encode(), keep_alive, date)
+            self._acks[(reason, keep_alive)] = found
+        return found
 
 
 def _ack_now(transport: asyncio.BaseTransport) -> None:
@@ -227,7 +239,10 @@ class _Connection(asyncio.Protocol):
                 raise request.error
             if self._identity_error is not None:
                 raise self._identity_error
-            path, query = split_target(request.url)
+            if request.url == self._listener.raw_path:
+                path, query = self._listener.path, None  # what split_target would make of it
+            else:
+                path, query = split_target(request.url)
             if path != self._listener.path:
                 path = shortened(path)
                 raise NotFound(f"no such path: {path!r}")
@@ -276,21 +291,27 @@ class _Connection(asyncio.Protocol):
         keep_alive = isinstance(request, Request) and request.keep_alive
         keep_alive = keep_alive and not self._listener.closing
         now = self.last_active = time.monotonic()  # idle from the last answer
-        body = (reason + "\n").encode() if status != 200 or method == "POST" else reason.encode()
-        self._write(
-            response(
-                status,
-                body,
-                keep_alive,
-                self._listener.clock.date(),
-                _ALLOW if status == 405 else b"",
-                head=method == "HEAD",
+        if status == 200 and method == "POST":
+            # Every acknowledgement: its bytes are made once a second, not once an answer.
+            self._write(self._listener.clock.ack(reason, keep_alive))
+            size = len(reason) + 1
+        else:
+            body = (reason + "\n").encode() if status != 200 else reason.encode()
+            self._write(
+                response(
+                    status,
+                    body,
+                    keep_alive,
+                    self._listener.clock.date(),
+                    _ALLOW if status == 405 else b"",
+                    head=method == "HEAD",
+                )
             )
-        )
+            size = len(body)
         seconds = now - request.started
         self._callback.answered(status, seconds)
         if self._listener.log_requests:
-            log_access(self.remote, method, path, status, len(body), seconds, self.cn)
+            log_access(self.remote, method, path, status, size, seconds, self.cn)
         if not keep_alive and self._transport is not None:
             self._queue.clear()
             self._transport.close()
@@ -340,6 +361,10 @@ class Listener:
     def __init__(self, callback: Callback, settings: ListenConfig) -> None:
         self.callback = callback
         self.path = settings.path
+        # The request target every notification names, byte for byte: one that needs no
+        # decoding (no escape, no query) is compared as bytes, without parsing it.
+        plain = settings.path.isascii() and "%" not in settings.path and "?" not in settings.path
+        self.raw_path = settings.path.encode("ascii") if plain else None
         self.limits = Limits(max_body_bytes=settings.max_body_bytes)
         self.idle_timeout_s = settings.idle_timeout_s
         self.request_timeout_s = settings.request_timeout_s
