@@ -265,9 +265,6 @@ class Stats:
         )
         self._request_bounds = [*_REQUEST_BUCKETS, math.inf]
         self._answered: dict[int, _Times] = {}
-        # Acknowledgements not yet in their counters (see flush).
-        self._accepted_since = 0
-        self._duplicates_since = 0
         self._attempts = Counter(
             "waba_gateway_delivery_attempts",
             "Delivery attempts by target and outcome (delivered, retry, dead)",
@@ -317,12 +314,10 @@ class Stats:
             self._reloads.labels(outcome=outcome)
 
     def accepted(self) -> None:
-        """A notification stored and acknowledged. On every request, so counted in a plain
-        number and handed to the counter by :meth:`flush`, as :meth:`answered` is."""
-        self._accepted_since += 1
+        self._accepted.inc()
 
     def duplicate(self) -> None:
-        self._duplicates_since += 1
+        self._duplicates.inc()
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(reason=reason).inc()
@@ -363,12 +358,6 @@ class Stats:
     def flush(self) -> None:
         """Hand the answer times, attempts and delivery latencies gathered since the last flush
         to their metrics (the runtime calls it every second and before each scrape)."""
-        if self._accepted_since:
-            self._accepted.inc(self._accepted_since)
-            self._accepted_since = 0
-        if self._duplicates_since:
-            self._duplicates.inc(self._duplicates_since)
-            self._duplicates_since = 0
         for status, times in self._answered.items():
             _hand_over(self._requests.labels(status=str(status)), times)
         self._answered.clear()
@@ -430,7 +419,6 @@ class Stats:
 
     def totals(self) -> Totals:
         """The counts ``render`` shows, read back as numbers."""
-        self.flush()
         values: dict[str, dict[str, int]] = {}
         for family in self._gathered().collect():
             for sample in family.samples:
