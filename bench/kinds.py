@@ -32,6 +32,7 @@ from typing import Any
 from bench import (
     Bench,
     Proc,
+    cpu_ticks,
     free_port,
     interrupt,
     log,
@@ -95,24 +96,37 @@ def gateway_round(bench: Bench, kind: str, number: int, urls: tuple[str, str],
     try:
         warm_up(bench, gateway, a.load_cpus)
         wait_drained(gateway, 60)
+        ticks = cpu_ticks(gateway.proc.pid)
         acks = run_ab(bench, gateway.url, keepalive=True, duration_s=a.duration,
                       cpus=a.load_cpus)
+        ack_ticks = cpu_ticks(gateway.proc.pid) - ticks
         wait_drained(gateway, 120)
         before = gateway.outbox_stats()["states"].get("delivered", 0)
-        started = time.monotonic()
+        started, ticks = time.monotonic(), cpu_ticks(gateway.proc.pid)
         e2e = run_ab(bench, gateway.url, keepalive=True, count=a.e2e_count, cpus=a.load_cpus)
         drained = wait_drained(gateway, 120)
-        total = time.monotonic() - started
+        total, e2e_ticks = time.monotonic() - started, cpu_ticks(gateway.proc.pid) - ticks
         states = gateway.outbox_stats()["states"]
         delivered = states.get("delivered", 0) - before
         return {"kind": kind, "round": number, "ack_rps": acks["rps"], "ack_p50_ms": acks["p50_ms"],
                 "ack_p99_ms": acks["p99_ms"], "ack_errors": acks["errors"],
+                # The gateway's CPU (user + system, all its threads) per request answered while
+                # it also delivered, and per notification acknowledged *and* delivered.
+                "ack_cpu_us": _per(ack_ticks, acks["complete"]),
+                "e2e_cpu_us": _per(e2e_ticks, delivered),
                 "e2e_errors": e2e["errors"],
                 "delivered": delivered, "drained": drained is not None,
                 "dead": states.get("dead", 0),
                 "delivered_per_s": round(delivered / total, 1) if drained is not None else None}
     finally:
         bench.stop_gateway(gateway)
+
+
+def _per(ticks: int, count: float) -> float | None:
+    """Microseconds of CPU per item, from clock ticks (USER_HZ) over ``count`` items."""
+    if count <= 0:
+        return None
+    return round(ticks / os.sysconf("SC_CLK_TCK") / count * 1e6, 1)
 
 
 def receiver_round(bench: Bench, number: int, sink_port: int) -> dict[str, Any]:
@@ -128,10 +142,13 @@ def receiver_round(bench: Bench, number: int, sink_port: int) -> dict[str, Any]:
         wait_listening(port, proc, 15)
         url = f"https://127.0.0.1:{port}{bench.path}"
         run_ab(bench, url, keepalive=True, duration_s=1, cpus=a.load_cpus)
+        ticks = cpu_ticks(proc.pid)
         acks = run_ab(bench, url, keepalive=True, duration_s=a.duration, cpus=a.load_cpus)
+        ack_ticks = cpu_ticks(proc.pid) - ticks
         return {"kind": "ref-1p", "round": number, "ack_rps": acks["rps"],
                 "ack_p50_ms": acks["p50_ms"], "ack_p99_ms": acks["p99_ms"],
-                "ack_errors": acks["errors"]}
+                "ack_errors": acks["errors"],
+                "ack_cpu_us": _per(ack_ticks, acks["complete"])}
     finally:
         proc.stop()
 
@@ -142,8 +159,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             return "-"
         return f"{statistics.median(values):,.0f} [{min(values):,.0f}..{max(values):,.0f}]"
 
-    lines = ["| run | acks/s (keep-alive) | ack p50 / p99 ms | delivered/s |",
-             "| --- | --- | --- | --- |"]
+    lines = ["| run | acks/s (keep-alive) | ack p50 / p99 ms | CPU us per ack | delivered/s |"
+             " CPU us per notification acked and delivered |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for kind in ("ref-1p", *KINDS):
         mine = [row for row in rows if row["kind"] == kind]
         if not mine:
@@ -151,9 +169,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         p50 = statistics.median(row["ack_p50_ms"] or 0 for row in mine)
         p99 = statistics.median(row["ack_p99_ms"] or 0 for row in mine)
         delivered = [row["delivered_per_s"] for row in mine if row.get("delivered_per_s")]
+        ack_cpu = [row["ack_cpu_us"] for row in mine if row.get("ack_cpu_us")]
+        e2e_cpu = [row["e2e_cpu_us"] for row in mine if row.get("e2e_cpu_us")]
         name = "plain receiver (ref-1p)" if kind == "ref-1p" else f"waba-gateway, {kind} target"
         lines.append(f"| {name} | {spread([row['ack_rps'] for row in mine])} | {p50:.2f} / "
-                     f"{p99:.1f} | {spread(delivered) if kind != 'ref-1p' else 'n/a'} |")
+                     f"{p99:.1f} | {spread(ack_cpu)} | "
+                     f"{spread(delivered) if kind != 'ref-1p' else 'n/a'} | "
+                     f"{spread(e2e_cpu) if kind != 'ref-1p' else 'n/a'} |")
     return "\n".join(lines)
 
 

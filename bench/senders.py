@@ -2,12 +2,17 @@
 """CPU per delivery of each target kind's sender, without the gateway around it.
 
 Sends ``--count`` deliveries of the payload through each sender (HTTP to the shared sink, Redis
-XADD to ``redis-server``, NATS JetStream publish to ``nats-server -js``), in batches of 32 with
-8 batches in flight, as the dispatcher does, and prints per kind and round: deliveries per
-second (wall) and microseconds of this process's CPU per delivery. Rounds alternate the kinds.
+XADD to ``redis-server``, NATS JetStream publish to ``nats-server -js``), in batches of
+``--batch`` (32) with 8 batches in flight, as the dispatcher does, and prints per kind and
+round: deliveries per second (wall) and microseconds of this process's CPU per delivery. Rounds
+alternate the kinds.
 
     PYTHONPATH=.:tests python bench/senders.py --sink "$SHARED/sink.py" \\
         --payload "$SHARED/payload.json" --rounds 3
+
+``--kinds redis`` measures one kind alone: under ``valgrind --tool=callgrind`` the difference of
+the instructions counted at two ``--count`` values is the instructions per delivery, whatever
+else the machine is doing.
 """
 
 from __future__ import annotations
@@ -36,20 +41,21 @@ def delivery(number: int, body: bytes) -> Delivery:
                     created_at=0.0, next_attempt_at=0.0, received_at=0.0)
 
 
-async def measure(target: TargetConfig, body: bytes, count: int, first: int) -> str:
+async def measure(target: TargetConfig, body: bytes, count: int, first: int,
+                  size: int = 32) -> str:
     sender = sender_for(target)
     await sender.warm()
     room = asyncio.Semaphore(8)
 
     async def batch(start: int) -> None:
         async with room:
-            numbers = range(first + start, first + start + 32)
-            results = await sender.send_many([delivery(n, body) for n in numbers], [1] * 32)
+            numbers = range(first + start, first + start + size)
+            results = await sender.send_many([delivery(n, body) for n in numbers], [1] * size)
             bad = [r for r in results if not (r.accepted or r.status == 200)]
             assert not bad, bad[0]
 
     cpu, wall = time.process_time(), time.monotonic()
-    await asyncio.gather(*(batch(start) for start in range(0, count, 32)))
+    await asyncio.gather(*(batch(start) for start in range(0, count, size)))
     cpu, wall = time.process_time() - cpu, time.monotonic() - wall
     await sender.close()
     return f"{target.kind:>5}: {count / wall:>9,.0f} deliveries/s  {cpu / count * 1e6:5.1f} us CPU each"
@@ -68,9 +74,11 @@ async def run(args: argparse.Namespace, http_port: int) -> None:
             TargetConfig(name="t", kind="redis", url=redis.url, stream="s", maxlen=100_000),
             TargetConfig(name="t", kind="nats", url=nats_broker.url, subject="bench.x"),
         ]
+        targets = [target for target in targets if target.kind in args.kinds]
         for number in range(args.rounds):
-            for target in targets[number % 3:] + targets[:number % 3]:
-                line = await measure(target, body, args.count, number * args.count)
+            turn = number % len(targets)
+            for target in targets[turn:] + targets[:turn]:
+                line = await measure(target, body, args.count, number * args.count, args.batch)
                 print(f"round {number + 1} {line}", flush=True)
 
 
@@ -80,7 +88,13 @@ def main() -> int:
     parser.add_argument("--payload", required=True)
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32,
+                        help="deliveries per batch (the gateway's come in batches of 1 to"
+                             " pipeline = 32, as many as came due in one turn of its loop)")
+    parser.add_argument("--kinds", default="http,redis,nats",
+                        help="the kinds to measure, comma-separated")
     args = parser.parse_args()
+    args.kinds = args.kinds.split(",")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

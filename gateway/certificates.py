@@ -3,7 +3,7 @@
 Rule: the console, ``waba-gateway check`` and ``doctor`` show a certificate by these functions
 alone, so an operator reads the same fingerprint and the same days left everywhere, and can
 compare the fingerprint with ``openssl x509 -noout -fingerprint -sha256``. Nothing here checks a
-certificate: :mod:`gateway.edge.tls` loads and verifies them.
+certificate: :mod:`gateway.tlsfiles` reads them and :mod:`gateway.edge.tls` verifies them.
 """
 
 from __future__ import annotations

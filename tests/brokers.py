@@ -10,7 +10,9 @@ installs both packages where missing; without them the tests fail saying so, nev
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -53,6 +55,24 @@ class BrokerServer:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Stopped (SIGSTOP) inside the block, every thread of it: connections stay open and
+        nothing is answered; running again (SIGCONT) after it."""
+        assert self._process is not None, "the broker is down"
+        pid = self._process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # The signal stops each thread as it next runs: wait until all of them have.
+            deadline = time.monotonic() + _START_S
+            while not all(_stopped(task) for task in Path(f"/proc/{pid}/task").iterdir()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.command[0]} did not stop")
+                time.sleep(0.005)
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     def up(self) -> None:
         """Start it and wait until it accepts connections."""
         assert self._process is None, "the broker is already up"
@@ -81,6 +101,15 @@ class BrokerServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _stopped(task: Path) -> bool:
+    """A thread (``/proc/PID/task/TID``) is stopped, or gone."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")
 
 
 @contextlib.contextmanager

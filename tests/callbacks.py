@@ -24,7 +24,8 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from helpers import APP_SECRET, VERIFY_TOKEN, gateway_config, stored_bodies
 
 from gateway.config import Config
-from gateway.runtime.gateway import Gateway, bound_port
+from gateway.runtime.gateway import Gateway
+from gateway.runtime.ports import bound_port
 
 __all__ = [
     "APP_SECRET",
@@ -75,7 +76,7 @@ async def serving(
         site = web.TCPSite(runner, host, 0, ssl_context=context)
         await site.start()
         scheme = "http" if context is None else "https"
-        yield f"{scheme}://{host}:{bound_port(site)}/webhook"
+        yield f"{scheme}://{host}:{bound_port(runner)}/webhook"
     finally:
         await runner.cleanup()
 

@@ -32,18 +32,22 @@ class ExportedSpan:
     service: str
 
 
-def _value(value: AnyValue) -> Any:
+def value_of(value: AnyValue) -> Any:
+    """An AnyValue's value, whichever kind it holds."""
     which = value.WhichOneof("value")
     return None if which is None else getattr(value, which)
 
 
 class Receiver:
     """``async with Receiver() as receiver``: POST /v1/traces on 127.0.0.1 until the block
-    ends; ``raw`` keeps every request body as it came, ``connections`` counts connections."""
+    ends; ``raw`` keeps every request body (decompressed), ``headers`` its headers (names in
+    lower case), ``connections`` counts connections."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse: int = 0) -> None:
+        self._refuse = refuse  # answer this many first exports 400, as a collector refusing them
         self.spans: list[ExportedSpan] = []
         self.raw: list[bytes] = []
+        self.headers: list[dict[str, str]] = []  # each request's
         self.connections = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -81,11 +85,15 @@ class Receiver:
         await self._runner.cleanup()
 
     async def _export(self, request: web.Request) -> web.Response:
-        body = await request.read()
+        body = await request.read()  # aiohttp undoes a Content-Encoding
+        if self._refuse:
+            self._refuse -= 1
+            return web.Response(status=400, text="refused")
         self.raw.append(body)
+        self.headers.append({name.lower(): value for name, value in request.headers.items()})
         decoded = ExportTraceServiceRequest.FromString(body)
         for resource_spans in decoded.resource_spans:
-            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            resource = {a.key: value_of(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     self.spans.append(
@@ -95,7 +103,7 @@ class Receiver:
                             trace_id=span.trace_id.hex(),
                             span_id=span.span_id.hex(),
                             parent_id=span.parent_span_id.hex(),
-                            attributes={a.key: _value(a.value) for a in span.attributes},
+                            attributes={a.key: value_of(a.value) for a in span.attributes},
                             links=[link.trace_id.hex() for link in span.links],
                             service=str(resource.get("service.name")),
                         )

@@ -1,11 +1,11 @@
 """The admin listener's browser checks as tables: which Host it answers, which state-changing
-requests come from another site (gateway.runtime.origin)."""
+requests come from another site (gateway.admin.origin)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.runtime.origin import cross_site_refusal, form_refusal, host_name, host_refusal
+from gateway.admin.origin import cross_site_refusal, form_refusal, host_name, host_refusal
 
 ALLOWED = frozenset({"ops.internal"})
 

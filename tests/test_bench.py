@@ -77,34 +77,93 @@ ROOT_FRAMES = ("Runner.run (asyncio/runners.py:118)",)
 @pytest.mark.parametrize(
     ("thread", "leaf_frames", "stage"),
     [
-        ("MainThread", ["_Connection.data_received (gateway/edge/listener.py:230)",
-                        "Callback.identify (gateway/edge/callback.py:90)",
-                        "SSLObject.getpeercert (ssl.py:950)"], "identity"),
-        ("MainThread", ["Callback.notify (gateway/edge/callback.py:101)",
-                        "verify_signature (gateway/edge/signature.py:50)"], "signature"),
-        ("MainThread", ["Callback.notify (gateway/callback.py:80)",
-                        "route (gateway/routing.py:120)"], "JSON and routing"),
-        ("MainThread", ["_Connection._answer (gateway/edge/listener.py:452)",
-                        "_Connection._write (gateway/edge/listener.py:470)",
-                        "SSLObject.write (ssl.py:930)"], "TLS records"),
-        ("MainThread", ["_Connection._notified (gateway/edge/listener.py:440)",
-                        "_Connection._answer (gateway/edge/listener.py:452)"], "response"),
-        ("MainThread", ["_Connection.data_received (gateway/edge/listener.py:230)",
-                        "_Connection.on_header (gateway/edge/listener.py:280)"], "HTTP framing"),
-        ("MainThread", ["Dispatcher._attempt (gateway/delivery/dispatcher.py:350)",
-                        "SqliteOutbox.record_many (gateway/outbox/sqlite/outbox.py:165)"],
-         "recording the outcome"),
-        ("MainThread", ["Dispatcher._claim (gateway/delivery/dispatcher.py:270)",
-                        "SqliteOutbox.due (gateway/outbox/sqlite/outbox.py:130)"], "claim"),
-        ("MainThread", ["Dispatcher._attempt (gateway/delivery/dispatcher.py:350)",
-                        "Upstream.post_many (gateway/delivery/upstream.py:220)"],
-         "upstream request and answer"),
-        ("outbox-writer", ["Writer._commit (gateway/outbox/sqlite/writer.py:370)",
-                           "insert_notification (gateway/outbox/sqlite/store.py:90)"],
-         "outbox hand-off and commit"),
-        ("outbox-writer", ["Writer._commit (gateway/outbox/sqlite/writer.py:370)",
-                           "record_attempts (gateway/outbox/sqlite/store.py:200)"],
-         "recording the outcome"),
+        (
+            "MainThread",
+            [
+                "_Connection.data_received (gateway/edge/listener.py:230)",
+                "Callback.identify (gateway/edge/callback.py:90)",
+                "SSLObject.getpeercert (ssl.py:950)",
+            ],
+            "identity",
+        ),
+        (
+            "MainThread",
+            [
+                "Callback.notify (gateway/edge/callback.py:101)",
+                "verify_signature (gateway/edge/signature.py:50)",
+            ],
+            "signature",
+        ),
+        (
+            "MainThread",
+            ["Callback.notify (gateway/callback.py:80)", "route (gateway/routing.py:120)"],
+            "JSON and routing",
+        ),
+        (
+            "MainThread",
+            [
+                "_Connection._answer (gateway/edge/listener.py:452)",
+                "_Connection._write (gateway/edge/listener.py:470)",
+                "SSLObject.write (ssl.py:930)",
+            ],
+            "TLS records",
+        ),
+        (
+            "MainThread",
+            [
+                "_Connection._notified (gateway/edge/listener.py:440)",
+                "_Connection._answer (gateway/edge/listener.py:452)",
+            ],
+            "response",
+        ),
+        (
+            "MainThread",
+            [
+                "_Connection.data_received (gateway/edge/listener.py:230)",
+                "_Connection.on_header (gateway/edge/listener.py:280)",
+            ],
+            "HTTP framing",
+        ),
+        (
+            "MainThread",
+            [
+                "Dispatcher._attempt (gateway/delivery/dispatcher.py:350)",
+                "SqliteOutbox.record_many (gateway/outbox/sqlite/outbox.py:165)",
+            ],
+            "recording the outcome",
+        ),
+        (
+            "MainThread",
+            [
+                "Dispatcher._claim (gateway/delivery/dispatcher.py:270)",
+                "SqliteOutbox.due (gateway/outbox/sqlite/outbox.py:130)",
+            ],
+            "claim",
+        ),
+        (
+            "MainThread",
+            [
+                "Dispatcher._attempt (gateway/delivery/dispatcher.py:350)",
+                "Upstream.post_many (gateway/delivery/upstream.py:220)",
+            ],
+            "upstream request and answer",
+        ),
+        (
+            "outbox-writer",
+            [
+                "Writer._commit (gateway/outbox/sqlite/writer.py:370)",
+                "insert_notification (gateway/outbox/sqlite/store.py:90)",
+            ],
+            "outbox hand-off and commit",
+        ),
+        (
+            "outbox-writer",
+            [
+                "Writer._commit (gateway/outbox/sqlite/writer.py:370)",
+                "record_attempts (gateway/outbox/sqlite/store.py:200)",
+            ],
+            "recording the outcome",
+        ),
         ("MainThread", [], "event loop and I/O"),
         ("asyncio_0", ["Thread.run (threading.py:982)"], "other threads"),
     ],
@@ -128,9 +187,14 @@ def test_thread_cpu_is_shared_by_its_samples_and_divided_by_the_requests() -> No
     ]
     samples = STAGES.samples_by_thread(raw)
     figures = STAGES.per_request(samples, {10: 0.004, 20: 0.001, 30: 0.002}, 100)
-    assert figures == pytest.approx({"signature": 10.0, "event loop and I/O": 30.0,
-                                     "outbox hand-off and commit": 10.0,
-                                     "threads not sampled": 20.0})
+    assert figures == pytest.approx(
+        {
+            "signature": 10.0,
+            "event loop and I/O": 30.0,
+            "outbox hand-off and commit": 10.0,
+            "threads not sampled": 20.0,
+        }
+    )
 
 
 FUNCTION_RULES = [

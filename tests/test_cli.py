@@ -308,6 +308,7 @@ def test_deliveries_list_and_replay_work_on_the_database(
     pg_config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`deliveries list` and `replay` talk to PostgreSQL through the same interface."""
+
     async def seed() -> str:
         outbox = await open_outbox(load_config(pg_config).outbox)
         try:
@@ -327,6 +328,8 @@ def test_deliveries_list_and_replay_work_on_the_database(
     assert f"replayed {delivery_id}" in capsys.readouterr().out
     assert main(["deliveries", "list", "--config", str(pg_config), "--state", "pending"]) == 0
     assert delivery_id in capsys.readouterr().out
+
+
 def test_deliveries_show_prints_the_last_attempt_and_every_attempts_outcome(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

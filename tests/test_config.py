@@ -350,7 +350,7 @@ TARGET_KEYS = (
     [
         pytest.param(
             {"debug": "true"},
-            f"<file>: debug = True: expected one of the keys {TOP_KEYS}",
+            f"<file>: debug = true: expected one of the keys {TOP_KEYS}",
             id="top-level-key",
         ),
         pytest.param(
@@ -423,10 +423,10 @@ def test_a_misspelt_keys_value_is_shown_unless_it_may_be_a_secret(
     [
         ({"listen.port": '"8443"'}, "<file>: listen.port = '8443': expected an integer"),
         ({"listen.port": "8443.0"}, "<file>: listen.port = 8443.0: expected an integer"),
-        ({"listen.workers": "true"}, "<file>: listen.workers = True: expected an integer"),
+        ({"listen.workers": "true"}, "<file>: listen.workers = true: expected an integer"),
         (
             {**TARGET, "targets[0].timeout_s": "true"},
-            "<file>: targets[0].timeout_s = True: expected a finite number",
+            "<file>: targets[0].timeout_s = true: expected a finite number",
         ),
         (
             {**TARGET, "targets[0].timeout_s": '"10"'},
@@ -1232,7 +1232,7 @@ _WITHOUT_OTEL = _WITHOUT_UVLOOP.replace('sys.modules["uvloop"]', 'sys.modules["o
         ("false", ""),
         (
             "true",
-            "<file>: tracing.enabled = True: expected false, or the otel extra installed"
+            "<file>: tracing.enabled = true: expected false, or the otel extra installed"
             " (pip install 'waba-gateway[otel]')",
         ),
     ],

@@ -1,5 +1,5 @@
 """The admin web console over real HTTP: guard, sessions, CSRF, headers, replay, and what the
-pages never show (gateway.runtime.console)."""
+pages never show (gateway.admin.console)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from helpers import gateway_config, message_body, post, sink_target, wait_for_st
 from pki import Pki
 from sink import Reply, Sink
 
+from gateway.admin.console.session import SESSION_COOKIE
 from gateway.config import TargetConfig, load_config
-from gateway.runtime.console.session import SESSION_COOKIE
 from gateway.runtime.gateway import Gateway
 
 TOKEN = "console-test-token"

@@ -1,19 +1,19 @@
 """The console's pure parts: session cookies and CSRF tokens, durations, what a body may show,
-the circuit breaker's view, and the counters read back (gateway.runtime.console)."""
+the circuit breaker's view, and the counters read back (gateway.admin.console)."""
 
 from __future__ import annotations
 
 import pytest
 from helpers import message_body
 
+from gateway.admin.console.facts import body_facts
+from gateway.admin.console.html import age, esc
+from gateway.admin.console.paths import local_redirect
+from gateway.admin.console.session import SESSION_TTL_S, Sessions
+from gateway.admin.console.views import Signing, _loopback
+from gateway.admin.stats import Stats
 from gateway.config import TargetConfig
 from gateway.delivery.backoff import Breaker, RetryPolicy, TargetHealth
-from gateway.runtime.console.facts import body_facts
-from gateway.runtime.console.html import age, esc
-from gateway.runtime.console.paths import local_redirect
-from gateway.runtime.console.session import SESSION_TTL_S, Sessions
-from gateway.runtime.console.views import _loopback
-from gateway.runtime.stats import Stats
 
 
 class Clock:
@@ -183,6 +183,27 @@ def test_without_a_token_only_loopback_peers_count_as_local(
 ) -> None:
     """The console's peer check, for the case the configuration's own check cannot see."""
     assert _loopback(remote) is loopback
+
+
+@pytest.mark.parametrize(
+    ("made_with", "in_force", "kept"),
+    [
+        ("old-token", "old-token", True),
+        (None, None, True),
+        ("old-token", "new-token", False),
+        ("old-token", None, False),
+        (None, "new-token", False),
+    ],
+)
+def test_a_rotated_admin_token_ends_every_console_session(
+    made_with: str | None, in_force: str | None, kept: bool
+) -> None:
+    """The console's sessions are signed anew when the token in force is not the one they were
+    made with, so a cookie made before the rotation no longer verifies."""
+    signing = Signing(Sessions(b"k" * 32), made_with)
+    cookie = signing.sessions.issue()
+    assert (signing.follow(in_force).verify(cookie) is not None) is kept
+    assert signing.made_with == in_force
 
 
 def test_a_session_cookie_with_digits_int_refuses_is_no_session() -> None:

@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from ci import unavailable
 
+from gateway.admin.stats import Snapshot, Stats
 from gateway.cli import build_parser
 from gateway.config import Config, load_config
 from gateway.outbox import Backlog
-from gateway.runtime.stats import Snapshot, Stats
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 # The admin token as long as a listener beyond loopback requires (Kubernetes binds 0.0.0.0).

@@ -13,8 +13,8 @@ import pytest
 STORAGE = ("sqlite3", "asyncpg", "gateway.outbox.sqlite", "gateway.outbox.postgres")
 SERVER = (
     "gateway.runtime.gateway",
-    "gateway.runtime.admin",
-    "gateway.runtime.console",
+    "gateway.admin.api",
+    "gateway.admin.console",
     "gateway.edge.listener",
     "gateway.delivery.dispatcher",
 )

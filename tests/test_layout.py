@@ -56,3 +56,26 @@ def test_every_module_is_in_the_readme_layout_table() -> None:
 def test_the_layout_table_names_no_module_that_does_not_exist() -> None:
     """A module named in the table is a file in the folder its row names."""
     assert sorted(name for name in _named() if not (ROOT / name).exists()) == []
+
+
+def _rows() -> set[str]:
+    """The folders the table has a row of their own for (``admin/console/``)."""
+    return {
+        cells[0].strip("`")
+        for line in _layout_section().splitlines()
+        if line.startswith("| ")
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+        if cells[0].startswith("`") and cells[0].endswith("/`")
+    }
+
+
+def test_every_package_has_its_own_row_in_the_readme_layout_table() -> None:
+    """Each folder of the package (one with an ``__init__.py``) is a row of the table, so a
+    package split off another one is described where newcomers look."""
+    gateway = ROOT / "gateway"
+    packages = {
+        f"{init.parent.relative_to(gateway).as_posix()}/"
+        for init in gateway.rglob("__init__.py")
+        if init.parent != gateway
+    }
+    assert sorted(packages - _rows()) == []

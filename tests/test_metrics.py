@@ -1,4 +1,4 @@
-"""/metrics answers "is it working, and is anything stuck?" (gateway.runtime.stats)."""
+"""/metrics answers "is it working, and is anything stuck?" (gateway.admin.stats)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pki import Pki
 from sink import Reply, Sink
 
 from gateway import __version__
+from gateway.admin.stats import Snapshot, Stats
 from gateway.outbox import Backlog
 from gateway.runtime.gateway import Gateway
-from gateway.runtime.stats import Snapshot, Stats
 
 PREFIX = "waba_gateway_"
 
@@ -195,8 +195,14 @@ def test_gathered_answer_times_render_exactly_as_observed_ones() -> None:
 def test_gathered_attempts_and_latencies_render_exactly_as_observed_ones() -> None:
     """attempted() gathers outcomes and latencies and flush() hands them over: the same counters
     and histogram, sample for sample, as labels().inc() and observe() of each one."""
-    attempts = [("a", "delivered", 0.004), ("a", "delivered", 0.3), ("a", "retry", None),
-                ("b", "delivered", 4000.0), ("b", "dead", None), ("a", "delivered", 0.004)]
+    attempts = [
+        ("a", "delivered", 0.004),
+        ("a", "delivered", 0.3),
+        ("a", "retry", None),
+        ("b", "delivered", 4000.0),
+        ("b", "dead", None),
+        ("a", "delivered", 0.004),
+    ]
     gathered = Stats()
     for target, outcome, latency in attempts:
         gathered.attempted(target, outcome, latency)
@@ -208,8 +214,11 @@ def test_gathered_attempts_and_latencies_render_exactly_as_observed_ones() -> No
 
     def delivery_lines(stats: Stats) -> list[str]:
         lines = stats.render().decode().splitlines()
-        return [line for line in lines if line.startswith(f"{PREFIX}delivery_")
-                and "_created" not in line]
+        return [
+            line
+            for line in lines
+            if line.startswith(f"{PREFIX}delivery_") and "_created" not in line
+        ]
 
     assert delivery_lines(gathered) == delivery_lines(observed)
     assert len(delivery_lines(gathered)) > 30

@@ -64,7 +64,7 @@ def test_wheel_contains_every_subpackage_and_the_type_marker(wheel: Path) -> Non
     for package in _subpackages():
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     assert "gateway/py.typed" in names
-    assert "gateway/runtime/console/static/console.css" in names
+    assert "gateway/admin/console/static/console.css" in names
 
 
 def test_each_subpackage_imports_from_the_wheel(wheel: Path) -> None:

@@ -11,11 +11,11 @@ import pytest
 from helpers import admin_get, gateway_config, metric
 from pki import Pki
 
+from gateway.admin.stats import Stats
 from gateway.config import DispatcherConfig, OutboxConfig
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.outbox import AttemptResult, DeadLetter, Route, open_outbox
 from gateway.runtime.gateway import Gateway
-from gateway.runtime.stats import Stats
 
 DAY = 86400.0
 SIG = "sha256=" + "0" * 64

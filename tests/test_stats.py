@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import metric
 
-from gateway.runtime.stats import MULTIPROCESS_ENV, Stats
+from gateway.admin.stats import MULTIPROCESS_ENV, Stats
 
 
 def test_committed_counts_commits_and_the_jobs_they_held() -> None:

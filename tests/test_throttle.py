@@ -1,10 +1,10 @@
-"""The slow-down of failed admin authentications as tables (gateway.runtime.throttle)."""
+"""The slow-down of failed admin authentications as tables (gateway.admin.throttle)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.runtime.throttle import (
+from gateway.admin.throttle import (
     FIRST_WAIT_S,
     FORGET_AFTER_S,
     MAX_ADDRESSES,

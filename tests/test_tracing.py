@@ -1,7 +1,7 @@
 """OpenTelemetry traces end to end: a gateway on loopback exports over OTLP/HTTP to a real
 receiver (tests/otlp.py) that decodes the spans with OpenTelemetry's protobuf definitions.
 
-The SDK exports in batches; closing the gateway flushes them, so every check on spans runs
+The exporter sends spans in batches; closing the gateway flushes them, so every check on spans runs
 after the gateway has stopped, never against a timer.
 """
 
@@ -25,7 +25,13 @@ from gateway import create_app
 from gateway.config import META_CLIENT_CN, Config, TracingConfig
 from gateway.edge.tls import build_server_context
 from gateway.runtime.gateway import Gateway
-from gateway.tracing.spans import client_attributes, not_after_iso, split_carrier, status_attributes
+from gateway.tracing.attributes import (
+    client_attributes,
+    not_after_iso,
+    status_attributes,
+)
+from gateway.tracing.context import Parent, parse_stored
+from gateway.tracing.export import THREAD_NAME
 
 # A traceparent someone other than Meta might send: never the parent of the SERVER span.
 FOREIGN_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -38,7 +44,7 @@ def traced(config: Config, receiver: Receiver) -> Config:
 
 
 def _exporter_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("Otel")]
+    return [t.name for t in threading.enumerate() if t.name == THREAD_NAME]
 
 
 async def test_post_gives_a_root_server_span_a_commit_child_and_a_client_span_in_its_trace(
@@ -69,6 +75,10 @@ async def test_post_gives_a_root_server_span_a_commit_child_and_a_client_span_in
     assert server.attributes["http.response.status_code"] == 200
     assert server.attributes["tls.client.subject"] == f"CN={META_CLIENT_CN}"
     assert server.attributes["tls.client.not_after"].endswith("Z")
+    # Meta's server, the TCP peer itself here (no PROXY header): its address and port.
+    assert server.attributes["client.address"] == "127.0.0.1"
+    assert server.attributes["network.peer.address"] == "127.0.0.1"
+    assert server.attributes["client.port"] == server.attributes["network.peer.port"] > 0
     assert server.service == "gw-under-test"
     assert (commit.name, commit.trace_id, commit.parent_id) == (
         "outbox commit",
@@ -121,6 +131,7 @@ async def test_embedded_callback_makes_the_same_server_spans(
     assert client.trace_id == commit.trace_id
     assert all(
         s.attributes["tls.client.subject"] == f"CN={META_CLIENT_CN}"
+        and s.attributes["client.address"] == s.attributes["network.peer.address"] == "127.0.0.1"
         for s in receiver.of_kind(SERVER)
     )
 
@@ -312,18 +323,24 @@ def test_client_attributes_leave_credentials_and_query_out_and_count_resends(
 
 
 @pytest.mark.parametrize(
-    ("stored", "headers"),
+    ("stored", "expected"),
     [
-        (None, {}),
-        ("00-a-b-01", {"traceparent": "00-a-b-01"}),
-        ("00-a-b-01\nk=v", {"traceparent": "00-a-b-01", "tracestate": "k=v"}),
+        (None, None),
+        ("", None),
+        ("00-a-b-01", None),
+        (FOREIGN, Parent(bytes.fromhex(FOREIGN_TRACE), bytes.fromhex("00f067aa0ba902b7"), 1)),
+        (
+            f"{FOREIGN}\nk=v",
+            Parent(bytes.fromhex(FOREIGN_TRACE), bytes.fromhex("00f067aa0ba902b7"), 1, "k=v"),
+        ),
     ],
 )
-def test_stored_trace_context_splits_into_its_headers(
-    stored: str | None, headers: dict[str, str]
+def test_stored_trace_context_gives_its_parent_and_tracestate(
+    stored: str | None, expected: Parent | None
 ) -> None:
-    """The stored form gives back traceparent, and tracestate when there was one."""
-    assert split_carrier(stored) == headers
+    """The stored form gives back the traceparent's context, and tracestate when there was
+    one; what is not a traceparent is no parent."""
+    assert parse_stored(stored) == expected
 
 
 def test_certificate_expiry_is_given_in_iso_8601() -> None:

@@ -11,8 +11,9 @@ from gateway.devfiles import DEV_ADMIN_PORT, DEV_DIR, DEV_PORT
 from gateway.edge.tls import build_server_context
 from gateway.errors import GatewayError, PortInUse
 from gateway.runtime import dev
-from gateway.runtime.gateway import check_ports_free, event_loop_runner, serve_process
 from gateway.runtime.logs import setup_logging
+from gateway.runtime.ports import check_ports_free
+from gateway.runtime.process import event_loop_runner, serve_process
 from gateway.runtime.workers import supervise
 
 __all__ = ["register"]
@@ -62,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
         serve_process(config)
     except PortInUse as exc:
         source = config.source or args.config or default_config_path()
-        # The wording of gateway.runtime.gateway.listen_error, which the supervisor's own bind
+        # The wording of gateway.runtime.ports.listen_error, which the supervisor's own bind
         # gives: one message for a busy port however the gateway runs.
         raise GatewayError(
             f"{exc.key} {exc.port} in {source} is in use by another process (another gateway?);"

@@ -11,12 +11,12 @@ Hostname verification stays on: the target's certificate must name the URL's hos
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.config import TargetConfig
-from gateway.edge.tls import check_ca_bundle, check_key_pair
 from gateway.errors import CertificateError
+from gateway.tlsfiles import check_ca_bundle, check_key_pair, load
 
 __all__ = ["build_target_context", "target_contexts"]
 
@@ -35,11 +35,11 @@ def build_target_context(target: TargetConfig, key: str) -> ssl.SSLContext | Non
         # loads no trust store of its own: this bundle is the only one.
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8996
-        _load(f"{key}.ca_file", ca_file, lambda: context.load_verify_locations(cafile=ca_file))
+        load(f"{key}.ca_file", ca_file, lambda: context.load_verify_locations(cafile=ca_file))
     if target.cert_file is not None and target.key_file is not None:
         cert_file, key_file = target.cert_file, target.key_file
         check_key_pair(cert_file, f"{key}.cert_file", key_file, f"{key}.key_file")
-        _load(f"{key}.cert_file", cert_file, lambda: context.load_cert_chain(cert_file, key_file))
+        load(f"{key}.cert_file", cert_file, lambda: context.load_cert_chain(cert_file, key_file))
     return context
 
 
@@ -60,10 +60,3 @@ def target_contexts(
         if context is not None:
             contexts[target.name] = context
     return contexts
-
-
-def _load(key: str, path: Path, load: Callable[[], None]) -> None:
-    try:
-        load()
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise CertificateError(f"{key} = {str(path)!r}: OpenSSL refused it: {exc}") from exc

@@ -22,9 +22,7 @@ from gateway.signing import verify_signature
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
-    from opentelemetry.trace import Span
-
-    from gateway.tracing import Tracing
+    from gateway.tracing import Span, Tracing
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
 

@@ -22,8 +22,9 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Mapping
 from email.utils import formatdate
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
 from gateway.config import ListenConfig
@@ -48,9 +49,7 @@ from gateway.units import SECONDS
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
-    from opentelemetry.trace import Span
-
-    from gateway.tracing import Tracing
+    from gateway.tracing import Span, Tracing
 
 __all__ = ["Listener"]
 
@@ -134,8 +133,9 @@ class _Connection(asyncio.Protocol):
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
-        self.not_after: str | None = None  # the client certificate's, kept only when tracing
         self._tracing: Tracing | None = self._callback.tracing
+        # A traced request's SERVER span attributes known at the handshake (only when tracing).
+        self._span_attributes: Mapping[str, Any] = {}
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -155,9 +155,17 @@ class _Connection(asyncio.Protocol):
         # the whole certificate a second time, on every new connection.
         peercert = transport.get_extra_info("peercert")
         try:
-            if self._tracing is not None and peercert:
-                self.not_after = str(peercert.get("notAfter") or "") or None
             self.cn = self._callback.identify(peercert, self.remote)
+            if self._tracing is not None:
+                from gateway.tracing import server_attributes  # tracing is on: imported already
+
+                self._span_attributes = server_attributes(
+                    self._listener.path,
+                    self.cn,
+                    str(peercert.get("notAfter") or "") or None if peercert else None,
+                    self.remote,
+                    transport.get_extra_info("peername"),
+                )
         except Rejected as exc:
             # Every request on this connection is answered 403, and none gets 100 Continue.
             self._identity_error = self._http.refuse_every_request = exc
@@ -252,7 +260,7 @@ class _Connection(asyncio.Protocol):
                 span = (
                     None
                     if tracing is None
-                    else tracing.server_span(path, self.cn, self.not_after, request.traceparent)
+                    else tracing.server_span(path, self._span_attributes, request.traceparent)
                 )
                 task = asyncio.ensure_future(
                     self._callback.notify(request.body, request.signature, span)

@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from gateway.certificates import fingerprint, subject
 from gateway.config import ClientAuth, TlsConfig
 from gateway.errors import CertificateError
+from gateway.tlsfiles import (
+    at,
+    load,
+    public_key_der,
+    read_bytes,
+    read_certificates,
+    read_private_key,
+)
 
 __all__ = [
     "SwappableContext",
     "build_server_context",
     "certificate_expiries",
-    "check_ca_bundle",
-    "check_key_pair",
     "client_ca_subjects",
     "handshake_failure",
     "stale_crls",
@@ -73,15 +76,15 @@ def build_server_context(
 
 
 def _build(tls: TlsConfig, now: datetime) -> ssl.SSLContext:
-    certificates = _read_certificates(tls.cert_file, "tls.cert_file")
+    certificates = read_certificates(tls.cert_file, "tls.cert_file")
     expires = certificates[0].not_valid_after_utc
     if expires <= now:
         raise CertificateError(
-            f"{_at('tls.cert_file', tls.cert_file)}: expired on {expires:%Y-%m-%d %H:%M} UTC"
+            f"{at('tls.cert_file', tls.cert_file)}: expired on {expires:%Y-%m-%d %H:%M} UTC"
         )
-    private_key = _read_private_key(tls.key_file, "tls.key_file")
-    if _public_key_der(certificates[0]) != _public_key_der(private_key):
-        raise CertificateError(f"{_at('tls.key_file', tls.key_file)}: does not match tls.cert_file")
+    private_key = read_private_key(tls.key_file, "tls.key_file")
+    if public_key_der(certificates[0]) != public_key_der(private_key):
+        raise CertificateError(f"{at('tls.key_file', tls.key_file)}: does not match tls.cert_file")
 
     # Built by hand rather than with ssl.create_default_context(), which would load the system
     # trust store: any public CA could then vouch for a client. Before April 2026 Meta's client
@@ -106,7 +109,7 @@ def _build(tls: TlsConfig, now: datetime) -> ssl.SSLContext:
     # tls.session_tickets = 1 suits a resuming client and one worker. TLS 1.2 tickets are
     # unaffected (OP_NO_TICKET is not set).
     context.num_tickets = tls.session_tickets
-    _load(
+    load(
         "tls.cert_file",
         tls.cert_file,
         lambda: context.load_cert_chain(tls.cert_file, tls.key_file),
@@ -124,13 +127,13 @@ def _build(tls: TlsConfig, now: datetime) -> ssl.SSLContext:
         # (docs/graph-api/webhooks/getting-started, "mTLS"). A bundle of several roots is how a CA
         # rotation becomes an overlap window rather than an outage.
         ca_file = tls.client_ca_file
-        _read_certificates(ca_file, "tls.client_ca_file")
-        _load("tls.client_ca_file", ca_file, lambda: context.load_verify_locations(cafile=ca_file))
+        read_certificates(ca_file, "tls.client_ca_file")
+        load("tls.client_ca_file", ca_file, lambda: context.load_verify_locations(cafile=ca_file))
 
     if tls.crl_file is not None:
         crl_file = tls.crl_file
         _check_crl_file(crl_file)
-        _load("tls.crl_file", crl_file, lambda: context.load_verify_locations(cafile=crl_file))
+        load("tls.crl_file", crl_file, lambda: context.load_verify_locations(cafile=crl_file))
         # Only the leaf is checked, so the file must hold the CRL of the CA that issued the
         # leaf (Meta's intermediate): without it every handshake fails with "unable to get
         # certificate CRL".
@@ -146,19 +149,19 @@ def client_ca_subjects(path: Path) -> list[tuple[str, str]]:
     """
     return [
         (subject(certificate), fingerprint(certificate))
-        for certificate in _read_certificates(path, "tls.client_ca_file")
+        for certificate in read_certificates(path, "tls.client_ca_file")
     ]
 
 
 def certificate_expiries(tls: TlsConfig) -> tuple[float, list[tuple[str, float]]]:
     """When the server certificate expires, and ``(subject, expiry)`` of every client CA, as
     Unix times: what the metrics show, so that an alert fires well before the day."""
-    server = _read_certificates(tls.cert_file, "tls.cert_file")[0].not_valid_after_utc
+    server = read_certificates(tls.cert_file, "tls.cert_file")[0].not_valid_after_utc
     cas = []
     if tls.client_ca_file is not None:
         cas = [
             (subject(ca), ca.not_valid_after_utc.timestamp())
-            for ca in _read_certificates(tls.client_ca_file, "tls.client_ca_file")
+            for ca in read_certificates(tls.client_ca_file, "tls.client_ca_file")
         ]
     return server.timestamp(), cas
 
@@ -192,73 +195,17 @@ class SwappableContext:
             connection.context = current
 
 
-def check_ca_bundle(path: Path, key: str) -> None:
-    """The CA bundle at ``path`` (configuration key ``key``) is readable and holds PEM
-    certificates; raises :class:`CertificateError` naming the key and the file."""
-    _read_certificates(path, key)
-
-
-def check_key_pair(cert_file: Path, cert_key: str, key_file: Path, key_key: str) -> None:
-    """The certificate and the unencrypted private key are readable and belong together;
-    raises :class:`CertificateError` naming the key and the file at fault."""
-    certificate = _read_certificates(cert_file, cert_key)[0]
-    private_key = _read_private_key(key_file, key_key)
-    if _public_key_der(certificate) != _public_key_der(private_key):
-        raise CertificateError(f"{_at(key_key, key_file)}: does not match {cert_key}")
-
-
-def _at(key: str, path: Path) -> str:
-    return f"{key} = {str(path)!r}"
-
-
-def _read_bytes(path: Path, key: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CertificateError(f"{_at(key, path)}: cannot read: {exc.strerror or exc}") from exc
-
-
-def _read_certificates(path: Path, key: str) -> list[x509.Certificate]:
-    data = _read_bytes(path, key)
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise CertificateError(f"{_at(key, path)}: no PEM certificate found")
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise CertificateError(f"{_at(key, path)}: holds a malformed PEM certificate") from exc
-
-
-def _read_private_key(path: Path, key: str) -> PrivateKeyTypes:
-    data = _read_bytes(path, key)
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except TypeError as exc:
-        # The gateway starts unattended, so there is nobody to type a passphrase.
-        raise CertificateError(
-            f"{_at(key, path)}: the key is encrypted; give an unencrypted key and protect the "
-            "file with its permissions"
-        ) from exc
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise CertificateError(f"{_at(key, path)}: no usable PEM private key found") from exc
-
-
-def _public_key_der(source: x509.Certificate | PrivateKeyTypes) -> bytes:
-    return source.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _check_crl_file(path: Path) -> None:
     # load_verify_locations() takes certificates as readily as CRLs: a CA bundle given as
     # tls.crl_file by mistake would silently become trust anchors. Hence: CRLs and nothing else.
-    data = _read_bytes(path, "tls.crl_file")
+    data = read_bytes(path, "tls.crl_file")
     labels = _PEM_LABEL.findall(data)
     if not labels:
-        raise CertificateError(f"{_at('tls.crl_file', path)}: no PEM CRL found")
+        raise CertificateError(f"{at('tls.crl_file', path)}: no PEM CRL found")
     others = sorted({label.decode() for label in labels if label != b"X509 CRL"})
     if others:
         raise CertificateError(
-            f"{_at('tls.crl_file', path)}: holds {', '.join(others)}; only X509 CRL is allowed"
+            f"{at('tls.crl_file', path)}: holds {', '.join(others)}; only X509 CRL is allowed"
         )
 
 
@@ -277,17 +224,10 @@ def stale_crls(path: Path, now: datetime) -> list[str]:
         if due is not None and due < now:
             issuer = crl.issuer.rfc4514_string()
             warnings.append(
-                f"{_at('tls.crl_file', path)}: the CRL of {issuer} is past its next update"
+                f"{at('tls.crl_file', path)}: the CRL of {issuer} is past its next update"
                 f" ({due:%Y-%m-%d %H:%M} UTC); install a fresh one from its issuer"
             )
     return warnings
-
-
-def _load(key: str, path: Path, load: Callable[[], None]) -> None:
-    try:
-        load()
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise CertificateError(f"{_at(key, path)}: OpenSSL refused it: {exc}") from exc
 
 
 def handshake_failure(exc: BaseException) -> tuple[str, str]:

@@ -22,7 +22,6 @@ context and the process, so a new configuration takes a restart of the applicati
 from __future__ import annotations
 
 import contextlib
-import errno
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -30,6 +29,9 @@ from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
+from gateway.admin.api import start_admin
+from gateway.admin.operations import ReloadResult
+from gateway.admin.stats import Snapshot, Stats
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import error_middleware, text
@@ -40,14 +42,10 @@ from gateway.errors import (
     MethodNotAllowed,
     OutboxError,
     PayloadTooLarge,
-    PortInUse,
     Rejected,
 )
 from gateway.outbox import Outbox
-from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
-from gateway.runtime.reload import ReloadResult
-from gateway.runtime.stats import Snapshot, Stats
 
 if TYPE_CHECKING:
     # Only for the annotation: with tracing off no OpenTelemetry module is imported at all.
@@ -101,7 +99,9 @@ def _core_context(
         # aiohttp waits for its handlers during shutdown, before the cleanup contexts run.
         async with Core(config, primary=primary) as core:
             app[CORE] = core
-            runner = await _start_admin(app, core) if admin else None
+            runner: web.AppRunner | None = None
+            if admin:  # the admin listener of ``serve``, on the embedded core
+                runner, app[ADMIN_PORT] = await start_admin(_Operations(core))
             try:
                 yield
             finally:
@@ -111,27 +111,8 @@ def _core_context(
     return run_core
 
 
-async def _start_admin(app: web.Application, core: Core) -> web.AppRunner:
-    """The admin listener of ``serve``, on the embedded core."""
-    settings = core.config.admin
-    runner = web.AppRunner(
-        create_admin_app(_Operations(core)), access_log=None, handle_signals=False
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(settings.port, "admin.port") from exc
-        raise
-    app[ADMIN_PORT] = int(runner.addresses[0][1])
-    return runner
-
-
 class _Operations:
-    """What the admin API works on (:class:`gateway.runtime.admin.Operations`), for a core
+    """What the admin API works on (:class:`gateway.admin.operations.Operations`), for a core
     inside someone else's application."""
 
     def __init__(self, core: Core) -> None:
@@ -220,7 +201,11 @@ async def _traced_notify(
     transport = request.transport
     peercert = None if transport is None else transport.get_extra_info("peercert")
     not_after = str(peercert.get("notAfter") or "") or None if peercert else None
-    span = tracing.server_span(request.path, cn, not_after, request.headers.get("traceparent"))
+    peer = None if transport is None else transport.get_extra_info("peername")
+    from gateway.tracing import server_attributes  # tracing is on: imported already
+
+    attributes = server_attributes(request.path, cn, not_after, request.remote, peer)
+    span = tracing.server_span(request.path, attributes, request.headers.get("traceparent"))
     status = 500
     try:
         reason = await core.callback.notify(body, signature, span)

@@ -24,13 +24,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from gateway.admin.stats import Stats
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.delivery.target_tls import target_contexts
 from gateway.edge.callback import Callback, StoredHook
 from gateway.outbox import Delivery, Outbox, OutboxHold, hold_outbox, open_outbox
-from gateway.runtime.stats import Stats
 from gateway.runtime.wake import Bell, Doorbell
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Core:
     Only the ``primary`` process of a multi-worker gateway runs the dispatcher, so exactly one
     process forwards; with a ``wake_channel`` the others ring it when they store something
     (:mod:`gateway.runtime.wake`). ``metrics_dir``: sibling workers count together
-    (:mod:`gateway.runtime.stats`). ``claim``: hold the outbox for this gateway alone (by
+    (:mod:`gateway.admin.stats`). ``claim``: hold the outbox for this gateway alone (by
     default when ``primary``; the workers of a supervisor leave it to the supervisor).
     """
 
@@ -73,7 +73,7 @@ class Core:
         self._doorbell: Doorbell | None = None
         self._bell: Bell | None = None
         self._checks: set[asyncio.Task[None]] = set()
-        # The SDK's exporter, only with [tracing] enabled: off, nothing is imported or started.
+        # The span exporter, only with [tracing] enabled: off, nothing is imported or started.
         self._exporting: Exporting | None = None
 
     @property

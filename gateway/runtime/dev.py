@@ -35,8 +35,10 @@ from gateway.config import (
     load_config,
 )
 from gateway.devfiles import DEV_ADMIN_PORT, DEV_PORT, DevFiles, config_path
-from gateway.runtime.gateway import Gateway, bound_port, run
+from gateway.runtime.gateway import Gateway
 from gateway.runtime.logs import setup_logging
+from gateway.runtime.ports import bound_port
+from gateway.runtime.process import run
 from gateway.signing import sign
 
 __all__ = [
@@ -199,7 +201,7 @@ async def _printing_target(say: Callable[[str], None]) -> tuple[web.AppRunner, s
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    return runner, f"http://127.0.0.1:{bound_port(site)}/"
+    return runner, f"http://127.0.0.1:{bound_port(runner)}/"
 
 
 def instructions(

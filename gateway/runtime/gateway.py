@@ -1,9 +1,9 @@
-"""Running the gateway: listeners, lifecycle and signals.
+"""The running gateway: its listeners and their lifecycle.
 
 Rule: startup and shutdown happen in one order, written down here. Startup: open the outbox and
-start the dispatcher, bind the TLS callback listener, then the admin listener. SIGHUP reloads
-the configuration (:meth:`Gateway.reload`); requests in flight are not touched. Shutdown
-(SIGTERM/SIGINT, or the injected ``shutdown`` awaitable in tests):
+start the dispatcher, bind the TLS callback listener, then the admin listener. A reload
+(:meth:`Gateway.reload`) leaves requests in flight untouched. Shutdown (at the end of the
+``async with`` block; a serving process ends it on SIGTERM/SIGINT, :mod:`gateway.runtime.process`):
 
 1. stop accepting connections on both listeners;
 2. let requests in flight finish (each is answered only after its outbox commit), up to
@@ -23,21 +23,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import errno
 import logging
 import os
-import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
 
-from gateway.config import Config, EventLoop, TlsConfig, load_config
+from gateway.admin.api import start_admin
+from gateway.admin.operations import ReloadResult
+from gateway.admin.stats import Snapshot, Stats
+from gateway.config import Config, TlsConfig, load_config
 from gateway.delivery.backoff import Breaker
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.delivery.target_tls import target_contexts
@@ -50,76 +51,17 @@ from gateway.edge.tls import (
 )
 from gateway.errors import GatewayError, PortInUse
 from gateway.outbox import Outbox
-from gateway.runtime.admin import create_admin_app
 from gateway.runtime.core import Core
-from gateway.runtime.reload import ReloadResult, applicable, restart_only
-from gateway.runtime.stats import Snapshot, Stats
+from gateway.runtime.ports import binding, listen_error
+from gateway.runtime.reload import applicable, restart_only
 from gateway.units import SECONDS
 
-__all__ = [
-    "LONE",
-    "Gateway",
-    "Role",
-    "bound_port",
-    "check_ports_free",
-    "event_loop_runner",
-    "listen_error",
-    "run",
-    "serve_process",
-]
+__all__ = ["LONE", "SHUTDOWN_GRACE_S", "Gateway", "Role"]
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10 * SECONDS
 _FLUSH_EVERY_S = 1 * SECONDS
-
-
-def listen_error(config: Config, exc: OSError) -> GatewayError:
-    """The one-line error for a listening socket the system refused (a port in use above all,
-    where Python would print a traceback)."""
-    listen = config.listen
-    where = f"listen.port {listen.port} in {config.source or 'the configuration'}"
-    if exc.errno == errno.EADDRINUSE:
-        return GatewayError(
-            f"{where} is in use by another process (another gateway?); stop it or choose"
-            " another port"
-        )
-    return GatewayError(f"{where}: cannot listen on {listen.host}: {exc.strerror or exc}")
-
-
-def bound_port(site: web.TCPSite) -> int:
-    """The port ``site`` listens on (useful after binding port 0)."""
-    server = site._server  # aiohttp exposes no public accessor for the bound socket
-    sockets = getattr(server, "sockets", None)
-    assert sockets, "site is not started"
-    return int(sockets[0].getsockname()[1])
-
-
-@contextlib.contextmanager
-def _binding(port: int, key: str) -> Iterator[None]:
-    """Turn "address already in use" while binding ``port`` into :class:`PortInUse`."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise PortInUse(port, key) from exc
-
-
-def check_ports_free(config: Config) -> None:
-    """Raise :class:`PortInUse` now if a configured port is taken, before worker processes
-    start (each would otherwise fail on its own). Port 0 is always free."""
-    ports = [(config.listen.host, config.listen.port, "listen.port")]
-    if config.admin.enabled:
-        ports.append((config.admin.host, config.admin.port, "admin.port"))
-    for host, port, key in ports:
-        if port == 0:
-            continue
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe, _binding(port, key):
-            # As asyncio binds a listener: SO_REUSEADDR, so a port in TIME_WAIT counts as free.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,7 +71,7 @@ class Role:
 
     ``primary``: this process runs the dispatcher and the admin listener. ``wake_channel``: the
     siblings' wake-up channel (gateway.runtime.wake). ``metrics_dir``: the folder the siblings
-    count in together (gateway.runtime.stats). ``reload_siblings``: called after a reload asked
+    count in together (gateway.admin.stats). ``reload_siblings``: called after a reload asked
     of this process, so that the others follow. ``sock``: accept on this listening socket (the
     supervisor's, shared by its workers) instead of binding ``listen.port``. ``claim``: see
     :class:`~gateway.runtime.core.Core`.
@@ -292,7 +234,7 @@ class Gateway:
             listen = config.listen
             self._listener = Listener(self.core.callback, listen)
             try:
-                with _binding(listen.port, "listen.port"):
+                with binding(listen.port, "listen.port"):
                     self.port = await self._listener.start(
                         listen.host, listen.port, self._tls.listening, sock=self._sock
                     )
@@ -303,15 +245,8 @@ class Gateway:
             self._flusher = asyncio.create_task(self._flush_metrics(), name="metrics flusher")
             if self.primary:
                 self._watcher = asyncio.create_task(self._watch(), name="certificate watcher")
-            admin = config.admin
-            if admin.enabled and self.primary:
-                admin_app = create_admin_app(self)
-                self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
-                await self._admin_runner.setup()
-                admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port)
-                with _binding(admin.port, "admin.port"):
-                    await admin_site.start()
-                self.admin_port = bound_port(admin_site)
+            if config.admin.enabled and self.primary:
+                self._admin_runner, self.admin_port = await start_admin(self)
         except BaseException:
             await self.close()
             raise
@@ -343,67 +278,6 @@ class Gateway:
         self.stats.flush()
 
 
-async def run(
-    config: Config,
-    *,
-    shutdown: Awaitable[object] | None = None,
-    on_ready: Callable[[Gateway], None] | None = None,
-    role: Role = LONE,
-) -> None:
-    """Serve until SIGTERM/SIGINT (or ``shutdown`` completes), then shut down cleanly; reload on
-    SIGHUP."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    installed: list[signal.Signals] = []
-    reload_now: list[Callable[[], object]] = []
-    hung_up_early: list[bool] = []  # a SIGHUP before the gateway was up: reload once it is
-
-    def on_hangup() -> None:
-        if not reload_now:
-            hung_up_early.append(True)
-        for reload in reload_now:
-            reload()
-
-    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: on_hangup}
-    for signum, handler in handlers.items():
-        try:
-            loop.add_signal_handler(signum, handler)
-            installed.append(signum)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            pass
-    try:
-        async with Gateway(config, role=role) as gateway:
-            reload_now.append(gateway.reload)
-            if hung_up_early:
-                # The files may have changed after this process read them: read them again.
-                gateway.reload()
-            log.info(
-                "%s listening on https://%s:%d%s (client_auth=%s, loop=%s); admin on %s",
-                "primary" if role.primary else "worker",
-                config.listen.host,
-                gateway.port,
-                config.listen.path,
-                config.tls.client_auth,
-                # The loop it runs on, as found, not as configured: "asyncio" or "uvloop".
-                type(loop).__module__.partition(".")[0],
-                f"http://{config.admin.host}:{gateway.admin_port}"
-                if config.admin.enabled and role.primary
-                else "off",
-            )
-            if on_ready is not None:
-                on_ready(gateway)
-            waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(stop.wait())]
-            if shutdown is not None:
-                waiters.append(asyncio.ensure_future(shutdown))
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
-            log.info("shutting down")
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
-
-
 def _fingerprint(tls: TlsConfig) -> tuple[tuple[int, int, int] | None, ...]:
     """What changes when a file is rewritten or a symlink is pointed elsewhere (how Kubernetes
     updates a mounted Secret): inode, size and modification time of each file, as followed."""
@@ -416,22 +290,3 @@ def _fingerprint(tls: TlsConfig) -> tuple[tuple[int, int, int] | None, ...]:
             stat = None
         marks.append(None if stat is None else (stat.st_ino, stat.st_size, stat.st_mtime_ns))
     return tuple(marks)
-
-
-def event_loop_runner(loop: EventLoop = "asyncio") -> asyncio.Runner:
-    """A runner on the event loop ``listen.loop`` names, whatever else is installed."""
-    if loop == "asyncio":
-        return asyncio.Runner()
-    import uvloop  # the `speed` extra; the configuration refuses "uvloop" without it
-
-    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-
-
-def serve_process(
-    config: Config, role: Role = LONE, on_ready: Callable[[Gateway], None] | None = None
-) -> None:
-    """One serving process, on the event loop ``listen.loop`` names."""
-    # Until run() handles it, a SIGHUP (an early `systemctl reload`) must not end the process.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    with event_loop_runner(config.listen.loop) as runner:
-        runner.run(run(config, role=role, on_ready=on_ready))

@@ -1,4 +1,4 @@
-"""Reloading the configuration without a restart: what a reload may change, and its result.
+"""Reloading the configuration without a restart: what a reload may change.
 
 Rule: a reload builds a whole new configuration and TLS context first and swaps them in only if
 both succeed; a reload that fails changes nothing (the running gateway keeps serving with what it
@@ -18,19 +18,10 @@ context (``tls.client_auth``, ``tls.session_tickets``, whether a CRL is checked 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from gateway.config import Config
 
-__all__ = ["ReloadResult", "applicable", "restart_only"]
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadResult:
-    """``ok``, and the one line that says what happened (logged, answered, printed)."""
-
-    ok: bool
-    message: str
+__all__ = ["applicable", "restart_only"]
 
 
 def _restart_only_values(config: Config) -> dict[str, object]:

@@ -9,7 +9,7 @@ on the port fails to start instead. Worker 0 is the primary: it alone runs the d
 admin listener; the others tell it when they have stored something (:mod:`gateway.runtime.wake`).
 All share the SQLite outbox (WAL lets them write one after another and read at once), and all count
 into one metrics folder the supervisor makes and removes, so worker 0's ``/metrics`` is the whole
-gateway's (:mod:`gateway.runtime.stats`).
+gateway's (:mod:`gateway.admin.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
 process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers start
@@ -45,13 +45,15 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
+from gateway.admin.stats import MULTIPROCESS_ENV
 from gateway.config import Config
 from gateway.edge.acceptor import bind
 from gateway.errors import GatewayError
 from gateway.outbox import hold_outbox
-from gateway.runtime.gateway import Role, listen_error, serve_process
+from gateway.runtime.gateway import Role
 from gateway.runtime.logs import setup_logging
-from gateway.runtime.stats import MULTIPROCESS_ENV
+from gateway.runtime.ports import listen_error
+from gateway.runtime.process import serve_process
 from gateway.runtime.wake import channel_name
 
 __all__ = ["stale_metrics_dirs", "supervise"]
@@ -252,7 +254,7 @@ def _supervise(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     # Ignored while the workers are spawned: they inherit that (through exec too), so a SIGHUP
-    # cannot end one before its own handler is in place (gateway.runtime.gateway.run). Blocked
+    # cannot end one before its own handler is in place (gateway.runtime.process.run). Blocked
     # meanwhile here, so that one arriving now waits (Linux keeps a blocked signal pending even
     # while ignored) for the handler below instead of being lost.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})

@@ -1,7 +1,10 @@
-"""OpenTelemetry traces of the gateway: the spans (:mod:`gateway.tracing.spans`, API only) and
-the SDK's exporter (:mod:`gateway.tracing.export`, the ``otel`` extra, imported only when
-tracing is enabled)."""
+"""OpenTelemetry traces of the gateway: the spans (:mod:`gateway.tracing.spans`, OpenTelemetry
+API spans that record themselves), what each carries (:mod:`gateway.tracing.attributes`), W3C
+trace context (:mod:`gateway.tracing.context`), and their export over OTLP/HTTP
+(:mod:`gateway.tracing.export`, with :mod:`~gateway.tracing.encoding` and
+:mod:`~gateway.tracing.collector`: the ``otel`` extra, imported only when tracing is enabled)."""
 
-from gateway.tracing.spans import Tracing
+from gateway.tracing.attributes import server_attributes
+from gateway.tracing.spans import Span, Tracing
 
-__all__ = ["Tracing"]
+__all__ = ["Span", "Tracing", "server_attributes"]

@@ -1,47 +1,144 @@
-"""Starting the OpenTelemetry SDK for one gateway process: a tracer provider of its own and an
-OTLP/HTTP exporter, both from the ``otel`` extra.
+"""Exporting the spans of one gateway process: a queue the spans join as they end, and one
+thread that encodes them in batches (:mod:`gateway.tracing.encoding`) and posts them to the
+collector (:mod:`gateway.tracing.collector`).
 
 Rule: imported only when ``[tracing] enabled = true`` (the configuration refuses that without
-the extra), so a gateway without tracing imports no SDK, starts no exporter thread and opens no
-connection. The provider is the gateway's own, never the global one: a program that embeds the
-callback keeps its own tracing set-up.
+the ``otel`` extra), so a gateway without tracing starts no exporter thread and opens no
+connection. A span is encoded as it ends (the event loop's part: a few microseconds, see
+:mod:`gateway.tracing.encoding`) and queued as bytes; the exporter's thread joins them into
+requests and posts them, in batches. The batching follows the SDK's batch span
+processor and its variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms between exports),
+``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted),
+``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait),
+``..._EXPORT_TIMEOUT`` (ms a final flush may take). The
+resource is the SDK's (``service.name``, ``service.version``, ``OTEL_RESOURCE_ATTRIBUTES``).
+The tracer is the gateway's own, never the global one: a program that embeds the callback keeps
+its own tracing set-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import os
+import threading
+from collections.abc import Mapping
 
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from gateway.config import TracingConfig
-from gateway.tracing.spans import Tracing
+from gateway.tracing.collector import Collector, Poster, collector_from
+from gateway.tracing.encoding import Encoder
+from gateway.tracing.spans import Span, Tracing
 from gateway.version import __version__
 
-__all__ = ["Exporting"]
+__all__ = ["Batches", "Exporting"]
+
+log = logging.getLogger(__name__)
+
+# The SDK's batch span processor's defaults.
+_DEFAULTS = {
+    "OTEL_BSP_SCHEDULE_DELAY": 5000,
+    "OTEL_BSP_MAX_QUEUE_SIZE": 2048,
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512,
+    "OTEL_BSP_EXPORT_TIMEOUT": 30000,
+}
+THREAD_NAME = "OtelSpanExporter"
+
+
+def _setting(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name)
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value > 0:
+            return value
+        log.warning("%s = %r is not a positive integer; using %d", name, raw, _DEFAULTS[name])
+    return _DEFAULTS[name]
+
+
+class Batches:
+    """The spans waiting for export, and the thread that sends them."""
+
+    def __init__(self, encoder: Encoder, collector: Collector, env: Mapping[str, str]) -> None:
+        self._encoder = encoder
+        self._delay_s = _setting(env, "OTEL_BSP_SCHEDULE_DELAY") / 1000
+        self._max_queued = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
+        self._batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self._max_queued)
+        self._flush_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
+        # Each span encoded as it ends: bytes, which the garbage collector never walks (a
+        # queue of span objects would be, at every collection, until exported).
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._poster = Poster(collector, self._stopping)
+        self.dropped = 0
+        self.exported = 0
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    def record(self, span: Span) -> None:
+        """Encode and queue an ended span (on the event loop's thread, which ends them all)."""
+        queue = self._queue
+        if len(queue) >= self._max_queued:
+            if not self.dropped:
+                log.warning("spans are made faster than the collector takes them; dropping")
+            self.dropped += 1
+            return
+        try:
+            queue.append(self._encoder.span(span))
+        except Exception:  # an attribute of a type OTLP has no encoding for: that span only
+            log.exception("could not encode the span %r; dropped", span.name)
+            self.dropped += 1
+            return
+        if len(queue) >= self._batch and not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._delay_s)
+            self._wake.clear()
+            self._send(everything=False)
+        self._send(everything=True)
+        self._poster.close()
+
+    def _send(self, *, everything: bool) -> None:
+        """Export what is queued in batches: all of it, or until less than a batch is left
+        (the rest waits for the next wake-up, to make large batches)."""
+        queue = self._queue
+        while queue:
+            count = min(len(queue), self._batch)
+            body = self._encoder.request([queue.popleft() for _ in range(count)])
+            if self._poster.post(body, count):
+                self.exported += count
+            if not everything and len(queue) < self._batch:
+                return
+
+    def shutdown(self) -> None:
+        """Export everything still queued (for up to ``OTEL_BSP_EXPORT_TIMEOUT``), then stop."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(self._flush_s)
+        if self.dropped:
+            log.warning("%d spans were dropped: the export queue was full", self.dropped)
 
 
 class Exporting:
-    """The SDK's provider and exporter for ``config``; :attr:`tracing` makes the spans."""
+    """The exporter for ``config``; :attr:`tracing` makes the spans."""
 
-    def __init__(self, config: TracingConfig) -> None:
-        # An endpoint in the file is the collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT
-        # is; without one the exporter reads the OTEL_EXPORTER_OTLP_* variables itself.
-        endpoint = None if config.endpoint is None else config.endpoint.rstrip("/") + "/v1/traces"
-        self._provider = TracerProvider(
-            resource=Resource.create(
-                {"service.name": config.service_name, "service.version": __version__}
-            ),
-            # A delivery attempt follows the decision its notification's trace was given.
-            sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+    def __init__(self, config: TracingConfig, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        resource = Resource.create(
+            {"service.name": config.service_name, "service.version": __version__}
         )
-        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        self.tracing = Tracing(self._provider.get_tracer("waba-gateway", __version__))
+        encoder = Encoder(resource.attributes, "waba-gateway", __version__)
+        self.batches = Batches(encoder, collector_from(config.endpoint, env), env)
+        self.tracing = Tracing(self.batches.record, config.sample_ratio)
 
     async def close(self) -> None:
-        """Export what is still buffered, then stop the exporter (off the event loop: it
-        blocks on the collector)."""
-        await asyncio.to_thread(self._provider.shutdown)
+        """Export what is still queued, then stop the exporter (off the event loop: it blocks
+        on the collector)."""
+        await asyncio.to_thread(self.batches.shutdown)

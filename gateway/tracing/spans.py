@@ -1,190 +1,268 @@
-"""The gateway's spans: what each one is named and carries, made through opentelemetry-api only.
+"""The gateway's spans: what each one is named and carries, and how it is recorded.
 
 Rule: nothing here knows the exporter, and nothing here is reached with tracing off: the request
 path and the dispatcher hold a :class:`Tracing` only when ``[tracing] enabled = true``, so an
-untraced gateway builds no span object. Attributes follow OpenTelemetry's stable HTTP semantic
-conventions; none carries personal data (no body, phone number, user id, name, message text,
-secret or token): only the method, path, status, the client certificate's CN and expiry, the
-target's name, the delivery id and the attempt's outcome.
+untraced gateway builds no span object. A span is an OpenTelemetry API span
+(:class:`opentelemetry.trace.Span`) that records itself: its ids, times, status and the few
+attributes that vary are plain values, handed at its end to the one callable that batches them
+for export (:mod:`gateway.tracing.export`). No lock, no per-attribute validation, no context
+objects: the SDK's general-purpose span cost several times the CPU of the request it traced
+(bench/README.md, "Tracing, lean spans"). Attributes are those of
+:mod:`gateway.tracing.attributes`; no event is ever recorded (an event's text may hold anything).
 """
 
 from __future__ import annotations
 
-import ssl
+import random
 import time
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
-from urllib.parse import urlsplit
 
-from opentelemetry.context import Context
-from opentelemetry.trace import (
-    Link,
-    Span,
-    SpanKind,
-    Status,
-    StatusCode,
-    Tracer,
-    get_current_span,
-    set_span_in_context,
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.util import types
+
+from gateway.tracing.attributes import attempt_attributes, status_attributes, target_attributes
+from gateway.tracing.context import (
+    SAMPLED,
+    Parent,
+    format_traceparent,
+    parse_stored,
+    parse_traceparent,
 )
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = [
-    "Tracing",
-    "client_attributes",
-    "join_carrier",
-    "not_after_iso",
-    "split_carrier",
-    "status_attributes",
-]
+__all__ = ["CLIENT", "INTERNAL", "SERVER", "Recorder", "Span", "Tracing"]
 
-_PROPAGATOR: Final = TraceContextTextMapPropagator()
-# A traceparent and its tracestate stored as one text: W3C trace context never holds a newline.
-_SEPARATOR: Final = "\n"
+# Span.kind as OTLP numbers it.
+INTERNAL: Final = 1
+SERVER: Final = 2
+CLIENT: Final = 3
+# What a span that is not a root points at; a link: (trace id, span id, flags, attributes).
+Link = tuple[bytes, bytes, int, Mapping[str, Any]]
+_UNTRUSTED: Final[Mapping[str, Any]] = {"gateway.link": "untrusted"}
+_NO_ATTRIBUTES: Final[Mapping[str, Any]] = {}
 
-
-def join_carrier(carrier: dict[str, str]) -> str | None:
-    """The stored form of an injected trace context: traceparent, then tracestate if any."""
-    parent = carrier.get("traceparent")
-    if parent is None:
-        return None
-    state = carrier.get("tracestate")
-    return f"{parent}{_SEPARATOR}{state}" if state else parent
+# Ids from the random module (as the SDK's), reseeded in each forked worker by the module itself.
+_random_bytes = random.randbytes
+_NO_PARENT: Final = b""
+_ZERO_SPAN: Final = bytes(8)
+_ZERO_TRACE: Final = bytes(16)
 
 
-def split_carrier(stored: str | None) -> dict[str, str]:
-    """The headers a stored trace context stands for (see :func:`join_carrier`)."""
-    if not stored:
-        return {}
-    parent, _, state = stored.partition(_SEPARATOR)
-    return {"traceparent": parent, "tracestate": state} if state else {"traceparent": parent}
+def _span_id() -> bytes:
+    found = _random_bytes(8)
+    return found if found != _ZERO_SPAN else b"\x00" * 7 + b"\x01"  # all zeros: invalid
 
 
-def not_after_iso(not_after: str | None) -> str | None:
-    """A certificate's notAfter as Python's ssl module spells it, in ISO 8601 (UTC)."""
-    if not not_after:
-        return None
-    try:
-        seconds = ssl.cert_time_to_seconds(not_after)
-    except ValueError:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+class Span(trace.Span):
+    """One span, recorded by ``recorder`` when it ends if it is sampled.
+
+    ``attributes``: set at its start and shared between spans (a connection's, a target's), so
+    never changed once given (the exporter encodes each such mapping once); ``changed``: the
+    span's own, set after, which win over the shared ones of the same key."""
+
+    __slots__ = (
+        "attributes",
+        "changed",
+        "end_ns",
+        "error",
+        "kind",
+        "links",
+        "name",
+        "parent_id",
+        "recorder",
+        "remote_parent",
+        "sampled",
+        "span_id",
+        "start_ns",
+        "trace_id",
+        "trace_state",
+    )
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        name: str,
+        kind: int,
+        trace_id: bytes,
+        parent: Parent | None,
+        sampled: bool,
+        attributes: Mapping[str, Any],
+        start_ns: int,
+        links: Sequence[Link] = (),
+        remote_parent: bool = True,
+    ) -> None:
+        self.recorder = recorder
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = _span_id()
+        self.parent_id = _NO_PARENT if parent is None else parent.span_id
+        self.trace_state = "" if parent is None else parent.trace_state
+        self.remote_parent = remote_parent
+        self.sampled = sampled
+        self.attributes = attributes
+        self.changed: dict[str, Any] | None = None
+        self.start_ns = start_ns
+        self.end_ns = 0
+        self.links = links
+        self.error = False
+
+    def as_parent(self) -> Parent:
+        """This span as the parent of another made here."""
+        flags = SAMPLED if self.sampled else 0
+        return Parent(self.trace_id, self.span_id, flags, self.trace_state)
+
+    def traceparent(self) -> str:
+        """The ``traceparent`` header that makes a receiver's spans children of this one."""
+        return format_traceparent(self.trace_id, self.span_id, self.sampled)
+
+    # -- opentelemetry.trace.Span ------------------------------------------------------------
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_ns:
+            return  # ended once; a span is recorded once
+        self.end_ns = end_time or time.time_ns()
+        if self.sampled:
+            self.recorder(self)
+
+    def get_span_context(self) -> SpanContext:
+        state = TraceState.from_header([self.trace_state]) if self.trace_state else None
+        flags = TraceFlags(SAMPLED if self.sampled else 0)
+        trace_id, span_id = int.from_bytes(self.trace_id), int.from_bytes(self.span_id)
+        return SpanContext(trace_id, span_id, False, flags, state)
+
+    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        if not self.end_ns:
+            if self.changed is None:
+                self.changed = dict(attributes)
+            else:
+                self.changed.update(attributes)
+
+    def set_attribute(self, key: str, value: types.AnyValue) -> None:
+        self.set_attributes({key: value})
+
+    def add_event(
+        self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
+    ) -> None:
+        """Not recorded: the gateway's spans have no events (an event's text may hold
+        personal data)."""
+
+    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
+        if not self.end_ns and context.is_valid:
+            link = (
+                context.trace_id.to_bytes(16),
+                context.span_id.to_bytes(8),
+                context.trace_flags,
+                attributes or {},
+            )
+            self.links = (*self.links, link)
+
+    def update_name(self, name: str) -> None:
+        if not self.end_ns:
+            self.name = name
+
+    def is_recording(self) -> bool:
+        return self.sampled and not self.end_ns
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        code = status.status_code if isinstance(status, Status) else status
+        if not self.end_ns and code is not StatusCode.UNSET:
+            self.error = code is StatusCode.ERROR
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: types.Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        """The exception's type only, as ``error.type``: its text may name anything."""
+        self.set_attribute("error.type", type(exception).__qualname__)
 
 
-def status_attributes(status: int | None, error: str | None) -> dict[str, Any]:
-    """A response's attributes: its status code, and ``error.type`` for a failure (the status
-    as text from 400 on, or the kind of error when nothing came back)."""
-    if status is None:
-        kind = (error or "no response").split(" ", 1)[0].rstrip(":")
-        return {"error.type": "timeout" if kind == "timed" else kind or "_OTHER"}
-    found: dict[str, Any] = {"http.response.status_code": status}
-    if status >= 400:
-        found["error.type"] = str(status)
-    return found
-
-
-def client_attributes(
-    url: str, target: str, delivery_id: str, attempt: int, kind: str = "http"
-) -> dict[str, Any]:
-    """A delivery attempt's attributes before it is sent: for an HTTP target the URL without
-    credentials or query (either may hold a secret), for a broker (``kind``) its first
-    server's host and port alone."""
-    found: dict[str, Any] = {
-        "gateway.target.name": target,
-        "gateway.delivery.id": delivery_id,
-        "gateway.delivery.attempt": attempt,
-    }
-    if attempt > 1:
-        found["http.request.resend_count"] = attempt - 1
-    try:
-        parts = urlsplit(url.split(",", 1)[0])  # a NATS target may list several servers
-        port = parts.port
-    except ValueError:
-        return found
-    if kind != "http":
-        found["messaging.system"] = kind
-        found["server.address"] = parts.hostname or ""
-        if port is not None:
-            found["server.port"] = port
-    else:
-        port = port or (443 if parts.scheme == "https" else 80)
-        found["http.request.method"] = "POST"
-        found["server.address"] = parts.hostname or ""
-        found["server.port"] = port
-        found["url.full"] = f"{parts.scheme}://{parts.hostname}:{port}{parts.path or '/'}"
-    return found
+# Given each sampled span as it ends.
+Recorder = Callable[[Span], None]
 
 
 class Tracing:
-    """Makes the gateway's spans with ``tracer`` (see :mod:`gateway.tracing.export`)."""
+    """Makes the gateway's spans, sampling new traces at ``sample_ratio`` (as OpenTelemetry's
+    ``ParentBased(TraceIdRatioBased)``: a child follows its parent's decision), and gives
+    each sampled span to ``recorder`` when it ends."""
 
-    def __init__(self, tracer: Tracer) -> None:
-        self._tracer = tracer
+    def __init__(self, recorder: Recorder, sample_ratio: float = 1.0) -> None:
+        self._recorder = recorder
+        # TraceIdRatioBased's rule: the low 64 bits of the trace id under ratio * 2**64.
+        self._bound = round(sample_ratio * (1 << 64))
+        self._all = self._bound >= 1 << 64
 
-    def server_span(
-        self, path: str, cn: str | None, not_after: str | None, foreign: str | None
-    ) -> Span:
-        """The SERVER span of one ``POST path`` at the callback. Always a root: Meta sends no
+    def _root(self) -> tuple[bytes, bool]:
+        trace_id = _random_bytes(16)
+        if trace_id == _ZERO_TRACE:  # all zeros: invalid
+            trace_id = bytes(15) + b"\x01"
+        return trace_id, self._all or int.from_bytes(trace_id[8:]) < self._bound
+
+    def server_span(self, path: str, attributes: Mapping[str, Any], foreign: str | None) -> Span:
+        """The SERVER span of one ``POST path`` at the callback, with ``attributes`` (see
+        :func:`~gateway.tracing.attributes.server_attributes`). Always a root: Meta sends no
         traceparent, and anyone else's (``foreign``) is only recorded as a link."""
-        attributes: dict[str, Any] = {
-            "http.request.method": "POST",
-            "http.route": path,
-            "url.path": path,
-            "url.scheme": "https",
-            "network.protocol.version": "1.1",
-        }
-        if cn is not None:
-            attributes["tls.client.subject"] = f"CN={cn}"
-        expiry = not_after_iso(not_after)
-        if expiry is not None:
-            attributes["tls.client.not_after"] = expiry
-        links = []
+        links: tuple[Link, ...] = ()
         if foreign is not None:
-            linked = get_current_span(_PROPAGATOR.extract({"traceparent": foreign}))
-            if linked.get_span_context().is_valid:
-                links.append(Link(linked.get_span_context(), {"gateway.link": "untrusted"}))
-        return self._tracer.start_span(
+            linked = parse_traceparent(foreign)
+            if linked is not None:
+                links = ((linked.trace_id, linked.span_id, linked.flags, _UNTRUSTED),)
+        trace_id, sampled = self._root()
+        return Span(
+            self._recorder,
             f"POST {path}",
-            context=Context(),  # a root, whatever the caller's context holds
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-            links=links,
+            SERVER,
+            trace_id,
+            None,
+            sampled,
+            attributes,
+            time.time_ns(),
+            links,
         )
 
     @staticmethod
-    def end_server(span: Span, status: int) -> None:
+    def end_server(span: trace.Span, status: int) -> None:
         """End a SERVER span with the status the callback answered."""
         span.set_attributes(status_attributes(status, None))
         if status >= 500:  # 4xx is the client's error, not the server's (semantic conventions)
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(StatusCode.ERROR)
         span.end()
 
     def commit_span(self, server: Span) -> Span:
         """The outbox commit of a notification, a child of its SERVER span."""
-        return self._tracer.start_span(
-            "outbox commit", context=set_span_in_context(server, Context())
+        return Span(
+            self._recorder,
+            "outbox commit",
+            INTERNAL,
+            server.trace_id,
+            server.as_parent(),
+            server.sampled,
+            _NO_ATTRIBUTES,
+            time.time_ns(),
+            remote_parent=False,
         )
 
     @staticmethod
-    def committed(commit: Span, deliveries: int | None) -> None:
+    def committed(commit: trace.Span, deliveries: int | None) -> None:
         """A commit's result: how many deliveries it stored (``None``: a duplicate, none)."""
         commit.set_attributes(
             {"gateway.duplicate": deliveries is None, "gateway.deliveries": deliveries or 0}
         )
 
     @staticmethod
-    def failed(span: Span, exc: BaseException) -> None:
+    def failed(span: trace.Span, exc: BaseException) -> None:
         """A span whose work raised: the error's type only (its text may name anything)."""
-        span.set_attribute("error.type", type(exc).__qualname__)
-        span.set_status(Status(StatusCode.ERROR))
+        span.record_exception(exc)
+        span.set_status(StatusCode.ERROR)
 
     @staticmethod
     def stored(server: Span) -> str | None:
         """The trace context kept with a notification's deliveries: its SERVER span's."""
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=set_span_in_context(server, Context()))
-        return join_carrier(carrier)
+        return server.traceparent()
 
     def attempt_spans(
         self,
@@ -199,26 +277,29 @@ class Tracing:
         ``send <target>`` for a broker (the messaging ones)."""
         made = []
         start = time.time_ns()
-        for delivery_id, trace, attempt in deliveries:
-            parent = _PROPAGATOR.extract(split_carrier(trace), context=Context())
-            span = self._tracer.start_span(
-                "POST" if kind == "http" else f"send {target}",
-                context=parent,
-                kind=SpanKind.CLIENT,
-                attributes=client_attributes(url, target, delivery_id, attempt, kind),
-                start_time=start,
-            )
-            headers: dict[str, str] = {}
-            _PROPAGATOR.inject(headers, context=set_span_in_context(span, Context()))
+        name = "POST" if kind == "http" else f"send {target}"
+        shared = target_attributes(url, target, kind)
+        for delivery_id, trace_context, attempt in deliveries:
+            parent = parse_stored(trace_context)
+            if parent is None:
+                trace_id, sampled = self._root()
+            else:
+                trace_id, sampled = parent.trace_id, bool(parent.flags & SAMPLED)
+            span = Span(self._recorder, name, CLIENT, trace_id, parent, sampled, shared, start)
+            span.changed = attempt_attributes(delivery_id, attempt)
+            headers = {"traceparent": span.traceparent()}
+            if span.trace_state:
+                headers["tracestate"] = span.trace_state
             made.append((span, headers))
         return made
 
     @staticmethod
-    def end_attempt(span: Span, status: int | None, error: str | None, outcome: str) -> None:
+    def end_attempt(span: trace.Span, status: int | None, error: str | None, outcome: str) -> None:
         """End an attempt's span with what came back and what it led to (delivered, retry,
         dead)."""
-        span.set_attributes(status_attributes(status, error))
-        span.set_attribute("gateway.delivery.outcome", outcome)
+        found = status_attributes(status, error)
+        found["gateway.delivery.outcome"] = outcome
+        span.set_attributes(found)
         if outcome != "delivered":
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(StatusCode.ERROR)
         span.end()

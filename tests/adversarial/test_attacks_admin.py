@@ -28,8 +28,8 @@ from pki import Pki
 from sink import Reply, Sink
 
 from adversarial.attack import attack_gateway, still_serves
+from gateway.admin.throttle import MAX_WAIT_S
 from gateway.runtime.gateway import Gateway
-from gateway.runtime.throttle import MAX_WAIT_S
 
 TOKEN = "admin-token-for-attacks-0123456789abcdef"
 

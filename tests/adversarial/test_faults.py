@@ -41,11 +41,11 @@ from pki import Pki, stale_crl
 from settling import pending_in_gateway, until_settled
 from sink import Hang, Sink
 
+from gateway.admin.api import READY_WAIT_S
 from gateway.config import Config, DispatcherConfig
 from gateway.onboarding.check import report
 from gateway.onboarding.doctor import diagnose
 from gateway.outbox.sqlite.store import DAMAGED
-from gateway.runtime.admin import READY_WAIT_S
 from gateway.runtime.gateway import Gateway
 from gateway.runtime.workers import stale_metrics_dirs
 

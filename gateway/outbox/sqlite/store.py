@@ -181,8 +181,7 @@ def _first_of_conversations(
         return []
     marks = ", ".join("?" * len(ids))
     return conn.execute(
-        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending'"
-        " ORDER BY d.next_attempt_at",
+        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending' ORDER BY d.next_attempt_at",
         ids,
     ).fetchall()
 

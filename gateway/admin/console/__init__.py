@@ -5,6 +5,6 @@ delivery metadata only, never a notification body (see :mod:`.pages`), and it is
 the admin API (see :mod:`.views`).
 """
 
-from gateway.runtime.console.views import SECURITY_HEADERS, add_console, is_console_path
+from gateway.admin.console.views import SECURITY_HEADERS, Console, is_console_path
 
-__all__ = ["SECURITY_HEADERS", "add_console", "is_console_path"]
+__all__ = ["SECURITY_HEADERS", "Console", "is_console_path"]

@@ -2,7 +2,7 @@
 
 Rule: a page shows ids, targets, states, statuses, reasons, fields, WABA ids, sizes and
 certificate facts; never a notification body, a phone number, a name or message text. Each
-function returns the page's body; :func:`~gateway.runtime.console.html.frame` wraps it.
+function returns the page's body; :func:`~gateway.admin.console.html.frame` wraps it.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
+from gateway.admin.console.facts import CertificateFacts, body_facts
+from gateway.admin.console.html import PREFIX, age, esc, form, moment, table
+from gateway.admin.stats import Totals
 from gateway.delivery.answers import shown_answer
 from gateway.delivery.backoff import Breaker
 from gateway.outbox import STATES, AttemptRecord, Backlog, Delivery
-from gateway.runtime.console.facts import CertificateFacts, body_facts
-from gateway.runtime.console.html import PREFIX, age, esc, form, moment, table
-from gateway.runtime.stats import Totals
 
 __all__ = [
     "Listing",

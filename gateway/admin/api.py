@@ -10,30 +10,35 @@ Endpoints: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``,
 ``GET /admin/deliveries/{id}``, ``POST /admin/deliveries/{id}/replay``,
 ``POST /admin/deliveries/replay?state=dead&target=NAME&since=24h`` (bulk),
 ``POST /admin/deliveries/purge?older_than=30d`` (dead letters), ``POST /admin/reload``; and the web
-console at ``GET /`` and under ``/console/`` (:mod:`gateway.runtime.console`), which guards itself
+console at ``GET /`` and under ``/console/`` (:mod:`gateway.admin.console`), which guards itself
 with a session made from the same token.
 
 In front of all of it but the probes, for a browser on the operator's machine: a ``Host`` that
 is not the listener's is refused (421), and so is a state-changing request another site sent
 (403), token or not, and a form's body sent to the JSON API (415)
-(:mod:`gateway.runtime.origin`). A wrong token is answered only after a
-wait that grows per client address (:mod:`gateway.runtime.throttle`), and every 401 carries
+(:mod:`gateway.admin.origin`). A wrong token is answered only after a
+wait that grows per client address (:mod:`gateway.admin.throttle`), and every 401 carries
 ``WWW-Authenticate``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
-from gateway.config import AdminConfig, Config
+from gateway.admin.console import Console, is_console_path
+from gateway.admin.operations import Operations
+from gateway.admin.origin import cross_site_refusal, form_refusal, host_refusal
+from gateway.admin.stats import Stats
+from gateway.admin.throttle import AuthThrottle
+from gateway.config import AdminConfig
 from gateway.delivery.answers import shown_summary
-from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import (
     BadRequest,
@@ -41,19 +46,14 @@ from gateway.errors import (
     MisdirectedRequest,
     NotFound,
     OutboxError,
+    PortInUse,
     Unauthorized,
     UnsupportedMediaType,
 )
-from gateway.outbox import Outbox
 from gateway.outbox.query import parse_query, parse_state
-from gateway.runtime.console import add_console, is_console_path
-from gateway.runtime.origin import cross_site_refusal, form_refusal, host_refusal
-from gateway.runtime.reload import ReloadResult
-from gateway.runtime.stats import Snapshot, Stats
-from gateway.runtime.throttle import AuthThrottle
 from gateway.units import parse_age, parse_since
 
-__all__ = ["READY_WAIT_S", "Operations", "create_admin_app"]
+__all__ = ["READY_WAIT_S", "create_admin_app", "start_admin"]
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _CHALLENGE = 'Bearer realm="waba-gateway admin"'
@@ -61,21 +61,6 @@ _WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", ""})
 # The longest /readyz waits for the outbox: a file locked by another process holds a write for
 # the busy timeout, and a probe that hangs that long says less than a prompt 503.
 READY_WAIT_S = 2.0
-
-
-class Operations(Protocol):
-    """What the admin API works on (the running :class:`~gateway.runtime.gateway.Gateway`)."""
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def outbox(self) -> Outbox: ...
-    @property
-    def stats(self) -> Stats: ...
-    def wake(self) -> None: ...
-    def breakers(self) -> Mapping[str, Breaker]: ...
-    def reload(self) -> ReloadResult: ...
-    async def snapshot(self) -> Snapshot: ...
 
 
 def _own_address(request: web.Request) -> str | None:
@@ -242,8 +227,7 @@ def create_admin_app(ops: Operations) -> web.Application:
     app.router.add_post("/admin/deliveries/purge", purge)
     app.router.add_get("/admin/deliveries/{id}", show)
     app.router.add_post("/admin/deliveries/{id}/replay", replay)
-    add_console(
-        app,
+    Console(
         lambda: ops.config,
         outbox,
         ops.stats,
@@ -251,6 +235,23 @@ def create_admin_app(ops: Operations) -> web.Application:
         wake=ops.wake,
         refuse=lambda request: _refuse_slowly(ops.stats, throttle, request, "sign-in"),
         accepted=lambda request: throttle.succeeded(request.remote or "-"),
-    )
+    ).mount(app)
     app.router.add_post("/admin/reload", reload)
     return app
+
+
+async def start_admin(ops: Operations) -> tuple[web.AppRunner, int]:
+    """Serve the admin app of ``ops`` on ``[admin] host:port``: its runner (to clean up) and the
+    port it listens on. A port in use is :class:`~gateway.errors.PortInUse` naming
+    ``admin.port``; nothing is left running when it fails."""
+    settings = ops.config.admin
+    runner = web.AppRunner(create_admin_app(ops), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(settings.port, "admin.port") from exc
+        raise
+    return runner, int(runner.addresses[0][1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from gateway.runtime.console.html import PREFIX
+from gateway.admin.console.html import PREFIX
 
 __all__ = ["is_console_path", "local_redirect"]
 

@@ -1,0 +1,93 @@
+"""The CPU of tracing alone, per notification: the spans the listener, the outbox commit and the
+dispatcher make for one notification and its delivery (SERVER, commit, one CLIENT attempt), ended
+as they are, then exported to an OTLP/HTTP collector, all in this process.
+
+Usage:
+  python bench/otlp_sink.py --port 14318 &
+  python bench/tracing_cost.py --count 20000 --endpoint http://127.0.0.1:14318
+  # instructions, whatever the machine's load (about 50x slower; a fixed count):
+  valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \
+      python bench/tracing_cost.py --count 2000 --endpoint http://127.0.0.1:14318
+  callgrind_annotate /tmp/cg.out | head -1   # "PROGRAM TOTALS": divide by the count
+
+It imports the gateway it finds (``PYTHONPATH=/path/to/other/tree`` measures another revision);
+revisions whose ``server_span`` took the certificate's fields (before the lean spans) are called
+that way. The process's CPU (all threads, the exporter's too) over ``--count`` notifications,
+with the start-up (imports, the exporter's set-up) measured apart and left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import time
+from typing import Any
+
+from gateway.config import TracingConfig
+from gateway.tracing import Tracing
+from gateway.tracing.export import Exporting
+
+NOT_AFTER = "Jun  1 12:00:00 2027 GMT"
+
+
+def _server_span(tracing: Any, path: str, attributes: Any) -> Any:
+    if len(inspect.signature(tracing.server_span).parameters) == 4:
+        # The revision before the lean spans: (path, cn, not_after, foreign).
+        return lambda: tracing.server_span(path, "meta", NOT_AFTER, None)
+    return lambda: tracing.server_span(path, attributes, None)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=20000, help="notifications (default 20000)")
+    parser.add_argument("--endpoint", required=True, help="the collector's base URL")
+    args = parser.parse_args()
+    started = time.process_time()
+    exporting = Exporting(TracingConfig(enabled=True, endpoint=args.endpoint))
+    tracing = exporting.tracing
+    attributes: Any = None
+    try:
+        from gateway.tracing import server_attributes  # type: ignore[attr-defined,unused-ignore]
+
+        attributes = server_attributes(
+            "/webhook", "meta", NOT_AFTER, "127.0.0.1", ("127.0.0.1", 40000)
+        )
+    except ImportError:
+        pass
+    server_span = _server_span(tracing, "/webhook", attributes)
+    set_up = time.process_time() - started
+    started = time.process_time()
+    for number in range(args.count):
+        server = server_span()
+        commit = tracing.commit_span(server)
+        stored = tracing.stored(server)
+        tracing.committed(commit, 1)
+        commit.end()
+        Tracing.end_server(server, 200)
+        ((attempt, headers),) = tracing.attempt_spans(
+            "http://127.0.0.1:9000/webhook", "sink", [(f"p-{number}", stored, 1)]
+        )
+        assert headers["traceparent"]
+        Tracing.end_attempt(attempt, 200, None, "delivered")
+        if number % 64 == 63:
+            # The exporter's thread runs while the event loop waits for the network; this
+            # loop never waits, so it lets it run here (sleeping costs no CPU).
+            await asyncio.sleep(0.001)
+    await exporting.close()
+    spent = time.process_time() - started
+    print(
+        json.dumps(
+            {
+                "count": args.count,
+                "us_cpu_per_notification": round(spent / args.count * 1e6, 1),
+                "set_up_ms": round(set_up * 1e3, 1),
+                "dropped": getattr(getattr(exporting, "batches", None), "dropped", None),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,179 @@
+"""Reading a TOML table into a dataclass of :mod:`.model`: its keys, their types, the rules of
+:mod:`.rules`, and ``${NAME}`` references to the environment.
+
+Rule: every error is a :class:`~gateway.errors.ConfigError` that names the file, the key path,
+the value and what was expected, e.g. ``config/gateway.toml: targets[0].url = 'ftp://x':
+expected an http:// or https:// URL``; a secret's value shows only as its ``${NAME}`` text or
+``<hidden>``, and so does a misspelt key's whose name looks like a secret's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+from gateway.config.model import redact_url
+from gateway.config.rules import DEFAULT_RULES, RULES, SECRETS, URLS
+from gateway.errors import ConfigError
+
+__all__ = ["Reader"]
+
+_T = TypeVar("_T")
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SCALARS: dict[object, tuple[type | UnionType, str]] = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: (int | float, "a finite number"),
+}
+
+
+def _shown(value: object, secret: bool) -> str:
+    """The value as a message shows it, spelt as in TOML where Python spells it otherwise
+    (``true``, not ``True``); a secret only as its unexpanded ``${NAME}`` text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not secret or value in ("", []) or (isinstance(value, str) and "${" in value):
+        return repr(value)
+    return "<hidden>"
+
+
+# A misspelt key whose name has one of these in it, or is close to a secret key's name, may
+# hold a secret: its value is hidden. Any other misspelt key's value is shown, to find it by.
+_SECRET_WORDS = ("secret", "token", "pass", "key", "auth", "credential", "url")
+_SECRET_NAMES = sorted({name.rpartition(".")[2] for name in SECRETS})
+
+
+def _may_be_secret(key: str, value: object) -> bool:
+    """Whether the value of the unknown key ``key`` may be a secret (a table may hold one)."""
+    lowered = key.lower()
+    return (
+        isinstance(value, dict)
+        or any(word in lowered for word in _SECRET_WORDS)
+        or bool(difflib.get_close_matches(lowered, _SECRET_NAMES))
+    )
+
+
+def _join(table: str, key: str) -> str:
+    return f"{table}.{key}" if table else key
+
+
+class Reader:
+    """Reads the tables of the file ``source``, expanding references from ``env``."""
+
+    def __init__(self, source: Path, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.env = env
+
+    def error(self, key: str, value: object, expected: str, *, secret: bool = False) -> ConfigError:
+        return ConfigError(f"{self.source}: {key} = {_shown(value, secret)}: expected {expected}")
+
+    def section(self, key: str, name: str, value: object, cls: type[_T]) -> _T:
+        """Table ``key`` (``name`` without its index) as a ``cls``."""
+        required = [
+            each.name
+            # _T is always one of the dataclasses above; mypy cannot know that.
+            for each in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if each.default is dataclasses.MISSING and each.default_factory is dataclasses.MISSING
+        ]
+        return cls(**self.table(key, name, value, get_type_hints(cls), required))
+
+    def table(
+        self,
+        key: str,
+        name: str,
+        value: object,
+        hints: Mapping[str, Any],
+        required: Iterable[str],
+    ) -> dict[str, Any]:
+        """The converted values of the keys present in table ``key``."""
+        table = self.check_keys(key, value, hints)
+        for each in required:
+            if each not in table:
+                raise ConfigError(f"{self.source}: {_join(key, each)}: required key is missing")
+        return {
+            each: self.convert(_join(key, each), f"{name}.{each}", hints[each], item)
+            for each, item in table.items()
+        }
+
+    def check_keys(self, key: str, value: object, known: Iterable[str]) -> dict[str, object]:
+        if not isinstance(value, dict):
+            raise self.error(key, value, "a table", secret=True)
+        for each, item in value.items():
+            if each not in known:
+                expected = "one of the keys " + ", ".join(sorted(known))
+                raise self.error(
+                    _join(key, each), item, expected, secret=_may_be_secret(each, item)
+                )
+        return value
+
+    def convert(self, key: str, name: str, hint: Any, value: object) -> Any:
+        """``value`` as type ``hint``, checked against the rule for ``name``."""
+        secret = name in SECRETS
+        if get_origin(hint) is UnionType:  # `X | None`: None is only ever the default
+            hint = get_args(hint)[0]
+        result: Any
+        if hint in _SCALARS:
+            kind, expected = _SCALARS[hint]
+            # TOML's true is not 1, although Python's bool is an int; an integer is a fine float.
+            if (
+                not isinstance(value, int | float)
+                or not isinstance(value, kind)
+                or isinstance(value, bool) != (hint is bool)
+                or not math.isfinite(value)
+            ):
+                raise self.error(key, value, expected, secret=secret)
+            result = float(value) if hint is float else value
+        elif hint == tuple[float, ...]:
+            if not isinstance(value, list) or not all(
+                isinstance(item, int | float) and not isinstance(item, bool) and math.isfinite(item)
+                for item in value
+            ):
+                raise self.error(key, value, "a list of numbers", secret=secret)
+            result = tuple(float(item) for item in value)
+        elif get_origin(hint) is tuple:
+            if not isinstance(value, list):
+                raise self.error(key, value, "a list of strings", secret=secret)
+            result = tuple(self.text(f"{key}[{i}]", item, secret) for i, item in enumerate(value))
+        else:
+            result = self.text(key, value, secret)
+            if get_origin(hint) is Literal and result not in get_args(hint):
+                raise self.error(key, result, "one of " + ", ".join(map(repr, get_args(hint))))
+            if hint is Path:
+                # Relative to the config file, so a config works whatever the working directory.
+                result = self.source.parent / result
+        valid, expected = RULES.get(name) or DEFAULT_RULES.get(hint, (lambda _: True, ""))
+        if not valid(result):
+            # The expanded text, or the number as written (`0`, not `0.0`); a URL without
+            # its password (a target's URL may carry one).
+            shown = result if isinstance(result, str) and not secret else value
+            if name in URLS and isinstance(shown, str):
+                shown = redact_url(shown)
+            raise self.error(key, shown, expected, secret=secret)
+        return result
+
+    def text(self, key: str, value: object, secret: bool) -> str:
+        """A non-empty string with its ``${NAME}`` references replaced from the environment."""
+        if not isinstance(value, str):
+            raise self.error(key, value, "a string", secret=secret)
+        if "${" in _REFERENCE.sub("", value):
+            # A malformed reference is a typo, not text to pass on verbatim.
+            expected = "${NAME} references, NAME made of letters, digits and '_'"
+            raise self.error(key, value, expected, secret=secret)
+        for env_name in _REFERENCE.findall(value):
+            if env_name not in self.env:
+                raise ConfigError(
+                    f"{self.source}: {key} = {_shown(value, secret)}: "
+                    f"environment variable {env_name} is not set"
+                )
+        # One pass: text that comes from the environment is never expanded again.
+        text = _REFERENCE.sub(lambda match: self.env[match[1]], value)
+        if not text:
+            raise self.error(key, value, "a non-empty string", secret=secret)
+        return text

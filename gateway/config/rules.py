@@ -1,0 +1,141 @@
+"""What each key's value must be, beyond its type: ports in range, URLs of the right scheme,
+host names, fingerprints; and which keys hold secrets.
+
+Rule: pure predicates and tables, keyed by the key's name without its index
+(``targets.url``); :class:`.reader.Reader` applies them and words the error. A count must be
+>= 1 and a duration > 0 unless :data:`RULES` says otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "DEFAULT_RULES",
+    "KIND_EXTRAS",
+    "KIND_KEYS",
+    "KIND_SCHEMES",
+    "RULES",
+    "SECRETS",
+    "URLS",
+    "Rule",
+    "installed",
+    "is_loopback",
+    "is_server_url",
+]
+
+Rule = tuple[Callable[[Any], bool], str]
+
+# The URL schemes each kind takes, and the extra whose driver it needs (None: always installed).
+KIND_SCHEMES: dict[str, tuple[str, ...]] = {
+    "http": ("http", "https"),
+    "redis": ("redis", "rediss"),
+    "nats": ("nats", "tls"),
+}
+KIND_EXTRAS: dict[str, tuple[str, str] | None] = {
+    "http": None,
+    "redis": ("redis", "redis"),  # (extra, the module its driver installs)
+    "nats": ("nats", "nats"),
+}
+# The keys only some kinds take: (required, optional) per kind.
+KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "http": ((), ()),
+    "redis": (("stream",), ("maxlen",)),
+    "nats": (("subject",), ()),
+}
+SECRETS = frozenset(
+    {"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token", "outbox.url"}
+)
+URLS = frozenset({"targets.url"})
+
+_SHA256 = re.compile(r"[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}")
+
+
+def is_server_url(text: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        return False
+    has_space = any(char.isspace() for char in text)
+    return parts.scheme in schemes and bool(parts.hostname) and not has_space
+
+
+def installed(module: str) -> bool:
+    # find_spec, not import: loading a driver is the adapter's business, at its first use.
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host_name(text: str) -> bool:
+    """A DNS name or an IP address, as a Host header names it, without a port."""
+    name = text.lower().removesuffix(".")
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+        return True
+    except ValueError:
+        pass
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_postgres_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+        _ = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("postgresql", "postgres") and not any(c.isspace() for c in text)
+
+
+DEFAULT_RULES: dict[object, Rule] = {
+    int: (lambda value: value >= 1, "an integer >= 1"),
+    float: (lambda value: value > 0, "a number > 0"),
+}
+_NON_EMPTY: Rule = (bool, "a non-empty list of strings")
+RULES: dict[str, Rule] = {
+    "listen.port": (lambda value: 1 <= value <= 65535, "an integer from 1 to 65535"),
+    "listen.path": (lambda value: value.startswith("/"), "a path starting with '/'"),
+    "tls.client_cn": _NON_EMPTY,
+    "tls.session_tickets": (lambda value: 0 <= value <= 8, "an integer from 0 to 8"),
+    "tls.meta_ca_sha256": (
+        lambda value: all(_SHA256.fullmatch(each) for each in value),
+        "SHA-256 fingerprints, 64 hex digits each (colons between pairs allowed)",
+    ),
+    "meta.verify_tokens": _NON_EMPTY,
+    "meta.app_secrets": _NON_EMPTY,
+    "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
+    "tracing.endpoint": (
+        lambda value: is_server_url(value, ("http", "https")),
+        "an http:// or https:// URL",
+    ),
+    "tracing.sample_ratio": (lambda value: 0 <= value <= 1, "a number from 0 to 1"),
+    "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
+    "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
+    "targets.retry_schedule_s": (
+        lambda value: bool(value) and all(wait >= 0 for wait in value),
+        "a non-empty list of numbers >= 0",
+    ),
+    # 0 asks the OS for a free port, which tests use.
+    "admin.port": (lambda value: 0 <= value <= 65535, "an integer from 0 to 65535"),
+    "admin.allowed_hosts": (
+        lambda value: all(_is_host_name(each) for each in value),
+        "a list of host names or IP addresses, without scheme or port",
+    ),
+}

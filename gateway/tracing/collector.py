@@ -1,0 +1,179 @@
+"""The OTLP/HTTP collector spans are posted to: where, with which headers, TLS files, timeout
+and compression, from ``[tracing]`` and the standard ``OTEL_*`` variables, and one export
+posted with the retries OTLP/HTTP asks for.
+
+Rule: the variables are read once, at start, as OpenTelemetry's own OTLP/HTTP exporter reads
+them (``OTEL_EXPORTER_OTLP_TRACES_*`` before ``OTEL_EXPORTER_OTLP_*``; the endpoint of
+``[tracing]`` before either); a header's value (a vendor's API key) is never logged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import random
+import ssl
+import threading
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlsplit
+
+from opentelemetry.util.re import parse_env_headers
+
+from gateway.units import SECONDS
+
+__all__ = ["Collector", "collector_from"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_ENDPOINT: Final = "http://localhost:4318/"
+_TRACES_PATH: Final = "v1/traces"
+_DEFAULT_TIMEOUT_S: Final = 10 * SECONDS
+# OTLP/HTTP: these answers (and no answer at all) may be retried, with exponential backoff.
+_RETRYABLE: Final = frozenset({429, 502, 503, 504})
+_MAX_TRIES: Final = 6
+
+
+def _variable(env: Mapping[str, str], name: str) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``."""
+    return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Collector:
+    """Where and how a batch of spans is posted."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = _DEFAULT_TIMEOUT_S
+    compression: str = "none"  # or "gzip", "deflate"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def where(self) -> str:
+        """The collector as a log line may name it: scheme, host and port, nothing else."""
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}".rstrip(":")
+
+
+def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
+    """The collector of ``[tracing] endpoint`` (a base URL: spans go to its /v1/traces) and the
+    ``OTEL_EXPORTER_OTLP_*`` variables in ``env``."""
+    if endpoint is not None:
+        url = endpoint.rstrip("/") + "/" + _TRACES_PATH
+    elif traces := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        url = traces  # the signal's own URL, used as it is
+    else:
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or _DEFAULT_ENDPOINT
+        url = base.rstrip("/") + "/" + _TRACES_PATH
+    headers = dict(parse_env_headers(_variable(env, "HEADERS") or "", liberal=True))
+    timeout_s = _DEFAULT_TIMEOUT_S
+    if raw := _variable(env, "TIMEOUT"):
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            log.warning("OTLP timeout %r is not a number; using %s s", raw, _DEFAULT_TIMEOUT_S)
+    compression = (_variable(env, "COMPRESSION") or "none").strip().lower()
+    if compression not in ("none", "gzip", "deflate"):
+        log.warning("OTLP compression %r is not none, gzip or deflate; using none", compression)
+        compression = "none"
+    return Collector(
+        url=url,
+        headers=headers,
+        timeout_s=timeout_s,
+        compression=compression,
+        ca_file=_variable(env, "CERTIFICATE"),
+        cert_file=_variable(env, "CLIENT_CERTIFICATE"),
+        key_file=_variable(env, "CLIENT_KEY"),
+    )
+
+
+class Poster:
+    """Posts encoded export requests to one collector (from one thread at a time)."""
+
+    def __init__(self, collector: Collector, stopping: threading.Event) -> None:
+        self._collector = collector
+        self._stopping = stopping
+        self._headers = {"Content-Type": "application/x-protobuf", **collector.headers}
+        if collector.compression != "none":
+            self._headers["Content-Encoding"] = collector.compression
+        self._parts = urlsplit(collector.url)
+        self._path = self._parts.path or "/"
+        if self._parts.query:
+            self._path += "?" + self._parts.query
+        self._timeout = collector.timeout_s
+        self._kept: http.client.HTTPConnection | None = None
+        self._context: ssl.SSLContext | None = None
+        if collector.url.startswith("https:"):
+            self._context = ssl.create_default_context(cafile=collector.ca_file)
+            if collector.cert_file is not None:
+                self._context.load_cert_chain(collector.cert_file, collector.key_file)
+
+    def _compress(self, body: bytes) -> bytes:
+        if self._collector.compression == "gzip":
+            return gzip.compress(body)
+        if self._collector.compression == "deflate":
+            return zlib.compress(body)
+        return body
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._kept is None:
+            host, port, timeout = self._parts.hostname or "", self._parts.port, self._timeout
+            if self._context is None:
+                self._kept = http.client.HTTPConnection(host, port, timeout=timeout)
+            else:
+                self._kept = http.client.HTTPSConnection(
+                    host, port, timeout=timeout, context=self._context
+                )
+        return self._kept
+
+    def close(self) -> None:
+        """Close the kept connection, if any."""
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
+
+    def _once(self, body: bytes) -> int | None:
+        """The collector's status, or None if none came back. One connection is kept between
+        exports: a new one for each would cost more than the export of a small batch."""
+        for fresh in (self._kept is None, True):
+            connection = self._connection()
+            try:
+                connection.request("POST", self._path, body, self._headers)
+                answer = connection.getresponse()
+                answer.read()
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if fresh:
+                    return None
+                continue  # the collector closed the kept connection: once more, on a new one
+            if answer.will_close:
+                self.close()
+            return int(answer.status)
+        return None
+
+    def post(self, body: bytes, spans: int) -> bool:
+        """Post one export request, retrying what OTLP/HTTP says may be retried; whether the
+        collector took it."""
+        data = self._compress(body)
+        status: int | None = None
+        for attempt in range(_MAX_TRIES):
+            status = self._once(data)
+            if status is not None and 200 <= status < 300:
+                return True
+            if status is not None and status not in _RETRYABLE:
+                break
+            backoff = 2**attempt * random.uniform(0.8, 1.2)
+            if attempt + 1 == _MAX_TRIES or self._stopping.wait(backoff):
+                break
+        log.warning(
+            "dropped %d spans: the collector at %s answered %s",
+            spans,
+            self._collector.where(),
+            "nothing" if status is None else status,
+        )
+        return False
