@@ -32,6 +32,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.backoff import Breaker
@@ -43,7 +44,10 @@ from gateway.delivery.reporting import IGNORE, Observer, report
 from gateway.delivery.retention import Retention
 from gateway.errors import OutboxError
 from gateway.outbox import Delivery, Outbox
-from gateway.tracing import Tracing
+
+if TYPE_CHECKING:
+    # Annotations only: with tracing off no OpenTelemetry module is imported at all.
+    from gateway.tracing import Tracing
 
 __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from gateway.delivery.backoff import RetryPolicy, TargetHealth
 from gateway.delivery.lanes import Lane
@@ -18,7 +19,10 @@ from gateway.delivery.outcome import AttemptResult, Outcome, classify, is_transi
 from gateway.delivery.reporting import OUTCOMES
 from gateway.delivery.sending import Sender
 from gateway.outbox import Delivery
-from gateway.tracing import Span, Tracing
+
+if TYPE_CHECKING:
+    # Annotations only: with tracing off no OpenTelemetry module is imported at all.
+    from gateway.tracing import Span, Tracing
 
 __all__ = ["Exchange"]
 
@@ -29,10 +33,21 @@ log = logging.getLogger("gateway.delivery.dispatcher")
 class Exchange:
     """A batch of attempts to one target, from the spans' start to each attempt's outcome."""
 
-    __slots__ = ("attempts", "batch", "health", "name", "policy", "results", "sender", "spans")
+    __slots__ = (
+        "attempts",
+        "batch",
+        "health",
+        "name",
+        "policy",
+        "results",
+        "sender",
+        "spans",
+        "tracing",
+    )
 
     def __init__(self, lane: Lane, batch: Sequence[Delivery], tracing: Tracing | None) -> None:
         """``tracing``: one CLIENT span per attempt, started now, when [tracing] is enabled."""
+        self.tracing = tracing
         self.sender: Sender = lane.sender
         self.health: TargetHealth = lane.health
         self.policy: RetryPolicy = lane.policy
@@ -67,8 +82,9 @@ class Exchange:
                 self.results = [AttemptResult(error=error)] * len(batch)
         except BaseException:
             # Stopped mid-batch: the attempts stay pending; their spans say so.
-            for span, _ in spans or ():
-                Tracing.end_attempt(span, None, "stopped", "retry")
+            if spans is not None and self.tracing is not None:
+                for span, _ in spans:
+                    self.tracing.end_attempt(span, None, "stopped", "retry")
             raise
 
     def judge(
@@ -96,7 +112,9 @@ class Exchange:
                 self.batch, self.attempts, results, held, strict=True
             )
         ]
-        if self.spans is not None:
+        if self.spans is not None and self.tracing is not None:
             for (span, _), outcome, result in zip(self.spans, outcomes, results, strict=True):
-                Tracing.end_attempt(span, result.status, result.error, OUTCOMES[type(outcome)])
+                self.tracing.end_attempt(
+                    span, result.status, result.error, OUTCOMES[type(outcome)]
+                )
         return outcomes

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
-from gateway.edge.routing import route
+from gateway.edge.routing import Plan, route
 from gateway.outbox import Delivery, Outbox, Route
 from gateway.signing import verify_signature
-from gateway.tracing import Span, Tracing
+
+if TYPE_CHECKING:
+    # Annotations only: with tracing off no OpenTelemetry module is imported at all.
+    from gateway.tracing import Span, Tracing
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
 
@@ -65,7 +68,7 @@ class Callback:
         self._on_stored = on_stored
         self._clock = clock
         self._secrets = config.meta.app_secrets
-        self._targets = config.targets
+        self._routing = Plan.of(config.targets)
         # Set by the runtime when [tracing] is enabled; None: no span is ever made.
         self.tracing: Tracing | None = None
 
@@ -74,7 +77,7 @@ class Callback:
         apply from the next connection or request on; requests in flight finish as they began."""
         self.config = config
         self._secrets = config.meta.app_secrets
-        self._targets = config.targets
+        self._routing = Plan.of(config.targets)
 
     def answered(self, status: int, seconds: float) -> None:
         """A request was answered with ``status`` after ``seconds`` (for the metrics)."""
@@ -113,7 +116,7 @@ class Callback:
         except Exception:
             self.stats.rejected("signature")
             raise
-        routes = route(body, self._targets)
+        routes = route(body, self._routing)
         assert signature is not None  # verify_signature refuses a missing header
         if span is None or self.tracing is None:
             stored = await self.outbox.accept(body, signature, routes, self._clock())

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from email.utils import formatdate
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
 from gateway.config import ListenConfig
@@ -45,8 +45,11 @@ from gateway.edge.proxy_reader import HEADER_TIMEOUT_S, ProxyHeaderReader
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import NotFound, Rejected, RequestTimeout
-from gateway.tracing import Span, Tracing, server_attributes
 from gateway.units import SECONDS
+
+if TYPE_CHECKING:
+    # Annotations only: with tracing off no OpenTelemetry module is imported at all.
+    from gateway.tracing import Span, Tracing
 
 __all__ = ["Listener"]
 
@@ -69,20 +72,32 @@ class _Pause(enum.Enum):
 
 
 class _Clock:
-    """The ``Date`` header value, formatted once per second rather than once per answer."""
+    """The ``Date`` header value, formatted once per second rather than once per answer, and
+    the acknowledgements' whole bytes, built once per second too (they differ only in it)."""
 
-    __slots__ = ("_second", "_value")
+    __slots__ = ("_acks", "_second", "_value")
 
     def __init__(self) -> None:
         self._second = -1
         self._value = b""
+        self._acks: dict[tuple[str, bool], bytes] = {}
 
     def date(self) -> bytes:
         now = int(time.time())
         if now != self._second:
             self._second = now
             self._value = formatdate(now, usegmt=True).encode()
+            self._acks = {}
         return self._value
+
+    def ack(self, reason: str, keep_alive: bool) -> bytes:
+        """The answer to a POST with 200 and ``reason`` (one of the callback's two)."""
+        date = self.date()
+        found = self._acks.get((reason, keep_alive))
+        if found is None:
+            found = response(200, (reason + "\n").encode(), keep_alive, date)
+            self._acks[(reason, keep_alive)] = found
+        return found
 
 
 def _ack_now(transport: asyncio.BaseTransport) -> None:
@@ -118,7 +133,7 @@ class _Connection(asyncio.Protocol):
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
         self.remote = remote  # the client's address: the TCP peer's, or the PROXY header's
         self.cn: str | None = None
-        self._tracing = self._callback.tracing
+        self._tracing: Tracing | None = self._callback.tracing
         # A traced request's SERVER span attributes known at the handshake (only when tracing).
         self._span_attributes: Mapping[str, Any] = {}
 
@@ -135,11 +150,15 @@ class _Connection(asyncio.Protocol):
         _ack_now(transport)
         # The TLS handshake is complete by now: OpenSSL has verified the chain against the
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
-        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        # The certificate as the event loop's TLS protocol read it at the end of the handshake
+        # (asyncio's and uvloop's both call getpeercert() there): reading it again would decode
+        # the whole certificate a second time, on every new connection.
+        peercert = transport.get_extra_info("peercert")
         try:
-            peercert = ssl_object.getpeercert() if ssl_object else None
             self.cn = self._callback.identify(peercert, self.remote)
             if self._tracing is not None:
+                from gateway.tracing import server_attributes  # tracing is on: imported already
+
                 self._span_attributes = server_attributes(
                     self._listener.path,
                     self.cn,
@@ -228,7 +247,10 @@ class _Connection(asyncio.Protocol):
                 raise request.error
             if self._identity_error is not None:
                 raise self._identity_error
-            path, query = split_target(request.url)
+            if request.url == self._listener.raw_path:
+                path, query = self._listener.path, None  # what split_target would make of it
+            else:
+                path, query = split_target(request.url)
             if path != self._listener.path:
                 path = shortened(path)
                 raise NotFound(f"no such path: {path!r}")
@@ -267,8 +289,8 @@ class _Connection(asyncio.Protocol):
         else:
             status, reason = 200, done.result()
         self._answer(request, "POST", path, status, reason)
-        if span is not None:
-            Tracing.end_server(span, status)
+        if span is not None and self._tracing is not None:
+            self._tracing.end_server(span, status)
         self._pump()
 
     def _answer(
@@ -277,21 +299,27 @@ class _Connection(asyncio.Protocol):
         keep_alive = isinstance(request, Request) and request.keep_alive
         keep_alive = keep_alive and not self._listener.closing
         now = self.last_active = time.monotonic()  # idle from the last answer
-        body = (reason + "\n").encode() if status != 200 or method == "POST" else reason.encode()
-        self._write(
-            response(
-                status,
-                body,
-                keep_alive,
-                self._listener.clock.date(),
-                _ALLOW if status == 405 else b"",
-                head=method == "HEAD",
+        if status == 200 and method == "POST":
+            # Every acknowledgement: its bytes are made once a second, not once an answer.
+            self._write(self._listener.clock.ack(reason, keep_alive))
+            size = len(reason) + 1
+        else:
+            body = (reason + "\n").encode() if status != 200 else reason.encode()
+            self._write(
+                response(
+                    status,
+                    body,
+                    keep_alive,
+                    self._listener.clock.date(),
+                    _ALLOW if status == 405 else b"",
+                    head=method == "HEAD",
+                )
             )
-        )
+            size = len(body)
         seconds = now - request.started
         self._callback.answered(status, seconds)
         if self._listener.log_requests:
-            log_access(self.remote, method, path, status, len(body), seconds, self.cn)
+            log_access(self.remote, method, path, status, size, seconds, self.cn)
         if not keep_alive and self._transport is not None:
             self._queue.clear()
             self._transport.close()
@@ -341,6 +369,10 @@ class Listener:
     def __init__(self, callback: Callback, settings: ListenConfig) -> None:
         self.callback = callback
         self.path = settings.path
+        # The request target every notification names, byte for byte: one that needs no
+        # decoding (no escape, no query) is compared as bytes, without parsing it.
+        plain = settings.path.isascii() and "%" not in settings.path and "?" not in settings.path
+        self.raw_path = settings.path.encode("ascii") if plain else None
         self.limits = Limits(max_body_bytes=settings.max_body_bytes)
         self.idle_timeout_s = settings.idle_timeout_s
         self.request_timeout_s = settings.request_timeout_s

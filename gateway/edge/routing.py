@@ -44,6 +44,7 @@ from gateway.outbox.model import Route
 
 __all__ = [
     "Change",
+    "Plan",
     "Route",
     "iter_changes",
     "parse",
@@ -322,28 +323,58 @@ def _takes_all(target: TargetConfig) -> bool:
     return target.split == "none" and target.order == "none" and not _has_filters(target)
 
 
-def route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What routing needs to know of the targets, decided once per configuration (at start and
+    at each reload) rather than for each notification: which targets take every notification
+    unread, and the routes of a notification when all of them do."""
+
+    targets: tuple[TargetConfig, ...]
+    takes_all: tuple[bool, ...]
+    # Every target takes every notification: only whether the body is JSON matters.
+    catch_all: tuple[Route, ...] | None
+    splits: bool
+
+    @classmethod
+    def of(cls, targets: Sequence[TargetConfig]) -> Plan:
+        takes_all = tuple(map(_takes_all, targets))
+        return cls(
+            targets=tuple(targets),
+            takes_all=takes_all,
+            # Routes are immutable: one tuple serves every notification.
+            catch_all=tuple(Route(t.name, None) for t in targets) if all(takes_all) else None,
+            splits=any(target.split == "change" for target in targets),
+        )
+
+
+def route(body: bytes, targets: Sequence[TargetConfig] | Plan) -> list[Route]:
     """The requests to make for the notification ``body``, in target order; raises
-    :class:`BadRequest` (400) when it is not JSON.
+    :class:`BadRequest` (400) when it is not JSON. ``targets``: the configured targets, or the
+    :class:`Plan` made of them once (the callback's, so no request decides it again).
 
     A target without filters and ``split = "none"`` receives every notification, even one whose
     shape is unknown: it was signed by Meta, and dropping it would lose it. That includes valid
     JSON nested deeper than the parser reads; the targets that filter or split do not receive
     such a body, since its changes cannot be read.
     """
+    plan = targets if isinstance(targets, Plan) else Plan.of(targets)
     try:
-        return _route(body, targets)
+        return _route(body, plan)
     except NestedTooDeep:
-        return [Route(target.name, None) for target in targets if _takes_all(target)]
+        return [
+            Route(target.name, None)
+            for target, all_ in zip(plan.targets, plan.takes_all, strict=True)
+            if all_
+        ]
 
 
-def _route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
-    if all(map(_takes_all, targets)):
+def _route(body: bytes, plan: Plan) -> list[Route]:
+    if plan.catch_all is not None:
         # The usual catch-all target reads no value: only whether the body is JSON matters,
         # so this path (the benchmarked one) pays for the quick parse and no exact one.
         parse(body, exact=False)
-        return [Route(target.name, None) for target in targets]
-    if any(target.split == "change" for target in targets):
+        return list(plan.catch_all)
+    if plan.splits:
         # split_changes reads every value itself, with json: parse only has to refuse non-JSON.
         parse(body, exact=False)
         try:
@@ -355,8 +386,8 @@ def _route(body: bytes, targets: Sequence[TargetConfig]) -> list[Route]:
     else:
         changes = list(iter_changes(parse(body)))
     routes: list[Route] = []
-    for target in targets:
-        if _takes_all(target):
+    for target, all_ in zip(plan.targets, plan.takes_all, strict=True):
+        if all_:
             routes.append(Route(target.name, None))
             continue
         matching = [c for c in changes if _matches(c, target)]

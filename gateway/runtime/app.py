@@ -25,7 +25,7 @@ import contextlib
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 
@@ -46,7 +46,10 @@ from gateway.errors import (
 )
 from gateway.outbox import Outbox
 from gateway.runtime.core import Core
-from gateway.tracing import Tracing, server_attributes
+
+if TYPE_CHECKING:
+    # Only for the annotation: with tracing off no OpenTelemetry module is imported at all.
+    from gateway.tracing import Tracing
 
 __all__ = ["ADMIN_PORT", "CORE", "create_app"]
 
@@ -196,10 +199,11 @@ async def _traced_notify(
     """``notify`` inside the request's SERVER span, ended with the status it is answered with
     (as :func:`gateway.edge.responses.answer_for` will choose it)."""
     transport = request.transport
-    ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
-    peercert = ssl_object.getpeercert() if ssl_object is not None else None
+    peercert = None if transport is None else transport.get_extra_info("peercert")
     not_after = str(peercert.get("notAfter") or "") or None if peercert else None
     peer = None if transport is None else transport.get_extra_info("peername")
+    from gateway.tracing import server_attributes  # tracing is on: imported already
+
     attributes = server_attributes(request.path, cn, not_after, request.remote, peer)
     span = tracing.server_span(request.path, attributes, request.headers.get("traceparent"))
     status = 500
@@ -214,7 +218,7 @@ async def _traced_notify(
         status = 503
         raise
     finally:
-        Tracing.end_server(span, status)
+        tracing.end_server(span, status)
 
 
 def _identify(request: web.Request, core: Core) -> str | None:
@@ -227,8 +231,8 @@ def _identify(request: web.Request, core: Core) -> str | None:
         verdict = _UNSEEN
     if verdict is _UNSEEN:
         transport = request.transport
-        ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
-        peercert = ssl_object.getpeercert() if ssl_object is not None else None
+        # As the TLS protocol read it at the end of the handshake: not decoded a second time.
+        peercert = None if transport is None else transport.get_extra_info("peercert")
         try:
             verdict = core.callback.identify(peercert, request.remote)
         except IdentityRejected as exc:

@@ -13,8 +13,10 @@ import contextlib
 import hashlib
 import json
 import sqlite3
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -33,7 +35,7 @@ from helpers import (
 from pki import ClientKind, Pki
 from sink import Sink
 
-from gateway.config import ClientAuth
+from gateway.config import META_CLIENT_CN, ClientAuth
 from gateway.runtime.gateway import Gateway
 from gateway.units import MiB
 
@@ -323,6 +325,33 @@ async def test_rejects_wrong_cn_with_403(
         assert "evil.example.com" in answer.text
         assert (await handshake(gateway, pki, HANDSHAKE, kind="wrong_cn")).status == 403
         await assert_nothing_kept(gateway, pki, sink)
+
+
+async def test_reads_each_client_certificate_once_per_connection(
+    pki: Pki, tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CN check takes the certificate as the TLS layer read it at the end of the handshake:
+    the server decodes it once per connection, not twice; every connection is still checked
+    and counted, accepted or refused."""
+    reads: list[bool] = []
+    getpeercert = ssl.SSLObject.getpeercert
+
+    def counting(self: ssl.SSLObject, binary_form: bool = False) -> Any:
+        if self.server_side and not binary_form:
+            reads.append(True)
+        return getpeercert(self, binary_form)
+
+    monkeypatch.setattr(ssl.SSLObject, "getpeercert", counting)
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
+    async with Gateway(config) as gateway:
+        for number in range(3):
+            body = message_body(f"connection {number}")
+            assert (await post(gateway, pki, body)).status == 200
+        assert (await post(gateway, pki, message_body("x"), kind="wrong_cn")).status == 403
+        totals = gateway.stats.totals()
+    assert len(reads) == 4
+    assert totals.clients == {META_CLIENT_CN: 3}
+    assert totals.rejected == {"identity": 1}
 
 
 async def test_accepts_no_certificate_when_optional(pki: Pki, tmp_path: Path, sink: Sink) -> None:

@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -181,6 +182,26 @@ async def test_answers_carry_date_length_and_plain_text_type(client: Client) -> 
     assert answer.headers["content-type"] == "text/plain; charset=utf-8"
     assert answer.headers["content-length"] == "3"
     assert answer.headers["date"].endswith(" GMT")
+
+
+async def test_acknowledgements_carry_the_date_of_their_own_second(
+    gateway: Gateway, pki: Pki
+) -> None:
+    """Acknowledgements are made once a second and reused within it: one a second later has
+    that second's Date, and a duplicate's has its own reason and length."""
+    body = message_body("dated")
+    answers = []
+    for _ in range(2):
+        client = await Client.connect(gateway, pki.client_context("meta"))
+        await client.send(post(body))
+        answers.append(await client.reply())
+        client.close()
+        await asyncio.sleep(1.1)  # into the next second of the clock
+    first, second = answers
+    assert (first.body, second.body) == (b"ok\n", b"ok (duplicate)\n")
+    assert second.headers["content-length"] == str(len(second.body))
+    dates = [parsedate_to_datetime(answer.headers["date"]) for answer in answers]
+    assert dates[1] > dates[0]
 
 
 async def test_unknown_path_gets_404_and_the_connection_stays_usable(client: Client) -> None:

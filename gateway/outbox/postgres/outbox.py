@@ -216,6 +216,8 @@ class PostgresOutbox:
         if self._closed:
             raise OutboxError("outbox is closed")
         owner = self.owner if self._dispatching else None
+        keys = [route.key for route in routes]
+        keyed = any(key is not None for key in keys)
         row = await self._committer.submit(
             (
                 hashlib.sha256(body).digest(),
@@ -229,7 +231,7 @@ class PostgresOutbox:
                 self.config.lease_s,
                 owner is None,
                 now + self.config.dedup_window_s,
-                [route.key for route in routes],
+                keys,
                 trace,
             )
         )
@@ -237,13 +239,15 @@ class PostgresOutbox:
         if notification_id is None:
             return None
         behind = set(row[3] or ())
-        seen: set[tuple[str, str]] = set()
-        for route, rowid in zip(routes, ids or [], strict=True):
-            # The statement sees what was committed before it, not its own earlier rows.
-            if route.key is not None:
-                if (route.target, route.key) in seen:
-                    behind.add(rowid)
-                seen.add((route.target, route.key))
+        # Only routes of ordered targets carry a key: without one there is nothing to look at.
+        if keyed:
+            seen: set[tuple[str, str]] = set()
+            for route, rowid in zip(routes, ids or [], strict=True):
+                # The statement sees what was committed before it, not its own earlier rows.
+                if route.key is not None:
+                    if (route.target, route.key) in seen:
+                        behind.add(rowid)
+                    seen.add((route.target, route.key))
         return Delivery.fresh(
             [delivery_id_of(self._prefix, rowid) for rowid in ids or []],
             routes,
