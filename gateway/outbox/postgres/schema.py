@@ -105,9 +105,7 @@ _TO_3 = (f"ALTER TABLE {SCHEMA}.notifications ADD COLUMN trace TEXT",)
 # Version 4: the seconds each delivery spent held by its target's pacing (a rate limit's token,
 # an earlier delivery of its conversation), which its age for max_age_s leaves out. A column
 # with a constant default rewrites no row (PostgreSQL 11 and later).
-_TO_4 = (
-    f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN held_s DOUBLE PRECISION NOT NULL DEFAULT 0",
-)
+_TO_4 = (f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN held_s DOUBLE PRECISION NOT NULL DEFAULT 0",)
 # What brings each older version to the current one.
 _MIGRATIONS = {1: (*_TO_2, *_TO_3, *_TO_4), 2: (*_TO_3, *_TO_4), 3: _TO_4}
 
