@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import hiredis
 import pytest
+import redis.asyncio as aioredis
 from brokers import BrokerServer
 from destinations import NatsDestination, RedisDestination
 from redis.exceptions import ConnectionError, InvalidResponse, ResponseError
@@ -273,4 +274,57 @@ async def test_redis_exchange_is_bounded_by_the_target_timeout_alone(redis: Brok
         (result,) = await sender.send_many([_delivery(1)], [1])
         assert result.accepted
     finally:
+        await sender.close()
+
+
+async def test_redis_sender_keeps_its_connections_between_batches(redis: BrokerServer) -> None:
+    """Batches one after another reuse the connection the last one used, without the pool's
+    get and release each time; batches in flight together each take their own."""
+    sender = RedisStreamSender(TargetConfig(name="t", kind="redis", url=redis.url, stream="kept"))
+    pool = sender._client.connection_pool
+    taken = 0
+    get_connection = pool.get_connection
+
+    async def counted() -> object:
+        nonlocal taken
+        taken += 1
+        return await get_connection()  # type: ignore[no-untyped-call]
+
+    pool.get_connection = counted  # type: ignore[method-assign,assignment]
+    try:
+        for n in range(5):
+            assert all(r.accepted for r in await sender.send_many([_delivery(n)], [1]))
+        assert taken == 1
+        batches = [sender.send_many([_delivery(n)], [1]) for n in range(5, 8)]
+        assert all(r.accepted for results in await asyncio.gather(*batches) for r in results)
+        assert taken == 3
+        for n in range(8, 12):
+            assert all(r.accepted for r in await sender.send_many([_delivery(n)], [1]))
+        assert taken == 3
+    finally:
+        await sender.close()
+    assert not pool._in_use_connections  # close gave every kept connection back to be closed
+
+
+async def test_redis_connection_the_server_closed_between_batches_is_replaced(
+    redis: BrokerServer,
+) -> None:
+    """A kept connection the server has closed since its last batch (a restart, a client
+    timeout, CLIENT KILL) is not written to: the next batch goes on a new connection."""
+    await RedisDestination(redis).flush()
+    sender = RedisStreamSender(TargetConfig(name="t", kind="redis", url=redis.url, stream="k"))
+    admin = aioredis.Redis.from_url(redis.url)
+    try:
+        assert all(r.accepted for r in await sender.send_many([_delivery(0)], [1]))
+        (kept,) = sender._idle
+        assert await admin.client_kill_filter(_type="normal", skipme=True) == 1
+        for _ in range(500):  # until this end has seen the server close it
+            if kept._reader is None or kept._reader.at_eof():
+                break
+            await asyncio.sleep(0.01)
+        results = await sender.send_many([_delivery(n) for n in range(1, 4)], [1] * 3)
+        assert all(r.accepted for r in results), results
+        assert await admin.xlen("k") == 4
+    finally:
+        await admin.aclose()
         await sender.close()
