@@ -11,6 +11,8 @@ gateway on ``--gw-cpus``; ab, the sink and the brokers on ``--load-cpus``.
 
     python bench/kinds.py --sink "$SHARED/sink.py" --payload "$SHARED/payload.json" --rounds 3
 
+``--kinds redis,http`` runs only those kinds (with the plain receiver in every round).
+
 Prints one JSON line per measurement on stderr and a table of medians [min..max] on stdout.
 Every process it starts is stopped by its process id at the end, also on Ctrl-C.
 """
@@ -190,8 +192,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--gw-cpus", default="0")
     parser.add_argument("--load-cpus", default="1")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="the target kinds to run, comma-separated (the plain receiver"
+                             " runs in every round whichever are chosen)")
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args(argv)
+    args.kinds = [kind for kind in args.kinds.split(",") if kind]
+    if not args.kinds or set(args.kinds) - set(KINDS):
+        parser.error(f"--kinds: expected some of {', '.join(KINDS)}")
     if not args.sink:
         parser.error("--sink (or $WABA_BENCH_SINK) is required")
     # What Bench reads and these phases do not set.
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.sink(sink_port, args.load_cpus)
         urls = start_brokers(bench, args.load_cpus)
         make_stream(urls[1])
-        order = ["ref-1p", *KINDS]
+        order = ["ref-1p", *(kind for kind in KINDS if kind in args.kinds)]
         for number in range(1, args.rounds + 1):
             for kind in order:
                 if kind == "ref-1p":
