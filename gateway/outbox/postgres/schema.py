@@ -108,12 +108,13 @@ _TO_3 = (f"ALTER TABLE {SCHEMA}.notifications ADD COLUMN trace TEXT",)
 # an earlier delivery of its conversation), which its age for max_age_s leaves out. A column
 # with a constant default rewrites no row (PostgreSQL 11 and later).
 _TO_4 = (f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN held_s DOUBLE PRECISION NOT NULL DEFAULT 0",)
-# Version 5: a group commit's accepts as one call (see ACCEPT in sql.py). Each body's
-# deduplication stays one upsert per notification, in the group's order, so a body that comes
-# twice in one group is decided as it would be in two groups; the notifications and deliveries
-# of the group are then written by one multi-row statement each, their ids drawn in the group's
-# order (a conversation's order is its ids'). ``behind``: the new keyed deliveries an earlier
-# pending one of their conversation holds back, the group's own earlier ones included.
+# Version 5: a group commit's accepts as one call (see ACCEPT in sql.py). Different bodies are
+# deduplicated by one upsert; a group where a body comes twice, by one upsert per notification
+# in the group's order, so that each is decided as it would be in a group of its own (the rows
+# are locked in the group's order either way). The group's notifications, then its deliveries,
+# are written by one multi-row statement each, their ids drawn in the group's order (a
+# conversation's order is its ids'). ``behind``: the new keyed deliveries an earlier pending one
+# of their conversation holds back, the group's own earlier ones included.
 _TO_5 = (
     f"""CREATE OR REPLACE FUNCTION {SCHEMA}.accept(
     digests BYTEA[], received DOUBLE PRECISION[], signatures TEXT[], bodies BYTEA[],
@@ -131,13 +132,31 @@ DECLARE
         pg_get_serial_sequence('{SCHEMA}.notifications', 'id')::regclass;
     deliveries_seq REGCLASS := pg_get_serial_sequence('{SCHEMA}.deliveries', 'id')::regclass;
 BEGIN
-    FOR i IN 1 .. cardinality(digests) LOOP
-        INSERT INTO {SCHEMA}.digests AS d (digest, received_at) VALUES (digests[i], received[i])
-        ON CONFLICT (digest) DO UPDATE SET received_at = GREATEST(d.received_at, received[i])
-        WHERE d.received_at < received[i] - window_s OR d.received_at > received[i] + window_s;
-        GET DIAGNOSTICS hit = ROW_COUNT;
-        fresh := fresh || (hit > 0);
-    END LOOP;
+    IF cardinality(digests) = (SELECT count(DISTINCT g) FROM unnest(digests) AS x (g)) THEN
+        -- Different bodies (Meta's are): one upsert for all, each row decided on its own.
+        WITH up AS (
+            INSERT INTO {SCHEMA}.digests AS d (digest, received_at)
+            SELECT g, r FROM unnest(digests, received) AS x (g, r)
+            ON CONFLICT (digest) DO UPDATE
+            SET received_at = GREATEST(d.received_at, EXCLUDED.received_at)
+            WHERE d.received_at < EXCLUDED.received_at - window_s
+                OR d.received_at > EXCLUDED.received_at + window_s
+            RETURNING d.digest
+        )
+        SELECT array_agg(up.digest IS NOT NULL ORDER BY x.o) INTO fresh
+        FROM unnest(digests) WITH ORDINALITY AS x (g, o) LEFT JOIN up ON up.digest = x.g;
+    ELSE
+        FOR i IN 1 .. cardinality(digests) LOOP
+            INSERT INTO {SCHEMA}.digests AS d (digest, received_at)
+            VALUES (digests[i], received[i])
+            ON CONFLICT (digest) DO UPDATE
+            SET received_at = GREATEST(d.received_at, received[i])
+            WHERE d.received_at < received[i] - window_s
+                OR d.received_at > received[i] + window_s;
+            GET DIAGNOSTICS hit = ROW_COUNT;
+            fresh := fresh || (hit > 0);
+        END LOOP;
+    END IF;
     notification_ids := ARRAY(
         SELECT CASE WHEN f THEN nextval(notifications_seq) END FROM unnest(fresh) AS x (f));
     IF NOT true = ANY(fresh) THEN
