@@ -114,7 +114,5 @@ class Exchange:
         ]
         if self.spans is not None and self.tracing is not None:
             for (span, _), outcome, result in zip(self.spans, outcomes, results, strict=True):
-                self.tracing.end_attempt(
-                    span, result.status, result.error, OUTCOMES[type(outcome)]
-                )
+                self.tracing.end_attempt(span, result.status, result.error, OUTCOMES[type(outcome)])
         return outcomes
