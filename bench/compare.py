@@ -75,7 +75,10 @@ def build(rev: str, work: Path, extras: str) -> Build:
     except subprocess.CalledProcessError:
         raise SystemExit(f"error: {rev!r} is not a revision of this repository") from None
     short = commit[:10]
-    source, venv = work / f"src-{short}", work / f"venv-{short}"
+    # One venv per revision and set of extras: a kept workdir must not serve a plain install
+    # where the extras were asked for (or the reverse).
+    tag = short + "".join(f"-{name}" for name in sorted(filter(None, extras.split(","))))
+    source, venv = work / f"src-{short}", work / f"venv-{tag}"
     if not source.exists():
         source.mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit],
