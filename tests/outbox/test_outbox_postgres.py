@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Unpack
 from urllib.parse import urlsplit
 
@@ -142,19 +142,19 @@ async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
 async def test_new_database_gets_the_schema_and_check_reports_its_version(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """The first start creates the schema at version 4; inspect() (check) says so."""
+    """The first start creates the schema at version 5; inspect() (check) says so."""
     config = OutboxConfig(url=pg_url)
     assert "its schema is created at the first start" in await inspect(config)
     await opener()
-    assert "reachable, schema version 4" in await inspect(config)
+    assert "reachable, schema version 5" in await inspect(config)
     database = urlsplit(pg_url).path.lstrip("/")
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
 
 
 async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 1 database (no conversation order, no buckets) is brought to version 4 at
+    """A version 1 database (no conversation order, no buckets) is brought to version 5 at
     start; its pending deliveries stay, unkeyed, and are claimed as before."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -169,7 +169,7 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
     claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert await again.take_tokens("t", 1.0, 1, 5) == 1
@@ -178,7 +178,7 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
 async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 2 database (no trace context) is brought to version 4 at start; its pending
+    """A version 2 database (no trace context) is brought to version 5 at start; its pending
     deliveries stay, with no trace context, and new ones keep theirs."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -191,7 +191,7 @@ async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert {d.trace for d in claimed} == {None}
@@ -200,7 +200,7 @@ async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries
 async def test_schema_of_version_3_gains_the_held_time_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 3 database (no held time) is brought to version 4 at start; its pending
+    """A version 3 database (no held time) is brought to version 5 at start; its pending
     deliveries stay, having been held for no time, and a retry keeps the time it carries."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -212,7 +212,7 @@ async def test_schema_of_version_3_gains_the_held_time_keeping_its_deliveries(
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "4"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert {d.held_s for d in claimed} == {0.0}
@@ -324,3 +324,101 @@ async def test_a_body_committed_out_of_order_is_new_outside_the_window(opener: O
     assert await box.accept(b"{}", SIG, [Route("t", None)], 10 * window)
     assert await box.accept(b"{}", SIG, [Route("t", None)], 10 * window - 1.0) is None
     assert await box.accept(b"{}", SIG, [Route("t", None)], 8 * window)
+
+
+async def test_one_body_several_times_in_one_group_commit_is_decided_in_turn(
+    opener: Opener,
+) -> None:
+    """The same bytes several times in one group commit: each is a duplicate of the one
+    stored before it inside dedup_window_s, and new outside it, as in separate commits."""
+    box = await opener()
+    assert isinstance(box, PostgresOutbox)
+    window = box.config.dedup_window_s
+    times = [10 * window, 10 * window + 1.0, 12 * window, 12 * window + 1.0]
+    results = await asyncio.gather(
+        *(box.accept(b'{"same":1}', SIG, [Route("t", None)], at) for at in times)
+    )
+    assert [found is not None for found in results] == [True, False, True, False]
+    assert (await box.counts())["pending"] == 2
+
+
+async def test_schema_of_version_4_gains_the_group_accept_keeping_its_deliveries(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A version 4 database (no accept function) is brought to version 5 at start; its
+    pending deliveries stay and new notifications are accepted after them."""
+    first = await opener(dispatching=False)
+    ids = await _store(first, 2)
+    await first.close()
+    database = urlsplit(pg_url).path.lstrip("/")
+    pg_server.psql(
+        "DROP FUNCTION waba_gateway.accept; UPDATE waba_gateway.meta SET version = 4", database
+    )
+    again = await opener(dispatching=False)
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
+    later = await again.accept(b'{"n":"later"}', SIG, [Route("t", None)], 1000.0)
+    assert later is not None
+    claimed = await again.due(2000.0, {"t": 10})
+    assert sorted(d.id for d in claimed) == sorted([*ids, later[0].id])
+
+
+@pytest.fixture(scope="module")
+def counting_server() -> Iterator[PgServer]:
+    """A server of its own that counts the statements it runs (pg_stat_statements)."""
+    with running_server("shared_preload_libraries = 'pg_stat_statements'\n") as server:
+        server.psql("CREATE DATABASE counted")
+        server.psql("CREATE EXTENSION pg_stat_statements", "counted")
+        yield server
+
+
+def _statements_since_reset(server: PgServer) -> int:
+    """The outbox's statements and the pool's session resets the server ran since the counts
+    were last reset (not the driver's own reading of types, once per connection)."""
+    return int(
+        server.psql(
+            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements WHERE query ~"
+            " 'waba_gateway|pg_advisory_unlock_all|CLOSE ALL|UNLISTEN|RESET ALL'",
+            "counted",
+        )
+    )
+
+
+async def test_a_group_commit_and_a_batch_of_outcomes_are_one_statement_each(
+    opener: Opener, counting_server: PgServer
+) -> None:
+    """Twenty accepts in one group commit reach the server as one statement and nothing
+    else (not one each, no session reset when the connection goes back to the pool); so do
+    the outcomes of twenty attempts recorded together."""
+    box = await opener(url=counting_server.socket_url("counted"))
+    ok = AttemptResult(status=200)
+    counting_server.psql("SELECT pg_stat_statements_reset()", "counted")
+    stored = await asyncio.gather(
+        *(box.accept(b'{"n":%d}' % n, SIG, [Route("t", None)], 1000.0) for n in range(20))
+    )
+    assert _statements_since_reset(counting_server) == 1
+    counting_server.psql("SELECT pg_stat_statements_reset()", "counted")
+    await box.record_many(
+        [(d.id, Delivered(), ok) for found in stored for d in found or []], 1001.0
+    )
+    assert _statements_since_reset(counting_server) == 1
+    assert (await box.counts())["delivered"] == 20
+
+
+async def test_one_delivery_twice_in_a_batch_of_outcomes_is_two_attempts_in_order(
+    opener: Opener,
+) -> None:
+    """Two outcomes of one delivery recorded together count as two attempts, the later one
+    deciding its state."""
+    box = await opener()
+    (delivery,) = await box.accept(b'{"n":1}', SIG, [Route("t", None)], 1000.0) or []
+    await box.record_many(
+        [
+            (delivery.id, RetryAt(1100.0, "HTTP 503", 0.0), AttemptResult(status=503)),
+            (delivery.id, Delivered(), AttemptResult(status=200)),
+        ],
+        1001.0,
+    )
+    found = await box.get(delivery.id)
+    assert found is not None
+    assert found.state == "delivered"
+    assert [a.status for a in await box.attempts(delivery.id)] == [503, 200]

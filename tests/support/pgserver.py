@@ -110,8 +110,9 @@ class PgServer:
         return done.stdout.strip()
 
 
-def init_server() -> PgServer:
-    """Make and start a new cluster in a new temporary folder."""
+def init_server(settings: str = "") -> PgServer:
+    """Make and start a new cluster in a new temporary folder; ``settings``: more lines of
+    postgresql.conf."""
     prefix = _as_owner()
     folder = Path(tempfile.mkdtemp(prefix="waba-pg-"))
     if prefix:
@@ -136,14 +137,15 @@ def init_server() -> PgServer:
             f"unix_socket_directories = '{folder}'\nmax_connections = 200\n"
             "shared_buffers = 64MB\n"
         )
+        conf.write(settings)
     server.start()
     return server
 
 
 @contextlib.contextmanager
-def running_server() -> Iterator[PgServer]:
+def running_server(settings: str = "") -> Iterator[PgServer]:
     """A new cluster, stopped and removed at the end."""
-    server = init_server()
+    server = init_server(settings)
     try:
         yield server
     finally:

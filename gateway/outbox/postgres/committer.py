@@ -2,10 +2,10 @@
 
 Rule: a request is answered only after the transaction holding its notification has committed
 with ``synchronous_commit`` on. The accepts that arrive while every connection is busy, or
-within one turn of the event loop, wait together and go as one pipelined batch in one
-transaction (asyncpg's ``fetchmany`` is atomic): one round trip and one WAL flush for all of
-them, which is what makes PostgreSQL acknowledge as fast as the plain receiver
-(bench/README.md). Each is still answered only after its own commit.
+within one turn of the event loop, wait together and go as one statement, in one transaction:
+one round trip and one WAL flush for all of them, and one multi-row write of their
+notifications and of their deliveries rather than one statement each (bench/README.md). Each
+is still answered only after its own commit.
 
 At most :data:`IN_FLIGHT` groups commit at once: while they do, the accepts arriving gather into
 the next group, which grows with the load (as with the SQLite writer), rather than spreading
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -46,19 +46,24 @@ FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
+# Commits a group of submitted argument tuples on a connection, in one transaction; returns
+# one result for each, in the group's order.
+Run = Callable[[Any, list[tuple[Any, ...]]], Awaitable[Sequence[Any]]]
+
+
 class Committer:
-    """Runs ``statement`` for each submitted argument tuple, in group commits on ``pool``."""
+    """Runs ``run`` on each group of submitted argument tuples, in group commits on ``pool``."""
 
     def __init__(
         self,
         pool: asyncpg.Pool[Any],
-        statement: str,
+        run: Run,
         *,
         timeout_s: float,
         on_commit: Callable[[int], None] | None = None,
     ) -> None:
         self._pool = pool
-        self._statement = statement
+        self._run = run
         self._timeout_s = timeout_s
         self._on_commit = on_commit
         self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
@@ -68,7 +73,7 @@ class Committer:
 
     def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Queue one execution (its first argument orders the batch); the future resolves with
-        its row once its group has committed, or raises OutboxError."""
+        its result once its group has committed, or raises OutboxError."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((args, future))
@@ -101,16 +106,14 @@ class Committer:
     async def _commit(self, conn: Any, group: list[tuple[tuple[Any, ...], Any]]) -> None:
         group.sort(key=lambda item: item[0][0])
         try:
-            rows = await conn.fetchmany(
-                self._statement, [args for args, _ in group], timeout=self._timeout_s
-            )
+            rows = await self._run(conn, [args for args, _ in group])
         except FAILURES as exc:
             if len(group) == 1 or conn.is_closed():
                 _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
                 return
             for args, future in group:
                 try:
-                    rows = await conn.fetchmany(self._statement, [args], timeout=self._timeout_s)
+                    rows = await self._run(conn, [args])
                 except FAILURES as alone:
                     _answer(future, error=OutboxError(f"outbox write failed: {_reason(alone)}"))
                 else:

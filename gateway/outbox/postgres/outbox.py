@@ -88,6 +88,14 @@ async def _connect(url: str) -> asyncpg.Connection[Any]:
     return await asyncpg.connect(url, timeout=_TIMEOUT_S, server_settings=_SETTINGS)
 
 
+async def _leave_session(conn: asyncpg.Connection[Any]) -> None:
+    """A pooled connection going back to the pool keeps its session as it is (the pool has
+    already rolled back any open transaction). Only the outbox's own statements run on the pool,
+    and they leave nothing behind in the session (no LISTEN, which has a connection of its own,
+    no cursor, advisory lock or session setting), so the default reset (``RESET ALL``, ``UNLISTEN
+    *`` and the rest) would only cost a round trip and four statements on every release."""
+
+
 class PostgresOutbox:
     """The :class:`~gateway.outbox.interface.Outbox` on a PostgreSQL database; made by
     :meth:`open`."""
@@ -109,7 +117,9 @@ class PostgresOutbox:
         # Names this gateway in the leases it holds: host, process, and a random part so that a
         # restarted process with a reused pid is a new owner.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._committer = Committer(pool, sql.ACCEPT, timeout_s=_TIMEOUT_S, on_commit=on_commit)
+        self._committer = Committer(
+            pool, self._accept_group, timeout_s=_TIMEOUT_S, on_commit=on_commit
+        )
         self._listener: Listener | None = None
         if on_wake is not None:
             url = config.url or ""
@@ -165,6 +175,7 @@ class PostgresOutbox:
                 timeout=_TIMEOUT_S,
                 command_timeout=_TIMEOUT_S,
                 server_settings=_SETTINGS,
+                reset=_leave_session,
             )
         except FAILURES as exc:
             raise OutboxError(f"{_where(config)}: cannot connect: {_reason(exc)}") from None
@@ -215,49 +226,69 @@ class PostgresOutbox:
     ) -> list[Delivery] | None:
         if self._closed:
             raise OutboxError("outbox is closed")
-        owner = self.owner if self._dispatching else None
-        keys = [route.key for route in routes]
-        keyed = any(key is not None for key in keys)
-        row = await self._committer.submit(
-            (
-                hashlib.sha256(body).digest(),
-                now,
-                now - self.config.dedup_window_s,
-                signature,
-                body,
-                [route.target for route in routes],
-                [route.body for route in routes],
-                owner,
-                self.config.lease_s,
-                owner is None,
-                now + self.config.dedup_window_s,
-                keys,
-                trace,
-            )
+        found = await self._committer.submit(
+            (hashlib.sha256(body).digest(), now, signature, body, trace, routes)
         )
-        notification_id, ids = row[0], row[1]
-        if notification_id is None:
+        if found is None:
             return None
-        behind = set(row[3] or ())
-        # Only routes of ordered targets carry a key: without one there is nothing to look at.
-        if keyed:
-            seen: set[tuple[str, str]] = set()
-            for route, rowid in zip(routes, ids or [], strict=True):
-                # The statement sees what was committed before it, not its own earlier rows.
-                if route.key is not None:
-                    if (route.target, route.key) in seen:
-                        behind.add(rowid)
-                    seen.add((route.target, route.key))
+        notification_id, ids, held = found
         return Delivery.fresh(
-            [delivery_id_of(self._prefix, rowid) for rowid in ids or []],
+            [delivery_id_of(self._prefix, rowid) for rowid in ids],
             routes,
             notification_id=notification_id,
             body=body,
             signature=signature,
             now=now,
-            behind=[delivery_id_of(self._prefix, rowid) for rowid in behind],
+            behind=[delivery_id_of(self._prefix, rowid) for rowid in ids if rowid in held],
             trace=trace,
         )
+
+    async def _accept_group(
+        self, conn: Any, group: list[tuple[Any, ...]]
+    ) -> list[tuple[int, list[int], frozenset[int]] | None]:
+        """One group commit's accepts (``(digest, now, signature, body, trace, routes)`` each,
+        in the order their digests' rows are to be locked) as one call: for each, None for a
+        duplicate, else its notification id, its deliveries' ids in route order and the ids
+        among them an earlier pending delivery of their conversation holds back."""
+        owner = self.owner if self._dispatching else None
+        route_of: list[int] = []
+        targets: list[str] = []
+        bodies: list[bytes | None] = []
+        keys: list[str | None] = []
+        for number, item in enumerate(group, 1):
+            for route in item[5]:
+                route_of.append(number)
+                targets.append(route.target)
+                bodies.append(route.body)
+                keys.append(route.key)
+        row = await conn.fetchrow(
+            sql.ACCEPT,
+            [item[0] for item in group],
+            [item[1] for item in group],
+            [item[2] for item in group],
+            [item[3] for item in group],
+            [item[4] for item in group],
+            self.config.dedup_window_s,
+            route_of,
+            targets,
+            bodies,
+            keys,
+            owner,
+            self.config.lease_s,
+            owner is None,
+            timeout=_TIMEOUT_S,
+        )
+        notification_ids, delivery_ids, behind = row[0], row[1] or [], frozenset(row[2] or ())
+        found: list[tuple[int, list[int], frozenset[int]] | None] = []
+        taken = 0
+        for item, notification_id in zip(group, notification_ids, strict=True):
+            if notification_id is None:
+                found.append(None)
+                continue
+            count = len(item[5])
+            found.append((notification_id, delivery_ids[taken : taken + count], behind))
+            taken += count
+        return found
 
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
@@ -349,19 +380,28 @@ class PostgresOutbox:
                 assert isinstance(outcome, DeadLetter)
                 state, next_at, error = "dead", now, outcome.reason
             excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
-            rows.append(
-                (state, next_at, now, result.status, error, excerpt, rowid, self.owner, held)
+            rows.append((rowid, state, next_at, result.status, error, excerpt, held))
+
+        # One statement per round, all in one transaction and one round trip; a delivery
+        # recorded twice in one call goes in two rounds, as two attempts in their order.
+        rounds: list[list[tuple[Any, ...]]] = []
+        times: dict[int, int] = {}
+        for values in rows:
+            turn = times.get(values[0], 0)
+            times[values[0]] = turn + 1
+            if turn == len(rounds):
+                rounds.append([])
+            rounds[turn].append(values)
+        if rounds:
+            await self._run(
+                lambda conn: conn.executemany(
+                    sql.RECORD,
+                    [
+                        (*(list(column) for column in zip(*batch, strict=True)), now, self.owner)
+                        for batch in rounds
+                    ],
+                )
             )
-
-        async def record(conn: Any) -> None:
-            # Not waiting for the flush: an outcome lost in a crash of the database server only
-            # means the delivery is sent again, which at-least-once allows.
-            async with conn.transaction():
-                await conn.execute("SET LOCAL synchronous_commit = off")
-                await conn.executemany(sql.RECORD, rows)
-
-        if rows:
-            await self._run(record)
 
     async def backlog(self) -> list[Backlog]:
         return backlog_from_rows(await self._run(lambda conn: conn.fetch(sql.BACKLOG)))

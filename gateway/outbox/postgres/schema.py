@@ -4,8 +4,8 @@ Rule: everything lives in its own PostgreSQL schema, ``waba_gateway``, so the da
 other things. The first gateway to start creates the tables (under an advisory lock, so several
 starting together create them once) and records :data:`VERSION` with a random delivery id
 prefix; every start reads the version back and refuses any other one, untouched, with a message
-saying what to do, except versions 1 to 3, which are brought to version 4 in place (see
-:data:`_TO_2`, :data:`_TO_3` and :data:`_TO_4`).
+saying what to do, except versions 1 to 4, which are brought to version 5 in place (see
+:data:`_TO_2` to :data:`_TO_5`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import asyncpg
 
 from gateway.errors import OutboxError
 
-__all__ = ["SCHEMA", "VERSION", "ensure", "read_version"]
+__all__ = ["CHANNEL", "SCHEMA", "VERSION", "ensure", "read_version"]
 
 SCHEMA = "waba_gateway"
-VERSION = 4
+# LISTEN/NOTIFY channel: "there are deliveries any gateway may claim now".
+CHANNEL = "waba_gateway_due"
+VERSION = 5
 # pg_advisory_xact_lock's key while the tables are checked or created: any fixed number
 # ("waba" in ASCII); it only has to be the same for every gateway.
 _CREATE_LOCK = 0x77616261
@@ -106,8 +108,100 @@ _TO_3 = (f"ALTER TABLE {SCHEMA}.notifications ADD COLUMN trace TEXT",)
 # an earlier delivery of its conversation), which its age for max_age_s leaves out. A column
 # with a constant default rewrites no row (PostgreSQL 11 and later).
 _TO_4 = (f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN held_s DOUBLE PRECISION NOT NULL DEFAULT 0",)
+# Version 5: a group commit's accepts as one call (see ACCEPT in sql.py). Different bodies are
+# deduplicated by one upsert; a group where a body comes twice, by one upsert per notification
+# in the group's order, so that each is decided as it would be in a group of its own (the rows
+# are locked in the group's order either way). The group's notifications, then its deliveries,
+# are written by one multi-row statement each, their ids drawn in the group's order (a
+# conversation's order is its ids'). ``behind``: the new keyed deliveries an earlier pending one
+# of their conversation holds back, the group's own earlier ones included.
+_TO_5 = (
+    f"""CREATE OR REPLACE FUNCTION {SCHEMA}.accept(
+    digests BYTEA[], received DOUBLE PRECISION[], signatures TEXT[], bodies BYTEA[],
+    traces TEXT[], window_s DOUBLE PRECISION, route_of INTEGER[], route_targets TEXT[],
+    route_bodies BYTEA[], route_keys TEXT[], lease_to TEXT, lease_s DOUBLE PRECISION,
+    announce BOOLEAN,
+    OUT notification_ids BIGINT[], OUT delivery_ids BIGINT[], OUT behind BIGINT[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    fresh BOOLEAN[] := '{{}}';
+    hit INTEGER;
+    leased_until DOUBLE PRECISION := CASE WHEN lease_to IS NULL THEN NULL
+        ELSE extract(epoch FROM clock_timestamp()) + lease_s END;
+    notifications_seq REGCLASS :=
+        pg_get_serial_sequence('{SCHEMA}.notifications', 'id')::regclass;
+    deliveries_seq REGCLASS := pg_get_serial_sequence('{SCHEMA}.deliveries', 'id')::regclass;
+BEGIN
+    IF cardinality(digests) = (SELECT count(DISTINCT g) FROM unnest(digests) AS x (g)) THEN
+        -- Different bodies (Meta's are): one upsert for all, each row decided on its own.
+        WITH up AS (
+            INSERT INTO {SCHEMA}.digests AS d (digest, received_at)
+            SELECT g, r FROM unnest(digests, received) AS x (g, r)
+            ON CONFLICT (digest) DO UPDATE
+            SET received_at = GREATEST(d.received_at, EXCLUDED.received_at)
+            WHERE d.received_at < EXCLUDED.received_at - window_s
+                OR d.received_at > EXCLUDED.received_at + window_s
+            RETURNING d.digest
+        )
+        SELECT array_agg(up.digest IS NOT NULL ORDER BY x.o) INTO fresh
+        FROM unnest(digests) WITH ORDINALITY AS x (g, o) LEFT JOIN up ON up.digest = x.g;
+    ELSE
+        FOR i IN 1 .. cardinality(digests) LOOP
+            INSERT INTO {SCHEMA}.digests AS d (digest, received_at)
+            VALUES (digests[i], received[i])
+            ON CONFLICT (digest) DO UPDATE
+            SET received_at = GREATEST(d.received_at, received[i])
+            WHERE d.received_at < received[i] - window_s
+                OR d.received_at > received[i] + window_s;
+            GET DIAGNOSTICS hit = ROW_COUNT;
+            fresh := fresh || (hit > 0);
+        END LOOP;
+    END IF;
+    notification_ids := ARRAY(
+        SELECT CASE WHEN f THEN nextval(notifications_seq) END FROM unnest(fresh) AS x (f));
+    IF NOT true = ANY(fresh) THEN
+        RETURN;
+    END IF;
+    INSERT INTO {SCHEMA}.notifications (id, received_at, signature, body, trace)
+    OVERRIDING SYSTEM VALUE
+    SELECT n, r, s, b, t FROM unnest(notification_ids, received, signatures, bodies, traces)
+        AS x (n, r, s, b, t)
+    WHERE n IS NOT NULL;
+    WITH r AS (
+        SELECT nextval(deliveries_seq) AS id, k, t, b, o
+        FROM unnest(route_of, route_targets, route_bodies, route_keys) AS r0 (k, t, b, o)
+        WHERE notification_ids[k] IS NOT NULL
+    ), x AS (
+        INSERT INTO {SCHEMA}.deliveries (id, notification_id, target, body, state, created_at,
+            next_attempt_at, updated_at, lease_owner, lease_until, order_key)
+        OVERRIDING SYSTEM VALUE
+        SELECT r.id, notification_ids[r.k], r.t, r.b, 'pending', received[r.k], received[r.k],
+            received[r.k], lease_to, leased_until, r.o
+        FROM r
+        RETURNING id
+    )
+    SELECT array_agg(x.id ORDER BY x.id) INTO delivery_ids FROM x;
+    IF EXISTS (SELECT 1 FROM unnest(route_keys) AS k (o) WHERE o IS NOT NULL) THEN
+        behind := ARRAY(
+            SELECT x.id FROM {SCHEMA}.deliveries x
+            WHERE x.id = ANY(delivery_ids) AND x.order_key IS NOT NULL AND EXISTS (
+                SELECT 1 FROM {SCHEMA}.deliveries e WHERE e.state = 'pending'
+                AND e.target = x.target AND e.order_key = x.order_key
+                AND COALESCE(e.position, e.id) < x.id));
+    END IF;
+    IF announce THEN
+        PERFORM pg_notify('{CHANNEL}', '');
+    END IF;
+END
+$$""",
+)
 # What brings each older version to the current one.
-_MIGRATIONS = {1: (*_TO_2, *_TO_3, *_TO_4), 2: (*_TO_3, *_TO_4), 3: _TO_4}
+_MIGRATIONS = {
+    1: (*_TO_2, *_TO_3, *_TO_4, *_TO_5),
+    2: (*_TO_3, *_TO_4, *_TO_5),
+    3: (*_TO_4, *_TO_5),
+    4: _TO_5,
+}
 
 
 async def read_version(conn: asyncpg.Connection[Any]) -> tuple[int, str] | None:
@@ -163,7 +257,7 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
         found = await read_version(conn)  # again, under the lock: another gateway may have won
         if found is not None:
             return _check(found)
-        for statement in (*_TABLES, *_TO_2, *_TO_3, *_TO_4):
+        for statement in (*_TABLES, *_TO_2, *_TO_3, *_TO_4, *_TO_5):
             await conn.execute(statement)
         prefix = secrets.token_hex(8)
         await conn.execute(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from gateway.outbox.postgres.schema import SCHEMA
+from gateway.outbox.postgres.schema import CHANNEL, SCHEMA
 from gateway.outbox.rows import DELIVERY_COLUMNS
 
 __all__ = [
@@ -47,49 +47,23 @@ __all__ = [
     "replay_places_query",
 ]
 
-# LISTEN/NOTIFY channel: "there are deliveries any gateway may claim now".
-CHANNEL: Final = "waba_gateway_due"
 PRUNE_BATCH: Final = 5000
 EXCERPT_CHARS: Final = 1024
 _NOW = "extract(epoch FROM clock_timestamp())"
 
-# One statement, one round trip: the deduplication upsert, the notification, one delivery per
-# route (targets $6, bodies $7, NULL for Meta's bytes), leased to $8 for $9 seconds when $8 is
-# set; $12: each delivery's conversation key (NULL: none), and ``behind`` the ids of those an
-# earlier pending delivery of their conversation holds back (of those committed before this
-# statement: the caller adds the notification's own). Always exactly one row: the
-# notification id and its delivery ids in route order, or NULLs for a duplicate. $10: announce
-# the new deliveries to every gateway (when no lease holds them). $13: the trace context of
-# the request that brought it (NULL: not traced).
-# A body is new when the digest was last seen outside the window around now ($3 and $11, that
-# is now -/+ dedup_window_s): gateways commit concurrently, so the row may hold a later time
-# than this request's own.
+# One call, one round trip, for a whole group commit (schema.py's ``accept``): one element
+# per notification in $1 to $5 (digest, received at, signature, body, trace context or NULL),
+# the dedup window $6 (a body is new when its digest was last seen outside now -/+ $6: gateways
+# commit concurrently, so the row may hold a later time than this request's own), one element
+# per route in $7 to $10 (the 1-based notification it belongs to, target, body or NULL for
+# Meta's bytes, conversation key or NULL), leased to $11 for $12 seconds when $11 is set, and
+# $13: announce the new deliveries to every gateway (when no lease holds them). One row: each
+# notification's id (NULL: a duplicate), the new deliveries' ids in route order, and those of
+# them an earlier pending delivery of their conversation holds back.
 ACCEPT: Final = f"""
-WITH fresh AS (
-    INSERT INTO {SCHEMA}.digests AS d (digest, received_at) VALUES ($1, $2)
-    ON CONFLICT (digest) DO UPDATE SET received_at = GREATEST(d.received_at, $2)
-    WHERE d.received_at < $3 OR d.received_at > $11
-    RETURNING 1
-), n AS (
-    INSERT INTO {SCHEMA}.notifications (received_at, signature, body, trace)
-    SELECT $2, $4, $5, $13 FROM fresh
-    RETURNING id
-), x AS (
-    INSERT INTO {SCHEMA}.deliveries (notification_id, target, body, state, created_at,
-        next_attempt_at, updated_at, lease_owner, lease_until, order_key)
-    SELECT n.id, r.target, r.body, 'pending', $2, $2, $2, $8,
-        CASE WHEN $8::text IS NULL THEN NULL ELSE {_NOW} + $9 END, r.key
-    FROM n, unnest($6::text[], $7::bytea[], $12::text[]) WITH ORDINALITY
-        AS r (target, body, key, ord)
-    ORDER BY r.ord
-    RETURNING id, target, order_key
-)
-SELECT (SELECT id FROM n) AS notification_id,
-    (SELECT array_agg(id ORDER BY id) FROM x) AS ids,
-    (SELECT pg_notify('{CHANNEL}', '') FROM n WHERE $10::boolean) AS announced,
-    (SELECT array_agg(x.id) FROM x WHERE x.order_key IS NOT NULL AND EXISTS (
-        SELECT 1 FROM {SCHEMA}.deliveries e WHERE e.state = 'pending' AND e.target = x.target
-        AND e.order_key = x.order_key AND COALESCE(e.position, e.id) < x.id)) AS behind
+SELECT notification_ids, delivery_ids, behind FROM {SCHEMA}.accept(
+    $1::bytea[], $2::float8[], $3::text[], $4::bytea[], $5::text[], $6::float8,
+    $7::integer[], $8::text[], $9::bytea[], $10::text[], $11::text, $12::float8, $13::boolean)
 """
 
 
@@ -193,19 +167,29 @@ GIVE_BACK_TOKENS: Final = f"""
 UPDATE {SCHEMA}.buckets SET tokens = LEAST($3::float8, tokens + $2::float8) WHERE target = $1
 """
 
-# An attempt's outcome, which ends the lease; skipped when another gateway took the delivery
-# over meanwhile (this one's lease ran out): its outcome is the one that counts.
-# It is also kept in the delivery's attempt history.
+# Attempts' outcomes, one element each ($1 to $7: delivery id, state, next attempt at, status,
+# error, response excerpt, held seconds), recorded at $8 by gateway $9; each ends the lease,
+# and is skipped when another gateway took the delivery over meanwhile (this one's lease ran
+# out): its outcome is the one that counts. Each is also kept in the delivery's attempt
+# history. Not waiting for the flush (``synchronous_commit`` off for this transaction only): an
+# outcome lost in a crash of the database server only means the delivery is sent again, which
+# at-least-once allows. A delivery may appear once per statement (see the caller).
 RECORD: Final = f"""
-WITH u AS (
-    UPDATE {SCHEMA}.deliveries SET state = $1, attempts = attempts + 1, next_attempt_at = $2,
-        updated_at = $3, last_status = $4, last_error = $5, last_response = $6,
-        lease_owner = NULL, lease_until = NULL, held_s = $9
-    WHERE id = $7 AND (lease_owner IS NULL OR lease_owner = $8)
-    RETURNING id, attempts
+WITH v AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::integer[], $5::text[],
+        $6::text[], $7::float8[]) AS v (id, state, next_at, status, error, response, held)
+    WHERE set_config('synchronous_commit', 'off', true) = 'off'
+), u AS (
+    UPDATE {SCHEMA}.deliveries d SET state = v.state, attempts = d.attempts + 1,
+        next_attempt_at = v.next_at, updated_at = $8, last_status = v.status,
+        last_error = v.error, last_response = v.response, lease_owner = NULL,
+        lease_until = NULL, held_s = v.held
+    FROM v
+    WHERE d.id = v.id AND (d.lease_owner IS NULL OR d.lease_owner = $9)
+    RETURNING d.id, d.attempts, v.state, v.status, v.error, v.response
 )
 INSERT INTO {SCHEMA}.attempts (delivery_id, number, at, state, status, error, response)
-SELECT id, attempts, $3, $1, $4, $5, $6 FROM u
+SELECT id, attempts, $8, state, status, error, response FROM u
 """
 
 # The heartbeat of a living gateway: its leases last while it does, whatever its targets'
