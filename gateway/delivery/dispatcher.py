@@ -97,6 +97,9 @@ class Dispatcher:
         self._backlog = True
         # Every lane's started deliveries, on the wire or queued: what a claim must not return.
         self._in_flight: set[str] = set()
+        # Deliveries whose outcome was recorded while a claim's query ran: its answer may still
+        # call them due (read before the record committed), and must not start them again.
+        self._recorded: set[str] | None = None
         self._send_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -254,21 +257,26 @@ class Dispatcher:
         if not limits:
             return
         runs = self._pacing.runs
-        due = await self._outbox.due(
-            now,
-            limits,
-            exclude=self._in_flight,
-            ordered=self._pacing.ordered,
-            conversations=claim.conversations,
-            runs=self._pacing.run_lengths(),
-        )
+        self._recorded = set()
+        try:
+            due = await self._outbox.due(
+                now,
+                limits,
+                exclude=self._in_flight,
+                ordered=self._pacing.ordered,
+                conversations=claim.conversations,
+                runs=self._pacing.run_lengths(),
+            )
+        finally:
+            recorded, self._recorded = self._recorded, None
+        busy = self._in_flight | recorded if recorded else self._in_flight
         took_s = self._clock() - now
         claimed = dict.fromkeys(limits, 0)
         started = []
         # The first of each conversation now; those behind it wait for it (ordering.Runs).
-        for delivery in runs.sort(due, self._pacing.unpaced_ordered, self._in_flight):
+        for delivery in runs.sort(due, self._pacing.unpaced_ordered, busy):
             claimed[delivery.target] += 1
-            if delivery.id in self._in_flight:  # offered, or its run went on, while it ran
+            if delivery.id in busy:  # offered, its run went on, or it ended, while it ran
                 continue
             lane = self._lanes.get(delivery.target)  # None: removed while the query ran
             if lane is not None and lane.load < self._capacity:
@@ -343,6 +351,8 @@ class Dispatcher:
             for delivery in batch:  # the deliveries behind them wait for a claim
                 self._pacing.runs.after(delivery.id, released=False)
             return
+        if self._recorded is not None:
+            self._recorded.update(delivery.id for delivery in batch)
         if name in self._pacing.ordered:
             self._announce(name, batch, outcomes)
         report(self._observer, name, batch, exchange.attempts, outcomes, results, now)
