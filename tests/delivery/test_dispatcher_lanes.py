@@ -107,3 +107,61 @@ async def test_a_target_configured_again_before_its_batch_ends_keeps_its_concurr
         assert [a.status for a in await outbox.attempts(held.id)] == [200]
     finally:
         await dispatcher.stop()
+
+
+class EndedWhileClaiming(SqliteOutbox):
+    """The real SQLite outbox; the first claim that finds ``watched`` due lets ``during_claim``
+    start it elsewhere and returns only once its outcome is recorded: the stale answer of a
+    query read just before that outcome committed."""
+
+    watched: str | None = None
+    during_claim: Callable[[], None] | None = None
+    answered: asyncio.Event | None = None
+
+    async def due(
+        self,
+        now: float,
+        limits: Mapping[str, int],
+        exclude: Collection[str] = (),
+        ordered: Collection[str] = (),
+        conversations: Mapping[str, Collection[str]] | None = None,
+        runs: Mapping[str, int] | None = None,
+    ) -> list[Delivery]:
+        found = await super().due(now, limits, exclude, ordered, conversations, runs)
+        start, self.during_claim = self.during_claim, None
+        if start is not None and any(d.id == self.watched for d in found):
+            start()
+
+            async def recorded() -> bool:
+                done = await self.get(self.watched or "")
+                return done is not None and done.state == "delivered"
+
+            await eventually(recorded, "the watched delivery recorded while the claim runs")
+            if self.answered is not None:
+                self.answered.set()
+        return found
+
+
+async def test_a_delivery_recorded_while_a_claim_runs_is_not_started_again(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """A claim that read a delivery as due just before its outcome was recorded does not send
+    it a second time: the target receives it once, with one attempt recorded."""
+    outbox = EndedWhileClaiming(tmp_path / "outbox.sqlite3", dedup_window_s=0)
+    try:
+        (stored,) = await _store(outbox, "ended while claiming")
+        dispatcher = Dispatcher(outbox, [sink_target(sink)], DispatcherConfig(), retention_s=3600)
+        outbox.watched = stored.id
+        outbox.during_claim = lambda: dispatcher.offer([stored])
+        outbox.answered = asyncio.Event()
+        dispatcher.start()
+        try:
+            await sink.wait_for(1)
+            await asyncio.wait_for(outbox.answered.wait(), 10)
+            await asyncio.sleep(0.3)  # room for a second send, which must not come
+            assert len(sink.received) == 1
+            assert [a.status for a in await outbox.attempts(stored.id)] == [200]
+        finally:
+            await dispatcher.stop()
+    finally:
+        await outbox.close()
