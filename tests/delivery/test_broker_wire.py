@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import hiredis
 import pytest
 import redis.asyncio as aioredis
-from brokers import BrokerServer
+from brokers import BrokerServer, pending_delivery
 from destinations import NatsDestination, RedisDestination
 from redis.exceptions import ConnectionError, InvalidResponse, ResponseError
 
@@ -24,24 +24,7 @@ from gateway.config import TargetConfig
 from gateway.delivery.nats_jetstream import JetStreamSender, ack_result, header_block
 from gateway.delivery.redis_stream import RedisStreamSender, read_replies, xadd_commands
 from gateway.delivery.sending import Sender
-from gateway.outbox import Delivery
 from gateway.outbox.model import AttemptResult
-
-
-def _delivery(number: int, body: bytes = b'{"n":1}') -> Delivery:
-    return Delivery(
-        id=f"w-{number}",
-        notification_id=number,
-        target="t",
-        body=body,
-        signature="sha256=00",
-        split=False,
-        state="pending",
-        attempts=0,
-        created_at=0.0,
-        next_attempt_at=0.0,
-        received_at=0.0,
-    )
 
 
 @pytest.mark.parametrize(
@@ -67,7 +50,7 @@ def test_xadd_commands_are_resp_arrays_holding_the_exact_body_and_fields(
     """Each delivery is one RESP array: the head, ``body`` and its exact bytes, then every
     field, as a RESP parser reads them back."""
     bodies = [b'{"a":"\r\n$3\r\n"}', b"", bytes(range(256))]
-    deliveries = [_delivery(n, body) for n, body in enumerate(bodies)]
+    deliveries = [pending_delivery(n, body, "w") for n, body in enumerate(bodies)]
     packed = xadd_commands(head, deliveries, [fields] * len(deliveries))
     reader = hiredis.Reader()
     reader.feed(packed)
@@ -248,9 +231,13 @@ async def test_broker_that_stops_answering_fails_the_batch_then_serves_again(
             )
         )
     try:
-        assert all(r.accepted for r in await sender.send_many([_delivery(0)], [1]))
+        assert all(
+            r.accepted for r in await sender.send_many([pending_delivery(0, prefix="w")], [1])
+        )
         with server.frozen():
-            results = await sender.send_many([_delivery(n) for n in range(1, 9)], [1] * 8)
+            results = await sender.send_many(
+                [pending_delivery(n, prefix="w") for n in range(1, 9)], [1] * 8
+            )
         assert all(not r.accepted and not r.permanent for r in results), results
         assert all(
             "timed out" in (r.error or "") or "no acknowledgement" in (r.error or "")
@@ -258,7 +245,9 @@ async def test_broker_that_stops_answering_fails_the_batch_then_serves_again(
         )
         if isinstance(sender, JetStreamSender):
             assert not sender._waiting  # no acknowledgement is awaited any longer
-        again = await sender.send_many([_delivery(n) for n in range(9, 12)], [1] * 3)
+        again = await sender.send_many(
+            [pending_delivery(n, prefix="w") for n in range(9, 12)], [1] * 3
+        )
         assert all(r.accepted for r in again), again
     finally:
         await sender.close()
@@ -271,7 +260,7 @@ async def test_redis_exchange_is_bounded_by_the_target_timeout_alone(redis: Brok
     sender = RedisStreamSender(target)
     try:
         assert sender._client.connection_pool.connection_kwargs["socket_timeout"] is None
-        (result,) = await sender.send_many([_delivery(1)], [1])
+        (result,) = await sender.send_many([pending_delivery(1, prefix="w")], [1])
         assert result.accepted
     finally:
         await sender.close()
@@ -293,13 +282,17 @@ async def test_redis_sender_keeps_its_connections_between_batches(redis: BrokerS
     pool.get_connection = counted  # type: ignore[method-assign,assignment]
     try:
         for n in range(5):
-            assert all(r.accepted for r in await sender.send_many([_delivery(n)], [1]))
+            assert all(
+                r.accepted for r in await sender.send_many([pending_delivery(n, prefix="w")], [1])
+            )
         assert taken == 1
-        batches = [sender.send_many([_delivery(n)], [1]) for n in range(5, 8)]
+        batches = [sender.send_many([pending_delivery(n, prefix="w")], [1]) for n in range(5, 8)]
         assert all(r.accepted for results in await asyncio.gather(*batches) for r in results)
         assert taken == 3
         for n in range(8, 12):
-            assert all(r.accepted for r in await sender.send_many([_delivery(n)], [1]))
+            assert all(
+                r.accepted for r in await sender.send_many([pending_delivery(n, prefix="w")], [1])
+            )
         assert taken == 3
     finally:
         await sender.close()
@@ -315,14 +308,18 @@ async def test_redis_connection_the_server_closed_between_batches_is_replaced(
     sender = RedisStreamSender(TargetConfig(name="t", kind="redis", url=redis.url, stream="k"))
     admin = aioredis.Redis.from_url(redis.url)
     try:
-        assert all(r.accepted for r in await sender.send_many([_delivery(0)], [1]))
+        assert all(
+            r.accepted for r in await sender.send_many([pending_delivery(0, prefix="w")], [1])
+        )
         (kept,) = sender._idle
         assert await admin.client_kill_filter(_type="normal", skipme=True) == 1
         for _ in range(500):  # until this end has seen the server close it
             if kept._reader is None or kept._reader.at_eof():
                 break
             await asyncio.sleep(0.01)
-        results = await sender.send_many([_delivery(n) for n in range(1, 4)], [1] * 3)
+        results = await sender.send_many(
+            [pending_delivery(n, prefix="w") for n in range(1, 4)], [1] * 3
+        )
         assert all(r.accepted for r in results), results
         assert await admin.xlen("k") == 4
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from brokers import BrokerServer, nats_server, redis_server
+from brokers import BrokerServer, nats_server, pending_delivery, redis_server
 from config_files import listen_port, write_config
 from destinations import STREAM, NatsDestination, RedisDestination, entry_received
 from helpers import APP_SECRET, gateway_config, message_body, post, quick, wait_for_state
@@ -35,7 +35,6 @@ from gateway.delivery.redis_stream import RedisStreamSender, result_of
 from gateway.delivery.sending import sender_for
 from gateway.errors import TargetError, TargetUnreachable
 from gateway.onboarding.check import targets_report
-from gateway.outbox import Delivery
 from gateway.outbox.model import AttemptResult
 from gateway.runtime.gateway import Gateway
 
@@ -243,22 +242,6 @@ async def _wait_received(destination: RedisDestination | NatsDestination) -> lis
     return found
 
 
-def _delivery(number: int, body: bytes = b'{"n":1}') -> Delivery:
-    return Delivery(
-        id=f"t-{number}",
-        notification_id=number,
-        target="t",
-        body=body,
-        signature="sha256=00",
-        split=False,
-        state="pending",
-        attempts=0,
-        created_at=0.0,
-        next_attempt_at=0.0,
-        received_at=0.0,
-    )
-
-
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
@@ -299,7 +282,7 @@ async def test_maxlen_trims_the_stream_approximately(redis: BrokerServer) -> Non
     sender = RedisStreamSender(target)
     try:
         for start in range(0, 600, 200):
-            batch = [_delivery(n) for n in range(start, start + 200)]
+            batch = [pending_delivery(n) for n in range(start, start + 200)]
             results = await sender.send_many(batch, [1] * len(batch))
             assert all(result.accepted for result in results)
     finally:
@@ -337,12 +320,12 @@ async def test_broker_password_from_the_url_reaches_the_broker(kind: str) -> Non
         good, bad = sender_for(target(password)), sender_for(target("wrong"))
         try:
             assert (await good.probe() or "").startswith("target 't'")
-            (result,) = await good.send_many([_delivery(1)], [1])
+            (result,) = await good.send_many([pending_delivery(1)], [1])
             assert result.accepted
             with pytest.raises(TargetUnreachable) as info:
                 await bad.probe()
             assert "wrong" not in str(info.value)
-            (result,) = await bad.send_many([_delivery(2)], [1])
+            (result,) = await bad.send_many([pending_delivery(2)], [1])
             assert not result.accepted
             assert not result.permanent
         finally:

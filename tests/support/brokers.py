@@ -20,7 +20,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["BrokerServer", "nats_server", "redis_server"]
+from gateway.outbox import Delivery
+
+__all__ = ["BrokerServer", "nats_server", "pending_delivery", "redis_server"]
 
 _START_S = 10.0
 
@@ -144,3 +146,20 @@ def nats_server(*options: str) -> Iterator[BrokerServer]:
             yield server
         finally:
             server.down()
+
+
+def pending_delivery(number: int, body: bytes = b'{"n":1}', prefix: str = "t") -> Delivery:
+    """A pending first attempt of target ``t``, id ``{prefix}-{number}``, for a sender alone."""
+    return Delivery(
+        id=f"{prefix}-{number}",
+        notification_id=number,
+        target="t",
+        body=body,
+        signature="sha256=00",
+        split=False,
+        state="pending",
+        attempts=0,
+        created_at=0.0,
+        next_attempt_at=0.0,
+        received_at=0.0,
+    )
