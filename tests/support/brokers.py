@@ -20,18 +20,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from loopback_ports import free_port
+
 from gateway.outbox import Delivery
 
 __all__ = ["BrokerServer", "nats_server", "pending_delivery", "redis_server"]
 
 _START_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _binary(name: str, package: str) -> str:
@@ -120,7 +115,7 @@ def redis_server(*options: str) -> Iterator[BrokerServer]:
     holds deliveries should); ``options`` as redis-server takes them."""
     binary = _binary("redis-server", "redis-server")
     with tempfile.TemporaryDirectory(prefix="waba-redis-") as folder:
-        port = _free_port()
+        port = free_port()
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
         command += ["--save", "", "--appendonly", "yes", "--protected-mode", "no", *options]
         server = BrokerServer(command, port, "redis")
@@ -137,7 +132,7 @@ def nats_server(*options: str) -> Iterator[BrokerServer]:
     ``options`` as nats-server takes them."""
     binary = _binary("nats-server", "nats-server")
     with tempfile.TemporaryDirectory(prefix="waba-nats-") as folder:
-        port = _free_port()
+        port = free_port()
         store = Path(folder) / "jetstream"
         command = [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port), *options]
         server = BrokerServer(command, port, "nats")

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import tomllib
 from pathlib import Path
 
 from helpers import VERIFY_TOKEN
+from loopback_ports import free_port
 from pki import Pki
 
 __all__ = ["free_port", "host_configs", "listen_port", "write_config"]
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def write_config(

@@ -13,12 +13,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from loopback_ports import free_port
 
 __all__ = ["PASSWORD", "USER", "PgServer", "pg_bin", "running_server"]
 
@@ -39,13 +40,6 @@ def pg_bin() -> Path:
             " (.ci/run does: apt-get install -y postgresql-15)"
         )
     return Path(initdb).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _as_owner() -> list[str]:
@@ -118,7 +112,7 @@ def init_server(settings: str = "") -> PgServer:
     if prefix:
         os.chown(folder, pwd.getpwnam(_OS_USER).pw_uid, -1)
     folder.chmod(0o700)
-    server = PgServer(folder=folder, port=_free_port(), bin=pg_bin(), prefix=prefix)
+    server = PgServer(folder=folder, port=free_port(), bin=pg_bin(), prefix=prefix)
     password_file = folder / "pw"
     password_file.write_text(PASSWORD)
     if prefix:
