@@ -122,6 +122,12 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
         assert await asyncio.to_thread(main, ["reload", "--config", str(config)]) == 0
         assert capsys.readouterr().out == f"reloaded {config}\n"
 
+        # The command answers once worker 0 reloaded; worker 1 hears of it afterwards, through
+        # the supervisor (a signal): wait for its own line before asking it for the certificate.
+        async def both_reloaded() -> bool:
+            return output.count(f"reloaded {config}") >= 2
+
+        await until(both_reloaded, "worker 1 to reload after worker 0")
         for _ in range(8):  # new connections spread over both workers: all see the renewal
             assert await served_serial(port, pki) == serial
         key.write_bytes(pki.client_key_file.read_bytes())
