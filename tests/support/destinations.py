@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, Unpack
 
 import nats
+import nats.aio.client
 import nats.js.errors
 import redis.asyncio as aioredis
 from brokers import BrokerServer
@@ -142,9 +143,9 @@ class NatsDestination:
         return TargetConfig(name=name, **settings)
 
     async def received(self, name: str) -> list[Received]:
-        client = await nats.connect(self.server.url)
+        client = await self._connect()
         try:
-            js = client.jetstream()
+            js = client.jetstream(timeout=DEADLINE_S)
             info = await js.stream_info(STREAM)
             found = []
             for seq in range(info.state.first_seq, info.state.last_seq + 1):
@@ -160,14 +161,20 @@ class NatsDestination:
 
     async def reset(self) -> None:
         """An empty stream capturing ``waba.>``."""
-        client = await nats.connect(self.server.url)
+        client = await self._connect()
         try:
-            js = client.jetstream()
+            js = client.jetstream(timeout=DEADLINE_S)
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_stream(STREAM)
             await js.add_stream(name=STREAM, subjects=["waba.>"])
         finally:
             await client.close()
+
+    async def _connect(self) -> nats.aio.client.Client:
+        # nats-py's own limits (2 s to connect, 5 s a JetStream request: the ``jetstream()``
+        # above) are for a quiet machine; a loaded test machine can take longer, and these
+        # waits end as soon as the server answers.
+        return await nats.connect(self.server.url, connect_timeout=int(DEADLINE_S))
 
     async def down(self) -> None:
         await asyncio.to_thread(self.server.down)
