@@ -3,6 +3,7 @@ backlog per target, replaying a target's dead letters, and layout 2 files migrat
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -143,6 +144,40 @@ async def test_pruning_a_delivery_removes_its_attempt_history(outbox: SqliteOutb
         conn.close()
 
 
+@contextlib.asynccontextmanager
+async def _opened(path: Path) -> AsyncIterator[SqliteOutbox]:
+    box = SqliteOutbox(path, dedup_window_s=DAY)
+    try:
+        yield box
+    finally:
+        await box.close()
+
+
+def _layout_of(path: Path) -> int:
+    """The layout version the file says it has."""
+    conn = sqlite3.connect(path)
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        return int(version)
+    finally:
+        conn.close()
+
+
+async def _file_of_layout(path: Path, version: int, *removed: str) -> str:
+    """A file at ``path`` as layout ``version`` left it, with one pending delivery (its id):
+    written at the current layout, then without the columns ``removed`` ("table.column")."""
+    async with _opened(path) as box:
+        [old] = await box.accept(b"{}", "sha256=x", [Route("t", None)], 1.0) or []
+    conn = sqlite3.connect(path)
+    for column in removed:
+        table, _, name = column.partition(".")
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {name}")
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.commit()
+    conn.close()
+    return old.id
+
+
 async def test_outbox_file_of_layout_2_is_migrated_and_keeps_its_deliveries(
     tmp_path: Path,
 ) -> None:
@@ -152,19 +187,12 @@ async def test_outbox_file_of_layout_2_is_migrated_and_keeps_its_deliveries(
     conn = sqlite3.connect(path)
     conn.executescript(_LAYOUT_2)
     conn.close()
-    box = SqliteOutbox(path, dedup_window_s=DAY)
-    try:
+    async with _opened(path) as box:
         [old] = await box.query()
         assert (old.id, old.state, old.body) == ("abcd-1", "pending", b"{}")
         await box.record(old.id, Delivered(), AttemptResult(status=200), 2.0)
         assert [a.state for a in await box.attempts(old.id)] == ["delivered"]
-    finally:
-        await box.close()
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (layout._LAYOUT,)
-    finally:
-        conn.close()
+    assert _layout_of(path) == layout._LAYOUT
 
 
 async def test_outbox_file_of_layout_4_gains_the_trace_column_and_keeps_its_deliveries(
@@ -173,30 +201,13 @@ async def test_outbox_file_of_layout_4_gains_the_trace_column_and_keeps_its_deli
     """A file of layout 4 (no trace context) opens at the current layout: its pending
     delivery stays, with no trace context, and a new notification keeps the one it is given."""
     path = tmp_path / "v4.sqlite3"
-    box = SqliteOutbox(path, dedup_window_s=DAY)
-    try:
-        [old] = await box.accept(b"{}", "sha256=x", [Route("t", None)], 1.0) or []
-    finally:
-        await box.close()
-    conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE notifications DROP COLUMN trace")
-    conn.execute("ALTER TABLE deliveries DROP COLUMN held_s")
-    conn.execute("PRAGMA user_version = 4")
-    conn.commit()
-    conn.close()
-    box = SqliteOutbox(path, dedup_window_s=DAY)
-    try:
-        assert [(d.id, d.trace) for d in await box.query()] == [(old.id, None)]
+    old = await _file_of_layout(path, 4, "notifications.trace", "deliveries.held_s")
+    async with _opened(path) as box:
+        assert [(d.id, d.trace) for d in await box.query()] == [(old, None)]
         trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         await box.accept(b"[]", "sha256=x", [Route("t", None)], 2.0, trace=trace)
         assert {d.trace for d in await box.due(3.0, {"t": 5})} == {None, trace}
-    finally:
-        await box.close()
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (layout._LAYOUT,)
-    finally:
-        conn.close()
+    assert _layout_of(path) == layout._LAYOUT
 
 
 async def test_outbox_file_of_layout_5_gains_the_held_time_and_keeps_its_deliveries(
@@ -205,27 +216,11 @@ async def test_outbox_file_of_layout_5_gains_the_held_time_and_keeps_its_deliver
     """A file of layout 5 (no held time) opens at the current layout: its pending delivery
     stays, held for no time so far, and a retry keeps the held time it carries."""
     path = tmp_path / "v5.sqlite3"
-    box = SqliteOutbox(path, dedup_window_s=DAY)
-    try:
-        [old] = await box.accept(b"{}", "sha256=x", [Route("t", None)], 1.0) or []
-    finally:
-        await box.close()
-    conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE deliveries DROP COLUMN held_s")
-    conn.execute("PRAGMA user_version = 5")
-    conn.commit()
-    conn.close()
-    box = SqliteOutbox(path, dedup_window_s=DAY)
-    try:
-        assert [(d.id, d.held_s) for d in await box.query()] == [(old.id, 0.0)]
-        await box.record(old.id, RetryAt(9.0, "HTTP 503", 4.5), AttemptResult(status=503), 2.0)
+    old = await _file_of_layout(path, 5, "deliveries.held_s")
+    async with _opened(path) as box:
+        assert [(d.id, d.held_s) for d in await box.query()] == [(old, 0.0)]
+        await box.record(old, RetryAt(9.0, "HTTP 503", 4.5), AttemptResult(status=503), 2.0)
         assert [d.held_s for d in await box.query()] == [4.5]
-        assert await box.replay(old.id, 10.0)
+        assert await box.replay(old, 10.0)
         assert [d.held_s for d in await box.query()] == [0.0]
-    finally:
-        await box.close()
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (layout._LAYOUT,)
-    finally:
-        conn.close()
+    assert _layout_of(path) == layout._LAYOUT
