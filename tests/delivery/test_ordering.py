@@ -11,6 +11,7 @@ import dataclasses
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,7 +22,7 @@ from pki import Pki
 from processes import post_to, serving, serving_all, until_listening
 from sink import DEADLINE_S
 
-from gateway.config import OutboxConfig, TargetConfig
+from gateway.config import Config, OutboxConfig, TargetConfig
 from gateway.runtime.gateway import Gateway
 
 USERS = ("a", "b", "c", "d")
@@ -53,6 +54,12 @@ async def _converse(send: Send, target: Conversations) -> None:
 
     await asyncio.gather(*(user(name) for name in USERS))
     await target.wait_refused("a", 0, 2)
+    await _others_then_a_in_order(target)
+
+
+async def _others_then_a_in_order(target: Conversations) -> None:
+    """Users b, c and d arrive in order while a's first message is refused; a holds only
+    itself back, and arrives in order once the target takes it."""
     for other in USERS[1:]:
         assert in_order(await target.wait_for(other, PER_USER))
     # The others all arrived while a's first message was refused: a is held, and only a.
@@ -61,30 +68,35 @@ async def _converse(send: Send, target: Conversations) -> None:
     assert in_order(await target.wait_for("a", PER_USER))
 
 
+def _bot(
+    pki: Pki,
+    tmp_path: Path,
+    target: Conversations,
+    backend: str = "sqlite",
+    request: pytest.FixtureRequest | None = None,
+    **options: Any,
+) -> Config:
+    """A gateway delivering in order per conversation to ``target`` (target "bot", with
+    ``options``), its outbox on ``backend``."""
+    # Quick exponential retries, unless the test gives a schedule of its own instead.
+    quick = {} if "retry_schedule_s" in options else {"wait_initial_s": 0.05, "wait_max_s": 0.1}
+    settings: dict[str, Any] = quick | options
+    bot = TargetConfig(name="bot", url=target.url(), order="conversation", **settings)
+    config = gateway_config(pki, tmp_path, targets=[bot])
+    if backend == "postgres":
+        assert request is not None  # the PostgreSQL server is a fixture
+        outbox = OutboxConfig(url=request.getfixturevalue("pg_url"))
+        config = dataclasses.replace(config, outbox=outbox)
+    return config
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_failing_conversation_holds_only_itself_and_arrives_in_order(
     pki: Pki, tmp_path: Path, target: Conversations, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """One gateway: while user a's first message is refused, b, c and d are delivered in
     order; a's messages arrive in order once it is taken."""
-    config = gateway_config(
-        pki,
-        tmp_path,
-        targets=[
-            TargetConfig(
-                name="bot",
-                url=target.url(),
-                order="conversation",
-                wait_initial_s=0.05,
-                wait_max_s=0.1,
-                pipeline=8,
-            )
-        ],
-    )
-    if backend == "postgres":
-        config = dataclasses.replace(
-            config, outbox=OutboxConfig(url=request.getfixturevalue("pg_url"))
-        )
+    config = _bot(pki, tmp_path, target, backend, request, pipeline=8)
     async with Gateway(config) as gateway:
 
         async def send(user: str, n: int) -> None:
@@ -101,19 +113,7 @@ async def test_a_delivery_held_behind_its_conversation_is_not_aged_into_a_dead_l
     it (a dead letter, about 2 s in, which releases the conversation); the second, held behind
     it all that time, fails its first attempt once: it is retried and delivered, not
     dead-lettered for the time it waited; the third follows it."""
-    config = gateway_config(
-        pki,
-        tmp_path,
-        targets=[
-            TargetConfig(
-                name="bot",
-                url=target.url(),
-                order="conversation",
-                max_age_s=2.5,
-                retry_schedule_s=(1.0,),
-            )
-        ],
-    )
+    config = _bot(pki, tmp_path, target, max_age_s=2.5, retry_schedule_s=(1.0,))
     target.held.add(("a", 0))
     target.failing[("a", 1)] = 1
     async with Gateway(config) as gateway:
@@ -134,23 +134,7 @@ async def test_a_backlog_drains_in_runs_in_order_when_one_fails_mid_way(
     """Stored while the target is down, each conversation drains in runs once it is back;
     b's fourth message fails twice in the middle of its run: the rest of b waits for it, and
     every conversation still arrives in order, each message once."""
-    config = gateway_config(
-        pki,
-        tmp_path,
-        targets=[
-            TargetConfig(
-                name="bot",
-                url=target.url(),
-                order="conversation",
-                wait_initial_s=0.05,
-                wait_max_s=0.1,
-            )
-        ],
-    )
-    if backend == "postgres":
-        config = dataclasses.replace(
-            config, outbox=OutboxConfig(url=request.getfixturevalue("pg_url"))
-        )
+    config = _bot(pki, tmp_path, target, backend, request)
     await target.stop()
     async with Gateway(config) as gateway:
         for n in range(PER_USER):
@@ -221,10 +205,6 @@ async def test_conversations_stay_in_order_across_two_gateways_when_one_is_kille
                     await survivor(user, n)
 
             await asyncio.gather(*(second_half(user) for user in USERS))
-        for other in USERS[1:]:
-            assert in_order(await target.wait_for(other, PER_USER))
-        assert target.accepted.get("a", []) == []
-        target.held.clear()
-        assert in_order(await target.wait_for("a", PER_USER))
+        await _others_then_a_in_order(target)
         gateways[0].send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(gateways[0].wait, DEADLINE_S) == 0
