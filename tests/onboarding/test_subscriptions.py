@@ -110,20 +110,68 @@ def output(capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
     return captured.out, captured.err
 
 
-async def test_subscribe_posts_without_body_with_bearer_token(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("argv", "answer", "method", "printed"),
+    [
+        pytest.param(
+            ["subscribe"],
+            None,
+            "POST",
+            [f"subscribed to WABA {WABA}; webhooks go to the app's callback URL"],
+            id="subscribe-posts",
+        ),
+        pytest.param(
+            ["subscriptions"],
+            "graph-subscribed_apps-get-multiple.json",
+            "GET",
+            [
+                "APP ID            NAME                    LINK",
+                "1234567890123456  Business Messaging App  https://www.facebook.com/games/?app_id=1234567890123456",
+                "2345678901234567  Customer Support Bot    https://www.facebook.com/games/?app_id=2345678901234567",
+            ],
+            id="subscriptions-gets-and-prints-a-table",
+        ),
+        pytest.param(
+            ["unsubscribe"],
+            "graph-subscribed_apps-delete-response.json",
+            "DELETE",
+            [f"unsubscribed from WABA {WABA}; Meta stops delivering its webhooks"],
+            id="unsubscribe-deletes",
+        ),
+        # A POST with no body is how Meta removes an override.
+        pytest.param(
+            ["clear-override"],
+            None,
+            "POST",
+            [f"override removed for WABA {WABA}; webhooks go to the app's callback URL"],
+            id="clear-override-posts",
+        ),
+    ],
+)
+async def test_each_command_sends_one_bodiless_request_with_the_bearer_token(
+    fake_graph: FakeGraph,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    answer: str | None,
+    method: str,
+    printed: list[str],
 ) -> None:
-    """subscribe POSTs an empty body to the WABA's subscribed_apps with the Bearer token."""
-    assert await run(fake_graph, "subscribe", WABA) == 0
+    """Each command makes one request of its method to the WABA's subscribed_apps edge, with
+    no body and the Bearer token, and prints what happened (subscriptions: id, name and link
+    of each app, one row each)."""
+    if answer is not None:
+        fake_graph.answer(200, sample(answer))
+    assert await run(fake_graph, *argv, WABA) == 0
     [request] = fake_graph.requests
     assert (request.method, request.path, request.body) == (
-        "POST",
+        method,
         f"/v21.0/{WABA}/subscribed_apps",
         b"",
     )
     assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert "Content-Type" not in request.headers
     out, err = output(capsys)
-    assert out == f"subscribed to WABA {WABA}; webhooks go to the app's callback URL\n"
+    assert out.splitlines() == printed
     assert err == ""
 
 
@@ -164,26 +212,6 @@ async def test_subscribe_rejects_incomplete_or_insecure_override_without_calling
     assert err.count("\n") == 1
 
 
-async def test_subscriptions_prints_apps_as_a_table(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """subscriptions GETs the edge and prints id, name and link of each app, one row each."""
-    fake_graph.answer(200, sample("graph-subscribed_apps-get-multiple.json"))
-    assert await run(fake_graph, "subscriptions", WABA) == 0
-    [request] = fake_graph.requests
-    assert (request.method, request.path, request.body) == (
-        "GET",
-        f"/v21.0/{WABA}/subscribed_apps",
-        b"",
-    )
-    out, _ = output(capsys)
-    assert out.splitlines() == [
-        "APP ID            NAME                    LINK",
-        "1234567890123456  Business Messaging App  https://www.facebook.com/games/?app_id=1234567890123456",
-        "2345678901234567  Customer Support Bot    https://www.facebook.com/games/?app_id=2345678901234567",
-    ]
-
-
 async def test_subscriptions_shows_the_override_callback(
     fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -219,83 +247,6 @@ async def test_subscriptions_json_prints_meta_answer(
     assert json.loads(out) == json.loads(sample("graph-subscribed_apps-get-multiple.json"))
 
 
-async def test_unsubscribe_sends_delete(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """unsubscribe DELETEs the WABA's subscribed_apps edge."""
-    fake_graph.answer(200, sample("graph-subscribed_apps-delete-response.json"))
-    assert await run(fake_graph, "unsubscribe", WABA) == 0
-    [request] = fake_graph.requests
-    assert (request.method, request.path, request.body) == (
-        "DELETE",
-        f"/v21.0/{WABA}/subscribed_apps",
-        b"",
-    )
-    out, _ = output(capsys)
-    assert out.startswith(f"unsubscribed from WABA {WABA}")
-
-
-async def test_clear_override_posts_without_body(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """clear-override is a POST with no body, which is how Meta removes an override."""
-    assert await run(fake_graph, "clear-override", WABA) == 0
-    [request] = fake_graph.requests
-    assert (request.method, request.path, request.body) == (
-        "POST",
-        f"/v21.0/{WABA}/subscribed_apps",
-        b"",
-    )
-    assert "Content-Type" not in request.headers
-    out, _ = output(capsys)
-    assert out.startswith(f"override removed for WABA {WABA}")
-
-
-async def test_success_false_is_a_failure(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """An answer without success: true is not reported as success."""
-    fake_graph.answer(200, b'{"success": false}')
-    assert await run(fake_graph, "unsubscribe", WABA) == 1
-    _, err = output(capsys)
-    assert err == 'error: Graph API did not confirm success: {"success": false}\n'
-
-
-async def test_invalid_token_exits_3_with_one_line(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Meta's 401 for a bad token is exit 3 and one line with code, subcode and trace id."""
-    fake_graph.answer(401, sample("graph-error-401-invalid-token.json"))
-    assert await run(fake_graph, "subscribe", WABA) == 3
-    out, err = output(capsys)
-    assert out == ""
-    assert err == (
-        "error: access token rejected (code 190, subcode 463, HTTP 401, fbtrace_id"
-        f" {TRACE}): Invalid OAuth access token\n"
-    )
-
-
-async def test_permission_error_exits_3(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Meta's 403 for a missing permission is an auth failure too."""
-    fake_graph.answer(403, sample("graph-error-403-permission.json"))
-    assert await run(fake_graph, "subscribe", WABA) == 3
-    _, err = output(capsys)
-    assert err.startswith("error: permission denied (code 200, subcode 1349174, HTTP 403")
-
-
-async def test_token_echoed_by_the_server_is_redacted(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Even if an answer quotes the token, the printed error does not."""
-    body = {"error": {"message": f"Malformed access token {TOKEN}", "code": 190}}
-    fake_graph.answer(400, json.dumps(body).encode())
-    assert await run(fake_graph, "unsubscribe", WABA) == 3
-    _, err = output(capsys)
-    assert "Malformed access token [redacted]" in err
-
-
 async def test_rate_limit_exits_4_shows_the_wait_and_calls_once(
     fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -329,41 +280,104 @@ async def test_rate_limit_exits_4_shows_the_wait_and_calls_once(
     )
 
 
-async def test_app_rate_limit_sample_exits_4(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("command", "status", "body", "content_type", "code", "said"),
+    [
+        pytest.param(
+            "unsubscribe",
+            200,
+            b'{"success": false}',
+            JSON_TYPE,
+            1,
+            ['error: Graph API did not confirm success: {"success": false}\n'],
+            id="success-false-is-a-failure",
+        ),
+        pytest.param(
+            "subscribe",
+            401,
+            sample("graph-error-401-invalid-token.json"),
+            JSON_TYPE,
+            3,
+            [
+                "error: access token rejected (code 190, subcode 463, HTTP 401, fbtrace_id"
+                f" {TRACE}): Invalid OAuth access token\n"
+            ],
+            id="invalid-token-with-code-subcode-and-trace-id",
+        ),
+        pytest.param(
+            "subscribe",
+            403,
+            sample("graph-error-403-permission.json"),
+            JSON_TYPE,
+            3,
+            ["error: permission denied (code 200, subcode 1349174, HTTP 403"],
+            id="missing-permission-is-an-auth-failure-too",
+        ),
+        # Even if an answer quotes the token, the printed error does not.
+        pytest.param(
+            "unsubscribe",
+            400,
+            json.dumps(
+                {"error": {"message": f"Malformed access token {TOKEN}", "code": 190}}
+            ).encode(),
+            JSON_TYPE,
+            3,
+            ["Malformed access token [redacted]"],
+            id="token-echoed-by-the-server-is-redacted",
+        ),
+        # Meta's code 4 sample: no wait estimate when no usage header came.
+        pytest.param(
+            "clear-override",
+            429,
+            sample("graph-error-429-rate-limit.json"),
+            JSON_TYPE,
+            4,
+            ["rate limit hit (code 4", "Meta gives no estimate of when access returns"],
+            id="app-rate-limit-sample",
+        ),
+        # fbtrace_id, for Meta support.
+        pytest.param(
+            "unsubscribe",
+            500,
+            sample("graph-error-500-transient.json"),
+            JSON_TYPE,
+            1,
+            [f"(code 2, HTTP 500, fbtrace_id {TRACE})", "transient"],
+            id="transient-server-error",
+        ),
+        # An HTML error page from a proxy is reported by its status, not as a crash.
+        pytest.param(
+            "subscribe",
+            502,
+            b"<html><body>\n<h1>Bad Gateway</h1>\n</body></html>",
+            "text/html",
+            1,
+            ["error: Graph API answered HTTP 502 Bad Gateway with a non-JSON body\n"],
+            id="non-json-error-body",
+        ),
+    ],
+)
+async def test_a_failed_answer_exits_with_its_code_in_one_line_after_one_request(
+    fake_graph: FakeGraph,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    status: int,
+    body: bytes,
+    content_type: str,
+    code: int,
+    said: list[str],
 ) -> None:
-    """Meta's code 4 sample is a rate limit too, with no wait estimate when no header came."""
-    fake_graph.answer(429, sample("graph-error-429-rate-limit.json"))
-    assert await run(fake_graph, "clear-override", WABA) == 4
+    """Meta's errors map to exit codes (1 failed, 3 token or permission, 4 rate limited), each
+    said in one error line naming what Meta said; the command never retries by itself."""
+    fake_graph.answer(status, body, **{"Content-Type": content_type})
+    assert await run(fake_graph, command, WABA) == code
     assert len(fake_graph.requests) == 1
-    _, err = output(capsys)
-    assert "rate limit hit (code 4" in err
-    assert "Meta gives no estimate of when access returns" in err
-
-
-async def test_transient_server_error_exits_1_with_trace_id(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Meta's transient 500 is exit 1, one line, with fbtrace_id for Meta support."""
-    fake_graph.answer(500, sample("graph-error-500-transient.json"))
-    assert await run(fake_graph, "unsubscribe", WABA) == 1
-    assert len(fake_graph.requests) == 1
-    _, err = output(capsys)
+    out, err = output(capsys)
+    assert out == ""
+    assert err.startswith("error: ")
     assert err.count("\n") == 1
-    assert f"(code 2, HTTP 500, fbtrace_id {TRACE})" in err
-    assert "transient" in err
-
-
-async def test_non_json_error_body_reports_http_status(
-    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """An HTML error page from a proxy is reported by its status, not as a crash."""
-    fake_graph.answer(
-        502, b"<html><body>\n<h1>Bad Gateway</h1>\n</body></html>", **{"Content-Type": "text/html"}
-    )
-    assert await run(fake_graph, "subscribe", WABA) == 1
-    _, err = output(capsys)
-    assert err == "error: Graph API answered HTTP 502 Bad Gateway with a non-JSON body\n"
+    for text in said:
+        assert text in err
 
 
 async def test_warns_when_usage_is_over_80_percent(
