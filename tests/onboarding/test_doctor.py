@@ -577,53 +577,80 @@ async def _doctor_against_gateway(
         return await asyncio.to_thread(main, args), url
 
 
-async def test_handshake_through_the_listener_passes_with_the_ca_file(
-    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("client_auth", "served_token", "with_ca_file", "code", "handshake", "also"),
+    [
+        # With the private CA given, Meta's GET through the real listener comes back verbatim.
+        pytest.param(
+            "optional",
+            TOKEN,
+            True,
+            0,
+            "OK   handshake through {url}: verified",
+            ["OK   server chain verifies against --ca-file {ca_file}"],
+            id="passes-with-the-ca-file",
+        ),
+        # Without --ca-file the test certificate is untrusted: doctor says so, names the
+        # option, and still reports the rest.
+        pytest.param(
+            "optional",
+            TOKEN,
+            False,
+            0,
+            "WARN handshake not checked: untrusted server certificate",
+            ["OK   outbox"],
+            id="needs-a-trusted-certificate",
+        ),
+        # A gateway running with other verify tokens refuses doctor's GET.
+        pytest.param(
+            "optional",
+            "another-token",
+            True,
+            1,
+            "FAIL handshake through {url}: verify token refused: HTTP 403",
+            [],
+            id="another-verify-token-fails",
+        ),
+        # doctor has no Meta certificate: with client_auth = required it says why it cannot check.
+        pytest.param(
+            "required",
+            TOKEN,
+            True,
+            0,
+            "WARN handshake not checked: {url} wants a client certificate",
+            [],
+            id="required-client-certificate-is-not-checked",
+        ),
+    ],
+)
+async def test_handshake_through_a_running_listener_is_judged_in_one_line(
+    tmp_path: Path,
+    pki: Pki,
+    capsys: pytest.CaptureFixture[str],
+    client_auth: ClientAuth,
+    served_token: str,
+    with_ca_file: bool,
+    code: int,
+    handshake: str,
+    also: list[str],
 ) -> None:
-    """With the private CA given, Meta's GET through the real listener comes back verbatim."""
-    code, url = await _doctor_against_gateway(tmp_path, pki, ca_file=pki.server_ca_file)
-    report = _report(capsys)
-    assert f"OK   server chain verifies against --ca-file {pki.server_ca_file}" in report
-    assert any(line.startswith(f"OK   handshake through {url}: verified") for line in report)
-    assert code == 0
-
-
-async def test_handshake_needs_a_trusted_certificate(
-    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Without --ca-file the test certificate is untrusted: doctor says so and still reports."""
-    code, _ = await _doctor_against_gateway(tmp_path, pki)
+    """doctor's GET of the handshake through a real gateway listener: one handshake line saying
+    what came back or why it was not checked, the exit code it calls for, and never the verify
+    token in the report."""
+    ca_file = pki.server_ca_file if with_ca_file else None
+    exit_code, url = await _doctor_against_gateway(
+        tmp_path, pki, client_auth=client_auth, served_token=served_token, ca_file=ca_file
+    )
     report = _report(capsys)
     (line,) = [line for line in report if line[5:].startswith("handshake")]
-    assert line.startswith("WARN handshake not checked: untrusted server certificate")
-    assert "--ca-file" in line
-    assert any(line.startswith("OK   outbox") for line in report)
-    assert code == 0
-
-
-async def test_handshake_with_another_verify_token_fails(
-    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A gateway running with other verify tokens refuses doctor's GET: FAIL, token not shown."""
-    code, url = await _doctor_against_gateway(
-        tmp_path, pki, served_token="another-token", ca_file=pki.server_ca_file
-    )
-    output = "\n".join(_report(capsys))
-    assert f"FAIL handshake through {url}: verify token refused: HTTP 403" in output
-    assert TOKEN not in output
-    assert code == 1
-
-
-async def test_handshake_behind_required_client_certificate_is_not_checked(
-    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """doctor has no Meta certificate: with client_auth = required it says why it cannot check."""
-    code, url = await _doctor_against_gateway(
-        tmp_path, pki, client_auth="required", ca_file=pki.server_ca_file
-    )
-    (line,) = [line for line in _report(capsys) if line[5:].startswith("handshake")]
-    assert line.startswith(f"WARN handshake not checked: {url} wants a client certificate")
-    assert code == 0
+    assert line.startswith(handshake.format(url=url)), report
+    if not with_ca_file:
+        assert "--ca-file" in line
+    for start in also:
+        expected = start.format(url=url, ca_file=pki.server_ca_file)
+        assert any(line.startswith(expected) for line in report), report
+    assert TOKEN not in "\n".join(report)
+    assert exit_code == code
 
 
 def test_broker_targets_are_probed_as_check_does(
