@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from config_files import listen_port, write_config
 from helpers import eventually, gateway_config, message_body, meta_signature, metric
+from loopback_ports import free_port
 from pki import ClientKind, Pki
 from processes import serving, stop
 from sink import DEADLINE_S, Sink
@@ -222,12 +223,6 @@ CLIENT_ADDRESS = "127.0.0.2"  # the client binds here; HAProxy connects from 127
 BALANCER_ADDRESS = "127.0.0.3"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def haproxy(gateway: Gateway, tmp_path: Path) -> Iterator[int]:
     """HAProxy in TCP mode on a free port: TLS passes through untouched, each connection to
@@ -235,7 +230,7 @@ def haproxy(gateway: Gateway, tmp_path: Path) -> Iterator[int]:
     if not Path(HAPROXY).exists():
         pytest.fail("haproxy is not installed (Debian: apt-get install haproxy; .ci/run does)")
     for _ in range(3):  # a free port may be taken by someone else before HAProxy binds it
-        port = _free_port()
+        port = free_port()
         config = tmp_path / "haproxy.cfg"
         config.write_text(
             "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n"

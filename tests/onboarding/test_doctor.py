@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from loopback_ports import free_port
 from pki import Pki
 
 from gateway.cli import main
@@ -429,12 +430,6 @@ def listening() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_bad_config_is_one_fail_line(
     tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -483,7 +478,7 @@ def test_unreachable_target_is_a_warning(
     tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The outbox keeps notifications for a target that is down: WARN, still exit 0."""
-    url = f"http://127.0.0.1:{_closed_port()}/hook"
+    url = f"http://127.0.0.1:{free_port()}/hook"
     assert main(["doctor", "--config", str(_config(tmp_path, pki, target_url=url))]) == 0
     assert any(line.startswith("WARN target 'inbox'") for line in _report(capsys))
 
@@ -546,7 +541,7 @@ def test_host_outside_the_certificate_fails(
     tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A public URL whose host the certificate does not name is a FAIL and exit 1."""
-    url = f"https://127.0.0.2:{_closed_port()}/webhook"
+    url = f"https://127.0.0.2:{free_port()}/webhook"
     args = ["doctor", "--config", str(_config(tmp_path, pki)), "--public-url", url]
     assert main([*args, "--ca-file", str(pki.server_ca_file)]) == 1
     report = _report(capsys)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from loopback_ports import free_port
 from pytest_aiohttp import AiohttpServer
 
 from gateway.cli import main
@@ -481,10 +481,7 @@ async def test_connection_failure_exits_1_naming_the_host(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Nothing listening on the Graph URL is one line naming the host."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    closed = FakeGraph(url=f"http://127.0.0.1:{port}")
+    closed = FakeGraph(url=f"http://127.0.0.1:{free_port()}")
     assert await run(closed, "subscriptions", WABA) == 1
     _, err = output(capsys)
     assert err.startswith("error: cannot reach 127.0.0.1: ")

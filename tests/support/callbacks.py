@@ -8,7 +8,6 @@ wrong answer body, a bad server certificate chain, an expired certificate.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 from helpers import APP_SECRET, VERIFY_TOKEN, gateway_config, stored_bodies
+from loopback_ports import free_port
 
 from gateway.config import Config
 from gateway.runtime.gateway import Gateway
@@ -83,10 +83,7 @@ async def serving(
 
 def refused_url() -> str:
     """An https:// URL on a loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"https://127.0.0.1:{port}/webhook"
+    return f"https://127.0.0.1:{free_port()}/webhook"
 
 
 def leaf_with_ca_issuers(issuer: trustme.CA) -> tuple[bytes, bytes]:
