@@ -1077,13 +1077,13 @@ def test_meta_ca_fingerprints_are_sha256_in_either_form(
     )
 
 
-# Run in a child interpreter in which uvloop cannot be found, as where the speed extra is not
-# installed (this one has it: the test extra installs it).
-_WITHOUT_UVLOOP = """
+# Run in a child interpreter in which MODULE cannot be found, as where the extra that brings it
+# is not installed (this one has them all: the test extra installs them).
+_WITHOUT_MODULE = """
 import sys
 from pathlib import Path
 
-sys.modules["uvloop"] = None  # the import system's own way to say a module is not there
+sys.modules["MODULE"] = None  # the import system's own way to say a module is not there
 from gateway.config import load_config
 from gateway.errors import ConfigError
 try:
@@ -1094,24 +1094,36 @@ except ConfigError as exc:
 
 
 @pytest.mark.parametrize(
-    ("loop", "expected"),
+    ("missing", "entries", "expected"),
     [
-        ('"asyncio"', ""),
-        (
-            '"uvloop"',
+        pytest.param("uvloop", {"listen.loop": '"asyncio"'}, "", id="asyncio-loop-loads"),
+        pytest.param(
+            "uvloop",
+            {"listen.loop": '"uvloop"'},
             "<file>: listen.loop = 'uvloop': expected 'asyncio', or uvloop installed"
             " (pip install 'waba-gateway[speed]')",
+            id="uvloop-needs-the-speed-extra",
+        ),
+        pytest.param("opentelemetry.sdk", {"tracing.enabled": "false"}, "", id="tracing-off-loads"),
+        pytest.param(
+            "opentelemetry.sdk",
+            {"tracing.enabled": "true"},
+            "<file>: tracing.enabled = true: expected false, or the otel extra installed"
+            " (pip install 'waba-gateway[otel]')",
+            id="tracing-needs-the-otel-extra",
         ),
     ],
 )
-def test_uvloop_without_the_speed_extra_is_refused_naming_the_key(
-    tmp_path: Path, loop: str, expected: str
+def test_a_setting_whose_extra_is_not_installed_is_refused_naming_the_extra(
+    tmp_path: Path, missing: str, entries: Entries, expected: str
 ) -> None:
-    """Where uvloop is not installed, listen.loop = "uvloop" is refused at load, naming the
-    key and the extra to install; "asyncio" loads."""
-    path = write(tmp_path, {"listen.loop": loop})
+    """Where an optional extra's module is not installed (uvloop, the OpenTelemetry SDK), the
+    setting that needs it is refused at load, naming the key and the extra to install; the
+    same file without it loads."""
+    path = write(tmp_path, entries)
+    script = _WITHOUT_MODULE.replace('"MODULE"', repr(missing))
     result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_UVLOOP, str(path)],
+        [sys.executable, "-c", script, str(path)],
         capture_output=True,
         text=True,
         check=True,
@@ -1222,37 +1234,6 @@ def test_bad_tracing_values_are_refused_naming_the_key(
 ) -> None:
     """A bad [tracing] value, or a bad OTEL_* variable standing in for one, names its key."""
     assert rejection(tmp_path, entries, env) == expected
-
-
-# As _WITHOUT_UVLOOP: a child interpreter in which the otel extra's SDK cannot be found.
-_WITHOUT_OTEL = _WITHOUT_UVLOOP.replace('sys.modules["uvloop"]', 'sys.modules["opentelemetry.sdk"]')
-
-
-@pytest.mark.parametrize(
-    ("enabled", "expected"),
-    [
-        ("false", ""),
-        (
-            "true",
-            "<file>: tracing.enabled = true: expected false, or the otel extra installed"
-            " (pip install 'waba-gateway[otel]')",
-        ),
-    ],
-)
-def test_tracing_without_the_otel_extra_is_refused_naming_the_extra(
-    tmp_path: Path, enabled: str, expected: str
-) -> None:
-    """Where the SDK is not installed, [tracing] enabled = true is refused at load, naming the
-    extra to install; off, the file loads."""
-    path = write(tmp_path, {"tracing.enabled": enabled})
-    result = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_OTEL, str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert result.stdout.strip().replace(str(path), "<file>") == expected
 
 
 REDIS = {"targets[0].kind": '"redis"', "targets[0].stream": '"whatsapp"'}
