@@ -105,8 +105,7 @@ async def test_three_gateways_one_killed_with_claims_every_ack_delivered_once(
         await blackhole.stop()
         sink = Sink()
         sink.port = target_port  # the target comes back where it was
-        await sink.up()
-        try:
+        async with sink:
             expected = sorted([*bodies, twice])
             await sink.wait_for(len(expected), "/sink")
             pending = pending_in_postgres(pg_server, _database(pg_url))
@@ -115,8 +114,6 @@ async def test_three_gateways_one_killed_with_claims_every_ack_delivered_once(
             left = "SELECT count(*) FROM waba_gateway.deliveries WHERE state <> 'delivered'"
             assert pg_server.psql(left, _database(pg_url)) == "0"
             assert held() == 0
-        finally:
-            await sink.down()
         for survivor in gateways[:2]:
             survivor.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(survivor.wait, DEADLINE_S) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -73,6 +74,9 @@ class Sink:
         self._script: deque[Plan] = deque()
         self._runner: web.AppRunner | None = None
         self._released = asyncio.Event()
+        # While down: the port, bound but not listening (connections are refused), so that no
+        # other process is handed it meanwhile (the kernel gives its ports to any connect()).
+        self._held: socket.socket | None = None
 
     async def __aenter__(self) -> Self:
         await self.up()
@@ -85,6 +89,7 @@ class Sink:
         tb: TracebackType | None,
     ) -> None:
         await self.down()
+        self._release_port()
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -104,24 +109,40 @@ class Sink:
         app.router.add_route("*", "/{path:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        # SO_REUSEADDR: the port is free again at once, even with connections in TIME_WAIT.
+        # SO_REUSEADDR: the port is free again at once, even with connections in TIME_WAIT, and
+        # binds beside the socket that held it while down (which does not listen).
         site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
         try:
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
+        self._release_port()
         self.port = int(runner.addresses[0][1])
         self._released = asyncio.Event()
         self._runner = runner
 
     async def down(self) -> None:
-        """Stop listening (connections are refused) and close open connections."""
+        """Stop listening (connections are refused) and close open connections. The port
+        stays this sink's until :meth:`up`, or the end of its ``async with`` block."""
         if self._runner is None:
             return
         self._released.set()  # hanging requests end now
         runner, self._runner = self._runner, None
         await runner.cleanup()
+        held = socket.socket()
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            held.bind(("127.0.0.1", self.port))
+        except OSError:
+            held.close()  # taken already: up() will say so
+        else:
+            self._held = held
+
+    def _release_port(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     async def wait_for(self, count: int, path: str | None = None) -> list[Received]:
         """At least ``count`` requests (on ``path``, if given), as soon as they are there."""
