@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import aiohttp
+import pytest
 from config_files import free_port, listen_port, write_config
 from helpers import (
     APP_SECRET,
@@ -125,12 +126,21 @@ async def test_second_gateway_on_the_same_outbox_is_refused(
         )
 
 
+@pytest.mark.parametrize(
+    "workers",
+    [
+        pytest.param(1, id="one-worker"),
+        # The socket is not SO_REUSEPORT, which would have let the second take a share of the
+        # first's connections.
+        pytest.param(2, id="multi-worker-gateways-do-not-share-a-port"),
+    ],
+)
 async def test_second_gateway_on_a_busy_port_is_refused_with_one_line(
-    pki: Pki, tmp_path: Path, sink: Sink
+    pki: Pki, tmp_path: Path, sink: Sink, workers: int
 ) -> None:
-    """A second ``serve`` on a port in use (its own outbox) exits 2 with one line that names
-    the key and the file, not a traceback; the first keeps serving."""
-    config = write_config(pki, tmp_path, target_url=sink.url("/sink"))
+    """A second ``serve`` on a port in use (its own outbox, as many workers) exits 2 with one
+    line that names the key and the file, not a traceback; the first keeps serving alone."""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=workers)
     port = listen_port(config)
     second = _variant(config, tmp_path / "second")
     with _running(config) as first:
@@ -138,24 +148,7 @@ async def test_second_gateway_on_a_busy_port_is_refused_with_one_line(
         line = await asyncio.to_thread(_refused, second)
         assert line.startswith(f"error: listen.port {port} in {second} is in use")
         await _serves_once(
-            port, pki, sink, "the first gateway serves on", tmp_path / "outbox.sqlite3"
-        )
-
-
-async def test_multi_worker_gateways_do_not_share_a_port(
-    pki: Pki, tmp_path: Path, sink: Sink
-) -> None:
-    """Two multi-worker gateways on one port: the second is refused (SO_REUSEPORT would have let
-    it take a share of the first's connections)."""
-    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
-    port = listen_port(config)
-    second = _variant(config, tmp_path / "second")
-    with _running(config) as first:
-        await until_listening(port, first)
-        line = await asyncio.to_thread(_refused, second)
-        assert line.startswith(f"error: listen.port {port} in {second} is in use")
-        await _serves_once(
-            port, pki, sink, "workers of one gateway only", tmp_path / "outbox.sqlite3"
+            port, pki, sink, f"the first gateway serves on, {workers}", tmp_path / "outbox.sqlite3"
         )
 
 
