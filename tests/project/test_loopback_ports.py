@@ -1,0 +1,58 @@
+"""The ports given to servers the tests start in other processes (support/loopback_ports.py):
+never from the kernel's own range, never twice, never one another test process holds."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import loopback_ports
+import pytest
+from loopback_ports import free_port
+from sink import DEADLINE_S
+
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+
+# Another test process: the same four ports to choose from, below ``top``.
+_CHILD = """
+import sys
+import loopback_ports
+loopback_ports._SPAN = 4
+loopback_ports._kernel_range_start = lambda: int(sys.argv[1])
+print(loopback_ports.free_port())
+"""
+
+
+def test_ports_come_from_below_the_kernels_range_and_never_twice() -> None:
+    """Every port is below net.ipv4.ip_local_port_range (the kernel hands those to any
+    connect()), free to bind, and given once."""
+    start = loopback_ports._kernel_range_start()
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == len(ports)
+    assert all(loopback_ports._FLOOR <= port < start for port in ports)
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+
+
+def test_another_test_process_skips_the_ports_this_one_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Of four ports, this process holds three: another process, asking at the same time,
+    gets the fourth, whatever its random draws."""
+    top = random.randrange(loopback_ports._FLOOR + 1_000, loopback_ports._DEFAULT_RANGE_START)
+    monkeypatch.setattr(loopback_ports, "_SPAN", 4)
+    monkeypatch.setattr(loopback_ports, "_kernel_range_start", lambda: top)
+    held = {free_port() for _ in range(3)}
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(top)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=SUPPORT,
+        timeout=DEADLINE_S,
+    )
+    assert {*held, int(child.stdout)} == set(range(top - 4, top))
