@@ -76,7 +76,9 @@ def _part(mode: int, ordered: str) -> str:
 # up to the target's run length, as far as each is due and free to lease (f.free); those are
 # locked skipping what another dispatcher holds (g), and a run is kept up to its first row not
 # locked here (r: the count of locked rows up to each step equals the step), so nothing past
-# a gap is leased.
+# a gap is leased. Rows are found again by id one at a time (LATERAL) or as an array (= ANY),
+# so the primary key finds them however few the planner guesses a CTE holds (a guess of one
+# row made a join of two CTEs, or a scan of every pending row, of a claim of hundreds).
 CLAIM: Final = f"""
 WITH t AS (
     SELECT t0.*, ARRAY(SELECT k.key FROM unnest($9::integer[], $10::text[]) AS k (i, key)
@@ -103,13 +105,16 @@ WITH t AS (
         LIMIT h.run) e
     WINDOW w AS (PARTITION BY h.id ORDER BY e.place)
 ), g AS (
-    SELECT g0.id FROM {SCHEMA}.deliveries g0
-    WHERE g0.id = ANY(ARRAY(SELECT f.id FROM f WHERE f.free)) AND g0.state = 'pending'
-    FOR UPDATE SKIP LOCKED
+    SELECT g1.id FROM f CROSS JOIN LATERAL (
+        SELECT g0.id FROM {SCHEMA}.deliveries g0
+        WHERE g0.id = f.id AND g0.state = 'pending'
+        FOR UPDATE SKIP LOCKED) g1
+    WHERE f.free
 ), r AS (
     SELECT f.id, f.head, f.step,
-        count(g.id) OVER (PARTITION BY f.head ORDER BY f.step) AS held
-    FROM f LEFT JOIN g ON g.id = f.id
+        count(*) FILTER (WHERE f.id IN (SELECT g.id FROM g))
+            OVER (PARTITION BY f.head ORDER BY f.step) AS held
+    FROM f
 ), l AS (
     SELECT c.id, c.id AS head, 0::bigint AS step FROM c
     UNION ALL
@@ -117,7 +122,7 @@ WITH t AS (
 )
 UPDATE {SCHEMA}.deliveries d SET lease_owner = $6, lease_until = {_NOW} + $8
 FROM l, {SCHEMA}.notifications n
-WHERE d.id = l.id AND n.id = d.notification_id
+WHERE d.id = l.id AND d.id = ANY(ARRAY(SELECT l.id FROM l)) AND n.id = d.notification_id
 RETURNING {DELIVERY_COLUMNS}, l.head, l.step
 """
 
