@@ -1,4 +1,4 @@
-"""Every statement the PostgreSQL outbox runs.
+"""Every statement the PostgreSQL outbox runs, but a dispatcher's claim (claim.py).
 
 Rule: the statements alone, as constants; :mod:`gateway.outbox.postgres.outbox` runs them. Times
 are seconds since the epoch as the callers give them (the dispatcher's clock), except leases,
@@ -65,8 +65,6 @@ SELECT notification_ids, delivery_ids, behind FROM {SCHEMA}.accept(
 
 # A delivery's place in its conversation: its id, or where a replay put it (REPLAY).
 _PLACE = "COALESCE({0}.position, {0}.id)"
-
-# A dispatcher's claim: see claim.py.
 
 # Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's
 # clock, up to $3), for every gateway at once: the row is locked by the statement, and the new
