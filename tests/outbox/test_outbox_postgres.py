@@ -9,14 +9,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Unpack
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
+from claimplan import ordered_claim
 from helpers import OpenOptions, eventually
 from pgserver import PASSWORD, PgServer, running_server
 
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox import AttemptResult, Delivered, Outbox, RetryAt, Route, open_outbox
-from gateway.outbox.postgres import sql
 from gateway.outbox.postgres.outbox import PostgresOutbox, inspect
 
 SIG = "sha256=" + "0" * 64
@@ -232,13 +233,11 @@ async def test_the_ordered_claim_finds_an_earlier_pending_delivery_through_the_i
     index there would say so)."""
     await opener()
     database = urlsplit(pg_url).path.lstrip("/")
-    statement = sql.CLAIM_ORDERED
-    values = {"$1": "'t'", "$2": "2000", "$3": "'me'", "$4": "'{}'::bigint[]", "$5": "10"}
-    for mark, value in [*values.items(), ("$6", "30")]:
-        statement = statement.replace(mark, value)
+    statement = ordered_claim("t", 2000.0, 10)
     plan = pg_server.psql(f"SET enable_seqscan = off; EXPLAIN {statement}", database)
-    subplan = plan.split("SubPlan", 1)[1] if "SubPlan" in plan else plan.split("Anti Join", 1)[1]
-    assert "deliveries_order" in subplan, plan
+    # The part for targets with order = "conversation" (mode 1), up to the next one's.
+    part = plan.split("Filter: (mode = 1)", 1)[1].split("Filter: (mode = 2)", 1)[0]
+    assert "deliveries_order" in part.split("SubPlan", 1)[1], plan
     assert "Seq Scan" not in plan, plan
 
 
@@ -422,3 +421,76 @@ async def test_one_delivery_twice_in_a_batch_of_outcomes_is_two_attempts_in_orde
     assert found is not None
     assert found.state == "delivered"
     assert [a.status for a in await box.attempts(delivery.id)] == [503, 200]
+
+
+async def test_a_claim_across_targets_and_their_runs_is_one_statement(
+    opener: Opener, counting_server: PgServer
+) -> None:
+    """A claim for a target in any order, one keeping conversations in order with runs, and
+    one asked for named conversations only reaches the server as one statement, and answers
+    as each would alone: each target's oldest first, every run behind its first delivery."""
+    url = counting_server.socket_url("counted")
+    writer = await opener(url=url, dispatching=False)
+    plain = []
+    for n in range(3):  # bodies of their own: the database is the module's
+        found = await writer.accept(b'{"plain":%d}' % n, SIG, [Route("plain", None)], 1000.0)
+        assert found is not None
+        plain.append(found[0].id)
+    keyed = []
+    for n in range(6):
+        for target in ("ordered", "named"):
+            route = Route(target, None, f"k{n % 2}")
+            found = await writer.accept(b'{"%s":%d}' % (target.encode(), n), SIG, [route], 1000.0)
+            assert found is not None
+            keyed.append(found[0])
+    box = await opener(url=url)
+    counting_server.psql("SELECT pg_stat_statements_reset()", "counted")
+    claimed = await box.due(
+        2000.0,
+        {"plain": 2, "ordered": 5, "named": 5},
+        ordered={"ordered", "named"},
+        conversations={"named": ["k1"]},
+        runs={"ordered": 2},
+    )
+    assert _statements_since_reset(counting_server) == 1
+    ordered = [d.id for d in keyed if d.target == "ordered"]
+    named = [d.id for d in keyed if d.target == "named"]
+    by_target = {t: [d.id for d in claimed if d.target == t] for t in ("plain", "ordered", "named")}
+    assert by_target == {
+        "plain": plain[:2],
+        # Each conversation's first, and the one after it (runs of two).
+        "ordered": [ordered[0], ordered[2], ordered[1], ordered[3]],
+        "named": [named[1]],
+    }
+
+
+async def test_a_run_is_leased_only_up_to_a_delivery_another_gateway_holds(
+    opener: Opener, pg_url: str
+) -> None:
+    """A follower locked by another gateway's claim ends the run there: what follows it is
+    not leased to this gateway (else it would wait lease_s for nothing), so the other gateway
+    may claim it in its turn."""
+    writer = await opener(dispatching=False)
+    run = []
+    for n in range(4):
+        found = await writer.accept(b'{"n":%d}' % n, SIG, [Route("t", None, "k")], 1000.0)
+        assert found is not None
+        run.append(found[0].id)
+    rowids = [int(delivery_id.rpartition("-")[2]) for delivery_id in run]
+    box = await opener()
+    assert isinstance(box, PostgresOutbox)
+    other = await asyncpg.connect(pg_url)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "SELECT id FROM waba_gateway.deliveries WHERE id = $1 FOR UPDATE", rowids[2]
+            )
+            claimed = await box.due(2000.0, {"t": 1}, ordered={"t"}, runs={"t": 4})
+        assert [d.id for d in claimed] == run[:2]
+        owners = await other.fetch(
+            "SELECT id, lease_owner FROM waba_gateway.deliveries WHERE id = ANY($1) ORDER BY id",
+            rowids,
+        )
+        assert [row[1] for row in owners] == [box.owner, box.owner, None, None]
+    finally:
+        await other.close()

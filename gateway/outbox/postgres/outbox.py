@@ -53,7 +53,7 @@ from gateway.outbox.model import (
     Size,
     State,
 )
-from gateway.outbox.postgres import schema, sql
+from gateway.outbox.postgres import claim, schema, sql
 from gateway.outbox.postgres.committer import FAILURES, Committer
 from gateway.outbox.postgres.listener import Listener
 from gateway.outbox.rows import (
@@ -315,53 +315,17 @@ class PostgresOutbox:
         runs: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
-        wanted = dict(limits)
-        keep_order = frozenset(ordered)
-        keys = {t: list(k) for t, k in (conversations or {}).items() if t in keep_order}
-        lengths = {t: n for t, n in (runs or {}).items() if t in keep_order and n > 1}
-
-        async def claim(conn: Any) -> list[tuple[tuple[float, int, int], Delivery]]:
-            found: list[tuple[tuple[float, int, int], Delivery]] = []
-            for target, limit in wanted.items():
-                args = [target, now, self.owner, skip, limit, self.config.lease_s]
-                if target in keys:
-                    statement = sql.CLAIM_ORDERED_OF
-                    args.append(keys[target])
-                elif target in keep_order:
-                    statement = sql.CLAIM_ORDERED
-                else:
-                    statement = sql.CLAIM
-                rows = await conn.fetch(statement, *args)
-                heads = {row[0]: row[9] for row in rows}
-                found.extend(((row[9], row[0], 0), self._delivery(row)) for row in rows)
-                if target in lengths and heads:
-                    found.extend(await self._followers(conn, target, now, heads, lengths[target]))
-            return found
-
-        found = await self._run(claim)
-        # A follower right after the first delivery of its conversation, in its order.
-        found.sort(key=lambda pair: pair[0])
-        return [delivery for _, delivery in found]
+        targets, lims, modes, followers, key_of, keys = claim.claim_args(
+            limits, frozenset(ordered), conversations or {}, runs or {}
+        )
+        if not targets:
+            return []
+        args = (targets, lims, modes, followers, now, self.owner, skip, self.config.lease_s)
+        rows = await self._run(lambda conn: conn.fetch(claim.CLAIM, *args, key_of, keys))
+        return [self._delivery(row) for row in claim.in_order(rows)]
 
     def _delivery(self, row: Any) -> Delivery:
         return delivery_from_row(row, self._prefix)
-
-    async def _followers(
-        self, conn: Any, target: str, now: float, heads: dict[int, float], length: int
-    ) -> list[tuple[tuple[float, int, int], Delivery]]:
-        """The runs behind the first deliveries ``heads`` (row id: due time), each kept up to
-        its first gap (a row another gateway holds)."""
-        args = (target, now, self.owner, list(heads), length - 1, self.config.lease_s)
-        rows = sorted(await conn.fetch(sql.CLAIM_RUNS, *args), key=lambda r: (r[-2], r[-1]))
-        found = []
-        expected: dict[int, int] = {}
-        for row in rows:
-            head, step = row[-2], row[-1]
-            if expected.get(head, 1) != step:
-                continue  # past a gap: leased, and claimed again in its turn
-            expected[head] = step + 1
-            found.append(((heads[head], head, step), self._delivery(row)))
-        return found
 
     async def record_many(
         self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float

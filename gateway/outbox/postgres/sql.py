@@ -1,4 +1,4 @@
-"""Every statement the PostgreSQL outbox runs.
+"""Every statement the PostgreSQL outbox runs, but a dispatcher's claim (claim.py).
 
 Rule: the statements alone, as constants; :mod:`gateway.outbox.postgres.outbox` runs them. Times
 are seconds since the epoch as the callers give them (the dispatcher's clock), except leases,
@@ -23,10 +23,6 @@ __all__ = [
     "ATTEMPTS",
     "BACKLOG",
     "CHANNEL",
-    "CLAIM",
-    "CLAIM_ORDERED",
-    "CLAIM_ORDERED_OF",
-    "CLAIM_RUNS",
     "COUNT",
     "EXCERPT_CHARS",
     "GET",
@@ -69,84 +65,6 @@ SELECT notification_ids, delivery_ids, behind FROM {SCHEMA}.accept(
 
 # A delivery's place in its conversation: its id, or where a replay put it (REPLAY).
 _PLACE = "COALESCE({0}.position, {0}.id)"
-# For a target with order = "conversation": a keyed delivery waits while an earlier one of its
-# conversation is pending (in flight here or at another gateway, retrying, behind an open
-# breaker); a dead letter is not pending, so it releases the key. Ids are handed out before
-# commit: two gateways accepting the same conversation within the same milliseconds may commit
-# out of id order, and that pair goes in id order (Meta itself guarantees no order there).
-_FIRST_OF_ITS_CONVERSATION = f"""
-      AND (c0.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries e
-        WHERE e.state = 'pending' AND e.target = c0.target AND e.order_key = c0.order_key
-          AND {_PLACE.format("e")} < {_PLACE.format("c0")}))"""
-
-# Claim one target's due deliveries for $3 until $6 seconds from now: rows another dispatcher
-# holds locked are skipped (no waiting, no double send), rows it leased are left alone until
-# the lease runs out, rows this gateway leased (at accept) are its own. $4: ids in flight here.
-_CLAIM = """
-WITH c AS (
-    SELECT id FROM {SCHEMA}.deliveries c0
-    WHERE state = 'pending' AND target = $1 AND next_attempt_at <= $2
-      AND (lease_until IS NULL OR lease_owner = $3 OR lease_until <= {_NOW})
-      AND id <> ALL($4::bigint[]){ordered}
-    ORDER BY next_attempt_at
-    LIMIT $5
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {SCHEMA}.deliveries d SET lease_owner = $3, lease_until = {_NOW} + $6
-FROM c, {SCHEMA}.notifications n
-WHERE d.id = c.id AND n.id = d.notification_id
-RETURNING {DELIVERY_COLUMNS}
-"""
-CLAIM: Final = _CLAIM.format(
-    SCHEMA=SCHEMA, _NOW=_NOW, DELIVERY_COLUMNS=DELIVERY_COLUMNS, ordered=""
-)
-CLAIM_ORDERED: Final = _CLAIM.format(
-    SCHEMA=SCHEMA,
-    _NOW=_NOW,
-    DELIVERY_COLUMNS=DELIVERY_COLUMNS,
-    ordered=_FIRST_OF_ITS_CONVERSATION,
-)
-# The same for the conversations $7 only (those whose first delivery may have changed).
-CLAIM_ORDERED_OF: Final = _CLAIM.format(
-    SCHEMA=SCHEMA,
-    _NOW=_NOW,
-    DELIVERY_COLUMNS=DELIVERY_COLUMNS,
-    ordered=f"\n      AND c0.order_key = ANY($7::text[]){_FIRST_OF_ITS_CONVERSATION}",
-)
-
-# The deliveries that follow each claimed first delivery $4 of target $1 in its conversation,
-# in order: up to $5 each, as far as each is due by $2 and free to lease (not another living
-# gateway's), leased to $3 for $6 seconds like the first. Each row says which first delivery it
-# follows, and its step behind it: a row locked elsewhere is skipped, and the caller keeps a
-# run only up to its first gap.
-CLAIM_RUNS: Final = f"""
-WITH h AS (
-    SELECT id, order_key, {_PLACE.format("h0")} AS place FROM {SCHEMA}.deliveries h0
-    WHERE id = ANY($4::bigint[]) AND order_key IS NOT NULL
-), f AS (
-    SELECT e.id, h.id AS head,
-        row_number() OVER (PARTITION BY h.id ORDER BY e.place) AS step,
-        bool_and(e.next_attempt_at <= $2
-            AND (e.lease_until IS NULL OR e.lease_owner = $3 OR e.lease_until <= {_NOW}))
-            OVER (PARTITION BY h.id ORDER BY e.place) AS free
-    FROM h CROSS JOIN LATERAL (
-        SELECT e0.id, e0.next_attempt_at, e0.lease_owner, e0.lease_until,
-            {_PLACE.format("e0")} AS place
-        FROM {SCHEMA}.deliveries e0
-        WHERE e0.state = 'pending' AND e0.target = $1 AND e0.order_key = h.order_key
-          AND {_PLACE.format("e0")} > h.place
-        ORDER BY {_PLACE.format("e0")}
-        LIMIT $5) e
-), c AS (
-    SELECT d0.id FROM {SCHEMA}.deliveries d0 JOIN f ON f.id = d0.id
-    WHERE f.free AND d0.state = 'pending'
-    FOR UPDATE OF d0 SKIP LOCKED
-)
-UPDATE {SCHEMA}.deliveries d SET lease_owner = $3, lease_until = {_NOW} + $6
-FROM c, f, {SCHEMA}.notifications n
-WHERE d.id = c.id AND f.id = c.id AND n.id = d.notification_id
-RETURNING {DELIVERY_COLUMNS}, f.head, f.step
-"""
 
 # Take up to $4 tokens from target $1's bucket (refilled at $2 per second on the database's
 # clock, up to $3), for every gateway at once: the row is locked by the statement, and the new
