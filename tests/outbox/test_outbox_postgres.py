@@ -96,11 +96,13 @@ async def test_claims_of_a_gateway_that_stops_renewing_are_taken_over_after_the_
 
 async def test_a_living_gateway_keeps_its_claims_past_the_lease(opener: Opener) -> None:
     """The heartbeat renews the leases of a gateway that lives, however slow its target."""
-    slow = await opener(lease_s=0.3)
+    # Leases of a second, outlived two and a half times over: long enough that a heartbeat
+    # delayed by a loaded machine still lands in time, short enough to keep the test quick.
+    slow = await opener(lease_s=1.0)
     await _store(slow, 2)
     await slow.due(2000.0, {"t": 10})
-    other = await opener(lease_s=0.3)
-    await asyncio.sleep(0.7)
+    other = await opener(lease_s=1.0)
+    await asyncio.sleep(2.5)
     assert await other.due(2000.0, {"t": 10}) == []
 
 
