@@ -31,7 +31,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.config import DispatcherConfig, TargetConfig
@@ -258,6 +258,7 @@ class Dispatcher:
             return
         runs = self._pacing.runs
         self._recorded = set()
+        more: dict[str, Collection[str]] = {}
         try:
             due = await self._outbox.due(
                 now,
@@ -266,6 +267,7 @@ class Dispatcher:
                 ordered=self._pacing.ordered,
                 conversations=claim.conversations,
                 runs=self._pacing.run_lengths(),
+                more=more,
             )
         finally:
             recorded, self._recorded = self._recorded, None
@@ -284,7 +286,7 @@ class Dispatcher:
                 started.append(delivery)
             elif runs.let_go(delivery.id):
                 self._pacing.conversations.changed(delivery.target, delivery.order_key)
-        await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
+        await self._pacing.settle(self._outbox, claim, claimed, started, took_s, more)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
     def _start(self, lane: Lane, delivery: Delivery) -> None:
@@ -336,6 +338,9 @@ class Dispatcher:
         now = self._clock()
         outcomes = exchange.judge(now, self._uniform, held)
         name, results = exchange.name, exchange.results
+        ordered = name in self._pacing.ordered
+        # An ordered target's runs go on now, before these outcomes are recorded (_go_on).
+        went, looks = self._go_on(name, batch, outcomes) if ordered else ((), ())
         try:
             await self._outbox.record_many(
                 [
@@ -353,27 +358,59 @@ class Dispatcher:
             return
         if self._recorded is not None:
             self._recorded.update(delivery.id for delivery in batch)
-        if name in self._pacing.ordered:
-            self._announce(name, batch, outcomes)
+        if ordered:
+            self._announce(name, batch, outcomes, went, looks)
         report(self._observer, name, batch, exchange.attempts, outcomes, results, now)
 
-    def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
-        """The next delivery of each conversation goes now when it waits in a run behind
-        this one, else may go now (if one is known to wait), or once this retry is due. A
-        run goes on only while the target is healthy: a failing one's claims probe it."""
+    def _go_on(
+        self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]
+    ) -> tuple[set[int], list[bool]]:
+        """Start the next delivery of each run whose delivery in ``batch`` ended in delivery
+        or dead letter, before that outcome is recorded: the record (a transaction, and on
+        SQLite a wait for company to share it) would otherwise stand between every two
+        deliveries of a conversation. Nothing is sent out of order by this: the delivery
+        ahead was sent and answered first. A crash, or a record that fails, before the
+        outcomes of a run are all recorded leaves the unrecorded ones pending: they are sent
+        again, each behind whatever of its conversation is still pending, so the target only
+        sees deliveries it already took once more (it drops them by their
+        ``X-Gateway-Delivery-Id``, as any resend of at-least-once delivery), never a first
+        send out of order. A run goes on only while the target is healthy: a failing one's
+        claims probe it. Returns the indexes in ``batch`` of the deliveries whose run went
+        on, and for each delivery whether a claim must look at its conversation once its
+        outcome is recorded."""
         conversations, runs = self._pacing.conversations, self._pacing.runs
         lane = self._lanes.get(name)  # None: removed while the batch was out
         healthy = lane is not None and not lane.health.probing
-        for delivery, outcome in zip(batch, outcomes, strict=True):
-            key = delivery.order_key
+        went = set()
+        looks = []
+        for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             released = healthy and not isinstance(outcome, RetryAt)
             following, look = runs.after(delivery.id, released)
             if following is not None and lane is not None:
-                conversations.started(name, key, following.id)
+                conversations.started(name, delivery.order_key, following.id)
+                went.add(index)
                 self._start(lane, following)
-            elif look:
+            looks.append(look)
+        return went, looks
+
+    def _announce(
+        self,
+        name: str,
+        batch: Sequence[Delivery],
+        outcomes: Sequence[Outcome],
+        went: Collection[int],
+        looks: Sequence[bool],
+    ) -> None:
+        """Now that ``batch``'s outcomes are recorded: a conversation whose run was cut short
+        or let go is looked at by the next claim; one whose first delivery is retried, once
+        the retry is due; one whose run did not go on (``went``: by index), when something is
+        known to wait in it."""
+        conversations = self._pacing.conversations
+        for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            key = delivery.order_key
+            if looks[index]:
                 conversations.changed(name, key)
             if isinstance(outcome, RetryAt):
                 conversations.retry_at(name, key, outcome.at)
-            elif following is None:
+            elif index not in went:
                 conversations.finished(name, key)

@@ -32,7 +32,14 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import asyncpg
@@ -313,7 +320,9 @@ class PostgresOutbox:
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
         runs: Mapping[str, int] | None = None,
+        more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
+        # ``more``: named by none of these claims (each leases what it returns).
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         wanted = dict(limits)
         keep_order = frozenset(ordered)
