@@ -100,6 +100,9 @@ class Dispatcher:
         # Deliveries whose outcome was recorded while a claim's query ran: its answer may still
         # call them due (read before the record committed), and must not start them again.
         self._recorded: set[str] | None = None
+        # Deliveries whose place in their lane's budget went to the next of their run, which
+        # started before their outcome was recorded (_go_on): their batch gives back the rest.
+        self._handed: set[str] = set()
         self._send_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -315,7 +318,13 @@ class Dispatcher:
         self._batches.discard(task)
         for delivery in batch:
             self._in_flight.discard(delivery.id)
-        lane.load -= len(batch)
+        handed = 0
+        if self._handed:
+            for delivery in batch:
+                if delivery.id in self._handed:
+                    self._handed.discard(delivery.id)
+                    handed += 1
+        lane.load -= len(batch) - handed
         name = lane.target.name
         if not lane.load and self._leaving.get(name) is lane:
             del self._leaving[name]
@@ -340,7 +349,7 @@ class Dispatcher:
         name, results = exchange.name, exchange.results
         ordered = name in self._pacing.ordered
         # An ordered target's runs go on now, before these outcomes are recorded (_go_on).
-        went, looks = self._go_on(name, batch, outcomes) if ordered else ((), ())
+        went, looks = self._go_on(lane, batch, outcomes) if ordered else ((), ())
         try:
             await self._outbox.record_many(
                 [
@@ -363,7 +372,7 @@ class Dispatcher:
         report(self._observer, name, batch, exchange.attempts, outcomes, results, now)
 
     def _go_on(
-        self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]
+        self, sent: Lane, batch: Sequence[Delivery], outcomes: Sequence[Outcome]
     ) -> tuple[set[int], list[bool]]:
         """Start the next delivery of each run whose delivery in ``batch`` ended in delivery
         or dead letter, before that outcome is recorded: the record (a transaction, and on
@@ -374,11 +383,14 @@ class Dispatcher:
         again, each behind whatever of its conversation is still pending, so the target only
         sees deliveries it already took once more (it drops them by their
         ``X-Gateway-Delivery-Id``, as any resend of at-least-once delivery), never a first
-        send out of order. A run goes on only while the target is healthy: a failing one's
-        claims probe it. Returns the indexes in ``batch`` of the deliveries whose run went
-        on, and for each delivery whether a claim must look at its conversation once its
-        outcome is recorded."""
+        send out of order. The one that starts takes the place in the lane's budget of the
+        one ahead (which is off the wire): the budget counts the deliveries a claim must not
+        add to, and a run that goes on adds none. A run goes on only while the target is
+        healthy: a failing one's claims probe it. Returns the indexes in ``batch`` of the
+        deliveries whose run went on, and for each delivery whether a claim must look at its
+        conversation once its outcome is recorded."""
         conversations, runs = self._pacing.conversations, self._pacing.runs
+        name = sent.target.name
         lane = self._lanes.get(name)  # None: removed while the batch was out
         healthy = lane is not None and not lane.health.probing
         went = set()
@@ -389,6 +401,9 @@ class Dispatcher:
             if following is not None and lane is not None:
                 conversations.started(name, delivery.order_key, following.id)
                 went.add(index)
+                if lane is sent:  # else a new lane (removed, then configured again)
+                    lane.load -= 1
+                    self._handed.add(delivery.id)
                 self._start(lane, following)
             looks.append(look)
         return went, looks
