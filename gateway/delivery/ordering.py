@@ -67,6 +67,8 @@ class Conversations:
         # Per target, the conversations the last look at every one found beyond its room, in
         # its order (an insertion-ordered dict as an ordered set).
         self._more: dict[str, dict[str, None]] = {}
+        # Per target, the wait before the next full look once those are all asked about.
+        self._again: dict[str, float] = {}
 
     def reconfigure(self, ordered: Collection[str]) -> None:
         """Keep order for ``ordered`` now: a target new to it is looked at in full first."""
@@ -75,6 +77,7 @@ class Conversations:
                 del self._keys[name], self._waiting[name]
                 self._last_full.pop(name, None)
                 self._more.pop(name, None)
+                self._again.pop(name, None)
         for name in ordered:
             if name not in self._keys:
                 self._keys[name] = set()
@@ -148,6 +151,7 @@ class Conversations:
                 self._last_full[name] = now
                 keys.clear()
                 self._more.pop(name, None)
+                self._again.pop(name, None)
                 asked[name] = None
             else:
                 # Taken out: a change announced while the claim runs is asked about again.
@@ -161,6 +165,10 @@ class Conversations:
                     if key not in look:
                         look.add(key)
                         room -= 1
+                if not more and name in self._again:  # all asked about: look again soon
+                    self._last_full[name] = min(
+                        self._last_full.get(name, 0.0), now - FULL_EVERY_S + self._again.pop(name)
+                    )
                 asked[name] = look
         return asked
 
@@ -199,6 +207,11 @@ class Conversations:
             # Not at once: each look reads every pending delivery's index entry, and while the
             # target is this busy its started conversations keep it supplied.
             again = min(FULL_EVERY_S, max(FULL_AGAIN_S, _FULL_SHARE * took_s))
+            if self._more.get(target):
+                # It named more: those keep the target supplied, the next look comes once
+                # they are all asked about.
+                self._again[target] = again
+                return
             last = self._last_full.get(target, 0.0)
             self._last_full[target] = min(last, last - FULL_EVERY_S + again)
         else:
