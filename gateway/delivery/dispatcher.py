@@ -116,6 +116,15 @@ class Dispatcher:
         self._pacing.conversations.everything()
         self._wake.set()
 
+    def replayed(self, delivery_id: str | None) -> None:
+        """An operator replayed ``delivery_id`` (``None``: pending deliveries, any of them),
+        which puts it at the back of its conversation: a run that holds it in memory, waiting
+        behind the delivery ahead, lets go of the rest of itself, so that the outbox orders
+        those deliveries again, the replayed one behind the others. One already started goes
+        on: it is sent, or being sent, where it was."""
+        self._pacing.runs.release(None if delivery_id is None else {delivery_id})
+        self.wake()
+
     def breakers(self) -> dict[str, Breaker]:
         """Each target's circuit breaker as it stands now (a copy: for the admin console)."""
         now = self._clock()

@@ -294,6 +294,16 @@ class Runs:
             self.drop(run)
         return bool(run)
 
+    def release(self, ids: Collection[str] | None) -> None:
+        """Let go of each run that holds one of ``ids`` (``None``: every run), its deliveries
+        back to the outbox: the delivery in flight ahead of it then asks for a look at its
+        conversation when it ends."""
+        for head, run in list(self._behind.items()):
+            if ids is None or any(delivery.id in ids for delivery in run):
+                del self._behind[head]
+                self.drop(run)
+                self._full.add(head)
+
     def drop(self, run: Iterable[Delivery]) -> None:
         for delivery in run:
             self.parked.discard(delivery.id)
