@@ -64,6 +64,7 @@ from gateway.outbox.postgres import schema, sql
 from gateway.outbox.postgres.committer import FAILURES, Committer
 from gateway.outbox.postgres.listener import Listener
 from gateway.outbox.rows import (
+    MORE_KEYS,
     backlog_from_rows,
     delivery_from_row,
     delivery_id_of,
@@ -322,7 +323,6 @@ class PostgresOutbox:
         runs: Mapping[str, int] | None = None,
         more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
-        # ``more``: named by none of these claims (each leases what it returns).
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         wanted = dict(limits)
         keep_order = frozenset(ordered)
@@ -350,7 +350,30 @@ class PostgresOutbox:
         found = await self._run(claim)
         # A follower right after the first delivery of its conversation, in its order.
         found.sort(key=lambda pair: pair[0])
-        return [delivery for _, delivery in found]
+        handed = [delivery for _, delivery in found]
+        if more is not None:
+            for target in keep_order.intersection(wanted).difference(keys):
+                heads = sum(1 for place, d in found if d.target == target and place[2] == 0)
+                if heads >= wanted[target]:  # filled its limit: more may be due
+                    await self._more(target, now, wanted[target], handed, more)
+        return handed
+
+    async def _more(
+        self,
+        target: str,
+        now: float,
+        limit: int,
+        handed: Sequence[Delivery],
+        more: MutableMapping[str, Collection[str]],
+    ) -> None:
+        """After a look at every conversation of ordered ``target`` that filled its limit:
+        the keys of other conversations with a delivery due (not leased: the claims that ask
+        for them by key lease what they find first), from the order index alone."""
+        taken = {d.order_key for d in handed if d.target == target}
+        rows = await self._run(
+            lambda conn: conn.fetch(sql.DUE_KEYS, target, now, MORE_KEYS * limit + len(taken))
+        )
+        more[target] = [row[0] for row in rows if row[0] not in taken][: MORE_KEYS * limit]
 
     def _delivery(self, row: Any) -> Delivery:
         return delivery_from_row(row, self._prefix)

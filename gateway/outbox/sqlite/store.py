@@ -24,6 +24,7 @@ from typing import Any
 from gateway.outbox.model import STATES, Backlog, Delivery, Route
 from gateway.outbox.rows import (
     DELIVERY_COLUMNS,
+    MORE_KEYS,
     backlog_from_rows,
     delivery_from_row,
     delivery_id_of,
@@ -220,10 +221,6 @@ def _first_of_conversations(
         places[row[0]] = (due_at.get(head, row[9]), head, step)
     return rows, places
 
-
-# The conversations beyond its limit a look at every conversation names, per delivery of the
-# limit: their keys only (no body is read), enough for a few claims' worth of first deliveries.
-MORE_KEYS = 8
 
 _DUE_SELECT = (
     f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
