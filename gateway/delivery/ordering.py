@@ -18,8 +18,10 @@ its target busy between two looks at every conversation, each of which costs a p
 pending delivery of the target and so comes seldom.
 
 A backlog drains in runs (:class:`Runs`): a claim takes up to :data:`RUN` deliveries of each
-conversation it starts, in order, and each goes as soon as the one before it has ended in
-delivery or dead letter and its outcome is recorded, with no claim in between. The claim owns
+conversation it starts, in order, and each goes as soon as the target's answer ended the one
+before it in delivery or dead letter, with no claim in between and before that outcome is
+recorded (what a crash or a failed record sends again: the dispatcher's ``_go_on``). A replay of
+a delivery waiting in a run lets the run go (:meth:`Runs.release`). The claim owns
 the run as it owns its first delivery (its lease, with a shared outbox), so the order holds
 across workers and gateways just as it does one claim at a time.
 """
@@ -227,7 +229,7 @@ class Runs:
     :meth:`gateway.outbox.Outbox.due`'s ``runs``), each waiting in memory for the one before it.
 
     Rule: pure bookkeeping; a run goes on only after an outcome that releases its conversation
-    (delivery or dead letter, recorded), and is let go whole otherwise: its deliveries stay
+    (delivery or dead letter, as judged), and is let go whole otherwise: its deliveries stay
     pending in the outbox and a later claim finds them in their order."""
 
     def __init__(self) -> None:
