@@ -192,7 +192,7 @@ def create_admin_app(ops: Operations) -> web.Application:
         delivery_id = request.match_info["id"]
         if not await outbox.replay(delivery_id, time.time()):
             raise NotFound(f"no delivery {delivery_id!r}")
-        ops.wake()
+        ops.replayed(delivery_id)
         return web.json_response({"replayed": delivery_id})
 
     async def replay_many(request: web.Request) -> web.Response:
@@ -202,7 +202,10 @@ def create_admin_app(ops: Operations) -> web.Application:
             raise BadRequest("state is required (dead, to replay every dead letter)")
         target, since = request.query.get("target"), _since(request.query, now)
         count = await outbox.replay_many(state=state, target=target, since=since, now=now)
-        ops.wake()
+        if state == "pending":  # some may wait in memory, in a conversation's run
+            ops.replayed(None)
+        else:
+            ops.wake()
         return web.json_response({"replayed": count})
 
     async def purge(request: web.Request) -> web.Response:
@@ -233,6 +236,7 @@ def create_admin_app(ops: Operations) -> web.Application:
         ops.stats,
         breakers=ops.breakers,
         wake=ops.wake,
+        replayed=ops.replayed,
         refuse=lambda request: _refuse_slowly(ops.stats, throttle, request, "sign-in"),
         accepted=lambda request: throttle.succeeded(request.remote or "-"),
     ).mount(app)

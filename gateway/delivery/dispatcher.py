@@ -31,7 +31,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.config import DispatcherConfig, TargetConfig
@@ -100,6 +100,9 @@ class Dispatcher:
         # Deliveries whose outcome was recorded while a claim's query ran: its answer may still
         # call them due (read before the record committed), and must not start them again.
         self._recorded: set[str] | None = None
+        # Deliveries whose place in their lane's budget went to the next of their run, which
+        # started before their outcome was recorded (_go_on): their batch gives back the rest.
+        self._handed: set[str] = set()
         self._send_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -112,6 +115,15 @@ class Dispatcher:
         process, or a replay): in every conversation of the ordered targets too."""
         self._pacing.conversations.everything()
         self._wake.set()
+
+    def replayed(self, delivery_id: str | None) -> None:
+        """An operator replayed ``delivery_id`` (``None``: pending deliveries, any of them),
+        which puts it at the back of its conversation: a run that holds it in memory, waiting
+        behind the delivery ahead, lets go of the rest of itself, so that the outbox orders
+        those deliveries again, the replayed one behind the others. One already started goes
+        on: it is sent, or being sent, where it was."""
+        self._pacing.runs.release(None if delivery_id is None else {delivery_id})
+        self.wake()
 
     def breakers(self) -> dict[str, Breaker]:
         """Each target's circuit breaker as it stands now (a copy: for the admin console)."""
@@ -258,6 +270,7 @@ class Dispatcher:
             return
         runs = self._pacing.runs
         self._recorded = set()
+        more: dict[str, Collection[str]] = {}
         try:
             due = await self._outbox.due(
                 now,
@@ -266,6 +279,7 @@ class Dispatcher:
                 ordered=self._pacing.ordered,
                 conversations=claim.conversations,
                 runs=self._pacing.run_lengths(),
+                more=more,
             )
         finally:
             recorded, self._recorded = self._recorded, None
@@ -284,7 +298,7 @@ class Dispatcher:
                 started.append(delivery)
             elif runs.let_go(delivery.id):
                 self._pacing.conversations.changed(delivery.target, delivery.order_key)
-        await self._pacing.settle(self._outbox, claim, claimed, started, took_s)
+        await self._pacing.settle(self._outbox, claim, claimed, started, took_s, more)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
 
     def _start(self, lane: Lane, delivery: Delivery) -> None:
@@ -313,7 +327,13 @@ class Dispatcher:
         self._batches.discard(task)
         for delivery in batch:
             self._in_flight.discard(delivery.id)
-        lane.load -= len(batch)
+        handed = 0
+        if self._handed:
+            for delivery in batch:
+                if delivery.id in self._handed:
+                    self._handed.discard(delivery.id)
+                    handed += 1
+        lane.load -= len(batch) - handed
         name = lane.target.name
         if not lane.load and self._leaving.get(name) is lane:
             del self._leaving[name]
@@ -336,6 +356,9 @@ class Dispatcher:
         now = self._clock()
         outcomes = exchange.judge(now, self._uniform, held)
         name, results = exchange.name, exchange.results
+        ordered = name in self._pacing.ordered
+        # An ordered target's runs go on now, before these outcomes are recorded (_go_on).
+        went, looks = self._go_on(lane, batch, outcomes) if ordered else ((), ())
         try:
             await self._outbox.record_many(
                 [
@@ -353,27 +376,65 @@ class Dispatcher:
             return
         if self._recorded is not None:
             self._recorded.update(delivery.id for delivery in batch)
-        if name in self._pacing.ordered:
-            self._announce(name, batch, outcomes)
+        if ordered:
+            self._announce(name, batch, outcomes, went, looks)
         report(self._observer, name, batch, exchange.attempts, outcomes, results, now)
 
-    def _announce(self, name: str, batch: Sequence[Delivery], outcomes: Sequence[Outcome]) -> None:
-        """The next delivery of each conversation goes now when it waits in a run behind
-        this one, else may go now (if one is known to wait), or once this retry is due. A
-        run goes on only while the target is healthy: a failing one's claims probe it."""
+    def _go_on(
+        self, sent: Lane, batch: Sequence[Delivery], outcomes: Sequence[Outcome]
+    ) -> tuple[set[int], list[bool]]:
+        """Start the next delivery of each run whose delivery in ``batch`` ended in delivery
+        or dead letter, before that outcome is recorded: the record (a transaction, and on
+        SQLite a wait for company to share it) would otherwise stand between every two
+        deliveries of a conversation. Nothing is sent out of order by this: the delivery
+        ahead was sent and answered first. A crash, or a record that fails, before the
+        outcomes of a run are all recorded leaves the unrecorded ones pending: they are sent
+        again, each behind whatever of its conversation is still pending, so the target only
+        sees deliveries it already took once more (it drops them by their
+        ``X-Gateway-Delivery-Id``, as any resend of at-least-once delivery), never a first
+        send out of order. The one that starts takes the place in the lane's budget of the
+        one ahead (which is off the wire): the budget counts the deliveries a claim must not
+        add to, and a run that goes on adds none. A run goes on only while the target is
+        healthy: a failing one's claims probe it. Returns the indexes in ``batch`` of the
+        deliveries whose run went on, and for each delivery whether a claim must look at its
+        conversation once its outcome is recorded."""
         conversations, runs = self._pacing.conversations, self._pacing.runs
+        name = sent.target.name
         lane = self._lanes.get(name)  # None: removed while the batch was out
         healthy = lane is not None and not lane.health.probing
-        for delivery, outcome in zip(batch, outcomes, strict=True):
-            key = delivery.order_key
+        went = set()
+        looks = []
+        for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             released = healthy and not isinstance(outcome, RetryAt)
             following, look = runs.after(delivery.id, released)
             if following is not None and lane is not None:
-                conversations.started(name, key, following.id)
+                conversations.started(name, delivery.order_key, following.id)
+                went.add(index)
+                if lane is sent:  # else a new lane (removed, then configured again)
+                    lane.load -= 1
+                    self._handed.add(delivery.id)
                 self._start(lane, following)
-            elif look:
+            looks.append(look)
+        return went, looks
+
+    def _announce(
+        self,
+        name: str,
+        batch: Sequence[Delivery],
+        outcomes: Sequence[Outcome],
+        went: Collection[int],
+        looks: Sequence[bool],
+    ) -> None:
+        """Now that ``batch``'s outcomes are recorded: a conversation whose run was cut short
+        or let go is looked at by the next claim; one whose first delivery is retried, once
+        the retry is due; one whose run did not go on (``went``: by index), when something is
+        known to wait in it."""
+        conversations = self._pacing.conversations
+        for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+            key = delivery.order_key
+            if looks[index]:
                 conversations.changed(name, key)
             if isinstance(outcome, RetryAt):
                 conversations.retry_at(name, key, outcome.at)
-            elif following is None:
+            elif index not in went:
                 conversations.finished(name, key)

@@ -10,11 +10,18 @@ waiting (the usual case: one message answered before the next) costs no query at
 
 What it cannot see: deliveries stored by another worker or gateway, replays, and anything lost
 between a crash and a restart. For those a claim looks at every conversation: at the start, after
-a wake-up from outside (:meth:`everything`), and at the latest every :data:`FULL_EVERY_S`.
+a wake-up from outside (:meth:`everything`), and at the latest every :data:`FULL_EVERY_S`. Such a
+look that had no room for every conversation it found names those beyond its room (their keys
+only: see :meth:`gateway.outbox.Outbox.due`'s ``more``); they are asked about by key, as many
+as each later claim has room for, oldest first, so that a backlog of many conversations keeps
+its target busy between two looks at every conversation, each of which costs a pass over every
+pending delivery of the target and so comes seldom.
 
 A backlog drains in runs (:class:`Runs`): a claim takes up to :data:`RUN` deliveries of each
-conversation it starts, in order, and each goes as soon as the one before it has ended in
-delivery or dead letter and its outcome is recorded, with no claim in between. The claim owns
+conversation it starts, in order, and each goes as soon as the target's answer ended the one
+before it in delivery or dead letter, with no claim in between and before that outcome is
+recorded (what a crash or a failed record sends again: the dispatcher's ``_go_on``). A replay of
+a delivery waiting in a run lets the run go (:meth:`Runs.release`). The claim owns
 the run as it owns its first delivery (its lease, with a shared outbox), so the order holds
 across workers and gateways just as it does one claim at a time.
 """
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from gateway.outbox import Delivery
 
@@ -59,6 +66,11 @@ class Conversations:
         self._retries: list[tuple[float, str, str]] = []
         # Per target and conversation, the ids of the deliveries this process knows to wait.
         self._waiting: dict[str, dict[str, set[str]]] = {}
+        # Per target, the conversations the last look at every one found beyond its room, in
+        # its order (an insertion-ordered dict as an ordered set).
+        self._more: dict[str, dict[str, None]] = {}
+        # Per target, the wait before the next full look once those are all asked about.
+        self._again: dict[str, float] = {}
 
     def reconfigure(self, ordered: Collection[str]) -> None:
         """Keep order for ``ordered`` now: a target new to it is looked at in full first."""
@@ -66,6 +78,8 @@ class Conversations:
             if name not in ordered:
                 del self._keys[name], self._waiting[name]
                 self._last_full.pop(name, None)
+                self._more.pop(name, None)
+                self._again.pop(name, None)
         for name in ordered:
             if name not in self._keys:
                 self._keys[name] = set()
@@ -119,9 +133,13 @@ class Conversations:
         if target in self._keys:
             heapq.heappush(self._retries, (at, target, key or ""))
 
-    def request(self, now: float, targets: Iterable[str]) -> dict[str, set[str] | None]:
+    def request(
+        self, now: float, targets: Iterable[str], rooms: Mapping[str, int] | None = None
+    ) -> dict[str, set[str] | None]:
         """For each ordered one of ``targets``, the conversations to look at (``None``: all).
-        An empty set: nothing changed, no need to ask."""
+        An empty set: nothing changed, no need to ask. ``rooms``: how many deliveries each
+        target's claim may start, as many of the conversations found beyond the last full
+        look's room are asked about."""
         while self._retries and self._retries[0][0] <= now:
             _, target, key = heapq.heappop(self._retries)
             self.changed(target, key or None)
@@ -134,11 +152,26 @@ class Conversations:
                 self._full.discard(name)
                 self._last_full[name] = now
                 keys.clear()
+                self._more.pop(name, None)
+                self._again.pop(name, None)
                 asked[name] = None
             else:
                 # Taken out: a change announced while the claim runs is asked about again.
-                asked[name] = set(keys)
+                look = set(keys)
                 keys.clear()
+                more = self._more.get(name)
+                room = 0 if rooms is None else rooms.get(name, 0)
+                while more and room > 0:
+                    key = next(iter(more))
+                    del more[key]
+                    if key not in look:
+                        look.add(key)
+                        room -= 1
+                if not more and name in self._again:  # all asked about: look again soon
+                    self._last_full[name] = min(
+                        self._last_full.get(name, 0.0), now - FULL_EVERY_S + self._again.pop(name)
+                    )
+                asked[name] = look
         return asked
 
     def claimed(
@@ -148,12 +181,13 @@ class Conversations:
         started: Collection[str],
         complete: bool,
         took_s: float = 0.0,
+        more: Iterable[str] = (),
     ) -> None:
         """What a claim for ``asked`` found: ``started`` conversations now have a delivery out
         (its outcome announces the next); ``complete``: the claim had room for every first
         delivery it found, so the others asked about have none due. Otherwise (or when the
         claim did not happen: ``complete`` false, nothing started) they are asked about
-        again."""
+        again. ``more``: conversations a look at every one found due beyond its room."""
         keys = self._keys.get(target)
         if keys is None:
             return
@@ -161,6 +195,7 @@ class Conversations:
         if asked is None:
             for key in started:
                 waiting.setdefault(key, set()).add(_UNKNOWN)
+            self._more[target] = dict.fromkeys(more)
         elif complete:
             for key in asked.difference(started):
                 ids = waiting.get(key)
@@ -174,6 +209,11 @@ class Conversations:
             # Not at once: each look reads every pending delivery's index entry, and while the
             # target is this busy its started conversations keep it supplied.
             again = min(FULL_EVERY_S, max(FULL_AGAIN_S, _FULL_SHARE * took_s))
+            if self._more.get(target):
+                # It named more: those keep the target supplied, the next look comes once
+                # they are all asked about.
+                self._again[target] = again
+                return
             last = self._last_full.get(target, 0.0)
             self._last_full[target] = min(last, last - FULL_EVERY_S + again)
         else:
@@ -189,7 +229,7 @@ class Runs:
     :meth:`gateway.outbox.Outbox.due`'s ``runs``), each waiting in memory for the one before it.
 
     Rule: pure bookkeeping; a run goes on only after an outcome that releases its conversation
-    (delivery or dead letter, recorded), and is let go whole otherwise: its deliveries stay
+    (delivery or dead letter, as judged), and is let go whole otherwise: its deliveries stay
     pending in the outbox and a later claim finds them in their order."""
 
     def __init__(self) -> None:
@@ -255,6 +295,16 @@ class Runs:
         if run:
             self.drop(run)
         return bool(run)
+
+    def release(self, ids: Collection[str] | None) -> None:
+        """Let go of each run that holds one of ``ids`` (``None``: every run), its deliveries
+        back to the outbox: the delivery in flight ahead of it then asks for a look at its
+        conversation when it ends."""
+        for head, run in list(self._behind.items()):
+            if ids is None or any(delivery.id in ids for delivery in run):
+                del self._behind[head]
+                self.drop(run)
+                self._full.add(head)
 
     def drop(self, run: Iterable[Delivery]) -> None:
         for delivery in run:

@@ -12,7 +12,7 @@ claim, which asks only about the conversations whose first delivery may have cha
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.config import TargetConfig
@@ -86,7 +86,7 @@ class Pacing:
         """The claim to make: an ordered target with no conversation changed is left out (no
         query at all), and each rate-limited target is cut to the tokens it may spend now
         (taken from the bucket: :meth:`settle` gives back what is not used)."""
-        asked = self.conversations.request(now, limits)
+        asked = self.conversations.request(now, limits, limits)
         wanted = {name: n for name, n in limits.items() if asked.get(name, None) != set()}
         granted = await self._grant(outbox, wanted, now)
         for name, keys in asked.items():
@@ -104,9 +104,11 @@ class Pacing:
         claimed: Mapping[str, int],
         started: Sequence[Delivery],
         took_s: float = 0.0,
+        more: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         """Tokens taken for deliveries that were not there go back; conversations the claim had
-        no room for are asked about again (``took_s``: how long the claim took)."""
+        no room for are asked about again (``took_s``: how long the claim took; ``more``: the
+        conversations a look at every one found beyond its room, by target)."""
         await self._give_back(outbox, claim.limits, claimed)
         for name in self._targets:
             if name in self._starved and claimed.get(name, 0) >= claim.limits.get(name, 0):
@@ -121,7 +123,12 @@ class Pacing:
             keys = [d.order_key or "" for d in started if d.target == name]
             complete = claimed.get(name, 0) < claim.limits[name]
             self.conversations.claimed(
-                name, claim.asked[name], keys, complete=complete, took_s=took_s
+                name,
+                claim.asked[name],
+                keys,
+                complete=complete,
+                took_s=took_s,
+                more=(more or {}).get(name, ()),
             )
 
     async def _grant(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> dict[str, int]:

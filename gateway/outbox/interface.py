@@ -16,7 +16,7 @@ What the admin console reads is part of it too (a backend provides all of it): `
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, MutableMapping, Sequence
 from typing import Protocol
 
 from gateway.outbox.model import (
@@ -60,6 +60,7 @@ class Outbox(Protocol):
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
         runs: Mapping[str, int] | None = None,
+        more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
         each target named there, leaving out the ids in ``exclude`` (in flight). For the
@@ -73,8 +74,13 @@ class Outbox(Protocol):
         ``runs[target] - 1`` of the deliveries that follow it in its conversation, in order and
         each due, right after it in the list (the first ones alone count toward the limit).
         They are the caller's, as the first one is: the caller sends each only once the one
-        before it has ended in delivery or dead letter (and its outcome is recorded), and lets
-        the rest go when one is to be retried. A backend may hand out fewer, or none."""
+        before it has ended in delivery or dead letter (its outcome recorded or about to be),
+        and lets the rest go when one is to be retried. A backend may hand out fewer, or none.
+
+        ``more``: for an ordered target looked at in every conversation (not named in
+        ``conversations``), a backend may set ``more[target]`` to the keys of conversations
+        whose first delivery is due but did not fit the limit, for the caller to ask about by
+        key later. A backend may name none."""
         ...
 
     async def take_tokens(

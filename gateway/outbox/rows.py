@@ -17,12 +17,18 @@ from gateway.outbox.model import STATES, Backlog, Delivery, State
 
 __all__ = [
     "DELIVERY_COLUMNS",
+    "MORE_KEYS",
     "backlog_from_rows",
     "delivery_from_row",
     "delivery_id_of",
     "rowid_of",
     "state_of",
 ]
+
+# The conversations beyond its limit a look at every conversation of an ordered target names
+# (Outbox.due's ``more``), per delivery of the limit: their keys only (no body is read), enough
+# for a few claims' worth of first deliveries.
+MORE_KEYS: Final = 8
 
 _MAX_ROWID: Final = 2**63 - 1  # SQLite's INTEGER and PostgreSQL's BIGINT alike
 # The select list, in both dialects, of a delivery ``d`` joined to its notification ``n``: the

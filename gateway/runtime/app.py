@@ -135,6 +135,9 @@ class _Operations:
     def wake(self) -> None:
         self._core.wake()
 
+    def replayed(self, delivery_id: str | None) -> None:
+        self._core.replayed(delivery_id)
+
     def breakers(self) -> Mapping[str, Breaker]:
         return self._core.breakers()
 

@@ -91,6 +91,12 @@ class Core:
         if self.dispatcher is not None:
             self.dispatcher.wake()
 
+    def replayed(self, delivery_id: str | None) -> None:
+        """An operator replayed ``delivery_id`` (``None``: pending deliveries, any of them):
+        the dispatcher lets go of what it holds of them in memory, then looks."""
+        if self.dispatcher is not None:
+            self.dispatcher.replayed(delivery_id)
+
     def breakers(self) -> dict[str, Breaker]:
         """Each target's circuit breaker (empty where this process runs no dispatcher)."""
         return {} if self.dispatcher is None else self.dispatcher.breakers()

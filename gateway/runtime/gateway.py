@@ -140,6 +140,9 @@ class Gateway:
     def wake(self) -> None:
         self.core.wake()
 
+    def replayed(self, delivery_id: str | None) -> None:
+        self.core.replayed(delivery_id)
+
     def breakers(self) -> Mapping[str, Breaker]:
         return self.core.breakers()
 

@@ -199,3 +199,47 @@ def test_a_run_as_long_as_a_claim_takes_asks_for_a_look_when_it_ends() -> None:
     runs.sort([_delivery(100, "b"), _delivery(101, "b")], {"t"})
     assert runs.let_go("p-100")
     assert runs.parked == set()
+
+
+@pytest.mark.parametrize(
+    ("room", "asked"),
+    [
+        pytest.param(2, [{"m1", "m2"}, {"m3", "m4"}, {"m5"}, set()], id="two at a time, in order"),
+        pytest.param(10, [{"m1", "m2", "m3", "m4", "m5"}, set()], id="all when there is room"),
+        pytest.param(0, [set(), set()], id="none without room"),
+    ],
+)
+def test_conversations_a_full_look_found_beyond_its_room_are_asked_about_as_room_allows(
+    room: int, asked: list[set[str]]
+) -> None:
+    """A full look cut short names the conversations it found beyond its room: each later
+    claim asks about as many of them as it has room for, oldest first, each once."""
+    conversations = _tracking()
+    conversations.claimed("t", None, ["s1"], complete=False, more=["m1", "m2", "m3", "m4", "m5"])
+    for n, expected in enumerate(asked, start=1):
+        assert conversations.request(100.0 + n / 100, ["t"], {"t": room}) == {"t": expected}
+
+
+def test_a_full_look_replaces_what_the_last_one_found_beyond_its_room() -> None:
+    """What a full look found beyond its room is news only until the next full look; a
+    conversation announced meanwhile is asked about beside them."""
+    conversations = _tracking()
+    conversations.claimed("t", None, [], complete=False, more=["m1", "m2"])
+    conversations.changed("t", "k")
+    assert conversations.request(100.01, ["t"], {"t": 1}) == {"t": {"k", "m1"}}
+    assert conversations.request(100.0 + FULL_EVERY_S, ["t"], {"t": 1}) == {"t": None}
+    conversations.claimed("t", None, [], complete=True)
+    assert conversations.request(101.01, ["t"], {"t": 1}) == {"t": set()}
+
+
+def test_the_next_full_look_comes_soon_only_once_what_the_last_one_named_is_asked_about() -> None:
+    """A full look cut short that named more conversations is not repeated while they last:
+    they keep the target supplied; once all are asked about, the next comes FULL_AGAIN_S
+    later."""
+    conversations = _tracking()
+    conversations.claimed("t", None, [], complete=False, more=["m1", "m2"])
+    assert conversations.request(100.0 + FULL_AGAIN_S, ["t"], {"t": 1}) == {"t": {"m1"}}
+    last = 100.0 + FULL_AGAIN_S + 0.01
+    assert conversations.request(last, ["t"], {"t": 1}) == {"t": {"m2"}}
+    assert conversations.request(last + FULL_AGAIN_S - 0.001, ["t"], {"t": 1}) == {"t": set()}
+    assert conversations.request(last + FULL_AGAIN_S + 0.001, ["t"], {"t": 1}) == {"t": None}

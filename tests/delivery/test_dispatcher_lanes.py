@@ -4,7 +4,7 @@ deliveries and its limits, however the reload falls among its claims and batches
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, MutableMapping
 from pathlib import Path
 
 import pytest
@@ -31,8 +31,9 @@ class ReloadedWhileClaiming(SqliteOutbox):
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
         runs: Mapping[str, int] | None = None,
+        more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
-        found = await super().due(now, limits, exclude, ordered, conversations, runs)
+        found = await super().due(now, limits, exclude, ordered, conversations, runs, more)
         reload, self.during_claim = self.during_claim, None
         if reload is not None:
             reload()
@@ -126,8 +127,9 @@ class EndedWhileClaiming(SqliteOutbox):
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
         runs: Mapping[str, int] | None = None,
+        more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
-        found = await super().due(now, limits, exclude, ordered, conversations, runs)
+        found = await super().due(now, limits, exclude, ordered, conversations, runs, more)
         start, self.during_claim = self.during_claim, None
         if start is not None and any(d.id == self.watched for d in found):
             start()

@@ -4,7 +4,7 @@ PostgreSQL server, through the one interface (open_outbox), so the backends cann
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Unpack
 
@@ -281,6 +281,28 @@ async def test_an_ordered_claim_hands_out_runs_of_each_conversation_in_order(
     assert [d.id for d in due] == [b1.id, b2.id]
     due = await outbox.due(2000.0, {"t": 10}, ordered={"t"}, runs={"t": 8})
     assert [d.id for d in due] == [a1.id, a2.id, a3.id, a4.id, b1.id, b2.id]
+
+
+async def test_a_look_at_every_conversation_names_those_beyond_its_limit(
+    outbox: Outbox,
+) -> None:
+    """Asked about every conversation with room for two, an ordered claim hands out two first
+    deliveries and names the other conversations with one due, in their order, for later
+    claims to ask about by key; asked
+    about named conversations, it names none."""
+    firsts = [await keyed(outbox, n, key) for n, key in enumerate("abcde")]
+    await keyed(outbox, 5, "a")
+    more: dict[str, Collection[str]] = {}
+    due = await outbox.due(2000.0, {"t": 2}, ordered={"t"}, more=more)
+    assert [d.id for d in due] == [firsts[0].id, firsts[1].id]
+    expected = ["c", "d", "e"]
+    assert list(more.get("t", [])) == expected
+    named: dict[str, Collection[str]] = {}
+    due = await outbox.due(
+        2000.0, {"t": 1}, ordered={"t"}, conversations={"t": {"c", "d"}}, more=named
+    )
+    assert [d.id for d in due] == [firsts[2].id]
+    assert named == {}
 
 
 async def test_a_retrying_first_delivery_holds_its_conversation_and_no_other(

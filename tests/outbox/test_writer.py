@@ -71,3 +71,43 @@ async def test_a_read_waits_for_a_lock_held_outside_the_gateway_after_a_write(
         await writer.close()
     assert count == 1
     assert waited < 5.0
+
+
+def _synchronous(conn: sqlite3.Connection) -> int:
+    """The level the job's own transaction commits with: 1 NORMAL, 2 FULL."""
+    conn.execute("INSERT INTO t VALUES (1)")
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+@pytest.mark.parametrize(
+    ("groups", "expected"),
+    [
+        pytest.param([[True]], [[2]], id="an accept: fsync"),
+        pytest.param([[False]], [[1]], id="an outcome alone: no fsync of its own"),
+        pytest.param([[False, True]], [[2, 2]], id="an outcome beside an accept: fsync"),
+        pytest.param([[False], [True], [False]], [[1], [2], [1]], id="each group on its own merit"),
+    ],
+)
+async def test_a_group_of_outcomes_alone_commits_without_an_fsync_and_an_accept_with_one(
+    tmp_path: Path, groups: list[list[bool]], expected: list[list[int]]
+) -> None:
+    """Durable jobs (accepts) commit with synchronous=FULL; a group of lazy jobs alone
+    (outcomes of attempts, whose loss only means a resend) with NORMAL."""
+    path = tmp_path / "outbox.sqlite3"
+
+    def open_connection(at: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(at, isolation_level=None, timeout=5.0)
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+        return conn
+
+    writer = Writer(path, open_connection, busy_timeout_s=5.0)
+    try:
+        seen = []
+        for group in groups:  # submitted in one turn of the loop: one group
+            futures = [writer.submit(_synchronous, durable=durable) for durable in group]
+            seen.append(list(await asyncio.gather(*futures)))
+    finally:
+        await writer.close()
+    assert seen == expected

@@ -4,7 +4,8 @@ Rule: :class:`Conversations` is a real HTTP server on 127.0.0.1. It reads each r
 (the business-scoped user id, ``from_user_id``) and number (the message's text) and records, per
 user, the numbers it accepted (200), in arrival order. A message it is told to hold is answered
 503 until released: a conversation whose first delivery keeps failing while others flow; one it
-is told to fail is answered 503 that many times.
+is told to fail is answered 503 that many times. ``before_answer``, when set, is awaited before
+each 200 goes back (something to do while the gateway waits for the answer).
 
 The notifications are Meta's published text message sample with the phone number fields
 removed and business-scoped user id fields added (``examples/bsuid/messages-text.json``).
@@ -16,7 +17,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class Conversations:
         self.refused: dict[tuple[str, int], int] = {}
         self.held: set[tuple[str, int]] = set()
         self.failing: dict[tuple[str, int], int] = {}
+        self.before_answer: Callable[[str, int], Awaitable[None]] | None = None
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -89,6 +91,8 @@ class Conversations:
             self.refused[(user, n)] = self.refused.get((user, n), 0) + 1
             return web.Response(status=503, text="not now")
         self.accepted.setdefault(user, []).append(n)
+        if self.before_answer is not None:
+            await self.before_answer(user, n)
         return web.Response(text="ok")
 
     async def wait_for(self, user: str, count: int) -> list[int]:

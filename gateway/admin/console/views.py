@@ -107,6 +107,7 @@ class Console:
         *,
         breakers: Callable[[], Mapping[str, Breaker]],
         wake: Callable[[], None],
+        replayed: Callable[[str | None], None],
         refuse: Callable[[web.Request], Awaitable[None]],
         accepted: Callable[[web.Request], None],
     ) -> None:
@@ -115,6 +116,7 @@ class Console:
         self._stats = stats
         self._breakers = breakers
         self._wake = wake
+        self._replayed = replayed
         self._refuse = refuse
         self._accepted = accepted
 
@@ -300,7 +302,7 @@ class Console:
         delivery_id = request.match_info["id"]
         if not await self._outbox.replay(delivery_id, time.time()):
             raise NotFound(f"no delivery {delivery_id!r}")
-        self._wake()
+        self._replayed(delivery_id)
         log.info("console: delivery %s replayed", delivery_id)
         return _see_other(f"{PREFIX}/deliveries/{quote(delivery_id)}")
 

@@ -32,7 +32,14 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import asyncpg
@@ -57,6 +64,7 @@ from gateway.outbox.postgres import claim, schema, sql
 from gateway.outbox.postgres.committer import FAILURES, Committer
 from gateway.outbox.postgres.listener import Listener
 from gateway.outbox.rows import (
+    MORE_KEYS,
     backlog_from_rows,
     delivery_from_row,
     delivery_id_of,
@@ -313,6 +321,7 @@ class PostgresOutbox:
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
         runs: Mapping[str, int] | None = None,
+        more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         skip = [r for r in (rowid_of(i, self._prefix) for i in exclude) if r is not None]
         targets, lims, modes, followers, key_of, keys = claim.claim_args(
@@ -321,8 +330,34 @@ class PostgresOutbox:
         if not targets:
             return []
         args = (targets, lims, modes, followers, now, self.owner, skip, self.config.lease_s)
-        rows = await self._run(lambda conn: conn.fetch(claim.CLAIM, *args, key_of, keys))
-        return [self._delivery(row) for row in claim.in_order(rows)]
+        rows = claim.in_order(
+            await self._run(lambda conn: conn.fetch(claim.CLAIM, *args, key_of, keys))
+        )
+        handed = [self._delivery(row) for row in rows]
+        if more is not None:
+            named = conversations or {}
+            for target in frozenset(ordered).intersection(limits).difference(named):
+                heads = sum(1 for row, d in zip(rows, handed) if d.target == target and not row[-1])
+                if heads >= limits[target]:  # filled its limit: more may be due
+                    await self._more(target, now, limits[target], handed, more)
+        return handed
+
+    async def _more(
+        self,
+        target: str,
+        now: float,
+        limit: int,
+        handed: Sequence[Delivery],
+        more: MutableMapping[str, Collection[str]],
+    ) -> None:
+        """After a look at every conversation of ordered ``target`` that filled its limit:
+        the keys of other conversations with a delivery due (not leased: the claims that ask
+        for them by key lease what they find first), from the order index alone."""
+        taken = {d.order_key for d in handed if d.target == target}
+        rows = await self._run(
+            lambda conn: conn.fetch(sql.DUE_KEYS, target, now, MORE_KEYS * limit + len(taken))
+        )
+        more[target] = [row[0] for row in rows if row[0] not in taken][: MORE_KEYS * limit]
 
     def _delivery(self, row: Any) -> Delivery:
         return delivery_from_row(row, self._prefix)

@@ -242,3 +242,12 @@ GET: Final = f"""
 SELECT {DELIVERY_COLUMNS} FROM {SCHEMA}.deliveries d
 JOIN {SCHEMA}.notifications n ON n.id = d.notification_id WHERE d.id = $1
 """
+
+# The conversations of an ordered target with a delivery due, oldest first, keys only (the
+# order index): named beside a claim of every conversation that filled its limit, for later
+# claims to ask about by key. Not a claim: it leases nothing.
+DUE_KEYS: Final = (
+    f"SELECT order_key FROM {SCHEMA}.deliveries WHERE state = 'pending' AND target = $1"
+    " AND order_key IS NOT NULL AND next_attempt_at <= $2"
+    " GROUP BY order_key ORDER BY MIN(next_attempt_at), MIN(id) LIMIT $3"
+)

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -151,12 +151,14 @@ class SqliteOutbox:
         ordered: Collection[str] = (),
         conversations: Mapping[str, Collection[str]] | None = None,
         runs: Mapping[str, int] | None = None,
+        more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
         each target named there, leaving out the ids in ``exclude`` (in flight), with the
-        followers ``runs`` asks for. A delivery whose body no longer matches its stored digest
-        is dead-lettered, never handed out."""
+        followers ``runs`` asks for and the conversations ``more`` is given. A delivery whose
+        body no longer matches its stored digest is dead-lettered, never handed out."""
         # Copies: the caller's collections may change before the writer thread reads them.
+        beyond: dict[str, list[str]] | None = None if more is None else {}
         found, damaged = await self.run(
             functools.partial(
                 store.due_deliveries,
@@ -169,9 +171,12 @@ class SqliteOutbox:
                 if conversations is None
                 else {target: frozenset(keys) for target, keys in conversations.items()},
                 runs=None if runs is None else dict(runs),
+                more=beyond,
             ),
             read=True,
         )
+        if more is not None and beyond:
+            more.update(beyond)
         if damaged:
             await self.run(functools.partial(store.dead_letter_damaged, rowids=damaged, now=now))
             for rowid in damaged:

@@ -24,6 +24,7 @@ from typing import Any
 from gateway.outbox.model import STATES, Backlog, Delivery, Route
 from gateway.outbox.rows import (
     DELIVERY_COLUMNS,
+    MORE_KEYS,
     backlog_from_rows,
     delivery_from_row,
     delivery_id_of,
@@ -133,6 +134,7 @@ def due_deliveries(
     ordered: Collection[str] = (),
     conversations: Mapping[str, Collection[str]] | None = None,
     runs: Mapping[str, int] | None = None,
+    more: dict[str, list[str]] | None = None,
 ) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
     leaving out the ids in ``skip`` and, for the ``ordered`` targets, every delivery behind an
@@ -141,8 +143,10 @@ def due_deliveries(
     comes with up to ``runs[target] - 1`` due deliveries that follow it, right after it in
     their order (see :meth:`gateway.outbox.Outbox.due`); and the row ids of due deliveries
     whose body no longer matches the digest stored when it was received (damaged in the file:
-    never forwarded). One index seek per target: a target that is down with a million
-    deliveries waiting costs nothing when it is not asked for."""
+    never forwarded). ``more``: filled, for each ordered target looked at in full, with the
+    keys of conversations whose first delivery is due beyond the limit (see
+    :meth:`gateway.outbox.Outbox.due`). One index seek per target: a target that is down with
+    a million deliveries waiting costs nothing when it is not asked for."""
     found: list[tuple[tuple[float, int, int], Delivery]] = []
     damaged: list[int] = []
     for target, limit in limits.items():
@@ -151,7 +155,7 @@ def due_deliveries(
             keys = None if conversations is None else conversations.get(target)
             length = 1 if runs is None else runs.get(target, 1)
             rows, places = _first_of_conversations(
-                conn, prefix, target, now, limit, skip, keys, length
+                conn, prefix, target, now, limit, skip, keys, length, more
             )
         else:
             rows = conn.execute(
@@ -180,14 +184,21 @@ def _first_of_conversations(
     skip: Collection[str],
     keys: Collection[str] | None,
     length: int,
+    more: dict[str, list[str]] | None = None,
 ) -> tuple[list[tuple[Any, ...]], dict[int, tuple[float, int, int]]]:
     """The due rows of an ordered target, each first of its conversation (see
     :func:`conversations.first_due`), with up to ``length - 1`` of its followers, and the
     place each follower sorts at. The ids first, from the index alone, and only then the
     bodies of those not in flight: the deliveries in flight (most of a busy ordered target's
-    first ones) are never read with their bodies."""
-    heads = conversations.first_due(conn, target, now, limit + len(skip), keys)
+    first ones) are never read with their bodies. A look at every conversation also names, in
+    ``more``, up to :data:`MORE_KEYS` times ``limit`` conversations whose first delivery is due
+    beyond the limit: the pass over the index is the same, and later claims can then ask for
+    them by key, one seek each, rather than by another such pass."""
+    extra = MORE_KEYS * limit if keys is None and more is not None else 0
+    heads = conversations.first_due(conn, target, now, limit + len(skip) + extra, keys)
     chosen = [(rowid, key) for rowid, key in heads if delivery_id_of(prefix, rowid) not in skip]
+    if extra and more is not None:
+        more[target] = [key for _, key in chosen[limit:] if key is not None]
     chosen = chosen[:limit]
     if not chosen:
         return [], {}

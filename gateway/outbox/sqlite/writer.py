@@ -18,6 +18,12 @@ What makes the groups larger, which is what makes the commits cheap:
   it again, which at-least-once allows) does not start a commit of its own: it waits up to
   ``LAZY_WAIT_S`` for a durable job to share one. Its future still resolves only after it has
   committed, so nothing reads a state that is not in the file.
+- A group of lazy jobs alone (no accept in it) commits with ``synchronous=NORMAL``: no fsync
+  of its own. In WAL mode that commit survives a crash of the process, and the next commit
+  with ``synchronous=FULL`` (the next accept's) syncs the log with it in, as does a checkpoint;
+  a power cut in between loses only outcomes, which at-least-once allows (the deliveries are
+  sent again). A draining gateway, which stores nothing new, records outcomes without an fsync
+  each.
 - After a commit the thread yields its core, so that the event loop answers that group before
   the next one starts (see the end of ``Writer._commit``).
 
@@ -272,6 +278,7 @@ class Writer:
         self._open_connection = open_connection
         self._busy_timeout_s = busy_timeout_s
         self._busy = _Busy(busy_timeout_s)  # the writer thread's
+        self._relaxed = False  # whether the connection commits with synchronous=NORMAL now
         self._on_commit = on_commit  # called on this thread with each group's size
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
@@ -468,7 +475,15 @@ class Writer:
         # The longest the group may wait for a lock held elsewhere: the busy timeout from the
         # arrival of its oldest job (one queued behind a failing group gets what is left).
         deadline = min(job.at for job in group) + self._busy_timeout_s
+        # Lazy jobs alone need no fsync (see the module docstring); a durable one always does.
+        relaxed = not any(job.durable for job in group)
         try:
+            if relaxed != self._relaxed:
+                try:  # fails closed: a group that cannot have its fsync fails as a whole
+                    conn.execute(f"PRAGMA synchronous={'NORMAL' if relaxed else 'FULL'}")
+                except sqlite3.Error as exc:
+                    raise _GroupFailed(exc) from exc
+                self._relaxed = relaxed
             results = [
                 (value, None) for value in _transaction(conn, group, lock, self._busy, deadline)
             ]
