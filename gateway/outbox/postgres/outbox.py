@@ -337,7 +337,11 @@ class PostgresOutbox:
         if more is not None:
             named = conversations or {}
             for target in frozenset(ordered).intersection(limits).difference(named):
-                heads = sum(1 for row, d in zip(rows, handed) if d.target == target and not row[-1])
+                heads = sum(
+                    1
+                    for row, d in zip(rows, handed, strict=True)
+                    if d.target == target and not row[-1]  # a first delivery, not a follower
+                )
                 if heads >= limits[target]:  # filled its limit: more may be due
                     await self._more(target, now, limits[target], handed, more)
         return handed
