@@ -82,7 +82,7 @@ Job = Callable[[sqlite3.Connection], Any]
 
 
 class _Job:
-    __slots__ = ("at", "durable", "func", "future", "loop", "read")
+    __slots__ = ("after", "at", "durable", "func", "future", "loop", "read")
 
     def __init__(
         self,
@@ -91,12 +91,14 @@ class _Job:
         future: asyncio.Future[Any],
         durable: bool,
         read: bool = False,
+        after: Callable[[Any], Any] | None = None,
     ) -> None:
         self.func = func
         self.loop = loop
         self.future = future
         self.durable = durable
         self.read = read  # writes nothing: runs at once, in a read transaction when alone
+        self.after = after  # turns the result into the future's, on the event loop's thread
         self.at = time.monotonic()  # submitted
 
 
@@ -113,14 +115,25 @@ def linger_for(durable_jobs: int, average_gap_s: float | None) -> float:
     return min(LINGER_MAX_S, 1.5 * average_gap_s)
 
 
-def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, error in items:
+_Answer = tuple[asyncio.Future[Any], Any, BaseException | None, Callable[[Any], Any] | None]
+
+
+def _resolve_all(items: list[_Answer]) -> None:
+    for future, result, error, after in items:
         if future.done():  # the awaiting request was cancelled (client went away)
             continue
         if error is not None:
             future.set_exception(error)
-        else:
+        elif after is None:
             future.set_result(result)
+        else:
+            # Here rather than in a callback of the future: one turn of the loop less.
+            try:
+                value = after(result)
+            except Exception as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
 
 
 class _Busy:
@@ -295,16 +308,25 @@ class Writer:
 
     # -- the event loop's side ---------------------------------------------------------------
 
-    def submit(self, func: Job, *, durable: bool = True, read: bool = False) -> asyncio.Future[Any]:
+    def submit(
+        self,
+        func: Job,
+        *,
+        durable: bool = True,
+        read: bool = False,
+        after: Callable[[Any], Any] | None = None,
+    ) -> asyncio.Future[Any]:
         """Queue ``func``; the future resolves with its result once its group has committed.
-        ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction)."""
+        ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction).
+        ``after``: the future resolves with ``after(result)`` instead, called on the event
+        loop's thread (its exception fails the future)."""
         if self._closing or not self._thread.is_alive():
             raise OutboxError("outbox is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._turn:
             loop.call_soon(self._hand_over)
-        self._turn.append(_Job(func, loop, future, durable and not read, read))
+        self._turn.append(_Job(func, loop, future, durable and not read, read, after))
         return future
 
     def _hand_over(self) -> None:
@@ -502,9 +524,9 @@ class Writer:
 
     def _answer(self, group: list[_Job], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per event loop for the whole group rather than one per job.
-        answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
+        answers: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
         for job, (result, error) in zip(group, results, strict=True):
-            answers.setdefault(job.loop, []).append((job.future, result, error))
+            answers.setdefault(job.loop, []).append((job.future, result, error, job.after))
         for loop, items in answers.items():
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                 loop.call_soon_threadsafe(_resolve_all, items)
