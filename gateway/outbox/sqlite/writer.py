@@ -241,7 +241,7 @@ def _alone(
         return None, OutboxError(f"outbox write failed: {exc}")
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path | str) -> tuple[int, int] | None:
     """The device and inode of the file at ``path``; ``None`` when there is none."""
     try:
         found = os.stat(path)
@@ -253,11 +253,23 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def unwritable(path: Path) -> str | None:
     """Why the outbox at ``path`` must not be touched now (see the module docstring): one of
     its files exists and may not be written; ``None`` when all may be."""
-    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
-        file = path.with_name(name)
+    return _refusal(_files(path))
+
+
+def _files(path: Path) -> tuple[str, ...]:
+    """The outbox file, its log and its shared-memory index, as names for system calls: made
+    once per writer, since pathlib's joins cost more than the checks themselves."""
+    return tuple(
+        str(path.with_name(name)) for name in (path.name, f"{path.name}-wal", f"{path.name}-shm")
+    )
+
+
+def _refusal(files: tuple[str, ...]) -> str | None:
+    """:func:`unwritable` of the names :func:`_files` made."""
+    for file in files:
         # access(2) refuses writing to an immutable file even to root; a file not there yet
         # is SQLite's to create.
-        if not os.access(file, os.W_OK) and file.exists():
+        if not os.access(file, os.W_OK) and os.path.exists(file):
             return (
                 f"outbox file '{file}' cannot be written (read-only or immutable); nothing is"
                 " acknowledged until it can"
@@ -282,6 +294,8 @@ class Writer:
         """``busy_timeout_s``: the busy timeout ``open_connection`` gives the connection; a
         group waits only what is left of it since its oldest job came."""
         self.path = path
+        self._name = str(path)  # for the checks before each transaction, made once
+        self._files = _files(path)
         self._open_connection = open_connection
         self._busy_timeout_s = busy_timeout_s
         self._busy = _Busy(busy_timeout_s)  # the writer thread's
@@ -441,7 +455,7 @@ class Writer:
 
     def _still_there(self) -> bool:
         """Whether the file at the path is the one open; logs when that changes."""
-        here = _identity(self.path) == self._identity
+        here = _identity(self._name) == self._identity
         if not here and self._lost is None:
             self._lost = (
                 f"outbox file '{self.path}' was removed or replaced while the gateway ran;"
@@ -460,7 +474,7 @@ class Writer:
         if not self._still_there():
             error = OutboxError(self._lost or "outbox lost")
             results = [(None, error)] * len(group)
-        elif (refused := unwritable(self.path)) is not None:
+        elif (refused := _refusal(self._files)) is not None:
             results = [(None, OutboxError(refused))] * len(group)
         else:
             try:
@@ -483,7 +497,7 @@ class Writer:
             error = OutboxError(self._lost or "outbox lost")
             self._answer(group, [(None, error)] * len(group))
             return
-        if (refused := unwritable(self.path)) is not None:
+        if (refused := _refusal(self._files)) is not None:
             self.failure = refused
             self._answer(group, [(None, OutboxError(refused))] * len(group))
             return
