@@ -9,15 +9,16 @@ only once it is durably in the outbox.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
 from gateway.edge.routing import Plan, route
-from gateway.outbox import Delivery, Outbox, Route
+from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route
 from gateway.signing import verify_signature
 
 if TYPE_CHECKING:
@@ -71,6 +72,10 @@ class Callback:
         self._routing = Plan.of(config.targets)
         # Set by the runtime when [tracing] is enabled; None: no span is ever made.
         self.tracing: Tracing | None = None
+        # The outbox, when it offers accept as a future (looked up once, not per request).
+        self._soon: AcceptsSoon | None = (
+            cast(AcceptsSoon, outbox) if callable(getattr(outbox, "accept_soon", None)) else None
+        )
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration: client CNs, verify tokens, app secrets and targets
@@ -111,17 +116,42 @@ class Callback:
 
         Raises :class:`~gateway.errors.Rejected` for a bad signature (401) or body (400), and
         lets :class:`~gateway.errors.OutboxError` escape (503: Meta retries)."""
-        try:
-            verify_signature(self._secrets, body, signature)
-        except Exception:
-            self.stats.rejected("signature")
-            raise
-        routes = route(body, self._routing)
+        routes = self._checked(body, signature)
         assert signature is not None  # verify_signature refuses a missing header
         if span is None or self.tracing is None:
             stored = await self.outbox.accept(body, signature, routes, self._clock())
         else:
             stored = await self._traced_accept(self.tracing, span, body, signature, routes)
+        return self._stored(stored)
+
+    def notify_soon(self, body: bytes, signature: str | None) -> asyncio.Future[str]:
+        """:meth:`notify` for an untraced request, as a future: what :meth:`notify` raises
+        before the outbox is reached (a bad signature or body) is raised here at once, and the
+        future resolves with the reason once the notification is durable, or fails as
+        :meth:`notify` would. With an outbox that offers ``accept_soon``
+        (:class:`~gateway.outbox.AcceptsSoon`) no task is made for the request."""
+        routes = self._checked(body, signature)
+        assert signature is not None  # verify_signature refuses a missing header
+        if self._soon is None:
+            return asyncio.ensure_future(self._accept(body, signature, routes))
+        # The reason is made by _stored on the event loop's thread right after the commit.
+        return self._soon.accept_soon(body, signature, routes, self._clock(), then=self._stored)
+
+    def _checked(self, body: bytes, signature: str | None) -> Sequence[Route]:
+        """The routes of a notification whose signature holds; raises Rejected."""
+        try:
+            verify_signature(self._secrets, body, signature)
+        except Exception:
+            self.stats.rejected("signature")
+            raise
+        return route(body, self._routing)
+
+    async def _accept(self, body: bytes, signature: str, routes: Sequence[Route]) -> str:
+        return self._stored(await self.outbox.accept(body, signature, routes, self._clock()))
+
+    def _stored(self, stored: list[Delivery] | None) -> str:
+        """Count a notification the outbox has committed, hand its deliveries on, and say what
+        to answer."""
         if stored is None:
             self.stats.duplicate()
             return DUPLICATE

@@ -255,17 +255,19 @@ class _Connection(asyncio.Protocol):
                 path = shortened(path)
                 raise NotFound(f"no such path: {path!r}")
             if method == "POST":
-                self._in_flight = True
                 tracing = self._tracing
-                span = (
-                    None
-                    if tracing is None
-                    else tracing.server_span(path, self._span_attributes, request.traceparent)
-                )
-                task = asyncio.ensure_future(
-                    self._callback.notify(request.body, request.signature, span)
-                )
-                task.add_done_callback(lambda done: self._notified(request, path, done, span))
+                if tracing is None:
+                    # No task per request: a bad signature or body is raised here and answered
+                    # below at once, a stored one resolves the future after its commit.
+                    answer = self._callback.notify_soon(request.body, request.signature)
+                    span = None
+                else:
+                    span = tracing.server_span(path, self._span_attributes, request.traceparent)
+                    answer = asyncio.ensure_future(
+                        self._callback.notify(request.body, request.signature, span)
+                    )
+                self._in_flight = True
+                answer.add_done_callback(lambda done: self._notified(request, path, done, span))
                 return
             if method not in ("GET", "HEAD"):
                 raise not_allowed(method)

@@ -13,7 +13,7 @@ from gateway.outbox.backends import (
     hold_outbox,
     open_outbox,
 )
-from gateway.outbox.interface import Outbox
+from gateway.outbox.interface import AcceptsSoon, Outbox
 from gateway.outbox.model import (
     STATES,
     AttemptRecord,
@@ -31,6 +31,7 @@ from gateway.outbox.model import (
 
 __all__ = [
     "STATES",
+    "AcceptsSoon",
     "AttemptRecord",
     "AttemptResult",
     "Backlog",

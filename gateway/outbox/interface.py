@@ -16,8 +16,9 @@ What the admin console reads is part of it too (a backend provides all of it): `
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, MutableMapping, Sequence
-from typing import Protocol
+import asyncio
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
+from typing import Protocol, TypeVar
 
 from gateway.outbox.model import (
     AttemptRecord,
@@ -30,7 +31,9 @@ from gateway.outbox.model import (
     State,
 )
 
-__all__ = ["Outbox"]
+__all__ = ["AcceptsSoon", "Outbox"]
+
+T = TypeVar("T")
 
 
 class Outbox(Protocol):
@@ -173,4 +176,25 @@ class Outbox(Protocol):
 
     async def close(self) -> None:
         """Finish what is already queued, then let go of the storage."""
+        ...
+
+
+class AcceptsSoon(Protocol):
+    """What a backend may offer besides :class:`Outbox`: :meth:`Outbox.accept` as a future,
+    made without a coroutine, with the same promise (it resolves only once the notification
+    and its deliveries are durable). The listener's ack path uses it when there, to spare each
+    request a task of its own."""
+
+    def accept_soon(
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None = None,
+        *,
+        then: Callable[[list[Delivery] | None], T],
+    ) -> asyncio.Future[T]:
+        """The future of ``then(what accept returns)``, called on the event loop's thread once
+        the notification is durable (what ``then`` raises fails the future)."""
         ...

@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,47 @@ async def test_a_group_of_outcomes_alone_commits_without_an_fsync_and_an_accept_
     finally:
         await writer.close()
     assert seen == expected
+
+
+async def test_a_jobs_after_step_makes_its_result_and_its_failure_fails_that_job_alone(
+    tmp_path: Path,
+) -> None:
+    """Three jobs committed in one group: ``after`` turns one's result on the event loop's
+    thread, an ``after`` that raises fails its own future only, and the third is untouched."""
+
+    def open_connection(at: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(at, isolation_level=None, check_same_thread=False)
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+        return conn
+
+    def broken(rowid: int) -> int:
+        raise ValueError(f"cannot make a delivery of row {rowid}")
+
+    def insert(n: int) -> Callable[[sqlite3.Connection], int | None]:
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (n,)).lastrowid
+
+    writer = Writer(tmp_path / "after.sqlite3", open_connection)
+    try:
+        loop = asyncio.get_running_loop()
+        seen: list[object] = []
+
+        def doubled(rowid: int) -> int:
+            seen.append(asyncio.get_running_loop())  # raises off the loop's thread
+            return rowid * 2
+
+        made = writer.submit(insert(1), after=doubled)
+        failed = writer.submit(insert(2), after=broken)
+        plain = writer.submit(insert(3))
+        assert await made == 2
+        with pytest.raises(ValueError, match="row 2"):
+            await failed
+        assert await plain == 3
+        assert seen == [loop]
+        assert (
+            await writer.submit(
+                lambda conn: conn.execute("SELECT count(*) FROM t").fetchone()[0], read=True
+            )
+            == 3
+        )
+    finally:
+        await writer.close()

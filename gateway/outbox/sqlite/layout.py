@@ -228,6 +228,20 @@ def _damaged_message(path: Path, problem: str) -> str:
     )
 
 
+def _null(value: None) -> None:
+    return value
+
+
+# sqlite3 binds int, float, str and bytearray as they are, but first "adapts" a bytes or a None
+# parameter: it finds no adapter registered, looks for ``__adapt__`` on its protocol class and
+# formats the AttributeError that lookup raises, about 1,500 instructions a parameter, and
+# every notification binds several (its digest twice, its body, an absent trace or conversation
+# key). Registered adapters that return the value itself bind exactly the same thing without
+# the error. Process-wide, as sqlite3's registry is; neither changes what any statement stores.
+sqlite3.register_adapter(bytes, bytes)
+sqlite3.register_adapter(type(None), _null)
+
+
 def open_store(path: Path, busy_timeout_s: float = 5.0) -> tuple[sqlite3.Connection, str]:
     """Open ``path`` with the durability settings the outbox promises, giving a new file the
     current layout; ``(connection, delivery id prefix)``. Another layout raises OutboxError.

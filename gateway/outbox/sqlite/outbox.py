@@ -10,6 +10,7 @@ that runs it in group commits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -41,6 +42,11 @@ from gateway.outbox.sqlite.writer import Writer
 __all__ = ["SqliteOutbox"]
 
 T = TypeVar("T")
+
+
+def _same(deliveries: list[Delivery] | None) -> list[Delivery] | None:
+    return deliveries
+
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +110,50 @@ class SqliteOutbox:
         """Store a verified notification and its deliveries; return the deliveries (so the
         dispatcher can start them without reading them back). ``None``: an identical body was
         already received inside the deduplication window, and nothing new is stored."""
-        stored = await self.run(
-            functools.partial(
-                store.insert_notification,
-                digest=hashlib.sha256(body).digest(),
-                since=now - self.dedup_window_s,
-                now=now,
-                signature=signature,
-                body=body,
-                routes=routes,
-                trace=trace,
-            )
+        return await self.accept_soon(body, signature, routes, now, trace, then=_same)
+
+    def accept_soon(
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None = None,
+        *,
+        then: Callable[[list[Delivery] | None], T],
+    ) -> asyncio.Future[T]:
+        """:meth:`accept` as the future of ``then(its result)``, called on the event loop's
+        thread once the group holding it has committed: the listener's ack path waits for it
+        without a task and three coroutines per request (see
+        :meth:`gateway.edge.callback.Callback.notify_soon`)."""
+        job = functools.partial(
+            store.insert_notification,
+            digest=hashlib.sha256(body).digest(),
+            since=now - self.dedup_window_s,
+            now=now,
+            signature=signature,
+            body=body,
+            routes=routes,
+            trace=trace,
         )
+        made = functools.partial(self._deliveries, body, signature, routes, now, trace)
+        future: asyncio.Future[T] = self._writer.submit(job, after=lambda row: then(made(row)))
+        return future
+
+    def _deliveries(
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None,
+        stored: tuple[int, list[int], list[int]] | None,
+    ) -> list[Delivery] | None:
+        """The deliveries :func:`store.insert_notification` stored (``None``: a duplicate).
+        Built on the event loop's thread after the commit rather than in the job: the job runs
+        under the write lock that the other worker processes wait for."""
         if stored is None:
             return None
-        # The Delivery objects are built here, after the commit, rather than in the job: the
-        # job runs under the write lock that the other worker processes wait for.
         notification_id, rowids, behind = stored
         return Delivery.fresh(
             [delivery_id_of(self._prefix, rowid) for rowid in rowids],

@@ -88,7 +88,7 @@ Job = Callable[[sqlite3.Connection], Any]
 
 
 class _Job:
-    __slots__ = ("at", "durable", "func", "future", "loop", "read")
+    __slots__ = ("after", "at", "durable", "func", "future", "loop", "read")
 
     def __init__(
         self,
@@ -97,12 +97,14 @@ class _Job:
         future: asyncio.Future[Any],
         durable: bool,
         read: bool = False,
+        after: Callable[[Any], Any] | None = None,
     ) -> None:
         self.func = func
         self.loop = loop
         self.future = future
         self.durable = durable
         self.read = read  # writes nothing: runs at once, in a read transaction when alone
+        self.after = after  # turns the result into the future's, on the event loop's thread
         self.at = time.monotonic()  # submitted
 
 
@@ -119,14 +121,25 @@ def linger_for(durable_jobs: int, average_gap_s: float | None) -> float:
     return min(LINGER_MAX_S, 1.5 * average_gap_s)
 
 
-def _resolve_all(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, error in items:
+_Answer = tuple[asyncio.Future[Any], Any, BaseException | None, Callable[[Any], Any] | None]
+
+
+def _resolve_all(items: list[_Answer]) -> None:
+    for future, result, error, after in items:
         if future.done():  # the awaiting request was cancelled (client went away)
             continue
         if error is not None:
             future.set_exception(error)
-        else:
+        elif after is None:
             future.set_result(result)
+        else:
+            # Here rather than in a callback of the future: one turn of the loop less.
+            try:
+                value = after(result)
+            except Exception as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(value)
 
 
 class _Busy:
@@ -234,7 +247,7 @@ def _alone(
         return None, OutboxError(f"outbox write failed: {exc}")
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path | str) -> tuple[int, int] | None:
     """The device and inode of the file at ``path``; ``None`` when there is none."""
     try:
         found = os.stat(path)
@@ -246,11 +259,23 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def unwritable(path: Path) -> str | None:
     """Why the outbox at ``path`` must not be touched now (see the module docstring): one of
     its files exists and may not be written; ``None`` when all may be."""
-    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
-        file = path.with_name(name)
+    return _refusal(_files(path))
+
+
+def _files(path: Path) -> tuple[str, ...]:
+    """The outbox file, its log and its shared-memory index, as names for system calls: made
+    once per writer, since pathlib's joins cost more than the checks themselves."""
+    return tuple(
+        str(path.with_name(name)) for name in (path.name, f"{path.name}-wal", f"{path.name}-shm")
+    )
+
+
+def _refusal(files: tuple[str, ...]) -> str | None:
+    """:func:`unwritable` of the names :func:`_files` made."""
+    for file in files:
         # access(2) refuses writing to an immutable file even to root; a file not there yet
         # is SQLite's to create.
-        if not os.access(file, os.W_OK) and file.exists():
+        if not os.access(file, os.W_OK) and os.path.exists(file):
             return (
                 f"outbox file '{file}' cannot be written (read-only or immutable); nothing is"
                 " acknowledged until it can"
@@ -275,6 +300,8 @@ class Writer:
         """``busy_timeout_s``: the busy timeout ``open_connection`` gives the connection; a
         group waits only what is left of it since its oldest job came."""
         self.path = path
+        self._name = str(path)  # for the checks before each transaction, made once
+        self._files = _files(path)
         self._open_connection = open_connection
         self._busy_timeout_s = busy_timeout_s
         self._busy = _Busy(busy_timeout_s)  # the writer thread's
@@ -302,16 +329,25 @@ class Writer:
 
     # -- the event loop's side ---------------------------------------------------------------
 
-    def submit(self, func: Job, *, durable: bool = True, read: bool = False) -> asyncio.Future[Any]:
+    def submit(
+        self,
+        func: Job,
+        *,
+        durable: bool = True,
+        read: bool = False,
+        after: Callable[[Any], Any] | None = None,
+    ) -> asyncio.Future[Any]:
         """Queue ``func``; the future resolves with its result once its group has committed.
-        ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction)."""
+        ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction).
+        ``after``: the future resolves with ``after(result)`` instead, called on the event
+        loop's thread (its exception fails the future)."""
         if self._closing or not self._thread.is_alive():
             raise OutboxError("outbox is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._turn:
             loop.call_soon(self._hand_over)
-        self._turn.append(_Job(func, loop, future, durable and not read, read))
+        self._turn.append(_Job(func, loop, future, durable and not read, read, after))
         return future
 
     def _hand_over(self) -> None:
@@ -426,7 +462,7 @@ class Writer:
 
     def _still_there(self) -> bool:
         """Whether the file at the path is the one open; logs when that changes."""
-        here = _identity(self.path) == self._identity
+        here = _identity(self._name) == self._identity
         if not here and self._lost is None:
             self._lost = (
                 f"outbox file '{self.path}' was removed or replaced while the gateway ran;"
@@ -445,7 +481,7 @@ class Writer:
         if not self._still_there():
             error = OutboxError(self._lost or "outbox lost")
             results = [(None, error)] * len(group)
-        elif (refused := unwritable(self.path)) is not None:
+        elif (refused := _refusal(self._files)) is not None:
             results = [(None, OutboxError(refused))] * len(group)
         else:
             try:
@@ -468,7 +504,7 @@ class Writer:
             error = OutboxError(self._lost or "outbox lost")
             self._answer(group, [(None, error)] * len(group))
             return
-        if (refused := unwritable(self.path)) is not None:
+        if (refused := _refusal(self._files)) is not None:
             self.failure = refused
             self._answer(group, [(None, OutboxError(refused))] * len(group))
             return
@@ -517,9 +553,9 @@ class Writer:
 
     def _answer(self, group: list[_Job], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per event loop for the whole group rather than one per job.
-        answers: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
+        answers: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
         for job, (result, error) in zip(group, results, strict=True):
-            answers.setdefault(job.loop, []).append((job.future, result, error))
+            answers.setdefault(job.loop, []).append((job.future, result, error, job.after))
         for loop, items in answers.items():
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
                 loop.call_soon_threadsafe(_resolve_all, items)
