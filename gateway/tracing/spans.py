@@ -45,13 +45,11 @@ _UNTRUSTED: Final[Mapping[str, Any]] = {"gateway.link": "untrusted"}
 _NO_ATTRIBUTES: Final[Mapping[str, Any]] = {}
 
 # Ids from the random module (as the SDK's), reseeded in each forked worker by the module itself.
-_random_bytes = random.randbytes
+_random_bits = random.getrandbits  # the bits as an int: no frame of random.randbytes
 _NO_PARENT: Final = b""
-_ZERO_SPAN: Final = bytes(8)
-_ZERO_TRACE: Final = bytes(16)
+_LOW_64: Final = (1 << 64) - 1
 
 
-_ONE_SPAN: Final = bytes(7) + b"\x01"
 _STORED_KEPT: Final = 1024  # the trace contexts whose parents are kept (a fraction of a second)
 
 
@@ -98,8 +96,7 @@ class Span(trace.Span):
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
-        span_id = _random_bytes(8)
-        self.span_id = span_id if span_id != _ZERO_SPAN else _ONE_SPAN  # all zeros: invalid
+        self.span_id = (_random_bits(64) or 1).to_bytes(8)  # all zeros: invalid
         self.parent_id = parent_id  # b"": a root
         self.trace_state = trace_state
         self.remote_parent = remote_parent
@@ -221,10 +218,9 @@ class Tracing:
         self._stored: dict[str, Parent] = {}
 
     def _root(self) -> tuple[bytes, bool]:
-        trace_id = _random_bytes(16)
-        if trace_id == _ZERO_TRACE:  # all zeros: invalid
-            trace_id = bytes(15) + b"\x01"
-        return trace_id, self._all or int.from_bytes(trace_id[8:]) < self._bound
+        bits = _random_bits(128) or 1  # all zeros: invalid
+        # TraceIdRatioBased reads the low 64 bits of the trace id.
+        return bits.to_bytes(16), self._all or bits & _LOW_64 < self._bound
 
     def server_span(self, path: str, attributes: Mapping[str, Any], foreign: str | None) -> Span:
         """The SERVER span of one ``POST path`` at the callback, with ``attributes`` (see
