@@ -70,8 +70,9 @@ class Batches:
         self._max_queued = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
         self._batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self._max_queued)
         self._flush_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
-        # Spans as they ended: encoding them here, in bulk, costs less than span by span on
-        # the event loop (bench/README.md, "Issue 24: the cost of tracing").
+        # Spans as they ended, encoded by this thread a batch at a time: the event loop's turn
+        # for a request does not carry the encoding (bench/README.md, "Issue 24: where
+        # tracing's CPU goes").
         self._queue: collections.deque[Span] = collections.deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
