@@ -372,6 +372,7 @@ def test_an_attempt_has_the_same_parent_in_the_storing_process_and_after_a_resta
     stored text gives a process that never saw it (a restart, another gateway)."""
     storing, _ = _tracing(ratio)
     stored = storing.stored(storing.server_span("/w", {}, None))
+    assert stored is not None
     ((here, here_headers),) = storing.attempt_spans("http://t/", "t", [("d1", stored, 1)])
     restarted, _ = _tracing(ratio)
     ((there, there_headers),) = restarted.attempt_spans("http://t/", "t", [("d1", stored, 1)])
