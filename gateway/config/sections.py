@@ -34,6 +34,7 @@ from gateway.config.rules import (
     is_loopback,
     is_server_url,
 )
+from gateway.config.sampling import SamplerUnknown, sample_ratio
 from gateway.errors import ConfigError
 
 __all__ = ["ConfigReader"]
@@ -110,20 +111,15 @@ class ConfigReader(Reader):
         defaults: dict[str, Any] = {}
         if "service_name" not in given and self.env.get("OTEL_SERVICE_NAME"):
             defaults["service_name"] = self.env["OTEL_SERVICE_NAME"]
-        ratio = self.env.get("OTEL_TRACES_SAMPLER_ARG")
-        if "sample_ratio" not in given and ratio:
+        if "sample_ratio" not in given:
+            sampler = self.env.get("OTEL_TRACES_SAMPLER")
+            argument = self.env.get("OTEL_TRACES_SAMPLER_ARG")
             try:
-                defaults["sample_ratio"] = float(ratio)
-            except ValueError:
+                defaults["sample_ratio"] = sample_ratio(sampler, argument)
+            except SamplerUnknown as exc:
                 raise ConfigError(
-                    f"{self.source}: tracing.sample_ratio is not set and OTEL_TRACES_SAMPLER_ARG"
-                    f" = {ratio!r} is not a number from 0 to 1"
+                    f"{self.source}: tracing.sample_ratio is not set and {exc}"
                 ) from None
-            if not 0 <= defaults["sample_ratio"] <= 1:
-                raise ConfigError(
-                    f"{self.source}: tracing.sample_ratio is not set and OTEL_TRACES_SAMPLER_ARG"
-                    f" = {ratio!r} is not a number from 0 to 1"
-                )
         hints = get_type_hints(TracingConfig)
         tracing = TracingConfig(**(defaults | self.table("tracing", "tracing", value, hints, ())))
         if tracing.enabled and not all(installed(module) for module in _TRACING_MODULES):

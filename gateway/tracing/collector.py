@@ -60,6 +60,26 @@ class Collector:
         return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}".rstrip(":")
 
 
+def _timeout_s(raw: str | None) -> float:
+    """``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`` in seconds: the variable is in milliseconds (the
+    OpenTelemetry specification's "Configuration options" of the OTLP exporter), 10 s when
+    unset; one that is not a positive number is warned of and left at 10 s."""
+    if not raw:
+        return _DEFAULT_TIMEOUT_S
+    try:
+        timeout_ms = float(raw)
+    except ValueError:
+        timeout_ms = 0.0
+    if not 0 < timeout_ms < float("inf"):
+        log.warning(
+            "OTLP timeout %r is not a positive number of milliseconds; using %d ms",
+            raw,
+            _DEFAULT_TIMEOUT_S * 1000,
+        )
+        return _DEFAULT_TIMEOUT_S
+    return timeout_ms / 1000
+
+
 def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
     """The collector of ``[tracing] endpoint`` (a base URL: spans go to its /v1/traces) and the
     ``OTEL_EXPORTER_OTLP_*`` variables in ``env``."""
@@ -71,12 +91,7 @@ def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
         base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or _DEFAULT_ENDPOINT
         url = base.rstrip("/") + "/" + _TRACES_PATH
     headers = dict(parse_env_headers(_variable(env, "HEADERS") or "", liberal=True))
-    timeout_s = _DEFAULT_TIMEOUT_S
-    if raw := _variable(env, "TIMEOUT"):
-        try:
-            timeout_s = float(raw)
-        except ValueError:
-            log.warning("OTLP timeout %r is not a number; using %s s", raw, _DEFAULT_TIMEOUT_S)
+    timeout_s = _timeout_s(_variable(env, "TIMEOUT"))
     compression = (_variable(env, "COMPRESSION") or "none").strip().lower()
     if compression not in ("none", "gzip", "deflate"):
         log.warning("OTLP compression %r is not none, gzip or deflate; using none", compression)

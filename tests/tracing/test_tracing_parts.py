@@ -4,6 +4,8 @@ collector's settings from the OTEL_* variables, and the exporter against a real 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -227,8 +229,8 @@ def test_encoding_is_what_opentelemetry_proto_decodes() -> None:
             {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": "https://base:4318",
                 "OTEL_EXPORTER_OTLP_HEADERS": "api-key=abc%20def,x-team=edge",
-                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2.5",
-                "OTEL_EXPORTER_OTLP_TIMEOUT": "7",
+                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2500",
+                "OTEL_EXPORTER_OTLP_TIMEOUT": "7000",
                 "OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP",
                 "OTEL_EXPORTER_OTLP_CERTIFICATE": "/etc/ca.pem",
             },
@@ -258,6 +260,27 @@ def test_collector_settings_follow_the_otel_variables(
     """[tracing] endpoint first, then the signal's variables, then the general ones; an
     unknown compression is none."""
     assert collector_from(endpoint, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "timeout_s"),
+    [
+        ({}, 10.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "250"}, 0.25),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "10000"}, 10.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "1.5"}, 0.0015),
+        ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "3000", "OTEL_EXPORTER_OTLP_TIMEOUT": "9"}, 3.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, 10.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "0"}, 10.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "-5"}, 10.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "nan"}, 10.0),
+        ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "inf"}, 10.0),
+    ],
+)
+def test_otlp_timeout_variables_are_milliseconds(env: dict[str, str], timeout_s: float) -> None:
+    """OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT is read in milliseconds, as the specification says;
+    what is not a positive number leaves the default of 10 s."""
+    assert collector_from("http://c:4318", env).timeout_s == pytest.approx(timeout_s)
 
 
 async def test_exporter_posts_with_the_configured_headers_and_compression() -> None:
@@ -296,3 +319,68 @@ async def test_a_collector_that_refuses_an_export_loses_that_batch_only() -> Non
         await exporting.close()
     assert [span.name for span in receiver.spans] == ["POST /second"]
     assert exporting.batches.exported == 1
+
+
+async def test_closing_exports_every_span_still_queued() -> None:
+    """Spans that wait for the schedule delay (here ten minutes) are not lost at shutdown: the
+    close exports them all, in one request."""
+    async with Receiver() as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_BSP_SCHEDULE_DELAY": "600000"},
+        )
+        for number in range(5):
+            Tracing.end_server(exporting.tracing.server_span(f"/{number}", {}, None), 200)
+        await asyncio.sleep(0.2)
+        assert receiver.raw == []  # less than a batch, long before the delay: still queued
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == [f"POST /{n}" for n in range(5)]
+    assert len(receiver.raw) == 1
+    assert exporting.batches.exported == 5
+
+
+async def test_spans_beyond_the_queue_size_are_dropped_and_counted_never_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OTEL_BSP_MAX_QUEUE_SIZE bounds what waits for export, and the request path never waits
+    for the exporter: here the collector cannot answer (it runs on this event loop, busy ending
+    the spans), so the exporter takes one batch at most and the spans past the queue's bound
+    are dropped, counted, warned of once, then in total at shutdown."""
+    async with Receiver() as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_SCHEDULE_DELAY": "600000"},
+        )
+        for number in range(10):
+            Tracing.end_server(exporting.tracing.server_span(f"/{number}", {}, None), 200)
+        dropped = exporting.batches.dropped
+        assert 2 <= dropped <= 6  # 4 queued, and at most one batch of 4 taken meanwhile
+        await exporting.close()
+    names = [span.name for span in receiver.spans]
+    assert names[:4] == [f"POST /{n}" for n in range(4)]
+    assert len(names) == exporting.batches.exported == 10 - dropped
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("dropping" in message for message in warnings) == 1
+    assert f"{dropped} spans were dropped: the export queue was full" in warnings
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_an_attempt_has_the_same_parent_in_the_storing_process_and_after_a_restart(
+    ratio: float,
+) -> None:
+    """The parent an attempt finds among the contexts stored moments before is the one the
+    stored text gives a process that never saw it (a restart, another gateway)."""
+    storing, _ = _tracing(ratio)
+    stored = storing.stored(storing.server_span("/w", {}, None))
+    assert stored is not None
+    ((here, here_headers),) = storing.attempt_spans("http://t/", "t", [("d1", stored, 1)])
+    restarted, _ = _tracing(ratio)
+    ((there, there_headers),) = restarted.attempt_spans("http://t/", "t", [("d1", stored, 1)])
+    assert (here.trace_id, here.parent_id, here.sampled, here.trace_state) == (
+        there.trace_id,
+        there.parent_id,
+        there.sampled,
+        there.trace_state,
+    )
+    assert here_headers["traceparent"][:36] == there_headers["traceparent"][:36] == stored[:36]
+    assert here_headers["traceparent"][-2:] == stored[-2:] == ("01" if ratio else "00")

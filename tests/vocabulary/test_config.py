@@ -1193,6 +1193,18 @@ def test_rejects_target_tls_files_that_cannot_apply(
             TracingConfig(enabled=True, service_name="from-env", sample_ratio=0.5),
             id="otel-variables-where-the-file-is-silent",
         ),
+        pytest.param(
+            {"tracing.enabled": "true"},
+            {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
+            TracingConfig(enabled=True, sample_ratio=0.0),
+            id="otel-sampler-where-the-file-is-silent",
+        ),
+        pytest.param(
+            {"tracing.enabled": "true", "tracing.sample_ratio": "0.75"},
+            {"OTEL_TRACES_SAMPLER": "always_off"},
+            TracingConfig(enabled=True, sample_ratio=0.75),
+            id="the-file-wins-over-the-sampler",
+        ),
     ],
 )
 def test_tracing_section_takes_otel_variables_where_it_is_silent(
@@ -1220,6 +1232,13 @@ def test_tracing_section_takes_otel_variables_where_it_is_silent(
             {"OTEL_TRACES_SAMPLER_ARG": "half"},
             "<file>: tracing.sample_ratio is not set and OTEL_TRACES_SAMPLER_ARG = 'half' is not"
             " a number from 0 to 1",
+        ),
+        (
+            {},
+            {"OTEL_TRACES_SAMPLER": "xray"},
+            "<file>: tracing.sample_ratio is not set and OTEL_TRACES_SAMPLER = 'xray' is not one"
+            " of always_on, always_off, traceidratio, parentbased_always_on,"
+            " parentbased_always_off, parentbased_traceidratio",
         ),
         (
             {"tracing.exporter": '"zipkin"'},
