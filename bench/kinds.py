@@ -130,7 +130,8 @@ def gateway_round(bench: Bench, kind: str, number: int, urls: tuple[str, str],
         drained = wait_drained(gateway, 120)
         total, e2e_ticks = time.monotonic() - started, cpu_ticks(gateway.proc.pid) - ticks
         target_ticks = cpu_ticks(target_pid) - target_ticks
-        load_busy, load_total = (now - then for now, then in zip(busy_ticks(a.load_cpus), load))
+        load_busy, load_total = (
+            now - then for now, then in zip(busy_ticks(a.load_cpus), load, strict=True))
         states = gateway.outbox_stats()["states"]
         delivered = states.get("delivered", 0) - before
         return {"kind": kind, "round": number, "ack_rps": acks["rps"], "ack_p50_ms": acks["p50_ms"],
