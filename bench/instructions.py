@@ -21,8 +21,14 @@ dispatcher's poll is set to an hour), a few parts in a thousand at callgrind's p
 Revisions are built as ``bench/compare.py`` builds them (``git archive``, a fresh venv, the plain
 ``pip install .``); ``.`` is this checkout as it is, uncommitted changes included.
 
+``--kind redis`` or ``--kind nats`` sends to a Redis stream or a NATS JetStream stream instead
+(Debian's ``redis-server`` / ``nats-server``, started for each run, outside callgrind), and a
+request counts as delivered once the outbox has recorded it: the same count for each kind of
+target, whose differences are then the senders' and what their timing does to the rest.
+
 Usage:
   bench/instructions.py fbb3e16 HEAD --shared DIR [--count 2000] [--rounds 2] [--workdir W]
+  bench/instructions.py . --kind redis --count 1000   (the whole gateway with a Redis target)
   bench/instructions.py fbb3e16 . --new --count 300   (new connections: the handshake and
                                                        what Python does around it)
 """
@@ -44,13 +50,14 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -157,6 +164,51 @@ def until_delivered(bench: ModuleType, sink_port: int, count: int) -> None:
         time.sleep(0.2)
 
 
+def until_recorded(outbox: Path, count: int) -> None:
+    """Until the outbox has ``count`` deliveries recorded as delivered (a broker target: no
+    sink to ask)."""
+    deadline = time.monotonic() + 300
+    while True:
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(
+            sqlite3.connect(outbox, timeout=30)
+        ) as conn:
+            query = "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
+            if conn.execute(query).fetchone()[0] >= count:
+                return
+        if time.monotonic() > deadline:
+            raise SystemExit("the outbox did not record every delivery")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def broker(kind: str) -> Iterator[tuple[str, str]]:
+    """(url, extra TOML) of the run's one target: the sink's URL is filled in for "http"."""
+    if kind == "http":
+        yield "", ""
+        return
+    sys.path.append(str(HERE.parent / "tests" / "support"))
+    from brokers import nats_server, redis_server
+
+    if kind == "redis":
+        with redis_server() as server:
+            yield server.url, 'kind = "redis"\nstream = "bench"\nmaxlen = 100000'
+        return
+    with nats_server() as server:
+        import asyncio
+
+        import nats
+
+        async def make() -> None:
+            client = await nats.connect(server.url)
+            try:
+                await client.jetstream().add_stream(name="BENCH", subjects=["bench.>"])
+            finally:
+                await client.close()
+
+        asyncio.run(make())
+        yield server.url, 'kind = "nats"\nsubject = "bench.notifications"'
+
+
 def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: Path,
             installed: bool, work: Path) -> int:
     """Start the gateway under callgrind, warm it up, count ``--count`` requests and their
@@ -190,6 +242,8 @@ def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: 
     }
     if installed:
         env["WABA_BENCH_INSTALLED"] = "1"
+    if args.kind != "http":
+        env["BENCH_TARGET_URL"], env["WABA_BENCH_TARGET_TOML"] = args.target
     logfile = folder / "gateway.log"
     with logfile.open("wb") as output:
         gateway = subprocess.Popen(["bash", str(adapter)], env=env, stdout=output,
@@ -210,7 +264,10 @@ def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: 
                 if status != 200:
                     raise SystemExit(f"answered {status}:\n{logfile.read_text()[-3000:]}")
                 posted += 1
-            until_delivered(bench, sink_port, posted)
+            if args.kind == "http":
+                until_delivered(bench, sink_port, posted)
+            else:
+                until_recorded(folder / "outbox.sqlite3", posted)
             time.sleep(args.settle_s)  # the outcomes' lazy commit
             control("-z" if phase == "warmup" else "-d", gateway.pid)
     finally:
@@ -249,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="runs per revision")
     parser.add_argument("--new", action="store_true",
                         help="a new connection (a full TLS handshake) for each request")
+    parser.add_argument("--kind", choices=("http", "redis", "nats"), default="http",
+                        help="the target's kind (redis, nats: install REV[redis,nats])")
     parser.add_argument("--extras", default="", help="install REV[EXTRAS]")
     parser.add_argument("--workdir", type=Path, help="keep builds here and reuse them")
     parser.add_argument("--start-timeout", type=float, default=600)
@@ -273,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             made = compare.build(rev, work, args.extras)
             builds.append((f"{rev} ({made.commit[:10]})", made.python, made.adapter, True))
     figures: dict[str, list[float]] = {name: [] for name, *_ in builds}
+    target = broker(args.kind)
+    args.target = target.__enter__()
     try:
         for round_no in range(1, args.rounds + 1):
             order = builds if round_no % 2 else list(reversed(builds))
@@ -282,11 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"round {round_no}: {name}: {total / args.count:,.0f} instructions per "
                     f"request ({total:,} in {args.count})")
     finally:
+        target.__exit__(None, None, None)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     over = "a new mTLS connection each" if args.new else "one kept-alive mTLS connection"
     print(f"instructions per request (callgrind; {args.count} requests over {over}, one at a "
-          f"time, each delivered; median [min..max] of {args.rounds})")
+          f"time, each delivered to a {args.kind} target; median [min..max] of {args.rounds})")
     first = statistics.median(figures[builds[0][0]])
     for name, values in figures.items():
         median = statistics.median(values)

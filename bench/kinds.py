@@ -7,7 +7,11 @@ target: the HTTP sink, a Redis stream (``redis-server``), a NATS JetStream strea
 (``nats-server -js``). For the gateway it measures keep-alive acks (``ab -k`` for ``--duration``
 seconds) and then delivered per second: ``--e2e-count`` notifications acknowledged *and*
 delivered (the outbox drained), over the time from the first request to the last delivery. The
-gateway on ``--gw-cpus``; ab, the sink and the brokers on ``--load-cpus``.
+gateway on ``--gw-cpus``; ab, the sink and the brokers on ``--load-cpus``. Over that e2e phase it
+also reports the target's own CPU per delivery (the sink, ``redis-server`` or ``nats-server``:
+it shares the load's CPUs with ab) and how busy the load's CPUs were: a target that costs more
+there, or load CPUs at 100 %, slow ab down, and a gateway sent fewer requests at once does more
+work per request.
 
     python bench/kinds.py --sink "$SHARED/sink.py" --payload "$SHARED/payload.json" --rounds 3
 
@@ -48,19 +52,21 @@ from bench import (
 KINDS = ("http", "redis", "nats")
 
 
-def start_brokers(bench: Bench, cpus: str | None) -> tuple[str, str]:
+def start_brokers(bench: Bench, cpus: str | None) -> tuple[str, str, int, int]:
     """redis-server and nats-server -js on loopback, nothing saved for Redis, JetStream on disk
-    (as a deployment's would be); their URLs."""
+    (as a deployment's would be); their URLs and process ids."""
     redis_port, nats_port = free_port(), free_port()
     redis = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(bench.tmp)]
     nats = [shutil.which("nats-server", path="/usr/sbin:/usr/bin") or "nats-server", "-js",
             "-sd", str(bench.tmp / "jetstream"), "-a", "127.0.0.1", "-p", str(nats_port)]
+    pids = []
     for name, argv, port in (("redis", redis, redis_port), ("nats", nats, nats_port)):
         proc = Proc(name, pinned(argv, cpus), bench.tmp, dict(os.environ))
         bench.procs.append(proc)
         wait_listening(port, proc, 10)
-    return f"redis://127.0.0.1:{redis_port}/0", f"nats://127.0.0.1:{nats_port}"
+        pids.append(proc.pid)
+    return (f"redis://127.0.0.1:{redis_port}/0", f"nats://127.0.0.1:{nats_port}", *pids)
 
 
 def make_stream(nats_url: str) -> None:
@@ -89,8 +95,22 @@ def target(kind: str, sink_port: int, redis_url: str, nats_url: str) -> tuple[st
     return f"http://127.0.0.1:{sink_port}/sink", ""
 
 
+def busy_ticks(cpus: str) -> tuple[int, int]:
+    """(busy, total) clock ticks so far of the CPUs ``cpus`` names ("1", "0,1"), from
+    /proc/stat: what share of the load's CPUs was in use, whoever used it."""
+    wanted = {f"cpu{n}" for n in cpus.split(",")}
+    busy = total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name in wanted:
+            ticks = [int(v) for v in values[:8]]
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]  # less idle and iowait
+    return busy, total
+
+
 def gateway_round(bench: Bench, kind: str, number: int, urls: tuple[str, str],
-                  sink_port: int) -> dict[str, Any]:
+                  sink_port: int, target_pid: int) -> dict[str, Any]:
     a = bench.args
     url, toml = target(kind, sink_port, *urls)
     gateway = bench.gateway(f"gw-{kind}-{number}", target_port=sink_port, cpus=a.gw_cpus,
@@ -104,10 +124,14 @@ def gateway_round(bench: Bench, kind: str, number: int, urls: tuple[str, str],
         ack_ticks = cpu_ticks(gateway.proc.pid) - ticks
         wait_drained(gateway, 120)
         before = gateway.outbox_stats()["states"].get("delivered", 0)
+        target_ticks, load = cpu_ticks(target_pid), busy_ticks(a.load_cpus)
         started, ticks = time.monotonic(), cpu_ticks(gateway.proc.pid)
         e2e = run_ab(bench, gateway.url, keepalive=True, count=a.e2e_count, cpus=a.load_cpus)
         drained = wait_drained(gateway, 120)
         total, e2e_ticks = time.monotonic() - started, cpu_ticks(gateway.proc.pid) - ticks
+        target_ticks = cpu_ticks(target_pid) - target_ticks
+        load_busy, load_total = (
+            now - then for now, then in zip(busy_ticks(a.load_cpus), load, strict=True))
         states = gateway.outbox_stats()["states"]
         delivered = states.get("delivered", 0) - before
         return {"kind": kind, "round": number, "ack_rps": acks["rps"], "ack_p50_ms": acks["p50_ms"],
@@ -116,6 +140,10 @@ def gateway_round(bench: Bench, kind: str, number: int, urls: tuple[str, str],
                 # it also delivered, and per notification acknowledged *and* delivered.
                 "ack_cpu_us": _per(ack_ticks, acks["complete"]),
                 "e2e_cpu_us": _per(e2e_ticks, delivered),
+                # What the target (the sink, redis-server, nats-server) cost per delivery on
+                # the load's CPUs, which ab shares, and how busy those CPUs were meanwhile.
+                "target_cpu_us": _per(target_ticks, delivered),
+                "load_cpu_busy": round(load_busy / load_total, 3) if load_total else None,
                 "e2e_errors": e2e["errors"],
                 "delivered": delivered, "drained": drained is not None,
                 "dead": states.get("dead", 0),
@@ -162,8 +190,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         return f"{statistics.median(values):,.0f} [{min(values):,.0f}..{max(values):,.0f}]"
 
     lines = ["| run | acks/s (keep-alive) | ack p50 / p99 ms | CPU us per ack | delivered/s |"
-             " CPU us per notification acked and delivered |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             " CPU us per notification acked and delivered | target's CPU us per delivery |"
+             " load CPU busy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for kind in ("ref-1p", *KINDS):
         mine = [row for row in rows if row["kind"] == kind]
         if not mine:
@@ -173,11 +202,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         delivered = [row["delivered_per_s"] for row in mine if row.get("delivered_per_s")]
         ack_cpu = [row["ack_cpu_us"] for row in mine if row.get("ack_cpu_us")]
         e2e_cpu = [row["e2e_cpu_us"] for row in mine if row.get("e2e_cpu_us")]
+        target_cpu = [row["target_cpu_us"] for row in mine if row.get("target_cpu_us")]
+        busy = [row["load_cpu_busy"] * 100 for row in mine if row.get("load_cpu_busy")]
         name = "plain receiver (ref-1p)" if kind == "ref-1p" else f"waba-gateway, {kind} target"
         lines.append(f"| {name} | {spread([row['ack_rps'] for row in mine])} | {p50:.2f} / "
                      f"{p99:.1f} | {spread(ack_cpu)} | "
                      f"{spread(delivered) if kind != 'ref-1p' else 'n/a'} | "
-                     f"{spread(e2e_cpu) if kind != 'ref-1p' else 'n/a'} |")
+                     f"{spread(e2e_cpu) if kind != 'ref-1p' else 'n/a'} | "
+                     f"{spread(target_cpu) if kind != 'ref-1p' else 'n/a'} | "
+                     f"{spread(busy) + ' %' if kind != 'ref-1p' else 'n/a'} |")
     return "\n".join(lines)
 
 
@@ -215,16 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         sink_port = free_port()
-        bench.sink(sink_port, args.load_cpus)
-        urls = start_brokers(bench, args.load_cpus)
-        make_stream(urls[1])
+        sink = bench.sink(sink_port, args.load_cpus)
+        redis_url, nats_url, redis_pid, nats_pid = start_brokers(bench, args.load_cpus)
+        urls = (redis_url, nats_url)
+        target_pids = {"http": sink.pid, "redis": redis_pid, "nats": nats_pid}
+        make_stream(nats_url)
         order = ["ref-1p", *(kind for kind in KINDS if kind in args.kinds)]
         for number in range(1, args.rounds + 1):
             for kind in order:
                 if kind == "ref-1p":
                     row = receiver_round(bench, number, sink_port)
                 else:
-                    row = gateway_round(bench, kind, number, urls, sink_port)
+                    row = gateway_round(bench, kind, number, urls, sink_port,
+                                        target_pids[kind])
                 log(json.dumps(row))
                 rows.append(row)
             order = order[1:] + order[:1]  # interleaved: each goes first in some round

@@ -3,9 +3,10 @@
 
 Sends ``--count`` deliveries of the payload through each sender (HTTP to the shared sink, Redis
 XADD to ``redis-server``, NATS JetStream publish to ``nats-server -js``), in batches of
-``--batch`` (32) with 8 batches in flight, as the dispatcher does, and prints per kind and
-round: deliveries per second (wall) and microseconds of this process's CPU per delivery. Rounds
-alternate the kinds.
+``--batch`` (32) with ``--in-flight`` (8) batches out at once, as the dispatcher does, and
+prints per kind and round: deliveries per second (wall) and microseconds of this process's CPU
+per delivery. Rounds alternate the kinds. ``--batch 1 --in-flight 1`` is the gateway's usual
+case under a steady load: each batch then pays for its own writes, reads and wake-ups.
 
     PYTHONPATH=.:tests/support python bench/senders.py --sink "$SHARED/sink.py" \\
         --payload "$SHARED/payload.json" --rounds 3
@@ -42,10 +43,10 @@ def delivery(number: int, body: bytes) -> Delivery:
 
 
 async def measure(target: TargetConfig, body: bytes, count: int, first: int,
-                  size: int = 32) -> str:
+                  size: int = 32, in_flight: int = 8) -> str:
     sender = sender_for(target)
     await sender.warm()
-    room = asyncio.Semaphore(8)
+    room = asyncio.Semaphore(in_flight)
 
     async def batch(start: int) -> None:
         async with room:
@@ -78,7 +79,8 @@ async def run(args: argparse.Namespace, http_port: int) -> None:
         for number in range(args.rounds):
             turn = number % len(targets)
             for target in targets[turn:] + targets[:turn]:
-                line = await measure(target, body, args.count, number * args.count, args.batch)
+                line = await measure(target, body, args.count, number * args.count, args.batch,
+                                     args.in_flight)
                 print(f"round {number + 1} {line}", flush=True)
 
 
@@ -91,6 +93,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32,
                         help="deliveries per batch (the gateway's come in batches of 1 to"
                              " pipeline = 32, as many as came due in one turn of its loop)")
+    parser.add_argument("--in-flight", type=int, default=8,
+                        help="batches out at once (the gateway under load mostly has 1: each"
+                             " batch then pays for its own reads, writes and wake-ups)")
     parser.add_argument("--kinds", default="http,redis,nats",
                         help="the kinds to measure, comma-separated")
     args = parser.parse_args()

@@ -12,10 +12,11 @@ stream's ``max_msg_size``, are permanent: retrying cannot change them, so they a
 with that reason. Anything else (server down, no acknowledgement in time) is retried.
 
 nats-py keeps what a driver is for: the servers, connecting and reconnecting, credentials, TLS,
-the connection's read loop and its writer. The hot part is done here instead, with the protocol
-as JetStream defines it: each message one ``HPUB`` to the subject with a reply subject of its
-own under one inbox this sender subscribes to once per connection, the batch's messages
-written at once with a single flush, and each acknowledgement matched to its delivery by its
+the connection's read loop and the queue of what it has to write. The hot part is done here
+instead, with the protocol as JetStream defines it: each message one ``HPUB`` to the subject
+with a reply subject of its own under one inbox this sender subscribes to once per connection,
+the batch's messages written at once, behind that queue, without waking nats-py's flusher
+task (:func:`_publish`), and each acknowledgement matched to its delivery by its
 reply subject as nats-py's parser reads it (:class:`_Client`). nats-py's ``publish_async``
 encodes and validates the headers, makes a future, a token and a done callback, and takes a
 semaphore, for every message, and its subscriptions hand each message on as an object, through
@@ -310,20 +311,29 @@ class JetStreamSender:
 
 
 async def _publish(client: Client, data: bytes) -> None:
-    """Hand ``data`` (whole HPUB messages) to nats-py's writer and flush it once, as its own
-    ``publish()`` does for one message, refusing as it does on a connection that cannot take
-    it now. A connection that is reconnecting is refused too, rather than buffered: the
-    deliveries are retried with backoff instead of waiting for a server that may not return."""
+    """Write ``data`` (whole HPUB messages) on the connection now, behind whatever nats-py has
+    queued, refusing as its ``publish()`` does on a connection that cannot take it now. A
+    connection that is reconnecting is refused too, rather than buffered: the deliveries are
+    retried with backoff instead of waiting for a server that may not return.
+
+    Written here rather than by nats-py's flusher task, which ``publish()`` wakes through a
+    queue: that is one more task step, and one more turn of the event loop, for every batch,
+    which in the gateway (mostly one batch out at a time, as notifications arrive) cost more
+    than the rest of a small batch's publish."""
     if client.is_closed:
         raise nats.errors.ConnectionClosedError
     if client.is_draining_pubs:
         raise nats.errors.ConnectionDrainingError
-    if not client.is_connected:
+    if not client.is_connected or client._transport is None:
         raise nats.errors.ConnectionReconnectingError
-    # Behind whatever nats-py has queued (the reply subscription's SUB first), never ahead.
+    # Behind whatever nats-py has queued (the reply subscription's SUB first), never ahead:
+    # the flusher writes the same list, so whichever runs first writes it all, in order.
     await client._send_command(data)
-    if client._flush_queue is not None and client._flush_queue.empty():
-        await client._flush_pending()
+    pending, client._pending, client._pending_data_size = client._pending, [], 0
+    if pending:  # empty if _send_command flushed it all itself (over max_pending_size)
+        client._transport.writelines(pending)
+        # Returns at once unless the socket's buffer is full (nats-py leaves it untyped).
+        await client._transport.drain()  # type: ignore[no-untyped-call]
 
 
 def _reason(exc: BaseException) -> str:

@@ -325,3 +325,28 @@ async def test_redis_connection_the_server_closed_between_batches_is_replaced(
     finally:
         await admin.aclose()
         await sender.close()
+
+
+async def test_nats_batches_written_at_once_and_together_are_each_stored_once(
+    nats: BrokerServer,
+) -> None:
+    """A batch's messages are written by the sender itself, behind nats-py's queue: batches
+    out together and a batch larger than the socket's buffer (the write waits for room) are
+    each acknowledged, and the stream holds every message once."""
+    destination = NatsDestination(nats)
+    await destination.reset()
+    sender = JetStreamSender(destination.target("together"))
+    big = b"x" * 200_000  # 24 of them: more than a loopback socket buffers at once
+    try:
+        batches = [[pending_delivery(n * 10 + i, prefix="g") for i in range(5)] for n in range(6)]
+        batches.append([pending_delivery(100 + i, big, prefix="g") for i in range(24)])
+        answers = await asyncio.gather(
+            *(sender.send_many(batch, [1] * len(batch)) for batch in batches)
+        )
+        assert all(r.accepted for results in answers for r in results), answers
+        assert not sender._waiting
+    finally:
+        await sender.close()
+    received = await destination.received("together")
+    ids = sorted(r.headers["X-Gateway-Delivery-Id"] for r in received)
+    assert ids == sorted(d.id for batch in batches for d in batch)
