@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import re
+import shutil
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+from ci import unavailable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pki import ClientKind, Pki
@@ -536,3 +539,63 @@ def test_handshake_failures_without_an_openssl_reason_are_timeout_or_closed(
 ) -> None:
     """asyncio's handshake timeout and a peer gone mid-handshake get reasons of their own."""
     assert handshake_failure(exc) == (reason, type(exc).__name__)
+
+
+# The server's certificate chain ------------------------------------------------------------------
+
+
+async def certificates_sent(tls: TlsConfig, pki: Pki) -> int:
+    """How many certificates the server sends in its handshake, as ``openssl s_client`` shows
+    them (Python's ssl before 3.13 shows the client the leaf alone)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        unavailable("openssl's command line tool is not installed (Debian: openssl)")
+    async with serving(build_server_context(tls)) as server:
+        client = await asyncio.create_subprocess_exec(
+            openssl,
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{server.port}",
+            "-showcerts",
+            "-cert",
+            str(pki.client_chain_file),
+            "-cert_chain",  # -cert sends the leaf alone
+            str(pki.client_chain_file),
+            "-key",
+            str(pki.client_key_file),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(TIMEOUT_S):
+            shown, _ = await client.communicate()
+        await server.settled()
+    assert server.refusals == []
+    return shown.count(b"-----BEGIN CERTIFICATE-----")
+
+
+def issued_by(issuer: trustme.CA, directory: Path, *, with_issuer: bool) -> tuple[Path, Path]:
+    """A server certificate for localhost from ``issuer``: its file (the leaf
+    alone, or the leaf and ``issuer``'s own certificate) and its key."""
+    leaf = issuer.issue_cert("localhost", "127.0.0.1")
+    pems = [blob.bytes() for blob in leaf.cert_chain_pems]
+    cert = write(directory / "server.pem", b"".join(pems if with_issuer else pems[:1]))
+    return cert, write(directory / "server.key", leaf.private_key_pem.bytes())
+
+
+async def test_sends_the_leaf_alone_when_the_client_ca_could_chain_it(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A leaf-only tls.cert_file is sent alone, even when its issuer is in the client CA bundle."""
+    # The root the client CA bundle holds issued the server certificate too: OpenSSL would
+    # otherwise build [leaf, root] from that bundle at every handshake.
+    cert, key = issued_by(pki.meta_root_ca, tmp_path, with_issuer=False)
+    tls = dataclasses.replace(pki.tls_config(), cert_file=cert, key_file=key)
+    assert await certificates_sent(tls, pki) == 1
+
+
+async def test_sends_the_chain_the_certificate_file_holds(pki: Pki, tmp_path: Path) -> None:
+    """The intermediates after the leaf in tls.cert_file are still sent, in full."""
+    cert, key = issued_by(pki.meta_intermediate, tmp_path, with_issuer=True)
+    tls = dataclasses.replace(pki.tls_config(), cert_file=cert, key_file=key)
+    assert await certificates_sent(tls, pki) == 2
