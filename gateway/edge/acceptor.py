@@ -23,6 +23,12 @@ every connection (a quarter of a million instructions, about 2 % of a new connec
 its handshake), and each TLS read asks OpenSSL for up to that many bytes. 64 KiB still holds
 four full TLS records per read. The handshake, its timeout and every check are asyncio's, as
 with ``ssl=...``.
+
+On asyncio's loop, too, a connection without a PROXY header needs no task: the accepted socket
+gets its transport at once, and the TLS protocol tells the acceptor how its handshake ended
+(asyncio's ``connect_accepted_socket`` runs a coroutine, two futures and a task per connection
+for the same, a tenth of what Python does around a handshake). A PROXY header is read first, in
+a task, as before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import socket
 import ssl
 from asyncio import selector_events, sslproto
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from gateway.units import SECONDS
 
@@ -67,14 +74,58 @@ READ_BUFFER_BYTES = 64 * 1024  # a TLS connection's read buffer on asyncio's loo
 
 
 class _TLSProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a smaller read buffer (see the module docstring)."""
+    """asyncio's TLS protocol with a smaller read buffer, telling ``handshake_ended(self,
+    error)`` instead of a future how its handshake ended (see the module docstring)."""
 
     max_size = READ_BUFFER_BYTES
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app_protocol: asyncio.Protocol,
+        context: ssl.SSLContext,
+        handshake_ended: Callable[[_TLSProtocol, BaseException | None], None],
+    ) -> None:
+        super().__init__(
+            loop,
+            app_protocol,
+            context,
+            None,  # type: ignore[arg-type]  # no waiter: asyncio takes None (typeshed says not)
+            server_side=True,
+            ssl_handshake_timeout=int(TLS_HANDSHAKE_TIMEOUT_S),  # typeshed's int: 30 s is one
+        )
+        self._handshake_ended: Callable[[_TLSProtocol, BaseException | None], None] | None = (
+            handshake_ended
+        )
+
+    def _wakeup_waiter(self, exc: BaseException | None = None) -> None:
+        # asyncio's one call where the handshake ends: complete (the application protocol has
+        # its connection), failed, or the connection lost first; the first call only.
+        ended, self._handshake_ended = self._handshake_ended, None
+        if ended is None:
+            return
+        if exc is None and self._transport is None:
+            # Lost without an error while under way: aborted (Acceptor.close) or reset.
+            exc = ConnectionAbortedError("the connection closed during the TLS handshake")
+        ended(self, exc)
+
+    def abort(self) -> None:
+        """Close the connection at once, without a word of TLS."""
+        if self._transport is not None:
+            cast(asyncio.Transport, self._transport).abort()
 
 
 # Before the handshake, given the accepted socket and its peer: the client's address (a PROXY
 # protocol header names it), or None to close the connection unanswered.
 BeforeTLS = Callable[[socket.socket, str], Awaitable[str | None]]
+
+
+def _peer(conn: socket.socket) -> str:
+    """The accepted socket's peer address, or "-" for one reset while it was queued."""
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return "-"
 
 
 class Acceptor:
@@ -99,8 +150,12 @@ class Acceptor:
         self._loop = asyncio.get_running_loop()
         # uvloop has a TLS protocol of its own, in C: it keeps ssl=...
         self._lean = isinstance(self._loop, selector_events.BaseSelectorEventLoop)
-        # Each handshake under way, with its socket while the task has not yet taken it over.
+        # Each handshake under way in a task (after a PROXY header, or on uvloop), with its
+        # socket while the task has not yet handed it over; and each one without a task.
         self._handshakes: dict[asyncio.Task[None], socket.socket | None] = {}
+        self._securing: set[_TLSProtocol] = set()
+        self._remotes: dict[_TLSProtocol, str] = {}
+        self._none_securing = asyncio.Event()  # set when closed and the last of those ended
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop.add_reader(sock, self._accept)
@@ -124,6 +179,9 @@ class Acceptor:
                 self._loop.remove_reader(self._sock)
                 self._retry = self._loop.call_later(_RETRY_ACCEPT_S, self._resume)
                 return
+            if self._lean and self._before_tls is None:
+                self._start_tls(conn, _peer(conn))
+                continue
             task = self._loop.create_task(self._secure(conn))
             self._handshakes[task] = conn
             task.add_done_callback(self._done)
@@ -136,11 +194,7 @@ class Acceptor:
     async def _secure(self, conn: socket.socket) -> None:
         task = asyncio.current_task()
         assert task is not None
-        try:
-            peer = conn.getpeername()
-        except OSError:  # reset while queued
-            peer = None
-        client = str(peer[0]) if peer else "-"
+        client = _peer(conn)
         if self._before_tls is not None:
             # Accepted sockets do not inherit the listener's O_NONBLOCK, and the loop's
             # sock_recv would block the whole loop on a blocking one.
@@ -152,38 +206,46 @@ class Acceptor:
                 return
             client = named
         self._handshakes[task] = None  # from here on the transport owns (and closes) conn
+        if self._lean:
+            self._start_tls(conn, client)
+            return
         try:
-            if self._lean:
-                await self._handshake(conn, client)
-            else:
-                await self._loop.connect_accepted_socket(
-                    lambda: self._protocol_factory(client),
-                    conn,
-                    ssl=self._context,
-                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
-                )
+            await self._loop.connect_accepted_socket(
+                lambda: self._protocol_factory(client),
+                conn,
+                ssl=self._context,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+            )
         except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout: all OSErrors
             self._failed(client, exc)
 
-    async def _handshake(self, conn: socket.socket, client: str) -> None:
+    def _start_tls(self, conn: socket.socket, client: str) -> None:
         """What ``connect_accepted_socket(ssl=...)`` does on asyncio's loop, with
-        :class:`_TLSProtocol`: returns once the handshake is complete and the connection's
-        protocol has it; raises as that would."""
-        handshake = self._loop.create_future()
+        :class:`_TLSProtocol` and without a task: the transport owns (and closes) ``conn``
+        from here on, and :meth:`_handshake_ended` hears how the handshake ended."""
         tls = _TLSProtocol(
-            self._loop,
-            self._protocol_factory(client),
-            self._context,
-            handshake,
-            server_side=True,
-            ssl_handshake_timeout=int(TLS_HANDSHAKE_TIMEOUT_S),  # typeshed's int: 30 s is one
+            self._loop, self._protocol_factory(client), self._context, self._handshake_ended
         )
-        transport, _ = await self._loop.connect_accepted_socket(lambda: tls, conn)
-        try:
-            await handshake
-        except BaseException:
-            transport.abort()  # as asyncio closes a connection whose handshake did not complete
-            raise
+        self._securing.add(tls)
+        self._remotes[tls] = client
+        conn.setblocking(False)
+        # The transport connect_accepted_socket would make, without its waiter: it calls
+        # connection_made, which starts the handshake, on the loop's next turn.
+        # (A method of every selector loop since Python 3.4, absent from typeshed.)
+        self._loop._make_socket_transport(conn, tls)  # type: ignore[attr-defined]
+
+    def _handshake_ended(self, tls: _TLSProtocol, error: BaseException | None) -> None:
+        self._securing.discard(tls)
+        client = self._remotes.pop(tls, "-")
+        if self._closed and not self._securing:
+            self._none_securing.set()
+        if error is None:
+            return  # the connection's protocol has it
+        tls.abort()  # as asyncio closes a connection whose handshake did not complete
+        if isinstance(error, OSError):  # ssl.SSLError, a reset, the handshake timeout
+            self._failed(client, error)
+        else:  # not a failed handshake: a fault of ours
+            log.error("accepting a connection failed", exc_info=error)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         conn = self._handshakes.pop(task, None)
@@ -204,8 +266,12 @@ class Acceptor:
         self._sock.close()
         for task in list(self._handshakes):
             task.cancel()  # connect_accepted_socket closes its transport
+        for tls in list(self._securing):
+            tls.abort()  # its handshake ends, aborted, on the loop's next turn
 
     async def wait_closed(self) -> None:
         """Until every abandoned handshake has ended."""
         if self._handshakes:
             await asyncio.gather(*self._handshakes, return_exceptions=True)
+        if self._securing:  # each ends at the latest when its aborted transport is lost
+            await self._none_securing.wait()

@@ -19,6 +19,7 @@ import uvloop
 from helpers import VERIFY_TOKEN, gateway_config
 from pki import Pki
 
+from gateway.edge import acceptor
 from gateway.runtime.gateway import Gateway
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -85,3 +86,30 @@ def test_handshake_cut_short_by_shutdown_is_not_counted_as_the_clients_failure(
     with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
         text = runner.run(scenario())
     assert "waba_gateway_tls_handshake_failures_total{" not in text
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_handshake_that_never_completes_ends_at_its_timeout_counted_as_timeout(
+    pki: Pki, tmp_path: Path, loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and never sends its ClientHello is closed at the handshake
+    timeout, and the failure is counted as ``timeout``; the gateway still serves."""
+    monkeypatch.setattr(acceptor, "TLS_HANDSHAKE_TIMEOUT_S", 1.0)
+
+    async def scenario() -> tuple[bytes, str, bytes]:
+        async with Gateway(gateway_config(pki, tmp_path, admin=False)) as gateway:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            async with asyncio.timeout(CLIENT_TIMEOUT_S):
+                closed = await reader.read()  # the gateway's end of it: EOF, nothing sent
+            writer.close()
+            loop = asyncio.get_running_loop()
+            answer = await loop.run_in_executor(
+                None, _verify, gateway.port, pki.client_context("meta")
+            )
+            return closed, gateway.stats.render().decode(), answer
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        closed, text, answer = runner.run(scenario())
+    assert closed == b""
+    assert 'waba_gateway_tls_handshake_failures_total{reason="timeout"} 1' in text
+    assert answer.endswith(b"\r\n\r\n4242")
