@@ -18,11 +18,12 @@ Here each accepted socket goes to ``connect_accepted_socket(ssl=...)``: the TLS 
 it from its first byte.
 
 On asyncio's own loop the TLS protocol is made here rather than by ``ssl=...``, the same class
-with a read buffer of 64 KiB instead of 256 KiB: asyncio allocates and zeroes that buffer for
-every connection (a quarter of a million instructions, about 2 % of a new connection's CPU with
-its handshake), and each TLS read asks OpenSSL for up to that many bytes. 64 KiB still holds
-four full TLS records per read. The handshake, its timeout and every check are asyncio's, as
-with ``ssl=...``.
+reading into one buffer of 64 KiB that every connection of the acceptor shares, instead of a
+256 KiB buffer asyncio allocates, zeroes and frees for each connection (a quarter of a million
+instructions, about 2 % of a new connection's CPU with its handshake; 64 KiB cost 260,000 less
+but still about 100,000 a connection in ``malloc_consolidate``, as freeing 64 KiB or more
+triggers it). Each TLS read asks OpenSSL for up to 64 KiB, four full TLS records. The
+handshake, its timeout and every check are asyncio's, as with ``ssl=...``.
 
 On asyncio's loop, too, a connection without a PROXY header needs no task: the accepted socket
 gets its transport at once, and the TLS protocol tells the acceptor how its handshake ended
@@ -70,14 +71,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-READ_BUFFER_BYTES = 64 * 1024  # a TLS connection's read buffer on asyncio's loop
+READ_BUFFER_BYTES = 64 * 1024  # the TLS connections' one read buffer on asyncio's loop
 
 
 class _TLSProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a smaller read buffer, telling ``handshake_ended(self,
-    error)`` instead of a future how its handshake ended (see the module docstring)."""
+    """asyncio's TLS protocol reading into its acceptor's one read buffer, telling
+    ``handshake_ended(self, error)`` instead of a future how its handshake ended (see the
+    module docstring)."""
 
-    max_size = READ_BUFFER_BYTES
+    # asyncio's __init__ allocates a read buffer of max_size for each connection: none here.
+    max_size = 0
 
     def __init__(
         self,
@@ -85,6 +88,7 @@ class _TLSProtocol(sslproto.SSLProtocol):
         app_protocol: asyncio.Protocol,
         context: ssl.SSLContext,
         handshake_ended: Callable[[_TLSProtocol, BaseException | None], None],
+        read_buffer: memoryview,
     ) -> None:
         super().__init__(
             loop,
@@ -97,6 +101,14 @@ class _TLSProtocol(sslproto.SSLProtocol):
         self._handshake_ended: Callable[[_TLSProtocol, BaseException | None], None] | None = (
             handshake_ended
         )
+        # Each read goes into the buffer and is copied at once into this connection's TLS
+        # input (buffer_updated, a MemoryBIO) before the loop runs anything else: one buffer
+        # serves every connection of the loop. max_size is also what one SSLObject.read() asks.
+        self._ssl_buffer_view = read_buffer
+        self.max_size = len(read_buffer)  # type: ignore[misc]  # typeshed: ClassVar; read per instance
+
+    def get_buffer(self, n: int) -> memoryview:
+        return self._ssl_buffer_view
 
     def _wakeup_waiter(self, exc: BaseException | None = None) -> None:
         # asyncio's one call where the handshake ends: complete (the application protocol has
@@ -155,6 +167,7 @@ class Acceptor:
         self._handshakes: dict[asyncio.Task[None], socket.socket | None] = {}
         self._securing: set[_TLSProtocol] = set()
         self._remotes: dict[_TLSProtocol, str] = {}
+        self._read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))  # see _TLSProtocol
         self._none_securing = asyncio.Event()  # set when closed and the last of those ended
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -224,7 +237,11 @@ class Acceptor:
         :class:`_TLSProtocol` and without a task: the transport owns (and closes) ``conn``
         from here on, and :meth:`_handshake_ended` hears how the handshake ended."""
         tls = _TLSProtocol(
-            self._loop, self._protocol_factory(client), self._context, self._handshake_ended
+            self._loop,
+            self._protocol_factory(client),
+            self._context,
+            self._handshake_ended,
+            self._read_buffer,
         )
         self._securing.add(tls)
         self._remotes[tls] = client
