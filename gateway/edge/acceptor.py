@@ -105,6 +105,7 @@ class _TLSProtocol(sslproto.SSLProtocol):
         # input (buffer_updated, a MemoryBIO) before the loop runs anything else: one buffer
         # serves every connection of the loop. max_size is also what one SSLObject.read() asks.
         self._ssl_buffer_view = read_buffer
+        self.client = "-"  # the client's address, for the report of a failed handshake
         self.max_size = len(read_buffer)  # type: ignore[misc]  # typeshed: ClassVar; read per instance
 
     def get_buffer(self, n: int) -> memoryview:
@@ -132,12 +133,9 @@ class _TLSProtocol(sslproto.SSLProtocol):
 BeforeTLS = Callable[[socket.socket, str], Awaitable[str | None]]
 
 
-def _peer(conn: socket.socket) -> str:
-    """The accepted socket's peer address, or "-" for one reset while it was queued."""
-    try:
-        return str(conn.getpeername()[0])
-    except OSError:
-        return "-"
+def _host(address: object) -> str:
+    """The client's address as ``accept()`` gave it (host, port, ...): its host, or "-"."""
+    return str(address[0]) if isinstance(address, tuple) and address else "-"
 
 
 class Acceptor:
@@ -166,7 +164,6 @@ class Acceptor:
         # socket while the task has not yet handed it over; and each one without a task.
         self._handshakes: dict[asyncio.Task[None], socket.socket | None] = {}
         self._securing: set[_TLSProtocol] = set()
-        self._remotes: dict[_TLSProtocol, str] = {}
         self._read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))  # see _TLSProtocol
         self._none_securing = asyncio.Event()  # set when closed and the last of those ended
         self._retry: asyncio.TimerHandle | None = None
@@ -181,7 +178,7 @@ class Acceptor:
         # As many as are queued (up to the backlog), then back to the loop.
         for _ in range(BACKLOG):
             try:
-                conn, _ = self._sock.accept()
+                conn, address = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -193,9 +190,9 @@ class Acceptor:
                 self._retry = self._loop.call_later(_RETRY_ACCEPT_S, self._resume)
                 return
             if self._lean and self._before_tls is None:
-                self._start_tls(conn, _peer(conn))
+                self._start_tls(conn, _host(address), address)
                 continue
-            task = self._loop.create_task(self._secure(conn))
+            task = self._loop.create_task(self._secure(conn, address))
             self._handshakes[task] = conn
             task.add_done_callback(self._done)
 
@@ -204,10 +201,10 @@ class Acceptor:
         if not self._closed:
             self._loop.add_reader(self._sock, self._accept)
 
-    async def _secure(self, conn: socket.socket) -> None:
+    async def _secure(self, conn: socket.socket, address: object) -> None:
         task = asyncio.current_task()
         assert task is not None
-        client = _peer(conn)
+        client = _host(address)
         if self._before_tls is not None:
             # Accepted sockets do not inherit the listener's O_NONBLOCK, and the loop's
             # sock_recv would block the whole loop on a blocking one.
@@ -220,7 +217,7 @@ class Acceptor:
             client = named
         self._handshakes[task] = None  # from here on the transport owns (and closes) conn
         if self._lean:
-            self._start_tls(conn, client)
+            self._start_tls(conn, client, address)
             return
         try:
             await self._loop.connect_accepted_socket(
@@ -232,7 +229,7 @@ class Acceptor:
         except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout: all OSErrors
             self._failed(client, exc)
 
-    def _start_tls(self, conn: socket.socket, client: str) -> None:
+    def _start_tls(self, conn: socket.socket, client: str, address: object) -> None:
         """What ``connect_accepted_socket(ssl=...)`` does on asyncio's loop, with
         :class:`_TLSProtocol` and without a task: the transport owns (and closes) ``conn``
         from here on, and :meth:`_handshake_ended` hears how the handshake ended."""
@@ -243,24 +240,26 @@ class Acceptor:
             self._handshake_ended,
             self._read_buffer,
         )
+        tls.client = client
         self._securing.add(tls)
-        self._remotes[tls] = client
         conn.setblocking(False)
         # The transport connect_accepted_socket would make, without its waiter: it calls
         # connection_made, which starts the handshake, on the loop's next turn.
-        # (A method of every selector loop since Python 3.4, absent from typeshed.)
-        self._loop._make_socket_transport(conn, tls)  # type: ignore[attr-defined]
+        # (A method of every selector loop since Python 3.4, absent from typeshed.) The peer's
+        # address is accept()'s, rather than asked of the kernel again.
+        self._loop._make_socket_transport(  # type: ignore[attr-defined]
+            conn, tls, extra={"peername": address}
+        )
 
     def _handshake_ended(self, tls: _TLSProtocol, error: BaseException | None) -> None:
         self._securing.discard(tls)
-        client = self._remotes.pop(tls, "-")
         if self._closed and not self._securing:
             self._none_securing.set()
         if error is None:
             return  # the connection's protocol has it
         tls.abort()  # as asyncio closes a connection whose handshake did not complete
         if isinstance(error, OSError):  # ssl.SSLError, a reset, the handshake timeout
-            self._failed(client, error)
+            self._failed(tls.client, error)
         else:  # not a failed handshake: a fault of ours
             log.error("accepting a connection failed", exc_info=error)
 
