@@ -241,15 +241,20 @@ class Acceptor:
             self._read_buffer,
         )
         tls.client = client
+        try:
+            conn.setblocking(False)
+            # The transport connect_accepted_socket would make, without its waiter: it calls
+            # connection_made, which starts the handshake, on the loop's next turn.
+            # (A method of every selector loop since Python 3.4, absent from typeshed.) The
+            # peer's address is accept()'s, rather than asked of the kernel again.
+            self._loop._make_socket_transport(  # type: ignore[attr-defined]
+                conn, tls, extra={"peername": address}
+            )
+        except OSError as exc:  # reset before it began (TCP_NODELAY on a dead socket, say)
+            conn.close()
+            self._failed(client, exc)
+            return
         self._securing.add(tls)
-        conn.setblocking(False)
-        # The transport connect_accepted_socket would make, without its waiter: it calls
-        # connection_made, which starts the handshake, on the loop's next turn.
-        # (A method of every selector loop since Python 3.4, absent from typeshed.) The peer's
-        # address is accept()'s, rather than asked of the kernel again.
-        self._loop._make_socket_transport(  # type: ignore[attr-defined]
-            conn, tls, extra={"peername": address}
-        )
 
     def _handshake_ended(self, tls: _TLSProtocol, error: BaseException | None) -> None:
         self._securing.discard(tls)
