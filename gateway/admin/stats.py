@@ -259,6 +259,7 @@ class Stats:
             ["cn"],
             registry=self.registry,
         )
+        self._seen_clients: dict[str, int] = {}  # since the last flush, by CN
         self._last_client: tuple[str, float] | None = None
         self._last_address: str | None = None
         self._proxy_refusals = Counter(
@@ -349,7 +350,15 @@ class Stats:
         self._handshake_failures.labels(reason=reason).inc()
 
     def saw_client(self, cn: str | None, address: str | None = None) -> None:
-        self._clients.labels(cn=cn or _NO_CERTIFICATE).inc()
+        """A new connection's client, by its CN. On every new connection: in one process
+        counted in plain numbers and handed over by :meth:`flush`, which every scrape runs
+        first (a ``labels()`` lookup and an increment cost more than the rest of the identity
+        check); with workers written at once, as a scrape reads what each worker wrote."""
+        key = cn or _NO_CERTIFICATE
+        if self._shared_dir is None:
+            self._seen_clients[key] = self._seen_clients.get(key, 0) + 1
+        else:
+            self._clients.labels(cn=key).inc()
         if cn:
             # Kept in memory by the process that saw it: with workers, the admin listener's
             # process shows the last CN it saw itself. The address is no label: one series
@@ -378,11 +387,14 @@ class Stats:
         times.counts[bisect.bisect_left(self._request_bounds, seconds)] += 1
 
     def flush(self) -> None:
-        """Hand the answer times, attempts and delivery latencies gathered since the last flush
-        to their metrics (the runtime calls it every second and before each scrape)."""
+        """Hand the answer times, clients, attempts and delivery latencies gathered since the
+        last flush to their metrics (the runtime calls it every second and before each scrape)."""
         for status, times in self._answered.items():
             _hand_over(self._requests.labels(status=str(status)), times)
         self._answered.clear()
+        for cn, count in self._seen_clients.items():
+            self._clients.labels(cn=cn).inc(count)
+        self._seen_clients.clear()
         for (target, outcome), count in self._attempted.items():
             self._attempts.labels(target=target, outcome=outcome).inc(count)
         self._attempted.clear()
@@ -441,6 +453,7 @@ class Stats:
 
     def totals(self) -> Totals:
         """The counts ``render`` shows, read back as numbers."""
+        self.flush()
         values: dict[str, dict[str, int]] = {}
         for family in self._gathered().collect():
             for sample in family.samples:
