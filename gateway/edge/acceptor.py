@@ -106,6 +106,8 @@ class _TLSProtocol(sslproto.SSLProtocol):
         # serves every connection of the loop. max_size is also what one SSLObject.read() asks.
         self._ssl_buffer_view = read_buffer
         self.client = "-"  # the client's address, for the report of a failed handshake
+        # The socket's transport, known before connection_made gives it (see abort).
+        self.accepted: asyncio.Transport | None = None
         self.max_size = len(read_buffer)  # type: ignore[misc]  # typeshed: ClassVar; read per instance
 
     def get_buffer(self, n: int) -> memoryview:
@@ -119,13 +121,15 @@ class _TLSProtocol(sslproto.SSLProtocol):
             return
         if exc is None and self._transport is None:
             # Lost without an error while under way: aborted (Acceptor.close) or reset.
-            exc = ConnectionAbortedError("the connection closed during the TLS handshake")
+            exc = ConnectionResetError("the connection closed during the TLS handshake")
         ended(self, exc)
 
     def abort(self) -> None:
-        """Close the connection at once, without a word of TLS."""
-        if self._transport is not None:
-            cast(asyncio.Transport, self._transport).abort()
+        """Close the connection at once, without a word of TLS; also before connection_made
+        (then the handshake never starts reading: an aborted transport adds no reader)."""
+        transport = self._transport or self.accepted
+        if transport is not None:
+            cast(asyncio.Transport, transport).abort()
 
 
 # Before the handshake, given the accepted socket and its peer: the client's address (a PROXY
@@ -247,7 +251,7 @@ class Acceptor:
             # connection_made, which starts the handshake, on the loop's next turn.
             # (A method of every selector loop since Python 3.4, absent from typeshed.) The
             # peer's address is accept()'s, rather than asked of the kernel again.
-            self._loop._make_socket_transport(  # type: ignore[attr-defined]
+            tls.accepted = self._loop._make_socket_transport(  # type: ignore[attr-defined]
                 conn, tls, extra={"peername": address}
             )
         except OSError as exc:  # reset before it began (TCP_NODELAY on a dead socket, say)

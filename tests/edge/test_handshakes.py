@@ -20,6 +20,8 @@ from helpers import VERIFY_TOKEN, gateway_config
 from pki import Pki
 
 from gateway.edge import acceptor
+from gateway.edge.acceptor import Acceptor, bind
+from gateway.edge.tls import build_server_context
 from gateway.runtime.gateway import Gateway
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -113,3 +115,33 @@ def test_handshake_that_never_completes_ends_at_its_timeout_counted_as_timeout(
     assert closed == b""
     assert 'waba_gateway_tls_handshake_failures_total{reason="timeout"} 1' in text
     assert answer.endswith(b"\r\n\r\n4242")
+
+
+def test_closing_as_a_connection_is_accepted_ends_its_handshake_at_once(pki: Pki) -> None:
+    """A connection accepted just before the listener closes, whose handshake has not yet
+    started, is aborted with the others: closing does not wait out its handshake timeout."""
+
+    async def scenario() -> list[OSError]:
+        loop = asyncio.get_running_loop()
+        failures: list[OSError] = []
+        context = build_server_context(pki.tls_config())
+        closed = asyncio.Event()
+
+        def connection(remote: str) -> asyncio.Protocol:
+            # Runs as the connection is accepted: the close comes before its handshake starts.
+            loop.call_soon(server.close)
+            loop.call_soon(closed.set)
+            return asyncio.Protocol()
+
+        server = Acceptor(
+            bind("127.0.0.1", 0), context, connection, lambda _, exc: failures.append(exc)
+        )
+        with socket.create_connection(("127.0.0.1", server.port)):
+            async with asyncio.timeout(CLIENT_TIMEOUT_S):
+                await closed.wait()
+                await server.wait_closed()
+        return failures
+
+    with asyncio.Runner(loop_factory=LOOPS["asyncio"]) as runner:
+        failures = runner.run(scenario())
+    assert [type(exc) for exc in failures] == [ConnectionResetError]
