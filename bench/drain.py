@@ -47,12 +47,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def store(outbox_path: Path, payload: bytes, count: int, targets: int) -> None:
-    """``count`` distinct notifications, each routed to every target, committed."""
+def store(
+    outbox_path: Path, payload: bytes, count: int, targets: int, conversations: int = 0
+) -> None:
+    """``count`` distinct notifications, each routed to every target, committed; with
+    ``conversations``, notification ``n`` belongs to conversation ``n % conversations`` (its
+    key, as the edge would give it for an ordered target)."""
     from gateway.config import OutboxConfig
     from gateway.outbox import Route, open_outbox
 
-    routes = [Route(f"t{n}", None) for n in range(targets)]
+    def routes(n: int) -> list[Route]:
+        key = f"k{n % conversations}" if conversations else None
+        return [Route(f"t{t}", None, key) for t in range(targets)]
+
     stem = payload.rstrip().removesuffix(b"}")
 
     async def fill() -> None:
@@ -61,7 +68,7 @@ def store(outbox_path: Path, payload: bytes, count: int, targets: int) -> None:
             for start in range(0, count, 500):
                 await asyncio.gather(
                     *(
-                        outbox.accept(stem + b',"n":%d}' % n, "sha256=00", routes, 0.0)
+                        outbox.accept(stem + b',"n":%d}' % n, "sha256=00", routes(n), 0.0)
                         for n in range(start, min(count, start + 500))
                     )
                 )
@@ -71,8 +78,10 @@ def store(outbox_path: Path, payload: bytes, count: int, targets: int) -> None:
     asyncio.run(fill())
 
 
-def drain(outbox_path: Path, port: int, targets: int) -> dict[str, Any]:
-    """Start the dispatcher on the stored outbox; time it until nothing is pending."""
+def drain(outbox_path: Path, port: int, targets: int, order: str = "none") -> dict[str, Any]:
+    """Start the dispatcher on the stored outbox; time it until nothing is pending. Also
+    counted: the claims (calls of the outbox's ``due``) and the deliveries they handed out,
+    and the batches sent: what a drain's rate is made of."""
     import gateway
     from gateway.config import DispatcherConfig, OutboxConfig, TargetConfig
     from gateway.delivery.dispatcher import Dispatcher
@@ -97,8 +106,23 @@ def drain(outbox_path: Path, port: int, targets: int) -> dict[str, Any]:
         outbox = await open_outbox(OutboxConfig(path=outbox_path))
         owed = sum(b.pending for b in await outbox.backlog())
         counted = Counted(owed)
+        claims = {"claims": 0, "claimed": 0}
+        due = outbox.due
+
+        async def counting_due(*args: Any, **kwargs: Any) -> Any:
+            found = await due(*args, **kwargs)
+            claims["claims"] += 1
+            claims["claimed"] += len(found)
+            return found
+
+        outbox.due = counting_due  # type: ignore[method-assign]
         config = [
-            TargetConfig(name=f"t{n}", url=f"http://127.0.0.1:{port}/t{n}") for n in range(targets)
+            TargetConfig(
+                name=f"t{n}",
+                url=f"http://127.0.0.1:{port}/t{n}",
+                order=order,  # type: ignore[arg-type]
+            )
+            for n in range(targets)
         ]
         dispatcher = Dispatcher(
             outbox, config, DispatcherConfig(), retention_s=3600.0, observer=counted
@@ -109,7 +133,13 @@ def drain(outbox_path: Path, port: int, targets: int) -> dict[str, Any]:
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
         await dispatcher.stop()
         await outbox.close()
-        return {"delivered": owed, "wall_s": wall, "cpu_s": cpu, "gateway": gateway.__file__}
+        return {
+            "delivered": owed,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "gateway": gateway.__file__,
+            **claims,
+        }
 
     return asyncio.run(run())
 
@@ -161,10 +191,10 @@ def child(args: argparse.Namespace) -> int:
     if args.child == "forward":
         result = forward(args.port, payload, args.count * args.targets)
     elif args.child == "store":
-        store(Path(args.outbox), payload, args.count, args.targets)
+        store(Path(args.outbox), payload, args.count, args.targets, args.conversations)
         result = {}
     else:
-        result = drain(Path(args.outbox), args.port, args.targets)
+        result = drain(Path(args.outbox), args.port, args.targets, args.order)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -177,6 +207,8 @@ def spawn(
     workdir: Path,
     count: int,
     callgrind: bool = False,
+    order: str = "none",
+    conversations: int | None = None,
 ) -> dict[str, Any]:
     outbox = Path(tempfile.mkdtemp(dir=workdir)) / "outbox.sqlite3"
     env = os.environ | {"PYTHONPATH": str(tree.resolve())}
@@ -197,6 +229,10 @@ def spawn(
             str(count),
             "--targets",
             str(args.targets),
+            "--order",
+            order,
+            "--conversations",
+            str((conversations or args.conversations) if order == "conversation" else 0),
         ]
 
     if what == "drain":  # stored beforehand, in a process of its own: not measured
@@ -242,6 +278,18 @@ def main() -> int:
     parser.add_argument("--gw-cpus", default="0", help="taskset CPUs of the runs ('' for none)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs of the sink")
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument(
+        "--order",
+        default="none",
+        help="the targets' order: none, conversation, or both (none,conversation), each run"
+        " beside the other in every round",
+    )
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=1000,
+        help="with order = conversation: notification n belongs to conversation n %% this",
+    )
     parser.add_argument("--child", choices=("store", "drain", "forward"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--outbox", help=argparse.SUPPRESS)
@@ -281,28 +329,45 @@ def main() -> int:
     return 0
 
 
+def variants(args: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    """Each run of a round: (label, tree, order), every tree with every order asked for."""
+    orders = args.order.split(",")
+    return [
+        (str(tree) if len(orders) == 1 else f"{tree} {order}", tree, order)
+        for tree in args.tree
+        for order in orders
+    ]
+
+
 def interleave(args: argparse.Namespace, port: int, workdir: Path) -> None:
-    trees: list[Path] = args.tree
+    trees = variants(args)
     rate: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     for number in range(args.rounds):
         order = trees if number % 2 == 0 else trees[::-1]
-        runs = [(str(tree), "drain", tree) for tree in order] + [("plain", "forward", trees[0])]
-        for label, what, tree in runs:
-            result = spawn(args, tree, what, port, workdir, args.count)
+        runs = [(label, "drain", tree, mode) for label, tree, mode in order]
+        runs.append(("plain", "forward", args.tree[0], "none"))
+        for label, what, tree, mode in runs:
+            result = spawn(args, tree, what, port, workdir, args.count, order=mode)
             per_s = result["delivered"] / result["wall_s"]
             us = result["cpu_s"] / result["delivered"] * 1e6
             rate.setdefault(label, []).append(per_s)
             cpu.setdefault(label, []).append(us)
+            claims = ""
+            if result.get("claims"):
+                claims = (
+                    f", {result['claims'] / result['wall_s']:,.0f} claims/s,"
+                    f" {result['claimed'] / result['claims']:.1f} handed out per claim"
+                )
             print(
                 f"round {number + 1} {label}: {per_s:,.0f} delivered/s, {us:.1f} us CPU "
-                f"per delivery ({result.get('gateway', 'sender alone')})",
+                f"per delivery{claims} ({result.get('gateway', 'sender alone')})",
                 flush=True,
             )
     for label in rate:
         print(f"{label}: delivered/s {spread(rate[label])}; us CPU/delivery {spread(cpu[label])}")
     if len(trees) == 2:
-        a, b = (str(tree) for tree in trees)
+        a, b = (label for label, _, _ in trees)
         for name, figures in (("delivered/s", rate), ("us CPU/delivery", cpu)):
             ratios = [y / x for x, y in zip(figures[a], figures[b], strict=True)]
             print(f"B/A {name}: {spread(ratios)}")
@@ -313,24 +378,30 @@ def interleave(args: argparse.Namespace, port: int, workdir: Path) -> None:
 
 def callgrind(args: argparse.Namespace, port: int, workdir: Path) -> None:
     per: dict[str, list[float]] = {}
-    trees: list[Path] = args.tree
+    trees = variants(args)
+    conv = args.conversations
     for number in range(args.rounds):
-        for tree in trees if number % 2 == 0 else trees[::-1]:
-            small = spawn(args, tree, "drain", port, workdir, args.count, callgrind=True)
-            large = spawn(args, tree, "drain", port, workdir, 2 * args.count, callgrind=True)
+        for label, tree, mode in trees if number % 2 == 0 else trees[::-1]:
+            runs = [
+                # Twice the conversations too: as many deliveries per conversation in both.
+                spawn(args, tree, "drain", port, workdir, n * args.count, True, mode, n * conv)
+                for n in (1, 2)
+            ]
+            small, large = runs
             delivered = large["delivered"] - small["delivered"]
             each = (large["instructions"] - small["instructions"]) / delivered
-            per.setdefault(str(tree), []).append(each)
+            per.setdefault(label, []).append(each)
             print(
-                f"round {number + 1} {tree}: {each:,.0f} instructions per delivery "
+                f"round {number + 1} {label}: {each:,.0f} instructions per delivery "
                 f"({small['instructions']:,} for {small['delivered']}, "
-                f"{large['instructions']:,} for {large['delivered']}; {large['gateway']})",
+                f"{large['instructions']:,} for {large['delivered']}; claims "
+                f"{small['claims']} and {large['claims']}; {large['gateway']})",
                 flush=True,
             )
-    for tree, figures in per.items():
-        print(f"{tree}: instructions per delivery {spread(figures)}")
+    for label, figures in per.items():
+        print(f"{label}: instructions per delivery {spread(figures)}")
     if len(trees) == 2:
-        a, b = (per[str(tree)] for tree in trees)
+        a, b = (per[label] for label, _, _ in trees)
         ratios = [y / x for x, y in zip(a, b, strict=True)]
         print(f"B/A instructions per delivery: {spread(ratios)}")
 

@@ -15,7 +15,15 @@ import json
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 
-__all__ = ["first_due", "followers", "held_back", "is_behind", "to_the_back"]
+__all__ = [
+    "first_due",
+    "followers",
+    "following",
+    "held_back",
+    "is_behind",
+    "runs_of",
+    "to_the_back",
+]
 
 # Whether an earlier delivery of a conversation is pending (a seek in the partial index).
 _BEHIND = (
@@ -37,18 +45,9 @@ _FIRST_DUE = (
     " ORDER BY next_attempt_at LIMIT ?"
 )
 
-# The same for the conversations of a JSON array of keys: each one's first pending delivery,
-# by one seek into the partial index, kept when it is due.
-_FIRST_DUE_OF = (
-    "SELECT h.id, h.next_attempt_at, h.order_key FROM (SELECT (SELECT e.id FROM deliveries e"
-    " WHERE e.state = 'pending' AND e.target = ?1 AND e.order_key = k.value"
-    " ORDER BY COALESCE(e.position, e.id) LIMIT 1) AS first FROM json_each(?2) AS k) AS f"
-    " JOIN deliveries h ON h.id = f.first WHERE h.next_attempt_at <= ?3"
-    " ORDER BY h.next_attempt_at LIMIT ?4"
-)
-
 # The first ?3 pending deliveries of each conversation of a JSON array of keys, in their order:
-# one seek into the partial index per conversation, as for its first one.
+# one seek into the partial index per conversation. A claim by key takes its first deliveries
+# and their runs from this one statement.
 _FIRST_OF = (
     "SELECT k.value, e.id, e.next_attempt_at FROM json_each(?2) AS k JOIN deliveries e"
     " ON e.id IN (SELECT f.id FROM deliveries f WHERE f.state = 'pending' AND f.target = ?1"
@@ -71,16 +70,26 @@ def is_behind(conn: sqlite3.Connection, target: str, key: str, rowid: int) -> bo
 
 
 def first_due(
-    conn: sqlite3.Connection, target: str, now: float, limit: int, keys: Collection[str] | None
+    conn: sqlite3.Connection, target: str, now: float, limit: int
 ) -> list[tuple[int, str | None]]:
     """Up to ``limit`` row ids of ``target``'s deliveries due by ``now`` that are first of
-    their conversation, oldest first, each with its conversation key: of every conversation,
-    or of those ``keys`` name (one index seek each)."""
-    if keys is None:
-        rows = conn.execute(_FIRST_DUE, (target, now, target, now, limit))
-    else:
-        rows = conn.execute(_FIRST_DUE_OF, (target, json.dumps(sorted(keys)), now, limit))
+    their conversation, oldest first, each with its conversation key (``None``: accepted
+    before the target kept order), from one pass over every conversation."""
+    rows = conn.execute(_FIRST_DUE, (target, now, target, now, limit))
     return [(int(rowid), key) for rowid, _, key in rows]
+
+
+def runs_of(
+    conn: sqlite3.Connection, target: str, keys: Collection[str], length: int
+) -> dict[str, list[tuple[int, float]]]:
+    """For each conversation ``keys`` names that has a pending delivery, its first ``length``
+    pending deliveries in their order, each as (row id, due time): one index seek per
+    conversation, which gives a claim by key both its first deliveries and their runs."""
+    rows = conn.execute(_FIRST_OF, (target, json.dumps(sorted(keys)), length))
+    found: dict[str, list[tuple[int, float]]] = {}
+    for key, rowid, due_at in rows:
+        found.setdefault(key, []).append((int(rowid), float(due_at)))
+    return found
 
 
 def followers(
@@ -90,23 +99,23 @@ def followers(
     deliveries that follow it, in order, each due by ``now``: at most ``length - 1``, and none
     past the first that is not due. A conversation whose first delivery is no longer the one
     given has none."""
-    rows = conn.execute(_FIRST_OF, (target, json.dumps(list(heads)), length))
     found: dict[int, list[int]] = {}
-    run: list[int] = []
-    current: str | None = None
-    open_run = False
-    for key, rowid, due_at in rows:
-        if key != current:
-            current, run = key, []
-            open_run = heads.get(key) == rowid
-            if open_run:
-                found[rowid] = run
-            continue
-        if open_run and due_at <= now:
-            run.append(int(rowid))
-        else:
-            open_run = False
+    for key, run in runs_of(conn, target, heads, length).items():
+        head = run[0][0]
+        if heads[key] == head:
+            found[head] = following(run, now)
     return found
+
+
+def following(run: Sequence[tuple[int, float]], now: float) -> list[int]:
+    """The row ids behind the first of ``run`` (as :func:`runs_of` gives it) that may go with
+    it: each due by ``now``, and none past the first that is not."""
+    ids = []
+    for rowid, due_at in run[1:]:
+        if due_at > now:
+            break
+        ids.append(rowid)
+    return ids
 
 
 def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:

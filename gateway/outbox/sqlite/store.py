@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -194,26 +195,37 @@ def _first_of_conversations(
     ``more``, up to :data:`MORE_KEYS` times ``limit`` conversations whose first delivery is due
     beyond the limit: the pass over the index is the same, and later claims can then ask for
     them by key, one seek each, rather than by another such pass."""
-    extra = MORE_KEYS * limit if keys is None and more is not None else 0
-    heads = conversations.first_due(conn, target, now, limit + len(skip) + extra, keys)
-    chosen = [(rowid, key) for rowid, key in heads if delivery_id_of(prefix, rowid) not in skip]
-    if extra and more is not None:
-        more[target] = [key for _, key in chosen[limit:] if key is not None]
-    chosen = chosen[:limit]
+    follows: dict[int, tuple[int, int]] = {}  # a follower's first delivery, and its step
+    if keys is None:
+        extra = MORE_KEYS * limit if more is not None else 0
+        heads = conversations.first_due(conn, target, now, limit + len(skip) + extra)
+        chosen = [(rowid, key) for rowid, key in heads if delivery_id_of(prefix, rowid) not in skip]
+        if extra and more is not None:
+            more[target] = [key for _, key in chosen[limit:] if key is not None]
+        chosen = chosen[:limit]
+        keyed = {key: rowid for rowid, key in chosen if key is not None}
+        runs = {}
+        if length > 1 and keyed:
+            runs = conversations.followers(conn, target, now, keyed, length)
+    else:
+        # By key: each conversation's first deliveries and its run in one seek.
+        found = conversations.runs_of(conn, target, keys, length)
+        firsts = sorted(
+            (run[0][1], run[0][0], key)
+            for key, run in found.items()
+            if run[0][1] <= now and delivery_id_of(prefix, run[0][0]) not in skip
+        )[:limit]
+        chosen = [(rowid, key) for _, rowid, key in firsts]
+        runs = {rowid: conversations.following(found[key], now) for _, rowid, key in firsts}
     if not chosen:
         return [], {}
     ids = [rowid for rowid, _ in chosen]
-    follows: dict[int, tuple[int, int]] = {}  # a follower's first delivery, and its step
-    keyed = {key: rowid for rowid, key in chosen if key is not None}
-    if length > 1 and keyed:
-        for head, run in conversations.followers(conn, target, now, keyed, length).items():
-            follows.update({rowid: (head, step) for step, rowid in enumerate(run, start=1)})
-            ids.extend(run)
-    marks = ", ".join("?" * len(ids))
-    rows = conn.execute(
-        f"{_DUE_SELECT} WHERE d.id IN ({marks}) AND d.state = 'pending' ORDER BY d.next_attempt_at",
-        ids,
-    ).fetchall()
+    for head, run in runs.items():
+        follows.update({rowid: (head, step) for step, rowid in enumerate(run, start=1)})
+        ids.extend(run)
+    # By id, through the table's own key: the state index would be a pass over every pending
+    # delivery; the order is the caller's (the places below), so no sort of the bodies here.
+    rows = conn.execute(_BODIES_OF, (json.dumps(ids),)).fetchall()
     due_at = {row[0]: row[9] for row in rows}
     places: dict[int, tuple[float, int, int]] = {}
     for row in rows:
@@ -227,6 +239,11 @@ _DUE_SELECT = (
     " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
     " JOIN notifications n ON n.id = d.notification_id"
 )
+
+
+# The pending ones of the deliveries a JSON array of row ids names, with their bodies: one seek
+# by the table's key each (the unary + keeps SQLite from the state index instead).
+_BODIES_OF = f"{_DUE_SELECT} JOIN json_each(?) AS k ON d.id = k.value WHERE +d.state = 'pending'"
 
 
 DAMAGED = "body no longer matches the digest stored when it was received (outbox file damaged)"
