@@ -366,6 +366,9 @@ class Dispatcher:
                     for delivery, outcome, result in zip(batch, outcomes, results, strict=True)
                 ],
                 now,
+                # A replay made while these were out (here, by another process or gateway)
+                # stands over their outcomes: they go again where the replay put them.
+                {delivery.id: delivery.created_at for delivery in batch},
             )
         except Exception:
             # Not recorded: they stay pending and are sent again later (at-least-once).
