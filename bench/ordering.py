@@ -212,7 +212,8 @@ class Ordering:
         # "Conversations in order" and "Several hosts"): outcomes it could not record, and
         # leases it could not renew.
         logged = gateway.proc.log_path.read_text(errors="replace")
-        return {"mode": mode, "round": round_, "phase": phase, "delivered": seen["distinct"],
+        said = [line for line in logged.splitlines() if "WARNING" in line or "ERROR" in line]
+        row = {"mode": mode, "round": round_, "phase": phase, "delivered": seen["distinct"],
                 "duplicates": seen["duplicates"], "requests": seen["requests"],
                 # Recorded delivered, never seen by the sink: answered by someone else.
                 "elsewhere": max(delivered - seen["distinct"], 0),
@@ -222,6 +223,9 @@ class Ordering:
                 "retries": int(outbox["attempts"]) - sum(int(v) for v in states.values()),
                 "unrecorded": logged.count("could not record"),
                 "unrenewed": logged.count("could not renew")}
+        if seen["duplicates"] or not drained:  # the gateway's own account, first lines
+            row["said"] = said[:20]
+        return row
 
     def reference(self, round_: int) -> dict[str, Any]:
         """The plain receiver: forwards each request before answering it."""
