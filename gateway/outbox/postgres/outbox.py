@@ -156,11 +156,14 @@ class PostgresOutbox:
         while True:
             await asyncio.sleep(every)
             try:
-                await self._run(
-                    lambda conn: conn.execute(sql.RENEW, self.owner, self.config.lease_s)
-                )
+                await self.renew()
             except OutboxError as exc:
                 log.warning("could not renew the outbox leases: %s", exc)
+
+    async def renew(self) -> None:
+        """Renew this gateway's leases now (the heartbeat's beat), but none of a row another
+        transaction holds: see :data:`sql.RENEW`."""
+        await self._run(lambda conn: conn.execute(sql.RENEW, self.owner, self.config.lease_s))
 
     @classmethod
     async def open(

@@ -115,10 +115,16 @@ SELECT id, attempts, $8, state, status, error, response FROM u
 """
 
 # The heartbeat of a living gateway: its leases last while it does, whatever its targets'
-# timeouts; a dead one's run out lease_s after its last beat.
+# timeouts; a dead one's run out lease_s after its last beat. It never waits for a row another
+# transaction holds (SKIP LOCKED): those are being recorded (which ends the lease) or claimed
+# (which sets it anew), and the next beat renews any still leased. Waiting, it locked the
+# gateway's leased rows in the table's order while a record locked its batch's in the batch's:
+# each waited for the other, PostgreSQL aborted one as a deadlock, and an aborted record sent
+# its whole batch again (bench/README.md, "Issue 22: what the drained counts meant").
 RENEW: Final = f"""
 UPDATE {SCHEMA}.deliveries SET lease_until = {_NOW} + $2
-WHERE lease_owner = $1 AND state = 'pending'
+WHERE id IN (SELECT id FROM {SCHEMA}.deliveries
+    WHERE lease_owner = $1 AND state = 'pending' FOR UPDATE SKIP LOCKED)
 """
 
 # A replayed delivery with a conversation goes to its back: a new place from the deliveries'
