@@ -147,24 +147,10 @@ def drain(outbox_path: Path, port: int, targets: int, order: str = "none") -> di
 def forward(port: int, payload: bytes, count: int) -> dict[str, Any]:
     """The plain forwarder: the HTTP sender alone, in batches of 32 with 32 in flight, as the
     dispatcher sends with a target's defaults."""
+    from brokers import pending_delivery  # tests/support, on the child's path (spawn)
+
     from gateway.config import TargetConfig
     from gateway.delivery.sending import sender_for
-    from gateway.outbox import Delivery
-
-    def delivery(n: int) -> Delivery:
-        return Delivery(
-            id=f"d{n}",
-            notification_id=n,
-            target="t0",
-            body=payload,
-            signature="sha256=00",
-            split=False,
-            state="pending",
-            attempts=0,
-            created_at=0.0,
-            next_attempt_at=0.0,
-            received_at=0.0,
-        )
 
     async def run() -> dict[str, Any]:
         sender = sender_for(TargetConfig(name="t0", url=f"http://127.0.0.1:{port}/t0"))
@@ -173,7 +159,10 @@ def forward(port: int, payload: bytes, count: int) -> dict[str, Any]:
 
         async def batch(start: int) -> None:
             async with room:
-                deliveries = [delivery(n) for n in range(start, min(count, start + 32))]
+                deliveries = [
+                    pending_delivery(n, payload, prefix="d", target="t0")
+                    for n in range(start, min(count, start + 32))
+                ]
                 await sender.send_many(deliveries, [1] * len(deliveries))
 
         cpu, wall = time.process_time(), time.monotonic()
@@ -211,7 +200,9 @@ def spawn(
     conversations: int | None = None,
 ) -> dict[str, Any]:
     outbox = Path(tempfile.mkdtemp(dir=workdir)) / "outbox.sqlite3"
-    env = os.environ | {"PYTHONPATH": str(tree.resolve())}
+    # The tree's gateway package, and this checkout's test helpers (brokers.pending_delivery).
+    support = Path(__file__).resolve().parent.parent / "tests" / "support"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tree.resolve()), str(support)])}
 
     def command(what: str) -> list[str]:
         return [

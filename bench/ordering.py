@@ -22,6 +22,15 @@ Every round runs both modes (alternating which goes first) and, with ``--ref``, 
 benchmark's plain aiohttp receiver (``ref_gateway.py``, forwarding before it answers) under the
 same client: the machine's noise shows in its spread across rounds.
 
+What each gateway run delivered is counted by delivery id (``idsink.py``, not the shared sink's
+count of requests): ``delivered`` is the distinct ids the target received, ``duplicates`` the
+requests beyond those (a resend, which at-least-once allows: ``unrecorded`` and ``unrenewed``
+count the gateway's log lines that explain one), ``states`` the outbox's rows by state once
+none is pending. A run is ``drained`` only when nothing is pending, nothing is dead, and the
+target received every notification's delivery. The target's ``attempts`` are raised (``--attempts``)
+so that no delivery dies while the target is down for the drain: with the gateway's 12, at
+waits of 10 to 50 ms, a probe may spend a delivery's attempts before the target is back.
+
 With ``--outbox postgres`` every gateway runs on a throw-away PostgreSQL server (as ``bench.py
 --outbox postgres``, one new database per gateway), and each ordered drain prints the plan of
 the ordered claim (``EXPLAIN``) on its full backlog: its ``NOT EXISTS`` is an index scan.
@@ -40,6 +49,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import sys
@@ -141,53 +151,108 @@ class Ordering:
         self.secret = bench.env_base["BENCH_APP_SECRET"].encode()
         self.payloads = bodies(bench.payload_path.read_bytes(), args.count, args.conversations)
         self.rows: list[dict[str, Any]] = []
+        # Enough attempts that no delivery dies while the target is down for the drain (the
+        # gateway's 12 at waits of 10 to 50 ms end within a second of probes): a dead letter
+        # is not a delivery, and the figures are of deliveries.
+        self.attempts = f"attempts = {args.attempts}"
 
     def live(self, mode: str, round_: int) -> dict[str, Any]:
         b, a = self.bench, self.args
         sink_port = free_port()
-        sink = b.sink(sink_port, b.args.load_cpus)
+        sink = self.id_sink(sink_port)
         gateway = b.gateway(f"gw-live-{mode}-{round_}", target_port=sink_port,
-                            cpus=b.args.gw_cpus, target_toml=MODES[mode])
+                            cpus=b.args.gw_cpus, target_toml=f"{MODES[mode]}\n{self.attempts}")
         posted = asyncio.run(post_all(gateway.url, b.certs, self.secret, self.payloads,
                                       a.concurrency))
         drained = wait_drained(gateway, 300)
-        delivered = sink_get(sink_port, "/__stats")["requests"]
+        seen = sink_get(sink_port, "/__stats")
+        outbox = gateway.outbox_stats()
         b.stop_gateway(gateway)
         sink.stop()
         b.procs.remove(sink)
         total = posted + (drained or 0)
-        return {"mode": mode, "round": round_, "phase": "live", "acked_per_s":
-                round(len(self.payloads) / posted, 1), "delivered": delivered,
-                "delivered_per_s": round(delivered / total, 1)}
+        return self.counted("live", mode, round_, seen, outbox, drained is not None, gateway) | {
+            "acked_per_s": round(len(self.payloads) / posted, 1),
+            "delivered_per_s": round(seen["distinct"] / total, 1)}
 
     def drain(self, mode: str, round_: int) -> dict[str, Any]:
         b, a = self.bench, self.args
-        sink_port = free_port()
+        # The target's port stays this bench's while the target is down: bound, not listening
+        # (connections to it are refused, as to a target that is down), so that no other
+        # process on a shared machine (a test server on a port of the ephemeral range) can
+        # listen there meanwhile and take deliveries the sink then never sees.
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        sink_port = int(held.getsockname()[1])
         gateway = b.gateway(f"gw-drain-{mode}-{round_}", target_port=sink_port,
-                            cpus=b.args.gw_cpus, target_toml=f"{MODES[mode]}\n{TINY_WAITS}")
+                            cpus=b.args.gw_cpus,
+                            target_toml=f"{MODES[mode]}\n{TINY_WAITS}\n{self.attempts}")
         asyncio.run(post_all(gateway.url, b.certs, self.secret, self.payloads, a.concurrency))
         if b.pg is not None and mode == "conversation":
             log(claim_plan(b.pg, gateway.database))
-        sink = b.sink(sink_port, b.args.load_cpus)
+        held.close()
+        sink = self.id_sink(sink_port)
         started, ticks = time.monotonic(), cpu_ticks(gateway.proc.pid)
         first, last = watch_sink(sink_port, len(self.payloads), 300)
         drained = wait_drained(gateway, 300)
         took = time.monotonic() - started
         cpu_s = (cpu_ticks(gateway.proc.pid) - ticks) / CLK_TCK
-        delivered = sink_get(sink_port, "/__stats")["requests"]
+        seen = sink_get(sink_port, "/__stats")
+        outbox = gateway.outbox_stats()
         b.stop_gateway(gateway)
         sink.stop()
         b.procs.remove(sink)
+        delivered = seen["distinct"]
         # From the sink's first request to its last: the dispatcher's own rate, without the
         # wait for the target's breaker to close (a pause, then a probe on the poll interval:
         # up to ~0.15 s, a fifth of a 10,000 delivery drain) nor the poll for nothing pending.
         steady = (delivered - 1) / max(last - first, 1e-6) if last is not None else 0.0
-        # The gateway's CPU per delivery while draining: it moves least with the machine's load.
-        return {"mode": mode, "round": round_, "phase": "drain", "delivered": delivered,
-                "drained": drained is not None, "delivered_per_s": round(steady, 1),
-                "sink_up_to_first_s": round(first - started, 3),
-                "delivered_per_s_with_start": round(delivered / took, 1),
-                "cpu_us_per_delivery": round(1e6 * cpu_s / max(delivered, 1), 1)}
+        return self.counted("drain", mode, round_, seen, outbox, drained is not None, gateway) | {
+            "delivered_per_s": round(steady, 1),
+            "sink_up_to_first_s": round(first - started, 3),
+            "delivered_per_s_with_start": round(delivered / took, 1),
+            # The gateway's CPU per delivery while draining: it moves least with the load.
+            "cpu_us_per_delivery": round(1e6 * cpu_s / max(delivered, 1), 1)}
+
+    def id_sink(self, port: int) -> Proc:
+        """The sink that counts deliveries by id (idsink.py), where sink.py counts requests."""
+        b = self.bench
+        argv = [sys.executable, str(Path(__file__).with_name("idsink.py")), "--port", str(port)]
+        proc = Proc(f"idsink-{port}", pinned(argv, b.args.load_cpus), b.tmp, dict(os.environ))
+        b.procs.append(proc)
+        wait_listening(port, proc, 10)
+        return proc
+
+    def counted(self, phase: str, mode: str, round_: int, seen: dict[str, int],
+                outbox: dict[str, Any], empty: bool, gateway: Any) -> dict[str, Any]:
+        """What the sink and the outbox say once no delivery is pending (``empty``): every
+        notification's delivery at the sink once (``distinct``), the requests beyond that
+        (``duplicates``: a resend, which at-least-once allows, counted apart), and the outbox's
+        rows by state. Drained only when nothing is pending, nothing is dead, and the sink
+        saw every delivery the outbox calls delivered."""
+        count = len(self.payloads)
+        states = outbox["states"]
+        delivered = int(states.get("delivered", 0))
+        drained = (empty and delivered == count and seen["distinct"] == count
+                   and not states.get("dead"))
+        # What sends a delivery again, as the gateway logged it (at-least-once: see README,
+        # "Conversations in order" and "Several hosts"): outcomes it could not record, and
+        # leases it could not renew.
+        logged = gateway.proc.log_path.read_text(errors="replace")
+        said = [line for line in logged.splitlines() if "WARNING" in line or "ERROR" in line]
+        row = {"mode": mode, "round": round_, "phase": phase, "delivered": seen["distinct"],
+                "duplicates": seen["duplicates"], "requests": seen["requests"],
+                # Recorded delivered, never seen by the sink: answered by someone else.
+                "elsewhere": max(delivered - seen["distinct"], 0),
+                "states": states, "drained": drained,
+                # Attempts the outbox recorded beyond one per delivery: retries (a refused
+                # connection while the target was down, a batch that timed out).
+                "retries": int(outbox["attempts"]) - sum(int(v) for v in states.values()),
+                "unrecorded": logged.count("could not record"),
+                "unrenewed": logged.count("could not renew")}
+        if seen["duplicates"] or not drained:  # the gateway's own account, first lines
+            row["said"] = said[:20]
+        return row
 
     def reference(self, round_: int) -> dict[str, Any]:
         """The plain receiver: forwards each request before answering it."""
@@ -243,6 +308,11 @@ class Ordering:
                 if cpu:
                     table[f"{phase} {mode} cpu_us_per_delivery"] = {
                         "median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)}
+        # Truth before speed: a figure from a run that lost or doubled deliveries says so.
+        gateway_rows = [r for r in self.rows if "drained" in r]
+        table["runs not drained"] = [f"{r['phase']} {r['mode']} {r['round']}"
+                                     for r in gateway_rows if not r["drained"]]
+        table["duplicates"] = sum(r["duplicates"] for r in gateway_rows)
         return table
 
 
@@ -273,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every row and the summary here")
     parser.add_argument("--outbox", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--phases", default="live,drain", help="live, drain or both")
+    parser.add_argument("--attempts", type=int, default=1_000_000,
+                        help="the target's attempts (12: the gateway's default)")
     args = parser.parse_args(argv)
     base = bench_args(["--sink", args.sink or "", "--phases", "e2e", "--outbox", args.outbox,
                        *(["--payload", args.payload] if args.payload else [])])

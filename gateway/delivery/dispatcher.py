@@ -118,10 +118,12 @@ class Dispatcher:
 
     def replayed(self, delivery_id: str | None) -> None:
         """An operator replayed ``delivery_id`` (``None``: pending deliveries, any of them),
-        which puts it at the back of its conversation: a run that holds it in memory, waiting
-        behind the delivery ahead, lets go of the rest of itself, so that the outbox orders
-        those deliveries again, the replayed one behind the others. One already started goes
-        on: it is sent, or being sent, where it was."""
+        here or elsewhere (the outbox hears of other processes' replays), which puts it at the
+        back of its conversation: a run that holds it in memory, waiting behind the delivery
+        ahead, lets go of the rest of itself, so that the outbox orders those deliveries
+        again, the replayed one behind the others. One already started goes on: it is sent,
+        or being sent, where it was, and its outcome is not recorded over the replay, so it
+        goes again at the back (see ``_attempt``)."""
         self._pacing.runs.release(None if delivery_id is None else {delivery_id})
         self.wake()
 
@@ -366,6 +368,9 @@ class Dispatcher:
                     for delivery, outcome, result in zip(batch, outcomes, results, strict=True)
                 ],
                 now,
+                # A replay made while these were out (here, by another process or gateway)
+                # stands over their outcomes: they go again where the replay put them.
+                {delivery.id: delivery.created_at for delivery in batch},
             )
         except Exception:
             # Not recorded: they stay pending and are sent again later (at-least-once).

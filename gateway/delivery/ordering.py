@@ -248,9 +248,13 @@ class Runs:
         """The deliveries of a claim to start now, in order: each delivery that follows an
         earlier one of its conversation in ``due`` (of an ``ordered`` target) is kept behind
         the first one instead, unless that one is ``busy`` (started while the claim ran, by the
-        run it belongs to: which already holds the rest)."""
+        run it belongs to: which already holds the rest). A follower that is itself ``busy``
+        ends its run there, it and what follows left to the outbox: it is on its way already
+        (sent again after a record that failed, while its own first send is still out), and
+        parked it would be sent a second time beside that send."""
         firsts: list[Delivery] = []
         heads: dict[tuple[str, str], str] = {}
+        cut: set[str] = set()
         for delivery in due:
             key = delivery.order_key
             if delivery.target not in ordered or key is None:
@@ -260,13 +264,20 @@ class Runs:
             if head is None:
                 heads[(delivery.target, key)] = delivery.id
                 firsts.append(delivery)
-            elif head not in busy:
+            elif head in busy or head in cut:
+                continue
+            elif delivery.id in busy:
+                cut.add(head)
+            else:
                 self._behind.setdefault(head, deque()).append(delivery)
                 self.parked.add(delivery.id)
         for head in heads.values():
             run = None if head in busy else self._behind.get(head)
             if run is not None and len(run) + 1 >= RUN:
                 self._full.add(run[-1].id)
+        for head in cut:  # its end asks for a look at what it left to the outbox
+            run = self._behind.get(head)
+            self._full.add(run[-1].id if run else head)
         return firsts
 
     def after(self, delivery_id: str, released: bool) -> tuple[Delivery | None, bool]:

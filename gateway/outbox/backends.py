@@ -64,15 +64,23 @@ async def open_outbox(
     create: bool = True,
     dispatching: bool = True,
     on_wake: Callable[[], None] | None = None,
+    on_replay: Callable[[str | None], None] | None = None,
 ) -> Outbox:
     """The configured outbox, open. ``on_commit`` hears the size of each group committed;
     ``create=False`` refuses an outbox that does not exist yet (the command line's reads).
     Shared outboxes only: ``dispatching`` says whether this process sends the deliveries it
     accepts (it then holds their lease), and ``on_wake`` hears another gateway announce
-    deliveries. Raises :class:`~gateway.errors.OutboxError` when it cannot be opened."""
+    deliveries. ``on_replay`` (either outbox) hears of replays made elsewhere (another
+    gateway's, or ``waba-gateway deliveries replay``'s): the id replayed, ``None`` for many.
+    Raises :class:`~gateway.errors.OutboxError` when it cannot be opened."""
     if config.url is not None:
         outbox: Outbox = await _postgres().PostgresOutbox.open(
-            config, dispatching=dispatching, on_commit=on_commit, on_wake=on_wake, create=create
+            config,
+            dispatching=dispatching,
+            on_commit=on_commit,
+            on_wake=on_wake,
+            create=create,
+            on_replay=on_replay,
         )
         return outbox
     from gateway.outbox.sqlite.outbox import SqliteOutbox
@@ -83,6 +91,7 @@ async def open_outbox(
         busy_timeout_s=config.busy_timeout_s,
         on_commit=on_commit,
         create=create,
+        on_replay=on_replay,
     )
 
 

@@ -102,10 +102,17 @@ class Outbox(Protocol):
         ...
 
     async def record_many(
-        self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float
+        self,
+        attempts: Sequence[tuple[str, Outcome, AttemptResult]],
+        now: float,
+        created: Mapping[str, float] | None = None,
     ) -> None:
         """Store the outcomes of attempts that ended at ``now``. Need not be durable at once:
-        an outcome lost in a crash only means the delivery is attempted again."""
+        an outcome lost in a crash only means the delivery is attempted again. ``created``:
+        each delivery's ``created_at`` as it was handed out; a delivery replayed since then
+        (a replay renews it, from this process or any other) keeps its replay, and the
+        outcome and its attempt are not recorded: the replay stands, and the delivery goes
+        again where the replay put it."""
         ...
 
     async def backlog(self) -> list[Backlog]:

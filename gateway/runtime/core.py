@@ -157,6 +157,9 @@ class Core:
                 on_commit=self.stats.committed,
                 dispatching=self.primary,
                 on_wake=self.wake if self.primary else None,
+                # Replays made elsewhere (another gateway, the command line) reach the runs
+                # the dispatcher holds in memory as this process's own do.
+                on_replay=self.replayed if self.primary else None,
             )
             on_stored: StoredHook | None = None
             if self.primary:

@@ -159,6 +159,36 @@ def test_a_claim_s_followers_wait_behind_the_first_of_their_conversation() -> No
 
 
 @pytest.mark.parametrize(
+    ("busy", "parked"),
+    [
+        pytest.param(set(), {"p-3", "p-5", "p-7"}, id="none busy: all wait behind the first"),
+        pytest.param({"p-5"}, {"p-3"}, id="a follower on its way ends the run before it"),
+        pytest.param({"p-3"}, set(), id="the next one on its way: no run"),
+        pytest.param({"p-1"}, set(), id="the first on its way: its run holds the rest"),
+    ],
+)
+def test_a_follower_already_on_its_way_is_never_parked_to_be_sent_again(
+    busy: set[str], parked: set[str]
+) -> None:
+    """A claim's run stops at a follower that is busy (its first send still out after a
+    record that failed, the claim finding it pending behind the first): it and what follows
+    stay with the outbox, never parked to be sent a second time beside that send."""
+    runs = Runs()
+    run = [_delivery(n, "a") for n in (1, 3, 5, 7)]
+    firsts = runs.sort(run, {"t"}, busy)
+    assert [d.id for d in firsts] == ["p-1"]
+    assert runs.parked == parked
+    if busy and "p-1" not in busy:  # a run cut short asks for a look when it ends
+        last = max(parked | {"p-1"})
+        current = "p-1"
+        while current != last:
+            following, _ = runs.after(current, True)
+            assert following is not None
+            current = following.id
+        assert runs.after(last, True) == (None, True)
+
+
+@pytest.mark.parametrize(
     ("outcomes", "started", "look"),
     [
         # Each ends released (delivered or dead letter): the run goes on to its end.

@@ -1,18 +1,25 @@
 """An operator's replay of a delivery that waits in memory, in a conversation's run behind the
-one being sent: it goes to the back of its conversation, as a replay does anywhere else."""
+one being sent: it goes to the back of its conversation, as a replay does anywhere else, from
+whichever front door it came (this gateway's admin API, the command line writing to the
+outbox, another gateway's admin API on a shared database)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from config_files import write_config
 from conversations import Conversations, conversation_body
-from helpers import admin_post, gateway_config, post
+from helpers import APP_SECRET, admin_post, eventually, gateway_config, post
 from pki import Pki
 
-from gateway.config import TargetConfig
+from gateway.config import Config, OutboxConfig, TargetConfig
 from gateway.outbox import Delivery
 from gateway.runtime.gateway import Gateway
 
@@ -69,3 +76,105 @@ async def test_a_delivery_replayed_while_it_waits_in_a_run_goes_to_the_back_of_i
         await target.start()
         assert await target.wait_for("a", MESSAGES) == [0, 1, 3, 4, 2]
         assert replayed
+
+
+def _bot(pki: Pki, folder: Path, target: Conversations) -> Config:
+    # The target holds its answer while a command starts: no timeout may cut that short.
+    bot = TargetConfig(
+        name="bot",
+        url=target.url(),
+        order="conversation",
+        wait_initial_s=0.05,
+        wait_max_s=0.1,
+        timeout_s=60.0,
+    )
+    return gateway_config(pki, folder, targets=[bot])
+
+
+async def _replayed_while_message_0_is_answered(
+    gateway: Gateway, pki: Pki, target: Conversations, replay: Callable[[str], Awaitable[None]]
+) -> list[int]:
+    """Store messages 0 to 4 of one conversation with the target down, bring it up, and while
+    it holds its answer to message 0 (the rest of the run waiting in memory) replay message 2
+    with ``replay``; once every outcome is recorded: what the target received, in order."""
+    await target.stop()
+    for n in range(MESSAGES):
+        assert (await post(gateway, pki, conversation_body("a", n))).status == 200
+    pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+    replayed: list[str] = []
+
+    async def replay_the_third(user: str, n: int) -> None:
+        if (user, n) == ("a", 0) and not replayed:
+            replayed.append(pending[2])
+            await replay(pending[2])
+
+    target.before_answer = replay_the_third
+    await target.start()
+    await target.wait_for("a", MESSAGES)
+    assert replayed
+
+    async def settled() -> bool | None:
+        return (await gateway.outbox.counts())["pending"] == 0 or None
+
+    await eventually(settled, "every delivery recorded")
+    return target.accepted["a"]
+
+
+async def test_a_delivery_replayed_from_the_command_line_while_it_waits_in_a_run_goes_last(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """``waba-gateway deliveries replay ID``, a process of its own writing to the outbox file,
+    replays message 2 while the gateway holds it in memory in a run: the gateway hears of it
+    and the target receives it at the back of its conversation, once."""
+    config = _bot(pki, tmp_path, target)
+    cli = write_config(
+        pki, tmp_path, target_url=target.url(), outbox=f'path = "{config.outbox.path}"'
+    )
+
+    async def replay(delivery_id: str) -> None:
+        command = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "deliveries",
+            "replay",
+            "--config",
+            str(cli),
+            delivery_id,
+            env=os.environ | {"TEST_APP_SECRET": APP_SECRET},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await command.communicate()
+        assert command.returncode == 0, out.decode()
+
+    async with Gateway(config) as gateway:
+        got = await _replayed_while_message_0_is_answered(gateway, pki, target, replay)
+    # The command has told the gateway before it exits: the run lets 2 go before it reaches it.
+    assert got == [0, 1, 3, 4, 2]
+
+
+async def test_a_delivery_replayed_through_another_gateways_admin_goes_last(
+    pki: Pki, tmp_path: Path, target: Conversations, pg_url: str
+) -> None:
+    """Two gateways on one PostgreSQL database: the one with the target holds message 2 in a
+    run, the other one's admin API replays it; the first hears of it (LISTEN/NOTIFY) and the
+    target receives it at the back of its conversation, once."""
+    shared = OutboxConfig(url=pg_url)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    holder = dataclasses.replace(_bot(pki, tmp_path / "a", target), outbox=shared)
+    # No targets: it claims nothing, and only its admin API acts on the shared outbox.
+    other = dataclasses.replace(gateway_config(pki, tmp_path / "b"), outbox=shared)
+    async with Gateway(holder) as gateway, Gateway(other) as admin:
+
+        async def replay(delivery_id: str) -> None:
+            answer = await admin_post(admin, f"/admin/deliveries/{delivery_id}/replay")
+            assert answer.status == 200
+
+        got = await _replayed_while_message_0_is_answered(gateway, pki, target, replay)
+    # The announcement travels through the database to the holder's listener: when the run
+    # reached 2 first (a loaded machine), 2 went once in its old place too, and its replay
+    # still stood and sent it last. Either way 2 arrives last, the rest once and in order.
+    assert got[-1] == 2
+    assert [n for n in got if n != 2] == [0, 1, 3, 4]

@@ -151,6 +151,28 @@ async def test_replay_makes_a_dead_letter_pending_and_due_now(outbox: Outbox) ->
         assert not await outbox.replay(unknown, 2000.0)
 
 
+async def test_an_outcome_is_not_recorded_over_a_replay_made_while_its_attempt_was_out(
+    opener: Opener,
+) -> None:
+    """Handed out, then replayed by another opener of the store (the command line, another
+    gateway) while its attempt was out: that attempt's outcome, recorded with the created_at
+    it was handed out with, leaves the replay standing (pending, due, no attempt counted);
+    one handed out after the replay records as usual."""
+    box, other = await opener(), await opener()
+    d, e = await one(box, 0), await one(box, 1)
+    assert await other.replay(d.id, 2000.0)
+    handed = {d.id: d.created_at, e.id: e.created_at}
+    await box.record_many([(d.id, Delivered(), OK), (e.id, Delivered(), OK)], 2001.0, handed)
+    found = await box.get(d.id)
+    assert found is not None
+    assert (found.state, found.attempts, found.created_at) == ("pending", 0, 2000.0)
+    assert await box.attempts(d.id) == []
+    assert [r.outcome for r in await box.attempts(e.id)] == ["delivered"]
+    (again,) = await box.due(2002.0, {"t": 10})
+    await box.record_many([(again.id, Delivered(), OK)], 2003.0, {again.id: again.created_at})
+    assert await box.counts() == {"pending": 0, "delivered": 2, "dead": 0}
+
+
 async def test_prune_removes_old_delivered_and_keeps_dead_pending_and_dedup(
     opener: Opener,
 ) -> None:

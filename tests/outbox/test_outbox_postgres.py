@@ -496,3 +496,40 @@ async def test_a_run_is_leased_only_up_to_a_delivery_another_gateway_holds(
         assert [row[1] for row in owners] == [box.owner, box.owner, None, None]
     finally:
         await other.close()
+
+
+async def test_a_lease_renewal_never_waits_for_a_row_a_record_holds_so_never_deadlocks(
+    opener: Opener, pg_url: str
+) -> None:
+    """A record in progress (another transaction) holds the second of a gateway's two leased
+    deliveries and then wants the first: the heartbeat's renewal neither waits for the held
+    row nor keeps the first from the record; it renews the first, and the next beat the
+    second. Waiting, the two took each other's rows in opposite orders: PostgreSQL aborted
+    one as a deadlock, and an aborted record sent its whole batch to the target again."""
+    box = await opener(lease_s=30.0)
+    assert isinstance(box, PostgresOutbox)
+    first, second = [int(d.rpartition("-")[2]) for d in await _store(box, 2)]
+    record = await asyncpg.connect(pg_url)
+    try:
+        before = await record.fetchval(
+            "SELECT lease_until FROM waba_gateway.deliveries WHERE id = $1", first
+        )
+        async with record.transaction():
+            await record.execute(
+                "UPDATE waba_gateway.deliveries SET updated_at = updated_at WHERE id = $1", second
+            )
+            await asyncio.wait_for(box.renew(), 3.0)
+            await asyncio.wait_for(
+                record.execute(
+                    "UPDATE waba_gateway.deliveries SET updated_at = updated_at WHERE id = $1",
+                    first,
+                ),
+                3.0,
+            )
+        after = await record.fetchval(
+            "SELECT lease_until FROM waba_gateway.deliveries WHERE id = $1", first
+        )
+        assert after > before
+    finally:
+        await record.close()
+    await box.renew()

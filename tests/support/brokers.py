@@ -143,12 +143,15 @@ def nats_server(*options: str) -> Iterator[BrokerServer]:
             server.down()
 
 
-def pending_delivery(number: int, body: bytes = b'{"n":1}', prefix: str = "t") -> Delivery:
-    """A pending first attempt of target ``t``, id ``{prefix}-{number}``, for a sender alone."""
+def pending_delivery(
+    number: int, body: bytes = b'{"n":1}', prefix: str = "t", target: str = "t"
+) -> Delivery:
+    """A pending first attempt of ``target``, id ``{prefix}-{number}``, for a sender alone (the
+    tests' and bench/drain.py's plain forwarder)."""
     return Delivery(
         id=f"{prefix}-{number}",
         notification_id=number,
-        target="t",
+        target=target,
         body=body,
         signature="sha256=00",
         split=False,

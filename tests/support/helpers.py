@@ -159,6 +159,7 @@ class OpenOptions(TypedDict, total=False):
     create: bool
     dispatching: bool
     on_wake: Callable[[], None] | None
+    on_replay: Callable[[str | None], None] | None
 
 
 def gateway_config(

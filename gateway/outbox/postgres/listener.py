@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from gateway.outbox.postgres.committer import FAILURES
-from gateway.outbox.postgres.sql import CHANNEL
+from gateway.outbox.postgres.sql import CHANNEL, REPLAYED
 
 __all__ = ["Listener"]
 
@@ -30,13 +30,21 @@ _PAUSE_MAX_S = 5.0
 
 
 class Listener:
-    """Calls ``on_wake`` for each notification on :data:`CHANNEL`, until closed."""
+    """Calls ``on_wake`` for each notification on :data:`CHANNEL`, until closed, and first
+    ``on_replay`` with what follows :data:`REPLAYED` in one that announces a replay ("":
+    pending deliveries, any of them; so too once connected again, for what was missed)."""
 
     def __init__(
-        self, connect: Callable[[], Any], on_wake: Callable[[], None], *, timeout_s: float
+        self,
+        connect: Callable[[], Any],
+        on_wake: Callable[[], None],
+        *,
+        timeout_s: float,
+        on_replay: Callable[[str], None] | None = None,
     ) -> None:
         self._connect = connect
         self._on_wake = on_wake
+        self._on_replay = on_replay
         self._timeout_s = timeout_s
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -45,7 +53,10 @@ class Listener:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-listener")
 
-    def _heard(self, *_: object) -> None:
+    def _heard(self, _conn: object, _pid: object, _channel: object, payload: object) -> None:
+        replay = self._on_replay
+        if replay is not None and isinstance(payload, str) and payload.startswith(REPLAYED):
+            replay(payload[len(REPLAYED) :])
         self._on_wake()
 
     def _terminated(self, *_: object) -> None:
@@ -68,6 +79,8 @@ class Listener:
             conn.add_termination_listener(self._terminated)
             if not first:
                 log.info("outbox listener connected again")
+                if self._on_replay is not None:
+                    self._on_replay("")
                 self._on_wake()
             first, pause = False, _PAUSE_FIRST_S
             await self._lost.wait()

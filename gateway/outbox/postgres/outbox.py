@@ -104,6 +104,12 @@ async def _leave_session(conn: asyncpg.Connection[Any]) -> None:
     *`` and the rest) would only cost a round trip and four statements on every release."""
 
 
+def _record_args(batch: list[tuple[Any, ...]], now: float, owner: str) -> tuple[Any, ...]:
+    """RECORD's arguments for one round of rows (the values of $1 to $7, then $10)."""
+    columns = [list(column) for column in zip(*batch, strict=True)]
+    return (*columns[:7], now, owner, columns[7])
+
+
 class PostgresOutbox:
     """The :class:`~gateway.outbox.interface.Outbox` on a PostgreSQL database; made by
     :meth:`open`."""
@@ -117,6 +123,7 @@ class PostgresOutbox:
         dispatching: bool,
         on_commit: Callable[[int], None] | None,
         on_wake: Callable[[], None] | None,
+        on_replay: Callable[[str | None], None] | None = None,
     ) -> None:
         self.config = config
         self._pool = pool
@@ -131,7 +138,12 @@ class PostgresOutbox:
         self._listener: Listener | None = None
         if on_wake is not None:
             url = config.url or ""
-            self._listener = Listener(lambda: _connect(url), on_wake, timeout_s=_TIMEOUT_S)
+            self._listener = Listener(
+                lambda: _connect(url),
+                on_wake,
+                timeout_s=_TIMEOUT_S,
+                on_replay=None if on_replay is None else self._replayed(on_replay),
+            )
             self._listener.start()
         self._closed = False
         self._heartbeat: asyncio.Task[None] | None = None
@@ -144,11 +156,14 @@ class PostgresOutbox:
         while True:
             await asyncio.sleep(every)
             try:
-                await self._run(
-                    lambda conn: conn.execute(sql.RENEW, self.owner, self.config.lease_s)
-                )
+                await self.renew()
             except OutboxError as exc:
                 log.warning("could not renew the outbox leases: %s", exc)
+
+    async def renew(self) -> None:
+        """Renew this gateway's leases now (the heartbeat's beat), but none of a row another
+        transaction holds: see :data:`sql.RENEW`."""
+        await self._run(lambda conn: conn.execute(sql.RENEW, self.owner, self.config.lease_s))
 
     @classmethod
     async def open(
@@ -159,9 +174,12 @@ class PostgresOutbox:
         on_commit: Callable[[int], None] | None = None,
         on_wake: Callable[[], None] | None = None,
         create: bool = True,
+        on_replay: Callable[[str | None], None] | None = None,
     ) -> PostgresOutbox:
         """Connect, check (or create) the schema, and open the pool. ``on_wake``: called when
-        another gateway announces deliveries. Raises OutboxError naming the (redacted) URL."""
+        another gateway announces deliveries; ``on_replay`` (with ``on_wake``), when any
+        gateway or command replays a delivery (its id; ``None``: pending ones, any of them).
+        Raises OutboxError naming the (redacted) URL."""
         url = config.url or ""
         try:
             conn = await _connect(url)
@@ -194,7 +212,17 @@ class PostgresOutbox:
             dispatching=dispatching,
             on_commit=on_commit,
             on_wake=on_wake,
+            on_replay=on_replay,
         )
+
+    def _replayed(self, on_replay: Callable[[str | None], None]) -> Callable[[str], None]:
+        """The listener's hook for a replay announced with a row id (or none): the id as this
+        outbox spells it."""
+
+        def heard(rowid: str) -> None:
+            on_replay(delivery_id_of(self._prefix, int(rowid)) if rowid.isdigit() else None)
+
+        return heard
 
     async def _run(self, func: Callable[[Any], Awaitable[T]]) -> T:
         """``func`` on a pooled connection; any database failure as OutboxError."""
@@ -367,8 +395,12 @@ class PostgresOutbox:
         return delivery_from_row(row, self._prefix)
 
     async def record_many(
-        self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float
+        self,
+        attempts: Sequence[tuple[str, Outcome, AttemptResult]],
+        now: float,
+        created: Mapping[str, float] | None = None,
     ) -> None:
+        since = created or {}
         rows = []
         for delivery_id, outcome, result in attempts:
             rowid = rowid_of(delivery_id, self._prefix)
@@ -383,7 +415,9 @@ class PostgresOutbox:
                 assert isinstance(outcome, DeadLetter)
                 state, next_at, error = "dead", now, outcome.reason
             excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
-            rows.append((rowid, state, next_at, result.status, error, excerpt, held))
+            rows.append(
+                (rowid, state, next_at, result.status, error, excerpt, held, since.get(delivery_id))
+            )
 
         # One statement per round, all in one transaction and one round trip; a delivery
         # recorded twice in one call goes in two rounds, as two attempts in their order.
@@ -399,10 +433,7 @@ class PostgresOutbox:
             await self._run(
                 lambda conn: conn.executemany(
                     sql.RECORD,
-                    [
-                        (*(list(column) for column in zip(*batch, strict=True)), now, self.owner)
-                        for batch in rounds
-                    ],
+                    [_record_args(batch, now, self.owner) for batch in rounds],
                 )
             )
 
@@ -449,7 +480,9 @@ class PostgresOutbox:
                 await conn.execute(places, *params)
                 count = _affected(await conn.execute(statement, *params, now))
                 if count:  # every gateway may claim them now
-                    await conn.execute(f"NOTIFY {sql.CHANNEL}")
+                    # Pending ones may wait in memory in a run, at any gateway: it lets go.
+                    said = sql.REPLAYED if state == "pending" else ""
+                    await conn.execute(f"NOTIFY {sql.CHANNEL}, '{said}'")
                 return count
 
         return await self._run(replay)

@@ -86,16 +86,19 @@ UPDATE {SCHEMA}.buckets SET tokens = LEAST($3::float8, tokens + $2::float8) WHER
 """
 
 # Attempts' outcomes, one element each ($1 to $7: delivery id, state, next attempt at, status,
-# error, response excerpt, held seconds), recorded at $8 by gateway $9; each ends the lease,
-# and is skipped when another gateway took the delivery over meanwhile (this one's lease ran
-# out): its outcome is the one that counts. Each is also kept in the delivery's attempt
-# history. Not waiting for the flush (``synchronous_commit`` off for this transaction only): an
-# outcome lost in a crash of the database server only means the delivery is sent again, which
-# at-least-once allows. A delivery may appear once per statement (see the caller).
+# error, response excerpt, held seconds; $10: its created_at as handed out, or NULL), recorded
+# at $8 by gateway $9; each ends the lease, and is skipped when another gateway took the
+# delivery over meanwhile (this one's lease ran out): its outcome is the one that counts; and
+# when it was replayed since it was handed out (a replay renews created_at): the replay stands.
+# Each is also kept in the delivery's attempt history. Not waiting for the flush
+# (``synchronous_commit`` off for this transaction only): an outcome lost in a crash of the
+# database server only means the delivery is sent again, which at-least-once allows. A delivery
+# may appear once per statement (see the caller).
 RECORD: Final = f"""
 WITH v AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::integer[], $5::text[],
-        $6::text[], $7::float8[]) AS v (id, state, next_at, status, error, response, held)
+        $6::text[], $7::float8[], $10::float8[])
+        AS v (id, state, next_at, status, error, response, held, created)
     WHERE set_config('synchronous_commit', 'off', true) = 'off'
 ), u AS (
     UPDATE {SCHEMA}.deliveries d SET state = v.state, attempts = d.attempts + 1,
@@ -104,6 +107,7 @@ WITH v AS (
         lease_until = NULL, held_s = v.held
     FROM v
     WHERE d.id = v.id AND (d.lease_owner IS NULL OR d.lease_owner = $9)
+      AND (v.created IS NULL OR d.created_at = v.created)
     RETURNING d.id, d.attempts, v.state, v.status, v.error, v.response
 )
 INSERT INTO {SCHEMA}.attempts (delivery_id, number, at, state, status, error, response)
@@ -111,21 +115,30 @@ SELECT id, attempts, $8, state, status, error, response FROM u
 """
 
 # The heartbeat of a living gateway: its leases last while it does, whatever its targets'
-# timeouts; a dead one's run out lease_s after its last beat.
+# timeouts; a dead one's run out lease_s after its last beat. It never waits for a row another
+# transaction holds (SKIP LOCKED): those are being recorded (which ends the lease) or claimed
+# (which sets it anew), and the next beat renews any still leased. Waiting, it locked the
+# gateway's leased rows in the table's order while a record locked its batch's in the batch's:
+# each waited for the other, PostgreSQL aborted one as a deadlock, and an aborted record sent
+# its whole batch again (bench/README.md, "Issue 22: what the drained counts meant").
 RENEW: Final = f"""
 UPDATE {SCHEMA}.deliveries SET lease_until = {_NOW} + $2
-WHERE lease_owner = $1 AND state = 'pending'
+WHERE id IN (SELECT id FROM {SCHEMA}.deliveries
+    WHERE lease_owner = $1 AND state = 'pending' FOR UPDATE SKIP LOCKED)
 """
 
 # A replayed delivery with a conversation goes to its back: a new place from the deliveries'
-# own identity sequence, so every delivery accepted later comes after it too.
+# own identity sequence, so every delivery accepted later comes after it too. Announced with
+# its id (REPLAYED and the id; REPLAYED alone: any pending one, after a replay of many), so
+# that a gateway holding it in memory, in a conversation's run, lets the run go.
+REPLAYED: Final = "replayed "
 _NEXT_PLACE = f"nextval(pg_get_serial_sequence('{SCHEMA}.deliveries', 'id'))"
 REPLAY: Final = f"""
 UPDATE {SCHEMA}.deliveries SET state = 'pending', attempts = 0, held_s = 0, created_at = $2,
     next_attempt_at = $2, updated_at = $2, lease_owner = NULL, lease_until = NULL,
     position = CASE WHEN order_key IS NULL THEN position ELSE {_NEXT_PLACE} END
 WHERE id = $1
-RETURNING pg_notify('{CHANNEL}', '')
+RETURNING pg_notify('{CHANNEL}', '{REPLAYED}' || $1::text)
 """
 
 # The conversations of each target with a delivery waiting behind an earlier pending one.

@@ -37,6 +37,7 @@ from gateway.outbox.model import (
 )
 from gateway.outbox.rows import delivery_id_of, rowid_of
 from gateway.outbox.sqlite import conversations, history, layout, store
+from gateway.outbox.sqlite.replays import ReplayBell, announce
 from gateway.outbox.sqlite.writer import Writer
 
 __all__ = ["SqliteOutbox"]
@@ -63,10 +64,14 @@ class SqliteOutbox:
         busy_timeout_s: float = 5.0,
         on_commit: Callable[[int], None] | None = None,
         create: bool = True,
+        on_replay: Callable[[str | None], None] | None = None,
     ) -> None:
         """``on_commit``: called on the writer thread with the size of each group committed (a
         job run again alone after its group failed is not counted). ``create=False``: refuse
-        a path with no outbox file yet (the command line reads an outbox, never makes one)."""
+        a path with no outbox file yet (the command line reads an outbox, never makes one).
+        ``on_replay``: this process holds the file (its gateway) and hears the replays another
+        process makes on it (:mod:`gateway.outbox.sqlite.replays`): the id, ``None`` for many;
+        without it, this process's own replays are announced to whoever holds the file."""
         if not create and not path.exists():
             raise OutboxError(f"outbox.path = '{path}': no outbox file there yet")
         self.path = path
@@ -77,6 +82,8 @@ class SqliteOutbox:
         # a restart the first prune walks from the oldest row again, which is only slower.
         self._prune_after = 0
         self._writer = Writer(path, self._open, on_commit, busy_timeout_s)
+        # Made now that the writer has opened (or made) the file: named after it.
+        self._bell = None if on_replay is None else ReplayBell(path, on_replay)
 
     def _open(self, path: Path) -> sqlite3.Connection:
         # On the writer thread, before the constructor returns.
@@ -95,6 +102,8 @@ class SqliteOutbox:
 
     async def close(self) -> None:
         """Finish the jobs already queued, then close the connection."""
+        if self._bell is not None:
+            self._bell.close()
         await self._writer.close()
 
     # -- operations --------------------------------------------------------------------------
@@ -233,16 +242,25 @@ class SqliteOutbox:
         await self.record_many([(delivery_id, outcome, result)], now)
 
     async def record_many(
-        self, attempts: Sequence[tuple[str, Outcome, AttemptResult]], now: float
+        self,
+        attempts: Sequence[tuple[str, Outcome, AttemptResult]],
+        now: float,
+        created: Mapping[str, float] | None = None,
     ) -> None:
         """Store the outcomes of attempts that ended at ``now``, as one job. Lazily (see
         :mod:`gateway.outbox.sqlite.writer`): lost in a power cut, an outcome only means the
-        delivery is attempted again."""
-        updates = [self._attempt(*attempt, now) for attempt in attempts]
+        delivery is attempted again. ``created``: see the interface (a replay stands)."""
+        since = created or {}
+        updates = [self._attempt(*attempt, now, since.get(attempt[0])) for attempt in attempts]
         await self.run(functools.partial(store.record_attempts, attempts=updates), durable=False)
 
     def _attempt(
-        self, delivery_id: str, outcome: Outcome, result: AttemptResult, now: float
+        self,
+        delivery_id: str,
+        outcome: Outcome,
+        result: AttemptResult,
+        now: float,
+        created_at: float | None = None,
     ) -> store.Attempt:
         held = 0.0
         if isinstance(outcome, Delivered):
@@ -261,6 +279,7 @@ class SqliteOutbox:
             error=error,
             response=result.response_excerpt,
             held_s=held,
+            created_at=created_at,
         )
 
     async def size(self) -> Size:
@@ -322,16 +341,22 @@ class SqliteOutbox:
         """Make a delivery pending again, due now, with a fresh attempt count and age. False
         when no delivery of this outbox has that id (including ids of other outboxes)."""
         prefix = self._prefix
-        return await self.run(lambda conn: store.replay_delivery(conn, delivery_id, now, prefix))
+        found = await self.run(lambda conn: store.replay_delivery(conn, delivery_id, now, prefix))
+        if found and self._bell is None:
+            announce(self.path, delivery_id)
+        return found
 
     async def replay_many(
         self, *, state: State, target: str | None, since: float | None, now: float
     ) -> int:
-        return await self.run(
+        count = await self.run(
             functools.partial(
                 store.replay_deliveries, state=state, target=target, since=since, now=now
             )
         )
+        if count and state == "pending" and self._bell is None:
+            announce(self.path, None)
+        return count
 
     async def purge_dead(self, before: float) -> int:
         return await self.run(functools.partial(store.purge_dead, before=before))

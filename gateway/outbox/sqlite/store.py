@@ -271,7 +271,8 @@ def backlog(conn: sqlite3.Connection) -> list[Backlog]:
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """The outcome of one attempt, as :func:`record_attempts` stores it on delivery ``rowid``
-    (``None``: no such delivery)."""
+    (``None``: no such delivery), unless the delivery's ``created_at`` is no longer
+    ``created_at`` (replayed since the attempt started: the replay stands)."""
 
     rowid: int | None
     state: str
@@ -281,19 +282,23 @@ class Attempt:
     error: str | None
     response: str
     held_s: float = 0.0
+    created_at: float | None = None
 
 
+# A replay renews created_at: an attempt that started before it is not recorded over it (a
+# comparison in the same statement, on the row it updates anyway).
 _RECORD = (
     "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
     " updated_at = ?, last_status = ?, last_error = ?, last_response = ?, held_s = ?"
-    " WHERE id = ?"
+    " WHERE id = ? AND (? IS NULL OR created_at = ?)"
 )
 
 
 # After _RECORD: the delivery's attempt count is this attempt's number.
 _HISTORY = (
     "INSERT INTO attempts (delivery_id, number, at, state, status, error, response)"
-    " SELECT id, attempts, ?, ?, ?, ?, ? FROM deliveries WHERE id = ?"
+    " SELECT id, attempts, ?, ?, ?, ?, ? FROM deliveries"
+    " WHERE id = ? AND (? IS NULL OR created_at = ?)"
 )
 
 
@@ -312,13 +317,27 @@ def record_attempts(conn: sqlite3.Connection, attempts: Sequence[Attempt]) -> No
                 a.response[:_EXCERPT_CHARS],
                 a.held_s,
                 a.rowid,
+                a.created_at,
+                a.created_at,
             )
             for a in known
         ],
     )
     conn.executemany(
         _HISTORY,
-        [(a.now, a.state, a.status, a.error, a.response[:_EXCERPT_CHARS], a.rowid) for a in known],
+        [
+            (
+                a.now,
+                a.state,
+                a.status,
+                a.error,
+                a.response[:_EXCERPT_CHARS],
+                a.rowid,
+                a.created_at,
+                a.created_at,
+            )
+            for a in known
+        ],
     )
 
 
