@@ -31,9 +31,10 @@ import asyncio
 import logging
 import socket
 import ssl
-from asyncio import selector_events, sslproto
+from asyncio import selector_events
 from collections.abc import Awaitable, Callable
 
+from gateway.edge.tls_reads import TLSReads
 from gateway.units import SECONDS
 
 __all__ = ["BACKLOG", "Acceptor", "bind"]
@@ -66,8 +67,9 @@ def bind(host: str, port: int) -> socket.socket:
 READ_BUFFER_BYTES = 64 * 1024  # a TLS connection's read buffer on asyncio's loop
 
 
-class _TLSProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a smaller read buffer (see the module docstring)."""
+class _TLSProtocol(TLSReads):
+    """asyncio's TLS protocol with a smaller read buffer (see the module docstring), reading
+    without an exception per read (gateway.edge.tls_reads)."""
 
     max_size = READ_BUFFER_BYTES
 
