@@ -158,6 +158,12 @@ def figures(result: dict[str, Any], modes: Sequence[str]) -> dict[str, Any]:
             "fwd": (cand["forwarded"] or 0) / cand["complete"] if cand["complete"] else None,
             "errors": cand["errors"],
             "p99": cand["p99"],
+            # The load side's share of its core: near 100, ab (or the sink beside it) and not
+            # the gateway sets the pace, and fewer requests are in flight at the gateway.
+            "load_cpu": (cand.get("cpu_ab") or 0) + (cand.get("cpu_sink") or 0),
+            # The gateway's share of its core: under load from other processes, the smaller
+            # it is the more CPU each request costs (cold caches after each preemption).
+            "share": cand["cpu_gw"],
             **probed(cand),
         }
     return found
@@ -175,8 +181,18 @@ def probed(cand: dict[str, Any]) -> dict[str, Any]:
     found = {"loop_us": 1e6 * main / hz / done, "threads_us": 1e6 * rest / hz / done,
              "loadavg": probe["loadavg"], "steal": probe["steal"],
              "outbox_mb": probe["outbox_bytes"] / 1e6}
+    if probe.get("softirq"):
+        cpu = next((t["cpu"] for t in probe["threads"] if t["main"]), 0)
+        soft = probe["softirq"]
+        found["softirq_us"] = 1e6 * soft.get(f"softirq/cpu{cpu}", 0) / hz / done
+        found["ksoftirqd_us"] = 1e6 * sum(v for k, v in soft.items()
+                                          if k.startswith("ksoftirqd/")) / hz / done
     if probe.get("speed_us"):
         found["speed_us"] = statistics.mean(probe["speed_us"])
+        # CPU per request in thousandths of the probe's work measured beside it: what is left
+        # of a level shift once the virtual CPU's own speed in that run is divided out.
+        cpu_us = 1e6 * cand["cpu_gw"] / 100 / cand["rps"]
+        found["cpu_norm"] = 1e3 * cpu_us / found["speed_us"]
     if probe.get("commits"):
         found["commits_per_req"] = probe["commits"] / done
         found["jobs_per_commit"] = probe["jobs"] / probe["commits"]
@@ -206,6 +222,11 @@ def summary(a: Build, b: Build, modes: Sequence[str]) -> list[str]:
                                 ("commits_per_req", "commits / request", "{:.3f}"),
                                 ("jobs_per_commit", "jobs / commit", "{:.1f}"),
                                 ("speed_us", "CPU speed probe us", "{:,.0f}"),
+                                ("cpu_norm", "CPU/request per probe", "{:.1f}"),
+                                ("share", "gateway CPU %", "{:.0f}"),
+                                ("load_cpu", "ab + sink CPU %", "{:.0f}"),
+                                ("softirq_us", "softirq us/req, gw CPU", "{:.1f}"),
+                                ("ksoftirqd_us", "ksoftirqd us/req", "{:.1f}"),
                                 ("loadavg", "load average (1 min)", "{:.1f}")):
             av = [r[mode][key] for r in a.runs if r.get(mode, {}).get(key) is not None]
             bv = [r[mode][key] for r in b.runs if r.get(mode, {}).get(key) is not None]
@@ -213,7 +234,7 @@ def summary(a: Build, b: Build, modes: Sequence[str]) -> list[str]:
             quotients = [rb[mode][key] / ra[mode][key] for ra, rb in pairs
                          if ra.get(mode, {}).get(key) and rb.get(mode, {}).get(key) is not None]
             rel = spread(quotients, "{:.3f}") if key in ("ratio", "cpu_us", "loop_us",
-                                                         "threads_us") else ""
+                                                         "threads_us", "cpu_norm") else ""
             lines.append(f"{mode:<5} {label:<22} {spread(av, fmt):<26} {spread(bv, fmt):<26} {rel}")
     lines.append("")
     lines.append("B / A above 1 in 'rate' is B faster; below 1 in 'CPU' is B cheaper. A range that "

@@ -13,7 +13,9 @@ then adds them to each candidate run of the harness's JSON as ``probe``:
   ticks, voluntary and involuntary context switches, and the CPU it last ran on;
 - ``outbox_bytes``: the size of the outbox file and its log when the run began;
 - ``loadavg``: the one-minute load average when it began, ``steal``: the machine's steal time
-  share over the run (every core);
+  share over the run (every core); ``softirq``: ticks each CPU spent in softirqs and each
+  ``ksoftirqd`` thread ran (loopback TCP's receive work is charged to the process that was on
+  the CPU, the gateway's share of it, unless the kernel defers it to ``ksoftirqd``);
 - ``speed_us``: the CPU time (not wall time) a fixed piece of Python work (interpreter loop,
   SHA-256, JSON) takes on the gateway's CPU, just before and just after the run, the median of
   several: on a virtual machine the host's other guests can slow a virtual CPU per instruction
@@ -79,6 +81,31 @@ def _steal() -> tuple[int, int]:
         parts = stat.readline().split()
     values = [int(value) for value in parts[1:9]]
     return sum(values), values[7]
+
+
+def _softirq() -> dict[str, int]:
+    """Per CPU, the ticks spent in softirqs (loopback TCP's receive side runs there: charged
+    to whichever process was on the CPU, unless it is deferred to that CPU's ksoftirqd), and
+    each ksoftirqd thread's own ticks."""
+    found: dict[str, int] = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                found[f"softirq/{parts[0]}"] = int(parts[7])
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        if comm.startswith("ksoftirqd/"):
+            fields = text.rsplit(")", 1)[1].split()
+            found[comm] = int(fields[11]) + int(fields[12])
+    return found
 
 
 _SAMPLE = json.dumps({"entry": [{"changes": [{"value": {"messages": [{"text": "x" * 200}]}}]}]})
@@ -151,9 +178,9 @@ class Probe:
             load = float(loadavg.read().split()[0])
         cpus = os.sched_getaffinity(pid) if os.path.exists(f"/proc/{pid}") else None
         speed = [speed_us(cpus)]
-        m0, t0, s0 = _metrics(self.admin_port), _threads(pid), _steal()
+        m0, t0, s0, q0 = _metrics(self.admin_port), _threads(pid), _steal(), _softirq()
         result = run()
-        m1, t1, s1 = _metrics(self.admin_port), _threads(pid), _steal()
+        m1, t1, s1, q1 = _metrics(self.admin_port), _threads(pid), _steal(), _softirq()
         speed.append(speed_us(cpus))
         threads = []
         for tid, after in sorted(t1.items()):
@@ -163,7 +190,8 @@ class Probe:
                             "involuntary": after[2] - before[2], "cpu": after[3]})
         reading: dict[str, Any] = {
             "loadavg": load, "outbox_bytes": size, "threads": threads, "speed_us": speed,
-            "steal": round(100 * (s1[1] - s0[1]) / (s1[0] - s0[0]), 2) if s1[0] > s0[0] else None}
+            "steal": round(100 * (s1[1] - s0[1]) / (s1[0] - s0[0]), 2) if s1[0] > s0[0] else None,
+            "softirq": {name: q1[name] - q0.get(name, 0) for name in q1}}
         for name in ("commits", "jobs"):
             key = f"waba_gateway_outbox_{name}"
             if key in m0 and key in m1:
