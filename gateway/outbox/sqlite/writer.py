@@ -17,10 +17,7 @@ What makes the groups larger, which is what makes the commits cheap:
 - A *lazy* job (the outcome of a delivery attempt, whose loss in a power cut only means sending
   it again, which at-least-once allows) does not start a commit of its own: it waits up to
   ``LAZY_WAIT_S`` for a durable job to share one. Its future still resolves only after it has
-  committed, so nothing reads a state that is not in the file. It waits on the event loop's
-  side: it goes to the thread with the next turn that submits a durable job or a read, or alone
-  when its wait is over, so a turn of outcomes alone does not wake the thread (a wake-up costs
-  both threads a context switch, and came about once per delivery batch).
+  committed, so nothing reads a state that is not in the file.
 - A group of lazy jobs alone (no accept in it) commits with ``synchronous=NORMAL``: no fsync
   of its own. In WAL mode that commit survives a crash of the process, and the next commit
   with ``synchronous=FULL`` (the next accept's) syncs the log with it in, as does a checkpoint;
@@ -312,8 +309,6 @@ class Writer:
         self._on_commit = on_commit  # called on this thread with each group's size
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
-        self._lazy: list[_Job] = []  # lazy jobs held on the event loop's side (see above)
-        self._lazy_timer: asyncio.TimerHandle | None = None
         self._closing = False
         # The writer thread's running average gap between arrivals of durable jobs.
         self._gap: float | None = None
@@ -350,34 +345,15 @@ class Writer:
             raise OutboxError("outbox is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        job = _Job(func, loop, future, durable and not read, read, after)
-        if job.durable or read:
-            if not self._turn:
-                loop.call_soon(self._hand_over)
-            self._turn.append(job)
-        else:
-            if self._lazy_timer is None:
-                self._lazy_timer = loop.call_later(LAZY_WAIT_S, self._hand_over_lazy)
-            self._lazy.append(job)
+        if not self._turn:
+            loop.call_soon(self._hand_over)
+        self._turn.append(_Job(func, loop, future, durable and not read, read, after))
         return future
 
     def _hand_over(self) -> None:
         turn, self._turn = self._turn, []
-        if self._lazy:  # the lazy jobs waiting ride along, older first
-            turn = self._lazy + turn
-            self._lazy = []
-            if self._lazy_timer is not None:
-                self._lazy_timer.cancel()
-                self._lazy_timer = None
         if turn:
             self._queue.put(turn)
-
-    def _hand_over_lazy(self) -> None:
-        """The lazy jobs' wait is over without a durable job to share a commit with."""
-        self._lazy_timer = None
-        lazy, self._lazy = self._lazy, []
-        if lazy:
-            self._queue.put(lazy)
 
     async def close(self) -> None:
         """Finish the jobs already submitted, then close the connection."""
@@ -432,9 +408,7 @@ class Writer:
             urgent = durable or any(job.read for job in group)
             if group and not stop and not urgent:
                 if not waiting:
-                    # From the oldest job's submission: lazy jobs come here once they have
-                    # waited on the event loop's side, and then commit at once.
-                    deadline = min(job.at for job in group) + LAZY_WAIT_S
+                    deadline = time.monotonic() + LAZY_WAIT_S
                 if time.monotonic() < deadline:
                     waiting = group
                     continue
