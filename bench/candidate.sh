@@ -23,6 +23,10 @@
 #                               instead of the gateway's own listener (workers must be 1)
 #   WABA_BENCH_TRACING_ENDPOINT [tracing] enabled = true, exporting to this OTLP/HTTP base URL
 #                               (bench/otlp_sink.py is a loopback collector); needs the otel extra
+#   WABA_BENCH_ADMIN_PORT       [admin] enabled on 127.0.0.1 at this port (default: no admin API):
+#                               harness.py reads the outbox writer's commits from its /metrics
+#                               around each measured run. Idle otherwise; the counters it reads are
+#                               kept whether it listens or not
 #
 # The harness posts one and the same body every time. With the production dedup window (7 days)
 # every request after the first would be acknowledged as a duplicate and never stored again nor
@@ -81,7 +85,11 @@ split = "none"
 ${WABA_BENCH_TARGET_TOML:-}
 
 [admin]
-enabled = false
+$(if [[ -n "${WABA_BENCH_ADMIN_PORT:-}" ]]; then
+    printf 'enabled = true\nhost = "127.0.0.1"\nport = %s\n' "$WABA_BENCH_ADMIN_PORT"
+  else
+    echo 'enabled = false'
+  fi)
 
 [dispatcher]
 ${WABA_BENCH_POLL_INTERVAL_S:+poll_interval_s = $WABA_BENCH_POLL_INTERVAL_S}

@@ -32,6 +32,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def git(*argv: str) -> str:
                           check=True).stdout.strip()
 
 
-def build(rev: str, work: Path, extras: str) -> Build:
+def build(rev: str, work: Path, extras: str, own_adapter: bool = False) -> Build:
     """Unpack ``rev`` with git archive and install it in a fresh venv (plain ``pip install``)."""
     try:
         commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
@@ -96,8 +97,17 @@ def build(rev: str, work: Path, extras: str) -> Build:
     adapter = work / f"adapter-{short}" / "bench" / "candidate.sh"
     adapter.parent.mkdir(parents=True, exist_ok=True)
     own = source / "bench" / "candidate.sh"
-    shutil.copyfile(own if own.exists() else HERE / "candidate.sh", adapter)
+    # This checkout's adapter serves both revisions by default: the same configuration (and the
+    # admin port that the per-run readings need) on both sides of a comparison.
+    shutil.copyfile(own if own_adapter and own.exists() else HERE / "candidate.sh", adapter)
     return Build(rev, commit, python, adapter)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def run_harness(args: argparse.Namespace, item: Build, round_no: int, out: Path) -> dict[str, Any]:
@@ -113,6 +123,7 @@ def run_harness(args: argparse.Namespace, item: Build, round_no: int, out: Path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if args.outbox_url:
         env["WABA_BENCH_OUTBOX_URL"] = args.outbox_url
+    env["WABA_BENCH_ADMIN_PORT"] = str(free_port())  # the writer's commits, per run
     env.update(item.env)
     log(f"round {round_no}: {item.rev} ({item.commit[:10]})")
     done = subprocess.run(argv, cwd=args.shared, env=env, capture_output=True, text=True,
@@ -147,7 +158,44 @@ def figures(result: dict[str, Any], modes: Sequence[str]) -> dict[str, Any]:
             "fwd": (cand["forwarded"] or 0) / cand["complete"] if cand["complete"] else None,
             "errors": cand["errors"],
             "p99": cand["p99"],
+            # The load side's share of its core: near 100, ab (or the sink beside it) and not
+            # the gateway sets the pace, and fewer requests are in flight at the gateway.
+            "load_cpu": (cand.get("cpu_ab") or 0) + (cand.get("cpu_sink") or 0),
+            # The gateway's share of its core: under load from other processes, the smaller
+            # it is the more CPU each request costs (cold caches after each preemption).
+            "share": cand["cpu_gw"],
+            **probed(cand),
         }
+    return found
+
+
+def probed(cand: dict[str, Any]) -> dict[str, Any]:
+    """From ``harness.py``'s readings: the writer's commits per request and jobs per commit,
+    the event loop thread's and the other threads' CPU per request (us), the load average."""
+    probe, done = cand.get("probe"), cand["complete"]
+    if not probe or not done:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    main = sum(t["ticks"] for t in probe["threads"] if t["main"])
+    rest = sum(t["ticks"] for t in probe["threads"] if not t["main"])
+    found = {"loop_us": 1e6 * main / hz / done, "threads_us": 1e6 * rest / hz / done,
+             "loadavg": probe["loadavg"], "steal": probe["steal"],
+             "outbox_mb": probe["outbox_bytes"] / 1e6}
+    if probe.get("softirq"):
+        cpu = next((t["cpu"] for t in probe["threads"] if t["main"]), 0)
+        soft = probe["softirq"]
+        found["softirq_us"] = 1e6 * soft.get(f"softirq/cpu{cpu}", 0) / hz / done
+        found["ksoftirqd_us"] = 1e6 * sum(v for k, v in soft.items()
+                                          if k.startswith("ksoftirqd/")) / hz / done
+    if probe.get("speed_us"):
+        found["speed_us"] = statistics.mean(probe["speed_us"])
+        # CPU per request in thousandths of the probe's work measured beside it: what is left
+        # of a level shift once the virtual CPU's own speed in that run is divided out.
+        cpu_us = 1e6 * cand["cpu_gw"] / 100 / cand["rps"]
+        found["cpu_norm"] = 1e3 * cpu_us / found["speed_us"]
+    if probe.get("commits"):
+        found["commits_per_req"] = probe["commits"] / done
+        found["jobs_per_commit"] = probe["jobs"] / probe["commits"]
     return found
 
 
@@ -168,14 +216,25 @@ def summary(a: Build, b: Build, modes: Sequence[str]) -> list[str]:
         for key, label, fmt in (("ratio", f"rate / {ANCHOR[mode]}", "{:.2f}x"),
                                 ("cpu_us", "gateway CPU us/request", "{:.0f}"),
                                 ("rps", "req/s", "{:,.0f}"),
-                                ("fwd", "fwd (sink / acked)", "{:.2f}")):
-            av = [r[mode][key] for r in a.runs if mode in r and r[mode][key] is not None]
-            bv = [r[mode][key] for r in b.runs if mode in r and r[mode][key] is not None]
+                                ("fwd", "fwd (sink / acked)", "{:.2f}"),
+                                ("loop_us", "loop thread us/req", "{:.0f}"),
+                                ("threads_us", "other threads us/req", "{:.0f}"),
+                                ("commits_per_req", "commits / request", "{:.3f}"),
+                                ("jobs_per_commit", "jobs / commit", "{:.1f}"),
+                                ("speed_us", "CPU speed probe us", "{:,.0f}"),
+                                ("cpu_norm", "CPU/request per probe", "{:.1f}"),
+                                ("share", "gateway CPU %", "{:.0f}"),
+                                ("load_cpu", "ab + sink CPU %", "{:.0f}"),
+                                ("softirq_us", "softirq us/req, gw CPU", "{:.1f}"),
+                                ("ksoftirqd_us", "ksoftirqd us/req", "{:.1f}"),
+                                ("loadavg", "load average (1 min)", "{:.1f}")):
+            av = [r[mode][key] for r in a.runs if r.get(mode, {}).get(key) is not None]
+            bv = [r[mode][key] for r in b.runs if r.get(mode, {}).get(key) is not None]
             pairs = zip(a.runs, b.runs, strict=True)  # the same round, minutes apart
             quotients = [rb[mode][key] / ra[mode][key] for ra, rb in pairs
-                         if mode in ra and mode in rb and ra[mode][key]
-                         and rb[mode][key] is not None]
-            rel = spread(quotients, "{:.3f}") if key in ("ratio", "cpu_us") else ""
+                         if ra.get(mode, {}).get(key) and rb.get(mode, {}).get(key) is not None]
+            rel = spread(quotients, "{:.3f}") if key in ("ratio", "cpu_us", "loop_us",
+                                                         "threads_us", "cpu_norm") else ""
             lines.append(f"{mode:<5} {label:<22} {spread(av, fmt):<26} {spread(bv, fmt):<26} {rel}")
     lines.append("")
     lines.append("B / A above 1 in 'rate' is B faster; below 1 in 'CPU' is B cheaper. A range that "
@@ -200,6 +259,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep builds here and reuse them (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds per harness run")
+    parser.add_argument("--own-adapter", action="store_true",
+                        help="serve each revision with its own bench/candidate.sh (default: this"
+                        " checkout's for both)")
     parser.add_argument("--env-b", action="append", default=[], metavar="NAME=VALUE",
                         help="set this for B's runs only: one revision with and without a knob"
                         " of candidate.sh (e.g. WABA_BENCH_TRACING_ENDPOINT=URL)")
@@ -225,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
     try:
-        a, b = build(args.rev_a, work, args.extras), build(args.rev_b, work, args.extras)
+        a = build(args.rev_a, work, args.extras, args.own_adapter)
+        b = build(args.rev_b, work, args.extras, args.own_adapter)
         b.env = dict(item.split("=", 1) for item in args.env_b)
         for round_no in range(1, args.rounds + 1):
             for item in (a, b) if round_no % 2 else (b, a):
@@ -235,7 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"round {round_no}: {item.rev}: " + "  ".join(
                     f"{mode} FAILED ({f['failed']})" if "failed" in f else
                     f"{mode} {f['ratio']:.2f}x {ANCHOR[mode]} ({f['rps']:,.0f} req/s, "
-                    f"{f['cpu_us']:.0f} us CPU/req, fwd {f['fwd']:.2f})"
+                    f"{f['cpu_us']:.0f} us CPU/req, fwd {f['fwd']:.2f}"
+                    + (f", loop {f['loop_us']:.0f} + threads {f['threads_us']:.0f} us/req"
+                       if "loop_us" in f else "")
+                    + (f", {f['commits_per_req']:.3f} commits/req" if "commits_per_req" in f
+                       else "")
+                    + (f", probe {f['speed_us']:,.0f} us" if "speed_us" in f else "")
+                    + (f", load {f['loadavg']:.1f})" if "loadavg" in f else ")")
                     for mode, f in found.items()))
         print("\n".join(summary(a, b, modes)))
         if args.json:

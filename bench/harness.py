@@ -9,6 +9,11 @@ whether the forward lands before the counter is read is a race of a millisecond,
 than not. This wrapper loads the harness's ``bench.py`` as a module and makes the preflight's
 HTTPS helper wait ``--settle-s`` after each answer; the ``ab`` runs never use that helper.
 
+It also takes readings around each measured run of the candidate (``roundprobe.py``: the
+outbox writer's commits, each thread's CPU, the load average) and adds them to the harness's
+JSON (``--json``) as each candidate run's ``probe``; the writer's commits need the candidate's
+admin API on ``$WABA_BENCH_ADMIN_PORT`` (``candidate.sh`` opens it there when that is set).
+
 Usage: python bench/harness.py PATH/TO/shared/bench/bench.py [--settle-s 1.0] [bench.py options]
 """
 
@@ -16,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from roundprobe import Probe
 
 __all__ = ["main"]
 
@@ -37,6 +46,27 @@ def _settling(post: Callable[..., Any], settle_s: float) -> Callable[..., Any]:
     return settled
 
 
+def _probing(harness: Any, probe: Probe) -> None:
+    """Wrap the harness's ``Proc`` and ``run_ab`` so that ``probe`` sees each measured run."""
+    base = harness.Proc
+
+    class Proc(base):  # type: ignore[misc, valid-type]
+        def __init__(self, name: str, argv: list[str], env: dict[str, str], *rest: Any,
+                     **kwargs: Any) -> None:
+            super().__init__(name, argv, env, *rest, **kwargs)
+            probe.started(self, name, env)
+
+    run_ab = harness.run_ab
+
+    def probed(url: str, **kwargs: Any) -> Any:
+        # The harness passes csv_path only to the measured run, not to the warm-up.
+        return probe.around(url, kwargs.get("csv_path") is not None,
+                            lambda: run_ab(url, **kwargs))
+
+    harness.Proc = Proc
+    harness.run_ab = probed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, add_help=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(harness)
     harness.https_post = _settling(harness.https_post, args.settle_s)
+    port = os.environ.get("WABA_BENCH_ADMIN_PORT")
+    probe = Probe(admin_port=int(port) if port else None)
+    _probing(harness, probe)
     sys.argv = [args.harness, *rest]  # the harness parses sys.argv itself
     harness.main()
+    out = rest[rest.index("--json") + 1] if "--json" in rest[:-1] else None
+    if out and os.path.exists(out):
+        with open(out) as file:
+            result = json.load(file)
+        probe.annotate(result)
+        with open(out, "w") as file:
+            json.dump(result, file, indent=1)
     return 0
 
 

@@ -38,10 +38,11 @@ import asyncio
 import logging
 import socket
 import ssl
-from asyncio import selector_events, sslproto
+from asyncio import selector_events
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from gateway.edge.tls_reads import TLSReads
 from gateway.units import SECONDS
 
 __all__ = ["BACKLOG", "Acceptor", "bind"]
@@ -74,10 +75,10 @@ def bind(host: str, port: int) -> socket.socket:
 READ_BUFFER_BYTES = 64 * 1024  # the TLS connections' one read buffer on asyncio's loop
 
 
-class _TLSProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol reading into its acceptor's one read buffer, telling
-    ``handshake_ended(self, error)`` instead of a future how its handshake ended (see the
-    module docstring)."""
+class _TLSProtocol(TLSReads):
+    """asyncio's TLS protocol reading into its acceptor's one read buffer without an exception
+    per read (gateway.edge.tls_reads), telling ``handshake_ended(self, error)`` instead of a
+    future how its handshake ended (see the module docstring)."""
 
     # asyncio's __init__ allocates a read buffer of max_size for each connection: none here.
     max_size = 0

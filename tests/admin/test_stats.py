@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,43 @@ def test_committed_counts_commits_and_the_jobs_they_held() -> None:
     text = stats.render().decode()
     assert metric(text, "waba_gateway_outbox_commits_total") == 2
     assert metric(text, "waba_gateway_outbox_jobs_total") == 8
+
+
+def test_a_lone_process_counts_acceptances_and_commits_without_the_counters_until_read() -> None:
+    """Per request and per group only plain numbers move (no counter's lock on the ack path);
+    a scrape and the console's totals each see every count, and later ones add to them."""
+    stats = Stats()
+    for _ in range(3):
+        stats.accepted()
+    stats.committed(2)
+    registry = stats.registry
+    assert registry.get_sample_value("waba_gateway_notifications_accepted_total") == 0
+    assert registry.get_sample_value("waba_gateway_outbox_commits_total") == 0
+    assert stats.totals().accepted == 3
+    stats.accepted()
+    stats.committed(4)
+    text = stats.render().decode()
+    assert metric(text, "waba_gateway_notifications_accepted_total") == 4
+    assert metric(text, "waba_gateway_outbox_commits_total") == 2
+    assert metric(text, "waba_gateway_outbox_jobs_total") == 6
+
+
+def test_commits_counted_on_the_writer_thread_while_flushed_on_another_are_all_kept() -> None:
+    """The writer thread counts while the event loop's flushes run: none is lost or doubled."""
+    stats = Stats()
+
+    def writer() -> None:
+        for _ in range(20_000):
+            stats.committed(3)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while thread.is_alive():
+        stats.flush()
+    thread.join()
+    text = stats.render().decode()
+    assert metric(text, "waba_gateway_outbox_commits_total") == 20_000
+    assert metric(text, "waba_gateway_outbox_jobs_total") == 60_000
 
 
 def test_tls_handshake_failures_are_counted_by_reason() -> None:
