@@ -31,6 +31,7 @@ from opentelemetry.sdk.resources import Resource
 from gateway.config import TracingConfig
 from gateway.tracing.collector import Collector, Poster, collector_from
 from gateway.tracing.encoding import Encoder
+from gateway.tracing.notified import Notified
 from gateway.tracing.spans import Span, Tracing
 from gateway.version import __version__
 
@@ -70,10 +71,15 @@ class Batches:
         self._max_queued = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
         self._batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self._max_queued)
         self._flush_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
-        # Spans as they ended, encoded by this thread a batch at a time: the event loop's turn
-        # for a request does not carry the encoding (bench/README.md, "Issue 24: where
-        # tracing's CPU goes").
-        self._queue: collections.deque[Span] = collections.deque()
+        # Spans as they ended, and the listener's records (two spans each), encoded by this
+        # thread a batch at a time: the event loop's turn for a request does not carry the
+        # encoding (bench/README.md, "Issue 24: where tracing's CPU goes").
+        self._queue: collections.deque[Span | Notified] = collections.deque()
+        # The spans queued, as the difference of two counts each written by one thread only
+        # (no lock): the event loop's, of what it queued, and this thread's, of what it took.
+        self._queued_spans = 0
+        self._taken_spans = 0
+        self._pending: list[bytes] = []  # encoded, beyond the last batch posted (this thread's)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._poster = Poster(collector, self._stopping)
@@ -85,15 +91,23 @@ class Batches:
     def record(self, span: Span) -> None:
         """Queue an ended span (on the event loop's thread, which ends them all); never
         blocks: past ``OTEL_BSP_MAX_QUEUE_SIZE`` the span is dropped and counted."""
-        queue = self._queue
-        queued = len(queue)
-        if queued >= self._max_queued:
+        self._add(span, 1)
+
+    def record_notified(self, record: Notified) -> None:
+        """Queue a notification's record (:class:`~gateway.tracing.notified.Notified`): its
+        one or two spans, kept or dropped together."""
+        self._add(record, 2 if record.commit_start_ns else 1)
+
+    def _add(self, item: Span | Notified, spans: int) -> None:
+        queued = self._queued_spans - self._taken_spans
+        if queued + spans > self._max_queued:
             if not self.dropped:
                 log.warning("spans are made faster than the collector takes them; dropping")
-            self.dropped += 1
+            self.dropped += spans
             return
-        queue.append(span)
-        if queued + 1 == self._batch:  # one signal per batch, not per span
+        self._queue.append(item)
+        self._queued_spans += spans
+        if queued < self._batch <= queued + spans:  # one signal per batch, not per span
             self._wake.set()
 
     def _run(self) -> None:
@@ -107,20 +121,41 @@ class Batches:
     def _send(self, *, everything: bool) -> None:
         """Export what is queued in batches: all of it, or until less than a batch is left
         (the rest waits for the next wake-up, to make large batches)."""
-        queue, encode = self._queue, self._encoder.span
-        while queue:
-            encoded = []
-            for _ in range(min(len(queue), self._batch)):
-                span = queue.popleft()
-                try:
-                    encoded.append(encode(span))
-                except Exception:  # an attribute of a type OTLP has no encoding for
-                    log.exception("could not encode the span %r; dropped", span.name)
-                    self.dropped += 1
-            if encoded and self._poster.post(self._encoder.request(encoded), len(encoded)):
-                self.exported += len(encoded)
-            if not everything and len(queue) < self._batch:
+        while True:
+            encoded = self._take()
+            if not encoded:
                 return
+            if self._poster.post(self._encoder.request(encoded), len(encoded)):
+                self.exported += len(encoded)
+            waiting = len(self._pending) + self._queued_spans - self._taken_spans
+            if not everything and waiting < self._batch:
+                return
+
+    def _take(self) -> list[bytes]:
+        """Up to a batch of spans, encoded: those left over from the last record taken first.
+        A span that cannot be encoded is dropped and counted alone."""
+        queue, encoder, batch = self._queue, self._encoder, self._batch
+        encoded, self._pending = self._pending, []
+        while len(encoded) < batch and queue:
+            item = queue.popleft()
+            if type(item) is Span:
+                self._taken_spans += 1
+                try:
+                    encoded.append(encoder.span(item))
+                except Exception:  # an attribute of a type OTLP has no encoding for
+                    log.exception("could not encode the span %r; dropped", item.name)
+                    self.dropped += 1
+            else:
+                assert isinstance(item, Notified)
+                self._taken_spans += item.spans
+                try:
+                    encoded += encoder.notified(item)
+                except Exception:  # as for a span: dropped and counted, the rest goes on
+                    log.exception("could not encode the spans of a notification; dropped")
+                    self.dropped += item.spans
+        if len(encoded) > batch:  # a record's second span: the next batch's first
+            encoded, self._pending = encoded[:batch], encoded[batch:]
+        return encoded
 
     def shutdown(self) -> None:
         """Export everything still queued (for up to ``OTEL_BSP_EXPORT_TIMEOUT``), then stop."""
@@ -141,7 +176,9 @@ class Exporting:
         )
         encoder = Encoder(resource.attributes, "waba-gateway", __version__)
         self.batches = Batches(encoder, collector_from(config.endpoint, env), env)
-        self.tracing = Tracing(self.batches.record, config.sample_ratio)
+        self.tracing = Tracing(
+            self.batches.record, config.sample_ratio, self.batches.record_notified
+        )
 
     async def close(self) -> None:
         """Export what is still queued, then stop the exporter (off the event loop: it blocks

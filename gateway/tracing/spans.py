@@ -32,6 +32,7 @@ from gateway.tracing.context import (
     parse_stored,
     parse_traceparent,
 )
+from gateway.tracing.notified import DUPLICATE, Link, Notified
 
 __all__ = ["CLIENT", "INTERNAL", "SERVER", "Recorder", "Span", "Tracing"]
 
@@ -39,8 +40,6 @@ __all__ = ["CLIENT", "INTERNAL", "SERVER", "Recorder", "Span", "Tracing"]
 INTERNAL: Final = 1
 SERVER: Final = 2
 CLIENT: Final = 3
-# What a span that is not a root points at; a link: (trace id, span id, flags, attributes).
-Link = tuple[bytes, bytes, int, Mapping[str, Any]]
 _UNTRUSTED: Final[Mapping[str, Any]] = {"gateway.link": "untrusted"}
 _NO_ATTRIBUTES: Final[Mapping[str, Any]] = {}
 
@@ -50,6 +49,8 @@ _NO_PARENT: Final = b""
 _LOW_64: Final = (1 << 64) - 1
 
 
+# A Parent made from a tuple, without the generated __new__'s keyword handling.
+_new_parent: Final = tuple.__new__
 _STORED_KEPT: Final = 1024  # the trace contexts whose parents are kept (a fraction of a second)
 
 
@@ -184,6 +185,8 @@ class Span(trace.Span):
 
 # Given each sampled span as it ends.
 Recorder = Callable[[Span], None]
+# Given each sampled notification's record as it is answered (:class:`Notified`).
+NotifiedRecorder = Callable[[Notified], None]
 
 
 @functools.lru_cache(maxsize=64)  # the same few statuses, request after request
@@ -201,13 +204,29 @@ def _committed(deliveries: int | None) -> Mapping[str, Any]:
     )
 
 
+def _linked(foreign: str) -> tuple[Link, ...]:
+    """The link to a ``traceparent`` someone sent, never a parent (none if it is not one)."""
+    linked = parse_traceparent(foreign)
+    if linked is None:
+        return ()
+    return ((linked.trace_id, linked.span_id, linked.flags, _UNTRUSTED),)
+
+
 class Tracing:
     """Makes the gateway's spans, sampling new traces at ``sample_ratio`` (as OpenTelemetry's
     ``ParentBased(TraceIdRatioBased)``: a child follows its parent's decision), and gives
     each sampled span to ``recorder`` when it ends."""
 
-    def __init__(self, recorder: Recorder, sample_ratio: float = 1.0) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        sample_ratio: float = 1.0,
+        notified: NotifiedRecorder | None = None,
+    ) -> None:
+        """``notified``: given the listener's records whole (the exporter encodes them); without
+        it each record is given to ``recorder`` as the two spans it stands for."""
         self._recorder = recorder
+        self._notified = notified or self._as_spans
         # TraceIdRatioBased's rule: the low 64 bits of the trace id under ratio * 2**64.
         self._bound = round(sample_ratio * (1 << 64))
         self._all = self._bound >= 1 << 64
@@ -226,11 +245,7 @@ class Tracing:
         """The SERVER span of one ``POST path`` at the callback, with ``attributes`` (see
         :func:`~gateway.tracing.attributes.server_attributes`). Always a root: Meta sends no
         traceparent, and anyone else's (``foreign``) is only recorded as a link."""
-        links: tuple[Link, ...] = ()
-        if foreign is not None:
-            linked = parse_traceparent(foreign)
-            if linked is not None:
-                links = ((linked.trace_id, linked.span_id, linked.flags, _UNTRUSTED),)
+        links = () if foreign is None else _linked(foreign)
         trace_id, sampled = self._root()
         return Span(
             self._recorder,
@@ -244,6 +259,76 @@ class Tracing:
             time.time_ns(),
             links,
         )
+
+    def notified(self, path: str, attributes: Mapping[str, Any], foreign: str | None) -> Notified:
+        """The listener's record of one ``POST path``: what :meth:`server_span` and
+        :meth:`commit_span` make, as plain values (see :mod:`gateway.tracing.notified`)."""
+        links = () if foreign is None else _linked(foreign)
+        trace_id = _random_bits(128) or 1  # all zeros: invalid
+        ids = _random_bits(128)  # both span ids from one call
+        sampled = self._all or trace_id & _LOW_64 < self._bound
+        return Notified(
+            path, attributes, trace_id, ids >> 64 or 1, ids & _LOW_64 or 1, sampled, links
+        )
+
+    def stored_notified(self, record: Notified) -> str:
+        """:meth:`stored` for a :class:`Notified`: its SERVER span's trace context."""
+        sampled = record.sampled
+        context = f"00-{record.trace_id:032x}-{record.server_id:016x}-{'01' if sampled else '00'}"
+        known = self._stored
+        if len(known) >= _STORED_KEPT:
+            known.clear()
+        ids = (record.trace_id.to_bytes(16), record.server_id.to_bytes(8))
+        known[context] = _new_parent(Parent, (*ids, SAMPLED if sampled else 0, ""))
+        return context
+
+    def end_notified(
+        self, record: Notified, status: int, failure: BaseException | None = None
+    ) -> None:
+        """The request was answered with ``status``; ``failure``: what failed it, which is the
+        commit's error if the commit was under way (its type only: its text may name
+        anything)."""
+        if record.end_ns:
+            return  # answered once; recorded once
+        record.end_ns = time.time_ns()
+        record.status = status
+        if record.commit_start_ns and not record.commit_end_ns:
+            record.commit_end_ns = record.end_ns
+            record.error = "_OTHER" if failure is None else type(failure).__qualname__
+        if record.sampled:
+            self._notified(record)
+
+    def _as_spans(self, record: Notified) -> None:
+        """Give ``record`` to the recorder as the API spans it stands for: the commit's, then
+        the SERVER span, as :meth:`commit_span` and :meth:`server_span` make and end them."""
+        trace_id, server_id = record.trace_id.to_bytes(16), record.server_id.to_bytes(8)
+        args = (self._recorder, f"POST {record.path}", SERVER, trace_id, _NO_PARENT, "", True)
+        server = Span(*args, record.attributes, record.start_ns, record.links)
+        server.span_id = server_id
+        if record.commit_start_ns:
+            commit = Span(
+                self._recorder,
+                "outbox commit",
+                INTERNAL,
+                trace_id,
+                server_id,
+                "",
+                True,
+                _NO_ATTRIBUTES,
+                record.commit_start_ns,
+                remote_parent=False,
+            )
+            commit.span_id = record.commit_id.to_bytes(8)
+            if record.error is None:
+                deliveries = record.deliveries
+                commit.changed = _committed(None if deliveries == DUPLICATE else deliveries)
+            else:
+                commit.changed = {"error.type": record.error}
+                commit.error = True
+            commit.end(record.commit_end_ns)
+        server.changed = _status(record.status)
+        server.error = record.status >= 500
+        server.end(record.end_ns)
 
     @staticmethod
     def end_server(span: trace.Span, status: int) -> None:
