@@ -19,8 +19,8 @@ from typing import Any, Final
 
 from gateway.tracing.attributes import status_attributes
 from gateway.tracing.context import SAMPLED
-from gateway.tracing.notified import DUPLICATE, Notified
-from gateway.tracing.spans import INTERNAL, SERVER, Span
+from gateway.tracing.records import DUPLICATE, Attempts, Notified
+from gateway.tracing.spans import CLIENT, INTERNAL, SERVER, Span
 
 __all__ = ["Encoder", "key_values", "request_prefix"]
 
@@ -49,6 +49,7 @@ _CHILD_FLAGS: Final = {
 _SHARED_LIMIT: Final = 1024  # connections' and targets' attribute sets
 # Attributes whose values never recur: not worth a place in the cache.
 _UNCACHED: Final = frozenset({"gateway.delivery.id"})
+_DELIVERY_ID_KEY: Final = b"\x0a\x13gateway.delivery.id"
 
 
 def _varint(value: int) -> bytes:
@@ -195,7 +196,7 @@ class Encoder:
         return b"\x12" + _varint(len(body)) + body
 
     def notified(self, record: Notified) -> list[bytes]:
-        """The spans a :class:`~gateway.tracing.notified.Notified` stands for, each as
+        """The spans a :class:`~gateway.tracing.records.Notified` stands for, each as
         :meth:`span` encodes it: the commit's (if the outbox was reached), then the SERVER
         span, byte for byte what :meth:`span` makes of the API spans (a test compares)."""
         trace_id = record.trace_id.to_bytes(16)
@@ -223,11 +224,7 @@ class Encoder:
         name = self._server_names.get(record.path)
         if name is None:
             name = self._server_names[record.path] = _field(b"\x2a", f"POST {record.path}".encode())
-        answered = self._statuses.get(status)
-        if answered is None:
-            answered = self._statuses[status] = b"".join(
-                [self._attribute(k, v) for k, v in status_attributes(status, None).items()]
-            )
+        answered = self._statuses.get(status) or self._status(status)
         server = b"".join(
             (
                 _IDS(b"\x0a\x10", trace_id, b"\x12\x08", server_id),
@@ -241,6 +238,57 @@ class Encoder:
             )
         )
         encoded.append(b"\x12" + _varint(len(server)) + server)
+        return encoded
+
+    def attempts(self, record: Attempts) -> list[bytes]:
+        """The sampled CLIENT spans of a batch's record, each byte for byte what :meth:`span`
+        makes of the API span :meth:`~gateway.tracing.spans.Tracing.attempt_spans` and
+        ``end_attempt`` would have made (a test compares)."""
+        name = self._names.get(record.name) or self._name(record.name)
+        shared = self._shared_attributes(record.shared)
+        times = _TIMES(0x30, CLIENT, 0x39, record.start_ns, 0x41, record.end_ns)
+        attribute, statuses = self._attribute, self._statuses
+        encoded = []
+        for span, (status, error, outcome) in zip(record.spans, record.ended, strict=True):
+            trace_id, span_id, parent_id, state, sampled, delivery_id, attempt = span
+            if not sampled:
+                continue
+            value = _field(b"\x12", _field(b"\x0a", delivery_id.encode()))
+            own = [
+                b"\x4a",
+                _varint(len(_DELIVERY_ID_KEY) + len(value)),
+                _DELIVERY_ID_KEY,
+                value,
+                attribute("gateway.delivery.attempt", attempt),
+            ]
+            if attempt > 1:
+                own.append(attribute("http.request.resend_count", attempt - 1))
+            if status is None:
+                own += [attribute(k, v) for k, v in status_attributes(None, error).items()]
+            else:
+                own.append(statuses.get(status) or self._status(status))
+            own.append(attribute("gateway.delivery.outcome", outcome))
+            body = b"".join(
+                (
+                    _IDS(b"\x0a\x10", trace_id, b"\x12\x08", span_id),
+                    _field(b"\x1a", state.encode()) if state else b"",
+                    b"\x22\x08" + parent_id if parent_id else b"",
+                    name,
+                    times,
+                    shared,
+                    b"".join(own),
+                    b"" if outcome == "delivered" else _ERROR_STATUS,
+                    _CHILD_FLAGS[True, sampled] if parent_id else _ROOT_FLAGS[sampled],
+                )
+            )
+            encoded.append(b"\x12" + _varint(len(body)) + body)
+        return encoded
+
+    def _status(self, status: int) -> bytes:
+        """A response's attributes (its status code, and error.type from 400 on)."""
+        encoded = self._statuses[status] = b"".join(
+            [self._attribute(k, v) for k, v in status_attributes(status, None).items()]
+        )
         return encoded
 
     def _result(self, deliveries: int) -> bytes:

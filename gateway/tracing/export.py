@@ -31,7 +31,7 @@ from opentelemetry.sdk.resources import Resource
 from gateway.config import TracingConfig
 from gateway.tracing.collector import Collector, Poster, collector_from
 from gateway.tracing.encoding import Encoder
-from gateway.tracing.notified import Notified
+from gateway.tracing.records import Attempts, Notified
 from gateway.tracing.spans import Span, Tracing
 from gateway.version import __version__
 
@@ -74,7 +74,7 @@ class Batches:
         # Spans as they ended, and the listener's records (two spans each), encoded by this
         # thread a batch at a time: the event loop's turn for a request does not carry the
         # encoding (bench/README.md, "Issue 24: where tracing's CPU goes").
-        self._queue: collections.deque[Span | Notified] = collections.deque()
+        self._queue: collections.deque[Span | Notified | Attempts] = collections.deque()
         # The spans queued, as the difference of two counts each written by one thread only
         # (no lock): the event loop's, of what it queued, and this thread's, of what it took.
         self._queued_spans = 0
@@ -93,12 +93,12 @@ class Batches:
         blocks: past ``OTEL_BSP_MAX_QUEUE_SIZE`` the span is dropped and counted."""
         self._add(span, 1)
 
-    def record_notified(self, record: Notified) -> None:
-        """Queue a notification's record (:class:`~gateway.tracing.notified.Notified`): its
-        one or two spans, kept or dropped together."""
-        self._add(record, 2 if record.commit_start_ns else 1)
+    def record_whole(self, record: Notified | Attempts) -> None:
+        """Queue a record (:mod:`gateway.tracing.records`): its spans, kept or dropped
+        together."""
+        self._add(record, record.count)
 
-    def _add(self, item: Span | Notified, spans: int) -> None:
+    def _add(self, item: Span | Notified | Attempts, spans: int) -> None:
         queued = self._queued_spans - self._taken_spans
         if queued + spans > self._max_queued:
             if not self.dropped:
@@ -138,7 +138,7 @@ class Batches:
         encoded, self._pending = self._pending, []
         while len(encoded) < batch and queue:
             item = queue.popleft()
-            if type(item) is Span:
+            if isinstance(item, Span):
                 self._taken_spans += 1
                 try:
                     encoded.append(encoder.span(item))
@@ -146,13 +146,17 @@ class Batches:
                     log.exception("could not encode the span %r; dropped", item.name)
                     self.dropped += 1
             else:
-                assert isinstance(item, Notified)
-                self._taken_spans += item.spans
+                count = item.count
+                self._taken_spans += count
                 try:
-                    encoded += encoder.notified(item)
+                    if type(item) is Notified:
+                        encoded += encoder.notified(item)
+                    else:
+                        assert isinstance(item, Attempts)
+                        encoded += encoder.attempts(item)
                 except Exception:  # as for a span: dropped and counted, the rest goes on
-                    log.exception("could not encode the spans of a notification; dropped")
-                    self.dropped += item.spans
+                    log.exception("could not encode the spans of a record; dropped")
+                    self.dropped += count
         if len(encoded) > batch:  # a record's second span: the next batch's first
             encoded, self._pending = encoded[:batch], encoded[batch:]
         return encoded
@@ -176,9 +180,7 @@ class Exporting:
         )
         encoder = Encoder(resource.attributes, "waba-gateway", __version__)
         self.batches = Batches(encoder, collector_from(config.endpoint, env), env)
-        self.tracing = Tracing(
-            self.batches.record, config.sample_ratio, self.batches.record_notified
-        )
+        self.tracing = Tracing(self.batches.record, config.sample_ratio, self.batches.record_whole)
 
     async def close(self) -> None:
         """Export what is still queued, then stop the exporter (off the event loop: it blocks

@@ -32,7 +32,7 @@ from gateway.tracing.context import (
     parse_stored,
     parse_traceparent,
 )
-from gateway.tracing.notified import DUPLICATE, Link, Notified
+from gateway.tracing.records import DUPLICATE, Attempt, Attempts, Ended, Link, Notified
 
 __all__ = ["CLIENT", "INTERNAL", "SERVER", "Recorder", "Span", "Tracing"]
 
@@ -185,8 +185,8 @@ class Span(trace.Span):
 
 # Given each sampled span as it ends.
 Recorder = Callable[[Span], None]
-# Given each sampled notification's record as it is answered (:class:`Notified`).
-NotifiedRecorder = Callable[[Notified], None]
+# Given each record with a sampled span as its work ends (gateway.tracing.records).
+RecordRecorder = Callable[[Notified | Attempts], None]
 
 
 @functools.lru_cache(maxsize=64)  # the same few statuses, request after request
@@ -221,12 +221,12 @@ class Tracing:
         self,
         recorder: Recorder,
         sample_ratio: float = 1.0,
-        notified: NotifiedRecorder | None = None,
+        records: RecordRecorder | None = None,
     ) -> None:
-        """``notified``: given the listener's records whole (the exporter encodes them); without
-        it each record is given to ``recorder`` as the two spans it stands for."""
+        """``records``: given the plain records whole (the exporter encodes them); without it
+        each record is given to ``recorder`` as the API spans it stands for."""
         self._recorder = recorder
-        self._notified = notified or self._as_spans
+        self._records = records or self.as_spans
         # TraceIdRatioBased's rule: the low 64 bits of the trace id under ratio * 2**64.
         self._bound = round(sample_ratio * (1 << 64))
         self._all = self._bound >= 1 << 64
@@ -262,7 +262,7 @@ class Tracing:
 
     def notified(self, path: str, attributes: Mapping[str, Any], foreign: str | None) -> Notified:
         """The listener's record of one ``POST path``: what :meth:`server_span` and
-        :meth:`commit_span` make, as plain values (see :mod:`gateway.tracing.notified`)."""
+        :meth:`commit_span` make, as plain values (see :mod:`gateway.tracing.records`)."""
         links = () if foreign is None else _linked(foreign)
         trace_id = _random_bits(128) or 1  # all zeros: invalid
         ids = _random_bits(128)  # both span ids from one call
@@ -297,11 +297,31 @@ class Tracing:
             record.commit_end_ns = record.end_ns
             record.error = "_OTHER" if failure is None else type(failure).__qualname__
         if record.sampled:
-            self._notified(record)
+            self._records(record)
 
-    def _as_spans(self, record: Notified) -> None:
-        """Give ``record`` to the recorder as the API spans it stands for: the commit's, then
-        the SERVER span, as :meth:`commit_span` and :meth:`server_span` make and end them."""
+    def as_spans(self, record: Notified | Attempts) -> None:
+        """Give ``record`` (one ended) to the recorder as the API spans it stands for: a
+        notification's commit, then its SERVER span, as :meth:`commit_span` and
+        :meth:`server_span` make and end them; each sampled attempt as :meth:`attempt_spans`
+        and :meth:`end_attempt` do."""
+        if isinstance(record, Attempts):
+            for span, ended in zip(record.spans, record.ended, strict=True):
+                trace_id, span_id, parent_id, state, sampled, delivery_id, attempt = span
+                made = Span(
+                    self._recorder,
+                    record.name,
+                    CLIENT,
+                    trace_id,
+                    parent_id,
+                    state,
+                    sampled,
+                    record.shared,
+                    record.start_ns,
+                )
+                made.span_id = span_id
+                made.changed = attempt_attributes(delivery_id, attempt)
+                self._end_attempt(made, *ended, record.end_ns)
+            return
         trace_id, server_id = record.trace_id.to_bytes(16), record.server_id.to_bytes(8)
         args = (self._recorder, f"POST {record.path}", SERVER, trace_id, _NO_PARENT, "", True)
         server = Span(*args, record.attributes, record.start_ns, record.links)
@@ -428,8 +448,57 @@ class Tracing:
     def end_attempt(span: trace.Span, status: int | None, error: str | None, outcome: str) -> None:
         """End an attempt's span with what came back and what it led to (delivered, retry,
         dead)."""
+        Tracing._end_attempt(span, status, error, outcome)
+
+    @staticmethod
+    def _end_attempt(
+        span: trace.Span, status: int | None, error: str | None, outcome: str, end_ns: int = 0
+    ) -> None:
         answered = status_attributes(None, error) if status is None else _status(status)
         span.set_attributes({**answered, "gateway.delivery.outcome": outcome})
         if outcome != "delivered":
             span.set_status(StatusCode.ERROR)
-        span.end()
+        span.end(end_ns or None)
+
+    def attempts(
+        self,
+        url: str,
+        target: str,
+        deliveries: Sequence[tuple[str, str | None, int]],
+        kind: str = "http",
+    ) -> Attempts:
+        """:meth:`attempt_spans` as one plain record (:class:`Attempts`): the same parents,
+        names and headers, with no span object; :meth:`end_attempts` ends it."""
+        name = "POST" if kind == "http" else f"send {target}"
+        spans: list[Attempt] = []
+        headers: list[dict[str, str]] = []
+        sampled_count = 0
+        known = self._stored
+        for delivery_id, trace_context, attempt in deliveries:
+            parent = known.get(trace_context) if trace_context else None
+            if parent is None:
+                parent = parse_stored(trace_context)
+            if parent is None:
+                trace_id, sampled = self._root()
+                parent_id, trace_state = _NO_PARENT, ""
+            else:
+                trace_id, sampled = parent.trace_id, bool(parent.flags & SAMPLED)
+                parent_id, trace_state = parent.span_id, parent.trace_state
+            span_id = (_random_bits(64) or 1).to_bytes(8)
+            spans.append((trace_id, span_id, parent_id, trace_state, sampled, delivery_id, attempt))
+            carried = {"traceparent": format_traceparent(trace_id, span_id, sampled)}
+            if trace_state:
+                carried["tracestate"] = trace_state
+            headers.append(carried)
+            sampled_count += sampled
+        return Attempts(name, target_attributes(url, target, kind), spans, headers, sampled_count)
+
+    def end_attempts(self, attempts: Attempts, ended: Sequence[Ended]) -> None:
+        """End a batch's spans, each with what came back and what it led to (``ended``, in
+        the batch's order)."""
+        if attempts.end_ns:
+            return  # ended once; recorded once
+        attempts.end_ns = time.time_ns()
+        attempts.ended = ended
+        if attempts.count:
+            self._records(attempts)

@@ -1,10 +1,13 @@
-"""One traced notification at the listener: its SERVER span and its outbox commit as one record.
+"""Plain records of the spans made on the event loop's hot paths: a traced notification at the
+listener (its SERVER span and its outbox commit, :class:`Notified`) and a batch of delivery
+attempts (one CLIENT span each, :class:`Attempts`).
 
-Rule: the event loop's thread only fills in plain values (ids as ints, times, a status, a count)
-and queues the record once, when the request is answered; the exporter's thread turns it into
-the two spans (:meth:`gateway.tracing.encoding.Encoder.notified`), with the same names,
+Rule: the event loop's thread only fills in plain values (ids, times, a status, a count) and
+queues a record once, when its work ends; the exporter's thread turns it into spans
+(:meth:`gateway.tracing.encoding.Encoder.notified` and ``.attempts``) with the same names,
 attributes, parenting and statuses as the API spans of :mod:`gateway.tracing.spans` would have
-(a test compares them). No span object, no mapping, no bytes are made per request on the loop.
+(a test compares them byte for byte). No span object and no attribute mapping is made per
+request on the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-__all__ = ["Notified"]
+__all__ = ["Attempt", "Attempts", "Ended", "Notified"]
 
 # What a span that is not a root points at; a link: (trace id, span id, flags, attributes).
 Link = tuple[bytes, bytes, int, Mapping[str, Any]]
@@ -79,6 +82,39 @@ class Notified:
         self.deliveries = DUPLICATE if stored is None else len(stored)
 
     @property
-    def spans(self) -> int:
+    def count(self) -> int:
         """How many spans this record becomes."""
         return 2 if self.commit_start_ns else 1
+
+
+# One attempt's span: (trace id, span id, parent span id or b"", tracestate, sampled, delivery
+# id, attempt number).
+Attempt = tuple[bytes, bytes, bytes, str, bool, str, int]
+# How one attempt ended: (response status or None, error text or None, outcome).
+Ended = tuple[int | None, str | None, str]
+
+
+class Attempts:
+    """The CLIENT spans of one batch of attempts to one target: named ``name``, with the
+    target's ``shared`` attributes, started together at ``start_ns``; ``headers``: the
+    trace context each attempt carries to the target. ``ended``: how each ended, in order,
+    at ``end_ns`` (set once)."""
+
+    __slots__ = ("count", "end_ns", "ended", "headers", "name", "shared", "spans", "start_ns")
+
+    def __init__(
+        self,
+        name: str,
+        shared: Mapping[str, Any],
+        spans: list[Attempt],
+        headers: list[dict[str, str]],
+        count: int,
+    ) -> None:
+        self.name = name
+        self.shared = shared
+        self.spans = spans
+        self.headers = headers
+        self.count = count  # how many of the spans are sampled (the others are not recorded)
+        self.start_ns = time.time_ns()
+        self.end_ns = 0
+        self.ended: Sequence[Ended] = ()

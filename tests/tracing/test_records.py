@@ -20,7 +20,7 @@ from gateway.errors import OutboxError
 from gateway.runtime.gateway import Gateway
 from gateway.tracing.encoding import Encoder
 from gateway.tracing.export import Exporting
-from gateway.tracing.notified import Notified
+from gateway.tracing.records import Attempts, Ended, Notified
 from gateway.tracing.spans import Span, Tracing
 
 FOREIGN = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -58,12 +58,12 @@ def test_a_record_encodes_as_the_api_spans_it_stands_for(
     API spans the same record gives a span-only recorder: names, ids, parent, times, the
     connection's and the status's attributes, the commit's count or error, link, flags."""
     as_spans: list[Span] = []
-    records: list[Notified] = []
+    records: list[Notified | Attempts] = []
     spans_tracing = Tracing(as_spans.append)
-    records_tracing = Tracing(as_spans.append, notified=records.append)
+    records_tracing = Tracing(as_spans.append, records=records.append)
     record = _record(records_tracing, status, stored, failure)
     assert records == [record]
-    spans_tracing._notified(record)  # the same record, given as API spans
+    spans_tracing.as_spans(record)  # the same record, given as API spans
     assert [span.name for span in as_spans] == kinds
     encoder = Encoder({"service.name": "s"}, "gw", "1")
     for _ in range(2):  # the second time from the caches
@@ -78,7 +78,7 @@ def test_a_record_encodes_as_the_api_spans_it_stands_for(
 def test_an_unsampled_record_is_not_recorded_but_its_context_says_so() -> None:
     """At sample_ratio 0 nothing is recorded, and the stored context's flags are 00; the
     first attempt finds the same parent as a restarted gateway parsing the text."""
-    records: list[Notified] = []
+    records: list[Notified | Attempts] = []
     tracing = Tracing(lambda span: None, 0.0, records.append)
     record = tracing.notified("/webhook", {}, None)
     record.committing()
@@ -95,6 +95,53 @@ def test_an_unsampled_record_is_not_recorded_but_its_context_says_so() -> None:
         there.sampled,
     )
     assert here.parent_id == record.server_id.to_bytes(8)
+
+
+STORED = f"{FOREIGN}\nvendor=1"
+UNSAMPLED = FOREIGN[:-2] + "00"
+
+
+@pytest.mark.parametrize(
+    ("deliveries", "ended"),
+    [
+        ([("d-1", STORED, 1)], [(200, None, "delivered")]),
+        ([("d-1", None, 3), ("d-2", STORED, 2)], [(503, None, "retry"), (404, None, "dead")]),
+        ([("d-1", STORED, 1)], [(None, "timed out after 5s", "retry")]),
+        ([("d-1", UNSAMPLED, 1), ("d-2", None, 1)], [(None, "stopped", "retry")] * 2),
+    ],
+)
+@pytest.mark.parametrize("kind", ["http", "nats"])
+def test_a_batch_of_attempts_encodes_as_the_api_spans_and_carries_their_headers(
+    deliveries: list[tuple[str, str | None, int]], ended: list[Ended], kind: str
+) -> None:
+    """A batch's record encodes, byte for byte, as the CLIENT spans attempt_spans and
+    end_attempt make (an unsampled attempt not at all), and its headers carry each span's
+    own context, tracestate included, as attempt_spans' headers do."""
+    as_spans: list[Span] = []
+    records: list[Notified | Attempts] = []
+    tracing = Tracing(as_spans.append, records=records.append)
+    record = tracing.attempts(
+        "nats://bus:4222" if kind == "nats" else "http://t:1/in", "t", deliveries, kind
+    )
+    tracing.end_attempts(record, ended)
+    tracing.end_attempts(record, ended)  # a second end records nothing more
+    assert records == [record]
+    Tracing(as_spans.append).as_spans(record)
+    sampled = [span for span in record.spans if span[4]]
+    assert len(as_spans) == record.count == len(sampled)
+    encoder = Encoder({"service.name": "s"}, "gw", "1")
+    for _ in range(2):
+        assert encoder.attempts(record) == [encoder.span(span) for span in as_spans]
+    for (trace_id, span_id, _, state, sampled_, _, _), headers in zip(
+        record.spans, record.headers, strict=True
+    ):
+        flags = "01" if sampled_ else "00"
+        assert headers["traceparent"] == f"00-{trace_id.hex()}-{span_id.hex()}-{flags}"
+        assert headers.get("tracestate", "") == state
+    with_parent = [
+        span for span, (_, context, _) in zip(record.spans, deliveries, strict=True) if context
+    ]
+    assert all(span[0].hex() == FOREIGN[3:35] for span in with_parent)
 
 
 async def test_a_records_two_spans_are_split_across_batches_and_dropped_together() -> None:
