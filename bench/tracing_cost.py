@@ -12,8 +12,8 @@ Usage:
 
 It imports the gateway it finds (``PYTHONPATH=/path/to/other/tree`` measures another revision);
 revisions whose ``server_span`` took the certificate's fields (before the lean spans) are called
-that way. ``--records``: the SERVER span and the commit as the listener makes them since issue
-24's records (``Tracing.notified``: one plain record, encoded as two spans by the exporter). The process's CPU (all threads, the exporter's too) over ``--count`` notifications,
+that way. ``--records``: the spans as the listener and the dispatcher make them since issue 24's plain
+records (``Tracing.notified`` and ``Tracing.attempts``, encoded into spans by the exporter). The process's CPU (all threads, the exporter's too) over ``--count`` notifications,
 with the start-up (imports, the exporter's set-up) measured apart and left out.
 """
 
@@ -77,11 +77,15 @@ async def main() -> None:
             tracing.committed(commit, 1)
             commit.end()
             Tracing.end_server(server, 200)
-        ((attempt, headers),) = tracing.attempt_spans(
-            "http://127.0.0.1:9000/webhook", "sink", [(f"p-{number}", stored, 1)]
-        )
-        assert headers["traceparent"]
-        Tracing.end_attempt(attempt, 200, None, "delivered")
+        target = ("http://127.0.0.1:9000/webhook", "sink", [(f"p-{number}", stored, 1)])
+        if args.records:
+            attempts = tracing.attempts(*target)
+            assert attempts.headers[0]["traceparent"]
+            tracing.end_attempts(attempts, [(200, None, "delivered")])
+        else:
+            ((attempt, headers),) = tracing.attempt_spans(*target)
+            assert headers["traceparent"]
+            Tracing.end_attempt(attempt, 200, None, "delivered")
         if number % 64 == 63:
             # The exporter's thread runs while the event loop waits for the network; this
             # loop never waits, so it lets it run here (sleeping costs no CPU).

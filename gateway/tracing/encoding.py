@@ -52,17 +52,23 @@ _UNCACHED: Final = frozenset({"gateway.delivery.id"})
 _DELIVERY_ID_KEY: Final = b"\x0a\x13gateway.delivery.id"
 
 
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x4000:  # a span's length, most often
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# The varints of lengths up to a long span's, looked up rather than computed: the hot loops
+# index this table inline (a function call costs more than the encoding itself).
+_SMALL_LIMIT: Final = 2048
+_SMALL: Final = tuple(_encode_varint(value) for value in range(_SMALL_LIMIT))
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL[value] if value < _SMALL_LIMIT else _encode_varint(value)
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
@@ -121,6 +127,7 @@ class Encoder:
         self._server_names: dict[str, bytes] = {}
         self._statuses: dict[int, bytes] = {}
         self._results: dict[int, bytes] = {}  # a commit's attributes, by deliveries stored
+        self._tails: dict[tuple[int, int, str], bytes] = {}  # see _tail
         self._commit_name = _field(b"\x2a", b"outbox commit")
 
     def _shared_attributes(self, attributes: Mapping[str, Any]) -> bytes:
@@ -220,7 +227,10 @@ class Encoder:
                     _CHILD_FLAGS[False, sampled],
                 )
             )
-            encoded.append(b"\x12" + _varint(len(commit)) + commit)
+            size = len(commit)
+            encoded.append(
+                b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _varint(size)) + commit
+            )
         name = self._server_names.get(record.path)
         if name is None:
             name = self._server_names[record.path] = _field(b"\x2a", f"POST {record.path}".encode())
@@ -237,7 +247,8 @@ class Encoder:
                 _ROOT_FLAGS[sampled],
             )
         )
-        encoded.append(b"\x12" + _varint(len(server)) + server)
+        size = len(server)
+        encoded.append(b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _varint(size)) + server)
         return encoded
 
     def attempts(self, record: Attempts) -> list[bytes]:
@@ -247,27 +258,26 @@ class Encoder:
         name = self._names.get(record.name) or self._name(record.name)
         shared = self._shared_attributes(record.shared)
         times = _TIMES(0x30, CLIENT, 0x39, record.start_ns, 0x41, record.end_ns)
-        attribute, statuses = self._attribute, self._statuses
+        tails = self._tails
         encoded = []
         for span, (status, error, outcome) in zip(record.spans, record.ended, strict=True):
             trace_id, span_id, parent_id, state, sampled, delivery_id, attempt = span
             if not sampled:
                 continue
-            value = _field(b"\x12", _field(b"\x0a", delivery_id.encode()))
-            own = [
-                b"\x4a",
-                _varint(len(_DELIVERY_ID_KEY) + len(value)),
-                _DELIVERY_ID_KEY,
-                value,
-                attribute("gateway.delivery.attempt", attempt),
-            ]
-            if attempt > 1:
-                own.append(attribute("http.request.resend_count", attempt - 1))
-            if status is None:
-                own += [attribute(k, v) for k, v in status_attributes(None, error).items()]
+            # The delivery id, the one attribute that never recurs, written in place.
+            text = delivery_id.encode()
+            size = len(text)
+            if size < 100:
+                value = b"\x12" + _SMALL[size + 2] + b"\x0a" + _SMALL[size] + text
+                own = b"\x4a" + _SMALL[21 + len(value)] + _DELIVERY_ID_KEY + value
             else:
-                own.append(statuses.get(status) or self._status(status))
-            own.append(attribute("gateway.delivery.outcome", outcome))
+                own = self._attribute("gateway.delivery.id", delivery_id)
+            if status is None:
+                tail = self._tail(attempt, None, error, outcome)
+            else:
+                tail = tails.get((attempt, status, outcome)) or self._tail(
+                    attempt, status, None, outcome
+                )
             body = b"".join(
                 (
                     _IDS(b"\x0a\x10", trace_id, b"\x12\x08", span_id),
@@ -276,12 +286,35 @@ class Encoder:
                     name,
                     times,
                     shared,
-                    b"".join(own),
-                    b"" if outcome == "delivered" else _ERROR_STATUS,
+                    own,
+                    tail,
                     _CHILD_FLAGS[True, sampled] if parent_id else _ROOT_FLAGS[sampled],
                 )
             )
-            encoded.append(b"\x12" + _varint(len(body)) + body)
+            size = len(body)
+            encoded.append(
+                b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _encode_varint(size)) + body
+            )
+        return encoded
+
+    def _tail(self, attempt: int, status: int | None, error: str | None, outcome: str) -> bytes:
+        """An attempt span's attributes after its delivery id, and its status: the same for
+        every attempt with the same number, response status and outcome (cached by those;
+        an error's text, never)."""
+        attribute = self._attribute
+        own = [attribute("gateway.delivery.attempt", attempt)]
+        if attempt > 1:
+            own.append(attribute("http.request.resend_count", attempt - 1))
+        if status is None:
+            own += [attribute(k, v) for k, v in status_attributes(None, error).items()]
+        else:
+            own.append(self._statuses.get(status) or self._status(status))
+        own.append(attribute("gateway.delivery.outcome", outcome))
+        if outcome != "delivered":
+            own.append(_ERROR_STATUS)
+        encoded = b"".join(own)
+        if status is not None and len(self._tails) < _CACHE_LIMIT:
+            self._tails[attempt, status, outcome] = encoded
         return encoded
 
     def _status(self, status: int) -> bytes:

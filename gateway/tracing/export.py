@@ -91,21 +91,19 @@ class Batches:
     def record(self, span: Span) -> None:
         """Queue an ended span (on the event loop's thread, which ends them all); never
         blocks: past ``OTEL_BSP_MAX_QUEUE_SIZE`` the span is dropped and counted."""
-        self._add(span, 1)
+        self.record_whole(span)
 
-    def record_whole(self, record: Notified | Attempts) -> None:
+    def record_whole(self, record: Span | Notified | Attempts) -> None:
         """Queue a record (:mod:`gateway.tracing.records`): its spans, kept or dropped
         together."""
-        self._add(record, record.count)
-
-    def _add(self, item: Span | Notified | Attempts, spans: int) -> None:
+        spans = record.count
         queued = self._queued_spans - self._taken_spans
         if queued + spans > self._max_queued:
             if not self.dropped:
                 log.warning("spans are made faster than the collector takes them; dropping")
             self.dropped += spans
             return
-        self._queue.append(item)
+        self._queue.append(record)
         self._queued_spans += spans
         if queued < self._batch <= queued + spans:  # one signal per batch, not per span
             self._wake.set()

@@ -78,6 +78,7 @@ class Span(trace.Span):
         "trace_id",
         "trace_state",
     )
+    count: Final = 1  # the spans it stands for, as a record's count (gateway.tracing.export)
 
     def __init__(
         self,
@@ -486,7 +487,8 @@ class Tracing:
                 parent_id, trace_state = parent.span_id, parent.trace_state
             span_id = (_random_bits(64) or 1).to_bytes(8)
             spans.append((trace_id, span_id, parent_id, trace_state, sampled, delivery_id, attempt))
-            carried = {"traceparent": format_traceparent(trace_id, span_id, sampled)}
+            flags = "01" if sampled else "00"  # format_traceparent, without its call
+            carried = {"traceparent": f"00-{trace_id.hex()}-{span_id.hex()}-{flags}"}
             if trace_state:
                 carried["tracestate"] = trace_state
             headers.append(carried)
