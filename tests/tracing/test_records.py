@@ -10,12 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import gateway_config, message_body, post, sink_target
-from otlp import INTERNAL, SERVER, Receiver
+from helpers import eventually, gateway_config, message_body, post, sink_target
+from otlp import CLIENT, INTERNAL, SERVER, Receiver
 from pki import Pki
 from sink import Sink
 
-from gateway.config import Config, TracingConfig
+from gateway.config import Config, OutboxConfig, TracingConfig
 from gateway.errors import OutboxError
 from gateway.runtime.gateway import Gateway
 from gateway.tracing.encoding import Encoder
@@ -207,3 +207,31 @@ async def test_the_listener_ends_each_server_span_with_the_status_it_answered(
     assert commits[0].attributes == {"gateway.duplicate": False, "gateway.deliveries": 1}
     assert [c.attributes for c in commits[1:]] == [{"error.type": "OutboxError"}] * 2
     assert [c.status for c in commits] == [0, 2, 2]
+
+
+async def test_an_outbox_without_accept_soon_gives_the_same_traced_spans(
+    pki: Pki, tmp_path: Path, sink: Sink, pg_url: str
+) -> None:
+    """With the PostgreSQL outbox (no accept_soon: the listener's future is a task there), a
+    traced POST still gives its SERVER span, the commit as its child with the count stored,
+    and the attempt's CLIENT span in the same trace, parented on the SERVER span."""
+    async with Receiver() as receiver:
+        config = _traced(gateway_config(pki, tmp_path, targets=[sink_target(sink)]), receiver)
+        config = dataclasses.replace(config, outbox=OutboxConfig(url=pg_url))
+        async with Gateway(config) as gateway:
+            assert (await post(gateway, pki, message_body("shared"))).status == 200
+            (request,) = await sink.wait_for(1)
+            await eventually(lambda: _delivered(gateway), "the delivery's outcome")
+    (server,) = receiver.of_kind(SERVER)
+    (commit,) = receiver.of_kind(INTERNAL)
+    (client,) = receiver.of_kind(CLIENT)
+    assert server.attributes["http.response.status_code"] == 200
+    assert (commit.trace_id, commit.parent_id) == (server.trace_id, server.span_id)
+    assert commit.attributes == {"gateway.duplicate": False, "gateway.deliveries": 1}
+    assert (client.trace_id, client.parent_id) == (server.trace_id, server.span_id)
+    assert request.headers["traceparent"].split("-")[1:3] == [client.trace_id, client.span_id]
+
+
+async def _delivered(gateway: Gateway) -> bool | None:
+    counts = await gateway.outbox.counts()
+    return True if counts.get("delivered") else None
