@@ -1,13 +1,14 @@
 """Spans in OTLP's protobuf encoding (opentelemetry/proto/trace/v1/trace.proto and
 collector/trace/v1/trace_service.proto), written directly as bytes.
 
-Rule: pure; spans in, one ``ExportTraceServiceRequest`` out. What is the same for every span is
-encoded once: the resource and instrumentation scope (:func:`request_prefix`), each span name,
-and each attribute that recurs (a method, a route, a certificate's CN, a target's name) from a
-bounded cache; per span only its ids, times, status and the attributes that vary are encoded.
-Building the protobuf objects of the generated classes cost more CPU than the request the spans
-traced (bench/README.md, "Tracing, lean spans"); the tests decode what this writes with those
-generated classes (opentelemetry-proto).
+Rule: pure; spans in (API spans, and the plain records of :mod:`gateway.tracing.records`, each
+written byte for byte as the API spans it stands for), one ``ExportTraceServiceRequest`` out.
+What is the same for every span is encoded once: the resource and instrumentation scope
+(:func:`request_prefix`), each span name, and each attribute that recurs (a method, a route, a
+certificate's CN, a target's name) from a bounded cache; per span only its ids, times, status
+and the attributes that vary are encoded. Building the protobuf objects of the generated classes
+cost more CPU than the request the spans traced (bench/README.md, "Tracing, lean spans"); the
+tests decode what this writes with those generated classes (opentelemetry-proto).
 """
 
 from __future__ import annotations

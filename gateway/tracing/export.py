@@ -4,13 +4,15 @@ collector (:mod:`gateway.tracing.collector`).
 
 Rule: imported only when ``[tracing] enabled = true`` (the configuration refuses that without
 the ``otel`` extra), so a gateway without tracing starts no exporter thread and opens no
-connection. A span is queued as it ends, as it is (the event loop's whole part: one append);
-the exporter's thread encodes a batch in one pass (:mod:`gateway.tracing.encoding`) and posts
+connection. A span, or a record of several (:mod:`gateway.tracing.records`), is queued as it
+ends, as it is (the event loop's whole part: one append); the exporter's thread encodes a batch
+in one pass (:mod:`gateway.tracing.encoding`) and posts
 it. It wakes once per batch (a full batch, or the schedule delay), never per span: each wake-up
 of a second thread costs the event loop a hand-over of the interpreter's lock. The batching
 follows the SDK's batch span processor and its variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms
 between exports), ``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted),
-``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait),
+``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait; every limit counts
+spans, a record's spans are kept or dropped together, and may be split between two exports),
 ``..._EXPORT_TIMEOUT`` (ms a final flush may take). The
 resource is the SDK's (``service.name``, ``service.version``, ``OTEL_RESOURCE_ATTRIBUTES``).
 The tracer is the gateway's own, never the global one: a program that embeds the callback keeps
