@@ -12,7 +12,8 @@ Usage:
 
 It imports the gateway it finds (``PYTHONPATH=/path/to/other/tree`` measures another revision);
 revisions whose ``server_span`` took the certificate's fields (before the lean spans) are called
-that way. The process's CPU (all threads, the exporter's too) over ``--count`` notifications,
+that way. ``--records``: the spans as the listener and the dispatcher make them since issue 24's plain
+records (``Tracing.notified`` and ``Tracing.attempts``, encoded into spans by the exporter). The process's CPU (all threads, the exporter's too) over ``--count`` notifications,
 with the start-up (imports, the exporter's set-up) measured apart and left out.
 """
 
@@ -43,6 +44,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=20000, help="notifications (default 20000)")
     parser.add_argument("--endpoint", required=True, help="the collector's base URL")
+    parser.add_argument(
+        "--records", action="store_true", help="the listener's records (Tracing.notified)"
+    )
     args = parser.parse_args()
     started = time.process_time()
     exporting = Exporting(TracingConfig(enabled=True, endpoint=args.endpoint))
@@ -60,17 +64,28 @@ async def main() -> None:
     set_up = time.process_time() - started
     started = time.process_time()
     for number in range(args.count):
-        server = server_span()
-        commit = tracing.commit_span(server)
-        stored = tracing.stored(server)
-        tracing.committed(commit, 1)
-        commit.end()
-        Tracing.end_server(server, 200)
-        ((attempt, headers),) = tracing.attempt_spans(
-            "http://127.0.0.1:9000/webhook", "sink", [(f"p-{number}", stored, 1)]
-        )
-        assert headers["traceparent"]
-        Tracing.end_attempt(attempt, 200, None, "delivered")
+        if args.records:
+            record = tracing.notified("/webhook", attributes, None)
+            record.committing()
+            stored = tracing.stored_notified(record)
+            record.committed([number])
+            tracing.end_notified(record, 200)
+        else:
+            server = server_span()
+            commit = tracing.commit_span(server)
+            stored = tracing.stored(server)
+            tracing.committed(commit, 1)
+            commit.end()
+            Tracing.end_server(server, 200)
+        target = ("http://127.0.0.1:9000/webhook", "sink", [(f"p-{number}", stored, 1)])
+        if args.records:
+            attempts = tracing.attempts(*target)
+            assert attempts.headers[0]["traceparent"]
+            tracing.end_attempts(attempts, [(200, None, "delivered")])
+        else:
+            ((attempt, headers),) = tracing.attempt_spans(*target)
+            assert headers["traceparent"]
+            Tracing.end_attempt(attempt, 200, None, "delivered")
         if number % 64 == 63:
             # The exporter's thread runs while the event loop waits for the network; this
             # loop never waits, so it lets it run here (sleeping costs no CPU).

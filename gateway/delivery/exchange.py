@@ -22,7 +22,7 @@ from gateway.outbox import Delivery
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
-    from gateway.tracing import Span, Tracing
+    from gateway.tracing import Attempts, Tracing
 
 __all__ = ["Exchange"]
 
@@ -46,7 +46,8 @@ class Exchange:
     )
 
     def __init__(self, lane: Lane, batch: Sequence[Delivery], tracing: Tracing | None) -> None:
-        """``tracing``: one CLIENT span per attempt, started now, when [tracing] is enabled."""
+        """``tracing``: one CLIENT span per attempt, started now, when [tracing] is enabled
+        (one plain record for the batch: :class:`~gateway.tracing.records.Attempts`)."""
         self.tracing = tracing
         self.sender: Sender = lane.sender
         self.health: TargetHealth = lane.health
@@ -55,10 +56,10 @@ class Exchange:
         self.batch = batch
         self.attempts = [delivery.attempts + 1 for delivery in batch]
         self.results: list[AttemptResult] = []
-        self.spans: list[tuple[Span, dict[str, str]]] | None = (
+        self.spans: Attempts | None = (
             None
             if tracing is None
-            else tracing.attempt_spans(
+            else tracing.attempts(
                 self.sender.target.url,
                 self.name,
                 [(d.id, d.trace, n) for d, n in zip(batch, self.attempts, strict=True)],
@@ -72,7 +73,7 @@ class Exchange:
         try:
             try:
                 self.results = await self.sender.send_many(
-                    batch, self.attempts, None if spans is None else [h for _, h in spans]
+                    batch, self.attempts, None if spans is None else spans.headers
                 )
             except Exception as exc:
                 # Still failed attempts: recorded and backed off like any other, rather than a
@@ -83,8 +84,7 @@ class Exchange:
         except BaseException:
             # Stopped mid-batch: the attempts stay pending; their spans say so.
             if spans is not None and self.tracing is not None:
-                for span, _ in spans:
-                    self.tracing.end_attempt(span, None, "stopped", "retry")
+                self.tracing.end_attempts(spans, [(None, "stopped", "retry")] * len(batch))
             raise
 
     def judge(
@@ -113,6 +113,11 @@ class Exchange:
             )
         ]
         if self.spans is not None and self.tracing is not None:
-            for (span, _), outcome, result in zip(self.spans, outcomes, results, strict=True):
-                self.tracing.end_attempt(span, result.status, result.error, OUTCOMES[type(outcome)])
+            self.tracing.end_attempts(
+                self.spans,
+                [
+                    (result.status, result.error, OUTCOMES[type(outcome)])
+                    for outcome, result in zip(outcomes, results, strict=True)
+                ],
+            )
         return outcomes

@@ -23,7 +23,7 @@ from gateway.signing import verify_signature
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
-    from gateway.tracing import Span, Tracing
+    from gateway.tracing import Notified, Span, Tracing
 
 __all__ = ["ACCEPTED", "DUPLICATE", "Callback", "Counters", "StoredHook"]
 
@@ -124,18 +124,34 @@ class Callback:
             stored = await self._traced_accept(self.tracing, span, body, signature, routes)
         return self._stored(stored)
 
-    def notify_soon(self, body: bytes, signature: str | None) -> asyncio.Future[str]:
-        """:meth:`notify` for an untraced request, as a future: what :meth:`notify` raises
-        before the outbox is reached (a bad signature or body) is raised here at once, and the
-        future resolves with the reason once the notification is durable, or fails as
-        :meth:`notify` would. With an outbox that offers ``accept_soon``
-        (:class:`~gateway.outbox.AcceptsSoon`) no task is made for the request."""
+    def notify_soon(
+        self, body: bytes, signature: str | None, traced: Notified | None = None
+    ) -> asyncio.Future[str]:
+        """:meth:`notify` as a future: what :meth:`notify` raises before the outbox is reached
+        (a bad signature or body) is raised here at once, and the future resolves with the
+        reason once the notification is durable, or fails as :meth:`notify` would. With an
+        outbox that offers ``accept_soon`` (:class:`~gateway.outbox.AcceptsSoon`) no task is
+        made for the request. ``traced``: the request's record when it is traced (the commit is
+        timed in it, and its trace context is stored with the deliveries); the caller ends it
+        with the status it answers, and with the future's error, the commit's."""
         routes = self._checked(body, signature)
         assert signature is not None  # verify_signature refuses a missing header
+        tracing = self.tracing
+        if traced is None or tracing is None:
+            if self._soon is None:
+                return asyncio.ensure_future(self._accept(body, signature, routes))
+            # The reason is made by _stored on the event loop's thread right after the commit.
+            return self._soon.accept_soon(body, signature, routes, self._clock(), then=self._stored)
+        traced.committing()
+        context = tracing.stored_notified(traced)
+
+        def then(stored: list[Delivery] | None) -> str:
+            traced.committed(stored)
+            return self._stored(stored)
+
         if self._soon is None:
-            return asyncio.ensure_future(self._accept(body, signature, routes))
-        # The reason is made by _stored on the event loop's thread right after the commit.
-        return self._soon.accept_soon(body, signature, routes, self._clock(), then=self._stored)
+            return asyncio.ensure_future(self._accept(body, signature, routes, context, then))
+        return self._soon.accept_soon(body, signature, routes, self._clock(), context, then=then)
 
     def _checked(self, body: bytes, signature: str | None) -> Sequence[Route]:
         """The routes of a notification whose signature holds; raises Rejected."""
@@ -146,8 +162,16 @@ class Callback:
             raise
         return route(body, self._routing)
 
-    async def _accept(self, body: bytes, signature: str, routes: Sequence[Route]) -> str:
-        return self._stored(await self.outbox.accept(body, signature, routes, self._clock()))
+    async def _accept(
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        trace: str | None = None,
+        then: Callable[[list[Delivery] | None], str] | None = None,
+    ) -> str:
+        stored = await self.outbox.accept(body, signature, routes, self._clock(), trace)
+        return (then or self._stored)(stored)
 
     def _stored(self, stored: list[Delivery] | None) -> str:
         """Count a notification the outbox has committed, hand its deliveries on, and say what

@@ -49,7 +49,7 @@ from gateway.units import SECONDS
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
-    from gateway.tracing import Span, Tracing
+    from gateway.tracing import Notified, Tracing
 
 __all__ = ["Listener"]
 
@@ -255,19 +255,23 @@ class _Connection(asyncio.Protocol):
                 path = shortened(path)
                 raise NotFound(f"no such path: {path!r}")
             if method == "POST":
+                # No task per request: a bad signature or body is raised here and answered
+                # at once, a stored one resolves the future after its commit.
                 tracing = self._tracing
                 if tracing is None:
-                    # No task per request: a bad signature or body is raised here and answered
-                    # below at once, a stored one resolves the future after its commit.
                     answer = self._callback.notify_soon(request.body, request.signature)
-                    span = None
+                    traced = None
                 else:
-                    span = tracing.server_span(path, self._span_attributes, request.traceparent)
-                    answer = asyncio.ensure_future(
-                        self._callback.notify(request.body, request.signature, span)
-                    )
+                    traced = tracing.notified(path, self._span_attributes, request.traceparent)
+                    try:
+                        answer = self._callback.notify_soon(request.body, request.signature, traced)
+                    except Exception as exc:
+                        status, reason = answer_for(exc, method, path)
+                        self._answer(request, method, path, status, reason)
+                        tracing.end_notified(traced, status, exc)
+                        return
                 self._in_flight = True
-                answer.add_done_callback(lambda done: self._notified(request, path, done, span))
+                answer.add_done_callback(lambda done: self._notified(request, path, done, traced))
                 return
             if method not in ("GET", "HEAD"):
                 raise not_allowed(method)
@@ -281,18 +285,21 @@ class _Connection(asyncio.Protocol):
             self._answer(request, method, path, *answer_for(exc, method, path))
 
     def _notified(
-        self, request: Request, path: str, done: asyncio.Future[str], span: Span | None
+        self, request: Request, path: str, done: asyncio.Future[str], traced: Notified | None
     ) -> None:
         self._in_flight = False
+        error: BaseException | None = None
         if done.cancelled():
             status, reason = 503, "shutting down; retry later"
+            error = asyncio.CancelledError()
         elif (error := done.exception()) is not None:
             status, reason = answer_for(error, "POST", path)
         else:
             status, reason = 200, done.result()
         self._answer(request, "POST", path, status, reason)
-        if span is not None and self._tracing is not None:
-            self._tracing.end_server(span, status)
+        if traced is not None and self._tracing is not None:
+            # The SERVER span ends with the status answered; a failure is the commit's.
+            self._tracing.end_notified(traced, status, error)
         self._pump()
 
     def _answer(

@@ -1,13 +1,14 @@
 """Spans in OTLP's protobuf encoding (opentelemetry/proto/trace/v1/trace.proto and
 collector/trace/v1/trace_service.proto), written directly as bytes.
 
-Rule: pure; spans in, one ``ExportTraceServiceRequest`` out. What is the same for every span is
-encoded once: the resource and instrumentation scope (:func:`request_prefix`), each span name,
-and each attribute that recurs (a method, a route, a certificate's CN, a target's name) from a
-bounded cache; per span only its ids, times, status and the attributes that vary are encoded.
-Building the protobuf objects of the generated classes cost more CPU than the request the spans
-traced (bench/README.md, "Tracing, lean spans"); the tests decode what this writes with those
-generated classes (opentelemetry-proto).
+Rule: pure; spans in (API spans, and the plain records of :mod:`gateway.tracing.records`, each
+written byte for byte as the API spans it stands for), one ``ExportTraceServiceRequest`` out.
+What is the same for every span is encoded once: the resource and instrumentation scope
+(:func:`request_prefix`), each span name, and each attribute that recurs (a method, a route, a
+certificate's CN, a target's name) from a bounded cache; per span only its ids, times, status
+and the attributes that vary are encoded. Building the protobuf objects of the generated classes
+cost more CPU than the request the spans traced (bench/README.md, "Tracing, lean spans"); the
+tests decode what this writes with those generated classes (opentelemetry-proto).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
+from gateway.tracing.attributes import status_attributes
 from gateway.tracing.context import SAMPLED
-from gateway.tracing.spans import Span
+from gateway.tracing.records import DUPLICATE, Attempts, Notified
+from gateway.tracing.spans import CLIENT, INTERNAL, SERVER, Span
 
 __all__ = ["Encoder", "key_values", "request_prefix"]
 
@@ -47,19 +50,26 @@ _CHILD_FLAGS: Final = {
 _SHARED_LIMIT: Final = 1024  # connections' and targets' attribute sets
 # Attributes whose values never recur: not worth a place in the cache.
 _UNCACHED: Final = frozenset({"gateway.delivery.id"})
+_DELIVERY_ID_KEY: Final = b"\x0a\x13gateway.delivery.id"
 
 
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x4000:  # a span's length, most often
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# The varints of lengths up to a long span's, looked up rather than computed: the hot loops
+# index this table inline (a function call costs more than the encoding itself).
+_SMALL_LIMIT: Final = 2048
+_SMALL: Final = tuple(_encode_varint(value) for value in range(_SMALL_LIMIT))
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL[value] if value < _SMALL_LIMIT else _encode_varint(value)
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
@@ -114,6 +124,12 @@ class Encoder:
         self._names: dict[str, bytes] = {}
         # Each shared attribute mapping encoded once (kept with it, so its id is not reused).
         self._shared: dict[int, tuple[Mapping[str, Any], bytes]] = {}
+        # A SERVER span's name by its path, and its response's attributes by status.
+        self._server_names: dict[str, bytes] = {}
+        self._statuses: dict[int, bytes] = {}
+        self._results: dict[int, bytes] = {}  # a commit's attributes, by deliveries stored
+        self._tails: dict[tuple[int, int, str], bytes] = {}  # see _tail
+        self._commit_name = _field(b"\x2a", b"outbox commit")
 
     def _shared_attributes(self, attributes: Mapping[str, Any]) -> bytes:
         found = self._shared.get(id(attributes))
@@ -186,6 +202,138 @@ class Encoder:
             )
         )
         return b"\x12" + _varint(len(body)) + body
+
+    def notified(self, record: Notified) -> list[bytes]:
+        """The spans a :class:`~gateway.tracing.records.Notified` stands for, each as
+        :meth:`span` encodes it: the commit's (if the outbox was reached), then the SERVER
+        span, byte for byte what :meth:`span` makes of the API spans (a test compares)."""
+        trace_id = record.trace_id.to_bytes(16)
+        server_id = record.server_id.to_bytes(8)
+        sampled, status = record.sampled, record.status
+        encoded = []
+        if record.commit_start_ns:
+            if record.error is None:
+                result = self._results.get(record.deliveries) or self._result(record.deliveries)
+            else:
+                result = self._attribute("error.type", record.error) + _ERROR_STATUS
+            commit = b"".join(
+                (
+                    _IDS(b"\x0a\x10", trace_id, b"\x12\x08", record.commit_id.to_bytes(8)),
+                    b"\x22\x08" + server_id,
+                    self._commit_name,
+                    _TIMES(
+                        0x30, INTERNAL, 0x39, record.commit_start_ns, 0x41, record.commit_end_ns
+                    ),
+                    result,
+                    _CHILD_FLAGS[False, sampled],
+                )
+            )
+            size = len(commit)
+            encoded.append(
+                b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _varint(size)) + commit
+            )
+        name = self._server_names.get(record.path)
+        if name is None:
+            name = self._server_names[record.path] = _field(b"\x2a", f"POST {record.path}".encode())
+        answered = self._statuses.get(status) or self._status(status)
+        server = b"".join(
+            (
+                _IDS(b"\x0a\x10", trace_id, b"\x12\x08", server_id),
+                name,
+                _TIMES(0x30, SERVER, 0x39, record.start_ns, 0x41, record.end_ns),
+                self._shared_attributes(record.attributes),
+                answered,
+                self._links(record.links) if record.links else b"",
+                _ERROR_STATUS if status >= 500 else b"",
+                _ROOT_FLAGS[sampled],
+            )
+        )
+        size = len(server)
+        encoded.append(b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _varint(size)) + server)
+        return encoded
+
+    def attempts(self, record: Attempts) -> list[bytes]:
+        """The sampled CLIENT spans of a batch's record, each byte for byte what :meth:`span`
+        makes of the API span :meth:`~gateway.tracing.spans.Tracing.attempt_spans` and
+        ``end_attempt`` would have made (a test compares)."""
+        name = self._names.get(record.name) or self._name(record.name)
+        shared = self._shared_attributes(record.shared)
+        times = _TIMES(0x30, CLIENT, 0x39, record.start_ns, 0x41, record.end_ns)
+        tails = self._tails
+        encoded = []
+        for span, (status, error, outcome) in zip(record.spans, record.ended, strict=True):
+            trace_id, span_id, parent_id, state, sampled, delivery_id, attempt = span
+            if not sampled:
+                continue
+            # The delivery id, the one attribute that never recurs, written in place.
+            text = delivery_id.encode()
+            size = len(text)
+            if size < 100:
+                value = b"\x12" + _SMALL[size + 2] + b"\x0a" + _SMALL[size] + text
+                own = b"\x4a" + _SMALL[21 + len(value)] + _DELIVERY_ID_KEY + value
+            else:
+                own = self._attribute("gateway.delivery.id", delivery_id)
+            if status is None:
+                tail = self._tail(attempt, None, error, outcome)
+            else:
+                tail = tails.get((attempt, status, outcome)) or self._tail(
+                    attempt, status, None, outcome
+                )
+            body = b"".join(
+                (
+                    _IDS(b"\x0a\x10", trace_id, b"\x12\x08", span_id),
+                    _field(b"\x1a", state.encode()) if state else b"",
+                    b"\x22\x08" + parent_id if parent_id else b"",
+                    name,
+                    times,
+                    shared,
+                    own,
+                    tail,
+                    _CHILD_FLAGS[True, sampled] if parent_id else _ROOT_FLAGS[sampled],
+                )
+            )
+            size = len(body)
+            encoded.append(
+                b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _encode_varint(size)) + body
+            )
+        return encoded
+
+    def _tail(self, attempt: int, status: int | None, error: str | None, outcome: str) -> bytes:
+        """An attempt span's attributes after its delivery id, and its status: the same for
+        every attempt with the same number, response status and outcome (cached by those;
+        an error's text, never)."""
+        attribute = self._attribute
+        own = [attribute("gateway.delivery.attempt", attempt)]
+        if attempt > 1:
+            own.append(attribute("http.request.resend_count", attempt - 1))
+        if status is None:
+            own += [attribute(k, v) for k, v in status_attributes(None, error).items()]
+        else:
+            own.append(self._statuses.get(status) or self._status(status))
+        own.append(attribute("gateway.delivery.outcome", outcome))
+        if outcome != "delivered":
+            own.append(_ERROR_STATUS)
+        encoded = b"".join(own)
+        if status is not None and len(self._tails) < _CACHE_LIMIT:
+            self._tails[attempt, status, outcome] = encoded
+        return encoded
+
+    def _status(self, status: int) -> bytes:
+        """A response's attributes (its status code, and error.type from 400 on)."""
+        encoded = self._statuses[status] = b"".join(
+            [self._attribute(k, v) for k, v in status_attributes(status, None).items()]
+        )
+        return encoded
+
+    def _result(self, deliveries: int) -> bytes:
+        """A commit's attributes, by the deliveries it stored (:data:`DUPLICATE`: none)."""
+        duplicate = deliveries == DUPLICATE
+        encoded = self._attribute("gateway.duplicate", duplicate) + self._attribute(
+            "gateway.deliveries", 0 if duplicate else deliveries
+        )
+        if len(self._results) < _CACHE_LIMIT:
+            self._results[deliveries] = encoded
+        return encoded
 
     def _overridden(self, shared: Mapping[str, Any], changed: Mapping[str, Any]) -> bytes:
         """A shared attribute set again: the span's own value wins."""

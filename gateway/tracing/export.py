@@ -4,13 +4,15 @@ collector (:mod:`gateway.tracing.collector`).
 
 Rule: imported only when ``[tracing] enabled = true`` (the configuration refuses that without
 the ``otel`` extra), so a gateway without tracing starts no exporter thread and opens no
-connection. A span is queued as it ends, as it is (the event loop's whole part: one append);
-the exporter's thread encodes a batch in one pass (:mod:`gateway.tracing.encoding`) and posts
+connection. A span, or a record of several (:mod:`gateway.tracing.records`), is queued as it
+ends, as it is (the event loop's whole part: one append); the exporter's thread encodes a batch
+in one pass (:mod:`gateway.tracing.encoding`) and posts
 it. It wakes once per batch (a full batch, or the schedule delay), never per span: each wake-up
 of a second thread costs the event loop a hand-over of the interpreter's lock. The batching
 follows the SDK's batch span processor and its variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms
 between exports), ``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted),
-``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait),
+``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait; every limit counts
+spans, a record's spans are kept or dropped together, and may be split between two exports),
 ``..._EXPORT_TIMEOUT`` (ms a final flush may take). The
 resource is the SDK's (``service.name``, ``service.version``, ``OTEL_RESOURCE_ATTRIBUTES``).
 The tracer is the gateway's own, never the global one: a program that embeds the callback keeps
@@ -31,6 +33,7 @@ from opentelemetry.sdk.resources import Resource
 from gateway.config import TracingConfig
 from gateway.tracing.collector import Collector, Poster, collector_from
 from gateway.tracing.encoding import Encoder
+from gateway.tracing.records import Attempts, Notified
 from gateway.tracing.spans import Span, Tracing
 from gateway.version import __version__
 
@@ -70,10 +73,15 @@ class Batches:
         self._max_queued = _setting(env, "OTEL_BSP_MAX_QUEUE_SIZE")
         self._batch = min(_setting(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), self._max_queued)
         self._flush_s = _setting(env, "OTEL_BSP_EXPORT_TIMEOUT") / 1000
-        # Spans as they ended, encoded by this thread a batch at a time: the event loop's turn
-        # for a request does not carry the encoding (bench/README.md, "Issue 24: where
-        # tracing's CPU goes").
-        self._queue: collections.deque[Span] = collections.deque()
+        # Spans as they ended, and the listener's records (two spans each), encoded by this
+        # thread a batch at a time: the event loop's turn for a request does not carry the
+        # encoding (bench/README.md, "Issue 24: where tracing's CPU goes").
+        self._queue: collections.deque[Span | Notified | Attempts] = collections.deque()
+        # The spans queued, as the difference of two counts each written by one thread only
+        # (no lock): the event loop's, of what it queued, and this thread's, of what it took.
+        self._queued_spans = 0
+        self._taken_spans = 0
+        self._pending: list[bytes] = []  # encoded, beyond the last batch posted (this thread's)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._poster = Poster(collector, self._stopping)
@@ -85,15 +93,21 @@ class Batches:
     def record(self, span: Span) -> None:
         """Queue an ended span (on the event loop's thread, which ends them all); never
         blocks: past ``OTEL_BSP_MAX_QUEUE_SIZE`` the span is dropped and counted."""
-        queue = self._queue
-        queued = len(queue)
-        if queued >= self._max_queued:
+        self.record_whole(span)
+
+    def record_whole(self, record: Span | Notified | Attempts) -> None:
+        """Queue a record (:mod:`gateway.tracing.records`): its spans, kept or dropped
+        together."""
+        spans = record.count
+        queued = self._queued_spans - self._taken_spans
+        if queued + spans > self._max_queued:
             if not self.dropped:
                 log.warning("spans are made faster than the collector takes them; dropping")
-            self.dropped += 1
+            self.dropped += spans
             return
-        queue.append(span)
-        if queued + 1 == self._batch:  # one signal per batch, not per span
+        self._queue.append(record)
+        self._queued_spans += spans
+        if queued < self._batch <= queued + spans:  # one signal per batch, not per span
             self._wake.set()
 
     def _run(self) -> None:
@@ -107,20 +121,45 @@ class Batches:
     def _send(self, *, everything: bool) -> None:
         """Export what is queued in batches: all of it, or until less than a batch is left
         (the rest waits for the next wake-up, to make large batches)."""
-        queue, encode = self._queue, self._encoder.span
-        while queue:
-            encoded = []
-            for _ in range(min(len(queue), self._batch)):
-                span = queue.popleft()
-                try:
-                    encoded.append(encode(span))
-                except Exception:  # an attribute of a type OTLP has no encoding for
-                    log.exception("could not encode the span %r; dropped", span.name)
-                    self.dropped += 1
-            if encoded and self._poster.post(self._encoder.request(encoded), len(encoded)):
-                self.exported += len(encoded)
-            if not everything and len(queue) < self._batch:
+        while True:
+            encoded = self._take()
+            if not encoded:
                 return
+            if self._poster.post(self._encoder.request(encoded), len(encoded)):
+                self.exported += len(encoded)
+            waiting = len(self._pending) + self._queued_spans - self._taken_spans
+            if not everything and waiting < self._batch:
+                return
+
+    def _take(self) -> list[bytes]:
+        """Up to a batch of spans, encoded: those left over from the last record taken first.
+        A span that cannot be encoded is dropped and counted alone."""
+        queue, encoder, batch = self._queue, self._encoder, self._batch
+        encoded, self._pending = self._pending, []
+        while len(encoded) < batch and queue:
+            item = queue.popleft()
+            if isinstance(item, Span):
+                self._taken_spans += 1
+                try:
+                    encoded.append(encoder.span(item))
+                except Exception:  # an attribute of a type OTLP has no encoding for
+                    log.exception("could not encode the span %r; dropped", item.name)
+                    self.dropped += 1
+            else:
+                count = item.count
+                self._taken_spans += count
+                try:
+                    if type(item) is Notified:
+                        encoded += encoder.notified(item)
+                    else:
+                        assert isinstance(item, Attempts)
+                        encoded += encoder.attempts(item)
+                except Exception:  # as for a span: dropped and counted, the rest goes on
+                    log.exception("could not encode the spans of a record; dropped")
+                    self.dropped += count
+        if len(encoded) > batch:  # a record's second span: the next batch's first
+            encoded, self._pending = encoded[:batch], encoded[batch:]
+        return encoded
 
     def shutdown(self) -> None:
         """Export everything still queued (for up to ``OTEL_BSP_EXPORT_TIMEOUT``), then stop."""
@@ -141,7 +180,7 @@ class Exporting:
         )
         encoder = Encoder(resource.attributes, "waba-gateway", __version__)
         self.batches = Batches(encoder, collector_from(config.endpoint, env), env)
-        self.tracing = Tracing(self.batches.record, config.sample_ratio)
+        self.tracing = Tracing(self.batches.record, config.sample_ratio, self.batches.record_whole)
 
     async def close(self) -> None:
         """Export what is still queued, then stop the exporter (off the event loop: it blocks

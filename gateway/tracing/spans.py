@@ -2,12 +2,11 @@
 
 Rule: nothing here knows the exporter, and nothing here is reached with tracing off: the request
 path and the dispatcher hold a :class:`Tracing` only when ``[tracing] enabled = true``, so an
-untraced gateway builds no span object. A span is an OpenTelemetry API span
-(:class:`opentelemetry.trace.Span`) that records itself: its ids, times, status and the few
-attributes that vary are plain values, handed at its end to the one callable that batches them
-for export (:mod:`gateway.tracing.export`). No lock, no per-attribute validation, no context
-objects: the SDK's general-purpose span cost several times the CPU of the request it traced
-(bench/README.md, "Tracing, lean spans"). Attributes are those of
+untraced gateway builds no span object. The listener and the dispatcher make plain records
+(:mod:`gateway.tracing.records`: a notification's SERVER span and commit as one, a batch's
+attempts as one) that the exporter's thread encodes; anything else gets an API span that
+records itself (:mod:`gateway.tracing.apispan`), and a record given to a recorder of spans
+alone becomes the API spans it stands for. Attributes are those of
 :mod:`gateway.tracing.attributes`; no event is ever recorded (an event's text may hold anything).
 """
 
@@ -21,26 +20,20 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags, TraceState
-from opentelemetry.util import types
+from opentelemetry.trace import StatusCode
 
+from gateway.tracing.apispan import CLIENT, INTERNAL, SERVER, Recorder, Span
 from gateway.tracing.attributes import attempt_attributes, status_attributes, target_attributes
 from gateway.tracing.context import (
     SAMPLED,
     Parent,
-    format_traceparent,
     parse_stored,
     parse_traceparent,
 )
+from gateway.tracing.records import DUPLICATE, Attempt, Attempts, Ended, Link, Notified
 
 __all__ = ["CLIENT", "INTERNAL", "SERVER", "Recorder", "Span", "Tracing"]
 
-# Span.kind as OTLP numbers it.
-INTERNAL: Final = 1
-SERVER: Final = 2
-CLIENT: Final = 3
-# What a span that is not a root points at; a link: (trace id, span id, flags, attributes).
-Link = tuple[bytes, bytes, int, Mapping[str, Any]]
 _UNTRUSTED: Final[Mapping[str, Any]] = {"gateway.link": "untrusted"}
 _NO_ATTRIBUTES: Final[Mapping[str, Any]] = {}
 
@@ -50,140 +43,13 @@ _NO_PARENT: Final = b""
 _LOW_64: Final = (1 << 64) - 1
 
 
+# A Parent made from a tuple, without the generated __new__'s keyword handling.
+_new_parent: Final = tuple.__new__
 _STORED_KEPT: Final = 1024  # the trace contexts whose parents are kept (a fraction of a second)
 
 
-class Span(trace.Span):
-    """One span, recorded by ``recorder`` when it ends if it is sampled.
-
-    ``attributes``: set at its start and shared between spans (a connection's, a target's), so
-    never changed once given (the exporter encodes each such mapping once); ``changed``: the
-    span's own, set after, which win over the shared ones of the same key."""
-
-    __slots__ = (
-        "attributes",
-        "changed",
-        "end_ns",
-        "error",
-        "kind",
-        "links",
-        "name",
-        "parent_id",
-        "recorder",
-        "remote_parent",
-        "sampled",
-        "span_id",
-        "start_ns",
-        "trace_id",
-        "trace_state",
-    )
-
-    def __init__(
-        self,
-        recorder: Recorder,
-        name: str,
-        kind: int,
-        trace_id: bytes,
-        parent_id: bytes,
-        trace_state: str,
-        sampled: bool,
-        attributes: Mapping[str, Any],
-        start_ns: int,
-        links: Sequence[Link] = (),
-        remote_parent: bool = True,
-    ) -> None:
-        self.recorder = recorder
-        self.name = name
-        self.kind = kind
-        self.trace_id = trace_id
-        self.span_id = (_random_bits(64) or 1).to_bytes(8)  # all zeros: invalid
-        self.parent_id = parent_id  # b"": a root
-        self.trace_state = trace_state
-        self.remote_parent = remote_parent
-        self.sampled = sampled
-        self.attributes = attributes
-        self.changed: Mapping[str, Any] | None = None
-        self.start_ns = start_ns
-        self.end_ns = 0
-        self.links = links
-        self.error = False
-
-    def as_parent(self) -> Parent:
-        """This span as the parent of another made here."""
-        flags = SAMPLED if self.sampled else 0
-        return Parent(self.trace_id, self.span_id, flags, self.trace_state)
-
-    def traceparent(self) -> str:
-        """The ``traceparent`` header that makes a receiver's spans children of this one."""
-        return format_traceparent(self.trace_id, self.span_id, self.sampled)
-
-    # -- opentelemetry.trace.Span ------------------------------------------------------------
-
-    def end(self, end_time: int | None = None) -> None:
-        if self.end_ns:
-            return  # ended once; a span is recorded once
-        self.end_ns = end_time or time.time_ns()
-        if self.sampled:
-            self.recorder(self)
-
-    def get_span_context(self) -> SpanContext:
-        state = TraceState.from_header([self.trace_state]) if self.trace_state else None
-        flags = TraceFlags(SAMPLED if self.sampled else 0)
-        trace_id, span_id = int.from_bytes(self.trace_id), int.from_bytes(self.span_id)
-        return SpanContext(trace_id, span_id, False, flags, state)
-
-    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        # A new mapping each time, never one changed in place: ``changed`` may be one of the
-        # read-only mappings Tracing shares between spans (a status, a commit's result).
-        if not self.end_ns:
-            self.changed = (
-                dict(attributes) if self.changed is None else {**self.changed, **attributes}
-            )
-
-    def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        self.set_attributes({key: value})
-
-    def add_event(
-        self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
-    ) -> None:
-        """Not recorded: the gateway's spans have no events (an event's text may hold
-        personal data)."""
-
-    def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if not self.end_ns and context.is_valid:
-            link = (
-                context.trace_id.to_bytes(16),
-                context.span_id.to_bytes(8),
-                context.trace_flags,
-                attributes or {},
-            )
-            self.links = (*self.links, link)
-
-    def update_name(self, name: str) -> None:
-        if not self.end_ns:
-            self.name = name
-
-    def is_recording(self) -> bool:
-        return self.sampled and not self.end_ns
-
-    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        code = status.status_code if isinstance(status, Status) else status
-        if not self.end_ns and code is not StatusCode.UNSET:
-            self.error = code is StatusCode.ERROR
-
-    def record_exception(
-        self,
-        exception: BaseException,
-        attributes: types.Attributes = None,
-        timestamp: int | None = None,
-        escaped: bool = False,
-    ) -> None:
-        """The exception's type only, as ``error.type``: its text may name anything."""
-        self.set_attribute("error.type", type(exception).__qualname__)
-
-
-# Given each sampled span as it ends.
-Recorder = Callable[[Span], None]
+# Given each record with a sampled span as its work ends (gateway.tracing.records).
+RecordRecorder = Callable[[Notified | Attempts], None]
 
 
 @functools.lru_cache(maxsize=64)  # the same few statuses, request after request
@@ -201,13 +67,29 @@ def _committed(deliveries: int | None) -> Mapping[str, Any]:
     )
 
 
+def _linked(foreign: str) -> tuple[Link, ...]:
+    """The link to a ``traceparent`` someone sent, never a parent (none if it is not one)."""
+    linked = parse_traceparent(foreign)
+    if linked is None:
+        return ()
+    return ((linked.trace_id, linked.span_id, linked.flags, _UNTRUSTED),)
+
+
 class Tracing:
     """Makes the gateway's spans, sampling new traces at ``sample_ratio`` (as OpenTelemetry's
     ``ParentBased(TraceIdRatioBased)``: a child follows its parent's decision), and gives
     each sampled span to ``recorder`` when it ends."""
 
-    def __init__(self, recorder: Recorder, sample_ratio: float = 1.0) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        sample_ratio: float = 1.0,
+        records: RecordRecorder | None = None,
+    ) -> None:
+        """``records``: given the plain records whole (the exporter encodes them); without it
+        each record is given to ``recorder`` as the API spans it stands for."""
         self._recorder = recorder
+        self._records = records or self.as_spans
         # TraceIdRatioBased's rule: the low 64 bits of the trace id under ratio * 2**64.
         self._bound = round(sample_ratio * (1 << 64))
         self._all = self._bound >= 1 << 64
@@ -226,11 +108,7 @@ class Tracing:
         """The SERVER span of one ``POST path`` at the callback, with ``attributes`` (see
         :func:`~gateway.tracing.attributes.server_attributes`). Always a root: Meta sends no
         traceparent, and anyone else's (``foreign``) is only recorded as a link."""
-        links: tuple[Link, ...] = ()
-        if foreign is not None:
-            linked = parse_traceparent(foreign)
-            if linked is not None:
-                links = ((linked.trace_id, linked.span_id, linked.flags, _UNTRUSTED),)
+        links = () if foreign is None else _linked(foreign)
         trace_id, sampled = self._root()
         return Span(
             self._recorder,
@@ -244,6 +122,97 @@ class Tracing:
             time.time_ns(),
             links,
         )
+
+    def notified(self, path: str, attributes: Mapping[str, Any], foreign: str | None) -> Notified:
+        """The listener's record of one ``POST path``: what :meth:`server_span` and
+        :meth:`commit_span` make, as plain values (see :mod:`gateway.tracing.records`)."""
+        links = () if foreign is None else _linked(foreign)
+        trace_id = _random_bits(128) or 1  # all zeros: invalid
+        ids = _random_bits(128)  # both span ids from one call
+        sampled = self._all or trace_id & _LOW_64 < self._bound
+        return Notified(
+            path, attributes, trace_id, ids >> 64 or 1, ids & _LOW_64 or 1, sampled, links
+        )
+
+    def stored_notified(self, record: Notified) -> str:
+        """:meth:`stored` for a :class:`Notified`: its SERVER span's trace context."""
+        sampled = record.sampled
+        trace_id, span_id = record.trace_id.to_bytes(16), record.server_id.to_bytes(8)
+        # bytes.hex: a quarter of the time of formatting the ints with "032x".
+        context = f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}"
+        known = self._stored
+        if len(known) >= _STORED_KEPT:
+            known.clear()
+        known[context] = _new_parent(Parent, (trace_id, span_id, SAMPLED if sampled else 0, ""))
+        return context
+
+    def end_notified(
+        self, record: Notified, status: int, failure: BaseException | None = None
+    ) -> None:
+        """The request was answered with ``status``; ``failure``: what failed it, which is the
+        commit's error if the commit was under way (its type only: its text may name
+        anything)."""
+        if record.end_ns:
+            return  # answered once; recorded once
+        record.end_ns = time.time_ns()
+        record.status = status
+        if record.commit_start_ns and not record.commit_end_ns:
+            record.commit_end_ns = record.end_ns
+            record.error = "_OTHER" if failure is None else type(failure).__qualname__
+        if record.sampled:
+            self._records(record)
+
+    def as_spans(self, record: Notified | Attempts) -> None:
+        """Give ``record`` (one ended) to the recorder as the API spans it stands for: a
+        notification's commit, then its SERVER span, as :meth:`commit_span` and
+        :meth:`server_span` make and end them; each sampled attempt as :meth:`attempt_spans`
+        and :meth:`end_attempt` do."""
+        if isinstance(record, Attempts):
+            for span, ended in zip(record.spans, record.ended, strict=True):
+                trace_id, span_id, parent_id, state, sampled, delivery_id, attempt = span
+                made = Span(
+                    self._recorder,
+                    record.name,
+                    CLIENT,
+                    trace_id,
+                    parent_id,
+                    state,
+                    sampled,
+                    record.shared,
+                    record.start_ns,
+                )
+                made.span_id = span_id
+                made.changed = attempt_attributes(delivery_id, attempt)
+                self._end_attempt(made, *ended, record.end_ns)
+            return
+        trace_id, server_id = record.trace_id.to_bytes(16), record.server_id.to_bytes(8)
+        args = (self._recorder, f"POST {record.path}", SERVER, trace_id, _NO_PARENT, "", True)
+        server = Span(*args, record.attributes, record.start_ns, record.links)
+        server.span_id = server_id
+        if record.commit_start_ns:
+            commit = Span(
+                self._recorder,
+                "outbox commit",
+                INTERNAL,
+                trace_id,
+                server_id,
+                "",
+                True,
+                _NO_ATTRIBUTES,
+                record.commit_start_ns,
+                remote_parent=False,
+            )
+            commit.span_id = record.commit_id.to_bytes(8)
+            if record.error is None:
+                deliveries = record.deliveries
+                commit.changed = _committed(None if deliveries == DUPLICATE else deliveries)
+            else:
+                commit.changed = {"error.type": record.error}
+                commit.error = True
+            commit.end(record.commit_end_ns)
+        server.changed = _status(record.status)
+        server.error = record.status >= 500
+        server.end(record.end_ns)
 
     @staticmethod
     def end_server(span: trace.Span, status: int) -> None:
@@ -342,8 +311,58 @@ class Tracing:
     def end_attempt(span: trace.Span, status: int | None, error: str | None, outcome: str) -> None:
         """End an attempt's span with what came back and what it led to (delivered, retry,
         dead)."""
+        Tracing._end_attempt(span, status, error, outcome)
+
+    @staticmethod
+    def _end_attempt(
+        span: trace.Span, status: int | None, error: str | None, outcome: str, end_ns: int = 0
+    ) -> None:
         answered = status_attributes(None, error) if status is None else _status(status)
         span.set_attributes({**answered, "gateway.delivery.outcome": outcome})
         if outcome != "delivered":
             span.set_status(StatusCode.ERROR)
-        span.end()
+        span.end(end_ns or None)
+
+    def attempts(
+        self,
+        url: str,
+        target: str,
+        deliveries: Sequence[tuple[str, str | None, int]],
+        kind: str = "http",
+    ) -> Attempts:
+        """:meth:`attempt_spans` as one plain record (:class:`Attempts`): the same parents,
+        names and headers, with no span object; :meth:`end_attempts` ends it."""
+        name = "POST" if kind == "http" else f"send {target}"
+        spans: list[Attempt] = []
+        headers: list[dict[str, str]] = []
+        sampled_count = 0
+        known = self._stored
+        for delivery_id, trace_context, attempt in deliveries:
+            parent = known.get(trace_context) if trace_context else None
+            if parent is None:
+                parent = parse_stored(trace_context)
+            if parent is None:
+                trace_id, sampled = self._root()
+                parent_id, trace_state = _NO_PARENT, ""
+            else:
+                trace_id, sampled = parent.trace_id, bool(parent.flags & SAMPLED)
+                parent_id, trace_state = parent.span_id, parent.trace_state
+            span_id = (_random_bits(64) or 1).to_bytes(8)
+            spans.append((trace_id, span_id, parent_id, trace_state, sampled, delivery_id, attempt))
+            flags = "01" if sampled else "00"  # format_traceparent, without its call
+            carried = {"traceparent": f"00-{trace_id.hex()}-{span_id.hex()}-{flags}"}
+            if trace_state:
+                carried["tracestate"] = trace_state
+            headers.append(carried)
+            sampled_count += sampled
+        return Attempts(name, target_attributes(url, target, kind), spans, headers, sampled_count)
+
+    def end_attempts(self, attempts: Attempts, ended: Sequence[Ended]) -> None:
+        """End a batch's spans, each with what came back and what it led to (``ended``, in
+        the batch's order)."""
+        if attempts.end_ns:
+            return  # ended once; recorded once
+        attempts.end_ns = time.time_ns()
+        attempts.ended = ended
+        if attempts.count:
+            self._records(attempts)

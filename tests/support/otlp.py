@@ -30,6 +30,7 @@ class ExportedSpan:
     attributes: dict[str, Any]
     links: list[str]  # the trace ids of its links
     service: str
+    status: int = 0  # Status.code: 0 unset, 1 ok, 2 error
 
 
 def value_of(value: AnyValue) -> Any:
@@ -106,6 +107,7 @@ class Receiver:
                             attributes={a.key: value_of(a.value) for a in span.attributes},
                             links=[link.trace_id.hex() for link in span.links],
                             service=str(resource.get("service.name")),
+                            status=span.status.code,
                         )
                     )
         return web.Response(
