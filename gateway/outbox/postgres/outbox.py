@@ -128,6 +128,11 @@ class PostgresOutbox:
         self._committer = Committer(
             pool, self._accept_group, timeout_s=_TIMEOUT_S, on_commit=on_commit
         )
+        # Outcomes recorded while a record is running wait and go together, in the order they
+        # were recorded: one statement and one transaction for all of them.
+        self._recorder = Committer(
+            pool, self._record_group, timeout_s=_TIMEOUT_S, in_flight=1, ordered=False
+        )
         self._listener: Listener | None = None
         if on_wake is not None:
             url = config.url or ""
@@ -215,6 +220,7 @@ class PostgresOutbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         await self._committer.close()
+        await self._recorder.close()
         if self._listener is not None:
             await self._listener.close()
         try:
@@ -383,28 +389,34 @@ class PostgresOutbox:
                 assert isinstance(outcome, DeadLetter)
                 state, next_at, error = "dead", now, outcome.reason
             excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
-            rows.append((rowid, state, next_at, result.status, error, excerpt, held))
+            rows.append((rowid, state, next_at, result.status, error, excerpt, held, now))
 
-        # One statement per round, all in one transaction and one round trip; a delivery
-        # recorded twice in one call goes in two rounds, as two attempts in their order.
+        if rows:
+            if self._closed:
+                raise OutboxError("outbox is closed")
+            await self._recorder.submit((rows,))
+
+    async def _record_group(self, conn: Any, group: list[tuple[Any, ...]]) -> list[None]:
+        """The outcomes of one or more :meth:`record_many` calls (``(rows,)`` each, in the
+        order they were made) as one transaction and one round trip: one statement per round;
+        a delivery recorded twice goes in two rounds, as two attempts in their order."""
         rounds: list[list[tuple[Any, ...]]] = []
         times: dict[int, int] = {}
-        for values in rows:
-            turn = times.get(values[0], 0)
-            times[values[0]] = turn + 1
-            if turn == len(rounds):
-                rounds.append([])
-            rounds[turn].append(values)
-        if rounds:
-            await self._run(
-                lambda conn: conn.executemany(
-                    sql.RECORD,
-                    [
-                        (*(list(column) for column in zip(*batch, strict=True)), now, self.owner)
-                        for batch in rounds
-                    ],
-                )
-            )
+        for (rows,) in group:
+            for values in rows:
+                turn = times.get(values[0], 0)
+                times[values[0]] = turn + 1
+                if turn == len(rounds):
+                    rounds.append([])
+                rounds[turn].append(values)
+        args = [
+            (*(list(column) for column in zip(*batch, strict=True)), self.owner) for batch in rounds
+        ]
+        if len(args) == 1:  # one statement: no executemany's batch machinery
+            await conn.execute(sql.RECORD, *args[0], timeout=_TIMEOUT_S)
+        else:  # in one transaction: executemany's is implicit
+            await conn.executemany(sql.RECORD, args, timeout=_TIMEOUT_S)
+        return [None] * len(group)
 
     async def backlog(self) -> list[Backlog]:
         return backlog_from_rows(await self._run(lambda conn: conn.fetch(sql.BACKLOG)))
