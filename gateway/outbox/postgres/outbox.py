@@ -79,7 +79,11 @@ log = logging.getLogger(__name__)
 # Connecting, acquiring a connection and each statement: a database that does not answer
 # within this is unavailable (503), well inside the time Meta waits for an answer.
 _TIMEOUT_S = 5.0
-_POOL_SIZE = 8
+_POOL_SIZE = 10
+# Records of outcomes running at once, each on a connection it keeps: more than the group
+# commits' two, since on a server short of CPU each record waits its turn for a core, and
+# deliveries whose outcome is not yet recorded hold their target's budget (bench/README.md).
+_RECORDS_IN_FLIGHT = 4
 # Every connection commits durably, whatever the server or the role was set to.
 _SETTINGS = {"synchronous_commit": "on", "application_name": "waba-gateway"}
 
@@ -128,10 +132,14 @@ class PostgresOutbox:
         self._committer = Committer(
             pool, self._accept_group, timeout_s=_TIMEOUT_S, on_commit=on_commit
         )
-        # Outcomes recorded while a record is running wait and go together, in the order they
-        # were recorded: one statement and one transaction for all of them.
+        # Outcomes recorded while every record slot is busy wait and go together, in the order
+        # they were recorded: one statement and one transaction for all of them.
         self._recorder = Committer(
-            pool, self._record_group, timeout_s=_TIMEOUT_S, in_flight=1, ordered=False
+            pool,
+            self._record_group,
+            timeout_s=_TIMEOUT_S,
+            in_flight=_RECORDS_IN_FLIGHT,
+            ordered=False,
         )
         self._listener: Listener | None = None
         if on_wake is not None:
