@@ -484,33 +484,6 @@ async def test_a_group_commit_and_a_batch_of_outcomes_are_one_statement_each(
     assert (await box.counts())["delivered"] == 20
 
 
-async def test_copies_of_one_body_in_a_group_commit_write_its_digest_once() -> None:
-    """Twenty copies of one body outside each other's window, in one group, are twenty new
-    notifications, and the body's digest row is upserted once and updated once for them, not
-    once per copy (statements inside the accept function counted by pg_stat_statements)."""
-    settings = "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\n"
-    with running_server(settings) as server:
-        server.psql("CREATE DATABASE nested")
-        server.psql("CREATE EXTENSION pg_stat_statements", "nested")
-        box = await PostgresOutbox.open(
-            OutboxConfig(url=server.socket_url("nested"), dedup_window_s=0.5)
-        )
-        try:
-            server.psql("SELECT pg_stat_statements_reset()", "nested")
-            found = await asyncio.gather(
-                *(box.accept(b'{"same":1}', SIG, [Route("t", None)], 1000.0 + n) for n in range(20))
-            )
-        finally:
-            await box.close()
-        assert all(f is not None for f in found)
-        calls = server.psql(
-            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements"
-            " WHERE query ~ '(INSERT INTO|UPDATE) waba_gateway.digests'",
-            "nested",
-        )
-        assert int(calls) == 2
-
-
 async def test_one_delivery_twice_in_a_batch_of_outcomes_is_two_attempts_in_order(
     opener: Opener,
 ) -> None:

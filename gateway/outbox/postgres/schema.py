@@ -109,14 +109,13 @@ _TO_3 = (f"ALTER TABLE {SCHEMA}.notifications ADD COLUMN trace TEXT",)
 # with a constant default rewrites no row (PostgreSQL 11 and later).
 _TO_4 = (f"ALTER TABLE {SCHEMA}.deliveries ADD COLUMN held_s DOUBLE PRECISION NOT NULL DEFAULT 0",)
 # Version 5: a group commit's accepts as one call (see ACCEPT in sql.py). Different bodies are
-# deduplicated by one upsert; a group where a body comes twice, each in the group's order, so
-# that each is decided as it would be in a group of its own (the rows are locked in the group's
-# order either way; see the function for how, as of version 6). The group's notifications, then
-# its deliveries, are written by one multi-row statement each, their ids drawn in the group's
-# order (a
+# deduplicated by one upsert; a group where a body comes twice, by one upsert per notification
+# in the group's order, so that each is decided as it would be in a group of its own (the rows
+# are locked in the group's order either way). The group's notifications, then its deliveries,
+# are written by one multi-row statement each, their ids drawn in the group's order (a
 # conversation's order is its ids'). ``behind``: the new keyed deliveries an earlier pending one
 # of their conversation holds back, the group's own earlier ones included.
-_ACCEPT = (
+_TO_5 = (
     f"""CREATE OR REPLACE FUNCTION {SCHEMA}.accept(
     digests BYTEA[], received DOUBLE PRECISION[], signatures TEXT[], bodies BYTEA[],
     traces TEXT[], window_s DOUBLE PRECISION, route_of INTEGER[], route_targets TEXT[],
@@ -127,8 +126,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     fresh BOOLEAN[] := '{{}}';
     hit INTEGER;
-    seen DOUBLE PRECISION;
-    moved BOOLEAN := false;
     leased_until DOUBLE PRECISION := CASE WHEN lease_to IS NULL THEN NULL
         ELSE extract(epoch FROM clock_timestamp()) + lease_s END;
     notifications_seq REGCLASS :=
@@ -149,36 +146,15 @@ BEGIN
         SELECT array_agg(up.digest IS NOT NULL ORDER BY x.o) INTO fresh
         FROM unnest(digests) WITH ORDINALITY AS x (g, o) LEFT JOIN up ON up.digest = x.g;
     ELSE
-        -- A body repeated in the group (in digest order, so its occurrences are next to each
-        -- other): the first of each run is an upsert, which locks the row whether or not it
-        -- changes it (or waits for the gateway holding it); the rest of the run is decided in
-        -- memory against the time the row holds, and the row is written once, at the end.
         FOR i IN 1 .. cardinality(digests) LOOP
-            IF i = 1 OR digests[i] <> digests[i - 1] THEN
-                INSERT INTO {SCHEMA}.digests AS d (digest, received_at)
-                VALUES (digests[i], received[i])
-                ON CONFLICT (digest) DO UPDATE
-                SET received_at = GREATEST(d.received_at, received[i])
-                WHERE d.received_at < received[i] - window_s
-                    OR d.received_at > received[i] + window_s
-                RETURNING d.received_at INTO seen;
-                GET DIAGNOSTICS hit = ROW_COUNT;
-                IF hit = 0 THEN
-                    SELECT d.received_at INTO seen FROM {SCHEMA}.digests d
-                    WHERE d.digest = digests[i];
-                END IF;
-                moved := false;
-            ELSIF seen < received[i] - window_s OR seen > received[i] + window_s THEN
-                hit := 1;
-                seen := GREATEST(seen, received[i]);
-                moved := true;
-            ELSE
-                hit := 0;
-            END IF;
+            INSERT INTO {SCHEMA}.digests AS d (digest, received_at)
+            VALUES (digests[i], received[i])
+            ON CONFLICT (digest) DO UPDATE
+            SET received_at = GREATEST(d.received_at, received[i])
+            WHERE d.received_at < received[i] - window_s
+                OR d.received_at > received[i] + window_s;
+            GET DIAGNOSTICS hit = ROW_COUNT;
             fresh := fresh || (hit > 0);
-            IF moved AND (i = cardinality(digests) OR digests[i + 1] <> digests[i]) THEN
-                UPDATE {SCHEMA}.digests AS d SET received_at = seen WHERE d.digest = digests[i];
-            END IF;
         END LOOP;
     END IF;
     notification_ids := ARRAY(
@@ -219,7 +195,6 @@ BEGIN
 END
 $$""",
 )
-_TO_5 = _ACCEPT
 # Version 6: delivered deliveries leave the claims' index. An outcome's update changes the state,
 # so it is never a HOT update and the row gets a new entry in every index whose condition it
 # meets: each delivery, the bulk of the table, was one more entry (and its WAL) in an index no
@@ -227,11 +202,8 @@ _TO_5 = _ACCEPT
 # instead: a delivered row's updated_at is its delivery time. The key stays as it was (state
 # first), so the planner keeps preferring deliveries_order for the ordered claim's look at
 # earlier deliveries of a conversation. Built in the migration's transaction, which holds off
-# writes for as long as its scan of the deliveries takes. And the accept function's repeated
-# bodies: one upsert per body and the rest decided in memory, where version 5 made one upsert
-# per notification (a group of twenty copies of a body: 20 statements, now 2 or 3).
+# writes for as long as its scan of the deliveries takes.
 _TO_6 = (
-    *_ACCEPT,
     f"DROP INDEX {SCHEMA}.deliveries_due",
     f"CREATE INDEX deliveries_due ON {SCHEMA}.deliveries (state, target, next_attempt_at)"
     " WHERE state <> 'delivered'",
