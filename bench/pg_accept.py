@@ -17,7 +17,9 @@ synchronous_commit is on).
 
 ``--record``: each caller also records its delivery's outcome (delivered) once accepted, as the
 dispatcher does after the target's answer, so the figures include the outcome's update and its
-attempt row (and the server's index maintenance for them).
+attempt row (and the server's index maintenance for them). ``--same-body``: every caller posts
+one and the same body, as the shared harness does (its candidate's dedup window is a
+microsecond, so each copy is a new notification): a group holds many copies of one digest.
 """
 
 from __future__ import annotations
@@ -66,17 +68,19 @@ def _body(round_: int, i: int) -> bytes:
 async def _round(
     server: PgServer, round_: int, count: int, concurrency: int, alter: str = "",
     record: bool = False,
+    same_body: bool = False,
 ) -> str:
     database = f"accept_{round_}_{concurrency}{'_altered' if alter else ''}"
     server.psql(f"CREATE DATABASE {database}")
     groups: list[int] = []
+    window = {"dedup_window_s": 0.000001} if same_body else {}
     outbox = await PostgresOutbox.open(
-        OutboxConfig(url=server.socket_url(database)), on_commit=groups.append
+        OutboxConfig(url=server.socket_url(database), **window), on_commit=groups.append
     )
     if alter:
         server.psql(alter, database)
     routes = [Route("t", None)]
-    bodies = [_body(round_, i) for i in range(count)]
+    bodies = [_body(round_, 0 if same_body else i) for i in range(count)]
     latencies: list[float] = []
     queue = iter(bodies)
     ok = AttemptResult(status=200)
@@ -105,7 +109,7 @@ async def _round(
     cuts = statistics.quantiles(latencies, n=100)
     return (
         f"round {round_} concurrency {concurrency:3d}{' altered' if alter else ''}"
-        f"{' recorded' if record else ''}:"
+        f"{' recorded' if record else ''}{' same body' if same_body else ''}:"
         f" {count / took:7.0f} acks/s"
         f"  p50 {cuts[49] * 1000:6.2f} ms  p99 {cuts[98] * 1000:6.2f} ms"
         f"  group {count / len(groups):5.1f}  cpu {cpu / count * 1e6:5.0f} us/ack"
@@ -128,6 +132,7 @@ async def main() -> None:
     parser.add_argument(
         "--record", action="store_true", help="also record each delivery's outcome"
     )
+    parser.add_argument("--same-body", action="store_true", help="one body, posted over again")
     options = parser.parse_args()
     levels = [int(level) for level in options.concurrency.split(",")]
     with running_server() as server:
@@ -135,7 +140,8 @@ async def main() -> None:
             for level in levels:  # interleaved: each round measures every level in turn
                 for alter in ("", options.alter) if options.alter else ("",):
                     line = await _round(
-                        server, round_, options.count, level, alter, options.record
+                        server, round_, options.count, level, alter, options.record,
+                        options.same_body,
                     )
                     print(line, flush=True)
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
