@@ -18,6 +18,7 @@ from pgserver import PASSWORD, PgServer, running_server
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox import AttemptResult, Delivered, Outbox, RetryAt, Route, open_outbox
+from gateway.outbox.postgres.committer import Committer
 from gateway.outbox.postgres.outbox import PostgresOutbox, inspect
 
 SIG = "sha256=" + "0" * 64
@@ -424,6 +425,27 @@ async def test_outcomes_recorded_by_many_batches_at_once_are_one_statement(
     for n, delivery_id in enumerate(ids):
         (attempt,) = await box.attempts(delivery_id)
         assert (attempt.state, attempt.at) == ("delivered", 1001.0 + n)
+
+
+async def test_a_group_that_fails_outside_the_drivers_errors_is_answered_not_left_waiting(
+    pg_url: str,
+) -> None:
+    """A group whose run raises something the committer does not expect from the driver
+    answers every submission with OutboxError; none is left waiting."""
+
+    async def run(conn: object, group: list[tuple[object, ...]]) -> list[object]:
+        raise RuntimeError("unexpected")
+
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
+    committer = Committer(pool, run, timeout_s=5.0)
+    try:
+        futures = [committer.submit((n,)) for n in range(3)]
+        for future in futures:
+            with pytest.raises(OutboxError, match="unexpected"):
+                await asyncio.wait_for(future, 5.0)
+    finally:
+        await committer.close()
+        await pool.close()
 
 
 async def test_group_commits_keep_their_connection_instead_of_the_pools_each_time(

@@ -112,9 +112,15 @@ class Committer:
                     _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
                     return
             keep = False
+            group, self._waiting, self._flushing = self._waiting, [], False
             try:
-                group, self._waiting, self._flushing = self._waiting, [], False
                 keep = await self._commit(conn, group)
+            except Exception as exc:
+                # Whatever the driver raised beyond FAILURES: every submission is answered,
+                # none waits for ever (a record that never returns would hold its delivery in
+                # flight, never to be claimed again).
+                log.exception("outbox group commit failed")
+                _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
             finally:
                 if keep and not self._closing and not conn.is_closed():
                     self._kept.append(conn)
