@@ -26,11 +26,17 @@ Revisions are built as ``bench/compare.py`` builds them (``git archive``, a fres
 request counts as delivered once the outbox has recorded it: the same count for each kind of
 target, whose differences are then the senders' and what their timing does to the rest.
 
+``--outbox postgres`` stores in the PostgreSQL outbox instead: one throw-away local server for
+the whole run (``tests/support/pgserver.py``, durable: ``fsync`` and ``synchronous_commit`` on),
+a new database for each run, so each revision creates its own schema version. Only the gateway's
+process is counted, not the server's (``bench/pg_accept.py`` measures the server's CPU and WAL).
+
 Usage:
   bench/instructions.py fbb3e16 HEAD --shared DIR [--count 2000] [--rounds 2] [--workdir W]
   bench/instructions.py . --kind redis --count 1000   (the whole gateway with a Redis target)
   bench/instructions.py fbb3e16 . --new --count 300   (new connections: the handshake and
                                                        what Python does around it)
+  bench/instructions.py main . --outbox postgres --extras postgres --count 1000
 """
 
 # ruff: noqa: S603, S607
@@ -164,17 +170,30 @@ def until_delivered(bench: ModuleType, sink_port: int, count: int) -> None:
         time.sleep(0.2)
 
 
-def until_recorded(outbox: Path, count: int) -> None:
+def delivered_in(outbox: Path | tuple[object, str]) -> int:
+    """The deliveries the outbox has recorded as delivered: a SQLite file, or (a running
+    ``pgserver.PgServer``, database)."""
+    query = "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
+    if isinstance(outbox, tuple):
+        server, database = outbox
+        with contextlib.suppress(subprocess.CalledProcessError, ValueError):
+            schema_query = query.replace("FROM ", "FROM waba_gateway.")
+            return int(server.psql(schema_query, database))  # type: ignore[attr-defined]
+        return 0
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(
+        sqlite3.connect(outbox, timeout=30)
+    ) as conn:
+        return int(conn.execute(query).fetchone()[0])
+    return 0
+
+
+def until_recorded(outbox: Path | tuple[object, str], count: int) -> None:
     """Until the outbox has ``count`` deliveries recorded as delivered (a broker target: no
-    sink to ask)."""
+    sink to ask; the PostgreSQL outbox: also the outcomes' commit, which the sink cannot see)."""
     deadline = time.monotonic() + 300
     while True:
-        with contextlib.suppress(sqlite3.Error), contextlib.closing(
-            sqlite3.connect(outbox, timeout=30)
-        ) as conn:
-            query = "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
-            if conn.execute(query).fetchone()[0] >= count:
-                return
+        if delivered_in(outbox) >= count:
+            return
         if time.monotonic() > deadline:
             raise SystemExit("the outbox did not record every delivery")
         time.sleep(0.2)
@@ -242,6 +261,12 @@ def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: 
     }
     if installed:
         env["WABA_BENCH_INSTALLED"] = "1"
+    store: Path | tuple[object, str] = folder / "outbox.sqlite3"
+    if args.pg is not None:
+        database = f"run_{folder.name.replace('-', '_').lower()}"
+        args.pg.psql(f"CREATE DATABASE {database}")
+        env["WABA_BENCH_OUTBOX_URL"] = args.pg.socket_url(database)
+        store = (args.pg, database)
     if args.kind != "http":
         env["BENCH_TARGET_URL"], env["WABA_BENCH_TARGET_TOML"] = args.target
     logfile = folder / "gateway.log"
@@ -266,8 +291,8 @@ def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: 
                 posted += 1
             if args.kind == "http":
                 until_delivered(bench, sink_port, posted)
-            else:
-                until_recorded(folder / "outbox.sqlite3", posted)
+            if args.kind != "http" or args.pg is not None:
+                until_recorded(store, posted)
             time.sleep(args.settle_s)  # the outcomes' lazy commit
             control("-z" if phase == "warmup" else "-d", gateway.pid)
     finally:
@@ -309,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("http", "redis", "nats"), default="http",
                         help="the target's kind (redis, nats: install REV[redis,nats])")
     parser.add_argument("--extras", default="", help="install REV[EXTRAS]")
+    parser.add_argument("--outbox", choices=("sqlite", "postgres"), default="sqlite",
+                        help="postgres: a throw-away local server, a database per run"
+                        " (install REV[postgres])")
     parser.add_argument("--workdir", type=Path, help="keep builds here and reuse them")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--settle-s", type=float, default=2.0)
@@ -332,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             made = compare.build(rev, work, args.extras)
             builds.append((f"{rev} ({made.commit[:10]})", made.python, made.adapter, True))
     figures: dict[str, list[float]] = {name: [] for name, *_ in builds}
+    args.pg = None
+    if args.outbox == "postgres":
+        sys.path.append(str(HERE.parent / "tests" / "support"))
+        from pgserver import init_server
+
+        args.pg = init_server()
     target = broker(args.kind)
     args.target = target.__enter__()
     try:
@@ -344,11 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"request ({total:,} in {args.count})")
     finally:
         target.__exit__(None, None, None)
+        if args.pg is not None:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                args.pg.stop("immediate")
+            shutil.rmtree(args.pg.folder, ignore_errors=True)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     over = "a new mTLS connection each" if args.new else "one kept-alive mTLS connection"
     print(f"instructions per request (callgrind; {args.count} requests over {over}, one at a "
-          f"time, each delivered to a {args.kind} target; median [min..max] of {args.rounds})")
+          f"time, each delivered to a {args.kind} target, {args.outbox} outbox; median "
+          f"[min..max] of {args.rounds})")
     first = statistics.median(figures[builds[0][0]])
     for name, values in figures.items():
         median = statistics.median(values)

@@ -14,6 +14,12 @@ asyncpg's Python work), the server's CPU microseconds per acknowledgement (its p
 user and system time, read in /proc: the backends serving the pool, the WAL writer, the
 checkpointer) and the WAL bytes it wrote per acknowledgement (every accept is durable:
 synchronous_commit is on).
+
+``--record``: each caller also records its delivery's outcome (delivered) once accepted, as the
+dispatcher does after the target's answer, so the figures include the outcome's update and its
+attempt row (and the server's index maintenance for them). ``--same-body``: every caller posts
+one and the same body, as the shared harness does (its candidate's dedup window is a
+microsecond, so each copy is a new notification): a group holds many copies of one digest.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 from pgserver import PgServer, running_server
 
 from gateway.config import OutboxConfig
-from gateway.outbox import Route
+from gateway.outbox import AttemptResult, Delivered, Route
 from gateway.outbox.postgres.outbox import PostgresOutbox
 
 SIG = "sha256=" + "0" * 64
@@ -60,20 +66,24 @@ def _body(round_: int, i: int) -> bytes:
 
 
 async def _round(
-    server: PgServer, round_: int, count: int, concurrency: int, alter: str = ""
+    server: PgServer, round_: int, count: int, concurrency: int, alter: str = "",
+    record: bool = False,
+    same_body: bool = False,
 ) -> str:
     database = f"accept_{round_}_{concurrency}{'_altered' if alter else ''}"
     server.psql(f"CREATE DATABASE {database}")
     groups: list[int] = []
+    window = {"dedup_window_s": 0.000001} if same_body else {}
     outbox = await PostgresOutbox.open(
-        OutboxConfig(url=server.socket_url(database)), on_commit=groups.append
+        OutboxConfig(url=server.socket_url(database), **window), on_commit=groups.append
     )
     if alter:
         server.psql(alter, database)
     routes = [Route("t", None)]
-    bodies = [_body(round_, i) for i in range(count)]
+    bodies = [_body(round_, 0 if same_body else i) for i in range(count)]
     latencies: list[float] = []
     queue = iter(bodies)
+    ok = AttemptResult(status=200)
 
     async def client() -> None:
         for body in queue:
@@ -81,6 +91,8 @@ async def _round(
             found = await outbox.accept(body, SIG, routes, time.time())
             latencies.append(time.perf_counter() - start)
             assert found is not None
+            if record:
+                await outbox.record_many([(found[0].id, Delivered(), ok)], time.time())
 
     try:
         wal_before = server.psql(_WAL, database)
@@ -96,7 +108,8 @@ async def _round(
         await outbox.close()
     cuts = statistics.quantiles(latencies, n=100)
     return (
-        f"round {round_} concurrency {concurrency:3d}{' altered' if alter else ''}:"
+        f"round {round_} concurrency {concurrency:3d}{' altered' if alter else ''}"
+        f"{' recorded' if record else ''}{' same body' if same_body else ''}:"
         f" {count / took:7.0f} acks/s"
         f"  p50 {cuts[49] * 1000:6.2f} ms  p99 {cuts[98] * 1000:6.2f} ms"
         f"  group {count / len(groups):5.1f}  cpu {cpu / count * 1e6:5.0f} us/ack"
@@ -116,13 +129,20 @@ async def main() -> None:
         help="SQL run on a second new database after the schema is made, measured in turn"
         " with the unaltered one (a schema change's cost)",
     )
+    parser.add_argument(
+        "--record", action="store_true", help="also record each delivery's outcome"
+    )
+    parser.add_argument("--same-body", action="store_true", help="one body, posted over again")
     options = parser.parse_args()
     levels = [int(level) for level in options.concurrency.split(",")]
     with running_server() as server:
         for round_ in range(1, options.rounds + 1):
             for level in levels:  # interleaved: each round measures every level in turn
                 for alter in ("", options.alter) if options.alter else ("",):
-                    line = await _round(server, round_, options.count, level, alter)
+                    line = await _round(
+                        server, round_, options.count, level, alter, options.record,
+                        options.same_body,
+                    )
                     print(line, flush=True)
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -18,6 +18,7 @@ from pgserver import PASSWORD, PgServer, running_server
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox import AttemptResult, Delivered, Outbox, RetryAt, Route, open_outbox
+from gateway.outbox.postgres.committer import Committer
 from gateway.outbox.postgres.outbox import PostgresOutbox, inspect
 
 SIG = "sha256=" + "0" * 64
@@ -145,19 +146,19 @@ async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
 async def test_new_database_gets_the_schema_and_check_reports_its_version(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """The first start creates the schema at version 5; inspect() (check) says so."""
+    """The first start creates the schema at version 6; inspect() (check) says so."""
     config = OutboxConfig(url=pg_url)
     assert "its schema is created at the first start" in await inspect(config)
     await opener()
-    assert "reachable, schema version 5" in await inspect(config)
+    assert "reachable, schema version 6" in await inspect(config)
     database = urlsplit(pg_url).path.lstrip("/")
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
 
 
 async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 1 database (no conversation order, no buckets) is brought to version 5 at
+    """A version 1 database (no conversation order, no buckets) is brought to version 6 at
     start; its pending deliveries stay, unkeyed, and are claimed as before."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -172,7 +173,7 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
     claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert await again.take_tokens("t", 1.0, 1, 5) == 1
@@ -181,7 +182,7 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
 async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 2 database (no trace context) is brought to version 5 at start; its pending
+    """A version 2 database (no trace context) is brought to version 6 at start; its pending
     deliveries stay, with no trace context, and new ones keep theirs."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -194,7 +195,7 @@ async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert {d.trace for d in claimed} == {None}
@@ -203,7 +204,7 @@ async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries
 async def test_schema_of_version_3_gains_the_held_time_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 3 database (no held time) is brought to version 5 at start; its pending
+    """A version 3 database (no held time) is brought to version 6 at start; its pending
     deliveries stay, having been held for no time, and a retry keeps the time it carries."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -215,7 +216,7 @@ async def test_schema_of_version_3_gains_the_held_time_keeping_its_deliveries(
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert {d.held_s for d in claimed} == {0.0}
@@ -346,7 +347,7 @@ async def test_one_body_several_times_in_one_group_commit_is_decided_in_turn(
 async def test_schema_of_version_4_gains_the_group_accept_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 4 database (no accept function) is brought to version 5 at start; its
+    """A version 4 database (no accept function) is brought to version 6 at start; its
     pending deliveries stay and new notifications are accepted after them."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -356,11 +357,111 @@ async def test_schema_of_version_4_gains_the_group_accept_keeping_its_deliveries
         "DROP FUNCTION waba_gateway.accept; UPDATE waba_gateway.meta SET version = 4", database
     )
     again = await opener(dispatching=False)
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "5"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
     later = await again.accept(b'{"n":"later"}', SIG, [Route("t", None)], 1000.0)
     assert later is not None
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted([*ids, later[0].id])
+
+
+# Version 5's index of every delivery, for its claims and its prune.
+_OLD_CLAIMS_INDEX = (
+    "DROP INDEX waba_gateway.deliveries_due; CREATE INDEX deliveries_due"
+    " ON waba_gateway.deliveries (state, target, next_attempt_at);"
+    " UPDATE waba_gateway.meta SET version = 5"
+)
+
+
+def _index_definitions(server: PgServer, database: str) -> str:
+    return server.psql(
+        "SELECT string_agg(indexdef, E'\\n' ORDER BY indexname) FROM pg_indexes"
+        " WHERE schemaname = 'waba_gateway'",
+        database,
+    )
+
+
+async def test_schema_of_version_5_keeps_only_pending_deliveries_in_the_claims_index(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A version 5 database (every delivery in the claims' index) is brought to version 6 at
+    start with the indexes of a new one: its pending deliveries are claimed as before, and its
+    old delivered ones are pruned through the index of update times."""
+    first = await opener(dispatching=False)
+    ids = await _store(first, 3)
+    await first.record_many([(ids[0], Delivered(), AttemptResult(status=200))], 1001.0)
+    await first.close()
+    database = urlsplit(pg_url).path.lstrip("/")
+    fresh = await opener(url=pg_url.replace(f"/{database}?", "/postgres?"))
+    await fresh.close()
+    expected = _index_definitions(pg_server, "postgres")
+    assert "WHERE (state <> 'delivered'::text)" in expected
+    pg_server.psql(_OLD_CLAIMS_INDEX, database)
+    again = await opener()
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
+    assert _index_definitions(pg_server, database) == expected
+    claimed = await again.due(2000.0, {"t": 10})
+    assert sorted(d.id for d in claimed) == sorted(ids[1:])
+    assert await again.prune(1001.0 + 60.0, 30.0, ["t"]) == 1
+    assert await again.get(ids[0]) is None
+
+
+async def test_outcomes_recorded_by_many_batches_at_once_are_one_statement(
+    opener: Opener, counting_server: PgServer
+) -> None:
+    """Twenty batches of one outcome each, recorded at once (as twenty exchanges end together),
+    reach the server as one statement, each attempt with its own time."""
+    counting_server.psql("CREATE DATABASE batches")  # the server counts every database's
+    box = await opener(url=counting_server.socket_url("batches"))
+    stored = await asyncio.gather(
+        *(box.accept(b'{"r":%d}' % n, SIG, [Route("t", None)], 1000.0) for n in range(20))
+    )
+    ids = [d.id for found in stored for d in found or []]
+    ok = AttemptResult(status=200)
+    counting_server.psql("SELECT pg_stat_statements_reset()", "counted")
+    await asyncio.gather(
+        *(box.record_many([(i, Delivered(), ok)], 1001.0 + n) for n, i in enumerate(ids))
+    )
+    assert _statements_since_reset(counting_server) == 1
+    for n, delivery_id in enumerate(ids):
+        (attempt,) = await box.attempts(delivery_id)
+        assert (attempt.state, attempt.at) == ("delivered", 1001.0 + n)
+
+
+async def test_a_group_that_fails_outside_the_drivers_errors_is_answered_not_left_waiting(
+    pg_url: str,
+) -> None:
+    """A group whose run raises something the committer does not expect from the driver
+    answers every submission with OutboxError; none is left waiting."""
+
+    async def run(conn: object, group: list[tuple[object, ...]]) -> list[object]:
+        raise RuntimeError("unexpected")
+
+    pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
+    committer = Committer(pool, run, timeout_s=5.0)
+    try:
+        futures = [committer.submit((n,)) for n in range(3)]
+        for future in futures:
+            with pytest.raises(OutboxError, match="unexpected"):
+                await asyncio.wait_for(future, 5.0)
+    finally:
+        await committer.close()
+        await pool.close()
+
+
+async def test_group_commits_keep_their_connection_instead_of_the_pools_each_time(
+    opener: Opener,
+) -> None:
+    """One group after another commits on the connection the first took from the pool: it
+    stays out of the pool while the outbox is open, and goes back when it closes."""
+    box = await opener()
+    assert isinstance(box, PostgresOutbox)
+    pool = box._pool
+    for n in range(5):
+        assert await box.accept(b'{"k":%d}' % n, SIG, [Route("t", None)], 1000.0) is not None
+        await asyncio.sleep(0.05)  # past the group's end, when a connection would go back
+        assert pool.get_size() - pool.get_idle_size() == 1
+    await box.close()
+    assert pool.get_idle_size() == pool.get_size()
 
 
 @pytest.fixture(scope="module")

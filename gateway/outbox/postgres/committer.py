@@ -12,9 +12,15 @@ the next group, which grows with the load (as with the SQLite writer), rather th
 over every connection of the pool in small groups that would each pay for a flush, and wait for
 each other on the row locks of identical bodies.
 
-A batch is sorted by digest, so two gateways committing the same bodies at once take the
-digests' row locks in one order and never deadlock. When a batch fails, each accept runs again
-alone, so only a faulty one fails.
+A batch of accepts is sorted by digest, so two gateways committing the same bodies at once take
+the digests' row locks in one order and never deadlock. When a batch fails, each submission runs
+again alone, so only a faulty one fails.
+
+Each group slot keeps the connection it took from the pool for as long as that connection
+works: a pool's acquire and release (each a task of its own in asyncpg, for the timeout and the
+shield) cost more Python per group than the group's own bookkeeping (bench/README.md). A
+connection that failed or closed goes back to the pool, which connects again; the next group
+takes a fresh one.
 """
 
 from __future__ import annotations
@@ -61,19 +67,26 @@ class Committer:
         *,
         timeout_s: float,
         on_commit: Callable[[int], None] | None = None,
+        in_flight: int = IN_FLIGHT,
+        ordered: bool = True,
     ) -> None:
         self._pool = pool
         self._run = run
         self._timeout_s = timeout_s
         self._on_commit = on_commit
+        self._ordered = ordered
         self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushing = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(IN_FLIGHT)
+        self._slots = asyncio.Semaphore(in_flight)
+        # Connections kept between groups, at most one per slot.
+        self._kept: list[Any] = []
+        self._closing = False
 
     def submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue one execution (its first argument orders the batch); the future resolves with
-        its result once its group has committed, or raises OutboxError."""
+        """Queue one execution (with ``ordered``, its first argument orders the batch; else
+        the batch keeps the order of submission); the future resolves with its result once its
+        group has committed, or raises OutboxError."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((args, future))
@@ -89,28 +102,46 @@ class Committer:
 
     async def _flush(self) -> None:
         async with self._slots:
-            # While this waits for a slot and a connection, later accepts join the group.
+            # While this waits for a slot (or a connection), later submissions join the group.
+            conn = self._kept.pop() if self._kept else None
+            if conn is None:
+                try:
+                    conn = await self._pool.acquire(timeout=self._timeout_s)
+                except FAILURES as exc:
+                    group, self._waiting, self._flushing = self._waiting, [], False
+                    _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
+                    return
+            keep = False
+            group, self._waiting, self._flushing = self._waiting, [], False
             try:
-                conn = await self._pool.acquire(timeout=self._timeout_s)
-            except FAILURES as exc:
-                group, self._waiting, self._flushing = self._waiting, [], False
-                _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
-                return
-            try:
-                group, self._waiting, self._flushing = self._waiting, [], False
-                await self._commit(conn, group)
+                keep = await self._commit(conn, group)
+            except Exception as exc:
+                # Whatever the driver raised beyond FAILURES: every submission is answered,
+                # none waits for ever (a record that never returns would hold its delivery in
+                # flight, never to be claimed again).
+                log.exception("outbox group commit failed")
+                _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
             finally:
-                with contextlib.suppress(*FAILURES):
-                    await self._pool.release(conn)
+                if keep and not self._closing and not conn.is_closed():
+                    self._kept.append(conn)
+                else:
+                    await self._give_back(conn)
 
-    async def _commit(self, conn: Any, group: list[tuple[tuple[Any, ...], Any]]) -> None:
-        group.sort(key=lambda item: item[0][0])
+    async def _give_back(self, conn: Any) -> None:
+        with contextlib.suppress(*FAILURES):
+            await self._pool.release(conn)
+
+    async def _commit(self, conn: Any, group: list[tuple[tuple[Any, ...], Any]]) -> bool:
+        """Run ``group`` on ``conn`` and answer each submission; whether ``conn`` ran it
+        without a failure (and may be kept for the next group)."""
+        if self._ordered:
+            group.sort(key=lambda item: item[0][0])
         try:
             rows = await self._run(conn, [args for args, _ in group])
         except FAILURES as exc:
             if len(group) == 1 or conn.is_closed():
                 _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
-                return
+                return False
             for args, future in group:
                 try:
                     rows = await self._run(conn, [args])
@@ -118,17 +149,22 @@ class Committer:
                     _answer(future, error=OutboxError(f"outbox write failed: {_reason(alone)}"))
                 else:
                     _answer(future, rows[0])
-            return
+            return False
         if self._on_commit is not None:
             self._on_commit(len(group))
         for (_, future), row in zip(group, rows, strict=True):
             _answer(future, row)
+        return True
 
     async def close(self) -> None:
-        """Wait for the groups already started."""
+        """Wait for the groups already started, and give the kept connections back."""
+        self._closing = True
         while self._tasks or self._flushing:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await asyncio.sleep(0)
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            await self._give_back(conn)
 
 
 def _reason(exc: BaseException) -> str:

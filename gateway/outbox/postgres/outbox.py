@@ -79,7 +79,11 @@ log = logging.getLogger(__name__)
 # Connecting, acquiring a connection and each statement: a database that does not answer
 # within this is unavailable (503), well inside the time Meta waits for an answer.
 _TIMEOUT_S = 5.0
-_POOL_SIZE = 8
+_POOL_SIZE = 10
+# Records of outcomes running at once, each on a connection it keeps: more than the group
+# commits' two, since on a server short of CPU each record waits its turn for a core, and
+# deliveries whose outcome is not yet recorded hold their target's budget (bench/README.md).
+_RECORDS_IN_FLIGHT = 4
 # Every connection commits durably, whatever the server or the role was set to.
 _SETTINGS = {"synchronous_commit": "on", "application_name": "waba-gateway"}
 
@@ -104,10 +108,11 @@ async def _leave_session(conn: asyncpg.Connection[Any]) -> None:
     *`` and the rest) would only cost a round trip and four statements on every release."""
 
 
-def _record_args(batch: list[tuple[Any, ...]], now: float, owner: str) -> tuple[Any, ...]:
-    """RECORD's arguments for one round of rows (the values of $1 to $7, then $10)."""
+def _record_args(batch: list[tuple[Any, ...]], owner: str) -> tuple[Any, ...]:
+    """RECORD's arguments for one round of rows (the values of $1 to $8, the owner, then
+    $10: each row's created_at as handed out)."""
     columns = [list(column) for column in zip(*batch, strict=True)]
-    return (*columns[:7], now, owner, columns[7])
+    return (*columns[:8], owner, columns[8])
 
 
 class PostgresOutbox:
@@ -134,6 +139,15 @@ class PostgresOutbox:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._committer = Committer(
             pool, self._accept_group, timeout_s=_TIMEOUT_S, on_commit=on_commit
+        )
+        # Outcomes recorded while every record slot is busy wait and go together, in the order
+        # they were recorded: one statement and one transaction for all of them.
+        self._recorder = Committer(
+            pool,
+            self._record_group,
+            timeout_s=_TIMEOUT_S,
+            in_flight=_RECORDS_IN_FLIGHT,
+            ordered=False,
         )
         self._listener: Listener | None = None
         if on_wake is not None:
@@ -243,6 +257,7 @@ class PostgresOutbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         await self._committer.close()
+        await self._recorder.close()
         if self._listener is not None:
             await self._listener.close()
         try:
@@ -415,27 +430,33 @@ class PostgresOutbox:
                 assert isinstance(outcome, DeadLetter)
                 state, next_at, error = "dead", now, outcome.reason
             excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
-            rows.append(
-                (rowid, state, next_at, result.status, error, excerpt, held, since.get(delivery_id))
-            )
+            created = since.get(delivery_id)
+            rows.append((rowid, state, next_at, result.status, error, excerpt, held, now, created))
 
-        # One statement per round, all in one transaction and one round trip; a delivery
-        # recorded twice in one call goes in two rounds, as two attempts in their order.
+        if rows:
+            if self._closed:
+                raise OutboxError("outbox is closed")
+            await self._recorder.submit((rows,))
+
+    async def _record_group(self, conn: Any, group: list[tuple[Any, ...]]) -> list[None]:
+        """The outcomes of one or more :meth:`record_many` calls (``(rows,)`` each, in the
+        order they were made) as one transaction and one round trip: one statement per round;
+        a delivery recorded twice goes in two rounds, as two attempts in their order."""
         rounds: list[list[tuple[Any, ...]]] = []
         times: dict[int, int] = {}
-        for values in rows:
-            turn = times.get(values[0], 0)
-            times[values[0]] = turn + 1
-            if turn == len(rounds):
-                rounds.append([])
-            rounds[turn].append(values)
-        if rounds:
-            await self._run(
-                lambda conn: conn.executemany(
-                    sql.RECORD,
-                    [_record_args(batch, now, self.owner) for batch in rounds],
-                )
-            )
+        for (rows,) in group:
+            for values in rows:
+                turn = times.get(values[0], 0)
+                times[values[0]] = turn + 1
+                if turn == len(rounds):
+                    rounds.append([])
+                rounds[turn].append(values)
+        args = [_record_args(batch, self.owner) for batch in rounds]
+        if len(args) == 1:  # one statement: no executemany's batch machinery
+            await conn.execute(sql.RECORD, *args[0], timeout=_TIMEOUT_S)
+        else:  # in one transaction: executemany's is implicit
+            await conn.executemany(sql.RECORD, args, timeout=_TIMEOUT_S)
+        return [None] * len(group)
 
     async def backlog(self) -> list[Backlog]:
         return backlog_from_rows(await self._run(lambda conn: conn.fetch(sql.BACKLOG)))

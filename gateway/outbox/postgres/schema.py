@@ -4,8 +4,8 @@ Rule: everything lives in its own PostgreSQL schema, ``waba_gateway``, so the da
 other things. The first gateway to start creates the tables (under an advisory lock, so several
 starting together create them once) and records :data:`VERSION` with a random delivery id
 prefix; every start reads the version back and refuses any other one, untouched, with a message
-saying what to do, except versions 1 to 4, which are brought to version 5 in place (see
-:data:`_TO_2` to :data:`_TO_5`).
+saying what to do, except versions 1 to 5, which are brought to version 6 in place (see
+:data:`_TO_2` to :data:`_TO_6`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["CHANNEL", "SCHEMA", "VERSION", "ensure", "read_version"]
 SCHEMA = "waba_gateway"
 # LISTEN/NOTIFY channel: "there are deliveries any gateway may claim now".
 CHANNEL = "waba_gateway_due"
-VERSION = 5
+VERSION = 6
 # pg_advisory_xact_lock's key while the tables are checked or created: any fixed number
 # ("waba" in ASCII); it only has to be the same for every gateway.
 _CREATE_LOCK = 0x77616261
@@ -195,12 +195,26 @@ BEGIN
 END
 $$""",
 )
+# Version 6: delivered deliveries leave the claims' index. An outcome's update changes the state,
+# so it is never a HOT update and the row gets a new entry in every index whose condition it
+# meets: each delivery, the bulk of the table, was one more entry (and its WAL) in an index no
+# claim reads for it. What looked for delivered rows there (the prune) reads deliveries_updated
+# instead: a delivered row's updated_at is its delivery time. The key stays as it was (state
+# first), so the planner keeps preferring deliveries_order for the ordered claim's look at
+# earlier deliveries of a conversation. Built in the migration's transaction, which holds off
+# writes for as long as its scan of the deliveries takes.
+_TO_6 = (
+    f"DROP INDEX {SCHEMA}.deliveries_due",
+    f"CREATE INDEX deliveries_due ON {SCHEMA}.deliveries (state, target, next_attempt_at)"
+    " WHERE state <> 'delivered'",
+)
 # What brings each older version to the current one.
 _MIGRATIONS = {
-    1: (*_TO_2, *_TO_3, *_TO_4, *_TO_5),
-    2: (*_TO_3, *_TO_4, *_TO_5),
-    3: (*_TO_4, *_TO_5),
-    4: _TO_5,
+    1: (*_TO_2, *_TO_3, *_TO_4, *_TO_5, *_TO_6),
+    2: (*_TO_3, *_TO_4, *_TO_5, *_TO_6),
+    3: (*_TO_4, *_TO_5, *_TO_6),
+    4: (*_TO_5, *_TO_6),
+    5: _TO_6,
 }
 
 
@@ -257,7 +271,7 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
         found = await read_version(conn)  # again, under the lock: another gateway may have won
         if found is not None:
             return _check(found)
-        for statement in (*_TABLES, *_TO_2, *_TO_3, *_TO_4, *_TO_5):
+        for statement in (*_TABLES, *_TO_2, *_TO_3, *_TO_4, *_TO_5, *_TO_6):
             await conn.execute(statement)
         prefix = secrets.token_hex(8)
         await conn.execute(

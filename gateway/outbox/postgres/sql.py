@@ -85,33 +85,33 @@ GIVE_BACK_TOKENS: Final = f"""
 UPDATE {SCHEMA}.buckets SET tokens = LEAST($3::float8, tokens + $2::float8) WHERE target = $1
 """
 
-# Attempts' outcomes, one element each ($1 to $7: delivery id, state, next attempt at, status,
-# error, response excerpt, held seconds; $10: its created_at as handed out, or NULL), recorded
-# at $8 by gateway $9; each ends the lease, and is skipped when another gateway took the
-# delivery over meanwhile (this one's lease ran out): its outcome is the one that counts; and
-# when it was replayed since it was handed out (a replay renews created_at): the replay stands.
-# Each is also kept in the delivery's attempt history. Not waiting for the flush
+# Attempts' outcomes, one element each ($1 to $8: delivery id, state, next attempt at, status,
+# error, response excerpt, held seconds, when it was recorded; $10: its created_at as handed
+# out, or NULL), by gateway $9; each ends the lease, and is skipped when another gateway took
+# the delivery over meanwhile (this one's lease ran out): its outcome is the one that counts;
+# and when it was replayed since it was handed out (a replay renews created_at): the replay
+# stands. Each is also kept in the delivery's attempt history. Not waiting for the flush
 # (``synchronous_commit`` off for this transaction only): an outcome lost in a crash of the
 # database server only means the delivery is sent again, which at-least-once allows. A delivery
 # may appear once per statement (see the caller).
 RECORD: Final = f"""
 WITH v AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::integer[], $5::text[],
-        $6::text[], $7::float8[], $10::float8[])
-        AS v (id, state, next_at, status, error, response, held, created)
+        $6::text[], $7::float8[], $8::float8[], $10::float8[])
+        AS v (id, state, next_at, status, error, response, held, at, created)
     WHERE set_config('synchronous_commit', 'off', true) = 'off'
 ), u AS (
     UPDATE {SCHEMA}.deliveries d SET state = v.state, attempts = d.attempts + 1,
-        next_attempt_at = v.next_at, updated_at = $8, last_status = v.status,
+        next_attempt_at = v.next_at, updated_at = v.at, last_status = v.status,
         last_error = v.error, last_response = v.response, lease_owner = NULL,
         lease_until = NULL, held_s = v.held
     FROM v
     WHERE d.id = v.id AND (d.lease_owner IS NULL OR d.lease_owner = $9)
       AND (v.created IS NULL OR d.created_at = v.created)
-    RETURNING d.id, d.attempts, v.state, v.status, v.error, v.response
+    RETURNING d.id, d.attempts, v.state, v.status, v.error, v.response, v.at
 )
 INSERT INTO {SCHEMA}.attempts (delivery_id, number, at, state, status, error, response)
-SELECT id, attempts, $8, state, status, error, response FROM u
+SELECT id, attempts, at, state, status, error, response FROM u
 """
 
 # The heartbeat of a living gateway: its leases last while it does, whatever its targets'
@@ -170,12 +170,13 @@ a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
 SELECT COUNT(*) FROM d
 """
 
-# A delivered row's next_attempt_at is its delivery time (see RECORD's callers).
+# A delivered row's updated_at is its delivery time (see RECORD's callers): the deliveries_updated
+# index finds them oldest first (the claims' index holds pending deliveries only).
 PRUNE_DELIVERED: Final = f"""
 WITH d AS (
     DELETE FROM {SCHEMA}.deliveries WHERE id IN (
         SELECT id FROM {SCHEMA}.deliveries
-        WHERE state = 'delivered' AND target = $1 AND next_attempt_at < $2
+        WHERE state = 'delivered' AND target = $1 AND updated_at < $2
         LIMIT {PRUNE_BATCH})
     RETURNING id
 ), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
