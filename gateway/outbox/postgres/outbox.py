@@ -430,8 +430,8 @@ class PostgresOutbox:
                 assert isinstance(outcome, DeadLetter)
                 state, next_at, error = "dead", now, outcome.reason
             excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
-            created = since.get(delivery_id)
-            rows.append((rowid, state, next_at, result.status, error, excerpt, held, now, created))
+            handed = since.get(delivery_id)
+            rows.append((rowid, state, next_at, result.status, error, excerpt, held, now, handed))
 
         if rows:
             if self._closed:
