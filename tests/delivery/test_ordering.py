@@ -28,8 +28,11 @@ from gateway.runtime.gateway import Gateway
 USERS = ("a", "b", "c", "d")
 PER_USER = 6
 # The target's settings: quick retries, and a pipeline so that a conversation's deliveries
-# could overtake each other if the gateway let them.
-ORDERED = 'order = "conversation"\ntimeout_s = 5\npipeline = 8'
+# could overtake each other if the gateway let them. Attempts enough that user a's refused first
+# message is never dead-lettered while the test holds it (a dead letter releases its
+# conversation, by design): 12 quick attempts end in about a second and a half, which a loaded
+# machine's lease takeover outlasts.
+ORDERED = 'order = "conversation"\ntimeout_s = 5\npipeline = 8\nattempts = 1000'
 
 
 @pytest.fixture
@@ -78,9 +81,10 @@ def _bot(
 ) -> Config:
     """A gateway delivering in order per conversation to ``target`` (target "bot", with
     ``options``), its outbox on ``backend``."""
-    # Quick exponential retries, unless the test gives a schedule of its own instead.
+    # Quick exponential retries, unless the test gives a schedule of its own instead; attempts
+    # enough that a held message is never dead-lettered by their count alone (see ORDERED).
     quick = {} if "retry_schedule_s" in options else {"wait_initial_s": 0.05, "wait_max_s": 0.1}
-    settings: dict[str, Any] = quick | options
+    settings: dict[str, Any] = {"attempts": 1000} | quick | options
     bot = TargetConfig(name="bot", url=target.url(), order="conversation", **settings)
     config = gateway_config(pki, tmp_path, targets=[bot])
     if backend == "postgres":
