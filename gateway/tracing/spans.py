@@ -264,6 +264,18 @@ class Tracing:
         known[context] = server.as_parent()
         return context
 
+    def _attempt_parent(self, trace_context: str | None) -> tuple[bytes, bool, bytes, str]:
+        """An attempt's trace id, whether it is sampled, its parent span id and tracestate:
+        from its stored trace context (one of the last kept here, else parsed), or a new root
+        where none was stored or it cannot be read."""
+        parent = self._stored.get(trace_context) if trace_context else None
+        if parent is None:
+            parent = parse_stored(trace_context)
+        if parent is None:
+            trace_id, sampled = self._root()
+            return trace_id, sampled, _NO_PARENT, ""
+        return parent.trace_id, bool(parent.flags & SAMPLED), parent.span_id, parent.trace_state
+
     def attempt_spans(
         self,
         url: str,
@@ -280,15 +292,7 @@ class Tracing:
         name = "POST" if kind == "http" else f"send {target}"
         shared = target_attributes(url, target, kind)
         for delivery_id, trace_context, attempt in deliveries:
-            parent = self._stored.get(trace_context) if trace_context else None
-            if parent is None:
-                parent = parse_stored(trace_context)
-            if parent is None:
-                trace_id, sampled = self._root()
-                parent_id, trace_state = _NO_PARENT, ""
-            else:
-                trace_id, sampled = parent.trace_id, bool(parent.flags & SAMPLED)
-                parent_id, trace_state = parent.span_id, parent.trace_state
+            trace_id, sampled, parent_id, trace_state = self._attempt_parent(trace_context)
             span = Span(
                 self._recorder,
                 name,
@@ -336,17 +340,8 @@ class Tracing:
         spans: list[Attempt] = []
         headers: list[dict[str, str]] = []
         sampled_count = 0
-        known = self._stored
         for delivery_id, trace_context, attempt in deliveries:
-            parent = known.get(trace_context) if trace_context else None
-            if parent is None:
-                parent = parse_stored(trace_context)
-            if parent is None:
-                trace_id, sampled = self._root()
-                parent_id, trace_state = _NO_PARENT, ""
-            else:
-                trace_id, sampled = parent.trace_id, bool(parent.flags & SAMPLED)
-                parent_id, trace_state = parent.span_id, parent.trace_state
+            trace_id, sampled, parent_id, trace_state = self._attempt_parent(trace_context)
             span_id = (_random_bits(64) or 1).to_bytes(8)
             spans.append((trace_id, span_id, parent_id, trace_state, sampled, delivery_id, attempt))
             flags = "01" if sampled else "00"  # format_traceparent, without its call
