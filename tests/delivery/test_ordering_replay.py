@@ -46,19 +46,7 @@ async def test_a_delivery_replayed_while_it_waits_in_a_run_goes_to_the_back_of_i
     while the target holds the answer to message 0, the rest of the run waits in memory, and
     the operator replays message 2 through the admin API. The target receives 0, 1, 3, 4 and
     then 2, each once: the replayed message at the back, as the outbox now orders it."""
-    config = gateway_config(
-        pki,
-        tmp_path,
-        targets=[
-            TargetConfig(
-                name="bot",
-                url=target.url(),
-                order="conversation",
-                wait_initial_s=0.05,
-                wait_max_s=0.1,
-            )
-        ],
-    )
+    config = _bot(pki, tmp_path, target)
     await target.stop()
     async with Gateway(config) as gateway:
         for n in range(MESSAGES):
