@@ -495,9 +495,11 @@ class PostgresOutbox:
     ) -> int:
         statement, params = sql.replay_many_query(state, target, since)
         places, _ = sql.replay_places_query(state, target, since)
+        lock, _ = sql.replay_lock_query(state, target, since)
 
         async def replay(conn: Any) -> int:
             async with conn.transaction():
+                await conn.execute(lock, *params)
                 await conn.execute(places, *params)
                 count = _affected(await conn.execute(statement, *params, now))
                 if count:  # every gateway may claim them now

@@ -39,6 +39,7 @@ __all__ = [
     "SIZE",
     "TAKE_TOKENS",
     "list_query",
+    "replay_lock_query",
     "replay_many_query",
     "replay_places_query",
 ]
@@ -93,20 +94,27 @@ UPDATE {SCHEMA}.buckets SET tokens = LEAST($3::float8, tokens + $2::float8) WHER
 # stands. Each is also kept in the delivery's attempt history. Not waiting for the flush
 # (``synchronous_commit`` off for this transaction only): an outcome lost in a crash of the
 # database server only means the delivery is sent again, which at-least-once allows. A delivery
-# may appear once per statement (see the caller).
+# may appear once per statement (see the caller). The rows are locked in the order of their ids
+# before any is changed, whatever the batch's order or the join's plan: the order every
+# statement that locks many deliveries keeps (see replay_lock_query), so none waits for another
+# that waits for it (PostgreSQL would abort one as a deadlock; an aborted record sends its whole
+# batch again).
 RECORD: Final = f"""
 WITH v AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::integer[], $5::text[],
         $6::text[], $7::float8[], $8::float8[], $10::float8[])
         AS v (id, state, next_at, status, error, response, held, at, created)
     WHERE set_config('synchronous_commit', 'off', true) = 'off'
+), locked AS (
+    SELECT id FROM {SCHEMA}.deliveries WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 ), u AS (
     UPDATE {SCHEMA}.deliveries d SET state = v.state, attempts = d.attempts + 1,
         next_attempt_at = v.next_at, updated_at = v.at, last_status = v.status,
         last_error = v.error, last_response = v.response, lease_owner = NULL,
         lease_until = NULL, held_s = v.held
     FROM v
-    WHERE d.id = v.id AND (d.lease_owner IS NULL OR d.lease_owner = $9)
+    WHERE d.id = v.id AND d.id IN (SELECT id FROM locked)
+      AND (d.lease_owner IS NULL OR d.lease_owner = $9)
       AND (v.created IS NULL OR d.created_at = v.created)
     RETURNING d.id, d.attempts, v.state, v.status, v.error, v.response, v.at
 )
@@ -206,6 +214,19 @@ def list_query(state: str | None, target: str | None) -> tuple[str, list[Any]]:
         f" JOIN {SCHEMA}.notifications n ON n.id = d.notification_id{where}"
         f" ORDER BY d.updated_at DESC, d.id DESC LIMIT ${len(params) + 1}"
         f" OFFSET ${len(params) + 2}",
+        params,
+    )
+
+
+def replay_lock_query(state: str, target: str | None, since: float | None) -> tuple[str, list[Any]]:
+    """Run first, in the transaction of :func:`replay_places_query` and
+    :func:`replay_many_query`, with the same filters: the deliveries they change, locked in the
+    order of their ids (as RECORD locks its batch), before either changes one in an order of
+    its own (a conversation's places, the table's). Returns how many it locked."""
+    where, params = _filters(state=state, target=target, since=since)
+    return (
+        f"SELECT count(*) FROM (SELECT d.id FROM {SCHEMA}.deliveries d{where}"
+        " ORDER BY d.id FOR UPDATE) AS locked",
         params,
     )
 
