@@ -130,12 +130,14 @@ def wait_forwarded(port: int, count: int, limit_s: float) -> float | None:
 
 
 def watch_sink(port: int, count: int, limit_s: float) -> tuple[float, float | None]:
-    """When the sink (up since just now) received its first request and its ``count``-th
-    (``None``: not within ``limit_s``), polled every 5 ms."""
+    """When the id sink (up since just now) received its first request and its ``count``-th
+    distinct delivery (``None``: not within ``limit_s``), polled every 5 ms. Distinct ids, not
+    requests: a delivery sent twice would otherwise end the steady rate's span before the last
+    delivery came, and raise the rate."""
     started = time.monotonic()
     first = None
     while time.monotonic() - started < limit_s:
-        seen = sink_get(port, "/__stats")["requests"]
+        seen = sink_get(port, "/__stats")["distinct"]
         now = time.monotonic()
         if seen and first is None:
             first = now
