@@ -26,6 +26,7 @@ import pytest
 from config_files import listen_port, write_config
 from helpers import eventually, gateway_config, message_body, meta_signature, metric
 from loopback_ports import free_port
+from memory_tls import feed, handshake
 from pki import ClientKind, Pki
 from processes import serving, stop
 from sink import DEADLINE_S, Sink
@@ -68,16 +69,7 @@ def exchange(
                 sock.sendall(bytes((byte,)))
                 time.sleep(0.002)
             header = b""
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(header + outgoing.read())
-                header = b""
-                _feed(sock, incoming)
+        tls, incoming, outgoing = handshake(sock, context, first=header)
         tls.write(_request())
         sock.sendall(outgoing.read())
         answer = b""
@@ -85,7 +77,7 @@ def exchange(
             try:
                 chunk = tls.read(65536)
             except ssl.SSLWantReadError:
-                if not _feed(sock, incoming):
+                if not feed(sock, incoming):
                     return answer
                 continue
             except ssl.SSLZeroReturnError:
@@ -103,15 +95,6 @@ def refused(port: int, context: ssl.SSLContext, **options: Any) -> bool:
     except OSError:  # ssl.SSLError, ConnectionResetError, a handshake cut short
         return True
     return _status(answer) != 200
-
-
-def _feed(sock: socket.socket, incoming: ssl.MemoryBIO) -> bool:
-    data = sock.recv(65536)
-    if not data:
-        incoming.write_eof()
-        return False
-    incoming.write(data)
-    return True
 
 
 def _status(answer: bytes) -> int:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from memory_tls import handshake
 from pki import Pki
 
 from gateway.edge.acceptor import Acceptor, bind
@@ -120,28 +121,9 @@ async def test_a_keep_alive_read_of_whole_records_makes_no_fruitless_read(
     assert fruitless == 0
 
 
-def _session(
-    port: int, context: ssl.SSLContext
-) -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO]:
-    """A blocking client whose TLS records are made in memory (the object and its outgoing
-    buffer), so that a test decides how they are cut into the socket's writes."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-    sock.sendall(outgoing.read())
-    return sock, tls, outgoing
-
-
 def _records_cut_every_way(port: int, context: ssl.SSLContext) -> None:
-    sock, tls, outgoing = _session(port, context)
-    with sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        tls, _, outgoing = handshake(sock, context)
         # Two records in one write: one read of the server's holds both.
         tls.write(MESSAGE)
         tls.write(MESSAGE)
