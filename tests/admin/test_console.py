@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from config_files import free_port
-from conversations import Conversations, conversation_body
+from conversations import Conversations, conversation_body, ordered_bot
 from helpers import gateway_config, message_body, post, sink_target, wait_for_state
 from pki import Pki
 from sink import Reply, Sink
@@ -283,15 +283,7 @@ async def test_overview_shows_order_rate_limit_and_held_back_count_never_user_id
     target = Conversations()
     await target.start()
     try:
-        bot = TargetConfig(
-            name="bot",
-            url=target.url(),
-            order="conversation",
-            rate_per_s=50,
-            burst=5,
-            wait_initial_s=0.05,
-            wait_max_s=0.1,
-        )
+        bot = ordered_bot(target, rate_per_s=50, burst=5)
         plain = TargetConfig(name="plain", url=target.url(), fields=("none",))
         config = gateway_config(pki, tmp_path, targets=[bot, plain])
         target.held.add(("stuckuser", 0))

@@ -16,13 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 from config_files import host_configs, listen_port, write_config
-from conversations import Conversations, conversation_body, in_order
+from conversations import Conversations, conversation_body, in_order, ordered_bot
 from helpers import gateway_config, post
 from pki import Pki
 from processes import post_to, serving, serving_all, until_listening
 from sink import DEADLINE_S
 
-from gateway.config import Config, OutboxConfig, TargetConfig
+from gateway.config import Config, OutboxConfig
 from gateway.runtime.gateway import Gateway
 
 USERS = ("a", "b", "c", "d")
@@ -81,11 +81,9 @@ def _bot(
 ) -> Config:
     """A gateway delivering in order per conversation to ``target`` (target "bot", with
     ``options``), its outbox on ``backend``."""
-    # Quick exponential retries, unless the test gives a schedule of its own instead; attempts
-    # enough that a held message is never dead-lettered by their count alone (see ORDERED).
-    quick = {} if "retry_schedule_s" in options else {"wait_initial_s": 0.05, "wait_max_s": 0.1}
-    settings: dict[str, Any] = {"attempts": 1000} | quick | options
-    bot = TargetConfig(name="bot", url=target.url(), order="conversation", **settings)
+    # Attempts enough that a held message is never dead-lettered by their count alone (see
+    # ORDERED).
+    bot = ordered_bot(target, **({"attempts": 1000} | options))
     config = gateway_config(pki, tmp_path, targets=[bot])
     if backend == "postgres":
         assert request is not None  # the PostgreSQL server is a fixture

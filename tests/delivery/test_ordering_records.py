@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conversations import Conversations, conversation_body
+from conversations import Conversations, conversation_body, ordered_bot
 from helpers import gateway_config, post
 from pki import Pki
 from sink import DEADLINE_S
 
-from gateway.config import TargetConfig
 from gateway.runtime.gateway import Gateway
 
 MESSAGES = 6
@@ -63,15 +62,7 @@ async def test_a_run_whose_outcome_records_fail_is_sent_again_in_order_from_the_
     config = gateway_config(
         pki,
         tmp_path,
-        targets=[
-            TargetConfig(
-                name="bot",
-                url=target.url(),
-                order="conversation",
-                wait_initial_s=0.05,
-                wait_max_s=0.1,
-            )
-        ],
+        targets=[ordered_bot(target)],
     )
     config = dataclasses.replace(
         config, outbox=dataclasses.replace(config.outbox, busy_timeout_s=0.3)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from config_files import write_config
-from conversations import Conversations, conversation_body
+from conversations import Conversations, conversation_body, ordered_bot
 from helpers import APP_SECRET, admin_post, eventually, gateway_config, post
 from pki import Pki
 
-from gateway.config import Config, OutboxConfig, TargetConfig
+from gateway.config import Config, OutboxConfig
 from gateway.outbox import Delivery
 from gateway.runtime.gateway import Gateway
 
@@ -68,15 +68,7 @@ async def test_a_delivery_replayed_while_it_waits_in_a_run_goes_to_the_back_of_i
 
 def _bot(pki: Pki, folder: Path, target: Conversations) -> Config:
     # The target holds its answer while a command starts: no timeout may cut that short.
-    bot = TargetConfig(
-        name="bot",
-        url=target.url(),
-        order="conversation",
-        wait_initial_s=0.05,
-        wait_max_s=0.1,
-        timeout_s=60.0,
-    )
-    return gateway_config(pki, folder, targets=[bot])
+    return gateway_config(pki, folder, targets=[ordered_bot(target, timeout_s=60.0)])
 
 
 async def _replayed_while_message_0_is_answered(

@@ -19,12 +19,15 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from aiohttp import web
+from helpers import TargetOptions
 from sink import DEADLINE_S
 
-__all__ = ["Conversations", "conversation_body", "in_order"]
+from gateway.config import TargetConfig
+
+__all__ = ["Conversations", "conversation_body", "in_order", "ordered_bot"]
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bsuid" / "messages-text.json"
 
@@ -39,6 +42,16 @@ def conversation_body(user: str, n: int, *, run: str = "") -> bytes:
     message["id"] = f"wamid.{run}{user}.{n}"
     message["text"]["body"] = str(n)
     return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def ordered_bot(target: Conversations, **options: Unpack[TargetOptions]) -> TargetConfig:
+    """Target "bot", delivering to ``target`` in order per conversation, with ``options``:
+    quick retries (waits of 50 to 100 ms) unless they give a retry schedule of their own."""
+    settings = TargetOptions(url=target.url(), order="conversation")
+    if "retry_schedule_s" not in options:
+        settings.update(TargetOptions(wait_initial_s=0.05, wait_max_s=0.1))
+    settings.update(options)
+    return TargetConfig(name="bot", **settings)
 
 
 def _read(body: bytes) -> tuple[str, int]:
