@@ -36,12 +36,28 @@ from gateway.runtime.wake import Bell, Doorbell
 if TYPE_CHECKING:
     from gateway.tracing.export import Exporting
 
-__all__ = ["Core"]
+__all__ = ["Closing", "Core"]
 
 log = logging.getLogger(__name__)
 
 
-class Core:
+class Closing:
+    """A part used as ``async with part``: the block's end closes it (:meth:`close`), however
+    the block ended."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class Core(Closing):
     """``async with Core(config) as core``: the shared parts, running until the block ends.
 
     Only the ``primary`` process of a multi-worker gateway runs the dispatcher, so exactly one
@@ -221,11 +237,3 @@ class Core:
     async def __aenter__(self) -> Core:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from aiohttp import web
 
@@ -51,7 +50,7 @@ from gateway.edge.tls import (
 )
 from gateway.errors import GatewayError, PortInUse
 from gateway.outbox import Outbox
-from gateway.runtime.core import Core
+from gateway.runtime.core import Closing, Core
 from gateway.runtime.ports import binding, listen_error
 from gateway.runtime.reload import applicable, restart_only
 from gateway.units import SECONDS
@@ -88,7 +87,7 @@ class Role:
 LONE = Role()
 
 
-class Gateway:
+class Gateway(Closing):
     """The running gateway: ``async with Gateway(config) as gw`` listens until the block ends.
 
     A :class:`~gateway.runtime.core.Core` with two front doors: the TLS callback listener and,
@@ -257,14 +256,6 @@ class Gateway:
             await self.close()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Steps 1 to 4 of the module docstring, each part only if it was started."""
