@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from sinkproc import running_sink
 
 HERE = Path(__file__).resolve().parent
 
@@ -289,33 +290,16 @@ def main() -> int:
         return child(args)
     if not args.sink or not 1 <= len(args.tree) <= 2:
         parser.error("--sink and one or two --tree are required")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    sink_argv = [sys.executable, args.sink, "--port", str(port)]
-    if args.load_cpus:
-        sink_argv = ["taskset", "-c", args.load_cpus, *sink_argv]
-    sink = subprocess.Popen(sink_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workdir = Path(tempfile.mkdtemp(prefix="drain-"))
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
-        if args.callgrind:
-            callgrind(args, port, workdir)
-        else:
-            interleave(args, port, workdir)
-        print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
+        with running_sink(args.sink, args.load_cpus) as port:
+            print(f"load average before: {os.getloadavg()[0]:.1f}", flush=True)
+            if args.callgrind:
+                callgrind(args, port, workdir)
+            else:
+                interleave(args, port, workdir)
+            print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
     finally:
-        sink.terminate()
-        sink.wait()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests" / "support")]
 
 from brokers import nats_server, redis_server  # noqa: E402
+from sinkproc import running_sink  # noqa: E402
 
 from gateway.config import TargetConfig  # noqa: E402
 from gateway.delivery.sending import sender_for  # noqa: E402
@@ -100,25 +99,8 @@ def main() -> int:
                         help="the kinds to measure, comma-separated")
     args = parser.parse_args()
     args.kinds = args.kinds.split(",")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    sink = subprocess.Popen([sys.executable, args.sink, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    with running_sink(args.sink) as port:
         asyncio.run(run(args, port))
-    finally:
-        sink.terminate()
-        sink.wait()
     return 0
 
 
