@@ -41,7 +41,7 @@ SIG = "sha256=" + "0" * 64
 _WAL = "SELECT pg_current_wal_lsn()"
 
 
-def _server_cpu_s(server: PgServer) -> float:
+def server_cpu_s(server: PgServer) -> float:
     """User and system seconds of the postmaster and every process it started that still runs."""
     postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
     ticks = os.sysconf("SC_CLK_TCK")
@@ -55,6 +55,11 @@ def _server_cpu_s(server: PgServer) -> float:
         if pid == postmaster or int(fields[1]) == postmaster:
             total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def load_average() -> str:
+    """The machine's load averages, as each run ends with them (a shared machine's noise)."""
+    return f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
 
 
 def _body(round_: int, i: int) -> bytes:
@@ -96,11 +101,11 @@ async def _round(
 
     try:
         wal_before = server.psql(_WAL, database)
-        server_cpu = _server_cpu_s(server)
+        server_cpu = server_cpu_s(server)
         cpu, start = time.process_time(), time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         took, cpu = time.perf_counter() - start, time.process_time() - cpu
-        server_cpu = _server_cpu_s(server) - server_cpu
+        server_cpu = server_cpu_s(server) - server_cpu
         wal = int(
             server.psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{wal_before}')", database)
         )
@@ -144,7 +149,7 @@ async def main() -> None:
                         options.same_body,
                     )
                     print(line, flush=True)
-        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(load_average())
 
 
 if __name__ == "__main__":

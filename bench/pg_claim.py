@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 
-from pg_accept import _server_cpu_s
-from pgserver import running_server
+from pg_accept import load_average, server_cpu_s
+from pgserver import PgServer, running_server
 
 from gateway.config import OutboxConfig
 from gateway.outbox import AttemptResult, Delivered, Route
@@ -29,7 +28,7 @@ from gateway.outbox.postgres.outbox import PostgresOutbox
 SIG = "sha256=" + "0" * 64
 
 
-async def _round(url: str, server: object, args: argparse.Namespace, round_: int) -> str:
+async def _round(url: str, server: PgServer, args: argparse.Namespace, round_: int) -> str:
     targets = [f"t{n}" for n in range(args.targets)]
     writer = await PostgresOutbox.open(OutboxConfig(url=url), dispatching=False)
     pad = b"x" * 1500
@@ -48,7 +47,7 @@ async def _round(url: str, server: object, args: argparse.Namespace, round_: int
     runs = dict.fromkeys(targets, args.runs) if args.ordered else None
     claims = delivered = 0
     ok = AttemptResult(status=200)
-    server_cpu = _server_cpu_s(server)  # type: ignore[arg-type]
+    server_cpu = server_cpu_s(server)
     cpu, wall, claim_s = time.process_time(), time.perf_counter(), 0.0
     while True:
         started = time.perf_counter()
@@ -60,7 +59,7 @@ async def _round(url: str, server: object, args: argparse.Namespace, round_: int
         await box.record_many([(d.id, Delivered(), ok) for d in due], 2000.0)
         delivered += len(due)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    server_cpu = _server_cpu_s(server) - server_cpu  # type: ignore[arg-type]
+    server_cpu = server_cpu_s(server) - server_cpu
     await box.close()
     assert delivered == args.count * args.targets, delivered
     return (
@@ -82,7 +81,7 @@ async def main() -> None:
         for round_ in range(1, args.rounds + 1):
             server.psql(f"CREATE DATABASE claim_{round_}")
             print(await _round(server.socket_url(f"claim_{round_}"), server, args, round_))
-        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(load_average())
 
 
 if __name__ == "__main__":
