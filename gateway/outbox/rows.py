@@ -1,4 +1,5 @@
-"""What both SQL backends share: how a delivery id is spelled, and a delivery row's columns.
+"""What both SQL backends share: how a delivery id is spelled, a delivery row's columns, and
+what an attempt's outcome leaves in its row.
 
 Rule: a delivery id is ``<prefix>-<row id>``: the row id is the deliveries table's own key (never
 handed out twice, even after pruning) and the prefix is random, made once with the store, so
@@ -13,7 +14,16 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from gateway.errors import OutboxError
-from gateway.outbox.model import STATES, Backlog, Delivery, State
+from gateway.outbox.model import (
+    STATES,
+    Backlog,
+    DeadLetter,
+    Delivered,
+    Delivery,
+    Outcome,
+    RetryAt,
+    State,
+)
 
 __all__ = [
     "DELIVERY_COLUMNS",
@@ -23,6 +33,7 @@ __all__ = [
     "delivery_id_of",
     "rowid_of",
     "state_of",
+    "stored_outcome",
 ]
 
 # The conversations beyond its limit a look at every conversation of an ordered target names
@@ -105,3 +116,15 @@ def backlog_from_rows(rows: Iterable[Sequence[Any]]) -> list[Backlog]:
         else:
             found[target] = Backlog(target, known.pending, known.oldest_pending_at, int(count))
     return [found[name] for name in sorted(found)]
+
+
+def stored_outcome(outcome: Outcome, now: float) -> tuple[State, float, str | None, float]:
+    """What an attempt's ``outcome``, recorded at ``now``, leaves in its delivery's row: the
+    state, the next attempt's time (``now`` once none is due), the error, and the seconds held
+    by pacing kept for the next attempt (0 unless retried)."""
+    if isinstance(outcome, Delivered):
+        return "delivered", now, None, 0.0
+    if isinstance(outcome, RetryAt):
+        return "pending", outcome.at, outcome.reason, outcome.held_s
+    assert isinstance(outcome, DeadLetter)
+    return "dead", now, outcome.reason, 0.0

@@ -51,11 +51,8 @@ from gateway.outbox.model import (
     AttemptRecord,
     AttemptResult,
     Backlog,
-    DeadLetter,
-    Delivered,
     Delivery,
     Outcome,
-    RetryAt,
     Route,
     Size,
     State,
@@ -69,6 +66,7 @@ from gateway.outbox.rows import (
     delivery_from_row,
     delivery_id_of,
     rowid_of,
+    stored_outcome,
 )
 
 __all__ = ["PostgresOutbox", "inspect"]
@@ -421,14 +419,7 @@ class PostgresOutbox:
             rowid = rowid_of(delivery_id, self._prefix)
             if rowid is None:
                 continue
-            held = 0.0
-            if isinstance(outcome, Delivered):
-                state, next_at, error = "delivered", now, None
-            elif isinstance(outcome, RetryAt):
-                state, next_at, error, held = "pending", outcome.at, outcome.reason, outcome.held_s
-            else:
-                assert isinstance(outcome, DeadLetter)
-                state, next_at, error = "dead", now, outcome.reason
+            state, next_at, error, held = stored_outcome(outcome, now)
             excerpt = result.response_excerpt[: sql.EXCERPT_CHARS]
             handed = since.get(delivery_id)
             rows.append((rowid, state, next_at, result.status, error, excerpt, held, now, handed))

@@ -26,16 +26,13 @@ from gateway.outbox.model import (
     AttemptRecord,
     AttemptResult,
     Backlog,
-    DeadLetter,
-    Delivered,
     Delivery,
     Outcome,
-    RetryAt,
     Route,
     Size,
     State,
 )
-from gateway.outbox.rows import delivery_id_of, rowid_of
+from gateway.outbox.rows import delivery_id_of, rowid_of, stored_outcome
 from gateway.outbox.sqlite import conversations, history, layout, store
 from gateway.outbox.sqlite.replays import ReplayBell, announce
 from gateway.outbox.sqlite.writer import Writer
@@ -262,14 +259,7 @@ class SqliteOutbox:
         now: float,
         created_at: float | None = None,
     ) -> store.Attempt:
-        held = 0.0
-        if isinstance(outcome, Delivered):
-            state, next_at, error = "delivered", now, None
-        elif isinstance(outcome, RetryAt):
-            state, next_at, error, held = "pending", outcome.at, outcome.reason, outcome.held_s
-        else:
-            assert isinstance(outcome, DeadLetter)
-            state, next_at, error = "dead", now, outcome.reason
+        state, next_at, error, held = stored_outcome(outcome, now)
         return store.Attempt(
             rowid=rowid_of(delivery_id, self._prefix),
             state=state,
