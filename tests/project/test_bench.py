@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import ssl
 import threading
 from pathlib import Path
-from types import ModuleType
 
 import aiohttp
 import pytest
+from repo_scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "bench" / "bench.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _bench()
+BENCH = load_script("bench/bench.py", "bench_script")
 SOURCE = "\n".join(path.read_text() for path in (ROOT / "gateway").rglob("*.py"))
 
 
@@ -61,16 +48,7 @@ def test_dispatch_stacks_are_selected_by_an_existing_folder() -> None:
         assert (ROOT / key).is_dir(), key
 
 
-def _stages() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_stages", ROOT / "bench" / "stages.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-STAGES = _stages()
+STAGES = load_script("bench/stages.py", "bench_stages")
 ROOT_FRAMES = ("Runner.run (asyncio/runners.py:118)",)
 
 

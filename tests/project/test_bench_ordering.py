@@ -5,34 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 from loopback_ports import free_port
 from processes import kill_group, until_listening
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import ROOT, load_script
 
 
 @pytest.fixture
 def ordering(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """bench/ordering.py, with bench/bench.py as the ``bench`` it imports (as when run)."""
-    monkeypatch.setitem(sys.modules, "bench", _load("bench", ROOT / "bench" / "bench.py"))
-    return _load("bench_ordering", ROOT / "bench" / "ordering.py")
+    monkeypatch.setitem(sys.modules, "bench", load_script("bench/bench.py", "bench"))
+    return load_script("bench/ordering.py", "bench_ordering")
 
 
 @pytest.fixture

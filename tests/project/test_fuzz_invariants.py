@@ -3,29 +3,17 @@ coverage-guided run itself is ``fuzz/run.sh``, outside the default test run)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from repo_scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = sorted((ROOT / "examples").glob("*.json"))
 
 
-def _invariants() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "edge_invariants", ROOT / "fuzz" / "edge_invariants.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CHECK = _invariants().check_body
-CHECK_STREAM = _invariants().check_stream
+INVARIANTS = load_script("fuzz/edge_invariants.py", "edge_invariants")
+CHECK = INVARIANTS.check_body
+CHECK_STREAM = INVARIANTS.check_stream
 STREAM_SEEDS = sorted((ROOT / "fuzz" / "http1-seeds").glob("*.http"))
 
 
