@@ -27,18 +27,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests" / "support")]
 
-from brokers import nats_server, redis_server  # noqa: E402
+from brokers import nats_server, pending_delivery, redis_server  # noqa: E402
 from sinkproc import running_sink  # noqa: E402
 
 from gateway.config import TargetConfig  # noqa: E402
 from gateway.delivery.sending import sender_for  # noqa: E402
-from gateway.outbox import Delivery  # noqa: E402
-
-
-def delivery(number: int, body: bytes) -> Delivery:
-    return Delivery(id=f"bench-{number}", notification_id=number, target="t", body=body,
-                    signature="sha256=00", split=False, state="pending", attempts=0,
-                    created_at=0.0, next_attempt_at=0.0, received_at=0.0)
 
 
 async def measure(target: TargetConfig, body: bytes, count: int, first: int,
@@ -50,7 +43,8 @@ async def measure(target: TargetConfig, body: bytes, count: int, first: int,
     async def batch(start: int) -> None:
         async with room:
             numbers = range(first + start, first + start + size)
-            results = await sender.send_many([delivery(n, body) for n in numbers], [1] * size)
+            batch = [pending_delivery(n, body, prefix="bench") for n in numbers]
+            results = await sender.send_many(batch, [1] * size)
             bad = [r for r in results if not (r.accepted or r.status == 200)]
             assert not bad, bad[0]
 

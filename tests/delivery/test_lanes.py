@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from brokers import pending_delivery
 
 from gateway.config import TargetConfig
 from gateway.delivery.backoff import RetryPolicy
@@ -13,19 +14,7 @@ TARGET = TargetConfig(name="t", url="http://127.0.0.1:9/hook", concurrency=8, pi
 
 
 def _delivery(number: int, size: int = 10) -> Delivery:
-    return Delivery(
-        id=f"d{number}",
-        notification_id=number,
-        target="t",
-        body=b"x" * size,
-        signature="sha256=00",
-        split=False,
-        state="pending",
-        attempts=0,
-        created_at=0.0,
-        next_attempt_at=0.0,
-        received_at=0.0,
-    )
+    return pending_delivery(number, b"x" * size, prefix="d")
 
 
 def _lane(*, load: int = 0, busy: int = 0, failures: int = 0, paused_until: float = 0.0) -> Lane:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trustme
 from aiohttp import web
+from brokers import pending_delivery
 from config_files import free_port
 from helpers import VERIFY_TOKEN, deliveries, eventually, message_body, meta_signature
 from pki import Pki
@@ -131,18 +132,8 @@ async def mtls_target(internal: Internal) -> AsyncIterator[HttpsTarget]:
         yield target
 
 
-DELIVERY = Delivery(
-    id="d-1",
-    notification_id=1,
-    target="internal",
-    body=b'{"object":"whatsapp_business_account"}',
-    signature="sha256=" + "0" * 64,
-    split=False,
-    state="pending",
-    attempts=0,
-    created_at=0.0,
-    next_attempt_at=0.0,
-    received_at=0.0,
+DELIVERY = pending_delivery(
+    1, b'{"object":"whatsapp_business_account"}', prefix="d", target="internal"
 )
 
 
