@@ -98,6 +98,25 @@ async def _connect(url: str) -> asyncpg.Connection[Any]:
     return await asyncpg.connect(url, timeout=_TIMEOUT_S, server_settings=_SETTINGS)
 
 
+async def _on_a_connection(
+    config: OutboxConfig, step: Callable[[asyncpg.Connection[Any]], Awaitable[T]]
+) -> T:
+    """``step`` on a connection of its own to the database, closed after it; any failure (to
+    connect, or of the step) as OutboxError naming the (redacted) URL."""
+    try:
+        conn = await _connect(config.url or "")
+    except _OPEN_FAILURES as exc:
+        raise OutboxError(f"{_where(config)}: cannot connect: {_reason(exc)}") from None
+    try:
+        return await step(conn)
+    except OutboxError as exc:
+        raise OutboxError(f"{_where(config)}: {exc}") from None
+    except FAILURES as exc:
+        raise OutboxError(f"{_where(config)}: {_reason(exc)}") from None
+    finally:
+        await conn.close()
+
+
 async def _leave_session(conn: asyncpg.Connection[Any]) -> None:
     """A pooled connection going back to the pool keeps its session as it is (the pool has
     already rolled back any open transaction). Only the outbox's own statements run on the pool,
@@ -192,22 +211,10 @@ class PostgresOutbox:
         another gateway announces deliveries; ``on_replay`` (with ``on_wake``), when any
         gateway or command replays a delivery (its id; ``None``: pending ones, any of them).
         Raises OutboxError naming the (redacted) URL."""
-        url = config.url or ""
-        try:
-            conn = await _connect(url)
-        except _OPEN_FAILURES as exc:
-            raise OutboxError(f"{_where(config)}: cannot connect: {_reason(exc)}") from None
-        try:
-            prefix = await schema.ensure(conn, create=create)
-        except OutboxError as exc:
-            raise OutboxError(f"{_where(config)}: {exc}") from None
-        except FAILURES as exc:
-            raise OutboxError(f"{_where(config)}: {_reason(exc)}") from None
-        finally:
-            await conn.close()
+        prefix = await _on_a_connection(config, lambda conn: schema.ensure(conn, create=create))
         try:
             pool = await asyncpg.create_pool(
-                url,
+                config.url or "",
                 min_size=1,
                 max_size=_POOL_SIZE,
                 timeout=_TIMEOUT_S,
@@ -573,19 +580,13 @@ def _reason(exc: BaseException) -> str:
 async def inspect(config: OutboxConfig) -> str:
     """What ``check`` says about the database: reachable, and the schema version it holds.
     Raises OutboxError when it is unreachable or holds another version."""
-    try:
-        conn = await _connect(config.url or "")
-    except _OPEN_FAILURES as exc:
-        raise OutboxError(f"{_where(config)}: cannot connect: {_reason(exc)}") from None
-    try:
-        found = await schema.read_version(conn)
-        server = conn.get_server_version()
-    except OutboxError as exc:
-        raise OutboxError(f"{_where(config)}: {exc}") from None
-    except FAILURES as exc:
-        raise OutboxError(f"{_where(config)}: {_reason(exc)}") from None
-    finally:
-        await conn.close()
+
+    async def read(
+        conn: asyncpg.Connection[Any],
+    ) -> tuple[tuple[int, str] | None, asyncpg.ServerVersion]:
+        return await schema.read_version(conn), conn.get_server_version()
+
+    found, server = await _on_a_connection(config, read)
     where = f"outbox database {redact_url(config.url or '')} (PostgreSQL {server.major})"
     if found is None:
         return f"{where} is reachable; its schema is created at the first start"
