@@ -442,14 +442,8 @@ def list_deliveries(
     file's id prefix (read when None)."""
     if prefix is None:
         prefix = read_prefix(conn)
-    clauses, params = [], []
-    if state is not None:
-        clauses.append("state = ?")
-        params.append(state)
-    if target is not None:
-        clauses.append("target = ?")
-        params.append(target)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    clause, params = _filters(state=state, target=target)
+    where = f" WHERE {clause}" if clause else ""
     # The page's ids first, then their rows: sorting narrow rows rather than rows that carry
     # their bodies: the first page of 100,000 pending deliveries in 33 ms instead of 161.
     rows = conn.execute(
@@ -462,19 +456,26 @@ def list_deliveries(
     return [delivery_from_row(row, prefix) for row in rows]
 
 
+def _filters(
+    *, state: str | None, target: str | None, since: float | None = None
+) -> tuple[str, list[object]]:
+    """The conditions on the deliveries table that a listing or a replay of many filters by
+    (those given, joined by AND; empty: none) and their parameters."""
+    clauses, params = [], list[object]()
+    pairs = (("state = ?", state), ("target = ?", target), ("updated_at >= ?", since))
+    for clause, value in pairs:
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return " AND ".join(clauses), params
+
+
 def replay_deliveries(
     conn: sqlite3.Connection, state: str, target: str | None, since: float | None, now: float
 ) -> int:
     """Make every delivery in ``state`` (of ``target``, changed since ``since``) pending again,
     each at the back of its conversation."""
-    clauses, params = ["state = ?"], list[object]([state])
-    if target is not None:
-        clauses.append("target = ?")
-        params.append(target)
-    if since is not None:
-        clauses.append("updated_at >= ?")
-        params.append(since)
-    where = " AND ".join(clauses)
+    where, params = _filters(state=state, target=target, since=since)
     conversations.to_the_back(conn, where, params)
     return int(
         conn.execute(
