@@ -28,6 +28,7 @@ from config_files import write_config
 from helpers import (
     APP_SECRET,
     admin_get,
+    damage_page,
     eventually,
     gateway_config,
     locked_by_another_process,
@@ -308,19 +309,6 @@ async def _store_pending(config: Config, pki: Pki, sink: Sink, bodies: list[byte
     await sink.up()
 
 
-def _overwrite_page(path: Path, table: str) -> None:
-    """Fill the first page of ``table`` (or index) in the file at ``path`` with garbage."""
-    with sqlite3.connect(path) as conn:
-        (page,) = conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)
-        ).fetchone()
-        (size,) = conn.execute("PRAGMA page_size").fetchone()
-    conn.close()
-    with path.open("r+b") as file:
-        file.seek((page - 1) * size)
-        file.write(b"\xa5" * size)
-
-
 def _serve(config_file: Path) -> subprocess.CompletedProcess[str]:
     """``waba-gateway serve`` as an operator runs it, expected to exit on its own."""
     env = os.environ | {"TEST_APP_SECRET": APP_SECRET}
@@ -342,7 +330,7 @@ async def test_damaged_outbox_page_refuses_to_start_with_one_line(
     line says, the gateway serves again."""
     config = gateway_config(pki, tmp_path, targets=[sink_target(sink)])
     await _store_pending(config, pki, sink, [message_body(f"before damage {i}") for i in range(5)])
-    _overwrite_page(config.outbox.path, "deliveries_due")
+    damage_page(config.outbox.path, "deliveries_due")
     config_file = write_config(pki, tmp_path, target_url=sink.url("/sink"))
     finished = await asyncio.to_thread(_serve, config_file)
     assert finished.returncode == 2, finished.stderr[-2000:]

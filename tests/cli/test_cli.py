@@ -6,7 +6,6 @@ import asyncio
 import datetime
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 import trustme
 from config_files import free_port, write_config
 from cryptography import x509
+from helpers import damage_page
 from pki import Pki
 
 from gateway.cli import main
@@ -80,15 +80,7 @@ def test_check_refuses_a_damaged_outbox_file_as_serve_does(
     """A damaged page: `check` exits 2 with the line `serve` would print."""
     _seed(config)
     path = load_config(config, {"TEST_APP_SECRET": "x"}).outbox.path
-    with sqlite3.connect(path) as conn:
-        (page,) = conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'deliveries_due'"
-        ).fetchone()
-        (size,) = conn.execute("PRAGMA page_size").fetchone()
-    conn.close()
-    with path.open("r+b") as file:
-        file.seek((page - 1) * size)
-        file.write(b"\xa5" * size)
+    damage_page(path, "deliveries_due")
     assert main(["check", "--config", str(config)]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: outbox.path = '{path}' is damaged: ")

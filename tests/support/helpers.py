@@ -59,6 +59,7 @@ __all__ = [
     "admin_get",
     "admin_post",
     "bodies_in_file",
+    "damage_page",
     "deliveries",
     "eventually",
     "gateway_config",
@@ -413,3 +414,16 @@ def locked_by_another_process(path: Path) -> Iterator[None]:
         holder.stdin.close()  # the holder reads end of file, exits, and the lock goes with it
         holder.wait(timeout=10)
         holder.stdout.close()
+
+
+def damage_page(path: Path, table: str) -> None:
+    """Fill the first page of ``table`` (or index) in the SQLite file at ``path`` with garbage."""
+    with sqlite3.connect(path) as conn:
+        (page,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)
+        ).fetchone()
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with path.open("r+b") as file:
+        file.seek((page - 1) * size)
+        file.write(b"\xa5" * size)
