@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Unpack
 
 import pytest
-from helpers import TargetOptions, eventually, message_body, meta_signature
+from helpers import TargetOptions, eventually, message_body, meta_signature, read_message
 
 from gateway.config import DispatcherConfig, TargetConfig
 from gateway.delivery.dispatcher import BATCH_BYTES, Dispatcher
@@ -67,13 +67,7 @@ class ReadAheadServer:
         answering = asyncio.create_task(self._answer(held, unanswered, writer))
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
+                head, _ = await read_message(reader)
                 self._unanswered += 1
                 unanswered[0] += 1
                 held.put_nowait(_delivery_id(head))

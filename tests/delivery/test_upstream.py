@@ -7,19 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import pytest
+from helpers import read_message
 
 from gateway.delivery.upstream import Response, Upstream, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head, await reader.readexactly(length)
 
 
 class Server:
@@ -53,7 +45,7 @@ class Server:
 def keep_alive(server_ref: list[Server], reply: bytes) -> Handler:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
-            server_ref[0].requests.append(await _read_request(reader))
+            server_ref[0].requests.append(await read_message(reader))
             writer.write(reply)
             await writer.drain()
 
@@ -139,7 +131,7 @@ async def test_body_until_close_is_a_complete_response(upstream_to: UpstreamTo) 
     """A response delimited by the connection closing still counts, and is not reused."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_message(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndone")
         await writer.drain()
 
@@ -156,7 +148,7 @@ async def test_idle_connection_closed_by_target_is_retried_once_on_a_new_one(
     """A keep-alive connection the target closed while idle does not fail the delivery."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_message(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
         # Then, like a keep-alive timeout, close without answering anything more.
@@ -173,7 +165,7 @@ async def test_refused_connection_and_garbage_are_upstream_errors(upstream_to: U
     """Nothing listening, or a reply that is not HTTP, raise UpstreamError with a reason."""
 
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_message(reader)
         writer.write(b"SMTP ready\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(1)
@@ -191,7 +183,7 @@ async def test_silent_target_times_out(upstream_to: UpstreamTo) -> None:
     """A target that never answers raises TimeoutError after timeout_s."""
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
+        await read_message(reader)
         await asyncio.sleep(5)
 
     async with Server(silent) as server:
@@ -226,11 +218,11 @@ async def test_pipelines_a_batch_on_one_connection_and_matches_answers_in_order(
         # Answer nothing until all five requests are in: only a pipelining client gets answers.
         bodies = []
         for _ in range(5):
-            bodies.append((await _read_request(reader))[1])
+            bodies.append((await read_message(reader))[1])
         for body in bodies:
             writer.write(_status_of(body))
         await writer.drain()
-        await _read_request(reader)
+        await read_message(reader)
 
     async with Server(handler) as server:
         upstream = upstream_to(server.port)
@@ -250,7 +242,7 @@ async def test_requests_behind_a_connection_close_answer_are_sent_again(
     async def one_per_connection(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        _, body = await _read_request(reader)
+        _, body = await read_message(reader)
         writer.write(b"HTTP/1.1 %s OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % body)
         await writer.drain()
 
@@ -270,10 +262,10 @@ async def test_connection_broken_mid_batch_fails_only_the_unanswered(
 
     async def drops_after_two(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(2):
-            _, body = await _read_request(reader)
+            _, body = await read_message(reader)
             writer.write(_status_of(body))
         await writer.drain()
-        await _read_request(reader)
+        await read_message(reader)
 
     async with Server(drops_after_two) as server:
         upstream = upstream_to(server.port)
@@ -288,7 +280,7 @@ async def test_each_response_has_its_own_timeout(upstream_to: UpstreamTo) -> Non
     response, the others time out, and the connection is not reused."""
 
     async def answers_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, body = await _read_request(reader)
+        _, body = await read_message(reader)
         writer.write(_status_of(body))
         await writer.drain()
         await asyncio.sleep(5)

@@ -25,6 +25,7 @@ from helpers import (
     message_body,
     meta_signature,
     metric,
+    read_message,
     wait_for_state,
 )
 from pki import Pki
@@ -136,13 +137,7 @@ async def exchange(
         b"X-Hub-Signature-256: %s\r\nContent-Length: %d\r\n\r\n%s"
         % (meta_signature(body, secret).encode(), len(body), body)
     )
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    await reader.readexactly(length)
+    head, _ = await read_message(reader)
     return int(head.split(b" ", 2)[1])
 
 

@@ -69,6 +69,7 @@ __all__ = [
     "metric",
     "post",
     "quick",
+    "read_message",
     "sink_target",
     "stored_bodies",
     "wait_for_state",
@@ -427,3 +428,14 @@ def damage_page(path: Path, table: str) -> None:
     with path.open("r+b") as file:
         file.seek((page - 1) * size)
         file.write(b"\xa5" * size)
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 message (a request or an answer) from ``reader``: its head, and the body
+    its Content-Length announces (none: empty)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
