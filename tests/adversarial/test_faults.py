@@ -79,6 +79,15 @@ async def _serves_a_valid_request(gateway: Gateway, pki: Pki, sink: Sink, text: 
     assert [r.body for r in sink.received[before:]] == [body]
 
 
+async def _ready_again(gateway: Gateway, what: str) -> None:
+    """Once the admin API's readiness answers 200 again (``what`` names it in a timeout)."""
+
+    async def ready() -> bool:
+        return (await admin_get(gateway, "/readyz")).status == 200
+
+    await eventually(ready, what)
+
+
 # -- a target that never answers ---------------------------------------------------------------
 
 
@@ -133,10 +142,7 @@ async def test_locked_outbox_answers_503_promptly_and_readyz_says_so(
             async with asyncio.timeout(READY_WAIT_S + 2):
                 assert (await admin_get(gateway, "/readyz")).status == 503
 
-        async def ready() -> bool:
-            return (await admin_get(gateway, "/readyz")).status == 200
-
-        await eventually(ready, "ready again once the lock is gone")
+        await _ready_again(gateway, "ready again once the lock is gone")
         await _serves_a_valid_request(gateway, pki, sink, "after the lock")
     assert b"while locked" not in b"".join(r.body for r in sink.received)
 
@@ -170,10 +176,7 @@ async def test_requests_queued_behind_a_locked_write_wait_no_longer_than_the_bus
         # turn would take the 20th request about 20 s.
         assert slowest < busy + LOADED_MACHINE_S, f"slowest answer {slowest:.2f}s"
 
-        async def ready() -> bool:
-            return (await admin_get(gateway, "/readyz")).status == 200
-
-        await eventually(ready, "ready again once the lock is gone")
+        await _ready_again(gateway, "ready again once the lock is gone")
         await _serves_a_valid_request(gateway, pki, sink, "after the lock")
     assert b"queued" not in b"".join(r.body for r in sink.received)
 
@@ -215,10 +218,7 @@ async def test_immutable_outbox_answers_503_and_readyz_says_so(
             assert (await post(gateway, pki, message_body("immutable"))).status == 503
             assert (await admin_get(gateway, "/readyz")).status == 503
 
-        async def ready() -> bool:
-            return (await admin_get(gateway, "/readyz")).status == 200
-
-        await eventually(ready, "ready again once writable")
+        await _ready_again(gateway, "ready again once writable")
         await _serves_a_valid_request(gateway, pki, sink, "after chattr")
     assert b"immutable" not in b"".join(r.body for r in sink.received)
 
@@ -266,10 +266,7 @@ async def test_outbox_file_moved_away_and_back_serves_again_without_a_restart(
             for suffix in moved:
                 os.rename(f"{path}.aside{suffix}", f"{path}{suffix}")
 
-            async def ready() -> bool | None:
-                return (await admin_get(gateway, "/readyz")).status == 200 or None
-
-            await eventually(ready, "ready once the file is back")
+            await _ready_again(gateway, "ready once the file is back")
             await _serves_a_valid_request(gateway, pki, sink, "after the move back")
         lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
         assert len(lines) == 2
