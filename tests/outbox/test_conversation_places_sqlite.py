@@ -199,4 +199,4 @@ async def test_runs_by_key_are_each_conversations_first_pending_in_place_order(
         runs = conversations.runs_of(conn, "t", ["k1", "k4"], length)
     for key in ("k1", "k4"):
         expected = [d for k, d in stored if k == key][:length]
-        assert [f"{prefix}-{rowid}" for rowid, _ in runs[key]] == expected
+        assert [f"{prefix}-{rowid}" for _, rowid, _ in runs[key]] == expected
