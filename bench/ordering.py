@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -50,6 +51,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import statistics
 import sys
@@ -192,10 +194,16 @@ class Ordering:
         asyncio.run(post_all(gateway.url, b.certs, self.secret, self.payloads, a.concurrency))
         if b.pg is not None and mode == "conversation":
             log(claim_plan(b.pg, gateway.database))
+        before = backlog_at_start(b, gateway)
         held.close()
         sink = self.id_sink(sink_port)
+        load_before = os.getloadavg()[0]
         started, ticks = time.monotonic(), cpu_ticks(gateway.proc.pid)
         first, last = watch_sink(sink_port, len(self.payloads), 300)
+        # The gateway's CPU from the sink's first request to its last: with the drain time, the
+        # share of its (pinned) CPU it used. Near 1: the drain is its CPU's speed; well below:
+        # it waited (for the target, for retries, for commits) or the CPU was someone else's.
+        cpu_first_last = cpu_ticks(gateway.proc.pid)
         drained = wait_drained(gateway, 300)
         took = time.monotonic() - started
         cpu_s = (cpu_ticks(gateway.proc.pid) - ticks) / CLK_TCK
@@ -214,7 +222,13 @@ class Ordering:
             "sink_up_to_first_s": round(first - started, 3),
             "delivered_per_s_with_start": round(delivered / took, 1),
             # The gateway's CPU per delivery while draining: it moves least with the load.
-            "cpu_us_per_delivery": round(1e6 * cpu_s / max(delivered, 1), 1)}
+            "cpu_us_per_delivery": round(1e6 * cpu_s / max(delivered, 1), 1),
+            # What could make one round differ from the next (see backlog_at_start).
+            "cpu_share_first_to_last": round(
+                (cpu_first_last - ticks) / CLK_TCK / max((last or first) - started, 1e-6), 2),
+            "load_avg_at_start": round(load_before, 2),
+            "load_avg_at_end": round(os.getloadavg()[0], 2),
+            **before}
 
     def id_sink(self, port: int) -> Proc:
         """The sink that counts deliveries by id (idsink.py), where sink.py counts requests."""
@@ -310,12 +324,58 @@ class Ordering:
                 if cpu:
                     table[f"{phase} {mode} cpu_us_per_delivery"] = {
                         "median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)}
+        # Each round's drain ratio beside what could explain it: the load, the share of its CPU
+        # the gateway used, the write-ahead log and the retries the backlog started with.
+        rounds = sorted({r["round"] for r in self.rows if r["phase"] == "drain"})
+        per_round = []
+        for round_ in rounds:
+            runs = {r["mode"]: r for r in self.rows
+                    if r["phase"] == "drain" and r["round"] == round_}
+            if "none" in runs and "conversation" in runs:
+                ratio = runs["conversation"]["delivered_per_s"] / max(
+                    runs["none"]["delivered_per_s"], 1e-9)
+                line = {"round": round_, "ratio": round(ratio, 3)}
+                for mode, run in runs.items():
+                    line[mode] = {key: run.get(key) for key in (
+                        "delivered_per_s", "cpu_us_per_delivery", "cpu_share_first_to_last",
+                        "load_avg_at_start", "sink_up_to_first_s", "wal_bytes_at_start",
+                        "tried_while_down", "retry_waiting_at_start", "retries")}
+                per_round.append(line)
+        if per_round:
+            table["drain rounds"] = per_round
         # Truth before speed: a figure from a run that lost or doubled deliveries says so.
         gateway_rows = [r for r in self.rows if "drained" in r]
         table["runs not drained"] = [f"{r['phase']} {r['mode']} {r['round']}"
                                      for r in gateway_rows if not r["drained"]]
         table["duplicates"] = sum(r["duplicates"] for r in gateway_rows)
         return table
+
+
+def backlog_at_start(bench: Bench, gateway: Any) -> dict[str, Any]:
+    """The stored backlog as the target comes up: the outbox's write-ahead log (SQLite: how
+    much a claim may read through it before a checkpoint), how many pending deliveries were
+    already tried while the target was down (the breaker's probes and the first sends: each
+    one failed, so it and, with order, its conversation wait for a retry of 10 to 50 ms), and
+    how many of those are still waiting for that retry."""
+    now = time.time()
+    query = ("SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0),"  # noqa: S608 (constants)
+             f" COALESCE(SUM(next_attempt_at > {now!r}), 0) FROM {{table}}"
+             " WHERE state = 'pending'")
+    if bench.pg is not None:
+        cells = bench.pg.psql(query.format(table="waba_gateway.deliveries")
+                              .replace("attempts > 0", "(attempts > 0)::int")
+                              .replace(f"next_attempt_at > {now!r}",
+                                       f"(next_attempt_at > {now!r})::int"),
+                              gateway.database).split("|")
+        wal = None
+    else:
+        with contextlib.closing(sqlite3.connect(gateway.outbox, timeout=30)) as conn:
+            cells = list(conn.execute(query.format(table="deliveries")).fetchone())
+        wal_path = gateway.outbox.with_name(gateway.outbox.name + "-wal")
+        wal = wal_path.stat().st_size if wal_path.exists() else 0
+    pending, tried, waiting = (int(cell) for cell in cells)
+    return {"pending_at_start": pending, "tried_while_down": tried,
+            "retry_waiting_at_start": waiting, "wal_bytes_at_start": wal}
 
 
 def claim_plan(pg: Any, database: str) -> str:

@@ -45,14 +45,18 @@ _FIRST_DUE = (
     " ORDER BY next_attempt_at LIMIT ?"
 )
 
-# The first ?3 pending deliveries of each conversation of a JSON array of keys, in their order:
-# one seek into the partial index per conversation. A claim by key takes its first deliveries
-# and their runs from this one statement.
+# The first ?3 pending deliveries of each conversation of a JSON array of keys, with their
+# places: for each key (the CROSS JOIN keeps the keys the outer loop), the place of its ?3-th
+# pending delivery (a seek and ?3 steps in the place index), then the range of the index up to
+# it. Both read the index alone, in its order: no temporary b-tree, no row read. Rows come in
+# no promised order (SQL promises none without ORDER BY, and an ORDER BY here would be that
+# temporary b-tree): runs_of puts each conversation's few in order.
 _FIRST_OF = (
-    "SELECT k.value, e.id, e.next_attempt_at FROM json_each(?2) AS k JOIN deliveries e"
-    " ON e.id IN (SELECT f.id FROM deliveries f WHERE f.state = 'pending' AND f.target = ?1"
-    " AND f.order_key = k.value ORDER BY COALESCE(f.position, f.id) LIMIT ?3)"
-    " ORDER BY k.key, COALESCE(e.position, e.id)"
+    "SELECT k.value, f.id, f.next_attempt_at, COALESCE(f.position, f.id) FROM json_each(?2) AS k"
+    " CROSS JOIN deliveries f ON f.state = 'pending' AND f.target = ?1 AND f.order_key = k.value"
+    " AND COALESCE(f.position, f.id) <= COALESCE((SELECT COALESCE(g.position, g.id)"
+    " FROM deliveries g WHERE g.state = 'pending' AND g.target = ?1 AND g.order_key = k.value"
+    " ORDER BY COALESCE(g.position, g.id) LIMIT 1 OFFSET ?3 - 1), 9223372036854775807)"
 )
 
 # Replayed deliveries with a conversation go to its back: each takes a new place from the
@@ -81,14 +85,21 @@ def first_due(
 
 def runs_of(
     conn: sqlite3.Connection, target: str, keys: Collection[str], length: int
-) -> dict[str, list[tuple[int, float]]]:
+) -> dict[str, list[tuple[int, int, float]]]:
     """For each conversation ``keys`` names that has a pending delivery, its first ``length``
-    pending deliveries in their order, each as (row id, due time): one index seek per
+    pending deliveries in their order, each as (place, row id, due time): one index seek per
     conversation, which gives a claim by key both its first deliveries and their runs."""
-    rows = conn.execute(_FIRST_OF, (target, json.dumps(sorted(keys)), length))
-    found: dict[str, list[tuple[int, float]]] = {}
-    for key, rowid, due_at in rows:
-        found.setdefault(key, []).append((int(rowid), float(due_at)))
+    found: dict[str, list[tuple[int, int, float]]] = {}
+    for key, rowid, due_at, place in conn.execute(
+        _FIRST_OF, (target, json.dumps(list(keys)), length)
+    ):
+        run = found.get(key)
+        if run is None:
+            found[key] = [(place, rowid, due_at)]
+        else:
+            run.append((place, rowid, due_at))
+    for run in found.values():
+        run.sort()  # already in order as the plan reads the index: one pass to check
     return found
 
 
@@ -101,17 +112,17 @@ def followers(
     given has none."""
     found: dict[int, list[int]] = {}
     for key, run in runs_of(conn, target, heads, length).items():
-        head = run[0][0]
+        head = run[0][1]
         if heads[key] == head:
             found[head] = following(run, now)
     return found
 
 
-def following(run: Sequence[tuple[int, float]], now: float) -> list[int]:
+def following(run: Sequence[tuple[int, int, float]], now: float) -> list[int]:
     """The row ids behind the first of ``run`` (as :func:`runs_of` gives it) that may go with
     it: each due by ``now``, and none past the first that is not."""
     ids = []
-    for rowid, due_at in run[1:]:
+    for _, rowid, due_at in run[1:]:
         if due_at > now:
             break
         ids.append(rowid)

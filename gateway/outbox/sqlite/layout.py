@@ -23,6 +23,14 @@ Layout 6 added the seconds each delivery spent held by its target's pacing (``he
 due, for a token of the rate limit or behind an earlier delivery of its conversation), which its
 age for ``max_age_s`` leaves out. A file of layout 2 to 5 is migrated when it is opened, in one
 transaction: its deliveries have held for no time so far.
+
+Layout 7 indexes each keyed pending delivery by its place in its conversation itself
+(``COALESCE(position, id)``, an index on that expression) where layout 4 to 6 indexed
+``position`` alone: "the first pending delivery of each conversation" and "the run behind it"
+are then ranges of the index read in order, where the old index made SQLite sort each
+conversation's entries in a temporary b-tree at every claim. A file of layout 2 to 6 is migrated
+when it is opened, in one transaction: the old index is dropped and the new one built from the
+rows (one pass over the pending ones); no row changes.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ __all__ = ["connect", "describe", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0; layout 2 had no attempts table.
-_LAYOUT = 6
+_LAYOUT = 7
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
@@ -65,14 +73,28 @@ _ATTEMPTS = (
     "CREATE INDEX attempts_delivery ON attempts (delivery_id)",
 )
 
-# Layout 4's addition. A claim for an ordered target takes the first pending delivery of each
-# conversation: the partial index holds just the keyed pending rows, with their place and due
-# time, so that claim reads the index alone.
+# Layout 4's addition: each delivery's conversation, and the place a replay gave it.
 _ORDER = (
     "ALTER TABLE deliveries ADD COLUMN order_key TEXT",
     "ALTER TABLE deliveries ADD COLUMN position INTEGER",
-    "CREATE INDEX deliveries_order ON deliveries (target, order_key, position, next_attempt_at)"
+)
+
+# Layout 7's index (layouts 4 to 6 had one on `position` alone, which a claim had to sort by
+# place per conversation). A claim for an ordered target takes the first pending deliveries of
+# each conversation in their place: the partial index holds just the keyed pending rows, by
+# place, with their due time, so that claim reads a range of the index alone, in order. The
+# statements of gateway.outbox.sqlite.conversations spell the place exactly as here, or SQLite
+# would not match them to the index.
+_PLACE = (
+    "CREATE INDEX deliveries_place ON deliveries"
+    " (target, order_key, COALESCE(position, id), next_attempt_at)"
     " WHERE state = 'pending' AND order_key IS NOT NULL",
+)
+# The index layouts 4 to 6 had, which layout 7's replaces; and layout 7's, should a file of an
+# older version hold it already (built anew either way).
+_OLD_ORDER_INDEXES = (
+    "DROP INDEX IF EXISTS deliveries_order",
+    "DROP INDEX IF EXISTS deliveries_place",
 )
 
 # Layout 5's addition: a nullable column, so no row is rewritten.
@@ -120,6 +142,7 @@ _SCHEMA = (
     *_ORDER,
     *_TRACE,
     *_HELD,
+    *_PLACE,
 )
 
 
@@ -144,9 +167,9 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a file of layout 2 to 5 to layout 6: the attempts table (from 2), the columns
-    and index of ordered delivery (from 2 or 3), the trace context (from 2 to 4), the held
-    time; nothing else."""
+    """Bring a file of layout 2 to 6 to layout 7: the attempts table (from 2), the columns
+    of ordered delivery (from 2 or 3), the trace context (from 2 to 4), the held time (from 2
+    to 5), the index of each delivery's place in its conversation; nothing else."""
     version = _user_version(conn)
     if version == 2:
         for statement in _ATTEMPTS:
@@ -157,7 +180,10 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     if version in (2, 3, 4):
         for statement in _TRACE:
             conn.execute(statement)
-    for statement in _HELD:
+    if version in (2, 3, 4, 5):
+        for statement in _HELD:
+            conn.execute(statement)
+    for statement in (*_OLD_ORDER_INDEXES, *_PLACE):
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
@@ -178,11 +204,11 @@ def _under_write_lock(
 
 
 def _layout(conn: sqlite3.Connection, path: Path) -> str:
-    """Check the file's layout (creating it in a new file, migrating layouts 2 to 5); return its
+    """Check the file's layout (creating it in a new file, migrating layouts 2 to 6); return its
     delivery id prefix."""
     if _user_version(conn) == 0:
         _under_write_lock(conn, path, 0, _create)
-    for older in (2, 3, 4, 5):
+    for older in (2, 3, 4, 5, 6):
         if _user_version(conn) == older:
             _under_write_lock(conn, path, older, _migrate)
     version = _user_version(conn)
@@ -309,7 +335,7 @@ def describe(path: Path) -> str:
             return f"{where} is empty: the first start gives it the outbox's layout"
         if version == 0 and "deliveries" in tables:
             raise OutboxError(f"outbox.path = '{path}': {_OLDER_LAYOUT}")
-        if version not in (2, 3, 4, 5, _LAYOUT) or "deliveries" not in tables:
+        if version not in (2, 3, 4, 5, 6, _LAYOUT) or "deliveries" not in tables:
             raise OutboxError(
                 f"outbox.path = '{path}': not an outbox of this version (layout {version})"
             )

@@ -211,9 +211,9 @@ def _first_of_conversations(
         # By key: each conversation's first deliveries and its run in one seek.
         found = conversations.runs_of(conn, target, keys, length)
         firsts = sorted(
-            (run[0][1], run[0][0], key)
+            (run[0][2], run[0][1], key)
             for key, run in found.items()
-            if run[0][1] <= now and delivery_id_of(prefix, run[0][0]) not in skip
+            if run[0][2] <= now and delivery_id_of(prefix, run[0][1]) not in skip
         )[:limit]
         chosen = [(rowid, key) for _, rowid, key in firsts]
         runs = {rowid: conversations.following(found[key], now) for _, rowid, key in firsts}
