@@ -2,8 +2,9 @@
 buffers, driven by a plain protocol on the socket's transport.
 
 Rule: the application protocol hears of a connection only once its handshake is complete, gets
-exactly the bytes, end of stream and loss that asyncio's own TLS protocol gives it, and writes
-through this object as through any transport; how a handshake ended goes to ``handshake_ended``
+the bytes, end of stream (the peer's ``close_notify`` or end of the TCP stream, while it has
+not closed itself) and loss that asyncio's own TLS protocol gives it, and writes through this
+object as through any transport; how a handshake ended goes to ``handshake_ended``
 once, as an error (every one an ``OSError``: ``ssl.SSLError``, a reset, the timeout) or
 ``None``.
 
