@@ -36,7 +36,7 @@ import asyncio
 import enum
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from gateway.units import SECONDS
 
@@ -275,7 +275,7 @@ class TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
                 # a whole buffer's size per read.
                 # (typeshed says bytes and a bytearray: given a buffer, it fills any writable
                 # one and returns how much it wrote.)
-                count = cast(int, sslobj.read(size, buffer))
+                count: int = sslobj.read(size, buffer)  # type: ignore[assignment]
                 if not count:
                     closed = True  # the peer's close_notify
                     break
