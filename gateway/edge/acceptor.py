@@ -34,7 +34,8 @@ import ssl
 from asyncio import selector_events
 from collections.abc import Awaitable, Callable
 
-from gateway.edge.tls_connection import Deadlines, TLSConnection
+from gateway.edge.deadlines import Deadlines
+from gateway.edge.tls_connection import TLSConnection
 from gateway.units import SECONDS
 
 __all__ = ["BACKLOG", "Acceptor", "bind"]

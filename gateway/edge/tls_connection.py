@@ -16,7 +16,8 @@ the handshake and another for the shutdown, and an exception per read that finds
 to decrypt. Here only what the listener uses is kept:
 
 - the handshake starts with the ClientHello's bytes, never before; a handshake not complete
-  within its time is ended by one timer per acceptor (:class:`Deadlines`), not one each;
+  within its time is ended by one timer per acceptor (:mod:`gateway.edge.deadlines`), not
+  one each;
 - each read from the socket goes into the acceptor's one read buffer and at once into the
   connection's ``MemoryBIO``; decrypted bytes are read into that same buffer, and the reading
   stops once neither buffer holds anything (no fruitless ``SSLObject.read``);
@@ -38,9 +39,10 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from gateway.edge.deadlines import Deadlines
 from gateway.units import SECONDS
 
-__all__ = ["SHUTDOWN_TIMEOUT_S", "Deadlines", "TLSConnection"]
+__all__ = ["SHUTDOWN_TIMEOUT_S", "TLSConnection"]
 
 SHUTDOWN_TIMEOUT_S = 30 * SECONDS  # the peer's close_notify, awaited at most (asyncio's too)
 
@@ -50,41 +52,6 @@ class _State(enum.Enum):
     OPEN = "open"
     SHUTDOWN = "close_notify sent, the peer's awaited"
     CLOSED = "closed"
-
-
-class Deadlines:
-    """When each connection's handshake or shutdown must be over, kept by one timer that runs
-    only while some deadline is pending and fires at the earliest of them."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._due: dict[TLSConnection, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-
-    def set(self, connection: TLSConnection, seconds: float) -> None:
-        at = self._loop.time() + seconds
-        self._due[connection] = at
-        if self._timer is None or at < self._timer_at:
-            self._schedule(at)
-
-    def clear(self, connection: TLSConnection) -> None:
-        self._due.pop(connection, None)
-
-    def _schedule(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(at, self._expire)
-        self._timer_at = at
-
-    def _expire(self) -> None:
-        self._timer = None
-        now = self._loop.time()
-        for connection in [c for c, at in self._due.items() if at <= now]:
-            del self._due[connection]
-            connection.expired()
-        if self._due:
-            self._schedule(min(self._due.values()))
 
 
 class TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
@@ -210,7 +177,8 @@ class TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
             self._app.resume_writing()
 
     def expired(self) -> None:
-        """The deadline set for the handshake or the shutdown passed (see :class:`Deadlines`)."""
+        """The deadline set for the handshake or the shutdown passed
+        (:class:`~gateway.edge.deadlines.Deadlines`)."""
         if self._state is _State.HANDSHAKE:
             self._end_handshake(
                 ConnectionAbortedError(
