@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
-from gateway.edge.identity import check_client_identity
+from gateway.edge.identity import Verdicts, check_client_identity
 from gateway.edge.routing import Plan, route
 from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route
 from gateway.signing import verify_signature
@@ -70,6 +70,7 @@ class Callback:
         self._clock = clock
         self._secrets = config.meta.app_secrets
         self._routing = Plan.of(config.targets)
+        self._verdicts = Verdicts(config.tls.client_cn, config.tls.client_auth)
         # Set by the runtime when [tracing] is enabled; None: no span is ever made.
         self.tracing: Tracing | None = None
         # The outbox, when it offers accept as a future (looked up once, not per request).
@@ -83,6 +84,7 @@ class Callback:
         self.config = config
         self._secrets = config.meta.app_secrets
         self._routing = Plan.of(config.targets)
+        self._verdicts = Verdicts(config.tls.client_cn, config.tls.client_auth)
 
     def answered(self, status: int, seconds: float) -> None:
         """A request was answered with ``status`` after ``seconds`` (for the metrics)."""
@@ -104,6 +106,24 @@ class Callback:
             raise
         self.stats.saw_client(cn, address)
         return cn
+
+    def identify_certificate(
+        self,
+        der: bytes | None,
+        peercert: Callable[[], Mapping[str, Any] | None],
+        address: str | None = None,
+    ) -> tuple[str | None, str | None]:
+        """:meth:`identify` of the certificate ``der`` (``getpeercert(binary_form=True)``),
+        whose ``getpeercert()`` dict is read only for a certificate not seen before: the
+        accepted CN and the certificate's ``notAfter``; raises IdentityRejected (403)."""
+        verdict = self._verdicts.of(der, peercert)
+        try:
+            cn = verdict.accepted()
+        except Exception:
+            self.stats.rejected("identity")
+            raise
+        self.stats.saw_client(cn, address)
+        return cn, verdict.not_after
 
     def handshake(self, params: Mapping[str, str]) -> str:
         """The challenge to echo (Meta's GET verification), or raises."""

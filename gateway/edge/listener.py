@@ -150,19 +150,22 @@ class _Connection(asyncio.Protocol):
         _ack_now(transport)
         # The TLS handshake is complete by now: OpenSSL has verified the chain against the
         # client CA; what remains is Meta's exact CN, checked once for the whole connection.
-        # The certificate as the event loop's TLS protocol read it at the end of the handshake
-        # (asyncio's and uvloop's both call getpeercert() there): reading it again would decode
-        # the whole certificate a second time, on every new connection.
-        peercert = transport.get_extra_info("peercert")
+        # Decided from the certificate's bytes: the same certificate as on the last connection
+        # has the same verdict (gateway.edge.identity.Verdicts), and decoding it anew costs
+        # more than the check itself.
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
         try:
-            self.cn = self._callback.identify(peercert, self.remote)
+            self.cn, not_after = self._callback.identify_certificate(
+                der, lambda: transport.get_extra_info("peercert"), self.remote
+            )
             if self._tracing is not None:
                 from gateway.tracing import server_attributes  # tracing is on: imported already
 
                 self._span_attributes = server_attributes(
                     self._listener.path,
                     self.cn,
-                    str(peercert.get("notAfter") or "") or None if peercert else None,
+                    not_after,
                     self.remote,
                     transport.get_extra_info("peername"),
                 )

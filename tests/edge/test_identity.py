@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config import META_CLIENT_CN, ClientAuth
-from gateway.edge.identity import check_client_identity, peer_common_names
+from gateway.edge.identity import Verdict, Verdicts, check_client_identity, peer_common_names
 from gateway.errors import IdentityRejected
 
 NEXT_CN = "client.webhooks.next.example"
@@ -179,3 +179,101 @@ def test_escapes_control_characters_of_rejected_cn() -> None:
     with pytest.raises(IdentityRejected) as caught:
         check_client_identity(peercert(cn("evil\nFAKE LOG LINE")), META, "required")
     assert "\n" not in str(caught.value)
+
+
+class _Decoder:
+    """Stands for ``getpeercert()`` of one certificate: its dict, and how often it was asked."""
+
+    def __init__(self, cert: Mapping[str, Any] | None) -> None:
+        self.cert = cert
+        self.asked = 0
+
+    def __call__(self) -> Mapping[str, Any] | None:
+        self.asked += 1
+        return self.cert
+
+
+EXPIRES = "Jun  1 12:00:00 2027 GMT"
+
+
+@pytest.mark.parametrize(
+    ("cert", "client_auth", "expected"),
+    [
+        pytest.param(
+            peercert(cn(META_CLIENT_CN), notAfter=EXPIRES),
+            "required",
+            Verdict(META_CLIENT_CN, None, EXPIRES),
+            id="meta",
+        ),
+        pytest.param(
+            peercert(cn("evil.example.com"), notAfter=EXPIRES),
+            "required",
+            Verdict(None, "client certificate CN 'evil.example.com' is not accepted", EXPIRES),
+            id="wrong-cn",
+        ),
+        pytest.param(
+            peercert(cn(META_CLIENT_CN), cn(META_CLIENT_CN)),
+            "required",
+            Verdict(None, "client certificate has 2 subject CNs: not accepted", None),
+            id="two-cns",
+        ),
+        pytest.param({}, "off", Verdict(None, None, None), id="off-cert-none-empty-dict"),
+        pytest.param(
+            {},
+            "required",
+            Verdict(None, "a client certificate is required and none was presented", None),
+            id="required-empty-dict",
+        ),
+    ],
+)
+def test_a_certificates_verdict_is_the_checks_and_is_decoded_once(
+    cert: Mapping[str, Any], client_auth: ClientAuth, expected: Verdict
+) -> None:
+    """The verdict on a certificate's bytes is check_client_identity's on its dict (its CN or
+    refusal, and its notAfter), and the same bytes again are not decoded again."""
+    verdicts = Verdicts(META, client_auth)
+    decoder = _Decoder(cert)
+    assert [verdicts.of(b"der-1", decoder) for _ in range(3)] == [expected] * 3
+    assert decoder.asked == 1
+
+
+def test_no_certificate_is_decided_without_decoding() -> None:
+    """No certificate presented: no dict is asked for, and the decision is the check's."""
+    decoder = _Decoder(None)
+    assert Verdicts(META, "optional").of(None, decoder) == Verdict(None, None, None)
+    refused = Verdicts(META, "required").of(None, decoder)
+    assert refused.refusal == "a client certificate is required and none was presented"
+    assert decoder.asked == 0
+
+
+def test_a_refused_verdict_raises_a_new_403_each_time() -> None:
+    """A remembered refusal is raised as IdentityRejected (403) on every connection."""
+    verdict = Verdicts(META, "required").of(b"der", _Decoder(peercert(cn("evil.example.com"))))
+    raised = []
+    for _ in range(2):
+        with pytest.raises(
+            IdentityRejected, match=re.escape("'evil.example.com' is not accepted")
+        ) as caught:
+            verdict.accepted()
+        assert caught.value.status == 403
+        raised.append(caught.value)
+    assert raised[0] is not raised[1]
+
+
+def test_only_the_last_few_certificates_are_remembered() -> None:
+    """At most ``size`` verdicts are kept, the oldest forgotten first: a certificate seen
+    before the last ``size`` others is decoded again."""
+    verdicts = Verdicts(META, "required", size=2)
+    decoders = [_Decoder(peercert(cn(META_CLIENT_CN))) for _ in range(3)]
+    for index, decoder in enumerate(decoders):
+        verdicts.of(b"der-%d" % index, decoder)
+    verdicts.of(b"der-2", decoders[2])
+    verdicts.of(b"der-0", decoders[0])
+    assert [decoder.asked for decoder in decoders] == [2, 1, 1]
+
+
+def test_the_same_certificate_under_other_rules_gets_their_verdict() -> None:
+    """Verdicts are made under one set of rules: another allow-list (a reload) decides anew."""
+    cert = peercert(cn(NEXT_CN))
+    assert Verdicts(META, "required").of(b"der", _Decoder(cert)).cn is None
+    assert Verdicts((META_CLIENT_CN, NEXT_CN), "required").of(b"der", _Decoder(cert)).cn == NEXT_CN

@@ -293,6 +293,17 @@ async def test_reload_changes_the_accepted_client_cn(
     assert await post_new(gateway.port, pki, message_body("cn")) == 403
 
 
+async def test_reload_refuses_a_client_certificate_accepted_just_before_it(
+    gateway: Gateway, files: Files, pki: Pki
+) -> None:
+    """A certificate whose verdict the gateway remembers (accepted a moment ago) is judged
+    again under the reloaded tls.client_cn: 403 on the next connection."""
+    assert await post_new(gateway.port, pki, message_body("before")) == 200
+    files.write_config(extra_tls='client_cn = ["someone.else.example"]')
+    assert gateway.reload().ok
+    assert await post_new(gateway.port, pki, message_body("after")) == 403
+
+
 async def test_removed_targets_deliveries_stay_pending_and_new_targets_get_new_ones(
     files: Files, pki: Pki, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
