@@ -4,8 +4,10 @@ held outside the gateway (gateway.outbox.sqlite.writer)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,4 +157,52 @@ async def test_a_jobs_after_step_makes_its_result_and_its_failure_fails_that_job
             == 3
         )
     finally:
+        await writer.close()
+
+
+async def test_the_writer_yields_its_core_after_a_commit_only_when_a_next_group_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group committed with nothing queued behind it is followed by no sched_yield (the
+    thread waits for the next group, which leaves the core to the event loop anyway); one
+    with a group queued behind it yields once, so the loop answers it before the next starts."""
+    yields: list[int] = []
+    real_yield = os.sched_yield
+
+    def counted() -> None:
+        yields.append(threading.get_ident())
+        real_yield()
+
+    monkeypatch.setattr(os, "sched_yield", counted)
+
+    def open_connection(at: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(at, isolation_level=None, check_same_thread=False)
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+        return conn
+
+    started, release = threading.Event(), threading.Event()
+    writer = Writer(tmp_path / "yield.sqlite3", open_connection)
+    try:
+        for n in range(3):
+            await writer.submit(lambda conn, n=n: conn.execute("INSERT INTO t VALUES (?)", (n,)))
+            # Time for the thread to finish with the group and wait for the next: nothing is
+            # queued behind any of them.
+            await asyncio.sleep(0.2)
+        assert yields == []
+
+        def held(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t VALUES (10)")
+            started.set()
+            release.wait(10)
+
+        first = writer.submit(held)
+        await asyncio.to_thread(started.wait, 10)
+        # Handed over at the end of this turn, while the first group is still in its transaction.
+        second = writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (11)"))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(first, second)
+        assert len(yields) == 1
+    finally:
+        release.set()
         await writer.close()
