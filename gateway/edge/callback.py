@@ -19,7 +19,7 @@ from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import check_client_identity
 from gateway.edge.routing import Plan, route
 from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route
-from gateway.signing import verify_signature
+from gateway.signing import AppKeys, verify_signature
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
@@ -68,7 +68,7 @@ class Callback:
         self.stats = stats
         self._on_stored = on_stored
         self._clock = clock
-        self._secrets = config.meta.app_secrets
+        self._keys = AppKeys(config.meta.app_secrets)  # keyed once per configuration
         self._routing = Plan.of(config.targets)
         # Set by the runtime when [tracing] is enabled; None: no span is ever made.
         self.tracing: Tracing | None = None
@@ -81,7 +81,7 @@ class Callback:
         """Take a reloaded configuration: client CNs, verify tokens, app secrets and targets
         apply from the next connection or request on; requests in flight finish as they began."""
         self.config = config
-        self._secrets = config.meta.app_secrets
+        self._keys = AppKeys(config.meta.app_secrets)  # keyed once per configuration
         self._routing = Plan.of(config.targets)
 
     def answered(self, status: int, seconds: float) -> None:
@@ -156,7 +156,7 @@ class Callback:
     def _checked(self, body: bytes, signature: str | None) -> Sequence[Route]:
         """The routes of a notification whose signature holds; raises Rejected."""
         try:
-            verify_signature(self._secrets, body, signature)
+            verify_signature(self._keys, body, signature)
         except Exception:
             self.stats.rejected("signature")
             raise
