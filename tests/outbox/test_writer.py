@@ -180,11 +180,14 @@ async def test_the_writer_yields_its_core_after_a_commit_only_when_a_next_group_
         conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
         return conn
 
+    def insert(n: int) -> Callable[[sqlite3.Connection], object]:
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (n,))
+
     started, release = threading.Event(), threading.Event()
     writer = Writer(tmp_path / "yield.sqlite3", open_connection)
     try:
         for n in range(3):
-            await writer.submit(lambda conn, n=n: conn.execute("INSERT INTO t VALUES (?)", (n,)))
+            await writer.submit(insert(n))
             # Time for the thread to finish with the group and wait for the next: nothing is
             # queued behind any of them.
             await asyncio.sleep(0.2)
@@ -198,7 +201,7 @@ async def test_the_writer_yields_its_core_after_a_commit_only_when_a_next_group_
         first = writer.submit(held)
         await asyncio.to_thread(started.wait, 10)
         # Handed over at the end of this turn, while the first group is still in its transaction.
-        second = writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (11)"))
+        second = writer.submit(insert(11))
         await asyncio.sleep(0.05)
         release.set()
         await asyncio.gather(first, second)
