@@ -4,7 +4,6 @@ held outside the gateway (gateway.outbox.sqlite.writer)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.errors import OutboxError
 from gateway.outbox.sqlite.writer import LINGER_MAX_S, Writer, linger_for
 
 
@@ -160,20 +160,13 @@ async def test_a_jobs_after_step_makes_its_result_and_its_failure_fails_that_job
         await writer.close()
 
 
-async def test_the_writer_yields_its_core_after_a_commit_only_when_a_next_group_waits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_turns_handed_over_while_a_group_commits_form_the_next_group_together(
+    tmp_path: Path,
 ) -> None:
-    """A group committed with nothing queued behind it is followed by no sched_yield (the
-    thread waits for the next group, which leaves the core to the event loop anyway); one
-    with a group queued behind it yields once, so the loop answers it before the next starts."""
-    yields: list[int] = []
-    real_yield = os.sched_yield
-
-    def counted() -> None:
-        yields.append(threading.get_ident())
-        real_yield()
-
-    monkeypatch.setattr(os, "sched_yield", counted)
+    """Jobs handed over in three turns of the loop while the writer is inside a transaction are
+    all taken for the next group (the queue drained to the last turn), and a writer whose
+    thread has ended refuses new jobs."""
+    sizes: list[int] = []
 
     def open_connection(at: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(at, isolation_level=None, check_same_thread=False)
@@ -184,28 +177,25 @@ async def test_the_writer_yields_its_core_after_a_commit_only_when_a_next_group_
         return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (n,))
 
     started, release = threading.Event(), threading.Event()
-    writer = Writer(tmp_path / "yield.sqlite3", open_connection)
+
+    def held(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (0)")
+        started.set()
+        release.wait(10)
+
+    writer = Writer(tmp_path / "turns.sqlite3", open_connection, on_commit=sizes.append)
     try:
-        for n in range(3):
-            await writer.submit(insert(n))
-            # Time for the thread to finish with the group and wait for the next: nothing is
-            # queued behind any of them.
-            await asyncio.sleep(0.2)
-        assert yields == []
-
-        def held(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO t VALUES (10)")
-            started.set()
-            release.wait(10)
-
         first = writer.submit(held)
         await asyncio.to_thread(started.wait, 10)
-        # Handed over at the end of this turn, while the first group is still in its transaction.
-        second = writer.submit(insert(11))
-        await asyncio.sleep(0.05)
+        later = []
+        for n in range(1, 4):  # one hand-over per turn of the loop
+            later.append(writer.submit(insert(n)))
+            await asyncio.sleep(0)
         release.set()
-        await asyncio.gather(first, second)
-        assert len(yields) == 1
+        await asyncio.gather(first, *later)
+        assert sizes == [1, 3]
     finally:
         release.set()
         await writer.close()
+    with pytest.raises(OutboxError, match="closed"):
+        writer.submit(insert(9))

@@ -559,12 +559,11 @@ class Writer:
         # wait behind the next group's statements (the loop needs the GIL that those hold), and
         # the clients' next requests arrive later, split into two groups that each pay for an
         # fsync. Answered first, they arrive while this thread waits and form one larger group.
-        # Only when a next group is already queued: otherwise this thread waits for one next
-        # (Writer._take), which leaves the core and the GIL to the loop anyway, and a yield would
-        # only add a switch and then a wait for the GIL (bench/README.md, "Issue 20: the
-        # writer's wake-ups").
-        if not self._queue.empty():
-            os.sched_yield()
+        # Also when nothing is queued yet: right after the commit the loop has not run, so the
+        # queue is empty because the next requests are still unread; waiting on it would wake
+        # this thread at the first of them, in groups a tenth smaller (bench/README.md, "Issue
+        # 20: the writer's wake-ups").
+        os.sched_yield()
 
     def _answer(self, group: list[_Job], results: list[tuple[Any, BaseException | None]]) -> None:
         # One wake-up per event loop for the whole group rather than one per job.
