@@ -19,7 +19,7 @@ from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import Verdicts, check_client_identity
 from gateway.edge.routing import Plan, route
 from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route
-from gateway.signing import verify_signature
+from gateway.signing import AppKeys, verify_signature
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
@@ -68,7 +68,7 @@ class Callback:
         self.stats = stats
         self._on_stored = on_stored
         self._clock = clock
-        self._secrets = config.meta.app_secrets
+        self._keys = AppKeys(config.meta.app_secrets)  # keyed once per configuration
         self._routing = Plan.of(config.targets)
         self._verdicts = Verdicts(config.tls.client_cn, config.tls.client_auth)
         # Set by the runtime when [tracing] is enabled; None: no span is ever made.
@@ -82,7 +82,7 @@ class Callback:
         """Take a reloaded configuration: client CNs, verify tokens, app secrets and targets
         apply from the next connection or request on; requests in flight finish as they began."""
         self.config = config
-        self._secrets = config.meta.app_secrets
+        self._keys = AppKeys(config.meta.app_secrets)  # keyed once per configuration
         self._routing = Plan.of(config.targets)
         self._verdicts = Verdicts(config.tls.client_cn, config.tls.client_auth)
 
@@ -176,7 +176,7 @@ class Callback:
     def _checked(self, body: bytes, signature: str | None) -> Sequence[Route]:
         """The routes of a notification whose signature holds; raises Rejected."""
         try:
-            verify_signature(self._secrets, body, signature)
+            verify_signature(self._keys, body, signature)
         except Exception:
             self.stats.rejected("signature")
             raise

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from gateway.errors import OutboxError
 from gateway.outbox.sqlite.writer import LINGER_MAX_S, Writer, linger_for
 
 
@@ -156,3 +158,44 @@ async def test_a_jobs_after_step_makes_its_result_and_its_failure_fails_that_job
         )
     finally:
         await writer.close()
+
+
+async def test_turns_handed_over_while_a_group_commits_form_the_next_group_together(
+    tmp_path: Path,
+) -> None:
+    """Jobs handed over in three turns of the loop while the writer is inside a transaction are
+    all taken for the next group (the queue drained to the last turn), and a writer whose
+    thread has ended refuses new jobs."""
+    sizes: list[int] = []
+
+    def open_connection(at: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(at, isolation_level=None, check_same_thread=False)
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+        return conn
+
+    def insert(n: int) -> Callable[[sqlite3.Connection], object]:
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (n,))
+
+    started, release = threading.Event(), threading.Event()
+
+    def held(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (0)")
+        started.set()
+        release.wait(10)
+
+    writer = Writer(tmp_path / "turns.sqlite3", open_connection, on_commit=sizes.append)
+    try:
+        first = writer.submit(held)
+        await asyncio.to_thread(started.wait, 10)
+        later = []
+        for n in range(1, 4):  # one hand-over per turn of the loop
+            later.append(writer.submit(insert(n)))
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, *later)
+        assert sizes == [1, 3]
+    finally:
+        release.set()
+        await writer.close()
+    with pytest.raises(OutboxError, match="closed"):
+        writer.submit(insert(9))

@@ -8,7 +8,7 @@ import hmac
 import pytest
 
 from gateway.errors import SignatureRejected
-from gateway.signing import gateway_signature, sign, verify_signature
+from gateway.signing import AppKeys, gateway_signature, sign, verify_signature
 
 SECRET = "0123456789abcdef0123456789abcdef"
 OTHER = "fedcba9876543210fedcba9876543210"
@@ -32,9 +32,10 @@ def test_sign_matches_hmac_sha256_of_raw_bytes() -> None:
         ),
     ],
 )
-def test_accepts_valid_signature(secrets: list[str], header: str) -> None:
-    """A signature under any configured secret is accepted."""
-    verify_signature(secrets, BODY, header)  # returns None, raises on failure
+@pytest.mark.parametrize("keyed", [False, True], ids=["secrets", "keyed once"])
+def test_accepts_valid_signature(secrets: list[str], header: str, keyed: bool) -> None:
+    """A signature under any configured secret is accepted, from the secrets or their AppKeys."""
+    verify_signature(AppKeys(secrets) if keyed else secrets, BODY, header)
 
 
 @pytest.mark.parametrize(
@@ -50,11 +51,25 @@ def test_accepts_valid_signature(secrets: list[str], header: str) -> None:
         pytest.param(sign(SECRET, BODY + b" "), "does not match", id="other-body"),
     ],
 )
-def test_rejects_missing_malformed_or_wrong_signature(header: str | None, reason: str) -> None:
-    """Missing, malformed and wrong signatures raise SignatureRejected (401)."""
+@pytest.mark.parametrize("keyed", [False, True], ids=["secrets", "keyed once"])
+def test_rejects_missing_malformed_or_wrong_signature(
+    header: str | None, reason: str, keyed: bool
+) -> None:
+    """Missing, malformed and wrong signatures raise SignatureRejected (401), from the secrets or
+    their AppKeys."""
     with pytest.raises(SignatureRejected, match=reason) as info:
-        verify_signature([SECRET], BODY, header)
+        verify_signature(AppKeys([SECRET]) if keyed else [SECRET], BODY, header)
     assert info.value.status == 401
+
+
+def test_keys_made_once_give_each_bodys_own_hmac_however_often_used() -> None:
+    """AppKeys hashes each body from its secret's keyed state, which no check consumes: the
+    same keys used for body after body give each one the HMAC a fresh key gives it."""
+    keys = AppKeys([OTHER, SECRET])
+    for body in (BODY, b"", BODY + b" ", b"x" * 100_000, BODY):
+        expected = [hmac.digest(key.encode(), body, "sha256") for key in (OTHER, SECRET)]
+        assert keys.digests(body) == expected
+        verify_signature(keys, body, sign(SECRET, body))
 
 
 def test_rejects_signature_of_reserialised_body() -> None:
@@ -70,6 +85,8 @@ def test_rejects_when_no_secret_configured() -> None:
     """With no secrets nothing verifies (config refuses this, but fail closed anyway)."""
     with pytest.raises(SignatureRejected):
         verify_signature([], BODY, sign(SECRET, BODY))
+    with pytest.raises(SignatureRejected):
+        verify_signature(AppKeys([]), BODY, sign(SECRET, BODY))
 
 
 def test_gateway_signature_covers_timestamp_and_body() -> None:

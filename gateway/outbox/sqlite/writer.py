@@ -310,6 +310,9 @@ class Writer:
         self._queue: stdqueue.SimpleQueue[list[_Job] | None] = stdqueue.SimpleQueue()
         self._turn: list[_Job] = []  # submitted during this turn of the event loop
         self._closing = False
+        # Whether the thread still serves: cleared as its last act, however it ends. Asked on
+        # every submit instead of Thread.is_alive(), which takes a lock (four calls) each time.
+        self._serving = True
         # The writer thread's running average gap between arrivals of durable jobs.
         self._gap: float | None = None
         self._last_durable = 0.0
@@ -341,7 +344,7 @@ class Writer:
         ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction).
         ``after``: the future resolves with ``after(result)`` instead, called on the event
         loop's thread (its exception fails the future)."""
-        if self._closing or not self._thread.is_alive():
+        if self._closing or not self._serving:
             raise OutboxError("outbox is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -368,6 +371,12 @@ class Writer:
     # -- the writer thread -------------------------------------------------------------------
 
     def _run(self, opened: stdqueue.SimpleQueue[BaseException | None]) -> None:
+        try:
+            self._open_and_serve(opened)
+        finally:
+            self._serving = False
+
+    def _open_and_serve(self, opened: stdqueue.SimpleQueue[BaseException | None]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -443,15 +452,16 @@ class Writer:
     def _take(self, timeout: float | None) -> tuple[list[_Job], bool]:
         """The jobs queued, and whether close() asked the thread to stop; waits up to
         ``timeout`` (``None``: for ever) for the first hand-over."""
+        queue = self._queue
         try:
-            items = [self._queue.get(timeout=timeout)]
+            items = [queue.get(timeout=timeout)]
         except stdqueue.Empty:
             return [], False
-        while len(items) < MAX_GROUP:
-            try:
-                items.append(self._queue.get_nowait())
-            except stdqueue.Empty:
-                break
+        # Asked rather than tried: get_nowait() on an empty queue raises, which costs more than
+        # the rest of the hand-over, once per group. This thread alone takes from the queue, so
+        # what it finds there is still there for get_nowait().
+        while len(items) < MAX_GROUP and not queue.empty():
+            items.append(queue.get_nowait())
         return [job for item in items if item is not None for job in item], None in items
 
     @property
@@ -549,6 +559,10 @@ class Writer:
         # wait behind the next group's statements (the loop needs the GIL that those hold), and
         # the clients' next requests arrive later, split into two groups that each pay for an
         # fsync. Answered first, they arrive while this thread waits and form one larger group.
+        # Also when nothing is queued yet: right after the commit the loop has not run, so the
+        # queue is empty because the next requests are still unread; waiting on it would wake
+        # this thread at the first of them, in groups a tenth smaller (bench/README.md, "Issue
+        # 20: the writer's wake-ups").
         os.sched_yield()
 
     def _answer(self, group: list[_Job], results: list[tuple[Any, BaseException | None]]) -> None:
