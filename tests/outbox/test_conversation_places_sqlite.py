@@ -9,9 +9,10 @@ from collections.abc import Collection
 from pathlib import Path
 
 import pytest
+from ordered_claims import ordered_claim
 
 from gateway.outbox import AttemptResult, Delivered, Route
-from gateway.outbox.sqlite import conversations, layout, store
+from gateway.outbox.sqlite import conversations, layout
 from gateway.outbox.sqlite.layout import read_prefix
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 
@@ -112,26 +113,9 @@ async def test_a_layout_6_file_with_pending_ordered_deliveries_migrates_and_drai
 def _claim_plans(path: Path, keys: Collection[str] | None) -> list[tuple[str, str]]:
     """One ordered claim with runs of eight (``keys``: by key; ``None``: a look at every
     conversation): each statement it ran, with its query plan."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        prefix = read_prefix(conn)
-        statements: list[str] = []
-        conn.set_trace_callback(statements.append)
-        found, _ = store.due_deliveries(
-            conn,
-            prefix=prefix,
-            now=1e9,
-            limits={"t": 3},
-            skip=frozenset(),
-            ordered=frozenset({"t"}),
-            conversations=None if keys is None else {"t": frozenset(keys)},
-            runs={"t": 8},
-        )
-        conn.set_trace_callback(None)
-        assert len(found) == 3 * EACH
-        return [
-            (s, "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {s}")))
-            for s in statements
-        ]
+    ids, statements, plans = ordered_claim(path, keys, limit=3)
+    assert len(ids) == 3 * EACH
+    return list(zip(statements, plans, strict=True))
 
 
 async def test_a_claim_by_key_reads_the_place_index_in_order_with_no_temporary_sort(

@@ -3,16 +3,13 @@ find each conversation's first deliveries and their runs, and how it reads their
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from collections.abc import Collection
 from pathlib import Path
 
 import pytest
+from ordered_claims import ordered_claim
 
 from gateway.edge.routing import Route
-from gateway.outbox.sqlite import store
-from gateway.outbox.sqlite.layout import read_prefix
 from gateway.outbox.sqlite.outbox import SqliteOutbox
 
 SIG = "sha256=" + "0" * 64
@@ -32,40 +29,11 @@ async def backlog(tmp_path: Path) -> Path:
     return path
 
 
-def claim(
-    path: Path, keys: Collection[str] | None, limit: int
-) -> tuple[list[str], list[str], list[str]]:
-    """One ordered claim with runs of eight on ``path`` (``keys``: by key; ``None``: a look at
-    every conversation): the ids it hands out, the statements it ran, and the query plan of
-    each of them."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        prefix = read_prefix(conn)
-        statements: list[str] = []
-        conn.set_trace_callback(statements.append)
-        found, damaged = store.due_deliveries(
-            conn,
-            prefix=prefix,
-            now=1e9,
-            limits={"t": limit},
-            skip=frozenset(),
-            ordered=frozenset({"t"}),
-            conversations=None if keys is None else {"t": frozenset(keys)},
-            runs={"t": 8},
-        )
-        conn.set_trace_callback(None)
-        plans = [
-            "\n".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {statement}"))
-            for statement in statements
-        ]
-    assert damaged == []
-    return [d.id for d in found], statements, plans
-
-
 def test_a_claim_by_key_takes_first_deliveries_and_runs_in_one_statement(backlog: Path) -> None:
     """Asked about conversations by key, the claim finds each one's first delivery and the
     run behind it with one seek per conversation (one statement), then reads the bodies:
     two statements, each conversation's deliveries in acknowledgement order."""
-    ids, statements, _ = claim(backlog, {"k3", "k7", "k11"}, limit=10)
+    ids, statements, _ = ordered_claim(backlog, {"k3", "k7", "k11"}, limit=10)
     assert len(statements) == 2
     by_key = {"k3": 3, "k7": 7, "k11": 11}
     expected = [n + CONVERSATIONS * step for n in sorted(by_key.values()) for step in range(EACH)]
@@ -78,7 +46,7 @@ def test_an_ordered_claim_reads_its_bodies_by_id_not_through_every_pending_deliv
 ) -> None:
     """The bodies of the deliveries an ordered claim hands out are read by the table's key:
     the plan never walks the state index, which holds every pending delivery of the file."""
-    ids, statements, plans = claim(backlog, keys, limit=2)
+    ids, statements, plans = ordered_claim(backlog, keys, limit=2)
     assert len(ids) == 2 * EACH
     (bodies,) = [
         plan for statement, plan in zip(statements, plans, strict=True) if "n.body" in statement
