@@ -199,3 +199,18 @@ async def test_turns_handed_over_while_a_group_commits_form_the_next_group_toget
         await writer.close()
     with pytest.raises(OutboxError, match="closed"):
         writer.submit(insert(9))
+
+
+def _broken_driver(path: Path) -> sqlite3.Connection:
+    raise RuntimeError("a driver's own failure, not an OutboxError")
+
+
+async def test_a_connection_that_fails_with_any_error_fails_the_start_instead_of_hanging_it(
+    tmp_path: Path,
+) -> None:
+    """An error outside the outbox's own while the writer thread opens the file reaches the
+    constructor as an OutboxError naming the path: the gateway refuses to start, it does not
+    wait for ever."""
+    path = tmp_path / "outbox.sqlite3"
+    with pytest.raises(OutboxError, match=r"outbox.path = .*cannot open: RuntimeError"):
+        await asyncio.wait_for(asyncio.to_thread(Writer, path, _broken_driver), timeout=10)

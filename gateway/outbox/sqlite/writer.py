@@ -383,6 +383,7 @@ class Writer:
         except OSError as exc:
             opened.put(OutboxError(f"outbox.path = '{self.path}': cannot open its lock: {exc}"))
             return
+        conn: sqlite3.Connection | None = None
         try:
             # Workers starting together would otherwise race to switch a new file to WAL,
             # and SQLite answers that race with "database is locked", not with a wait.
@@ -391,11 +392,19 @@ class Writer:
                 conn = self._open_connection(self.path)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        except OutboxError as exc:
+            self._identity = _identity(self.path)
+        except Exception as exc:
+            if conn is not None:
+                conn.close()
             os.close(lock)
-            opened.put(exc)
+            # Whatever the failure, the constructor waiting on `opened` hears of it: an error
+            # outside the outbox's own (a driver's, a bug) must fail the start, not hang it.
+            opened.put(
+                exc
+                if isinstance(exc, OutboxError)
+                else OutboxError(f"outbox.path = '{self.path}': cannot open: {exc!r}")
+            )
             return
-        self._identity = _identity(self.path)
         opened.put(None)
         try:
             self._serve(conn, lock)
