@@ -361,8 +361,13 @@ class Encoder:
         span = self.span
         return self.request([span(each) for each in spans])
 
-    def request(self, encoded: Iterable[bytes]) -> bytes:
-        """One ExportTraceServiceRequest holding spans already encoded by :meth:`span`."""
-        scope_spans = self._scope + b"".join(encoded)
-        resource_spans = self._resource + _field(b"\x12", scope_spans)
-        return _field(b"\x0a", resource_spans)
+    def request(self, encoded: Sequence[bytes]) -> bytes:
+        """One ExportTraceServiceRequest holding spans already encoded by :meth:`span`, made
+        in one join: the lengths of the nested fields are summed, not found by copying the
+        batch into each field in turn (a batch is a few hundred kilobytes)."""
+        scope_size = len(self._scope) + sum(map(len, encoded))
+        scope_head = b"\x12" + _varint(scope_size)
+        resource_size = len(self._resource) + len(scope_head) + scope_size
+        return b"".join(
+            [b"\x0a" + _varint(resource_size), self._resource, scope_head, self._scope, *encoded]
+        )
