@@ -18,6 +18,12 @@ that ran meanwhile (the listener's sweep and the metrics' flush, once a second e
 dispatcher's poll is set to an hour), a few parts in a thousand at callgrind's pace;
 ``--rounds`` repeats the run and prints every figure.
 
+``--concurrency 32`` posts over 32 kept-alive connections at once, as ``ab -c 32`` does: requests
+then wait for the event loop and share its turns and the writer's group commits as under load
+(at callgrind's pace every turn finds requests waiting), so a cost that only load brings out
+(a second thread's hand-overs of the interpreter's lock, smaller or larger groups) is counted
+too; how requests group then depends on the run, so compare such counts over several rounds.
+
 Revisions are built as ``bench/compare.py`` builds them (``git archive``, a fresh venv, the plain
 ``pip install .``); ``.`` is this checkout as it is, uncommitted changes included.
 
@@ -37,6 +43,7 @@ Usage:
   bench/instructions.py fbb3e16 . --new --count 300   (new connections: the handshake and
                                                        what Python does around it)
   bench/instructions.py main . --outbox postgres --extras postgres --count 1000
+  bench/instructions.py . --concurrency 32 --count 2000   (requests grouped as under load)
 """
 
 # ruff: noqa: S603, S607
@@ -45,6 +52,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import hashlib
 import hmac
@@ -139,6 +147,15 @@ class Client:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
+
+
+def _post_many(client: Client, count: int) -> int:
+    """Post ``count`` requests one after another; the first status that is not 200, or 200."""
+    for _ in range(count):
+        status = client.post()
+        if status != 200:
+            return status
+    return 200
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float, logfile: Path) -> None:
@@ -273,7 +290,7 @@ def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: 
     with logfile.open("wb") as output:
         gateway = subprocess.Popen(["bash", str(adapter)], env=env, stdout=output,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    client = None
+    clients: list[Client] = []
     try:
         wait_port(sink_port, sink, 30, logfile)
         wait_port(port, gateway, args.start_timeout, logfile)
@@ -281,14 +298,18 @@ def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: 
         request = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
                    f"\r\nX-Hub-Signature-256: {signature}\r\nContent-Length: {len(body)}\r\n"
                    f"{close}\r\n").encode() + body
-        client = Client(port, certs, request, args.new)
+        clients = [Client(port, certs, request, args.new) for _ in range(args.concurrency)]
         posted = 0
         for phase in ("warmup", "count"):
-            for _ in range(getattr(args, phase)):
-                status = client.post()
+            total = getattr(args, phase)
+            shares = [total // len(clients) + (i < total % len(clients))
+                      for i in range(len(clients))]
+            with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+                answered = list(pool.map(_post_many, clients, shares))
+            for status in answered:
                 if status != 200:
                     raise SystemExit(f"answered {status}:\n{logfile.read_text()[-3000:]}")
-                posted += 1
+            posted += total
             if args.kind == "http":
                 until_delivered(bench, sink_port, posted)
             if args.kind != "http" or args.pg is not None:
@@ -296,7 +317,7 @@ def one_run(args: argparse.Namespace, bench: ModuleType, python: Path, adapter: 
             time.sleep(args.settle_s)  # the outcomes' lazy commit
             control("-z" if phase == "warmup" else "-d", gateway.pid)
     finally:
-        if client is not None:
+        for client in clients:
             client.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(gateway.pid, signal.SIGTERM)
@@ -329,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=2000, help="requests measured")
     parser.add_argument("--warmup", type=int, default=200, help="requests before counting")
     parser.add_argument("--rounds", type=int, default=1, help="runs per revision")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="connections posting at once (1: one request at a time; 32: as"
+                        " ab -c 32, requests grouped as under load)")
     parser.add_argument("--new", action="store_true",
                         help="a new connection (a full TLS handshake) for each request")
     parser.add_argument("--kind", choices=("http", "redis", "nats"), default="http",
@@ -384,9 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(args.pg.folder, ignore_errors=True)
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    over = "a new mTLS connection each" if args.new else "one kept-alive mTLS connection"
-    print(f"instructions per request (callgrind; {args.count} requests over {over}, one at a "
-          f"time, each delivered to a {args.kind} target, {args.outbox} outbox; median "
+    over = "a new mTLS connection each" if args.new else "kept-alive mTLS connections"
+    at_once = "one at a time" if args.concurrency == 1 else f"{args.concurrency} at a time"
+    print(f"instructions per request (callgrind; {args.count} requests over {over}, {at_once}"
+          f", each delivered to a {args.kind} target, {args.outbox} outbox; median "
           f"[min..max] of {args.rounds})")
     first = statistics.median(figures[builds[0][0]])
     for name, values in figures.items():

@@ -14,7 +14,7 @@ tests decode what this writes with those generated classes (opentelemetry-proto)
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -51,6 +51,13 @@ _SHARED_LIMIT: Final = 1024  # connections' and targets' attribute sets
 # Attributes whose values never recur: not worth a place in the cache.
 _UNCACHED: Final = frozenset({"gateway.delivery.id"})
 _DELIVERY_ID_KEY: Final = b"\x0a\x13gateway.delivery.id"
+# A child's three ids (trace 1, span 2, parent 4), each with its tag and length.
+_CHILD_IDS: Final = struct.Struct("<2s16s2s8s2s8s").pack
+# The commit span's fixed part: its ids, parent, name (field 5), kind and times.
+_COMMIT_NAME: Final = b"\x2a\x0doutbox commit"
+_COMMIT_HEAD_STRUCT: Final = struct.Struct("<2s16s2s8s2s8s15sBBBQBQ")
+_COMMIT_HEAD: Final = _COMMIT_HEAD_STRUCT.pack
+_COMMIT_HEAD_SIZE: Final = _COMMIT_HEAD_STRUCT.size
 
 
 def _encode_varint(value: int) -> bytes:
@@ -125,11 +132,13 @@ class Encoder:
         # Each shared attribute mapping encoded once (kept with it, so its id is not reused).
         self._shared: dict[int, tuple[Mapping[str, Any], bytes]] = {}
         # A SERVER span's name by its path, and its response's attributes by status.
-        self._server_names: dict[str, bytes] = {}
         self._statuses: dict[int, bytes] = {}
         self._results: dict[int, bytes] = {}  # a commit's attributes, by deliveries stored
         self._tails: dict[tuple[int, int, str], bytes] = {}  # see _tail
-        self._commit_name = _field(b"\x2a", b"outbox commit")
+        self._commits: dict[tuple[int, bool], tuple[bytes, bytes]] = {}  # see _commit_tail
+        self._server_heads: dict[str, tuple[Callable[..., bytes], bytes]] = {}
+        self._server_tails: dict[tuple[int, bool], bytes] = {}  # see _server_tail
+        self._owns: dict[int, bytes] = {}  # see _own
 
     def _shared_attributes(self, attributes: Mapping[str, Any]) -> bytes:
         found = self._shared.get(id(attributes))
@@ -206,97 +215,157 @@ class Encoder:
     def notified(self, record: Notified) -> list[bytes]:
         """The spans a :class:`~gateway.tracing.records.Notified` stands for, each as
         :meth:`span` encodes it: the commit's (if the outbox was reached), then the SERVER
-        span, byte for byte what :meth:`span` makes of the API spans (a test compares)."""
+        span, byte for byte what :meth:`span` makes of the API spans (a test compares). Each
+        span is one join of a packed head (ids, name, kind, times), the cached attributes and
+        a cached tail (what its result or status gives, with its length's prefix where the
+        length is known from the tail alone)."""
         trace_id = record.trace_id.to_bytes(16)
         server_id = record.server_id.to_bytes(8)
         sampled, status = record.sampled, record.status
         encoded = []
         if record.commit_start_ns:
-            if record.error is None:
-                result = self._results.get(record.deliveries) or self._result(record.deliveries)
-            else:
-                result = self._attribute("error.type", record.error) + _ERROR_STATUS
-            commit = b"".join(
+            error = record.error
+            found = self._commits.get((record.deliveries, sampled)) if error is None else None
+            prefix, tail = found or self._commit_tail(record.deliveries, error, sampled)
+            head = _COMMIT_HEAD(
+                b"\x0a\x10",
+                trace_id,
+                b"\x12\x08",
+                record.commit_id.to_bytes(8),
+                b"\x22\x08",
+                server_id,
+                _COMMIT_NAME,
+                0x30,
+                INTERNAL,
+                0x39,
+                record.commit_start_ns,
+                0x41,
+                record.commit_end_ns,
+            )
+            encoded.append(b"".join((prefix, head, tail)))
+        pack, name = self._server_heads.get(record.path) or self._server_head(record.path)
+        attributes = record.attributes
+        found_shared = self._shared.get(id(attributes))
+        if found_shared is not None and found_shared[0] is attributes:
+            shared = found_shared[1]
+        else:
+            shared = self._shared_attributes(attributes)
+        if record.links:
+            answered = self._statuses.get(status) or self._status(status)
+            tail = b"".join(
                 (
-                    _IDS(b"\x0a\x10", trace_id, b"\x12\x08", record.commit_id.to_bytes(8)),
-                    b"\x22\x08" + server_id,
-                    self._commit_name,
-                    _TIMES(
-                        0x30, INTERNAL, 0x39, record.commit_start_ns, 0x41, record.commit_end_ns
-                    ),
-                    result,
-                    _CHILD_FLAGS[False, sampled],
+                    answered,
+                    self._links(record.links),
+                    _ERROR_STATUS if status >= 500 else b"",
+                    _ROOT_FLAGS[sampled],
                 )
             )
-            size = len(commit)
-            encoded.append(
-                b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _varint(size)) + commit
-            )
-        name = self._server_names.get(record.path)
-        if name is None:
-            name = self._server_names[record.path] = _field(b"\x2a", f"POST {record.path}".encode())
-        answered = self._statuses.get(status) or self._status(status)
-        server = b"".join(
-            (
-                _IDS(b"\x0a\x10", trace_id, b"\x12\x08", server_id),
-                name,
-                _TIMES(0x30, SERVER, 0x39, record.start_ns, 0x41, record.end_ns),
-                self._shared_attributes(record.attributes),
-                answered,
-                self._links(record.links) if record.links else b"",
-                _ERROR_STATUS if status >= 500 else b"",
-                _ROOT_FLAGS[sampled],
-            )
-        )
-        size = len(server)
-        encoded.append(b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _varint(size)) + server)
+        else:
+            tail = self._server_tails.get((status, sampled)) or self._server_tail(status, sampled)
+        head = pack(
+            b"\x0a\x10", trace_id, b"\x12\x08", server_id, name, 0x30, SERVER, 0x39,
+            record.start_ns, 0x41, record.end_ns,
+        )  # fmt: skip
+        size = len(head) + len(shared) + len(tail)
+        prefix = b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _varint(size))
+        encoded.append(b"".join((prefix, head, shared, tail)))
         return encoded
+
+    def _commit_tail(
+        self, deliveries: int, error: str | None, sampled: bool
+    ) -> tuple[bytes, bytes]:
+        """A commit span's length prefix and its tail (its result's attributes, an error's
+        status, its flags); cached by result and sampling when it did not fail."""
+        if error is None:
+            result = self._results.get(deliveries) or self._result(deliveries)
+        else:
+            result = self._attribute("error.type", error) + _ERROR_STATUS
+        tail = result + _CHILD_FLAGS[False, sampled]
+        found = (b"\x12" + _varint(_COMMIT_HEAD_SIZE + len(tail)), tail)
+        if error is None and len(self._commits) < _CACHE_LIMIT:
+            self._commits[deliveries, sampled] = found
+        return found
+
+    def _server_head(self, path: str) -> tuple[Callable[..., bytes], bytes]:
+        """The packer of a SERVER span's ids, name, kind and times, and its name (``POST
+        path``) as the name field."""
+        name = _field(b"\x2a", f"POST {path}".encode())
+        if len(self._server_heads) >= _CACHE_LIMIT:
+            self._server_heads.clear()
+        found = struct.Struct(f"<2s16s2s8s{len(name)}sBBBQBQ").pack, name
+        self._server_heads[path] = found
+        return found
+
+    def _server_tail(self, status: int, sampled: bool) -> bytes:
+        """A SERVER span's response attributes, error status (from 500 on) and flags."""
+        answered = self._statuses.get(status) or self._status(status)
+        tail = answered + (_ERROR_STATUS if status >= 500 else b"") + _ROOT_FLAGS[sampled]
+        if len(self._server_tails) < _CACHE_LIMIT:
+            self._server_tails[status, sampled] = tail
+        return tail
 
     def attempts(self, record: Attempts) -> list[bytes]:
         """The sampled CLIENT spans of a batch's record, each byte for byte what :meth:`span`
         makes of the API span :meth:`~gateway.tracing.spans.Tracing.attempt_spans` and
-        ``end_attempt`` would have made (a test compares)."""
+        ``end_attempt`` would have made (a test compares). What the batch's spans share
+        (name, kind, times, the target's attributes) is joined once; per span, its ids are
+        packed and its delivery id follows a prefix cached by the id's length."""
         name = self._names.get(record.name) or self._name(record.name)
-        shared = self._shared_attributes(record.shared)
-        times = _TIMES(0x30, CLIENT, 0x39, record.start_ns, 0x41, record.end_ns)
+        middle = name + _TIMES(0x30, CLIENT, 0x39, record.start_ns, 0x41, record.end_ns)
+        middle += self._shared_attributes(record.shared)
         tails = self._tails
+        owns = self._owns
         encoded = []
         for span, (status, error, outcome) in zip(record.spans, record.ended, strict=True):
             trace_id, span_id, parent_id, state, sampled, delivery_id, attempt = span
             if not sampled:
                 continue
-            # The delivery id, the one attribute that never recurs, written in place.
             text = delivery_id.encode()
-            size = len(text)
-            if size < 100:
-                value = b"\x12" + _SMALL[size + 2] + b"\x0a" + _SMALL[size] + text
-                own = b"\x4a" + _SMALL[21 + len(value)] + _DELIVERY_ID_KEY + value
-            else:
-                own = self._attribute("gateway.delivery.id", delivery_id)
+            own = owns.get(len(text)) or self._own(len(text))
             if status is None:
                 tail = self._tail(attempt, None, error, outcome)
             else:
                 tail = tails.get((attempt, status, outcome)) or self._tail(
                     attempt, status, None, outcome
                 )
-            body = b"".join(
-                (
-                    _IDS(b"\x0a\x10", trace_id, b"\x12\x08", span_id),
-                    _field(b"\x1a", state.encode()) if state else b"",
-                    b"\x22\x08" + parent_id if parent_id else b"",
-                    name,
-                    times,
-                    shared,
-                    own,
-                    tail,
-                    _CHILD_FLAGS[True, sampled] if parent_id else _ROOT_FLAGS[sampled],
+            if parent_id and not state:  # a child with no tracestate: the usual attempt
+                head = _CHILD_IDS(
+                    b"\x0a\x10", trace_id, b"\x12\x08", span_id, b"\x22\x08", parent_id
                 )
-            )
-            size = len(body)
-            encoded.append(
-                b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _encode_varint(size)) + body
-            )
+                flags = _CHILD_FLAGS[True, True]
+            else:
+                head = b"".join(
+                    (
+                        _IDS(b"\x0a\x10", trace_id, b"\x12\x08", span_id),
+                        _field(b"\x1a", state.encode()) if state else b"",
+                        b"\x22\x08" + parent_id if parent_id else b"",
+                    )
+                )
+                flags = _CHILD_FLAGS[True, True] if parent_id else _ROOT_FLAGS[True]
+            size = len(head) + len(middle) + len(own) + len(text) + len(tail) + len(flags)
+            prefix = b"\x12" + (_SMALL[size] if size < _SMALL_LIMIT else _encode_varint(size))
+            encoded.append(b"".join((prefix, head, middle, own, text, tail, flags)))
         return encoded
+
+    def _own(self, size: int) -> bytes:
+        """What precedes a delivery id of ``size`` bytes in its attribute (Span field 9: the
+        KeyValue's length, its key, the AnyValue's length and its string's tag and length)."""
+        value_size = size + 1 + len(_varint(size))
+        key_value_size = len(_DELIVERY_ID_KEY) + 1 + len(_varint(value_size)) + value_size
+        own = b"".join(
+            (
+                b"\x4a",
+                _varint(key_value_size),
+                _DELIVERY_ID_KEY,
+                b"\x12",
+                _varint(value_size),
+                b"\x0a",
+                _varint(size),
+            )
+        )
+        if len(self._owns) < _CACHE_LIMIT:
+            self._owns[size] = own
+        return own
 
     def _tail(self, attempt: int, status: int | None, error: str | None, outcome: str) -> bytes:
         """An attempt span's attributes after its delivery id, and its status: the same for
@@ -361,8 +430,13 @@ class Encoder:
         span = self.span
         return self.request([span(each) for each in spans])
 
-    def request(self, encoded: Iterable[bytes]) -> bytes:
-        """One ExportTraceServiceRequest holding spans already encoded by :meth:`span`."""
-        scope_spans = self._scope + b"".join(encoded)
-        resource_spans = self._resource + _field(b"\x12", scope_spans)
-        return _field(b"\x0a", resource_spans)
+    def request(self, encoded: Sequence[bytes]) -> bytes:
+        """One ExportTraceServiceRequest holding spans already encoded by :meth:`span`, made
+        in one join: the lengths of the nested fields are summed, not found by copying the
+        batch into each field in turn (a batch is a few hundred kilobytes)."""
+        scope_size = len(self._scope) + sum(map(len, encoded))
+        scope_head = b"\x12" + _varint(scope_size)
+        resource_size = len(self._resource) + len(scope_head) + scope_size
+        return b"".join(
+            [b"\x0a" + _varint(resource_size), self._resource, scope_head, self._scope, *encoded]
+        )

@@ -35,6 +35,7 @@ class Notified:
         "commit_end_ns",
         "commit_id",
         "commit_start_ns",
+        "count",
         "deliveries",
         "end_ns",
         "error",
@@ -66,6 +67,7 @@ class Notified:
         self.links = links
         self.start_ns = time.time_ns()
         self.commit_start_ns = 0  # 0: the outbox was not reached (a rejection before it)
+        self.count = 1  # how many spans this record becomes: 2 once the commit starts
         self.commit_end_ns = 0
         self.deliveries = NOT_REACHED
         self.error: str | None = None
@@ -75,16 +77,12 @@ class Notified:
     def committing(self) -> None:
         """The notification goes to the outbox now."""
         self.commit_start_ns = time.time_ns()
+        self.count = 2
 
     def committed(self, stored: Sequence[object] | None) -> None:
         """The outbox committed it: ``stored``, its deliveries (``None``: a duplicate)."""
         self.commit_end_ns = time.time_ns()
         self.deliveries = DUPLICATE if stored is None else len(stored)
-
-    @property
-    def count(self) -> int:
-        """How many spans this record becomes."""
-        return 2 if self.commit_start_ns else 1
 
 
 # One attempt's span: (trace id, span id, parent span id or b"", tracestate, sampled, delivery

@@ -26,7 +26,6 @@ from gateway.tracing.apispan import CLIENT, INTERNAL, SERVER, Recorder, Span
 from gateway.tracing.attributes import attempt_attributes, status_attributes, target_attributes
 from gateway.tracing.context import (
     SAMPLED,
-    Parent,
     parse_stored,
     parse_traceparent,
 )
@@ -43,10 +42,12 @@ _NO_PARENT: Final = b""
 _LOW_64: Final = (1 << 64) - 1
 
 
-# A Parent made from a tuple, without the generated __new__'s keyword handling.
-_new_parent: Final = tuple.__new__
 _STORED_KEPT: Final = 1024  # the trace contexts whose parents are kept (a fraction of a second)
 
+
+# An attempt's (trace id, sampled, parent span id, tracestate), as _attempt_parent gives it: kept
+# in this form for the contexts stored lately, so that an attempt takes it as it is.
+_Found = tuple[bytes, bool, bytes, str]
 
 # Given each record with a sampled span as its work ends (gateway.tracing.records).
 RecordRecorder = Callable[[Notified | Attempts], None]
@@ -97,7 +98,7 @@ class Tracing:
         # made in this process moments after the commit, finds its parent here instead of
         # parsing the text again (the larger part of an attempt span's cost). After a restart,
         # or once cleared, the text is parsed.
-        self._stored: dict[str, Parent] = {}
+        self._stored: dict[str, _Found] = {}
 
     def _root(self) -> tuple[bytes, bool]:
         bits = _random_bits(128) or 1  # all zeros: invalid
@@ -127,11 +128,17 @@ class Tracing:
         """The listener's record of one ``POST path``: what :meth:`server_span` and
         :meth:`commit_span` make, as plain values (see :mod:`gateway.tracing.records`)."""
         links = () if foreign is None else _linked(foreign)
-        trace_id = _random_bits(128) or 1  # all zeros: invalid
-        ids = _random_bits(128)  # both span ids from one call
+        bits = _random_bits(256)  # the trace id and both span ids from one call
+        trace_id = bits >> 128 or 1  # all zeros: invalid
         sampled = self._all or trace_id & _LOW_64 < self._bound
         return Notified(
-            path, attributes, trace_id, ids >> 64 or 1, ids & _LOW_64 or 1, sampled, links
+            path,
+            attributes,
+            trace_id,
+            bits >> 64 & _LOW_64 or 1,
+            bits & _LOW_64 or 1,
+            sampled,
+            links,
         )
 
     def stored_notified(self, record: Notified) -> str:
@@ -143,7 +150,7 @@ class Tracing:
         known = self._stored
         if len(known) >= _STORED_KEPT:
             known.clear()
-        known[context] = _new_parent(Parent, (trace_id, span_id, SAMPLED if sampled else 0, ""))
+        known[context] = (trace_id, sampled, span_id, "")
         return context
 
     def end_notified(
@@ -261,16 +268,17 @@ class Tracing:
         known = self._stored
         if len(known) >= _STORED_KEPT:
             known.clear()
-        known[context] = server.as_parent()
+        known[context] = (server.trace_id, server.sampled, server.span_id, server.trace_state)
         return context
 
     def _attempt_parent(self, trace_context: str | None) -> tuple[bytes, bool, bytes, str]:
         """An attempt's trace id, whether it is sampled, its parent span id and tracestate:
         from its stored trace context (one of the last kept here, else parsed), or a new root
         where none was stored or it cannot be read."""
-        parent = self._stored.get(trace_context) if trace_context else None
-        if parent is None:
-            parent = parse_stored(trace_context)
+        found = self._stored.get(trace_context) if trace_context else None
+        if found is not None:
+            return found
+        parent = parse_stored(trace_context)
         if parent is None:
             trace_id, sampled = self._root()
             return trace_id, sampled, _NO_PARENT, ""
@@ -340,8 +348,10 @@ class Tracing:
         spans: list[Attempt] = []
         headers: list[dict[str, str]] = []
         sampled_count = 0
+        known = self._stored
         for delivery_id, trace_context, attempt in deliveries:
-            trace_id, sampled, parent_id, trace_state = self._attempt_parent(trace_context)
+            found = known.get(trace_context) if trace_context else None  # _attempt_parent's
+            trace_id, sampled, parent_id, trace_state = found or self._attempt_parent(trace_context)
             span_id = (_random_bits(64) or 1).to_bytes(8)
             spans.append((trace_id, span_id, parent_id, trace_state, sampled, delivery_id, attempt))
             flags = "01" if sampled else "00"  # format_traceparent, without its call

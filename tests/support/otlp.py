@@ -3,6 +3,7 @@ protobuf definitions (opentelemetry-proto), as a collector would."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -42,10 +43,11 @@ def value_of(value: AnyValue) -> Any:
 class Receiver:
     """``async with Receiver() as receiver``: POST /v1/traces on 127.0.0.1 until the block
     ends; ``raw`` keeps every request body (decompressed), ``headers`` its headers (names in
-    lower case), ``connections`` counts connections."""
+    lower case), ``connections`` counts connections; with ``tls``, over HTTPS."""
 
-    def __init__(self, refuse: int = 0) -> None:
+    def __init__(self, refuse: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self._refuse = refuse  # answer this many first exports 400, as a collector refusing them
+        self._tls = tls
         self.spans: list[ExportedSpan] = []
         self.raw: list[bytes] = []
         self.headers: list[dict[str, str]] = []  # each request's
@@ -55,14 +57,14 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_post("/v1/traces", self._export)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._tls)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         server = self._runner.server

@@ -105,6 +105,8 @@ UNSAMPLED = FOREIGN[:-2] + "00"
     ("deliveries", "ended"),
     [
         ([("d-1", STORED, 1)], [(200, None, "delivered")]),
+        ([("d-1", FOREIGN, 2)], [(200, None, "delivered")]),  # a parent, no tracestate
+        ([("d-" + "7" * 300, FOREIGN, 1)], [(200, None, "delivered")]),  # lengths of 2 bytes
         ([("d-1", None, 3), ("d-2", STORED, 2)], [(503, None, "retry"), (404, None, "dead")]),
         ([("d-1", STORED, 1)], [(None, "timed out after 5s", "retry")]),
         ([("d-1", UNSAMPLED, 1), ("d-2", None, 1)], [(None, "stopped", "retry")] * 2),
