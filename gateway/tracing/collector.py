@@ -10,6 +10,7 @@ them (``OTEL_EXPORTER_OTLP_TRACES_*`` before ``OTEL_EXPORTER_OTLP_*``; the endpo
 from __future__ import annotations
 
 import gzip
+import http.client
 import logging
 import random
 import ssl
@@ -22,7 +23,6 @@ from urllib.parse import urlsplit
 
 from opentelemetry.util.re import parse_env_headers
 
-from gateway.tracing.wire import Connection
 from gateway.units import SECONDS
 
 __all__ = ["Collector", "collector_from"]
@@ -107,46 +107,49 @@ def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
     )
 
 
-def _header_lines(headers: Mapping[str, str]) -> bytes:
-    """The request's headers as they go out; one that would break the request's framing (a
-    line break, a colon in its name) is left out and named in a warning (its value never)."""
-    lines = []
+def _sendable(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers that can go out as they are. One that would break the request's framing (a
+    line break, a colon or white space in its name) or that HTTP/1.1 cannot carry (a name
+    outside ASCII, a value outside Latin-1) is left out and named in a warning (its value
+    never): ``http.client`` would raise on it in the exporter's thread at every export, and no
+    span would ever be sent."""
+    kept = {}
     for name, value in headers.items():
-        if not name or any(c in name for c in ":\r\n \t") or "\r" in value or "\n" in value:
+        try:
+            name.encode("ascii")
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            sendable = False
+        else:
+            sendable = bool(name) and not any(c in name for c in ":\r\n \t")
+            sendable = sendable and "\r" not in value and "\n" not in value
+        if sendable:
+            kept[name] = value
+        else:
             log.warning("OTLP header %r is not a valid HTTP header; not sent", name[:40])
-            continue
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines).encode("latin-1", "replace")
+    return kept
 
 
 class Poster:
-    """Posts encoded export requests to one collector (from one thread at a time) over one
-    kept connection (:mod:`gateway.tracing.wire`)."""
+    """Posts encoded export requests to one collector (from one thread at a time)."""
 
     def __init__(self, collector: Collector, stopping: threading.Event) -> None:
         self._collector = collector
         self._stopping = stopping
-        parts = urlsplit(collector.url)
-        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        host = parts.hostname or ""
-        tls = collector.url.startswith("https:")
-        port = parts.port or (443 if tls else 80)
-        authority = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            authority += f":{parts.port}"
-        headers = {"Content-Type": "application/x-protobuf", **collector.headers}
+        self._headers = {"Content-Type": "application/x-protobuf", **_sendable(collector.headers)}
         if collector.compression != "none":
-            headers["Content-Encoding"] = collector.compression
-        # Everything of the head but the body's length, written once.
-        self._head = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n".encode(
-            "latin-1", "replace"
-        ) + _header_lines(headers)
-        context: ssl.SSLContext | None = None
-        if tls:
-            context = ssl.create_default_context(cafile=collector.ca_file)
+            self._headers["Content-Encoding"] = collector.compression
+        self._parts = urlsplit(collector.url)
+        self._path = self._parts.path or "/"
+        if self._parts.query:
+            self._path += "?" + self._parts.query
+        self._timeout = collector.timeout_s
+        self._kept: http.client.HTTPConnection | None = None
+        self._context: ssl.SSLContext | None = None
+        if collector.url.startswith("https:"):
+            self._context = ssl.create_default_context(cafile=collector.ca_file)
             if collector.cert_file is not None:
-                context.load_cert_chain(collector.cert_file, collector.key_file)
-        self._connection = Connection(host, port, collector.timeout_s, context)
+                self._context.load_cert_chain(collector.cert_file, collector.key_file)
 
     def _compress(self, body: bytes) -> bytes:
         if self._collector.compression == "gzip":
@@ -155,21 +158,40 @@ class Poster:
             return zlib.compress(body)
         return body
 
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._kept is None:
+            host, port, timeout = self._parts.hostname or "", self._parts.port, self._timeout
+            if self._context is None:
+                self._kept = http.client.HTTPConnection(host, port, timeout=timeout)
+            else:
+                self._kept = http.client.HTTPSConnection(
+                    host, port, timeout=timeout, context=self._context
+                )
+        return self._kept
+
     def close(self) -> None:
         """Close the kept connection, if any."""
-        self._connection.close()
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
 
     def _once(self, body: bytes) -> int | None:
         """The collector's status, or None if none came back. One connection is kept between
         exports: a new one for each would cost more than the export of a small batch."""
-        head = self._head + b"Content-Length: %d\r\n\r\n" % len(body)
-        for fresh in (not self._connection.is_open, True):
+        for fresh in (self._kept is None, True):
+            connection = self._connection()
             try:
-                return self._connection.post(head, body)
-            except OSError:
+                connection.request("POST", self._path, body, self._headers)
+                answer = connection.getresponse()
+                answer.read()
+            except (OSError, http.client.HTTPException):
+                self.close()
                 if fresh:
                     return None
-                # the collector closed the kept connection: once more, on a new one
+                continue  # the collector closed the kept connection: once more, on a new one
+            if answer.will_close:
+                self.close()
+            return int(answer.status)
         return None
 
     def post(self, body: bytes, spans: int) -> bool:

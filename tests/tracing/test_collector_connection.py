@@ -1,0 +1,82 @@
+"""The exporter's connection to the collector against real loopback receivers: TLS to a
+collector trusted through OTEL_EXPORTER_OTLP_CERTIFICATE, and headers that would break the
+request's framing left out."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+from otlp import Receiver
+
+from gateway.config import TracingConfig
+from gateway.tracing.export import Exporting
+from gateway.tracing.spans import Tracing
+
+
+async def test_spans_reach_a_collector_over_tls_trusted_by_the_otlp_certificate_variable(
+    tmp_path: Path,
+) -> None:
+    """An https endpoint is verified against OTEL_EXPORTER_OTLP_CERTIFICATE's CA, and the spans
+    arrive over one kept connection."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "collector-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    async with Receiver(tls=server_context) as receiver:
+        assert receiver.url.startswith("https://")
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca_file), "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1"},
+        )
+        for path in ("/a", "/b"):
+            Tracing.end_server(exporting.tracing.server_span(path, {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /a", "POST /b"]
+    assert receiver.connections == 1
+
+
+async def test_a_collector_whose_certificate_is_not_trusted_gets_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without the collector's CA the TLS handshake fails: the batch is dropped with a warning
+    naming the collector, never sent in the clear (closing ends the retries' backoff)."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_context)
+    async with Receiver(tls=server_context) as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1", "OTEL_EXPORTER_OTLP_TIMEOUT": "2000"},
+        )
+        Tracing.end_server(exporting.tracing.server_span("/a", {}, None), 200)
+        await exporting.close()
+    assert receiver.spans == []
+    assert exporting.batches.exported == 0
+    assert any("answered nothing" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "bad", ["x-bad=se%0D%0Acret", "x-bad=se%E2%82%ACcret"], ids=["line break", "not Latin-1"]
+)
+async def test_a_header_that_would_break_the_request_is_left_out_and_named(
+    caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    """OTEL_EXPORTER_OTLP_HEADERS with a value HTTP/1.1 cannot carry (a line break, a character
+    outside Latin-1): that header is not sent (its name is warned of, its value never logged),
+    the others and the spans are."""
+    async with Receiver() as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_EXPORTER_OTLP_HEADERS": f"{bad},x-api-key=k1"},
+        )
+        Tracing.end_server(exporting.tracing.server_span("/a", {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /a"]
+    assert receiver.headers[0]["x-api-key"] == "k1"
+    assert "x-bad" not in receiver.headers[0]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "x-bad" in logged
+    assert "cret" not in logged
