@@ -18,7 +18,7 @@ from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import Verdicts, check_client_identity
 from gateway.edge.routing import Plan, route
-from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route
+from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route, Settles
 from gateway.signing import AppKeys, verify_signature
 
 if TYPE_CHECKING:
@@ -173,6 +173,19 @@ class Callback:
             return asyncio.ensure_future(self._accept(body, signature, routes, context, then))
         return self._soon.accept_soon(body, signature, routes, self._clock(), context, then=then)
 
+    def notify_into(self, body: bytes, signature: str | None, into: Settles[str]) -> None:
+        """:meth:`notify_soon` of an untraced request, settling ``into`` with the reason or the
+        error instead of returning a future. With an outbox that offers ``accept_into`` it is
+        settled on the event loop's thread as soon as the notification is durable, not at the
+        loop's next turn, where a future's done callbacks run (one turn per group commit)."""
+        routes = self._checked(body, signature)
+        assert signature is not None  # verify_signature refuses a missing header
+        if self._soon is None:
+            task = asyncio.ensure_future(self._accept(body, signature, routes))
+            task.add_done_callback(lambda done: _settle(into, done))
+            return
+        self._soon.accept_into(body, signature, routes, self._clock(), then=self._stored, into=into)
+
     def _checked(self, body: bytes, signature: str | None) -> Sequence[Route]:
         """The routes of a notification whose signature holds; raises Rejected."""
         try:
@@ -222,3 +235,13 @@ class Callback:
         finally:
             commit.end()
         return stored
+
+
+def _settle(into: Settles[str], done: asyncio.Future[str]) -> None:
+    """Hand what ``done`` ended with to ``into``; cancelled: a CancelledError."""
+    if done.cancelled():
+        into.set_exception(asyncio.CancelledError())
+    elif (error := done.exception()) is not None:
+        into.set_exception(error)
+    else:
+        into.set_result(done.result())

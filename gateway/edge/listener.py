@@ -117,6 +117,31 @@ def _ack_now(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
+class _Answering:
+    """An untraced notification's answer, given as the outbox settles it (the
+    :class:`~gateway.outbox.Settles` it is handed): at once, on the event loop's thread, where a
+    future would run its done callback at the loop's next turn."""
+
+    __slots__ = ("_connection", "_path", "_request", "_settled")
+
+    def __init__(self, connection: _Connection, request: Request, path: str) -> None:
+        self._connection = connection
+        self._request = request
+        self._path = path
+        self._settled = False
+
+    def done(self) -> bool:
+        return self._settled
+
+    def set_result(self, reason: str, /) -> None:
+        self._settled = True
+        self._connection._notified(self._request, self._path, reason, None)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._settled = True
+        self._connection._notified(self._request, self._path, None, exception)
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: feed its reads to the core, answer each request in turn."""
 
@@ -262,19 +287,24 @@ class _Connection(asyncio.Protocol):
                 # at once, a stored one resolves the future after its commit.
                 tracing = self._tracing
                 if tracing is None:
-                    answer = self._callback.notify_soon(request.body, request.signature)
-                    traced = None
-                else:
-                    traced = tracing.notified(path, self._span_attributes, request.traceparent)
-                    try:
-                        answer = self._callback.notify_soon(request.body, request.signature, traced)
-                    except Exception as exc:
-                        status, reason = answer_for(exc, method, path)
-                        self._answer(request, method, path, status, reason)
-                        tracing.end_notified(traced, status, exc)
-                        return
+                    # Answered from the outbox's own settling, with no future in between.
+                    self._callback.notify_into(
+                        request.body, request.signature, _Answering(self, request, path)
+                    )
+                    self._in_flight = True
+                    return
+                traced = tracing.notified(path, self._span_attributes, request.traceparent)
+                try:
+                    answer = self._callback.notify_soon(request.body, request.signature, traced)
+                except Exception as exc:
+                    status, reason = answer_for(exc, method, path)
+                    self._answer(request, method, path, status, reason)
+                    tracing.end_notified(traced, status, exc)
+                    return
                 self._in_flight = True
-                answer.add_done_callback(lambda done: self._notified(request, path, done, traced))
+                answer.add_done_callback(
+                    lambda done: self._traced_done(request, path, done, traced)
+                )
                 return
             if method not in ("GET", "HEAD"):
                 raise not_allowed(method)
@@ -287,18 +317,31 @@ class _Connection(asyncio.Protocol):
         except Exception as exc:
             self._answer(request, method, path, *answer_for(exc, method, path))
 
-    def _notified(
-        self, request: Request, path: str, done: asyncio.Future[str], traced: Notified | None
+    def _traced_done(
+        self, request: Request, path: str, done: asyncio.Future[str], traced: Notified
     ) -> None:
-        self._in_flight = False
-        error: BaseException | None = None
         if done.cancelled():
-            status, reason = 503, "shutting down; retry later"
-            error = asyncio.CancelledError()
-        elif (error := done.exception()) is not None:
-            status, reason = answer_for(error, "POST", path)
+            self._notified(request, path, None, asyncio.CancelledError(), traced)
         else:
-            status, reason = 200, done.result()
+            error = done.exception()
+            self._notified(request, path, None if error else done.result(), error, traced)
+
+    def _notified(
+        self,
+        request: Request,
+        path: str,
+        reason: str | None,
+        error: BaseException | None,
+        traced: Notified | None = None,
+    ) -> None:
+        """Answer a notification the outbox has settled: stored (``reason``) or not (``error``)."""
+        self._in_flight = False
+        if error is None:
+            status, reason = 200, reason or ""
+        elif isinstance(error, asyncio.CancelledError):
+            status, reason = 503, "shutting down; retry later"
+        else:
+            status, reason = answer_for(error, "POST", path)
         self._answer(request, "POST", path, status, reason)
         if traced is not None and self._tracing is not None:
             # The SERVER span ends with the status answered; a failure is the commit's.

@@ -37,7 +37,7 @@ import orjson
 
 from gateway.config import TargetConfig
 from gateway.edge.filters import has_content_filters, matches_content
-from gateway.edge.jsontext import is_json
+from gateway.edge.jsontext import is_json, surely_json
 from gateway.edge.ordering import conversation_key
 from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox.model import Route
@@ -91,6 +91,13 @@ def parse(body: bytes, *, exact: bool = True) -> Any:
         raise BadRequest("body is not valid JSON") from exc
     except RecursionError:  # nested deeper than json reads (about 1000 levels)
         raise _too_deep(body) from None
+
+
+def _check(body: bytes) -> None:
+    """Raises what :func:`parse` raises for ``body``, building no value for a body that is
+    surely JSON (:func:`~gateway.edge.jsontext.surely_json`); the parsers decide the rest."""
+    if not surely_json(body):
+        parse(body, exact=False)
 
 
 def _too_deep(body: bytes) -> BadRequest:
@@ -371,12 +378,12 @@ def route(body: bytes, targets: Sequence[TargetConfig] | Plan) -> list[Route]:
 def _route(body: bytes, plan: Plan) -> list[Route]:
     if plan.catch_all is not None:
         # The usual catch-all target reads no value: only whether the body is JSON matters,
-        # so this path (the benchmarked one) pays for the quick parse and no exact one.
-        parse(body, exact=False)
+        # so this path (the benchmarked one) builds no value at all.
+        _check(body)
         return list(plan.catch_all)
     if plan.splits:
-        # split_changes reads every value itself, with json: parse only has to refuse non-JSON.
-        parse(body, exact=False)
+        # split_changes reads every value itself, with json: this only has to refuse non-JSON.
+        _check(body)
         try:
             changes = split_changes(body)
         except RecursionError:  # orjson reads 1024 levels, json about 1000

@@ -13,7 +13,7 @@ from gateway.outbox.backends import (
     hold_outbox,
     open_outbox,
 )
-from gateway.outbox.interface import AcceptsSoon, Outbox
+from gateway.outbox.interface import AcceptsSoon, Outbox, Settles
 from gateway.outbox.model import (
     STATES,
     AttemptRecord,
@@ -43,6 +43,7 @@ __all__ = [
     "Outcome",
     "RetryAt",
     "Route",
+    "Settles",
     "Size",
     "State",
     "backup_outbox",

@@ -31,9 +31,20 @@ from gateway.outbox.model import (
     State,
 )
 
-__all__ = ["AcceptsSoon", "Outbox"]
+__all__ = ["AcceptsSoon", "Outbox", "Settles"]
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class Settles(Protocol[T_contra]):
+    """What the outbox settles once a notification is durable, on the event loop's thread: an
+    :class:`asyncio.Future`, or the caller's own object that acts at once rather than at the
+    loop's next turn, as a future's done callbacks do (``done()``: nobody waits any more)."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: T_contra, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 class Outbox(Protocol):
@@ -204,4 +215,18 @@ class AcceptsSoon(Protocol):
     ) -> asyncio.Future[T]:
         """The future of ``then(what accept returns)``, called on the event loop's thread once
         the notification is durable (what ``then`` raises fails the future)."""
+        ...
+
+    def accept_into(
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None = None,
+        *,
+        then: Callable[[list[Delivery] | None], T],
+        into: Settles[T],
+    ) -> None:
+        """:meth:`accept_soon`, settling ``into`` instead of a future of its own."""
         ...

@@ -36,6 +36,7 @@ from pki import ClientKind, Pki
 from sink import Sink
 
 from gateway.config import META_CLIENT_CN, ClientAuth
+from gateway.errors import SignatureRejected
 from gateway.runtime.gateway import Gateway
 from gateway.units import MiB
 
@@ -117,6 +118,48 @@ async def test_stores_signed_notification_before_answering_200(
         assert await stored_bodies(gateway) == bodies[:sent]
     received = await sink.wait_for(len(bodies))
     assert sorted(r.body for r in received) == sorted(bodies)
+
+
+class _Answer:
+    """The listener's side of notify_into: what the notification was settled with, and when
+    against the loop's turns."""
+
+    def __init__(self, log: list[object]) -> None:
+        self.log = log
+        self.settled = asyncio.Event()
+
+    def done(self) -> bool:
+        return self.settled.is_set()
+
+    def set_result(self, reason: str, /) -> None:
+        self.log.append(("answered", reason))
+        self.settled.set()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.log.append(("failed", type(exception).__name__))
+        self.settled.set()
+
+
+async def test_notify_into_settles_the_answer_once_the_notification_is_stored(
+    gateway: Gateway,
+) -> None:
+    """The listener's ack path: notify_into settles its answer with the reason once the
+    notification is in the outbox (settled in the commit's own turn: tests/outbox/test_writer.py);
+    a bad signature is raised at once and settles nothing."""
+    callback = gateway.core.callback
+    log: list[object] = []
+    answer = _Answer(log)
+    body = message_body("settled at once")
+    callback.notify_into(body, meta_signature(body), answer)
+    await asyncio.wait_for(answer.settled.wait(), 10)
+    assert log == [("answered", "ok")]
+    assert await stored_bodies(gateway) == [body]
+
+    refused = _Answer(log)
+    with pytest.raises(SignatureRejected):
+        callback.notify_into(body, meta_signature(body, "another secret"), refused)
+    assert not refused.done()
+    assert log == [("answered", "ok")]
 
 
 async def test_rejects_notification_without_signature(

@@ -160,6 +160,66 @@ async def test_a_jobs_after_step_makes_its_result_and_its_failure_fails_that_job
         await writer.close()
 
 
+class _Recorder:
+    """A Settles that acts at once: it records what it is settled with, and in which order
+    against the loop's turns; ``failing``: its set_result raises, as a buggy answer would."""
+
+    def __init__(self, log: list[object], name: str, *, failing: bool = False) -> None:
+        self.log = log
+        self.name = name
+        self.failing = failing
+        self.settled = asyncio.Event()
+
+    def done(self) -> bool:
+        return self.settled.is_set()
+
+    def set_result(self, result: object, /) -> None:
+        self.settled.set()
+        self.log.append((self.name, result))
+        if self.failing:
+            raise RuntimeError("an answer that fails")
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.settled.set()
+        self.log.append((self.name, type(exception).__name__))
+
+
+async def test_a_job_submitted_into_its_own_settles_is_settled_in_the_commits_turn(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """submit_into settles the caller's object right after ``after``, in the same turn of the
+    loop (a future's done callback would run one turn later); one that raises is logged and
+    the rest of its group is settled all the same."""
+
+    def open_connection(at: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(at, isolation_level=None, check_same_thread=False)
+        conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+        return conn
+
+    writer = Writer(tmp_path / "into.sqlite3", open_connection)
+    log: list[object] = []
+    loop = asyncio.get_running_loop()
+
+    def after(rowid: int) -> int:
+        log.append(("after", rowid))
+        loop.call_soon(log.append, "next turn")
+        return rowid * 10
+
+    def insert(n: int) -> Callable[[sqlite3.Connection], int | None]:
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (n,)).lastrowid
+
+    first, second = _Recorder(log, "first", failing=True), _Recorder(log, "second")
+    try:
+        writer.submit_into(insert(1), first, after=after)  # one turn: one group
+        writer.submit_into(insert(2), second)
+        await asyncio.wait_for(second.settled.wait(), 10)
+        await asyncio.sleep(0)
+    finally:
+        await writer.close()
+    assert log == [("after", 1), ("first", 10), ("second", 2), "next turn"]
+    assert "settling a committed job failed" in caplog.text
+
+
 async def test_turns_handed_over_while_a_group_commits_form_the_next_group_together(
     tmp_path: Path,
 ) -> None:

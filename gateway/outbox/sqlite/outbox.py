@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.errors import OutboxError
+from gateway.outbox.interface import Settles
 from gateway.outbox.model import (
     AttemptRecord,
     AttemptResult,
@@ -132,6 +133,23 @@ class SqliteOutbox:
         thread once the group holding it has committed: the listener's ack path waits for it
         without a task and three coroutines per request (see
         :meth:`gateway.edge.callback.Callback.notify_soon`)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.accept_into(body, signature, routes, now, trace, then=then, into=future)
+        return future
+
+    def accept_into(
+        self,
+        body: bytes,
+        signature: str,
+        routes: Sequence[Route],
+        now: float,
+        trace: str | None = None,
+        *,
+        then: Callable[[list[Delivery] | None], T],
+        into: Settles[T],
+    ) -> None:
+        """:meth:`accept_soon`, settling ``into`` (the listener's answer, given at once rather
+        than at the loop's next turn, as a future's done callback would be)."""
         # Closures called with positional arguments: on every request, a partial's keyword
         # arguments would be merged into a new dict at each call.
         digest = hashlib.sha256(body).digest()
@@ -145,8 +163,7 @@ class SqliteOutbox:
         def made(row: tuple[int, list[int], list[int]] | None) -> T:
             return then(deliveries(body, signature, routes, now, trace, row))
 
-        future: asyncio.Future[T] = self._writer.submit(job, after=made)
-        return future
+        self._writer.submit_into(job, into, after=made)
 
     def _deliveries(
         self,

@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import OutboxError
+from gateway.outbox.interface import Settles
 
 __all__ = ["LAZY_WAIT_S", "LINGER_MAX_S", "Writer", "linger_for", "unwritable"]
 
@@ -94,7 +95,7 @@ class _Job:
         self,
         func: Job,
         loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[Any],
+        future: Settles[Any],
         durable: bool,
         read: bool = False,
         after: Callable[[Any], Any] | None = None,
@@ -121,25 +122,30 @@ def linger_for(durable_jobs: int, average_gap_s: float | None) -> float:
     return min(LINGER_MAX_S, 1.5 * average_gap_s)
 
 
-_Answer = tuple[asyncio.Future[Any], Any, BaseException | None, Callable[[Any], Any] | None]
+_Answer = tuple[Settles[Any], Any, BaseException | None, Callable[[Any], Any] | None]
 
 
 def _resolve_all(items: list[_Answer]) -> None:
     for future, result, error, after in items:
-        if future.done():  # the awaiting request was cancelled (client went away)
-            continue
-        if error is not None:
-            future.set_exception(error)
-        elif after is None:
-            future.set_result(result)
-        else:
-            # Here rather than in a callback of the future: one turn of the loop less.
-            try:
-                value = after(result)
-            except Exception as exc:
-                future.set_exception(exc)
+        try:
+            if future.done():  # the awaiting request was cancelled (client went away)
+                continue
+            if error is not None:
+                future.set_exception(error)
+            elif after is None:
+                future.set_result(result)
             else:
-                future.set_result(value)
+                # Here rather than in a callback of the future: one turn of the loop less.
+                try:
+                    value = after(result)
+                except Exception as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(value)
+        except Exception:
+            # Only a settle that acts at once (not a future) can raise here: the rest of the
+            # group is answered all the same.
+            log.exception("settling a committed job failed")
 
 
 class _Busy:
@@ -344,14 +350,27 @@ class Writer:
         ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction).
         ``after``: the future resolves with ``after(result)`` instead, called on the event
         loop's thread (its exception fails the future)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit_into(func, future, durable=durable, read=read, after=after)
+        return future
+
+    def submit_into(
+        self,
+        func: Job,
+        into: Settles[Any],
+        *,
+        durable: bool = True,
+        read: bool = False,
+        after: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """:meth:`submit`, settling ``into`` (see :class:`~gateway.outbox.interface.Settles`)
+        instead of a future of its own."""
         if self._closing or not self._serving:
             raise OutboxError("outbox is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
         if not self._turn:
             loop.call_soon(self._hand_over)
-        self._turn.append(_Job(func, loop, future, durable and not read, read, after))
-        return future
+        self._turn.append(_Job(func, loop, into, durable and not read, read, after))
 
     def _hand_over(self) -> None:
         turn, self._turn = self._turn, []
