@@ -17,19 +17,12 @@ runs (about half of all new connections), and the handshake waits for it until i
 Here each accepted socket goes to ``connect_accepted_socket(ssl=...)``: the TLS protocol owns
 it from its first byte.
 
-On asyncio's own loop the TLS protocol is made here rather than by ``ssl=...``, the same class
-reading into one buffer of 64 KiB that every connection of the acceptor shares, instead of a
-256 KiB buffer asyncio allocates, zeroes and frees for each connection (a quarter of a million
-instructions, about 2 % of a new connection's CPU with its handshake; 64 KiB cost 260,000 less
-but still about 100,000 a connection in ``malloc_consolidate``, as freeing 64 KiB or more
-triggers it). Each TLS read asks OpenSSL for up to 64 KiB, four full TLS records. The
-handshake, its timeout and every check are asyncio's, as with ``ssl=...``.
-
-On asyncio's loop, too, a connection without a PROXY header needs no task: the accepted socket
-gets its transport at once, and the TLS protocol tells the acceptor how its handshake ended
-(asyncio's ``connect_accepted_socket`` runs a coroutine, two futures and a task per connection
-for the same, a tenth of what Python does around a handshake). A PROXY header is read first, in
-a task, as before.
+On asyncio's own loop the TLS is the gateway's own (:mod:`gateway.edge.tls_connection`): a plain
+protocol on the accepted socket's transport drives an ``ssl.SSLObject``, with no task, coroutine
+or future per connection (asyncio's ``connect_accepted_socket`` runs a coroutine, two futures
+and a task for the same), every connection reading into one buffer of 64 KiB the acceptor
+shares (asyncio allocates, zeroes and frees 256 KiB for each), and one timer for every
+handshake's timeout instead of one each. A PROXY header is read first, in a task, as before.
 """
 
 from __future__ import annotations
@@ -40,9 +33,9 @@ import socket
 import ssl
 from asyncio import selector_events
 from collections.abc import Awaitable, Callable
-from typing import cast
 
-from gateway.edge.tls_reads import TLSReads
+from gateway.edge.deadlines import Deadlines
+from gateway.edge.tls_connection import TLSConnection
 from gateway.units import SECONDS
 
 __all__ = ["BACKLOG", "Acceptor", "bind"]
@@ -73,64 +66,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 READ_BUFFER_BYTES = 64 * 1024  # the TLS connections' one read buffer on asyncio's loop
-
-
-class _TLSProtocol(TLSReads):
-    """asyncio's TLS protocol reading into its acceptor's one read buffer without an exception
-    per read (gateway.edge.tls_reads), telling ``handshake_ended(self, error)`` instead of a
-    future how its handshake ended (see the module docstring)."""
-
-    # asyncio's __init__ allocates a read buffer of max_size for each connection: none here.
-    max_size = 0
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        app_protocol: asyncio.Protocol,
-        context: ssl.SSLContext,
-        handshake_ended: Callable[[_TLSProtocol, BaseException | None], None],
-        read_buffer: memoryview,
-    ) -> None:
-        super().__init__(
-            loop,
-            app_protocol,
-            context,
-            None,  # type: ignore[arg-type]  # no waiter: asyncio takes None (typeshed says not)
-            server_side=True,
-            ssl_handshake_timeout=int(TLS_HANDSHAKE_TIMEOUT_S),  # typeshed's int: 30 s is one
-        )
-        self._handshake_ended: Callable[[_TLSProtocol, BaseException | None], None] | None = (
-            handshake_ended
-        )
-        # Each read goes into the buffer and is copied at once into this connection's TLS
-        # input (buffer_updated, a MemoryBIO) before the loop runs anything else: one buffer
-        # serves every connection of the loop. max_size is also what one SSLObject.read() asks.
-        self._ssl_buffer_view = read_buffer
-        self.client = "-"  # the client's address, for the report of a failed handshake
-        # The socket's transport, known before connection_made gives it (see abort).
-        self.accepted: asyncio.Transport | None = None
-        self.max_size = len(read_buffer)  # type: ignore[misc]  # typeshed: ClassVar; read per instance
-
-    def get_buffer(self, n: int) -> memoryview:
-        return self._ssl_buffer_view
-
-    def _wakeup_waiter(self, exc: BaseException | None = None) -> None:
-        # asyncio's one call where the handshake ends: complete (the application protocol has
-        # its connection), failed, or the connection lost first; the first call only.
-        ended, self._handshake_ended = self._handshake_ended, None
-        if ended is None:
-            return
-        if exc is None and self._transport is None:
-            # Lost without an error while under way: aborted (Acceptor.close) or reset.
-            exc = ConnectionResetError("the connection closed during the TLS handshake")
-        ended(self, exc)
-
-    def abort(self) -> None:
-        """Close the connection at once, without a word of TLS; also before connection_made
-        (then the handshake never starts reading: an aborted transport adds no reader)."""
-        transport = self._transport or self.accepted
-        if transport is not None:
-            cast(asyncio.Transport, transport).abort()
 
 
 # Before the handshake, given the accepted socket and its peer: the client's address (a PROXY
@@ -168,8 +103,9 @@ class Acceptor:
         # Each handshake under way in a task (after a PROXY header, or on uvloop), with its
         # socket while the task has not yet handed it over; and each one without a task.
         self._handshakes: dict[asyncio.Task[None], socket.socket | None] = {}
-        self._securing: set[_TLSProtocol] = set()
-        self._read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))  # see _TLSProtocol
+        self._securing: set[TLSConnection] = set()
+        self._read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))  # see TLSConnection
+        self._deadlines = Deadlines(self._loop)
         self._none_securing = asyncio.Event()  # set when closed and the last of those ended
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -236,22 +172,23 @@ class Acceptor:
 
     def _start_tls(self, conn: socket.socket, client: str, address: object) -> None:
         """What ``connect_accepted_socket(ssl=...)`` does on asyncio's loop, with
-        :class:`_TLSProtocol` and without a task: the transport owns (and closes) ``conn``
+        :class:`TLSConnection` and without a task: the transport owns (and closes) ``conn``
         from here on, and :meth:`_handshake_ended` hears how the handshake ended."""
-        tls = _TLSProtocol(
-            self._loop,
-            self._protocol_factory(client),
+        tls = TLSConnection(
             self._context,
+            self._protocol_factory(client),
             self._handshake_ended,
             self._read_buffer,
+            self._deadlines,
+            TLS_HANDSHAKE_TIMEOUT_S,
         )
         tls.client = client
         try:
             conn.setblocking(False)
             # The transport connect_accepted_socket would make, without its waiter: it calls
-            # connection_made, which starts the handshake, on the loop's next turn.
-            # (A method of every selector loop since Python 3.4, absent from typeshed.) The
-            # peer's address is accept()'s, rather than asked of the kernel again.
+            # connection_made on the loop's next turn. (A method of every selector loop since
+            # Python 3.4, absent from typeshed.) The peer's address is accept()'s, rather than
+            # asked of the kernel again.
             tls.accepted = self._loop._make_socket_transport(  # type: ignore[attr-defined]
                 conn, tls, extra={"peername": address}
             )
@@ -261,17 +198,13 @@ class Acceptor:
             return
         self._securing.add(tls)
 
-    def _handshake_ended(self, tls: _TLSProtocol, error: BaseException | None) -> None:
+    def _handshake_ended(self, tls: TLSConnection, error: OSError | None) -> None:
+        # The connection has closed itself if it failed (after OpenSSL's alert, if any).
         self._securing.discard(tls)
         if self._closed and not self._securing:
             self._none_securing.set()
-        if error is None:
-            return  # the connection's protocol has it
-        tls.abort()  # as asyncio closes a connection whose handshake did not complete
-        if isinstance(error, OSError):  # ssl.SSLError, a reset, the handshake timeout
+        if error is not None:  # ssl.SSLError, a reset, the handshake timeout
             self._failed(tls.client, error)
-        else:  # not a failed handshake: a fault of ours
-            log.error("accepting a connection failed", exc_info=error)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         conn = self._handshakes.pop(task, None)

@@ -1,4 +1,4 @@
-"""Reads of established TLS connections on asyncio's loop (gateway.edge.tls_reads): the same
+"""Reads of established TLS connections on asyncio's loop (gateway.edge.tls_connection): the same
 bytes and end of stream as asyncio's own protocol, without a fruitless read into OpenSSL each."""
 
 from __future__ import annotations
