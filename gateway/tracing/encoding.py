@@ -306,8 +306,8 @@ class Encoder:
 
     def attempts(self, record: Attempts) -> list[bytes]:
         """The sampled CLIENT spans of a batch's record, each byte for byte what :meth:`span`
-        makes of the API span :meth:`~gateway.tracing.spans.Tracing.attempt_spans` and
-        ``end_attempt`` would have made (a test compares). What the batch's spans share
+        makes of the API span :meth:`~gateway.tracing.spans.Tracing.as_spans` makes of it (a
+        test compares). What the batch's spans share
         (name, kind, times, the target's attributes) is joined once; per span, its ids are
         packed and its delivery id follows a prefix cached by the id's length."""
         name = self._names.get(record.name) or self._name(record.name)

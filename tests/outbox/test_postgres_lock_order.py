@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import asyncpg
 import pytest
@@ -20,6 +21,7 @@ from gateway.outbox import (
     Outcome,
     RetryAt,
     Route,
+    State,
     open_outbox,
 )
 from gateway.outbox.postgres import sql
@@ -134,8 +136,8 @@ REMOVALS = {
 async def test_a_removal_of_many_during_a_replay_of_many_never_deadlocks(
     pg_url: str,
     outcome: Outcome,
-    state: str,
-    remove: Callable[[Outbox], Awaitable[int]],
+    state: State,
+    remove: Callable[[Outbox], Coroutine[Any, Any, int]],
 ) -> None:
     """A purge of dead letters or a prune of delivered rows and a replay of those same
     deliveries at once both finish: neither is aborted as a deadlock, and each delivery is

@@ -87,14 +87,11 @@ def test_an_unsampled_record_is_not_recorded_but_its_context_says_so() -> None:
     tracing.end_notified(record, 200)
     assert records == []
     assert stored.endswith("-00")
-    ((here, _),) = tracing.attempt_spans("http://t/", "t", [("d-1", stored, 1)])
-    ((there, _),) = Tracing(lambda span: None).attempt_spans("http://t/", "t", [("d-1", stored, 1)])
-    assert (here.trace_id, here.parent_id, here.sampled) == (
-        there.trace_id,
-        there.parent_id,
-        there.sampled,
-    )
-    assert here.parent_id == record.server_id.to_bytes(8)
+    (here,) = tracing.attempts("http://t/", "t", [("d-1", stored, 1)]).spans
+    (there,) = Tracing(lambda span: None).attempts("http://t/", "t", [("d-1", stored, 1)]).spans
+    trace_id, _, parent_id, _, sampled, _, _ = here
+    assert (trace_id, parent_id, sampled) == (there[0], there[2], there[4])
+    assert parent_id == record.server_id.to_bytes(8)
 
 
 STORED = f"{FOREIGN}\nvendor=1"
@@ -116,9 +113,9 @@ UNSAMPLED = FOREIGN[:-2] + "00"
 def test_a_batch_of_attempts_encodes_as_the_api_spans_and_carries_their_headers(
     deliveries: list[tuple[str, str | None, int]], ended: list[Ended], kind: str
 ) -> None:
-    """A batch's record encodes, byte for byte, as the CLIENT spans attempt_spans and
-    end_attempt make (an unsampled attempt not at all), and its headers carry each span's
-    own context, tracestate included, as attempt_spans' headers do."""
+    """A batch's record encodes, byte for byte, as the CLIENT API spans it stands for
+    (an unsampled attempt not at all), and its headers carry each span's own context,
+    tracestate included."""
     as_spans: list[Span] = []
     records: list[Notified | Attempts] = []
     tracing = Tracing(as_spans.append, records=records.append)
