@@ -37,11 +37,13 @@ from gateway.tracing.export import Exporting
 NOT_AFTER = "Jun  1 12:00:00 2027 GMT"
 
 
-def _server_span(tracing: Any, path: str, attributes: Any) -> Any:
+def _server_span(tracing: Any, path: str) -> Any:
+    """``server_span`` as this revision takes it, as a function of the connection's
+    attributes (its signature read once: reading it costs more than a span)."""
     if len(inspect.signature(tracing.server_span).parameters) == 4:
         # The revision before the lean spans: (path, cn, not_after, foreign).
-        return lambda: tracing.server_span(path, "meta", NOT_AFTER, None)
-    return lambda: tracing.server_span(path, attributes, None)
+        return lambda attributes: lambda: tracing.server_span(path, "meta", NOT_AFTER, None)
+    return lambda attributes: lambda: tracing.server_span(path, attributes, None)
 
 
 async def main() -> None:
@@ -51,23 +53,40 @@ async def main() -> None:
     parser.add_argument(
         "--records", action="store_true", help="the listener's records (Tracing.notified)"
     )
+    parser.add_argument(
+        "--per-connection",
+        type=int,
+        default=0,
+        help="notifications per connection: the connection's attributes made anew (and"
+        " encoded anew) after each such run, as the listener makes them at each handshake"
+        " (default 0: one connection for the whole run)",
+    )
     args = parser.parse_args()
     started = time.process_time()
     exporting = Exporting(TracingConfig(enabled=True, endpoint=args.endpoint))
     tracing = exporting.tracing
     attributes: Any = None
+    connection: Any = None
     try:
         from gateway.tracing import server_attributes  # type: ignore[attr-defined,unused-ignore]
 
-        attributes = server_attributes(
-            "/webhook", "meta", NOT_AFTER, "127.0.0.1", ("127.0.0.1", 40000)
-        )
+        def connection(port: int) -> Any:
+            return server_attributes(
+                "/webhook", "meta", NOT_AFTER, "127.0.0.1", ("127.0.0.1", port)
+            )
+
+        attributes = connection(40000)
     except ImportError:
         pass
-    server_span = _server_span(tracing, "/webhook", attributes)
+    spans_of = _server_span(tracing, "/webhook")
+    server_span = spans_of(attributes)
     set_up = time.process_time() - started
     started = time.process_time()
     for number in range(args.count):
+        if args.per_connection and connection and number % args.per_connection == 0:
+            # A new connection: another client port (at most 64k of them, as on one host).
+            attributes = connection(1024 + number // args.per_connection % 64000)
+            server_span = spans_of(attributes)
         if args.records:
             record = tracing.notified("/webhook", attributes, None)
             record.committing()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
-from gateway.tracing.attributes import status_attributes
+from gateway.tracing.attributes import ServerAttributes, status_attributes
 from gateway.tracing.context import SAMPLED
 from gateway.tracing.records import DUPLICATE, Attempts, Notified
 from gateway.tracing.spans import CLIENT, INTERNAL, SERVER, Span
@@ -48,8 +48,9 @@ _CHILD_FLAGS: Final = {
     for s in (False, True)
 }
 _SHARED_LIMIT: Final = 1024  # connections' and targets' attribute sets
-# Attributes whose values never recur: not worth a place in the cache.
-_UNCACHED: Final = frozenset({"gateway.delivery.id"})
+# Attributes whose values never recur (a delivery's id, a connection's port): not worth a
+# place in the cache, where they would only push out those that do.
+_UNCACHED: Final = frozenset({"gateway.delivery.id", "client.port", "network.peer.port"})
 _DELIVERY_ID_KEY: Final = b"\x0a\x13gateway.delivery.id"
 # A child's three ids (trace 1, span 2, parent 4), each with its tag and length.
 _CHILD_IDS: Final = struct.Struct("<2s16s2s8s2s8s").pack
@@ -146,7 +147,15 @@ class Encoder:
             return found[1]
         if len(self._shared) >= _SHARED_LIMIT:
             self._shared.clear()
-        encoded = b"".join([self._attribute(k, v) for k, v in attributes.items()])
+        if type(attributes) is ServerAttributes:
+            # A new connection: what its path and certificate give is encoded once for all.
+            own = attributes.own.items()
+            encoded = b"".join(
+                [self._shared_attributes(attributes.constant)]
+                + [self._attribute(k, v) for k, v in own]
+            )
+        else:
+            encoded = b"".join([self._attribute(k, v) for k, v in attributes.items()])
         self._shared[id(attributes)] = (attributes, encoded)
         return encoded
 

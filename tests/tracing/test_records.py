@@ -18,6 +18,7 @@ from sink import Sink
 from gateway.config import Config, OutboxConfig, TracingConfig
 from gateway.errors import OutboxError
 from gateway.runtime.gateway import Gateway
+from gateway.tracing.attributes import server_attributes
 from gateway.tracing.encoding import Encoder
 from gateway.tracing.export import Exporting
 from gateway.tracing.records import Attempts, Ended, Notified
@@ -73,6 +74,29 @@ def test_a_record_encodes_as_the_api_spans_it_stands_for(
     if failure is not None:
         assert as_spans[0].changed == {"error.type": "OutboxError"}
         assert as_spans[0].error
+
+
+def test_a_connections_attributes_encode_as_a_plain_mapping_of_them_would() -> None:
+    """What a connection's path and certificate give is one mapping for every connection
+    with them, and each connection's SERVER span (its constant part encoded once, by an
+    encoder that has seen other connections) encodes byte for byte as with a plain dict."""
+    not_after = "Jun  1 12:00:00 2027 GMT"
+    connections = [
+        server_attributes("/webhook", "meta", not_after, "10.0.0.1", ("10.0.0.1", port))
+        for port in (40000, 40001, 40000)
+    ] + [server_attributes("/webhook", "other", None, "10.0.0.2", ("10.0.0.3", 5))]
+    assert connections[0].constant is connections[1].constant
+    assert connections[0].constant is not connections[3].constant
+    encoder = Encoder({"service.name": "s"}, "gw", "1")
+    for attributes in connections:
+        spans: list[Span] = []
+        tracing = Tracing(spans.append)
+        tracing.end_server(tracing.server_span("/webhook", attributes, None), 200)
+        (server,) = spans
+        encoded = encoder.span(server)
+        assert len(dict(attributes)) == len(attributes)  # no key in both parts
+        server.attributes = dict(attributes)
+        assert encoded == Encoder({"service.name": "s"}, "gw", "1").span(server)
 
 
 def test_an_unsampled_record_is_not_recorded_but_its_context_says_so() -> None:
