@@ -80,3 +80,30 @@ async def test_a_header_that_would_break_the_request_is_left_out_and_named(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "x-bad" in logged
     assert "cret" not in logged
+
+
+@pytest.mark.parametrize(
+    ("written", "warned"),
+    [
+        ("Authorization: Bearer sekrit-token=x", "not a valid HTTP header name"),
+        ("Authorization: Bearer sekrit-token", "not name=value"),
+    ],
+    ids=["in the name", "no equals sign"],
+)
+async def test_a_header_written_with_its_secret_out_of_place_is_left_out_and_never_shown(
+    caplog: pytest.LogCaptureFixture, written: str, warned: str
+) -> None:
+    """A header written as ``Authorization: Bearer <token>`` puts the token where no HTTP
+    header's name or value is: it is not sent, and no warning shows any of it."""
+    async with Receiver() as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_EXPORTER_OTLP_HEADERS": f"{written},x-api-key=k1"},
+        )
+        Tracing.end_server(exporting.tracing.server_span("/a", {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /a"]
+    assert receiver.headers[0]["x-api-key"] == "k1"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert warned in logged
+    assert "sekrit" not in logged
