@@ -56,7 +56,6 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
-import importlib.util
 import json
 import os
 import re
@@ -78,16 +77,6 @@ from types import ModuleType
 HERE = Path(__file__).resolve().parent
 CLIENT_CN = "client.webhooks.fbclientcerts.com"
 PATH = "/webhook"
-
-
-def _module(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def log(*parts: object) -> None:
@@ -373,7 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("valgrind is not installed (Debian: apt-get install valgrind)")
     args.sink = str(Path(args.shared) / "sink.py")
     args.payload = str(Path(args.shared) / "payload.json")
-    bench, compare = _module("bench"), _module("compare")
+    # The sibling scripts, imported as kinds.py and ordering.py import them (this folder is
+    # first on sys.path when the script runs).
+    import compare
+
+    import bench
     work = args.workdir or Path(tempfile.mkdtemp(prefix="waba-instructions-"))
     work.mkdir(parents=True, exist_ok=True)
     builds: list[tuple[str, Path, Path, bool]] = []

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "ServerAttributes",
     "attempt_attributes",
     "client_attributes",
     "not_after_iso",
@@ -46,13 +47,32 @@ def _address(peer: object) -> tuple[str, int] | None:
     return None
 
 
-def server_attributes(
-    path: str, cn: str | None, not_after: str | None, client: str | None, peer: object
-) -> dict[str, Any]:
-    """A callback request's attributes known before it is read, the same for every request of
-    one connection. ``client``: the client's address (the PROXY protocol header's, else the TCP
-    peer's); ``peer``: the TCP peer's ``getpeername()``. The client's port is known only when
-    the client is the TCP peer itself."""
+class ServerAttributes(Mapping[str, Any]):
+    """A callback request's attributes: ``constant``, those of the path and the client
+    certificate (one read-only mapping, the same for every connection with them), then the
+    connection's ``own`` (its addresses). The encoder encodes ``constant`` once for all of
+    them, and per connection only ``own``."""
+
+    __slots__ = ("constant", "own")
+
+    def __init__(self, constant: Mapping[str, Any], own: Mapping[str, Any]) -> None:
+        self.constant = constant
+        self.own = own
+
+    def __getitem__(self, key: str) -> Any:
+        own = self.own
+        return own[key] if key in own else self.constant[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.constant  # the keys of the two never overlap
+        yield from self.own
+
+    def __len__(self) -> int:
+        return len(self.constant) + len(self.own)
+
+
+@functools.lru_cache(maxsize=64)  # the one path, the same few certificates
+def _constant(path: str, cn: str | None, not_after: str | None) -> Mapping[str, Any]:
     found: dict[str, Any] = {
         "http.request.method": "POST",
         "http.route": path,
@@ -65,14 +85,25 @@ def server_attributes(
     expiry = not_after_iso(not_after)
     if expiry is not None:
         found["tls.client.not_after"] = expiry
+    return MappingProxyType(found)
+
+
+def server_attributes(
+    path: str, cn: str | None, not_after: str | None, client: str | None, peer: object
+) -> ServerAttributes:
+    """A callback request's attributes known before it is read, the same for every request of
+    one connection. ``client``: the client's address (the PROXY protocol header's, else the TCP
+    peer's); ``peer``: the TCP peer's ``getpeername()``. The client's port is known only when
+    the client is the TCP peer itself."""
+    own: dict[str, Any] = {}
     address = _address(peer)
     if client:
-        found["client.address"] = client
+        own["client.address"] = client
         if address is not None and address[0] == client:
-            found["client.port"] = address[1]
+            own["client.port"] = address[1]
     if address is not None:
-        found["network.peer.address"], found["network.peer.port"] = address
-    return found
+        own["network.peer.address"], own["network.peer.port"] = address
+    return ServerAttributes(_constant(path, cn, not_after), own)
 
 
 def status_attributes(status: int | None, error: str | None) -> dict[str, Any]:

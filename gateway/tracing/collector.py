@@ -19,9 +19,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import urlsplit
-
-from opentelemetry.util.re import parse_env_headers
+from urllib.parse import unquote, urlsplit
 
 from gateway.units import SECONDS
 
@@ -90,7 +88,7 @@ def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
     else:
         base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or _DEFAULT_ENDPOINT
         url = base.rstrip("/") + "/" + _TRACES_PATH
-    headers = dict(parse_env_headers(_variable(env, "HEADERS") or "", liberal=True))
+    headers = _parsed_headers(_variable(env, "HEADERS") or "")
     timeout_s = _timeout_s(_variable(env, "TIMEOUT"))
     compression = (_variable(env, "COMPRESSION") or "none").strip().lower()
     if compression not in ("none", "gzip", "deflate"):
@@ -107,27 +105,60 @@ def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
     )
 
 
+def _parsed_headers(raw: str) -> dict[str, str]:
+    """``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``: ``name=value`` entries separated by commas,
+    percent-encoded as the specification says (or not, as OpenTelemetry's SDKs accept), names
+    in lower case. An entry that is not ``name=value`` is left out with a warning that shows
+    none of it: OpenTelemetry's own parser (``parse_env_headers``) logs such an entry whole,
+    and it is most often a secret written the wrong way (``Authorization: Bearer <token>``)."""
+    found = {}
+    for entry in raw.split(","):
+        if not entry.strip():
+            continue
+        name, equals, value = entry.partition("=")
+        name = unquote(name).strip().lower()
+        if not equals or not name:
+            log.warning(
+                "an OTLP header is not name=value (not shown: it may hold a secret); not sent"
+            )
+            continue
+        found[name] = unquote(value).strip()
+    return found
+
+
 def _sendable(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers that can go out as they are. One that would break the request's framing (a
     line break, a colon or white space in its name) or that HTTP/1.1 cannot carry (a name
-    outside ASCII, a value outside Latin-1) is left out and named in a warning (its value
-    never): ``http.client`` would raise on it in the exporter's thread at every export, and no
-    span would ever be sent."""
+    outside ASCII, a value outside Latin-1) is left out with a warning: ``http.client`` would
+    raise on it in the exporter's thread at every export, and no span would ever be sent. The
+    warning names a header only by a valid name, never by its value nor by a name that is not
+    one: such a name is most often a value written into it (``Authorization: Bearer <token>``
+    for ``Authorization=Bearer <token>``)."""
     kept = {}
     for name, value in headers.items():
-        try:
-            name.encode("ascii")
-            value.encode("latin-1")
-        except UnicodeEncodeError:
-            sendable = False
-        else:
-            sendable = bool(name) and not any(c in name for c in ":\r\n \t")
-            sendable = sendable and "\r" not in value and "\n" not in value
-        if sendable:
+        valid_name = _valid_name(name)
+        if valid_name and _valid_value(value):
             kept[name] = value
+        elif valid_name:
+            log.warning("OTLP header %r has a value HTTP/1.1 cannot carry; not sent", name)
         else:
-            log.warning("OTLP header %r is not a valid HTTP header; not sent", name[:40])
+            log.warning(
+                "an OTLP header's name is not a valid HTTP header name (not shown: it may hold"
+                " a secret); not sent"
+            )
     return kept
+
+
+def _valid_name(name: str) -> bool:
+    return name.isascii() and bool(name) and not any(c in name for c in ":\r\n \t")
+
+
+def _valid_value(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return "\r" not in value and "\n" not in value
 
 
 class Poster:

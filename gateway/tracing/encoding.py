@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
-from gateway.tracing.attributes import status_attributes
+from gateway.tracing.attributes import ServerAttributes, status_attributes
 from gateway.tracing.context import SAMPLED
 from gateway.tracing.records import DUPLICATE, Attempts, Notified
 from gateway.tracing.spans import CLIENT, INTERNAL, SERVER, Span
@@ -48,8 +48,9 @@ _CHILD_FLAGS: Final = {
     for s in (False, True)
 }
 _SHARED_LIMIT: Final = 1024  # connections' and targets' attribute sets
-# Attributes whose values never recur: not worth a place in the cache.
-_UNCACHED: Final = frozenset({"gateway.delivery.id"})
+# Attributes whose values never recur (a delivery's id, a connection's port): not worth a
+# place in the cache, where they would only push out those that do.
+_UNCACHED: Final = frozenset({"gateway.delivery.id", "client.port", "network.peer.port"})
 _DELIVERY_ID_KEY: Final = b"\x0a\x13gateway.delivery.id"
 # A child's three ids (trace 1, span 2, parent 4), each with its tag and length.
 _CHILD_IDS: Final = struct.Struct("<2s16s2s8s2s8s").pack
@@ -146,7 +147,15 @@ class Encoder:
             return found[1]
         if len(self._shared) >= _SHARED_LIMIT:
             self._shared.clear()
-        encoded = b"".join([self._attribute(k, v) for k, v in attributes.items()])
+        if type(attributes) is ServerAttributes:
+            # A new connection: what its path and certificate give is encoded once for all.
+            own = attributes.own.items()
+            encoded = b"".join(
+                [self._shared_attributes(attributes.constant)]
+                + [self._attribute(k, v) for k, v in own]
+            )
+        else:
+            encoded = b"".join([self._attribute(k, v) for k, v in attributes.items()])
         self._shared[id(attributes)] = (attributes, encoded)
         return encoded
 
@@ -306,8 +315,8 @@ class Encoder:
 
     def attempts(self, record: Attempts) -> list[bytes]:
         """The sampled CLIENT spans of a batch's record, each byte for byte what :meth:`span`
-        makes of the API span :meth:`~gateway.tracing.spans.Tracing.attempt_spans` and
-        ``end_attempt`` would have made (a test compares). What the batch's spans share
+        makes of the API span :meth:`~gateway.tracing.spans.Tracing.as_spans` makes of it (a
+        test compares). What the batch's spans share
         (name, kind, times, the target's attributes) is joined once; per span, its ids are
         packed and its delivery id follows a prefix cached by the id's length."""
         name = self._names.get(record.name) or self._name(record.name)

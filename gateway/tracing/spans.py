@@ -172,8 +172,8 @@ class Tracing:
     def as_spans(self, record: Notified | Attempts) -> None:
         """Give ``record`` (one ended) to the recorder as the API spans it stands for: a
         notification's commit, then its SERVER span, as :meth:`commit_span` and
-        :meth:`server_span` make and end them; each sampled attempt as :meth:`attempt_spans`
-        and :meth:`end_attempt` do."""
+        :meth:`server_span` make and end them; each sampled attempt as a CLIENT span, a child
+        of its stored context, ended with what came back and what it led to."""
         if isinstance(record, Attempts):
             for span, ended in zip(record.spans, record.ended, strict=True):
                 trace_id, span_id, parent_id, state, sampled, delivery_id, attempt = span
@@ -284,47 +284,6 @@ class Tracing:
             return trace_id, sampled, _NO_PARENT, ""
         return parent.trace_id, bool(parent.flags & SAMPLED), parent.span_id, parent.trace_state
 
-    def attempt_spans(
-        self,
-        url: str,
-        target: str,
-        deliveries: Sequence[tuple[str, str | None, int]],
-        kind: str = "http",
-    ) -> list[tuple[Span, dict[str, str]]]:
-        """One CLIENT span per attempt ``(delivery id, stored trace context, attempt number)``,
-        each a child of its stored context (a root where none was stored), with the headers
-        that carry it to the target. Named ``POST`` for an HTTP target (the HTTP conventions),
-        ``send <target>`` for a broker (the messaging ones)."""
-        made = []
-        start = time.time_ns()
-        name = "POST" if kind == "http" else f"send {target}"
-        shared = target_attributes(url, target, kind)
-        for delivery_id, trace_context, attempt in deliveries:
-            trace_id, sampled, parent_id, trace_state = self._attempt_parent(trace_context)
-            span = Span(
-                self._recorder,
-                name,
-                CLIENT,
-                trace_id,
-                parent_id,
-                trace_state,
-                sampled,
-                shared,
-                start,
-            )
-            span.changed = attempt_attributes(delivery_id, attempt)
-            headers = {"traceparent": span.traceparent()}
-            if span.trace_state:
-                headers["tracestate"] = span.trace_state
-            made.append((span, headers))
-        return made
-
-    @staticmethod
-    def end_attempt(span: trace.Span, status: int | None, error: str | None, outcome: str) -> None:
-        """End an attempt's span with what came back and what it led to (delivered, retry,
-        dead)."""
-        Tracing._end_attempt(span, status, error, outcome)
-
     @staticmethod
     def _end_attempt(
         span: trace.Span, status: int | None, error: str | None, outcome: str, end_ns: int = 0
@@ -342,8 +301,11 @@ class Tracing:
         deliveries: Sequence[tuple[str, str | None, int]],
         kind: str = "http",
     ) -> Attempts:
-        """:meth:`attempt_spans` as one plain record (:class:`Attempts`): the same parents,
-        names and headers, with no span object; :meth:`end_attempts` ends it."""
+        """One CLIENT span per attempt ``(delivery id, stored trace context, attempt number)``,
+        as one plain record (:class:`Attempts`) with no span object: each a child of its
+        stored context (a root where none was stored), with the headers that carry it to the
+        target. Named ``POST`` for an HTTP target (the HTTP conventions), ``send <target>`` for
+        a broker (the messaging ones). :meth:`end_attempts` ends it."""
         name = "POST" if kind == "http" else f"send {target}"
         spans: list[Attempt] = []
         headers: list[dict[str, str]] = []

@@ -9,14 +9,20 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from config_files import host_configs, listen_port, write_config
-from conversations import Conversations, conversation_body, in_order, ordered_bot
+from conversations import (
+    Conversations,
+    conversation_body,
+    conversations_target,  # noqa: F401 (the fixture "target": pytest finds it here)
+    in_order,
+    ordered_bot,
+)
 from helpers import gateway_config, post
 from pki import Pki
 from processes import post_to, serving, serving_all, until_listening
@@ -33,14 +39,6 @@ PER_USER = 6
 # conversation, by design): 12 quick attempts end in about a second and a half, which a loaded
 # machine's lease takeover outlasts.
 ORDERED = 'order = "conversation"\ntimeout_s = 5\npipeline = 8\nattempts = 1000'
-
-
-@pytest.fixture
-async def target() -> AsyncIterator[Conversations]:
-    conversations = Conversations()
-    await conversations.start()
-    yield conversations
-    await conversations.stop()
 
 
 Send = Callable[[str, int], Awaitable[None]]

@@ -9,11 +9,14 @@ import dataclasses
 import itertools
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-from conversations import Conversations, conversation_body, ordered_bot
+from conversations import (
+    Conversations,
+    conversation_body,
+    conversations_target,  # noqa: F401 (the fixture "target": pytest finds it here)
+    ordered_bot,
+)
 from helpers import gateway_config, post
 from pki import Pki
 from sink import DEADLINE_S
@@ -31,14 +34,6 @@ _HOLD = (
     "time.sleep(float(sys.argv[2]))\n"
     "conn.execute('COMMIT')\n"
 )
-
-
-@pytest.fixture
-async def target() -> AsyncIterator[Conversations]:
-    conversations = Conversations()
-    await conversations.start()
-    yield conversations
-    await conversations.stop()
 
 
 def _passes(numbers: list[int]) -> list[list[int]]:

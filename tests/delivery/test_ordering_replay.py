@@ -10,12 +10,16 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
 from config_files import write_config
-from conversations import Conversations, conversation_body, ordered_bot
+from conversations import (
+    Conversations,
+    conversation_body,
+    conversations_target,  # noqa: F401 (the fixture "target": pytest finds it here)
+    ordered_bot,
+)
 from helpers import APP_SECRET, admin_post, eventually, gateway_config, post
 from pki import Pki
 
@@ -24,14 +28,6 @@ from gateway.outbox import Delivery
 from gateway.runtime.gateway import Gateway
 
 MESSAGES = 5
-
-
-@pytest.fixture
-async def target() -> AsyncIterator[Conversations]:
-    conversations = Conversations()
-    await conversations.start()
-    yield conversations
-    await conversations.stop()
 
 
 def _number(delivery: Delivery) -> int:

@@ -17,17 +17,24 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Unpack
 
+import pytest
 from aiohttp import web
 from helpers import TargetOptions
 from sink import DEADLINE_S
 
 from gateway.config import TargetConfig
 
-__all__ = ["Conversations", "conversation_body", "in_order", "ordered_bot"]
+__all__ = [
+    "Conversations",
+    "conversation_body",
+    "conversations_target",
+    "in_order",
+    "ordered_bot",
+]
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bsuid" / "messages-text.json"
 
@@ -123,3 +130,13 @@ class Conversations:
         while self.refused.get((user, n), 0) < times:
             assert time.monotonic() < deadline, f"{user} {n} refused {self.refused}"
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture(name="target")
+async def conversations_target() -> AsyncIterator[Conversations]:
+    """A started :class:`Conversations`, stopped after the test: the fixture ``target`` of the
+    modules that import this."""
+    conversations = Conversations()
+    await conversations.start()
+    yield conversations
+    await conversations.stop()

@@ -18,6 +18,7 @@ from sink import Sink
 from gateway.config import Config, OutboxConfig, TracingConfig
 from gateway.errors import OutboxError
 from gateway.runtime.gateway import Gateway
+from gateway.tracing.attributes import server_attributes
 from gateway.tracing.encoding import Encoder
 from gateway.tracing.export import Exporting
 from gateway.tracing.records import Attempts, Ended, Notified
@@ -75,6 +76,29 @@ def test_a_record_encodes_as_the_api_spans_it_stands_for(
         assert as_spans[0].error
 
 
+def test_a_connections_attributes_encode_as_a_plain_mapping_of_them_would() -> None:
+    """What a connection's path and certificate give is one mapping for every connection
+    with them, and each connection's SERVER span (its constant part encoded once, by an
+    encoder that has seen other connections) encodes byte for byte as with a plain dict."""
+    not_after = "Jun  1 12:00:00 2027 GMT"
+    connections = [
+        server_attributes("/webhook", "meta", not_after, "10.0.0.1", ("10.0.0.1", port))
+        for port in (40000, 40001, 40000)
+    ] + [server_attributes("/webhook", "other", None, "10.0.0.2", ("10.0.0.3", 5))]
+    assert connections[0].constant is connections[1].constant
+    assert connections[0].constant is not connections[3].constant
+    encoder = Encoder({"service.name": "s"}, "gw", "1")
+    for attributes in connections:
+        spans: list[Span] = []
+        tracing = Tracing(spans.append)
+        tracing.end_server(tracing.server_span("/webhook", attributes, None), 200)
+        (server,) = spans
+        encoded = encoder.span(server)
+        assert len(dict(attributes)) == len(attributes)  # no key in both parts
+        server.attributes = dict(attributes)
+        assert encoded == Encoder({"service.name": "s"}, "gw", "1").span(server)
+
+
 def test_an_unsampled_record_is_not_recorded_but_its_context_says_so() -> None:
     """At sample_ratio 0 nothing is recorded, and the stored context's flags are 00; the
     first attempt finds the same parent as a restarted gateway parsing the text."""
@@ -87,14 +111,11 @@ def test_an_unsampled_record_is_not_recorded_but_its_context_says_so() -> None:
     tracing.end_notified(record, 200)
     assert records == []
     assert stored.endswith("-00")
-    ((here, _),) = tracing.attempt_spans("http://t/", "t", [("d-1", stored, 1)])
-    ((there, _),) = Tracing(lambda span: None).attempt_spans("http://t/", "t", [("d-1", stored, 1)])
-    assert (here.trace_id, here.parent_id, here.sampled) == (
-        there.trace_id,
-        there.parent_id,
-        there.sampled,
-    )
-    assert here.parent_id == record.server_id.to_bytes(8)
+    (here,) = tracing.attempts("http://t/", "t", [("d-1", stored, 1)]).spans
+    (there,) = Tracing(lambda span: None).attempts("http://t/", "t", [("d-1", stored, 1)]).spans
+    trace_id, _, parent_id, _, sampled, _, _ = here
+    assert (trace_id, parent_id, sampled) == (there[0], there[2], there[4])
+    assert parent_id == record.server_id.to_bytes(8)
 
 
 STORED = f"{FOREIGN}\nvendor=1"
@@ -116,9 +137,9 @@ UNSAMPLED = FOREIGN[:-2] + "00"
 def test_a_batch_of_attempts_encodes_as_the_api_spans_and_carries_their_headers(
     deliveries: list[tuple[str, str | None, int]], ended: list[Ended], kind: str
 ) -> None:
-    """A batch's record encodes, byte for byte, as the CLIENT spans attempt_spans and
-    end_attempt make (an unsampled attempt not at all), and its headers carry each span's
-    own context, tracestate included, as attempt_spans' headers do."""
+    """A batch's record encodes, byte for byte, as the CLIENT API spans it stands for
+    (an unsampled attempt not at all), and its headers carry each span's own context,
+    tracestate included."""
     as_spans: list[Span] = []
     records: list[Notified | Attempts] = []
     tracing = Tracing(as_spans.append, records=records.append)

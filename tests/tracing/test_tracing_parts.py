@@ -114,8 +114,10 @@ def test_a_notifications_spans_are_one_trace_and_its_attempt_carries_it() -> Non
     commit.end()
     Tracing.end_server(server, 200)
     server.end()  # a second end records nothing more
-    ((attempt, headers),) = tracing.attempt_spans("http://t:1/", "t", [("d-1", stored, 2)])
-    Tracing.end_attempt(attempt, 503, None, "retry")
+    attempts = tracing.attempts("http://t:1/", "t", [("d-1", stored, 2)])
+    tracing.end_attempts(attempts, [(503, None, "retry")])
+    attempt = recorded[-1]
+    (headers,) = attempts.headers
     assert recorded == [commit, server, attempt]
     assert server.parent_id == b""
     assert server.links[0][0].hex() == TRACE
@@ -143,22 +145,25 @@ def test_unsampled_traces_record_nothing_but_still_carry_their_context() -> None
     assert stored is not None
     assert stored.endswith("-00")
     Tracing.end_server(server, 200)
-    ((attempt, headers),) = tracing.attempt_spans("http://t:1/", "t", [("d-1", stored, 1)])
-    Tracing.end_attempt(attempt, 200, None, "delivered")
+    attempts = tracing.attempts("http://t:1/", "t", [("d-1", stored, 1)])
+    tracing.end_attempts(attempts, [(200, None, "delivered")])
     assert recorded == []
-    assert headers["traceparent"].endswith("-00")
-    assert not attempt.is_recording()
+    assert attempts.headers[0]["traceparent"].endswith("-00")
+    assert attempts.count == 0
 
 
 def test_an_attempt_without_stored_context_is_a_root_and_keeps_a_tracestate() -> None:
     """No stored context: a root of its own; a stored tracestate goes on with the attempt."""
-    tracing, _ = _tracing()
-    (root, _), (child, headers) = tracing.attempt_spans(
+    tracing, recorded = _tracing()
+    attempts = tracing.attempts(
         "redis://cache:6379",
         "bus",
         [("d-1", None, 1), ("d-2", f"00-{TRACE}-{PARENT}-01\nk=v", 1)],
         "redis",
     )
+    tracing.end_attempts(attempts, [(None, "stopped", "retry")] * 2)
+    root, child = recorded
+    headers = attempts.headers[1]
     assert root.parent_id == b""
     assert root.name == "send bus"
     assert root.kind == CLIENT
@@ -373,14 +378,11 @@ def test_an_attempt_has_the_same_parent_in_the_storing_process_and_after_a_resta
     storing, _ = _tracing(ratio)
     stored = storing.stored(storing.server_span("/w", {}, None))
     assert stored is not None
-    ((here, here_headers),) = storing.attempt_spans("http://t/", "t", [("d1", stored, 1)])
+    here = storing.attempts("http://t/", "t", [("d1", stored, 1)])
     restarted, _ = _tracing(ratio)
-    ((there, there_headers),) = restarted.attempt_spans("http://t/", "t", [("d1", stored, 1)])
-    assert (here.trace_id, here.parent_id, here.sampled, here.trace_state) == (
-        there.trace_id,
-        there.parent_id,
-        there.sampled,
-        there.trace_state,
-    )
+    there = restarted.attempts("http://t/", "t", [("d1", stored, 1)])
+    ((trace_id, _, parent_id, state, sampled, _, _),) = here.spans
+    assert (trace_id, parent_id, state, sampled) == there.spans[0][:1] + there.spans[0][2:5]
+    (here_headers,), (there_headers,) = here.headers, there.headers
     assert here_headers["traceparent"][:36] == there_headers["traceparent"][:36] == stored[:36]
     assert here_headers["traceparent"][-2:] == stored[-2:] == ("01" if ratio else "00")

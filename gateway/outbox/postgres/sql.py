@@ -171,22 +171,36 @@ ATTEMPTS: Final = f"""
 SELECT number, at, state, status, error, response FROM {SCHEMA}.attempts
 WHERE delivery_id = $1 ORDER BY id
 """
-# Dead letters go with their attempt history; their notifications with the prune.
+# Dead letters go with their attempt history; their notifications with the prune. The rows are
+# locked in the order of their ids before any is removed, as RECORD and a replay lock theirs, so
+# a purge never deadlocks with a replay of dead letters (one of them would be aborted).
 PURGE_DEAD: Final = f"""
-WITH d AS (DELETE FROM {SCHEMA}.deliveries WHERE state = 'dead' AND updated_at < $1 RETURNING id),
-a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
+WITH doomed AS (
+    SELECT id FROM {SCHEMA}.deliveries WHERE state = 'dead' AND updated_at < $1
+    ORDER BY id FOR UPDATE
+), d AS (
+    DELETE FROM {SCHEMA}.deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
+), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
 SELECT COUNT(*) FROM d
 """
 
 # A delivered row's updated_at is its delivery time (see RECORD's callers): the deliveries_updated
-# index finds them oldest first (the claims' index holds pending deliveries only).
+# index finds them oldest first (the claims' index holds pending deliveries only). Those found
+# are locked in the order of their ids (as PURGE_DEAD), and the locking statement tests their
+# state again: one a replay made pending while the prune waited for it is read as it now
+# stands and left alone (a condition inside the inner query alone is not tested again, and
+# PostgreSQL would delete the replayed delivery).
 PRUNE_DELIVERED: Final = f"""
-WITH d AS (
-    DELETE FROM {SCHEMA}.deliveries WHERE id IN (
+WITH doomed AS (
+    SELECT id FROM {SCHEMA}.deliveries
+    WHERE id IN (
         SELECT id FROM {SCHEMA}.deliveries
         WHERE state = 'delivered' AND target = $1 AND updated_at < $2
         LIMIT {PRUNE_BATCH})
-    RETURNING id
+      AND state = 'delivered' AND updated_at < $2
+    ORDER BY id FOR UPDATE
+), d AS (
+    DELETE FROM {SCHEMA}.deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
 ), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
 SELECT COUNT(*) FROM d
 """
