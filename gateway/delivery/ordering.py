@@ -232,9 +232,9 @@ class Conversations:
             self._last_full[target] = min(last, last - FULL_EVERY_S + again)
         else:
             # Found due with no room: first in line for the next claim.
-            again = dict.fromkeys(asked.difference(started))
-            again.update(keys)
-            self._keys[target] = again
+            first = dict.fromkeys(asked.difference(started))
+            first.update(keys)
+            self._keys[target] = first
 
     def more_to_ask(self, target: str) -> bool:
         """Whether conversations announced for ``target`` wait for a claim to ask about them
