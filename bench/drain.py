@@ -79,10 +79,22 @@ def store(
     asyncio.run(fill())
 
 
-def drain(outbox_path: Path, port: int, targets: int, order: str = "none") -> dict[str, Any]:
+def drain(
+    outbox_path: Path,
+    port: int,
+    targets: int,
+    order: str = "none",
+    counting: bool = False,
+    target_name: str | None = None,
+) -> dict[str, Any]:
     """Start the dispatcher on the stored outbox; time it until nothing is pending. Also
     counted: the claims (calls of the outbox's ``due``) and the deliveries they handed out,
-    and the batches sent: what a drain's rate is made of."""
+    and the batches sent: what a drain's rate is made of. ``counting``: everything
+    ``counts.py`` counts too, over the drain alone (``counts`` in the result)."""
+    if counting:
+        import counts
+
+        counts.install()
     import gateway
     from gateway.config import DispatcherConfig, OutboxConfig, TargetConfig
     from gateway.delivery.dispatcher import Dispatcher
@@ -119,7 +131,7 @@ def drain(outbox_path: Path, port: int, targets: int, order: str = "none") -> di
         outbox.due = counting_due  # type: ignore[method-assign]
         config = [
             TargetConfig(
-                name=f"t{n}",
+                name=target_name or f"t{n}",
                 url=f"http://127.0.0.1:{port}/t{n}",
                 order=order,  # type: ignore[arg-type]
             )
@@ -128,16 +140,26 @@ def drain(outbox_path: Path, port: int, targets: int, order: str = "none") -> di
         dispatcher = Dispatcher(
             outbox, config, DispatcherConfig(), retention_s=3600.0, observer=counted
         )
-        cpu, wall = time.process_time(), time.monotonic()
+        before = counts.snapshot() if counting else {}
+        io = counts.io_counts() if counting else {}
+        cpu, wall, main = time.process_time(), time.monotonic(), time.thread_time()
         dispatcher.start()
         await counted.done.wait()
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        main = time.thread_time() - main
+        found = None
+        if counting:
+            found = counts.difference(before, counts.snapshot())
+            found.update(counts.difference(io, counts.io_counts()))
         await dispatcher.stop()
         await outbox.close()
         return {
+            **({"counts": found} if found is not None else {}),
             "delivered": owed,
             "wall_s": wall,
             "cpu_s": cpu,
+            # The event loop's thread alone; the rest is the outbox's writer thread's.
+            "main_cpu_s": main,
             "gateway": gateway.__file__,
             **claims,
         }
@@ -184,7 +206,14 @@ def child(args: argparse.Namespace) -> int:
         store(Path(args.outbox), payload, args.count, args.targets, args.conversations)
         result = {}
     else:
-        result = drain(Path(args.outbox), args.port, args.targets, args.order)
+        result = drain(
+            Path(args.outbox),
+            args.port,
+            args.targets,
+            args.order,
+            args.counts,
+            "sink" if args.from_outbox else None,
+        )
     print(json.dumps(result), flush=True)
     return 0
 
@@ -225,9 +254,15 @@ def spawn(
             order,
             "--conversations",
             str((conversations or args.conversations) if order == "conversation" else 0),
+            *(["--counts"] if args.counts else []),
+            *(["--from-outbox", args.from_outbox] if args.from_outbox else []),
         ]
 
-    if what == "drain":  # stored beforehand, in a process of its own: not measured
+    if what == "drain" and args.from_outbox:  # a copy: each run drains the same backlog
+        for suffix in ("", "-wal"):
+            if os.path.exists(f"{args.from_outbox}{suffix}"):
+                shutil.copy(f"{args.from_outbox}{suffix}", f"{outbox}{suffix}")
+    elif what == "drain":  # stored beforehand, in a process of its own: not measured
         subprocess.run(
             command("store"), env=env, check=True, timeout=600, stdout=subprocess.DEVNULL
         )
@@ -235,8 +270,26 @@ def spawn(
     if callgrind:
         out = outbox.with_name("callgrind.out")
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
-    elif args.gw_cpus:
-        argv = ["taskset", "-c", args.gw_cpus, *argv]
+    else:
+        if what == "drain" and args.py_spy:
+            profile = Path(args.py_spy) / f"{tree.resolve().name}-{order}-{int(time.time())}.txt"
+            profile.parent.mkdir(parents=True, exist_ok=True)
+            argv = [
+                "py-spy",
+                "record",
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--threads",
+                *(["--native"] if args.py_spy_native else ["--nonblocking"]),
+                "--output",
+                str(profile),
+                "--",
+                *argv,
+            ]
+        if args.gw_cpus:
+            argv = ["taskset", "-c", args.gw_cpus, *argv]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
     if done.returncode:
         raise SystemExit(f"{what} in {tree} failed:\n{done.stderr[-3000:]}")
@@ -281,6 +334,21 @@ def main() -> int:
         type=int,
         default=1000,
         help="with order = conversation: notification n belongs to conversation n %% this",
+    )
+    parser.add_argument(
+        "--counts",
+        action="store_true",
+        help="count claims, looks, commits, batches, loop turns, tasks and timers per delivery"
+        " (counts.py) and print them beside each run",
+    )
+    parser.add_argument(
+        "--from-outbox",
+        help="drain a copy of this stored outbox (bench/ordering.py --keep-outbox keeps them;"
+        " its target is named sink) instead of storing --count notifications",
+    )
+    parser.add_argument("--py-spy", help="a folder: py-spy's raw profile of each drain there")
+    parser.add_argument(
+        "--py-spy-native", action="store_true", help="with --py-spy: native frames too"
     )
     parser.add_argument("--child", choices=("store", "drain", "forward"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -329,8 +397,11 @@ def interleave(args: argparse.Namespace, port: int, workdir: Path) -> None:
             rate.setdefault(label, []).append(per_s)
             cpu.setdefault(label, []).append(us)
             claims = ""
+            if "main_cpu_s" in result:
+                main_us = result["main_cpu_s"] / result["delivered"] * 1e6
+                claims = f" (loop {main_us:.1f}, writer {us - main_us:.1f})"
             if result.get("claims"):
-                claims = (
+                claims += (
                     f", {result['claims'] / result['wall_s']:,.0f} claims/s,"
                     f" {result['claimed'] / result['claims']:.1f} handed out per claim"
                 )
@@ -339,6 +410,11 @@ def interleave(args: argparse.Namespace, port: int, workdir: Path) -> None:
                 f"per delivery{claims} ({result.get('gateway', 'sender alone')})",
                 flush=True,
             )
+            if result.get("counts"):
+                from counts import per_delivery
+
+                table = per_delivery(result["counts"], result["delivered"])
+                print(f"  counts per delivery: {json.dumps(table)}", flush=True)
     for label in rate:
         print(f"{label}: delivered/s {spread(rate[label])}; us CPU/delivery {spread(cpu[label])}")
     if len(trees) == 2:

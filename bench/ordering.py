@@ -54,6 +54,7 @@ import socket
 import sqlite3
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,6 +189,7 @@ class Ordering:
         held = socket.socket()
         held.bind(("127.0.0.1", 0))
         sink_port = int(held.getsockname()[1])
+        counts_file = self.counting(f"gw-drain-{mode}-{round_}")
         gateway = b.gateway(f"gw-drain-{mode}-{round_}", target_port=sink_port,
                             cpus=b.args.gw_cpus,
                             target_toml=f"{MODES[mode]}\n{TINY_WAITS}\n{self.attempts}")
@@ -195,9 +197,19 @@ class Ordering:
         if b.pg is not None and mode == "conversation":
             log(claim_plan(b.pg, gateway.database))
         before = backlog_at_start(b, gateway)
+        if self.args.keep_outbox:  # for bench/drain.py --from-outbox
+            kept = Path(self.args.keep_outbox) / f"{mode}-{round_}"
+            kept.mkdir(parents=True, exist_ok=True)
+            for suffix in ("", "-wal"):
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copy(f"{gateway.outbox}{suffix}", kept / f"outbox.sqlite3{suffix}")
+        profiler = self.profile(gateway, f"drain-{mode}-{round_}")
         held.close()
         sink = self.id_sink(sink_port)
         load_before = os.getloadavg()[0]
+        if counts_file is not None:
+            self.count_now(gateway, counts_file)
+        threads, io = thread_times(gateway.serving_pid()), io_counts(gateway.serving_pid())
         started, ticks = time.monotonic(), cpu_ticks(gateway.proc.pid)
         first, last = watch_sink(sink_port, len(self.payloads), 300)
         # The gateway's CPU from the sink's first request to its last: with the drain time, the
@@ -207,6 +219,22 @@ class Ordering:
         drained = wait_drained(gateway, 300)
         took = time.monotonic() - started
         cpu_s = (cpu_ticks(gateway.proc.pid) - ticks) / CLK_TCK
+        threads = {
+            f"{name} {kind}": round(1e6 * (spent - threads.get((name, kind), 0)) / CLK_TCK
+                                    / len(self.payloads), 1)
+            for (name, kind), spent in thread_times(gateway.serving_pid()).items()}
+        io = {key: round((value - io.get(key, 0)) / len(self.payloads), 2)
+              for key, value in io_counts(gateway.serving_pid()).items()}
+        if profiler is not None:  # py-spy writes its profile when interrupted
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(60)
+        counted = {}
+        if counts_file is not None:
+            import counts  # this folder's (on the path when run as a script)
+
+            found = counts.difference(*self.count_now(gateway, counts_file)[-2:])
+            counted = {"counts": found,
+                       "counts_per_delivery": counts.per_delivery(found, len(self.payloads))}
         seen = sink_get(sink_port, "/__stats")
         outbox = gateway.outbox_stats()
         b.stop_gateway(gateway)
@@ -228,7 +256,51 @@ class Ordering:
                 (cpu_first_last - ticks) / CLK_TCK / max((last or first) - started, 1e-6), 2),
             "load_avg_at_start": round(load_before, 2),
             "load_avg_at_end": round(os.getloadavg()[0], 2),
-            **before}
+            # The same per thread, user and system: which side of the process spends it.
+            "cpu_us_per_delivery_threads": threads,
+            # Bytes and system calls of reads and writes (files and sockets) per delivery.
+            "io_per_delivery": io,
+            **before, **counted}
+
+    def profile(self, gateway: Any, name: str) -> subprocess.Popen[bytes] | None:
+        """With ``--py-spy DIR``: py-spy records the gateway into DIR/NAME.txt (raw, one stack
+        per line with its count) until interrupted; ``--py-spy-native``: with C frames, which
+        pauses the gateway at each sample (slower: compare profiles, not rates)."""
+        if not self.args.py_spy:
+            return None
+        out = Path(self.args.py_spy) / f"{name}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        argv = ["py-spy", "record", "--pid", str(gateway.serving_pid()), "--rate", "250",
+                "--format", "raw", "--threads", "--output", str(out),
+                *(["--native"] if self.args.py_spy_native else ["--nonblocking"])]
+        proc = subprocess.Popen(pinned(argv, self.bench.args.load_cpus),  # noqa: S603
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # attached before the sink comes up
+        return proc
+
+    def counting(self, name: str) -> Path | None:
+        """With ``--counts``: the next gateway counts (``counts.py``) into this file."""
+        env = self.bench.env_base
+        if not self.args.counts:
+            return None
+        path = self.bench.tmp / f"{name}.counts"
+        here = Path(__file__).resolve().parent / "counting"
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(here), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env["WABA_BENCH_COUNTS"] = str(path)
+        return path
+
+    def count_now(self, gateway: Any, path: Path) -> list[dict[str, int]]:
+        """Have the gateway append its counts to ``path``; every snapshot there so far."""
+        lines = path.read_text().splitlines() if path.exists() else []
+        os.kill(gateway.serving_pid(), signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = path.read_text().splitlines() if path.exists() else []
+            if len(now) > len(lines) and now[-1].endswith("}"):
+                return [json.loads(line) for line in now]
+            time.sleep(0.01)
+        raise SystemExit(f"{gateway.proc.name}: no counts within 10 s")
 
     def id_sink(self, port: int) -> Proc:
         """The sink that counts deliveries by id (idsink.py), where sink.py counts requests."""
@@ -351,6 +423,30 @@ class Ordering:
         return table
 
 
+def thread_times(pid: int) -> dict[tuple[str, str], int]:
+    """CPU ticks of ``pid``'s main thread (the event loop) and of its others (the outbox's
+    writer, mostly), user and system apart."""
+    found: dict[tuple[str, str], int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            name = "main" if task.name == str(pid) else "others"
+            fields = stat[stat.rindex(")") + 2 :].split()
+            for kind, field in (("user", 11), ("sys", 12)):
+                found[(name, kind)] = found.get((name, kind), 0) + int(fields[field])
+    return found
+
+
+def io_counts(pid: int) -> dict[str, int]:
+    """``/proc/PID/io``: bytes read and written through system calls (files and sockets), the
+    calls, and the bytes that reached the disk."""
+    found = {}
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        found[key] = int(value)
+    return found
+
+
 def backlog_at_start(bench: Bench, gateway: Any) -> dict[str, Any]:
     """The stored backlog as the target comes up: the outbox's write-ahead log (SQLite: how
     much a claim may read through it before a checkpoint), how many pending deliveries were
@@ -405,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every row and the summary here")
     parser.add_argument("--outbox", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--phases", default="live,drain", help="live, drain or both")
+    parser.add_argument("--counts", action="store_true",
+                        help="count what each drain does per delivery (counts.py) in its row")
+    parser.add_argument("--keep-outbox", help="a folder: a copy of each drain's stored outbox"
+                        " there (MODE-ROUND/outbox.sqlite3), for bench/drain.py --from-outbox")
+    parser.add_argument("--py-spy", help="a folder: py-spy's raw profile of each drain there")
+    parser.add_argument("--py-spy-native", action="store_true",
+                        help="with --py-spy: native frames too (pauses the gateway per sample)")
     parser.add_argument("--attempts", type=int, default=1_000_000,
                         help="the target's attempts (12: the gateway's default)")
     args = parser.parse_args(argv)

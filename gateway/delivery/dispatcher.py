@@ -302,6 +302,10 @@ class Dispatcher:
                 self._pacing.conversations.changed(delivery.target, delivery.order_key)
         await self._pacing.settle(self._outbox, claim, claimed, started, took_s, more)
         self._backlog = any(claimed[name] >= wanted[name] for name in limits)
+        conversations = self._pacing.conversations
+        if any(claimed[name] < limits[name] and conversations.more_to_ask(name) for name in limits):
+            # Room left, and conversations this claim had no turn to ask about: at once.
+            self._wake.set()
 
     def _start(self, lane: Lane, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)

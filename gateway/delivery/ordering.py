@@ -29,6 +29,7 @@ across workers and gateways just as it does one claim at a time.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
@@ -60,7 +61,11 @@ _FULL_SHARE = 10
 
 class Conversations:
     def __init__(self) -> None:
-        self._keys: dict[str, set[str]] = {}
+        # Per target, the conversations the next claims must ask about, oldest announcement
+        # first (an insertion-ordered dict as an ordered set): a claim takes as many as it has
+        # room for, so that a backlog over many conversations costs one seek per delivery
+        # started, not one per conversation waiting at every claim.
+        self._keys: dict[str, dict[str, None]] = {}
         self._full: set[str] = set()
         self._last_full: dict[str, float] = {}
         self._retries: list[tuple[float, str, str]] = []
@@ -82,7 +87,7 @@ class Conversations:
                 self._again.pop(name, None)
         for name in ordered:
             if name not in self._keys:
-                self._keys[name] = set()
+                self._keys[name] = {}
                 self._waiting[name] = {}
                 self._full.add(name)
         self._full &= set(ordered)
@@ -101,7 +106,7 @@ class Conversations:
         if key is None:
             self._full.add(target)
         else:
-            self._keys[target].add(key)
+            self._keys[target][key] = None
 
     def held(self, target: str, key: str | None, delivery_id: str) -> None:
         """Delivery ``delivery_id`` of ``key`` was stored and could not start: the next claim
@@ -126,7 +131,7 @@ class Conversations:
         again only when something is known to wait in it."""
         waiting = self._waiting.get(target)
         if waiting is not None and key is not None and waiting.get(key):
-            self._keys[target].add(key)
+            self._keys[target][key] = None
 
     def retry_at(self, target: str, key: str | None, at: float) -> None:
         """The first delivery of ``key`` is due again at ``at``."""
@@ -138,8 +143,10 @@ class Conversations:
     ) -> dict[str, set[str] | None]:
         """For each ordered one of ``targets``, the conversations to look at (``None``: all).
         An empty set: nothing changed, no need to ask. ``rooms``: how many deliveries each
-        target's claim may start, as many of the conversations found beyond the last full
-        look's room are asked about."""
+        target's claim may start: as many of the conversations announced are asked about,
+        oldest first (the others wait for the next claims: :meth:`more_to_ask`), and as many
+        of those found beyond the last full look's room. Without ``rooms``, every one
+        announced."""
         while self._retries and self._retries[0][0] <= now:
             _, target, key = heapq.heappop(self._retries)
             self.changed(target, key or None)
@@ -157,10 +164,17 @@ class Conversations:
                 asked[name] = None
             else:
                 # Taken out: a change announced while the claim runs is asked about again.
-                look = set(keys)
-                keys.clear()
-                more = self._more.get(name)
                 room = 0 if rooms is None else rooms.get(name, 0)
+                if rooms is None or len(keys) <= room:
+                    look = set(keys)
+                    keys.clear()
+                else:
+                    # The claim can start ``room`` at most: asking about every conversation
+                    # announced would seek each again at every claim until its turn came.
+                    look = set(itertools.islice(keys, room))
+                    for key in look:
+                        del keys[key]
+                more = self._more.get(name)
                 while more and room > 0:
                     key = next(iter(more))
                     del more[key]
@@ -217,7 +231,15 @@ class Conversations:
             last = self._last_full.get(target, 0.0)
             self._last_full[target] = min(last, last - FULL_EVERY_S + again)
         else:
-            keys |= asked - set(started)
+            # Found due with no room: first in line for the next claim.
+            first = dict.fromkeys(asked.difference(started))
+            first.update(keys)
+            self._keys[target] = first
+
+    def more_to_ask(self, target: str) -> bool:
+        """Whether conversations announced for ``target`` wait for a claim to ask about them
+        (a claim asks about as many as it has room for)."""
+        return bool(self._keys.get(target))
 
     def next_at(self) -> float | None:
         """When the next retry comes due (for the dispatcher's sleep)."""

@@ -124,6 +124,24 @@ def test_conversations_started_by_a_full_look_are_followed_until_nothing_more_is
     assert conversations.request(100.3, ["t"]) == {"t": set()}
 
 
+def test_a_claim_asks_about_as_many_announced_conversations_as_it_has_room_for() -> None:
+    """Announced conversations beyond a claim's room wait for the next claims, oldest first,
+    rather than being sought again at every claim; those it found due with no room to start
+    come first in the next; more_to_ask says whether any wait."""
+    conversations = _tracking()
+    for key in ("k1", "k2", "k3", "k4", "k5"):
+        conversations.changed("t", key)
+    asked = conversations.request(100.1, ["t"], {"t": 2})["t"]
+    assert asked == {"k1", "k2"}
+    assert conversations.more_to_ask("t")
+    conversations.claimed("t", asked, ["k1"], complete=False)  # k2 due, no room for it
+    assert conversations.request(100.2, ["t"], {"t": 2}) == {"t": {"k2", "k3"}}
+    conversations.claimed("t", {"k2", "k3"}, ["k2"], complete=True)  # k3: nothing due
+    assert conversations.request(100.3, ["t"], {"t": 5}) == {"t": {"k4", "k5"}}
+    assert not conversations.more_to_ask("t")
+    assert conversations.request(100.4, ["t"], {"t": 5}) == {"t": set()}
+
+
 def _delivery(n: int, key: str | None, target: str = "t") -> Delivery:
     return Delivery(
         id=f"p-{n}",
