@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import counts
 
 from bench import (
     CLK_TCK,
@@ -209,7 +210,7 @@ class Ordering:
         load_before = os.getloadavg()[0]
         if counts_file is not None:
             self.count_now(gateway, counts_file)
-        threads, io = thread_times(gateway.serving_pid()), io_counts(gateway.serving_pid())
+        threads, io = thread_times(gateway.serving_pid()), counts.io_counts(gateway.serving_pid())
         started, ticks = time.monotonic(), cpu_ticks(gateway.proc.pid)
         first, last = watch_sink(sink_port, len(self.payloads), 300)
         # The gateway's CPU from the sink's first request to its last: with the drain time, the
@@ -224,14 +225,12 @@ class Ordering:
                                     / len(self.payloads), 1)
             for (name, kind), spent in thread_times(gateway.serving_pid()).items()}
         io = {key: round((value - io.get(key, 0)) / len(self.payloads), 2)
-              for key, value in io_counts(gateway.serving_pid()).items()}
+              for key, value in counts.io_counts(gateway.serving_pid()).items()}
         if profiler is not None:  # py-spy writes its profile when interrupted
             profiler.send_signal(signal.SIGINT)
             profiler.wait(60)
         counted = {}
         if counts_file is not None:
-            import counts  # this folder's (on the path when run as a script)
-
             found = counts.difference(*self.count_now(gateway, counts_file)[-2:])
             counted = {"counts": found,
                        "counts_per_delivery": counts.per_delivery(found, len(self.payloads))}
@@ -434,16 +433,6 @@ def thread_times(pid: int) -> dict[tuple[str, str], int]:
             fields = stat[stat.rindex(")") + 2 :].split()
             for kind, field in (("user", 11), ("sys", 12)):
                 found[(name, kind)] = found.get((name, kind), 0) + int(fields[field])
-    return found
-
-
-def io_counts(pid: int) -> dict[str, int]:
-    """``/proc/PID/io``: bytes read and written through system calls (files and sockets), the
-    calls, and the bytes that reached the disk."""
-    found = {}
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        key, _, value = line.partition(":")
-        found[key] = int(value)
     return found
 
 

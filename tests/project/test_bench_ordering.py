@@ -18,8 +18,10 @@ from repo_scripts import ROOT, load_script
 
 @pytest.fixture
 def ordering(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """bench/ordering.py, with bench/bench.py as the ``bench`` it imports (as when run)."""
+    """bench/ordering.py, with bench/bench.py and bench/counts.py as the ``bench`` and
+    ``counts`` it imports (as when run)."""
     monkeypatch.setitem(sys.modules, "bench", load_script("bench/bench.py", "bench"))
+    monkeypatch.setitem(sys.modules, "counts", load_script("bench/counts.py", "counts"))
     return load_script("bench/ordering.py", "bench_ordering")
 
 
