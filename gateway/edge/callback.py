@@ -18,7 +18,7 @@ from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
 from gateway.edge.identity import Verdicts, check_client_identity
 from gateway.edge.routing import Plan, route
-from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route, Settles
+from gateway.outbox import AcceptsSoon, Delivery, Outbox, Route, Settles, settle_from
 from gateway.signing import AppKeys, verify_signature
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class Callback:
         assert signature is not None  # verify_signature refuses a missing header
         if self._soon is None:
             task = asyncio.ensure_future(self._accept(body, signature, routes))
-            task.add_done_callback(lambda done: _settle(into, done))
+            task.add_done_callback(lambda done: settle_from(into, done))
             return
         self._soon.accept_into(body, signature, routes, self._clock(), then=self._stored, into=into)
 
@@ -235,13 +235,3 @@ class Callback:
         finally:
             commit.end()
         return stored
-
-
-def _settle(into: Settles[str], done: asyncio.Future[str]) -> None:
-    """Hand what ``done`` ended with to ``into``; cancelled: a CancelledError."""
-    if done.cancelled():
-        into.set_exception(asyncio.CancelledError())
-    elif (error := done.exception()) is not None:
-        into.set_exception(error)
-    else:
-        into.set_result(done.result())

@@ -45,6 +45,7 @@ from gateway.edge.proxy_reader import HEADER_TIMEOUT_S, ProxyHeaderReader
 from gateway.edge.responses import access_log, answer_for, log_access
 from gateway.edge.tls import handshake_failure
 from gateway.errors import NotFound, Rejected, RequestTimeout
+from gateway.outbox import settle_from
 from gateway.units import SECONDS
 
 if TYPE_CHECKING:
@@ -118,16 +119,24 @@ def _ack_now(transport: asyncio.BaseTransport) -> None:
 
 
 class _Answering:
-    """An untraced notification's answer, given as the outbox settles it (the
+    """A notification's answer, given as the outbox settles it (the
     :class:`~gateway.outbox.Settles` it is handed): at once, on the event loop's thread, where a
-    future would run its done callback at the loop's next turn."""
+    future would run its done callback at the loop's next turn. A traced one (``traced``) is
+    settled from its future's done callback instead (:func:`~gateway.outbox.settle_from`)."""
 
-    __slots__ = ("_connection", "_path", "_request", "_settled")
+    __slots__ = ("_connection", "_path", "_request", "_settled", "_traced")
 
-    def __init__(self, connection: _Connection, request: Request, path: str) -> None:
+    def __init__(
+        self,
+        connection: _Connection,
+        request: Request,
+        path: str,
+        traced: Notified | None = None,
+    ) -> None:
         self._connection = connection
         self._request = request
         self._path = path
+        self._traced = traced
         self._settled = False
 
     def done(self) -> bool:
@@ -135,11 +144,11 @@ class _Answering:
 
     def set_result(self, reason: str, /) -> None:
         self._settled = True
-        self._connection._notified(self._request, self._path, reason, None)
+        self._connection._notified(self._request, self._path, reason, None, self._traced)
 
     def set_exception(self, exception: BaseException, /) -> None:
         self._settled = True
-        self._connection._notified(self._request, self._path, None, exception)
+        self._connection._notified(self._request, self._path, None, exception, self._traced)
 
 
 class _Connection(asyncio.Protocol):
@@ -302,9 +311,8 @@ class _Connection(asyncio.Protocol):
                     tracing.end_notified(traced, status, exc)
                     return
                 self._in_flight = True
-                answer.add_done_callback(
-                    lambda done: self._traced_done(request, path, done, traced)
-                )
+                answering = _Answering(self, request, path, traced)
+                answer.add_done_callback(lambda done: settle_from(answering, done))
                 return
             if method not in ("GET", "HEAD"):
                 raise not_allowed(method)
@@ -316,15 +324,6 @@ class _Connection(asyncio.Protocol):
             self._answer(request, method, path, 200, self._callback.handshake(params))
         except Exception as exc:
             self._answer(request, method, path, *answer_for(exc, method, path))
-
-    def _traced_done(
-        self, request: Request, path: str, done: asyncio.Future[str], traced: Notified
-    ) -> None:
-        if done.cancelled():
-            self._notified(request, path, None, asyncio.CancelledError(), traced)
-        else:
-            error = done.exception()
-            self._notified(request, path, None if error else done.result(), error, traced)
 
     def _notified(
         self,

@@ -13,7 +13,7 @@ from gateway.outbox.backends import (
     hold_outbox,
     open_outbox,
 )
-from gateway.outbox.interface import AcceptsSoon, Outbox, Settles
+from gateway.outbox.interface import AcceptsSoon, Outbox, Settles, settle_from
 from gateway.outbox.model import (
     STATES,
     AttemptRecord,
@@ -50,4 +50,5 @@ __all__ = [
     "describe_outbox",
     "hold_outbox",
     "open_outbox",
+    "settle_from",
 ]

@@ -31,7 +31,7 @@ from gateway.outbox.model import (
     State,
 )
 
-__all__ = ["AcceptsSoon", "Outbox", "Settles"]
+__all__ = ["AcceptsSoon", "Outbox", "Settles", "settle_from"]
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -45,6 +45,17 @@ class Settles(Protocol[T_contra]):
     def done(self) -> bool: ...
     def set_result(self, result: T_contra, /) -> None: ...
     def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+def settle_from(into: Settles[T], done: asyncio.Future[T]) -> None:
+    """Hand what ``done`` ended with to ``into`` (a done callback: a cancelled future settles
+    ``into`` with a :class:`asyncio.CancelledError`)."""
+    if done.cancelled():
+        into.set_exception(asyncio.CancelledError())
+    elif (error := done.exception()) is not None:
+        into.set_exception(error)
+    else:
+        into.set_result(done.result())
 
 
 class Outbox(Protocol):
