@@ -3,10 +3,12 @@ never from the kernel's own range, never twice, never one another test process h
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import loopback_ports
@@ -38,12 +40,25 @@ def test_ports_come_from_below_the_kernels_range_and_never_twice() -> None:
             probe.bind(("127.0.0.1", port))
 
 
+def _four_free_ports_below() -> int:
+    """The top of a window of four loopback ports that nothing holds now: a window with a port
+    this run already gave a server (its lock is held until the run ends) or one in TIME_WAIT
+    would leave the other process nothing to find, whatever the code under test did."""
+    while True:
+        top = random.randrange(loopback_ports._FLOOR + 1_000, loopback_ports._DEFAULT_RANGE_START)
+        if all(loopback_ports._bindable(port) for port in range(top - 4, top)):
+            return top
+
+
 def test_another_test_process_skips_the_ports_this_one_holds(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Of four ports, this process holds three: another process, asking at the same time,
     gets the fourth, whatever its random draws."""
-    top = random.randrange(loopback_ports._FLOOR + 1_000, loopback_ports._DEFAULT_RANGE_START)
+    # Both processes keep their locks in a folder of this test's own, so the ports the rest of
+    # this run holds in the shared folder cannot fill the window.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    top = _four_free_ports_below()
     monkeypatch.setattr(loopback_ports, "_SPAN", 4)
     monkeypatch.setattr(loopback_ports, "_kernel_range_start", lambda: top)
     held = {free_port() for _ in range(3)}
@@ -53,6 +68,7 @@ def test_another_test_process_skips_the_ports_this_one_holds(
         text=True,
         check=True,
         cwd=SUPPORT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
         timeout=DEADLINE_S,
     )
     assert {*held, int(child.stdout)} == set(range(top - 4, top))
