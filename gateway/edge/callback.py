@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import Config
 from gateway.edge.handshake import answer_challenge
@@ -74,9 +74,7 @@ class Callback:
         # Set by the runtime when [tracing] is enabled; None: no span is ever made.
         self.tracing: Tracing | None = None
         # The outbox, when it offers accept as a future (looked up once, not per request).
-        self._soon: AcceptsSoon | None = (
-            cast(AcceptsSoon, outbox) if callable(getattr(outbox, "accept_soon", None)) else None
-        )
+        self._soon = outbox if isinstance(outbox, AcceptsSoon) else None
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration: client CNs, verify tokens, app secrets and targets

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from gateway.outbox.model import (
     AttemptRecord,
@@ -208,11 +208,13 @@ class Outbox(Protocol):
         ...
 
 
+@runtime_checkable
 class AcceptsSoon(Protocol):
     """What a backend may offer besides :class:`Outbox`: :meth:`Outbox.accept` as a future,
     made without a coroutine, with the same promise (it resolves only once the notification
     and its deliveries are durable). The listener's ack path uses it when there, to spare each
-    request a task of its own."""
+    request a task of its own (``isinstance`` tells, once per outbox: the check looks up
+    each method, so it is not made per request)."""
 
     def accept_soon(
         self,

@@ -14,6 +14,7 @@ from helpers import OpenOptions
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox import (
+    AcceptsSoon,
     AttemptResult,
     DeadLetter,
     Delivered,
@@ -64,6 +65,16 @@ async def one(outbox: Outbox, n: int, at: float = 1000.0) -> Delivery:
     found = await outbox.accept(b'{"n":%d}' % n, SIG, [Route("t", None)], at)
     assert found is not None
     return found[0]
+
+
+async def test_only_the_sqlite_outbox_offers_accept_as_a_future(
+    outbox: Outbox, request: pytest.FixtureRequest
+) -> None:
+    """The listener takes the ack path without a task when ``isinstance(outbox,
+    AcceptsSoon)``: the SQLite outbox offers it, the PostgreSQL one does not (its accepts are
+    tasks of its group committer)."""
+    backend = request.node.callspec.params["opener"]
+    assert isinstance(outbox, AcceptsSoon) == (backend == "sqlite")
 
 
 async def test_accept_returns_one_pending_delivery_per_route(outbox: Outbox) -> None:
