@@ -405,15 +405,20 @@ def py_spy(pid: int, seconds: int, out: Path, cpus: str | None, mode: str) -> Pa
     return out
 
 
-def thread_ticks(pid: int) -> dict[int, int]:
-    """CPU ticks (user + system) of each thread of ``pid``."""
-    ticks = {}
+def thread_cpu(pid: int) -> dict[int, tuple[int, int]]:
+    """CPU ticks of each thread of ``pid``: (user, system), from /proc/PID/task/TID/stat."""
+    found = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             stat = (task / "stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()
-            ticks[int(task.name)] = int(fields[11]) + int(fields[12])
-    return ticks
+            found[int(task.name)] = (int(fields[11]), int(fields[12]))
+    return found
+
+
+def thread_ticks(pid: int) -> dict[int, int]:
+    """CPU ticks (user + system) of each thread of ``pid``."""
+    return {tid: user + system for tid, (user, system) in thread_cpu(pid).items()}
 
 
 # Where a sample's time goes, by the first rule whose text its stack contains (in this order).

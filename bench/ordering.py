@@ -73,6 +73,7 @@ from bench import (
     log,
     pinned,
     sink_get,
+    thread_cpu,
     wait_drained,
     wait_listening,
 )
@@ -426,13 +427,10 @@ def thread_times(pid: int) -> dict[tuple[str, str], int]:
     """CPU ticks of ``pid``'s main thread (the event loop) and of its others (the outbox's
     writer, mostly), user and system apart."""
     found: dict[tuple[str, str], int] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            stat = (task / "stat").read_text()
-            name = "main" if task.name == str(pid) else "others"
-            fields = stat[stat.rindex(")") + 2 :].split()
-            for kind, field in (("user", 11), ("sys", 12)):
-                found[(name, kind)] = found.get((name, kind), 0) + int(fields[field])
+    for tid, ticks in thread_cpu(pid).items():
+        name = "main" if tid == pid else "others"
+        for kind, spent in zip(("user", "sys"), ticks, strict=True):
+            found[(name, kind)] = found.get((name, kind), 0) + spent
     return found
 
 
