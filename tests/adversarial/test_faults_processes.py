@@ -58,15 +58,12 @@ def _running(
         kill_group(process)
 
 
-def _pid_of_a_finished_process() -> int:
-    """The pid of a process that has exited (and was reaped): no process has it now."""
-    finished = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(finished.stdout)
+def _pid_no_process_has() -> int:
+    """A pid above the kernel's ``pid_max``: no process has it, nor ever will. (The pid of a
+    process that has exited is not: the kernel hands pids out again, soon where they are few
+    and many processes start, and a process that took it meanwhile makes its folder look
+    alive.)"""
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
 
 
 def _refused(config: Path) -> str:
@@ -159,7 +156,7 @@ async def test_supervisor_removes_metrics_folders_of_gateways_gone(
     SIGKILL left behind, and keeps those of supervisors still running; it serves as usual."""
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    gone = _pid_of_a_finished_process()
+    gone = _pid_no_process_has()
     stale = temporary / f"waba-gateway-metrics-{gone}-left"
     running = temporary / f"waba-gateway-metrics-{os.getpid()}-kept"
     for folder in (stale, running):
