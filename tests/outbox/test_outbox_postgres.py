@@ -317,6 +317,29 @@ async def test_database_going_away_fails_fast_and_recovers_without_reopening() -
             await outbox.close()
 
 
+async def test_kept_connections_the_server_ended_are_replaced_without_failing_a_group(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """The server ends the gateway's connections between two group commits (a restart, a
+    failover, an idle timeout): the next accept and the next outcomes run on new connections.
+    Failed instead, the accept would be answered 503 and the outcome lost, its delivery sent
+    again."""
+    box = await opener()
+    first, second = await _store(box, 2)
+    ok = AttemptResult(status=200)
+    await box.record_many([(first, Delivered(), ok)], 1001.0)  # the recorder keeps one too
+    database = urlsplit(pg_url).path.lstrip("/")
+    ended = pg_server.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        f" WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+    )
+    assert int(ended) >= 2
+    assert await box.accept(b'{"after":1}', SIG, [Route("t", None)], 1002.0) is not None
+    await box.record_many([(second, Delivered(), ok)], 1003.0)
+    delivered = {d.id for d in await box.query(state="delivered")}
+    assert delivered == {first, second}
+
+
 async def test_a_body_committed_out_of_order_is_new_outside_the_window(opener: Opener) -> None:
     """Gateways commit concurrently, so a later request may be stored first: the earlier one
     is a duplicate only inside dedup_window_s of it, as in time order."""

@@ -20,7 +20,12 @@ Each group slot keeps the connection it took from the pool for as long as that c
 works: a pool's acquire and release (each a task of its own in asyncpg, for the timeout and the
 shield) cost more Python per group than the group's own bookkeeping (bench/README.md). A
 connection that failed or closed goes back to the pool, which connects again; the next group
-takes a fresh one.
+takes a fresh one. A kept connection the server ended while it waited (a restart, a failover,
+an idle timeout) is found closed when the next group runs on it: that group runs again, once,
+on a fresh connection, rather than failing (a 503 for its accepts, outcomes lost and their
+deliveries sent again). Running it again is safe even if the ending came after a commit: an
+accept committed twice finds its digest stored and is a duplicate, and an outcome recorded
+twice is the same outcome.
 """
 
 from __future__ import annotations
@@ -103,18 +108,20 @@ class Committer:
     async def _flush(self) -> None:
         async with self._slots:
             # While this waits for a slot (or a connection), later submissions join the group.
-            conn = self._kept.pop() if self._kept else None
+            kept = self._kept.pop() if self._kept else None
+            conn = kept or await self._acquire()
             if conn is None:
-                try:
-                    conn = await self._pool.acquire(timeout=self._timeout_s)
-                except FAILURES as exc:
-                    group, self._waiting, self._flushing = self._waiting, [], False
-                    _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
-                    return
+                return
             keep = False
             group, self._waiting, self._flushing = self._waiting, [], False
             try:
-                keep = await self._commit(conn, group)
+                try:
+                    keep = await self._commit(conn, group, kept=kept is not None)
+                except _Ended:
+                    await self._give_back(conn)
+                    conn = await self._acquire(group)
+                    if conn is not None:
+                        keep = await self._commit(conn, group)
             except Exception as exc:
                 # Whatever the driver raised beyond FAILURES: every submission is answered,
                 # none waits for ever (a record that never returns would hold its delivery in
@@ -122,24 +129,45 @@ class Committer:
                 log.exception("outbox group commit failed")
                 _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
             finally:
-                if keep and not self._closing and not conn.is_closed():
+                if conn is None:  # none to be had after an ended one: the group was answered
+                    pass
+                elif keep and not self._closing and _usable(conn):
                     self._kept.append(conn)
                 else:
                     await self._give_back(conn)
+
+    async def _acquire(self, group: list[tuple[tuple[Any, ...], Any]] | None = None) -> Any | None:
+        """A connection from the pool; ``None`` when there is none in time, the group (``None``:
+        the submissions waiting) answered with the failure."""
+        try:
+            return await self._pool.acquire(timeout=self._timeout_s)
+        except FAILURES as exc:
+            if group is None:
+                group, self._waiting, self._flushing = self._waiting, [], False
+            _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
+            return None
 
     async def _give_back(self, conn: Any) -> None:
         with contextlib.suppress(*FAILURES):
             await self._pool.release(conn)
 
-    async def _commit(self, conn: Any, group: list[tuple[tuple[Any, ...], Any]]) -> bool:
+    async def _commit(
+        self, conn: Any, group: list[tuple[tuple[Any, ...], Any]], kept: bool = False
+    ) -> bool:
         """Run ``group`` on ``conn`` and answer each submission; whether ``conn`` ran it
-        without a failure (and may be kept for the next group)."""
+        without a failure (and may be kept for the next group). ``kept``: ``conn`` waited
+        since an earlier group; found ended by the server, :class:`_Ended` is raised and
+        nothing is answered (the caller runs the group again on a fresh connection)."""
         if self._ordered:
             group.sort(key=lambda item: item[0][0])
         try:
             rows = await self._run(conn, [args for args, _ in group])
-        except FAILURES as exc:
-            if len(group) == 1 or conn.is_closed():
+        except Exception as exc:
+            if kept and not _usable(conn):
+                raise _Ended from exc
+            if not isinstance(exc, FAILURES):
+                raise
+            if len(group) == 1 or not _usable(conn):
                 _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
                 return False
             for args, future in group:
@@ -167,6 +195,15 @@ class Committer:
             await self._give_back(conn)
 
 
+def _usable(conn: Any) -> bool:
+    """Whether ``conn`` is still open: one the server ended is closed, or already released
+    to the pool by asyncpg (which then refuses every call on it)."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -185,3 +222,7 @@ def _answer(
 def _fail(group: Sequence[tuple[Any, asyncio.Future[Any]]], error: Exception) -> None:
     for _, future in group:
         _answer(future, error=error)
+
+
+class _Ended(Exception):
+    """A kept connection was found ended by the server: nothing of the group was answered."""
