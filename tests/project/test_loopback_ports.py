@@ -3,6 +3,7 @@ never from the kernel's own range, never twice, never one another test process h
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import socket
@@ -40,13 +41,31 @@ def test_ports_come_from_below_the_kernels_range_and_never_twice() -> None:
             probe.bind(("127.0.0.1", port))
 
 
+def _unclaimed(port: int) -> bool:
+    """No test process holds ``port``'s lock in the shared folder (this one included: a lock
+    is per open file, so one this process took earlier refuses this open too)."""
+    folder = Path(tempfile.gettempdir()) / "waba-gateway-test-ports"
+    if not (folder / str(port)).exists():
+        return True
+    lock = os.open(folder / str(port), os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(lock)  # closing releases the lock taken
+    return True
+
+
 def _four_free_ports_below() -> int:
     """The top of a window of four loopback ports that nothing holds now: a window with a port
-    this run already gave a server (its lock is held until the run ends) or one in TIME_WAIT
-    would leave the other process nothing to find, whatever the code under test did."""
+    a test run gave a server (its lock is held until that run ends, the server may be between a
+    stop and a start) or one in TIME_WAIT would leave the other process nothing to find,
+    whatever the code under test did."""
     while True:
         top = random.randrange(loopback_ports._FLOOR + 1_000, loopback_ports._DEFAULT_RANGE_START)
-        if all(loopback_ports._bindable(port) for port in range(top - 4, top)):
+        window = range(top - 4, top)
+        if all(_unclaimed(port) and loopback_ports._bindable(port) for port in window):
             return top
 
 
@@ -55,10 +74,10 @@ def test_another_test_process_skips_the_ports_this_one_holds(
 ) -> None:
     """Of four ports, this process holds three: another process, asking at the same time,
     gets the fourth, whatever its random draws."""
+    top = _four_free_ports_below()  # read in the shared folder: before the change below
     # Both processes keep their locks in a folder of this test's own, so the ports the rest of
     # this run holds in the shared folder cannot fill the window.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    top = _four_free_ports_below()
     monkeypatch.setattr(loopback_ports, "_SPAN", 4)
     monkeypatch.setattr(loopback_ports, "_kernel_range_start", lambda: top)
     held = {free_port() for _ in range(3)}

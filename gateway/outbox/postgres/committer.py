@@ -23,9 +23,12 @@ connection that failed or closed goes back to the pool, which connects again; th
 takes a fresh one. A kept connection the server ended while it waited (a restart, a failover,
 an idle timeout) is found closed when the next group runs on it: that group runs again, once,
 on a fresh connection, rather than failing (a 503 for its accepts, outcomes lost and their
-deliveries sent again). Running it again is safe even if the ending came after a commit: an
-accept committed twice finds its digest stored and is a duplicate, and an outcome recorded
-twice is the same outcome.
+deliveries sent again). Only when running it twice is safe: a committer of ``idempotent`` work
+(accepts: one committed twice finds its digest stored and is a duplicate) runs it again
+whatever the connection's end cut short; any other (outcomes, each of which counts an attempt)
+only when the driver refused the group before sending anything (``InterfaceError``: the
+connection already closed or released; ``InternalClientError``: its protocol no longer in a
+state to send).
 """
 
 from __future__ import annotations
@@ -74,12 +77,14 @@ class Committer:
         on_commit: Callable[[int], None] | None = None,
         in_flight: int = IN_FLIGHT,
         ordered: bool = True,
+        idempotent: bool = False,
     ) -> None:
         self._pool = pool
         self._run = run
         self._timeout_s = timeout_s
         self._on_commit = on_commit
         self._ordered = ordered
+        self._idempotent = idempotent
         self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -163,7 +168,7 @@ class Committer:
         try:
             rows = await self._run(conn, [args for args, _ in group])
         except Exception as exc:
-            if kept and not _usable(conn):
+            if kept and not _usable(conn) and (self._idempotent or isinstance(exc, _UNSENT)):
                 raise _Ended from exc
             if not isinstance(exc, FAILURES):
                 raise
@@ -193,6 +198,11 @@ class Committer:
         kept, self._kept = self._kept, []
         for conn in kept:
             await self._give_back(conn)
+
+
+# What asyncpg raises for a statement it never sent: the connection closed or released before
+# the call, or its protocol in no state to send.
+_UNSENT = (asyncpg.InterfaceError, asyncpg.exceptions._base.InternalClientError)
 
 
 def _usable(conn: Any) -> bool:

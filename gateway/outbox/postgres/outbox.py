@@ -154,8 +154,9 @@ class PostgresOutbox:
         # Names this gateway in the leases it holds: host, process, and a random part so that a
         # restarted process with a reused pid is a new owner.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Accepts are safe to run twice (a second finds its digest stored): see Committer.
         self._committer = Committer(
-            pool, self._accept_group, timeout_s=_TIMEOUT_S, on_commit=on_commit
+            pool, self._accept_group, timeout_s=_TIMEOUT_S, on_commit=on_commit, idempotent=True
         )
         # Outcomes recorded while every record slot is busy wait and go together, in the order
         # they were recorded: one statement and one transaction for all of them.
