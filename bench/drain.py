@@ -49,6 +49,13 @@ from sinkproc import running_sink
 HERE = Path(__file__).resolve().parent
 
 
+def copy_outbox(source: Path, target: Path) -> None:
+    """Copy a SQLite outbox file with its write-ahead log (``-wal``), where it has one."""
+    for suffix in ("", "-wal"):
+        if Path(f"{source}{suffix}").exists():
+            shutil.copy(f"{source}{suffix}", f"{target}{suffix}")
+
+
 def store(
     outbox_path: Path, payload: bytes, count: int, targets: int, conversations: int = 0
 ) -> None:
@@ -264,9 +271,7 @@ def spawn(
         ]
 
     if what == "drain" and args.from_outbox:  # a copy: each run drains the same backlog
-        for suffix in ("", "-wal"):
-            if os.path.exists(f"{args.from_outbox}{suffix}"):
-                shutil.copy(f"{args.from_outbox}{suffix}", f"{outbox}{suffix}")
+        copy_outbox(Path(args.from_outbox), outbox)
     elif what == "drain":  # stored beforehand, in a process of its own: not measured
         subprocess.run(
             command("store"), env=env, check=True, timeout=600, stdout=subprocess.DEVNULL

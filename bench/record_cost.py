@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import counts
-from drain import store
+from drain import copy_outbox, store
 
 from gateway.outbox.sqlite import layout
 from gateway.outbox.sqlite import store as statements
@@ -48,9 +48,7 @@ from gateway.outbox.sqlite import store as statements
 
 def _copy(source: Path, folder: Path) -> Path:
     folder.mkdir(parents=True)
-    for suffix in ("", "-wal"):
-        if Path(f"{source}{suffix}").exists():
-            shutil.copy(f"{source}{suffix}", f"{folder / 'outbox.sqlite3'}{suffix}")
+    copy_outbox(source, folder / "outbox.sqlite3")
     return folder / "outbox.sqlite3"
 
 
