@@ -98,6 +98,15 @@ class Conversations:
         """Something this process did not see may have changed any conversation."""
         self._full |= set(self._keys)
 
+    def recovered(self, target: str) -> None:
+        """``target`` answers again after failing: its claims meanwhile had room for the one
+        delivery that probed it, so their looks at every conversation named only a handful
+        beyond it (``more``), and the next look would wait for the pause after them. The
+        next claim looks at every conversation instead, with the whole budget's room: a
+        backlog that built up while the target was down starts draining at once."""
+        if target in self._keys:
+            self._full.add(target)
+
     def changed(self, target: str, key: str | None) -> None:
         """A delivery of ``key`` was stored, delivered or dead-lettered (``None``: a delivery
         with no conversation, which only a full look finds)."""

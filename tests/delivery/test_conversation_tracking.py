@@ -54,6 +54,22 @@ def test_what_a_claim_had_no_room_for_is_asked_again_and_a_full_look_recurs() ->
     assert conversations.request(101.1 + FULL_AGAIN_S + 0.5, ["t"]) == {"t": None}
 
 
+def test_a_target_that_answers_again_is_looked_at_in_full_at_the_next_claim() -> None:
+    """A look at every conversation made while the target was probed (room for one) named a
+    handful beyond it; once those are asked about, the next look would wait. The target
+    answering again makes the next claim look at every conversation at once; a target that
+    does not keep order is not named."""
+    conversations = _tracking()
+    more = [f"k{n}" for n in range(8)]
+    conversations.claimed("t", None, ["k"], complete=False, took_s=0.02, more=more)
+    assert conversations.request(100.01, ["t"], {"t": 1}) == {"t": {"k0"}}
+    assert conversations.request(100.02, ["t"], {"t": 256}) == {"t": set(more[1:])}
+    assert conversations.request(100.03, ["t"], {"t": 256}) == {"t": set()}  # the pause
+    conversations.recovered("t")
+    conversations.recovered("plain")
+    assert conversations.request(100.04, ["t", "plain"], {"t": 256, "plain": 256}) == {"t": None}
+
+
 def test_a_change_during_a_claim_is_not_lost() -> None:
     """A conversation announced while the claim for it runs is asked about again."""
     conversations = _tracking()
