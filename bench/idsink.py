@@ -6,7 +6,9 @@ that failed, a lease that ran out while the target was answering) counts twice t
 count of requests equal to the count of notifications can hide one lost delivery behind one
 duplicate. This one answers ``200 ok`` to every request as cheaply, and keeps the ids it saw:
 ``GET /__stats`` returns ``requests`` (every request), ``distinct`` (ids seen at least once),
-``duplicates`` (requests whose id was seen before) and ``no_id`` (requests without one).
+``duplicates`` (requests whose id was seen before) and ``no_id`` (requests without one), and the
+pauses between the first arrivals of two ids: ``longest_pause_ms`` and ``pauses_ms`` (each
+over ``PAUSE_MS``, in arrival order), where a drain's target waited for the gateway.
 ``GET /__ids`` returns the distinct ids themselves, for a bench to compare with the outbox.
 
 Loopback only. Usage: idsink.py --port 9000 [--expect-sha256 HEX] (accepted and ignored: the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 
 OK = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
@@ -28,6 +31,18 @@ MAX_BUFFER = 4 * 1024 * 1024
 
 SEEN: set[str] = set()
 STATS = {"requests": 0, "distinct": 0, "duplicates": 0, "no_id": 0}
+# When each distinct id first arrived (time.monotonic), for the pauses.
+ARRIVED: list[float] = []
+# A pause worth listing: several times what a batch of the drain takes on the wire.
+PAUSE_MS = 15.0
+
+
+def _stats() -> dict[str, object]:
+    gaps = [(b - a) * 1000 for a, b in zip(ARRIVED, ARRIVED[1:], strict=False)]
+    return STATS | {
+        "longest_pause_ms": round(max(gaps, default=0.0), 1),
+        "pauses_ms": [round(gap, 1) for gap in gaps if gap > PAUSE_MS],
+    }
 
 
 def _json(obj: object) -> bytes:
@@ -53,6 +68,7 @@ def _count(head: bytes) -> None:
     else:
         SEEN.add(delivery_id)
         STATS["distinct"] += 1
+        ARRIVED.append(time.monotonic())
 
 
 class Sink(asyncio.Protocol):
@@ -78,7 +94,7 @@ class Sink(asyncio.Protocol):
                 break
             pos = end + 4 + length
             if head.startswith(b"GET /__stats"):
-                out.append(_json(STATS))
+                out.append(_json(_stats()))
             elif head.startswith(b"GET /__ids"):
                 out.append(_json(sorted(SEEN)))
             else:

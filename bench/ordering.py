@@ -330,6 +330,10 @@ class Ordering:
         said = [line for line in logged.splitlines() if "WARNING" in line or "ERROR" in line]
         row = {"mode": mode, "round": round_, "phase": phase, "delivered": seen["distinct"],
                 "duplicates": seen["duplicates"], "requests": seen["requests"],
+                # Where the target waited for the gateway (idsink.py): the longest gap between
+                # two first arrivals, and every one over 15 ms.
+                "longest_pause_ms": seen.get("longest_pause_ms"),
+                "pauses_ms": seen.get("pauses_ms"),
                 # Recorded delivered, never seen by the sink: answered by someone else.
                 "elsewhere": max(delivered - seen["distinct"], 0),
                 "states": states, "drained": drained,
