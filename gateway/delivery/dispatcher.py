@@ -290,8 +290,7 @@ class Dispatcher:
         claimed = dict.fromkeys(limits, 0)
         started = []
         # The first of each conversation now; those behind it wait for it (ordering.Runs).
-        full = {name for name, keys in claim.asked.items() if keys is None}
-        for delivery in runs.sort(due, self._pacing.unpaced_ordered, busy, full):
+        for delivery in runs.sort(due, self._pacing.unpaced_ordered, busy):
             claimed[delivery.target] += 1
             if delivery.id in busy:  # offered, its run went on, or it ended, while it ran
                 continue

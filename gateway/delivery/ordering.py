@@ -18,8 +18,7 @@ its target busy between two looks at every conversation, each of which costs a p
 pending delivery of the target and so comes seldom.
 
 A backlog drains in runs (:class:`Runs`): a claim takes up to :data:`RUN` deliveries of each
-conversation it starts (a look at every conversation cuts them to :data:`STAGGER` lengths in
-turn), in order, and each goes as soon as the target's answer ended the one
+conversation it starts, in order, and each goes as soon as the target's answer ended the one
 before it in delivery or dead letter, with no claim in between and before that outcome is
 recorded (what a crash or a failed record sends again: the dispatcher's ``_go_on``). A replay of
 a delivery waiting in a run lets the run go (:meth:`Runs.release`). The claim owns
@@ -36,15 +35,12 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from gateway.outbox import Delivery
 
-__all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "RUN", "STAGGER", "Conversations", "Runs"]
+__all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "RUN", "Conversations", "Runs"]
 
 # The deliveries of one conversation a claim may take at once: enough that a backlog of one
 # conversation costs a claim per eight deliveries rather than one each, few enough that the
 # bodies held in memory stay within eight times the target's batch (dispatcher.batch_size).
 RUN = 8
-
-# The lengths the runs of a look at every conversation are cut to, in turn (see Runs.sort).
-STAGGER = (RUN, RUN - 2, RUN - 4, RUN - 6)
 
 # Stands for deliveries not known one by one: a look at every conversation started the first
 # of this one, and whatever was stored behind it (by another worker or gateway, or before a
@@ -278,11 +274,7 @@ class Runs:
         self._full: set[str] = set()
 
     def sort(
-        self,
-        due: Sequence[Delivery],
-        ordered: Collection[str],
-        busy: Collection[str] = (),
-        stagger: Collection[str] = (),
+        self, due: Sequence[Delivery], ordered: Collection[str], busy: Collection[str] = ()
     ) -> list[Delivery]:
         """The deliveries of a claim to start now, in order: each delivery that follows an
         earlier one of its conversation in ``due`` (of an ``ordered`` target) is kept behind
@@ -290,17 +282,10 @@ class Runs:
         run it belongs to: which already holds the rest). A follower that is itself ``busy``
         ends its run there, it and what follows left to the outbox: it is on its way already
         (sent again after a record that failed, while its own first send is still out), and
-        parked it would be sent a second time beside that send. For the targets in
-        ``stagger`` (a look at every conversation, which starts hundreds at once), the runs
-        are cut to :data:`STAGGER` lengths in turn, the rest left to the outbox: runs that
-        all ended together would all ask for the next claim together, and the target would
-        wait for that claim's thousands of bodies; cut in turn, their ends come apart, and so
-        do the claims by key that follow them, each while other runs are on the wire."""
+        parked it would be sent a second time beside that send."""
         firsts: list[Delivery] = []
         heads: dict[tuple[str, str], str] = {}
         cut: set[str] = set()
-        room: dict[str, int] = {}  # followers each staggered run may still take
-        started = 0
         for delivery in due:
             key = delivery.order_key
             if delivery.target not in ordered or key is None:
@@ -310,16 +295,11 @@ class Runs:
             if head is None:
                 heads[(delivery.target, key)] = delivery.id
                 firsts.append(delivery)
-                if delivery.target in stagger:
-                    room[delivery.id] = STAGGER[started % len(STAGGER)] - 1
-                    started += 1
             elif head in busy or head in cut:
                 continue
-            elif delivery.id in busy or room.get(head, 1) <= 0:
+            elif delivery.id in busy:
                 cut.add(head)
             else:
-                if head in room:
-                    room[head] -= 1
                 self._behind.setdefault(head, deque()).append(delivery)
                 self.parked.add(delivery.id)
         for head in heads.values():

@@ -7,14 +7,7 @@ import itertools
 
 import pytest
 
-from gateway.delivery.ordering import (
-    FULL_AGAIN_S,
-    FULL_EVERY_S,
-    RUN,
-    STAGGER,
-    Conversations,
-    Runs,
-)
+from gateway.delivery.ordering import FULL_AGAIN_S, FULL_EVERY_S, RUN, Conversations, Runs
 from gateway.outbox import Delivery
 
 
@@ -270,34 +263,6 @@ def test_a_run_as_long_as_a_claim_takes_asks_for_a_look_when_it_ends() -> None:
     runs.sort([_delivery(100, "b"), _delivery(101, "b")], {"t"})
     assert runs.let_go("p-100")
     assert runs.parked == set()
-
-
-def test_the_runs_of_a_look_at_every_conversation_are_cut_in_turn_so_their_ends_come_apart() -> (
-    None
-):
-    """Staggered (a look at every conversation): five conversations of RUN deliveries each
-    keep runs of STAGGER's lengths in turn (the fifth starts again at RUN); a cut run's last
-    one asks for a look at its conversation when it ends (the rest was left to the outbox),
-    as a run of RUN does. Not staggered, every run keeps RUN."""
-    keys = "abcde"
-    due = [_delivery(10 * k + n, key) for k, key in enumerate(keys) for n in range(RUN)]
-    runs = Runs()
-    firsts = runs.sort(due, {"t"}, stagger={"t"})
-    assert [d.order_key for d in firsts] == list(keys)
-    lengths = [*STAGGER, STAGGER[0]]
-    assert len(runs.parked) == sum(length - 1 for length in lengths)
-    for k, length in enumerate(lengths):
-        current = firsts[k]
-        for n in range(1, length):
-            following, look = runs.after(current.id, True)
-            assert following is not None
-            assert (following.id, look) == (f"p-{10 * k + n}", False)
-            current = following
-        assert runs.after(current.id, True) == (None, True), keys[k]
-    assert runs.parked == set()
-    plain = Runs()
-    plain.sort(due, {"t"})
-    assert len(plain.parked) == len(keys) * (RUN - 1)
 
 
 @pytest.mark.parametrize(
