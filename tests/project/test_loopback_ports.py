@@ -3,7 +3,6 @@ never from the kernel's own range, never twice, never one another test process h
 
 from __future__ import annotations
 
-import fcntl
 import os
 import random
 import socket
@@ -44,16 +43,10 @@ def test_ports_come_from_below_the_kernels_range_and_never_twice() -> None:
 def _unclaimed(port: int) -> bool:
     """No test process holds ``port``'s lock in the shared folder (this one included: a lock
     is per open file, so one this process took earlier refuses this open too)."""
-    folder = Path(tempfile.gettempdir()) / "waba-gateway-test-ports"
-    if not (folder / str(port)).exists():
-        return True
-    lock = os.open(folder / str(port), os.O_RDWR)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = loopback_ports._lock(loopback_ports._lock_folder(), port)
+    if lock is None:
         return False
-    finally:
-        os.close(lock)  # closing releases the lock taken
+    os.close(lock)  # closing releases the lock taken
     return True
 
 

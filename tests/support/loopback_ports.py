@@ -49,19 +49,34 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _lock_folder() -> Path:
+    """The folder of the ports' lock files, shared by every test run on the machine."""
+    folder = Path(tempfile.gettempdir()) / "waba-gateway-test-ports"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _lock(folder: Path, port: int) -> int | None:
+    """The descriptor of ``port``'s lock file in ``folder``, locked; ``None`` when another test
+    run (or this one: a lock is per open file) holds it."""
+    lock = os.open(folder / str(port), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    return lock
+
+
 def free_port() -> int:
     """A loopback port below the kernel's own range, free now and claimed by this process."""
     top = max(_kernel_range_start(), _FLOOR + 1_000)
     bottom = max(_FLOOR, top - _SPAN)
-    folder = Path(tempfile.gettempdir()) / "waba-gateway-test-ports"
-    folder.mkdir(exist_ok=True)
+    folder = _lock_folder()
     for _ in range(1_000):
         port = random.randrange(bottom, top)
-        lock = os.open(folder / str(port), os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another test run (or this one) has it
-            os.close(lock)
+        lock = _lock(folder, port)
+        if lock is None:
             continue
         if not _bindable(port):  # something else on the machine named it
             os.close(lock)
