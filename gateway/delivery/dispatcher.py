@@ -360,11 +360,12 @@ class Dispatcher:
             if lane.queue:
                 self._schedule_send()
         now = self._clock()
-        probing = lane.health.probing
+        # The health the judgement changes is the exchange's: its lane's when the batch left.
+        probing = exchange.health.probing
         outcomes = exchange.judge(now, self._uniform, held)
         name, results = exchange.name, exchange.results
         ordered = name in self._pacing.ordered
-        if ordered and probing and not lane.health.probing:
+        if ordered and probing and not exchange.health.probing:
             self._pacing.conversations.recovered(name)
         # An ordered target's runs go on now, before these outcomes are recorded (_go_on).
         went, looks = self._go_on(lane, batch, outcomes) if ordered else ((), ())

@@ -134,12 +134,12 @@ class Committer:
                 log.exception("outbox group commit failed")
                 _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
             finally:
-                if conn is None:  # none to be had after an ended one: the group was answered
-                    pass
-                elif keep and not self._closing and _usable(conn):
-                    self._kept.append(conn)
-                else:
-                    await self._give_back(conn)
+                # None: none to be had after an ended one (the group was answered).
+                if conn is not None:
+                    if keep and not self._closing and _usable(conn):
+                        self._kept.append(conn)
+                    else:
+                        await self._give_back(conn)
 
     async def _acquire(self, group: list[tuple[tuple[Any, ...], Any]] | None = None) -> Any | None:
         """A connection from the pool; ``None`` when there is none in time, the group (``None``:
