@@ -49,7 +49,15 @@ def _delivery_id(head: bytes) -> bytes:
 
 
 class ReadAheadServer:
-    """Reads every request as soon as it arrives; answers each, in order, 20 ms later."""
+    """Reads every request as soon as it arrives; answers each, in order, 20 ms later.
+
+    With ``hold_for`` set, no answer goes until that many requests are held unanswered at once
+    (or ``HOLD_S`` has passed): a loaded machine may open the sixth connection more than 20 ms
+    after the first, and the count of requests held together must not depend on that. A
+    dispatcher that never sends ``hold_for`` at once still gets its answers, and fails on the
+    count rather than hanging."""
+
+    HOLD_S = 2.0
 
     def __init__(self) -> None:
         self.connections = 0
@@ -59,6 +67,8 @@ class ReadAheadServer:
         self._unanswered = 0
         self.port = 0
         self.sent: dict[str, int] = {}  # delivery id -> the status its request was answered
+        self.hold_for = 1
+        self._held_enough = asyncio.Event()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -73,6 +83,8 @@ class ReadAheadServer:
                 held.put_nowait(_delivery_id(head))
                 self.most_per_connection = max(self.most_per_connection, unanswered[0])
                 self.most_in_all = max(self.most_in_all, self._unanswered)
+                if self._unanswered >= self.hold_for:
+                    self._held_enough.set()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -86,6 +98,8 @@ class ReadAheadServer:
     ) -> None:
         while True:
             delivery_id = await held.get()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._held_enough.wait(), self.HOLD_S)
             await asyncio.sleep(0.02)
             status = STATUSES[self.answered % len(STATUSES)]
             self.sent[delivery_id.decode()] = status
@@ -164,6 +178,7 @@ async def test_deliveries_due_together_are_pipelined_within_the_targets_limits(
     holds at most ``pipeline`` of them unanswered on one connection and ``concurrency`` in
     all, reaches those limits, and every delivery ends delivered on its first attempt."""
     target = target_server.target(pipeline=pipeline, concurrency=concurrency)
+    target_server.hold_for = in_all
     bodies = [message_body(f"due together {n}") for n in range(DELIVERIES)]
     await deliver_all(tmp_path, target_server, target, bodies)
     assert target_server.most_per_connection == per_connection
