@@ -262,6 +262,8 @@ class Dispatcher:
 
     async def _claim(self) -> None:
         now = self._clock()
+        if self._pacing.runs.wants_more:
+            await self._extend_runs(now)
         # A paused target is not asked at all; a probing one for a single delivery; a target
         # whose budget is used up waits for its own attempts to finish.
         rooms = ((name, lane.room(now, self._capacity)) for name, lane in self._lanes.items())
@@ -306,6 +308,24 @@ class Dispatcher:
         if any(claimed[name] < limits[name] and conversations.more_to_ask(name) for name in limits):
             # Room left, and conversations this claim had no turn to ask about: at once.
             self._wake.set()
+
+    async def _extend_runs(self, now: float) -> None:
+        """Read what follows each run that is near its end and may have more behind it, for
+        it to go on without a claim in between (ordering.Runs.extend). A run holds one place
+        in its lane's budget whatever its length, so this needs no room."""
+        runs = self._pacing.runs
+        lengths = self._pacing.run_lengths()
+        for name, lasts in runs.wanted().items():
+            length = lengths.get(name)
+            found = {} if length is None else await self._outbox.following(now, name, lasts, length)
+            for key, last in lasts.items():
+                more = found.get(key, [])
+                full = length is not None and len(more) >= length
+                for index, delivery in enumerate(more):
+                    if delivery.id in self._in_flight or delivery.id in runs.parked:
+                        more, full = more[:index], True  # on its way: the rest is a claim's
+                        break
+                runs.extend(last, more, full=full)
 
     def _start(self, lane: Lane, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
@@ -420,6 +440,8 @@ class Dispatcher:
         for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             released = healthy and not isinstance(outcome, RetryAt)
             following, look = runs.after(delivery.id, released)
+            if runs.wants_more:
+                self._wake.set()
             if following is not None and lane is not None:
                 conversations.started(name, delivery.order_key, following.id)
                 went.add(index)

@@ -20,8 +20,12 @@ pending delivery of the target and so comes seldom.
 A backlog drains in runs (:class:`Runs`): a claim takes up to :data:`RUN` deliveries of each
 conversation it starts, in order, and each goes as soon as the target's answer ended the one
 before it in delivery or dead letter, with no claim in between and before that outcome is
-recorded (what a crash or a failed record sends again: the dispatcher's ``_go_on``). A replay of
-a delivery waiting in a run lets the run go (:meth:`Runs.release`). The claim owns
+recorded (what a crash or a failed record sends again: the dispatcher's ``_go_on``). A run as
+long as a claim takes may have more behind it: once only :data:`EXTEND_AT` of it wait, what
+follows its last delivery is read (:meth:`gateway.outbox.Outbox.following`) and joins it
+(:meth:`Runs.extend`), so that a long conversation goes on with no claim, and no idle target,
+between two runs. A replay of a delivery waiting in a run lets the run go
+(:meth:`Runs.release`). The claim owns
 the run as it owns its first delivery (its lease, with a shared outbox), so the order holds
 across workers and gateways just as it does one claim at a time.
 """
@@ -35,12 +39,20 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from gateway.outbox import Delivery
 
-__all__ = ["FULL_AGAIN_S", "FULL_EVERY_S", "RUN", "Conversations", "Runs"]
+__all__ = ["EXTEND_AT", "FULL_AGAIN_S", "FULL_EVERY_S", "RUN", "Conversations", "Runs"]
 
-# The deliveries of one conversation a claim may take at once: enough that a backlog of one
-# conversation costs a claim per eight deliveries rather than one each, few enough that the
-# bodies held in memory stay within eight times the target's batch (dispatcher.batch_size).
+# The deliveries of one conversation a claim (or a read of what follows a run) may take at
+# once: enough that a backlog of one conversation costs a read per eight deliveries rather than
+# one each, few enough that the bodies held in memory stay within eleven times the target's
+# batch (dispatcher.batch_size): one on its way, EXTEND_AT waiting, and RUN read behind them.
 RUN = 8
+
+# A run that may have more behind it asks for what follows its last delivery once this few of
+# its deliveries wait in memory: the read then runs while those go, one round trip each, and
+# the run goes on without a claim in between (:meth:`Runs.extend`). Runs started together (a
+# look at every conversation starts as many as the target's budget) go in step, so without it
+# they all ended in the same round trip and the target waited, idle, for the claim after them.
+EXTEND_AT = 2
 
 # Stands for deliveries not known one by one: a look at every conversation started the first
 # of this one, and whatever was stored behind it (by another worker or gateway, or before a
@@ -272,6 +284,11 @@ class Runs:
         self.parked: set[str] = set()
         # Runs that were as long as a claim takes: more may wait behind their last one.
         self._full: set[str] = set()
+        # Runs whose last delivery (by id) waits for a read of what follows it: the run it
+        # ends, kept while that delivery has not ended (see extend()).
+        self._extending: dict[str, deque[Delivery]] = {}
+        # Of those, the ones not yet handed to a read (wanted()).
+        self._wanted: dict[str, Delivery] = {}
 
     def sort(
         self, due: Sequence[Delivery], ordered: Collection[str], busy: Collection[str] = ()
@@ -318,6 +335,8 @@ class Runs:
         run = self._behind.pop(delivery_id, None)
         full = delivery_id in self._full
         self._full.discard(delivery_id)
+        self._extending.pop(delivery_id, None)
+        self._wanted.pop(delivery_id, None)
         if not run:
             return None, full
         if not released:
@@ -327,7 +346,55 @@ class Runs:
         self.parked.discard(following.id)
         if run:
             self._behind[following.id] = run
+        self._want_more(following, run)
         return following, False
+
+    def _want_more(self, going: Delivery, run: deque[Delivery]) -> None:
+        """``going`` starts with ``run`` behind it: once the run is this short, and more may
+        follow its last delivery, that delivery asks for a read of what follows."""
+        last = run[-1] if run else going
+        if len(run) <= EXTEND_AT and last.id in self._full and last.id not in self._extending:
+            self._extending[last.id] = run
+            self._wanted[last.id] = last
+
+    @property
+    def wants_more(self) -> bool:
+        """Whether a run waits for a read of what follows it (:meth:`wanted`)."""
+        return bool(self._wanted)
+
+    def wanted(self) -> dict[str, dict[str, str]]:
+        """Per target, for each conversation whose run asked for more (keyed by conversation),
+        the id of the run's last delivery: what follows it is to be read (:meth:`extend`).
+        Each is given once."""
+        asked: dict[str, dict[str, str]] = {}
+        for last in self._wanted.values():
+            if last.order_key is not None:
+                asked.setdefault(last.target, {})[last.order_key] = last.id
+        self._wanted.clear()
+        return asked
+
+    def extend(self, last_id: str, more: Sequence[Delivery], full: bool) -> bool:
+        """What follows delivery ``last_id`` in its conversation was read: ``more``, in order
+        (``full``: as many as were asked for, so more may follow them). It joins the end of
+        the run ``last_id`` ends, if that delivery has not ended meanwhile and its run was not
+        let go; else the read is dropped (those deliveries stay pending in the outbox, and
+        the delivery's end asks a claim to look at its conversation). Whether it joined."""
+        run = self._extending.pop(last_id, None)
+        self._wanted.pop(last_id, None)
+        if run is None or not more:
+            return False
+        if not run:
+            # It started since the read was asked for (and has not ended: its end forgets the
+            # ask): the run behind it starts anew.
+            self._behind[last_id] = run
+        elif run[-1].id != last_id:
+            return False
+        run.extend(more)
+        self.parked.update(delivery.id for delivery in more)
+        self._full.discard(last_id)
+        if full:
+            self._full.add(more[-1].id)
+        return True
 
     def let_go(self, delivery_id: str) -> bool:
         """A first delivery did not start after all: its run goes back to the outbox. Whether
@@ -352,6 +419,8 @@ class Runs:
         for delivery in run:
             self.parked.discard(delivery.id)
             self._full.discard(delivery.id)
+            self._extending.pop(delivery.id, None)
+            self._wanted.pop(delivery.id, None)
 
     def forget(self, keep: Collection[str]) -> None:
         """Let go of every run of a target not in ``keep`` (no longer ordered, or removed)."""

@@ -108,6 +108,18 @@ class Outbox(Protocol):
         key later. A backend may name none."""
         ...
 
+    async def following(
+        self, now: float, target: str, after: Mapping[str, str], length: int
+    ) -> dict[str, list[Delivery]]:
+        """For each conversation of ordered ``target`` that ``after`` names, by its key: the
+        due deliveries that follow delivery ``after[key]`` in that conversation (pending, and
+        the caller's: the last of a run it holds, see :meth:`due`'s ``runs``), in order, at
+        most ``length``, none past the first that is not due; none for a conversation whose
+        delivery ``after[key]`` is no longer pending. They are the caller's, as its run is: it
+        sends each only once the one before it ended in delivery or dead letter. A backend
+        may hand out none (the caller's next claims then find them)."""
+        ...
+
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
     ) -> int | None:

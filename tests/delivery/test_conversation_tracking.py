@@ -7,7 +7,14 @@ import itertools
 
 import pytest
 
-from gateway.delivery.ordering import FULL_AGAIN_S, FULL_EVERY_S, RUN, Conversations, Runs
+from gateway.delivery.ordering import (
+    EXTEND_AT,
+    FULL_AGAIN_S,
+    FULL_EVERY_S,
+    RUN,
+    Conversations,
+    Runs,
+)
 from gateway.outbox import Delivery
 
 
@@ -307,3 +314,90 @@ def test_the_next_full_look_comes_soon_only_once_what_the_last_one_named_is_aske
     assert conversations.request(last, ["t"], {"t": 1}) == {"t": {"m2"}}
     assert conversations.request(last + FULL_AGAIN_S - 0.001, ["t"], {"t": 1}) == {"t": set()}
     assert conversations.request(last + FULL_AGAIN_S + 0.001, ["t"], {"t": 1}) == {"t": None}
+
+
+def _full_run(runs: Runs, key: str = "a", first: int = 0) -> list[Delivery]:
+    """A claim's run as long as a claim takes (so more may follow it), sorted into ``runs``."""
+    run = [_delivery(first + n, key) for n in range(RUN)]
+    assert runs.sort(run, {"t"}) == [run[0]]
+    return run
+
+
+def _go_on(runs: Runs, run: list[Delivery], upto: int, start: int = 0) -> None:
+    """Each of ``run`` from index ``start`` ends delivered, and the next starts, until the
+    one at index ``upto`` has started."""
+    for delivery, following in itertools.pairwise(run[start : upto + 1]):
+        assert runs.after(delivery.id, True) == (following, False)
+
+
+def test_a_run_that_may_have_more_asks_once_for_what_follows_it_when_it_is_nearly_done() -> None:
+    """A run as long as a claim takes asks, once EXTEND_AT of it wait, for what follows its
+    last delivery (by target and conversation, once); a shorter run never asks."""
+    runs = Runs()
+    run = _full_run(runs)
+    _go_on(runs, run, RUN - EXTEND_AT - 2)
+    assert not runs.wants_more
+    _go_on(runs, run, RUN - EXTEND_AT - 1, start=RUN - EXTEND_AT - 2)
+    assert runs.wants_more
+    assert runs.wanted() == {"t": {"a": run[-1].id}}
+    assert not runs.wants_more
+    assert runs.wanted() == {}
+    short = [_delivery(100 + n, "b") for n in range(RUN - 1)]
+    runs.sort(short, {"t"})
+    _go_on(runs, short, len(short) - 1)
+    assert runs.wanted() == {}
+
+
+@pytest.mark.parametrize(
+    ("started_upto", "more_count", "full", "joined", "look_at_end"),
+    [
+        pytest.param(RUN - EXTEND_AT - 1, 3, False, True, False, id="joins while its last waits"),
+        pytest.param(RUN - 1, 3, False, True, False, id="joins behind its last on its way"),
+        pytest.param(RUN - 1, RUN, True, True, True, id="a full read asks again at its end"),
+        pytest.param(RUN - 1, 0, False, False, True, id="nothing read: a look at the end"),
+    ],
+)
+def test_what_follows_a_run_joins_it_and_goes_on_in_order(
+    started_upto: int, more_count: int, full: bool, joined: bool, look_at_end: bool
+) -> None:
+    """What was read behind a run's last delivery joins the run whether that delivery waits
+    or is on its way: the run goes on through it in order, and its end asks for a look at
+    the conversation only when more may follow (the read was full, or nothing was read)."""
+    runs = Runs()
+    run = _full_run(runs)
+    _go_on(runs, run, RUN - EXTEND_AT - 1)
+    assert runs.wanted() == {"t": {"a": run[-1].id}}
+    _go_on(runs, run, started_upto, start=RUN - EXTEND_AT - 1)
+    more = [_delivery(100 + n, "a") for n in range(more_count)]
+    assert runs.extend(run[-1].id, more, full=full) is joined
+    assert runs.parked == {d.id for d in run[started_upto + 1 :]} | {d.id for d in more}
+    whole = run[started_upto:] + more
+    _go_on(runs, whole, len(whole) - 1)
+    assert runs.after(whole[-1].id, True) == (None, look_at_end)
+    assert runs.parked == set()
+
+
+@pytest.mark.parametrize(
+    "meanwhile",
+    ["its last ended", "a retry let the run go", "a replay let the run go", "not a run's last"],
+)
+def test_what_follows_a_run_that_ended_or_was_let_go_is_dropped(meanwhile: str) -> None:
+    """A read that comes back after the run's last delivery ended, or after the run was let
+    go, joins nothing: those deliveries stay with the outbox for a claim to find in order."""
+    runs = Runs()
+    run = _full_run(runs)
+    _go_on(runs, run, RUN - EXTEND_AT - 1)
+    last = run[-1].id
+    assert runs.wanted() == {"t": {"a": last}}
+    if meanwhile == "its last ended":
+        _go_on(runs, run, RUN - 1, start=RUN - EXTEND_AT - 1)
+        assert runs.after(last, True) == (None, True)
+    elif meanwhile == "a retry let the run go":
+        assert runs.after(run[RUN - EXTEND_AT - 1].id, False) == (None, True)
+    elif meanwhile == "a replay let the run go":
+        runs.release({last})
+    else:
+        last = run[-2].id
+    more = [_delivery(100, "a"), _delivery(101, "a")]
+    assert runs.extend(last, more, full=False) is False
+    assert not runs.parked & {d.id for d in more}

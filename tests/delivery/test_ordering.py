@@ -29,6 +29,7 @@ from processes import post_to, serving, serving_all, until_listening
 from sink import DEADLINE_S
 
 from gateway.config import Config, OutboxConfig
+from gateway.delivery.ordering import RUN
 from gateway.runtime.gateway import Gateway
 
 USERS = ("a", "b", "c", "d")
@@ -145,6 +146,28 @@ async def test_a_backlog_drains_in_runs_in_order_when_one_fails_mid_way(
         for user in USERS:
             assert await target.wait_for(user, PER_USER) == list(range(PER_USER))
         assert target.refused[("b", 3)] == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_conversations_longer_than_a_run_go_on_past_it_in_order(
+    pki: Pki, tmp_path: Path, target: Conversations, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Stored while the target is down, two conversations of three runs and more: each goes
+    on past its first run (on SQLite what follows a run is read while the run goes), in
+    order, each message once; b's message in its second run fails twice, and the rest of b
+    waits for it."""
+    long = 3 * RUN + 3
+    config = _bot(pki, tmp_path, target, backend, request)
+    await target.stop()
+    async with Gateway(config) as gateway:
+        for n in range(long):
+            for user in ("a", "b"):
+                assert (await post(gateway, pki, conversation_body(user, n))).status == 200
+        target.failing[("b", RUN + 2)] = 2
+        await target.start()
+        for user in ("a", "b"):
+            assert await target.wait_for(user, long) == list(range(long))
+        assert target.refused[("b", RUN + 2)] == 2
 
 
 def _sender(session: aiohttp.ClientSession, pki: Pki, port: Callable[[str, int], int]) -> Send:

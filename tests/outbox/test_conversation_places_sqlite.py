@@ -184,3 +184,73 @@ async def test_runs_by_key_are_each_conversations_first_pending_in_place_order(
     for key in ("k1", "k4"):
         expected = [d for k, d in stored if k == key][:length]
         assert [f"{prefix}-{rowid}" for _, rowid, _ in runs[key]] == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "after", "length", "expected"),
+    [
+        pytest.param("k4", 0, 2, [1, 2], id="the next ones after the first, as many as asked"),
+        pytest.param("k4", 1, 8, [2, 3, 4], id="to the end of the conversation"),
+        pytest.param("k4", 4, 8, [], id="after the last: none"),
+        pytest.param("k1", 2, 8, [3, 4], id="the replayed one last, where its replay put it"),
+        pytest.param("k1", 4, 8, [], id="after the replayed one: none"),
+    ],
+)
+async def test_what_follows_a_delivery_is_the_rest_of_its_conversation_in_place_order(
+    tmp_path: Path, key: str, after: int, length: int, expected: list[int]
+) -> None:
+    """``following`` hands out the pending deliveries behind a given one of its
+    conversation, in their places (a replayed one at the back), at most ``length``; the
+    numbers index each conversation's deliveries in acknowledgement order."""
+    path = tmp_path / "outbox.sqlite3"
+    stored = await _backlog(path)
+    ids = [d for k, d in stored if k == key]
+    box = SqliteOutbox(path, dedup_window_s=DAY)
+    try:
+        found = await box.following(1000.0, "t", {key: ids[after]}, length)
+    finally:
+        await box.close()
+    assert [d.id for d in found.get(key, [])] == [ids[n] for n in expected]
+    assert all(d.order_key == key and d.body for d in found.get(key, []))
+
+
+async def test_nothing_follows_a_delivery_that_is_no_longer_pending_or_not_yet_due(
+    tmp_path: Path,
+) -> None:
+    """A delivery already recorded as delivered (or another store's id) names no place to
+    follow; and the deliveries behind one stop at the first that is not due."""
+    path = tmp_path / "outbox.sqlite3"
+    stored = await _backlog(path)
+    k2 = [d for k, d in stored if k == "k2"]
+    k3 = [d for k, d in stored if k == "k3"]
+    box = SqliteOutbox(path, dedup_window_s=DAY)
+    try:
+        await box.record_many([(k2[0], Delivered(), AttemptResult(status=200))], 1000.0)
+        assert await box.following(1000.0, "t", {"k2": k2[0], "k3": "elsewhere-1"}, 8) == {}
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            prefix = read_prefix(conn)
+            conn.execute(
+                "UPDATE deliveries SET next_attempt_at = 5000 WHERE id = ?",
+                (int(k3[3].removeprefix(f"{prefix}-")),),
+            )
+            conn.commit()
+        found = await box.following(1000.0, "t", {"k3": k3[0]}, 8)
+    finally:
+        await box.close()
+    assert [d.id for d in found["k3"]] == k3[1:3]
+
+
+async def test_what_follows_a_delivery_is_a_range_of_the_place_index_in_order(
+    tmp_path: Path,
+) -> None:
+    """Reading what follows a delivery seeks the place index by key and place, in its order:
+    no temporary b-tree."""
+    path = tmp_path / "outbox.sqlite3"
+    await _backlog(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        plan = "\n".join(
+            row[3]
+            for row in conn.execute(f"EXPLAIN QUERY PLAN {conversations._AFTER}", ("t", "k1", 3, 8))
+        )
+    assert "USING INDEX deliveries_place (target=? AND order_key=? AND <expr>>?)" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan

@@ -347,6 +347,14 @@ class PostgresOutbox:
             taken += count
         return found
 
+    async def following(
+        self, now: float, target: str, after: Mapping[str, str], length: int
+    ) -> dict[str, list[Delivery]]:
+        """None handed out: on a shared database a run is the deliveries one claim leased
+        together, and what follows it is left to the next claim, which leases it (see
+        :mod:`gateway.outbox.postgres.claim`)."""
+        return {}
+
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
     ) -> int | None:

@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 
 __all__ = [
+    "after",
     "first_due",
     "followers",
     "following",
@@ -57,6 +58,15 @@ _FIRST_OF = (
     " AND COALESCE(f.position, f.id) <= COALESCE((SELECT COALESCE(g.position, g.id)"
     " FROM deliveries g WHERE g.state = 'pending' AND g.target = ?1 AND g.order_key = k.value"
     " ORDER BY COALESCE(g.position, g.id) LIMIT 1 OFFSET ?3 - 1), 9223372036854775807)"
+)
+
+# The first ?4 pending deliveries of a conversation after the place of pending delivery ?3: a
+# range of the place index, in its order.
+_AFTER = (
+    "SELECT f.id, f.next_attempt_at, COALESCE(f.position, f.id) FROM deliveries f"
+    " WHERE f.state = 'pending' AND f.target = ?1 AND f.order_key = ?2"
+    " AND COALESCE(f.position, f.id) > (SELECT COALESCE(t.position, t.id) FROM deliveries t"
+    " WHERE t.id = ?3 AND t.state = 'pending') ORDER BY COALESCE(f.position, f.id) LIMIT ?4"
 )
 
 # Replayed deliveries with a conversation go to its back: each takes a new place from the
@@ -127,6 +137,22 @@ def following(run: Sequence[tuple[int, int, float]], now: float) -> list[int]:
             break
         ids.append(rowid)
     return ids
+
+
+def after(
+    conn: sqlite3.Connection, target: str, now: float, lasts: Mapping[str, int], length: int
+) -> dict[str, list[int]]:
+    """For each conversation ``lasts`` names (key to the row id of one of its pending
+    deliveries), the row ids of the pending deliveries that follow that one, in order, each
+    due by ``now``: at most ``length``, and none past the first that is not due. A seek in the
+    place index each."""
+    found: dict[str, list[int]] = {}
+    for key, rowid in lasts.items():
+        rows = conn.execute(_AFTER, (target, key, rowid, length)).fetchall()
+        ids = following([(0, rowid, 0.0), *((0, r, due_at) for r, due_at, _ in rows)], now)
+        if ids:
+            found[key] = ids
+    return found
 
 
 def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:

@@ -236,15 +236,44 @@ class SqliteOutbox:
         )
         if more is not None and beyond:
             more.update(beyond)
-        if damaged:
-            await self.run(functools.partial(store.dead_letter_damaged, rowids=damaged, now=now))
-            for rowid in damaged:
-                log.error(
-                    "delivery %s dead-lettered: %s",
-                    delivery_id_of(self._prefix, rowid),
-                    store.DAMAGED,
-                )
+        await self._dead_letter_damaged(damaged, now)
         return found
+
+    async def following(
+        self, now: float, target: str, after: Mapping[str, str], length: int
+    ) -> dict[str, list[Delivery]]:
+        """What follows each named delivery in its conversation (see
+        :meth:`gateway.outbox.Outbox.following`): a seek in the place index per conversation,
+        then the bodies by the table's key, in one read."""
+        lasts = {
+            key: rowid
+            for key, delivery_id in after.items()
+            if (rowid := rowid_of(delivery_id, self._prefix)) is not None
+        }
+        if not lasts:
+            return {}
+        found, damaged = await self.run(
+            functools.partial(
+                store.following_deliveries,
+                prefix=self._prefix,
+                target=target,
+                now=now,
+                lasts=lasts,
+                length=length,
+            ),
+            read=True,
+        )
+        await self._dead_letter_damaged(damaged, now)
+        return found
+
+    async def _dead_letter_damaged(self, rowids: Sequence[int], now: float) -> None:
+        if not rowids:
+            return
+        await self.run(functools.partial(store.dead_letter_damaged, rowids=rowids, now=now))
+        for rowid in rowids:
+            log.error(
+                "delivery %s dead-lettered: %s", delivery_id_of(self._prefix, rowid), store.DAMAGED
+            )
 
     async def backlog(self) -> list[Backlog]:
         """Pending deliveries and dead letters per target. Read in a lazy job (it rides along

@@ -234,6 +234,39 @@ def _first_of_conversations(
     return rows, places
 
 
+def following_deliveries(
+    conn: sqlite3.Connection,
+    prefix: str,
+    target: str,
+    now: float,
+    lasts: Mapping[str, int],
+    length: int,
+) -> tuple[dict[str, list[Delivery]], list[int]]:
+    """For each conversation key ``lasts`` names, the due deliveries that follow its pending
+    delivery ``lasts[key]`` (a row id), in order, at most ``length`` (see
+    :func:`conversations.after`); and the row ids of those whose body no longer matches its
+    digest, where its conversation's list stops (dead-lettered by the caller, never
+    forwarded)."""
+    ids = conversations.after(conn, target, now, lasts, length)
+    if not ids:
+        return {}, []
+    rows = conn.execute(_BODIES_OF, (json.dumps([i for run in ids.values() for i in run]),))
+    by_id = {row[0]: row for row in rows}
+    found: dict[str, list[Delivery]] = {}
+    damaged: list[int] = []
+    for key, run in ids.items():
+        deliveries = found[key] = []
+        for rowid in run:
+            row = by_id.get(rowid)
+            if row is None:  # no longer pending: what follows waits for a claim
+                break
+            if not _intact(row):
+                damaged.append(rowid)
+                break
+            deliveries.append(delivery_from_row(row, prefix))
+    return found, damaged
+
+
 _DUE_SELECT = (
     f"SELECT {DELIVERY_COLUMNS}, n.digest,"  # noqa: S608 (constant)
     " CASE WHEN d.body IS NOT NULL THEN n.body END FROM deliveries d"
