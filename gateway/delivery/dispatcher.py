@@ -399,6 +399,9 @@ class Dispatcher:
                 # A replay made while these were out (here, by another process or gateway)
                 # stands over their outcomes: they go again where the replay put them.
                 {delivery.id: delivery.created_at for delivery in batch},
+                # Each run went on: their places in the budget are the next ones', and their
+                # conversations wait for nothing from this record.
+                patient=len(went) == len(batch),
             )
         except Exception:
             # Not recorded: they stay pending and are sent again later (at-least-once).

@@ -140,9 +140,12 @@ class Outbox(Protocol):
         attempts: Sequence[tuple[str, Outcome, AttemptResult]],
         now: float,
         created: Mapping[str, float] | None = None,
+        patient: bool = False,
     ) -> None:
         """Store the outcomes of attempts that ended at ``now``. Need not be durable at once:
-        an outcome lost in a crash only means the delivery is attempted again. ``created``:
+        an outcome lost in a crash only means the delivery is attempted again. ``patient``:
+        nothing but the caller waits on these outcomes (no place in a budget, no claim), so
+        a backend may hold them longer, to record more of them in one commit. ``created``:
         each delivery's ``created_at`` as it was handed out; a delivery replayed since then
         (a replay renews it, from this process or any other) keeps its replay, and the
         outcome and its attempt are not recorded: the replay stands, and the delivery goes

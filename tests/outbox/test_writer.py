@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import OutboxError
-from gateway.outbox.sqlite.writer import LINGER_MAX_S, Writer, linger_for
+from gateway.outbox.sqlite.writer import (
+    LAZY_WAIT_S,
+    LINGER_MAX_S,
+    PATIENT_WAIT_S,
+    Writer,
+    lazy_deadline,
+    linger_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -32,6 +39,60 @@ from gateway.outbox.sqlite.writer import LINGER_MAX_S, Writer, linger_for
 )
 def test_linger_for(durable_jobs: int, average_gap_s: float | None, expected: float) -> None:
     assert linger_for(durable_jobs, average_gap_s) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("deadline", "waits", "expected"),
+    [
+        pytest.param(None, [LAZY_WAIT_S], 10.0 + LAZY_WAIT_S, id="an outcome waits its wait"),
+        pytest.param(None, [PATIENT_WAIT_S], 10.0 + PATIENT_WAIT_S, id="a patient one, longer"),
+        pytest.param(
+            None, [PATIENT_WAIT_S, LAZY_WAIT_S], 10.0 + LAZY_WAIT_S, id="the most hurried sets it"
+        ),
+        pytest.param(10.02, [LAZY_WAIT_S], 10.0 + LAZY_WAIT_S, id="a hurried one brings it on"),
+        pytest.param(10.001, [PATIENT_WAIT_S], 10.001, id="a patient one never puts it off"),
+        pytest.param(10.003, [], 10.003, id="nothing new: unchanged"),
+        pytest.param(None, [], 10.0, id="nothing at all: now"),
+    ],
+)
+def test_lazy_deadline(deadline: float | None, waits: list[float], expected: float) -> None:
+    assert lazy_deadline(deadline, 10.0, waits) == pytest.approx(expected)
+
+
+def _table(at: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(at, isolation_level=None, check_same_thread=False)
+    conn.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER)")
+    return conn
+
+
+@pytest.mark.parametrize(
+    ("patient", "at_least_s"),
+    [(False, LAZY_WAIT_S), (True, PATIENT_WAIT_S)],
+    ids=["an outcome", "a patient outcome"],
+)
+async def test_a_lazy_job_alone_waits_its_whole_wait_for_company(
+    tmp_path: Path, patient: bool, at_least_s: float
+) -> None:
+    """A lazy job with nothing beside it commits only once it has waited as long as it may
+    (a patient one longer), and one durable job arriving meanwhile takes it along at once."""
+    sizes: list[int] = []
+    writer = Writer(tmp_path / "lazy.sqlite3", _table, on_commit=sizes.append)
+    wait_s = PATIENT_WAIT_S if patient else LAZY_WAIT_S
+    try:
+        started = time.monotonic()
+        await writer.submit(
+            lambda conn: conn.execute("INSERT INTO t VALUES (1)"), durable=False, wait_s=wait_s
+        )
+        assert time.monotonic() - started >= at_least_s
+        lazy = writer.submit(
+            lambda conn: conn.execute("INSERT INTO t VALUES (2)"), durable=False, wait_s=60.0
+        )
+        await asyncio.sleep(0.01)
+        await writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (3)"))
+        await asyncio.wait_for(lazy, 10)
+    finally:
+        await writer.close()
+    assert sizes == [1, 2]
 
 
 async def test_a_read_waits_for_a_lock_held_outside_the_gateway_after_a_write(

@@ -428,7 +428,10 @@ class PostgresOutbox:
         attempts: Sequence[tuple[str, Outcome, AttemptResult]],
         now: float,
         created: Mapping[str, float] | None = None,
+        patient: bool = False,
     ) -> None:
+        # ``patient`` changes nothing here: the committer's groups are bounded by the database
+        # round trip, not by a wait for company.
         since = created or {}
         rows = []
         for delivery_id, outcome, result in attempts:

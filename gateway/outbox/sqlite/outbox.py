@@ -36,7 +36,7 @@ from gateway.outbox.model import (
 from gateway.outbox.rows import delivery_id_of, rowid_of, stored_outcome
 from gateway.outbox.sqlite import conversations, history, layout, store
 from gateway.outbox.sqlite.replays import ReplayBell, announce
-from gateway.outbox.sqlite.writer import Writer
+from gateway.outbox.sqlite.writer import LAZY_WAIT_S, PATIENT_WAIT_S, Writer
 
 __all__ = ["SqliteOutbox"]
 
@@ -291,10 +291,12 @@ class SqliteOutbox:
         attempts: Sequence[tuple[str, Outcome, AttemptResult]],
         now: float,
         created: Mapping[str, float] | None = None,
+        patient: bool = False,
     ) -> None:
         """Store the outcomes of attempts that ended at ``now``, as one job. Lazily (see
         :mod:`gateway.outbox.sqlite.writer`): lost in a power cut, an outcome only means the
-        delivery is attempted again. ``created``: see the interface (a replay stands)."""
+        delivery is attempted again. ``created``: see the interface (a replay stands);
+        ``patient``: it waits longer for company in a commit."""
         since = created or {}
         updates = [self._attempt(*attempt, now, since.get(attempt[0])) for attempt in attempts]
         record = store.record_attempts
@@ -303,7 +305,8 @@ class SqliteOutbox:
             record(conn, updates)
 
         # Submitted here rather than through run(): one coroutine less on every batch's outcomes.
-        await self._writer.submit(job, durable=False)
+        wait_s = PATIENT_WAIT_S if patient else LAZY_WAIT_S
+        await self._writer.submit(job, durable=False, wait_s=wait_s)
 
     def _attempt(
         self,

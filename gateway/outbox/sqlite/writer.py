@@ -16,8 +16,9 @@ What makes the groups larger, which is what makes the commits cheap:
   they arrive faster the groups are already large (:func:`linger_for`).
 - A *lazy* job (the outcome of a delivery attempt, whose loss in a power cut only means sending
   it again, which at-least-once allows) does not start a commit of its own: it waits up to
-  ``LAZY_WAIT_S`` for a durable job to share one. Its future still resolves only after it has
-  committed, so nothing reads a state that is not in the file.
+  ``LAZY_WAIT_S`` for a durable job to share one (a *patient* one, whose outcome nothing waits
+  on, up to ``PATIENT_WAIT_S``). Its future still resolves only after it has committed, so
+  nothing reads a state that is not in the file.
 - A group of lazy jobs alone (no accept in it) commits with ``synchronous=NORMAL``: no fsync
   of its own. In WAL mode that commit survives a crash of the process, and the next commit
   with ``synchronous=FULL`` (the next accept's) syncs the log with it in, as does a checkpoint;
@@ -70,7 +71,15 @@ from typing import Any, TypeVar
 from gateway.errors import OutboxError
 from gateway.outbox.interface import Settles
 
-__all__ = ["LAZY_WAIT_S", "LINGER_MAX_S", "Writer", "linger_for", "unwritable"]
+__all__ = [
+    "LAZY_WAIT_S",
+    "LINGER_MAX_S",
+    "PATIENT_WAIT_S",
+    "Writer",
+    "lazy_deadline",
+    "linger_for",
+    "unwritable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,12 @@ MAX_GROUP = 512
 # At the new-connection rates one core sustains, a notification arrives every millisecond or
 # two: long enough for an attempt's outcome to ride along with the next one.
 LAZY_WAIT_S = 0.005
+# A patient lazy job (outcomes nothing waits on but memory: see SqliteOutbox.record_many) waits
+# this long. An ordered target's outcomes, recorded one conversation after another, each delete
+# an entry of the place index on a page of its own, so a commit writes about one page of the
+# log per outcome until its outcomes outnumber the index's pages: more outcomes per commit,
+# fewer pages each.
+PATIENT_WAIT_S = 0.02
 # The longest a lone notification waits for company; well under a millisecond-scale fsync's
 # share of the 250 ms median Meta asks for.
 LINGER_MAX_S = 0.002
@@ -89,7 +104,7 @@ Job = Callable[[sqlite3.Connection], Any]
 
 
 class _Job:
-    __slots__ = ("after", "at", "durable", "func", "future", "loop", "read")
+    __slots__ = ("after", "at", "durable", "func", "future", "loop", "read", "wait_s")
 
     def __init__(
         self,
@@ -99,6 +114,7 @@ class _Job:
         durable: bool,
         read: bool = False,
         after: Callable[[Any], Any] | None = None,
+        wait_s: float = LAZY_WAIT_S,
     ) -> None:
         self.func = func
         self.loop = loop
@@ -107,10 +123,21 @@ class _Job:
         self.read = read  # writes nothing: runs at once, in a read transaction when alone
         self.after = after  # turns the result into the future's, on the event loop's thread
         self.at = time.monotonic()  # submitted
+        self.wait_s = wait_s  # a lazy job: the longest it waits for company
 
 
 class _GroupFailed(Exception):
     """The transaction itself failed (begin or commit), not one of its jobs."""
+
+
+def lazy_deadline(deadline: float | None, now: float, waits: Sequence[float]) -> float:
+    """When a group of lazy jobs alone commits: once its most hurried job has waited as long
+    as it may. ``deadline``: the group's so far (``None``: nothing was waiting); ``waits``:
+    the longest wait of each job arriving ``now``."""
+    if not waits:
+        return now if deadline is None else deadline
+    soonest = now + min(waits)
+    return soonest if deadline is None else min(deadline, soonest)
 
 
 def linger_for(durable_jobs: int, average_gap_s: float | None) -> float:
@@ -345,13 +372,15 @@ class Writer:
         durable: bool = True,
         read: bool = False,
         after: Callable[[Any], Any] | None = None,
+        wait_s: float = LAZY_WAIT_S,
     ) -> asyncio.Future[Any]:
         """Queue ``func``; the future resolves with its result once its group has committed.
         ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction).
         ``after``: the future resolves with ``after(result)`` instead, called on the event
-        loop's thread (its exception fails the future)."""
+        loop's thread (its exception fails the future). ``wait_s``: how long a lazy job (not
+        ``durable``) waits for company before its group commits without a durable one."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.submit_into(func, future, durable=durable, read=read, after=after)
+        self.submit_into(func, future, durable=durable, read=read, after=after, wait_s=wait_s)
         return future
 
     def submit_into(
@@ -362,6 +391,7 @@ class Writer:
         durable: bool = True,
         read: bool = False,
         after: Callable[[Any], Any] | None = None,
+        wait_s: float = LAZY_WAIT_S,
     ) -> None:
         """:meth:`submit`, settling ``into`` (see :class:`~gateway.outbox.interface.Settles`)
         instead of a future of its own."""
@@ -370,7 +400,7 @@ class Writer:
         loop = asyncio.get_running_loop()
         if not self._turn:
             loop.call_soon(self._hand_over)
-        self._turn.append(_Job(func, loop, into, durable and not read, read, after))
+        self._turn.append(_Job(func, loop, into, durable and not read, read, after, wait_s))
 
     def _hand_over(self) -> None:
         turn, self._turn = self._turn, []
@@ -444,9 +474,11 @@ class Writer:
             durable = sum(job.durable for job in group)
             urgent = durable or any(job.read for job in group)
             if group and not stop and not urgent:
-                if not waiting:
-                    deadline = time.monotonic() + LAZY_WAIT_S
-                if time.monotonic() < deadline:
+                now = time.monotonic()
+                deadline = lazy_deadline(
+                    deadline if waiting else None, now, [job.wait_s for job in jobs]
+                )
+                if now < deadline:
                     waiting = group
                     continue
             waiting = []
