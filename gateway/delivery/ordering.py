@@ -15,7 +15,9 @@ look that had no room for every conversation it found names those beyond its roo
 only: see :meth:`gateway.outbox.Outbox.due`'s ``more``); they are asked about by key, as many
 as each later claim has room for, oldest first, so that a backlog of many conversations keeps
 its target busy between two looks at every conversation, each of which costs a pass over every
-pending delivery of the target and so comes seldom.
+pending delivery of the target and so comes seldom: no sooner than :data:`FULL_AGAIN_S` after
+the names run out while the conversations it started announce more, but at once when a claim
+has room and nothing to ask about, since what it did not name would wait for it.
 
 A backlog drains in runs (:class:`Runs`): a claim takes up to :data:`RUN` deliveries of each
 conversation it starts, in order, and each goes as soon as the target's answer ended the one
@@ -88,6 +90,9 @@ class Conversations:
         self._more: dict[str, dict[str, None]] = {}
         # Per target, the wait before the next full look once those are all asked about.
         self._again: dict[str, float] = {}
+        # Targets whose last full look had no room for all it found: more may be due than it
+        # named (see request()).
+        self._cut: set[str] = set()
 
     def reconfigure(self, ordered: Collection[str]) -> None:
         """Keep order for ``ordered`` now: a target new to it is looked at in full first."""
@@ -97,6 +102,7 @@ class Conversations:
                 self._last_full.pop(name, None)
                 self._more.pop(name, None)
                 self._again.pop(name, None)
+                self._cut.discard(name)
         for name in ordered:
             if name not in self._keys:
                 self._keys[name] = {}
@@ -177,11 +183,7 @@ class Conversations:
             if keys is None:
                 continue
             if name in self._full or now - self._last_full.get(name, 0.0) >= FULL_EVERY_S:
-                self._full.discard(name)
-                self._last_full[name] = now
-                keys.clear()
-                self._more.pop(name, None)
-                self._again.pop(name, None)
+                self._look_at_all(name, now)
                 asked[name] = None
             else:
                 # Taken out: a change announced while the claim runs is asked about again.
@@ -206,8 +208,24 @@ class Conversations:
                     self._last_full[name] = min(
                         self._last_full.get(name, 0.0), now - FULL_EVERY_S + self._again.pop(name)
                     )
+                if not look and not more and name in self._cut and (rooms is None or room > 0):
+                    # Room, nothing known to ask about, and the last full look had no room for
+                    # all it found: what it did not name waits for the next look, and so would
+                    # the target. Look now.
+                    self._look_at_all(name, now)
+                    asked[name] = None
+                    continue
                 asked[name] = look
         return asked
+
+    def _look_at_all(self, name: str, now: float) -> None:
+        """The next claim for ``name`` looks at every conversation: what was announced or
+        named before is in it."""
+        self._full.discard(name)
+        self._last_full[name] = now
+        self._keys[name].clear()
+        self._more.pop(name, None)
+        self._again.pop(name, None)
 
     def claimed(
         self,
@@ -231,6 +249,10 @@ class Conversations:
             for key in started:
                 waiting.setdefault(key, set()).add(_UNKNOWN)
             self._more[target] = dict.fromkeys(more)
+            if complete:
+                self._cut.discard(target)
+            else:
+                self._cut.add(target)
         elif complete:
             for key in asked.difference(started):
                 ids = waiting.get(key)

@@ -53,28 +53,31 @@ def test_what_a_claim_had_no_room_for_is_asked_again_and_a_full_look_recurs() ->
     assert conversations.request(100.0 + FULL_EVERY_S, ["t"]) == {"t": None}
     conversations.everything()
     assert conversations.request(101.1, ["t"]) == {"t": None}
+    # While conversations are announced (the target busy with them), a cut-short look waits.
     conversations.claimed("t", None, [], complete=False)
-    assert conversations.request(101.1 + FULL_AGAIN_S / 2, ["t"]) == {"t": set()}
+    conversations.changed("t", "k3")
+    assert conversations.request(101.1 + FULL_AGAIN_S / 2, ["t"]) == {"t": {"k3"}}
+    conversations.changed("t", "k3")
     assert conversations.request(101.1 + FULL_AGAIN_S, ["t"]) == {"t": None}
     conversations.claimed("t", None, [], complete=False, took_s=0.05)  # a slow look: 10x
-    assert conversations.request(101.1 + FULL_AGAIN_S + 0.4, ["t"]) == {"t": set()}
+    conversations.changed("t", "k4")
+    assert conversations.request(101.1 + FULL_AGAIN_S + 0.4, ["t"]) == {"t": {"k4"}}
+    conversations.changed("t", "k4")
     assert conversations.request(101.1 + FULL_AGAIN_S + 0.5, ["t"]) == {"t": None}
 
 
 def test_a_target_that_answers_again_is_looked_at_in_full_at_the_next_claim() -> None:
     """A look at every conversation made while the target was probed (room for one) named a
-    handful beyond it; once those are asked about, the next look would wait. The target
-    answering again makes the next claim look at every conversation at once; a target that
-    does not keep order is not named."""
+    handful beyond it; with the whole budget's room the next claim would ask about those
+    alone. The target answering again makes the next claim look at every conversation at
+    once instead; a target that does not keep order is not named."""
     conversations = _tracking()
     more = [f"k{n}" for n in range(8)]
     conversations.claimed("t", None, ["k"], complete=False, took_s=0.02, more=more)
     assert conversations.request(100.01, ["t"], {"t": 1}) == {"t": {"k0"}}
-    assert conversations.request(100.02, ["t"], {"t": 256}) == {"t": set(more[1:])}
-    assert conversations.request(100.03, ["t"], {"t": 256}) == {"t": set()}  # the pause
     conversations.recovered("t")
     conversations.recovered("plain")
-    assert conversations.request(100.04, ["t", "plain"], {"t": 256, "plain": 256}) == {"t": None}
+    assert conversations.request(100.02, ["t", "plain"], {"t": 256, "plain": 256}) == {"t": None}
 
 
 def test_a_change_during_a_claim_is_not_lost() -> None:
@@ -275,8 +278,8 @@ def test_a_run_as_long_as_a_claim_takes_asks_for_a_look_when_it_ends() -> None:
 @pytest.mark.parametrize(
     ("room", "asked"),
     [
-        pytest.param(2, [{"m1", "m2"}, {"m3", "m4"}, {"m5"}, set()], id="two at a time, in order"),
-        pytest.param(10, [{"m1", "m2", "m3", "m4", "m5"}, set()], id="all when there is room"),
+        pytest.param(2, [{"m1", "m2"}, {"m3", "m4"}, {"m5"}, None], id="two at a time, in order"),
+        pytest.param(10, [{"m1", "m2", "m3", "m4", "m5"}, None], id="all when there is room"),
         pytest.param(0, [set(), set()], id="none without room"),
     ],
 )
@@ -284,7 +287,8 @@ def test_conversations_a_full_look_found_beyond_its_room_are_asked_about_as_room
     room: int, asked: list[set[str]]
 ) -> None:
     """A full look cut short names the conversations it found beyond its room: each later
-    claim asks about as many of them as it has room for, oldest first, each once."""
+    claim asks about as many of them as it has room for, oldest first, each once; then,
+    nothing left to ask, the next claim with room looks at every conversation again."""
     conversations = _tracking()
     conversations.claimed("t", None, ["s1"], complete=False, more=["m1", "m2", "m3", "m4", "m5"])
     for n, expected in enumerate(asked, start=1):
@@ -305,15 +309,41 @@ def test_a_full_look_replaces_what_the_last_one_found_beyond_its_room() -> None:
 
 def test_the_next_full_look_comes_soon_only_once_what_the_last_one_named_is_asked_about() -> None:
     """A full look cut short that named more conversations is not repeated while they last:
-    they keep the target supplied; once all are asked about, the next comes FULL_AGAIN_S
-    later."""
+    they keep the target supplied; once all are asked about, and while the conversations
+    they started announce more, the next comes FULL_AGAIN_S later."""
     conversations = _tracking()
     conversations.claimed("t", None, [], complete=False, more=["m1", "m2"])
     assert conversations.request(100.0 + FULL_AGAIN_S, ["t"], {"t": 1}) == {"t": {"m1"}}
     last = 100.0 + FULL_AGAIN_S + 0.01
     assert conversations.request(last, ["t"], {"t": 1}) == {"t": {"m2"}}
-    assert conversations.request(last + FULL_AGAIN_S - 0.001, ["t"], {"t": 1}) == {"t": set()}
+    conversations.changed("t", "m1")
+    assert conversations.request(last + FULL_AGAIN_S - 0.001, ["t"], {"t": 1}) == {"t": {"m1"}}
+    conversations.changed("t", "m1")
     assert conversations.request(last + FULL_AGAIN_S + 0.001, ["t"], {"t": 1}) == {"t": None}
+
+
+@pytest.mark.parametrize(
+    ("last_look", "announced", "room", "asked"),
+    [
+        pytest.param("cut short", [], 5, None, id="cut short, nothing to ask: look now"),
+        pytest.param("cut short", ["k"], 5, {"k"}, id="cut short, something to ask: ask it"),
+        pytest.param("cut short", [], 0, set(), id="cut short, no room: nothing"),
+        pytest.param("complete", [], 5, set(), id="complete, nothing to ask: nothing"),
+        pytest.param("complete", ["k"], 5, {"k"}, id="complete, something to ask: ask it"),
+    ],
+)
+def test_a_claim_with_room_and_nothing_to_ask_looks_again_after_a_look_cut_short(
+    last_look: str, announced: list[str], room: int, asked: set[str] | None
+) -> None:
+    """When the last look at every conversation had no room for all it found, a claim with
+    room and nothing announced or named to ask about looks at every conversation again at
+    once: what that look did not name would otherwise wait for the next one, and the target
+    with it. After a look that found room for all, nothing is due that it did not start."""
+    conversations = _tracking()
+    conversations.claimed("t", None, ["s"], complete=last_look == "complete")
+    for key in announced:
+        conversations.changed("t", key)
+    assert conversations.request(100.01, ["t"], {"t": room}) == {"t": asked}
 
 
 def _full_run(runs: Runs, key: str = "a", first: int = 0) -> list[Delivery]:
