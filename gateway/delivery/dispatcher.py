@@ -443,8 +443,6 @@ class Dispatcher:
         for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             released = healthy and not isinstance(outcome, RetryAt)
             following, look = runs.after(delivery.id, released)
-            if runs.wants_more:
-                self._wake.set()
             if following is not None and lane is not None:
                 conversations.started(name, delivery.order_key, following.id)
                 went.add(index)
@@ -453,6 +451,8 @@ class Dispatcher:
                     self._handed.add(delivery.id)
                 self._start(lane, following)
             looks.append(look)
+        if runs.wants_more:  # a run near its end asks for what follows it (_extend_runs)
+            self._wake.set()
         return went, looks
 
     def _announce(

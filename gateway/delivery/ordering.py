@@ -119,9 +119,9 @@ class Conversations:
     def recovered(self, target: str) -> None:
         """``target`` answers again after failing: its claims meanwhile had room for the one
         delivery that probed it, so their looks at every conversation named only a handful
-        beyond it (``more``), and the next look would wait for the pause after them. The
-        next claim looks at every conversation instead, with the whole budget's room: a
-        backlog that built up while the target was down starts draining at once."""
+        beyond it (``more``), and the claims with the whole budget's room would ask about
+        those alone. The next claim looks at every conversation instead: a backlog that
+        built up while the target was down starts draining at once."""
         if target in self._keys:
             self._full.add(target)
 
