@@ -100,8 +100,9 @@ class Dispatcher:
         # Deliveries whose outcome was recorded while a claim's query ran: its answer may still
         # call them due (read before the record committed), and must not start them again.
         self._recorded: set[str] | None = None
-        # Deliveries whose place in their lane's budget went to the next of their run, which
-        # started before their outcome was recorded (_go_on): their batch gives back the rest.
+        # Deliveries whose place in their lane's budget went, at their answer and before their
+        # outcome was recorded (_go_on), to the next of their run or back to the claims when
+        # their run ended: their batch gives back the rest. Until recorded they stay in flight.
         self._handed: set[str] = set()
         self._send_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
@@ -430,16 +431,21 @@ class Dispatcher:
         ``X-Gateway-Delivery-Id``, as any resend of at-least-once delivery), never a first
         send out of order. The one that starts takes the place in the lane's budget of the
         one ahead (which is off the wire): the budget counts the deliveries a claim must not
-        add to, and a run that goes on adds none. A run goes on only while the target is
-        healthy: a failing one's claims probe it. Returns the indexes in ``batch`` of the
-        deliveries whose run went on, and for each delivery whether a claim must look at its
-        conversation once its outcome is recorded."""
+        add to, and a run that goes on adds none. A run that ended with this answer gives its
+        place back to the claims now, for the same reason: runs a look started together end
+        together, and the target would otherwise wait idle for their outcomes' commit before
+        the next claim (the delivery stays in flight, so no claim returns it, until its
+        outcome is recorded). A run goes on only while the target is healthy: a failing one's
+        claims probe it, and its places wait for the records. Returns the indexes in
+        ``batch`` of the deliveries whose run went on, and for each delivery whether a claim
+        must look at its conversation once its outcome is recorded."""
         conversations, runs = self._pacing.conversations, self._pacing.runs
         name = sent.target.name
         lane = self._lanes.get(name)  # None: removed while the batch was out
         healthy = lane is not None and not lane.health.probing
         went = set()
         looks = []
+        freed = False
         for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             released = healthy and not isinstance(outcome, RetryAt)
             following, look = runs.after(delivery.id, released)
@@ -450,8 +456,12 @@ class Dispatcher:
                     lane.load -= 1
                     self._handed.add(delivery.id)
                 self._start(lane, following)
+            elif released and lane is sent:  # its run ended: its place goes to the claims
+                lane.load -= 1
+                self._handed.add(delivery.id)
+                freed = True
             looks.append(look)
-        if runs.wants_more:  # a run near its end asks for what follows it (_extend_runs)
+        if freed or runs.wants_more:  # a claim, or a read of what follows runs near their end
             self._wake.set()
         return went, looks
 

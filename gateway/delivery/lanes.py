@@ -42,7 +42,8 @@ class Lane:
     policy: RetryPolicy
     health: TargetHealth = field(default_factory=TargetHealth)
     # Deliveries started and not finished, queued or on the wire: the target's own budget
-    # (dispatcher.batch_size), so that a target that never answers holds only its own back.
+    # (dispatcher.batch_size), so that a target that never answers holds only its own back. (A
+    # run of an ordered target holds one place, handed on at each answer: dispatcher._go_on.)
     load: int = 0
     # Deliveries in batches on the wire: at most the target's ``concurrency``.
     busy: int = 0

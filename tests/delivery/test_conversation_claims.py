@@ -1,6 +1,8 @@
 """What an ordered target's claims ask the outbox about, seen from the target: a claim asks
 about as many announced conversations as it has room for, and when those leave room unused
-the next claim follows at once, not at the next poll."""
+the next claim follows at once, not at the next poll; and the place a run held in the budget
+is free for the next delivery once its last delivery is answered, before that outcome is
+recorded."""
 
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from conversations import Conversations, conversation_body, ordered_bot
-from helpers import gateway_config, post
+from helpers import eventually, gateway_config, post
 from pki import Pki
 
-from gateway.config import DispatcherConfig
+from gateway.config import DispatcherConfig, OutboxConfig
 from gateway.delivery.ordering import FULL_EVERY_S
+from gateway.outbox import Delivery
 from gateway.runtime.gateway import Gateway
 
 # Far longer than the test waits: only a wake-up of the dispatcher can start a delivery.
@@ -105,3 +109,61 @@ async def test_a_target_that_answers_again_gets_every_conversation_that_waited_a
             for user in users:
                 assert await target.wait_for(user, 1) == [0]
     assert max(arrived) - min(arrived) < PROBE_POLL_S / 2, arrived
+
+
+async def test_a_run_gives_its_place_back_at_its_answer_not_at_its_record(
+    pki: Pki, tmp_path: Path, target: Conversations, pg_url: str
+) -> None:
+    """Room for one delivery, on PostgreSQL. User a's message is answered while another
+    connection holds a lock on its row, so its outcome cannot be recorded. User b's message,
+    stored then, is delivered all the same: a's run ended with that answer, and its place went
+    to b at once rather than once the record commits. When the lock goes, a's outcome is
+    recorded: delivered, after one attempt. (On SQLite one writer runs records and claims in
+    turn, so no lock can hold the one and not the other: there the place freed at the answer
+    lets the next claim take the record's commit along with its read.)"""
+    blocker = await asyncpg.connect(pg_url)
+    locked = asyncio.Event()
+
+    async def lock_a(user: str, n: int) -> None:
+        if (user, n) == ("a", 0):
+            await blocker.execute("BEGIN")
+            # The only pending delivery: a's. Its record's UPDATE now waits for this lock.
+            await blocker.execute(
+                "SELECT 1 FROM waba_gateway.deliveries WHERE state = 'pending' FOR UPDATE"
+            )
+            locked.set()
+
+    target.before_answer = lock_a
+    config = gateway_config(pki, tmp_path, targets=[ordered_bot(target, pipeline=1)])
+    config = dataclasses.replace(
+        config,
+        outbox=OutboxConfig(url=pg_url),
+        dispatcher=DispatcherConfig(poll_interval_s=POLL_S, batch_size=1),
+    )
+    try:
+        async with Gateway(config) as gateway:
+            assert (await post(gateway, pki, conversation_body("a", 0))).status == 200
+            async with asyncio.timeout(WITHIN_S):
+                await locked.wait()
+            assert (await post(gateway, pki, conversation_body("b", 0))).status == 200
+            async with asyncio.timeout(WITHIN_S):
+                assert await target.wait_for("b", 1) == [0]
+            await _until_delivered(gateway, 1)  # b's outcome
+            # a's outcome is still unrecorded: the lock holds it.
+            assert [d.attempts for d in await gateway.outbox.query(state="pending")] == [0]
+            await blocker.execute("ROLLBACK")
+            delivered = await _until_delivered(gateway, 2)
+            assert sorted(d.attempts for d in delivered) == [1, 1]
+            assert target.accepted == {"a": [0], "b": [0]}
+    finally:
+        await blocker.close()
+
+
+async def _until_delivered(gateway: Gateway, count: int) -> list[Delivery]:
+    """The outbox's delivered deliveries, once there are ``count`` of them."""
+
+    async def delivered() -> list[Delivery] | None:
+        found = await gateway.outbox.query(state="delivered")
+        return found if len(found) >= count else None
+
+    return await eventually(delivered, f"{count} delivered")
