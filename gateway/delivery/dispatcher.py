@@ -101,9 +101,10 @@ class Dispatcher:
         # call them due (read before the record committed), and must not start them again.
         self._recorded: set[str] | None = None
         # Deliveries whose place in their lane's budget went, at their answer and before their
-        # outcome was recorded (_go_on), to the next of their run or back to the claims when
-        # their run ended: their batch gives back the rest. Until recorded they stay in flight.
-        self._handed: set[str] = set()
+        # outcome was recorded (_go_on), to the next of their run (False) or back to the claims
+        # when their run ended (True: counted in the lane's ``ahead``): their batch gives back
+        # the rest. Until recorded they stay in flight.
+        self._handed: dict[str, bool] = {}
         self._send_scheduled = False
         self._batches: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -357,9 +358,11 @@ class Dispatcher:
         handed = 0
         if self._handed:
             for delivery in batch:
-                if delivery.id in self._handed:
-                    self._handed.discard(delivery.id)
+                ahead = self._handed.pop(delivery.id, None)
+                if ahead is not None:
                     handed += 1
+                    if ahead:
+                        lane.ahead -= 1
         lane.load -= len(batch) - handed
         name = lane.target.name
         if not lane.load and self._leaving.get(name) is lane:
@@ -454,11 +457,15 @@ class Dispatcher:
                 went.add(index)
                 if lane is sent:  # else a new lane (removed, then configured again)
                     lane.load -= 1
-                    self._handed.add(delivery.id)
+                    self._handed[delivery.id] = False
                 self._start(lane, following)
-            elif released and lane is sent:  # its run ended: its place goes to the claims
+            elif released and lane is sent and lane.ahead < self._capacity:
+                # Its run ended: its place goes to the claims. At most a budget's worth ahead
+                # of their records, so that outcomes that cannot be recorded (a database that
+                # stalls the records and not the claims) do not pile up in memory.
                 lane.load -= 1
-                self._handed.add(delivery.id)
+                lane.ahead += 1
+                self._handed[delivery.id] = True
                 freed = True
             looks.append(look)
         if freed or runs.wants_more:  # a claim, or a read of what follows runs near their end

@@ -47,6 +47,9 @@ class Lane:
     load: int = 0
     # Deliveries in batches on the wire: at most the target's ``concurrency``.
     busy: int = 0
+    # Deliveries answered whose place went back to the claims before their outcome is recorded
+    # (each the end of a run: dispatcher._go_on): no longer in ``load``, and at most the budget.
+    ahead: int = 0
     # Started, waiting for the target's next batch: it goes at the end of this turn of the
     # event loop, together with the others that came due in it, or once ``concurrency`` allows.
     queue: list[Delivery] = field(default_factory=list)

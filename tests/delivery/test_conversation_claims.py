@@ -7,6 +7,7 @@ recorded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from conversations import Conversations, conversation_body, ordered_bot
 from helpers import eventually, gateway_config, post
 from pki import Pki
 
-from gateway.config import DispatcherConfig, OutboxConfig
+from gateway.config import Config, DispatcherConfig, OutboxConfig
 from gateway.delivery.ordering import FULL_EVERY_S
 from gateway.outbox import Delivery
 from gateway.runtime.gateway import Gateway
@@ -121,40 +122,94 @@ async def test_a_run_gives_its_place_back_at_its_answer_not_at_its_record(
     recorded: delivered, after one attempt. (On SQLite one writer runs records and claims in
     turn, so no lock can hold the one and not the other: there the place freed at the answer
     lets the next claim take the record's commit along with its read.)"""
-    blocker = await asyncpg.connect(pg_url)
-    locked = asyncio.Event()
+    async with (
+        _records_held(target, pg_url, ("a",)) as locked,
+        Gateway(_one_place(pki, tmp_path, target, pg_url)) as gateway,
+    ):
+        assert (await post(gateway, pki, conversation_body("a", 0))).status == 200
+        async with asyncio.timeout(WITHIN_S):
+            await locked["a"].wait()
+        assert (await post(gateway, pki, conversation_body("b", 0))).status == 200
+        async with asyncio.timeout(WITHIN_S):
+            assert await target.wait_for("b", 1) == [0]
+        await _until_delivered(gateway, 1)  # b's outcome
+        # a's outcome is still unrecorded: the lock holds it.
+        assert [d.attempts for d in await gateway.outbox.query(state="pending")] == [0]
+        await locked.release()
+        delivered = await _until_delivered(gateway, 2)
+        assert sorted(d.attempts for d in delivered) == [1, 1]
+        assert target.accepted == {"a": [0], "b": [0]}
 
-    async def lock_a(user: str, n: int) -> None:
-        if (user, n) == ("a", 0):
-            await blocker.execute("BEGIN")
-            # The only pending delivery: a's. Its record's UPDATE now waits for this lock.
-            await blocker.execute(
-                "SELECT 1 FROM waba_gateway.deliveries WHERE state = 'pending' FOR UPDATE"
-            )
-            locked.set()
 
-    target.before_answer = lock_a
+async def test_no_more_places_go_back_ahead_of_their_records_than_the_budget(
+    pki: Pki, tmp_path: Path, target: Conversations, pg_url: str
+) -> None:
+    """Room for one delivery, on PostgreSQL, and the records of users a's and b's outcomes
+    held by locks on their rows. a's place goes back at its answer, one budget's worth ahead of
+    the records: b's message is delivered. b's place does not: outcomes that cannot be recorded
+    must not pile up in memory. So c's message waits, and arrives once the records are made."""
+    async with (
+        _records_held(target, pg_url, ("a", "b")) as locked,
+        Gateway(_one_place(pki, tmp_path, target, pg_url)) as gateway,
+    ):
+        for user in ("a", "b"):
+            assert (await post(gateway, pki, conversation_body(user, 0))).status == 200
+            async with asyncio.timeout(WITHIN_S):
+                await locked[user].wait()
+        assert (await post(gateway, pki, conversation_body("c", 0))).status == 200
+        await asyncio.sleep(0.5)
+        assert "c" not in target.accepted  # b's place waits for b's record
+        await locked.release()
+        async with asyncio.timeout(WITHIN_S):
+            assert await target.wait_for("c", 1) == [0]
+        delivered = await _until_delivered(gateway, 3)
+        assert sorted(d.attempts for d in delivered) == [1, 1, 1]
+
+
+def _one_place(pki: Pki, tmp_path: Path, target: Conversations, pg_url: str) -> Config:
+    """A gateway on PostgreSQL whose ordered target has room for one delivery, no pipeline."""
     config = gateway_config(pki, tmp_path, targets=[ordered_bot(target, pipeline=1)])
-    config = dataclasses.replace(
+    return dataclasses.replace(
         config,
         outbox=OutboxConfig(url=pg_url),
         dispatcher=DispatcherConfig(poll_interval_s=POLL_S, batch_size=1),
     )
+
+
+class _Locks(dict[str, asyncio.Event]):
+    """Per user, set once the rows of the pending deliveries were locked at that user's
+    answer; :meth:`release` ends the lock."""
+
+    def __init__(self, connection: asyncpg.Connection, users: tuple[str, ...]) -> None:
+        super().__init__((user, asyncio.Event()) for user in users)
+        self.connection = connection
+
+    async def release(self) -> None:
+        await self.connection.execute("ROLLBACK")
+
+
+@contextlib.asynccontextmanager
+async def _records_held(
+    target: Conversations, pg_url: str, users: tuple[str, ...]
+) -> AsyncIterator[_Locks]:
+    """As the target answers the first message of each of ``users``, another connection locks
+    the rows of every pending delivery (that user's among them), in one transaction: the
+    record of that outcome waits for the lock until released."""
+    blocker = await asyncpg.connect(pg_url)
+    locks = _Locks(blocker, users)
+
+    async def lock(user: str, n: int) -> None:
+        if n == 0 and user in locks:
+            if not blocker.is_in_transaction():
+                await blocker.execute("BEGIN")
+            await blocker.execute(
+                "SELECT 1 FROM waba_gateway.deliveries WHERE state = 'pending' FOR UPDATE"
+            )
+            locks[user].set()
+
+    target.before_answer = lock
     try:
-        async with Gateway(config) as gateway:
-            assert (await post(gateway, pki, conversation_body("a", 0))).status == 200
-            async with asyncio.timeout(WITHIN_S):
-                await locked.wait()
-            assert (await post(gateway, pki, conversation_body("b", 0))).status == 200
-            async with asyncio.timeout(WITHIN_S):
-                assert await target.wait_for("b", 1) == [0]
-            await _until_delivered(gateway, 1)  # b's outcome
-            # a's outcome is still unrecorded: the lock holds it.
-            assert [d.attempts for d in await gateway.outbox.query(state="pending")] == [0]
-            await blocker.execute("ROLLBACK")
-            delivered = await _until_delivered(gateway, 2)
-            assert sorted(d.attempts for d in delivered) == [1, 1]
-            assert target.accepted == {"a": [0], "b": [0]}
+        yield locks
     finally:
         await blocker.close()
 
