@@ -4,6 +4,7 @@ NOTIFY, its schema version, and riding out the database going away (gateway.outb
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Unpack
@@ -487,6 +488,31 @@ async def test_group_commits_keep_their_connection_instead_of_the_pools_each_tim
         assert pool.get_size() - pool.get_idle_size() == 1
     await box.close()
     assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_the_outboxs_statements_are_never_compiled_by_jit(
+    opener: Opener, pg_url: str
+) -> None:
+    """A database set to compile every statement (``jit_above_cost = 0``): a statement on
+    another connection is compiled, one on the outbox's connections is not, whatever the
+    database's settings (compiling a claim at each execution cost more than running it)."""
+    admin = await asyncpg.connect(pg_url)
+    try:
+        name = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{name}" SET jit_above_cost = 0')
+        box = await opener()
+        assert isinstance(box, PostgresOutbox)
+        await _store(box, 3)
+        probe = "EXPLAIN (ANALYZE, FORMAT JSON) SELECT sum(id) FROM waba_gateway.deliveries"
+        other = await asyncpg.connect(pg_url)  # a new session: it takes the database's setting
+        try:
+            assert "JIT" in json.loads(await other.fetchval(probe))[0]
+        finally:
+            await other.close()
+        async with box._pool.acquire() as conn:
+            assert "JIT" not in json.loads(await conn.fetchval(probe))[0]
+    finally:
+        await admin.close()
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,12 @@ _POOL_SIZE = 10
 # commits' two, since on a server short of CPU each record waits its turn for a core, and
 # deliveries whose outcome is not yet recorded hold their target's budget (bench/README.md).
 _RECORDS_IN_FLIGHT = 4
-# Every connection commits durably, whatever the server or the role was set to.
-_SETTINGS = {"synchronous_commit": "on", "application_name": "waba-gateway"}
+# Every connection commits durably, whatever the server or the role was set to. And compiles
+# nothing: PostgreSQL compiles a statement the planner prices above ``jit_above_cost`` at each
+# execution (https://www.postgresql.org/docs/15/jit-decision.html), which the outbox's short
+# statements never repay: a claim over a backlog of ten long conversations spent 166 ms of its
+# 224 compiling (bench/README.md, "a run's place goes back at its last answer").
+_SETTINGS = {"synchronous_commit": "on", "application_name": "waba-gateway", "jit": "off"}
 
 
 # Connecting: also a URL asyncpg cannot parse.
