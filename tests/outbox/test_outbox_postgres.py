@@ -147,19 +147,19 @@ async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
 async def test_new_database_gets_the_schema_and_check_reports_its_version(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """The first start creates the schema at version 6; inspect() (check) says so."""
+    """The first start creates the schema at version 7; inspect() (check) says so."""
     config = OutboxConfig(url=pg_url)
     assert "its schema is created at the first start" in await inspect(config)
     await opener()
-    assert "reachable, schema version 6" in await inspect(config)
+    assert "reachable, schema version 7" in await inspect(config)
     database = urlsplit(pg_url).path.lstrip("/")
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
 
 
 async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 1 database (no conversation order, no buckets) is brought to version 6 at
+    """A version 1 database (no conversation order, no buckets) is brought to version 7 at
     start; its pending deliveries stay, unkeyed, and are claimed as before."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -174,7 +174,7 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
     claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert await again.take_tokens("t", 1.0, 1, 5) == 1
@@ -183,7 +183,7 @@ async def test_schema_of_version_1_is_migrated_in_place_keeping_its_deliveries(
 async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 2 database (no trace context) is brought to version 6 at start; its pending
+    """A version 2 database (no trace context) is brought to version 7 at start; its pending
     deliveries stay, with no trace context, and new ones keep theirs."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -196,7 +196,7 @@ async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert {d.trace for d in claimed} == {None}
@@ -205,7 +205,7 @@ async def test_schema_of_version_2_gains_the_trace_column_keeping_its_deliveries
 async def test_schema_of_version_3_gains_the_held_time_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 3 database (no held time) is brought to version 6 at start; its pending
+    """A version 3 database (no held time) is brought to version 7 at start; its pending
     deliveries stay, having been held for no time, and a retry keeps the time it carries."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -217,7 +217,7 @@ async def test_schema_of_version_3_gains_the_held_time_keeping_its_deliveries(
         database,
     )
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids)
     assert {d.held_s for d in claimed} == {0.0}
@@ -251,12 +251,12 @@ async def test_schema_of_a_newer_version_is_refused_at_start_untouched(
     """A schema made by a newer gateway is refused with what to do; nothing is changed."""
     await (await opener()).close()
     database = urlsplit(pg_url).path.lstrip("/")
-    pg_server.psql("UPDATE waba_gateway.meta SET version = 7", database)
-    with pytest.raises(OutboxError, match=r"newer version.*\(schema version 7, this"):
+    pg_server.psql("UPDATE waba_gateway.meta SET version = 8", database)
+    with pytest.raises(OutboxError, match=r"newer version.*\(schema version 8, this"):
         await opener()
-    with pytest.raises(OutboxError, match="schema version 7"):
+    with pytest.raises(OutboxError, match="schema version 8"):
         await inspect(OutboxConfig(url=pg_url))
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "8"
 
 
 async def test_schema_that_is_not_an_outbox_is_refused(
@@ -373,7 +373,7 @@ async def test_one_body_several_times_in_one_group_commit_is_decided_in_turn(
 async def test_schema_of_version_4_gains_the_group_accept_keeping_its_deliveries(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 4 database (no accept function) is brought to version 6 at start; its
+    """A version 4 database (no accept function) is brought to version 7 at start; its
     pending deliveries stay and new notifications are accepted after them."""
     first = await opener(dispatching=False)
     ids = await _store(first, 2)
@@ -383,7 +383,7 @@ async def test_schema_of_version_4_gains_the_group_accept_keeping_its_deliveries
         "DROP FUNCTION waba_gateway.accept; UPDATE waba_gateway.meta SET version = 4", database
     )
     again = await opener(dispatching=False)
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
     later = await again.accept(b'{"n":"later"}', SIG, [Route("t", None)], 1000.0)
     assert later is not None
     claimed = await again.due(2000.0, {"t": 10})
@@ -409,7 +409,7 @@ def _index_definitions(server: PgServer, database: str) -> str:
 async def test_schema_of_version_5_keeps_only_pending_deliveries_in_the_claims_index(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
-    """A version 5 database (every delivery in the claims' index) is brought to version 6 at
+    """A version 5 database (every delivery in the claims' index) is brought to version 7 at
     start with the indexes of a new one: its pending deliveries are claimed as before, and its
     old delivered ones are pruned through the index of update times."""
     first = await opener(dispatching=False)
@@ -423,12 +423,51 @@ async def test_schema_of_version_5_keeps_only_pending_deliveries_in_the_claims_i
     assert "WHERE (state <> 'delivered'::text)" in expected
     pg_server.psql(_OLD_CLAIMS_INDEX, database)
     again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "6"
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
     assert _index_definitions(pg_server, database) == expected
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids[1:])
     assert await again.prune(1001.0 + 60.0, 30.0, ["t"]) == 1
     assert await again.get(ids[0]) is None
+
+
+# Version 6's conversation index, without each delivery's place.
+_OLD_CONVERSATION_INDEX = (
+    "DROP INDEX waba_gateway.deliveries_order; CREATE INDEX deliveries_order"
+    " ON waba_gateway.deliveries (target, order_key)"
+    " WHERE state = 'pending' AND order_key IS NOT NULL;"
+    " UPDATE waba_gateway.meta SET version = 6"
+)
+
+
+async def test_schema_of_version_6_gains_each_deliverys_place_in_the_conversation_index(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A version 6 database (its conversation index by target and key alone) is brought to
+    version 7 at start with the indexes of a new one: its pending keyed deliveries are claimed
+    as before, the first of each conversation only, and the next once that one is delivered."""
+    first = await opener(dispatching=False)
+    ids = []
+    for n in range(4):
+        key = "k1" if n < 3 else "k2"
+        found = await first.accept(b'{"n":%d}' % n, SIG, [Route("t", None, key)], 1000.0)
+        assert found is not None
+        ids.append(found[0].id)
+    await first.close()
+    database = urlsplit(pg_url).path.lstrip("/")
+    fresh = await opener(url=pg_url.replace(f"/{database}?", "/postgres?"))
+    await fresh.close()
+    expected = _index_definitions(pg_server, "postgres")
+    assert '(target, order_key, COALESCE("position", id))' in expected
+    pg_server.psql(_OLD_CONVERSATION_INDEX, database)
+    again = await opener()
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
+    assert _index_definitions(pg_server, database) == expected
+    claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
+    assert sorted(d.id for d in claimed) == sorted([ids[0], ids[3]])
+    await again.record_many([(ids[0], Delivered(), AttemptResult(status=200))], 2001.0)
+    following = await again.due(2002.0, {"t": 10}, exclude={ids[3]}, ordered={"t"})
+    assert [d.id for d in following] == [ids[1]]
 
 
 async def test_outcomes_recorded_by_many_batches_at_once_are_one_statement(
