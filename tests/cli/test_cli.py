@@ -271,7 +271,7 @@ def test_check_reports_the_database_reachable_and_its_schema_version(
 
     asyncio.run(first_start())
     assert main(["check", "--config", str(pg_config)]) == 0
-    assert "is reachable, schema version 6" in capsys.readouterr().out
+    assert "is reachable, schema version 7" in capsys.readouterr().out
 
 
 def test_check_and_serve_with_the_database_down_are_one_line_errors(
