@@ -406,6 +406,24 @@ def _index_definitions(server: PgServer, database: str) -> str:
     )
 
 
+async def _migrated_from(
+    opener: Opener, pg_server: PgServer, pg_url: str, older: str, new_index: str
+) -> Outbox:
+    """The outbox of ``pg_url`` opened again after ``older`` (statements) took it back to an
+    older version: checked to be at the current version with exactly the indexes of a new
+    database, which hold ``new_index``."""
+    database = urlsplit(pg_url).path.lstrip("/")
+    fresh = await opener(url=pg_url.replace(f"/{database}?", "/postgres?"))
+    await fresh.close()
+    expected = _index_definitions(pg_server, "postgres")
+    assert new_index in expected
+    pg_server.psql(older, database)
+    again = await opener()
+    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
+    assert _index_definitions(pg_server, database) == expected
+    return again
+
+
 async def test_schema_of_version_5_keeps_only_pending_deliveries_in_the_claims_index(
     opener: Opener, pg_server: PgServer, pg_url: str
 ) -> None:
@@ -416,15 +434,9 @@ async def test_schema_of_version_5_keeps_only_pending_deliveries_in_the_claims_i
     ids = await _store(first, 3)
     await first.record_many([(ids[0], Delivered(), AttemptResult(status=200))], 1001.0)
     await first.close()
-    database = urlsplit(pg_url).path.lstrip("/")
-    fresh = await opener(url=pg_url.replace(f"/{database}?", "/postgres?"))
-    await fresh.close()
-    expected = _index_definitions(pg_server, "postgres")
-    assert "WHERE (state <> 'delivered'::text)" in expected
-    pg_server.psql(_OLD_CLAIMS_INDEX, database)
-    again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
-    assert _index_definitions(pg_server, database) == expected
+    again = await _migrated_from(
+        opener, pg_server, pg_url, _OLD_CLAIMS_INDEX, "WHERE (state <> 'delivered'::text)"
+    )
     claimed = await again.due(2000.0, {"t": 10})
     assert sorted(d.id for d in claimed) == sorted(ids[1:])
     assert await again.prune(1001.0 + 60.0, 30.0, ["t"]) == 1
@@ -454,15 +466,13 @@ async def test_schema_of_version_6_gains_each_deliverys_place_in_the_conversatio
         assert found is not None
         ids.append(found[0].id)
     await first.close()
-    database = urlsplit(pg_url).path.lstrip("/")
-    fresh = await opener(url=pg_url.replace(f"/{database}?", "/postgres?"))
-    await fresh.close()
-    expected = _index_definitions(pg_server, "postgres")
-    assert '(target, order_key, COALESCE("position", id))' in expected
-    pg_server.psql(_OLD_CONVERSATION_INDEX, database)
-    again = await opener()
-    assert pg_server.psql("SELECT version FROM waba_gateway.meta", database) == "7"
-    assert _index_definitions(pg_server, database) == expected
+    again = await _migrated_from(
+        opener,
+        pg_server,
+        pg_url,
+        _OLD_CONVERSATION_INDEX,
+        '(target, order_key, COALESCE("position", id))',
+    )
     claimed = await again.due(2000.0, {"t": 10}, ordered={"t"})
     assert sorted(d.id for d in claimed) == sorted([ids[0], ids[3]])
     await again.record_many([(ids[0], Delivered(), AttemptResult(status=200))], 2001.0)
