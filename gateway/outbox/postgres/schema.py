@@ -213,7 +213,7 @@ _TO_6 = (
 # this conversation" spells (the claim's NOT EXISTS, the accept's ``behind``): that question
 # becomes one probe of the index, where version 6's index of (target, key) made PostgreSQL
 # read every pending delivery of the conversation for each one asked about. A claim by key over
-# 40,000 pending deliveries in 20 conversations took 214 ms with version 6's index, 12 ms with
+# 40,000 pending deliveries in 20 conversations took 249 ms with version 6's index, 14 ms with
 # this one (bench/README.md). Built in the migration's transaction, as version 6's index was.
 _TO_7 = (
     f"DROP INDEX {SCHEMA}.deliveries_order",
