@@ -47,48 +47,35 @@ _FIRST_OF_ITS_CONVERSATION = f"""
           AND (c0.order_key IS NULL OR NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries e
             WHERE e.state = 'pending' AND e.target = c0.target AND e.order_key = c0.order_key
               AND {_PLACE.format("e")} < {_PLACE.format("c0")}))"""
-# The named conversations' part: the first pending delivery of each (one probe of the
-# conversation index per key, in place order), kept if it is due, free to lease and not in
-# flight here; oldest first, up to the limit, locked. Only a first one can be claimed: taking
-# every pending delivery of the named conversations and asking each whether an earlier one is
-# pending read every pending delivery of them, each compared with the ids in flight (491 ms a
-# claim over 20 conversations of 2,000 with 256 in flight, now 2 ms: bench/README.md).
-_NAMED_PART = """
-    SELECT c1.id, t.run FROM t CROSS JOIN LATERAL (
-        SELECT c0.id FROM unnest(t.keys) AS k (key)
-        CROSS JOIN LATERAL (
-            SELECT f0.id FROM {SCHEMA}.deliveries f0
-            WHERE f0.state = 'pending' AND f0.target = t.target AND f0.order_key = k.key
-            ORDER BY {place}
-            LIMIT 1) f1
-        JOIN {SCHEMA}.deliveries c0 ON c0.id = f1.id
-        WHERE c0.state = 'pending' AND {free}
-          AND c0.id <> ALL($7::bigint[])
-        ORDER BY c0.next_attempt_at
-        LIMIT t.lim
-        FOR UPDATE OF c0 SKIP LOCKED) c1
-    WHERE t.mode = {mode}""".format(
-    SCHEMA=SCHEMA,
-    place=_PLACE.format("f0"),
-    free=_FREE.format("c0", _NOW=_NOW),
-    mode=NAMED_CONVERSATIONS,
-)
-# One target's part: its due deliveries, oldest first, up to its limit, locked.
+# One target's part: its due deliveries, oldest first, up to its limit, locked; ``rows``: what
+# they are taken from.
 _PART = """
     SELECT c1.id, t.run FROM t CROSS JOIN LATERAL (
-        SELECT c0.id FROM {SCHEMA}.deliveries c0
+        SELECT c0.id FROM {rows}
         WHERE c0.state = 'pending' AND c0.target = t.target AND {free}
           AND c0.id <> ALL($7::bigint[]){ordered}
         ORDER BY c0.next_attempt_at
         LIMIT t.lim
-        FOR UPDATE SKIP LOCKED) c1
+        FOR UPDATE OF c0 SKIP LOCKED) c1
     WHERE t.mode = {mode}"""
+# Every pending delivery of the target.
+_EVERY = f"{SCHEMA}.deliveries c0"
+# The first pending delivery of each conversation the claim names: one probe of the
+# conversation index per key, in place order. Only a first one can be claimed: taking every
+# pending delivery of the named conversations and asking each whether an earlier one is pending
+# read every pending delivery of them, each compared with the ids in flight (491 ms a claim over
+# 20 conversations of 2,000 with 256 in flight, now 2 ms: bench/README.md).
+_FIRSTS_NAMED = f"""unnest(t.keys) AS k (key)
+        CROSS JOIN LATERAL (
+            SELECT f0.id FROM {SCHEMA}.deliveries f0
+            WHERE f0.state = 'pending' AND f0.target = t.target AND f0.order_key = k.key
+            ORDER BY {_PLACE.format("f0")}
+            LIMIT 1) f1
+        JOIN {SCHEMA}.deliveries c0 ON c0.id = f1.id"""
 
 
-def _part(mode: int, ordered: str) -> str:
-    return _PART.format(
-        SCHEMA=SCHEMA, free=_FREE.format("c0", _NOW=_NOW), ordered=ordered, mode=mode
-    )
+def _part(mode: int, ordered: str = "", rows: str = _EVERY) -> str:
+    return _PART.format(rows=rows, free=_FREE.format("c0", _NOW=_NOW), ordered=ordered, mode=mode)
 
 
 # $1 to $4, one element per target: name, limit, mode (ANY_ORDER...), followers per first
@@ -110,9 +97,9 @@ WITH t AS (
         WHERE k.i = t0.i) AS keys
     FROM unnest($1::text[], $2::integer[], $3::integer[], $4::integer[])
         WITH ORDINALITY AS t0 (target, lim, mode, run, i)
-), c AS ({_part(ANY_ORDER, "")}
+), c AS ({_part(ANY_ORDER)}
     UNION ALL{_part(CONVERSATION, _FIRST_OF_ITS_CONVERSATION)}
-    UNION ALL{_NAMED_PART}
+    UNION ALL{_part(NAMED_CONVERSATIONS, rows=_FIRSTS_NAMED)}
 ), h AS (
     SELECT h0.id, h0.target, h0.order_key, {_PLACE.format("h0")} AS place, c.run
     FROM c JOIN {SCHEMA}.deliveries h0 ON h0.id = c.id
