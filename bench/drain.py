@@ -303,7 +303,10 @@ def spawn(
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600, check=False)
     if done.returncode:
         raise SystemExit(f"{what} in {tree} failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    # The child's result is its last JSON line; py-spy, when it runs the child, prints its own
+    # lines after it.
+    last = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))
+    result: dict[str, Any] = json.loads(last)
     if callgrind:
         summary = re.search(r"^summary:\s+(\d+)", out.read_text(), re.MULTILINE)
         assert summary is not None, "no summary in callgrind's output"

@@ -6,11 +6,15 @@ injected ``shutdown`` awaitable in tests) stop the gateway in the order its modu
 writes down (:mod:`gateway.runtime.gateway`); SIGHUP reloads it (:meth:`Gateway.reload`), and one
 that arrives before the gateway serves is kept until it does. The event loop's handlers are
 removed on the way out.
+
+Once it serves, the process sets its cyclic garbage collector for a server
+(:func:`settle_collector`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -18,9 +22,20 @@ from collections.abc import Awaitable, Callable
 from gateway.config import Config, EventLoop
 from gateway.runtime.gateway import LONE, Gateway, Role
 
-__all__ = ["event_loop_runner", "run", "serve_process"]
+__all__ = ["YOUNG_COLLECTION_EVERY", "event_loop_runner", "run", "serve_process", "settle_collector"]
 
 log = logging.getLogger(__name__)
+
+# The cyclic garbage collector collects its youngest generation once allocations of container
+# objects outnumber deallocations by this many (Python's default is 700). A gateway holds
+# thousands of live objects for its deliveries in flight: the bodies a claim reads ahead for
+# ordered runs, each a Delivery that lives until its run reaches it. Every 700 of those set off
+# a collection that scans them all again and moves them to older generations, whose own
+# collections then scan them too. Over an ordered drain of 10,000 deliveries that was 36 ms of
+# collections (68 young, 7 middle, 1 full of 20 ms); at 10,000 and with the startup's objects
+# frozen, 3 ms. Garbage in reference cycles (an exception's traceback, a cancelled task) lives
+# that many allocations longer at most.
+YOUNG_COLLECTION_EVERY = 10_000
 
 
 async def run(
@@ -93,11 +108,29 @@ def event_loop_runner(loop: EventLoop = "asyncio") -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
+def settle_collector() -> None:
+    """Set the garbage collector of a process that now serves: what it allocated to start
+    (modules, configuration, TLS contexts, the application) is frozen, never scanned again by
+    the collector (https://docs.python.org/3/library/gc.html#gc.freeze), and the youngest
+    generation is collected every :data:`YOUNG_COLLECTION_EVERY` allocations. The older
+    generations keep their thresholds."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, old)
+
+
 def serve_process(
     config: Config, role: Role = LONE, on_ready: Callable[[Gateway], None] | None = None
 ) -> None:
-    """One serving process, on the event loop ``listen.loop`` names."""
+    """One serving process, on the event loop ``listen.loop`` names, its garbage collector
+    set for serving once it serves (:func:`settle_collector`)."""
+
+    def ready(gateway: Gateway) -> None:
+        settle_collector()
+        if on_ready is not None:
+            on_ready(gateway)
+
     # Until run() handles it, a SIGHUP (an early `systemctl reload`) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with event_loop_runner(config.listen.loop) as runner:
-        runner.run(run(config, role=role, on_ready=on_ready))
+        runner.run(run(config, role=role, on_ready=ready))

@@ -269,3 +269,42 @@ async def test_supervisor_killed_while_workers_start_leaves_no_worker_behind(
         while left := _in_session(supervisor.pid):
             assert time.monotonic() < deadline, f"left behind: {left}"
             await asyncio.sleep(0.1)
+
+
+_REPORT_COLLECTOR = """
+import gc, os, signal, sys
+from pathlib import Path
+from gateway.config import load_config
+from gateway.runtime.process import serve_process
+
+def ready(gateway):
+    print(gc.get_threshold()[0], gc.get_freeze_count(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+print(gc.get_threshold()[0], gc.get_freeze_count(), flush=True)
+serve_process(load_config(Path(sys.argv[1])), on_ready=ready)
+"""
+
+
+def test_a_serving_process_freezes_its_startup_and_collects_young_objects_less_often(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Once it serves, the process's startup objects are out of the collector's scans and its
+    youngest generation waits for YOUNG_COLLECTION_EVERY allocations (Python's 700 before)."""
+    from gateway.runtime.process import YOUNG_COLLECTION_EVERY
+
+    config = write_config(pki, tmp_path, target_url=f"http://127.0.0.1:{free_port()}/sink")
+    done = subprocess.run(
+        [sys.executable, "-c", _REPORT_COLLECTOR, str(config)],
+        env=os.environ | {"TEST_APP_SECRET": APP_SECRET},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=True,
+    )
+    (young_before, frozen_before), (young, frozen) = (
+        tuple(map(int, line.split())) for line in done.stdout.splitlines()
+    )
+    assert (young_before, frozen_before) == (700, 0)
+    assert young == YOUNG_COLLECTION_EVERY
+    assert frozen > 10_000  # the modules, configuration and application of a started gateway
