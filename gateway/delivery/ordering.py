@@ -354,11 +354,15 @@ class Runs:
         """Delivery ``delivery_id`` ended: the next of its run to start (``None``: none, or
         not ``released``, when the run is let go), and whether a claim should look at its
         conversation again (the run was cut short by its length, or let go)."""
+        # Once for every delivery a run sends: each lookup is guarded by a test that is
+        # cheaper than the lookup it saves, in the usual case (a run going on, no read asked).
         run = self._behind.pop(delivery_id, None)
         full = delivery_id in self._full
-        self._full.discard(delivery_id)
-        self._extending.pop(delivery_id, None)
-        self._wanted.pop(delivery_id, None)
+        if full:
+            self._full.discard(delivery_id)
+        if self._extending:
+            self._extending.pop(delivery_id, None)
+            self._wanted.pop(delivery_id, None)
         if not run:
             return None, full
         if not released:
@@ -368,14 +372,16 @@ class Runs:
         self.parked.discard(following.id)
         if run:
             self._behind[following.id] = run
-        self._want_more(following, run)
+            if len(run) <= EXTEND_AT:
+                self._want_more(run[-1], run)
+        else:
+            self._want_more(following, run)
         return following, False
 
-    def _want_more(self, going: Delivery, run: deque[Delivery]) -> None:
-        """``going`` starts with ``run`` behind it: once the run is this short, and more may
-        follow its last delivery, that delivery asks for a read of what follows."""
-        last = run[-1] if run else going
-        if len(run) <= EXTEND_AT and last.id in self._full and last.id not in self._extending:
+    def _want_more(self, last: Delivery, run: deque[Delivery]) -> None:
+        """A run now this short (``last``: its last delivery, or the one starting when none
+        waits behind it): when more may follow ``last``, it asks for a read of what does."""
+        if last.id in self._full and last.id not in self._extending:
             self._extending[last.id] = run
             self._wanted[last.id] = last
 
