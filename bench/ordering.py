@@ -20,7 +20,10 @@ conversation. Two measurements per gateway:
 
 Every round runs both modes (alternating which goes first) and, with ``--ref``, the shared
 benchmark's plain aiohttp receiver (``ref_gateway.py``, forwarding before it answers) under the
-same client: the machine's noise shows in its spread across rounds.
+same client: the machine's noise shows in its spread across rounds. A round stores both modes'
+backlogs first (each gateway stopped, SIGSTOP, once its backlog is stored, and continued when
+its drain starts) and then drains them back to back, so that its two drains are seconds apart;
+the summary gives the ratio of the medians and the median of the rounds' own ratios.
 
 What each gateway run delivered is counted by delivery id (``idsink.py``, not the shared sink's
 count of requests): ``delivered`` is the distinct ids the target received, ``duplicates`` the
@@ -58,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +156,19 @@ def watch_sink(port: int, count: int, limit_s: float) -> tuple[float, float | No
     return first or started, None
 
 
+@dataclass
+class Stored:
+    """A gateway with its backlog stored and its target down, waiting for its drain."""
+
+    mode: str
+    round_: int
+    gateway: Any
+    held: socket.socket  # the target's port, bound and not listening until the drain
+    counts_file: Path | None
+    ticks: int  # the gateway's CPU ticks once stored
+    at: float  # time.monotonic() once stored
+
+
 class Ordering:
     def __init__(self, bench: Bench, args: argparse.Namespace) -> None:
         self.bench, self.args = bench, args
@@ -182,7 +199,8 @@ class Ordering:
             "acked_per_s": round(len(self.payloads) / posted, 1),
             "delivered_per_s": round(seen["distinct"] / total, 1)}
 
-    def drain(self, mode: str, round_: int) -> dict[str, Any]:
+    def store(self, mode: str, round_: int) -> Stored:
+        """A gateway in ``mode`` with the notifications stored, its target down."""
         b, a = self.bench, self.args
         # The target's port stays this bench's while the target is down: bound, not listening
         # (connections to it are refused, as to a target that is down), so that no other
@@ -190,21 +208,36 @@ class Ordering:
         # listen there meanwhile and take deliveries the sink then never sees.
         held = socket.socket()
         held.bind(("127.0.0.1", 0))
-        sink_port = int(held.getsockname()[1])
         counts_file = self.counting(f"gw-drain-{mode}-{round_}")
-        gateway = b.gateway(f"gw-drain-{mode}-{round_}", target_port=sink_port,
+        gateway = b.gateway(f"gw-drain-{mode}-{round_}", target_port=held.getsockname()[1],
                             cpus=b.args.gw_cpus,
                             target_toml=f"{MODES[mode]}\n{TINY_WAITS}\n{self.attempts}")
         asyncio.run(post_all(gateway.url, b.certs, self.secret, self.payloads, a.concurrency))
         if b.pg is not None and mode == "conversation":
             log(claim_plan(b.pg, gateway.database))
-        before = backlog_at_start(b, gateway)
         if self.args.keep_outbox:  # for bench/drain.py --from-outbox
             kept = Path(self.args.keep_outbox) / f"{mode}-{round_}"
             kept.mkdir(parents=True, exist_ok=True)
             for suffix in ("", "-wal"):
                 with contextlib.suppress(FileNotFoundError):
                     shutil.copy(f"{gateway.outbox}{suffix}", kept / f"outbox.sqlite3{suffix}")
+        # Stopped until its drain: on the same core as the other mode's drain, its breaker's
+        # probes of the target that is down would take a share of that drain's CPU.
+        os.kill(gateway.serving_pid(), signal.SIGSTOP)
+        return Stored(mode, round_, gateway, held, counts_file, cpu_ticks(gateway.proc.pid),
+                      time.monotonic())
+
+    def drain(self, stored: Stored) -> dict[str, Any]:
+        b = self.bench
+        mode, round_, gateway, held, counts_file = (
+            stored.mode, stored.round_, stored.gateway, stored.held, stored.counts_file)
+        sink_port = int(held.getsockname()[1])
+        # How long the gateway waited, stopped, for the other mode's drain, and the CPU it
+        # spent meanwhile (none, unless something else ran in its process group).
+        waited_s = time.monotonic() - stored.at
+        waiting_cpu_ms = (cpu_ticks(gateway.proc.pid) - stored.ticks) * 1000 / CLK_TCK
+        os.kill(gateway.serving_pid(), signal.SIGCONT)
+        before = backlog_at_start(b, gateway)
         profiler = self.profile(gateway, f"drain-{mode}-{round_}")
         held.close()
         sink = self.id_sink(sink_port)
@@ -260,6 +293,8 @@ class Ordering:
             "cpu_us_per_delivery_threads": threads,
             # Bytes and system calls of reads and writes (files and sockets) per delivery.
             "io_per_delivery": io,
+            "stored_to_drain_s": round(waited_s, 1),
+            "cpu_ms_while_stored": round(waiting_cpu_ms, 1),
             **before, **counted}
 
     def profile(self, gateway: Any, name: str) -> subprocess.Popen[bytes] | None:
@@ -374,8 +409,13 @@ class Ordering:
                 self.record(self.reference(round_))
             for mode in modes if "live" in phases else ():
                 self.record(self.live(mode, round_))
-            for mode in modes if "drain" in phases else ():
-                self.record(self.drain(mode, round_))
+            if "drain" in phases:
+                # Both modes' backlogs first, then their drains back to back: the two drains
+                # of a round are seconds apart rather than the half minute it takes to start a
+                # gateway and store a backlog, and the speed of a shared machine, which moves
+                # by a third or more within a minute, moves less between them.
+                for stored in [self.store(mode, round_) for mode in modes]:
+                    self.record(self.drain(stored))
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -418,6 +458,10 @@ class Ordering:
                         "tried_while_down", "retry_waiting_at_start", "retries")}
                 per_round.append(line)
         if per_round:
+            # Each round's two drains ran back to back, so its own ratio shares the machine's
+            # speed at that moment; their median moves less with it than the ratio of medians.
+            table["drain ratio, median of the rounds'"] = round(
+                statistics.median(line["ratio"] for line in per_round), 3)
             table["drain rounds"] = per_round
         # Truth before speed: a figure from a run that lost or doubled deliveries says so.
         gateway_rows = [r for r in self.rows if "drained" in r]
