@@ -22,7 +22,13 @@ from collections.abc import Awaitable, Callable
 from gateway.config import Config, EventLoop
 from gateway.runtime.gateway import LONE, Gateway, Role
 
-__all__ = ["YOUNG_COLLECTION_EVERY", "event_loop_runner", "run", "serve_process", "settle_collector"]
+__all__ = [
+    "YOUNG_COLLECTION_EVERY",
+    "event_loop_runner",
+    "run",
+    "serve_process",
+    "settle_collector",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +39,9 @@ log = logging.getLogger(__name__)
 # a collection that scans them all again and moves them to older generations, whose own
 # collections then scan them too. Over an ordered drain of 10,000 deliveries that was 36 ms of
 # collections (68 young, 7 middle, 1 full of 20 ms); at 10,000 and with the startup's objects
-# frozen, 3 ms. Garbage in reference cycles (an exception's traceback, a cancelled task) lives
-# that many allocations longer at most.
+# frozen, 8 ms (two young collections; bench/README.md, "Issue 22: paired drains"). Garbage in
+# reference cycles (an exception's traceback, a cancelled task) lives that many allocations
+# longer at most.
 YOUNG_COLLECTION_EVERY = 10_000
 
 

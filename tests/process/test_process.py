@@ -23,6 +23,7 @@ from two_workers import post_over_both_workers
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN
+from gateway.runtime.process import YOUNG_COLLECTION_EVERY
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:
@@ -291,8 +292,6 @@ def test_a_serving_process_freezes_its_startup_and_collects_young_objects_less_o
 ) -> None:
     """Once it serves, the process's startup objects are out of the collector's scans and its
     youngest generation waits for YOUNG_COLLECTION_EVERY allocations (Python's 700 before)."""
-    from gateway.runtime.process import YOUNG_COLLECTION_EVERY
-
     config = write_config(pki, tmp_path, target_url=f"http://127.0.0.1:{free_port()}/sink")
     done = subprocess.run(
         [sys.executable, "-c", _REPORT_COLLECTOR, str(config)],
