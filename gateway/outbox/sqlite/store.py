@@ -159,12 +159,7 @@ def due_deliveries(
                 conn, prefix, target, now, limit, skip, keys, length, more
             )
         else:
-            rows = conn.execute(
-                f"{_DUE_SELECT} WHERE d.state = 'pending' AND d.target = ?"
-                " AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
-                (target, now, limit + len(skip)),
-            ).fetchall()
-            rows = [row for row in rows if delivery_id_of(prefix, row[0]) not in skip][:limit]
+            rows = _due_of(conn, prefix, target, now, limit, skip)
         for row in rows:
             if _intact(row):
                 # A follower sorts right after the first of its conversation, in its order.
@@ -174,6 +169,37 @@ def due_deliveries(
                 damaged.append(row[0])
     found.sort(key=lambda pair: pair[0])
     return [delivery for _, delivery in found], damaged
+
+
+# A target's due deliveries, oldest first, by id alone: the state index holds the due time and
+# the row id, so this reads no row.
+_DUE_IDS = (
+    "SELECT id FROM deliveries WHERE state = 'pending' AND target = ?"
+    " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+)
+
+
+def _due_of(
+    conn: sqlite3.Connection,
+    prefix: str,
+    target: str,
+    now: float,
+    limit: int,
+    skip: Collection[str],
+) -> list[tuple[Any, ...]]:
+    """Up to ``limit`` rows of ``target``'s due deliveries not in ``skip``, with their bodies
+    (in no particular order: the caller sorts them by due time). The ids first, from the
+    state index alone, and only then the bodies of those not in flight: a busy target's
+    oldest due deliveries are mostly in flight, and reading them with their bodies to drop
+    them cost 2.4 rows read per delivery started (bench/README.md)."""
+    ids = [
+        rowid
+        for (rowid,) in conn.execute(_DUE_IDS, (target, now, limit + len(skip)))
+        if delivery_id_of(prefix, rowid) not in skip
+    ][:limit]
+    if not ids:
+        return []
+    return conn.execute(_BODIES_OF, (json.dumps(ids),)).fetchall()
 
 
 def _first_of_conversations(
