@@ -8,7 +8,7 @@ reads :class:`Delivery` and records an :data:`Outcome`). No storage engine is na
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Final, Literal
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Route",
     "Size",
     "State",
+    "made",
 ]
 
 State = Literal["pending", "delivered", "dead"]
@@ -92,21 +93,27 @@ class Delivery:
         never read back. ``behind``: the ids of those an earlier pending delivery of their
         conversation holds back."""
         return [
-            cls(
-                id=delivery_id,
-                notification_id=notification_id,
-                target=route.target,
-                body=body if route.body is None else route.body,
-                signature=signature,
-                split=route.body is not None,
-                state="pending",
-                attempts=0,
-                created_at=now,
-                next_attempt_at=now,
-                received_at=now,
-                order_key=route.key,
-                behind=delivery_id in behind,
-                trace=trace,
+            made(
+                (
+                    delivery_id,
+                    notification_id,
+                    route.target,
+                    body if route.body is None else route.body,
+                    signature,
+                    route.body is not None,
+                    "pending",
+                    0,
+                    now,
+                    now,
+                    now,
+                    None,
+                    None,
+                    None,
+                    route.key,
+                    delivery_id in behind,
+                    trace,
+                    0.0,
+                )
             )
             for route, delivery_id in zip(routes, ids, strict=True)
         ]
@@ -126,6 +133,22 @@ class Delivery:
             "last_response": self.last_response,
             "bytes": len(self.body),
         }
+
+
+# A frozen dataclass's __init__ sets each field through object.__setattr__, a lookup and a call
+# per field: 7 us for a Delivery's eighteen, and a delivery is made once per notification
+# accepted (Delivery.fresh) and once per delivery claimed (gateway.outbox.rows). Setting the
+# slots through their own descriptors makes the same frozen object in 3 us.
+_SETTERS: Final = tuple(vars(Delivery)[field.name].__set__ for field in fields(Delivery))
+
+
+def made(values: tuple[Any, ...]) -> Delivery:
+    """The :class:`Delivery` of ``values``, one per field in the order the class declares
+    them (``id`` first, ``held_s`` last), as ``Delivery(*values)`` would make it."""
+    delivery: Delivery = object.__new__(Delivery)
+    for set_field, value in zip(_SETTERS, values, strict=True):
+        set_field(delivery, value)
+    return delivery
 
 
 @dataclass(frozen=True, slots=True)

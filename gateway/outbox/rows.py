@@ -23,6 +23,7 @@ from gateway.outbox.model import (
     Outcome,
     RetryAt,
     State,
+    made,
 )
 
 __all__ = [
@@ -84,24 +85,27 @@ def delivery_from_row(row: Sequence[Any], prefix: str) -> Delivery:
     """A delivery read as (id, notification id, target, body, signature, split, state,
     attempts, created at, next attempt at, received at, last status, last error, last
     response, conversation key, trace context, seconds held by pacing)."""
-    return Delivery(
-        id=delivery_id_of(prefix, row[0]),
-        notification_id=row[1],
-        target=row[2],
-        body=bytes(row[3]),
-        signature=row[4],
-        split=bool(row[5]),
-        state=state_of(row[6]),
-        attempts=row[7],
-        created_at=row[8],
-        next_attempt_at=row[9],
-        received_at=row[10],
-        last_status=row[11],
-        last_error=row[12],
-        last_response=row[13],
-        order_key=row[14],
-        trace=row[15],
-        held_s=row[16],
+    return made(
+        (
+            delivery_id_of(prefix, row[0]),
+            row[1],
+            row[2],
+            bytes(row[3]),
+            row[4],
+            bool(row[5]),
+            state_of(row[6]),
+            row[7],
+            row[8],
+            row[9],
+            row[10],
+            row[11],
+            row[12],
+            row[13],
+            row[14],
+            False,  # behind: said only of a delivery just accepted (Delivery.fresh)
+            row[15],
+            row[16],
+        )
     )
 
 

@@ -3,11 +3,50 @@ outcome leaves in it."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from gateway.errors import OutboxError
-from gateway.outbox.model import DeadLetter, Delivered, Outcome, RetryAt
-from gateway.outbox.rows import delivery_id_of, rowid_of, state_of, stored_outcome
+from gateway.outbox.model import (
+    DeadLetter,
+    Delivered,
+    Delivery,
+    Outcome,
+    RetryAt,
+    Route,
+    made,
+)
+from gateway.outbox.rows import (
+    delivery_from_row,
+    delivery_id_of,
+    rowid_of,
+    state_of,
+    stored_outcome,
+)
+
+# One value per field of Delivery, none equal to another, none a default.
+_FIELDS: dict[str, Any] = {
+    "id": "ab12-7",
+    "notification_id": 3,
+    "target": "crm",
+    "body": b'{"entry": []}',
+    "signature": "sha256=00",
+    "split": True,
+    "state": "dead",
+    "attempts": 4,
+    "created_at": 10.0,
+    "next_attempt_at": 11.0,
+    "received_at": 9.0,
+    "last_status": 503,
+    "last_error": "status 503",
+    "last_response": "busy",
+    "order_key": "k",
+    "behind": True,
+    "trace": "00-trace",
+    "held_s": 2.5,
+}
 
 
 @pytest.mark.parametrize("state", ["pending", "delivered", "dead"])
@@ -55,3 +94,86 @@ def test_an_outcome_leaves_its_state_next_time_error_and_held_seconds_in_the_row
     """Each outcome, recorded at 100.0, as both backends store it: only a retry is due again
     later and keeps its held seconds."""
     assert stored_outcome(outcome, 100.0) == stored
+
+
+def test_made_makes_the_delivery_the_dataclass_would_make_field_for_field() -> None:
+    """made() sets each field from its place in the values, as Delivery(**fields) does."""
+    assert [field.name for field in dataclasses.fields(Delivery)] == list(_FIELDS)
+    delivery = made(tuple(_FIELDS.values()))
+    assert delivery == Delivery(**_FIELDS)
+    assert {name: getattr(delivery, name) for name in _FIELDS} == _FIELDS
+    assert hash(delivery) == hash(Delivery(**_FIELDS))
+
+
+def test_a_made_delivery_is_as_frozen_as_any() -> None:
+    """No field of a delivery made by made() can be set afterwards."""
+    delivery = made(tuple(_FIELDS.values()))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        delivery.state = "pending"  # type: ignore[misc]
+
+
+def test_made_refuses_values_that_are_not_one_per_field() -> None:
+    """Too few or too many values fail at once, rather than leave a field unset."""
+    with pytest.raises(ValueError, match="zip"):
+        made(tuple(_FIELDS.values())[:-1])
+    with pytest.raises(ValueError, match="zip"):
+        made((*_FIELDS.values(), None))
+
+
+def test_a_row_reads_as_the_delivery_its_columns_name() -> None:
+    """delivery_from_row: the seventeen columns in their order, the id spelled with the
+    store's prefix, and ``behind`` false (said only of a delivery just accepted)."""
+    row = (
+        7,
+        3,
+        "crm",
+        b'{"entry": []}',
+        "sha256=00",
+        1,
+        "dead",
+        4,
+        10.0,
+        11.0,
+        9.0,
+        503,
+        "status 503",
+        "busy",
+        "k",
+        "00-trace",
+        2.5,
+    )
+    assert delivery_from_row(row, "ab12") == Delivery(**(_FIELDS | {"behind": False}))
+
+
+def test_a_fresh_delivery_is_pending_as_accepted_one_per_route() -> None:
+    """Delivery.fresh: one pending delivery per route, its own body for a split part, the
+    notification's otherwise, behind as the backend found it."""
+    routes = [Route("crm", None, "k"), Route("bot", b"part", None)]
+    made_now = Delivery.fresh(
+        ["p-1", "p-2"],
+        routes,
+        notification_id=3,
+        body=b"whole",
+        signature="sha256=00",
+        now=5.0,
+        behind={"p-1"},
+        trace="00-trace",
+    )
+    common: dict[str, Any] = {
+        "notification_id": 3,
+        "signature": "sha256=00",
+        "state": "pending",
+        "attempts": 0,
+        "created_at": 5.0,
+        "next_attempt_at": 5.0,
+        "received_at": 5.0,
+        "trace": "00-trace",
+    }
+    assert made_now == [
+        Delivery(
+            id="p-1", target="crm", body=b"whole", split=False, order_key="k", behind=True, **common
+        ),
+        Delivery(
+            id="p-2", target="bot", body=b"part", split=True, order_key=None, behind=False, **common
+        ),
+    ]
