@@ -734,3 +734,72 @@ async def test_a_lease_renewal_never_waits_for_a_row_a_record_holds_so_never_dea
     finally:
         await record.close()
     await box.renew()
+
+
+async def _conversation(writer: Outbox, key: str, count: int, start: int = 0) -> list[str]:
+    ids = []
+    for n in range(start, start + count):
+        found = await writer.accept(
+            b'{"%s":%d}' % (key.encode(), n), SIG, [Route("t", None, key)], 1000.0
+        )
+        assert found is not None
+        ids.append(found[0].id)
+    return ids
+
+
+async def test_what_follows_a_run_is_leased_to_its_gateway_in_order_up_to_another_gateways_hold(
+    opener: Opener, pg_url: str
+) -> None:
+    """``following`` on a shared database: the deliveries behind a run's last one, in their
+    order, leased to the gateway that asked, and none past a delivery another gateway holds
+    (locked by its claim), so that gateway may take the rest in its turn. Another gateway's
+    claim then finds nothing of the conversation to start."""
+    writer = await opener(dispatching=False)
+    run = await _conversation(writer, "k", 6)
+    box = await opener()
+    assert isinstance(box, PostgresOutbox)
+    claimed = await box.due(2000.0, {"t": 1}, ordered={"t"}, runs={"t": 2})
+    assert [d.id for d in claimed] == run[:2]
+    rowids = [int(delivery_id.rpartition("-")[2]) for delivery_id in run]
+    other = await asyncpg.connect(pg_url)
+    try:
+        async with other.transaction():
+            await other.execute(
+                "SELECT id FROM waba_gateway.deliveries WHERE id = $1 FOR UPDATE", rowids[4]
+            )
+            found = await box.following(2000.0, "t", {"k": run[1]}, 8)
+        assert {key: [d.id for d in ds] for key, ds in found.items()} == {"k": run[2:4]}
+        assert all(d.order_key == "k" and d.body for d in found["k"])
+        owners = await other.fetch(
+            "SELECT id, lease_owner FROM waba_gateway.deliveries WHERE id = ANY($1) ORDER BY id",
+            rowids,
+        )
+        assert [row[1] for row in owners] == [box.owner] * 4 + [None, None]
+    finally:
+        await other.close()
+    second = await opener()
+    assert await second.due(2000.0, {"t": 10}, ordered={"t"}, runs={"t": 8}) == []
+
+
+async def test_nothing_follows_a_recorded_delivery_and_what_follows_stops_before_one_not_due(
+    opener: Opener, pg_url: str
+) -> None:
+    """A run's last delivery already recorded names no place to follow, nor does another
+    store's id; and what follows stops at the first delivery whose retry is not due yet."""
+    writer = await opener(dispatching=False)
+    done = await _conversation(writer, "k2", 2)
+    later = await _conversation(writer, "k3", 5)
+    box = await opener()
+    await box.due(2000.0, {"t": 2}, ordered={"t"})
+    await box.record_many([(done[0], Delivered(), AttemptResult(status=200))], 2000.0)
+    assert await box.following(2000.0, "t", {"k2": done[0], "k3": "elsewhere-1"}, 8) == {}
+    other = await asyncpg.connect(pg_url)
+    try:
+        await other.execute(
+            "UPDATE waba_gateway.deliveries SET next_attempt_at = 5000 WHERE id = $1",
+            int(later[3].rpartition("-")[2]),
+        )
+    finally:
+        await other.close()
+    found = await box.following(2000.0, "t", {"k3": later[0]}, 8)
+    assert [d.id for d in found["k3"]] == later[1:3]

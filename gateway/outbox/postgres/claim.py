@@ -12,6 +12,8 @@ dispatcher holds locked are skipped (``FOR UPDATE SKIP LOCKED``: no waiting, no 
 rows another living gateway leased are left alone until the lease runs out, rows this gateway
 leased (at accept) are its own. A run is leased only as far as it is contiguous: a follower
 another gateway holds, locked or leased, ends the run there, and nothing behind it is leased.
+What follows a run near its end (:data:`EXTEND`, the outbox's ``following``) is leased the
+same way, by the same common table expressions.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from typing import Any, Final
 from gateway.outbox.postgres.schema import SCHEMA
 from gateway.outbox.rows import DELIVERY_COLUMNS
 
-__all__ = ["ANY_ORDER", "CLAIM", "CONVERSATION", "NAMED_CONVERSATIONS", "claim_args", "in_order"]
+__all__ = [
+    "ANY_ORDER",
+    "CLAIM",
+    "CONVERSATION",
+    "EXTEND",
+    "NAMED_CONVERSATIONS",
+    "claim_args",
+    "in_order",
+]
 
 # How a target's part keeps order: none; the first pending delivery of each conversation only;
 # the same, for the conversations the claim names only (those whose first may have changed).
@@ -78,33 +88,15 @@ def _part(mode: int, ordered: str = "", rows: str = _EVERY) -> str:
     return _PART.format(rows=rows, free=_FREE.format("c0", _NOW=_NOW), ordered=ordered, mode=mode)
 
 
-# $1 to $4, one element per target: name, limit, mode (ANY_ORDER...), followers per first
-# delivery (0: no runs); $5 now (the dispatcher's clock), $6 this gateway, $7 ids in flight
-# here, $8 the lease in seconds (on the database's clock), $9 and $10 the named conversations
-# (the 1-based target each belongs to, its key). Each row: a delivery, the first delivery of
-# the run it belongs to (itself for a first one) and its step behind it (0 for a first one).
-#
-# Runs (h, f, g, r): the deliveries after each claimed first one in its conversation, in order,
-# up to the target's run length, as far as each is due and free to lease (f.free); those are
-# locked skipping what another dispatcher holds (g), and a run is kept up to its first row not
-# locked here (r: the count of locked rows up to each step equals the step), so nothing past
-# a gap is leased. Rows are found again by id one at a time (LATERAL) or as an array (= ANY),
-# so the primary key finds them however few the planner guesses a CTE holds (a guess of one
-# row made a join of two CTEs, or a scan of every pending row, of a claim of hundreds).
-CLAIM: Final = f"""
-WITH t AS (
-    SELECT t0.*, ARRAY(SELECT k.key FROM unnest($9::integer[], $10::text[]) AS k (i, key)
-        WHERE k.i = t0.i) AS keys
-    FROM unnest($1::text[], $2::integer[], $3::integer[], $4::integer[])
-        WITH ORDINALITY AS t0 (target, lim, mode, run, i)
-), c AS ({_part(ANY_ORDER)}
-    UNION ALL{_part(CONVERSATION, _FIRST_OF_ITS_CONVERSATION)}
-    UNION ALL{_part(NAMED_CONVERSATIONS, rows=_FIRSTS_NAMED)}
-), h AS (
-    SELECT h0.id, h0.target, h0.order_key, {_PLACE.format("h0")} AS place, c.run
-    FROM c JOIN {SCHEMA}.deliveries h0 ON h0.id = c.id
-    WHERE c.run > 0 AND h0.order_key IS NOT NULL
-), f AS (
+# Runs (f, g, r), behind each delivery of ``h`` (its id, target, order_key, place and ``run``,
+# how many may follow it): the deliveries after it in its conversation, in order, up to ``run``,
+# as far as each is due and free to lease (f.free); those are locked skipping what another
+# dispatcher holds (g), and a run is kept up to its first row not locked here (r: the count of
+# locked rows up to each step equals the step), so nothing past a gap is leased. Rows are found
+# again by id one at a time (LATERAL) or as an array (= ANY), so the primary key finds them
+# however few the planner guesses a CTE holds (a guess of one row made a join of two CTEs, or a
+# scan of every pending row, of a claim of hundreds). $5 is now, $6 this gateway.
+_RUNS = f"""f AS (
     SELECT e.id, h.id AS head, row_number() OVER w AS step,
         bool_and({_FREE.format("e", _NOW=_NOW)}) OVER w AS free
     FROM h CROSS JOIN LATERAL (
@@ -127,12 +119,54 @@ WITH t AS (
         count(*) FILTER (WHERE f.id IN (SELECT g.id FROM g))
             OVER (PARTITION BY f.head ORDER BY f.step) AS held
     FROM f
-), l AS (
+)"""
+
+# $1 to $4, one element per target: name, limit, mode (ANY_ORDER...), followers per first
+# delivery (0: no runs); $5 now (the dispatcher's clock), $6 this gateway, $7 ids in flight
+# here, $8 the lease in seconds (on the database's clock), $9 and $10 the named conversations
+# (the 1-based target each belongs to, its key). Each row: a delivery, the first delivery of
+# the run it belongs to (itself for a first one) and its step behind it (0 for a first one).
+# The runs are _RUNS behind each first delivery claimed with a run length (h).
+CLAIM: Final = f"""
+WITH t AS (
+    SELECT t0.*, ARRAY(SELECT k.key FROM unnest($9::integer[], $10::text[]) AS k (i, key)
+        WHERE k.i = t0.i) AS keys
+    FROM unnest($1::text[], $2::integer[], $3::integer[], $4::integer[])
+        WITH ORDINALITY AS t0 (target, lim, mode, run, i)
+), c AS ({_part(ANY_ORDER)}
+    UNION ALL{_part(CONVERSATION, _FIRST_OF_ITS_CONVERSATION)}
+    UNION ALL{_part(NAMED_CONVERSATIONS, rows=_FIRSTS_NAMED)}
+), h AS (
+    SELECT h0.id, h0.target, h0.order_key, {_PLACE.format("h0")} AS place, c.run
+    FROM c JOIN {SCHEMA}.deliveries h0 ON h0.id = c.id
+    WHERE c.run > 0 AND h0.order_key IS NOT NULL
+), {_RUNS}, l AS (
     SELECT c.id, c.id AS head, 0::bigint AS step FROM c
     UNION ALL
     SELECT r.id, r.head, r.step FROM r WHERE r.held = r.step
 )
 UPDATE {SCHEMA}.deliveries d SET lease_owner = $6, lease_until = {_NOW} + $8
+FROM l, {SCHEMA}.notifications n
+WHERE d.id = l.id AND d.id = ANY(ARRAY(SELECT l.id FROM l)) AND n.id = d.notification_id
+RETURNING {DELIVERY_COLUMNS}, l.head, l.step
+"""
+
+# What follows the last delivery of each of a gateway's runs near their end, leased to it as a
+# claim leases a run (the dispatcher's _extend_runs): $1 those deliveries' row ids (each still
+# pending, of target $2, in a conversation), $3 how many may follow each, $4 the lease in
+# seconds, $5 now, $6 this gateway. Each row: a delivery, the run's last delivery it follows,
+# and its step behind it (from 1). A conversation another gateway holds a delivery of ends
+# there, as a claim's run does.
+EXTEND: Final = f"""
+WITH h AS (
+    SELECT h0.id, h0.target, h0.order_key, {_PLACE.format("h0")} AS place, $3::integer AS run
+    FROM {SCHEMA}.deliveries h0
+    WHERE h0.id = ANY($1::bigint[]) AND h0.state = 'pending' AND h0.target = $2
+      AND h0.order_key IS NOT NULL
+), {_RUNS}, l AS (
+    SELECT r.id, r.head, r.step FROM r WHERE r.held = r.step
+)
+UPDATE {SCHEMA}.deliveries d SET lease_owner = $6, lease_until = {_NOW} + $4::float8
 FROM l, {SCHEMA}.notifications n
 WHERE d.id = l.id AND d.id = ANY(ARRAY(SELECT l.id FROM l)) AND n.id = d.notification_id
 RETURNING {DELIVERY_COLUMNS}, l.head, l.step

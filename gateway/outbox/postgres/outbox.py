@@ -354,10 +354,23 @@ class PostgresOutbox:
     async def following(
         self, now: float, target: str, after: Mapping[str, str], length: int
     ) -> dict[str, list[Delivery]]:
-        """None handed out: on a shared database a run is the deliveries one claim leased
-        together, and what follows it is left to the next claim, which leases it (see
-        :mod:`gateway.outbox.postgres.claim`)."""
-        return {}
+        """What follows each named delivery in its conversation, leased to this gateway as a
+        claim leases a run (:data:`claim.EXTEND`): as far as each is due and no other gateway
+        holds it, so the order holds across gateways as it does for a claim's runs. One
+        statement for every conversation named."""
+        heads = {
+            rowid: key
+            for key, delivery_id in after.items()
+            if (rowid := rowid_of(delivery_id, self._prefix)) is not None
+        }
+        if not heads:
+            return {}
+        args = (list(heads), target, length, self.config.lease_s, now, self.owner)
+        rows = await self._run(lambda conn: conn.fetch(claim.EXTEND, *args))
+        found: dict[str, list[Delivery]] = {}
+        for row in sorted(rows, key=lambda row: (row[-2], row[-1])):  # by run, then step
+            found.setdefault(heads[row[-2]], []).append(self._delivery(row))
+        return found
 
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
