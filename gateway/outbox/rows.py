@@ -10,7 +10,7 @@ order :func:`delivery_from_row` names them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from gateway.errors import OutboxError
@@ -33,6 +33,7 @@ __all__ = [
     "delivery_from_row",
     "delivery_id_of",
     "rowid_of",
+    "rowids_named",
     "state_of",
     "stored_outcome",
 ]
@@ -67,6 +68,16 @@ def rowid_of(delivery_id: str, prefix: str) -> int | None:
     rowid = int(digits)
     # Only the spelling delivery_id_of writes: "p-007" names nothing rather than delivery 7.
     return rowid if str(rowid) == digits and rowid <= _MAX_ROWID else None
+
+
+def rowids_named(named: Mapping[str, str], prefix: str) -> dict[str, int]:
+    """For each key of ``named``, the row id its delivery id names in the store whose prefix
+    is ``prefix``; a key whose id names nothing there is left out."""
+    return {
+        key: rowid
+        for key, delivery_id in named.items()
+        if (rowid := rowid_of(delivery_id, prefix)) is not None
+    }
 
 
 _STATE_OF: Final[dict[object, State]] = {state: state for state in STATES}

@@ -22,6 +22,7 @@ from gateway.outbox.rows import (
     delivery_from_row,
     delivery_id_of,
     rowid_of,
+    rowids_named,
     state_of,
     stored_outcome,
 )
@@ -177,3 +178,10 @@ def test_a_fresh_delivery_is_pending_as_accepted_one_per_route() -> None:
             id="p-2", target="bot", body=b"part", split=True, order_key=None, behind=False, **common
         ),
     ]
+
+
+def test_the_row_ids_named_are_those_of_this_store_alone() -> None:
+    """rowids_named keeps each key whose delivery id this store spelled, with its row id, and
+    leaves out another store's id or no delivery id at all."""
+    named = {"k1": delivery_id_of("ab12", 7), "k2": "cd34-8", "k3": "ab12-007", "k4": "ab12-9"}
+    assert rowids_named(named, "ab12") == {"k1": 7, "k4": 9}

@@ -66,6 +66,7 @@ from gateway.outbox.rows import (
     delivery_from_row,
     delivery_id_of,
     rowid_of,
+    rowids_named,
     stored_outcome,
 )
 
@@ -358,11 +359,7 @@ class PostgresOutbox:
         claim leases a run (:data:`claim.EXTEND`): as far as each is due and no other gateway
         holds it, so the order holds across gateways as it does for a claim's runs. One
         statement for every conversation named."""
-        heads = {
-            rowid: key
-            for key, delivery_id in after.items()
-            if (rowid := rowid_of(delivery_id, self._prefix)) is not None
-        }
+        heads = {rowid: key for key, rowid in rowids_named(after, self._prefix).items()}
         if not heads:
             return {}
         args = (list(heads), target, length, self.config.lease_s, now, self.owner)

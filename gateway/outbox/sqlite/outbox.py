@@ -33,7 +33,7 @@ from gateway.outbox.model import (
     Size,
     State,
 )
-from gateway.outbox.rows import delivery_id_of, rowid_of, stored_outcome
+from gateway.outbox.rows import delivery_id_of, rowid_of, rowids_named, stored_outcome
 from gateway.outbox.sqlite import conversations, history, layout, store
 from gateway.outbox.sqlite.replays import ReplayBell, announce
 from gateway.outbox.sqlite.writer import LAZY_WAIT_S, PATIENT_WAIT_S, Writer
@@ -245,11 +245,7 @@ class SqliteOutbox:
         """What follows each named delivery in its conversation (see
         :meth:`gateway.outbox.Outbox.following`): a seek in the place index per conversation,
         then the bodies by the table's key, in one read."""
-        lasts = {
-            key: rowid
-            for key, delivery_id in after.items()
-            if (rowid := rowid_of(delivery_id, self._prefix)) is not None
-        }
+        lasts = rowids_named(after, self._prefix)
         if not lasts:
             return {}
         found, damaged = await self.run(
