@@ -61,9 +61,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import counts
@@ -156,8 +155,7 @@ def watch_sink(port: int, count: int, limit_s: float) -> tuple[float, float | No
     return first or started, None
 
 
-@dataclass
-class Stored:
+class Stored(NamedTuple):
     """A gateway with its backlog stored and its target down, waiting for its drain."""
 
     mode: str
