@@ -449,9 +449,6 @@ class Dispatcher:
         went = set()
         looks = []
         freed = False
-        # Run once for every delivery of an ordered target: what the loop needs is looked up
-        # once per batch, and the deliveries that go on are queued together, as a claim's are.
-        handed, in_flight = self._handed, self._in_flight
         for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             released = healthy and not isinstance(outcome, RetryAt)
             following, look = runs.after(delivery.id, released)
@@ -459,24 +456,18 @@ class Dispatcher:
             if following is not None and lane is not None:
                 conversations.started(name, delivery.order_key, following.id)
                 went.add(index)
-                # It takes the place of the one ahead, in the budget of the lane that sent it
-                # (another lane, made by a reload meanwhile, counts it as a new start).
-                if lane is sent:
-                    handed[delivery.id] = False
-                else:
-                    lane.load += 1
-                in_flight.add(following.id)
-                lane.queue.append(following)
+                if lane is sent:  # else a new lane (removed, then configured again)
+                    lane.load -= 1
+                    self._handed[delivery.id] = False
+                self._start(lane, following)
             elif released and lane is sent and lane.ahead < self._capacity:
                 # Its run ended: its place goes to the claims. At most a budget's worth ahead
                 # of their records, so that outcomes that cannot be recorded (a database that
                 # stalls the records and not the claims) do not pile up in memory.
                 lane.load -= 1
                 lane.ahead += 1
-                handed[delivery.id] = True
+                self._handed[delivery.id] = True
                 freed = True
-        if went:
-            self._schedule_send()
         if freed or runs.wants_more:  # a claim, or a read of what follows runs near their end
             self._wake.set()
         return went, looks
