@@ -98,15 +98,21 @@ def drain(
     order: str = "none",
     counting: bool = False,
     target_name: str | None = None,
+    timing: bool = False,
 ) -> dict[str, Any]:
     """Start the dispatcher on the stored outbox; time it until nothing is pending. Also
     counted: the claims (calls of the outbox's ``due``) and the deliveries they handed out,
     and the batches sent: what a drain's rate is made of. ``counting``: everything
-    ``counts.py`` counts too, over the drain alone (``counts`` in the result)."""
+    ``counts.py`` counts too, over the drain alone (``counts`` in the result); ``timing``: the
+    CPU of each SQL statement over the drain alone (``statements.py``)."""
     if counting:
         import counts
 
         counts.install()
+    if timing:
+        import statements
+
+        statements.install()
     import gateway
     from gateway.config import DispatcherConfig, OutboxConfig, TargetConfig
     from gateway.delivery.dispatcher import Dispatcher
@@ -152,6 +158,8 @@ def drain(
         dispatcher = Dispatcher(
             outbox, config, DispatcherConfig(), retention_s=3600.0, observer=counted
         )
+        if timing:
+            statements.reset()  # the file's opening and first reads are not the drain's
         before = counts.snapshot() if counting else {}
         io = counts.io_counts() if counting else {}
         cpu, wall, main = time.process_time(), time.monotonic(), time.thread_time()
@@ -159,6 +167,7 @@ def drain(
         await counted.done.wait()
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
         main = time.thread_time() - main
+        spent = statements.snapshot() if timing else None
         found = None
         if counting:
             found = counts.difference(before, counts.snapshot())
@@ -167,6 +176,7 @@ def drain(
         await outbox.close()
         return {
             **({"counts": found} if found is not None else {}),
+            **({"statements": spent} if spent is not None else {}),
             "delivered": owed,
             "wall_s": wall,
             "cpu_s": cpu,
@@ -225,6 +235,7 @@ def child(args: argparse.Namespace) -> int:
             args.order,
             args.counts,
             "sink" if args.from_outbox else None,
+            args.statements,
         )
     print(json.dumps(result), flush=True)
     return 0
@@ -267,6 +278,7 @@ def spawn(
             "--conversations",
             str((conversations or args.conversations) if order == "conversation" else 0),
             *(["--counts"] if args.counts else []),
+            *(["--statements"] if args.statements else []),
             *(["--from-outbox", args.from_outbox] if args.from_outbox else []),
         ]
 
@@ -355,6 +367,12 @@ def main() -> int:
         " (counts.py) and print them beside each run",
     )
     parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="time each SQL statement of the outbox over the drain (statements.py) and print"
+        " the costliest beside each run",
+    )
+    parser.add_argument(
         "--from-outbox",
         help="drain a copy of this stored outbox (bench/ordering.py --keep-outbox keeps them;"
         " its target is named sink) instead of storing --count notifications",
@@ -428,6 +446,11 @@ def interleave(args: argparse.Namespace, port: int, workdir: Path) -> None:
 
                 table = per_delivery(result["counts"], result["delivered"])
                 print(f"  counts per delivery: {json.dumps(table)}", flush=True)
+            if result.get("statements"):
+                from statements import per_delivery as statement_lines
+
+                for line in statement_lines(result["statements"], result["delivered"]):
+                    print(f"  statements: {line}", flush=True)
     for label in rate:
         print(f"{label}: delivered/s {spread(rate[label])}; us CPU/delivery {spread(cpu[label])}")
     if len(trees) == 2:
