@@ -54,6 +54,27 @@ __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 log = logging.getLogger(__name__)
 
 
+def _before_replays(
+    due: Sequence[Delivery], replays: Collection[str | None], ordered: Collection[str]
+) -> list[Delivery]:
+    """A claim's answer ``due`` without the conversations, of ``ordered`` targets, that hold a
+    delivery replayed while the claim read them (``replays``; ``None`` in it: every pending
+    delivery): the answer has it at its old place, ahead of deliveries the replay put before
+    it. The replay's wake-up makes the next claim look at every conversation, in its new
+    order; nothing of those conversations starts before that."""
+    every = None in replays
+    stale = {
+        (delivery.target, delivery.order_key)
+        for delivery in due
+        if delivery.target in ordered
+        and delivery.order_key is not None
+        and (every or delivery.id in replays)
+    }
+    if not stale:
+        return list(due)
+    return [delivery for delivery in due if (delivery.target, delivery.order_key) not in stale]
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -100,6 +121,10 @@ class Dispatcher:
         # Deliveries whose outcome was recorded while a claim's query ran: its answer may still
         # call them due (read before the record committed), and must not start them again.
         self._recorded: set[str] | None = None
+        # Deliveries replayed while a claim or a read of what follows runs was out (None: no
+        # such read out; a None in it: every pending delivery): its answer still holds them at
+        # their old places in their conversations (see _before_replays).
+        self._replays: set[str | None] | None = None
         # Deliveries whose place in their lane's budget went, at their answer and before their
         # outcome was recorded (_go_on), to the next of their run (False) or back to the claims
         # when their run ended (True: counted in the lane's ``ahead``): their batch gives back
@@ -127,6 +152,8 @@ class Dispatcher:
         or being sent, where it was, and its outcome is not recorded over the replay, so it
         goes again at the back (see ``_attempt``)."""
         self._pacing.runs.release(None if delivery_id is None else {delivery_id})
+        if self._replays is not None:
+            self._replays.add(delivery_id)
         self.wake()
 
     def breakers(self) -> dict[str, Breaker]:
@@ -276,6 +303,7 @@ class Dispatcher:
             return
         runs = self._pacing.runs
         self._recorded = set()
+        self._replays = set()
         more: dict[str, Collection[str]] = {}
         try:
             due = await self._outbox.due(
@@ -289,6 +317,9 @@ class Dispatcher:
             )
         finally:
             recorded, self._recorded = self._recorded, None
+            replays, self._replays = self._replays, None
+        if replays:
+            due = _before_replays(due, replays, self._pacing.ordered)
         busy = self._in_flight | recorded if recorded else self._in_flight
         took_s = self._clock() - now
         claimed = dict.fromkeys(limits, 0)
@@ -296,7 +327,9 @@ class Dispatcher:
         # The first of each conversation now; those behind it wait for it (ordering.Runs).
         for delivery in runs.sort(due, self._pacing.unpaced_ordered, busy):
             claimed[delivery.target] += 1
-            if delivery.id in busy:  # offered, its run went on, or it ended, while it ran
+            if delivery.id in busy or delivery.id in runs.parked:
+                # Offered, its run went on, or it ended, while the claim ran; or it waits in
+                # a run, behind a delivery replayed meanwhile (Runs.sort).
                 continue
             lane = self._lanes.get(delivery.target)  # None: removed while the query ran
             if lane is not None and lane.load < self._capacity:
@@ -319,13 +352,27 @@ class Dispatcher:
         lengths = self._pacing.run_lengths()
         for name, lasts in runs.wanted().items():
             length = lengths.get(name)
-            found = {} if length is None else await self._outbox.following(now, name, lasts, length)
+            found: dict[str, list[Delivery]] = {}
+            replays: set[str | None] = set()
+            if length is not None:
+                self._replays = replays
+                try:
+                    found = await self._outbox.following(now, name, lasts, length)
+                finally:
+                    self._replays = None
+            every = None in replays
             for key, last in lasts.items():
                 more = found.get(key, [])
                 full = length is not None and len(more) >= length
                 for index, delivery in enumerate(more):
-                    if delivery.id in self._in_flight or delivery.id in runs.parked:
-                        more, full = more[:index], True  # on its way: the rest is a claim's
+                    if (
+                        delivery.id in self._in_flight
+                        or delivery.id in runs.parked
+                        or (replays and (every or delivery.id in replays))
+                    ):
+                        # On its way, or replayed to the back while this was read (what
+                        # follows it was read behind it): the rest is a claim's.
+                        more, full = more[:index], True
                         break
                 runs.extend(last, more, full=full)
 
@@ -408,11 +455,10 @@ class Dispatcher:
                 patient=len(went) == len(batch),
             )
         except Exception:
-            # Not recorded: they stay pending and are sent again later (at-least-once).
+            # Not recorded: they stay pending and are sent again later (at-least-once). Their
+            # runs went on, or were let go, already (_go_on says why that keeps order).
             log.exception("could not record %d deliveries to %s", len(batch), name)
             self._pacing.conversations.changed(name, None)
-            for delivery in batch:  # the deliveries behind them wait for a claim
-                self._pacing.runs.after(delivery.id, released=False)
             return
         if self._recorded is not None:
             self._recorded.update(delivery.id for delivery in batch)

@@ -301,8 +301,9 @@ class Runs:
         # The run behind each delivery in flight, by that delivery's id.
         self._behind: dict[str, deque[Delivery]] = {}
         # The ids of the deliveries waiting in a run. A claim need not leave them out: the one
-        # before each is pending, so the outbox never hands one out as first of its
-        # conversation, and one that a claim finds as the run goes on is busy (see sort()).
+        # before each is pending, so the outbox hands one out as first of its conversation
+        # only when that one was replayed to the back while the claim ran; sort() then leaves
+        # it to its run, as it leaves one that started meanwhile.
         self.parked: set[str] = set()
         # Runs that were as long as a claim takes: more may wait behind their last one.
         self._full: set[str] = set()
@@ -318,13 +319,16 @@ class Runs:
         """The deliveries of a claim to start now, in order: each delivery that follows an
         earlier one of its conversation in ``due`` (of an ``ordered`` target) is kept behind
         the first one instead, unless that one is ``busy`` (started while the claim ran, by the
-        run it belongs to: which already holds the rest). A follower that is itself ``busy``
-        ends its run there, it and what follows left to the outbox: it is on its way already
-        (sent again after a record that failed, while its own first send is still out), and
-        parked it would be sent a second time beside that send."""
+        run it belongs to: which already holds the rest) or waits in a run itself (``parked``:
+        its run holds the rest too; the caller starts neither). A follower that is itself
+        ``busy`` or parked ends its run there, it and what follows left to the outbox: it is on
+        its way already (sent again after a record that failed, while its own first send is
+        still out), or will be by its own run, and parked here too it would be sent a second
+        time beside that send."""
         firsts: list[Delivery] = []
         heads: dict[tuple[str, str], str] = {}
         cut: set[str] = set()
+        parked = self.parked
         for delivery in due:
             key = delivery.order_key
             if delivery.target not in ordered or key is None:
@@ -334,15 +338,15 @@ class Runs:
             if head is None:
                 heads[(delivery.target, key)] = delivery.id
                 firsts.append(delivery)
-            elif head in busy or head in cut:
+            elif head in busy or head in cut or head in parked:
                 continue
-            elif delivery.id in busy:
+            elif delivery.id in busy or delivery.id in parked:
                 cut.add(head)
             else:
                 self._behind.setdefault(head, deque()).append(delivery)
-                self.parked.add(delivery.id)
+                parked.add(delivery.id)
         for head in heads.values():
-            run = None if head in busy else self._behind.get(head)
+            run = None if head in busy or head in parked else self._behind.get(head)
             if run is not None and len(run) + 1 >= RUN:
                 self._full.add(run[-1].id)
         for head in cut:  # its end asks for a look at what it left to the outbox
@@ -434,11 +438,13 @@ class Runs:
         return bool(run)
 
     def release(self, ids: Collection[str] | None) -> None:
-        """Let go of each run that holds one of ``ids`` (``None``: every run), its deliveries
-        back to the outbox: the delivery in flight ahead of it then asks for a look at its
-        conversation when it ends."""
+        """Let go of each run that holds one of ``ids`` or waits behind one (``None``: every
+        run), its deliveries back to the outbox: the delivery in flight ahead of it then asks
+        for a look at its conversation when it ends. (A replayed delivery goes to the back of
+        its conversation: what waited behind it in memory is now ahead of it, as the outbox
+        orders them.)"""
         for head, run in list(self._behind.items()):
-            if ids is None or any(delivery.id in ids for delivery in run):
+            if ids is None or head in ids or any(delivery.id in ids for delivery in run):
                 del self._behind[head]
                 self.drop(run)
                 self._full.add(head)

@@ -10,8 +10,9 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from config_files import write_config
 from conversations import (
@@ -154,3 +155,136 @@ async def test_a_delivery_replayed_through_another_gateways_admin_goes_last(
     # still stood and sent it last. Either way 2 arrives last, the rest once and in order.
     assert got[-1] == 2
     assert [n for n in got if n != 2] == [0, 1, 3, 4]
+
+
+async def test_replaying_the_delivery_being_sent_lets_its_run_go_and_sends_each_once(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """Messages 0 to 4 of one conversation stored with the target down: once it is back, 0
+    probes it, then 1 goes with 2, 3 and 4 waiting behind it in memory. While the target holds
+    its answer to 1, the operator replays 1, which puts it behind 2, 3 and 4: those go once
+    each, none while another send of the same message is open, and 1 goes again last. (The
+    run used to stay behind 1 while a claim started 2 with a run of its own: 2, 3 and 4 went
+    twice, two sends of 2 at once.)"""
+    config = _bot(pki, tmp_path, target)
+    await target.stop()
+    async with Gateway(config) as gateway:
+        for n in range(MESSAGES):
+            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
+        pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+        open_sends: dict[int, int] = {}
+        overlapping: list[int] = []
+
+        async def replay_1_while_it_is_answered(user: str, n: int) -> None:
+            open_sends[n] = open_sends.get(n, 0) + 1
+            if open_sends[n] > 1:
+                overlapping.append(n)
+            try:
+                if n == 1 and target.accepted["a"].count(1) == 1:
+                    answer = await admin_post(gateway, f"/admin/deliveries/{pending[1]}/replay")
+                    assert answer.status == 200
+                    await asyncio.sleep(0.3)  # the claim the replay wakes runs meanwhile
+                elif n == 2 and target.accepted["a"].count(2) == 1:
+                    await asyncio.sleep(0.3)  # a second send of 2 would come now
+            finally:
+                open_sends[n] -= 1
+
+        target.before_answer = replay_1_while_it_is_answered
+        await target.start()
+        await target.wait_for("a", MESSAGES)
+
+        async def settled() -> bool | None:
+            return (await gateway.outbox.counts())["pending"] == 0 or None
+
+        await eventually(settled, "every delivery recorded")
+        assert target.accepted["a"] == [0, 1, 2, 3, 4, 1]
+        assert overlapping == []
+
+
+async def test_a_delivery_replayed_while_a_run_reads_what_follows_it_goes_last(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """Twelve messages of one conversation drain in runs, each reading what follows it near
+    its end. The operator replays message 9 after such a read has found 8 to 11 and before its
+    answer reaches the run (the outbox's own ``following`` runs; the replay goes through the
+    admin API at that moment): 9 is cut from the run with what follows it, so 10 and 11 go
+    before 9, and 9 once, last. (The read used to be taken whole: 9 went before 10 and 11,
+    ahead of its replayed place, and again last.)"""
+    messages = 12
+    config = _bot(pki, tmp_path, target)
+    await target.stop()
+    async with Gateway(config) as gateway:
+        for n in range(messages):
+            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
+        pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+        outbox = gateway.outbox
+        read = outbox.following
+        replayed: list[str] = []
+
+        async def following(
+            now: float, target: str, after: Mapping[str, str], length: int
+        ) -> dict[str, list[Delivery]]:
+            found = await read(now, target, after, length)
+            if not replayed and any(d.id == pending[9] for run in found.values() for d in run):
+                replayed.append(pending[9])
+                answer = await admin_post(gateway, f"/admin/deliveries/{pending[9]}/replay")
+                assert answer.status == 200
+            return found
+
+        outbox.following = following  # type: ignore[method-assign]
+
+        async def slow_5_to_7(user: str, n: int) -> None:
+            if n in (5, 6, 7):  # the read of what follows 7 is asked for meanwhile
+                await asyncio.sleep(0.1)
+
+        target.before_answer = slow_5_to_7
+        await target.start()
+        await target.wait_for("a", messages)
+
+        async def settled() -> bool | None:
+            return (await gateway.outbox.counts())["pending"] == 0 or None
+
+        await eventually(settled, "every delivery recorded")
+        assert replayed
+        assert target.accepted["a"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 9]
+
+
+async def test_a_delivery_replayed_while_a_claim_reads_its_conversation_goes_last(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """Messages 0 to 4 of one conversation stored with the target down. Once 0 has probed it
+    back, a claim reads 1 with 2, 3 and 4 behind it; the operator replays 2 after that read
+    and before its answer reaches the dispatcher (the outbox's own ``due`` runs; the replay
+    goes through the admin API at that moment). Nothing of the conversation starts from that
+    answer: the next claim reads it in its new order, and the target receives 1, 3, 4, then
+    2, each once. (The answer used to be taken as read: 2 went before 3 and 4, and again
+    last.)"""
+    config = _bot(pki, tmp_path, target)
+    await target.stop()
+    async with Gateway(config) as gateway:
+        for n in range(MESSAGES):
+            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
+        pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+        outbox = gateway.outbox
+        claim = outbox.due
+        replayed: list[str] = []
+
+        async def due(*args: Any, **kwargs: Any) -> list[Delivery]:
+            found = await claim(*args, **kwargs)
+            ids = [d.id for d in found]
+            if not replayed and pending[1] in ids and pending[2] in ids:
+                replayed.append(pending[2])
+                answer = await admin_post(gateway, f"/admin/deliveries/{pending[2]}/replay")
+                assert answer.status == 200
+            return found
+
+        outbox.due = due  # type: ignore[method-assign]
+        await target.start()
+        await target.wait_for("a", MESSAGES)
+
+        async def settled() -> bool | None:
+            return (await gateway.outbox.counts())["pending"] == 0 or None
+
+        await eventually(settled, "every delivery recorded")
+        assert replayed
+        assert target.accepted["a"] == [0, 1, 3, 4, 2]
