@@ -47,7 +47,7 @@ class Retention:
             log.info("pruned %d delivered rows past retention", removed)
         if self._dead_retention_s is None:
             return
-        expired = await self._outbox.purge_dead(now - self._dead_retention_s)
+        expired = await self._outbox.purge_dead(now - self._dead_retention_s, now)
         if expired:
             self._observer.dead_letters_expired(expired)
             log.warning(

@@ -195,8 +195,11 @@ class Outbox(Protocol):
         pending again, due now; return how many."""
         ...
 
-    async def purge_dead(self, before: float) -> int:
-        """Remove dead letters last changed before ``before``; return how many."""
+    async def purge_dead(self, before: float, now: float | None = None) -> int:
+        """Remove dead letters last changed before ``before``, and the notifications no
+        delivery and no deduplication needs any more at ``now`` (default: the clock); return
+        how many dead letters. In steps of a bounded number of rows: requests committing
+        meanwhile never wait behind a large backlog."""
         ...
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:

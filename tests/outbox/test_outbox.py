@@ -333,6 +333,42 @@ async def test_purge_dead_removes_only_dead_letters_older_than_the_cutoff(
     assert sorted(d.body for d in await outbox.query()) == [b"pending", b"young"]
 
 
+async def test_purge_dead_works_in_steps_each_its_own_commit(
+    counted: tuple[SqliteOutbox, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five expired dead letters, with steps of two: three commits, each a step, so that an
+    accept waits for one step and not for every expired dead letter (a month of them held the
+    writer, and the other workers' accepts timed out behind it)."""
+    outbox, groups = counted
+    for n in range(5):
+        await _dead(outbox, b"dead %d" % n, "t", 1.0)
+    monkeypatch.setattr(store, "PRUNE_BATCH", 2)
+    before = len(groups)
+    assert await outbox.purge_dead(5.0, now=5.0) == 5
+    assert groups[before:] == [1, 1, 1]
+    assert await outbox.query(state="dead") == []
+
+
+async def test_purge_dead_removes_the_notifications_it_leaves_without_deliveries(
+    outbox: SqliteOutbox,
+) -> None:
+    """A dead letter on day 0, then a delivered notification and a prune every day: the prune
+    walk passes the dead letter's notification (it still has a delivery) and never goes back.
+    When the dead letter expires (day 31), its purge removes its notification too; the
+    notification of a delivery that remains stays."""
+    await _dead(outbox, b"dead", "t", 0.0)
+    for day in range(1, 33):
+        (delivery,) = await outbox.accept(b"day %d" % day, SIG, [Route("t", None)], day * DAY) or []
+        await outbox.record(delivery.id, Delivered(), AttemptResult(status=200), day * DAY)
+        await outbox.prune(day * DAY + 1, 7 * DAY, ["t"])
+        await outbox.purge_dead(day * DAY + 1 - 30 * DAY, now=day * DAY + 1)
+    bodies = await outbox.run(
+        lambda conn: [bytes(row[0]) for row in conn.execute("SELECT body FROM notifications")]
+    )
+    assert b"dead" not in bodies
+    assert b"day 32" in bodies
+
+
 def _open_and_close(path: Path, ready: Any, go: Any, errors: Any) -> None:
     async def run() -> None:
         box = SqliteOutbox(path, dedup_window_s=DAY)

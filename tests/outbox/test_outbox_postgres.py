@@ -19,6 +19,7 @@ from pgserver import PASSWORD, PgServer, running_server
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
 from gateway.outbox import AttemptResult, Delivered, Outbox, RetryAt, Route, open_outbox
+from gateway.outbox.postgres import sql
 from gateway.outbox.postgres.committer import Committer
 from gateway.outbox.postgres.outbox import PostgresOutbox, inspect
 
@@ -803,3 +804,36 @@ async def test_nothing_follows_a_recorded_delivery_and_what_follows_stops_before
         await other.close()
     found = await box.following(2000.0, "t", {"k3": later[0]}, 8)
     assert [d.id for d in found["k3"]] == later[1:3]
+
+
+async def test_purge_dead_goes_on_past_one_bounded_step(opener: Opener, pg_url: str) -> None:
+    """More expired dead letters than one statement takes (``PRUNE_BATCH``), with their
+    attempts: the purge takes them in bounded steps until none is left and counts them all;
+    a young dead letter stays. (One statement for every expired dead letter outran the pool's
+    command timeout on a large backlog, was rolled back, and so never ended.)"""
+    outbox = await opener()
+    count = sql.PRUNE_BATCH * 2 + 3
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "INSERT INTO waba_gateway.notifications (received_at, signature, body)"
+            " SELECT 1.0, 'sha256=0', '\\x7b7d'::bytea FROM generate_series(1, $1::integer)",
+            count + 1,
+        )
+        await conn.execute(
+            "INSERT INTO waba_gateway.deliveries (notification_id, target, state, attempts,"
+            " created_at, next_attempt_at, updated_at, last_error)"
+            " SELECT id, 't', 'dead', 1, 1.0, 1.0, CASE WHEN id = $1 THEN 9.0 ELSE 1.0 END,"
+            " 'HTTP 400' FROM waba_gateway.notifications",
+            count + 1,
+        )
+        await conn.execute(
+            "INSERT INTO waba_gateway.attempts (delivery_id, number, at, state, status, response)"
+            " SELECT id, 1, 1.0, 'dead', 400, '' FROM waba_gateway.deliveries"
+        )
+        assert await outbox.purge_dead(5.0) == count
+        left = await conn.fetchval("SELECT count(*) FROM waba_gateway.deliveries")
+        attempts = await conn.fetchval("SELECT count(*) FROM waba_gateway.attempts")
+    finally:
+        await conn.close()
+    assert (left, attempts) == (1, 1)

@@ -534,9 +534,18 @@ class PostgresOutbox:
 
         return await self._run(replay)
 
-    async def purge_dead(self, before: float) -> int:
-        count = await self._run(lambda conn: conn.fetchval(sql.PURGE_DEAD, before))
-        return int(count)
+    async def purge_dead(self, before: float, now: float | None = None) -> int:
+        """Each step its own statement of a bounded number of rows, as :meth:`prune` (one
+        statement for every expired dead letter outran the pool's command timeout on a large
+        backlog, was rolled back, and so never ended). Their notifications go with the next
+        prune, which looks at every one (``now`` is not needed here)."""
+        removed = 0
+        while True:
+            row = await self._run(lambda conn: conn.fetchrow(sql.PURGE_DEAD, before))
+            assert row is not None
+            removed += int(row[0])
+            if int(row[1]) < sql.PRUNE_BATCH:
+                return removed
 
     async def counts(self) -> dict[str, int]:
         rows = await self._run(lambda conn: conn.fetch(sql.COUNT))

@@ -171,17 +171,24 @@ ATTEMPTS: Final = f"""
 SELECT number, at, state, status, error, response FROM {SCHEMA}.attempts
 WHERE delivery_id = $1 ORDER BY id
 """
-# Dead letters go with their attempt history; their notifications with the prune. The rows are
+# Dead letters go with their attempt history, PRUNE_BATCH at most per statement (the caller
+# repeats it while it finds a full batch); their notifications with the prune. The rows are
 # locked in the order of their ids before any is removed, as RECORD and a replay lock theirs, so
-# a purge never deadlocks with a replay of dead letters (one of them would be aborted).
+# a purge never deadlocks with a replay of dead letters (one of them would be aborted); the
+# locking statement tests their state again, as PRUNE_DELIVERED's does. Returns the dead
+# letters removed and the candidates found (fewer than PRUNE_BATCH: none is left).
 PURGE_DEAD: Final = f"""
-WITH doomed AS (
+WITH found AS (
     SELECT id FROM {SCHEMA}.deliveries WHERE state = 'dead' AND updated_at < $1
+    LIMIT {PRUNE_BATCH}
+), doomed AS (
+    SELECT id FROM {SCHEMA}.deliveries
+    WHERE id IN (SELECT id FROM found) AND state = 'dead' AND updated_at < $1
     ORDER BY id FOR UPDATE
 ), d AS (
     DELETE FROM {SCHEMA}.deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
 ), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
-SELECT COUNT(*) FROM d
+SELECT (SELECT COUNT(*) FROM d), (SELECT COUNT(*) FROM found)
 """
 
 # A delivered row's updated_at is its delivery time (see RECORD's callers): the deliveries_updated

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -401,8 +402,17 @@ class SqliteOutbox:
             announce(self.path, None)
         return count
 
-    async def purge_dead(self, before: float) -> int:
-        return await self.run(functools.partial(store.purge_dead, before=before))
+    async def purge_dead(self, before: float, now: float | None = None) -> int:
+        """In steps of a bounded number of rows, each its own job, as :meth:`prune`: requests
+        committing meanwhile wait for one step, not for a month of dead letters."""
+        horizon = (time.time() if now is None else now) - self.dedup_window_s
+        removed = 0
+        while True:
+            step = functools.partial(store.purge_dead, before=before, horizon=horizon)
+            count = await self.run(step)
+            removed += count
+            if count < store.PRUNE_BATCH:
+                return removed
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Remove ``targets``' delivered rows older than the retention, and notifications older

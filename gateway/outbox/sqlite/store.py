@@ -545,20 +545,26 @@ def replay_deliveries(
     )
 
 
-def purge_dead(conn: sqlite3.Connection, before: float) -> int:
-    """Remove dead letters last changed before ``before`` with their attempt history, and
-    their notifications when no other delivery needs them and deduplication does not (left to
-    the prune walk)."""
-    conn.execute(
-        "DELETE FROM attempts WHERE delivery_id IN"
-        " (SELECT id FROM deliveries WHERE state = 'dead' AND updated_at < ?)",
-        (before,),
+def purge_dead(conn: sqlite3.Connection, *, before: float, horizon: float) -> int:
+    """Remove up to ``PRUNE_BATCH`` dead letters last changed before ``before`` with their
+    attempt history, and each one's notification once no other delivery needs it and it was
+    received before ``horizon`` (deduplication no longer needs it). A step, as a prune's: the
+    caller repeats it while it removes a full batch. Here, not left to the prune walk: that
+    walk does not go back over the notifications it has passed, and it passes those that still
+    have a dead letter, so it would keep their bodies for good."""
+    rows = conn.execute(
+        "SELECT id, notification_id FROM deliveries WHERE state = 'dead' AND updated_at < ?"
+        " LIMIT ?",
+        (before, PRUNE_BATCH),
+    ).fetchall()
+    if not rows:
+        return 0
+    conn.executemany("DELETE FROM attempts WHERE delivery_id = ?", [(row[0],) for row in rows])
+    conn.executemany("DELETE FROM deliveries WHERE id = ?", [(row[0],) for row in rows])
+    conn.executemany(
+        _DELETE_ORPHAN, [(notification_id, horizon) for notification_id in {row[1] for row in rows}]
     )
-    return int(
-        conn.execute(
-            "DELETE FROM deliveries WHERE state = 'dead' AND updated_at < ?", (before,)
-        ).rowcount
-    )
+    return len(rows)
 
 
 def replay_delivery(
