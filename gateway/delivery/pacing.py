@@ -54,8 +54,9 @@ class Pacing:
         self.reconfigure(targets, now)
 
     def reconfigure(self, targets: Sequence[TargetConfig], now: float) -> None:
-        """Take new target settings; a target whose rate and burst are unchanged keeps its
-        bucket (a reload does not hand out a fresh burst)."""
+        """Take new target settings. A reload hands out no fresh burst: a target whose rate and
+        burst are unchanged keeps its bucket, and one whose limit changed keeps the tokens its
+        bucket holds, at most its new burst (as the PostgreSQL outbox's shared bucket does)."""
         limited = {t.name: t for t in targets if t.rate_per_s is not None}
         buckets = {}
         for name, target in limited.items():
@@ -63,6 +64,8 @@ class Pacing:
             old = self._buckets.get(name)
             if old is not None and (old.rate_per_s, old.burst) == (rate, burst):
                 buckets[name] = old
+            elif old is not None:
+                buckets[name] = old.retuned(rate, burst, now)
             else:
                 buckets[name] = TokenBucket.full(rate, burst, now)
         self._targets, self._buckets = limited, buckets

@@ -31,6 +31,15 @@ class TokenBucket:
         """A bucket that may send ``burst`` deliveries at once from ``now``."""
         return cls(rate_per_s=rate_per_s, burst=burst, tokens=float(burst), at=now)
 
+    def retuned(self, rate_per_s: float, burst: int, now: float) -> TokenBucket:
+        """This bucket under new settings (a reload): the tokens it holds at ``now``, at most
+        the new ``burst``. Not a full one: a reload made right after a burst was spent would
+        hand out a second burst at once, even one that lowered the rate."""
+        self._refill(now)
+        return TokenBucket(
+            rate_per_s=rate_per_s, burst=burst, tokens=min(self.tokens, float(burst)), at=self.at
+        )
+
     def _refill(self, now: float) -> None:
         # A clock that steps back refills nothing, rather than draining the bucket.
         elapsed = max(0.0, now - self.at)

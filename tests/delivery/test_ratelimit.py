@@ -18,8 +18,10 @@ from pki import Pki
 from processes import post_to, serving_all
 from sink import DEADLINE_S, Received, Reply, Sink
 
-from gateway.config import TargetConfig
+from gateway.config import OutboxConfig, TargetConfig
+from gateway.delivery.pacing import Pacing
 from gateway.delivery.ratelimit import TokenBucket
+from gateway.outbox import open_outbox
 from gateway.runtime.gateway import Gateway
 
 RATE = 20.0
@@ -59,6 +61,47 @@ def test_token_bucket_gives_back_and_says_how_long_to_wait() -> None:
     bucket.give_back(5)
     assert bucket.take(0.0, 10) == 2
     assert bucket.wait_s(0.125) == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize(
+    ("spent", "at", "rate", "burst", "expected"),
+    [
+        # Rate 10/s, burst 10, `spent` taken at 0.0, retuned at `at` to (rate, burst): how many
+        # the new bucket grants at once.
+        (10, 0.01, 5.0, 5, 0),  # lowered right after a burst: no second burst
+        (10, 0.01, 20.0, 20, 0),  # raised: the same
+        (10, 0.5, 20.0, 20, 5),  # what refilled at the old rate before the reload stays
+        (0, 0.0, 5.0, 5, 5),  # a full bucket keeps at most the new burst
+        (0, 0.0, 20.0, 20, 10),  # and does not grow to a larger one
+    ],
+)
+def test_a_retuned_token_bucket_keeps_its_tokens_up_to_the_new_burst(
+    spent: int, at: float, rate: float, burst: int, expected: int
+) -> None:
+    """A reload that changes the limit keeps the tokens the bucket holds (at most the new
+    burst): it never hands out a fresh burst on top of one just spent."""
+    bucket = TokenBucket.full(10.0, 10, 0.0)
+    assert bucket.take(0.0, spent) == spent
+    assert bucket.retuned(rate, burst, at).take(at, 100) == expected
+
+
+async def test_a_reload_that_changes_the_rate_hands_out_no_fresh_burst(tmp_path: Path) -> None:
+    """The dispatcher's pacing on a SQLite outbox (its own bucket): a claim spends the burst of
+    10 at 0.0, a reload at 0.01 lowers the rate to 5/s, and the next claim may start nothing
+    until the new rate has made a token."""
+    outbox = await open_outbox(OutboxConfig(path=tmp_path / "outbox.sqlite3"))
+    try:
+        pacing = Pacing([_limited(10.0)], 0.0)
+        assert (await pacing.plan(outbox, {"t": 100}, 0.0)).limits == {"t": 10}
+        pacing.reconfigure([_limited(5.0)], 0.01)
+        assert (await pacing.plan(outbox, {"t": 100}, 0.01)).limits.get("t", 0) == 0
+        assert (await pacing.plan(outbox, {"t": 100}, 0.25)).limits == {"t": 1}
+    finally:
+        await outbox.close()
+
+
+def _limited(rate: float) -> TargetConfig:
+    return TargetConfig(name="t", url="http://127.0.0.1:9/t", rate_per_s=rate)
 
 
 async def _post_all(pki: Pki, ports: list[int], bodies: list[bytes]) -> set[int]:
