@@ -11,6 +11,7 @@ replaces the formula with the waits as written, the last one repeated (``attempt
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import random
 from collections.abc import Callable
@@ -136,4 +137,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        # The asctime form names no zone; every HTTP-date is GMT (RFC 9110 section 5.6.7),
+        # never the host's local time.
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - now)

@@ -3,6 +3,8 @@ gateway.delivery.outcome)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from gateway.config import TargetConfig
@@ -150,14 +152,28 @@ def test_retry_is_dead_letter_once_age_exceeds_max_age() -> None:
         (" 5 ", 5.0),
         ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0),
         ("Wed, 21 Oct 2015 07:26:00 GMT", 0.0),
+        # The two obsolete forms a recipient must still accept (RFC 9110 5.6.7), GMT as well.
+        ("Wednesday, 21-Oct-15 07:28:00 GMT", 60.0),
+        ("Wed Oct 21 07:28:00 2015", 60.0),
         ("soon", None),
         ("-5", None),
     ],
 )
-def test_parses_retry_after_seconds_or_http_date(value: str | None, expected: float | None) -> None:
-    """Retry-After is delay-seconds or an HTTP-date (RFC 9110 10.2.3); junk is ignored."""
+def test_parses_retry_after_seconds_or_http_date(
+    value: str | None, expected: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retry-After is delay-seconds or an HTTP-date (RFC 9110 10.2.3); junk is ignored. On a
+    host whose local time is not UTC too: every HTTP-date is GMT, the asctime form included,
+    which names no zone (it used to be read as local time, five hours off in New York)."""
     now = 1445412420.0  # Wed, 21 Oct 2015 07:27:00 GMT
     assert parse_retry_after(value, now) == expected
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after(value, now) == expected
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def _health_after(events: list[tuple[str, float]]) -> TargetHealth:
