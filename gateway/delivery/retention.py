@@ -37,12 +37,15 @@ class Retention:
         self._last = 0.0
 
     async def maybe_prune(self, now: float, targets: Collection[str]) -> None:
-        """Prune ``targets``' old delivered rows and expire old dead letters, unless that was
-        done less than :data:`PRUNE_EVERY_S` ago."""
+        """Prune old delivered rows and expire old dead letters, unless that was done less
+        than :data:`PRUNE_EVERY_S` ago: the delivered rows of ``targets`` and of every other
+        target the outbox holds some of (one removed from the configuration keeps its pending
+        deliveries, not its delivered ones past the retention)."""
         if now - self._last < PRUNE_EVERY_S:
             return
         self._last = now
-        removed = await self._outbox.prune(now, self._retention_s, targets)
+        every = set(targets).union(await self._outbox.delivered_targets())
+        removed = await self._outbox.prune(now, self._retention_s, sorted(every))
         if removed:
             log.info("pruned %d delivered rows past retention", removed)
         if self._dead_retention_s is None:

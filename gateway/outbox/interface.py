@@ -202,6 +202,12 @@ class Outbox(Protocol):
         meanwhile never wait behind a large backlog."""
         ...
 
+    async def delivered_targets(self) -> list[str]:
+        """The targets that have delivered deliveries in the outbox, configured or not (one
+        index seek each): a target removed from the configuration still has its delivered
+        rows pruned."""
+        ...
+
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Remove ``targets``' delivered deliveries older than the retention, and notifications
         no longer needed for deduplication; return the number of deliveries removed. Pending

@@ -12,6 +12,8 @@ import pytest
 from helpers import OpenOptions
 
 from gateway.config import OutboxConfig
+from gateway.delivery.reporting import IGNORE
+from gateway.delivery.retention import Retention
 from gateway.errors import OutboxError
 from gateway.outbox import (
     AcceptsSoon,
@@ -182,6 +184,28 @@ async def test_an_outcome_is_not_recorded_over_a_replay_made_while_its_attempt_w
     (again,) = await box.due(2002.0, {"t": 10})
     await box.record_many([(again.id, Delivered(), OK)], 2003.0, {again.id: again.created_at})
     assert await box.counts() == {"pending": 0, "delivered": 2, "dead": 0}
+
+
+async def test_retention_prunes_the_delivered_rows_of_a_target_no_longer_configured(
+    outbox: Outbox,
+) -> None:
+    """Delivered rows of ``t`` (configured) and of ``gone`` (removed by a reload), and a
+    pending delivery of ``gone``: the outbox lists both targets as holding delivered rows, and
+    retention, told of ``t`` alone, prunes both targets' delivered rows past ``retention_s``;
+    the pending delivery stays, as a removed target's pending deliveries do."""
+    kept = await one(outbox, 0)
+    gone = []
+    for n in (1, 2):
+        found = await outbox.accept(b'{"n":%d}' % n, SIG, [Route("gone", None)], 1000.0)
+        assert found is not None
+        gone.append(found[0])
+    await outbox.record_many([(kept.id, Delivered(), OK), (gone[0].id, Delivered(), OK)], 1000.0)
+    assert await outbox.delivered_targets() == ["gone", "t"]
+    await Retention(outbox, DAY, None, IGNORE).maybe_prune(1000.0 + 2 * DAY, ["t"])
+    assert await outbox.get(kept.id) is None
+    assert await outbox.get(gone[0].id) is None
+    assert await outbox.get(gone[1].id) is not None
+    assert await outbox.delivered_targets() == []
 
 
 async def test_prune_removes_old_delivered_and_keeps_dead_pending_and_dedup(

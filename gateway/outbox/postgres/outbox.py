@@ -559,6 +559,17 @@ class PostgresOutbox:
         rows = await self._run(lambda conn: conn.fetch(sql.REPLAY, rowid, now))
         return len(rows) == 1
 
+    async def delivered_targets(self) -> list[str]:
+        found: list[str] = []
+        while True:
+            after = found[-1] if found else ""
+            target = await self._run(
+                lambda conn, after=after: conn.fetchval(sql.NEXT_DELIVERED_TARGET, after)  # type: ignore[misc]
+            )
+            if target is None:
+                return found
+            found.append(str(target))
+
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Each step its own statement of a bounded number of rows: requests committing
         meanwhile never wait behind a large backlog."""

@@ -28,6 +28,7 @@ __all__ = [
     "GET",
     "GIVE_BACK_TOKENS",
     "HELD_BACK",
+    "NEXT_DELIVERED_TARGET",
     "PRUNE_BATCH",
     "PRUNE_DELIVERED",
     "PRUNE_DIGESTS",
@@ -210,6 +211,12 @@ WITH doomed AS (
     DELETE FROM {SCHEMA}.deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
 ), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
 SELECT COUNT(*) FROM d
+"""
+# The next target with delivered rows after $1: one seek in deliveries_due (state, target),
+# so that listing them (the prune's, for targets removed from the configuration too) never
+# reads the rows.
+NEXT_DELIVERED_TARGET: Final = f"""
+SELECT min(target) FROM {SCHEMA}.deliveries WHERE state = 'delivered' AND target > $1
 """
 # The digests table alone answers "seen inside the window?", so notifications may go with the
 # retention once no delivery needs their body.

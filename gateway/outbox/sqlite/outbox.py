@@ -414,6 +414,9 @@ class SqliteOutbox:
             if count < store.PRUNE_BATCH:
                 return removed
 
+    async def delivered_targets(self) -> list[str]:
+        return await self.run(store.delivered_targets, read=True)
+
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Remove ``targets``' delivered rows older than the retention, and notifications older
         than the retention and the deduplication window that have no deliveries left; dead

@@ -41,6 +41,7 @@ __all__ = [
     "backlog",
     "count_states",
     "dead_letter_damaged",
+    "delivered_targets",
     "due_deliveries",
     "insert_notification",
     "list_deliveries",
@@ -411,6 +412,20 @@ def touch(conn: sqlite3.Connection) -> None:
 def count_states(conn: sqlite3.Connection) -> dict[str, int]:
     found = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
     return {state: int(found.get(state, 0)) for state in STATES}
+
+
+def delivered_targets(conn: sqlite3.Connection) -> list[str]:
+    """The targets with delivered rows, in order: one seek in the state index each (the
+    next target after the last one found), never a pass over the rows."""
+    found: list[str] = []
+    while True:
+        (target,) = conn.execute(
+            "SELECT MIN(target) FROM deliveries WHERE state = 'delivered' AND target > ?",
+            (found[-1] if found else "",),
+        ).fetchone()
+        if target is None:
+            return found
+        found.append(str(target))
 
 
 def prune_delivered(
