@@ -81,13 +81,19 @@ class TargetHealth:
         now: float,
         policy: RetryPolicy,
         uniform: Callable[[float, float], float] = random.uniform,
+        retry_after_s: float = 0.0,
     ) -> None:
+        """The target failed at ``now``; ``retry_after_s``: the longest ``Retry-After`` it
+        sent with the failure. The pause lasts at least that long (RFC 9110 10.2.3): probing
+        a target within the time it asked for would only spend the probes' attempts."""
         if now < self.paused_until:
             # Attempts that were already in flight when the target went away fail together:
-            # they are one failure of the target, not many, so the pause does not escalate.
+            # they are one failure of the target, not many, so the pause does not escalate;
+            # it only lasts as long as the target asks.
+            self.paused_until = max(self.paused_until, now + retry_after_s)
             return
         self.failures += 1
-        self.paused_until = now + policy.delay(self.failures, uniform)
+        self.paused_until = now + max(policy.delay(self.failures, uniform), retry_after_s)
 
     def succeeded(self) -> None:
         self.failures = 0

@@ -94,7 +94,8 @@ class Exchange:
         ``held``: each delivery's time held back by its target's pacing, not part of its age."""
         health, policy, results = self.health, self.policy, self.results
         if any(is_transient(result) for result in results):
-            health.failed(now, policy, uniform)
+            asked = [r.retry_after_s for r in results if r.retry_after_s and is_transient(r)]
+            health.failed(now, policy, uniform, max(asked, default=0.0))
         elif health.probing:
             log.info("target %s answers again", self.name)
             health.succeeded()

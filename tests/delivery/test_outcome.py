@@ -177,10 +177,11 @@ def test_parses_retry_after_seconds_or_http_date(
 
 
 def _health_after(events: list[tuple[str, float]]) -> TargetHealth:
+    """``fail``, ``ok``, or ``fail 60`` (a failure with ``Retry-After: 60``), at each time."""
     health = TargetHealth()
     for event, now in events:
-        if event == "fail":
-            health.failed(now, POLICY, _upper)
+        if event.startswith("fail"):
+            health.failed(now, POLICY, _upper, float(event.removeprefix("fail") or 0))
         else:
             health.succeeded()
     return health
@@ -204,6 +205,16 @@ def _health_after(events: list[tuple[str, float]]) -> TargetHealth:
         pytest.param(
             [("fail", 10.0), ("fail", 11.0)], 12.5, 0, False, 13.0, id="failed-probe-escalates"
         ),
+        pytest.param([("fail 60", 10.0)], 11.0, 0, False, 70.0, id="retry-after-holds-the-pause"),
+        pytest.param(
+            [("fail", 10.0), ("fail 60", 10.5)],
+            11.0,
+            0,
+            False,
+            70.5,
+            id="retry-after-in-flight-lengthens-the-pause",
+        ),
+        pytest.param([("fail 0.2", 10.0)], 11.0, 0, True, 11.0, id="a-shorter-retry-after-waits"),
         pytest.param(
             [("fail", 10.0), ("fail", 11.0), ("ok", 13.0)],
             13.0,
@@ -217,7 +228,8 @@ def _health_after(events: list[tuple[str, float]]) -> TargetHealth:
 def test_target_health_pauses_then_probes_one_at_a_time(
     events: list[tuple[str, float]], now: float, in_flight: int, admits: bool, paused_until: float
 ) -> None:
-    """A failing target is paused for a backoff, then probed singly until it answers."""
+    """A failing target is paused for a backoff, or as long as its Retry-After asks when that
+    is longer, then probed singly until it answers."""
     health = _health_after(events)
     assert health.admits(now, in_flight) is admits
     assert health.paused_until == paused_until
