@@ -364,6 +364,10 @@ class Dispatcher:
             for key, last in lasts.items():
                 more = found.get(key, [])
                 full = length is not None and len(more) >= length
+                if replays and (every or last in replays):
+                    # The run's last delivery itself was replayed: what was read follows its
+                    # new place, at the back. Its end asks for a look instead.
+                    more, full = [], True
                 for index, delivery in enumerate(more):
                     if (
                         delivery.id in self._in_flight

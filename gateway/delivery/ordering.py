@@ -448,6 +448,13 @@ class Runs:
                 del self._behind[head]
                 self.drop(run)
                 self._full.add(head)
+        # A run's last delivery waiting for a read of what follows it: the read would start
+        # from the replayed delivery's new place at the back, past deliveries now ahead of it.
+        for last in list(self._extending):
+            if ids is None or last in ids:
+                del self._extending[last]
+                self._wanted.pop(last, None)
+                self._full.add(last)
 
     def drop(self, run: Iterable[Delivery]) -> None:
         for delivery in run:

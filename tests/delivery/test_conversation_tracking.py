@@ -409,11 +409,20 @@ def test_what_follows_a_run_joins_it_and_goes_on_in_order(
 
 @pytest.mark.parametrize(
     "meanwhile",
-    ["its last ended", "a retry let the run go", "a replay let the run go", "not a run's last"],
+    [
+        "its last ended",
+        "a retry let the run go",
+        "a replay let the run go",
+        "its last was replayed on its way",
+        "not a run's last",
+    ],
 )
 def test_what_follows_a_run_that_ended_or_was_let_go_is_dropped(meanwhile: str) -> None:
     """A read that comes back after the run's last delivery ended, or after the run was let
-    go, joins nothing: those deliveries stay with the outbox for a claim to find in order."""
+    go, joins nothing: those deliveries stay with the outbox for a claim to find in order. So
+    does one asked for behind a last delivery that was replayed while on its way (to the back
+    of its conversation: what the read finds follows its new place, not this run), and that
+    delivery's end asks for a look at the conversation."""
     runs = Runs()
     run = _full_run(runs)
     _go_on(runs, run, RUN - EXTEND_AT - 1)
@@ -426,8 +435,13 @@ def test_what_follows_a_run_that_ended_or_was_let_go_is_dropped(meanwhile: str) 
         assert runs.after(run[RUN - EXTEND_AT - 1].id, False) == (None, True)
     elif meanwhile == "a replay let the run go":
         runs.release({last})
+    elif meanwhile == "its last was replayed on its way":
+        _go_on(runs, run, RUN - 1, start=RUN - EXTEND_AT - 1)
+        runs.release({last})
     else:
         last = run[-2].id
     more = [_delivery(100, "a"), _delivery(101, "a")]
     assert runs.extend(last, more, full=False) is False
     assert not runs.parked & {d.id for d in more}
+    if meanwhile == "its last was replayed on its way":
+        assert runs.after(last, True) == (None, True)

@@ -288,3 +288,49 @@ async def test_a_delivery_replayed_while_a_claim_reads_its_conversation_goes_las
         await eventually(settled, "every delivery recorded")
         assert replayed
         assert target.accepted["a"] == [0, 1, 3, 4, 2]
+
+
+async def test_a_delivery_replayed_while_one_gateway_sends_it_is_not_sent_by_another_beside_it(
+    pki: Pki, tmp_path: Path, target: Conversations, pg_url: str
+) -> None:
+    """Two gateways with the same ordered target on one PostgreSQL database. While the target
+    holds its answer to message 0 from gateway A, the operator replays 0 through gateway B's
+    admin API: B hears of it, but 0 is A's (A's lease on it still runs), so B does not send it
+    beside A's open send; A sends it again once its send ends. (The replay used to clear the
+    lease, and B sent 0 at once, two sends of it open together.)"""
+    shared = OutboxConfig(url=pg_url)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    bot = ordered_bot(target, timeout_s=60.0)
+    a_config, b_config = (
+        dataclasses.replace(gateway_config(pki, tmp_path / name, targets=[bot]), outbox=shared)
+        for name in ("a", "b")
+    )
+    open_sends: dict[int, int] = {}
+    overlapping: list[int] = []
+    async with Gateway(a_config) as a, Gateway(b_config) as b:
+        replayed: list[str] = []
+
+        async def replay_0_through_b(user: str, n: int) -> None:
+            open_sends[n] = open_sends.get(n, 0) + 1
+            if open_sends[n] > 1:
+                overlapping.append(n)
+            try:
+                if n == 0 and not replayed:
+                    (delivery,) = await a.outbox.query(state="pending")
+                    replayed.append(delivery.id)
+                    answer = await admin_post(b, f"/admin/deliveries/{delivery.id}/replay")
+                    assert answer.status == 200
+                    await asyncio.sleep(1.0)  # B's claims run meanwhile
+            finally:
+                open_sends[n] -= 1
+
+        target.before_answer = replay_0_through_b
+        assert (await post(a, pki, conversation_body("a", 0))).status == 200
+
+        async def sent_again() -> bool | None:
+            return target.accepted.get("a", []).count(0) >= 2 or None
+
+        await eventually(sent_again, "message 0 sent again after its replay")
+    assert replayed
+    assert overlapping == []

@@ -156,13 +156,15 @@ RETURNING {DELIVERY_COLUMNS}, l.head, l.step
 # pending, of target $2, in a conversation), $3 how many may follow each, $4 the lease in
 # seconds, $5 now, $6 this gateway. Each row: a delivery, the run's last delivery it follows,
 # and its step behind it (from 1). A conversation another gateway holds a delivery of ends
-# there, as a claim's run does.
+# there, as a claim's run does. Only from a last delivery this gateway still leases: one whose
+# lease ran out (a gateway stalled past lease_s) may be another gateway's now, and so may what
+# follows it.
 EXTEND: Final = f"""
 WITH h AS (
     SELECT h0.id, h0.target, h0.order_key, {_PLACE.format("h0")} AS place, $3::integer AS run
     FROM {SCHEMA}.deliveries h0
     WHERE h0.id = ANY($1::bigint[]) AND h0.state = 'pending' AND h0.target = $2
-      AND h0.order_key IS NOT NULL
+      AND h0.order_key IS NOT NULL AND h0.lease_owner = $6 AND h0.lease_until > {_NOW}
 ), {_RUNS}, l AS (
     SELECT r.id, r.head, r.step FROM r WHERE r.held = r.step
 )

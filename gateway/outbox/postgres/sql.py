@@ -48,6 +48,14 @@ __all__ = [
 PRUNE_BATCH: Final = 5000
 EXCERPT_CHARS: Final = 1024
 _NOW = "extract(epoch FROM clock_timestamp())"
+# A replay keeps a lease that is still live: the gateway holding it may be sending the
+# delivery right now, and another gateway must not send it beside that send. The holder sends
+# it again at the back of its conversation (its outcome of the earlier send is not recorded
+# over the replay, and its lease lasts while it lives); a lease run out is let go.
+_LIVE_LEASE_KEPT = (
+    f"lease_owner = CASE WHEN lease_until > {_NOW} THEN lease_owner END,"
+    f" lease_until = CASE WHEN lease_until > {_NOW} THEN lease_until END"
+)
 
 # One call, one round trip, for a whole group commit (schema.py's ``accept``): one element
 # per notification in $1 to $5 (digest, received at, signature, body, trace context or NULL),
@@ -144,7 +152,7 @@ REPLAYED: Final = "replayed "
 _NEXT_PLACE = f"nextval(pg_get_serial_sequence('{SCHEMA}.deliveries', 'id'))"
 REPLAY: Final = f"""
 UPDATE {SCHEMA}.deliveries SET state = 'pending', attempts = 0, held_s = 0, created_at = $2,
-    next_attempt_at = $2, updated_at = $2, lease_owner = NULL, lease_until = NULL,
+    next_attempt_at = $2, updated_at = $2, {_LIVE_LEASE_KEPT},
     position = CASE WHEN order_key IS NULL THEN position ELSE {_NEXT_PLACE} END
 WHERE id = $1
 RETURNING pg_notify('{CHANNEL}', '{REPLAYED}' || $1::text)
@@ -267,7 +275,7 @@ def replay_many_query(state: str, target: str | None, since: float | None) -> tu
     return (
         f"UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, held_s = 0,"
         f" created_at = {now},"
-        f" next_attempt_at = {now}, updated_at = {now}, lease_owner = NULL, lease_until = NULL"
+        f" next_attempt_at = {now}, updated_at = {now}, {_LIVE_LEASE_KEPT}"
         f"{where}",
         params,
     )
