@@ -35,6 +35,7 @@ from gateway.errors import (
     PayloadTooLarge,
     Rejected,
     TransferCodingNotImplemented,
+    UnsupportedMediaType,
     URLTooLong,
     VersionNotSupported,
 )
@@ -180,6 +181,7 @@ class Http1:
         self._content_length = -1
         self._expect_continue = False
         self._other_coding = False  # a transfer coding other than chunked
+        self._content_coding = False  # a content coding other than identity
         self._head_bytes = 0  # its header lines, as parsed
         self._head_read = 0  # its reads that began and ended inside its head
 
@@ -263,7 +265,7 @@ class Http1:
         self._chunks = []
         self._size = self._head_bytes = self._head_read = 0
         self._content_length = -1
-        self._expect_continue = self._other_coding = False
+        self._expect_continue = self._other_coding = self._content_coding = False
 
     def on_url(self, url: bytes) -> None:
         request = self._current()
@@ -280,9 +282,21 @@ class Http1:
             raise self._stop(
                 HeadTooLarge(f"request head exceeds {self.limits.max_head_bytes} bytes")
             )
+        if self.state is not State.HEAD:
+            # A trailer, after a chunked body (httptools hands those over here too): counted
+            # against the head's limit, never taken for a header of the head. A signature in a
+            # trailer would otherwise replace the one the request was sent with.
+            return
         name = name.lower()
         if name == b"x-hub-signature-256":
+            if request.signature is not None:
+                # Which copy is Meta's? Neither is taken (the aiohttp front door refuses too).
+                raise self._stop(BadRequest("X-Hub-Signature-256 is sent more than once"))
             request.signature = value.decode("latin-1")
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            # The signature covers the bytes as sent (Meta: "Validating payloads"); a body
+            # compressed on the way is not what Meta signed, and is not decompressed here.
+            self._content_coding = True
         elif name == b"traceparent":
             request.traceparent = value.decode("latin-1")
         elif name == b"content-length":
@@ -303,6 +317,10 @@ class Http1:
         if self._other_coding:
             raise self._stop(
                 TransferCodingNotImplemented("only the chunked transfer coding is supported")
+            )
+        if self._content_coding:
+            raise self._stop(
+                UnsupportedMediaType("a Content-Encoding other than identity is not accepted")
             )
         version = self._parser.get_http_version()
         if version != "1.1" and version != "1.0":

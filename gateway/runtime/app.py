@@ -37,12 +37,14 @@ from gateway.delivery.backoff import Breaker
 from gateway.edge.responses import error_middleware, text
 from gateway.edge.tls import certificate_expiries
 from gateway.errors import (
+    BadRequest,
     ConfigError,
     IdentityRejected,
     MethodNotAllowed,
     OutboxError,
     PayloadTooLarge,
     Rejected,
+    UnsupportedMediaType,
 )
 from gateway.outbox import Outbox
 from gateway.runtime.core import Core
@@ -169,6 +171,14 @@ async def _callback(request: web.Request) -> web.StreamResponse:
     callback = core.callback
     cn = _identify(request, core)
     if request.method == "POST":
+        # As the gateway's own listener: one signature, and the bytes as sent (aiohttp would
+        # decompress a body with a Content-Encoding, and the signature covers what Meta sent).
+        signatures = request.headers.getall("X-Hub-Signature-256", [])
+        if len(signatures) > 1:
+            raise BadRequest("X-Hub-Signature-256 is sent more than once")
+        codings = request.headers.getall("Content-Encoding", [])
+        if any(coding.strip().lower() not in ("", "identity") for coding in codings):
+            raise UnsupportedMediaType("a Content-Encoding other than identity is not accepted")
         limit = core.config.listen.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
@@ -176,7 +186,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise PayloadTooLarge(f"body exceeds {limit} bytes") from None
-        signature = request.headers.get("X-Hub-Signature-256")
+        signature = signatures[0] if signatures else None
         if callback.tracing is None:
             reason = await callback.notify(body, signature)
         else:

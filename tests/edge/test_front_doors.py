@@ -9,6 +9,7 @@ means the notification is in the outbox, and the target receives it.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from helpers import (
     meta_signature,
     sink_target,
 )
+from multidict import CIMultiDict
 from pki import ClientKind, Pki
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from sink import Sink
@@ -150,6 +152,37 @@ async def test_rejects_a_missing_signature_with_401(door: Door, pki: Pki) -> Non
     """No X-Hub-Signature-256 at all is 401."""
     status, _ = await _call(door, pki, "POST", body=message_body("unsigned"))
     assert status == 401
+    assert await _stored(door) == 0
+
+
+async def test_refuses_a_signature_sent_twice_with_400(door: Door, pki: Pki) -> None:
+    """Two X-Hub-Signature-256 headers, a wrong one and then the right one: neither is taken
+    (the listener used to take the last, the aiohttp app the first); nothing is kept."""
+    body = message_body("twice signed")
+    headers = CIMultiDict(
+        [
+            ("Content-Type", "application/json"),
+            ("X-Hub-Signature-256", meta_signature(body, "not-the-secret")),
+            ("X-Hub-Signature-256", meta_signature(body)),
+        ]
+    )
+    status, _ = await _call(door, pki, "POST", body=body, headers=headers)
+    assert status == 400
+    assert await _stored(door) == 0
+
+
+async def test_refuses_a_compressed_body_with_415(door: Door, pki: Pki) -> None:
+    """A gzip body signed over its uncompressed bytes: Meta signs the bytes it sends, so a body
+    with a Content-Encoding is refused, never decompressed and then checked (as aiohttp's
+    app used to)."""
+    body = message_body("compressed")
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+        "X-Hub-Signature-256": meta_signature(body),
+    }
+    status, _ = await _call(door, pki, "POST", body=gzip.compress(body), headers=headers)
+    assert status == 415
     assert await _stored(door) == 0
 
 

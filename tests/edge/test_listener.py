@@ -604,3 +604,28 @@ async def test_an_acknowledged_notification_makes_no_task_of_its_own(
         loop.set_task_factory(None)
     assert [name for name in made if name.startswith("Callback.")] == []
     assert [r.body for r in await sink.wait_for(1)] == [body]
+
+
+@pytest.mark.parametrize(
+    ("head_signature", "trailer_signature", "status"),
+    [
+        pytest.param("wrong", "right", 401, id="a trailer does not put a right signature in"),
+        pytest.param("right", "wrong", 200, id="a trailer does not spoil a right signature"),
+    ],
+)
+async def test_headers_after_a_chunked_body_are_not_the_requests_headers(
+    client: Client, head_signature: str, trailer_signature: str, status: int
+) -> None:
+    """A chunked body may end with trailer fields (RFC 9112 7.1.2). The parser hands them
+    over as it hands over the head's headers; a signature among them is not the request's:
+    the one sent in the head decides, whichever is right."""
+    body = message_body("with a trailer")
+    signatures = {"right": meta_signature(body), "wrong": meta_signature(body, "not-the-secret")}
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: chunked\r\nX-Hub-Signature-256: {signatures[head_signature]}\r\n\r\n"
+    ).encode()
+    chunks = b"%x\r\n" % len(body) + body + b"\r\n0\r\n"
+    trailer = f"X-Hub-Signature-256: {signatures[trailer_signature]}\r\n\r\n".encode()
+    await client.send(head + chunks + trailer)
+    assert (await client.reply()).status == status
