@@ -41,6 +41,8 @@ def read_bytes(path: Path, key: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise CertificateError(f"{at(key, path)}: cannot read: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL byte in the path: no file can be named so
+        raise CertificateError(f"{at(key, path)}: cannot read: {exc}") from exc
 
 
 def read_certificates(path: Path, key: str) -> list[x509.Certificate]:

@@ -43,6 +43,7 @@ from gateway.edge.responses import Handler, error_middleware, text
 from gateway.errors import (
     BadRequest,
     Forbidden,
+    GatewayError,
     MisdirectedRequest,
     NotFound,
     OutboxError,
@@ -123,8 +124,10 @@ def _token_middleware(ops: Operations, throttle: AuthThrottle) -> Any:
             and request.path not in _OPEN_PATHS
             and not is_console_path(request.path)
         ):
-            presented = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+            # Bytes as received (aiohttp keeps a byte it cannot decode as a surrogate): a
+            # header that is not UTF-8 is a wrong token, refused and throttled as one.
+            presented = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(presented, f"Bearer {token}".encode()):
                 await _refuse_slowly(ops.stats, throttle, request, "bearer")
                 raise Unauthorized("admin token missing or wrong")
             throttle.succeeded(request.remote or "-")
@@ -257,5 +260,8 @@ async def start_admin(ops: Operations) -> tuple[web.AppRunner, int]:
         await runner.cleanup()
         if exc.errno == errno.EADDRINUSE:
             raise PortInUse(settings.port, "admin.port") from exc
-        raise
+        # An address this host does not have, or a name that does not resolve: one line
+        # naming the key, as for the webhook listener (runtime.ports.listen_error).
+        where = f"admin.host {settings.host!r} in {ops.config.source or 'the configuration'}"
+        raise GatewayError(f"{where}: cannot listen there: {exc.strerror or exc}") from exc
     return runner, int(runner.addresses[0][1])

@@ -174,6 +174,8 @@ class Reader:
                 )
         # One pass: text that comes from the environment is never expanded again.
         text = _REFERENCE.sub(lambda match: self.env[match[1]], value)
-        if not text:
+        if not text.strip():
+            # White space alone is no value either: an app secret or admin token of spaces
+            # would look set and protect nothing (or lock the operator out).
             raise self.error(key, value, "a non-empty string", secret=secret)
         return text

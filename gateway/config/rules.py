@@ -24,6 +24,7 @@ __all__ = [
     "SECRETS",
     "URLS",
     "Rule",
+    "admin_exposure",
     "installed",
     "is_loopback",
     "is_server_url",
@@ -86,6 +87,25 @@ def _is_host_name(text: str) -> bool:
     except ValueError:
         pass
     return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def admin_exposure(
+    enabled: bool, host: str, token: str | None, min_chars: int
+) -> tuple[str, str] | None:
+    """What is wrong with an admin listener on ``host`` protected by ``token``, as (the key to
+    name, what it must be), or None. The admin API replays and drops deliveries: only this
+    host, or a holder of a token others on the network cannot guess. Checked when a file is
+    loaded, and again on what a reload would put in force (its listener stays where it was)."""
+    if not enabled or is_loopback(host):
+        return None
+    if token is None:
+        return "admin.host", "a loopback address unless admin.token is set"
+    if len(token) < min_chars:
+        return "admin.token", (
+            f"at least {min_chars} characters when admin.host is not loopback"
+            f" (admin.host = {host!r}); make one with: openssl rand -hex 32"
+        )
+    return None
 
 
 def is_loopback(host: str) -> bool:

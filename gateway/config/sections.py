@@ -30,8 +30,8 @@ from gateway.config.rules import (
     KIND_EXTRAS,
     KIND_KEYS,
     KIND_SCHEMES,
+    admin_exposure,
     installed,
-    is_loopback,
     is_server_url,
 )
 from gateway.config.sampling import SamplerUnknown, sample_ratio
@@ -74,18 +74,12 @@ class ConfigReader(Reader):
             raise self.error("tls.client_auth", tls.client_auth, expected)
         meta = table("meta", MetaConfig)
         admin = table("admin", AdminConfig)
-        if admin.enabled and not is_loopback(admin.host):
-            # The admin API replays and drops deliveries: only this host, or a token holder,
-            # and a token others on the network cannot guess.
-            if admin.token is None:
-                expected = "a loopback address unless admin.token is set"
-                raise self.error("admin.host", admin.host, expected)
-            if len(admin.token) < MIN_ADMIN_TOKEN_CHARS:
-                expected = (
-                    f"at least {MIN_ADMIN_TOKEN_CHARS} characters when admin.host is not "
-                    f"loopback (admin.host = {admin.host!r}); make one with: openssl rand -hex 32"
-                )
-                raise self.error("admin.token", admin.token, expected, secret=True)
+        exposed = admin_exposure(admin.enabled, admin.host, admin.token, MIN_ADMIN_TOKEN_CHARS)
+        if exposed is not None:
+            key, expected = exposed
+            if key == "admin.host":
+                raise self.error(key, admin.host, expected)
+            raise self.error(key, admin.token, expected, secret=True)
         hints = {"level": _LogLevel, "format": LogFormat}
         log = self.table("log", "log", data.get("log", {}), hints, ())
         listen = table("listen", ListenConfig)
@@ -181,7 +175,9 @@ class ConfigReader(Reader):
         for name, path in files.items():
             if path is not None and not target.url.startswith("https://"):
                 # A file that would never be used is a mistake the operator should hear of.
-                expected = f"no TLS file for an http:// target ({key}.url = {target.url!r})"
+                # The URL as shown anywhere else: without the password it may carry.
+                shown = redact_servers(target.url)
+                expected = f"no TLS file for an http:// target ({key}.url = {shown!r})"
                 raise self.error(f"{key}.{name}", str(path), expected)
         if (target.cert_file is None) != (target.key_file is None):
             given, missing = ("cert_file", "key_file")[:: 1 if target.key_file is None else -1]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from gateway.config import Config
+from gateway.config import MIN_ADMIN_TOKEN_CHARS, Config
+from gateway.config.rules import admin_exposure
+from gateway.errors import ConfigError
 
 __all__ = ["applicable", "restart_only"]
 
@@ -50,7 +52,9 @@ def restart_only(old: Config, new: Config) -> list[str]:
 
 def applicable(old: Config, new: Config) -> Config:
     """``new`` with every restart-only value kept as in ``old``: the configuration in force
-    after the reload, so that what the gateway reports is what it does."""
+    after the reload, so that what the gateway reports is what it does. Raises ConfigError
+    when that configuration would leave the admin listener on the network without a token
+    strong enough for it (the rule a loaded file is held to)."""
     tls = dataclasses.replace(
         new.tls, client_auth=old.tls.client_auth, session_tickets=old.tls.session_tickets
     )
@@ -59,6 +63,16 @@ def applicable(old: Config, new: Config) -> Config:
     admin = dataclasses.replace(
         new.admin, enabled=old.admin.enabled, host=old.admin.host, port=old.admin.port
     )
+    # The new file's own [admin] passed its checks, but its listener stays where the old one
+    # listens: a file that moves it to loopback and drops the token would otherwise leave
+    # the API open on the network until a restart.
+    exposed = admin_exposure(admin.enabled, admin.host, admin.token, MIN_ADMIN_TOKEN_CHARS)
+    if exposed is not None:
+        key, expected = exposed
+        raise ConfigError(
+            f"{new.source or 'the configuration'}: {key}: the admin listener stays on"
+            f" {admin.host!r} until a restart, so it needs {expected}"
+        )
     return dataclasses.replace(
         new,
         listen=old.listen,

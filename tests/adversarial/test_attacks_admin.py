@@ -29,6 +29,7 @@ from sink import Reply, Sink
 
 from adversarial.attack import attack_gateway, still_serves
 from gateway.admin.throttle import MAX_WAIT_S
+from gateway.errors import GatewayError
 from gateway.runtime.gateway import Gateway
 
 TOKEN = "admin-token-for-attacks-0123456789abcdef"
@@ -87,6 +88,42 @@ async def test_admin_requests_without_the_token_or_with_bad_input_are_refused(
         call = admin_get if method == "GET" else admin_post
         assert (await call(gateway, path, headers=headers)).status == status
         await still_serves(gateway, pki, sink)
+
+
+async def test_a_token_that_is_not_utf_8_is_a_wrong_token_not_a_crash(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """An Authorization header with bytes that are not UTF-8: a 401 with the scheme it wants,
+    as for any wrong token (it used to be a 500 with a traceback, and skipped the throttle
+    that slows repeated wrong tokens)."""
+    async with attack_gateway(pki, tmp_path, sink, admin_token=TOKEN) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.admin_port)
+        writer.write(
+            b"GET /admin/deliveries HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 401 ")
+        assert b"WWW-Authenticate: Bearer" in head
+        await still_serves(gateway, pki, sink)
+
+
+@pytest.mark.parametrize(
+    "host", ["192.0.2.1", "no-such-host.invalid"], ids=["an address not here", "no such name"]
+)
+async def test_an_admin_host_the_system_refuses_is_a_one_line_error(
+    pki: Pki, tmp_path: Path, sink: Sink, host: str
+) -> None:
+    """An admin.host that is no address of this machine (TEST-NET-1), or a name that does not
+    resolve: starting fails with the gateway's own error naming admin.host, which the command
+    line prints as one line (it used to be a bare OSError, a traceback)."""
+    config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], admin_token=TOKEN)
+    config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, host=host))
+    with pytest.raises(GatewayError) as refused:
+        async with Gateway(config):
+            pass
+    assert f"admin.host {host!r}" in str(refused.value)
 
 
 async def test_probes_stay_open_but_show_nothing_private(

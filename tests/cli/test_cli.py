@@ -108,6 +108,20 @@ def test_check_fails_on_key_that_does_not_match(
     assert len(err.strip().splitlines()) == 1
 
 
+def test_check_fails_on_a_file_name_with_a_nul_byte_in_one_line(
+    config: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path TOML can write but no file can have (a NUL byte) is a one-line error naming
+    the key, not a traceback."""
+    text = config.read_text().replace(str(pki.server_chain_file), "server\\u0000.pem")
+    config.write_text(text)
+    assert main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "tls.cert_file" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_check_fails_on_expired_server_certificate(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -34,6 +34,7 @@ from sink import Sink
 
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN, Config, MetaConfig, load_config
+from gateway.errors import ConfigError
 from gateway.runtime.gateway import Gateway
 from gateway.runtime.reload import applicable, restart_only
 
@@ -462,6 +463,47 @@ def test_restart_only_names_the_changes_a_reload_cannot_apply(
     assert kept.meta == new.meta
     assert kept.targets == new.targets
     assert kept.admin.token == new.admin.token
+
+
+_TOKEN = "t" * 40
+
+
+@pytest.mark.parametrize(
+    ("old_admin", "new_admin", "refused_key"),
+    [
+        # (host, token) before and in the new file. The listener stays on the old host until
+        # a restart: the token in force must still be one that host needs.
+        (("0.0.0.0", _TOKEN), ("127.0.0.1", None), "admin.host"),
+        (("0.0.0.0", _TOKEN), ("127.0.0.1", "x"), "admin.token"),
+        (("0.0.0.0", _TOKEN), ("0.0.0.0", "u" * 40), None),  # a new strong token reloads
+        (("127.0.0.1", None), ("127.0.0.1", None), None),
+        (("127.0.0.1", _TOKEN), ("127.0.0.1", None), None),  # loopback needs none
+    ],
+)
+def test_a_reload_that_would_leave_the_admin_api_open_on_the_network_is_refused(
+    pki: Pki,
+    old_admin: tuple[str, str | None],
+    new_admin: tuple[str, str | None],
+    refused_key: str | None,
+) -> None:
+    """A new file may move the admin listener to loopback and drop its token: on its own it is
+    valid, but the listener stays where it is until a restart, so what the reload would put in
+    force is checked as a loaded file is, and refused naming the file and the key. (The API
+    used to answer on the network without a token after such a reload.)"""
+    source = Path("/etc/waba-gateway/gateway.toml")
+
+    def with_admin(host: str, token: str | None) -> Config:
+        admin = dataclasses.replace(_base(pki).admin, host=host, token=token)
+        return dataclasses.replace(_base(pki), admin=admin, source=source)
+
+    old, new = with_admin(*old_admin), with_admin(*new_admin)
+    if refused_key is None:
+        assert applicable(old, new).admin.token == new.admin.token
+        return
+    with pytest.raises(ConfigError) as refused:
+        applicable(old, new)
+    assert str(refused.value).startswith(f"{source}: {refused_key}: ")
+    assert "0.0.0.0" in str(refused.value)
 
 
 async def test_reloads_while_requests_are_in_flight_drop_nothing(

@@ -851,6 +851,18 @@ def test_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             "admin.token = '${EMPTY}': expected a non-empty string",
             id="empty-after-expansion",
         ),
+        pytest.param(
+            {"admin.token": '"${BLANK}"'},
+            {"BLANK": " " * 40},
+            "admin.token = '${BLANK}': expected a non-empty string",
+            id="white-space-alone-after-expansion",
+        ),
+        pytest.param(
+            {"meta.app_secrets": '["   "]'},
+            {},
+            "meta.app_secrets[0] = <hidden>: expected a non-empty string",
+            id="an-app-secret-of-spaces",
+        ),
     ],
 )
 def test_never_shows_secret_in_error_message(
@@ -1140,6 +1152,16 @@ def test_a_setting_whose_extra_is_not_installed_is_refused_naming_the_extra(
             "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for an http:// target"
             " (targets[0].url = 'http://crm.example/hook')",
             id="ca-file-on-http",
+        ),
+        pytest.param(
+            {
+                **TARGET,
+                "targets[0].url": '"http://crm:hunter2@crm.example/hook"',
+                "targets[0].ca_file": '"ca"',
+            },
+            "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for an http:// target"
+            " (targets[0].url = 'http://crm:***@crm.example/hook')",
+            id="ca-file-on-http-the-url-s-password-hidden",
         ),
         pytest.param(
             {**TARGET, "targets[0].cert_file": '"client.pem"'},

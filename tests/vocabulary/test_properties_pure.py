@@ -136,11 +136,14 @@ def test_any_edit_of_a_valid_config_loads_or_names_the_file(
     ConfigError whose message names the file: never another exception, and never a silent
     default for a value the file got wrong (a number or boolean written, and loaded, is the
     value the Config holds)."""
-    lines = EXAMPLE.read_text().splitlines()
+    original = EXAMPLE.read_text().splitlines()
+    lines = list(original)
     assignments = [i for i, line in enumerate(lines) if _VALUE.match(line)]
     for index, value in edits:
         at = assignments[index % len(assignments)]
-        match = _VALUE.match(lines[at])
+        # The key as the example writes it: an earlier edit of the same line may have written
+        # a value (a string with a line break) after which the line no longer parses as one.
+        match = _VALUE.match(original[at])
         assert match is not None
         lines[at] = match.group(1) + value
     for index in drop:
