@@ -246,6 +246,33 @@ async def test_removed_outbox_folder_stops_acknowledgements(
         await _serves_a_valid_request(gateway, pki, sink, "after a restart")
 
 
+async def test_a_removed_write_ahead_log_stops_acknowledgements_and_a_stop_keeps_what_it_held(
+    pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the outbox's log (``-wal``) is removed, SQLite writes on to the removed file, which
+    a crash would lose: POSTs are answered 503 rather than 200, /readyz answers 503, and one
+    error line names the log. What was acknowledged before is still there after a stop (its
+    closing checkpoint copies the log into the file) and a restart serves again. (The gateway
+    used to go on acknowledging into the removed log.)"""
+    config = _config(pki, tmp_path, sink)
+    path = config.outbox.path
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "before removal")
+        await wait_for_state(gateway, "delivered")
+        os.remove(f"{path}-wal")
+        with caplog.at_level(logging.ERROR, logger="gateway.outbox"):
+            assert (await post(gateway, pki, message_body("log removed"))).status == 503
+            assert (await admin_get(gateway, "/readyz")).status == 503
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.outbox")]
+        assert len(lines) == 1
+        assert f"outbox log '{path}-wal' was removed or replaced" in lines[0]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM notifications").fetchone() == (1,)
+    async with Gateway(config) as gateway:
+        await _serves_a_valid_request(gateway, pki, sink, "after a restart")
+    assert b"log removed" not in b"".join(r.body for r in sink.received)
+
+
 @pytest.mark.parametrize("moved", [("",), ("", "-wal", "-shm")], ids=["file", "with-wal-shm"])
 async def test_outbox_file_moved_away_and_back_serves_again_without_a_restart(
     pki: Pki, tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture, moved: tuple[str, ...]

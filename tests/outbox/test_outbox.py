@@ -18,6 +18,7 @@ from gateway.outbox import Backlog
 from gateway.outbox.sqlite import layout, store
 from gateway.outbox.sqlite.layout import connect
 from gateway.outbox.sqlite.outbox import SqliteOutbox
+from gateway.outbox.sqlite.owner import OwnerLock
 from gateway.outbox.sqlite.store import list_deliveries, replay_delivery
 
 DAY = 86400.0
@@ -653,3 +654,20 @@ def test_file_holding_other_tables_is_not_taken_for_an_outbox(tmp_path: Path) ->
         connect(path)
     assert _rows(path, "SELECT name FROM sqlite_master") == [("users",)]
     assert _rows(path, "PRAGMA journal_mode") == [("delete",)]
+
+
+def test_a_second_owner_through_a_symbolic_link_to_the_file_is_refused(tmp_path: Path) -> None:
+    """The owner's lock is beside the file the path leads to: a second gateway given a symbolic
+    link to the same outbox file is refused as one given the same path is. (It used to lock a
+    lock file of its own beside the link, and both dispatched every delivery.)"""
+    real = tmp_path / "data" / "outbox.sqlite3"
+    real.parent.mkdir()
+    link = tmp_path / "outbox.sqlite3"
+    link.symlink_to(real)
+    first = OwnerLock(real)
+    try:
+        with pytest.raises(OutboxError, match="in use by another gateway"):
+            OwnerLock(link)
+    finally:
+        first.release()
+    OwnerLock(link).release()  # free once the first has let go

@@ -335,3 +335,41 @@ async def test_a_connection_that_fails_with_any_error_fails_the_start_instead_of
     path = tmp_path / "outbox.sqlite3"
     with pytest.raises(OutboxError, match=r"outbox.path = .*cannot open: RuntimeError"):
         await asyncio.wait_for(asyncio.to_thread(Writer, path, _broken_driver), timeout=10)
+
+
+async def test_a_commit_hook_that_raises_runs_no_job_of_its_committed_group_again(
+    tmp_path: Path,
+) -> None:
+    """Two inserts committed as one group, and a commit hook (the gateway's counts its groups)
+    that raises after that commit: each insert ran once and each job is answered with its own
+    result. (The hook used to run inside the jobs' retry: the committed group's jobs ran a
+    second time, each alone.)"""
+    started, release = threading.Event(), threading.Event()
+    hooked: list[int] = []
+
+    def hook(size: int) -> None:
+        hooked.append(size)
+        if size == 2:
+            raise OSError("No space left on device")
+
+    def held(conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(10)
+
+    def insert(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("INSERT INTO t VALUES (1)").lastrowid or 0)
+
+    writer = Writer(tmp_path / "hook.sqlite3", _table, on_commit=hook)
+    try:
+        first = writer.submit(held)
+        await asyncio.to_thread(started.wait, 10)
+        both = [writer.submit(insert), writer.submit(insert)]
+        release.set()
+        await first
+        assert sorted(await asyncio.gather(*both)) == [1, 2]
+        count = await writer.submit(lambda conn: conn.execute("SELECT count(*) FROM t").fetchone())
+    finally:
+        release.set()
+        await writer.close()
+    assert count == (2,)
+    assert 2 in hooked

@@ -25,7 +25,12 @@ class OwnerLock:
     """Held from construction until :meth:`release` (or the process's end)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(f"{path}.owner")
+        # Beside the file the path leads to: a second gateway given another path to the same
+        # file through a symbolic link locks the same lock file. (A hard link or a bind mount
+        # is another name for the file that no path can tell apart; not the lock on the file
+        # itself either: a descriptor of it closed in a process that runs SQLite would drop
+        # SQLite's own locks, https://sqlite.org/howtocorrupt.html section 2.2.)
+        self.path = Path(f"{path.resolve()}.owner")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -354,6 +354,10 @@ class Writer:
         self.failure: str | None = None
         self._identity: tuple[int, int] | None = None  # of the file opened
         self._lost: str | None = None  # the file opened is no longer at the path
+        # Of its write-ahead log, once there is one: SQLite keeps it while a connection is
+        # open, so another one at its name means the one written to was removed.
+        self._wal_name = f"{path}-wal"
+        self._wal_identity: tuple[int, int] | None = None
         opened: stdqueue.SimpleQueue[BaseException | None] = stdqueue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(opened,), name="outbox-writer", daemon=True
@@ -528,16 +532,30 @@ class Writer:
     def lost(self) -> bool:
         """The file open was found missing from the path and is not back there yet (see the
         module docstring); checked again here, so that readiness sees it come back."""
-        return self._lost is not None and _identity(self.path) != self._identity
+        return self._lost is not None and not self._in_place()
+
+    def _in_place(self) -> bool:
+        """Whether the file at the path is the one open, and the write-ahead log at
+        ``<outbox>-wal`` the one SQLite writes to (once there is one: SQLite keeps it while a
+        connection is open, so another one, or none, at its name means it was moved or
+        removed)."""
+        wal = _identity(self._wal_name)
+        if self._wal_identity is None:
+            self._wal_identity = wal
+        return _identity(self._name) == self._identity and wal == self._wal_identity
 
     def _still_there(self) -> bool:
-        """Whether the file at the path is the one open; logs when that changes."""
-        here = _identity(self._name) == self._identity
+        """:meth:`_in_place`; logs when that changes. A removed log is written to and synced
+        still, through SQLite's open descriptor, and lost at the first crash."""
+        here = self._in_place()
         if not here and self._lost is None:
+            what = "file" if _identity(self._name) != self._identity else "log"
+            name = self.path if what == "file" else self._wal_name
             self._lost = (
-                f"outbox file '{self.path}' was removed or replaced while the gateway ran;"
+                f"outbox {what} '{name}' was removed or replaced while the gateway ran;"
                 " nothing written to it would survive a restart, so nothing more is acknowledged"
-                " until the same file is back at that path (moved back) or the gateway restarts"
+                f" until the same {what} is back at that path (moved back) or the gateway"
+                " restarts"
             )
             log.error("%s", self._lost)
         elif here and self._lost is not None:
@@ -594,8 +612,6 @@ class Writer:
                 (value, None) for value in _transaction(conn, group, lock, self._busy, deadline)
             ]
             self.failure = None
-            if self._on_commit is not None:
-                self._on_commit(len(group))
         except _GroupFailed as exc:
             # The transaction, not a job, failed (locked past the busy timeout, disk full, I/O
             # error): every job would fail alone too, each after the same wait.
@@ -613,6 +629,14 @@ class Writer:
             # the commit): readiness must not say otherwise until a write succeeds.
             failed = [error for _, error in results if error is not None]
             self.failure = str(failed[0]) if len(failed) == len(results) else None
+        else:
+            # After the commit, and outside the jobs' retry: a hook that raises must not run
+            # a committed group's jobs a second time.
+            if self._on_commit is not None:
+                try:
+                    self._on_commit(len(group))
+                except Exception:
+                    log.exception("outbox commit hook failed (the group is committed)")
         self._answer(group, results)
         # Give the core to the event loop before the next group starts, so that it answers this
         # group first. Otherwise, on a core that the loop and this thread share, the answers
