@@ -6,11 +6,12 @@ outbox, another gateway's admin API on a shared database)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,40 @@ def _number(delivery: Delivery) -> int:
     return int(value["messages"][0]["text"]["body"])
 
 
+async def _stored(gateway: Gateway, pki: Pki, count: int) -> dict[int, str]:
+    """Messages 0 to ``count - 1`` of one conversation accepted (its target down): the id of
+    each one's delivery, by number."""
+    for n in range(count):
+        assert (await post(gateway, pki, conversation_body("a", n))).status == 200
+    return {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+
+
+class _Overlaps:
+    """The sends of each message open at the target at once, and those that ever overlapped
+    another send of the same message."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, int] = {}
+        self.overlapping: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def send(self, n: int) -> AsyncIterator[None]:
+        self.open[n] = self.open.get(n, 0) + 1
+        if self.open[n] > 1:
+            self.overlapping.append(n)
+        try:
+            yield
+        finally:
+            self.open[n] -= 1
+
+
+async def _all_recorded(gateway: Gateway) -> None:
+    async def settled() -> bool | None:
+        return (await gateway.outbox.counts())["pending"] == 0 or None
+
+    await eventually(settled, "every delivery recorded")
+
+
 async def test_a_delivery_replayed_while_it_waits_in_a_run_goes_to_the_back_of_its_conversation(
     pki: Pki, tmp_path: Path, target: Conversations
 ) -> None:
@@ -46,9 +81,7 @@ async def test_a_delivery_replayed_while_it_waits_in_a_run_goes_to_the_back_of_i
     config = _bot(pki, tmp_path, target)
     await target.stop()
     async with Gateway(config) as gateway:
-        for n in range(MESSAGES):
-            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
-        pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+        pending = await _stored(gateway, pki, MESSAGES)
         replayed: list[int] = []
 
         async def replay_the_third(user: str, n: int) -> None:
@@ -75,9 +108,7 @@ async def _replayed_while_message_0_is_answered(
     it holds its answer to message 0 (the rest of the run waiting in memory) replay message 2
     with ``replay``; once every outcome is recorded: what the target received, in order."""
     await target.stop()
-    for n in range(MESSAGES):
-        assert (await post(gateway, pki, conversation_body("a", n))).status == 200
-    pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+    pending = await _stored(gateway, pki, MESSAGES)
     replayed: list[str] = []
 
     async def replay_the_third(user: str, n: int) -> None:
@@ -90,10 +121,7 @@ async def _replayed_while_message_0_is_answered(
     await target.wait_for("a", MESSAGES)
     assert replayed
 
-    async def settled() -> bool | None:
-        return (await gateway.outbox.counts())["pending"] == 0 or None
-
-    await eventually(settled, "every delivery recorded")
+    await _all_recorded(gateway)
     return target.accepted["a"]
 
 
@@ -169,36 +197,25 @@ async def test_replaying_the_delivery_being_sent_lets_its_run_go_and_sends_each_
     config = _bot(pki, tmp_path, target)
     await target.stop()
     async with Gateway(config) as gateway:
-        for n in range(MESSAGES):
-            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
-        pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
-        open_sends: dict[int, int] = {}
-        overlapping: list[int] = []
+        pending = await _stored(gateway, pki, MESSAGES)
+        overlaps = _Overlaps()
 
         async def replay_1_while_it_is_answered(user: str, n: int) -> None:
-            open_sends[n] = open_sends.get(n, 0) + 1
-            if open_sends[n] > 1:
-                overlapping.append(n)
-            try:
+            async with overlaps.send(n):
                 if n == 1 and target.accepted["a"].count(1) == 1:
                     answer = await admin_post(gateway, f"/admin/deliveries/{pending[1]}/replay")
                     assert answer.status == 200
                     await asyncio.sleep(0.3)  # the claim the replay wakes runs meanwhile
                 elif n == 2 and target.accepted["a"].count(2) == 1:
                     await asyncio.sleep(0.3)  # a second send of 2 would come now
-            finally:
-                open_sends[n] -= 1
 
         target.before_answer = replay_1_while_it_is_answered
         await target.start()
         await target.wait_for("a", MESSAGES)
 
-        async def settled() -> bool | None:
-            return (await gateway.outbox.counts())["pending"] == 0 or None
-
-        await eventually(settled, "every delivery recorded")
+        await _all_recorded(gateway)
         assert target.accepted["a"] == [0, 1, 2, 3, 4, 1]
-        assert overlapping == []
+        assert overlaps.overlapping == []
 
 
 async def test_a_delivery_replayed_while_a_run_reads_what_follows_it_goes_last(
@@ -214,9 +231,7 @@ async def test_a_delivery_replayed_while_a_run_reads_what_follows_it_goes_last(
     config = _bot(pki, tmp_path, target)
     await target.stop()
     async with Gateway(config) as gateway:
-        for n in range(messages):
-            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
-        pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+        pending = await _stored(gateway, pki, messages)
         outbox = gateway.outbox
         read = outbox.following
         replayed: list[str] = []
@@ -241,10 +256,7 @@ async def test_a_delivery_replayed_while_a_run_reads_what_follows_it_goes_last(
         await target.start()
         await target.wait_for("a", messages)
 
-        async def settled() -> bool | None:
-            return (await gateway.outbox.counts())["pending"] == 0 or None
-
-        await eventually(settled, "every delivery recorded")
+        await _all_recorded(gateway)
         assert replayed
         assert target.accepted["a"] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 9]
 
@@ -262,9 +274,7 @@ async def test_a_delivery_replayed_while_a_claim_reads_its_conversation_goes_las
     config = _bot(pki, tmp_path, target)
     await target.stop()
     async with Gateway(config) as gateway:
-        for n in range(MESSAGES):
-            assert (await post(gateway, pki, conversation_body("a", n))).status == 200
-        pending = {_number(d): d.id for d in await gateway.outbox.query(state="pending")}
+        pending = await _stored(gateway, pki, MESSAGES)
         outbox = gateway.outbox
         claim = outbox.due
         replayed: list[str] = []
@@ -282,10 +292,7 @@ async def test_a_delivery_replayed_while_a_claim_reads_its_conversation_goes_las
         await target.start()
         await target.wait_for("a", MESSAGES)
 
-        async def settled() -> bool | None:
-            return (await gateway.outbox.counts())["pending"] == 0 or None
-
-        await eventually(settled, "every delivery recorded")
+        await _all_recorded(gateway)
         assert replayed
         assert target.accepted["a"] == [0, 1, 3, 4, 2]
 
@@ -306,24 +313,18 @@ async def test_a_delivery_replayed_while_one_gateway_sends_it_is_not_sent_by_ano
         dataclasses.replace(gateway_config(pki, tmp_path / name, targets=[bot]), outbox=shared)
         for name in ("a", "b")
     )
-    open_sends: dict[int, int] = {}
-    overlapping: list[int] = []
+    overlaps = _Overlaps()
     async with Gateway(a_config) as a, Gateway(b_config) as b:
         replayed: list[str] = []
 
         async def replay_0_through_b(user: str, n: int) -> None:
-            open_sends[n] = open_sends.get(n, 0) + 1
-            if open_sends[n] > 1:
-                overlapping.append(n)
-            try:
+            async with overlaps.send(n):
                 if n == 0 and not replayed:
                     (delivery,) = await a.outbox.query(state="pending")
                     replayed.append(delivery.id)
                     answer = await admin_post(b, f"/admin/deliveries/{delivery.id}/replay")
                     assert answer.status == 200
                     await asyncio.sleep(1.0)  # B's claims run meanwhile
-            finally:
-                open_sends[n] -= 1
 
         target.before_answer = replay_0_through_b
         assert (await post(a, pki, conversation_body("a", 0))).status == 200
@@ -333,4 +334,4 @@ async def test_a_delivery_replayed_while_one_gateway_sends_it_is_not_sent_by_ano
 
         await eventually(sent_again, "message 0 sent again after its replay")
     assert replayed
-    assert overlapping == []
+    assert overlaps.overlapping == []
