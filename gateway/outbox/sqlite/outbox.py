@@ -402,17 +402,24 @@ class SqliteOutbox:
             announce(self.path, None)
         return count
 
-    async def purge_dead(self, before: float, now: float | None = None) -> int:
-        """In steps of a bounded number of rows, each its own job, as :meth:`prune`: requests
-        committing meanwhile wait for one step, not for a month of dead letters."""
-        horizon = (time.time() if now is None else now) - self.dedup_window_s
+    async def _in_steps(self, step: Callable[[sqlite3.Connection], int]) -> int:
+        """Run ``step``, a job that removes at most ``store.PRUNE_BATCH`` rows, until it removes
+        fewer; how many it removed in all. Each step is its own job: requests committing
+        meanwhile wait for one step, not for the whole backlog."""
         removed = 0
         while True:
-            step = functools.partial(store.purge_dead, before=before, horizon=horizon)
             count = await self.run(step)
             removed += count
             if count < store.PRUNE_BATCH:
                 return removed
+
+    async def purge_dead(self, before: float, now: float | None = None) -> int:
+        """In steps (:meth:`_in_steps`), as :meth:`prune`: requests committing meanwhile wait
+        for one step, not for a month of dead letters."""
+        horizon = (time.time() if now is None else now) - self.dedup_window_s
+        return await self._in_steps(
+            functools.partial(store.purge_dead, before=before, horizon=horizon)
+        )
 
     async def delivered_targets(self) -> list[str]:
         return await self.run(store.delivered_targets, read=True)
@@ -422,24 +429,22 @@ class SqliteOutbox:
         than the retention and the deduplication window that have no deliveries left; dead
         letters and pending deliveries stay. Returns the number of delivered rows removed.
 
-        Works in steps of a bounded number of rows, each its own job: requests committing
+        Works in steps of a bounded number of rows, each its own job (:meth:`_in_steps` for
+        the delivered rows; the walk over notifications likewise): requests committing
         meanwhile wait for one step, not for the whole backlog.
         """
         horizon = now - max(retention_s, self.dedup_window_s)
         removed = 0
         for name in tuple(targets):
-            while True:
-                step = functools.partial(
+            removed += await self._in_steps(
+                functools.partial(
                     store.prune_delivered,
                     target=name,
                     before=now - retention_s,
                     horizon=horizon,
                     walked=self._prune_after,
                 )
-                count = await self.run(step)
-                removed += count
-                if count < store.PRUNE_BATCH:
-                    break
+            )
         while True:
             walk = functools.partial(
                 store.prune_notifications, after=self._prune_after, horizon=horizon
