@@ -54,21 +54,26 @@ __all__ = ["BATCH_BYTES", "Circuit", "Dispatcher", "Observer"]
 log = logging.getLogger(__name__)
 
 
+def _replayed(delivery_id: str, replays: Collection[str | None]) -> bool:
+    """Whether ``delivery_id`` is among the ``replays`` heard while a read was out (``None``
+    among them: every pending delivery was replayed)."""
+    return delivery_id in replays or None in replays
+
+
 def _before_replays(
     due: Sequence[Delivery], replays: Collection[str | None], ordered: Collection[str]
 ) -> list[Delivery]:
     """A claim's answer ``due`` without the conversations, of ``ordered`` targets, that hold a
-    delivery replayed while the claim read them (``replays``; ``None`` in it: every pending
-    delivery): the answer has it at its old place, ahead of deliveries the replay put before
-    it. The replay's wake-up makes the next claim look at every conversation, in its new
-    order; nothing of those conversations starts before that."""
-    every = None in replays
+    delivery replayed while the claim read them (``replays``, see :func:`_replayed`): the
+    answer has it at its old place, ahead of deliveries the replay put before it. The replay's
+    wake-up makes the next claim look at every conversation, in its new order; nothing of
+    those conversations starts before that."""
     stale = {
         (delivery.target, delivery.order_key)
         for delivery in due
         if delivery.target in ordered
         and delivery.order_key is not None
-        and (every or delivery.id in replays)
+        and _replayed(delivery.id, replays)
     }
     if not stale:
         return list(due)
@@ -360,11 +365,10 @@ class Dispatcher:
                     found = await self._outbox.following(now, name, lasts, length)
                 finally:
                     self._replays = None
-            every = None in replays
             for key, last in lasts.items():
                 more = found.get(key, [])
                 full = length is not None and len(more) >= length
-                if replays and (every or last in replays):
+                if _replayed(last, replays):
                     # The run's last delivery itself was replayed: what was read follows its
                     # new place, at the back. Its end asks for a look instead.
                     more, full = [], True
@@ -372,7 +376,7 @@ class Dispatcher:
                     if (
                         delivery.id in self._in_flight
                         or delivery.id in runs.parked
-                        or (replays and (every or delivery.id in replays))
+                        or _replayed(delivery.id, replays)
                     ):
                         # On its way, or replayed to the back while this was read (what
                         # follows it was read behind it): the rest is a claim's.
