@@ -52,9 +52,11 @@ __all__ = [
     "Refusal",
     "Request",
     "State",
+    "content_coded",
     "not_allowed",
     "response",
     "shortened",
+    "signature_twice",
     "split_target",
 ]
 
@@ -145,6 +147,24 @@ def not_allowed(method: str) -> MethodNotAllowed:
     return MethodNotAllowed(f"method {method} is not allowed here; use GET or POST")
 
 
+# The refusals both front doors make alike (this parser, and the aiohttp application of
+# gateway.runtime.app), each written once.
+
+
+def signature_twice() -> BadRequest:
+    """A request with a second ``X-Hub-Signature-256``: which copy is Meta's? Neither."""
+    return BadRequest("X-Hub-Signature-256 is sent more than once")
+
+
+def content_coded(coding: str) -> UnsupportedMediaType | None:
+    """The refusal of a body sent with the content coding ``coding`` (a ``Content-Encoding``
+    value), or None for identity: the signature covers the bytes as sent (Meta: "Validating
+    payloads"), and a body compressed on the way is not what Meta signed, nor decompressed."""
+    if coding.strip().lower() in ("", "identity"):
+        return None
+    return UnsupportedMediaType("a Content-Encoding other than identity is not accepted")
+
+
 def response(
     status: int, body: bytes, keep_alive: bool, date: bytes, extra: bytes = b"", head: bool = False
 ) -> bytes:
@@ -181,7 +201,8 @@ class Http1:
         self._content_length = -1
         self._expect_continue = False
         self._other_coding = False  # a transfer coding other than chunked
-        self._content_coding = False  # a content coding other than identity
+        # The refusal of a content coding other than identity, once the head is complete.
+        self._content_coding: UnsupportedMediaType | None = None
         self._head_bytes = 0  # its header lines, as parsed
         self._head_read = 0  # its reads that began and ended inside its head
 
@@ -265,7 +286,8 @@ class Http1:
         self._chunks = []
         self._size = self._head_bytes = self._head_read = 0
         self._content_length = -1
-        self._expect_continue = self._other_coding = self._content_coding = False
+        self._expect_continue = self._other_coding = False
+        self._content_coding = None
 
     def on_url(self, url: bytes) -> None:
         request = self._current()
@@ -290,13 +312,11 @@ class Http1:
         name = name.lower()
         if name == b"x-hub-signature-256":
             if request.signature is not None:
-                # Which copy is Meta's? Neither is taken (the aiohttp front door refuses too).
-                raise self._stop(BadRequest("X-Hub-Signature-256 is sent more than once"))
+                raise self._stop(signature_twice())
             request.signature = value.decode("latin-1")
-        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-            # The signature covers the bytes as sent (Meta: "Validating payloads"); a body
-            # compressed on the way is not what Meta signed, and is not decompressed here.
-            self._content_coding = True
+        elif name == b"content-encoding":
+            # Refused once the head is complete, as a transfer coding is (see below).
+            self._content_coding = self._content_coding or content_coded(value.decode("latin-1"))
         elif name == b"traceparent":
             request.traceparent = value.decode("latin-1")
         elif name == b"content-length":
@@ -318,10 +338,8 @@ class Http1:
             raise self._stop(
                 TransferCodingNotImplemented("only the chunked transfer coding is supported")
             )
-        if self._content_coding:
-            raise self._stop(
-                UnsupportedMediaType("a Content-Encoding other than identity is not accepted")
-            )
+        if self._content_coding is not None:
+            raise self._stop(self._content_coding)
         version = self._parser.get_http_version()
         if version != "1.1" and version != "1.0":
             # HTTP/0.9 and 2.0 parse too; neither is spoken here (RFC 9110, 15.6.6).

@@ -34,17 +34,15 @@ from gateway.admin.operations import ReloadResult
 from gateway.admin.stats import Snapshot, Stats
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
+from gateway.edge.http1 import content_coded, not_allowed, signature_twice
 from gateway.edge.responses import error_middleware, text
 from gateway.edge.tls import certificate_expiries
 from gateway.errors import (
-    BadRequest,
     ConfigError,
     IdentityRejected,
-    MethodNotAllowed,
     OutboxError,
     PayloadTooLarge,
     Rejected,
-    UnsupportedMediaType,
 )
 from gateway.outbox import Outbox
 from gateway.runtime.core import Core
@@ -175,10 +173,10 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         # decompress a body with a Content-Encoding, and the signature covers what Meta sent).
         signatures = request.headers.getall("X-Hub-Signature-256", [])
         if len(signatures) > 1:
-            raise BadRequest("X-Hub-Signature-256 is sent more than once")
-        codings = request.headers.getall("Content-Encoding", [])
-        if any(coding.strip().lower() not in ("", "identity") for coding in codings):
-            raise UnsupportedMediaType("a Content-Encoding other than identity is not accepted")
+            raise signature_twice()
+        for coding in request.headers.getall("Content-Encoding", []):
+            if (refused := content_coded(coding)) is not None:
+                raise refused
         limit = core.config.listen.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
@@ -198,7 +196,7 @@ async def _callback(request: web.Request) -> web.StreamResponse:
         # The challenge alone, byte for byte: Meta compares the whole body with it.
         challenge = callback.handshake(params)
         return web.Response(body=challenge.encode(), content_type="text/plain", charset="utf-8")
-    raise MethodNotAllowed(f"method {request.method} is not allowed here; use GET or POST")
+    raise not_allowed(request.method)
 
 
 async def _traced_notify(
