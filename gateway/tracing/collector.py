@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
+from gateway.errors import ConfigError
 from gateway.units import SECONDS
 
 __all__ = ["Collector", "collector_from"]
@@ -78,16 +79,35 @@ def _timeout_s(raw: str | None) -> float:
     return timeout_ms / 1000
 
 
+def _postable(url: str, source: str) -> str:
+    """``url``, checked once at start as the exporter's thread will use it: an http(s) URL with
+    a port in range and a host name DNS can carry (each label 1 to 63 characters, as IDNA
+    encodes it for the resolver). Otherwise ConfigError naming ``source``, the key or variable
+    that gave it; the URL is not repeated (it may carry credentials), only why it fails."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # ValueError: not a number in 0..65535
+        host = parts.hostname or ""
+        host.encode("idna")  # UnicodeError (a ValueError): an empty or over-long label
+    except ValueError as exc:
+        raise ConfigError(f"{source}: not a collector URL to post to: {exc}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{source}: expected an http:// or https:// URL with a host")
+    return url
+
+
 def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
     """The collector of ``[tracing] endpoint`` (a base URL: spans go to its /v1/traces) and the
-    ``OTEL_EXPORTER_OTLP_*`` variables in ``env``."""
+    ``OTEL_EXPORTER_OTLP_*`` variables in ``env``. A URL the exporter could not post to raises
+    ConfigError: at start, rather than in the exporter's thread at the first export."""
     if endpoint is not None:
-        url = endpoint.rstrip("/") + "/" + _TRACES_PATH
+        url = _postable(endpoint.rstrip("/") + "/" + _TRACES_PATH, "tracing.endpoint")
     elif traces := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        url = traces  # the signal's own URL, used as it is
+        # The signal's own URL, used as it is.
+        url = _postable(traces, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     else:
         base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or _DEFAULT_ENDPOINT
-        url = base.rstrip("/") + "/" + _TRACES_PATH
+        url = _postable(base.rstrip("/") + "/" + _TRACES_PATH, "OTEL_EXPORTER_OTLP_ENDPOINT")
     headers = _parsed_headers(_variable(env, "HEADERS") or "")
     timeout_s = _timeout_s(_variable(env, "TIMEOUT"))
     compression = (_variable(env, "COMPRESSION") or "none").strip().lower()
@@ -210,12 +230,14 @@ class Poster:
         """The collector's status, or None if none came back. One connection is kept between
         exports: a new one for each would cost more than the export of a small batch."""
         for fresh in (self._kept is None, True):
-            connection = self._connection()
             try:
+                connection = self._connection()
                 connection.request("POST", self._path, body, self._headers)
                 answer = connection.getresponse()
                 answer.read()
-            except (OSError, http.client.HTTPException):
+            # ValueError: what the resolver or the socket layer raises for a name or address
+            # they refuse (UnicodeError is one); a failed post all the same.
+            except (OSError, http.client.HTTPException, ValueError):
                 self.close()
                 if fresh:
                     return None

@@ -114,9 +114,20 @@ class Batches:
         while not self._stopping.is_set():
             self._wake.wait(self._delay_s)
             self._wake.clear()
-            self._send(everything=False)
-        self._send(everything=True)
+            self._sending(everything=False)
+        self._sending(everything=True)
         self._poster.close()
+
+    def _sending(self, *, everything: bool) -> None:
+        """:meth:`_send`, which no failure ends the thread through: an exception out of one
+        export loses that export's spans, logged, and the next export is tried as usual. (A
+        thread that died here would drop every later span for the process's life, with
+        nothing in the gateway's log to say why.)"""
+        try:
+            self._send(everything=everything)
+        except Exception as exc:  # the thread must live on
+            # The type alone: the message may name the collector's URL, credentials and all.
+            log.error("span export failed (%s); its spans are dropped", type(exc).__name__)
 
     def _send(self, *, everything: bool) -> None:
         """Export what is queued in batches: all of it, or until less than a batch is left

@@ -4,15 +4,21 @@ request's framing left out."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
 import trustme
+from opentelemetry.sdk.resources import Resource
 from otlp import Receiver
 
 from gateway.config import TracingConfig
-from gateway.tracing.export import Exporting
+from gateway.errors import ConfigError
+from gateway.tracing.collector import Collector
+from gateway.tracing.encoding import Encoder
+from gateway.tracing.export import THREAD_NAME, Batches, Exporting
 from gateway.tracing.spans import Tracing
 
 
@@ -89,3 +95,74 @@ async def test_a_header_http_cannot_carry_is_left_out_and_its_secret_never_shown
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert warned in logged
     assert "r1t" not in logged.lower()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "env", "source"),
+    [
+        pytest.param(
+            "http://collector..internal:4318", {}, "tracing.endpoint", id="an empty DNS label"
+        ),
+        pytest.param(
+            f"http://{'c' * 64}.internal:4318", {}, "tracing.endpoint", id="a label over 63"
+        ),
+        pytest.param(
+            None,
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:43l8/v1/traces"},
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            id="a port that is not a number",
+        ),
+        pytest.param(
+            None,
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "ftp://collector:21"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            id="a scheme OTLP/HTTP has not",
+        ),
+        pytest.param(
+            None,
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:s3cret@collector..internal"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            id="credentials in a bad URL stay unsaid",
+        ),
+    ],
+)
+def test_a_collector_url_the_exporter_cannot_post_to_is_refused_at_start(
+    endpoint: str | None, env: dict[str, str], source: str
+) -> None:
+    """A collector URL that would fail in the exporter's thread at every export (a host name
+    DNS cannot carry, a port out of range, another scheme) is a configuration error when
+    tracing starts, naming the key or variable that gave it and never the URL's secrets."""
+    with pytest.raises(ConfigError) as refused:
+        Exporting(TracingConfig(enabled=True, endpoint=endpoint), env)
+    assert str(refused.value).startswith(f"{source}: ")
+    assert "s3cret" not in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://collector..internal:4318/v1/traces", id="the resolver refuses"),
+        pytest.param("http://collector:43l8/v1/traces", id="the port cannot be read"),
+    ],
+)
+async def test_an_export_that_fails_unexpectedly_drops_its_spans_and_the_thread_lives_on(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An export that raises what no collector failure was expected to raise (a collector
+    given directly, past the check at start) loses that export's spans, logged, and the
+    exporter's thread goes on: a thread ended by it would drop every later span silently."""
+    resource = Resource.create({"service.name": "waba-gateway"})
+    batches = Batches(
+        Encoder(resource.attributes, "waba-gateway", "test"),
+        Collector(url=url, timeout_s=1.0),
+        {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1", "OTEL_BSP_SCHEDULE_DELAY": "10"},
+    )
+    tracing = Tracing(batches.record, 1.0, batches.record_whole)
+    thread = next(t for t in threading.enumerate() if t.name == THREAD_NAME and t.is_alive())
+    Tracing.end_server(tracing.server_span("/a", {}, None), 200)
+    await asyncio.sleep(0.5)  # fifty schedule delays: the export was tried, and failed
+    assert thread.is_alive()
+    await asyncio.to_thread(batches.shutdown)  # ends the retries' backoff
+    assert batches.exported == 0
+    assert any("dropped" in r.getMessage() for r in caplog.records)
