@@ -139,7 +139,10 @@ def target_attributes(url: str, target: str, kind: str = "http") -> Mapping[str,
         found["http.request.method"] = "POST"
         found["server.address"] = parts.hostname or ""
         found["server.port"] = port
-        found["url.full"] = f"{parts.scheme}://{parts.hostname}:{port}{parts.path or '/'}"
+        host = parts.hostname or ""
+        # An IPv6 address goes in brackets in a URL (RFC 3986, section 3.2.2), as it came.
+        host = f"[{host}]" if ":" in host else host
+        found["url.full"] = f"{parts.scheme}://{host}:{port}{parts.path or '/'}"
     return MappingProxyType(found)
 
 

@@ -311,12 +311,15 @@ def test_broker_attempts_name_their_first_server_and_never_a_password(
     [
         ("http://127.0.0.1:9000/hook", 1, "http://127.0.0.1:9000/hook", None),
         ("https://user:pw@svc.internal/in?token=abc", 3, "https://svc.internal:443/in", 2),
+        ("http://[::1]:9000/hook", 1, "http://[::1]:9000/hook", None),
+        ("https://[fd00::7]/in", 1, "https://[fd00::7]:443/in", None),
     ],
 )
 def test_client_attributes_leave_credentials_and_query_out_and_count_resends(
     url: str, attempt: int, full: str, resend: int | None
 ) -> None:
-    """url.full never carries a password or a query; resend_count only on retries."""
+    """url.full never carries a password or a query, and keeps an IPv6 host in brackets;
+    resend_count only on retries."""
     found = client_attributes(url, "t", "p-1", attempt)
     assert found["url.full"] == full
     assert found.get("http.request.resend_count") == resend
