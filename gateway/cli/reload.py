@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import sys
 
 import aiohttp
@@ -50,13 +51,30 @@ async def _ask(url: str, token: str | None) -> tuple[bool, str]:
             aiohttp.ClientSession(timeout=timeout) as session,
             session.post(url, headers=headers) as response,
         ):
-            if response.content_type == "application/json":
-                body = await response.json()
-                return bool(body.get("ok")), str(body.get("message", ""))
-            text = (await response.text()).strip()
-            return False, f"the gateway answered {response.status}: {text[:200]}"
+            status = response.status
+            is_json = response.content_type == "application/json"
+            # Decoded leniently: what answers on the admin port may not be the gateway at all.
+            text = (await response.read()).decode("utf-8", "replace")
     except (aiohttp.ClientError, TimeoutError) as exc:
         return False, f"cannot reach the gateway's admin listener at {url}: {exc or type(exc)}"
+    shown = _one_line(text)[:200]
+    if not is_json:
+        return False, f"the gateway answered {status}: {shown}"
+    try:
+        body: object = json.loads(text)
+    except ValueError:
+        # A proxy's or another service's error page labelled JSON: not the gateway's answer.
+        return False, f"the gateway answered {status} with invalid JSON: {shown}"
+    if not isinstance(body, dict):
+        return False, f"the gateway answered {status} with JSON that is not an object: {shown}"
+    return bool(body.get("ok")), _one_line(str(body.get("message", "")))
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters and runs of whitespace folded into single spaces, so
+    that the answer stays the one line the command prints."""
+    printable = "".join(char if char.isprintable() else " " for char in text)
+    return " ".join(printable.split())
 
 
 def _reload(args: argparse.Namespace) -> int:

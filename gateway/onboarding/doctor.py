@@ -24,7 +24,13 @@ from OpenSSL import crypto
 from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig, redact_url
 from gateway.delivery.sending import sender_for
 from gateway.edge.tls import build_server_context, stale_crls
-from gateway.errors import CertificateError, OutboxError, TargetError, TargetUnreachable
+from gateway.errors import (
+    CertificateError,
+    GatewayError,
+    OutboxError,
+    TargetError,
+    TargetUnreachable,
+)
 from gateway.onboarding.check import admin_token_warning
 from gateway.onboarding.meta_client import client_context
 from gateway.onboarding.readiness import (
@@ -36,7 +42,7 @@ from gateway.onboarding.readiness import (
     judge_trust,
     known_cas,
 )
-from gateway.onboarding.verify_callback import callback_url, verify
+from gateway.onboarding.verify_callback import callback_url, host_name_problem, verify
 from gateway.outbox import open_outbox
 from gateway.units import SECONDS
 
@@ -164,10 +170,15 @@ async def _reach(target: TargetConfig) -> Finding:
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     where = f"target {target.name!r} at {host}:{port}"
+    problem = host_name_problem(host)
+    if problem is not None:
+        # Never resolvable, so no delivery can reach it: not the outage the outbox rides out.
+        return Finding("FAIL", f"{where}: {problem}", "correct the host in the target's url")
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:
+        # ValueError (UnicodeError is one): the resolver refused the name after all.
         reason = str(exc) or f"no answer within {CONNECT_TIMEOUT_S:g} s"
         return Finding(
             "WARN",
@@ -221,6 +232,12 @@ async def _handshake(url: str, config: Config, ca_file: Path | None) -> Finding:
     # verify-callback's GET and judgment, so both commands agree on what Meta would conclude.
     token = config.meta.verify_tokens[0]
     context = client_context(ca_file, None, None)
-    verdict = await verify(callback_url(url), token, context=context, timeout_s=HANDSHAKE_TIMEOUT_S)
+    try:
+        checked = callback_url(url)
+    except GatewayError as exc:  # the command refuses such a --public-url before diagnosing
+        return Finding(
+            "FAIL", f"handshake not sent: {exc}", "give Meta an https:// URL it can reach"
+        )
+    verdict = await verify(checked, token, context=context, timeout_s=HANDSHAKE_TIMEOUT_S)
     # verify() already masks the token in an echoed body, so it never reaches the terminal.
     return judge_handshake(url, verdict, config.tls.client_auth)

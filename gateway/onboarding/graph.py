@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 
@@ -104,7 +104,10 @@ def validate_graph_url(value: str) -> str:
 
     Plain http to anywhere else would send the access token in clear text.
     """
-    parts = urlsplit(value)
+    try:
+        parts = _split_url(value)
+    except ValueError as exc:
+        raise GraphError(f"--graph-url {value!r}: {exc}", reason="usage") from None
     host = parts.hostname or ""
     if parts.scheme == "https" and host:
         return value.rstrip("/")
@@ -114,6 +117,27 @@ def validate_graph_url(value: str) -> str:
         f"--graph-url {value!r}: expected an https:// URL (http:// only to a loopback host)",
         reason="usage",
     )
+
+
+def _split_url(value: str) -> SplitResult:
+    """``value`` split into its parts, once it is known that a request can be made to it:
+    a ValueError with the reason when its brackets, port or host name are malformed."""
+    parts = urlsplit(value)  # ValueError: an IPv6 address whose '[' is not closed
+    port = parts.port  # ValueError: a port that is not a number in 0..65535
+    if port == 0:
+        raise ValueError("port 0 cannot be connected to")
+    host = parts.hostname or ""
+    try:
+        # The resolver IDNA-encodes the name, and DNS labels are 1 to 63 characters (RFC 1035
+        # section 2.3.4): "graph..facebook.com" would fail only inside the request.
+        host.encode("idna")
+    except UnicodeError as exc:
+        reason = exc.__cause__ or exc
+        raise ValueError(
+            f"host name {host!r} cannot be looked up ({reason}): every label between dots must "
+            "have 1 to 63 characters"
+        ) from None
+    return parts
 
 
 def _is_loopback(host: str) -> bool:
@@ -157,7 +181,12 @@ def build_request(
             "--override-callback-uri and --verify-token must be given together",
             reason="usage",
         )
-    parts = urlsplit(override_callback_uri)
+    try:
+        parts = _split_url(override_callback_uri)
+    except ValueError as exc:
+        raise GraphError(
+            f"--override-callback-uri {override_callback_uri!r}: {exc}", reason="usage"
+        ) from None
     if parts.scheme != "https" or not parts.hostname:
         raise GraphError(
             f"--override-callback-uri {override_callback_uri!r}: expected an https:// URL",
@@ -347,6 +376,11 @@ async def call(
         if isinstance(exc, aiohttp.ClientConnectionError):
             raise GraphError(f"cannot reach {host}: {reason}") from None
         raise GraphError(f"call to {host} failed: {reason}") from None
+    except ValueError as exc:
+        # UnicodeError is one: a host name the resolver cannot encode, should one get past
+        # validate_graph_url. Still one line, never a traceback.
+        reason = redact(one_line(str(exc)), access_token) or type(exc).__name__
+        raise GraphError(f"cannot reach {host}: {reason}") from None
     for line in warnings:
         warn(redact(line, access_token))
     document = _json(body) if 200 <= status < 300 else None

@@ -41,6 +41,8 @@ _FAILURE_KINDS = {
     "tls": "TLS",
     "refused": "connection refused",
     "connection": "connection",
+    # A hang-up is counted with the other connection failures; its example line says which.
+    "closed": "connection",
     "timeout": "timeout",
 }
 
@@ -93,7 +95,9 @@ async def post(
                 reason=response.reason or "",
                 first_line=lines[0] if lines else "",
             )
-    except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError, ValueError) as exc:
+        # ValueError (UnicodeError is one): a host name the resolver cannot encode, should one
+        # get past the check of the URL; an answer all the same, never a traceback.
         kind, message = describe_failure(exc, timeout_s)
         latency_ms = (clock() - started) * 1000
         return Answer(latency_ms=latency_ms, failure=kind, first_line=message, error=exc)

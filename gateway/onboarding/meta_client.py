@@ -207,8 +207,9 @@ def describe_failure(
     exc: BaseException, timeout_s: float, *, sent_certificate: bool = True
 ) -> tuple[str, str]:
     """``(kind, sentence)`` for a request that got no answer: kind is ``tls``, ``refused``,
-    ``timeout`` or ``connection``, the sentence a plain-words reason. ``sent_certificate``: whether
-    a client certificate was presented (a server that requires one may just hang up)."""
+    ``timeout``, ``closed`` (the server hung up after the connection was made) or ``connection``,
+    the sentence a plain-words reason. ``sent_certificate``: whether a client certificate was
+    presented (a server that requires one may just hang up)."""
     if isinstance(exc, TimeoutError):
         return "timeout", f"timeout: no answer within {timeout_s:g} s"
     if isinstance(exc, aiohttp.ClientSSLError) or _verification_error(exc) is not None:
@@ -225,9 +226,13 @@ def describe_failure(
         if not sent_certificate:
             # What a server requiring a client certificate does when it gets none (TLS 1.3).
             message += "; if it requires a client certificate, pass --cert and --key"
-        return "connection", message
-    if isinstance(exc, aiohttp.InvalidURL | aiohttp.ClientResponseError):
-        # Their text holds the URL, and a handshake URL holds the verify token.
+        return "closed", message
+    if isinstance(exc, UnicodeError):
+        # The resolver IDNA-encodes the host name first, and an empty label or one over 63
+        # characters cannot be encoded (RFC 1035 section 2.3.4).
+        return "connection", f"cannot resolve the host name: {exc.__cause__ or exc}"
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.ClientResponseError | ValueError):
+        # Their text may hold the URL, and a handshake URL holds the verify token.
         return "connection", f"request failed: {exc.__class__.__name__}"
     return "connection", f"request failed: {exc}"
 
@@ -244,7 +249,7 @@ async def diagnose(
     ):
         try:
             chain = await presented_chain(host, port, timeout_s=timeout_s)
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, ValueError):
             chain = []
         message = explain_unknown_issuer(chain) or message
     return kind, message

@@ -264,12 +264,15 @@ def judge_handshake(url: str, verdict: Verdict, client_auth: ClientAuth) -> Find
 
     A TLS failure is a WARN: its causes (an untrusted, expired or mismatched certificate) have
     their own lines above, and a listener that requires a client certificate refuses doctor,
-    which has none of Meta's.
+    which has none of Meta's. Only the two ways such a listener refuses are excused: the TLS
+    alert, or (TLS 1.3, where the client's certificate is checked after the handshake) a hang-up
+    once connected. Nothing listening, no answer in time or a name that does not resolve mean
+    no gateway answers there, whatever ``client_auth`` says.
     """
     if verdict.accepted:
         return Finding("OK", f"handshake through {url}: {verdict.message}")
-    refused_client = verdict.kind == "connection" and client_auth == "required"
-    if verdict.message.startswith("client certificate required") or refused_client:
+    hung_up = verdict.kind == "closed" and client_auth == "required"
+    if verdict.message.startswith("client certificate required") or hung_up:
         return Finding(
             "WARN",
             f"handshake not checked: {url} wants a client certificate, and doctor has none",
@@ -284,7 +287,10 @@ def judge_handshake(url: str, verdict: Verdict, client_auth: ClientAuth) -> Find
     todo = {
         "token_refused": "the running gateway lacks this config's first meta.verify_tokens entry: "
         "restart it with this config",
-        "connection": "is the gateway running, and does this address reach it?",
+        **dict.fromkeys(
+            ("refused", "timeout", "closed", "connection"),
+            "is the gateway running, and does this address reach it?",
+        ),
     }.get(verdict.kind, "Meta would not verify this callback")
     return Finding("FAIL", f"handshake through {url}: {verdict.message}", todo)
 

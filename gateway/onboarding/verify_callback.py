@@ -8,7 +8,9 @@ challenge, byte for byte. The verify token is never printed.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import secrets
 import ssl
 from dataclasses import dataclass
@@ -21,15 +23,44 @@ from yarl import URL
 from gateway.errors import GatewayError
 from gateway.onboarding.meta_client import diagnose
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Verdict", "callback_url", "describe_body", "judge", "verify"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "Verdict",
+    "callback_url",
+    "describe_body",
+    "host_name_problem",
+    "judge",
+    "verify",
+]
 
 DEFAULT_TIMEOUT_S = 10.0
 _MAX_BODY_BYTES = 64 * 1024
 _SHOWN_CHARS = 80
 
+# A request without an answer is one of describe_failure's kinds: ``tls``, ``refused`` (nothing
+# listens), ``timeout``, ``closed`` (the server hung up after the connection was made) or
+# ``connection`` (anything else, a name that does not resolve for one).
 Kind = Literal[
-    "verified", "token_refused", "wrong_body", "wrong_status", "not_https", "tls", "connection"
+    "verified",
+    "token_refused",
+    "wrong_body",
+    "wrong_status",
+    "not_https",
+    "tls",
+    "refused",
+    "timeout",
+    "closed",
+    "connection",
 ]
+_FAILURES: dict[str, Kind] = {
+    "tls": "tls",
+    "refused": "refused",
+    "timeout": "timeout",
+    "closed": "closed",
+}
+_TOKEN = "hub.verify_token"  # noqa: S105 (the parameter's name, not a token)
+# The value of hub.verify_token in an echoed query string, however the callback encoded it.
+_TOKEN_PARAMETER = re.compile(rb"(hub\.verify_token=)[^&\s\"'<>]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +89,13 @@ def describe_body(body: bytes, challenge: str) -> str:
         extras = []
         leading = text[: len(text) - len(text.lstrip())]
         trailing = text[len(text.rstrip()) :]
+        # Shortened like the body: up to 64 KiB of whitespace would not make one line.
         if leading:
-            extras.append(f"leading whitespace {leading!r}")
+            extras.append(f"leading whitespace {_shown(leading)}")
         if trailing:
-            extras.append("a trailing newline" if trailing == "\n" else f"trailing {trailing!r}")
+            extras.append(
+                "a trailing newline" if trailing == "\n" else f"trailing {_shown(trailing)}"
+            )
         return f"the body is the challenge with {' and '.join(extras)}"
     if stripped in (f'"{challenge}"', f"'{challenge}'"):
         return f"the body is the challenge in quotes, {_shown(text)}: answer the bare value"
@@ -107,7 +141,8 @@ def judge(status: int, body: bytes, challenge: str) -> Verdict:
 
 
 def callback_url(text: str) -> URL:
-    """``text`` as a URL; a :class:`GatewayError` when it is not an absolute http(s) URL."""
+    """``text`` as a URL; a :class:`GatewayError` when it is not an absolute http(s) URL whose
+    host name can be looked up."""
     try:
         url = URL(text)
         _ = url.port  # a port that is not a number raises ValueError
@@ -115,7 +150,28 @@ def callback_url(text: str) -> URL:
         raise GatewayError(f"URL {text!r}: {exc}") from exc
     if url.scheme not in ("http", "https") or not url.host:
         raise GatewayError(f"URL {text!r}: expected https://host/path")
+    problem = host_name_problem(url.raw_host or "")
+    if problem is not None:
+        raise GatewayError(f"URL {text!r}: {problem}")
     return url
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why the resolver cannot look ``host`` up, or ``None`` when it can.
+
+    The resolver IDNA-encodes the name first, and DNS labels are 1 to 63 characters
+    (RFC 1035 section 2.3.4): a typo such as ``gw..example.com`` makes that encoding fail with a
+    UnicodeError deep inside the request, so it is caught when the URL is read instead.
+    """
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        reason = str(exc.__cause__ or exc)
+        return (
+            f"host name {host!r} cannot be looked up ({reason}): every label between dots must "
+            "have 1 to 63 characters"
+        )
+    return None
 
 
 async def verify(
@@ -131,28 +187,63 @@ async def verify(
     if url.scheme != "https":
         return Verdict("not_https", "not https: Meta only calls https:// callbacks")
     challenge = str(1_000_000_000 + secrets.randbelow(9_000_000_000))
-    query = {"hub.mode": "subscribe", "hub.challenge": challenge, "hub.verify_token": verify_token}
+    query = {"hub.mode": "subscribe", "hub.challenge": challenge, _TOKEN: verify_token}
+    sent = url.extend_query(query)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
             # Redirects are judged, not followed: the callback URL itself must answer.
-            session.get(url.extend_query(query), ssl=context, allow_redirects=False) as response,
+            session.get(sent, ssl=context, allow_redirects=False) as response,
         ):
-            body = await response.content.read(_MAX_BODY_BYTES)
+            body = await _read_body(response.content)
             verdict = judge(response.status, body, challenge)
             if verdict.accepted:
                 return verdict
             # A callback may echo its query string: the body is shown without the token.
-            return judge(response.status, _without_token(body, verify_token), challenge)
-    except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+            return judge(response.status, _without_token(body, verify_token, sent), challenge)
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError, ValueError) as exc:
+        # ValueError (UnicodeError is one): a host name the resolver cannot encode, should one
+        # get past callback_url; a verdict all the same, never a traceback.
         kind, message = await diagnose(
             exc, url.host or "", url.port or 443, timeout_s, sent_certificate=sent_certificate
         )
-        return Verdict("tls" if kind == "tls" else "connection", message)
+        return Verdict(_FAILURES.get(kind, "connection"), message)
 
 
-def _without_token(body: bytes, verify_token: str) -> bytes:
-    for form in {verify_token, quote(verify_token, safe=""), quote_plus(verify_token)}:
+async def _read_body(content: aiohttp.StreamReader) -> bytes:
+    """The whole body, up to one byte past ``_MAX_BODY_BYTES`` (so a longer one still differs
+    from any challenge). ``read(n)`` returns what has arrived so far, and Meta judges the whole
+    body: a challenge followed by a newline in a later write is not the challenge."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= _MAX_BODY_BYTES:
+        chunk = await content.read(_MAX_BODY_BYTES + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _without_token(body: bytes, verify_token: str, sent: URL) -> bytes:
+    """``body`` with every form of the token a callback may echo replaced: as sent (yarl leaves
+    ``/`` alone and percent-encodes ``+`` and ``=``, unlike ``quote``), as the server decoded it,
+    quoted other ways, JSON- or HTML-escaped; and any ``hub.verify_token=`` value left."""
+    forms = {
+        verify_token,
+        quote(verify_token, safe=""),
+        quote_plus(verify_token),
+        json.dumps(verify_token)[1:-1],
+        json.dumps(verify_token)[1:-1].replace("/", "\\/"),
+        html.escape(verify_token),
+    }
+    for query in (sent.raw_query_string, sent.query_string):
+        for pair in query.split("&"):
+            name, _, value = pair.partition("=")
+            if name == _TOKEN:
+                forms.add(value)
+    # Longest first, so that no form leaves part of a longer one behind.
+    for form in sorted(filter(None, forms), key=len, reverse=True):
         body = body.replace(form.encode(), b"<verify token>")
-    return body
+    return _TOKEN_PARAMETER.sub(rb"\1<verify token>", body)

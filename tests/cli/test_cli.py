@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import trustme
+from aiohttp import web
 from config_files import free_port, write_config
 from cryptography import x509
 from helpers import damage_page
 from pki import Pki
+from pytest_aiohttp import AiohttpServer
 
 from gateway.cli import main
 from gateway.cli.reload import admin_url
@@ -441,6 +443,48 @@ def test_reload_without_a_running_gateway_is_exit_1_in_one_line(
         f"error: cannot reach the gateway's admin listener at http://127.0.0.1:{port}/"
     )
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "said"),
+    [
+        pytest.param("application/json", b"[]", "with JSON that is not an object: []", id="array"),
+        pytest.param(
+            "application/json", b'"busy"', 'with JSON that is not an object: "busy"', id="string"
+        ),
+        pytest.param("application/json", b"null", "with JSON that is not an object", id="null"),
+        pytest.param(
+            "application/json", b"<html>\n<b>oops</b>", "with invalid JSON: <html> <b>", id="html"
+        ),
+        pytest.param("text/plain", b"bad \xff gateway\r\nline two", "502: bad", id="not-utf-8"),
+    ],
+)
+async def test_reload_answer_that_is_not_the_gateway_s_is_exit_1_in_one_line(
+    pki: Pki,
+    tmp_path: Path,
+    secret_env: None,
+    aiohttp_server: AiohttpServer,
+    capsys: pytest.CaptureFixture[str],
+    content_type: str,
+    body: bytes,
+    said: str,
+) -> None:
+    """Something else on the admin port (a proxy's error page, another service) answering
+    anything but the gateway's JSON object: one line saying what came back, exit 1."""
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(status=502, body=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_post("/admin/reload", answer)
+    server = await aiohttp_server(app)
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x", admin_port=server.port)
+    assert await asyncio.to_thread(main, ["reload", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: the gateway answered 502")
+    assert said in captured.err
+    assert captured.err.count("\n") == 1
 
 
 def test_reload_with_the_admin_listener_off_names_the_key(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 from callbacks import APP_SECRET, gateway_config, refused_url, running_gateway, stored_bodies
 from helpers import sink_target
@@ -18,7 +19,14 @@ from sink import Sink
 from gateway.cli import main
 from gateway.devfiles import config_path
 from gateway.errors import GatewayError
-from gateway.onboarding.loadgen import Answer, make_unique, meta_headers, percentile, tally
+from gateway.onboarding.loadgen import (
+    Answer,
+    make_unique,
+    meta_headers,
+    percentile,
+    post,
+    tally,
+)
 from gateway.runtime import dev
 from gateway.signing import verify_signature
 
@@ -270,6 +278,8 @@ async def test_reports_untrusted_server_without_its_ca(
         ["https://127.0.0.1:9/webhook", "PAYLOAD", "--unique", "--app-secret", "s"],
         ["https://127.0.0.1:9/webhook", "PAYLOAD"],
         ["ftp://127.0.0.1/webhook", "PAYLOAD", "--app-secret", "s"],
+        ["https://gw..example.com/webhook", "PAYLOAD", "--app-secret", "s"],
+        ["https://" + "a" * 64 + ".example.com/webhook", "PAYLOAD", "--app-secret", "s"],
         ["--dev", "--dev-dir", "no-such-dir"],
     ],
 )
@@ -279,14 +289,27 @@ def test_refuses_bad_input_with_exit_2(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Unreadable payload, missing secret, bad count, --unique without wamid, bad URL: exit 2."""
+    """Unreadable payload, missing secret, bad count, --unique without wamid, bad URL (a host
+    name with an empty label or one over 63 characters among them): one line, exit 2."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WABA_APP_SECRET", raising=False)
     Path("PAYLOAD").write_bytes(b'{"field": "account_update"}')
     assert main(["send", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ")
+    assert captured.err.count("\n") == 1
     assert captured.out == ""
+
+
+async def test_a_host_the_resolver_cannot_encode_is_an_answer_not_an_exception() -> None:
+    """Should such a URL reach the POST without the check, it is a failed answer all the same,
+    counted as a connection error in a load report."""
+    async with aiohttp.ClientSession() as session:
+        answer = await post(
+            session, "https://gw..example.com/webhook", PAYLOAD, APP_SECRET, timeout_s=5
+        )
+    assert answer.first_line.startswith("cannot resolve the host name: ")
+    assert tally([answer], 1.0).errors == {"connection": 1}
 
 
 async def test_gateway_accepts_every_example_payload(

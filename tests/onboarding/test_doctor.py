@@ -25,7 +25,7 @@ from pki import Pki
 from gateway.cli import main
 from gateway.config import META_CLIENT_CN, ClientAuth, load_config
 from gateway.edge.tls import client_ca_subjects
-from gateway.onboarding.doctor import verify_chain
+from gateway.onboarding.doctor import diagnose, verify_chain
 from gateway.onboarding.readiness import (
     SHIPPED_CAS,
     Finding,
@@ -366,8 +366,15 @@ def test_optional_client_auth_says_what_to_do_next(pki: Pki) -> None:
         ("wrong_body", "wrong body: HTTP 200, but the body is empty", "optional", "FAIL"),
         ("token_refused", "verify token refused: HTTP 403", "optional", "FAIL"),
         ("wrong_status", "unexpected status: HTTP 404", "optional", "FAIL"),
-        ("connection", "connection refused: nothing listens", "optional", "FAIL"),
-        ("connection", "the server closed the connection", "required", "WARN"),
+        ("connection", "cannot resolve gw.example.com", "optional", "FAIL"),
+        ("refused", "connection refused: nothing listens", "optional", "FAIL"),
+        # Only a hang-up once connected, or the TLS alert, is how a listener asks for a client
+        # certificate: nothing listening or no answer is no gateway, whatever client_auth says.
+        ("refused", "connection refused: nothing listens", "required", "FAIL"),
+        ("timeout", "timeout: no answer within 10 s", "required", "FAIL"),
+        ("connection", "cannot resolve gw.example.com", "required", "FAIL"),
+        ("closed", "the server closed the connection", "required", "WARN"),
+        ("closed", "the server closed the connection", "optional", "FAIL"),
         ("tls", "client certificate required: the server wants one", "required", "WARN"),
         ("tls", "untrusted server certificate: it is self-signed", "optional", "WARN"),
     ],
@@ -378,6 +385,26 @@ def test_judges_the_handshake(
     """OK only for the exact challenge; TLS trouble is reported where it comes from."""
     verdict = Verdict(kind, message)
     assert judge_handshake("https://gw.example.com/webhook", verdict, client_auth).level == level
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("refused", "connection refused: nothing listens on 127.0.0.1:8443"),
+        ("timeout", "timeout: no answer within 10 s"),
+        ("connection", "cannot resolve gw.example.com: Name or service not known"),
+    ],
+)
+@pytest.mark.parametrize("client_auth", ["off", "optional", "required"])
+def test_no_gateway_answering_asks_whether_it_runs(
+    kind: Kind, message: str, client_auth: ClientAuth
+) -> None:
+    """Nothing listening, no answer in time or a name that does not resolve: a FAIL asking
+    whether the gateway runs, never excused as a listener wanting a client certificate."""
+    finding = judge_handshake("https://gw.example.com/webhook", Verdict(kind, message), client_auth)
+    assert finding.level == "FAIL"
+    assert finding.what == f"handshake through https://gw.example.com/webhook: {message}"
+    assert finding.todo == "is the gateway running, and does this address reach it?"
 
 
 # -- the whole report -----------------------------------------------------------------------------
@@ -483,6 +510,49 @@ def test_unreachable_target_is_a_warning(
     assert any(line.startswith("WARN target 'inbox'") for line in _report(capsys))
 
 
+@pytest.mark.parametrize("host", ["inbox..internal", "a" * 64 + ".internal", ".inbox.internal"])
+def test_target_host_that_cannot_be_looked_up_fails_in_one_line(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    """A host name with an empty label or one over 63 characters can never be resolved, so no
+    delivery reaches it: a FAIL line naming the target (exit 1), not an outage to wait out."""
+    url = f"http://{host}:{free_port()}/hook"
+    code = main(["doctor", "--config", str(_config(tmp_path, pki, target_url=url))])
+    (line,) = [line for line in _report(capsys) if "target 'inbox'" in line]
+    assert code == 1
+    assert line.startswith(f"FAIL target 'inbox' at {host}:"), line
+    assert f"host name {host!r} cannot be looked up" in line
+    assert line.endswith("correct the host in the target's url")
+
+
+async def test_a_public_url_no_request_can_be_made_to_is_a_finding(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The command refuses such a --public-url; diagnose() given one reports it as a FAIL."""
+    config = load_config(_config(tmp_path, pki))
+    url = "https://gw..example.com/webhook"
+    findings = await diagnose(config, datetime.now(UTC), public_url=url)
+    (handshake,) = [finding for finding in findings if "handshake" in finding.what]
+    assert handshake.level == "FAIL"
+    assert handshake.what.startswith("handshake not sent: URL ")
+    assert "'gw..example.com' cannot be looked up" in handshake.what
+
+
+@pytest.mark.parametrize("client_auth", ["optional", "required"])
+def test_nothing_listening_fails_the_handshake_whatever_client_auth_says(
+    tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str], client_auth: ClientAuth
+) -> None:
+    """With no gateway running at the public URL, doctor does not take the refused connection
+    for a listener wanting a client certificate: FAIL, "is the gateway running", exit 1."""
+    url = f"https://localhost:{free_port()}/webhook"
+    args = ["doctor", "--config", str(_config(tmp_path, pki, client_auth=client_auth))]
+    code = main([*args, "--public-url", url, "--ca-file", str(pki.server_ca_file)])
+    (line,) = [line for line in _report(capsys) if line[5:].startswith("handshake")]
+    assert line.startswith(f"FAIL handshake through {url}: connection refused: "), line
+    assert line.endswith("is the gateway running, and does this address reach it?")
+    assert code == 1
+
+
 def test_unwritable_outbox_fails(
     tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -524,17 +594,21 @@ def test_key_of_another_certificate_fails(
     [
         ["--public-url", "http://localhost/webhook"],
         ["--public-url", "localhost/webhook"],
+        ["--public-url", "https://gw..example.com/webhook"],
+        ["--public-url", "https://" + "a" * 64 + ".example.com/webhook"],
         ["--ca-file", "absent-ca.pem"],
     ],
 )
 def test_bad_options_are_usage_errors(
     tmp_path: Path, pki: Pki, options: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A non-https callback (Meta calls https only) or a missing CA file: exit 2, no report."""
+    """A non-https callback (Meta calls https only), a host name that cannot be looked up (an
+    empty label, one over 63 characters) or a missing CA file: one line, exit 2, no report."""
     assert main(["doctor", "--config", str(_config(tmp_path, pki)), *options]) == 2
     output = capsys.readouterr()
     assert output.out == ""
     assert output.err.startswith("error: ")
+    assert output.err.count("\n") == 1
 
 
 def test_host_outside_the_certificate_fails(

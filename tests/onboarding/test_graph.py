@@ -300,6 +300,9 @@ def test_builds_bodyless_requests(action: graph.Action, method: str) -> None:
         ("subscribe", "https://example.com/hook", "", "must be given together"),
         ("subscribe", "http://example.com/hook", "t", "expected an https:// URL"),
         ("subscribe", "https:///hook", "t", "expected an https:// URL"),
+        ("subscribe", "https://[gw/hook", "t", "Invalid IPv6 URL"),
+        ("subscribe", "https://gw.example.com:99999/hook", "t", "Port out of range"),
+        ("subscribe", "https://gw..example.com/hook", "t", "'gw..example.com' cannot be looked up"),
         ("subscribe", "https://example.com/" + "a" * 181, "t", "201 characters long"),
         ("clear-override", "https://example.com/hook", "t", "clear-override takes no override"),
     ],
@@ -307,7 +310,8 @@ def test_builds_bodyless_requests(action: graph.Action, method: str) -> None:
 def test_rejects_bad_overrides(
     action: graph.Action, uri: str | None, token: str | None, expected: str
 ) -> None:
-    """An incomplete, non-https or over-long override is a usage error before any request."""
+    """An incomplete, non-https, malformed or over-long override is a usage error before any
+    request."""
     with pytest.raises(GraphError, match=expected) as caught:
         graph.build_request(
             action, "42", api_version="v21.0", override_callback_uri=uri, verify_token=token
@@ -355,6 +359,42 @@ def test_rejects_graph_urls_that_would_expose_the_token(value: str) -> None:
     with pytest.raises(GraphError, match="--graph-url") as caught:
         graph.validate_graph_url(value)
     assert caught.value.reason == "usage"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("https://[::1", "Invalid IPv6 URL"),
+        ("https://graph.facebook.com:99999", "Port out of range"),
+        ("https://graph.facebook.com:http", "Port could not be cast"),
+        ("https://graph.facebook.com:0", "port 0"),
+        ("https://graph..facebook.com", "host name 'graph..facebook.com' cannot be looked up"),
+        ("https://" + "a" * 64 + ".facebook.com", "every label between dots must have 1 to 63"),
+        ("http://127.0.0.1:65536", "Port out of range"),
+    ],
+)
+def test_rejects_graph_urls_no_request_can_be_made_to(value: str, reason: str) -> None:
+    """Unclosed brackets, a port outside 1..65535 or a host name with an empty or over-long
+    label is a usage error naming why, not a failure of the call later."""
+    with pytest.raises(GraphError, match="--graph-url") as caught:
+        graph.validate_graph_url(value)
+    assert caught.value.reason == "usage"
+    assert reason in str(caught.value)
+
+
+async def test_a_call_to_a_host_the_resolver_cannot_encode_is_one_failure_line() -> None:
+    """Should such a host get past the check, the call still ends in one GraphError line."""
+    request = graph.build_request("list", "42", api_version="v21.0")
+    with pytest.raises(GraphError, match=r"^cannot reach graph\.\.facebook\.com: ") as caught:
+        await graph.call(
+            request,
+            graph_url="https://graph..facebook.com",
+            access_token="EAAGsecret",
+            timeout_s=5,
+            warn=print,
+        )
+    assert caught.value.reason == "failure"
+    assert "\n" not in str(caught.value)
 
 
 def test_redacts_every_occurrence_of_a_secret() -> None:

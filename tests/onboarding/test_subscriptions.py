@@ -498,6 +498,46 @@ async def test_plain_http_graph_url_to_another_host_is_refused(
     assert err.startswith("error: --graph-url 'http://graph.facebook.com'")
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        pytest.param(["--graph-url", "https://[::1"], "--graph-url", id="graph-url-unclosed-ipv6"),
+        pytest.param(
+            ["--graph-url", "https://graph.facebook.com:99999"],
+            "--graph-url",
+            id="graph-url-port-out-of-range",
+        ),
+        pytest.param(
+            ["--graph-url", "https://graph..facebook.com"],
+            "--graph-url",
+            id="graph-url-empty-label",
+        ),
+        pytest.param(
+            ["--override-callback-uri", "https://[gw", "--verify-token", "t"],
+            "--override-callback-uri",
+            id="override-unclosed-ipv6",
+        ),
+        pytest.param(
+            ["--override-callback-uri", "https://gw..example.com/hook", "--verify-token", "t"],
+            "--override-callback-uri",
+            id="override-empty-label",
+        ),
+    ],
+)
+async def test_malformed_url_option_exits_2_in_one_line_without_a_request(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], options: list[str], named: str
+) -> None:
+    """A URL no request can be made to (unclosed IPv6 bracket, port out of range, a host name
+    with an empty label) is a bad option value: one line naming the option, exit 2, no call."""
+    argv = ["subscribe", WABA, "--access-token", TOKEN, "--graph-url", fake_graph.url, *options]
+    assert await asyncio.to_thread(main, argv) == 2
+    assert fake_graph.requests == []
+    out, err = output(capsys)
+    assert out == ""
+    assert err.startswith(f"error: {named} ")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", ["subscribe", "subscriptions", "unsubscribe", "clear-override"])
 def test_help_lists_the_exit_codes(capsys: pytest.CaptureFixture[str], command: str) -> None:
     """Every command's --help ends with the exit codes a script can rely on."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import re
 import ssl
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from callbacks import (
 from ci import unavailable
 from cryptography import x509
 from pki import Pki
+from yarl import URL
 
 from gateway.cli import main
 from gateway.onboarding.meta_client import (
@@ -33,7 +37,7 @@ from gateway.onboarding.meta_client import (
     describe_failure,
     explain_unknown_issuer,
 )
-from gateway.onboarding.verify_callback import judge
+from gateway.onboarding.verify_callback import judge, verify
 
 CHALLENGE = "1158201444"
 UNKNOWN_ISSUER = "untrusted server certificate or incomplete chain:"
@@ -76,6 +80,15 @@ def test_judges_answers_as_meta_does(status: int, body: bytes, kind: str, words:
     assert words in verdict.message
 
 
+def test_shortens_long_whitespace_around_the_challenge() -> None:
+    """Up to 64 KiB of whitespace around the challenge is named, not printed in full."""
+    verdict = judge(200, b" " * 1000 + CHALLENGE.encode() + b" " * 65_000, CHALLENGE)
+    assert verdict.kind == "wrong_body"
+    assert "leading whitespace '     " in verdict.message
+    assert "trailing '     " in verdict.message
+    assert len(verdict.message) < 400
+
+
 @pytest.mark.parametrize(
     ("code", "message", "label"),
     [
@@ -115,11 +128,11 @@ def test_names_a_missing_client_certificate() -> None:
     [
         (TimeoutError(), True, "timeout", "timeout: no answer within 2 s"),
         (verify_error(10, "certificate has expired"), True, "tls", "expired server certificate:"),
-        (aiohttp.ServerDisconnectedError(), True, "connection", "the server closed"),
+        (aiohttp.ServerDisconnectedError(), True, "closed", "the server closed"),
         (
             aiohttp.ClientOSError(errno.ECONNRESET, "reset"),
             False,
-            "connection",
+            "closed",
             "the server closed",
         ),
         (aiohttp.InvalidURL("https://x/?hub.verify_token=secret"), True, "connection", "request"),
@@ -319,6 +332,100 @@ async def test_never_prints_the_verify_token_a_callback_echoes(
     assert "<verify token>" in out
 
 
+@pytest.mark.parametrize(
+    ("writes", "code", "words"),
+    [
+        pytest.param(
+            ["{challenge}", "\n"], 1, "the challenge with a trailing newline", id="newline"
+        ),
+        pytest.param(["{challenge}", " ", "ok"], 1, "the challenge among other text", id="text"),
+        pytest.param(["{head}", "{tail}"], 0, "verified:", id="split"),
+    ],
+)
+async def test_judges_the_whole_body_however_it_is_written(
+    pki: Pki,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    writes: list[str],
+    code: int,
+    words: str,
+) -> None:
+    """Meta compares the whole body with the challenge: what a callback writes after a pause
+    counts (the challenge, then a newline, is refused), and a challenge written in two parts is
+    still the challenge."""
+    leaf = pki.server_ca.issue_cert("127.0.0.1")
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    context = server_context(tmp_path, chain, leaf.private_key_pem.bytes())
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        challenge = request.query["hub.challenge"]
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        for part in writes:
+            text = part.format(challenge=challenge, head=challenge[:4], tail=challenge[4:])
+            await response.write(text.encode())
+            await asyncio.sleep(0.2)  # each write arrives on its own
+        await response.write_eof()
+        return response
+
+    async with serving(answer, context) as url:
+        exit_code = await verify_callback(
+            url, "--verify-token", VERIFY_TOKEN, "--ca-file", str(pki.server_ca_file)
+        )
+    out = capsys.readouterr().out
+    assert exit_code == code, out
+    assert words in out
+
+
+def _raw_token(request: web.Request) -> str:
+    """hub.verify_token as it came over the wire, percent-encoded by the sender."""
+    query = request.raw_path.partition("?")[2]
+    pairs = (pair.partition("=") for pair in query.split("&"))
+    return next(value for name, _, value in pairs if name == "hub.verify_token")
+
+
+ECHOES: dict[str, Callable[[web.Request], str]] = {
+    "raw-query": lambda request: request.raw_path.partition("?")[2],
+    "raw-value": _raw_token,
+    "decoded-value": lambda request: request.query["hub.verify_token"],
+    "json": lambda request: json.dumps({"token": request.query["hub.verify_token"]}),
+}
+
+
+@pytest.mark.parametrize("echo", ECHOES)
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("Zm9v/YmFy+c2VjcmV0==", id="base64"),
+        pytest.param("s3cr3t pass&word=42", id="space-ampersand"),
+        pytest.param("pässwörd/ümlaut", id="non-ascii"),
+    ],
+)
+async def test_never_prints_any_form_of_a_verify_token_a_callback_echoes(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str], token: str, echo: str
+) -> None:
+    """A callback echoing the token raw (as the request sent it: '/' as is, '+' and '=' as
+    %2B and %3D), decoded or in JSON shows up with the token masked, and no part of it is
+    printed."""
+    leaf = pki.server_ca.issue_cert("127.0.0.1")
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    context = server_context(tmp_path, chain, leaf.private_key_pem.bytes())
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=ECHOES[echo](request))
+
+    async with serving(answer, context) as url:
+        code = await verify_callback(
+            url, "--verify-token", token, "--ca-file", str(pki.server_ca_file)
+        )
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert code == 1
+    assert "<verify token>" in printed
+    pieces = {*re.findall(r"\w{4,}", token), *re.findall(r"[A-Za-z0-9]{4,}", token)}
+    assert [piece for piece in pieces if piece in printed] == [], printed
+
+
 async def test_reports_incomplete_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A server sending its leaf without the intermediate fails; with it, it verifies."""
     root = trustme.CA()
@@ -410,9 +517,54 @@ def test_refuses_plain_http_as_meta_does(capsys: pytest.CaptureFixture[str]) -> 
         ["https://example.com/webhook", "--verify-token", "t", "--cert", "client.pem"],
         ["https://example.com/webhook", "--verify-token", "t", "--ca-file", "/nonexistent.pem"],
         ["https://example.com/webhook", "--verify-token", "t", "--timeout-s", "0"],
+        ["https://gw..example.com/webhook", "--verify-token", "t"],
+        ["https://" + "a" * 64 + ".example.com/webhook", "--verify-token", "t"],
     ],
 )
 def test_refuses_bad_input_with_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    """A malformed URL, empty token, half a client certificate or unreadable CA file: exit 2."""
+    """A malformed URL (a host name with an empty label or one over 63 characters among them),
+    empty token, half a client certificate or unreadable CA file: one line, exit 2."""
     assert main(["verify-callback", *argv]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
+
+
+async def test_a_host_the_resolver_cannot_encode_is_a_verdict_not_an_exception() -> None:
+    """Should such a URL reach verify() without callback_url, the answer is still a verdict."""
+    verdict = await verify(
+        URL("https://gw..example.com/webhook"),
+        "t",
+        context=ssl.create_default_context(),
+        timeout_s=5,
+    )
+    assert verdict.kind == "connection"
+    assert verdict.message.startswith("cannot resolve the host name: ")
+
+
+async def test_tells_nothing_listening_from_no_answer() -> None:
+    """A refused connection and a server that never answers are kinds of their own, so that
+    doctor can tell them from a listener that hangs up on a client without a certificate."""
+    refused = await verify(
+        URL(refused_url()), "t", context=ssl.create_default_context(), timeout_s=5
+    )
+    silent: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        timed_out = await verify(
+            URL(f"https://127.0.0.1:{port}/webhook"),
+            "t",
+            context=ssl.create_default_context(),
+            timeout_s=0.2,
+        )
+    finally:
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert (refused.kind, timed_out.kind) == ("refused", "timeout")
