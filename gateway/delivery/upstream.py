@@ -198,7 +198,9 @@ class Upstream:
                 ssl=self._ssl,
                 server_hostname=self._host if self._ssl else None,
             )
-        except OSError as exc:  # refused, unreachable, TLS failure (ssl.SSLError is an OSError)
+        # Refused, unreachable, TLS failure (ssl.SSLError is an OSError); or a host name the
+        # resolver will not encode (an empty or over-long label: UnicodeError, a ValueError).
+        except (OSError, ValueError) as exc:
             raise UpstreamError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return connection
 

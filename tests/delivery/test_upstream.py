@@ -179,6 +179,20 @@ async def test_refused_connection_and_garbage_are_upstream_errors(upstream_to: U
         await refused.post({}, b"{}", 5)
 
 
+@pytest.mark.parametrize(
+    "host", ["inbox..internal", f"{'x' * 64}.internal"], ids=["an empty label", "a label over 63"]
+)
+async def test_a_host_name_the_resolver_refuses_is_an_upstream_error(host: str) -> None:
+    """A target host DNS cannot carry makes each attempt fail as unreachable (the dispatcher
+    retries it, then dead-letters), never an exception out of the sender."""
+    upstream = Upstream(f"http://{host}:8080/hook")
+    try:
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await upstream.post({}, b"{}", 5)
+    finally:
+        await upstream.close()
+
+
 async def test_silent_target_times_out(upstream_to: UpstreamTo) -> None:
     """A target that never answers raises TimeoutError after timeout_s."""
 
