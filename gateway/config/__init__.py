@@ -31,8 +31,10 @@ from gateway.config.model import (
     TargetKind,
     TlsConfig,
     TracingConfig,
+    nats_servers,
     redact_servers,
     redact_url,
+    without_user_info,
 )
 
 __all__ = [
@@ -58,6 +60,8 @@ __all__ = [
     "default_config_path",
     "load_admin_config",
     "load_config",
+    "nats_servers",
     "redact_servers",
     "redact_url",
+    "without_user_info",
 ]

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from gateway.units import DAYS, MINUTES, SECONDS, MiB
 
@@ -37,8 +37,10 @@ __all__ = [
     "TargetKind",
     "TlsConfig",
     "TracingConfig",
+    "nats_servers",
     "redact_servers",
     "redact_url",
+    "without_user_info",
 ]
 
 
@@ -147,24 +149,74 @@ class OutboxConfig:
 
 def redact_url(url: str) -> str:
     """``url`` with its password, if any (also a ``?password=`` parameter), replaced by ``***``:
-    how messages show a database."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    query = _PASSWORD_PARAMETER.sub(r"\1***", parts.query)
-    return urlunsplit(parts._replace(query=query))
-
-
-_PASSWORD_PARAMETER = re.compile(r"((?:^|&)password=)[^&]*")
+    how messages show a database. The user name stays, to tell one login from another."""
+    head, info, rest = _user_info(_PASSWORD_PARAMETER.sub(r"\1***", url))
+    if info is not None:
+        user, has_password, _ = info.partition(":")
+        rest = f"{user}:***@{rest}" if has_password else f"{info}@{rest}"
+    return head + rest
 
 
 def redact_servers(url: str) -> str:
-    """:func:`redact_url` for each server of a comma-separated list (NATS takes several)."""
-    return ",".join(redact_url(server) for server in url.split(","))
+    """A target's URL (a NATS target's list of servers) as messages and ``repr`` show it: each
+    server's user info, whole, as ``***``. Unlike a database's user, it may be the secret
+    itself (a NATS token is the user part: ``nats://TOKEN@host``)."""
+    shown = []
+    for server in nats_servers(url):
+        head, info, rest = _user_info(_PASSWORD_PARAMETER.sub(r"\1***", server))
+        shown.append(head + ("" if info is None else "***@") + rest)
+    return ",".join(shown)
+
+
+def nats_servers(url: str) -> list[str]:
+    """The servers of a NATS target's ``url``: separated by commas, each starting with its
+    scheme. A comma not followed by a scheme belongs to the server before it (a password may
+    hold one), so a server missing its scheme is refused with the one before it, never taken
+    for a host of its own."""
+    return [server.strip() for server in _NEXT_SERVER.split(url)]
+
+
+def without_user_info(url: str) -> tuple[str, str | None]:
+    """``url`` without its user info, and the user info (None if it has none)."""
+    head, info, rest = _user_info(url)
+    return head + rest, info
+
+
+# A comma that starts another server: the next one's scheme follows it.
+_NEXT_SERVER = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*")
+# Schemes whose URLs have no '@' but in their user info: a broker's (a NATS URL has no path;
+# a Redis one the database number, its query a few options). An '@' anywhere in one of them
+# ends its user info, even past a character that ends the authority ('#', '/', '?'), which a
+# password may hold. An HTTP or database URL may have one in its path or query.
+_AT_ONLY_IN_USER_INFO = frozenset({"redis", "rediss", "nats", "tls"})
+
+
+def _user_info(url: str) -> tuple[str, str | None, str]:
+    """(``scheme://``, the user info or None, the rest after its ``@``). When the URL cannot be
+    read as one (a character that ends the authority in a password, no scheme), everything
+    before the last ``@`` is taken for the user info: shown, it would be a secret's, in part."""
+    scheme, sep, rest = url.partition("://")
+    head = scheme + sep if sep else ""
+    if not sep:
+        rest = url
+    at = rest.rfind("@")
+    if at < 0:
+        return head, None, rest
+    if sep and scheme.lower() not in _AT_ONLY_IN_USER_INFO:
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises ValueError for a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is not None and parts.hostname:
+            # Read as a URL: its user info ends at the last '@' of its authority, which ends
+            # at the first '/', '?' or '#'.
+            ends = [found for found in map(rest.find, "/?#") if found >= 0]
+            at = rest.rfind("@", 0, min(ends, default=len(rest)))
+            if at < 0:
+                return head, None, rest
+    return head, rest[:at], rest[at + 1 :]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

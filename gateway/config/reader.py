@@ -18,7 +18,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from gateway.config.model import redact_url
+from gateway.config.model import redact_servers
 from gateway.config.rules import DEFAULT_RULES, RULES, SECRETS, URLS
 from gateway.errors import ConfigError
 
@@ -151,10 +151,10 @@ class Reader:
         valid, expected = RULES.get(name) or DEFAULT_RULES.get(hint, (lambda _: True, ""))
         if not valid(result):
             # The expanded text, or the number as written (`0`, not `0.0`); a URL without
-            # its password (a target's URL may carry one).
+            # its user info (a target's URL may carry a password or a token).
             shown = result if isinstance(result, str) and not secret else value
             if name in URLS and isinstance(shown, str):
-                shown = redact_url(shown)
+                shown = redact_servers(shown)
             raise self.error(key, shown, expected, secret=secret)
         return result
 

@@ -9,6 +9,7 @@ Rule: pure predicates and tables, keyed by the key's name without its index
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import ipaddress
 import re
 from collections.abc import Callable
@@ -27,7 +28,9 @@ __all__ = [
     "admin_exposure",
     "installed",
     "is_loopback",
+    "is_nats_subject",
     "is_server_url",
+    "redis_url_refusal",
 ]
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -65,6 +68,64 @@ def is_server_url(text: str, schemes: tuple[str, ...]) -> bool:
         return False
     has_space = any(char.isspace() for char in text)
     return parts.scheme in schemes and bool(parts.hostname) and not has_space
+
+
+def is_nats_subject(text: str) -> bool:
+    """A subject a message can be published to: tokens separated by '.', none of them empty,
+    without white space (the protocol's separator: the server drops the connection) or the
+    wildcards '*' and '>' (a subscription's, never a message's)."""
+    return all(
+        token and not any(char.isspace() or char in "*>" for char in token)
+        for token in text.split(".")
+    )
+
+
+def redis_url_refusal(url: str) -> str | None:
+    """Why redis-py would refuse the options in the query of ``url`` (a redis:// or rediss://
+    URL), or None: read as the sender's driver reads it, by its own parse_url, each option a
+    keyword of its connection pool or of the connection class the scheme takes. redis-py
+    passes on what it does not know, and the connection refuses it at each connect: checked
+    here, the error is one line at load rather than a failure of every batch."""
+    if not urlsplit(url).query:
+        return None  # only the query holds options; the rest was checked as a server URL
+    # Imported only here, for a Redis target with options: the driver is the adapter's to load.
+    from redis.asyncio.connection import (
+        Connection,
+        ConnectionPool,
+        SSLConnection,
+        parse_url,
+    )
+
+    try:
+        options: dict[str, object] = dict(parse_url(url))
+    except (TypeError, ValueError) as exc:
+        reason = str(exc).rstrip(".")  # "Invalid value for 'db' in connection URL."
+        return reason[:1].lower() + reason[1:]
+    connection = options.pop("connection_class", Connection)
+    assert isinstance(connection, type)
+    unknown = sorted(set(options) - _keywords(ConnectionPool) - _keywords(connection))
+    if not unknown:
+        return None
+    if all(name in _keywords(SSLConnection) for name in unknown):
+        return f"{unknown[0]!r} is an option of rediss:// (TLS) URLs only"
+    return f"{unknown[0]!r} is not an option redis-py takes"
+
+
+def _keywords(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes: its own, and each base's that it passes
+    ``**kwargs`` on to."""
+    names: set[str] = set()
+    for each in cls.__mro__:
+        init = each.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names.update(
+            p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names - {"self", "connection_class"}
 
 
 def installed(module: str) -> bool:
@@ -146,6 +207,11 @@ RULES: dict[str, Rule] = {
         "an http:// or https:// URL",
     ),
     "tracing.sample_ratio": (lambda value: 0 <= value <= 1, "a number from 0 to 1"),
+    "targets.subject": (
+        is_nats_subject,
+        "a NATS subject to publish to: tokens separated by '.', none empty, without white"
+        " space or the wildcards '*' and '>'",
+    ),
     "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
     "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
     "targets.retry_schedule_s": (

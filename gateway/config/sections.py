@@ -1,6 +1,7 @@
 """The configuration's tables one by one, and the rules between their keys: a client CA
 for client certificates, a token for an admin listener beyond loopback, unique target names, each
-target kind's own keys and extra.
+target kind's own keys and extra, one set of credentials for a NATS target's servers, and only
+options its driver takes in a Redis target's URL.
 
 Rule: each check raises a :class:`~gateway.errors.ConfigError` naming the file and the key at
 fault (the one the file set, where two keys disagree).
@@ -9,6 +10,7 @@ fault (the one the file set, where two keys disagree).
 from __future__ import annotations
 
 import importlib.util
+import re
 from typing import Any, Literal, TypeVar, get_type_hints
 
 from gateway.config.model import (
@@ -23,7 +25,9 @@ from gateway.config.model import (
     TargetConfig,
     TlsConfig,
     TracingConfig,
+    nats_servers,
     redact_servers,
+    without_user_info,
 )
 from gateway.config.reader import Reader
 from gateway.config.rules import (
@@ -33,6 +37,7 @@ from gateway.config.rules import (
     admin_exposure,
     installed,
     is_server_url,
+    redis_url_refusal,
 )
 from gateway.config.sampling import SamplerUnknown, sample_ratio
 from gateway.errors import ConfigError
@@ -175,9 +180,15 @@ class ConfigReader(Reader):
         for name, path in files.items():
             if path is not None and not target.url.startswith("https://"):
                 # A file that would never be used is a mistake the operator should hear of.
-                # The URL as shown anywhere else: without the password it may carry.
+                # The URL as shown anywhere else: without the user info it may carry.
                 shown = redact_servers(target.url)
-                expected = f"no TLS file for an http:// target ({key}.url = {shown!r})"
+                scheme, sep, _ = target.url.partition("://")
+                if sep and scheme.isalnum():
+                    article = "an" if scheme == "http" else "a"  # "an http://", "a tls://"
+                    what = f"{article} {scheme}:// target"
+                else:
+                    what = "a target whose URL is not https://"
+                expected = f"no TLS file for {what} ({key}.url = {shown!r})"
                 raise self.error(f"{key}.{name}", str(path), expected)
         if (target.cert_file is None) != (target.key_file is None):
             given, missing = ("cert_file", "key_file")[:: 1 if target.key_file is None else -1]
@@ -193,8 +204,8 @@ class ConfigReader(Reader):
         url = redact_servers(target.url)
         schemes = KIND_SCHEMES[kind]
         # NATS clients take several servers, separated by commas; the others one.
-        servers = target.url.split(",") if kind == "nats" else [target.url]
-        if not all(is_server_url(server.strip(), schemes) for server in servers):
+        servers = nats_servers(target.url) if kind == "nats" else [target.url]
+        if not all(is_server_url(server, schemes) for server in servers):
             article = "an" if kind == "http" else "a"  # "an http://", "a redis://"
             expected = f"{article} " + " or ".join(f"{scheme}://" for scheme in schemes) + " URL"
             if kind == "nats":
@@ -203,7 +214,7 @@ class ConfigReader(Reader):
                 expected += f" with kind = {kind!r}"
             # As written when it has ${NAME} references: they may hold a broker's password.
             written = raw.get("url") if isinstance(raw, dict) else None
-            shown = written if isinstance(written, str) and "${" in written else url
+            shown = _as_written(written) if isinstance(written, str) and "${" in written else url
             raise self.error(f"{key}.url", shown, expected)
         required, optional = KIND_KEYS[kind]
         for each in required:
@@ -221,3 +232,33 @@ class ConfigReader(Reader):
                 f"{self.source}: {key}.kind = {kind!r} needs the {extra[0]!r} extra, which is not"
                 f" installed: pip install 'waba-gateway[{extra[0]}]'"
             )
+        if kind == "nats":
+            # The gateway sends one set of credentials to whichever server it connects to
+            # (nats-py alone would send each server's own, none to a server written without).
+            given = {info for _, info in map(without_user_info, servers) if info}
+            if len(given) > 1:
+                raise ConfigError(
+                    f"{self.source}: {key}.url: its servers carry different credentials: write"
+                    " them once, on one server, and the gateway uses them for every server"
+                )
+        if kind == "redis":
+            refusal = redis_url_refusal(target.url)
+            if refusal is not None:
+                expected = f"a redis:// or rediss:// URL whose options redis-py takes: {refusal}"
+                raise self.error(f"{key}.url", url, expected)
+
+
+_REFERENCES_ONLY = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|:)+")
+
+
+def _as_written(url: str) -> str:
+    """A target's URL as the file writes it, for a message: each server's user info shown only
+    when it is nothing but ${NAME} references, which name a secret without holding it."""
+    shown = []
+    for server in nats_servers(url):
+        redacted = redact_servers(server)
+        info = without_user_info(server)[1]
+        if info is not None and _REFERENCES_ONLY.fullmatch(info):
+            redacted = redacted.replace("***@", f"{info}@", 1)
+        shown.append(redacted)
+    return ",".join(shown)

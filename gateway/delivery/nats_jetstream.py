@@ -40,7 +40,7 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client
 
-from gateway.config import TargetConfig
+from gateway.config import TargetConfig, nats_servers, without_user_info
 from gateway.delivery.headers import delivery_headers
 from gateway.errors import TargetError, TargetUnreachable
 from gateway.outbox import Delivery
@@ -145,7 +145,24 @@ class JetStreamSender:
         assert target.subject is not None  # load_config requires it with kind = "nats"
         self.target = target
         self._subject = target.subject
-        self._servers = [server.strip() for server in target.url.split(",")]
+        # nats-py sends each server's own user info, so a server written without (the second
+        # of "nats://USER:PASSWORD@a:4222,nats://b:4222") would get none: the credentials are
+        # taken from the server that carries them and sent to whichever one is connected to
+        # (load_config refuses servers carrying different ones), and to those the cluster
+        # announces.
+        servers = [without_user_info(server) for server in nats_servers(target.url)]
+        self._servers = [server for server, _ in servers]
+        info = next((info for _, info in servers if info), None)
+        self._user: str | None = None
+        self._password: str | None = None
+        self._token: str | None = None
+        if info is not None:
+            # As nats-py reads a URL's: a user and a password, or a token alone; as written.
+            user, has_password, password = info.partition(":")
+            if has_password:
+                self._user, self._password = user, password
+            else:
+                self._token = info
         self._client: _Client | None = None
         self._inbox = b""  # the reply subjects' prefix on the current connection
         self._connecting = asyncio.Lock()
@@ -178,6 +195,9 @@ class JetStreamSender:
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
+                        user=self._user,
+                        password=self._password,
+                        token=self._token,
                     )
                     # One inbox for every reply on this connection; nats-py subscribes it
                     # again, with the same id, on a reconnect.
@@ -260,8 +280,11 @@ class JetStreamSender:
             return results
         batch.left = len(tokens)
         try:
-            await _publish(client, b"".join(parts))
+            # The write too: it waits for room in the socket's buffer, which a broker that
+            # stops reading (frozen, partitioned) never makes. What was written goes on when it
+            # reads again; a retry meanwhile is dropped as a duplicate by its Nats-Msg-Id.
             async with asyncio.timeout(self.target.timeout_s):
+                await _publish(client, b"".join(parts))
                 await batch.done
         except TimeoutError:
             pass
@@ -327,13 +350,14 @@ async def _publish(client: Client, data: bytes) -> None:
     if not client.is_connected or client._transport is None:
         raise nats.errors.ConnectionReconnectingError
     # Behind whatever nats-py has queued (the reply subscription's SUB first), never ahead:
-    # the flusher writes the same list, so whichever runs first writes it all, in order.
-    await client._send_command(data)
+    # the flusher writes the same list, so whichever runs first writes it all, in order. Not
+    # through nats-py's _send_command, which over max_pending_size waits for the flusher in a
+    # way that swallows a cancellation, the deadline of send_many's timeout.
     pending, client._pending, client._pending_data_size = client._pending, [], 0
-    if pending:  # empty if _send_command flushed it all itself (over max_pending_size)
-        client._transport.writelines(pending)
-        # Returns at once unless the socket's buffer is full (nats-py leaves it untyped).
-        await client._transport.drain()  # type: ignore[no-untyped-call]
+    pending.append(data)
+    client._transport.writelines(pending)
+    # Returns at once unless the socket's buffer is full (nats-py leaves it untyped).
+    await client._transport.drain()  # type: ignore[no-untyped-call]
 
 
 def _reason(exc: BaseException) -> str:

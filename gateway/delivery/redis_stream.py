@@ -23,6 +23,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import hiredis
@@ -133,19 +134,27 @@ class RedisStreamSender:
         self._stream = target.stream
         trim = () if target.maxlen is None else (b"MAXLEN", b"~", b"%d" % target.maxlen)
         self._head = (b"XADD", target.stream.encode(), *trim, b"*")
-        self._client = aioredis.Redis.from_url(
-            target.url,
+        options: dict[str, Any] = {
             # No socket_timeout (redis-py 8 sets 5 s unless told): it wraps every write in
             # asyncio.wait_for, a task and a timer per batch; one deadline per batch
             # (send_many, warm, probe) bounds each exchange instead.
-            socket_timeout=None,
+            "socket_timeout": None,
             # No max_connections: the dispatcher bounds the batches in flight (one connection
             # each); a pool cap would fail a batch at the cap instead of waiting.
-            socket_connect_timeout=target.timeout_s,
+            "socket_connect_timeout": target.timeout_s,
             # RESP2: nothing comes on the connection that was not asked for (RESP3 may send
             # push messages between replies), so a batch's replies are exactly its next ones.
-            protocol=2,
-        )
+            "protocol": 2,
+        }
+        # Options in the URL's query that redis-py refuses: load_config refuses them, but a
+        # target built otherwise fails each delivery (and probe) with the reason, for good,
+        # rather than the process or every batch raising.
+        self._refused: str | None = None
+        try:
+            self._client = aioredis.Redis.from_url(target.url, **options)
+        except ValueError as exc:  # a value redis-py cannot read ("?db=x")
+            self._refused = _refusal(exc)
+            self._client = aioredis.Redis(**options)  # never used: nothing is sent
         # Connections this sender holds between batches, each taken by one batch at a time.
         self._idle: list[AbstractConnection] = []
 
@@ -155,6 +164,9 @@ class RedisStreamSender:
         attempts: Sequence[int],
         trace_headers: Sequence[Mapping[str, str]] | None = None,
     ) -> list[AttemptResult]:
+        if self._refused is not None:
+            refused = AttemptResult(error=f"redis: {self._refused}", permanent=True)
+            return [refused] * len(deliveries)
         now = time.time()
         fields = [
             delivery_headers(delivery, self.target, attempt, now)
@@ -170,6 +182,8 @@ class RedisStreamSender:
         except TimeoutError:
             failed = AttemptResult(error=f"redis: timed out after {self.target.timeout_s:g}s")
             return [failed] * len(deliveries)
+        except _Refused as exc:
+            return [AttemptResult(error=str(exc), permanent=True)] * len(deliveries)
         except (RedisError, OSError) as exc:
             failed = AttemptResult(error=f"redis: {type(exc).__name__}: {exc}"[:300])
             return [failed] * len(deliveries)
@@ -214,22 +228,35 @@ class RedisStreamSender:
             await connection.disconnect()
             await self._client.connection_pool.release(connection)
         pool = self._client.connection_pool
-        fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except (TypeError, ValueError) as exc:
+            # The connection class refuses an option of the URL's query: so it will each time.
+            raise _Refused(f"redis: {_refusal(exc)}") from exc
         return fresh
 
     async def warm(self) -> None:
+        if self._refused is not None:
+            return
         try:
             async with asyncio.timeout(self.target.timeout_s):
                 await self._client.ping()
         except (RedisError, OSError, TimeoutError):
             pass  # down now: the deliveries wait and are retried
+        except (TypeError, ValueError):
+            pass  # an option of the URL refused: each delivery says so
 
     async def probe(self) -> str:
         where = f"target {self.target.name!r}: redis {_host(self.target.url)}"
+        if self._refused is not None:
+            raise TargetError(f"{where}: {self._refused}")
         try:
             async with asyncio.timeout(self.target.timeout_s):
                 kind = await self._client.type(self._stream)
                 length = await self._client.xlen(self._stream) if kind == b"stream" else 0
+        except (TypeError, ValueError) as exc:
+            # Raised by redis-py making the connection: an option of the URL it refuses.
+            raise TargetError(f"{where}: {_refusal(exc)}") from exc
         except TimeoutError as exc:
             raise TargetUnreachable(
                 f"{where}: no answer within {self.target.timeout_s:g}s"
@@ -247,6 +274,16 @@ class RedisStreamSender:
         for connection in idle:
             await self._client.connection_pool.release(connection)
         await self._client.aclose()
+
+
+class _Refused(RedisError):
+    """redis-py refuses to make a connection with the URL's options: no retry can change it."""
+
+
+def _refusal(exc: BaseException) -> str:
+    """The reason redis-py gave for refusing the URL's options. Its messages name the option,
+    never the URL or a value."""
+    return f"the URL's options are not redis-py's: {type(exc).__name__}: {exc}"[:280]
 
 
 def _host(url: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import hiredis
@@ -350,3 +351,39 @@ async def test_nats_batches_written_at_once_and_together_are_each_stored_once(
     received = await destination.received("together")
     ids = sorted(r.headers["X-Gateway-Delivery-Id"] for r in received)
     assert ids == sorted(d.id for batch in batches for d in batch)
+
+
+async def test_nats_writes_to_a_broker_that_stops_reading_end_within_timeout_s(
+    nats: BrokerServer,
+) -> None:
+    """Batches out together to a frozen broker, more than the loopback socket buffers hold: a
+    batch's write waits for room under the same deadline as its acknowledgements, so each one
+    is a failed attempt after timeout_s rather than a wait for the broker to read again; once it
+    does, deliveries go on (what was written meanwhile is stored once, by its Nats-Msg-Id)."""
+    destination = NatsDestination(nats)
+    await destination.reset()
+    sender = JetStreamSender(destination.target("stalled", timeout_s=0.5))
+    big = b"x" * 200_000
+    batches = [
+        [pending_delivery(n * 10 + i, big, prefix="s") for i in range(4)] for n in range(1, 9)
+    ]
+    try:
+        (first,) = await sender.send_many([pending_delivery(0, prefix="s")], [1])
+        assert first.accepted
+        with nats.frozen():
+            started = time.monotonic()
+            sending = asyncio.gather(*(sender.send_many(batch, [1] * 4) for batch in batches))
+            answers = await asyncio.wait_for(sending, 10)
+            took = time.monotonic() - started
+        assert took < 2, f"{took:.1f}s with timeout_s = 0.5"
+        assert all(not r.accepted and not r.permanent for rs in answers for r in rs), answers
+        assert not sender._waiting
+        for attempt in range(1, 6):  # the broker may take a while over what it has to read
+            (again,) = await sender.send_many([pending_delivery(100, prefix="s")], [attempt])
+            if again.accepted:
+                break
+        assert again.accepted, again
+    finally:
+        await asyncio.wait_for(sender.close(), 10)
+    ids = [r.headers["X-Gateway-Delivery-Id"] for r in await destination.received("stalled")]
+    assert len(ids) == len(set(ids))

@@ -31,6 +31,7 @@ from test_forwarding import BATCH, TARGET_SECRET, envelope, gateway_signature
 
 from gateway.cli import main
 from gateway.config import TargetConfig
+from gateway.delivery.nats_jetstream import JetStreamSender
 from gateway.delivery.redis_stream import RedisStreamSender, result_of
 from gateway.delivery.sending import sender_for
 from gateway.errors import TargetError, TargetUnreachable
@@ -376,3 +377,96 @@ async def test_stream_key_holding_another_type_is_a_dead_letter_at_once(
     assert all(d.attempts == 1 for d in dead)
     assert all("WRONGTYPE" in (d.last_error or "") for d in dead)
     assert len(await destination.received("fine")) == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "credentials"),
+    [
+        pytest.param(("--user", "gw", "--pass", "broker-pass-1"), "gw:broker-pass-1", id="user"),
+        pytest.param(("--user", "gw", "--pass", "pa55,w0rd"), "gw:pa55,w0rd", id="comma"),
+        pytest.param(("--auth", "T0ken-1"), "T0ken-1", id="token"),
+    ],
+)
+async def test_nats_credentials_written_once_reach_the_server_failed_over_to(
+    options: tuple[str, ...], credentials: str
+) -> None:
+    """README's form of a NATS target: the credentials on the first server of the list, the
+    second written without. With the first down, the gateway connects to the second with the
+    same credentials (a user and password, one holding a comma, or a token) and delivers."""
+    with nats_server(*options) as one, nats_server(*options) as two:
+        for server in (one, two):
+            client = await nats_connect(f"nats://{credentials}@127.0.0.1:{server.port}")
+            await client.jetstream().add_stream(name="CRED", subjects=["cred.>"])
+            await client.close()
+        url = f"nats://{credentials}@127.0.0.1:{one.port},nats://127.0.0.1:{two.port}"
+        target = TargetConfig(name="t", kind="nats", url=url, subject="cred.x", timeout_s=2)
+        sender = JetStreamSender(target)
+        try:
+            one.down()
+            results: list[AttemptResult] = []
+            for attempt in (1, 2, 3):  # the first may go to the server that is down
+                results += await sender.send_many([pending_delivery(1)], [attempt])
+                if results[-1].accepted:
+                    break
+            assert results[-1].accepted, [r.error for r in results]
+            client = await nats_connect(f"nats://{credentials}@127.0.0.1:{two.port}")
+            try:
+                assert (await client.jetstream().stream_info("CRED")).state.messages == 1
+            finally:
+                await client.close()
+        finally:
+            await sender.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        pytest.param("?ssl_cert_reqs=required", "ssl_cert_reqs", id="tls-option-on-redis"),
+        pytest.param("?sockettimeout=5", "sockettimeout", id="misspelt"),
+        pytest.param("?socket_timeout=abc", "socket_timeout", id="not-a-number"),
+    ],
+)
+async def test_redis_url_options_redis_py_refuses_fail_each_delivery_for_good(
+    redis: BrokerServer, query: str, reason: str
+) -> None:
+    """A target built without load_config (which refuses them) whose URL has an option
+    redis-py's connection refuses: the sender does not raise; each delivery is a dead letter
+    naming the option, ``probe`` a TargetError (``check``'s one line), ``warm`` quiet."""
+    url = f"redis://:hidden-pw@127.0.0.1:{redis.port}/0{query}"
+    sender = RedisStreamSender(TargetConfig(name="t", kind="redis", url=url, stream="s"))
+    try:
+        await sender.warm()
+        for _ in range(2):  # and again: nothing was left half made
+            results = await sender.send_many([pending_delivery(1), pending_delivery(2)], [1, 1])
+            assert all(r.permanent and not r.accepted for r in results), results
+            assert all(reason in (r.error or "") for r in results), results
+        with pytest.raises(TargetError, match=reason) as info:
+            await sender.probe()
+        assert type(info.value) is TargetError  # not "unreachable": retrying cannot help
+        assert "hidden-pw" not in str(info.value)
+        assert not any("hidden-pw" in (r.error or "") for r in results)
+    finally:
+        await sender.close()
+
+
+@pytest.mark.parametrize(
+    "query", ["?ssl_cert_reqs=required", "?sockettimeout=5", "?socket_timeout=abc"]
+)
+async def test_check_refuses_a_redis_url_option_redis_py_refuses_in_one_line(
+    pki: Pki,
+    tmp_path: Path,
+    redis: BrokerServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    query: str,
+) -> None:
+    """`check` (as `serve`) stops at the configuration, one line naming the key, instead of a
+    traceback from the driver."""
+    monkeypatch.setenv("TEST_APP_SECRET", APP_SECRET)
+    extra = 'kind = "redis"\nstream = "whatsapp"'
+    config = write_config(pki, tmp_path, target_url=f"{redis.url}/0{query}", extra=extra)
+    assert await asyncio.to_thread(main, ["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {config}: targets[0].url = 'redis://127.0.0.1:{redis.port}/0")
+    assert "expected a redis:// or rediss:// URL whose options redis-py takes" in err

@@ -1019,6 +1019,8 @@ def test_outbox_url_of_another_scheme_is_refused_without_showing_it(
             "postgresql://waba@/waba?host=/run/pg&password=***",
         ),
         ("postgresql://db/waba", "postgresql://db/waba"),
+        ("postgresql://waba:pa55#w0rd@db/waba", "postgresql://waba:***@db/waba"),
+        ("postgresql://waba:pa55/w0rd@db/waba", "postgresql://waba:***@db/waba"),
     ],
 )
 def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
@@ -1160,8 +1162,8 @@ def test_a_setting_whose_extra_is_not_installed_is_refused_naming_the_extra(
                 "targets[0].ca_file": '"ca"',
             },
             "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for an http:// target"
-            " (targets[0].url = 'http://crm:***@crm.example/hook')",
-            id="ca-file-on-http-the-url-s-password-hidden",
+            " (targets[0].url = 'http://***@crm.example/hook')",
+            id="ca-file-on-http-the-url-s-user-info-hidden",
         ),
         pytest.param(
             {**TARGET, "targets[0].cert_file": '"client.pem"'},
@@ -1362,14 +1364,196 @@ def test_broker_url_takes_its_password_from_the_environment_and_never_shows_it(
     assert "'nats://:${REDIS_PASSWORD}@cache.internal:6380'" in message
 
 
-def test_every_password_of_several_nats_servers_is_hidden() -> None:
-    """repr shows each server of a NATS URL list, each password as ***."""
+def test_every_user_info_of_several_nats_servers_is_hidden() -> None:
+    """repr shows each server of a NATS URL list, each one's user info as ***."""
     target = TargetConfig(
         name="bus", kind="nats", url="nats://u:pw1@a:4222,nats://u:pw2@b:4222", subject="x"
     )
-    assert "nats://u:***@a:4222,nats://u:***@b:4222" in repr(target)
+    assert "nats://***@a:4222,nats://***@b:4222" in repr(target)
     assert "pw1" not in repr(target)
     assert "pw2" not in repr(target)
+
+
+TOKEN = "S3cr3tT0kenXYZ"
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        pytest.param(
+            {**NATS, "targets[0].url": f'"nats://{TOKEN}@nats-1:4222,nats-2:4222"'},
+            "<file>: targets[0].url = 'nats://***@nats-1:4222,nats-2:4222': expected a nats://"
+            " or tls:// URL (several separated by commas) with kind = 'nats'",
+            id="nats-token-in-a-server-list-missing-a-scheme",
+        ),
+        pytest.param(
+            {
+                **NATS,
+                "targets[0].url": f'"tls://{TOKEN}@nats-1:4222"',
+                "targets[0].ca_file": '"ca"',
+            },
+            "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for a tls:// target"
+            " (targets[0].url = 'tls://***@nats-1:4222')",
+            id="nats-token-beside-a-tls-file",
+        ),
+        pytest.param(
+            {
+                **NATS,
+                "targets[0].url": f'"nats://gw:pa55,{TOKEN}@127.0.0.1:4222"',
+                "targets[0].cert_file": '"client.pem"',
+            },
+            "<file>: targets[0].cert_file = '<dir>/client.pem': expected no TLS file for a"
+            " nats:// target (targets[0].url = 'nats://***@127.0.0.1:4222')",
+            id="nats-password-holding-a-comma",
+        ),
+        pytest.param(
+            {**REDIS, "targets[0].url": f'"redis://:pa55#{TOKEN}@127.0.0.1:6379/0"'},
+            "<file>: targets[0].url = 'redis://***@127.0.0.1:6379/0': expected a redis:// or"
+            " rediss:// URL with kind = 'redis'",
+            id="redis-password-holding-a-hash",
+        ),
+        pytest.param(
+            {**REDIS, "targets[0].url": f'"rediss://gw:pa55/{TOKEN}@cache:6380/0"'},
+            "<file>: targets[0].url = 'rediss://***@cache:6380/0': expected a redis:// or"
+            " rediss:// URL with kind = 'redis'",
+            id="redis-password-holding-a-slash",
+        ),
+        pytest.param(
+            {
+                **TARGET,
+                "targets[0].url": f'"http://crm:pa55?{TOKEN}@crm.example/hook"',
+                "targets[0].ca_file": '"ca"',
+            },
+            "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for an http:// target"
+            " (targets[0].url = 'http://***@crm.example/hook')",
+            id="http-password-holding-a-question-mark",
+        ),
+        pytest.param(
+            {**NATS, "targets[0].url": f'"nats://{TOKEN}@${{NATS_HOST}}:x"'},
+            "<file>: targets[0].url = 'nats://***@${NATS_HOST}:x': expected a nats:// or tls://"
+            " URL (several separated by commas) with kind = 'nats'",
+            id="written-url-with-a-reference-and-a-literal-token",
+        ),
+    ],
+)
+def test_target_url_errors_never_show_its_user_info(
+    tmp_path: Path, entries: Entries, message: str
+) -> None:
+    """A target URL's user info may be the secret itself (a NATS token), or a password holding
+    a character that ends a URL's authority ('#', '/', '?') or a comma: messages show none of
+    it, and a TLS file refused is said to be so for the URL's own scheme."""
+    shown = rejection(tmp_path, {**TARGET, **entries}, {"NATS_HOST": "nats-1"})
+    assert TOKEN not in shown
+    assert shown.replace(str(tmp_path), "<dir>") == message
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["waba..events", "waba events", "waba.>", "*", "waba.*.x", ".waba", "waba.", "waba\\tx"],
+)
+def test_rejects_a_nats_subject_no_message_can_be_published_to(
+    tmp_path: Path, subject: str
+) -> None:
+    """An empty token, white space or a wildcard: JetStream never stores such a message (or the
+    server drops the connection), so the file is refused, naming the key."""
+    entries = {**TARGET, **NATS, "targets[0].url": '"nats://n:4222"'}
+    message = rejection(tmp_path, {**entries, "targets[0].subject": f'"{subject}"'})
+    shown = subject.replace("\\t", "\t")
+    assert message == (
+        f"<file>: targets[0].subject = {shown!r}: expected a NATS subject to publish to:"
+        " tokens separated by '.', none empty, without white space or the wildcards '*' and '>'"
+    )
+
+
+@pytest.mark.parametrize("subject", ["waba", "waba.events", "WABA_in-1.$x.é"])
+def test_accepts_a_nats_subject_of_plain_tokens(tmp_path: Path, subject: str) -> None:
+    entries = {**TARGET, **NATS, "targets[0].url": '"nats://n:4222"'}
+    (target,) = load(tmp_path, {**entries, "targets[0].subject": f'"{subject}"'}).targets
+    assert target.subject == subject
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://gw:${PW}@nats-1:4222,nats://nats-2:4222",
+        "nats://nats-1:4222,nats://gw:${PW}@nats-2:4222",
+        "nats://gw:${PW}@nats-1:4222,nats://gw:${PW}@nats-2:4222",
+        "nats://${PW}@nats-1:4222,tls://nats-2:4222",
+    ],
+)
+def test_nats_credentials_may_be_written_once_or_alike_on_every_server(
+    tmp_path: Path, url: str
+) -> None:
+    entries = {**TARGET, **NATS, "targets[0].url": f'"{url}"'}
+    (target,) = load(tmp_path, entries, {"PW": SECRET}).targets
+    assert target.url == url.replace("${PW}", SECRET)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://gw:${PW}@nats-1:4222,nats://gw:other@nats-2:4222",
+        "nats://gw:${PW}@nats-1:4222,nats://${PW}@nats-2:4222",
+    ],
+)
+def test_rejects_nats_servers_carrying_different_credentials(tmp_path: Path, url: str) -> None:
+    """The gateway sends one set of credentials to whichever server it connects to: which of
+    two was meant is a guess."""
+    message = rejection(tmp_path, {**TARGET, **NATS, "targets[0].url": f'"{url}"'}, {"PW": SECRET})
+    assert message == (
+        "<file>: targets[0].url: its servers carry different credentials: write them once, on"
+        " one server, and the gateway uses them for every server"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        pytest.param(
+            "?ssl_cert_reqs=required",
+            "'ssl_cert_reqs' is an option of rediss:// (TLS) URLs only",
+            id="tls-option-on-redis-scheme",
+        ),
+        pytest.param(
+            "?socket_timeout=abc",
+            "invalid value for 'socket_timeout' in connection URL",
+            id="not-a-number",
+        ),
+        pytest.param(
+            "?sockettimeout=5", "'sockettimeout' is not an option redis-py takes", id="misspelt"
+        ),
+        pytest.param(
+            "?socket_timeout=5&password=${PW}&x=1",
+            "'x' is not an option redis-py takes",
+            id="password-parameter-hidden",
+        ),
+    ],
+)
+def test_rejects_redis_url_options_redis_py_refuses(
+    tmp_path: Path, query: str, reason: str
+) -> None:
+    """Read as redis-py reads them, each option one its connection takes: otherwise every
+    connection the sender makes fails."""
+    url = f"redis://:${{PW}}@cache:6379/0{query}"
+    message = rejection(tmp_path, {**TARGET, **REDIS, "targets[0].url": f'"{url}"'}, {"PW": SECRET})
+    shown = f"redis://***@cache:6379/0{query}".replace("${PW}", "***")
+    assert message == (
+        f"<file>: targets[0].url = {shown!r}: expected a redis:// or rediss:// URL whose"
+        f" options redis-py takes: {reason}"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://cache:6379/0?socket_keepalive=true&health_check_interval=10&client_name=gw",
+        "rediss://cache:6380/0?ssl_cert_reqs=required&ssl_check_hostname=false",
+        "redis://cache:6379/0?max_connections=50",
+    ],
+)
+def test_accepts_redis_url_options_redis_py_takes(tmp_path: Path, url: str) -> None:
+    (target,) = load(tmp_path, {**TARGET, **REDIS, "targets[0].url": f'"{url}"'}).targets
+    assert target.url == url
 
 
 def test_target_options_are_the_target_settings() -> None:
