@@ -64,6 +64,9 @@ def is_server_url(text: str, schemes: tuple[str, ...]) -> bool:
     try:
         parts = urlsplit(text)
         _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
+        # A host name DNS can carry: the resolver encodes it with IDNA, which refuses an empty
+        # label or one over 63 characters (UnicodeError, a ValueError) at every connection.
+        (parts.hostname or "").encode("idna")
     except ValueError:
         return False
     has_space = any(char.isspace() for char in text)

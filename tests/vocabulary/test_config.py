@@ -538,6 +538,11 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
             '"http://crm:99999/"',
             "url = 'http://crm:99999/': expected an http:// or https:// URL",
         ),
+        (
+            "url",
+            '"http://inbox..internal:8080/hook"',
+            "url = 'http://inbox..internal:8080/hook': expected an http:// or https:// URL",
+        ),
         ("name", '""', "name = '': expected a non-empty string"),
         ("attempts", "0", "attempts = 0: expected an integer >= 1"),
         ("timeout_s", "0", "timeout_s = 0: expected a number > 0"),
@@ -1245,6 +1250,12 @@ def test_tracing_section_takes_otel_variables_where_it_is_silent(
             {"tracing.endpoint": '"collector:4318"'},
             {},
             "<file>: tracing.endpoint = 'collector:4318': expected an http:// or https:// URL",
+        ),
+        (
+            {"tracing.endpoint": '"http://collector..internal:4318"'},
+            {},
+            "<file>: tracing.endpoint = 'http://collector..internal:4318': expected an http://"
+            " or https:// URL",
         ),
         (
             {"tracing.sample_ratio": "1.5"},
