@@ -33,7 +33,9 @@ class Sessions:
         self._ended: set[str] = set()  # signed out before their time
 
     def _mac(self, purpose: str, value: str) -> str:
-        return hmac.new(self._key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+        # surrogateescape: a cookie's undecodable bytes come back as they were sent.
+        message = f"{purpose}:{value}".encode("utf-8", "surrogateescape")
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def issue(self) -> str:
         """A new session cookie value."""
@@ -50,7 +52,7 @@ class Sessions:
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
         if not (sid and issued.isascii() and issued.isdigit() and mac):
             return None
-        if not hmac.compare_digest(mac, self._mac("session", payload)):
+        if not _same(mac, self._mac("session", payload)):
             return None
         if not 0 <= self._clock() - int(issued) < SESSION_TTL_S or sid in self._ended:
             return None
@@ -65,7 +67,7 @@ class Sessions:
         return self._mac("csrf", sid)
 
     def csrf_ok(self, sid: str, presented: str | None) -> bool:
-        return presented is not None and hmac.compare_digest(presented, self.csrf(sid))
+        return presented is not None and _same(presented, self.csrf(sid))
 
     def presession(self) -> tuple[str, str]:
         """``(cookie value, form token)`` for a sign-in form."""
@@ -75,4 +77,11 @@ class Sessions:
     def presession_ok(self, cookie: str | None, presented: str | None) -> bool:
         if not cookie or presented is None:
             return False
-        return hmac.compare_digest(presented, self._mac("sign-in", cookie))
+        return _same(presented, self._mac("sign-in", cookie))
+
+
+def _same(presented: str, expected: str) -> bool:
+    """Whether ``presented`` (from a request: a cookie, a form field) is ``expected``, in
+    constant time. Compared as bytes: ``hmac.compare_digest`` raises TypeError for a str with
+    a character outside ASCII, which anyone may send."""
+    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected.encode())

@@ -22,6 +22,7 @@ from importlib import resources
 from urllib.parse import quote, urlencode
 
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from gateway.admin.console import pages
 from gateway.admin.console.facts import certificate_facts
@@ -198,7 +199,7 @@ class Console:
             raise Forbidden("sign in first")
         _SID.set(sid)
         if request.method == "POST":
-            presented = (await request.post()).get("csrf")
+            presented = (await _form(request)).get("csrf")
             if not signer.csrf_ok(sid, presented if isinstance(presented, str) else None):
                 raise Forbidden("missing or wrong CSRF token; reload the page and try again")
         response = await handler(request)
@@ -214,7 +215,7 @@ class Console:
         return self._sign_in_page(request, local_redirect(request.query.get("next")), None, 200)
 
     async def sign_in(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await _form(request)
         next_path = local_redirect(str(form.get("next", "/")))
         token = self._current().admin.token
         signer = self._sessions(request)
@@ -348,3 +349,14 @@ def _listing_query(query: Mapping[str, str]) -> tuple[State | None, str | None, 
     if number is None or not 1 <= number <= 100_000:
         raise BadRequest("page must be an integer from 1")
     return state, query.get("target") or None, number
+
+
+async def _form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """The request's form, or BadRequest: aiohttp raises ValueError (UnicodeDecodeError among
+    them) or LookupError for a body it cannot read (multipart without its boundary, a charset
+    Python does not know), which would otherwise be a 500 with a traceback, for anyone who can
+    reach the port, before sign-in."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError) as exc:
+        raise BadRequest(f"the form could not be read ({type(exc).__name__})") from None
