@@ -43,7 +43,7 @@ from gateway.delivery.pacing import Pacing
 from gateway.delivery.reporting import IGNORE, Observer, report
 from gateway.delivery.retention import Retention
 from gateway.errors import OutboxError
-from gateway.outbox import Delivery, Outbox
+from gateway.outbox import Delivery, KeepsLeases, Outbox
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
@@ -141,6 +141,11 @@ class Dispatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._warming: list[asyncio.Task[None]] = []
+        # A shared outbox leases this gateway's deliveries to it while it lives: told which
+        # targets it still sends to, it lets go of the rest (a target a reload removed here
+        # may be another gateway's still, and would otherwise never reach it).
+        self._leases = outbox if isinstance(outbox, KeepsLeases) else None
+        self._keep_leases()
 
     def wake(self) -> None:
         """Look for due deliveries now (called after a notification was stored by another
@@ -224,8 +229,18 @@ class Dispatcher:
                 self._lanes[name] = Lane.open(target, tls.get(name))
             elif lane.target != target or name in tls:
                 self._retired.add(lane.renew(target, tls.get(name)), self._batches)
+        self._keep_leases()
         self._backlog = True
         self._wake.set()
+
+    def _keep_leases(self) -> None:
+        """Tell a shared outbox the targets whose leases to keep: those configured, and those
+        removed with batches still out (a lease let go meanwhile would let another gateway send
+        what this one is sending). The leases on a removed target's other deliveries (queued
+        and dropped by _forget, or leased here when they were accepted and never started) go
+        once its last batch has ended."""
+        if self._leases is not None:
+            self._leases.keep_leases({*self._lanes, *self._leaving})
 
     def _forget(self, name: str) -> None:
         lane = self._lanes.pop(name)
@@ -422,6 +437,7 @@ class Dispatcher:
         name = lane.target.name
         if not lane.load and self._leaving.get(name) is lane:
             del self._leaving[name]
+            self._keep_leases()
         if self._backlog or name in self._pacing.ordered:
             # An ordered target's next delivery of each conversation waits for this outcome.
             self._wake.set()

@@ -13,7 +13,7 @@ from gateway.outbox.backends import (
     hold_outbox,
     open_outbox,
 )
-from gateway.outbox.interface import AcceptsSoon, Outbox, Settles, settle_from
+from gateway.outbox.interface import AcceptsSoon, KeepsLeases, Outbox, Settles, settle_from
 from gateway.outbox.model import (
     STATES,
     AttemptRecord,
@@ -38,6 +38,7 @@ __all__ = [
     "DeadLetter",
     "Delivered",
     "Delivery",
+    "KeepsLeases",
     "Outbox",
     "OutboxHold",
     "Outcome",

@@ -31,7 +31,7 @@ from gateway.outbox.model import (
     State,
 )
 
-__all__ = ["AcceptsSoon", "Outbox", "Settles", "settle_from"]
+__all__ = ["AcceptsSoon", "KeepsLeases", "Outbox", "Settles", "settle_from"]
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -266,4 +266,19 @@ class AcceptsSoon(Protocol):
         into: Settles[T],
     ) -> None:
         """:meth:`accept_soon`, settling ``into`` instead of a future of its own."""
+        ...
+
+
+@runtime_checkable
+class KeepsLeases(Protocol):
+    """What a backend shared by several gateways offers besides :class:`Outbox`: its gateway
+    leases the deliveries it claims and accepts, and keeps them while it lives, so none of the
+    others sends them. The dispatcher says which targets it still sends to (its own, and those
+    a reload removed while batches are still out for them), at start and whenever that
+    changes; the leases on any other target's deliveries are let go."""
+
+    def keep_leases(self, targets: Collection[str]) -> None:
+        """Keep, from now on, only the leases on deliveries to ``targets``, and let go of this
+        gateway's others soon (not waiting for them to run out), for the gateways that send to
+        those targets to claim. Until it is first called, every lease is kept."""
         ...

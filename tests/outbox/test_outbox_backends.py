@@ -229,6 +229,9 @@ async def test_attempt_history_get_and_backlog(outbox: Outbox) -> None:
     a, b = await one(outbox, 0), await one(outbox, 1)
     busy = AttemptResult(status=503, response_excerpt="busy")
     await outbox.record_many([(a.id, RetryAt(1100.0, "HTTP 503"), busy)], 1001.0)
+    # Each attempt is made on a claim, as the dispatcher makes them: an outcome counts only
+    # from the gateway that holds the delivery (its lease, on a shared database).
+    assert a.id in {d.id for d in await outbox.due(1100.0, {"t": 10})}
     await outbox.record_many([(a.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], 1101.0)
     assert [(r.number, r.outcome, r.status, r.response) for r in await outbox.attempts(a.id)] == [
         (1, "retry", 503, "busy"),
@@ -238,6 +241,7 @@ async def test_attempt_history_get_and_backlog(outbox: Outbox) -> None:
     assert (backlog.target, backlog.pending, backlog.dead) == ("t", 1, 1)
     assert backlog.oldest_pending_at == 1000.0
     assert await outbox.replay(a.id, 1200.0)
+    assert a.id in {d.id for d in await outbox.due(1200.0, {"t": 10})}
     await outbox.record_many([(a.id, Delivered(), OK)], 1201.0)
     assert [r.number for r in await outbox.attempts(a.id)] == [1, 2, 1]
     found = await outbox.get(b.id)

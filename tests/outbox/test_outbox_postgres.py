@@ -18,7 +18,16 @@ from pgserver import PASSWORD, PgServer, running_server
 
 from gateway.config import OutboxConfig
 from gateway.errors import OutboxError
-from gateway.outbox import AttemptResult, Delivered, Outbox, RetryAt, Route, open_outbox
+from gateway.outbox import (
+    AttemptResult,
+    DeadLetter,
+    Delivered,
+    Outbox,
+    Outcome,
+    RetryAt,
+    Route,
+    open_outbox,
+)
 from gateway.outbox.postgres import sql
 from gateway.outbox.postgres.committer import Committer
 from gateway.outbox.postgres.outbox import PostgresOutbox, inspect
@@ -95,6 +104,47 @@ async def test_claims_of_a_gateway_that_stops_renewing_are_taken_over_after_the_
     late.owner = dead.owner  # the dead gateway's outcome, arriving after the takeover
     await late.record_many([(claimed[0].id, Delivered(), AttemptResult(status=200))], 2001.0)
     assert (await survivor.counts())["delivered"] == 0
+
+
+@pytest.mark.parametrize(
+    ("taker", "late"),
+    [
+        (Delivered(), DeadLetter("HTTP 400")),
+        (RetryAt(2500.0, "HTTP 503"), Delivered()),
+    ],
+    ids=["after-a-delivery", "after-a-retry"],
+)
+async def test_a_stalled_gateways_late_outcome_never_overwrites_the_one_the_taker_recorded(
+    opener: Opener, pg_url: str, taker: Outcome, late: Outcome
+) -> None:
+    """A gateway stalled past its lease (a paused machine, a long pause of its process) comes
+    back with its outcome after another gateway took the delivery over and recorded its own,
+    which ended the lease: the late outcome is not recorded, neither over a delivery nor over
+    a retry the taker holds no lease on any more, and counts no attempt."""
+    stalled = await opener(lease_s=0.5)
+    assert isinstance(stalled, PostgresOutbox)
+    (stored,) = await _store(stalled, 1)
+    (claimed,) = await stalled.due(2000.0, {"t": 10})
+    await stalled.close()  # its heartbeat stops, as a stall stops it
+    survivor = await opener(lease_s=0.5)
+    await asyncio.sleep(0.6)
+    (taken,) = await survivor.due(2000.0, {"t": 10})
+    assert taken.id == stored
+    await survivor.record_many(
+        [(taken.id, taker, AttemptResult(status=200))], 2001.0, {taken.id: taken.created_at}
+    )
+    recorded = await survivor.get(stored)
+    assert recorded is not None
+    back = await opener(lease_s=0.5, url=pg_url)
+    assert isinstance(back, PostgresOutbox)
+    back.owner = stalled.owner  # the stalled gateway, running again
+    await back.record_many(
+        [(claimed.id, late, AttemptResult(status=400))], 2002.0, {claimed.id: claimed.created_at}
+    )
+    after = await survivor.get(stored)
+    assert after is not None
+    assert (after.state, after.attempts, after.last_status) == (recorded.state, 1, 200)
+    assert len(await survivor.attempts(stored)) == 1
 
 
 async def test_a_living_gateway_keeps_its_claims_past_the_lease(opener: Opener) -> None:
@@ -344,6 +394,57 @@ async def test_kept_connections_the_server_ended_are_replaced_without_failing_a_
     assert {(d.id, d.attempts) for d in delivered} == {(first, 1), (second, 1)}
 
 
+async def test_a_group_of_accepts_the_database_does_not_answer_fails_whole_within_the_timeout(
+    opener: Opener, pg_url: str
+) -> None:
+    """The database does not answer a group commit (an operator's ``LOCK TABLE``, ``VACUUM
+    FULL`` or ``REINDEX`` holds the notifications, or the server hangs): every accept of the
+    group gets its OutboxError (the request's 503) once, within the outbox's timeout. Run
+    again one at a time, each with a timeout of its own, a group of six was answered only
+    after seven timeouts."""
+    box = await opener()
+    warm = [box.accept(b'{"warm":%d}' % n, SIG, [Route("t", None)], 1000.0) for n in range(6)]
+    await asyncio.gather(*warm)  # the committer's connections are open
+    locker = await asyncpg.connect(pg_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE waba_gateway.notifications IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(box.accept(b'{"n":%d}' % n, SIG, [Route("t", None)], 1001.0) for n in range(6)),
+                return_exceptions=True,
+            )
+            took = time.monotonic() - started
+    finally:
+        await locker.close()
+    assert all(isinstance(result, OutboxError) for result in results), results
+    # The timeout (5 s), and slack for a loaded machine: far below a second timeout.
+    assert took < 8.0, f"answered after {took:.1f} s"
+    assert await box.accept(b'{"after":1}', SIG, [Route("t", None)], 1002.0) is not None
+
+
+async def test_a_submission_the_database_refuses_fails_alone_and_its_group_commits(
+    opener: Opener,
+) -> None:
+    """One accept of a group carries a value the database refuses (a trace context with a NUL
+    character, which no text column holds): it alone fails; the others of its group are
+    stored."""
+    box = await opener()
+    results = await asyncio.gather(
+        *(
+            box.accept(
+                b'{"n":%d}' % n, SIG, [Route("t", None)], 1000.0, "bad\x00" if n == 1 else None
+            )
+            for n in range(4)
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], OutboxError)
+    stored = [result for n, result in enumerate(results) if n != 1]
+    assert all(isinstance(result, list) and len(result) == 1 for result in stored), results
+    assert (await box.counts())["pending"] == 3
+
+
 async def test_a_body_committed_out_of_order_is_new_outside_the_window(opener: Opener) -> None:
     """Gateways commit concurrently, so a later request may be stored first: the earlier one
     is a duplicate only inside dedup_window_s of it, as in time order."""
@@ -431,9 +532,12 @@ async def test_schema_of_version_5_keeps_only_pending_deliveries_in_the_claims_i
     """A version 5 database (every delivery in the claims' index) is brought to version 7 at
     start with the indexes of a new one: its pending deliveries are claimed as before, and its
     old delivered ones are pruned through the index of update times."""
-    first = await opener(dispatching=False)
-    ids = await _store(first, 3)
+    first = await opener()
+    ids = await _store(first, 3)  # leased to it: its outcomes count
     await first.record_many([(ids[0], Delivered(), AttemptResult(status=200))], 1001.0)
+    await first.record_many(
+        [(i, RetryAt(1500.0, "HTTP 503"), AttemptResult(status=503)) for i in ids[1:]], 1001.0
+    )
     await first.close()
     again = await _migrated_from(
         opener, pg_server, pg_url, _OLD_CLAIMS_INDEX, "WHERE (state <> 'delivered'::text)"
@@ -837,3 +941,96 @@ async def test_purge_dead_goes_on_past_one_bounded_step(opener: Opener, pg_url: 
     finally:
         await conn.close()
     assert (left, attempts) == (1, 1)
+
+
+async def test_replay_many_goes_in_bounded_steps_keeping_each_conversations_order(
+    opener: Opener, pg_url: str
+) -> None:
+    """More keyed dead letters than one step takes (``REPLAY_BATCH``): the replay commits them
+    in bounded steps, each its own transaction, and counts them all; each conversation's
+    replayed deliveries go to its back (behind a pending one) in the order they had, across the
+    steps' cuts, one an earlier replay put at the back included (its id comes first, its place
+    last). One transaction for every matching row outran the pool's command timeout on a large
+    backlog, was rolled back, and so could never replay it."""
+    outbox = await opener()
+    count = sql.REPLAY_BATCH * 2 + 3
+    conn = await asyncpg.connect(pg_url)
+    try:
+        notification = await conn.fetchval(
+            "INSERT INTO waba_gateway.notifications (received_at, signature, body)"
+            " VALUES (1.0, 'sha256=0', '\\x7b7d'::bytea) RETURNING id"
+        )
+        keyed = (
+            "INSERT INTO waba_gateway.deliveries (notification_id, target, state, attempts,"
+            " created_at, next_attempt_at, updated_at, order_key, last_error)"
+            " SELECT $1, 't', 'dead', 1, 1.0, 1.0, 1.0, 'k' || (g % 100), 'HTTP 400'"
+            " FROM generate_series(1, $2::integer) AS g"
+        )
+        await conn.execute(keyed, notification, count)
+        first = await conn.fetchval(
+            "UPDATE waba_gateway.deliveries SET position ="
+            " nextval(pg_get_serial_sequence('waba_gateway.deliveries', 'id'))"
+            " WHERE id = (SELECT min(id) FROM waba_gateway.deliveries WHERE order_key = 'k1')"
+            " RETURNING id"
+        )
+        pending = await conn.fetchval(
+            "INSERT INTO waba_gateway.deliveries (notification_id, target, state, attempts,"
+            " created_at, next_attempt_at, updated_at, order_key)"
+            " VALUES ($1, 't', 'pending', 0, 1.0, 1.0, 1.0, 'k1') RETURNING id",
+            notification,
+        )
+        conversation = (
+            "SELECT id FROM waba_gateway.deliveries WHERE order_key = 'k1'"
+            " ORDER BY COALESCE(position, id)"
+        )
+        before = [row[0] for row in await conn.fetch(conversation)]
+        assert before[-2:] == [first, pending]
+        assert await outbox.replay_many(state="dead", target=None, since=None, now=2000.0) == count
+        steps = await conn.fetch(
+            "SELECT count(*) FROM waba_gateway.deliveries WHERE state = 'pending' AND id <> $1"
+            " GROUP BY xmin::text",
+            pending,
+        )
+        after = [row[0] for row in await conn.fetch(conversation)]
+    finally:
+        await conn.close()
+    assert sorted(row[0] for row in steps) == [3, sql.REPLAY_BATCH, sql.REPLAY_BATCH]
+    assert after == [pending, *before[:-1]]
+
+
+async def test_a_gateway_lets_go_of_the_leases_on_targets_it_no_longer_sends_to(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A gateway told to keep its leases on target ``t`` alone (its dispatcher's targets after
+    a reload removed ``u``) lets go of those on ``u``'s deliveries at once, and says so to the
+    other gateways: one of them, woken, claims them, long before the lease would have run out.
+    Those on ``t`` it keeps, past their lease, as every living gateway's."""
+    woken = asyncio.Event()
+    other = await opener(on_wake=woken.set, lease_s=1.0)
+    database = urlsplit(pg_url).path.lstrip("/")
+    listens = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+    )
+
+    async def listening() -> bool:
+        return int(await asyncio.to_thread(pg_server.psql, listens, database)) >= 1
+
+    await eventually(listening, "the listener's LISTEN")
+    box = await opener(lease_s=1.0)
+    assert isinstance(box, PostgresOutbox)
+    kept = await _store(box, 2, target="t")
+    routes = [Route("u", None)]
+    let_go = [
+        found[0].id
+        for n in range(2)
+        if (found := await box.accept(b'{"u":%d}' % n, SIG, routes, 1000.0)) is not None
+    ]
+    assert await other.due(2000.0, {"t": 10, "u": 10}) == []
+    box.keep_leases({"t"})
+    await asyncio.wait_for(woken.wait(), 5.0)
+    claimed = await other.due(2000.0, {"t": 10, "u": 10})
+    assert sorted(d.id for d in claimed) == sorted(let_go)
+    await asyncio.sleep(1.5)  # past the lease: renewed by the heartbeat, still its own
+    assert await other.due(2000.0, {"t": 10}) == []
+    assert len(kept) == 2

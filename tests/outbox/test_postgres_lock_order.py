@@ -65,7 +65,7 @@ async def test_a_replay_of_many_during_recorded_outcomes_never_deadlocks(
 ) -> None:
     """A replay of many deliveries and a batch of their outcomes at once both finish, in
     either order of rows: neither is aborted as a deadlock."""
-    outbox: Outbox = await open_outbox(OutboxConfig(url=pg_url), dispatching=False)
+    outbox: Outbox = await open_outbox(OutboxConfig(url=pg_url))
     blocker, watcher = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
     try:
         ids = {}
@@ -142,7 +142,7 @@ async def test_a_removal_of_many_during_a_replay_of_many_never_deadlocks(
     """A purge of dead letters or a prune of delivered rows and a replay of those same
     deliveries at once both finish: neither is aborted as a deadlock, and each delivery is
     either removed or replayed."""
-    outbox: Outbox = await open_outbox(OutboxConfig(url=pg_url), dispatching=False)
+    outbox: Outbox = await open_outbox(OutboxConfig(url=pg_url))
     blocker, watcher = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
     try:
         ids = await _three_in_scan_order(outbox, outcome)
@@ -170,7 +170,7 @@ async def test_a_removal_of_many_during_a_replay_of_many_never_deadlocks(
 async def test_a_prune_never_removes_a_delivery_replayed_while_it_waited(pg_url: str) -> None:
     """A delivered row replayed by a transaction the prune waits for is pending when the prune
     reaches it: it stays, and is delivered again as the replay promised."""
-    outbox: Outbox = await open_outbox(OutboxConfig(url=pg_url), dispatching=False)
+    outbox: Outbox = await open_outbox(OutboxConfig(url=pg_url))
     replayer, watcher = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
     try:
         ids = await _three_in_scan_order(outbox, Delivered())

@@ -119,6 +119,49 @@ async def test_three_gateways_one_killed_with_claims_every_ack_delivered_once(
             assert await asyncio.to_thread(survivor.wait, DEADLINE_S) == 0
 
 
+async def test_deliveries_of_a_target_a_reload_removed_from_one_gateway_go_to_another_at_once(
+    pki: Pki, tmp_path: Path, sink: Sink, blackhole: _Blackhole
+) -> None:
+    """Two gateways on one database forward to target ``sink``; one of them (A), whose ``sink``
+    hangs, is reloaded without it while it holds deliveries of it, leased when it accepted
+    them: one out on the wire, the rest queued behind it. A lets go of their leases once its
+    attempt has ended, and the other gateway (B) sends them all, long before A's leases
+    (lease_s = 60) would have run out. Renewed by A's heartbeat with the rest of its leases,
+    they never reached B while A lived."""
+    hole_port = free_port()
+    await blackhole.start(hole_port)
+    with running_server() as server:
+        server.psql("CREATE DATABASE removed")
+        outbox = f'url = "{server.socket_url("removed")}"\nlease_s = 60'
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        # A: one attempt at a time to the hanging sink, so the others wait queued, leased.
+        other = '\n[[targets]]\nname = "other"\nurl = "http://127.0.0.1:9/o"\nfields = ["none"]\n'
+        config_a = write_config(
+            pki,
+            tmp_path / "a",
+            target_url=f"http://127.0.0.1:{hole_port}/sink",
+            outbox=outbox,
+            extra=f"concurrency = 1\npipeline = 1\ntimeout_s = 2\n{other}",
+        )
+        config_b = write_config(pki, tmp_path / "b", target_url=sink.url("/sink"), outbox=outbox)
+        bodies = [message_body(f"removed target {n}") for n in range(6)]
+        with contextlib.ExitStack() as stack:
+            gateway_a, gateway_b = await serving_all(stack, [config_a, config_b])
+            for body in bodies:
+                assert await post_to(listen_port(config_a), pki, body) == 200
+            head, _, rest = config_a.read_text().partition('[[targets]]\nname = "sink"')
+            config_a.write_text(head + rest[rest.index("[[targets]]") :])
+            gateway_a.send_signal(signal.SIGHUP)
+            received = await asyncio.wait_for(sink.wait_for(len(bodies), "/sink"), 20.0)
+            assert sorted(r.body for r in received) == sorted(bodies)
+            assert gateway_a.poll() is None
+            assert gateway_b.poll() is None
+            for gateway in (gateway_a, gateway_b):
+                gateway.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(gateway.wait, DEADLINE_S) == 0
+
+
 async def test_database_going_away_gives_503_and_readyz_503_then_recovers(
     pki: Pki, tmp_path: Path, sink: Sink
 ) -> None:

@@ -13,8 +13,13 @@ over every connection of the pool in small groups that would each pay for a flus
 each other on the row locks of identical bodies.
 
 A batch of accepts is sorted by digest, so two gateways committing the same bodies at once take
-the digests' row locks in one order and never deadlock. When a batch fails, each submission runs
-again alone, so only a faulty one fails.
+the digests' row locks in one order and never deadlock. When a batch fails for what one
+submission can cause (a value the database refuses, a constraint, a limit: :data:`_ITS_OWN`),
+each submission runs again alone, so only a faulty one fails, within what is left of the
+group's timeout. Any other failure (no answer in time, a connection lost, a server shutting
+down) is the database's, not a submission's: the whole group fails at once. Run again one at a
+time, each would wait a timeout of its own on a database that does not answer, and a group of
+N accepts would get its 503 only after (N + 1) timeouts, long after Meta stopped waiting.
 
 Each group slot keeps the connection it took from the pool for as long as that connection
 works: a pool's acquire and release (each a task of its own in asyncpg, for the timeout and the
@@ -165,6 +170,7 @@ class Committer:
         nothing is answered (the caller runs the group again on a fresh connection)."""
         if self._ordered:
             group.sort(key=lambda item: item[0][0])
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
         try:
             rows = await self._run(conn, [args for args, _ in group])
         except Exception as exc:
@@ -172,22 +178,39 @@ class Committer:
                 raise _Ended from exc
             if not isinstance(exc, FAILURES):
                 raise
-            if len(group) == 1 or not _usable(conn):
+            if len(group) == 1 or not _usable(conn) or not isinstance(exc, _ITS_OWN):
                 _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
                 return False
-            for args, future in group:
-                try:
-                    rows = await self._run(conn, [args])
-                except FAILURES as alone:
-                    _answer(future, error=OutboxError(f"outbox write failed: {_reason(alone)}"))
-                else:
-                    _answer(future, rows[0])
+            await self._alone(conn, group, deadline)
             return False
         if self._on_commit is not None:
             self._on_commit(len(group))
         for (_, future), row in zip(group, rows, strict=True):
             _answer(future, row)
         return True
+
+    async def _alone(
+        self, conn: Any, group: list[tuple[tuple[Any, ...], Any]], deadline: float
+    ) -> None:
+        """Run each submission of a group that failed for one of them (:data:`_ITS_OWN`) alone,
+        and answer it, up to ``deadline`` (the group's own timeout): those left when it has
+        passed, or after a failure that is not a submission's own, fail at once."""
+        loop = asyncio.get_running_loop()
+        for index, (args, future) in enumerate(group):
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise TimeoutError(f"no answer within {self._timeout_s:g} s")
+                # Cancelled at the deadline, the statement is cancelled on the server too.
+                rows = await asyncio.wait_for(self._run(conn, [args]), left)
+            except FAILURES as alone:
+                error = OutboxError(f"outbox write failed: {_reason(alone)}")
+                if isinstance(alone, _ITS_OWN) and _usable(conn):
+                    _answer(future, error=error)
+                    continue
+                _fail(group[index:], error)
+                return
+            _answer(future, rows[0])
 
     async def close(self) -> None:
         """Wait for the groups already started, and give the kept connections back."""
@@ -199,6 +222,16 @@ class Committer:
         for conn in kept:
             await self._give_back(conn)
 
+
+# What one submission of a group can cause by itself, so that the others may commit without
+# it: the database refused one of its values (class 22, or the driver could not encode it), a
+# constraint (class 23) or a limit (class 54). Nothing else is a submission's own.
+_ITS_OWN: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    asyncpg.exceptions._base.DataError,
+)
 
 # What asyncpg raises for a statement it never sent: the connection closed or released before
 # the call, or its protocol in no state to send.

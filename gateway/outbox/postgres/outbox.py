@@ -8,10 +8,14 @@ Several gateways share one database safely:
 
 - A delivery is sent by one dispatcher at a time. Dispatchers claim due deliveries with a lease
   (``FOR UPDATE SKIP LOCKED``, then ``lease_owner`` and ``lease_until`` set, on the database's
-  clock); recording an attempt's outcome ends the lease. A living gateway renews its leases
+  clock); recording an attempt's outcome ends the lease, and counts only while the lease is
+  still the recording gateway's (see :data:`sql.RECORD`). A living gateway renews its leases
   (a heartbeat, three times per ``outbox.lease_s``), so a slow target never makes another
   gateway send the same delivery; one that dies leaves its leases to run out ``lease_s`` after
-  its last beat, and then any other gateway claims those deliveries.
+  its last beat, and then any other gateway claims those deliveries. It renews only the leases
+  on the targets its dispatcher still sends to (``keep_leases``) and lets go of the others,
+  so the deliveries of a target a reload removed from one gateway go to the gateways that
+  still have it, at once.
 - A gateway that dispatches takes the lease on what it accepts in the same statement, and
   starts sending at once (the dispatcher's ``offer``); one that does not (``dispatching=False``)
   leaves its deliveries unleased and announces them with ``NOTIFY``.
@@ -130,11 +134,14 @@ async def _leave_session(conn: asyncpg.Connection[Any]) -> None:
     *`` and the rest) would only cost a round trip and four statements on every release."""
 
 
-def _record_args(batch: list[tuple[Any, ...]], owner: str) -> tuple[Any, ...]:
+def _record_args(
+    batch: list[tuple[Any, ...]], owner: str, more: Collection[int]
+) -> tuple[Any, ...]:
     """RECORD's arguments for one round of rows (the values of $1 to $8, the owner, then
-    $10: each row's created_at as handed out)."""
+    $10: each row's created_at as handed out, and $11: whether its delivery, by row id, is
+    among ``more``, those with an outcome in a later round)."""
     columns = [list(column) for column in zip(*batch, strict=True)]
-    return (*columns[:8], owner, columns[8])
+    return (*columns[:8], owner, columns[8], [rowid in more for rowid in columns[0]])
 
 
 class PostgresOutbox:
@@ -183,24 +190,44 @@ class PostgresOutbox:
             )
             self._listener.start()
         self._closed = False
+        # The targets whose leases the heartbeat keeps (None: every target), and a beat asked
+        # for now, to let go of the others without waiting for the next one (keep_leases).
+        self._kept: frozenset[str] | None = None
+        self._beat_now = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
         if dispatching:
             self._heartbeat = asyncio.create_task(self._beat(), name="outbox-lease-heartbeat")
 
     async def _beat(self) -> None:
-        """Renew this gateway's leases three times per ``lease_s``, for as long as it lives."""
+        """Renew this gateway's leases three times per ``lease_s``, for as long as it lives,
+        and at once when the targets to keep them for change."""
         every = self.config.lease_s / 3
         while True:
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), every)
+            self._beat_now.clear()
             try:
                 await self.renew()
             except OutboxError as exc:
                 log.warning("could not renew the outbox leases: %s", exc)
 
-    async def renew(self) -> None:
-        """Renew this gateway's leases now (the heartbeat's beat), but none of a row another
-        transaction holds: see :data:`sql.RENEW`."""
-        await self._run(lambda conn: conn.execute(sql.RENEW, self.owner, self.config.lease_s))
+    def keep_leases(self, targets: Collection[str]) -> None:
+        """See :class:`~gateway.outbox.interface.KeepsLeases`: the next beat, at once, lets go
+        of the leases on other targets' deliveries."""
+        kept = frozenset(targets)
+        if kept != self._kept:
+            self._kept = kept
+            self._beat_now.set()
+
+    async def renew(self) -> int:
+        """Renew this gateway's leases now (the heartbeat's beat) on the targets it keeps them
+        for, let go of the others, but touch no row another transaction holds: see
+        :data:`sql.RENEW`. Returns how many were let go."""
+        kept = None if self._kept is None else sorted(self._kept)
+        released = await self._run(
+            lambda conn: conn.fetchval(sql.RENEW, self.owner, self.config.lease_s, kept)
+        )
+        return int(released)
 
     @classmethod
     async def open(
@@ -475,7 +502,11 @@ class PostgresOutbox:
                 if turn == len(rounds):
                     rounds.append([])
                 rounds[turn].append(values)
-        args = [_record_args(batch, self.owner) for batch in rounds]
+        # A delivery with an outcome in the next round keeps its lease through this one.
+        later = [{values[0] for values in batch} for batch in rounds[1:]] + [set()]
+        args = [
+            _record_args(batch, self.owner, more) for batch, more in zip(rounds, later, strict=True)
+        ]
         if len(args) == 1:  # one statement: no executemany's batch machinery
             await conn.execute(sql.RECORD, *args[0], timeout=_TIMEOUT_S)
         else:  # in one transaction: executemany's is implicit
@@ -517,22 +548,28 @@ class PostgresOutbox:
     async def replay_many(
         self, *, state: State, target: str | None, since: float | None, now: float
     ) -> int:
-        statement, params = sql.replay_many_query(state, target, since)
-        places, _ = sql.replay_places_query(state, target, since)
-        lock, _ = sql.replay_lock_query(state, target, since)
-
-        async def replay(conn: Any) -> int:
-            async with conn.transaction():
-                await conn.execute(lock, *params)
-                await conn.execute(places, *params)
-                count = _affected(await conn.execute(statement, *params, now))
-                if count:  # every gateway may claim them now
-                    # Pending ones may wait in memory in a run, at any gateway: it lets go.
-                    said = sql.REPLAYED if state == "pending" else ""
-                    await conn.execute(f"NOTIFY {sql.CHANNEL}, '{said}'")
-                return count
-
-        return await self._run(replay)
+        """In steps of a bounded number of rows, each its own transaction (see
+        :func:`sql.replay_batch_query`), as :meth:`purge_dead`: one transaction for every
+        matching row outran the pool's command timeout on a large backlog, was rolled back,
+        and so could never replay it. A failure part way leaves the steps before it replayed
+        (running the command again replays the rest). One announcement at the end."""
+        statement, params = sql.replay_batch_query(state, target, since)
+        bound = int(await self._run(lambda conn: conn.fetchval(sql.PLACE_BOUND)))
+        after, count = 0, 0
+        while True:
+            row = await self._run(
+                lambda conn, after=after: conn.fetchrow(statement, *params, after, bound, now)  # type: ignore[misc]
+            )
+            assert row is not None
+            count += int(row[0])
+            if int(row[1]) < sql.REPLAY_BATCH:
+                break
+            after = int(row[2])
+        if count:  # every gateway may claim them now
+            # Pending ones may wait in memory in a run, at any gateway: it lets go.
+            said = sql.REPLAYED if state == "pending" else ""
+            await self._run(lambda conn: conn.execute(f"NOTIFY {sql.CHANNEL}, '{said}'"))
+        return count
 
     async def purge_dead(self, before: float, now: float | None = None) -> int:
         """Each step its own statement of a bounded number of rows, as :meth:`prune` (one

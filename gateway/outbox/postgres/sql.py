@@ -29,6 +29,7 @@ __all__ = [
     "GIVE_BACK_TOKENS",
     "HELD_BACK",
     "NEXT_DELIVERED_TARGET",
+    "PLACE_BOUND",
     "PRUNE_BATCH",
     "PRUNE_DELIVERED",
     "PRUNE_DIGESTS",
@@ -37,15 +38,16 @@ __all__ = [
     "RECORD",
     "RENEW",
     "REPLAY",
+    "REPLAY_BATCH",
     "SIZE",
     "TAKE_TOKENS",
     "list_query",
-    "replay_lock_query",
-    "replay_many_query",
-    "replay_places_query",
+    "replay_batch_query",
 ]
 
 PRUNE_BATCH: Final = 5000
+# Deliveries one step of a replay of many changes (see replay_batch_query).
+REPLAY_BATCH: Final = 5000
 EXCERPT_CHARS: Final = 1024
 _NOW = "extract(epoch FROM clock_timestamp())"
 # A replay keeps a lease that is still live: the gateway holding it may be sending the
@@ -97,33 +99,39 @@ UPDATE {SCHEMA}.buckets SET tokens = LEAST($3::float8, tokens + $2::float8) WHER
 
 # Attempts' outcomes, one element each ($1 to $8: delivery id, state, next attempt at, status,
 # error, response excerpt, held seconds, when it was recorded; $10: its created_at as handed
-# out, or NULL), by gateway $9; each ends the lease, and is skipped when another gateway took
-# the delivery over meanwhile (this one's lease ran out): its outcome is the one that counts;
-# and when it was replayed since it was handed out (a replay renews created_at): the replay
-# stands. Each is also kept in the delivery's attempt history. Not waiting for the flush
-# (``synchronous_commit`` off for this transaction only): an outcome lost in a crash of the
-# database server only means the delivery is sent again, which at-least-once allows. A delivery
-# may appear once per statement (see the caller). The rows are locked in the order of their ids
-# before any is changed, whatever the batch's order or the join's plan: the order every
-# statement that locks many deliveries keeps (see replay_lock_query), so none waits for another
-# that waits for it (PostgreSQL would abort one as a deadlock; an aborted record sends its whole
-# batch again).
+# out, or NULL; $11: whether another outcome of it follows in the same transaction), by gateway
+# $9. An outcome counts only while the delivery is pending and still leased to $9 (a lease run
+# out is still its own until another gateway claims the delivery): once another gateway took
+# it over, that gateway's outcome is the one that counts, and a stalled gateway's late outcome
+# must not overwrite it, whether the taker has recorded it yet or not (recording clears the
+# lease, so "not leased" cannot stand for "still mine"). Each ends the lease, but for an outcome
+# another of the same delivery follows (two attempts recorded together, in two rounds): the
+# lease is what lets the later one count. Skipped too when it was replayed since it was handed
+# out (a replay renews created_at): the replay stands. Each is also kept in the delivery's
+# attempt history. Not waiting for the flush (``synchronous_commit`` off for this transaction
+# only): an outcome lost in a crash of the database server only means the delivery is sent
+# again, which at-least-once allows. A delivery may appear once per statement (see the caller).
+# The rows are locked in the order of their ids before any is changed, whatever the batch's
+# order or the join's plan: the order every statement that locks many deliveries keeps (see
+# replay_batch_query), so none waits for another that waits for it (PostgreSQL would abort one
+# as a deadlock; an aborted record sends its whole batch again).
 RECORD: Final = f"""
 WITH v AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::integer[], $5::text[],
-        $6::text[], $7::float8[], $8::float8[], $10::float8[])
-        AS v (id, state, next_at, status, error, response, held, at, created)
+        $6::text[], $7::float8[], $8::float8[], $10::float8[], $11::boolean[])
+        AS v (id, state, next_at, status, error, response, held, at, created, more)
     WHERE set_config('synchronous_commit', 'off', true) = 'off'
 ), locked AS (
     SELECT id FROM {SCHEMA}.deliveries WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
 ), u AS (
     UPDATE {SCHEMA}.deliveries d SET state = v.state, attempts = d.attempts + 1,
         next_attempt_at = v.next_at, updated_at = v.at, last_status = v.status,
-        last_error = v.error, last_response = v.response, lease_owner = NULL,
-        lease_until = NULL, held_s = v.held
+        last_error = v.error, last_response = v.response,
+        lease_owner = CASE WHEN v.more THEN d.lease_owner END,
+        lease_until = CASE WHEN v.more THEN d.lease_until END, held_s = v.held
     FROM v
     WHERE d.id = v.id AND d.id IN (SELECT id FROM locked)
-      AND (d.lease_owner IS NULL OR d.lease_owner = $9)
+      AND d.state = 'pending' AND d.lease_owner = $9
       AND (v.created IS NULL OR d.created_at = v.created)
     RETURNING d.id, d.attempts, v.state, v.status, v.error, v.response, v.at
 )
@@ -132,16 +140,29 @@ SELECT id, attempts, at, state, status, error, response FROM u
 """
 
 # The heartbeat of a living gateway: its leases last while it does, whatever its targets'
-# timeouts; a dead one's run out lease_s after its last beat. It never waits for a row another
+# timeouts; a dead one's run out lease_s after its last beat. Only the leases on deliveries to
+# the targets in $3 (NULL: every target) are renewed: the others are let go at once, as the
+# deliveries of a target a reload removed from this gateway, which its dispatcher will not send
+# (a lease renewed for them would keep them from every gateway that still sends to that target
+# for as long as this one lives). Returns how many were let go, announced to every gateway
+# (NOTIFY, once per transaction) for them to claim at once. It never waits for a row another
 # transaction holds (SKIP LOCKED): those are being recorded (which ends the lease) or claimed
-# (which sets it anew), and the next beat renews any still leased. Waiting, it locked the
-# gateway's leased rows in the table's order while a record locked its batch's in the batch's:
-# each waited for the other, PostgreSQL aborted one as a deadlock, and an aborted record sent
-# its whole batch again (bench/README.md, "Issue 22: what the drained counts meant").
+# (which sets it anew), and the next beat renews or lets go any still leased. Waiting, it
+# locked the gateway's leased rows in the table's order while a record locked its batch's in
+# the batch's: each waited for the other, PostgreSQL aborted one as a deadlock, and an aborted
+# record sent its whole batch again (bench/README.md, "Issue 22: what the drained counts
+# meant").
+_KEPT = "($3::text[] IS NULL OR target = ANY($3::text[]))"
 RENEW: Final = f"""
-UPDATE {SCHEMA}.deliveries SET lease_until = {_NOW} + $2
-WHERE id IN (SELECT id FROM {SCHEMA}.deliveries
-    WHERE lease_owner = $1 AND state = 'pending' FOR UPDATE SKIP LOCKED)
+WITH beat AS (
+    UPDATE {SCHEMA}.deliveries
+    SET lease_until = CASE WHEN {_KEPT} THEN {_NOW} + $2 END,
+        lease_owner = CASE WHEN {_KEPT} THEN lease_owner END
+    WHERE id IN (SELECT id FROM {SCHEMA}.deliveries
+        WHERE lease_owner = $1 AND state = 'pending' FOR UPDATE SKIP LOCKED)
+    RETURNING lease_owner
+)
+SELECT count(pg_notify('{CHANNEL}', '')) FROM beat WHERE lease_owner IS NULL
 """
 
 # A replayed delivery with a conversation goes to its back: a new place from the deliveries'
@@ -150,6 +171,9 @@ WHERE id IN (SELECT id FROM {SCHEMA}.deliveries
 # that a gateway holding it in memory, in a conversation's run, lets the run go.
 REPLAYED: Final = "replayed "
 _NEXT_PLACE = f"nextval(pg_get_serial_sequence('{SCHEMA}.deliveries', 'id'))"
+# Above every place held now (ids and places come from one sequence): where a replay of many
+# stops, so that it never reaches what it put at the back itself.
+PLACE_BOUND: Final = f"SELECT {_NEXT_PLACE}"
 REPLAY: Final = f"""
 UPDATE {SCHEMA}.deliveries SET state = 'pending', attempts = 0, held_s = 0, created_at = $2,
     next_attempt_at = $2, updated_at = $2, {_LIVE_LEASE_KEPT},
@@ -254,45 +278,56 @@ def list_query(state: str | None, target: str | None) -> tuple[str, list[Any]]:
     )
 
 
-def replay_lock_query(state: str, target: str | None, since: float | None) -> tuple[str, list[Any]]:
-    """Run first, in the transaction of :func:`replay_places_query` and
-    :func:`replay_many_query`, with the same filters: the deliveries they change, locked in the
-    order of their ids (as RECORD locks its batch), before either changes one in an order of
-    its own (a conversation's places, the table's). Returns how many it locked."""
-    where, params = _filters(state=state, target=target, since=since)
-    return (
-        f"SELECT count(*) FROM (SELECT d.id FROM {SCHEMA}.deliveries d{where}"
-        " ORDER BY d.id FOR UPDATE) AS locked",
-        params,
-    )
-
-
-def replay_many_query(state: str, target: str | None, since: float | None) -> tuple[str, list[Any]]:
-    """Make the deliveries in ``state`` (of ``target``, changed since ``since``) pending, due
-    at the last argument: the statement and its arguments before that one."""
-    where, params = _filters(state=state, target=target, since=since)
-    now = f"${len(params) + 1}"
-    return (
-        f"UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, held_s = 0,"
-        f" created_at = {now},"
-        f" next_attempt_at = {now}, updated_at = {now}, {_LIVE_LEASE_KEPT}"
-        f"{where}",
-        params,
-    )
-
-
-def replay_places_query(
+def replay_batch_query(
     state: str, target: str | None, since: float | None
 ) -> tuple[str, list[Any]]:
-    """Run before :func:`replay_many_query` with the same filters: the keyed deliveries it will
-    replay go to the back of their conversations, in the order they had among themselves
-    (places drawn from the id sequence as the ordered subquery yields them)."""
+    """One bounded step of a replay of many: the next :data:`REPLAY_BATCH` deliveries in
+    ``state`` (of ``target``, changed since ``since``) in the order of their places, after a
+    place and up to another (the first two arguments after the filters'), made pending, due at
+    the last argument. The statement and the filters' arguments.
+
+    Its own transaction: one statement for every matching row outran the pool's command
+    timeout on a large backlog, was rolled back, and so could never replay it. The steps go
+    through the places in their order, so the keyed deliveries each step replays go to the
+    back of their conversations (new places from the id sequence, drawn in their order), behind
+    those an earlier step put there: each conversation keeps the order it had among its
+    replayed deliveries, wherever the steps cut it. The upper bound (a place drawn before the
+    first step) keeps a step from finding again what an earlier one put at the back (a replay
+    of pending deliveries). The rows are locked in the order of their ids (as RECORD locks its
+    batch) before any is changed, and the locking query tests the filters again: one that
+    changed while the step waited for it is read as it now stands. Rows are found again by
+    id through the primary key (as an array, = ANY, or one at a time), never by a join of one
+    common table expression with another: the planner, guessing how few rows each holds,
+    compared every pair (25 million comparisons, 10 s, for a step of 5,000). Returns the
+    deliveries replayed, the candidates found (fewer than REPLAY_BATCH: none is left) and the
+    last candidate's place (where the next step starts)."""
     where, params = _filters(state=state, target=target, since=since)
+    after, upto, now = (f"${len(params) + n}" for n in (1, 2, 3))
+    place = _PLACE.format("d")
     return (
-        f"UPDATE {SCHEMA}.deliveries d SET position = p.place FROM (SELECT id, {_NEXT_PLACE}"
-        f" AS place FROM (SELECT d.id FROM {SCHEMA}.deliveries d{where}"
-        f"{' AND' if where else ' WHERE'} d.order_key IS NOT NULL"
-        f" ORDER BY {_PLACE.format('d')}) AS keyed) AS p WHERE d.id = p.id",
+        f"""
+WITH found AS (
+    SELECT d.id, {place} AS place FROM {SCHEMA}.deliveries d{where}
+      AND {place} > {after} AND {place} <= {upto}
+    ORDER BY {place} LIMIT {REPLAY_BATCH}
+), locked AS (
+    SELECT d.id, d.order_key, {place} AS place FROM {SCHEMA}.deliveries d{where}
+      AND d.id = ANY(ARRAY(SELECT id FROM found))
+    ORDER BY d.id FOR UPDATE
+), placed AS (
+    SELECT id, CASE WHEN order_key IS NOT NULL THEN {_NEXT_PLACE} END AS place
+    FROM (SELECT id, order_key FROM locked ORDER BY place) AS ordered
+), replayed AS (
+    UPDATE {SCHEMA}.deliveries d SET state = 'pending', attempts = 0, held_s = 0,
+        created_at = {now}, next_attempt_at = {now}, updated_at = {now}, {_LIVE_LEASE_KEPT},
+        position = COALESCE(p.place, d.position)
+    FROM placed p
+    WHERE d.id = p.id
+    RETURNING d.id
+)
+SELECT (SELECT count(*) FROM replayed), (SELECT count(*) FROM found),
+    (SELECT max(place) FROM found)
+""",
         params,
     )
 
