@@ -56,8 +56,14 @@ async def _ask(url: str, token: str | None) -> tuple[bool, str]:
             # Decoded leniently: what answers on the admin port may not be the gateway at all.
             text = (await response.read()).decode("utf-8", "replace")
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return False, f"cannot reach the gateway's admin listener at {url}: {exc or type(exc)}"
+        return False, (
+            f"cannot reach the gateway's admin listener at {url}: {exc or type(exc)} ({_MOVED})"
+        )
     shown = _one_line(text)[:200]
+    if status == 401:
+        # The file's token is the one sent, and the file may hold a new one: the gateway keeps
+        # the token it holds until a reload applies the new one.
+        return False, f"the gateway answered 401: {shown} ({_ROTATED})"
     if not is_json:
         return False, f"the gateway answered {status}: {shown}"
     try:
@@ -68,6 +74,18 @@ async def _ask(url: str, token: str | None) -> tuple[bool, str]:
     if not isinstance(body, dict):
         return False, f"the gateway answered {status} with JSON that is not an object: {shown}"
     return bool(body.get("ok")), _one_line(str(body.get("message", "")))
+
+
+# What the command cannot do through the admin listener, and the way that remains: it reads the
+# address and token from the file, which may already hold new ones.
+_MOVED = (
+    "if admin.host or admin.port changed in the file, the gateway listens where it did until a"
+    " restart: reload it with SIGHUP meanwhile"
+)
+_ROTATED = (
+    "if admin.token changed in the file, the gateway still holds the old one: apply the new one"
+    " with SIGHUP (systemctl reload) instead"
+)
 
 
 def _one_line(text: str) -> str:

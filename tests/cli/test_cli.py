@@ -442,7 +442,35 @@ def test_reload_without_a_running_gateway_is_exit_1_in_one_line(
     assert err.startswith(
         f"error: cannot reach the gateway's admin listener at http://127.0.0.1:{port}/"
     )
+    assert "admin.port changed in the file" in err
+    assert "SIGHUP" in err
     assert len(err.splitlines()) == 1
+
+
+async def test_reload_with_a_token_the_gateway_does_not_hold_yet_says_to_use_sighup(
+    pki: Pki,
+    tmp_path: Path,
+    secret_env: None,
+    aiohttp_server: AiohttpServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The file's admin.token rotated before the reload that would apply it: the gateway, still
+    holding the old one, answers 401; the command says why and the way that remains (SIGHUP),
+    in one line, exit 1."""
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(status=401, text="admin token missing or wrong\n")
+
+    app = web.Application()
+    app.router.add_post("/admin/reload", answer)
+    server = await aiohttp_server(app)
+    config = write_config(pki, tmp_path, target_url="http://127.0.0.1:9/x", admin_port=server.port)
+    assert await asyncio.to_thread(main, ["reload", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the gateway answered 401: admin token missing or wrong (if")
+    assert "admin.token changed in the file" in err
+    assert "SIGHUP" in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize(
