@@ -4,11 +4,12 @@ against the real gateway and against servers that get one thing wrong."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -479,24 +480,30 @@ async def test_reports_connection_refused(capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().out.startswith("connection refused: nothing listens on 127.0.0.1:")
 
 
-async def test_reports_timeout(capsys: pytest.CaptureFixture[str]) -> None:
-    """A server that accepts and never answers: a timeout, exit 1."""
+@contextlib.asynccontextmanager
+async def _silent_server() -> AsyncIterator[int]:
+    """A server on loopback that accepts connections and never answers: its port."""
     silent: list[asyncio.StreamWriter] = []
 
     async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         silent.append(writer)
 
     server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     try:
-        code = await verify_callback(
-            f"https://127.0.0.1:{port}/webhook", "--verify-token", "t", "--timeout-s", "0.2"
-        )
+        yield server.sockets[0].getsockname()[1]
     finally:
         for writer in silent:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_reports_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that accepts and never answers: a timeout, exit 1."""
+    async with _silent_server() as port:
+        code = await verify_callback(
+            f"https://127.0.0.1:{port}/webhook", "--verify-token", "t", "--timeout-s", "0.2"
+        )
     assert code == 1
     assert capsys.readouterr().out.startswith("timeout: no answer within 0.2 s")
 
@@ -548,23 +555,11 @@ async def test_tells_nothing_listening_from_no_answer() -> None:
     refused = await verify(
         URL(refused_url()), "t", context=ssl.create_default_context(), timeout_s=5
     )
-    silent: list[asyncio.StreamWriter] = []
-
-    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        silent.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with _silent_server() as port:
         timed_out = await verify(
             URL(f"https://127.0.0.1:{port}/webhook"),
             "t",
             context=ssl.create_default_context(),
             timeout_s=0.2,
         )
-    finally:
-        for writer in silent:
-            writer.close()
-        server.close()
-        await server.wait_closed()
     assert (refused.kind, timed_out.kind) == ("refused", "timeout")

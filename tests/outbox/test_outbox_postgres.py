@@ -54,6 +54,21 @@ async def opener(pg_url: str) -> AsyncIterator[Opener]:
         await outbox.close()
 
 
+async def _until_listening(pg_server: PgServer, pg_url: str) -> None:
+    """Until a session of the database listens (the outbox's listener): a NOTIFY sent before
+    would be heard by no one."""
+    database = urlsplit(pg_url).path.lstrip("/")
+    listens = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+    )
+
+    async def listening() -> bool:
+        return int(await asyncio.to_thread(pg_server.psql, listens, database)) >= 1
+
+    await eventually(listening, "the listener's LISTEN")
+
+
 async def _store(outbox: Outbox, count: int, target: str = "t") -> list[str]:
     ids = []
     for n in range(count):
@@ -178,16 +193,7 @@ async def test_deliveries_stored_unleased_wake_other_gateways_at_once(
     woken = asyncio.Event()
     await opener(on_wake=woken.set)
     writer = await opener(dispatching=False)
-    database = urlsplit(pg_url).path.lstrip("/")
-    listens = (
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND query LIKE 'LISTEN%'"
-    )
-
-    async def listening() -> bool:
-        return int(await asyncio.to_thread(pg_server.psql, listens, database)) >= 1
-
-    await eventually(listening, "the listener's LISTEN")  # a NOTIFY before it is not heard
+    await _until_listening(pg_server, pg_url)  # a NOTIFY before it is not heard
     (delivery_id,) = await _store(writer, 1)
     await asyncio.wait_for(woken.wait(), 5.0)
     woken.clear()
@@ -1007,16 +1013,7 @@ async def test_a_gateway_lets_go_of_the_leases_on_targets_it_no_longer_sends_to(
     Those on ``t`` it keeps, past their lease, as every living gateway's."""
     woken = asyncio.Event()
     other = await opener(on_wake=woken.set, lease_s=1.0)
-    database = urlsplit(pg_url).path.lstrip("/")
-    listens = (
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND query LIKE 'LISTEN%'"
-    )
-
-    async def listening() -> bool:
-        return int(await asyncio.to_thread(pg_server.psql, listens, database)) >= 1
-
-    await eventually(listening, "the listener's LISTEN")
+    await _until_listening(pg_server, pg_url)
     box = await opener(lease_s=1.0)
     assert isinstance(box, PostgresOutbox)
     kept = await _store(box, 2, target="t")
