@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin.console import Console, is_console_path
-from gateway.admin.operations import Operations
+from gateway.admin.operations import Operations, outbox_text
 from gateway.admin.origin import cross_site_refusal, form_refusal, host_refusal
 from gateway.admin.stats import Stats
 from gateway.admin.throttle import AuthThrottle
@@ -178,6 +178,7 @@ def create_admin_app(ops: Operations) -> web.Application:
 
     async def deliveries(request: web.Request) -> web.Response:
         state, target, limit = parse_query(request.query)
+        target = outbox_text("target", target)
         found = await outbox.query(state=state, target=target, limit=limit)
         counts = await outbox.counts()
         listed = [shown_summary(d.summary()) for d in found]
@@ -203,7 +204,8 @@ def create_admin_app(ops: Operations) -> web.Application:
         state = parse_state(request.query.get("state"))
         if state is None:
             raise BadRequest("state is required (dead, to replay every dead letter)")
-        target, since = request.query.get("target"), _since(request.query, now)
+        target = outbox_text("target", request.query.get("target"))
+        since = _since(request.query, now)
         count = await outbox.replay_many(state=state, target=target, since=since, now=now)
         if state == "pending":  # some may wait in memory, in a conversation's run
             ops.replayed(None)

@@ -73,6 +73,8 @@ class Snapshot:
     targets: Sequence[str] = ()
     circuits: Mapping[str, str] = field(default_factory=dict)
     server_certificate_expiry: float | None = None
+    # ``(subject, expiry)`` of each client CA; CAs that share a subject are shown as one series,
+    # at the earliest expiry of them.
     client_ca_expiries: Sequence[tuple[str, float]] = ()
     last_reload_success: float | None = None
     # The outbox's size: bytes on disk (SQLite, with its write-ahead log) or rows (PostgreSQL).
@@ -101,6 +103,17 @@ def _every_target(backlog: Sequence[Backlog], targets: Sequence[str]) -> list[Ba
     named = {each.target for each in backlog}
     empty = [Backlog(name, 0, None, 0) for name in targets if name not in named]
     return [*backlog, *empty]
+
+
+def _earliest_per_subject(expiries: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """The earliest expiry of each subject in ``expiries``. A rotation bundle holds the old and
+    the new CA under one subject: one sample each would be the same series twice in a scrape,
+    and Prometheus keeps only one of them, perhaps the one that does not expire soon. The
+    earliest is the one the expiry alert is for."""
+    earliest: dict[str, float] = {}
+    for subject, expiry in expiries:
+        earliest[subject] = min(expiry, earliest.get(subject, expiry))
+    return earliest
 
 
 def _hand_over(child: Histogram, times: _Times) -> None:
@@ -174,10 +187,11 @@ class _SnapshotCollector:
             )
         cas = GaugeMetricFamily(
             "waba_gateway_client_ca_expiry_timestamp_seconds",
-            "When each client CA in tls.client_ca_file expires (Unix time)",
+            "When the client CAs in tls.client_ca_file expire, per subject: the earliest of"
+            " the CAs that share one (Unix time)",
             labels=["subject"],
         )
-        for subject, expiry in snap.client_ca_expiries:
+        for subject, expiry in _earliest_per_subject(snap.client_ca_expiries).items():
             cas.add_metric([subject], expiry)
         yield cas
         if snap.last_reload_success is not None:

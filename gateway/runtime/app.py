@@ -46,6 +46,7 @@ from gateway.errors import (
 )
 from gateway.outbox import Outbox
 from gateway.runtime.core import Core
+from gateway.runtime.gateway import read_snapshot
 
 if TYPE_CHECKING:
     # Only for the annotation: with tracing off no OpenTelemetry module is imported at all.
@@ -151,17 +152,8 @@ class _Operations:
         )
 
     async def snapshot(self) -> Snapshot:
-        dispatcher = self._core.dispatcher
-        now = time.time()
-        server_expiry, ca_expiries = self._expiries
-        return Snapshot(
-            now=now,
-            backlog=await self._core.outbox.backlog(),
-            circuits=dispatcher.circuits(now) if dispatcher is not None else {},
-            server_certificate_expiry=server_expiry,
-            client_ca_expiries=ca_expiries,
-            last_reload_success=self._started,
-        )
+        # Read as the gateway's own admin listener reads it: the same series, by construction.
+        return await read_snapshot(self._core, self._expiries, self._started)
 
 
 async def _callback(request: web.Request) -> web.StreamResponse:

@@ -28,7 +28,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,7 @@ from gateway.runtime.ports import binding, listen_error
 from gateway.runtime.reload import applicable, restart_only
 from gateway.units import SECONDS
 
-__all__ = ["LONE", "SHUTDOWN_GRACE_S", "Gateway", "Role"]
+__all__ = ["LONE", "SHUTDOWN_GRACE_S", "Gateway", "Role", "read_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -184,24 +184,7 @@ class Gateway(Closing):
 
     async def snapshot(self) -> Snapshot:
         """What /metrics reads at scrape time."""
-        dispatcher = self.core.dispatcher
-        now = time.time()
-        server_expiry, ca_expiries = self._expiries
-        size = await self.core.outbox.size()
-        ordered = [t.name for t in self.config.targets if t.order == "conversation"]
-        return Snapshot(
-            now=now,
-            backlog=await self.core.outbox.backlog(),
-            targets=[target.name for target in self.config.targets],
-            circuits=dispatcher.circuits(now) if dispatcher is not None else {},
-            server_certificate_expiry=server_expiry,
-            client_ca_expiries=ca_expiries,
-            last_reload_success=self._loaded_at,
-            outbox_bytes=size.bytes,
-            outbox_rows=size.rows,
-            held_back=dict.fromkeys(ordered, 0) | await self.core.outbox.held_back(ordered),
-            rate_limited=dispatcher.rate_limited() if dispatcher is not None else {},
-        )
+        return await read_snapshot(self.core, self._expiries, self._loaded_at)
 
     async def _flush_metrics(self) -> None:
         """Answer times are gathered in memory (:meth:`Stats.answered`) and written to the
@@ -273,6 +256,35 @@ class Gateway(Closing):
             self._listener = None
         await self.core.close()
         self.stats.flush()
+
+
+async def read_snapshot(
+    core: Core, expiries: tuple[float, Sequence[tuple[str, float]]], loaded_at: float
+) -> Snapshot:
+    """What /metrics reads at scrape time from ``core`` (its configuration in force, outbox and
+    dispatcher), with the certificate ``expiries`` and the time the configuration was
+    ``loaded_at``. The one reading for both admin listeners, the gateway's own and the one of a
+    core embedded in an application (:func:`gateway.runtime.app.create_app`), so that their
+    series cannot drift apart."""
+    dispatcher = core.dispatcher
+    targets = core.config.targets
+    now = time.time()
+    server_expiry, ca_expiries = expiries
+    size = await core.outbox.size()
+    ordered = [t.name for t in targets if t.order == "conversation"]
+    return Snapshot(
+        now=now,
+        backlog=await core.outbox.backlog(),
+        targets=[target.name for target in targets],
+        circuits=dispatcher.circuits(now) if dispatcher is not None else {},
+        server_certificate_expiry=server_expiry,
+        client_ca_expiries=ca_expiries,
+        last_reload_success=loaded_at,
+        outbox_bytes=size.bytes,
+        outbox_rows=size.rows,
+        held_back=dict.fromkeys(ordered, 0) | await core.outbox.held_back(ordered),
+        rate_limited=dispatcher.rate_limited() if dispatcher is not None else {},
+    )
 
 
 def _fingerprint(tls: TlsConfig) -> tuple[tuple[int, int, int] | None, ...]:

@@ -24,10 +24,11 @@ from pytest_aiohttp import AiohttpServer
 from sink import Sink
 
 from gateway import create_app
-from gateway.config import ListenConfig
+from gateway.config import Config, ListenConfig, OutboxConfig
 from gateway.edge.tls import build_server_context
 from gateway.errors import ConfigError, PortInUse
 from gateway.runtime.app import ADMIN_PORT
+from gateway.runtime.gateway import Gateway
 
 TOKEN = "embedded-admin-token"
 
@@ -43,6 +44,11 @@ async def embedded(pki: Pki, tmp_path: Path, sink: Sink, aiohttp_server: Aiohttp
     """The README's embedding: the callback under a prefix, the admin listener beside it
     (aiohttp_server stops the application at the end of the test)."""
     config = gateway_config(pki, tmp_path, targets=[sink_target(sink)], admin_token=TOKEN)
+    return await _embed(config, aiohttp_server)
+
+
+async def _embed(config: Config, aiohttp_server: AiohttpServer) -> Embedded:
+    """``config``'s gateway as the README embeds it, the callback mounted under a prefix."""
     gateway_app = create_app(config, admin=True)
     app = web.Application()
     app.add_subapp("/whatsapp", gateway_app)
@@ -93,6 +99,61 @@ async def test_embedded_metrics_count_what_the_callback_did(embedded: Embedded, 
     # What is read at scrape time, from the embedded core and its files.
     assert metric(text, "waba_gateway_server_certificate_expiry_timestamp_seconds") > 0
     assert (await _get(f"{embedded.admin_url}/metrics", token=None))[0] == 401
+
+
+def _series(text: str) -> set[str]:
+    """The series of a /metrics text: each sample's name with its labels, without its value."""
+    return {line.rpartition(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_embedded_metrics_have_every_series_serve_has_before_any_notification(
+    pki: Pki,
+    tmp_path: Path,
+    sink: Sink,
+    aiohttp_server: AiohttpServer,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The README's promise: the embedded /metrics are serve's series. For one configuration,
+    before any notification, serve shows each configured target's backlog gauges at 0, an
+    ordered target's held-back conversations, a rate-limited target's gauge and the outbox's
+    size as its backend measures it; the embedded admin listener shows every one of them."""
+    targets = [
+        sink_target(sink),
+        sink_target(sink, "ordered", order="conversation"),
+        sink_target(sink, "paced", rate_per_s=5.0),
+    ]
+
+    def config_in(folder: Path) -> Config:
+        folder.mkdir()
+        config = gateway_config(pki, folder, targets=targets, admin_token=TOKEN)
+        if backend == "postgres":  # one database, used by one gateway after the other
+            outbox = OutboxConfig(url=request.getfixturevalue("pg_url"))
+            config = dataclasses.replace(config, outbox=outbox)
+        return config
+
+    async with Gateway(config_in(tmp_path / "serve")) as gateway:
+        status, served = await _get(f"http://127.0.0.1:{gateway.admin_port}/metrics")
+        assert status == 200
+    embedded = await _embed(config_in(tmp_path / "embedded"), aiohttp_server)
+    status, shown = await _get(f"{embedded.admin_url}/metrics")
+    assert status == 200
+    size = "outbox_rows" if backend == "postgres" else "outbox_size_bytes"
+    wanted = {
+        f"waba_gateway_{series}"
+        for series in (
+            'target_pending_deliveries{target="sink"}',
+            'target_oldest_pending_age_seconds{target="paced"}',
+            'target_dead_letters{target="ordered"}',
+            'target_conversations_held_back{target="ordered"}',
+            'target_rate_limited{target="paced"}',
+            size,
+        )
+    }
+    assert sorted(wanted - _series(served)) == []
+    assert sorted(wanted - _series(shown)) == []
+    assert sorted(_series(served) - _series(shown)) == []
 
 
 async def test_embedded_console_and_api_show_the_embedded_outbox(

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from helpers import (
     admin_get,
     gateway_config,
@@ -17,6 +23,7 @@ from helpers import (
     wait_for_state,
 )
 from pki import Pki
+from prometheus_client.parser import text_string_to_metric_families
 from sink import Reply, Sink
 
 from gateway import __version__
@@ -25,6 +32,7 @@ from gateway.outbox import Backlog
 from gateway.runtime.gateway import Gateway
 
 PREFIX = "waba_gateway_"
+CA_EXPIRY = f"{PREFIX}client_ca_expiry_timestamp_seconds"
 
 
 def test_every_metric_is_named_with_the_gateways_prefix() -> None:
@@ -167,6 +175,84 @@ async def test_metrics_of_a_delivered_and_a_dead_notification(
     assert re.search(
         rf'^{PREFIX}build_info{{python="[^"]+",version="{__version__}"}} 1.0$', text, re.M
     )
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Each sample of ``name`` in a /metrics text: its labels and its value, as scraped."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+@pytest.mark.parametrize(
+    ("expiries", "shown"),
+    [
+        # A rotation bundle: the old CA and the new one under one subject, in either order.
+        ([("CN=ca", 50.0), ("CN=ca", 900.0)], {"CN=ca": 50.0}),
+        ([("CN=ca", 900.0), ("CN=ca", 50.0)], {"CN=ca": 50.0}),
+        ([("CN=ca", 900.0), ("CN=ca", 50.0), ("CN=ca", 70.0)], {"CN=ca": 50.0}),
+        # Subjects of their own stay apart, each with its expiry.
+        ([("CN=a", 900.0), ("CN=b", 50.0)], {"CN=a": 900.0, "CN=b": 50.0}),
+        ([("CN=a", 900.0), ("CN=b", 50.0), ("CN=a", 70.0)], {"CN=a": 70.0, "CN=b": 50.0}),
+        ([], {}),
+    ],
+    ids=["old-then-new", "new-then-old", "three", "two-subjects", "mixed", "no-client-ca"],
+)
+def test_client_cas_sharing_a_subject_are_one_series_at_the_earliest_expiry(
+    expiries: list[tuple[str, float]], shown: dict[str, float]
+) -> None:
+    """One sample per subject (the exposition format allows one per label set; Prometheus
+    drops a repeated one), holding the expiry the CA-expiry alert must see first."""
+    text = Stats().render(Snapshot(now=0.0, client_ca_expiries=expiries)).decode()
+    samples = _samples(text, CA_EXPIRY)
+    assert len(samples) == len(shown)
+    assert {labels["subject"]: value for labels, value in samples} == shown
+
+
+def _self_signed_ca(name: x509.Name, days: int) -> tuple[bytes, float]:
+    """A CA certificate named ``name`` that expires in ``days``: its PEM and its expiry."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    return pem, cert.not_valid_after_utc.timestamp()
+
+
+async def test_a_rotation_bundle_of_one_subject_shows_its_ca_expiring_first_once(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A running gateway whose tls.client_ca_file holds the new CA and the old one (10 days
+    left) under one subject, as the README advises during a rotation: one series for that
+    subject, at the old CA's expiry, and no series twice in the scrape."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Example Client Root")])
+    new, _ = _self_signed_ca(name, 3650)
+    old, old_expiry = _self_signed_ca(name, 10)
+    bundle = tmp_path / "client-cas.pem"
+    bundle.write_bytes(new + old)
+    config = gateway_config(pki, tmp_path)
+    tls = dataclasses.replace(config.tls, client_ca_file=bundle)
+    async with Gateway(dataclasses.replace(config, tls=tls)) as gateway:
+        text = (await admin_get(gateway, "/metrics")).text
+    assert _samples(text, CA_EXPIRY) == [({"subject": "CN=Example Client Root"}, old_expiry)]
+    series = Counter(
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    )
+    assert [key for key, count in series.items() if count > 1] == []
 
 
 def test_gathered_answer_times_render_exactly_as_observed_ones() -> None:

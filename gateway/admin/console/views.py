@@ -29,6 +29,7 @@ from gateway.admin.console.facts import certificate_facts
 from gateway.admin.console.html import PREFIX, frame
 from gateway.admin.console.paths import is_console_path, local_redirect
 from gateway.admin.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
+from gateway.admin.operations import outbox_text
 from gateway.admin.stats import Stats
 from gateway.config import Config
 from gateway.delivery.backoff import Breaker
@@ -308,14 +309,14 @@ class Console:
         return _see_other(f"{PREFIX}/deliveries/{quote(delivery_id)}")
 
     async def confirm_replay_dead(self, request: web.Request) -> web.Response:
-        name = request.match_info["target"]
+        name = outbox_text("target", request.match_info["target"])
         dead = next((b.dead for b in await self._outbox.backlog() if b.target == name), 0)
         csrf = self._sessions(request).csrf(_session())
         body = pages.confirm_replay_dead(name, dead, csrf)
         return self._page(request, f"Replay dead letters of {name}", body)
 
     async def replay_dead(self, request: web.Request) -> web.Response:
-        name = request.match_info["target"]
+        name = outbox_text("target", request.match_info["target"])
         count = await self._outbox.replay_many(
             state="dead", target=name, since=None, now=time.time()
         )
@@ -348,7 +349,7 @@ def _listing_query(query: Mapping[str, str]) -> tuple[State | None, str | None, 
     number = decimal(query.get("page", "1"))
     if number is None or not 1 <= number <= 100_000:
         raise BadRequest("page must be an integer from 1")
-    return state, query.get("target") or None, number
+    return state, outbox_text("target", query.get("target") or None), number
 
 
 async def _form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
