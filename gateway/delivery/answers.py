@@ -11,7 +11,9 @@ personal fields). Pure: bytes and values in, text out.
 
 An echo is a whole personal value (of :data:`MIN_ECHO_CHARS` characters or more) or a piece
 of one at least 23 characters long (``2 * ECHO_PIECE_CHARS - 1``; shorter pieces are caught
-when they hold one of the value's aligned blocks). Not caught: shorter values (a two-letter
+when they hold one of the value's aligned blocks). A notification whose values cannot be read
+(valid JSON nested deeper than the parsers read) could be repeated unseen: of an answer to it
+only the status and content type are kept. Not caught: shorter values (a two-letter
 name), shorter pieces of a long text, and data the target adds of its own that looks like none
 of the above. What is shown (:func:`shown_answer`) is masked and bounded once more, for rows an
 older version stored whole (their echoes can no longer be told: the masks still apply).
@@ -82,16 +84,23 @@ _PERSONAL_PAIR = re.compile(
 )
 
 
-def personal_values(body: bytes) -> set[str]:
+def personal_values(body: bytes) -> set[str] | None:
     """The personal values of a notification (each at least :data:`MIN_ECHO_CHARS` long),
-    as sent and as decoded (Meta escapes non-ASCII text as ``\\u00e4``)."""
+    as sent and as decoded (Meta escapes non-ASCII text as ``\\u00e4``); none for a body
+    that is not JSON, and ``None`` for JSON that cannot be read (what it holds is unknown)."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         try:
-            payload = json.loads(body)  # what orjson refuses and Meta may sign (lone surrogates)
+            # What orjson refuses and Meta may sign: lone surrogates, and integers wider than
+            # Python turns into an int (read as their text, which is what is compared).
+            payload = json.loads(body, parse_int=str)
         except ValueError:
             return set()
+        except RecursionError:
+            # Valid JSON nested deeper than either parser reads (the gateway accepts and
+            # forwards it): its personal values cannot be told.
+            return None
     found: set[str] = set()
     # A loop over a stack, types compared exactly (the parsers make plain dicts and lists; a
     # bool is no number here): faster than recursive generators, isinstance() or a regular
@@ -116,12 +125,12 @@ def personal_values(body: bytes) -> set[str]:
     return found
 
 
-def _echoes(answer: str, body: bytes) -> bool:
-    """Whether ``answer`` holds a whole personal value of ``body``, or a piece of one: any
+def _echoes(answer: str, values: set[str]) -> bool:
+    """Whether ``answer`` holds a whole personal value of ``values``, or a piece of one: any
     piece of :data:`ECHO_PIECE_CHARS` * 2 - 1 characters or more holds one of the value's
     blocks of :data:`ECHO_PIECE_CHARS` (those starting at its multiples), which is what is
     looked for, so the cost grows with the values' length, not its square."""
-    for value in personal_values(body):
+    for value in values:
         if len(value) <= ECHO_PIECE_CHARS * 2:
             if value in answer:
                 return True
@@ -151,7 +160,10 @@ def kept_answer(body: bytes, status: int, content_type: str | None, answer: byte
     if len(text) < MIN_ECHO_CHARS:
         return _masked(text)  # "ok", "{}", nothing: too short to repeat anything
     kind = (content_type or "no content type").split(";")[0].strip() or "no content type"
-    if _echoes(text, body):
+    values = personal_values(body)
+    if values is None:
+        return f"({kind}; not kept: the notification cannot be read)"
+    if _echoes(text, values):
         return f"({kind}; not kept: it repeats the notification)"
     shown = _masked(text[: EXCERPT_CHARS * 2])
     return shown if len(shown) <= EXCERPT_CHARS else shown[:EXCERPT_CHARS] + "..."

@@ -8,6 +8,7 @@ never copies an inbound header: every header a target sees is built here and in
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ __all__ = ["Forwarder", "build_headers"]
 
 USER_AGENT = f"waba-gateway/{__version__}"
 
+log = logging.getLogger(__name__)
+
 
 def build_headers(
     delivery: Delivery, target: TargetConfig, attempt: int, now: float
@@ -35,6 +38,14 @@ def build_headers(
         "User-Agent": USER_AGENT,
         **delivery_headers(delivery, target, attempt, now),
     }
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as :func:`parse_retry_after` reads it, ``None`` if it cannot."""
+    try:
+        return parse_retry_after(value, now)
+    except Exception:  # e.g. more digits than Python turns into an int: as good as none
+        return None
 
 
 class Forwarder:
@@ -77,14 +88,31 @@ class Forwarder:
             return AttemptResult(error=f"timed out after {self.target.timeout_s:g}s")
         if isinstance(answer, UpstreamError):
             return AttemptResult(error=str(answer)[:300])
-        return AttemptResult(
-            status=answer.status,
-            retry_after_s=parse_retry_after(answer.retry_after, now),
-            # Only what cannot carry the notification back (gateway.delivery.answers).
-            response_excerpt=kept_answer(
-                delivery.body, answer.status, answer.content_type, answer.excerpt
-            ),
-        )
+        try:
+            return AttemptResult(
+                status=answer.status,
+                retry_after_s=parse_retry_after(answer.retry_after, now),
+                # Only what cannot carry the notification back (gateway.delivery.answers).
+                response_excerpt=kept_answer(
+                    delivery.body, answer.status, answer.content_type, answer.excerpt
+                ),
+            )
+        except Exception as exc:
+            # The target did answer: whatever the gateway fails to make of the answer's
+            # details, its status stands (a 400 is a dead letter, a 200 delivered), and
+            # raised out of send_many it would cost every delivery of the batch its answer.
+            # Nothing of the answer is kept, since it could not be checked.
+            log.warning(
+                "the answer of %s to delivery %s was not read (%s): only its status is kept",
+                self.target.name,
+                delivery.id,
+                type(exc).__name__,
+            )
+            return AttemptResult(
+                status=answer.status,
+                retry_after_s=_retry_after(answer.retry_after, now),
+                response_excerpt="(not kept)",
+            )
 
     async def warm(self) -> None:
         """Open a keep-alive connection now; a target that is down is tried again later."""

@@ -13,7 +13,9 @@ change's key is one of the listed values; an empty filter matches everything):
 
 A target with ``order = "conversation"`` has each route keyed by its conversation
 (:mod:`gateway.edge.ordering`): a split route by its change, a whole notification by its first
-change that matches the target's filters. Without it no key is computed.
+change that matches the target's filters. Without it no key is computed. Ordering is no filter:
+an unfiltered whole-body target receives a notification with no change to key (no entries, no
+changes, an unknown shape, JSON too deep to read) all the same, keyed :data:`NO_CONVERSATION`.
 
 ``split = "none"`` forwards the exact bytes received (``body=None`` here); ``split = "change"``
 sends each matching change as a complete payload of its own, ``{"object", "entry": [{"id",
@@ -25,9 +27,10 @@ width and key order reach the target as Meta sent them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from decimal import Decimal
@@ -43,6 +46,7 @@ from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox.model import Route
 
 __all__ = [
+    "NO_CONVERSATION",
     "Change",
     "Plan",
     "Route",
@@ -62,6 +66,14 @@ _WIDE = b"0" * 19
 # sys.get_int_max_str_digits); such an integer is still valid JSON (RFC 8259 section 6 sets no
 # limit), so it is kept exactly as a Decimal instead of being called invalid.
 _INT_DIGITS_LIMIT = 4300
+
+
+# The key of a notification that names no conversation, for an ordered target that receives it.
+# Not None: in the outbox None means "no order to keep", so such notifications would overtake
+# one another (a retried one behind the next), and each would make the dispatcher look at every
+# conversation of the target. One key of their own keeps them in order among themselves and
+# holds back no real conversation: conversation_key digests "w:..." or "c:...", never "n:".
+NO_CONVERSATION = hashlib.sha256(b"n:").hexdigest()[:32]
 
 
 def _exact_int(text: str) -> int | Decimal:
@@ -225,6 +237,49 @@ class _Reader:
         self.at = self._skip(self.at + 1)
 
 
+# What a loop skipping a valid JSON value has to see: each string whole (a bracket inside one is
+# text), and each bracket.
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_WIDE_TEXT = re.compile(r"[0-9]{19}")
+
+
+class _DeepReader(_Reader):
+    """A :class:`_Reader` for a text that ``json`` could not read at the caller's stack depth.
+    It finds where an object or array ends with a loop, not a recursion, and reads it with
+    orjson, whose limit (1,024 levels) is the same wherever it is called; ``json`` reads what
+    orjson does not read exactly (see :func:`parse`), and raises ``RecursionError`` when it is
+    still too deep. Slower than ``json`` alone: only the deep bodies pay for it."""
+
+    def value(self) -> tuple[Any, str]:
+        start = self.at
+        if self.peek() not in "[{":
+            # A scalar: no nesting, so json reads it at any depth.
+            return super().value()
+        depth = 0
+        end = start
+        for match in _TOKEN.finditer(self.text, start):
+            kind = self.text[match.start()]
+            if kind in "[{":
+                depth += 1
+            elif kind in "]}":
+                depth -= 1
+                if depth == 0:
+                    end = match.end()
+                    break
+        text = self.text[start:end]
+        self.at = self._skip(end)
+        return _read_deep(text), text
+
+
+def _read_deep(text: str) -> Any:
+    if _WIDE_TEXT.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:  # too deep for it too, a lone surrogate, NaN...
+            pass
+    return _DECODER.decode(text)
+
+
 @dataclass(slots=True)
 class _Entry:
     # Each key read, in the order a dict of the entry would have (the first time a key is seen;
@@ -271,9 +326,19 @@ def _part(top: dict[str, str], entry: _Entry, change: str) -> bytes:
 
 def split_changes(body: bytes) -> list[Change]:
     """Every change in ``body`` (valid JSON, see :func:`parse`), each with its ``part``; the
-    same changes, in the same order, as :func:`iter_changes` finds in the parsed body."""
+    same changes, in the same order, as :func:`iter_changes` finds in the parsed body. Raises
+    ``RecursionError`` when a value is nested deeper than both orjson and ``json`` read."""
     # Decoded as json.loads decodes bytes, so the text is the one parse() accepted.
-    reader = _Reader(body.decode(json.detect_encoding(body), "surrogatepass"))
+    text = body.decode(json.detect_encoding(body), "surrogatepass")
+    try:
+        return _split(_Reader(text))
+    except RecursionError:
+        # json reads as deep as the stack leaves room for, so whether a body of about 1,000
+        # levels splits would depend on who calls: read it again with a limit that does not.
+        return _split(_DeepReader(text))
+
+
+def _split(reader: _Reader) -> list[Change]:
     if reader.peek() != "{":
         return []
     top: dict[str, str] = {}  # the text of "object"; "" marks where "entry" comes
@@ -330,17 +395,30 @@ def _takes_all(target: TargetConfig) -> bool:
     return target.split == "none" and target.order == "none" and not _has_filters(target)
 
 
+def _unread_route(target: TargetConfig) -> Route | None:
+    """The route of ``target`` for a notification with no change to read (none, or too deep to
+    read): every unfiltered whole-body target receives it, ordered or not."""
+    if target.split != "none" or _has_filters(target):
+        return None
+    key = NO_CONVERSATION if target.order == "conversation" else None
+    return Route(target.name, None, key)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What routing needs to know of the targets, decided once per configuration (at start and
     at each reload) rather than for each notification: which targets take every notification
-    unread, and the routes of a notification when all of them do."""
+    unread, the routes of a notification when all of them do, and those of a notification
+    with no change to read."""
 
     targets: tuple[TargetConfig, ...]
     takes_all: tuple[bool, ...]
     # Every target takes every notification: only whether the body is JSON matters.
     catch_all: tuple[Route, ...] | None
     splits: bool
+    # A notification with no change (or none that can be read): the unfiltered whole-body
+    # targets', in target order, keyed NO_CONVERSATION for the ordered ones.
+    unread: tuple[Route, ...] = ()
 
     @classmethod
     def of(cls, targets: Sequence[TargetConfig]) -> Plan:
@@ -351,6 +429,7 @@ class Plan:
             # Routes are immutable: one tuple serves every notification.
             catch_all=tuple(Route(t.name, None) for t in targets) if all(takes_all) else None,
             splits=any(target.split == "change" for target in targets),
+            unread=tuple(r for r in map(_unread_route, targets) if r is not None),
         )
 
 
@@ -360,19 +439,18 @@ def route(body: bytes, targets: Sequence[TargetConfig] | Plan) -> list[Route]:
     :class:`Plan` made of them once (the callback's, so no request decides it again).
 
     A target without filters and ``split = "none"`` receives every notification, even one whose
-    shape is unknown: it was signed by Meta, and dropping it would lose it. That includes valid
-    JSON nested deeper than the parser reads; the targets that filter or split do not receive
-    such a body, since its changes cannot be read.
+    shape is unknown: it was signed by Meta, and dropping it would lose it. ``order =
+    "conversation"`` changes only the key of such a notification (:data:`NO_CONVERSATION`).
+    That includes valid JSON nested deeper than the parser reads; the targets that filter or
+    split do not receive such a body, since its changes cannot be read. What one target needs
+    never changes what another receives: a body too deep to split but not to parse still goes
+    to the whole-body targets whose filters it matches.
     """
     plan = targets if isinstance(targets, Plan) else Plan.of(targets)
     try:
         return _route(body, plan)
     except NestedTooDeep:
-        return [
-            Route(target.name, None)
-            for target, all_ in zip(plan.targets, plan.takes_all, strict=True)
-            if all_
-        ]
+        return list(plan.unread)
 
 
 def _route(body: bytes, plan: Plan) -> list[Route]:
@@ -381,19 +459,32 @@ def _route(body: bytes, plan: Plan) -> list[Route]:
         # so this path (the benchmarked one) builds no value at all.
         _check(body)
         return list(plan.catch_all)
+    targets: Iterable[tuple[TargetConfig, bool]] = zip(plan.targets, plan.takes_all, strict=True)
     if plan.splits:
         # split_changes reads every value itself, with json: this only has to refuse non-JSON.
-        _check(body)
+        # _check inlined: parse() then runs at the stack depth it has without split targets,
+        # so a body json reads only just is read (or not) alike with and without them.
+        if not surely_json(body):
+            parse(body, exact=False)
         try:
             changes = split_changes(body)
-        except RecursionError:  # orjson reads 1024 levels, json about 1000
-            raise _too_deep(body) from None
+        except RecursionError:
+            # A change too deep to split (for orjson, or for json where only json reads it
+            # exactly): the split targets alone go without it. The others are routed from
+            # parse()'s reading, as without a split target; it raises NestedTooDeep when the
+            # body cannot be read at all.
+            changes = list(iter_changes(parse(body)))
+            targets = [pair for pair in targets if pair[0].split == "none"]
         except ValueError as exc:  # what orjson accepts and json does not, if anything
             raise BadRequest("body is not valid JSON") from exc
     else:
         changes = list(iter_changes(parse(body)))
+    if not changes:
+        # Nothing to match or key: the unfiltered whole-body targets receive it (ordered ones
+        # too, ordering is no filter), no other target does.
+        return list(plan.unread)
     routes: list[Route] = []
-    for target, all_ in zip(plan.targets, plan.takes_all, strict=True):
+    for target, all_ in targets:
         if all_:
             routes.append(Route(target.name, None))
             continue

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gateway.config import TargetConfig
-from gateway.edge.routing import iter_changes, parse, route, split_changes
+from gateway.edge.routing import NO_CONVERSATION, Plan, iter_changes, parse, route, split_changes
 from gateway.errors import BadRequest, NestedTooDeep
 from gateway.outbox import Route
 
@@ -243,10 +243,10 @@ def test_parse_reads_integers_of_any_width_exactly(body: bytes, expected: int) -
         pytest.param(b'{"a":' * 3000 + b"1" + b"}" * 3000, id="objects"),
         pytest.param(
             b'{"object":"o","entry":[{"id":"W","changes":[{"field":"f","value":'
-            + b"[" * 1010
-            + b"]" * 1010
+            + b"[" * 1100
+            + b"]" * 1100
             + b"}]}]}",
-            id="one change deeper than json reads",
+            id="one change deeper than orjson reads",
         ),
     ],
 )
@@ -255,6 +255,140 @@ def test_valid_json_nested_beyond_the_parser_goes_to_catch_all_targets_only(body
     get it as sent; those that filter or split cannot read its changes and do not."""
     targets = [_target("all"), _target("filtered", fields=("f",)), _target("split", split="change")]
     assert route(body, targets) == [Route("all", None)]
+
+
+def _deep_change(depth: int, extra: bytes = b"1") -> bytes:
+    """One messages change whose value holds arrays ``depth`` deep and ``extra`` (the body is
+    ``depth + 7`` levels deep in all)."""
+    return (
+        b'{"object":"whatsapp_business_account","entry":[{"id":"W","changes":[{"field":"messages",'
+        b'"value":{"metadata":{"phone_number_id":"P"},"deep":'
+        + b"[" * depth
+        + b"]" * depth
+        + b',"n":'
+        + extra
+        + b"}}]}]}"
+    )
+
+
+WHOLE_BODY_TARGETS = [
+    _target("all"),
+    _target("filtered", fields=("messages",)),
+    _target("ordered", order="conversation"),
+    _target("ordered-filtered", order="conversation", phone_number_ids=("P",)),
+]
+
+
+@pytest.mark.parametrize("depth", [900, 980, 985, 990, 995, 1000, 1005, 1010, 1017, 1018, 1030])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(b"1", id="orjson reads it"),
+        pytest.param(b'"\\ud800"', id="a lone surrogate: json reads it"),
+    ],
+)
+def test_a_split_target_never_changes_what_the_whole_body_targets_receive(
+    depth: int, extra: bytes
+) -> None:
+    """Routing is per target: adding a split target changes nothing the others receive, at
+    every depth around json's limit (about 1,000 levels, less the caller's stack) and orjson's
+    (1,024 levels). A body too deep to split but not to parse goes to the whole-body targets
+    whose filters it matches, as it does without a split target."""
+    body = _deep_change(depth, extra)
+    alone = route(body, WHOLE_BODY_TARGETS)
+    with_split = route(body, [*WHOLE_BODY_TARGETS, _target("split", split="change")])
+    assert [r for r in with_split if r.target != "split"] == alone
+
+
+def test_a_split_target_only_adds_to_what_others_receive_of_a_deep_body_with_a_wide_integer() -> (
+    None
+):
+    """An integer of 19 digits or more is read by json, to keep it exact: the whole body
+    without a split target, each change alone with one. So a split target may let the others
+    read a body a few levels deeper, never take one away."""
+    for depth in range(970, 1010):
+        body = _deep_change(depth, b"12345678901234567890123")
+        alone = route(body, WHOLE_BODY_TARGETS)
+        with_split = route(body, [*WHOLE_BODY_TARGETS, _target("split", split="change")])
+        others = [r for r in with_split if r.target != "split"]
+        assert set(alone) <= set(others), depth
+
+
+@pytest.mark.parametrize("depth", [1000, 1010, 1017])
+@pytest.mark.parametrize("stack", [0, 200])
+def test_a_change_orjson_reads_is_split_whatever_the_callers_stack(depth: int, stack: int) -> None:
+    """json reads only as deep as the stack leaves room for; a change it cannot read there is
+    read again with orjson, whose limit does not depend on the caller, so a split target gets
+    its part (here the body itself: one compact change) from any call depth."""
+    body = _deep_change(depth)
+
+    def nested(levels: int) -> list[Route]:
+        if levels:
+            return nested(levels - 1)
+        return route(body, [_target("split", split="change")])
+
+    assert nested(stack) == [Route("split", body)]
+
+
+def test_a_change_deeper_than_orjson_reads_reaches_no_split_target() -> None:
+    """Beyond 1,024 levels neither parser reads the change: the unfiltered whole-body targets
+    get the body, no split or filtered target does."""
+    body = _deep_change(1100)
+    targets = [*WHOLE_BODY_TARGETS, _target("split", split="change")]
+    assert route(body, targets) == [
+        Route("all", None),
+        Route("ordered", None, NO_CONVERSATION),
+    ]
+
+
+NO_CHANGE_TO_KEY: dict[str, bytes] = {
+    "no entries": _body({"object": "whatsapp_business_account", "entry": []}),
+    "an entry without changes": _body(
+        {"object": "whatsapp_business_account", "entry": [{"id": "W", "changes": []}]}
+    ),
+    "an entry without a changes key": _body({"entry": [{"id": "W"}]}),
+    "junk items": _body({"entry": [1, {"changes": [2]}]}),
+    "an unknown envelope": _body({"object": "x"}),
+    "a list": _body([]),
+    "a string": _body("text"),
+    "valid JSON too deep to read": b"[" * 5000 + b"]" * 5000,
+    "a change too deep to read": _deep_change(1100),
+}
+
+
+@pytest.mark.parametrize("body", NO_CHANGE_TO_KEY.values(), ids=NO_CHANGE_TO_KEY.keys())
+@pytest.mark.parametrize("plan", [False, True], ids=["targets", "plan"])
+def test_an_ordered_unfiltered_target_receives_a_notification_with_no_change_to_key(
+    body: bytes, plan: bool
+) -> None:
+    """Ordering is no filter: an unfiltered whole-body target receives every notification,
+    ordered or not; one with no change to key it by is keyed NO_CONVERSATION. Filtered and
+    split targets, ordered or not, do not receive it."""
+    targets = [
+        _target("all"),
+        _target("ordered", order="conversation"),
+        _target("filtered", order="conversation", fields=("messages",)),
+        _target("split", order="conversation", split="change"),
+    ]
+    routes = route(body, Plan.of(targets) if plan else targets)
+    assert routes == [Route("all", None), Route("ordered", None, NO_CONVERSATION)]
+
+
+def test_notifications_with_no_change_to_key_share_one_key_of_their_own() -> None:
+    """The key is not None, which the outbox reads as "no order to keep" (such notifications
+    would overtake one another): they keep the order they came in among themselves. It is no
+    conversation's key either, so none of Meta's samples waits behind them."""
+    target = [_target("ordered", order="conversation")]
+    keys = {r.key for body in NO_CHANGE_TO_KEY.values() for r in route(body, target)}
+    assert keys == {NO_CONVERSATION}
+    sample_keys = {
+        r.key
+        for example in sorted(EXAMPLES.glob("*.json"))
+        for r in route(example.read_bytes(), target)
+    }
+    assert sample_keys
+    assert None not in sample_keys
+    assert NO_CONVERSATION not in sample_keys
 
 
 def test_parse_says_valid_json_beyond_both_parsers_is_too_deep() -> None:
