@@ -13,10 +13,12 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from claimplan import ordered_claim
-from helpers import OpenOptions, eventually
+from helpers import OpenOptions, eventually, sink_target
 from pgserver import PASSWORD, PgServer, running_server
+from sink import Hang, Sink
 
-from gateway.config import OutboxConfig
+from gateway.config import DispatcherConfig, OutboxConfig
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.errors import OutboxError
 from gateway.outbox import (
     AttemptResult,
@@ -69,6 +71,19 @@ async def _until_listening(pg_server: PgServer, pg_url: str) -> None:
     await eventually(listening, "the listener's LISTEN")
 
 
+async def _die(box: Outbox) -> None:
+    """``box``'s gateway dies (SIGKILL, a crash, a stall past its lease): its heartbeat stops
+    and its connections go, without the clean close that lets go of its leases, which stay
+    until they run out."""
+    assert isinstance(box, PostgresOutbox)
+    if box._heartbeat is not None:
+        box._heartbeat.cancel()
+    if box._listener is not None:
+        await box._listener.close()
+    box._closed = True
+    box._pool.terminate()
+
+
 async def _store(outbox: Outbox, count: int, target: str = "t") -> list[str]:
     ids = []
     for n in range(count):
@@ -108,7 +123,7 @@ async def test_claims_of_a_gateway_that_stops_renewing_are_taken_over_after_the_
     assert isinstance(dead, PostgresOutbox)
     ids = await _store(dead, 2)
     claimed = await dead.due(2000.0, {"t": 10})
-    await dead.close()  # stops its heartbeat, as a SIGKILL would
+    await _die(dead)
     survivor = await opener(lease_s=0.5)
     assert await survivor.due(2000.0, {"t": 10}) == []
     await asyncio.sleep(0.6)
@@ -140,7 +155,7 @@ async def test_a_stalled_gateways_late_outcome_never_overwrites_the_one_the_take
     assert isinstance(stalled, PostgresOutbox)
     (stored,) = await _store(stalled, 1)
     (claimed,) = await stalled.due(2000.0, {"t": 10})
-    await stalled.close()  # its heartbeat stops, as a stall stops it
+    await _die(stalled)  # its heartbeat stops, as a stall stops it
     survivor = await opener(lease_s=0.5)
     await asyncio.sleep(0.6)
     (taken,) = await survivor.due(2000.0, {"t": 10})
@@ -1031,3 +1046,98 @@ async def test_a_gateway_lets_go_of_the_leases_on_targets_it_no_longer_sends_to(
     await asyncio.sleep(1.5)  # past the lease: renewed by the heartbeat, still its own
     assert await other.due(2000.0, {"t": 10}) == []
     assert len(kept) == 2
+
+
+async def test_a_gateway_closed_cleanly_lets_go_of_its_leases_so_another_claims_them_at_once(
+    opener: Opener, pg_server: PgServer, pg_url: str
+) -> None:
+    """A dispatching gateway stopped cleanly (SIGTERM: its dispatcher stopped, then its outbox
+    closed) with deliveries it leased and did not send, leased when it accepted them or when it
+    claimed them: it lets go of those leases as it closes and says so, and another gateway,
+    woken, claims them all at once, not a minute later when the leases (``lease_s`` = 60, the
+    default) would have run out."""
+    woken = asyncio.Event()
+    other = await opener(on_wake=woken.set, lease_s=60.0)
+    await _until_listening(pg_server, pg_url)
+    box = await opener(lease_s=60.0)
+    accepted = await _store(box, 3)
+    writer = await opener(dispatching=False)
+    found = await writer.accept(b'{"u":1}', SIG, [Route("u", None), Route("u", b"{}")], 1000.0)
+    assert found is not None
+    stored = [d.id for d in found]
+    await asyncio.wait_for(woken.wait(), 5.0)  # the writer's announcement, heard
+    woken.clear()
+    claimed = await box.due(2000.0, {"u": 10})
+    assert sorted(d.id for d in claimed) == sorted(stored)
+    assert await other.due(2000.0, {"t": 10, "u": 10}) == []
+    started = time.monotonic()
+    await box.close()
+    await asyncio.wait_for(woken.wait(), 5.0)
+    taken = await other.due(2000.0, {"t": 10, "u": 10})
+    assert sorted(d.id for d in taken) == sorted(accepted + stored)
+    assert time.monotonic() - started < 5.0
+
+
+async def test_an_outcome_recorded_as_the_gateway_closes_counts_and_only_the_rest_is_let_go(
+    opener: Opener, pg_url: str
+) -> None:
+    """The last outcome of a gateway that stops is still on its way when the outbox closes
+    (its batch cancelled by the dispatcher's stop, the record waiting for a row another
+    transaction holds): the close commits it under the lease it was sent under, and only then
+    lets go of the leases; the delivery is delivered once, never claimed again, and the one
+    that was not sent goes to the other gateway at once. Let go before the record, the outcome
+    would not count (it counts only under the recording gateway's lease) and the delivery would
+    be sent again."""
+    box = await opener(lease_s=60.0)
+    sent, unsent = await _store(box, 2)
+    holder = await asyncpg.connect(pg_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT id FROM waba_gateway.deliveries FOR UPDATE")
+            record = asyncio.create_task(
+                box.record_many([(sent, Delivered(), AttemptResult(status=200))], 1001.0)
+            )
+            await asyncio.sleep(0.1)  # submitted, and waiting for the rows
+            record.cancel()  # the batch cancelled: its submitted outcome still goes
+            closing = asyncio.create_task(box.close())
+            await asyncio.sleep(0.3)
+            assert not closing.done()  # the close waits for the outcome
+        await asyncio.wait_for(closing, 5.0)
+    finally:
+        await holder.close()
+    other = await opener(lease_s=60.0)
+    assert [d.id for d in await other.due(2000.0, {"t": 10})] == [unsent]
+    delivered = await other.get(sent)
+    assert delivered is not None
+    assert (delivered.state, delivered.attempts) == ("delivered", 1)
+
+
+async def test_a_delivery_still_out_when_the_gateway_stops_keeps_its_lease_until_its_outcome(
+    opener: Opener, sink: Sink
+) -> None:
+    """A gateway stops (as the runtime does: its dispatcher, then its outbox) while its target
+    still holds one delivery and the others wait behind it: until that attempt's outcome is
+    recorded no other gateway claims the delivery out on the wire (it would be sent twice at
+    once); once the outbox has closed, the other gateway claims what was not sent at once,
+    and the one that was is delivered, once."""
+    box = await opener(lease_s=60.0)
+    other = await opener(lease_s=60.0)
+    sink.script(Hang(1.5))
+    target = sink_target(sink, timeout_s=10.0, concurrency=1)
+    stored = await _store(box, 3, target=target.name)
+    dispatcher = Dispatcher(box, [target], DispatcherConfig(), retention_s=3600)
+    dispatcher.start()
+    (out,) = await sink.wait_for(1)
+    stopping = asyncio.create_task(dispatcher.stop(grace_s=5.0))
+    while not stopping.done():  # the attempt is still out: nothing of this gateway's is free
+        assert await other.due(2000.0, {target.name: 10}) == []
+        await asyncio.sleep(0.05)
+    await stopping
+    await box.close()
+    assert len(sink.received) == 1
+    sent = out.headers["X-Gateway-Delivery-Id"]
+    taken = await other.due(2000.0, {target.name: 10})
+    assert sorted(d.id for d in taken) == sorted(set(stored) - {sent})
+    delivered = await other.get(sent)
+    assert delivered is not None
+    assert (delivered.state, delivered.attempts) == ("delivered", 1)

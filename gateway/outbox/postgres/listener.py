@@ -6,6 +6,14 @@ is woken at once instead of at its next poll. When the connection is lost (the d
 restarts) the listener connects again with a growing pause, and wakes its dispatcher once it is
 back, for whatever was announced meanwhile: a missed wake-up only delays, since dispatchers
 poll too.
+
+A connection lost without a word (a NAT or firewall that forgot it after an idle timeout, a
+failover that sent no reset, a server that hangs) would never be noticed by a listener that only
+waits: no packet ever comes to say so, and every later announcement would go unheard until the
+gateway restarts. So the listener asks its connection a trivial question every
+:data:`CHECK_S` seconds (which also keeps such a path from ever going idle); no answer within
+the timeout counts as the connection lost, and it connects again. TCP keepalive would cover a
+forgotten path only (not a server that hangs) and not a connection over a Unix socket.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ log = logging.getLogger(__name__)
 
 _PAUSE_FIRST_S = 0.2
 _PAUSE_MAX_S = 5.0
+# Between two checks of an idle connection: well inside the idle timeouts of NATs and firewalls
+# (minutes), and a round trip a gateway never feels.
+CHECK_S = 30.0
 
 
 class Listener:
@@ -41,11 +52,13 @@ class Listener:
         *,
         timeout_s: float,
         on_replay: Callable[[str], None] | None = None,
+        check_s: float = CHECK_S,
     ) -> None:
         self._connect = connect
         self._on_wake = on_wake
         self._on_replay = on_replay
         self._timeout_s = timeout_s
+        self._check_s = check_s
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection[Any] | None = None
@@ -68,13 +81,24 @@ class Listener:
         while True:
             try:
                 conn = await asyncio.wait_for(self._connect(), self._timeout_s)
-                await conn.add_listener(CHANNEL, self._heard)
             except FAILURES as exc:
                 log.warning("outbox listener cannot connect (%s); again in %.1fs", exc, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _PAUSE_MAX_S)
                 continue
+            # Held from here, so that close() ends it whatever step is cancelled.
             self._conn = conn
+            try:
+                await asyncio.wait_for(conn.add_listener(CHANNEL, self._heard), self._timeout_s)
+            except FAILURES as exc:
+                # The connection opened: closed here, or each attempt would leave one behind,
+                # a server session each, until the server refuses every connection.
+                log.warning("outbox listener cannot listen (%s); again in %.1fs", exc, pause)
+                self._conn = None
+                await _close(conn)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _PAUSE_MAX_S)
+                continue
             self._lost.clear()
             conn.add_termination_listener(self._terminated)
             if not first:
@@ -83,10 +107,25 @@ class Listener:
                     self._on_replay("")
                 self._on_wake()
             first, pause = False, _PAUSE_FIRST_S
-            await self._lost.wait()
+            await self._watch(conn)
             self._conn = None
-            with contextlib.suppress(*FAILURES):
-                await conn.close(timeout=1.0)
+            await _close(conn)
+
+    async def _watch(self, conn: asyncpg.Connection[Any]) -> None:
+        """Return once ``conn`` is lost: ended (the driver says so), or silent, when a trivial
+        query every ``check_s`` seconds gets no answer within the timeout."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self._check_s)
+                return
+            try:
+                await conn.fetchval("SELECT 1", timeout=self._timeout_s)
+            except FAILURES as exc:
+                reason = str(exc) or type(exc).__name__
+                log.warning("outbox listener lost its connection (%s); connecting again", reason)
+                # Ended at once: a connection that does not answer would not answer a goodbye.
+                conn.terminate()
+                return
 
     async def close(self) -> None:
         if self._task is not None:
@@ -95,6 +134,10 @@ class Listener:
                 await self._task
             self._task = None
         if self._conn is not None:
-            with contextlib.suppress(*FAILURES):
-                await self._conn.close(timeout=1.0)
+            await _close(self._conn)
             self._conn = None
+
+
+async def _close(conn: asyncpg.Connection[Any]) -> None:
+    with contextlib.suppress(*FAILURES):
+        await conn.close(timeout=1.0)

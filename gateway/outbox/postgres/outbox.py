@@ -12,10 +12,12 @@ Several gateways share one database safely:
   still the recording gateway's (see :data:`sql.RECORD`). A living gateway renews its leases
   (a heartbeat, three times per ``outbox.lease_s``), so a slow target never makes another
   gateway send the same delivery; one that dies leaves its leases to run out ``lease_s`` after
-  its last beat, and then any other gateway claims those deliveries. It renews only the leases
-  on the targets its dispatcher still sends to (``keep_leases``) and lets go of the others,
-  so the deliveries of a target a reload removed from one gateway go to the gateways that
-  still have it, at once.
+  its last beat, and then any other gateway claims those deliveries; one that stops cleanly
+  lets go of them as its outbox closes, once nothing of it sends or records any more (its
+  dispatcher stopped first), and says so: the others claim them at once. It renews only the
+  leases on the targets its dispatcher still sends to (``keep_leases``) and lets go of the
+  others, so the deliveries of a target a reload removed from one gateway go to the gateways
+  that still have it, at once.
 - A gateway that dispatches takes the lease on what it accepts in the same statement, and
   starts sending at once (the dispatcher's ``offer``); one that does not (``dispatching=False``)
   leaves its deliveries unleased and announces them with ``NOTIFY``.
@@ -287,6 +289,9 @@ class PostgresOutbox:
             raise OutboxError(f"outbox database unavailable: {_reason(exc)}") from None
 
     async def close(self) -> None:
+        """Finish the accepts and outcomes already queued, let go of this gateway's leases
+        (:meth:`_let_go`), then of the connections. Called once nothing sends any more: the
+        runtime stops the dispatcher first (its batches finished or cancelled)."""
         if self._closed:
             return
         self._closed = True
@@ -295,13 +300,32 @@ class PostgresOutbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
         await self._committer.close()
+        # Every outcome submitted is committed (or failed) before the leases go: one recorded
+        # after them would not count (RECORD wants the lease), and its delivery be sent again.
         await self._recorder.close()
+        if self._dispatching:
+            await self._let_go()
         if self._listener is not None:
             await self._listener.close()
         try:
             await self._pool.close()
         except FAILURES:
             self._pool.terminate()
+
+    async def _let_go(self) -> None:
+        """Let go of this gateway's leases on pending deliveries and announce them
+        (:data:`sql.RELEASE`): a clean stop (SIGTERM, a restart) hands what this gateway had
+        not sent to the other gateways, or to its next start (a new owner), at once, rather
+        than ``lease_s`` after its last beat. Failing (the database away), the leases run out
+        as a dead gateway's do."""
+        try:
+            async with self._pool.acquire(timeout=_TIMEOUT_S) as conn:
+                released = await conn.fetchval(sql.RELEASE, self.owner, timeout=_TIMEOUT_S)
+        except FAILURES as exc:
+            log.warning("could not let go of the outbox leases at close: %s", _reason(exc))
+            return
+        if released:
+            log.info("let go of the leases on %d pending deliveries", released)
 
     # -- operations --------------------------------------------------------------------------
 

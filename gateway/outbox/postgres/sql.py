@@ -36,6 +36,7 @@ __all__ = [
     "PRUNE_NOTIFICATIONS",
     "PURGE_DEAD",
     "RECORD",
+    "RELEASE",
     "RENEW",
     "REPLAY",
     "REPLAY_BATCH",
@@ -163,6 +164,28 @@ WITH beat AS (
     RETURNING lease_owner
 )
 SELECT count(pg_notify('{CHANNEL}', '')) FROM beat WHERE lease_owner IS NULL
+"""
+
+# A gateway closing cleanly lets go of its leases on pending deliveries ($1: this gateway), so
+# that the other gateways, or this one started again (a new owner), claim them at once rather
+# than lease_s after its last beat; announced (NOTIFY, once per transaction) for them to do so
+# now. Run only once nothing of this gateway sends or records any more (its dispatcher stopped,
+# its queued outcomes committed): a lease let go while a send was still out would let another
+# gateway send the same delivery beside it, and a lease let go before its outcome was recorded
+# would make that outcome not count (RECORD counts an outcome only under its own lease). It
+# waits for rows another transaction holds, and reads them again as they then stand: one
+# recorded or taken over meanwhile is no longer this gateway's, and is left as it is. The rows
+# are locked in the order of their ids, as RECORD and the replays lock theirs, so none of
+# them waits for this while this waits for it.
+RELEASE: Final = f"""
+WITH released AS (
+    UPDATE {SCHEMA}.deliveries SET lease_owner = NULL, lease_until = NULL
+    WHERE id IN (SELECT id FROM {SCHEMA}.deliveries
+        WHERE lease_owner = $1 AND state = 'pending' ORDER BY id FOR UPDATE)
+      AND lease_owner = $1 AND state = 'pending'
+    RETURNING id
+)
+SELECT count(pg_notify('{CHANNEL}', '')) FROM released
 """
 
 # A replayed delivery with a conversation goes to its back: a new place from the deliveries'
