@@ -21,6 +21,7 @@ context and the process, so a new configuration takes a restart of the applicati
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import weakref
@@ -218,6 +219,12 @@ async def _traced_notify(
         status = exc.status
         raise
     except OutboxError:
+        status = 503
+        raise
+    except asyncio.CancelledError:
+        # The client went away or the application is stopping before the commit was known to
+        # be durable: recorded as the gateway's own listener records it (503, "shutting down;
+        # retry later"), so both front doors give the same span for the same case.
         status = 503
         raise
     finally:

@@ -34,6 +34,16 @@ _DEFAULT_TIMEOUT_S: Final = 10 * SECONDS
 # OTLP/HTTP: these answers (and no answer at all) may be retried, with exponential backoff.
 _RETRYABLE: Final = frozenset({429, 502, 503, 504})
 _MAX_TRIES: Final = 6
+# The headers that say how the request is framed and what its body is, which the exporter
+# sets itself: OTLP/HTTP says the client MUST send "Content-Type: application/x-protobuf" with
+# a binary protobuf body and MUST send "Content-Encoding: gzip" when (and only when) it gzips
+# it; Content-Length (or Transfer-Encoding) and Host are http.client's, made from the body and
+# the URL. Given in OTEL_EXPORTER_OTLP_HEADERS as well, one would go out beside the exporter's
+# own (two Content-Types) or in its stead (a length or coding that is not the body's), and the
+# collector could refuse or misread every export.
+_FRAMING: Final = frozenset(
+    {"content-type", "content-encoding", "content-length", "transfer-encoding", "host"}
+)
 
 
 def _variable(env: Mapping[str, str], name: str) -> str | None:
@@ -150,14 +160,21 @@ def _sendable(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers that can go out as they are. One that would break the request's framing (a
     line break, a colon or white space in its name) or that HTTP/1.1 cannot carry (a name
     outside ASCII, a value outside Latin-1) is left out with a warning: ``http.client`` would
-    raise on it in the exporter's thread at every export, and no span would ever be sent. The
-    warning names a header only by a valid name, never by its value nor by a name that is not
-    one: such a name is most often a value written into it (``Authorization: Bearer <token>``
-    for ``Authorization=Bearer <token>``)."""
+    raise on it in the exporter's thread at every export, and no span would ever be sent. So is
+    one the exporter sets itself (``_FRAMING``: Content-Type, Content-Encoding, Content-Length,
+    Transfer-Encoding, Host), in any case. The warning names a header only by a valid name,
+    never by its value nor by a name that is not one: such a name is most often a value written
+    into it (``Authorization: Bearer <token>`` for ``Authorization=Bearer <token>``)."""
     kept = {}
     for name, value in headers.items():
         valid_name = _valid_name(name)
-        if valid_name and _valid_value(value):
+        if valid_name and name.lower() in _FRAMING:
+            log.warning(
+                "OTLP header %r is set by the exporter itself, from the request it sends;"
+                " not sent from OTEL_EXPORTER_OTLP_HEADERS",
+                name,
+            )
+        elif valid_name and _valid_value(value):
             kept[name] = value
         elif valid_name:
             log.warning("OTLP header %r has a value HTTP/1.1 cannot carry; not sent", name)

@@ -10,13 +10,13 @@ in one pass (:mod:`gateway.tracing.encoding`) and posts
 it. It wakes once per batch (a full batch, or the schedule delay), never per span: each wake-up
 of a second thread costs the event loop a hand-over of the interpreter's lock. The batching
 follows the SDK's batch span processor and its variables: ``OTEL_BSP_SCHEDULE_DELAY`` (ms
-between exports), ``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted),
-``..._MAX_EXPORT_BATCH_SIZE`` (an export starts early once this many wait; every limit counts
-spans, a record's spans are kept or dropped together, and may be split between two exports),
-``..._EXPORT_TIMEOUT`` (ms a final flush may take). The
-resource is the SDK's (``service.name``, ``service.version``, ``OTEL_RESOURCE_ATTRIBUTES``).
-The tracer is the gateway's own, never the global one: a program that embeds the callback keeps
-its own tracing set-up.
+between exports), ``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped and counted,
+as are those the collector did not take), ``..._MAX_EXPORT_BATCH_SIZE`` (an export starts
+early once this many wait; every limit counts spans, a record's spans are kept or dropped
+together, and may be split between two exports), ``..._EXPORT_TIMEOUT`` (ms a final flush may
+take). The resource is the SDK's (``service.name``, ``service.version``,
+``OTEL_RESOURCE_ATTRIBUTES``). The tracer is the gateway's own, never the global one: a
+program that embeds the callback keeps its own tracing set-up.
 """
 
 from __future__ import annotations
@@ -85,10 +85,20 @@ class Batches:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._poster = Poster(collector, self._stopping)
-        self.dropped = 0
+        # The spans dropped, by why: each count written by one thread only (the queue's bound
+        # by the event loop's, the rest by this one), so no two threads add to one count.
+        self._overflowed = 0  # past OTEL_BSP_MAX_QUEUE_SIZE
+        self._unencodable = 0  # an attribute OTLP has no encoding for
+        self._not_taken = 0  # the collector refused them, or never answered through the retries
+        self._failed = 0  # the export raised
         self.exported = 0
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """The spans that will never reach the collector, whatever the reason."""
+        return self._overflowed + self._unencodable + self._not_taken + self._failed
 
     def record(self, span: Span) -> None:
         """Queue an ended span (on the event loop's thread, which ends them all); never
@@ -101,9 +111,9 @@ class Batches:
         spans = record.count
         queued = self._queued_spans - self._taken_spans
         if queued + spans > self._max_queued:
-            if not self.dropped:
+            if not self._overflowed:
                 log.warning("spans are made faster than the collector takes them; dropping")
-            self.dropped += spans
+            self._overflowed += spans
             return
         self._queue.append(record)
         self._queued_spans += spans
@@ -136,8 +146,15 @@ class Batches:
             encoded = self._take()
             if not encoded:
                 return
-            if self._poster.post(self._encoder.request(encoded), len(encoded)):
+            try:
+                taken = self._poster.post(self._encoder.request(encoded), len(encoded))
+            except Exception:
+                self._failed += len(encoded)  # logged by _sending
+                raise
+            if taken:
                 self.exported += len(encoded)
+            else:  # the post has said why (the collector's answer, or none)
+                self._not_taken += len(encoded)
             waiting = len(self._pending) + self._queued_spans - self._taken_spans
             if not everything and waiting < self._batch:
                 return
@@ -155,7 +172,7 @@ class Batches:
                     encoded.append(encoder.span(item))
                 except Exception:  # an attribute of a type OTLP has no encoding for
                     log.exception("could not encode the span %r; dropped", item.name)
-                    self.dropped += 1
+                    self._unencodable += 1
             else:
                 count = item.count
                 self._taken_spans += count
@@ -167,7 +184,7 @@ class Batches:
                         encoded += encoder.attempts(item)
                 except Exception:  # as for a span: dropped and counted, the rest goes on
                     log.exception("could not encode the spans of a record; dropped")
-                    self.dropped += count
+                    self._unencodable += count
         if len(encoded) > batch:  # a record's second span: the next batch's first
             encoded, self._pending = encoded[:batch], encoded[batch:]
         return encoded
@@ -178,7 +195,22 @@ class Batches:
         self._wake.set()
         self._thread.join(self._flush_s)
         if self.dropped:
-            log.warning("%d spans were dropped: the export queue was full", self.dropped)
+            log.warning("%d spans were dropped: %s", self.dropped, self._why_dropped())
+
+    def _why_dropped(self) -> str:
+        """Why the spans counted in :attr:`dropped` were: one reason alone as it is, several
+        each with its own count (a full queue asks for a larger queue or a faster collector,
+        a refusing collector for a look at the collector)."""
+        reasons = [
+            (self._overflowed, "the export queue was full"),
+            (self._not_taken, "the collector did not take them"),
+            (self._unencodable, "they could not be encoded"),
+            (self._failed, "their export failed"),
+        ]
+        found = [(count, why) for count, why in reasons if count]
+        if len(found) == 1:
+            return found[0][1]
+        return ", ".join(f"{count} as {why}" for count, why in found)
 
 
 class Exporting:

@@ -1,6 +1,6 @@
 """The exporter's connection to the collector against real loopback receivers: TLS to a
 collector trusted through OTEL_EXPORTER_OTLP_CERTIFICATE, and headers that would break the
-request's framing left out."""
+request's framing, or that the exporter sets itself, left out."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+from aiohttp import web
+from multidict import CIMultiDict
 from opentelemetry.sdk.resources import Resource
 from otlp import Receiver
 
@@ -60,8 +62,12 @@ async def test_a_collector_whose_certificate_is_not_trusted_gets_nothing(
         Tracing.end_server(exporting.tracing.server_span("/a", {}, None), 200)
         await exporting.close()
     assert receiver.spans == []
-    assert exporting.batches.exported == 0
+    assert (exporting.batches.exported, exporting.batches.dropped) == (0, 1)
     assert any("answered nothing" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.getMessage() == "1 spans were dropped: the collector did not take them"
+        for r in caplog.records
+    )
 
 
 # Each written with a secret (ending "r1t") HTTP/1.1 cannot carry where it stands, and what the
@@ -94,6 +100,61 @@ async def test_a_header_http_cannot_carry_is_left_out_and_its_secret_never_shown
     assert "x-bad" not in receiver.headers[0]
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert warned in logged
+    assert "r1t" not in logged.lower()
+
+
+class _EveryHeader(Receiver):
+    """A receiver that also keeps each request's headers with every value of a repeated name
+    (``Receiver.headers`` keeps one value a name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.every: list[CIMultiDict[str]] = []
+
+    async def _export(self, request: web.Request) -> web.Response:
+        self.every.append(CIMultiDict(request.headers))
+        return await super()._export(request)
+
+
+# A header the exporter sets itself, written into OTEL_EXPORTER_OTLP_HEADERS with a value of
+# the user's (each ending "r1t", as a secret would, to show it is never logged).
+FRAMING = {
+    "Content-Type": "content-type=text/plain%3B r1t",
+    "Content-Encoding": "Content-Encoding=deflate-r1t",
+    "Content-Length": "content-length=91r1t",
+    "Host": "host=collector.r1t.example",
+}
+
+
+@pytest.mark.parametrize(("name", "written"), FRAMING.items(), ids=FRAMING.keys())
+async def test_a_header_the_exporter_sets_itself_is_left_out_with_a_warning_naming_it(
+    caplog: pytest.LogCaptureFixture, name: str, written: str
+) -> None:
+    """OTEL_EXPORTER_OTLP_HEADERS naming Content-Type, Content-Encoding, Content-Length or Host
+    (any case): the collector sees that header once, as the exporter sets it (the protobuf
+    Content-Type OTLP/HTTP asks for, the gzip it compressed with), not the user's beside or
+    instead of it; the entry is left out with a warning that names the header and never its
+    value, and the other headers and the spans are sent."""
+    async with _EveryHeader() as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {
+                "OTEL_EXPORTER_OTLP_HEADERS": f"{written},x-api-key=k1",
+                "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            },
+        )
+        Tracing.end_server(exporting.tracing.server_span("/a", {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /a"]
+    (headers,) = receiver.every
+    assert headers.getall("Content-Type") == ["application/x-protobuf"]
+    assert headers.getall("Content-Encoding") == ["gzip"]
+    assert headers.getall("Host") == [f"127.0.0.1:{receiver.port}"]
+    assert len(headers.getall("Content-Length")) == 1
+    assert headers["x-api-key"] == "k1"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert repr(name.lower()) in logged
+    assert "set by the exporter itself" in logged
     assert "r1t" not in logged.lower()
 
 

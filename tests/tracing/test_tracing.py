@@ -7,6 +7,7 @@ after the gateway has stopped, never against a timer.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import threading
@@ -15,7 +16,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 from destinations import Destination, wait_for
-from helpers import eventually, gateway_config, message_body, meta_signature, post, sink_target
+from helpers import (
+    eventually,
+    gateway_config,
+    locked_by_another_process,
+    message_body,
+    meta_signature,
+    post,
+    sink_target,
+)
 from otlp import CLIENT, INTERNAL, SERVER, Receiver
 from pki import Pki
 from pytest_aiohttp import AiohttpServer
@@ -134,6 +143,59 @@ async def test_embedded_callback_makes_the_same_server_spans(
         and s.attributes["client.address"] == s.attributes["network.peer.address"] == "127.0.0.1"
         for s in receiver.of_kind(SERVER)
     )
+
+
+async def test_embedded_callback_records_a_request_cancelled_mid_commit_as_the_listener_does(
+    pki: Pki,
+    tmp_path: Path,
+    sink: Sink,
+    aiohttp_server: AiohttpServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A POST whose handler is cancelled while the outbox holds its write (another process
+    holds the SQLite lock; the client gives up and closes its connection, and aiohttp cancels
+    the handler) ends its SERVER span as the gateway's own listener ends a cancelled one: 503
+    with an error status, not 500; the commit, its child, failed with CancelledError."""
+    # Each span is exported as it ends: the SERVER span reaches the receiver while the lock
+    # is still held, so it was ended by the cancellation and not by the commit's outcome.
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    body = message_body("cancelled")
+    async with Receiver() as receiver:
+        config = traced(gateway_config(pki, tmp_path, targets=[sink_target(sink)]), receiver)
+        # Longer than the test: the commit waits for the lock, it never gives up on its own.
+        outbox = dataclasses.replace(config.outbox, busy_timeout_s=120)
+        config = dataclasses.replace(config, outbox=outbox)
+        server = await aiohttp_server(create_app(config), ssl=build_server_context(config.tls))
+        url = f"https://localhost:{server.port}{config.listen.path}"
+        with locked_by_another_process(config.outbox.path):
+            async with aiohttp.ClientSession() as session:
+                # Ample for the handshake and the request to reach the outbox; the commit
+                # cannot end meanwhile, so the client gives up with no answer.
+                with pytest.raises(TimeoutError):
+                    async with (
+                        asyncio.timeout(2),
+                        session.post(
+                            url,
+                            data=body,
+                            headers={"X-Hub-Signature-256": meta_signature(body)},
+                            ssl=pki.client_context("meta"),
+                        ),
+                    ):
+                        pass
+
+            async def server_span_exported() -> bool:
+                return bool(receiver.of_kind(SERVER))
+
+            await eventually(server_span_exported, "the cancelled request's SERVER span")
+        await server.close()  # stops the core: its exporter sends the commit's span
+    (server_span,) = receiver.of_kind(SERVER)
+    assert server_span.attributes["http.response.status_code"] == 503
+    assert server_span.attributes["error.type"] == "503"
+    assert server_span.status == 2  # ERROR, as from 500 on
+    (commit,) = receiver.of_kind(INTERNAL)
+    assert (commit.trace_id, commit.parent_id) == (server_span.trace_id, server_span.span_id)
+    assert commit.attributes["error.type"] == "CancelledError"
+    assert commit.status == 2
 
 
 async def test_every_target_kind_carries_the_attempts_traceparent_beside_the_body(

@@ -326,6 +326,50 @@ async def test_a_collector_that_refuses_an_export_loses_that_batch_only() -> Non
     assert exporting.batches.exported == 1
 
 
+async def test_spans_the_collector_refuses_are_counted_as_dropped_and_said_so_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch the collector refuses (400: not retried) is lost: its spans count among the
+    dropped, and the warning at shutdown gives the collector as the reason, not the queue."""
+    async with Receiver(refuse=1) as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2", "OTEL_BSP_SCHEDULE_DELAY": "600000"},
+        )
+        for path in ("/a", "/b", "/c"):
+            Tracing.end_server(exporting.tracing.server_span(path, {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /c"]
+    assert (exporting.batches.dropped, exporting.batches.exported) == (2, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "2 spans were dropped: the collector did not take them" in warnings
+    assert not any("queue" in message for message in warnings)
+
+
+async def test_the_shutdown_warning_counts_each_reason_spans_were_dropped_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Spans past OTEL_BSP_MAX_QUEUE_SIZE and spans the collector refused (it answers 400 to
+    every export here) are both dropped: the total, and how many for each reason."""
+    async with Receiver(refuse=100) as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {"OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_SCHEDULE_DELAY": "600000"},
+        )
+        for number in range(10):
+            Tracing.end_server(exporting.tracing.server_span(f"/{number}", {}, None), 200)
+        overflowed = exporting.batches.dropped  # the collector, on this loop, has not answered
+        assert 2 <= overflowed <= 6
+        await exporting.close()
+    assert receiver.spans == []
+    assert (exporting.batches.dropped, exporting.batches.exported) == (10, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        f"10 spans were dropped: {overflowed} as the export queue was full,"
+        f" {10 - overflowed} as the collector did not take them"
+    ) in warnings
+
+
 async def test_closing_exports_every_span_still_queued() -> None:
     """Spans that wait for the schedule delay (here ten minutes) are not lost at shutdown: the
     close exports them all, in one request."""
