@@ -21,6 +21,7 @@ __all__ = [
     "KIND_EXTRAS",
     "KIND_KEYS",
     "KIND_SCHEMES",
+    "REDIS_SENDER_OPTIONS",
     "RULES",
     "SECRETS",
     "URLS",
@@ -57,6 +58,16 @@ SECRETS = frozenset(
 )
 URLS = frozenset({"targets.url"})
 
+# The connection options the Redis sender sets itself (gateway.delivery.redis_stream), and
+# why. redis-py lets a URL's query override what its caller passes, so any of them in a
+# target's URL would silently replace the sender's: refused, naming the option.
+REDIS_SENDER_OPTIONS: dict[str, str] = {
+    "decode_responses": "it reads Redis's replies as bytes",
+    "protocol": "it speaks RESP2, where a batch's replies are exactly the next ones read",
+    "socket_connect_timeout": "from the target's timeout_s",
+    "socket_timeout": "the target's timeout_s bounds each exchange instead",
+}
+
 _SHA256 = re.compile(r"[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){31}")
 
 
@@ -88,7 +99,8 @@ def redis_url_refusal(url: str) -> str | None:
     URL), or None: read as the sender's driver reads it, by its own parse_url, each option a
     keyword of its connection pool or of the connection class the scheme takes. redis-py
     passes on what it does not know, and the connection refuses it at each connect: checked
-    here, the error is one line at load rather than a failure of every batch."""
+    here, the error is one line at load rather than a failure of every batch. An option of
+    :data:`REDIS_SENDER_OPTIONS` is refused too: redis-py would take it, over the sender's."""
     if not urlsplit(url).query:
         return None  # only the query holds options; the rest was checked as a server URL
     # Imported only here, for a Redis target with options: the driver is the adapter's to load.
@@ -107,11 +119,14 @@ def redis_url_refusal(url: str) -> str | None:
     connection = options.pop("connection_class", Connection)
     assert isinstance(connection, type)
     unknown = sorted(set(options) - _keywords(ConnectionPool) - _keywords(connection))
-    if not unknown:
-        return None
-    if all(name in _keywords(SSLConnection) for name in unknown):
-        return f"{unknown[0]!r} is an option of rediss:// (TLS) URLs only"
-    return f"{unknown[0]!r} is not an option redis-py takes"
+    if unknown:
+        if all(name in _keywords(SSLConnection) for name in unknown):
+            return f"{unknown[0]!r} is an option of rediss:// (TLS) URLs only"
+        return f"{unknown[0]!r} is not an option redis-py takes"
+    owned = sorted(set(options) & REDIS_SENDER_OPTIONS.keys())
+    if owned:
+        return f"{owned[0]!r} is set by the gateway itself: {REDIS_SENDER_OPTIONS[owned[0]]}"
+    return None
 
 
 def _keywords(cls: type) -> set[str]:

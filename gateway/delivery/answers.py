@@ -17,6 +17,14 @@ only the status and content type are kept. Not caught: shorter values (a two-let
 name), shorter pieces of a long text, and data the target adds of its own that looks like none
 of the above. What is shown (:func:`shown_answer`) is masked and bounded once more, for rows an
 older version stored whole (their echoes can no longer be told: the masks still apply).
+
+A WhatsApp Flow's answer (``interactive.nfm_reply.response_json``) is the form the user filled
+in, as JSON inside a string: the string is a personal value, and so is each value of the form
+(its keys are the Flow's own, so none can be told to be harmless), in each spelling it can take
+(decoded, escaped once as inside the string, escaped twice as in the raw body); the reply's
+``name`` ("flow") is its kind, not a person's. The masks reach
+into JSON held in a string as well (``\\"name\\": \\"...\\"``), one level deep: as deep as Meta
+nests it. Only answers that are not 2xx are read, so none of this costs a delivery anything.
 """
 
 from __future__ import annotations
@@ -65,6 +73,8 @@ PERSONAL_KEYS = frozenset(
         "phone",
         "recipient_id",
         "recipient_user_id",
+        # A WhatsApp Flow's form as the user filled it in, JSON in a string (nfm_reply).
+        "response_json",
         "street",
         "text",
         "title",
@@ -82,6 +92,15 @@ _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PERSONAL_PAIR = re.compile(
     r'("(?:' + "|".join(sorted(PERSONAL_KEYS)) + r')"\s*:\s*)("(?:[^"\\]|\\.)*"|[-\d.]+)'
 )
+# The same pair in JSON held in a JSON string (a Flow's response_json, a target quoting a body
+# in an error field), where each quote is escaped: \"name\": \"Ana\". Inside its value, a run of
+# backslashes before a quote is an escaped quote of the inner JSON when it is 3 long (or 7,
+# 11...), the value's end when 1 (or 5, 9...: escaped backslashes, then the end); possessive,
+# so a run is read whole, once.
+_ESCAPED_PAIR = re.compile(
+    r'((?<!\\)\\"(?:' + "|".join(sorted(PERSONAL_KEYS)) + r')\\"\s*:\s*)'
+    r'(\\"(?:[^"\\]|\\++(?=[^"\\])|(?:\\{4})*+\\{3}"|(?:\\{4})++(?=\\"))*+\\"|[-\d.]+)'
+)
 
 
 def personal_values(body: bytes) -> set[str] | None:
@@ -89,19 +108,15 @@ def personal_values(body: bytes) -> set[str] | None:
     as sent and as decoded (Meta escapes non-ASCII text as ``\\u00e4``); none for a body
     that is not JSON, and ``None`` for JSON that cannot be read (what it holds is unknown)."""
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            # What orjson refuses and Meta may sign: lone surrogates, and integers wider than
-            # Python turns into an int (read as their text, which is what is compared).
-            payload = json.loads(body, parse_int=str)
-        except ValueError:
-            return set()
-        except RecursionError:
-            # Valid JSON nested deeper than either parser reads (the gateway accepts and
-            # forwards it): its personal values cannot be told.
-            return None
+        payload = _parsed(body)
+    except RecursionError:
+        # Valid JSON nested deeper than either parser reads (the gateway accepts and forwards
+        # it): its personal values cannot be told.
+        return None
+    if payload is _NOT_JSON:
+        return set()
     found: set[str] = set()
+    forms: list[str] = []
     # A loop over a stack, types compared exactly (the parsers make plain dicts and lists; a
     # bool is no number here): faster than recursive generators, isinstance() or a regular
     # expression over the raw text (bench/admin_costs.py), and no recursion limit.
@@ -111,6 +126,11 @@ def personal_values(body: bytes) -> set[str] | None:
         value, key = pop()
         kind = type(value)
         if kind is dict:
+            if key == "nfm_reply":
+                # Its name is the kind of reply ("flow", "address_message"), not a person's:
+                # as one, any answer that mentions a flow would be an echo.
+                items = value.items()  # type: ignore[attr-defined]
+                value = {name: item for name, item in items if name != "name"}
             for name, item in value.items():  # type: ignore[attr-defined]
                 push((item, name))
         elif kind is list:
@@ -122,7 +142,51 @@ def personal_values(body: bytes) -> set[str] | None:
                 found.add(text)
                 if not text.isascii() or '"' in text or "\\" in text or not text.isprintable():
                     found.add(json.dumps(text)[1:-1])  # the escaped spelling, as Meta sent it
+                if key == "response_json" and kind is str:
+                    forms.append(text)
+    try:
+        for form in forms:
+            _add_form_values(form, found)
+    except RecursionError:
+        return None  # a form nested deeper than the parsers read: its values are unknown
     return found
+
+
+_NOT_JSON = object()
+
+
+def _parsed(data: bytes | str) -> object:
+    """``data`` parsed, or :data:`_NOT_JSON`; raises :class:`RecursionError` for valid JSON
+    nested deeper than either parser reads."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            # What orjson refuses and Meta may sign: lone surrogates, and integers wider than
+            # Python turns into an int (read as their text, which is what is compared).
+            return json.loads(data, parse_int=str)
+        except ValueError:
+            return _NOT_JSON
+
+
+def _add_form_values(form: str, found: set[str]) -> None:
+    """Add to ``found`` every value of a Flow's form (``response_json``, JSON in a string),
+    spelt as the user typed it, as the form's JSON writes it, and as the notification writes
+    that JSON inside its own string (escaped twice). A form that is not JSON adds nothing: the
+    whole string is a personal value already."""
+    stack: list[object] = [_parsed(form)]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            stack.extend(value.values())  # type: ignore[attr-defined]
+        elif kind is list:
+            stack.extend(value)  # type: ignore[arg-type]
+        elif kind in _SCALARS:
+            text = str(value)
+            if len(text) >= MIN_ECHO_CHARS:
+                once = json.dumps(text)[1:-1]
+                found.update((text, once, json.dumps(once)[1:-1]))
 
 
 def _echoes(answer: str, values: set[str]) -> bool:
@@ -144,6 +208,8 @@ def _echoes(answer: str, values: set[str]) -> bool:
 
 def _masked(text: str) -> str:
     text = _PERSONAL_PAIR.sub(lambda match: f'{match.group(1)}"{MASK}"', text)
+    if '\\"' in text:
+        text = _ESCAPED_PAIR.sub(lambda match: f'{match.group(1)}\\"{MASK}\\"', text)
     if "@" in text:
         text = _EMAIL.sub(MASK, text)
     return _DIGIT_RUN.sub(MASK, text)

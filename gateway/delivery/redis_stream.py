@@ -24,7 +24,7 @@ import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
@@ -32,6 +32,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, InvalidResponse, RedisError, ResponseError
 
 from gateway.config import TargetConfig
+from gateway.config.rules import redis_url_refusal
 from gateway.delivery.headers import delivery_headers
 from gateway.errors import TargetError, TargetUnreachable
 from gateway.outbox import Delivery
@@ -145,16 +146,24 @@ class RedisStreamSender:
             # RESP2: nothing comes on the connection that was not asked for (RESP3 may send
             # push messages between replies), so a batch's replies are exactly its next ones.
             "protocol": 2,
+            # Replies as bytes: probe compares TYPE's reply with b"stream" (redis-py's default,
+            # set here so that it is one of the options a URL cannot override).
+            "decode_responses": False,
         }
-        # Options in the URL's query that redis-py refuses: load_config refuses them, but a
-        # target built otherwise fails each delivery (and probe) with the reason, for good,
-        # rather than the process or every batch raising.
+        # Options in the URL's query that redis-py refuses, or that would replace the ones
+        # above (redis-py lets the URL's win; rules.REDIS_SENDER_OPTIONS lists them):
+        # load_config refuses them, but a target built otherwise fails each delivery (and
+        # probe) with the reason, for good, rather than the process or every batch raising,
+        # or the sender speaking another protocol than it reads.
         self._refused: str | None = None
         try:
             self._client = aioredis.Redis.from_url(target.url, **options)
         except ValueError as exc:  # a value redis-py cannot read ("?db=x")
             self._refused = _refusal(exc)
             self._client = aioredis.Redis(**options)  # never used: nothing is sent
+        else:
+            if parse_qs(urlsplit(target.url).query).keys() & options.keys():
+                self._refused = redis_url_refusal(target.url)
         # Connections this sender holds between batches, each taken by one batch at a time.
         self._idle: list[AbstractConnection] = []
 

@@ -31,6 +31,7 @@ from test_forwarding import BATCH, TARGET_SECRET, envelope, gateway_signature
 
 from gateway.cli import main
 from gateway.config import TargetConfig
+from gateway.config.rules import REDIS_SENDER_OPTIONS
 from gateway.delivery.nats_jetstream import JetStreamSender
 from gateway.delivery.redis_stream import RedisStreamSender, result_of
 from gateway.delivery.sending import sender_for
@@ -445,6 +446,61 @@ async def test_redis_url_options_redis_py_refuses_fail_each_delivery_for_good(
         assert type(info.value) is TargetError  # not "unreachable": retrying cannot help
         assert "hidden-pw" not in str(info.value)
         assert not any("hidden-pw" in (r.error or "") for r in results)
+    finally:
+        await sender.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        pytest.param("?decode_responses=true", "decode_responses", id="decode-responses"),
+        pytest.param("?protocol=3", "protocol", id="protocol"),
+        pytest.param("?socket_timeout=5", "socket_timeout", id="socket-timeout"),
+        pytest.param("?socket_connect_timeout=2", "socket_connect_timeout", id="connect-timeout"),
+    ],
+)
+async def test_a_redis_url_option_the_sender_sets_itself_fails_each_delivery_for_good(
+    redis: BrokerServer, query: str, name: str
+) -> None:
+    """A target built without load_config (which refuses it) whose URL overrides an option the
+    sender sets (replies as bytes, RESP2, its timeouts): each delivery is a dead letter and
+    ``probe`` a TargetError, both naming the option, rather than a probe that calls a valid
+    stream "a stream, not a stream" or deliveries read on a protocol the sender does not speak."""
+    client = aioredis.Redis.from_url(redis.url)
+    await client.xadd("owned", {"body": b"{}"})  # a valid target: its key holds a stream
+    await client.aclose()
+    url = f"redis://:hidden-pw@127.0.0.1:{redis.port}/0{query}"
+    sender = RedisStreamSender(TargetConfig(name="t", kind="redis", url=url, stream="owned"))
+    reason = f"{name!r} is set by the gateway itself: {REDIS_SENDER_OPTIONS[name]}"
+    try:
+        await sender.warm()
+        results = await sender.send_many([pending_delivery(1), pending_delivery(2)], [1, 1])
+        assert results == [AttemptResult(error=f"redis: {reason}", permanent=True)] * 2
+        with pytest.raises(TargetError) as info:
+            await sender.probe()
+        assert type(info.value) is TargetError  # not "unreachable": retrying cannot help
+        assert str(info.value) == f"target 't': redis 127.0.0.1:{redis.port}: {reason}"
+    finally:
+        await sender.close()
+
+
+async def test_the_sender_sets_each_option_a_redis_url_may_not(redis: BrokerServer) -> None:
+    """What the configuration refuses in a URL is what the sender passes redis-py itself, with
+    the values a URL would replace: replies as bytes, RESP2, no socket timeout, and the
+    target's timeout to connect."""
+    url, stream = redis.url, "sender-options"  # a key nothing else writes
+    sender = RedisStreamSender(
+        TargetConfig(name="t", kind="redis", url=url, stream=stream, timeout_s=7)
+    )
+    try:
+        given = sender._client.connection_pool.connection_kwargs
+        assert {name: given[name] for name in REDIS_SENDER_OPTIONS} == {
+            "decode_responses": False,
+            "protocol": 2,
+            "socket_connect_timeout": 7,
+            "socket_timeout": None,
+        }
+        assert (await sender.probe()).endswith(f"stream {stream!r} has 0 entries")
     finally:
         await sender.close()
 

@@ -35,6 +35,7 @@ from gateway.config import (
     load_config,
     redact_url,
 )
+from gateway.config.rules import REDIS_SENDER_OPTIONS, redis_url_refusal
 from gateway.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway.example.toml"
@@ -1552,6 +1553,72 @@ def test_rejects_redis_url_options_redis_py_refuses(
         f"<file>: targets[0].url = {shown!r}: expected a redis:// or rediss:// URL whose"
         f" options redis-py takes: {reason}"
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        pytest.param(
+            "?decode_responses=true",
+            "'decode_responses' is set by the gateway itself: it reads Redis's replies as bytes",
+            id="decode-responses",
+        ),
+        pytest.param(
+            "?decode_responses=false",  # redis-py passes the text on: "false" is true
+            "'decode_responses' is set by the gateway itself: it reads Redis's replies as bytes",
+            id="decode-responses-false",
+        ),
+        pytest.param(
+            "?protocol=3",
+            "'protocol' is set by the gateway itself: it speaks RESP2, where a batch's replies"
+            " are exactly the next ones read",
+            id="protocol",
+        ),
+        pytest.param(
+            "?client_name=gw&protocol=2",
+            "'protocol' is set by the gateway itself: it speaks RESP2, where a batch's replies"
+            " are exactly the next ones read",
+            id="protocol-beside-an-option-it-takes",
+        ),
+        pytest.param(
+            "?socket_timeout=5",
+            "'socket_timeout' is set by the gateway itself: the target's timeout_s bounds each"
+            " exchange instead",
+            id="socket-timeout",
+        ),
+        pytest.param(
+            "?socket_connect_timeout=2&socket_timeout=5",
+            "'socket_connect_timeout' is set by the gateway itself: from the target's timeout_s",
+            id="socket-connect-timeout-named-first",
+        ),
+        pytest.param(
+            "?protocol=3&sockettimeout=5",
+            "'sockettimeout' is not an option redis-py takes",
+            id="an-unknown-option-first",
+        ),
+    ],
+)
+def test_rejects_redis_url_options_the_sender_sets_itself(
+    tmp_path: Path, query: str, reason: str
+) -> None:
+    """redis-py lets a URL's options override what the sender passes: one the sender sets
+    (replies as bytes, RESP2, its timeouts) is refused in one line naming it, even with the
+    sender's own value, rather than replacing the sender's (a probe that calls a stream "not a
+    stream", RESP3 pushes among a batch's replies)."""
+    url = f"redis://:${{PW}}@cache:6379/0{query}"
+    message = rejection(tmp_path, {**TARGET, **REDIS, "targets[0].url": f'"{url}"'}, {"PW": SECRET})
+    assert message == (
+        f"<file>: targets[0].url = 'redis://***@cache:6379/0{query}': expected a redis:// or"
+        f" rediss:// URL whose options redis-py takes: {reason}"
+    )
+    assert redis_url_refusal(url) == reason
+
+
+@pytest.mark.parametrize("name", sorted(REDIS_SENDER_OPTIONS))
+def test_each_option_the_sender_sets_is_refused_on_rediss_urls_too(name: str) -> None:
+    """The refusal does not depend on the scheme: a TLS URL overrides the sender alike."""
+    refusal = redis_url_refusal(f"rediss://cache:6380/0?ssl_check_hostname=false&{name}=1")
+    assert refusal == f"{name!r} is set by the gateway itself: {REDIS_SENDER_OPTIONS[name]}"
 
 
 @pytest.mark.parametrize(
