@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -64,6 +64,19 @@ async def _until_heard(pg_url: str, woken: asyncio.Event) -> None:
             return
 
 
+def _keeping(
+    pg_url: str, opened: list[asyncpg.Connection[Any]]
+) -> Callable[[], Awaitable[asyncpg.Connection[Any]]]:
+    """A listener's ``connect`` that keeps each connection it opens in ``opened``."""
+
+    async def connect() -> asyncpg.Connection[Any]:
+        conn = await asyncpg.connect(pg_url)
+        opened.append(conn)
+        return conn
+
+    return connect
+
+
 async def _sessions(pg_url: str, pids: list[int]) -> list[int]:
     """Which of ``pids`` are server sessions still there, a few seconds on (a session ends
     a moment after its client closed it)."""
@@ -113,11 +126,7 @@ async def test_a_listener_whose_connection_the_server_ends_connects_again_and_he
     operator does): the listener connects again within seconds, wakes its dispatcher for what
     it may have missed, and hears the next announcement."""
     opened: list[asyncpg.Connection[Any]] = []
-
-    async def connect() -> asyncpg.Connection[Any]:
-        conn = await asyncpg.connect(pg_url)
-        opened.append(conn)
-        return conn
+    connect = _keeping(pg_url, opened)
 
     woken = asyncio.Event()
     listening(connect, woken.set)
@@ -147,11 +156,7 @@ async def test_a_listener_whose_connection_goes_silent_connects_again_and_hears_
     listener that only waited never noticed, and heard nothing more until the gateway
     restarted."""
     opened: list[asyncpg.Connection[Any]] = []
-
-    async def connect() -> asyncpg.Connection[Any]:
-        conn = await asyncpg.connect(pg_url)
-        opened.append(conn)
-        return conn
+    connect = _keeping(pg_url, opened)
 
     woken = asyncio.Event()
     listening(connect, woken.set, check_s=0.5, timeout_s=1.0)
