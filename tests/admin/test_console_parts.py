@@ -41,6 +41,30 @@ def test_a_session_cookie_is_accepted_until_it_expires_or_is_signed_out() -> Non
     assert sessions.verify(cookie) is None
 
 
+def test_a_signed_out_session_is_forgotten_once_its_cookie_would_have_expired() -> None:
+    """Signed-out sessions are remembered only for as long as their cookies could still be
+    replayed: a gateway that runs for months does not keep every sign-out, and a cookie
+    signed out stays refused until it expires on its own."""
+    clock = Clock()
+    sessions = Sessions(b"k" * 32, clock=clock)
+    cookies = []
+    for _ in range(3):
+        cookie = sessions.issue()
+        sid = sessions.verify(cookie)
+        assert sid is not None
+        sessions.end(sid)
+        cookies.append(cookie)
+        clock.now += SESSION_TTL_S / 2
+    assert all(sessions.verify(cookie) is None for cookie in cookies)
+    assert len(sessions._ended) == 2  # the first expired meanwhile: forgotten
+    clock.now += SESSION_TTL_S
+    later = sessions.issue()
+    sid = sessions.verify(later)
+    assert sid is not None
+    sessions.end(sid)
+    assert list(sessions._ended) == [sid]
+
+
 @pytest.mark.parametrize(
     "tamper",
     [

@@ -30,7 +30,9 @@ class Sessions:
     def __init__(self, key: bytes | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self._key = key or secrets.token_bytes(32)
         self._clock = clock
-        self._ended: set[str] = set()  # signed out before their time
+        # Signed out before their time, each until its cookie would have expired anyway: kept
+        # no longer, or every sign-out of a long-running gateway would stay in memory.
+        self._ended: dict[str, float] = {}
 
     def _mac(self, purpose: str, value: str) -> str:
         # surrogateescape: a cookie's undecodable bytes come back as they were sent.
@@ -59,8 +61,12 @@ class Sessions:
         return sid
 
     def end(self, sid: str) -> None:
-        """Sign a session out: its cookie is refused from now on, even if replayed."""
-        self._ended.add(sid)
+        """Sign a session out: its cookie is refused from now on, even if replayed (until it
+        expires, when it is refused anyway, and forgotten)."""
+        now = self._clock()
+        for gone in [ended for ended, until in self._ended.items() if until <= now]:
+            del self._ended[gone]
+        self._ended[sid] = now + SESSION_TTL_S  # issued no later than now
 
     def csrf(self, sid: str) -> str:
         """The CSRF token of session ``sid``."""
