@@ -181,8 +181,22 @@ def judge_ca_bundle(
         ca = by_fingerprint.get(sha256)
         if ca is not None:
             (current if ca.retired is None else retired).append((cert, ca))
-    if current:
+    # An expired CA admits no certificate: Meta's is present only if one of them is in date.
+    in_date = [(cert, ca) for cert, ca in current if cert.not_valid_after_utc >= now]
+    if current and not in_date:
         cert, ca = current[0]
+        findings.append(
+            Finding(
+                "FAIL",
+                f"Meta's CA {cert.subject.rfc4514_string()} (its sha256 is {ca.name}) expired on"
+                f" {cert.not_valid_after_utc:%Y-%m-%d}: it admits no client certificate",
+                'install the CA Meta\'s "mTLS for Webhooks" page gives now, and its sha256 in'
+                " tls.meta_ca_sha256",
+            )
+        )
+        return findings
+    if in_date:
+        cert, ca = in_date[0]
         found = f"Meta's CA present: {cert.subject.rfc4514_string()} (its sha256 is {ca.name})"
         findings.append(Finding("OK", found))
         if retired:

@@ -281,6 +281,26 @@ def test_judges_the_client_ca_bundle(
     assert _has(findings, *expected), _levels(findings)
 
 
+def test_an_expired_ca_that_is_meta_s_by_its_fingerprint_is_a_failure_not_present(
+    certs: Certs,
+) -> None:
+    """Meta's CA, recognised by its fingerprint, but out of date: it admits no certificate, so
+    the bundle fails (not "Meta's CA present" beside an expiry warning); with an in-date one
+    beside it, that one is present."""
+    expired = certs["meta_expired"][0]
+    known = (KnownCa("tls.meta_ca_sha256[0]", fingerprint(expired)),)
+    lines = [finding.line() for finding in judge_ca_bundle([expired], NOW, known)]
+    assert not any("Meta's CA present" in line for line in lines), lines
+    assert any(
+        line.startswith("FAIL Meta's CA ") and "tls.meta_ca_sha256[0]) expired on" in line
+        for line in lines
+    ), lines
+    both = (*known, KnownCa("tls.meta_ca_sha256[1]", fingerprint(certs["meta"][0])))
+    findings = judge_ca_bundle([expired, certs["meta"][0]], NOW, both)
+    assert _has(findings, "OK", "(its sha256 is tls.meta_ca_sha256[1])"), _levels(findings)
+    assert not any(finding.level == "FAIL" for finding in findings), _levels(findings)
+
+
 @pytest.mark.parametrize("bundle", [["meta_lookalike"], ["meta_lookalike", "trustme_root"]])
 def test_a_ca_that_only_names_meta_is_never_called_meta_s(certs: Certs, bundle: list[str]) -> None:
     """Same subject as Meta's CA, another key: not Meta's, whatever its organisation says."""
