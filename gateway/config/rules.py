@@ -27,6 +27,7 @@ __all__ = [
     "URLS",
     "Rule",
     "admin_exposure",
+    "host_name_problem",
     "installed",
     "is_loopback",
     "is_nats_subject",
@@ -75,13 +76,33 @@ def is_server_url(text: str, schemes: tuple[str, ...]) -> bool:
     try:
         parts = urlsplit(text)
         _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
-        # A host name DNS can carry: the resolver encodes it with IDNA, which refuses an empty
-        # label or one over 63 characters (UnicodeError, a ValueError) at every connection.
-        (parts.hostname or "").encode("idna")
     except ValueError:
         return False
     has_space = any(char.isspace() for char in text)
-    return parts.scheme in schemes and bool(parts.hostname) and not has_space
+    return (
+        parts.scheme in schemes
+        and bool(parts.hostname)
+        and not has_space
+        and host_name_problem(parts.hostname or "") is None
+    )
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why the resolver cannot look ``host`` up, or ``None`` when it can.
+
+    The resolver IDNA-encodes the name first, and DNS labels are 1 to 63 characters
+    (RFC 1035 section 2.3.4): a typo such as ``gw..example.com`` makes that encoding fail with a
+    UnicodeError deep inside every connection, so it is caught when the URL is read instead.
+    """
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        reason = str(exc.__cause__ or exc)
+        return (
+            f"host name {host!r} cannot be looked up ({reason}): every label between dots must "
+            "have 1 to 63 characters"
+        )
+    return None
 
 
 def is_nats_subject(text: str) -> bool:

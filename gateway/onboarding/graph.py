@@ -26,6 +26,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 
+from gateway.config.rules import host_name_problem
 from gateway.errors import GraphError, GraphFailure
 
 __all__ = [
@@ -126,17 +127,10 @@ def _split_url(value: str) -> SplitResult:
     port = parts.port  # ValueError: a port that is not a number in 0..65535
     if port == 0:
         raise ValueError("port 0 cannot be connected to")
-    host = parts.hostname or ""
-    try:
-        # The resolver IDNA-encodes the name, and DNS labels are 1 to 63 characters (RFC 1035
-        # section 2.3.4): "graph..facebook.com" would fail only inside the request.
-        host.encode("idna")
-    except UnicodeError as exc:
-        reason = exc.__cause__ or exc
-        raise ValueError(
-            f"host name {host!r} cannot be looked up ({reason}): every label between dots must "
-            "have 1 to 63 characters"
-        ) from None
+    # "graph..facebook.com" would fail only inside the request.
+    problem = host_name_problem(parts.hostname or "")
+    if problem is not None:
+        raise ValueError(problem)
     return parts
 
 

@@ -20,6 +20,7 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 from yarl import URL
 
+from gateway.config.rules import host_name_problem
 from gateway.errors import GatewayError
 from gateway.onboarding.meta_client import diagnose
 
@@ -28,7 +29,6 @@ __all__ = [
     "Verdict",
     "callback_url",
     "describe_body",
-    "host_name_problem",
     "judge",
     "verify",
 ]
@@ -154,24 +154,6 @@ def callback_url(text: str) -> URL:
     if problem is not None:
         raise GatewayError(f"URL {text!r}: {problem}")
     return url
-
-
-def host_name_problem(host: str) -> str | None:
-    """Why the resolver cannot look ``host`` up, or ``None`` when it can.
-
-    The resolver IDNA-encodes the name first, and DNS labels are 1 to 63 characters
-    (RFC 1035 section 2.3.4): a typo such as ``gw..example.com`` makes that encoding fail with a
-    UnicodeError deep inside the request, so it is caught when the URL is read instead.
-    """
-    try:
-        host.encode("idna")
-    except UnicodeError as exc:
-        reason = str(exc.__cause__ or exc)
-        return (
-            f"host name {host!r} cannot be looked up ({reason}): every label between dots must "
-            "have 1 to 63 characters"
-        )
-    return None
 
 
 async def verify(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
+from gateway.config.rules import host_name_problem
 from gateway.errors import ConfigError
 from gateway.units import SECONDS
 
@@ -97,12 +98,14 @@ def _postable(url: str, source: str) -> str:
     try:
         parts = urlsplit(url)
         _ = parts.port  # ValueError: not a number in 0..65535
-        host = parts.hostname or ""
-        host.encode("idna")  # UnicodeError (a ValueError): an empty or over-long label
     except ValueError as exc:
         raise ConfigError(f"{source}: not a collector URL to post to: {exc}") from None
+    host = parts.hostname or ""
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigError(f"{source}: expected an http:// or https:// URL with a host")
+    problem = host_name_problem(host)  # an empty or over-long label
+    if problem is not None:
+        raise ConfigError(f"{source}: not a collector URL to post to: {problem}")
     return url
 
 
