@@ -22,6 +22,7 @@ from gateway.cli.args import add_config_argument, config_file_from_args
 from gateway.cli.exit_codes import EXIT_FAILURE, EXIT_OK
 from gateway.config import AdminConfig, load_admin_config
 from gateway.errors import ConfigError
+from gateway.onboarding.graph import one_line
 
 __all__ = ["admin_url", "register"]
 
@@ -59,7 +60,7 @@ async def _ask(url: str, token: str | None) -> tuple[bool, str]:
         return False, (
             f"cannot reach the gateway's admin listener at {url}: {exc or type(exc)} ({_MOVED})"
         )
-    shown = _one_line(text)[:200]
+    shown = one_line(text)[:200]
     if status == 401:
         # The file's token is the one sent, and the file may hold a new one: the gateway keeps
         # the token it holds until a reload applies the new one.
@@ -73,7 +74,7 @@ async def _ask(url: str, token: str | None) -> tuple[bool, str]:
         return False, f"the gateway answered {status} with invalid JSON: {shown}"
     if not isinstance(body, dict):
         return False, f"the gateway answered {status} with JSON that is not an object: {shown}"
-    return bool(body.get("ok")), _one_line(str(body.get("message", "")))
+    return bool(body.get("ok")), one_line(str(body.get("message", "")))
 
 
 # What the command cannot do through the admin listener, and the way that remains: it reads the
@@ -86,13 +87,6 @@ _ROTATED = (
     "if admin.token changed in the file, the gateway still holds the old one: apply the new one"
     " with SIGHUP (systemctl reload) instead"
 )
-
-
-def _one_line(text: str) -> str:
-    """``text`` with control characters and runs of whitespace folded into single spaces, so
-    that the answer stays the one line the command prints."""
-    printable = "".join(char if char.isprintable() else " " for char in text)
-    return " ".join(printable.split())
 
 
 def _reload(args: argparse.Namespace) -> int:
