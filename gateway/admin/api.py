@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hmac
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.admin.console import Console, is_console_path
+from gateway.admin.console.session import same_text
 from gateway.admin.operations import Operations, outbox_text
 from gateway.admin.origin import cross_site_refusal, form_refusal, host_refusal
 from gateway.admin.stats import Stats
@@ -124,10 +124,9 @@ def _token_middleware(ops: Operations, throttle: AuthThrottle) -> Any:
             and request.path not in _OPEN_PATHS
             and not is_console_path(request.path)
         ):
-            # Bytes as received (aiohttp keeps a byte it cannot decode as a surrogate): a
-            # header that is not UTF-8 is a wrong token, refused and throttled as one.
-            presented = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(presented, f"Bearer {token}".encode()):
+            # A header that is not UTF-8 is a wrong token, refused and throttled as one.
+            presented = request.headers.get("Authorization", "")
+            if not same_text(presented, f"Bearer {token}"):
                 await _refuse_slowly(ops.stats, throttle, request, "bearer")
                 raise Unauthorized("admin token missing or wrong")
             throttle.succeeded(request.remote or "-")

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-__all__ = ["PRESESSION_COOKIE", "SESSION_COOKIE", "SESSION_TTL_S", "Sessions"]
+__all__ = ["PRESESSION_COOKIE", "SESSION_COOKIE", "SESSION_TTL_S", "Sessions", "same_text"]
 
 SESSION_COOKIE = "waba_console"
 PRESESSION_COOKIE = "waba_console_sign_in"
@@ -54,7 +54,7 @@ class Sessions:
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
         if not (sid and issued.isascii() and issued.isdigit() and mac):
             return None
-        if not _same(mac, self._mac("session", payload)):
+        if not same_text(mac, self._mac("session", payload)):
             return None
         if not 0 <= self._clock() - int(issued) < SESSION_TTL_S or sid in self._ended:
             return None
@@ -73,7 +73,7 @@ class Sessions:
         return self._mac("csrf", sid)
 
     def csrf_ok(self, sid: str, presented: str | None) -> bool:
-        return presented is not None and _same(presented, self.csrf(sid))
+        return presented is not None and same_text(presented, self.csrf(sid))
 
     def presession(self) -> tuple[str, str]:
         """``(cookie value, form token)`` for a sign-in form."""
@@ -83,11 +83,12 @@ class Sessions:
     def presession_ok(self, cookie: str | None, presented: str | None) -> bool:
         if not cookie or presented is None:
             return False
-        return _same(presented, self._mac("sign-in", cookie))
+        return same_text(presented, self._mac("sign-in", cookie))
 
 
-def _same(presented: str, expected: str) -> bool:
-    """Whether ``presented`` (from a request: a cookie, a form field) is ``expected``, in
-    constant time. Compared as bytes: ``hmac.compare_digest`` raises TypeError for a str with
-    a character outside ASCII, which anyone may send."""
+def same_text(presented: str, expected: str) -> bool:
+    """Whether ``presented`` (from a request: a header, a cookie, a form field) is ``expected``,
+    in constant time. Compared as bytes, ``presented`` as received (aiohttp keeps a byte it
+    cannot decode as a surrogate): ``hmac.compare_digest`` raises TypeError for a str with a
+    character outside ASCII, which anyone may send."""
     return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected.encode())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import datetime
-import hmac
 import ipaddress
 import logging
 import time
@@ -28,7 +27,12 @@ from gateway.admin.console import pages
 from gateway.admin.console.facts import certificate_facts
 from gateway.admin.console.html import PREFIX, frame
 from gateway.admin.console.paths import is_console_path, local_redirect
-from gateway.admin.console.session import PRESESSION_COOKIE, SESSION_COOKIE, Sessions
+from gateway.admin.console.session import (
+    PRESESSION_COOKIE,
+    SESSION_COOKIE,
+    Sessions,
+    same_text,
+)
 from gateway.admin.operations import outbox_text
 from gateway.admin.stats import Stats
 from gateway.config import Config
@@ -231,9 +235,7 @@ class Console:
         if token is None:
             return _see_other(next_path)
         presented = form.get("token")
-        if not isinstance(presented, str) or not hmac.compare_digest(
-            presented.encode(), token.encode()
-        ):
+        if not isinstance(presented, str) or not same_text(presented, token):
             log.warning("console sign-in refused from %s: wrong admin token", request.remote)
             await self._refuse(request)
             return self._sign_in_page(request, next_path, "That is not the admin token.", 401)
