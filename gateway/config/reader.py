@@ -22,11 +22,12 @@ from gateway.config.model import redact_servers
 from gateway.config.rules import DEFAULT_RULES, RULES, SECRETS, URLS
 from gateway.errors import ConfigError
 
-__all__ = ["Reader"]
+__all__ = ["REFERENCE", "Reader"]
 
 _T = TypeVar("_T")
 
-_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A ${NAME} reference to an environment variable, as a value of the file may hold.
+REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SCALARS: dict[object, tuple[type | UnionType, str]] = {
     bool: (bool, "true or false"),
     int: (int, "an integer"),
@@ -162,18 +163,18 @@ class Reader:
         """A non-empty string with its ``${NAME}`` references replaced from the environment."""
         if not isinstance(value, str):
             raise self.error(key, value, "a string", secret=secret)
-        if "${" in _REFERENCE.sub("", value):
+        if "${" in REFERENCE.sub("", value):
             # A malformed reference is a typo, not text to pass on verbatim.
             expected = "${NAME} references, NAME made of letters, digits and '_'"
             raise self.error(key, value, expected, secret=secret)
-        for env_name in _REFERENCE.findall(value):
+        for env_name in REFERENCE.findall(value):
             if env_name not in self.env:
                 raise ConfigError(
                     f"{self.source}: {key} = {_shown(value, secret)}: "
                     f"environment variable {env_name} is not set"
                 )
         # One pass: text that comes from the environment is never expanded again.
-        text = _REFERENCE.sub(lambda match: self.env[match[1]], value)
+        text = REFERENCE.sub(lambda match: self.env[match[1]], value)
         if not text.strip():
             # White space alone is no value either: an app secret or admin token of spaces
             # would look set and protect nothing (or lock the operator out).

@@ -29,7 +29,7 @@ from gateway.config.model import (
     redact_servers,
     without_user_info,
 )
-from gateway.config.reader import Reader
+from gateway.config.reader import REFERENCE, Reader
 from gateway.config.rules import (
     KIND_EXTRAS,
     KIND_KEYS,
@@ -248,7 +248,8 @@ class ConfigReader(Reader):
                 raise self.error(f"{key}.url", url, expected)
 
 
-_REFERENCES_ONLY = re.compile(r"(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}|:)+")
+# User info that names its secrets without holding them: references, and the ":" between.
+_REFERENCES_ONLY = re.compile(rf"(?:{REFERENCE.pattern}|:)+")
 
 
 def _as_written(url: str) -> str:
