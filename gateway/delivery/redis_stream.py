@@ -42,6 +42,8 @@ __all__ = ["RedisStreamSender", "read_replies", "result_of", "xadd_commands"]
 
 # Replies that will not change however often the entry is added again.
 _PERMANENT = ("WRONGTYPE", "ERR Protocol error", "ERR string exceeds maximum allowed size")
+# Where Redis starts quoting a command's arguments in an error (see result_of).
+_ARGS_QUOTED = ", with args beginning with:"
 # What one read of the connection takes at most: a batch's replies are ~20 bytes each.
 _READ_BYTES = 64 * 1024
 _MORE = object()  # the reader's answer while a reply is incomplete
@@ -58,7 +60,11 @@ def result_of(reply: object, stream: str) -> AttemptResult:
     if isinstance(reply, bytes | str):
         return _added(stream)
     if isinstance(reply, ResponseError):
-        text = str(reply)[:300]
+        # Redis quotes the first arguments of a command it does not know ("ERR unknown
+        # command 'XADD', with args beginning with: 'stream' 'body' '{...") when XADD is
+        # renamed or disabled: those are the notification's bytes, and message text and phone
+        # numbers never go into an error kept in the outbox, shown and logged.
+        text = str(reply).partition(_ARGS_QUOTED)[0][:300]
         permanent = text.startswith(_PERMANENT)
         return AttemptResult(error=f"redis: {text}", permanent=permanent)
     if isinstance(reply, BaseException):

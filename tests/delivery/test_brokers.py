@@ -21,7 +21,15 @@ import redis.asyncio as aioredis
 from brokers import BrokerServer, nats_server, pending_delivery, redis_server
 from config_files import listen_port, write_config
 from destinations import STREAM, NatsDestination, RedisDestination, entry_received
-from helpers import APP_SECRET, gateway_config, message_body, post, quick, wait_for_state
+from helpers import (
+    APP_SECRET,
+    eventually,
+    gateway_config,
+    message_body,
+    post,
+    quick,
+    wait_for_state,
+)
 from nats import connect as nats_connect
 from pki import Pki
 from processes import post_to, serving, until_listening
@@ -37,6 +45,7 @@ from gateway.delivery.redis_stream import RedisStreamSender, result_of
 from gateway.delivery.sending import sender_for
 from gateway.errors import TargetError, TargetUnreachable
 from gateway.onboarding.check import targets_report
+from gateway.outbox import Delivery
 from gateway.outbox.model import AttemptResult
 from gateway.runtime.gateway import Gateway
 
@@ -266,6 +275,15 @@ async def _wait_received(destination: RedisDestination | NatsDestination) -> lis
             id="out-of-memory-is-transient",
         ),
         pytest.param(
+            ResponseError(
+                "ERR unknown command 'XADD', with args beginning with: 'stream' 'body'"
+                ' \'{"object":"whatsapp_business_account","entry":[{"changes":[{"value":'
+                '{"contacts":[{"wa_id":"16315551234"}\''
+            ),
+            AttemptResult(error="redis: ERR unknown command 'XADD'"),
+            id="renamed-command-keeps-no-argument",
+        ),
+        pytest.param(
             ConnectionError("Connection reset by peer"),
             AttemptResult(error="redis: ConnectionError: Connection reset by peer"),
             id="connection-lost",
@@ -357,6 +375,31 @@ async def test_check_command_reports_brokers_and_refuses_a_subject_without_strea
     assert err.startswith("error: target 'sink': nats")
     assert "no JetStream stream captures subject 'elsewhere.checked'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+async def test_a_redis_that_does_not_know_xadd_keeps_the_notification_out_of_the_error(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis whose XADD is renamed away answers "unknown command" and quotes the command's
+    first arguments, the notification's bytes among them: the attempt's error, kept in the
+    outbox and logged, names the command and nothing of the message or its sender."""
+    with redis_server("--rename-command", "XADD", "") as server:
+        destination = RedisDestination(server)
+        targets = [destination.target("renamed")]
+        async with Gateway(gateway_config(pki, tmp_path, targets=targets)) as gateway:
+            assert (await post(gateway, pki, message_body("a private remark"))).status == 200
+
+            async def tried() -> list[Delivery] | None:
+                found = await gateway.outbox.query(target="renamed")
+                return [d for d in found if d.attempts] or None
+
+            (delivery,) = await eventually(tried, "an attempt at the renamed Redis")
+    assert delivery.state == "pending"  # a configuration that may change: tried again
+    assert delivery.last_error == "redis: ERR unknown command 'XADD'"
+    logged = caplog.text
+    assert "private remark" not in logged
+    assert "15550783881" not in logged  # the business number, within the quoted bytes
+    assert "with args beginning" not in logged
 
 
 async def test_stream_key_holding_another_type_is_a_dead_letter_at_once(
