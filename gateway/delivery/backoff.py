@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 from gateway.config import TargetConfig
 
-__all__ = ["Breaker", "RetryPolicy", "TargetHealth", "parse_retry_after"]
+__all__ = [
+    "RETRY_AFTER_LONGEST_S",
+    "Breaker",
+    "RetryPolicy",
+    "TargetHealth",
+    "parse_retry_after",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,20 +137,34 @@ class Breaker:
     paused_until: float
 
 
+# The longest wait a Retry-After is read as (about 31 years): longer than any delivery may
+# wait (max_age_s) or a pause means anything, and still a finite float to add to a time.
+RETRY_AFTER_LONGEST_S = 1e9
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3): either
-    delay-seconds or an HTTP-date. ``None`` when absent or unreadable; never negative."""
+    delay-seconds or an HTTP-date. ``None`` when absent or unreadable; never negative, never
+    more than :data:`RETRY_AFTER_LONGEST_S`, and never an exception, whatever the target sent."""
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(int(text))
+    # delay-seconds = 1*DIGIT, ASCII digits only (RFC 9110 section 10.2.3, RFC 5234 B.1):
+    # str.isdigit() takes other scripts' digits too. Read without int(), which refuses more
+    # than 4,300 digits; a value that long only says "longer than anything".
+    if text.isascii() and text.isdigit():
+        digits = text.lstrip("0") or "0"
+        if len(digits) > len(str(int(RETRY_AFTER_LONGEST_S))):
+            return RETRY_AFTER_LONGEST_S
+        return min(float(digits), RETRY_AFTER_LONGEST_S)
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            # The asctime form names no zone; every HTTP-date is GMT (RFC 9110 section
+            # 5.6.7), never the host's local time.
+            when = when.replace(tzinfo=datetime.UTC)
+        wait = when.timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError):
+        # OverflowError: fields too large for a C integer ("99999999999999999999:00:00").
         return None
-    if when.tzinfo is None:
-        # The asctime form names no zone; every HTTP-date is GMT (RFC 9110 section 5.6.7),
-        # never the host's local time.
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, wait), RETRY_AFTER_LONGEST_S)

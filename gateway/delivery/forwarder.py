@@ -40,14 +40,6 @@ def build_headers(
     }
 
 
-def _retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as :func:`parse_retry_after` reads it, ``None`` if it cannot."""
-    try:
-        return parse_retry_after(value, now)
-    except Exception:  # e.g. more digits than Python turns into an int: as good as none
-        return None
-
-
 class Forwarder:
     """Sends deliveries to one target over its pool of keep-alive connections; ``tls``: the
     target's own client context (:mod:`gateway.delivery.target_tls`), if it has one."""
@@ -110,7 +102,7 @@ class Forwarder:
             )
             return AttemptResult(
                 status=answer.status,
-                retry_after_s=_retry_after(answer.retry_after, now),
+                retry_after_s=parse_retry_after(answer.retry_after, now),  # never raises
                 response_excerpt="(not kept)",
             )
 

@@ -8,7 +8,12 @@ import time
 import pytest
 
 from gateway.config import TargetConfig
-from gateway.delivery.backoff import RetryPolicy, TargetHealth, parse_retry_after
+from gateway.delivery.backoff import (
+    RETRY_AFTER_LONGEST_S,
+    RetryPolicy,
+    TargetHealth,
+    parse_retry_after,
+)
 from gateway.delivery.outcome import (
     AttemptResult,
     DeadLetter,
@@ -157,6 +162,17 @@ def test_retry_is_dead_letter_once_age_exceeds_max_age() -> None:
         ("Wed Oct 21 07:28:00 2015", 60.0),
         ("soon", None),
         ("-5", None),
+        # Digits of other scripts are not delay-seconds (ASCII DIGIT only).
+        ("\u0663\u0660", None),
+        ("\uff15", None),
+        # Longer than int() reads, or than anything means: the longest wait, not an error.
+        ("9" * 5000, RETRY_AFTER_LONGEST_S),
+        ("0" * 4999 + "7", 7.0),
+        ("99999999999", RETRY_AFTER_LONGEST_S),
+        # Date fields too large for a C integer: unreadable, not an exception.
+        ("Wed, 21 Oct 2015 99999999999999999999:00:00 GMT", None),
+        ("Wed, 21 Oct 2015 07:28:00 +99999999999999999999", None),
+        ("Wed, 21 Oct 99999999999999999999 07:28:00 GMT", None),
     ],
 )
 def test_parses_retry_after_seconds_or_http_date(

@@ -14,6 +14,7 @@ from pki import Pki
 from sink import Reply, Sink
 
 from gateway.delivery.answers import kept_answer, personal_values
+from gateway.delivery.backoff import RETRY_AFTER_LONGEST_S
 from gateway.delivery.forwarder import Forwarder
 from gateway.edge.routing import route
 from gateway.outbox import Delivery, Route
@@ -99,12 +100,13 @@ async def test_each_pipelined_delivery_keeps_its_answer_beside_one_that_cannot_b
     assert len(sink.received) == 3
 
 
-async def test_an_answer_whose_details_cannot_be_read_still_counts_by_its_status(
+async def test_a_retry_after_longer_than_a_number_reads_as_the_longest_wait(
     sink: Sink,
 ) -> None:
-    """A Retry-After of more digits than Python turns into an int makes reading the answer
-    fail: its status still stands (a 429 is retried), nothing of it is kept, and the batch's
-    other deliveries keep their answers."""
+    """A Retry-After of more digits than Python turns into an int used to make reading the
+    answer fail, and the 429 lost what it said: it is now the longest wait (a retry that
+    max_age_s turns into a dead letter), and the answer is kept as any other. The batch's
+    other deliveries keep theirs."""
     sink.script(
         Reply(429, headers={"Retry-After": "9" * 5000}, body="slow down"),
         Reply(400, body="bad request"),
@@ -115,7 +117,7 @@ async def test_an_answer_whose_details_cannot_be_read_still_counts_by_its_status
     finally:
         await forwarder.close()
     assert [(r.status, r.response_excerpt, r.retry_after_s) for r in results] == [
-        (429, "(not kept)", None),
+        (429, "slow down", RETRY_AFTER_LONGEST_S),
         (400, "bad request", None),
     ]
 
