@@ -160,6 +160,18 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _abandon(futures: Sequence[asyncio.Future[Response]]) -> None:
+    """Give up on ``futures``, whose answers no one will read: one still waiting is
+    cancelled (the connection's end then leaves it be), and the error of one already failed
+    is taken, or asyncio would report it as never retrieved ("Future exception was never
+    retrieved") once the future is collected."""
+    for future in futures:
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()
+
+
 class Upstream:
     """A pool of keep-alive connections to the target at ``url``; over https, verified with
     ``tls`` if given, else against the system's trust store."""
@@ -272,17 +284,20 @@ class Upstream:
                 except UpstreamError as exc:
                     if stale_retry and not connection.started:
                         # Closed while idle in the pool: the rest go once more, on a new one.
+                        _abandon(futures[position + 1 :])
                         return again + todo[position:], False
                     answers[index] = exc
                 except TimeoutError as exc:
                     # Nothing more will come in time on this connection: what was not answered
                     # has timed out too.
                     connection.close()
+                    _abandon(futures[position + 1 :])
                     for rest in todo[position:]:
                         answers[rest] = exc
                     return again, stale_retry
         except BaseException:
             connection.close()  # cancelled: the connection is left mid-exchange, unusable
+            _abandon(futures)
             raise
         return again, stale_retry
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
@@ -306,3 +307,93 @@ async def test_each_response_has_its_own_timeout(upstream_to: UpstreamTo) -> Non
         assert answers[0].status == 200
         assert all(isinstance(a, TimeoutError) for a in answers[1:])
         assert not upstream._idle
+
+
+async def _unretrieved(exchange: Callable[[], Awaitable[object]]) -> list[str]:
+    """What asyncio reported, as its exception handler's messages, while ``exchange`` ran and
+    once every future it left was collected."""
+    loop = asyncio.get_running_loop()
+    reports: list[str] = []
+    loop.set_exception_handler(lambda _, context: reports.append(str(context.get("message"))))
+    try:
+        await exchange()
+        await asyncio.sleep(0.05)  # the connection's end, and the callbacks it schedules
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    return reports
+
+
+async def test_answers_given_up_on_leave_no_error_unretrieved(upstream_to: UpstreamTo) -> None:
+    """A batch whose later answers are given up on (a timeout, then the connection's end)
+    leaves no "Future exception was never retrieved" in the log."""
+
+    async def answers_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await read_message(reader)
+        writer.write(_status_of(body))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    async with Server(answers_one) as server:
+        upstream = upstream_to(server.port)
+
+        async def batch() -> None:
+            answers = await upstream.post_many([({}, b"%d" % (200 + n)) for n in range(4)], 0.2)
+            assert [type(a) for a in answers] == [Response] + [TimeoutError] * 3
+
+        assert await _unretrieved(batch) == []
+
+
+async def test_a_batch_sent_again_after_a_stale_connection_leaves_no_error_unretrieved(
+    upstream_to: UpstreamTo,
+) -> None:
+    """A pooled connection the target closes as the batch arrives, without a byte of answer
+    (a keep-alive timeout that crossed the requests), fails every request written to it; they
+    go again on a new one, and the failures of the first try leave no "Future exception was
+    never retrieved" behind."""
+    first = asyncio.Event()
+
+    async def closes_the_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not first.is_set():
+            first.set()
+            await read_message(reader)
+            return  # closed with nothing answered
+        while True:
+            _, body = await read_message(reader)
+            writer.write(_status_of(body))
+            await writer.drain()
+
+    async with Server(closes_the_first) as server:
+        upstream = upstream_to(server.port)
+        await upstream.warm(5)  # the first connection, in the pool
+
+        async def batch() -> None:
+            answers = await upstream.post_many([({}, b"%d" % (200 + n)) for n in range(4)], 5)
+            assert [getattr(a, "status", None) for a in answers] == [200, 201, 202, 203]
+
+        assert await _unretrieved(batch) == []
+        assert server.connections == 2
+
+
+async def test_a_cancelled_batch_leaves_no_error_unretrieved(upstream_to: UpstreamTo) -> None:
+    """A batch cancelled while it waits (a reload, a stop) leaves no "Future exception was
+    never retrieved" for the answers it no longer waits for."""
+    asked = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_message(reader)
+        asked.set()
+        await asyncio.sleep(5)
+
+    async with Server(silent) as server:
+        upstream = upstream_to(server.port)
+
+        async def batch() -> None:
+            task = asyncio.create_task(upstream.post_many([({}, b"200"), ({}, b"201")], 5))
+            await asked.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        assert await _unretrieved(batch) == []
