@@ -20,7 +20,8 @@ gives, per tree, the median and [min..max], and B over A per round.
 in each round each tree drains ``--count`` and twice ``--count`` under it, and the difference
 over ``--count`` is the instructions per delivery, without the interpreter's start and the
 imports. (How many claims and batches a drain takes still depends on timing, so the counts vary
-a little from run to run: take several rounds.)
+a little from run to run: take several rounds.) With ``--by-library`` each round also splits
+them by where they were counted (``callgrind_annotate``, per function, grouped by library).
 """
 
 # ruff: noqa: S603
@@ -323,8 +324,39 @@ def spawn(
         summary = re.search(r"^summary:\s+(\d+)", out.read_text(), re.MULTILINE)
         assert summary is not None, "no summary in callgrind's output"
         result["instructions"] = int(summary.group(1))
+        if args.by_library:
+            result["groups"] = library_groups(out)
     shutil.rmtree(outbox.parent)
     return result
+
+
+# Where an instruction was counted, by the file callgrind_annotate names for its function:
+# the first group whose marks one of them is in.
+_GROUPS = (
+    ("SQLite", ("libsqlite3",)),
+    ("OpenSSL (the bodies' digests)", ("libcrypto",)),
+    ("locks and the GIL", ("pthread_", "ceval_gil", "PyEval_SaveThread", "PyEval_RestoreThread")),
+    ("allocation and collection", ("obmalloc", "malloc", "dealloc", "gcmodule", "traverse")),
+    ("the interpreter loop", ("ceval.c",)),
+)
+_ELSE = "everything else"
+
+
+def library_groups(out: Path) -> dict[str, int]:
+    """The instructions of a callgrind output per group of :data:`_GROUPS`."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", str(out)],  # noqa: S607 (valgrind's tool)
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    groups = dict.fromkeys([*(name for name, _ in _GROUPS), _ELSE], 0)
+    for line in text.splitlines():
+        found = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+(\S.*)$", line)
+        if found is None or "PROGRAM TOTALS" in found.group(2):
+            continue
+        where = found.group(2)
+        name = next((n for n, marks in _GROUPS if any(m in where for m in marks)), _ELSE)
+        groups[name] += int(found.group(1).replace(",", ""))
+    return groups
 
 
 def spread(values: list[float]) -> str:
@@ -348,6 +380,12 @@ def main() -> int:
     parser.add_argument("--gw-cpus", default="0", help="taskset CPUs of the runs ('' for none)")
     parser.add_argument("--load-cpus", default="1", help="taskset CPUs of the sink")
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument(
+        "--by-library",
+        action="store_true",
+        help="with --callgrind: each round's instructions per delivery split by where they were"
+        " counted (SQLite, OpenSSL, locks, allocation, the interpreter loop, the rest)",
+    )
     parser.add_argument(
         "--order",
         default="none",
@@ -478,6 +516,12 @@ def callgrind(args: argparse.Namespace, port: int, workdir: Path) -> None:
             delivered = large["delivered"] - small["delivered"]
             each = (large["instructions"] - small["instructions"]) / delivered
             per.setdefault(label, []).append(each)
+            if args.by_library:
+                split = ", ".join(
+                    f"{name} {(large['groups'][name] - small['groups'][name]) / delivered:,.0f}"
+                    for name in large["groups"]
+                )
+                print(f"round {number + 1} {label}, per delivery: {split}", flush=True)
             print(
                 f"round {number + 1} {label}: {each:,.0f} instructions per delivery "
                 f"({small['instructions']:,} for {small['delivered']}, "
