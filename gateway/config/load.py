@@ -25,6 +25,14 @@ def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
     return Path(value) if value else DEFAULT_CONFIG_PATH
 
 
+def _toml_problem(exc: ValueError) -> str:
+    """What is wrong with a file tomllib refused: its own words, or, for the ValueError it lets
+    through from int() for an integer of more than 4,300 digits, what that means in TOML."""
+    if isinstance(exc, tomllib.TOMLDecodeError | UnicodeDecodeError):
+        return str(exc)
+    return "an integer of more than 4300 digits (TOML's integers are 64-bit)"
+
+
 def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
     """Read, expand ``${ENV}``, validate and freeze the TOML file at ``path``.
 
@@ -37,8 +45,8 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
             data = tomllib.load(file)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except ValueError as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors too
+        raise ConfigError(f"{path}: invalid TOML: {_toml_problem(exc)}") from exc
     return ConfigReader(path, env).config(data)
 
 
@@ -59,12 +67,12 @@ def load_admin_config(path: Path, env: Mapping[str, str] = os.environ) -> AdminC
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or int()'s for an integer of over 4300 digits
         # Invalid elsewhere, perhaps: read the [admin] table's own lines alone.
         try:
             data = tomllib.loads(_admin_lines(text))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML in [admin]: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"{path}: invalid TOML in [admin]: {_toml_problem(exc)}") from exc
     return Reader(path, env).section("admin", "admin", data.get("admin", {}), AdminConfig)
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-from gateway.config.model import redact_servers
-from gateway.config.rules import DEFAULT_RULES, RULES, SECRETS, URLS
+from gateway.config.model import nats_servers, redact_servers, redact_url, without_user_info
+from gateway.config.rules import DATABASE_URLS, DEFAULT_RULES, RULES, SECRETS, URLS
 from gateway.errors import ConfigError
 
-__all__ = ["REFERENCE", "Reader"]
+__all__ = ["REFERENCE", "Reader", "as_written"]
 
 _T = TypeVar("_T")
 
@@ -33,6 +33,10 @@ _SCALARS: dict[object, tuple[type | UnionType, str]] = {
     int: (int, "an integer"),
     float: (int | float, "a finite number"),
 }
+# TOML's integers are 64-bit ("an error must be thrown" beyond, toml.io); tomllib reads any, and
+# a bigger one would overflow float() here, or be refused by Redis (a target's maxlen) at run time.
+_INT64 = range(-(2**63), 2**63)
+_BEYOND_INT64 = "an integer from -2**63 to 2**63 - 1, as TOML's integers are"
 
 
 def _shown(value: object, secret: bool) -> str:
@@ -40,6 +44,9 @@ def _shown(value: object, secret: bool) -> str:
     (``true``, not ``True``); a secret only as its unexpanded ``${NAME}`` text."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and value not in _INT64:
+        # Its digits could fill a screen, or exceed what int-to-text converts (4300 digits).
+        return f"<an integer of {value.bit_length()} bits>"
     if not secret or value in ("", []) or (isinstance(value, str) and "${" in value):
         return repr(value)
     return "<hidden>"
@@ -59,6 +66,38 @@ def _may_be_secret(key: str, value: object) -> bool:
         or any(word in lowered for word in _SECRET_WORDS)
         or bool(difflib.get_close_matches(lowered, _SECRET_NAMES))
     )
+
+
+# User info that names its secrets without holding them: references, and the ":" between.
+_REFERENCES_ONLY = re.compile(rf"(?:{REFERENCE.pattern}|:)+")
+
+
+def as_written(url: str) -> str:
+    """A URL (a NATS target's servers) as the file writes it, for a message: each user info
+    shown only when it is nothing but ${NAME} references, which name a secret without holding
+    it."""
+    shown = []
+    for server in nats_servers(url):
+        redacted = redact_servers(server)
+        info = without_user_info(server)[1]
+        if info is not None and _REFERENCES_ONLY.fullmatch(info):
+            redacted = redacted.replace("***@", f"{info}@", 1)
+        shown.append(redacted)
+    return ",".join(shown)
+
+
+def _written(name: str, text: str) -> str:
+    """The text of key ``name`` as the file writes it, as a message may show it: a URL's user
+    info, a database URL's password, is literal text there when not a ${NAME} reference."""
+    if name in URLS:
+        return as_written(text)
+    if name in DATABASE_URLS:
+        shown = redact_url(text)  # the user name stays, as everywhere a database is shown
+        user, colon, password = (without_user_info(text)[1] or "").partition(":")
+        if colon and _REFERENCES_ONLY.fullmatch(password):
+            shown = shown.replace(f"{user}:***@", f"{user}:{password}@", 1)
+        return shown
+    return text
 
 
 def _join(table: str, key: str) -> str:
@@ -122,6 +161,8 @@ class Reader:
         result: Any
         if hint in _SCALARS:
             kind, expected = _SCALARS[hint]
+            if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+                raise self.error(key, value, _BEYOND_INT64, secret=secret)
             # TOML's true is not 1, although Python's bool is an int; an integer is a fine float.
             if (
                 not isinstance(value, int | float)
@@ -132,6 +173,9 @@ class Reader:
                 raise self.error(key, value, expected, secret=secret)
             result = float(value) if hint is float else value
         elif hint == tuple[float, ...]:
+            for i, item in enumerate(value if isinstance(value, list) else []):
+                if isinstance(item, int) and not isinstance(item, bool) and item not in _INT64:
+                    raise self.error(f"{key}[{i}]", item, _BEYOND_INT64, secret=secret)
             if not isinstance(value, list) or not all(
                 isinstance(item, int | float) and not isinstance(item, bool) and math.isfinite(item)
                 for item in value
@@ -143,7 +187,7 @@ class Reader:
                 raise self.error(key, value, "a list of strings", secret=secret)
             result = tuple(self.text(f"{key}[{i}]", item, secret) for i, item in enumerate(value))
         else:
-            result = self.text(key, value, secret)
+            result = self.text(key, value, secret, name)
             if get_origin(hint) is Literal and result not in get_args(hint):
                 raise self.error(key, result, "one of " + ", ".join(map(repr, get_args(hint))))
             if hint is Path:
@@ -156,21 +200,24 @@ class Reader:
             shown = result if isinstance(result, str) and not secret else value
             if name in URLS and isinstance(shown, str):
                 shown = redact_servers(shown)
+            elif isinstance(shown, str):
+                shown = _written(name, shown)
             raise self.error(key, shown, expected, secret=secret)
         return result
 
-    def text(self, key: str, value: object, secret: bool) -> str:
-        """A non-empty string with its ``${NAME}`` references replaced from the environment."""
+    def text(self, key: str, value: object, secret: bool, name: str = "") -> str:
+        """A non-empty string with its ``${NAME}`` references replaced from the environment;
+        ``name`` is the key's without its index, for the way a message shows it."""
         if not isinstance(value, str):
             raise self.error(key, value, "a string", secret=secret)
         if "${" in REFERENCE.sub("", value):
             # A malformed reference is a typo, not text to pass on verbatim.
             expected = "${NAME} references, NAME made of letters, digits and '_'"
-            raise self.error(key, value, expected, secret=secret)
+            raise self.error(key, _written(name, value), expected, secret=secret)
         for env_name in REFERENCE.findall(value):
             if env_name not in self.env:
                 raise ConfigError(
-                    f"{self.source}: {key} = {_shown(value, secret)}: "
+                    f"{self.source}: {key} = {_shown(_written(name, value), secret)}: "
                     f"environment variable {env_name} is not set"
                 )
         # One pass: text that comes from the environment is never expanded again.

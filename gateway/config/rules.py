@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DATABASE_URLS",
     "DEFAULT_RULES",
     "KIND_EXTRAS",
     "KIND_KEYS",
@@ -57,7 +58,9 @@ KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 SECRETS = frozenset(
     {"meta.verify_tokens", "meta.app_secrets", "targets.secret", "admin.token", "outbox.url"}
 )
-URLS = frozenset({"targets.url"})
+# URLs whose user info may be a secret: shown without it, and so is a database URL's password.
+URLS = frozenset({"targets.url", "tracing.endpoint"})
+DATABASE_URLS = frozenset({"outbox.url"})
 
 # The connection options the Redis sender sets itself (gateway.delivery.redis_stream), and
 # why. redis-py lets a URL's query override what its caller passes, so any of them in a

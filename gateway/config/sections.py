@@ -10,7 +10,6 @@ fault (the one the file set, where two keys disagree).
 from __future__ import annotations
 
 import importlib.util
-import re
 from typing import Any, Literal, TypeVar, get_type_hints
 
 from gateway.config.model import (
@@ -29,7 +28,7 @@ from gateway.config.model import (
     redact_servers,
     without_user_info,
 )
-from gateway.config.reader import REFERENCE, Reader
+from gateway.config.reader import Reader, as_written
 from gateway.config.rules import (
     KIND_EXTRAS,
     KIND_KEYS,
@@ -214,7 +213,7 @@ class ConfigReader(Reader):
                 expected += f" with kind = {kind!r}"
             # As written when it has ${NAME} references: they may hold a broker's password.
             written = raw.get("url") if isinstance(raw, dict) else None
-            shown = _as_written(written) if isinstance(written, str) and "${" in written else url
+            shown = as_written(written) if isinstance(written, str) and "${" in written else url
             raise self.error(f"{key}.url", shown, expected)
         required, optional = KIND_KEYS[kind]
         for each in required:
@@ -246,20 +245,3 @@ class ConfigReader(Reader):
             if refusal is not None:
                 expected = f"a redis:// or rediss:// URL whose options redis-py takes: {refusal}"
                 raise self.error(f"{key}.url", url, expected)
-
-
-# User info that names its secrets without holding them: references, and the ":" between.
-_REFERENCES_ONLY = re.compile(rf"(?:{REFERENCE.pattern}|:)+")
-
-
-def _as_written(url: str) -> str:
-    """A target's URL as the file writes it, for a message: each server's user info shown only
-    when it is nothing but ${NAME} references, which name a secret without holding it."""
-    shown = []
-    for server in nats_servers(url):
-        redacted = redact_servers(server)
-        info = without_user_info(server)[1]
-        if info is not None and _REFERENCES_ONLY.fullmatch(info):
-            redacted = redacted.replace("***@", f"{info}@", 1)
-        shown.append(redacted)
-    return ",".join(shown)

@@ -472,6 +472,47 @@ def test_rejects_wrong_type(tmp_path: Path, entries: Entries, expected: str) -> 
     assert rejection(tmp_path, entries) == expected
 
 
+BEYOND_INT64 = "expected an integer from -2**63 to 2**63 - 1, as TOML's integers are"
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        pytest.param(
+            {"listen.port": str(2**63)},
+            f"listen.port = <an integer of 64 bits>: {BEYOND_INT64}",
+            id="just-beyond-64-bits",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].attempts": "99999999999999999999"},
+            f"targets[0].attempts = <an integer of 67 bits>: {BEYOND_INT64}",
+            id="a-count",
+        ),
+        pytest.param(
+            {"listen.idle_timeout_s": "9" * 400},
+            f"listen.idle_timeout_s = <an integer of 1329 bits>: {BEYOND_INT64}",
+            id="a-duration-float-cannot-hold",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].retry_schedule_s": f"[1, -{'9' * 400}]"},
+            f"targets[0].retry_schedule_s[1] = <an integer of 1329 bits>: {BEYOND_INT64}",
+            id="in-a-list-of-numbers",
+        ),
+        pytest.param(
+            {"dispatcher.batch_size": "0x" + "f" * 4000},
+            f"dispatcher.batch_size = <an integer of 16000 bits>: {BEYOND_INT64}",
+            id="more-digits-than-int-to-text-converts",
+        ),
+    ],
+)
+def test_rejects_integers_beyond_64_bits_in_one_line(
+    tmp_path: Path, entries: Entries, expected: str
+) -> None:
+    """TOML's integers are 64-bit, but tomllib reads any: a bigger one is refused naming its key,
+    not an OverflowError from float() at load or from SQLite at run time."""
+    assert rejection(tmp_path, entries) == f"<file>: {expected}"
+
+
 @pytest.mark.parametrize(
     ("entries", "expected"),
     [
@@ -888,6 +929,12 @@ def test_never_shows_secret_in_error_message(
         pytest.param(b"[listen\n", "<file>: invalid TOML: ", id="syntax"),
         pytest.param(b"[listen]\nport = 80\nport = 81\n", "<file>: invalid TOML: ", id="repeat"),
         pytest.param(b"\xff\xfe", "<file>: invalid TOML: ", id="not-utf-8"),
+        pytest.param(
+            b"[listen]\nport = " + b"9" * 5000 + b"\n",
+            "<file>: invalid TOML: an integer of more than 4300 digits"
+            " (TOML's integers are 64-bit)",
+            id="integer-of-more-digits-than-int-reads",
+        ),
     ],
 )
 def test_rejects_unreadable_file_or_invalid_toml(
@@ -1050,6 +1097,12 @@ def test_database_urls_are_shown_without_their_password(url: str, shown: str) ->
         pytest.param("[tls\n", AdminConfig(), id="no-admin-table"),
         pytest.param(
             "[admin]\nport = 0x\n", "<file>: invalid TOML in [admin]: ", id="invalid-admin"
+        ),
+        pytest.param(
+            "[admin]\nport = " + "9" * 5000 + "\n",
+            "<file>: invalid TOML in [admin]: an integer of more than 4300 digits"
+            " (TOML's integers are 64-bit)",
+            id="admin-integer-of-more-digits-than-int-reads",
         ),
         pytest.param(
             "[admin]\nport = 70000\n",
@@ -1457,6 +1510,62 @@ def test_target_url_errors_never_show_its_user_info(
     shown = rejection(tmp_path, {**TARGET, **entries}, {"NATS_HOST": "nats-1"})
     assert TOKEN not in shown
     assert shown.replace(str(tmp_path), "<dir>") == message
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        pytest.param(
+            {**NATS, "targets[0].url": f'"nats://{TOKEN}@${{UNSET_HOST}}:4222"'},
+            "targets[0].url = 'nats://***@${UNSET_HOST}:4222': environment variable UNSET_HOST"
+            " is not set",
+            id="target-token-beside-an-unset-variable",
+        ),
+        pytest.param(
+            {"targets[0].url": f'"https://gw:{TOKEN}@crm.example/${{PATH"'},
+            "targets[0].url = 'https://***@crm.example/${PATH': expected ${NAME} references,"
+            " NAME made of letters, digits and '_'",
+            id="target-password-beside-a-malformed-reference",
+        ),
+        pytest.param(
+            {"targets[0].url": '"https://${USER}:${PASSWORD}@${UNSET_HOST}/hook"'},
+            "targets[0].url = 'https://${USER}:${PASSWORD}@${UNSET_HOST}/hook': environment"
+            " variable USER is not set",
+            id="target-user-info-of-references-alone-is-shown",
+        ),
+        pytest.param(
+            {"outbox.url": f'"postgresql://waba:{TOKEN}@${{UNSET_HOST}}:5432/waba"'},
+            "outbox.url = 'postgresql://waba:***@${UNSET_HOST}:5432/waba': environment variable"
+            " UNSET_HOST is not set",
+            id="database-password-beside-an-unset-variable",
+        ),
+        pytest.param(
+            {"outbox.url": f'"postgresql://waba:{TOKEN}@db:${{PORT}}/waba"'},
+            "outbox.url = 'postgresql://waba:***@db:${PORT}/waba': expected a postgresql:// URL",
+            id="database-password-in-a-url-refused",
+        ),
+        pytest.param(
+            {"outbox.url": '"postgresql://waba:${PG_PASSWORD}@${UNSET_HOST}/waba"'},
+            "outbox.url = 'postgresql://waba:${PG_PASSWORD}@${UNSET_HOST}/waba': environment"
+            " variable PG_PASSWORD is not set",
+            id="database-password-of-a-reference-is-shown",
+        ),
+        pytest.param(
+            {"tracing.endpoint": f'"https://otel:{TOKEN}@${{UNSET_HOST}}:4318"'},
+            "tracing.endpoint = 'https://***@${UNSET_HOST}:4318': environment variable"
+            " UNSET_HOST is not set",
+            id="collector-password-beside-an-unset-variable",
+        ),
+    ],
+)
+def test_a_url_written_with_references_never_shows_its_literal_secret(
+    tmp_path: Path, entries: Entries, message: str
+) -> None:
+    """A URL's text as written is shown when a reference in it is unset or malformed, or the
+    URL is refused: a password or token written literally beside the references is not."""
+    shown = rejection(tmp_path, {**TARGET, **entries}, {"PORT": "x"})
+    assert TOKEN not in shown
+    assert shown == f"<file>: {message}"
 
 
 @pytest.mark.parametrize(
