@@ -41,15 +41,23 @@ _BEYOND_INT64 = "an integer from -2**63 to 2**63 - 1, as TOML's integers are"
 
 def _shown(value: object, secret: bool) -> str:
     """The value as a message shows it, spelt as in TOML where Python spells it otherwise
-    (``true``, not ``True``); a secret only as its unexpanded ``${NAME}`` text."""
+    (``true``, not ``True``); a secret only as its unexpanded ``${NAME}`` text, and only when it
+    is nothing else."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int) and value not in _INT64:
         # Its digits could fill a screen, or exceed what int-to-text converts (4300 digits).
         return f"<an integer of {value.bit_length()} bits>"
-    if not secret or value in ("", []) or (isinstance(value, str) and "${" in value):
+    # A secret written as references alone names where it comes from and holds nothing of
+    # it; one that mixes literal text with them ("abcd${SUFFIX}") holds that text.
+    if not secret or value in ("", []) or (isinstance(value, str) and _names_only(value)):
         return repr(value)
     return "<hidden>"
+
+
+def _names_only(text: str) -> bool:
+    """Whether ``text`` is nothing but ${NAME} references (and the ":" between them)."""
+    return _REFERENCES_ONLY.fullmatch(text) is not None
 
 
 # A misspelt key whose name has one of these in it, or is close to a secret key's name, may
@@ -202,7 +210,10 @@ class Reader:
                 shown = redact_servers(shown)
             elif isinstance(shown, str):
                 shown = _written(name, shown)
-            raise self.error(key, shown, expected, secret=secret)
+            # A secret URL with references is shown as _written makes it (the references
+            # show where it comes from); one without, not at all, as before.
+            written = name in (URLS | DATABASE_URLS) and isinstance(shown, str) and "${" in shown
+            raise self.error(key, shown, expected, secret=secret and not written)
         return result
 
     def text(self, key: str, value: object, secret: bool, name: str = "") -> str:
@@ -210,14 +221,17 @@ class Reader:
         ``name`` is the key's without its index, for the way a message shows it."""
         if not isinstance(value, str):
             raise self.error(key, value, "a string", secret=secret)
+        # A URL is shown as _written makes it, its secrets out; any other secret as
+        # references alone, or hidden.
+        hidden = secret and name not in URLS and name not in DATABASE_URLS
         if "${" in REFERENCE.sub("", value):
             # A malformed reference is a typo, not text to pass on verbatim.
             expected = "${NAME} references, NAME made of letters, digits and '_'"
-            raise self.error(key, _written(name, value), expected, secret=secret)
+            raise self.error(key, _written(name, value), expected, secret=hidden)
         for env_name in REFERENCE.findall(value):
             if env_name not in self.env:
                 raise ConfigError(
-                    f"{self.source}: {key} = {_shown(_written(name, value), secret)}: "
+                    f"{self.source}: {key} = {_shown(_written(name, value), hidden)}: "
                     f"environment variable {env_name} is not set"
                 )
         # One pass: text that comes from the environment is never expanded again.

@@ -875,6 +875,19 @@ def test_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             id="expanded-part",
         ),
         pytest.param(
+            {"admin.token": f'"{SECRET}${{UNSET}}"'},
+            {},
+            "admin.token = <hidden>: environment variable UNSET is not set",
+            id="literal-text-beside-a-reference",
+        ),
+        pytest.param(
+            {**TARGET, "targets[0].secret": f'"${{S}}{SECRET}${{bad-name}}"'},
+            {"S": "x"},
+            "targets[0].secret = <hidden>: expected ${NAME} references, NAME made of letters,"
+            " digits and '_'",
+            id="literal-text-beside-a-malformed-reference",
+        ),
+        pytest.param(
             {"admin.token": "12345"},
             {},
             "admin.token = <hidden>: expected a string",
