@@ -201,10 +201,14 @@ class Http1:
         self._content_length = -1
         self._expect_continue = False
         self._other_coding = False  # a transfer coding other than chunked
+        self._transfer_coded = False  # a Transfer-Encoding header, chunked or not
         # The refusal of a content coding other than identity, once the head is complete.
         self._content_coding: UnsupportedMediaType | None = None
         self._head_bytes = 0  # its header lines, as parsed
-        self._head_read = 0  # its reads that began and ended inside its head
+        self._head_read = 0  # its reads that began and ended inside its head (or trailers)
+        # After a chunk's size line, until its first data byte or the chunk's end: for the
+        # last chunk (size 0), the trailer section, whose lines httptools keeps in memory.
+        self._in_trailers = False
 
     @property
     def receiving_since(self) -> float | None:
@@ -219,6 +223,7 @@ class Http1:
         events: list[Event] = []
         self._events = events
         head = self._request if self.state is State.HEAD else None  # the head this read continues
+        trailers = self._request if self._in_trailers else None  # or the trailer section
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -237,7 +242,13 @@ class Http1:
         # One that also carries a body, or the end of one request and the start of the next,
         # must not be mistaken for a large head (the first read of a head is left out: it is
         # bounded by the read size, and its complete lines are counted in on_header).
-        if head is not None and head is self._request and self._in_head():
+        # A trailer line that never ends is the same: httptools grows its bytes with each read
+        # (copying them all each time) until the request times out, so a read that began and
+        # ended in the trailer section counts too, against the head's limit as its complete
+        # lines do (on_header).
+        if (head is not None and head is self._request and self._in_head()) or (
+            trailers is not None and trailers is self._request and self._trailing()
+        ):
             self._head_read += len(data)
             if self._head_read > self.limits.max_head_bytes:
                 self._refuse(
@@ -251,6 +262,9 @@ class Http1:
 
     def _in_head(self) -> bool:
         return self.state is State.HEAD
+
+    def _trailing(self) -> bool:
+        return self._in_trailers
 
     def refuse(self, error: Rejected, now: float) -> Refusal | None:
         """Refuse the request being received (or the next) with ``error``, e.g. for taking too
@@ -286,7 +300,8 @@ class Http1:
         self._chunks = []
         self._size = self._head_bytes = self._head_read = 0
         self._content_length = -1
-        self._expect_continue = self._other_coding = False
+        self._expect_continue = self._other_coding = self._transfer_coded = False
+        self._in_trailers = False
         self._content_coding = None
 
     def on_url(self, url: bytes) -> None:
@@ -323,13 +338,16 @@ class Http1:
             self._content_length = int(value)  # the parser has checked it is digits
         elif name == b"expect":
             self._expect_continue = value.lower() == b"100-continue"
-        elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            # llhttp frames "gzip, chunked" by its final chunked and would hand over the still
-            # compressed bytes; no coding but chunked is understood here (RFC 9112, 6.1: 501).
-            # Refused once the head is complete, not here: httptools hands a header over when
-            # the next one starts, and where the read ends decides whether that happens before
-            # a malformed line is seen (a 400 in one read and a 501 in two otherwise).
-            self._other_coding = True
+        elif name == b"transfer-encoding":
+            self._transfer_coded = True  # even chunked: HTTP/1.0 has none (on_headers_complete)
+            if value.strip().lower() != b"chunked":
+                # llhttp frames "gzip, chunked" by its final chunked and would hand over the
+                # still compressed bytes; no coding but chunked is understood here (RFC 9112,
+                # 6.1: 501). Refused once the head is complete, not here: httptools hands a
+                # header over when the next one starts, and where the read ends decides whether
+                # that happens before a malformed line is seen (a 400 in one read and a 501 in
+                # two otherwise).
+                self._other_coding = True
 
     def on_headers_complete(self) -> None:
         request = self._current()
@@ -345,7 +363,12 @@ class Http1:
             # HTTP/0.9 and 2.0 parse too; neither is spoken here (RFC 9110, 15.6.6).
             raise self._stop(VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
         request.method = self._parser.get_method()
-        request.keep_alive = self._parser.should_keep_alive()
+        # An HTTP/1.0 message with Transfer-Encoding is framed faultily: it is read, answered
+        # and the connection closed (RFC 9112, 6.1), whatever its Connection header asks;
+        # llhttp would keep it open, and an HTTP/1.0 hop in front reads the rest differently.
+        request.keep_alive = self._parser.should_keep_alive() and not (
+            self._transfer_coded and version == "1.0"
+        )
         limit = self.limits.max_body_bytes
         if self._content_length > limit:
             raise self._stop(
@@ -355,7 +378,14 @@ class Http1:
             # An HTTP/1.0 client's expectation is ignored: it cannot know 100 (RFC 9110, 10.1.1).
             self._expect(request)
 
+    def on_chunk_header(self) -> None:
+        self._in_trailers = True  # until a data byte comes (on_body): only the last has none
+
+    def on_chunk_complete(self) -> None:
+        self._in_trailers = False
+
     def on_body(self, chunk: bytes) -> None:
+        self._in_trailers = False
         self._size += len(chunk)
         limit = self.limits.max_body_bytes
         if self._size > limit:  # a chunked body announces no length

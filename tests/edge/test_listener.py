@@ -629,3 +629,43 @@ async def test_headers_after_a_chunked_body_are_not_the_requests_headers(
     trailer = f"X-Hub-Signature-256: {signatures[trailer_signature]}\r\n\r\n".encode()
     await client.send(head + chunks + trailer)
     assert (await client.reply()).status == status
+
+
+async def test_trailer_line_that_never_ends_gets_431_and_is_closed(client: Client) -> None:
+    """A chunked body's trailer section (RFC 9112 7.1.2) is held to the head's limit, as the
+    head is: a trailer field sent 8 KB at a time without a line end is cut off past 64 KiB,
+    not kept (and copied whole on every read) until the request times out."""
+    body = message_body("before an endless trailer")
+    await client.send(
+        f"POST {PATH} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        f"X-Hub-Signature-256: {meta_signature(body)}\r\n\r\n".encode()
+        + b"%x\r\n" % len(body)
+        + body
+        + b"\r\n0\r\nX-Endless: "
+    )
+    answer = asyncio.create_task(client.reply())
+    for _ in range(40):  # 320 KB at most; the limit is 64 KiB
+        if answer.done():
+            break
+        await client.send(b"y" * 8192)
+        await asyncio.sleep(0.005)  # separate reads: each one continues the same trailer
+    assert (await answer).status == 431
+    assert await client.closed()
+
+
+async def test_http10_chunked_request_is_answered_then_closed_despite_keep_alive(
+    client: Client, sink: Sink
+) -> None:
+    """HTTP/1.0 has no Transfer-Encoding: a message with one is framed faultily, and the
+    connection closes after its answer (RFC 9112 6.1) even if it asked to be kept alive, so
+    nothing after it is read as a request of its own."""
+    body = message_body("chunked over HTTP/1.0")
+    head = (
+        f"POST {PATH} HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n"
+        f"Transfer-Encoding: chunked\r\nX-Hub-Signature-256: {meta_signature(body)}\r\n\r\n"
+    ).encode()
+    await client.send(head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (200, "close")
+    assert await client.closed()
+    assert [r.body for r in await sink.wait_for(1)] == [body]
