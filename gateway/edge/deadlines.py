@@ -11,9 +11,12 @@ dict entry, and the one timer runs only while some deadline is pending, at the e
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
 
 __all__ = ["Deadlines", "Expires"]
+
+log = logging.getLogger(__name__)
 
 
 class Expires(Protocol):
@@ -52,6 +55,13 @@ class Deadlines:
         now = self._loop.time()
         for connection in [c for c, at in self._due.items() if at <= now]:
             del self._due[connection]
-            connection.expired()
+            try:
+                connection.expired()
+            except Exception:
+                # One connection's failure to end must not cost the others theirs: a raise
+                # here would skip the rest of the pass and the next timer, and every pending
+                # handshake would then wait without a deadline (a slow client's way to hold
+                # connections open).
+                log.exception("a connection past its deadline could not be ended")
         if self._due:
             self._schedule(min(self._due.values()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.edge.deadlines import Deadlines
 
 
@@ -50,3 +52,26 @@ async def test_a_deadline_set_again_counts_from_then() -> None:
     await asyncio.sleep(0.35)
     assert len(told) == 1
     assert told[0][1] - start >= 0.2
+
+
+class _Failing:
+    """Something with a deadline whose ending fails."""
+
+    def expired(self) -> None:
+        raise ConnectionResetError("already gone")
+
+
+async def test_a_connection_that_fails_to_end_costs_no_other_its_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A connection whose end raises is logged; the others due in the same pass are told, and
+    so is one due later (the timer is set again)."""
+    loop = asyncio.get_running_loop()
+    told: list[tuple[str, float]] = []
+    deadlines = Deadlines(loop)
+    deadlines.set(_Failing(), 0.05)
+    deadlines.set(_Waiter("same pass", told), 0.05)
+    deadlines.set(_Waiter("later", told), 0.2)
+    await asyncio.sleep(0.35)
+    assert [name for name, _ in told] == ["same pass", "later"]
+    assert "could not be ended" in caplog.text
