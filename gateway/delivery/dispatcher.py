@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.config import DispatcherConfig, TargetConfig
-from gateway.delivery.backoff import Breaker
+from gateway.delivery.backoff import Breaker, TargetHealth
 from gateway.delivery.exchange import Exchange
 from gateway.delivery.lanes import BATCH_BYTES, Circuit, Lane, Retired
 from gateway.delivery.outcome import Outcome, RetryAt
@@ -462,6 +462,8 @@ class Dispatcher:
         ordered = name in self._pacing.ordered
         if ordered and probing and not exchange.health.probing:
             self._pacing.conversations.recovered(name)
+        if exchange.health.probing:
+            self._hold_back(name, exchange.health)
         # An ordered target's runs go on now, before these outcomes are recorded (_go_on).
         went, looks = self._go_on(lane, batch, outcomes) if ordered else ((), ())
         try:
@@ -489,6 +491,27 @@ class Dispatcher:
         if ordered:
             self._announce(name, batch, outcomes, went, looks)
         report(self._observer, name, batch, exchange.attempts, outcomes, results, now)
+
+    def _hold_back(self, name: str, health: TargetHealth) -> None:
+        """``name`` failed (its breaker, ``health``, is open): let go of what waits in its
+        lane's queue, as offer() does with what arrives for a failing target. Sent, those
+        would reach a target just paused, one batch after another, within the Retry-After it
+        asked for, each spending an attempt: they stay pending in the outbox, for the
+        breaker's probes and the claims after them. Called before the send scheduled at the
+        end of the failed batch runs (same turn of the event loop). Not for a lane that is
+        no longer the one the batch left from (its health is another's)."""
+        lane = self._lanes.get(name)
+        if lane is None or lane.health is not health or not lane.queue:
+            return
+        runs, conversations = self._pacing.runs, self._pacing.conversations
+        for delivery in lane.queue:
+            self._in_flight.discard(delivery.id)
+            # Its run (ordered targets) goes back to the outbox with it, in its order.
+            runs.let_go(delivery.id)
+            runs.drop((delivery,))
+            conversations.held(name, delivery.order_key, delivery.id)
+        lane.load -= len(lane.queue)
+        lane.queue.clear()
 
     def _go_on(
         self, sent: Lane, batch: Sequence[Delivery], outcomes: Sequence[Outcome]
