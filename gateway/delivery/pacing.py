@@ -183,13 +183,18 @@ class Pacing:
         return max(0.0, started - delivery.next_attempt_at)
 
     def wait_s(self, now: float, poll_s: float) -> float:
-        """How long the dispatcher may sleep: until a starved target has a token again, or a
-        conversation's retry comes due."""
+        """How long the dispatcher may sleep: until a target whose last claim the limit cut
+        short has a token again, or a conversation's retry comes due. A target granted fewer
+        tokens than it asked for, whose claim then found fewer deliveries than it was granted,
+        has nothing more due: it waits for the poll like any other (or for a wake-up when a
+        notification arrives), not for its next token, which on an idle gateway would be a
+        claim every few milliseconds (a claim asks for the target's whole free budget, more
+        than a burst holds)."""
         wait = poll_s
         retry = self.conversations.next_at()
         if retry is not None:
             wait = min(wait, max(0.0, retry - now))
-        for name in self._starved:
+        for name in self._behind:
             bucket = self._buckets[name]
             # A shared bucket's level is the database's: ask again after one token's time.
             until = 1 / bucket.rate_per_s if self._shared else bucket.wait_s(now)

@@ -100,6 +100,29 @@ async def test_a_reload_that_changes_the_rate_hands_out_no_fresh_burst(tmp_path:
         await outbox.close()
 
 
+async def test_an_idle_rate_limited_target_waits_for_the_poll_not_for_its_next_token(
+    tmp_path: Path,
+) -> None:
+    """A claim asks for the target's whole free budget, more than its burst: granted fewer
+    tokens than it asked for, the target is short of tokens, but a claim that found fewer due
+    deliveries than it was granted means nothing more is due, and the dispatcher sleeps for
+    its poll interval rather than claiming again at its next token (every 5 ms on an idle
+    gateway). A claim that used every token it got waits for the next one."""
+    outbox = await open_outbox(OutboxConfig(path=tmp_path / "outbox.sqlite3"))
+    try:
+        pacing = Pacing([_limited(10.0)], 0.0)
+        idle = await pacing.plan(outbox, {"t": 256}, 0.0)
+        assert idle.limits == {"t": 10}
+        await pacing.settle(outbox, idle, {"t": 0}, [])
+        assert pacing.wait_s(0.0, 0.5) == 0.5
+        busy = await pacing.plan(outbox, {"t": 256}, 1.0)
+        assert busy.limits == {"t": 10}
+        await pacing.settle(outbox, busy, {"t": 10}, [])
+        assert pacing.wait_s(1.0, 0.5) == pytest.approx(0.1)  # one token's time at 10/s
+    finally:
+        await outbox.close()
+
+
 def _limited(rate: float) -> TargetConfig:
     return TargetConfig(name="t", url="http://127.0.0.1:9/t", rate_per_s=rate)
 
