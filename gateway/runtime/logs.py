@@ -19,7 +19,7 @@ import re
 import sys
 from typing import Any, TextIO
 
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidURLError
 from pythonjsonlogger.json import JsonFormatter
 
 from gateway.edge.responses import ACCESS_FIELDS, access_log
@@ -79,9 +79,26 @@ def text_formatter() -> logging.Formatter:
     return _TextFormatter(_TEXT_FORMAT)
 
 
+# Where aiohttp's message starts quoting the request: llhttp's ":\n\n  b'<line>'" and the
+# pure-Python parser's ": b'<line>'" or ": '<line>'".
+_QUOTE_STARTS = re.compile(r""":\s*(?:\n|b?['"])""")
+
+
+def _refusal(error: HttpProcessingError) -> str:
+    """What the parser refused, without the request's bytes that aiohttp repeats after it: the
+    offending line may be an ``Authorization`` header (a token read from a file with a
+    Windows line ending ends in a CR the parser refuses) or a session cookie."""
+    if isinstance(error, InvalidURLError):  # its message is the request target itself
+        return "invalid request target"
+    if isinstance(error, BadStatusLine) and not error.message.startswith("Received HTTPS"):
+        return "bad request line"  # "Bad status line 'GET ...'": the whole line, quoted
+    return _QUOTE_STARTS.split(error.message, maxsplit=1)[0]
+
+
 class _MalformedRequests(logging.Filter):
     """aiohttp's server (the admin listener) logs a request it cannot parse as an error with a
-    traceback; it is the client's mistake, answered 400: one line at INFO says so."""
+    traceback; it is the client's mistake, answered 400: one line at INFO says so, with the
+    parser's reason but none of the request's bytes (:func:`_refusal`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -90,7 +107,7 @@ class _MalformedRequests(logging.Filter):
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
             record.msg, record.args = (
                 "malformed request from %s refused: %s",
-                (remote, error.message),
+                (remote, _refusal(error)),
             )
             record.exc_info = record.exc_text = None
         return True

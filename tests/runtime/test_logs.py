@@ -9,7 +9,9 @@ metrics, for any of them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from config_files import listen_port, write_config
+from config_files import free_port, listen_port, write_config
 from helpers import (
     APP_SECRET,
     admin_get,
@@ -174,6 +176,43 @@ async def test_no_personal_data_or_secret_reaches_the_logs(
     assert any("reload failed" in line for line in lines)
     leaks = [(marker, line) for line in lines for marker in MARKERS if marker in line]
     assert leaks == []
+
+
+async def test_a_malformed_admin_request_is_logged_without_the_token_it_carried(
+    pki: Pki, tmp_path: Path, sink: Sink
+) -> None:
+    """aiohttp repeats the line it refused: an Authorization header whose token ends in a CR
+    (read from a file with Windows line endings) or a control character is answered 400 and
+    logged by `serve` as the parser's reason alone, the token nowhere in its output."""
+    token = SECRETS[2] + "-of-at-least-32-characters"
+    admin_port = free_port()
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), admin_port=admin_port)
+    config.write_text(config.read_text().replace("[admin]\n", f'[admin]\ntoken = "{token}"\n'))
+    with serving(config) as process:
+
+        async def refused(ending: bytes) -> bytes | None:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
+            except OSError:
+                return None  # not listening yet
+            writer.write(
+                b"GET /admin/deliveries HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Authorization: Bearer " + token.encode() + ending + b"\r\n\r\n"
+            )
+            answer = await reader.read()
+            writer.close()
+            return answer
+
+        for ending in (b"\r", b"\x01"):
+            answer = await eventually(functools.partial(refused, ending), "the admin listener")
+            assert answer.startswith(b"HTTP/1.0 400 "), answer
+        output = stop(process)
+    assert (
+        "malformed request from 127.0.0.1 refused: Missing expected LF after header value\n"
+        in output
+    )
+    assert "malformed request from 127.0.0.1 refused: Invalid header value char\n" in output
+    assert token not in output
 
 
 async def test_serve_with_json_format_writes_one_object_per_line(
