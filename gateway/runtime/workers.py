@@ -183,6 +183,11 @@ def _started(
             try:
                 reason = report.recv()
             except EOFError:  # it died before it could say anything
+                if stopping.is_set():
+                    # The stop signal reached it too, before its handler was in place (Ctrl-C
+                    # signals the terminal's whole process group, systemd's stop every process
+                    # of the service): a stop asked for, not a worker that could not start.
+                    return False
                 process.join(_STOP_GRACE_S)
                 raise GatewayError(
                     f"worker {process.name} exited while starting (exit code"

@@ -234,6 +234,30 @@ async def test_two_workers_survive_sighup_to_any_process(
     assert not left
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_signal_to_the_whole_group_while_workers_start_exits_zero(
+    pki: Pki, tmp_path: Path, sink: Sink, signum: signal.Signals
+) -> None:
+    """workers = 2: Ctrl-C (SIGINT to the terminal's process group) or systemd's stop
+    (SIGTERM to every process of the service) while the workers are still starting ends a
+    worker before its handler is in place: the gateway stops as asked, exit 0, no error line."""
+    config = write_config(pki, tmp_path, target_url=sink.url("/sink"), workers=2)
+    with serving(config) as supervisor:
+        deadline = time.monotonic() + DEADLINE_S
+        while len(workers := _spawned_workers(supervisor.pid)) < 2:
+            assert supervisor.poll() is None, f"the gateway exited with {supervisor.returncode}"
+            assert time.monotonic() < deadline, f"{len(workers)} workers started"
+            await asyncio.sleep(0.005)
+        os.killpg(supervisor.pid, signum)  # still importing: neither serves yet
+        code = await _exit_code(supervisor)
+        assert supervisor.stdout is not None
+        output = supervisor.stdout.read().decode(errors="replace")
+    assert "started 2 workers" not in output  # the signal did come while they started
+    assert [line for line in output.splitlines() if line.startswith("error:")] == []
+    assert code == 0
+
+
 def _in_session(session: int) -> list[int]:
     """Live processes of session ``session`` (field 6 of /proc/PID/stat), zombies aside."""
     found = []
