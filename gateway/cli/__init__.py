@@ -10,7 +10,9 @@ is a module here that registers itself through a ``register(subparsers)`` functi
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from gateway.cli.exit_codes import EXIT_USAGE, GRAPH_EXIT_CODES
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["serve"] and threading.current_thread() is threading.main_thread():
+        # A SIGHUP's default action ends the process, and `systemctl reload` right after
+        # `systemctl start` (the unit is Type=exec) sends one while the command modules still
+        # import, a third of a second: ignored from here until serving installs its own
+        # handler (gateway.runtime.process, gateway.runtime.workers).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

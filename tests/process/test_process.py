@@ -97,7 +97,11 @@ def test_workers_without_a_writable_temp_folder_is_a_one_line_error(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
-    assert main(["serve", "--config", str(config)]) == 2
+    hangup = signal.getsignal(signal.SIGHUP)
+    try:
+        assert main(["serve", "--config", str(config)]) == 2
+    finally:  # serve ignores SIGHUP from its start: not this process, or the gateways it runs
+        signal.signal(signal.SIGHUP, hangup)
     err = capsys.readouterr().err
     assert err.startswith("error: cannot make the workers' metrics folder in ")
     assert "Permission denied; point TMPDIR at a writable folder" in err
@@ -331,3 +335,40 @@ def test_a_serving_process_freezes_its_startup_and_collects_young_objects_less_o
     assert (young_before, frozen_before) == (700, 0)
     assert young == YOUNG_COLLECTION_EVERY
     assert frozen > 10_000  # the modules, configuration and application of a started gateway
+
+
+# Run in a fresh interpreter: the disposition of SIGHUP when the first command module
+# (gateway.cli.serve) starts to load, for `waba-gateway ARGS...`.
+_SIGHUP_AT_IMPORT = """
+import importlib.abc, signal, sys
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # not what the test's process ignores
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "gateway.cli.serve" and not seen:
+            seen.append(signal.getsignal(signal.SIGHUP))
+        return None
+sys.meta_path.insert(0, Watch())
+from gateway.cli import main
+main(sys.argv[1:])
+print("ignored" if seen == [signal.SIG_IGN] else "default", file=sys.__stdout__)
+"""
+
+
+@pytest.mark.parametrize(("command", "expected"), [("serve", "ignored"), ("check", "default")])
+def test_serve_ignores_sighup_before_its_command_modules_load(
+    tmp_path: Path, command: str, expected: str
+) -> None:
+    """`systemctl reload` right after `systemctl start` (Type=exec) sends SIGHUP while the
+    command still imports: `serve` ignores it from its first line, before the command modules
+    load (most of its start), until its own handler takes over; another command keeps the
+    default, as an interactive command should."""
+    missing = tmp_path / "missing.toml"
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGHUP_AT_IMPORT, command, "--config", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.strip() == expected, done.stderr
