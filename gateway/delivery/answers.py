@@ -41,6 +41,7 @@ __all__ = [
     "MIN_ECHO_CHARS",
     "PERSONAL_KEYS",
     "kept_answer",
+    "kept_words",
     "personal_values",
     "shown_answer",
 ]
@@ -232,6 +233,24 @@ def kept_answer(body: bytes, status: int, content_type: str | None, answer: byte
     if _echoes(text, values):
         return f"({kind}; not kept: it repeats the notification)"
     shown = _masked(text[: EXCERPT_CHARS * 2])
+    return shown if len(shown) <= EXCERPT_CHARS else shown[:EXCERPT_CHARS] + "..."
+
+
+def kept_words(body: bytes, text: str) -> str:
+    """What to keep of ``text``, an error a target worded itself (a NATS responder's reply
+    that is no acknowledgement) to the request that carried ``body``: as :func:`kept_answer`
+    keeps an HTTP target's answer that is not 2xx. Such a reply is kept as an attempt's error,
+    shown and logged as it is, and a service answering on the subject can quote the message
+    it was sent as an HTTP target can."""
+    if len(text) < MIN_ECHO_CHARS:
+        return _masked(text)
+    values = personal_values(body)
+    if values is None:
+        return "(not kept: the notification cannot be read)"
+    text = text[: EXCERPT_CHARS * 2]  # all that can be kept: the echo is looked for in it
+    if _echoes(text, values):
+        return "(not kept: it repeats the notification)"
+    shown = _masked(text)
     return shown if len(shown) <= EXCERPT_CHARS else shown[:EXCERPT_CHARS] + "..."
 
 

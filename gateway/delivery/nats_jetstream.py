@@ -41,6 +41,7 @@ import orjson
 from nats.aio.client import Client
 
 from gateway.config import TargetConfig, nats_servers, without_user_info
+from gateway.delivery.answers import kept_words
 from gateway.delivery.headers import delivery_headers
 from gateway.errors import TargetError, TargetUnreachable
 from gateway.outbox import Delivery
@@ -73,12 +74,16 @@ def header_block(headers: Mapping[str, str]) -> bytes:
     return (form % tuple(headers.values())).encode()
 
 
-def ack_result(status: str | None, data: bytes) -> AttemptResult | None:
+def ack_result(status: str | None, data: bytes, body: bytes = b"") -> AttemptResult | None:
     """JetStream's answer to one publish as the attempt's result; ``status``: the answer's
     header status, if it has one. None: no stream captures the subject. An acknowledgement is
     kept as the stream it went to (and whether it was a duplicate), not its sequence: as for an
     HTTP target's 2xx (:mod:`gateway.delivery.answers`), the outcome says what an operator
-    needs, and the result is one shared value rather than one made per delivery."""
+    needs, and the result is one shared value rather than one made per delivery.
+
+    Anything else may come from a service subscribed to the subject rather than from
+    JetStream, quoting the message it was sent (``body``): its words are kept as an HTTP
+    target's answer is (:func:`~gateway.delivery.answers.kept_words`), never as they came."""
     if status == _NO_RESPONDERS:
         return None
     try:
@@ -86,17 +91,24 @@ def ack_result(status: str | None, data: bytes) -> AttemptResult | None:
     except orjson.JSONDecodeError:
         answer = None
     if type(answer) is not dict:
-        return AttemptResult(error=f"nats: not a publish acknowledgement: {data[:100]!r}")
+        return _not_an_ack(data, body)
     error = answer.get("error")
     if error is not None:
         if type(error) is not dict:
-            return AttemptResult(error=f"nats: {error}"[:300])
+            return AttemptResult(error=f"nats: {kept_words(body, str(error))}"[:300])
         permanent = error.get("err_code") == _MESSAGE_TOO_LARGE
-        return AttemptResult(error=f"nats: {error.get('description')}"[:300], permanent=permanent)
+        said = kept_words(body, str(error.get("description")))
+        return AttemptResult(error=f"nats: {said}"[:300], permanent=permanent)
     stream = answer.get("stream")
     if type(stream) is not str or type(answer.get("seq")) is not int:
-        return AttemptResult(error=f"nats: not a publish acknowledgement: {data[:100]!r}")
+        return _not_an_ack(data, body)
     return _stored(stream, answer.get("duplicate") is True)
+
+
+def _not_an_ack(data: bytes, body: bytes) -> AttemptResult:
+    # Read as text, so that an echo is found in the spelling the notification has.
+    said = kept_words(body, data[:100].decode("utf-8", "replace"))
+    return AttemptResult(error=f"nats: not a publish acknowledgement: {said!r}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,10 +141,12 @@ class _Client(Client):
 class _Batch:
     """The results of one exchange, filled in as the acknowledgements arrive."""
 
-    __slots__ = ("done", "left", "results")
+    __slots__ = ("deliveries", "done", "left", "results")
 
-    def __init__(self, size: int) -> None:
-        self.results = [_NOT_SENT] * size
+    def __init__(self, deliveries: Sequence[Delivery]) -> None:
+        # Their bodies: a reply that is no acknowledgement is checked for quoting them.
+        self.deliveries = deliveries
+        self.results = [_NOT_SENT] * len(deliveries)
         self.left = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -227,7 +241,7 @@ class JetStreamSender:
         status = None
         if headers is not None and headers.startswith(b"NATS/1.0 "):
             status = headers[9:12].decode("ascii", "replace")  # "NATS/1.0 503\r\n..."
-        result = ack_result(status, data)
+        result = ack_result(status, data, batch.deliveries[index].body)
         batch.results[index] = result or AttemptResult(error=self._no_stream(), permanent=True)
         batch.left -= 1
         if batch.left == 0 and not batch.done.done():
@@ -245,7 +259,7 @@ class JetStreamSender:
             failed = AttemptResult(error=f"nats: cannot connect: {_reason(exc)}")
             return [failed] * len(deliveries)
         now = time.time()
-        batch = _Batch(len(deliveries))
+        batch = _Batch(deliveries)
         results = batch.results
         most = client.max_payload
         head = b"HPUB %s %s" % (self._subject.encode(), self._inbox)

@@ -194,11 +194,11 @@ def test_header_block_is_what_hpub_carries(headers: dict[str, str], expected: by
         pytest.param(
             None,
             b'{"seq":7}',
-            AttemptResult(error="nats: not a publish acknowledgement: b'{\"seq\":7}'"),
+            AttemptResult(error="nats: not a publish acknowledgement: '{\"seq\":7}'"),
             id="no-stream-name",
         ),
         pytest.param(
-            "408", b"", AttemptResult(error="nats: not a publish acknowledgement: b''"), id="empty"
+            "408", b"", AttemptResult(error="nats: not a publish acknowledgement: ''"), id="empty"
         ),
     ],
 )

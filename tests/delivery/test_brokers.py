@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from helpers import (
     wait_for_state,
 )
 from nats import connect as nats_connect
+from nats.aio.msg import Msg
 from pki import Pki
 from processes import post_to, serving, until_listening
 from redis.exceptions import ConnectionError, ResponseError
@@ -400,6 +402,74 @@ async def test_a_redis_that_does_not_know_xadd_keeps_the_notification_out_of_the
     assert "private remark" not in logged
     assert "15550783881" not in logged  # the business number, within the quoted bytes
     assert "with args beginning" not in logged
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            lambda data: json.dumps(
+                {
+                    "error": {
+                        "code": 400,
+                        "description": "unknown command: "
+                        + json.loads(data)["entry"][0]["changes"][0]["value"]["messages"][0][
+                            "text"
+                        ]["body"],
+                    }
+                }
+            ).encode(),
+            id="error-quoting-the-text",
+        ),
+        pytest.param(
+            lambda data: json.dumps({"error": "refused: " + data.decode()}).encode(),
+            id="error-quoting-the-body",
+        ),
+        pytest.param(
+            lambda data: json.dumps({"ok": False, "from": "16505551234"}).encode(),
+            id="reply-naming-the-sender",
+        ),
+    ],
+)
+async def test_a_nats_responder_quoting_the_message_keeps_it_out_of_the_error(
+    pki: Pki,
+    tmp_path: Path,
+    nats: BrokerServer,
+    caplog: pytest.LogCaptureFixture,
+    answer: Callable[[bytes], bytes],
+) -> None:
+    """A service subscribed to the subject (no stream captures it) answers the publish
+    itself, quoting what it was sent, as an HTTP target may echo a notification in its error
+    page: the attempt's error, kept in the outbox, shown and logged, names none of the
+    message's text or its sender's number."""
+    responder = await nats_connect(nats.url)
+
+    async def reply(message: Msg) -> None:
+        await message.respond(answer(message.data))
+
+    try:
+        await responder.subscribe("answers.quoted", cb=reply)
+        await responder.flush()
+        target = TargetConfig(
+            name="quoted", **quick(kind="nats", url=nats.url, subject="answers.quoted")
+        )
+        async with Gateway(gateway_config(pki, tmp_path, targets=[target])) as gateway:
+            assert (await post(gateway, pki, message_body("a private remark"))).status == 200
+
+            async def tried() -> list[Delivery] | None:
+                found = await gateway.outbox.query(target="quoted")
+                return [d for d in found if d.attempts] or None
+
+            (delivery,) = await eventually(tried, "an attempt at the quoting responder")
+            history = await gateway.outbox.attempts(delivery.id)
+    finally:
+        await responder.close()
+    assert delivery.state == "pending"
+    assert (delivery.last_error or "").startswith("nats: ")
+    kept = [delivery.last_error or "", *(a.error or "" for a in history), caplog.text]
+    for text in kept:
+        assert "private remark" not in text
+        assert "16505551234" not in text
 
 
 async def test_stream_key_holding_another_type_is_a_dead_letter_at_once(
