@@ -228,16 +228,7 @@ def kept_answer(body: bytes, status: int, content_type: str | None, answer: byte
     if len(text) < MIN_ECHO_CHARS:
         return _masked(text)  # "ok", "{}", nothing: too short to repeat anything
     kind = (content_type or "no content type").split(";")[0].strip() or "no content type"
-    values = personal_values(body)
-    if values is None:
-        return f"({kind}; not kept: the notification cannot be read)"
-    if _echoes(text, values) or ("&" in text and _echoes(html.unescape(text), values)):
-        # An HTML page writes what it echoes with character references (I&#x27;m, &#227;):
-        # read as the text they stand for, or a text with such a character in every block
-        # of ECHO_PIECE_CHARS would pass.
-        return f"({kind}; not kept: it repeats the notification)"
-    shown = _masked(text[: EXCERPT_CHARS * 2])
-    return shown if len(shown) <= EXCERPT_CHARS else shown[:EXCERPT_CHARS] + "..."
+    return _kept(body, text, f"{kind}; ")
 
 
 def kept_words(body: bytes, text: str) -> str:
@@ -248,13 +239,24 @@ def kept_words(body: bytes, text: str) -> str:
     it was sent as an HTTP target can."""
     if len(text) < MIN_ECHO_CHARS:
         return _masked(text)
+    # All that can be kept: the echo is looked for in it.
+    return _kept(body, text[: EXCERPT_CHARS * 2], "")
+
+
+def _kept(body: bytes, text: str, kind: str) -> str:
+    """What to keep of ``text``, a target's words long enough to repeat something of ``body``:
+    why nothing is (after ``kind``, the answer's content type and "; ", or nothing) when it
+    does or when ``body`` cannot be read, else the text masked and cut to the excerpt's
+    length."""
     values = personal_values(body)
     if values is None:
-        return "(not kept: the notification cannot be read)"
-    text = text[: EXCERPT_CHARS * 2]  # all that can be kept: the echo is looked for in it
+        return f"({kind}not kept: the notification cannot be read)"
+    # An HTML page writes what it echoes with character references (I&#x27;m, &#227;): read
+    # as the text they stand for too, or a text with such a character in every block of
+    # ECHO_PIECE_CHARS would pass.
     if _echoes(text, values) or ("&" in text and _echoes(html.unescape(text), values)):
-        return "(not kept: it repeats the notification)"
-    shown = _masked(text)
+        return f"({kind}not kept: it repeats the notification)"
+    shown = _masked(text[: EXCERPT_CHARS * 2])
     return shown if len(shown) <= EXCERPT_CHARS else shown[:EXCERPT_CHARS] + "..."
 
 
