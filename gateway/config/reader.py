@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeGuard, TypeVar, get_args, get_origin, get_type_hints
 
 from gateway.config.model import nats_servers, redact_servers, redact_url, without_user_info
 from gateway.config.rules import DATABASE_URLS, DEFAULT_RULES, RULES, SECRETS, URLS
@@ -39,13 +39,18 @@ _INT64 = range(-(2**63), 2**63)
 _BEYOND_INT64 = "an integer from -2**63 to 2**63 - 1, as TOML's integers are"
 
 
+def _beyond_int64(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is an integer TOML's 64 bits cannot hold (a bool is no integer)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value not in _INT64
+
+
 def _shown(value: object, secret: bool) -> str:
     """The value as a message shows it, spelt as in TOML where Python spells it otherwise
     (``true``, not ``True``); a secret only as its unexpanded ``${NAME}`` text, and only when it
     is nothing else."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int) and value not in _INT64:
+    if _beyond_int64(value):
         # Its digits could fill a screen, or exceed what int-to-text converts (4300 digits).
         return f"<an integer of {value.bit_length()} bits>"
     # A secret written as references alone names where it comes from and holds nothing of
@@ -88,7 +93,7 @@ def as_written(url: str) -> str:
     for server in nats_servers(url):
         redacted = redact_servers(server)
         info = without_user_info(server)[1]
-        if info is not None and _REFERENCES_ONLY.fullmatch(info):
+        if info is not None and _names_only(info):
             redacted = redacted.replace("***@", f"{info}@", 1)
         shown.append(redacted)
     return ",".join(shown)
@@ -102,10 +107,19 @@ def _written(name: str, text: str) -> str:
     if name in DATABASE_URLS:
         shown = redact_url(text)  # the user name stays, as everywhere a database is shown
         user, colon, password = (without_user_info(text)[1] or "").partition(":")
-        if colon and _REFERENCES_ONLY.fullmatch(password):
+        if colon and _names_only(password):
             shown = shown.replace(f"{user}:***@", f"{user}:{password}@", 1)
         return shown
     return text
+
+
+def _hides(name: str, shown: object, secret: bool) -> bool:
+    """Whether a message about key ``name`` hides ``shown`` as a secret: a secret URL written
+    with ${NAME} references is shown as :func:`_written` makes it (the references say where
+    it comes from, its literal user info is out); any other secret only as references alone
+    (:func:`_shown`)."""
+    url = name in URLS or name in DATABASE_URLS
+    return secret and not (url and isinstance(shown, str) and "${" in shown)
 
 
 def _join(table: str, key: str) -> str:
@@ -169,7 +183,7 @@ class Reader:
         result: Any
         if hint in _SCALARS:
             kind, expected = _SCALARS[hint]
-            if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+            if _beyond_int64(value):
                 raise self.error(key, value, _BEYOND_INT64, secret=secret)
             # TOML's true is not 1, although Python's bool is an int; an integer is a fine float.
             if (
@@ -182,7 +196,7 @@ class Reader:
             result = float(value) if hint is float else value
         elif hint == tuple[float, ...]:
             for i, item in enumerate(value if isinstance(value, list) else []):
-                if isinstance(item, int) and not isinstance(item, bool) and item not in _INT64:
+                if _beyond_int64(item):
                     raise self.error(f"{key}[{i}]", item, _BEYOND_INT64, secret=secret)
             if not isinstance(value, list) or not all(
                 isinstance(item, int | float) and not isinstance(item, bool) and math.isfinite(item)
@@ -210,10 +224,7 @@ class Reader:
                 shown = redact_servers(shown)
             elif isinstance(shown, str):
                 shown = _written(name, shown)
-            # A secret URL with references is shown as _written makes it (the references
-            # show where it comes from); one without, not at all, as before.
-            written = name in (URLS | DATABASE_URLS) and isinstance(shown, str) and "${" in shown
-            raise self.error(key, shown, expected, secret=secret and not written)
+            raise self.error(key, shown, expected, secret=_hides(name, shown, secret))
         return result
 
     def text(self, key: str, value: object, secret: bool, name: str = "") -> str:
@@ -221,9 +232,7 @@ class Reader:
         ``name`` is the key's without its index, for the way a message shows it."""
         if not isinstance(value, str):
             raise self.error(key, value, "a string", secret=secret)
-        # A URL is shown as _written makes it, its secrets out; any other secret as
-        # references alone, or hidden.
-        hidden = secret and name not in URLS and name not in DATABASE_URLS
+        hidden = _hides(name, value, secret)
         if "${" in REFERENCE.sub("", value):
             # A malformed reference is a typo, not text to pass on verbatim.
             expected = "${NAME} references, NAME made of letters, digits and '_'"
