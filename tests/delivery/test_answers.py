@@ -6,6 +6,7 @@ import html
 import json
 
 import pytest
+from helpers import message_body
 
 from gateway.delivery.answers import EXCERPT_CHARS, kept_answer, personal_values, shown_answer
 
@@ -125,27 +126,7 @@ def test_an_html_page_that_echoes_the_text_with_character_references_is_not_kept
     as &#x27;, other characters as &#224;): in this text one stands in every block the echo
     check looks for, and the page is still found to repeat it."""
     text = "d'à d'é d'è d'ù d'ç d'ô d'ê d'î d'û d'ë"
-    body = json.dumps(
-        {
-            "object": "whatsapp_business_account",
-            "entry": [
-                {
-                    "id": "102290129340398",
-                    "changes": [
-                        {
-                            "field": "messages",
-                            "value": {
-                                "messages": [
-                                    {"from": "16505551234", "type": "text", "text": {"body": text}}
-                                ]
-                            },
-                        }
-                    ],
-                }
-            ],
-        },
-        ensure_ascii=True,
-    ).encode()
+    body = message_body(text)
     page = html.escape(text).encode("ascii", "xmlcharrefreplace")
     assert text.encode() not in page
     answer = b"<html><body><p>Unknown command: " + page + b"</p></body></html>"

@@ -290,17 +290,24 @@ async def test_connection_broken_mid_batch_fails_only_the_unanswered(
         assert server.connections == 1
 
 
+def _answers_one_then_falls_silent(silent_s: float) -> Handler:
+    """A target that answers the first request (with the status its body names), then says
+    nothing for ``silent_s``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await read_message(reader)
+        writer.write(_status_of(body))
+        await writer.drain()
+        await asyncio.sleep(silent_s)
+
+    return handler
+
+
 async def test_each_response_has_its_own_timeout(upstream_to: UpstreamTo) -> None:
     """The first request is answered, then the target falls silent: the answered one keeps its
     response, the others time out, and the connection is not reused."""
 
-    async def answers_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, body = await read_message(reader)
-        writer.write(_status_of(body))
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    async with Server(answers_one) as server:
+    async with Server(_answers_one_then_falls_silent(5)) as server:
         upstream = upstream_to(server.port)
         answers = await upstream.post_many([({}, b"200"), ({}, b"201"), ({}, b"202")], 0.3)
         assert isinstance(answers[0], Response)
@@ -329,13 +336,7 @@ async def test_answers_given_up_on_leave_no_error_unretrieved(upstream_to: Upstr
     """A batch whose later answers are given up on (a timeout, then the connection's end)
     leaves no "Future exception was never retrieved" in the log."""
 
-    async def answers_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _, body = await read_message(reader)
-        writer.write(_status_of(body))
-        await writer.drain()
-        await asyncio.sleep(0.5)
-
-    async with Server(answers_one) as server:
+    async with Server(_answers_one_then_falls_silent(0.5)) as server:
         upstream = upstream_to(server.port)
 
         async def batch() -> None:

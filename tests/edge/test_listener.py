@@ -263,15 +263,21 @@ async def test_head_over_the_limit_gets_431_and_is_closed(client: Client) -> Non
 
 async def test_header_line_that_never_ends_gets_431_and_is_closed(client: Client) -> None:
     """A header value sent 8 KB at a time without a line end is cut off past the head limit."""
-    await client.send(f"GET {PATH} HTTP/1.1\r\nX-Endless: ".encode())
+    assert (await _endless_line(client, f"GET {PATH} HTTP/1.1\r\nX-Endless: ".encode())) == 431
+    assert await client.closed()
+
+
+async def _endless_line(client: Client, start: bytes) -> int:
+    """Send ``start``, then a line that never ends, 8 KB per read, until the gateway answers;
+    the answer's status."""
+    await client.send(start)
     answer = asyncio.create_task(client.reply())
     for _ in range(40):  # 320 KB at most; the limit is 64 KiB
         if answer.done():
             break
         await client.send(b"y" * 8192)
-        await asyncio.sleep(0.005)  # separate reads: each one continues the same head
-    assert (await answer).status == 431
-    assert await client.closed()
+        await asyncio.sleep(0.005)  # separate reads: each one continues the same line
+    return (await answer).status
 
 
 async def test_announced_body_over_the_limit_gets_413_before_it_is_sent(
@@ -636,20 +642,12 @@ async def test_trailer_line_that_never_ends_gets_431_and_is_closed(client: Clien
     head is: a trailer field sent 8 KB at a time without a line end is cut off past 64 KiB,
     not kept (and copied whole on every read) until the request times out."""
     body = message_body("before an endless trailer")
-    await client.send(
+    head = (
         f"POST {PATH} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
-        f"X-Hub-Signature-256: {meta_signature(body)}\r\n\r\n".encode()
-        + b"%x\r\n" % len(body)
-        + body
-        + b"\r\n0\r\nX-Endless: "
-    )
-    answer = asyncio.create_task(client.reply())
-    for _ in range(40):  # 320 KB at most; the limit is 64 KiB
-        if answer.done():
-            break
-        await client.send(b"y" * 8192)
-        await asyncio.sleep(0.005)  # separate reads: each one continues the same trailer
-    assert (await answer).status == 431
+        f"X-Hub-Signature-256: {meta_signature(body)}\r\n\r\n"
+    ).encode()
+    chunks = b"%x\r\n" % len(body) + body + b"\r\n0\r\n"
+    assert await _endless_line(client, head + chunks + b"X-Endless: ") == 431
     assert await client.closed()
 
 
