@@ -202,6 +202,7 @@ class Http1:
         self._expect_continue = False
         self._other_coding = False  # a transfer coding other than chunked
         self._transfer_coded = False  # a Transfer-Encoding header, chunked or not
+        self._hosts = 0  # the Host header lines of its head
         # The refusal of a content coding other than identity, once the head is complete.
         self._content_coding: UnsupportedMediaType | None = None
         self._head_bytes = 0  # its header lines, as parsed
@@ -231,7 +232,19 @@ class Http1:
                 raise
             return events
         except httptools.HttpParserUpgrade:
-            self._refuse(BadRequest("protocol upgrades are not supported"))
+            # llhttp completes a request that asks for another protocol without reading its
+            # body (the bytes after its head belong to that protocol), then stops. The gateway
+            # speaks none but HTTP/1.1, so that request gets one answer, this refusal, rather
+            # than an answer to a bodiless copy of it followed by a second one (RFC 9112, 9.3:
+            # one response per request, in order). Requests before it in the read stand.
+            refusal = BadRequest("protocol upgrades are not supported")
+            upgraded = events[-1] if events else None
+            if isinstance(upgraded, Request):
+                events[-1] = Refusal(refusal, upgraded.started, upgraded.method)
+                self._request = None
+                self.state = State.DONE
+            else:
+                self._refuse(refusal)
             return events
         except httptools.HttpParserError:
             # Also what llhttp says of bytes after a request that closes: ignored once DONE.
@@ -303,6 +316,7 @@ class Http1:
         self._expect_continue = self._other_coding = self._transfer_coded = False
         self._in_trailers = False
         self._content_coding = None
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         request = self._current()
@@ -336,6 +350,8 @@ class Http1:
             request.traceparent = value.decode("latin-1")
         elif name == b"content-length":
             self._content_length = int(value)  # the parser has checked it is digits
+        elif name == b"host":
+            self._hosts += 1
         elif name == b"expect":
             self._expect_continue = value.lower() == b"100-continue"
         elif name == b"transfer-encoding":
@@ -363,6 +379,13 @@ class Http1:
             # HTTP/0.9 and 2.0 parse too; neither is spoken here (RFC 9110, 15.6.6).
             raise self._stop(VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1"))
         request.method = self._parser.get_method()
+        # RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header
+        # and to any request with more than one; two hops that each take a different one of
+        # two Host lines would disagree about where the request was going.
+        if self._hosts > 1:
+            raise self._stop(BadRequest("more than one Host header"))
+        if self._hosts == 0 and version == "1.1":
+            raise self._stop(BadRequest("HTTP/1.1 request without a Host header"))
         # An HTTP/1.0 message with Transfer-Encoding is framed faultily: it is read, answered
         # and the connection closed (RFC 9112, 6.1), whatever its Connection header asks;
         # llhttp would keep it open, and an HTTP/1.0 hop in front reads the rest differently.

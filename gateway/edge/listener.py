@@ -162,6 +162,10 @@ class _Connection(asyncio.Protocol):
         self._identity_error: Rejected | None = None
         self._queue: deque[Request | Refusal] = deque()  # received, waiting their turn
         self._in_flight = False
+        # 100 Continue for the request being received, held until the answers owed before it
+        # are written (RFC 9112, 9.3.2: responses go in the order of their requests); dropped
+        # once that request is complete or refused, since then its final answer is what comes.
+        self._continue_owed = False
         self._paused: set[_Pause] = set()
         self._stalled_since = 0.0  # when the write buffer last went over its high-water mark
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
@@ -225,15 +229,19 @@ class _Connection(asyncio.Protocol):
         # request's first byte starts the request timeout instead (Http1.receiving_since).
         for event in self._http.feed(data, time.monotonic()):
             if isinstance(event, Request):
+                self._continue_owed = False
                 self._queue.append(event)
                 if len(self._queue) > MAX_QUEUED:
                     self._pause(_Pause.QUEUE_FULL)
                 self._pump()
             elif isinstance(event, Refusal):
+                self._continue_owed = False
                 self._queue.append(event)
                 self._pump()
             elif not self._in_flight and not self._queue:  # Continue, if no answer is owed
                 self._write(CONTINUE_LINE)
+            else:
+                self._continue_owed = True  # after the answers owed before it (_pump)
 
     def pause_writing(self) -> None:
         # Reading more would only queue more answers the peer does not take: stop both until
@@ -273,6 +281,9 @@ class _Connection(asyncio.Protocol):
             and not self._transport.is_closing()
         ):
             self._start(self._queue.popleft())
+        if self._continue_owed and not self._in_flight and not self._queue:
+            self._continue_owed = False
+            self._write(CONTINUE_LINE)
         if self._paused and _Pause.QUEUE_FULL in self._paused and len(self._queue) <= MAX_QUEUED:
             self._resume(_Pause.QUEUE_FULL)
 

@@ -73,7 +73,7 @@ def _kind(kind: str, index: int) -> tuple[bytes, list[Seen], bool]:
     if kind == "handshake":
         return get + b"\r\n", [("request", b"GET", url, None, True, b"")], False
     if kind == "head":
-        request = b"HEAD %s HTTP/1.1\r\n\r\n" % url
+        request = b"HEAD %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % url
         return request, [("request", b"HEAD", url, None, True, b"")], False
     if kind == "blank":  # RFC 9112, 2.2: empty lines before a request are ignored
         return b"\r\n", [], False
@@ -112,9 +112,22 @@ def _kind(kind: str, index: int) -> tuple[bytes, list[Seen], bool]:
         return b"GET /webhook HTTP/2.0\r\n\r\n", [("refusal", 505)], True
     if kind == "malformed":
         return b"NOT HTTP AT ALL\r\n\r\n", [("refusal", 400)], True
-    assert kind == "upgrade"  # answered as a request, then refused: no protocol switch
+    if kind == "no_host":  # RFC 9112, 3.2: an HTTP/1.1 request must name its host
+        return _post(body).replace(b"Host: localhost\r\n", b""), [("refusal", 400)], True
+    if kind == "two_hosts":  # and only once
+        return _post(body, extra="Host: elsewhere\r\n"), [("refusal", 400)], True
+    if kind == "http10_no_host":  # HTTP/1.0 had no Host header: none is asked of it
+        request = _post(body, version="1.0").replace(b"Host: localhost\r\n", b"")
+        return request, [(*post[:4], False, body)], True
+    if kind == "upgrade_post":  # one answer, the refusal: never one to the body left unread
+        return (
+            _post(body, extra="Connection: Upgrade\r\nUpgrade: h2c\r\n"),
+            [("refusal", 400)],
+            True,
+        )
+    assert kind == "upgrade"  # refused, and answered once: no protocol switch
     request = get + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-    return request, [("request", b"GET", url, None, True, b""), ("refusal", 400)], True
+    return request, [("refusal", 400)], True
 
 
 KINDS = (
@@ -136,6 +149,10 @@ KINDS = (
     "coding",
     "version",
     "malformed",
+    "no_host",
+    "two_hosts",
+    "http10_no_host",
+    "upgrade_post",
     "upgrade",
 )
 
@@ -274,7 +291,7 @@ def test_a_request_too_slow_is_refused_with_its_start_and_method_kept() -> None:
     assert http.receiving_since is None
     http.feed(b"\r\n", 1.0)
     assert http.receiving_since is None, "empty lines start no request"
-    http.feed(b"POST /webhook HTTP/1.1\r\nContent-Length: 10\r\n\r\n{", 2.0)
+    http.feed(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{", 2.0)
     assert http.state is State.BODY
     assert http.receiving_since == 2.0
     refusal = http.refuse(RequestTimeout("request not received in time"), 9.0)
@@ -290,8 +307,12 @@ def test_a_request_too_slow_is_refused_with_its_start_and_method_kept() -> None:
         pytest.param(b"", State.IDLE, id="nothing"),
         pytest.param(b"\r\n", State.IDLE, id="an empty line"),
         pytest.param(b"GET /webhook HT", State.HEAD, id="a request line"),
-        pytest.param(b"POST /webhook HTTP/1.1\r\nContent-Length: 3\r\n\r\n", State.BODY, id="head"),
-        pytest.param(b"GET /webhook HTTP/1.1\r\n\r\n", State.IDLE, id="a request, keep-alive"),
+        pytest.param(
+            b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n", State.BODY, id="head"
+        ),
+        pytest.param(
+            b"GET /webhook HTTP/1.1\r\nHost: x\r\n\r\n", State.IDLE, id="a request, keep-alive"
+        ),
         pytest.param(b"GET /webhook HTTP/1.0\r\n\r\n", State.DONE, id="a request, close"),
         pytest.param(b"\x16\x03\x01", State.DONE, id="refused"),
     ],

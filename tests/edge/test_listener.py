@@ -303,6 +303,45 @@ async def test_expect_100_continue_is_answered_before_the_body(client: Client) -
     assert (await client.reply()).status == 200
 
 
+async def test_expect_100_continue_behind_a_pipelined_request_comes_after_its_answer(
+    client: Client,
+) -> None:
+    """A request waiting for 100 behind one not yet answered gets it once that answer is
+    written, not never (the client would wait out its own timer before sending the body)."""
+    first, second = message_body("first in line"), message_body("waits for 100")
+    request = post(second, extra="Expect: 100-continue\r\n")
+    head, _, _ = request.partition(b"\r\n\r\n")
+    await client.send(post(first) + head + b"\r\n\r\n")
+    async with asyncio.timeout(2):
+        assert [(await client.reply()).status for _ in range(2)] == [200, 100]
+    await client.send(second)
+    assert (await client.reply()).status == 200
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "reason"),
+    [
+        (post(b"{}").replace(b"Host: localhost\r\n", b""), b"without a Host header"),
+        (post(b"{}", extra="Host: elsewhere\r\n"), b"more than one Host header"),
+        (
+            post(b"{}", extra="Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+            b"protocol upgrades are not supported",
+        ),
+    ],
+    ids=["no host", "two hosts", "upgrade"],
+)
+async def test_a_request_the_gateway_cannot_take_gets_one_400_and_is_closed(
+    client: Client, request_bytes: bytes, reason: bytes
+) -> None:
+    """RFC 9112, 3.2 (Host exactly once in HTTP/1.1) and no protocol switch: one answer, the
+    400, never an answer to the request as well."""
+    await client.send(request_bytes)
+    answer = await client.reply()
+    assert (answer.status, answer.headers["connection"]) == (400, "close")
+    assert reason in answer.body
+    assert await client.closed(), "nothing after the 400"
+
+
 @pytest.mark.parametrize(
     ("kind", "head", "status"),
     [
