@@ -72,10 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # import, a third of a second: ignored from here until serving installs its own
         # handler (gateway.runtime.process, gateway.runtime.workers).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
+        # Ctrl-C while the commands' modules import (a second on a slow machine) is a stop
+        # asked for, as it is later: exit 130 as a shell would, with no traceback.
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except GraphError as exc:
         print(f"error: {exc}", file=sys.stderr)

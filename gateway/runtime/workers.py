@@ -12,17 +12,19 @@ into one metrics folder the supervisor makes and removes, so worker 0's ``/metri
 gateway's (:mod:`gateway.admin.stats`).
 
 Signals: SIGTERM/SIGINT to the supervisor are passed to every worker, which shut down as a single
-process would; the supervisor waits for them and exits 0. SIGHUP is ignored while the workers start
-(by default it would end them half-started). Workers ask the kernel to send them SIGTERM if the
-supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a SIGKILL. Each worker tells
-the supervisor, over a pipe of its own, once it serves, or the one-line reason it cannot (an
-unreachable database, an outbox it cannot write): the supervisor then stops the others and raises
-that reason, so `serve` says it and exits 2 as a lone gateway would; it logs "started N workers"
-only once all serve. If a worker dies on its own later, the supervisor stops the others and exits 1:
-a half-running gateway is worse than a restart by the service manager. SIGHUP to the supervisor is
-passed to every worker, and each reloads (:meth:`gateway.runtime.gateway.Gateway.reload`); a reload
-asked of worker 0 through the admin API or its file watcher reaches the others through the
-supervisor (SIGUSR1 from worker 0: "reload the others").
+process would; the supervisor waits for them and exits 0. SIGHUP and SIGINT are ignored while the
+workers start (SIGHUP would end one half-started, SIGINT raise a traceback from its imports: a
+Ctrl-C reaches the whole process group, and the supervisor stops them). Workers ask the kernel to
+send them SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so none is left behind even after a
+SIGKILL. Each worker tells the supervisor, over a pipe of its own, once it serves, or the one-line
+reason it cannot (an unreachable database, an outbox it cannot write): the supervisor then stops the
+others and raises that reason, so `serve` says it and exits 2 as a lone gateway would; it logs
+"started N workers" only once all serve. If a worker dies on its own later, the supervisor stops the
+others and exits 1: a half-running gateway is worse than a restart by the service manager. SIGHUP to
+the supervisor is passed to every worker, and each reloads
+(:meth:`gateway.runtime.gateway.Gateway.reload`); a reload asked of worker 0 through the admin API
+or its file watcher reaches the others through the supervisor (SIGUSR1 from worker 0: "reload the
+others").
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -129,9 +132,11 @@ def _worker(
 ) -> None:
     """One worker: ``report`` hears ``None`` once it serves, or the one-line reason it cannot
     start (the supervisor says it, as a lone gateway would, instead of a worker's traceback)."""
-    # Spawned with SIGHUP blocked (see _supervise): take it again, still ignored until the
-    # gateway's handler is in place.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    # Spawned with SIGHUP and SIGINT blocked and ignored (see _supervise): take them again,
+    # still ignored until the gateway's handlers are in place. A Ctrl-C meanwhile is the
+    # supervisor's to act on (it reaches the whole process group): here it would be a
+    # KeyboardInterrupt's traceback from the middle of an import.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGINT})
     _die_with_parent(supervisor)
     setup_logging(config.log_level, config.log_format)
     role = Role(
@@ -262,10 +267,20 @@ def _supervise(
     # cannot end one before its own handler is in place (gateway.runtime.process.run). Blocked
     # meanwhile here, so that one arriving now waits (Linux keeps a blocked signal pending even
     # while ignored) for the handler below instead of being lost.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    if signal.SIGHUP in signal.sigpending():
+    # SIGINT the same: a worker's Python raises KeyboardInterrupt from its start (a traceback
+    # from the middle of an import) unless it inherits SIGINT ignored; this process notes
+    # a Ctrl-C that comes meanwhile and stops once they are spawned. multiprocessing starts
+    # its resource tracker at the first spawn with SIGINT blocked and then unblocks it,
+    # which here would let a Ctrl-C meet SIG_IGN and be lost: it is started before.
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGINT})
+    pending = signal.sigpending()
+    if signal.SIGHUP in pending:
         reloads.set()  # setting SIG_IGN discards a pending signal: note it first
+    if signal.SIGINT in pending:
+        stopping.set()
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     previous[_RELOAD_OTHERS] = signal.signal(_RELOAD_OTHERS, forward)
     previous_env = os.environ.get(MULTIPROCESS_ENV)
     os.environ[MULTIPROCESS_ENV] = str(metrics_dir)
@@ -294,7 +309,8 @@ def _supervise(
         # Reloads are passed on from now. A worker still starting may ignore one (until its
         # handler is in place), so once all serve, every worker is asked again.
         signal.signal(signal.SIGHUP, forward)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        signal.signal(signal.SIGINT, on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGINT})
         if not _started(workers, reports, stopping):
             return 0  # a signal came first
         log.info("started %d workers", len(workers))
@@ -309,7 +325,7 @@ def _supervise(
                 break
         return 1 if failed else 0
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGINT})
         for report in reports:
             report.close()
         for process in workers:
