@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -29,6 +30,24 @@ async def _open(args: argparse.Namespace) -> Outbox:
     return await open_outbox(config_from_args(args).outbox, create=False, dispatching=False)
 
 
+def _given(name: str, value: str) -> str:
+    """``value``, the command line's argument ``name``, if it is UTF-8 text; otherwise the
+    usage error that names it.
+
+    argv is bytes, and Python decodes bytes that are not UTF-8 into lone surrogates (PEP 383).
+    No outbox holds a name spelled so, and neither driver can even send one: handed on, such a
+    value fails inside the outbox, with a message that blames the outbox for a mistyped
+    argument. So every argument that is free text is checked here, before the outbox is opened;
+    a path (``--config``) may be any bytes, and is not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # The bytes as given, the undecodable ones escaped (\xff): printable on any terminal.
+        shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+        raise GatewayError(f"{name}: '{shown}' is not UTF-8 text") from None
+    return value
+
+
 def _with_outbox(args: argparse.Namespace, work: Callable[[Outbox], Awaitable[T]]) -> T:
     async def run() -> T:
         outbox = await _open(args)
@@ -48,6 +67,8 @@ def _row(d: Delivery) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.target is not None:
+        _given("--target", args.target)
     state, target, limit = parse_query(
         {k: v for k, v in (("state", args.state), ("target", args.target)) if v}
         | {"limit": str(args.limit)}
@@ -67,6 +88,8 @@ def _when(seconds: float) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
+    _given("ID", args.id)
+
     async def read(outbox: Outbox) -> tuple[Delivery | None, list[AttemptRecord]]:
         return await outbox.get(args.id), await outbox.attempts(args.id)
 
@@ -105,6 +128,13 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    # All of them before any delivery is replayed: a bad one later in the list must not leave
+    # the command half done.
+    for delivery_id in args.ids:
+        _given("ID", delivery_id)
+    for name, value in (("--target", args.target), ("--since", args.since)):
+        if value is not None:
+            _given(name, value)
     if args.ids and args.state:
         raise GatewayError("give delivery ids or --state, not both")
     if not args.ids and not args.state:
@@ -142,7 +172,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _purge(args: argparse.Namespace) -> int:
     try:
-        age = parse_age(args.older_than)
+        age = parse_age(_given("--older-than", args.older_than))
     except ValueError as exc:
         raise GatewayError(f"--older-than: {exc}") from None
     count = _with_outbox(args, lambda o: o.purge_dead(time.time() - age))

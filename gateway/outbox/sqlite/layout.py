@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.errors import OutboxError
+from gateway.outbox.sqlite import sidecars
 
 __all__ = ["connect", "describe", "open_store", "read_prefix"]
 
@@ -313,6 +314,13 @@ def describe(path: Path) -> str:
     """What ``waba-gateway check`` says about the outbox file, which it opens read-only and
     leaves as it is: whether it exists (or can be made), its layout, SQLite's structural check
     and its deliveries by state. Raises OutboxError for what ``serve`` would refuse."""
+    # Read-only, SQLite still makes a -wal and -shm beside a WAL file to read it, and cannot
+    # remove them: whoever runs `check` would own them (see sidecars).
+    with sidecars.as_found(path):
+        return _describe(path)
+
+
+def _describe(path: Path) -> str:
     where = f"outbox file {path}"
     if not path.exists():
         folder = next(parent for parent in path.parents if parent.exists())

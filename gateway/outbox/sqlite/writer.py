@@ -582,8 +582,34 @@ class Writer:
                     self._busy.set(conn, self._busy.full_ms)
                     self._read(conn, group)
                     return
-                results = [(None, OutboxError(f"outbox read failed: {exc}"))] * len(group)
+                if len(group) == 1 or isinstance(exc, _GroupFailed) or _is_busy_failure(exc):
+                    # The transaction failed, or a lock held elsewhere outlasted the full busy
+                    # timeout: every read would meet that again alone, each after the same wait.
+                    results = [(None, OutboxError(f"outbox read failed: {exc}"))] * len(group)
+                else:
+                    results = self._each_alone(conn, group)
         self._answer(group, results)
+
+    def _each_alone(
+        self, conn: sqlite3.Connection, group: list[_Job]
+    ) -> list[tuple[Any, BaseException | None]]:
+        """After one read of ``group`` raised (a value the driver cannot bind, say): each read
+        in a read transaction of its own, so that only the faulty one fails. As for a write
+        group (see :meth:`_commit`), and only on this path: the common one stays a single
+        transaction for the group. A read writes nothing, so running it again is safe."""
+        results: list[tuple[Any, BaseException | None]] = []
+        for index, job in enumerate(group):
+            try:
+                results.append((_transaction(conn, [job], None, self._busy)[0], None))
+            except Exception as exc:
+                error = OutboxError(f"outbox read failed: {exc}")
+                if isinstance(exc, _GroupFailed) or _is_busy_failure(exc):
+                    # Not this read's own fault: those left would meet it too, one after
+                    # another, so they fail with it now.
+                    results.extend([(None, error)] * (len(group) - index))
+                    break
+                results.append((None, error))
+        return results
 
     def _commit(self, conn: sqlite3.Connection, lock: int, group: list[_Job]) -> None:
         results: list[tuple[Any, BaseException | None]]
