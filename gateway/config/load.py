@@ -10,13 +10,24 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from gateway.config.model import DEFAULT_CONFIG_PATH, AdminConfig, Config
 from gateway.config.reader import Reader
 from gateway.config.sections import ConfigReader
 from gateway.errors import ConfigError
 
-__all__ = ["default_config_path", "load_admin_config", "load_config"]
+__all__ = ["MAX_NESTING", "default_config_path", "load_admin_config", "load_config"]
+
+# How deep arrays and tables may nest in a configuration file. TOML sets no limit, but tomllib
+# parses an array or inline table by recursive descent, two or three Python frames a level, and
+# a file nested a few hundred levels deep ends it in RecursionError; tables written as dotted
+# keys or headers it builds without recursion, however deep, and repr() of such a value (an error
+# message shows one) recurses in turn. The schema goes three levels down (targets[0].fields: an
+# array of tables, a table, an array); 32 is room for any mistake, and far from the recursion
+# limit wherever a load starts (a reload runs inside a request handler).
+MAX_NESTING = 32
+_TOO_DEEP = f"arrays and tables nested more than {MAX_NESTING} levels deep"
 
 
 def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -36,9 +47,10 @@ def _toml_problem(exc: ValueError) -> str:
 def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
     """Read, expand ``${ENV}``, validate and freeze the TOML file at ``path``.
 
-    Raises :class:`~gateway.errors.ConfigError` for an unreadable file, invalid TOML, an unknown
-    table or key, a wrong type, a value out of range or an unset environment variable. It does not
-    open the certificate, key, CA or CRL files; building the TLS context does that.
+    Raises :class:`~gateway.errors.ConfigError` for an unreadable file, invalid TOML, arrays or
+    tables nested deeper than :data:`MAX_NESTING` levels, an unknown table or key, a wrong type,
+    a value out of range or an unset environment variable. It does not open the certificate,
+    key, CA or CRL files; building the TLS context does that.
     """
     try:
         with path.open("rb") as file:
@@ -47,6 +59,9 @@ def load_config(path: Path, env: Mapping[str, str] = os.environ) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except ValueError as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors too
         raise ConfigError(f"{path}: invalid TOML: {_toml_problem(exc)}") from exc
+    except RecursionError:  # see MAX_NESTING; its traceback, the parser's frames, tells nothing
+        raise ConfigError(f"{path}: {_TOO_DEEP}") from None
+    _check_nesting(path, data)
     return ConfigReader(path, env).config(data)
 
 
@@ -67,13 +82,43 @@ def load_admin_config(path: Path, env: Mapping[str, str] = os.environ) -> AdminC
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     try:
         data = tomllib.loads(text)
-    except ValueError:  # TOMLDecodeError, or int()'s for an integer of over 4300 digits
+    except (ValueError, RecursionError):  # TOMLDecodeError, int()'s, nesting (MAX_NESTING)
         # Invalid elsewhere, perhaps: read the [admin] table's own lines alone.
         try:
             data = tomllib.loads(_admin_lines(text))
         except ValueError as exc:
             raise ConfigError(f"{path}: invalid TOML in [admin]: {_toml_problem(exc)}") from exc
-    return Reader(path, env).section("admin", "admin", data.get("admin", {}), AdminConfig)
+        except RecursionError:
+            raise ConfigError(f"{path}: {_TOO_DEEP} in [admin]") from None
+    admin = data.get("admin", {})
+    _check_nesting(path, {"admin": admin})  # only [admin]: the rest may be what the gateway refuses
+    return Reader(path, env).section("admin", "admin", admin, AdminConfig)
+
+
+def _check_nesting(path: Path, data: dict[str, Any]) -> None:
+    """Refuse arrays and tables nested deeper than :data:`MAX_NESTING` levels (the document's
+    own tables are level 1), naming the key as other messages name one: a table's name, an index
+    into an array of tables, a key (``listen.host``, ``targets[0].fields``). The walk keeps its
+    own stack, not Python's."""
+    # (value, its level, its key as a message names it, how much of that key is written: 0
+    # nothing, 1 a table's name, 2 that and an index, 3 all of it)
+    pending: list[tuple[dict[str, Any] | list[Any], int, str, int]] = [(data, 0, "", 0)]
+    while pending:
+        value, level, key, written = pending.pop()
+        if level > MAX_NESTING:
+            raise ConfigError(f"{path}: {key}: {_TOO_DEEP}")
+        steps = value.items() if isinstance(value, dict) else enumerate(value)
+        for step, item in steps:
+            if not isinstance(item, dict | list):
+                continue
+            if written == 0:
+                pending.append((item, level + 1, str(step), 1))
+            elif written == 1 and isinstance(step, int):
+                pending.append((item, level + 1, f"{key}[{step}]", 2))
+            elif written < 3 and isinstance(step, str):
+                pending.append((item, level + 1, f"{key}.{step}", 3))
+            else:
+                pending.append((item, level + 1, key, 3))
 
 
 _TABLE_HEADER = re.compile(r"^\s*\[")

@@ -3,7 +3,8 @@ host names, fingerprints; and which keys hold secrets.
 
 Rule: pure predicates and tables, keyed by the key's name without its index
 (``targets.url``); :class:`.reader.Reader` applies them and words the error. A count must be
->= 1 and a duration > 0 unless :data:`RULES` says otherwise.
+>= 1 unless :data:`RULES` says otherwise; every number key (a duration, a rate) has its range
+there.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from urllib.parse import urlsplit
 __all__ = [
     "DATABASE_URLS",
     "DEFAULT_RULES",
+    "FEWEST_PER_S",
     "KIND_EXTRAS",
     "KIND_KEYS",
     "KIND_SCHEMES",
+    "LONGEST_BUSY_TIMEOUT_S",
+    "LONGEST_S",
+    "MOST_PER_S",
+    "MOST_WAIT_EXP_BASE",
     "REDIS_SENDER_OPTIONS",
     "RULES",
     "SECRETS",
+    "SHORTEST_TIMER_S",
     "URLS",
     "Rule",
     "admin_exposure",
@@ -33,6 +40,7 @@ __all__ = [
     "is_loopback",
     "is_nats_subject",
     "is_server_url",
+    "is_target_name",
     "redis_url_refusal",
 ]
 
@@ -227,6 +235,70 @@ def _is_postgres_url(text: str) -> bool:
     return parts.scheme in ("postgresql", "postgres") and not any(c.isspace() for c in text)
 
 
+def is_target_name(text: str) -> bool:
+    """A target's name, as every place that shows or addresses one can carry it: the admin
+    API's and console's paths and queries, metric labels, JSON logs and the console's pages.
+
+    - Printable (:meth:`str.isprintable`): a control character breaks a log line or fakes
+      another, and a format character such as U+202E reorders it on screen. What it refuses is
+      also what ``repr()`` escapes, so every message shows the name as it is.
+    - No white space at either end: ``a`` and ``a `` would be two targets that look like one.
+    - No ``/``: the console's paths carry the name as one segment (``/console/targets/NAME/
+      replay-dead``), and a proxy in front of the admin listener may decode ``%2F`` into a
+      separator.
+    - No ``{`` or ``}``: aiohttp matches such a segment with ``[^{}/]+``, so a name with a brace
+      has no path that reaches it.
+    - Not ``.`` or ``..``: a browser removes them as dot-segments (RFC 3986 section 5.2.4)
+      before the request leaves it.
+    """
+    return (
+        text.isprintable()
+        and text == text.strip()
+        and not any(char in "/{}" for char in text)
+        and text not in (".", "..")
+    )
+
+
+# The range of a duration (a key ending in _s), in seconds. The longest, 1e9 s (about 31.7
+# years), is longer than any wait means anything (a Retry-After is read as at most as long, in
+# gateway.delivery.backoff), and below the first value something downstream refuses: a Redis
+# target's timeout_s becomes its sockets' timeout, and socket.settimeout() raises OverflowError
+# past about 9.2e9 s (nanoseconds in 64 bits).
+LONGEST_S = 1e9
+# The shortest timeout, interval or lease, 10 ms. uvloop's timers count whole milliseconds and
+# round a delay under half of one to none, and a timer of 0 ms fires at every turn of the loop:
+# a poll, a file check or a sweep that keeps a CPU busy for ever. Some of these keys are divided
+# first (a lease renewed every lease_s / 3, connections swept every quarter of the shorter
+# listener timeout); 10 ms keeps each such timer at 2.5 ms or more. SQLite's busy timeout, in
+# whole milliseconds too, would be none below 1 ms. A span only compared with time stamps (a
+# window, a retention, an age) is never waited for: any positive one works.
+SHORTEST_TIMER_S = 0.01
+# sqlite3 hands SQLite its busy timeout in milliseconds, as a C int: one millisecond more and
+# the connection is left with no busy timeout at all, and a locked file fails at once.
+LONGEST_BUSY_TIMEOUT_S = (2**31 - 1) / 1000
+# Deliveries per second. At most 1e9: the PostgreSQL outbox refills a target's bucket by the
+# seconds elapsed times the rate, in float8, where PostgreSQL raises "value out of range:
+# overflow" rather than reach infinity (a rate of 1e308 failed every claim). No target takes a
+# billion a second; no limit at all is the key left out. At least one delivery per LONGEST_S.
+MOST_PER_S = 1e9
+FEWEST_PER_S = 1 / LONGEST_S
+# The backoff raises the base to the 64th power at most (gateway.delivery.backoff), and a float
+# power past 1.8e308 raises OverflowError, as 65536.0 ** 64 does; 1000 ** 64 is 1e192. A base of
+# 1000 already makes each wait a thousand times the one before.
+MOST_WAIT_EXP_BASE = 1000.0
+
+
+def _within(low: float, high: float, expected: str) -> Rule:
+    return (lambda value: low <= value <= high, expected)
+
+
+_TIMER = _within(SHORTEST_TIMER_S, LONGEST_S, "a number from 0.01 to 1e9 (10 ms to about 31 years)")
+_SPAN: Rule = (
+    lambda value: 0 < value <= LONGEST_S,
+    "a number > 0 and at most 1e9 (about 31 years)",
+)
+_WAIT = _within(0, LONGEST_S, "a number from 0 to 1e9 (about 31 years)")
+
 DEFAULT_RULES: dict[object, Rule] = {
     int: (lambda value: value >= 1, "an integer >= 1"),
     float: (lambda value: value > 0, "a number > 0"),
@@ -235,15 +307,27 @@ _NON_EMPTY: Rule = (bool, "a non-empty list of strings")
 RULES: dict[str, Rule] = {
     "listen.port": (lambda value: 1 <= value <= 65535, "an integer from 1 to 65535"),
     "listen.path": (lambda value: value.startswith("/"), "a path starting with '/'"),
+    "listen.idle_timeout_s": _TIMER,
+    "listen.request_timeout_s": _TIMER,
     "tls.client_cn": _NON_EMPTY,
     "tls.session_tickets": (lambda value: 0 <= value <= 8, "an integer from 0 to 8"),
     "tls.meta_ca_sha256": (
         lambda value: all(_SHA256.fullmatch(each) for each in value),
         "SHA-256 fingerprints, 64 hex digits each (colons between pairs allowed)",
     ),
+    "tls.watch_interval_s": _TIMER,
     "meta.verify_tokens": _NON_EMPTY,
     "meta.app_secrets": _NON_EMPTY,
     "outbox.url": (_is_postgres_url, "a postgresql:// URL"),
+    "outbox.lease_s": _TIMER,
+    "outbox.dedup_window_s": _SPAN,
+    "outbox.retention_s": _SPAN,
+    "outbox.dead_retention_s": _SPAN,
+    "outbox.busy_timeout_s": _within(
+        SHORTEST_TIMER_S,
+        LONGEST_BUSY_TIMEOUT_S,
+        "a number from 0.01 to 2147483.647 (SQLite's longest busy timeout, about 24.8 days)",
+    ),
     "tracing.endpoint": (
         lambda value: is_server_url(value, ("http", "https")),
         "an http:// or https:// URL",
@@ -254,11 +338,22 @@ RULES: dict[str, Rule] = {
         "a NATS subject to publish to: tokens separated by '.', none empty, without white"
         " space or the wildcards '*' and '>'",
     ),
-    "targets.wait_initial_s": (lambda value: value >= 0, "a number >= 0"),
-    "targets.wait_exp_base": (lambda value: value >= 1, "a number >= 1"),
+    "targets.name": (
+        is_target_name,
+        "a name of printable characters other than '/', '{' and '}', without white space at"
+        " either end, and not '.' or '..'",
+    ),
+    "targets.timeout_s": _TIMER,
+    "targets.wait_initial_s": _WAIT,
+    "targets.wait_max_s": _SPAN,
+    "targets.wait_exp_base": _within(1, MOST_WAIT_EXP_BASE, "a number from 1 to 1000"),
+    "targets.max_age_s": _SPAN,
     "targets.retry_schedule_s": (
-        lambda value: bool(value) and all(wait >= 0 for wait in value),
-        "a non-empty list of numbers >= 0",
+        lambda value: bool(value) and all(_WAIT[0](wait) for wait in value),
+        "a non-empty list of numbers from 0 to 1e9 (about 31 years)",
+    ),
+    "targets.rate_per_s": _within(
+        FEWEST_PER_S, MOST_PER_S, "a number from 1e-9 to 1e9 (deliveries per second)"
     ),
     # 0 asks the OS for a free port, which tests use.
     "admin.port": (lambda value: 0 <= value <= 65535, "an integer from 0 to 65535"),
@@ -266,4 +361,5 @@ RULES: dict[str, Rule] = {
         lambda value: all(_is_host_name(each) for each in value),
         "a list of host names or IP addresses, without scheme or port",
     ),
+    "dispatcher.poll_interval_s": _TIMER,
 }

@@ -473,6 +473,12 @@ def test_rejects_wrong_type(tmp_path: Path, entries: Entries, expected: str) -> 
 
 
 BEYOND_INT64 = "expected an integer from -2**63 to 2**63 - 1, as TOML's integers are"
+# The ranges of durations (timeouts and intervals, spans, waits that may be 0) and rates.
+TIMER = "a number from 0.01 to 1e9 (10 ms to about 31 years)"
+SPAN = "a number > 0 and at most 1e9 (about 31 years)"
+WAIT = "a number from 0 to 1e9 (about 31 years)"
+WAITS = "a non-empty list of numbers from 0 to 1e9 (about 31 years)"
+RATE = "a number from 1e-9 to 1e9 (deliveries per second)"
 
 
 @pytest.mark.parametrize(
@@ -542,11 +548,11 @@ def test_rejects_integers_beyond_64_bits_in_one_line(
             "meta.verify_tokens = []: expected a non-empty list of strings",
         ),
         ({"meta.app_secrets": "[]"}, "meta.app_secrets = []: expected a non-empty list of strings"),
-        ({"outbox.dedup_window_s": "0"}, "outbox.dedup_window_s = 0: expected a number > 0"),
-        ({"outbox.retention_s": "-1"}, "outbox.retention_s = -1: expected a number > 0"),
+        ({"outbox.dedup_window_s": "0"}, f"outbox.dedup_window_s = 0: expected {SPAN}"),
+        ({"outbox.retention_s": "-1"}, f"outbox.retention_s = -1: expected {SPAN}"),
         (
             {"dispatcher.poll_interval_s": "0"},
-            "dispatcher.poll_interval_s = 0: expected a number > 0",
+            f"dispatcher.poll_interval_s = 0: expected {TIMER}",
         ),
         ({"dispatcher.batch_size": "0"}, "dispatcher.batch_size = 0: expected an integer >= 1"),
         (
@@ -587,12 +593,12 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
         ),
         ("name", '""', "name = '': expected a non-empty string"),
         ("attempts", "0", "attempts = 0: expected an integer >= 1"),
-        ("timeout_s", "0", "timeout_s = 0: expected a number > 0"),
-        ("timeout_s", "-1.5", "timeout_s = -1.5: expected a number > 0"),
-        ("wait_initial_s", "-0.5", "wait_initial_s = -0.5: expected a number >= 0"),
-        ("wait_max_s", "0", "wait_max_s = 0: expected a number > 0"),
-        ("wait_exp_base", "0.5", "wait_exp_base = 0.5: expected a number >= 1"),
-        ("max_age_s", "0", "max_age_s = 0: expected a number > 0"),
+        ("timeout_s", "0", f"timeout_s = 0: expected {TIMER}"),
+        ("timeout_s", "-1.5", f"timeout_s = -1.5: expected {TIMER}"),
+        ("wait_initial_s", "-0.5", f"wait_initial_s = -0.5: expected {WAIT}"),
+        ("wait_max_s", "0", f"wait_max_s = 0: expected {SPAN}"),
+        ("wait_exp_base", "0.5", "wait_exp_base = 0.5: expected a number from 1 to 1000"),
+        ("max_age_s", "0", f"max_age_s = 0: expected {SPAN}"),
         ("split", '"entry"', "split = 'entry': expected one of 'none', 'change'"),
         ("signature", '"hub"', "signature = 'hub': expected one of 'gateway', 'meta'"),
         ("concurrency", "0", "concurrency = 0: expected an integer >= 1"),
@@ -600,20 +606,12 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
         ("fields", '["messages", ""]', "fields[1] = '': expected a non-empty string"),
         ("secret", '""', "secret = '': expected a non-empty string"),
         ("order", '"message"', "order = 'message': expected one of 'none', 'conversation'"),
-        ("rate_per_s", "0", "rate_per_s = 0: expected a number > 0"),
+        ("rate_per_s", "0", f"rate_per_s = 0: expected {RATE}"),
         ("burst", "0", "burst = 0: expected an integer >= 1"),
         ("statuses", '["read", ""]', "statuses[1] = '': expected a non-empty string"),
         ("message_types", "[1]", "message_types[0] = 1: expected a string"),
-        (
-            "retry_schedule_s",
-            "[]",
-            "retry_schedule_s = []: expected a non-empty list of numbers >= 0",
-        ),
-        (
-            "retry_schedule_s",
-            "[1, -2]",
-            "retry_schedule_s = [1, -2]: expected a non-empty list of numbers >= 0",
-        ),
+        ("retry_schedule_s", "[]", f"retry_schedule_s = []: expected {WAITS}"),
+        ("retry_schedule_s", "[1, -2]", f"retry_schedule_s = [1, -2]: expected {WAITS}"),
         (
             "retry_schedule_s",
             '[1, "10"]',
@@ -622,7 +620,8 @@ def test_rejects_out_of_range_value(tmp_path: Path, entries: Entries, expected: 
     ],
 )
 def test_rejects_bad_target_value(tmp_path: Path, key: str, value: str, expected: str) -> None:
-    """Each target key is checked: URL scheme and host, counts >= 1, durations > 0."""
+    """Each target key is checked: URL scheme and host, counts >= 1, durations and rates in
+    range."""
     message = rejection(tmp_path, {**TARGET, f"targets[0].{key}": value})
     assert message == f"<file>: targets[0].{expected}"
 
