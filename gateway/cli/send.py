@@ -62,8 +62,10 @@ def _dev_url(folder: Path) -> str:
     try:
         written = tomllib.loads(config_path(folder).read_text()).get("listen", {})
         port, path = int(written.get("port", port)), str(written.get("path", path))
-    except (OSError, ValueError):
-        pass  # not written yet (or unreadable): the default port
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+        # Not written yet, unreadable, or not as serve --dev writes it (nested past tomllib's
+        # recursion, or [listen] not a table): the default port, as if there were none.
+        pass
     return f"https://localhost:{port}{path}"
 
 
@@ -79,7 +81,7 @@ def _resolve(args: argparse.Namespace) -> _Request:
         files = DevFiles.under(Path(args.dev_dir))
         try:
             dev_secret = str(json.loads(files.secrets.read_text())["app_secret"])
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # TypeError: not an object
             raise GatewayError(
                 f"{files.secrets}: no dev secrets ({exc.__class__.__name__}); run "
                 "'waba-gateway serve --dev' once first"

@@ -393,6 +393,35 @@ async def test_dev_mode_sends_to_the_port_serve_dev_wrote(
     assert len(stored) == 1
 
 
+@pytest.mark.parametrize(
+    "written",
+    ["[listen]\nport = " + "[" * 2000 + "]" * 2000, "listen = 5", '[listen]\nport = "x"'],
+    ids=["nested past tomllib's recursion", "listen not a table", "port not a number"],
+)
+async def test_dev_mode_without_a_url_takes_the_default_port_beside_a_damaged_config(
+    tmp_path: Path, written: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dev gateway's configuration, if not as serve --dev writes it, is as good as none:
+    the default port is tried (nothing listens there: an answer, not a traceback)."""
+    files, _ = dev.ensure_dev_files(tmp_path / "dev")
+    config_path(files.folder).write_text(written)
+    code = await send("--dev", "--dev-dir", str(files.folder), "--timeout-s", "2")
+    assert code in (0, 1)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_dev_mode_with_damaged_secrets_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dev secrets file that holds JSON but not an object: one error line, exit 2."""
+    files, _ = dev.ensure_dev_files(tmp_path / "dev")
+    files.secrets.write_text("[]")
+    assert main(["send", "--dev", "--dev-dir", str(files.folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
+
+
 def test_serve_dev_prints_the_send_command_first(tmp_path: Path) -> None:
     """The dev banner's first command is `waba-gateway send --dev`; curl stays the alternative."""
     files, dev_secrets = dev.ensure_dev_files(tmp_path / "dev")
