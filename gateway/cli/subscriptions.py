@@ -1,9 +1,12 @@
 """The WABA subscription commands: ``subscribe``, ``subscriptions``, ``unsubscribe`` and
-``clear-override``, each one call to ``/{waba-id}/subscribed_apps`` (whatsapp/webhooks/override).
+``clear-override``, each one call to ``/{waba-id}/subscribed_apps`` (whatsapp/webhooks/override),
+or for ``subscriptions`` one call per page of the list (graph-api/results).
 
-Rule: a command checks all of its input before it makes its one Graph API call, and never calls
-again: subscribed_apps calls count towards a rate limit of 200 an hour per app and WABA, and
-every call made while limited extends the block (graph-api/overview/rate-limiting).
+Rule: a command checks all of its input before it makes its Graph API call, and never repeats
+it: subscribed_apps calls count towards a rate limit of 200 an hour per app and WABA, and every
+call made while limited extends the block (graph-api/overview/rate-limiting). Reading the next
+page of a list is not a retry; it stops at a rate limit like any call
+(:func:`gateway.onboarding.graph.call_every_page`).
 
 Exit codes: :data:`gateway.cli.exit_codes.GRAPH_EXIT_CODES`.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import textwrap
@@ -69,9 +73,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "subscriptions",
         _subscriptions,
         "list the apps subscribed to a WABA and their override callbacks",
-        "GET /{WABA_ID}/subscribed_apps, printed as a table.",
+        "GET /{WABA_ID}/subscribed_apps, every page of it, printed as a table.",
     )
-    listing.add_argument("--json", action="store_true", help="print Meta's JSON answer instead")
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help="print Meta's JSON answer instead (the apps of every page in one data list)",
+    )
     _add(
         subparsers,
         common,
@@ -142,7 +150,7 @@ def _subscribe(args: argparse.Namespace) -> int:
         override_callback_uri=args.override_callback_uri,
         verify_token=args.verify_token,
     )
-    _require_success(_call(args, request))
+    _require_success(args, _call(args, request))
     if request.body is None:
         print(f"subscribed to WABA {args.waba_id}; webhooks go to the app's callback URL")
     else:
@@ -152,7 +160,8 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 def _subscriptions(args: argparse.Namespace) -> int:
     request = graph.build_request("list", args.waba_id, api_version=args.api_version)
-    answer = _call(args, request)
+    # An app on page 2 is subscribed all the same: a list is read to its last page.
+    answer = _call(args, request, every_page=True)
     if args.json:
         print(json.dumps(answer, indent=2, ensure_ascii=False))
     else:
@@ -162,29 +171,34 @@ def _subscriptions(args: argparse.Namespace) -> int:
 
 def _unsubscribe(args: argparse.Namespace) -> int:
     request = graph.build_request("unsubscribe", args.waba_id, api_version=args.api_version)
-    _require_success(_call(args, request))
+    _require_success(args, _call(args, request))
     print(f"unsubscribed from WABA {args.waba_id}; Meta stops delivering its webhooks")
     return 0
 
 
 def _clear_override(args: argparse.Namespace) -> int:
     request = graph.build_request("clear-override", args.waba_id, api_version=args.api_version)
-    _require_success(_call(args, request))
+    _require_success(args, _call(args, request))
     print(f"override removed for WABA {args.waba_id}; webhooks go to the app's callback URL")
     return 0
 
 
-def _call(args: argparse.Namespace, request: graph.GraphRequest) -> dict[str, Any]:
-    """Check the remaining options, then make the one call; warnings go to stderr at once."""
+def _call(
+    args: argparse.Namespace, request: graph.GraphRequest, *, every_page: bool = False
+) -> dict[str, Any]:
+    """Check the remaining options, then make the one call (``every_page``: one per page of the
+    list); warnings go to stderr at once."""
     token = _access_token(args.access_token)
     graph_url = graph.validate_graph_url(args.graph_url)
-    if not args.timeout_s > 0:
+    # inf (meant as "no limit") is no timeout aiohttp can set: it fails inside the request.
+    if not args.timeout_s > 0 or not math.isfinite(args.timeout_s):
         raise GraphError(
             f"--timeout-s {args.timeout_s:g}: expected a positive number of seconds",
             reason="usage",
         )
+    calling = graph.call_every_page if every_page else graph.call
     return asyncio.run(
-        graph.call(
+        calling(
             request,
             graph_url=graph_url,
             access_token=token,
@@ -209,9 +223,11 @@ def _access_token(option: str | None) -> str:
     return token
 
 
-def _require_success(answer: dict[str, Any]) -> None:
+def _require_success(args: argparse.Namespace, answer: dict[str, Any]) -> None:
     if answer.get("success") is not True:
-        summary = graph.one_line(json.dumps(answer))[:200]
+        # Meta's answer is quoted: without the token, should it echo it (as graph.call does).
+        quoted = graph.redact(json.dumps(answer), _access_token(args.access_token))
+        summary = graph.one_line(quoted)[:200]
         raise GraphError(f"Graph API did not confirm success: {summary}")
 
 

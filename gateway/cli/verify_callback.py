@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def _verify_callback(args: argparse.Namespace) -> int:
     if not token:
         where = "--verify-token" if args.verify_token is not None else TOKEN_ENV
         raise GatewayError(f"{where} must not be empty")
-    if not args.timeout_s > 0:
+    # inf (meant as "no limit") is no timeout aiohttp can set: it fails inside the request.
+    if not args.timeout_s > 0 or not math.isfinite(args.timeout_s):
         raise GatewayError(f"--timeout-s {args.timeout_s:g}: expected a positive number")
     context = client_context(args.ca_file, args.cert, args.key)
     verdict = asyncio.run(

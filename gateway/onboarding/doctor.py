@@ -64,7 +64,7 @@ async def diagnose(
     findings.append(_tls_files(config.tls))
     certs = _certificates(config.tls.cert_file)
     if certs is not None:
-        hostname = urlsplit(public_url).hostname if public_url else None
+        hostname = _public_host(public_url) if public_url else None
         findings.extend(judge_server_chain(certs, hostname, now))
         anchor = str(ca_file) if ca_file is not None else None
         findings.append(judge_trust(verify_chain(certs, ca_file, now), anchor))
@@ -99,6 +99,16 @@ async def diagnose(
             )
         findings.append(await _handshake(public_url, config, ca_file))
     return findings
+
+
+def _public_host(public_url: str) -> str | None:
+    """The host of ``public_url`` as the handshake looks it up and as certificates name it: an
+    internationalised name by its A-label (``xn--``, RFC 5280 section 7.2), lower case. ``None``
+    when no request can be made to it (the handshake finding says why)."""
+    try:
+        return callback_url(public_url).raw_host
+    except GatewayError:
+        return None
 
 
 def verify_chain(

@@ -1,15 +1,18 @@
 """Graph API calls behind the WABA subscription commands: ``/{waba-id}/subscribed_apps``.
 
 Rule: every decision is a pure function of values (what to send, what a response means, which
-kind of failure it is, whether usage deserves a warning); :func:`call` is the only code that touches
-the network, and it makes exactly one request and never retries. Meta: once rate limited, stop
+kind of failure it is, whether usage deserves a warning, where the next page is); :func:`call` and
+:func:`call_every_page` are the only code that touches the network. :func:`call` makes exactly one
+request and never retries; :func:`call_every_page` makes one such request per page of a list, at
+most :data:`MAX_PAGES`, and stops at the first sign of a rate limit. Meta: once rate limited, stop
 calling, because every further call extends the block (graph-api/overview/rate-limiting).
 
 Each failure is a :class:`~gateway.errors.GraphError` with a ``reason`` (``usage``, ``auth``,
 ``rate_limited`` or ``failure``); the command line turns it into an exit code
 (:mod:`gateway.cli.exit_codes`).
 
-The access token is only ever placed in the ``Authorization`` header; messages built here never
+The access token is only ever placed in the ``Authorization`` header, and only sent to the
+``--graph-url`` origin (a ``paging.next`` link elsewhere is refused); messages built here never
 contain it, and :func:`call` redacts it should Meta echo it back.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,17 +29,21 @@ from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from gateway.config.rules import host_name_problem
 from gateway.errors import GraphError, GraphFailure
 
 __all__ = [
+    "MAX_PAGES",
     "Action",
     "GraphRequest",
     "UsageRecord",
     "build_request",
     "call",
+    "call_every_page",
     "classify_graph_error",
+    "next_page_url",
     "parse_usage_header",
     "read_usage",
     "usage_warnings",
@@ -57,6 +65,11 @@ MAX_OVERRIDE_URI_CHARS = 200
 _WABA_ID = re.compile(r"[0-9]{1,32}")
 _API_VERSION = re.compile(r"v[0-9]{1,3}\.[0-9]{1,3}")
 _LOOPBACK_NAMES = frozenset({"localhost"})
+# Pages read for one list at most. A subscribed_apps page holds many apps, so a WABA needs one or
+# two; each page is a call that counts towards the 200 an hour per app and WABA
+# (graph-api/overview/rate-limiting), so a list that never ends must not use them all up.
+MAX_PAGES = 20
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Action = Literal["subscribe", "list", "unsubscribe", "clear-override"]
 JSONObject = dict[str, Any]
@@ -204,7 +217,8 @@ def parse_usage_header(value: str) -> list[UsageRecord]:
     """
     try:
         document = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nested deeper than the parser goes, which no usage header is.
         raise ValueError("not JSON") from None
     if not isinstance(document, dict):
         raise ValueError("expected a JSON object keyed by business id")
@@ -223,8 +237,13 @@ def _usage_record(business_id: str, entry: object) -> UsageRecord:
     figures: dict[str, float] = {}
     for name in (*_FIGURES, "estimated_time_to_regain_access"):
         figure = entry.get(name)
-        # bool is an int subclass; true is not a percentage.
-        if isinstance(figure, bool) or not isinstance(figure, int | float):
+        # bool is an int subclass; true is not a percentage. NaN and Infinity are not JSON,
+        # though Python's parser takes them: no figure or wait can be read from them.
+        if (
+            isinstance(figure, bool)
+            or not isinstance(figure, int | float)
+            or not math.isfinite(figure)
+        ):
             raise ValueError(f"business {business_id}: {name} is not a number")
         figures[name] = figure
     return UsageRecord(business_id=business_id, type=entry["type"], **figures)
@@ -300,10 +319,14 @@ def classify_graph_error(status: int, body: bytes, usage: Sequence[UsageRecord] 
 
 
 def _json(body: bytes) -> object:
-    """The parsed body, or ``None`` when it is not JSON (``null`` reads the same: no answer)."""
+    """The parsed body, or ``None`` when it is not JSON (``null`` reads the same: no answer).
+
+    Nesting deeper than the parser goes (a RecursionError, not a ValueError) is no Graph answer
+    either: it is reported as a body that cannot be read, never as a traceback.
+    """
     try:
         document: object = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return document
 
@@ -344,25 +367,211 @@ async def call(
     Usage warnings go to ``warn`` as soon as the response arrives, so they are shown even when
     the call then fails. Does *not* retry: a retry would extend a rate-limit block.
     """
-    url = graph_url + request.path
+    document, _ = await _exchange(
+        request.method,
+        URL(graph_url + request.path),
+        request.body,
+        host=urlsplit(graph_url).hostname,
+        access_token=access_token,
+        timeout_s=timeout_s,
+        warn=warn,
+    )
+    return document
+
+
+async def call_every_page(
+    request: GraphRequest,
+    *,
+    graph_url: str,
+    access_token: str,
+    timeout_s: float,
+    warn: Callable[[str], None],
+    max_pages: int = MAX_PAGES,
+) -> JSONObject:
+    """Make the list ``request``, then follow ``paging.next`` until a page has none, and return
+    the first answer with the ``data`` of every page in one list and no ``paging`` (its cursors
+    are only valid for a while, graph-api/results).
+
+    graph-api/results: a list comes one page at a time, and only a page without ``next`` is the
+    last (an empty page may still have one). Each page is one :func:`call`-like request with the
+    same token, timeout and error handling; a rate-limit error on any page ends the command as it
+    does on the first. Paging also stops, as a rate limit, when a page's usage header says the
+    limit is reached: Meta says every call made while limited extends the block
+    (graph-api/overview/rate-limiting). More than ``max_pages`` pages, a link back to a page
+    already read or a ``next`` off the ``graph_url`` origin (:func:`next_page_url`) is a failure,
+    never a partial list presented as whole. A warning repeated by every page is shown once.
+    """
     host = urlsplit(graph_url).hostname
+    shown: set[str] = set()
+
+    def warn_once(line: str) -> None:
+        if line not in shown:
+            shown.add(line)
+            warn(line)
+
+    url = URL(graph_url + request.path)
+    read = {str(url)}
+    first, usage = await _exchange(
+        request.method,
+        url,
+        request.body,
+        host=host,
+        access_token=access_token,
+        timeout_s=timeout_s,
+        warn=warn_once,
+    )
+    if not isinstance(first.get("data"), list):
+        return first  # not a list: the caller judges the answer as it is
+    items: list[Any] = list(first["data"])
+    document, number = first, 1
+    while (link := next_page_url(document, graph_url, page=number)) is not None:
+        if str(link) in read:
+            raise GraphError(
+                f"Graph API paging.next on page {number} leads back to a page already read"
+            )
+        if _limit_reached(usage):
+            raise GraphError(
+                f"rate limit reached after page {number} of the list: stopped, the list is"
+                f" incomplete; {_wait(usage)}",
+                reason="rate_limited",
+            )
+        if number >= max_pages:
+            raise GraphError(
+                f"Graph API still had more pages after {max_pages}: stopped, the list is incomplete"
+            )
+        read.add(str(link))
+        number += 1
+        document, usage = await _exchange(
+            "GET",
+            link,
+            None,
+            host=host,
+            access_token=access_token,
+            timeout_s=timeout_s,
+            warn=warn_once,
+        )
+        if not isinstance(document.get("data"), list):
+            raise GraphError(f"Graph API answered page {number} of the list without a 'data' list")
+        items.extend(document["data"])
+    merged = {key: value for key, value in first.items() if key != "paging"}
+    merged["data"] = items
+    return merged
+
+
+def next_page_url(document: Mapping[str, Any], graph_url: str, *, page: int = 1) -> URL | None:
+    """The URL of the page after ``document`` (its ``paging.next``), ``None`` on the last page,
+    or a :class:`GraphError` when the link is malformed or leaves ``graph_url``'s origin.
+
+    The link is followed as Meta gives it (graph-api/results: "the Graph API endpoint that will
+    return the next page"), but only to the scheme, host and port of ``graph_url``: the Bearer
+    token goes with the request, and must never go anywhere but the Graph API the operator
+    named. The message names where the link points, never the link (its query may hold a cursor
+    or, from some proxies, a token).
+    """
+    paging = document.get("paging")
+    if paging is None:
+        return None
+    if not isinstance(paging, dict):
+        raise GraphError(f"Graph API answered page {page} with a 'paging' that is not an object")
+    link = paging.get("next")
+    if link is None:
+        return None
+    where = f"Graph API paging.next on page {page}"
+    # Sent as given (cursors are percent-encoded already): it must be one printable ASCII word.
+    if not isinstance(link, str) or not link or not all("!" <= char <= "~" for char in link):
+        raise GraphError(f"{where} is not a URL")
+    try:
+        parts = _split_url(link)
+    except ValueError as exc:
+        raise GraphError(f"{where} is not a URL: {one_line(str(exc))}") from None
+    if not parts.scheme or not parts.hostname:
+        raise GraphError(f"{where} is not an absolute URL")
+    base = urlsplit(graph_url)
+    if parts.username is not None or parts.password is not None or _origin(parts) != _origin(base):
+        raise GraphError(
+            f"{where} points to {_shown_origin(parts)}, not to --graph-url {_shown_origin(base)}:"
+            " not followed, since the access token goes to the Graph API only"
+        )
+    return URL(link, encoded=True)
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or ""), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def _shown_origin(parts: SplitResult) -> str:
+    """``scheme://host[:port]``, without any user name or password the URL carries."""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return one_line(f"{parts.scheme}://{host}{port}")
+
+
+def _redirected(status: int, location: str, host: str | None) -> str:
+    """The failure line for a redirect: where it leads by scheme, host and port only (the rest
+    of a location may hold a cursor or a token)."""
+    try:
+        parts = urlsplit(location)
+        _ = parts.port  # ValueError: a port that is not a number
+    except ValueError:
+        where = "a redirect"
+    else:
+        where = (
+            f"a redirect to {_shown_origin(parts)}"
+            if parts.scheme and parts.hostname
+            else f"a redirect to another path on {host}"
+        )
+    return (
+        f"Graph API answered HTTP {_status_phrase(status)}, {where}, not followed: check"
+        " --graph-url"
+    )
+
+
+def _limit_reached(usage: Sequence[UsageRecord]) -> bool:
+    """Whether a usage header says the caller is limited: Meta throttles at 100% on any figure,
+    and gives a wait only when access has been cut (graph-api/overview/rate-limiting)."""
+    return any(
+        record.estimated_time_to_regain_access > 0
+        or any(getattr(record, name) >= 100 for name in _FIGURES)
+        for record in usage
+    )
+
+
+async def _exchange(
+    method: str,
+    url: URL,
+    body: JSONObject | None,
+    *,
+    host: str | None,
+    access_token: str,
+    timeout_s: float,
+    warn: Callable[[str], None],
+) -> tuple[JSONObject, list[UsageRecord]]:
+    """One request: the JSON object answered and the usage header's records, or GraphError."""
     headers = {"Authorization": f"Bearer {access_token}"}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
             session.request(
-                request.method,
+                method,
                 url,
                 headers=headers,
-                json=request.body,
+                json=body,
                 # Like curl, a bodyless POST carries no Content-Type (aiohttp would add one).
-                skip_auto_headers=("Content-Type",) if request.body is None else (),
+                skip_auto_headers=("Content-Type",) if body is None else (),
+                # The Graph API answers its calls itself. A redirect (a proxy, a wrong
+                # --graph-url) followed would take another server's answer for Meta's, and
+                # turn a POST into a GET: it is reported instead.
+                allow_redirects=False,
             ) as response,
         ):
-            body = await response.read()
+            answer = await response.read()
             usage, warnings = read_usage(response.headers.get(USAGE_HEADER))
             status = response.status
+            location = response.headers.get("Location")
     except TimeoutError:
         raise GraphError(f"no answer from {host} within {timeout_s:g} s") from None
     except aiohttp.ClientError as exc:
@@ -377,8 +586,10 @@ async def call(
         raise GraphError(f"cannot reach {host}: {reason}") from None
     for line in warnings:
         warn(redact(line, access_token))
-    document = _json(body) if 200 <= status < 300 else None
+    if 300 <= status < 400 and location is not None:
+        raise GraphError(redact(_redirected(status, location, host), access_token))
+    document = _json(answer) if 200 <= status < 300 else None
     if isinstance(document, dict) and "error" not in document:
-        return document
-    error = classify_graph_error(status, body, usage)
+        return document, usage
+    error = classify_graph_error(status, answer, usage)
     raise GraphError(redact(str(error), access_token), reason=error.reason)

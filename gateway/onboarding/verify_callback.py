@@ -101,7 +101,8 @@ def describe_body(body: bytes, challenge: str) -> str:
         return f"the body is the challenge in quotes, {_shown(text)}: answer the bare value"
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nested deeper than the parser goes; still only a wrong body.
         document = None
     if isinstance(document, dict | list):
         kind = "object" if isinstance(document, dict) else "array"

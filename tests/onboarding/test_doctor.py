@@ -763,3 +763,26 @@ def test_broker_targets_are_probed_as_check_does(
         line.startswith("FAIL target 'bus': nats") and "no JetStream stream captures" in line
         for line in report
     ), report
+
+
+@pytest.mark.parametrize("host", ["bücher.example", "xn--bcher-kva.example", "BÜCHER.example"])
+async def test_an_internationalised_public_host_is_compared_as_the_certificate_names_it(
+    tmp_path: Path, pki: Pki, host: str
+) -> None:
+    """A certificate names an internationalised host by its A-label (xn--...), as the handshake
+    looks it up: a --public-url written in Unicode is covered by it all the same, not a FAIL."""
+    issued = trustme.CA().issue_cert("bücher.example")
+    chain, key = tmp_path / "idn-chain.pem", tmp_path / "idn-key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    path = _config(tmp_path, pki, key_file=key)
+    path.write_text(path.read_text().replace(str(pki.server_chain_file), str(chain)))
+    config = load_config(path)
+    url = f"https://{host}:{free_port()}/webhook"
+    findings = await diagnose(config, datetime.now(UTC), public_url=url)
+    (covers,) = [
+        finding
+        for finding in findings
+        if "server certificate" in finding.what and "cover" in finding.what
+    ]
+    assert covers == Finding("OK", "the server certificate covers xn--bcher-kva.example")

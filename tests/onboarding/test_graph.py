@@ -69,6 +69,13 @@ def test_parses_meta_sample_usage_header() -> None:
         ' "estimated_time_to_regain_access": 0}]}',
         '{"1": [{"type": "whatsapp", "call_count": true, "total_cputime": 1, "total_time": 1,'
         ' "estimated_time_to_regain_access": 0}]}',
+        # Not JSON numbers, though Python's parser takes them: "about inf minutes" is no wait.
+        '{"1": [{"type": "whatsapp", "call_count": NaN, "total_cputime": 1, "total_time": 1,'
+        ' "estimated_time_to_regain_access": 0}]}',
+        '{"1": [{"type": "whatsapp", "call_count": 1, "total_cputime": 1, "total_time": 1,'
+        ' "estimated_time_to_regain_access": Infinity}]}',
+        # Deeper than the parser goes: a RecursionError, not a ValueError.
+        "[" * 5000,
     ],
 )
 def test_rejects_malformed_usage_header(value: str) -> None:
@@ -423,3 +430,69 @@ def test_warnings_stay_on_one_line_whatever_the_header_holds() -> None:
         "warning: Graph API usage for business 1 error: forged at 90% (call_count);"
         " throttled at 100%"
     ]
+
+
+GRAPH = "https://graph.facebook.com"
+NEXT = f"{GRAPH}/v21.0/42/subscribed_apps?limit=25&after=MTAxNTExOTQ1MjAwNzI5NDE%3D"
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"data": []},
+        {"data": [], "paging": {"cursors": {"before": "QVFI", "after": "QVFI"}}},
+        {"data": [], "paging": {"cursors": {"after": "QVFI"}, "next": None}},
+    ],
+)
+def test_a_page_without_a_next_link_is_the_last(document: dict[str, Any]) -> None:
+    """graph-api/results: without ``next`` this is the last page, cursors or not."""
+    assert graph.next_page_url(document, GRAPH) is None
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        NEXT,
+        NEXT.replace(GRAPH, "https://graph.facebook.com:443"),
+        NEXT.replace(GRAPH, "https://GRAPH.facebook.com"),
+    ],
+)
+def test_a_next_link_on_the_graph_url_origin_is_followed_as_given(link: str) -> None:
+    """The same scheme, host and port (443 written or not, any case) is the Graph API; the
+    link's query goes out byte for byte (a cursor's ``%3D`` is not decoded)."""
+    url = graph.next_page_url({"data": [], "paging": {"next": link}}, GRAPH)
+    assert url is not None
+    assert url.raw_query_string == "limit=25&after=MTAxNTExOTQ1MjAwNzI5NDE%3D"
+    assert (url.scheme, url.host, url.port) == ("https", "graph.facebook.com", 443)
+
+
+@pytest.mark.parametrize(
+    ("link", "said"),
+    [
+        (NEXT.replace("https://", "http://"), "points to http://graph.facebook.com, not"),
+        (NEXT.replace(GRAPH, "https://graph.facebook.com:8443"), "graph.facebook.com:8443"),
+        (NEXT.replace(GRAPH, "https://graph.facebook.com.example"), "points to https://graph"),
+        (NEXT.replace(GRAPH, "https://EAAGsecret@graph.facebook.com"), "points to https://graph"),
+        (NEXT.replace(GRAPH, ""), "is not an absolute URL"),
+        (NEXT + " x", "is not a URL"),
+        (NEXT.replace("limit", "l\u00efmit"), "is not a URL"),
+        ("", "is not a URL"),
+        (42, "is not a URL"),
+        (NEXT.replace(GRAPH, "https://[::1"), "is not a URL: Invalid IPv6 URL"),
+    ],
+)
+def test_a_next_link_off_the_graph_url_origin_is_refused(link: object, said: str) -> None:
+    """The token would go with the request: a link to another scheme, host or port, with
+    credentials, relative or not a URL is a failure (exit 1) that does not repeat it."""
+    with pytest.raises(GraphError, match=r"^Graph API paging\.next on page 3 ") as caught:
+        graph.next_page_url({"data": [], "paging": {"next": link}}, GRAPH, page=3)
+    assert caught.value.reason == "failure"
+    assert said in str(caught.value)
+    assert "MTAx" not in str(caught.value)
+    assert "EAAGsecret" not in str(caught.value)
+
+
+def test_paging_that_is_not_an_object_is_refused() -> None:
+    """A ``paging`` of another shape cannot tell whether more pages follow: a failure."""
+    with pytest.raises(GraphError, match="page 1 with a 'paging' that is not an object"):
+        graph.next_page_url({"data": [], "paging": [NEXT]}, GRAPH)

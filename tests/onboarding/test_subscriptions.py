@@ -20,6 +20,7 @@ from loopback_ports import free_port
 from pytest_aiohttp import AiohttpServer
 
 from gateway.cli import main
+from gateway.onboarding.graph import MAX_PAGES
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "graph"
 REPO = Path(__file__).resolve().parents[2]
@@ -49,13 +50,15 @@ def usage_header(*, call_count: int = 1, minutes: int = 0) -> str:
 class Recorded:
     method: str
     path: str
+    query: str
     headers: dict[str, str]
     body: bytes
 
 
 @dataclass(slots=True, kw_only=True)
 class FakeGraph:
-    """Records every request and answers each with ``status``, ``body`` and ``headers``."""
+    """Records every request and answers each with ``status``, ``body`` and ``headers``, or
+    with the next of the answers queued by :meth:`then` while there are any."""
 
     url: str = ""
     status: int = 200
@@ -63,21 +66,30 @@ class FakeGraph:
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": JSON_TYPE})
     delay_s: float = 0
     requests: list[Recorded] = field(default_factory=list)
+    queued: list[tuple[int, bytes, dict[str, str]]] = field(default_factory=list)
 
     def answer(self, status: int, body: bytes, **headers: str) -> None:
         self.status, self.body = status, body
         self.headers = {"Content-Type": JSON_TYPE, **headers}
+
+    def then(self, status: int, body: bytes, **headers: str) -> None:
+        """Queue one answer: queued answers are given in turn, before the standing one."""
+        self.queued.append((status, body, {"Content-Type": JSON_TYPE, **headers}))
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append(
             Recorded(
                 method=request.method,
                 path=request.path,
+                query=request.query_string,
                 headers=dict(request.headers),
                 body=await request.read(),
             )
         )
         await asyncio.sleep(self.delay_s)
+        if self.queued:
+            status, body, headers = self.queued.pop(0)
+            return web.Response(status=status, body=body, headers=headers)
         return web.Response(status=self.status, body=self.body, headers=self.headers)
 
 
@@ -571,3 +583,322 @@ async def test_installed_command_exits_with_the_graph_exit_code(fake_graph: Fake
     assert out == b""
     assert err.decode().startswith("error: access token rejected (code 190")
     assert TOKEN.encode() not in out + err
+
+
+# Paging (graph-api/results): a list edge answers one page at a time; ``paging.next`` is the
+# absolute URL of the next page and is absent on the last one. Meta's pages come from the
+# Graph API host, so the stand-in's links point at the stand-in.
+APPS = json.loads(sample("graph-subscribed_apps-get-multiple.json"))["data"]
+CURSOR = "MTAxNTExOTQ1MjAwNzI5NDE="  # graph-api/results' example cursor
+
+
+def page(apps: list[dict[str, object]], next_url: str | None = None) -> bytes:
+    """A subscribed_apps page: ``data`` and, unless it is the last, ``paging`` with ``next``."""
+    document: dict[str, object] = {"data": apps}
+    if next_url is not None:
+        document["paging"] = {"cursors": {"before": "QVFIUmx1", "after": CURSOR}, "next": next_url}
+    return json.dumps(document).encode()
+
+
+def next_link(base: str, cursor: str = CURSOR) -> str:
+    return f"{base}/v21.0/{WABA}/subscribed_apps?limit=1&after={cursor}"
+
+
+@pytest.fixture
+async def other_host(aiohttp_server: AiohttpServer) -> FakeGraph:
+    """A second stand-in, on another port: a host a paging link must not send the token to."""
+    fake = FakeGraph()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    server = await aiohttp_server(app)
+    fake.url = str(server.make_url("/")).rstrip("/")
+    return fake
+
+
+async def test_subscriptions_reads_the_next_page_and_lists_the_app_on_it(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An app on page 2 is listed: the command follows ``paging.next`` with the same token,
+    to the very URL Meta gave, until a page has no ``next``."""
+    fake_graph.then(200, page(APPS[:1], next_link(fake_graph.url)))
+    fake_graph.answer(200, page(APPS[1:]))
+    assert await run(fake_graph, "subscriptions", WABA) == 0
+    first, second = fake_graph.requests
+    assert (first.method, first.path, first.query) == ("GET", f"/v21.0/{WABA}/subscribed_apps", "")
+    assert (second.method, second.path, second.query) == (
+        "GET",
+        f"/v21.0/{WABA}/subscribed_apps",
+        f"limit=1&after={CURSOR}",
+    )
+    assert second.headers["Authorization"] == f"Bearer {TOKEN}"
+    out, err = output(capsys)
+    assert out.splitlines() == [
+        "APP ID            NAME                    LINK",
+        "1234567890123456  Business Messaging App  https://www.facebook.com/games/?app_id=1234567890123456",
+        "2345678901234567  Customer Support Bot    https://www.facebook.com/games/?app_id=2345678901234567",
+    ]
+    assert err == ""
+
+
+async def test_subscriptions_json_prints_every_page_as_one_list(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints one ``data`` list holding the apps of all pages, and no paging links (a
+    cursor is only valid for a while, graph-api/results)."""
+    fake_graph.then(200, page(APPS[:1], next_link(fake_graph.url)))
+    fake_graph.answer(200, page(APPS[1:]))
+    assert await run(fake_graph, "subscriptions", WABA, "--json") == 0
+    out, _ = output(capsys)
+    assert json.loads(out) == {"data": APPS}
+
+
+async def test_an_empty_page_with_a_next_link_is_not_the_end(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """graph-api/results: a page may be empty and still have a ``next`` link; only a page
+    without one ends the list."""
+    fake_graph.then(200, page([], next_link(fake_graph.url)))
+    fake_graph.answer(200, page(APPS))
+    assert await run(fake_graph, "subscriptions", WABA) == 0
+    assert len(fake_graph.requests) == 2
+    out, _ = output(capsys)
+    assert len(out.splitlines()) == 1 + len(APPS)
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        pytest.param("{other}", id="another-port"),
+        pytest.param("http://localhost:{port}", id="another-host-name"),
+        pytest.param("https://127.0.0.1:{port}", id="another-scheme"),
+        pytest.param("http://user@127.0.0.1:{port}", id="credentials-in-the-link"),
+        pytest.param("https://graph.facebook.com", id="meta-host-but-not-the-graph-url"),
+    ],
+)
+async def test_a_next_link_off_the_graph_url_is_refused_and_gets_no_token(
+    fake_graph: FakeGraph,
+    other_host: FakeGraph,
+    capsys: pytest.CaptureFixture[str],
+    link: str,
+) -> None:
+    """A ``next`` link whose scheme, host or port is not the Graph URL's is not followed: the
+    token goes to the Graph API only. Exit 1, in one line that does not repeat the link."""
+    port = fake_graph.url.rsplit(":", 1)[1]
+    base = link.format(other=other_host.url, port=port)
+    fake_graph.answer(200, page(APPS, next_link(base)))
+    assert await run(fake_graph, "subscriptions", WABA) == 1
+    assert len(fake_graph.requests) == 1
+    assert other_host.requests == []
+    out, err = output(capsys)
+    assert out == ""
+    assert err.startswith("error: ")
+    assert "paging.next" in err
+    assert CURSOR not in err
+    assert err.count("\n") == 1
+
+
+async def test_paging_stops_at_the_page_limit(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A list that never ends is read for at most MAX_PAGES calls (each counts against the
+    200 calls an hour per app and WABA), then exit 1 rather than a partial list."""
+    for number in range(MAX_PAGES + 5):
+        fake_graph.then(200, page(APPS[:1], next_link(fake_graph.url, f"cursor{number}")))
+    assert await run(fake_graph, "subscriptions", WABA) == 1
+    assert len(fake_graph.requests) == MAX_PAGES
+    out, err = output(capsys)
+    assert out == ""
+    assert err == (
+        f"error: Graph API still had more pages after {MAX_PAGES}: stopped, the list is"
+        " incomplete\n"
+    )
+
+
+async def test_a_next_link_to_a_page_already_read_is_refused(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``next`` that leads back to a page already read would loop: one failure line, and no
+    call beyond the pages read."""
+    fake_graph.then(200, page(APPS[:1], next_link(fake_graph.url)))
+    fake_graph.answer(200, page(APPS[1:], next_link(fake_graph.url)))
+    assert await run(fake_graph, "subscriptions", WABA) == 1
+    assert len(fake_graph.requests) == 2
+    _, err = output(capsys)
+    assert err == "error: Graph API paging.next on page 2 leads back to a page already read\n"
+
+
+async def test_a_rate_limit_on_a_later_page_exits_4_without_another_call(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """80008 on page 2 ends the command as it would on page 1: exit 4, no further call."""
+    body = {"error": {"message": "Too many calls", "type": "OAuthException", "code": 80008}}
+    fake_graph.then(200, page(APPS[:1], next_link(fake_graph.url)))
+    fake_graph.answer(
+        400, json.dumps(body).encode(), **{USAGE: usage_header(call_count=100, minutes=7)}
+    )
+    assert await run(fake_graph, "subscriptions", WABA) == 4
+    assert len(fake_graph.requests) == 2
+    out, err = output(capsys)
+    assert out == ""
+    assert err.splitlines()[-1].startswith("error: rate limit hit (code 80008, HTTP 400)")
+    assert "about 7 minutes" in err
+
+
+async def test_usage_at_the_limit_stops_paging_before_the_next_call(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A page whose usage header says 100% (Meta throttles at 100) is the last call: Meta says
+    every call made while limited extends the block (graph-api/overview/rate-limiting). Exit 4
+    with the wait, after the one warning."""
+    fake_graph.answer(
+        200,
+        page(APPS[:1], next_link(fake_graph.url)),
+        **{USAGE: usage_header(call_count=100, minutes=3)},
+    )
+    assert await run(fake_graph, "subscriptions", WABA) == 4
+    assert len(fake_graph.requests) == 1
+    out, err = output(capsys)
+    assert out == ""
+    warning, error = err.splitlines()
+    assert warning.startswith(f"warning: Graph API usage for business {WABA} at 100%")
+    assert error == (
+        "error: rate limit reached after page 1 of the list: stopped, the list is incomplete;"
+        " Meta says access returns in about 3 minutes; every further call extends the block,"
+        " so wait"
+    )
+
+
+async def test_a_usage_warning_repeated_on_every_page_is_shown_once(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Usage over 80% on both pages warns once; the list is still printed."""
+    fake_graph.then(
+        200,
+        page(APPS[:1], next_link(fake_graph.url)),
+        **{USAGE: usage_header(call_count=85)},
+    )
+    fake_graph.answer(200, page(APPS[1:]), **{USAGE: usage_header(call_count=85)})
+    assert await run(fake_graph, "subscriptions", WABA) == 0
+    out, err = output(capsys)
+    assert len(out.splitlines()) == 1 + len(APPS)
+    assert err == (
+        f"warning: Graph API usage for business {WABA} at 85% (call_count); throttled at 100%\n"
+    )
+
+
+async def test_a_later_page_without_a_data_list_is_a_failure(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Page 2 of another shape is not silently skipped: exit 1 naming the page."""
+    fake_graph.then(200, page(APPS[:1], next_link(fake_graph.url)))
+    fake_graph.answer(200, b'{"paging": {}}')
+    assert await run(fake_graph, "subscriptions", WABA) == 1
+    _, err = output(capsys)
+    assert err == "error: Graph API answered page 2 of the list without a 'data' list\n"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
+async def test_a_timeout_that_is_not_a_positive_number_exits_2_without_a_request(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """--timeout-s inf (an operator's "no limit") cannot be set on a request: one line, exit 2,
+    and nothing sent, like 0 or a negative number."""
+    assert await run(fake_graph, "subscriptions", WABA, "--timeout-s", value) == 2
+    assert fake_graph.requests == []
+    out, err = output(capsys)
+    assert out == ""
+    assert err == f"error: --timeout-s {value}: expected a positive number of seconds\n"
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        pytest.param(200, NESTED, "HTTP 200 OK with a non-JSON body", id="success"),
+        pytest.param(
+            500, b'{"error": ' + NESTED + b"}", "HTTP 500 Internal Server Error", id="error"
+        ),
+    ],
+)
+async def test_json_nested_too_deep_to_read_is_a_non_json_answer(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str], status: int, body: bytes, said: str
+) -> None:
+    """An answer nested deeper than Python's parser goes (a broken proxy's, say) is reported
+    like any unreadable answer, in one line with exit 1, not as a traceback."""
+    fake_graph.answer(status, body)
+    assert await run(fake_graph, "subscriptions", WABA) == 1
+    out, err = output(capsys)
+    assert out == ""
+    assert err.startswith("error: Graph API answered ")
+    assert said in err
+    assert err.count("\n") == 1
+
+
+async def test_a_usage_header_nested_too_deep_is_ignored_with_a_warning(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Usage reporting is never why a command fails: such a header is malformed, like any."""
+    fake_graph.answer(
+        200, sample("graph-subscribed_apps-post-response.json"), **{USAGE: "[" * 5000}
+    )
+    assert await run(fake_graph, "subscribe", WABA) == 0
+    out, err = output(capsys)
+    assert out.startswith("subscribed")
+    assert err == "warning: ignoring malformed X-Business-Use-Case-Usage header: not JSON\n"
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("command", ["subscriptions", "subscribe", "unsubscribe"])
+async def test_a_redirect_is_reported_not_followed(
+    fake_graph: FakeGraph,
+    other_host: FakeGraph,
+    capsys: pytest.CaptureFixture[str],
+    status: int,
+    command: str,
+) -> None:
+    """The Graph API does not redirect its calls: a redirect (a proxy, a wrong --graph-url) is
+    one failure line naming where it leads, and the other server is not asked. Followed, its
+    answer (here an empty list, got without the token) was taken for Meta's, and a POST
+    became a GET."""
+    other_host.answer(200, sample("graph-subscribed_apps-get-empty.json"))
+    location = f"{other_host.url}/v21.0/{WABA}/subscribed_apps?cursor=abc"
+    fake_graph.answer(status, b"", Location=location)
+    assert await run(fake_graph, command, WABA) == 1
+    assert len(fake_graph.requests) == 1
+    assert other_host.requests == []
+    out, err = output(capsys)
+    assert out == ""
+    port = other_host.url.rsplit(":", 1)[1]
+    assert err.startswith(f"error: Graph API answered HTTP {status} ")
+    assert f"a redirect to http://127.0.0.1:{port}, not followed: check --graph-url" in err
+    assert "cursor=abc" not in err
+    assert err.count("\n") == 1
+
+
+async def test_an_unconfirmed_answer_that_echoes_the_token_is_redacted(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The "did not confirm success" line quotes Meta's answer: without the token in it."""
+    fake_graph.answer(200, json.dumps({"success": False, "debug": f"token {TOKEN}"}).encode())
+    assert await run(fake_graph, "unsubscribe", WABA) == 1
+    _, err = output(capsys)
+    assert err == (
+        'error: Graph API did not confirm success: {"success": false, "debug": "token'
+        ' [redacted]"}\n'
+    )
+
+
+async def test_a_redirect_on_the_same_host_is_reported_too(
+    fake_graph: FakeGraph, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relative Location is named by the host it stays on; still not followed."""
+    fake_graph.answer(302, b"", Location=f"/v21.0/{WABA}/subscribed_apps/")
+    assert await run(fake_graph, "subscriptions", WABA) == 1
+    assert len(fake_graph.requests) == 1
+    _, err = output(capsys)
+    assert err == (
+        "error: Graph API answered HTTP 302 Found, a redirect to another path on 127.0.0.1,"
+        " not followed: check --graph-url\n"
+    )

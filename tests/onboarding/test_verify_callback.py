@@ -64,6 +64,8 @@ def verify_error(code: int, message: str) -> ssl.SSLCertVerificationError:
         (200, b"", "wrong_body", "the body is empty"),
         (200, b"challenge=1158201444", "wrong_body", "holds the challenge among other text"),
         (200, b"ok", "wrong_body", "'ok' is not the challenge '1158201444'"),
+        # Nested deeper than Python's JSON parser goes: a body like any other, not a traceback.
+        (200, b"[" * 65_537, "wrong_body", "'[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["),
         (403, b"hub.verify_token does not match", "token_refused", "verify token refused"),
         (400, b"", "token_refused", "HTTP 400"),
         (401, b"", "token_refused", "HTTP 401"),
@@ -524,6 +526,9 @@ def test_refuses_plain_http_as_meta_does(capsys: pytest.CaptureFixture[str]) -> 
         ["https://example.com/webhook", "--verify-token", "t", "--cert", "client.pem"],
         ["https://example.com/webhook", "--verify-token", "t", "--ca-file", "/nonexistent.pem"],
         ["https://example.com/webhook", "--verify-token", "t", "--timeout-s", "0"],
+        # "No limit" is not a timeout aiohttp can set: it failed with a traceback.
+        ["https://example.com/webhook", "--verify-token", "t", "--timeout-s", "inf"],
+        ["https://example.com/webhook", "--verify-token", "t", "--timeout-s", "nan"],
         ["https://gw..example.com/webhook", "--verify-token", "t"],
         ["https://" + "a" * 64 + ".example.com/webhook", "--verify-token", "t"],
     ],
