@@ -174,21 +174,45 @@ class ConfigReader(Reader):
         return tuple(targets)
 
     def target_tls(self, key: str, target: TargetConfig) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
         files = {"ca_file": target.ca_file, "cert_file": target.cert_file}
         files["key_file"] = target.key_file
+        # The schemes that always speak TLS, whatever the kind (check_kind then holds each
+        # kind to its own). Every server of a NATS target must be tls://: nats-py speaks TLS
+        # to a nats:// server only if that server asks for it, while the sender refuses a
+        # tls:// server that does not (gateway.delivery.nats_jetstream).
+        servers = nats_servers(target.url) if target.kind == "nats" else [target.url]
+        plain = [
+            each for each in servers if not each.startswith(("https://", "rediss://", "tls://"))
+        ]
         for name, path in files.items():
-            if path is not None and not target.url.startswith("https://"):
+            if path is not None and plain:
                 # A file that would never be used is a mistake the operator should hear of.
                 # The URL as shown anywhere else: without the user info it may carry.
                 shown = redact_servers(target.url)
-                scheme, sep, _ = target.url.partition("://")
+                scheme, sep, _ = plain[0].partition("://")
                 if sep and scheme.isalnum():
                     article = "an" if scheme == "http" else "a"  # "an http://", "a tls://"
-                    what = f"{article} {scheme}:// target"
+                    # Some servers of several: the others are tls://.
+                    what = f"{article} {scheme}:// " + ("target" if plain == servers else "server")
                 else:
-                    what = "a target whose URL is not https://"
+                    what = "a target whose URL is not https://, rediss:// or tls://"
                 expected = f"no TLS file for {what} ({key}.url = {shown!r})"
                 raise self.error(f"{key}.{name}", str(path), expected)
+        first = next((name for name, path in files.items() if path is not None), None)
+        if first is not None and target.kind == "redis":
+            # redis-py's own TLS options in the URL build a context of their own, which the
+            # one from these files replaces: a setting that is silently ignored is refused.
+            options = sorted(
+                name for name in parse_qs(urlsplit(target.url).query) if name.startswith("ssl")
+            )
+            if options:
+                expected = (
+                    f"no {options[0]} option with {key}.{first} set: a target's ca_file,"
+                    " cert_file and key_file make its TLS, and the URL's option would be ignored"
+                )
+                raise self.error(f"{key}.url", redact_servers(target.url), expected)
         if (target.cert_file is None) != (target.key_file is None):
             given, missing = ("cert_file", "key_file")[:: 1 if target.key_file is None else -1]
             raise ConfigError(

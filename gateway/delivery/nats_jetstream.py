@@ -22,6 +22,13 @@ encodes and validates the headers, makes a future, a token and a done callback, 
 semaphore, for every message, and its subscriptions hand each message on as an object, through
 a queue, to a task: together more than twice the CPU per delivery of the whole HTTP target's
 path.
+
+TLS: nats-py upgrades a connection to TLS only when the server's INFO asks for it, whatever the
+URL's scheme or a context given, and otherwise speaks in the clear. So a ``tls://`` server, and
+every server of a target with its own ``ca_file`` or ``cert_file`` (the context built from them,
+:mod:`gateway.delivery.target_tls`), is refused before anything is sent unless it requires TLS.
+The certificate is checked against each server's own host name, nats-py's default: a single
+``tls_hostname`` would be wrong for all the servers of a list but one.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats
@@ -137,6 +146,39 @@ class _Client(Client):
             return
         await super()._process_msg(sid, subject, reply, data, headers)
 
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        # The server's first INFO on each connection (and each reconnection), read before
+        # nats-py decides on TLS and before CONNECT carries the credentials: a server that
+        # does not require TLS would be spoken to in the clear.
+        server = self._current_server
+        if (
+            initial_connection
+            and server is not None
+            # Held to TLS: a tls:// server, or any server with the target's own context.
+            and (server.uri.scheme == "tls" or "tls" in self.options)
+            and not info.get("tls_required")
+        ):
+            raise _NotTls(
+                f"{server.uri.hostname}:{server.uri.port} does not require TLS, so nats-py"
+                " would not use it: a tls:// server, or one with the target's ca_file or"
+                " cert_file, is never spoken to in the clear"
+            )
+        await super()._process_info(info, initial_connection)
+
+
+class _NotTls(nats.errors.Error):
+    """A server to be spoken to over TLS does not require it; ``str()`` says so whole."""
+
+
+class _CannotConnect(nats.errors.Error):
+    """No server was connected to, and ``failure`` is why: what nats-py told the error
+    callback last. Its own error says only that no server is left, or (after a failed TLS
+    handshake, where it waits for a connection to close that never does) none in time."""
+
+    def __init__(self, failure: BaseException) -> None:
+        super().__init__(failure)
+        self.failure = failure
+
 
 class _Batch:
     """The results of one exchange, filled in as the acknowledgements arrive."""
@@ -155,9 +197,13 @@ class JetStreamSender:
     """Publishes deliveries to one subject over one NATS connection, acknowledgements coming
     back on one subscription."""
 
-    def __init__(self, target: TargetConfig) -> None:
+    def __init__(self, target: TargetConfig, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the context of the target's own ``ca_file`` / ``cert_file``, used with
+        every server, each held to TLS; None: nats-py's default context (the system's trust
+        store) with a server that requires TLS."""
         assert target.subject is not None  # load_config requires it with kind = "nats"
         self.target = target
+        self._tls = tls
         self._subject = target.subject
         # nats-py sends each server's own user info, so a server written without (the second
         # of "nats://USER:PASSWORD@a:4222,nats://b:4222") would get none: the credentials are
@@ -184,6 +230,7 @@ class JetStreamSender:
         # reused, so an acknowledgement that comes after its batch gave up finds nothing.
         self._waiting: dict[bytes, tuple[_Batch, int]] = {}
         self._serial = 0
+        self._failure: BaseException | None = None  # nats-py's last error, see _CannotConnect
 
     async def _connected(self) -> _Client:
         """The connection, made now if there is none (or the last one was lost for good), with
@@ -195,6 +242,7 @@ class JetStreamSender:
             if self._client is not None and not self._client.is_closed:
                 return self._client
             client = _Client(self._on_reply)
+            self._failure = None
             try:
                 async with asyncio.timeout(self.target.timeout_s):
                     await client.connect(
@@ -212,19 +260,27 @@ class JetStreamSender:
                         user=self._user,
                         password=self._password,
                         token=self._token,
+                        # None: nats-py's default context, with a server that requires TLS.
+                        tls=self._tls,
                     )
                     # One inbox for every reply on this connection; nats-py subscribes it
                     # again, with the same id, on a reconnect.
                     inbox = client.new_inbox() + "."
                     subscription = await client.subscribe(inbox + "*")
                     client.reply_sid = subscription._id
-            except BaseException:
+            except BaseException as exc:
                 await client.close()
+                failure = self._failure
+                if failure is not None and isinstance(
+                    exc, TimeoutError | nats.errors.NoServersError
+                ):
+                    raise _CannotConnect(failure) from exc
                 raise
             self._client, self._inbox = client, inbox.encode()
             return client
 
     async def _on_error(self, exc: Exception) -> None:
+        self._failure = exc
         log.debug("target %s: nats: %s", self.target.name, exc)
 
     async def _on_disconnected(self) -> None:
@@ -375,6 +431,10 @@ async def _publish(client: Client, data: bytes) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, _CannotConnect):
+        exc = exc.failure
+    if isinstance(exc, _NotTls):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}".rstrip(": ") if str(exc) else type(exc).__name__
 
 

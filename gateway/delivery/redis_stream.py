@@ -15,12 +15,17 @@ the batch's ``XADD`` commands formatted from one template per set of field names
 once, and the replies parsed by a hiredis reader from the bytes as they arrive, all of a read at
 a time. redis-py packs every argument in Python and reads one reply per call through several
 layers of coroutines, which cost more CPU per delivery than the whole HTTP target's path.
+
+A ``rediss://`` target with its own ``ca_file`` or ``cert_file`` is connected to with the context
+built from them (:mod:`gateway.delivery.target_tls`), given to asyncio as it is: redis-py's own
+TLS options would build another from file names, on top of the system's trust store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.exceptions import ConnectionError, InvalidResponse, RedisError, ResponseError
 
 from gateway.config import TargetConfig
@@ -135,7 +140,9 @@ class RedisStreamSender:
     """Adds deliveries to one Redis stream over connections from redis-py's asyncio pool, each
     kept by the sender between its batches."""
 
-    def __init__(self, target: TargetConfig) -> None:
+    def __init__(self, target: TargetConfig, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the context of the target's own ``ca_file`` / ``cert_file``, for a
+        ``rediss://`` URL; None: redis-py's TLS for one (the system's trust store)."""
         assert target.stream is not None  # load_config requires it with kind = "redis"
         self.target = target
         self._stream = target.stream
@@ -162,14 +169,21 @@ class RedisStreamSender:
         # probe) with the reason, for good, rather than the process or every batch raising,
         # or the sender speaking another protocol than it reads.
         self._refused: str | None = None
+        connecting: dict[str, Any] = {}
+        if tls is not None:
+            # Refused as load_config refuses them: a context never used, or one that would
+            # silently replace what the URL's own TLS options ask for.
+            self._refused = _tls_refusal(target.url)
+            # The caller's connection class wins over the one redis-py picks for the scheme.
+            connecting = {"connection_class": _TlsConnection, "tls_context": tls}
         try:
-            self._client = aioredis.Redis.from_url(target.url, **options)
+            self._client = aioredis.Redis.from_url(target.url, **options, **connecting)
         except ValueError as exc:  # a value redis-py cannot read ("?db=x")
             self._refused = _refusal(exc)
             self._client = aioredis.Redis(**options)  # never used: nothing is sent
         else:
             if parse_qs(urlsplit(target.url).query).keys() & options.keys():
-                self._refused = redis_url_refusal(target.url)
+                self._refused = self._refused or redis_url_refusal(target.url)
         # Connections this sender holds between batches, each taken by one batch at a time.
         self._idle: list[AbstractConnection] = []
 
@@ -289,6 +303,32 @@ class RedisStreamSender:
         for connection in idle:
             await self._client.connection_pool.release(connection)
         await self._client.aclose()
+
+
+class _TlsConnection(Connection):
+    """A connection over TLS with the context built from the target's own files. asyncio
+    verifies the server's certificate against the host connected to, the URL's, as the
+    context's ``check_hostname`` (on in every context target_tls builds) asks."""
+
+    def __init__(self, *, tls_context: ssl.SSLContext, **kwargs: Any) -> None:
+        self._tls_context = tls_context
+        super().__init__(**kwargs)
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {**super()._connection_arguments(), "ssl": self._tls_context}
+
+
+def _tls_refusal(url: str) -> str | None:
+    """Why the context of a target's own files cannot be used with ``url``, or None."""
+    if not url.startswith("rediss://"):
+        return "ca_file and cert_file are for rediss:// URLs: this one is never TLS"
+    options = sorted(name for name in parse_qs(urlsplit(url).query) if name.startswith("ssl"))
+    if options:
+        return (
+            f"{options[0]!r} in the URL beside the target's ca_file or cert_file: those make"
+            " its TLS, and the URL's option would be ignored"
+        )
+    return None
 
 
 class _Refused(RedisError):

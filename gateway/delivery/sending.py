@@ -63,8 +63,9 @@ _ADAPTERS = {
 
 def sender_for(target: TargetConfig, tls: ssl.SSLContext | None = None) -> Sender:
     """The adapter for ``target``'s kind; ``tls``: the context built from the target's own
-    ``ca_file`` / ``cert_file`` (gateway.delivery.target_tls), for the kinds that take one."""
+    ``ca_file`` / ``cert_file`` (gateway.delivery.target_tls), which every adapter takes: an
+    https://, rediss:// or tls:// target's, the only ones the configuration gives them to."""
     module, name = _ADAPTERS[target.kind].split(":")
     adapter = getattr(importlib.import_module(module), name)
-    sender: Sender = adapter(target) if tls is None else adapter(target, tls)
+    sender: Sender = adapter(target, tls)
     return sender

@@ -121,7 +121,9 @@ async def outbox_report(config: Config) -> list[str]:
 async def targets_report(config: Config) -> list[str]:
     """A line per broker target, probed together. Raises TargetError when ``serve`` would
     dead-letter every delivery to one (a NATS subject no stream captures)."""
-    senders = [sender_for(target) for target in config.targets]
+    # With the contexts serve builds: a broker behind a private CA is reached as serve reaches it.
+    contexts = target_contexts(config.targets, source=config.source)
+    senders = [sender_for(target, contexts.get(target.name)) for target in config.targets]
     try:
         found = await asyncio.gather(
             *(_probe(sender.probe()) for sender in senders), return_exceptions=True

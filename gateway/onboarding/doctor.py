@@ -23,6 +23,7 @@ from OpenSSL import crypto
 
 from gateway.config import Config, OutboxConfig, TargetConfig, TlsConfig, redact_url
 from gateway.delivery.sending import sender_for
+from gateway.delivery.target_tls import build_target_context
 from gateway.edge.tls import build_server_context, stale_crls
 from gateway.errors import (
     CertificateError,
@@ -170,12 +171,14 @@ def _client_cas(tls: TlsConfig, now: datetime.datetime) -> list[Finding]:
 async def _targets(targets: Sequence[TargetConfig]) -> list[Finding]:
     if not targets:
         return [Finding("WARN", "no [[targets]]", "notifications are stored, never forwarded")]
-    return list(await asyncio.gather(*(_reach(target) for target in targets)))
+    return list(
+        await asyncio.gather(*(_reach(target, index) for index, target in enumerate(targets)))
+    )
 
 
-async def _reach(target: TargetConfig) -> Finding:
+async def _reach(target: TargetConfig, index: int) -> Finding:
     if target.kind != "http":
-        return await _reach_broker(target)
+        return await _reach_broker(target, f"targets[{index}]")
     parts = urlsplit(target.url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -198,9 +201,14 @@ async def _reach(target: TargetConfig) -> Finding:
     return Finding("OK", f"{where} accepts connections")
 
 
-async def _reach_broker(target: TargetConfig) -> Finding:
-    """A broker target: connected to as ``check`` does (and, for NATS, its stream found)."""
-    sender = sender_for(target)
+async def _reach_broker(target: TargetConfig, key: str) -> Finding:
+    """A broker target: connected to as ``check`` does (and, for NATS, its stream found), with
+    its own CA and client certificate as ``serve`` uses them (``key``: where it is configured)."""
+    try:
+        context = build_target_context(target, key)
+    except CertificateError as exc:
+        return Finding("FAIL", str(exc), "serve refuses to start with it")
+    sender = sender_for(target, context)
     try:
         found = await sender.probe()
     except TargetUnreachable as exc:

@@ -3,7 +3,9 @@
 Rule: each is Debian's own binary (``redis-server``, ``nats-server -js``), started as a child
 process on a free port in a temporary folder, stopped with the test. :meth:`down` and :meth:`up`
 stop it and start it again on the same port (both keep their data in their folder), so a
-broker that goes away and comes back looks exactly like that to the gateway. ``.ci/run``
+broker that goes away and comes back looks exactly like that to the gateway. Given a
+:class:`ServerTls`, each speaks TLS only (``rediss://``, ``tls://``), with a certificate from a
+test's own CA, and with a client CA asks every client for a certificate it signed. ``.ci/run``
 installs both packages where missing; without them the tests fail saying so, never skip.
 """
 
@@ -18,13 +20,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from loopback_ports import free_port
 
 from gateway.outbox import Delivery
 
-__all__ = ["BrokerServer", "nats_server", "pending_delivery", "redis_server"]
+__all__ = ["BrokerServer", "ServerTls", "nats_server", "pending_delivery", "redis_server"]
 
 _START_S = 10.0
 
@@ -37,6 +40,16 @@ def _binary(name: str, package: str) -> str:
             f" (.ci/run does: apt-get install -y {package})"
         )
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """A broker's TLS: its certificate chain (leaf first) and key, and the CA a client's
+    certificate must come from (None: it asks clients for none)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
 
 
 class BrokerServer:
@@ -110,15 +123,26 @@ def _stopped(task: Path) -> bool:
 
 
 @contextlib.contextmanager
-def redis_server(*options: str) -> Iterator[BrokerServer]:
+def redis_server(*options: str, tls: ServerTls | None = None) -> Iterator[BrokerServer]:
     """A Redis server keeping its data across a restart (append-only file, as a Redis that
-    holds deliveries should); ``options`` as redis-server takes them."""
+    holds deliveries should); ``options`` as redis-server takes them. With ``tls``, its one
+    port speaks TLS only: no plain port beside it that a client could fall back to."""
     binary = _binary("redis-server", "redis-server")
     with tempfile.TemporaryDirectory(prefix="waba-redis-") as folder:
         port = free_port()
-        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder]
+        if tls is None:
+            command, scheme = [binary, "--port", str(port)], "redis"
+        else:
+            command, scheme = [binary, "--port", "0", "--tls-port", str(port)], "rediss"
+            command += ["--tls-cert-file", str(tls.cert_file), "--tls-key-file", str(tls.key_file)]
+            if tls.client_ca_file is None:
+                command += ["--tls-auth-clients", "no"]
+            else:
+                command += ["--tls-ca-cert-file", str(tls.client_ca_file)]
+                command += ["--tls-auth-clients", "yes"]
+        command += ["--bind", "127.0.0.1", "--dir", folder]
         command += ["--save", "", "--appendonly", "yes", "--protected-mode", "no", *options]
-        server = BrokerServer(command, port, "redis")
+        server = BrokerServer(command, port, scheme)
         server.up()
         try:
             yield server
@@ -127,15 +151,23 @@ def redis_server(*options: str) -> Iterator[BrokerServer]:
 
 
 @contextlib.contextmanager
-def nats_server(*options: str) -> Iterator[BrokerServer]:
+def nats_server(*options: str, tls: ServerTls | None = None) -> Iterator[BrokerServer]:
     """A NATS server with JetStream, its streams kept in a temporary folder across restarts;
-    ``options`` as nats-server takes them."""
+    ``options`` as nats-server takes them. With ``tls``, it requires TLS of every client (its
+    INFO says ``tls_required``)."""
     binary = _binary("nats-server", "nats-server")
     with tempfile.TemporaryDirectory(prefix="waba-nats-") as folder:
         port = free_port()
         store = Path(folder) / "jetstream"
-        command = [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port), *options]
-        server = BrokerServer(command, port, "nats")
+        command = [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)]
+        scheme = "nats"
+        if tls is not None:
+            command += ["--tls", "--tlscert", str(tls.cert_file), "--tlskey", str(tls.key_file)]
+            if tls.client_ca_file is not None:
+                command += ["--tlsverify", "--tlscacert", str(tls.client_ca_file)]
+            scheme = "tls"
+        command += options
+        server = BrokerServer(command, port, scheme)
         server.up()
         try:
             yield server

@@ -1466,11 +1466,11 @@ TOKEN = "S3cr3tT0kenXYZ"
         pytest.param(
             {
                 **NATS,
-                "targets[0].url": f'"tls://{TOKEN}@nats-1:4222"',
+                "targets[0].url": f'"tls://{TOKEN}@nats-1:4222,nats://nats-2:4222"',
                 "targets[0].ca_file": '"ca"',
             },
-            "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for a tls:// target"
-            " (targets[0].url = 'tls://***@nats-1:4222')",
+            "<file>: targets[0].ca_file = '<dir>/ca': expected no TLS file for a nats:// server"
+            " (targets[0].url = 'tls://***@nats-1:4222,nats://nats-2:4222')",
             id="nats-token-beside-a-tls-file",
         ),
         pytest.param(
