@@ -231,6 +231,7 @@ class JetStreamSender:
         self._waiting: dict[bytes, tuple[_Batch, int]] = {}
         self._serial = 0
         self._failure: BaseException | None = None  # nats-py's last error, see _CannotConnect
+        self._closing: set[asyncio.Task[None]] = set()  # connections let go (_let_go)
 
     async def _connected(self) -> _Client:
         """The connection, made now if there is none (or the last one was lost for good), with
@@ -247,7 +248,12 @@ class JetStreamSender:
                 async with asyncio.timeout(self.target.timeout_s):
                     await client.connect(
                         servers=self._servers,
-                        connect_timeout=max(1, int(self.target.timeout_s)),
+                        # Each server's share of timeout_s, tried twice each: a server that
+                        # takes the TCP connection and then says nothing (frozen, or half of a
+                        # partition) must leave time for the next one within this attempt.
+                        connect_timeout=_connect_timeout_s(
+                            self.target.timeout_s, len(self._servers)
+                        ),
                         # Each server tried twice, then the connection is given up: the
                         # dispatcher's retries and backoff decide when to connect again, so a
                         # broker that is down costs an attempt, not a wait of timeout_s.
@@ -357,7 +363,8 @@ class JetStreamSender:
                 await _publish(client, b"".join(parts))
                 await batch.done
         except TimeoutError:
-            pass
+            if batch.left == len(tokens):
+                self._let_go(client)
         except (OSError, nats.errors.Error) as exc:
             failed = AttemptResult(error=f"nats: {_reason(exc)}"[:300])
             for token in tokens:
@@ -397,10 +404,42 @@ class JetStreamSender:
             f" (max_payload {client.max_payload} bytes)"
         )
 
+    def _let_go(self, client: _Client) -> None:
+        """Not one acknowledgement of a batch in timeout_s: the connection may be dead without
+        knowing it (a broker gone without closing it, a partition), which nats-py's pings find
+        out only after ping_interval times max_outstanding_pings, minutes; until then every
+        batch would wait out its timeout on it. It is let go, so that the next batch connects
+        again, to another server of the list if this one is gone. Closed in the background,
+        within a time limit: closing flushes, and a dead connection takes nothing."""
+        if self._client is client:
+            self._client = None
+            log.info(
+                "target %s: no acknowledgement from NATS in %gs; connecting again",
+                self.target.name,
+                self.target.timeout_s,
+            )
+            closing = asyncio.create_task(_close_within(client, self.target.timeout_s))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _connect_timeout_s(timeout_s: float, servers: int) -> int:
+    """nats-py's connect_timeout (whole seconds, at least one): each server's share of
+    ``timeout_s``, every server being tried twice within one attempt."""
+    return max(1, int(timeout_s / (2 * max(1, servers))))
+
+
+async def _close_within(client: Client, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError, OSError, nats.errors.Error):
+        async with asyncio.timeout(timeout_s):
+            await client.close()
 
 
 async def _publish(client: Client, data: bytes) -> None:

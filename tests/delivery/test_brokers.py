@@ -639,3 +639,39 @@ async def test_check_refuses_a_redis_url_option_redis_py_refuses_in_one_line(
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: {config}: targets[0].url = 'redis://127.0.0.1:{redis.port}/0")
     assert "expected a redis:// or rediss:// URL whose options redis-py takes" in err
+
+
+async def test_a_nats_connection_that_falls_silent_is_let_go_for_another_server() -> None:
+    """Two NATS servers; the one the sender is connected to freezes (SIGSTOP: the connection
+    stays open, nothing is answered, as behind a partition). The batch sent then times out, and
+    the next one connects again, to the other server, and is stored there, instead of waiting
+    out its timeout on the silent connection until nats-py's pings notice, minutes later."""
+    with nats_server() as one, nats_server() as two:
+        for server in (one, two):
+            client = await nats_connect(server.url)
+            await client.jetstream().add_stream(name="SILENT", subjects=["silent.>"])
+            await client.close()
+
+        async def stored(server: BrokerServer) -> int:
+            client = await nats_connect(server.url)
+            try:
+                return int((await client.jetstream().stream_info("SILENT")).state.messages)
+            finally:
+                await client.close()
+
+        url = f"{one.url},{two.url}"
+        target = TargetConfig(name="t", kind="nats", url=url, subject="silent.x", timeout_s=4)
+        sender = JetStreamSender(target)
+        try:
+            (first,) = await sender.send_many([pending_delivery(1)], [1])
+            assert first.accepted, first.error
+            connected, other = (one, two) if await stored(one) == 1 else (two, one)
+            with connected.frozen():
+                (silent,) = await sender.send_many([pending_delivery(2)], [1])
+                assert not silent.accepted
+                assert "no acknowledgement" in (silent.error or "")
+                (after,) = await sender.send_many([pending_delivery(3)], [1])
+                assert after.accepted, after.error
+                assert await stored(other) == 1
+        finally:
+            await sender.close()
