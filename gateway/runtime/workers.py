@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import multiprocessing
 import os
@@ -117,8 +118,12 @@ def _die_with_parent(supervisor: int) -> None:
         raise SystemExit(1)
 
 
-def _ask_supervisor_to_reload_the_others() -> None:
-    os.kill(os.getppid(), _RELOAD_OTHERS)
+def _ask_supervisor_to_reload_the_others(supervisor: int) -> None:
+    # Only while the supervisor is still this worker's parent: once it is gone, the parent is
+    # init (or a container's first process, or a subreaper), to which SIGUSR1 means something
+    # else or ends it; this worker is then on its way out anyway (PR_SET_PDEATHSIG).
+    if os.getppid() == supervisor:
+        os.kill(supervisor, _RELOAD_OTHERS)
 
 
 def _worker(
@@ -143,7 +148,11 @@ def _worker(
         primary=index == 0,
         wake_channel=wake_channel,
         metrics_dir=metrics_dir,
-        reload_siblings=_ask_supervisor_to_reload_the_others if index == 0 else None,
+        reload_siblings=(
+            functools.partial(_ask_supervisor_to_reload_the_others, supervisor)
+            if index == 0
+            else None
+        ),
         sock=sock,
         claim=False,  # the supervisor holds the outbox for all its workers
     )

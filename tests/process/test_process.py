@@ -420,3 +420,33 @@ def test_serve_ignores_sighup_before_its_command_modules_load(
         check=False,
     )
     assert done.stdout.strip() == expected, done.stderr
+
+
+def test_worker_zero_asks_only_its_own_supervisor_to_reload_the_others(tmp_path: Path) -> None:
+    """Worker 0 asks the supervisor that started it (SIGUSR1) to reload the others, and no
+    process that merely is its parent now: after the supervisor's death its parent is init,
+    a container's first process or a subreaper, to which SIGUSR1 means something else."""
+    trap = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(3))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    bystander = subprocess.Popen([sys.executable, "-c", trap], stdout=subprocess.PIPE, text=True)
+    try:
+        assert bystander.stdout is not None
+        assert bystander.stdout.readline() == "ready\n"
+        worker = (
+            "import sys\n"
+            "from gateway.runtime.workers import _ask_supervisor_to_reload_the_others as ask\n"
+            "ask(int(sys.argv[1]))\n"
+        )
+        # The bystander is not this child's parent (the test is): it must hear nothing.
+        subprocess.run(
+            [sys.executable, "-c", worker, str(bystander.pid)], check=True, timeout=DEADLINE_S
+        )
+        with pytest.raises(subprocess.TimeoutExpired):
+            bystander.wait(timeout=1)
+    finally:
+        bystander.kill()
+        bystander.communicate()
