@@ -38,6 +38,7 @@ from redis.exceptions import ConnectionError, InvalidResponse, RedisError, Respo
 
 from gateway.config import TargetConfig
 from gateway.config.rules import redis_url_refusal
+from gateway.delivery.answers import kept_words
 from gateway.delivery.headers import delivery_headers
 from gateway.errors import TargetError, TargetUnreachable
 from gateway.outbox import Delivery
@@ -57,21 +58,24 @@ _MORE = object()  # the reader's answer while a reply is incomplete
 _FIELDS: dict[tuple[str, ...], bytes] = {}
 
 
-def result_of(reply: object, stream: str) -> AttemptResult:
-    """One pipeline reply to ``XADD`` as an attempt's result. An entry id is kept as the stream
-    it went to, not the id: as for an HTTP target's 2xx (:mod:`gateway.delivery.answers`), the
-    outcome says what an operator needs, and the result is one shared value rather than one
-    made per delivery."""
+def result_of(reply: object, stream: str, body: bytes) -> AttemptResult:
+    """One pipeline reply to ``XADD`` of ``body`` as an attempt's result. An entry id is kept
+    as the stream it went to, not the id: as for an HTTP target's 2xx
+    (:mod:`gateway.delivery.answers`), the outcome says what an operator needs, and the result
+    is one shared value rather than one made per delivery."""
     if isinstance(reply, bytes | str):
         return _added(stream)
     if isinstance(reply, ResponseError):
         # Redis quotes the first arguments of a command it does not know ("ERR unknown
         # command 'XADD', with args beginning with: 'stream' 'body' '{...") when XADD is
         # renamed or disabled: those are the notification's bytes, and message text and phone
-        # numbers never go into an error kept in the outbox, shown and logged.
-        text = str(reply).partition(_ARGS_QUOTED)[0][:300]
+        # numbers never go into an error kept in the outbox, shown and logged. A server that
+        # speaks Redis's protocol may quote them in words of its own: what is left is kept as
+        # a target's own words are (answers.kept_words: masked, and not at all if it repeats
+        # the notification).
+        text = str(reply).partition(_ARGS_QUOTED)[0]
         permanent = text.startswith(_PERMANENT)
-        return AttemptResult(error=f"redis: {text}", permanent=permanent)
+        return AttemptResult(error=f"redis: {kept_words(body, text)}"[:300], permanent=permanent)
     if isinstance(reply, BaseException):
         return AttemptResult(error=f"redis: {type(reply).__name__}: {reply}"[:300])
     return AttemptResult(error=f"redis: unexpected reply {reply!r}"[:300])
@@ -219,8 +223,8 @@ class RedisStreamSender:
         added = _added(self._stream)
         return [
             # The usual reply, an entry id, without the general case's checks.
-            added if type(reply) is bytes else result_of(reply, self._stream)
-            for reply in replies
+            added if type(reply) is bytes else result_of(reply, self._stream, delivery.body)
+            for reply, delivery in zip(replies, deliveries, strict=True)
         ]
 
     async def _exchange(self, commands: bytes, count: int) -> list[object]:

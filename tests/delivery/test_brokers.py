@@ -286,6 +286,21 @@ async def _wait_received(destination: RedisDestination | NatsDestination) -> lis
             id="renamed-command-keeps-no-argument",
         ),
         pytest.param(
+            ResponseError(
+                "ERR unknown command `XADD`, with arguments beginning with: `stream`, `body`,"
+                ' `{"object":"whatsapp_business_account","entry":[{"changes":[{"value":'
+                '{"contacts":[{"wa_id":"16315551234"}],"messages":[{"text":{"body":'
+                '"Hello, I need help with my order"}}]}}]}]}`'
+            ),
+            AttemptResult(error="redis: (not kept: it repeats the notification)"),
+            id="another-server-quoting-the-body-in-its-own-words",
+        ),
+        pytest.param(
+            ResponseError("ERR unknown stream 447700900123"),
+            AttemptResult(error="redis: ERR unknown stream ***"),
+            id="a-phone-number-in-a-short-error-is-masked",
+        ),
+        pytest.param(
             ConnectionError("Connection reset by peer"),
             AttemptResult(error="redis: ConnectionError: Connection reset by peer"),
             id="connection-lost",
@@ -293,8 +308,17 @@ async def _wait_received(destination: RedisDestination | NatsDestination) -> lis
     ],
 )
 def test_each_xadd_reply_is_one_attempt_result(reply: object, expected: AttemptResult) -> None:
-    """An entry id is accepted; WRONGTYPE will never change; anything else may."""
-    assert result_of(reply, "s") == expected
+    """An entry id is accepted; WRONGTYPE will never change; anything else may. An error is
+    kept as a target's own words are: nothing of the notification it was sent (_XADD_BODY)."""
+    assert result_of(reply, "s", _XADD_BODY) == expected
+
+
+# The notification the replies above answer: the one the quoting replies quote.
+_XADD_BODY = (
+    b'{"object":"whatsapp_business_account","entry":[{"changes":[{"value":{"contacts":'
+    b'[{"wa_id":"16315551234"}],"messages":[{"from":"16315551234","text":{"body":'
+    b'"Hello, I need help with my order"},"type":"text"}]},"field":"messages"}]}]}'
+)
 
 
 async def test_maxlen_trims_the_stream_approximately(redis: BrokerServer) -> None:
