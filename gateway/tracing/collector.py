@@ -4,25 +4,36 @@ posted with the retries OTLP/HTTP asks for.
 
 Rule: the variables are read once, at start, as OpenTelemetry's own OTLP/HTTP exporter reads
 them (``OTEL_EXPORTER_OTLP_TRACES_*`` before ``OTEL_EXPORTER_OTLP_*``; the endpoint of
-``[tracing]`` before either); a header's value (a vendor's API key) is never logged.
+``[tracing]`` before either), and the TLS files they name are checked then; a header's value (a
+vendor's API key) and the URL's credentials are never logged. An export reads no more of the
+collector's answer than OTLP's answers need, and gives up at the deadline it is given.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import email.utils
 import gzip
 import http.client
 import logging
+import math
 import random
+import socket
 import ssl
 import threading
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
 from gateway.config.rules import host_name_problem
-from gateway.errors import ConfigError
+from gateway.errors import CertificateError, ConfigError
+from gateway.tlsfiles import at, check_ca_bundle, check_key_pair, load
 from gateway.units import SECONDS
 
 __all__ = ["Collector", "collector_from"]
@@ -35,6 +46,9 @@ _DEFAULT_TIMEOUT_S: Final = 10 * SECONDS
 # OTLP/HTTP: these answers (and no answer at all) may be retried, with exponential backoff.
 _RETRYABLE: Final = frozenset({429, 502, 503, 504})
 _MAX_TRIES: Final = 6
+# The longest wait a collector's Retry-After is followed for: the batch holds the exporter (and
+# the queue behind it) while it waits, so not for as long as a collector pleases.
+_MAX_RETRY_AFTER_S: Final = 60 * SECONDS
 # The headers that say how the request is framed and what its body is, which the exporter
 # sets itself: OTLP/HTTP says the client MUST send "Content-Type: application/x-protobuf" with
 # a binary protobuf body and MUST send "Content-Encoding: gzip" when (and only when) it gzips
@@ -45,11 +59,28 @@ _MAX_TRIES: Final = 6
 _FRAMING: Final = frozenset(
     {"content-type", "content-encoding", "content-length", "transfer-encoding", "host"}
 )
+# The most of a collector's answer read. OTLP/HTTP's answers are an ExportTraceServiceResponse
+# (empty, or a partial success: a count and one message) or a google.rpc.Status, a few hundred
+# bytes; anything longer is not the collector's (a proxy's page, a wrong endpoint's stream) and
+# is not kept in memory whole. An answer not read to its end closes the connection.
+_ANSWER_LIMIT: Final = 64 * 1024
+# How much of a collector's partial-success message a warning shows.
+_SHOWN_MESSAGE: Final = 200
+
+
+def _named(env: Mapping[str, str], name: str) -> tuple[str, str | None]:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``: the variable
+    that gives the value (the general one when neither does), and the value."""
+    for variable in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+        value = env.get(variable)
+        if value:
+            return variable, value
+    return f"OTEL_EXPORTER_OTLP_{name}", None
 
 
 def _variable(env: Mapping[str, str], name: str) -> str | None:
     """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``."""
-    return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}")
+    return _named(env, name)[1]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +94,9 @@ class Collector:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # The variable each of the files above came from ("ca_file": its name, ...), for the
+    # message that refuses it: where a setting came from, not part of it.
+    file_variables: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def where(self) -> str:
         """The collector as a log line may name it: scheme, host and port, nothing else."""
@@ -98,8 +132,23 @@ def _postable(url: str, source: str) -> str:
     try:
         parts = urlsplit(url)
         _ = parts.port  # ValueError: not a number in 0..65535
-    except ValueError as exc:
-        raise ConfigError(f"{source}: not a collector URL to post to: {exc}") from None
+    except ValueError:
+        # Not urlsplit's own message: it quotes what it could not read, which may be the
+        # credentials (the whole "user:password@host" of a netloc it refuses, or, where a
+        # password holds a "/" not percent-encoded, the password's first part as the port).
+        raise ConfigError(
+            f"{source}: not a collector URL to post to: its host or port cannot be read"
+            " (a '/', '?', '#' or '@' in a user name or password must be percent-encoded)"
+        ) from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        # A password with a "/", "?" or "#" not percent-encoded ends the authority there
+        # (RFC 3986, section 3.2): a password of digits up to it reads as a port, and the rest
+        # would go out as the path, to the user name taken for the host. No collector URL
+        # needs an "@" there that could not be written %40.
+        raise ConfigError(
+            f"{source}: not a collector URL to post to: an '@' after the host"
+            " (a '/', '?', '#' or '@' in a user name or password must be percent-encoded)"
+        )
     host = parts.hostname or ""
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigError(f"{source}: expected an http:// or https:// URL with a host")
@@ -127,15 +176,59 @@ def collector_from(endpoint: str | None, env: Mapping[str, str]) -> Collector:
     if compression not in ("none", "gzip", "deflate"):
         log.warning("OTLP compression %r is not none, gzip or deflate; using none", compression)
         compression = "none"
+    ca_variable, ca_file = _named(env, "CERTIFICATE")
+    cert_variable, cert_file = _named(env, "CLIENT_CERTIFICATE")
+    key_variable, key_file = _named(env, "CLIENT_KEY")
     return Collector(
         url=url,
         headers=headers,
         timeout_s=timeout_s,
         compression=compression,
-        ca_file=_variable(env, "CERTIFICATE"),
-        cert_file=_variable(env, "CLIENT_CERTIFICATE"),
-        key_file=_variable(env, "CLIENT_KEY"),
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        file_variables={
+            "ca_file": ca_variable,
+            "cert_file": cert_variable,
+            "key_file": key_variable,
+        },
     )
+
+
+def _client_context(collector: Collector) -> ssl.SSLContext:
+    """The TLS context of an https collector: its CA file's certificates alone, else the
+    system's trust store, and the client certificate, if one is given. Each file is read and
+    checked first, as a target's are (:mod:`gateway.tlsfiles`): one that is missing, holds no
+    PEM, is the key of another certificate or an encrypted key (OpenSSL would prompt for its
+    passphrase on the terminal of a gateway that starts unattended) is a
+    :class:`~gateway.errors.CertificateError` naming the variable and the file, at start."""
+    names = collector.file_variables
+    ca_variable = names.get("ca_file", "OTEL_EXPORTER_OTLP_CERTIFICATE")
+    if collector.ca_file is None:
+        context = ssl.create_default_context()  # the system's trust store
+    else:
+        ca_file = Path(collector.ca_file)
+        check_ca_bundle(ca_file, ca_variable)
+        try:  # its certificates alone, not the system's trust store besides
+            context = ssl.create_default_context(cafile=ca_file)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            raise CertificateError(
+                f"{at(ca_variable, ca_file)}: OpenSSL refused it: {exc}"
+            ) from exc
+    cert_file = collector.cert_file
+    if cert_file is not None:
+        cert_variable = names.get("cert_file", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")
+        # Without a key file, the certificate's file holds the key too (as OpenTelemetry's
+        # own exporters take it).
+        key_file = collector.key_file or cert_file
+        key_variable = (
+            names.get("key_file", "OTEL_EXPORTER_OTLP_CLIENT_KEY")
+            if collector.key_file
+            else cert_variable
+        )
+        check_key_pair(Path(cert_file), cert_variable, Path(key_file), key_variable)
+        load(cert_variable, Path(cert_file), lambda: context.load_cert_chain(cert_file, key_file))
+    return context
 
 
 def _parsed_headers(raw: str) -> dict[str, str]:
@@ -189,6 +282,19 @@ def _sendable(headers: Mapping[str, str]) -> dict[str, str]:
     return kept
 
 
+def _basic_authorization(username: str | None, password: str | None) -> str | None:
+    """The ``Authorization`` header of a URL's user name and password (HTTP Basic, RFC 7617),
+    or None where it has none. OpenTelemetry's own OTLP/HTTP exporter sends them so (its
+    HTTP client takes a URL's credentials): dropped, as http.client drops them, every export
+    to a collector that asks for them would be refused. They are percent-decoded, as a URL
+    holds them, then encoded as UTF-8 (RFC 7617, section 2.1: the charset a server may ask
+    for, and the only one that can carry any password)."""
+    if username is None:
+        return None
+    credentials = f"{unquote(username)}:{unquote(password or '')}".encode()
+    return "Basic " + base64.b64encode(credentials).decode("ascii")
+
+
 def _valid_name(name: str) -> bool:
     return name.isascii() and bool(name) and not any(c in name for c in ":\r\n \t")
 
@@ -211,16 +317,18 @@ class Poster:
         if collector.compression != "none":
             self._headers["Content-Encoding"] = collector.compression
         self._parts = urlsplit(collector.url)
+        basic = _basic_authorization(self._parts.username, self._parts.password)
+        if basic is not None and not any(k.lower() == "authorization" for k in self._headers):
+            self._headers["Authorization"] = basic
         self._path = self._parts.path or "/"
         if self._parts.query:
             self._path += "?" + self._parts.query
         self._timeout = collector.timeout_s
         self._kept: http.client.HTTPConnection | None = None
+        self._aborted = False  # set by abort(), from another thread: no new try after it
         self._context: ssl.SSLContext | None = None
         if collector.url.startswith("https:"):
-            self._context = ssl.create_default_context(cafile=collector.ca_file)
-            if collector.cert_file is not None:
-                self._context.load_cert_chain(collector.cert_file, collector.key_file)
+            self._context = _client_context(collector)
 
     def _compress(self, body: bytes) -> bytes:
         if self._collector.compression == "gzip":
@@ -229,16 +337,24 @@ class Poster:
             return zlib.compress(body)
         return body
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._kept is None:
-            host, port, timeout = self._parts.hostname or "", self._parts.port, self._timeout
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        """The kept connection (a new one if none is kept), each of its socket's operations
+        limited to ``timeout``."""
+        kept = self._kept
+        if kept is None:
+            host, port = self._parts.hostname or "", self._parts.port
             if self._context is None:
-                self._kept = http.client.HTTPConnection(host, port, timeout=timeout)
+                kept = http.client.HTTPConnection(host, port, timeout=timeout)
             else:
-                self._kept = http.client.HTTPSConnection(
+                kept = http.client.HTTPSConnection(
                     host, port, timeout=timeout, context=self._context
                 )
-        return self._kept
+            self._kept = kept
+        elif kept.timeout != timeout:  # a final flush's: no further than its deadline
+            kept.timeout = timeout
+            if kept.sock is not None:
+                kept.sock.settimeout(timeout)
+        return kept
 
     def close(self) -> None:
         """Close the kept connection, if any."""
@@ -246,39 +362,63 @@ class Poster:
             self._kept.close()
             self._kept = None
 
-    def _once(self, body: bytes) -> int | None:
-        """The collector's status, or None if none came back. One connection is kept between
-        exports: a new one for each would cost more than the export of a small batch."""
+    def abort(self) -> None:
+        """End the post under way, from another thread, and any try after it: its socket is
+        shut down, which wakes the exporter's thread out of a send or receive that a collector
+        that never answers would hold until its timeout (closing the socket would not: a
+        thread blocked on it stays blocked)."""
+        self._aborted = True
+        kept = self._kept
+        sock = None if kept is None else kept.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _once(self, body: bytes, timeout: float) -> tuple[int, bytes, str | None] | None:
+        """The collector's status, (the start of) its answer and its Retry-After, or None if
+        none came back. One connection is kept between exports: a new one for each would cost
+        more than the export of a small batch."""
         for fresh in (self._kept is None, True):
             try:
-                connection = self._connection()
+                connection = self._connection(timeout)
                 connection.request("POST", self._path, body, self._headers)
                 answer = connection.getresponse()
-                answer.read()
+                content = answer.read(_ANSWER_LIMIT)
             # ValueError: what the resolver or the socket layer raises for a name or address
             # they refuse (UnicodeError is one); a failed post all the same.
             except (OSError, http.client.HTTPException, ValueError):
                 self.close()
-                if fresh:
+                if fresh or self._aborted:
                     return None
                 continue  # the collector closed the kept connection: once more, on a new one
-            if answer.will_close:
+            # Not read to its end (longer than any answer of OTLP's): the rest would be taken
+            # for the next export's answer, so the connection is not kept.
+            if answer.will_close or not answer.isclosed():
                 self.close()
-            return int(answer.status)
+            return int(answer.status), content, answer.getheader("Retry-After")
         return None
 
-    def post(self, body: bytes, spans: int) -> bool:
-        """Post one export request, retrying what OTLP/HTTP says may be retried; whether the
-        collector took it."""
+    def post(self, body: bytes, spans: int, deadline: float = math.inf) -> int:
+        """Post one export request of ``spans`` spans, retrying what OTLP/HTTP says may be
+        retried, and trying nothing past ``deadline`` (``time.monotonic()``); how many of the
+        spans the collector took: all, none, or those a partial success did not reject."""
         data = self._compress(body)
         status: int | None = None
         for attempt in range(_MAX_TRIES):
-            status = self._once(data)
-            if status is not None and 200 <= status < 300:
-                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or self._aborted:
+                break
+            answered = self._once(data, min(self._timeout, left))
+            status = None if answered is None else answered[0]
+            if answered is not None and 200 <= answered[0] < 300:
+                return spans - self._rejected(answered[1], spans)
             if status is not None and status not in _RETRYABLE:
                 break
             backoff = 2**attempt * random.uniform(0.8, 1.2)
+            if answered is not None:
+                # OTLP/HTTP: a client SHOULD wait as long as a throttling collector's
+                # Retry-After asks (its backoff alone may come back sooner).
+                backoff = max(backoff, _retry_after_s(answered[2]))
             if attempt + 1 == _MAX_TRIES or self._stopping.wait(backoff):
                 break
         log.warning(
@@ -287,4 +427,97 @@ class Poster:
             self._collector.where(),
             "nothing" if status is None else status,
         )
-        return False
+        return 0
+
+    def _rejected(self, content: bytes, spans: int) -> int:
+        """The spans of a successful export that its answer says were rejected (OTLP/HTTP,
+        "Partial Success": a 200 whose partial_success gives their number and why; they must
+        not be sent again), warned of; 0 for a full success."""
+        rejected, message = _partial_success(content)
+        rejected = min(max(rejected, 0), spans)
+        if rejected:
+            log.warning(
+                "the collector at %s rejected %d of %d spans: %r",
+                self._collector.where(),
+                rejected,
+                spans,
+                message[:_SHOWN_MESSAGE],  # as repr: the collector's text, on one line
+            )
+        return rejected
+
+
+def _retry_after_s(value: str | None) -> float:
+    """A Retry-After header's wait in seconds (RFC 9110, section 10.2.3: delay-seconds or an
+    HTTP-date), at most ``_MAX_RETRY_AFTER_S``; 0 for none, or for what is neither."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(float(value), _MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:  # "-0000": a time with no zone said, so no wait can be had from it
+        return 0.0
+    wait = (when - datetime.now(UTC)).total_seconds()
+    return min(max(wait, 0.0), _MAX_RETRY_AFTER_S)
+
+
+def _varint_at(data: bytes, offset: int) -> tuple[int, int]:
+    """The protobuf varint at ``offset`` and the offset after it; ValueError past the end."""
+    value = shift = 0
+    while True:
+        if offset >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, offset
+
+
+def _fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """A protobuf message's fields as (number, value): a varint's int, a length-delimited
+    field's bytes (fixed-size ones skipped); ValueError if it is not one."""
+    found: list[tuple[int, int | bytes]] = []
+    offset = 0
+    while offset < len(data):
+        key, offset = _varint_at(data, offset)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, offset = _varint_at(data, offset)
+            found.append((number, value))
+        elif wire == 2:
+            size, offset = _varint_at(data, offset)
+            if offset + size > len(data):
+                raise ValueError("truncated field")
+            found.append((number, data[offset : offset + size]))
+            offset += size
+        elif wire in (1, 5):
+            offset += 8 if wire == 1 else 4
+        else:
+            raise ValueError("not a wire type of a message's field")
+    if offset != len(data):
+        raise ValueError("truncated field")
+    return found
+
+
+def _partial_success(content: bytes) -> tuple[int, str]:
+    """The spans an ExportTraceServiceResponse rejects and why: its partial_success (field 1)
+    holds rejected_spans (1, an int64) and error_message (2). (0, "") for an empty answer (a
+    full success) and for what is no such message (a collector may answer 200 with anything)."""
+    rejected, message = 0, ""
+    try:
+        for number, value in _fields(content):
+            if number != 1 or not isinstance(value, bytes):
+                continue
+            for inner, part in _fields(value):
+                if inner == 1 and isinstance(part, int):
+                    rejected = part - (1 << 64) if part >= 1 << 63 else part  # an int64
+                elif inner == 2 and isinstance(part, bytes):
+                    message = part.decode("utf-8", "replace")
+    except ValueError:
+        return 0, ""
+    return rejected, message

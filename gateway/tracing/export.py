@@ -14,9 +14,11 @@ between exports), ``..._MAX_QUEUE_SIZE`` (spans held at most; more are dropped a
 as are those the collector did not take), ``..._MAX_EXPORT_BATCH_SIZE`` (an export starts
 early once this many wait; every limit counts spans, a record's spans are kept or dropped
 together, and may be split between two exports), ``..._EXPORT_TIMEOUT`` (ms a final flush may
-take). The resource is the SDK's (``service.name``, ``service.version``,
-``OTEL_RESOURCE_ATTRIBUTES``). The tracer is the gateway's own, never the global one: a
-program that embeds the callback keeps its own tracing set-up.
+take: past it, what is still queued or under way is given up on, counted and logged, and the
+thread ends; a close never waits on a collector that does not answer). The resource is the
+SDK's (``service.name``, ``service.version``, ``OTEL_RESOURCE_ATTRIBUTES``). The tracer is the
+gateway's own, never the global one: a program that embeds the callback keeps its own tracing
+set-up.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Mapping
 
 from opentelemetry.sdk.resources import Resource
@@ -49,6 +53,10 @@ _DEFAULTS = {
     "OTEL_BSP_EXPORT_TIMEOUT": 30000,
 }
 THREAD_NAME = "OtelSpanExporter"
+# How long a close waits, past the final flush's time limit, for the exporter's thread to leave
+# once the post it was blocked in is ended (Poster.abort): a moment, unless it is blocked where
+# no socket can be shut (a name lookup, a connection being made).
+_ABORT_WAIT_S = 1.0
 
 
 def _setting(env: Mapping[str, str], name: str) -> int:
@@ -91,6 +99,13 @@ class Batches:
         self._unencodable = 0  # an attribute OTLP has no encoding for
         self._not_taken = 0  # the collector refused them, or never answered through the retries
         self._failed = 0  # the export raised
+        self._late = 0  # still queued when the final flush's time ran out
+        # Under way when a close stopped waiting for this thread (written by that close's
+        # thread, once this one counts nothing more: _given_up).
+        self._abandoned = 0
+        self._given_up = False
+        # The final flush's end (time.monotonic()), set by shutdown(): no post goes past it.
+        self._deadline = math.inf
         self.exported = 0
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread.start()
@@ -98,7 +113,12 @@ class Batches:
     @property
     def dropped(self) -> int:
         """The spans that will never reach the collector, whatever the reason."""
-        return self._overflowed + self._unencodable + self._not_taken + self._failed
+        lost = self._unencodable + self._not_taken + self._failed + self._late
+        return lost + self._overflowed + self._abandoned
+
+    def _counted(self) -> int:
+        """The spans queued whose fate this thread has counted: exported, or lost."""
+        return self.exported + self._unencodable + self._not_taken + self._failed + self._late
 
     def record(self, span: Span) -> None:
         """Queue an ended span (on the event loop's thread, which ends them all); never
@@ -143,21 +163,41 @@ class Batches:
         """Export what is queued in batches: all of it, or until less than a batch is left
         (the rest waits for the next wake-up, to make large batches)."""
         while True:
+            if self._given_up:
+                return  # a close counted what is left, and stopped waiting for this thread
+            if time.monotonic() >= self._deadline:  # only once shutdown() has set it
+                self._late += self._drop_queued()
+                return
             encoded = self._take()
             if not encoded:
                 return
+            spans = len(encoded)
             try:
-                taken = self._poster.post(self._encoder.request(encoded), len(encoded))
+                taken = self._poster.post(self._encoder.request(encoded), spans, self._deadline)
             except Exception:
-                self._failed += len(encoded)  # logged by _sending
+                if not self._given_up:
+                    self._failed += spans  # logged by _sending
                 raise
-            if taken:
-                self.exported += len(encoded)
-            else:  # the post has said why (the collector's answer, or none)
-                self._not_taken += len(encoded)
+            if self._given_up:
+                return  # counted by shutdown() already, with the rest
+            # Those not taken: the post has said why (the collector's answer, or none).
+            self.exported += taken
+            self._not_taken += spans - taken
             waiting = len(self._pending) + self._queued_spans - self._taken_spans
             if not everything and waiting < self._batch:
                 return
+
+    def _drop_queued(self) -> int:
+        """Empty the queue and what is left over of the last record taken; the spans they
+        held."""
+        dropped = len(self._pending)
+        self._pending = []
+        queue = self._queue
+        while queue:
+            count = queue.popleft().count
+            self._taken_spans += count
+            dropped += count
+        return dropped
 
     def _take(self) -> list[bytes]:
         """Up to a batch of spans, encoded: those left over from the last record taken first.
@@ -190,10 +230,22 @@ class Batches:
         return encoded
 
     def shutdown(self) -> None:
-        """Export everything still queued (for up to ``OTEL_BSP_EXPORT_TIMEOUT``), then stop."""
+        """Export everything still queued for up to ``OTEL_BSP_EXPORT_TIMEOUT``, then stop:
+        what is not exported by then is dropped, counted and logged, never waited for longer
+        (a collector that never answers would otherwise hold the thread, or the close, for
+        as long as its timeout and retries allow, and lose what remains without a word)."""
+        self._deadline = time.monotonic() + self._flush_s
         self._stopping.set()
         self._wake.set()
         self._thread.join(self._flush_s)
+        if self._thread.is_alive():
+            self._poster.abort()  # the post it is blocked in, past the time limit, ends now
+            self._thread.join(_ABORT_WAIT_S)
+        if self._thread.is_alive():
+            # Blocked where no socket could be shut: what it holds, and what is still queued,
+            # are counted here, and it counts nothing more.
+            self._given_up = True
+            self._abandoned = max(self._queued_spans - self._counted(), 0)
         if self.dropped:
             log.warning("%d spans were dropped: %s", self.dropped, self._why_dropped())
 
@@ -206,6 +258,7 @@ class Batches:
             (self._not_taken, "the collector did not take them"),
             (self._unencodable, "they could not be encoded"),
             (self._failed, "their export failed"),
+            (self._late + self._abandoned, "the flush ran out of time (OTEL_BSP_EXPORT_TIMEOUT)"),
         ]
         found = [(count, why) for count, why in reasons if count]
         if len(found) == 1:

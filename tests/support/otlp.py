@@ -87,7 +87,7 @@ class Receiver:
         assert self._runner is not None
         await self._runner.cleanup()
 
-    async def _export(self, request: web.Request) -> web.Response:
+    async def _export(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()  # aiohttp undoes a Content-Encoding
         if self._refuse:
             self._refuse -= 1

@@ -5,6 +5,7 @@ request's framing, or that the exporter sets itself, left out."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import threading
 from pathlib import Path
@@ -12,12 +13,13 @@ from pathlib import Path
 import pytest
 import trustme
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from multidict import CIMultiDict
 from opentelemetry.sdk.resources import Resource
 from otlp import Receiver
 
 from gateway.config import TracingConfig
-from gateway.errors import ConfigError
+from gateway.errors import CertificateError, ConfigError
 from gateway.tracing.collector import Collector
 from gateway.tracing.encoding import Encoder
 from gateway.tracing.export import THREAD_NAME, Batches, Exporting
@@ -111,7 +113,7 @@ class _EveryHeader(Receiver):
         super().__init__()
         self.every: list[CIMultiDict[str]] = []
 
-    async def _export(self, request: web.Request) -> web.Response:
+    async def _export(self, request: web.Request) -> web.StreamResponse:
         self.every.append(CIMultiDict(request.headers))
         return await super()._export(request)
 
@@ -185,6 +187,28 @@ async def test_a_header_the_exporter_sets_itself_is_left_out_with_a_warning_nami
             "OTEL_EXPORTER_OTLP_ENDPOINT",
             id="credentials in a bad URL stay unsaid",
         ),
+        pytest.param(
+            # A token with a "/" not percent-encoded: the authority ends there, and what
+            # urlsplit takes for the port is the token's first part.
+            None,
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://user:s3cret/Zm9v@collector:4318"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            id="a password with a slash stays unsaid",
+        ),
+        pytest.param(
+            None,
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://user:s3cret\uff20x@collector/v1"},
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            id="a password with a full-width at sign stays unsaid",
+        ),
+        pytest.param(
+            # Read as host "edge", port 1234: the rest of the password would go out as the
+            # request's path, to that host.
+            "https://edge:1234/5678s3cret@collector:4318",
+            {},
+            "tracing.endpoint",
+            id="a password of digits then a slash is neither posted nor said",
+        ),
     ],
 )
 def test_a_collector_url_the_exporter_cannot_post_to_is_refused_at_start(
@@ -227,3 +251,148 @@ async def test_an_export_that_fails_unexpectedly_drops_its_spans_and_the_thread_
     await asyncio.to_thread(batches.shutdown)  # ends the retries' backoff
     assert batches.exported == 0
     assert any("dropped" in r.getMessage() for r in caplog.records)
+
+
+def _tls_files(folder: Path) -> dict[str, Path]:
+    """A CA, a client certificate and its key, an encrypted copy of that key, another key,
+    and a file that is no PEM at all, written into ``folder``."""
+    ca = trustme.CA()
+    client = ca.issue_cert("gateway.internal")
+    other = trustme.CA().issue_cert("other.internal")
+    key = serialization.load_pem_private_key(client.private_key_pem.bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+    contents = {
+        "ca": ca.cert_pem.bytes(),
+        "cert": client.cert_chain_pems[0].bytes(),
+        "key": client.private_key_pem.bytes(),
+        "encrypted": encrypted,
+        "other_key": other.private_key_pem.bytes(),
+        "not_pem": b"not a certificate\n",
+    }
+    files = {name: folder / f"{name}.pem" for name in contents}
+    for name, data in contents.items():
+        files[name].write_bytes(data)
+    return files
+
+
+# Each: the variables (a file by its name in _tls_files, or "missing"), and the start of the
+# message: the variable at fault, then why.
+UNUSABLE = {
+    "a CA file that is not there": (
+        {"OTEL_EXPORTER_OTLP_CERTIFICATE": "missing"},
+        "OTEL_EXPORTER_OTLP_CERTIFICATE = ",
+        "cannot read",
+    ),
+    "a CA file with no certificate": (
+        {"OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": "not_pem"},
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE = ",
+        "no PEM certificate found",
+    ),
+    "a client certificate that is not there": (
+        {
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "missing",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": "key",
+        },
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE = ",
+        "cannot read",
+    ),
+    "an encrypted client key (no one to type its passphrase)": (
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE": "cert",
+            "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY": "encrypted",
+        },
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY = ",
+        "the key is encrypted",
+    ),
+    "a client key of another certificate": (
+        {
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "cert",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": "other_key",
+        },
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY = ",
+        "does not match OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    ),
+}
+
+
+@pytest.mark.parametrize(("given", "variable", "why"), UNUSABLE.values(), ids=UNUSABLE.keys())
+def test_an_otlp_tls_file_that_cannot_be_used_stops_the_start_naming_its_variable(
+    tmp_path: Path, given: dict[str, str], variable: str, why: str
+) -> None:
+    """OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE, _CLIENT_CERTIFICATE or _CLIENT_KEY naming a
+    file that is not there, holds no PEM certificate, is an encrypted key or the key of
+    another certificate: a CertificateError at start naming the variable and the file, as a
+    target's TLS files are refused (never OpenSSL's bare error, nor its prompt for a
+    passphrase on the terminal of an unattended gateway); no exporter thread is left."""
+    files = _tls_files(tmp_path)
+    env = {name: str(files.get(file, tmp_path / file)) for name, file in given.items()}
+    before = {t for t in threading.enumerate() if t.name == THREAD_NAME}
+    with pytest.raises(CertificateError) as refused:
+        Exporting(TracingConfig(enabled=True, endpoint="https://127.0.0.1:4318"), env)
+    message = str(refused.value)
+    assert message.startswith(variable), message
+    assert why in message
+    assert {t for t in threading.enumerate() if t.name == THREAD_NAME} == before
+
+
+async def test_a_client_certificate_file_that_holds_its_key_too_is_used_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE alone, its file holding the key as well (as
+    OpenTelemetry's exporters take it): the collector that asks for a client certificate gets
+    it, and the spans."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca.configure_trust(server_context)
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    ca_file, both = tmp_path / "ca.pem", tmp_path / "client.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert("gateway.internal").private_key_and_cert_chain_pem.write_to_path(str(both))
+    async with Receiver(tls=server_context) as receiver:
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=receiver.url),
+            {
+                "OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca_file),
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(both),
+            },
+        )
+        Tracing.end_server(exporting.tracing.server_span("/a", {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /a"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param("", "Basic " + base64.b64encode(b"edge:p@ss w0rd").decode(), id="the URL's"),
+        pytest.param("Authorization=Bearer t0ken", "Bearer t0ken", id="a header given wins"),
+    ],
+)
+async def test_credentials_in_the_collector_url_are_sent_as_basic_auth_and_never_shown(
+    caplog: pytest.LogCaptureFixture, headers: str, expected: str
+) -> None:
+    """A collector URL with a user name and password (percent-encoded, as a URL has them)
+    authenticates with them, as OpenTelemetry's own OTLP/HTTP exporter does (HTTP Basic,
+    RFC 7617), rather than posting without them and having every export refused; an
+    Authorization header given in OTEL_EXPORTER_OTLP_HEADERS is sent instead. Neither the
+    password nor the header reaches a log line."""
+    async with Receiver() as receiver:
+        endpoint = receiver.url.replace("http://", "http://edge:p%40ss%20w0rd@")
+        exporting = Exporting(
+            TracingConfig(enabled=True, endpoint=endpoint),
+            {"OTEL_EXPORTER_OTLP_HEADERS": headers},
+        )
+        Tracing.end_server(exporting.tracing.server_span("/a", {}, None), 200)
+        await exporting.close()
+    assert [span.name for span in receiver.spans] == ["POST /a"]
+    assert receiver.headers[0]["authorization"] == expected
+    assert receiver.headers[0]["host"] == f"127.0.0.1:{receiver.port}"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "p@ss" not in logged
+    assert "p%40ss" not in logged
+    assert "t0ken" not in logged
