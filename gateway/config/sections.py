@@ -10,7 +10,9 @@ fault (the one the file set, where two keys disagree).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_type_hints
+from urllib.parse import unquote
 
 from gateway.config.model import (
     MIN_ADMIN_TOKEN_CHARS,
@@ -62,6 +64,22 @@ _EXPONENTIAL = ("wait_initial_s", "wait_max_s", "wait_exp_base")
 _LogLevel = Literal["debug", "info", "warning", "error"]
 
 
+def _otel_service_name(env: Mapping[str, str]) -> str | None:
+    """The service name the OpenTelemetry variables give, in the order the SDK configuration
+    spec reads them: ``OTEL_SERVICE_NAME``, else ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES``
+    (comma-separated ``key=value``, values percent-encoded); blank or white space is none."""
+    name = env.get("OTEL_SERVICE_NAME", "").strip()
+    if name:
+        return name
+    for pair in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == "service.name":
+            value = unquote(value.strip()).strip()
+            if value:
+                return value
+    return None
+
+
 class ConfigReader(Reader):
     """The whole file: every table, and the rules between their keys."""
 
@@ -107,8 +125,10 @@ class ConfigReader(Reader):
         """``[tracing]``, each key the file leaves out taken from its OTEL_* variable."""
         given = self.check_keys("tracing", value, get_type_hints(TracingConfig))
         defaults: dict[str, Any] = {}
-        if "service_name" not in given and self.env.get("OTEL_SERVICE_NAME"):
-            defaults["service_name"] = self.env["OTEL_SERVICE_NAME"]
+        if "service_name" not in given:
+            named = _otel_service_name(self.env)
+            if named is not None:
+                defaults["service_name"] = named
         if "sample_ratio" not in given:
             sampler = self.env.get("OTEL_TRACES_SAMPLER")
             argument = self.env.get("OTEL_TRACES_SAMPLER_ARG")

@@ -1290,6 +1290,24 @@ def test_rejects_target_tls_files_that_cannot_apply(
         ),
         pytest.param(
             {"tracing.enabled": "true"},
+            {"OTEL_SERVICE_NAME": "  ", "OTEL_RESOURCE_ATTRIBUTES": "deployment=eu"},
+            TracingConfig(enabled=True),
+            id="a-blank-service-name-variable-is-none",
+        ),
+        pytest.param(
+            {"tracing.enabled": "true"},
+            {"OTEL_RESOURCE_ATTRIBUTES": "deployment=eu, service.name=edge%20eu ,team=x"},
+            TracingConfig(enabled=True, service_name="edge eu"),
+            id="service-name-from-the-resource-attributes",
+        ),
+        pytest.param(
+            {"tracing.enabled": "true"},
+            {"OTEL_SERVICE_NAME": "from-env", "OTEL_RESOURCE_ATTRIBUTES": "service.name=other"},
+            TracingConfig(enabled=True, service_name="from-env"),
+            id="the-service-name-variable-wins-over-the-resource-attributes",
+        ),
+        pytest.param(
+            {"tracing.enabled": "true"},
             {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_SAMPLER_ARG": "0.5"},
             TracingConfig(enabled=True, sample_ratio=0.0),
             id="otel-sampler-where-the-file-is-silent",
