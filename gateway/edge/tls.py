@@ -8,6 +8,8 @@ context is built (at start-up), never at the first handshake.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -19,7 +21,11 @@ from cryptography import x509
 
 from gateway.certificates import fingerprint, subject
 from gateway.config import ClientAuth, TlsConfig
-from gateway.edge.server_chain import send_only_configured_chain
+from gateway.edge.server_chain import (
+    SESSION_ID_CONTEXT_BYTES,
+    send_only_configured_chain,
+    set_session_id_context,
+)
 from gateway.errors import CertificateError
 from gateway.tlsfiles import (
     at,
@@ -50,6 +56,8 @@ _VERIFY_MODES: Final[Mapping[ClientAuth, ssl.VerifyMode]] = {
 # The gateway speaks HTTP/1.1 only (aiohttp's server); saying so in ALPN (RFC 7301) lets a client
 # that offers h2 settle on http/1.1 instead of guessing.
 _ALPN_PROTOCOLS: Final = ["http/1.1"]
+
+log = logging.getLogger(__name__)
 
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
@@ -181,6 +189,21 @@ class SwappableContext:
     when it is created stays the listening context's: the verify mode (``tls.client_auth``),
     the CRL check flag (``tls.crl_file`` set or not) and ``tls.session_tickets``; changing those
     takes a restart.
+
+    No session made before a swap is resumed after it. A resumed handshake carries no client
+    certificate: the server takes the session's and verifies nothing again (RFC 5246 section
+    7.3, RFC 5077 section 4, RFC 8446 section 2.2). Left alone, a session made before a
+    reload that took a root out of ``tls.client_ca_file`` or revoked the certificate in
+    ``tls.crl_file`` would go on being resumed under the new trust for its whole lifetime
+    (OpenSSL's default: two hours). And OpenSSL looks sessions up before the ``sni_callback``
+    runs, in the listening context's own cache and with its ticket keys, whichever context is
+    current. So each swap gives the listening and the new context one new random session ID
+    context (nginx derives its own from the client CAs, for the same reason): every session
+    made before it is then a cache miss and a full handshake, judged by the trust now
+    configured, and sessions made after it resume as before. A connection accepted before the
+    swap keeps the session ID context it was made with, as it keeps the listening context's
+    verify mode: it is judged as of its accept, as the connections already open are. The cost
+    is one full handshake per client after each reload, and nothing per handshake.
     """
 
     def __init__(self, context: ssl.SSLContext) -> None:
@@ -189,6 +212,21 @@ class SwappableContext:
         context.sni_callback = self._choose
 
     def swap(self, context: ssl.SSLContext) -> None:
+        sid_ctx = os.urandom(SESSION_ID_CONTEXT_BYTES)
+        # Both get the same value: a connection made from the listening context keeps it when
+        # _choose moves it to the new one (SSL_set_SSL_CTX takes the new context's value only
+        # where the connection's was its old context's), so the sessions made from here on
+        # resume.
+        if not (
+            set_session_id_context(context, sid_ctx)
+            and set_session_id_context(self.listening, sid_ctx)
+        ):
+            log.warning(
+                "TLS sessions made before this reload can still be resumed after it, for up"
+                " to their lifetime, without their client certificate being checked against"
+                " the reloaded tls.client_ca_file and tls.crl_file (this Python's OpenSSL"
+                " cannot be told otherwise); restart the gateway to end them"
+            )
         self.current = context
 
     def _choose(
