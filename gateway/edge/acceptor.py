@@ -28,6 +28,7 @@ handshake's timeout instead of one each. A PROXY header is read first, in a task
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import ssl
@@ -56,7 +57,12 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # "::" (every IPv6 interface) takes IPv4 as well, as IPv4-mapped addresses (RFC
+            # 4291 section 2.5.5.2): there is one listen.host, so an IPv6-only "::" would
+            # leave no way to serve both, and Meta may connect over either. Any other IPv6
+            # address is its own family's alone, whatever the system's default is.
+            dual = ipaddress.ip_address(str(address[0]).split("%")[0]).is_unspecified
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
         sock.bind(address)
         sock.listen(BACKLOG)
     except OSError:
