@@ -38,14 +38,18 @@ class Retention:
 
     async def maybe_prune(self, now: float, targets: Collection[str]) -> None:
         """Prune old delivered rows and expire old dead letters, unless that was done less
-        than :data:`PRUNE_EVERY_S` ago: the delivered rows of ``targets`` and of every other
-        target the outbox holds some of (one removed from the configuration keeps its pending
-        deliveries, not its delivered ones past the retention)."""
+        than :data:`PRUNE_EVERY_S` ago: the delivered rows of every target the outbox holds
+        some of, ``targets`` (those configured) or not (one removed from the configuration
+        keeps its pending deliveries, not its delivered ones past the retention)."""
         if now - self._last < PRUNE_EVERY_S:
             return
         self._last = now
-        every = set(targets).union(await self._outbox.delivered_targets())
-        removed = await self._outbox.prune(now, self._retention_s, sorted(every))
+        # The outbox's list alone: a configured target missing from it has no delivered row
+        # to prune, and each target pruned is one more statement (on PostgreSQL, one that may
+        # read every delivery: ten configured targets, one of them with delivered rows, among
+        # two million deliveries, took 1.4 s a prune, not 0.2 s).
+        every = await self._outbox.delivered_targets()
+        removed = await self._outbox.prune(now, self._retention_s, every)
         if removed:
             log.info("pruned %d delivered rows past retention", removed)
         if self._dead_retention_s is None:

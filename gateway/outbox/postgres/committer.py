@@ -48,7 +48,7 @@ import asyncpg
 
 from gateway.errors import OutboxError
 
-__all__ = ["FAILURES", "Committer"]
+__all__ = ["FAILURES", "Committer", "pool_failure", "statement_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class Committer:
         except FAILURES as exc:
             if group is None:
                 group, self._waiting, self._flushing = self._waiting, [], False
-            _fail(group, OutboxError(f"outbox database unavailable: {_reason(exc)}"))
+            reason = pool_failure(self._pool, exc, self._timeout_s)
+            _fail(group, OutboxError(f"outbox database unavailable: {reason}"))
             return None
 
     async def _give_back(self, conn: Any) -> None:
@@ -179,7 +180,8 @@ class Committer:
             if not isinstance(exc, FAILURES):
                 raise
             if len(group) == 1 or not _usable(conn) or not isinstance(exc, _ITS_OWN):
-                _fail(group, OutboxError(f"outbox write failed: {_reason(exc)}"))
+                reason = statement_failure(exc, self._timeout_s)
+                _fail(group, OutboxError(f"outbox write failed: {reason}"))
                 return False
             await self._alone(conn, group, deadline)
             return False
@@ -204,7 +206,8 @@ class Committer:
                 # Cancelled at the deadline, the statement is cancelled on the server too.
                 rows = await asyncio.wait_for(self._run(conn, [args]), left)
             except FAILURES as alone:
-                error = OutboxError(f"outbox write failed: {_reason(alone)}")
+                reason = statement_failure(alone, self._timeout_s)
+                error = OutboxError(f"outbox write failed: {reason}")
                 if isinstance(alone, _ITS_OWN) and _usable(conn):
                     _answer(future, error=error)
                     continue
@@ -249,6 +252,26 @@ def _usable(conn: Any) -> bool:
 
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def statement_failure(exc: BaseException, timeout_s: float) -> str:
+    """Why a statement failed, for the operator: asyncpg's timeout says nothing of itself
+    (a bare ``TimeoutError``)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within {timeout_s:g} s"
+    return _reason(exc)
+
+
+def pool_failure(pool: asyncpg.Pool[Any], exc: BaseException, timeout_s: float) -> str:
+    """Why ``pool`` gave no connection within ``timeout_s``: every one it may hold was in use
+    (more work at once than connections, or each held by a statement the database is slow to
+    answer), or a new one could not be made in time; else the failure to connect."""
+    if not isinstance(exc, TimeoutError) or str(exc):
+        return _reason(exc)
+    most = pool.get_max_size()
+    if pool.get_size() >= most and pool.get_idle_size() == 0:
+        return f"all {most} connections of the pool in use for {timeout_s:g} s"
+    return f"no connection to the database within {timeout_s:g} s"
 
 
 def _answer(

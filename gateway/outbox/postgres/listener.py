@@ -5,7 +5,8 @@ dispatch) announces them with ``NOTIFY`` in the same transaction, and every disp
 is woken at once instead of at its next poll. When the connection is lost (the database
 restarts) the listener connects again with a growing pause, and wakes its dispatcher once it is
 back, for whatever was announced meanwhile: a missed wake-up only delays, since dispatchers
-poll too.
+poll too. So too when its first tries fail (the database full or restarting as the gateway
+starts): the outbox is open by then, and other gateways announce to it.
 
 A connection lost without a word (a NAT or firewall that forgot it after an idle timeout, a
 failover that sent no reset, a server that hangs) would never be noticed by a listener that only
@@ -77,12 +78,15 @@ class Listener:
 
     async def _run(self) -> None:
         pause = _PAUSE_FIRST_S
-        first = True
+        # Whether announcements may have gone unheard: a connection was lost, or the first
+        # tries failed (the outbox was already open, and other gateways announcing, meanwhile).
+        missed = False
         while True:
             try:
                 conn = await asyncio.wait_for(self._connect(), self._timeout_s)
             except FAILURES as exc:
                 log.warning("outbox listener cannot connect (%s); again in %.1fs", exc, pause)
+                missed = True
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _PAUSE_MAX_S)
                 continue
@@ -94,6 +98,7 @@ class Listener:
                 # The connection opened: closed here, or each attempt would leave one behind,
                 # a server session each, until the server refuses every connection.
                 log.warning("outbox listener cannot listen (%s); again in %.1fs", exc, pause)
+                missed = True
                 self._conn = None
                 await _close(conn)
                 await asyncio.sleep(pause)
@@ -101,13 +106,14 @@ class Listener:
                 continue
             self._lost.clear()
             conn.add_termination_listener(self._terminated)
-            if not first:
-                log.info("outbox listener connected again")
+            if missed:
+                log.info("outbox listener listening; the dispatcher looks for what it missed")
                 if self._on_replay is not None:
                     self._on_replay("")
                 self._on_wake()
-            first, pause = False, _PAUSE_FIRST_S
+            pause = _PAUSE_FIRST_S
             await self._watch(conn)
+            missed = True
             self._conn = None
             await _close(conn)
 

@@ -64,7 +64,12 @@ from gateway.outbox.model import (
     State,
 )
 from gateway.outbox.postgres import claim, schema, sql
-from gateway.outbox.postgres.committer import FAILURES, Committer
+from gateway.outbox.postgres.committer import (
+    FAILURES,
+    Committer,
+    pool_failure,
+    statement_failure,
+)
 from gateway.outbox.postgres.listener import Listener
 from gateway.outbox.rows import (
     MORE_KEYS,
@@ -89,6 +94,9 @@ _POOL_SIZE = 10
 # commits' two, since on a server short of CPU each record waits its turn for a core, and
 # deliveries whose outcome is not yet recorded hold their target's budget (bench/README.md).
 _RECORDS_IN_FLIGHT = 4
+# A lease renewal that failed is tried again this soon (or at the next beat, if sooner): as
+# soon as the database answers again, not a third of lease_s later.
+_RENEW_AGAIN_S = 1.0
 # Every connection commits durably, whatever the server or the role was set to. And compiles
 # nothing: PostgreSQL compiles a statement the planner prices above ``jit_above_cost`` at each
 # execution (https://www.postgresql.org/docs/15/jit-decision.html), which the outbox's short
@@ -202,16 +210,28 @@ class PostgresOutbox:
 
     async def _beat(self) -> None:
         """Renew this gateway's leases three times per ``lease_s``, for as long as it lives,
-        and at once when the targets to keep them for change."""
+        and at once when the targets to keep them for change. A renewal that failed is tried
+        again after :data:`_RENEW_AGAIN_S` (or a beat, if shorter), until one succeeds: the
+        next beat may come after the leases ran out, when a renewal that failed waited its
+        timeout first (a lock, a database that hangs) or two in a row failed (a restart), and
+        then another gateway claims, and sends again, deliveries this one is still sending."""
         every = self.config.lease_s / 3
+        wait = every
+        failing = False
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), every)
+                await asyncio.wait_for(self._beat_now.wait(), wait)
             self._beat_now.clear()
             try:
                 await self.renew()
             except OutboxError as exc:
-                log.warning("could not renew the outbox leases: %s", exc)
+                if not failing:  # said once until a renewal succeeds, not at every try
+                    log.warning("could not renew the outbox leases (trying again): %s", exc)
+                failing, wait = True, min(every, _RENEW_AGAIN_S)
+                continue
+            if failing:
+                log.info("renewed the outbox leases again")
+            failing, wait = False, every
 
     def keep_leases(self, targets: Collection[str]) -> None:
         """See :class:`~gateway.outbox.interface.KeepsLeases`: the next beat, at once, lets go
@@ -282,11 +302,22 @@ class PostgresOutbox:
         """``func`` on a pooled connection; any database failure as OutboxError."""
         if self._closed:
             raise OutboxError("outbox is closed")
+        acquired = False
         try:
             async with self._pool.acquire(timeout=_TIMEOUT_S) as conn:
+                acquired = True
                 return await func(conn)
         except FAILURES as exc:
-            raise OutboxError(f"outbox database unavailable: {_reason(exc)}") from None
+            raise OutboxError(
+                f"outbox database unavailable: {self._failure(exc, acquired)}"
+            ) from None
+
+    def _failure(self, exc: BaseException, acquired: bool) -> str:
+        """Why an operation failed: its statement (with a connection ``acquired``), or the
+        pool, which had none to give (a timeout says which)."""
+        if acquired:
+            return statement_failure(exc, _TIMEOUT_S)
+        return pool_failure(self._pool, exc, _TIMEOUT_S)
 
     async def close(self) -> None:
         """Finish the accepts and outcomes already queued, let go of this gateway's leases
@@ -318,11 +349,14 @@ class PostgresOutbox:
         not sent to the other gateways, or to its next start (a new owner), at once, rather
         than ``lease_s`` after its last beat. Failing (the database away), the leases run out
         as a dead gateway's do."""
+        acquired = False
         try:
             async with self._pool.acquire(timeout=_TIMEOUT_S) as conn:
+                acquired = True
                 released = await conn.fetchval(sql.RELEASE, self.owner, timeout=_TIMEOUT_S)
         except FAILURES as exc:
-            log.warning("could not let go of the outbox leases at close: %s", _reason(exc))
+            reason = self._failure(exc, acquired)
+            log.warning("could not let go of the outbox leases at close: %s", reason)
             return
         if released:
             log.info("let go of the leases on %d pending deliveries", released)
@@ -599,10 +633,21 @@ class PostgresOutbox:
         """Each step its own statement of a bounded number of rows, as :meth:`prune` (one
         statement for every expired dead letter outran the pool's command timeout on a large
         backlog, was rolled back, and so never ended). Their notifications go with the next
-        prune, which looks at every one (``now`` is not needed here)."""
+        prune, which looks at every one (``now`` is not needed here).
+
+        A step that fails after others have removed dead letters ends the purge with their
+        count, the failure logged: the steps before it have committed, and the count is what
+        the caller's warning and counter say was removed (raised, it was lost, and those dead
+        letters went silently). The next purge removes the rest."""
         removed = 0
         while True:
-            row = await self._run(lambda conn: conn.fetchrow(sql.PURGE_DEAD, before))
+            try:
+                row = await self._run(lambda conn: conn.fetchrow(sql.PURGE_DEAD, before))
+            except OutboxError as exc:
+                if not removed:
+                    raise
+                log.warning("stopped removing expired dead letters after %d: %s", removed, exc)
+                return removed
             assert row is not None
             removed += int(row[0])
             if int(row[1]) < sql.PRUNE_BATCH:
@@ -621,15 +666,8 @@ class PostgresOutbox:
         return len(rows) == 1
 
     async def delivered_targets(self) -> list[str]:
-        found: list[str] = []
-        while True:
-            after = found[-1] if found else ""
-            target = await self._run(
-                lambda conn, after=after: conn.fetchval(sql.NEXT_DELIVERED_TARGET, after)  # type: ignore[misc]
-            )
-            if target is None:
-                return found
-            found.append(str(target))
+        rows = await self._run(lambda conn: conn.fetch(sql.DELIVERED_TARGETS))
+        return [str(row[0]) for row in rows]
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
         """Each step its own statement of a bounded number of rows: requests committing
@@ -647,17 +685,31 @@ class PostgresOutbox:
                 removed += count
                 if count < sql.PRUNE_BATCH:
                     break
-        for statement, before in (
-            (sql.PRUNE_NOTIFICATIONS, now - retention_s),
-            (sql.PRUNE_DIGESTS, now - self.config.dedup_window_s),
-        ):
-            while True:
-                status = await self._run(
-                    lambda conn, s=statement, b=before: conn.execute(s, b)  # type: ignore[misc]
-                )
-                if _affected(status) < sql.PRUNE_BATCH:
-                    break
+        await self._prune_notifications(now - retention_s)
+        while True:
+            status = await self._run(
+                lambda conn: conn.execute(sql.PRUNE_DIGESTS, now - self.config.dedup_window_s)
+            )
+            if _affected(status) < sql.PRUNE_BATCH:
+                break
         return removed
+
+    async def _prune_notifications(self, before: float) -> None:
+        """Remove the notifications received ``before`` that no delivery uses, walking through
+        them from the oldest id in steps of a bounded number (:data:`sql.PRUNE_NOTIFICATIONS`).
+        Ids grow with time, so a step that read none received before ``before`` ends the walk;
+        one that read some goes on, so that a notification of a gateway whose clock runs a
+        little ahead, among older ones, holds none of them back. Every prune walks from the
+        oldest: those a delivery still used when the last one passed them may be unused now."""
+        after = 0
+        while True:
+            row = await self._run(
+                lambda conn, after=after: conn.fetchrow(sql.PRUNE_NOTIFICATIONS, before, after)  # type: ignore[misc]
+            )
+            assert row is not None
+            if int(row[1]) < sql.PRUNE_BATCH or not row[3]:
+                return
+            after = int(row[2])
 
     async def size(self) -> Size:
         rows = await self._run(lambda conn: conn.fetchval(sql.SIZE))

@@ -24,11 +24,11 @@ __all__ = [
     "BACKLOG",
     "CHANNEL",
     "COUNT",
+    "DELIVERED_TARGETS",
     "EXCERPT_CHARS",
     "GET",
     "GIVE_BACK_TOKENS",
     "HELD_BACK",
-    "NEXT_DELIVERED_TARGET",
     "PLACE_BOUND",
     "PRUNE_BATCH",
     "PRUNE_DELIVERED",
@@ -267,20 +267,38 @@ WITH doomed AS (
 ), a AS (DELETE FROM {SCHEMA}.attempts WHERE delivery_id IN (SELECT id FROM d))
 SELECT COUNT(*) FROM d
 """
-# The next target with delivered rows after $1: one seek in deliveries_due (state, target),
-# so that listing them (the prune's, for targets removed from the configuration too) never
-# reads the rows.
-NEXT_DELIVERED_TARGET: Final = f"""
-SELECT min(target) FROM {SCHEMA}.deliveries WHERE state = 'delivered' AND target > $1
+# The targets with delivered rows, in order (the prune's, for targets removed from the
+# configuration too). No index holds delivered rows by target (deliveries_due leaves them out
+# since version 6), so this reads the deliveries once: once for all, where asking for the next
+# target after each one read them once per target and once more.
+DELIVERED_TARGETS: Final = f"""
+SELECT DISTINCT target FROM {SCHEMA}.deliveries WHERE state = 'delivered' ORDER BY target
 """
 # The digests table alone answers "seen inside the window?", so notifications may go with the
-# retention once no delivery needs their body.
+# retention once no delivery needs their body. One step of a walk through them in the order of
+# their ids, from just after $2: the next PRUNE_BATCH notifications, and of those the ones
+# received before $1 that no delivery uses are removed. Returns the notifications removed, those
+# the step read (fewer than PRUNE_BATCH: the end of the table), the last one's id (where the
+# next step starts) and whether any it read was received before $1. A step reads its batch
+# whatever lies around it: one statement that looked for unused notifications among every old
+# one read all those a delivery still uses (a backlog of dead letters or of pending deliveries)
+# before it found any, at every statement, so that past some millions it outran the statement
+# timeout at every prune and no notification was removed any more. The same range of ids on
+# the deliveries' side lets PostgreSQL merge two short ranges of their indexes (it does not
+# carry a range over from one side of a join to the other, and read every delivery instead).
 PRUNE_NOTIFICATIONS: Final = f"""
-DELETE FROM {SCHEMA}.notifications WHERE id IN (
-    SELECT id FROM {SCHEMA}.notifications n
-    WHERE received_at < $1
-      AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries d WHERE d.notification_id = n.id)
-    LIMIT {PRUNE_BATCH})
+WITH step AS (
+    SELECT count(*) AS seen, max(id) AS upto, bool_or(received_at < $1) AS old
+    FROM (SELECT id, received_at FROM {SCHEMA}.notifications WHERE id > $2 ORDER BY id
+        LIMIT {PRUNE_BATCH}) AS batch
+), d AS (
+    DELETE FROM {SCHEMA}.notifications n
+    WHERE n.id > $2 AND n.id <= (SELECT upto FROM step) AND n.received_at < $1
+      AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.deliveries d WHERE d.notification_id = n.id
+          AND d.notification_id > $2 AND d.notification_id <= (SELECT upto FROM step))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM d), seen, upto, COALESCE(old, false) FROM step
 """
 PRUNE_DIGESTS: Final = f"""
 DELETE FROM {SCHEMA}.digests WHERE digest IN (
