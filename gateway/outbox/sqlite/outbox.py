@@ -402,23 +402,39 @@ class SqliteOutbox:
             announce(self.path, None)
         return count
 
-    async def _in_steps(self, step: Callable[[sqlite3.Connection], int]) -> int:
+    async def _in_steps(
+        self, step: Callable[[sqlite3.Connection], int], *, stops: str | None = None
+    ) -> int:
         """Run ``step``, a job that removes at most ``store.PRUNE_BATCH`` rows, until it removes
         fewer; how many it removed in all. Each step is its own job: requests committing
-        meanwhile wait for one step, not for the whole backlog."""
+        meanwhile wait for one step, not for the whole backlog.
+
+        ``stops``: what the steps remove, for a caller that reports the count. A step that fails
+        after others have removed rows then ends the loop with their count, the failure logged:
+        the steps before it have committed, and raised, their count was lost, so the rows they
+        removed went unreported. A failure before anything was removed is raised."""
         removed = 0
         while True:
-            count = await self.run(step)
+            try:
+                count = await self.run(step)
+            except OutboxError as exc:
+                if stops is None or not removed:
+                    raise
+                log.warning("stopped removing %s after %d: %s", stops, removed, exc)
+                return removed
             removed += count
             if count < store.PRUNE_BATCH:
                 return removed
 
     async def purge_dead(self, before: float, now: float | None = None) -> int:
         """In steps (:meth:`_in_steps`), as :meth:`prune`: requests committing meanwhile wait
-        for one step, not for a month of dead letters."""
+        for one step, not for a month of dead letters. A step that fails after others have
+        removed dead letters ends the purge with their count (the caller's warning and counter
+        say what went); the next purge removes the rest."""
         horizon = (time.time() if now is None else now) - self.dedup_window_s
         return await self._in_steps(
-            functools.partial(store.purge_dead, before=before, horizon=horizon)
+            functools.partial(store.purge_dead, before=before, horizon=horizon),
+            stops="expired dead letters",
         )
 
     async def delivered_targets(self) -> list[str]:

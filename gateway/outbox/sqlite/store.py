@@ -560,18 +560,42 @@ def replay_deliveries(
     )
 
 
+# The targets that have dead letters, one seek each in the state index (the first, then the next
+# after the last one found): never a pass over the dead letters themselves.
+_FIRST_DEAD_TARGET = "SELECT MIN(target) FROM deliveries WHERE state = 'dead'"
+_NEXT_DEAD_TARGET = "SELECT MIN(target) FROM deliveries WHERE state = 'dead' AND target > ?"
+# A target's expired dead letters, oldest first. A dead letter's next_attempt_at is never later
+# than its updated_at: an attempt that dead-letters a delivery sets both to its time (see
+# rows.stored_outcome), and one found damaged at a claim keeps the due time it was claimed at.
+# So every dead letter changed before the cutoff lies in the range of deliveries_due below it,
+# which SQLite seeks to: with none expired, the range is empty and one index entry is read, where
+# "updated_at < ?" alone made it read every dead letter's row. Rows in the range that fail the
+# updated_at test are only those found damaged since the cutoff after waiting longer than it.
+_EXPIRED_DEAD = (
+    "SELECT id, notification_id FROM deliveries WHERE state = 'dead' AND target = ?"
+    " AND next_attempt_at < ? AND updated_at < ? ORDER BY next_attempt_at LIMIT ?"
+)
+
+
 def purge_dead(conn: sqlite3.Connection, *, before: float, horizon: float) -> int:
     """Remove up to ``PRUNE_BATCH`` dead letters last changed before ``before`` with their
     attempt history, and each one's notification once no other delivery needs it and it was
     received before ``horizon`` (deduplication no longer needs it). A step, as a prune's: the
     caller repeats it while it removes a full batch. Here, not left to the prune walk: that
     walk does not go back over the notifications it has passed, and it passes those that still
-    have a dead letter, so it would keep their bodies for good."""
-    rows = conn.execute(
-        "SELECT id, notification_id FROM deliveries WHERE state = 'dead' AND updated_at < ?"
-        " LIMIT ?",
-        (before, PRUNE_BATCH),
-    ).fetchall()
+    have a dead letter, so it would keep their bodies for good.
+
+    Target by target (see ``_EXPIRED_DEAD``): a step reads the rows it removes and a seek or
+    two per target, whatever the number of dead letters that are not old enough. A dead letter
+    whose due time is later than its change (which none of the statements here writes, unless
+    the clock stepped back) goes once both are before ``before``."""
+    rows: list[tuple[int, int]] = []
+    target = conn.execute(_FIRST_DEAD_TARGET).fetchone()[0]
+    while target is not None and len(rows) < PRUNE_BATCH:
+        rows += conn.execute(
+            _EXPIRED_DEAD, (target, before, before, PRUNE_BATCH - len(rows))
+        ).fetchall()
+        target = conn.execute(_NEXT_DEAD_TARGET, (target,)).fetchone()[0]
     if not rows:
         return 0
     conn.executemany("DELETE FROM attempts WHERE delivery_id = ?", [(row[0],) for row in rows])
