@@ -15,6 +15,12 @@ gateway restarts. So the listener asks its connection a trivial question every
 :data:`CHECK_S` seconds (which also keeps such a path from ever going idle); no answer within
 the timeout counts as the connection lost, and it connects again. TCP keepalive would cover a
 forgotten path only (not a server that hangs) and not a connection over a Unix socket.
+
+Between two checks the connection is idle, and a server that ends idle sessions
+(``idle_session_timeout``, set for the server, the database or the role) shorter than that would
+end the listener's at every pause: each time it connects again and wakes its dispatcher for what
+it may have missed, which makes the dispatcher drop its runs. Its own session is exempt, as
+:data:`_SESSION` says.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ _PAUSE_MAX_S = 5.0
 # Between two checks of an idle connection: well inside the idle timeouts of NATs and firewalls
 # (minutes), and a round trip a gateway never feels.
 CHECK_S = 30.0
+# Run on each new connection before it listens: the listener's own session is never ended for
+# being idle (0 disables idle_session_timeout for this session alone:
+# https://www.postgresql.org/docs/15/runtime-config-client.html#GUC-IDLE-SESSION-TIMEOUT). A
+# session that LISTENs is idle by design: it waits for notifications, which the server sends it
+# while it is idle, and is asked only a trivial question every check. Read from pg_settings, so
+# that a server older than PostgreSQL 14, which has no such setting (nor ends idle sessions),
+# sets nothing rather than refusing an unknown name. idle_in_transaction_session_timeout needs
+# no such care: it ends only a session idle inside an open transaction, and the listener never
+# opens one (LISTEN and its checks each commit on their own).
+_SESSION = (
+    "SELECT set_config(name, '0', false) FROM pg_settings WHERE name = 'idle_session_timeout'"
+)
 
 
 class Listener:
@@ -93,6 +111,7 @@ class Listener:
             # Held from here, so that close() ends it whatever step is cancelled.
             self._conn = conn
             try:
+                await asyncio.wait_for(conn.execute(_SESSION), self._timeout_s)
                 await asyncio.wait_for(conn.add_listener(CHANNEL, self._heard), self._timeout_s)
             except FAILURES as exc:
                 # The connection opened: closed here, or each attempt would leave one behind,
