@@ -110,11 +110,11 @@ class PortInUse(GatewayError):
 
 
 class ProxyHeaderError(GatewayError):
-    """A connection that should start with a PROXY protocol v2 header did not. ``reason`` is one
-    of a few fixed words (a metrics label): ``missing``, ``v1``, ``malformed``, ``truncated``,
-    ``unsupported``, ``timeout``, ``closed``; the message says what was wrong."""
+    """A connection that should start with a PROXY protocol header (v1 or v2) did not.
+    ``reason`` is one of a few fixed words (a metrics label): ``missing``, ``malformed``,
+    ``truncated``, ``unsupported``, ``timeout``, ``closed``; the message says what was wrong."""
 
-    REASONS = ("missing", "v1", "malformed", "truncated", "unsupported", "timeout", "closed")
+    REASONS = ("missing", "malformed", "truncated", "unsupported", "timeout", "closed")
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

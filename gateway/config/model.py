@@ -82,7 +82,7 @@ class ListenConfig:
     # Acceptor processes sharing the supervisor's listening socket; one of them dispatches.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     loop: EventLoop = "asyncio"
-    # Every connection starts with a PROXY protocol v2 header from a TCP load balancer (TLS
+    # Every connection starts with a PROXY protocol header (v1 or v2) from a TCP load balancer (TLS
     # passthrough), which names the client; a connection without one is refused.
     proxy_protocol: bool = False
 

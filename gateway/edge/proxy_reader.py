@@ -4,7 +4,10 @@ Rule: not a byte past the header is read here. The accepted socket is read direc
 than what is still missing of the header, so each read stops at its end and the client's first
 TLS bytes stay in the socket for the handshake that follows (a reader that read ahead would have
 to hand them to OpenSSL by hand). The socket is read before any transport owns it, so this holds
-alike on every event loop the gateway offers. The header's meaning is decided in
+alike on every event loop the gateway offers. A v2 header says its length in its first 16
+bytes; a v1 line ends at its CRLF, so each read takes no more than the shortest rest the line's
+grammar allows (section 2.1), and the first read no more than the shortest header of either
+version (15 bytes): a valid header is never read past. The header's meaning is decided in
 :mod:`gateway.edge.proxy_protocol`; this module only reads, times out and reports.
 
 A connection whose header is missing or bad is closed (no TLS, nothing answered: it may not even
@@ -18,7 +21,7 @@ import logging
 import socket
 from typing import Protocol
 
-from gateway.edge.proxy_protocol import FIXED_BYTES, header_length, parse_header
+from gateway.edge.proxy_protocol import bytes_missing, parse_header
 from gateway.errors import ProxyHeaderError
 from gateway.units import SECONDS
 
@@ -72,14 +75,16 @@ class ProxyHeaderReader:
 
 async def _read_header(sock: socket.socket) -> bytes:
     """The header's bytes, and not one more; raises ProxyHeaderError as soon as what arrived
-    cannot begin a v2 header."""
+    cannot begin a header."""
     loop = asyncio.get_running_loop()
     data = b""
-    total = FIXED_BYTES
-    while len(data) < total:
-        chunk = await loop.sock_recv(sock, total - len(data))
+    missing = bytes_missing(data)
+    while missing:
+        chunk = await loop.sock_recv(sock, missing)
         if not chunk:
             raise ProxyHeaderError("closed", _CLOSED)
         data += chunk
-        total = header_length(data)
-    return data
+        missing = bytes_missing(data)
+    # Only a v1 line that broke its grammar can have run past its CRLF: judged up to there.
+    end = data.find(b"\r\n") if data[:1] == b"P" else -1
+    return data[: end + 2] if end >= 0 else data

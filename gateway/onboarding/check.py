@@ -81,7 +81,7 @@ def report(config: Config, now: datetime.datetime) -> list[str]:
     if config.listen.proxy_protocol:
         lines.append(
             "ok: listen.proxy_protocol = true: every connection must start with a PROXY protocol"
-            " v2 header; open the listen port to the load balancer alone"
+            " header (v1 or v2); open the listen port to the load balancer alone"
         )
     if config.tls.client_ca_file is not None:
         for ca_subject, fingerprint in client_ca_subjects(config.tls.client_ca_file):

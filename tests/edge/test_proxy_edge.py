@@ -1,4 +1,5 @@
-"""``listen.proxy_protocol``: the client's address from a TCP load balancer's PROXY v2 header.
+"""``listen.proxy_protocol``: the client's address from a TCP load balancer's PROXY header (v2,
+or the v1 text line).
 
 Real sockets throughout. A blocking client writes the header and drives its TLS handshake by
 hand (``ssl.MemoryBIO``), so it can put the header and the ClientHello in one segment or send
@@ -30,7 +31,18 @@ from memory_tls import feed, handshake
 from pki import ClientKind, Pki
 from processes import serving, stop
 from sink import DEADLINE_S, Sink
-from test_proxy_protocol import IPV4, IPV6, LOCAL, UNSPEC, inet, v2
+from test_proxy_protocol import (
+    IPV4,
+    IPV6,
+    LOCAL,
+    UNSPEC,
+    V1_LONGEST,
+    V1_TCP4,
+    V1_TCP6,
+    V1_UNKNOWN,
+    inet,
+    v2,
+)
 
 from gateway.onboarding.check import report
 from gateway.runtime.gateway import Gateway
@@ -130,6 +142,11 @@ async def _refusals(gateway: Gateway, reason: str) -> float:
         pytest.param(IPV6, False, "2001:db8::7", id="ipv6"),
         pytest.param(IPV4, True, "203.0.113.7", id="header-a-byte-at-a-time"),
         pytest.param(v2(LOCAL, UNSPEC, b""), False, "127.0.0.1", id="local-command-tcp-peer"),
+        pytest.param(V1_TCP4, False, "203.0.113.7", id="v1-tcp4-with-client-hello-in-one-write"),
+        pytest.param(V1_TCP6, False, "2001:db8::7", id="v1-tcp6"),
+        pytest.param(V1_TCP4, True, "203.0.113.7", id="v1-a-byte-at-a-time"),
+        pytest.param(V1_UNKNOWN, False, "127.0.0.1", id="v1-unknown-tcp-peer"),
+        pytest.param(V1_LONGEST, False, "127.0.0.1", id="v1-longest-107-bytes"),
     ],
 )
 async def test_client_address_comes_from_the_proxy_header(
@@ -154,7 +171,13 @@ async def test_client_address_comes_from_the_proxy_header(
     ("header", "reason"),
     [
         pytest.param(b"", "missing", id="tls-without-header"),
-        pytest.param(b"PROXY TCP4 203.0.113.7 10.0.0.5 51234 8443\r\n", "v1", id="v1-header"),
+        pytest.param(
+            b"PROXY UNKNOWN " + b"x" * 93 + b"\r\n", "malformed", id="v1-header-108-bytes"
+        ),
+        pytest.param(
+            b"PROXY TCP4 203.0.113.7 10.0.0.5 051234 8443\r\n", "malformed", id="v1-port-0"
+        ),
+        pytest.param(b"PROXY TCP4 2001:db8::7 ::1 1 2\r\n", "malformed", id="v1-tcp4-ipv6"),
         pytest.param(v2(0x2F, 0x11, b"\0" * 12), "malformed", id="unknown-command"),
     ],
 )
@@ -210,6 +233,17 @@ BALANCER_ADDRESS = "127.0.0.3"
 def haproxy(gateway: Gateway, tmp_path: Path) -> Iterator[int]:
     """HAProxy in TCP mode on a free port: TLS passes through untouched, each connection to
     the gateway starts with a PROXY v2 header. Yields HAProxy's port."""
+    yield from _haproxy(gateway, tmp_path, "send-proxy-v2")
+
+
+@pytest.fixture
+def haproxy_v1(gateway: Gateway, tmp_path: Path) -> Iterator[int]:
+    """The same HAProxy sending the v1 text header (``send-proxy``), as balancers that speak
+    only v1 do."""
+    yield from _haproxy(gateway, tmp_path, "send-proxy")
+
+
+def _haproxy(gateway: Gateway, tmp_path: Path, send: str) -> Iterator[int]:
     if not Path(HAPROXY).exists():
         pytest.fail("haproxy is not installed (Debian: apt-get install haproxy; .ci/run does)")
     for _ in range(3):  # a free port may be taken by someone else before HAProxy binds it
@@ -220,7 +254,7 @@ def haproxy(gateway: Gateway, tmp_path: Path) -> Iterator[int]:
             "  timeout server 30s\n"
             f"frontend edge\n  bind 127.0.0.1:{port}\n  default_backend gateway\n"
             "backend gateway\n"
-            f"  server gw 127.0.0.1:{gateway.port} send-proxy-v2 source {BALANCER_ADDRESS}\n"
+            f"  server gw 127.0.0.1:{gateway.port} {send} source {BALANCER_ADDRESS}\n"
         )
         process = subprocess.Popen(
             [HAPROXY, "-db", "-f", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -258,6 +292,22 @@ async def test_haproxy_in_front_passes_tls_through_and_names_the_client(
     del caplog.records[:]
     answer = await asyncio.to_thread(
         exchange, haproxy, pki.client_context("meta"), source=CLIENT_ADDRESS
+    )
+    assert _status(answer) == 200, answer
+    assert _access_remotes(caplog) == [CLIENT_ADDRESS]
+    totals = gateway.stats.totals()
+    assert totals.last_address == CLIENT_ADDRESS
+    assert totals.clients == {"client.webhooks.fbclientcerts.com": 1}
+
+
+async def test_haproxy_sending_v1_names_the_client(
+    gateway: Gateway, haproxy_v1: int, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through HAProxy sending the v1 line (``send-proxy``) before the client's ClientHello:
+    the line is read to its CRLF and no further, and the client's address is what v2 gives."""
+    del caplog.records[:]
+    answer = await asyncio.to_thread(
+        exchange, haproxy_v1, pki.client_context("meta"), source=CLIENT_ADDRESS
     )
     assert _status(answer) == 200, answer
     assert _access_remotes(caplog) == [CLIENT_ADDRESS]
@@ -327,7 +377,7 @@ async def test_serve_with_two_workers_reads_the_header_on_every_connection(
         output = stop(process)
     logged = set(re.findall(r"(\S+) POST /webhook 200 ", output))
     assert set(clients) <= logged
-    assert "connection from 127.0.0.1 refused: no PROXY protocol v2 header" in output
+    assert "connection from 127.0.0.1 refused: no PROXY protocol header" in output
     assert process.returncode == 0
 
 
@@ -339,8 +389,8 @@ def test_check_reminds_that_only_the_balancer_may_reach_the_port(pki: Pki, tmp_p
     )
     now = datetime.now(UTC)
     line = (
-        "ok: listen.proxy_protocol = true: every connection must start with a PROXY protocol v2"
-        " header; open the listen port to the load balancer alone"
+        "ok: listen.proxy_protocol = true: every connection must start with a PROXY protocol"
+        " header (v1 or v2); open the listen port to the load balancer alone"
     )
     assert line in report(proxied, now)
     assert line not in report(config, now)
