@@ -6,11 +6,20 @@ starting together create them once) and records :data:`VERSION` with a random de
 prefix; every start reads the version back and refuses any other one, untouched, with a message
 saying what to do, except versions 1 to 6, which are brought to version 7 in place (see
 :data:`_TO_2` to :data:`_TO_7`).
+
+Rule: a start never waits without bound, nor without saying for what. A lock on the outbox's
+tables (a backup, an administrator's LOCK TABLE) fails the start within :data:`_LOCK_WAIT_S`;
+the lock under which gateways create or migrate the schema, within :data:`_SCHEMA_LOCK_WAIT_S`,
+with a log line naming its holder once it has waited :data:`_QUIET_S`. Either way, an
+OutboxError on one line names the session to wait for or to end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
+import time
 from typing import Any
 
 import asyncpg
@@ -19,13 +28,42 @@ from gateway.errors import OutboxError
 
 __all__ = ["CHANNEL", "SCHEMA", "VERSION", "ensure", "read_version"]
 
+log = logging.getLogger(__name__)
+
 SCHEMA = "waba_gateway"
 # LISTEN/NOTIFY channel: "there are deliveries any gateway may claim now".
 CHANNEL = "waba_gateway_due"
 VERSION = 7
-# pg_advisory_xact_lock's key while the tables are checked or created: any fixed number
-# ("waba" in ASCII); it only has to be the same for every gateway.
+# The advisory lock's key while the tables are checked or created: any fixed number ("waba" in
+# ASCII); it only has to be the same for every gateway.
 _CREATE_LOCK = 0x77616261
+# The schema session's bounds. A lock on a table (pg_dump holds ACCESS SHARE on every table it
+# dumps until it is done, which the migrations' ALTER TABLE and DROP INDEX wait for) is waited
+# for at most _LOCK_WAIT_S: lock_timeout applies to each wait for a lock, and only to that
+# (https://www.postgresql.org/docs/15/runtime-config-client.html#GUC-LOCK-TIMEOUT). Any other
+# statement of the check runs at most _STATEMENT_S (statement_timeout, same page), longer than
+# _LOCK_WAIT_S so that a wait for a lock ends as one, saying so; the migrations' statements
+# are let run (see ensure).
+_LOCK_WAIT_S = 10.0
+_STATEMENT_S = 30.0
+# The schema lock is waited for at most this long, polled every _POLL_S: a gateway migrating a
+# large table holds it for as long as its index builds take, and one cut off from the database
+# mid-migration holds it until the server ends its session.
+_SCHEMA_LOCK_WAIT_S = 15.0
+_POLL_S = 0.1
+# Gateways starting together on a new database wait for the first one's CREATE TABLEs, a
+# fraction of a second: only a wait longer than this is worth a log line.
+_QUIET_S = 1.0
+# The server ends a schema session idle this long inside a transaction, rolling it back and so
+# letting go of the schema lock (idle_in_transaction_session_timeout, same page): a gateway cut
+# off mid-migration holds the lock this long after its statement ends, not until TCP keepalive
+# gives up on it (two hours by default). A check never idles in its transaction longer than a
+# poll and a round trip.
+_IDLE_S = 5.0
+_BOUNDS = (
+    f"SET lock_timeout = '{_LOCK_WAIT_S:g}s'; SET statement_timeout = '{_STATEMENT_S:g}s';"
+    f" SET idle_in_transaction_session_timeout = '{_IDLE_S:g}s'"
+)
 
 _TABLES = (
     f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}",
@@ -265,13 +303,43 @@ def _check(found: tuple[int, str]) -> str:
 
 async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
     """Check the database's outbox schema, creating it when there is none and ``create``;
-    return its delivery id prefix. Another version raises OutboxError, changing nothing."""
+    return its delivery id prefix. Another version raises OutboxError, changing nothing, and so
+    does a lock held elsewhere past its bound, naming who holds it. ``conn``: a session of the
+    check's own, which keeps the bounds set here."""
+    await conn.execute(_BOUNDS)
+    try:
+        return await _ensure(conn, create=create)
+    except asyncpg.exceptions.LockNotAvailableError:
+        # 55P03, what lock_timeout raises: the transaction is rolled back, so what this session
+        # took is let go; those still holding locks on the outbox's tables are the ones waited
+        # for (or were, a moment ago).
+        holders = await _table_lock_holders(conn)
+        raise OutboxError(
+            f"waited {_LOCK_WAIT_S:g} s (lock_timeout) for a lock on the outbox schema's"
+            f" tables: {holders or 'no other session holds one any more'}; let that session"
+            " end (a pg_dump, a long transaction) or end it with pg_terminate_backend, then"
+            " start again"
+        ) from None
+    except asyncpg.exceptions.QueryCanceledError:
+        raise OutboxError(
+            f"a statement checking the outbox schema ran past {_STATEMENT_S:g} s"
+            " (statement_timeout); the database is overloaded, or something else it waits for"
+            " (a synchronous standby) does not answer"
+        ) from None
+
+
+async def _ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
     found = await read_version(conn)
     if found is not None and found[0] in _MIGRATIONS and create:
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
+            await _take_schema_lock(conn)
             found = await read_version(conn)  # again, under the lock
             if found is not None and found[0] in _MIGRATIONS:
+                log.info("migrating the outbox schema from version %d to %d", found[0], VERSION)
+                # An index build over a large deliveries table takes as long as its scan: that
+                # is work, not a wait, and a migration cut short would start over at every
+                # start. Waits for locks stay bounded (lock_timeout counts each wait alone).
+                await conn.execute("SET LOCAL statement_timeout = 0")
                 for statement in _MIGRATIONS[found[0]]:
                     await conn.execute(statement)
                 await conn.execute(f"UPDATE {SCHEMA}.meta SET version = $1", VERSION)
@@ -281,7 +349,7 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
     if not create:
         raise OutboxError("no outbox in this database yet (the gateway creates it at start)")
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
+        await _take_schema_lock(conn)
         found = await read_version(conn)  # again, under the lock: another gateway may have won
         if found is not None:
             return _check(found)
@@ -294,3 +362,95 @@ async def ensure(conn: asyncpg.Connection[Any], *, create: bool) -> str:
             prefix,
         )
     return prefix
+
+
+async def _take_schema_lock(conn: asyncpg.Connection[Any]) -> None:
+    """The schema lock, for the caller's transaction, within _SCHEMA_LOCK_WAIT_S; else
+    OutboxError naming its holder. Polled with pg_try_advisory_xact_lock, which returns at once
+    (https://www.postgresql.org/docs/15/functions-admin.html#FUNCTIONS-ADVISORY-LOCKS): a
+    pg_advisory_xact_lock would wait in silence for as long as the holder keeps it, which
+    lock_timeout would end, but with nothing said while it waits nor who holds it."""
+    started = time.monotonic()
+    told = False
+    while not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _CREATE_LOCK):
+        waited = time.monotonic() - started
+        if waited >= _SCHEMA_LOCK_WAIT_S:
+            holder = await _schema_lock_holder(conn)
+            raise OutboxError(
+                f"waited {_SCHEMA_LOCK_WAIT_S:g} s for the outbox schema lock (advisory lock"
+                f" {_CREATE_LOCK}), which {holder} holds to create or migrate the schema; if"
+                " that is a gateway migrating a large outbox, start again once it is done,"
+                " else end that session with pg_terminate_backend and start again"
+            )
+        if not told and waited >= _QUIET_S:
+            holder = await _schema_lock_holder(conn)
+            log.warning(
+                "waiting up to %g s for the outbox schema lock (advisory lock %d), which %s"
+                " holds to create or migrate the schema",
+                _SCHEMA_LOCK_WAIT_S,
+                _CREATE_LOCK,
+                holder,
+            )
+            told = True
+        await asyncio.sleep(_POLL_S)
+    if told:
+        log.info("took the outbox schema lock after %.1f s", time.monotonic() - started)
+
+
+# Who holds the schema lock. pg_locks shows a bigint advisory key as its high half in classid,
+# its low half in objid, and objsubid 1; advisory locks are per database
+# (https://www.postgresql.org/docs/15/view-pg-locks.html).
+_SCHEMA_LOCK_HOLDER = """
+SELECT l.pid, a.application_name, a.client_addr::text, a.state,
+    extract(epoch FROM clock_timestamp() - a.state_change)
+FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 1
+LIMIT 1
+"""
+# Who holds locks on the outbox's tables (and their indexes), oldest transaction first.
+_TABLE_LOCK_HOLDERS = """
+SELECT l.pid, a.application_name, a.client_addr::text, a.state,
+    extract(epoch FROM clock_timestamp() - a.state_change),
+    array_agg(l.mode || ' on ' || n.nspname || '.' || c.relname ORDER BY c.relname, l.mode)
+FROM pg_locks l
+JOIN pg_class c ON c.oid = l.relation
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid() AND n.nspname = $1
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+GROUP BY l.pid, a.application_name, a.client_addr, a.state, a.state_change, a.xact_start
+ORDER BY a.xact_start NULLS LAST, l.pid
+"""
+
+
+def _session(row: asyncpg.Record) -> str:
+    """``pid 123 ('pg_dump' from 10.0.0.5, idle in transaction for 42 s)``, as far as this
+    role may see (another role's sessions show little but their pid to an unprivileged one)."""
+    pid, application, client, state, seconds = row[0], row[1], row[2], row[3], row[4]
+    about = [repr(application or "")]
+    if client:
+        about.append(f"from {client}")
+    if state is not None and seconds is not None:
+        about.append(f"{state} for {float(seconds):.0f} s")
+    return f"pid {pid} ({', '.join(about)})"
+
+
+async def _schema_lock_holder(conn: asyncpg.Connection[Any]) -> str:
+    row = await conn.fetchrow(_SCHEMA_LOCK_HOLDER, _CREATE_LOCK >> 32, _CREATE_LOCK & 0xFFFFFFFF)
+    return "a session that has just let go of it" if row is None else f"session {_session(row)}"
+
+
+async def _table_lock_holders(conn: asyncpg.Connection[Any], most: int = 3) -> str:
+    """``session pid 123 (...) holds AccessShareLock on waba_gateway.deliveries, ...``: at most
+    ``most`` sessions, each with at most ``most`` of its locks."""
+    rows = await conn.fetch(_TABLE_LOCK_HOLDERS, SCHEMA)
+    told = []
+    for row in rows[:most]:
+        locks = list(row[5])
+        more = f" and {len(locks) - most} more" if len(locks) > most else ""
+        told.append(f"session {_session(row)} holds {', '.join(locks[:most])}{more}")
+    if len(rows) > most:
+        told.append(f"{len(rows) - most} more sessions")
+    return "; ".join(told)
