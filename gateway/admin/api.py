@@ -220,10 +220,12 @@ def create_admin_app(ops: Operations) -> web.Application:
         return web.json_response({"purged": await outbox.purge_dead(time.time() - age)})
 
     async def reload(_: web.Request) -> web.Response:
-        result = ops.reload()
+        # Awaited: with several workers, the answer waits for theirs, and the event loop, which
+        # also serves the callback, goes on meanwhile.
+        result = await ops.reload_confirmed()
         body = {"ok": result.ok, "message": result.message}
         # 422: the gateway works, but the files it was asked to take cannot be used (the
-        # message says why); it keeps its previous configuration.
+        # message says why: nothing changed, or which workers did not take them).
         return web.json_response(body, status=200 if result.ok else 422)
 
     app.router.add_get("/healthz", healthz)

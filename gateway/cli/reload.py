@@ -3,9 +3,11 @@
 It reads the admin listener's address and token from the configuration file's ``[admin]`` table
 alone and POSTs ``/admin/reload``, as SIGHUP would: the gateway reads the whole file, so a file
 that does not load (a misspelt key, invalid TOML) is one failed reload, logged and counted by the
-gateway, whichever way it was asked. Exit codes: 0 reloaded; 1 the reload failed (the gateway
-keeps its previous configuration) or the gateway could not be reached; 2 the ``[admin]`` table
-itself cannot be used to find the gateway. The line printed is the one the gateway logged.
+gateway, whichever way it was asked. Exit codes: 0 reloaded (by every worker, when there are
+several); 1 the reload failed (the gateway keeps its previous configuration), not every worker
+took it (the line names those that did not), or the gateway could not be reached; 2 the
+``[admin]`` table itself cannot be used to find the gateway. The line printed is the one the
+gateway logged.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class _Operations:
     def breakers(self) -> Mapping[str, Breaker]:
         return self._core.breakers()
 
-    def reload(self) -> ReloadResult:
+    async def reload_confirmed(self) -> ReloadResult:
         # The application built the server's TLS context and owns the process: a reload here
         # could change the targets but not the certificates, which would be half a reload.
         return ReloadResult(

@@ -3,8 +3,8 @@ to stop.
 
 Rule: a serving process reacts to signals here and nowhere else. SIGTERM and SIGINT (or the
 injected ``shutdown`` awaitable in tests) stop the gateway in the order its module docstring
-writes down (:mod:`gateway.runtime.gateway`); SIGHUP reloads it (:meth:`Gateway.reload`), and one
-that arrives before the gateway serves is kept until it does. The event loop's handlers are
+writes down (:mod:`gateway.runtime.gateway`); SIGHUP reloads it (:meth:`Gateway.reload`),
+and one that arrives before the gateway serves is kept until it does. The event loop's handlers are
 removed on the way out.
 
 Once it serves, the process sets its cyclic garbage collector for a server
@@ -75,6 +75,8 @@ async def run(
             pass
     try:
         async with Gateway(config, role=role) as gateway:
+            # Not waiting for the other workers' answers with the event loop held: nobody
+            # waits for this one's, and the outcome is logged once known.
             reload_now.append(gateway.reload)
             if hung_up_early:
                 # The files may have changed after this process read them: read them again.

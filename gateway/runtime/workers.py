@@ -21,10 +21,10 @@ reason it cannot (an unreachable database, an outbox it cannot write): the super
 others and raises that reason, so `serve` says it and exits 2 as a lone gateway would; it logs
 "started N workers" only once all serve. If a worker dies on its own later, the supervisor stops the
 others and exits 1: a half-running gateway is worse than a restart by the service manager. SIGHUP to
-the supervisor is passed to every worker, and each reloads
-(:meth:`gateway.runtime.gateway.Gateway.reload`); a reload asked of worker 0 through the admin API
-or its file watcher reaches the others through the supervisor (SIGUSR1 from worker 0: "reload the
-others").
+the supervisor is passed to every worker: worker 0 reloads
+(:meth:`gateway.runtime.gateway.Gateway.reload`) and asks the others, through the supervisor
+(SIGUSR1 from worker 0: "reload the others"), to take exactly the files it took; a reload asked of
+worker 0 through the admin API or its file watcher goes the same way.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ every worker of a multi-worker gateway reloading."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import ssl
 import subprocess
@@ -38,6 +39,10 @@ async def served_serial(port: int, pki: Pki) -> int | None:
         return None
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     writer.close()
+    # Closed before the test moves on: a TLS close left pending when the test's loop ends
+    # leaves its socket to the garbage collector, and a warning to a later test.
+    with contextlib.suppress(OSError):
+        await asyncio.wait_for(writer.wait_closed(), DEADLINE_S)
     return int(x509.load_der_x509_certificate(der).serial_number)
 
 
@@ -122,12 +127,12 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
         assert await asyncio.to_thread(main, ["reload", "--config", str(config)]) == 0
         assert capsys.readouterr().out == f"reloaded {config}\n"
 
-        # The command answers once worker 0 reloaded; worker 1 hears of it afterwards, through
-        # the supervisor (a signal): wait for its own line before asking it for the certificate.
+        # The command answers once worker 1 too has taken the files worker 0 took (it hears of
+        # them through the supervisor, a signal); its line is read here by another thread.
         async def both_reloaded() -> bool:
             return output.count(f"reloaded {config}") >= 2
 
-        await until(both_reloaded, "worker 1 to reload after worker 0")
+        await until(both_reloaded, "worker 1's line")
         for _ in range(8):  # new connections spread over both workers: all see the renewal
             assert await served_serial(port, pki) == serial
         key.write_bytes(pki.client_key_file.read_bytes())
@@ -139,17 +144,19 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
         failed = err.removeprefix("error: ").strip()
         process.send_signal(signal.SIGHUP)
 
-        async def both_failed() -> bool:
-            return output.count(failed) >= 3
+        async def refused_again() -> bool:
+            return output.count(failed) >= 2
 
-        await until(both_failed, "both workers to refuse the SIGHUP's reload")
+        await until(refused_again, "worker 0 to refuse the SIGHUP's reload")
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, DEADLINE_S) == 0
         log = output.join()
     # Worker 0 through the admin API, worker 1 through the supervisor.
     assert log.count(f"reloaded {config}") == 2
-    # The failed reload, then SIGHUP to the supervisor: every worker tried, each said why.
-    assert log.count(failed) == 3
+    # The failed reload, then SIGHUP to the supervisor: worker 0 alone reads the files of its
+    # own accord, and said why again; worker 1 follows only what worker 0 took, so it kept the
+    # configuration they share.
+    assert log.count(failed) == 2
 
 
 class _Lines:
