@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from helpers import admin_get, gateway_config, metric
+from helpers import ExpiryCount, admin_get, gateway_config, metric
 from pki import Pki
 
 from gateway.admin.stats import Stats
@@ -19,17 +19,6 @@ from gateway.runtime.gateway import Gateway
 
 DAY = 86400.0
 SIG = "sha256=" + "0" * 64
-
-
-class _Counted:
-    def __init__(self) -> None:
-        self.expired = 0
-
-    def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
-        pass
-
-    def dead_letters_expired(self, count: int) -> None:
-        self.expired += count
 
 
 async def test_old_dead_letters_expire_with_a_warning_and_a_count(
@@ -46,7 +35,7 @@ async def test_old_dead_letters_expire_with_a_warning_and_a_count(
                 [(delivery.id, DeadLetter("HTTP 400"), AttemptResult(status=400))], when
             )
             made.append(delivery)
-        counted = _Counted()
+        counted = ExpiryCount()
         dispatcher = Dispatcher(
             outbox,
             [],

@@ -284,20 +284,29 @@ def _listening(process: subprocess.Popen[bytes], port: int) -> bool:
     return False
 
 
-async def test_haproxy_in_front_passes_tls_through_and_names_the_client(
-    gateway: Gateway, haproxy: int, pki: Pki, caplog: pytest.LogCaptureFixture
+async def _meta_is_taken_and_named(
+    gateway: Gateway, port: int, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Through HAProxy (TCP mode, send-proxy-v2): Meta's certificate is checked by the gateway
-    itself (TLS passthrough), and the client's address, not HAProxy's, is logged and shown."""
+    """Meta's client, from :data:`CLIENT_ADDRESS`, through the balancer at ``port``: answered
+    200, its certificate checked by the gateway, its address (not the balancer's) logged and
+    shown."""
     del caplog.records[:]
     answer = await asyncio.to_thread(
-        exchange, haproxy, pki.client_context("meta"), source=CLIENT_ADDRESS
+        exchange, port, pki.client_context("meta"), source=CLIENT_ADDRESS
     )
     assert _status(answer) == 200, answer
     assert _access_remotes(caplog) == [CLIENT_ADDRESS]
     totals = gateway.stats.totals()
     assert totals.last_address == CLIENT_ADDRESS
     assert totals.clients == {"client.webhooks.fbclientcerts.com": 1}
+
+
+async def test_haproxy_in_front_passes_tls_through_and_names_the_client(
+    gateway: Gateway, haproxy: int, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through HAProxy (TCP mode, send-proxy-v2): Meta's certificate is checked by the gateway
+    itself (TLS passthrough), and the client's address, not HAProxy's, is logged and shown."""
+    await _meta_is_taken_and_named(gateway, haproxy, pki, caplog)
 
 
 async def test_haproxy_sending_v1_names_the_client(
@@ -305,15 +314,7 @@ async def test_haproxy_sending_v1_names_the_client(
 ) -> None:
     """Through HAProxy sending the v1 line (``send-proxy``) before the client's ClientHello:
     the line is read to its CRLF and no further, and the client's address is what v2 gives."""
-    del caplog.records[:]
-    answer = await asyncio.to_thread(
-        exchange, haproxy_v1, pki.client_context("meta"), source=CLIENT_ADDRESS
-    )
-    assert _status(answer) == 200, answer
-    assert _access_remotes(caplog) == [CLIENT_ADDRESS]
-    totals = gateway.stats.totals()
-    assert totals.last_address == CLIENT_ADDRESS
-    assert totals.clients == {"client.webhooks.fbclientcerts.com": 1}
+    await _meta_is_taken_and_named(gateway, haproxy_v1, pki, caplog)
 
 
 @pytest.mark.parametrize("kind", ["impostor", "none"])

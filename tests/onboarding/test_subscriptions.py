@@ -98,14 +98,19 @@ def _no_token_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WABA_ACCESS_TOKEN", raising=False)
 
 
-@pytest.fixture
-async def fake_graph(aiohttp_server: AiohttpServer) -> FakeGraph:
+async def serve_fake_graph(aiohttp_server: AiohttpServer) -> FakeGraph:
+    """A :class:`FakeGraph` answering every path on its own port; ``url`` is its base."""
     fake = FakeGraph()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", fake.handle)
     server = await aiohttp_server(app)
     fake.url = str(server.make_url("/")).rstrip("/")
     return fake
+
+
+@pytest.fixture
+async def fake_graph(aiohttp_server: AiohttpServer) -> FakeGraph:
+    return await serve_fake_graph(aiohttp_server)
 
 
 async def run(fake: FakeGraph, *argv: str, token: bool = True) -> int:
@@ -607,12 +612,7 @@ def next_link(base: str, cursor: str = CURSOR) -> str:
 @pytest.fixture
 async def other_host(aiohttp_server: AiohttpServer) -> FakeGraph:
     """A second stand-in, on another port: a host a paging link must not send the token to."""
-    fake = FakeGraph()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    server = await aiohttp_server(app)
-    fake.url = str(server.make_url("/")).rstrip("/")
-    return fake
+    return await serve_fake_graph(aiohttp_server)
 
 
 async def test_subscriptions_reads_the_next_page_and_lists_the_app_on_it(

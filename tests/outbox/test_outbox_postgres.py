@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from claimplan import ordered_claim
 from helpers import OpenOptions, eventually, sink_target
-from pgserver import PASSWORD, PgServer, running_server
+from pgserver import PASSWORD, PgServer, running_counted_server, running_server
 from sink import Hang, Sink
 
 from gateway.config import DispatcherConfig, OutboxConfig
@@ -693,9 +693,7 @@ async def test_the_outboxs_statements_are_never_compiled_by_jit(
 @pytest.fixture(scope="module")
 def counting_server() -> Iterator[PgServer]:
     """A server of its own that counts the statements it runs (pg_stat_statements)."""
-    with running_server("shared_preload_libraries = 'pg_stat_statements'\n") as server:
-        server.psql("CREATE DATABASE counted")
-        server.psql("CREATE EXTENSION pg_stat_statements", "counted")
+    with running_counted_server() as server:
         yield server
 
 

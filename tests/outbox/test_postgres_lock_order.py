@@ -5,12 +5,12 @@ so an operator's replay during delivery never deadlocks with the outcomes being 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
 import pytest
+from pglocks import waiting_on_locks
 
 from gateway.config import OutboxConfig
 from gateway.outbox import (
@@ -27,21 +27,6 @@ from gateway.outbox import (
 from gateway.outbox.postgres import sql
 
 SIG = "sha256=" + "0" * 64
-
-
-async def _waiting_on_locks(conn: asyncpg.Connection, count: int) -> None:
-    """Return once ``count`` backends of this database wait for a lock (at most 10 s); ``conn``
-    outside a transaction, which would see one snapshot of the activity."""
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        waiting = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        if waiting >= count:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"fewer than {count} statements came to wait for a row lock")
 
 
 # Three deliveries, one held by another transaction while a replay of all of them and a batch of
@@ -84,10 +69,10 @@ async def test_a_replay_of_many_during_recorded_outcomes_never_deadlocks(
         replay = asyncio.create_task(
             outbox.replay_many(state="pending", target=None, since=None, now=1100.0)
         )
-        await _waiting_on_locks(watcher, 1)
+        await waiting_on_locks(watcher, 1)
         outcomes = [(ids[name], retry, AttemptResult(status=503)) for name in named]
         record = asyncio.create_task(outbox.record_many(outcomes, 1200.0))
-        await _waiting_on_locks(watcher, 2)
+        await waiting_on_locks(watcher, 2)
         await blocker.execute("ROLLBACK")
         assert await asyncio.wait_for(replay, 10.0) == 3
         await asyncio.wait_for(record, 10.0)
@@ -151,11 +136,11 @@ async def test_a_removal_of_many_during_a_replay_of_many_never_deadlocks(
             "SELECT 1 FROM waba_gateway.deliveries WHERE id = $1 FOR UPDATE", _rowid(ids["last"])
         )
         removal = asyncio.create_task(remove(outbox))
-        await _waiting_on_locks(watcher, 1)
+        await waiting_on_locks(watcher, 1)
         replay = asyncio.create_task(
             outbox.replay_many(state=state, target=None, since=None, now=3000.0)
         )
-        await _waiting_on_locks(watcher, 2)
+        await waiting_on_locks(watcher, 2)
         await blocker.execute("ROLLBACK")
         removed = await asyncio.wait_for(removal, 10.0)
         replayed = await asyncio.wait_for(replay, 10.0)
@@ -177,7 +162,7 @@ async def test_a_prune_never_removes_a_delivery_replayed_while_it_waited(pg_url:
         await replayer.execute("BEGIN")
         await replayer.fetch(sql.REPLAY, _rowid(ids["middle"]), 1500.0)
         prune = asyncio.create_task(outbox.prune(2000.0, 1.0, ["t"]))
-        await _waiting_on_locks(watcher, 1)
+        await waiting_on_locks(watcher, 1)
         await replayer.execute("COMMIT")
         assert await asyncio.wait_for(prune, 10.0) == 2
         assert [d.id for d in await outbox.query(state="pending")] == [ids["middle"]]

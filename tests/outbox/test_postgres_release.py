@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pglocks import waiting_on_locks
 
 from gateway.config import OutboxConfig
 from gateway.outbox import open_outbox
@@ -96,20 +97,6 @@ async def test_a_gateway_closing_lets_go_of_many_leases_at_once_on_stale_statist
     assert len(claimed) == LEASED
 
 
-async def _waiting_on_locks(conn: asyncpg.Connection[Any], count: int) -> None:
-    """Return once ``count`` backends of this database wait for a lock (at most 10 s)."""
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        waiting = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        if waiting >= count:
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"fewer than {count} statements came to wait for a row lock")
-
-
 async def test_a_gateway_closing_leaves_what_was_recorded_or_taken_over_while_it_waited(
     pg_url: str, gateways: list[PostgresOutbox], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -136,7 +123,7 @@ async def test_a_gateway_closing_leaves_what_was_recorded_or_taken_over_while_it
         )
         caplog.set_level("INFO", logger="gateway.outbox.postgres.outbox")
         closed = asyncio.create_task(closing.close())
-        await _waiting_on_locks(watcher, 1)
+        await waiting_on_locks(watcher, 1)
         await blocker.execute("COMMIT")
         await asyncio.wait_for(closed, 10.0)
         rows = await watcher.fetch(

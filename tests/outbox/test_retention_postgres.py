@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from pgserver import PgServer, running_server
+from helpers import ExpiryCount
+from pglocks import waiting_on_locks
+from pgserver import PgServer, running_counted_server
 
 from gateway.config import OutboxConfig
 from gateway.delivery.reporting import IGNORE
@@ -22,25 +24,10 @@ from gateway.outbox.postgres import sql
 SIG = "sha256=" + "0" * 64
 
 
-class _Counted:
-    """An observer that adds up the dead letters it is told expired."""
-
-    def __init__(self) -> None:
-        self.expired = 0
-
-    def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
-        pass
-
-    def dead_letters_expired(self, count: int) -> None:
-        self.expired += count
-
-
 @pytest.fixture(scope="module")
 def counting_server() -> Iterator[PgServer]:
     """A server of its own that counts what each statement costs (pg_stat_statements)."""
-    with running_server("shared_preload_libraries = 'pg_stat_statements'\n") as server:
-        server.psql("CREATE DATABASE counted")
-        server.psql("CREATE EXTENSION pg_stat_statements", "counted")
+    with running_counted_server() as server:
         yield server
 
 
@@ -154,7 +141,7 @@ async def test_dead_letters_removed_before_a_purge_failed_are_counted_and_said(
         )
         await holder.execute("BEGIN")
         await holder.execute("SELECT 1 FROM waba_gateway.deliveries WHERE target = 'z' FOR UPDATE")
-        counted = _Counted()
+        counted = ExpiryCount()
         retention = Retention(outbox, 3600.0, 86400.0, counted)
         with caplog.at_level(logging.WARNING):
             await retention.maybe_prune(200000.0, ["a", "z"])
@@ -199,14 +186,7 @@ async def test_a_purge_never_removes_a_dead_letter_replayed_while_it_waited(pg_u
         await replayer.execute("BEGIN")
         await replayer.fetch(sql.REPLAY, int(ids[1].rpartition("-")[2]), 1500.0)
         purge = asyncio.create_task(outbox.purge_dead(1800.0, 2000.0))
-        for _ in range(500):  # until the purge waits for the replayed row
-            waiting = await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.02)
+        await waiting_on_locks(watcher, 1)  # the purge waits for the replayed row
         await replayer.execute("COMMIT")
         assert await asyncio.wait_for(purge, 10.0) == 2
         assert [d.id for d in await outbox.query(state="pending")] == [ids[1]]

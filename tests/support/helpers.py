@@ -54,6 +54,7 @@ __all__ = [
     "VERIFY_TOKEN",
     "Answer",
     "ConfigOptions",
+    "ExpiryCount",
     "OpenOptions",
     "TargetOptions",
     "admin_get",
@@ -82,6 +83,21 @@ VERIFY_TOKEN = "test-verify-token"
 DATA = Path(__file__).resolve().parents[1] / "data"
 WABA_ID = "102290129340398"
 PHONE_NUMBER_ID = "106540352242922"
+
+
+class ExpiryCount:
+    """A delivery observer that adds up the dead letters it is told expired (and ignores the
+    attempts it is told of)."""
+
+    def __init__(self) -> None:
+        self.expired = 0
+
+    def attempted(self, target: str, outcome: str, latency_s: float | None) -> None:
+        pass
+
+    def dead_letters_expired(self, count: int) -> None:
+        self.expired += count
+
 
 # How a refused TLS handshake reaches an aiohttp client. Under TLS 1.3 the client's handshake
 # completes before the server has judged the client certificate, so the refusal may only show

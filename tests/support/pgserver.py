@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loopback_ports import free_port
 
-__all__ = ["PASSWORD", "USER", "PgServer", "pg_bin", "running_server"]
+__all__ = ["PASSWORD", "USER", "PgServer", "pg_bin", "running_counted_server", "running_server"]
 
 USER = "waba"
 PASSWORD = "throw-away-pg-password"
@@ -146,3 +146,14 @@ def running_server(settings: str = "") -> Iterator[PgServer]:
         with contextlib.suppress(subprocess.CalledProcessError):
             server.stop("immediate")
         shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_counted_server() -> Iterator[PgServer]:
+    """A new cluster, as :func:`running_server`, that counts the statements it runs
+    (pg_stat_statements): the extension is made in its database ``counted``, where the counts
+    are read and reset."""
+    with running_server("shared_preload_libraries = 'pg_stat_statements'\n") as server:
+        server.psql("CREATE DATABASE counted")
+        server.psql("CREATE EXTENSION pg_stat_statements", "counted")
+        yield server

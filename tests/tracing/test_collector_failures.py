@@ -47,6 +47,15 @@ def _end_spans(exporting: Exporting, count: int) -> None:
         Tracing.end_server(exporting.tracing.server_span(f"/{number}", {}, None), 200)
 
 
+async def _export_and_close(endpoint: str, spans: int, environment: dict[str, str]) -> Exporting:
+    """An exporter to ``endpoint``, set by ``environment``, that ends ``spans`` spans and is
+    then closed (as the gateway closes it when it stops)."""
+    exporting = Exporting(TracingConfig(enabled=True, endpoint=endpoint), environment)
+    _end_spans(exporting, spans)
+    await exporting.close()
+    return exporting
+
+
 async def test_closing_against_a_collector_that_never_answers_ends_in_time_and_counts_all(
     silent_collector: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -136,12 +145,11 @@ async def test_an_answer_that_never_ends_is_read_only_so_far_and_the_export_coun
     (memory stays bounded), takes the export as done, and sends the next one on a new
     connection, well within the flush's time limit."""
     async with _EndlessAnswer() as receiver:
-        exporting = Exporting(
-            TracingConfig(enabled=True, endpoint=receiver.url),
+        exporting = await _export_and_close(
+            receiver.url,
+            2,
             {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1", "OTEL_BSP_EXPORT_TIMEOUT": "3000"},
         )
-        _end_spans(exporting, 2)
-        await exporting.close()
     assert [span.name for span in receiver.spans] == ["POST /0", "POST /1"]
     assert (exporting.batches.exported, exporting.batches.dropped) == (2, 0)
     assert receiver.connections == 2
@@ -167,12 +175,11 @@ async def test_spans_a_collector_rejects_in_a_partial_success_are_counted_as_dro
     count as dropped, not exported, and a warning says how many and the collector's reason
     (its text on one line); the request is not retried, as the specification asks."""
     async with _PartialSuccess() as receiver:
-        exporting = Exporting(
-            TracingConfig(enabled=True, endpoint=receiver.url),
+        exporting = await _export_and_close(
+            receiver.url,
+            2,
             {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2", "OTEL_BSP_SCHEDULE_DELAY": "600000"},
         )
-        _end_spans(exporting, 2)
-        await exporting.close()
     assert len(receiver.raw) == 1
     assert (exporting.batches.exported, exporting.batches.dropped) == (1, 1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
