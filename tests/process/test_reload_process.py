@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import signal
 import ssl
-import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from cryptography import x509
 from helpers import APP_SECRET
 from load import Load
 from pki import Pki
-from processes import serving, stop, until_listening
+from processes import OutputLines, serving, stop, until_listening
 from settling import pending_in_metrics, until_settled
 from sink import DEADLINE_S, Sink
 from two_workers import post_over_both_workers
@@ -116,7 +114,7 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
     cert, key = own_certificates(pki, tmp_path, config)
     port = listen_port(config)
     with serving(config) as process:
-        output = _Lines(process)
+        output = OutputLines(process)
         await until(lambda: served_serial(port, pki), "the gateway to listen")
         # Both workers up (a worker still starting would read the key broken below, and exit),
         # and worker 0's admin listener with them.
@@ -159,29 +157,6 @@ async def test_reload_command_reloads_every_worker_and_reports_a_failure(
     assert log.count(failed) == 2
 
 
-class _Lines:
-    """What a gateway process writes, read line by line as it comes (a thread of its own)."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        self._stdout = process.stdout
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in iter(self._stdout.readline, b""):
-            self.lines.append(line.decode(errors="replace"))
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in list(self.lines))
-
-    def join(self) -> str:
-        """All of it, once the process has exited."""
-        self._thread.join(DEADLINE_S)
-        return "".join(self.lines)
-
-
 async def test_sighup_with_requests_in_flight_on_two_workers_drops_nothing(
     pki: Pki, tmp_path: Path, sink: Sink
 ) -> None:
@@ -196,7 +171,7 @@ async def test_sighup_with_requests_in_flight_on_two_workers_drops_nothing(
     port = listen_port(config)
     reloaded = f"reloaded {config}"
     with serving(config) as process:
-        output = _Lines(process)
+        output = OutputLines(process)
         await until_listening(port, process)
         # Both workers serving first: a worker still starting ignores SIGHUP.
         started = await post_over_both_workers(port, pki, process.pid, "started", 4)

@@ -8,9 +8,7 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,33 +18,11 @@ import pytest
 from config_files import free_port, listen_port, write_config
 from helpers import APP_SECRET, message_body, meta_signature
 from pki import Pki
-from processes import serving, until_listening
+from processes import OutputLines, serving, until_listening
 from sink import DEADLINE_S
 from two_workers import accepted_by_each_worker, post_over_both_workers
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-
-
-class Lines:
-    """What a gateway process writes, read line by line as it comes (a thread of its own)."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        self._stdout = process.stdout
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in iter(self._stdout.readline, b""):
-            self.lines.append(line.decode(errors="replace"))
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in list(self.lines))
-
-    def holding(self, *secrets: str) -> list[str]:
-        """The lines written so far that hold any of ``secrets``."""
-        return [line for line in list(self.lines) if any(s in line for s in secrets)]
 
 
 async def until(predicate: object, what: str) -> None:
@@ -180,7 +156,7 @@ async def test_files_changed_between_two_workers_reads_end_the_same_in_both(
     config, port, admin_port = two_workers(tmp_path, pki)
     text = config.read_text()
     with serving(config) as process:
-        output = Lines(process)
+        output = OutputLines(process)
         await until_listening(port, process)
         await post_over_both_workers(port, pki, process.pid, "started", 4)
         _, other = workers_of(process.pid, admin_port)
@@ -216,7 +192,7 @@ async def test_the_admin_answer_says_when_another_worker_has_not_taken_the_reloa
     )
     text = config.read_text()
     with serving(config) as process:
-        output = Lines(process)
+        output = OutputLines(process)
         await until_listening(port, process)
         await post_over_both_workers(port, pki, process.pid, "started", 4)
         _, other = workers_of(process.pid, admin_port)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,15 @@ from helpers import APP_SECRET, meta_signature
 from pki import Pki
 from sink import DEADLINE_S
 
-__all__ = ["kill_group", "post_to", "serving", "serving_all", "stop", "until_listening"]
+__all__ = [
+    "OutputLines",
+    "kill_group",
+    "post_to",
+    "serving",
+    "serving_all",
+    "stop",
+    "until_listening",
+]
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -115,3 +124,30 @@ async def post_to(
         ) as response:
             await response.read()
             return response.status
+
+
+class OutputLines:
+    """What a gateway process writes, read line by line as it comes (a thread of its own)."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in iter(self._stdout.readline, b""):
+            self.lines.append(line.decode(errors="replace"))
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def holding(self, *secrets: str) -> list[str]:
+        """The lines written so far that hold any of ``secrets``."""
+        return [line for line in list(self.lines) if any(s in line for s in secrets)]
+
+    def join(self) -> str:
+        """All of it, once the process has exited."""
+        self._thread.join(DEADLINE_S)
+        return "".join(self.lines)
