@@ -209,7 +209,7 @@ class _SnapshotCollector:
         if snap.outbox_rows is not None:
             yield GaugeMetricFamily(
                 "waba_gateway_outbox_rows",
-                "Rows in the outbox's notification, delivery and attempt tables (PostgreSQL)",
+                "Rows in the outbox schema's tables, as PostgreSQL's statistics count them",
                 value=snap.outbox_rows,
             )
         info = GaugeMetricFamily(

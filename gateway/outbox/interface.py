@@ -203,9 +203,8 @@ class Outbox(Protocol):
         ...
 
     async def delivered_targets(self) -> list[str]:
-        """The targets that have delivered deliveries in the outbox, configured or not (one
-        index seek each): a target removed from the configuration still has its delivered
-        rows pruned."""
+        """The targets that have delivered deliveries in the outbox, configured or not: a
+        target removed from the configuration still has its delivered rows pruned."""
         ...
 
     async def prune(self, now: float, retention_s: float, targets: Collection[str]) -> int:
