@@ -166,6 +166,9 @@ class _Connection(asyncio.Protocol):
         # are written (RFC 9112, 9.3.2: responses go in the order of their requests); dropped
         # once that request is complete or refused, since then its final answer is what comes.
         self._continue_owed = False
+        # The trust this connection was accepted under was replaced (see retire): every answer
+        # from now on closes it.
+        self._retired = False
         self._paused: set[_Pause] = set()
         self._stalled_since = 0.0  # when the write buffer last went over its high-water mark
         self.last_active = 0.0  # when the connection last became idle (time.monotonic)
@@ -362,7 +365,7 @@ class _Connection(asyncio.Protocol):
         self, request: Request | Refusal, method: str, path: str, status: int, reason: str
     ) -> None:
         keep_alive = isinstance(request, Request) and request.keep_alive
-        keep_alive = keep_alive and not self._listener.closing
+        keep_alive = keep_alive and not self._listener.closing and not self._retired
         now = self.last_active = time.monotonic()  # idle from the last answer
         if status == 200 and method == "POST":
             # Every acknowledgement: its bytes are made once a second, not once an answer.
@@ -416,6 +419,22 @@ class _Connection(asyncio.Protocol):
                     self._queue.append(refusal)
                     self._pump()
         elif now - self.last_active > self._listener.idle_timeout_s:
+            self._transport.close()
+
+    def retire(self) -> None:
+        """The trust this connection's client certificate was checked under has been replaced
+        (a reload changed the client CA bundle, the CRL or the accepted CNs): the answers owed,
+        and the one to a request already arriving, go out with ``Connection: close``; an idle
+        connection closes now. The client connects again and its certificate is checked under
+        the trust now configured: a revoked certificate ends with the reload, not with the
+        connection's own end, which a keep-alive client may put off for hours."""
+        self._retired = True
+        if (
+            not self._in_flight
+            and not self._queue
+            and self._http.receiving_since is None
+            and self._transport is not None
+        ):
             self._transport.close()
 
     def close_when_idle(self) -> None:
@@ -501,6 +520,12 @@ class Listener:
         for connection in list(self.connections):
             connection.sweep(now)
         self._sweeper = asyncio.get_running_loop().call_later(self._sweep_every_s, self._sweep)
+
+    def retire_connections(self) -> None:
+        """Every open connection ends once it has answered what it owes (see
+        :meth:`_Connection.retire`); those accepted from now on are not affected."""
+        for connection in list(self.connections):
+            connection.retire()
 
     async def close(self, grace_s: float) -> None:
         """Stop accepting; let answers owed go out (up to ``grace_s``); close every connection."""

@@ -158,6 +158,7 @@ class Gateway(Closing):
         self._tls = SwappableContext(
             ssl_context or build_server_context(config.tls, source=config.source)
         )
+        self._trust = _trust(config.tls)
         self._expiries = certificate_expiries(config.tls)
         self._loaded_at = time.time()
         self._reload_siblings = role.reload_siblings
@@ -316,6 +317,14 @@ class Gateway(Closing):
                     changed=True,
                 )
         self._tls.swap(context)
+        trust = _trust(new.tls)
+        if trust != self._trust:
+            # The connections open now were accepted under the trust just replaced: they go,
+            # once they have answered, so that no client keeps a certificate the new trust
+            # refuses (a root taken out, a revocation) on a keep-alive connection.
+            self._trust = trust
+            if self._listener is not None:
+                self._listener.retire_connections()
         self._expiries = expiries
         self._loaded_at = time.time()
         self.core.reconfigure(new, target_tls)
@@ -540,6 +549,21 @@ _WATCHED = ("tls.cert_file", "tls.key_file", "tls.client_ca_file", "tls.crl_file
 
 def _watched_files(tls: TlsConfig) -> tuple[Path | None, ...]:
     return (tls.cert_file, tls.key_file, tls.client_ca_file, tls.crl_file)
+
+
+def _trust(tls: TlsConfig) -> bytes:
+    """A digest of what decides whether a client certificate is taken: the client CA bundle's
+    and the CRL's contents, the accepted CNs and the pinned CA fingerprints. A file that cannot
+    be read counts as its path alone (the context was just built from it)."""
+    digest = hashlib.sha256()
+    for path in (tls.client_ca_file, tls.crl_file):
+        digest.update(b"\0file\0" + str(path).encode(errors="surrogateescape"))
+        if path is not None:
+            with contextlib.suppress(OSError):
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for name in (*tls.client_cn, "\0pins", *tls.meta_ca_sha256):
+        digest.update(b"\0" + name.encode(errors="surrogateescape"))
+    return digest.digest()
 
 
 def _fingerprint(tls: TlsConfig) -> tuple[str | None, ...]:

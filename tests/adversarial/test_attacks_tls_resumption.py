@@ -13,6 +13,7 @@ The client is a blocking socket in a thread: asyncio's streams cannot offer a sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import textwrap
@@ -185,3 +186,55 @@ async def test_sessions_made_after_a_reload_resume_as_before(
         assert (again.status, again.resumed) == (200, True)
         third = await post(gateway.port, context, again.session)
         assert (third.status, third.resumed) == (200, True)
+
+
+async def _keep_alive_post(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: str
+) -> bytes:
+    """One request on a kept-alive connection; its answer's head."""
+    body = message_body(text)
+    writer.write(
+        b"POST /webhook HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"X-Hub-Signature-256: %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (meta_signature(body).encode(), len(body), body)
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_S)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await asyncio.wait_for(reader.readexactly(length), TIMEOUT_S)
+    return head
+
+
+@pytest.mark.parametrize(
+    ("change", "kept"),
+    [
+        pytest.param(_untrust_the_root, False, id="root-taken-out-of-the-client-ca-bundle"),
+        pytest.param(_revoke_the_client, False, id="client-certificate-revoked-by-the-crl"),
+        pytest.param(lambda pki, folder: None, True, id="trust-unchanged"),
+    ],
+)
+async def test_a_keep_alive_connection_accepted_under_the_trust_a_reload_replaced_is_closed(
+    pki: Pki, tmp_path: Path, change: Callable[[Pki, Folder], None], kept: bool
+) -> None:
+    """A connection whose certificate was checked under a trust a reload takes back (a root
+    taken out, a revocation) ends at the reload: a keep-alive client must not go on posting on
+    it for as long as it likes. A reload that leaves the trust as it was keeps it open."""
+    async with running(pki, tmp_path, 0) as (gateway, folder):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gateway.port, ssl=pki.client_context("meta"), server_hostname="localhost"
+        )
+        try:
+            assert (await _keep_alive_post(reader, writer, "before")).startswith(b"HTTP/1.1 200")
+            change(pki, folder)
+            assert gateway.reload().ok
+            if kept:
+                head = await _keep_alive_post(reader, writer, "after")
+                assert head.startswith(b"HTTP/1.1 200")
+                assert b"Connection: keep-alive" in head
+            else:
+                assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""
+                assert (await post(gateway.port, pki.client_context("meta"), None)).status == 0
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
