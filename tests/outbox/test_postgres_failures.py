@@ -221,6 +221,15 @@ async def _answer_lost(admin: asyncpg.Connection[Any], accept: Awaitable[T]) -> 
     included."""
     await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'absent'")
     await admin.execute("SELECT pg_reload_conf()")
+
+    async def taken() -> bool:
+        return bool(await admin.fetchval("SELECT current_setting('synchronous_standby_names')"))
+
+    # pg_reload_conf() only asks the postmaster, which signals every backend in turn: once this
+    # session has the setting, so has (a moment later) the pool's, before the accept is sent;
+    # sent sooner, its commit could go through without waiting for the standby.
+    await _until(taken, "the server to take the setting", 10.0)
+    await asyncio.sleep(0.2)
     pending = asyncio.ensure_future(accept)
 
     async def ended() -> bool:
