@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
 import logging
 import os
 import secrets
@@ -61,6 +60,7 @@ from gateway.outbox import Outbox
 from gateway.runtime.core import Closing, Core
 from gateway.runtime.ports import binding, listen_error
 from gateway.runtime.reload import (
+    UNREADABLE,
     Answer,
     Asked,
     Files,
@@ -451,7 +451,7 @@ class Gateway(Closing):
             gone = {
                 key: path
                 for key, path, mark in zip(_WATCHED, _watched_files(tls), now, strict=True)
-                if path is not None and mark is None
+                if path is not None and mark == UNREADABLE
             }
             for key in gone.keys() - waiting:
                 log.warning(
@@ -551,36 +551,21 @@ def _watched_files(tls: TlsConfig) -> tuple[Path | None, ...]:
     return (tls.cert_file, tls.key_file, tls.client_ca_file, tls.crl_file)
 
 
-def _trust(tls: TlsConfig) -> bytes:
-    """A digest of what decides whether a client certificate is taken: the client CA bundle's
-    and the CRL's contents, the accepted CNs and the pinned CA fingerprints. A file that cannot
-    be read counts as its path alone (the context was just built from it)."""
-    digest = hashlib.sha256()
-    for path in (tls.client_ca_file, tls.crl_file):
-        digest.update(b"\0file\0" + str(path).encode(errors="surrogateescape"))
-        if path is not None:
-            with contextlib.suppress(OSError):
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
-    for name in (*tls.client_cn, "\0pins", *tls.meta_ca_sha256):
-        digest.update(b"\0" + name.encode(errors="surrogateescape"))
-    return digest.digest()
+def _trust(tls: TlsConfig) -> tuple[Files, tuple[str, ...], tuple[str, ...]]:
+    """What decides whether a client certificate is taken: the client CA bundle and the CRL as
+    read now (:func:`~gateway.runtime.reload.read_files`), the accepted CNs and the pinned CA
+    fingerprints."""
+    files = read_files([path for path in (tls.client_ca_file, tls.crl_file) if path is not None])
+    return files, tuple(tls.client_cn), tuple(tls.meta_ca_sha256)
 
 
-def _fingerprint(tls: TlsConfig) -> tuple[str | None, ...]:
-    """What the watcher compares: each file's SHA-256, as read through any links, so a file
-    written in place, renamed over or reached through a link pointed elsewhere (how Kubernetes
-    updates a mounted Secret) is a change whatever its size and times; None for one that
-    cannot be read, "" for one not configured. A few kilobytes read per interval."""
-    marks: list[str | None] = []
-    for path in _watched_files(tls):
-        if path is None:
-            marks.append("")
-            continue
-        try:
-            marks.append(hashlib.sha256(path.read_bytes()).hexdigest())
-        except (OSError, ValueError):
-            marks.append(None)
-    return tuple(marks)
+def _fingerprint(tls: TlsConfig) -> tuple[str, ...]:
+    """What the watcher compares: each file's SHA-256 as :func:`~gateway.runtime.reload.read_files`
+    reads it, through any links, so a file written in place, renamed over or reached through a
+    link pointed elsewhere (how Kubernetes updates a mounted Secret) is a change whatever its
+    size and times; UNREADABLE for one that cannot be read, "" for one not configured. A few
+    kilobytes read per interval."""
+    return tuple("" if path is None else read_files([path])[0][1] for path in _watched_files(tls))
 
 
 def _partly(
