@@ -43,7 +43,7 @@ from gateway.delivery.pacing import Pacing
 from gateway.delivery.reporting import IGNORE, Observer, report
 from gateway.delivery.retention import Retention
 from gateway.errors import OutboxError
-from gateway.outbox import Delivery, KeepsLeases, Outbox
+from gateway.outbox import Delivery, KeepsLeases, LinesUp, Outbox
 
 if TYPE_CHECKING:
     # Annotations only: with tracing off no OpenTelemetry module is imported at all.
@@ -112,7 +112,9 @@ class Dispatcher:
         self._leaving: dict[str, Lane] = {}
         # Conversation order and rate limits (gateway.delivery.pacing): their targets' deliveries
         # start only through claims.
-        self._pacing = Pacing(targets, clock())
+        self._pacing = Pacing(
+            targets, clock(), lined_up=isinstance(outbox, LinesUp) and outbox.lines_up()
+        )
         self._retired = Retired()
         # Each lane's budget of started deliveries: one budget for all would let a target that
         # never answers fill it, and every other target would wait for its timeout.

@@ -30,6 +30,11 @@ between two runs. A replay of a delivery waiting in a run lets the run go
 (:meth:`Runs.release`). The claim owns
 the run as it owns its first delivery (its lease, with a shared outbox), so the order holds
 across workers and gateways just as it does one claim at a time.
+
+An outbox that holds every conversation in memory (:class:`gateway.outbox.LinesUp`: SQLite,
+with its one dispatcher) needs none of this: each claim looks at every conversation, at no
+cost, and hands out first deliveries only; :class:`Conversations` then keeps just the retries'
+times (for the dispatcher's sleep) and :class:`Runs` holds nothing.
 """
 
 from __future__ import annotations
@@ -74,7 +79,11 @@ _FULL_SHARE = 10
 
 
 class Conversations:
-    def __init__(self) -> None:
+    def __init__(self, free_looks: bool = False) -> None:
+        # The outbox lines every conversation up in memory (gateway.outbox.LinesUp): each
+        # claim looks at every one, at no cost, and nothing is kept here but the retries.
+        self._free_looks = free_looks
+        self._ordered: frozenset[str] = frozenset()
         # Per target, the conversations the next claims must ask about, oldest announcement
         # first (an insertion-ordered dict as an ordered set): a claim takes as many as it has
         # room for, so that a backlog over many conversations costs one seek per delivery
@@ -96,6 +105,11 @@ class Conversations:
 
     def reconfigure(self, ordered: Collection[str]) -> None:
         """Keep order for ``ordered`` now: a target new to it is looked at in full first."""
+        self._ordered = frozenset(ordered)
+        if self._free_looks:
+            self._retries = [r for r in self._retries if r[1] in self._ordered]
+            heapq.heapify(self._retries)
+            return
         for name in list(self._keys):
             if name not in ordered:
                 del self._keys[name], self._waiting[name]
@@ -162,7 +176,7 @@ class Conversations:
 
     def retry_at(self, target: str, key: str | None, at: float) -> None:
         """The first delivery of ``key`` is due again at ``at``."""
-        if target in self._keys:
+        if target in self._ordered:
             heapq.heappush(self._retries, (at, target, key or ""))
 
     def request(
@@ -177,6 +191,8 @@ class Conversations:
         while self._retries and self._retries[0][0] <= now:
             _, target, key = heapq.heappop(self._retries)
             self.changed(target, key or None)
+        if self._free_looks:
+            return {name: None for name in targets if name in self._ordered}
         asked: dict[str, set[str] | None] = {}
         for name in targets:
             keys = self._keys.get(name)

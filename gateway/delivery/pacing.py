@@ -37,7 +37,9 @@ class Claim:
 
 
 class Pacing:
-    def __init__(self, targets: Sequence[TargetConfig], now: float) -> None:
+    def __init__(self, targets: Sequence[TargetConfig], now: float, lined_up: bool = False) -> None:
+        """``lined_up``: the outbox lines conversations up in memory (gateway.outbox.LinesUp):
+        every claim looks at every conversation, and none takes runs."""
         self.ordered: frozenset[str] = frozenset()
         self.claim_only: frozenset[str] = frozenset()
         self.unpaced_ordered: frozenset[str] = frozenset()
@@ -49,7 +51,8 @@ class Pacing:
         self._behind: set[str] = set()
         # Whether the outbox keeps the buckets for every gateway (learnt at the first take).
         self._shared = False
-        self.conversations = Conversations()
+        self._lined_up = lined_up
+        self.conversations = Conversations(free_looks=lined_up)
         self.runs = Runs()
         self.reconfigure(targets, now)
 
@@ -82,7 +85,11 @@ class Pacing:
     def run_lengths(self) -> dict[str, int]:
         """How many deliveries of each conversation a claim may take, per ordered target
         without a rate limit (a rate limit grants one token per delivery, so a claim for a
-        rate-limited target takes first deliveries only)."""
+        rate-limited target takes first deliveries only). None when the outbox lines
+        conversations up: its claims take first deliveries in the order they were stored,
+        which reads the file in that order too."""
+        if self._lined_up:
+            return {}
         return dict.fromkeys(self.unpaced_ordered, RUN)
 
     async def plan(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> Claim:

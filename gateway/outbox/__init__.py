@@ -13,7 +13,14 @@ from gateway.outbox.backends import (
     hold_outbox,
     open_outbox,
 )
-from gateway.outbox.interface import AcceptsSoon, KeepsLeases, Outbox, Settles, settle_from
+from gateway.outbox.interface import (
+    AcceptsSoon,
+    KeepsLeases,
+    LinesUp,
+    Outbox,
+    Settles,
+    settle_from,
+)
 from gateway.outbox.model import (
     STATES,
     AttemptRecord,
@@ -39,6 +46,7 @@ __all__ = [
     "Delivered",
     "Delivery",
     "KeepsLeases",
+    "LinesUp",
     "Outbox",
     "OutboxHold",
     "Outcome",

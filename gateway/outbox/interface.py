@@ -31,7 +31,7 @@ from gateway.outbox.model import (
     State,
 )
 
-__all__ = ["AcceptsSoon", "KeepsLeases", "Outbox", "Settles", "settle_from"]
+__all__ = ["AcceptsSoon", "KeepsLeases", "LinesUp", "Outbox", "Settles", "settle_from"]
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -265,6 +265,20 @@ class AcceptsSoon(Protocol):
         into: Settles[T],
     ) -> None:
         """:meth:`accept_soon`, settling ``into`` instead of a future of its own."""
+        ...
+
+
+@runtime_checkable
+class LinesUp(Protocol):
+    """What a backend with a single dispatcher may offer besides :class:`Outbox`: it holds
+    each ordered target's conversations in memory, so a claim that looks at every
+    conversation costs it no more than one that names a few. The dispatcher then asks about
+    every conversation at each claim and takes no runs (:meth:`Outbox.due`'s ``runs``):
+    each claim hands out the first deliveries of their conversations in the order they were
+    stored, as a target without order gets them."""
+
+    def lines_up(self) -> bool:
+        """Whether its claims line conversations up in memory."""
         ...
 
 

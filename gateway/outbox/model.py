@@ -63,8 +63,9 @@ class Delivery:
     last_error: str | None = None
     last_response: str | None = None
     # Its conversation (a digest, see Route), for a target that keeps conversations in order,
-    # and whether an earlier delivery of that conversation was pending when it was accepted
-    # (a fresh delivery that is not behind one may start at once).
+    # and whether an earlier delivery of that conversation was pending when it was accepted,
+    # or may have been as far as the backend knew (a fresh delivery that is not behind one may
+    # start at once; one that is starts through a claim).
     order_key: str | None = None
     behind: bool = False
     # The trace context of the request that brought it (traceparent, then a newline and the
@@ -91,7 +92,7 @@ class Delivery:
         """The deliveries a backend has just stored for one notification, one per route (the
         ids in the same order), as :meth:`Outbox.accept` returns them: built after the commit,
         never read back. ``behind``: the ids of those an earlier pending delivery of their
-        conversation holds back."""
+        conversation holds back, or may (see :attr:`Delivery.behind`)."""
         return [
             made(
                 (

@@ -40,5 +40,5 @@ def test_check_leaves_no_wal_or_shm_beside_an_outbox_no_gateway_has_open(
     asyncio.run(seed())
     beside = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
     assert main(["check", "--config", str(config)]) == 0
-    assert "layout 7, intact (quick_check), 1 pending, 0 dead" in capsys.readouterr().out
+    assert "layout 8, intact (quick_check), 1 pending, 0 dead" in capsys.readouterr().out
     assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name)) == beside

@@ -71,7 +71,7 @@ def test_check_reports_the_sqlite_outbox_and_never_makes_it(
     _seed(config)
     before = path.read_bytes()
     assert main(["check", "--config", str(config)]) == 0
-    line = f"ok: outbox file {path}: layout 7, intact (quick_check), 1 pending, 1 dead\n"
+    line = f"ok: outbox file {path}: layout 8, intact (quick_check), 1 pending, 1 dead\n"
     assert line in capsys.readouterr().out
     assert path.read_bytes() == before
 

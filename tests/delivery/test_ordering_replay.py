@@ -219,16 +219,17 @@ async def test_replaying_the_delivery_being_sent_lets_its_run_go_and_sends_each_
 
 
 async def test_a_delivery_replayed_while_a_run_reads_what_follows_it_goes_last(
-    pki: Pki, tmp_path: Path, target: Conversations
+    pki: Pki, tmp_path: Path, target: Conversations, pg_url: str
 ) -> None:
-    """Twelve messages of one conversation drain in runs, each reading what follows it near
+    """PostgreSQL (whose claims hand out runs). Twelve messages of one conversation drain in
+    runs, each reading what follows it near
     its end. The operator replays message 9 after such a read has found 8 to 11 and before its
     answer reaches the run (the outbox's own ``following`` runs; the replay goes through the
     admin API at that moment): 9 is cut from the run with what follows it, so 10 and 11 go
     before 9, and 9 once, last. (The read used to be taken whole: 9 went before 10 and 11,
     ahead of its replayed place, and again last.)"""
     messages = 12
-    config = _bot(pki, tmp_path, target)
+    config = dataclasses.replace(_bot(pki, tmp_path, target), outbox=OutboxConfig(url=pg_url))
     await target.stop()
     async with Gateway(config) as gateway:
         pending = await _stored(gateway, pki, messages)
@@ -262,19 +263,22 @@ async def test_a_delivery_replayed_while_a_run_reads_what_follows_it_goes_last(
 
 
 async def test_a_delivery_replayed_while_a_claim_reads_its_conversation_goes_last(
-    pki: Pki, tmp_path: Path, target: Conversations
+    pki: Pki, tmp_path: Path, target: Conversations, pg_url: str
 ) -> None:
-    """Messages 0 to 4 of one conversation stored with the target down. Once 0 has probed it
-    back, a claim reads 1 with 2, 3 and 4 behind it; the operator replays 2 after that read
-    and before its answer reaches the dispatcher (the outbox's own ``due`` runs; the replay
-    goes through the admin API at that moment). Nothing of the conversation starts from that
-    answer: the next claim reads it in its new order, and the target receives 1, 3, 4, then
-    2, each once. (The answer used to be taken as read: 2 went before 3 and 4, and again
-    last.)"""
-    config = _bot(pki, tmp_path, target)
-    await target.stop()
+    """PostgreSQL (whose claims hand out runs). Messages 0 to 4 of one conversation stored
+    while the target refuses 0 (503). Once it takes 0 again, a claim reads the conversation
+    with 2 behind the delivery it starts; the operator replays 2 after that read and before
+    its answer reaches the dispatcher (the outbox's own ``due`` runs; the replay goes through
+    the admin API at that moment). Nothing of the conversation starts from that answer: the
+    next claim reads it in its new order, and the target receives 1, 3, 4, then 2, each once.
+    (The answer used to be taken as read: 2 went before 3 and 4, and again last.) The target
+    refuses 0 rather than being down, so that no claim made while the messages are stored
+    starts a run that sends 1 to 3 from memory, with no read left to replay 2 in."""
+    config = dataclasses.replace(_bot(pki, tmp_path, target), outbox=OutboxConfig(url=pg_url))
+    target.held.add(("a", 0))
     async with Gateway(config) as gateway:
         pending = await _stored(gateway, pki, MESSAGES)
+        await target.wait_refused("a", 0, 1)
         outbox = gateway.outbox
         claim = outbox.due
         replayed: list[str] = []
@@ -289,11 +293,46 @@ async def test_a_delivery_replayed_while_a_claim_reads_its_conversation_goes_las
             return found
 
         outbox.due = due  # type: ignore[method-assign]
-        await target.start()
+        target.held.discard(("a", 0))
         await target.wait_for("a", MESSAGES)
 
         await _all_recorded(gateway)
         assert replayed
+        assert target.accepted["a"] == [0, 1, 3, 4, 2]
+
+
+async def test_a_delivery_replayed_while_a_claim_hands_out_the_one_before_it_goes_last(
+    pki: Pki, tmp_path: Path, target: Conversations
+) -> None:
+    """SQLite (whose claims hand out one delivery of a conversation at a time). Messages 0 to
+    4 of one conversation stored with the target down. Once 0 has probed it back, a claim
+    hands out 1 alone, nothing behind it; the operator replays 2 after that claim and before
+    its answer reaches the dispatcher (the outbox's own ``due`` runs; the replay goes through
+    the admin API at that moment), so while 1 is out. The later claims hand out the rest in
+    their new order: the target receives 0, 1, 3, 4, then 2, each once."""
+    config = _bot(pki, tmp_path, target)
+    await target.stop()
+    async with Gateway(config) as gateway:
+        pending = await _stored(gateway, pki, MESSAGES)
+        outbox = gateway.outbox
+        claim = outbox.due
+        handed_with_1: list[list[str]] = []
+
+        async def due(*args: Any, **kwargs: Any) -> list[Delivery]:
+            found = await claim(*args, **kwargs)
+            ids = [d.id for d in found]
+            if not handed_with_1 and pending[1] in ids:
+                handed_with_1.append(ids)
+                answer = await admin_post(gateway, f"/admin/deliveries/{pending[2]}/replay")
+                assert answer.status == 200
+            return found
+
+        outbox.due = due  # type: ignore[method-assign]
+        await target.start()
+        await target.wait_for("a", MESSAGES)
+
+        await _all_recorded(gateway)
+        assert handed_with_1 == [[pending[1]]]
         assert target.accepted["a"] == [0, 1, 3, 4, 2]
 
 

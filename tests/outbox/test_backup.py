@@ -73,7 +73,7 @@ async def test_backup_while_serving_holds_everything_acknowledged_before_it(
     (line,) = capsys.readouterr().out.splitlines()
     assert line == (
         f"backed up {config.outbox.path} to {destination}: {len(copied)} notifications,"
-        f" {len(copied)} deliveries, layout 7, check ok"
+        f" {len(copied)} deliveries, layout 8, check ok"
     )
     assert not list(destination.parent.glob(".*partial"))  # nothing left half written
     assert destination.stat().st_mode & 0o777 == 0o600  # message bodies: the owner's alone

@@ -327,6 +327,13 @@ async def test_ordered_claims_give_only_the_first_pending_delivery_of_each_conve
     assert len(unordered) == 6
 
 
+# Runs and the conversations beyond a claim's limit are the PostgreSQL outbox's: the SQLite one
+# holds every conversation in memory and hands out first deliveries only (see below).
+POSTGRES_ONLY = pytest.mark.parametrize("opener", ["postgres"], indirect=True)
+SQLITE_ONLY = pytest.mark.parametrize("opener", ["sqlite"], indirect=True)
+
+
+@POSTGRES_ONLY
 async def test_an_ordered_claim_hands_out_runs_of_each_conversation_in_order(
     outbox: Outbox,
 ) -> None:
@@ -344,6 +351,7 @@ async def test_an_ordered_claim_hands_out_runs_of_each_conversation_in_order(
     assert [d.id for d in due] == [a1.id, a2.id, a3.id, a4.id, b1.id, b2.id]
 
 
+@POSTGRES_ONLY
 async def test_a_look_at_every_conversation_names_those_beyond_its_limit(
     outbox: Outbox,
 ) -> None:
@@ -364,6 +372,32 @@ async def test_a_look_at_every_conversation_names_those_beyond_its_limit(
     )
     assert [d.id for d in due] == [firsts[2].id]
     assert named == {}
+
+
+@SQLITE_ONLY
+async def test_a_sqlite_ordered_claim_hands_out_first_deliveries_only_in_order_and_no_more(
+    outbox: Outbox,
+) -> None:
+    """The SQLite outbox, asked for runs and for the conversations beyond its limit, hands
+    out each conversation's first delivery alone, in the order they were stored, the first
+    ones alone counted toward the limit; it names no conversation in ``more`` and hands out
+    nothing as following a delivery."""
+    a1, b1, a2, _, b2, _ = [
+        await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a", "a", "b", "a"])
+    ]
+    more: dict[str, Collection[str]] = {}
+    due = await outbox.due(2000.0, {"t": 1}, ordered={"t"}, runs={"t": 3}, more=more)
+    assert [d.id for d in due] == [a1.id]
+    assert more == {}
+    due = await outbox.due(2000.0, {"t": 10}, ordered={"t"}, runs={"t": 8}, exclude={a1.id})
+    assert [d.id for d in due] == [b1.id]
+    due = await outbox.due(2000.0, {"t": 10}, ordered={"t"}, runs={"t": 8}, more=more)
+    assert [d.id for d in due] == [a1.id, b1.id]
+    assert more == {}
+    assert await outbox.following(2000.0, "t", {"a": a1.id, "b": b1.id}, 8) == {}
+    await outbox.record_many([(a1.id, Delivered(), OK), (b1.id, Delivered(), OK)], 2001.0)
+    due = await outbox.due(2002.0, {"t": 10}, ordered={"t"}, runs={"t": 8})
+    assert [d.id for d in due] == [a2.id, b2.id]
 
 
 async def test_a_retrying_first_delivery_holds_its_conversation_and_no_other(
@@ -467,8 +501,11 @@ async def test_purge_dead_takes_dead_letters_older_than_the_retention_only(
 async def test_accept_says_which_fresh_deliveries_an_earlier_one_holds_back(
     outbox: Outbox,
 ) -> None:
-    """A fresh keyed delivery is behind when an earlier one of its conversation is pending
-    (also one of the same notification); a dead letter ahead no longer holds it back."""
+    """Once a claim has looked at the ordered target (the SQLite outbox knows no conversation
+    before one has), a fresh keyed delivery is behind exactly when an earlier one of its
+    conversation is pending (also one of the same notification); a dead letter ahead no
+    longer holds it back once a claim has seen it; an unkeyed one is never behind."""
+    assert await outbox.due(1000.0, {"t": 10}, ordered={"t"}) == []
     a1, b1, a2 = [await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a"])]
     assert [d.behind for d in (a1, b1, a2)] == [False, False, True]
     twice = await outbox.accept(
@@ -478,8 +515,46 @@ async def test_accept_says_which_fresh_deliveries_an_earlier_one_holds_back(
     refused = AttemptResult(status=400)
     for d in (a1, a2):
         await outbox.record_many([(d.id, DeadLetter("HTTP 400"), refused)], 1001.0)
+    assert len(await outbox.due(1002.0, {"t": 10}, ordered={"t"})) == 2  # b1 and c's first
     assert not (await keyed(outbox, 9, "a")).behind
-    assert not (await keyed(outbox, 10, None)).behind
+    assert (await keyed(outbox, 10, "c")).behind
+    assert not (await keyed(outbox, 11, None)).behind
+
+
+@SQLITE_ONLY
+async def test_before_any_ordered_claim_sqlite_says_every_fresh_keyed_delivery_is_behind(
+    outbox: Outbox,
+) -> None:
+    """Until a claim of this process has lined up an ordered target, the SQLite outbox does
+    not know which conversations have a delivery pending: every fresh keyed delivery may be
+    held back (only a claim starts it), an unkeyed one never; a claim for no ordered target
+    changes nothing."""
+    a1, b1, a2 = [await keyed(outbox, n, key) for n, key in enumerate(["a", "b", "a"])]
+    assert [d.behind for d in (a1, b1, a2)] == [True, True, True]
+    assert not (await keyed(outbox, 3, None)).behind
+    assert len(await outbox.due(2000.0, {"t": 10})) == 4
+    assert (await keyed(outbox, 4, "d")).behind
+    assert len(await outbox.due(2000.0, {"t": 10}, ordered={"t"})) == 4  # a1, b1, None, d
+    assert not (await keyed(outbox, 5, "e")).behind
+    assert (await keyed(outbox, 6, "a")).behind
+
+
+@SQLITE_ONLY
+async def test_a_delivery_another_outbox_stored_makes_sqlite_say_behind_until_the_next_claim(
+    opener: Opener,
+) -> None:
+    """Once another outbox on the file has stored a delivery since this one's last claim, the
+    SQLite outbox cannot tell whether a fresh delivery is first of its conversation: it says
+    behind, even for a conversation nobody has used; its next claim reads what was stored
+    and makes the answer exact again."""
+    first, second = await opener(), await opener()
+    assert await first.due(1000.0, {"t": 10}, ordered={"t"}) == []
+    assert not (await keyed(first, 0, "a")).behind
+    await keyed(second, 1, "z")
+    assert (await keyed(first, 2, "b")).behind
+    assert len(await first.due(1000.0, {"t": 10}, ordered={"t"})) == 3
+    assert not (await keyed(first, 3, "c")).behind
+    assert (await keyed(first, 4, "z")).behind
 
 
 async def test_trace_context_is_stored_with_the_notification_and_read_back_by_another_outbox(

@@ -147,7 +147,7 @@ def test_a_look_at_an_outbox_no_one_has_open_leaves_nothing_beside_it(tmp_path: 
     _seed(path)
     assert _beside(path) == {}
     before = path.read_bytes()
-    assert "layout 7, intact (quick_check), 1 pending, 0 dead" in _look(path)
+    assert "layout 8, intact (quick_check), 1 pending, 0 dead" in _look(path)
     assert _beside(path) == {}
     assert path.read_bytes() == before
 

@@ -373,3 +373,38 @@ async def test_a_commit_hook_that_raises_runs_no_job_of_its_committed_group_agai
         await writer.close()
     assert count == (2,)
     assert 2 in hooked
+
+
+@pytest.mark.parametrize(
+    ("committed", "seen_elsewhere"),
+    [(True, [1]), (False, [])],
+    ids=["a read of committed rows: after the commit", "a plain read: inside the transaction"],
+)
+async def test_a_read_of_committed_rows_queued_with_a_write_runs_after_its_commit(
+    tmp_path: Path, committed: bool, seen_elsewhere: list[int]
+) -> None:
+    """A read asked to see committed rows only (the dispatcher's claim, whose lineup keeps
+    what it reads), queued in the same turn as a write, runs after that write has committed:
+    another connection sees the row then too. A plain read rides in the write's transaction,
+    where the row is not committed yet (and could still be rolled back)."""
+    path = tmp_path / "committed.sqlite3"
+    writer = Writer(path, _table)
+
+    def read(conn: sqlite3.Connection) -> tuple[list[int], list[int]]:
+        here = [n for (n,) in conn.execute("SELECT n FROM t")]
+        other = sqlite3.connect(path)
+        try:
+            elsewhere = [n for (n,) in other.execute("SELECT n FROM t")]
+        finally:
+            other.close()
+        return here, elsewhere
+
+    try:
+        write = writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
+        seen = writer.submit(read, read=True, committed=committed)
+        await asyncio.wait_for(write, 10)
+        here, elsewhere = await asyncio.wait_for(seen, 10)
+    finally:
+        await writer.close()
+    assert here == [1]
+    assert elsewhere == seen_elsewhere

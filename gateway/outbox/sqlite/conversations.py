@@ -5,69 +5,20 @@ Rule: plain functions of a ``sqlite3.Connection``, inside a transaction their ca
 :mod:`gateway.outbox.sqlite.store`, which uses them. A keyed delivery's place in its
 conversation is its id, or the place a replay gave it (``position``); it may go when no pending
 delivery of its conversation has an earlier place. A dead letter is not pending, so it releases
-the conversation. Every statement here reads the partial index of keyed pending rows
-(:mod:`gateway.outbox.sqlite.layout`), never a body.
+the conversation. Which delivery is first of its conversation is known in memory
+(:mod:`gateway.outbox.sqlite.lineup`): the file has no index of conversations, and the
+statements here read rows by id or every pending delivery of a target, never a conversation.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 
-__all__ = [
-    "after",
-    "first_due",
-    "followers",
-    "following",
-    "held_back",
-    "is_behind",
-    "runs_of",
-    "to_the_back",
-]
+from gateway.outbox.sqlite.lineup import Lineup
 
-# Whether an earlier delivery of a conversation is pending (a seek in the partial index).
-_BEHIND = (
-    "SELECT EXISTS (SELECT 1 FROM deliveries WHERE state = 'pending' AND target = ?"
-    " AND order_key = ? AND COALESCE(position, id) < ?)"
-)
-
-# An ordered target's due deliveries that are first of their conversation: for the keyed ones,
-# one pass over the partial index of keyed pending rows (it holds the place and the due time, so
-# the rows themselves are not read), taking each conversation's first (SQLite gives the bare
-# columns of the row that holds the MIN: https://sqlite.org/lang_select.html#bareagg); and the
-# unkeyed ones, accepted before the target kept order, in time order.
-_FIRST_DUE = (
-    "SELECT id, next_attempt_at, order_key FROM (SELECT id, next_attempt_at, order_key,"
-    " MIN(COALESCE(position, id)) FROM deliveries WHERE state = 'pending' AND target = ?"
-    " AND order_key IS NOT NULL GROUP BY order_key) WHERE next_attempt_at <= ?"
-    " UNION ALL SELECT id, next_attempt_at, NULL FROM deliveries WHERE state = 'pending'"
-    " AND target = ? AND next_attempt_at <= ? AND order_key IS NULL"
-    " ORDER BY next_attempt_at LIMIT ?"
-)
-
-# The first ?3 pending deliveries of each conversation of a JSON array of keys, with their
-# places: for each key (the CROSS JOIN keeps the keys the outer loop), the place of its ?3-th
-# pending delivery (a seek and ?3 steps in the place index), then the range of the index up to
-# it. Both read the index alone, in its order: no temporary b-tree, no row read. Rows come in
-# no promised order (SQL promises none without ORDER BY, and an ORDER BY here would be that
-# temporary b-tree): runs_of puts each conversation's few in order.
-_FIRST_OF = (
-    "SELECT k.value, f.id, f.next_attempt_at, COALESCE(f.position, f.id) FROM json_each(?2) AS k"
-    " CROSS JOIN deliveries f ON f.state = 'pending' AND f.target = ?1 AND f.order_key = k.value"
-    " AND COALESCE(f.position, f.id) <= COALESCE((SELECT COALESCE(g.position, g.id)"
-    " FROM deliveries g WHERE g.state = 'pending' AND g.target = ?1 AND g.order_key = k.value"
-    " ORDER BY COALESCE(g.position, g.id) LIMIT 1 OFFSET ?3 - 1), 9223372036854775807)"
-)
-
-# The first ?4 pending deliveries of a conversation after the place of pending delivery ?3: a
-# range of the place index, in its order.
-_AFTER = (
-    "SELECT f.id, f.next_attempt_at, COALESCE(f.position, f.id) FROM deliveries f"
-    " WHERE f.state = 'pending' AND f.target = ?1 AND f.order_key = ?2"
-    " AND COALESCE(f.position, f.id) > (SELECT COALESCE(t.position, t.id) FROM deliveries t"
-    " WHERE t.id = ?3 AND t.state = 'pending') ORDER BY COALESCE(f.position, f.id) LIMIT ?4"
-)
+__all__ = ["held_back", "line_up", "to_the_back"]
 
 # Replayed deliveries with a conversation go to its back: each takes a new place from the
 # deliveries' own id counter (sqlite_sequence, which AUTOINCREMENT keeps), so every delivery
@@ -76,83 +27,53 @@ _TAKE_PLACES = (
     "UPDATE sqlite_sequence SET seq = seq + ? WHERE name = 'deliveries' RETURNING seq - ?"
 )
 
+# The deliveries' id counter: every insert takes its next value, and so does every place a
+# replay gives (_TAKE_PLACES). No row until the first insert.
+_SEQUENCE = "SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'"
 
-def is_behind(conn: sqlite3.Connection, target: str, key: str, rowid: int) -> bool:
-    """Whether an earlier delivery of ``key``'s conversation than ``rowid`` is pending."""
-    (held,) = conn.execute(_BEHIND, (target, key, rowid)).fetchone()
-    return bool(held)
+# The deliveries stored since row ?: how many, and the last id. A range of the table's key.
+_STORED_SINCE = "SELECT COUNT(*), MAX(id) FROM deliveries WHERE id > ?"
+
+# The pending ones among them of the targets a JSON array names, by id: the same range (the
+# unary + keeps SQLite from the state index, a pass over every pending delivery of the target).
+_PENDING_SINCE = (
+    "SELECT target, order_key, id, next_attempt_at FROM deliveries WHERE id > ?1"
+    " AND +state = 'pending' AND +target IN (SELECT value FROM json_each(?2)) ORDER BY id"
+)
+
+# Every pending delivery of a target, each conversation's in their order: the state index's
+# range of the target, sorted once (at the start, after a replay, or for a target new to order).
+_LINES = (
+    "SELECT order_key, id, COALESCE(position, id), next_attempt_at FROM deliveries"
+    " WHERE state = 'pending' AND target = ? ORDER BY order_key, COALESCE(position, id)"
+)
 
 
-def first_due(
-    conn: sqlite3.Connection, target: str, now: float, limit: int
-) -> list[tuple[int, str | None]]:
-    """Up to ``limit`` row ids of ``target``'s deliveries due by ``now`` that are first of
-    their conversation, oldest first, each with its conversation key (``None``: accepted
-    before the target kept order), from one pass over every conversation."""
-    rows = conn.execute(_FIRST_DUE, (target, now, target, now, limit))
-    return [(int(rowid), key) for rowid, _, key in rows]
-
-
-def runs_of(
-    conn: sqlite3.Connection, target: str, keys: Collection[str], length: int
-) -> dict[str, list[tuple[int, int, float]]]:
-    """For each conversation ``keys`` names that has a pending delivery, its first ``length``
-    pending deliveries in their order, each as (place, row id, due time): one index seek per
-    conversation, which gives a claim by key both its first deliveries and their runs."""
-    found: dict[str, list[tuple[int, int, float]]] = {}
-    for key, rowid, due_at, place in conn.execute(
-        _FIRST_OF, (target, json.dumps(list(keys)), length)
-    ):
-        run = found.get(key)
-        if run is None:
-            found[key] = [(place, rowid, due_at)]
+def line_up(conn: sqlite3.Connection, lineup: Lineup, ordered: Collection[str], now: float) -> None:
+    """Bring ``lineup`` up to the file for the ``ordered`` targets, in the claim's read
+    transaction (of committed rows only): the deliveries stored since its last read, by id,
+    when the id counter moved by just as many; every conversation again when it did not (a
+    replay took places from it, or rows stored since were removed), or for a target new to
+    order. Outcomes committed meanwhile are taken in first."""
+    lineup.settle(now)
+    fresh = lineup.keep(ordered)
+    row = conn.execute(_SEQUENCE).fetchone()
+    seq = 0 if row is None else int(row[0])
+    if not lineup.stale and seq != lineup.last_seq:
+        count, top = conn.execute(_STORED_SINCE, (lineup.last_id,)).fetchone()
+        if seq - lineup.last_seq != count:
+            lineup.stale = True
         else:
-            run.append((place, rowid, due_at))
-    for run in found.values():
-        run.sort()  # already in order as the plan reads the index: one pass to check
-    return found
-
-
-def followers(
-    conn: sqlite3.Connection, target: str, now: float, heads: Mapping[str, int], length: int
-) -> dict[int, list[int]]:
-    """For each conversation's first delivery (``heads``: key to row id), the row ids of the
-    deliveries that follow it, in order, each due by ``now``: at most ``length - 1``, and none
-    past the first that is not due. A conversation whose first delivery is no longer the one
-    given has none."""
-    found: dict[int, list[int]] = {}
-    for key, run in runs_of(conn, target, heads, length).items():
-        head = run[0][1]
-        if heads[key] == head:
-            found[head] = following(run, now)
-    return found
-
-
-def following(run: Sequence[tuple[int, int, float]], now: float) -> list[int]:
-    """The row ids behind the first of ``run`` (as :func:`runs_of` gives it) that may go with
-    it: each due by ``now``, and none past the first that is not."""
-    ids = []
-    for _, rowid, due_at in run[1:]:
-        if due_at > now:
-            break
-        ids.append(rowid)
-    return ids
-
-
-def after(
-    conn: sqlite3.Connection, target: str, now: float, lasts: Mapping[str, int], length: int
-) -> dict[str, list[int]]:
-    """For each conversation ``lasts`` names (key to the row id of one of its pending
-    deliveries), the row ids of the pending deliveries that follow that one, in order, each
-    due by ``now``: at most ``length``, and none past the first that is not due. A seek in the
-    place index each."""
-    found: dict[str, list[int]] = {}
-    for key, rowid in lasts.items():
-        rows = conn.execute(_AFTER, (target, key, rowid, length)).fetchall()
-        ids = following([(0, rowid, 0.0), *((0, r, due_at) for r, due_at, _ in rows)], now)
-        if ids:
-            found[key] = ids
-    return found
+            known = sorted(lineup.targets.difference(fresh))
+            if known:
+                lineup.add(conn.execute(_PENDING_SINCE, (lineup.last_id, json.dumps(known))), now)
+            lineup.read_to(int(top), seq)
+    if lineup.stale:
+        fresh = list(ordered)
+        (top,) = conn.execute("SELECT MAX(id) FROM deliveries").fetchone()
+        lineup.read_to(int(top or 0), seq)
+    for target in fresh:
+        lineup.load(target, conn.execute(_LINES, (target,)), now)
 
 
 def held_back(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, int]:

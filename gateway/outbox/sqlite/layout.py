@@ -31,6 +31,13 @@ are then ranges of the index read in order, where the old index made SQLite sort
 conversation's entries in a temporary b-tree at every claim. A file of layout 2 to 6 is migrated
 when it is opened, in one transaction: the old index is dropped and the new one built from the
 rows (one pass over the pending ones); no row changes.
+
+Layout 8 has no index of conversations at all: the one dispatcher of a file holds each ordered
+target's conversations in memory (:mod:`gateway.outbox.sqlite.lineup`), and every delivery that
+ended had to be taken out of the index at a page of its own (its conversation's), which made an
+ordered drain write a page of the log per delivery where a drain without order writes a fifth of
+one (``bench/README.md``, "Issue 22"). A file of layout 2 to 7 is migrated when it is opened, in
+one transaction: the index is dropped; no row changes.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ __all__ = ["connect", "describe", "open_store", "read_prefix"]
 
 # PRAGMA user_version of the layout below. Layout 1 had random TEXT delivery ids and left
 # user_version at 0; layout 2 had no attempts table.
-_LAYOUT = 7
+_LAYOUT = 8
 # Write-ahead log pages that trigger a checkpoint (see open_store).
 _CHECKPOINT_PAGES = 200
 _OLDER_LAYOUT = (
@@ -80,19 +87,8 @@ _ORDER = (
     "ALTER TABLE deliveries ADD COLUMN position INTEGER",
 )
 
-# Layout 7's index (layouts 4 to 6 had one on `position` alone, which a claim had to sort by
-# place per conversation). A claim for an ordered target takes the first pending deliveries of
-# each conversation in their place: the partial index holds just the keyed pending rows, by
-# place, with their due time, so that claim reads a range of the index alone, in order. The
-# statements of gateway.outbox.sqlite.conversations spell the place exactly as here, or SQLite
-# would not match them to the index.
-_PLACE = (
-    "CREATE INDEX deliveries_place ON deliveries"
-    " (target, order_key, COALESCE(position, id), next_attempt_at)"
-    " WHERE state = 'pending' AND order_key IS NOT NULL",
-)
-# The index layouts 4 to 6 had, which layout 7's replaces; and layout 7's, should a file of an
-# older version hold it already (built anew either way).
+# The indexes of conversations layouts 4 to 6 (on `position`) and 7 (on each keyed pending
+# delivery's place in its conversation) had: dropped by the migration to layout 8.
 _OLD_ORDER_INDEXES = (
     "DROP INDEX IF EXISTS deliveries_order",
     "DROP INDEX IF EXISTS deliveries_place",
@@ -143,7 +139,6 @@ _SCHEMA = (
     *_ORDER,
     *_TRACE,
     *_HELD,
-    *_PLACE,
 )
 
 
@@ -168,9 +163,9 @@ def _create(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring a file of layout 2 to 6 to layout 7: the attempts table (from 2), the columns
+    """Bring a file of layout 2 to 7 to layout 8: the attempts table (from 2), the columns
     of ordered delivery (from 2 or 3), the trace context (from 2 to 4), the held time (from 2
-    to 5), the index of each delivery's place in its conversation; nothing else."""
+    to 5), no index of conversations (from 4 to 7); nothing else."""
     version = _user_version(conn)
     if version == 2:
         for statement in _ATTEMPTS:
@@ -184,7 +179,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     if version in (2, 3, 4, 5):
         for statement in _HELD:
             conn.execute(statement)
-    for statement in (*_OLD_ORDER_INDEXES, *_PLACE):
+    for statement in _OLD_ORDER_INDEXES:
         conn.execute(statement)
     conn.execute(f"PRAGMA user_version = {_LAYOUT}")
 
@@ -205,11 +200,11 @@ def _under_write_lock(
 
 
 def _layout(conn: sqlite3.Connection, path: Path) -> str:
-    """Check the file's layout (creating it in a new file, migrating layouts 2 to 6); return its
+    """Check the file's layout (creating it in a new file, migrating layouts 2 to 7); return its
     delivery id prefix."""
     if _user_version(conn) == 0:
         _under_write_lock(conn, path, 0, _create)
-    for older in (2, 3, 4, 5, 6):
+    for older in (2, 3, 4, 5, 6, 7):
         if _user_version(conn) == older:
             _under_write_lock(conn, path, older, _migrate)
     version = _user_version(conn)

@@ -34,8 +34,9 @@ from gateway.outbox.model import (
     Size,
     State,
 )
-from gateway.outbox.rows import delivery_id_of, rowid_of, rowids_named, stored_outcome
+from gateway.outbox.rows import delivery_id_of, rowid_of, stored_outcome
 from gateway.outbox.sqlite import conversations, history, layout, store
+from gateway.outbox.sqlite.lineup import Lineup
 from gateway.outbox.sqlite.replays import ReplayBell, announce
 from gateway.outbox.sqlite.writer import LAZY_WAIT_S, PATIENT_WAIT_S, Writer
 
@@ -81,6 +82,8 @@ class SqliteOutbox:
         # a restart the first prune walks from the oldest row again, which is only slower.
         self._prune_after = 0
         self._writer = Writer(path, self._open, on_commit, busy_timeout_s)
+        # The ordered targets' conversations, for this process's claims (its dispatcher's).
+        self._lineup = Lineup()
         # Made now that the writer has opened (or made) the file: named after it.
         self._bell = None if on_replay is None else ReplayBell(path, on_replay)
 
@@ -90,13 +93,19 @@ class SqliteOutbox:
         return conn
 
     async def run(
-        self, func: Callable[[sqlite3.Connection], T], *, durable: bool = True, read: bool = False
+        self,
+        func: Callable[[sqlite3.Connection], T],
+        *,
+        durable: bool = True,
+        read: bool = False,
+        committed: bool = False,
     ) -> T:
         """Run ``func`` (given the connection) in the next group transaction; return its result
         once that has committed. ``read``: ``func`` writes nothing (alone, it needs no write
-        transaction). For this backend's own operations and tests: the rest of the gateway uses
-        the interface's operations only."""
-        result: T = await self._writer.submit(func, durable=durable, read=read)
+        transaction); ``committed``: it reads only what is committed (see
+        :meth:`Writer.submit`). For this backend's own operations and tests: the rest of the
+        gateway uses the interface's operations only."""
+        result: T = await self._writer.submit(func, durable=durable, read=read, committed=committed)
         return result
 
     async def close(self) -> None:
@@ -157,9 +166,10 @@ class SqliteOutbox:
         since = now - self.dedup_window_s
         insert = store.insert_notification
         deliveries = self._deliveries
+        lineup = self._lineup
 
         def job(conn: sqlite3.Connection) -> tuple[int, list[int], list[int]] | None:
-            return insert(conn, digest, since, now, signature, body, routes, trace)
+            return insert(conn, digest, since, now, signature, body, routes, trace, lineup)
 
         def made(row: tuple[int, list[int], list[int]] | None) -> T:
             return then(deliveries(body, signature, routes, now, trace, row))
@@ -192,6 +202,11 @@ class SqliteOutbox:
             trace=trace,
         )
 
+    def lines_up(self) -> bool:
+        """One dispatcher per file: its claims find each ordered target's first deliveries in
+        memory (:mod:`gateway.outbox.sqlite.lineup`)."""
+        return True
+
     async def take_tokens(
         self, target: str, rate_per_s: float, burst: int, want: int
     ) -> int | None:
@@ -214,11 +229,11 @@ class SqliteOutbox:
         more: MutableMapping[str, Collection[str]] | None = None,
     ) -> list[Delivery]:
         """Pending deliveries whose time has come, oldest first: at most ``limits[target]`` for
-        each target named there, leaving out the ids in ``exclude`` (in flight), with the
-        followers ``runs`` asks for and the conversations ``more`` is given. A delivery whose
+        each target named there, leaving out the ids in ``exclude`` (in flight). An ordered
+        target's come from the conversations held in memory (:mod:`.lineup`), which ask no
+        ``conversations`` to be named and give no ``runs`` and no ``more``. A delivery whose
         body no longer matches its stored digest is dead-lettered, never handed out."""
         # Copies: the caller's collections may change before the writer thread reads them.
-        beyond: dict[str, list[str]] | None = None if more is None else {}
         found, damaged = await self.run(
             functools.partial(
                 store.due_deliveries,
@@ -227,46 +242,26 @@ class SqliteOutbox:
                 limits=dict(limits),
                 skip=frozenset(exclude),
                 ordered=frozenset(ordered),
-                conversations=None
-                if conversations is None
-                else {target: frozenset(keys) for target, keys in conversations.items()},
-                runs=None if runs is None else dict(runs),
-                more=beyond,
+                lineup=self._lineup,
             ),
             read=True,
+            # The lineup takes in what it reads for good: never a row that is not committed.
+            committed=True,
         )
-        if more is not None and beyond:
-            more.update(beyond)
         await self._dead_letter_damaged(damaged, now)
         return found
 
     async def following(
         self, now: float, target: str, after: Mapping[str, str], length: int
     ) -> dict[str, list[Delivery]]:
-        """What follows each named delivery in its conversation (see
-        :meth:`gateway.outbox.Outbox.following`): a seek in the place index per conversation,
-        then the bodies by the table's key, in one read."""
-        lasts = rowids_named(after, self._prefix)
-        if not lasts:
-            return {}
-        found, damaged = await self.run(
-            functools.partial(
-                store.following_deliveries,
-                prefix=self._prefix,
-                target=target,
-                now=now,
-                lasts=lasts,
-                length=length,
-            ),
-            read=True,
-        )
-        await self._dead_letter_damaged(damaged, now)
-        return found
+        """None: claims hand out no runs (see :meth:`due`)."""
+        return {}
 
     async def _dead_letter_damaged(self, rowids: Sequence[int], now: float) -> None:
         if not rowids:
             return
         await self.run(functools.partial(store.dead_letter_damaged, rowids=rowids, now=now))
+        self._lineup.ended((rowid, None) for rowid in rowids)
         for rowid in rowids:
             log.error(
                 "delivery %s dead-lettered: %s", delivery_id_of(self._prefix, rowid), store.DAMAGED
@@ -304,6 +299,13 @@ class SqliteOutbox:
         # Submitted here rather than through run(): one coroutine less on every batch's outcomes.
         wait_s = PATIENT_WAIT_S if patient else LAZY_WAIT_S
         await self._writer.submit(job, durable=False, wait_s=wait_s)
+        if self._lineup.active:
+            # Committed: the next claim hands out what follows each one that ended.
+            self._lineup.ended(
+                (a.rowid, a.next_attempt_at if a.state == "pending" else None)
+                for a in updates
+                if a.rowid is not None
+            )
 
     def _attempt(
         self,
@@ -337,7 +339,15 @@ class SqliteOutbox:
         wanted = tuple(targets)
         if not wanted:
             return {}
-        return await self.run(functools.partial(conversations.held_back, targets=wanted), read=True)
+        lineup = self._lineup
+
+        def count(conn: sqlite3.Connection) -> dict[str, int]:
+            # The dispatcher's lineup knows without a pass over every pending delivery.
+            held = lineup.held_back(wanted)
+            rest = tuple(name for name in wanted if name not in held)
+            return held | conversations.held_back(conn, rest) if rest else held
+
+        return await self.run(count, read=True)
 
     async def ping(self) -> None:
         """Through the writer, in a write transaction: it takes the write lock a notification's

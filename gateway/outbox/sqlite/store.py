@@ -15,6 +15,7 @@ only the admin console makes are :mod:`gateway.outbox.sqlite.history`'s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import sqlite3
@@ -25,14 +26,15 @@ from typing import Any
 from gateway.outbox.model import STATES, Backlog, Delivery, Route
 from gateway.outbox.rows import (
     DELIVERY_COLUMNS,
-    MORE_KEYS,
     backlog_from_rows,
     delivery_from_row,
     delivery_id_of,
     rowid_of,
 )
 from gateway.outbox.sqlite import conversations
+from gateway.outbox.sqlite.conversations import line_up
 from gateway.outbox.sqlite.layout import read_prefix
+from gateway.outbox.sqlite.lineup import Lineup
 
 __all__ = [
     "DAMAGED",
@@ -91,11 +93,15 @@ def insert_notification(
     body: bytes,
     routes: Sequence[Route],
     trace: str | None = None,
+    lineup: Lineup | None = None,
 ) -> tuple[int, list[int], list[int]] | None:
     """Store a notification and one delivery per route; ``(notification id, delivery row ids,
-    the row ids of those an earlier pending delivery of their conversation holds back)``, or
-    ``None`` when a body with the same digest was received since ``since``. ``trace``: the
-    trace context of the request that brought it (:mod:`gateway.tracing`), if traced."""
+    the row ids of those an earlier pending delivery of their conversation may hold back)``,
+    or ``None`` when a body with the same digest was received since ``since``. ``trace``: the
+    trace context of the request that brought it (:mod:`gateway.tracing`), if traced.
+    ``lineup``: the conversations this process's claims keep in order, which tell whether a
+    delivery is first of its own (see :meth:`Lineup.behind`); without it, any delivery with a
+    conversation may be held back."""
     cursor = conn.execute(
         _INSERT_NOTIFICATION, (digest, now, signature, body, trace, digest, since)
     )
@@ -113,9 +119,11 @@ def insert_notification(
         ).lastrowid
         assert rowid is not None
         rowids.append(rowid)
-        # In the same transaction: what it sees is exactly what was acknowledged before.
         key = route.key
-        if key is not None and conversations.is_behind(conn, route.target, key, rowid):
+        if key is None:
+            if lineup is not None:
+                lineup.stored(route.target, None)
+        elif lineup is None or lineup.behind(route.target, key, rowid):
             behind.append(rowid)
     return notification_id, rowids, behind
 
@@ -134,38 +142,36 @@ def due_deliveries(
     limits: Mapping[str, int],
     skip: Collection[str],
     ordered: Collection[str] = (),
-    conversations: Mapping[str, Collection[str]] | None = None,
-    runs: Mapping[str, int] | None = None,
-    more: dict[str, list[str]] | None = None,
+    lineup: Lineup | None = None,
 ) -> tuple[list[Delivery], list[int]]:
     """Pending deliveries due by ``now``, oldest first: at most ``limits[target]`` per target,
     leaving out the ids in ``skip`` and, for the ``ordered`` targets, every delivery behind an
-    earlier pending one of its conversation (only the conversations ``conversations`` names for
-    it, when it names any), except that for an ordered target ``runs`` names, each first one
-    comes with up to ``runs[target] - 1`` due deliveries that follow it, right after it in
-    their order (see :meth:`gateway.outbox.Outbox.due`); and the row ids of due deliveries
-    whose body no longer matches the digest stored when it was received (damaged in the file:
-    never forwarded). ``more``: filled, for each ordered target looked at in full, with the
-    keys of conversations whose first delivery is due beyond the limit (see
-    :meth:`gateway.outbox.Outbox.due`). One index seek per target: a target that is down with
-    a million deliveries waiting costs nothing when it is not asked for."""
-    found: list[tuple[tuple[float, int, int], Delivery]] = []
+    earlier pending one of its conversation; and the row ids of due deliveries whose body no
+    longer matches the digest stored when it was received (damaged in the file: never
+    forwarded). One index seek per target without order: a target that is down with a million
+    deliveries waiting costs nothing when it is not asked for.
+
+    ``lineup``: the ordered targets' conversations held in memory (:mod:`.lineup`), brought up
+    to the file first; each ordered target's first deliveries come from it, in the order they
+    were stored (without it, no ordered target's delivery is handed out)."""
+    found: list[tuple[tuple[float, int], Delivery]] = []
     damaged: list[int] = []
+    if lineup is not None and ordered:
+        try:
+            line_up(conn, lineup, ordered, now)
+        except BaseException:
+            lineup.stale = True
+            raise
     for target, limit in limits.items():
-        places: dict[int, tuple[float, int, int]] = {}
-        if target in ordered:
-            keys = None if conversations is None else conversations.get(target)
-            length = 1 if runs is None else runs.get(target, 1)
-            rows, places = _first_of_conversations(
-                conn, prefix, target, now, limit, skip, keys, length, more
-            )
-        else:
+        if target not in ordered:
             rows = _due_of(conn, prefix, target, now, limit, skip)
+        elif lineup is not None:
+            rows = _lined_up(conn, prefix, lineup, target, now, limit, skip)
+        else:
+            rows = []
         for row in rows:
             if _intact(row):
-                # A follower sorts right after the first of its conversation, in its order.
-                place = places.get(row[0], (row[9], row[0], 0))
-                found.append((place, delivery_from_row(row, prefix)))
+                found.append(((row[9], row[0]), delivery_from_row(row, prefix)))
             else:
                 damaged.append(row[0])
     found.sort(key=lambda pair: pair[0])
@@ -203,95 +209,35 @@ def _due_of(
     return conn.execute(_BODIES_OF, (json.dumps(ids),)).fetchall()
 
 
-def _first_of_conversations(
+def _lined_up(
     conn: sqlite3.Connection,
     prefix: str,
+    lineup: Lineup,
     target: str,
     now: float,
     limit: int,
     skip: Collection[str],
-    keys: Collection[str] | None,
-    length: int,
-    more: dict[str, list[str]] | None = None,
-) -> tuple[list[tuple[Any, ...]], dict[int, tuple[float, int, int]]]:
-    """The due rows of an ordered target, each first of its conversation (see
-    :func:`conversations.first_due`), with up to ``length - 1`` of its followers, and the
-    place each follower sorts at. The ids first, from the index alone, and only then the
-    bodies of those not in flight: the deliveries in flight (most of a busy ordered target's
-    first ones) are never read with their bodies. A look at every conversation also names, in
-    ``more``, up to :data:`MORE_KEYS` times ``limit`` conversations whose first delivery is due
-    beyond the limit: the pass over the index is the same, and later claims can then ask for
-    them by key, one seek each, rather than by another such pass."""
-    follows: dict[int, tuple[int, int]] = {}  # a follower's first delivery, and its step
-    if keys is None:
-        extra = MORE_KEYS * limit if more is not None else 0
-        heads = conversations.first_due(conn, target, now, limit + len(skip) + extra)
-        chosen = [(rowid, key) for rowid, key in heads if delivery_id_of(prefix, rowid) not in skip]
-        if extra and more is not None:
-            more[target] = [key for _, key in chosen[limit:] if key is not None]
-        chosen = chosen[:limit]
-        keyed = {key: rowid for rowid, key in chosen if key is not None}
-        runs = {}
-        if length > 1 and keyed:
-            runs = conversations.followers(conn, target, now, keyed, length)
-    else:
-        # By key: each conversation's first deliveries and its run in one seek.
-        found = conversations.runs_of(conn, target, keys, length)
-        firsts = sorted(
-            (run[0][2], run[0][1], key)
-            for key, run in found.items()
-            if run[0][2] <= now and delivery_id_of(prefix, run[0][1]) not in skip
-        )[:limit]
-        chosen = [(rowid, key) for _, rowid, key in firsts]
-        runs = {rowid: conversations.following(found[key], now) for _, rowid, key in firsts}
-    if not chosen:
-        return [], {}
-    ids = [rowid for rowid, _ in chosen]
-    for head, run in runs.items():
-        follows.update({rowid: (head, step) for step, rowid in enumerate(run, start=1)})
-        ids.extend(run)
-    # By id, through the table's own key: the state index would be a pass over every pending
-    # delivery; the order is the caller's (the places below), so no sort of the bodies here.
-    rows = conn.execute(_BODIES_OF, (json.dumps(ids),)).fetchall()
-    due_at = {row[0]: row[9] for row in rows}
-    places: dict[int, tuple[float, int, int]] = {}
-    for row in rows:
-        head, step = follows.get(row[0], (row[0], 0))
-        places[row[0]] = (due_at.get(head, row[9]), head, step)
-    return rows, places
-
-
-def following_deliveries(
-    conn: sqlite3.Connection,
-    prefix: str,
-    target: str,
-    now: float,
-    lasts: Mapping[str, int],
-    length: int,
-) -> tuple[dict[str, list[Delivery]], list[int]]:
-    """For each conversation key ``lasts`` names, the due deliveries that follow its pending
-    delivery ``lasts[key]`` (a row id), in order, at most ``length`` (see
-    :func:`conversations.after`); and the row ids of those whose body no longer matches its
-    digest, where its conversation's list stops (dead-lettered by the caller, never
-    forwarded)."""
-    ids = conversations.after(conn, target, now, lasts, length)
-    if not ids:
-        return {}, []
-    rows = conn.execute(_BODIES_OF, (json.dumps([i for run in ids.values() for i in run]),))
-    by_id = {row[0]: row for row in rows}
-    found: dict[str, list[Delivery]] = {}
-    damaged: list[int] = []
-    for key, run in ids.items():
-        deliveries = found[key] = []
-        for rowid in run:
-            row = by_id.get(rowid)
-            if row is None:  # no longer pending: what follows waits for a claim
-                break
-            if not _intact(row):
-                damaged.append(rowid)
-                break
-            deliveries.append(delivery_from_row(row, prefix))
-    return found, damaged
+) -> list[tuple[Any, ...]]:
+    """Up to ``limit`` rows of ``target``'s deliveries that ``lineup`` hands out, with their
+    bodies: by id, through the table's own key. One no longer pending, or not due after all,
+    goes back to the lineup as such."""
+    taken = lineup.take(target, limit, now, skip, functools.partial(delivery_id_of, prefix))
+    if not taken:
+        return []
+    by_id = {
+        row[0]: row
+        for row in conn.execute(_BODIES_OF, (json.dumps([rowid for rowid, _ in taken]),))
+    }
+    rows = []
+    for rowid, key in taken:
+        row = by_id.get(rowid)
+        if row is None:
+            lineup.gone(target, rowid, key, now)
+        elif row[9] > now:
+            lineup.not_due(target, rowid, key, row[9], now)
+        else:
+            rows.append(row)
+    return rows
 
 
 _DUE_SELECT = (

@@ -104,7 +104,7 @@ Job = Callable[[sqlite3.Connection], Any]
 
 
 class _Job:
-    __slots__ = ("after", "at", "durable", "func", "future", "loop", "read", "wait_s")
+    __slots__ = ("after", "at", "committed", "durable", "func", "future", "loop", "read", "wait_s")
 
     def __init__(
         self,
@@ -115,6 +115,7 @@ class _Job:
         read: bool = False,
         after: Callable[[Any], Any] | None = None,
         wait_s: float = LAZY_WAIT_S,
+        committed: bool = False,
     ) -> None:
         self.func = func
         self.loop = loop
@@ -124,6 +125,9 @@ class _Job:
         self.after = after  # turns the result into the future's, on the event loop's thread
         self.at = time.monotonic()  # submitted
         self.wait_s = wait_s  # a lazy job: the longest it waits for company
+        # A read that must see committed rows only: never in a write transaction, where the
+        # writes of the jobs before it are not yet committed (and may be rolled back).
+        self.committed = committed
 
 
 class _GroupFailed(Exception):
@@ -377,14 +381,25 @@ class Writer:
         read: bool = False,
         after: Callable[[Any], Any] | None = None,
         wait_s: float = LAZY_WAIT_S,
+        committed: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue ``func``; the future resolves with its result once its group has committed.
         ``read``: ``func`` writes nothing (it runs at once, and alone in a read transaction).
         ``after``: the future resolves with ``after(result)`` instead, called on the event
         loop's thread (its exception fails the future). ``wait_s``: how long a lazy job (not
-        ``durable``) waits for company before its group commits without a durable one."""
+        ``durable``) waits for company before its group commits without a durable one.
+        ``committed`` (with ``read``): ``func`` sees only what is committed, in a read
+        transaction of its own after the writes queued with it."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.submit_into(func, future, durable=durable, read=read, after=after, wait_s=wait_s)
+        self.submit_into(
+            func,
+            future,
+            durable=durable,
+            read=read,
+            after=after,
+            wait_s=wait_s,
+            committed=committed,
+        )
         return future
 
     def submit_into(
@@ -396,6 +411,7 @@ class Writer:
         read: bool = False,
         after: Callable[[Any], Any] | None = None,
         wait_s: float = LAZY_WAIT_S,
+        committed: bool = False,
     ) -> None:
         """:meth:`submit`, settling ``into`` (see :class:`~gateway.outbox.interface.Settles`)
         instead of a future of its own."""
@@ -404,7 +420,9 @@ class Writer:
         loop = asyncio.get_running_loop()
         if not self._turn:
             loop.call_soon(self._hand_over)
-        self._turn.append(_Job(func, loop, into, durable and not read, read, after, wait_s))
+        self._turn.append(
+            _Job(func, loop, into, durable and not read, read, after, wait_s, committed and read)
+        )
 
     def _hand_over(self) -> None:
         turn, self._turn = self._turn, []
@@ -498,6 +516,9 @@ class Writer:
                 part = group[start : start + MAX_GROUP]
                 if all(job.read for job in part):
                     self._read(conn, part)
+                elif any(job.committed for job in part):
+                    self._commit(conn, lock, [job for job in part if not job.committed])
+                    self._read(conn, [job for job in part if job.committed])
                 else:
                     self._commit(conn, lock, part)
             if stop:
