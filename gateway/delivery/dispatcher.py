@@ -347,7 +347,7 @@ class Dispatcher:
         claimed = dict.fromkeys(limits, 0)
         started = []
         # The first of each conversation now; those behind it wait for it (ordering.Runs).
-        for delivery in runs.sort(due, self._pacing.unpaced_ordered, busy):
+        for delivery in runs.sort(due, self._pacing.with_runs, busy):
             claimed[delivery.target] += 1
             if delivery.id in busy or delivery.id in runs.parked:
                 # Offered, its run went on, or it ended, while the claim ran; or it waits in
@@ -580,6 +580,12 @@ class Dispatcher:
         the retry is due; one whose run did not go on (``went``: by index), when something is
         known to wait in it."""
         conversations = self._pacing.conversations
+        if self._pacing.lined_up:
+            # The outbox keeps the conversations: only a retry's time is noted (for the sleep).
+            for delivery, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, RetryAt):
+                    conversations.retry_at(name, delivery.order_key, outcome.at)
+            return
         for index, (delivery, outcome) in enumerate(zip(batch, outcomes, strict=True)):
             key = delivery.order_key
             if looks[index]:

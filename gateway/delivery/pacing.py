@@ -51,7 +51,7 @@ class Pacing:
         self._behind: set[str] = set()
         # Whether the outbox keeps the buckets for every gateway (learnt at the first take).
         self._shared = False
-        self._lined_up = lined_up
+        self.lined_up = lined_up
         self.conversations = Conversations(free_looks=lined_up)
         self.runs = Runs()
         self.reconfigure(targets, now)
@@ -77,6 +77,8 @@ class Pacing:
         # Ordered without a rate limit: a fresh delivery first of its conversation may start
         # at once, after a check of its order alone (no token to take).
         self.unpaced_ordered = self.ordered - frozenset(limited)
+        # The ordered targets whose claims hand out runs (see run_lengths).
+        self.with_runs = frozenset() if self.lined_up else self.unpaced_ordered
         self._starved &= set(limited)
         self._behind &= set(limited)
         self.conversations.reconfigure(self.ordered)
@@ -88,7 +90,7 @@ class Pacing:
         rate-limited target takes first deliveries only). None when the outbox lines
         conversations up: its claims take first deliveries in the order they were stored,
         which reads the file in that order too."""
-        if self._lined_up:
+        if self.lined_up:
             return {}
         return dict.fromkeys(self.unpaced_ordered, RUN)
 
@@ -125,6 +127,8 @@ class Pacing:
                 self._behind.add(name)
             else:
                 self._behind.discard(name)
+        if self.lined_up:
+            return  # the outbox keeps the conversations: nothing to note here
         for delivery in started:
             self.conversations.started(delivery.target, delivery.order_key, delivery.id)
         for name in claim.limits:
