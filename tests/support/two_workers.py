@@ -41,6 +41,11 @@ def accepted_by_each_worker(supervisor: int) -> dict[int, float]:
     (folder,) = Path(tempfile.gettempdir()).glob(f"waba-gateway-metrics-{supervisor}-*")
     accepted = {}
     for path in folder.glob("counter_*.db"):
+        if path.stat().st_size == 0:
+            # A worker making its file (created empty, then sized): it has counted nothing yet,
+            # and prometheus_client cannot read an empty file.
+            accepted[int(path.stem.removeprefix("counter_"))] = 0.0
+            continue
         samples = [
             sample.value
             # prometheus_client's merge() has no annotations.
