@@ -235,6 +235,26 @@ class Totals:
     last_address: str | None = None
 
 
+class _WholeFiles:
+    """prometheus_client's collector of every worker's counts, over the files that are whole:
+    a worker creates its file empty and then sizes it, and a scrape in between failed on the
+    empty file (its worker has counted nothing yet, so leaving it out loses nothing)."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in self._folder.glob("*.db"):
+            try:
+                if path.stat().st_size > 0:
+                    files.append(str(path))
+            except OSError:  # gone meanwhile (a worker that ended)
+                continue
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
+
+
 class Stats:
     """The gateway's metrics; ``shared_dir``: the folder the workers of one gateway count in
     together (``None``: a lone process, counting in memory)."""
@@ -484,7 +504,7 @@ class Stats:
         if self._shared_dir is None:
             return self.registry
         every_worker = CollectorRegistry()
-        MultiProcessCollector(every_worker, path=str(self._shared_dir))  # type: ignore[no-untyped-call]
+        every_worker.register(_WholeFiles(self._shared_dir))
         return every_worker
 
     def render(self, snapshot: Snapshot | None = None) -> bytes:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -79,3 +81,32 @@ def test_a_shared_folder_the_environment_does_not_name_is_refused(
     monkeypatch.setenv(MULTIPROCESS_ENV, os.fspath(tmp_path / "elsewhere"))
     with pytest.raises(RuntimeError, match=MULTIPROCESS_ENV):
         Stats(tmp_path)
+
+
+def test_a_scrape_while_a_worker_makes_its_counter_file_leaves_that_file_out(
+    tmp_path: Path,
+) -> None:
+    """prometheus_client creates a worker's file empty and then sizes it: a scrape of worker 0
+    in between sums the other workers' counts, where it used to fail on the empty file. In a
+    process of its own: the folder is read by prometheus_client when it is imported."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from gateway.admin.stats import Stats\n"
+        "folder = Path(sys.argv[1])\n"
+        "stats = Stats(folder)\n"
+        "stats.accepted()\n"
+        "(folder / 'counter_4194305.db').touch()\n"
+        "sys.stdout.write(stats.render().decode())\n"
+    )
+    env = dict(os.environ, **{MULTIPROCESS_ENV: os.fspath(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "-c", code, os.fspath(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert metric(done.stdout, "waba_gateway_notifications_accepted_total") == 1
