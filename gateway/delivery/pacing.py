@@ -90,9 +90,7 @@ class Pacing:
         rate-limited target takes first deliveries only). None when the outbox lines
         conversations up: its claims take first deliveries in the order they were stored,
         which reads the file in that order too."""
-        if self.lined_up:
-            return {}
-        return dict.fromkeys(self.unpaced_ordered, RUN)
+        return dict.fromkeys(self.with_runs, RUN)
 
     async def plan(self, outbox: Outbox, limits: Mapping[str, int], now: float) -> Claim:
         """The claim to make: an ordered target with no conversation changed is left out (no

@@ -100,6 +100,15 @@ class _Lines:
         else:
             heapq.heappush(self.later, (due_at, self.place(rowid), rowid, key))
 
+    def back(self, key: str, rowid: int, now: float) -> None:
+        """``rowid`` is no longer out and keeps its place (let go without an outcome, or its
+        outcome did not stand over a replay): it goes again once it is first of its
+        conversation."""
+        self.moved.discard(rowid)
+        line = self.lines.get(key)
+        if line and line[0] == rowid:
+            self.offer(key, rowid, now, now)
+
     def remove(self, key: str, rowid: int, now: float) -> None:
         """``rowid`` is no longer pending: the next of its conversation comes first (due, as
         far as is known: a claim that finds it is not puts it back)."""
@@ -144,8 +153,10 @@ class Lineup:
 
     def ended(self, outcomes: Iterable[tuple[int, float | None]]) -> None:
         """Outcomes committed to the file: each delivery ended (``None``) or is due again at
-        the time given. Taken in by the next claim, on the writer's thread."""
-        self._ended.extend(outcomes)
+        the time given. Taken in by the next claim, on the writer's thread; none kept while it
+        keeps order for no target (no claim would take them in)."""
+        if self._targets:
+            self._ended.extend(outcomes)
 
     # -- the writer thread's side ------------------------------------------------------------
 
@@ -191,11 +202,6 @@ class Lineup:
             for name, lines in self._targets.items()
             if name in targets
         }
-
-    @property
-    def active(self) -> bool:
-        """Whether it keeps order for any target (a claim asked it to)."""
-        return bool(self._targets)
 
     @property
     def targets(self) -> frozenset[str]:
@@ -254,10 +260,7 @@ class Lineup:
                     continue
                 key = held[0]
                 if rowid in lines.moved:
-                    lines.moved.discard(rowid)
-                    line = lines.lines.get(key)
-                    if line and line[0] == rowid:
-                        lines.offer(key, rowid, now, now)
+                    lines.back(key, rowid, now)
                 elif again_at is None:
                     lines.remove(key, rowid, now)
                 else:
@@ -284,11 +287,7 @@ class Lineup:
         for rowid, (key, delivery_id) in list(out.items()):
             if delivery_id not in busy:
                 del out[rowid]
-                if rowid in lines.moved:
-                    lines.moved.discard(rowid)
-                line = lines.lines.get(key)
-                if line and line[0] == rowid:
-                    lines.offer(key, rowid, now, now)
+                lines.back(key, rowid, now)
         later, ready, queued = lines.later, lines.ready, lines.queued
         while later and later[0][0] <= now:
             _, place, rowid, key = heapq.heappop(later)

@@ -299,13 +299,12 @@ class SqliteOutbox:
         # Submitted here rather than through run(): one coroutine less on every batch's outcomes.
         wait_s = PATIENT_WAIT_S if patient else LAZY_WAIT_S
         await self._writer.submit(job, durable=False, wait_s=wait_s)
-        if self._lineup.active:
-            # Committed: the next claim hands out what follows each one that ended.
-            self._lineup.ended(
-                (a.rowid, a.next_attempt_at if a.state == "pending" else None)
-                for a in updates
-                if a.rowid is not None
-            )
+        # Committed: the next claim hands out what follows each one that ended.
+        self._lineup.ended(
+            (a.rowid, a.next_attempt_at if a.state == "pending" else None)
+            for a in updates
+            if a.rowid is not None
+        )
 
     def _attempt(
         self,

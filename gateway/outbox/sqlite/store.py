@@ -32,7 +32,6 @@ from gateway.outbox.rows import (
     rowid_of,
 )
 from gateway.outbox.sqlite import conversations
-from gateway.outbox.sqlite.conversations import line_up
 from gateway.outbox.sqlite.layout import read_prefix
 from gateway.outbox.sqlite.lineup import Lineup
 
@@ -158,7 +157,7 @@ def due_deliveries(
     damaged: list[int] = []
     if lineup is not None and ordered:
         try:
-            line_up(conn, lineup, ordered, now)
+            conversations.line_up(conn, lineup, ordered, now)
         except BaseException:
             lineup.stale = True
             raise
