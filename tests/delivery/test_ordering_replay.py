@@ -266,33 +266,36 @@ async def test_a_delivery_replayed_while_a_claim_reads_its_conversation_goes_las
     pki: Pki, tmp_path: Path, target: Conversations, pg_url: str
 ) -> None:
     """PostgreSQL (whose claims hand out runs). Messages 0 to 4 of one conversation stored
-    while the target refuses 0 (503). Once it takes 0 again, a claim reads the conversation
-    with 2 behind the delivery it starts; the operator replays 2 after that read and before
-    its answer reaches the dispatcher (the outbox's own ``due`` runs; the replay goes through
-    the admin API at that moment). Nothing of the conversation starts from that answer: the
-    next claim reads it in its new order, and the target receives 1, 3, 4, then 2, each once.
-    (The answer used to be taken as read: 2 went before 3 and 4, and again last.) The target
-    refuses 0 rather than being down, so that no claim made while the messages are stored
-    starts a run that sends 1 to 3 from memory, with no read left to replay 2 in."""
+    while the target refuses 0 (503). A claim reads the conversation with 2 behind the
+    delivery it starts; the operator replays 2 after that read and before its answer reaches
+    the dispatcher (the outbox's own ``due`` runs; the replay goes through the admin API at
+    that moment). Nothing of the conversation starts from that answer: the next claim reads
+    it in its new order, and the target receives 0, 1, 3, 4, then 2, each once. (The answer
+    used to be taken as read: 2 went before 3 and 4, and again last.) The target refuses 0
+    rather than being down, so that no run made before the five are stored sends 1 to 3 from
+    memory: 0's refusal lets it go, and 2 comes back through a claim."""
     config = dataclasses.replace(_bot(pki, tmp_path, target), outbox=OutboxConfig(url=pg_url))
     target.held.add(("a", 0))
     async with Gateway(config) as gateway:
-        pending = await _stored(gateway, pki, MESSAGES)
-        await target.wait_refused("a", 0, 1)
         outbox = gateway.outbox
         claim = outbox.due
+        pending: dict[int, str] = {}
         replayed: list[str] = []
 
         async def due(*args: Any, **kwargs: Any) -> list[Delivery]:
             found = await claim(*args, **kwargs)
-            ids = [d.id for d in found]
-            if not replayed and pending[1] in ids and pending[2] in ids:
+            # Once all five are stored: the first claim whose answer holds 2 (behind 0 or 1,
+            # which went before it). Every run that holds 2 starts from such an answer: 0 is
+            # refused until then, and a run behind a refused delivery is let go.
+            if pending and not replayed and pending[2] in {d.id for d in found}:
                 replayed.append(pending[2])
                 answer = await admin_post(gateway, f"/admin/deliveries/{pending[2]}/replay")
                 assert answer.status == 200
             return found
 
         outbox.due = due  # type: ignore[method-assign]
+        pending.update(await _stored(gateway, pki, MESSAGES))
+        await target.wait_refused("a", 0, 1)
         target.held.discard(("a", 0))
         await target.wait_for("a", MESSAGES)
 
